@@ -1,0 +1,41 @@
+"""Loads the compiled extension gradkit._C (which registers torch.ops.gradkit.*).
+
+With ``GRADKIT_REQUIRE_EXT=1`` (CI sets it) a missing or broken extension is an
+ImportError; otherwise gradkit warns once and runs the plain-PyTorch references.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+LOADED = False
+ERROR: Exception | None = None
+
+import torch  # noqa: F401  (libc10/libtorch must be loaded before _C)
+
+try:
+    from gradkit import _C  # noqa: F401  (import registers the ops)
+
+    LOADED = True
+except ImportError as exc:  # pragma: no cover - exercised only without a build
+    ERROR = exc
+    if os.environ.get("GRADKIT_REQUIRE_EXT", "0") == "1":
+        raise ImportError(
+            "gradkit: the compiled extension gradkit._C failed to load and GRADKIT_REQUIRE_EXT=1 is set; "
+            "build it with `pip install --no-build-isolation -e .` after `pip install torch==2.13.0`"
+        ) from exc
+    warnings.warn(
+        f"gradkit: compiled extension not available ({exc}); falling back to the slow plain-PyTorch "
+        "references. Build with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """True when ``gradkit::<op>`` has a kernel registered for ``dispatch_key`` (e.g. "CUDA")."""
+    import torch
+
+    if not LOADED:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"gradkit::{op}", dispatch_key)

@@ -1,0 +1,118 @@
+"""Plain-PyTorch oracles for the param-map family: the definition of what every
+backend of these ops must return.
+
+Conventions shared by every backend:
+* a *segment* is one source tensor plus an optional 1-D integer ``index`` of flat
+  (row-major) positions into it; ``index=None`` selects every element in order;
+* the flat vector is the concatenation of the segments' selections in list order;
+* bitmasks are packed little-endian: bit ``j`` of byte ``i`` is element ``8*i + j``;
+* ``topk_select`` returns ascending positions of the ``k`` largest scores among the
+  active ones, equal scores taken lowest position first.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1)
+
+
+def _count(src: torch.Tensor, idx: Optional[torch.Tensor]) -> int:
+    return src.numel() if idx is None else idx.numel()
+
+
+def gather_segments(src: Sequence[torch.Tensor], index: Sequence[Optional[torch.Tensor]],
+                    dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    if dtype is None:
+        dtype = src[0].dtype if len(src) else torch.float32
+        for s in src[1:]:
+            dtype = torch.promote_types(dtype, s.dtype)
+    device = src[0].device if len(src) else torch.device("cpu")
+    parts = []
+    for s, i in zip(src, index):
+        f = _flat(s)
+        parts.append(f if i is None else f[i.long()])
+    if not parts:
+        return torch.empty(0, dtype=dtype, device=device)
+    return torch.cat([p.to(dtype) for p in parts])
+
+
+def gather_segments_out(src, index, out: torch.Tensor, accumulate: bool = False) -> None:
+    vals = gather_segments(src, index, dtype=out.dtype)
+    if accumulate:
+        out.add_(vals)
+    else:
+        out.copy_(vals)
+
+
+def scatter_segments(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]],
+                     numel: Sequence[int], scale: float = 1.0) -> List[torch.Tensor]:
+    outs, off = [], 0
+    for i, n in zip(index, numel):
+        full = torch.zeros(int(n), dtype=flat.dtype, device=flat.device)
+        c = int(n) if i is None else i.numel()
+        vals = flat[off:off + c]
+        if scale != 1.0:
+            vals = vals * scale
+        if i is None:
+            full.copy_(vals)
+        else:
+            full[i.long()] = vals
+        outs.append(full)
+        off += c
+    return outs
+
+
+def scatter_segments_(flat: torch.Tensor, index, dst: Sequence[torch.Tensor],
+                      scale: float = 1.0, accumulate: bool = False) -> None:
+    off = 0
+    for i, d in zip(index, dst):
+        c = d.numel() if i is None else i.numel()
+        vals = flat[off:off + c].to(torch.float64) * scale
+        cur = d.reshape(-1).to(torch.float64)  # a copy for non-contiguous / low precision dst
+        if i is None:
+            new = cur + vals if accumulate else vals
+            d.copy_(new.to(d.dtype).reshape(d.shape))
+        else:
+            li = i.long()
+            upd = cur[li] + vals if accumulate else vals
+            cur[li] = upd
+            d.copy_(cur.to(d.dtype).reshape(d.shape))
+        off += c
+
+
+def mask_to_indices(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return mask.reshape(-1).nonzero().reshape(-1).to(dtype)
+
+
+def bitmask_to_indices(bits: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
+    unpacked = ((bits.reshape(-1, 1) >> shifts) & 1).reshape(-1)
+    if unpacked[numel:].any():
+        raise ValueError("bits: bits set beyond numel")
+    return unpacked[:numel].nonzero().reshape(-1).to(dtype)
+
+
+def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
+    m = mask.reshape(-1).to(torch.uint8)
+    n = m.numel()
+    pad = (-n) % 8
+    if pad:
+        m = torch.cat([m, m.new_zeros(pad)])
+    weights = (2 ** torch.arange(8, device=m.device, dtype=torch.int32))
+    return (m.reshape(-1, 8).to(torch.int32) * weights).sum(1).to(torch.uint8)
+
+
+def topk_select(scores: torch.Tensor, active: Optional[torch.Tensor], k: int) -> torch.Tensor:
+    s = scores.reshape(-1)
+    if torch.isnan(s).any():
+        raise ValueError("scores: contains NaN")
+    pos = torch.arange(s.numel(), device=s.device) if active is None else active.reshape(-1).nonzero().reshape(-1)
+    if k > pos.numel():
+        raise ValueError(f"k={k} exceeds the number of active scores {pos.numel()}")
+    vals = s[pos].to(torch.float64)
+    order = torch.sort(vals, descending=True, stable=True).indices[:k]
+    return torch.sort(pos[order]).values.to(torch.int64)

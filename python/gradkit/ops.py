@@ -1,0 +1,300 @@
+"""The functional op surface of gradkit: typed wrappers over ``torch.ops.gradkit.*``.
+
+Each op here has a schema in ``csrc/ops.cpp``, a reference in
+``gradkit.kernels.reference``, a C++ CPU kernel, a GPU kernel (CUDA C++ when the
+extension was built with CUDA, otherwise the Triton kernel registered below for
+the CUDA dispatch key), a fake impl (so it traces under ``torch.compile``) and,
+where it applies, autograd.
+
+Backend override, read on every call (tests and benchmarks flip it):
+``GRADKIT_BACKEND=native`` (default: the dispatcher), ``triton`` (the Triton
+launchers directly; CPU tensors need ``TRITON_INTERPRET=1``) or ``reference``.
+
+Segments: ``src[s]`` with ``index[s]`` (a 1-D int32/int64 tensor of flat row-major
+positions, or ``None`` for every element in order) contributes its selected
+entries to one flat vector; segments are concatenated in list order.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence
+
+import torch
+
+from gradkit import _ext
+from gradkit.kernels.reference import parammap as _ref
+
+_BACKENDS = ("native", "triton", "reference")
+
+
+def backend() -> str:
+    """The active backend: ``GRADKIT_BACKEND`` if set, else native (reference when the extension is missing)."""
+    b = os.environ.get("GRADKIT_BACKEND", "native").strip().lower()
+    if b not in _BACKENDS:
+        raise ValueError(f"GRADKIT_BACKEND: expected one of {_BACKENDS}, got {b!r}")
+    if b == "native" and not _ext.LOADED:
+        return "reference"
+    return b
+
+
+def _impl(name: str):
+    b = backend()
+    if b == "native":
+        return getattr(torch.ops.gradkit, name)
+    if b == "triton":
+        from gradkit.kernels.triton import parammap as _tri
+
+        return getattr(_tri, name)
+    return getattr(_ref, name)
+
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_INDEX = (torch.int32, torch.int64)
+
+
+def _check_segments(src: Sequence[torch.Tensor], index: Sequence[Optional[torch.Tensor]], what: str) -> None:
+    if not isinstance(src, (list, tuple)):
+        raise TypeError(f"{what}: expected a list of tensors, got {type(src).__name__}")
+    if not isinstance(index, (list, tuple)) or len(index) != len(src):
+        raise ValueError(f"index: expected a list of {len(src)} entries (tensor or None), got "
+                         f"{len(index) if isinstance(index, (list, tuple)) else type(index).__name__}")
+    dev = src[0].device if src else None
+    for i, (t, ix) in enumerate(zip(src, index)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}[{i}]: expected a tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{what}[{i}]: expected float32/float64/float16/bfloat16, got {t.dtype}")
+        if t.device != dev:
+            raise ValueError(f"{what}[{i}]: on {t.device} but {what}[0] is on {dev}")
+        if ix is not None:
+            if not isinstance(ix, torch.Tensor) or ix.dtype not in _INDEX or ix.dim() != 1:
+                raise TypeError(f"index[{i}]: expected a 1-D int32/int64 tensor or None")
+            if ix.device != t.device:
+                raise ValueError(f"index[{i}]: on {ix.device} but {what}[{i}] is on {t.device}")
+
+
+def _count(t: torch.Tensor, ix: Optional[torch.Tensor]) -> int:
+    return t.numel() if ix is None else ix.numel()
+
+
+# --------------------------------------------------------------------------- gather / scatter
+
+
+def gather_segments(src: Sequence[torch.Tensor], index: Sequence[Optional[torch.Tensor]], *,
+                    dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None,
+                    accumulate: bool = False) -> torch.Tensor:
+    """Gather the selected entries of many tensors into one flat vector.
+
+    src: list of S tensors (any shape, strided views allowed); index: list of S
+    entries, each a 1-D int tensor of flat positions or None (all, in order).
+    Returns out: (sum_s count_s,) with out[off_s + j] = src[s].flatten()[index[s][j]].
+    With ``out`` nothing is allocated; ``accumulate`` adds into ``out``.
+    """
+    _check_segments(src, index, "src")
+    total = sum(_count(t, ix) for t, ix in zip(src, index))
+    if out is None:
+        if accumulate:
+            raise ValueError("accumulate: needs an `out` tensor to add into")
+        if dtype is not None and dtype not in _FLOATS:
+            raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
+        return _impl("gather_segments")(list(src), list(index), dtype)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out: expected a tensor, got {type(out).__name__}")
+    if out.dim() != 1 or out.numel() != total:
+        raise ValueError(f"out: expected shape ({total},), got {tuple(out.shape)}")
+    if dtype is not None and out.dtype != dtype:
+        raise TypeError(f"out: dtype {out.dtype} differs from the requested dtype {dtype}")
+    if out.dtype not in _FLOATS:
+        raise TypeError(f"out: expected a floating dtype, got {out.dtype}")
+    if src and out.device != src[0].device:
+        raise ValueError(f"out: on {out.device} but src is on {src[0].device}")
+    if not out.is_contiguous():
+        raise ValueError("out: must be contiguous")
+    _impl("gather_segments_out")(list(src), list(index), out, accumulate)
+    return out
+
+
+def scatter_segments(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]],
+                     numel: Sequence[int], *, scale: float = 1.0) -> List[torch.Tensor]:
+    """Inverse of gather: S new 1-D tensors of ``numel[s]`` elements, zero where unselected.
+
+    flat: (sum_s count_s,); returns [t_s: (numel[s],)] with t_s[index[s][j]] = scale * flat[off_s + j].
+    """
+    _check_flat(flat)
+    if len(numel) != len(index):
+        raise ValueError(f"numel: expected {len(index)} entries, got {len(numel)}")
+    for i, (ix, n) in enumerate(zip(index, numel)):
+        if ix is not None and (not isinstance(ix, torch.Tensor) or ix.dtype not in _INDEX or ix.dim() != 1):
+            raise TypeError(f"index[{i}]: expected a 1-D int32/int64 tensor or None")
+        if ix is not None and ix.device != flat.device:
+            raise ValueError(f"index[{i}]: on {ix.device} but flat is on {flat.device}")
+        if int(n) < 0:
+            raise ValueError(f"numel[{i}]: must be non-negative")
+    total = sum(int(n) if ix is None else ix.numel() for ix, n in zip(index, numel))
+    if flat.numel() != total:
+        raise ValueError(f"flat: expected {total} elements, got {flat.numel()}")
+    return list(_impl("scatter_segments")(flat, list(index), [int(n) for n in numel], float(scale)))
+
+
+def scatter_segments_(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]],
+                      dst: Sequence[torch.Tensor], *, scale: float = 1.0, accumulate: bool = False) -> None:
+    """In place: dst[s].flatten()[index[s][j]] = (or +=) scale * flat[off_s + j]. Allocates nothing."""
+    _check_flat(flat)
+    _check_segments(dst, index, "dst")
+    total = sum(_count(t, ix) for t, ix in zip(dst, index))
+    if flat.numel() != total:
+        raise ValueError(f"flat: expected {total} elements, got {flat.numel()}")
+    if dst and flat.device != dst[0].device:
+        raise ValueError(f"flat: on {flat.device} but dst is on {dst[0].device}")
+    _impl("scatter_segments_")(flat, list(index), list(dst), float(scale), bool(accumulate))
+
+
+def _check_flat(flat) -> None:
+    if not isinstance(flat, torch.Tensor):
+        raise TypeError(f"flat: expected a tensor, got {type(flat).__name__}")
+    if flat.dim() != 1:
+        raise ValueError(f"flat: expected a 1-D tensor, got shape {tuple(flat.shape)}")
+    if flat.dtype not in _FLOATS:
+        raise TypeError(f"flat: expected a floating dtype, got {flat.dtype}")
+
+
+# --------------------------------------------------------------------------- selection encodings
+
+
+def mask_to_indices(mask: torch.Tensor, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Ascending flat positions of the True entries of a bool mask (any shape)."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask: expected a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    _check_index_dtype(dtype, mask.numel())
+    return _impl("mask_to_indices")(mask, dtype)
+
+
+def bitmask_to_indices(bits: torch.Tensor, numel: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Ascending positions of the set bits of a packed little-endian bitmask over ``numel`` elements."""
+    if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8:
+        raise TypeError(f"bits: expected a uint8 tensor, got {getattr(bits, 'dtype', type(bits).__name__)}")
+    numel = int(numel)
+    if numel < 0:
+        raise ValueError("numel: must be non-negative")
+    if bits.dim() != 1 or bits.numel() != (numel + 7) // 8:
+        raise ValueError(f"bits: expected shape ({(numel + 7) // 8},) for numel={numel}, got {tuple(bits.shape)}")
+    _check_index_dtype(dtype, numel)
+    return _impl("bitmask_to_indices")(bits, numel, dtype)
+
+
+def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a bool mask (flattened) into ceil(numel/8) bytes, bit j of byte i = element 8i+j."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask: expected a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    return _impl("pack_bitmask")(mask)
+
+
+def _check_index_dtype(dtype, numel: int) -> None:
+    if dtype not in _INDEX:
+        raise TypeError(f"dtype: expected torch.int32 or torch.int64, got {dtype}")
+    if dtype == torch.int32 and numel > 2**31 - 1:
+        raise ValueError(f"dtype: int32 cannot address {numel} elements; use torch.int64")
+
+
+def topk_select(scores: torch.Tensor, k: int, active: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Exact top-k: ascending int64 positions of the k largest ``scores`` among ``active``.
+
+    scores: (N,) floating; active: (N,) bool or None (all). Equal scores are taken
+    lowest position first (deterministic on every backend); NaN raises ValueError.
+    """
+    if not isinstance(scores, torch.Tensor) or scores.dtype not in _FLOATS:
+        raise TypeError(f"scores: expected a floating tensor, got {getattr(scores, 'dtype', type(scores).__name__)}")
+    if scores.dim() != 1:
+        raise ValueError(f"scores: expected a 1-D tensor, got shape {tuple(scores.shape)}")
+    if active is not None:
+        if not isinstance(active, torch.Tensor) or active.dtype != torch.bool or active.shape != scores.shape:
+            raise ValueError(f"active: expected a bool tensor of shape {tuple(scores.shape)}")
+        if active.device != scores.device:
+            raise ValueError(f"active: on {active.device} but scores is on {scores.device}")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k: expected an int, got {type(k).__name__}")
+    return _impl("topk_select")(scores, active, k)
+
+
+# --------------------------------------------------------------------------- fake impls + autograd
+
+if _ext.LOADED:
+
+    @torch.library.register_fake("gradkit::gather_segments")
+    def _gather_fake(src, index, dtype=None):
+        if dtype is None:
+            dtype = src[0].dtype if src else torch.float32
+            for s in src[1:]:
+                dtype = torch.promote_types(dtype, s.dtype)
+        total = sum(s.numel() if ix is None else ix.numel() for s, ix in zip(src, index))
+        dev = src[0].device if src else torch.device("cpu")
+        return torch.empty(total, dtype=dtype, device=dev)
+
+    @torch.library.register_fake("gradkit::gather_segments_out")
+    def _gather_out_fake(src, index, out, accumulate=False):
+        return None
+
+    @torch.library.register_fake("gradkit::scatter_segments")
+    def _scatter_fake(flat, index, numel, scale=1.0):
+        return [flat.new_empty(n) for n in numel]
+
+    @torch.library.register_fake("gradkit::scatter_segments_")
+    def _scatter_inplace_fake(flat, index, dst, scale=1.0, accumulate=False):
+        return None
+
+    @torch.library.register_fake("gradkit::mask_to_indices")
+    def _mask_to_indices_fake(mask, dtype):
+        n = torch.library.get_ctx().new_dynamic_size()
+        return mask.new_empty(n, dtype=dtype)
+
+    @torch.library.register_fake("gradkit::bitmask_to_indices")
+    def _bitmask_to_indices_fake(bits, numel, dtype):
+        n = torch.library.get_ctx().new_dynamic_size()
+        return bits.new_empty(n, dtype=dtype)
+
+    @torch.library.register_fake("gradkit::pack_bitmask")
+    def _pack_bitmask_fake(mask):
+        return mask.new_empty((mask.numel() + 7) // 8, dtype=torch.uint8)
+
+    @torch.library.register_fake("gradkit::topk_select")
+    def _topk_select_fake(scores, active, k):
+        return scores.new_empty(k, dtype=torch.int64)
+
+    # gather and scatter are linear maps and each other's adjoint.
+    def _gather_setup(ctx, inputs, output):
+        src, index, _ = inputs
+        ctx.index = list(index)
+        ctx.shapes = [(s.shape, s.dtype) for s in src]
+
+    def _gather_backward(ctx, grad):
+        numel = [int(torch.Size(shape).numel()) for shape, _ in ctx.shapes]
+        full = torch.ops.gradkit.scatter_segments(grad.contiguous(), ctx.index, numel, 1.0)
+        grads = [g.reshape(shape).to(dt) for g, (shape, dt) in zip(full, ctx.shapes)]
+        return grads, None, None
+
+    torch.library.register_autograd("gradkit::gather_segments", _gather_backward, setup_context=_gather_setup)
+
+    def _scatter_setup(ctx, inputs, output):
+        flat, index, numel, scale = inputs
+        ctx.index, ctx.scale, ctx.dtype = list(index), scale, flat.dtype
+
+    def _scatter_backward(ctx, grads):
+        grads = [g.contiguous() for g in grads]
+        g = torch.ops.gradkit.gather_segments(grads, ctx.index, ctx.dtype)
+        return g * ctx.scale, None, None, None
+
+    torch.library.register_autograd("gradkit::scatter_segments", _scatter_backward, setup_context=_scatter_setup)
+
+    # Triton is the GPU kernel where the extension was built without CUDA C++.
+    def _register_triton_for_cuda() -> None:
+        try:
+            from gradkit.kernels.triton import parammap as _tri
+        except Exception:  # pragma: no cover - triton missing: CUDA tensors get a clear dispatcher error
+            return
+        for name in ("gather_segments", "gather_segments_out", "scatter_segments", "scatter_segments_",
+                     "mask_to_indices", "bitmask_to_indices", "pack_bitmask", "topk_select"):
+            if not _ext.has_kernel(name, "CUDA"):
+                torch.library.impl(f"gradkit::{name}", "CUDA")(getattr(_tri, name))
+
+    if torch.cuda.is_available():
+        _register_triton_for_cuda()

@@ -1,0 +1,47 @@
+"""Builds gradkit._C: C++ CPU kernels always, CUDA kernels only against a CUDA torch with CUDA_HOME set.
+
+    pip install torch==2.13.0 && pip install --no-build-isolation -e .
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:  # pragma: no cover - the message is the point
+    sys.exit("gradkit: install torch first (pip install torch==2.13.0), then build with --no-build-isolation")
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def extensions():
+    sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DGRADKIT_CPU"]
+    link = ["-fopenmp"]
+    cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    want_cuda = os.environ.get("GRADKIT_NO_CUDA", "0") != "1"
+    reason = None
+    if not want_cuda:
+        reason = "GRADKIT_NO_CUDA=1"
+    elif torch.version.cuda is None:
+        reason = f"torch {torch.__version__} is a CPU build (torch.version.cuda is None)"
+    elif cpp_extension.CUDA_HOME is None:
+        reason = "CUDA_HOME is not set and nvcc was not found"
+    if reason is None and cuda_sources:
+        print(f"gradkit: building CUDA kernels {cuda_sources} against CUDA {torch.version.cuda}")
+        return [cpp_extension.CUDAExtension(
+            "gradkit._C", sources + cuda_sources,
+            extra_compile_args={"cxx": cxx + ["-DGRADKIT_CUDA"], "nvcc": ["-O3", "-std=c++17", "-DGRADKIT_CUDA"]},
+            extra_link_args=link)]
+    print(f"gradkit: skipping CUDA kernels: {reason}; building CPU kernels only")
+    return [cpp_extension.CppExtension("gradkit._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)]
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)})
