@@ -1,0 +1,1 @@
+"""Drop-in accelerators for the reference research libraries."""

@@ -1,0 +1,769 @@
+"""The param-map: which entries of which parameters form a flat "input space".
+
+A :class:`ParamMap` is an ordered list of entries ``name -> (shape, selection)``.
+The selection of an entry is one of
+
+* ``"all"``      every element, in row-major order;
+* ``"mask"``     a bool tensor of the parameter's shape; order = ascending flat position;
+* ``"bitmask"``  the same as a packed uint8 tensor of ceil(numel/8) bytes
+                 (bit ``j`` of byte ``i`` is element ``8*i + j``), 1 bit per element;
+* ``"indices"``  a 1-D integer tensor of flat positions, in the order given (need not be sorted).
+
+The input space is the concatenation of the entries' selections in insertion order,
+exactly as in GRADIEND's ``ParamMappedGradiendModel.param_map``. Masks and bitmasks
+are compiled once into per-entry int32 (int64 past 2^31-1 elements) position plans,
+cached per device; gather and scatter then run one fused kernel over all entries.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from gradkit import ops
+from gradkit._io import write_dir_atomic
+
+REPRS = ("all", "mask", "bitmask", "indices")
+_INT32_MAX = 2**31 - 1
+CONFIG = "config.json"
+INDICES_FILE = "mapping_indices.safetensors"
+MASKS_FILE = "mapping_masks.safetensors"
+
+
+def _index_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if numel <= _INT32_MAX else torch.int64
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return int(math.prod(shape))
+
+
+@dataclass
+class _Entry:
+    name: str
+    shape: Tuple[int, ...]
+    numel: int
+    repr: str
+    sel: Optional[torch.Tensor]  # None | bool mask (shape) | uint8 bits | int indices (CPU)
+    count: int
+    ascending: bool  # selection positions strictly increasing (always true for all/mask/bitmask)
+
+    def positions(self) -> Optional[torch.Tensor]:
+        """Flat positions in input order on CPU (None for "all")."""
+        if self.repr == "all":
+            return None
+        if self.repr == "indices":
+            return self.sel
+        if self.repr == "mask":
+            return ops.mask_to_indices(self.sel, _index_dtype(self.numel))
+        return ops.bitmask_to_indices(self.sel, self.numel, _index_dtype(self.numel))
+
+
+def _check_shape(where: str, shape: Any) -> Tuple[int, ...]:
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                       for d in shape):
+        raise ValueError(f"{where}['shape']: expected a list of non-negative ints, got {shape!r}")
+    return tuple(int(d) for d in shape)
+
+
+def _make_entry(name: str, spec: Mapping[str, Any]) -> _Entry:
+    where = f"spec[{name!r}]"
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"spec: parameter names must be non-empty strings, got {name!r}")
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"{where}: expected a dict with 'shape' and 'repr', got {type(spec).__name__}")
+    if "shape" not in spec:
+        raise ValueError(f"{where}: missing 'shape'")
+    shape = _check_shape(where, spec["shape"])
+    numel = _numel(shape)
+    r = spec.get("repr", "all")
+    if r not in REPRS:
+        raise ValueError(f"{where}['repr']: expected one of {REPRS}, got {r!r}")
+    if r == "all":
+        return _Entry(name, shape, numel, r, None, numel, True)
+    if r not in spec:
+        raise ValueError(f"{where}: repr {r!r} needs a {r!r} tensor")
+    t = spec[r]
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{where}[{r!r}]: expected a tensor, got {type(t).__name__}")
+    t = t.detach()
+    if r == "mask":
+        if t.dtype != torch.bool:
+            raise TypeError(f"{where}['mask']: expected dtype torch.bool, got {t.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{where}['mask']: shape {tuple(t.shape)} differs from the parameter shape {shape}")
+        t = t.to("cpu").contiguous()
+        return _Entry(name, shape, numel, r, t, int(t.sum()), True)
+    if r == "bitmask":
+        nbytes = (numel + 7) // 8
+        if t.dtype != torch.uint8:
+            raise TypeError(f"{where}['bitmask']: expected dtype torch.uint8, got {t.dtype}")
+        if t.dim() != 1 or t.numel() != nbytes:
+            raise ValueError(f"{where}['bitmask']: expected shape ({nbytes},) for {numel} elements, "
+                             f"got {tuple(t.shape)}")
+        t = t.to("cpu").contiguous()
+        if numel % 8 and int(t[-1]) >> (numel % 8):
+            raise ValueError(f"{where}['bitmask']: bits are set beyond the {numel} elements")
+        count = int(_POPCOUNT[t.long()].sum()) if t.numel() else 0
+        return _Entry(name, shape, numel, r, t, count, True)
+    # indices
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{where}['indices']: expected an integer tensor, got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{where}['indices']: expected a 1-D tensor, got shape {tuple(t.shape)}")
+    t = t.to("cpu")
+    if t.numel():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= numel:
+            raise ValueError(f"{where}['indices']: positions must lie in [0, {numel}), got range [{lo}, {hi}]")
+    t = t.to(_index_dtype(numel)).contiguous()
+    ascending = bool((t[1:] > t[:-1]).all()) if t.numel() > 1 else True
+    if not ascending and t.numel() > 1:
+        s = torch.sort(t).values
+        dup = (s[1:] == s[:-1]).nonzero()
+        if dup.numel():
+            raise ValueError(f"{where}['indices']: position {int(s[int(dup[0])])} is selected more than once")
+    return _Entry(name, shape, numel, r, t, int(t.numel()), ascending)
+
+
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+class ParamMap:
+    """An ordered selection of parameter entries forming one flat input space.
+
+    Build it from a GRADIEND-style spec dict (insertion order = input-space order)::
+
+        pm = ParamMap({"fc.weight": {"shape": (4, 8), "repr": "mask", "mask": m},
+                       "fc.bias": {"shape": (4,), "repr": "all"}})
+
+    or from a model with :meth:`from_model`. Every tensor in the spec is validated
+    once here (shapes, dtypes, index range, duplicates); the hot paths never re-check.
+    """
+
+    def __init__(self, spec: Mapping[str, Mapping[str, Any]]):
+        if not isinstance(spec, Mapping):
+            raise TypeError(f"spec: expected a dict of name -> entry spec, got {type(spec).__name__}")
+        self._entries: List[_Entry] = [_make_entry(n, s) for n, s in spec.items()]
+        self._finish()
+
+    @classmethod
+    def _from_entries(cls, entries: List[_Entry]) -> "ParamMap":
+        pm = cls.__new__(cls)
+        pm._entries = entries
+        pm._finish()
+        return pm
+
+    def _finish(self) -> None:
+        self._by_name = {e.name: i for i, e in enumerate(self._entries)}
+        counts = torch.tensor([e.count for e in self._entries], dtype=torch.int64)
+        self._ends = torch.cumsum(counts, 0)
+        self._plans: Dict[torch.device, List[Optional[torch.Tensor]]] = {}
+        self._hash: Optional[str] = None
+
+    # ------------------------------------------------------------------ construction helpers
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, names: Union[None, str, Iterable[str]] = None,
+                   masks: Optional[Mapping[str, torch.Tensor]] = None, *, bitmask: bool = False) -> "ParamMap":
+        """Select parameters of ``model`` by exact name or glob pattern (``"*.attn.*"``).
+
+        names: None = every parameter; otherwise names/patterns, each of which must
+        match at least one parameter. Selected parameters keep the model's order.
+        masks: optional {name: bool mask (parameter shape) | 1-D integer flat indices};
+        a listed parameter gets that selection, the others "all". ``bitmask=True``
+        stores bool masks packed (1 bit per element).
+        """
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        params = dict(_named_parameters(model))
+        if names is None:
+            chosen = list(params)
+        else:
+            pats = [names] if isinstance(names, str) else list(names)
+            hit = set()
+            for p in pats:
+                if not isinstance(p, str):
+                    raise TypeError(f"names: expected strings, got {type(p).__name__}")
+                m = [n for n in params if n == p or fnmatch.fnmatchcase(n, p)]
+                if not m:
+                    raise ValueError(f"names: {p!r} matches no parameter of the model "
+                                     f"(e.g. {list(params)[:5]})")
+                hit.update(m)
+            chosen = [n for n in params if n in hit]
+        masks = dict(masks or {})
+        for n in masks:
+            if n not in params:
+                raise ValueError(f"masks: unknown parameter name {n!r}")
+            if n not in chosen:
+                raise ValueError(f"masks: {n!r} is not among the selected names")
+        spec: Dict[str, Dict[str, Any]] = {}
+        for n in chosen:
+            shape = tuple(params[n].shape)
+            if n not in masks:
+                spec[n] = {"shape": shape, "repr": "all"}
+                continue
+            m = masks[n]
+            if not isinstance(m, torch.Tensor):
+                raise TypeError(f"masks[{n!r}]: expected a tensor, got {type(m).__name__}")
+            if m.dtype == torch.bool:
+                if tuple(m.shape) != shape:
+                    raise ValueError(f"masks[{n!r}]: shape {tuple(m.shape)} differs from the parameter shape {shape}")
+                spec[n] = ({"shape": shape, "repr": "bitmask", "bitmask": ops.pack_bitmask(m.detach().cpu())}
+                           if bitmask else {"shape": shape, "repr": "mask", "mask": m})
+            else:
+                spec[n] = {"shape": shape, "repr": "indices", "indices": m}
+        return cls(spec)
+
+    def to_spec(self, *, bitmask_as_mask: bool = False) -> Dict[str, Dict[str, Any]]:
+        """The GRADIEND-style spec dict (bitmask entries unpacked to masks if asked)."""
+        out: Dict[str, Dict[str, Any]] = {}
+        for e in self._entries:
+            d: Dict[str, Any] = {"shape": e.shape, "repr": e.repr}
+            if e.repr == "bitmask" and bitmask_as_mask:
+                d = {"shape": e.shape, "repr": "mask", "mask": self._dense_mask(e)}
+            elif e.repr != "all":
+                d[e.repr] = e.sel
+            out[e.name] = d
+        return out
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def names(self) -> List[str]:
+        return [e.name for e in self._entries]
+
+    @property
+    def input_dim(self) -> int:
+        return int(self._ends[-1]) if self._entries else 0
+
+    def __len__(self) -> int:
+        return self.input_dim
+
+    @property
+    def counts(self) -> List[int]:
+        return [e.count for e in self._entries]
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return self._entries[self._index_of(name)].shape
+
+    def repr_of(self, name: str) -> str:
+        return self._entries[self._index_of(name)].repr
+
+    def unpruned_length(self) -> int:
+        return sum(e.numel for e in self._entries)
+
+    def __repr__(self) -> str:
+        kinds = {r: sum(e.repr == r for e in self._entries) for r in REPRS}
+        return (f"ParamMap({len(self._entries)} entries, input_dim={self.input_dim}, "
+                + ", ".join(f"{k}={v}" for k, v in kinds.items() if v) + ")")
+
+    def _index_of(self, name: str) -> int:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise ValueError(f"name: {name!r} is not in this map") from None
+
+    def _dense_mask(self, e: _Entry) -> torch.Tensor:
+        if e.repr == "mask":
+            return e.sel
+        m = torch.zeros(e.numel, dtype=torch.bool)
+        if e.repr == "all":
+            m.fill_(True)
+        else:
+            m[e.positions().long()] = True
+        return m.reshape(e.shape)
+
+    # ------------------------------------------------------------------ plans
+
+    def _plan(self, device: torch.device) -> List[Optional[torch.Tensor]]:
+        """Per-entry int position tensors on ``device`` (None for "all"), built once and cached."""
+        device = torch.device(device)
+        plan = self._plans.get(device)
+        if plan is None:
+            cpu = self._plans.get(torch.device("cpu"))
+            if cpu is None:
+                cpu = [e.positions() for e in self._entries]
+                self._plans[torch.device("cpu")] = cpu
+            plan = cpu if device.type == "cpu" else [None if p is None else p.to(device) for p in cpu]
+            self._plans[device] = plan
+        return plan
+
+    # ------------------------------------------------------------------ gather / scatter
+
+    def _sources(self, source) -> Tuple[List[int], List[torch.Tensor]]:
+        """(entry ids with a non-empty selection, their full-shape tensors), validated."""
+        active = [i for i, e in enumerate(self._entries) if e.count > 0]
+        tensors: List[torch.Tensor] = []
+        if isinstance(source, torch.nn.Module):
+            params = dict(_named_parameters(source))
+            unknown = [self._entries[i].name for i in active if self._entries[i].name not in params]
+            if unknown:
+                raise ValueError(f"source: the model has no parameter(s) {unknown}")
+            missing = [self._entries[i].name for i in active if params[self._entries[i].name].grad is None]
+            if missing:
+                raise ValueError(f"source: .grad is None for selected parameter(s) {missing} "
+                                 "(no backward yet, requires_grad=False, or zeroed with set_to_none)")
+            tensors = [params[self._entries[i].name].grad for i in active]
+            where = "source[{!r}].grad"
+        elif isinstance(source, Mapping):
+            missing = [self._entries[i].name for i in active if self._entries[i].name not in source]
+            if missing:
+                raise ValueError(f"source: missing tensor(s) for {missing}")
+            tensors = [source[self._entries[i].name] for i in active]
+            where = "source[{!r}]"
+        else:
+            raise TypeError(f"source: expected a torch.nn.Module or a dict of tensors, got {type(source).__name__}")
+        for i, t in zip(active, tensors):
+            e = self._entries[i]
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{where.format(e.name)}: expected a tensor, got {type(t).__name__}")
+            if tuple(t.shape) != e.shape:
+                raise ValueError(f"{where.format(e.name)}: shape {tuple(t.shape)} differs from the map's {e.shape}")
+        if tensors:
+            dev = tensors[0].device
+            for i, t in zip(active, tensors):
+                if t.device != dev:
+                    raise ValueError(f"{where.format(self._entries[i].name)}: on {t.device}, "
+                                     f"but other sources are on {dev}")
+        return active, tensors
+
+    def gather(self, source, out: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None,
+               accumulate: bool = False) -> torch.Tensor:
+        """Flat vector (input_dim,) of the selected entries, in map order.
+
+        source: a model (its parameters' ``.grad``) or a dict {name: full-shape tensor}.
+        out: optional preallocated (input_dim,) tensor, filled without allocating;
+        ``accumulate=True`` adds into it (running sums over batches).
+        dtype: result dtype (default: the sources' promoted dtype).
+        """
+        active, tensors = self._sources(source)
+        if out is not None:
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"out: expected a tensor, got {type(out).__name__}")
+            if out.dim() != 1 or out.numel() != self.input_dim:
+                raise ValueError(f"out: expected shape ({self.input_dim},), got {tuple(out.shape)}")
+            if dtype is not None and out.dtype != dtype:
+                raise TypeError(f"out: dtype {out.dtype} differs from dtype={dtype}")
+            if tensors and out.device != tensors[0].device:
+                raise ValueError(f"out: on {out.device} but the gradients are on {tensors[0].device}")
+        elif accumulate:
+            raise ValueError("accumulate: needs an `out` tensor to add into")
+        if not tensors:
+            if out is not None:
+                return out
+            return torch.empty(0, dtype=dtype or torch.float32)
+        plan = self._plan(tensors[0].device)
+        return ops.gather_segments(tensors, [plan[i] for i in active], dtype=dtype, out=out, accumulate=accumulate)
+
+    def scatter(self, flat: torch.Tensor, out=None, mode: str = "write", scale: float = 1.0,
+                target: str = "grad"):
+        """Put a flat (input_dim,) vector back into parameter-shaped tensors.
+
+        out=None: returns {name: tensor of the parameter's shape}, zeros where unselected.
+        out=dict of tensors, or a model (its ``.grad`` with target="grad", its
+        parameters with target="param"): written in place; mode="write" overwrites the
+        selected entries, mode="add" adds ``scale * flat`` into them (allocates nothing
+        when every ``.grad`` exists; a missing ``.grad`` is created as zeros).
+        Everything is validated before the first element is written.
+        """
+        if mode not in ("write", "add"):
+            raise ValueError(f"mode: expected 'write' or 'add', got {mode!r}")
+        if target not in ("grad", "param"):
+            raise ValueError(f"target: expected 'grad' or 'param', got {target!r}")
+        if not isinstance(flat, torch.Tensor):
+            raise TypeError(f"flat: expected a tensor, got {type(flat).__name__}")
+        if flat.dim() != 1 or flat.numel() != self.input_dim:
+            raise ValueError(f"flat: expected shape ({self.input_dim},), got {tuple(flat.shape)}")
+        if not flat.dtype.is_floating_point:
+            raise TypeError(f"flat: expected a floating dtype, got {flat.dtype}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scale: expected a finite number, got {scale!r}")
+        plan = self._plan(flat.device)
+        if out is None:
+            full = ops.scatter_segments(flat, plan, [e.numel for e in self._entries], scale=scale)
+            return {e.name: t.view(e.shape) for e, t in zip(self._entries, full)}
+        active = [i for i, e in enumerate(self._entries) if e.count > 0]
+        if isinstance(out, torch.nn.Module):
+            params = dict(_named_parameters(out))
+            unknown = [self._entries[i].name for i in active if self._entries[i].name not in params]
+            if unknown:
+                raise ValueError(f"out: the model has no parameter(s) {unknown}")
+            for i in active:
+                p = params[self._entries[i].name]
+                if tuple(p.shape) != self._entries[i].shape:
+                    raise ValueError(f"out[{self._entries[i].name!r}]: shape {tuple(p.shape)} differs from "
+                                     f"the map's {self._entries[i].shape}")
+                if p.device != flat.device:
+                    raise ValueError(f"out[{self._entries[i].name!r}]: on {p.device} but flat is on {flat.device}")
+            if target == "grad":
+                for i in active:  # only after every check passed
+                    p = params[self._entries[i].name]
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                dst = [params[self._entries[i].name].grad for i in active]
+            else:
+                dst = [params[self._entries[i].name].data for i in active]
+        elif isinstance(out, Mapping):
+            missing = [self._entries[i].name for i in active if self._entries[i].name not in out]
+            if missing:
+                raise ValueError(f"out: missing tensor(s) for {missing}")
+            dst = [out[self._entries[i].name] for i in active]
+            for i, t in zip(active, dst):
+                e = self._entries[i]
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != e.shape:
+                    raise ValueError(f"out[{e.name!r}]: expected a tensor of shape {e.shape}, got "
+                                     f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+                if t.device != flat.device:
+                    raise ValueError(f"out[{e.name!r}]: on {t.device} but flat is on {flat.device}")
+                if not t.dtype.is_floating_point:
+                    raise TypeError(f"out[{e.name!r}]: expected a floating dtype, got {t.dtype}")
+        else:
+            raise TypeError(f"out: expected None, a dict of tensors or a torch.nn.Module, got {type(out).__name__}")
+        with torch.no_grad():
+            ops.scatter_segments_(flat, [plan[i] for i in active], dst, scale=scale, accumulate=(mode == "add"))
+        return out
+
+    # ------------------------------------------------------------------ prune
+
+    def prune(self, mask: Optional[torch.Tensor] = None, threshold: Optional[float] = None,
+              topk: Union[int, float, None] = None, importance: Optional[torch.Tensor] = None
+              ) -> Tuple["ParamMap", torch.Tensor]:
+        """Shrink the input space; returns ``(new_map, kept)``.
+
+        Applied in GRADIEND's order: ``mask`` (bool, (input_dim,)), then
+        ``threshold`` (keep importance >= threshold), then ``topk`` among the
+        survivors (float in (0, 1]: that fraction, rounded up; int: that many, capped
+        at the survivors; ``topk=1.0`` keeps every survivor). Equal importances at
+        the cut are kept lowest input position first, so the result is
+        deterministic. ``kept`` holds the ascending int64 positions (in this map's
+        input space) that remain, so callers can slice their own weights with it.
+        """
+        n = self.input_dim
+        if mask is None and threshold is None and topk is None:
+            raise ValueError("prune: give at least one of mask, threshold, topk")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (n,):
+                raise ValueError(f"mask: expected a bool tensor of shape ({n},)")
+        if threshold is not None or topk is not None:
+            if importance is None:
+                raise ValueError("importance: required with threshold or topk (a (input_dim,) score tensor)")
+            if not isinstance(importance, torch.Tensor) or tuple(importance.shape) != (n,):
+                raise ValueError(f"importance: expected a tensor of shape ({n},), got "
+                                 f"{tuple(importance.shape) if isinstance(importance, torch.Tensor) else importance!r}")
+            if not importance.dtype.is_floating_point:
+                raise TypeError(f"importance: expected a floating dtype, got {importance.dtype}")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or math.isnan(threshold)):
+            raise ValueError(f"threshold: expected a number, got {threshold!r}")
+        if topk is not None:
+            if isinstance(topk, bool) or not isinstance(topk, (int, float)):
+                raise TypeError(f"topk: expected an int or a float, got {type(topk).__name__}")
+            if isinstance(topk, float) and not (0.0 < topk <= 1.0):
+                raise ValueError(f"topk: a float must lie in (0, 1], got {topk}")
+            if isinstance(topk, int) and topk < 1:
+                raise ValueError(f"topk: an int must be >= 1, got {topk}")
+        imp = None if importance is None else importance.detach().to("cpu")
+        if imp is not None and torch.isnan(imp).any():
+            raise ValueError("importance: contains NaN")
+
+        active = None if mask is None else mask.detach().to("cpu")
+        if threshold is not None:
+            t = imp >= float(threshold)
+            active = t if active is None else (active & t)
+        n_active = n if active is None else int(active.sum())
+        kept: torch.Tensor
+        if topk is not None and not (isinstance(topk, float) and topk == 1.0):
+            if n_active == 0:
+                raise ValueError("prune: no input dimension is left after mask/threshold")
+            k = math.ceil(topk * n_active) if isinstance(topk, float) else min(int(topk), n_active)
+            kept = ops.topk_select(imp.contiguous(), k, active)
+        elif active is None:
+            kept = torch.arange(n, dtype=torch.int64)
+        else:
+            kept = ops.mask_to_indices(active, torch.int64)
+        if kept.numel() == 0:
+            raise ValueError("prune: the criteria remove every input dimension")
+        return self._select_positions(kept), kept
+
+    def _select_positions(self, kept: torch.Tensor) -> "ParamMap":
+        """New map keeping input positions ``kept`` (ascending int64)."""
+        bounds = torch.searchsorted(kept, torch.cat([torch.zeros(1, dtype=torch.int64), self._ends]))
+        plan = self._plan(torch.device("cpu"))
+        entries = []
+        start = 0
+        for i, e in enumerate(self._entries):
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            local = kept[lo:hi] - start
+            start += e.count
+            if local.numel() == e.count:  # nothing removed from this entry
+                entries.append(e)
+                continue
+            pos = local if plan[i] is None else plan[i][local]
+            entries.append(_entry_from_positions(e, pos.to(_index_dtype(e.numel))))
+        return ParamMap._from_entries(entries)
+
+    # ------------------------------------------------------------------ decode
+
+    def base_global_index(self, positions):
+        """Decode input-space positions to (parameter name, flat index in that parameter).
+
+        int -> (name, flat); a sequence of ints -> list of (name, flat);
+        a tensor -> (entry ids, flat indices) as int64 tensors (names via ``self.names``).
+        Uses only the per-entry position plans; never builds an input_dim-long map.
+        """
+        scalar = isinstance(positions, int) and not isinstance(positions, bool)
+        if scalar or isinstance(positions, (list, tuple)):
+            pos = torch.as_tensor([positions] if scalar else list(positions), dtype=torch.int64)
+        elif isinstance(positions, torch.Tensor):
+            if positions.dtype.is_floating_point or positions.dtype == torch.bool:
+                raise TypeError(f"positions: expected integers, got {positions.dtype}")
+            pos = positions.detach().to("cpu", torch.int64).reshape(-1)
+        else:
+            raise TypeError(f"positions: expected an int, a sequence of ints or a tensor, got {type(positions).__name__}")
+        if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= self.input_dim):
+            raise ValueError(f"positions: must lie in [0, {self.input_dim})")
+        seg = torch.searchsorted(self._ends, pos, right=True)
+        starts = self._ends - torch.tensor([e.count for e in self._entries], dtype=torch.int64)
+        local = pos - starts[seg] if pos.numel() else pos
+        flat = local.clone()
+        plan = self._plan(torch.device("cpu"))
+        for s in torch.unique(seg).tolist():
+            if plan[s] is not None:
+                sel = seg == s
+                flat[sel] = plan[s][local[sel]].long()
+        if isinstance(positions, torch.Tensor):
+            return seg, flat
+        out = [(self._entries[s].name, f) for s, f in zip(seg.tolist(), flat.tolist())]
+        return out[0] if scalar else out
+
+    def base_global_index_map(self) -> torch.Tensor:
+        """GRADIEND's full map: for every input position, its index in the concatenation
+        of all mapped parameters (int64, input_dim long). Only on request: 8 bytes per entry."""
+        parts, base = [], 0
+        for e, p in zip(self._entries, self._plan(torch.device("cpu"))):
+            parts.append((torch.arange(e.numel, dtype=torch.int64) if p is None else p.long()) + base)
+            base += e.numel
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+    # ------------------------------------------------------------------ hash
+
+    @property
+    def hash(self) -> str:
+        """Hex digest that depends only on names, shapes and the selected positions in
+        order — not on the representation (mask, bitmask, indices and "all" hash alike,
+        before and after save/load)."""
+        if self._hash is None:
+            h = hashlib.sha256(b"gradkit-parammap-v1")
+            plan = self._plan(torch.device("cpu"))
+            for e, p in zip(self._entries, plan):
+                h.update(json.dumps([e.name, list(e.shape)]).encode())
+                if e.count == e.numel and e.ascending:
+                    h.update(b"A")  # every element, in order (however it is represented)
+                else:
+                    h.update(b"P%d:" % e.count)
+                    h.update(p.to(_index_dtype(e.numel)).contiguous().numpy().tobytes())
+            self._hash = h.hexdigest()
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ParamMap) and self.hash == other.hash
+
+    __hash__ = None  # mutable-free but tensor-backed: compare with .hash
+
+    # ------------------------------------------------------------------ save / load
+
+    def save(self, directory: str, *, _hook=None) -> None:
+        """Write the map in GRADIEND's on-disk mapping format, atomically.
+
+        ``config.json`` gets a "mapping" section (other keys of an existing
+        config.json, e.g. a GRADIEND model's architecture, are kept);
+        ``mapping_indices.safetensors`` (I32, I64 past 2^31-1) and
+        ``mapping_masks.safetensors`` (U8, parameter-shaped) hold the selections.
+        Index lists are written as given (never re-encoded as masks, which would
+        reorder them); bitmasks are written as U8 masks so GRADIEND can read them.
+        A crash mid-save leaves the previous files intact (see gradkit._io).
+        """
+        from safetensors.torch import save as st_save
+
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"directory: expected a path, got {type(directory).__name__}")
+        directory = os.fspath(directory)
+        cfg_path = os.path.join(directory, CONFIG)
+        cfg: Dict[str, Any] = {}
+        if os.path.isfile(cfg_path):
+            try:
+                with open(cfg_path) as f:
+                    cfg = json.load(f)
+            except (OSError, json.JSONDecodeError) as exc:
+                raise ValueError(f"directory: existing {cfg_path} is not valid JSON ({exc}); refusing to overwrite it")
+            if not isinstance(cfg, dict):
+                raise ValueError(f"directory: existing {cfg_path} does not hold a JSON object")
+        entries, idx_t, mask_t = [], {}, {}
+        for i, e in enumerate(self._entries):
+            ent: Dict[str, Any] = {"name": e.name, "shape": list(e.shape)}
+            if e.count == e.numel and e.ascending:
+                ent.update(repr="all", num_selected=e.numel)
+            elif e.repr == "indices":
+                key = f"L{i}"
+                ent.update(repr="indices", key=key, num_selected=e.count)
+                idx_t[key] = e.sel.to(_index_dtype(e.numel)).contiguous()
+            else:
+                key = f"L{i}"
+                ent.update(repr="mask", key=key, num_selected=e.count)
+                mask_t[key] = self._dense_mask(e).to(torch.uint8).contiguous()
+            entries.append(ent)
+        kinds = sorted({x["repr"] for x in entries})
+        mode = kinds[0] if len(kinds) == 1 else ("mixed" if kinds else "all")
+        mapping: Dict[str, Any] = {"mode": mode, "param_map": entries}
+        blobs: Dict[str, bytes] = {}
+        if idx_t:
+            blobs[INDICES_FILE] = st_save(idx_t)
+            mapping["indices_file"] = INDICES_FILE
+        if mask_t:
+            blobs[MASKS_FILE] = st_save(mask_t)
+            mapping["masks_file"] = MASKS_FILE
+        mapping["gradkit"] = {"format": 1, "hash": self.hash,
+                              "sha256": {k: hashlib.sha256(v).hexdigest() for k, v in blobs.items()}}
+        cfg["mapping"] = mapping
+        text = json.dumps(cfg, indent=2).encode()
+
+        def _writer(data: bytes):
+            def w(path: str) -> None:
+                with open(path, "wb") as f:
+                    f.write(data)
+            return w
+
+        writers = {name: _writer(b) for name, b in blobs.items()}
+        writers[CONFIG] = _writer(text)
+        # Stale mapping files (and GRADIEND's cached index map) no longer referenced are dropped.
+        stale = tuple(n for n in (INDICES_FILE, MASKS_FILE, "input_index_map.safetensors") if n not in blobs)
+        write_dir_atomic(directory, writers, remove=stale, _hook=_hook)
+
+    @classmethod
+    def load(cls, directory: str) -> "ParamMap":
+        """Read a map written by :meth:`save` or by GRADIEND's ``save_pretrained``.
+
+        Only JSON and safetensors are read (never pickle). Every field is validated;
+        a truncated or edited file raises ValueError naming it, and nothing is returned.
+        """
+        from safetensors.torch import load as st_load
+
+        directory = os.fspath(directory)
+        cfg_path = os.path.join(directory, CONFIG)
+        try:
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"directory: no {CONFIG} in {directory!r}") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{cfg_path}: not valid JSON ({exc})") from None
+        mapping = cfg.get("mapping") if isinstance(cfg, dict) else None
+        if not isinstance(mapping, dict) or not isinstance(mapping.get("param_map"), list):
+            raise ValueError(f"{cfg_path}: no 'mapping' section with a 'param_map' list")
+        sums = (mapping.get("gradkit") or {}).get("sha256", {}) if isinstance(mapping.get("gradkit"), dict) else {}
+        tensors: Dict[str, Dict[str, torch.Tensor]] = {}
+        for field in ("indices_file", "masks_file"):
+            fn = mapping.get(field)
+            if fn is None:
+                continue
+            if not isinstance(fn, str) or os.path.basename(fn) != fn:
+                raise ValueError(f"{cfg_path}: mapping.{field} must be a plain file name, got {fn!r}")
+            if not fn.endswith(".safetensors"):
+                raise ValueError(f"{cfg_path}: mapping.{field}={fn!r} is not safetensors; gradkit never unpickles "
+                                 "files (re-save the map with safetensors)")
+            path = os.path.join(directory, fn)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as exc:
+                raise ValueError(f"{path}: cannot be read ({exc})") from None
+            if fn in sums and hashlib.sha256(data).hexdigest() != sums[fn]:
+                raise ValueError(f"{path}: contents do not match the checksum in {CONFIG} (truncated or edited)")
+            try:
+                tensors[field] = st_load(data)
+            except Exception as exc:  # safetensors raises its own error types
+                raise ValueError(f"{path}: not a valid safetensors file ({exc})") from None
+        entries: List[_Entry] = []
+        seen = set()
+        for j, ent in enumerate(mapping["param_map"]):
+            where = f"{cfg_path}: mapping.param_map[{j}]"
+            if not isinstance(ent, dict) or not isinstance(ent.get("name"), str):
+                raise ValueError(f"{where}: expected an object with a 'name'")
+            name = ent["name"]
+            if name in seen:
+                raise ValueError(f"{where}: duplicate name {name!r}")
+            seen.add(name)
+            r = ent.get("repr")
+            try:
+                shape = _check_shape(where, ent.get("shape"))
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
+            if r == "all":
+                spec = {"shape": shape, "repr": "all"}
+            elif r in ("indices", "mask"):
+                field = "indices_file" if r == "indices" else "masks_file"
+                key = ent.get("key")
+                if field not in tensors or key not in tensors[field]:
+                    raise ValueError(f"{where}: {r} tensor {key!r} missing from mapping.{field}")
+                t = tensors[field][key]
+                if r == "mask":
+                    if t.dtype not in (torch.uint8, torch.bool):
+                        raise ValueError(f"{where}: mask {key!r} has dtype {t.dtype}, expected U8")
+                    if t.numel() != _numel(shape):
+                        raise ValueError(f"{where}: mask {key!r} has {t.numel()} elements, shape {shape} needs "
+                                         f"{_numel(shape)}")
+                    if t.dtype == torch.uint8 and t.numel() and int(t.max()) > 1:
+                        raise ValueError(f"{where}: mask {key!r} holds values other than 0/1")
+                    t = t.to(torch.bool).reshape(shape)
+                spec = {"shape": shape, "repr": r, r: t}
+            else:
+                raise ValueError(f"{where}: unknown repr {r!r}")
+            try:
+                entry = _make_entry(name, spec)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{where}: {exc}") from None
+            ns = ent.get("num_selected")
+            if ns is not None and ns != entry.count:
+                raise ValueError(f"{where}: num_selected={ns} but the stored selection has {entry.count}")
+            entries.append(entry)
+        pm = cls._from_entries(entries)
+        want = (mapping.get("gradkit") or {}).get("hash") if isinstance(mapping.get("gradkit"), dict) else None
+        if want is not None and want != pm.hash:
+            raise ValueError(f"{cfg_path}: the loaded map's hash differs from the one recorded at save (edited)")
+        return pm
+
+
+def _entry_from_positions(e: _Entry, pos: torch.Tensor) -> _Entry:
+    """Entry with the same name/shape selecting ``pos`` (in that order).
+
+    Representation: "all" when every element in order; an ascending selection is
+    stored as a mask / bitmask (keeping the entry's kind) when that is smaller than
+    an index list (GRADIEND's 0.8 size margin), otherwise as indices.
+    """
+    k = int(pos.numel())
+    ascending = bool((pos[1:] > pos[:-1]).all()) if k > 1 else True
+    if k == e.numel and ascending:
+        return _Entry(e.name, e.shape, e.numel, "all", None, k, True)
+    bpi = 4 if e.numel <= _INT32_MAX else 8
+    if ascending and k > 0 and not (k * bpi < e.numel * 0.8):
+        m = torch.zeros(e.numel, dtype=torch.bool)
+        m[pos.long()] = True
+        if e.repr == "bitmask":
+            return _Entry(e.name, e.shape, e.numel, "bitmask", ops.pack_bitmask(m), k, True)
+        return _Entry(e.name, e.shape, e.numel, "mask", m.reshape(e.shape), k, True)
+    return _Entry(e.name, e.shape, e.numel, "indices", pos.contiguous(), k, ascending)
+
+
+def _named_parameters(model: torch.nn.Module):
+    """named_parameters of the model, unwrapping DDP/DataParallel-style ``.module``."""
+    base = model.module if isinstance(getattr(model, "module", None), torch.nn.Module) else model
+    return base.named_parameters()
