@@ -19,11 +19,11 @@ TORCH_LIBRARY(gradkit, m) {
   // ---- family 1: masked multi-tensor gather / scatter (param-map) ----
   // Segment s contributes src[s].flatten()[index[s]] (index None = every element, in order)
   // to one flat vector, segments concatenated in list order.
-  m.def("gather_segments(Tensor[] src, Tensor?[] index, ScalarType? dtype=None) -> Tensor");
-  m.def("gather_segments_out(Tensor[] src, Tensor?[] index, Tensor(a!) out, bool accumulate=False) -> ()");
+  m.def("gather_segments(Tensor[] src, Tensor?[] index, ScalarType? dtype) -> Tensor");
+  m.def("gather_segments_out(Tensor[] src, Tensor?[] index, Tensor(a!) out, bool accumulate) -> ()");
   // Inverse: flat[offset_s : offset_s + count_s] goes to position index[s] of segment s.
-  m.def("scatter_segments(Tensor flat, Tensor?[] index, SymInt[] numel, float scale=1.0) -> Tensor[]");
-  m.def("scatter_segments_(Tensor flat, Tensor?[] index, Tensor(a!)[] dst, float scale=1.0, bool accumulate=False) -> ()");
+  m.def("scatter_segments(Tensor flat, Tensor?[] index, SymInt[] numel, float scale) -> Tensor[]");
+  m.def("scatter_segments_(Tensor flat, Tensor?[] index, Tensor(a!)[] dst, float scale, bool accumulate) -> ()");
   // Selection encodings: bool mask / packed little-endian bitmask -> ascending flat positions.
   m.def("mask_to_indices(Tensor mask, ScalarType dtype) -> Tensor");
   m.def("bitmask_to_indices(Tensor bits, SymInt numel, ScalarType dtype) -> Tensor");

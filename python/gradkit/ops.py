@@ -97,6 +97,8 @@ def gather_segments(src: Sequence[torch.Tensor], index: Sequence[Optional[torch.
             raise ValueError("accumulate: needs an `out` tensor to add into")
         if dtype is not None and dtype not in _FLOATS:
             raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
+        if not src:  # no tensor to dispatch on: the empty result is known
+            return torch.empty(0, dtype=dtype or torch.float32)
         return _impl("gather_segments")(list(src), list(index), dtype)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out: expected a tensor, got {type(out).__name__}")
@@ -110,6 +112,8 @@ def gather_segments(src: Sequence[torch.Tensor], index: Sequence[Optional[torch.
         raise ValueError(f"out: on {out.device} but src is on {src[0].device}")
     if not out.is_contiguous():
         raise ValueError("out: must be contiguous")
+    if not src:
+        return out
     _impl("gather_segments_out")(list(src), list(index), out, accumulate)
     return out
 
@@ -221,7 +225,7 @@ def topk_select(scores: torch.Tensor, k: int, active: Optional[torch.Tensor] = N
 if _ext.LOADED:
 
     @torch.library.register_fake("gradkit::gather_segments")
-    def _gather_fake(src, index, dtype=None):
+    def _gather_fake(src, index, dtype):
         if dtype is None:
             dtype = src[0].dtype if src else torch.float32
             for s in src[1:]:
@@ -231,15 +235,15 @@ if _ext.LOADED:
         return torch.empty(total, dtype=dtype, device=dev)
 
     @torch.library.register_fake("gradkit::gather_segments_out")
-    def _gather_out_fake(src, index, out, accumulate=False):
+    def _gather_out_fake(src, index, out, accumulate):
         return None
 
     @torch.library.register_fake("gradkit::scatter_segments")
-    def _scatter_fake(flat, index, numel, scale=1.0):
+    def _scatter_fake(flat, index, numel, scale):
         return [flat.new_empty(n) for n in numel]
 
     @torch.library.register_fake("gradkit::scatter_segments_")
-    def _scatter_inplace_fake(flat, index, dst, scale=1.0, accumulate=False):
+    def _scatter_inplace_fake(flat, index, dst, scale, accumulate):
         return None
 
     @torch.library.register_fake("gradkit::mask_to_indices")

@@ -1,0 +1,307 @@
+"""Native (dispatcher) kernels of the param-map family against the plain-PyTorch reference,
+plus opcheck, torch.compile and the bad-input contract of the op surface."""
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from gradkit import _ext, ops
+from gradkit.kernels.reference import parammap as ref
+
+from conftest import DEVICES
+
+pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="compiled extension not built")
+
+FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+IDX = [torch.int32, torch.int64]
+
+
+@st.composite
+def tensors(draw, dtype=None):
+    """A float tensor of 0-3 dims (sizes 0..6), sometimes a non-contiguous view."""
+    dtype = dtype or draw(st.sampled_from(FLOATS))
+    shape = draw(st.lists(st.integers(0, 6), min_size=0, max_size=3))
+    view = draw(st.sampled_from(["contig", "transpose", "step"]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    if view == "step" and shape:
+        big = list(shape)
+        big[-1] = 2 * shape[-1]
+        t = torch.randn(big, generator=g).to(dtype)[..., ::2]
+    elif view == "transpose" and len(shape) >= 2:
+        dims = list(range(len(shape)))[::-1]
+        t = torch.randn(shape[::-1], generator=g).to(dtype).permute(dims)  # shape == `shape`, non-contiguous
+    else:
+        t = torch.randn(shape, generator=g).to(dtype)
+    return t
+
+
+@st.composite
+def index_for(draw, numel):
+    kind = draw(st.sampled_from(["none", "perm", "sorted"]))
+    if kind == "none":
+        return None
+    dt = draw(st.sampled_from(IDX))
+    k = draw(st.integers(0, numel))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    pos = torch.randperm(numel, generator=g)[:k]
+    if kind == "sorted":
+        pos = pos.sort().values
+    return pos.to(dt)
+
+
+@st.composite
+def segment_lists(draw, max_segments=4):
+    n = draw(st.integers(0, max_segments))
+    src = [draw(tensors()) for _ in range(n)]
+    index = [draw(index_for(t.numel())) for t in src]
+    return src, index
+
+
+def _to(dev, xs):
+    return [None if x is None else x.to(dev) for x in xs]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(segs=segment_lists(), out_dtype=st.sampled_from([None] + FLOATS))
+def test_gather_matches_reference(device, segs, out_dtype):
+    src, index = segs
+    src, index = _to(device, src), _to(device, index)
+    got = ops.gather_segments(src, index, dtype=out_dtype)
+    want = ref.gather_segments(src, index, dtype=out_dtype)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(segs=segment_lists(), out_dtype=st.sampled_from(FLOATS), accumulate=st.booleans())
+def test_gather_out_matches_reference(device, segs, out_dtype, accumulate):
+    src, index = _to(device, segs[0]), _to(device, segs[1])
+    total = sum(t.numel() if i is None else i.numel() for t, i in zip(src, index))
+    start = torch.randn(total, device=device).to(out_dtype)
+    got, want = start.clone(), start.clone()
+    ptr = got.data_ptr()
+    res = ops.gather_segments(src, index, out=got, accumulate=accumulate)
+    ref.gather_segments_out(src, index, want, accumulate)
+    assert res is got and got.data_ptr() == ptr  # wrote in place, allocated no output
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(segs=segment_lists(), scale=st.sampled_from([1.0, -0.5, 3.0]))
+def test_scatter_matches_reference(device, segs, scale):
+    src, index = _to(device, segs[0]), _to(device, segs[1])
+    flat = ref.gather_segments(src, index, dtype=torch.float32) if src else torch.empty(0, device=device)
+    numel = [t.numel() for t in src]
+    got = ops.scatter_segments(flat, index, numel, scale=scale)
+    want = ref.scatter_segments(flat, index, numel, scale)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(segs=segment_lists(), flat_dtype=st.sampled_from(FLOATS), scale=st.sampled_from([1.0, 0.25, -2.0]),
+       accumulate=st.booleans())
+def test_scatter_inplace_matches_reference(device, segs, flat_dtype, scale, accumulate):
+    dst, index = _to(device, segs[0]), _to(device, segs[1])
+    total = sum(t.numel() if i is None else i.numel() for t, i in zip(dst, index))
+    flat = torch.randn(total, device=device).to(flat_dtype)
+    got = [d.clone() for d in dst]
+    want = [d.clone() for d in dst]
+    # keep non-contiguous layouts for the kernel under test
+    got = [g if d.is_contiguous() else torch.empty_strided(d.size(), d.stride(), dtype=d.dtype, device=device).copy_(d)
+           for g, d in zip(got, dst)]
+    ops.scatter_segments_(flat, index, got, scale=scale, accumulate=accumulate)
+    ref.scatter_segments_(flat, index, want, scale, accumulate)
+    for g, w in zip(got, want):
+        # Both round the exact (float64) result once to the destination dtype.
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
+@given(shape=st.lists(st.integers(0, 40), max_size=3), p=st.floats(0, 1), dtype=st.sampled_from(IDX),
+       seed=st.integers(0, 2**31 - 1))
+def test_mask_encodings_match_reference(shape, p, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(shape, generator=g) < p
+    assert torch.equal(ops.mask_to_indices(mask, dtype), ref.mask_to_indices(mask, dtype))
+    bits = ops.pack_bitmask(mask)
+    assert torch.equal(bits, ref.pack_bitmask(mask))
+    got = ops.bitmask_to_indices(bits, mask.numel(), dtype)
+    assert got.dtype == dtype
+    assert torch.equal(got, ref.bitmask_to_indices(bits, mask.numel(), dtype))
+
+
+def test_mask_to_indices_large_parallel():
+    # several scan chunks (64 Ki) and both threads: positions stay ascending and exact
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(1_000_003, generator=g) < 0.05
+    assert torch.equal(ops.mask_to_indices(mask, torch.int64), mask.nonzero().reshape(-1))
+    bits = ops.pack_bitmask(mask)
+    assert torch.equal(ops.bitmask_to_indices(bits, mask.numel(), torch.int32), mask.nonzero().reshape(-1).int())
+
+
+@st.composite
+def score_vectors(draw):
+    n = draw(st.integers(1, 300))
+    dtype = draw(st.sampled_from(FLOATS))
+    kind = draw(st.sampled_from(["ties", "normal", "signed_zero", "inf"]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    if kind == "ties":
+        s = torch.randint(-3, 4, (n,), generator=g).float()
+    elif kind == "signed_zero":
+        s = torch.where(torch.rand(n, generator=g) < 0.5, torch.tensor(-0.0), torch.tensor(0.0))
+        s = torch.where(torch.rand(n, generator=g) < 0.2, torch.randn(n, generator=g), s)
+    elif kind == "inf":
+        s = torch.randn(n, generator=g)
+        s[torch.rand(n, generator=g) < 0.2] = float("inf")
+        s[torch.rand(n, generator=g) < 0.2] = float("-inf")
+    else:
+        s = torch.randn(n, generator=g) * 1e3
+    s = s.to(dtype)
+    active = None if draw(st.booleans()) else torch.rand(n, generator=g) < draw(st.floats(0, 1))
+    n_act = n if active is None else int(active.sum())
+    k = draw(st.sampled_from(sorted({0, min(1, n_act), n_act // 2, n_act, draw(st.integers(0, n_act))})))
+    return s, active, k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(case=score_vectors())
+def test_topk_select_matches_reference(device, case):
+    s, active, k = case
+    s = s.to(device)
+    active = None if active is None else active.to(device)
+    got = ops.topk_select(s, k, active)
+    want = ref.topk_select(s, active, k)
+    assert got.dtype == torch.int64 and torch.equal(got.cpu(), want.cpu())
+
+
+def test_topk_select_large_and_ties_lowest_position():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 1000, (2_000_000,), generator=g).float()  # heavy ties
+    for k in (1, 1234, 200_000, 1_999_999):
+        got = ops.topk_select(s, k)
+        assert torch.equal(got, ref.topk_select(s, None, k))
+    s64 = torch.randn(300_000, generator=g, dtype=torch.float64)
+    assert torch.equal(ops.topk_select(s64, 777), ref.topk_select(s64, None, 777))
+
+
+def test_topk_select_rejects_nan_and_bad_k():
+    s = torch.tensor([1.0, float("nan"), 2.0])
+    with pytest.raises(ValueError, match="scores"):
+        ops.topk_select(s, 1)
+    with pytest.raises(ValueError, match="k"):
+        ops.topk_select(torch.ones(3), 4)
+    with pytest.raises(ValueError, match="k"):
+        ops.topk_select(torch.ones(3), 2, torch.tensor([True, False, False]))
+    with pytest.raises(TypeError, match="k"):
+        ops.topk_select(torch.ones(3), True)
+    with pytest.raises(ValueError, match="active"):
+        ops.topk_select(torch.ones(3), 1, torch.ones(2, dtype=torch.bool))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_gather_bad_input_names_argument():
+    a = torch.randn(4, 3)
+    with pytest.raises(TypeError, match=r"index\[0\]"):
+        ops.gather_segments([a], [torch.tensor([0.5])])
+    with pytest.raises(ValueError, match="index"):
+        ops.gather_segments([a], [])
+    with pytest.raises(TypeError, match=r"src\[0\]"):
+        ops.gather_segments([torch.ones(3, dtype=torch.int64)], [None])
+    with pytest.raises(ValueError, match="out"):
+        ops.gather_segments([a], [None], out=torch.empty(11))
+    with pytest.raises(TypeError, match="out"):
+        ops.gather_segments([a], [None], out=torch.empty(12, dtype=torch.int32))
+    with pytest.raises(ValueError, match="accumulate"):
+        ops.gather_segments([a], [None], accumulate=True)
+    # out-of-range positions: never read, reported as IndexError naming `index`
+    with pytest.raises(IndexError, match="index"):
+        ops.gather_segments([a], [torch.tensor([0, 12])])
+    with pytest.raises(IndexError, match="index"):
+        ops.gather_segments([a], [torch.tensor([-1])])
+
+
+def test_scatter_bad_input_names_argument():
+    with pytest.raises(ValueError, match="flat"):
+        ops.scatter_segments(torch.ones(3), [None], [4])
+    with pytest.raises(ValueError, match="numel"):
+        ops.scatter_segments(torch.ones(3), [None], [3, 1])
+    with pytest.raises(ValueError, match="flat"):
+        ops.scatter_segments_(torch.ones(2, 2), [None], [torch.zeros(4)])
+    with pytest.raises(IndexError, match="index"):
+        ops.scatter_segments(torch.ones(1), [torch.tensor([5])], [3])
+
+
+def test_encoding_bad_input():
+    with pytest.raises(TypeError, match="mask"):
+        ops.mask_to_indices(torch.ones(3))
+    with pytest.raises(TypeError, match="dtype"):
+        ops.mask_to_indices(torch.ones(3, dtype=torch.bool), torch.float32)
+    with pytest.raises(ValueError, match="bits"):
+        ops.bitmask_to_indices(torch.zeros(2, dtype=torch.uint8), 20)
+    with pytest.raises(ValueError, match="bits"):  # bit 5 set but numel=4
+        ops.bitmask_to_indices(torch.tensor([0b100000], dtype=torch.uint8), 4)
+
+
+def test_backend_env_validation(monkeypatch):
+    monkeypatch.setenv("GRADKIT_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="GRADKIT_BACKEND"):
+        ops.pack_bitmask(torch.ones(3, dtype=torch.bool))
+    monkeypatch.setenv("GRADKIT_BACKEND", "reference")
+    assert ops.backend() == "reference"
+    assert torch.equal(ops.pack_bitmask(torch.ones(9, dtype=torch.bool)), torch.tensor([255, 1], dtype=torch.uint8))
+
+
+# --------------------------------------------------------------------------- opcheck / compile / autograd
+
+
+def _opcheck_cases():
+    a = torch.randn(5, 4, dtype=torch.float64)
+    b = torch.randn(6, 3).t()  # non-contiguous
+    idx = [torch.tensor([3, 0, 7], dtype=torch.int32), None]
+    flat = torch.randn(3 + 18)
+    mask = torch.rand(37) < 0.4
+    return [
+        ("gather_segments", ([a, b], idx, None)),
+        ("gather_segments", ([a, b], idx, torch.float32)),
+        ("gather_segments_out", ([a, b], idx, torch.zeros(21, dtype=torch.float64), True)),
+        ("scatter_segments", (flat, idx, [20, 18], 2.0)),
+        ("scatter_segments_", (flat, idx, [torch.zeros(5, 4), torch.zeros(6, 3).t()], 1.0, True)),
+        ("mask_to_indices", (mask, torch.int32)),
+        ("bitmask_to_indices", (ops.pack_bitmask(mask), 37, torch.int64)),
+        ("pack_bitmask", (mask,)),
+        ("topk_select", (torch.randn(50), None, 7)),
+        ("topk_select", (torch.randn(50), torch.rand(50) < 0.5, 3)),
+    ]
+
+
+@pytest.mark.parametrize("name,args", _opcheck_cases(), ids=[c[0] for c in _opcheck_cases()])
+def test_opcheck(name, args):
+    op = getattr(torch.ops.gradkit, name)
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    if name in ("gather_segments", "scatter_segments"):
+        tests = tests + ("test_autograd_registration",)
+    torch.library.opcheck(op, args, test_utils=tests)
+
+
+def test_gather_autograd_is_scatter():
+    a = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    idx = [torch.tensor([3, 0, 7]), None]
+    torch.autograd.gradcheck(lambda x, y: torch.ops.gradkit.gather_segments([x, y], idx, None), (a, b))
+    flat = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda f: torch.ops.gradkit.scatter_segments(f, idx, [20, 7], 0.5)[0], (flat,))
+
+
+def test_gather_under_torch_compile():
+    idx = [torch.tensor([3, 0, 7], dtype=torch.int32), None]
+
+    def f(x, y):
+        return torch.ops.gradkit.gather_segments([x * 2, y], idx, None).sum()
+
+    a, b = torch.randn(5, 4), torch.randn(3)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(a, b), f(a, b))
