@@ -336,6 +336,12 @@ class ParamMap:
                                      f"but other sources are on {dev}")
         return active, tensors
 
+    def _all_given(self, source) -> List[Optional[torch.Tensor]]:
+        if isinstance(source, torch.nn.Module):
+            params = dict(_named_parameters(source))
+            return [params[e.name].grad if e.name in params else None for e in self._entries]
+        return [source.get(e.name) for e in self._entries]
+
     def gather(self, source, out: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None,
                accumulate: bool = False) -> torch.Tensor:
         """Flat vector (input_dim,) of the selected entries, in map order.
@@ -360,7 +366,13 @@ class ParamMap:
         if not tensors:
             if out is not None:
                 return out
-            return torch.empty(0, dtype=dtype or torch.float32)
+            # nothing selected: dtype/device still follow whatever sources were given
+            given = [t for t in self._all_given(source) if isinstance(t, torch.Tensor)]
+            if dtype is None and given:
+                dtype = given[0].dtype
+                for t in given[1:]:
+                    dtype = torch.promote_types(dtype, t.dtype)
+            return torch.empty(0, dtype=dtype or torch.float32, device=given[0].device if given else "cpu")
         plan = self._plan(tensors[0].device)
         return ops.gather_segments(tensors, [plan[i] for i in active], dtype=dtype, out=out, accumulate=accumulate)
 
