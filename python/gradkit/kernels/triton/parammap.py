@@ -544,7 +544,7 @@ def _topk_prefix(digits_ptr, npass, KT: tl.constexpr, W: tl.constexpr):
     prefix = tl.full([], 0, KT)
     pmask = tl.full([], 0, KT)
     for q in range(0, npass):
-        sh = (W - 8 * (q + 1)).to(KT)
+        sh = tl.cast(W - 8 * (q + 1), KT)
         prefix = prefix | (tl.load(digits_ptr + q).to(KT) << sh)
         pmask = pmask | (tl.full([], 255, KT) << sh)
     return prefix, pmask
@@ -558,7 +558,7 @@ def _topk_hist_kernel(keys_ptr, n, hist_ptr, digits_ptr, npass, W: tl.constexpr,
     key = tl.load(keys_ptr + offs, mask=m, other=0)
     prefix, pmask = _topk_prefix(digits_ptr, npass, key.dtype, W)
     match = m & ((key & pmask) == prefix)
-    digit = ((key >> (W - 8 * (npass + 1)).to(key.dtype)) & 255).to(tl.int32)
+    digit = ((key >> tl.cast(W - 8 * (npass + 1), key.dtype)) & 255).to(tl.int32)
     h = tl.histogram(digit, 256, mask=match)
     tl.atomic_add(hist_ptr + tl.arange(0, 256), h, mask=h > 0)
 
