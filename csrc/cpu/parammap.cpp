@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <functional>
 #include <atomic>
 #include <cstring>
 #include <vector>
@@ -264,7 +265,27 @@ void scatter_segments__cpu(const Tensor& flat, const c10::List<std::optional<Ten
 // selection encodings
 // ---------------------------------------------------------------------------
 
-constexpr int64_t kScanChunk = 1 << 16;
+constexpr int64_t kScanChunk = 1 << 16;  // multiple of 8: chunks start on word boundaries
+
+// 0x01 in every byte of `w` that is non-zero (bool storage is 0/1, but be robust to any byte).
+inline uint64_t nz_bytes(uint64_t w) {
+  w |= w >> 4;
+  w |= w >> 2;
+  w |= w >> 1;
+  return w & 0x0101010101010101ull;
+}
+inline uint64_t load8(const uint8_t* p) {
+  uint64_t w;
+  std::memcpy(&w, p, 8);  // unaligned-safe; compiles to one load
+  return w;
+}
+
+int64_t count_nonzero_bytes(const uint8_t* m, int64_t lo, int64_t hi) {
+  int64_t s = 0, j = lo;
+  for (; j + 8 <= hi; j += 8) s += __builtin_popcountll(nz_bytes(load8(m + j)));
+  for (; j < hi; ++j) s += (m[j] != 0);
+  return s;
+}
 
 template <typename I>
 void mask_to_indices_kernel(const uint8_t* m, int64_t n, I* out, const std::vector<int64_t>& starts) {
@@ -272,8 +293,15 @@ void mask_to_indices_kernel(const uint8_t* m, int64_t n, I* out, const std::vect
   at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
       const int64_t lo = c * kScanChunk, hi = std::min(n, lo + kScanChunk);
-      int64_t p = starts[c];
-      for (int64_t j = lo; j < hi; ++j) {
+      int64_t p = starts[c], j = lo;
+      for (; j + 8 <= hi; j += 8) {
+        uint64_t bits = nz_bytes(load8(m + j));
+        while (bits) {  // one iteration per selected element; zero words cost one test
+          out[p++] = static_cast<I>(j + (__builtin_ctzll(bits) >> 3));
+          bits &= bits - 1;
+        }
+      }
+      for (; j < hi; ++j) {
         if (m[j]) out[p++] = static_cast<I>(j);
       }
     }
@@ -313,12 +341,7 @@ Tensor mask_to_indices_cpu(const Tensor& mask, at::ScalarType dtype) {
   int64_t total = 0;
   auto starts = chunk_starts(
       nchunks,
-      [&](int64_t c) {
-        const int64_t lo = c * kScanChunk, hi = std::min(n, lo + kScanChunk);
-        int64_t s = 0;
-        for (int64_t j = lo; j < hi; ++j) s += (p[j] != 0);
-        return s;
-      },
+      [&](int64_t c) { return count_nonzero_bytes(p, c * kScanChunk, std::min(n, (c + 1) * kScanChunk)); },
       &total);
   Tensor out = at::empty({total}, at::TensorOptions().dtype(dtype));
   if (dtype == at::kInt) {
@@ -384,10 +407,15 @@ Tensor pack_bitmask_cpu(const Tensor& mask) {
   uint8_t* o = out.data_ptr<uint8_t>();
   at::parallel_for(0, nbytes, 1 << 14, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      const int64_t base = i * 8, lim = std::min<int64_t>(8, n - base);
-      uint8_t x = 0;
-      for (int64_t j = 0; j < lim; ++j) x |= static_cast<uint8_t>((p[base + j] != 0) << j);
-      o[i] = x;
+      const int64_t base = i * 8;
+      if (base + 8 <= n) {
+        // byte j of the word (0/1) lands on bit j: the eight shifted copies never overlap
+        o[i] = static_cast<uint8_t>((nz_bytes(load8(p + base)) * 0x0102040810204080ull) >> 56);
+      } else {
+        uint8_t x = 0;
+        for (int64_t j = 0; j < n - base; ++j) x |= static_cast<uint8_t>((p[base + j] != 0) << j);
+        o[i] = x;
+      }
     }
   });
   return out;
@@ -397,18 +425,21 @@ Tensor pack_bitmask_cpu(const Tensor& mask) {
 // exact top-k select (radix select on order-preserving integer keys)
 // ---------------------------------------------------------------------------
 
-// Maps a float to an unsigned key whose integer order is the float order (+0 and -0 equal).
+// Maps a float to an unsigned key whose integer order is the float order (+0 and -0 equal:
+// x + 0 turns -0 into +0 under round-to-nearest; gradkit is never built with fast-math).
 inline uint32_t f32_key(float x) {
-  if (x == 0.0f) x = 0.0f;
+  x = x + 0.0f;
   uint32_t u;
   std::memcpy(&u, &x, 4);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  const uint32_t flip = static_cast<uint32_t>(-static_cast<int32_t>(u >> 31)) | 0x80000000u;
+  return u ^ flip;
 }
 inline uint64_t f64_key(double x) {
-  if (x == 0.0) x = 0.0;
+  x = x + 0.0;
   uint64_t u;
   std::memcpy(&u, &x, 8);
-  return (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
+  const uint64_t flip = static_cast<uint64_t>(-static_cast<int64_t>(u >> 63)) | 0x8000000000000000ull;
+  return u ^ flip;
 }
 
 template <typename K>
@@ -424,62 +455,142 @@ struct KeyOf<uint64_t> {
   static uint64_t get(T v) { return f64_key(static_cast<double>(v)); }
 };
 
+// Exact top-k select over order-preserving keys.
+//  A. one pass: histogram of the top 12 key bits per block (16 KiB, L1-resident), NaN and
+//     active counts (errors are raised here, before any output exists); walking the bins
+//     from the top finds the bucket d1 holding the k-th largest key; every key in a higher
+//     bucket is selected, and per-block counts of those come straight from the histograms.
+//  B. one pass compacts the keys and positions of bucket d1 (the candidates; for smooth
+//     data a few percent of n); nth_element over them gives the exact k-th key, and
+//     per-block counts of candidates above / equal to it.
+//     When ties make the bucket huge (> n/4), the remaining key bits are resolved with
+//     11-bit radix passes over the full input instead (no large buffer).
+//  C. one pass writes, per block in position order, every key above the k-th plus the
+//     first `need` keys equal to it (lowest positions first), so the output is ascending.
 template <typename T, typename K>
 Tensor topk_select_impl(const T* s, const bool* act, int64_t n, int64_t k) {
-  constexpr int kBits = 16, kBins = 1 << kBits;
-  constexpr int kPasses = static_cast<int>(sizeof(K) * 8 / kBits);
-  const int nthreads = at::get_num_threads();
-  const int64_t grain = std::max<int64_t>(1 << 16, (n + nthreads - 1) / nthreads);
-  const int64_t nblocks = (n + grain - 1) / grain;
-  K prefix = 0, prefix_mask = 0;  // bits of the k-th largest key fixed so far
-  int64_t need = k;               // how many of the elements matching `prefix` are still to take
-  std::vector<std::vector<int64_t>> hist(nblocks, std::vector<int64_t>(kBins));
-  for (int pass = 0; pass < kPasses; ++pass) {
-    const int shift = static_cast<int>(sizeof(K) * 8) - kBits * (pass + 1);
+  constexpr int kKeyBits = static_cast<int>(sizeof(K) * 8);
+  constexpr int kTop = 12, kTopBins = 1 << kTop, kTopShift = kKeyBits - kTop;
+  const int nthreads = std::max(1, at::get_num_threads());
+  const int64_t grain = std::min<int64_t>(int64_t(1) << 30, std::max<int64_t>(1 << 16, (n + nthreads - 1) / nthreads));
+  const int64_t nblocks = std::max<int64_t>(1, (n + grain - 1) / grain);
+  std::vector<std::vector<uint32_t>> hist(nblocks, std::vector<uint32_t>(kTopBins));
+  std::vector<int64_t> n_gt(nblocks, 0), n_eq(nblocks, 0), n_nan(nblocks, 0), n_act(nblocks, 0);
+
+  // ---- A
+  at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t blk = b; blk < e; ++blk) {
+      uint32_t* h = hist[blk].data();
+      const int64_t lo = blk * grain, hi = std::min(n, lo + grain);
+      int64_t nan = 0, na = 0;
+      for (int64_t j = lo; j < hi; ++j) {
+        if (act && !act[j]) continue;
+        const T v = s[j];
+        nan += (v != v);
+        ++na;
+        h[KeyOf<K>::get(v) >> kTopShift]++;
+      }
+      n_nan[blk] = nan;
+      n_act[blk] = na;
+    }
+  });
+  int64_t nan = 0, na = 0;
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    nan += n_nan[blk];
+    na += n_act[blk];
+  }
+  TORCH_CHECK_VALUE(nan == 0, "scores: contains NaN (", nan, " active entries)");
+  TORCH_CHECK_VALUE(k <= na, "k: must be in [0, ", na, "] (active scores), got ", k);
+  if (k == 0) return at::empty({0}, at::TensorOptions().dtype(at::kLong));
+  int64_t need = k, above = 0;
+  int d1 = kTopBins - 1;
+  for (; d1 >= 0; --d1) {
+    int64_t c = 0;
+    for (int64_t blk = 0; blk < nblocks; ++blk) c += hist[blk][d1];
+    if (above + c >= need) break;
+    above += c;
+  }
+  TORCH_INTERNAL_ASSERT(d1 >= 0, "topk_select: radix walk ran off the histogram");
+  need -= above;
+  std::vector<int64_t> cand_off(nblocks + 1, 0);
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    for (int d = d1 + 1; d < kTopBins; ++d) n_gt[blk] += hist[blk][d];
+    cand_off[blk + 1] = cand_off[blk] + hist[blk][d1];
+  }
+  const int64_t ncand = cand_off[nblocks];
+  const K top = static_cast<K>(d1);
+  K kth;
+  if (ncand <= std::max<int64_t>(n / 4, 1 << 16)) {
+    // ---- B (compaction)
+    std::vector<K> ckey(ncand);
     at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
       for (int64_t blk = b; blk < e; ++blk) {
-        auto& h = hist[blk];
-        std::fill(h.begin(), h.end(), 0);
         const int64_t lo = blk * grain, hi = std::min(n, lo + grain);
+        int64_t q = cand_off[blk];
         for (int64_t j = lo; j < hi; ++j) {
           if (act && !act[j]) continue;
           const K key = KeyOf<K>::get(s[j]);
-          if ((key & prefix_mask) != prefix) continue;
-          h[(key >> shift) & (kBins - 1)]++;
+          if ((key >> kTopShift) == top) ckey[q++] = key;
         }
       }
     });
-    // Walk bins from the largest digit down until `need` is reached.
-    int64_t above = 0;
-    int digit = kBins - 1;
-    for (; digit >= 0; --digit) {
-      int64_t c = 0;
-      for (int64_t blk = 0; blk < nblocks; ++blk) c += hist[blk][digit];
-      if (above + c >= need) break;
-      above += c;
-    }
-    TORCH_INTERNAL_ASSERT(digit >= 0, "topk_select: radix walk ran off the histogram");
-    need -= above;
-    prefix |= static_cast<K>(digit) << shift;
-    prefix_mask |= static_cast<K>(kBins - 1) << shift;
-  }
-  const K kth = prefix;  // the exact key of the k-th largest element
-  // Select: every key > kth, then the first `need` keys == kth in position order.
-  std::vector<int64_t> n_gt(nblocks), n_eq(nblocks);
-  at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t blk = b; blk < e; ++blk) {
-      const int64_t lo = blk * grain, hi = std::min(n, lo + grain);
+    std::vector<K> tmp(ckey);
+    std::nth_element(tmp.begin(), tmp.begin() + (need - 1), tmp.end(), std::greater<K>());
+    kth = tmp[need - 1];
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
       int64_t g = 0, q = 0;
-      for (int64_t j = lo; j < hi; ++j) {
-        if (act && !act[j]) continue;
-        const K key = KeyOf<K>::get(s[j]);
-        g += key > kth;
-        q += key == kth;
+      for (int64_t i = cand_off[blk]; i < cand_off[blk + 1]; ++i) {
+        g += ckey[i] > kth;
+        q += ckey[i] == kth;
       }
-      n_gt[blk] = g;
+      n_gt[blk] += g;
       n_eq[blk] = q;
     }
-  });
+    int64_t g_all = 0;
+    for (int64_t blk = 0; blk < nblocks; ++blk) g_all += n_gt[blk];
+    need = k - g_all;  // how many keys equal to kth are taken
+  } else {
+    // ---- B' (heavy ties): 11-bit radix passes over the remaining bits of the full input
+    constexpr int kBits = 11, kBins = 1 << kBits;
+    std::vector<std::vector<int64_t>> h2(nblocks, std::vector<int64_t>(kBins));
+    K prefix = top << kTopShift, prefix_mask = static_cast<K>(kTopBins - 1) << kTopShift;
+    for (int hi_bit = kTopShift; hi_bit > 0; hi_bit -= kBits) {
+      const int lo_bit = std::max(0, hi_bit - kBits);
+      const K dmask = static_cast<K>((K(1) << (hi_bit - lo_bit)) - 1);
+      const K pf = prefix, pm = prefix_mask;
+      at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+        for (int64_t blk = b; blk < e; ++blk) {
+          int64_t* h = h2[blk].data();
+          std::fill(h, h + kBins, 0);
+          const int64_t lo = blk * grain, hi = std::min(n, lo + grain);
+          for (int64_t j = lo; j < hi; ++j) {
+            if (act && !act[j]) continue;
+            const K key = KeyOf<K>::get(s[j]);
+            if ((key & pm) == pf) h[(key >> lo_bit) & dmask]++;
+          }
+        }
+      });
+      int64_t abv = 0;
+      int digit = static_cast<int>(dmask);
+      for (; digit >= 0; --digit) {
+        int64_t c = 0;
+        for (int64_t blk = 0; blk < nblocks; ++blk) c += h2[blk][digit];
+        if (abv + c >= need) break;
+        abv += c;
+      }
+      TORCH_INTERNAL_ASSERT(digit >= 0, "topk_select: radix walk ran off the histogram");
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        for (int d = digit + 1; d <= static_cast<int>(dmask); ++d) n_gt[blk] += h2[blk][d];
+        if (lo_bit == 0) n_eq[blk] = h2[blk][digit];
+      }
+      need -= abv;
+      prefix |= static_cast<K>(digit) << lo_bit;
+      prefix_mask |= dmask << lo_bit;
+    }
+    kth = prefix;
+  }
+
+  // ---- C (write)
   std::vector<int64_t> out_start(nblocks), eq_take(nblocks);
   int64_t pos = 0, eq_left = need;
   for (int64_t blk = 0; blk < nblocks; ++blk) {
@@ -491,18 +602,18 @@ Tensor topk_select_impl(const T* s, const bool* act, int64_t n, int64_t k) {
   TORCH_INTERNAL_ASSERT(pos == k && eq_left == 0, "topk_select: selection count mismatch");
   Tensor out = at::empty({k}, at::TensorOptions().dtype(at::kLong));
   int64_t* o = out.data_ptr<int64_t>();
+  const K kk = kth;
   at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
     for (int64_t blk = b; blk < e; ++blk) {
       const int64_t lo = blk * grain, hi = std::min(n, lo + grain);
       int64_t q = out_start[blk], take = eq_take[blk];
-      for (int64_t j = lo; j < hi; ++j) {
+      const int64_t end = out_start[blk] + n_gt[blk] + eq_take[blk];
+      for (int64_t j = lo; j < hi && q < end; ++j) {
         if (act && !act[j]) continue;
         const K key = KeyOf<K>::get(s[j]);
-        if (key > kth) {
+        if (key > kk || (key == kk && take > 0)) {
+          take -= (key == kk);
           o[q++] = j;
-        } else if (key == kth && take > 0) {
-          o[q++] = j;
-          --take;
         }
       }
     }
@@ -517,18 +628,18 @@ Tensor topk_select_cpu(const Tensor& scores, const std::optional<Tensor>& active
   const int64_t n = s.numel();
   Tensor a;
   const bool* ap = nullptr;
-  int64_t n_active = n;
   if (active.has_value()) {
     TORCH_CHECK_TYPE(active->scalar_type() == at::kBool, "active: expected a bool tensor, got ",
                      active->scalar_type());
     TORCH_CHECK_VALUE(active->numel() == n, "active: expected ", n, " elements, got ", active->numel());
     a = active->contiguous().view(-1);
     ap = a.data_ptr<bool>();
-    n_active = a.sum().item<int64_t>();
   }
-  TORCH_CHECK_VALUE(k >= 0 && k <= n_active, "k: must be in [0, ", n_active, "] (active scores), got ", k);
-  TORCH_CHECK_VALUE(!at::isnan(s).any().item<bool>(), "scores: contains NaN");
-  if (k == 0) return at::empty({0}, at::TensorOptions().dtype(at::kLong));
+  TORCH_CHECK_VALUE(k >= 0, "k: must be non-negative, got ", k);
+  if (n == 0) {
+    TORCH_CHECK_VALUE(k == 0, "k: must be in [0, 0] (active scores), got ", k);
+    return at::empty({0}, at::TensorOptions().dtype(at::kLong));
+  }
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "topk_select", [&] {
     if (s.scalar_type() == at::kDouble) {

@@ -53,6 +53,7 @@ class _Entry:
     sel: Optional[torch.Tensor]  # None | bool mask (shape) | uint8 bits | int indices (CPU)
     count: int
     ascending: bool  # selection positions strictly increasing (always true for all/mask/bitmask)
+    pos: Optional[torch.Tensor] = None  # CPU position plan (int32/int64), computed once
 
     def positions(self) -> Optional[torch.Tensor]:
         """Flat positions in input order on CPU (None for "all")."""
@@ -60,9 +61,12 @@ class _Entry:
             return None
         if self.repr == "indices":
             return self.sel
-        if self.repr == "mask":
-            return ops.mask_to_indices(self.sel, _index_dtype(self.numel))
-        return ops.bitmask_to_indices(self.sel, self.numel, _index_dtype(self.numel))
+        if self.pos is None:
+            if self.repr == "mask":
+                self.pos = ops.mask_to_indices(self.sel, _index_dtype(self.numel))
+            else:
+                self.pos = ops.bitmask_to_indices(self.sel, self.numel, _index_dtype(self.numel))
+        return self.pos
 
 
 def _check_shape(where: str, shape: Any) -> Tuple[int, ...]:
@@ -101,7 +105,8 @@ def _make_entry(name: str, spec: Mapping[str, Any]) -> _Entry:
         if tuple(t.shape) != shape:
             raise ValueError(f"{where}['mask']: shape {tuple(t.shape)} differs from the parameter shape {shape}")
         t = t.to("cpu").contiguous()
-        return _Entry(name, shape, numel, r, t, int(t.sum()), True)
+        pos = ops.mask_to_indices(t, _index_dtype(numel))  # counts, and is the gather plan
+        return _Entry(name, shape, numel, r, t, int(pos.numel()), True, pos)
     if r == "bitmask":
         nbytes = (numel + 7) // 8
         if t.dtype != torch.uint8:
@@ -112,8 +117,8 @@ def _make_entry(name: str, spec: Mapping[str, Any]) -> _Entry:
         t = t.to("cpu").contiguous()
         if numel % 8 and int(t[-1]) >> (numel % 8):
             raise ValueError(f"{where}['bitmask']: bits are set beyond the {numel} elements")
-        count = int(_POPCOUNT[t.long()].sum()) if t.numel() else 0
-        return _Entry(name, shape, numel, r, t, count, True)
+        pos = ops.bitmask_to_indices(t, numel, _index_dtype(numel))
+        return _Entry(name, shape, numel, r, t, int(pos.numel()), True, pos)
     # indices
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"{where}['indices']: expected an integer tensor, got {t.dtype}")
@@ -132,9 +137,6 @@ def _make_entry(name: str, spec: Mapping[str, Any]) -> _Entry:
         if dup.numel():
             raise ValueError(f"{where}['indices']: position {int(s[int(dup[0])])} is selected more than once")
     return _Entry(name, shape, numel, r, t, int(t.numel()), ascending)
-
-
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
 
 class ParamMap:
@@ -483,9 +485,9 @@ class ParamMap:
                 raise ValueError(f"topk: a float must lie in (0, 1], got {topk}")
             if isinstance(topk, int) and topk < 1:
                 raise ValueError(f"topk: an int must be >= 1, got {topk}")
-        imp = None if importance is None else importance.detach().to("cpu")
-        if imp is not None and torch.isnan(imp).any():
-            raise ValueError("importance: contains NaN")
+        imp = None if importance is None else importance.detach().to("cpu").contiguous()
+        if imp is not None and topk is None and torch.isnan(imp).any():
+            raise ValueError("importance: contains NaN")  # (with topk, topk_select rejects NaN itself)
 
         active = None if mask is None else mask.detach().to("cpu")
         if threshold is not None:
@@ -497,7 +499,10 @@ class ParamMap:
             if n_active == 0:
                 raise ValueError("prune: no input dimension is left after mask/threshold")
             k = math.ceil(topk * n_active) if isinstance(topk, float) else min(int(topk), n_active)
-            kept = ops.topk_select(imp.contiguous(), k, active)
+            try:
+                kept = ops.topk_select(imp, k, active)
+            except ValueError as exc:
+                raise ValueError(f"importance: {exc}") from None
         elif active is None:
             kept = torch.arange(n, dtype=torch.int64)
         else:
@@ -624,10 +629,11 @@ class ParamMap:
             ent: Dict[str, Any] = {"name": e.name, "shape": list(e.shape)}
             if e.count == e.numel and e.ascending:
                 ent.update(repr="all", num_selected=e.numel)
-            elif e.repr == "indices":
+            elif not e.ascending or e.count * (4 if e.numel <= _INT32_MAX else 8) < 0.8 * e.numel:
+                # an index list when smaller (GRADIEND's 0.8 margin) or when the order is not ascending
                 key = f"L{i}"
                 ent.update(repr="indices", key=key, num_selected=e.count)
-                idx_t[key] = e.sel.to(_index_dtype(e.numel)).contiguous()
+                idx_t[key] = e.positions().to(_index_dtype(e.numel)).contiguous()
             else:
                 key = f"L{i}"
                 ent.update(repr="mask", key=key, num_selected=e.count)

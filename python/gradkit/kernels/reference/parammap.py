@@ -108,9 +108,9 @@ def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
 
 def topk_select(scores: torch.Tensor, active: Optional[torch.Tensor], k: int) -> torch.Tensor:
     s = scores.reshape(-1)
-    if torch.isnan(s).any():
-        raise ValueError("scores: contains NaN")
     pos = torch.arange(s.numel(), device=s.device) if active is None else active.reshape(-1).nonzero().reshape(-1)
+    if torch.isnan(s[pos]).any():
+        raise ValueError("scores: contains NaN among the active entries")
     if k > pos.numel():
         raise ValueError(f"k={k} exceeds the number of active scores {pos.numel()}")
     vals = s[pos].to(torch.float64)
