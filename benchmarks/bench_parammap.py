@@ -117,6 +117,8 @@ def run(rec, quick: bool = False) -> None:
     dst = {n: torch.zeros(s) for n, s in shapes.items()}
     rec.add(FAMILY, "scatter_add", "gradkit", wl_mask, dt,
             rec.time(lambda: pm.scatter(flat, out=dst, mode="add")))
+    rec.add(FAMILY, "scatter_into", "gradkit", wl_mask, dt,
+            rec.time(lambda: pm.scatter(flat, out=dst, mode="write")), note="into preallocated full tensors")
     idx64 = [ix.long() for ix in idx32]
 
     def ideal_scatter():
@@ -131,7 +133,12 @@ def run(rec, quick: bool = False) -> None:
         for (n, _), ix, a, b in zip(shapes.items(), idx64, offs[:-1], offs[1:]):
             dst[n].view(-1).index_add_(0, ix, flat[a:b])
 
+    def ideal_scatter_into():
+        for (n, _), ix, a, b in zip(shapes.items(), idx64, offs[:-1], offs[1:]):
+            dst[n].view(-1).index_copy_(0, ix, flat[a:b])
+
     rec.add(FAMILY, "scatter", "reference", wl_mask, dt, rec.time(ideal_scatter))
+    rec.add(FAMILY, "scatter_into", "reference", wl_mask, dt, rec.time(ideal_scatter_into))
     rec.add(FAMILY, "scatter_add", "reference", wl_mask, dt, rec.time(ideal_scatter_add))
     if have_gradiend:
         # gradiend's forward(dict) = select + concat, its encoder/decoder, then the scatter back.
@@ -168,7 +175,11 @@ def run(rec, quick: bool = False) -> None:
         ga_fast = accelerate(copy.deepcopy(ga))
         r1 = ga.prune(topk=0.1, importance=imp, return_mask=True)[1]
         r2 = ga_fast.prune(topk=0.1, importance=imp, return_mask=True)[1]
-        assert torch.equal(r1, r2), "accelerated prune differs from gradiend's"
+        # float32 rand over 38.9M entries has ties at the cut: torch.topk keeps an arbitrary subset of
+        # them, gradkit the lowest positions. Everything away from the tied value must agree.
+        kth = imp[r2].min()
+        diff = r1 ^ r2
+        assert r1.sum() == r2.sum() and bool((imp[diff] == kth).all()), "accelerated prune differs from gradiend's"
         del r1, r2
         rec.add(FAMILY, "prune_topk0.1", "gradiend", wl_all, dt,
                 rec.time(lambda: ga.prune(topk=0.1, importance=imp), slow_reps=2))

@@ -13,7 +13,7 @@
 # Flags mirror what setup.py's CUDAExtension passes: torch's COMMON_NVCC_FLAGS
 # (-D__CUDA_NO_HALF_OPERATORS__ ... --expt-relaxed-constexpr), -fPIC,
 # -DTORCH_API_INCLUDE_EXTENSION_H, -DTORCH_EXTENSION_NAME=_C, the wheel's C++ ABI, plus
-# setup.py's own -O3 -std=c++17 -DGRADKIT_CUDA.
+# setup.py's own -O3 -std=c++20 -DGRADKIT_CUDA.
 #
 # CPU-wheel header gap: torch's CPU wheel ships c10/cuda/*.h but not the build-generated
 # c10/cuda/impl/cuda_cmake_macros.h (on Linux it only defines C10_CUDA_BUILD_SHARED_LIBS,
@@ -80,8 +80,8 @@ if [[ " ${TORCH_NVCC_FLAGS[*]} " != *" --expt-relaxed-constexpr "* ]]; then
   TORCH_NVCC_FLAGS+=(--expt-relaxed-constexpr)
 fi
 read -r -a ARCH <<<"${NVCC_ARCH:--gencode arch=compute_90,code=sm_90}"
-# 3306 / -Wc++20-extensions: torch's own headers use C++20 bit-field initialisers under -std=c++17.
-FLAGS=(-std=c++17 -O3 "${TORCH_NVCC_FLAGS[@]}" --compiler-options -fPIC
+# 3306 / -Wc++20-extensions: torch's own headers use C++20 bit-field initialisers under -std=c++20.
+FLAGS=(-std=c++20 -O3 "${TORCH_NVCC_FLAGS[@]}" --compiler-options -fPIC
        -diag-suppress 3306 -Xcompiler -Wno-c++20-extensions "${ARCH[@]}")
 
 OBJDIR="$(mktemp -d "${TMPDIR:-/tmp}/gradkit_nvcc_check.XXXXXX")"

@@ -412,6 +412,16 @@ def test_load_rejects_truncated_and_edited_files(tmp_path):
     idx.write_bytes(save(t))
     with pytest.raises(ValueError, match="checksum"):
         ParamMap.load(tmp_path)
+    # a valid edit of config.json itself (renaming an entry) changes the map: caught by the recorded hash
+    idx.write_bytes(good)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["mapping"]["param_map"][0]["name"] = "renamed"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="hash differs"):
+        ParamMap.load(tmp_path)
+    cfg["mapping"]["param_map"][0]["name"] = "w"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert ParamMap.load(tmp_path).hash == a.hash
     # GRADIEND-written files carry no checksum: semantic validation still applies
     cfg = json.loads((tmp_path / "config.json").read_text())
     del cfg["mapping"]["gradkit"]

@@ -9,6 +9,8 @@
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <functional>
 #include <atomic>
@@ -25,6 +27,24 @@ using at::Tensor;
 // ---------------------------------------------------------------------------
 // gather / scatter
 // ---------------------------------------------------------------------------
+
+// A large 1-D CPU tensor straight from the kernel: anonymous mappings read as zero and are
+// zero-filled on first touch, so a zeros() needs no memset pass of its own. `huge` asks for
+// transparent huge pages, which cut page faults ~500x and win when the buffer is written
+// densely (a gather output, an "all" segment); for sparse writes 4 KiB pages win, because
+// each is zeroed cache-hot right before the (ascending) writes that land in it. Measured on
+// the GPT-2 4x512 workload, 2 threads: gather "all" 49 -> 21 ms, sparse scatter 52 -> 44 ms.
+// Small sizes use the ordinary allocator.
+Tensor kernel_backed(int64_t numel, const at::TensorOptions& opt, bool zero, bool huge) {
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(opt.dtype()));
+  if (bytes < (size_t(1) << 22)) return zero ? at::zeros({numel}, opt) : at::empty({numel}, opt);
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return zero ? at::zeros({numel}, opt) : at::empty({numel}, opt);
+#ifdef MADV_HUGEPAGE
+  if (huge) madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+  return at::from_blob(p, {numel}, [bytes](void* q) { munmap(q, bytes); }, opt.device(at::kCPU));
+}
 
 template <typename I>
 inline int64_t strided_offset(I flat, const SegView& v) {
@@ -191,7 +211,7 @@ Tensor gather_segments_cpu(at::TensorList src, const c10::List<std::optional<Ten
     const auto ix = index.get(i);
     total += ix.has_value() ? ix->numel() : src[i].numel();
   }
-  Tensor out = at::empty({total}, at::TensorOptions().dtype(dt).device(at::kCPU));
+  Tensor out = kernel_backed(total, at::TensorOptions().dtype(dt).device(at::kCPU), false, true);
   gather_impl(src, index, out, false);
   return out;
 }
@@ -248,9 +268,12 @@ std::vector<Tensor> scatter_segments_cpu(const Tensor& flat, const c10::List<std
                     numel.size());
   std::vector<Tensor> outs;
   outs.reserve(numel.size());
-  for (const auto n : numel) {
+  for (const auto i : c10::irange(numel.size())) {
+    const int64_t n = numel[i];
     TORCH_CHECK_VALUE(n >= 0, "numel: sizes must be non-negative");
-    outs.push_back(at::zeros({n}, flat.options()));
+    const auto ix = index.get(i);
+    const bool dense = !(ix.has_value() && ix->defined());
+    outs.push_back(kernel_backed(n, flat.options(), true, dense));  // separate storages: outputs never alias
   }
   scatter_impl(flat, index, outs, scale, false);
   return outs;
@@ -477,19 +500,44 @@ Tensor topk_select_impl(const T* s, const bool* act, int64_t n, int64_t k) {
   std::vector<std::vector<uint32_t>> hist(nblocks, std::vector<uint32_t>(kTopBins));
   std::vector<int64_t> n_gt(nblocks, 0), n_eq(nblocks, 0), n_nan(nblocks, 0), n_act(nblocks, 0);
 
-  // ---- A
+  // ---- A. Four interleaved sub-histograms: smooth data puts long runs of elements in the same
+  // top bucket, and one counter would serialise every increment on its own store.
   at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+    std::vector<uint32_t> sub(4 * kTopBins);
     for (int64_t blk = b; blk < e; ++blk) {
-      uint32_t* h = hist[blk].data();
+      std::fill(sub.begin(), sub.end(), 0);
+      uint32_t* h0 = sub.data();
       const int64_t lo = blk * grain, hi = std::min(n, lo + grain);
       int64_t nan = 0, na = 0;
-      for (int64_t j = lo; j < hi; ++j) {
-        if (act && !act[j]) continue;
-        const T v = s[j];
-        nan += (v != v);
-        ++na;
-        h[KeyOf<K>::get(v) >> kTopShift]++;
+      if (act == nullptr) {
+        int64_t j = lo;
+        for (; j + 4 <= hi; j += 4) {
+          const T v0 = s[j], v1 = s[j + 1], v2 = s[j + 2], v3 = s[j + 3];
+          nan += (v0 != v0) + (v1 != v1) + (v2 != v2) + (v3 != v3);
+          h0[KeyOf<K>::get(v0) >> kTopShift]++;
+          h0[kTopBins + (KeyOf<K>::get(v1) >> kTopShift)]++;
+          h0[2 * kTopBins + (KeyOf<K>::get(v2) >> kTopShift)]++;
+          h0[3 * kTopBins + (KeyOf<K>::get(v3) >> kTopShift)]++;
+        }
+        for (; j < hi; ++j) {
+          const T v = s[j];
+          nan += (v != v);
+          h0[KeyOf<K>::get(v) >> kTopShift]++;
+        }
+        na = hi - lo;
+      } else {
+        int r = 0;
+        for (int64_t j = lo; j < hi; ++j) {
+          if (!act[j]) continue;
+          const T v = s[j];
+          nan += (v != v);
+          ++na;
+          h0[r * kTopBins + (KeyOf<K>::get(v) >> kTopShift)]++;
+          r = (r + 1) & 3;
+        }
       }
+      uint32_t* h = hist[blk].data();
+      for (int d = 0; d < kTopBins; ++d) h[d] = h0[d] + h0[kTopBins + d] + h0[2 * kTopBins + d] + h0[3 * kTopBins + d];
       n_nan[blk] = nan;
       n_act[blk] = na;
     }

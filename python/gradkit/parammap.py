@@ -649,7 +649,7 @@ class ParamMap:
         if mask_t:
             blobs[MASKS_FILE] = st_save(mask_t)
             mapping["masks_file"] = MASKS_FILE
-        mapping["gradkit"] = {"format": 1, "hash": self.hash,
+        mapping["gradkit"] = {"format": 1, "hash": self.hash, "entries_sha256": _entries_digest(entries),
                               "sha256": {k: hashlib.sha256(v).hexdigest() for k, v in blobs.items()}}
         cfg["mapping"] = mapping
         text = json.dumps(cfg, indent=2).encode()
@@ -689,6 +689,7 @@ class ParamMap:
             raise ValueError(f"{cfg_path}: no 'mapping' section with a 'param_map' list")
         sums = (mapping.get("gradkit") or {}).get("sha256", {}) if isinstance(mapping.get("gradkit"), dict) else {}
         tensors: Dict[str, Dict[str, torch.Tensor]] = {}
+        tensors_files = set()
         for field in ("indices_file", "masks_file"):
             fn = mapping.get(field)
             if fn is None:
@@ -706,6 +707,7 @@ class ParamMap:
                 raise ValueError(f"{path}: cannot be read ({exc})") from None
             if fn in sums and hashlib.sha256(data).hexdigest() != sums[fn]:
                 raise ValueError(f"{path}: contents do not match the checksum in {CONFIG} (truncated or edited)")
+            tensors_files.add(fn)
             try:
                 tensors[field] = st_load(data)
             except Exception as exc:  # safetensors raises its own error types
@@ -754,10 +756,19 @@ class ParamMap:
                 raise ValueError(f"{where}: num_selected={ns} but the stored selection has {entry.count}")
             entries.append(entry)
         pm = cls._from_entries(entries)
-        want = (mapping.get("gradkit") or {}).get("hash") if isinstance(mapping.get("gradkit"), dict) else None
-        if want is not None and want != pm.hash:
-            raise ValueError(f"{cfg_path}: the loaded map's hash differs from the one recorded at save (edited)")
+        gk = mapping.get("gradkit") if isinstance(mapping.get("gradkit"), dict) else {}
+        want = gk.get("hash")
+        if want is not None:
+            if gk.get("entries_sha256") == _entries_digest(mapping["param_map"]) and set(sums) == set(tensors_files):
+                pm._hash = want  # entries and every tensor file are byte-identical to what was hashed at save
+            elif want != pm.hash:
+                raise ValueError(f"{cfg_path}: the loaded map's hash differs from the one recorded at save (edited)")
         return pm
+
+
+def _entries_digest(entries: List[Dict[str, Any]]) -> str:
+    """sha256 of the JSON entry list (names, shapes, reprs, keys, counts) in canonical form."""
+    return hashlib.sha256(json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _entry_from_positions(e: _Entry, pos: torch.Tensor) -> _Entry:

@@ -72,7 +72,7 @@ def scatter_segments_(flat: torch.Tensor, index, dst: Sequence[torch.Tensor],
     for i, d in zip(index, dst):
         c = d.numel() if i is None else i.numel()
         vals = flat[off:off + c].to(torch.float64) * scale
-        cur = d.reshape(-1).to(torch.float64)  # a copy for non-contiguous / low precision dst
+        cur = d.reshape(-1).to(torch.float64, copy=True)  # never aliases d (float64 dst included)
         if i is None:
             new = cur + vals if accumulate else vals
             d.copy_(new.to(d.dtype).reshape(d.shape))

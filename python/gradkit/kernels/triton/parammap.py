@@ -53,8 +53,9 @@ Design
   many of its ties are still needed. The digits stay on the device, so the passes
   need no host sync. A final count kernel + device cumsum + write kernel emits
   every position with key > kth and the first ``need`` positions with key == kth
-  in position order. NaN and the range of ``k`` are checked from per-block
-  counts produced by the key kernel (one sync).
+  in position order. NaN among the active scores (inactive NaN is ignored, like
+  the reference) and the range of ``k`` are checked from per-block counts
+  produced by the key kernel (one sync).
 """
 from __future__ import annotations
 
@@ -519,7 +520,7 @@ _KEYS = {
 def _topk_keys_kernel(bits_ptr, act_ptr, n, keys_ptr, stats_ptr, nblocks, W: tl.constexpr,
                       INF: tl.constexpr, HAS_ACTIVE: tl.constexpr, BLOCK: tl.constexpr):
     # Order-preserving unsigned keys; -0.0 -> key(+0.0); inactive -> 0 (below every real key).
-    # stats[pid] = active count, stats[nblocks + pid] = NaN count (over all scores).
+    # stats[pid] = active count, stats[nblocks + pid] = NaN count among the active scores.
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
@@ -535,7 +536,7 @@ def _topk_keys_kernel(bits_ptr, act_ptr, n, keys_ptr, stats_ptr, nblocks, W: tl.
         act = m
     tl.store(keys_ptr + offs, key, mask=m)
     tl.store(stats_ptr + pid, tl.sum(act.to(tl.int32)))
-    tl.store(stats_ptr + nblocks + pid, tl.sum((m & (mag > tl.full([], INF, u.dtype))).to(tl.int32)))
+    tl.store(stats_ptr + nblocks + pid, tl.sum((act & (mag > tl.full([], INF, u.dtype))).to(tl.int32)))
 
 
 @triton.jit
@@ -623,7 +624,7 @@ def topk_select(scores: torch.Tensor, active: Optional[torch.Tensor], k: int) ->
                                  INF=inf_bits, HAS_ACTIVE=a is not None, BLOCK=block)
         n_act, n_nan = stats.view(2, nb).to(torch.int64).sum(1).tolist()
         if n_nan:
-            raise ValueError("scores: contains NaN")
+            raise ValueError("scores: contains NaN among the active entries")
         n_active = n_act
     if k < 0 or k > n_active:
         raise ValueError(f"k={k} exceeds the number of active scores {n_active}" if k > 0 else
