@@ -110,6 +110,15 @@ def run(rec, quick: bool = False) -> None:
         rec.add(FAMILY, "gather", "gradiend+gradkit", wl_mask, dt,
                 rec.time(lambda: gm_fast.extract_gradients(model)))
 
+    # first call on a fresh map: building the selection plan is part of the cost
+    rec.add(FAMILY, "gather_first_call", "gradkit", wl_mask, dt, rec.time(lambda: ParamMap(mask_spec).gather(model)),
+            note="ParamMap construction + first gather")
+    if have_gradiend:
+        rec.add(FAMILY, "gather_first_call", "gradiend", wl_mask, dt,
+                rec.time(lambda: ParamMappedGradiendModel(pm.input_dim, 1, mask_spec, lazy_init=True,
+                                                          device=torch.device("cpu")).extract_gradients(model)),
+                note="lazy model construction + first extract_gradients (compiles its selectors)")
+
     # ---------------------------------------------------------------- scatter
     flat = pm.gather(model)
     rec.add(FAMILY, "scatter", "gradkit", wl_mask, dt, rec.time(lambda: pm.scatter(flat)))

@@ -64,6 +64,7 @@ def time_fn(fn: Callable[[], object], device: str = "cpu", min_run_time: float =
             slow_reps: int = 3, setup: Optional[Callable[[], None]] = None) -> Dict[str, float]:
     """Seconds per call as p20/p50/p80 plus the sample count.
 
+    Timers run with the process's thread count (torch.utils.benchmark defaults to 1 thread).
     Fast calls (< 0.2 s): torch.utils.benchmark blocked_autorange samples. Slow calls:
     ``slow_reps`` single timed runs after one warm-up (each preceded by ``setup``).
     On CUDA: triton.testing.do_bench (ms -> s).
@@ -76,16 +77,16 @@ def time_fn(fn: Callable[[], object], device: str = "cpu", min_run_time: float =
         return {"p20": q[0] / 1e3, "p50": q[1] / 1e3, "p80": q[2] / 1e3, "n": len(ms)}
     if setup:
         setup()
-    t0 = tb.Timer(stmt="fn()", globals={"fn": fn}).timeit(1).raw_times[0]  # warm-up, also sizes the call
+    t0 = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).timeit(1).raw_times[0]  # warm-up, also sizes the call
     if t0 < 0.2 and setup is None:
-        m = tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+        m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=min_run_time)
         times = m.times
     else:
         times = []
         for _ in range(slow_reps):
             if setup:
                 setup()
-            times.append(tb.Timer(stmt="fn()", globals={"fn": fn}).timeit(1).raw_times[0])
+            times.append(tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).timeit(1).raw_times[0])
     return {**_quantiles(times), "n": len(times)}
 
 

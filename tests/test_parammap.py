@@ -448,3 +448,34 @@ def test_load_refuses_pickle_files(tmp_path):
     (tmp_path / "mapping_indices.pth").write_bytes(b"\x80\x04not really a pickle")
     with pytest.raises(ValueError, match="never unpickles"):
         ParamMap.load(tmp_path)
+
+
+def test_out_on_wrong_device_and_dtype_requests():
+    m = _model()
+    pm = ParamMap.from_model(m)
+    with pytest.raises(ValueError, match="out: on meta"):
+        pm.gather(m, out=torch.empty(pm.input_dim, device="meta"))
+    with pytest.raises(ValueError, match=r"out\['0.weight'\]: on meta"):
+        pm.scatter(torch.ones(pm.input_dim), out={n: torch.empty(p.shape, device="meta") for n, p in m.named_parameters()})
+    flat64 = pm.gather(m, dtype=torch.float64)
+    assert flat64.dtype == torch.float64 and torch.equal(flat64, pm.gather(m).double())
+    with pytest.raises(ValueError, match="accumulate"):
+        pm.gather(m, accumulate=True)
+
+
+def test_safetensors_writer_is_read_back_by_safetensors(tmp_path):
+    import zlib
+
+    from safetensors.torch import load_file
+
+    from gradkit._io import write_safetensors
+
+    tensors = {"L0": torch.tensor([5, 3, 9], dtype=torch.int32), "L1": torch.arange(7, dtype=torch.int64),
+               "L2": torch.tensor([[1, 0], [0, 1]], dtype=torch.uint8), "L3": torch.empty(0, dtype=torch.int32),
+               "L4": torch.tensor([True, False, True]), "L5": torch.randn(3, 2)[:, 0]}  # non-contiguous
+    crc = write_safetensors(str(tmp_path / "t.safetensors"), tensors)
+    assert crc == zlib.crc32((tmp_path / "t.safetensors").read_bytes())
+    back = load_file(str(tmp_path / "t.safetensors"))
+    assert back.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v)

@@ -305,3 +305,17 @@ def test_gather_under_torch_compile():
     a, b = torch.randn(5, 4), torch.randn(3)
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(a, b), f(a, b))
+
+
+@pytest.mark.parametrize("backend", ["native", "reference", "triton"])
+def test_every_backend_rejects_out_of_range_positions(backend, monkeypatch):
+    monkeypatch.setenv("GRADKIT_BACKEND", backend)
+    a = torch.randn(4, 3)
+    for bad in (torch.tensor([0, 12]), torch.tensor([-1]), torch.tensor([2, -12], dtype=torch.int32)):
+        with pytest.raises(IndexError, match="index"):
+            ops.gather_segments([a], [bad])
+        with pytest.raises(IndexError, match="index"):
+            ops.scatter_segments(torch.ones(bad.numel()), [bad], [12])
+        dst = torch.zeros(4, 3)
+        with pytest.raises(IndexError, match="index"):
+            ops.scatter_segments_(torch.ones(bad.numel()), [bad], [dst])

@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
+import struct
 import shutil
 import tempfile
+import zlib
 from typing import Callable, Dict
+
+import torch
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -112,3 +117,34 @@ def write_dir_atomic(target: str, writers: Dict[str, Callable[[str], None]],
         # Either the unfinished new files (error before the swap) or the old contents (after it).
         if os.path.isdir(stage):
             shutil.rmtree(stage, ignore_errors=True)
+
+
+_ST_DTYPES = {"torch.int32": "I32", "torch.int64": "I64", "torch.uint8": "U8", "torch.bool": "BOOL",
+              "torch.float32": "F32", "torch.float64": "F64", "torch.float16": "F16", "torch.bfloat16": "BF16"}
+
+
+def write_safetensors(path: str, tensors: Dict[str, torch.Tensor]) -> int:
+    """Write CPU tensors in the safetensors format, streaming each tensor's own memory (no
+    serialised copy), and return the crc32 of the file's bytes. Readable by safetensors itself
+    (and so by GRADIEND): 8-byte little-endian header size, a JSON header padded with spaces
+    to 8 bytes, then the tensors back to back in header order."""
+
+    header: Dict[str, object] = {"__metadata__": {"format": "pt"}}
+    views, offset = [], 0
+    for name, t in tensors.items():
+        t = t.detach().contiguous().cpu()
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[str(t.dtype)], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        views.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b""))
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    head = struct.pack("<Q", len(text)) + text
+    crc = zlib.crc32(head)
+    with open(path, "wb") as f:
+        f.write(head)
+        for v in views:
+            crc = zlib.crc32(v, crc)
+            f.write(v)
+    return crc

@@ -21,13 +21,14 @@ import hashlib
 import json
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from gradkit import ops
-from gradkit._io import write_dir_atomic
+from gradkit._io import write_dir_atomic, write_safetensors
 
 REPRS = ("all", "mask", "bitmask", "indices")
 _INT32_MAX = 2**31 - 1
@@ -609,8 +610,6 @@ class ParamMap:
         reorder them); bitmasks are written as U8 masks so GRADIEND can read them.
         A crash mid-save leaves the previous files intact (see gradkit._io).
         """
-        from safetensors.torch import save as st_save
-
         if not isinstance(directory, (str, os.PathLike)):
             raise TypeError(f"directory: expected a path, got {type(directory).__name__}")
         directory = os.fspath(directory)
@@ -642,28 +641,23 @@ class ParamMap:
         kinds = sorted({x["repr"] for x in entries})
         mode = kinds[0] if len(kinds) == 1 else ("mixed" if kinds else "all")
         mapping: Dict[str, Any] = {"mode": mode, "param_map": entries}
-        blobs: Dict[str, bytes] = {}
-        if idx_t:
-            blobs[INDICES_FILE] = st_save(idx_t)
-            mapping["indices_file"] = INDICES_FILE
-        if mask_t:
-            blobs[MASKS_FILE] = st_save(mask_t)
-            mapping["masks_file"] = MASKS_FILE
-        mapping["gradkit"] = {"format": 1, "hash": self.hash, "entries_sha256": _entries_digest(entries),
-                              "sha256": {k: hashlib.sha256(v).hexdigest() for k, v in blobs.items()}}
-        cfg["mapping"] = mapping
-        text = json.dumps(cfg, indent=2).encode()
+        crcs: Dict[str, int] = {}
+        writers = {}
+        for fname, field, group in ((INDICES_FILE, "indices_file", idx_t), (MASKS_FILE, "masks_file", mask_t)):
+            if group:
+                mapping[field] = fname
+                writers[fname] = (lambda path, g=group, fn=fname: crcs.__setitem__(fn, write_safetensors(path, g)))
 
-        def _writer(data: bytes):
-            def w(path: str) -> None:
-                with open(path, "wb") as f:
-                    f.write(data)
-            return w
+        def write_config(path: str) -> None:  # runs after the tensor files: their crc32s are known
+            mapping["gradkit"] = {"format": 1, "hash": self.hash, "entries_sha256": _entries_digest(entries),
+                                  "crc32": {k: f"{v:08x}" for k, v in crcs.items()}}
+            cfg["mapping"] = mapping
+            with open(path, "w") as f:
+                json.dump(cfg, f, indent=2)
 
-        writers = {name: _writer(b) for name, b in blobs.items()}
-        writers[CONFIG] = _writer(text)
+        writers[CONFIG] = write_config
         # Stale mapping files (and GRADIEND's cached index map) no longer referenced are dropped.
-        stale = tuple(n for n in (INDICES_FILE, MASKS_FILE, "input_index_map.safetensors") if n not in blobs)
+        stale = tuple(n for n in (INDICES_FILE, MASKS_FILE, "input_index_map.safetensors") if n not in writers)
         write_dir_atomic(directory, writers, remove=stale, _hook=_hook)
 
     @classmethod
@@ -687,7 +681,7 @@ class ParamMap:
         mapping = cfg.get("mapping") if isinstance(cfg, dict) else None
         if not isinstance(mapping, dict) or not isinstance(mapping.get("param_map"), list):
             raise ValueError(f"{cfg_path}: no 'mapping' section with a 'param_map' list")
-        sums = (mapping.get("gradkit") or {}).get("sha256", {}) if isinstance(mapping.get("gradkit"), dict) else {}
+        sums = (mapping.get("gradkit") or {}).get("crc32", {}) if isinstance(mapping.get("gradkit"), dict) else {}
         tensors: Dict[str, Dict[str, torch.Tensor]] = {}
         tensors_files = set()
         for field in ("indices_file", "masks_file"):
@@ -705,7 +699,7 @@ class ParamMap:
                     data = f.read()
             except OSError as exc:
                 raise ValueError(f"{path}: cannot be read ({exc})") from None
-            if fn in sums and hashlib.sha256(data).hexdigest() != sums[fn]:
+            if fn in sums and f"{zlib.crc32(data):08x}" != sums[fn]:
                 raise ValueError(f"{path}: contents do not match the checksum in {CONFIG} (truncated or edited)")
             tensors_files.add(fn)
             try:

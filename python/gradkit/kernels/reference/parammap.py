@@ -20,8 +20,13 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1)
 
 
-def _count(src: torch.Tensor, idx: Optional[torch.Tensor]) -> int:
-    return src.numel() if idx is None else idx.numel()
+def _checked(idx: torch.Tensor, numel: int) -> torch.Tensor:
+    """int64 positions, rejecting anything outside [0, numel) like every kernel does
+    (plain indexing would wrap negative positions silently)."""
+    i = idx.long()
+    if i.numel() and (int(i.min()) < 0 or int(i.max()) >= numel):
+        raise IndexError("index: a position is out of range for its segment")
+    return i
 
 
 def gather_segments(src: Sequence[torch.Tensor], index: Sequence[Optional[torch.Tensor]],
@@ -34,7 +39,7 @@ def gather_segments(src: Sequence[torch.Tensor], index: Sequence[Optional[torch.
     parts = []
     for s, i in zip(src, index):
         f = _flat(s)
-        parts.append(f if i is None else f[i.long()])
+        parts.append(f if i is None else f[_checked(i, f.numel())])
     if not parts:
         return torch.empty(0, dtype=dtype, device=device)
     return torch.cat([p.to(dtype) for p in parts])
@@ -60,7 +65,7 @@ def scatter_segments(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]]
         if i is None:
             full.copy_(vals)
         else:
-            full[i.long()] = vals
+            full[_checked(i, int(n))] = vals
         outs.append(full)
         off += c
     return outs
@@ -77,7 +82,7 @@ def scatter_segments_(flat: torch.Tensor, index, dst: Sequence[torch.Tensor],
             new = cur + vals if accumulate else vals
             d.copy_(new.to(d.dtype).reshape(d.shape))
         else:
-            li = i.long()
+            li = _checked(i, d.numel())
             upd = cur[li] + vals if accumulate else vals
             cur[li] = upd
             d.copy_(cur.to(d.dtype).reshape(d.shape))
