@@ -588,14 +588,14 @@ class ParamMap:
                     h.update(b"A")  # every element, in order (however it is represented)
                 else:
                     h.update(b"P%d:" % e.count)
-                    h.update(p.to(_index_dtype(e.numel)).contiguous().numpy().tobytes())
+                    h.update(memoryview(p.to(_index_dtype(e.numel)).contiguous().numpy()))
             self._hash = h.hexdigest()
         return self._hash
 
     def __eq__(self, other) -> bool:
         return isinstance(other, ParamMap) and self.hash == other.hash
 
-    __hash__ = None  # mutable-free but tensor-backed: compare with .hash
+    __hash__ = None  # __eq__ compares selections; use .hash (a str) as a dict key
 
     # ------------------------------------------------------------------ save / load
 
@@ -606,9 +606,11 @@ class ParamMap:
         config.json, e.g. a GRADIEND model's architecture, are kept);
         ``mapping_indices.safetensors`` (I32, I64 past 2^31-1) and
         ``mapping_masks.safetensors`` (U8, parameter-shaped) hold the selections.
-        Index lists are written as given (never re-encoded as masks, which would
-        reorder them); bitmasks are written as U8 masks so GRADIEND can read them.
-        A crash mid-save leaves the previous files intact (see gradkit._io).
+        An ascending selection (mask, bitmask, sorted indices) is written as whichever of
+        index list and U8 mask is smaller (GRADIEND's rule, 0.8 margin); an unsorted index
+        list is always written as given (a mask would reorder the input space). Every
+        entry hashes the same after load. A crash mid-save leaves the previous files
+        intact (see gradkit._io).
         """
         if not isinstance(directory, (str, os.PathLike)):
             raise TypeError(f"directory: expected a path, got {type(directory).__name__}")
@@ -630,13 +632,11 @@ class ParamMap:
                 ent.update(repr="all", num_selected=e.numel)
             elif not e.ascending or e.count * (4 if e.numel <= _INT32_MAX else 8) < 0.8 * e.numel:
                 # an index list when smaller (GRADIEND's 0.8 margin) or when the order is not ascending
-                key = f"L{i}"
-                ent.update(repr="indices", key=key, num_selected=e.count)
-                idx_t[key] = e.positions().to(_index_dtype(e.numel)).contiguous()
+                ent.update(repr="indices", key=f"L{i}", num_selected=e.count)
+                idx_t[ent["key"]] = e.positions().to(_index_dtype(e.numel)).contiguous()
             else:
-                key = f"L{i}"
-                ent.update(repr="mask", key=key, num_selected=e.count)
-                mask_t[key] = self._dense_mask(e).to(torch.uint8).contiguous()
+                ent.update(repr="mask", key=f"L{i}", num_selected=e.count)
+                mask_t[ent["key"]] = self._dense_mask(e).to(torch.uint8).contiguous()
             entries.append(ent)
         kinds = sorted({x["repr"] for x in entries})
         mode = kinds[0] if len(kinds) == 1 else ("mixed" if kinds else "all")
