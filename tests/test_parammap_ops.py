@@ -319,3 +319,23 @@ def test_every_backend_rejects_out_of_range_positions(backend, monkeypatch):
         dst = torch.zeros(4, 3)
         with pytest.raises(IndexError, match="index"):
             ops.scatter_segments_(torch.ones(bad.numel()), [bad], [dst])
+
+
+@pytest.mark.parametrize("density", [0.002, 0.05, 0.7, 1.0])
+@pytest.mark.parametrize("order", ["ascending", "shuffled"])
+def test_scatter_large_multi_chunk(density, order):
+    """Many work items per segment (the functional scatter zeroes each item's destination
+    range just before writing it): every unselected element must still read zero."""
+    g = torch.Generator().manual_seed(7)
+    n = 300_001
+    pos = (torch.rand(n, generator=g) < density).nonzero().reshape(-1)
+    if order == "shuffled":
+        pos = pos[torch.randperm(pos.numel(), generator=g)]
+    empty = torch.empty(0, dtype=torch.int64)
+    index = [pos.int(), None, empty, pos]
+    numel = [n, 5, 17, n]
+    flat = torch.randn(2 * pos.numel() + 5, generator=g)
+    got = ops.scatter_segments(flat, index, numel, scale=0.5)
+    want = ref.scatter_segments(flat, index, numel, 0.5)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

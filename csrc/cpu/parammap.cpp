@@ -34,10 +34,12 @@ using at::Tensor;
 // densely (a gather output, an "all" segment); for sparse writes 4 KiB pages win, because
 // each is zeroed cache-hot right before the (ascending) writes that land in it. Measured on
 // the GPT-2 4x512 workload, 2 threads: gather "all" 49 -> 21 ms, sparse scatter 52 -> 44 ms.
-// Small sizes use the ordinary allocator.
+// Below 32 MiB the ordinary allocator is better: glibc serves those sizes from its heap once
+// the dynamic mmap threshold has grown, so repeated calls reuse pages that are already mapped.
+constexpr size_t kKernelBackedMin = size_t(32) << 20;
 Tensor kernel_backed(int64_t numel, const at::TensorOptions& opt, bool zero, bool huge) {
   const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(opt.dtype()));
-  if (bytes < (size_t(1) << 22)) return zero ? at::zeros({numel}, opt) : at::empty({numel}, opt);
+  if (bytes < kKernelBackedMin) return zero ? at::zeros({numel}, opt) : at::empty({numel}, opt);
   void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) return zero ? at::zeros({numel}, opt) : at::empty({numel}, opt);
 #ifdef MADV_HUGEPAGE
@@ -262,20 +264,100 @@ void scatter_impl(const Tensor& flat, const c10::List<std::optional<Tensor>>& in
   TORCH_CHECK_INDEX(!bad.load(), "index: a position is out of range for its segment");
 }
 
+// True when the (int32/int64) positions are strictly increasing.
+bool strictly_ascending(const Tensor& idx) {
+  const int64_t n = idx.numel();
+  if (n < 2) return true;
+  std::atomic<bool> ok{true};
+  AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "ascending", [&] {
+    const index_t* p = idx.data_ptr<index_t>();
+    at::parallel_for(1, n, 1 << 16, [&](int64_t b, int64_t e) {
+      bool local = true;
+      for (int64_t j = b; j < e; ++j) local &= p[j - 1] < p[j];
+      if (!local) ok.store(false, std::memory_order_relaxed);
+    });
+  });
+  return ok.load();
+}
+
+// Functional scatter into NEW zero-filled tensors, in one pass over memory: for a segment with
+// ascending positions, the work item covering positions [lo, hi) zeroes exactly the destination
+// range [idx[lo], idx[hi]) (from 0 for the first item, to numel for the last: the items tile the
+// tensor) and then writes its values into it while it is cache-hot; "all" segments are only
+// written; unsorted position lists fall back to zero-fill then scatter. Each output has its own
+// storage (outputs never alias).
 std::vector<Tensor> scatter_segments_cpu(const Tensor& flat, const c10::List<std::optional<Tensor>>& index,
                                          c10::IntArrayRef numel, double scale) {
   TORCH_CHECK_VALUE(numel.size() == index.size(), "numel: expected ", index.size(), " entries, got ",
                     numel.size());
+  TORCH_CHECK_VALUE(flat.dim() == 1, "flat: expected a 1-D tensor, got shape ", flat.sizes());
   std::vector<Tensor> outs;
   outs.reserve(numel.size());
+  std::vector<char> fused(numel.size(), 0);
   for (const auto i : c10::irange(numel.size())) {
     const int64_t n = numel[i];
     TORCH_CHECK_VALUE(n >= 0, "numel: sizes must be non-negative");
     const auto ix = index.get(i);
-    const bool dense = !(ix.has_value() && ix->defined());
-    outs.push_back(kernel_backed(n, flat.options(), true, dense));  // separate storages: outputs never alias
+    const bool has_idx = ix.has_value() && ix->defined();
+    // mmap'd (kernel-zeroed) storage only for very large outputs; huge pages when written densely
+    outs.push_back(kernel_backed(n, flat.options(), false, !has_idx));
   }
-  scatter_impl(flat, index, outs, scale, false);
+  const auto segs = make_segments(outs, index, "dst");
+  int64_t total = 0;
+  for (const auto& sg : segs) total += sg.count;
+  TORCH_CHECK_VALUE(flat.numel() == total, "flat: expected ", total, " elements, got ", flat.numel());
+  for (const auto i : c10::irange(segs.size())) {
+    const Tensor& idx = segs[i].index;
+    if (!idx.defined()) continue;  // every element is written
+    if (segs[i].count > 0 && strictly_ascending(idx)) {
+      fused[i] = 1;
+    } else {
+      outs[i].zero_();
+    }
+  }
+  if (total == 0) return outs;
+  const Tensor f = flat.contiguous();
+  constexpr int64_t kFusedGrain = 1 << 13;  // positions per item: its zeroed range stays cache-sized
+  std::vector<WorkItem> work;
+  for (const auto i : c10::irange(segs.size())) {
+    const int64_t g = fused[i] ? kFusedGrain : kGrain;
+    for (int64_t lo = 0; lo < segs[i].count; lo += g) {
+      work.push_back({static_cast<int32_t>(i), lo, std::min(segs[i].count, lo + g)});
+    }
+  }
+  std::vector<int64_t> offs(segs.size());
+  for (int64_t i = 0, acc = 0; i < static_cast<int64_t>(segs.size()); ++i) {
+    offs[i] = acc;
+    acc += segs[i].count;
+  }
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t w = b; w < e; ++w) {
+      const auto& it = work[w];
+      const SegView& v = segs[it.seg].view;
+      const Tensor& idx = segs[it.seg].index;
+      GK_DISPATCH_FLOAT(f.scalar_type(), "scatter_new", [&] {
+        using F = scalar_t;
+        const F* fp = f.data_ptr<F>() + offs[it.seg];
+        if (!idx.defined()) {
+          scatter_chunk<F, F, int32_t>(fp, nullptr, v, it.lo, it.hi, scale, false, bad);
+          return;
+        }
+        AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "scatter_new_idx", [&] {
+          const index_t* ip = idx.data_ptr<index_t>();
+          if (fused[it.seg]) {
+            const int64_t z_lo = it.lo == 0 ? 0 : static_cast<int64_t>(ip[it.lo]);
+            const int64_t z_hi = it.hi == segs[it.seg].count ? v.numel : static_cast<int64_t>(ip[it.hi]);
+            if (z_lo >= 0 && z_hi <= v.numel && z_lo <= z_hi) {
+              std::memset(static_cast<F*>(v.data) + z_lo, 0, sizeof(F) * (z_hi - z_lo));
+            }
+          }
+          scatter_chunk<F, F, index_t>(fp, ip, v, it.lo, it.hi, scale, false, bad);
+        });
+      });
+    }
+  });
+  TORCH_CHECK_INDEX(!bad.load(), "index: a position is out of range for its segment");
   return outs;
 }
 
@@ -478,6 +560,23 @@ struct KeyOf<uint64_t> {
   static uint64_t get(T v) { return f64_key(static_cast<double>(v)); }
 };
 
+// Walks the bins of per-block histograms from the top; returns the bin holding the
+// `*need`-th largest element and leaves in `*need` its rank within that bin.
+template <typename C>
+int walk_bins(const std::vector<std::vector<C>>& hist, int nbins, int64_t* need) {
+  int64_t above = 0;
+  for (int d = nbins - 1; d >= 0; --d) {
+    int64_t c = 0;
+    for (const auto& h : hist) c += h[d];
+    if (above + c >= *need) {
+      *need -= above;
+      return d;
+    }
+    above += c;
+  }
+  TORCH_INTERNAL_ASSERT(false, "topk_select: radix walk ran off the histogram");
+}
+
 // Exact top-k select over order-preserving keys.
 //  A. one pass: histogram of the top 12 key bits per block (16 KiB, L1-resident), NaN and
 //     active counts (errors are raised here, before any output exists); walking the bins
@@ -550,16 +649,8 @@ Tensor topk_select_impl(const T* s, const bool* act, int64_t n, int64_t k) {
   TORCH_CHECK_VALUE(nan == 0, "scores: contains NaN (", nan, " active entries)");
   TORCH_CHECK_VALUE(k <= na, "k: must be in [0, ", na, "] (active scores), got ", k);
   if (k == 0) return at::empty({0}, at::TensorOptions().dtype(at::kLong));
-  int64_t need = k, above = 0;
-  int d1 = kTopBins - 1;
-  for (; d1 >= 0; --d1) {
-    int64_t c = 0;
-    for (int64_t blk = 0; blk < nblocks; ++blk) c += hist[blk][d1];
-    if (above + c >= need) break;
-    above += c;
-  }
-  TORCH_INTERNAL_ASSERT(d1 >= 0, "topk_select: radix walk ran off the histogram");
-  need -= above;
+  int64_t need = k;
+  const int d1 = walk_bins(hist, kTopBins, &need);
   std::vector<int64_t> cand_off(nblocks + 1, 0);
   for (int64_t blk = 0; blk < nblocks; ++blk) {
     for (int d = d1 + 1; d < kTopBins; ++d) n_gt[blk] += hist[blk][d];
@@ -618,20 +709,11 @@ Tensor topk_select_impl(const T* s, const bool* act, int64_t n, int64_t k) {
           }
         }
       });
-      int64_t abv = 0;
-      int digit = static_cast<int>(dmask);
-      for (; digit >= 0; --digit) {
-        int64_t c = 0;
-        for (int64_t blk = 0; blk < nblocks; ++blk) c += h2[blk][digit];
-        if (abv + c >= need) break;
-        abv += c;
-      }
-      TORCH_INTERNAL_ASSERT(digit >= 0, "topk_select: radix walk ran off the histogram");
+      const int digit = walk_bins(h2, static_cast<int>(dmask) + 1, &need);
       for (int64_t blk = 0; blk < nblocks; ++blk) {
         for (int d = digit + 1; d <= static_cast<int>(dmask); ++d) n_gt[blk] += h2[blk][d];
         if (lo_bit == 0) n_eq[blk] = h2[blk][digit];
       }
-      need -= abv;
       prefix |= static_cast<K>(digit) << lo_bit;
       prefix_mask |= dmask << lo_bit;
     }

@@ -161,16 +161,21 @@ def _segment_positions(row_ptr, offs, m, flag_ptr):
 
 
 @triton.jit
-def _gather_kernel(meta_ptr, work_ptr, out_addr_ptr, flag_ptr, OUT_CODE: tl.constexpr, ACC: tl.constexpr,
-                   WIDE: tl.constexpr, BLOCK: tl.constexpr):
+def _work_item(meta_ptr, work_ptr, BLOCK: tl.constexpr):
+    """This program's work row -> (segment table row, flat offset, in-segment positions, mask)."""
     pid = tl.program_id(0).to(tl.int64)
     seg = tl.load(work_ptr + pid * 3)
     start = tl.load(work_ptr + pid * 3 + 1)
     ooff = tl.load(work_ptr + pid * 3 + 2)
     row = meta_ptr + seg * 6
-    count = tl.load(row + 4)
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    m = offs < count
+    return row, ooff, offs, offs < tl.load(row + 4)
+
+
+@triton.jit
+def _gather_kernel(meta_ptr, work_ptr, out_addr_ptr, flag_ptr, OUT_CODE: tl.constexpr, ACC: tl.constexpr,
+                   WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    row, ooff, offs, m = _work_item(meta_ptr, work_ptr, BLOCK)
     pos, lm = _segment_positions(row, offs, m, flag_ptr)
     code = tl.load(row + 3) & 15
     v = _round_as(_load_wide(tl.load(row), pos, lm, code, WIDE), OUT_CODE)
@@ -185,14 +190,7 @@ def _scatter_kernel(meta_ptr, work_ptr, flat_addr_ptr, flag_ptr, FLAT_CODE: tl.c
                     DST_CODE: tl.constexpr, ACC: tl.constexpr, HAS_SCALE: tl.constexpr,
                     WIDE: tl.constexpr, BLOCK: tl.constexpr):
     # DST_CODE >= 0: every destination has that dtype (scatter_segments); -1: per segment.
-    pid = tl.program_id(0).to(tl.int64)
-    seg = tl.load(work_ptr + pid * 3)
-    start = tl.load(work_ptr + pid * 3 + 1)
-    ooff = tl.load(work_ptr + pid * 3 + 2)
-    row = meta_ptr + seg * 6
-    count = tl.load(row + 4)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    m = offs < count
+    row, ooff, offs, m = _work_item(meta_ptr, work_ptr, BLOCK)
     pos, lm = _segment_positions(row, offs, m, flag_ptr)
     v = _load_wide(tl.load(flat_addr_ptr), ooff + offs, m, FLAT_CODE, WIDE)
     if HAS_SCALE:
