@@ -155,3 +155,14 @@ def test_unsorted_indices_gradiend_reorders_gradkit_does_not():
     before = ref.extract_gradients(base)
     assert torch.equal(f.extract_gradients(base), before[kept])
     assert not torch.equal(r.extract_gradients(base), before[kept])  # gradiend's divergence (pinned at 0.2.3)
+
+
+def test_topk_one_keeps_everything_like_gradiend_without_reordering():
+    base, ref, fast = _models(0, unsorted=True)
+    mask = torch.zeros(ref.input_dim, dtype=torch.bool)  # GRADIEND ignores mask/threshold with topk=1.0
+    r, r_mask = ref.prune(topk=1.0, mask=mask, return_mask=True)
+    f, f_mask = fast.prune(topk=1.0, mask=mask, return_mask=True)
+    assert torch.equal(r_mask, f_mask) and bool(f_mask.all())
+    assert f.input_dim == r.input_dim == ref.input_dim
+    assert torch.equal(f.extract_gradients(base), ref.extract_gradients(base))  # same order as before
+    assert not torch.equal(r.extract_gradients(base), ref.extract_gradients(base))  # gradiend 0.2.3 reorders

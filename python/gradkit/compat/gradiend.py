@@ -10,7 +10,11 @@ top-k, remapping with gradkit, weight slicing without first deep-copying the ful
 encoder/decoder). Everything else, and every argument combination not listed,
 runs GRADIEND's own code. One documented difference: where importances tie at the
 top-k cut, GRADIEND's ``torch.topk`` keeps an unspecified subset; gradkit keeps the
-lowest input positions (deterministic).
+lowest input positions (deterministic). Two GRADIEND behaviours are kept for drop-in
+parity: ``prune(topk=1.0)`` returns the model unchanged (GRADIEND ignores ``mask`` and
+``threshold`` then; ``ParamMap.prune`` applies them), and ``keep_idx=`` / lazily built models
+run GRADIEND's own prune. Where GRADIEND would re-encode an unsorted index list as a mask
+(reordering the input space), the accelerated model keeps the list.
 """
 from __future__ import annotations
 
@@ -130,7 +134,14 @@ def _prune(self, *, topk=None, threshold=None, mask=None, part: str = "decoder-w
            importance: Optional[torch.Tensor] = None, keep_idx=None, keep_idx_sorted_unique: bool = False,
            inplace: bool = False, return_mask: bool = False):
     cls = type(self)
-    if keep_idx is not None or (isinstance(topk, float) and topk == 1.0) or self.encoder is None:
+    if isinstance(topk, float) and topk == 1.0 and keep_idx is None:
+        # GRADIEND returns the model unchanged here (mask and threshold are ignored), but first
+        # re-encodes its param map, which reorders unsorted index lists; keep the order instead.
+        m = self if inplace else copy.deepcopy(self)
+        if m is not self:
+            accelerate(m)
+        return (m, torch.ones(int(self.input_dim), dtype=torch.bool)) if return_mask else m
+    if keep_idx is not None or self.encoder is None:
         return cls.prune(self, topk=topk, threshold=threshold, mask=mask, part=part, importance=importance,
                          keep_idx=keep_idx, keep_idx_sorted_unique=keep_idx_sorted_unique, inplace=inplace,
                          return_mask=return_mask)
