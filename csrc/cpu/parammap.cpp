@@ -17,6 +17,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../checks.h"
 #include "../segments.h"
 
 namespace gradkit {
@@ -146,14 +147,18 @@ struct WorkItem {
   int64_t lo, hi;  // range inside the segment's selection
 };
 
-std::vector<WorkItem> make_work(const std::vector<int64_t>& counts) {
+// Work items of `grain(s)` selected positions each, over every segment.
+template <typename GrainFn>
+std::vector<WorkItem> make_work(const std::vector<Segment>& segs, GrainFn grain) {
   std::vector<WorkItem> w;
-  for (const auto s : c10::irange(counts.size())) {
-    for (int64_t lo = 0; lo < counts[s]; lo += kGrain) {
-      w.push_back({static_cast<int32_t>(s), lo, std::min(counts[s], lo + kGrain)});
-    }
+  for (const auto s : c10::irange(segs.size())) {
+    const int64_t g = grain(s), c = segs[s].count;
+    for (int64_t lo = 0; lo < c; lo += g) w.push_back({static_cast<int32_t>(s), lo, std::min(c, lo + g)});
   }
   return w;
+}
+std::vector<WorkItem> make_work(const std::vector<Segment>& segs) {
+  return make_work(segs, [](size_t) { return kGrain; });
 }
 
 #define GK_DISPATCH_FLOAT(T, NAME, ...) \
@@ -162,18 +167,11 @@ std::vector<WorkItem> make_work(const std::vector<int64_t>& counts) {
 void gather_impl(at::TensorList src, const c10::List<std::optional<Tensor>>& index, Tensor& out,
                  bool accumulate) {
   const auto segs = make_segments(src, index, "src");
-  std::vector<int64_t> counts(segs.size()), offs(segs.size());
-  int64_t total = 0;
-  for (const auto s : c10::irange(segs.size())) {
-    counts[s] = segs[s].count;
-    offs[s] = total;
-    total += counts[s];
-  }
-  TORCH_CHECK_VALUE(out.dim() == 1 && out.numel() == total, "out: expected a 1-D tensor of ", total,
-                    " elements, got shape ", out.sizes());
-  TORCH_CHECK_VALUE(out.is_contiguous(), "out: must be contiguous");
+  std::vector<int64_t> offs;
+  const int64_t total = segment_offsets(segs, &offs);
+  check_gather_out(out, total);
   if (total == 0) return;
-  const auto work = make_work(counts);
+  const auto work = make_work(segs);
   std::atomic<bool> bad{false};
   at::ScalarType dt = out.scalar_type();
   at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t b, int64_t e) {
@@ -202,17 +200,8 @@ void gather_impl(at::TensorList src, const c10::List<std::optional<Tensor>>& ind
 
 Tensor gather_segments_cpu(at::TensorList src, const c10::List<std::optional<Tensor>>& index,
                            std::optional<at::ScalarType> dtype) {
-  TORCH_CHECK_VALUE(src.size() == index.size(), "index: expected ", src.size(), " entries, got ",
-                    index.size());
-  at::ScalarType dt = dtype.has_value() ? *dtype : (src.empty() ? at::kFloat : src[0].scalar_type());
-  if (!dtype.has_value()) {
-    for (const auto& s : src) dt = at::promote_types(dt, s.scalar_type());
-  }
-  int64_t total = 0;
-  for (const auto i : c10::irange(src.size())) {
-    const auto ix = index.get(i);
-    total += ix.has_value() ? ix->numel() : src[i].numel();
-  }
+  const int64_t total = gather_total(src, index);
+  const at::ScalarType dt = gather_dtype(src, dtype);
   Tensor out = kernel_backed(total, at::TensorOptions().dtype(dt).device(at::kCPU), false, true);
   gather_impl(src, index, out, false);
   return out;
@@ -227,18 +216,11 @@ void gather_segments_out_cpu(at::TensorList src, const c10::List<std::optional<T
 void scatter_impl(const Tensor& flat, const c10::List<std::optional<Tensor>>& index,
                   at::TensorList dst, double scale, bool accumulate) {
   const auto segs = make_segments(dst, index, "dst");
-  TORCH_CHECK_VALUE(flat.dim() == 1, "flat: expected a 1-D tensor, got shape ", flat.sizes());
-  std::vector<int64_t> counts(segs.size()), offs(segs.size());
-  int64_t total = 0;
-  for (const auto s : c10::irange(segs.size())) {
-    counts[s] = segs[s].count;
-    offs[s] = total;
-    total += counts[s];
-  }
-  TORCH_CHECK_VALUE(flat.numel() == total, "flat: expected ", total, " elements, got ", flat.numel());
-  if (total == 0) return;
+  std::vector<int64_t> offs;
+  check_scatter_flat(flat, segment_offsets(segs, &offs));
+  if (flat.numel() == 0) return;
   const Tensor f = flat.contiguous();
-  const auto work = make_work(counts);
+  const auto work = make_work(segs);
   std::atomic<bool> bad{false};
   at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t b, int64_t e) {
     for (int64_t w = b; w < e; ++w) {
@@ -288,24 +270,21 @@ bool strictly_ascending(const Tensor& idx) {
 // storage (outputs never alias).
 std::vector<Tensor> scatter_segments_cpu(const Tensor& flat, const c10::List<std::optional<Tensor>>& index,
                                          c10::IntArrayRef numel, double scale) {
-  TORCH_CHECK_VALUE(numel.size() == index.size(), "numel: expected ", index.size(), " entries, got ",
-                    numel.size());
-  TORCH_CHECK_VALUE(flat.dim() == 1, "flat: expected a 1-D tensor, got shape ", flat.sizes());
+  check_numel_list(numel, index);
   std::vector<Tensor> outs;
   outs.reserve(numel.size());
   std::vector<char> fused(numel.size(), 0);
   for (const auto i : c10::irange(numel.size())) {
     const int64_t n = numel[i];
-    TORCH_CHECK_VALUE(n >= 0, "numel: sizes must be non-negative");
     const auto ix = index.get(i);
     const bool has_idx = ix.has_value() && ix->defined();
     // mmap'd (kernel-zeroed) storage only for very large outputs; huge pages when written densely
     outs.push_back(kernel_backed(n, flat.options(), false, !has_idx));
   }
   const auto segs = make_segments(outs, index, "dst");
-  int64_t total = 0;
-  for (const auto& sg : segs) total += sg.count;
-  TORCH_CHECK_VALUE(flat.numel() == total, "flat: expected ", total, " elements, got ", flat.numel());
+  std::vector<int64_t> offs;
+  const int64_t total = segment_offsets(segs, &offs);
+  check_scatter_flat(flat, total);
   for (const auto i : c10::irange(segs.size())) {
     const Tensor& idx = segs[i].index;
     if (!idx.defined()) continue;  // every element is written
@@ -318,18 +297,7 @@ std::vector<Tensor> scatter_segments_cpu(const Tensor& flat, const c10::List<std
   if (total == 0) return outs;
   const Tensor f = flat.contiguous();
   constexpr int64_t kFusedGrain = 1 << 13;  // positions per item: its zeroed range stays cache-sized
-  std::vector<WorkItem> work;
-  for (const auto i : c10::irange(segs.size())) {
-    const int64_t g = fused[i] ? kFusedGrain : kGrain;
-    for (int64_t lo = 0; lo < segs[i].count; lo += g) {
-      work.push_back({static_cast<int32_t>(i), lo, std::min(segs[i].count, lo + g)});
-    }
-  }
-  std::vector<int64_t> offs(segs.size());
-  for (int64_t i = 0, acc = 0; i < static_cast<int64_t>(segs.size()); ++i) {
-    offs[i] = acc;
-    acc += segs[i].count;
-  }
+  const auto work = make_work(segs, [&](size_t i) { return fused[i] ? kFusedGrain : kGrain; });
   std::atomic<bool> bad{false};
   at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t b, int64_t e) {
     for (int64_t w = b; w < e; ++w) {
@@ -430,17 +398,11 @@ std::vector<int64_t> chunk_starts(int64_t nchunks, CountFn count, int64_t* total
   return starts;
 }
 
-void check_index_dtype(at::ScalarType dtype) {
-  TORCH_CHECK_TYPE(dtype == at::kInt || dtype == at::kLong, "dtype: must be torch.int32 or torch.int64, got ",
-                   dtype);
-}
-
 Tensor mask_to_indices_cpu(const Tensor& mask, at::ScalarType dtype) {
-  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "mask: expected a bool tensor, got ", mask.scalar_type());
-  check_index_dtype(dtype);
+  check_bool_mask(mask);
+  check_index_dtype(dtype, mask.numel());
   const Tensor m = mask.contiguous();
   const int64_t n = m.numel();
-  TORCH_CHECK_VALUE(dtype == at::kLong || n <= INT32_MAX, "dtype: int32 cannot address ", n, " elements");
   const uint8_t* p = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
   const int64_t nchunks = (n + kScanChunk - 1) / kScanChunk;
   int64_t total = 0;
@@ -458,13 +420,7 @@ Tensor mask_to_indices_cpu(const Tensor& mask, at::ScalarType dtype) {
 }
 
 Tensor bitmask_to_indices_cpu(const Tensor& bits, int64_t numel, at::ScalarType dtype) {
-  TORCH_CHECK_TYPE(bits.scalar_type() == at::kByte, "bits: expected a uint8 tensor, got ", bits.scalar_type());
-  check_index_dtype(dtype);
-  TORCH_CHECK_VALUE(numel >= 0, "numel: must be non-negative");
-  const int64_t nbytes = (numel + 7) / 8;
-  TORCH_CHECK_VALUE(bits.dim() == 1 && bits.numel() == nbytes, "bits: expected ", nbytes,
-                    " bytes for numel=", numel, ", got shape ", bits.sizes());
-  TORCH_CHECK_VALUE(dtype == at::kLong || numel <= INT32_MAX, "dtype: int32 cannot address ", numel, " elements");
+  const int64_t nbytes = check_bitmask(bits, numel, dtype);
   const Tensor b = bits.contiguous();
   const uint8_t* p = b.data_ptr<uint8_t>();
   if (numel % 8 != 0) {
@@ -504,7 +460,7 @@ Tensor bitmask_to_indices_cpu(const Tensor& bits, int64_t numel, at::ScalarType 
 }
 
 Tensor pack_bitmask_cpu(const Tensor& mask) {
-  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "mask: expected a bool tensor, got ", mask.scalar_type());
+  check_bool_mask(mask);
   const Tensor m = mask.contiguous();
   const int64_t n = m.numel(), nbytes = (n + 7) / 8;
   Tensor out = at::empty({nbytes}, at::TensorOptions().dtype(at::kByte));
@@ -752,24 +708,16 @@ Tensor topk_select_impl(const T* s, const bool* act, int64_t n, int64_t k) {
 }
 
 Tensor topk_select_cpu(const Tensor& scores, const std::optional<Tensor>& active, int64_t k) {
-  TORCH_CHECK_TYPE(at::isFloatingType(scores.scalar_type()), "scores: expected a floating tensor, got ",
-                   scores.scalar_type());
+  check_topk(scores, active, k);
   const Tensor s = scores.contiguous().view(-1);
   const int64_t n = s.numel();
   Tensor a;
   const bool* ap = nullptr;
   if (active.has_value()) {
-    TORCH_CHECK_TYPE(active->scalar_type() == at::kBool, "active: expected a bool tensor, got ",
-                     active->scalar_type());
-    TORCH_CHECK_VALUE(active->numel() == n, "active: expected ", n, " elements, got ", active->numel());
     a = active->contiguous().view(-1);
     ap = a.data_ptr<bool>();
   }
-  TORCH_CHECK_VALUE(k >= 0, "k: must be non-negative, got ", k);
-  if (n == 0) {
-    TORCH_CHECK_VALUE(k == 0, "k: must be in [0, 0] (active scores), got ", k);
-    return at::empty({0}, at::TensorOptions().dtype(at::kLong));
-  }
+  if (n == 0) return at::empty({0}, at::TensorOptions().dtype(at::kLong));
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "topk_select", [&] {
     if (s.scalar_type() == at::kDouble) {

@@ -39,6 +39,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../checks.h"
 #include "../segments.h"
 
 namespace gradkit {
@@ -472,15 +473,9 @@ __global__ void __launch_bounds__(kThreads) scatter_kernel(const DevSeg* __restr
 void gather_impl(at::TensorList src, const c10::List<std::optional<Tensor>>& index, Tensor& out,
                  bool accumulate) {
   const auto segs = make_segments(src, index, "src");
-  std::vector<int64_t> offs(segs.size());
-  int64_t total = 0;
-  for (const auto s : c10::irange(segs.size())) {
-    offs[s] = total;
-    total += segs[s].count;
-  }
-  TORCH_CHECK_VALUE(out.dim() == 1 && out.numel() == total, "out: expected a 1-D tensor of ", total,
-                    " elements, got shape ", out.sizes());
-  TORCH_CHECK_VALUE(out.is_contiguous(), "out: must be contiguous");
+  std::vector<int64_t> offs;
+  const int64_t total = segment_offsets(segs, &offs);
+  check_gather_out(out, total);
   if (total == 0) return;
   TORCH_CHECK_VALUE(out.device() == src[0].device(), "out: on ", out.device(), " but src is on ", src[0].device());
   TORCH_CHECK_VALUE(out.is_cuda(), "out: expected a CUDA tensor, got one on ", out.device());
@@ -500,17 +495,8 @@ void gather_impl(at::TensorList src, const c10::List<std::optional<Tensor>>& ind
 
 Tensor gather_segments_cuda(at::TensorList src, const c10::List<std::optional<Tensor>>& index,
                             std::optional<at::ScalarType> dtype) {
-  TORCH_CHECK_VALUE(src.size() == index.size(), "index: expected ", src.size(), " entries, got ",
-                    index.size());
-  at::ScalarType dt = dtype.has_value() ? *dtype : (src.empty() ? at::kFloat : src[0].scalar_type());
-  if (!dtype.has_value()) {
-    for (const auto& s : src) dt = at::promote_types(dt, s.scalar_type());
-  }
-  int64_t total = 0;
-  for (const auto i : c10::irange(src.size())) {
-    const auto ix = index.get(i);
-    total += ix.has_value() ? ix->numel() : src[i].numel();
-  }
+  const int64_t total = gather_total(src, index);
+  const at::ScalarType dt = gather_dtype(src, dtype);
   const at::Device device = src.empty() ? at::Device(at::kCUDA, c10::cuda::current_device()) : src[0].device();
   Tensor out = at::empty({total}, at::TensorOptions().dtype(dt).device(device));
   gather_impl(src, index, out, false);
@@ -526,14 +512,9 @@ void gather_segments_out_cuda(at::TensorList src, const c10::List<std::optional<
 void scatter_impl(const Tensor& flat, const c10::List<std::optional<Tensor>>& index, at::TensorList dst,
                   double scale, bool accumulate) {
   const auto segs = make_segments(dst, index, "dst");
-  TORCH_CHECK_VALUE(flat.dim() == 1, "flat: expected a 1-D tensor, got shape ", flat.sizes());
-  std::vector<int64_t> offs(segs.size());
-  int64_t total = 0;
-  for (const auto s : c10::irange(segs.size())) {
-    offs[s] = total;
-    total += segs[s].count;
-  }
-  TORCH_CHECK_VALUE(flat.numel() == total, "flat: expected ", total, " elements, got ", flat.numel());
+  std::vector<int64_t> offs;
+  const int64_t total = segment_offsets(segs, &offs);
+  check_scatter_flat(flat, total);
   if (total == 0) return;
   TORCH_CHECK_VALUE(flat.device() == dst[0].device(), "flat: on ", flat.device(), " but dst is on ",
                     dst[0].device());
@@ -555,13 +536,11 @@ void scatter_impl(const Tensor& flat, const c10::List<std::optional<Tensor>>& in
 
 std::vector<Tensor> scatter_segments_cuda(const Tensor& flat, const c10::List<std::optional<Tensor>>& index,
                                           c10::IntArrayRef numel, double scale) {
-  TORCH_CHECK_VALUE(numel.size() == index.size(), "numel: expected ", index.size(), " entries, got ",
-                    numel.size());
+  check_numel_list(numel, index);
   std::vector<Tensor> outs;
   outs.reserve(numel.size());
   for (const auto i : c10::irange(numel.size())) {
     const int64_t n = numel[i];
-    TORCH_CHECK_VALUE(n >= 0, "numel: sizes must be non-negative");
     const auto ix = index.get(i);
     // Only indexed segments leave unselected positions: those need zeros; the others are
     // fully overwritten by the kernel.
@@ -730,18 +709,12 @@ Tensor compact_write(const L& ld, int64_t nwords, int64_t nchunks, const Tensor&
   return out;
 }
 
-void check_index_dtype(at::ScalarType dtype) {
-  TORCH_CHECK_TYPE(dtype == at::kInt || dtype == at::kLong, "dtype: must be torch.int32 or torch.int64, got ",
-                   dtype);
-}
-
 Tensor mask_to_indices_cuda(const Tensor& mask, at::ScalarType dtype) {
-  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "mask: expected a bool tensor, got ", mask.scalar_type());
-  check_index_dtype(dtype);
+  check_bool_mask(mask);
+  check_index_dtype(dtype, mask.numel());
   const c10::cuda::CUDAGuard guard(mask.device());
   const Tensor m = mask.contiguous();
   const int64_t n = m.numel();
-  TORCH_CHECK_VALUE(dtype == at::kLong || n <= INT32_MAX, "dtype: int32 cannot address ", n, " elements");
   if (n == 0) return at::empty({0}, at::TensorOptions().dtype(dtype).device(m.device()));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const uint8_t* p = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
@@ -754,13 +727,7 @@ Tensor mask_to_indices_cuda(const Tensor& mask, at::ScalarType dtype) {
 }
 
 Tensor bitmask_to_indices_cuda(const Tensor& bits, int64_t numel, at::ScalarType dtype) {
-  TORCH_CHECK_TYPE(bits.scalar_type() == at::kByte, "bits: expected a uint8 tensor, got ", bits.scalar_type());
-  check_index_dtype(dtype);
-  TORCH_CHECK_VALUE(numel >= 0, "numel: must be non-negative");
-  const int64_t nbytes = (numel + 7) / 8;
-  TORCH_CHECK_VALUE(bits.dim() == 1 && bits.numel() == nbytes, "bits: expected ", nbytes,
-                    " bytes for numel=", numel, ", got shape ", bits.sizes());
-  TORCH_CHECK_VALUE(dtype == at::kLong || numel <= INT32_MAX, "dtype: int32 cannot address ", numel, " elements");
+  const int64_t nbytes = check_bitmask(bits, numel, dtype);
   const c10::cuda::CUDAGuard guard(bits.device());
   if (numel == 0) return at::empty({0}, at::TensorOptions().dtype(dtype).device(bits.device()));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -794,7 +761,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 Tensor pack_bitmask_cuda(const Tensor& mask) {
-  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "mask: expected a bool tensor, got ", mask.scalar_type());
+  check_bool_mask(mask);
   const c10::cuda::CUDAGuard guard(mask.device());
   const Tensor m = mask.contiguous();
   const int64_t n = m.numel(), nbytes = (n + 7) / 8;
@@ -1113,31 +1080,21 @@ void topk_dispatch(const T* s, const uint8_t* act, int64_t n, int64_t k, Tensor&
 }
 
 Tensor topk_select_cuda(const Tensor& scores, const std::optional<Tensor>& active, int64_t k) {
-  TORCH_CHECK_TYPE(at::isFloatingType(scores.scalar_type()), "scores: expected a floating tensor, got ",
-                   scores.scalar_type());
+  check_topk(scores, active, k);
   const Tensor s = scores.contiguous().view(-1);
   const int64_t n = s.numel();
   Tensor a;
   const uint8_t* ap = nullptr;
   if (active.has_value()) {
-    TORCH_CHECK_TYPE(active->scalar_type() == at::kBool, "active: expected a bool tensor, got ",
-                     active->scalar_type());
-    TORCH_CHECK_VALUE(active->numel() == n, "active: expected ", n, " elements, got ", active->numel());
-    TORCH_CHECK_VALUE(active->device() == scores.device(), "active: on ", active->device(), " but scores is on ",
-                      scores.device());
     a = active->contiguous().view(-1);
     ap = reinterpret_cast<const uint8_t*>(a.data_ptr<bool>());
   }
   TORCH_CHECK_VALUE(s.is_cuda(), "scores: expected a CUDA tensor, got one on ", s.device());
   const c10::cuda::CUDAGuard guard(s.device());
-  // Check order and messages follow the CPU kernel: k >= 0, the empty case, NaN among the
-  // active scores, then k <= #active.
-  TORCH_CHECK_VALUE(k >= 0, "k: must be non-negative, got ", k);
+  // Check order and messages follow the CPU kernel: check_topk (k >= 0, the empty case),
+  // then NaN among the active scores, then k <= #active.
   const at::Device dev = s.device();
-  if (n == 0) {
-    TORCH_CHECK_VALUE(k == 0, "k: must be in [0, 0] (active scores), got ", k);
-    return at::empty({0}, at::TensorOptions().dtype(at::kLong).device(dev));
-  }
+  if (n == 0) return at::empty({0}, at::TensorOptions().dtype(at::kLong).device(dev));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // ws: [n_active, n_nan, prefix, mask, need, found, -, -, histogram (8192 bins max)]
   Tensor ws = at::zeros({kWsHist + (1 << 13)}, at::TensorOptions().dtype(at::kLong).device(dev));
@@ -1149,7 +1106,7 @@ Tensor topk_select_cuda(const Tensor& scores, const std::optional<Tensor>& activ
   });
   const auto st = fetch_i64(ws.narrow(0, 0, 2));  // one D2H copy for both counts
   const int64_t n_active = st[0], n_nan = st[1];
-  TORCH_CHECK_VALUE(n_nan == 0, "scores: contains NaN (", n_nan, " entries)");
+  TORCH_CHECK_VALUE(n_nan == 0, "scores: contains NaN (", n_nan, " active entries)");
   TORCH_CHECK_VALUE(k <= n_active, "k: must be in [0, ", n_active, "] (active scores), got ", k);
   Tensor out = at::empty({k}, at::TensorOptions().dtype(at::kLong).device(dev));
   if (k == 0) return out;
