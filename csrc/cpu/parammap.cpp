@@ -161,6 +161,20 @@ std::vector<WorkItem> make_work(const std::vector<Segment>& segs) {
   return make_work(segs, [](size_t) { return kGrain; });
 }
 
+// Runs fn(item, view, index, bad) over every work item in one parallel region; positions out of
+// range are never touched, only flagged, and reported once the region is over.
+template <typename Fn>
+void run_work(const std::vector<WorkItem>& work, const std::vector<Segment>& segs, Fn fn) {
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t w = b; w < e; ++w) {
+      const auto& it = work[w];
+      fn(it, segs[it.seg].view, segs[it.seg].index, bad);
+    }
+  });
+  TORCH_CHECK_INDEX(!bad.load(), "index: a position is out of range for its segment");
+}
+
 #define GK_DISPATCH_FLOAT(T, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, T, NAME, __VA_ARGS__)
 
@@ -171,14 +185,8 @@ void gather_impl(at::TensorList src, const c10::List<std::optional<Tensor>>& ind
   const int64_t total = segment_offsets(segs, &offs);
   check_gather_out(out, total);
   if (total == 0) return;
-  const auto work = make_work(segs);
-  std::atomic<bool> bad{false};
-  at::ScalarType dt = out.scalar_type();
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t w = b; w < e; ++w) {
-      const auto& it = work[w];
-      const SegView& v = segs[it.seg].view;
-      const Tensor& idx = segs[it.seg].index;
+  const at::ScalarType dt = out.scalar_type();
+  run_work(make_work(segs), segs, [&](const WorkItem& it, const SegView& v, const Tensor& idx, std::atomic<bool>& bad) {
       GK_DISPATCH_FLOAT(v.dtype, "gather_src", [&] {
         using S = scalar_t;
         GK_DISPATCH_FLOAT(dt, "gather_out", [&] {
@@ -193,9 +201,7 @@ void gather_impl(at::TensorList src, const c10::List<std::optional<Tensor>>& ind
           }
         });
       });
-    }
   });
-  TORCH_CHECK_INDEX(!bad.load(), "index: a position is out of range for its segment");
 }
 
 Tensor gather_segments_cpu(at::TensorList src, const c10::List<std::optional<Tensor>>& index,
@@ -220,13 +226,7 @@ void scatter_impl(const Tensor& flat, const c10::List<std::optional<Tensor>>& in
   check_scatter_flat(flat, segment_offsets(segs, &offs));
   if (flat.numel() == 0) return;
   const Tensor f = flat.contiguous();
-  const auto work = make_work(segs);
-  std::atomic<bool> bad{false};
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t w = b; w < e; ++w) {
-      const auto& it = work[w];
-      const SegView& v = segs[it.seg].view;
-      const Tensor& idx = segs[it.seg].index;
+  run_work(make_work(segs), segs, [&](const WorkItem& it, const SegView& v, const Tensor& idx, std::atomic<bool>& bad) {
       GK_DISPATCH_FLOAT(f.scalar_type(), "scatter_flat", [&] {
         using F = scalar_t;
         GK_DISPATCH_FLOAT(v.dtype, "scatter_dst", [&] {
@@ -241,9 +241,7 @@ void scatter_impl(const Tensor& flat, const c10::List<std::optional<Tensor>>& in
           }
         });
       });
-    }
   });
-  TORCH_CHECK_INDEX(!bad.load(), "index: a position is out of range for its segment");
 }
 
 // True when the (int32/int64) positions are strictly increasing.
@@ -298,12 +296,7 @@ std::vector<Tensor> scatter_segments_cpu(const Tensor& flat, const c10::List<std
   const Tensor f = flat.contiguous();
   constexpr int64_t kFusedGrain = 1 << 13;  // positions per item: its zeroed range stays cache-sized
   const auto work = make_work(segs, [&](size_t i) { return fused[i] ? kFusedGrain : kGrain; });
-  std::atomic<bool> bad{false};
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t w = b; w < e; ++w) {
-      const auto& it = work[w];
-      const SegView& v = segs[it.seg].view;
-      const Tensor& idx = segs[it.seg].index;
+  run_work(work, segs, [&](const WorkItem& it, const SegView& v, const Tensor& idx, std::atomic<bool>& bad) {
       GK_DISPATCH_FLOAT(f.scalar_type(), "scatter_new", [&] {
         using F = scalar_t;
         const F* fp = f.data_ptr<F>() + offs[it.seg];
@@ -323,9 +316,7 @@ std::vector<Tensor> scatter_segments_cpu(const Tensor& flat, const c10::List<std
           scatter_chunk<F, F, index_t>(fp, ip, v, it.lo, it.hi, scale, false, bad);
         });
       });
-    }
   });
-  TORCH_CHECK_INDEX(!bad.load(), "index: a position is out of range for its segment");
   return outs;
 }
 
