@@ -110,6 +110,20 @@ def run(rec, quick: bool = False) -> None:
         rec.add(FAMILY, "gather", "gradiend+gradkit", wl_mask, dt,
                 rec.time(lambda: gm_fast.extract_gradients(model)))
 
+    # Bandwidth check (issue 3's GPU target: gather/scatter at >= 80% of device-to-device copy
+    # bandwidth on the bytes they must move). The copy runs on buffers larger than any cache;
+    # gather must move 12 bytes per selected entry (4 read, 4 written, a 4-byte position read).
+    big_src = torch.empty(64 << 20, dtype=torch.float32)
+    big_dst = torch.empty_like(big_src)
+    t_copy = rec.time(lambda: big_dst.copy_(big_src))
+    rec.add(FAMILY, "copy 256MB", "reference", "256 MiB", dt, t_copy, note="bandwidth baseline")
+    copy_bw = 2 * big_src.numel() * 4 / t_copy["p50"]
+    t_g = rec.time(lambda: pm.gather(model, out=out))
+    frac = (pm.input_dim * 12 / t_g["p50"]) / copy_bw
+    rec.add(FAMILY, "gather bw / copy bw", "gradkit", wl_mask, dt, {"p20": frac, "p50": frac, "p80": frac, "n": 1},
+            metric="fraction", note=f"copy {copy_bw / 1e9:.1f} GB/s; gather moves 12 B per selected entry")
+    del big_src, big_dst
+
     # first call on a fresh map: building the selection plan is part of the cost
     rec.add(FAMILY, "gather_first_call", "gradkit", wl_mask, dt, rec.time(lambda: ParamMap(mask_spec).gather(model)),
             note="ParamMap construction + first gather")

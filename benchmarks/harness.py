@@ -109,8 +109,11 @@ class Recorder:
         row = {"family": family, "op": op, "provider": provider, "shape": shape, "dtype": dtype,
                "device": self.device, "metric": metric, **stats, **extra, **self.env}
         self.rows.append(row)
-        print(f"  {op:<28} {provider:<22} p50={stats['p50'] * 1e3:10.2f} ms  (p20 {stats['p20'] * 1e3:.2f}, "
-              f"p80 {stats['p80'] * 1e3:.2f}, n={stats['n']})", flush=True)
+        if metric == "seconds":
+            print(f"  {op:<28} {provider:<22} p50={stats['p50'] * 1e3:10.2f} ms  (p20 {stats['p20'] * 1e3:.2f}, "
+                  f"p80 {stats['p80'] * 1e3:.2f}, n={stats['n']})", flush=True)
+        else:
+            print(f"  {op:<28} {provider:<22} {stats['p50']:.3f} {metric}", flush=True)
 
     def write_jsonl(self, path: str) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -128,8 +131,13 @@ def ratio_table(rows: List[Dict[str, object]], baseline: str = "gradkit") -> str
              f"torch {head.get('torch', '?')}, git {head.get('git_sha', '?')}, {head.get('time', '?')}", "",
              "| family | op | shape | provider | p50 (ms) | p20-p80 (ms) | time / gradkit |",
              "|---|---|---|---|---:|---:|---:|"]
-    base = {(r["family"], r["op"], r["shape"]): r["p50"] for r in rows if r["provider"] == baseline}
+    base = {(r["family"], r["op"], r["shape"]): r["p50"] for r in rows
+            if r["provider"] == baseline and r["metric"] == "seconds"}
     for r in rows:
+        if r["metric"] != "seconds":
+            lines.append(f"| {r['family']} | {r['op']} | {r['shape']} | {r['provider']} | "
+                         f"{r['p50']:.3f} ({r['metric']}) | - | - |")
+            continue
         b = base.get((r["family"], r["op"], r["shape"]))
         ratio = f"{r['p50'] / b:.1f}x" if b else "-"
         lines.append(f"| {r['family']} | {r['op']} | {r['shape']} | {r['provider']} | {r['p50'] * 1e3:.2f} | "
@@ -143,6 +151,7 @@ def plot(rows: List[Dict[str, object]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r["metric"] == "seconds"]
     ops = list(dict.fromkeys(r["op"] for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(ops)), 5))
