@@ -8,6 +8,10 @@ a 5%-density random mask on every tensor for gather/scatter/save/hash, and the
 Providers: gradkit; reference = plain torch at its best (precomputed int32
 indices, per-tensor index_select into a preallocated output); gradiend 0.2.3
 (when importable) and gradiend accelerated by gradkit.compat.gradiend.
+
+With ``--device cuda`` the gradients, outputs and kernels live on the GPU (gather,
+scatter, the copy-bandwidth baseline, top-k and mask kernels); prune, save/load and
+hash are host-side operations of the map and stay on the CPU.
 """
 from __future__ import annotations
 
@@ -64,8 +68,9 @@ def masks_for(shapes: Dict[str, tuple], density: float, seed: int = 1) -> Dict[s
 
 def run(rec, quick: bool = False) -> None:
     logging.getLogger("gradiend").setLevel(logging.ERROR)
+    dev = torch.device(rec.device)
     shapes = gpt2_shapes()
-    model = ShapeModel(shapes)
+    model = ShapeModel(shapes).to(dev)  # moves the .grad tensors too
     n_params = sum(p.numel() for p in model.parameters())
     masks = masks_for(shapes, 0.05)
     mask_spec = {n: {"shape": s, "repr": "mask", "mask": masks[n]} for n, s in shapes.items()}
@@ -85,15 +90,15 @@ def run(rec, quick: bool = False) -> None:
         print("  (gradiend not importable: peer rows skipped)")
 
     # ---------------------------------------------------------------- gather
-    out = torch.empty(pm.input_dim)
+    out = torch.empty(pm.input_dim, device=dev)
     rec.add(FAMILY, "gather", "gradkit", wl_mask, dt, rec.time(lambda: pm.gather(model, out=out)))
     rec.add(FAMILY, "gather", "gradkit (alloc)", wl_mask, dt, rec.time(lambda: pm.gather(model)))
-    idx32 = [masks[n].reshape(-1).nonzero().reshape(-1).int() for n in shapes]
+    idx32 = [masks[n].reshape(-1).nonzero().reshape(-1).int().to(dev) for n in shapes]
     params = [p for _, p in model.named_parameters()]
     offs = [0]
     for ix in idx32:
         offs.append(offs[-1] + ix.numel())
-    ideal_out = torch.empty(offs[-1])
+    ideal_out = torch.empty(offs[-1], device=dev)
 
     def ideal_gather():
         for p, ix, a, b in zip(params, idx32, offs[:-1], offs[1:]):
@@ -103,7 +108,7 @@ def run(rec, quick: bool = False) -> None:
     assert torch.equal(ideal_gather(), pm.gather(model))
     rec.add(FAMILY, "gather", "reference", wl_mask, dt, rec.time(ideal_gather))
     if have_gradiend:
-        gm = ParamMappedGradiendModel(pm.input_dim, 1, mask_spec, device=torch.device("cpu"))
+        gm = ParamMappedGradiendModel(pm.input_dim, 1, mask_spec, device=dev)
         assert torch.equal(gm.extract_gradients(model), pm.gather(model))
         rec.add(FAMILY, "gather", "gradiend", wl_mask, dt, rec.time(lambda: gm.extract_gradients(model)))
         gm_fast = accelerate(copy.deepcopy(gm))
@@ -113,7 +118,7 @@ def run(rec, quick: bool = False) -> None:
     # Bandwidth check (issue 3's GPU target: gather/scatter at >= 80% of device-to-device copy
     # bandwidth on the bytes they must move). The copy runs on buffers larger than any cache;
     # gather must move 12 bytes per selected entry (4 read, 4 written, a 4-byte position read).
-    big_src = torch.empty(64 << 20, dtype=torch.float32)
+    big_src = torch.randn(64 << 20, dtype=torch.float32, device=dev)
     big_dst = torch.empty_like(big_src)
     t_copy = rec.time(lambda: big_dst.copy_(big_src))
     rec.add(FAMILY, "copy 256MB", "reference", "256 MiB", dt, t_copy, note="bandwidth baseline")
@@ -130,24 +135,25 @@ def run(rec, quick: bool = False) -> None:
     if have_gradiend:
         rec.add(FAMILY, "gather_first_call", "gradiend", wl_mask, dt,
                 rec.time(lambda: ParamMappedGradiendModel(pm.input_dim, 1, mask_spec, lazy_init=True,
-                                                          device=torch.device("cpu")).extract_gradients(model)),
+                                                          device=dev).extract_gradients(model)),
                 note="lazy model construction + first extract_gradients (compiles its selectors)")
 
     # ---------------------------------------------------------------- scatter
     flat = pm.gather(model)
     rec.add(FAMILY, "scatter", "gradkit", wl_mask, dt, rec.time(lambda: pm.scatter(flat)))
     grads = {n: p.grad for n, p in model.named_parameters()}
-    dst = {n: torch.zeros(s) for n, s in shapes.items()}
+    dst = {n: torch.zeros(s, device=dev) for n, s in shapes.items()}
     rec.add(FAMILY, "scatter_add", "gradkit", wl_mask, dt,
             rec.time(lambda: pm.scatter(flat, out=dst, mode="add")))
     rec.add(FAMILY, "scatter_into", "gradkit", wl_mask, dt,
             rec.time(lambda: pm.scatter(flat, out=dst, mode="write")), note="into preallocated full tensors")
     idx64 = [ix.long() for ix in idx32]
+    host_only = dev.type != "cpu"  # prune / save / hash are host-side map operations
 
     def ideal_scatter():
         res = {}
         for (n, s), ix, a, b in zip(shapes.items(), idx64, offs[:-1], offs[1:]):
-            full = torch.zeros(s)
+            full = torch.zeros(s, device=dev)
             full.view(-1).index_copy_(0, ix, flat[a:b])
             res[n] = full
         return res
@@ -180,6 +186,10 @@ def run(rec, quick: bool = False) -> None:
                 note="forward(dict) minus flatten_gradient_dict, encoder/decoder stubbed")
         rec.add(FAMILY, "forward_dict_io", "gradiend", wl_mask, dt, t_fwd, note="encoder/decoder stubbed")
         rec.add(FAMILY, "forward_dict_io", "gradiend+gradkit", wl_mask, dt, t_fast, note="encoder/decoder stubbed")
+
+    if host_only:
+        _kernels(rec, n_params, dev, dt)
+        return
 
     # ---------------------------------------------------------------- prune (all map, topk=0.1)
     pm_all = ParamMap(all_spec)
@@ -239,9 +249,14 @@ def run(rec, quick: bool = False) -> None:
     if have_gradiend:
         rec.add(FAMILY, "hash", "gradiend", wl_mask, dt, rec.time(lambda: gm.param_map_hash))
 
-    # ---------------------------------------------------------------- kernels alone
-    big = torch.rand(n_params, generator=torch.Generator().manual_seed(3))
+    _kernels(rec, n_params, dev, dt)
+
+
+def _kernels(rec, n_params: int, dev: torch.device, dt: str) -> None:
+    """The selection kernels alone: exact top-k and mask -> positions."""
     from gradkit import ops
+
+    big = torch.rand(n_params, generator=torch.Generator().manual_seed(3)).to(dev)
 
     k = n_params // 10
     rec.add(FAMILY, "topk_select 10%", "gradkit", f"{n_params / 1e6:.1f}M", dt, rec.time(lambda: ops.topk_select(big, k)))
