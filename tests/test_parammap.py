@@ -1,4 +1,5 @@
 """gradkit.ParamMap against a plain-PyTorch model of GRADIEND's param-map semantics."""
+import contextlib
 import json
 import math
 import os
@@ -65,9 +66,32 @@ def _tensors(spec, dtype=torch.float32, seed=0, device="cpu"):
     return {n: torch.randn(e["shape"], generator=g).to(dtype).to(device) for n, e in spec.items()}
 
 
+BACKENDS = ["native", "triton", "reference"]
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Run API calls through one backend (Triton under the interpreter on a CPU machine)."""
+    old = os.environ.get("GRADKIT_BACKEND")
+    os.environ["GRADKIT_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["GRADKIT_BACKEND"]
+        else:
+            os.environ["GRADKIT_BACKEND"] = old
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
 @given(spec=specs(), dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
-def test_gather_scatter_roundtrip_matches_oracle(device, spec, dtype):
+def test_gather_scatter_roundtrip_matches_oracle(backend, device, spec, dtype):
+    with use_backend(backend):
+        _roundtrip(device, spec, dtype)
+
+
+def _roundtrip(device, spec, dtype):
     pm = ParamMap(spec)
     src = _tensors(spec, dtype, device=device)
     flat = pm.gather(src)
@@ -85,8 +109,14 @@ def test_gather_scatter_roundtrip_matches_oracle(device, spec, dtype):
     assert ParamMap(pm.to_spec(bitmask_as_mask=True)).hash == pm.hash
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @given(spec=specs())
-def test_gather_out_accumulate_and_scatter_add_allocate_nothing(spec):
+def test_gather_out_accumulate_and_scatter_add_allocate_nothing(backend, spec):
+    with use_backend(backend):
+        _out_and_add(spec)
+
+
+def _out_and_add(spec):
     pm = ParamMap(spec)
     src = _tensors(spec)
     out = torch.zeros(pm.input_dim)
@@ -223,9 +253,15 @@ def _oracle_prune(n, mask, threshold, topk, imp):
     return keep.nonzero().reshape(-1)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @given(spec=specs(), topk=st.one_of(st.none(), st.floats(0.01, 1.0), st.integers(1, 50)),
        use_mask=st.booleans(), use_threshold=st.booleans(), seed=st.integers(0, 1000))
-def test_prune_matches_oracle(spec, topk, use_mask, use_threshold, seed):
+def test_prune_matches_oracle(backend, spec, topk, use_mask, use_threshold, seed):
+    with use_backend(backend):
+        _prune_case(spec, topk, use_mask, use_threshold, seed)
+
+
+def _prune_case(spec, topk, use_mask, use_threshold, seed):
     pm = ParamMap(spec)
     n = pm.input_dim
     g = torch.Generator().manual_seed(seed)
