@@ -515,3 +515,24 @@ def test_safetensors_writer_is_read_back_by_safetensors(tmp_path):
     assert back.keys() == tensors.keys()
     for k, v in tensors.items():
         assert back[k].dtype == v.dtype and torch.equal(back[k], v)
+
+
+def test_int64_positions_past_2_31_roundtrip(tmp_path):
+    """Entries of more than 2^31-1 elements use int64 positions: in memory, in the file (I64),
+    in the hash; no tensor of that size is ever built for an index-list entry."""
+    from safetensors import safe_open
+
+    big = 2**31 + 10
+    idx = torch.tensor([big - 1, 5, 2**31 + 3])
+    pm = ParamMap({"huge": {"shape": (big,), "repr": "indices", "indices": idx},
+                   "small": {"shape": (4,), "repr": "all"}})
+    assert pm.to_spec()["huge"]["indices"].dtype == torch.int64
+    assert pm.base_global_index(0) == ("huge", big - 1)
+    pm.save(tmp_path)
+    with safe_open(str(tmp_path / "mapping_indices.safetensors"), "pt") as f:
+        stored = f.get_tensor("L0")
+    assert stored.dtype == torch.int64 and stored.tolist() == idx.tolist()
+    back = ParamMap.load(tmp_path)
+    assert back.hash == pm.hash and back.to_spec()["huge"]["indices"].tolist() == idx.tolist()
+    with pytest.raises(TypeError, match="dtype"):
+        ops.mask_to_indices(torch.zeros(0, dtype=torch.bool), torch.float32)
