@@ -30,8 +30,9 @@ Design
   what ``out.add_`` computes. ``scatter_segments`` scales in the "opmath" type
   (float32 with a float32 scale, float64 for float64 ``flat``) like ``flat * scale``;
   ``scatter_segments_`` computes ``dst + scale * flat`` in float64, like the
-  reference. (On a GPU the compiler may contract multiply+add into an FMA, which
-  can change the last bit of the accumulate result.)
+  reference. The scatter kernel is launched with ``enable_fp_fusion=False`` so the
+  GPU compiler does not contract that multiply+add into an FMA (which would change
+  the last bit against the CPU kernels and the reference).
 * **Non-contiguous tensors**: a non-contiguous ``src`` is gathered from a
   contiguous copy; a non-contiguous ``dst`` is scattered into a contiguous copy
   that is written back with ``copy_`` (one extra copy per such tensor).
@@ -363,7 +364,7 @@ def _scatter_into(flat: torch.Tensor, index, dst: Sequence[torch.Tensor], scale:
         dst_code, wide, has_scale = -1, tl.float64, True
     _scatter_kernel[(plan.n_work,)](plan.meta, plan.work, plan.head, plan.flag, FLAT_CODE=_CODE[flat.dtype],
                                     DST_CODE=dst_code, ACC=bool(accumulate), HAS_SCALE=has_scale,
-                                    WIDE=wide, BLOCK=block)
+                                    WIDE=wide, BLOCK=block, enable_fp_fusion=False)
     plan.check()
 
 
