@@ -5,6 +5,7 @@
 #include <c10/util/irange.h>
 
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "segments.h"
@@ -91,6 +92,42 @@ inline void check_topk(const at::Tensor& scores, const std::optional<at::Tensor>
   }
   TORCH_CHECK_VALUE(k >= 0, "k: must be non-negative, got ", k);
   TORCH_CHECK_VALUE(scores.numel() > 0 || k == 0, "k: must be in [0, 0] (active scores), got ", k);
+}
+
+// Checks of topk_select_segments; returns the scores and active flags as flat contiguous tensors
+// (an undefined tensor where active[i] is None).
+inline std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>> check_topk_segments(
+    at::TensorList scores, const c10::List<std::optional<at::Tensor>>& active, int64_t k) {
+  TORCH_CHECK_VALUE(active.size() == scores.size(), "active: expected ", scores.size(), " entries, got ",
+                    active.size());
+  TORCH_CHECK_VALUE(k >= 0, "k: must be non-negative, got ", k);
+  std::vector<at::Tensor> flat, acts;
+  int64_t n = 0;
+  for (const auto i : c10::irange(scores.size())) {
+    const at::Tensor& s = scores[i];
+    TORCH_CHECK_TYPE(at::isFloatingType(s.scalar_type()), "scores[", i, "]: expected a floating tensor, got ",
+                     s.scalar_type());
+    TORCH_CHECK_TYPE(s.scalar_type() == scores[0].scalar_type(), "scores[", i, "]: dtype ", s.scalar_type(),
+                     " differs from scores[0]'s ", scores[0].scalar_type());
+    TORCH_CHECK_VALUE(s.device() == scores[0].device(), "scores[", i, "]: on ", s.device(), " but scores[0] is on ",
+                      scores[0].device());
+    flat.push_back(s.contiguous().view(-1));
+    const auto a = active.get(i);
+    if (a.has_value() && a->defined()) {
+      TORCH_CHECK_TYPE(a->scalar_type() == at::kBool, "active[", i, "]: expected a bool tensor, got ",
+                       a->scalar_type());
+      TORCH_CHECK_VALUE(a->numel() == s.numel(), "active[", i, "]: expected ", s.numel(), " elements, got ",
+                        a->numel());
+      TORCH_CHECK_VALUE(a->device() == s.device(), "active[", i, "]: on ", a->device(), " but scores[", i,
+                        "] is on ", s.device());
+      acts.push_back(a->contiguous().view(-1));
+    } else {
+      acts.emplace_back();
+    }
+    n += s.numel();
+  }
+  TORCH_CHECK_VALUE(n > 0 || k == 0, "k: must be in [0, 0] (active scores), got ", k);
+  return {std::move(flat), std::move(acts)};
 }
 
 }  // namespace gradkit

@@ -31,4 +31,7 @@ TORCH_LIBRARY(gradkit, m) {
   // Exact top-k select: ascending positions of the k largest scores among `active`
   // (all when None); equal scores are taken lowest position first; NaN is an error.
   m.def("topk_select(Tensor scores, Tensor? active, SymInt k) -> Tensor");
+  // The same over many tensors without concatenating them: ascending int64 positions in the
+  // concatenation of the flattened scores (list order); one float dtype for all scores.
+  m.def("topk_select_segments(Tensor[] scores, Tensor?[] active, SymInt k) -> Tensor");
 }

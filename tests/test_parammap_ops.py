@@ -339,3 +339,76 @@ def test_scatter_large_multi_chunk(density, order):
     want = ref.scatter_segments(flat, index, numel, 0.5)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+@st.composite
+def score_lists(draw):
+    dtype = draw(st.sampled_from(FLOATS))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    n_seg = draw(st.integers(1, 5))
+    scores, active = [], []
+    for _ in range(n_seg):
+        shape = draw(st.lists(st.integers(0, 9), min_size=0, max_size=2))
+        kind = draw(st.sampled_from(["ties", "normal", "signed_zero"]))
+        if kind == "ties":
+            t = torch.randint(-2, 3, shape, generator=g).float()
+        elif kind == "signed_zero":
+            t = torch.where(torch.rand(shape, generator=g) < 0.5, torch.tensor(-0.0), torch.tensor(0.0))
+        else:
+            t = torch.randn(shape, generator=g)
+        t = t.to(dtype)
+        if draw(st.booleans()) and t.dim() == 2:
+            t = t.t()  # non-contiguous
+        scores.append(t)
+        active.append(None if draw(st.booleans()) else torch.rand(t.shape, generator=g) < 0.6)
+    if draw(st.booleans()):
+        active = None
+    n_act = sum(s.numel() if active is None or a is None else int(a.sum())
+                for s, a in zip(scores, active or [None] * n_seg))
+    k = draw(st.sampled_from(sorted({0, min(1, n_act), n_act // 3, n_act})))
+    return scores, active, k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(case=score_lists())
+def test_topk_select_segments_matches_reference(device, case):
+    scores, active, k = case
+    scores = [s.to(device) for s in scores]
+    active = None if active is None else [None if a is None else a.to(device) for a in active]
+    got = ops.topk_select_segments(scores, k, active)
+    want = ref.topk_select_segments(scores, active or [None] * len(scores), k)
+    assert got.dtype == torch.int64 and torch.equal(got.cpu(), want.cpu())
+
+
+def test_topk_select_segments_many_tensors_no_concat():
+    """148 tensors of very different sizes (a GPT-2-like set, scaled down), blocks spanning many
+    tensors, heavy ties: exact against the reference on the concatenation."""
+    g = torch.Generator().manual_seed(11)
+    sizes = [int(x) for x in torch.randint(1, 40_000, (148,), generator=g)]
+    scores = [torch.randint(0, 500, (n,), generator=g).float() for n in sizes]
+    cat = torch.cat(scores)
+    for k in (1, cat.numel() // 100, cat.numel() // 2):
+        assert torch.equal(ops.topk_select_segments(scores, k), ref.topk_select(cat, None, k))
+
+
+def test_topk_select_segments_bad_input():
+    a, b = torch.randn(4), torch.randn(3, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"scores\[1\]"):
+        ops.topk_select_segments([a, b], 1)
+    with pytest.raises(ValueError, match=r"active\[0\]"):
+        ops.topk_select_segments([a], 1, [torch.ones(3, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="k"):
+        ops.topk_select_segments([a, torch.randn(2)], 7)
+    with pytest.raises(ValueError, match="NaN"):
+        ops.topk_select_segments([a, torch.tensor([float("nan")])], 1)
+    # NaN in an inactive entry is ignored
+    got = ops.topk_select_segments([a, torch.tensor([float("nan")])], 2, [None, torch.tensor([False])])
+    assert torch.equal(got, ref.topk_select(a, None, 2))
+    assert ops.topk_select_segments([], 0).numel() == 0
+
+
+def test_opcheck_topk_select_segments():
+    args = ([torch.randn(5, 4), torch.randn(7), torch.randn(3, 2).t()],
+            [None, torch.rand(7) < 0.5, None], 6)
+    torch.library.opcheck(torch.ops.gradkit.topk_select_segments, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))

@@ -524,25 +524,53 @@ int walk_bins(const std::vector<std::vector<C>>& hist, int nbins, int64_t* need)
   TORCH_INTERNAL_ASSERT(false, "topk_select: radix walk ran off the histogram");
 }
 
-// Exact top-k select over order-preserving keys.
+// One tensor of a (multi-tensor) top-k: its data, optional active flags, length, and the
+// position of its first element in the concatenation of all of them.
+template <typename T>
+struct TopkSeg {
+  const T* s;
+  const bool* act;
+  int64_t n;
+  int64_t base;
+};
+
+// Calls fn(segment, lo, hi) for the pieces of the global range [glo, ghi) in order; `starts`
+// holds each segment's base plus a final total.
+template <typename T, typename Fn>
+inline void for_pieces(const std::vector<TopkSeg<T>>& segs, const std::vector<int64_t>& starts, int64_t glo,
+                       int64_t ghi, Fn fn) {
+  size_t i = static_cast<size_t>(std::upper_bound(starts.begin(), starts.end(), glo) - starts.begin()) - 1;
+  for (; i < segs.size() && starts[i] < ghi; ++i) {
+    const int64_t lo = std::max<int64_t>(glo - starts[i], 0), hi = std::min<int64_t>(ghi - starts[i], segs[i].n);
+    if (lo < hi) fn(segs[i], lo, hi);
+  }
+}
+
+// Exact top-k select over order-preserving keys, over one or many tensors (never concatenated).
+// The global index space (tensors back to back) is cut into a few blocks per thread; a block
+// walks the pieces of the tensors it overlaps.
 //  A. one pass: histogram of the top 12 key bits per block (16 KiB, L1-resident), NaN and
 //     active counts (errors are raised here, before any output exists); walking the bins
 //     from the top finds the bucket d1 holding the k-th largest key; every key in a higher
 //     bucket is selected, and per-block counts of those come straight from the histograms.
-//  B. one pass compacts the keys and positions of bucket d1 (the candidates; for smooth
-//     data a few percent of n); nth_element over them gives the exact k-th key, and
-//     per-block counts of candidates above / equal to it.
+//  B. one pass compacts the keys of bucket d1 (the candidates; for smooth data a few percent
+//     of n); nth_element over them gives the exact k-th key, and per-block counts of
+//     candidates above / equal to it.
 //     When ties make the bucket huge (> n/4), the remaining key bits are resolved with
 //     11-bit radix passes over the full input instead (no large buffer).
 //  C. one pass writes, per block in position order, every key above the k-th plus the
 //     first `need` keys equal to it (lowest positions first), so the output is ascending.
 template <typename T, typename K>
-Tensor topk_select_impl(const T* s, const bool* act, int64_t n, int64_t k) {
+Tensor topk_select_impl(const std::vector<TopkSeg<T>>& segs, int64_t k) {
   constexpr int kKeyBits = static_cast<int>(sizeof(K) * 8);
   constexpr int kTop = 12, kTopBins = 1 << kTop, kTopShift = kKeyBits - kTop;
+  std::vector<int64_t> starts(segs.size() + 1, 0);
+  for (size_t i = 0; i < segs.size(); ++i) starts[i + 1] = starts[i] + segs[i].n;
+  const int64_t n = starts.back();
   const int nthreads = std::max(1, at::get_num_threads());
   const int64_t grain = std::min<int64_t>(int64_t(1) << 30, std::max<int64_t>(1 << 16, (n + nthreads - 1) / nthreads));
   const int64_t nblocks = std::max<int64_t>(1, (n + grain - 1) / grain);
+  auto block_range = [&](int64_t blk) { return std::make_pair(blk * grain, std::min(n, (blk + 1) * grain)); };
   std::vector<std::vector<uint32_t>> hist(nblocks, std::vector<uint32_t>(kTopBins));
   std::vector<int64_t> n_gt(nblocks, 0), n_eq(nblocks, 0), n_nan(nblocks, 0), n_act(nblocks, 0);
 
@@ -553,35 +581,38 @@ Tensor topk_select_impl(const T* s, const bool* act, int64_t n, int64_t k) {
     for (int64_t blk = b; blk < e; ++blk) {
       std::fill(sub.begin(), sub.end(), 0);
       uint32_t* h0 = sub.data();
-      const int64_t lo = blk * grain, hi = std::min(n, lo + grain);
       int64_t nan = 0, na = 0;
-      if (act == nullptr) {
-        int64_t j = lo;
-        for (; j + 4 <= hi; j += 4) {
-          const T v0 = s[j], v1 = s[j + 1], v2 = s[j + 2], v3 = s[j + 3];
-          nan += (v0 != v0) + (v1 != v1) + (v2 != v2) + (v3 != v3);
-          h0[KeyOf<K>::get(v0) >> kTopShift]++;
-          h0[kTopBins + (KeyOf<K>::get(v1) >> kTopShift)]++;
-          h0[2 * kTopBins + (KeyOf<K>::get(v2) >> kTopShift)]++;
-          h0[3 * kTopBins + (KeyOf<K>::get(v3) >> kTopShift)]++;
+      const auto [glo, ghi] = block_range(blk);
+      for_pieces(segs, starts, glo, ghi, [&](const TopkSeg<T>& sg, int64_t lo, int64_t hi) {
+        const T* s = sg.s;
+        if (sg.act == nullptr) {
+          int64_t j = lo;
+          for (; j + 4 <= hi; j += 4) {
+            const T v0 = s[j], v1 = s[j + 1], v2 = s[j + 2], v3 = s[j + 3];
+            nan += (v0 != v0) + (v1 != v1) + (v2 != v2) + (v3 != v3);
+            h0[KeyOf<K>::get(v0) >> kTopShift]++;
+            h0[kTopBins + (KeyOf<K>::get(v1) >> kTopShift)]++;
+            h0[2 * kTopBins + (KeyOf<K>::get(v2) >> kTopShift)]++;
+            h0[3 * kTopBins + (KeyOf<K>::get(v3) >> kTopShift)]++;
+          }
+          for (; j < hi; ++j) {
+            const T v = s[j];
+            nan += (v != v);
+            h0[KeyOf<K>::get(v) >> kTopShift]++;
+          }
+          na += hi - lo;
+        } else {
+          int r = 0;
+          for (int64_t j = lo; j < hi; ++j) {
+            if (!sg.act[j]) continue;
+            const T v = s[j];
+            nan += (v != v);
+            ++na;
+            h0[r * kTopBins + (KeyOf<K>::get(v) >> kTopShift)]++;
+            r = (r + 1) & 3;
+          }
         }
-        for (; j < hi; ++j) {
-          const T v = s[j];
-          nan += (v != v);
-          h0[KeyOf<K>::get(v) >> kTopShift]++;
-        }
-        na = hi - lo;
-      } else {
-        int r = 0;
-        for (int64_t j = lo; j < hi; ++j) {
-          if (!act[j]) continue;
-          const T v = s[j];
-          nan += (v != v);
-          ++na;
-          h0[r * kTopBins + (KeyOf<K>::get(v) >> kTopShift)]++;
-          r = (r + 1) & 3;
-        }
-      }
+      });
       uint32_t* h = hist[blk].data();
       for (int d = 0; d < kTopBins; ++d) h[d] = h0[d] + h0[kTopBins + d] + h0[2 * kTopBins + d] + h0[3 * kTopBins + d];
       n_nan[blk] = nan;
@@ -611,13 +642,15 @@ Tensor topk_select_impl(const T* s, const bool* act, int64_t n, int64_t k) {
     std::vector<K> ckey(ncand);
     at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
       for (int64_t blk = b; blk < e; ++blk) {
-        const int64_t lo = blk * grain, hi = std::min(n, lo + grain);
         int64_t q = cand_off[blk];
-        for (int64_t j = lo; j < hi; ++j) {
-          if (act && !act[j]) continue;
-          const K key = KeyOf<K>::get(s[j]);
-          if ((key >> kTopShift) == top) ckey[q++] = key;
-        }
+        const auto [glo, ghi] = block_range(blk);
+        for_pieces(segs, starts, glo, ghi, [&](const TopkSeg<T>& sg, int64_t lo, int64_t hi) {
+          for (int64_t j = lo; j < hi; ++j) {
+            if (sg.act && !sg.act[j]) continue;
+            const K key = KeyOf<K>::get(sg.s[j]);
+            if ((key >> kTopShift) == top) ckey[q++] = key;
+          }
+        });
       }
     });
     std::vector<K> tmp(ckey);
@@ -648,12 +681,14 @@ Tensor topk_select_impl(const T* s, const bool* act, int64_t n, int64_t k) {
         for (int64_t blk = b; blk < e; ++blk) {
           int64_t* h = h2[blk].data();
           std::fill(h, h + kBins, 0);
-          const int64_t lo = blk * grain, hi = std::min(n, lo + grain);
-          for (int64_t j = lo; j < hi; ++j) {
-            if (act && !act[j]) continue;
-            const K key = KeyOf<K>::get(s[j]);
-            if ((key & pm) == pf) h[(key >> lo_bit) & dmask]++;
-          }
+          const auto [glo, ghi] = block_range(blk);
+          for_pieces(segs, starts, glo, ghi, [&](const TopkSeg<T>& sg, int64_t lo, int64_t hi) {
+            for (int64_t j = lo; j < hi; ++j) {
+              if (sg.act && !sg.act[j]) continue;
+              const K key = KeyOf<K>::get(sg.s[j]);
+              if ((key & pm) == pf) h[(key >> lo_bit) & dmask]++;
+            }
+          });
         }
       });
       const int digit = walk_bins(h2, static_cast<int>(dmask) + 1, &need);
@@ -682,17 +717,42 @@ Tensor topk_select_impl(const T* s, const bool* act, int64_t n, int64_t k) {
   const K kk = kth;
   at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
     for (int64_t blk = b; blk < e; ++blk) {
-      const int64_t lo = blk * grain, hi = std::min(n, lo + grain);
       int64_t q = out_start[blk], take = eq_take[blk];
       const int64_t end = out_start[blk] + n_gt[blk] + eq_take[blk];
-      for (int64_t j = lo; j < hi && q < end; ++j) {
-        if (act && !act[j]) continue;
-        const K key = KeyOf<K>::get(s[j]);
-        if (key > kk || (key == kk && take > 0)) {
-          take -= (key == kk);
-          o[q++] = j;
+      const auto [glo, ghi] = block_range(blk);
+      for_pieces(segs, starts, glo, ghi, [&](const TopkSeg<T>& sg, int64_t lo, int64_t hi) {
+        for (int64_t j = lo; j < hi && q < end; ++j) {
+          if (sg.act && !sg.act[j]) continue;
+          const K key = KeyOf<K>::get(sg.s[j]);
+          if (key > kk || (key == kk && take > 0)) {
+            take -= (key == kk);
+            o[q++] = sg.base + j;
+          }
         }
-      }
+      });
+    }
+  });
+  return out;
+}
+
+// Shared by topk_select (one tensor) and topk_select_segments: validated, contiguous inputs.
+Tensor topk_select_many(const std::vector<Tensor>& scores, const std::vector<Tensor>& active, int64_t k) {
+  int64_t n = 0;
+  for (const auto& s : scores) n += s.numel();
+  if (n == 0) return at::empty({0}, at::TensorOptions().dtype(at::kLong));
+  Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores[0].scalar_type(), "topk_select", [&] {
+    std::vector<TopkSeg<scalar_t>> segs;
+    int64_t base = 0;
+    for (size_t i = 0; i < scores.size(); ++i) {
+      segs.push_back({scores[i].data_ptr<scalar_t>(), active[i].defined() ? active[i].data_ptr<bool>() : nullptr,
+                      scores[i].numel(), base});
+      base += scores[i].numel();
+    }
+    if (scores[0].scalar_type() == at::kDouble) {
+      out = topk_select_impl<scalar_t, uint64_t>(segs, k);
+    } else {
+      out = topk_select_impl<scalar_t, uint32_t>(segs, k);
     }
   });
   return out;
@@ -700,24 +760,13 @@ Tensor topk_select_impl(const T* s, const bool* act, int64_t n, int64_t k) {
 
 Tensor topk_select_cpu(const Tensor& scores, const std::optional<Tensor>& active, int64_t k) {
   check_topk(scores, active, k);
-  const Tensor s = scores.contiguous().view(-1);
-  const int64_t n = s.numel();
-  Tensor a;
-  const bool* ap = nullptr;
-  if (active.has_value()) {
-    a = active->contiguous().view(-1);
-    ap = a.data_ptr<bool>();
-  }
-  if (n == 0) return at::empty({0}, at::TensorOptions().dtype(at::kLong));
-  Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "topk_select", [&] {
-    if (s.scalar_type() == at::kDouble) {
-      out = topk_select_impl<scalar_t, uint64_t>(s.data_ptr<scalar_t>(), ap, n, k);
-    } else {
-      out = topk_select_impl<scalar_t, uint32_t>(s.data_ptr<scalar_t>(), ap, n, k);
-    }
-  });
-  return out;
+  return topk_select_many({scores.contiguous().view(-1)},
+                          {active.has_value() ? active->contiguous().view(-1) : Tensor()}, k);
+}
+
+Tensor topk_select_segments_cpu(at::TensorList scores, const c10::List<std::optional<Tensor>>& active, int64_t k) {
+  const auto [flat, acts] = check_topk_segments(scores, active, k);
+  return topk_select_many(flat, acts, k);
 }
 
 }  // namespace
@@ -731,6 +780,7 @@ TORCH_LIBRARY_IMPL(gradkit, CPU, m) {
   m.impl("bitmask_to_indices", &bitmask_to_indices_cpu);
   m.impl("pack_bitmask", &pack_bitmask_cpu);
   m.impl("topk_select", &topk_select_cpu);
+  m.impl("topk_select_segments", &topk_select_segments_cpu);
 }
 
 }  // namespace gradkit

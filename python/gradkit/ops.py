@@ -220,6 +220,39 @@ def topk_select(scores: torch.Tensor, k: int, active: Optional[torch.Tensor] = N
     return _impl("topk_select")(scores, active, k)
 
 
+def topk_select_segments(scores: Sequence[torch.Tensor], k: int,
+                         active: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+    """Exact top-k over many tensors at once, without concatenating them.
+
+    scores: list of float tensors (any shapes, one dtype); active: None or a list of the
+    same length with a bool tensor (same numel) or None per entry. Returns the ascending int64
+    positions, in the concatenation of the flattened scores (list order), of the k largest
+    active scores; equal scores are taken lowest position first; NaN among active raises.
+    """
+    if not isinstance(scores, (list, tuple)):
+        raise TypeError(f"scores: expected a list of tensors, got {type(scores).__name__}")
+    for i, s in enumerate(scores):
+        if not isinstance(s, torch.Tensor) or s.dtype not in _FLOATS:
+            raise TypeError(f"scores[{i}]: expected a floating tensor, got {getattr(s, 'dtype', type(s).__name__)}")
+        if s.dtype != scores[0].dtype:
+            raise TypeError(f"scores[{i}]: dtype {s.dtype} differs from scores[0]'s {scores[0].dtype}")
+        if s.device != scores[0].device:
+            raise ValueError(f"scores[{i}]: on {s.device} but scores[0] is on {scores[0].device}")
+    if active is None:
+        active = [None] * len(scores)
+    if not isinstance(active, (list, tuple)) or len(active) != len(scores):
+        raise ValueError(f"active: expected None or a list of {len(scores)} entries")
+    for i, (s, a) in enumerate(zip(scores, active)):
+        if a is not None and (not isinstance(a, torch.Tensor) or a.dtype != torch.bool or a.numel() != s.numel()
+                              or a.device != s.device):
+            raise ValueError(f"active[{i}]: expected None or a bool tensor of {s.numel()} elements on {s.device}")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k: expected an int, got {type(k).__name__}")
+    if not scores:  # nothing to dispatch on
+        return _ref.topk_select_segments([], [], k)
+    return _impl("topk_select_segments")(list(scores), list(active), k)
+
+
 # --------------------------------------------------------------------------- fake impls + autograd
 
 if _ext.LOADED:
@@ -264,6 +297,10 @@ if _ext.LOADED:
     def _topk_select_fake(scores, active, k):
         return scores.new_empty(k, dtype=torch.int64)
 
+    @torch.library.register_fake("gradkit::topk_select_segments")
+    def _topk_select_segments_fake(scores, active, k):
+        return scores[0].new_empty(k, dtype=torch.int64)
+
     # gather and scatter are linear maps and each other's adjoint.
     def _gather_setup(ctx, inputs, output):
         src, index, _ = inputs
@@ -296,7 +333,8 @@ if _ext.LOADED:
         except Exception:  # pragma: no cover - triton missing: CUDA tensors get a clear dispatcher error
             return
         for name in ("gather_segments", "gather_segments_out", "scatter_segments", "scatter_segments_",
-                     "mask_to_indices", "bitmask_to_indices", "pack_bitmask", "topk_select"):
+                     "mask_to_indices", "bitmask_to_indices", "pack_bitmask", "topk_select",
+                     "topk_select_segments"):
             if not _ext.has_kernel(name, "CUDA"):
                 torch.library.impl(f"gradkit::{name}", "CUDA")(getattr(_tri, name))
 

@@ -121,3 +121,18 @@ def topk_select(scores: torch.Tensor, active: Optional[torch.Tensor], k: int) ->
     vals = s[pos].to(torch.float64)
     order = torch.sort(vals, descending=True, stable=True).indices[:k]
     return torch.sort(pos[order]).values.to(torch.int64)
+
+
+def topk_select_segments(scores: Sequence[torch.Tensor], active: Sequence[Optional[torch.Tensor]],
+                         k: int) -> torch.Tensor:
+    """topk_select over the concatenation of the flattened ``scores`` (list order)."""
+    if not scores:
+        if k != 0:
+            raise ValueError(f"k={k} exceeds the number of active scores 0")
+        return torch.empty(0, dtype=torch.int64)
+    flat = torch.cat([s.reshape(-1) for s in scores])
+    acts = None
+    if any(a is not None for a in active):
+        acts = torch.cat([torch.ones(s.numel(), dtype=torch.bool, device=s.device) if a is None else a.reshape(-1)
+                          for s, a in zip(scores, active)])
+    return topk_select(flat, acts, k)
