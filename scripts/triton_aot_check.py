@@ -4,8 +4,8 @@ The interpreter (TRITON_INTERPRET=1) runs kernels as Python and accepts code the
 rejects, so CPU tests alone cannot show that the Triton backend compiles. This check:
 
 1. ``record`` (run with TRITON_INTERPRET=1): runs representative calls of every Triton op
-   (all float dtypes, int32/int64 indices, accumulate, scale, masks, bitmasks, top-k), and records
-   each launch's kernel, argument types and constexpr values;
+   (all float dtypes, int32/int64 indices, accumulate, scale, masks, bitmasks, top-k over one tensor
+   and over segments), and records each launch's kernel, argument types and constexpr values;
 2. ``compile`` (run without the interpreter): compiles each recorded signature with
    ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (H100) through ptxas shipped with the
    triton wheel, down to cubin.
@@ -89,6 +89,10 @@ def _record(path: str) -> None:
         s = torch.randn(300, generator=g).to(dt)
         T.topk_select(s, None, 17)
         T.topk_select(s, torch.rand(300, generator=g) < 0.5, 5)
+        segs = [torch.randn(4, 50, generator=g).to(dt).t(), torch.randn(0).to(dt), torch.randn(120, generator=g).to(dt)]
+        T.topk_select_segments(segs, [None, None, torch.rand(120, generator=g) < 0.5], 30)
+        T.topk_select_segments(segs, [torch.rand(4, 50, generator=g) < 0.5, None, None], 9)
+        T.topk_select_segments(segs, [None, None, None], 320)  # k == n_active: no radix passes
     with open(path, "w") as f:
         json.dump(list(seen.values()), f)
     print(f"recorded {len(seen)} distinct kernel launches")

@@ -392,6 +392,142 @@ def test_topk_select_errors(case, where, bad, blk):
         T.topk_select(scores, active, k)
 
 
+@st.composite
+def topk_segment_cases(draw, max_segments=5):
+    """0-5 segments of one float dtype (sizes 0..200, some 2-D / non-contiguous), active None or a mask
+    per segment, values with ties / signed zeros / inf, NaN possibly planted where inactive."""
+    dtype = draw(st.sampled_from(FLOATS))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    kind = draw(st.sampled_from(["ties", "continuous", "special", "mixed"]))
+    nan_inactive = draw(st.booleans())
+    scores, active = [], []
+    for _ in range(draw(st.integers(0, max_segments))):
+        n = draw(st.integers(0, 200))
+        k_ = kind if kind != "mixed" else draw(st.sampled_from(["ties", "continuous", "special"]))
+        if k_ == "ties":
+            s = torch.randint(-3, 4, (n,), generator=g).to(torch.float64)
+        elif k_ == "continuous":
+            s = torch.randn(n, dtype=torch.float64, generator=g)
+        else:
+            s = TOPK_SPECIAL[torch.randint(0, len(TOPK_SPECIAL), (n,), generator=g)]
+        s = s.to(dtype)
+        a = None
+        if draw(st.booleans()):
+            a = torch.rand(n, generator=g) < draw(st.sampled_from([0.0, 0.3, 0.8, 1.0]))
+            if nan_inactive and n:
+                s = torch.where(a, s, torch.full_like(s, float("nan")))
+        layout = draw(st.sampled_from(["flat", "flat", "2d", "transposed", "strided"]))
+        if layout != "flat" and n and n % 2 == 0:
+            if layout == "2d":
+                s, a = s.view(2, n // 2), (None if a is None else a.view(2, n // 2))
+            elif layout == "transposed":  # positions follow the row-major order of the view
+                s = s.view(2, n // 2).t()
+                a = None if a is None else a.view(2, n // 2).t()
+            else:
+                s = torch.stack([s, s.flip(0)], 1)[:, 0]
+                a = None if a is None else torch.stack([a, a], 1)[:, 1]
+        scores.append(s)
+        active.append(a)
+    n_active = sum(s.numel() if a is None else int(a.sum()) for s, a in zip(scores, active))
+    kk = draw(st.sampled_from(["zero", "one", "all", "all_but_one", "some"]))
+    k = {"zero": 0, "one": min(1, n_active), "all": n_active, "all_but_one": max(n_active - 1, 0)}.get(kk)
+    if k is None:
+        k = draw(st.integers(0, n_active))
+    return scores, active, k
+
+
+TOPK_SPECIAL = torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), 1e-30, -1e-30, 3e38, -3e38, 1e-320],
+                            dtype=torch.float64)
+
+
+@settings(deadline=None)
+@given(case=topk_segment_cases(), blk=st.sampled_from(["default", "tiny"]))
+def test_topk_select_segments(case, blk):
+    scores, active, k = case
+    before = [s.clone() for s in scores]
+    with blocks(blk):
+        got = T.topk_select_segments(scores, active, k)
+    assert_same(got, R.topk_select_segments(scores, active, k))
+    for s, b in zip(scores, before):  # inputs are left alone
+        assert_same(s, b)
+
+
+@settings(deadline=None)
+@given(case=topk_segment_cases(max_segments=3), which=st.integers(0, 2**31),
+       bad=st.sampled_from(["nan", "k_big", "k_neg"]), blk=st.sampled_from(["default", "tiny"]))
+def test_topk_select_segments_errors(case, which, bad, blk):
+    scores, active, k = case
+    n_active = sum(s.numel() if a is None else int(a.sum()) for s, a in zip(scores, active))
+    if bad == "nan":
+        act_pos = [(i, j) for i, (s, a) in enumerate(zip(scores, active))
+                   for j in (range(s.numel()) if a is None else a.reshape(-1).nonzero().reshape(-1).tolist())]
+        if not act_pos:
+            return
+        i, j = act_pos[which % len(act_pos)]
+        s = scores[i].clone()  # keeps a transposed layout
+        s[tuple(torch.unravel_index(torch.tensor(j), s.shape))] = float("nan")
+        scores = scores[:i] + [s] + scores[i + 1:]
+        with pytest.raises(ValueError, match="NaN"):
+            R.topk_select_segments(scores, active, k)
+    elif bad == "k_big":
+        k = n_active + 1 + which % 3
+        with pytest.raises(ValueError, match="k"):
+            R.topk_select_segments(scores, active, k)
+    else:
+        k = -1 - which % 3
+    with blocks(blk), pytest.raises(ValueError, match="NaN among the active" if bad == "nan" else "k"):
+        T.topk_select_segments(scores, active, k)
+
+
+def test_topk_select_segments_edges():
+    # no segments
+    assert_same(T.topk_select_segments([], [], 0), torch.empty(0, dtype=torch.int64))
+    for k in (1, -1):
+        with pytest.raises(ValueError, match="k"):
+            T.topk_select_segments([], [], k)
+    # only empty segments
+    e = [torch.empty(0), torch.empty(0, 3)]
+    assert_same(T.topk_select_segments(e, [None, torch.empty(0, 3, dtype=torch.bool)], 0),
+                torch.empty(0, dtype=torch.int64))
+    # ties across segment boundaries go to the lowest global position; -0.0 == +0.0
+    s = [torch.tensor([1.0, -0.0]), torch.empty(0), torch.tensor([[0.0, 1.0], [-0.0, 2.0]])]
+    for k in range(6):
+        assert_same(T.topk_select_segments(s, [None] * 3, k), R.topk_select_segments(s, [None] * 3, k))
+    # a NaN where inactive is ignored, one where active raises
+    s = [torch.tensor([float("nan"), 1.0]), torch.tensor([3.0, float("nan")])]
+    a = [torch.tensor([False, True]), torch.tensor([True, False])]
+    assert_same(T.topk_select_segments(s, a, 1), torch.tensor([2]))
+    with pytest.raises(ValueError, match="NaN among the active"):
+        T.topk_select_segments(s, [None, a[1]], 0)
+    # mixed dtypes are refused
+    with pytest.raises(TypeError):
+        T.topk_select_segments([torch.ones(2), torch.ones(2, dtype=torch.float64)], [None, None], 1)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_topk_one_launch_per_pass_for_all_segments(monkeypatch, dtype):
+    """Every pass is one launch over all segments, and topk_select is the one-segment case."""
+    names = ["_topk_hist_kernel", "_topk_walk_kernel", "_topk_count_kernel", "_topk_write_kernel"]
+    counters = {n: _Counter(getattr(T, n)) for n in names}
+    for n, c in counters.items():
+        monkeypatch.setattr(T, n, c)
+    monkeypatch.setitem(T.BLOCKS, "topk", 16)
+    g = torch.Generator().manual_seed(1)
+    scores = [torch.randn(3, 20, generator=g).to(dtype).t(), torch.randn(0).to(dtype),
+              torch.randint(-2, 3, (37,), generator=g).to(dtype), torch.randn(5, generator=g).to(dtype)]
+    active = [None, None, torch.rand(37, generator=g) < 0.5, torch.ones(5, dtype=torch.bool)]
+    got = T.topk_select_segments(scores, active, 9)
+    assert_same(got, R.topk_select_segments(scores, active, 9))
+    npass = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}[dtype]
+    assert [counters[n].launches for n in names] == [npass, npass, 1, 1]
+    # k == n_active takes every active score without the radix passes
+    n_active = 60 + int(active[2].sum()) + 5
+    assert_same(T.topk_select_segments(scores, active, n_active), R.topk_select_segments(scores, active, n_active))
+    assert [counters[n].launches for n in names] == [npass + 1, npass, 2, 2]
+    flat = torch.cat([s.reshape(-1) for s in scores])
+    assert_same(T.topk_select(flat, None, 7), T.topk_select_segments([flat], [None], 7))
+
+
 # --------------------------------------------------------------------------- through the op surface
 
 
@@ -420,3 +556,6 @@ def test_op_surface_uses_triton_backend(monkeypatch):
     assert_same(ops.bitmask_to_indices(bits, 6, torch.int32), R.bitmask_to_indices(bits, 6, torch.int32))
     scores = torch.tensor([0.5, -1.0, 0.5, 2.0, -0.0, 0.0])
     assert_same(ops.topk_select(scores, 3), R.topk_select(scores, None, 3))
+    segs, act = [scores, torch.tensor([[2.0, 0.5], [-0.0, 3.0]])], [None, torch.tensor([[True, True], [True, False]])]
+    assert_same(ops.topk_select_segments(segs, 4, active=act), R.topk_select_segments(segs, act, 4))
+    assert_same(ops.topk_select_segments(segs, 2), R.topk_select_segments(segs, [None, None], 2))

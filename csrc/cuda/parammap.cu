@@ -258,7 +258,9 @@ void check_oob(const SegTable& t) {
 }
 
 // Last segment whose first tile is <= tile (table sorted by first_tile, every entry >= 1 tile).
-__device__ __forceinline__ int find_seg(const DevSeg* __restrict__ segs, int nseg, int64_t tile) {
+// Used by the gather/scatter table (DevSeg) and the top-k table (TopkSeg).
+template <typename Seg>
+__device__ __forceinline__ int find_seg(const Seg* __restrict__ segs, int nseg, int64_t tile) {
   int lo = 0, hi = nseg - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
@@ -781,12 +783,37 @@ Tensor pack_bitmask_cuda(const Tensor& mask) {
 // exact top-k select (radix select on order-preserving integer keys)
 // ===========================================================================
 //
+// topk_select and topk_select_segments run the same code (topk_impl): topk_select is the
+// one-segment case, so both share every kernel, check order and message.
+//
+// Segments (no concatenated copy of the scores is ever made). The input is a list of
+// contiguous score tensors of ONE float dtype, each with an optional contiguous bool `active`
+// of the same numel. Element j of segment s has the global position pos_off[s] + j, where
+// pos_off is the exclusive prefix of the segments' numels in list order, i.e. its position in
+// the (never materialised) concatenation of the flattened scores. The host packs one TopkSeg
+// per NON-EMPTY segment, in list order, into a pinned buffer and uploads it with one async H2D
+// copy. Every segment is cut into ceil(n_s / kSelChunk) chunks of kSelChunk consecutive
+// elements, so a chunk never straddles two segments; chunks are numbered globally in segment
+// order and TopkSeg::first_tile is the exclusive prefix of the per-segment chunk counts
+// (every table entry has >= 1 chunk, so find_seg maps a global chunk to its segment as for
+// the gather table). Consequently ascending global chunk number == ascending global position,
+// which is the only ordering property the position-ordered write pass relies on.
+// The stats and histogram passes hand out work in units of kUnit = kThreads * kHistItems =
+// 1024 elements (kUnitsPerChunk units per chunk, unit u lies in chunk u / kUnitsPerChunk);
+// units past the end of a segment's last (partial) chunk are skipped (block- / warp-uniformly).
+// Finer units than chunks keep small inputs spread over many blocks.
+//
 // key(x): float/half/bf16 -> uint32 of the float, double -> uint64; -0.0 is first mapped to
 // +0.0; then positives get the sign bit set and negatives are bit-inverted, so unsigned key
 // order == float order (NaN is rejected before).
 //
-// Radix select for the k-th largest key among the active elements, most significant digit
-// first, with no host round trip between passes. Device state (ws, int64 words):
+// Validation: one stats pass counts the active scores and the active NaNs of all segments
+// into ws[kWsActive], ws[kWsNaN]; ONE device->host copy brings both back (the only sync of
+// the op); the NaN and k checks run on the host before any select kernel is launched.
+//
+// Radix select for the k-th largest key among the active elements (over all segments),
+// most significant digit first, with no host round trip between passes. Device state (ws,
+// int64 words):
 //   prefix/mask: the digits of the k-th key fixed so far; need: how many of the elements
 //   whose key matches `prefix` under `mask` are still to be taken (1 <= need <= #matching).
 // Pass p (digit = bits [shift, shift + width) of the key):
@@ -799,22 +826,57 @@ Tensor pack_bitmask_cuda(const Tensor& mask) {
 // uint32 keys: 3 passes of 11/11/10 bits (2048-bin histograms, 8 KB shared);
 // uint64 keys: 5 passes of 13/13/13/13/12 bits (8192 bins, 32 KB shared).
 // Afterwards kth = prefix exactly and #(keys > kth) = k - need (every key > kth was counted
-// in `above` of the pass where its digits first exceed kth's).
+// in `above` of the pass where its digits first exceed kth's). Pass 0 starts with need = k,
+// and 1 <= k <= #active holds (k == 0 returns before any select kernel), so the walk's bin
+// always exists.
 //
-// Stable select: element j is taken iff key > kth, or key == kth and fewer than `need`
-// keys == kth precede it. Its output slot is GT(j) + min(EQ(j), need), where GT/EQ count
-// active keys > kth / == kth at positions < j: that is exactly the number of taken elements
-// before j, so the slots are 0..k-1 in ascending position order. GT/EQ come from per-chunk
-// counts (count kernel) -> exclusive CUB scans -> per-round block scans (write kernel).
+// Stable select: element j (global position) is taken iff key > kth, or key == kth and fewer
+// than `need` keys == kth precede it. Its output slot is GT(j) + min(EQ(j), need), where GT/EQ
+// count active keys > kth / == kth at global positions < j: that is exactly the number of
+// taken elements before j, so the slots are 0..k-1 in ascending global position order.
+// GT/EQ come from per-chunk counts (count kernel) -> exclusive CUB scans over the global
+// chunk numbers (= position order, see above) -> per-round block scans (write kernel).
 
 constexpr int kWalkThreads = 1024;
-constexpr int kHistItems = 4;  // elements per thread per grid-stride step in the histogram pass
+constexpr int kHistItems = 4;  // elements per thread per work unit in the stats / histogram passes
 constexpr int kSelItems = 4;   // consecutive elements per thread per round in the select passes
 constexpr int kSelRounds = 8;
 constexpr int64_t kSelChunk = static_cast<int64_t>(kThreads) * kSelItems * kSelRounds;  // 8192
+constexpr int64_t kUnit = static_cast<int64_t>(kThreads) * kHistItems;                  // 1024
+constexpr int64_t kUnitsPerChunk = kSelChunk / kUnit;                                   // 8
+static_assert(kSelChunk % kUnit == 0, "a chunk must split into whole stats/histogram units");
+// Histogram blocks count in uint32 shared bins: the host gives no block more than
+// kMaxUnitsPerBlock units, i.e. 2^30 elements, so no bin can overflow.
+constexpr int64_t kMaxUnitsPerBlock = int64_t(1) << 20;
 
 // ws layout (int64 words, read/written as unsigned long long)
 enum : int { kWsActive = 0, kWsNaN = 1, kWsPrefix = 2, kWsMask = 3, kWsNeed = 4, kWsFound = 5, kWsHist = 8 };
+
+// One non-empty segment of a top-k call (device table entry).
+struct TopkSeg {
+  const void* scores;     // contiguous scores, the op's one float dtype
+  const uint8_t* active;  // contiguous bool bytes (0 = inactive), or null = all active
+  int64_t n;              // elements, >= 1
+  int64_t pos_off;        // global position of element 0 (numels of all earlier segments)
+  int64_t first_tile;     // global number of this segment's first kSelChunk chunk
+};
+static_assert(sizeof(TopkSeg) % 8 == 0, "TopkSeg must keep 8-byte alignment in the packed table");
+
+// Global chunk c resolved to its segment: elements [j0, min(n, j0 + kSelChunk)) of it.
+template <typename T>
+struct TopkChunk {
+  const T* s;
+  const uint8_t* act;
+  int64_t n;
+  int64_t pos_off;
+  int64_t j0;  // first local element of the chunk
+};
+
+template <typename T>
+__device__ __forceinline__ TopkChunk<T> topk_chunk(const TopkSeg* __restrict__ segs, int nseg, int64_t c) {
+  const TopkSeg& sg = segs[find_seg(segs, nseg, c)];
+  return {static_cast<const T*>(sg.scores), sg.active, sg.n, sg.pos_off, (c - sg.first_tile) * kSelChunk};
+}
 
 template <typename K>
 struct KeyOf;
@@ -843,20 +905,24 @@ template <typename T>
 using acc_of = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
 
 // ws[kWsActive] += #active scores, ws[kWsNaN] += #active scores that are NaN (like the CPU
-// kernel, inactive scores are not inspected).
+// kernel, inactive scores are not inspected). Blocks loop grid-stride over units.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    topk_stats_kernel(const T* __restrict__ s, const uint8_t* __restrict__ act, int64_t n,
-                      unsigned long long* ws) {
+    topk_stats_kernel(const TopkSeg* __restrict__ segs, int nseg, int64_t units, unsigned long long* ws) {
   using BR = cub::BlockReduce<unsigned long long, kThreads>;
   __shared__ typename BR::TempStorage tmp;
   unsigned long long cnt = 0, nan = 0;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < n; j += stride) {
-    if (act != nullptr && act[j] == 0) continue;
-    const acc_of<T> v = static_cast<acc_of<T>>(s[j]);
-    nan += (v != v);
-    ++cnt;
+  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
+    const TopkChunk<T> ch = topk_chunk<T>(segs, nseg, u / kUnitsPerChunk);
+    const int64_t base = ch.j0 + (u % kUnitsPerChunk) * kUnit;
+#pragma unroll
+    for (int i = 0; i < kHistItems; ++i) {
+      const int64_t j = base + static_cast<int64_t>(i) * kThreads + threadIdx.x;  // coalesced
+      if (j >= ch.n || (ch.act != nullptr && ch.act[j] == 0)) continue;
+      const acc_of<T> v = static_cast<acc_of<T>>(ch.s[j]);
+      nan += (v != v);
+      ++cnt;
+    }
   }
   const unsigned long long tot = BR(tmp).Sum(cnt);
   __syncthreads();  // tmp is reused
@@ -869,11 +935,11 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, typename K, int BITS>
 __global__ void __launch_bounds__(kThreads)
-    topk_hist_kernel(const T* __restrict__ s, const uint8_t* __restrict__ act, int64_t n,
+    topk_hist_kernel(const TopkSeg* __restrict__ segs, int nseg, int64_t units,
                      const unsigned long long* __restrict__ ws, int shift, int width,
                      unsigned long long* __restrict__ hist) {
   constexpr int kBins = 1 << BITS;
-  // uint32 bins: the host sizes the grid so that no block sees more than ~2^30 elements.
+  // uint32 bins: the host sizes the grid so that no block sees more than 2^30 elements.
   __shared__ unsigned int sh[kBins];
   for (int i = threadIdx.x; i < kBins; i += blockDim.x) sh[i] = 0;
   __syncthreads();
@@ -881,19 +947,20 @@ __global__ void __launch_bounds__(kThreads)
   const K pmask = static_cast<K>(ws[kWsMask]);
   const K dmask = (static_cast<K>(1) << width) - 1;
   const int lane = threadIdx.x & 31;
-  const int64_t warps = blockDim.x / 32;
-  // Each warp owns 32*kHistItems consecutive elements per step; `base` is warp-uniform, so
-  // the __ballot_sync over the full warp is legal.
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * warps * 32 * kHistItems;
-  for (int64_t base = (static_cast<int64_t>(blockIdx.x) * warps + (threadIdx.x >> 5)) * 32 * kHistItems; base < n;
-       base += stride) {
+  // Each warp owns 32*kHistItems consecutive elements of a unit; `base` is warp-uniform (u is
+  // block-uniform), so the skip below and the __ballot_sync over the full warp are legal.
+  const int64_t warp_off = static_cast<int64_t>(threadIdx.x >> 5) * 32 * kHistItems;
+  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
+    const TopkChunk<T> ch = topk_chunk<T>(segs, nseg, u / kUnitsPerChunk);
+    const int64_t base = ch.j0 + (u % kUnitsPerChunk) * kUnit + warp_off;
+    if (base >= ch.n) continue;  // past the segment's end: the whole warp skips
     K key[kHistItems];
     bool take[kHistItems];
 #pragma unroll
     for (int i = 0; i < kHistItems; ++i) {
       const int64_t j = base + i * 32 + lane;
-      take[i] = j < n && (act == nullptr || act[j] != 0);
-      key[i] = take[i] ? KeyOf<K>::get(s[j]) : K(0);
+      take[i] = j < ch.n && (ch.act == nullptr || ch.act[j] != 0);
+      key[i] = take[i] ? KeyOf<K>::get(ch.s[j]) : K(0);
       take[i] = take[i] && (key[i] & pmask) == prefix;
     }
 #pragma unroll
@@ -952,22 +1019,23 @@ __global__ void __launch_bounds__(kWalkThreads)
   }
 }
 
-// gt[c], eq[c] = #active keys > kth / == kth in chunk c (elements [c*kSelChunk, ...)).
+// gt[c], eq[c] = #active keys > kth / == kth in global chunk c.
 template <typename T, typename K>
 __global__ void __launch_bounds__(kThreads)
-    topk_count_kernel(const T* __restrict__ s, const uint8_t* __restrict__ act, int64_t n,
-                      const unsigned long long* __restrict__ ws, int64_t nchunks, int64_t* __restrict__ gt,
+    topk_count_kernel(const TopkSeg* __restrict__ segs, int nseg, int64_t nchunks,
+                      const unsigned long long* __restrict__ ws, int64_t* __restrict__ gt,
                       int64_t* __restrict__ eq) {
   using BR = cub::BlockReduce<unsigned long long, kThreads>;
   __shared__ typename BR::TempStorage tmp;
   const K kth = static_cast<K>(ws[kWsPrefix]);
   for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) {
+    const TopkChunk<T> ch = topk_chunk<T>(segs, nseg, c);
     // (gt << 32) | eq: a chunk has 8192 elements, so neither half can carry.
     unsigned long long packed = 0;
     for (int i = 0; i < kSelItems * kSelRounds; ++i) {
-      const int64_t j = c * kSelChunk + static_cast<int64_t>(i) * kThreads + threadIdx.x;  // coalesced
-      if (j < n && (act == nullptr || act[j] != 0)) {
-        const K key = KeyOf<K>::get(s[j]);
+      const int64_t j = ch.j0 + static_cast<int64_t>(i) * kThreads + threadIdx.x;  // coalesced
+      if (j < ch.n && (ch.act == nullptr || ch.act[j] != 0)) {
+        const K key = KeyOf<K>::get(ch.s[j]);
         packed += key > kth ? (1ull << 32) : (key == kth ? 1ull : 0ull);
       }
     }
@@ -976,27 +1044,29 @@ __global__ void __launch_bounds__(kThreads)
       gt[c] = static_cast<int64_t>(tot >> 32);
       eq[c] = static_cast<int64_t>(tot & 0xffffffffull);
     }
-    __syncthreads();
+    __syncthreads();  // tmp is reused by the next chunk
   }
 }
 
-// G[c], E[c]: exclusive prefix sums of gt/eq. Thread t of round r owns the kSelItems
-// consecutive elements starting at c*kSelChunk + r*kThreads*kSelItems + t*kSelItems, so a
-// block scan over threads follows position order.
+// G[c], E[c]: exclusive prefix sums of gt/eq over global chunk numbers (= position order).
+// Thread t of round r owns the kSelItems consecutive elements starting at local element
+// j0 + r*kThreads*kSelItems + t*kSelItems of the chunk, so a block scan over threads follows
+// position order; element j of the segment is written as global position pos_off + j.
 template <typename T, typename K>
 __global__ void __launch_bounds__(kThreads)
-    topk_write_kernel(const T* __restrict__ s, const uint8_t* __restrict__ act, int64_t n,
-                      const unsigned long long* __restrict__ ws, int64_t nchunks, const int64_t* __restrict__ G,
+    topk_write_kernel(const TopkSeg* __restrict__ segs, int nseg, int64_t nchunks,
+                      const unsigned long long* __restrict__ ws, const int64_t* __restrict__ G,
                       const int64_t* __restrict__ E, int64_t* __restrict__ out, int64_t k) {
   using BS = cub::BlockScan<unsigned long long, kThreads>;
   __shared__ typename BS::TempStorage tmp;
   const K kth = static_cast<K>(ws[kWsPrefix]);
   const int64_t need = static_cast<int64_t>(ws[kWsNeed]);
   for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) {
+    const TopkChunk<T> ch = topk_chunk<T>(segs, nseg, c);
     int64_t run_g = G[c], run_q = E[c];
     for (int r = 0; r < kSelRounds; ++r) {
-      const int64_t jr = c * kSelChunk + static_cast<int64_t>(r) * kThreads * kSelItems;
-      if (jr >= n) break;  // block-uniform
+      const int64_t jr = ch.j0 + static_cast<int64_t>(r) * kThreads * kSelItems;
+      if (jr >= ch.n) break;  // block-uniform
       const int64_t jt = jr + static_cast<int64_t>(threadIdx.x) * kSelItems;
       int cls[kSelItems];  // 2: key > kth, 1: key == kth, 0: inactive / smaller / past n
       unsigned long long packed = 0;  // (gt << 32) | eq over this thread's items (<= 4 each)
@@ -1004,8 +1074,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = 0; i < kSelItems; ++i) {
         const int64_t j = jt + i;
         cls[i] = 0;
-        if (j < n && (act == nullptr || act[j] != 0)) {
-          const K key = KeyOf<K>::get(s[j]);
+        if (j < ch.n && (ch.act == nullptr || ch.act[j] != 0)) {
+          const K key = KeyOf<K>::get(ch.s[j]);
           cls[i] = key > kth ? 2 : (key == kth ? 1 : 0);
         }
         packed += cls[i] == 2 ? (1ull << 32) : (cls[i] == 1 ? 1ull : 0ull);
@@ -1018,10 +1088,10 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = 0; i < kSelItems; ++i) {
         if (cls[i] == 2) {
           const int64_t pos = gb + (qb < need ? qb : need);
-          if (pos < k) out[pos] = jt + i;  // always true by the invariant; guards memory
+          if (pos < k) out[pos] = ch.pos_off + jt + i;  // always true by the invariant; guards memory
           ++gb;
         } else if (cls[i] == 1) {
-          if (qb < need && gb + qb < k) out[gb + qb] = jt + i;
+          if (qb < need && gb + qb < k) out[gb + qb] = ch.pos_off + jt + i;
           ++qb;
         }
       }
@@ -1032,8 +1102,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Radix passes + stable select over the uploaded table; 1 <= k <= #active (checked on the host).
 template <typename T, typename K>
-void topk_run(const T* s, const uint8_t* act, int64_t n, int64_t k, Tensor& ws, Tensor& out,
+void topk_run(const TopkSeg* segs, int nseg, int64_t nchunks, int64_t k, Tensor& ws, Tensor& out,
               const at::Device& dev, cudaStream_t stream) {
   constexpr int kKeyBits = static_cast<int>(sizeof(K) * 8);
   constexpr int kBits = sizeof(K) == 4 ? 11 : 13;
@@ -1041,79 +1112,136 @@ void topk_run(const T* s, const uint8_t* act, int64_t n, int64_t k, Tensor& ws, 
   unsigned long long* w = reinterpret_cast<unsigned long long*>(ws.data_ptr<int64_t>());
   unsigned long long* hist = w + kWsHist;
   const int di = dev.index();
-  // Histogram grid: enough blocks to fill the GPU, and at least ceil(n / 2^30) so that a
-  // block's uint32 shared bins cannot overflow.
-  const int64_t step = static_cast<int64_t>(kThreads) * kHistItems;
-  const int64_t hist_work = (n + step - 1) / step;
+  // Histogram grid: enough blocks to fill the GPU, and at least ceil(units / kMaxUnitsPerBlock)
+  // so that a block (which gets at most ceil(units / grid) units) cannot overflow its uint32
+  // shared bins.
+  const int64_t units = nchunks * kUnitsPerChunk;
   const int64_t hist_grid =
-      std::max<int64_t>(1, std::min(hist_work, std::max(grid_for(hist_work, di), (n >> 30) + 1)));
+      std::min(units, std::max(grid_for(units, di), (units + kMaxUnitsPerBlock - 1) / kMaxUnitsPerBlock));
   for (int p = 0; p < kPasses; ++p) {
     const int shift = std::max(0, kKeyBits - kBits * (p + 1));
     const int width = std::min(kBits, kKeyBits - kBits * p);
-    topk_hist_kernel<T, K, kBits><<<static_cast<unsigned>(hist_grid), kThreads, 0, stream>>>(s, act, n, w, shift,
-                                                                                            width, hist);
+    topk_hist_kernel<T, K, kBits><<<static_cast<unsigned>(hist_grid), kThreads, 0, stream>>>(segs, nseg, units, w,
+                                                                                            shift, width, hist);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     topk_walk_kernel<kBits><<<1, kWalkThreads, 0, stream>>>(w, hist, p, shift, width,
                                                             static_cast<unsigned long long>(k));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const int64_t nchunks = (n + kSelChunk - 1) / kSelChunk;
   Tensor sel = at::empty({4 * nchunks}, at::TensorOptions().dtype(at::kLong).device(dev));
   int64_t* gt = sel.data_ptr<int64_t>();
   int64_t* eq = gt + nchunks;
   int64_t* G = gt + 2 * nchunks;
   int64_t* E = gt + 3 * nchunks;
   const unsigned grid = static_cast<unsigned>(grid_for(nchunks, di));
-  topk_count_kernel<T, K><<<grid, kThreads, 0, stream>>>(s, act, n, w, nchunks, gt, eq);
+  topk_count_kernel<T, K><<<grid, kThreads, 0, stream>>>(segs, nseg, nchunks, w, gt, eq);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   exclusive_sum(gt, G, nchunks, dev, stream);
   exclusive_sum(eq, E, nchunks, dev, stream);
-  topk_write_kernel<T, K><<<grid, kThreads, 0, stream>>>(s, act, n, w, nchunks, G, E, out.data_ptr<int64_t>(), k);
+  topk_write_kernel<T, K><<<grid, kThreads, 0, stream>>>(segs, nseg, nchunks, w, G, E, out.data_ptr<int64_t>(), k);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T>
-void topk_dispatch(const T* s, const uint8_t* act, int64_t n, int64_t k, Tensor& ws, Tensor& out,
-                   const at::Device& dev, cudaStream_t stream) {
-  using K = typename std::conditional<std::is_same<T, double>::value, uint64_t, uint32_t>::type;
-  topk_run<T, K>(s, act, n, k, ws, out, dev, stream);
+// One score tensor of a top-k call, already validated: contiguous, on the op's CUDA device,
+// the op's one float dtype; `active` undefined (= all active) or a contiguous bool tensor of
+// the same numel on the same device. The caller keeps these tensors alive for the call.
+struct TopkPart {
+  Tensor scores;
+  Tensor active;
+};
+
+// Shared body of topk_select / topk_select_segments, after the op-specific argument checks
+// (which include k >= 0 and the "no scores at all" bound). Does the NaN and k <= #active
+// checks (one D2H sync) and the select; returns the ascending global positions.
+Tensor topk_impl(const std::vector<TopkPart>& parts, at::ScalarType dtype, int64_t k, const at::Device& dev) {
+  const c10::cuda::CUDAGuard guard(dev);
+  const auto long_opts = at::TensorOptions().dtype(at::kLong).device(dev);
+  // Table of the non-empty segments in list order (see the section comment).
+  std::vector<TopkSeg> table;
+  table.reserve(parts.size());
+  int64_t pos = 0, nchunks = 0;
+  for (const TopkPart& p : parts) {
+    const int64_t n = p.scores.numel();
+    if (n > 0) {
+      const uint8_t* act =
+          p.active.defined() ? reinterpret_cast<const uint8_t*>(p.active.data_ptr<bool>()) : nullptr;
+      table.push_back(TopkSeg{p.scores.data_ptr(), act, n, pos, nchunks});
+      nchunks += (n + kSelChunk - 1) / kSelChunk;
+    }
+    pos += n;
+  }
+  if (table.empty()) {
+    TORCH_INTERNAL_ASSERT(k == 0, "topk_select: k=", k, " with no scores passed the argument checks");
+    return at::empty({0}, long_opts);
+  }
+  TORCH_CHECK_VALUE(table.size() <= static_cast<size_t>(INT32_MAX), "scores: too many tensors");
+  const int nseg = static_cast<int>(table.size());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // Pinned source + non_blocking: one async H2D copy on the current stream; ATen records the
+  // pinned block's use on that stream so it is not recycled before the copy ran. The device
+  // copy (and the contiguous score/active tensors in `parts`) outlive every launch below in
+  // stream order, which is all the caching allocator needs.
+  const int64_t bytes = static_cast<int64_t>(table.size() * sizeof(TopkSeg));
+  Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr<uint8_t>(), table.data(), static_cast<size_t>(bytes));
+  Tensor tdev = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(dev));
+  tdev.copy_(host, /*non_blocking=*/true);
+  const TopkSeg* segs = reinterpret_cast<const TopkSeg*>(tdev.data_ptr<uint8_t>());
+  // ws: [n_active, n_nan, prefix, mask, need, found, -, -, histogram (8192 bins max)]
+  Tensor ws = at::zeros({kWsHist + (1 << 13)}, long_opts);
+  const int64_t units = nchunks * kUnitsPerChunk;
+  GK_DISPATCH_FLOAT(dtype, "topk_select", [&] {
+    const int64_t grid = grid_for(units, dev.index());
+    topk_stats_kernel<scalar_t><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
+        segs, nseg, units, reinterpret_cast<unsigned long long*>(ws.data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  // Check order and messages follow the CPU kernel: NaN among the active scores, then
+  // k <= #active.
+  const auto st = fetch_i64(ws.narrow(0, 0, 2));  // one D2H copy for both counts: the op's only sync
+  const int64_t n_active = st[0], n_nan = st[1];
+  TORCH_CHECK_VALUE(n_nan == 0, "scores: contains NaN (", n_nan, " active entries)");
+  TORCH_CHECK_VALUE(k <= n_active, "k: must be in [0, ", n_active, "] (active scores), got ", k);
+  Tensor out = at::empty({k}, long_opts);
+  if (k == 0) return out;
+  GK_DISPATCH_FLOAT(dtype, "topk_select", [&] {
+    using K = typename std::conditional<std::is_same<scalar_t, double>::value, uint64_t, uint32_t>::type;
+    topk_run<scalar_t, K>(segs, nseg, nchunks, k, ws, out, dev, stream);
+  });
+  return out;
 }
 
 Tensor topk_select_cuda(const Tensor& scores, const std::optional<Tensor>& active, int64_t k) {
   check_topk(scores, active, k);
-  const Tensor s = scores.contiguous().view(-1);
-  const int64_t n = s.numel();
-  Tensor a;
-  const uint8_t* ap = nullptr;
-  if (active.has_value()) {
-    a = active->contiguous().view(-1);
-    ap = reinterpret_cast<const uint8_t*>(a.data_ptr<bool>());
+  TopkPart part;
+  part.scores = scores.contiguous();
+  if (active.has_value()) part.active = active->contiguous();
+  TORCH_CHECK_VALUE(part.scores.is_cuda(), "scores: expected a CUDA tensor, got one on ", part.scores.device());
+  // check_topk already rejected k > 0 with no scores; an empty input returns before any launch.
+  if (part.scores.numel() == 0) return at::empty({0}, at::TensorOptions().dtype(at::kLong).device(scores.device()));
+  return topk_impl({part}, part.scores.scalar_type(), k, part.scores.device());
+}
+
+Tensor topk_select_segments_cuda(at::TensorList scores, const c10::List<std::optional<Tensor>>& active,
+                                 int64_t k) {
+  // Shared with the CPU kernel (checks.h): list lengths, k >= 0, per-entry dtype / device /
+  // active checks, the "no scores at all" bound on k. It hands back per-tensor flat contiguous
+  // views: no copy for contiguous entries; a non-contiguous entry gets its own contiguous copy,
+  // held for the whole call (the select reads the scores once per pass). The scores are never
+  // concatenated.
+  const auto [flat, acts] = check_topk_segments(scores, active, k);
+  const at::Device dev = scores.empty() ? at::Device(at::kCUDA, c10::cuda::current_device()) : scores[0].device();
+  TORCH_CHECK_VALUE(dev.is_cuda(), "scores: expected a CUDA tensor, got one on ", dev);
+  std::vector<TopkPart> parts(flat.size());
+  int64_t total = 0;
+  for (const auto i : c10::irange(flat.size())) {
+    parts[i].scores = flat[i];
+    parts[i].active = acts[i];  // undefined = all active
+    total += flat[i].numel();
   }
-  TORCH_CHECK_VALUE(s.is_cuda(), "scores: expected a CUDA tensor, got one on ", s.device());
-  const c10::cuda::CUDAGuard guard(s.device());
-  // Check order and messages follow the CPU kernel: check_topk (k >= 0, the empty case),
-  // then NaN among the active scores, then k <= #active.
-  const at::Device dev = s.device();
-  if (n == 0) return at::empty({0}, at::TensorOptions().dtype(at::kLong).device(dev));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // ws: [n_active, n_nan, prefix, mask, need, found, -, -, histogram (8192 bins max)]
-  Tensor ws = at::zeros({kWsHist + (1 << 13)}, at::TensorOptions().dtype(at::kLong).device(dev));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "topk_select", [&] {
-    const int64_t grid = grid_for((n + kThreads - 1) / kThreads, dev.index());
-    topk_stats_kernel<scalar_t><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
-        s.data_ptr<scalar_t>(), ap, n, reinterpret_cast<unsigned long long*>(ws.data_ptr<int64_t>()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  const auto st = fetch_i64(ws.narrow(0, 0, 2));  // one D2H copy for both counts
-  const int64_t n_active = st[0], n_nan = st[1];
-  TORCH_CHECK_VALUE(n_nan == 0, "scores: contains NaN (", n_nan, " active entries)");
-  TORCH_CHECK_VALUE(k <= n_active, "k: must be in [0, ", n_active, "] (active scores), got ", k);
-  Tensor out = at::empty({k}, at::TensorOptions().dtype(at::kLong).device(dev));
-  if (k == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "topk_select", [&] {
-    topk_dispatch<scalar_t>(s.data_ptr<scalar_t>(), ap, n, k, ws, out, dev, stream);
-  });
-  return out;
+  // check_topk_segments already rejected k > 0 with no scores; nothing to launch.
+  if (total == 0) return at::empty({0}, at::TensorOptions().dtype(at::kLong).device(dev));
+  return topk_impl(parts, scores[0].scalar_type(), k, dev);
 }
 
 }  // namespace
@@ -1127,6 +1255,7 @@ TORCH_LIBRARY_IMPL(gradkit, CUDA, m) {
   m.impl("bitmask_to_indices", &bitmask_to_indices_cuda);
   m.impl("pack_bitmask", &pack_bitmask_cuda);
   m.impl("topk_select", &topk_select_cuda);
+  m.impl("topk_select_segments", &topk_select_segments_cuda);
 }
 
 }  // namespace gradkit

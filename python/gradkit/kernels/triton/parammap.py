@@ -44,19 +44,27 @@ Design
   while a CUDA graph is being captured, or when ``CHECK_INDEX`` is set to False.
 * **mask / bitmask -> indices**: a per-block count kernel, an exclusive cumsum on the
   device, then a per-block write kernel (in-block ranks by ``tl.cumsum``).
-* **topk_select** is an exact radix select, never a sort: scores are mapped to
-  order-preserving unsigned keys (-0.0 and +0.0 map to the same key; inactive
-  entries get key 0, below every real key), float16/bfloat16 use 16-bit keys
-  (2 passes), float32 32-bit keys (4 passes), float64 64-bit keys (8 passes) of
-  8-bit digits. Each pass is a ``tl.histogram`` per block, summed into a 256-bin
-  histogram with one vector atomic add per block, followed by a one-program
-  "walk" kernel that picks the digit of the k-th largest key and updates how
-  many of its ties are still needed. The digits stay on the device, so the passes
-  need no host sync. A final count kernel + device cumsum + write kernel emits
-  every position with key > kth and the first ``need`` positions with key == kth
-  in position order. NaN among the active scores (inactive NaN is ignored, like
-  the reference) and the range of ``k`` are checked from per-block counts
-  produced by the key kernel (one sync).
+* **topk_select_segments** (and ``topk_select``, its one-segment case) is an exact
+  radix select, never a sort, run over all segments at once with no concatenated
+  copy of the scores and no key buffer: a table like gather's (per segment
+  ``[scores address, numel, active address or 0, 0, numel, offset]``, plus one work
+  row per block of a segment, plus the select state) goes to the device in one
+  transfer, and every pass is ONE launch over all segments' blocks that re-derives
+  the keys from the scores it reads. Scores map to order-preserving unsigned keys
+  (-0.0 and +0.0 map to the same key); inactive entries are masked out of every
+  count. float16/bfloat16 use 16-bit keys (2 passes), float32 32-bit keys (4
+  passes), float64 64-bit keys (8 passes) of 8-bit digits. Each pass is a
+  ``tl.histogram`` per block, summed into a 256-bin histogram with one vector
+  atomic add per block, followed by a one-program "walk" kernel that picks the
+  digit of the k-th largest key and updates how many of its ties are still needed.
+  The digits stay on the device, so the passes need no host sync. Pass 0 also
+  counts, per block, the active scores and the NaN among them (inactive NaN is
+  ignored, like the reference), which checks NaN and the range of ``k`` (one sync).
+  ``k == n_active`` skips the radix passes (every active score is taken). A final
+  count kernel + device cumsum + write kernel emits every active position with key
+  > kth and the first ``need`` with key == kth, in global position order (work rows
+  are in segment order). A non-contiguous score tensor or mask is read from a
+  contiguous copy of that tensor alone.
 """
 from __future__ import annotations
 
@@ -506,41 +514,40 @@ def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- exact top-k select
 
-# scores dtype -> (raw-bits view dtype, key bits, +inf bit pattern)
+# scores dtype -> (raw-bits dtype the kernels read the scores as, +inf bit pattern)
 _KEYS = {
-    torch.float16: (torch.uint16, 16, 0x7C00),
-    torch.bfloat16: (torch.uint16, 16, 0x7F80),
-    torch.float32: (torch.uint32, 32, 0x7F800000),
-    torch.float64: (torch.uint64, 64, 0x7FF0000000000000),
+    torch.float16: (tl.uint16, 0x7C00),
+    torch.bfloat16: (tl.uint16, 0x7F80),
+    torch.float32: (tl.uint32, 0x7F800000),
+    torch.float64: (tl.uint64, 0x7FF0000000000000),
 }
 
 
 @triton.jit
-def _topk_keys_kernel(bits_ptr, act_ptr, n, keys_ptr, stats_ptr, nblocks, W: tl.constexpr,
-                      INF: tl.constexpr, HAS_ACTIVE: tl.constexpr, BLOCK: tl.constexpr):
-    # Order-preserving unsigned keys; -0.0 -> key(+0.0); inactive -> 0 (below every real key).
-    # stats[pid] = active count, stats[nblocks + pid] = NaN count among the active scores.
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    u = tl.load(bits_ptr + offs, mask=m, other=0)
-    sign = tl.full([], 1, u.dtype) << (W - 1)
+def _topk_keys(meta_ptr, work_ptr, KT: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's block of one segment as order-preserving unsigned keys (-0.0 -> key(+0.0)).
+
+    Returns (key, act, mag, pos): ``act`` = in range and active, ``mag`` = the raw bits without the
+    sign (NaN iff > the +inf pattern), ``pos`` = the global flat position (segment offset + offset).
+    """
+    row, ooff, offs, m = _work_item(meta_ptr, work_ptr, BLOCK)
+    u = tl.load(tl.load(row).to(tl.pointer_type(KT)) + offs, mask=m, other=0)
+    aaddr = tl.load(row + 2)
+    if aaddr != 0:
+        act = m & (tl.load(aaddr.to(tl.pointer_type(tl.uint8)) + offs, mask=m, other=0) != 0)
+    else:
+        act = m
+    sign = tl.full([], 1, KT) << (KT.primitive_bitwidth - 1)
     mag = u & (sign - 1)
     key = tl.where((u & sign) != 0, ~u, u | sign)
     key = tl.where(mag == 0, sign, key)
-    if HAS_ACTIVE:
-        act = m & (tl.load(act_ptr + offs, mask=m, other=0) != 0)
-        key = tl.where(act, key, 0)
-    else:
-        act = m
-    tl.store(keys_ptr + offs, key, mask=m)
-    tl.store(stats_ptr + pid, tl.sum(act.to(tl.int32)))
-    tl.store(stats_ptr + nblocks + pid, tl.sum((act & (mag > tl.full([], INF, u.dtype))).to(tl.int32)))
+    return key, act, mag, ooff + offs
 
 
 @triton.jit
-def _topk_prefix(digits_ptr, npass, KT: tl.constexpr, W: tl.constexpr):
+def _topk_prefix(digits_ptr, npass, KT: tl.constexpr):
     """The key bits fixed by the first ``npass`` digits, and their mask."""
+    W: tl.constexpr = KT.primitive_bitwidth
     prefix = tl.full([], 0, KT)
     pmask = tl.full([], 0, KT)
     for q in range(0, npass):
@@ -551,16 +558,20 @@ def _topk_prefix(digits_ptr, npass, KT: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["npass"])
-def _topk_hist_kernel(keys_ptr, n, hist_ptr, digits_ptr, npass, W: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    key = tl.load(keys_ptr + offs, mask=m, other=0)
-    prefix, pmask = _topk_prefix(digits_ptr, npass, key.dtype, W)
-    match = m & ((key & pmask) == prefix)
-    digit = ((key >> tl.cast(W - 8 * (npass + 1), key.dtype)) & 255).to(tl.int32)
+def _topk_hist_kernel(meta_ptr, work_ptr, hist_ptr, digits_ptr, npass, stats_ptr, nwork, KT: tl.constexpr,
+                      INF: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr):
+    # 256-bin histogram of digit ``npass`` of the active keys that match the digits fixed so far.
+    # STATS (pass 0): stats[pid] = active count, stats[nwork + pid] = NaN count among the active scores.
+    key, act, mag, _ = _topk_keys(meta_ptr, work_ptr, KT, BLOCK)
+    prefix, pmask = _topk_prefix(digits_ptr, npass, KT)
+    match = act & ((key & pmask) == prefix)
+    digit = ((key >> tl.cast(KT.primitive_bitwidth - 8 * (npass + 1), KT)) & 255).to(tl.int32)
     h = tl.histogram(digit, 256, mask=match)
     tl.atomic_add(hist_ptr + tl.arange(0, 256), h, mask=h > 0)
+    if STATS:
+        pid = tl.program_id(0)
+        tl.store(stats_ptr + pid, tl.sum(act.to(tl.int32)))
+        tl.store(stats_ptr + nwork + pid, tl.sum((act & (mag > tl.full([], INF, KT))).to(tl.int32)))
 
 
 @triton.jit(do_not_specialize=["p"])
@@ -577,75 +588,110 @@ def _topk_walk_kernel(hist_ptr, digits_ptr, need_ptr, p):
 
 
 @triton.jit
-def _topk_count_kernel(keys_ptr, n, digits_ptr, npass, cnt_ptr, nblocks, W: tl.constexpr, BLOCK: tl.constexpr):
+def _topk_count_kernel(meta_ptr, work_ptr, digits_ptr, npass, cnt_ptr, nwork, KT: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    # cnt[pid] = active keys > kth, cnt[nwork + pid] = active keys == kth.
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    key = tl.load(keys_ptr + offs, mask=m, other=0)
-    kth, _ = _topk_prefix(digits_ptr, npass, key.dtype, W)
-    tl.store(cnt_ptr + pid, tl.sum((m & (key > kth)).to(tl.int32)))
-    tl.store(cnt_ptr + nblocks + pid, tl.sum((m & (key == kth)).to(tl.int32)))
+    key, act, _, _ = _topk_keys(meta_ptr, work_ptr, KT, BLOCK)
+    kth, _ = _topk_prefix(digits_ptr, npass, KT)
+    tl.store(cnt_ptr + pid, tl.sum((act & (key > kth)).to(tl.int32)))
+    tl.store(cnt_ptr + nwork + pid, tl.sum((act & (key == kth)).to(tl.int32)))
 
 
 @triton.jit
-def _topk_write_kernel(keys_ptr, n, digits_ptr, npass, plan_ptr, nblocks, out_ptr, W: tl.constexpr,
+def _topk_write_kernel(meta_ptr, work_ptr, digits_ptr, npass, plan_ptr, nwork, out_ptr, KT: tl.constexpr,
                        BLOCK: tl.constexpr):
+    # Every active key > kth, and the first plan[nwork + pid] keys == kth of this block, at plan[pid] on.
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    key = tl.load(keys_ptr + offs, mask=m, other=0)
-    kth, _ = _topk_prefix(digits_ptr, npass, key.dtype, W)
-    eq = m & (key == kth)
-    take = tl.load(plan_ptr + nblocks + pid)
-    sel = (m & (key > kth)) | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= take))
+    key, act, _, pos = _topk_keys(meta_ptr, work_ptr, KT, BLOCK)
+    kth, _ = _topk_prefix(digits_ptr, npass, KT)
+    eq = act & (key == kth)
+    take = tl.load(plan_ptr + nwork + pid)
+    sel = (act & (key > kth)) | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= take))
     rank = tl.cumsum(sel.to(tl.int32), 0)
-    tl.store(out_ptr + tl.load(plan_ptr + pid) + rank - 1, offs, mask=sel)
+    tl.store(out_ptr + tl.load(plan_ptr + pid) + rank - 1, pos, mask=sel)
 
 
-def topk_select(scores: torch.Tensor, active: Optional[torch.Tensor], k: int) -> torch.Tensor:
-    dev = scores.device
-    s = scores.reshape(-1)
-    s = s if s.is_contiguous() else s.contiguous()
-    n = s.numel()
+def _topk_table(scores: Sequence[torch.Tensor], active: Sequence[Optional[torch.Tensor]], npass: int, k: int,
+                block: int, device: torch.device):
+    """The one host->device int64 table of a top-k call, and the contiguous tensors it points into.
+
+    Layout: digits (npass) | need (npass + 1, need[0] = k) | segment rows (S x 6:
+    [scores address, numel, active address or 0, 0, numel, offset]) | work rows (W x 3).
+    """
+    keep, rows, sizes, offsets = [], [], [], []
+    off = 0
+    for s, a in zip(scores, active):
+        n = s.numel()
+        sc = s if s.is_contiguous() else s.contiguous()  # row-major order == the order of s.reshape(-1)
+        aaddr = 0
+        if a is not None and n:
+            ac = a.reshape(-1)
+            ac = ac if ac.is_contiguous() else ac.contiguous()
+            keep.append(ac)
+            aaddr = ac.data_ptr()
+        keep.append(sc)
+        rows.append([sc.data_ptr() if n else 0, n, aaddr, 0, n, off])
+        sizes.append(n)
+        offsets.append(off)
+        off += n
+    work = _work_rows(sizes, offsets, block)
+    state = torch.zeros(2 * npass + 1, dtype=torch.int64)
+    state[npass] = k
+    host = torch.cat([state, torch.tensor(rows, dtype=torch.int64).reshape(-1), work.reshape(-1)])
+    buf = host if device.type == "cpu" else host.to(device)
+    s = 2 * npass + 1 + len(rows) * _META_COLS
+    return buf[:npass], buf[npass:2 * npass + 1], buf[2 * npass + 1:s], buf[s:], work.shape[0], off, keep
+
+
+def topk_select_segments(scores: Sequence[torch.Tensor], active: Sequence[Optional[torch.Tensor]],
+                         k: int) -> torch.Tensor:
     k = int(k)
-    view_dt, width, inf_bits = _KEYS[s.dtype]
-    a = None
-    if active is not None:
-        a = active.reshape(-1)
-        a = (a if a.is_contiguous() else a.contiguous()).view(torch.uint8)
+    dev = scores[0].device if len(scores) else torch.device("cpu")
     n_active = 0
-    if n:
+    if len(scores):
+        dtype = scores[0].dtype
+        if any(s.dtype != dtype for s in scores):
+            raise TypeError("scores: every tensor must have the same dtype")
+        kt, inf_bits = _KEYS[dtype]
+        npass = kt.primitive_bitwidth // 8
         block = BLOCKS["topk"]
-        nb = triton.cdiv(n, block)
-        keys = torch.empty(n, dtype=view_dt, device=dev)
-        stats = torch.empty(2 * nb, dtype=torch.int32, device=dev)
-        _topk_keys_kernel[(nb,)](s.view(view_dt), a if a is not None else s, n, keys, stats, nb, W=width,
-                                 INF=inf_bits, HAS_ACTIVE=a is not None, BLOCK=block)
-        n_act, n_nan = stats.view(2, nb).to(torch.int64).sum(1).tolist()
-        if n_nan:
-            raise ValueError("scores: contains NaN among the active entries")
-        n_active = n_act
+        digits, need, meta, work, nw, n, keep = _topk_table(scores, active, npass, k, block, dev)
+        if nw:
+            hist = torch.zeros(npass * 256, dtype=torch.int32, device=dev)
+            stats = torch.empty(2 * nw, dtype=torch.int32, device=dev)
+            # Pass 0 also counts the active and the NaN-among-active scores.
+            _topk_hist_kernel[(nw,)](meta, work, hist, digits, 0, stats, nw, KT=kt, INF=inf_bits, STATS=True,
+                                     BLOCK=block)
+            n_act, n_nan = stats.view(2, nw).to(torch.int64).sum(1).tolist()
+            if n_nan:
+                raise ValueError("scores: contains NaN among the active entries")
+            n_active = n_act
     if k < 0 or k > n_active:
         raise ValueError(f"k={k} exceeds the number of active scores {n_active}" if k > 0 else
                          f"k: must be in [0, {n_active}], got {k}")
     if k == 0:
         return torch.empty(0, dtype=torch.int64, device=dev)
-    npass = width // 8
-    hist = torch.zeros(npass * 256, dtype=torch.int32, device=dev)
-    state = torch.zeros(2 * npass + 1, dtype=torch.int64)  # digits[npass] | need[npass + 1]
-    state[npass] = k
-    state = state.to(dev)
-    digits, need = state[:npass], state[npass:]
-    for p in range(npass):
-        _topk_hist_kernel[(nb,)](keys, n, hist[p * 256:], digits, p, W=width, BLOCK=block)
-        _topk_walk_kernel[(1,)](hist[p * 256:], digits, need, p)
-    cnt = torch.empty(2 * nb, dtype=torch.int32, device=dev)
-    _topk_count_kernel[(nb,)](keys, n, digits, npass, cnt, nb, W=width, BLOCK=block)
-    n_gt, n_eq = cnt.view(2, nb).to(torch.int64)
+    if k < n_active:
+        for p in range(npass):
+            if p:
+                _topk_hist_kernel[(nw,)](meta, work, hist[p * 256:], digits, p, stats, nw, KT=kt, INF=inf_bits,
+                                         STATS=False, BLOCK=block)
+            _topk_walk_kernel[(1,)](hist[p * 256:], digits, need, p)
+    # else every active score is taken: the digits stay 0, a kth key below every active key, and
+    # need[npass] stays 0, so the passes are skipped.
+    cnt = torch.empty(2 * nw, dtype=torch.int32, device=dev)
+    _topk_count_kernel[(nw,)](meta, work, digits, npass, cnt, nw, KT=kt, BLOCK=block)
+    n_gt, n_eq = cnt.view(2, nw).to(torch.int64)
     eq_before = torch.cumsum(n_eq, 0) - n_eq
     take = torch.minimum((need[npass] - eq_before).clamp_min(0), n_eq)
     sel = n_gt + take
     plan = torch.cat([torch.cumsum(sel, 0) - sel, take])
     out = torch.empty(k, dtype=torch.int64, device=dev)
-    _topk_write_kernel[(nb,)](keys, n, digits, npass, plan, nb, out, W=width, BLOCK=block)
+    _topk_write_kernel[(nw,)](meta, work, digits, npass, plan, nw, out, KT=kt, BLOCK=block)
+    del keep  # the contiguous copies the table points into must outlive every launch (queued on this stream)
     return out
+
+
+def topk_select(scores: torch.Tensor, active: Optional[torch.Tensor], k: int) -> torch.Tensor:
+    return topk_select_segments([scores], [active], k)
