@@ -524,6 +524,26 @@ int walk_bins(const std::vector<std::vector<C>>& hist, int nbins, int64_t* need)
   TORCH_INTERNAL_ASSERT(false, "topk_select: radix walk ran off the histogram");
 }
 
+// Bit i of the result = pred(key of s[i]) for 64 consecutive elements, AND the active flags
+// when given. The key/compare loop has no branches (it vectorises); callers then visit only the
+// set bits, in position order.
+template <typename T, typename K, typename Pred>
+inline uint64_t flags64(const T* s, const bool* act, Pred pred) {
+  uint8_t f[64];
+  for (int i = 0; i < 64; ++i) f[i] = static_cast<uint8_t>(pred(KeyOf<K>::get(s[i])));
+  uint64_t m = 0;
+  for (int w = 0; w < 8; ++w) {
+    m |= ((load8(f + 8 * w) * 0x0102040810204080ull) >> 56) << (8 * w);
+  }
+  if (act != nullptr) {
+    uint64_t a = 0;
+    const uint8_t* ab = reinterpret_cast<const uint8_t*>(act);
+    for (int w = 0; w < 8; ++w) a |= ((nz_bytes(load8(ab + 8 * w)) * 0x0102040810204080ull) >> 56) << (8 * w);
+    m &= a;
+  }
+  return m;
+}
+
 // One tensor of a (multi-tensor) top-k: its data, optional active flags, length, and the
 // position of its first element in the concatenation of all of them.
 template <typename T>
@@ -586,14 +606,25 @@ Tensor topk_select_impl(const std::vector<TopkSeg<T>>& segs, int64_t k) {
       for_pieces(segs, starts, glo, ghi, [&](const TopkSeg<T>& sg, int64_t lo, int64_t hi) {
         const T* s = sg.s;
         if (sg.act == nullptr) {
+          // Digits of 256 elements first (a branch-free loop that vectorises), then nothing but
+          // the increments, spread over the four sub-histograms.
+          constexpr int kChunk = 256;
+          uint16_t dig[kChunk];
           int64_t j = lo;
-          for (; j + 4 <= hi; j += 4) {
-            const T v0 = s[j], v1 = s[j + 1], v2 = s[j + 2], v3 = s[j + 3];
-            nan += (v0 != v0) + (v1 != v1) + (v2 != v2) + (v3 != v3);
-            h0[KeyOf<K>::get(v0) >> kTopShift]++;
-            h0[kTopBins + (KeyOf<K>::get(v1) >> kTopShift)]++;
-            h0[2 * kTopBins + (KeyOf<K>::get(v2) >> kTopShift)]++;
-            h0[3 * kTopBins + (KeyOf<K>::get(v3) >> kTopShift)]++;
+          for (; j + kChunk <= hi; j += kChunk) {
+            int64_t nanc = 0;
+            for (int i = 0; i < kChunk; ++i) {
+              const T v = s[j + i];
+              nanc += (v != v);
+              dig[i] = static_cast<uint16_t>(KeyOf<K>::get(v) >> kTopShift);
+            }
+            nan += nanc;
+            for (int i = 0; i < kChunk; i += 4) {
+              h0[dig[i]]++;
+              h0[kTopBins + dig[i + 1]]++;
+              h0[2 * kTopBins + dig[i + 2]]++;
+              h0[3 * kTopBins + dig[i + 3]]++;
+            }
           }
           for (; j < hi; ++j) {
             const T v = s[j];
@@ -645,7 +676,16 @@ Tensor topk_select_impl(const std::vector<TopkSeg<T>>& segs, int64_t k) {
         int64_t q = cand_off[blk];
         const auto [glo, ghi] = block_range(blk);
         for_pieces(segs, starts, glo, ghi, [&](const TopkSeg<T>& sg, int64_t lo, int64_t hi) {
-          for (int64_t j = lo; j < hi; ++j) {
+          int64_t j = lo;
+          for (; j + 64 <= hi; j += 64) {
+            uint64_t m = flags64<T, K>(sg.s + j, sg.act ? sg.act + j : nullptr,
+                                       [&](K key) { return (key >> kTopShift) == top; });
+            while (m) {
+              ckey[q++] = KeyOf<K>::get(sg.s[j + __builtin_ctzll(m)]);
+              m &= m - 1;
+            }
+          }
+          for (; j < hi; ++j) {
             if (sg.act && !sg.act[j]) continue;
             const K key = KeyOf<K>::get(sg.s[j]);
             if ((key >> kTopShift) == top) ckey[q++] = key;
@@ -721,13 +761,24 @@ Tensor topk_select_impl(const std::vector<TopkSeg<T>>& segs, int64_t k) {
       const int64_t end = out_start[blk] + n_gt[blk] + eq_take[blk];
       const auto [glo, ghi] = block_range(blk);
       for_pieces(segs, starts, glo, ghi, [&](const TopkSeg<T>& sg, int64_t lo, int64_t hi) {
-        for (int64_t j = lo; j < hi && q < end; ++j) {
-          if (sg.act && !sg.act[j]) continue;
+        auto visit = [&](int64_t j) {  // a key >= kth: all above it are taken, equal ones while `take` lasts
           const K key = KeyOf<K>::get(sg.s[j]);
-          if (key > kk || (key == kk && take > 0)) {
+          if (key > kk || take > 0) {
             take -= (key == kk);
             o[q++] = sg.base + j;
           }
+        };
+        int64_t j = lo;
+        for (; j + 64 <= hi && q < end; j += 64) {
+          uint64_t m = flags64<T, K>(sg.s + j, sg.act ? sg.act + j : nullptr, [&](K key) { return key >= kk; });
+          while (m && q < end) {
+            visit(j + __builtin_ctzll(m));
+            m &= m - 1;
+          }
+        }
+        for (; j < hi && q < end; ++j) {
+          if (sg.act && !sg.act[j]) continue;
+          if (KeyOf<K>::get(sg.s[j]) >= kk) visit(j);
         }
       });
     }
