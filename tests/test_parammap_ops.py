@@ -412,3 +412,20 @@ def test_opcheck_topk_select_segments():
             [None, torch.rand(7) < 0.5, None], 6)
     torch.library.opcheck(torch.ops.gradkit.topk_select_segments, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("with_active", [False, True])
+def test_topk_select_heavy_bucket_fallback(dtype, with_active):
+    """Scores packed into one narrow range share one top-12-bit bucket (more than n/4 candidates):
+    the kernel then resolves the remaining bits with radix passes instead of compaction."""
+    g = torch.Generator().manual_seed(3)
+    n = 600_000
+    s = (0.5 + torch.rand(n, generator=g, dtype=torch.float64) * 1e-3).to(dtype)
+    active = (torch.rand(n, generator=g) < 0.7) if with_active else None
+    n_act = n if active is None else int(active.sum())
+    for k in (1, n_act // 3, n_act - 1):
+        assert torch.equal(ops.topk_select(s, k, active), ref.topk_select(s, active, k))
+    parts = list(s.split([100_000, 1, 299_999, 200_000]))
+    acts = None if active is None else list(active.split([100_000, 1, 299_999, 200_000]))
+    assert torch.equal(ops.topk_select_segments(parts, n_act // 2, acts), ref.topk_select(s, active, n_act // 2))

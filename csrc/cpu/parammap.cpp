@@ -574,8 +574,9 @@ inline void for_pieces(const std::vector<TopkSeg<T>>& segs, const std::vector<in
 //     from the top finds the bucket d1 holding the k-th largest key; every key in a higher
 //     bucket is selected, and per-block counts of those come straight from the histograms.
 //  B. one pass compacts the keys of bucket d1 (the candidates; for smooth data a few percent
-//     of n); nth_element over them gives the exact k-th key, and per-block counts of
-//     candidates above / equal to it.
+//     of n); a histogram of their next 12 bits and nth_element within the one sub-bucket
+//     that holds it give the exact k-th key, then per-block counts of candidates above /
+//     equal to it.
 //     When ties make the bucket huge (> n/4), the remaining key bits are resolved with
 //     11-bit radix passes over the full input instead (no large buffer).
 //  C. one pass writes, per block in position order, every key above the k-th plus the
@@ -693,9 +694,32 @@ Tensor topk_select_impl(const std::vector<TopkSeg<T>>& segs, int64_t k) {
         });
       }
     });
-    std::vector<K> tmp(ckey);
-    std::nth_element(tmp.begin(), tmp.begin() + (need - 1), tmp.end(), std::greater<K>());
-    kth = tmp[need - 1];
+    // The k-th key among the candidates: a histogram of their next 12 key bits (per block, in
+    // parallel) finds its sub-bucket; only that sub-bucket's keys are gathered for nth_element.
+    constexpr int kSubShift = kTopShift > 12 ? kTopShift - 12 : 0;
+    constexpr int kSubBins = 1 << (kTopShift - kSubShift);
+    std::vector<std::vector<uint32_t>> sub(nblocks, std::vector<uint32_t>(kSubBins));
+    at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t blk = b; blk < e; ++blk) {
+        uint32_t* h = sub[blk].data();
+        for (int64_t i = cand_off[blk]; i < cand_off[blk + 1]; ++i) h[(ckey[i] >> kSubShift) & (kSubBins - 1)]++;
+      }
+    });
+    int64_t need_sub = need;
+    const int d2 = walk_bins(sub, kSubBins, &need_sub);
+    std::vector<int64_t> sub_off(nblocks + 1, 0);
+    for (int64_t blk = 0; blk < nblocks; ++blk) sub_off[blk + 1] = sub_off[blk] + sub[blk][d2];
+    std::vector<K> bucket(sub_off[nblocks]);
+    at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t blk = b; blk < e; ++blk) {
+        int64_t q = sub_off[blk];
+        for (int64_t i = cand_off[blk]; i < cand_off[blk + 1]; ++i) {
+          if (((ckey[i] >> kSubShift) & (kSubBins - 1)) == static_cast<K>(d2)) bucket[q++] = ckey[i];
+        }
+      }
+    });
+    std::nth_element(bucket.begin(), bucket.begin() + (need_sub - 1), bucket.end(), std::greater<K>());
+    kth = bucket[need_sub - 1];
     for (int64_t blk = 0; blk < nblocks; ++blk) {
       int64_t g = 0, q = 0;
       for (int64_t i = cand_off[blk]; i < cand_off[blk + 1]; ++i) {
