@@ -91,7 +91,8 @@ def run(rec, quick: bool = False) -> None:
 
     # ---------------------------------------------------------------- gather
     out = torch.empty(pm.input_dim, device=dev)
-    rec.add(FAMILY, "gather", "gradkit", wl_mask, dt, rec.time(lambda: pm.gather(model, out=out)))
+    t_gather = rec.time(lambda: pm.gather(model, out=out))
+    rec.add(FAMILY, "gather", "gradkit", wl_mask, dt, t_gather)
     rec.add(FAMILY, "gather", "gradkit (alloc)", wl_mask, dt, rec.time(lambda: pm.gather(model)))
     idx32 = [masks[n].reshape(-1).nonzero().reshape(-1).int().to(dev) for n in shapes]
     params = [p for _, p in model.named_parameters()]
@@ -123,8 +124,7 @@ def run(rec, quick: bool = False) -> None:
     t_copy = rec.time(lambda: big_dst.copy_(big_src))
     rec.add(FAMILY, "copy 256MB", "reference", "256 MiB", dt, t_copy, note="bandwidth baseline")
     copy_bw = 2 * big_src.numel() * 4 / t_copy["p50"]
-    t_g = rec.time(lambda: pm.gather(model, out=out))
-    frac = (pm.input_dim * 12 / t_g["p50"]) / copy_bw
+    frac = (pm.input_dim * 12 / t_gather["p50"]) / copy_bw
     rec.add(FAMILY, "gather bw / copy bw", "gradkit", wl_mask, dt, {"p20": frac, "p50": frac, "p80": frac, "n": 1},
             metric="fraction", note=f"copy {copy_bw / 1e9:.1f} GB/s; gather moves 12 B per selected entry")
     del big_src, big_dst

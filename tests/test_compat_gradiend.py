@@ -1,6 +1,5 @@
 """gradkit.compat.gradiend against gradiend 0.2.3 itself (installed by the test command; never skipped)."""
 import copy
-import math
 
 import pytest
 import torch
@@ -75,7 +74,7 @@ def test_prune_matches_gradiend(seed, unsorted, topk, use_mask, use_threshold, p
     args = dict(mask=mask, threshold=threshold, topk=topk, return_mask=True, **kw)
     try:
         r_model, r_mask = ref.prune(**args)
-    except ValueError as exc:
+    except ValueError:
         with pytest.raises(ValueError):
             fast.prune(**args)
         return

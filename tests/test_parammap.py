@@ -366,7 +366,7 @@ def test_save_load_roundtrip_preserves_order_and_hash(tmp_path_factory, spec):
     src = _tensors(spec)
     assert torch.equal(back.gather(src), pm.gather(src))
     cfg = json.loads((d / "config.json").read_text())
-    for ent, (name, e) in zip(cfg["mapping"]["param_map"], spec.items()):
+    for ent, e in zip(cfg["mapping"]["param_map"], spec.values()):
         idx = e.get("indices")
         if idx is not None and idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
             assert ent["repr"] == "indices"  # an unsorted index list is never rewritten as a mask

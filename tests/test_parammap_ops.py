@@ -1,10 +1,8 @@
 """Native (dispatcher) kernels of the param-map family against the plain-PyTorch reference,
 plus opcheck, torch.compile and the bad-input contract of the op surface."""
-import os
-
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from gradkit import _ext, ops
 from gradkit.kernels.reference import parammap as ref

@@ -34,8 +34,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without a build
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """True when ``gradkit::<op>`` has a kernel registered for ``dispatch_key`` (e.g. "CUDA")."""
-    import torch
-
     if not LOADED:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"gradkit::{op}", dispatch_key)

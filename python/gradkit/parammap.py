@@ -622,7 +622,7 @@ class ParamMap:
                 with open(cfg_path) as f:
                     cfg = json.load(f)
             except (OSError, json.JSONDecodeError) as exc:
-                raise ValueError(f"directory: existing {cfg_path} is not valid JSON ({exc}); refusing to overwrite it")
+                raise ValueError(f"directory: existing {cfg_path} is not valid JSON ({exc}); refusing to overwrite it") from None
             if not isinstance(cfg, dict):
                 raise ValueError(f"directory: existing {cfg_path} does not hold a JSON object")
         entries, idx_t, mask_t = [], {}, {}
