@@ -34,4 +34,19 @@ TORCH_LIBRARY(gradkit, m) {
   // The same over many tensors without concatenating them: ascending int64 positions in the
   // concatenation of the flattened scores (list order); one float dtype for all scores.
   m.def("topk_select_segments(Tensor[] scores, Tensor?[] active, SymInt k) -> Tensor");
+
+  // ---- family 2: block norms, per-scope k-th largest, structured masks (scope API) ----
+  // x (any strides) is cut into blocks of `block_shape`; `scope_shape` (in blocks) groups the
+  // block grid into scopes. Blocks are ranked by sum |x|^p (max |x| for p = inf), or by the
+  // signed value when `raw` (single-element blocks). See kernels/reference/scope.py.
+  m.def("block_norms(Tensor x, int[] block_shape, float p) -> Tensor");
+  m.def("scope_kth(Tensor x, int[] block_shape, int[] scope_shape, int k, float p, bool raw, float k_weight, bool mid) -> Tensor");
+  // Keep exactly nnz blocks per scope (ties: lowest in-scope index), or with keep_ties every block
+  // scoring >= the nnz-th largest; NaN is never kept. expand: element-shaped mask, else grid-shaped.
+  m.def("scope_mask(Tensor x, int[] block_shape, int[] scope_shape, int nnz, float p, bool raw, bool keep_ties, bool expand) -> Tensor");
+  // In place: zero the blocks of x not selected (scores from `values` when given); returns the grid keep-mask.
+  m.def("scope_hard_threshold_(Tensor(a!) x, Tensor? values, int[] block_shape, int[] scope_shape, int nnz, float p, bool keep_ties) -> Tensor");
+  m.def("block_apply_mask_(Tensor(a!) x, int[] block_shape, Tensor block_mask) -> ()");
+  // Group-lasso proximal step per block (Euclidean, or diagonal metric `conditioner` by bisection).
+  m.def("block_soft_threshold_(Tensor(a!) x, int[] block_shape, Tensor thresholds, Tensor? conditioner, int max_iter, float atol, float eps) -> ()");
 }

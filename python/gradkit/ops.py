@@ -23,6 +23,7 @@ import torch
 
 from gradkit import _ext
 from gradkit.kernels.reference import parammap as _ref
+from gradkit.kernels.reference import scope as _ref_scope
 
 _BACKENDS = ("native", "triton", "reference")
 
@@ -37,15 +38,15 @@ def backend() -> str:
     return b
 
 
-def _impl(name: str):
+def _impl(name: str, family: str = "parammap"):
     b = backend()
     if b == "native":
         return getattr(torch.ops.gradkit, name)
     if b == "triton":
-        from gradkit.kernels.triton import parammap as _tri
+        import importlib
 
-        return getattr(_tri, name)
-    return getattr(_ref, name)
+        return getattr(importlib.import_module(f"gradkit.kernels.triton.{family}"), name)
+    return getattr(_ref if family == "parammap" else _ref_scope, name)
 
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -253,6 +254,172 @@ def topk_select_segments(scores: Sequence[torch.Tensor], k: int,
     return _impl("topk_select_segments")(list(scores), list(active), k)
 
 
+# --------------------------------------------------------------------------- family 2: scope (block norms / masks)
+
+MAX_DIMS = 8  # the kernels' limit on x.dim()
+SCOPE_OPS = ("block_norms", "scope_kth", "scope_mask", "scope_hard_threshold_", "block_apply_mask_",
+             "block_soft_threshold_")
+
+
+def _int(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{what}: expected an int, got {type(v).__name__}")
+    return v
+
+
+def _check_float_tensor(x, what: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS:
+        raise TypeError(f"{what}: expected a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+
+
+def _check_layout(x: torch.Tensor, block_shape, scope_shape=None):
+    """Validates x / block_shape / scope_shape; returns (grid, numblk_per_scope)."""
+    _check_float_tensor(x, "x")
+    if x.dim() < 1 or x.dim() > MAX_DIMS:
+        raise ValueError(f"x: expected 1 to {MAX_DIMS} dims, got {x.dim()}")
+    if not isinstance(block_shape, (list, tuple)) or len(block_shape) != x.dim():
+        raise ValueError(f"block_shape: expected {x.dim()} entries (one per dim of x {tuple(x.shape)}), "
+                         f"got {block_shape!r}")
+    grid = []
+    for i, (n, b) in enumerate(zip(x.shape, block_shape)):
+        b = _int(b, f"block_shape[{i}]")
+        if b < 1 or n % b:
+            raise ValueError(f"block_shape[{i}]={b} does not divide x.shape[{i}]={n}")
+        grid.append(n // b)
+    nb = 1
+    if scope_shape is not None:
+        if not isinstance(scope_shape, (list, tuple)) or len(scope_shape) != x.dim():
+            raise ValueError(f"scope_shape: expected {x.dim()} entries, got {scope_shape!r}")
+        for i, (g, s) in enumerate(zip(grid, scope_shape)):
+            s = _int(s, f"scope_shape[{i}]")
+            if s < 1 or g % s:
+                raise ValueError(f"scope_shape[{i}]={s} does not divide the block grid's dim {i} "
+                                 f"(grid {tuple(grid)} from x {tuple(x.shape)} / block_shape {tuple(block_shape)})")
+            nb *= s
+    return grid, nb
+
+
+def _check_p(p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not (p > 0):
+        raise ValueError(f"p: expected a positive number or inf, got {p!r}")
+    return float(p)
+
+
+def _check_raw(raw, block_shape) -> bool:
+    if raw and any(int(b) != 1 for b in block_shape):
+        raise ValueError(f"raw: signed scores need single-element blocks, got block_shape {tuple(block_shape)}")
+    return bool(raw)
+
+
+def _check_companion(t, x: torch.Tensor, what: str, shape, dtypes=_FLOATS) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what}: expected a tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{what}: dtype {t.dtype} not supported")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{what}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{what}: on {t.device} but x is on {x.device}")
+
+
+def block_norms(x: torch.Tensor, block_shape: Sequence[int], p: float = 2.0) -> torch.Tensor:
+    """Lp norm of every block of ``x``: (S0, S1, ...) -> grid (S0/b0, S1/b1, ...), x's dtype.
+
+    x may be any strided view (no copy is made). p > 0 or inf.
+    """
+    _check_layout(x, block_shape)
+    p = _check_p(p)
+    return _impl("block_norms", "scope")(x, list(block_shape), p)
+
+
+def scope_kth(x: torch.Tensor, block_shape: Sequence[int], scope_shape: Sequence[int], k: int, *,
+              p: float = 2.0, raw: bool = False, k_weight: float = 1.0, mid: bool = False) -> torch.Tensor:
+    """k-th largest block norm of every scope (scope-grid shaped, x's dtype).
+
+    ``mid``: ``(v_k + k_weight * v_{k+1}) / (1 + k_weight)``. NaN scores are skipped; a scope
+    with fewer than k valid scores gives -inf.
+    """
+    _, nb = _check_layout(x, block_shape, scope_shape)
+    p = _check_p(p)
+    raw = _check_raw(raw, block_shape)
+    k = _int(k, "k")
+    hi = nb - 1 if mid else nb
+    if not 1 <= k <= hi:
+        raise ValueError(f"k: expected 1 <= k <= {hi} ({nb} blocks per scope{', mid needs k+1' if mid else ''}), got {k}")
+    if isinstance(k_weight, bool) or not isinstance(k_weight, (int, float)) or not (0 <= k_weight < float("inf")):
+        raise ValueError(f"k_weight: expected a finite number >= 0, got {k_weight!r}")
+    return _impl("scope_kth", "scope")(x, list(block_shape), list(scope_shape), k, p, raw, float(k_weight), bool(mid))
+
+
+def _check_nnz(nnz, nb: int) -> int:
+    nnz = _int(nnz, "nnz")
+    if not 0 <= nnz <= nb:
+        raise ValueError(f"nnz: expected 0 <= nnz <= {nb} (blocks per scope), got {nnz}")
+    return nnz
+
+
+def scope_mask(x: torch.Tensor, block_shape: Sequence[int], scope_shape: Sequence[int], nnz: int, *,
+               p: float = 2.0, raw: bool = False, keep_ties: bool = False, expand: bool = True) -> torch.Tensor:
+    """Bool keep-mask of the ``nnz`` best blocks of every scope, in one pass over x.
+
+    Exactly nnz per scope (equal scores: lowest in-scope index) unless ``keep_ties``
+    (every block scoring >= the nnz-th largest). NaN scores are never kept.
+    ``expand``: element-shaped (x.shape, contiguous); else grid-shaped.
+    """
+    _, nb = _check_layout(x, block_shape, scope_shape)
+    p = _check_p(p)
+    raw = _check_raw(raw, block_shape)
+    nnz = _check_nnz(nnz, nb)
+    return _impl("scope_mask", "scope")(x, list(block_shape), list(scope_shape), nnz, p, raw, bool(keep_ties),
+                                        bool(expand))
+
+
+def scope_hard_threshold_(x: torch.Tensor, block_shape: Sequence[int], scope_shape: Sequence[int], nnz: int, *,
+                          values: Optional[torch.Tensor] = None, p: float = 2.0,
+                          keep_ties: bool = False) -> torch.Tensor:
+    """Zero, in place, every block of x outside the nnz best of its scope (scored on ``values``
+    when given, else on x). Returns the grid-shaped bool keep-mask. Validation happens before
+    x is touched."""
+    _, nb = _check_layout(x, block_shape, scope_shape)
+    p = _check_p(p)
+    nnz = _check_nnz(nnz, nb)
+    if values is not None:
+        _check_companion(values, x, "values", x.shape)
+    return _impl("scope_hard_threshold_", "scope")(x, values, list(block_shape), list(scope_shape), nnz, p,
+                                                   bool(keep_ties))
+
+
+def block_apply_mask_(x: torch.Tensor, block_shape: Sequence[int], block_mask: torch.Tensor) -> None:
+    """Set every element of the blocks where ``block_mask`` (grid-shaped bool) is False to exactly 0."""
+    grid, _ = _check_layout(x, block_shape)
+    _check_companion(block_mask, x, "block_mask", grid, (torch.bool,))
+    _impl("block_apply_mask_", "scope")(x, list(block_shape), block_mask)
+
+
+def block_soft_threshold_(x: torch.Tensor, block_shape: Sequence[int], thresholds: torch.Tensor, *,
+                          conditioner: Optional[torch.Tensor] = None, max_iter: int = 20, atol: float = 1e-8,
+                          eps: Optional[float] = None) -> None:
+    """Group-lasso proximal step on every block, in place (see the reference for the maths).
+
+    thresholds: grid-shaped, >= 0. conditioner: x-shaped positive diagonal metric (Adam's
+    denominator), solved per block by bisection. eps defaults to the dtype's machine epsilon.
+    """
+    grid, _ = _check_layout(x, block_shape)
+    _check_companion(thresholds, x, "thresholds", grid)
+    if conditioner is not None:
+        _check_companion(conditioner, x, "conditioner", x.shape)
+    max_iter = _int(max_iter, "max_iter")
+    if max_iter < 0:
+        raise ValueError(f"max_iter: expected >= 0, got {max_iter}")
+    if eps is None:
+        eps = float(torch.finfo(x.dtype).eps)
+    for name, v in (("atol", atol), ("eps", eps)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < float("inf")):
+            raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+    _impl("block_soft_threshold_", "scope")(x, list(block_shape), thresholds, conditioner, max_iter, float(atol),
+                                            float(eps))
+
+
 # --------------------------------------------------------------------------- fake impls + autograd
 
 if _ext.LOADED:
@@ -301,6 +468,33 @@ if _ext.LOADED:
     def _topk_select_segments_fake(scores, active, k):
         return scores[0].new_empty(k, dtype=torch.int64)
 
+    def _grid(x, block_shape):
+        return [n // b for n, b in zip(x.shape, block_shape)]
+
+    @torch.library.register_fake("gradkit::block_norms")
+    def _block_norms_fake(x, block_shape, p):
+        return x.new_empty(_grid(x, block_shape))
+
+    @torch.library.register_fake("gradkit::scope_kth")
+    def _scope_kth_fake(x, block_shape, scope_shape, k, p, raw, k_weight, mid):
+        return x.new_empty([g // s for g, s in zip(_grid(x, block_shape), scope_shape)])
+
+    @torch.library.register_fake("gradkit::scope_mask")
+    def _scope_mask_fake(x, block_shape, scope_shape, nnz, p, raw, keep_ties, expand):
+        return x.new_empty(list(x.shape) if expand else _grid(x, block_shape), dtype=torch.bool)
+
+    @torch.library.register_fake("gradkit::scope_hard_threshold_")
+    def _scope_hard_threshold_fake(x, values, block_shape, scope_shape, nnz, p, keep_ties):
+        return x.new_empty(_grid(x, block_shape), dtype=torch.bool)
+
+    @torch.library.register_fake("gradkit::block_apply_mask_")
+    def _block_apply_mask_fake(x, block_shape, block_mask):
+        return None
+
+    @torch.library.register_fake("gradkit::block_soft_threshold_")
+    def _block_soft_threshold_fake(x, block_shape, thresholds, conditioner, max_iter, atol, eps):
+        return None
+
     # gather and scatter are linear maps and each other's adjoint.
     def _gather_setup(ctx, inputs, output):
         src, index, _ = inputs
@@ -337,6 +531,13 @@ if _ext.LOADED:
                      "topk_select_segments"):
             if not _ext.has_kernel(name, "CUDA"):
                 torch.library.impl(f"gradkit::{name}", "CUDA")(getattr(_tri, name))
+        try:
+            from gradkit.kernels.triton import scope as _tri_scope
+        except Exception:  # pragma: no cover
+            return
+        for name in SCOPE_OPS:
+            if not _ext.has_kernel(name, "CUDA"):
+                torch.library.impl(f"gradkit::{name}", "CUDA")(getattr(_tri_scope, name))
 
     if torch.cuda.is_available():
         _register_triton_for_cuda()

@@ -1,0 +1,238 @@
+"""Plain-PyTorch oracles for the scope family (block norms, per-scope k-th largest,
+structured masks, hard / soft thresholding): the definition every backend must match.
+
+Layout. ``x`` has shape ``S`` (any strides). ``block_shape`` ``b`` (one entry per dim,
+each dividing ``S``) cuts it into a *block grid* of shape ``B = S // b``;
+``scope_shape`` ``s`` (in blocks, each dividing ``B``) groups the grid into *scopes*,
+a scope grid of shape ``G = B // s``. Within a scope the ``prod(s)`` blocks are
+numbered row-major over their in-scope coordinates; that number is the block's
+*in-scope index* (ties go to the lowest one).
+
+Scores. A block's score is ``sum |x|^p`` over its elements (``max |x|`` for
+``p = inf``), accumulated in float32 (float64 for float64 inputs). That is a monotone
+function of the block's Lp norm, so ranking by it ranks by norm; values returned to
+the user (``block_norms``, ``scope_kth``) are norms, ``score ** (1/p)``. With
+``raw=True`` the blocks must be single elements and the score is the signed value.
+
+Selection (``nnz`` blocks per scope, ``0 <= nnz <= prod(s)``):
+* default (exact): keep exactly ``nnz`` blocks per scope, the ``nnz`` largest scores,
+  an equal score going to the lower in-scope index, so N:M patterns always hold;
+* ``keep_ties``: keep every block whose score is ``>=`` the ``nnz``-th largest (the
+  seed's rule); ``nnz = 0`` keeps nothing.
+* NaN scores are never kept and never counted: a scope with fewer valid scores
+  than ``nnz`` keeps all of its valid ones. ``scope_kth`` returns ``-inf`` for such a
+  scope (every valid block passes a ``>=`` test against it).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def grid_of(shape: Sequence[int], block_shape: Sequence[int]) -> List[int]:
+    return [s // b for s, b in zip(shape, block_shape)]
+
+
+def _blocked(x: torch.Tensor, block_shape: Sequence[int]) -> torch.Tensor:
+    """(B0, b0, B1, b1, ...) view of a contiguous copy of x."""
+    inter = []
+    for s, b in zip(x.shape, block_shape):
+        inter += [s // b, b]
+    return x.contiguous().reshape(inter)
+
+
+def block_scores(x: torch.Tensor, block_shape: Sequence[int], p: float, raw: bool = False) -> torch.Tensor:
+    """Grid-shaped ranking scores (see module docstring), in the accumulation dtype."""
+    a = x.to(acc_dtype(x.dtype))
+    grid = grid_of(x.shape, block_shape)
+    if raw:
+        return a.contiguous().reshape(grid)
+    v = _blocked(a.abs(), block_shape)
+    red = tuple(range(1, 2 * x.dim(), 2))
+    if math.isinf(p):
+        if v.numel() == 0:
+            return v.sum(dim=red)
+        return v.amax(dim=red) if red else v
+    if p == 1:
+        return v.sum(dim=red)
+    if p == 2:
+        return (v * v).sum(dim=red)
+    return v.pow(p).sum(dim=red)
+
+
+def score_to_norm(s: torch.Tensor, p: float, raw: bool = False) -> torch.Tensor:
+    if raw or math.isinf(p) or p == 1:
+        return s
+    if p == 2:
+        return s.sqrt()
+    return s.pow(1.0 / p)
+
+
+def block_norms(x: torch.Tensor, block_shape: List[int], p: float) -> torch.Tensor:
+    """Lp norm of every block: grid-shaped, x's dtype."""
+    return score_to_norm(block_scores(x, block_shape, p), p).to(x.dtype)
+
+
+def to_scopes(g: torch.Tensor, scope_shape: Sequence[int]) -> torch.Tensor:
+    """Grid-shaped tensor -> (numscp, numblk_per_scope), scopes row-major over the scope grid."""
+    inter = []
+    for n, s in zip(g.shape, scope_shape):
+        inter += [n // s, s]
+    v = g.reshape(inter)
+    nd = g.dim()
+    v = v.permute(list(range(0, 2 * nd, 2)) + list(range(1, 2 * nd, 2)))
+    return v.reshape(math.prod(n // s for n, s in zip(g.shape, scope_shape)), math.prod(scope_shape))
+
+
+def from_scopes(r: torch.Tensor, grid: Sequence[int], scope_shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of ``to_scopes``."""
+    nd = len(grid)
+    sg = [n // s for n, s in zip(grid, scope_shape)]
+    v = r.reshape(list(sg) + list(scope_shape))
+    perm = []
+    for i in range(nd):
+        perm += [i, nd + i]
+    return v.permute(perm).reshape(list(grid))
+
+
+def select_rows(s: torch.Tensor, nnz: int, keep_ties: bool) -> torch.Tensor:
+    """(R, n) scores -> (R, n) bool keep mask, per the selection rules above."""
+    valid = ~torch.isnan(s)
+    if s.shape[1] == 0 or nnz == 0:
+        return torch.zeros_like(s, dtype=torch.bool)
+    if keep_ties:
+        kth = kth_rows(s, nnz)
+        return valid & (s >= kth.unsqueeze(1))
+    filled = torch.where(valid, s, torch.full_like(s, -math.inf))
+    order = torch.sort(filled, dim=1, descending=True, stable=True).indices
+    # NaNs after every valid score (a valid -inf included), keeping the order among valid ones.
+    inval = (~valid).gather(1, order).to(torch.uint8)
+    order = order.gather(1, torch.sort(inval, dim=1, stable=True).indices)
+    keep = torch.zeros_like(s, dtype=torch.bool)
+    keep.scatter_(1, order[:, :nnz], True)
+    return keep & valid
+
+
+def kth_rows(s: torch.Tensor, k: int) -> torch.Tensor:
+    """(R, n) -> (R,): k-th largest valid score per row; -inf where fewer than k are valid."""
+    filled = torch.where(torch.isnan(s), torch.full_like(s, -math.inf), s)
+    top = torch.sort(filled, dim=1, descending=True).values
+    return top[:, k - 1]
+
+
+def scope_kth(x: torch.Tensor, block_shape: List[int], scope_shape: List[int], k: int, p: float,
+              raw: bool, k_weight: float, mid: bool) -> torch.Tensor:
+    """Per scope: the k-th largest block norm (``mid``: ``(v_k + w v_{k+1}) / (1 + w)``); scope-grid shaped."""
+    sc = block_scores(x, block_shape, p, raw)
+    rows = to_scopes(sc, scope_shape)
+    v = score_to_norm(kth_rows(rows, k), p, raw)
+    if mid:
+        v1 = score_to_norm(kth_rows(rows, k + 1), p, raw)
+        v = (v + k_weight * v1) / (1.0 + k_weight)
+    sg = [n // s for n, s in zip(sc.shape, scope_shape)]
+    return v.reshape(sg).to(x.dtype)
+
+
+def expand_blocks(m: torch.Tensor, block_shape: Sequence[int]) -> torch.Tensor:
+    """Grid-shaped tensor -> element shape, each block's value repeated over the block."""
+    v = m
+    for i, b in enumerate(block_shape):
+        v = v.unsqueeze(2 * i + 1)
+    inter = []
+    for n, b in zip(m.shape, block_shape):
+        inter += [n, b]
+    return v.expand(inter).reshape([n * b for n, b in zip(m.shape, block_shape)])
+
+
+def scope_block_mask(x: torch.Tensor, block_shape: Sequence[int], scope_shape: Sequence[int], nnz: int,
+                     p: float, raw: bool, keep_ties: bool) -> torch.Tensor:
+    sc = block_scores(x, block_shape, p, raw)
+    keep = select_rows(to_scopes(sc, scope_shape), nnz, keep_ties)
+    return from_scopes(keep, list(sc.shape), scope_shape).contiguous()
+
+
+def scope_mask(x: torch.Tensor, block_shape: List[int], scope_shape: List[int], nnz: int, p: float,
+               raw: bool, keep_ties: bool, expand: bool) -> torch.Tensor:
+    """Bool keep-mask: element-shaped (contiguous) when ``expand``, else grid-shaped."""
+    bm = scope_block_mask(x, block_shape, scope_shape, nnz, p, raw, keep_ties)
+    return expand_blocks(bm, block_shape).contiguous() if expand else bm
+
+
+def block_apply_mask_(x: torch.Tensor, block_shape: List[int], block_mask: torch.Tensor) -> None:
+    """Set every element of the blocks where ``block_mask`` is False to exactly 0."""
+    em = expand_blocks(block_mask, block_shape)
+    x.masked_fill_(~em, 0)
+
+
+def scope_hard_threshold_(x: torch.Tensor, values: Optional[torch.Tensor], block_shape: List[int],
+                          scope_shape: List[int], nnz: int, p: float, keep_ties: bool) -> torch.Tensor:
+    """Zero x's blocks not selected (scores from ``values`` when given, else x); returns the grid keep-mask."""
+    bm = scope_block_mask(x if values is None else values, block_shape, scope_shape, nnz, p, False, keep_ties)
+    block_apply_mask_(x, block_shape, bm)
+    return bm
+
+
+def block_soft_threshold_(x: torch.Tensor, block_shape: List[int], thresholds: torch.Tensor,
+                          conditioner: Optional[torch.Tensor], max_iter: int, atol: float, eps: float) -> None:
+    """Group-lasso proximal step on every block, in place.
+
+    Euclidean (``conditioner`` None): ``x_b *= max(0, 1 - t_b / (||x_b||_2 + eps))``.
+    Diagonal metric ``h`` (``conditioner``, x-shaped, positive): the minimiser of
+    ``0.5 (y - x)^T diag(h) (y - x) + t ||y||_2`` per block, which is 0 when
+    ``||h x_b|| <= t_b`` and otherwise ``h x / (h + mu)`` with ``mu ||h x / (h + mu)|| = t``;
+    ``mu`` is found by bisection from ``[t h_min / (||h x|| - t), t h_max / (||h x|| - t)]``
+    (``max_iter`` halvings, or until the bracket is narrower than ``atol``). Single-element
+    blocks use the closed form ``x * max(0, 1 - (t / h) / (|x| + eps))``.
+    Blocks whose norm is NaN are set to 0 (never kept).
+    """
+    acc = acc_dtype(x.dtype)
+    xb = _blocked(x.to(acc), block_shape)
+    red = tuple(range(1, 2 * x.dim(), 2))
+    t = thresholds.to(acc).reshape(grid_of(x.shape, block_shape))
+    tb = expand_fake(t)
+    nb = math.prod(block_shape)
+    if conditioner is None or nb == 1:
+        if conditioner is not None:
+            hb = _blocked(conditioner.to(acc), block_shape)
+            tb = tb / hb
+        n = (xb * xb).sum(dim=red, keepdim=True).sqrt()
+        scale = (1 - tb / (n + eps)).clamp(min=0.0)
+        y = xb * scale
+        y = torch.where(torch.isnan(n), torch.zeros_like(y), y)
+    else:
+        hb = _blocked(conditioner.to(acc), block_shape)
+        hw = hb * xb
+        nhw = (hw * hw).sum(dim=red, keepdim=True).sqrt()
+        dead = ~(nhw > tb)
+        denom = (nhw - tb).clamp(min=0.0) + eps
+        lo = (tb * hb.amin(dim=red, keepdim=True) / denom).clamp(min=0.0)
+        hi = (tb * hb.amax(dim=red, keepdim=True) / denom).clamp(min=0.0)
+        done = torch.zeros_like(lo, dtype=torch.bool)
+        mu = (lo + hi) / 2
+        for _ in range(max_iter):
+            z = hw / (hb + mu)
+            zeta = mu * (z * z).sum(dim=red, keepdim=True).sqrt()
+            below = zeta < tb
+            lo = torch.where(done, lo, torch.where(below, mu, lo))
+            hi = torch.where(done, hi, torch.where(below, hi, mu))
+            mu = torch.where(done, mu, (lo + hi) / 2)
+            done = done | ((hi - lo).abs() < atol)
+            if bool(done.all()):
+                break
+        y = hw / (hb + mu)
+        y = torch.where(dead, torch.zeros_like(y), y)
+    x.copy_(y.reshape(x.shape).to(x.dtype))
+
+
+def expand_fake(t: torch.Tensor) -> torch.Tensor:
+    """(B0, B1, ...) -> (B0, 1, B1, 1, ...) for broadcasting against a blocked view."""
+    v = t
+    for i in range(t.dim()):
+        v = v.unsqueeze(2 * i + 1)
+    return v
