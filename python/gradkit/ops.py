@@ -385,6 +385,8 @@ def scope_hard_threshold_(x: torch.Tensor, block_shape: Sequence[int], scope_sha
     nnz = _check_nnz(nnz, nb)
     if values is not None:
         _check_companion(values, x, "values", x.shape)
+        if values.dtype != x.dtype:
+            raise TypeError(f"values: dtype {values.dtype} differs from x's {x.dtype}")
     return _impl("scope_hard_threshold_", "scope")(x, values, list(block_shape), list(scope_shape), nnz, p,
                                                    bool(keep_ties))
 

@@ -9,7 +9,7 @@ numbered row-major over their in-scope coordinates; that number is the block's
 *in-scope index* (ties go to the lowest one).
 
 Scores. A block's score is ``sum |x|^p`` over its elements (``max |x|`` for
-``p = inf``), accumulated in float32 (float64 for float64 inputs). That is a monotone
+``p = inf``; ``|x|`` for single-element blocks, whatever p), accumulated in float32 (float64 for float64 inputs). That is a monotone
 function of the block's Lp norm, so ranking by it ranks by norm; values returned to
 the user (``block_norms``, ``scope_kth``) are norms, ``score ** (1/p)``. With
 ``raw=True`` the blocks must be single elements and the score is the signed value.
@@ -53,6 +53,8 @@ def block_scores(x: torch.Tensor, block_shape: Sequence[int], p: float, raw: boo
     grid = grid_of(x.shape, block_shape)
     if raw:
         return a.contiguous().reshape(grid)
+    if math.prod(block_shape) == 1:  # single elements: |x| ranks like every |x|^p
+        return a.abs().contiguous().reshape(grid)
     v = _blocked(a.abs(), block_shape)
     red = tuple(range(1, 2 * x.dim(), 2))
     if math.isinf(p):
@@ -66,8 +68,8 @@ def block_scores(x: torch.Tensor, block_shape: Sequence[int], p: float, raw: boo
     return v.pow(p).sum(dim=red)
 
 
-def score_to_norm(s: torch.Tensor, p: float, raw: bool = False) -> torch.Tensor:
-    if raw or math.isinf(p) or p == 1:
+def score_to_norm(s: torch.Tensor, p: float, raw: bool = False, single: bool = False) -> torch.Tensor:
+    if raw or single or math.isinf(p) or p == 1:
         return s
     if p == 2:
         return s.sqrt()
@@ -76,7 +78,8 @@ def score_to_norm(s: torch.Tensor, p: float, raw: bool = False) -> torch.Tensor:
 
 def block_norms(x: torch.Tensor, block_shape: List[int], p: float) -> torch.Tensor:
     """Lp norm of every block: grid-shaped, x's dtype."""
-    return score_to_norm(block_scores(x, block_shape, p), p).to(x.dtype)
+    single = math.prod(block_shape) == 1
+    return score_to_norm(block_scores(x, block_shape, p), p, single=single).to(x.dtype)
 
 
 def to_scopes(g: torch.Tensor, scope_shape: Sequence[int]) -> torch.Tensor:
@@ -131,9 +134,10 @@ def scope_kth(x: torch.Tensor, block_shape: List[int], scope_shape: List[int], k
     """Per scope: the k-th largest block norm (``mid``: ``(v_k + w v_{k+1}) / (1 + w)``); scope-grid shaped."""
     sc = block_scores(x, block_shape, p, raw)
     rows = to_scopes(sc, scope_shape)
-    v = score_to_norm(kth_rows(rows, k), p, raw)
+    single = math.prod(block_shape) == 1
+    v = score_to_norm(kth_rows(rows, k), p, raw, single)
     if mid:
-        v1 = score_to_norm(kth_rows(rows, k + 1), p, raw)
+        v1 = score_to_norm(kth_rows(rows, k + 1), p, raw, single)
         v = (v + k_weight * v1) / (1.0 + k_weight)
     sg = [n // s for n, s in zip(sc.shape, scope_shape)]
     return v.reshape(sg).to(x.dtype)

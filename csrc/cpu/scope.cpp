@@ -1,0 +1,444 @@
+// CPU kernels of the scope family: block norms, per-scope k-th largest, structured masks,
+// in-place hard / soft thresholding. Semantics: python/gradkit/kernels/reference/scope.py.
+//
+// Every op walks the three-level layout of csrc/scope_layout.h (scope -> block -> element),
+// parallel over scopes; each scope's block scores are computed once (one read of x), the
+// selection runs on them in place (rank counting for small scopes, nth_element for large
+// ones), and the result is written straight out (mask, zeroed blocks, per-scope value).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../scope_layout.h"
+
+namespace gradkit {
+namespace scope {
+namespace {
+
+constexpr int64_t kSmallScope = 32;
+
+enum class Score { Raw, Abs, P1, P2, PInf, PGen };
+
+Score score_kind(bool raw, int64_t ne, double p) {
+  if (raw) return Score::Raw;
+  if (ne == 1) return Score::Abs;
+  if (p == 1.0) return Score::P1;
+  if (p == 2.0) return Score::P2;
+  if (std::isinf(p)) return Score::PInf;
+  return Score::PGen;
+}
+
+template <typename acc_t>
+inline acc_t finalize(Score k, acc_t s, acc_t inv_p) {
+  switch (k) {
+    case Score::P2: return std::sqrt(s);
+    case Score::PGen: return std::pow(s, inv_p);
+    default: return s;
+  }
+}
+
+// Offsets of one level for one set: i * stride when the level is (at most) one dim, else a table.
+struct Walk {
+  bool flat = true;
+  int64_t stride = 0;
+  std::vector<int64_t> tab;
+  Walk() = default;
+  Walk(const Level& L, int set) {
+    if (L.nd <= 1) {
+      flat = true;
+      stride = L.nd ? L.st[set][0] : 0;
+    } else {
+      flat = false;
+      tab = level_offsets(L, set);
+    }
+  }
+  inline int64_t operator[](int64_t i) const { return flat ? i * stride : tab[(size_t)i]; }
+};
+
+template <typename scalar_t, typename acc_t>
+struct Scorer {
+  Score kind;
+  acc_t p, inv_p;
+  int64_t ne;
+  const Walk* elem;  // element offsets (set of the scored tensor)
+
+  inline acc_t operator()(const scalar_t* b) const {
+    const Walk& w = *elem;
+    switch (kind) {
+      case Score::Raw: return static_cast<acc_t>(b[0]);
+      case Score::Abs: return std::abs(static_cast<acc_t>(b[0]));
+      case Score::P1: {
+        acc_t s = 0;
+        for (int64_t e = 0; e < ne; ++e) s += std::abs(static_cast<acc_t>(b[w[e]]));
+        return s;
+      }
+      case Score::P2: {
+        acc_t s = 0;
+        for (int64_t e = 0; e < ne; ++e) {
+          acc_t v = static_cast<acc_t>(b[w[e]]);
+          s += v * v;
+        }
+        return s;
+      }
+      case Score::PInf: {
+        acc_t m = 0;
+        bool nan = false;
+        for (int64_t e = 0; e < ne; ++e) {
+          acc_t v = std::abs(static_cast<acc_t>(b[w[e]]));
+          nan |= std::isnan(v);
+          m = v > m ? v : m;
+        }
+        return nan ? std::numeric_limits<acc_t>::quiet_NaN() : m;
+      }
+      case Score::PGen: {
+        acc_t s = 0;
+        for (int64_t e = 0; e < ne; ++e) s += std::pow(std::abs(static_cast<acc_t>(b[w[e]])), p);
+        return s;
+      }
+    }
+    return 0;
+  }
+};
+
+// ---------------------------------------------------------------- selection on one scope
+
+// Scope-local selection state, reused across the scopes a thread handles.
+template <typename acc_t>
+struct Selector {
+  std::vector<acc_t> s;
+  std::vector<uint8_t> keep;
+  std::vector<int32_t> idx;
+  explicit Selector(int64_t nb) : s((size_t)nb), keep((size_t)nb) {}
+
+  // better(a, b): a ranks before b (valid scores only).
+  inline bool better(int32_t a, int32_t b) const { return s[a] > s[b] || (s[a] == s[b] && a < b); }
+
+  void collect_valid(int64_t nb) {
+    idx.clear();
+    for (int64_t i = 0; i < nb; ++i)
+      if (!std::isnan(s[i])) idx.push_back((int32_t)i);
+  }
+
+  // keep[i] for the selection rules of the reference.
+  void select(int64_t nb, int64_t nnz, bool keep_ties) {
+    if (nb <= kSmallScope) {
+      for (int64_t i = 0; i < nb; ++i) {
+        const acc_t si = s[i];
+        if (std::isnan(si) || nnz == 0) {
+          keep[i] = 0;
+          continue;
+        }
+        int64_t r = 0;
+        if (keep_ties) {
+          for (int64_t j = 0; j < nb; ++j) r += s[j] > si;  // NaN compares false
+        } else {
+          for (int64_t j = 0; j < nb; ++j) r += (s[j] > si) | ((s[j] == si) & (j < i));
+        }
+        keep[i] = r < nnz;
+      }
+      return;
+    }
+    collect_valid(nb);
+    std::fill(keep.begin(), keep.begin() + nb, (uint8_t)0);
+    const int64_t nv = (int64_t)idx.size();
+    if (nnz == 0) return;
+    if (nnz >= nv) {
+      for (auto i : idx) keep[i] = 1;
+      return;
+    }
+    auto cmp = [this](int32_t a, int32_t b) { return better(a, b); };
+    std::nth_element(idx.begin(), idx.begin() + (nnz - 1), idx.end(), cmp);
+    if (keep_ties) {
+      const acc_t kth = s[idx[nnz - 1]];
+      for (int64_t i = 0; i < nb; ++i) keep[i] = s[i] >= kth;  // NaN compares false
+    } else {
+      for (int64_t r = 0; r < nnz; ++r) keep[idx[r]] = 1;
+    }
+  }
+
+  // (v_k, v_{k+1}) among valid scores, -inf where missing.
+  std::pair<acc_t, acc_t> kth(int64_t nb, int64_t k, bool want_next) {
+    const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+    collect_valid(nb);
+    const int64_t nv = (int64_t)idx.size();
+    acc_t vk = ninf, vk1 = ninf;
+    if (nv >= k) {
+      auto cmp = [this](int32_t a, int32_t b) { return better(a, b); };
+      std::nth_element(idx.begin(), idx.begin() + (k - 1), idx.end(), cmp);
+      vk = s[idx[k - 1]];
+      if (want_next && nv > k) {
+        vk1 = s[idx[k]];
+        for (int64_t r = k + 1; r < nv; ++r) vk1 = std::max(vk1, s[idx[r]]);
+      }
+    }
+    return {vk, vk1};
+  }
+};
+
+template <typename F>
+void for_scopes(const Layout& Y, int64_t work_per_scope, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, work_per_scope));
+  at::parallel_for(0, Y.numscp, grain, [&](int64_t b, int64_t e) {
+    Odometer o;
+    o.init(Y.lv[0], b);
+    f(b, e, o);
+  });
+}
+
+std::vector<int64_t> to_vec(c10::IntArrayRef a) { return std::vector<int64_t>(a.begin(), a.end()); }
+
+// ---------------------------------------------------------------- ops
+
+at::Tensor block_norms_cpu(const at::Tensor& x, c10::IntArrayRef block_shape, double p) {
+  check_layout(x, block_shape, c10::nullopt, "block_norms");
+  check_p(p, "block_norms");
+  auto grid = grid_shape(x, block_shape);
+  at::Tensor out = at::empty(grid, x.options());
+  if (out.numel() == 0) return out;
+  Layout Y = make_layout(x.sizes(), x.strides(), x.strides(), block_shape, {});
+  Walk we(Y.lv[2], kX);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "block_norms", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    Scorer<scalar_t, acc_t> sc{score_kind(false, Y.ne, p), (acc_t)p, (acc_t)(1.0 / p), Y.ne, &we};
+    for_scopes(Y, Y.ne, [&](int64_t b, int64_t e, Odometer& o) {
+      for (int64_t s = b; s < e; ++s, o.next())
+        op[o.off[kS]] = static_cast<scalar_t>(finalize<acc_t>(sc.kind, sc(xp + o.off[kX]), sc.inv_p));
+    });
+  });
+  return out;
+}
+
+at::Tensor scope_kth_cpu(const at::Tensor& x, c10::IntArrayRef block_shape, c10::IntArrayRef scope_shape, int64_t k,
+                         double p, bool raw, double k_weight, bool mid) {
+  check_layout(x, block_shape, scope_shape, "scope_kth");
+  check_p(p, "scope_kth");
+  check_raw(raw, block_shape, "scope_kth");
+  const int64_t nb = prod(scope_shape);
+  TORCH_CHECK_VALUE(k >= 1 && k <= (mid ? nb - 1 : nb), "scope_kth: k: expected 1 <= k <= ", mid ? nb - 1 : nb,
+                    ", got ", k);
+  TORCH_CHECK_VALUE(k_weight >= 0 && std::isfinite(k_weight), "scope_kth: k_weight: expected a finite number >= 0");
+  Layout Y = make_layout(x.sizes(), x.strides(), x.strides(), block_shape, scope_shape);
+  at::Tensor out = at::empty(Y.sgrid, x.options());
+  if (out.numel() == 0) return out;
+  Walk wb(Y.lv[1], kX), we(Y.lv[2], kX);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scope_kth", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    Scorer<scalar_t, acc_t> sc{score_kind(raw, Y.ne, p), (acc_t)p, (acc_t)(1.0 / p), Y.ne, &we};
+    for_scopes(Y, Y.nb * Y.ne, [&](int64_t b, int64_t e, Odometer& o) {
+      Selector<acc_t> sel(Y.nb);
+      for (int64_t s = b; s < e; ++s, o.next()) {
+        const scalar_t* base = xp + o.off[kX];
+        for (int64_t j = 0; j < Y.nb; ++j) sel.s[j] = sc(base + wb[j]);
+        auto [vk, vk1] = sel.kth(Y.nb, k, mid);
+        acc_t v = finalize<acc_t>(sc.kind, vk, sc.inv_p);
+        if (mid) v = (v + (acc_t)k_weight * finalize<acc_t>(sc.kind, vk1, sc.inv_p)) / (acc_t)(1.0 + k_weight);
+        op[o.off[kS]] = static_cast<scalar_t>(v);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor scope_mask_cpu(const at::Tensor& x, c10::IntArrayRef block_shape, c10::IntArrayRef scope_shape, int64_t nnz,
+                          double p, bool raw, bool keep_ties, bool expand) {
+  check_layout(x, block_shape, scope_shape, "scope_mask");
+  check_p(p, "scope_mask");
+  check_raw(raw, block_shape, "scope_mask");
+  const int64_t nb = prod(scope_shape);
+  TORCH_CHECK_VALUE(nnz >= 0 && nnz <= nb, "scope_mask: nnz: expected 0 <= nnz <= ", nb, ", got ", nnz);
+  Layout Y = make_layout(x.sizes(), x.strides(), x.strides(), block_shape, scope_shape);
+  at::Tensor out = expand ? at::empty(x.sizes(), x.options().dtype(at::kBool))
+                          : at::empty(Y.grid, x.options().dtype(at::kBool));
+  if (out.numel() == 0) return out;
+  const int set = expand ? kE : kB;
+  Walk wb(Y.lv[1], kX), we(Y.lv[2], kX), wbo(Y.lv[1], set), weo(Y.lv[2], kE);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scope_mask", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    bool* op = out.data_ptr<bool>();
+    Scorer<scalar_t, acc_t> sc{score_kind(raw, Y.ne, p), (acc_t)p, (acc_t)(1.0 / p), Y.ne, &we};
+    const bool per_elem = expand && Y.ne > 1;
+    for_scopes(Y, Y.nb * Y.ne, [&](int64_t b, int64_t e, Odometer& o) {
+      Selector<acc_t> sel(Y.nb);
+      for (int64_t s = b; s < e; ++s, o.next()) {
+        const scalar_t* base = xp + o.off[kX];
+        for (int64_t j = 0; j < Y.nb; ++j) sel.s[j] = sc(base + wb[j]);
+        sel.select(Y.nb, nnz, keep_ties);
+        bool* ob = op + o.off[set];
+        if (!per_elem) {
+          for (int64_t j = 0; j < Y.nb; ++j) ob[wbo[j]] = sel.keep[j];
+        } else {
+          for (int64_t j = 0; j < Y.nb; ++j) {
+            bool* oj = ob + wbo[j];
+            const bool kj = sel.keep[j];
+            for (int64_t q = 0; q < Y.ne; ++q) oj[weo[q]] = kj;
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor scope_hard_threshold_cpu(at::Tensor& x, const std::optional<at::Tensor>& values, c10::IntArrayRef block_shape,
+                                    c10::IntArrayRef scope_shape, int64_t nnz, double p, bool keep_ties) {
+  check_layout(x, block_shape, scope_shape, "scope_hard_threshold_");
+  check_p(p, "scope_hard_threshold_");
+  const int64_t nb = prod(scope_shape);
+  TORCH_CHECK_VALUE(nnz >= 0 && nnz <= nb, "scope_hard_threshold_: nnz: expected 0 <= nnz <= ", nb, ", got ", nnz);
+  at::Tensor v = values.has_value() ? *values : x;
+  if (values.has_value()) {
+    check_companion(v, x, x.sizes(), "values", "scope_hard_threshold_");
+    TORCH_CHECK_TYPE(v.scalar_type() == x.scalar_type(), "scope_hard_threshold_: values: dtype ", v.scalar_type(),
+                     " differs from x's ", x.scalar_type());
+  }
+  Layout Y = make_layout(x.sizes(), x.strides(), v.strides(), block_shape, scope_shape);
+  at::Tensor out = at::empty(Y.grid, x.options().dtype(at::kBool));
+  if (out.numel() == 0) return out;
+  Walk wbv(Y.lv[1], kV), wev(Y.lv[2], kV), wbx(Y.lv[1], kX), wex(Y.lv[2], kX), wbo(Y.lv[1], kB);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scope_hard_threshold_", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* vp = v.const_data_ptr<scalar_t>();
+    scalar_t* xp = x.data_ptr<scalar_t>();
+    bool* op = out.data_ptr<bool>();
+    Scorer<scalar_t, acc_t> sc{score_kind(false, Y.ne, p), (acc_t)p, (acc_t)(1.0 / p), Y.ne, &wev};
+    for_scopes(Y, Y.nb * Y.ne, [&](int64_t b, int64_t e, Odometer& o) {
+      Selector<acc_t> sel(Y.nb);
+      for (int64_t s = b; s < e; ++s, o.next()) {
+        const scalar_t* vb = vp + o.off[kV];
+        for (int64_t j = 0; j < Y.nb; ++j) sel.s[j] = sc(vb + wbv[j]);
+        sel.select(Y.nb, nnz, keep_ties);
+        scalar_t* xb = xp + o.off[kX];
+        bool* ob = op + o.off[kB];
+        for (int64_t j = 0; j < Y.nb; ++j) {
+          ob[wbo[j]] = sel.keep[j];
+          if (!sel.keep[j]) {
+            scalar_t* xj = xb + wbx[j];
+            for (int64_t q = 0; q < Y.ne; ++q) xj[wex[q]] = scalar_t(0);
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+void block_apply_mask_cpu(at::Tensor& x, c10::IntArrayRef block_shape, const at::Tensor& block_mask) {
+  check_layout(x, block_shape, c10::nullopt, "block_apply_mask_");
+  auto grid = grid_shape(x, block_shape);
+  check_companion(block_mask, x, grid, "block_mask", "block_apply_mask_", true);
+  if (x.numel() == 0) return;
+  at::Tensor m = block_mask.contiguous();
+  Layout Y = make_layout(x.sizes(), x.strides(), x.strides(), block_shape, {});
+  Walk wex(Y.lv[2], kX);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "block_apply_mask_", [&] {
+    scalar_t* xp = x.data_ptr<scalar_t>();
+    const bool* mp = m.const_data_ptr<bool>();
+    for_scopes(Y, Y.ne, [&](int64_t b, int64_t e, Odometer& o) {
+      for (int64_t s = b; s < e; ++s, o.next()) {
+        if (mp[o.off[kS]]) continue;
+        scalar_t* xb = xp + o.off[kX];
+        for (int64_t q = 0; q < Y.ne; ++q) xb[wex[q]] = scalar_t(0);
+      }
+    });
+  });
+}
+
+void block_soft_threshold_cpu(at::Tensor& x, c10::IntArrayRef block_shape, const at::Tensor& thresholds,
+                              const std::optional<at::Tensor>& conditioner, int64_t max_iter, double atol, double eps) {
+  const char* op = "block_soft_threshold_";
+  check_layout(x, block_shape, c10::nullopt, op);
+  auto grid = grid_shape(x, block_shape);
+  check_companion(thresholds, x, grid, "thresholds", op);
+  if (conditioner.has_value()) check_companion(*conditioner, x, x.sizes(), "conditioner", op);
+  TORCH_CHECK_VALUE(max_iter >= 0, op, ": max_iter: expected >= 0, got ", max_iter);
+  TORCH_CHECK_VALUE(atol >= 0 && eps >= 0, op, ": atol and eps must be >= 0");
+  if (x.numel() == 0) return;
+  const at::ScalarType acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor t = thresholds.to(acc_type).contiguous();
+  at::Tensor h = conditioner.has_value() ? conditioner->to(acc_type) : at::Tensor();
+  Layout Y = make_layout(x.sizes(), x.strides(), h.defined() ? h.strides() : x.strides(), block_shape, {});
+  Walk wex(Y.lv[2], kX), wev(Y.lv[2], kV);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "block_soft_threshold_", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    scalar_t* xp = x.data_ptr<scalar_t>();
+    const acc_t* tp = t.const_data_ptr<acc_t>();
+    const acc_t* hp = h.defined() ? h.const_data_ptr<acc_t>() : nullptr;
+    const acc_t ep = (acc_t)eps;
+    const int64_t ne = Y.ne;
+    for_scopes(Y, ne * (hp ? max_iter + 2 : 2), [&](int64_t b, int64_t e, Odometer& o) {
+      std::vector<acc_t> w((size_t)ne), hh((size_t)ne);
+      for (int64_t s = b; s < e; ++s, o.next()) {
+        scalar_t* xb = xp + o.off[kX];
+        acc_t tb = tp[o.off[kS]];
+        for (int64_t q = 0; q < ne; ++q) w[q] = static_cast<acc_t>(xb[wex[q]]);
+        if (hp == nullptr || ne == 1) {
+          if (hp) tb = tb / hp[o.off[kV] + wev[0]];
+          acc_t n2 = 0;
+          for (int64_t q = 0; q < ne; ++q) n2 += w[q] * w[q];
+          const acc_t n = std::sqrt(n2);
+          acc_t scale = 1 - tb / (n + ep);
+          scale = scale > 0 ? scale : acc_t(0);
+          if (std::isnan(n)) scale = 0;
+          for (int64_t q = 0; q < ne; ++q) {
+            acc_t y = w[q] * scale;
+            xb[wex[q]] = static_cast<scalar_t>(std::isnan(n) ? acc_t(0) : y);
+          }
+          continue;
+        }
+        const acc_t* hb = hp + o.off[kV];
+        acc_t hmin = std::numeric_limits<acc_t>::infinity(), hmax = -hmin, nhw2 = 0;
+        for (int64_t q = 0; q < ne; ++q) {
+          hh[q] = hb[wev[q]];
+          hmin = std::min(hmin, hh[q]);
+          hmax = std::max(hmax, hh[q]);
+          w[q] *= hh[q];  // w := h * x
+          nhw2 += w[q] * w[q];
+        }
+        const acc_t nhw = std::sqrt(nhw2);
+        if (!(nhw > tb)) {
+          for (int64_t q = 0; q < ne; ++q) xb[wex[q]] = scalar_t(0);
+          continue;
+        }
+        const acc_t denom = (nhw - tb) + ep;
+        acc_t lo = std::max(acc_t(0), tb * hmin / denom), hi = std::max(acc_t(0), tb * hmax / denom);
+        acc_t mu = (lo + hi) / 2;
+        for (int64_t it = 0; it < max_iter; ++it) {
+          acc_t z2 = 0;
+          for (int64_t q = 0; q < ne; ++q) {
+            acc_t z = w[q] / (hh[q] + mu);
+            z2 += z * z;
+          }
+          const acc_t zeta = mu * std::sqrt(z2);
+          if (zeta < tb) lo = mu; else hi = mu;
+          mu = (lo + hi) / 2;
+          if (std::abs(hi - lo) < (acc_t)atol) break;
+        }
+        for (int64_t q = 0; q < ne; ++q) xb[wex[q]] = static_cast<scalar_t>(w[q] / (hh[q] + mu));
+      }
+    });
+  });
+}
+
+}  // namespace
+}  // namespace scope
+}  // namespace gradkit
+
+TORCH_LIBRARY_IMPL(gradkit, CPU, m) {
+  using namespace gradkit::scope;
+  m.impl("block_norms", &block_norms_cpu);
+  m.impl("scope_kth", &scope_kth_cpu);
+  m.impl("scope_mask", &scope_mask_cpu);
+  m.impl("scope_hard_threshold_", &scope_hard_threshold_cpu);
+  m.impl("block_apply_mask_", &block_apply_mask_cpu);
+  m.impl("block_soft_threshold_", &block_soft_threshold_cpu);
+}
