@@ -1,10 +1,13 @@
 """gradkit: fast kernels for gradient-based parameter selection, OBS pruning and gradient compression.
 
 Public API: ``gradkit.ParamMap`` (param-map gather/scatter/prune/save/load),
-``gradkit.ops`` (the functional op surface), ``gradkit.compat.gradiend.accelerate``.
+``gradkit.scope`` (structured sparsity: View / BlockSpec / ScopeSpec / couplings),
+``gradkit.ops`` (the functional op surface), ``gradkit.compat.gradiend.accelerate``,
+``gradkit.compat.sparsekit`` (SparseKit's names over gradkit's kernels).
 """
 from gradkit import _ext, ops  # noqa: F401  (_ext loads the compiled ops)
+from gradkit import scope  # noqa: F401
 from gradkit.parammap import ParamMap
 
 __version__ = "0.1.0"
-__all__ = ["ParamMap", "ops", "__version__"]
+__all__ = ["ParamMap", "ops", "scope", "__version__"]

@@ -1,0 +1,991 @@
+"""Structured-sparsity selection: views, blocks, scopes and their couplings.
+
+The vocabulary follows SparseKit's ``ScopeSpec`` / ``ScopeCoupling`` (see
+``gradkit.compat.sparsekit`` for a drop-in import):
+
+* :class:`View` - a zero-copy strided view over a parameter (e.g. columns 8 apart paired
+  for coupled 2:4), with linear offsets back into the parameter;
+* :class:`BlockSpec` - a tensor (or View) cut into a grid of blocks; :class:`BlockCoupling` -
+  blocks of several parameters that live or die together;
+* :class:`ScopeSpec` - the block grid cut into scopes, the units inside which blocks compete;
+  :class:`ScopeCoupling` - scope grids of several parameters aligned by dim permutations, so
+  their blocks compete jointly.
+
+Selection keeps ``nnz`` blocks per scope. ``ties="exact"`` (default) keeps exactly ``nnz``
+(equal scores: lowest in-scope index), so an N:M pattern always holds; ``ties="keep"`` keeps
+every block scoring ``>=`` the nnz-th largest (SparseKit's rule; can exceed nnz). NaN scores
+are never kept. Every heavy step runs in one fused kernel (``gradkit.ops.scope_*``).
+
+Where SparseKit 0.1.5 is wrong, gradkit does not follow it:
+``soft_threshold(scale=True)`` scales by sqrt(elements per *block*) (SparseKit: the whole
+tensor's element count); ``numel_per_scope`` counts elements (SparseKit: blocks);
+``ScopeCoupling.hard_threshold(values=...)`` compares the thresholds with ``values``' norms
+(SparseKit: with the weights' own norms); ScopeSpec and ScopeCoupling break ties the same way;
+a block whose norm is NaN is zeroed by ``hard_threshold`` (SparseKit keeps it: NaN < t is False).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from gradkit import ops
+
+__all__ = ["View", "BlockSpec", "BlockCoupling", "ScopeSpec", "ScopeCoupling", "CouplingError",
+           "ShapeMismatchError", "Values", "semi_structured", "check_nm"]
+
+Values = Union[Tensor, Mapping[Any, Tensor], None]
+_TIES = ("exact", "keep")
+
+
+class CouplingError(ValueError):
+    """Coupled blocks or scopes whose grids do not line up."""
+
+
+class ShapeMismatchError(ValueError):
+    """A tensor whose shape does not match what the spec needs."""
+
+    def __init__(self, expected, got, context: str = ""):
+        msg = f"expected shape {tuple(expected)}, got {tuple(got)}"
+        super().__init__(f"{context}: {msg}" if context else msg)
+
+
+def _ties(ties: str) -> bool:
+    if ties not in _TIES:
+        raise ValueError(f"ties: expected 'exact' or 'keep', got {ties!r}")
+    return ties == "keep"
+
+
+def _check_order(order, nd: int, what: str) -> Tuple[int, ...]:
+    if not order:
+        return tuple(range(nd))
+    o = tuple(int(i) for i in order)
+    if sorted(o) != list(range(nd)):
+        raise ValueError(f"{what}: expected a permutation of 0..{nd - 1}, got {tuple(order)}")
+    return o
+
+
+def _inverse(perm: Sequence[int]) -> Tuple[int, ...]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
+
+
+# --------------------------------------------------------------------------- View
+
+
+class View:
+    """A strided view ``(shape, stride, offset)`` of a contiguous parameter, in elements.
+
+    ``data`` is a live ``as_strided`` view: in-place pruning writes straight into the
+    parameter. Construction checks that the view stays inside the parameter and does not
+    cover an element twice (in-place updates through an overlapping view are ill-defined).
+    """
+
+    def __init__(self, param: Tensor, shape: Sequence[int], stride: Sequence[int], offset: int = 0):
+        if not isinstance(param, Tensor):
+            raise TypeError(f"View: param: expected a tensor or Parameter, got {type(param).__name__}")
+        shape, stride = tuple(int(s) for s in shape), tuple(int(s) for s in stride)
+        if len(shape) != len(stride):
+            raise ValueError(f"View: shape has {len(shape)} dims but stride has {len(stride)}")
+        if any(s < 0 for s in shape) or any(d < 0 for d in stride) or offset < 0:
+            raise ValueError(f"View: sizes, strides and offset must be >= 0, got shape={shape} stride={stride} "
+                             f"offset={offset}")
+        if not param.is_contiguous():
+            raise ValueError("View: param must be contiguous (linear offsets are row-major positions in it)")
+        self.param, self.shape, self.stride, self.offset = param, shape, stride, int(offset)
+        if math.prod(shape) > 0:
+            top = offset + sum((s - 1) * d for s, d in zip(shape, stride))
+            if top >= param.numel():
+                raise ValueError(f"View reaches outside its parameter: linear offset {top} >= param.numel() "
+                                 f"{param.numel()} (param shape {tuple(param.shape)}, view shape {shape}, "
+                                 f"stride {stride}, offset {offset})")
+            reach = -1
+            for s, d in sorted((sd for sd in zip(shape, stride) if sd[0] > 1), key=lambda sd: sd[1]):
+                if d <= reach:
+                    raise ValueError(f"View: shape {shape} with stride {stride} covers some elements twice")
+                reach += (s - 1) * d
+        self._hash = hash((id(param), shape, stride, offset))
+
+    @classmethod
+    def from_existing(cls, param: Union[Tensor, "View"]) -> "View":
+        if isinstance(param, View):
+            return param
+        if not isinstance(param, Tensor):
+            raise TypeError(f"expected a tensor, Parameter or View, got {type(param).__name__}")
+        return cls(param, tuple(param.shape), torch.empty(param.shape, device="meta").stride())
+
+    @classmethod
+    def pairs(cls, param: Tensor, period: int = 16, distance: int = 8) -> "View":
+        """Columns ``j`` and ``j + distance`` of every ``period``-column tile as the last dim (size 2):
+        shape ``(rows, cols // period, distance, 2)``. With ``BlockSpec(v, (1, 1, 1, 2))`` and
+        ``ScopeSpec(b, (1, 1, 4, 1))`` and nnz=2 this is the coupled 2:4 pattern."""
+        r, c = param.shape
+        if period != 2 * distance or c % period:
+            raise ValueError(f"View.pairs: need period == 2 * distance and cols % period == 0, got "
+                             f"period={period}, distance={distance}, cols={c}")
+        return cls(param, (r, c // period, distance, 2), (c, period, 1, distance))
+
+    @classmethod
+    def row_pairs(cls, param: Tensor, chunk: int = 16, distance: int = 8) -> "View":
+        """Rows ``p`` and ``p + distance`` of every ``chunk``-row chunk as dim 2 (size 2):
+        shape ``(rows // chunk, distance, 2, cols)``. ``BlockSpec(v, (1, 1, 1, 16))`` with
+        ``ScopeSpec(b, (1, 1, 2, 1))`` and nnz=1: 16-column blocks with 8-row coupling."""
+        r, c = param.shape
+        if chunk != 2 * distance or r % chunk:
+            raise ValueError(f"View.row_pairs: need chunk == 2 * distance and rows % chunk == 0, got "
+                             f"chunk={chunk}, distance={distance}, rows={r}")
+        return cls(param, (r // chunk, distance, 2, c), (chunk * c, c, distance * c, 1))
+
+    @property
+    def data(self) -> Tensor:
+        p = self.param.data
+        return p.as_strided(self.shape, self.stride, p.storage_offset() + self.offset)
+
+    @data.setter
+    def data(self, value: Tensor) -> None:
+        self.data.copy_(value)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def cosize(self) -> int:
+        """One past the largest linear offset the view reaches (relative to ``offset``)."""
+        return sum((s - 1) * d for s, d in zip(self.shape, self.stride)) + 1
+
+    def linear_offset(self, idx: Tensor) -> Tensor:
+        """``(..., ndim)`` view coordinates -> ``(...,)`` flat positions in the parameter."""
+        s = torch.tensor(self.stride, device=idx.device, dtype=idx.dtype)
+        return (idx * s).sum(dim=-1) + self.offset
+
+    def offsets(self) -> Tensor:
+        """View-shaped int64 tensor of every element's flat position in the parameter."""
+        ar = torch.arange(self.param.numel(), device=self.param.device)
+        return ar.as_strided(self.shape, self.stride, self.offset)
+
+    def to_param_rc(self, idx: Tensor) -> Tuple[Tensor, Tensor]:
+        if self.param.dim() != 2:
+            raise ValueError("to_param_rc: the parameter is not 2-D")
+        flat = self.linear_offset(idx)
+        return flat // self.param.shape[1], flat % self.param.shape[1]
+
+    def resolve(self, values: Tensor, what: str = "values") -> Tensor:
+        """A view-shaped tensor from view-shaped or parameter-shaped ``values``."""
+        if not isinstance(values, Tensor):
+            raise TypeError(f"{what}: expected a tensor, got {type(values).__name__}")
+        if tuple(values.shape) == self.shape:
+            return values
+        if tuple(values.shape) == tuple(self.param.shape):
+            v = values.contiguous()
+            return v.as_strided(self.shape, self.stride, v.storage_offset() + self.offset)
+        raise ShapeMismatchError(self.shape, values.shape, f"{what} (or the parameter's {tuple(self.param.shape)})")
+
+    def to_param(self, view_mask: Tensor, fill: bool = True) -> Tensor:
+        """A parameter-shaped bool mask: ``view_mask`` where the view reaches, ``fill`` elsewhere."""
+        if self.shape == tuple(self.param.shape) and self.stride == self.param.stride() and self.offset == 0:
+            return view_mask.contiguous()
+        out = torch.full(self.param.shape, fill, dtype=torch.bool, device=view_mask.device)
+        out.as_strided(self.shape, self.stride, self.offset).copy_(view_mask)
+        return out
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, View):
+            return NotImplemented
+        return (self.param is other.param and self.shape == other.shape and self.stride == other.stride
+                and self.offset == other.offset)
+
+    def __repr__(self) -> str:
+        return f"View(param.shape={tuple(self.param.shape)}, shape={self.shape}, stride={self.stride}, " \
+               f"offset={self.offset})"
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+def _expand(block_values: Tensor, block_shape: Sequence[int]) -> Tensor:
+    v = block_values
+    for i in range(len(block_shape)):
+        v = v.unsqueeze(2 * i + 1)
+    inter = []
+    for n, b in zip(block_values.shape, block_shape):
+        inter += [n, b]
+    return v.expand(inter).reshape([n * b for n, b in zip(block_values.shape, block_shape)])
+
+
+def _blocked(t: Tensor, block_shape: Sequence[int]) -> Tensor:
+    """(B0, b0, B1, b1, ...) zero-copy view of any strided t."""
+    size, stride = [], []
+    for n, b, d in zip(t.shape, block_shape, t.stride()):
+        size += [n // b, b]
+        stride += [b * d, d]
+    return t.as_strided(size, stride, t.storage_offset())
+
+
+class SparseBlock:
+    """Common interface of BlockSpec and BlockCoupling."""
+
+    grid_shape: Tuple[int, ...]
+
+    @property
+    def grid_ndim(self) -> int:
+        return len(self.grid_shape)
+
+    def numblk(self) -> int:
+        return math.prod(self.grid_shape)
+
+    def numel(self) -> int:
+        return self.numblk() * self.numel_per_block()
+
+    def __str__(self) -> str:
+        return repr(self)
+
+
+class BlockSpec(SparseBlock):
+    """A tensor (or View) as a grid of blocks of ``shape`` (-1: the whole dim; () : 1 per dim)."""
+
+    def __init__(self, view: Union[Tensor, View], shape: Sequence[int] = (), name: Optional[str] = None):
+        self.view = View.from_existing(view)
+        self.name = name
+        shape = tuple(int(b) for b in shape)
+        if not shape:
+            shape = (1,) * self.view.ndim
+        if len(shape) != self.view.ndim:
+            raise ValueError(f"BlockSpec {name or ''}: block shape {shape} has {len(shape)} dims but the tensor "
+                             f"is {self.view.ndim}-D {self.view.shape}")
+        shape = tuple(self.view.shape[i] if b == -1 else b for i, b in enumerate(shape))
+        for i, (n, b) in enumerate(zip(self.view.shape, shape)):
+            if b < 1 or n % b:
+                raise ValueError(f"BlockSpec {name or ''}: dim {i}: size {n} not divisible by block shape[{i}]={b}")
+        self.shape = shape
+        self.grid_shape = tuple(n // b for n, b in zip(self.view.shape, shape))
+
+    # --- structure
+    @property
+    def ndim(self) -> int:
+        return self.view.ndim
+
+    @property
+    def data(self) -> Tensor:
+        return self.view.data
+
+    def set_data(self, data: Tensor) -> None:
+        self.view.data.copy_(data)
+
+    def numel_per_block(self) -> int:
+        return math.prod(self.shape)
+
+    def blocks(self) -> List["BlockSpec"]:
+        return [self]
+
+    def parameters(self) -> List[View]:
+        return [self.view]
+
+    def nnz(self, eps: float = 1e-8) -> int:
+        """Elements with |x| > eps."""
+        return int((self.view.data.abs() > eps).sum())
+
+    # --- values
+    def resolve(self, values: Values, what: str = "values") -> Tensor:
+        if values is None:
+            return self.view.data
+        if isinstance(values, Mapping):
+            if self not in values:
+                raise KeyError(f"{what}: no entry for {self!r}")
+            values = values[self]
+        return self.view.resolve(values, what)
+
+    _resolve_values = resolve
+
+    def block_view(self, values: Values = None, reorder: bool = True, merge: bool = False) -> Tensor:
+        t = _blocked(self.resolve(values), self.shape)
+        if reorder or merge:
+            nd = self.ndim
+            t = t.permute(list(range(0, 2 * nd, 2)) + list(range(1, 2 * nd, 2)))
+            if merge:
+                t = t.reshape(*self.grid_shape, -1)
+        return t
+
+    def broadcast_block_to_element(self, block_values: Tensor, fake: bool = False) -> Tensor:
+        if tuple(block_values.shape) != self.grid_shape:
+            raise ShapeMismatchError(self.grid_shape, block_values.shape, "block values")
+        if fake:
+            v = block_values
+            for i in range(self.ndim):
+                v = v.unsqueeze(2 * i + 1)
+            return v
+        return _expand(block_values, self.shape)
+
+    # --- reductions
+    def norms(self, values: Values = None, p: float = 2) -> Tensor:
+        """Lp norm of every block (grid-shaped), one fused pass, no copy of strided views."""
+        return ops.block_norms(self.resolve(values), self.shape, p)
+
+    def min(self, values: Values = None) -> Tensor:
+        return torch.amin(_blocked(self.resolve(values), self.shape), dim=tuple(range(1, 2 * self.ndim, 2)))
+
+    def max(self, values: Values = None) -> Tensor:
+        return torch.amax(_blocked(self.resolve(values), self.shape), dim=tuple(range(1, 2 * self.ndim, 2)))
+
+    # --- in-place updates
+    def _check_grid(self, t: Tensor, what: str) -> None:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{what}: expected a tensor, got {type(t).__name__}")
+        if tuple(t.shape) != self.grid_shape:
+            raise ShapeMismatchError(self.grid_shape, t.shape, what)
+
+    def keep_blocks(self, keep: Tensor) -> None:
+        """Zero every block where the grid-shaped bool ``keep`` is False (exact zeros)."""
+        self._check_grid(keep, "keep")
+        ops.block_apply_mask_(self.view.data, self.shape, keep.to(torch.bool))
+
+    def apply_mask(self, mask: Tensor) -> None:
+        """Zero every block where ``mask`` is True (SparseKit's convention: the mask marks pruned blocks)."""
+        self._check_grid(mask, "mask")
+        self.keep_blocks(~mask.to(torch.bool))
+
+    def apply_multiplier(self, multiplier: Tensor) -> None:
+        """Multiply every block by its grid entry, in place."""
+        self._check_grid(multiplier, "multiplier")
+        _blocked(self.view.data, self.shape).mul_(self.broadcast_block_to_element(multiplier, fake=True))
+
+    def hard_threshold(self, thresholds: Tensor, values: Values = None, p: float = 2) -> Tensor:
+        """Zero blocks whose norm (of ``values``, else of the weights) is below ``thresholds``
+        (grid-shaped) or NaN. Returns the grid keep-mask."""
+        self._check_grid(thresholds, "thresholds")
+        keep = self.norms(values, p) >= thresholds.to(self.view.data.dtype)
+        ops.block_apply_mask_(self.view.data, self.shape, keep)
+        return keep
+
+    def soft_threshold(self, block_thresholds: Tensor, conditioners: Values = None, max_iter: int = 20,
+                       atol: float = 1e-8, eps: Optional[float] = None) -> None:
+        """Group-lasso proximal step per block (diagonal metric ``conditioners`` solved by bisection)."""
+        self._check_grid(block_thresholds, "thresholds")
+        cond = None if conditioners is None else self.resolve(conditioners, "conditioners")
+        ops.block_soft_threshold_(self.view.data, self.shape, block_thresholds, conditioner=cond,
+                                  max_iter=max_iter, atol=atol, eps=eps)
+
+    # --- masks
+    def get_masks(self, block_masks: Tensor) -> Dict["BlockSpec", Tensor]:
+        """Grid-shaped bool keep-mask -> {self: element mask (view-shaped)}."""
+        return {self: self.broadcast_block_to_element(block_masks)}
+
+    def __repr__(self) -> str:
+        return f"BlockSpec(shape={self.shape}, grid_shape={self.grid_shape}, name={self.name!r})"
+
+    def __hash__(self) -> int:
+        return hash((self.view, self.shape))
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, BlockSpec):
+            return NotImplemented
+        return self.view == other.view and self.shape == other.shape
+
+
+class BlockCoupling(SparseBlock):
+    """Blocks of several BlockSpecs pruned together: block (i...) of the coupling is the union of
+    each spec's block at the position its ``orders`` permutation maps to. Norms combine over the
+    union (``(sum_s n_s^p)^(1/p)``)."""
+
+    def __init__(self, specs: Sequence[BlockSpec], orders: Optional[Sequence[Sequence[int]]] = None,
+                 name: Optional[str] = None):
+        specs = list(specs)
+        if not specs:
+            raise ValueError("BlockCoupling: specs is empty")
+        for s in specs:
+            if not isinstance(s, BlockSpec):
+                raise TypeError(f"BlockCoupling: specs: expected BlockSpec, got {type(s).__name__}")
+        if not orders:
+            orders = [()] * len(specs)
+        if len(orders) != len(specs):
+            raise ValueError(f"BlockCoupling: {len(orders)} orders for {len(specs)} specs")
+        self.specs, self.name = specs, name
+        self.orders = [_check_order(o, len(s.grid_shape), f"orders[{i}]") for i, (o, s) in
+                       enumerate(zip(orders, specs))]
+        ref = tuple(specs[0].grid_shape[i] for i in self.orders[0])
+        for s, o in zip(specs, self.orders):
+            g = tuple(s.grid_shape[i] for i in o)
+            if g != ref:
+                raise CouplingError(f"BlockCoupling {name or ''}: incompatible block grids: {g} (spec {s.name or '?'}, "
+                                    f"grid {s.grid_shape} after order {o}) vs {ref} (spec {specs[0].name or '?'})")
+        self._reverse_orders = [_inverse(o) for o in self.orders]
+        self.grid_shape = ref
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return (-1,) * len(self.grid_shape)
+
+    @property
+    def data(self) -> Dict[BlockSpec, Tensor]:
+        return {s: s.view.data for s in self.specs}
+
+    def numel_per_block(self) -> int:
+        return sum(s.numel_per_block() for s in self.specs)
+
+    def blocks(self) -> List[BlockSpec]:
+        return list(self.specs)
+
+    def parameters(self) -> List[View]:
+        return [s.view for s in self.specs]
+
+    def nnz(self, eps: float = 1e-8) -> int:
+        return sum(s.nnz(eps) for s in self.specs)
+
+    def _values_for(self, values: Values, s: BlockSpec) -> Values:
+        if values is None:
+            return None
+        if isinstance(values, Mapping):
+            return values
+        raise ValueError("values: a BlockCoupling needs None or a mapping {BlockSpec: tensor}")
+
+    def _to_common(self, t: Tensor, i: int) -> Tensor:
+        return t.permute(self.orders[i])
+
+    def _from_common(self, t: Tensor, i: int) -> Tensor:
+        return t.permute(self._reverse_orders[i]).contiguous()
+
+    def norms(self, values: Values = None, p: float = 2) -> Tensor:
+        parts = [self._to_common(s.norms(self._values_for(values, s), p), i) for i, s in enumerate(self.specs)]
+        acc = torch.float64 if parts[0].dtype == torch.float64 else torch.float32
+        if math.isinf(p):
+            out = parts[0].to(acc)
+            for q in parts[1:]:
+                out = torch.maximum(out, q.to(acc))
+            return out
+        tot = sum(q.to(acc) ** p for q in parts)
+        return tot.sqrt() if p == 2 else tot ** (1.0 / p)
+
+    def min(self, values: Values = None) -> Tensor:
+        parts = [self._to_common(s.min(self._values_for(values, s)), i) for i, s in enumerate(self.specs)]
+        return torch.stack(parts).amin(0)
+
+    def max(self, values: Values = None) -> Tensor:
+        parts = [self._to_common(s.max(self._values_for(values, s)), i) for i, s in enumerate(self.specs)]
+        return torch.stack(parts).amax(0)
+
+    def block_view(self, values: Values = None, reorder: bool = True, merge: bool = False) -> Tensor:
+        parts = []
+        for i, s in enumerate(self.specs):
+            m = s.block_view(self._values_for(values, s), merge=True)
+            parts.append(m.permute(*self.orders[i], len(self.orders[i])))
+        return torch.cat(parts, dim=-1)
+
+    def _check_grid(self, t: Tensor, what: str) -> None:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{what}: expected a tensor, got {type(t).__name__}")
+        if tuple(t.shape) != self.grid_shape:
+            raise ShapeMismatchError(self.grid_shape, t.shape, what)
+
+    def keep_blocks(self, keep: Tensor) -> None:
+        self._check_grid(keep, "keep")
+        for i, s in enumerate(self.specs):
+            s.keep_blocks(self._from_common(keep, i))
+
+    def apply_mask(self, mask: Tensor) -> None:
+        self._check_grid(mask, "mask")
+        self.keep_blocks(~mask.to(torch.bool))
+
+    def apply_multiplier(self, multiplier: Tensor) -> None:
+        self._check_grid(multiplier, "multiplier")
+        for i, s in enumerate(self.specs):
+            s.apply_multiplier(self._from_common(multiplier, i))
+
+    def hard_threshold(self, thresholds: Tensor, values: Values = None, p: float = 2) -> Tensor:
+        self._check_grid(thresholds, "thresholds")
+        keep = self.norms(values, p) >= thresholds.to(torch.float64 if thresholds.dtype == torch.float64 else
+                                                      torch.float32)
+        self.keep_blocks(keep)
+        return keep
+
+    def soft_threshold(self, block_thresholds: Tensor, conditioners: Values = None, max_iter: int = 20,
+                       atol: float = 1e-8, eps: Optional[float] = None) -> None:
+        """Joint group-lasso step over the coupled blocks (one norm per coupled block)."""
+        self._check_grid(block_thresholds, "thresholds")
+        dt = self.specs[0].view.data.dtype
+        eps = float(torch.finfo(dt).eps) if eps is None else eps
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        t = block_thresholds.to(acc)
+        if conditioners is None:
+            n = self.norms(None, 2)
+            scale = (1 - t / (n + eps)).clamp(min=0.0)
+            scale = torch.where(torch.isnan(n), torch.zeros_like(scale), scale)
+            for i, s in enumerate(self.specs):
+                s.apply_multiplier(self._from_common(scale, i).to(dt))
+                s.keep_blocks(self._from_common(~torch.isnan(n), i))
+            return
+        if not isinstance(conditioners, Mapping):
+            raise ValueError("conditioners: a BlockCoupling needs a mapping {BlockSpec: tensor}")
+        h = {s: s.resolve(conditioners, "conditioners").to(acc) for s in self.specs}
+        x = {s: s.view.data.to(acc) for s in self.specs}
+        hw = {s: h[s] * x[s] for s in self.specs}
+        nhw = self.norms(hw, 2)
+        dead = ~(nhw > t)
+        denom = (nhw - t).clamp(min=0.0) + eps
+        lo = (t * self.min(h) / denom).clamp(min=0.0)
+        hi = (t * self.max(h) / denom).clamp(min=0.0)
+        done = torch.zeros_like(lo, dtype=torch.bool)
+        mu = (lo + hi) / 2
+
+        def spread(v, i, s):
+            return s.broadcast_block_to_element(self._from_common(v, i))
+
+        for _ in range(max_iter):
+            z = {s: hw[s] / (h[s] + spread(mu, i, s)) for i, s in enumerate(self.specs)}
+            zeta = mu * self.norms(z, 2)
+            below = zeta < t
+            lo = torch.where(done, lo, torch.where(below, mu, lo))
+            hi = torch.where(done, hi, torch.where(below, hi, mu))
+            mu = torch.where(done, mu, (lo + hi) / 2)
+            done = done | ((hi - lo).abs() < atol)
+            if bool(done.all()):
+                break
+        for i, s in enumerate(self.specs):
+            y = hw[s] / (h[s] + spread(mu, i, s))
+            y = torch.where(spread(dead, i, s), torch.zeros_like(y), y)
+            s.set_data(y.to(dt))
+
+    def get_masks(self, block_masks: Tensor) -> Dict[BlockSpec, Tensor]:
+        self._check_grid(block_masks, "block_masks")
+        out: Dict[BlockSpec, Tensor] = {}
+        for i, s in enumerate(self.specs):
+            out.update(s.get_masks(self._from_common(block_masks, i)))
+        return out
+
+    def __repr__(self) -> str:
+        return f"BlockCoupling(grid_shape={self.grid_shape}, name={self.name!r}, specs={self.specs})"
+
+    def __hash__(self) -> int:
+        return hash(tuple(hash(s) for s in self.specs))
+
+
+# --------------------------------------------------------------------------- scopes
+
+
+def _format_masks(masks: Dict[BlockSpec, Tensor], format: str):
+    if format == "bool":
+        return masks
+    out = {}
+    for spec, m in masks.items():
+        pm = spec.view.to_param(m)
+        if format == "param":
+            out[spec] = pm
+        elif format == "bitmask":
+            out[spec] = ops.pack_bitmask(pm)
+        elif format == "indices":
+            out[spec] = ops.mask_to_indices(pm, torch.int64)
+        else:
+            raise ValueError(f"format: expected 'bool', 'param', 'bitmask' or 'indices', got {format!r}")
+    return out
+
+
+def _check_format(format: str) -> None:
+    if format not in ("bool", "param", "bitmask", "indices"):
+        raise ValueError(f"format: expected 'bool', 'param', 'bitmask' or 'indices', got {format!r}")
+
+
+class SparseScope:
+    """Common interface of ScopeSpec and ScopeCoupling."""
+
+    grid_shape: Tuple[int, ...]
+
+    def numscp(self) -> int:
+        return math.prod(self.grid_shape)
+
+    def numblk(self) -> int:
+        return self.numscp() * self.numblk_per_scope()
+
+    def sparsity_to_nnz(self, sparsity: float) -> int:
+        """Blocks to keep per scope for a pruned fraction ``sparsity`` in [0, 1]."""
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= 1:
+            raise ValueError(f"sparsity: expected a number in [0, 1], got {sparsity!r}")
+        n = self.numblk_per_scope()
+        return max(n - int(sparsity * n), 0)
+
+    def _check_nnz(self, nnz) -> int:
+        if isinstance(nnz, bool) or not isinstance(nnz, int):
+            raise TypeError(f"nnz: expected an int, got {type(nnz).__name__}")
+        n = self.numblk_per_scope()
+        if not 0 <= nnz <= n:
+            raise ValueError(f"nnz: expected 0 <= nnz <= {n} (blocks per scope), got {nnz}")
+        return nnz
+
+    def __str__(self) -> str:
+        return repr(self)
+
+
+class ScopeSpec(SparseScope):
+    """The block grid of ``block`` cut into scopes of ``shape`` blocks (-1 spans a dim; missing
+    trailing dims span). Blocks inside a scope compete; scopes are independent."""
+
+    def __init__(self, block: SparseBlock, shape: Sequence[int] = (), name: Optional[str] = None):
+        if not isinstance(block, SparseBlock):
+            raise TypeError(f"ScopeSpec: block: expected a BlockSpec or BlockCoupling, got {type(block).__name__}")
+        g = block.grid_shape
+        shape = tuple(int(s) for s in shape)
+        if len(shape) < len(g):
+            shape = shape + (-1,) * (len(g) - len(shape))
+        if len(shape) != len(g):
+            raise ValueError(f"ScopeSpec {name or ''}: scope shape {shape} has {len(shape)} dims but the block grid "
+                             f"{g} has {len(g)}")
+        shape = tuple(g[i] if s == -1 else s for i, s in enumerate(shape))
+        for i, (n, s) in enumerate(zip(g, shape)):
+            if s < 1 or n % s:
+                raise ValueError(f"ScopeSpec {name or ''}: dim {i}: block grid {g} not divisible by scope shape "
+                                 f"{shape} (grid[{i}]={n}, scope[{i}]={s})")
+        self.block, self.shape, self.name = block, shape, name
+        self.grid_shape = tuple(n // s for n, s in zip(g, shape))
+
+    def numblk_per_scope(self) -> int:
+        return math.prod(self.shape)
+
+    def numel_per_scope(self) -> int:
+        """Elements per scope (SparseKit 0.1.5 returns the block count here)."""
+        return self.numblk_per_scope() * self.block.numel_per_block()
+
+    def blocks(self) -> List[BlockSpec]:
+        return self.block.blocks()
+
+    def nnz(self, eps: float = 1e-8) -> int:
+        return self.block.nnz(eps)
+
+    # --- layout helpers
+    def block_to_scope(self, b: Tensor, reorder: bool = True, merge: bool = False) -> Tensor:
+        g = self.block.grid_shape
+        if tuple(b.shape[:len(g)]) != tuple(g):
+            raise ShapeMismatchError(g, b.shape[:len(g)], "block_to_scope")
+        inter = [x for pair in zip(self.grid_shape, self.shape) for x in pair]
+        v = b.reshape(*inter, *b.shape[len(g):])
+        nd = len(g)
+        if reorder or merge:
+            rest = list(range(2 * nd, v.dim()))
+            v = v.permute(list(range(0, 2 * nd, 2)) + list(range(1, 2 * nd, 2)) + rest)
+            if merge:
+                v = v.reshape(*self.grid_shape, self.numblk_per_scope(), *b.shape[len(g):])
+        return v
+
+    def scope_to_block(self, scope_values: Tensor) -> Tensor:
+        if tuple(scope_values.shape) != self.grid_shape:
+            raise ShapeMismatchError(self.grid_shape, scope_values.shape, "scope values")
+        return _expand(scope_values, self.shape)
+
+    def _single(self) -> Optional[BlockSpec]:
+        return self.block if isinstance(self.block, BlockSpec) else None
+
+    def _grid_scores(self, values: Values, p: float) -> Tensor:
+        return self.block.norms(values, p)
+
+    def block_norms(self, values: Values = None, p: float = 2) -> Tensor:
+        """``(*grid_shape, numblk_per_scope)`` block norms in scope layout."""
+        return self.block_to_scope(self.block.norms(values, p), merge=True)
+
+    def kth_largest(self, element_values: Values = None, nnz: int = 1, p: float = 2) -> Tensor:
+        """Per scope, the nnz-th largest block norm (scope-grid shaped); -inf where fewer valid."""
+        nnz = self._check_nnz(nnz)
+        if nnz == 0:
+            raise ValueError("nnz: the 0-th largest is undefined; expected nnz >= 1")
+        return self._kth(element_values, nnz, p, mid=False, k_weight=1.0)
+
+    def mid_kth_largest(self, element_values: Values = None, nnz: int = 1, k_weight: float = 1.0,
+                        p: float = 2) -> Tensor:
+        """Per scope, ``(v_nnz + k_weight * v_{nnz+1}) / (1 + k_weight)`` of the block norms."""
+        if isinstance(nnz, bool) or not isinstance(nnz, int) or not 1 <= nnz < self.numblk_per_scope():
+            raise ValueError(f"nnz: expected 1 <= nnz < {self.numblk_per_scope()}, got {nnz!r}")
+        return self._kth(element_values, nnz, p, mid=True, k_weight=k_weight)
+
+    kth_mid = mid_kth_largest
+
+    def _kth(self, values, k, p, mid, k_weight):
+        spec = self._single()
+        if spec is not None:
+            return ops.scope_kth(spec.resolve(values), spec.shape, self.shape, k, p=p, k_weight=k_weight, mid=mid)
+        g = self.block.norms(values, p)
+        return ops.scope_kth(g, [1] * g.dim(), self.shape, k, p=p, raw=True, k_weight=k_weight, mid=mid)
+
+    def block_keep(self, nnz: int, values: Values = None, block_scores: Optional[Tensor] = None,
+                   ties: str = "exact", p: float = 2) -> Tensor:
+        """Grid-shaped bool mask of the blocks kept (nnz per scope)."""
+        keep_ties = _ties(ties)
+        nnz = self._check_nnz(nnz)
+        if block_scores is not None:
+            want = self.grid_shape + (self.numblk_per_scope(),)
+            if tuple(block_scores.shape) != want:
+                raise ShapeMismatchError(want, block_scores.shape, "block_scores")
+            g = self._unmerge(block_scores)
+            return ops.scope_mask(g, [1] * g.dim(), list(self.shape), nnz, raw=True, keep_ties=keep_ties,
+                                  expand=False)
+        spec = self._single()
+        if spec is not None:
+            x = spec.resolve(values)
+            if self.numscp() == 1 and self.numblk_per_scope() > 1 << 16 and not keep_ties:
+                return _global_keep(ops.block_norms(x, spec.shape, p), nnz)
+            return ops.scope_mask(x, spec.shape, self.shape, nnz, p=p, keep_ties=keep_ties, expand=False)
+        g = self.block.norms(values, p)
+        if self.numscp() == 1 and self.numblk_per_scope() > 1 << 16 and not keep_ties:
+            return _global_keep(g, nnz)
+        return ops.scope_mask(g, [1] * g.dim(), list(self.shape), nnz, raw=True, keep_ties=keep_ties, expand=False)
+
+    def _unmerge(self, merged: Tensor) -> Tensor:
+        nd = len(self.shape)
+        v = merged.reshape(*self.grid_shape, *self.shape)
+        perm = []
+        for i in range(nd):
+            perm += [i, nd + i]
+        return v.permute(perm).reshape(self.block.grid_shape)
+
+    def get_masks(self, nnz: int, values: Values = None, block_scores: Optional[Tensor] = None,
+                  block_mask: Optional[Tensor] = None, ties: str = "exact", p: float = 2, format: str = "bool",
+                  **kwargs) -> Dict[BlockSpec, Tensor]:
+        """Element keep-masks per BlockSpec: ``format`` "bool" (view-shaped), "param"
+        (parameter-shaped; elements outside a View kept), "bitmask" (packed parameter mask) or
+        "indices" (ascending flat parameter positions)."""
+        _check_format(format)
+        if block_mask is not None:
+            want = self.grid_shape + (self.numblk_per_scope(),)
+            if tuple(block_mask.shape) != want:
+                raise ShapeMismatchError(want, block_mask.shape, "block_mask")
+            keep = self._unmerge(block_mask.to(torch.bool))
+            return _format_masks(self.block.get_masks(keep), format)
+        spec = self._single()
+        if spec is not None and block_scores is None and not (self.numscp() == 1 and self.numblk_per_scope() > 1 << 16):
+            nnz = self._check_nnz(nnz)
+            m = ops.scope_mask(spec.resolve(values), spec.shape, self.shape, nnz, p=p, keep_ties=_ties(ties),
+                               expand=True)
+            return _format_masks({spec: m}, format)
+        keep = self.block_keep(nnz, values=values, block_scores=block_scores, ties=ties, p=p)
+        return _format_masks(self.block.get_masks(keep), format)
+
+    def hard_threshold(self, thresholds: Optional[Tensor] = None, nnz: Optional[int] = None, values: Values = None,
+                       ties: str = "exact", p: float = 2) -> Tensor:
+        """Zero, in place, the blocks not kept; returns the grid keep-mask.
+
+        With ``nnz``: the nnz best blocks per scope by the norms of ``values`` (else the
+        weights), in one fused pass. With ``thresholds`` (scope-grid shaped): every block whose
+        norm is >= its scope's threshold survives."""
+        if (thresholds is None) == (nnz is None):
+            raise ValueError("hard_threshold: give exactly one of thresholds or nnz")
+        keep_ties = _ties(ties)
+        if thresholds is not None:
+            if not isinstance(thresholds, Tensor) or tuple(thresholds.shape) != self.grid_shape:
+                raise ShapeMismatchError(self.grid_shape, getattr(thresholds, "shape", ()), "thresholds")
+            return self.block.hard_threshold(self.scope_to_block(thresholds), values=values, p=p)
+        nnz = self._check_nnz(nnz)
+        spec = self._single()
+        if spec is not None and not (self.numscp() == 1 and self.numblk_per_scope() > 1 << 16 and not keep_ties):
+            v = None if values is None else spec.resolve(values)
+            if v is not None and v.dtype != spec.view.data.dtype:
+                v = v.to(spec.view.data.dtype)
+            return ops.scope_hard_threshold_(spec.view.data, spec.shape, self.shape, nnz, values=v, p=p,
+                                             keep_ties=keep_ties)
+        keep = self.block_keep(nnz, values=values, ties=ties, p=p)
+        self.block.keep_blocks(keep)
+        return keep
+
+    def soft_threshold(self, thresholds: Tensor, conditioners: Values = None, scale: bool = False,
+                       max_iter: int = 20, atol: float = 1e-8, eps: Optional[float] = None) -> None:
+        """Group-lasso proximal step with per-scope ``thresholds`` (scope-grid shaped); ``scale``
+        multiplies them by sqrt(elements per block)."""
+        if not isinstance(thresholds, Tensor) or tuple(thresholds.shape) != self.grid_shape:
+            raise ShapeMismatchError(self.grid_shape, getattr(thresholds, "shape", ()), "thresholds")
+        t = self.scope_to_block(thresholds)
+        if scale:
+            t = t * math.sqrt(self.block.numel_per_block())
+        self.block.soft_threshold(t, conditioners=conditioners, max_iter=max_iter, atol=atol, eps=eps)
+
+    def __repr__(self) -> str:
+        return f"ScopeSpec(shape={self.shape}, grid_shape={self.grid_shape}, name={self.name!r}, block={self.block})"
+
+    def __hash__(self) -> int:
+        return hash((hash(self.block), self.shape))
+
+
+def _global_keep(g: Tensor, nnz: int) -> Tensor:
+    """One huge scope: the parallel radix select of the param-map (ties: lowest position; NaN never kept)."""
+    flat = g.reshape(-1)
+    valid = ~torch.isnan(flat)
+    nv = int(valid.sum())
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    if nnz >= nv:
+        keep |= valid
+    elif nnz > 0:
+        pos = ops.topk_select(flat, nnz, active=None if nv == flat.numel() else valid)
+        keep[pos] = True
+    return keep.reshape(g.shape)
+
+
+class ScopeCoupling(SparseScope):
+    """Scopes of several ScopeSpecs competing jointly: scope grids aligned by ``orders``
+    (permutations); within an aligned scope the blocks of every spec are ranked together, in
+    the order specs are listed (the tie-break order)."""
+
+    def __init__(self, scopes: Sequence[ScopeSpec], orders: Optional[Sequence[Sequence[int]]] = None,
+                 name: Optional[str] = None):
+        scopes = list(scopes)
+        if not scopes:
+            raise ValueError("ScopeCoupling: scopes is empty")
+        for s in scopes:
+            if not isinstance(s, ScopeSpec):
+                raise TypeError(f"ScopeCoupling: scopes: expected ScopeSpec, got {type(s).__name__}")
+        if not orders:
+            orders = [()] * len(scopes)
+        if len(orders) != len(scopes):
+            raise ValueError(f"ScopeCoupling: {len(orders)} orders for {len(scopes)} scopes")
+        self.scopes, self.name = scopes, name
+        self.orders = [_check_order(o, len(s.grid_shape), f"orders[{i}]") for i, (o, s) in
+                       enumerate(zip(orders, scopes))]
+        ref = tuple(scopes[0].grid_shape[i] for i in self.orders[0])
+        for s, o in zip(scopes, self.orders):
+            g = tuple(s.grid_shape[i] for i in o)
+            if g != ref:
+                raise CouplingError(f"ScopeCoupling {name or ''}: incompatible scope shapes after order: {g} "
+                                    f"(scope {s.name or '?'}, scope grid {s.grid_shape}, order {o}) vs {ref} "
+                                    f"(scope {scopes[0].name or '?'})")
+        self._reverse_orders = [_inverse(o) for o in self.orders]
+        self.grid_shape = ref
+
+    @property
+    def params(self):
+        return {p for s in self.scopes for p in s.block.parameters()}
+
+    def numblk(self) -> int:
+        return sum(s.numblk() for s in self.scopes)
+
+    def numblk_per_scope(self) -> int:
+        return sum(s.numblk_per_scope() for s in self.scopes)
+
+    def numel_per_scope(self) -> int:
+        return sum(s.numel_per_scope() for s in self.scopes)
+
+    def blocks(self) -> List[BlockSpec]:
+        return [b for s in self.scopes for b in s.blocks()]
+
+    specs = blocks
+
+    def nnz(self, eps: float = 1e-8) -> int:
+        return sum(s.nnz(eps) for s in self.scopes)
+
+    def block_norms(self, values: Values = None, p: float = 2) -> Tensor:
+        """``(*grid_shape, numblk_per_scope)``: each scope's merged norms, concatenated in list order."""
+        parts = []
+        for o, s in zip(self.orders, self.scopes):
+            parts.append(s.block_norms(values, p).permute(*o, len(o)))
+        acc = torch.float64 if any(q.dtype == torch.float64 for q in parts) else torch.float32
+        return torch.cat([q.to(acc) for q in parts], dim=-1)
+
+    def kth_largest(self, k: int, values: Values = None, p: float = 2) -> Tensor:
+        k = self._check_nnz(k)
+        if k == 0:
+            raise ValueError("k: expected k >= 1")
+        b = self.block_norms(values, p)
+        return ops.scope_kth(b, [1] * b.dim(), [1] * (b.dim() - 1) + [b.shape[-1]], k, raw=True).squeeze(-1)
+
+    def mid_kth_largest(self, k: int, values: Values = None, k_weight: float = 1.0, p: float = 2) -> Tensor:
+        n = self.numblk_per_scope()
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
+            raise ValueError(f"k: expected 1 <= k < {n}, got {k!r}")
+        b = self.block_norms(values, p)
+        return ops.scope_kth(b, [1] * b.dim(), [1] * (b.dim() - 1) + [b.shape[-1]], k, raw=True, mid=True,
+                             k_weight=k_weight).squeeze(-1)
+
+    def joint_keep(self, nnz: int, values: Values = None, block_scores: Optional[Tensor] = None,
+                   ties: str = "exact", p: float = 2) -> Tensor:
+        """``(*grid_shape, numblk_per_scope)`` bool: the blocks kept in every aligned scope."""
+        keep_ties = _ties(ties)
+        nnz = self._check_nnz(nnz)
+        if block_scores is None:
+            block_scores = self.block_norms(values, p)
+        else:
+            want = self.grid_shape + (self.numblk_per_scope(),)
+            if tuple(block_scores.shape) != want:
+                raise ShapeMismatchError(want, block_scores.shape, "block_scores")
+        b = block_scores
+        if self.numscp() == 1 and b.shape[-1] > 1 << 16 and not keep_ties:
+            return _global_keep(b, nnz)
+        return ops.scope_mask(b, [1] * b.dim(), [1] * (b.dim() - 1) + [b.shape[-1]], nnz, raw=True,
+                              keep_ties=keep_ties, expand=False)
+
+    def _split(self, joint: Tensor):
+        start = 0
+        for ro, s in zip(self._reverse_orders, self.scopes):
+            n = s.numblk_per_scope()
+            yield s, joint[..., start:start + n].permute(*ro, len(ro)).contiguous()
+            start += n
+
+    def get_masks(self, nnz: int, block_scores: Optional[Tensor] = None, values: Values = None,
+                  ties: str = "exact", p: float = 2, format: str = "bool", **kwargs) -> Dict[BlockSpec, Tensor]:
+        _check_format(format)
+        joint = self.joint_keep(nnz, values=values, block_scores=block_scores, ties=ties, p=p)
+        out: Dict[BlockSpec, Tensor] = {}
+        for s, part in self._split(joint):
+            out.update(s.get_masks(0, block_mask=part, format=format))
+        return out
+
+    def hard_threshold(self, thresholds: Optional[Tensor] = None, nnz: Optional[int] = None, values: Values = None,
+                       ties: str = "exact", p: float = 2) -> Tensor:
+        """Zero, in place, the blocks not kept across the coupled scopes. Scores come from
+        ``values`` (a mapping per BlockSpec) when given, else from the weights - both for ``nnz``
+        and for explicit ``thresholds``. Returns the joint keep-mask."""
+        if (thresholds is None) == (nnz is None):
+            raise ValueError("hard_threshold: give exactly one of thresholds or nnz")
+        if nnz is not None:
+            joint = self.joint_keep(nnz, values=values, ties=ties, p=p)
+        else:
+            if not isinstance(thresholds, Tensor) or tuple(thresholds.shape) != self.grid_shape:
+                raise ShapeMismatchError(self.grid_shape, getattr(thresholds, "shape", ()), "thresholds")
+            b = self.block_norms(values, p)
+            joint = b >= thresholds.to(b.dtype).unsqueeze(-1)
+        for s, part in self._split(joint):
+            s.block.keep_blocks(s._unmerge(part))
+        return joint
+
+    def soft_threshold(self, thresholds: Tensor, conditioners: Values = None, scale: bool = False,
+                       max_iter: int = 20, atol: float = 1e-8, eps: Optional[float] = None) -> None:
+        if not isinstance(thresholds, Tensor) or tuple(thresholds.shape) != self.grid_shape:
+            raise ShapeMismatchError(self.grid_shape, getattr(thresholds, "shape", ()), "thresholds")
+        for ro, s in zip(self._reverse_orders, self.scopes):
+            s.soft_threshold(thresholds.permute(ro).contiguous(), conditioners=conditioners, scale=scale,
+                             max_iter=max_iter, atol=atol, eps=eps)
+
+    def __repr__(self) -> str:
+        return f"ScopeCoupling(orders={self.orders}, scopes={self.scopes}, name={self.name!r})"
+
+    def __hash__(self) -> int:
+        return hash(tuple(hash(s) for s in self.scopes))
+
+
+# --------------------------------------------------------------------------- N:M helpers
+
+
+def check_nm(mask: Tensor, n: int, m: int) -> None:
+    """Raise ValueError unless every group of ``m`` consecutive elements along the last dim
+    keeps at most ``n`` (the layout ``torch.sparse.to_sparse_semi_structured`` needs for 2:4)."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask: expected a bool tensor, got {mask.dtype}")
+    if mask.dim() < 1 or mask.shape[-1] % m:
+        raise ValueError(f"mask: last dim {tuple(mask.shape)[-1:]} is not a multiple of m={m}")
+    counts = mask.reshape(*mask.shape[:-1], -1, m).sum(-1)
+    if counts.numel() and int(counts.max()) > n:
+        raise ValueError(f"mask: a group of {m} keeps {int(counts.max())} > {n} elements")
+
+
+def semi_structured(weight: Tensor, mask: Tensor):
+    """``torch.sparse.to_sparse_semi_structured`` of ``weight`` with the 2:4 ``mask`` applied
+    (CUDA only, as in torch). The mask is checked first: a broken pattern is an error, never
+    a silently different sparsity."""
+    if tuple(mask.shape) != tuple(weight.shape):
+        raise ShapeMismatchError(weight.shape, mask.shape, "mask")
+    check_nm(mask, 2, 4)
+    if weight.device.type != "cuda":
+        raise ValueError("semi_structured: torch's semi-structured sparse tensors need a CUDA weight")
+    from torch.sparse import to_sparse_semi_structured
+
+    return to_sparse_semi_structured(weight.masked_fill(~mask, 0))
