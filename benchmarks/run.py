@@ -17,7 +17,7 @@ sys.path.insert(0, HERE)
 
 from harness import Recorder, plot, ratio_table  # noqa: E402
 
-FAMILIES = ["parammap", "select"]
+FAMILIES = ["parammap", "select", "scope"]
 
 
 def main(argv=None) -> int:

@@ -280,3 +280,21 @@ def test_semi_structured_on_gpu():  # pragma: no cover - GPU only
     sp = semi_structured(W, m)
     x = torch.randn(128, 64, device="cuda", dtype=torch.half)
     torch.testing.assert_close(sp @ x, (W * m) @ x, atol=1e-2, rtol=1e-2)
+
+
+def test_global_across_many_tensors_without_concatenation():
+    """Above 65536 blocks in the one aligned scope, ScopeCoupling uses the multi-tensor radix select."""
+    ts = [_w(100, 300, seed=30), _w(300, 100, seed=31), _w(50, 200, seed=32)]
+    ts[1][5, 5] = float("nan")
+    scopes = [ScopeSpec(BlockSpec(t, (1, 1)), (-1, -1)) for t in ts]
+    c = ScopeCoupling(scopes)
+    masks = c.get_masks(700)
+    flat = torch.cat([t.abs().reshape(-1) for t in ts]).nan_to_num(-1.0)
+    want = torch.zeros(flat.numel(), dtype=torch.bool)
+    want[flat.topk(700).indices] = True
+    got = torch.cat([masks[s.block].reshape(-1) for s in scopes])
+    assert torch.equal(got, want)
+    copies = [t.clone() for t in ts]
+    c2 = ScopeCoupling([ScopeSpec(BlockSpec(t, (1, 1)), (-1, -1)) for t in copies])
+    c2.hard_threshold(nnz=700)
+    assert torch.equal(torch.cat([(t != 0).reshape(-1) for t in copies]), want)

@@ -275,3 +275,21 @@ def test_native_checks_match_wrapper():
     with pytest.raises(ValueError, match="nnz"):
         torch.ops.gradkit.scope_hard_threshold_(x, None, [1, 1], [1, 4], 9, 2.0, False)
     assert torch.equal(x, snap)
+
+
+@pytest.mark.parametrize("m", [2, 4, 8, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_dense_nm_tiles_match_reference(m, dtype):
+    """Big enough for the vectorised dense N:M tiles (64 scopes) plus ragged tails, with ties and NaN."""
+    g = torch.Generator().manual_seed(m)
+    x = torch.randint(-3, 4, (37, 16 * 67), generator=g).to(dtype)
+    x[torch.rand(x.shape, generator=g) < 0.02] = float("nan")
+    for nnz in sorted({0, 1, m // 2, m - 1, m}):
+        for kt in (False, True):
+            for expand in (True, False):
+                _same(torch.ops.gradkit.scope_mask(x, [1, 1], [1, m], nnz, 2.0, False, kt, expand),
+                      ref.scope_mask(x, [1, 1], [1, m], nnz, 2.0, False, kt, expand))
+            a, b = x.clone(), x.clone()
+            _same(torch.ops.gradkit.scope_hard_threshold_(a, None, [1, 1], [1, m], nnz, 1.0, kt),
+                  ref.scope_hard_threshold_(b, None, [1, 1], [1, m], nnz, 1.0, kt))
+            _same(a, b)

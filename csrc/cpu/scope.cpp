@@ -192,6 +192,201 @@ void for_scopes(const Layout& Y, int64_t work_per_scope, const F& f) {
 
 std::vector<int64_t> to_vec(c10::IntArrayRef a) { return std::vector<int64_t>(a.begin(), a.end()); }
 
+// ---------------------------------------------------------------- small flat scopes (N:M and friends)
+//
+// The hot patterns (2:4, 4:8, coupled 2:4, row-pair coupling) have a handful of blocks per
+// scope (NB a compile-time constant), blocks and elements that are each one strided dim, and
+// norm scores. Scores stay in registers; NaN maps to -1 (below every |x|-based score, which is
+// >= 0) and is then never kept, so the rank count needs no NaN branches.
+struct FlatPlan {
+  int64_t b1[kSets];  // block stride per set (level 1, one dim)
+  int64_t e1[kSets];  // element stride per set (level 2, one dim)
+  int64_t ne;
+};
+
+inline bool flat_ok(const Layout& Y) { return Y.lv[1].nd <= 1 && Y.lv[2].nd <= 1; }
+
+inline FlatPlan flat_plan(const Layout& Y) {
+  FlatPlan P;
+  for (int s = 0; s < kSets; ++s) {
+    P.b1[s] = Y.lv[1].nd ? Y.lv[1].st[s][0] : 0;
+    P.e1[s] = Y.lv[2].nd ? Y.lv[2].st[s][0] : 0;
+  }
+  P.ne = Y.ne;
+  return P;
+}
+
+template <typename scalar_t, int NB, int KIND>  // KIND: 0 abs, 1 p1, 2 p2, 3 pinf
+inline void flat_scores(const scalar_t* v, int64_t bs, int64_t es, int64_t ne, float* s) {
+#pragma GCC unroll 16
+  for (int j = 0; j < NB; ++j) {
+    const scalar_t* b = v + j * bs;
+    float acc = 0.f;
+    bool nan = false;
+    if constexpr (KIND == 0) {
+      acc = std::abs(static_cast<float>(b[0]));
+      nan = acc != acc;
+    } else {
+      for (int64_t q = 0; q < ne; ++q) {
+        const float a = std::abs(static_cast<float>(b[q * es]));
+        if constexpr (KIND == 1) acc += a;
+        if constexpr (KIND == 2) acc += a * a;
+        if constexpr (KIND == 3) acc = a > acc ? a : acc;
+        if constexpr (KIND == 3) nan |= a != a;
+      }
+      if constexpr (KIND != 3) nan = acc != acc;
+    }
+    s[j] = nan ? -1.f : acc;
+  }
+}
+
+// mode 0: mask out (bool at `set` offsets, expanded over elements when expand && ne > 1);
+// mode 1: hard threshold (scores from kV, zero kX, grid mask at kB).
+// Scopes go in tiles of kTile with scores laid out [block][scope], so the rank count below is a
+// set of straight vector loops across scopes (the compiler vectorises them).
+constexpr int kTile = 64;
+
+template <int NB>
+inline void tile_rank(float (&sc)[NB][kTile], uint8_t (&kp)[NB][kTile], int n, int64_t nnz, bool keep_ties) {
+  const int nz = (int)nnz;
+  for (int i = 0; i < NB; ++i) {
+    uint8_t r[kTile] = {};
+    if (keep_ties) {
+      for (int j = 0; j < NB; ++j) {
+        if (j == i) continue;
+        for (int c = 0; c < kTile; ++c) r[c] += sc[j][c] > sc[i][c];
+      }
+    } else {
+      for (int j = 0; j < i; ++j)
+        for (int c = 0; c < kTile; ++c) r[c] += sc[j][c] >= sc[i][c];
+      for (int j = i + 1; j < NB; ++j)
+        for (int c = 0; c < kTile; ++c) r[c] += sc[j][c] > sc[i][c];
+    }
+    for (int c = 0; c < kTile; ++c) kp[i][c] = (r[c] < nz) & (sc[i][c] >= 0.f);
+  }
+  (void)n;
+}
+
+template <typename scalar_t, int NB, int KIND>
+void flat_small(const Layout& Y, int mode, const scalar_t* vp, scalar_t* xp, bool* op, int set, bool expand,
+                int64_t nnz, bool keep_ties) {
+  const FlatPlan P = flat_plan(Y);
+  const int vset = mode == 1 ? kV : kX;
+  const int oset = mode == 1 ? kB : set;
+  const bool per_elem = mode == 0 && expand && P.ne > 1;
+  for_scopes(Y, NB * P.ne, [&](int64_t b, int64_t e, Odometer& o) {
+    alignas(64) float sc[NB][kTile];
+    alignas(64) uint8_t kp[NB][kTile];
+    int64_t ov[kTile], ox[kTile], oo[kTile];
+    const int64_t bv = P.b1[vset], bx = P.b1[kX], bo = P.b1[oset], ev = P.e1[vset], ex = P.e1[kX],
+                  eo = P.e1[kE];
+    const Level& L0 = Y.lv[0];
+    // dense: scopes of NB adjacent single elements, one after another, in every tensor involved
+    // (2:4 / 4:8 on contiguous rows) -> constant-stride loops the compiler vectorises.
+    const bool dense = KIND == 0 && L0.nd == 1 && bv == 1 && bo == 1 && L0.st[vset][0] == NB &&
+                       L0.st[oset][0] == NB && (mode == 0 || (bx == 1 && L0.st[kX][0] == NB));
+    for (int64_t t0 = b; t0 < e; t0 += kTile) {
+      const int n = (int)std::min<int64_t>(kTile, e - t0);
+      if (dense && n == kTile) {
+        const scalar_t* v0 = vp + o.off[vset] + (t0 - b) * NB;
+        for (int c = 0; c < kTile; ++c)
+          for (int j = 0; j < NB; ++j) {
+            const float a = std::abs(static_cast<float>(v0[c * NB + j]));
+            sc[j][c] = a != a ? -1.f : a;
+          }
+        tile_rank<NB>(sc, kp, n, nnz, keep_ties);
+        bool* o0 = op + o.off[oset] + (t0 - b) * NB;
+        if (mode == 0) {
+          for (int c = 0; c < kTile; ++c)
+            for (int j = 0; j < NB; ++j) o0[c * NB + j] = kp[j][c];
+        } else {
+          scalar_t* x0 = xp + o.off[kX] + (t0 - b) * NB;
+          for (int c = 0; c < kTile; ++c)
+            for (int j = 0; j < NB; ++j) {
+              o0[c * NB + j] = kp[j][c];
+              x0[c * NB + j] = kp[j][c] ? x0[c * NB + j] : scalar_t(0);
+            }
+        }
+        continue;
+      }
+      if (dense) {  // tail of a dense range: position the odometer at t0
+        o.init(L0, t0);
+      }
+      for (int c = 0; c < n; ++c) {
+        ov[c] = o.off[vset];
+        ox[c] = o.off[kX];
+        oo[c] = o.off[oset];
+        o.next();
+      }
+      for (int c = 0; c < n; ++c) {
+        float tmp[NB];
+        flat_scores<scalar_t, NB, KIND>(vp + ov[c], bv, ev, P.ne, tmp);
+        for (int j = 0; j < NB; ++j) sc[j][c] = tmp[j];
+      }
+      for (int c = n; c < kTile; ++c)
+        for (int j = 0; j < NB; ++j) sc[j][c] = -1.f;
+      tile_rank<NB>(sc, kp, n, nnz, keep_ties);
+      if (mode == 0) {
+        for (int c = 0; c < n; ++c) {
+          bool* ob = op + oo[c];
+          if (!per_elem) {
+            for (int j = 0; j < NB; ++j) ob[j * bo] = kp[j][c];
+          } else {
+            for (int j = 0; j < NB; ++j)
+              for (int64_t q = 0; q < P.ne; ++q) ob[j * bo + q * eo] = kp[j][c];
+          }
+        }
+      } else {
+        for (int c = 0; c < n; ++c) {
+          bool* ob = op + oo[c];
+          scalar_t* xb = xp + ox[c];
+          for (int j = 0; j < NB; ++j) {
+            const bool k = kp[j][c];
+            ob[j * bo] = k;
+            scalar_t* xj = xb + j * bx;
+            if (P.ne == 1) {
+              xj[0] = k ? xj[0] : scalar_t(0);  // branch-free: the keep pattern is random
+            } else if (!k) {
+              for (int64_t q = 0; q < P.ne; ++q) xj[q * ex] = scalar_t(0);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// Dispatches to flat_small when the layout and score kind allow; false otherwise.
+template <typename scalar_t>
+bool try_flat_small(const Layout& Y, Score kind, int mode, const scalar_t* vp, scalar_t* xp, bool* op, int set,
+                    bool expand, int64_t nnz, bool keep_ties) {
+  if (!flat_ok(Y) || std::is_same_v<scalar_t, double>) return false;
+  int k;
+  switch (kind) {
+    case Score::Abs: k = 0; break;
+    case Score::P1: k = 1; break;
+    case Score::P2: k = 2; break;
+    case Score::PInf: k = 3; break;
+    default: return false;
+  }
+#define GK_FLAT(NB_)                                                                                            \
+  if (Y.nb == NB_) {                                                                                            \
+    switch (k) {                                                                                                \
+      case 0: flat_small<scalar_t, NB_, 0>(Y, mode, vp, xp, op, set, expand, nnz, keep_ties); break;            \
+      case 1: flat_small<scalar_t, NB_, 1>(Y, mode, vp, xp, op, set, expand, nnz, keep_ties); break;            \
+      case 2: flat_small<scalar_t, NB_, 2>(Y, mode, vp, xp, op, set, expand, nnz, keep_ties); break;            \
+      default: flat_small<scalar_t, NB_, 3>(Y, mode, vp, xp, op, set, expand, nnz, keep_ties); break;           \
+    }                                                                                                           \
+    return true;                                                                                                \
+  }
+  GK_FLAT(2)
+  GK_FLAT(4)
+  GK_FLAT(8)
+  GK_FLAT(16)
+#undef GK_FLAT
+  return false;
+}
+
 // ---------------------------------------------------------------- ops
 
 at::Tensor block_norms_cpu(const at::Tensor& x, c10::IntArrayRef block_shape, double p) {
@@ -266,6 +461,7 @@ at::Tensor scope_mask_cpu(const at::Tensor& x, c10::IntArrayRef block_shape, c10
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     bool* op = out.data_ptr<bool>();
     Scorer<scalar_t, acc_t> sc{score_kind(raw, Y.ne, p), (acc_t)p, (acc_t)(1.0 / p), Y.ne, &we};
+    if (try_flat_small<scalar_t>(Y, sc.kind, 0, xp, nullptr, op, set, expand, nnz, keep_ties)) return;
     const bool per_elem = expand && Y.ne > 1;
     for_scopes(Y, Y.nb * Y.ne, [&](int64_t b, int64_t e, Odometer& o) {
       Selector<acc_t> sel(Y.nb);
@@ -311,6 +507,7 @@ at::Tensor scope_hard_threshold_cpu(at::Tensor& x, const std::optional<at::Tenso
     scalar_t* xp = x.data_ptr<scalar_t>();
     bool* op = out.data_ptr<bool>();
     Scorer<scalar_t, acc_t> sc{score_kind(false, Y.ne, p), (acc_t)p, (acc_t)(1.0 / p), Y.ne, &wev};
+    if (try_flat_small<scalar_t>(Y, sc.kind, 1, vp, xp, op, kB, false, nnz, keep_ties)) return;
     for_scopes(Y, Y.nb * Y.ne, [&](int64_t b, int64_t e, Odometer& o) {
       Selector<acc_t> sel(Y.nb);
       for (int64_t s = b; s < e; ++s, o.next()) {

@@ -920,9 +920,43 @@ class ScopeCoupling(SparseScope):
             yield s, joint[..., start:start + n].permute(*ro, len(ro)).contiguous()
             start += n
 
+    def _global(self, nnz: int, values: Values, block_scores, ties: str) -> bool:
+        return (self.numscp() == 1 and block_scores is None and not _ties(ties)
+                and self.numblk_per_scope() > 1 << 16 and 0 < self._check_nnz(nnz))
+
+    def _global_keeps(self, nnz: int, values: Values, p: float) -> List[Tuple[ScopeSpec, Tensor]]:
+        """One aligned scope over every spec (global selection across tensors): the multi-tensor
+        radix select on each spec's block norms, no concatenated copy. Returns each scope's
+        grid-shaped keep mask."""
+        norms = [s.block.norms(values, p) for s in self.scopes]
+        dt = torch.promote_types(norms[0].dtype, torch.float32)
+        for q in norms[1:]:
+            dt = torch.promote_types(dt, q.dtype)
+        flat = [q.reshape(-1).to(dt) for q in norms]
+        try:
+            pos = ops.topk_select_segments(flat, min(nnz, sum(q.numel() for q in flat)))
+        except ValueError:  # NaN norms: never kept; rank only the valid ones
+            active = [~torch.isnan(q) for q in flat]
+            nv = sum(int(a.sum()) for a in active)
+            pos = ops.topk_select_segments(flat, min(nnz, nv), active=active)
+        out, start = [], 0
+        for s, q in zip(self.scopes, flat):
+            keep = torch.zeros(q.numel(), dtype=torch.bool, device=q.device)
+            lo = int(torch.searchsorted(pos, start))
+            hi = int(torch.searchsorted(pos, start + q.numel()))
+            keep[pos[lo:hi] - start] = True
+            out.append((s, keep.reshape(s.block.grid_shape)))
+            start += q.numel()
+        return out
+
     def get_masks(self, nnz: int, block_scores: Optional[Tensor] = None, values: Values = None,
                   ties: str = "exact", p: float = 2, format: str = "bool", **kwargs) -> Dict[BlockSpec, Tensor]:
         _check_format(format)
+        if self._global(nnz, values, block_scores, ties):
+            out: Dict[BlockSpec, Tensor] = {}
+            for s, keep in self._global_keeps(nnz, values, p):
+                out.update(_format_masks(s.block.get_masks(keep), format))
+            return out
         joint = self.joint_keep(nnz, values=values, block_scores=block_scores, ties=ties, p=p)
         out: Dict[BlockSpec, Tensor] = {}
         for s, part in self._split(joint):
@@ -936,6 +970,11 @@ class ScopeCoupling(SparseScope):
         and for explicit ``thresholds``. Returns the joint keep-mask."""
         if (thresholds is None) == (nnz is None):
             raise ValueError("hard_threshold: give exactly one of thresholds or nnz")
+        if nnz is not None and self._global(nnz, values, None, ties):
+            keeps = self._global_keeps(nnz, values, p)
+            for s, keep in keeps:
+                s.block.keep_blocks(keep)
+            return torch.cat([k.reshape(-1) for _, k in keeps]).reshape(self.grid_shape + (-1,))
         if nnz is not None:
             joint = self.joint_keep(nnz, values=values, ties=ties, p=p)
         else:
