@@ -318,10 +318,54 @@ void flat_small(const Layout& Y, int mode, const scalar_t* vp, scalar_t* xp, boo
         oo[c] = o.off[oset];
         o.next();
       }
-      for (int c = 0; c < n; ++c) {
-        float tmp[NB];
-        flat_scores<scalar_t, NB, KIND>(vp + ov[c], bv, ev, P.ne, tmp);
-        for (int j = 0; j < NB; ++j) sc[j][c] = tmp[j];
+      if constexpr (KIND == 0) {
+        for (int c = 0; c < n; ++c) {
+          float tmp[NB];
+          flat_scores<scalar_t, NB, KIND>(vp + ov[c], bv, ev, P.ne, tmp);
+          for (int j = 0; j < NB; ++j) sc[j][c] = tmp[j];
+        }
+      } else {
+        // element loop outermost: NB * n independent accumulators instead of one dependent chain
+        // per block (same summation order per block as the scalar loop, so the same rounding).
+        alignas(64) uint8_t nanf[NB][kTile];
+        for (int j = 0; j < NB; ++j)
+          for (int c = 0; c < kTile; ++c) {
+            sc[j][c] = 0.f;
+            nanf[j][c] = 0;
+          }
+        if (KIND != 3 && ev == 1 && P.ne >= 8) {
+          // contiguous blocks: a SIMD reduction per block (fixed lane order, deterministic)
+          for (int c = 0; c < n; ++c)
+            for (int j = 0; j < NB; ++j) {
+              const scalar_t* pb = vp + ov[c] + j * bv;
+              float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+              for (int64_t q = 0; q < P.ne; ++q) {
+                const float a = std::abs(static_cast<float>(pb[q]));
+                acc += KIND == 1 ? a : a * a;
+              }
+              sc[j][c] = acc;
+            }
+        } else
+        for (int64_t q = 0; q < P.ne; ++q) {
+          for (int c = 0; c < n; ++c) {
+            const scalar_t* pq = vp + ov[c] + q * ev;
+            for (int j = 0; j < NB; ++j) {
+              const float a = std::abs(static_cast<float>(pq[j * bv]));
+              if constexpr (KIND == 1) sc[j][c] += a;
+              if constexpr (KIND == 2) sc[j][c] += a * a;
+              if constexpr (KIND == 3) {
+                sc[j][c] = a > sc[j][c] ? a : sc[j][c];
+                nanf[j][c] |= a != a;
+              }
+            }
+          }
+        }
+        for (int j = 0; j < NB; ++j)
+          for (int c = 0; c < n; ++c) {
+            const float v = sc[j][c];
+            sc[j][c] = (nanf[j][c] | (v != v)) ? -1.f : v;
+          }
       }
       for (int c = n; c < kTile; ++c)
         for (int j = 0; j < NB; ++j) sc[j][c] = -1.f;
