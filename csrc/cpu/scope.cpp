@@ -35,6 +35,7 @@ Score score_kind(bool raw, int64_t ne, double p) {
 
 template <typename acc_t>
 inline acc_t finalize(Score k, acc_t s, acc_t inv_p) {
+  if (s < acc_t(0) && k != Score::Raw) return s;  // -inf: fewer than k valid scores in the scope
   switch (k) {
     case Score::P2: return std::sqrt(s);
     case Score::PGen: return std::pow(s, inv_p);

@@ -2,6 +2,9 @@
 // structured (N:M / block) keep-masks, in-place hard and soft (group-lasso) thresholding.
 // Semantics: python/gradkit/kernels/reference/scope.py; host-side layout and argument
 // checks: csrc/scope_layout.h (shared with csrc/cpu/scope.cpp, same messages and kinds).
+// In-place ops also reject an x with internal overlap (at::assert_no_internal_overlap, as
+// torch's in-place ops do), and a values / conditioner / thresholds / block_mask tensor that
+// shares x's storage is copied first (x is written while it is read).
 //
 // Headers: like parammap.cu, only c10/cuda/* (stream, guard, launch check); NOT
 // ATen/cuda/CUDAContext.h (it needs cuSPARSE/cuBLAS headers the CPU wheel does not ship).
@@ -17,7 +20,8 @@
 // block_soft_threshold_ the scope grid IS the block grid, so kS addresses grid tensors).
 // The kernels only ever see `Geo` (the three levels, copied into kernel parameters) and
 // turn a linear position of a level into per-set offsets by peeling its dims innermost
-// first (32-bit div/mod unless the level has >= 2^32 positions).
+// first: no division for a level of <= 1 dim, one 32-bit div/mod for 2 dims, a loop
+// otherwise (64-bit div/mod only when the level has >= 2^32 positions).
 //
 // Ops and paths:
 // * block_norms: score_kernel, one group of lanes per block (1..32 lanes of a warp, or a
@@ -28,7 +32,8 @@
 //     write of the outputs:
 //       nm_kernel: single-element blocks whose scope and in-scope levels are <= 1 dim
 //         (N:M over rows, any row stride): one thread per scope, consecutive threads on
-//         consecutive scopes; 16-byte vector loads of the scope's NB elements and one packed
+//         consecutive scopes, the next scope's load issued before the current one is
+//         processed; 16-byte vector loads of the scope's NB elements and one packed
 //         store of its NB mask bytes when the rows are contiguous and aligned; hard
 //         threshold without `values` writes the scope back as one vector (kept values
 //         bit-for-bit, dropped ones +0).
@@ -54,7 +59,8 @@
 //   closed form, or per-block bisection with early stop for the diagonal metric.
 //
 // Conventions: kThreads = 256 threads per CTA for every kernel (shared arrays and the CTA
-// reductions assume it); grids are capped at 8 CTAs per SM and loop grid-stride; loops that
+// reductions assume it); grids are capped at one wave of resident CTAs (occupancy x SMs, or 8
+// per SM for the tiny bookkeeping kernels) and every kernel loops grid-stride; loops that
 // contain __syncthreads have CTA-uniform trip counts; sub-warp groups only shuffle with
 // their own lane mask and take group-uniform decisions. Accumulation in float (double for
 // float64); products feeding sums use __fmul_rn / __dmul_rn so nvcc cannot contract them
@@ -112,6 +118,16 @@ int sm_count(int dev) {
 // grid-stride over the rest.
 unsigned grid_for(int64_t ctas, int dev) {
   const int64_t cap = static_cast<int64_t>(sm_count(dev)) * 8;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(ctas, cap)));
+}
+
+// Grid of a grid-stride kernel over `ctas` CTA-sized slices: at most one full wave of
+// resident CTAs (occupancy x SMs), so no partial last wave idles most of the GPU.
+template <typename Kernel>
+unsigned grid_occ(Kernel kernel, int64_t ctas, int dev, size_t smem = 0) {
+  int occ = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kThreads, smem));
+  const int64_t cap = static_cast<int64_t>(sm_count(dev)) * std::max(occ, 1);
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(ctas, cap)));
 }
 
@@ -191,33 +207,45 @@ struct Offs {
   int64_t o[kSets];
 };
 
-// Linear position -> offset of every set (unused sets are dead code after inlining).
+// Linear position -> offset of every set (unused sets are dead code after inlining). Levels
+// of <= 1 dim need no division and 2-dim levels one 32-bit div/mod (the common cases, inline);
+// anything else walks the dims in a (not unrolled) loop, 64-bit when the level is wide.
 template <typename U>
-__device__ __forceinline__ Offs level_offs_t(const DLevel& L, U pos) {
-  Offs r;
+__device__ __forceinline__ void level_offs_loop(const DLevel& L, U pos, Offs& r) {
+#pragma unroll 1
+  for (int d = L.nd - 1; d >= 1; --d) {
+    const U sz = static_cast<U>(L.size[d]);
+    const U q = pos / sz;
+    const int64_t i = static_cast<int64_t>(pos - q * sz);
 #pragma unroll
-  for (int s = 0; s < kSets; ++s) r.o[s] = 0;
-#pragma unroll
-  for (int d = kMaxDims - 1; d >= 1; --d) {
-    if (d < L.nd) {
-      const U sz = static_cast<U>(L.size[d]);
-      const U q = pos / sz;
-      const int64_t i = static_cast<int64_t>(pos - q * sz);
-#pragma unroll
-      for (int s = 0; s < kSets; ++s) r.o[s] += i * L.st[s][d];
-      pos = q;
-    }
+    for (int s = 0; s < kSets; ++s) r.o[s] += i * L.st[s][d];
+    pos = q;
   }
-  if (L.nd > 0) {
 #pragma unroll
-    for (int s = 0; s < kSets; ++s) r.o[s] += static_cast<int64_t>(pos) * L.st[s][0];
-  }
-  return r;
+  for (int s = 0; s < kSets; ++s) r.o[s] += static_cast<int64_t>(pos) * L.st[s][0];
 }
 
 __device__ __forceinline__ Offs level_offs(const DLevel& L, int64_t pos) {
-  if (L.wide) return level_offs_t<uint64_t>(L, static_cast<uint64_t>(pos));
-  return level_offs_t<uint32_t>(L, static_cast<uint32_t>(pos));
+  Offs r;
+  if (L.nd <= 1) {
+#pragma unroll
+    for (int s = 0; s < kSets; ++s) r.o[s] = L.nd == 1 ? pos * L.st[s][0] : 0;
+  } else if (L.nd == 2 && !L.wide) {
+    const uint32_t p = static_cast<uint32_t>(pos), sz = static_cast<uint32_t>(L.size[1]);
+    const uint32_t q = p / sz;
+    const int64_t i = static_cast<int64_t>(p - q * sz);
+#pragma unroll
+    for (int s = 0; s < kSets; ++s) r.o[s] = i * L.st[s][1] + static_cast<int64_t>(q) * L.st[s][0];
+  } else {
+#pragma unroll
+    for (int s = 0; s < kSets; ++s) r.o[s] = 0;
+    if (L.wide) {
+      level_offs_loop<uint64_t>(L, static_cast<uint64_t>(pos), r);
+    } else {
+      level_offs_loop<uint32_t>(L, static_cast<uint32_t>(pos), r);
+    }
+  }
+  return r;
 }
 
 // ---------------------------------------------------------------------------
@@ -339,6 +367,7 @@ struct Scorer {
 // Norm of a score: score^(1/p) (sqrt for p = 2); identity for raw / single / p in {1, inf}.
 template <typename A>
 __device__ __forceinline__ A to_norm(int kind, A s, A inv_p) {
+  if (s < A(0)) return s;  // -inf: fewer than k valid scores in the scope
   if (kind == kP2) return sqrt_of(s);
   if (kind == kPGen) return pow_of(s, inv_p);
   return s;
@@ -384,10 +413,18 @@ struct MaxOp {
     return a > b ? a : b;
   }
 };
-struct MinOp {
+// NaN-propagating min / max of floats (torch.amin / amax): symmetric in NaN-ness, so group
+// reductions stay identical in every lane even with NaN operands.
+struct MinNanOp {
   template <typename V>
   __device__ __forceinline__ V operator()(V a, V b) const {
-    return a < b ? a : b;
+    return is_nan(a) ? a : (is_nan(b) ? b : (a < b ? a : b));
+  }
+};
+struct MaxNanOp {
+  template <typename V>
+  __device__ __forceinline__ V operator()(V a, V b) const {
+    return max_nan(a, b);
   }
 };
 
@@ -474,27 +511,39 @@ struct Group {
 // selection in registers (small scopes)
 // ---------------------------------------------------------------------------
 
-// s[j] for j >= nb must be NaN (never counted, never kept).
+// Keep flags (bit i = block i) of the rules in the header comment. s[j] for j >= nb must be
+// NaN (never counted, never kept). NB <= 8: fully unrolled; larger NB: the outer loop stays a
+// loop (s[i] picked by an unrolled select) so the code is O(NB), not O(NB^2).
 template <typename A, int NB>
-__device__ __forceinline__ void rank_keep(const A (&s)[NB], int64_t nnz, bool ties, bool (&keep)[NB]) {
+__device__ __forceinline__ uint32_t rank_keep(const A (&s)[NB], int64_t nnz, bool ties) {
+  uint32_t bits = 0;
+  if constexpr (NB <= 8) {
 #pragma unroll
-  for (int i = 0; i < NB; ++i) {
-    int r = 0;
+    for (int i = 0; i < NB; ++i) {
+      int r = 0;
 #pragma unroll
-    for (int j = 0; j < NB; ++j) {
-      if (ties) {
-        r += s[j] > s[i] ? 1 : 0;
-      } else {
-        r += (s[j] > s[i] || (j < i && s[j] == s[i])) ? 1 : 0;
-      }
+      for (int j = 0; j < NB; ++j) r += (s[j] > s[i] || (!ties && j < i && s[j] == s[i])) ? 1 : 0;
+      if (!is_nan(s[i]) && r < nnz) bits |= 1u << i;
     }
-    keep[i] = !is_nan(s[i]) && r < nnz;
+  } else {
+#pragma unroll 1
+    for (int i = 0; i < NB; ++i) {
+      A si = s[0];
+#pragma unroll
+      for (int j = 1; j < NB; ++j) si = j == i ? s[j] : si;
+      int r = 0;
+#pragma unroll
+      for (int j = 0; j < NB; ++j) r += (s[j] > si || (!ties && j < i && s[j] == si)) ? 1 : 0;
+      if (!is_nan(si) && r < nnz) bits |= 1u << i;
+    }
   }
+  return bits;
 }
 
-// k-th and (k+1)-th largest of the NaN -> -inf filled scores s[0..nb) (padding j >= nb is NaN
-// too: as -inf it never ranks above a real entry, and j > i never breaks a tie, so it does
-// not move the ranks of the real entries).
+// k-th and (k+1)-th largest of the NaN -> -inf filled scores s[0..nb): the filled entries at
+// stable descending ranks k-1 and k (-inf where absent). Padding j >= nb (NaN, so -inf once
+// filled) never ranks above a real entry and j > i never breaks a tie, so it does not move
+// the ranks of the real entries.
 template <typename A, int NB>
 __device__ __forceinline__ void rank_kth(const A (&s)[NB], int nb, int64_t k, A& vk, A& vk1) {
   A f[NB];
@@ -502,14 +551,28 @@ __device__ __forceinline__ void rank_kth(const A (&s)[NB], int nb, int64_t k, A&
   for (int j = 0; j < NB; ++j) f[j] = is_nan(s[j]) ? ninf_of<A>() : s[j];
   vk = ninf_of<A>();
   vk1 = ninf_of<A>();
+  if constexpr (NB <= 8) {
 #pragma unroll
-  for (int i = 0; i < NB; ++i) {
-    int r = 0;
+    for (int i = 0; i < NB; ++i) {
+      int r = 0;
 #pragma unroll
-    for (int j = 0; j < NB; ++j) r += (f[j] > f[i] || (j < i && f[j] == f[i])) ? 1 : 0;
-    if (i < nb) {
-      if (r == k - 1) vk = f[i];
-      if (r == k) vk1 = f[i];
+      for (int j = 0; j < NB; ++j) r += (f[j] > f[i] || (j < i && f[j] == f[i])) ? 1 : 0;
+      if (i < nb) {
+        if (r == k - 1) vk = f[i];
+        if (r == k) vk1 = f[i];
+      }
+    }
+  } else {
+#pragma unroll 1
+    for (int i = 0; i < nb; ++i) {
+      A fi = f[0];
+#pragma unroll
+      for (int j = 1; j < NB; ++j) fi = j == i ? f[j] : fi;
+      int r = 0;
+#pragma unroll
+      for (int j = 0; j < NB; ++j) r += (f[j] > fi || (j < i && f[j] == fi)) ? 1 : 0;
+      if (r == k - 1) vk = fi;
+      if (r == k) vk1 = fi;
     }
   }
 }
@@ -582,60 +645,83 @@ struct NmArgs {
   int vec_x;  // hard threshold scored on x itself with vec_v: write the scope back as one vector
 };
 
+// The scope's NB raw values (padding T(0) past nb).
 template <typename T, int NB>
-__global__ void __launch_bounds__(kThreads) nm_kernel(const NmArgs<T> a) {
+__device__ __forceinline__ void nm_load(const NmArgs<T>& a, int64_t g, T (&raw)[NB]) {
+  if (a.vec_v) {
+    load_vec<T, NB>(a.v + g * NB, raw);
+  } else {
+    const T* vp = a.v + g * a.s0v;
+#pragma unroll
+    for (int j = 0; j < NB; ++j) raw[j] = j < a.nb ? vp[j * a.s1v] : T(0);
+  }
+}
+
+template <typename T, int NB>
+__device__ __forceinline__ void nm_process(const NmArgs<T>& a, int64_t g, const T (&raw)[NB]) {
   using A = acc_of<T>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; g < a.numscp; g += stride) {
-    T raw[NB];
-    if (a.vec_v) {
-      load_vec<T, NB>(a.v + g * NB, raw);
+  A s[NB];
+#pragma unroll
+  for (int j = 0; j < NB; ++j) {
+    const A y = static_cast<A>(raw[j]);
+    s[j] = j < a.nb ? (a.raw ? y : abs_of(y)) : nan_of<A>();
+  }
+  if (a.op == kOpKth) {  // single-element / raw scores: the norm is the score
+    A vk, vk1;
+    rank_kth<A, NB>(s, a.nb, a.target, vk, vk1);
+    if (a.mid) vk = mix_mid<A>(vk, vk1, a.w);
+    a.out[g * a.s0o] = static_cast<T>(vk);
+    return;
+  }
+  const uint32_t keep = rank_keep<A, NB>(s, a.target, a.ties != 0);
+  if (a.op == kOpHard) {
+    if (a.vec_x) {  // kept values written back bit for bit, dropped ones +0
+      T y[NB];
+#pragma unroll
+      for (int j = 0; j < NB; ++j) y[j] = ((keep >> j) & 1u) ? raw[j] : T(0);
+      store_vec<T, NB>(a.x + g * NB, y);
     } else {
-      const T* vp = a.v + g * a.s0v;
-#pragma unroll
-      for (int j = 0; j < NB; ++j) raw[j] = j < a.nb ? vp[j * a.s1v] : T(0);
-    }
-    A s[NB];
-#pragma unroll
-    for (int j = 0; j < NB; ++j) {
-      const A y = static_cast<A>(raw[j]);
-      s[j] = j < a.nb ? (a.raw ? y : abs_of(y)) : nan_of<A>();
-    }
-    if (a.op == kOpKth) {
-      A vk, vk1;
-      rank_kth<A, NB>(s, a.nb, a.target, vk, vk1);
-      if (a.mid) vk = mix_mid<A>(vk, vk1, a.w);
-      a.out[g * a.s0o] = static_cast<T>(vk);
-      continue;
-    }
-    bool keep[NB];
-    rank_keep<A, NB>(s, a.target, a.ties != 0, keep);
-    if (a.op == kOpHard) {
-      if (a.vec_x) {
-        T y[NB];
-#pragma unroll
-        for (int j = 0; j < NB; ++j) y[j] = keep[j] ? raw[j] : T(0);
-        store_vec<T, NB>(a.x + g * NB, y);
-      } else {
-        T* xp = a.x + g * a.s0x;
-#pragma unroll
-        for (int j = 0; j < NB; ++j) {
-          if (j < a.nb && !keep[j]) xp[j * a.s1x] = T(0);
-        }
-      }
-    }
-    if (a.vec_m) {
-      uint8_t b[NB];
-#pragma unroll
-      for (int j = 0; j < NB; ++j) b[j] = keep[j] ? 1 : 0;
-      store_vec<uint8_t, NB>(reinterpret_cast<uint8_t*>(a.mask + g * NB), b);
-    } else {
-      bool* mp = a.mask + g * a.s0m;
+      T* xp = a.x + g * a.s0x;
 #pragma unroll
       for (int j = 0; j < NB; ++j) {
-        if (j < a.nb) mp[j * a.s1m] = keep[j];
+        if (j < a.nb && !((keep >> j) & 1u)) xp[j * a.s1x] = T(0);
       }
     }
+  }
+  if (a.vec_m) {
+    uint8_t b[NB];
+#pragma unroll
+    for (int j = 0; j < NB; ++j) b[j] = static_cast<uint8_t>((keep >> j) & 1u);
+    store_vec<uint8_t, NB>(reinterpret_cast<uint8_t*>(a.mask + g * NB), b);
+  } else {
+    bool* mp = a.mask + g * a.s0m;
+#pragma unroll
+    for (int j = 0; j < NB; ++j) {
+      if (j < a.nb) mp[j * a.s1m] = ((keep >> j) & 1u) != 0;
+    }
+  }
+}
+
+// One thread per scope, consecutive threads on consecutive scopes, grid-stride; the next
+// scope's load is issued before the current one is processed (two loads in flight per
+// thread for the bandwidth-bound N:M case). NB <= 4: registers capped for >= 6 CTAs per SM.
+template <typename T, int NB>
+__global__ void __launch_bounds__(kThreads, NB <= 4 ? 6 : 1) nm_kernel(const NmArgs<T> a) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (g >= a.numscp) return;
+  T cur[NB];
+  nm_load<T, NB>(a, g, cur);
+  for (;;) {
+    const int64_t gn = g + stride;
+    const bool more = gn < a.numscp;
+    T nxt[NB];
+    if (more) nm_load<T, NB>(a, gn, nxt);
+    nm_process<T, NB>(a, g, cur);
+    if (!more) break;
+#pragma unroll
+    for (int j = 0; j < NB; ++j) cur[j] = nxt[j];
+    g = gn;
   }
 }
 
@@ -666,21 +752,23 @@ __global__ void __launch_bounds__(kThreads) small_kernel(const SmallArgs<T> a) {
   const Scorer<A> sc{a.kind, static_cast<A>(a.p)};
   const int nb = static_cast<int>(G.nb);
   const int64_t ne = G.ne;
+  const DLevel& L2 = G.lv[2];
   const auto comb = [&sc](A u, A w) { return sc.combine(u, w); };
   for (int64_t g = grp.first; g < G.numscp; g += grp.step) {
     const Offs o0 = level_offs(G.lv[0], g);
     A s[NB];
 #pragma unroll
-    for (int j = 0; j < NB; ++j) {
-      s[j] = nan_of<A>();
-      if (j < nb) {  // group-uniform
-        const T* bp = a.v + o0.o[kV] + a.boff_v[j];
-        A acc = sc.init();
-        for (int64_t e = grp.rank; e < ne; e += grp.size) {
-          acc = sc.add(acc, static_cast<A>(bp[level_offs(G.lv[2], e).o[kV]]));
-        }
-        s[j] = grp.reduce(acc, comb, static_cast<A*>(nullptr));
+    for (int j = 0; j < NB; ++j) s[j] = nan_of<A>();
+#pragma unroll 1
+    for (int j = 0; j < nb; ++j) {  // group-uniform trip count
+      const T* bp = a.v + o0.o[kV] + a.boff_v[j];
+      A acc = sc.init();
+      for (int64_t e = grp.rank; e < ne; e += grp.size) {
+        acc = sc.add(acc, static_cast<A>(bp[level_offs(L2, e).o[kV]]));
       }
+      acc = grp.reduce(acc, comb, static_cast<A*>(nullptr));
+#pragma unroll
+      for (int jj = 0; jj < NB; ++jj) s[jj] = jj == j ? acc : s[jj];
     }
     if (a.op == kOpKth) {
       A vk, vk1;
@@ -693,29 +781,24 @@ __global__ void __launch_bounds__(kThreads) small_kernel(const SmallArgs<T> a) {
       }
       continue;
     }
-    bool keep[NB];
-    rank_keep<A, NB>(s, a.target, a.ties != 0, keep);
+    const uint32_t keep = rank_keep<A, NB>(s, a.target, a.ties != 0);
     if (a.op == kOpMaskElem) {
-#pragma unroll
-      for (int j = 0; j < NB; ++j) {
-        if (j < nb) {
-          bool* mp = a.mask + o0.o[kE] + a.boff_m[j];
-          for (int64_t e = grp.rank; e < ne; e += grp.size) mp[level_offs(G.lv[2], e).o[kE]] = keep[j];
-        }
+#pragma unroll 1
+      for (int j = 0; j < nb; ++j) {
+        const bool kj = ((keep >> j) & 1u) != 0;
+        bool* mp = a.mask + o0.o[kE] + a.boff_m[j];
+        for (int64_t e = grp.rank; e < ne; e += grp.size) mp[level_offs(L2, e).o[kE]] = kj;
       }
       continue;
     }
     // grid mask (scope_mask without expand, scope_hard_threshold_): block j by lane j % lanes
-#pragma unroll
-    for (int j = 0; j < NB; ++j) {
-      if (j < nb && (j & (grp.size - 1)) == grp.rank) a.mask[o0.o[kB] + a.boff_m[j]] = keep[j];
-    }
+    for (int j = grp.rank; j < nb; j += grp.size) a.mask[o0.o[kB] + a.boff_m[j]] = ((keep >> j) & 1u) != 0;
     if (a.op == kOpHard) {
-#pragma unroll
-      for (int j = 0; j < NB; ++j) {
-        if (j < nb && !keep[j]) {
+#pragma unroll 1
+      for (int j = 0; j < nb; ++j) {
+        if (!((keep >> j) & 1u)) {
           T* xp = a.x + o0.o[kX] + a.boff_x[j];
-          for (int64_t e = grp.rank; e < ne; e += grp.size) xp[level_offs(G.lv[2], e).o[kX]] = T(0);
+          for (int64_t e = grp.rank; e < ne; e += grp.size) xp[level_offs(L2, e).o[kX]] = T(0);
         }
       }
     }
@@ -1265,6 +1348,16 @@ __global__ void __launch_bounds__(kThreads) soft_kernel(const SoftArgs<T> a) {
     T* xb = a.x + o0.o[kX];
     A tb = thr[o0.o[kS]];
     A xc[kCache], hc[kCache];
+    int64_t ox[kCache], ov[kCache];  // offsets of the cached elements (x, conditioner)
+    if (cached) {
+#pragma unroll
+      for (int c = 0; c < kCache; ++c) {
+        const int64_t e = grp.rank + static_cast<int64_t>(c) * grp.size;
+        const Offs oe = level_offs(L2, e < ne ? e : 0);
+        ox[c] = oe.o[kX];
+        ov[c] = oe.o[kV];
+      }
+    }
     if (h == nullptr || ne == 1) {
       if (h != nullptr) tb = tb / h[o0.o[kV]];  // single element: t / h
       A n2 = 0;
@@ -1272,7 +1365,7 @@ __global__ void __launch_bounds__(kThreads) soft_kernel(const SoftArgs<T> a) {
 #pragma unroll
         for (int c = 0; c < kCache; ++c) {
           const int64_t e = grp.rank + static_cast<int64_t>(c) * grp.size;
-          xc[c] = e < ne ? static_cast<A>(xb[level_offs(L2, e).o[kX]]) : A(0);
+          xc[c] = e < ne ? static_cast<A>(xb[ox[c]]) : A(0);
           if (e < ne) n2 = n2 + mul_rn(xc[c], xc[c]);
         }
       } else {
@@ -1290,7 +1383,7 @@ __global__ void __launch_bounds__(kThreads) soft_kernel(const SoftArgs<T> a) {
 #pragma unroll
         for (int c = 0; c < kCache; ++c) {
           const int64_t e = grp.rank + static_cast<int64_t>(c) * grp.size;
-          if (e < ne) xb[level_offs(L2, e).o[kX]] = static_cast<T>(dead ? A(0) : xc[c] * scale);
+          if (e < ne) xb[ox[c]] = static_cast<T>(dead ? A(0) : xc[c] * scale);
         }
       } else {
         for (int64_t e = grp.rank; e < ne; e += grp.size) {
@@ -1310,12 +1403,11 @@ __global__ void __launch_bounds__(kThreads) soft_kernel(const SoftArgs<T> a) {
         xc[c] = A(0);  // h * x
         hc[c] = A(1);
         if (e < ne) {
-          const Offs oe = level_offs(L2, e);
-          hc[c] = hb[oe.o[kV]];
-          xc[c] = mul_rn(static_cast<A>(xb[oe.o[kX]]), hc[c]);
+          hc[c] = hb[ov[c]];
+          xc[c] = mul_rn(static_cast<A>(xb[ox[c]]), hc[c]);
           s2 = s2 + mul_rn(xc[c], xc[c]);
-          hmin = hc[c] < hmin ? hc[c] : hmin;
-          hmax = hc[c] > hmax ? hc[c] : hmax;
+          hmin = MinNanOp{}(hmin, hc[c]);
+          hmax = max_nan(hmax, hc[c]);
         }
       }
     } else {
@@ -1324,13 +1416,13 @@ __global__ void __launch_bounds__(kThreads) soft_kernel(const SoftArgs<T> a) {
         const A hv = hb[oe.o[kV]];
         const A hw = mul_rn(static_cast<A>(xb[oe.o[kX]]), hv);
         s2 = s2 + mul_rn(hw, hw);
-        hmin = hv < hmin ? hv : hmin;
-        hmax = hv > hmax ? hv : hmax;
+        hmin = MinNanOp{}(hmin, hv);
+        hmax = max_nan(hmax, hv);
       }
     }
     s2 = grp.reduce(s2, AddOp{}, sh);
-    hmin = grp.reduce(hmin, MinOp{}, sh);
-    hmax = grp.reduce(hmax, MaxOp{}, sh);
+    hmin = grp.reduce(hmin, MinNanOp{}, sh);
+    hmax = grp.reduce(hmax, MaxNanOp{}, sh);
     const A nhw = sqrt_of(s2);
     if (!(nhw > tb)) {  // dead block (NaN norm included)
       for (int64_t e = grp.rank; e < ne; e += grp.size) xb[level_offs(L2, e).o[kX]] = T(0);
@@ -1374,7 +1466,7 @@ __global__ void __launch_bounds__(kThreads) soft_kernel(const SoftArgs<T> a) {
 #pragma unroll
       for (int c = 0; c < kCache; ++c) {
         const int64_t e = grp.rank + static_cast<int64_t>(c) * grp.size;
-        if (e < ne) xb[level_offs(L2, e).o[kX]] = static_cast<T>(xc[c] / (hc[c] + mu));
+        if (e < ne) xb[ox[c]] = static_cast<T>(xc[c] / (hc[c] + mu));
       }
     } else {
       for (int64_t e = grp.rank; e < ne; e += grp.size) {
@@ -1421,10 +1513,7 @@ Plan plan_blocks(int64_t nblk, int64_t ne, int dev, bool allow_split) {
   return P;
 }
 
-unsigned grid_items(int64_t nitems, const Plan& P, int dev) {
-  const int64_t per = P.cta ? 1 : kThreads / P.lanes;
-  return grid_for(ceil_div(nitems, per), dev);
-}
+int64_t ctas_for(int64_t nitems, const Plan& P) { return ceil_div(nitems, P.cta ? 1 : kThreads / P.lanes); }
 
 // Block scores (dst, acc dtype, scope-major) or block norms (norm, set kS) of every block.
 template <typename T>
@@ -1453,11 +1542,10 @@ void launch_scores(const Geo& G, const T* v, int kind, double p, void* dst, T* n
     a.dst = dst;
     a.norm = norm;
   }
-  const unsigned grid = grid_items(a.nitems, P, di);
   if (P.cta) {
-    score_kernel<T, true><<<grid, kThreads, 0, stream>>>(a);
+    score_kernel<T, true><<<grid_occ(score_kernel<T, true>, ctas_for(a.nitems, P), di), kThreads, 0, stream>>>(a);
   } else {
-    score_kernel<T, false><<<grid, kThreads, 0, stream>>>(a);
+    score_kernel<T, false><<<grid_occ(score_kernel<T, false>, ctas_for(a.nitems, P), di), kThreads, 0, stream>>>(a);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (P.nsplit > 1) {
@@ -1482,7 +1570,7 @@ void launch_fill(const Geo& G, T* x, const bool* bmask, bool* emask, bool expand
   a.nsplit = G.ne > kSplitChunk ? ceil_div(G.ne, kSplitChunk) : 1;
   a.chunk = a.nsplit > 1 ? kSplitChunk : G.ne;
   a.nitems = G.numscp * a.nsplit;
-  const unsigned grid = grid_for(ceil_div(a.nitems, kThreads / a.lanes), di);
+  const unsigned grid = grid_occ(fill_kernel<T>, ceil_div(a.nitems, kThreads / a.lanes), di);
   fill_kernel<T><<<grid, kThreads, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -1501,8 +1589,8 @@ void launch_multi_select(const Geo& G, const A* scores, int op, int64_t target, 
   Tensor hist = at::zeros({G.numscp * kBins}, lopts);
   auto* w = reinterpret_cast<unsigned long long*>(ws.data_ptr<int64_t>());
   auto* hp = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
-  const unsigned ugrid = grid_for(U.units, di);
-  const unsigned sgrid = grid_for(G.numscp, di);
+  const unsigned ugrid = grid_occ(multi_hist_kernel<A>, U.units, di);
+  const unsigned sgrid = grid_occ(multi_walk_kernel<A>, G.numscp, di);
   multi_count_kernel<A><<<ugrid, kThreads, 0, stream>>>(scores, U, w);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   multi_init_kernel<<<grid_for(ceil_div(G.numscp, kThreads), di), kThreads, 0, stream>>>(G.numscp, w, op, target);
@@ -1598,7 +1686,7 @@ void run_select(const SelJob& J, const Tensor& x, const Tensor& v, const Layout&
                     ? 1
                     : 0;
       a.vec_x = (J.op == kOpHard && J.v_is_x && a.vec_v) ? 1 : 0;
-      nm_kernel<T, NB><<<grid_for(ceil_div(numscp, kThreads), di), kThreads, 0, stream>>>(a);
+      nm_kernel<T, NB><<<grid_occ(nm_kernel<T, NB>, ceil_div(numscp, kThreads), di), kThreads, 0, stream>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return;
@@ -1629,9 +1717,9 @@ void run_select(const SelJob& J, const Tensor& x, const Tensor& v, const Layout&
     a.lanes = lanes;
     a.ties = J.ties ? 1 : 0;
     a.mid = J.mid ? 1 : 0;
-    const unsigned grid = grid_for(ceil_div(numscp, kThreads / lanes), di);
     dispatch_nb(nb, [&](auto nbc) {
       constexpr int NB = decltype(nbc)::value;
+      const unsigned grid = grid_occ(small_kernel<T, NB>, ceil_div(numscp, kThreads / lanes), di);
       small_kernel<T, NB><<<grid, kThreads, 0, stream>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -1680,7 +1768,7 @@ void run_select(const SelJob& J, const Tensor& x, const Tensor& v, const Layout&
     const int64_t bytes = nb * static_cast<int64_t>(sizeof(A));
     a.cache = bytes <= 32 * 1024 ? 1 : 0;
     const size_t dyn = a.cache ? static_cast<size_t>(bytes) : 0;
-    select_cta_kernel<T><<<grid_for(numscp, di), kThreads, dyn, stream>>>(a);
+    select_cta_kernel<T><<<grid_occ(select_cta_kernel<T>, numscp, di, dyn), kThreads, dyn, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if ((J.op == kOpMaskElem && ne > 1) || J.op == kOpHard) {
@@ -1848,11 +1936,11 @@ void block_soft_threshold_cuda(Tensor& x, c10::IntArrayRef block_shape, const Te
     a.max_iter = max_iter;
     const Plan P = plan_blocks(Y.numscp, Y.ne, di, /*allow_split=*/false);
     a.lanes = P.lanes;
-    const unsigned grid = grid_items(Y.numscp, P, di);
+    const int64_t ctas = ctas_for(Y.numscp, P);
     if (P.cta) {
-      soft_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(a);
+      soft_kernel<scalar_t, true><<<grid_occ(soft_kernel<scalar_t, true>, ctas, di), kThreads, 0, stream>>>(a);
     } else {
-      soft_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(a);
+      soft_kernel<scalar_t, false><<<grid_occ(soft_kernel<scalar_t, false>, ctas, di), kThreads, 0, stream>>>(a);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -71,9 +71,8 @@ def block_scores(x: torch.Tensor, block_shape: Sequence[int], p: float, raw: boo
 def score_to_norm(s: torch.Tensor, p: float, raw: bool = False, single: bool = False) -> torch.Tensor:
     if raw or single or math.isinf(p) or p == 1:
         return s
-    if p == 2:
-        return s.sqrt()
-    return s.pow(1.0 / p)
+    n = s.sqrt() if p == 2 else s.pow(1.0 / p)
+    return torch.where(s < 0, s, n)  # -inf (fewer than k valid scores) stays -inf
 
 
 def block_norms(x: torch.Tensor, block_shape: List[int], p: float) -> torch.Tensor:
