@@ -5,7 +5,9 @@ rejects, so CPU tests alone cannot show that the Triton backend compiles. This c
 
 1. ``record`` (run with TRITON_INTERPRET=1): runs representative calls of every Triton op
    (all float dtypes, int32/int64 indices, accumulate, scale, masks, bitmasks, top-k over one tensor
-   and over segments), and records each launch's kernel, argument types and constexpr values;
+   and over segments; for the scope family: every op with all float dtypes, p in {1, 2, inf, 3,
+   2.5}, raw, keep_ties, expand on/off, values, conditioner, strided views, small and large scopes,
+   int32 and int64 offsets), and records each launch's kernel, argument types and constexpr values;
 2. ``compile`` (run without the interpreter): compiles each recorded signature with
    ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (H100) through ptxas shipped with the
    triton wheel, down to cubin.
@@ -60,8 +62,9 @@ def _record(path: str) -> None:
                 sig[name] = "fp32"
             else:
                 raise TypeError(f"{self.fn.__name__}: cannot type argument {name}={v!r}")
-        key = json.dumps([self.fn.__name__, sig, const, options], sort_keys=True, default=str)
-        seen[key] = {"kernel": self.fn.__name__, "signature": sig, "constexprs": const, "options": options}
+        key = json.dumps([self.fn.__module__, self.fn.__name__, sig, const, options], sort_keys=True, default=str)
+        seen[key] = {"module": self.fn.__module__, "kernel": self.fn.__name__, "signature": sig,
+                     "constexprs": const, "options": options}
         return orig_run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     InterpretedFunction.run = run
@@ -93,24 +96,127 @@ def _record(path: str) -> None:
         T.topk_select_segments(segs, [None, None, torch.rand(120, generator=g) < 0.5], 30)
         T.topk_select_segments(segs, [torch.rand(4, 50, generator=g) < 0.5, None, None], 9)
         T.topk_select_segments(segs, [None, None, None], 320)  # k == n_active: no radix passes
+    _record_scope(g, floats)
     with open(path, "w") as f:
         json.dump(list(seen.values()), f)
     print(f"recorded {len(seen)} distinct kernel launches")
 
 
+def _record_scope(g, floats) -> None:
+    """Representative calls of every scope-family Triton op (gradkit.kernels.triton.scope): each
+    kernel mode with every float dtype, every score kind (p = 1, 2, inf, 3 and a general p), raw,
+    keep_ties, expand on/off, values / thresholds / conditioner of other dtypes, strided views,
+    small scopes (the fused kernel) and large ones (scores + radix select), int32 and int64 offsets.
+    Tensors stay tiny (and large scopes few): this runs under the interpreter."""
+    import torch
+
+    from gradkit.kernels.triton import scope as S
+
+    def data(shape, dt):
+        return torch.randint(-8, 9, shape, generator=g).to(dt)
+
+    def view(dt):  # a strided, permuted view: (4, 6, 4) out of a (6, 10, 8) base
+        return data((6, 10, 8), dt).permute(2, 0, 1)[1:9:2, :, 1:9:2]
+
+    SMALL = ([1, 1, 2], [2, 3, 1])  # block, scope: 6 blocks per scope
+    LARGE = ([1, 1, 2], [4, 1, 2])  # 8 blocks per scope (the large path, with small_nb=6 below), 6 scopes
+    RAW_LARGE = [4, 1, 4]  # 16 single-element blocks per scope
+    inf = float("inf")
+
+    def calls(dt, full):
+        x = view(dt)
+        for b, s in (SMALL, LARGE):
+            for p in ((1.0, 2.0, inf, 3.0, 2.5) if full else (2.0,)):
+                S.scope_kth(x, b, s, 2, p, False, 0.5, False)
+                S.scope_mask(x, b, s, 2, p, False, False, False)
+            S.scope_kth(x, b, s, 1, 2.0, False, 0.25, True)
+            for ties in (False, True):
+                for expand in (False, True):
+                    S.scope_mask(x, b, s, 3, 2.0, False, ties, expand)
+                S.scope_hard_threshold_(x.clone(), None, b, s, 2, 2.0, ties)
+            if full:
+                rs = s if s is SMALL[1] else RAW_LARGE
+                S.scope_kth(x, [1, 1, 1], rs, 2, 2.0, True, 0.5, True)  # raw
+                S.scope_kth(x, [1, 1, 1], rs, 2, 2.0, False, 0.5, False)  # single-element blocks
+                for ties in (False, True):
+                    for expand in (False, True):
+                        S.scope_mask(x, [1, 1, 1], rs, 2, 2.0, True, ties, expand)
+        for p in ((1.0, 2.0, inf, 3.0, 2.5) if full else (2.0,)):
+            S.block_norms(x, SMALL[0], p)
+        S.block_apply_mask_(x.clone(), SMALL[0], (torch.rand(2, 6, 4, generator=g) < 0.5).permute(2, 1, 0))
+        t = torch.rand(4, 6, 2, generator=g).to(dt)
+        h = (torch.rand(4, 6, 4, generator=g) + 0.5).to(dt)
+        S.block_soft_threshold_(x.clone(), SMALL[0], t, None, 20, 1e-8, 1e-6)
+        S.block_soft_threshold_(x.clone(), SMALL[0], t, h, 20, 1e-8, 1e-6)
+        S.block_soft_threshold_(x.clone(), [1, 1, 1], torch.rand(4, 6, 4, generator=g).to(dt), h, 20, 1e-8, 1e-6)
+        S.TUNING.update(soft_chunk=2)  # blocks of several chunks (re-read per bisection step)
+        S.block_soft_threshold_(x.clone(), [1, 3, 4], t[:, :2, :1], None, 5, 1e-8, 1e-6)
+        S.block_soft_threshold_(x.clone(), [1, 3, 4], t[:, :2, :1], h, 5, 1e-8, 1e-6)
+
+    tuning = dict(S.TUNING)
+    try:
+        for force64 in (False, True):
+            S.FORCE_INT64 = force64
+            for dt in floats:
+                S.TUNING.update(small_nb=6)  # SMALL (6 blocks) fused, LARGE (8 / 16 blocks) through the select
+                calls(dt, full=not force64 or dt in (torch.float32, torch.float64))
+                S.TUNING.clear()
+                S.TUNING.update(tuning)
+                x = view(dt)
+                for vdt in floats:  # scores from a companion of another dtype; companions of other dtypes
+                    v = data((4, 6, 4), vdt)
+                    S.scope_hard_threshold_(x.clone(), v, *SMALL, 2, 2.0, False)
+                    S.block_soft_threshold_(x.clone(), SMALL[0], torch.rand(4, 6, 2, generator=g).to(vdt),
+                                            (torch.rand(4, 6, 4, generator=g) + 0.5).to(vdt), 20, 1e-8, 1e-6)
+                if force64:
+                    break
+    finally:
+        S.FORCE_INT64 = False
+        S.TUNING.clear()
+        S.TUNING.update(tuning)
+    # four unmergeable dims in each level: (4, 4, 4, 4) with reversed strides, blocks / scopes across every dim
+    for dt in (torch.float32, torch.bfloat16):
+        x = data((4, 4, 4, 4), dt).permute(3, 2, 1, 0)
+        b4 = [2, 2, 2, 2]
+        S.block_norms(x, b4, 2.0)
+        for s4 in ([2, 2, 2, 2], [1, 2, 1, 2], [1, 1, 1, 1]):  # 4 dims in level 1 / levels 0+1 / level 0
+            for small_nb in (32, 0):
+                S.TUNING.update(small_nb=small_nb)
+                S.scope_kth(x, b4, s4, 1, 2.0, False, 0.5, False)
+                S.scope_mask(x, b4, s4, 1, 2.0, False, False, True)
+                S.scope_hard_threshold_(x.clone(), None, b4, s4, 1, 1.0, False)
+        S.TUNING.clear()
+        S.TUNING.update(tuning)
+        S.block_apply_mask_(x.clone(), b4, torch.rand(2, 2, 2, 2, generator=g).permute(3, 2, 1, 0) < 0.5)
+        t4 = torch.rand(2, 2, 2, 2, generator=g).to(dt)
+        S.block_soft_threshold_(x.clone(), b4, t4, None, 20, 1e-8, 1e-6)
+        S.block_soft_threshold_(x.clone(), b4, t4, (torch.rand(4, 4, 4, 4, generator=g) + 0.5).to(dt), 20, 1e-8, 1e-6)
+    # default tiles at realistic sizes: 2:4 over rows, row-wise top-k over 4096 columns, a whole tensor as one scope
+    x = torch.randn(64, 64, generator=g)
+    S.scope_mask(x, [1, 1], [1, 4], 2, 2.0, False, False, True)
+    S.scope_hard_threshold_(x.clone(), None, [1, 1], [1, 4], 2, 1.0, False)
+    x = torch.randn(2, 4096, generator=g)
+    S.scope_mask(x, [1, 1], [1, 4096], 100, 2.0, False, False, True)
+    S.scope_kth(x, [1, 1], [1, 4096], 100, 1.0, False, 1.0, False)
+    S.scope_hard_threshold_(x.clone(), None, [1, 64], [2, 16], 5, 2.0, True)
+    S.block_norms(x, [1, 512], 2.0)
+    S.block_soft_threshold_(x.clone(), [1, 4096], torch.rand(2, 1, generator=g), torch.rand(2, 4096) + 0.5,
+                            20, 1e-8, 1e-6)
+
+
 def _compile(path: str) -> int:
+    import importlib
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from gradkit.kernels.triton import parammap as T
 
     target = GPUTarget("cuda", 90, 32)
     with open(path) as f:
         launches = json.load(f)
     failures = 0
     for rec in launches:
-        fn = getattr(T, rec["kernel"])
+        fn = getattr(importlib.import_module(rec.get("module", "gradkit.kernels.triton.parammap")), rec["kernel"])
         const = {k: (triton.language.dtype(v["tl.dtype"]) if isinstance(v, dict) else v)
                  for k, v in rec["constexprs"].items()}
         opts = {k: v for k, v in rec["options"].items() if k in ("num_warps", "num_stages", "enable_fp_fusion")}
