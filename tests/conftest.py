@@ -3,6 +3,7 @@
 HYPOTHESIS_PROFILE=ci (default: bounded, derandomised) or deep (run by hand:
 `HYPOTHESIS_PROFILE=deep python -m pytest tests`).
 """
+import contextlib
 import os
 
 import torch
@@ -22,3 +23,17 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 import gradkit  # noqa: E402,F401  (GRADKIT_REQUIRE_EXT=1 makes a broken build fail here)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Run API calls through one backend (Triton under the interpreter on a CPU machine)."""
+    old = os.environ.get("GRADKIT_BACKEND")
+    os.environ["GRADKIT_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["GRADKIT_BACKEND"]
+        else:
+            os.environ["GRADKIT_BACKEND"] = old

@@ -1,5 +1,4 @@
 """gradkit.ParamMap against a plain-PyTorch model of GRADIEND's param-map semantics."""
-import contextlib
 import json
 import math
 import os
@@ -12,7 +11,7 @@ from hypothesis import given, strategies as st
 
 from gradkit import ParamMap, ops
 
-from conftest import DEVICES
+from conftest import DEVICES, use_backend
 
 REPRS = ["all", "mask", "bitmask", "indices"]
 
@@ -67,20 +66,6 @@ def _tensors(spec, dtype=torch.float32, seed=0, device="cpu"):
 
 
 BACKENDS = ["native", "triton", "reference"]
-
-
-@contextlib.contextmanager
-def use_backend(name):
-    """Run API calls through one backend (Triton under the interpreter on a CPU machine)."""
-    old = os.environ.get("GRADKIT_BACKEND")
-    os.environ["GRADKIT_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["GRADKIT_BACKEND"]
-        else:
-            os.environ["GRADKIT_BACKEND"] = old
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

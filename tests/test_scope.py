@@ -1,9 +1,7 @@
 """gradkit.scope end to end: every pattern of the issue against an independent plain-torch
 computation, on every backend (native, reference, and Triton under the interpreter), plus
 View / spec validation and the bad-input contract."""
-import contextlib
 import math
-import os
 
 import pytest
 import torch
@@ -12,20 +10,9 @@ from gradkit import ops
 from gradkit.scope import (BlockCoupling, BlockSpec, CouplingError, ScopeCoupling, ScopeSpec, ShapeMismatchError,
                            View, check_nm, semi_structured)
 
+from conftest import use_backend
+
 BACKENDS = ["native", "reference", "triton"]
-
-
-@contextlib.contextmanager
-def use_backend(b):
-    old = os.environ.get("GRADKIT_BACKEND")
-    os.environ["GRADKIT_BACKEND"] = b
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("GRADKIT_BACKEND", None)
-        else:
-            os.environ["GRADKIT_BACKEND"] = old
 
 
 @pytest.fixture(params=BACKENDS)

@@ -74,6 +74,29 @@ def _inverse(perm: Sequence[int]) -> Tuple[int, ...]:
     return tuple(inv)
 
 
+def _aligned(owner: str, items, cls, what: str, orders, describe):
+    """Validates a coupling's members and orders; returns (items, orders, reverse orders, common grid).
+    ``describe(grid, item, order, ref_grid, first)`` words the error for a member whose permuted
+    grid differs from the first member's."""
+    items = list(items)
+    if not items:
+        raise ValueError(f"{owner}: {what} is empty")
+    for s in items:
+        if not isinstance(s, cls):
+            raise TypeError(f"{owner}: {what}: expected {cls.__name__}, got {type(s).__name__}")
+    if not orders:
+        orders = [()] * len(items)
+    if len(orders) != len(items):
+        raise ValueError(f"{owner}: {len(orders)} orders for {len(items)} {what}")
+    orders = [_check_order(o, len(s.grid_shape), f"orders[{i}]") for i, (o, s) in enumerate(zip(orders, items))]
+    ref = tuple(items[0].grid_shape[i] for i in orders[0])
+    for s, o in zip(items, orders):
+        g = tuple(s.grid_shape[i] for i in o)
+        if g != ref:
+            raise CouplingError(describe(g, s, o, ref, items[0]))
+    return items, orders, [_inverse(o) for o in orders], ref
+
+
 # --------------------------------------------------------------------------- View
 
 
@@ -399,27 +422,13 @@ class BlockCoupling(SparseBlock):
 
     def __init__(self, specs: Sequence[BlockSpec], orders: Optional[Sequence[Sequence[int]]] = None,
                  name: Optional[str] = None):
-        specs = list(specs)
-        if not specs:
-            raise ValueError("BlockCoupling: specs is empty")
-        for s in specs:
-            if not isinstance(s, BlockSpec):
-                raise TypeError(f"BlockCoupling: specs: expected BlockSpec, got {type(s).__name__}")
-        if not orders:
-            orders = [()] * len(specs)
-        if len(orders) != len(specs):
-            raise ValueError(f"BlockCoupling: {len(orders)} orders for {len(specs)} specs")
-        self.specs, self.name = specs, name
-        self.orders = [_check_order(o, len(s.grid_shape), f"orders[{i}]") for i, (o, s) in
-                       enumerate(zip(orders, specs))]
-        ref = tuple(specs[0].grid_shape[i] for i in self.orders[0])
-        for s, o in zip(specs, self.orders):
-            g = tuple(s.grid_shape[i] for i in o)
-            if g != ref:
-                raise CouplingError(f"BlockCoupling {name or ''}: incompatible block grids: {g} (spec {s.name or '?'}, "
-                                    f"grid {s.grid_shape} after order {o}) vs {ref} (spec {specs[0].name or '?'})")
-        self._reverse_orders = [_inverse(o) for o in self.orders]
-        self.grid_shape = ref
+        def describe(g, s, o, ref, first):
+            return (f"BlockCoupling {name or ''}: incompatible block grids: {g} (spec {s.name or '?'}, "
+                    f"grid {s.grid_shape} after order {o}) vs {ref} (spec {first.name or '?'})")
+
+        self.name = name
+        self.specs, self.orders, self._reverse_orders, self.grid_shape = _aligned(
+            "BlockCoupling", specs, BlockSpec, "specs", orders, describe)
 
     @property
     def shape(self) -> Tuple[int, ...]:
@@ -829,28 +838,14 @@ class ScopeCoupling(SparseScope):
 
     def __init__(self, scopes: Sequence[ScopeSpec], orders: Optional[Sequence[Sequence[int]]] = None,
                  name: Optional[str] = None):
-        scopes = list(scopes)
-        if not scopes:
-            raise ValueError("ScopeCoupling: scopes is empty")
-        for s in scopes:
-            if not isinstance(s, ScopeSpec):
-                raise TypeError(f"ScopeCoupling: scopes: expected ScopeSpec, got {type(s).__name__}")
-        if not orders:
-            orders = [()] * len(scopes)
-        if len(orders) != len(scopes):
-            raise ValueError(f"ScopeCoupling: {len(orders)} orders for {len(scopes)} scopes")
-        self.scopes, self.name = scopes, name
-        self.orders = [_check_order(o, len(s.grid_shape), f"orders[{i}]") for i, (o, s) in
-                       enumerate(zip(orders, scopes))]
-        ref = tuple(scopes[0].grid_shape[i] for i in self.orders[0])
-        for s, o in zip(scopes, self.orders):
-            g = tuple(s.grid_shape[i] for i in o)
-            if g != ref:
-                raise CouplingError(f"ScopeCoupling {name or ''}: incompatible scope shapes after order: {g} "
-                                    f"(scope {s.name or '?'}, scope grid {s.grid_shape}, order {o}) vs {ref} "
-                                    f"(scope {scopes[0].name or '?'})")
-        self._reverse_orders = [_inverse(o) for o in self.orders]
-        self.grid_shape = ref
+        def describe(g, s, o, ref, first):
+            return (f"ScopeCoupling {name or ''}: incompatible scope shapes after order: {g} "
+                    f"(scope {s.name or '?'}, scope grid {s.grid_shape}, order {o}) vs {ref} "
+                    f"(scope {first.name or '?'})")
+
+        self.name = name
+        self.scopes, self.orders, self._reverse_orders, self.grid_shape = _aligned(
+            "ScopeCoupling", scopes, ScopeSpec, "scopes", orders, describe)
 
     @property
     def params(self):
