@@ -293,3 +293,36 @@ def test_dense_nm_tiles_match_reference(m, dtype):
             _same(torch.ops.gradkit.scope_hard_threshold_(a, None, [1, 1], [1, m], nnz, 1.0, kt),
                   ref.scope_hard_threshold_(b, None, [1, 1], [1, m], nnz, 1.0, kt))
             _same(a, b)
+
+
+@pytest.mark.parametrize("ne", [4, 8, 16])
+@pytest.mark.parametrize("nb", [2, 4])
+def test_row_coupled_runs_match_reference(ne, nb):
+    """The fp32 run path (contiguous blocks a multiple of 4 long, long scope-grid rows): row
+    coupling through a View as in 16-column blocks with 8-row coupling, runs of 67 and 130 scopes
+    (ragged tiles and groups of 4), NaN, ties, p in {1, 2}, every nnz, masks and hard threshold."""
+    g = torch.Generator().manual_seed(ne * nb)
+    for cols in (67, 130):
+        rows = 3 * nb * 2
+        base = torch.randint(-2, 3, (rows, ne * cols), generator=g).float()
+        base[torch.rand(base.shape, generator=g) < 0.01] = float("nan")
+        n = base.shape[1]
+        # rows r, r + 2, r + 4, ... of each (2 * nb)-row chunk compete for each column block
+        x = base.as_strided((rows // (2 * nb), 2, nb, n), (2 * nb * n, n, 2 * n, 1))
+        for p in (1.0, 2.0):
+            for nnz in range(nb + 1):
+                for kt in (False, True):
+                    for expand in (True, False):
+                        _same(torch.ops.gradkit.scope_mask(x, [1, 1, 1, ne], [1, 1, nb, 1], nnz, p, False, kt, expand),
+                              ref.scope_mask(x, [1, 1, 1, ne], [1, 1, nb, 1], nnz, p, False, kt, expand))
+                    a, b = base.clone(), base.clone()
+                    va, vb = (t.as_strided(x.shape, x.stride()) for t in (a, b))
+                    _same(torch.ops.gradkit.scope_hard_threshold_(va, None, [1, 1, 1, ne], [1, 1, nb, 1], nnz, p, kt),
+                          ref.scope_hard_threshold_(vb, None, [1, 1, 1, ne], [1, 1, nb, 1], nnz, p, kt))
+                    _same(a, b)
+                    vals = torch.randint(0, 5, x.shape, generator=g).float()
+                    a, b = base.clone(), base.clone()
+                    va, vb = (t.as_strided(x.shape, x.stride()) for t in (a, b))
+                    _same(torch.ops.gradkit.scope_hard_threshold_(va, vals, [1, 1, 1, ne], [1, 1, nb, 1], nnz, p, kt),
+                          ref.scope_hard_threshold_(vb, vals, [1, 1, 1, ne], [1, 1, nb, 1], nnz, p, kt))
+                    _same(a, b)

@@ -11,16 +11,23 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 #include "../scope_layout.h"
+
+#if defined(__SSE3__)
+#include <pmmintrin.h>
+#define GK_SSE3 1
+#endif
 
 namespace gradkit {
 namespace scope {
 namespace {
 
 constexpr int64_t kSmallScope = 32;
+constexpr bool kPrefetch = true;
 
 enum class Score { Raw, Abs, P1, P2, PInf, PGen };
 
@@ -278,7 +285,9 @@ void flat_small(const Layout& Y, int mode, const scalar_t* vp, scalar_t* xp, boo
   for_scopes(Y, NB * P.ne, [&](int64_t b, int64_t e, Odometer& o) {
     alignas(64) float sc[NB][kTile];
     alignas(64) uint8_t kp[NB][kTile];
-    int64_t ov[kTile], ox[kTile], oo[kTile];
+    // offsets of the current tile and of the next one (double buffer: the next tile's lines are
+    // prefetched while this one is scored, since the blocks of a scope sit far apart in memory)
+    int64_t offs[2][3][kTile];
     const int64_t bv = P.b1[vset], bx = P.b1[kX], bo = P.b1[oset], ev = P.e1[vset], ex = P.e1[kX],
                   eo = P.e1[kE];
     const Level& L0 = Y.lv[0];
@@ -286,6 +295,20 @@ void flat_small(const Layout& Y, int mode, const scalar_t* vp, scalar_t* xp, boo
     // (2:4 / 4:8 on contiguous rows) -> constant-stride loops the compiler vectorises.
     const bool dense = KIND == 0 && L0.nd == 1 && bv == 1 && bo == 1 && L0.st[vset][0] == NB &&
                        L0.st[oset][0] == NB && (mode == 0 || (bx == 1 && L0.st[kX][0] == NB));
+    auto fill = [&](int slot, int nn) {
+      for (int c = 0; c < nn; ++c) {
+        offs[slot][0][c] = o.off[vset];
+        offs[slot][1][c] = o.off[kX];
+        offs[slot][2][c] = o.off[oset];
+        o.next();
+      }
+    };
+    // lines of one block to prefetch: its first 4 (hardware prefetch covers long contiguous ones)
+    const int64_t esz = ev * (int64_t)sizeof(scalar_t);
+    const int64_t pf_step = esz <= 64 ? 64 : esz;
+    const int64_t pf_bytes = esz <= 64 ? (P.ne - 1) * esz + (int64_t)sizeof(scalar_t) : P.ne * esz;
+    const int64_t span = std::min<int64_t>(4 * pf_step, pf_bytes);
+    int cur = 0;
     for (int64_t t0 = b; t0 < e; t0 += kTile) {
       const int n = (int)std::min<int64_t>(kTile, e - t0);
       if (dense && n == kTile) {
@@ -310,14 +333,24 @@ void flat_small(const Layout& Y, int mode, const scalar_t* vp, scalar_t* xp, boo
         }
         continue;
       }
-      if (dense) {  // tail of a dense range: position the odometer at t0
-        o.init(L0, t0);
+      if (dense || t0 == b) {  // first generic tile (or tail of a dense range): fill its offsets
+        if (dense) o.init(L0, t0);
+        fill(0, n);
+        cur = 0;
+      } else {
+        cur ^= 1;
       }
-      for (int c = 0; c < n; ++c) {
-        ov[c] = o.off[vset];
-        ox[c] = o.off[kX];
-        oo[c] = o.off[oset];
-        o.next();
+      const int64_t* ov = offs[cur][0];
+      const int64_t* ox = offs[cur][1];
+      const int64_t* oo = offs[cur][2];
+      if (!dense && t0 + kTile < e) {
+        const int nn = (int)std::min<int64_t>(kTile, e - t0 - kTile);
+        fill(cur ^ 1, nn);
+        for (int c = 0; c < nn; ++c)
+          for (int j = 0; j < NB; ++j) {
+            const char* pb = reinterpret_cast<const char*>(vp + offs[cur ^ 1][0][c] + j * bv);
+            for (int64_t l = 0; l < span && kPrefetch; l += pf_step) __builtin_prefetch(pb + l, 0, 1);
+          }
       }
       if constexpr (KIND == 0) {
         for (int c = 0; c < n; ++c) {
@@ -334,6 +367,27 @@ void flat_small(const Layout& Y, int mode, const scalar_t* vp, scalar_t* xp, boo
             sc[j][c] = 0.f;
             nanf[j][c] = 0;
           }
+#ifdef GK_SSE3
+        if (std::is_same_v<scalar_t, float> && KIND != 3 && ev == 1 && P.ne % 4 == 0) {
+          // contiguous fp32 blocks, a multiple of 4 long: one 4-lane accumulator per block, and
+          // four blocks reduced together with two horizontal adds (fixed order, deterministic)
+          const __m128 absm = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
+          for (int j = 0; j < NB; ++j)
+            for (int c0 = 0; c0 < n; c0 += 4) {
+              __m128 a[4];
+              for (int u = 0; u < 4; ++u) {
+                a[u] = _mm_setzero_ps();
+                if (c0 + u >= n) continue;
+                const float* pb = reinterpret_cast<const float*>(vp + ov[c0 + u] + j * bv);
+                for (int64_t q = 0; q < P.ne; q += 4) {
+                  const __m128 v = _mm_loadu_ps(pb + q);
+                  a[u] = _mm_add_ps(a[u], KIND == 1 ? _mm_and_ps(v, absm) : _mm_mul_ps(v, v));
+                }
+              }
+              _mm_store_ps(&sc[j][c0], _mm_hadd_ps(_mm_hadd_ps(a[0], a[1]), _mm_hadd_ps(a[2], a[3])));
+            }
+        } else
+#endif
         if (KIND != 3 && ev == 1 && P.ne >= 8) {
           // contiguous blocks: a SIMD reduction per block (fixed lane order, deterministic)
           for (int c = 0; c < n; ++c)
@@ -376,6 +430,8 @@ void flat_small(const Layout& Y, int mode, const scalar_t* vp, scalar_t* xp, boo
           bool* ob = op + oo[c];
           if (!per_elem) {
             for (int j = 0; j < NB; ++j) ob[j * bo] = kp[j][c];
+          } else if (eo == 1) {  // contiguous element runs: one memset per block
+            for (int j = 0; j < NB; ++j) std::memset(ob + j * bo, kp[j][c], (size_t)P.ne);
           } else {
             for (int j = 0; j < NB; ++j)
               for (int64_t q = 0; q < P.ne; ++q) ob[j * bo + q * eo] = kp[j][c];
@@ -391,6 +447,8 @@ void flat_small(const Layout& Y, int mode, const scalar_t* vp, scalar_t* xp, boo
             scalar_t* xj = xb + j * bx;
             if (P.ne == 1) {
               xj[0] = k ? xj[0] : scalar_t(0);  // branch-free: the keep pattern is random
+            } else if (!k && ex == 1) {
+              std::memset(static_cast<void*>(xj), 0, sizeof(scalar_t) * (size_t)P.ne);  // +0.0 is all-zero bits
             } else if (!k) {
               for (int64_t q = 0; q < P.ne; ++q) xj[q * ex] = scalar_t(0);
             }
@@ -401,11 +459,122 @@ void flat_small(const Layout& Y, int mode, const scalar_t* vp, scalar_t* xp, boo
   });
 }
 
+#ifdef GK_SSE3
+// Runs of fp32 scopes along the innermost scope-grid dim, with contiguous blocks a multiple of 4
+// long and p in {1, 2} (16-column blocks with row coupling, 1x16 block N:M, ...): the blocks of
+// scope c sit at base + c * stride + j * block_stride, so the walk is pointer arithmetic (no
+// per-scope odometer), four blocks are reduced together with two horizontal adds (fixed order,
+// deterministic), and the masks / zeros are written with 16-byte stores.
+constexpr int64_t kAhead = 16;  // scopes to prefetch ahead in flat_runs
+
+template <int NB, int KIND>
+void flat_runs(const Layout& Y, int mode, const float* vp, float* xp, bool* op, int set, bool expand,
+               int64_t nnz, bool keep_ties) {
+  const FlatPlan P = flat_plan(Y);
+  const int vset = mode == 1 ? kV : kX;
+  const int oset = mode == 1 ? kB : set;
+  const bool per_elem = mode == 0 && expand;
+  const Level& L0 = Y.lv[0];
+  const int d = L0.nd - 1;
+  const int64_t run = L0.size[d], sv = L0.st[vset][d], sx = L0.st[kX][d], so = L0.st[oset][d];
+  Level outer = L0;
+  outer.nd = d;
+  outer.count = L0.count / run;
+  const int64_t chunks = (run + kTile - 1) / kTile, ne = P.ne;
+  const int64_t bv = P.b1[vset], bx = P.b1[kX], bo = P.b1[oset], ex = P.e1[kX], eo = P.e1[kE];
+  const int64_t grain = std::max<int64_t>(1, 16384 / (NB * ne * kTile));
+  at::parallel_for(0, outer.count * chunks, grain, [&](int64_t b, int64_t e) {
+    alignas(64) float sc[NB][kTile];
+    alignas(64) uint8_t kp[NB][kTile];
+    const __m128 absm = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
+    Odometer o;
+    int64_t at_outer = -1;
+    for (int64_t u = b; u < e; ++u) {
+      const int64_t oi = u / chunks, c0 = (u % chunks) * kTile;
+      if (oi != at_outer) {
+        o.init(outer, oi);
+        at_outer = oi;
+      }
+      const int n = (int)std::min<int64_t>(kTile, run - c0);
+      const float* v0 = vp + o.off[vset] + c0 * sv;
+      for (int j = 0; j < NB; ++j) {
+        for (int c = 0; c < n; c += 4) {
+          __m128 a[4];
+          for (int w = 0; w < 4; ++w) {
+            a[w] = _mm_setzero_ps();
+            if (c + w >= n) continue;
+            const float* pb = v0 + (c + w) * sv + j * bv;
+            if (c0 + c + w + kAhead < run)  // software prefetch: the blocks of a scope sit far apart
+              for (int64_t q = 0; q < ne; q += 16) __builtin_prefetch(pb + kAhead * sv + q, 0, 3);
+            for (int64_t q = 0; q < ne; q += 4) {
+              const __m128 t = _mm_loadu_ps(pb + q);
+              a[w] = _mm_add_ps(a[w], KIND == 1 ? _mm_and_ps(t, absm) : _mm_mul_ps(t, t));
+            }
+          }
+          _mm_store_ps(&sc[j][c], _mm_hadd_ps(_mm_hadd_ps(a[0], a[1]), _mm_hadd_ps(a[2], a[3])));
+        }
+        for (int c = 0; c < kTile; ++c) {  // NaN -> -1 (never kept), padding -> -1
+          const float t = sc[j][c];
+          sc[j][c] = (c >= n || t != t) ? -1.f : t;
+        }
+      }
+      tile_rank<NB>(sc, kp, n, nnz, keep_ties);
+      bool* o0 = op + o.off[oset] + c0 * so;
+      if (mode == 0) {
+        for (int c = 0; c < n; ++c)
+          for (int j = 0; j < NB; ++j) {
+            bool* ob = o0 + c * so + j * bo;
+            if (!per_elem) {
+              ob[0] = kp[j][c];
+            } else if (eo == 1 && ne % 16 == 0) {
+              const __m128i k16 = _mm_set1_epi8((char)kp[j][c]);
+              for (int64_t q = 0; q < ne; q += 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(ob + q), k16);
+            } else {
+              for (int64_t q = 0; q < ne; ++q) ob[q * eo] = kp[j][c];
+            }
+          }
+      } else {
+        float* x0 = xp + o.off[kX] + c0 * sx;
+        for (int c = 0; c < n; ++c)
+          for (int j = 0; j < NB; ++j) {
+            o0[c * so + j * bo] = kp[j][c];
+            if (kp[j][c]) continue;
+            float* xb = x0 + c * sx + j * bx;
+            if (ex == 1) {
+              for (int64_t q = 0; q < ne; q += 4) _mm_storeu_ps(xb + q, _mm_setzero_ps());
+            } else {
+              for (int64_t q = 0; q < ne; ++q) xb[q * ex] = 0.f;
+            }
+          }
+      }
+    }
+  });
+}
+#endif
+
 // Dispatches to flat_small when the layout and score kind allow; false otherwise.
 template <typename scalar_t>
 bool try_flat_small(const Layout& Y, Score kind, int mode, const scalar_t* vp, scalar_t* xp, bool* op, int set,
                     bool expand, int64_t nnz, bool keep_ties) {
   if (!flat_ok(Y) || std::is_same_v<scalar_t, double>) return false;
+#ifdef GK_SSE3
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const int vset = mode == 1 ? kV : kX;
+    const bool runs = (kind == Score::P1 || kind == Score::P2) && Y.lv[2].nd == 1 && Y.lv[2].st[vset][0] == 1 &&
+                      Y.ne % 4 == 0 && Y.lv[0].nd >= 1 && Y.lv[0].size[Y.lv[0].nd - 1] >= 16;
+#define GK_RUNS(NB_)                                                                                            \
+    if (runs && Y.nb == NB_) {                                                                                  \
+      if (kind == Score::P1) flat_runs<NB_, 1>(Y, mode, vp, xp, op, set, expand, nnz, keep_ties);               \
+      else flat_runs<NB_, 2>(Y, mode, vp, xp, op, set, expand, nnz, keep_ties);                                 \
+      return true;                                                                                              \
+    }
+    GK_RUNS(2)
+    GK_RUNS(4)
+    GK_RUNS(8)
+    GK_RUNS(16)
+#undef GK_RUNS
+  }
+#endif
   int k;
   switch (kind) {
     case Score::Abs: k = 0; break;
