@@ -49,4 +49,25 @@ TORCH_LIBRARY(gradkit, m) {
   m.def("block_apply_mask_(Tensor(a!) x, int[] block_shape, Tensor block_mask) -> ()");
   // Group-lasso proximal step per block (Euclidean, or diagonal metric `conditioner` by bisection).
   m.def("block_soft_threshold_(Tensor(a!) x, int[] block_shape, Tensor thresholds, Tensor? conditioner, int max_iter, float atol, float eps) -> ()");
+
+  // ---- family 3: golden masks, packed-bitmask algebra (kernels/reference/golden.py) ----
+  // One per-sample golden update of one tensor: sel = the k largest |g| over g flattened (ties:
+  // lowest position first; NaN never selected). bits (uint8, ceil(numel/8), bit j of byte i =
+  // element 8i+j, padding bits 0) = pack(sel) when `first`, else bits & pack(sel); counts (int32,
+  // numel) += sel when given. Returns the popcount of the new bits (int64, 0-dim).
+  m.def("golden_topk_and_(Tensor g, Tensor(a!) bits, Tensor(b!)? counts, SymInt k, bool first) -> Tensor");
+  // Packed-bitmask algebra over lists (one parallel pass): op 0 and, 1 or, 2 xor, 3 andnot (a & ~b).
+  m.def("bitmask_binary(Tensor[] a, Tensor[] b, int op) -> Tensor[]");
+  // Complement over numel[i] elements (padding bits stay 0).
+  m.def("bitmask_not(Tensor[] a, SymInt[] numel) -> Tensor[]");
+  // Set bits per mask (int64, (len(bits),)); padding bits are assumed 0.
+  m.def("bitmask_count(Tensor[] bits) -> Tensor");
+
+  // ---- family 4: fused masked AdamW (kernels/reference/adamw.py) ----
+  // One AdamW step over every tensor of the lists, in one pass over param, grad, exp_avg,
+  // exp_avg_sq and the mask bits: the per-entry rate is masked_lr where bits[i] has the entry's
+  // bit set and unmasked_lr elsewhere (bits[i] None: unmasked_lr everywhere); decoupled weight
+  // decay uses the same per-entry rate; an entry whose rate is 0 keeps its value exactly.
+  // bias_correction1[i] = 1 - beta1^step_i, bias_correction2_sqrt[i] = sqrt(1 - beta2^step_i).
+  m.def("masked_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor?[] bits, float masked_lr, float unmasked_lr, float beta1, float beta2, float eps, float weight_decay, float[] bias_correction1, float[] bias_correction2_sqrt, bool maximize) -> ()");
 }

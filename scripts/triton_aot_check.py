@@ -97,6 +97,15 @@ def _record(path: str) -> None:
         T.topk_select_segments(segs, [torch.rand(4, 50, generator=g) < 0.5, None, None], 9)
         T.topk_select_segments(segs, [None, None, None], 320)  # k == n_active: no radix passes
     _record_scope(g, floats)
+    # families 3 and 4 keep their representative calls beside their kernels (record_aot_cases)
+    import importlib
+
+    for fam in ("golden", "adamw"):
+        try:
+            mod = importlib.import_module(f"gradkit.kernels.triton.{fam}")
+        except ModuleNotFoundError:
+            continue
+        mod.record_aot_cases()
     with open(path, "w") as f:
         json.dump(list(seen.values()), f)
     print(f"recorded {len(seen)} distinct kernel launches")

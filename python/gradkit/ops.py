@@ -16,6 +16,7 @@ entries to one flat vector; segments are concatenated in list order.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import List, Optional, Sequence
 
@@ -46,7 +47,9 @@ def _impl(name: str, family: str = "parammap"):
         import importlib
 
         return getattr(importlib.import_module(f"gradkit.kernels.triton.{family}"), name)
-    return getattr(_ref if family == "parammap" else _ref_scope, name)
+    import importlib
+
+    return getattr(importlib.import_module(f"gradkit.kernels.reference.{family}"), name)
 
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -422,6 +425,145 @@ def block_soft_threshold_(x: torch.Tensor, block_shape: Sequence[int], threshold
                                             float(eps))
 
 
+# --------------------------------------------------------------------------- family 3: golden masks, bitmask algebra
+
+GOLDEN_OPS = ("golden_topk_and_", "bitmask_binary", "bitmask_not", "bitmask_count")
+BITMASK_OPS = {"and": 0, "or": 1, "xor": 2, "andnot": 3}
+
+
+def _check_bits(bits, numel: int, what: str, device=None) -> None:
+    if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8:
+        raise TypeError(f"{what}: expected a uint8 packed bitmask, got {getattr(bits, 'dtype', type(bits).__name__)}")
+    if bits.dim() != 1 or bits.numel() != (numel + 7) // 8 or not bits.is_contiguous():
+        raise ValueError(f"{what}: expected a contiguous uint8 tensor of shape ({(numel + 7) // 8},) for "
+                         f"{numel} elements, got shape {tuple(bits.shape)}")
+    if device is not None and bits.device != device:
+        raise ValueError(f"{what}: on {bits.device} but expected {device}")
+
+
+def golden_topk_and_(g: torch.Tensor, bits: torch.Tensor, k: int, *, counts: Optional[torch.Tensor] = None,
+                     first: bool = False) -> torch.Tensor:
+    """One golden update of one tensor, in place: the k largest |g| (ties: lowest flat position
+    first; NaN never selected) packed into ``bits`` (``first``) or ANDed into it; ``counts``
+    (int32, g's numel) gets +1 per selected entry. Returns the new popcount (int64, 0-dim)."""
+    _check_float_tensor(g, "g")
+    if not g.is_contiguous():
+        raise ValueError("g: expected a contiguous tensor")
+    _check_bits(bits, g.numel(), "bits", g.device)
+    if counts is not None:
+        if not isinstance(counts, torch.Tensor) or counts.dtype != torch.int32 or counts.numel() != g.numel() \
+                or not counts.is_contiguous() or counts.device != g.device:
+            raise ValueError(f"counts: expected a contiguous int32 tensor of {g.numel()} elements on {g.device}")
+    k = _int(k, "k")
+    if not 0 <= k <= g.numel():
+        raise ValueError(f"k: must be in [0, {g.numel()}], got {k}")
+    return _impl("golden_topk_and_", "golden")(g, bits, counts, k, bool(first))
+
+
+def _check_bit_lists(a, what: str) -> None:
+    if not isinstance(a, (list, tuple)):
+        raise TypeError(f"{what}: expected a list of uint8 tensors, got {type(a).__name__}")
+    for i, t in enumerate(a):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1 or not t.is_contiguous():
+            raise TypeError(f"{what}[{i}]: expected a contiguous 1-D uint8 tensor")
+        if t.device != a[0].device:
+            raise ValueError(f"{what}[{i}]: on {t.device} but {what}[0] is on {a[0].device}")
+
+
+def bitmask_binary(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], op: str) -> List[torch.Tensor]:
+    """Elementwise and / or / xor / andnot (a & ~b) of packed bitmasks, list by list (new tensors)."""
+    if op not in BITMASK_OPS:
+        raise ValueError(f"op: expected one of {sorted(BITMASK_OPS)}, got {op!r}")
+    _check_bit_lists(a, "a")
+    _check_bit_lists(b, "b")
+    if len(a) != len(b):
+        raise ValueError(f"b: expected {len(a)} masks (one per mask of a), got {len(b)}")
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.shape != y.shape or x.device != y.device:
+            raise ValueError(f"b[{i}]: shape {tuple(y.shape)} on {y.device} differs from a[{i}]'s "
+                             f"{tuple(x.shape)} on {x.device}")
+    if not a:
+        return []
+    return _impl("bitmask_binary", "golden")(list(a), list(b), BITMASK_OPS[op])
+
+
+def bitmask_not(a: Sequence[torch.Tensor], numel: Sequence[int]) -> List[torch.Tensor]:
+    """Complement of packed bitmasks over ``numel[i]`` elements each (padding bits stay 0)."""
+    _check_bit_lists(a, "a")
+    if not isinstance(numel, (list, tuple)) or len(numel) != len(a):
+        raise ValueError(f"numel: expected a list of {len(a)} ints")
+    numel = [_int(n, f"numel[{i}]") for i, n in enumerate(numel)]
+    for i, (t, n) in enumerate(zip(a, numel)):
+        if n < 0 or t.numel() != (n + 7) // 8:
+            raise ValueError(f"a[{i}]: {t.numel()} bytes cannot hold numel[{i}]={n} bits")
+    if not a:
+        return []
+    return _impl("bitmask_not", "golden")(list(a), numel)
+
+
+def bitmask_count(bits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Set bits of each packed bitmask (int64 tensor, one entry per mask)."""
+    _check_bit_lists(bits, "bits")
+    if not bits:
+        return torch.zeros(0, dtype=torch.int64)
+    return _impl("bitmask_count", "golden")(list(bits))
+
+
+# --------------------------------------------------------------------------- family 4: fused masked AdamW
+
+ADAMW_OPS = ("masked_adamw_",)
+
+
+def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
+                  exp_avg_sqs: Sequence[torch.Tensor], bits: Sequence[Optional[torch.Tensor]], *, masked_lr: float,
+                  unmasked_lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                  bias_correction1: Sequence[float], bias_correction2_sqrt: Sequence[float],
+                  maximize: bool = False) -> None:
+    """One fused AdamW step over every tensor (see the schema in csrc/ops.cpp): per-entry rate
+    ``masked_lr`` where the entry's bit is set, ``unmasked_lr`` elsewhere; weight decay scaled by
+    the same rate; entries with rate 0 keep their exact value. Everything is checked before any
+    tensor is touched."""
+    lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "bits": bits,
+             "bias_correction1": bias_correction1, "bias_correction2_sqrt": bias_correction2_sqrt}
+    n = len(params) if isinstance(params, (list, tuple)) else -1
+    for name, v in lists.items():
+        if not isinstance(v, (list, tuple)) or len(v) != n:
+            raise ValueError(f"{name}: expected a list of {max(n, 0)} entries (one per parameter)")
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor) or p.dtype not in _FLOATS:
+            raise TypeError(f"params[{i}]: expected a floating tensor")
+        if not p.is_contiguous():
+            raise ValueError(f"params[{i}]: expected a contiguous tensor")
+        if p.device != params[0].device:
+            raise ValueError(f"params[{i}]: on {p.device} but params[0] is on {params[0].device}")
+        for name in ("grads", "exp_avgs", "exp_avg_sqs"):
+            t = lists[name][i]
+            if not isinstance(t, torch.Tensor) or t.shape != p.shape or t.device != p.device \
+                    or not t.is_contiguous():
+                raise ValueError(f"{name}[{i}]: expected a contiguous tensor of shape {tuple(p.shape)} on {p.device}")
+            if t.dtype != p.dtype:
+                raise TypeError(f"{name}[{i}]: dtype {t.dtype} differs from params[{i}]'s {p.dtype}")
+        if bits[i] is not None:
+            _check_bits(bits[i], p.numel(), f"bits[{i}]", p.device)
+    for name, v in (("masked_lr", masked_lr), ("unmasked_lr", unmasked_lr), ("eps", eps),
+                    ("weight_decay", weight_decay)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+    for name, v in (("beta1", beta1), ("beta2", beta2)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+            raise ValueError(f"{name}: expected a number in [0, 1), got {v!r}")
+    for name in ("bias_correction1", "bias_correction2_sqrt"):
+        for i, v in enumerate(lists[name]):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
+                raise ValueError(f"{name}[{i}]: expected a number in (0, 1], got {v!r}")
+    if n == 0:
+        return
+    _impl("masked_adamw_", "adamw")(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(bits),
+                                    float(masked_lr), float(unmasked_lr), float(beta1), float(beta2), float(eps),
+                                    float(weight_decay), [float(v) for v in bias_correction1],
+                                    [float(v) for v in bias_correction2_sqrt], bool(maximize))
+
+
 # --------------------------------------------------------------------------- fake impls + autograd
 
 if _ext.LOADED:
@@ -541,5 +683,39 @@ if _ext.LOADED:
             if not _ext.has_kernel(name, "CUDA"):
                 torch.library.impl(f"gradkit::{name}", "CUDA")(getattr(_tri_scope, name))
 
+    @torch.library.register_fake("gradkit::golden_topk_and_")
+    def _golden_topk_and_fake(g, bits, counts, k, first):
+        return g.new_empty((), dtype=torch.int64)
+
+    @torch.library.register_fake("gradkit::bitmask_binary")
+    def _bitmask_binary_fake(a, b, op):
+        return [torch.empty_like(t) for t in a]
+
+    @torch.library.register_fake("gradkit::bitmask_not")
+    def _bitmask_not_fake(a, numel):
+        return [torch.empty_like(t) for t in a]
+
+    @torch.library.register_fake("gradkit::bitmask_count")
+    def _bitmask_count_fake(bits):
+        return bits[0].new_empty((len(bits),), dtype=torch.int64)
+
+    @torch.library.register_fake("gradkit::masked_adamw_")
+    def _masked_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, bits, masked_lr, unmasked_lr, beta1, beta2, eps,
+                           weight_decay, bias_correction1, bias_correction2_sqrt, maximize):
+        return None
+
+    def _register_triton_family(family: str, names) -> None:
+        try:
+            import importlib
+
+            mod = importlib.import_module(f"gradkit.kernels.triton.{family}")
+        except Exception:  # pragma: no cover - triton (or this family's launchers) missing
+            return
+        for name in names:
+            if not _ext.has_kernel(name, "CUDA") and hasattr(mod, name):
+                torch.library.impl(f"gradkit::{name}", "CUDA")(getattr(mod, name))
+
     if torch.cuda.is_available():
         _register_triton_for_cuda()
+        _register_triton_family("golden", GOLDEN_OPS)
+        _register_triton_family("adamw", ADAMW_OPS)

@@ -1,0 +1,142 @@
+// CPU kernel of the fused masked AdamW step. Semantics: python/gradkit/kernels/reference/adamw.py.
+//
+// All tensors of the call are cut into chunks of kChunk entries (a multiple of 64, so a chunk
+// starts on a mask byte) and the chunks of every tensor run in ONE parallel region: param, grad,
+// exp_avg, exp_avg_sq and the mask bits are each read once and written once per entry. The op
+// order per entry follows torch.optim.AdamW's single-tensor path (decay, lerp, mul + addcmul,
+// sqrt / bc2 + eps, addcdiv), so with equal rates the result matches torch to rounding.
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <cmath>
+#include <vector>
+
+namespace gradkit {
+namespace adamw {
+namespace {
+
+constexpr int64_t kChunk = 1 << 15;
+
+struct Item {
+  int64_t t, lo, hi;  // tensor index, entry range
+};
+
+// Per-tensor constants for the two rates (index 1: masked, 0: unmasked), in the compute type.
+template <typename acc_t>
+struct Rates {
+  acc_t decay[2];     // 1 - lr * weight_decay
+  acc_t neg_step[2];  // -lr / bias_correction1
+  bool frozen[2];     // lr == 0: the entry keeps its exact value
+  acc_t bc2sqrt;
+};
+
+template <typename scalar_t, typename acc_t>
+void step_range(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t* __restrict__ m,
+                scalar_t* __restrict__ v, const uint8_t* bits, int64_t lo, int64_t hi, const Rates<acc_t>& R,
+                acc_t w1, acc_t beta2, acc_t w2, acc_t eps, bool maximize) {
+  for (int64_t i = lo; i < hi; ++i) {
+    const int b = bits ? (bits[i >> 3] >> (i & 7)) & 1 : 0;
+    acc_t gi = static_cast<acc_t>(g[i]);
+    if (maximize) gi = -gi;
+    acc_t mi = static_cast<acc_t>(m[i]);
+    mi = mi + w1 * (gi - mi);  // lerp(m, g, 1 - beta1), weight < 0.5 branch
+    acc_t vi = static_cast<acc_t>(v[i]) * beta2;
+    vi = vi + w2 * gi * gi;  // addcmul: self + value * t1 * t2
+    m[i] = static_cast<scalar_t>(mi);
+    v[i] = static_cast<scalar_t>(vi);
+    if (R.frozen[b]) continue;
+    acc_t pi = static_cast<acc_t>(p[i]) * R.decay[b];
+    const acc_t denom = std::sqrt(vi) / R.bc2sqrt + eps;
+    pi = pi + R.neg_step[b] * mi / denom;  // addcdiv: self + value * t1 / t2
+    p[i] = static_cast<scalar_t>(pi);
+  }
+}
+
+void check_list(at::TensorList ts, const at::Tensor& p0, const char* what, bool same_dtype) {
+  for (size_t i = 0; i < ts.size(); ++i) {
+    TORCH_CHECK_VALUE(ts[i].device() == p0.device(), what, "[", i, "]: on ", ts[i].device(), " but params[0] is on ",
+                      p0.device());
+    TORCH_CHECK_VALUE(ts[i].is_contiguous(), what, "[", i, "]: expected a contiguous tensor");
+    if (same_dtype) TORCH_CHECK_TYPE(ts[i].scalar_type() == p0.scalar_type(), what, "[", i, "]: dtype ",
+                                     ts[i].scalar_type(), " differs from params[0]'s ", p0.scalar_type());
+  }
+}
+
+void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs, const c10::List<std::optional<at::Tensor>>& bits, double masked_lr,
+                      double unmasked_lr, double beta1, double beta2, double eps, double weight_decay,
+                      at::ArrayRef<double> bias_correction1, at::ArrayRef<double> bias_correction2_sqrt,
+                      bool maximize) {
+  const size_t n = params.size();
+  TORCH_CHECK_VALUE(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && bits.size() == n &&
+                        bias_correction1.size() == n && bias_correction2_sqrt.size() == n,
+                    "masked_adamw_: grads, exp_avgs, exp_avg_sqs, bits and the bias corrections need one entry per "
+                    "parameter (", n, ")");
+  if (n == 0) return;
+  const at::Tensor& p0 = params[0];
+  TORCH_CHECK_TYPE(p0.is_floating_point(), "params[0]: expected a floating tensor, got ", p0.scalar_type());
+  check_list(params, p0, "params", true);
+  check_list(grads, p0, "grads", true);
+  check_list(exp_avgs, p0, "exp_avgs", true);
+  check_list(exp_avg_sqs, p0, "exp_avg_sqs", true);
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t numel = params[i].numel();
+    TORCH_CHECK_VALUE(grads[i].numel() == numel && exp_avgs[i].numel() == numel && exp_avg_sqs[i].numel() == numel,
+                      "grads[", i, "] / exp_avgs[", i, "] / exp_avg_sqs[", i, "]: expected ", numel, " entries like params[",
+                      i, "]");
+    const auto& b = bits.get(i);
+    if (b.has_value()) {
+      TORCH_CHECK_TYPE(b->scalar_type() == at::kByte, "bits[", i, "]: expected uint8, got ", b->scalar_type());
+      TORCH_CHECK_VALUE(b->dim() == 1 && b->numel() == (numel + 7) / 8 && b->is_contiguous() &&
+                            b->device() == p0.device(),
+                        "bits[", i, "]: expected a contiguous uint8 tensor of ", (numel + 7) / 8, " bytes on ",
+                        p0.device());
+    }
+    TORCH_CHECK_VALUE(bias_correction1[i] > 0 && bias_correction2_sqrt[i] > 0,
+                      "bias_correction1 / bias_correction2_sqrt: must be > 0");
+  }
+  std::vector<Item> work;
+  for (size_t t = 0; t < n; ++t)
+    for (int64_t lo = 0; lo < params[t].numel(); lo += kChunk)
+      work.push_back({(int64_t)t, lo, std::min<int64_t>(params[t].numel(), lo + kChunk)});
+  const double lr[2] = {unmasked_lr, masked_lr};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p0.scalar_type(), "masked_adamw_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<Rates<acc_t>> rates(n);
+    std::vector<scalar_t*> P(n), M(n), V(n);
+    std::vector<const scalar_t*> G(n);
+    std::vector<const uint8_t*> B(n);
+    for (size_t t = 0; t < n; ++t) {
+      for (int r = 0; r < 2; ++r) {
+        rates[t].decay[r] = static_cast<acc_t>(1.0 - lr[r] * weight_decay);
+        rates[t].neg_step[r] = static_cast<acc_t>(-(lr[r] / bias_correction1[t]));
+        rates[t].frozen[r] = lr[r] == 0.0;
+      }
+      rates[t].bc2sqrt = static_cast<acc_t>(bias_correction2_sqrt[t]);
+      P[t] = params[t].data_ptr<scalar_t>();
+      G[t] = grads[t].data_ptr<scalar_t>();
+      M[t] = exp_avgs[t].data_ptr<scalar_t>();
+      V[t] = exp_avg_sqs[t].data_ptr<scalar_t>();
+      B[t] = bits.get(t).has_value() ? bits.get(t)->data_ptr<uint8_t>() : nullptr;
+    }
+    const acc_t w1 = static_cast<acc_t>(1.0 - beta1), b2 = static_cast<acc_t>(beta2),
+                w2 = static_cast<acc_t>(1.0 - beta2), ep = static_cast<acc_t>(eps);
+    at::parallel_for(0, (int64_t)work.size(), 1, [&](int64_t b, int64_t e) {
+      for (int64_t w = b; w < e; ++w) {
+        const Item& it = work[w];
+        step_range<scalar_t, acc_t>(P[it.t], G[it.t], M[it.t], V[it.t], B[it.t], it.lo, it.hi, rates[it.t], w1, b2,
+                                    w2, ep, maximize);
+      }
+    });
+  });
+}
+
+}  // namespace
+}  // namespace adamw
+}  // namespace gradkit
+
+TORCH_LIBRARY_IMPL(gradkit, CPU, m) { m.impl("masked_adamw_", &gradkit::adamw::masked_adamw_cpu); }

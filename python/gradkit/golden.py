@@ -1,0 +1,530 @@
+"""Golden-parameter masks, packed-bitmask mask algebra, and mask-aware training helpers.
+
+GoldenParams-compatible semantics on gradkit's kernels:
+
+* :func:`golden_masks`: per sample, the top ``percent``% of each tensor by ``|g|`` (or of all
+  selected tensors together, ``scope="global"``), intersected across samples as a running AND.
+  One fused kernel per tensor and sample (exact select of the k-th largest ``|g|``, then select +
+  AND into the packed bitmask + per-entry counts + popcount in one pass).
+* Top-k% keeps ``k = max(1, floor(numel * percent / 100))`` entries of a non-empty tensor
+  (:func:`percent_to_k`). Ties at the threshold are taken lowest flat (row-major) position
+  first, on every backend, so masks are deterministic; NaN gradients are never selected.
+* :class:`Bitmask` / :class:`MaskSet`: masks stored packed (1 bit per entry, 8x smaller than
+  bool, and unlike COO never larger than dense), with and / or / xor / andnot / not, count,
+  density, memory, and conversions to and from dense bool, torch sparse COO, flat indices, the
+  :class:`gradkit.ParamMap` and GoldenParams' saved ``.pt`` results (loaded with
+  ``weights_only=True``; never unpickled).
+* :class:`SparseGradientAccumulator`: gradients accumulated only at mask positions, compact.
+* :class:`MaskedAdamW` (``gradkit.optim``), :func:`reverse_golden_masks`, :func:`kl_divergence`,
+  :func:`logprobs_for_fixed_ids`, :func:`layer_filter` (``gradkit.golden_reverse``) are
+  re-exported here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from gradkit import ops
+
+__all__ = ["percent_to_k", "topk_mask", "Bitmask", "MaskSet", "GoldenResult", "golden_masks",
+           "SparseGradientAccumulator", "load_goldenparams"]
+
+
+def _check_percent(percent) -> float:
+    if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 < percent <= 100 \
+            or math.isnan(percent):
+        raise ValueError(f"percent: expected a number in (0, 100], got {percent!r}")
+    return float(percent)
+
+
+def percent_to_k(numel: int, percent: float) -> int:
+    """Entries a top-``percent``% selection keeps in a tensor of ``numel`` entries:
+    ``max(1, floor(numel * percent / 100))`` for a non-empty tensor, 0 for an empty one."""
+    p = _check_percent(percent)
+    if numel == 0:
+        return 0
+    return max(1, min(numel, int(numel * p / 100.0)))
+
+
+def _fresh_bits(numel: int, device) -> torch.Tensor:
+    return torch.zeros((numel + 7) // 8, dtype=torch.uint8, device=device)
+
+
+def _unpack(bits: torch.Tensor, numel: int) -> torch.Tensor:
+    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
+    return ((bits.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:numel].to(torch.bool)
+
+
+def topk_mask(t: torch.Tensor, percent: float) -> torch.Tensor:
+    """Bool mask (``t``'s shape) of the top ``percent``% of ``|t|`` (ties lowest position first; NaN never)."""
+    if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+        raise TypeError(f"t: expected a floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    k = percent_to_k(t.numel(), percent)
+    g = t.detach().contiguous()
+    bits = _fresh_bits(g.numel(), g.device)
+    ops.golden_topk_and_(g, bits, k, first=True)
+    return _unpack(bits, g.numel()).reshape(t.shape)
+
+
+# --------------------------------------------------------------------------- packed masks
+
+
+class Bitmask:
+    """A boolean mask of ``shape`` stored packed: bit ``j`` of byte ``i`` is flat entry ``8i + j``
+    (padding bits 0). Immutable in use: the algebra returns new masks."""
+
+    __slots__ = ("bits", "shape")
+
+    def __init__(self, bits: torch.Tensor, shape: Sequence[int]):
+        shape = tuple(int(s) for s in shape)
+        numel = math.prod(shape)
+        if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or bits.dim() != 1 \
+                or bits.numel() != (numel + 7) // 8:
+            raise ValueError(f"bits: expected a uint8 tensor of shape ({(numel + 7) // 8},) for shape {shape}, got "
+                             f"{getattr(bits, 'dtype', type(bits).__name__)} {tuple(getattr(bits, 'shape', ()))}")
+        if numel % 8 and int(bits[-1]) >> (numel % 8):
+            raise ValueError(f"bits: bits are set beyond the {numel} entries of shape {shape}")
+        self.bits = bits.contiguous()
+        self.shape = shape
+
+    # construction / conversion
+    @classmethod
+    def from_bool(cls, mask: torch.Tensor) -> "Bitmask":
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask: expected a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        return cls(ops.pack_bitmask(mask.contiguous()), mask.shape)
+
+    @classmethod
+    def from_indices(cls, indices: torch.Tensor, shape: Sequence[int]) -> "Bitmask":
+        shape = tuple(int(s) for s in shape)
+        numel = math.prod(shape)
+        idx = torch.as_tensor(indices).reshape(-1).long()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+            raise ValueError(f"indices: positions must lie in [0, {numel}) for shape {shape}")
+        m = torch.zeros(numel, dtype=torch.bool, device=idx.device)
+        m[idx] = True
+        return cls.from_bool(m.reshape(shape))
+
+    @classmethod
+    def from_coo(cls, coo: torch.Tensor) -> "Bitmask":
+        """From a torch sparse COO tensor (entries stored with a non-zero value are set)."""
+        if not isinstance(coo, torch.Tensor) or coo.layout != torch.sparse_coo:
+            raise TypeError("coo: expected a torch sparse COO tensor")
+        ind = coo._indices()
+        if ind.numel() and (int(ind.min()) < 0 or bool((ind.max(1).values >= torch.tensor(coo.shape[:ind.shape[0]],
+                                                                                        device=ind.device)).any())):
+            raise ValueError(f"coo: indices outside the shape {tuple(coo.shape)}")
+        c = coo.coalesce()
+        keep = c.values() != 0
+        ind = c.indices()[:, keep]
+        flat = torch.zeros(c.shape, dtype=torch.bool, device=c.device)
+        flat[tuple(ind)] = True
+        return cls.from_bool(flat)
+
+    @classmethod
+    def coerce(cls, m, shape: Optional[Sequence[int]] = None, what: str = "mask") -> "Bitmask":
+        """A Bitmask from a Bitmask, a bool tensor, a sparse COO tensor or a packed uint8 tensor (needs
+        ``shape``); with ``shape`` given, the mask's shape must equal it (an error names ``what``)."""
+        if isinstance(m, Bitmask):
+            b = m
+        elif isinstance(m, torch.Tensor) and m.layout == torch.sparse_coo:
+            b = cls.from_coo(m)
+        elif isinstance(m, torch.Tensor) and m.dtype == torch.bool:
+            b = cls.from_bool(m)
+        elif isinstance(m, torch.Tensor) and m.dtype == torch.uint8 and m.dim() == 1 and shape is not None:
+            b = cls(m, shape)
+        else:
+            raise TypeError(f"{what}: expected a bool tensor, a Bitmask, a sparse COO tensor or a packed uint8 "
+                            f"bitmask, got {getattr(m, 'dtype', type(m).__name__)}")
+        if shape is not None and tuple(b.shape) != tuple(int(s) for s in shape):
+            raise ValueError(f"{what}: shape {tuple(b.shape)} differs from the parameter's {tuple(shape)}")
+        return b
+
+    def to_bool(self) -> torch.Tensor:
+        return _unpack(self.bits, self.numel).reshape(self.shape)
+
+    def to_indices(self, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return ops.bitmask_to_indices(self.bits, self.numel, dtype)
+
+    def to_coo(self) -> torch.Tensor:
+        """A torch sparse COO bool tensor (what GoldenParams stores; ~17 bytes per set entry)."""
+        idx = self.to_indices()
+        coords = torch.stack(torch.unravel_index(idx, self.shape)) if self.shape else idx.reshape(0, -1)
+        return torch.sparse_coo_tensor(coords, torch.ones(idx.numel(), dtype=torch.bool, device=idx.device),
+                                       self.shape, is_coalesced=True, check_invariants=False)
+
+    # statistics
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.bits.device
+
+    def count(self) -> int:
+        return int(ops.bitmask_count([self.bits])[0])
+
+    def density(self) -> float:
+        return self.count() / self.numel if self.numel else 0.0
+
+    def memory(self) -> int:
+        """Bytes of the packed representation."""
+        return self.bits.numel()
+
+    # algebra
+    def _other(self, o) -> "Bitmask":
+        o = Bitmask.coerce(o, self.shape, "other")
+        if o.device != self.device:
+            raise ValueError(f"other: on {o.device} but this mask is on {self.device}")
+        return o
+
+    def _bin(self, o, op: str) -> "Bitmask":
+        return Bitmask(ops.bitmask_binary([self.bits], [self._other(o).bits], op)[0], self.shape)
+
+    def __and__(self, o) -> "Bitmask":
+        return self._bin(o, "and")
+
+    def __or__(self, o) -> "Bitmask":
+        return self._bin(o, "or")
+
+    def __xor__(self, o) -> "Bitmask":
+        return self._bin(o, "xor")
+
+    def andnot(self, o) -> "Bitmask":
+        return self._bin(o, "andnot")
+
+    def __invert__(self) -> "Bitmask":
+        return Bitmask(ops.bitmask_not([self.bits], [self.numel])[0], self.shape)
+
+    def __eq__(self, o) -> bool:
+        return isinstance(o, Bitmask) and o.shape == self.shape and torch.equal(o.bits.cpu(), self.bits.cpu())
+
+    def __repr__(self) -> str:
+        return f"Bitmask(shape={self.shape}, count={self.count()}, bytes={self.memory()})"
+
+
+def _same_keys(a: "MaskSet", b: "MaskSet") -> None:
+    if list(a) != list(b):
+        raise ValueError(f"other: mask names differ ({sorted(set(a) ^ set(b))[:5]} ...)")
+    for n in a:
+        if a[n].shape != b[n].shape:
+            raise ValueError(f"other[{n!r}]: shape {b[n].shape} differs from {a[n].shape}")
+
+
+class MaskSet(Mapping[str, Bitmask]):
+    """Named packed masks (e.g. one per parameter) with the algebra applied to every mask in one
+    kernel call. Build from ``{name: bool tensor | Bitmask | COO}``."""
+
+    def __init__(self, masks: Mapping[str, Union[Bitmask, torch.Tensor]]):
+        if not isinstance(masks, Mapping):
+            raise TypeError(f"masks: expected a dict of name -> mask, got {type(masks).__name__}")
+        self._m: Dict[str, Bitmask] = {n: Bitmask.coerce(m, what=f"masks[{n!r}]") for n, m in masks.items()}
+
+    def __getitem__(self, name: str) -> Bitmask:
+        return self._m[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._m)
+
+    def __len__(self) -> int:
+        return len(self._m)
+
+    def _lists(self) -> List[torch.Tensor]:
+        return [m.bits for m in self._m.values()]
+
+    def _bin(self, other: "MaskSet", op: str) -> "MaskSet":
+        other = other if isinstance(other, MaskSet) else MaskSet(other)
+        _same_keys(self, other)
+        out = ops.bitmask_binary(self._lists(), other._lists(), op)
+        return MaskSet({n: Bitmask(b, self._m[n].shape) for n, b in zip(self._m, out)})
+
+    def __and__(self, o) -> "MaskSet":
+        return self._bin(o, "and")
+
+    def __or__(self, o) -> "MaskSet":
+        return self._bin(o, "or")
+
+    def __xor__(self, o) -> "MaskSet":
+        return self._bin(o, "xor")
+
+    def andnot(self, o) -> "MaskSet":
+        return self._bin(o, "andnot")
+
+    def __invert__(self) -> "MaskSet":
+        out = ops.bitmask_not(self._lists(), [m.numel for m in self._m.values()])
+        return MaskSet({n: Bitmask(b, self._m[n].shape) for n, b in zip(self._m, out)})
+
+    def counts(self) -> Dict[str, int]:
+        c = ops.bitmask_count(self._lists()).tolist() if self._m else []
+        return dict(zip(self._m, c))
+
+    def count(self) -> int:
+        return sum(self.counts().values())
+
+    def numel(self) -> int:
+        return sum(m.numel for m in self._m.values())
+
+    def density(self) -> float:
+        n = self.numel()
+        return self.count() / n if n else 0.0
+
+    def memory(self) -> Dict[str, int]:
+        """Bytes: packed (this), dense bool, and torch sparse COO (int64 coords + bool values)."""
+        cnt = self.counts()
+        return {"packed": sum(m.memory() for m in self._m.values()), "dense_bool": self.numel(),
+                "coo": sum(cnt[n] * (8 * max(1, len(m.shape)) + 1) for n, m in self._m.items())}
+
+    def summary(self) -> Dict[str, Dict[str, float]]:
+        cnt = self.counts()
+        return {n: {"numel": m.numel, "active": cnt[n], "density": cnt[n] / m.numel if m.numel else 0.0}
+                for n, m in self._m.items()}
+
+    def to_bool(self) -> Dict[str, torch.Tensor]:
+        return {n: m.to_bool() for n, m in self._m.items()}
+
+    def to_coo(self) -> Dict[str, torch.Tensor]:
+        return {n: m.to_coo() for n, m in self._m.items()}
+
+    def to_indices(self, dtype: torch.dtype = torch.int64) -> Dict[str, torch.Tensor]:
+        return {n: m.to_indices(dtype) for n, m in self._m.items()}
+
+    def to_parammap(self):
+        """A :class:`gradkit.ParamMap` selecting the set entries (bitmask representation)."""
+        from gradkit.parammap import ParamMap
+
+        return ParamMap({n: {"shape": m.shape, "repr": "bitmask", "bitmask": m.bits.cpu()} for n, m in self._m.items()})
+
+    @classmethod
+    def from_parammap(cls, pm) -> "MaskSet":
+        out = {}
+        specs = pm.to_spec(bitmask_as_mask=False)
+        for n in pm.names:
+            shape = pm.shape(n)
+            numel = math.prod(shape)
+            spec = specs[n]
+            r = spec.get("repr", "all")
+            if r == "all":
+                out[n] = Bitmask.from_bool(torch.ones(shape, dtype=torch.bool))
+            elif r == "mask":
+                out[n] = Bitmask.from_bool(spec["mask"])
+            elif r == "bitmask":
+                out[n] = Bitmask(spec["bitmask"], shape)
+            else:
+                out[n] = Bitmask.from_indices(spec["indices"], shape) if numel else Bitmask(_fresh_bits(0, "cpu"), shape)
+        return cls(out)
+
+    def __repr__(self) -> str:
+        return f"MaskSet({len(self)} masks, {self.count()}/{self.numel()} set)"
+
+
+def load_goldenparams(path: str, key: Optional[str] = None) -> MaskSet:
+    """Masks from a GoldenParams results file (``.pt`` with ``masks`` or ``intersection_masks``:
+    name -> sparse COO or dense bool). Loaded with ``weights_only=True``: nothing is unpickled."""
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, Mapping):
+        raise ValueError(f"path: {path!r} does not hold a dict of results")
+    keys = [key] if key else ["masks", "intersection_masks"]
+    for k in keys:
+        if k in data:
+            masks = data[k]
+            if not isinstance(masks, Mapping):
+                raise ValueError(f"path: {path!r}[{k!r}] is not a dict of name -> mask")
+            return MaskSet({n: Bitmask.coerce(m if m.dtype == torch.bool or m.layout == torch.sparse_coo
+                                              else m.bool(), what=f"{k}[{n!r}]") for n, m in masks.items()})
+    raise ValueError(f"path: {path!r} has none of the keys {keys} (found {sorted(data)[:8]})")
+
+
+# --------------------------------------------------------------------------- golden masks
+
+
+@dataclass
+class GoldenResult:
+    """Output of :func:`golden_masks`."""
+    masks: MaskSet
+    samples: int
+    counts: Optional[Dict[str, torch.Tensor]] = None  # per entry: how many samples selected it (int32)
+    summary: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    history: List[int] = field(default_factory=list)  # total active entries after each sample
+
+
+def _grad_tensor(grads: Mapping[str, torch.Tensor], name: str, sample: int) -> torch.Tensor:
+    if name not in grads:
+        raise ValueError(f"grad_iter: sample {sample} has no gradient for {name!r}")
+    g = grads[name]
+    if not isinstance(g, torch.Tensor) or not g.dtype.is_floating_point:
+        raise TypeError(f"grad_iter: sample {sample}, {name!r}: expected a floating tensor")
+    return g.detach()
+
+
+def golden_masks(grad_iter: Iterable[Mapping[str, torch.Tensor]], percent: float, scope: str = "tensor",
+                 params: Optional[Sequence[str]] = None, *, return_counts: bool = False,
+                 progress: bool = False) -> GoldenResult:
+    """Golden masks: per sample, the top ``percent``% of |g| per tensor (``scope="tensor"``) or
+    over all selected tensors together (``"global"``), ANDed across samples.
+
+    grad_iter yields one ``{name: gradient}`` dict per sample; ``params`` restricts (and orders)
+    the names (default: the first sample's keys; every later sample must hold them with the same
+    shapes). ``return_counts`` also keeps, per entry, how many samples selected it. Ties at the
+    threshold: lowest flat position first (globally: in ``params`` order); NaN is never selected.
+    """
+    pct = _check_percent(percent)
+    if scope not in ("tensor", "global"):
+        raise ValueError(f"scope: expected 'tensor' or 'global', got {scope!r}")
+    if params is not None and (isinstance(params, str) or len(set(params)) != len(params)):
+        raise ValueError("params: expected a sequence of distinct parameter names")
+    it = iter(grad_iter)
+    bits: Dict[str, torch.Tensor] = {}
+    counts: Dict[str, torch.Tensor] = {}
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    history: List[int] = []
+    names: List[str] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="golden masks", unit="sample")
+    n = 0
+    for grads in it:
+        if not isinstance(grads, Mapping):
+            raise TypeError(f"grad_iter: sample {n} is a {type(grads).__name__}, expected a dict name -> gradient")
+        gs = {}
+        if n == 0:
+            names = list(params) if params is not None else list(grads)
+            if not names:
+                raise ValueError("grad_iter: the first sample holds no gradients")
+        for name in names:
+            g = _grad_tensor(grads, name, n)
+            if n == 0:
+                shapes[name] = tuple(g.shape)
+            elif tuple(g.shape) != shapes[name]:
+                raise ValueError(f"grad_iter: sample {n}, {name!r}: shape {tuple(g.shape)} differs from {shapes[name]}")
+            gs[name] = g.contiguous()
+        if n == 0:
+            for name, g in gs.items():
+                bits[name] = _fresh_bits(g.numel(), g.device)
+                if return_counts:
+                    counts[name] = torch.zeros(g.shape, dtype=torch.int32, device=g.device)
+        first = n == 0
+        total = 0
+        if scope == "tensor":
+            for name, g in gs.items():
+                k = percent_to_k(g.numel(), pct)
+                total += int(ops.golden_topk_and_(g, bits[name], k, counts=counts.get(name), first=first))
+        else:
+            total = _global_update(gs, bits, counts, pct, first)
+        history.append(total)
+        n += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(active=total)
+    if bar is not None:
+        bar.close()
+    if n == 0:
+        raise ValueError("grad_iter: yielded no samples")
+    masks = MaskSet({name: Bitmask(bits[name], shapes[name]) for name in names})
+    return GoldenResult(masks=masks, samples=n, counts=counts if return_counts else None,
+                        summary=masks.summary(), history=history)
+
+
+def _global_update(gs: Dict[str, torch.Tensor], bits, counts, pct: float, first: bool) -> int:
+    """One sample of the global scope: top-k of |g| over every tensor (k from the total size), by the
+    multi-tensor exact select (no concatenation), then AND per tensor."""
+    total_n = sum(g.numel() for g in gs.values())
+    k = percent_to_k(total_n, pct)
+    scores = [g.abs().reshape(-1).nan_to_num(nan=-1.0) for g in gs.values()]  # NaN below every |g|
+    pos = ops.topk_select_segments(scores, k)
+    start = 0
+    total = 0
+    for (name, g), s in zip(gs.items(), scores):
+        lo = int(torch.searchsorted(pos, start))
+        hi = int(torch.searchsorted(pos, start + g.numel()))
+        sel = torch.zeros(g.numel(), dtype=torch.bool, device=g.device)
+        sel[pos[lo:hi] - start] = True
+        sel &= s >= 0
+        packed = ops.pack_bitmask(sel)
+        if first:
+            bits[name].copy_(packed)
+        else:
+            bits[name].bitwise_and_(packed)
+        if name in counts:
+            counts[name] += sel.reshape(counts[name].shape).to(torch.int32)
+        start += g.numel()
+    total = int(ops.bitmask_count(list(bits.values())).sum())
+    return total
+
+
+# --------------------------------------------------------------------------- sparse accumulation
+
+
+class SparseGradientAccumulator:
+    """Accumulates gradients only at mask positions, in compact form: one flat vector per tensor
+    holding the running sum of the selected entries (``count`` entries, fp32 by default).
+
+    ``add(grads)`` takes ``{name: gradient}`` (or a model: its parameters' ``.grad``);
+    ``values()`` the compact sums, ``mean()`` divided by the number of ``add`` calls,
+    ``to_dense()`` scattered back to full shapes (zeros elsewhere)."""
+
+    def __init__(self, masks: Union[MaskSet, Mapping[str, torch.Tensor]], dtype: torch.dtype = torch.float32):
+        self.masks = masks if isinstance(masks, MaskSet) else MaskSet(masks)
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
+        self.dtype = dtype
+        self._idx = {n: m.to_indices(torch.int64 if m.numel > 2**31 - 1 else torch.int32) for n, m in self.masks.items()}
+        total = sum(i.numel() for i in self._idx.values())
+        dev = next(iter(self._idx.values())).device if self._idx else torch.device("cpu")
+        self._flat = torch.zeros(total, dtype=dtype, device=dev)  # every tensor's sums back to back
+        self._acc: Dict[str, torch.Tensor] = {}
+        off = 0
+        for n, i in self._idx.items():
+            self._acc[n] = self._flat[off:off + i.numel()]
+            off += i.numel()
+        self.steps = 0
+
+    def add(self, grads) -> None:
+        """Add one set of gradients (``{name: grad}`` or a model whose ``.grad`` are set); all checked first."""
+        if isinstance(grads, torch.nn.Module):
+            grads = {n: p.grad for n, p in grads.named_parameters() if n in self._idx}
+        if not isinstance(grads, Mapping):
+            raise TypeError(f"grads: expected a dict name -> gradient or a model, got {type(grads).__name__}")
+        src = []
+        for n in self._idx:
+            g = grads.get(n)
+            if g is None:
+                raise ValueError(f"grads: no gradient for {n!r}")
+            if tuple(g.shape) != self.masks[n].shape:
+                raise ValueError(f"grads[{n!r}]: shape {tuple(g.shape)} differs from its mask's {self.masks[n].shape}")
+            if g.device != self._flat.device:
+                raise ValueError(f"grads[{n!r}]: on {g.device} but the accumulator is on {self._flat.device}")
+            src.append(g.detach())
+        if src:
+            ops.gather_segments(src, list(self._idx.values()), out=self._flat, accumulate=True)
+        self.steps += 1
+
+    def values(self) -> Dict[str, torch.Tensor]:
+        return dict(self._acc)
+
+    def mean(self) -> Dict[str, torch.Tensor]:
+        if self.steps == 0:
+            raise ValueError("mean: nothing accumulated yet")
+        return {n: v / self.steps for n, v in self._acc.items()}
+
+    def to_dense(self) -> Dict[str, torch.Tensor]:
+        out = {}
+        for n, v in self._acc.items():
+            d = torch.zeros(self.masks[n].numel, dtype=self.dtype, device=v.device)
+            d[self._idx[n].long()] = v
+            out[n] = d.reshape(self.masks[n].shape)
+        return out
+
+    def reset(self) -> None:
+        self._flat.zero_()
+        self.steps = 0
+
+    def memory(self) -> int:
+        """Bytes held (compact sums + positions)."""
+        return sum(v.numel() * v.element_size() + self._idx[n].numel() * self._idx[n].element_size()
+                   for n, v in self._acc.items())
