@@ -23,7 +23,13 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#define GK_SSE 1
+#endif
 
 namespace gradkit {
 namespace golden {
@@ -54,41 +60,99 @@ struct KeyT<double> {
   static inline uint64_t get(double v) { return abs_key(v); }
 };
 
-constexpr int kDigitBits = 16;
+constexpr int kDigitBits = 12;  // 4096-bin histograms: 16 KiB, L1-resident
+
+// 64 selection bits starting at g: gt = key > kth, eq = key == kth (scalar, any dtype).
+template <typename scalar_t, typename K>
+inline void words64(const scalar_t* g, int len, K kk, uint64_t& gt, uint64_t& eq) {
+  gt = 0;
+  eq = 0;
+  for (int j = 0; j < len; ++j) {
+    const K key = KeyT<scalar_t>::get(g[j]);
+    gt |= uint64_t(key > kk) << j;
+    eq |= uint64_t(key == kk) << j;
+  }
+}
+
+#ifdef GK_SSE
+// fp32 with SSE2: |x| bits u (< 2^31, so signed compares are exact); key = u + 1 for u <= inf.
+inline void words64_f32(const float* g, int len, uint32_t kk, uint64_t& gt, uint64_t& eq) {
+  if (len < 64) return words64<float, uint32_t>(g, len, kk, gt, eq);
+  if (kk > 0x7f800001u) {  // above every key (k == 0): nothing selected
+    gt = eq = 0;
+    return;
+  }
+  const __m128i absm = _mm_set1_epi32(0x7fffffff), lim = _mm_set1_epi32(0x7f800001);
+  const __m128i t = _mm_set1_epi32((int32_t)kk - 1);  // key > kk <=> u > kk - 1 (kk = 0: every valid u)
+  const __m128i te = _mm_set1_epi32(kk == 0 ? -1 : (int32_t)kk - 1);
+  gt = 0;
+  eq = 0;
+  for (int j = 0; j < 64; j += 4) {
+    const __m128i u = _mm_and_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + j)), absm);
+    const __m128i valid = _mm_cmpgt_epi32(lim, u);
+    const __m128i mg = _mm_and_si128(_mm_cmpgt_epi32(u, t), valid);
+    const __m128i me = _mm_and_si128(_mm_cmpeq_epi32(u, te), valid);
+    gt |= uint64_t(_mm_movemask_ps(_mm_castsi128_ps(mg))) << j;
+    eq |= uint64_t(_mm_movemask_ps(_mm_castsi128_ps(me))) << j;
+  }
+}
+#endif
 
 template <typename scalar_t>
 at::Tensor golden_topk_and_impl(const scalar_t* g, int64_t n, uint8_t* bits, int32_t* counts, int64_t k,
                                 bool first) {
   using K = typename KeyT<scalar_t>::type;
-  constexpr int kShift = (int)sizeof(K) * 8 - kDigitBits;
+  // keys are < 2^(bits-1) (the sign bit is cleared), so the top digit starts one bit lower
+  constexpr int kShift = (int)sizeof(K) * 8 - 1 - kDigitBits;
   constexpr int kBins = 1 << kDigitBits;
+  constexpr int kSubShift = kShift > kDigitBits ? kShift - kDigitBits : 0;
+  constexpr int kSubBins = 1 << (kShift - kSubShift);
   const int nthreads = std::max(1, at::get_num_threads());
   int64_t grain = std::max<int64_t>(int64_t(1) << 16, (n + 2 * nthreads - 1) / (2 * nthreads));
   grain = (grain + 63) / 64 * 64;
   const int64_t nblocks = std::max<int64_t>(1, (n + grain - 1) / grain);
   auto range = [&](int64_t blk) { return std::make_pair(blk * grain, std::min(n, (blk + 1) * grain)); };
+  constexpr int kChunk = 256;
 
   // ---- A + B: the k-th largest key (kth) and, per block, how many keys are above / equal to it
   std::vector<int64_t> n_gt(nblocks, 0), n_eq(nblocks, 0);
   K kth = std::numeric_limits<K>::max();  // k == 0: nothing selected
   if (k > 0) {
-    std::vector<std::vector<uint32_t>> hist(nblocks);
+    std::vector<std::vector<uint32_t>> hist(nblocks, std::vector<uint32_t>(kBins));
     at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+      std::vector<uint32_t> sub(4 * kBins);  // four interleaved sub-histograms: no serial store chains
+      uint16_t dig[kChunk];
       for (int64_t blk = b; blk < e; ++blk) {
-        auto& h = hist[blk];
-        h.assign(kBins, 0);
+        std::fill(sub.begin(), sub.end(), 0);
+        uint32_t* h0 = sub.data();
         const auto [lo, hi] = range(blk);
-        for (int64_t i = lo; i < hi; ++i) h[KeyT<scalar_t>::get(g[i]) >> kShift]++;
+        int64_t i = lo;
+        for (; i + kChunk <= hi; i += kChunk) {
+          for (int j = 0; j < kChunk; ++j) dig[j] = (uint16_t)(KeyT<scalar_t>::get(g[i + j]) >> kShift);
+          for (int j = 0; j < kChunk; j += 4) {
+            h0[dig[j]]++;
+            h0[kBins + dig[j + 1]]++;
+            h0[2 * kBins + dig[j + 2]]++;
+            h0[3 * kBins + dig[j + 3]]++;
+          }
+        }
+        for (; i < hi; ++i) h0[KeyT<scalar_t>::get(g[i]) >> kShift]++;
+        uint32_t* h = hist[blk].data();
+        for (int d = 0; d < kBins; ++d) h[d] = h0[d] + h0[kBins + d] + h0[2 * kBins + d] + h0[3 * kBins + d];
       }
     });
+    auto walk = [&](const std::vector<std::vector<uint32_t>>& hs, int nb, int64_t* need) {
+      int d = nb - 1;
+      for (; d > 0; --d) {
+        int64_t c = 0;
+        for (const auto& h : hs) c += h[d];
+        if (c >= *need) break;
+        *need -= c;
+      }
+      return d;
+    };
     int64_t need = k;
-    int d1 = kBins - 1;
-    for (; d1 > 0; --d1) {
-      int64_t c = 0;
-      for (int64_t blk = 0; blk < nblocks; ++blk) c += hist[blk][d1];
-      if (c >= need) break;
-      need -= c;
-    }
+    const int d1 = walk(hist, kBins, &need);
     std::vector<int64_t> cand_off(nblocks + 1, 0);
     for (int64_t blk = 0; blk < nblocks; ++blk) {
       for (int d = d1 + 1; d < kBins; ++d) n_gt[blk] += hist[blk][d];
@@ -97,39 +161,54 @@ at::Tensor golden_topk_and_impl(const scalar_t* g, int64_t n, uint8_t* bits, int
     hist.clear();
     std::vector<K> cand(cand_off[nblocks]);
     at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+      uint16_t dig[kChunk];
       for (int64_t blk = b; blk < e; ++blk) {
         int64_t q = cand_off[blk];
         const auto [lo, hi] = range(blk);
-        for (int64_t i = lo; i < hi; ++i) {
-          const K key = KeyT<scalar_t>::get(g[i]);
-          if ((int)(key >> kShift) == d1) cand[q++] = key;
+        for (int64_t i = lo; i < hi; i += kChunk) {
+          const int len = (int)std::min<int64_t>(kChunk, hi - i);
+          for (int j = 0; j < len; ++j) dig[j] = (uint16_t)(KeyT<scalar_t>::get(g[i + j]) >> kShift);
+          for (int j = 0; j < len; ++j)
+            if (dig[j] == d1) cand[q++] = KeyT<scalar_t>::get(g[i + j]);
         }
       }
     });
-    // `need` <= cand.size() unless fewer than k keys exist at all (impossible: k <= n)
-    std::vector<K> tmp(cand);
-    std::nth_element(tmp.begin(), tmp.begin() + (need - 1), tmp.end(), std::greater<K>());
-    kth = tmp[need - 1];
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-      for (int64_t i = cand_off[blk]; i < cand_off[blk + 1]; ++i) {
-        n_gt[blk] += cand[i] > kth;
-        n_eq[blk] += cand[i] == kth;
+    // the sub-bucket (next 12 key bits) holding the k-th key, then nth_element within it
+    std::vector<std::vector<uint32_t>> sub(nblocks, std::vector<uint32_t>(kSubBins));
+    at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t blk = b; blk < e; ++blk)
+        for (int64_t i = cand_off[blk]; i < cand_off[blk + 1]; ++i) sub[blk][(cand[i] >> kSubShift) & (kSubBins - 1)]++;
+    });
+    int64_t need2 = need;
+    const int d2 = walk(sub, kSubBins, &need2);
+    std::vector<K> bucket;
+    for (const K key : cand)
+      if ((int)((key >> kSubShift) & (kSubBins - 1)) == d2) bucket.push_back(key);
+    std::nth_element(bucket.begin(), bucket.begin() + (need2 - 1), bucket.end(), std::greater<K>());
+    kth = bucket[need2 - 1];
+    at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t blk = b; blk < e; ++blk) {
+        int64_t gt = 0, eq = 0;
+        for (int64_t i = cand_off[blk]; i < cand_off[blk + 1]; ++i) {
+          gt += cand[i] > kth;
+          eq += cand[i] == kth;
+        }
+        n_gt[blk] += gt;
+        n_eq[blk] = eq;
       }
-    }
-    if (kth == 0) {  // fewer than k non-NaN entries: select every non-NaN one, never a NaN
-      std::fill(n_eq.begin(), n_eq.end(), 0);
-    }
+    });
+    if (kth == 0) std::fill(n_eq.begin(), n_eq.end(), 0);  // fewer than k non-NaN: every non-NaN, never a NaN
   }
   int64_t gt_all = 0;
   for (int64_t blk = 0; blk < nblocks; ++blk) gt_all += n_gt[blk];
   std::vector<int64_t> take(nblocks, 0);
   int64_t eq_left = kth == 0 ? 0 : std::max<int64_t>(0, k - gt_all);
-  for (int64_t blk = 0; blk < nblocks; ++blk) {
+  for (int64_t blk = 0; blk < nblocks; ++blk) {  // ties: lowest positions first, so blocks in order
     take[blk] = std::min(eq_left, n_eq[blk]);
     eq_left -= take[blk];
   }
 
-  // ---- C: fused select -> AND -> counts -> popcount
+  // ---- C: fused select -> AND -> counts -> popcount, 64 entries (8 mask bytes) at a time
   std::vector<int64_t> pop(nblocks, 0);
   const K kk = kth;
   at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
@@ -138,12 +217,12 @@ at::Tensor golden_topk_and_impl(const scalar_t* g, int64_t n, uint8_t* bits, int
       int64_t left = take[blk], pc = 0;
       for (int64_t w = lo; w < hi; w += 64) {
         const int len = (int)std::min<int64_t>(64, hi - w);
-        uint64_t gt = 0, eq = 0;
-        for (int j = 0; j < len; ++j) {
-          const K key = KeyT<scalar_t>::get(g[w + j]);
-          gt |= uint64_t(key > kk) << j;
-          eq |= uint64_t(key == kk) << j;
-        }
+        uint64_t gt, eq;
+#ifdef GK_SSE
+        if constexpr (std::is_same_v<scalar_t, float>) words64_f32(g + w, len, kk, gt, eq);
+        else
+#endif
+          words64<scalar_t, K>(g + w, len, kk, gt, eq);
         uint64_t sel = gt;
         while (eq && left > 0) {  // ties: lowest positions first
           sel |= eq & (~eq + 1);
@@ -151,13 +230,21 @@ at::Tensor golden_topk_and_impl(const scalar_t* g, int64_t n, uint8_t* bits, int
           --left;
         }
         uint8_t* out = bits + (w >> 3);
-        const int nbytes = (len + 7) / 8;
-        uint64_t old = 0;
-        if (!first) std::memcpy(&old, out, nbytes);
-        const uint64_t word = first ? sel : (old & sel);
-        std::memcpy(out, &word, nbytes);
+        uint64_t word;
+        if (len == 64) {
+          uint64_t old = 0;
+          if (!first) std::memcpy(&old, out, 8);
+          word = first ? sel : (old & sel);
+          std::memcpy(out, &word, 8);
+        } else {
+          const int nbytes = (len + 7) / 8;
+          uint64_t old = 0;
+          if (!first) std::memcpy(&old, out, nbytes);
+          word = first ? sel : (old & sel);
+          std::memcpy(out, &word, nbytes);
+        }
         pc += __builtin_popcountll(word);
-        if (counts) {
+        if (counts && sel) {
           int32_t* c = counts + w;
           for (int j = 0; j < len; ++j) c[j] += (int32_t)((sel >> j) & 1);
         }

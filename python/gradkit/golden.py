@@ -28,9 +28,17 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, 
 import torch
 
 from gradkit import ops
+from gradkit.golden_reverse import (DEFAULT_LAYER_PATTERN, STRATEGIES, AdaptiveSinusoidal, ChaosDriven,  # noqa: F401
+                                    ExplorationDecay, FluctuationStrategy, HarmonicOscillator, MomentumBased,
+                                    ReverseGoldenResult, full_logprobs, kl_divergence, layer_filter,
+                                    logprobs_for_fixed_ids, masked_kl, reverse_golden_masks, zeroed_params)
 
 __all__ = ["percent_to_k", "topk_mask", "Bitmask", "MaskSet", "GoldenResult", "golden_masks",
-           "SparseGradientAccumulator", "load_goldenparams"]
+           "SparseGradientAccumulator", "load_goldenparams",
+           # gradkit.golden_reverse
+           "reverse_golden_masks", "ReverseGoldenResult", "kl_divergence", "full_logprobs", "logprobs_for_fixed_ids",
+           "layer_filter", "DEFAULT_LAYER_PATTERN", "zeroed_params", "masked_kl", "FluctuationStrategy",
+           "AdaptiveSinusoidal", "MomentumBased", "ExplorationDecay", "HarmonicOscillator", "ChaosDriven", "STRATEGIES"]
 
 
 def _check_percent(percent) -> float:
