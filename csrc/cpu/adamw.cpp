@@ -43,7 +43,8 @@ void step_range(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar
     acc_t gi = static_cast<acc_t>(g[i]);
     if (maximize) gi = -gi;
     acc_t mi = static_cast<acc_t>(m[i]);
-    mi = mi + w1 * (gi - mi);  // lerp(m, g, 1 - beta1), weight < 0.5 branch
+    // lerp(m, g, w1) as torch computes it: from the nearer end
+    mi = w1 < acc_t(0.5) ? mi + w1 * (gi - mi) : gi - (gi - mi) * (acc_t(1) - w1);
     acc_t vi = static_cast<acc_t>(v[i]) * beta2;
     vi = vi + w2 * gi * gi;  // addcmul: self + value * t1 * t2
     m[i] = static_cast<scalar_t>(mi);

@@ -15,7 +15,7 @@ GoldenParams-compatible semantics on gradkit's kernels:
   :class:`gradkit.ParamMap` and GoldenParams' saved ``.pt`` results (loaded with
   ``weights_only=True``; never unpickled).
 * :class:`SparseGradientAccumulator`: gradients accumulated only at mask positions, compact.
-* :class:`MaskedAdamW` (``gradkit.optim``), :func:`reverse_golden_masks`, :func:`kl_divergence`,
+* :class:`MaskedAdamW` (``gradkit.optim``, re-exported), :func:`reverse_golden_masks`, :func:`kl_divergence`,
   :func:`logprobs_for_fixed_ids`, :func:`layer_filter` (``gradkit.golden_reverse``) are
   re-exported here.
 """
@@ -32,13 +32,15 @@ from gradkit.golden_reverse import (DEFAULT_LAYER_PATTERN, STRATEGIES, AdaptiveS
                                     ExplorationDecay, FluctuationStrategy, HarmonicOscillator, MomentumBased,
                                     ReverseGoldenResult, full_logprobs, kl_divergence, layer_filter,
                                     logprobs_for_fixed_ids, masked_kl, reverse_golden_masks, zeroed_params)
+from gradkit.optim import MaskedAdamW  # noqa: F401
 
 __all__ = ["percent_to_k", "topk_mask", "Bitmask", "MaskSet", "GoldenResult", "golden_masks",
            "SparseGradientAccumulator", "load_goldenparams",
            # gradkit.golden_reverse
            "reverse_golden_masks", "ReverseGoldenResult", "kl_divergence", "full_logprobs", "logprobs_for_fixed_ids",
            "layer_filter", "DEFAULT_LAYER_PATTERN", "zeroed_params", "masked_kl", "FluctuationStrategy",
-           "AdaptiveSinusoidal", "MomentumBased", "ExplorationDecay", "HarmonicOscillator", "ChaosDriven", "STRATEGIES"]
+           "AdaptiveSinusoidal", "MomentumBased", "ExplorationDecay", "HarmonicOscillator", "ChaosDriven", "STRATEGIES",
+           "MaskedAdamW"]
 
 
 def _check_percent(percent) -> float:

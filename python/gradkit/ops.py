@@ -536,6 +536,9 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             raise ValueError(f"params[{i}]: expected a contiguous tensor")
         if p.device != params[0].device:
             raise ValueError(f"params[{i}]: on {p.device} but params[0] is on {params[0].device}")
+        if p.dtype != params[0].dtype:
+            raise TypeError(f"params[{i}]: dtype {p.dtype} differs from params[0]'s {params[0].dtype} "
+                            f"(one call per dtype)")
         for name in ("grads", "exp_avgs", "exp_avg_sqs"):
             t = lists[name][i]
             if not isinstance(t, torch.Tensor) or t.shape != p.shape or t.device != p.device \

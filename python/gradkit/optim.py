@@ -1,0 +1,272 @@
+"""Optimizers on gradkit's fused kernels: ``MaskedAdamW``, AdamW with two learning rates chosen
+per entry by a mask (issue 7)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+import torch
+
+from gradkit import ops
+
+__all__ = ["MaskedAdamW"]
+
+NamedParams = Union[Mapping[str, torch.Tensor], Iterable[Tuple[str, torch.Tensor]]]
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _nonneg(v: Any, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"{what}: expected a finite number >= 0, got {v!r}")
+    return float(v)
+
+
+def _check_hyper(masked_lr: Any, unmasked_lr: Any, betas: Any, eps: Any, weight_decay: Any,
+                 maximize: Any) -> Dict[str, Any]:
+    """The validated hyper-parameters of one parameter group (ValueError / TypeError naming the argument)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+    for i, b in enumerate(betas):
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
+            raise ValueError(f"betas[{i}]: expected a number in [0, 1), got {b!r}")
+    if not isinstance(maximize, bool):
+        raise TypeError(f"maximize: expected a bool, got {type(maximize).__name__}")
+    return {"masked_lr": _nonneg(masked_lr, "masked_lr"), "unmasked_lr": _nonneg(unmasked_lr, "unmasked_lr"),
+            "betas": (float(betas[0]), float(betas[1])), "eps": _nonneg(eps, "eps"),
+            "weight_decay": _nonneg(weight_decay, "weight_decay"), "maximize": maximize}
+
+
+def _named_list(named_params: NamedParams) -> List[Tuple[str, torch.Tensor]]:
+    if isinstance(named_params, torch.Tensor):
+        raise TypeError("named_params: expected (name, parameter) pairs, e.g. model.named_parameters(), "
+                        "or a {name: parameter} dict, got a tensor")
+    items = list(named_params.items() if isinstance(named_params, Mapping) else named_params)
+    if not items:
+        raise ValueError("named_params: no parameters to optimize")
+    seen: Dict[str, torch.Tensor] = {}
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], torch.Tensor)):
+            raise TypeError("named_params: expected (name, parameter) pairs, e.g. model.named_parameters(), "
+                            f"or a {{name: parameter}} dict, got an item of type {type(item).__name__}")
+        name, p = item
+        if name in seen:
+            raise ValueError(f"named_params: duplicate name {name!r}")
+        for other, q in seen.items():
+            if q is p:
+                raise ValueError(f"named_params: {name!r} is the same tensor as {other!r}")
+        if p.dtype not in _FLOATS:
+            raise TypeError(f"named_params[{name!r}]: expected a float32/float64/float16/bfloat16 parameter, "
+                            f"got {p.dtype}")
+        seen[name] = p
+    return items
+
+
+def _bits_of(name: str, mask: Any, p: torch.Tensor, what: str) -> torch.Tensor:
+    """The packed bitmask (a new tensor on p's device) of a bool mask or a packed uint8 bitmask of p."""
+    nbytes = (p.numel() + 7) // 8
+    if hasattr(mask, "bits") and hasattr(mask, "shape") and not isinstance(mask, torch.Tensor):  # golden.Bitmask
+        if tuple(mask.shape) != tuple(p.shape):
+            raise ValueError(f"{what}: shape {tuple(mask.shape)} differs from parameter {name!r}'s shape "
+                             f"{tuple(p.shape)}")
+        mask = mask.bits
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{what}: expected a bool tensor of shape {tuple(p.shape)} or a packed uint8 bitmask, "
+                        f"got {type(mask).__name__}")
+    if mask.layout == torch.sparse_coo and mask.dtype == torch.bool:  # GoldenParams keeps its masks as COO
+        mask = mask.to_dense()
+    if mask.dtype == torch.bool:
+        if mask.shape != p.shape:
+            raise ValueError(f"{what}: shape {tuple(mask.shape)} differs from parameter {name!r}'s shape "
+                             f"{tuple(p.shape)}")
+        return ops.pack_bitmask(mask.to(p.device).contiguous())
+    if mask.dtype == torch.uint8 and mask.layout == torch.strided:
+        if mask.shape != (nbytes,):
+            raise ValueError(f"{what}: a packed bitmask of parameter {name!r} ({p.numel()} entries) has shape "
+                             f"({nbytes},), got {tuple(mask.shape)}")
+        bits = mask.to(p.device, copy=True).contiguous()
+        if p.numel() % 8 and int(bits[-1]) >> (p.numel() % 8):
+            raise ValueError(f"{what}: bits past entry {p.numel()} of the last byte must be 0")
+        return bits
+    raise TypeError(f"{what}: expected a bool tensor of shape {tuple(p.shape)} or a packed uint8 bitmask of shape "
+                    f"({nbytes},), got a {mask.layout} {mask.dtype} tensor")
+
+
+class MaskedAdamW(torch.optim.Optimizer):
+    """AdamW with a per-entry learning rate: ``masked_lr`` where a parameter's mask is set,
+    ``unmasked_lr`` elsewhere, in one fused pass per (device, dtype) per step.
+
+    Args:
+        named_params: ``model.named_parameters()`` (or a ``{name: parameter}`` dict).
+        masks: ``{name: mask}``; a mask is a bool tensor of the parameter's shape (dense, or
+            sparse COO as GoldenParams keeps them), or a packed uint8 bitmask of ``ceil(numel / 8)``
+            bytes (bit ``j`` of byte ``i`` = flat entry ``8i + j``, see ``gradkit.ops.pack_bitmask``),
+            or a ``gradkit.golden.Bitmask`` (so ``golden_masks(...).masks`` passes as is).
+            Parameters without a mask (a missing name, a None mask, or ``masks=None``) use
+            ``unmasked_lr`` everywhere. Masks are stored once, packed, on their parameter's device.
+        masked_lr, unmasked_lr: the two rates (>= 0). A rate of 0 freezes its entries exactly.
+        betas, eps, weight_decay, maximize: as in ``torch.optim.AdamW``; the decoupled weight
+            decay of an entry is scaled by that entry's rate.
+
+    Per entry, one step is torch.optim.AdamW's step with the entry's rate, so with
+    ``masked_lr == unmasked_lr`` it matches ``torch.optim.AdamW`` to rounding. State per
+    parameter uses torch's names (``step``: a float32 scalar tensor, ``exp_avg``,
+    ``exp_avg_sq``); a parameter whose ``.grad`` is None is skipped and its step does not advance.
+    ``state_dict()`` also holds the masks and the parameters' names and shapes, and
+    ``load_state_dict`` checks they match before changing anything. The rates live in the
+    parameter group as ``masked_lr`` / ``unmasked_lr`` (a schedule edits those keys).
+
+    Compared with GoldenParams' ``MaskedAdamW``: that optimizer runs two AdamW sub-steps on the
+    same state per call (one with each rate, combined by the mask), so every call advances the
+    step count (and the bias corrections) twice, applies weight decay twice, and moves entries
+    whose rate is 0. Here each call is exactly one AdamW step per parameter, weight decay is
+    applied once with the entry's own rate, and a zero rate leaves the entry bit for bit.
+
+    Bad input raises ``ValueError`` / ``TypeError`` naming the argument or parameter, before any
+    parameter or state changes: a mask whose shape differs from its parameter's, a mask for an
+    unknown name, a mask that is neither bool nor a packed uint8 bitmask, rates / betas / eps /
+    weight decay out of range, duplicate names or tensors, sparse gradients.
+    """
+
+    def __init__(self, named_params: NamedParams, masks: Optional[Mapping[str, torch.Tensor]], masked_lr: float,
+                 unmasked_lr: float, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, maximize: bool = False) -> None:
+        defaults = _check_hyper(masked_lr, unmasked_lr, betas, eps, weight_decay, maximize)
+        named = _named_list(named_params)
+        params = dict(named)
+        if masks is not None and not isinstance(masks, Mapping):
+            raise TypeError(f"masks: expected a {{name: mask}} dict or None, got {type(masks).__name__}")
+        bits: Dict[str, torch.Tensor] = {}
+        for name, mask in (masks or {}).items():
+            if name not in params:
+                raise ValueError(f"masks: no parameter named {name!r}")
+            if mask is not None:
+                bits[name] = _bits_of(name, mask, params[name], f"masks[{name!r}]")
+        super().__init__(named, defaults)
+        self._bits = bits
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Only the constructor's group: every parameter and its mask are given up front."""
+        if self.param_groups:
+            raise ValueError("param_group: MaskedAdamW holds one named parameter group; build a new MaskedAdamW "
+                             "over every (name, parameter) with its mask")
+        super().add_param_group(param_group)
+
+    @property
+    def masks(self) -> Dict[str, torch.Tensor]:
+        """The packed bitmask of every masked parameter, by name (copies)."""
+        return {name: b.detach().clone() for name, b in self._bits.items()}
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        todo = []
+        for name, p in zip(group["param_names"], group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            if g.layout != torch.strided:
+                raise TypeError(f"grad of {name!r}: MaskedAdamW does not support {g.layout} gradients")
+            if g.shape != p.shape or g.device != p.device:
+                raise ValueError(f"grad of {name!r}: shape {tuple(g.shape)} on {g.device}, expected "
+                                 f"{tuple(p.shape)} on {p.device}")
+            if g.dtype != p.dtype:
+                raise TypeError(f"grad of {name!r}: dtype {g.dtype} differs from the parameter's {p.dtype}")
+            todo.append((name, p, g))
+        beta1, beta2 = group["betas"]
+        buckets: Dict[Tuple[torch.device, torch.dtype], Dict[str, list]] = {}
+        writeback = []
+        for name, p, g in todo:
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            step = float(st["step"].item()) + 1
+            work = p if p.is_contiguous() else p.contiguous()
+            if work is not p:
+                writeback.append((p, work))
+            b = buckets.setdefault((p.device, p.dtype), {k: [] for k in ("p", "g", "m", "v", "bits", "bc1", "bc2")})
+            b["p"].append(work)
+            b["g"].append(g.contiguous())
+            b["m"].append(st["exp_avg"])
+            b["v"].append(st["exp_avg_sq"])
+            b["bits"].append(self._bits.get(name))
+            b["bc1"].append(1 - beta1 ** step)  # torch.optim.AdamW's expressions, to the last bit
+            b["bc2"].append((1 - beta2 ** step) ** 0.5)
+        for b in buckets.values():
+            ops.masked_adamw_(b["p"], b["g"], b["m"], b["v"], b["bits"], masked_lr=group["masked_lr"],
+                              unmasked_lr=group["unmasked_lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                              weight_decay=group["weight_decay"], bias_correction1=b["bc1"],
+                              bias_correction2_sqrt=b["bc2"], maximize=group["maximize"])
+        for p, work in writeback:
+            p.copy_(work)
+        if todo:
+            torch._foreach_add_([self.state[p]["step"] for _, p, _ in todo], 1.0)
+        return loss
+
+    def state_dict(self) -> Dict[str, Any]:
+        """torch's optimizer state dict plus ``masks`` ({name: packed bits}) and ``param_shapes``."""
+        sd = super().state_dict()
+        group = self.param_groups[0]
+        sd["masks"] = dict(self._bits)
+        sd["param_shapes"] = {name: list(p.shape) for name, p in zip(group["param_names"], group["params"])}
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore a ``state_dict()`` of a MaskedAdamW over the same names and shapes (checked first)."""
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups", "masks", "param_shapes"} <= set(
+                state_dict):
+            raise ValueError("state_dict: expected a MaskedAdamW.state_dict() (keys state, param_groups, masks, "
+                             "param_shapes)")
+        groups = state_dict["param_groups"]
+        if not isinstance(groups, list) or len(groups) != 1 or "param_names" not in groups[0]:
+            raise ValueError("state_dict: expected one named parameter group")
+        group = self.param_groups[0]
+        names, params = group["param_names"], group["params"]
+        saved_names = list(groups[0]["param_names"])
+        if saved_names != names:
+            diff = sorted(set(saved_names) ^ set(names))
+            raise ValueError(f"state_dict: parameter names differ from this optimizer's "
+                             f"({'e.g. ' + repr(diff[:3]) if diff else 'same names, other order'})")
+        saved = groups[0]
+        _check_hyper(saved["masked_lr"], saved["unmasked_lr"], saved["betas"], saved["eps"], saved["weight_decay"],
+                     saved["maximize"])
+        by_name = dict(zip(names, params))
+        for name, p in by_name.items():
+            shape = state_dict["param_shapes"].get(name)
+            if shape is None or list(shape) != list(p.shape):
+                raise ValueError(f"state_dict: parameter {name!r} has shape {shape}, this optimizer's has "
+                                 f"{list(p.shape)}")
+        for idx, st in state_dict["state"].items():
+            if idx not in saved["params"]:
+                raise ValueError(f"state_dict: state for parameter id {idx!r}, which is not in its param_groups")
+            name = names[saved["params"].index(idx)]
+            step = st.get("step")
+            if not isinstance(step, torch.Tensor) or step.numel() != 1:
+                raise ValueError(f"state_dict: state['step'] of {name!r} is not a one-element tensor")
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = st.get(key)
+                if not isinstance(t, torch.Tensor) or t.shape != by_name[name].shape:
+                    raise ValueError(f"state_dict: state[{key!r}] of {name!r} is not a tensor of shape "
+                                     f"{tuple(by_name[name].shape)}")
+        bits = {}
+        for name, b in state_dict["masks"].items():
+            if name not in by_name:
+                raise ValueError(f"state_dict: mask for unknown parameter {name!r}")
+            p = by_name[name]
+            if not isinstance(b, torch.Tensor) or b.dtype != torch.uint8:
+                raise TypeError(f"state_dict: masks[{name!r}] is not a packed uint8 bitmask")
+            bits[name] = _bits_of(name, b, p, f"state_dict: masks[{name!r}]")
+        super().load_state_dict({"state": state_dict["state"], "param_groups": groups})
+        for st in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                st[key] = st[key].contiguous()
+        self._bits = bits
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {**super().__getstate__(), "_bits": self._bits}
