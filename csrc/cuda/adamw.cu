@@ -36,6 +36,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "common.cuh"
+
 namespace gradkit {
 namespace adamw_cuda {
 namespace {
@@ -46,17 +48,7 @@ constexpr int kThreads = 256;
 constexpr int64_t kTileUnits = kThreads * 2;  // units (mask bytes) per tile
 constexpr int64_t kTile = kTileUnits * 8;     // 4096 entries per tile
 
-int sm_count(int dev) {
-  static std::atomic<int> cache[C10_COMPILE_TIME_MAX_GPUS];
-  TORCH_INTERNAL_ASSERT(dev >= 0 && dev < C10_COMPILE_TIME_MAX_GPUS, "gradkit: bad CUDA device index ", dev);
-  int v = cache[dev].load(std::memory_order_relaxed);
-  if (v == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
-    v = std::max(v, 1);
-    cache[dev].store(v, std::memory_order_relaxed);
-  }
-  return v;
-}
+using gradkit::cuda::sm_count;
 
 // At most 8 resident 256-thread blocks per SM; the kernel loops grid-stride over the rest.
 int64_t grid_for(int64_t work, int dev) {

@@ -39,6 +39,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common.cuh"
 #include "../checks.h"
 #include "../segments.h"
 
@@ -53,17 +54,7 @@ constexpr int kThreads = 256;  // block size of every kernel except topk_walk_ke
 // small host helpers
 // ---------------------------------------------------------------------------
 
-int sm_count(int dev) {
-  static std::atomic<int> cache[C10_COMPILE_TIME_MAX_GPUS];
-  TORCH_INTERNAL_ASSERT(dev >= 0 && dev < C10_COMPILE_TIME_MAX_GPUS, "gradkit: bad CUDA device index ", dev);
-  int v = cache[dev].load(std::memory_order_relaxed);
-  if (v == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
-    v = std::max(v, 1);
-    cache[dev].store(v, std::memory_order_relaxed);
-  }
-  return v;
-}
+using gradkit::cuda::sm_count;
 
 // Blocks for `work` independent work items: at most 8 resident 256-thread blocks per SM
 // (2048 threads, the sm_90 maximum); kernels loop grid-stride over the rest.

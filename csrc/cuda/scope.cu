@@ -82,6 +82,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common.cuh"
 #include "../scope_layout.h"
 
 namespace gradkit {
@@ -102,17 +103,7 @@ constexpr int kCache = 8;               // soft threshold: elements cached per l
 // host helpers
 // ---------------------------------------------------------------------------
 
-int sm_count(int dev) {
-  static std::atomic<int> cache[C10_COMPILE_TIME_MAX_GPUS];
-  TORCH_INTERNAL_ASSERT(dev >= 0 && dev < C10_COMPILE_TIME_MAX_GPUS, "gradkit: bad CUDA device index ", dev);
-  int v = cache[dev].load(std::memory_order_relaxed);
-  if (v == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
-    v = std::max(v, 1);
-    cache[dev].store(v, std::memory_order_relaxed);
-  }
-  return v;
-}
+using gradkit::cuda::sm_count;
 
 // CTAs for `ctas` independent CTA-sized work slices: at most 8 resident per SM; kernels loop
 // grid-stride over the rest.
