@@ -465,7 +465,8 @@ void flat_small(const Layout& Y, int mode, const scalar_t* vp, scalar_t* xp, boo
 // scope c sit at base + c * stride + j * block_stride, so the walk is pointer arithmetic (no
 // per-scope odometer), four blocks are reduced together with two horizontal adds (fixed order,
 // deterministic), and the masks / zeros are written with 16-byte stores.
-constexpr int64_t kAhead = 16;  // scopes to prefetch ahead in flat_runs
+constexpr int64_t kAhead = 16;       // scopes to prefetch ahead in flat_runs
+constexpr int64_t kSinkFloats = 64;  // blocks up to this long are zeroed branch-free in flat_runs
 
 template <int NB, int KIND>
 void flat_runs(const Layout& Y, int mode, const float* vp, float* xp, bool* op, int set, bool expand,
@@ -486,6 +487,7 @@ void flat_runs(const Layout& Y, int mode, const float* vp, float* xp, bool* op, 
   at::parallel_for(0, outer.count * chunks, grain, [&](int64_t b, int64_t e) {
     alignas(64) float sc[NB][kTile];
     alignas(64) uint8_t kp[NB][kTile];
+    alignas(64) float sink[kSinkFloats];
     const __m128 absm = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
     Odometer o;
     int64_t at_outer = -1;
@@ -497,7 +499,25 @@ void flat_runs(const Layout& Y, int mode, const float* vp, float* xp, bool* op, 
       }
       const int n = (int)std::min<int64_t>(kTile, run - c0);
       const float* v0 = vp + o.off[vset] + c0 * sv;
+      const bool full = n == kTile && c0 + kTile + kAhead <= run;  // no tail, every prefetch in range
+      auto term = [&](const float* q) {
+        const __m128 t = _mm_loadu_ps(q);
+        return KIND == 1 ? _mm_and_ps(t, absm) : _mm_mul_ps(t, t);
+      };
       for (int j = 0; j < NB; ++j) {
+        if (full && ne == 16) {  // the 16-column case: fixed trip counts, a two-level sum per block
+          const float* pj = v0 + j * bv;
+          for (int c = 0; c < kTile; c += 4) {
+            __m128 a[4];
+            for (int w = 0; w < 4; ++w) {
+              const float* pb = pj + (c + w) * sv;
+              __builtin_prefetch(pb + kAhead * sv, 0, 3);  // the blocks of a scope sit far apart
+              a[w] = _mm_add_ps(_mm_add_ps(term(pb), term(pb + 4)), _mm_add_ps(term(pb + 8), term(pb + 12)));
+            }
+            _mm_store_ps(&sc[j][c], _mm_hadd_ps(_mm_hadd_ps(a[0], a[1]), _mm_hadd_ps(a[2], a[3])));
+          }
+          continue;
+        }
         for (int c = 0; c < n; c += 4) {
           __m128 a[4];
           for (int w = 0; w < 4; ++w) {
@@ -506,13 +526,12 @@ void flat_runs(const Layout& Y, int mode, const float* vp, float* xp, bool* op, 
             const float* pb = v0 + (c + w) * sv + j * bv;
             if (c0 + c + w + kAhead < run)  // software prefetch: the blocks of a scope sit far apart
               for (int64_t q = 0; q < ne; q += 16) __builtin_prefetch(pb + kAhead * sv + q, 0, 3);
-            for (int64_t q = 0; q < ne; q += 4) {
-              const __m128 t = _mm_loadu_ps(pb + q);
-              a[w] = _mm_add_ps(a[w], KIND == 1 ? _mm_and_ps(t, absm) : _mm_mul_ps(t, t));
-            }
+            for (int64_t q = 0; q < ne; q += 4) a[w] = _mm_add_ps(a[w], term(pb + q));
           }
           _mm_store_ps(&sc[j][c], _mm_hadd_ps(_mm_hadd_ps(a[0], a[1]), _mm_hadd_ps(a[2], a[3])));
         }
+      }
+      for (int j = 0; j < NB; ++j) {
         for (int c = 0; c < kTile; ++c) {  // NaN -> -1 (never kept), padding -> -1
           const float t = sc[j][c];
           sc[j][c] = (c >= n || t != t) ? -1.f : t;
@@ -527,14 +546,33 @@ void flat_runs(const Layout& Y, int mode, const float* vp, float* xp, bool* op, 
             if (!per_elem) {
               ob[0] = kp[j][c];
             } else if (eo == 1 && ne % 16 == 0) {
+              // non-temporal 16-byte stores: the mask is write-only here, so skip the read-for-
+              // ownership of every output line and keep the cache for x
               const __m128i k16 = _mm_set1_epi8((char)kp[j][c]);
-              for (int64_t q = 0; q < ne; q += 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(ob + q), k16);
+              if ((reinterpret_cast<uintptr_t>(ob) & 15) == 0) {
+                for (int64_t q = 0; q < ne; q += 16) _mm_stream_si128(reinterpret_cast<__m128i*>(ob + q), k16);
+              } else {
+                for (int64_t q = 0; q < ne; q += 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(ob + q), k16);
+              }
             } else {
               for (int64_t q = 0; q < ne; ++q) ob[q * eo] = kp[j][c];
             }
           }
       } else {
         float* x0 = xp + o.off[kX] + c0 * sx;
+        if (ex == 1 && ne <= kSinkFloats) {
+          // Branch-free: a kept block's zeros go to an L1-resident sink instead of x (the keep
+          // pattern is random, so a branch here mispredicts on every other block).
+          for (int c = 0; c < n; ++c)
+            for (int j = 0; j < NB; ++j) {
+              o0[c * so + j * bo] = kp[j][c];
+              const uintptr_t keep = uintptr_t(0) - uintptr_t(kp[j][c]);  // all ones when kept
+              float* dst = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(sink) & keep) |
+                                                    (reinterpret_cast<uintptr_t>(x0 + c * sx + j * bx) & ~keep));
+              for (int64_t q = 0; q < ne; q += 4) _mm_storeu_ps(dst + q, _mm_setzero_ps());
+            }
+          continue;
+        }
         for (int c = 0; c < n; ++c)
           for (int j = 0; j < NB; ++j) {
             o0[c * so + j * bo] = kp[j][c];
@@ -548,6 +586,7 @@ void flat_runs(const Layout& Y, int mode, const float* vp, float* xp, bool* op, 
           }
       }
     }
+    _mm_sfence();  // order the non-temporal mask stores before the region ends
   });
 }
 #endif
