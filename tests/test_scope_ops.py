@@ -326,3 +326,22 @@ def test_row_coupled_runs_match_reference(ne, nb):
                     _same(torch.ops.gradkit.scope_hard_threshold_(va, vals, [1, 1, 1, ne], [1, 1, nb, 1], nnz, p, kt),
                           ref.scope_hard_threshold_(vb, vals, [1, 1, 1, ne], [1, 1, nb, 1], nnz, p, kt))
                     _same(a, b)
+
+
+def test_large_mask_outputs_reuse_cached_buffers_safely():
+    """Expanded masks of >= 4 MiB come from gradkit's output cache: a freed mask's buffer is
+    reused by the next call of the same size, and live masks never share one."""
+    g = torch.Generator().manual_seed(4)
+    n = 2048  # a 4 MiB bool mask
+    xs = [torch.randn(n, n, generator=g) for _ in range(3)]
+    views = [x.as_strided((n // 16, 8, 2, n), (16 * n, n, 8 * n, 1)) for x in xs]
+    call = lambda v: torch.ops.gradkit.scope_mask(v, [1, 1, 1, 16], [1, 1, 2, 1], 1, 2.0, False, False, True)
+    want = [ref.scope_mask(v, [1, 1, 1, 16], [1, 1, 2, 1], 1, 2.0, False, False, True) for v in views]
+    a = call(views[0])
+    ptr = a.data_ptr()
+    assert torch.equal(a, want[0])
+    del a
+    b = call(views[1])  # reuses the freed buffer
+    assert b.data_ptr() == ptr and torch.equal(b, want[1])
+    c = call(views[2])  # b is alive: a different buffer
+    assert c.data_ptr() != b.data_ptr() and torch.equal(c, want[2]) and torch.equal(b, want[1])

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../scope_layout.h"
+#include "out_pool.h"
 
 #if defined(__SSE3__)
 #include <pmmintrin.h>
@@ -499,7 +500,7 @@ void flat_runs(const Layout& Y, int mode, const float* vp, float* xp, bool* op, 
       }
       const int n = (int)std::min<int64_t>(kTile, run - c0);
       const float* v0 = vp + o.off[vset] + c0 * sv;
-      const bool full = n == kTile && c0 + kTile + kAhead <= run;  // no tail, every prefetch in range
+      const bool full = n == kTile;  // no tail
       auto term = [&](const float* q) {
         const __m128 t = _mm_loadu_ps(q);
         return KIND == 1 ? _mm_and_ps(t, absm) : _mm_mul_ps(t, t);
@@ -511,7 +512,8 @@ void flat_runs(const Layout& Y, int mode, const float* vp, float* xp, bool* op, 
             __m128 a[4];
             for (int w = 0; w < 4; ++w) {
               const float* pb = pj + (c + w) * sv;
-              __builtin_prefetch(pb + kAhead * sv, 0, 3);  // the blocks of a scope sit far apart
+              // software prefetch (the blocks of a scope sit far apart), kept inside the run
+              __builtin_prefetch(c0 + c + w + kAhead < run ? pb + kAhead * sv : pb, 0, 3);
               a[w] = _mm_add_ps(_mm_add_ps(term(pb), term(pb + 4)), _mm_add_ps(term(pb + 8), term(pb + 12)));
             }
             _mm_store_ps(&sc[j][c], _mm_hadd_ps(_mm_hadd_ps(a[0], a[1]), _mm_hadd_ps(a[2], a[3])));
@@ -704,7 +706,7 @@ at::Tensor scope_mask_cpu(const at::Tensor& x, c10::IntArrayRef block_shape, c10
   const int64_t nb = prod(scope_shape);
   TORCH_CHECK_VALUE(nnz >= 0 && nnz <= nb, "scope_mask: nnz: expected 0 <= nnz <= ", nb, ", got ", nnz);
   Layout Y = make_layout(x.sizes(), x.strides(), x.strides(), block_shape, scope_shape);
-  at::Tensor out = expand ? at::empty(x.sizes(), x.options().dtype(at::kBool))
+  at::Tensor out = expand ? pooled_empty(x.sizes(), x.options().dtype(at::kBool))
                           : at::empty(Y.grid, x.options().dtype(at::kBool));
   if (out.numel() == 0) return out;
   const int set = expand ? kE : kB;
