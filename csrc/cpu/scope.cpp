@@ -468,6 +468,7 @@ void flat_small(const Layout& Y, int mode, const scalar_t* vp, scalar_t* xp, boo
 // deterministic), and the masks / zeros are written with 16-byte stores.
 constexpr int64_t kAhead = 16;       // scopes to prefetch ahead in flat_runs
 constexpr int64_t kSinkFloats = 64;  // blocks up to this long are zeroed branch-free in flat_runs
+constexpr bool kStreamMask = true;
 
 template <int NB, int KIND>
 void flat_runs(const Layout& Y, int mode, const float* vp, float* xp, bool* op, int set, bool expand,
@@ -551,7 +552,7 @@ void flat_runs(const Layout& Y, int mode, const float* vp, float* xp, bool* op, 
               // non-temporal 16-byte stores: the mask is write-only here, so skip the read-for-
               // ownership of every output line and keep the cache for x
               const __m128i k16 = _mm_set1_epi8((char)kp[j][c]);
-              if ((reinterpret_cast<uintptr_t>(ob) & 15) == 0) {
+              if (kStreamMask && (reinterpret_cast<uintptr_t>(ob) & 15) == 0) {
                 for (int64_t q = 0; q < ne; q += 16) _mm_stream_si128(reinterpret_cast<__m128i*>(ob + q), k16);
               } else {
                 for (int64_t q = 0; q < ne; q += 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(ob + q), k16);
