@@ -160,25 +160,13 @@ __device__ __forceinline__ void store_unit(T* base, int64_t q, const Unit<T>& u)
   for (int k = 0; k < vecs_per_unit(sizeof(T)); ++k) dst[k] = src[k];
 }
 
-// Last tensor whose first tile is <= tile (rows sorted by first_tile, each with >= 1 tile).
-__device__ __forceinline__ int find_tensor(const AdamTensor* __restrict__ ts, int nt, int64_t tile) {
-  int lo = 0, hi = nt - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (ts[mid].first_tile <= tile) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  return lo;
-}
+using gradkit::cuda::find_seg;
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
     masked_adamw_kernel(const AdamTensor* __restrict__ ts, int nt, int64_t tiles, Consts<A> c) {
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const AdamTensor& t = ts[find_tensor(ts, nt, tile)];
+    const AdamTensor& t = ts[find_seg(ts, nt, tile)];
     const A neg_step[2] = {static_cast<A>(t.neg_step[0]), static_cast<A>(t.neg_step[1])};
     const A bc2sqrt = static_cast<A>(t.bc2sqrt);
     T* __restrict__ p = static_cast<T*>(t.p);

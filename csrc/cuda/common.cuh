@@ -24,5 +24,21 @@ inline int sm_count(int dev) {
   return v;
 }
 
+// Index of the last table row whose first tile is <= tile, for the multi-tensor tile tables
+// (rows sorted by `first_tile`, every row covering >= 1 tile).
+template <typename Row>
+__device__ __forceinline__ int find_seg(const Row* __restrict__ rows, int nrows, int64_t tile) {
+  int lo = 0, hi = nrows - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (rows[mid].first_tile <= tile) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
 }  // namespace cuda
 }  // namespace gradkit

@@ -344,19 +344,7 @@ struct BmSeg {
 };
 static_assert(sizeof(BmSeg) % 8 == 0, "BmSeg must keep 8-byte alignment in the packed table");
 
-// Last table entry whose first tile is <= tile (sorted by first_tile, every entry >= 1 tile).
-__device__ __forceinline__ int find_seg(const BmSeg* __restrict__ segs, int nseg, int64_t tile) {
-  int lo = 0, hi = nseg - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (segs[mid].first_tile <= tile) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  return lo;
-}
+using gradkit::cuda::find_seg;
 
 template <int OP>
 __device__ __forceinline__ unsigned bm_apply(unsigned x, unsigned y) {

@@ -248,21 +248,7 @@ void check_oob(const SegTable& t) {
   TORCH_CHECK_INDEX(flag == 0, "index: a position is out of range for its segment");
 }
 
-// Last segment whose first tile is <= tile (table sorted by first_tile, every entry >= 1 tile).
-// Used by the gather/scatter table (DevSeg) and the top-k table (TopkSeg).
-template <typename Seg>
-__device__ __forceinline__ int find_seg(const Seg* __restrict__ segs, int nseg, int64_t tile) {
-  int lo = 0, hi = nseg - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (segs[mid].first_tile <= tile) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  return lo;
-}
+using gradkit::cuda::find_seg;  // the gather/scatter (DevSeg) and top-k (TopkSeg) tables
 
 // Flat row-major position f (< numel) -> element offset: peel dims innermost first.
 template <typename U>

@@ -28,6 +28,7 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, 
 import torch
 
 from gradkit import ops
+from gradkit.kernels.reference.parammap import unpack_bitmask
 from gradkit.golden_reverse import (DEFAULT_LAYER_PATTERN, STRATEGIES, AdaptiveSinusoidal, ChaosDriven,  # noqa: F401
                                     ExplorationDecay, FluctuationStrategy, HarmonicOscillator, MomentumBased,
                                     ReverseGoldenResult, full_logprobs, kl_divergence, layer_filter,
@@ -63,11 +64,6 @@ def _fresh_bits(numel: int, device) -> torch.Tensor:
     return torch.zeros((numel + 7) // 8, dtype=torch.uint8, device=device)
 
 
-def _unpack(bits: torch.Tensor, numel: int) -> torch.Tensor:
-    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
-    return ((bits.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:numel].to(torch.bool)
-
-
 def topk_mask(t: torch.Tensor, percent: float) -> torch.Tensor:
     """Bool mask (``t``'s shape) of the top ``percent``% of ``|t|`` (ties lowest position first; NaN never)."""
     if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
@@ -76,7 +72,7 @@ def topk_mask(t: torch.Tensor, percent: float) -> torch.Tensor:
     g = t.detach().contiguous()
     bits = _fresh_bits(g.numel(), g.device)
     ops.golden_topk_and_(g, bits, k, first=True)
-    return _unpack(bits, g.numel()).reshape(t.shape)
+    return unpack_bitmask(bits, g.numel()).reshape(t.shape)
 
 
 # --------------------------------------------------------------------------- packed masks
@@ -154,7 +150,7 @@ class Bitmask:
         return b
 
     def to_bool(self) -> torch.Tensor:
-        return _unpack(self.bits, self.numel).reshape(self.shape)
+        return unpack_bitmask(self.bits, self.numel).reshape(self.shape)
 
     def to_indices(self, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         return ops.bitmask_to_indices(self.bits, self.numel, dtype)
@@ -448,7 +444,6 @@ def _global_update(gs: Dict[str, torch.Tensor], bits, counts, pct: float, first:
     scores = [g.abs().reshape(-1).nan_to_num(nan=-1.0) for g in gs.values()]  # NaN below every |g|
     pos = ops.topk_select_segments(scores, k)
     start = 0
-    total = 0
     for (name, g), s in zip(gs.items(), scores):
         lo = int(torch.searchsorted(pos, start))
         hi = int(torch.searchsorted(pos, start + g.numel()))
@@ -463,8 +458,7 @@ def _global_update(gs: Dict[str, torch.Tensor], bits, counts, pct: float, first:
         if name in counts:
             counts[name] += sel.reshape(counts[name].shape).to(torch.int32)
         start += g.numel()
-    total = int(ops.bitmask_count(list(bits.values())).sum())
-    return total
+    return int(ops.bitmask_count(list(bits.values())).sum())
 
 
 # --------------------------------------------------------------------------- sparse accumulation

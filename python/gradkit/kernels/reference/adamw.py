@@ -23,13 +23,14 @@ from typing import Optional, Sequence
 
 import torch
 
+from gradkit.kernels.reference.parammap import unpack_bitmask
+
 
 def unpack_bits(bits: Optional[torch.Tensor], numel: int, device: torch.device) -> torch.Tensor:
     """The flat bool selection (numel,) of a packed bitmask (None: nothing selected)."""
     if bits is None:
         return torch.zeros(numel, dtype=torch.bool, device=device)
-    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
-    return ((bits.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:numel].to(torch.bool)
+    return unpack_bitmask(bits, numel)
 
 
 def _per_entry(sel: torch.Tensor, a: float, b: float, dtype: torch.dtype) -> torch.Tensor:

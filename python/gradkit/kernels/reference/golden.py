@@ -13,13 +13,7 @@ from typing import List, Sequence
 
 import torch
 
-from gradkit.kernels.reference.parammap import pack_bitmask
-
-
-def unpack_bitmask(bits: torch.Tensor, numel: int) -> torch.Tensor:
-    """The bool vector (numel,) of a packed bitmask."""
-    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
-    return ((bits.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:numel].to(torch.bool)
+from gradkit.kernels.reference.parammap import pack_bitmask, unpack_bitmask  # noqa: F401 (re-exported)
 
 
 def topk_abs_mask(g: torch.Tensor, k: int) -> torch.Tensor:

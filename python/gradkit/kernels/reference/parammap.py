@@ -93,9 +93,14 @@ def mask_to_indices(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.reshape(-1).nonzero().reshape(-1).to(dtype)
 
 
-def bitmask_to_indices(bits: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
+def unpack_bitmask(bits: torch.Tensor, numel: int) -> torch.Tensor:
+    """The flat bool vector (numel,) of a packed little-endian bitmask (padding bits ignored)."""
     shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
-    unpacked = ((bits.reshape(-1, 1) >> shifts) & 1).reshape(-1)
+    return ((bits.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:numel].to(torch.bool)
+
+
+def bitmask_to_indices(bits: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    unpacked = unpack_bitmask(bits, bits.numel() * 8)
     if unpacked[numel:].any():
         raise ValueError("bits: bits set beyond numel")
     return unpacked[:numel].nonzero().reshape(-1).to(dtype)
