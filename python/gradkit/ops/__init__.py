@@ -722,3 +722,8 @@ if _ext.LOADED:
         _register_triton_for_cuda()
         _register_triton_family("golden", GOLDEN_OPS)
         _register_triton_family("adamw", ADAMW_OPS)
+
+
+# Families with their own module (DESIGN: one module per family once ops grows too long).
+from gradkit.ops.obs import *  # noqa: E402,F401,F403
+from gradkit.ops.projection import *  # noqa: E402,F401,F403
