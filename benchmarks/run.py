@@ -17,7 +17,7 @@ sys.path.insert(0, HERE)
 
 from harness import Recorder, plot, ratio_table  # noqa: E402
 
-FAMILIES = ["parammap", "select", "scope", "golden", "adamw"]
+FAMILIES = ["parammap", "select", "scope", "golden", "adamw", "obs", "projection", "index"]
 
 
 def main(argv=None) -> int:

@@ -76,4 +76,7 @@ TORCH_LIBRARY(gradkit, m) {
 
   // ---- family 6: random projections and attribution search (issue 6) ----
   // (projection schemas go here)
+
+  // ---- family 7: blocked scoring with a running top-k (attribution search, issue 6) ----
+  // (search schemas go here)
 }

@@ -727,3 +727,4 @@ if _ext.LOADED:
 # Families with their own module (DESIGN: one module per family once ops grows too long).
 from gradkit.ops.obs import *  # noqa: E402,F401,F403
 from gradkit.ops.projection import *  # noqa: E402,F401,F403
+from gradkit.ops.search import *  # noqa: E402,F401,F403
