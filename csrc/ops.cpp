@@ -76,7 +76,22 @@ TORCH_LIBRARY(gradkit, m) {
 
   // ---- family 6: random projections and attribution search (issue 6) ----
   // (projection schemas go here)
+  // Counter-based projection matrices (kernels/reference/projection.py): entry (row, col) of R is a
+  // pure function of (seed, row, col); kind 0 = Rademacher +-1/sqrt(k) (bit-identical on every
+  // backend), 1 = Gaussian N(0,1)/sqrt(k) (Box-Muller in float64, rounded to fp32). The scale
+  // depends only on k (the full output dimension), so sub-ranges of rows/columns are exact slices.
+  // Fills out (rows, cols), any float dtype, with R[row0 : row0 + rows, col0 : col0 + cols] (fp32
+  // values, then cast to out's dtype). An out-variant so that it dispatches on out's device.
+  m.def("projection_matrix_(Tensor(a!) out, int seed, int kind, int k, int row0, int col0) -> ()");
+  // Flat projection: x (B, Dc) fp32/fp16/bf16/fp64 -> x @ R[:, col0 : col0 + Dc]^T (B, k) fp32 (fp32
+  // accumulation), R generated in tiles inside the matrix product, never stored.
+  m.def("project_flat(Tensor x, SymInt k, int seed, int kind, int col0) -> Tensor");
 
   // ---- family 7: blocked scoring with a running top-k (attribution search, issue 6) ----
   // (search schemas go here)
+  // score[q, j] = (queries[q] . keys[j]) * key_scale[j] (fp32 accumulate; keys fp16/bf16/fp32) with
+  // index base + j, merged with the running top-k (scores_in, idx_in; idx -1 = empty slot): the k
+  // best per query, best first (largest: highest; else lowest), ties lowest index first; NaN ranks
+  // as -inf (largest) / +inf; missing slots are (-+inf, -1). See kernels/reference/search.py.
+  m.def("score_topk(Tensor queries, Tensor keys, int k, bool largest, Tensor? key_scale, Tensor? scores_in, Tensor? idx_in, int base) -> (Tensor, Tensor)");
 }

@@ -1,4 +1,144 @@
-"""Op wrappers, validation and fake impls for the projection family (schemas in csrc/ops.cpp)."""
+"""Op wrappers, validation and fake impls for the projection family (schemas in csrc/ops.cpp).
+
+Entry ``(row, col)`` of a projection matrix R (k x D) is a pure function of ``(seed, row, col)``
+(see ``gradkit.kernels.reference.projection`` for the exact definition): Rademacher entries
+``+-1/sqrt(k)`` are bit-identical on every backend, Gaussian ``N(0,1)/sqrt(k)`` within 1 ulp of fp32.
+
+* ``projection_matrix(rows, cols, seed, kind, k, row0, col0, dtype, device)`` -> (rows, cols):
+  ``R[row0:row0+rows, col0:col0+cols]`` (a new tensor; ``projection_matrix_`` fills one).
+* ``project_flat(x, k, seed, kind, col0)``: x (B, Dc) fp32/fp16/bf16/fp64 ->
+  ``x @ R[:, col0:col0+Dc]^T`` (B, k) fp32, R generated inside the matrix-product tiles.
+
+``kind``: 0 = Rademacher, 1 = Gaussian. ``seed``: a non-negative 63-bit integer.
+NaN / Inf in x propagate to the outputs they touch (no check: it would cost a pass over x).
+"""
 from __future__ import annotations
 
-__all__: list = []
+import torch
+
+from gradkit import _ext
+from gradkit.ops import _impl
+
+__all__ = ["PROJECTION_OPS", "projection_matrix", "projection_matrix_", "project_flat"]
+
+PROJECTION_OPS = ("projection_matrix_", "project_flat")
+_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_MAX_SEED = 2 ** 63
+
+
+def _int(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        try:
+            import numpy as np
+
+            if isinstance(v, np.integer):
+                return int(v)
+        except ImportError:  # pragma: no cover
+            pass
+        raise TypeError(f"{what}: expected an int, got {type(v).__name__}")
+    return int(v)
+
+
+def _check_gen(seed, kind, k) -> tuple:
+    seed, kind, k = _int(seed, "seed"), _int(kind, "kind"), _int(k, "k")
+    if k <= 0:
+        raise ValueError(f"k: must be positive, got {k}")
+    if not 0 <= seed < _MAX_SEED:
+        raise ValueError(f"seed: must be a non-negative 63-bit integer, got {seed}")
+    if kind not in (0, 1):
+        raise ValueError(f"kind: expected 0 (rademacher) or 1 (gaussian), got {kind}")
+    return seed, kind, k
+
+
+def projection_matrix_(out: torch.Tensor, seed: int, kind: int, k: int, row0: int = 0, col0: int = 0) -> torch.Tensor:
+    """Fill ``out`` (rows, cols), any float dtype, with ``R[row0:row0+rows, col0:col0+cols]``
+    (values defined in fp32, scale ``1/sqrt(k)``, then cast to out's dtype). Returns ``out``."""
+    seed, kind, k = _check_gen(seed, kind, k)
+    row0, col0 = _int(row0, "row0"), _int(col0, "col0")
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out: expected a tensor, got {type(out).__name__}")
+    if out.dim() != 2:
+        raise ValueError(f"out: expected a 2-D tensor (rows, cols), got shape {tuple(out.shape)}")
+    if not out.dtype.is_floating_point:
+        raise TypeError(f"out: expected a floating dtype, got {out.dtype}")
+    if row0 < 0:
+        raise ValueError(f"row0: must be non-negative, got {row0}")
+    if col0 < 0:
+        raise ValueError(f"col0: must be non-negative, got {col0}")
+    if row0 + out.shape[0] >= _MAX_SEED or col0 + out.shape[1] >= _MAX_SEED:
+        raise ValueError("row0/col0: the range must stay below 2^63")
+    if out.numel():
+        _impl("projection_matrix_", "projection")(out, seed, kind, k, row0, col0)
+    return out
+
+
+def projection_matrix(rows: int, cols: int, seed: int, kind: int, k: int, row0: int = 0, col0: int = 0,
+                      dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
+    """A new (rows, cols) tensor holding ``R[row0:row0+rows, col0:col0+cols]`` (scale 1/sqrt(k))."""
+    rows, cols = _int(rows, "rows"), _int(cols, "cols")
+    if rows < 0:
+        raise ValueError(f"rows: must be non-negative, got {rows}")
+    if cols < 0:
+        raise ValueError(f"cols: must be non-negative, got {cols}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype}")
+    _check_gen(seed, kind, k)
+    out = torch.empty(rows, cols, dtype=dtype, device=device)
+    return projection_matrix_(out, seed, kind, k, row0, col0)
+
+
+def project_flat(x: torch.Tensor, k: int, seed: int, kind: int = 0, col0: int = 0) -> torch.Tensor:
+    """``x (B, Dc) @ R[:, col0:col0+Dc]^T`` -> (B, k) fp32 (fp32 accumulation; R never stored)."""
+    seed, kind, k = _check_gen(seed, kind, k)
+    col0 = _int(col0, "col0")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D tensor (B, D), got shape {tuple(x.shape)}")
+    if x.dtype not in _X_DTYPES:
+        raise TypeError(f"x: expected float32/float16/bfloat16/float64, got {x.dtype}")
+    if col0 < 0:
+        raise ValueError(f"col0: must be non-negative, got {col0}")
+    if col0 + x.shape[1] >= _MAX_SEED:
+        raise ValueError("col0: col0 + D must stay below 2^63")
+    return _impl("project_flat", "projection")(x, k, seed, kind, col0)
+
+
+def _stacklevel_of_ops_package() -> int:
+    """csrc/ops.cpp declares gradkit.ops (m.set_python_module) as the home of every fake impl and
+    torch checks the module that registers one; this module is imported by gradkit/ops/__init__.py
+    (``from gradkit.ops.projection import *``), so the registration is attributed to that frame."""
+    import sys
+
+    f, level = sys._getframe(1), 1
+    while f is not None:
+        if f.f_globals.get("__name__") == "gradkit.ops":
+            return level
+        f, level = f.f_back, level + 1
+    return 1
+
+
+def _projection_matrix_fake(out, seed, kind, k, row0, col0):
+    return None
+
+
+def _project_flat_fake(x, k, seed, kind, col0):
+    return x.new_empty((x.shape[0], k), dtype=torch.float32)
+
+
+if _ext.LOADED:
+    torch.library.register_fake("gradkit::projection_matrix_", _projection_matrix_fake,
+                                _stacklevel=_stacklevel_of_ops_package())
+    torch.library.register_fake("gradkit::project_flat", _project_flat_fake, _stacklevel=_stacklevel_of_ops_package())
+
+    def _register_triton_projection() -> None:
+        try:
+            from gradkit.kernels.triton import projection as _tri
+        except Exception:  # pragma: no cover - triton missing: CUDA tensors get a dispatcher error
+            return
+        for name in PROJECTION_OPS:
+            if not _ext.has_kernel(name, "CUDA"):
+                torch.library.impl(f"gradkit::{name}", "CUDA")(getattr(_tri, name))
+
+    if torch.cuda.is_available():
+        _register_triton_projection()

@@ -1,0 +1,178 @@
+"""Collector: projected per-example gradients of one 1000x1000 Linear, 64 examples x 128 tokens, p = 16
+(issue 6, "factored projection ... at least 3x faster than bergson's collector path").
+
+Two operations, each side by side with bergson 2.5.1 driven through its own collector code:
+
+* ``factored proj (hook work)``: what the hooks do for one batch once the layer input ``a`` and
+  output gradient ``g`` (64 x 128 x 1000 each, fp32) exist.
+  - gradkit: ``gradkit.projection.factored_project(a, g, 16)`` (its p x O / p x I matrices come
+    from the counter-based generator and are cached per (p, size, seed), like bergson's);
+  - gradkit collector: the same through ``GradientCollector``'s hook (``_project``);
+  - bergson: ``StreamingGradientCollector.forward_hook(a)`` + ``backward_hook(g)`` (projects ``a``
+    by the right matrix in the forward hook, ``g`` by the left one, forms ``g^T a`` per example,
+    flattens + clamps), projection matrices cached in its ``GradientProcessor`` (steady state);
+  - bergson cold: the same with a fresh processor, i.e. the first batch (matrix generation included).
+* ``collector step (fwd+bwd)``: the whole step from the input ``x``: forward of the Linear with
+  the hooks attached, backward of ``sum(y * w)`` (so ``g = w``), projected gradients out.
+  - gradkit (the collector): ``col.backward(loss)`` (autograd to the hooked outputs only: no weight
+    gradient, no ``.grad``);
+  - gradkit collector + loss.backward(): a plain ``loss.backward()`` (also fills ``.grad``);
+  - bergson: its collector context (``register_forward_hook`` + ``register_full_backward_hook``),
+    ``loss.backward()``, ``zero_grad()`` -- what ``CollectorComputer`` does per batch;
+  - torch fwd+bwd: the same forward/backward with no collection (the floor for the last two).
+
+Run alone: ``python benchmarks/bench_collector.py [--quick]`` (2 threads).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch import nn
+
+FAMILY = "projection"
+B, T, D, P = 64, 128, 1000, 16
+
+
+class _Wrap(nn.Module):
+    """bergson's collectors want a model with ``.device``; wrap the single Linear."""
+
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        self.lin = lin
+
+    @property
+    def device(self) -> torch.device:
+        return self.lin.weight.device
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _bergson(model, cold: bool = False):
+    try:
+        from bergson.collector.gradient_collectors import StreamingGradientCollector
+        from bergson.gradients import GradientProcessor
+    except Exception as e:  # pragma: no cover - peer not installed
+        print(f"  bergson unavailable: {e}")
+        return None
+    proc = GradientProcessor(projection_dim=P, projection_type="rademacher")
+    return StreamingGradientCollector(model=model, processor=proc, dtype=torch.float32)
+
+
+def run(rec, quick: bool = False) -> None:
+    from gradkit.projection import (GradientCollector, derive_seed, factored_project,
+                                    projection_matrix)
+
+    dev = torch.device(rec.device)
+    gen = torch.Generator().manual_seed(5)
+    lin = nn.Linear(D, D)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(D, D, generator=gen) / D ** 0.5)
+    lin = lin.to(dev)
+    model = _Wrap(lin)
+    a = torch.randn(B, T, D, generator=gen).to(dev)
+    g = torch.randn(B, T, D, generator=gen).to(dev)
+    wl = f"Linear {D}x{D}, {B}x{T} tokens, p={P}"
+    dt = "float32"
+    print(f"[{FAMILY}] {wl}", flush=True)
+
+    # agreement first: gradkit's vectors are L G_b R^T of the explicit per-example gradients
+    out = factored_project(a, g, P, seed=0, name="lin")
+    L = projection_matrix(P, D, seed=derive_seed(0, "lin", "left"), device=dev).double()
+    R = projection_matrix(P, D, seed=derive_seed(0, "lin", "right"), device=dev).double()
+    for b in (0, B - 1):
+        G = g[b].double().T @ a[b].double()
+        ref = (L @ G @ R.T).reshape(-1)
+        err = (out[b].double() - ref).abs().max().item()
+        assert err <= 1e-3 * ref.abs().max().item(), f"factored_project differs from L G R^T by {err}"
+
+    # ---- hook work only
+    op = "factored proj (hook work)"
+    rec.add(FAMILY, op, "gradkit", wl, dt, rec.time(lambda: factored_project(a, g, P, seed=0, name="lin")),
+            note="factored_project(a, g, 16): per-example p x p, matrices cached")
+    col = GradientCollector(model, p=P)
+    rec.add(FAMILY, op, "gradkit collector", wl, dt, rec.time(lambda: col._project("lin", a, g, None)),
+            note="GradientCollector hook body (_project -> factored_project)")
+    bcol = _bergson(model)
+    if bcol is not None:
+        lin._name = "lin"
+        lin._collect_bias = False
+
+        def bergson_hooks(c=bcol):
+            c.forward_hook(lin, a)
+            c.backward_hook(lin, g)
+            return c.mod_grads["lin"]
+
+        got = bergson_hooks()
+        assert got.shape == (B, P * P)
+        rec.add(FAMILY, op, "bergson", wl, dt, rec.time(bergson_hooks),
+                note="bergson 2.5.1 StreamingGradientCollector forward_hook + backward_hook, cached matrices")
+        if not quick:
+            def bergson_cold():
+                c = _bergson(model)
+                return bergson_hooks(c)
+
+            rec.add(FAMILY, op, "bergson cold", wl, dt, rec.time(bergson_cold, slow_reps=3),
+                    note="fresh GradientProcessor: first batch, projection matrices generated")
+        for attr in ("_name", "_collect_bias", "_inputs"):
+            if hasattr(lin, attr):
+                delattr(lin, attr)
+
+    # ---- the whole collector step
+    op = "collector step (fwd+bwd)"
+    x = torch.randn(B, T, D, generator=gen).to(dev)
+    w = g  # loss = sum(y * w) -> output gradient w
+
+    def gk_step():
+        with col:
+            col.backward((model(x) * w).sum())
+            return col.collect()
+
+    def gk_step_full():
+        with col:
+            (model(x) * w).sum().backward()
+            out = col.collect()
+        model.zero_grad()
+        return out
+
+    r = gk_step()["lin"]
+    torch.testing.assert_close(r, factored_project(x, w, P, seed=0, name="lin"), atol=1e-3, rtol=1e-4)
+    reps = 3 if quick else 5
+    rec.add(FAMILY, op, "gradkit", wl, dt, rec.time(gk_step, slow_reps=reps),
+            note="hooks + col.backward(loss): autograd to the hooked outputs only (no weight grad)")
+    rec.add(FAMILY, op, "gradkit collector + loss.backward()", wl, dt, rec.time(gk_step_full, slow_reps=reps),
+            note="hooks + plain loss.backward() (weight grads computed too) + zero_grad")
+    if bcol is not None:
+        def bergson_step():
+            with bcol:
+                (model(x) * w).sum().backward()
+            model.zero_grad()
+            return bcol.mod_grads["lin"]
+
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "full backward hook is firing ... no inputs require gradients"
+            assert bergson_step().shape == (B, P * P)
+            rec.add(FAMILY, op, "bergson", wl, dt, rec.time(bergson_step, slow_reps=reps),
+                    note="bergson 2.5.1 collector context: forward + full backward hooks, loss.backward, zero_grad")
+
+    def plain():
+        (model(x) * w).sum().backward()
+        model.zero_grad()
+
+    rec.add(FAMILY, op, "torch fwd+bwd (no collection)", wl, dt, rec.time(plain, slow_reps=reps),
+            note="forward + backward of the Linear alone: the floor for loss.backward() paths")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from harness import Recorder, ratio_table
+
+    torch.set_num_threads(2)
+    quick = "--quick" in sys.argv
+    rec = Recorder("cpu", min_run_time=0.3 if quick else 1.0)
+    run(rec, quick=quick)
+    print("\n" + ratio_table(rec.rows))

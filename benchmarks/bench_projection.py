@@ -1,0 +1,80 @@
+"""Projection family: flat random projection of per-example gradients (issue 6).
+
+Workload: 64 flat gradients of D = 1,048,576 fp32 entries -> k = 2048, Rademacher (quick mode:
+D = 65,536). Providers:
+* gradkit: ``gradkit.projection.project`` (counter-based generator, R tiles generated in cache and
+  consumed at once by an fp32 GEMM; R never stored);
+* bergson 2.5.1: ``bergson.collector.collector.project_global`` -- its flat ("global") projection:
+  Philox-generated column blocks of R (numpy on CPU) and ``addmm_``;
+* TRAK (traker 0.3.2): ``trak.projectors.BasicProjector(grad_dim=D, proj_dim=2048, seed=0,
+  proj_type=rademacher, device=cpu)``, ``project(grads, model_id=0)`` (regenerates its
+  D x block_size torch-RNG blocks on every call).
+Peers take tens of seconds per call, so they run once after a warm-up.
+Also recorded (gradkit only): the Gaussian flat projection, the explicit matrix generation rate,
+and the factored per-example projection of a 1000 x 1000 Linear (64 examples x 128 tokens, p = 16).
+"""
+from __future__ import annotations
+
+import torch
+
+from gradkit import projection as P
+
+FAMILY = "projection"
+
+
+def run(rec, quick: bool = False) -> None:
+    B, k = 64, 2048
+    D = 65_536 if quick else 1_048_576
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(B, D, generator=gen)
+    wl = f"{B}x{D}->{k}"
+    dt = "float32"
+    print(f"[{FAMILY}] flat {wl}", flush=True)
+
+    # agreement on a slice: project() equals x @ R^T with the explicit matrix
+    xs = x[:4, :4096]
+    R = P.projection_matrix(k, 4096, seed=0)
+    torch.testing.assert_close(P.project(xs, k, seed=0), xs @ R.T, rtol=1e-4, atol=1e-4)
+    del R
+
+    rec.add(FAMILY, "flat rademacher", "gradkit", wl, dt, rec.time(lambda: P.project(x, k, seed=0)),
+            note="counter-based R tiles in cache + fp32 GEMM (MKL), never stored")
+    try:
+        from bergson.collector.collector import project_global
+
+        rec.add(FAMILY, "flat rademacher", "bergson 2.5.1", wl, dt,
+                rec.time(lambda: project_global("bench/single", x, k, "rademacher"), slow_reps=1),
+                note="bergson.collector.collector.project_global: Philox column blocks (numpy) + addmm_")
+    except ImportError as e:  # pragma: no cover
+        print(f"  bergson unavailable: {e}")
+    try:
+        from trak.projectors import BasicProjector, ProjectionType
+
+        proj = BasicProjector(grad_dim=D, proj_dim=k, seed=0, proj_type=ProjectionType.rademacher,
+                              device=torch.device("cpu"))
+        rec.add(FAMILY, "flat rademacher", "trak BasicProjector", wl, dt,
+                rec.time(lambda: proj.project(x, model_id=0), slow_reps=1),
+                note="traker 0.3.2 BasicProjector (block_size 100, torch RNG blocks regenerated per call)")
+        del proj
+    except ImportError as e:  # pragma: no cover
+        print(f"  trak unavailable: {e}")
+
+    # gradkit-only context rows
+    Dg = D // 16
+    xg = x[:, :Dg].contiguous()
+    rec.add(FAMILY, "flat gaussian", "gradkit", f"{B}x{Dg}->{k}", dt,
+            rec.time(lambda: P.project(xg, k, seed=0, kind="gaussian")),
+            note="Box-Muller in float64 per entry pair")
+    out = torch.empty(k, 65_536)
+    st = rec.time(lambda: P.ops.projection_matrix_(out, 0, 0, k, 0, 0))
+    rec.add(FAMILY, "matrix rademacher", "gradkit", f"{k}x65536", dt, st)
+    rec.add(FAMILY, "matrix rademacher", "gradkit", f"{k}x65536", dt,
+            {m: out.numel() / st[m] / 1e9 for m in ("p20", "p50", "p80")} | {"n": st["n"]}, metric="Gentries/s")
+
+    I = O = 1000
+    T, p = 128, 16
+    a = torch.randn(B, T, I, generator=gen)
+    g = torch.randn(B, T, O, generator=gen)
+    rec.add(FAMILY, "factored per-example", "gradkit", f"{B}x{T} {O}x{I} p={p}", dt,
+            rec.time(lambda: P.factored_project(a, g, p, seed=0, name="fc")),
+            note="(g L^T)^T (a R^T): two GEMMs + bmm, G never formed")

@@ -1,0 +1,248 @@
+// CPU kernels of the projection family: counter-based random projection matrices and the flat
+// projection x (B, D) -> x R^T (B, k) with R generated tile by tile in cache (never stored).
+// Semantics (the definition of every entry): python/gradkit/kernels/reference/projection.py.
+//
+// Generator. Entry (row, col) of R is a pure function of (seed, row, col):
+//   mix64(z)    = splitmix64's finaliser (Stafford "mix13"): a bijection of 64-bit words
+//   rowkey      = mix64(seed ^ mix64(row + kRowC))
+//   word(w)     = mix64(rowkey + (w + 1) * kGolden)           (a splitmix64 stream per row)
+//   rademacher  = bit (col & 63) of word(col >> 6) ? +s : -s,  s = fp32(1 / sqrt(k))
+//   gaussian    = fp32(z * (1 / sqrt(k))) with, in float64, h = word(col >> 1),
+//                 u1 = (h >> 32 + 0.5) 2^-32, u2 = (h & 0xffffffff) 2^-32, r = sqrt(-2 log u1),
+//                 t = 2 pi u2, z = r cos t (even col) or r sin t (odd col)       (Box-Muller)
+// so R does not depend on tiling, chunking, shapes, thread count or device.
+//
+// Rademacher tiles: one hash per 64 entries of a row; a row's bits starting at an arbitrary
+// column are assembled from two consecutive words with shifts (no per-entry branches), then each
+// byte is expanded to 8 floats with one copy from a 256 x 8 table of +-s (8 KiB, L1-resident).
+//
+// project_flat: out (B, k) fp32 = x (B, Dc) @ R[:, col0 : col0 + Dc]^T. R tiles of kKT x kDT
+// (1 MiB fp32, L2-resident) are generated into a per-thread buffer and consumed at once by a
+// single-threaded BLAS gemm (addmm_ on from_blob views: MKL sgemm) accumulating into out.
+// Work is split over groups of k tiles (each group loops d tiles outer, its k tiles inner, so the
+// x tile stays in cache); when there are fewer k tiles than threads the D range is split too and
+// the per-split partial outputs are added in a fixed order. The summation order therefore
+// depends only on (shapes, thread count), never on timing. fp16/bf16/fp64 x is converted to
+// fp32 one (B x kDT) tile at a time.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace gradkit {
+namespace projection {
+namespace {
+
+constexpr uint64_t kMixA = 0xBF58476D1CE4E5B9ull;
+constexpr uint64_t kMixB = 0x94D049BB133111EBull;
+constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
+constexpr uint64_t kRowC = 0x632BE59BD9B4E019ull;
+constexpr double kTwoPi = 6.283185307179586;  // fp64(2 pi)
+constexpr double kInv2p32 = 2.3283064365386963e-10;  // 2^-32, exact
+
+inline uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * kMixA;
+  z = (z ^ (z >> 27)) * kMixB;
+  return z ^ (z >> 31);
+}
+inline uint64_t row_key(uint64_t seed, uint64_t row) { return mix64(seed ^ mix64(row + kRowC)); }
+inline uint64_t word_hash(uint64_t rk, uint64_t w) { return mix64(rk + (w + 1) * kGolden); }
+
+// fp32(1 / sqrt(k)) computed in float64 (correctly rounded sqrt and division: the same on every backend).
+inline double inv_sqrt_k(int64_t k) { return 1.0 / std::sqrt(static_cast<double>(k)); }
+
+// Box-Muller pair (cos, sin branch) of hash h, scaled by inv (float64), rounded to fp32.
+inline void gauss_pair(uint64_t h, double inv, float* z0, float* z1) {
+  const double u1 = (static_cast<double>(h >> 32) + 0.5) * kInv2p32;
+  const double u2 = static_cast<double>(h & 0xffffffffull) * kInv2p32;
+  const double r = std::sqrt(-2.0 * std::log(u1));
+  const double t = kTwoPi * u2;
+  *z0 = static_cast<float>(r * std::cos(t) * inv);
+  *z1 = static_cast<float>(r * std::sin(t) * inv);
+}
+
+struct SignTable {
+  alignas(64) float v[256][8];
+  explicit SignTable(float s) {
+    for (int b = 0; b < 256; ++b)
+      for (int j = 0; j < 8; ++j) v[b][j] = ((b >> j) & 1) ? s : -s;
+  }
+};
+
+// Row `row` of R, columns [c0, c0 + n), into dst (fp32): Rademacher.
+inline void rademacher_row(const SignTable& tab, uint64_t seed, uint64_t row, int64_t c0, int64_t n, float* dst) {
+  if (n <= 0) return;
+  const uint64_t rk = row_key(seed, row);
+  const uint64_t w0 = static_cast<uint64_t>(c0) >> 6;
+  const unsigned off = static_cast<unsigned>(c0 & 63);
+  uint64_t cur = word_hash(rk, w0);
+  int64_t j = 0;
+  auto bits_at = [&](uint64_t m) -> uint64_t {  // 64 bits of the row starting at column c0 + 64 m
+    const uint64_t nxt = word_hash(rk, w0 + m + 1);
+    // off == 0: the shift by 64 is avoided by the mask (no per-entry branch, one per 64 entries)
+    const uint64_t b = off ? ((cur >> off) | (nxt << ((64 - off) & 63))) : cur;
+    cur = nxt;
+    return b;
+  };
+  uint64_t m = 0;
+  for (; j + 64 <= n; j += 64, ++m) {
+    uint64_t b = bits_at(m);
+    float* d = dst + j;
+    for (int q = 0; q < 8; ++q) {
+      std::memcpy(d + 8 * q, tab.v[(b >> (8 * q)) & 255u], 8 * sizeof(float));
+    }
+  }
+  if (j < n) {
+    uint64_t b = off ? ((cur >> off) | ((off + (n - j) > 64) ? (word_hash(rk, w0 + m + 1) << ((64 - off) & 63)) : 0))
+                     : cur;
+    float tmp[64];
+    for (int q = 0; q < 8; ++q) std::memcpy(tmp + 8 * q, tab.v[(b >> (8 * q)) & 255u], 8 * sizeof(float));
+    std::memcpy(dst + j, tmp, (n - j) * sizeof(float));
+  }
+}
+
+// Row `row` of R, columns [c0, c0 + n), into dst (fp32): Gaussian.
+inline void gaussian_row(uint64_t seed, uint64_t row, int64_t c0, int64_t n, double inv, float* dst) {
+  if (n <= 0) return;
+  const uint64_t rk = row_key(seed, row);
+  int64_t j = 0;
+  float z0, z1;
+  if (c0 & 1) {  // odd start: the sin half of pair c0 >> 1
+    gauss_pair(word_hash(rk, static_cast<uint64_t>(c0) >> 1), inv, &z0, &z1);
+    dst[0] = z1;
+    j = 1;
+  }
+  for (; j + 2 <= n; j += 2) {
+    gauss_pair(word_hash(rk, static_cast<uint64_t>(c0 + j) >> 1), inv, &z0, &z1);
+    dst[j] = z0;
+    dst[j + 1] = z1;
+  }
+  if (j < n) {
+    gauss_pair(word_hash(rk, static_cast<uint64_t>(c0 + j) >> 1), inv, &z0, &z1);
+    dst[j] = z0;
+  }
+}
+
+// Tile R[r0 : r0 + nr, c0 : c0 + nc] into dst (row-major, leading dimension ld).
+void gen_tile(int kind, const SignTable& tab, uint64_t seed, double inv, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+              float* dst, int64_t ld) {
+  if (kind == 0) {
+    for (int64_t i = 0; i < nr; ++i) rademacher_row(tab, seed, static_cast<uint64_t>(r0 + i), c0, nc, dst + i * ld);
+  } else {
+    for (int64_t i = 0; i < nr; ++i) gaussian_row(seed, static_cast<uint64_t>(r0 + i), c0, nc, inv, dst + i * ld);
+  }
+}
+
+void check_common(int64_t k, int64_t seed, int64_t kind) {
+  TORCH_CHECK_VALUE(k > 0, "k: must be positive, got ", k);
+  TORCH_CHECK_VALUE(seed >= 0, "seed: must be a non-negative 63-bit integer, got ", seed);
+  TORCH_CHECK_VALUE(kind == 0 || kind == 1, "kind: expected 0 (rademacher) or 1 (gaussian), got ", kind);
+}
+
+void projection_matrix_cpu(const at::Tensor& out, int64_t seed, int64_t kind, int64_t k, int64_t row0, int64_t col0) {
+  check_common(k, seed, kind);
+  TORCH_CHECK_VALUE(out.dim() == 2, "out: expected a 2-D tensor (rows, cols), got shape ", out.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(out.scalar_type()), "out: expected a floating dtype, got ", out.scalar_type());
+  TORCH_CHECK_VALUE(row0 >= 0, "row0: must be non-negative, got ", row0);
+  TORCH_CHECK_VALUE(col0 >= 0, "col0: must be non-negative, got ", col0);
+  const int64_t rows = out.size(0), cols = out.size(1);
+  if (rows == 0 || cols == 0) return;
+  const bool direct = out.scalar_type() == at::kFloat && out.is_contiguous();
+  at::Tensor buf = direct ? out : at::empty({rows, cols}, at::TensorOptions().dtype(at::kFloat));
+  const double inv = inv_sqrt_k(k);
+  const SignTable tab(static_cast<float>(inv));
+  float* o = buf.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / cols);
+  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+    gen_tile(static_cast<int>(kind), tab, static_cast<uint64_t>(seed), inv, row0 + b, e - b, col0, cols, o + b * cols,
+             cols);
+  });
+  if (!direct) const_cast<at::Tensor&>(out).copy_(buf);
+}
+
+constexpr int64_t kKT = 256;   // rows of R per tile (output features)
+constexpr int64_t kDT = 1024;  // columns of R per tile (input features)
+
+at::Tensor project_flat_cpu(const at::Tensor& x_in, int64_t k, int64_t seed, int64_t kind, int64_t col0) {
+  check_common(k, seed, kind);
+  TORCH_CHECK_VALUE(col0 >= 0, "col0: must be non-negative, got ", col0);
+  TORCH_CHECK_VALUE(x_in.dim() == 2, "x: expected a 2-D tensor (B, D), got shape ", x_in.sizes());
+  const auto st = x_in.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
+                   "x: expected float32/float16/bfloat16/float64, got ", st);
+  const int64_t B = x_in.size(0), D = x_in.size(1);
+  at::Tensor out = at::zeros({B, k}, at::TensorOptions().dtype(at::kFloat));
+  if (B == 0 || D == 0) return out;
+  // fp32 x is read in place when its rows are unit-stride; anything else is converted per tile.
+  const bool direct = st == at::kFloat && x_in.stride(1) == 1 && x_in.stride(0) >= std::max<int64_t>(D, 1);
+  const at::Tensor x = x_in;
+
+  const double inv = inv_sqrt_k(k);
+  const SignTable tab(static_cast<float>(inv));
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t nk = (k + kKT - 1) / kKT, nd = (D + kDT - 1) / kDT;
+  // Groups: contiguous k-tile ranges; with fewer k tiles than threads, D is split as well.
+  int64_t kgroups = std::min(nk, nthreads);
+  int64_t dsplit = nk >= nthreads ? 1 : std::min(nd, (nthreads + nk - 1) / nk);
+  // Tiny problems: not worth the threads.
+  if (B * D * k < (int64_t(1) << 22)) {
+    kgroups = 1;
+    dsplit = 1;
+  }
+  const int64_t ngroups = kgroups * dsplit;
+  std::vector<at::Tensor> partial(dsplit);
+  for (int64_t s = 0; s < dsplit; ++s) partial[s] = s == 0 ? out : at::zeros({B, k}, out.options());
+
+  const auto fopt = at::TensorOptions().dtype(at::kFloat);
+  at::parallel_for(0, ngroups, 1, [&](int64_t gb, int64_t ge) {
+    std::vector<float> rt(static_cast<size_t>(kKT * kDT));
+    at::Tensor xbuf;
+    if (!direct) xbuf = at::empty({B, kDT}, at::TensorOptions().dtype(at::kFloat));
+    for (int64_t g = gb; g < ge; ++g) {
+      const int64_t kg = g / dsplit, ds = g % dsplit;
+      const int64_t kt0 = kg * nk / kgroups, kt1 = (kg + 1) * nk / kgroups;
+      const int64_t dt0 = ds * nd / dsplit, dt1 = (ds + 1) * nd / dsplit;
+      float* o = partial[ds].data_ptr<float>();
+      for (int64_t dt = dt0; dt < dt1; ++dt) {
+        const int64_t d0 = dt * kDT, dn = std::min(kDT, D - d0);
+        const float* xp;
+        int64_t ldx;
+        if (direct) {
+          xp = x.data_ptr<float>() + d0;
+          ldx = x.stride(0);
+        } else {
+          at::Tensor xv = xbuf.narrow(1, 0, dn);
+          xv.copy_(x.narrow(1, d0, dn));
+          xp = xbuf.data_ptr<float>();
+          ldx = kDT;
+        }
+        for (int64_t kt = kt0; kt < kt1; ++kt) {
+          const int64_t r0 = kt * kKT, rn = std::min(kKT, k - r0);
+          gen_tile(static_cast<int>(kind), tab, static_cast<uint64_t>(seed), inv, r0, rn, col0 + d0, dn, rt.data(), dn);
+          // out[:, r0 : r0 + rn] (B x rn, row stride k) += x tile (B x dn) @ R tile (rn x dn)^T
+          at::Tensor ov = at::from_blob(o + r0, {B, rn}, {k, 1}, fopt);
+          at::Tensor xv = at::from_blob(const_cast<float*>(xp), {B, dn}, {ldx, 1}, fopt);
+          at::Tensor rv = at::from_blob(rt.data(), {rn, dn}, {dn, 1}, fopt);
+          ov.addmm_(xv, rv.t());
+        }
+      }
+    }
+  });
+  for (int64_t s = 1; s < dsplit; ++s) out.add_(partial[s]);
+  return out;
+}
+
+}  // namespace
+}  // namespace projection
+}  // namespace gradkit
+
+TORCH_LIBRARY_IMPL(gradkit, CPU, m) {
+  using namespace gradkit::projection;
+  m.impl("projection_matrix_", &projection_matrix_cpu);
+  m.impl("project_flat", &project_flat_cpu);
+}

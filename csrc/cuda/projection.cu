@@ -1,0 +1,231 @@
+// CUDA kernels for the projection family: counter-based projection matrices generated inside the
+// matrix-product tiles (never stored in global memory). Semantics, entry for entry:
+// python/gradkit/kernels/reference/projection.py (the same splitmix64 words as the CPU kernel:
+// Rademacher bit-identical, Gaussian Box-Muller in float64 rounded to fp32).
+//
+// project_flat: grid (k tiles of kBK, B tiles of kBB, D splits). A block of kThreads = 256 keeps a
+// kBB x kBK fp32 accumulator (4 x 4 per thread) and walks its share of the D tiles of kBD = 64
+// columns; tiles start on multiples of 64 of the GLOBAL column index, so each row of the R tile
+// is exactly one 64-bit word: threads 0..kBK-1 hash one word each into shared memory, then every
+// thread expands bits into the shared fp32 tile (Gaussian: one Box-Muller pair per entry pair).
+// x is loaded (any float dtype -> fp32, masked to [col0, col0 + D)) into shared memory, and the
+// tile product runs as register-blocked fp32 FMAs. D splits write partial sums to a
+// (split, B, k) buffer reduced afterwards in a fixed order (deterministic).
+//
+// projection_matrix_: one thread per entry pair of columns (grid-stride), fp32 values cast to
+// out's dtype.
+//
+// Headers and conventions as in the other csrc/cuda files: only c10/cuda/* (no
+// ATen/cuda/CUDAContext.h), a CUDAGuard, launches on the current stream, int64 offsets.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "common.cuh"
+
+namespace gradkit {
+namespace projection {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kBB = 64;  // batch rows per block
+constexpr int kBK = 64;  // output features (rows of R) per block
+constexpr int kBD = 64;  // columns per tile: one 64-bit word per row of R
+
+constexpr uint64_t kMixA = 0xBF58476D1CE4E5B9ull;
+constexpr uint64_t kMixB = 0x94D049BB133111EBull;
+constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
+constexpr uint64_t kRowC = 0x632BE59BD9B4E019ull;
+
+__host__ __device__ __forceinline__ uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * kMixA;
+  z = (z ^ (z >> 27)) * kMixB;
+  return z ^ (z >> 31);
+}
+__host__ __device__ __forceinline__ uint64_t row_key(uint64_t seed, uint64_t row) {
+  return mix64(seed ^ mix64(row + kRowC));
+}
+__host__ __device__ __forceinline__ uint64_t word_hash(uint64_t rk, uint64_t w) { return mix64(rk + (w + 1) * kGolden); }
+
+// Box-Muller entry (cos for even col, sin for odd) in float64, correctly rounded intrinsics only
+// for the conversions; log/sqrt/sin/cos are CUDA's float64 ones (<= 1-2 ulp of float64), so the
+// fp32 result is within 1 ulp of every other backend's. __dmul_rn / __dadd_rn: no FMA contraction.
+__device__ __forceinline__ float gauss_entry(uint64_t h, bool odd, double inv) {
+  const double u1 = __dmul_rn(__dadd_rn(static_cast<double>(h >> 32), 0.5), 2.3283064365386963e-10);
+  const double u2 = __dmul_rn(static_cast<double>(h & 0xffffffffull), 2.3283064365386963e-10);
+  const double r = sqrt(__dmul_rn(-2.0, log(u1)));
+  const double t = __dmul_rn(6.283185307179586, u2);
+  const double z = __dmul_rn(r, odd ? sin(t) : cos(t));
+  return __double2float_rn(__dmul_rn(z, inv));
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) project_flat_kernel(const scalar_t* __restrict__ x, float* __restrict__ part,
+                                                                int64_t B, int64_t D, int64_t K, int64_t sxb, int64_t sxd,
+                                                                uint64_t seed, int64_t col0, int64_t ntiles, int64_t per,
+                                                                int kind, double inv) {
+  __shared__ float xs[kBD][kBB + 1];  // x tile, transposed: xs[d][b]
+  __shared__ float rs[kBD][kBK + 1];  // R tile, transposed: rs[d][r]
+  __shared__ uint64_t words[kBK];
+  __shared__ uint64_t rkeys[kBK];
+  const int tid = threadIdx.x;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBK;
+  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * kBB;
+  const int64_t base = col0 - (col0 & 63);
+  if (tid < kBK) rkeys[tid] = row_key(seed, static_cast<uint64_t>(r0 + tid));
+  const float s = static_cast<float>(inv);
+  // thread (ty, tx) owns outputs b = ty + 16 i, r = tx + 16 j (i, j < 4)
+  const int tx = tid & 15, ty = tid >> 4;
+  float acc[4][4] = {};
+  const int64_t t0 = static_cast<int64_t>(blockIdx.z) * per;
+  const int64_t t1 = std::min<int64_t>(t0 + per, ntiles);
+  __syncthreads();
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t c0 = base + t * kBD;  // global column of the tile's first column (multiple of 64)
+    if (kind == 0 && tid < kBK) words[tid] = word_hash(rkeys[tid], static_cast<uint64_t>(c0) >> 6);
+    // x tile: element e = (b, d), coalesced along d
+    for (int e = tid; e < kBB * kBD; e += kThreads) {
+      const int b = e / kBD, d = e % kBD;
+      const int64_t gd = c0 + d - col0;
+      float v = 0.f;
+      if (b0 + b < B && gd >= 0 && gd < D) v = static_cast<float>(x[(b0 + b) * sxb + gd * sxd]);
+      xs[d][b] = v;
+    }
+    __syncthreads();
+    for (int e = tid; e < kBK * kBD; e += kThreads) {
+      const int r = e / kBD, d = e % kBD;
+      float v;
+      if (kind == 0) {
+        v = ((words[r] >> d) & 1ull) ? s : -s;
+      } else {
+        const uint64_t c = static_cast<uint64_t>(c0 + d);
+        v = gauss_entry(word_hash(rkeys[r], c >> 1), (c & 1ull) != 0, inv);
+      }
+      rs[d][r] = v;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int d = 0; d < kBD; ++d) {
+      float xa[4], ra[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) xa[i] = xs[d][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) ra[j] = rs[d][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(xa[i], ra[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+  float* out = part + static_cast<int64_t>(blockIdx.z) * B * K;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t b = b0 + ty + 16 * i;
+    if (b >= B) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t r = r0 + tx + 16 * j;
+      if (r < K) out[b * K + r] = acc[i][j];
+    }
+  }
+}
+
+template <typename out_t>
+__global__ void matrix_kernel(out_t* __restrict__ out, int64_t rows, int64_t cols, int64_t so_r, int64_t so_c,
+                              uint64_t seed, int64_t row0, int64_t col0, int kind, double inv) {
+  const int64_t n = rows * cols;
+  const float s = static_cast<float>(inv);
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = e / cols, c = e % cols;
+    const uint64_t rk = row_key(seed, static_cast<uint64_t>(row0 + r));
+    const uint64_t gc = static_cast<uint64_t>(col0 + c);
+    float v;
+    if (kind == 0) {
+      v = ((word_hash(rk, gc >> 6) >> (gc & 63)) & 1ull) ? s : -s;
+    } else {
+      v = gauss_entry(word_hash(rk, gc >> 1), (gc & 1ull) != 0, inv);
+    }
+    out[r * so_r + c * so_c] = static_cast<out_t>(v);
+  }
+}
+
+void check_common(int64_t k, int64_t seed, int64_t kind) {
+  TORCH_CHECK_VALUE(k > 0, "k: must be positive, got ", k);
+  TORCH_CHECK_VALUE(seed >= 0, "seed: must be a non-negative 63-bit integer, got ", seed);
+  TORCH_CHECK_VALUE(kind == 0 || kind == 1, "kind: expected 0 (rademacher) or 1 (gaussian), got ", kind);
+}
+
+void projection_matrix_cuda(const at::Tensor& out, int64_t seed, int64_t kind, int64_t k, int64_t row0, int64_t col0) {
+  check_common(k, seed, kind);
+  TORCH_CHECK_VALUE(out.dim() == 2, "out: expected a 2-D tensor (rows, cols), got shape ", out.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(out.scalar_type()), "out: expected a floating dtype, got ", out.scalar_type());
+  TORCH_CHECK_VALUE(row0 >= 0, "row0: must be non-negative, got ", row0);
+  TORCH_CHECK_VALUE(col0 >= 0, "col0: must be non-negative, got ", col0);
+  const int64_t rows = out.size(0), cols = out.size(1);
+  if (rows == 0 || cols == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  const double inv = 1.0 / std::sqrt(static_cast<double>(k));
+  const int dev = out.device().index();
+  const int64_t blocks = std::min<int64_t>((rows * cols + kThreads - 1) / kThreads, 8LL * cuda::sm_count(dev));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "projection_matrix_cuda", [&] {
+    matrix_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        out.data_ptr<scalar_t>(), rows, cols, out.stride(0), out.stride(1), static_cast<uint64_t>(seed), row0, col0,
+        static_cast<int>(kind), inv);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor project_flat_cuda(const at::Tensor& x, int64_t k, int64_t seed, int64_t kind, int64_t col0) {
+  check_common(k, seed, kind);
+  TORCH_CHECK_VALUE(col0 >= 0, "col0: must be non-negative, got ", col0);
+  TORCH_CHECK_VALUE(x.dim() == 2, "x: expected a 2-D tensor (B, D), got shape ", x.sizes());
+  const auto st = x.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
+                   "x: expected float32/float16/bfloat16/float64, got ", st);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), D = x.size(1);
+  at::Tensor out = at::zeros({B, k}, x.options().dtype(at::kFloat));
+  if (B == 0 || D == 0) return out;
+  const int64_t base = col0 - (col0 & 63);
+  const int64_t ntiles = (col0 + D - base + kBD - 1) / kBD;
+  const int64_t gk = (k + kBK - 1) / kBK, gb = (B + kBB - 1) / kBB;
+  TORCH_CHECK_VALUE(gk <= 2147483647LL && gb <= 65535, "x: batch too large for one launch (B = ", B, ")");
+  const int dev = x.device().index();
+  const int64_t target = 4LL * cuda::sm_count(dev);
+  int64_t split = std::max<int64_t>(1, std::min<int64_t>(ntiles, target / std::max<int64_t>(1, gk * gb)));
+  split = std::min<int64_t>(split, 65535);
+  const int64_t per = (ntiles + split - 1) / split;
+  split = (ntiles + per - 1) / per;
+  at::Tensor part = split == 1 ? out : at::empty({split, B, k}, out.options());
+  const double inv = 1.0 / std::sqrt(static_cast<double>(k));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>(gk), static_cast<unsigned>(gb), static_cast<unsigned>(split));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "project_flat_cuda", [&] {
+    project_flat_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), part.data_ptr<float>(), B, D, k,
+                                                                 x.stride(0), x.stride(1), static_cast<uint64_t>(seed),
+                                                                 col0, ntiles, per, static_cast<int>(kind), inv);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (split > 1) at::sum_out(out, part, {0});
+  return out;
+}
+
+}  // namespace
+}  // namespace projection
+}  // namespace gradkit
+
+TORCH_LIBRARY_IMPL(gradkit, CUDA, m) {
+  using namespace gradkit::projection;
+  m.impl("projection_matrix_", &projection_matrix_cuda);
+  m.impl("project_flat", &project_flat_cuda);
+}

@@ -1,0 +1,491 @@
+"""Projected per-example gradients of a model's Linear (and Hugging Face ``Conv1D``) layers.
+
+:class:`GradientCollector` hooks the chosen modules and, from ONE backward pass over a batch,
+returns for every example ``b`` and module the ``p x p`` factored random projection
+
+    L G_b R^T,    G_b = sum_t g_bt a_bt^T   (O x I)
+
+of that example's weight gradient, where ``a_bt`` is the module input at position ``t`` and
+``g_bt`` the gradient of the loss with respect to the module output there
+(:func:`gradkit.projection.factored_project` does the work; ``G_b`` is never formed). It is
+re-exported as ``gradkit.projection.GradientCollector``.
+
+Usage::
+
+    from gradkit.projection import GradientCollector
+    from gradkit.index import GradientIndex
+
+    with GradientCollector(model, modules=["transformer.h.*"], p=16) as col:
+        with GradientIndex.create(path, col.module_dims, projection=col.projection_config) as index:
+            for batch in batches:
+                col.set_mask(batch["attention_mask"])          # optional padding mask
+                losses = per_example_loss(model(**batch), batch)  # (B,)
+                col.backward(losses.sum())   # or losses.sum().backward()
+                index.append(col.collect())  # {name: (B, p*p)}
+
+or, equivalently, ``for grads in col.per_example_grads(batches, loss_fn): ...``.
+
+Per-example correctness. The projected gradients are per-example gradients only when the
+batch loss is a SUM of per-example losses and examples do not interact in the forward pass
+(no BatchNorm, no in-batch negatives). With a loss averaged over the batch every row comes out
+scaled by ``1/B``: use ``reduction="sum"`` over examples, or pass ``collect(scale=B)`` to undo
+it. Averaging over the tokens *of one example* is part of that example's loss and needs nothing.
+Padding: set a ``(B, T)`` mask (``set_mask`` / :meth:`batch` / the ``attention_mask`` of a batch
+dict in :meth:`per_example_grads`) before the forward pass; positions where it is 0 contribute
+nothing (per-token rows there are 0).
+
+Memory. The forward hook keeps a reference to each hooked module's input (the same storage
+autograd already saves for the weight gradient, so no copy) only until that module's output
+gradient arrives; it is projected and released there and then. :meth:`backward` asks autograd
+for the gradients of the hooked module OUTPUTS only, so no ``.grad`` is accumulated and weight
+gradients are not computed at all; a plain ``loss.backward()`` works too (it also fills ``.grad``).
+A forward pass run with grad enabled while attached but never backpropagated keeps its graph
+(and the hooked inputs) alive until :meth:`collect`, :meth:`reset` or leaving the ``with`` block:
+run evaluation under ``torch.no_grad()`` (the hooks ignore it) or outside the collector.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import functools
+import math
+from collections import OrderedDict
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["GradientCollector", "COLLECTOR_VERSION"]
+
+COLLECTOR_VERSION = 1
+"""Bumped whenever the meaning of the collected vectors changes (layout, scaling, seeding)."""
+
+ModuleSelector = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
+
+
+def _projection():
+    # Imported lazily: gradkit.projection re-exports GradientCollector from this module.
+    from gradkit import projection
+
+    return projection
+
+
+def _module_kind(module: nn.Module) -> Optional[str]:
+    """``"linear"`` for nn.Linear, ``"conv1d"`` for transformers' GPT-2 ``Conv1D``, else None.
+
+    Conv1D is recognised by class (looked up only when transformers is already imported, so
+    gradkit never imports it), falling back to its qualified name.
+    """
+    if isinstance(module, nn.Linear):
+        return "linear"
+    import sys
+
+    pu = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(pu, "Conv1D", None) if pu is not None else None
+    if conv1d is not None and isinstance(module, conv1d):
+        return "conv1d"
+    cls = type(module)
+    if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers."):
+        return "conv1d"
+    return None
+
+
+def _shape(module: nn.Module, kind: str) -> Tuple[int, int]:
+    """(O, I) of the gradient in nn.Linear layout (Conv1D stores its weight as (I, O))."""
+    w = module.weight
+    if w.dim() != 2:
+        raise TypeError(f"modules: {type(module).__name__} has a {w.dim()}-D weight, expected 2-D")
+    if kind == "linear":
+        return int(w.shape[0]), int(w.shape[1])
+    return int(w.shape[1]), int(w.shape[0])
+
+
+class _Call:
+    """State of one forward call of a hooked module, waiting for its output gradient."""
+
+    __slots__ = ("a", "gen", "mask", "mask_all")
+
+    def __init__(self, a: Tensor, mask: Optional[Tensor], mask_all: bool, gen: int) -> None:
+        self.a: Optional[Tensor] = a
+        self.mask = mask
+        self.mask_all = mask_all
+        self.gen = gen
+
+
+class GradientCollector:
+    """Hooks Linear / Conv1D modules and returns projected per-example gradients per batch.
+
+    Args:
+        model: the ``nn.Module`` to hook (left unchanged apart from the hooks while attached).
+        modules: which modules to hook. ``None``: every ``nn.Linear`` and Hugging Face
+            ``transformers.pytorch_utils.Conv1D``. A string or a list of :mod:`fnmatch` name
+            patterns (``"transformer.h.*.mlp.*"``, ``"lm_head"``): the Linear/Conv1D modules whose
+            names match any of them; every pattern must match some module, and a pattern
+            without wildcards must name a Linear/Conv1D. A callable ``(name, module) -> bool``:
+            the modules it accepts, each of which must be a Linear/Conv1D.
+        p: projection size per side; each module gives ``p * p`` numbers per example (or token).
+        seed: user seed; each module's left/right matrices derive from (seed, module name, side),
+            so adding or removing a module does not change the others' projections.
+        kind: ``"rademacher"`` or ``"gaussian"`` projection entries.
+        bias: append the bias gradient as an extra input column (modules that have a bias).
+        per_token: one vector per position, ``(B, T, p*p)``, instead of summing over positions.
+        normalizers: ``{module name: normalizer}`` (``gradkit.projection.AdafactorNormalizer``
+            / ``AdamNormalizer``) applied to that module's gradient before projection.
+        dtype: dtype of the returned vectors (``factored_project`` computes in fp32).
+
+    Attributes:
+        module_dims: ``OrderedDict`` name -> ``p * p`` in model order (pass to
+            ``GradientIndex.create``).
+        module_shapes: ``OrderedDict`` name -> ``(O, I)`` of the weight gradient (Linear layout;
+            for Conv1D the gradient of ``W^T``).
+        projection_config: JSON-able dict describing the projection (pass as ``projection=``).
+    """
+
+    def __init__(self, model: nn.Module, modules: ModuleSelector = None, p: int = 16, seed: int = 0,
+                 kind: str = "rademacher", bias: bool = False, per_token: bool = False,
+                 normalizers: Optional[Mapping[str, object]] = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        if isinstance(p, bool) or not isinstance(p, int) or p <= 0:
+            raise ValueError(f"p: expected a positive int, got {p!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+        if kind not in ("rademacher", "gaussian"):
+            raise ValueError(f"kind: expected 'rademacher' or 'gaussian', got {kind!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+        self.model = model
+        self.p = p
+        self.seed = seed
+        self.kind = kind
+        self.bias = bool(bias)
+        self.per_token = bool(per_token)
+        self.dtype = dtype
+
+        selected = self._select(model, modules)
+        self.module_shapes: "OrderedDict[str, Tuple[int, int]]" = OrderedDict()
+        self._bias_of: Dict[str, bool] = {}
+        self._modules: "OrderedDict[str, nn.Module]" = OrderedDict()
+        for name, mod, kind_ in selected:
+            self.module_shapes[name] = _shape(mod, kind_)
+            self._bias_of[name] = self.bias and getattr(mod, "bias", None) is not None
+            self._modules[name] = mod
+        self.module_dims: "OrderedDict[str, int]" = OrderedDict((n, p * p) for n in self._modules)
+
+        normalizers = dict(normalizers or {})
+        unknown = sorted(set(normalizers) - set(self._modules))
+        if unknown:
+            raise ValueError(f"normalizers: names {unknown} are not among the hooked modules "
+                             f"{list(self._modules)}")
+        self.normalizers = normalizers
+
+        self._handles: list = []
+        self._gen = 0  # bumped on detach/reset: hooks of older forwards become no-ops
+        self._mask: Optional[Tensor] = None
+        self._mask_all = False
+        self._grads: Dict[str, Tensor] = {}
+        self._forward_shapes: Dict[str, Tuple[int, ...]] = {}
+        self._edges: Dict[int, object] = {}  # id(call) -> autograd edge of its output, until its gradient arrives
+
+    # ------------------------------------------------------------------ selection
+    @staticmethod
+    def _select(model: nn.Module, modules: ModuleSelector) -> List[Tuple[str, nn.Module, str]]:
+        named = [(n, m) for n, m in model.named_modules() if n]
+        out: List[Tuple[str, nn.Module, str]] = []
+        if modules is None:
+            out = [(n, m, k) for n, m in named if (k := _module_kind(m)) is not None]
+            if not out:
+                raise ValueError("modules: the model has no nn.Linear or transformers Conv1D module to hook")
+            return out
+        if callable(modules) and not isinstance(modules, str):
+            for n, m in named:
+                if modules(n, m):
+                    k = _module_kind(m)
+                    if k is None:
+                        raise TypeError(f"modules: selected module {n!r} is a {type(m).__name__}; only "
+                                        "nn.Linear and transformers Conv1D are supported")
+                    out.append((n, m, k))
+            if not out:
+                raise ValueError("modules: the callable selected no module")
+            return out
+        pats = [modules] if isinstance(modules, str) else list(modules)
+        if not pats or not all(isinstance(x, str) and x for x in pats):
+            raise ValueError(f"modules: expected None, a callable, or non-empty name patterns, got {modules!r}")
+        names = [n for n, _ in named]
+        for pat in pats:
+            hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+            if not hits:
+                raise ValueError(f"modules: pattern {pat!r} matches no module of the model")
+            if not any(c in pat for c in "*?["):
+                m = dict(named)[pat]
+                if _module_kind(m) is None:
+                    raise TypeError(f"modules: {pat!r} is a {type(m).__name__}; only nn.Linear and "
+                                    "transformers Conv1D are supported")
+        for n, m in named:
+            if any(fnmatch.fnmatchcase(n, pat) for pat in pats) and (k := _module_kind(m)) is not None:
+                out.append((n, m, k))
+        if not out:
+            raise ValueError(f"modules: patterns {pats} match no nn.Linear / Conv1D module")
+        return out
+
+    # ------------------------------------------------------------------ config
+    @property
+    def projection_config(self) -> Dict[str, object]:
+        """JSON-able description of the projection; an index built from these vectors must match it."""
+        try:
+            gen_version = int(getattr(_projection(), "PROJECTION_VERSION", 1))
+        except ImportError:  # pragma: no cover - the projection module is part of the package
+            gen_version = 1
+        return {
+            "method": "factored",
+            "version": COLLECTOR_VERSION,
+            "generator_version": gen_version,
+            "p": self.p,
+            "seed": self.seed,
+            "kind": self.kind,
+            "bias": self.bias,
+            "per_token": self.per_token,
+            "modules": dict(self.module_dims),
+            "shapes": {n: list(s) for n, s in self.module_shapes.items()},
+            "bias_modules": [n for n in self._modules if self._bias_of[n]],
+            "normalizers": {n: type(v).__name__ for n, v in sorted(self.normalizers.items())},
+        }
+
+    @property
+    def dim(self) -> int:
+        """Total width D of :meth:`flatten` (sum of module_dims)."""
+        return sum(self.module_dims.values())
+
+    # ------------------------------------------------------------------ hooks
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> "GradientCollector":
+        """Register the forward hooks (idempotent)."""
+        if not self._handles:
+            for name, mod in self._modules.items():
+                self._handles.append(mod.register_forward_hook(
+                    functools.partial(self._forward_hook, name), with_kwargs=True))
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook and drop all collected state (pending activations included)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.reset()
+
+    def __enter__(self) -> "GradientCollector":
+        return self.attach()
+
+    def __exit__(self, *exc) -> bool:
+        self.detach()
+        return False
+
+    def reset(self) -> None:
+        """Forget the current batch: collected gradients, pending activations, mask."""
+        self._gen += 1
+        self._grads.clear()
+        self._forward_shapes.clear()
+        self._edges.clear()
+        self._mask, self._mask_all = None, False
+
+    def set_mask(self, mask: Optional[Tensor]) -> None:
+        """Padding mask ``(B, T)`` (0/1 or bool) for the NEXT forward pass; ``None`` clears it."""
+        if mask is not None:
+            if not isinstance(mask, Tensor) or mask.dim() != 2:
+                raise ValueError(f"mask: expected a (B, T) tensor, got "
+                                 f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+            if mask.dtype != torch.bool:
+                if mask.is_floating_point() or mask.is_complex():
+                    if not bool(((mask == 0) | (mask == 1)).all()):
+                        raise ValueError("mask: expected 0/1 values")
+                mask = mask != 0
+        self._mask = mask
+        self._mask_all = mask is not None and bool(mask.all())  # once per batch, not per module
+
+    @contextlib.contextmanager
+    def batch(self, mask: Optional[Tensor] = None) -> Iterator["GradientCollector"]:
+        """``with col.batch(mask): forward; backward`` -- sets the mask, clears it afterwards."""
+        self.set_mask(mask)
+        try:
+            yield self
+        finally:
+            self._mask, self._mask_all = None, False
+
+    def _forward_hook(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
+            return
+        if name in self._grads:
+            raise RuntimeError(f"GradientCollector: module {name!r} ran forward again after its gradient "
+                               "was collected; call collect() (or reset()) after each backward pass")
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"GradientCollector: cannot find the input tensor of module {name!r}")
+        if x.dim() < 2:
+            raise ValueError(f"GradientCollector: module {name!r} got an unbatched input of shape "
+                             f"{tuple(x.shape)}; expected (B, ..., I)")
+        call = _Call(x.detach(), self._mask, self._mask_all, self._gen)
+        output.register_hook(functools.partial(self._grad_hook, name, call))
+        self._edges[id(call)] = torch.autograd.graph.get_gradient_edge(output)
+        shape = (int(x.shape[0]),) + ((int(math.prod(x.shape[1:-1])),) if x.dim() > 2 else (1,))
+        prev = self._forward_shapes.get(name)
+        if prev is not None and prev != shape and (self.per_token or prev[0] != shape[0]):
+            raise RuntimeError(f"GradientCollector: module {name!r} was called with inputs of shapes "
+                               f"(B, T) = {prev} and {shape} in one batch")
+        self._forward_shapes[name] = shape
+
+    def _grad_hook(self, name: str, call: _Call, grad: Tensor) -> None:
+        a = call.a
+        self._edges.pop(id(call), None)
+        if a is None or call.gen != self._gen:
+            call.a = None
+            return None
+        call.a = None  # release the activation as soon as it is used
+        out = self._project(name, a, grad, call.mask, call.mask_all)
+        acc = self._grads.get(name)
+        self._grads[name] = out if acc is None else acc.add_(out)
+        return None
+
+    def _project(self, name: str, a: Tensor, g: Tensor, mask: Optional[Tensor], mask_all: bool = False) -> Tensor:
+        b, i, o = a.shape[0], a.shape[-1], g.shape[-1]
+        a3 = a.reshape(b, -1, i)
+        g3 = g.reshape(b, -1, o)
+        t = a3.shape[1]
+        if mask is not None:
+            if a.dim() == 2:
+                mask = None  # no token axis in this module's input: nothing is padding
+            elif tuple(mask.shape) != (b, t):
+                raise ValueError(f"mask: shape {tuple(mask.shape)} does not match module {name!r}'s "
+                                 f"(batch, tokens) = {(b, t)}")
+            elif mask_all:
+                mask = None  # nothing to exclude: skip the masking copies
+            else:
+                mask = mask.to(a.device)
+        out = _projection().factored_project(
+            a3, g3, self.p, seed=self.seed, name=name, kind=self.kind, mask=mask,
+            bias=self._bias_of[name], per_token=self.per_token, normalizer=self.normalizers.get(name))
+        return out.to(self.dtype)
+
+    # ------------------------------------------------------------------ driving
+    def backward(self, loss: Tensor, retain_graph: bool = False) -> None:
+        """Backpropagate ``loss`` (summed if not a scalar) to the hooked module outputs only.
+
+        No ``.grad`` is written and weight gradients are not computed; the hooks project the
+        output gradients as they arrive. Use ``loss.backward()`` instead if you also want ``.grad``.
+        """
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"loss: expected a tensor, got {type(loss).__name__}")
+        if not loss.requires_grad:
+            raise ValueError("loss: does not require grad (was the forward pass run under no_grad?)")
+        if not self._edges:
+            raise RuntimeError("GradientCollector.backward: no hooked module ran forward with grad enabled "
+                               "since the last collect(); is the collector attached (`with col:`)?")
+        if loss.dim():
+            loss = loss.sum()
+        torch.autograd.grad(loss, list(self._edges.values()), retain_graph=retain_graph, allow_unused=True)
+
+    def collect(self, flat: bool = False, scale: Optional[float] = None,
+                missing: str = "zeros") -> Union[Dict[str, Tensor], Tensor]:
+        """The projected per-example gradients of the last batch, and reset for the next one.
+
+        Returns ``{name: (B, p*p)}`` (``(B, T, p*p)`` with ``per_token``) in model order, or with
+        ``flat=True`` the ``(B, D)`` (``(B, T, D)``) concatenation in that order. ``scale``
+        multiplies every vector (``scale=B`` undoes a batch-mean loss). A module that ran forward
+        but got no gradient (its output did not reach the loss) or did not run at all has a zero
+        gradient: zeros with ``missing="zeros"``, an error with ``missing="error"``.
+        """
+        if missing not in ("zeros", "error"):
+            raise ValueError(f"missing: expected 'zeros' or 'error', got {missing!r}")
+        if not self._grads:
+            ran = bool(self._forward_shapes)
+            self.reset()
+            raise RuntimeError("GradientCollector.collect: no gradients were collected; "
+                               + ("run loss.backward() or col.backward(loss) after the forward pass"
+                                  if ran else "no hooked module ran forward while the collector was "
+                                  "attached (use `with col:` around the forward and backward passes)"))
+        any_out = next(iter(self._grads.values()))
+        out: "OrderedDict[str, Tensor]" = OrderedDict()
+        absent = []
+        for name in self._modules:
+            v = self._grads.get(name)
+            if v is None:
+                absent.append(name)
+                shape = self._forward_shapes.get(name)
+                if self.per_token:
+                    lead = shape if shape is not None else tuple(any_out.shape[:2])
+                else:
+                    lead = (shape[0] if shape is not None else any_out.shape[0],)
+                v = any_out.new_zeros(*lead, self.p * self.p)
+            out[name] = v
+        if absent and missing == "error":
+            self.reset()
+            raise RuntimeError(f"GradientCollector.collect: no gradient reached modules {absent}")
+        self.reset()
+        if scale is not None:
+            for name in out:
+                out[name].mul_(scale)
+        return self.flatten(out) if flat else out
+
+    def flatten(self, grads: Mapping[str, Tensor]) -> Tensor:
+        """Concatenate ``{name: (B, [T,] p*p)}`` along the last axis in module order -> ``(B, [T,] D)``."""
+        missing = [n for n in self._modules if n not in grads]
+        if missing:
+            raise ValueError(f"grads: missing modules {missing}")
+        parts = [grads[n] for n in self._modules]
+        lead = {tuple(x.shape[:-1]) for x in parts}
+        if len(lead) != 1:
+            raise ValueError(f"grads: modules have different leading shapes {sorted(lead)}; cannot flatten")
+        return torch.cat(parts, dim=-1)
+
+    def split(self, flat: Tensor) -> "OrderedDict[str, Tensor]":
+        """Inverse of :meth:`flatten`: ``(..., D)`` -> ``{name: (..., p*p)}`` views."""
+        if not isinstance(flat, Tensor) or flat.shape[-1] != self.dim:
+            raise ValueError(f"flat: expected last dimension {self.dim}, got "
+                             f"{tuple(flat.shape) if isinstance(flat, Tensor) else type(flat).__name__}")
+        return OrderedDict(zip(self._modules, flat.split(list(self.module_dims.values()), dim=-1)))
+
+    @staticmethod
+    def pack_tokens(x: Tensor, mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Per-token output ``(B, T, D)`` -> ``(rows (N, D), num_tokens (B,))`` keeping the positions
+        where ``mask`` (B, T) is set (all if None), example by example -- the form a per-token
+        ``GradientIndex.append(rows, num_tokens)`` takes."""
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            raise ValueError(f"x: expected a (B, T, D) per-token tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        if mask is None:
+            return x.reshape(-1, x.shape[-1]), torch.full((x.shape[0],), x.shape[1], dtype=torch.int64)
+        if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"mask: expected shape {tuple(x.shape[:2])}, got "
+                             f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+        keep = (mask != 0).to(x.device)
+        return x[keep], keep.sum(1).to(torch.int64).cpu()
+
+    def per_example_grads(self, batches: Iterable, loss_fn: Callable[[nn.Module, object], Tensor],
+                          mask_key: Optional[str] = "attention_mask", flat: bool = False,
+                          scale: Optional[float] = None) -> Iterator[Union[Dict[str, Tensor], Tensor]]:
+        """For each batch: ``loss_fn(model, batch)`` (per-example losses ``(B,)`` or their sum),
+        :meth:`backward`, :meth:`collect`; yields the result. When a batch is a mapping holding
+        ``mask_key``, that is used as the padding mask. Hooks are attached for the duration if
+        they were not already.
+        """
+        owned = not self.attached
+        self.attach()
+        try:
+            for batch in batches:
+                mask = batch.get(mask_key) if (mask_key and isinstance(batch, Mapping)) else None
+                with self.batch(mask):
+                    loss = loss_fn(self.model, batch)
+                    self.backward(loss)
+                yield self.collect(flat=flat, scale=scale)
+        finally:
+            if owned:
+                self.detach()
+            else:
+                self.reset()
+
+    def __repr__(self) -> str:
+        return (f"GradientCollector({len(self._modules)} modules, p={self.p}, seed={self.seed}, kind={self.kind!r}, "
+                f"bias={self.bias}, per_token={self.per_token}, D={self.dim}, attached={self.attached})")

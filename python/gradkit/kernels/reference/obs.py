@@ -1,0 +1,141 @@
+"""Plain-PyTorch float64 oracles for OBS pruning: the Schur-downdate recursion run literally.
+
+``true_obs_reference`` keeps a full K x K inverse per row and applies, batch after batch,
+``w <- w - C[:, P] C[P, P]^-1 w_P`` and ``C <- C - C[:, P] C[P, P]^-1 C[P, :]`` exactly as
+the method is defined; the fast path (``gradkit.obs.structured``) must agree with it.
+"""
+from __future__ import annotations
+
+from itertools import combinations
+
+import torch
+from torch import Tensor
+
+SCORE_EPS = 1e-8
+BLOCK_EPS = 1e-4
+
+
+def obs_update(w: Tensor, C: Tensor, P: Tensor):
+    """One OBS step on one row: prune positions P with compensation; returns (w', C')."""
+    if P.numel() == 0:
+        return w, C
+    Cpp = C[P][:, P]
+    L = torch.linalg.cholesky(Cpp)
+    y = torch.cholesky_solve(w[P].unsqueeze(1), L).squeeze(1)
+    w = w - C[:, P] @ y
+    w[P] = 0
+    C = C - C[:, P] @ torch.cholesky_solve(C[P, :], L)
+    return w, C
+
+
+def true_obs_reference(W: Tensor, C: Tensor, group_rows: Tensor, t_col: Tensor, t_lrow: Tensor, ng: int,
+                       num_prune: int, scoring: str, coupled: bool) -> Tensor:
+    """W (M, K); C (K, K); group_rows (G, R) weight rows of each row group; t_col / t_lrow
+    (Q, gs, bk) the columns / local rows of each scope slot in processing order. Returns W' (float64)."""
+    W = W.double().clone()
+    C = C.double()
+    pruned = torch.zeros(W.shape, dtype=torch.bool)
+    Q, gs, bk = t_col.shape
+    for grp in group_rows.tolist():
+        Cs = {r: C.clone() for r in grp}
+        for q0 in range(0, Q, ng):
+            chosen = []  # (slot, pruned block ids)
+            for q in range(q0, min(Q, q0 + ng)):
+                costs = []
+                for b in range(gs):
+                    r = grp[int(t_lrow[q, b, 0])]
+                    cols = t_col[q, b]
+                    w = W[r, cols]
+                    Cr = Cs[r]
+                    if coupled:
+                        Cb = Cr[cols][:, cols] + BLOCK_EPS * torch.eye(bk, dtype=torch.float64)
+                        costs.append(float(w @ torch.linalg.solve(Cb, w)))
+                    else:
+                        costs.append(float((w * w / (torch.diagonal(Cr)[cols] + SCORE_EPS)).sum()))
+                if scoring == "joint":
+                    r = grp[int(t_lrow[q, 0, 0])]
+                    best, best_c = None, None
+                    for sub in combinations(range(gs), num_prune):
+                        cols = t_col[q, list(sub)].reshape(-1)
+                        w = W[r, cols]
+                        Cpp = Cs[r][cols][:, cols]
+                        if cols.numel() <= 2:
+                            c = float(w @ torch.linalg.solve(Cpp + SCORE_EPS * (cols.numel() == 1), w)) \
+                                if cols.numel() == 1 else _closed2(w, Cpp)
+                        else:
+                            c = float(w @ torch.linalg.solve(Cpp + SCORE_EPS * torch.eye(cols.numel(),
+                                                                                           dtype=torch.float64), w))
+                        if best_c is None or c < best_c:
+                            best, best_c = sub, c
+                    chosen.append((q, list(best)))
+                else:
+                    order = sorted(range(gs), key=lambda b: (costs[b], b))
+                    chosen.append((q, order[:num_prune]))
+            for lr, r in enumerate(grp):
+                cols = [int(c) for q, blks in chosen for b in blks if int(t_lrow[q, b, 0]) == lr
+                        for c in t_col[q, b].tolist()]
+                P = torch.tensor(sorted(cols), dtype=torch.long)
+                W[r], Cs[r] = obs_update(W[r], Cs[r], P)
+                pruned[r, P] = True
+    return W.masked_fill(pruned, 0.0)  # later steps leave round-off on pruned entries
+
+
+def _closed2(w, Cpp):
+    a, b, d = Cpp[0, 0], Cpp[0, 1], Cpp[1, 1]
+    return float((w[0] * w[0] * d - 2 * w[0] * w[1] * b + w[1] * w[1] * a) / (a * d - b * b + SCORE_EPS))
+
+
+def brute_force_resolve(W: Tensor, H: Tensor, keep: Tensor, damp_value: float) -> Tensor:
+    """Exact least squares on a support, float64: per row, (H + d I)_SS w'_S = ((H + d I) w)_S."""
+    Hd = H.double() + damp_value * torch.eye(H.shape[0], dtype=torch.float64)
+    out = torch.zeros_like(W, dtype=torch.float64)
+    for r in range(W.shape[0]):
+        S = torch.nonzero(keep[r]).squeeze(1)
+        if S.numel():
+            rhs = (Hd @ W[r].double())[S]
+            out[r, S] = torch.linalg.solve(Hd[S][:, S], rhs)
+    return out
+
+
+def shared_obs_reference(W: Tensor, C: Tensor, group_rows: Tensor, t_col: Tensor, t_lrow: Tensor, num_prune: int,
+                         compensate: str) -> Tensor:
+    """``prune`` with one shared inverse (float64, literal): per (row group, slot) the prune subset with the
+    lowest summed OBS cost; ``local``: compensate inside the scope; ``full``: slots in order, each
+    compensating every column with the original C (pruned entries zeroed at the end)."""
+    W = W.double().clone()
+    C = C.double()
+    Q, gs, bk = t_col.shape
+    pruned = torch.zeros(W.shape, dtype=torch.bool)
+    for grp in group_rows.tolist():
+        choice = []
+        for q in range(Q):
+            best, best_c = None, None
+            for sub in combinations(range(gs), num_prune):
+                c = 0.0
+                for lr, r in enumerate(grp):
+                    cols = [int(x) for b in sub if int(t_lrow[q, b, 0]) == lr for x in t_col[q, b].tolist()]
+                    if cols:
+                        P = torch.tensor(cols)
+                        w = W[r, P]
+                        c += float(w @ torch.linalg.solve(C[P][:, P] + SCORE_EPS * torch.eye(len(cols),
+                                                                                            dtype=torch.float64), w))
+                if best_c is None or c < best_c:
+                    best, best_c = sub, c
+            choice.append(best)
+        for q in range(Q):
+            for lr, r in enumerate(grp):
+                P = torch.tensor([int(x) for b in choice[q] if int(t_lrow[q, b, 0]) == lr
+                                  for x in t_col[q, b].tolist()], dtype=torch.long)
+                if P.numel() == 0:
+                    continue
+                Kc = torch.tensor([int(x) for b in range(gs) if b not in choice[q] and int(t_lrow[q, b, 0]) == lr
+                                   for x in t_col[q, b].tolist()], dtype=torch.long)
+                y = torch.linalg.solve(C[P][:, P], W[r, P])
+                if compensate == "local":
+                    if Kc.numel():
+                        W[r, Kc] -= C[Kc][:, P] @ y
+                else:
+                    W[r] -= C[P, :].T @ y
+                W[r, P] = 0.0 if compensate == "local" else W[r, P]
+                pruned[r, P] = True
+    return W.masked_fill(pruned, 0.0)

@@ -1,0 +1,127 @@
+"""Plain-PyTorch reference of the projection family: the definition of every generated entry.
+
+Entry ``(row, col)`` of the projection matrix ``R`` (k x D) is a pure function of
+``(seed, row, col)`` -- never of batch size, tiling, chunking, matrix shape or device:
+
+* ``mix64(z)``: splitmix64's finaliser (a bijection of 64-bit words)::
+
+      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+      z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+      z =  z ^ (z >> 31)                       (all mod 2^64, logical shifts)
+
+* ``rowkey = mix64(seed ^ mix64(row + 0x632BE59BD9B4E019))``;
+  ``word(w) = mix64(rowkey + (w + 1) * 0x9E3779B97F4A7C15)`` (a splitmix64 stream per row).
+* **Rademacher** (``kind`` 0): bit ``col % 64`` of ``word(col // 64)`` set -> ``+s``, else ``-s``,
+  ``s = fp32(1 / sqrt(k))`` (``1 / sqrt(k)`` in float64, correctly rounded, then rounded to fp32).
+  Bit-identical on every backend.
+* **Gaussian** (``kind`` 1): with ``h = word(col // 2)``, in float64:
+  ``u1 = ((h >> 32) + 0.5) * 2^-32`` (in (0, 1)), ``u2 = (h & 0xffffffff) * 2^-32``,
+  ``r = sqrt(-2 log u1)``, ``t = 2 pi u2``; entry = ``fp32(r cos t / sqrt(k))`` for even ``col``,
+  ``fp32(r sin t / sqrt(k))`` for odd (``/ sqrt(k)`` as ``* (1 / sqrt(k))`` in float64). Backends
+  agree within 1 ulp of fp32 (their float64 ``log``/``sin``/``cos`` differ by ~1 ulp of float64).
+
+The scale depends only on ``k`` (the full output dimension), so ``R[row0:row0+rows,
+col0:col0+cols]`` is an exact slice of any larger matrix with the same seed and k.
+
+Ops (positional signatures of the schemas in csrc/ops.cpp):
+
+* ``projection_matrix_(out, seed, kind, k, row0, col0)``: fills ``out`` (rows, cols).
+* ``project_flat(x, k, seed, kind, col0)``: ``x (B, Dc) @ R[:, col0:col0+Dc]^T`` -> (B, k) fp32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+MIX_A = 0xBF58476D1CE4E5B9
+MIX_B = 0x94D049BB133111EB
+GOLDEN = 0x9E3779B97F4A7C15
+ROW_C = 0x632BE59BD9B4E019
+TWO_PI = 6.283185307179586
+INV_2P32 = 2.0 ** -32
+KINDS = {"rademacher": 0, "gaussian": 1}
+
+
+def _s64(c: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    c &= (1 << 64) - 1
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _srl(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finaliser on int64 tensors (two's-complement wraparound = mod 2^64)."""
+    z = (z ^ _srl(z, 30)) * _s64(MIX_A)
+    z = (z ^ _srl(z, 27)) * _s64(MIX_B)
+    return z ^ _srl(z, 31)
+
+
+def row_key(seed: int, rows: torch.Tensor) -> torch.Tensor:
+    return mix64(mix64(rows + _s64(ROW_C)) ^ _s64(seed))
+
+
+def word_hash(rk: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return mix64(rk + (w + 1) * _s64(GOLDEN))
+
+
+def inv_sqrt_k(k: int) -> float:
+    """1 / sqrt(k) in float64 (correctly rounded on every backend)."""
+    return 1.0 / math.sqrt(float(k))
+
+
+def _check(seed: int, kind: int, k: int) -> None:
+    if k <= 0:
+        raise ValueError(f"k: must be positive, got {k}")
+    if not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed: must be a non-negative 63-bit integer, got {seed}")
+    if kind not in (0, 1):
+        raise ValueError(f"kind: expected 0 (rademacher) or 1 (gaussian), got {kind}")
+
+
+def matrix_values(rows: int, cols: int, seed: int, kind: int, k: int, row0: int = 0, col0: int = 0,
+                  device="cpu") -> torch.Tensor:
+    """R[row0:row0+rows, col0:col0+cols] as a new fp32 tensor (the reference generator)."""
+    _check(seed, kind, k)
+    r = torch.arange(row0, row0 + rows, dtype=torch.int64, device=device)[:, None]
+    c = torch.arange(col0, col0 + cols, dtype=torch.int64, device=device)[None, :]
+    rk = row_key(seed, r)
+    inv = inv_sqrt_k(k)
+    if kind == 0:
+        h = word_hash(rk, c >> 6)
+        bit = (h >> (c & 63)) & 1  # arithmetic >>, then & 1: bit (c & 63) of the word
+        s = torch.tensor(inv, dtype=torch.float64).to(torch.float32).item()
+        return torch.where(bit.bool(), s, -s).to(torch.float32)
+    h = word_hash(rk, c >> 1)
+    u1 = (_srl(h, 32).double() + 0.5) * INV_2P32
+    u2 = (h & 0xFFFFFFFF).double() * INV_2P32
+    r_ = torch.sqrt(-2.0 * torch.log(u1))
+    t = TWO_PI * u2
+    z = torch.where((c & 1).bool(), r_ * torch.sin(t), r_ * torch.cos(t))
+    return (z * inv).to(torch.float32)
+
+
+def projection_matrix_(out: torch.Tensor, seed: int, kind: int, k: int, row0: int, col0: int) -> None:
+    if out.dim() != 2:
+        raise ValueError(f"out: expected a 2-D tensor (rows, cols), got shape {tuple(out.shape)}")
+    if not out.dtype.is_floating_point:
+        raise TypeError(f"out: expected a floating dtype, got {out.dtype}")
+    if row0 < 0 or col0 < 0:
+        raise ValueError(f"{'row0' if row0 < 0 else 'col0'}: must be non-negative")
+    vals = matrix_values(out.shape[0], out.shape[1], seed, kind, k, row0, col0, device=out.device)
+    out.copy_(vals)
+
+
+def project_flat(x: torch.Tensor, k: int, seed: int, kind: int, col0: int) -> torch.Tensor:
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D tensor (B, D), got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"x: expected float32/float16/bfloat16/float64, got {x.dtype}")
+    if col0 < 0:
+        raise ValueError(f"col0: must be non-negative, got {col0}")
+    R = matrix_values(k, x.shape[1], seed, kind, k, 0, col0, device=x.device)
+    return x.double().matmul(R.double().T).to(torch.float32)

@@ -1,0 +1,267 @@
+"""Triton kernels for the projection family: counter-based projection matrices generated inside the
+matrix-product tiles (never materialised in global memory). Semantics, entry for entry, are those
+of ``gradkit.kernels.reference.projection``; public functions have the schemas' positional
+signatures (csrc/ops.cpp). On machines without a GPU they run on CPU tensors under
+``TRITON_INTERPRET=1``.
+
+Design
+------
+* Generator (per entry ``(row, col)``): ``rowkey = mix64(seed ^ mix64(row + C))`` once per row of
+  the tile, then one splitmix64 word per (row, 64 columns) for Rademacher -- the tile's columns
+  start on a multiple of 64 of the *global* column index, so a [BLOCK_D, BLOCK_K] tile of R^T is
+  ``BLOCK_D / 64`` words per row, expanded by broadcasting ``(word >> j) & 1`` over
+  ``j = 0..63`` and a reshape (no gathers, no branches). Gaussian entries take one word per
+  column pair and Box-Muller in float64, rounded to fp32.
+* ``project_flat``: grid (k tiles, B tiles, D splits). Each program keeps a [BLOCK_B, BLOCK_K]
+  fp32 accumulator and walks its share of the D tiles: load the x tile (masked to
+  [col0, col0 + D)), generate the R^T tile in registers, ``tl.dot``. D splits write partial sums
+  to a (SPLIT, B, k) buffer summed afterwards in a fixed order (deterministic).
+  Dot modes (constexpr ``MODE``): 0 = fp32 operands with ``input_precision="ieee"`` (the
+  interpreter, Gaussian, fp64 x); 1 = bf16/fp16 x against +-1 in the same dtype (exact products,
+  fp32 accumulation, scale applied once at the end: the tensor-core path); 2 = fp32 x split into
+  three bf16 parts (hi + mid + lo carry 24 significant bits) against +-1: fp32-accurate on
+  tensor cores.
+* ``projection_matrix_``: an elementwise [BLOCK_R, BLOCK_C] generator writing the tile to ``out``.
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from gradkit.kernels.reference.projection import GOLDEN, MIX_A, MIX_B, ROW_C, _s64, inv_sqrt_k
+
+_MIX_A = _s64(MIX_A)
+_MIX_B = _s64(MIX_B)
+_GOLDEN = _s64(GOLDEN)
+_ROW_C = _s64(ROW_C)
+
+# Tile sizes; tests shrink them to exercise multi-tile paths on tiny inputs.
+BLOCKS = {"k": 64, "b": 16, "d": 64, "split_target": 0}
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _u64(c: tl.constexpr):
+    return tl.full([], c, tl.int64).to(tl.uint64, bitcast=True)
+
+
+@triton.jit
+def _join(h, m, l):
+    """int64 from three pieces (h << 32 | m << 16 | l); see _split."""
+    return (h.to(tl.int64) << 32) | (m.to(tl.int64) << 16) | l.to(tl.int64)
+
+
+@triton.jit
+def _mix64(z, MA: tl.constexpr, MB: tl.constexpr):
+    z = (z ^ (z >> 30)) * _u64(MA)
+    z = (z ^ (z >> 27)) * _u64(MB)
+    return z ^ (z >> 31)
+
+
+@triton.jit
+def _row_key(seed, rows, MA: tl.constexpr, MB: tl.constexpr, RC: tl.constexpr):
+    r = rows.to(tl.int64).to(tl.uint64, bitcast=True)
+    s = seed.to(tl.int64).to(tl.uint64, bitcast=True)
+    return _mix64(_mix64(r + _u64(RC), MA, MB) ^ s, MA, MB)
+
+
+@triton.jit
+def _word(rk, w, MA: tl.constexpr, MB: tl.constexpr, G: tl.constexpr):
+    wu = w.to(tl.int64).to(tl.uint64, bitcast=True)
+    return _mix64(rk + (wu + 1) * _u64(G), MA, MB)
+
+
+@triton.jit
+def _gauss(h, odd, inv):
+    """fp32 Box-Muller entry from hash h (uint64): the cos branch for even columns, sin for odd."""
+    a = (h >> 32).to(tl.float64)
+    b = (h & 0xFFFFFFFF).to(tl.float64)
+    u1 = (a + 0.5) * 2.3283064365386963e-10
+    u2 = b * 2.3283064365386963e-10
+    r = tl.sqrt(-2.0 * tl.log(u1))
+    t = 6.283185307179586 * u2
+    z = tl.where(odd, r * tl.sin(t), r * tl.cos(t))
+    return (z * inv).to(tl.float32)
+
+
+@triton.jit
+def _rt_tile_signs(rk, wbase, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, MA: tl.constexpr, MB: tl.constexpr,
+                   G: tl.constexpr):
+    """R^T tile [BLOCK_D, BLOCK_K] as bits (int32 0/1): column block starting at word ``wbase``."""
+    NW: tl.constexpr = BLOCK_D // 64
+    w = wbase + tl.arange(0, NW)
+    h = _word(rk[None, :], w[:, None], MA, MB, G)  # [NW, BLOCK_K]
+    j = tl.arange(0, 64).to(tl.uint64)
+    bits = (h[:, None, :] >> j[None, :, None]) & 1  # [NW, 64, BLOCK_K]
+    return tl.reshape(bits, (BLOCK_D, BLOCK_K)).to(tl.int32)
+
+
+@triton.jit
+def _project_flat_kernel(x_ptr, part_ptr, B, D, K, sxb, sxd, seed_h, seed_m, seed_l, c0_h, c0_m, c0_l, ntiles,
+                         per_split, inv_bits,
+                         KIND: tl.constexpr, MODE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_D: tl.constexpr, MA: tl.constexpr, MB: tl.constexpr, RC: tl.constexpr,
+                         G: tl.constexpr):
+    inv = inv_bits.to(tl.int64).to(tl.float64, bitcast=True)  # 1/sqrt(k) in float64 (scalar args are fp32)
+    seed = _join(seed_h, seed_m, seed_l)
+    col0 = _join(c0_h, c0_m, c0_l)
+    base = col0 - (col0 & 63)
+    pid_k = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rows = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    bidx = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rk = _row_key(seed, rows.to(tl.int64), MA, MB, RC)
+    acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+    t0 = pid_s * per_split
+    t1 = tl.minimum(t0 + per_split, ntiles)
+    for t in range(t0, t1):
+        t64 = tl.cast(t, tl.int64)
+        c = base + t64 * BLOCK_D + tl.arange(0, BLOCK_D)  # global columns
+        d = c - col0
+        dm = (d >= 0) & (d < D)
+        xm = (bidx[:, None] < B) & dm[None, :]
+        xt = tl.load(x_ptr + bidx[:, None].to(tl.int64) * sxb + d[None, :] * sxd, mask=xm, other=0.0)
+        if KIND == 0:
+            bits = _rt_tile_signs(rk, (base >> 6) + t64 * (BLOCK_D // 64), BLOCK_D, BLOCK_K, MA, MB, G)
+            if MODE == 0:
+                rt = tl.where(bits != 0, 1.0, -1.0).to(tl.float32)
+                acc += tl.dot(xt.to(tl.float32), rt, input_precision="ieee")
+            elif MODE == 1:
+                rt = tl.where(bits != 0, 1.0, -1.0).to(xt.dtype)
+                acc += tl.dot(xt, rt)
+            else:
+                rt = tl.where(bits != 0, 1.0, -1.0).to(tl.bfloat16)
+                xf = xt.to(tl.float32)
+                hi = xf.to(tl.bfloat16)
+                r1 = xf - hi.to(tl.float32)
+                mid = r1.to(tl.bfloat16)
+                lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
+                acc += tl.dot(hi, rt)
+                acc += tl.dot(mid, rt)
+                acc += tl.dot(lo, rt)
+        else:
+            h = _word(rk[None, :], (c >> 1)[:, None], MA, MB, G)  # [BLOCK_D, BLOCK_K]
+            rt = _gauss(h, ((c & 1) != 0)[:, None], inv)
+            acc += tl.dot(xt.to(tl.float32), rt, input_precision="ieee")
+    if KIND == 0:
+        acc = acc * inv.to(tl.float32)
+    om = (bidx[:, None] < B) & (rows[None, :] < K)
+    optr = part_ptr + pid_s.to(tl.int64) * B * K + bidx[:, None].to(tl.int64) * K + rows[None, :]
+    tl.store(optr, acc, mask=om)
+
+
+@triton.jit
+def _matrix_kernel(out_ptr, R, C, so_r, so_c, seed_h, seed_m, seed_l, r0_h, r0_m, r0_l, c0_h, c0_m, c0_l, inv_bits,
+                   KIND: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_C: tl.constexpr, MA: tl.constexpr, MB: tl.constexpr, RC: tl.constexpr, G: tl.constexpr):
+    inv = inv_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    seed = _join(seed_h, seed_m, seed_l)
+    row0 = _join(r0_h, r0_m, r0_l)
+    col0 = _join(c0_h, c0_m, c0_l)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cl = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rk = _row_key(seed, (row0 + r).to(tl.int64), MA, MB, RC)
+    c = col0 + cl
+    if KIND == 0:
+        h = _word(rk[:, None], (c >> 6)[None, :], MA, MB, G)
+        bit = (h >> (c & 63).to(tl.uint64)[None, :]) & 1
+        s = inv.to(tl.float32)
+        v = tl.where(bit != 0, s, -s)
+    else:
+        h = _word(rk[:, None], (c >> 1)[None, :], MA, MB, G)
+        v = _gauss(h, ((c & 1) != 0)[None, :], inv)
+    m = (r[:, None] < R) & (cl[None, :] < C)
+    tl.store(out_ptr + r[:, None].to(tl.int64) * so_r + cl[None, :] * so_c, v.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _split(v: int):
+    """A non-negative int64 as three pieces each < 2^31, so every piece is passed as int32 (the
+    interpreter mishandles uint32-specialised arguments)."""
+    return v >> 32, (v >> 16) & 0xFFFF, v & 0xFFFF
+
+
+def _inv_bits(k: int) -> int:
+    """The bits of 1/sqrt(k) (float64) as an int64, so the kernel gets the exact float64 value."""
+    return struct.unpack("<q", struct.pack("<d", inv_sqrt_k(k)))[0]
+
+
+def _check(seed, kind, k):
+    if k <= 0:
+        raise ValueError(f"k: must be positive, got {k}")
+    if not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed: must be a non-negative 63-bit integer, got {seed}")
+    if kind not in (0, 1):
+        raise ValueError(f"kind: expected 0 (rademacher) or 1 (gaussian), got {kind}")
+
+
+def projection_matrix_(out: torch.Tensor, seed: int, kind: int, k: int, row0: int, col0: int) -> None:
+    _check(seed, kind, k)
+    if out.dim() != 2 or not out.dtype.is_floating_point:
+        raise ValueError(f"out: expected a 2-D floating tensor, got {tuple(out.shape)} {out.dtype}")
+    if row0 < 0 or col0 < 0:
+        raise ValueError(f"{'row0' if row0 < 0 else 'col0'}: must be non-negative")
+    R, C = out.shape
+    if R == 0 or C == 0:
+        return
+    BR, BC = (16, 64) if _interpret() else (32, 128)
+    grid = (triton.cdiv(R, BR), triton.cdiv(C, BC))
+    _matrix_kernel[grid](out, R, C, out.stride(0), out.stride(1), *_split(seed), *_split(row0), *_split(col0),
+                         _inv_bits(k), KIND=kind,
+                         BLOCK_R=BR, BLOCK_C=BC, MA=_MIX_A, MB=_MIX_B, RC=_ROW_C, G=_GOLDEN)
+
+
+def project_flat(x: torch.Tensor, k: int, seed: int, kind: int, col0: int) -> torch.Tensor:
+    _check(seed, kind, k)
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D tensor (B, D), got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"x: expected float32/float16/bfloat16/float64, got {x.dtype}")
+    if col0 < 0:
+        raise ValueError(f"col0: must be non-negative, got {col0}")
+    B, D = x.shape
+    out = torch.zeros(B, k, dtype=torch.float32, device=x.device)
+    if B == 0 or D == 0:
+        return out
+    interp = _interpret()
+    if interp or kind == 1 or x.dtype == torch.float64:
+        mode = 0
+    elif x.dtype in (torch.bfloat16, torch.float16):
+        mode = 1
+    else:
+        mode = 2
+    if x.dtype == torch.float64 and not interp:
+        x = x.float()  # fp64 operands are not a tensor-core type; the values are fp32-accurate anyway
+    BK, BB, BD = BLOCKS["k"], BLOCKS["b"], BLOCKS["d"]
+    if not interp:
+        BK, BB, BD = 128, (64 if B >= 64 else max(16, triton.next_power_of_2(B))), 128
+    assert BD % 64 == 0
+    base = col0 - col0 % 64
+    ntiles = triton.cdiv(col0 + D - base, BD)
+    gk, gb = triton.cdiv(k, BK), triton.cdiv(B, BB)
+    # enough programs to fill the device: split D when the (k, B) grid is small
+    target = BLOCKS["split_target"] or (1 if interp else 4 * _sm_count(x.device))
+    split = max(1, min(ntiles, target // max(1, gk * gb)))
+    per = triton.cdiv(ntiles, split)
+    split = triton.cdiv(ntiles, per)
+    part = out if split == 1 else torch.empty(split, B, k, dtype=torch.float32, device=x.device)
+    _project_flat_kernel[(gk, gb, split)](x, part, B, D, k, x.stride(0), x.stride(1), *_split(seed), *_split(col0),
+                                          ntiles, per,
+                                          _inv_bits(k), KIND=kind, MODE=mode, BLOCK_B=BB, BLOCK_K=BK, BLOCK_D=BD,
+                                          MA=_MIX_A, MB=_MIX_B, RC=_ROW_C, G=_GOLDEN)
+    if split > 1:
+        torch.sum(part, dim=0, out=out)
+    return out
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -1,0 +1,345 @@
+"""Pruning baselines on gradkit's scope objects: SparseGPT, magnitude and OBD.
+
+All three take a :class:`gradkit.scope.ScopeSpec` over one 2-D weight ``(M, K)`` (see
+:func:`gradkit.obs.layout.obs_layout`) and keep ``nnz`` blocks in every scope. They work in a copy
+and return the pruned weight; ``inplace=True`` also writes it back into the scope's parameter, and
+only after everything succeeded. ``nnz >= blocks per scope`` is a documented no-op: an unchanged
+copy is returned (after the inputs are checked). Elements of the weight outside the scope's view
+are never pruned (SparseGPT still compensates them: they are free weights).
+
+Hessian conventions (``H = X^T X``, damping, dead columns) are those of
+:mod:`gradkit.obs.metrics`.
+
+Ties (equal block scores) keep the block with the lowest in-scope index, as
+:class:`gradkit.scope.ScopeSpec` does.
+"""
+from __future__ import annotations
+
+import bisect
+import operator
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from gradkit.obs.layout import ObsLayout, obs_layout
+from gradkit.obs.metrics import (
+    NotPositiveDefiniteError,
+    _check_damp,
+    _check_dtype,
+    _check_finite,
+    _check_hessian,
+    _cholesky,
+    _cholesky_inverse,
+    _threads,
+    damped_hessian,
+)
+
+__all__ = ["sparsegpt", "magnitude", "obd"]
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _check_nnz(nnz) -> int:
+    if isinstance(nnz, bool):
+        raise TypeError("nnz: expected an int (blocks kept per scope), got a bool")
+    try:
+        n = operator.index(nnz)
+    except TypeError:
+        raise TypeError(f"nnz: expected an int (blocks kept per scope), got {type(nnz).__name__}") from None
+    if n < 0:
+        raise ValueError(f"nnz: expected >= 0 blocks kept per scope, got {n}")
+    return n
+
+
+def _layout(scope) -> ObsLayout:
+    lay = obs_layout(scope)
+    if lay.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"scope: the pruned weight must be floating, got {lay.weight.dtype}")
+    _check_finite(lay.weight, "weight (the scope's parameter)")
+    return lay
+
+
+def _keep_top(scores: Tensor, nnz: int) -> Tensor:
+    """(S, gs) scores -> bool keep mask with exactly nnz per row; ties keep the lowest index."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    keep.scatter_(1, order[:, :nnz], True)
+    return keep
+
+
+def _finish(lay: ObsLayout, result: Tensor, inplace: bool) -> Tensor:
+    if inplace:
+        with torch.no_grad():
+            lay.weight.copy_(result)
+    return result
+
+
+def _mask_prune(lay: ObsLayout, scores: Tensor, nnz: int, inplace: bool) -> Tensor:
+    out = lay.weight.detach().clone(memory_format=torch.contiguous_format)
+    keep = _keep_top(scores, nnz)
+    out.view(-1)[lay.elems[~keep].reshape(-1)] = 0
+    return _finish(lay, out, inplace)
+
+
+# --------------------------------------------------------------------------- magnitude / OBD
+
+
+def magnitude(scope, nnz: int, inplace: bool = False) -> Tensor:
+    """Keep the ``nnz`` blocks of largest L2 norm in every scope; zero the others. No update."""
+    lay = _layout(scope)
+    nnz = _check_nnz(nnz)
+    if not isinstance(inplace, bool):
+        raise TypeError("inplace: expected a bool")
+    if nnz >= lay.gs or lay.S == 0:
+        return lay.weight.detach().clone()
+    w = lay.weight.detach().reshape(-1)
+    scores = w[lay.elems].double().square().sum(-1)
+    return _mask_prune(lay, scores, nnz, inplace)
+
+
+def obd(scope, hessian: Tensor, nnz: int, damp: float = 0.0, inplace: bool = False) -> Tensor:
+    """Optimal Brain Damage: keep the ``nnz`` blocks of largest saliency ``sum_e w_e^2 (H_jj + lam)``
+    (``j`` the element's column, ``lam`` the damping of :mod:`gradkit.obs.metrics`) per scope; zero
+    the others, no compensation. A dead column (``H_jj == 0``) has saliency ``lam w^2``."""
+    lay = _layout(scope)
+    nnz = _check_nnz(nnz)
+    _check_hessian(hessian, lay.K)
+    damp = _check_damp(damp)
+    if not isinstance(inplace, bool):
+        raise TypeError("inplace: expected a bool")
+    if nnz >= lay.gs or lay.S == 0:
+        return lay.weight.detach().clone()
+    hdiag = hessian.detach().diagonal().to(device=lay.weight.device, dtype=torch.float64)
+    if bool((hdiag < 0).any()):
+        raise NotPositiveDefiniteError("hessian: has a negative diagonal entry; not a Gram matrix X^T X")
+    lam = damp * float(hdiag.mean()) if damp < 1.0 else damp
+    w = lay.weight.detach().reshape(-1)
+    scores = (w[lay.elems].double().square() * (hdiag + lam)[lay.cols]).sum(-1)
+    return _mask_prune(lay, scores, nnz, inplace)
+
+
+# --------------------------------------------------------------------------- SparseGPT
+
+
+@dataclass
+class _Event:
+    """A mask decision taken when the column sweep reaches local column ``col`` of a lazy block:
+    in each of ``loc.shape[0]`` scopes, prune ``quota`` of the candidate blocks (``valid``)."""
+
+    col: int
+    loc: Tensor  # (n_s, n, bk) flat positions in the lazy block's transposed (bsz, M) slice
+    c: Tensor  # (n_s, n, bk) local columns
+    valid: Optional[Tensor]  # (n_s, n) bool, None = all valid
+    quota: Union[int, Tensor]  # per scope blocks to prune
+
+
+def _lazy_plan(lay: ObsLayout, nnz: int, blocksize: int) -> List[Tuple[int, int, Dict[int, List[_Event]]]]:
+    """Lazy-block boundaries and the mask events of each block (see :func:`sparsegpt`)."""
+    k, gs, bk = lay.K, lay.gs, lay.bk
+    elems = lay.elems
+    dev = elems.device
+    cols = elems % k
+    lo_s = cols.amin(dim=(1, 2))
+    hi_s = cols.amax(dim=(1, 2))
+    narrow = (hi_s - lo_s + 1) <= blocksize
+    ids_n = torch.nonzero(narrow).squeeze(1)
+    ids_w = torch.nonzero(~narrow).squeeze(1)
+    # units that must not straddle a lazy-block boundary: narrow scopes, and blocks of wide scopes
+    lo_b = cols[ids_w].amin(2)
+    hi_b = cols[ids_w].amax(2)
+    u_lo = torch.cat([lo_s[ids_n], lo_b.reshape(-1)])
+    u_hi = torch.cat([hi_s[ids_n], hi_b.reshape(-1)])
+    reach = torch.full((k,), -1, dtype=torch.long, device=dev)
+    if u_lo.numel():
+        reach.scatter_reduce_(0, u_lo, u_hi, "amax")
+    reach = torch.cummax(reach, 0).values.tolist() if k else []
+    bounds = [0]
+    while bounds[-1] < k:
+        end = min(bounds[-1] + blocksize, k)
+        while end < k and reach[end - 1] >= end:
+            end = reach[end - 1] + 1
+        bounds.append(min(end, k))
+    plan = [(bounds[i], bounds[i + 1], {}) for i in range(len(bounds) - 1)]
+    starts = bounds[:-1]
+
+    def add(i1: int, bsz: int, events: Dict[int, List[_Event]], col: int, el: Tensor, valid, quota) -> None:
+        r, c = el // k, el % k - i1
+        events.setdefault(col, []).append(_Event(col, c * lay.M + r, c, valid, quota))
+
+    p = gs - nnz
+    # narrow scopes: decided when the sweep reaches their first column, from the current weights
+    if ids_n.numel():
+        lo = lo_s[ids_n]
+        order = torch.argsort(lo, stable=True)
+        ids_sorted, lo_sorted = ids_n[order], lo[order]
+        uniq, counts = torch.unique_consecutive(lo_sorted, return_counts=True)
+        for col, grp in zip(uniq.tolist(), torch.split(ids_sorted, counts.tolist())):
+            bi = bisect.bisect_right(starts, col) - 1
+            i1, i2, events = plan[bi]
+            add(i1, i2 - i1, events, col - i1, elems[grp], None, p)
+    # wide scopes: each lazy block prunes a cumulative-proportional share of the scope's quota
+    if ids_w.numel():
+        ew = elems[ids_w]
+        b_order = torch.argsort(lo_b, dim=1, stable=True)
+        lo_sorted = lo_b.gather(1, b_order).contiguous()
+        nw = ids_w.numel()
+        t_prev = torch.zeros(nw, dtype=torch.long, device=dev)
+        for i1, i2, events in plan:
+            q = torch.tensor([[i1, i2]], device=dev).expand(nw, 2).contiguous()
+            se = torch.searchsorted(lo_sorted, q)  # first block with lo >= i1 / >= i2
+            s0, s1 = se[:, 0], se[:, 1]
+            cum = s1  # blocks of the scope in lazy blocks up to this one
+            t = (2 * p * cum + gs) // (2 * gs)  # round(p * cum / gs), half up; == p when cum == gs
+            quota = t - t_prev
+            t_prev = t
+            n = s1 - s0
+            sel = torch.nonzero((n > 0) & (quota > 0)).squeeze(1)
+            if not sel.numel():
+                continue
+            nmax = int(n[sel].max())
+            ar = torch.arange(nmax, device=dev)
+            pos = (s0[sel, None] + ar).clamp_max(gs - 1)
+            valid = ar < n[sel, None]
+            blk = b_order[sel].gather(1, pos)
+            el = ew[sel].gather(1, blk.unsqueeze(2).expand(-1, -1, bk))
+            add(i1, i2 - i1, events, 0, el, valid, quota[sel])
+    return plan
+
+
+def _select(ev: _Event, w1: Tensor, dcol: Tensor, prune1: Tensor) -> None:
+    wv = w1.reshape(-1)[ev.loc]
+    d = dcol[ev.c]
+    score = (wv * wv / (d * d)).sum(-1)  # (n_s, n): OBS saliency of each block, w^2 / [H_F^-1]_jj
+    n = score.shape[1]
+    if ev.valid is not None:
+        score = score.masked_fill(~ev.valid, -float("inf"))
+        nvalid = ev.valid.sum(1)
+    else:
+        nvalid = torch.full((score.shape[0],), n, dtype=torch.long, device=score.device)
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(n, device=score.device).expand_as(order))
+    cut = nvalid - ev.quota  # blocks ranked >= cut are pruned (ties keep the lower index)
+    pr = rank >= cut.unsqueeze(1)
+    if ev.valid is not None:
+        pr &= ev.valid
+    prune1.view(-1)[ev.loc[pr].reshape(-1)] = True
+
+
+def _sparsegpt(lay: ObsLayout, hessian: Tensor, nnz: int, damp: float, blocksize: int, progress: bool,
+               dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    m, k = lay.M, lay.K
+    dev = lay.weight.device
+    hd, lam = damped_hessian(hessian.to(dev), damp, dtype)
+    lf = _cholesky(hd, "hessian", damp, lam)
+    hinv = _cholesky_inverse(lf)
+    del lf, hd
+    u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+    if int(info) > 0:
+        raise NotPositiveDefiniteError(f"hessian: its inverse is numerically not positive definite in {dtype} "
+                                       f"(damp={damp}, {lam:.4g} added to the diagonal); increase damp or use "
+                                       "dtype=torch.float64")
+    del hinv
+    w = lay.weight.detach().to(dtype=dtype, copy=True).contiguous()
+    prune = torch.zeros(m, k, dtype=torch.bool, device=dev)
+    with _threads(1):  # many small index ops
+        plan = _lazy_plan(lay, nnz, blocksize)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=k, desc="sparsegpt", unit="col", leave=False)
+    try:
+        for i1, i2, events in plan:
+            bsz = i2 - i1
+            # the lazy block transposed, (bsz, M): a column is contiguous, the trailing update one addr_
+            w1 = w[:, i1:i2].T.contiguous()
+            q1 = torch.empty_like(w1)
+            err1 = torch.empty_like(w1)
+            u1 = u[i1:i2, i1:i2]
+            dcol = u1.diagonal()
+            prune1 = torch.zeros(bsz, m, dtype=torch.bool, device=dev)
+            # the sweep is a long chain of small ops: one thread unless a column update is large
+            with _threads(1 if (dev.type == "cpu" and m * bsz <= 1 << 21) else torch.get_num_threads()):
+                for i in range(bsz):
+                    for ev in events.get(i, ()):
+                        _select(ev, w1, dcol, prune1)
+                    col = w1[i]
+                    qc = col.masked_fill(prune1[i], 0.0)
+                    e = (col - qc).div_(u1[i, i])
+                    q1[i] = qc
+                    err1[i] = e
+                    if i + 1 < bsz:
+                        w1[i + 1:].addr_(u1[i, i + 1:], e, alpha=-1.0)
+            w[:, i1:i2] = q1.T
+            prune[:, i1:i2] = prune1.T
+            if i2 < k:
+                w[:, i2:].addmm_(err1.T, u[i1:i2, i2:], alpha=-1.0)
+            if bar is not None:
+                bar.update(bsz)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not bool(torch.isfinite(w).all()):
+        raise NotPositiveDefiniteError(f"sparsegpt: the updates overflowed (H is numerically singular with damp={damp}); "
+                                       "increase damp")
+    return w.to(lay.weight.dtype), ~prune
+
+
+def sparsegpt(scope, hessian: Tensor, nnz: int, damp: float = 0.01, blocksize: int = 128, progress: bool = False,
+              inplace: bool = False, dtype: torch.dtype = torch.float32,
+              return_mask: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """SparseGPT (Frantar & Alistarh, 2023) on a scope: column-sequential OBS with lazy block updates.
+
+    ``C = (H + lam I)^-1`` (damping as in :mod:`gradkit.obs.metrics`; ``damp=0.01`` = 1 % of the
+    mean diagonal) is factored as ``C = U^T U`` (upper Cholesky). Columns are swept left to right
+    in lazy blocks of about ``blocksize`` columns; at column ``j`` every weight of the column that
+    the mask prunes is zeroed, its error ``err = w / U[j, j]`` is spread over the remaining columns
+    of the lazy block (``W[:, j:] -= err U[j, j:]``), and after the block the columns to its right
+    receive all of the block's errors in one GEMM.
+
+    Mask rule (exactly ``nnz`` blocks kept per scope; saliency of a block = sum over its elements
+    of ``w^2 / U[j, j]^2`` with the current, already compensated weights):
+
+    * a scope whose columns span at most ``blocksize`` (N:M along rows, coupled 2:4 through
+      ``View.pairs``, blocks of several columns, row-coupled scopes such as ``View.row_pairs``) is
+      decided when the sweep reaches its first column, jointly over all its blocks and rows;
+      lazy-block boundaries are moved right so that no such scope straddles one;
+    * a wider scope (e.g. unstructured per row: the scope is the whole row) is decided lazy block
+      by lazy block when the sweep enters each one: with ``P = gs - nnz`` blocks to prune and
+      ``c_b`` of the scope's blocks (by first column) in lazy blocks ``0..b``, lazy block ``b``
+      prunes ``round(P c_b / gs) - round(P c_{b-1} / gs)`` (halves up) of its blocks, the lowest
+      saliencies first, so the scope ends with exactly ``nnz`` (SparseGPT's own unstructured mode
+      thresholds a whole lazy block at once instead, which does not give equal per-row counts).
+
+    ``dtype`` is the compute precision (float32 as SparseGPT; float64 for references). Returns the
+    pruned weight (the scope's parameter shape and dtype), and with ``return_mask=True`` also the
+    ``(M, K)`` bool keep-mask (False = pruned). Raises :class:`NotPositiveDefiniteError` when ``H``
+    is not positive definite after damping.
+    """
+    lay = _layout(scope)
+    nnz = _check_nnz(nnz)
+    _check_hessian(hessian, lay.K)
+    damp = _check_damp(damp)
+    dtype = _check_dtype(dtype)
+    if isinstance(blocksize, bool):
+        raise TypeError("blocksize: expected an int")
+    try:
+        blocksize = operator.index(blocksize)
+    except TypeError:
+        raise TypeError(f"blocksize: expected an int, got {type(blocksize).__name__}") from None
+    if blocksize < 1:
+        raise ValueError(f"blocksize: expected >= 1, got {blocksize}")
+    for name, v in (("inplace", inplace), ("progress", progress), ("return_mask", return_mask)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
+    if nnz >= lay.gs or lay.S == 0:
+        out = lay.weight.detach().clone()
+        keep = torch.ones(lay.M, lay.K, dtype=torch.bool, device=out.device)
+        return (out, keep) if return_mask else out
+    out, keep = _sparsegpt(lay, hessian, nnz, damp, blocksize, progress, dtype)
+    _finish(lay, out, inplace)
+    return (out, keep) if return_mask else out

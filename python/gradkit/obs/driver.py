@@ -1,0 +1,841 @@
+"""Model-level OBS pruning: Hessians from forward hooks, layer-by-layer pruning, checkpoints, resume.
+
+``collect_hessians`` runs calibration batches through a model and returns, for every selected
+``nn.Linear``, ``H = X^T X`` over the (non-padded) tokens that reached it: a plain sum in float32,
+no ``1/n`` or ``2/n`` factor (SparseGPT scales by ``2/n``; every gradkit pruner and
+``output_error`` is invariant to that scale and damping is relative, so ``X^T X`` is used
+throughout). Under ``torch.distributed`` the sums and token counts are all-reduced, so each rank
+can feed a different shard of the calibration data and every rank gets the Hessians of all of it.
+
+``prune_model`` prunes the layers in execution order, SparseGPT-style: layers are grouped by
+transformer block (``transformer.h.3.attn.c_attn`` -> ``transformer.h.3``), and each group's
+Hessians are collected from a forward pass in which every earlier group is already pruned (the
+group itself is still dense while its Hessians are gathered, as in SparseGPT). Each pruned layer is
+checkpointed at once (safetensors + a JSON progress file, both written atomically), so an
+interrupted run resumes where it stopped and ends with exactly the weights of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+import zlib
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
+
+import torch
+from torch import Tensor, nn
+
+from gradkit.obs import baselines, metrics
+from gradkit.obs.layout import obs_layout
+from gradkit.scope import BlockSpec, ScopeSpec
+
+__all__ = ["collect_hessians", "prune_model", "Hessians", "LayerReport", "PruneReport", "CheckpointError",
+           "METHODS"]
+
+METHODS = ("sparsegpt", "true_obs", "obs_local", "obs_full", "magnitude", "obd", "resolve")
+PROGRESS_FILE = "progress.json"
+_FORMAT = "gradkit.obs.prune_model"
+_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be resumed: another configuration, a model whose weights
+    differ from the checkpointed run's, or missing / corrupt files."""
+
+
+class _Stop(Exception):
+    """Raised from a pre-hook to end a calibration forward pass early."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _select_modules(model: nn.Module, modules) -> List[Tuple[str, nn.Linear]]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    lin = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
+    if modules is None:
+        out = lin
+    elif callable(modules):
+        out = [(n, m) for n, m in lin if modules(n, m)]
+    else:
+        pats = [modules] if isinstance(modules, str) else list(modules)
+        if not pats or not all(isinstance(p, str) for p in pats):
+            raise TypeError("modules: expected None, fnmatch pattern(s) (str or list of str) or a callable(name, module)")
+        out = [(n, m) for n, m in lin if any(fnmatch.fnmatchcase(n, p) for p in pats)]
+    if not out:
+        raise ValueError(f"modules: no nn.Linear of the model matches {modules!r}")
+    seen = {}
+    for n, m in out:
+        if id(m) in seen:
+            raise ValueError(f"modules: {n!r} and {seen[id(m)]!r} are the same module (shared weights are not supported)")
+        seen[id(m)] = n
+    return out
+
+
+def _batches(batches) -> list:
+    if isinstance(batches, (Tensor, Mapping)):
+        raise TypeError("batches: expected an iterable of batches (a list of dicts, tuples or tensors), got a single "
+                        f"{type(batches).__name__}")
+    try:
+        out = list(batches)
+    except TypeError:
+        raise TypeError(f"batches: expected an iterable of batches, got {type(batches).__name__}") from None
+    if not out:
+        raise ValueError("batches: no calibration batches")
+    return out
+
+
+def _to(x, dev):
+    if isinstance(x, Tensor):
+        return x.to(dev)
+    if isinstance(x, Mapping):
+        return {k: _to(v, dev) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, dev) for v in x)
+    return x
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _forward(model: nn.Module, batch, dev) -> None:
+    b = _to(batch, dev)
+    if isinstance(b, Mapping):
+        model(**b)
+    elif isinstance(b, (tuple, list)):
+        model(*b)
+    else:
+        model(b)
+
+
+def _token_mask(batch, dev) -> Optional[Tensor]:
+    if isinstance(batch, Mapping) and batch.get("attention_mask") is not None:
+        am = batch["attention_mask"]
+        if isinstance(am, Tensor):
+            return am.to(dev) != 0
+    return None
+
+
+def _dist():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed
+    return None
+
+
+def _dist_device(dist) -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _rank() -> int:
+    d = _dist()
+    return d.get_rank() if d is not None else 0
+
+
+class Hessians(dict):
+    """``{layer name: H (K, K) float32}`` with ``tokens``: ``{layer name: tokens accumulated}``."""
+
+    tokens: Dict[str, int]
+
+
+class _Collector:
+    """Forward hooks accumulating ``X^T X`` (float32) for a set of Linear layers."""
+
+    def __init__(self, layers: Sequence[Tuple[str, nn.Linear]], device=None):
+        self.layers = list(layers)
+        self.device = device
+        self.H: Dict[str, Tensor] = {}
+        self.n: Dict[str, int] = {}
+        self.mask: Optional[Tensor] = None
+        self.seen: set = set()
+        self.handles: list = []
+
+    def _hook(self, name: str, k: int):
+        def hook(mod, args, kwargs, out):
+            x = args[0] if args else kwargs.get("input")
+            if not isinstance(x, Tensor) or x.shape[-1] != k:
+                return
+            m = self.mask
+            if m is not None:
+                if tuple(x.shape[:-1]) == tuple(m.shape):
+                    x = x[m]
+                elif x.dim() == 2 and x.shape[0] == m.numel():
+                    x = x[m.reshape(-1)]
+            x = x.detach().reshape(-1, k)
+            h = self.H.get(name)
+            if h is None:
+                dev = self.device if self.device is not None else mod.weight.device
+                h = self.H[name] = torch.zeros(k, k, dtype=torch.float32, device=dev)
+                self.n[name] = 0
+            x = x.to(device=h.device, dtype=torch.float32)
+            h.addmm_(x.T, x)
+            self.n[name] += int(x.shape[0])
+            self.seen.add(name)
+        return hook
+
+    def __enter__(self):
+        for name, mod in self.layers:
+            self.handles.append(mod.register_forward_hook(self._hook(name, mod.in_features), with_kwargs=True))
+        return self
+
+    def stop_before(self, later: Sequence[nn.Module]) -> None:
+        """End each forward pass at the first ``later`` module once every hooked layer has run."""
+        want = {n for n, _ in self.layers}
+
+        def pre(mod, args):
+            if self.seen >= want:
+                raise _Stop()
+
+        for mod in later:
+            self.handles.append(mod.register_forward_pre_hook(pre))
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def run(self, model: nn.Module, batches: list, bar=None) -> None:
+        dev = _model_device(model)
+        for b in batches:
+            self.mask = _token_mask(b, dev)
+            self.seen = set()
+            try:
+                _forward(model, b, dev)
+            except _Stop:
+                pass
+            finally:
+                self.mask = None
+            if bar is not None:
+                bar.update(1)
+
+    def result(self) -> Hessians:
+        out = Hessians()
+        out.tokens = {}
+        for name, mod in self.layers:  # layers never reached: zero Hessian, 0 tokens
+            if name not in self.H:
+                dev = self.device if self.device is not None else mod.weight.device
+                self.H[name] = torch.zeros(mod.in_features, mod.in_features, dtype=torch.float32, device=dev)
+                self.n[name] = 0
+        dist = _dist()
+        if dist is not None:
+            ddev = _dist_device(dist)
+            for name, _ in self.layers:
+                h = self.H[name]
+                buf = h if h.device == ddev else h.to(ddev)
+                dist.all_reduce(buf)
+                if buf is not h:
+                    h.copy_(buf)
+            counts = torch.tensor([self.n[n] for n, _ in self.layers], dtype=torch.int64, device=ddev)
+            dist.all_reduce(counts)
+            for (name, _), c in zip(self.layers, counts.tolist()):
+                self.n[name] = int(c)
+        for name, _ in self.layers:
+            out[name] = self.H[name]
+            out.tokens[name] = self.n[name]
+        return out
+
+
+def _bar(progress: bool, total: int, desc: str, unit: str):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit)
+
+
+@torch.no_grad()
+def collect_hessians(model: nn.Module, batches: Iterable, modules=None, device=None,
+                     progress: bool = True) -> Hessians:
+    """``H = X^T X`` (float32, summed over tokens, no scaling) of the inputs of every selected Linear.
+
+    Args:
+        model: called as ``model(**batch)`` for dict batches, ``model(*batch)`` for tuples/lists,
+            else ``model(batch)``; batches are moved to the model's device.
+        batches: calibration batches (iterated once). A dict batch with an ``attention_mask``
+            (``(B, T)``, non-zero = real token) counts only real tokens, for layer inputs shaped
+            ``(B, T, K)`` or ``(B*T, K)``; inputs of any other shape count all their rows.
+        modules: ``None`` (every ``nn.Linear``), fnmatch pattern(s) on module names, or a
+            ``callable(name, module) -> bool`` over the model's Linear modules.
+        device: where the Hessians are accumulated (default: each layer's weight device).
+        progress: a tqdm bar over batches.
+
+    Returns ``Hessians``, a dict ``{name: H}`` whose ``tokens`` attribute maps each name to the
+    number of tokens accumulated (0, with a zero H, for a layer never called). Under an
+    initialised ``torch.distributed`` process group, sums and counts are all-reduced over ranks.
+    Hooks are removed on return, also on error.
+    """
+    layers = _select_modules(model, modules)
+    data = _batches(batches)
+    bar = _bar(progress, len(data), "hessians", "batch")
+    try:
+        with _Collector(layers, device) as col:
+            col.run(model, data, bar)
+        return col.result()
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+# --------------------------------------------------------------------------- patterns and methods
+
+
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+_UNSTR = re.compile(r"^\s*unstructured\s*:\s*([0-9.eE+-]+)\s*$")
+
+
+def _check_pattern(pattern, nnz):
+    if callable(pattern):
+        if nnz is not None:
+            _check_int(nnz, "nnz")
+        return
+    if not isinstance(pattern, str):
+        raise TypeError("pattern: expected 'N:M', 'unstructured:<sparsity>' or a callable(name, weight) -> ScopeSpec")
+    m = _NM.match(pattern)
+    if m:
+        n, mm = int(m.group(1)), int(m.group(2))
+        if mm < 1 or n > mm:
+            raise ValueError(f"pattern: {pattern!r}: need 0 <= N <= M, M >= 1")
+        if nnz is not None and _check_int(nnz, "nnz") != n:
+            raise ValueError(f"nnz: {nnz} contradicts pattern {pattern!r} (keeps {n} of {mm}); leave nnz=None")
+        return
+    u = _UNSTR.match(pattern)
+    if u:
+        try:
+            s = float(u.group(1))
+        except ValueError:
+            s = -1.0
+        if not 0.0 <= s <= 1.0:
+            raise ValueError(f"pattern: {pattern!r}: the sparsity must be in [0, 1]")
+        if nnz is not None:
+            raise ValueError(f"nnz: must be None with pattern {pattern!r} (the sparsity sets it)")
+        return
+    raise ValueError(f"pattern: expected 'N:M' (e.g. '2:4'), 'unstructured:<sparsity>' or a callable, got {pattern!r}")
+
+
+def _check_int(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{what}: expected an int, got {type(v).__name__}")
+    if v < 0:
+        raise ValueError(f"{what}: expected >= 0, got {v}")
+    return v
+
+
+def _scope_for(pattern, nnz, name: str, w: Tensor) -> Tuple[ScopeSpec, int]:
+    k = w.shape[1]
+    if callable(pattern):
+        got = pattern(name, w)
+        if isinstance(got, tuple):
+            if len(got) != 2:
+                raise ValueError(f"pattern({name!r}): expected a ScopeSpec or (ScopeSpec, nnz), got a {len(got)}-tuple")
+            scope, n = got
+            n = _check_int(n, f"pattern({name!r}) nnz")
+        else:
+            scope, n = got, nnz
+            if n is None:
+                raise ValueError("nnz: required (blocks kept per scope) when pattern is a callable returning a ScopeSpec")
+        if not isinstance(scope, ScopeSpec):
+            raise TypeError(f"pattern({name!r}): expected a gradkit.scope.ScopeSpec, got {type(scope).__name__}")
+        if obs_layout(scope).weight is not w:
+            raise ValueError(f"pattern({name!r}): the ScopeSpec must be built on the weight tensor passed to the callable")
+        return scope, n
+    m = _NM.match(pattern)
+    if m:
+        n, mm = int(m.group(1)), int(m.group(2))
+        if k % mm:
+            raise ValueError(f"pattern {pattern!r}: layer {name!r} has {k} input features, not a multiple of {mm}")
+        return ScopeSpec(BlockSpec(w, (1, 1)), (1, mm)), n
+    s = float(_UNSTR.match(pattern).group(1))
+    return ScopeSpec(BlockSpec(w, (1, 1)), (1, -1)), k - int(round(s * k))
+
+
+def _prune_layer(method: str, scope: ScopeSpec, w: Tensor, H: Tensor, nnz: int, damp: float,
+                 kw: Dict[str, Any]) -> Tensor:
+    """Prunes the weight ``w`` that ``scope`` is built on; returns the pruned weight (a new tensor
+    or ``w`` itself for the in-place StructuredOBS methods)."""
+    if method == "sparsegpt":
+        return baselines.sparsegpt(scope, H, nnz, damp=damp, **kw)
+    if method == "resolve":
+        _, keep = baselines.sparsegpt(scope, H, nnz, damp=damp, return_mask=True, **kw)
+        return metrics.resolve(w, H, keep, damp=damp)
+    if method == "magnitude":
+        return baselines.magnitude(scope, nnz, **kw)
+    if method == "obd":
+        return baselines.obd(scope, H, nnz, damp=damp, **kw)
+    from gradkit.obs.structured import (
+        StructuredOBS,  # lazily: the driver does not need it otherwise
+    )
+
+    obs = StructuredOBS(scope, H, damp=damp)
+    if method == "true_obs":
+        obs.prune_true_obs(nnz, **kw)
+    else:
+        obs.prune(nnz, compensate="local" if method == "obs_local" else "full", **kw)
+    return w
+
+
+def _check_pattern_holds(scope: ScopeSpec, w: Tensor, nnz: int, name: str, method: str) -> None:
+    lay = obs_layout(scope)
+    alive = (w.reshape(-1)[lay.elems] != 0).any(-1).sum(-1)
+    if lay.S and int(alive.max()) > nnz:
+        raise RuntimeError(f"{method} left a scope of layer {name!r} with {int(alive.max())} > nnz={nnz} non-zero "
+                           "blocks (a pruner defect; the model was not modified)")
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclasses.dataclass
+class LayerReport:
+    """One pruned layer. ``error``: ``output_error(W_dense, W_pruned, H)`` on the calibration
+    inputs the layer received (earlier groups already pruned); ``error_mask_only``: the same for
+    the dense weights with the final mask applied and no update (what the compensation bought).
+    ``density``: fraction of the weight's elements that are non-zero after pruning."""
+
+    name: str
+    shape: Tuple[int, int]
+    method: str
+    pattern: str
+    nnz: int
+    blocks_per_scope: int
+    density: float
+    error: float
+    error_mask_only: float
+    tokens: int
+    seconds: float
+    resumed: bool = False
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LayerReport":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        missing = fields - set(d) - {"resumed"}
+        if missing:
+            raise CheckpointError(f"checkpoint: a layer report lacks {sorted(missing)}")
+        kw = {k: d[k] for k in fields if k in d}
+        kw["shape"] = tuple(kw["shape"])
+        return cls(**kw)
+
+
+@dataclasses.dataclass
+class PruneReport:
+    """What ``prune_model`` did: one :class:`LayerReport` per layer, in pruning order."""
+
+    method: str
+    pattern: str
+    layers: List[LayerReport] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    forward_seconds: float = 0.0
+    skipped: List[str] = dataclasses.field(default_factory=list)  # selected layers that never ran
+
+    def __getitem__(self, name: str) -> LayerReport:
+        for r in self.layers:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def mean_error(self) -> float:
+        return sum(r.error for r in self.layers) / len(self.layers) if self.layers else 0.0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"method": self.method, "pattern": self.pattern, "seconds": self.seconds,
+                "forward_seconds": self.forward_seconds, "skipped": list(self.skipped),
+                "layers": [r.to_dict() for r in self.layers]}
+
+    def __str__(self) -> str:
+        w = max([len(r.name) for r in self.layers] + [5])
+        lines = [f"{'layer':<{w}}  {'shape':>11}  {'density':>7}  {'error':>9}  {'mask-only':>9}  {'sec':>6}"]
+        for r in self.layers:
+            shp = f"{r.shape[0]}x{r.shape[1]}"
+            lines.append(f"{r.name:<{w}}  {shp:>11}  {r.density:7.3f}  {r.error:9.3e}  {r.error_mask_only:9.3e}  "
+                         f"{r.seconds:6.2f}{'  (resumed)' if r.resumed else ''}")
+        lines.append(f"{self.method} {self.pattern}: {len(self.layers)} layers, mean error {self.mean_error:.4e}, "
+                     f"{self.seconds:.1f} s ({self.forward_seconds:.1f} s in calibration forwards)")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _digest(t: Tensor) -> str:
+    t = t.detach().contiguous().cpu()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def _data_digest(batches: list) -> str:
+    h = hashlib.sha256()
+
+    def walk(x, key=""):
+        if isinstance(x, Tensor):
+            h.update(f"{key}:{_digest(x)};".encode())
+        elif isinstance(x, Mapping):
+            for k in sorted(x, key=str):
+                walk(x[k], f"{key}.{k}")
+        elif isinstance(x, (tuple, list)):
+            for i, v in enumerate(x):
+                walk(v, f"{key}[{i}]")
+        else:
+            h.update(f"{key}={x!r};".encode())
+
+    for i, b in enumerate(batches):
+        walk(b, f"#{i}")
+    local = h.hexdigest()
+    dist = _dist()
+    if dist is None:
+        return local
+    ddev = _dist_device(dist)
+    mine = torch.tensor(list(bytes.fromhex(local)), dtype=torch.uint8, device=ddev)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    return hashlib.sha256(b"".join(bytes(p.cpu().tolist()) for p in parts)).hexdigest()
+
+
+def _name_of(fn) -> str:
+    return f"callable:{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    d = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class _Checkpoint:
+    def __init__(self, directory: str, config: Dict[str, Any], resume: bool):
+        self.dir = os.path.abspath(directory)
+        self.config = config
+        self.writer = _rank() == 0
+        self.path = os.path.join(self.dir, PROGRESS_FILE)
+        self.layers: Dict[str, Dict[str, Any]] = {}
+        if os.path.exists(self.dir) and not os.path.isdir(self.dir):
+            raise CheckpointError(f"checkpoint_dir: {self.dir!r} exists and is not a directory")
+        if resume and os.path.exists(self.path):
+            self._load()
+        if self.writer:
+            os.makedirs(self.dir, exist_ok=True)
+            if not resume or not os.path.exists(self.path):
+                self._flush()
+        dist = _dist()
+        if dist is not None:
+            dist.barrier()
+
+    def _load(self) -> None:
+        try:
+            with open(self.path, "r", encoding="utf-8") as f:
+                state = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {self.path!r} is unreadable or corrupt ({e}); delete the directory or "
+                                  "pass resume=False to start over") from None
+        if not isinstance(state, dict) or state.get("format") != _FORMAT or not isinstance(state.get("layers"), dict):
+            raise CheckpointError(f"checkpoint {self.path!r} is not a gradkit prune_model progress file")
+        if state.get("version") != _VERSION:
+            raise CheckpointError(f"checkpoint {self.path!r}: unsupported version {state.get('version')!r}")
+        old = state.get("config", {})
+        if old != self.config:
+            keys = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
+            raise CheckpointError(f"checkpoint_dir {self.dir!r} holds a run with a different configuration (differs in: "
+                                  f"{', '.join(keys)}); use another directory, or resume=False to start over")
+        self.layers = state["layers"]
+
+    def _flush(self) -> None:
+        state = {"format": _FORMAT, "version": _VERSION, "config": self.config, "layers": self.layers}
+        text = json.dumps(state, indent=1, sort_keys=True)
+
+        def write(p):
+            with open(p, "w", encoding="utf-8") as f:
+                f.write(text)
+
+        _atomic_write(self.path, write)
+
+    def save(self, index: int, name: str, w: Tensor, dense_digest: str, report: LayerReport) -> None:
+        if not self.writer:
+            return
+        from gradkit._io import write_safetensors
+
+        fname = f"layer_{index:04d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:120]}.safetensors"
+        crc = {}
+        _atomic_write(os.path.join(self.dir, fname), lambda p: crc.setdefault("v", write_safetensors(p, {"weight": w})))
+        self.layers[name] = {"file": fname, "crc32": crc["v"], "dense": dense_digest, "pruned": _digest(w),
+                             "report": report.to_dict()}
+        self._flush()
+
+    def load(self, name: str, like: Tensor) -> Tuple[Tensor, Dict[str, Any]]:
+        e = self.layers[name]
+        try:
+            fname = e["file"]
+            crc = int(e["crc32"])
+            if not isinstance(fname, str) or os.path.basename(fname) != fname:
+                raise ValueError("bad file name")
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"checkpoint {self.path!r}: the entry of layer {name!r} is malformed") from None
+        path = os.path.join(self.dir, fname)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as err:
+            raise CheckpointError(f"checkpoint: cannot read {path!r} for layer {name!r} ({err})") from None
+        if zlib.crc32(raw) != crc:
+            raise CheckpointError(f"checkpoint: {path!r} (layer {name!r}) is corrupt: its checksum does not match")
+        from safetensors.torch import load as st_load
+
+        try:
+            t = st_load(raw).get("weight")
+        except Exception as err:  # safetensors raises its own error types
+            raise CheckpointError(f"checkpoint: {path!r} (layer {name!r}) is not valid safetensors ({err})") from None
+        if t is None or tuple(t.shape) != tuple(like.shape) or t.dtype != like.dtype:
+            raise CheckpointError(f"checkpoint: {path!r} holds no weight of shape {tuple(like.shape)} and dtype "
+                                  f"{like.dtype} for layer {name!r}")
+        if _digest(t) != e.get("pruned"):
+            raise CheckpointError(f"checkpoint: {path!r} (layer {name!r}) does not match its recorded digest")
+        return t, e
+
+
+# --------------------------------------------------------------------------- prune_model
+
+
+def _default_group(name: str) -> str:
+    parts = name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p.isdigit():
+            return ".".join(parts[:i + 1])
+    return name
+
+
+def _execution_order(model, layers, batch) -> List[Tuple[str, nn.Linear]]:
+    order: List[str] = []
+    handles = []
+    for name, mod in layers:
+        def pre(m, a, name=name):
+            if name not in seen:
+                seen.add(name)
+                order.append(name)
+        handles.append(mod.register_forward_pre_hook(pre))
+    seen: set = set()
+    try:
+        _forward(model, batch, _model_device(model))
+    finally:
+        for h in handles:
+            h.remove()
+    by = dict(layers)
+    return [(n, by[n]) for n in order]
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, batches: Iterable, pattern: Union[str, Callable] = "2:4", nnz: Optional[int] = None,
+                method: str = "sparsegpt", damp: float = 0.01, modules=None, sequential: bool = True,
+                checkpoint_dir: Optional[str] = None, resume: bool = True, progress: bool = True,
+                method_kwargs: Optional[Dict[str, Any]] = None, groups: Union[str, Callable[[str], str]] = "block",
+                callback: Optional[Callable[[LayerReport], None]] = None, early_stop: bool = True,
+                device=None) -> PruneReport:
+    """Prune a model's Linear layers to a structured pattern, layer by layer, with checkpoints.
+
+    Args:
+        model: the model (modified in place: each Linear's weight is replaced by its pruned version).
+        batches: calibration batches, as for :func:`collect_hessians` (iterated once per group).
+        pattern: ``"N:M"`` (N kept of every M consecutive inputs of each row, e.g. ``"2:4"``),
+            ``"unstructured:<sparsity>"`` (each row keeps ``K - round(sparsity K)`` weights), or
+            ``callable(name, weight) -> ScopeSpec`` (with ``nnz``) or ``-> (ScopeSpec, nnz)``,
+            building the scope on the ``weight`` tensor it is given (a float copy of the layer's).
+        nnz: blocks kept per scope; implied by a string pattern.
+        method: ``"sparsegpt"``, ``"magnitude"``, ``"obd"``, ``"resolve"`` (SparseGPT's mask then
+            the exact least-squares re-solve of :func:`gradkit.obs.metrics.resolve`, same ``damp``),
+            or ``"true_obs"`` / ``"obs_local"`` / ``"obs_full"`` (``StructuredOBS.prune_true_obs`` /
+            ``.prune(compensate="local" | "full")``).
+        damp: damping passed to the method (relative below 1, absolute from 1).
+        modules: which Linear layers (None: all; fnmatch patterns; or ``callable(name, module)``).
+        sequential: True: SparseGPT's order (each group's Hessians from a model whose earlier groups
+            are pruned); False: every Hessian from the dense model in one pass, then all layers pruned.
+        checkpoint_dir: directory for per-layer checkpoints and ``progress.json``; None: none.
+        resume: continue a run found in ``checkpoint_dir`` (its configuration, the calibration data
+            and the dense weights of done layers must match; else :class:`CheckpointError`).
+            False: start over, overwriting it.
+        progress: a tqdm bar over layers.
+        method_kwargs: extra keyword arguments of the method (e.g. ``{"blocksize": 64}``).
+        groups: ``"block"`` (layers grouped by the name prefix ending at the first numeric part,
+            e.g. ``transformer.h.3``), ``"layer"`` (every layer alone: fully sequential), or
+            ``callable(name) -> key``. Groups run in the order their first layer executes.
+        callback: called with each layer's :class:`LayerReport` once it is done and checkpointed.
+            An exception it raises stops the run (the checkpoint keeps that layer).
+        early_stop: end each calibration forward once the group's layers have all run (at the
+            first later selected layer), saving the rest of the model's forward. Turn off for
+            models that call a layer again after a later one.
+        device: where Hessians are accumulated and layers pruned (default: each weight's device).
+
+    The layers of a group are written into the model together, after the whole group is pruned,
+    so an interrupted group leaves its layers dense and a resumed run sees exactly the inputs of an
+    uninterrupted one; groups finished before an error stay pruned in the model (and in the
+    checkpoint). Calibration forwards run with the model in eval mode (no dropout); its mode is
+    restored on return. Under ``torch.distributed`` every rank runs the same pruning on the
+    all-reduced Hessians (each rank may hold a different shard of the calibration data) and only
+    rank 0 writes checkpoints, so ``checkpoint_dir`` must be on a file system every rank sees. Returns a :class:`PruneReport`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    _check_pattern(pattern, nnz)
+    damp = metrics._check_damp(damp)
+    kw = dict(method_kwargs or {})
+    if not isinstance(method_kwargs, (Mapping, type(None))):
+        raise TypeError("method_kwargs: expected a dict")
+    for key in ("inplace", "return_mask", "damp", "compensate"):
+        if key in kw:
+            raise ValueError(f"method_kwargs: {key!r} is set by prune_model")
+    if groups not in ("block", "layer") and not callable(groups):
+        raise ValueError(f"groups: expected 'block', 'layer' or a callable(name) -> key, got {groups!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError("callback: expected a callable(LayerReport)")
+    for nm, v in (("sequential", sequential), ("resume", resume), ("progress", progress), ("early_stop", early_stop)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{nm}: expected a bool, got {type(v).__name__}")
+    layers = _select_modules(model, modules)
+    data = _batches(batches)
+    t_start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        return _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, checkpoint_dir, resume,
+                            progress, kw, groups, callback, early_stop, device, t_start)
+    finally:
+        model.train(was_training)
+
+
+def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, checkpoint_dir, resume, progress, kw,
+                 groups, callback, early_stop, device, t_start) -> PruneReport:
+    ordered = _execution_order(model, layers, data[0])
+    never = [n for n, _ in layers if n not in {m for m, _ in ordered}]
+    if not ordered:
+        raise ValueError("modules: none of the selected layers ran during a forward pass of the first batch")
+    keyf = _default_group if groups == "block" else ((lambda n: n) if groups == "layer" else groups)
+    group_list: List[List[Tuple[str, nn.Linear]]] = []
+    index: Dict[Any, int] = {}
+    for name, mod in ordered:
+        key = keyf(name)
+        if key not in index:
+            index[key] = len(group_list)
+            group_list.append([])
+        group_list[index[key]].append((name, mod))
+    if not sequential:
+        group_list = [ordered]
+
+    pattern_s = pattern if isinstance(pattern, str) else _name_of(pattern)
+    config = {
+        "method": method, "pattern": pattern_s, "nnz": nnz, "damp": damp, "sequential": sequential,
+        "groups": groups if isinstance(groups, str) else _name_of(groups),
+        "method_kwargs": json.loads(json.dumps(kw, sort_keys=True, default=repr)),
+        "layers": [[n, list(m.weight.shape), str(m.weight.dtype)] for n, m in ordered],
+        "calibration": _data_digest(data),
+        "gradkit_obs_driver": _VERSION,
+    }
+    ckpt = _Checkpoint(checkpoint_dir, config, resume) if checkpoint_dir is not None else None
+    report = PruneReport(method=method, pattern=pattern_s)
+    position = {n: i for i, (n, _) in enumerate(ordered)}
+    bar = _bar(progress, len(ordered), f"prune {method} {pattern_s}", "layer")
+    try:
+        for gi, group in enumerate(group_list):
+            todo = [(n, m) for n, m in group if ckpt is None or n not in ckpt.layers]
+            hs: Optional[Hessians] = None
+            if todo:
+                t0 = time.perf_counter()
+                if bar is not None:
+                    bar.set_postfix_str(f"calibrating {keyf(todo[0][0]) if sequential else 'all'}")
+                with _Collector(todo, device) as col:
+                    if early_stop and sequential:
+                        col.stop_before([m for g in group_list[gi + 1:] for _, m in g])
+                    col.run(model, data)
+                hs = col.result()
+                report.forward_seconds += time.perf_counter() - t0
+            pending: List[Tuple[nn.Linear, Tensor]] = []
+            for name, mod in group:
+                if ckpt is not None and name in ckpt.layers:
+                    w, entry = ckpt.load(name, mod.weight)
+                    cur = _digest(mod.weight)
+                    if cur not in (entry.get("dense"), entry.get("pruned")):
+                        raise CheckpointError(f"checkpoint: the model's weight of layer {name!r} is neither the dense "
+                                              "weight the checkpointed run started from nor its pruned result (another "
+                                              "model?); use another directory or resume=False")
+                    rep = LayerReport.from_dict(entry["report"])
+                    rep.resumed = True
+                    pending.append((mod, w))
+                    report.layers.append(rep)
+                    if bar is not None:
+                        bar.update(1)
+                    continue
+                if bar is not None:
+                    bar.set_postfix_str(name)
+                H = hs[name]
+                dense = mod.weight.detach()
+                dense_digest = _digest(dense) if ckpt is not None else ""
+                wdev = torch.device(device) if device is not None else dense.device
+                wdt = torch.float64 if dense.dtype == torch.float64 else torch.float32
+                w = dense.to(device=wdev, dtype=wdt, copy=True).contiguous()
+                t0 = time.perf_counter()
+                scope, n_keep = _scope_for(pattern, nnz, name, w)
+                out = _prune_layer(method, scope, w, H.to(wdev), n_keep, damp, kw)
+                seconds = time.perf_counter() - t0
+                if not bool(torch.isfinite(out).all()):
+                    raise RuntimeError(f"{method} produced non-finite weights for layer {name!r}")
+                _check_pattern_holds(scope, out, n_keep, name, method)
+                wd = dense.to(device=wdev, dtype=wdt)
+                rep = LayerReport(
+                    name=name, shape=tuple(dense.shape), method=method, pattern=pattern_s, nnz=n_keep,
+                    blocks_per_scope=obs_layout(scope).gs, density=float((out != 0).float().mean()),
+                    error=metrics.output_error(wd, out, H=H.to(wdev)),
+                    error_mask_only=metrics.output_error(wd, wd.masked_fill(out == 0, 0), H=H.to(wdev)),
+                    tokens=int(hs.tokens[name]), seconds=seconds)
+                final = out.to(device=dense.device, dtype=dense.dtype)
+                if ckpt is not None:
+                    ckpt.save(position[name], name, final, dense_digest, rep)
+                pending.append((mod, final))
+                report.layers.append(rep)
+                if bar is not None:
+                    bar.update(1)
+                if callback is not None:
+                    callback(rep)
+            for mod, w in pending:  # the group's layers enter the model together
+                mod.weight.copy_(w)
+            del hs
+    finally:
+        if bar is not None:
+            bar.close()
+    report.seconds = time.perf_counter() - t_start
+    report.skipped = never
+    return report

@@ -1,0 +1,336 @@
+"""Layer reconstruction error and the exact least-squares re-solve of kept weights on a support.
+
+Conventions shared by every OBS routine in gradkit:
+
+* ``W`` is a Linear weight ``(M, K)`` (out features x in features), ``X`` the calibration inputs
+  ``(n, K)`` (one row per token) and ``H = X^T X`` (``(K, K)``, no 1/n or 2/n factor: the driver's
+  :func:`gradkit.obs.driver.collect_hessians` returns exactly this sum). Every quantity below is
+  invariant to a positive scale of ``H``, and damping is relative, so any other normalisation of
+  ``H`` gives the same results.
+* Damping (``damp``): ``lam = damp * mean(diag(H))`` when ``damp < 1`` (relative, SparseKit's
+  ``compute_inverse`` rule), ``lam = damp`` when ``damp >= 1`` (absolute); ``H + lam I`` is used.
+  Columns with ``H[j, j] == 0`` (an input that is always zero) are decoupled first: their row and
+  column are zero already and their diagonal is set to 1, as SparseGPT does, so a dead input never
+  makes ``H`` singular.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["output_error", "resolve", "damped_hessian", "NotPositiveDefiniteError"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class NotPositiveDefiniteError(ValueError):
+    """The (damped) Hessian, or one of its principal sub-blocks, failed a Cholesky factorisation."""
+
+
+# --------------------------------------------------------------------------- checks (shared)
+
+
+def _check_matrix(t, what: str, *, dims: int = 2) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{what}: expected a tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{what}: expected a {dims}-D tensor, got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{what}: expected a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
+    return t
+
+
+def _check_finite(t: Tensor, what: str) -> None:
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        raise ValueError(f"{what}: contains {bad}")
+
+
+def _check_hessian(h, k: int, what: str = "hessian") -> Tensor:
+    _check_matrix(h, what)
+    if h.shape[0] != h.shape[1]:
+        raise ValueError(f"{what}: must be square (K, K), got shape {tuple(h.shape)}")
+    if h.shape[0] != k:
+        raise ValueError(f"{what}: is {h.shape[0]} x {h.shape[1]} but the weight has K={k} columns (in features)")
+    _check_finite(h, what)
+    return h
+
+
+def _check_damp(damp) -> float:
+    try:
+        d = float(damp)
+    except (TypeError, ValueError):
+        raise TypeError(f"damp: expected a number, got {type(damp).__name__}") from None
+    if not math.isfinite(d) or d < 0:
+        raise ValueError(f"damp: expected a finite number >= 0, got {damp!r}")
+    return d
+
+
+def _check_dtype(dtype) -> torch.dtype:
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype: expected torch.float32 or torch.float64, got {dtype!r}")
+    return dtype
+
+
+def damped_hessian(hessian: Tensor, damp: float, dtype: torch.dtype = torch.float64) -> Tuple[Tensor, float]:
+    """``(H + lam I)`` in ``dtype`` with dead columns decoupled (see the module docstring), and ``lam``.
+
+    The mean diagonal is taken over the original ``H``. A fresh tensor; ``hessian`` is untouched."""
+    d = _check_damp(damp)
+    hd = hessian.detach().to(dtype=dtype, copy=True)
+    diag = hd.diagonal()
+    lam = d * float(diag.double().mean()) if (d < 1.0 and diag.numel()) else d
+    dead = diag == 0
+    if bool(dead.any()):
+        diag[dead] = 1.0
+    diag.add_(lam)
+    return hd, lam
+
+
+class _threads:
+    """``with _threads(n):`` run torch ops with ``n`` intra-op threads, restoring the setting after.
+
+    Used around long sequences of small ops (SparseGPT's column sweep): with OpenMP's spinning
+    barriers, several threads on ops of a few microseconds are slower than one, badly so on a busy
+    machine."""
+
+    def __init__(self, n: int) -> None:
+        self.n = max(1, int(n))
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        if self.old != self.n:
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if torch.get_num_threads() != self.old:
+            torch.set_num_threads(self.old)
+
+
+def _batched(fn, outs, *ts: Tensor):
+    """``fn(*ts, out=outs)`` over a batch of small matrices, MKL/OpenMP held to one thread per call.
+
+    On this torch build a batched LAPACK call with more than one thread is several times slower
+    than with one (and batched ``inv``/``solve`` hang outright), so the batch is split into
+    ``torch.get_num_threads()`` chunks that run concurrently in Python threads (torch releases the
+    GIL), each single-threaded, each writing its slice of the preallocated ``outs``. The thread
+    setting is restored afterwards."""
+    nt = torch.get_num_threads()
+    b = ts[0].shape[0]
+    single = isinstance(outs, Tensor)
+    if ts[0].device.type != "cpu":
+        fn(*ts, out=outs)
+        return outs
+    with _threads(1):
+        if nt <= 1 or b < 2:
+            fn(*ts, out=outs)
+            return outs
+        from concurrent.futures import ThreadPoolExecutor
+
+        n = min(nt, b)
+        o_parts = [o.tensor_split(n) for o in ((outs,) if single else outs)]
+        t_parts = [t.tensor_split(n) for t in ts]
+
+        def run(i):
+            torch.set_num_threads(1)
+            o = o_parts[0][i] if single else tuple(op[i] for op in o_parts)
+            fn(*(tp[i] for tp in t_parts), out=o)
+
+        with ThreadPoolExecutor(n) as ex:
+            list(ex.map(run, range(n)))
+    return outs
+
+
+def _cholesky_inverse(lf: Tensor) -> Tensor:
+    """``(L L^T)^-1`` from the lower factor, symmetrised. LAPACK's potri runs single-threaded:
+    on this torch build it is 10-100x slower with two threads than with one."""
+    with _threads(1 if lf.device.type == "cpu" else torch.get_num_threads()):
+        c = torch.cholesky_inverse(lf)
+    c = c + c.T
+    return c.mul_(0.5)
+
+
+def _cholesky(a: Tensor, what: str, damp: float, lam: float, upper: bool = False) -> Tensor:
+    if a.dim() == 2:
+        lf, info = torch.linalg.cholesky_ex(a, upper=upper)
+    else:
+        lf, info = _batched(lambda x, out: torch.linalg.cholesky_ex(x, upper=upper, out=out),
+                            (torch.empty_like(a), torch.empty(a.shape[0], dtype=torch.int32, device=a.device)), a)
+    if int(info.max() if info.dim() else info) > 0:
+        raise NotPositiveDefiniteError(
+            f"{what}: not positive definite even after damping (damp={damp}, {lam:.4g} added to the diagonal); "
+            "increase damp")
+    return lf
+
+
+# --------------------------------------------------------------------------- output_error
+
+
+def output_error(W: Tensor, W_pruned: Tensor, X: Optional[Tensor] = None, H: Optional[Tensor] = None,
+                 chunk_elems: int = 1 << 22) -> float:
+    """Relative layer reconstruction error ``||(W - W') X^T||_F^2 / ||W X^T||_F^2``.
+
+    Give exactly one of ``X`` (``(n, K)`` calibration inputs, one row per token) or ``H``
+    (``(K, K)``, ``X^T X``; then the error is ``tr(D H D^T) / tr(W H W^T)`` with ``D = W - W'``).
+    Accumulates in float64, ``chunk_elems`` elements of intermediate at a time (chunked over the
+    rows of ``W``). A zero denominator gives 0.0 when ``W' == W`` on the data, else ``inf``.
+    """
+    _check_matrix(W, "W")
+    _check_matrix(W_pruned, "W_pruned")
+    if W_pruned.shape != W.shape:
+        raise ValueError(f"W_pruned: expected shape {tuple(W.shape)} (W's), got {tuple(W_pruned.shape)}")
+    if (X is None) == (H is None):
+        raise ValueError("output_error: give exactly one of X (n, K) or H (K, K)")
+    m, k = W.shape
+    _check_finite(W, "W")
+    _check_finite(W_pruned, "W_pruned")
+    if X is not None:
+        _check_matrix(X, "X")
+        if X.shape[1] != k:
+            raise ValueError(f"X: expected (n, {k}) (K = W's columns), got shape {tuple(X.shape)}")
+        _check_finite(X, "X")
+        other = X.detach().to(device=W.device, dtype=torch.float64)
+        width = max(1, other.shape[0])
+    else:
+        _check_hessian(H, k, "H")
+        other = H.detach().to(device=W.device, dtype=torch.float64)
+        width = k
+    step = max(1, int(chunk_elems) // width)
+    num = torch.zeros((), dtype=torch.float64, device=W.device)
+    den = torch.zeros((), dtype=torch.float64, device=W.device)
+    for r0 in range(0, m, step):
+        w = W[r0:r0 + step].detach().double()
+        dlt = w - W_pruned[r0:r0 + step].detach().double()
+        if X is not None:
+            num += (dlt @ other.T).square().sum()
+            den += (w @ other.T).square().sum()
+        else:
+            num += ((dlt @ other) * dlt).sum()
+            den += ((w @ other) * w).sum()
+    num_f, den_f = float(num), float(den)
+    if den_f == 0.0:
+        return 0.0 if num_f == 0.0 else math.inf
+    return num_f / den_f
+
+
+# --------------------------------------------------------------------------- resolve
+
+
+def resolve(W: Tensor, H: Tensor, mask: Tensor, damp: float = 0.0, out: Optional[Tensor] = None,
+            dtype: torch.dtype = torch.float32, max_batch_bytes: int = 1 << 28) -> Tensor:
+    """Exact per-row least-squares re-solve of the kept weights on a fixed support.
+
+    For every row ``r`` with kept set ``S_r = {j : mask[r, j]}``, returns ``W'_r`` zero off ``S_r``
+    minimising ``(W_r - W'_r) Hd (W_r - W'_r)^T`` with ``Hd = H + lam I`` (damped as in the module
+    docstring; ``damp=0`` gives the plain least squares ``||(W_r - W'_r) X^T||^2``). Its normal
+    equations ``Hd[S, S] W'_S = (Hd W_r^T)_S`` are solved in batches of rows of similar support
+    size (equal for N:M masks; smaller systems are padded with identity rows, whose solution is 0),
+    ``max_batch_bytes`` bounding each batch's gathered systems:
+
+    * keep side (``|S| <= |P|``, P the pruned set): ``Cholesky(Hd[S, S])`` + ``cholesky_solve``;
+    * prune side (``|P| < |S|``, cheaper for light pruning): the same optimum written with
+      ``C = Hd^-1`` as ``W' = W - (C[P, P]^-1 W_P)^T C[P, :]`` (one Cholesky of ``Hd``, then
+      ``|P| x |P|`` Cholesky solves and one GEMM per batch).
+
+    Only Cholesky factorisations are used (never batched ``linalg.inv``/``solve``). ``dtype``
+    (float32 default, or float64) is the compute precision; a float32 factorisation that fails on
+    a nearly singular ``H`` may succeed in float64. Rows with an empty support become 0;
+    rows with a full support are returned unchanged. Columns with ``H[j, j] == 0`` keep their
+    weight. Returns ``W'`` in ``W``'s dtype (into ``out`` when given; ``out`` is written only on
+    success). Raises :class:`NotPositiveDefiniteError` when a system is not positive definite
+    (``H`` singular on the support: increase ``damp``).
+    """
+    _check_matrix(W, "W")
+    m, k = W.shape
+    _check_hessian(H, k, "H")
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask: expected a bool tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask: expected a bool tensor (True = kept), got {mask.dtype}")
+    if tuple(mask.shape) != (m, k):
+        raise ValueError(f"mask: expected shape {(m, k)} (W's), got {tuple(mask.shape)}")
+    damp = _check_damp(damp)
+    dtype = _check_dtype(dtype)
+    if out is not None:
+        if not isinstance(out, Tensor) or tuple(out.shape) != (m, k):
+            raise ValueError(f"out: expected a tensor of shape {(m, k)}, got "
+                             f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
+        if out.dtype not in _FLOATS:
+            raise TypeError(f"out: expected a floating tensor, got {out.dtype}")
+    _check_finite(W, "W")
+    mask = mask.to(W.device)
+    try:
+        max_batch_bytes = operator.index(max_batch_bytes)
+    except TypeError:
+        raise TypeError("max_batch_bytes: expected an int") from None
+
+    dev = W.device
+    hd, lam = damped_hessian(H.to(dev), damp, dtype)
+    w = W.detach().to(dtype)
+    res = torch.zeros(m, k, dtype=dtype, device=dev)
+    counts = mask.sum(1)
+    esz = torch.finfo(dtype).bits // 8
+
+    def chunks(rows: Tensor, size: Tensor, extra: int):
+        """Rows sorted by system size, cut into batches of <= max_batch_bytes (systems padded to the
+        batch's largest size with identity rows: their solution is 0)."""
+        order = torch.argsort(size[rows], stable=True)
+        rows, sz = rows[order], size[rows][order].tolist()
+        i = 0
+        while i < len(sz):
+            j = i + 1
+            while j < len(sz) and (j - i + 1) * (sz[j] * sz[j] + extra) * esz <= max_batch_bytes \
+                    and sz[j] <= sz[i] + max(8, sz[i] // 8):
+                j += 1
+            yield rows[i:j], sz[j - 1]
+            i = j
+
+    def padded(mat: Tensor, idx: Tensor, valid: Tensor) -> Tensor:
+        a = mat[idx.unsqueeze(2), idx.unsqueeze(1)]
+        if not bool(valid.all()):
+            both = valid.unsqueeze(2) & valid.unsqueeze(1)
+            eye = torch.eye(a.shape[1], dtype=a.dtype, device=a.device).expand_as(a)
+            a = torch.where(both, a, eye)
+        return a
+
+    keep_rows = torch.nonzero((counts > 0) & (counts <= k - counts)).squeeze(1)
+    prune_rows = torch.nonzero(counts > k - counts).squeeze(1)
+    if keep_rows.numel():
+        g = w @ hd  # (Hd W_r^T)^T for every row: Hd is symmetric
+        for rb, c in chunks(keep_rows, counts, 3 * k):
+            idx = torch.argsort((~mask[rb]).to(torch.int8), dim=1, stable=True)[:, :c]  # kept cols first, ascending
+            valid = torch.arange(c, device=dev) < counts[rb].unsqueeze(1)
+            a = padded(hd, idx, valid)
+            lf = _cholesky(a, "H restricted to a row's kept columns (H[S, S])", damp, lam)
+            rhs = g[rb].gather(1, idx).masked_fill_(~valid, 0.0).unsqueeze(2)
+            x = _batched(torch.cholesky_solve, torch.empty_like(rhs), rhs, lf).squeeze(2)
+            res[rb] = torch.zeros(rb.numel(), k, dtype=dtype, device=dev).scatter_(1, idx, x)
+    if prune_rows.numel():
+        lh = _cholesky(hd, "H", damp, lam)
+        cinv = _cholesky_inverse(lh)
+        del lh
+        full = prune_rows[counts[prune_rows] == k]
+        res[full] = w[full]
+        part = prune_rows[counts[prune_rows] < k]
+        for rb, p in chunks(part, k - counts, 3 * k):
+            idx = torch.argsort(mask[rb].to(torch.int8), dim=1, stable=True)[:, :p]  # pruned cols first, ascending
+            valid = torch.arange(p, device=dev) < (k - counts[rb]).unsqueeze(1)
+            a = padded(cinv, idx, valid)
+            lf = _cholesky(a, "the inverse of H restricted to a row's pruned columns (C[P, P])", damp, lam)
+            wr = w[rb]
+            rhs = wr.gather(1, idx).masked_fill_(~valid, 0.0).unsqueeze(2)
+            y = _batched(torch.cholesky_solve, torch.empty_like(rhs), rhs, lf).squeeze(2)
+            ydense = torch.zeros_like(wr).scatter_(1, idx, y.masked_fill_(~valid, 0.0))
+            res[rb] = torch.addmm(wr, ydense, cinv, alpha=-1.0).masked_fill_(~mask[rb], 0.0)
+    if not bool(torch.isfinite(res).all()):
+        raise NotPositiveDefiniteError("resolve: the solve produced non-finite weights (H is numerically singular "
+                                       f"on a support even with damp={damp}); increase damp")
+    if out is not None:
+        out.copy_(res)
+        return out
+    return res.to(W.dtype)

@@ -1,0 +1,432 @@
+"""Random-projection compression of gradients (``gradkit.projection``).
+
+Projection matrices come from a counter-based generator: entry ``(row, col)`` of R (k x D) is a
+pure function of ``(seed, row, col)`` (splitmix64 words; see
+``gradkit.kernels.reference.projection`` for the exact definition), so R is never stored, and it
+does not depend on batch size, tiling, chunking, matrix shape, thread count or device.
+Rademacher entries ``+-1/sqrt(k)`` are bit-identical on every backend (reference, C++ CPU, Triton,
+CUDA); Gaussian entries ``N(0,1)/sqrt(k)`` agree within 1 ulp of fp32.
+
+* :func:`derive_seed` -- a per-module, per-side generator seed from a user seed (blake2b, stable
+  across processes and Python versions), so adding a module changes nothing for the others.
+* :func:`projection_matrix` -- the explicit matrix (or any sub-block of it).
+* :func:`project` -- flat projection (B, D) -> (B, k), D up to ~1e9, streamed in column chunks
+  from a tensor, a numpy array / memmap, or a callable yielding chunks; never a D x k matrix.
+* :func:`factored_project` -- ``L G_b R^T`` for the per-example gradient ``G_b = sum_t g_bt a_bt^T``
+  of a Linear layer, from its input activations and output gradients, projecting each side first
+  (G is never formed, except with :class:`AdamNormalizer`, which needs it: chunked within a budget).
+
+NaN / Inf policy: values are not inspected (that would cost a pass over the data); a NaN or Inf
+in an input propagates to every output entry it touches. Masked (padding) tokens are excluded
+with ``where``, so whatever they hold (NaN included) never reaches the output.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+
+from gradkit import ops
+
+__all__ = ["KINDS", "derive_seed", "projection_matrix", "project", "factored_project", "AdafactorNormalizer",
+           "AdamNormalizer"]
+
+KINDS = {"rademacher": 0, "gaussian": 1}
+_SEED_MASK = (1 << 63) - 1
+_DEFAULT_CHUNK_BYTES = 64 << 20
+
+
+def _kind(kind) -> int:
+    if isinstance(kind, str) and kind.lower() in KINDS:
+        return KINDS[kind.lower()]
+    if isinstance(kind, int) and not isinstance(kind, bool) and kind in (0, 1):
+        return kind
+    raise ValueError(f"kind: expected 'rademacher' or 'gaussian', got {kind!r}")
+
+
+def _pos_int(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{what}: expected an int, got {type(v).__name__}")
+    if v <= 0:
+        raise ValueError(f"{what}: must be positive, got {v}")
+    return int(v)
+
+
+def _seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    if not 0 <= seed <= _SEED_MASK:
+        raise ValueError(f"seed: must be a non-negative 63-bit integer, got {seed} (use derive_seed for others)")
+    return int(seed)
+
+
+def derive_seed(seed: int, name: str = "", side: str = "") -> int:
+    """A 63-bit non-negative generator seed for (user seed, module name, side).
+
+    blake2b (8-byte digest) of ``"gradkit.projection/<seed>/<len(name)>:<name>/<side>"``:
+    stable across processes, machines and Python versions (never Python's ``hash``), and
+    independent for every (seed, name, side) triple. Any Python int seed is accepted.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a str, got {type(name).__name__}")
+    if not isinstance(side, str):
+        raise TypeError(f"side: expected a str, got {type(side).__name__}")
+    msg = f"gradkit.projection/{seed}/{len(name)}:{name}/{side}".encode()
+    return int.from_bytes(hashlib.blake2b(msg, digest_size=8).digest(), "little") & _SEED_MASK
+
+
+def projection_matrix(rows: int, cols: int, seed: int = 0, kind: str = "rademacher", dtype: torch.dtype = torch.float32,
+                      device="cpu", row0: int = 0, col0: int = 0, k: Optional[int] = None) -> torch.Tensor:
+    """``R[row0:row0+rows, col0:col0+cols]`` of the (k x D) projection matrix keyed on ``seed``.
+
+    Entries are ``+-1/sqrt(k)`` (Rademacher) or ``N(0,1)/sqrt(k)`` (Gaussian); the scale depends
+    only on ``k``, the full output dimension (default ``rows``; required when ``row0 > 0``), so any
+    sub-block is an exact slice of the full matrix.
+    """
+    if k is None:
+        if row0:
+            raise ValueError("k: required when row0 > 0 (the scale 1/sqrt(k) is that of the full matrix)")
+        k = rows
+    k = _pos_int(k, "k")
+    return ops.projection_matrix(rows, cols, _seed(seed), _kind(kind), k, row0, col0, dtype=dtype,
+                                 device=torch.device(device))
+
+
+# --------------------------------------------------------------------------- flat projection
+
+
+def _as_tensor(chunk, what: str) -> torch.Tensor:
+    if isinstance(chunk, torch.Tensor):
+        t = chunk
+    else:
+        try:
+            import numpy as np
+        except ImportError:  # pragma: no cover
+            np = None
+        if np is None or not isinstance(chunk, np.ndarray):
+            raise TypeError(f"{what}: expected a tensor or numpy array, got {type(chunk).__name__}")
+        if chunk.dtype == np.float16 or chunk.dtype == np.float32 or chunk.dtype == np.float64:
+            arr = np.ascontiguousarray(chunk)
+            if not arr.flags.writeable:  # a read-only memmap slice: torch wants writable memory
+                arr = arr.copy()
+            t = torch.from_numpy(arr)
+        else:
+            raise TypeError(f"{what}: expected a float16/float32/float64 array, got {chunk.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{what}: expected a 2-D (B, D) array, got shape {tuple(t.shape)}")
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"{what}: expected float32/float16/bfloat16/float64, got {t.dtype}")
+    return t
+
+
+def project(x: Union[torch.Tensor, "object", Callable[[], Iterable], Iterable], k: int, seed: int = 0,
+            kind: str = "rademacher", chunk: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Flat projection ``x @ R^T``: (B, D) -> (B, k) fp32, ``R = projection_matrix(k, D, seed, kind)``.
+
+    x: a (B, D) tensor (fp32/fp16/bf16/fp64), a 2-D numpy array or memmap, or a callable returning
+    (or an iterable of) consecutive column chunks ``(B, d_i)``. ``chunk``: columns per step for
+    tensors and arrays (default: the whole tensor -- the kernel tiles internally; ~64 MiB for
+    arrays, so a memmap is read once, sequentially). ``out``: an optional (B, k) fp32 tensor that
+    receives the result. ``seed`` is used as the generator key as is (pass
+    ``derive_seed(seed, name, side)`` for per-module keys). The result does not depend on
+    ``chunk``: column ``c`` of x always meets column ``c`` of R.
+    """
+    k = _pos_int(k, "k")
+    seed = _seed(seed)
+    kd = _kind(kind)
+    if chunk is not None:
+        chunk = _pos_int(chunk, "chunk")
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or out.dim() != 2 or out.shape[1] != k:
+            raise ValueError(f"out: expected a (B, {k}) float32 tensor")
+
+    def finish(res: torch.Tensor) -> torch.Tensor:
+        if out is None:
+            return res
+        if out.shape != res.shape or out.device != res.device:
+            raise ValueError(f"out: expected shape {tuple(res.shape)} on {res.device}, got {tuple(out.shape)} "
+                             f"on {out.device}")
+        out.copy_(res)
+        return out
+
+    def chunks_of(arr, B: int, D: int, step: int):
+        for c0 in range(0, D, step):
+            yield c0, arr[:, c0:min(D, c0 + step)]
+
+    is_array = False
+    try:
+        import numpy as np
+
+        is_array = isinstance(x, np.ndarray)
+    except ImportError:  # pragma: no cover
+        pass
+
+    if isinstance(x, torch.Tensor) or is_array:
+        if x.ndim != 2:
+            raise ValueError(f"x: expected a 2-D (B, D) array, got shape {tuple(x.shape)}")
+        B, D = int(x.shape[0]), int(x.shape[1])
+        if out is not None and out.shape[0] != B:
+            raise ValueError(f"out: expected shape ({B}, {k}), got {tuple(out.shape)}")
+        if isinstance(x, torch.Tensor):
+            _as_tensor(x, "x")  # dtype / shape checks before any work
+            if chunk is None or chunk >= D:
+                return finish(ops.project_flat(x, k, seed, kd, 0))
+            step = chunk
+        else:
+            step = chunk or max(64, (_DEFAULT_CHUNK_BYTES // max(1, B * x.itemsize)) // 64 * 64)
+        it = chunks_of(x, B, D, step)
+    else:
+        src = x() if callable(x) else x
+        try:
+            src = iter(src)
+        except TypeError:
+            raise TypeError(f"x: expected a tensor, a numpy array, or a callable/iterable of (B, d) chunks, "
+                            f"got {type(x).__name__}") from None
+
+        def consecutive():
+            c0 = 0
+            for piece in src:
+                t = _as_tensor(piece, "x chunk")
+                yield c0, t
+                c0 += t.shape[1]
+
+        it = consecutive()
+    acc = None
+    for c0, piece in it:
+        t = _as_tensor(piece, "x chunk")
+        if acc is not None and t.shape[0] != acc.shape[0]:
+            raise ValueError(f"x chunk at column {c0}: {t.shape[0]} rows, expected {acc.shape[0]}")
+        part = ops.project_flat(t, k, seed, kd, c0)
+        acc = part if acc is None else acc.add_(part)
+    if acc is None:
+        if out is not None:
+            return out.zero_()
+        raise ValueError("x: no columns to project (an empty iterable gives no batch size)")
+    return finish(acc)
+
+
+# --------------------------------------------------------------------------- normalizers
+
+
+@dataclass
+class AdafactorNormalizer:
+    """Adafactor's factored second-moment estimate for a Linear weight (O x I).
+
+    ``row`` (O,) and ``col`` (I,) are the row and column means of the gradient second moments
+    (Adafactor's ``exp_avg_sq_row`` / ``exp_avg_sq_col``). With ``r = row + eps``,
+    ``c = col + eps`` the estimate is the rank-one ``V = outer(r, c) / mean(r)`` (Shazeer & Stern
+    2018, the tensor2tensor form with eps added to the factors first); the normalised gradient is
+    ``G / sqrt(V) = diag(sqrt(mean r) / sqrt(r)) G diag(1 / sqrt(c))``, applied by scaling the
+    projection matrices' columns, so G is never formed. The bias column, when collected, is
+    divided by ``sqrt(bias_avg_sq + bias_eps)`` if ``bias_avg_sq`` (O,) is given, else left as is.
+    """
+
+    row: torch.Tensor
+    col: torch.Tensor
+    bias_avg_sq: Optional[torch.Tensor] = None
+    eps: float = 1e-30
+    bias_eps: float = 1e-8
+
+    def __post_init__(self):
+        for nm in ("row", "col", "bias_avg_sq"):
+            t = getattr(self, nm)
+            if t is None and nm == "bias_avg_sq":
+                continue
+            if not isinstance(t, torch.Tensor) or t.dim() != 1 or not t.dtype.is_floating_point:
+                raise ValueError(f"{nm}: expected a 1-D floating tensor")
+
+    def factors(self):
+        """(row factor (O,), column factor (I,)) with ``G / sqrt(V) = diag(row) G diag(col)``."""
+        r = self.row.double() + self.eps
+        c = self.col.double() + self.eps
+        return (r.mean().sqrt() * r.rsqrt()).float(), c.rsqrt().float()
+
+    def bias_factor(self) -> Optional[torch.Tensor]:
+        if self.bias_avg_sq is None:
+            return None
+        return (self.bias_avg_sq.double() + self.bias_eps).rsqrt().float()
+
+
+@dataclass
+class AdamNormalizer:
+    """Adam second moments ``v`` (O x I): the normalised gradient is ``G / (sqrt(v) + eps)``.
+
+    Elementwise, so G must be formed; :func:`factored_project` does it for a chunk of examples
+    (or tokens) at a time within its ``memory_budget``. The bias column, when collected, is
+    divided by ``sqrt(bias_avg_sq) + eps`` if ``bias_avg_sq`` (O,) is given, else left as is.
+    """
+
+    v: torch.Tensor
+    bias_avg_sq: Optional[torch.Tensor] = None
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        if not isinstance(self.v, torch.Tensor) or self.v.dim() != 2 or not self.v.dtype.is_floating_point:
+            raise ValueError("v: expected a 2-D (O, I) floating tensor")
+        if self.bias_avg_sq is not None and (not isinstance(self.bias_avg_sq, torch.Tensor)
+                                             or self.bias_avg_sq.dim() != 1):
+            raise ValueError("bias_avg_sq: expected a 1-D (O,) tensor")
+
+    def denominator(self) -> torch.Tensor:
+        return self.v.float().sqrt().add_(self.eps)
+
+    def bias_factor(self) -> Optional[torch.Tensor]:
+        if self.bias_avg_sq is None:
+            return None
+        return 1.0 / (self.bias_avg_sq.float().sqrt() + self.eps)
+
+
+# --------------------------------------------------------------------------- factored projection
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_matrix(p: int, n: int, seed: int, kind: int, device: str) -> torch.Tensor:
+    m = ops.projection_matrix(p, n, seed, kind, p, 0, 0, dtype=torch.float32, device=torch.device(device))
+    m.requires_grad_(False)
+    return m
+
+
+def _side_matrices(p, O, I, seed, name, kd, bias, device):
+    L = _cached_matrix(p, O, derive_seed(seed, name, "left"), kd, str(device))
+    R = _cached_matrix(p, I + int(bias), derive_seed(seed, name, "right"), kd, str(device))
+    return L, R
+
+
+def factored_project(a: torch.Tensor, g: torch.Tensor, p: int, seed: int = 0, name: str = "",
+                     kind: str = "rademacher", mask: Optional[torch.Tensor] = None, bias: bool = False,
+                     per_token: bool = False, normalizer=None, memory_budget: int = 256 << 20) -> torch.Tensor:
+    """Projected per-example gradient of a Linear layer: ``vec(L G_b R^T)``, (B, p*p) fp32.
+
+    a: input activations (B, T, I) (or (B, I): T = 1); g: gradients w.r.t. the output (B, T, O).
+    ``G_b = sum_t g_bt a_bt^T`` (O x I), with a column of ones appended to a when ``bias``
+    (I + 1 columns: the bias gradient). ``L = projection_matrix(p, O, derive_seed(seed, name,
+    "left"))``, ``R = projection_matrix(p, I(+1), derive_seed(seed, name, "right"))``; entry
+    ``[b, i*p + j] = (L G_b R^T)[i, j]``. Computed as ``(g L^T)^T (a R^T)`` per example (two
+    GEMMs and a batched p x T x p product), never forming G. ``per_token``: (B, T, p*p), one
+    projected gradient per token. ``mask`` (B, T) bool: False tokens contribute nothing.
+    ``normalizer``: None, :class:`AdafactorNormalizer` (folded into L and R, G never formed) or
+    :class:`AdamNormalizer` (forms G for a chunk of examples/tokens at a time, at most
+    ``memory_budget`` bytes of G).
+    """
+    p = _pos_int(p, "p")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a str, got {type(name).__name__}")
+    kd = _kind(kind)
+    for nm, t in (("a", a), ("g", g)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{nm}: expected a tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{nm}: expected a floating tensor, got {t.dtype}")
+        if t.dim() not in (2, 3):
+            raise ValueError(f"{nm}: expected (B, T, features) or (B, features), got shape {tuple(t.shape)}")
+    if a.dim() != g.dim() or a.shape[:-1] != g.shape[:-1]:
+        raise ValueError(f"g: leading dims {tuple(g.shape[:-1])} differ from a's {tuple(a.shape[:-1])}")
+    if a.device != g.device:
+        raise ValueError(f"g: on {g.device} but a is on {a.device}")
+    if a.dim() == 2:
+        a, g = a[:, None, :], g[:, None, :]
+        if mask is not None and mask.dim() == 1:
+            mask = mask[:, None]
+    B, T, I = a.shape
+    O = g.shape[-1]
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (B, T):
+            raise ValueError(f"mask: expected a bool tensor of shape ({B}, {T})")
+        if mask.device != a.device:
+            raise ValueError(f"mask: on {mask.device} but a is on {a.device}")
+    if normalizer is not None and not isinstance(normalizer, (AdafactorNormalizer, AdamNormalizer)):
+        raise TypeError(f"normalizer: expected None, AdafactorNormalizer or AdamNormalizer, "
+                        f"got {type(normalizer).__name__}")
+    if isinstance(normalizer, AdafactorNormalizer):
+        if normalizer.row.numel() != O or normalizer.col.numel() != I:
+            raise ValueError(f"normalizer: row/col must have {O}/{I} entries, got "
+                             f"{normalizer.row.numel()}/{normalizer.col.numel()}")
+    if isinstance(normalizer, AdamNormalizer) and tuple(normalizer.v.shape) != (O, I):
+        raise ValueError(f"normalizer: v must have shape ({O}, {I}), got {tuple(normalizer.v.shape)}")
+    if normalizer is not None and bias and normalizer.bias_avg_sq is not None and normalizer.bias_avg_sq.numel() != O:
+        raise ValueError(f"normalizer: bias_avg_sq must have {O} entries")
+    memory_budget = _pos_int(memory_budget, "memory_budget")
+
+    dev = a.device
+    L, R = _side_matrices(p, O, I, seed, name, kd, bias, dev)
+    Rw = R[:, :I]
+    Rb = R[:, I] if bias else None
+    af = a.float()
+    gf = g.float()
+    if mask is not None:
+        m3 = mask[..., None]
+        af = torch.where(m3, af, 0.0)
+        gf = torch.where(m3, gf, 0.0)
+
+    if isinstance(normalizer, AdamNormalizer):
+        return _adam_project(af, gf, L, Rw, Rb, normalizer, per_token, memory_budget)
+
+    bias_L = None
+    if isinstance(normalizer, AdafactorNormalizer):
+        rf, cf = normalizer.factors()
+        Lw = L * rf.to(dev)[None, :]
+        Rw = Rw * cf.to(dev)[None, :]
+        if bias:
+            bf = normalizer.bias_factor()
+            bias_L = L if bf is None else L * bf.to(dev)[None, :]
+    else:
+        Lw = L
+    gl = torch.matmul(gf, Lw.T)  # (B, T, p)
+    ar = torch.matmul(af, Rw.T)  # (B, T, p)
+    if bias and bias_L is None:
+        # G R^T with the ones column: a R_w^T + R_b on every (unmasked) token
+        ar = ar + (Rb if mask is None else mask[..., None] * Rb)
+    if per_token:
+        res = gl[..., :, None] * ar[..., None, :]
+        if bias_L is not None:
+            u = torch.matmul(gf, bias_L.T)
+            res = res + u[..., :, None] * Rb
+        return res.reshape(B, T, p * p)
+    res = torch.bmm(gl.transpose(1, 2), ar)  # (B, p, p)
+    if bias_L is not None:
+        u = torch.matmul(gf.sum(1), bias_L.T)  # (B, p): L'' sum_t g_t
+        res = res + u[:, :, None] * Rb
+    return res.reshape(B, p * p)
+
+
+def _adam_project(af, gf, L, Rw, Rb, nz: AdamNormalizer, per_token: bool, budget: int) -> torch.Tensor:
+    B, T, I = af.shape
+    O = gf.shape[-1]
+    p = L.shape[0]
+    denom = nz.denominator().to(af.device)
+    bf = nz.bias_factor()
+    if per_token:
+        a2, g2 = af.reshape(B * T, 1, I), gf.reshape(B * T, 1, O)
+    else:
+        a2, g2 = af, gf
+    n = a2.shape[0]
+    per = max(1, budget // max(1, 4 * O * I))
+    out = torch.empty(n, p, p, dtype=torch.float32, device=af.device)
+    for s in range(0, n, per):
+        e = min(n, s + per)
+        G = torch.bmm(g2[s:e].transpose(1, 2), a2[s:e])  # (c, O, I): the per-example gradients
+        G.div_(denom)
+        out[s:e] = torch.matmul(torch.matmul(L, G), Rw.T)
+        del G
+    if Rb is not None:
+        gs = g2.sum(1)  # (n, O): the bias gradient
+        if bf is not None:
+            gs = gs * bf.to(af.device)
+        out += torch.matmul(gs, L.T)[:, :, None] * Rb
+    return out.reshape(B, T, p * p) if per_token else out.reshape(B, p * p)
+
+
+try:  # the collector lives in its own module (another worker's); optional until it exists
+    from gradkit._collector import GradientCollector  # noqa: E402,F401
+
+    __all__.append("GradientCollector")
+except ImportError:  # pragma: no cover
+    pass

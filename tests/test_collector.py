@@ -1,0 +1,481 @@
+"""GradientCollector: projected per-example gradients from one backward pass equal L G_b R^T of the
+per-example gradients that autograd gives when each example is run ALONE (unpadded), for nn.Linear
+and Hugging Face Conv1D, with bias column, per token, padding masks, shared modules; hooks come off;
+the config is JSON-able; bad input is refused."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from gradkit.projection import (AdafactorNormalizer, AdamNormalizer, GradientCollector, derive_seed,
+                                factored_project, projection_matrix)
+from gradkit.testing import random_batches, tiny_gpt
+
+ATOL, RTOL = 2e-5, 2e-4  # fp32 collector vs fp64 reference on O(1) gradients
+
+
+# ----------------------------------------------------------------------------- references
+def lgr(G, name, p, seed, kind):
+    """L G R^T (fp64) with the contract's matrices: L = M(p, O, seed(name, left)), R = M(p, I', right)."""
+    L = projection_matrix(p, G.shape[0], seed=derive_seed(seed, name, "left"), kind=kind).double()
+    R = projection_matrix(p, G.shape[1], seed=derive_seed(seed, name, "right"), kind=kind).double()
+    return (L @ G.double() @ R.T).reshape(-1)
+
+
+def weight_grad(mod, with_bias):
+    """(O, I[+1]) gradient in nn.Linear layout (HF Conv1D stores W as (I, O))."""
+    gw = mod.weight.grad
+    if type(mod).__name__ == "Conv1D":
+        gw = gw.T
+    if with_bias:
+        gw = torch.cat([gw, mod.bias.grad[:, None]], dim=1)
+    return gw.detach().clone()
+
+
+def lm_losses(model, ids, mask):
+    """Per-example next-token cross-entropy summed over real target positions -> (B,)."""
+    logits = model(ids, mask)
+    tgt = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    tok = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                          ignore_index=-100, reduction="none")
+    return tok.view(ids.shape[0], -1).sum(1)
+
+
+def explicit_per_example(model, names, batch, p, seed, kind, bias, loss_fn=lm_losses):
+    """{name: (B, p*p)} from autograd on each example alone, truncated to its real length."""
+    mods = dict(model.named_modules())
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    out = {n: [] for n in names}
+    for b in range(ids.shape[0]):
+        n_real = int(mask[b].sum())
+        model.zero_grad(set_to_none=False)
+        loss_fn(model, ids[b:b + 1, :n_real], mask[b:b + 1, :n_real]).sum().backward()
+        for n in names:
+            wb = bias and mods[n].bias is not None
+            out[n].append(lgr(weight_grad(mods[n], wb), n, p, seed, kind))
+    model.zero_grad(set_to_none=True)
+    return {n: torch.stack(v) for n, v in out.items()}
+
+
+def assert_close(got, want):
+    torch.testing.assert_close(got.double(), want.double(), atol=ATOL, rtol=RTOL)
+
+
+# ----------------------------------------------------------------------------- tiny models
+class ConvGPT(nn.Module):
+    """Two GPT-2 ``Conv1D`` layers (weight (in, out), y = x @ W + b), a causal token mix and a Linear head."""
+
+    def __init__(self, vocab=31, d=12, seed=0):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        g = torch.Generator().manual_seed(seed)
+        self.wte = nn.Embedding(vocab, d)
+        self.c_fc = Conv1D(3 * d, d)
+        self.c_proj = Conv1D(d, 3 * d)
+        self.head = nn.Linear(d, vocab)
+        with torch.no_grad():
+            for prm in self.parameters():
+                prm.copy_(torch.randn(prm.shape, generator=g) * 0.3)
+
+    def forward(self, ids, mask=None):
+        x = self.wte(ids)
+        x = x + torch.cumsum(x, dim=1) / torch.arange(1, ids.shape[1] + 1)[None, :, None]  # causal
+        x = x + self.c_proj(torch.tanh(self.c_fc(x)))
+        return self.head(x)
+
+
+class SharedMLP(nn.Module):
+    """The same Linear applied twice (weight sharing): its gradient sums both calls."""
+
+    def __init__(self, vocab=23, d=8, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.wte = nn.Embedding(vocab, d)
+        self.fc = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab)
+        with torch.no_grad():
+            for prm in self.parameters():
+                prm.copy_(torch.randn(prm.shape, generator=g) * 0.5)
+
+    def forward(self, ids, mask=None):
+        x = self.wte(ids)
+        x = x + torch.tanh(self.fc(x))
+        x = x + torch.tanh(self.fc(x))
+        return self.head(x)
+
+
+def run_collector(col, model, batch, loss_fn=lm_losses, use_col_backward=True):
+    with col:
+        col.set_mask(batch["attention_mask"])
+        losses = loss_fn(model, batch["input_ids"], batch["attention_mask"])
+        if use_col_backward:
+            col.backward(losses.sum())
+        else:
+            losses.sum().backward()
+        return col.collect()
+
+
+# ----------------------------------------------------------------------------- value tests
+@pytest.mark.parametrize("bias,kind,modules", [
+    (False, "rademacher", None),
+    (True, "gaussian", ["transformer.h.1.*", "lm_head"]),
+])
+def test_tiny_gpt_matches_per_example_autograd(bias, kind, modules):
+    model = tiny_gpt(n_layer=2, d_model=16, n_head=2, vocab=41, seed=1)
+    batch = random_batches(1, batch=4, seq=10, vocab=41, seed=2)[0]
+    assert (batch["attention_mask"] == 0).any()  # some rows are padded
+    col = GradientCollector(model, modules=modules, p=4, seed=7, kind=kind, bias=bias)
+    names = list(col.module_dims)
+    if modules is None:
+        assert len(names) == 2 * 4 + 1 and names[-1] == "lm_head"
+    else:
+        assert names == ["transformer.h.1.attn.c_attn", "transformer.h.1.attn.c_proj",
+                         "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj", "lm_head"]
+    got = run_collector(col, model, batch)
+    assert list(got) == names
+    want = explicit_per_example(model, names, batch, 4, 7, kind, bias)
+    for n in names:
+        assert got[n].shape == (4, 16) and got[n].dtype == torch.float32
+        assert_close(got[n], want[n])
+    assert all(prm.grad is None for prm in model.parameters())  # col.backward leaves .grad alone
+
+
+def test_hf_conv1d_matches_per_example_autograd():
+    pytest.importorskip("transformers")
+    model = ConvGPT(seed=3)
+    batch = random_batches(1, batch=3, seq=9, vocab=31, seed=4)[0]
+    col = GradientCollector(model, p=3, seed=11, bias=True)
+    assert list(col.module_dims) == ["c_fc", "c_proj", "head"]
+    assert col.module_shapes["c_fc"] == (36, 12) and col.module_shapes["c_proj"] == (12, 36)
+    got = run_collector(col, model, batch, use_col_backward=False)  # plain loss.backward() path
+    want = explicit_per_example(model, list(col.module_dims), batch, 3, 11, "rademacher", True)
+    for n in col.module_dims:
+        assert_close(got[n], want[n])
+
+
+def test_shared_module_sums_both_calls():
+    model = SharedMLP(seed=5)
+    batch = random_batches(1, batch=3, seq=8, vocab=23, seed=6)[0]
+    col = GradientCollector(model, modules="fc", p=5, seed=2, bias=True)
+    got = run_collector(col, model, batch)
+    want = explicit_per_example(model, ["fc"], batch, 5, 2, "rademacher", True)
+    assert_close(got["fc"], want["fc"])
+
+
+def _capture(model, names, batch, loss_fn):
+    """Inputs a (B,T,I) and output gradients g (B,T,O) of each named module, by separate hooks."""
+    mods = dict(model.named_modules())
+    store, handles = {}, []
+    for n in names:
+        def fwd(mod, args, out, n=n):
+            store[n] = [args[0].detach()]
+            out.register_hook(lambda g, n=n: store[n].append(g.detach()))
+        handles.append(mods[n].register_forward_hook(fwd))
+    loss_fn(model, batch["input_ids"], batch["attention_mask"]).sum().backward()
+    for h in handles:
+        h.remove()
+    model.zero_grad(set_to_none=True)
+    return store
+
+
+def all_positions_loss(model, ids, mask):
+    """A loss that also reads the padded positions (whose outputs are garbage) -> (B,)."""
+    logits = model(ids, mask)
+    return (logits.tanh() * torch.linspace(-1, 1, logits.shape[-1])).sum((1, 2))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_per_token_and_mask(bias):
+    model = tiny_gpt(n_layer=1, d_model=16, n_head=2, vocab=29, seed=4)
+    batch = random_batches(1, batch=3, seq=8, vocab=29, seed=5)[0]
+    mask = batch["attention_mask"]
+    p, seed = 3, 9
+    names = ["transformer.h.0.mlp.c_fc", "lm_head"]
+    col = GradientCollector(model, modules=names, p=p, seed=seed, bias=bias, per_token=True)
+    got = run_collector(col, model, batch, loss_fn=all_positions_loss)
+    cap = _capture(model, names, batch, all_positions_loss)
+    mods = dict(model.named_modules())
+    for n in names:
+        a, g = cap[n]
+        assert got[n].shape == (3, 8, p * p)
+        # padded positions do carry gradient here, so the mask is what zeroes them
+        assert g[mask == 0].abs().sum() > 0
+        wb = bias and mods[n].bias is not None
+        for b in range(3):
+            for t in range(8):
+                at = torch.cat([a[b, t], a.new_ones(1)]) if wb else a[b, t]
+                want = lgr(torch.outer(g[b, t], at), n, p, seed, "rademacher") * float(mask[b, t])
+                assert_close(got[n][b, t], want)
+    # per-example collection with the mask = sum of the masked per-token rows; without it, differs
+    col_ex = GradientCollector(model, modules=names, p=p, seed=seed, bias=bias)
+    ex = run_collector(col_ex, model, batch, loss_fn=all_positions_loss)
+    with col_ex:
+        all_positions_loss(model, batch["input_ids"], mask).sum().backward()
+        unmasked = col_ex.collect()
+    model.zero_grad(set_to_none=True)
+    for n in names:
+        assert_close(ex[n], got[n].sum(1))
+        assert (unmasked[n] - ex[n]).abs().max() > 1e-3
+
+
+def test_padding_does_not_change_per_example_grads():
+    """Same examples, padded to a longer T: identical vectors (the loss ignores padding)."""
+    model = tiny_gpt(n_layer=2, d_model=16, n_head=2, vocab=41, seed=8)
+    batch = random_batches(1, batch=3, seq=10, vocab=41, seed=9)[0]
+    longer = {k: F.pad(v, (0, 5)) for k, v in batch.items()}
+    col = GradientCollector(model, p=4)
+    a = run_collector(col, model, batch)
+    b = run_collector(col, model, longer)
+    for n in a:
+        assert_close(b[n], a[n])
+
+
+@settings(max_examples=12)
+@given(data=st.data())
+def test_random_mlp_matches_reference(data):
+    """Hypothesis over shapes / p / seed / bias / per_token / mask on a 2-layer MLP over tokens."""
+    B = data.draw(st.integers(1, 3), "B")
+    T = data.draw(st.integers(1, 5), "T")
+    I = data.draw(st.integers(1, 7), "I")
+    H = data.draw(st.integers(1, 6), "H")
+    p = data.draw(st.integers(1, 5), "p")
+    seed = data.draw(st.integers(0, 2**31), "seed")
+    bias = data.draw(st.booleans(), "bias")
+    per_token = data.draw(st.booleans(), "per_token")
+    use_mask = data.draw(st.booleans(), "mask")
+    g = torch.Generator().manual_seed(seed % 1000)
+    model = nn.Sequential(nn.Linear(I, H), nn.Tanh(), nn.Linear(H, 2, bias=False))
+    x = torch.randn(B, T, I, generator=g)
+    w = torch.randn(B, T, 2, generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.3) if use_mask else None
+    col = GradientCollector(model, p=p, seed=seed, bias=bias, per_token=per_token)
+    with col:
+        col.set_mask(mask)
+        (model(x) * w).sum().backward()
+        got = col.collect()
+    for n, mod in (("0", model[0]), ("2", model[2])):
+        a = x if n == "0" else torch.tanh(model[0](x)).detach()
+        gout = w if n == "2" else ((w @ model[2].weight) * (1 - torch.tanh(model[0](x)) ** 2)).detach()
+        if bias and mod.bias is not None:
+            a = torch.cat([a, a.new_ones(B, T, 1)], -1)
+        m = mask.double() if mask is not None else torch.ones(B, T, dtype=torch.float64)
+        Gt = torch.einsum("bto,bti,bt->btoi", gout.double(), a.double(), m)
+        if per_token:
+            want = torch.stack([torch.stack([lgr(Gt[b, t], n, p, seed, "rademacher") for t in range(T)])
+                                for b in range(B)])
+        else:
+            want = torch.stack([lgr(Gt[b].sum(0), n, p, seed, "rademacher") for b in range(B)])
+        assert got[n].shape == want.shape
+        torch.testing.assert_close(got[n].double(), want, atol=1e-4, rtol=1e-4)
+    model.zero_grad()
+
+
+@pytest.mark.parametrize("which", ["adafactor", "adam"])
+def test_normalizers_match_normalized_per_example_grads(which):
+    """A module's normalizer is applied to its per-example gradient (weight and bias column) before
+    the projection; modules without one are untouched."""
+    g = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    x = torch.randn(4, 3, 5, generator=g)
+    w = torch.randn(4, 3, 3, generator=g)
+    O, I = 6, 5
+    bsq = torch.rand(O, generator=g) + 0.1
+    if which == "adafactor":
+        nz = AdafactorNormalizer(row=torch.rand(O, generator=g) + 0.1, col=torch.rand(I, generator=g) + 0.1,
+                                 bias_avg_sq=bsq)
+        rf, cf = nz.factors()
+        norm_w = lambda G: rf[:, None] * G * cf[None, :]  # noqa: E731
+        norm_b = lambda b: b * nz.bias_factor()  # noqa: E731
+    else:
+        nz = AdamNormalizer(v=torch.rand(O, I, generator=g) + 0.1, bias_avg_sq=bsq)
+        norm_w = lambda G: G / (nz.v.sqrt() + nz.eps)  # noqa: E731
+        norm_b = lambda b: b / (bsq.sqrt() + nz.eps)  # noqa: E731
+    col = GradientCollector(model, p=3, seed=4, bias=True, normalizers={"0": nz})
+    assert col.projection_config["normalizers"] == {"0": type(nz).__name__}
+    with col:
+        (model(x) * w).sum().backward()
+        got = col.collect()
+    for b in range(4):
+        model.zero_grad()
+        (model(x[b:b + 1]) * w[b:b + 1]).sum().backward()
+        G0 = torch.cat([norm_w(model[0].weight.grad), norm_b(model[0].bias.grad)[:, None]], 1)
+        assert_close(got["0"][b], lgr(G0, "0", 3, 4, "rademacher"))
+        assert_close(got["2"][b], lgr(weight_grad(model[2], True), "2", 3, 4, "rademacher"))
+
+
+# ----------------------------------------------------------------------------- API behaviour
+def test_col_backward_equals_loss_backward_and_collects_from_factored_project():
+    model = tiny_gpt(n_layer=1, d_model=16, n_head=2, vocab=29, seed=2)
+    batch = random_batches(1, batch=2, seq=6, vocab=29, seed=3)[0]
+    col = GradientCollector(model, p=4, seed=5)
+    a = run_collector(col, model, batch, use_col_backward=True)
+    assert all(prm.grad is None for prm in model.parameters())
+    b = run_collector(col, model, batch, use_col_backward=False)
+    assert all(prm.grad is not None for prm in model.parameters())
+    for n in a:
+        torch.testing.assert_close(a[n], b[n])
+    # the hook path is exactly factored_project on the module's (input, output grad)
+    cap = _capture(model, ["lm_head"], batch, lm_losses)
+    fa, fg = cap["lm_head"]
+    direct = factored_project(fa, fg, 4, seed=5, name="lm_head", mask=batch["attention_mask"] != 0)
+    torch.testing.assert_close(a["lm_head"], direct)
+
+
+def test_per_example_grads_flat_scale_and_mean_loss():
+    model = tiny_gpt(n_layer=1, d_model=16, n_head=2, vocab=29, seed=2)
+    batches = random_batches(2, batch=3, seq=6, vocab=29, seed=3)
+    col = GradientCollector(model, modules="transformer.h.0.mlp.*", p=2)
+    summed = list(col.per_example_grads(batches, lambda m, bt: lm_losses(m, bt["input_ids"], bt["attention_mask"])))
+    assert not col.attached and all(len(list(m._forward_hooks.values())) == 0 for m in model.modules())
+    mean = list(col.per_example_grads(
+        batches, lambda m, bt: lm_losses(m, bt["input_ids"], bt["attention_mask"]).mean(), flat=True, scale=3))
+    assert len(summed) == len(mean) == 2
+    for s, m in zip(summed, mean):
+        assert m.shape == (3, col.dim) == (3, 8)
+        torch.testing.assert_close(m, col.flatten(s), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(col.split(m)["transformer.h.0.mlp.c_fc"], s["transformer.h.0.mlp.c_fc"],
+                                   atol=1e-6, rtol=1e-5)
+    manual = run_collector(col, model, batches[0])
+    for n in manual:
+        torch.testing.assert_close(manual[n], summed[0][n])
+
+
+def test_hooks_removed_and_state_dropped():
+    model = tiny_gpt(n_layer=1, d_model=16, n_head=2, vocab=29)
+    batch = random_batches(1, batch=2, seq=6, vocab=29)[0]
+    hooked = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    col = GradientCollector(model, p=2)
+    with col:
+        assert col.attached and all(len(m._forward_hooks) == 1 for m in hooked)
+        loss = lm_losses(model, batch["input_ids"], batch["attention_mask"]).sum()
+        assert len(col._edges) == len(hooked)  # one pending output per hooked call
+        loss.backward()
+        assert not col._edges  # every pending call got its gradient and let go of its input
+    assert not col.attached and all(len(m._forward_hooks) == 0 for m in hooked)
+    with pytest.raises(RuntimeError, match="no gradients"):
+        col.collect()  # exit dropped the batch
+    with pytest.raises(ZeroDivisionError):
+        with col:
+            1 / 0
+    assert all(len(m._forward_hooks) == 0 for m in hooked)
+    # a graph built while attached, backpropagated after exit, does not leak into the next batch
+    with col:
+        loss = lm_losses(model, batch["input_ids"], batch["attention_mask"]).sum()
+    loss.backward()
+    with col:
+        with pytest.raises(RuntimeError, match="no gradients"):
+            col.collect()
+    # no_grad forwards are ignored
+    with col, torch.no_grad():
+        model(batch["input_ids"])
+        assert not col._edges
+
+
+def test_missing_module_gradients():
+    model = tiny_gpt(n_layer=1, d_model=16, n_head=2, vocab=29)
+    batch = random_batches(1, batch=2, seq=6, vocab=29)[0]
+    col = GradientCollector(model, modules=["transformer.h.0.attn.*", "lm_head"], p=2)
+    hidden = {}
+    h = model.transformer.ln_f.register_forward_hook(lambda m, a, o: hidden.setdefault("x", o))
+    try:
+        with col:
+            model(batch["input_ids"])
+            hidden["x"].pow(2).sum().backward()  # lm_head ran but is not on the loss path
+            got = col.collect()
+            assert torch.equal(got["lm_head"], torch.zeros(2, 4))
+            assert got["transformer.h.0.attn.c_attn"].abs().sum() > 0
+            hidden.clear()
+            model(batch["input_ids"])
+            hidden["x"].pow(2).sum().backward()
+            with pytest.raises(RuntimeError, match="lm_head"):
+                col.collect(missing="error")
+    finally:
+        h.remove()
+
+
+def test_projection_config_is_json_and_complete():
+    model = tiny_gpt(n_layer=1, d_model=16, n_head=2, vocab=29)
+    col = GradientCollector(model, modules=["transformer.h.0.mlp.*", "lm_head"], p=8, seed=3,
+                            kind="gaussian", bias=True, per_token=True)
+    cfg = col.projection_config
+    assert json.loads(json.dumps(cfg)) == cfg
+    assert cfg["p"] == 8 and cfg["seed"] == 3 and cfg["kind"] == "gaussian"
+    assert cfg["bias"] is True and cfg["per_token"] is True and isinstance(cfg["version"], int)
+    assert list(cfg["modules"]) == ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj", "lm_head"]
+    assert all(v == 64 for v in cfg["modules"].values()) and col.dim == 192
+    assert cfg["shapes"]["transformer.h.0.mlp.c_fc"] == [64, 16]
+    assert cfg["bias_modules"] == ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]  # lm_head has none
+    assert list(col.module_dims.items()) == list(cfg["modules"].items())
+    other = GradientCollector(model, modules=["transformer.h.0.mlp.*", "lm_head"], p=8, seed=4,
+                              kind="gaussian", bias=True, per_token=True)
+    assert other.projection_config != cfg
+
+
+def test_output_dtype():
+    model = nn.Sequential(nn.Linear(4, 3))
+    col = GradientCollector(model, p=2, dtype=torch.float16)
+    with col:
+        model(torch.randn(2, 5, 4)).sum().backward()
+        got = col.collect()
+    assert got["0"].dtype == torch.float16 and got["0"].shape == (2, 4)
+    col2 = GradientCollector(model, p=2)
+    with col2:  # a (B, I) input without a token axis is one token per example; a mask does not apply
+        col2.set_mask(torch.ones(2, 7))
+        model(torch.randn(2, 4)).sum().backward()
+        assert col2.collect()["0"].shape == (2, 4)
+
+
+def test_bad_input():
+    model = tiny_gpt(n_layer=1, d_model=16, n_head=2, vocab=29)
+    for bad in (0, -1, 1.5, True, None):
+        with pytest.raises(ValueError, match="p"):
+            GradientCollector(model, p=bad)
+    with pytest.raises(ValueError, match="kind"):
+        GradientCollector(model, kind="sparse")
+    with pytest.raises(ValueError, match="seed"):
+        GradientCollector(model, seed=-3)
+    with pytest.raises(TypeError, match="dtype"):
+        GradientCollector(model, dtype=torch.int32)
+    with pytest.raises(TypeError, match="model"):
+        GradientCollector("gpt2")
+    with pytest.raises(ValueError, match="matches no module"):
+        GradientCollector(model, modules=["transformer.h.0.mlp.*", "transformer.h.9.*"])
+    with pytest.raises(TypeError, match="LayerNorm"):
+        GradientCollector(model, modules="transformer.ln_f")
+    with pytest.raises(TypeError, match="Embedding"):
+        GradientCollector(model, modules=lambda n, m: n.endswith("wte") or isinstance(m, nn.Linear))
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        GradientCollector(nn.Sequential(nn.LayerNorm(3), nn.ReLU()))
+    with pytest.raises(ValueError, match="no nn.Linear / Conv1D"):
+        GradientCollector(model, modules="transformer.h.0.ln_*")
+    with pytest.raises(ValueError, match="normalizers"):
+        GradientCollector(model, modules="lm_head", normalizers={"transformer.h.0.mlp.c_fc": object()})
+    col = GradientCollector(model, p=2)
+    batch = random_batches(1, batch=2, seq=6, vocab=29)[0]
+    with pytest.raises(ValueError, match="mask"):
+        col.set_mask(torch.ones(6))
+    with pytest.raises(ValueError, match="mask"):
+        col.set_mask(torch.full((2, 6), 0.5))
+    with pytest.raises(ValueError, match="missing"):
+        col.collect(missing="ignore")
+    with col:
+        with pytest.raises(RuntimeError, match="no hooked module"):
+            col.backward(torch.ones((), requires_grad=True))
+        with pytest.raises(RuntimeError, match="backward"):
+            model(batch["input_ids"])
+            col.collect()
+        col.set_mask(torch.ones(2, 5))  # wrong T
+        with pytest.raises(ValueError, match="mask"):
+            lm_losses(model, batch["input_ids"], batch["attention_mask"]).sum().backward()
+        col.reset()
+        lm_losses(model, batch["input_ids"], batch["attention_mask"]).sum().backward()
+        with pytest.raises(RuntimeError, match="collect"):
+            model(batch["input_ids"])  # forward again before collect()
+    with pytest.raises(ValueError, match="flat"):
+        col.split(torch.zeros(2, 3))
+    model.zero_grad(set_to_none=True)
