@@ -114,7 +114,7 @@ class Recorder:
             print(f"  {op:<28} {provider:<22} p50={stats['p50'] * 1e3:10.2f} ms  (p20 {stats['p20'] * 1e3:.2f}, "
                   f"p80 {stats['p80'] * 1e3:.2f}, n={stats['n']})", flush=True)
         else:
-            print(f"  {op:<28} {provider:<22} {stats['p50']:.3f} {metric}", flush=True)
+            print(f"  {op:<28} {provider:<22} {stats['p50']:.5g} {metric}", flush=True)
 
     def write_jsonl(self, path: str) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -137,7 +137,7 @@ def ratio_table(rows: List[Dict[str, object]], baseline: str = "gradkit") -> str
     for r in rows:
         if r["metric"] != "seconds":
             lines.append(f"| {r['family']} | {r['op']} | {r['shape']} | {r['provider']} | "
-                         f"{r['p50']:.3f} ({r['metric']}) | - | - |")
+                         f"{r['p50']:.5g} ({r['metric']}) | - | - |")
             continue
         b = base.get((r["family"], r["op"], r["shape"]))
         ratio = f"{r['p50'] / b:.1f}x" if b else "-"
