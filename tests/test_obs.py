@@ -53,10 +53,13 @@ def test_true_obs_matches_literal_schur_recursion(name, scoring, order):
     M, K, _, _ = PATTERNS[name]
     W0, X = _layer(M, K)
     H = X.T @ X
-    if scoring == "joint" and name == "16-col blocks, 8-row coupling":
-        pytest.xfail("joint scoring is refused for row-coupled scopes (documented)")
     W = W0.clone()
     o, nnz = _obs(name, W, H)
+    if scoring == "joint" and o.plan.coupled:  # documented refusal, before any work
+        with pytest.raises(NotImplementedError, match="joint"):
+            o.prune_true_obs(nnz, scoring="joint")
+        assert torch.equal(W, W0)
+        return
     ng = 1 if o.plan.coupled else 3
     so = o._slot_order(W0.clone(), o._c32(), o.blocks_per_scope - nnz, order)
     ref = true_obs_reference(W0, o.inv_hessian, o.plan.group_rows, o.plan.t_col[so], o.plan.t_lrow[so], ng,

@@ -1,4 +1,126 @@
-"""Op wrappers, validation and fake impls for the search family (schemas in csrc/ops.cpp)."""
+"""Op wrappers, validation and fake impls for the search family (schemas in csrc/ops.cpp).
+
+``score_topk`` scores queries against a block of keys by inner product and merges the block's
+best candidates into a running top-k. Streaming search over an index calls it once per block of
+rows, feeding each result back as ``scores_in``/``idx_in`` with ``base`` = the block's first row.
+"""
 from __future__ import annotations
 
-__all__: list = []
+from typing import Optional, Tuple
+
+import torch
+
+from gradkit import _ext
+
+__all__ = ["score_topk", "SEARCH_OPS", "KEY_DTYPES"]
+
+SEARCH_OPS = ("score_topk",)
+KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _int(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{what}: expected an int, got {type(v).__name__}")
+    return v
+
+
+def score_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, largest: bool = True,
+               key_scale: Optional[torch.Tensor] = None, scores_in: Optional[torch.Tensor] = None,
+               idx_in: Optional[torch.Tensor] = None, base: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Blocked exact top-k by inner product, merged into a running top-k.
+
+    queries: (Q, D) float32; keys: (N, D) float32/float16/bfloat16 (any row stride; upcast to
+    float32 per block); key_scale: (N,) float32 multiplying each key's score (e.g. inverse
+    norms for cosine) or None; scores_in / idx_in: (Q, k_in) float32 / int64 running top-k
+    (idx -1 = empty slot) or None; base: index of keys[0].
+
+    Returns (scores (Q, k) float32, indices (Q, k) int64): the k best of the running top-k and
+    the new candidates, best first (largest: highest score, else lowest), ties lowest index
+    first; NaN scores rank as -inf (largest) / +inf (smallest); slots without a candidate are
+    (-inf, -1) (largest) or (+inf, -1).
+    """
+    from gradkit.ops import _impl
+
+    if not isinstance(queries, torch.Tensor) or queries.dtype != torch.float32:
+        raise TypeError(f"queries: expected a float32 tensor, got {getattr(queries, 'dtype', type(queries).__name__)}")
+    if queries.dim() != 2:
+        raise ValueError(f"queries: expected a 2-D tensor (Q, D), got shape {tuple(queries.shape)}")
+    if not isinstance(keys, torch.Tensor) or keys.dtype not in KEY_DTYPES:
+        raise TypeError(f"keys: expected a float32/float16/bfloat16 tensor, got "
+                        f"{getattr(keys, 'dtype', type(keys).__name__)}")
+    if keys.dim() != 2 or keys.shape[1] != queries.shape[1]:
+        raise ValueError(f"keys: expected shape (N, {queries.shape[1]}) to match queries' D, got {tuple(keys.shape)}")
+    if keys.device != queries.device:
+        raise ValueError(f"keys: on {keys.device} but queries is on {queries.device}")
+    k = _int(k, "k")
+    if k < 0:
+        raise ValueError(f"k: must be non-negative, got {k}")
+    base = _int(base, "base")
+    if base < 0:
+        raise ValueError(f"base: must be non-negative, got {base}")
+    if not isinstance(largest, bool):
+        raise TypeError(f"largest: expected a bool, got {type(largest).__name__}")
+    if key_scale is not None:
+        if not isinstance(key_scale, torch.Tensor) or key_scale.dtype != torch.float32:
+            raise TypeError("key_scale: expected a float32 tensor or None")
+        if key_scale.shape != (keys.shape[0],):
+            raise ValueError(f"key_scale: expected shape ({keys.shape[0]},), got {tuple(key_scale.shape)}")
+        if key_scale.device != queries.device:
+            raise ValueError(f"key_scale: on {key_scale.device} but queries is on {queries.device}")
+    if (scores_in is None) != (idx_in is None):
+        raise ValueError("scores_in, idx_in: give both or neither")
+    if scores_in is not None:
+        if not isinstance(scores_in, torch.Tensor) or scores_in.dtype != torch.float32:
+            raise TypeError("scores_in: expected a float32 tensor")
+        if not isinstance(idx_in, torch.Tensor) or idx_in.dtype != torch.int64:
+            raise TypeError("idx_in: expected an int64 tensor")
+        if scores_in.dim() != 2 or scores_in.shape[0] != queries.shape[0]:
+            raise ValueError(f"scores_in: expected shape ({queries.shape[0]}, k_in), got {tuple(scores_in.shape)}")
+        if idx_in.shape != scores_in.shape:
+            raise ValueError(f"idx_in: expected shape {tuple(scores_in.shape)}, got {tuple(idx_in.shape)}")
+        if scores_in.device != queries.device or idx_in.device != queries.device:
+            raise ValueError("scores_in, idx_in: must be on the queries' device")
+    if keys.shape[0] and keys.shape[1] and keys.stride(1) != 1:
+        keys = keys.contiguous()  # the kernels read rows with unit column stride
+    return _impl("score_topk", "search")(queries, keys, k, largest, key_scale, scores_in, idx_in, base)
+
+
+def _has_op(name: str) -> bool:
+    if not _ext.LOADED:
+        return False
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"gradkit::{name}", "")
+        return True
+    except RuntimeError:
+        return False
+
+
+def _score_topk_fake(queries, keys, k, largest, key_scale, scores_in, idx_in, base):
+    q = queries.shape[0]
+    return queries.new_empty((q, k), dtype=torch.float32), queries.new_empty((q, k), dtype=torch.int64)
+
+
+def _stacklevel_of_ops_package() -> int:
+    """csrc/ops.cpp declares gradkit.ops (m.set_python_module) as the home of every fake impl, and
+    torch checks the module that registers one. This module is imported by gradkit/ops/__init__.py
+    (``from gradkit.ops.search import *``), so the registration is attributed to that frame."""
+    import sys
+
+    f, level = sys._getframe(1), 1
+    while f is not None:
+        if f.f_globals.get("__name__") == "gradkit.ops":
+            return level
+        f, level = f.f_back, level + 1
+    return 1
+
+
+if _has_op("score_topk"):
+    torch.library.register_fake("gradkit::score_topk", _score_topk_fake, _stacklevel=_stacklevel_of_ops_package())
+
+    if torch.cuda.is_available() and not _ext.has_kernel("score_topk", "CUDA"):
+        try:
+            from gradkit.kernels.triton import search as _tri_search
+
+            torch.library.impl("gradkit::score_topk", "CUDA")(_tri_search.score_topk)
+        except Exception:  # pragma: no cover - triton missing: CUDA tensors get a dispatcher error
+            pass

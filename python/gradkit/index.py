@@ -1,0 +1,1411 @@
+"""An on-disk index of (projected) per-example gradients, and exact top-k search over it.
+
+Build::
+
+    with GradientIndex.create("run/index", {"h.0.mlp": 256, "h.1.mlp": 256}, dtype=torch.float16,
+                              projection={"kind": "rademacher", "seed": 0, "p": 16}) as index:
+        for grads in batches:          # (n, 512) tensors or {name: (n, d_m)} dicts
+            index.append(grads)        # each append is one committed chunk
+    # close() (the end of the `with`) marks the index complete
+
+Search::
+
+    index = GradientIndex.open("run/index")          # gradkit's layout or bergson's
+    scores, rows = index.search(queries, k=10, unit_norm=True)
+
+Layout on disk (gradkit)
+------------------------
+A directory holding ``index.json`` (the header: format and version, the ordered modules and
+their sizes, dtype, projection config, row count, per-token settings, shard list, whether the
+build completed) and ``shards/``: raw little-endian row-major arrays ``r<rank>-<seq>.bin`` of
+``rows x dim`` elements (fp16, bf16 or fp32), plus ``r<rank>.tokens.bin`` (int64 token count per
+example) for per-token indexes. Rows of rank 0's shards come first, then rank 1's, and so on.
+
+Crash safety: rows are appended past the committed end of a shard (an area no reader looks
+at); a commit fsyncs the data and then atomically replaces the header (write to a temporary
+file, fsync, ``os.replace``, fsync the directory). A crash therefore leaves the last committed
+header, whose rows are all on disk. A header whose build did not complete (``complete: false``)
+is refused by :meth:`GradientIndex.open`; ``create(..., resume=True)`` continues it after its
+last committed row (uncommitted bytes are cut off), ``create(..., overwrite=True)`` discards it.
+A directory without a header never opens as an index. A shard shorter than its header says is
+refused on open. A failed write (e.g. disk full) rolls the files back to the last commit and
+raises ``OSError`` naming the file.
+
+Multi-process builds (``torch.distributed`` initialised): every rank writes its own shards and
+commits its own ``shards/rank-<r>.json``; ``close()`` gathers the row counts (all_gather), and
+rank 0 writes the final header after every rank has committed.
+
+bergson's layout (``gradients.bin`` + ``info.json`` with ``num_grads``, ``grad_sizes`` and
+``base_dtype`` or the older structured ``dtype``; ``offsets.npy`` for per-token indexes; or a
+directory of ``*shard*`` sub-directories in that layout) opens read-only with the same search.
+
+Search
+------
+Exact: the queries are scored against every row by inner product (cosine with ``unit_norm``),
+streaming the memory-mapped rows in blocks of ``batch_rows`` and merging each block's best into
+a running top-k (``gradkit.ops.score_topk``: C++ GEMM + selection on CPU, Triton / CUDA C++ on
+GPU), so the index never has to fit in memory. Ties go to the lowest row.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import math
+import os
+import re
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from gradkit import ops
+
+__all__ = ["GradientIndex", "Precondition", "IndexFormatError", "NonFiniteGradientError", "FORMAT", "VERSION"]
+
+FORMAT = "gradkit-index"
+VERSION = 1
+HEADER = "index.json"
+SHARD_DIR = "shards"
+_SHARD_RE = re.compile(r"^r(\d{5})-(\d{6})\.bin$")
+_TOKENS_RE = re.compile(r"^r(\d{5})\.tokens\.bin$")
+_RANK_RE = re.compile(r"^rank-(\d{5})\.json(\.tmp)?$")
+_MAX_HEADER_BYTES = 1 << 28
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "f16": "float16", "float16": "float16",
+                  "bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "f32": "float32",
+                  "float": "float32", "float32": "float32"}
+# raw numpy element type each storage dtype is mapped as (bf16: its 16 raw bits)
+_NP_RAW = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32, "float64": np.float64}
+_TORCH_OF = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+             "float64": torch.float64}
+_POLICIES = ("skip", "error")
+_BACKENDS = ("auto", "torch", "faiss")
+_MODES = ("query", "both")
+
+
+class IndexFormatError(ValueError):
+    """A directory that is not a valid, complete index (missing/partial header, truncated shard...)."""
+
+
+class NonFiniteGradientError(ValueError):
+    """Rows with NaN or Inf were appended under ``on_nonfinite="error"``."""
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _fsync_dir(path: Union[str, Path]) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data) -> None:
+    """Write every byte of ``data`` at the descriptor's current position."""
+    mv = memoryview(data).cast("B")
+    while len(mv):
+        n = os.write(fd, mv)
+        if n <= 0:  # pragma: no cover - os.write raises instead on Linux
+            raise OSError(errno.EIO, "short write")
+        mv = mv[n:]
+
+
+def _atomic_write_json(path: Path, obj) -> None:
+    """Replace ``path`` by ``obj`` as JSON: temp file, fsync, os.replace, fsync the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    data = json.dumps(obj, indent=1).encode()
+    fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _read_json(path: Path, what: str):
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise IndexFormatError(f"{what}: cannot read {path}: {e.strerror}") from None
+    if size > _MAX_HEADER_BYTES:
+        raise IndexFormatError(f"{what}: {path} is {size} bytes, too large for a header")
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IndexFormatError(f"{what}: {path} is not valid JSON ({e}); the header is damaged") from None
+
+
+def _dtype_name(dtype) -> str:
+    if isinstance(dtype, torch.dtype):
+        for name, dt in _DTYPES.items():
+            if dt == dtype:
+                return name
+        raise TypeError(f"dtype: expected torch.float16, torch.bfloat16 or torch.float32, got {dtype}")
+    if isinstance(dtype, str) and dtype.lower() in _DTYPE_ALIASES:
+        return _DTYPE_ALIASES[dtype.lower()]
+    raise TypeError(f"dtype: expected torch.float16, torch.bfloat16 or torch.float32, got {dtype!r}")
+
+
+def _check_modules(modules) -> "OrderedDict[str, int]":
+    if isinstance(modules, Mapping):
+        items = list(modules.items())
+    elif isinstance(modules, (list, tuple)):
+        items = list(modules)
+    else:
+        raise TypeError(f"modules: expected an ordered dict name -> dim, got {type(modules).__name__}")
+    if not items:
+        raise ValueError("modules: expected at least one module")
+    out: "OrderedDict[str, int]" = OrderedDict()
+    for i, it in enumerate(items):
+        if not isinstance(it, (list, tuple)) or len(it) != 2:
+            raise TypeError(f"modules[{i}]: expected a (name, dim) pair, got {it!r}")
+        name, dim = it
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"modules[{i}]: name must be a non-empty string, got {name!r}")
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or int(dim) < 1:
+            raise ValueError(f"modules[{name!r}]: dim must be a positive int, got {dim!r}")
+        if name in out:
+            raise ValueError(f"modules: duplicate module name {name!r}")
+        out[name] = int(dim)
+    return out
+
+
+def _projection_dict(projection, what: str = "projection"):
+    """A projection config as a JSON-normalised dict (None stays None)."""
+    if projection is None:
+        return None
+    if dataclasses.is_dataclass(projection) and not isinstance(projection, type):
+        projection = dataclasses.asdict(projection)
+    elif not isinstance(projection, Mapping):
+        for attr in ("to_dict", "config"):
+            fn = getattr(projection, attr, None)
+            if callable(fn):
+                projection = fn()
+                break
+    if not isinstance(projection, Mapping):
+        raise TypeError(f"{what}: expected a dict (projection config incl. seed and kind) or None, "
+                        f"got {type(projection).__name__}")
+    try:
+        return json.loads(json.dumps(dict(projection), sort_keys=True))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{what}: must be JSON-serialisable (str keys; numbers, strings, lists): {e}") from None
+
+
+def _int_arg(v, what: str, lo: int = 0) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{what}: expected an int, got {type(v).__name__}")
+    v = int(v)
+    if v < lo:
+        raise ValueError(f"{what}: must be >= {lo}, got {v}")
+    return v
+
+
+def _from_raw(arr: np.ndarray, name: str) -> torch.Tensor:
+    """A torch view of a (read-only) memmap of raw elements of storage dtype ``name``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # memmaps opened read-only: torch warns it cannot write them
+        t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if name == "bfloat16" else t
+
+
+def _map_rows(f: Path, dname: str, rows: int, width: int, maps: list) -> torch.Tensor:
+    """Read-only memory map of a (rows, width) little-endian array; the mmap is kept in ``maps``."""
+    import mmap as _mmap
+
+    nbytes = rows * width * np.dtype(_NP_RAW[dname]).itemsize
+    with open(f, "rb") as fh:
+        mm = _mmap.mmap(fh.fileno(), nbytes, access=_mmap.ACCESS_READ)
+    maps.append(mm)
+    arr = np.frombuffer(mm, dtype=np.dtype(_NP_RAW[dname]).newbyteorder("<"), count=rows * width)
+    return _from_raw(arr.reshape(rows, width), dname)
+
+
+def _release(view: torch.Tensor, mm, lo_row: int, hi_row: int) -> None:
+    """Drop the pages of rows [lo_row, hi_row) from this process (MADV_DONTNEED on a read-only
+    file mapping: the page cache keeps them while memory allows; the next read faults them in)."""
+    import mmap as _mmap
+
+    if not hasattr(mm, "madvise") or not hasattr(_mmap, "MADV_DONTNEED"):
+        return
+    rb = view.shape[1] * view.element_size()
+    page = _mmap.PAGESIZE
+    start = (lo_row * rb) // page * page
+    end = min(len(mm), hi_row * rb)
+    if end > start:
+        try:
+            mm.madvise(_mmap.MADV_DONTNEED, start, end - start)
+        except (OSError, ValueError):
+            pass
+
+
+def _dist():
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return None
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+# --------------------------------------------------------------------------- preconditioning
+
+
+class Precondition:
+    """Preconditioning for :meth:`GradientIndex.search`.
+
+    ``matrix``: a symmetric positive-definite (D, D) tensor over the index's modules in order,
+    or a dict module name -> (d_m, d_m) (block diagonal; modules left out use the identity).
+    ``mode``:
+
+    * ``"query"`` — score ``q H^-1 . x`` (H^-1 applied to the queries only; influence-function
+      style, like bergson's one-sided preconditioning).
+    * ``"both"`` — score ``cos(H^-1/2 q, H^-1/2 x)``: H^-1/2 is applied to both sides and both are
+      unit-normalised (bergson's two-sided preconditioning). The index rows are transformed block
+      by block while streaming; nothing is written back.
+
+    ``damping`` is added to every eigenvalue before the power is taken (a matrix whose smallest
+    eigenvalue is then not positive is refused). A bare tensor or dict passed as ``precondition=``
+    means ``Precondition(matrix, mode="query")``. The powers are computed once (float64 eigh) and
+    cached on this object, so reuse it across searches.
+    """
+
+    def __init__(self, matrix, mode: str = "query", damping: float = 0.0) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) \
+                or damping < 0:
+            raise ValueError(f"damping: expected a finite number >= 0, got {damping!r}")
+        if isinstance(matrix, torch.Tensor):
+            self._check_square(matrix, "matrix")
+        elif isinstance(matrix, Mapping):
+            if not matrix:
+                raise ValueError("matrix: the dict of per-module matrices is empty")
+            for name, h in matrix.items():
+                if not isinstance(name, str):
+                    raise TypeError(f"matrix: module names must be strings, got {name!r}")
+                self._check_square(h, f"matrix[{name!r}]")
+        else:
+            raise TypeError(f"matrix: expected a (D, D) tensor or a dict name -> (d, d) tensor, "
+                            f"got {type(matrix).__name__}")
+        self.matrix = matrix
+        self.mode = mode
+        self.damping = float(damping)
+        self._cache: Dict[Tuple[str, str], torch.Tensor] = {}
+
+    @staticmethod
+    def _check_square(h, what: str) -> None:
+        if not isinstance(h, torch.Tensor) or not h.is_floating_point():
+            raise TypeError(f"{what}: expected a floating tensor, got {getattr(h, 'dtype', type(h).__name__)}")
+        if h.dim() != 2 or h.shape[0] != h.shape[1] or h.shape[0] == 0:
+            raise ValueError(f"{what}: expected a square (d, d) matrix, got shape {tuple(h.shape)}")
+        if not torch.isfinite(h).all():
+            raise ValueError(f"{what}: contains NaN or Inf")
+
+    def _power(self, key: str, h: torch.Tensor, p: float) -> torch.Tensor:
+        ck = (key, str(p))
+        if ck not in self._cache:
+            h64 = h.detach().to("cpu", torch.float64)
+            if not torch.allclose(h64, h64.T, rtol=1e-5, atol=1e-8 * float(h64.abs().max().clamp_min(1e-300))):
+                raise ValueError(f"precondition: matrix for {key} is not symmetric")
+            ev, vec = torch.linalg.eigh((h64 + h64.T) / 2)
+            ev = ev + self.damping
+            if float(ev.min()) <= 0:
+                raise ValueError(f"precondition: matrix for {key} is not positive definite (smallest eigenvalue "
+                                 f"{float(ev.min()):.3g} after damping={self.damping}); pass damping > 0")
+            self._cache[ck] = ((vec * ev.pow(p)) @ vec.T).to(torch.float32)
+        return self._cache[ck]
+
+    def blocks(self, modules: "OrderedDict[str, int]", p: float) -> List[Tuple[int, int, torch.Tensor]]:
+        """[(lo, hi, H_block^p)] over dense module coordinates (module order, no padding)."""
+        dims = list(modules.values())
+        total = sum(dims)
+        if isinstance(self.matrix, torch.Tensor):
+            if self.matrix.shape[0] != total:
+                raise ValueError(f"precondition: matrix is {self.matrix.shape[0]} x {self.matrix.shape[0]} but the "
+                                 f"index has {total} dims")
+            return [(0, total, self._power("the full matrix", self.matrix, p))]
+        unknown = [n for n in self.matrix if n not in modules]
+        if unknown:
+            raise ValueError(f"precondition: matrices for modules the index does not have: {unknown}")
+        out, lo = [], 0
+        for name, d in modules.items():
+            if name in self.matrix:
+                h = self.matrix[name]
+                if h.shape[0] != d:
+                    raise ValueError(f"precondition: matrix[{name!r}] is {h.shape[0]} x {h.shape[0]} but module "
+                                     f"{name!r} has {d} dims")
+                out.append((lo, lo + d, self._power(f"module {name!r}", h, p)))
+            lo += d
+        return out
+
+
+# --------------------------------------------------------------------------- the index
+
+
+class GradientIndex:
+    """A gradient index directory: build with :meth:`create`, read with :meth:`open`.
+
+    Attributes: ``path``, ``modules`` (ordered name -> dim), ``dim``, ``dtype``, ``projection``
+    (dict or None), ``per_token``, ``layout`` (``"gradkit"`` or ``"bergson"``), ``nonfinite_rows``
+    (rows refused for NaN/Inf), ``offsets`` (per-token: int64 array of ``num_examples + 1`` row
+    offsets; example i owns rows ``offsets[i]:offsets[i+1]``). ``len(index)`` is the number of
+    stored rows (one per example, or one per token for per-token indexes).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:  # pragma: no cover - guard against direct use
+        raise TypeError("GradientIndex: use GradientIndex.create(path, ...) or GradientIndex.open(path)")
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def _blank(cls) -> "GradientIndex":
+        self = object.__new__(cls)
+        self._writable = False
+        self._closed = False
+        self._shards: List[Tuple[int, torch.Tensor]] = []  # (first row, (rows, width) view)
+        self._offsets = None
+        self.nonfinite_rows = 0
+        self._upcast = False
+        self._maps: list = []
+        self.low_memory = False
+        return self
+
+    @classmethod
+    def create(cls, path, modules, dtype=torch.float16, projection=None, per_token: bool = False,
+               shard_rows: Optional[int] = None, resume: bool = False, *, overwrite: bool = False,
+               on_nonfinite: str = "skip", distributed: Optional[bool] = None) -> "GradientIndex":
+        """Start (or with ``resume=True`` continue) building an index at ``path``.
+
+        modules: ordered dict name -> dim (the row layout: modules concatenated in this order).
+        dtype: storage dtype (float16, bfloat16 or float32). projection: the projection config
+        (a JSON-able dict incl. seed and kind, or None), stored in the header and compared on
+        search. per_token: rows are tokens; ``append`` then takes per-example token counts.
+        shard_rows: rows per shard file (None: one growing shard per rank). resume: continue the
+        (interrupted or complete) build at ``path`` after its last committed row; its modules,
+        dtype, projection and per_token must equal the arguments. overwrite: replace an index
+        already at ``path``. on_nonfinite: default policy for rows with NaN/Inf ("skip": refuse
+        the row, count it and warn; "error": raise before writing anything of the chunk).
+        distributed: build across the ranks of the initialised default process group (default:
+        when torch.distributed is initialised).
+        """
+        mods = _check_modules(modules)
+        dname = _dtype_name(dtype)
+        proj = _projection_dict(projection)
+        if not isinstance(per_token, bool):
+            raise TypeError(f"per_token: expected a bool, got {type(per_token).__name__}")
+        if shard_rows is not None:
+            shard_rows = _int_arg(shard_rows, "shard_rows", 1)
+        if not isinstance(resume, bool) or not isinstance(overwrite, bool):
+            raise TypeError("resume, overwrite: expected bools")
+        if resume and overwrite:
+            raise ValueError("resume, overwrite: choose one (resume continues the index, overwrite replaces it)")
+        if on_nonfinite not in _POLICIES:
+            raise ValueError(f"on_nonfinite: expected one of {_POLICIES}, got {on_nonfinite!r}")
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path: expected a str or path, got {type(path).__name__}")
+        d = _dist() if distributed in (None, True) else None
+        if distributed is True and d is None:
+            raise ValueError("distributed: torch.distributed is not initialised")
+        rank, world = (d.get_rank(), d.get_world_size()) if d is not None else (0, 1)
+
+        self = cls._blank()
+        self.path = Path(path)
+        self.modules = mods
+        self.dim = sum(mods.values())
+        self._width = self.dim
+        self._cols = {}
+        lo = 0
+        for n, dm in mods.items():
+            self._cols[n] = (lo, lo + dm)
+            lo += dm
+        self._dname = dname
+        self.dtype = _DTYPES[dname]
+        self.projection = proj
+        self.per_token = per_token
+        self.layout = "gradkit"
+        self._shard_rows = shard_rows
+        self._policy = on_nonfinite
+        self._rank, self._world, self._dist = rank, world, d
+        self._row_bytes = self.dim * self.dtype.itemsize
+
+        # rank 0 prepares the directory; every rank learns whether that worked
+        err: Optional[BaseException] = None
+        if rank == 0:
+            try:
+                self._prepare_dir(resume, overwrite)
+            except BaseException as e:  # noqa: BLE001 - re-raised below on every rank
+                err = e
+        if d is not None:
+            flag = torch.tensor([0 if err is None else 1])
+            d.broadcast(flag, src=0)
+            if int(flag) and err is None:
+                raise RuntimeError("GradientIndex.create: rank 0 failed to prepare the index directory "
+                                   f"{self.path} (see rank 0's error)")
+        if err is not None:
+            raise err
+        self._load_rank_state(resume)
+        self._writable = True
+        return self
+
+    def _base_header(self, complete: bool) -> dict:
+        return {"format": FORMAT, "version": VERSION, "complete": complete, "world_size": self._world,
+                "modules": [[n, dm] for n, dm in self.modules.items()], "dim": self.dim, "dtype": self._dname,
+                "byteorder": "little", "projection": self.projection, "per_token": self.per_token,
+                "shard_rows": self._shard_rows}
+
+    def _check_same(self, h: dict, where: str) -> None:
+        mods = [[n, dm] for n, dm in self.modules.items()]
+        diffs = []
+        if [list(m) for m in h.get("modules", [])] != mods:
+            diffs.append(f"modules {h.get('modules')} != {mods}")
+        if h.get("dtype") != self._dname:
+            diffs.append(f"dtype {h.get('dtype')} != {self._dname}")
+        if h.get("projection") != self.projection:
+            diffs.append(f"projection {h.get('projection')} != {self.projection}")
+        if h.get("per_token") != self.per_token:
+            diffs.append(f"per_token {h.get('per_token')} != {self.per_token}")
+        if h.get("world_size") != self._world:
+            diffs.append(f"world_size {h.get('world_size')} != {self._world}")
+        if diffs:
+            raise ValueError(f"resume: the index at {where} was built with different settings: " + "; ".join(diffs))
+
+    def _own_files(self) -> List[Path]:
+        sd = self.path / SHARD_DIR
+        out = []
+        if sd.is_dir():
+            for f in sd.iterdir():
+                if _SHARD_RE.match(f.name) or _TOKENS_RE.match(f.name) or _RANK_RE.match(f.name) \
+                        or f.name.endswith(".tmp"):
+                    out.append(f)
+        for extra in (HEADER, HEADER + ".tmp"):
+            if (self.path / extra).exists():
+                out.append(self.path / extra)
+        return out
+
+    def _prepare_dir(self, resume: bool, overwrite: bool) -> None:
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise NotADirectoryError(f"path: {p} exists and is not a directory")
+        hdr = p / HEADER
+        if resume:
+            if not hdr.exists():
+                raise IndexFormatError(f"resume: {p} has no committed header ({HEADER}); there is nothing to resume "
+                                       "(start a new build without resume=True)")
+            h = _read_json(hdr, "resume")
+            if h.get("format") != FORMAT:
+                raise IndexFormatError(f"resume: {hdr} is not a gradkit index header")
+            self._check_same(h, str(p))
+            h["complete"] = False
+            _atomic_write_json(hdr, h)
+            return
+        if (p / "info.json").exists():
+            raise FileExistsError(f"path: {p} holds a bergson index (info.json); choose another directory")
+        if hdr.exists() and not overwrite:
+            raise FileExistsError(f"path: {p} already holds a gradkit index; pass resume=True to continue it or "
+                                  "overwrite=True to replace it")
+        # discard an old index (overwrite) or the leftovers of a build that never committed
+        for f in self._own_files():
+            f.unlink()
+        (p / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        h = self._base_header(False)
+        h.update({"count": 0, "examples": 0, "nonfinite_rows": 0, "shards": [], "token_files": []})
+        _atomic_write_json(hdr, h)
+
+    def _rank_header_path(self) -> Path:
+        return self.path / SHARD_DIR / f"rank-{self._rank:05d}.json"
+
+    def _load_rank_state(self, resume: bool) -> None:
+        """This rank's committed state (empty for a new build) and the files trimmed to it."""
+        shards: List[dict] = []
+        tokens_examples = 0
+        nonfinite = 0
+        if resume:
+            h = _read_json(self.path / HEADER, "resume")
+            self._check_same(h, str(self.path))
+            src, own = h, False
+            if self._world > 1 and self._rank_header_path().exists():
+                src, own = _read_json(self._rank_header_path(), "resume"), True
+            shards = [dict(s) for s in src.get("shards", []) if int(s.get("rank", 0)) == self._rank]
+            for tf in src.get("token_files", []):
+                if int(tf.get("rank", 0)) == self._rank:
+                    tokens_examples = int(tf["examples"])
+            if self._world == 1 or own or self._rank == 0:
+                nonfinite = int(src.get("nonfinite_rows", 0))
+        sd = self.path / SHARD_DIR
+        sd.mkdir(parents=True, exist_ok=True)
+        # cut uncommitted bytes, remove uncommitted shard files of this rank
+        keep = set()
+        for s in shards:
+            f = self.path / s["file"]
+            if not _SHARD_RE.match(f.name) or f.parent != sd:
+                raise IndexFormatError(f"resume: unexpected shard file name {s['file']!r} in the header")
+            need = int(s["rows"]) * self._row_bytes
+            if not f.exists() or f.stat().st_size < need:
+                raise IndexFormatError(f"resume: shard {f} is shorter than its {s['rows']} committed rows")
+            os.truncate(f, need)
+            keep.add(f.name)
+        for f in sd.iterdir():
+            m = _SHARD_RE.match(f.name)
+            if m and int(m.group(1)) == self._rank and f.name not in keep:
+                f.unlink()
+        self._tokens_file = sd / f"r{self._rank:05d}.tokens.bin"
+        if self.per_token:
+            need = tokens_examples * 8
+            if self._tokens_file.exists():
+                if self._tokens_file.stat().st_size < need:
+                    raise IndexFormatError(f"resume: {self._tokens_file} is shorter than its committed examples")
+                os.truncate(self._tokens_file, need)
+            elif need:
+                raise IndexFormatError(f"resume: {self._tokens_file} is missing")
+            else:
+                self._tokens_file.touch()
+        self._w_shards = shards                      # working state
+        self._w_examples = tokens_examples
+        self._w_nonfinite = nonfinite
+        self._commit_snapshot()
+        self._fds: Dict[str, int] = {}
+        self._dirty: set = set()
+
+    def _commit_snapshot(self) -> None:
+        self._c_shards = [dict(s) for s in self._w_shards]
+        self._c_examples = self._w_examples
+        self._c_nonfinite = self._w_nonfinite
+        self.nonfinite_rows = self._w_nonfinite
+
+    # ------------------------------------------------------------------ writing
+
+    def __enter__(self) -> "GradientIndex":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._abort()
+
+    def __len__(self) -> int:
+        if self._writable:
+            return sum(int(s["rows"]) for s in self._w_shards)
+        return self._count
+
+    @property
+    def num_examples(self) -> int:
+        """Examples in the index (== len(index) unless per_token)."""
+        if self._writable:
+            return self._w_examples if self.per_token else len(self)
+        return self._examples
+
+    def _fd(self, rel: str) -> int:
+        if rel not in self._fds:
+            self._fds[rel] = os.open(str(self.path / rel), os.O_WRONLY | os.O_CREAT, 0o644)
+        return self._fds[rel]
+
+    def _flatten(self, grads, what: str) -> torch.Tensor:
+        """(n, D) float tensor (CPU) from a tensor or a dict of per-module tensors, validated."""
+        if isinstance(grads, torch.Tensor):
+            if not grads.is_floating_point():
+                raise TypeError(f"{what}: expected a floating tensor, got {grads.dtype}")
+            if grads.dim() != 2 or grads.shape[1] != self.dim:
+                raise ValueError(f"{what}: expected shape (n, {self.dim}) (the sum of the module dims), got "
+                                 f"{tuple(grads.shape)}")
+            return grads.detach()
+        if isinstance(grads, Mapping):
+            missing = [n for n in self.modules if n not in grads]
+            extra = [n for n in grads if n not in self.modules]
+            if missing or extra:
+                raise ValueError(f"{what}: module set differs from the index's: missing {missing}, unknown {extra}")
+            parts, n0 = [], None
+            for name, dm in self.modules.items():
+                g = grads[name]
+                if not isinstance(g, torch.Tensor) or not g.is_floating_point():
+                    raise TypeError(f"{what}[{name!r}]: expected a floating tensor")
+                if g.dim() < 1:
+                    raise ValueError(f"{what}[{name!r}]: expected shape (n, {dm})")
+                g = g.detach().reshape(g.shape[0], -1) if g.dim() != 2 else g.detach()
+                if g.shape[1] != dm:
+                    raise ValueError(f"{what}[{name!r}]: expected {dm} values per row, got {g.shape[1]}")
+                if n0 is None:
+                    n0 = g.shape[0]
+                elif g.shape[0] != n0:
+                    raise ValueError(f"{what}[{name!r}]: {g.shape[0]} rows but the first module has {n0}")
+                parts.append(g.to("cpu"))
+            dt = parts[0].dtype
+            for p_ in parts[1:]:
+                dt = torch.promote_types(dt, p_.dtype)
+            return torch.cat([p_.to(dt) for p_ in parts], dim=1)
+        raise TypeError(f"{what}: expected a (n, {self.dim}) tensor or a dict module -> (n, d) tensor, "
+                        f"got {type(grads).__name__}")
+
+    def append(self, grads, num_tokens=None, *, on_nonfinite: Optional[str] = None,
+               commit: bool = True) -> torch.Tensor:
+        """Append rows; returns the int64 row number given to each input row (-1: refused).
+
+        grads: (n, D) tensor (modules concatenated in order) or dict name -> (n, d_m).
+        num_tokens (per-token indexes only, required there): per-example token counts summing
+        to n; example boundaries are stored as offsets. Rows holding NaN/Inf (also after
+        casting to the storage dtype, e.g. fp16 overflow) are never stored: with
+        ``on_nonfinite="skip"`` (default of create) they are refused, counted in
+        ``nonfinite_rows`` and reported with a warning (later rows then take the next row
+        numbers: use the returned numbers); ``"error"`` raises NonFiniteGradientError before
+        anything of this chunk is written. ``commit=False`` defers the commit (see commit()).
+        """
+        self._check_writable("append")
+        policy = self._policy if on_nonfinite is None else on_nonfinite
+        if policy not in _POLICIES:
+            raise ValueError(f"on_nonfinite: expected one of {_POLICIES}, got {policy!r}")
+        x = self._flatten(grads, "grads").to("cpu")
+        n = x.shape[0]
+        counts = None
+        if self.per_token:
+            if num_tokens is None:
+                raise ValueError("num_tokens: required for a per-token index (token count of each example)")
+            counts = torch.as_tensor(np.asarray(num_tokens) if not isinstance(num_tokens, torch.Tensor)
+                                     else num_tokens.cpu())
+            if counts.dim() != 1 or counts.dtype.is_floating_point or counts.dtype == torch.bool:
+                raise TypeError("num_tokens: expected a 1-D sequence of ints")
+            counts = counts.to(torch.int64)
+            if (counts < 0).any():
+                raise ValueError("num_tokens: counts must be non-negative")
+            if int(counts.sum()) != n:
+                raise ValueError(f"num_tokens: counts sum to {int(counts.sum())} but grads has {n} rows")
+        elif num_tokens is not None:
+            raise ValueError("num_tokens: only for per-token indexes (create(..., per_token=True))")
+        stored = x.to(self.dtype)
+        finite = torch.isfinite(x).all(dim=1) & torch.isfinite(stored).all(dim=1)
+        nbad = int(n - int(finite.sum()))
+        if nbad:
+            bad = (~finite).nonzero().flatten().tolist()
+            shown = bad[:10]
+            overflow = int((torch.isfinite(x).all(dim=1) & ~finite).sum())
+            msg = (f"grads: {nbad} of {n} rows hold NaN or Inf" +
+                   (f" ({overflow} only after casting to {self._dname})" if overflow else "") +
+                   f" (input rows {shown}{'...' if len(bad) > 10 else ''})")
+            if policy == "error":
+                raise NonFiniteGradientError(msg + "; nothing of this chunk was written")
+            warnings.warn(msg + "; these rows were refused (not stored) and counted in nonfinite_rows",
+                          RuntimeWarning, stacklevel=2)
+            stored = stored[finite]
+            if counts is not None:
+                ex = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+                counts = torch.bincount(ex[finite], minlength=counts.numel()).to(torch.int64)
+        first = len(self)
+        row_ids = torch.full((n,), -1, dtype=torch.int64)
+        row_ids[finite] = torch.arange(first, first + stored.shape[0], dtype=torch.int64)
+        raw = stored.contiguous()
+        if self._dname == "bfloat16":
+            raw = raw.view(torch.int16)
+        buf = raw.numpy()
+        try:
+            self._write_rows(buf)
+            if counts is not None:
+                fd = self._fd(str(self._tokens_file.relative_to(self.path)))
+                os.lseek(fd, self._w_examples * 8, os.SEEK_SET)
+                _write_all(fd, counts.numpy().astype("<i8"))
+                self._dirty.add(str(self._tokens_file.relative_to(self.path)))
+                self._w_examples += int(counts.numel())
+            self._w_nonfinite += nbad
+            if commit:
+                self.commit()
+        except OSError as e:
+            self._rollback()
+            raise OSError(e.errno, f"gradkit.index: writing to {self.path} failed ({e.strerror or e}); the index "
+                          f"still holds its {len(self)} committed rows and is not marked complete "
+                          "(free space, then create(..., resume=True) to continue)") from e
+        return row_ids
+
+    def _write_rows(self, buf: np.ndarray) -> None:
+        n = buf.shape[0]
+        pos = 0
+        while pos < n:
+            if not self._w_shards or (self._shard_rows is not None and self._w_shards[-1]["rows"] >= self._shard_rows):
+                seq = len(self._w_shards)
+                rel = f"{SHARD_DIR}/r{self._rank:05d}-{seq:06d}.bin"
+                self._w_shards.append({"file": rel, "rank": self._rank, "rows": 0})
+                fd = self._fd(rel)
+                os.ftruncate(fd, 0)
+            s = self._w_shards[-1]
+            take = n - pos if self._shard_rows is None else min(n - pos, self._shard_rows - s["rows"])
+            fd = self._fd(s["file"])
+            os.lseek(fd, s["rows"] * self._row_bytes, os.SEEK_SET)
+            _write_all(fd, buf[pos:pos + take])
+            self._dirty.add(s["file"])
+            s["rows"] += take
+            pos += take
+
+    def commit(self) -> None:
+        """Make every appended row durable: fsync the data, then atomically replace the header."""
+        self._check_writable("commit")
+        try:
+            for rel in sorted(self._dirty):
+                os.fsync(self._fds[rel])
+            # sealed shards need no open descriptor any more
+            last = self._w_shards[-1]["file"] if self._w_shards else None
+            for rel in list(self._fds):
+                if _SHARD_RE.match(Path(rel).name) and rel != last:
+                    os.close(self._fds.pop(rel))
+            self._dirty.clear()
+            _atomic_write_json(self._state_path(), self._state_header(complete=False))
+        except OSError as e:
+            self._rollback()
+            raise OSError(e.errno, f"gradkit.index: committing {self.path} failed ({e.strerror or e}); the index "
+                          f"still holds its {len(self)} previously committed rows") from e
+        self._commit_snapshot()
+
+    def _state_path(self) -> Path:
+        return self.path / HEADER if self._world == 1 else self._rank_header_path()
+
+    def _state_header(self, complete: bool) -> dict:
+        h = self._base_header(complete)
+        h.update({"count": sum(int(s["rows"]) for s in self._w_shards),
+                  "examples": self._w_examples if self.per_token else sum(int(s["rows"]) for s in self._w_shards),
+                  "nonfinite_rows": self._w_nonfinite, "shards": [dict(s) for s in self._w_shards],
+                  "token_files": ([{"file": str(self._tokens_file.relative_to(self.path)), "rank": self._rank,
+                                    "examples": self._w_examples}] if self.per_token else [])})
+        if self._world > 1:
+            h["rank"] = self._rank
+        return h
+
+    def _rollback(self) -> None:
+        """Return the files and the working state to the last commit (best effort)."""
+        committed = {s["file"]: int(s["rows"]) for s in self._c_shards}
+        for s in self._w_shards:
+            f = self.path / s["file"]
+            try:
+                if s["file"] in committed:
+                    os.truncate(f, committed[s["file"]] * self._row_bytes)
+                else:
+                    fd = self._fds.pop(s["file"], None)
+                    if fd is not None:
+                        os.close(fd)
+                    f.unlink(missing_ok=True)
+            except OSError:
+                pass
+        if self.per_token:
+            try:
+                os.truncate(self._tokens_file, self._c_examples * 8)
+            except OSError:
+                pass
+        self._w_shards = [dict(s) for s in self._c_shards]
+        self._w_examples = self._c_examples
+        self._w_nonfinite = self._c_nonfinite
+        self._dirty.clear()
+
+    def _close_fds(self) -> None:
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+
+    def _abort(self) -> None:
+        """Leave the build interrupted: committed rows stay (resume=True continues), pending ones go."""
+        if self._writable:
+            self._rollback()
+            self._close_fds()
+            self._writable = False
+            self._closed = True
+
+    def close(self) -> None:
+        """Commit pending rows and mark the index complete (all ranks: a collective call).
+
+        Afterwards the object is a read-only, searchable index."""
+        if not self._writable:
+            return
+        self.commit()
+        self._close_fds()
+        if self._world == 1:
+            _atomic_write_json(self.path / HEADER, self._state_header(complete=True))
+        else:
+            d = self._dist
+            mine = torch.tensor([len(self), self._w_examples, self._w_nonfinite], dtype=torch.int64)
+            allc = [torch.zeros_like(mine) for _ in range(self._world)]
+            d.all_gather(allc, mine)  # also the barrier: every rank has committed its state
+            err = None
+            if self._rank == 0:
+                try:
+                    self._write_merged_header([c.tolist() for c in allc])
+                except BaseException as e:  # noqa: BLE001
+                    err = e
+            flag = torch.tensor([0 if err is None else 1])
+            d.broadcast(flag, src=0)
+            if err is not None:
+                raise err
+            if int(flag):
+                raise RuntimeError(f"GradientIndex.close: rank 0 failed to write the header of {self.path}")
+        self._writable = False
+        self._load_gradkit(allow_incomplete=False)
+
+    def _write_merged_header(self, counts: List[List[int]]) -> None:
+        h = self._base_header(True)
+        shards, tfiles, total, examples, nonfinite = [], [], 0, 0, 0
+        for r in range(self._world):
+            rh = _read_json(self.path / SHARD_DIR / f"rank-{r:05d}.json", "close")
+            rows = sum(int(s["rows"]) for s in rh["shards"])
+            if rows != counts[r][0]:
+                raise IndexFormatError(f"close: rank {r} reports {counts[r][0]} rows but committed {rows}")
+            shards += rh["shards"]
+            tfiles += rh.get("token_files", [])
+            total += rows
+            examples += int(rh["examples"])
+            nonfinite += int(rh.get("nonfinite_rows", 0))
+        h.update({"count": total, "examples": examples, "nonfinite_rows": nonfinite, "shards": shards,
+                  "token_files": tfiles})
+        _atomic_write_json(self.path / HEADER, h)
+
+    def _check_writable(self, what: str) -> None:
+        if not self._writable:
+            raise RuntimeError(f"{what}: the index is not open for writing (use GradientIndex.create)")
+
+    # ------------------------------------------------------------------ reading
+
+    @classmethod
+    def open(cls, path, *, allow_incomplete: bool = False, low_memory: bool = False) -> "GradientIndex":
+        """Open an index read-only (memory-mapped): gradkit's layout or bergson's (detected).
+
+        Refuses (IndexFormatError) a directory without a committed header, an index whose
+        build did not complete (unless ``allow_incomplete``: its committed rows only), and
+        shard files shorter than the header says. ``low_memory``: search drops each block's
+        pages from the process once scored (madvise DONTNEED), so the resident set stays about
+        one block (``batch_rows`` rows) however large the index; repeated searches then fault
+        the pages in again from the page cache (or disk).
+        """
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path: expected a str or path, got {type(path).__name__}")
+        if not isinstance(low_memory, bool):
+            raise TypeError(f"low_memory: expected a bool, got {type(low_memory).__name__}")
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"path: {p} does not exist")
+        if not p.is_dir():
+            raise IndexFormatError(f"path: {p} is not a directory")
+        self = cls._blank()
+        self.path = p
+        self.low_memory = low_memory
+        if (p / HEADER).exists():
+            self._load_gradkit(allow_incomplete=allow_incomplete)
+        elif (p / "info.json").exists():
+            self._load_bergson([p])
+        else:
+            subs = sorted(c for c in p.iterdir() if c.is_dir() and "shard" in c.name and (c / "info.json").exists())
+            if subs:
+                self._load_bergson(subs)
+            else:
+                hint = " (it holds gradkit shard files: a build that never committed)" \
+                    if (p / SHARD_DIR).is_dir() else ""
+                raise IndexFormatError(f"path: {p} holds no committed index header ({HEADER} for gradkit, info.json "
+                                       f"for bergson){hint}")
+        return self
+
+    def _load_gradkit(self, allow_incomplete: bool) -> None:
+        p = self.path
+        h = _read_json(p / HEADER, "open")
+        if not isinstance(h, dict) or h.get("format") != FORMAT:
+            raise IndexFormatError(f"open: {p / HEADER} is not a gradkit index header")
+        if h.get("version") != VERSION:
+            raise IndexFormatError(f"open: {p} has format version {h.get('version')}, this gradkit reads {VERSION}")
+        if not h.get("complete") and not allow_incomplete:
+            raise IndexFormatError(f"open: the build of {p} did not complete ({h.get('count', 0)} rows committed by "
+                                   f"rank 0's header); continue it with GradientIndex.create(..., resume=True), "
+                                   f"replace it with overwrite=True, or open(..., allow_incomplete=True)")
+        try:
+            self.modules = _check_modules([tuple(m) for m in h["modules"]])
+            dname = h["dtype"]
+            if dname not in _DTYPES:
+                raise IndexFormatError(f"open: unsupported dtype {dname!r} in {p / HEADER}")
+            count = int(h["count"])
+            shards = h["shards"]
+            per_token = bool(h["per_token"])
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, IndexFormatError):
+                raise
+            raise IndexFormatError(f"open: {p / HEADER} is missing or has malformed fields ({e})") from None
+        self.dim = sum(self.modules.values())
+        self._width = self.dim
+        self._cols, lo = {}, 0
+        for n, dm in self.modules.items():
+            self._cols[n] = (lo, lo + dm)
+            lo += dm
+        self._dname = dname
+        self.dtype = _DTYPES[dname]
+        self.projection = h.get("projection")
+        self.per_token = per_token
+        self.layout = "gradkit"
+        self.nonfinite_rows = int(h.get("nonfinite_rows", 0))
+        row_bytes = self.dim * self.dtype.itemsize
+        sd = (p / SHARD_DIR).resolve()
+        views, first = [], 0
+        for s in shards:
+            f = p / str(s["file"])
+            if not _SHARD_RE.match(f.name) or f.parent.resolve() != sd:
+                raise IndexFormatError(f"open: unexpected shard file name {s['file']!r} in {p / HEADER}")
+            rows = _int_arg(s["rows"], f"shard {s['file']} rows")
+            need = rows * row_bytes
+            if not f.exists():
+                raise IndexFormatError(f"open: shard {f} listed in the header is missing")
+            size = f.stat().st_size
+            if size < need:
+                raise IndexFormatError(f"open: shard {f} is truncated: {size} bytes, the header says {rows} rows "
+                                       f"= {need} bytes")
+            if size != need and h.get("complete"):
+                raise IndexFormatError(f"open: shard {f} has {size} bytes, the header says {rows} rows = {need} bytes")
+            if rows:
+                views.append((first, _map_rows(f, dname, rows, self.dim, self._maps)))
+            first += rows
+        if first != count:
+            raise IndexFormatError(f"open: the shards of {p} hold {first} rows but the header says {count}")
+        self._shards = views
+        self._count = count
+        if per_token:
+            parts = []
+            for tf in h.get("token_files", []):
+                f = p / str(tf["file"])
+                if not _TOKENS_RE.match(f.name) or f.parent.resolve() != sd:
+                    raise IndexFormatError(f"open: unexpected token file name {tf['file']!r}")
+                e = _int_arg(tf["examples"], "token file examples")
+                if not f.exists() or f.stat().st_size < e * 8:
+                    raise IndexFormatError(f"open: token count file {f} is missing or truncated")
+                parts.append(np.fromfile(f, dtype="<i8", count=e))
+            counts = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            self._set_offsets(counts, "open")
+        else:
+            self._examples = count
+
+    def _set_offsets(self, counts: np.ndarray, what: str) -> None:
+        if (counts < 0).any():
+            raise IndexFormatError(f"{what}: negative token counts in {self.path}")
+        offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        if int(offsets[-1]) != self._count:
+            raise IndexFormatError(f"{what}: token counts of {self.path} sum to {int(offsets[-1])} but it holds "
+                                   f"{self._count} rows")
+        offsets.setflags(write=False)
+        self._offsets = offsets
+        self._examples = len(counts)
+
+    def _load_bergson(self, dirs: List[Path]) -> None:
+        self.layout = "bergson"
+        views, first = [], 0
+        counts_all = []
+        grad_sizes0 = None
+        for dd in dirs:
+            info = _read_json(dd / "info.json", "open")
+            if not isinstance(info, dict) or "num_grads" not in info or "grad_sizes" not in info:
+                raise IndexFormatError(f"open: {dd / 'info.json'} is not a bergson gradient index header")
+            gs = info["grad_sizes"]
+            if not isinstance(gs, dict):
+                raise IndexFormatError(f"open: grad_sizes in {dd / 'info.json'} is not a dict")
+            mods = _check_modules(gs)
+            if grad_sizes0 is None:
+                grad_sizes0 = mods
+            elif list(mods.items()) != list(grad_sizes0.items()):
+                raise IndexFormatError(f"open: shard {dd} has modules {list(mods)} unlike the first shard's")
+            num = _int_arg(info["num_grads"], f"{dd / 'info.json'} num_grads")
+            # element dtype and each module's columns in a row of `width` elements
+            if "base_dtype" in info:
+                dname = str(info["base_dtype"])
+                width = sum(mods.values())
+                cols, lo = {}, 0
+                for n, dm in mods.items():
+                    cols[n] = (lo, lo + dm)
+                    lo += dm
+            elif isinstance(info.get("dtype"), dict):
+                dname, width, cols = self._bergson_struct(info["dtype"], mods, dd)
+            else:
+                raise IndexFormatError(f"open: {dd / 'info.json'} has neither base_dtype nor a structured dtype")
+            if dname not in _NP_RAW:
+                raise IndexFormatError(f"open: unsupported bergson dtype {dname!r} in {dd / 'info.json'}")
+            f = dd / "gradients.bin"
+            if not f.exists():
+                raise IndexFormatError(f"open: {f} is missing")
+            itemsize = np.dtype(_NP_RAW[dname]).itemsize
+            need = num * width * itemsize
+            size = f.stat().st_size
+            if size < need:
+                raise IndexFormatError(f"open: {f} is truncated: {size} bytes, info.json says {num} rows = {need} bytes")
+            if size != need:
+                raise IndexFormatError(f"open: {f} has {size} bytes, info.json says {num} rows = {need} bytes")
+            if views and (dname != self._dname or width != self._width):
+                raise IndexFormatError(f"open: shard {dd} has a different dtype or row layout than the first shard")
+            self._dname, self._width, self._cols = dname, width, cols
+            if num:
+                views.append((first, _map_rows(f, dname, num, width, self._maps)))
+            if info.get("attribute_tokens"):
+                op = dd / "offsets.npy"
+                if not op.exists():
+                    raise IndexFormatError(f"open: per-token bergson index {dd} lacks offsets.npy")
+                try:
+                    offs = np.load(op, allow_pickle=False)
+                except ValueError as e:
+                    raise IndexFormatError(f"open: {op} is not a plain numpy array ({e})") from None
+                if offs.ndim != 1 or offs.dtype.kind not in "iu" or len(offs) < 1 or offs[0] != 0 \
+                        or int(offs[-1]) != num or (np.diff(offs) < 0).any():
+                    raise IndexFormatError(f"open: {op} is not a valid offsets array for {num} rows")
+                counts_all.append(np.diff(offs).astype(np.int64))
+            elif counts_all:
+                raise IndexFormatError(f"open: shard {dd} is not per-token unlike the others")
+            first += num
+        self.modules = grad_sizes0
+        self.dim = sum(self.modules.values())
+        self.dtype = _TORCH_OF[self._dname]
+        self._upcast = self._dname == "float64"
+        self._shards = views
+        self._count = first
+        self.per_token = bool(counts_all)
+        self.projection = self._bergson_projection(dirs[0])
+        if self.per_token:
+            if len(counts_all) != len(dirs):
+                raise IndexFormatError(f"open: some shards of {self.path} are per-token and some are not")
+            self._set_offsets(np.concatenate(counts_all), "open")
+        else:
+            self._examples = first
+
+    @staticmethod
+    def _bergson_struct(spec: dict, mods: "OrderedDict[str, int]", dd: Path):
+        """Older bergson stores: one structured record per row, a field per module."""
+        try:
+            names, formats = list(spec["names"]), list(spec["formats"])
+            dt = np.dtype({"names": names, "formats": formats,
+                           **({"offsets": list(spec["offsets"])} if "offsets" in spec else {}),
+                           **({"itemsize": int(spec["itemsize"])} if "itemsize" in spec else {})})
+        except (KeyError, TypeError, ValueError) as e:
+            raise IndexFormatError(f"open: structured dtype in {dd / 'info.json'} is malformed ({e})") from None
+        bases = {dt.fields[n][0].base for n in names}
+        if len(bases) != 1:
+            raise IndexFormatError(f"open: {dd} mixes element dtypes across modules")
+        base = bases.pop()
+        names_by_kind = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32",
+                         np.dtype(np.float64): "float64"}
+        if base in names_by_kind:
+            dname = names_by_kind[base]
+        elif base.kind == "V" and base.itemsize == 2:
+            dname = "bfloat16"
+        elif base.name == "bfloat16":
+            dname = "bfloat16"
+        else:
+            raise IndexFormatError(f"open: unsupported element dtype {base} in {dd / 'info.json'}")
+        es = base.itemsize
+        if dt.itemsize % es:
+            raise IndexFormatError(f"open: record size {dt.itemsize} of {dd} is not a multiple of {es}")
+        cols = {}
+        for n, dm in mods.items():
+            if n not in dt.fields:
+                raise IndexFormatError(f"open: module {n!r} has no field in the structured dtype of {dd}")
+            fdt, off = dt.fields[n][0], dt.fields[n][1]
+            if off % es or fdt.itemsize != dm * es:
+                raise IndexFormatError(f"open: field {n!r} of {dd} does not hold {dm} aligned elements")
+            cols[n] = (off // es, off // es + dm)
+        return dname, dt.itemsize // es, cols
+
+    @staticmethod
+    def _bergson_projection(dd: Path):
+        f = dd / "processor_config.yaml"
+        if not f.exists():
+            return None
+        try:
+            import yaml
+        except ImportError:  # pragma: no cover
+            return None
+        try:
+            with open(f) as fh:
+                cfg = yaml.safe_load(fh)
+        except Exception:  # noqa: BLE001 - a damaged config only loses the projection check
+            return None
+        if not isinstance(cfg, dict) or not cfg.get("projection_dim"):
+            return None
+        keys = ("projection_dim", "projection_type", "projection_scale", "projection_seed", "projection_target",
+                "include_bias", "projection_version")
+        return _projection_dict({k: cfg[k] for k in keys if k in cfg})
+
+    # ------------------------------------------------------------------ row access
+
+    @property
+    def offsets(self) -> Optional[np.ndarray]:
+        return self._offsets
+
+    def example_of(self, rows) -> torch.Tensor:
+        """Example number owning each row (per-token indexes; rows are examples otherwise)."""
+        r = torch.as_tensor(rows, dtype=torch.int64)
+        if self._offsets is None:
+            return r.clone()
+        return torch.from_numpy(np.searchsorted(self._offsets, r.numpy(), side="right") - 1).to(torch.int64)
+
+    def _check_readable(self, what: str) -> None:
+        if self._writable:
+            raise RuntimeError(f"{what}: the index is still being built; close() it first")
+        if self._closed:
+            raise RuntimeError(f"{what}: the build was aborted; reopen with GradientIndex.open "
+                               "(allow_incomplete=True) or resume it")
+
+    def get(self, rows) -> torch.Tensor:
+        """Rows as a float32 (len(rows), D) tensor (modules concatenated in order)."""
+        self._check_readable("get")
+        r = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
+        if r.numel() and (int(r.min()) < 0 or int(r.max()) >= self._count):
+            raise IndexError(f"rows: out of range for an index of {self._count} rows")
+        out = torch.empty(r.numel(), self.dim, dtype=torch.float32)
+        starts = [s for s, _ in self._shards]
+        for j, row in enumerate(r.tolist()):
+            si = int(np.searchsorted(starts, row, side="right")) - 1
+            s0, view = self._shards[si]
+            out[j] = self._dense(view[row - s0:row - s0 + 1].float())[0]
+        return out
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Storage-layout columns (width W) -> module columns in order (D)."""
+        if self._plain_layout():
+            return x
+        return torch.cat([x[:, lo:hi] for lo, hi in (self._cols[n] for n in self.modules)], dim=1)
+
+    def _dense_cols(self) -> Dict[str, Tuple[int, int]]:
+        out, lo = {}, 0
+        for n, dm in self.modules.items():
+            out[n] = (lo, lo + dm)
+            lo += dm
+        return out
+
+    def _blocks(self, batch_rows: int) -> Iterator[Tuple[int, torch.Tensor]]:
+        for si, (first, view) in enumerate(self._shards):
+            n = view.shape[0]
+            for i in range(0, n, batch_rows):
+                blk = view[i:i + batch_rows]
+                yield first + i, (blk.float() if self._upcast else blk)
+                if self.low_memory and si < len(self._maps):
+                    _release(view, self._maps[si], i, min(n, i + batch_rows))
+
+    # ------------------------------------------------------------------ search
+
+    def _query_matrix(self, queries, device=None) -> Tuple[torch.Tensor, Tuple[int, ...]]:
+        """(Q, W) float32 in storage layout (padding columns 0) and the leading batch shape."""
+        if isinstance(queries, torch.Tensor):
+            if not queries.is_floating_point():
+                raise TypeError(f"queries: expected a floating tensor, got {queries.dtype}")
+            if queries.dim() < 1 or queries.shape[-1] != self.dim:
+                raise ValueError(f"queries: expected shape (..., {self.dim}) (the index's dim), got "
+                                 f"{tuple(queries.shape)}")
+            lead = tuple(queries.shape[:-1])
+            dense = queries.detach().reshape(-1, self.dim).to(torch.float32)
+            parts = {n: dense[:, lo:hi] for n, (lo, hi) in self._dense_cols().items()}
+        elif isinstance(queries, Mapping):
+            missing = [n for n in self.modules if n not in queries]
+            extra = [n for n in queries if n not in self.modules]
+            if missing or extra:
+                raise ValueError(f"queries: module set differs from the index's: missing {missing}, unknown {extra}")
+            parts, lead = {}, None
+            for n, dm in self.modules.items():
+                g = queries[n]
+                if not isinstance(g, torch.Tensor) or not g.is_floating_point():
+                    raise TypeError(f"queries[{n!r}]: expected a floating tensor")
+                if g.dim() < 1 or g.shape[-1] != dm:
+                    raise ValueError(f"queries[{n!r}]: expected shape (..., {dm}), got {tuple(g.shape)}")
+                if lead is None:
+                    lead = tuple(g.shape[:-1])
+                elif tuple(g.shape[:-1]) != lead:
+                    raise ValueError(f"queries[{n!r}]: batch shape {tuple(g.shape[:-1])} differs from {lead}")
+                parts[n] = g.detach().reshape(-1, dm).to(torch.float32)
+            dev = next(iter(parts.values())).device
+            parts = {n: t.to(dev) for n, t in parts.items()}
+        else:
+            raise TypeError(f"queries: expected a (Q, {self.dim}) tensor or a dict module -> (Q, d) tensor, "
+                            f"got {type(queries).__name__}")
+        first = next(iter(parts.values()))
+        q = torch.zeros(first.shape[0], self._width, dtype=torch.float32, device=first.device)
+        for n, (lo, hi) in self._cols.items():
+            q[:, lo:hi] = parts[n]
+        return q, lead
+
+    def search(self, queries, k: int, unit_norm: bool = False, reverse: bool = False, modules=None, weights=None,
+               precondition=None, projection=None, batch_rows: Optional[int] = None,
+               backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k rows by inner product (cosine with ``unit_norm``).
+
+        queries: (..., D) tensor (modules concatenated in the index's order) or dict name ->
+        (..., d_m) holding every module of the index. k: 1 <= k <= len(index).
+        unit_norm: cosine similarity — queries and rows are unit-normalised over all modules
+        (rows of norm 0 score 0), as bergson does. reverse: the k lowest scores instead.
+        modules: the module names to score (default all); weights: dict name -> float scaling
+        each module's contribution. precondition: a (D, D) / per-module dict matrix H (H^-1 on
+        the queries) or a :class:`Precondition` (``mode="both"``: H^-1/2 on both sides plus unit
+        normalisation). projection: the queries' projection config; refused unless it equals the
+        index's. batch_rows: rows scored per block (bounds memory; default about 256 MiB of
+        fp32 per block). backend: "auto"/"torch" (gradkit's kernels) or "faiss" (faiss.knn per
+        block, CPU; faiss's tie order).
+
+        Returns (scores, indices): float32 and int64 of shape (..., k), best first, ties lowest
+        row first. Row numbers index the stored rows (``example_of`` maps per-token rows).
+        """
+        self._check_readable("search")
+        n = len(self)
+        k = _int_arg(k, "k", 1)
+        if k > n:
+            raise ValueError(f"k: {k} is larger than the index ({n} rows)")
+        for name, v in (("unit_norm", unit_norm), ("reverse", reverse)):
+            if not isinstance(v, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+        if backend == "faiss":
+            try:
+                import faiss  # noqa: F401
+            except ImportError:
+                raise ImportError("backend: 'faiss' needs the faiss package (pip install faiss-cpu)") from None
+        qproj = _projection_dict(projection)
+        if qproj is not None and qproj != self.projection:
+            raise ValueError(f"projection: the queries were projected with {qproj} but the index with "
+                             f"{self.projection}; scores across different projections are meaningless")
+        if batch_rows is None:
+            batch_rows = max(1024, (256 << 20) // (4 * max(1, self._width)))
+        batch_rows = _int_arg(batch_rows, "batch_rows", 1)
+        # module selection and weights
+        if modules is None:
+            sel = list(self.modules)
+        else:
+            if isinstance(modules, str) or not isinstance(modules, (list, tuple, set, frozenset)):
+                raise TypeError("modules: expected a list/set of module names or None")
+            unknown = [m for m in modules if m not in self.modules]
+            if unknown:
+                raise ValueError(f"modules: the index has no modules {unknown} (it has {list(self.modules)})")
+            if not modules:
+                raise ValueError("modules: empty selection")
+            sel = [m for m in self.modules if m in set(modules)]
+        wts = {}
+        if weights is not None:
+            if not isinstance(weights, Mapping):
+                raise TypeError("weights: expected a dict module name -> float")
+            for m, w in weights.items():
+                if m not in self.modules:
+                    raise ValueError(f"weights: the index has no module {m!r}")
+                if m not in sel:
+                    raise ValueError(f"weights: module {m!r} is not among the selected modules")
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                    raise ValueError(f"weights[{m!r}]: expected a finite number, got {w!r}")
+                wts[m] = float(w)
+        if precondition is not None and not isinstance(precondition, Precondition):
+            precondition = Precondition(precondition, mode="query")
+        q, lead = self._query_matrix(queries)
+        if q.shape[0] == 0:
+            raise ValueError("queries: no query rows")
+        bad = (~torch.isfinite(q).all(dim=1)).nonzero().flatten()
+        if bad.numel():
+            raise ValueError(f"queries: rows {bad[:10].tolist()} hold NaN or Inf")
+        dev = q.device
+        # preconditioning on the query side (dense module coordinates)
+        key_pre = None
+        if precondition is not None:
+            p = -1.0 if precondition.mode == "query" else -0.5
+            blocks = precondition.blocks(self.modules, p)
+            q = self._apply_dense(q, blocks)
+            if precondition.mode == "both":
+                key_pre = blocks
+        cosine = unit_norm or key_pre is not None
+        if cosine:
+            norm = torch.linalg.vector_norm(q, dim=1, keepdim=True)
+            q = q / (norm + torch.finfo(torch.float32).eps)
+        # selection / weights, and the column window the kernel reads
+        keep = torch.zeros(self._width, dtype=torch.float32, device=dev)
+        for m in sel:
+            lo, hi = self._cols[m]
+            keep[lo:hi] = wts.get(m, 1.0)
+        q = q * keep
+        lo = min(self._cols[m][0] for m in sel)
+        hi = max(self._cols[m][1] for m in sel)
+        qw = q[:, lo:hi].contiguous()
+        largest = not reverse
+        run_s = run_i = None
+        for base, blk in self._blocks(batch_rows):
+            scale = None
+            if key_pre is not None:
+                kb = self._apply_dense(blk.float(), key_pre)
+                scale = self._inv_norms(kb)
+                kv = kb[:, lo:hi]
+            else:
+                if cosine:
+                    scale = self._inv_norms(blk)
+                kv = blk[:, lo:hi]
+            if kv.device != dev:
+                kv = kv.to(dev, non_blocking=True)
+                scale = scale.to(dev) if scale is not None else None
+            if backend == "faiss":
+                run_s, run_i = self._faiss_block(qw, kv, k, largest, scale, run_s, run_i, base)
+            else:
+                run_s, run_i = ops.score_topk(qw, kv, k, largest=largest, key_scale=scale, scores_in=run_s,
+                                              idx_in=run_i, base=base)
+        return run_s.reshape(*lead, k), run_i.reshape(*lead, k)
+
+    def _apply_dense(self, x: torch.Tensor, blocks) -> torch.Tensor:
+        """x (rows, W) -> a copy with each dense module block multiplied by its matrix (padding kept)."""
+        if self._plain_layout():
+            out = x.clone()
+            for lo, hi, mat in blocks:
+                out[:, lo:hi] = x[:, lo:hi] @ mat.to(x.device)
+            return out
+        dense = self._dense(x)
+        new = dense.clone()
+        for lo, hi, mat in blocks:
+            new[:, lo:hi] = dense[:, lo:hi] @ mat.to(x.device)
+        out = x.clone()
+        for n, (dlo, dhi) in self._dense_cols().items():
+            slo, shi = self._cols[n]
+            out[:, slo:shi] = new[:, dlo:dhi]
+        return out
+
+    def _plain_layout(self) -> bool:
+        return self._width == self.dim and self._cols == self._dense_cols()
+
+    @staticmethod
+    def _inv_norms(blk: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        out = torch.empty(blk.shape[0], dtype=torch.float32, device=blk.device)
+        for i in range(0, blk.shape[0], chunk):
+            nrm = torch.linalg.vector_norm(blk[i:i + chunk].float(), dim=1)
+            out[i:i + chunk] = torch.where(nrm > 0, 1.0 / nrm, torch.zeros_like(nrm))
+        return out
+
+    @staticmethod
+    def _faiss_block(qw, kv, k, largest, scale, run_s, run_i, base):
+        import faiss
+
+        xq = (qw if largest else -qw).detach().to("cpu", torch.float32).contiguous().numpy()
+        xb = kv.detach().to("cpu", torch.float32)
+        if scale is not None:
+            xb = xb * scale.to("cpu")[:, None]
+        xb = xb.contiguous().numpy()
+        kb = min(k, xb.shape[0])
+        dist, idx = faiss.knn(xq, xb, kb, metric=faiss.METRIC_INNER_PRODUCT)
+        s = torch.from_numpy(dist).to(torch.float32)
+        i = torch.from_numpy(idx).to(torch.int64)
+        i = torch.where(i >= 0, i + base, i)
+        if not largest:
+            s = -s
+        if run_s is not None:
+            s = torch.cat([run_s.cpu(), s], dim=1)
+            i = torch.cat([run_i.cpu(), i], dim=1)
+        empty = torch.empty(0, qw.shape[1], dtype=torch.float32)
+        out_s, out_i = ops.score_topk(torch.zeros(xq.shape[0], qw.shape[1]), empty, k, largest=largest,
+                                      scores_in=s, idx_in=i, base=0)
+        return out_s.to(qw.device), out_i.to(qw.device)
+
+    def __repr__(self) -> str:
+        state = "building" if self._writable else "read-only"
+        return (f"GradientIndex({str(self.path)!r}, layout={getattr(self, 'layout', '?')}, rows={len(self)}, "
+                f"dim={self.dim}, dtype={self.dtype}, modules={len(self.modules)}, per_token={self.per_token}, "
+                f"{state})")

@@ -1,0 +1,127 @@
+"""Triton kernel for the search family: blocked inner-product scoring with a running top-k.
+
+Semantics are exactly those of ``gradkit.kernels.reference.search.score_topk`` (the schema's
+positional signature and return value). On machines without a GPU this runs on CPU tensors
+under ``TRITON_INTERPRET=1``.
+
+Design: fused tile matmul + per-tile top-k (for k <= MAX_FUSED_K), then one merge
+----------------------------------------------------------------------------------
+* ``_tile_topk_kernel``: program (i, j) computes the BLOCK_Q x BLOCK_N tile of scores of query
+  block i against key block j with ``tl.dot`` over BLOCK_D slices of the feature dimension
+  (keys of any float dtype are upcast to fp32 on load; fp32 "ieee" products, so results match
+  the fp32 reference to rounding), multiplies by ``key_scale`` and maps NaN to -inf. Without
+  leaving registers it then extracts the tile's k best per query row by k rounds of
+  (row max, lowest column holding it, mark taken): k x BLOCK_N compare work against
+  D x BLOCK_N multiply-adds for the tile, so the selection is cheap for small k. The scores never
+  reach global memory; only k candidates per (query, tile) do.
+* the host merges the (Q, tiles * k) tile candidates with the running top-k using the
+  reference's ordering (stable sorts: valid first, score desc, index asc), which gives
+  exactly the reference's result: a candidate in the global top-k is in its tile's top-k.
+* ``smallest`` runs as ``largest`` on negated queries (exact), negating the scores back.
+* k > MAX_FUSED_K: composite path (``torch.mm`` block of keys + the same merge), chunked over
+  the keys so the score matrix stays bounded.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from gradkit.kernels.reference.search import select_topk
+
+# Tile sizes; tests shrink them to exercise many tiles on tiny inputs.
+BLOCKS = {"q": 32, "n": 64, "d": 32, "composite_rows": 1 << 16}
+MAX_FUSED_K = 64
+
+
+@triton.jit
+def _tile_topk_kernel(q_ptr, k_ptr, scale_ptr, out_s_ptr, out_i_ptr, Q, N, D, stride_q, stride_k, n_tiles,
+                      HAS_SCALE: tl.constexpr, K: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    pid_q = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rq = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    qm = rq < Q
+    nm = rn < N
+    acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        dm = rd < D
+        a = tl.load(q_ptr + rq.to(tl.int64)[:, None] * stride_q + rd[None, :], mask=qm[:, None] & dm[None, :],
+                    other=0.0).to(tl.float32)
+        b = tl.load(k_ptr + rn.to(tl.int64)[None, :] * stride_k + rd[:, None], mask=nm[None, :] & dm[:, None],
+                    other=0.0).to(tl.float32)
+        acc += tl.dot(a, b, input_precision="ieee")
+    if HAS_SCALE:
+        sc = tl.load(scale_ptr + rn, mask=nm, other=1.0)
+        acc = acc * sc[None, :]
+    neg_inf = float("-inf")
+    acc = tl.where(acc != acc, neg_inf, acc)
+    taken = (rn[None, :] >= N) | (rq[:, None] < 0)  # (BLOCK_Q, BLOCK_N): out-of-range columns are never taken
+    big = N + BLOCK_N
+    out_base = rq.to(tl.int64) * n_tiles * K + pid_n * K
+    for j in tl.static_range(K):
+        cur = tl.where(taken, neg_inf, acc)
+        m = tl.max(cur, axis=1)
+        cand = tl.where((cur == m[:, None]) & (~taken), rn[None, :], big)
+        sel = tl.min(cand, axis=1)
+        has = sel < big
+        tl.store(out_s_ptr + out_base + j, tl.where(has, m, neg_inf), mask=qm)
+        tl.store(out_i_ptr + out_base + j, tl.where(has, sel, -1).to(tl.int64), mask=qm)
+        taken = taken | (rn[None, :] == sel[:, None])
+
+
+def _merge(cs: torch.Tensor, ci: torch.Tensor, k: int, scores_in, idx_in, largest: bool):
+    """Merge candidates (largest-sense scores, absolute indices) with the running top-k."""
+    if scores_in is not None and scores_in.shape[1]:
+        sin = scores_in if largest else -scores_in
+        cs = torch.cat([sin.float(), cs], dim=1)
+        ci = torch.cat([idx_in, ci], dim=1)
+    s, i = select_topk(cs, ci, k, True)
+    return (s if largest else -s), i
+
+
+def score_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, largest: bool, key_scale: Optional[torch.Tensor],
+               scores_in: Optional[torch.Tensor], idx_in: Optional[torch.Tensor],
+               base: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    Q, D = queries.shape
+    N = keys.shape[0]
+    k = int(k)
+    dev = queries.device
+    if Q == 0 or k == 0:
+        return (torch.empty(Q, k, dtype=torch.float32, device=dev), torch.empty(Q, k, dtype=torch.int64, device=dev))
+    q = queries.contiguous() if largest else (-queries).contiguous()
+    if N and D and keys.stride(1) != 1:
+        keys = keys.contiguous()
+    if N == 0:
+        cs = torch.empty(Q, 0, dtype=torch.float32, device=dev)
+        ci = torch.empty(Q, 0, dtype=torch.int64, device=dev)
+        return _merge(cs, ci, k, scores_in, idx_in, largest)
+    if k > MAX_FUSED_K or D == 0:
+        # composite: GEMM per chunk of keys + merge
+        rs, ri = scores_in, idx_in
+        step = max(1, int(BLOCKS["composite_rows"]))
+        for j0 in range(0, N, step):
+            kb = keys[j0:j0 + step].float()
+            s = q @ kb.T if D else torch.zeros(Q, kb.shape[0], device=dev)
+            if key_scale is not None:
+                s = s * key_scale[j0:j0 + step][None, :]
+            idx = (base + j0 + torch.arange(kb.shape[0], device=dev, dtype=torch.int64)).expand(Q, -1)
+            rs, ri = _merge(s, idx, k, rs, ri, largest)
+        return rs, ri
+    BQ, BN, BD = BLOCKS["q"], BLOCKS["n"], BLOCKS["d"]
+    kk = min(k, BN)
+    n_tiles = triton.cdiv(N, BN)
+    out_s = torch.empty(Q, n_tiles, kk, dtype=torch.float32, device=dev)
+    out_i = torch.empty(Q, n_tiles, kk, dtype=torch.int64, device=dev)
+    scale = key_scale.contiguous() if key_scale is not None else q  # dummy pointer when absent
+    grid = (triton.cdiv(Q, BQ), n_tiles)
+    _tile_topk_kernel[grid](q, keys, scale, out_s, out_i, Q, N, D, q.stride(0), keys.stride(0), n_tiles,
+                            HAS_SCALE=key_scale is not None, K=kk, BLOCK_Q=BQ, BLOCK_N=BN, BLOCK_D=BD)
+    cs = out_s.reshape(Q, n_tiles * kk)
+    ci = out_i.reshape(Q, n_tiles * kk)
+    ci = torch.where(ci >= 0, ci + base, ci)
+    return _merge(cs, ci, k, scores_in, idx_in, largest)

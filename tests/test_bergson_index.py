@@ -1,0 +1,185 @@
+"""bergson parity: indexes written by bergson 2.5.1 open with GradientIndex.open and search gives
+the same top-k as bergson's own query path (``bergson.Attributor``).
+
+* A real bergson build: ``bergson.collection.collect_gradients`` (bergson's collector + Builder
+  + on-disk storage) on a tiny randomly initialised GPT-2 (transformers config, no download),
+  queried with bergson's Attributor: plain inner product, cosine, reverse, a module subset,
+  one-sided (H^-1) and two-sided (H^-1/2 + unit norm) preconditioning with bergson's dense
+  preconditioner saved by bergson's GradientProcessor.
+* bergson's storage functions directly: per-token (``create_token_index`` + ``offsets.npy``),
+  bfloat16 (``create_index`` with bergson's own bf16 conversion), a directory of ``*shard*``
+  sub-indexes, and the older structured-dtype info.json (bergson 2.5.1 still reads it, through
+  ``load_gradients``' legacy branch, but no longer writes it: it is written here by hand).
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+bergson = pytest.importorskip("bergson")
+transformers = pytest.importorskip("transformers")
+
+from bergson import Attributor  # noqa: E402
+from bergson.config import InversionConfig  # noqa: E402
+from bergson.data import TokenGradients, create_index, create_token_index, load_gradients  # noqa: E402
+from bergson.gradients import GradientProcessor  # noqa: E402
+from bergson.utils.utils import tensor_to_numpy  # noqa: E402
+
+from gradkit.index import GradientIndex, Precondition  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bergson_run(tmp_path_factory):
+    """A per-example index built by bergson's own pipeline on a tiny random GPT-2."""
+    from datasets import Dataset
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    from bergson.collection import collect_gradients
+    from bergson.config.config import IndexConfig
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg)
+    rng = np.random.default_rng(0)
+    ds = Dataset.from_dict({"input_ids": [rng.integers(0, 64, size=12).tolist() for _ in range(24)],
+                            "length": [12] * 24})
+    root = tmp_path_factory.mktemp("bergson")
+    icfg = IndexConfig(run_path=str(root / "run"), projection_dim=4, token_batch_size=64)
+    collect_gradients(model, ds, GradientProcessor(projection_dim=4, projection_seed=0), icfg)
+    path = root / "run.part"  # collect_gradients writes here; bergson's CLI renames it when done
+    assert (path / "gradients.bin").exists() and (path / "info.json").exists()
+    return path
+
+
+def _queries(index_path, n=5, seed=1):
+    mm = load_gradients(index_path)
+    info = json.loads((index_path / "info.json").read_text())
+    g = torch.Generator().manual_seed(seed)
+    base = torch.from_numpy(np.array(mm[:n], dtype=np.float32))
+    q = base + 0.3 * base.std() * torch.randn(base.shape, generator=g)
+    out, lo = {}, 0
+    for name, d in info["grad_sizes"].items():
+        out[name] = q[:, lo:lo + d].contiguous()
+        lo += d
+    return out
+
+
+def _same_topk(ours, theirs, rtol=1e-4):
+    (s1, i1), (s2, i2) = ours, theirs
+    assert torch.equal(i1, i2.to(torch.int64))
+    torch.testing.assert_close(s1, s2.float(), rtol=rtol, atol=1e-6 * float(s2.abs().max()) + 1e-7)
+
+
+def test_bergson_built_index_same_topk(bergson_run):
+    ix = GradientIndex.open(bergson_run)
+    assert ix.layout == "bergson" and len(ix) == 24 and ix.dtype == torch.float32
+    assert ix.projection["projection_dim"] == 4 and ix.projection["projection_seed"] == 0
+    q = _queries(bergson_run)
+    mods = list(ix.modules)
+    for unit_norm in (False, True):
+        att = Attributor(bergson_run, unit_norm=unit_norm)
+        for reverse in (False, True):
+            for modules in (None, {mods[1], mods[3]}):
+                theirs = att.search(q, 6, modules=modules, reverse=reverse)
+                ours = ix.search(q, 6, unit_norm=unit_norm, reverse=reverse,
+                                 modules=sorted(modules) if modules else None, batch_rows=7)
+                _same_topk(ours, (theirs.values, theirs.indices))
+    # a query projected with other settings is refused
+    with pytest.raises(ValueError, match="projection"):
+        ix.search(q, 3, projection={**ix.projection, "projection_seed": 1})
+
+
+def test_bergson_preconditioned_same_topk(bergson_run, tmp_path):
+    ix = GradientIndex.open(bergson_run)
+    g = torch.Generator().manual_seed(2)
+    hess = {}
+    for name, d in ix.modules.items():
+        a = torch.randn(d, 2 * d, generator=g)
+        hess[name] = a @ a.T / (2 * d)
+    GradientProcessor(projection_dim=4, projection_seed=0, hessians=hess).save(tmp_path / "hess")
+    inv = InversionConfig(inversion="absolute_damped_inverse", damping_factor=0.1)
+    q = _queries(bergson_run, seed=3)
+    for unit_norm, mode in ((False, "query"), (True, "both")):
+        att = Attributor(bergson_run, unit_norm=unit_norm, hessian_path=tmp_path / "hess", inversion_cfg=inv)
+        theirs = att.search(q, 5)
+        ours = ix.search(q, 5, unit_norm=unit_norm, precondition=Precondition(hess, mode=mode, damping=0.1))
+        _same_topk(ours, (theirs.values, theirs.indices), rtol=2e-3)
+
+
+def test_bergson_storage_per_token_bf16_and_shards(tmp_path):
+    sizes = {"m1": 5, "m2": 3}
+    g = torch.Generator().manual_seed(4)
+    # per-token, written by bergson's create_token_index
+    counts = np.array([3, 0, 2, 4])
+    mm, offsets = create_token_index(tmp_path / "tok", counts, sizes, np.float16)
+    x = torch.randn(int(counts.sum()), 8, generator=g).half()
+    mm[:] = x.numpy()
+    mm.flush()
+    ix = GradientIndex.open(tmp_path / "tok")
+    tg = TokenGradients(tmp_path / "tok")
+    assert ix.per_token and ix.offsets.tolist() == offsets.tolist() and ix.num_examples == len(tg) == 4
+    assert torch.equal(ix.get(range(len(ix))), torch.from_numpy(np.asarray(tg.mmap, dtype=np.float32)))
+    assert ix.example_of([0, 3, 5, 8]).tolist() == [0, 2, 3, 3]
+    # bfloat16 through bergson's own conversion
+    xb = torch.randn(11, 8, generator=g).bfloat16()
+    mmb = create_index(tmp_path / "bf", 11, sizes, np.dtype(tensor_to_numpy(xb[:1]).dtype))
+    mmb[:] = tensor_to_numpy(xb)
+    mmb.flush()
+    ixb = GradientIndex.open(tmp_path / "bf")
+    assert ixb.dtype == torch.bfloat16 and torch.equal(ixb.get(range(11)), xb.float())
+    q = torch.randn(3, 8, generator=g)
+    s, i = ixb.search(q, 4)
+    want = (q @ xb.float().T).topk(4)
+    assert torch.equal(i, want.indices)
+    # a directory of shard sub-indexes (bergson's sharded export): rows in sorted shard order
+    parts = [torch.randn(n, 8, generator=g) for n in (4, 6)]
+    for j, p in enumerate(parts):
+        m = create_index(tmp_path / "sh" / f"shard-{j:02d}", len(p), sizes, np.float32)
+        m[:] = p.numpy()
+        m.flush()
+    ixs = GradientIndex.open(tmp_path / "sh")
+    assert len(ixs) == 10 and torch.equal(ixs.get(range(10)), torch.cat(parts))
+
+
+def test_legacy_structured_dtype(tmp_path):
+    """Older bergson stores describe rows as a structured dtype (a field per module)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 8, generator=g)
+    spec = {"names": ["m1", "m2"], "formats": ["(5,)<f4", "(3,)<f4"], "offsets": [0, 20], "itemsize": 32}
+    root = tmp_path / "old"
+    root.mkdir()
+    x.numpy().astype("<f4").tofile(root / "gradients.bin")
+    (root / "info.json").write_text(json.dumps({"num_grads": 7, "grad_sizes": {"m1": 5, "m2": 3}, "dtype": spec}))
+    ix = GradientIndex.open(root)
+    assert torch.equal(ix.get(range(7)), x)
+    assert np.array_equal(np.asarray(load_gradients(root)), x.numpy())  # bergson reads it the same way
+    # padded records (a field layout with gaps) only gradkit maps: module columns by field offset
+    pad = np.zeros((7, 10), dtype="<f4")
+    pad[:, 0:5], pad[:, 6:9] = x[:, :5].numpy(), x[:, 5:].numpy()
+    root2 = tmp_path / "old2"
+    root2.mkdir()
+    pad.tofile(root2 / "gradients.bin")
+    spec2 = {"names": ["m1", "m2"], "formats": ["(5,)<f4", "(3,)<f4"], "offsets": [0, 24], "itemsize": 40}
+    (root2 / "info.json").write_text(json.dumps({"num_grads": 7, "grad_sizes": {"m1": 5, "m2": 3},
+                                                 "dtype": spec2}))
+    ix2 = GradientIndex.open(root2)
+    assert torch.equal(ix2.get(range(7)), x)
+    q = torch.randn(2, 8, generator=g)
+    for kw in ({}, {"unit_norm": True}, {"modules": ["m2"]}):
+        a, b = ix.search(q, 3, **kw), ix2.search(q, 3, **kw)
+        assert torch.equal(a[1], b[1]) and torch.allclose(a[0], b[0])
+
+
+def test_truncated_bergson_index_refused(tmp_path):
+    m = create_index(tmp_path / "t", 5, {"m": 4}, np.float32)
+    m[:] = 1.0
+    m.flush()
+    del m
+    f = tmp_path / "t" / "gradients.bin"
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size - 4)
+    with pytest.raises(ValueError, match="truncated"):
+        GradientIndex.open(tmp_path / "t")

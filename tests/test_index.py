@@ -1,0 +1,456 @@
+"""gradkit.index: building (sharded, per-token, NaN policy), crash safety (interrupted builds, resume,
+truncated shards, disk full), and exact search (inner product / cosine, reverse, module selection
+and weights, preconditioning, streaming, faiss) against independent torch oracles."""
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import gradkit.index as gi
+from gradkit import ops
+from gradkit.index import GradientIndex, IndexFormatError, NonFiniteGradientError, Precondition
+
+MODS = {"h.0.mlp": 6, "h.0.attn": 3, "h.1.mlp": 5}
+D = sum(MODS.values())
+PROJ = {"kind": "rademacher", "seed": 7, "p": 4}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def build(path, x, dtype=torch.float32, shard_rows=None, chunk=17, **kw):
+    with GradientIndex.create(path, MODS, dtype=dtype, projection=PROJ, shard_rows=shard_rows, **kw) as ix:
+        for i in range(0, x.shape[0], chunk):
+            ix.append(x[i:i + chunk])
+    return ix
+
+
+def oracle(q, x, k, largest=True, unit_norm=False, cols=None, wcols=None):
+    """Brute force on float64: (scores, indices) with ties lowest index first."""
+    q, x = q.double(), x.double()
+    if unit_norm:
+        q = q / (q.norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps)
+        nx = x.norm(dim=1, keepdim=True)
+        x = torch.where(nx > 0, x / nx, torch.zeros_like(x))
+    if wcols is not None:
+        q = q * wcols.double()
+    s = q @ x.T
+    out = []
+    for r in range(s.shape[0]):
+        order = sorted(range(s.shape[1]), key=lambda j: ((-s[r, j] if largest else s[r, j]).item(), j))[:k]
+        out.append(order)
+    idx = torch.tensor(out, dtype=torch.int64)
+    return s.gather(1, idx).float(), idx
+
+
+def int_grads(n, seed, spread=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-spread, spread + 1, (n, D), generator=g).float()
+
+
+# --------------------------------------------------------------------------- build + open + search
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_roundtrip_sharded_and_header(tmp_path, dtype):
+    x = int_grads(103, 0)
+    ix = build(tmp_path / "ix", x, dtype=dtype, shard_rows=20)
+    assert len(ix) == 103 and ix.dtype == dtype
+    ix = GradientIndex.open(tmp_path / "ix")
+    assert len(ix) == 103 and list(ix.modules.items()) == list(MODS.items()) and ix.dim == D
+    assert ix.projection == PROJ and ix.dtype == dtype and ix.layout == "gradkit" and not ix.per_token
+    assert torch.equal(ix.get(range(103)), x)
+    h = json.loads((tmp_path / "ix" / "index.json").read_text())
+    assert h["complete"] and h["count"] == 103 and len(h["shards"]) == 6
+    assert all(s["rows"] <= 20 for s in h["shards"])
+    # dict input, same rows
+    with GradientIndex.create(tmp_path / "d", MODS, dtype=dtype) as ix2:
+        parts, lo = {}, 0
+        for n_, d_ in MODS.items():
+            parts[n_] = x[:, lo:lo + d_]
+            lo += d_
+        ix2.append(parts)
+    assert torch.equal(GradientIndex.open(tmp_path / "d").get(range(103)), x)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 10**6), st.integers(1, 12), st.booleans(), st.booleans(), st.integers(1, 40),
+       st.sampled_from([None, ["h.0.attn"], ["h.0.mlp", "h.1.mlp"]]), st.booleans())
+def test_search_matches_oracle(tmp_path_factory, seed, k, reverse, unit_norm, batch_rows, modules, weighted):
+    tmp = tmp_path_factory.mktemp("s")
+    x = int_grads(61, seed)
+    q = int_grads(5, seed + 1)
+    ix = build(tmp / "ix", x, shard_rows=23)
+    weights = None
+    wcols = torch.zeros(D)
+    sel = modules or list(MODS)
+    lo = 0
+    for n_, d_ in MODS.items():
+        if n_ in sel:
+            w = (2.0 if n_ == sel[0] else 1.0) if weighted else 1.0
+            wcols[lo:lo + d_] = w
+        lo += d_
+    if weighted:
+        weights = {sel[0]: 2.0}
+    s, i = ix.search(q, k, unit_norm=unit_norm, reverse=reverse, modules=modules, weights=weights,
+                     batch_rows=batch_rows)
+    so, io = oracle(q, x, k, largest=not reverse, unit_norm=unit_norm, wcols=wcols)
+    if unit_norm:  # cosine scores are rounded: the rows returned must carry the oracle's top-k scores
+        torch.testing.assert_close(s, so, rtol=1e-5, atol=1e-5)
+        qd = q.double() / (q.double().norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps) * wcols.double()
+        nx = x.double().norm(dim=1, keepdim=True)
+        full = qd @ torch.where(nx > 0, x.double() / nx, torch.zeros_like(x.double())).T
+        torch.testing.assert_close(full.gather(1, i).float(), so, rtol=1e-5, atol=1e-5)
+        assert all(len(set(r)) == k for r in i.tolist())
+    else:
+        assert torch.equal(s, so) and torch.equal(i, io)
+
+
+def test_streaming_bounded_blocks_and_same_result(tmp_path, monkeypatch):
+    """A small batch_rows streams the memory-mapped shards block by block (bounded memory) and
+    gives exactly the one-block result."""
+    x = int_grads(500, 3)
+    q = int_grads(7, 4)
+    ix = build(tmp_path / "ix", x, dtype=torch.float16, shard_rows=128, chunk=100)
+    whole = ix.search(q, 9, batch_rows=10_000)
+    seen = []
+    real = ops.score_topk
+
+    def spy(queries, keys, k, **kw):
+        seen.append(keys.shape[0])
+        return real(queries, keys, k, **kw)
+
+    monkeypatch.setattr(gi.ops, "score_topk", spy)
+    part = ix.search(q, 9, batch_rows=16)
+    assert max(seen) <= 16 and sum(seen) == 500 and len(seen) >= 500 // 16
+    assert torch.equal(part[0], whole[0]) and torch.equal(part[1], whole[1])
+
+
+def test_self_retrieval_top1(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, D, generator=g)
+    ix = build(tmp_path / "ix", x, dtype=torch.float16)
+    for scale in (1.0, 50.0):  # cosine: the example itself is its nearest neighbour, whatever the scale
+        s, i = ix.search(x[:40] * scale, 1, unit_norm=True)
+        assert torch.equal(i[:, 0], torch.arange(40))
+        torch.testing.assert_close(s[:, 0], torch.ones(40), rtol=0, atol=2e-3)  # fp16 rows
+
+
+def test_queries_dict_batch_shape_and_device_forms(tmp_path):
+    x = int_grads(30, 6)
+    ix = build(tmp_path / "ix", x)
+    q = int_grads(6, 7).reshape(2, 3, D)
+    s, i = ix.search(q, 4)
+    assert s.shape == (2, 3, 4) and i.shape == (2, 3, 4) and s.dtype == torch.float32 and i.dtype == torch.int64
+    parts, lo = {}, 0
+    for n_, d_ in MODS.items():
+        parts[n_] = q[..., lo:lo + d_]
+        lo += d_
+    s2, i2 = ix.search(parts, 4)
+    assert torch.equal(s, s2) and torch.equal(i, i2)
+
+
+def test_preconditioning_query_and_both(tmp_path):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(80, D, generator=g)
+    q = torch.randn(4, D, generator=g)
+    a = torch.randn(D, D, generator=g, dtype=torch.float64)
+    H = a @ a.T + 0.5 * torch.eye(D, dtype=torch.float64)
+    ix = build(tmp_path / "ix", x)
+    ev, V = torch.linalg.eigh(H)
+    s, i = ix.search(q, 5, precondition=H.float())
+    want = (q.double() @ (V * (1 / ev)) @ V.T) @ x.double().T
+    torch.testing.assert_close(s.double(), want.gather(1, i), rtol=1e-4, atol=1e-4)
+    assert torch.equal(i, want.topk(5).indices)
+    # both sides: cos(H^-1/2 q, H^-1/2 x)
+    Hm = (V * ev.rsqrt()) @ V.T
+    qa, xa = q.double() @ Hm, x.double() @ Hm
+    cos = (qa / qa.norm(dim=1, keepdim=True)) @ (xa / xa.norm(dim=1, keepdim=True)).T
+    s, i = ix.search(q, 5, precondition=Precondition(H.float(), mode="both"), batch_rows=13)
+    assert torch.equal(i, cos.topk(5).indices)
+    torch.testing.assert_close(s.double(), cos.topk(5).values, rtol=1e-4, atol=1e-5)
+    # per-module (block diagonal): module left out = identity
+    Hb = {"h.0.attn": H[:3, :3].float() + torch.eye(3)}
+    s, i = ix.search(q, 5, precondition=Hb)
+    M = torch.eye(D, dtype=torch.float64)
+    M[6:9, 6:9] = torch.linalg.inv(H[:3, :3] + torch.eye(3, dtype=torch.float64))
+    assert torch.equal(i, (q.double() @ M @ x.double().T).topk(5).indices)
+    with pytest.raises(ValueError, match="positive definite"):
+        ix.search(q, 5, precondition=-torch.eye(D))
+    with pytest.raises(ValueError, match="mode"):
+        Precondition(torch.eye(D), mode="two")
+    with pytest.raises(ValueError, match="dims"):
+        ix.search(q, 5, precondition=torch.eye(D + 1))
+
+
+def test_faiss_backend_matches(tmp_path):
+    pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(400, D, generator=g)
+    q = torch.randn(6, D, generator=g)
+    ix = build(tmp_path / "ix", x)
+    for kw in ({}, {"reverse": True}, {"unit_norm": True}):
+        a = ix.search(q, 7, batch_rows=64, **kw)
+        b = ix.search(q, 7, batch_rows=64, backend="faiss", **kw)
+        assert torch.equal(a[1], b[1])
+        torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5)
+
+
+def test_per_token_offsets_and_nonfinite(tmp_path):
+    x = int_grads(12, 10)
+    x[4, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        with GradientIndex.create(tmp_path / "ix", MODS, per_token=True, shard_rows=4) as ix:
+            ix.append(x[:7], num_tokens=[3, 0, 4])
+            rows = ix.append(x[7:], num_tokens=torch.tensor([5]))
+    assert rows.tolist() == [6, 7, 8, 9, 10]
+    ix = GradientIndex.open(tmp_path / "ix")
+    assert ix.per_token and len(ix) == 11 and ix.num_examples == 4 and ix.nonfinite_rows == 1
+    assert ix.offsets.tolist() == [0, 3, 3, 6, 11]
+    assert ix.example_of([0, 2, 3, 5, 6, 10]).tolist() == [0, 0, 2, 2, 3, 3]
+    keep = torch.cat([x[:4], x[5:]])
+    assert torch.equal(ix.get(range(11)), keep)
+    with pytest.raises(ValueError, match="num_tokens"):
+        with GradientIndex.create(tmp_path / "b", MODS, per_token=True) as ix2:
+            ix2.append(x[:3], num_tokens=[1, 1])
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_nonfinite_policies(tmp_path):
+    x = int_grads(10, 11)
+    x[2, 1] = float("inf")
+    x[5, 0] = 1e6  # finite in fp32, overflows fp16
+    ix = GradientIndex.create(tmp_path / "ix", MODS, dtype=torch.float16)
+    with pytest.raises(NonFiniteGradientError, match=r"2 of 10 rows.*nothing of this chunk"):
+        ix.append(x, on_nonfinite="error")
+    assert len(ix) == 0 and ix.nonfinite_rows == 0
+    with pytest.warns(RuntimeWarning, match=r"2 of 10 rows hold NaN or Inf \(1 only after casting to float16\)"):
+        rows = ix.append(x)
+    assert rows.tolist() == [0, 1, -1, 2, 3, -1, 4, 5, 6, 7] and ix.nonfinite_rows == 2
+    ix.close()
+    ix = GradientIndex.open(tmp_path / "ix")
+    assert len(ix) == 8 and ix.nonfinite_rows == 2
+    assert torch.isfinite(ix.get(range(8))).all()
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        GradientIndex.create(tmp_path / "z", MODS, on_nonfinite="ignore")
+
+
+def test_search_refusals(tmp_path):
+    x = int_grads(20, 12)
+    ix = build(tmp_path / "ix", x)
+    q = int_grads(2, 13)
+    with pytest.raises(ValueError, match="k: 21 is larger than the index"):
+        ix.search(q, 21)
+    with pytest.raises(ValueError, match="k"):
+        ix.search(q, 0)
+    with pytest.raises(ValueError, match="projection"):
+        ix.search(q, 3, projection={**PROJ, "seed": 8})
+    with pytest.raises(ValueError, match="projection"):
+        ix.search(q, 3, projection={"kind": "gaussian", "seed": 7, "p": 4})
+    ix.search(q, 3, projection=dict(PROJ))  # the same config is accepted
+    with pytest.raises(ValueError, match="queries: expected shape"):
+        ix.search(torch.zeros(2, D + 1), 3)
+    with pytest.raises(ValueError, match="module set differs"):
+        ix.search({"h.0.mlp": torch.zeros(1, 6)}, 3)
+    with pytest.raises(ValueError, match=r"queries\['h.0.attn'\]"):
+        ix.search({"h.0.mlp": torch.zeros(1, 6), "h.0.attn": torch.zeros(1, 4), "h.1.mlp": torch.zeros(1, 5)}, 3)
+    with pytest.raises(ValueError, match="modules"):
+        ix.search(q, 3, modules=["nope"])
+    with pytest.raises(ValueError, match="weights"):
+        ix.search(q, 3, modules=["h.0.mlp"], weights={"h.1.mlp": 2.0})
+    bad = q.clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="queries: rows \\[1\\] hold NaN"):
+        ix.search(bad, 3)
+    with pytest.raises(ValueError, match="backend"):
+        ix.search(q, 3, backend="annoy")
+    with pytest.raises(TypeError, match="batch_rows"):
+        ix.search(q, 3, batch_rows=2.5)
+
+
+def test_append_and_create_refusals(tmp_path):
+    with pytest.raises(ValueError, match="modules"):
+        GradientIndex.create(tmp_path / "a", {})
+    with pytest.raises(ValueError, match=r"modules\['m'\]"):
+        GradientIndex.create(tmp_path / "a", {"m": 0})
+    with pytest.raises(TypeError, match="dtype"):
+        GradientIndex.create(tmp_path / "a", MODS, dtype=torch.int8)
+    with pytest.raises(ValueError, match="shard_rows"):
+        GradientIndex.create(tmp_path / "a", MODS, shard_rows=0)
+    with pytest.raises(TypeError, match="projection"):
+        GradientIndex.create(tmp_path / "a", MODS, projection="seed=1")
+    ix = GradientIndex.create(tmp_path / "b", MODS)
+    with pytest.raises(ValueError, match="grads: expected shape"):
+        ix.append(torch.zeros(3, D - 1))
+    with pytest.raises(ValueError, match="module set differs"):
+        ix.append({"h.0.mlp": torch.zeros(3, 6)})
+    with pytest.raises(ValueError, match="num_tokens"):
+        ix.append(torch.zeros(3, D), num_tokens=[3])
+    with pytest.raises(RuntimeError, match="still being built"):
+        ix.search(torch.zeros(1, D), 1)
+    ix.append(torch.zeros(3, D))
+    ix.close()
+    with pytest.raises(FileExistsError, match="resume=True"):
+        GradientIndex.create(tmp_path / "b", MODS)
+    with pytest.raises(ValueError, match="different settings"):
+        GradientIndex.create(tmp_path / "b", {"x": 3}, resume=True)
+    with GradientIndex.create(tmp_path / "b", MODS, overwrite=True) as ix:
+        ix.append(torch.ones(2, D))
+    assert len(GradientIndex.open(tmp_path / "b")) == 2
+
+
+# --------------------------------------------------------------------------- crash safety
+
+
+def test_interrupted_build_never_opens_and_resumes(tmp_path):
+    x = int_grads(50, 14)
+    ix = GradientIndex.create(tmp_path / "ix", MODS, dtype=torch.bfloat16, shard_rows=8, projection=PROJ)
+    ix.append(x[:20])
+    ix.append(x[20:30], commit=False)  # written, never committed
+    del ix  # "crash": no close()
+    with pytest.raises(IndexFormatError, match="did not complete.*resume=True"):
+        GradientIndex.open(tmp_path / "ix")
+    part = GradientIndex.open(tmp_path / "ix", allow_incomplete=True)
+    assert len(part) == 20 and torch.equal(part.get(range(20)), x[:20])
+    with GradientIndex.create(tmp_path / "ix", MODS, dtype=torch.bfloat16, shard_rows=8, projection=PROJ,
+                              resume=True) as ix:
+        assert len(ix) == 20
+        ix.append(x[20:])
+    ix = GradientIndex.open(tmp_path / "ix")
+    assert len(ix) == 50 and torch.equal(ix.get(range(50)), x)
+    assert sorted(p.name for p in (tmp_path / "ix" / "shards").iterdir()) == [f"r00000-{i:06d}.bin" for i in range(7)]
+
+
+def test_directory_without_header_and_truncated_shard(tmp_path):
+    x = int_grads(30, 15)
+    build(tmp_path / "ix", x, shard_rows=10)
+    (tmp_path / "ix" / "index.json").unlink()
+    with pytest.raises(IndexFormatError, match="no committed index header.*never committed"):
+        GradientIndex.open(tmp_path / "ix")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IndexFormatError, match="no committed index header"):
+        GradientIndex.open(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError):
+        GradientIndex.open(tmp_path / "missing")
+    # a leftover directory without a header is discarded by a new build
+    build(tmp_path / "ix", x[:5])
+    assert len(GradientIndex.open(tmp_path / "ix")) == 5
+    build(tmp_path / "t", x, shard_rows=10)
+    f = tmp_path / "t" / "shards" / "r00000-000001.bin"
+    os.truncate(f, f.stat().st_size - 1)
+    with pytest.raises(IndexFormatError, match="truncated"):
+        GradientIndex.open(tmp_path / "t")
+    (tmp_path / "t" / "index.json").write_text("{not json")
+    with pytest.raises(IndexFormatError, match="not valid JSON"):
+        GradientIndex.open(tmp_path / "t")
+
+
+def test_disk_full_during_build(tmp_path, monkeypatch):
+    x = int_grads(40, 16)
+    ix = GradientIndex.create(tmp_path / "ix", MODS, shard_rows=16)
+    ix.append(x[:20])
+    real = gi._write_all
+
+    def full(fd, data):  # half the bytes land, then the disk is full
+        mv = memoryview(data).cast("B")
+        real(fd, mv[:len(mv) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gi, "_write_all", full)
+    with pytest.raises(OSError, match="No space left on device.*20 committed rows.*resume=True") as e:
+        ix.append(x[20:])
+    assert e.value.errno == errno.ENOSPC
+    assert len(ix) == 20
+    # nothing corrupt is visible: the build is incomplete, its committed rows intact, files trimmed
+    with pytest.raises(IndexFormatError, match="did not complete"):
+        GradientIndex.open(tmp_path / "ix")
+    part = GradientIndex.open(tmp_path / "ix", allow_incomplete=True)
+    assert torch.equal(part.get(range(20)), x[:20])
+    sizes = sorted(p.stat().st_size for p in (tmp_path / "ix" / "shards").iterdir())
+    assert sizes == [4 * 2 * D, 16 * 2 * D]  # float16 rows
+    monkeypatch.setattr(gi, "_write_all", real)
+    ix.append(x[20:])  # space freed: the same writer continues
+    ix.close()
+    assert torch.equal(GradientIndex.open(tmp_path / "ix").get(range(40)), x)
+    # disk full while writing the very first header: no index becomes visible
+    monkeypatch.setattr(gi, "_write_all", full)
+    with pytest.raises(OSError):
+        GradientIndex.create(tmp_path / "new", MODS)
+    monkeypatch.setattr(gi, "_write_all", real)
+    with pytest.raises(IndexFormatError):
+        GradientIndex.open(tmp_path / "new")
+
+
+def test_hard_crash_mid_build_in_subprocess(tmp_path):
+    """A process killed (os._exit) between writing rows and committing them leaves an index that
+    does not open; resume continues after the last committed row."""
+    root = Path(__file__).resolve().parents[1] / "python"
+    script = textwrap.dedent(f"""
+        import os, sys, torch
+        sys.path.insert(0, {str(root)!r})
+        from gradkit.index import GradientIndex
+        x = torch.arange(60 * {D}, dtype=torch.float32).reshape(60, {D})
+        ix = GradientIndex.create({str(tmp_path / 'ix')!r}, {MODS!r}, shard_rows=7)
+        ix.append(x[:25])
+        ix.append(x[25:40], commit=False)
+        os._exit(0)
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    with pytest.raises(IndexFormatError):
+        GradientIndex.open(tmp_path / "ix")
+    x = torch.arange(60 * D, dtype=torch.float32).reshape(60, D)
+    with GradientIndex.create(tmp_path / "ix", MODS, shard_rows=7, resume=True) as ix:
+        assert len(ix) == 25
+        ix.append(x[25:])
+    assert torch.equal(GradientIndex.open(tmp_path / "ix").get(range(60)), x)
+
+
+def test_raw_shard_layout_is_plain_row_major(tmp_path):
+    x = int_grads(9, 17)
+    build(tmp_path / "ix", x, dtype=torch.float16)
+    raw = np.fromfile(tmp_path / "ix" / "shards" / "r00000-000000.bin", dtype="<f2").reshape(9, D)
+    assert np.array_equal(raw.astype(np.float32), x.numpy())
+
+
+def test_low_memory_search_keeps_resident_set_small(tmp_path):
+    """Streaming from the memory map with low_memory=True: the process's peak resident set grows by
+    at most about one block while a 48 MiB index is searched, whereas a plain search leaves the
+    whole mapping resident; both give the same result."""
+    root = Path(__file__).resolve().parents[1] / "python"
+    script = textwrap.dedent(f"""
+        import resource, sys, torch
+        sys.path.insert(0, {str(root)!r})
+        from gradkit.index import GradientIndex
+        g = torch.Generator().manual_seed(0)
+        with GradientIndex.create({str(tmp_path / 'ix')!r}, {{"m": 256}}, dtype=torch.float32, shard_rows=20000) as ix:
+            for _ in range(6):
+                ix.append(torch.randn(8192, 256, generator=g))
+        q = torch.randn(4, 256, generator=g)
+        def peak():
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB
+        def now():
+            return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
+        small = GradientIndex.open({str(tmp_path / 'ix')!r}, low_memory=True)
+        small.search(q, 3, batch_rows=2048)  # warm-up: kernels, allocator
+        p0 = peak()
+        a = small.search(q, 5, batch_rows=2048)
+        p1 = peak()
+        big = GradientIndex.open({str(tmp_path / 'ix')!r})
+        r0 = now()
+        b = big.search(q, 5, batch_rows=2048)
+        r1 = now()
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        print(p1 - p0, r1 - r0)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], check=True, timeout=120, capture_output=True, text=True)
+    grow_low, grow_plain = map(float, out.stdout.split()[-2:])
+    assert grow_low < 12, out.stdout  # ~2 MiB block + scratch, far below the 48 MiB index
+    assert grow_plain > 36, out.stdout  # the plain mapping keeps what it touched resident
