@@ -60,6 +60,6 @@ def obs_layout(scope: ScopeSpec) -> ObsLayout:
     elems = per_scope.reshape(-1, gs, bk).contiguous()
     rows = elems // k
     flat_rows = rows.reshape(rows.shape[0], -1)
-    coupled = bool((flat_rows.amax(1) != flat_rows.amin(1)).any()) if elems.numel() else False
+    coupled = bool((flat_rows != flat_rows[:, :1]).any()) if elems.numel() else False
     return ObsLayout(weight=w, elems=elems, M=int(m), K=int(k), S=int(elems.shape[0]), gs=int(gs), bk=int(bk),
                      row_coupled=coupled)

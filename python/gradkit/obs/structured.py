@@ -74,20 +74,19 @@ def _damp_value(h: Tensor, damp: float) -> float:
 def compute_inverse(hessian: Tensor, damp: float = 1e-4) -> Tensor:
     """``(H + d I)^-1`` with ``d = damp * mean(diag(H))`` for ``damp < 1``, else ``d = damp``.
 
-    Cholesky in float64 (never an LU inverse: batched/large ``linalg.inv`` is unreliable on
-    some oneMKL builds), returned in float32 (or float64 for a float64 Hessian). Raises when
+    Cholesky (never an LU inverse: batched/large ``linalg.inv`` is unreliable on some oneMKL
+    builds) in the Hessian's precision (float64 for float64, else float32, as the peer's inverse). Raises when
     the damped matrix is not positive definite."""
     _check_matrix(hessian, None, "hessian")
     d = _damp_value(hessian, damp)
-    h = hessian.double().clone()
+    dt = torch.float64 if hessian.dtype == torch.float64 else torch.float32
+    h = hessian.to(dt, copy=True)
     h.diagonal().add_(d)
-    h = 0.5 * (h + h.T)
-    L, info = torch.linalg.cholesky_ex(h)
+    L, info = torch.linalg.cholesky_ex(h)  # reads the lower triangle only
     if int(info) != 0:
         raise ValueError(f"hessian: not positive definite even after damping (damp={damp!r} -> {d:.3g} added to "
                          f"the diagonal; leading minor {int(info)} fails); raise damp")
-    c = torch.cholesky_inverse(L)
-    return c.to(torch.float64 if hessian.dtype == torch.float64 else torch.float32)
+    return torch.cholesky_inverse(L)
 
 
 def _progress(progress, total: int, desc: str):
@@ -134,6 +133,17 @@ def _map_chunks(fn, items, device):
         torch.set_num_threads(nt)
 
 
+def _rowmin(x: Tensor) -> Tensor:
+    """Row minimum of an (S, e) integer tensor (torch's integer amin over a short inner dim is ~100x
+    slower than elementwise minimum over its columns)."""
+    if x.shape[1] > 64:
+        return x.min(1).values
+    out = x[:, 0].clone()
+    for j in range(1, x.shape[1]):
+        torch.minimum(out, x[:, j], out=out)
+    return out
+
+
 # --------------------------------------------------------------------------- structure
 
 
@@ -150,14 +160,26 @@ class _Plan:
     def __init__(self, lay: ObsLayout):
         self.lay = lay
         elems, K = lay.elems, lay.K
-        rows, cols = elems // K, elems % K
         S = lay.S
         dev = elems.device
+        self.coupled = lay.row_coupled
+        if S and (S * lay.gs * lay.bk) == lay.M * K and K % (lay.gs * lay.bk) == 0 and torch.equal(
+                elems.view(-1), torch.arange(lay.M * K, device=dev)):
+            # row-major runs of whole scopes (N:M, 1 x b blocks): the plan is a reshape
+            Q = K // (lay.gs * lay.bk)
+            self.G, self.R, self.Q = lay.M, 1, Q
+            self.group_rows = torch.arange(lay.M, device=dev)[:, None]
+            self.slot_scopes = torch.arange(S, device=dev).view(lay.M, Q)
+            self.t_col = torch.arange(K, device=dev).view(Q, lay.gs, lay.bk)
+            self.t_lrow = torch.zeros_like(self.t_col)
+            self.block_single_row = True
+            return
+        rows, cols = elems // K, elems % K
         # --- row groups: connected components of rows through scopes (label propagation)
         r_flat = rows.reshape(S, -1)
         lab = torch.arange(lay.M, device=dev)
-        for _ in range(64):
-            smin = lab[r_flat].amin(1)
+        for _ in range(64 if lay.row_coupled else 0):
+            smin = _rowmin(lab[r_flat])
             new = lab.clone()
             new.scatter_reduce_(0, r_flat.reshape(-1), smin[:, None].expand_as(r_flat).reshape(-1), "amin")
             new = new[new]  # pointer jumping
@@ -165,7 +187,7 @@ class _Plan:
                 break
             lab = new
         scope_group_row = lab[r_flat[:, 0]]
-        used_rows = torch.unique(r_flat)
+        used_rows = torch.nonzero(torch.bincount(r_flat.reshape(-1), minlength=lay.M)).squeeze(1)
         glabels, group_of_row = torch.unique(lab[used_rows], return_inverse=True)
         G = glabels.numel()
         # rows of each group, ascending
@@ -180,7 +202,7 @@ class _Plan:
         self.G, self.R = G, R
         # --- slots: scopes of each group ordered by their first column
         g_of_scope = torch.searchsorted(glabels, scope_group_row)
-        first_col = cols.reshape(S, -1).amin(1)
+        first_col = _rowmin(cols.reshape(S, -1))
         sorder = torch.argsort(g_of_scope * (K + 1) + first_col, stable=True)
         per_g = torch.bincount(g_of_scope, minlength=G)
         Q = int(per_g[0])
@@ -202,8 +224,6 @@ class _Plan:
         # a block may span rows; blocks whose elements share a row score as one block-piece
         blk_rows = self.t_lrow.reshape(Q, lay.gs, lay.bk)
         self.block_single_row = bool((blk_rows == blk_rows[..., :1]).all())
-        # per row: the ordered list of its template columns (same for every local row?)
-        self.coupled = lay.row_coupled
 
 
 # --------------------------------------------------------------------------- the pruner
@@ -718,9 +738,14 @@ def _subset_table(plan: _Plan, num_prune: int, slots: Tensor):
     return subs, pcol, pval, kcol, kval
 
 
+def _take(t: Tensor, flat_idx: Tensor) -> Tensor:
+    """t.flatten()[flat_idx] through index_select (advanced indexing is an order of magnitude slower)."""
+    return t.reshape(-1).index_select(0, flat_idx.reshape(-1)).view(flat_idx.shape)
+
+
 def _sub_inverse(C: Tensor, cols: Tensor, val: Tensor, eps: float) -> Tensor:
     """(C[cols, cols] + eps I)^-1 with pad rows/columns as identity; cols (..., p). Cholesky-based."""
-    Cs = C[cols[..., :, None], cols[..., None, :]]
+    Cs = _take(C, cols[..., :, None] * C.shape[1] + cols[..., None, :])
     vv = val[..., :, None] & val[..., None, :]
     eye = torch.eye(cols.shape[-1], device=C.device, dtype=C.dtype)
     Cs = torch.where(vv, Cs + eps * eye, eye)
@@ -742,7 +767,7 @@ def _select_shared(W: Tensor, C: Tensor, plan: _Plan, num_prune: int, slots: Ten
     rows = plan.group_rows  # (G, R)
     G = rows.shape[0]
     nq, ns, R, pm = pcol.shape
-    wp = W[rows[:, None, None, :, None], pcol[None]] * pval[None]  # (G, nq, ns, R, pm)
+    wp = _take(W, rows[:, None, None, :, None] * W.shape[1] + pcol[None]) * pval[None]  # (G, nq, ns, R, pm)
     cost = torch.einsum("gqsrp,qsrpk,gqsrk->gqs", wp, Cinv, wp)
     best, sub = cost.min(-1)  # (G, nq) lowest cost; ties: lowest subset index
     return {"cost": best, "slots": slots, "sub": sub, "subs": subs, "pcol": pcol, "pval": pval, "kcol": kcol, "kval": kval,
@@ -761,14 +786,15 @@ def _chosen(sel: dict, key: str) -> Tensor:
     t = sel[key]  # (nq, ns, R, ...)
     sub = sel["sub"]  # (G, nq)
     G, nq = sub.shape
-    q = torch.arange(nq, device=sub.device)[None, :].expand(G, nq)
-    return t[q, sub]
+    ns = t.shape[1]
+    flat = torch.arange(nq, device=sub.device)[None, :] * ns + sub
+    return t.reshape(nq * ns, -1).index_select(0, flat.reshape(-1)).view(G, nq, *t.shape[2:])
 
 
 def _keep_from(keep: Tensor, plan: _Plan, sel: dict) -> Tensor:
     pc, pv = _chosen(sel, "pcol"), _chosen(sel, "pval")  # (G, nq, R, pm)
-    rows = plan.group_rows[:, None, :, None].expand_as(pc)
-    keep[rows[pv], pc[pv]] = False
+    flat = plan.group_rows[:, None, :, None] * keep.shape[1] + pc
+    keep.view(-1).index_fill_(0, flat[pv] if not bool(pv.all()) else flat.reshape(-1), False)
     return keep
 
 
@@ -776,16 +802,17 @@ def _compensate_local(W: Tensor, C: Tensor, plan: _Plan, sel: dict) -> Tensor:
     """Inside each scope: w_K -= C[K,P] C[P,P]^-1 w_P (per row of the scope), then w_P = 0."""
     pc, pv, kc, kv = (_chosen(sel, k) for k in ("pcol", "pval", "kcol", "kval"))  # (G, nq, R, *)
     Cinv = _chosen(sel, "Cinv")  # (G, nq, R, pm, pm)
-    rows = plan.group_rows[:, None, :, None]
-    wp = W[rows, pc] * pv
-    y = torch.einsum("gqrp,gqrpk->gqrk", wp, Cinv)  # C_PP^-1 w_P
-    CKP = C[kc[..., :, None], pc[..., None, :]]  # (G, nq, R, km, pm)
-    delta = torch.einsum("gqrkp,gqrp->gqrk", CKP, y) * kv
+    K = W.shape[1]
+    base = plan.group_rows[:, None, :, None] * K
+    fp, fk = base + pc, base + kc
+    wp = _take(W, fp) * pv
+    y = torch.matmul(Cinv, wp.unsqueeze(-1))  # C_PP^-1 w_P: (G, nq, R, pm, 1)
+    CKP = _take(C, kc[..., :, None] * K + pc[..., None, :])  # (G, nq, R, km, pm)
+    delta = torch.matmul(CKP, y).squeeze(-1) * kv
     W = W.clone()
-    rk = rows.expand_as(kc)
-    W.index_put_((rk[kv], kc[kv]), -delta[kv], accumulate=True)
-    rp = rows.expand_as(pc)
-    W[rp[pv], pc[pv]] = 0.0
+    Wf = W.view(-1)
+    Wf.index_add_(0, fk.reshape(-1), -delta.reshape(-1))  # pads carry 0
+    Wf.index_fill_(0, fp[pv] if not bool(pv.all()) else fp.reshape(-1), 0.0)
     return W
 
 
@@ -815,7 +842,7 @@ def _compensate_full(W: Tensor, C: Tensor, plan: _Plan, sel: dict, slots: Tensor
         loc[ccols] = torch.arange(ccols.numel(), device=dev)
         Cc = C.index_select(0, ccols).index_select(1, ccols)
         lp = loc[P]  # (M, N)
-        T = Cc[lp[:, :, None], lp[:, None, :]]  # (M, N, N): C[P_h, P_q]
+        T = _take(Cc, lp[:, :, None] * Cc.shape[1] + lp[:, None, :])  # (M, N, N): C[P_h, P_q]
         blk = torch.arange(N, device=dev) // pm
         upper = blk[:, None] <= blk[None, :]  # block upper triangle incl. diagonal
         vv = V[:, :, None] & V[:, None, :]
