@@ -73,6 +73,12 @@ TORCH_LIBRARY(gradkit, m) {
 
   // ---- family 5: OBS pruning (issue 5): batched Schur-complement kernels ----
   // (obs schemas go here)
+  // Independent OBS scoring + selection (kernels/reference/obs.py::obs_select): w, d (n, nb) fp32,
+  // nb = nq * gs * bk (per row nq scopes of gs blocks of bk elements). Block cost = sum over its
+  // elements, in order, of w^2 / (d + eps) (fp32); per (row, scope) the num_prune lowest-cost blocks
+  // are pruned (ties: lower block index; NaN cost ranks as +inf). Returns int64 (n, nq*num_prune*bk):
+  // per row the ascending local positions of every element of every pruned block.
+  m.def("obs_select(Tensor w, Tensor d, int gs, int bk, int num_prune, float eps) -> Tensor");
 
   // ---- family 6: random projections and attribution search (issue 6) ----
   // (projection schemas go here)

@@ -30,6 +30,7 @@ from typing import Callable, List, Optional, Union
 import torch
 from torch import Tensor
 
+from gradkit import ops
 from gradkit.obs.layout import ObsLayout, obs_layout
 
 __all__ = ["StructuredOBS", "compute_inverse", "MAX_SUBSETS"]
@@ -553,40 +554,45 @@ def _true_obs_chunk(w: Tensor, C: Tensor, ctx: _TrueObsContext, plan: _Plan, num
         Ub = fac(s, e) if cnt else None  # (n, cnt, nb)
         zc = torch.cat(z_parts, 1) if z_parts else w.new_zeros(n, 0)
         w_b = torch.baddbmm(wp[:, None, s:e], zc.unsqueeze(1), Ub, alpha=-1.0).squeeze(1) if cnt else wp[:, s:e]
-        # ---- scoring -> pruned blocks per (group, slot)
+        # ---- scoring -> pruned positions per chunk row
         nq = q1 - q0
-        rows_idx = (base[:, None, None, None] + blrow[None]).expand(ngrp, nq, gs, bk)  # chunk rows
-        loc = (bpos - s)[None].expand(ngrp, nq, gs, bk)
-        wel = w_b[rows_idx, loc]  # (ngrp, nq, gs, bk)
         if scoring == "independent" and not plan.coupled:
+            # one fused kernel: block costs sum w^2 / (diag(C_row) + eps), the num_prune lowest per
+            # scope (ties: lower block), positions ascending. One-row groups: batch positions are
+            # (slot, block, element) in order, so the layout is the op's.
             dg = cdiag[s:e].expand(n, nb) - (Ub * Ub).sum(1) if cnt else cdiag[s:e].expand(n, nb)
-            del_ = dg[rows_idx, loc]
-            cost = (wel * wel / (del_ + _SCORE_EPS)).sum(-1)  # (ngrp, nq, gs)
-            prune_blk = cost.topk(num_prune, dim=-1, largest=False).indices  # (ngrp, nq, np)
-        elif scoring == "independent":  # row-coupled: each block's own OBS cost in its row
-            cost = _block_costs(wel, rows_idx, loc, Cp, fac_at, s, cnt)
-            prune_blk = cost.topk(num_prune, dim=-1, largest=False).indices
+            P = ops.obs_select(w_b, dg, gs, bk, num_prune, _SCORE_EPS) + s
+            m = P.shape[1]
+            valid = torch.ones(n, m, dtype=torch.bool, device=dev)
+            padded = False
         else:
-            prune_blk = _joint_choice(wel, rows_idx, loc, Cp, fac_at, s, cnt, gs, bk, num_prune)
-        # ---- pruned positions per chunk row (padded to the batch maximum)
-        pe_loc = torch.gather(loc, 2, prune_blk[..., None].expand(-1, -1, -1, bk))  # (ngrp, nq, np, bk)
-        pe_row = torch.gather(rows_idx, 2, prune_blk[..., None].expand(-1, -1, -1, bk))
-        key = (pe_row * nb + pe_loc).reshape(-1)
-        key, _ = torch.sort(key)
-        prow = key // nb
-        ploc = key % nb
-        per = torch.bincount(prow, minlength=n)
-        m = int(per.max())
-        start = torch.cumsum(per, 0) - per
-        slot = torch.arange(key.numel(), device=dev) - start[prow]
-        P = torch.full((n, m), s, dtype=torch.long, device=dev)  # pads point at a valid column
-        valid = torch.zeros(n, m, dtype=torch.bool, device=dev)
-        P[prow, slot] = ploc + s
-        valid[prow, slot] = True
+            rows_idx = (base[:, None, None, None] + blrow[None]).expand(ngrp, nq, gs, bk)  # chunk rows
+            loc = (bpos - s)[None].expand(ngrp, nq, gs, bk)
+            wel = w_b[rows_idx, loc]  # (ngrp, nq, gs, bk)
+            if scoring == "independent":  # row-coupled: each block's own OBS cost in its row
+                cost = _block_costs(wel, rows_idx, loc, Cp, fac_at, s, cnt)
+                prune_blk = cost.topk(num_prune, dim=-1, largest=False).indices
+            else:
+                prune_blk = _joint_choice(wel, rows_idx, loc, Cp, fac_at, s, cnt, gs, bk, num_prune)
+            # pruned positions per chunk row (padded to the batch maximum)
+            pe_loc = torch.gather(loc, 2, prune_blk[..., None].expand(-1, -1, -1, bk))  # (ngrp, nq, np, bk)
+            pe_row = torch.gather(rows_idx, 2, prune_blk[..., None].expand(-1, -1, -1, bk))
+            key = (pe_row * nb + pe_loc).reshape(-1)
+            key, _ = torch.sort(key)
+            prow = key // nb
+            ploc = key % nb
+            per = torch.bincount(prow, minlength=n)
+            m = int(per.max())
+            start = torch.cumsum(per, 0) - per
+            slot = torch.arange(key.numel(), device=dev) - start[prow]
+            P = torch.full((n, m), s, dtype=torch.long, device=dev)  # pads point at a valid column
+            valid = torch.zeros(n, m, dtype=torch.bool, device=dev)
+            P[prow, slot] = ploc + s
+            valid[prow, slot] = True
+            padded = m * n != key.numel()
         # ---- extend the factor: X = C_row[:, P] on future columns and on P itself
         F0 = e
         # U[P, :cnt] as (n, m, cnt); pads zeroed
-        padded = m * n != key.numel()
         if cnt:
             UP = torch.cat([torch.gather(ut, 2, (P - e0)[:, None, :].expand(n, ut.shape[1], m)).float()
                             for e0, ut in blocks], 1).transpose(1, 2)
@@ -767,11 +773,32 @@ def _select_shared(W: Tensor, C: Tensor, plan: _Plan, num_prune: int, slots: Ten
     rows = plan.group_rows  # (G, R)
     G = rows.shape[0]
     nq, ns, R, pm = pcol.shape
-    wp = _take(W, rows[:, None, None, :, None] * W.shape[1] + pcol[None]) * pval[None]  # (G, nq, ns, R, pm)
-    cost = torch.einsum("gqsrp,qsrpk,gqsrk->gqs", wp, Cinv, wp)
+    if R == 1 and pm <= 2 and bool(pval.all()):
+        # one row per scope, no pads: gather the slots' columns once, pick subsets on the last dim
+        e = plan.lay.gs * plan.lay.bk
+        wt = W.index_select(0, rows[:, 0]).index_select(1, plan.t_col[slots].reshape(-1)).view(G, nq, e)
+        # local element index of each subset's pruned columns (same for every slot: blocks in order)
+        sub_e = (sel_subs_elems(plan, num_prune))  # (ns, pm)
+        w0 = wt[..., sub_e[:, 0]]  # (G, nq, ns)
+        if pm == 1:
+            cost = w0 * w0 * Cinv[None, :, :, 0, 0, 0]
+        else:
+            w1 = wt[..., sub_e[:, 1]]
+            c = Cinv[:, :, 0]  # (nq, ns, 2, 2)
+            cost = w0 * w0 * c[..., 0, 0] + 2 * w0 * w1 * c[..., 0, 1] + w1 * w1 * c[..., 1, 1]
+    else:
+        wp = _take(W, rows[:, None, None, :, None] * W.shape[1] + pcol[None]) * pval[None]  # (G, nq, ns, R, pm)
+        cost = torch.einsum("gqsrp,qsrpk,gqsrk->gqs", wp, Cinv, wp)
     best, sub = cost.min(-1)  # (G, nq) lowest cost; ties: lowest subset index
     return {"cost": best, "slots": slots, "sub": sub, "subs": subs, "pcol": pcol, "pval": pval, "kcol": kcol, "kval": kval,
             "Cinv": Cinv}
+
+
+def sel_subs_elems(plan: _Plan, num_prune: int) -> Tensor:
+    """(ns, np * bk) in-scope element indices (block-major) of each prune subset's elements."""
+    bk = plan.lay.bk
+    subs = torch.tensor(list(combinations(range(plan.lay.gs), num_prune)), dtype=torch.long)
+    return (subs[:, :, None] * bk + torch.arange(bk)).reshape(subs.shape[0], -1).to(plan.t_col.device)
 
 
 def _slice_sel(sel: dict, q0: int, q1: int) -> dict:

@@ -139,3 +139,34 @@ def shared_obs_reference(W: Tensor, C: Tensor, group_rows: Tensor, t_col: Tensor
                 W[r, P] = 0.0 if compensate == "local" else W[r, P]
                 pruned[r, P] = True
     return W.masked_fill(pruned, 0.0)
+
+
+def obs_select(w: Tensor, d: Tensor, gs: int, bk: int, num_prune: int, eps: float) -> Tensor:
+    """Independent OBS scoring and selection of the pruned blocks of every (row, scope).
+
+    w, d: (n, nb) float32 (any strides), nb = nq * gs * bk: each row is nq consecutive scopes of gs
+    consecutive blocks of bk consecutive elements. Block cost (fp32, summed in element order)::
+
+        c[r, q, b] = sum_{j < bk} w[r, e]^2 / (d[r, e] + eps),   e = (q * gs + b) * bk + j
+
+    Per (row, scope) the ``num_prune`` blocks of lowest cost are pruned; equal costs: lower block
+    index first; a NaN cost counts as +inf (ranked with the +inf costs, by block index). Returns
+    int64 (n, nq * num_prune * bk): per row, the local positions (0..nb-1) of every element of
+    every pruned block, ascending.
+    """
+    n, nb = w.shape
+    e = gs * bk
+    nq = nb // e
+    if num_prune == 0 or n == 0 or nq == 0:
+        return torch.empty((n, nq * num_prune * bk), dtype=torch.long, device=w.device)
+    t = (w * w / (d + eps)).reshape(n, nq, gs, bk)
+    c = t[..., 0]
+    for j in range(1, bk):  # element order, one rounding per addition
+        c = c + t[..., j]
+    c = torch.where(torch.isnan(c), torch.full_like(c, float("inf")), c)
+    order = torch.sort(c, dim=-1, stable=True).indices  # equal costs keep block order
+    pruned = torch.zeros(n, nq, gs, dtype=torch.bool, device=w.device)
+    pruned.scatter_(2, order[..., :num_prune], True)
+    mask = pruned[..., None].expand(n, nq, gs, bk).reshape(n, nb)
+    pos = torch.arange(nb, device=w.device).expand(n, nb)
+    return pos[mask].view(n, nq * num_prune * bk)  # row-major: ascending within each row

@@ -1,0 +1,186 @@
+// CUDA kernel of the obs family: independent OBS scoring and selection of the pruned blocks.
+// Semantics: python/gradkit/kernels/reference/obs.py::obs_select (the definition); the same ranking
+// as the Triton kernel (kernels/triton/obs.py) and the CPU kernel (csrc/cpu/obs.cpp).
+//
+// Headers and conventions as the other .cu files: only c10/cuda/* (no ATen/cuda/CUDAContext.h),
+// a CUDAGuard, launches on the current stream, int64 element offsets.
+//
+// The (row, scope) pairs are one flat range of S = n * nq scopes over contiguous inputs: scope s
+// reads elements [s * E, (s + 1) * E), E = gs * bk, and owns the output slice [s * O, (s + 1) * O),
+// O = num_prune * bk. Block cost: c = sum_j w^2 / (d + eps) in element order with explicitly
+// rounded intrinsics (__fmul_rn / __fdiv_rn / __fadd_rn: no contraction, IEEE division), NaN -> +inf.
+// rank(b) = #{b' : c[b'] < c[b] or (c[b'] == c[b] and b' < b)}; b is pruned iff rank < num_prune.
+//
+// * small_kernel<G> (gs <= 32): one thread per scope (grid-stride), costs in registers padded with
+//   +inf up to G in {2, 4, 8, 16, 32} (a padding block ranks after every real block, so it never
+//   changes a real rank and is never pruned); the pruned set is a G-bit mask whose set bits are
+//   emitted in ascending order (__ffs), exactly num_prune of them.
+// * large_kernel (32 < gs <= kMaxSmemGs): one thread block per scope (grid-stride): the gs costs go
+//   to shared memory; each thread ranks its blocks against all of them (broadcast reads), writes a
+//   pruned flag; a pruned block's slot is the count of pruned flags before it.
+// * gs > kMaxSmemGs: composite ATen path (stable sort), the reference's algorithm.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <math_constants.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "common.cuh"
+
+namespace gradkit {
+namespace obs {
+namespace {
+
+using at::Tensor;
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxSmemGs = 8192;  // gs floats + gs flag bytes = 40 KiB of shared memory
+
+void check_args(const Tensor& w, const Tensor& d, int64_t gs, int64_t bk, int64_t num_prune, double eps) {
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, "w: expected a float32 tensor, got ", w.scalar_type());
+  TORCH_CHECK_TYPE(d.scalar_type() == at::kFloat, "d: expected a float32 tensor, got ", d.scalar_type());
+  TORCH_CHECK_VALUE(w.dim() == 2, "w: expected a 2-D tensor (n, nb), got shape ", w.sizes());
+  TORCH_CHECK_VALUE(d.sizes() == w.sizes(), "d: expected shape ", w.sizes(), " (that of w), got ", d.sizes());
+  TORCH_CHECK_VALUE(d.device() == w.device(), "d: on ", d.device(), " but w is on ", w.device());
+  TORCH_CHECK_VALUE(gs >= 1, "gs: expected >= 1, got ", gs);
+  TORCH_CHECK_VALUE(bk >= 1, "bk: expected >= 1, got ", bk);
+  TORCH_CHECK_VALUE(num_prune >= 0 && num_prune <= gs, "num_prune: expected 0 <= num_prune <= gs = ", gs, ", got ",
+                    num_prune);
+  TORCH_CHECK_VALUE(gs <= (int64_t{1} << 31) && bk <= (int64_t{1} << 31) && w.size(1) % (gs * bk) == 0,
+                    "w: the row length ", w.size(1), " is not a multiple of gs * bk = ", gs, " * ", bk);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, "eps: expected a finite number >= 0, got ", eps);
+}
+
+__device__ __forceinline__ float term(float w, float d, float eps) {
+  return __fdiv_rn(__fmul_rn(w, w), __fadd_rn(d, eps));
+}
+
+// Cost of the block starting at element e (bk elements), NaN -> +inf.
+__device__ __forceinline__ float block_cost(const float* __restrict__ w, const float* __restrict__ d, int64_t e,
+                                            int64_t bk, float eps) {
+  float acc = term(w[e], d[e], eps);
+  for (int64_t j = 1; j < bk; ++j) acc = __fadd_rn(acc, term(w[e + j], d[e + j], eps));
+  return isnan(acc) ? CUDART_INF_F : acc;
+}
+
+template <int G>
+__global__ void small_kernel(const float* __restrict__ w, const float* __restrict__ d, int64_t* __restrict__ out,
+                             int64_t S, int64_t nq, int64_t gs, int64_t bk, int64_t np, float eps) {
+  const int64_t E = gs * bk, O = np * bk;
+  for (int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; s < S;
+       s += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t e0 = s * E;
+    float c[G];
+#pragma unroll
+    for (int b = 0; b < G; ++b) c[b] = b < gs ? block_cost(w, d, e0 + b * bk, bk, eps) : CUDART_INF_F;
+    uint32_t mask = 0;
+#pragma unroll
+    for (int b = 0; b < G; ++b) {
+      int r = 0;
+#pragma unroll
+      for (int b2 = 0; b2 < G; ++b2) r += b2 < b ? (c[b2] <= c[b]) : (c[b2] < c[b]);
+      mask |= static_cast<uint32_t>(r < np) << b;
+    }
+    int64_t* o = out + s * O;
+    const int64_t base = (s % nq) * E;
+    for (int64_t j = 0; j < np; ++j) {
+      const int64_t p0 = base + static_cast<int64_t>(__ffs(mask) - 1) * bk;
+      mask &= mask - 1;
+      for (int64_t e = 0; e < bk; ++e) o[j * bk + e] = p0 + e;
+    }
+  }
+}
+
+__global__ void large_kernel(const float* __restrict__ w, const float* __restrict__ d, int64_t* __restrict__ out,
+                             int64_t S, int64_t nq, int64_t gs, int64_t bk, int64_t np, float eps) {
+  extern __shared__ float sc[];                               // gs costs
+  unsigned char* fl = reinterpret_cast<unsigned char*>(sc + gs);  // gs pruned flags
+  const int64_t E = gs * bk, O = np * bk;
+  for (int64_t s = blockIdx.x; s < S; s += gridDim.x) {
+    const int64_t e0 = s * E;
+    for (int64_t b = threadIdx.x; b < gs; b += blockDim.x) sc[b] = block_cost(w, d, e0 + b * bk, bk, eps);
+    __syncthreads();
+    for (int64_t b = threadIdx.x; b < gs; b += blockDim.x) {
+      const float cb = sc[b];
+      int64_t r = 0;
+      for (int64_t b2 = 0; b2 < gs; ++b2) {
+        const float x = sc[b2];
+        r += (x < cb) | ((x == cb) & (b2 < b));
+      }
+      fl[b] = r < np;
+    }
+    __syncthreads();
+    const int64_t base = (s % nq) * E;
+    for (int64_t b = threadIdx.x; b < gs; b += blockDim.x) {
+      if (!fl[b]) continue;
+      int64_t slot = 0;
+      for (int64_t b2 = 0; b2 < b; ++b2) slot += fl[b2];
+      int64_t* o = out + s * O + slot * bk;
+      for (int64_t e = 0; e < bk; ++e) o[e] = base + b * bk + e;
+    }
+    __syncthreads();  // the next scope reuses the shared memory
+  }
+}
+
+// The reference's algorithm in ATen ops (stable sort), for scopes too large for shared memory.
+Tensor composite(const Tensor& w, const Tensor& d, int64_t gs, int64_t bk, int64_t np, double eps) {
+  const int64_t n = w.size(0), nb = w.size(1), nq = nb / (gs * bk);
+  const Tensor t = w.mul(w).div(d.add(eps)).view({n, nq, gs, bk});
+  Tensor c = t.select(3, 0);
+  for (int64_t j = 1; j < bk; ++j) c = c.add(t.select(3, j));
+  c = c.masked_fill(c.isnan(), std::numeric_limits<float>::infinity());
+  const Tensor order = std::get<1>(c.sort(/*stable=*/true, /*dim=*/2, /*descending=*/false));
+  const Tensor pruned = at::zeros({n, nq, gs}, c.options().dtype(at::kBool)).scatter_(2, order.narrow(2, 0, np), true);
+  const Tensor mask = pruned.unsqueeze(3).expand({n, nq, gs, bk}).reshape({n, nb});
+  const Tensor pos = at::arange(nb, w.options().dtype(at::kLong)).unsqueeze(0).expand({n, nb});
+  return pos.masked_select(mask).view({n, nq * np * bk});
+}
+
+Tensor obs_select_cuda(const Tensor& w_in, const Tensor& d_in, int64_t gs, int64_t bk, int64_t num_prune,
+                       double eps) {
+  check_args(w_in, d_in, gs, bk, num_prune, eps);
+  c10::cuda::CUDAGuard guard(w_in.device());
+  const int64_t n = w_in.size(0), nb = w_in.size(1), E = gs * bk, nq = nb / E, O = num_prune * bk;
+  const int64_t S = n * nq;
+  if (S == 0 || O == 0) return at::empty({n, nq * O}, w_in.options().dtype(at::kLong));
+  const Tensor w = w_in.contiguous(), d = d_in.contiguous();
+  if (gs > kMaxSmemGs) return composite(w, d, gs, bk, num_prune, eps);
+  Tensor out = at::empty({n, nq * O}, w.options().dtype(at::kLong));
+  const float epsf = static_cast<float>(eps);
+  const int dev = w.get_device();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const float* wp = w.data_ptr<float>();
+  const float* dp = d.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  if (gs <= 32) {
+    const int64_t blocks = std::min<int64_t>((S + kThreads - 1) / kThreads, int64_t{32} * cuda::sm_count(dev));
+    const dim3 grid(static_cast<unsigned>(blocks));
+    auto launch = [&](auto kernel) {
+      kernel<<<grid, kThreads, 0, stream>>>(wp, dp, op, S, nq, gs, bk, num_prune, epsf);
+    };
+    if (gs <= 2) launch(small_kernel<2>);
+    else if (gs <= 4) launch(small_kernel<4>);
+    else if (gs <= 8) launch(small_kernel<8>);
+    else if (gs <= 16) launch(small_kernel<16>);
+    else launch(small_kernel<32>);
+  } else {
+    const int64_t blocks = std::min<int64_t>(S, int64_t{8} * cuda::sm_count(dev));
+    const size_t smem = static_cast<size_t>(gs) * (sizeof(float) + 1);
+    large_kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(wp, dp, op, S, nq, gs, bk, num_prune,
+                                                                             epsf);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+}  // namespace obs
+}  // namespace gradkit
+
+TORCH_LIBRARY_IMPL(gradkit, CUDA, m) { m.impl("obs_select", &gradkit::obs::obs_select_cuda); }

@@ -1,0 +1,123 @@
+"""The Triton obs_select kernel against the plain-PyTorch reference (the oracle).
+
+Runs on CPU tensors through the Triton interpreter on small shapes. Weights are integer-valued (many
+equal costs: the tie rule decides), with NaN / inf weights and zero / negative d, so NaN costs
+(ranked as +inf) and +-inf costs occur; every result is compared exactly. Each case runs with the
+default tile and with tiny tiles (many programs, a partial last tile).
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
+
+import contextlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from conftest import use_backend  # noqa: E402
+from gradkit import ops  # noqa: E402
+from gradkit.kernels.reference import obs as R  # noqa: E402
+from gradkit.kernels.triton import obs as T  # noqa: E402
+
+# The interpreter evaluates with numpy, which warns on the NaN / inf these tests feed on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                                        "ignore:invalid value encountered:RuntimeWarning",
+                                        "ignore:divide by zero encountered:RuntimeWarning")
+
+_EX = settings.default.max_examples  # ci: 40, deep: 600
+MORE = settings(deadline=None, max_examples=_EX)
+TILES = {"default": {}, "tiny": {"max_scopes": 2, "tile_elems": 2}}
+NAN, INF = float("nan"), float("inf")
+
+
+@contextlib.contextmanager
+def tiles(kind):
+    saved = dict(T.BLOCKS)
+    T.BLOCKS.update(TILES[kind])
+    try:
+        yield
+    finally:
+        T.BLOCKS.clear()
+        T.BLOCKS.update(saved)
+
+
+def data(n, nb, seed, special=True, spread=2):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-spread, spread + 1, (n, nb), generator=g).float()
+    d = torch.randint(1, 3, (n, nb), generator=g).float()
+    if special:
+        r = torch.rand(n, nb, generator=g)
+        w[r < 0.06] = NAN
+        w[(r >= 0.06) & (r < 0.09)] = INF
+        r = torch.rand(n, nb, generator=g)
+        d[r < 0.08] = 0.0
+        d[(r >= 0.08) & (r < 0.12)] = -1.0
+    return w, d
+
+
+def both(w, d, gs, bk, num_prune, eps):
+    got = T.obs_select(w, d, gs, bk, num_prune, eps)
+    want = R.obs_select(w, d, gs, bk, num_prune, eps)
+    assert got.dtype == torch.int64 and got.shape == want.shape, (got.shape, want.shape)
+    assert torch.equal(got, want), (gs, bk, num_prune, eps, got, want)
+
+
+@MORE
+@given(n=st.integers(1, 8), nq=st.integers(1, 5), gs=st.integers(1, 8), bk=st.integers(1, 3), data_=st.data(),
+       seed=st.integers(0, 2**31), special=st.booleans(), eps=st.sampled_from([0.0, 1e-8, 0.25]),
+       tile=st.sampled_from(["default", "tiny"]), strided=st.booleans())
+def test_matches_reference(n, nq, gs, bk, data_, seed, special, eps, tile, strided):
+    num_prune = data_.draw(st.integers(0, gs))
+    nb = nq * gs * bk
+    w, d = data(n, nb, seed, special)
+    if strided:
+        w = torch.cat([w, torch.zeros(n, 2)], 1)[:, :nb]
+        d = d.t().contiguous().t()
+    with tiles(tile):
+        both(w, d, gs, bk, num_prune, eps)
+
+
+@pytest.mark.parametrize("gs,bk", [(13, 1), (33, 2), (64, 1)])
+def test_wider_scopes(gs, bk):
+    """Padding up to GS_P (13 -> 16, 33 -> 64) and a full 64-block tile."""
+    w, d = data(3, 2 * gs * bk, gs)
+    for num_prune in (1, gs // 2, gs):
+        both(w, d, gs, bk, num_prune, 1e-8)
+
+
+def test_composite_path_for_huge_scopes():
+    gs = T.MAX_FUSED_GS + 5
+    w, d = data(2, 2 * gs, 7)
+    both(w, d, gs, 1, gs // 3, 0.0)
+
+
+def test_ties_and_nan():
+    w = torch.tensor([[2.0, 2.0, NAN, 2.0, INF, 2.0, 1.0, NAN]])
+    d = torch.ones(1, 8)
+    with tiles("tiny"):
+        assert T.obs_select(w, d, 8, 1, 3, 0.0).tolist() == [[0, 1, 6]]
+        assert T.obs_select(w, d, 8, 1, 6, 0.0).tolist() == [[0, 1, 2, 3, 5, 6]]  # NaN (+inf) before inf by index
+        assert T.obs_select(w, d, 4, 1, 2, 0.0).tolist() == [[0, 1, 5, 6]]
+    for num_prune in range(9):
+        both(w, d, 8, 1, num_prune, 0.0)
+
+
+def test_empty_shapes():
+    assert T.obs_select(torch.ones(0, 8), torch.ones(0, 8), 4, 2, 1, 0.0).shape == (0, 2)
+    assert T.obs_select(torch.ones(3, 8), torch.ones(3, 8), 4, 2, 0, 0.0).shape == (3, 0)
+    assert T.obs_select(torch.ones(3, 0), torch.ones(3, 0), 4, 2, 1, 0.0).shape == (3, 0)
+
+
+def test_through_the_api():
+    w, d = data(5, 24, 3)
+    with use_backend("triton"):
+        got = ops.obs_select(w, d, 4, 2, 2, 1e-8)
+    assert torch.equal(got, R.obs_select(w, d, 4, 2, 2, 1e-8))
+
+
+def test_launcher_checks():
+    with pytest.raises(ValueError, match="num_prune"):
+        T.obs_select(torch.ones(2, 8), torch.ones(2, 8), 4, 1, 5, 0.0)
+    with pytest.raises(TypeError, match="float32"):
+        T.obs_select(torch.ones(2, 8).double(), torch.ones(2, 8), 4, 1, 2, 0.0)
