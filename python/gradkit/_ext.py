@@ -37,3 +37,30 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     if not LOADED:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"gradkit::{op}", dispatch_key)
+
+
+def has_op(op: str) -> bool:
+    """True when the loaded extension declares the schema ``gradkit::<op>``."""
+    if not LOADED:
+        return False
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"gradkit::{op}", "")
+        return True
+    except RuntimeError:
+        return False
+
+
+def ops_package_stacklevel() -> int:
+    """The ``_stacklevel`` that attributes a fake-impl registration to ``gradkit.ops``.
+
+    csrc/ops.cpp declares gradkit.ops (``m.set_python_module``) as the home of every fake impl and
+    torch checks the registering module; family modules (gradkit/ops/<family>.py) are imported by
+    gradkit/ops/__init__.py, so the nearest ``gradkit.ops`` frame on the stack is the one to name."""
+    import sys
+
+    f, level = sys._getframe(1), 1
+    while f is not None:
+        if f.f_globals.get("__name__") == "gradkit.ops":
+            return level
+        f, level = f.f_back, level + 1
+    return 1

@@ -75,37 +75,13 @@ def obs_select(w: torch.Tensor, d: torch.Tensor, gs: int, bk: int, num_prune: in
     return _impl("obs_select", "obs")(w.contiguous(), d.contiguous(), gs, bk, num_prune, float(eps))
 
 
-def _has_op(name: str) -> bool:
-    if not _ext.LOADED:
-        return False
-    try:
-        torch._C._dispatch_find_schema_or_throw(f"gradkit::{name}", "")
-        return True
-    except RuntimeError:
-        return False
-
-
 def _obs_select_fake(w, d, gs, bk, num_prune, eps):
     n, nb = w.shape
     return w.new_empty((n, (nb // (gs * bk)) * num_prune * bk), dtype=torch.int64)
 
 
-def _stacklevel_of_ops_package() -> int:
-    """csrc/ops.cpp declares gradkit.ops (m.set_python_module) as the home of every fake impl, and
-    torch checks the module that registers one. This module is imported by gradkit/ops/__init__.py
-    (``from gradkit.ops.obs import *``), so the registration is attributed to that frame."""
-    import sys
-
-    f, level = sys._getframe(1), 1
-    while f is not None:
-        if f.f_globals.get("__name__") == "gradkit.ops":
-            return level
-        f, level = f.f_back, level + 1
-    return 1
-
-
-if _has_op("obs_select"):
-    torch.library.register_fake("gradkit::obs_select", _obs_select_fake, _stacklevel=_stacklevel_of_ops_package())
+if _ext.has_op("obs_select"):
+    torch.library.register_fake("gradkit::obs_select", _obs_select_fake, _stacklevel=_ext.ops_package_stacklevel())
 
     # Triton is the GPU kernel where the extension was built without CUDA C++.
     if torch.cuda.is_available():

@@ -104,20 +104,6 @@ def project_flat(x: torch.Tensor, k: int, seed: int, kind: int = 0, col0: int = 
     return _impl("project_flat", "projection")(x, k, seed, kind, col0)
 
 
-def _stacklevel_of_ops_package() -> int:
-    """csrc/ops.cpp declares gradkit.ops (m.set_python_module) as the home of every fake impl and
-    torch checks the module that registers one; this module is imported by gradkit/ops/__init__.py
-    (``from gradkit.ops.projection import *``), so the registration is attributed to that frame."""
-    import sys
-
-    f, level = sys._getframe(1), 1
-    while f is not None:
-        if f.f_globals.get("__name__") == "gradkit.ops":
-            return level
-        f, level = f.f_back, level + 1
-    return 1
-
-
 def _projection_matrix_fake(out, seed, kind, k, row0, col0):
     return None
 
@@ -128,8 +114,8 @@ def _project_flat_fake(x, k, seed, kind, col0):
 
 if _ext.LOADED:
     torch.library.register_fake("gradkit::projection_matrix_", _projection_matrix_fake,
-                                _stacklevel=_stacklevel_of_ops_package())
-    torch.library.register_fake("gradkit::project_flat", _project_flat_fake, _stacklevel=_stacklevel_of_ops_package())
+                                _stacklevel=_ext.ops_package_stacklevel())
+    torch.library.register_fake("gradkit::project_flat", _project_flat_fake, _stacklevel=_ext.ops_package_stacklevel())
 
     def _register_triton_projection() -> None:
         try:

@@ -85,37 +85,13 @@ def score_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, largest: bo
     return _impl("score_topk", "search")(queries, keys, k, largest, key_scale, scores_in, idx_in, base)
 
 
-def _has_op(name: str) -> bool:
-    if not _ext.LOADED:
-        return False
-    try:
-        torch._C._dispatch_find_schema_or_throw(f"gradkit::{name}", "")
-        return True
-    except RuntimeError:
-        return False
-
-
 def _score_topk_fake(queries, keys, k, largest, key_scale, scores_in, idx_in, base):
     q = queries.shape[0]
     return queries.new_empty((q, k), dtype=torch.float32), queries.new_empty((q, k), dtype=torch.int64)
 
 
-def _stacklevel_of_ops_package() -> int:
-    """csrc/ops.cpp declares gradkit.ops (m.set_python_module) as the home of every fake impl, and
-    torch checks the module that registers one. This module is imported by gradkit/ops/__init__.py
-    (``from gradkit.ops.search import *``), so the registration is attributed to that frame."""
-    import sys
-
-    f, level = sys._getframe(1), 1
-    while f is not None:
-        if f.f_globals.get("__name__") == "gradkit.ops":
-            return level
-        f, level = f.f_back, level + 1
-    return 1
-
-
-if _has_op("score_topk"):
-    torch.library.register_fake("gradkit::score_topk", _score_topk_fake, _stacklevel=_stacklevel_of_ops_package())
+if _ext.has_op("score_topk"):
+    torch.library.register_fake("gradkit::score_topk", _score_topk_fake, _stacklevel=_ext.ops_package_stacklevel())
 
     if torch.cuda.is_available() and not _ext.has_kernel("score_topk", "CUDA"):
         try:
