@@ -79,6 +79,13 @@ TORCH_LIBRARY(gradkit, m) {
   // are pruned (ties: lower block index; NaN cost ranks as +inf). Returns int64 (n, nq*num_prune*bk):
   // per row the ascending local positions of every element of every pruned block.
   m.def("obs_select(Tensor w, Tensor d, int gs, int bk, int num_prune, float eps) -> Tensor");
+  // Shared-inverse OBS (one C for every row; kernels/reference/obs.py::obs_shared_prune): w (n, K) fp32,
+  // K = nq * E (per row nq scopes of E elements); c (K, K); cinv (nq, ns, p, p) = (C[P,P] + eps I)^-1 of
+  // every (slot, subset); pidx (ns, p) ascending in-scope element indices of each subset. Per (row,
+  // scope) the subset of lowest cost w_P^T cinv w_P (ties: lowest subset; NaN = +inf) is pruned (set to
+  // 0) and, with local, the scope's kept elements are compensated: w_e -= C[e, P] cinv w_P. Returns
+  // (w' (n, K) fp32, chosen subset (n, nq) int64).
+  m.def("obs_shared_prune(Tensor w, Tensor c, Tensor cinv, Tensor pidx, int E, bool local) -> (Tensor, Tensor)");
 
   // ---- family 6: random projections and attribution search (issue 6) ----
   // (projection schemas go here)

@@ -121,3 +121,55 @@ def test_launcher_checks():
         T.obs_select(torch.ones(2, 8), torch.ones(2, 8), 4, 1, 5, 0.0)
     with pytest.raises(TypeError, match="float32"):
         T.obs_select(torch.ones(2, 8).double(), torch.ones(2, 8), 4, 1, 2, 0.0)
+
+
+# ---------------------------------------------------------------- obs_shared_prune
+
+@contextlib.contextmanager
+def shared_rows(rows):
+    saved = dict(T.SHARED_BLOCKS)
+    T.SHARED_BLOCKS["rows"] = rows
+    try:
+        yield
+    finally:
+        T.SHARED_BLOCKS.clear()
+        T.SHARED_BLOCKS.update(saved)
+
+
+@MORE
+@given(n=st.integers(0, 7), nq=st.integers(1, 3), E=st.integers(1, 6), data_=st.data(),
+       seed=st.integers(0, 2**31 - 1), nan=st.booleans(), local=st.booleans(), rows=st.sampled_from([2, 64]))
+def test_shared_prune_matches_reference(n, nq, E, data_, seed, nan, local, rows):
+    from itertools import combinations
+
+    p = data_.draw(st.integers(1, min(E, 3)))
+    subsets = list(combinations(range(E), p))
+    ns = data_.draw(st.integers(1, min(len(subsets), 6)))
+    g = torch.Generator().manual_seed(seed)
+    K = nq * E
+    w = torch.randn(n, K, generator=g)
+    if nan and n:
+        w[0, 0] = NAN
+    c = torch.randn(K, K, generator=g)
+    cinv = torch.randn(nq, ns, p, p, generator=g)
+    pick = torch.randperm(len(subsets), generator=g)[:ns].sort().values
+    pidx = torch.tensor([subsets[i] for i in pick.tolist()], dtype=torch.int64).reshape(ns, p)
+    with shared_rows(rows):
+        got_w, got_s = T.obs_shared_prune(w, c, cinv, pidx, E, local)
+    exp_w, exp_s = R.obs_shared_prune(w, c, cinv, pidx, E, local)
+    assert torch.equal(got_s, exp_s)
+    torch.testing.assert_close(got_w, exp_w, rtol=0, atol=0, equal_nan=True)
+
+
+def test_shared_prune_through_the_api():
+    from itertools import combinations
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(9, 8, generator=g)
+    c = torch.randn(8, 8, generator=g)
+    pidx = torch.tensor(list(combinations(range(4), 2)))
+    cinv = torch.randn(2, 6, 2, 2, generator=g)
+    with use_backend("triton"), shared_rows(4):
+        got = ops.obs_shared_prune(w, c, cinv, pidx, 4, True)
+    exp = R.obs_shared_prune(w, c, cinv, pidx, 4, True)
+    assert torch.equal(got[1], exp[1]) and torch.equal(got[0], exp[0])

@@ -42,6 +42,8 @@
 #include <limits>
 #include <vector>
 
+#include "../obs_shared.h"
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
 #define GK_OBS_AVX2 1
@@ -362,8 +364,41 @@ Tensor obs_select_cpu(const Tensor& w_in, const Tensor& d_in, int64_t gs, int64_
   return out;
 }
 
+// obs_shared_prune (csrc/obs_shared.h has the definition): the (row, scope) pairs are one flat range
+// over at::parallel_for, each computed by the shared per-scope core; results do not depend on threads.
+std::tuple<Tensor, Tensor> obs_shared_prune_cpu(const Tensor& w_in, const Tensor& c_in, const Tensor& cinv_in,
+                                                const Tensor& pidx_in, int64_t E, bool local) {
+  GK_OBS_SHARED_CHECKS(w_in, c_in, cinv_in, pidx_in, E);
+  const Tensor pidx = pidx_in.contiguous();
+  GK_OBS_SHARED_CHECK_PIDX(pidx, E);
+  const int64_t n = w_in.size(0), K = w_in.size(1), nq = K / E, ns = pidx.size(0), p = pidx.size(1);
+  const Tensor w = w_in.contiguous(), c = c_in.contiguous(), cinv = cinv_in.contiguous();
+  Tensor out = at::empty({n, K}, w.options());
+  Tensor sub = at::empty({n, nq}, w.options().dtype(at::kLong));
+  const int64_t S = n * nq;
+  if (S == 0) return {out, sub};
+  const float* wp = w.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  const float* ip = cinv.data_ptr<float>();
+  const int64_t* pp = pidx.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  int64_t* sp = sub.data_ptr<int64_t>();
+  const int64_t work = std::max<int64_t>(1, ns * p * p + E * (local ? p : 1));
+  at::parallel_for(0, S, std::max<int64_t>(1, kGrainElems / work), [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t q = s % nq;
+      shared_prune_scope(wp + s * E, op + s * E, cp + q * E * K + q * E, K, ip + q * ns * p * p, pp, ns, p, E, local,
+                         sp + s);
+    }
+  });
+  return {out, sub};
+}
+
 }  // namespace
 }  // namespace obs
 }  // namespace gradkit
 
-TORCH_LIBRARY_IMPL(gradkit, CPU, m) { m.impl("obs_select", &gradkit::obs::obs_select_cpu); }
+TORCH_LIBRARY_IMPL(gradkit, CPU, m) {
+  m.impl("obs_select", &gradkit::obs::obs_select_cpu);
+  m.impl("obs_shared_prune", &gradkit::obs::obs_shared_prune_cpu);
+}

@@ -32,6 +32,7 @@
 #include <limits>
 
 #include "common.cuh"
+#include "../obs_shared.h"
 
 namespace gradkit {
 namespace obs {
@@ -179,8 +180,46 @@ Tensor obs_select_cuda(const Tensor& w_in, const Tensor& d_in, int64_t gs, int64
   return out;
 }
 
+// obs_shared_prune: one thread per (row, scope) (grid-stride), the per-scope core of csrc/obs_shared.h
+// (the CPU kernel's arithmetic, explicitly rounded: no contraction). The chosen subset's cinv block and C's
+// diagonal block are read through the read-only cache; p <= 64 keeps the per-thread scratch in registers.
+__global__ void shared_prune_kernel(const float* __restrict__ w, float* __restrict__ out, const float* __restrict__ c,
+                                    const float* __restrict__ cinv, const int64_t* __restrict__ pidx, int64_t S,
+                                    int64_t nq, int64_t ns, int64_t p, int64_t E, int64_t K, bool local,
+                                    int64_t* __restrict__ sub) {
+  for (int64_t s = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; s < S;
+       s += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t q = s % nq;
+    shared_prune_scope(w + s * E, out + s * E, c + q * E * K + q * E, K, cinv + q * ns * p * p, pidx, ns, p, E, local,
+                       sub + s);
+  }
+}
+
+std::tuple<Tensor, Tensor> obs_shared_prune_cuda(const Tensor& w_in, const Tensor& c_in, const Tensor& cinv_in,
+                                                 const Tensor& pidx_in, int64_t E, bool local) {
+  GK_OBS_SHARED_CHECKS(w_in, c_in, cinv_in, pidx_in, E);
+  const Tensor pidx_host = pidx_in.to(at::kCPU).contiguous();  // ns x p: validated before any launch
+  GK_OBS_SHARED_CHECK_PIDX(pidx_host, E);
+  const c10::cuda::CUDAGuard guard(w_in.device());
+  const int64_t n = w_in.size(0), K = w_in.size(1), nq = K / E, ns = pidx_in.size(0), p = pidx_in.size(1);
+  const Tensor w = w_in.contiguous(), c = c_in.contiguous(), cinv = cinv_in.contiguous(), pidx = pidx_in.contiguous();
+  Tensor out = at::empty({n, K}, w.options());
+  Tensor sub = at::empty({n, nq}, w.options().dtype(at::kLong));
+  const int64_t S = n * nq;
+  if (S == 0) return {out, sub};
+  const int64_t blocks = std::min<int64_t>((S + kThreads - 1) / kThreads, int64_t{32} * cuda::sm_count(w.get_device()));
+  shared_prune_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      w.data_ptr<float>(), out.data_ptr<float>(), c.data_ptr<float>(), cinv.data_ptr<float>(),
+      pidx.data_ptr<int64_t>(), S, nq, ns, p, E, K, local, sub.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, sub};
+}
+
 }  // namespace
 }  // namespace obs
 }  // namespace gradkit
 
-TORCH_LIBRARY_IMPL(gradkit, CUDA, m) { m.impl("obs_select", &gradkit::obs::obs_select_cuda); }
+TORCH_LIBRARY_IMPL(gradkit, CUDA, m) {
+  m.impl("obs_select", &gradkit::obs::obs_select_cuda);
+  m.impl("obs_shared_prune", &gradkit::obs::obs_shared_prune_cuda);
+}

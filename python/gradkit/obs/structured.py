@@ -174,7 +174,9 @@ class _Plan:
             self.t_col = torch.arange(K, device=dev).view(Q, lay.gs, lay.bk)
             self.t_lrow = torch.zeros_like(self.t_col)
             self.block_single_row = True
+            self.row_major = True  # each row: Q consecutive scopes of gs * bk columns (the fused kernels' layout)
             return
+        self.row_major = False
         rows, cols = elems // K, elems % K
         # --- row groups: connected components of rows through scopes (label propagation)
         r_flat = rows.reshape(S, -1)
@@ -439,7 +441,10 @@ class StructuredOBS:
         plan = self.plan
         W = self.W.detach().to(torch.float32).reshape(self.M, self.num_cols).clone()
         C = self._c32()
-        if compensate in ("local", "full"):
+        if compensate == "local" and plan.row_major and num_prune * self.bk <= ops.SHARED_MAX_P and \
+                math.comb(gs, num_prune) * (num_prune * self.bk) ** 2 * plan.Q <= _FUSED_CINV_MAX:
+            W, keep = _local_fused(W, C, plan, num_prune)
+        elif compensate in ("local", "full"):
             sel = _select_shared(W, C, plan, num_prune, torch.arange(plan.Q, device=W.device))
             if compensate == "local":
                 W = _compensate_local(W, C, plan, sel)
@@ -823,6 +828,26 @@ def _keep_from(keep: Tensor, plan: _Plan, sel: dict) -> Tensor:
     flat = plan.group_rows[:, None, :, None] * keep.shape[1] + pc
     keep.view(-1).index_fill_(0, flat[pv] if not bool(pv.all()) else flat.reshape(-1), False)
     return keep
+
+
+_FUSED_CINV_MAX = 1 << 26  # floats of the (Q, ns, p, p) sub-inverse table the fused local path may build
+
+
+def _local_fused(W: Tensor, C: Tensor, plan: _Plan, num_prune: int):
+    """``prune(compensate="local")`` for row-major scopes in one fused pass (``ops.obs_shared_prune``):
+    the (slot, subset) sub-inverses are built once, batched (Cholesky); then every (row, scope) picks
+    its lowest-cost subset, compensates its kept elements and zeroes the pruned ones. Same choice and
+    weights as ``_select_shared`` + ``_compensate_local``, up to fp32 rounding."""
+    gs, bk, Q = plan.lay.gs, plan.lay.bk, plan.Q
+    E = gs * bk
+    pidx = sel_subs_elems(plan, num_prune)  # (ns, p) ascending in-scope elements of each subset
+    cols = torch.arange(Q, device=W.device)[:, None, None] * E + pidx[None]  # (Q, ns, p)
+    val = torch.ones(cols.shape, dtype=torch.bool, device=W.device)
+    cinv = _sub_inverse(C, cols, val, _SCORE_EPS).contiguous()
+    out, sub = ops.obs_shared_prune(W.contiguous(), C.contiguous(), cinv, pidx, E, True)
+    keep = torch.ones(W.shape, dtype=torch.bool, device=W.device)
+    keep.view(W.shape[0], Q, E).scatter_(2, pidx[sub], False)
+    return out, keep
 
 
 def _compensate_local(W: Tensor, C: Tensor, plan: _Plan, sel: dict) -> Tensor:

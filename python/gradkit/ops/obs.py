@@ -14,9 +14,10 @@ import torch
 from gradkit import _ext
 from gradkit.ops import _impl
 
-__all__ = ["OBS_OPS", "obs_select"]
+__all__ = ["OBS_OPS", "SHARED_MAX_P", "obs_select", "obs_shared_prune"]
 
-OBS_OPS = ("obs_select",)
+OBS_OPS = ("obs_select", "obs_shared_prune")
+SHARED_MAX_P = 64  # pruned elements per subset the kernels take
 
 
 def _int(v, what: str) -> int:
@@ -75,6 +76,56 @@ def obs_select(w: torch.Tensor, d: torch.Tensor, gs: int, bk: int, num_prune: in
     return _impl("obs_select", "obs")(w.contiguous(), d.contiguous(), gs, bk, num_prune, float(eps))
 
 
+def obs_shared_prune(w: torch.Tensor, c: torch.Tensor, cinv: torch.Tensor, pidx: torch.Tensor, E: int,
+                     local: bool = True):
+    """Shared-inverse OBS: per (row, scope) the prune subset of lowest cost, pruned, with local compensation.
+
+    w (n, K) float32, K = nq * E (each row: nq consecutive scopes of E elements); c (K, K) float32, the
+    shared inverse Hessian (only its within-scope diagonal blocks are read); cinv (nq, ns, p, p)
+    float32, ``(C[P,P] + eps I)^-1`` of every (slot, subset); pidx (ns, p) int64, the subsets' in-scope
+    element indices, strictly ascending in [0, E), p <= 64. Per (row, scope)::
+
+        cost(s) = w_P^T cinv[q, s] w_P      (fp32, index order; NaN -> +inf), lowest s of minimal cost
+        w_P <- 0;   local: w_e <- w_e - C[e, P] cinv[q, s] w_P  for the scope's other elements e
+
+    Returns (w' (n, K) float32, chosen subset (n, nq) int64). See
+    ``gradkit.kernels.reference.obs.obs_shared_prune`` for the exact arithmetic.
+    """
+    for name, t, dt in (("w", w, torch.float32), ("c", c, torch.float32), ("cinv", cinv, torch.float32),
+                        ("pidx", pidx, torch.int64)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+        if t.dtype != dt:
+            raise TypeError(f"{name}: expected a {dt} tensor, got {t.dtype}")
+        if t.device != w.device:
+            raise ValueError(f"{name}: on {t.device} but w is on {w.device}")
+    E = _int(E, "E")
+    if not isinstance(local, bool):
+        raise TypeError(f"local: expected a bool, got {type(local).__name__}")
+    if w.dim() != 2:
+        raise ValueError(f"w: expected a 2-D tensor (n, K), got shape {tuple(w.shape)}")
+    n, K = w.shape
+    if E < 1 or K % E:
+        raise ValueError(f"E: expected >= 1 dividing the row length {K}, got {E}")
+    if c.shape != (K, K):
+        raise ValueError(f"c: expected shape ({K}, {K}), got {tuple(c.shape)}")
+    if pidx.dim() != 2 or pidx.shape[0] < 1 or not 1 <= pidx.shape[1] <= min(E, SHARED_MAX_P):
+        raise ValueError(f"pidx: expected (ns >= 1, p) with 1 <= p <= min(E, {SHARED_MAX_P}), got "
+                         f"{tuple(pidx.shape)}")
+    ns, p = pidx.shape
+    if cinv.shape != (K // E, ns, p, p):
+        raise ValueError(f"cinv: expected shape {(K // E, ns, p, p)}, got {tuple(cinv.shape)}")
+    ph = pidx.cpu()
+    if bool((ph < 0).any()) or bool((ph >= E).any()) or (p > 1 and not bool((ph[:, 1:] > ph[:, :-1]).all())):
+        raise ValueError(f"pidx: every row must be strictly ascending in [0, E={E})")
+    return _impl("obs_shared_prune", "obs")(w, c, cinv, pidx, E, local)
+
+
+def _obs_shared_prune_fake(w, c, cinv, pidx, E, local):
+    n, K = w.shape
+    return w.new_empty((n, K)), w.new_empty((n, K // E), dtype=torch.int64)
+
+
 def _obs_select_fake(w, d, gs, bk, num_prune, eps):
     n, nb = w.shape
     return w.new_empty((n, (nb // (gs * bk)) * num_prune * bk), dtype=torch.int64)
@@ -82,6 +133,9 @@ def _obs_select_fake(w, d, gs, bk, num_prune, eps):
 
 if _ext.has_op("obs_select"):
     torch.library.register_fake("gradkit::obs_select", _obs_select_fake, _stacklevel=_ext.ops_package_stacklevel())
+    if _ext.has_op("obs_shared_prune"):
+        torch.library.register_fake("gradkit::obs_shared_prune", _obs_shared_prune_fake,
+                                    _stacklevel=_ext.ops_package_stacklevel())
 
     # Triton is the GPU kernel where the extension was built without CUDA C++.
     if torch.cuda.is_available():

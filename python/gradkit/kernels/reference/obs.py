@@ -170,3 +170,57 @@ def obs_select(w: Tensor, d: Tensor, gs: int, bk: int, num_prune: int, eps: floa
     mask = pruned[..., None].expand(n, nq, gs, bk).reshape(n, nb)
     pos = torch.arange(nb, device=w.device).expand(n, nb)
     return pos[mask].view(n, nq * num_prune * bk)  # row-major: ascending within each row
+
+
+def obs_shared_prune(w: Tensor, c: Tensor, cinv: Tensor, pidx: Tensor, E: int, local: bool):
+    """Shared-inverse OBS selection and local compensation of every (row, scope).
+
+    w (n, K) float32, K = nq * E: each row is nq consecutive scopes of E elements; c (K, K) float32
+    (the shared inverse Hessian; only its within-scope diagonal blocks are read); cinv (nq, ns, p, p)
+    float32, ``(C[P, P] + eps I)^-1`` for every (scope slot q, prune subset s); pidx (ns, p) int64,
+    the in-scope element indices of subset s, strictly ascending in [0, E). In float32, sums in
+    index order::
+
+        t_i(s)  = sum_j cinv[q, s, i, j] * w_P[j],     w_P[j] = w[r, q E + pidx[s, j]]
+        cost(s) = sum_i w_P[i] * t_i(s)                 (NaN -> +inf)
+        sub     = the lowest s of minimal cost
+        out     = 0 on P(sub); on the other elements e of the scope
+                  w[e] - sum_i c[qE + e, qE + P_i] * t_i(sub)   (local)   or   w[e]   (not local)
+
+    Returns (out (n, K) float32, sub (n, nq) int64).
+    """
+    n, K = w.shape
+    nq = K // E
+    ns, p = pidx.shape
+    wt = w.reshape(n, nq, E)
+    wP = wt[:, :, pidx]  # (n, nq, ns, p)
+    t = [None] * p
+    for i in range(p):
+        acc = torch.zeros(n, nq, ns, dtype=w.dtype, device=w.device)
+        for j in range(p):
+            acc = acc + cinv[None, :, :, i, j] * wP[..., j]
+        t[i] = acc
+    cost = torch.zeros(n, nq, ns, dtype=w.dtype, device=w.device)
+    for i in range(p):
+        cost = cost + wP[..., i] * t[i]
+    cost = torch.where(torch.isnan(cost), torch.full_like(cost, float("inf")), cost)
+    # lowest s of minimal cost (argmin's tie rule is not promised on every device: make it explicit)
+    best = cost.min(-1, keepdim=True).values
+    s_idx = torch.arange(ns, device=w.device).expand_as(cost)
+    sub = torch.where(cost == best, s_idx, torch.full_like(s_idx, ns)).min(-1).values  # (n, nq)
+    y = torch.stack(t, -1)  # (n, nq, ns, p)
+    y = torch.gather(y, 2, sub[:, :, None, None].expand(n, nq, 1, p)).squeeze(2)  # (n, nq, p)
+    P = pidx[sub]  # (n, nq, p)
+    pruned = torch.zeros(n, nq, E, dtype=torch.bool, device=w.device).scatter_(2, P, True)
+    out = wt.clone()
+    if local:
+        base = torch.arange(nq, device=w.device)[:, None] * E  # (nq, 1)
+        rows = base[None] + torch.arange(E, device=w.device)[None, None, :]  # (1, nq, E) global rows of C
+        cols = base[None] + P  # (n, nq, p) global columns
+        dl = torch.zeros(n, nq, E, dtype=w.dtype, device=w.device)
+        for i in range(p):
+            ce = c[rows.expand(n, nq, E), cols[..., i:i + 1].expand(n, nq, E)]  # C[qE + e, qE + P_i]
+            dl = dl + ce * y[..., i:i + 1]
+        out = out - dl
+    out = out.masked_fill(pruned, 0.0)
+    return out.reshape(n, K), sub

@@ -115,6 +115,96 @@ def obs_select(w: torch.Tensor, d: torch.Tensor, gs: int, bk: int, num_prune: in
     return out
 
 
+# Rows per program of obs_shared_prune (a power of two); tests shrink it.
+SHARED_BLOCKS = {"rows": 64}
+
+
+@triton.jit
+def _shared_prune_kernel(w_ptr, out_ptr, c_ptr, cinv_ptr, pidx_ptr, sub_ptr, n, nq, ns, p, E, K,
+                         LOCAL: tl.constexpr, P_P: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One program: BLOCK_R rows x one scope q (programs are (row tile, q) pairs, q fastest).
+
+    Per row, in fp32 and index order (the CPU/CUDA core's arithmetic; launched without FP fusion)::
+
+        t_i(s) = sum_j cinv[q,s,i,j] w_P[j];  cost(s) = sum_i w_P[i] t_i(s)  (NaN -> +inf)
+        sub = lowest s of minimal cost;  y = t(sub) kept in a (BLOCK_R, P_P) tile
+        out[e] = 0 on P(sub), else w[e] - sum_i C[qE+e, qE+P_i] y_i (LOCAL) or w[e]
+    """
+    pid = tl.program_id(0)
+    q = (pid % nq).to(tl.int64)
+    rows = (pid // nq) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm = rows < n
+    base = rows.to(tl.int64) * K + q * E
+    cq = cinv_ptr + q * ns * p * p
+    inf = float("inf")
+    best = tl.full((BLOCK_R,), inf, tl.float32)
+    bs = tl.full((BLOCK_R,), -1, tl.int64)
+    for s in range(ns):
+        cost = tl.zeros((BLOCK_R,), tl.float32)
+        for i in range(p):
+            wi = tl.load(w_ptr + base + tl.load(pidx_ptr + s * p + i), mask=rm, other=0.0)
+            t = tl.zeros((BLOCK_R,), tl.float32)
+            for j in range(p):
+                wj = tl.load(w_ptr + base + tl.load(pidx_ptr + s * p + j), mask=rm, other=0.0)
+                t = t + tl.load(cq + (s * p + i) * p + j) * wj
+            cost = cost + wi * t
+        cost = tl.where(cost != cost, inf, cost)
+        take = (bs < 0) | (cost < best)
+        best = tl.where(take, cost, best)
+        bs = tl.where(take, s, bs)
+    tl.store(sub_ptr + rows.to(tl.int64) * nq + q, bs, mask=rm)
+    cols = tl.arange(0, P_P)
+    y = tl.zeros((BLOCK_R, P_P), tl.float32)
+    for i in range(p):
+        t = tl.zeros((BLOCK_R,), tl.float32)
+        for j in range(p):
+            wj = tl.load(w_ptr + base + tl.load(pidx_ptr + bs * p + j, mask=rm, other=0), mask=rm, other=0.0)
+            t = t + tl.load(cq + (bs * p + i) * p + j, mask=rm, other=0.0) * wj
+        y = tl.where(cols[None, :] == i, t[:, None], y)
+    for e in range(E):
+        pr = tl.zeros((BLOCK_R,), tl.int1)
+        dl = tl.zeros((BLOCK_R,), tl.float32)
+        for i in range(p):
+            pi = tl.load(pidx_ptr + bs * p + i, mask=rm, other=0)
+            pr = pr | (pi == e)
+            if LOCAL:
+                yi = tl.sum(tl.where(cols[None, :] == i, y, 0.0), axis=1)  # y[:, i] exactly
+                ce = tl.load(c_ptr + (q * E + e) * K + q * E + pi, mask=rm, other=0.0)
+                dl = dl + ce * yi
+        we = tl.load(w_ptr + base + e, mask=rm, other=0.0)
+        if LOCAL:
+            we = we - dl
+        tl.store(out_ptr + base + e, tl.where(pr, 0.0, we), mask=rm)
+
+
+def obs_shared_prune(w: torch.Tensor, c: torch.Tensor, cinv: torch.Tensor, pidx: torch.Tensor, E: int,
+                     local: bool):
+    """Launcher: see ``gradkit.kernels.reference.obs.obs_shared_prune``; (w' (n, K), sub (n, nq) int64)."""
+    for name, t, dt in (("w", w, torch.float32), ("c", c, torch.float32), ("cinv", cinv, torch.float32),
+                        ("pidx", pidx, torch.int64)):
+        if t.dtype != dt:
+            raise TypeError(f"{name}: expected a {dt} tensor, got {t.dtype}")
+    n, K = w.shape
+    if E < 1 or K % E:
+        raise ValueError(f"E: expected >= 1 dividing the row length {K}, got {E}")
+    nq = K // E
+    ns, p = pidx.shape
+    if cinv.shape != (nq, ns, p, p) or c.shape != (K, K) or not 1 <= p <= min(E, 64):
+        raise ValueError(f"cinv, c, pidx: shapes {tuple(cinv.shape)}, {tuple(c.shape)}, {tuple(pidx.shape)} do not "
+                         f"match w {tuple(w.shape)} and E={E}")
+    w, c, cinv, pidx = w.contiguous(), c.contiguous(), cinv.contiguous(), pidx.contiguous()
+    out = torch.empty_like(w)
+    sub = torch.empty((n, nq), dtype=torch.int64, device=w.device)
+    if n == 0 or nq == 0:
+        return out, sub
+    BLOCK_R = max(1, min(SHARED_BLOCKS["rows"], triton.next_power_of_2(n)))
+    grid = (triton.cdiv(n, BLOCK_R) * nq,)
+    kw = {} if w.device.type == "cpu" else {"enable_fp_fusion": False}
+    _shared_prune_kernel[grid](w, out, c, cinv, pidx, sub, n, nq, ns, p, E, K, LOCAL=bool(local),
+                               P_P=triton.next_power_of_2(p), BLOCK_R=BLOCK_R, **kw)
+    return out, sub
+
+
 def record_aot_cases() -> None:
     """Representative calls on tiny CPU tensors (for the recording interpreter of
     scripts/triton_aot_check.py): gs = 1, 3, 4, 8, 16, 64, 256 (every GS_P up to the fused limit),
@@ -125,3 +215,10 @@ def record_aot_cases() -> None:
         w[0, 0] = float("nan")
         d = torch.rand(3, 2 * gs * bk, generator=g) + 0.5
         obs_select(w, d, gs, bk, npr, 1e-8)
+    for E, p, ns, n in ((4, 2, 6, 5), (8, 4, 3, 3), (2, 1, 2, 70)):  # 2:4, 1x2 blocks, a partial row tile
+        w = torch.randn(n, 2 * E, generator=g)
+        c = torch.randn(2 * E, 2 * E, generator=g)
+        cinv = torch.randn(2, ns, p, p, generator=g)
+        pidx = torch.stack([torch.randperm(E, generator=g)[:p].sort().values for _ in range(ns)])
+        for local in (True, False):
+            obs_shared_prune(w, c, cinv, pidx, E, local)
