@@ -99,6 +99,12 @@ TORCH_LIBRARY(gradkit, m) {
   // Flat projection: x (B, Dc) fp32/fp16/bf16/fp64 -> x @ R[:, col0 : col0 + Dc]^T (B, k) fp32 (fp32
   // accumulation), R generated in tiles inside the matrix product, never stored.
   m.def("project_flat(Tensor x, SymInt k, int seed, int kind, int col0) -> Tensor");
+  // Factored per-example projection of a Linear layer (kernels/reference/projection.py::factored_project):
+  // a (N, I), g (N, O) fp32 (N = B * T tokens, example-major), lt = L^T (O, p), rt = R^T (I, p), rb (p,)
+  // or None (the bias column's projection, added to every token's a R^T), mask (N,) bool or None (False
+  // tokens contribute nothing). out[b] (p, p) = sum over unmasked tokens t of (g_t lt)^T (a_t rt + rb):
+  // L G_b R^T with G_b = sum_t g_t a_t^T never formed. Returns (B, p, p) fp32.
+  m.def("factored_project(Tensor a, Tensor g, Tensor lt, Tensor rt, Tensor? rb, Tensor? mask, int T) -> Tensor");
 
   // ---- family 7: blocked scoring with a running top-k (attribution search, issue 6) ----
   // (search schemas go here)

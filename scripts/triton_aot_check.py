@@ -100,7 +100,7 @@ def _record(path: str) -> None:
     # families 3 and 4 keep their representative calls beside their kernels (record_aot_cases)
     import importlib
 
-    for fam in ("golden", "adamw", "obs"):
+    for fam in ("golden", "adamw", "obs", "projection", "search"):
         try:
             mod = importlib.import_module(f"gradkit.kernels.triton.{fam}")
         except ModuleNotFoundError:

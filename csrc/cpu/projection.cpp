@@ -29,10 +29,20 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <optional>
+#include <utility>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "../factored_checks.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define GK_PROJ_AVX512 1
+#endif
 
 namespace gradkit {
 namespace projection {
@@ -237,6 +247,201 @@ at::Tensor project_flat_cpu(const at::Tensor& x_in, int64_t k, int64_t seed, int
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// factored_project(a (N, I), g (N, O), lt (O, p), rt (I, p), rb (p,)?, mask (N,)?, T) -> (N / T, p, p)
+//   out[b] = sum over the unmasked tokens n of example b (n = b T + t, t ascending) of u_n v_n^T,
+//   u_n = g_n lt (sum over o ascending), v_n = a_n rt (+ rb): the projected per-example gradient
+//   L G_b R^T of a Linear layer without forming G (kernels/reference/projection.py::factored_project).
+// Work items are (example, chunk of kTokChunk tokens): each item projects its tokens MR at a time with a
+// register-blocked kernel that keeps MR x 16 outputs in zmm registers (one FMA per input element and 16
+// outputs, rows of lt / rt loaded once per MR tokens) and accumulates the outer products into its own
+// p x p partial; partials are added per example in chunk order. Every sum has a fixed order that depends
+// on neither the thread count nor the batch: results are bitwise reproducible. Without AVX-512F the same
+// items run a portable loop of the same arithmetic order.
+constexpr int64_t kTokChunk = 256;
+constexpr int kFMR = 16;
+
+struct FArgs {
+  const float* a;
+  const float* g;
+  const float* lt;
+  const float* rt;
+  const float* rb;
+  const bool* mask;
+  int64_t lda, ldg, I, O, p;
+};
+
+// Y[r][0..p) = X[r] . W (K x p, row-major), r < mr; rows X[r] given by pointers; sums over k ascending.
+void skinny_portable(const float* const* X, int mr, int64_t K, const float* W, int64_t p, float* Y) {
+  for (int r = 0; r < mr; ++r) {
+    float* y = Y + r * p;
+    for (int64_t j = 0; j < p; ++j) y[j] = 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float x = X[r][k];
+      const float* w = W + k * p;
+      for (int64_t j = 0; j < p; ++j) y[j] = std::fma(x, w[j], y[j]);
+    }
+  }
+}
+
+#ifdef GK_PROJ_AVX512
+template <int MR>
+// pf / pf_bytes: a region the caller reads next (the other operand's rows, or the next tile), prefetched a
+// slice per step of 16 k so that the DRAM stream overlaps the FMAs (rows are 4 KiB-ish, too short for the
+// hardware prefetchers to ramp up on their own).
+__attribute__((target("avx512f"))) void skinny_avx512(const float* const* X, int64_t K, const float* W, int64_t p,
+                                                     float* Y, const char* pf, int64_t pf_bytes) {
+  const int64_t steps = std::max<int64_t>(1, K / 16);
+  const int64_t per = ((pf_bytes + steps - 1) / steps + 63) / 64 * 64;
+  int64_t pf_off = 0;
+  for (int64_t j0 = 0; j0 < p; j0 += 16) {
+    const __mmask16 m = p - j0 >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (p - j0)) - 1u);
+    __m512 acc[MR];
+    for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+    const float* w = W + j0;
+    const float* xr[MR];
+    for (int r = 0; r < MR; ++r) xr[r] = X[r];
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {  // one cache line of every row per step
+      if (j0 == 0 && pf_off < pf_bytes) {
+        for (int64_t b = 0; b < per && pf_off + b < pf_bytes; b += 64) _mm_prefetch(pf + pf_off + b, _MM_HINT_T1);
+        pf_off += per;
+      }
+#pragma GCC unroll 16
+      for (int kk = 0; kk < 16; ++kk) {
+        const __m512 wk = _mm512_maskz_loadu_ps(m, w + (k + kk) * p);
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xr[r][k + kk]), wk, acc[r]);
+      }
+    }
+    for (; k < K; ++k) {
+      const __m512 wk = _mm512_maskz_loadu_ps(m, w + k * p);
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xr[r][k]), wk, acc[r]);
+    }
+    for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(Y + r * p + j0, m, acc[r]);
+  }
+}
+using SkinnyFn = void (*)(const float* const*, int64_t, const float*, int64_t, float*, const char*, int64_t);
+template <int... I>
+constexpr std::array<SkinnyFn, sizeof...(I)> skinny_table(std::integer_sequence<int, I...>) {
+  return {&skinny_avx512<I + 1>...};
+}
+const auto kSkinny = skinny_table(std::make_integer_sequence<int, kFMR>{});
+
+bool proj_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+}
+
+// part[i, :] = fma(u_i, v, part[i, :]) for i < p (the same rounding as the portable loop)
+__attribute__((target("avx512f"))) void outer_acc_avx512(const float* u, const float* v, int64_t p, float* part) {
+  for (int64_t j0 = 0; j0 < p; j0 += 16) {
+    const __mmask16 m = p - j0 >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (p - j0)) - 1u);
+    const __m512 vj = _mm512_maskz_loadu_ps(m, v + j0);
+    for (int64_t i = 0; i < p; ++i) {
+      float* row = part + i * p + j0;
+      _mm512_mask_storeu_ps(row, m, _mm512_fmadd_ps(_mm512_set1_ps(u[i]), vj, _mm512_maskz_loadu_ps(m, row)));
+    }
+  }
+}
+#endif
+
+// One work item: tokens [n0, n1) of one example into part (p x p), zeroed first.
+void factored_item(const FArgs& A, int64_t n0, int64_t n1, float* part) {
+  const int64_t p = A.p;
+  std::fill(part, part + p * p, 0.0f);
+  std::vector<float> U(static_cast<size_t>(kFMR * p)), V(static_cast<size_t>(kFMR * p));
+  const float* xg[kFMR];
+  const float* xa[kFMR];
+  int64_t n = n0;
+  while (n < n1) {
+    int mr = 0;
+    for (; n < n1 && mr < kFMR; ++n) {
+      if (A.mask && !A.mask[n]) continue;
+      xg[mr] = A.g + n * A.ldg;
+      xa[mr] = A.a + n * A.lda;
+      ++mr;
+    }
+    if (mr == 0) break;
+#ifdef GK_PROJ_AVX512
+    if (proj_avx512()) {
+      // while g's rows are used, a's rows of the same tokens stream in; while a's, the next tile's g rows
+      const char* a_lo = reinterpret_cast<const char*>(xa[0]);
+      const int64_t a_len = reinterpret_cast<const char*>(xa[mr - 1] + A.I) - a_lo;
+      const int64_t nn = std::min(n1, n + static_cast<int64_t>(kFMR));
+      const char* g_lo = reinterpret_cast<const char*>(A.g + n * A.ldg);
+      const int64_t g_len = n < n1 ? reinterpret_cast<const char*>(A.g + (nn - 1) * A.ldg + A.O) - g_lo : 0;
+      kSkinny[mr - 1](xg, A.O, A.lt, p, U.data(), a_lo, a_len);
+      kSkinny[mr - 1](xa, A.I, A.rt, p, V.data(), g_lo, g_len);
+    } else
+#endif
+    {
+      skinny_portable(xg, mr, A.O, A.lt, p, U.data());
+      skinny_portable(xa, mr, A.I, A.rt, p, V.data());
+    }
+    for (int r = 0; r < mr; ++r) {  // tokens in order: part[i, j] = fma(u_i, v_j, part[i, j])
+      const float* u = U.data() + r * p;
+      float* v = V.data() + r * p;
+      if (A.rb)
+        for (int64_t j = 0; j < p; ++j) v[j] += A.rb[j];
+#ifdef GK_PROJ_AVX512
+      if (proj_avx512()) {
+        outer_acc_avx512(u, v, p, part);
+        continue;
+      }
+#endif
+      for (int64_t i = 0; i < p; ++i) {
+        float* row = part + i * p;
+        const float ui = u[i];
+        for (int64_t j = 0; j < p; ++j) row[j] = std::fma(ui, v[j], row[j]);
+      }
+    }
+  }
+}
+
+at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, const at::Tensor& lt_in,
+                                const at::Tensor& rt_in, const std::optional<at::Tensor>& rb_in,
+                                const std::optional<at::Tensor>& mask_in, int64_t T) {
+  check_factored(a_in, g_in, lt_in, rt_in, rb_in, mask_in, T);
+  const int64_t N = a_in.size(0), p = lt_in.size(1), B = N / T;
+  at::Tensor out = at::empty({B, p, p}, a_in.options());
+  if (B == 0) return out;
+  const at::Tensor a = a_in.stride(1) == 1 ? a_in : a_in.contiguous();
+  const at::Tensor g = g_in.stride(1) == 1 ? g_in : g_in.contiguous();
+  const at::Tensor lt = lt_in.contiguous(), rt = rt_in.contiguous();
+  at::Tensor rb, mask;
+  if (rb_in.has_value()) rb = rb_in->contiguous();
+  if (mask_in.has_value()) mask = mask_in->contiguous();
+  const FArgs A{a.data_ptr<float>(), g.data_ptr<float>(), lt.data_ptr<float>(), rt.data_ptr<float>(),
+                rb.defined() ? rb.data_ptr<float>() : nullptr, mask.defined() ? mask.data_ptr<bool>() : nullptr,
+                std::max<int64_t>(a.stride(0), 1), std::max<int64_t>(g.stride(0), 1), a.size(1), g.size(1), p};
+  const int64_t chunks = (T + kTokChunk - 1) / kTokChunk;
+  float* o = out.data_ptr<float>();
+  if (chunks == 1) {
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) factored_item(A, b * T, (b + 1) * T, o + b * p * p);
+    });
+    return out;
+  }
+  std::vector<float> parts(static_cast<size_t>(B * chunks * p * p));
+  at::parallel_for(0, B * chunks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / chunks, c = i % chunks;
+      factored_item(A, b * T + c * kTokChunk, b * T + std::min(T, (c + 1) * kTokChunk), parts.data() + i * p * p);
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) {
+    float* ob = o + b * p * p;
+    std::copy(parts.data() + b * chunks * p * p, parts.data() + (b * chunks + 1) * p * p, ob);
+    for (int64_t c = 1; c < chunks; ++c) {
+      const float* pc = parts.data() + (b * chunks + c) * p * p;
+      for (int64_t e = 0; e < p * p; ++e) ob[e] += pc[e];
+    }
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace projection
 }  // namespace gradkit
@@ -245,4 +450,5 @@ TORCH_LIBRARY_IMPL(gradkit, CPU, m) {
   using namespace gradkit::projection;
   m.impl("projection_matrix_", &projection_matrix_cpu);
   m.impl("project_flat", &project_flat_cpu);
+  m.impl("factored_project", &factored_project_cpu);
 }

@@ -29,6 +29,7 @@
 #include <cstdint>
 
 #include "common.cuh"
+#include "../factored_checks.h"
 
 namespace gradkit {
 namespace projection {
@@ -220,6 +221,90 @@ at::Tensor project_flat_cuda(const at::Tensor& x, int64_t k, int64_t seed, int64
   return out;
 }
 
+// factored_project (csrc/cpu/projection.cpp has the semantics): one block per example. Per tile of kFT
+// tokens the block computes u = g_t lt and v = a_t rt (+ rb) into shared memory (one thread per (token,
+// output), sums over the input features ascending, explicitly rounded: no contraction), masked tokens as
+// zeros, then every thread adds the tile's outer products into the p x p entries it owns (tokens in order).
+constexpr int kFT = 32;
+constexpr int64_t kFMaxP = 64;  // p x p <= 4096 entries: 16 per thread of 256
+
+__global__ void factored_kernel(const float* __restrict__ a, const float* __restrict__ g, const float* __restrict__ lt,
+                                const float* __restrict__ rt, const float* __restrict__ rb,
+                                const bool* __restrict__ mask, float* __restrict__ out, int64_t T, int64_t I,
+                                int64_t O, int64_t p, int64_t lda, int64_t ldg) {
+  extern __shared__ float sm[];
+  float* us = sm;            // kFT x p
+  float* vs = sm + kFT * p;  // kFT x p
+  const int64_t b = blockIdx.x;
+  constexpr int kPer = static_cast<int>(kFMaxP * kFMaxP / kThreads);
+  float acc[kPer];
+  for (int e = 0; e < kPer; ++e) acc[e] = 0.0f;
+  for (int64_t t0 = 0; t0 < T; t0 += kFT) {
+    for (int64_t e = threadIdx.x; e < kFT * p; e += blockDim.x) {
+      const int64_t tt = e / p, j = e % p, t = t0 + tt, n = b * T + t;
+      float u = 0.0f, v = 0.0f;
+      if (t < T && (mask == nullptr || mask[n])) {
+        const float* gr = g + n * ldg;
+        for (int64_t o = 0; o < O; ++o) u = __fadd_rn(u, __fmul_rn(gr[o], lt[o * p + j]));
+        const float* ar = a + n * lda;
+        for (int64_t i = 0; i < I; ++i) v = __fadd_rn(v, __fmul_rn(ar[i], rt[i * p + j]));
+        if (rb != nullptr) v = __fadd_rn(v, rb[j]);
+      }
+      us[e] = u;
+      vs[e] = v;
+    }
+    __syncthreads();
+    for (int e = 0; e < kPer; ++e) {
+      const int64_t idx = threadIdx.x + static_cast<int64_t>(e) * blockDim.x;
+      if (idx >= p * p) break;
+      const int64_t i = idx / p, j = idx % p;
+      float s = acc[e];
+      for (int tt = 0; tt < kFT; ++tt) s = __fadd_rn(s, __fmul_rn(us[tt * p + i], vs[tt * p + j]));
+      acc[e] = s;
+    }
+    __syncthreads();
+  }
+  for (int e = 0; e < kPer; ++e) {
+    const int64_t idx = threadIdx.x + static_cast<int64_t>(e) * blockDim.x;
+    if (idx < p * p) out[b * p * p + idx] = acc[e];
+  }
+}
+
+at::Tensor factored_project_cuda(const at::Tensor& a_in, const at::Tensor& g_in, const at::Tensor& lt_in,
+                                 const at::Tensor& rt_in, const std::optional<at::Tensor>& rb_in,
+                                 const std::optional<at::Tensor>& mask_in, int64_t T) {
+  check_factored(a_in, g_in, lt_in, rt_in, rb_in, mask_in, T);
+  const c10::cuda::CUDAGuard guard(a_in.device());
+  const int64_t N = a_in.size(0), p = lt_in.size(1), B = N / T;
+  if (p > kFMaxP) {  // wide projections: the composite (two GEMMs and a batched product), same definition
+    at::Tensor u = at::mm(g_in, lt_in), v = at::mm(a_in, rt_in);
+    if (rb_in.has_value()) v = v + *rb_in;
+    if (mask_in.has_value()) {
+      const at::Tensor m = mask_in->unsqueeze(1);
+      u = at::where(m, u, at::zeros({}, u.options()));
+      v = at::where(m, v, at::zeros({}, v.options()));
+    }
+    return at::bmm(u.view({B, T, p}).transpose(1, 2), v.view({B, T, p}));
+  }
+  at::Tensor out = at::empty({B, p, p}, a_in.options());
+  if (B == 0) return out;
+  const at::Tensor a = a_in.stride(1) == 1 ? a_in : a_in.contiguous();
+  const at::Tensor g = g_in.stride(1) == 1 ? g_in : g_in.contiguous();
+  const at::Tensor lt = lt_in.contiguous(), rt = rt_in.contiguous();
+  at::Tensor rb, mask;
+  if (rb_in.has_value()) rb = rb_in->contiguous();
+  if (mask_in.has_value()) mask = mask_in->contiguous();
+  TORCH_CHECK_VALUE(B <= 2147483647LL, "a: too many examples for one launch (", B, ")");
+  const size_t smem = static_cast<size_t>(2 * kFT * p) * sizeof(float);
+  factored_kernel<<<static_cast<unsigned>(B), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+      a.data_ptr<float>(), g.data_ptr<float>(), lt.data_ptr<float>(), rt.data_ptr<float>(),
+      rb.defined() ? rb.data_ptr<float>() : nullptr, mask.defined() ? mask.data_ptr<bool>() : nullptr,
+      out.data_ptr<float>(), T, a.size(1), g.size(1), p, std::max<int64_t>(a.stride(0), 1),
+      std::max<int64_t>(g.stride(0), 1));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 }  // namespace projection
 }  // namespace gradkit
@@ -228,4 +313,5 @@ TORCH_LIBRARY_IMPL(gradkit, CUDA, m) {
   using namespace gradkit::projection;
   m.impl("projection_matrix_", &projection_matrix_cuda);
   m.impl("project_flat", &project_flat_cuda);
+  m.impl("factored_project", &factored_project_cuda);
 }

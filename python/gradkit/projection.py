@@ -359,6 +359,25 @@ def factored_project(a: torch.Tensor, g: torch.Tensor, p: int, seed: int = 0, na
     L, R = _side_matrices(p, O, I, seed, name, kd, bias, dev)
     Rw = R[:, :I]
     Rb = R[:, I] if bias else None
+    if not per_token and not isinstance(normalizer, AdamNormalizer) and \
+            not (bias and isinstance(normalizer, AdafactorNormalizer)):
+        # the fused op: both sides projected per token and the outer products accumulated in one pass
+        if T == 0:
+            return torch.zeros(B, p * p, dtype=torch.float32, device=dev)
+        Lw, Rw2 = L, Rw
+        if isinstance(normalizer, AdafactorNormalizer):
+            rf, cf = normalizer.factors()
+            Lw = L * rf.to(dev)[None, :]
+            Rw2 = Rw * cf.to(dev)[None, :]
+        a2 = a.reshape(B * T, I).float()
+        g2 = g.reshape(B * T, O).float()
+        if a2.stride(1) != 1:
+            a2 = a2.contiguous()
+        if g2.stride(1) != 1:
+            g2 = g2.contiguous()
+        res = ops.factored_project(a2, g2, Lw.T.contiguous(), Rw2.T.contiguous(), Rb,
+                                   None if mask is None else mask.reshape(B * T), T)
+        return res.reshape(B, p * p)
     af = a.float()
     gf = g.float()
     if mask is not None:

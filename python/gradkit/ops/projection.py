@@ -19,9 +19,9 @@ import torch
 from gradkit import _ext
 from gradkit.ops import _impl
 
-__all__ = ["PROJECTION_OPS", "projection_matrix", "projection_matrix_", "project_flat"]
+__all__ = ["PROJECTION_OPS", "projection_matrix", "projection_matrix_", "project_flat", "factored_project"]
 
-PROJECTION_OPS = ("projection_matrix_", "project_flat")
+PROJECTION_OPS = ("projection_matrix_", "project_flat", "factored_project")
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MAX_SEED = 2 ** 63
 
@@ -104,6 +104,54 @@ def project_flat(x: torch.Tensor, k: int, seed: int, kind: int = 0, col0: int = 
     return _impl("project_flat", "projection")(x, k, seed, kind, col0)
 
 
+def factored_project(a: torch.Tensor, g: torch.Tensor, lt: torch.Tensor, rt: torch.Tensor,
+                     rb: torch.Tensor | None = None, mask: torch.Tensor | None = None, T: int = 1) -> torch.Tensor:
+    """Projected per-example gradients of a Linear layer, G never formed: (B, p, p) float32.
+
+    a (N, I), g (N, O) float32, N = B * T tokens example-major (unit column stride; any row stride);
+    lt = L^T (O, p), rt = R^T (I, p) float32; rb (p,) float32 or None: the bias column's projection,
+    added to every token's ``a_t R^T``; mask (N,) bool or None: False tokens contribute nothing (NaN
+    there included). ``out[b] = sum_t (g_t L^T)^T (a_t R^T + rb) = L G_b R^T`` with
+    ``G_b = sum_t g_t a_t^T`` (+ the bias column).
+    """
+    for nm, t in (("a", a), ("g", g), ("lt", lt), ("rt", rt)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{nm}: expected a tensor, got {type(t).__name__}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{nm}: expected a float32 tensor, got {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"{nm}: expected a 2-D tensor, got shape {tuple(t.shape)}")
+        if t.device != a.device:
+            raise ValueError(f"{nm}: on {t.device} but a is on {a.device}")
+    T = _int(T, "T")
+    N, I = a.shape
+    if g.shape[0] != N:
+        raise ValueError(f"g: expected {N} rows (those of a), got {g.shape[0]}")
+    O = g.shape[1]
+    if lt.shape[0] != O or lt.shape[1] < 1:
+        raise ValueError(f"lt: expected shape ({O}, p >= 1), got {tuple(lt.shape)}")
+    p = lt.shape[1]
+    if tuple(rt.shape) != (I, p):
+        raise ValueError(f"rt: expected shape ({I}, {p}), got {tuple(rt.shape)}")
+    if T < 1 or N % T:
+        raise ValueError(f"T: expected >= 1 dividing the {N} rows, got {T}")
+    if rb is not None:
+        if not isinstance(rb, torch.Tensor) or rb.dtype != torch.float32 or tuple(rb.shape) != (p,):
+            raise ValueError(f"rb: expected a float32 tensor of shape ({p},)")
+        if rb.device != a.device:
+            raise ValueError(f"rb: on {rb.device} but a is on {a.device}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (N,):
+            raise ValueError(f"mask: expected a bool tensor of shape ({N},)")
+        if mask.device != a.device:
+            raise ValueError(f"mask: on {mask.device} but a is on {a.device}")
+    return _impl("factored_project", "projection")(a, g, lt, rt, rb, mask, T)
+
+
+def _factored_project_fake(a, g, lt, rt, rb, mask, T):
+    return a.new_empty((a.shape[0] // T, lt.shape[1], lt.shape[1]), dtype=torch.float32)
+
+
 def _projection_matrix_fake(out, seed, kind, k, row0, col0):
     return None
 
@@ -116,6 +164,9 @@ if _ext.LOADED:
     torch.library.register_fake("gradkit::projection_matrix_", _projection_matrix_fake,
                                 _stacklevel=_ext.ops_package_stacklevel())
     torch.library.register_fake("gradkit::project_flat", _project_flat_fake, _stacklevel=_ext.ops_package_stacklevel())
+    if _ext.has_op("factored_project"):
+        torch.library.register_fake("gradkit::factored_project", _factored_project_fake,
+                                    _stacklevel=_ext.ops_package_stacklevel())
 
     def _register_triton_projection() -> None:
         try:
@@ -123,7 +174,7 @@ if _ext.LOADED:
         except Exception:  # pragma: no cover - triton missing: CUDA tensors get a dispatcher error
             return
         for name in PROJECTION_OPS:
-            if not _ext.has_kernel(name, "CUDA"):
+            if _ext.has_op(name) and not _ext.has_kernel(name, "CUDA"):
                 torch.library.impl(f"gradkit::{name}", "CUDA")(getattr(_tri, name))
 
     if torch.cuda.is_available():

@@ -125,3 +125,25 @@ def project_flat(x: torch.Tensor, k: int, seed: int, kind: int, col0: int) -> to
         raise ValueError(f"col0: must be non-negative, got {col0}")
     R = matrix_values(k, x.shape[1], seed, kind, k, 0, col0, device=x.device)
     return x.double().matmul(R.double().T).to(torch.float32)
+
+
+def factored_project(a: torch.Tensor, g: torch.Tensor, lt: torch.Tensor, rt: torch.Tensor, rb, mask, T: int) -> torch.Tensor:
+    """Factored per-example projection of a Linear layer (the op ``factored_project``).
+
+    a (N, I), g (N, O) float32 with N = B * T tokens (example-major); lt = L^T (O, p), rt = R^T (I, p);
+    rb (p,) or None; mask (N,) bool or None. Per token ``u = g_n lt``, ``v = a_n rt (+ rb)``; per example
+    ``out[b] = sum over the unmasked tokens of b of u v^T`` -- ``L G_b R^T`` with ``G_b = sum_t g_t a_t^T``
+    (plus the bias column) never formed. Returns (B, p, p) float32 (computed here in float64).
+    """
+    N = a.shape[0]
+    p = lt.shape[1]
+    u = g.double() @ lt.double()
+    v = a.double() @ rt.double()
+    if rb is not None:
+        v = v + rb.double()
+    if mask is not None:
+        keep = mask[:, None]
+        u = torch.where(keep, u, 0.0)
+        v = torch.where(keep, v, 0.0)
+    B = N // T
+    return torch.bmm(u.view(B, T, p).transpose(1, 2), v.view(B, T, p)).float()

@@ -265,3 +265,86 @@ def _sm_count(device) -> int:
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# Tokens per tile and contraction chunk of factored_project (powers of two >= 16: tl.dot); tests shrink them.
+FACTORED_BLOCKS = {"t": 64, "k": 64}
+
+
+@triton.jit
+def _factored_kernel(a_ptr, g_ptr, lt_ptr, rt_ptr, rb_ptr, m_ptr, out_ptr, T, I, O, p, sa, sg,
+                     HAS_RB: tl.constexpr, HAS_M: tl.constexpr, BT: tl.constexpr, BKD: tl.constexpr,
+                     P_P: tl.constexpr):
+    """One program per example b: for each tile of BT tokens, U = g_tile lt and V = a_tile rt (+ rb)
+    (fp32 dots, IEEE precision), masked tokens zeroed, then acc += U^T V; out[b] = acc[:p, :p]."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_t = tl.arange(0, BT)
+    offs_k = tl.arange(0, BKD)
+    offs_j = tl.arange(0, P_P)
+    jm = offs_j < p
+    acc = tl.zeros((P_P, P_P), dtype=tl.float32)
+    for t0 in range(0, T, BT):
+        rows = b * T + t0 + offs_t
+        tm = (t0 + offs_t) < T
+        if HAS_M:
+            tm = tm & (tl.load(m_ptr + rows, mask=tm, other=0) != 0)
+        u = tl.zeros((BT, P_P), dtype=tl.float32)
+        for k0 in range(0, O, BKD):
+            km = (k0 + offs_k) < O
+            x = tl.load(g_ptr + rows[:, None] * sg + (k0 + offs_k)[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+            w = tl.load(lt_ptr + (k0 + offs_k)[:, None] * p + offs_j[None, :], mask=km[:, None] & jm[None, :],
+                        other=0.0)
+            u += tl.dot(x, w, input_precision="ieee")
+        v = tl.zeros((BT, P_P), dtype=tl.float32)
+        for k0 in range(0, I, BKD):
+            km = (k0 + offs_k) < I
+            x = tl.load(a_ptr + rows[:, None] * sa + (k0 + offs_k)[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+            w = tl.load(rt_ptr + (k0 + offs_k)[:, None] * p + offs_j[None, :], mask=km[:, None] & jm[None, :],
+                        other=0.0)
+            v += tl.dot(x, w, input_precision="ieee")
+        if HAS_RB:
+            v += tl.load(rb_ptr + offs_j, mask=jm, other=0.0)[None, :]
+        v = tl.where(tm[:, None], v, 0.0)
+        acc += tl.dot(tl.trans(u), v, input_precision="ieee")
+    om = jm[:, None] & jm[None, :]
+    tl.store(out_ptr + b * p * p + offs_j[:, None] * p + offs_j[None, :], acc, mask=om)
+
+
+def factored_project(a, g, lt, rt, rb, mask, T: int) -> torch.Tensor:
+    """Launcher: see ``gradkit.kernels.reference.projection.factored_project``; (B, p, p) float32."""
+    for nm, t in (("a", a), ("g", g), ("lt", lt), ("rt", rt)):
+        if t.dtype != torch.float32 or t.dim() != 2:
+            raise TypeError(f"{nm}: expected a 2-D float32 tensor, got {t.dtype} {tuple(t.shape)}")
+    N, I = a.shape
+    O, p = lt.shape
+    if g.shape[0] != N or tuple(rt.shape) != (I, p) or T < 1 or N % T:
+        raise ValueError("a, g, lt, rt, T: inconsistent shapes")
+    B = N // T
+    out = torch.empty((B, p, p), dtype=torch.float32, device=a.device)
+    if B == 0:
+        return out
+    a = a if a.stride(1) == 1 else a.contiguous()
+    g = g if g.stride(1) == 1 else g.contiguous()
+    lt, rt = lt.contiguous(), rt.contiguous()
+    rb_t = rb.contiguous() if rb is not None else lt
+    m_t = mask.contiguous().view(torch.uint8) if mask is not None else lt
+    BT = max(16, min(FACTORED_BLOCKS["t"], triton.next_power_of_2(T)))
+    BKD = FACTORED_BLOCKS["k"]
+    _factored_kernel[(B,)](a, g, lt, rt, rb_t, m_t, out, T, I, O, p, max(a.stride(0), 1), max(g.stride(0), 1),
+                           HAS_RB=rb is not None, HAS_M=mask is not None, BT=BT, BKD=BKD,
+                           P_P=max(16, triton.next_power_of_2(p)))
+    return out
+
+
+def record_aot_cases() -> None:
+    """Representative calls on tiny CPU tensors for scripts/triton_aot_check.py (every kind, x dtype and
+    constexpr variant of the three kernels)."""
+    g = torch.Generator().manual_seed(0)
+    for kind in (0, 1):
+        out = torch.empty(5, 70)
+        projection_matrix_(out, 3, kind, 16, 2, 5)
+        for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            project_flat(torch.randn(3, 130, generator=g).to(dt), 20, 7, kind, 3)
+    for rb, mask in ((None, None), (torch.randn(4, generator=g), torch.rand(6, generator=g) < 0.5)):
+        factored_project(torch.randn(6, 20, generator=g), torch.randn(6, 18, generator=g), torch.randn(18, 4, generator=g),
+                         torch.randn(20, 4, generator=g), rb, mask, 3)

@@ -125,3 +125,15 @@ def score_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, largest: bool,
     ci = out_i.reshape(Q, n_tiles * kk)
     ci = torch.where(ci >= 0, ci + base, ci)
     return _merge(cs, ci, k, scores_in, idx_in, largest)
+
+
+def record_aot_cases() -> None:
+    """Representative calls on tiny CPU tensors for scripts/triton_aot_check.py (key dtypes, scale,
+    largest / smallest, a running top-k)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 24, generator=g)
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        keys = torch.randn(150, 24, generator=g).to(dt)
+        score_topk(q, keys, 4, True, None, None, None, 0)
+        s, i = score_topk(q, keys, 3, False, torch.rand(150, generator=g), None, None, 7)
+        score_topk(q, keys, 3, False, None, s, i, 150)

@@ -1,0 +1,41 @@
+// Argument checks of factored_project, shared by the CPU (csrc/cpu/projection.cpp) and CUDA
+// (csrc/cuda/projection.cu) kernels: one set of messages, each naming the argument.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <utility>
+
+namespace gradkit {
+namespace projection {
+
+inline void check_factored(const at::Tensor& a, const at::Tensor& g, const at::Tensor& lt, const at::Tensor& rt,
+                    const std::optional<at::Tensor>& rb, const std::optional<at::Tensor>& mask, int64_t T) {
+  for (const auto& [t, nm] : {std::pair<const at::Tensor&, const char*>{a, "a"}, {g, "g"}, {lt, "lt"}, {rt, "rt"}}) {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, nm, ": expected a float32 tensor, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 2, nm, ": expected a 2-D tensor, got shape ", t.sizes());
+    TORCH_CHECK_VALUE(t.device() == a.device(), nm, ": on ", t.device(), " but a is on ", a.device());
+  }
+  TORCH_CHECK_VALUE(g.size(0) == a.size(0), "g: expected ", a.size(0), " rows (those of a), got ", g.size(0));
+  TORCH_CHECK_VALUE(lt.size(0) == g.size(1), "lt: expected (", g.size(1), ", p), got ", lt.sizes());
+  TORCH_CHECK_VALUE(rt.size(0) == a.size(1) && rt.size(1) == lt.size(1), "rt: expected (", a.size(1), ", ",
+                    lt.size(1), "), got ", rt.sizes());
+  TORCH_CHECK_VALUE(lt.size(1) >= 1, "lt: p must be >= 1");
+  TORCH_CHECK_VALUE(T >= 1 && a.size(0) % T == 0, "T: expected >= 1 dividing the ", a.size(0), " rows, got ", T);
+  if (rb.has_value()) {
+    TORCH_CHECK_TYPE(rb->scalar_type() == at::kFloat, "rb: expected a float32 tensor, got ", rb->scalar_type());
+    TORCH_CHECK_VALUE(rb->dim() == 1 && rb->size(0) == lt.size(1), "rb: expected shape (", lt.size(1), ",), got ",
+                      rb->sizes());
+    TORCH_CHECK_VALUE(rb->device() == a.device(), "rb: on the wrong device");
+  }
+  if (mask.has_value()) {
+    TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, "mask: expected a bool tensor, got ", mask->scalar_type());
+    TORCH_CHECK_VALUE(mask->dim() == 1 && mask->size(0) == a.size(0), "mask: expected shape (", a.size(0),
+                      ",), got ", mask->sizes());
+    TORCH_CHECK_VALUE(mask->device() == a.device(), "mask: on the wrong device");
+  }
+}
+
+}  // namespace projection
+}  // namespace gradkit
