@@ -10,8 +10,10 @@ D = 65,536). Providers:
   proj_type=rademacher, device=cpu)``, ``project(grads, model_id=0)`` (regenerates its
   D x block_size torch-RNG blocks on every call).
 Peers take tens of seconds per call, so they run once after a warm-up.
-Also recorded (gradkit only): the Gaussian flat projection, the explicit matrix generation rate,
-and the factored per-example projection of a 1000 x 1000 Linear (64 examples x 128 tokens, p = 16).
+Also recorded (gradkit only): the Gaussian flat projection, the explicit matrix generation rate.
+Then the collector workload (bench_collector.py, the same family): the factored per-example projection
+of a 1000 x 1000 Linear (64 examples x 128 tokens, p = 16) and the whole collector step, side by side
+with bergson's collector.
 """
 from __future__ import annotations
 
@@ -71,10 +73,7 @@ def run(rec, quick: bool = False) -> None:
     rec.add(FAMILY, "matrix rademacher", "gradkit", f"{k}x65536", dt,
             {m: out.numel() / st[m] / 1e9 for m in ("p20", "p50", "p80")} | {"n": st["n"]}, metric="Gentries/s")
 
-    I = O = 1000
-    T, p = 128, 16
-    a = torch.randn(B, T, I, generator=gen)
-    g = torch.randn(B, T, O, generator=gen)
-    rec.add(FAMILY, "factored per-example", "gradkit", f"{B}x{T} {O}x{I} p={p}", dt,
-            rec.time(lambda: P.factored_project(a, g, p, seed=0, name="fc")),
-            note="(g L^T)^T (a R^T): two GEMMs + bmm, G never formed")
+    del x, xg, out
+    from bench_collector import run as run_collector
+
+    run_collector(rec, quick=quick)
