@@ -366,14 +366,14 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, float* part) {
     if (mr == 0) break;
 #ifdef GK_PROJ_AVX512
     if (proj_avx512()) {
-      // while g's rows are used, a's rows of the same tokens stream in; while a's, the next tile's g rows
-      const char* a_lo = reinterpret_cast<const char*>(xa[0]);
-      const int64_t a_len = reinterpret_cast<const char*>(xa[mr - 1] + A.I) - a_lo;
+      // one tile ahead: while this tile's g rows are used, the next tile's g rows stream into L2; likewise a
       const int64_t nn = std::min(n1, n + static_cast<int64_t>(kFMR));
       const char* g_lo = reinterpret_cast<const char*>(A.g + n * A.ldg);
       const int64_t g_len = n < n1 ? reinterpret_cast<const char*>(A.g + (nn - 1) * A.ldg + A.O) - g_lo : 0;
-      kSkinny[mr - 1](xg, A.O, A.lt, p, U.data(), a_lo, a_len);
-      kSkinny[mr - 1](xa, A.I, A.rt, p, V.data(), g_lo, g_len);
+      const char* a_lo = reinterpret_cast<const char*>(A.a + n * A.lda);
+      const int64_t a_len = n < n1 ? reinterpret_cast<const char*>(A.a + (nn - 1) * A.lda + A.I) - a_lo : 0;
+      kSkinny[mr - 1](xg, A.O, A.lt, p, U.data(), g_lo, g_len);
+      kSkinny[mr - 1](xa, A.I, A.rt, p, V.data(), a_lo, a_len);
     } else
 #endif
     {
