@@ -37,5 +37,22 @@ inline void check_factored(const at::Tensor& a, const at::Tensor& g, const at::T
   }
 }
 
+// The kernels' view of the inputs: rows with unit column stride (a, g), contiguous lt / rt / rb / mask.
+struct FactoredInputs {
+  at::Tensor a, g, lt, rt, rb, mask;  // rb / mask undefined when absent
+  const float* rb_ptr() const { return rb.defined() ? rb.data_ptr<float>() : nullptr; }
+  const bool* mask_ptr() const { return mask.defined() ? mask.data_ptr<bool>() : nullptr; }
+};
+
+inline FactoredInputs prepare_factored(const at::Tensor& a, const at::Tensor& g, const at::Tensor& lt,
+                                       const at::Tensor& rt, const std::optional<at::Tensor>& rb,
+                                       const std::optional<at::Tensor>& mask) {
+  FactoredInputs in{a.stride(1) == 1 ? a : a.contiguous(), g.stride(1) == 1 ? g : g.contiguous(), lt.contiguous(),
+                    rt.contiguous(), at::Tensor(), at::Tensor()};
+  if (rb.has_value()) in.rb = rb->contiguous();
+  if (mask.has_value()) in.mask = mask->contiguous();
+  return in;
+}
+
 }  // namespace projection
 }  // namespace gradkit

@@ -407,15 +407,10 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
   const int64_t N = a_in.size(0), p = lt_in.size(1), B = N / T;
   at::Tensor out = at::empty({B, p, p}, a_in.options());
   if (B == 0) return out;
-  const at::Tensor a = a_in.stride(1) == 1 ? a_in : a_in.contiguous();
-  const at::Tensor g = g_in.stride(1) == 1 ? g_in : g_in.contiguous();
-  const at::Tensor lt = lt_in.contiguous(), rt = rt_in.contiguous();
-  at::Tensor rb, mask;
-  if (rb_in.has_value()) rb = rb_in->contiguous();
-  if (mask_in.has_value()) mask = mask_in->contiguous();
-  const FArgs A{a.data_ptr<float>(), g.data_ptr<float>(), lt.data_ptr<float>(), rt.data_ptr<float>(),
-                rb.defined() ? rb.data_ptr<float>() : nullptr, mask.defined() ? mask.data_ptr<bool>() : nullptr,
-                std::max<int64_t>(a.stride(0), 1), std::max<int64_t>(g.stride(0), 1), a.size(1), g.size(1), p};
+  const FactoredInputs in = prepare_factored(a_in, g_in, lt_in, rt_in, rb_in, mask_in);
+  const FArgs A{in.a.data_ptr<float>(), in.g.data_ptr<float>(), in.lt.data_ptr<float>(), in.rt.data_ptr<float>(),
+                in.rb_ptr(), in.mask_ptr(), std::max<int64_t>(in.a.stride(0), 1), std::max<int64_t>(in.g.stride(0), 1),
+                in.a.size(1), in.g.size(1), p};
   const int64_t chunks = (T + kTokChunk - 1) / kTokChunk;
   float* o = out.data_ptr<float>();
   if (chunks == 1) {

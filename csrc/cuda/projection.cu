@@ -288,19 +288,13 @@ at::Tensor factored_project_cuda(const at::Tensor& a_in, const at::Tensor& g_in,
   }
   at::Tensor out = at::empty({B, p, p}, a_in.options());
   if (B == 0) return out;
-  const at::Tensor a = a_in.stride(1) == 1 ? a_in : a_in.contiguous();
-  const at::Tensor g = g_in.stride(1) == 1 ? g_in : g_in.contiguous();
-  const at::Tensor lt = lt_in.contiguous(), rt = rt_in.contiguous();
-  at::Tensor rb, mask;
-  if (rb_in.has_value()) rb = rb_in->contiguous();
-  if (mask_in.has_value()) mask = mask_in->contiguous();
+  const FactoredInputs in = prepare_factored(a_in, g_in, lt_in, rt_in, rb_in, mask_in);
   TORCH_CHECK_VALUE(B <= 2147483647LL, "a: too many examples for one launch (", B, ")");
   const size_t smem = static_cast<size_t>(2 * kFT * p) * sizeof(float);
   factored_kernel<<<static_cast<unsigned>(B), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      a.data_ptr<float>(), g.data_ptr<float>(), lt.data_ptr<float>(), rt.data_ptr<float>(),
-      rb.defined() ? rb.data_ptr<float>() : nullptr, mask.defined() ? mask.data_ptr<bool>() : nullptr,
-      out.data_ptr<float>(), T, a.size(1), g.size(1), p, std::max<int64_t>(a.stride(0), 1),
-      std::max<int64_t>(g.stride(0), 1));
+      in.a.data_ptr<float>(), in.g.data_ptr<float>(), in.lt.data_ptr<float>(), in.rt.data_ptr<float>(), in.rb_ptr(),
+      in.mask_ptr(), out.data_ptr<float>(), T, in.a.size(1), in.g.size(1), p, std::max<int64_t>(in.a.stride(0), 1),
+      std::max<int64_t>(in.g.stride(0), 1));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

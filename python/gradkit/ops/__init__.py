@@ -270,6 +270,18 @@ def _int(v, what: str) -> int:
     return v
 
 
+def _check_typed(named, dtype: torch.dtype, device=None) -> None:
+    """Each ``(name, t)`` must be a tensor of ``dtype``, and (with ``device`` given) on ``device``;
+    raises TypeError / ValueError naming the argument. The family wrappers' common first check."""
+    for nm, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{nm}: expected a tensor, got {type(t).__name__}")
+        if t.dtype != dtype:
+            raise TypeError(f"{nm}: expected a {dtype} tensor, got {t.dtype}")
+        if device is not None and t.device != device[1]:
+            raise ValueError(f"{nm}: on {t.device} but {device[0]} is on {device[1]}")
+
+
 def _check_float_tensor(x, what: str) -> None:
     if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS:
         raise TypeError(f"{what}: expected a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")

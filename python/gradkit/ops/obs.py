@@ -12,7 +12,7 @@ import numbers
 import torch
 
 from gradkit import _ext
-from gradkit.ops import _impl
+from gradkit.ops import _check_typed, _impl
 
 __all__ = ["OBS_OPS", "SHARED_MAX_P", "obs_select", "obs_shared_prune"]
 
@@ -45,11 +45,7 @@ def obs_select(w: torch.Tensor, d: torch.Tensor, gs: int, bk: int, num_prune: in
     Returns int64 (n, nq * num_prune * bk): per row, the local positions (0 .. nb - 1) of every
     element of every pruned block, ascending. ``num_prune == 0`` gives an (n, 0) tensor.
     """
-    for name, t in (("w", w), ("d", d)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
-        if t.dtype != torch.float32:
-            raise TypeError(f"{name}: expected a float32 tensor, got {t.dtype}")
+    _check_typed((("w", w), ("d", d)), torch.float32)
     if w.dim() != 2:
         raise ValueError(f"w: expected a 2-D tensor (n, nb), got shape {tuple(w.shape)}")
     if d.shape != w.shape:
@@ -91,14 +87,9 @@ def obs_shared_prune(w: torch.Tensor, c: torch.Tensor, cinv: torch.Tensor, pidx:
     Returns (w' (n, K) float32, chosen subset (n, nq) int64). See
     ``gradkit.kernels.reference.obs.obs_shared_prune`` for the exact arithmetic.
     """
-    for name, t, dt in (("w", w, torch.float32), ("c", c, torch.float32), ("cinv", cinv, torch.float32),
-                        ("pidx", pidx, torch.int64)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
-        if t.dtype != dt:
-            raise TypeError(f"{name}: expected a {dt} tensor, got {t.dtype}")
-        if t.device != w.device:
-            raise ValueError(f"{name}: on {t.device} but w is on {w.device}")
+    _check_typed((("w", w),), torch.float32)
+    _check_typed((("c", c), ("cinv", cinv)), torch.float32, ("w", w.device))
+    _check_typed((("pidx", pidx),), torch.int64, ("w", w.device))
     E = _int(E, "E")
     if not isinstance(local, bool):
         raise TypeError(f"local: expected a bool, got {type(local).__name__}")

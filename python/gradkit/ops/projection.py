@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from gradkit import _ext
-from gradkit.ops import _impl
+from gradkit.ops import _check_typed, _impl
 
 __all__ = ["PROJECTION_OPS", "projection_matrix", "projection_matrix_", "project_flat", "factored_project"]
 
@@ -114,15 +114,11 @@ def factored_project(a: torch.Tensor, g: torch.Tensor, lt: torch.Tensor, rt: tor
     there included). ``out[b] = sum_t (g_t L^T)^T (a_t R^T + rb) = L G_b R^T`` with
     ``G_b = sum_t g_t a_t^T`` (+ the bias column).
     """
+    _check_typed((("a", a),), torch.float32)
+    _check_typed((("g", g), ("lt", lt), ("rt", rt)), torch.float32, ("a", a.device))
     for nm, t in (("a", a), ("g", g), ("lt", lt), ("rt", rt)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{nm}: expected a tensor, got {type(t).__name__}")
-        if t.dtype != torch.float32:
-            raise TypeError(f"{nm}: expected a float32 tensor, got {t.dtype}")
         if t.dim() != 2:
             raise ValueError(f"{nm}: expected a 2-D tensor, got shape {tuple(t.shape)}")
-        if t.device != a.device:
-            raise ValueError(f"{nm}: on {t.device} but a is on {a.device}")
     T = _int(T, "T")
     N, I = a.shape
     if g.shape[0] != N:

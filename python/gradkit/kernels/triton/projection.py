@@ -272,6 +272,19 @@ FACTORED_BLOCKS = {"t": 64, "k": 64}
 
 
 @triton.jit
+def _tile_project(x_ptr, w_ptr, rows, tm, K, sx, p, offs_k, offs_j, jm, BT: tl.constexpr, BKD: tl.constexpr,
+                  P_P: tl.constexpr):
+    """(BT, P_P) = x[rows, :K] @ w[:K, :p] (fp32, ieee dots); rows where tm is False read as zeros."""
+    acc = tl.zeros((BT, P_P), dtype=tl.float32)
+    for k0 in range(0, K, BKD):
+        km = (k0 + offs_k) < K
+        x = tl.load(x_ptr + rows[:, None] * sx + (k0 + offs_k)[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+        w = tl.load(w_ptr + (k0 + offs_k)[:, None] * p + offs_j[None, :], mask=km[:, None] & jm[None, :], other=0.0)
+        acc += tl.dot(x, w, input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def _factored_kernel(a_ptr, g_ptr, lt_ptr, rt_ptr, rb_ptr, m_ptr, out_ptr, T, I, O, p, sa, sg,
                      HAS_RB: tl.constexpr, HAS_M: tl.constexpr, BT: tl.constexpr, BKD: tl.constexpr,
                      P_P: tl.constexpr):
@@ -288,20 +301,8 @@ def _factored_kernel(a_ptr, g_ptr, lt_ptr, rt_ptr, rb_ptr, m_ptr, out_ptr, T, I,
         tm = (t0 + offs_t) < T
         if HAS_M:
             tm = tm & (tl.load(m_ptr + rows, mask=tm, other=0) != 0)
-        u = tl.zeros((BT, P_P), dtype=tl.float32)
-        for k0 in range(0, O, BKD):
-            km = (k0 + offs_k) < O
-            x = tl.load(g_ptr + rows[:, None] * sg + (k0 + offs_k)[None, :], mask=tm[:, None] & km[None, :], other=0.0)
-            w = tl.load(lt_ptr + (k0 + offs_k)[:, None] * p + offs_j[None, :], mask=km[:, None] & jm[None, :],
-                        other=0.0)
-            u += tl.dot(x, w, input_precision="ieee")
-        v = tl.zeros((BT, P_P), dtype=tl.float32)
-        for k0 in range(0, I, BKD):
-            km = (k0 + offs_k) < I
-            x = tl.load(a_ptr + rows[:, None] * sa + (k0 + offs_k)[None, :], mask=tm[:, None] & km[None, :], other=0.0)
-            w = tl.load(rt_ptr + (k0 + offs_k)[:, None] * p + offs_j[None, :], mask=km[:, None] & jm[None, :],
-                        other=0.0)
-            v += tl.dot(x, w, input_precision="ieee")
+        u = _tile_project(g_ptr, lt_ptr, rows, tm, O, sg, p, offs_k, offs_j, jm, BT, BKD, P_P)
+        v = _tile_project(a_ptr, rt_ptr, rows, tm, I, sa, p, offs_k, offs_j, jm, BT, BKD, P_P)
         if HAS_RB:
             v += tl.load(rb_ptr + offs_j, mask=jm, other=0.0)[None, :]
         v = tl.where(tm[:, None], v, 0.0)
