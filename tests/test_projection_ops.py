@@ -4,6 +4,7 @@ pure-Python (arbitrary-precision int) oracle of the generator; opcheck; bad inpu
 Rademacher entries are compared bit for bit, Gaussian entries within 1 ulp of fp32, flat
 projections against a float64 product with the explicitly generated matrix."""
 import math
+import os
 import struct
 
 import pytest
@@ -213,3 +214,34 @@ def test_native_kernel_checks_too():
         torch.ops.gradkit.projection_matrix_(torch.empty(2, 2), -5, 0, 3, 0, 0)
     with pytest.raises(TypeError, match="x"):
         torch.ops.gradkit.project_flat(torch.ones(2, 3, dtype=torch.int64), 3, 1, 0, 0)
+
+
+@pytest.mark.parametrize("B,D,k,col0", [(4, 700, 32, 0), (16, 1000, 300, 5), (19, 4097, 64, 63), (33, 130, 100, 1)])
+def test_rademacher_sign_table_path(B, D, k, col0):
+    """The CPU Rademacher path by sign tables (AVX-512, B >= 4, k >= 32) against the reference and the GEMM
+    path (GRADKIT_PROJECT_GEMM=1), bitwise identical at 1 and 2 threads, NaN / inf confined to their row."""
+    x = _x(B, D, torch.float32, 5)
+    want = ref.project_flat(x, k, 21, 0, col0)
+    old_t = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(ops.project_flat(x, k, 21, 0, col0))
+    finally:
+        torch.set_num_threads(old_t)
+    assert torch.equal(outs[0], outs[1])
+    tol = 2e-6 * math.sqrt(D) * 4 / math.sqrt(k) + 1e-6
+    torch.testing.assert_close(outs[0], want, rtol=1e-5, atol=tol)
+    os.environ["GRADKIT_PROJECT_GEMM"] = "1"
+    try:
+        gemm = ops.project_flat(x, k, 21, 0, col0)
+    finally:
+        del os.environ["GRADKIT_PROJECT_GEMM"]
+    torch.testing.assert_close(gemm, want, rtol=1e-5, atol=tol)
+    x[1, 3] = float("nan")
+    x[2, D - 1] = float("inf")
+    y = ops.project_flat(x, k, 21, 0, col0)
+    assert torch.isnan(y[1]).all() and torch.isinf(y[2]).all()
+    rest = [r for r in range(B) if r not in (1, 2)]
+    torch.testing.assert_close(y[rest], outs[0][rest])

@@ -16,6 +16,8 @@
 // column are assembled from two consecutive words with shifts (no per-entry branches), then each
 // byte is expanded to 8 floats with one copy from a 256 x 8 table of +-s (8 KiB, L1-resident).
 //
+// project_flat, Rademacher on AVX-512 CPUs (B >= 4, k >= 32): sign tables, see project_flat_table below
+// (8 table loads per 64 inputs instead of 64 multiply-adds). Otherwise:
 // project_flat: out (B, k) fp32 = x (B, Dc) @ R[:, col0 : col0 + Dc]^T. R tiles of kKT x kDT
 // (1 MiB fp32, L2-resident) are generated into a per-thread buffer and consumed at once by a
 // single-threaded BLAS gemm (addmm_ on from_blob views: MKL sgemm) accumulating into out.
@@ -25,6 +27,7 @@
 // depends only on (shapes, thread count), never on timing. fp16/bf16/fp64 x is converted to
 // fp32 one (B x kDT) tile at a time.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -34,6 +37,7 @@
 #include <utility>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -178,6 +182,116 @@ void projection_matrix_cpu(const at::Tensor& out, int64_t seed, int64_t kind, in
 constexpr int64_t kKT = 256;   // rows of R per tile (output features)
 constexpr int64_t kDT = 1024;  // columns of R per tile (input features)
 
+#ifdef GK_PROJ_AVX512
+// ---- Rademacher flat projection by sign tables ("four Russians"), AVX-512 CPUs.
+// Output j of a row is s * sum over columns c of (bit c of R's row j ? +x_c : -x_c). The 64 bits of one
+// word cover 64 consecutive absolute columns, one byte per 8 columns, so for each word and a tile of 16
+// rows the 8 tables T_g[p] = sum_{t<8} (bit t of p ? +x_{8g+t} : -x_{8g+t}) (256 entries x 16 rows each,
+// built by doubling: 255 vector add/sub per table, each entry a sum of exactly 8 terms in column order)
+// turn 64 multiply-adds per (row, output) into 8 table loads: acc_j = ((T0[b0] + T1[b1]) + (T2[b2] +
+// T3[b3])) + ((T4[b4] + T5[b5]) + (T6[b6] + T7[b7])) with b_g = byte g of word_hash(rowkey_j, w), added to
+// the running sum of output j word by word in ascending order, scaled by s at the end. Outputs are split
+// over threads; each output's sum has one order whatever the thread count. Columns outside [col0, col0 +
+// D) enter as zeros. GRADKIT_PROJECT_GEMM=1 selects the GEMM path instead.
+bool table_path_enabled() {
+  static const bool cpu = __builtin_cpu_supports("avx512f");
+  const char* env = std::getenv("GRADKIT_PROJECT_GEMM");
+  return cpu && !(env && std::strcmp(env, "1") == 0);
+}
+
+constexpr int64_t kTabRows = 16;
+
+// x rows [0, nr) (nr <= 16), the 64 absolute columns of word w -> xs[t][16] fp32, zeros outside.
+template <typename T>
+void stage_word(const T* x, int64_t ldx, int64_t nr, int64_t D, int64_t col0, int64_t w, float* xs) {
+  const int64_t c_lo = 64 * w - col0;
+  for (int64_t t = 0; t < 64; ++t) {
+    const int64_t c = c_lo + t;
+    float* dst = xs + t * kTabRows;
+    if (c < 0 || c >= D) {
+      for (int64_t r = 0; r < kTabRows; ++r) dst[r] = 0.0f;
+      continue;
+    }
+    int64_t r = 0;
+    for (; r < nr; ++r) dst[r] = static_cast<float>(x[r * ldx + c]);
+    for (; r < kTabRows; ++r) dst[r] = 0.0f;
+  }
+}
+
+__attribute__((target("avx512f"))) void build_tables(const float* xs, float* tb) {
+  for (int g = 0; g < 8; ++g) {
+    float* T = tb + g * 256 * kTabRows;
+    const float* xg = xs + g * 8 * kTabRows;
+    const __m512 x0 = _mm512_loadu_ps(xg);
+    _mm512_store_ps(T, _mm512_sub_ps(_mm512_setzero_ps(), x0));
+    _mm512_store_ps(T + kTabRows, x0);
+    for (int t = 1; t < 8; ++t) {
+      const __m512 xt = _mm512_loadu_ps(xg + t * kTabRows);
+      const int half = 1 << t;
+      for (int q = 0; q < half; ++q) {
+        const __m512 a = _mm512_load_ps(T + q * kTabRows);
+        _mm512_store_ps(T + (q + half) * kTabRows, _mm512_add_ps(a, xt));
+        _mm512_store_ps(T + q * kTabRows, _mm512_sub_ps(a, xt));
+      }
+    }
+  }
+}
+
+__attribute__((target("avx512f"))) inline __m512 tab_at(const float* tb, uint64_t h, int g) {
+  return _mm512_load_ps(tb + (g * 256 + ((h >> (8 * g)) & 255u)) * kTabRows);
+}
+
+__attribute__((target("avx512f"))) void word_accumulate(const float* tb, const uint64_t* rk, int64_t nj, uint64_t w,
+                                                       float* yT) {
+  for (int64_t j = 0; j < nj; ++j) {
+    const uint64_t h = word_hash(rk[j], w);
+    const __m512 a01 = _mm512_add_ps(tab_at(tb, h, 0), tab_at(tb, h, 1));
+    const __m512 a23 = _mm512_add_ps(tab_at(tb, h, 2), tab_at(tb, h, 3));
+    const __m512 a45 = _mm512_add_ps(tab_at(tb, h, 4), tab_at(tb, h, 5));
+    const __m512 a67 = _mm512_add_ps(tab_at(tb, h, 6), tab_at(tb, h, 7));
+    const __m512 acc = _mm512_add_ps(_mm512_add_ps(a01, a23), _mm512_add_ps(a45, a67));
+    float* y = yT + j * kTabRows;
+    _mm512_store_ps(y, _mm512_add_ps(_mm512_load_ps(y), acc));
+  }
+}
+
+template <typename T>
+void project_flat_table(const T* x, int64_t ldx, int64_t B, int64_t D, int64_t k, uint64_t seed, int64_t col0,
+                        float s, float* out) {
+  const int64_t w0 = col0 >> 6, w1 = (col0 + D - 1) >> 6;
+  const int64_t rtiles = (B + kTabRows - 1) / kTabRows;
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t jsplit = std::max<int64_t>(1, std::min<int64_t>((k + 63) / 64, (nthreads + rtiles - 1) / rtiles));
+  at::parallel_for(0, rtiles * jsplit, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<uint64_t> rk;
+    float* xs = static_cast<float*>(std::aligned_alloc(64, 64 * kTabRows * sizeof(float)));
+    float* tb = static_cast<float*>(std::aligned_alloc(64, 8 * 256 * kTabRows * sizeof(float)));
+    float* yT = nullptr;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t rt = task / jsplit, js = task % jsplit;
+      const int64_t ja = js * k / jsplit, jb = (js + 1) * k / jsplit, nj = jb - ja;
+      const int64_t r0 = rt * kTabRows, nr = std::min(kTabRows, B - r0);
+      if (nj <= 0) continue;
+      rk.resize(nj);
+      for (int64_t j = 0; j < nj; ++j) rk[j] = row_key(seed, static_cast<uint64_t>(ja + j));
+      std::free(yT);
+      yT = static_cast<float*>(std::aligned_alloc(64, nj * kTabRows * sizeof(float)));
+      std::fill(yT, yT + nj * kTabRows, 0.0f);
+      for (int64_t w = w0; w <= w1; ++w) {
+        stage_word(x + r0 * ldx, ldx, nr, D, col0, w, xs);
+        build_tables(xs, tb);
+        word_accumulate(tb, rk.data(), nj, static_cast<uint64_t>(w), yT);
+      }
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t j = 0; j < nj; ++j) out[(r0 + r) * k + ja + j] = s * yT[j * kTabRows + r];
+    }
+    std::free(yT);
+    std::free(tb);
+    std::free(xs);
+  });
+}
+#endif
+
 at::Tensor project_flat_cpu(const at::Tensor& x_in, int64_t k, int64_t seed, int64_t kind, int64_t col0) {
   check_common(k, seed, kind);
   TORCH_CHECK_VALUE(col0 >= 0, "col0: must be non-negative, got ", col0);
@@ -188,6 +302,18 @@ at::Tensor project_flat_cpu(const at::Tensor& x_in, int64_t k, int64_t seed, int
   const int64_t B = x_in.size(0), D = x_in.size(1);
   at::Tensor out = at::zeros({B, k}, at::TensorOptions().dtype(at::kFloat));
   if (B == 0 || D == 0) return out;
+#ifdef GK_PROJ_AVX512
+  if (kind == 0 && B >= 4 && k >= 32 && table_path_enabled()) {
+    const at::Tensor xc = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+    const float s = static_cast<float>(inv_sqrt_k(k));
+    const int64_t ldx = std::max<int64_t>(xc.stride(0), 1);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "project_flat_table", [&] {
+      project_flat_table(xc.data_ptr<scalar_t>(), ldx, B, D, k, static_cast<uint64_t>(seed), col0, s,
+                         out.data_ptr<float>());
+    });
+    return out;
+  }
+#endif
   // fp32 x is read in place when its rows are unit-stride; anything else is converted per tile.
   const bool direct = st == at::kFloat && x_in.stride(1) == 1 && x_in.stride(0) >= std::max<int64_t>(D, 1);
   const at::Tensor x = x_in;
