@@ -255,9 +255,10 @@ constexpr std::array<MicroBf16Fn, sizeof...(I)> micro_bf16_table(std::integer_se
 }
 const auto kMicroBf16 = micro_bf16_table(std::make_integer_sequence<int, kMR>{});
 
-// One row of D floats (D even, or a zero after the last) -> D2 bf16 pairs at dst[d * kNR]; returns an upper
+// One row of D floats -> (D + 1) / 2 bf16 pairs at dst[d * stride] (a zero pads odd D); returns an upper
 // bound of its 2-norm (fp32 sum of squares inflated by its rounding bound, then sqrt rounded up).
-__attribute__((target("avx512f,avx512bf16"))) double pack_row_bf16(const float* x, int64_t D, uint32_t* dst) {
+__attribute__((target("avx512f,avx512bf16"))) double pack_row_bf16(const float* x, int64_t D, uint32_t* dst,
+                                                                  int64_t stride) {
   const int64_t D2 = (D + 1) / 2;
   __m512 acc = _mm512_setzero_ps();
   alignas(64) uint32_t tmp[16];
@@ -267,13 +268,13 @@ __attribute__((target("avx512f,avx512bf16"))) double pack_row_bf16(const float* 
     acc = _mm512_fmadd_ps(lo, lo, acc);
     acc = _mm512_fmadd_ps(hi, hi, acc);
     _mm512_store_si512(tmp, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-    for (int t = 0; t < 16; ++t) dst[(d / 2 + t) * kNR] = tmp[t];
+    for (int t = 0; t < 16; ++t) dst[(d / 2 + t) * stride] = tmp[t];
   }
   double n2 = static_cast<double>(_mm512_reduce_add_ps(acc));
   for (; d < 2 * D2; d += 2) {
     const float v0 = x[d], v1 = d + 1 < D ? x[d + 1] : 0.0f;
     n2 += static_cast<double>(v0) * v0 + static_cast<double>(v1) * v1;
-    dst[(d / 2) * kNR] = static_cast<uint32_t>(to_bf16(v0)) | (static_cast<uint32_t>(to_bf16(v1)) << 16);
+    dst[(d / 2) * stride] = static_cast<uint32_t>(to_bf16(v0)) | (static_cast<uint32_t>(to_bf16(v1)) << 16);
   }
   // fp32 partial sums: relative error <= (D + 16) 2^-24 (generous); sqrt and the cast rounded up
   n2 *= 1.0 + static_cast<double>(D + 32) * std::ldexp(1.0, -23);
@@ -308,12 +309,20 @@ bool pack_keys_bf16(const T* keys, int64_t ldk, int64_t nb, int64_t D, uint32_t*
         for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(src[d]);
         fr = row.data();
       }
-      const double nrm = pack_row_bf16(fr, D, dst + jj);
+      const double nrm = pack_row_bf16(fr, D, dst + jj, kNR);
       if (!(nrm <= kHuge)) ok = false;  // NaN / inf / huge
       norms[j] = static_cast<float>(std::min(nrm, kHuge));
     }
   }
   return ok;
+}
+
+// f(typed pointer to keys row 0) for the three key dtypes score_topk takes.
+template <typename F>
+decltype(auto) with_keys(const Tensor& keys, F&& f) {
+  if (keys.scalar_type() == at::kFloat) return f(keys.data_ptr<float>());
+  if (keys.scalar_type() == at::kHalf) return f(keys.data_ptr<at::Half>());
+  return f(keys.data_ptr<at::BFloat16>());
 }
 
 // The exact fp32 score of one (query, key): the fp32 micro-kernel's FMA chain.
@@ -450,25 +459,22 @@ std::tuple<Tensor, Tensor> score_topk_cpu(const Tensor& queries_in, const Tensor
   bool screen = packed && D >= 16 && use_bf16_screen();
   const int64_t D2 = (D + 1) / 2;
   std::vector<uint32_t> qh;
-  std::vector<float> qn;
-  double kappa = 0.0;
+  std::vector<float> qcq, qtiny;  // per query: margin = qcq * |x| + qtiny
   if (screen) {
     const float* qp = q.data_ptr<float>();
     qh.resize(static_cast<size_t>(Q * D2));
-    qn.resize(static_cast<size_t>(Q));
-    for (int64_t r = 0; r < Q && screen; ++r) {
-      double n2 = 0.0;
-      for (int64_t d = 0; d < D2; ++d) {
-        const float v0 = qp[r * D + 2 * d], v1 = 2 * d + 1 < D ? qp[r * D + 2 * d + 1] : 0.0f;
-        n2 += static_cast<double>(v0) * v0 + static_cast<double>(v1) * v1;
-        qh[r * D2 + d] = static_cast<uint32_t>(to_bf16(v0)) | (static_cast<uint32_t>(to_bf16(v1)) << 16);
-      }
-      const double nrm = std::sqrt(n2);
-      if (!(nrm <= kHuge)) screen = false;
-      qn[r] = static_cast<float>(nrm);
-    }
+    qcq.resize(static_cast<size_t>(Q));
+    qtiny.resize(static_cast<size_t>(Q));
     const double u = 1.0 / 256.0, g = static_cast<double>(D) * std::ldexp(1.0, -24);
-    kappa = (2 * u + u * u + 2 * g * (1 + u) * (1 + u)) * 1.01;
+    const double kappa = (2 * u + u * u + 2 * g * (1 + u) * (1 + u)) * 1.01;
+    // + flushed subnormal inputs / products: 2^-126 (sqrt(D) (|q| + |x|) + 2D)
+    const double sub = std::ldexp(1.0, -126), rd = std::sqrt(static_cast<double>(D));
+    for (int64_t r = 0; r < Q && screen; ++r) {
+      const double nrm = pack_row_bf16(qp + r * D, D, qh.data() + r * D2, 1);
+      if (!(nrm <= kHuge)) screen = false;
+      qcq[r] = static_cast<float>(kappa * nrm + sub * rd);
+      qtiny[r] = static_cast<float>(sub * (rd * nrm + 2.0 * D) + 1e-37);
+    }
   }
 #else
   const bool packed = false;
@@ -493,16 +499,10 @@ std::tuple<Tensor, Tensor> score_topk_cpu(const Tensor& queries_in, const Tensor
 #ifdef GK_SEARCH_AVX512
           const int64_t ldk = keys.stride(0);
           bool block_screen = false;
-          if (screen) {  // bf16 panels + norms; a block with non-finite / huge keys falls back to fp32
-            if (keys.scalar_type() == at::kFloat)
-              block_screen = pack_keys_bf16(keys.data_ptr<float>() + j0 * ldk, ldk, nb, D, hbuf.data(), knorm.data());
-            else if (keys.scalar_type() == at::kHalf)
-              block_screen =
-                  pack_keys_bf16(keys.data_ptr<at::Half>() + j0 * ldk, ldk, nb, D, hbuf.data(), knorm.data());
-            else
-              block_screen =
-                  pack_keys_bf16(keys.data_ptr<at::BFloat16>() + j0 * ldk, ldk, nb, D, hbuf.data(), knorm.data());
-          }
+          if (screen)  // bf16 panels + norms; a block with non-finite / huge keys falls back to fp32
+            block_screen = with_keys(keys, [&](auto kp) {
+              return pack_keys_bf16(kp + j0 * ldk, ldk, nb, D, hbuf.data(), knorm.data());
+            });
           if (block_screen) {
             for (int64_t qt = q0; qt < q1; qt += kTileQ) {
               const int64_t nq = std::min(kTileQ, q1 - qt);
@@ -519,20 +519,11 @@ std::tuple<Tensor, Tensor> score_topk_cpu(const Tensor& queries_in, const Tensor
               for (int64_t r = 0; r < nq; ++r) {
                 const int64_t qi = qt + r;
                 Heap hp{heaps.data() + (c * Q + qi) * k, counts[c * Q + qi], k};
-                // margin per key: kappa |q| |x| (+ flushed subnormal inputs/products: 2^-126 (sqrt(D) (|q| + |x|) + 2D))
-                const double sub = std::ldexp(1.0, -126);
-                const float cq = static_cast<float>(kappa * qn[qi] + sub * std::sqrt(static_cast<double>(D)));
-                const float tiny_q = static_cast<float>(sub * (std::sqrt(static_cast<double>(D)) * qn[qi] + 2.0 * D) + 1e-37);
                 const float* s2 = sc ? sc + j0 : nullptr;
-                if (keys.scalar_type() == at::kFloat)
-                  scan_row_screened(S + r * lds, nb, knorm.data(), cq, s2, qp + qi * D,
-                                    keys.data_ptr<float>() + j0 * ldk, ldk, D, tiny_q, base + j0, hp);
-                else if (keys.scalar_type() == at::kHalf)
-                  scan_row_screened(S + r * lds, nb, knorm.data(), cq, s2, qp + qi * D,
-                                    keys.data_ptr<at::Half>() + j0 * ldk, ldk, D, tiny_q, base + j0, hp);
-                else
-                  scan_row_screened(S + r * lds, nb, knorm.data(), cq, s2, qp + qi * D,
-                                    keys.data_ptr<at::BFloat16>() + j0 * ldk, ldk, D, tiny_q, base + j0, hp);
+                with_keys(keys, [&](auto kp) {
+                  scan_row_screened(S + r * lds, nb, knorm.data(), qcq[qi], s2, qp + qi * D, kp + j0 * ldk, ldk, D,
+                                    qtiny[qi], base + j0, hp);
+                });
                 counts[c * Q + qi] = hp.n;
               }
             }
@@ -540,12 +531,7 @@ std::tuple<Tensor, Tensor> score_topk_cpu(const Tensor& queries_in, const Tensor
           }
           if (packed) {
             float* Bp = pbuf.data_ptr<float>();
-            if (keys.scalar_type() == at::kFloat)
-              pack_keys(keys.data_ptr<float>() + j0 * ldk, ldk, nb, D, Bp);
-            else if (keys.scalar_type() == at::kHalf)
-              pack_keys(keys.data_ptr<at::Half>() + j0 * ldk, ldk, nb, D, Bp);
-            else
-              pack_keys(keys.data_ptr<at::BFloat16>() + j0 * ldk, ldk, nb, D, Bp);
+            with_keys(keys, [&](auto kp) { pack_keys(kp + j0 * ldk, ldk, nb, D, Bp); });
           }
 #endif
           Tensor kb = keys.narrow(0, j0, nb);
