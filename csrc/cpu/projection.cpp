@@ -193,10 +193,14 @@ constexpr int64_t kDT = 1024;  // columns of R per tile (input features)
 // the running sum of output j word by word in ascending order, scaled by s at the end. Outputs are split
 // over threads; each output's sum has one order whatever the thread count. Columns outside [col0, col0 +
 // D) enter as zeros. GRADKIT_PROJECT_GEMM=1 selects the GEMM path instead.
+bool proj_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+}
+
 bool table_path_enabled() {
-  static const bool cpu = __builtin_cpu_supports("avx512f");
   const char* env = std::getenv("GRADKIT_PROJECT_GEMM");
-  return cpu && !(env && std::strcmp(env, "1") == 0);
+  return proj_avx512() && !(env && std::strcmp(env, "1") == 0);
 }
 
 constexpr int64_t kTabRows = 16;
@@ -454,11 +458,6 @@ constexpr std::array<SkinnyFn, sizeof...(I)> skinny_table(std::integer_sequence<
   return {&skinny_avx512<I + 1>...};
 }
 const auto kSkinny = skinny_table(std::make_integer_sequence<int, kFMR>{});
-
-bool proj_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
-}
 
 // part[i, :] = fma(u_i, v, part[i, :]) for i < p (the same rounding as the portable loop)
 __attribute__((target("avx512f"))) void outer_acc_avx512(const float* u, const float* v, int64_t p, float* part) {
