@@ -359,24 +359,20 @@ def factored_project(a: torch.Tensor, g: torch.Tensor, p: int, seed: int = 0, na
     L, R = _side_matrices(p, O, I, seed, name, kd, bias, dev)
     Rw = R[:, :I]
     Rb = R[:, I] if bias else None
-    if not per_token and not isinstance(normalizer, AdamNormalizer) and \
-            not (bias and isinstance(normalizer, AdafactorNormalizer)):
+    Lw, bias_L = L, None
+    if isinstance(normalizer, AdafactorNormalizer):  # folded into L and R: G never formed
+        rf, cf = normalizer.factors()
+        Lw = L * rf.to(dev)[None, :]
+        Rw = Rw * cf.to(dev)[None, :]
+        if bias:
+            bf = normalizer.bias_factor()
+            bias_L = L if bf is None else L * bf.to(dev)[None, :]
+    if not per_token and not isinstance(normalizer, AdamNormalizer) and bias_L is None:
         # the fused op: both sides projected per token and the outer products accumulated in one pass
         if T == 0:
             return torch.zeros(B, p * p, dtype=torch.float32, device=dev)
-        Lw, Rw2 = L, Rw
-        if isinstance(normalizer, AdafactorNormalizer):
-            rf, cf = normalizer.factors()
-            Lw = L * rf.to(dev)[None, :]
-            Rw2 = Rw * cf.to(dev)[None, :]
-        a2 = a.reshape(B * T, I).float()
-        g2 = g.reshape(B * T, O).float()
-        if a2.stride(1) != 1:
-            a2 = a2.contiguous()
-        if g2.stride(1) != 1:
-            g2 = g2.contiguous()
-        res = ops.factored_project(a2, g2, Lw.T.contiguous(), Rw2.T.contiguous(), Rb,
-                                   None if mask is None else mask.reshape(B * T), T)
+        res = ops.factored_project(a.reshape(B * T, I).float(), g.reshape(B * T, O).float(), Lw.T.contiguous(),
+                                   Rw.T.contiguous(), Rb, None if mask is None else mask.reshape(B * T), T)
         return res.reshape(B, p * p)
     af = a.float()
     gf = g.float()
@@ -388,16 +384,6 @@ def factored_project(a: torch.Tensor, g: torch.Tensor, p: int, seed: int = 0, na
     if isinstance(normalizer, AdamNormalizer):
         return _adam_project(af, gf, L, Rw, Rb, normalizer, per_token, memory_budget)
 
-    bias_L = None
-    if isinstance(normalizer, AdafactorNormalizer):
-        rf, cf = normalizer.factors()
-        Lw = L * rf.to(dev)[None, :]
-        Rw = Rw * cf.to(dev)[None, :]
-        if bias:
-            bf = normalizer.bias_factor()
-            bias_L = L if bf is None else L * bf.to(dev)[None, :]
-    else:
-        Lw = L
     gl = torch.matmul(gf, Lw.T)  # (B, T, p)
     ar = torch.matmul(af, Rw.T)  # (B, T, p)
     if bias and bias_L is None:
