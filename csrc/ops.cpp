@@ -86,6 +86,12 @@ TORCH_LIBRARY(gradkit, m) {
   // 0) and, with local, the scope's kept elements are compensated: w_e -= C[e, P] cinv w_P. Returns
   // (w' (n, K) fp32, chosen subset (n, nq) int64).
   m.def("obs_shared_prune(Tensor w, Tensor c, Tensor cinv, Tensor pidx, int E, bool local) -> (Tensor, Tensor)");
+  // True-OBS factor extension in place (the batched Schur downdate in factored form; csrc/obs_schur.h,
+  // kernels/reference/obs.py::obs_schur_extend_): ut (n, cap, K) fp32/bf16/fp16 (any strides) the
+  // transposed factor; xf (n, m, F) fp32 = C_row[P, F] (F = the last F of K positions); up (n, m, cnt) fp32 =
+  // U[P, :cnt]; linv (n, m, m) fp32 = L^-1 of the downdated C_row[P, P]. Writes
+  // ut[:, cnt:cnt+m, K-F:] = linv @ (xf - round_ut(up) @ ut[:, :cnt, K-F:]) (fp32 math, rounded to ut's dtype).
+  m.def("obs_schur_extend_(Tensor(a!) ut, Tensor xf, Tensor up, Tensor linv, int cnt) -> ()");
 
   // ---- family 6: random projections and attribution search (issue 6) ----
   // (projection schemas go here)

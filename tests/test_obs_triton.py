@@ -173,3 +173,46 @@ def test_shared_prune_through_the_api():
         got = ops.obs_shared_prune(w, c, cinv, pidx, 4, True)
     exp = R.obs_shared_prune(w, c, cinv, pidx, 4, True)
     assert torch.equal(got[1], exp[1]) and torch.equal(got[0], exp[0])
+
+
+# ------------------------------------------------------------------------------------- obs_schur_extend
+from test_obs_schur_ops import schur_check, schur_make  # noqa: E402
+
+SCHUR_TILES = {"default": {}, "tiny": {"bk": 16, "tile": 256, "bf_max": 16, "bm_elems": 256}}
+
+
+@contextlib.contextmanager
+def schur_tiles(kind):
+    saved = dict(T.SCHUR_BLOCKS)
+    T.SCHUR_BLOCKS.update(SCHUR_TILES[kind])
+    try:
+        yield
+    finally:
+        T.SCHUR_BLOCKS.clear()
+        T.SCHUR_BLOCKS.update(saved)
+
+
+@MORE
+@given(shape=st.tuples(st.integers(0, 3), st.integers(0, 40), st.integers(0, 70), st.integers(0, 70)),
+       dt=st.sampled_from((torch.float32, torch.bfloat16, torch.float16)), seed=st.integers(0, 2 ** 16),
+       strided=st.booleans(), tile=st.sampled_from(sorted(SCHUR_TILES)))
+def test_triton_schur_extend_within_fp32_bound(shape, dt, seed, strided, tile):
+    """Several row blocks, partial column tiles, cnt = 0 and cnt not a multiple of BK, strided factor
+    windows; up as true OBS passes it (read from the factor: representable in its dtype); nothing of
+    ut outside the written window changes."""
+    n, m, c, F = shape
+    with schur_tiles(tile):
+        schur_check(T.obs_schur_extend_, schur_make(n, m, c, F, dt, seed, strided), trunc=True)
+
+
+@pytest.mark.parametrize("m,dt", [(128, torch.bfloat16), (256, torch.float16), (200, torch.float32),
+                                  (300, torch.bfloat16)])
+def test_triton_schur_extend_true_obs_sizes(m, dt):
+    """m = 128 / 256 (2:4 and 4:8 with 64 scopes per batch; 256 is the largest fused tile), and m = 300
+    (the composite path)."""
+    schur_check(T.obs_schur_extend_, schur_make(1, m, 48, 40, dt, m), trunc=True)
+
+
+def test_triton_schur_extend_through_ops():
+    with use_backend("triton"):
+        schur_check(ops.obs_schur_extend_, schur_make(2, 9, 17, 33, torch.bfloat16, 4), trunc=True)

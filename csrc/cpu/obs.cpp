@@ -42,6 +42,7 @@
 #include <limits>
 #include <vector>
 
+#include "../obs_schur.h"
 #include "../obs_shared.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -394,6 +395,13 @@ std::tuple<Tensor, Tensor> obs_shared_prune_cpu(const Tensor& w_in, const Tensor
   return {out, sub};
 }
 
+// obs_schur_extend_: two batched GEMMs over BLAS (csrc/obs_schur.h). The products are large (m x cnt x F
+// per row) and BLAS runs them near the FMA peak; a hand-written kernel would not add to that.
+void obs_schur_extend_cpu(const Tensor& ut, const Tensor& xf, const Tensor& up, const Tensor& linv, int64_t cnt) {
+  GK_OBS_SCHUR_CHECKS(ut, xf, up, linv, cnt);
+  schur_extend_composite_(ut, xf, up, linv, cnt);
+}
+
 }  // namespace
 }  // namespace obs
 }  // namespace gradkit
@@ -401,4 +409,5 @@ std::tuple<Tensor, Tensor> obs_shared_prune_cpu(const Tensor& w_in, const Tensor
 TORCH_LIBRARY_IMPL(gradkit, CPU, m) {
   m.impl("obs_select", &gradkit::obs::obs_select_cpu);
   m.impl("obs_shared_prune", &gradkit::obs::obs_shared_prune_cpu);
+  m.impl("obs_schur_extend_", &gradkit::obs::obs_schur_extend_cpu);
 }

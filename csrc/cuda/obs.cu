@@ -32,6 +32,7 @@
 #include <limits>
 
 #include "common.cuh"
+#include "../obs_schur.h"
 #include "../obs_shared.h"
 
 namespace gradkit {
@@ -215,6 +216,109 @@ std::tuple<Tensor, Tensor> obs_shared_prune_cuda(const Tensor& w_in, const Tenso
   return {out, sub};
 }
 
+// obs_schur_extend_ (csrc/obs_schur.h has the definition): one thread block per (row b, tile of kSchurBF
+// columns of F). Phase 1 forms T = xf - round(up) @ U for all m rows of the tile, U = ut[b, :cnt, K-F:]:
+// the contraction runs in chunks of kSchurKC, the up chunk (m x KC, rounded to the storage dtype) and the
+// U chunk (KC x BF) staged in shared memory; thread (ty, tx) owns column tx and rows ty, ty + 8, ... (fp32
+// accumulators in registers). Phase 2 stores T in shared memory (reusing the staging space) and forms
+// linv @ T, linv read through the read-only cache (a warp reads one linv row: a broadcast), written to
+// ut[b, cnt + i, K-F + j]. Rows read (< cnt) and written (>= cnt) are disjoint, so blocks never race.
+// m above kSchurMaxM (the accumulators per thread) takes the composite cuBLAS path.
+constexpr int kSchurBF = 32;
+constexpr int kSchurRowsPerPass = kThreads / kSchurBF;  // 8
+constexpr int kSchurKC = 16;
+constexpr int kSchurMaxAcc = 32;
+constexpr int64_t kSchurMaxM = int64_t{kSchurRowsPerPass} * kSchurMaxAcc;  // 256
+
+struct Strides3 {
+  int64_t b, i, j;
+};
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    schur_extend_kernel(scalar_t* __restrict__ ut, Strides3 su, const float* __restrict__ xf, Strides3 sx,
+                        const float* __restrict__ up, Strides3 sp, const float* __restrict__ linv, Strides3 sl,
+                        int64_t m, int64_t cnt, int64_t F, int64_t K) {
+  extern __shared__ float smem[];
+  float* ups = smem;                         // m x (KC + 1)
+  float* ufs = smem + m * (kSchurKC + 1);    // KC x BF
+  float* ts = smem;                          // m x BF (phase 2, aliases the staging space)
+  const int64_t b = blockIdx.y;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kSchurBF;
+  const int tx = threadIdx.x % kSchurBF, ty = threadIdx.x / kSchurBF;
+  const int64_t j = j0 + tx;
+  const bool jok = j < F;
+  float acc[kSchurMaxAcc];
+#pragma unroll
+  for (int r = 0; r < kSchurMaxAcc; ++r) acc[r] = 0.0f;
+  const float* upb = up + b * sp.b;
+  const scalar_t* ufb = ut + b * su.b + (K - F) * su.j;  // ut[b, 0, K - F]
+  for (int64_t k0 = 0; k0 < cnt; k0 += kSchurKC) {
+    for (int64_t e = threadIdx.x; e < m * kSchurKC; e += kThreads) {
+      const int64_t i = e / kSchurKC, kk = e % kSchurKC;
+      float v = 0.0f;
+      if (k0 + kk < cnt) v = static_cast<float>(static_cast<scalar_t>(__ldg(upb + i * sp.i + (k0 + kk) * sp.j)));
+      ups[i * (kSchurKC + 1) + kk] = v;
+    }
+    for (int e = threadIdx.x; e < kSchurKC * kSchurBF; e += kThreads) {
+      const int kk = e / kSchurBF, jj = e % kSchurBF;
+      float v = 0.0f;
+      if (k0 + kk < cnt && j0 + jj < F) v = static_cast<float>(ufb[(k0 + kk) * su.i + (j0 + jj) * su.j]);
+      ufs[kk * kSchurBF + jj] = v;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kSchurKC; ++kk) {
+      const float u = ufs[kk * kSchurBF + tx];
+#pragma unroll
+      for (int r = 0; r < kSchurMaxAcc; ++r) {
+        const int64_t i = ty + int64_t{kSchurRowsPerPass} * r;
+        if (i < m) acc[r] = fmaf(ups[i * (kSchurKC + 1) + kk], u, acc[r]);
+      }
+    }
+    __syncthreads();
+  }
+  const float* xfb = xf + b * sx.b;
+#pragma unroll
+  for (int r = 0; r < kSchurMaxAcc; ++r) {
+    const int64_t i = ty + int64_t{kSchurRowsPerPass} * r;
+    if (i < m) ts[i * kSchurBF + tx] = (jok ? __ldg(xfb + i * sx.i + j * sx.j) : 0.0f) - acc[r];
+  }
+  __syncthreads();
+  const float* lb = linv + b * sl.b;
+  scalar_t* ob = ut + b * su.b + cnt * su.i + (K - F) * su.j;  // ut[b, cnt, K - F]
+#pragma unroll
+  for (int r = 0; r < kSchurMaxAcc; ++r) {
+    const int64_t i = ty + int64_t{kSchurRowsPerPass} * r;
+    if (i < m) {
+      float s = 0.0f;
+      for (int64_t l = 0; l < m; ++l) s = fmaf(__ldg(lb + i * sl.i + l * sl.j), ts[l * kSchurBF + tx], s);
+      if (jok) ob[i * su.i + j * su.j] = static_cast<scalar_t>(s);
+    }
+  }
+}
+
+void obs_schur_extend_cuda(const Tensor& ut, const Tensor& xf, const Tensor& up, const Tensor& linv, int64_t cnt) {
+  GK_OBS_SCHUR_CHECKS(ut, xf, up, linv, cnt);
+  const int64_t n = xf.size(0), m = xf.size(1), F = xf.size(2), K = ut.size(2);
+  if (m > kSchurMaxM || n > 65535) return schur_extend_composite_(ut, xf, up, linv, cnt);
+  if (n == 0 || m == 0 || F == 0) return;
+  const c10::cuda::CUDAGuard guard(ut.device());
+  const auto st = [](const Tensor& t) { return Strides3{t.stride(0), t.stride(1), t.stride(2)}; };
+  const size_t smem = sizeof(float) * static_cast<size_t>(std::max<int64_t>(m * kSchurBF,
+                                                                             m * (kSchurKC + 1) + kSchurKC * kSchurBF));
+  const dim3 grid(static_cast<unsigned>((F + kSchurBF - 1) / kSchurBF), static_cast<unsigned>(n));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ut.scalar_type(), "obs_schur_extend_", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      schur_extend_kernel<scalar_t><<<grid, kThreads, smem, stream>>>(
+          ut.data_ptr<scalar_t>(), st(ut), xf.data_ptr<float>(), st(xf), up.data_ptr<float>(), st(up),
+          linv.data_ptr<float>(), st(linv), m, cnt, F, K);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
 }  // namespace
 }  // namespace obs
 }  // namespace gradkit
@@ -222,4 +326,5 @@ std::tuple<Tensor, Tensor> obs_shared_prune_cuda(const Tensor& w_in, const Tenso
 TORCH_LIBRARY_IMPL(gradkit, CUDA, m) {
   m.impl("obs_select", &gradkit::obs::obs_select_cuda);
   m.impl("obs_shared_prune", &gradkit::obs::obs_shared_prune_cuda);
+  m.impl("obs_schur_extend_", &gradkit::obs::obs_schur_extend_cuda);
 }

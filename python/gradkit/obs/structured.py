@@ -541,17 +541,17 @@ def _true_obs_chunk(w: Tensor, C: Tensor, ctx: _TrueObsContext, plan: _Plan, num
     l_rows: List = []  # per batch: (U[P_t, :cnt], L_t^-1), the block Cholesky factor of C[P, P]
     p_parts: List[Tensor] = []  # per batch: (n, m) pruned positions (pad: -1)
     cnt = 0
-    # The factor U (one row per processed position, one column per pruned column) is kept transposed, one
-    # block per batch: blocks[t] = (e_t, Ut_t) with Ut_t (n, m_t, Kp - e_t) = U[e_t:, cols of batch t]^T.
-    # Only positions not yet scored are ever read, so a block starts at its batch's end.
-    blocks: List = []
+    # The factor U (one row per processed position, one column per pruned position) is kept transposed in
+    # one buffer Ut (n, cap, Kp), c_dtype: Ut[:, j, f] = U[f, j]. Column j (pruned in batch t) is written
+    # only on the positions after batch t (f >= e_t); only positions not yet scored are ever read (every
+    # read is at f >= the current batch's start >= e_t), so the rest is never initialised.
+    Ut = torch.empty(n, max(1, -(-Q * num_prune * bk // R)), Kp, dtype=c_dtype, device=dev)
 
     def fac(a: int, b: int) -> Tensor:  # U[a:b, :cnt]^T as (n, cnt, b - a), float32
-        return torch.cat([ut[:, :, a - e0:b - e0].float() for e0, ut in blocks], 1)
+        return Ut[:, :cnt, a:b].float()
 
     def fac_at(rows: Tensor, pos: Tensor) -> Tensor:  # U[pos, :cnt]^T for per-item rows: (N, cnt, len)
-        return torch.cat([ut[rows[:, None, None], torch.arange(ut.shape[1], device=dev)[None, :, None],
-                             (pos - e0)[:, None, :]].float() for e0, ut in blocks], 1)
+        return Ut[rows[:, None, None], torch.arange(cnt, device=dev)[None, :, None], pos[:, None, :]].float()
     for q0, q1, s, e, CpS in ctx.batches:
         bpos = t_pos[q0:q1]  # (nq, gs, bk) processing positions
         blrow = t_lrow[q0:q1]
@@ -599,8 +599,7 @@ def _true_obs_chunk(w: Tensor, C: Tensor, ctx: _TrueObsContext, plan: _Plan, num
         F0 = e
         # U[P, :cnt] as (n, m, cnt); pads zeroed
         if cnt:
-            UP = torch.cat([torch.gather(ut, 2, (P - e0)[:, None, :].expand(n, ut.shape[1], m)).float()
-                            for e0, ut in blocks], 1).transpose(1, 2)
+            UP = torch.gather(Ut[:, :cnt], 2, P[:, None, :].expand(n, cnt, m)).float().transpose(1, 2)
             if padded:
                 UP = UP * valid[..., None]
         else:
@@ -627,12 +626,12 @@ def _true_obs_chunk(w: Tensor, C: Tensor, ctx: _TrueObsContext, plan: _Plan, num
             XF = Crow[:, :, F0 - s:]  # (n, m, F)
             if padded:
                 XF = XF * valid[..., None]
-            o = 0
-            for e0, ut in blocks:  # XF -= U[P, :cnt] U[F, :cnt]^T, block by block (no concatenation)
-                mt = ut.shape[1]
-                XF = torch.baddbmm(XF, UP[:, :, o:o + mt], ut[:, :, F0 - e0:].float(), alpha=-1.0)
-                o += mt
-            blocks.append((F0, torch.bmm(Linv, XF).to(c_dtype)))  # new factor rows on future columns
+            if cnt + m > Ut.shape[1]:  # row-coupled scopes: a row pruned more than its share so far
+                grown = torch.empty(n, min(Kp, max(2 * Ut.shape[1], cnt + m)), Kp, dtype=c_dtype, device=dev)
+                grown[:, :cnt] = Ut[:, :cnt]
+                Ut = grown
+            # the factor's new columns on the future positions: L^-1 (C[P, F] - U[P, :cnt] U[F, :cnt]^T)
+            ops.obs_schur_extend_(Ut, XF, UP, Linv, cnt)
         l_rows.append((UP, Linv))
         z_parts.append(zt)
         p_parts.append(torch.where(valid, P, torch.full_like(P, -1)))

@@ -270,14 +270,17 @@ def _int(v, what: str) -> int:
     return v
 
 
-def _check_typed(named, dtype: torch.dtype, device=None) -> None:
-    """Each ``(name, t)`` must be a tensor of ``dtype``, and (with ``device`` given) on ``device``;
-    raises TypeError / ValueError naming the argument. The family wrappers' common first check."""
+def _check_typed(named, dtype, device=None) -> None:
+    """Each ``(name, t)`` must be a tensor of ``dtype`` (or of one of a tuple of dtypes), and (with
+    ``device`` given) on ``device``; raises TypeError / ValueError naming the argument. The family
+    wrappers' common first check."""
+    ok = dtype if isinstance(dtype, tuple) else (dtype,)
     for nm, t in named:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{nm}: expected a tensor, got {type(t).__name__}")
-        if t.dtype != dtype:
-            raise TypeError(f"{nm}: expected a {dtype} tensor, got {t.dtype}")
+        if t.dtype not in ok:
+            want = " or ".join(str(d) for d in ok)
+            raise TypeError(f"{nm}: expected a {want} tensor, got {t.dtype}")
         if device is not None and t.device != device[1]:
             raise ValueError(f"{nm}: on {t.device} but {device[0]} is on {device[1]}")
 

@@ -14,9 +14,9 @@ import torch
 from gradkit import _ext
 from gradkit.ops import _check_typed, _impl
 
-__all__ = ["OBS_OPS", "SHARED_MAX_P", "obs_select", "obs_shared_prune"]
+__all__ = ["OBS_OPS", "SHARED_MAX_P", "obs_schur_extend_", "obs_select", "obs_shared_prune"]
 
-OBS_OPS = ("obs_select", "obs_shared_prune")
+OBS_OPS = ("obs_select", "obs_shared_prune", "obs_schur_extend_")
 SHARED_MAX_P = 64  # pruned elements per subset the kernels take
 
 
@@ -112,6 +112,41 @@ def obs_shared_prune(w: torch.Tensor, c: torch.Tensor, cinv: torch.Tensor, pidx:
     return _impl("obs_shared_prune", "obs")(w, c, cinv, pidx, E, local)
 
 
+def obs_schur_extend_(ut: torch.Tensor, xf: torch.Tensor, up: torch.Tensor, linv: torch.Tensor, cnt: int) -> None:
+    """One factor extension of true OBS, in place: ``ut[:, cnt:cnt+m, K-F:] = linv @ (xf - up @ ut[:, :cnt, K-F:])``.
+
+    ut (n, cap, K) float32 / bfloat16 / float16, any strides: the factor U of the rows' downdated
+    inverse Hessians, transposed (ut[:, j, f] = U[f, j]), its first ``cnt`` rows written so far;
+    xf (n, m, F) float32: C_row[P, F], the inverse Hessian at the m newly pruned positions P on the F
+    undecided positions (the last F of the K); up (n, m, cnt) float32: U[P, :cnt]; linv (n, m, m)
+    float32: the inverse Cholesky factor of the downdated C_row[P, P]. Products and sums in float32
+    (up rounded to ut's dtype first: exact when read from the factor, so a half-precision factor runs
+    on the half-precision matrix units), the result rounded to ut's dtype. Writes rows cnt .. cnt+m on
+    the last F positions only; xf, up and linv must not overlap ut. See
+    ``gradkit.kernels.reference.obs.obs_schur_extend_``.
+    """
+    _check_typed((("ut", ut),), (torch.float32, torch.bfloat16, torch.float16))
+    _check_typed((("xf", xf), ("up", up), ("linv", linv)), torch.float32, ("ut", ut.device))
+    cnt = _int(cnt, "cnt")
+    if ut.dim() != 3:
+        raise ValueError(f"ut: expected a 3-D tensor (n, cap, K), got shape {tuple(ut.shape)}")
+    n, cap, K = ut.shape
+    if xf.dim() != 3 or xf.shape[0] != n or xf.shape[2] > K:
+        raise ValueError(f"xf: expected shape ({n}, m, F <= {K}), got {tuple(xf.shape)}")
+    m = xf.shape[1]
+    if cnt < 0 or cnt + m > cap:
+        raise ValueError(f"cnt: expected 0 <= cnt and cnt + m <= {cap} (m = {m}), got {cnt}")
+    if up.shape != (n, m, cnt):
+        raise ValueError(f"up: expected shape ({n}, {m}, {cnt}), got {tuple(up.shape)}")
+    if linv.shape != (n, m, m):
+        raise ValueError(f"linv: expected shape ({n}, {m}, {m}), got {tuple(linv.shape)}")
+    _impl("obs_schur_extend_", "obs")(ut, xf, up, linv, cnt)
+
+
+def _obs_schur_extend_fake(ut, xf, up, linv, cnt):
+    return None
+
+
 def _obs_shared_prune_fake(w, c, cinv, pidx, E, local):
     n, K = w.shape
     return w.new_empty((n, K)), w.new_empty((n, K // E), dtype=torch.int64)
@@ -126,6 +161,9 @@ if _ext.has_op("obs_select"):
     torch.library.register_fake("gradkit::obs_select", _obs_select_fake, _stacklevel=_ext.ops_package_stacklevel())
     if _ext.has_op("obs_shared_prune"):
         torch.library.register_fake("gradkit::obs_shared_prune", _obs_shared_prune_fake,
+                                    _stacklevel=_ext.ops_package_stacklevel())
+    if _ext.has_op("obs_schur_extend_"):
+        torch.library.register_fake("gradkit::obs_schur_extend_", _obs_schur_extend_fake,
                                     _stacklevel=_ext.ops_package_stacklevel())
 
     # Triton is the GPU kernel where the extension was built without CUDA C++.

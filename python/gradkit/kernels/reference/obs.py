@@ -224,3 +224,32 @@ def obs_shared_prune(w: Tensor, c: Tensor, cinv: Tensor, pidx: Tensor, E: int, l
         out = out - dl
     out = out.masked_fill(pruned, 0.0)
     return out.reshape(n, K), sub
+
+
+def obs_schur_extend_(ut: Tensor, xf: Tensor, up: Tensor, linv: Tensor, cnt: int) -> None:
+    """One factor extension of true OBS (the batched Schur downdate in factored form), in place.
+
+    Per row b (the row's inverse Hessian C_row, its partial Cholesky-type factor U with cnt columns so
+    far, kept transposed in ``ut``: ut[b, j, f] = U[f, j]; the m newly pruned positions P; the
+    undecided positions F, the last F of K)::
+
+        ut[b, cnt:cnt+m, K-F:] = linv[b] @ (xf[b] - round(up[b]) @ ut[b, :cnt, K-F:])   fp32 math
+                               = L^-1 (C_row[P, F] - U[P, :cnt] U[F, :cnt]^T)          new factor rows
+
+    ut (n, cap, K) float32 / bfloat16 / float16, any strides; xf (n, m, F) float32 = C_row[P, F];
+    up (n, m, cnt) float32 = U[P, :cnt] (cnt may be 0); linv (n, m, m) float32 = L^-1 for L L^T the
+    downdated C_row[P, P]. ``round`` rounds up to ut's dtype (exact when up was read from the
+    factor). The fp32 result is rounded once to ut's dtype; nothing else of ut changes. Accumulation
+    order is not part of the contract: backends agree to fp32 rounding.
+    """
+    m, F = xf.shape[1], xf.shape[2]
+    K = ut.shape[2]
+    low = ut.dtype != torch.float32
+    if cnt:
+        uf = ut[:, :cnt, K - F:]
+        ufl = uf.float() if low else uf
+        upl = up.to(ut.dtype).float() if low else up
+        t = torch.baddbmm(xf, upl, ufl, alpha=-1.0)
+    else:
+        t = xf
+    ut[:, cnt:cnt + m, K - F:] = torch.bmm(linv, t)

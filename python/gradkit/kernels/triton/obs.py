@@ -26,6 +26,8 @@ torch reference, a stable sort, on the same device).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -205,6 +207,87 @@ def obs_shared_prune(w: torch.Tensor, c: torch.Tensor, cinv: torch.Tensor, pidx:
     return out, sub
 
 
+# --------------------------------------------------------------------------------------- obs_schur_extend_
+# One program per (tile of BF columns of F, row b): the whole (M_PAD x BF) tile of
+# T = xf - round(up) @ U, U = ut[b, :cnt, K-F:], stays in registers (tl.dot over chunks of BK of the cnt
+# factor columns; with a bf16 / fp16 factor both operands are in that dtype -- exact products, fp32
+# accumulation, the half-precision matrix units; with fp32, input_precision="ieee": no TF32), then
+# linv @ T is formed in row blocks of BM (linv read from memory, T reused) and stored, in ut's dtype, to
+# ut[b, cnt + i, K-F + j] (rows never read by any program). M_PAD = next power of two >= max(m, 16)
+# (tl.dot's minimum); m above MAX_FUSED_M takes the composite path (the reference's two batched GEMMs,
+# cuBLAS on the device). Tests shrink the tiles. Under the interpreter the half-precision operands are
+# widened to fp32 before the dot (the same exact products; its bf16 dot is unusable).
+SCHUR_BLOCKS = {"bk": 32, "tile": 8192, "bf_max": 64, "bm_elems": 4096}
+MAX_FUSED_M = 256
+
+
+@triton.jit
+def _schur_extend_kernel(ut_ptr, xf_ptr, up_ptr, linv_ptr, m, cnt, F, K, stb, sti, stj, sxb, sxi, sxj, spb, spi,
+                         spk, slb, sli, slj, M_PAD: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr,
+                         BM: tl.constexpr, LOW: tl.constexpr):
+    pf = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = tl.arange(0, M_PAD)
+    cols = pf * BF + tl.arange(0, BF)
+    rm = rows < m
+    cm = cols < F
+    ks = tl.arange(0, BK)
+    ucol = (K - F + cols) * stj  # offsets of the F window in ut
+    acc = tl.zeros((M_PAD, BF), dtype=tl.float32)
+    for k0 in range(0, cnt, BK):
+        kk = k0 + ks
+        km = kk < cnt
+        a = tl.load(up_ptr + b * spb + rows[:, None] * spi + kk[None, :] * spk, mask=rm[:, None] & km[None, :],
+                    other=0.0)
+        u = tl.load(ut_ptr + b * stb + kk[:, None] * sti + ucol[None, :], mask=km[:, None] & cm[None, :], other=0.0)
+        if LOW == 1:
+            acc += tl.dot(a.to(u.dtype), u)
+        elif LOW == 2:
+            acc += tl.dot(a.to(u.dtype).to(tl.float32), u.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a, u, input_precision="ieee")
+    x = tl.load(xf_ptr + b * sxb + rows[:, None] * sxi + cols[None, :] * sxj, mask=rm[:, None] & cm[None, :],
+                other=0.0)
+    t = x - acc
+    for i0 in tl.static_range(0, M_PAD, BM):
+        ri = i0 + tl.arange(0, BM)
+        li = tl.load(linv_ptr + b * slb + ri[:, None] * sli + rows[None, :] * slj,
+                     mask=(ri < m)[:, None] & rm[None, :], other=0.0)
+        o = tl.dot(li, t, input_precision="ieee")
+        tl.store(ut_ptr + b * stb + (cnt + ri[:, None]) * sti + ucol[None, :], o.to(ut_ptr.dtype.element_ty),
+                 mask=(ri < m)[:, None] & cm[None, :])
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def obs_schur_extend_(ut: torch.Tensor, xf: torch.Tensor, up: torch.Tensor, linv: torch.Tensor, cnt: int) -> None:
+    """Launcher: see ``gradkit.kernels.reference.obs.obs_schur_extend_`` (writes ut[:, cnt:cnt+m, K-F:])."""
+    if ut.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"ut: expected a float32, bfloat16 or float16 tensor, got {ut.dtype}")
+    for name, t in (("xf", xf), ("up", up), ("linv", linv)):
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name}: expected a torch.float32 tensor, got {t.dtype}")
+    n, cap, K = ut.shape
+    _, m, F = xf.shape
+    if xf.shape[0] != n or F > K or cnt < 0 or cnt + m > cap or up.shape != (n, m, cnt) or linv.shape != (n, m, m):
+        raise ValueError(f"xf, up, linv, cnt: shapes {tuple(xf.shape)}, {tuple(up.shape)}, {tuple(linv.shape)}, "
+                         f"cnt={cnt} do not match ut {tuple(ut.shape)}")
+    if m > MAX_FUSED_M or n > 65535:
+        return _ref.obs_schur_extend_(ut, xf, up, linv, cnt)
+    if n == 0 or m == 0 or F == 0:
+        return None
+    M_PAD = max(16, triton.next_power_of_2(m))
+    BF = max(16, min(SCHUR_BLOCKS["bf_max"], SCHUR_BLOCKS["tile"] // M_PAD))
+    BM = max(16, min(M_PAD, SCHUR_BLOCKS["bm_elems"] // M_PAD))
+    grid = (triton.cdiv(F, BF), n)
+    _schur_extend_kernel[grid](ut, xf, up, linv, m, cnt, F, K, *ut.stride(), *xf.stride(), *up.stride(),
+                               *linv.stride(), M_PAD=M_PAD, BF=BF, BK=SCHUR_BLOCKS["bk"], BM=BM,
+                               LOW=0 if ut.dtype == torch.float32 else (2 if _interpret() else 1))
+    return None
+
+
 def record_aot_cases() -> None:
     """Representative calls on tiny CPU tensors (for the recording interpreter of
     scripts/triton_aot_check.py): gs = 1, 3, 4, 8, 16, 64, 256 (every GS_P up to the fused limit),
@@ -222,3 +305,11 @@ def record_aot_cases() -> None:
         pidx = torch.stack([torch.randperm(E, generator=g)[:p].sort().values for _ in range(ns)])
         for local in (True, False):
             obs_shared_prune(w, c, cinv, pidx, E, local)
+    for n, m, cnt, F, dt in ((2, 3, 0, 5, torch.float32), (3, 16, 40, 70, torch.float32),
+                             (2, 128, 33, 17, torch.bfloat16), (1, 40, 20, 9, torch.float16),
+                             (1, 256, 16, 16, torch.bfloat16)):
+        ut = torch.randn(n, cnt + m + 2, F + 3, generator=g).to(dt)
+        xf = torch.randn(n, m, F, generator=g)
+        up = torch.randn(n, m, cnt, generator=g)
+        linv = torch.randn(n, m, m, generator=g)
+        obs_schur_extend_(ut, xf, up, linv, cnt)
