@@ -216,3 +216,31 @@ def test_triton_schur_extend_true_obs_sizes(m, dt):
 def test_triton_schur_extend_through_ops():
     with use_backend("triton"):
         schur_check(ops.obs_schur_extend_, schur_make(2, 9, 17, 33, torch.bfloat16, 4), trunc=True)
+
+
+@pytest.mark.parametrize("c_dtype", [torch.float32, torch.bfloat16])
+def test_true_obs_end_to_end_on_triton(c_dtype):
+    """prune_true_obs with every op on the Triton kernels (obs_select, obs_schur_extend_) gives the
+    native backend's mask and weights to fp32 accuracy (bf16 factor: to its rounding)."""
+    import gradkit.scope as gk
+    from gradkit.obs import StructuredOBS
+
+    g = torch.Generator().manual_seed(3)
+    W0 = torch.randn(8, 64, generator=g)
+    X = torch.randn(256, 64, generator=g)
+    H = X.T @ X
+    outs = []
+    nt = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU chunks run on Python threads when nt > 1; the interpreter is not thread-safe
+    try:
+        for backend in ("native", "triton"):
+            W = W0.clone()
+            with use_backend(backend):
+                keep = StructuredOBS(gk.ScopeSpec(gk.BlockSpec(W, (1, 1)), (1, 4)), H, damp=0.01).prune_true_obs(
+                    2, ng=4, chunk_size=4, c_dtype=c_dtype, return_mask=True)
+            outs.append((keep, W))
+    finally:
+        torch.set_num_threads(nt)
+    assert torch.equal(outs[0][0], outs[1][0])
+    tol = 1e-4 if c_dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=tol, atol=tol)
