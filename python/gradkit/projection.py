@@ -292,6 +292,13 @@ def _cached_matrix(p: int, n: int, seed: int, kind: int, device: str) -> torch.T
     return m
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_matrix_t(p: int, n: int, seed: int, kind: int, device: str) -> torch.Tensor:
+    """The same matrix transposed, (n, p) contiguous: the fused op's operand layout (cached, so a hook
+    call does not copy it every batch)."""
+    return _cached_matrix(p, n, seed, kind, device).T.contiguous()
+
+
 def _side_matrices(p, O, I, seed, name, kd, bias, device):
     L = _cached_matrix(p, O, derive_seed(seed, name, "left"), kd, str(device))
     R = _cached_matrix(p, I + int(bias), derive_seed(seed, name, "right"), kd, str(device))
@@ -371,8 +378,14 @@ def factored_project(a: torch.Tensor, g: torch.Tensor, p: int, seed: int = 0, na
         # the fused op: both sides projected per token and the outer products accumulated in one pass
         if T == 0:
             return torch.zeros(B, p * p, dtype=torch.float32, device=dev)
-        res = ops.factored_project(a.reshape(B * T, I).float(), g.reshape(B * T, O).float(), Lw.T.contiguous(),
-                                   Rw.T.contiguous(), Rb, None if mask is None else mask.reshape(B * T), T)
+        if normalizer is None:  # the cached transposes (rows of R^T: the bias row is the last)
+            lt = _cached_matrix_t(p, O, derive_seed(seed, name, "left"), kd, str(dev))
+            rt = _cached_matrix_t(p, I + int(bias), derive_seed(seed, name, "right"), kd, str(dev))
+            lt, rt, Rb = lt, rt[:I], (rt[I] if bias else None)
+        else:
+            lt, rt = Lw.T.contiguous(), Rw.T.contiguous()
+        res = ops.factored_project(a.reshape(B * T, I).float(), g.reshape(B * T, O).float(), lt, rt, Rb,
+                                   None if mask is None else mask.reshape(B * T), T)
         return res.reshape(B, p * p)
     af = a.float()
     gf = g.float()
