@@ -221,52 +221,105 @@ at::Tensor project_flat_cuda(const at::Tensor& x, int64_t k, int64_t seed, int64
   return out;
 }
 
-// factored_project (csrc/cpu/projection.cpp has the semantics): one block per example. Per tile of kFT
-// tokens the block computes u = g_t lt and v = a_t rt (+ rb) into shared memory (one thread per (token,
-// output), sums over the input features ascending, explicitly rounded: no contraction), masked tokens as
-// zeros, then every thread adds the tile's outer products into the p x p entries it owns (tokens in order).
-constexpr int kFT = 32;
-constexpr int64_t kFMaxP = 64;  // p x p <= 4096 entries: 16 per thread of 256
+// factored_project (csrc/cpu/projection.cpp has the semantics and the arithmetic order): one block per
+// (example, chunk of kFChunk tokens) -- the CPU kernel's work items -- writing that chunk's p x p partial;
+// partials are added per example in chunk order afterwards (as on the CPU). Per tile of kFT tokens the
+// block forms u = g_t lt and v = a_t rt (+ rb) as small shared-memory GEMMs: the token rows are staged
+// kFKC features at a time (loads coalesced along the feature dimension), the matching kFKC rows of lt / rt
+// beside them, and each thread keeps fmaf chains over the features ascending for the (token, output)
+// pairs it owns -- the CPU kernel's fused multiply-adds in the CPU kernel's order, so the two agree bit
+// for bit. Masked tokens are never read (u = v = 0, which leaves every partial unchanged, NaN or not).
+// Then every thread adds the tile's outer products, tokens in order, into the p x p entries it owns:
+// part[i, j] = fmaf(u_i, v_j, part[i, j]).
+constexpr int kFT = 32;            // tokens per tile
+constexpr int kFKC = 64;           // features staged per step
+constexpr int64_t kFChunk = 256;   // tokens per work item (csrc/cpu/projection.cpp kTokChunk)
+constexpr int64_t kFMaxP = 64;     // p x p <= 4096 entries: 16 per thread of 256
+constexpr int kFPerUV = static_cast<int>(kFT * kFMaxP / kThreads);  // (token, output) pairs per thread: 8
 
-__global__ void factored_kernel(const float* __restrict__ a, const float* __restrict__ g, const float* __restrict__ lt,
-                                const float* __restrict__ rt, const float* __restrict__ rb,
-                                const bool* __restrict__ mask, float* __restrict__ out, int64_t T, int64_t I,
-                                int64_t O, int64_t p, int64_t lda, int64_t ldg) {
-  extern __shared__ float sm[];
-  float* us = sm;            // kFT x p
-  float* vs = sm + kFT * p;  // kFT x p
-  const int64_t b = blockIdx.x;
-  constexpr int kPer = static_cast<int>(kFMaxP * kFMaxP / kThreads);
-  float acc[kPer];
-  for (int e = 0; e < kPer; ++e) acc[e] = 0.0f;
-  for (int64_t t0 = 0; t0 < T; t0 += kFT) {
-    for (int64_t e = threadIdx.x; e < kFT * p; e += blockDim.x) {
-      const int64_t tt = e / p, j = e % p, t = t0 + tt, n = b * T + t;
-      float u = 0.0f, v = 0.0f;
-      if (t < T && (mask == nullptr || mask[n])) {
-        const float* gr = g + n * ldg;
-        for (int64_t o = 0; o < O; ++o) u = __fadd_rn(u, __fmul_rn(gr[o], lt[o * p + j]));
-        const float* ar = a + n * lda;
-        for (int64_t i = 0; i < I; ++i) v = __fadd_rn(v, __fmul_rn(ar[i], rt[i * p + j]));
-        if (rb != nullptr) v = __fadd_rn(v, rb[j]);
-      }
-      us[e] = u;
-      vs[e] = v;
+__device__ __forceinline__ void factored_side(const float* __restrict__ x, int64_t ldx, int64_t K,
+                                              const float* __restrict__ wt, int64_t p, int64_t n0, int64_t ntok,
+                                              const bool* __restrict__ mask, float* xs, float* ws, float* dst) {
+  float acc[kFPerUV];
+#pragma unroll
+  for (int q = 0; q < kFPerUV; ++q) acc[q] = 0.0f;
+  for (int64_t k0 = 0; k0 < K; k0 += kFKC) {
+    const int64_t kc = std::min<int64_t>(kFKC, K - k0);
+    for (int e = threadIdx.x; e < kFT * kFKC; e += kThreads) {  // token rows, coalesced along features
+      const int tt = e / kFKC, kk = e % kFKC;
+      float v = 0.0f;
+      if (tt < ntok && kk < kc && (mask == nullptr || mask[n0 + tt])) v = __ldg(x + (n0 + tt) * ldx + k0 + kk);
+      xs[tt * (kFKC + 1) + kk] = v;
     }
+    for (int64_t e = threadIdx.x; e < kc * p; e += kThreads) ws[e] = __ldg(wt + k0 * p + e);  // rows k0.. of wt
     __syncthreads();
-    for (int e = 0; e < kPer; ++e) {
-      const int64_t idx = threadIdx.x + static_cast<int64_t>(e) * blockDim.x;
-      if (idx >= p * p) break;
-      const int64_t i = idx / p, j = idx % p;
-      float s = acc[e];
-      for (int tt = 0; tt < kFT; ++tt) s = __fadd_rn(s, __fmul_rn(us[tt * p + i], vs[tt * p + j]));
-      acc[e] = s;
+#pragma unroll
+    for (int q = 0; q < kFPerUV; ++q) {
+      const int64_t e = threadIdx.x + static_cast<int64_t>(q) * kThreads;
+      if (e < kFT * p) {
+        const int64_t tt = e / p, j = e % p;
+        float s = acc[q];
+        for (int64_t kk = 0; kk < kc; ++kk) s = fmaf(xs[tt * (kFKC + 1) + kk], ws[kk * p + j], s);
+        acc[q] = s;
+      }
     }
     __syncthreads();
   }
+#pragma unroll
+  for (int q = 0; q < kFPerUV; ++q) {
+    const int64_t e = threadIdx.x + static_cast<int64_t>(q) * kThreads;
+    if (e < kFT * p) dst[e] = acc[q];
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    factored_kernel(const float* __restrict__ a, const float* __restrict__ g, const float* __restrict__ lt,
+                    const float* __restrict__ rt, const float* __restrict__ rb, const bool* __restrict__ mask,
+                    float* __restrict__ part, int64_t T, int64_t chunks, int64_t I, int64_t O, int64_t p,
+                    int64_t lda, int64_t ldg) {
+  extern __shared__ float sm[];
+  float* us = sm;                        // kFT x p
+  float* vs = us + kFT * p;              // kFT x p
+  float* xs = vs + kFT * p;              // kFT x (kFKC + 1)
+  float* ws = xs + kFT * (kFKC + 1);     // kFKC x p
+  const int64_t item = blockIdx.x;
+  const int64_t b = item / chunks, c = item % chunks;
+  const int64_t t_lo = c * kFChunk, t_hi = std::min<int64_t>(T, t_lo + kFChunk);
+  constexpr int kPer = static_cast<int>(kFMaxP * kFMaxP / kThreads);
+  float acc[kPer];
+#pragma unroll
+  for (int e = 0; e < kPer; ++e) acc[e] = 0.0f;
+  for (int64_t t0 = t_lo; t0 < t_hi; t0 += kFT) {
+    const int64_t n0 = b * T + t0, ntok = std::min<int64_t>(kFT, t_hi - t0);
+    factored_side(g, ldg, O, lt, p, n0, ntok, mask, xs, ws, us);
+    factored_side(a, lda, I, rt, p, n0, ntok, mask, xs, ws, vs);
+    if (rb != nullptr) {
+      for (int64_t e = threadIdx.x; e < ntok * p; e += kThreads) {
+        const int64_t tt = e / p;
+        if (mask == nullptr || mask[n0 + tt]) vs[e] = __fadd_rn(vs[e], __ldg(rb + e % p));
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) {
+      const int64_t idx = threadIdx.x + static_cast<int64_t>(e) * kThreads;
+      if (idx < p * p) {
+        const int64_t i = idx / p, j = idx % p;
+        float s = acc[e];
+        for (int64_t tt = 0; tt < ntok; ++tt) {
+          if (mask != nullptr && !mask[n0 + tt]) continue;  // skipped, as on the CPU
+          s = fmaf(us[tt * p + i], vs[tt * p + j], s);
+        }
+        acc[e] = s;
+      }
+    }
+    __syncthreads();
+  }
+  float* o = part + item * p * p;
+#pragma unroll
   for (int e = 0; e < kPer; ++e) {
-    const int64_t idx = threadIdx.x + static_cast<int64_t>(e) * blockDim.x;
-    if (idx < p * p) out[b * p * p + idx] = acc[e];
+    const int64_t idx = threadIdx.x + static_cast<int64_t>(e) * kThreads;
+    if (idx < p * p) o[idx] = acc[e];
   }
 }
 
@@ -286,16 +339,20 @@ at::Tensor factored_project_cuda(const at::Tensor& a_in, const at::Tensor& g_in,
     }
     return at::bmm(u.view({B, T, p}).transpose(1, 2), v.view({B, T, p}));
   }
-  at::Tensor out = at::empty({B, p, p}, a_in.options());
-  if (B == 0) return out;
+  if (B == 0) return at::empty({B, p, p}, a_in.options());
   const FactoredInputs in = prepare_factored(a_in, g_in, lt_in, rt_in, rb_in, mask_in);
-  TORCH_CHECK_VALUE(B <= 2147483647LL, "a: too many examples for one launch (", B, ")");
-  const size_t smem = static_cast<size_t>(2 * kFT * p) * sizeof(float);
-  factored_kernel<<<static_cast<unsigned>(B), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+  const int64_t chunks = (T + kFChunk - 1) / kFChunk;
+  TORCH_CHECK_VALUE(B * chunks <= 2147483647LL, "a: too many examples for one launch (", B, ")");
+  at::Tensor part = at::empty({B, chunks, p, p}, a_in.options());
+  const size_t smem = static_cast<size_t>(2 * kFT * p + kFT * (kFKC + 1) + kFKC * p) * sizeof(float);
+  factored_kernel<<<static_cast<unsigned>(B * chunks), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
       in.a.data_ptr<float>(), in.g.data_ptr<float>(), in.lt.data_ptr<float>(), in.rt.data_ptr<float>(), in.rb_ptr(),
-      in.mask_ptr(), out.data_ptr<float>(), T, in.a.size(1), in.g.size(1), p, std::max<int64_t>(in.a.stride(0), 1),
-      std::max<int64_t>(in.g.stride(0), 1));
+      in.mask_ptr(), part.data_ptr<float>(), T, chunks, in.a.size(1), in.g.size(1), p,
+      std::max<int64_t>(in.a.stride(0), 1), std::max<int64_t>(in.g.stride(0), 1));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (chunks == 1) return part.view({B, p, p});
+  at::Tensor out = part.select(1, 0).clone();  // chunk partials added in chunk order (the CPU's order)
+  for (int64_t c = 1; c < chunks; ++c) out.add_(part.select(1, c));
   return out;
 }
 
