@@ -312,7 +312,10 @@ class StructuredOBS:
                 the memory; arithmetic is float32 either way).
             progress_fn / progress: ``True`` for a tqdm bar, or a callable receiving messages.
             mode: ``"obs"`` (above) or ``"resolve"``: SparseGPT's mask, then the exact
-                least-squares re-solve of every row on it (much faster, nearly the same error).
+                least-squares re-solve of every row on it (one Cholesky per row of the kept
+                set: about 4x faster than SparseKit's true OBS, with a lower error than either true
+                OBS; on a 2-thread CPU it is slower than gradkit's own ``"obs"`` mode, whose cost it
+                does not share -- see benchmarks/results/obs-cpu-2t.md).
             return_mask: also return the parameter-shaped bool keep mask.
         """
         if mode not in ("obs", "resolve"):
