@@ -90,3 +90,97 @@ def run(rec, quick: bool = False) -> None:
         rec.add(FAMILY, "sparsegpt", "sparsekit", wl, "fp32", rec.time(sk_sg))
         rec.add(FAMILY, "sparsegpt", "sparsekit", wl, "fp32", {"p50": output_error(W0, out["W"], X=X)},
                 metric="error")
+    _schur_rate(rec, quick, SK, sk)
+
+
+def _schur_rate(rec, quick: bool, SK, sk) -> None:
+    """The Schur update's share of the matrix rate (issue 5's GPU target; measured on CPU too).
+
+    Every ``obs_schur_extend_`` call of one ``prune_true_obs`` run is timed (synchronised on a GPU)
+    and credited with its 2 n m F (cnt + m) flops; the rate is compared with ``torch.mm`` on square
+    matrices of the factor's dtype measured the same way. On CPU the chunks run one per thread,
+    single-threaded, so both rates are per thread (torch.mm timed with one thread). GPU: the issue's
+    4096 x 4096 layer (8192 calibration rows), bf16 factor, and SparseKit's true OBS on the same GPU;
+    CPU: the 512 x 1024 layer above, fp32 factor.
+    """
+    import time
+
+    from gradkit import ops as gops
+
+    dev = torch.device(rec.device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        M, K, N, cdt = (1024, 4096, 8192, torch.bfloat16) if quick else (4096, 4096, 8192, torch.bfloat16)
+    else:
+        M, K, N, cdt = (128, 512, 1024, torch.float32) if quick else (512, 1024, 2048, torch.float32)
+    W0, X = _layer(M, K, N, seed=1)
+    W0, X = W0.to(dev), X.to(dev)
+    H = X.T @ X
+    wl = f"{M}x{K} layer, {N} calibration rows, 2:4"
+    dt = str(cdt).replace("torch.", "")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    n = 4096 if cuda else 1024
+    A = torch.randn(n, n, device=dev).to(cdt)
+    B = torch.randn(n, n, device=dev).to(cdt)
+    nt = torch.get_num_threads()
+    if not cuda:
+        torch.set_num_threads(1)
+    try:
+        st = rec.time(lambda: torch.mm(A, B))
+    finally:
+        torch.set_num_threads(nt)
+    mm_rate = 2 * n ** 3 / st["p50"]
+    acc = {"t": 0.0, "flop": 0.0, "calls": 0}
+    real = gops.obs_schur_extend_
+
+    def timed(ut, xf, up, linv, cnt):
+        rows, m, F = xf.shape
+        sync()
+        t0 = time.perf_counter()
+        real(ut, xf, up, linv, cnt)
+        sync()
+        acc["t"] += time.perf_counter() - t0
+        acc["flop"] += 2.0 * rows * m * F * (cnt + m)
+        acc["calls"] += 1
+
+    out = {}
+
+    def run():
+        W = W0.clone()
+        StructuredOBS(gk.ScopeSpec(gk.BlockSpec(W, (1, 1)), (1, 4)), H, damp=0.01).prune_true_obs(2, c_dtype=cdt)
+        out["W"] = W
+
+    print(f"[{FAMILY}] Schur update rate on {wl}, {dt} factor", flush=True)
+    gops.obs_schur_extend_ = timed
+    try:
+        sync()
+        t0 = time.perf_counter()
+        run()
+        sync()
+        total = time.perf_counter() - t0
+    finally:
+        gops.obs_schur_extend_ = real
+    rate = acc["flop"] / acc["t"]
+    one = {"p20": total, "p50": total, "p80": total, "n": 1}
+    rec.add(FAMILY, "prune_true_obs (Schur rate run)", "gradkit", wl, dt, one,
+            note=f"{acc['calls']} obs_schur_extend_ calls, {acc['t']:.3f} s of the run")
+    rec.add(FAMILY, "prune_true_obs (Schur rate run)", "gradkit", wl, dt,
+            {"p50": output_error(W0, out["W"], X=X)}, metric="error")
+    per = "per thread, " if not cuda else ""
+    rec.add(FAMILY, "Schur update rate", "gradkit obs_schur_extend_", wl, dt, {"p50": rate / 1e12},
+            metric="TFLOP/s", note=f"{per}2 n m F (cnt + m) flops / time in the calls")
+    rec.add(FAMILY, "Schur update rate", f"torch.mm {n}x{n}", wl, dt, {"p50": mm_rate / 1e12}, metric="TFLOP/s",
+            note="the matrix rate it is compared with" + (" (1 thread)" if not cuda else ""))
+    rec.add(FAMILY, "Schur update rate", "gradkit / torch.mm", wl, dt, {"p50": rate / mm_rate}, metric="fraction")
+    if cuda and SK is not None and not quick:  # one run, no warm-up: it is long
+        W = W0.clone()
+        sync()
+        t0 = time.perf_counter()
+        SK(sk.ScopeSpec(sk.BlockSpec(W, (1, 1)), (1, 4)), H, damp=0.01).prune_true_obs(2, c_dtype=torch.float16)
+        sync()
+        t = time.perf_counter() - t0
+        out["W"] = W
+        rec.add(FAMILY, "prune_true_obs (Schur rate run)", "sparsekit fp16 C", wl, dt,
+                {"p20": t, "p50": t, "p80": t, "n": 1}, note="SparseKit 0.1.5 on the same GPU, one run")
+        rec.add(FAMILY, "prune_true_obs (Schur rate run)", "sparsekit fp16 C", wl, dt,
+                {"p50": output_error(W0, out["W"], X=X)}, metric="error")
