@@ -1,0 +1,37 @@
+"""Where the factored projection's time goes (issue 6): the fused op on cache-resident vs streamed tokens.
+
+Times ``torch.ops.gradkit.factored_project`` (p = 16, 1000 x 1000 Linear, T = 128) on 8192 tokens
+(a and g 65.5 MB: streamed from DRAM), 2048 and 512 tokens (cache-resident), each scaled to 8192
+tokens, with the achieved GFLOP/s (2 sides x 2 x tokens x 1000 x 16 flops). Compare with the 2-core
+fp32 FMA peak of the machine (~230 GFLOP/s on the project's AMD EPYC).
+
+``python benchmarks/factored_roofline.py`` (2 threads).
+"""
+import time
+
+import torch
+
+from gradkit.projection import projection_matrix
+
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(5)
+lt = projection_matrix(16, 1000, seed=1).T.contiguous()
+rt = projection_matrix(16, 1000, seed=2).T.contiguous()
+flop = 2 * 2 * 64 * 128 * 1000 * 16
+for ntok, rep in ((64 * 128, 10), (16 * 128, 40), (4 * 128, 160)):
+    a = torch.randn(ntok, 1000, generator=g)
+    gg = torch.randn(ntok, 1000, generator=g)
+
+    def f():
+        return torch.ops.gradkit.factored_project(a, gg, lt, rt, None, None, 128)
+
+    f()
+    ts = []
+    for _ in range(9):
+        t = time.perf_counter()
+        for _ in range(rep):
+            f()
+        ts.append((time.perf_counter() - t) / rep * 1e3 * (64 * 128 / ntok))
+    ts.sort()
+    print(f"{ntok:5d} tokens: per 8192 tokens min {ts[0]:.2f} ms, median {ts[4]:.2f} ms -> "
+          f"{flop / ts[0] / 1e6:.0f} GFLOP/s")
