@@ -32,14 +32,19 @@ NAN, INF = float("nan"), float("inf")
 
 
 @contextlib.contextmanager
-def tiles(kind):
-    saved = dict(T.BLOCKS)
-    T.BLOCKS.update(TILES[kind])
+def _patched(blocks, update):
+    """A kernel module's tile table with ``update`` applied, restored afterwards."""
+    saved = dict(blocks)
+    blocks.update(update)
     try:
         yield
     finally:
-        T.BLOCKS.clear()
-        T.BLOCKS.update(saved)
+        blocks.clear()
+        blocks.update(saved)
+
+
+def tiles(kind):
+    return _patched(T.BLOCKS, TILES[kind])
 
 
 def data(n, nb, seed, special=True, spread=2):
@@ -125,15 +130,8 @@ def test_launcher_checks():
 
 # ---------------------------------------------------------------- obs_shared_prune
 
-@contextlib.contextmanager
 def shared_rows(rows):
-    saved = dict(T.SHARED_BLOCKS)
-    T.SHARED_BLOCKS["rows"] = rows
-    try:
-        yield
-    finally:
-        T.SHARED_BLOCKS.clear()
-        T.SHARED_BLOCKS.update(saved)
+    return _patched(T.SHARED_BLOCKS, {"rows": rows})
 
 
 @MORE
@@ -181,15 +179,8 @@ from test_obs_schur_ops import schur_check, schur_make  # noqa: E402
 SCHUR_TILES = {"default": {}, "tiny": {"bk": 16, "tile": 256, "bf_max": 16, "bm_elems": 256}}
 
 
-@contextlib.contextmanager
 def schur_tiles(kind):
-    saved = dict(T.SCHUR_BLOCKS)
-    T.SCHUR_BLOCKS.update(SCHUR_TILES[kind])
-    try:
-        yield
-    finally:
-        T.SCHUR_BLOCKS.clear()
-        T.SCHUR_BLOCKS.update(saved)
+    return _patched(T.SCHUR_BLOCKS, SCHUR_TILES[kind])
 
 
 @MORE
