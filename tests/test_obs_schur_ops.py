@@ -8,6 +8,8 @@ Every call also checks that nothing of ut outside the written window changed. St
 (as true OBS passes them), cnt = 0, empty shapes, validation naming the argument (ut untouched), opcheck. The Triton kernel is
 tested in test_obs_triton.py against the same oracle and bound (schur_bound).
 """
+import os
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -197,17 +199,24 @@ def test_opcheck(device, dt):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@given(shape=shapes, dt=st.sampled_from(DTYPES), seed=st.integers(0, 2 ** 16), strided=st.booleans())
-def test_cuda_within_fp32_bound(shape, dt, seed, strided):
+@given(shape=shapes, dt=st.sampled_from(DTYPES), seed=st.integers(0, 2 ** 16), strided=st.booleans(),
+       cpp=st.booleans())
+def test_cuda_within_fp32_bound(shape, dt, seed, strided, cpp):
+    """Half-precision factors go to the Triton (tensor-core) kernel unless GRADKIT_SCHUR_CUDA_CPP=1
+    selects the CUDA C++ one; fp32 factors to the CUDA C++ kernel. Both ways against the oracle."""
     n, m, c, F = shape
     args = schur_make(n, m, c, F, dt, seed, strided, representable=True)
+    os.environ["GRADKIT_SCHUR_CUDA_CPP"] = "1" if cpp else "0"
 
     def on_cuda(ut, xf, up, linv, cnt):
         u = ut.cuda()
         ops.obs_schur_extend_(u, xf.cuda(), up.cuda(), linv.cuda(), cnt)
         ut.copy_(u.cpu())
 
-    schur_check(on_cuda, args)
+    try:
+        schur_check(on_cuda, args)
+    finally:
+        os.environ.pop("GRADKIT_SCHUR_CUDA_CPP", None)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

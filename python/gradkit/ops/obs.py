@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import torch
 
 from gradkit import _ext
-from gradkit.ops import _check_typed, _impl
+from gradkit.ops import _check_typed, _impl, backend
 
 __all__ = ["OBS_OPS", "SHARED_MAX_P", "obs_schur_extend_", "obs_select", "obs_shared_prune"]
 
@@ -140,7 +141,28 @@ def obs_schur_extend_(ut: torch.Tensor, xf: torch.Tensor, up: torch.Tensor, linv
         raise ValueError(f"up: expected shape ({n}, {m}, {cnt}), got {tuple(up.shape)}")
     if linv.shape != (n, m, m):
         raise ValueError(f"linv: expected shape ({n}, {m}, {m}), got {tuple(linv.shape)}")
+    if ut.is_cuda and ut.dtype != torch.float32 and _tensor_core_schur() is not None and \
+            os.environ.get("GRADKIT_SCHUR_CUDA_CPP", "0") != "1" and backend() == "native":
+        # a half-precision factor: the Triton kernel's tl.dot runs on the tensor cores; the CUDA C++
+        # kernel accumulates on the fp32 units (GRADKIT_SCHUR_CUDA_CPP=1 selects it instead)
+        _tensor_core_schur()(ut, xf, up, linv, cnt)
+        return
     _impl("obs_schur_extend_", "obs")(ut, xf, up, linv, cnt)
+
+
+_TC_SCHUR = []
+
+
+def _tensor_core_schur():
+    """The Triton obs_schur_extend_ where triton imports (cached), else None."""
+    if not _TC_SCHUR:
+        try:
+            import importlib
+
+            _TC_SCHUR.append(importlib.import_module("gradkit.kernels.triton.obs").obs_schur_extend_)
+        except Exception:  # pragma: no cover - triton missing
+            _TC_SCHUR.append(None)
+    return _TC_SCHUR[0]
 
 
 def _obs_schur_extend_fake(ut, xf, up, linv, cnt):
