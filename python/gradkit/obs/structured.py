@@ -312,10 +312,12 @@ class StructuredOBS:
                 the memory; arithmetic is float32 either way).
             progress_fn / progress: ``True`` for a tqdm bar, or a callable receiving messages.
             mode: ``"obs"`` (above) or ``"resolve"``: SparseGPT's mask, then the exact
-                least-squares re-solve of every row on it (one Cholesky per row of the kept
-                set: about 4x faster than SparseKit's true OBS, with a lower error than either true
-                OBS; on a 2-thread CPU it is slower than gradkit's own ``"obs"`` mode, whose cost it
-                does not share -- see benchmarks/results/obs-cpu-2t.md).
+                least-squares re-solve of every row on it, ``w - C[:, P] C[P, P]^-1 w_P``, computed
+                by the same factor machinery with P fixed to the mask (no scoring; ``ng``,
+                ``chunk_size`` and ``c_dtype`` apply; row-coupled scopes use one batched Cholesky
+                per row instead). It has a lower error than true OBS and is about 5x faster than
+                SparseKit's true OBS, but it costs SparseGPT plus the factor, so on a 2-thread CPU it
+                is not faster than gradkit's own ``"obs"`` mode (benchmarks/results/obs-cpu-2t.md).
             return_mask: also return the parameter-shaped bool keep mask.
         """
         if mode not in ("obs", "resolve"):
@@ -333,10 +335,20 @@ class StructuredOBS:
         num_prune = self._start(nnz)
         if num_prune is None:
             return self._keep_all() if return_mask else None
-        if mode == "resolve":
-            return self._resolve_mode(nnz, return_mask)
         plan = self.plan
         gs, bk = self.blocks_per_scope, self.bk
+        fixed_all = None
+        if mode == "resolve":
+            if plan.coupled:  # the generic batched-Cholesky re-solve
+                return self._resolve_mode(nnz, return_mask)
+            # SparseGPT's mask, then the factor machinery below with P fixed to it: its final weights
+            # w - C[:, P] C[P, P]^-1 w_P are the exact least-squares re-solve on the kept support, and
+            # the factor is built from GEMMs instead of one K/2 x K/2 Cholesky per row
+            from gradkit.obs import baselines
+
+            _, keep_sg = baselines.sparsegpt(self.scope, self.hessian, nnz, damp=self.damp, return_mask=True)
+            fixed_all = ~keep_sg.reshape(self.M, self.num_cols).to(self.W.device)
+            order, scoring = "left_to_right", "independent"
         if scoring == "joint":
             n_sub = math.comb(gs, num_prune)
             if n_sub > MAX_SUBSETS:
@@ -363,7 +375,8 @@ class StructuredOBS:
 
         def one(c0):
             grows = plan.group_rows[c0:c0 + groups_per_chunk].reshape(-1)
-            return grows, _true_obs_chunk(W[grows], C, ctx, plan, num_prune, scoring, cdt)
+            fx = None if fixed_all is None else fixed_all[grows].index_select(1, ctx.seq)
+            return grows, _true_obs_chunk(W[grows], C, ctx, plan, num_prune, scoring, cdt, fx)
 
         try:
             for grows, (w_new, pruned) in _map_chunks(one, starts, W.device):
@@ -528,8 +541,12 @@ class _TrueObsContext:
 
 
 def _true_obs_chunk(w: Tensor, C: Tensor, ctx: _TrueObsContext, plan: _Plan, num_prune: int, scoring: str,
-                    c_dtype: torch.dtype):
-    """True OBS for one chunk of whole row groups. w: (n, K) fp32 rows (group-major). Returns (w', pruned)."""
+                    c_dtype: torch.dtype, fixed: Optional[Tensor] = None):
+    """True OBS for one chunk of whole row groups. w: (n, K) fp32 rows (group-major). Returns (w', pruned).
+
+    ``fixed`` (n, Kp) bool, processing order: prune exactly these positions (no scoring). The result is
+    then ``w - C[:, P] C[P, P]^-1 w_P`` for the given P, i.e. the exact least-squares re-solve of the
+    kept weights (the downdates only serve scoring, so batching does not change it)."""
     dev = w.device
     n, K = w.shape
     R = plan.R
@@ -564,7 +581,17 @@ def _true_obs_chunk(w: Tensor, C: Tensor, ctx: _TrueObsContext, plan: _Plan, num
         w_b = torch.baddbmm(wp[:, None, s:e], zc.unsqueeze(1), Ub, alpha=-1.0).squeeze(1) if cnt else wp[:, s:e]
         # ---- scoring -> pruned positions per chunk row
         nq = q1 - q0
-        if scoring == "independent" and not plan.coupled:
+        if fixed is not None:
+            pm = fixed[:, s:e]
+            cnt_r = pm.sum(1)
+            m = int(cnt_r.max()) if n else 0
+            if m == 0:
+                continue
+            order = torch.argsort((~pm).to(torch.int8), dim=1, stable=True)[:, :m]  # pruned first, ascending
+            valid = torch.arange(m, device=dev) < cnt_r[:, None]
+            P = torch.where(valid, order + s, torch.full_like(order, s))  # pads point at a valid column
+            padded = not bool(valid.all())
+        elif scoring == "independent" and not plan.coupled:
             # one fused kernel: block costs sum w^2 / (diag(C_row) + eps), the num_prune lowest per
             # scope (ties: lower block), positions ascending. One-row groups: batch positions are
             # (slot, block, element) in order, so the layout is the op's.
