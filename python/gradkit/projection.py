@@ -299,12 +299,6 @@ def _cached_matrix_t(p: int, n: int, seed: int, kind: int, device: str) -> torch
     return _cached_matrix(p, n, seed, kind, device).T.contiguous()
 
 
-def _side_matrices(p, O, I, seed, name, kd, bias, device):
-    L = _cached_matrix(p, O, derive_seed(seed, name, "left"), kd, str(device))
-    R = _cached_matrix(p, I + int(bias), derive_seed(seed, name, "right"), kd, str(device))
-    return L, R
-
-
 def factored_project(a: torch.Tensor, g: torch.Tensor, p: int, seed: int = 0, name: str = "",
                      kind: str = "rademacher", mask: Optional[torch.Tensor] = None, bias: bool = False,
                      per_token: bool = False, normalizer=None, memory_budget: int = 256 << 20) -> torch.Tensor:
@@ -362,8 +356,10 @@ def factored_project(a: torch.Tensor, g: torch.Tensor, p: int, seed: int = 0, na
         raise ValueError(f"normalizer: bias_avg_sq must have {O} entries")
     memory_budget = _pos_int(memory_budget, "memory_budget")
 
-    dev = a.device
-    L, R = _side_matrices(p, O, I, seed, name, kd, bias, dev)
+    dev, dk = a.device, str(a.device)
+    ls, rs = derive_seed(seed, name, "left"), derive_seed(seed, name, "right")
+    L = _cached_matrix(p, O, ls, kd, dk)
+    R = _cached_matrix(p, I + int(bias), rs, kd, dk)
     Rw = R[:, :I]
     Rb = R[:, I] if bias else None
     Lw, bias_L = L, None
@@ -379,9 +375,9 @@ def factored_project(a: torch.Tensor, g: torch.Tensor, p: int, seed: int = 0, na
         if T == 0:
             return torch.zeros(B, p * p, dtype=torch.float32, device=dev)
         if normalizer is None:  # the cached transposes (rows of R^T: the bias row is the last)
-            lt = _cached_matrix_t(p, O, derive_seed(seed, name, "left"), kd, str(dev))
-            rt = _cached_matrix_t(p, I + int(bias), derive_seed(seed, name, "right"), kd, str(dev))
-            lt, rt, Rb = lt, rt[:I], (rt[I] if bias else None)
+            lt = _cached_matrix_t(p, O, ls, kd, dk)
+            rtb = _cached_matrix_t(p, I + int(bias), rs, kd, dk)
+            rt, Rb = rtb[:I], (rtb[I] if bias else None)
         else:
             lt, rt = Lw.T.contiguous(), Rw.T.contiguous()
         res = ops.factored_project(a.reshape(B * T, I).float(), g.reshape(B * T, O).float(), lt, rt, Rb,

@@ -6,6 +6,7 @@ positions of the pruned blocks' elements.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -141,8 +142,8 @@ def obs_schur_extend_(ut: torch.Tensor, xf: torch.Tensor, up: torch.Tensor, linv
         raise ValueError(f"up: expected shape ({n}, {m}, {cnt}), got {tuple(up.shape)}")
     if linv.shape != (n, m, m):
         raise ValueError(f"linv: expected shape ({n}, {m}, {m}), got {tuple(linv.shape)}")
-    if ut.is_cuda and ut.dtype != torch.float32 and _tensor_core_schur() is not None and \
-            os.environ.get("GRADKIT_SCHUR_CUDA_CPP", "0") != "1" and backend() == "native":
+    if ut.is_cuda and ut.dtype != torch.float32 and backend() == "native" and \
+            os.environ.get("GRADKIT_SCHUR_CUDA_CPP", "0") != "1" and _tensor_core_schur() is not None:
         # a half-precision factor: the Triton kernel's tl.dot runs on the tensor cores; the CUDA C++
         # kernel accumulates on the fp32 units (GRADKIT_SCHUR_CUDA_CPP=1 selects it instead)
         _tensor_core_schur()(ut, xf, up, linv, cnt)
@@ -150,19 +151,15 @@ def obs_schur_extend_(ut: torch.Tensor, xf: torch.Tensor, up: torch.Tensor, linv
     _impl("obs_schur_extend_", "obs")(ut, xf, up, linv, cnt)
 
 
-_TC_SCHUR = []
-
-
+@functools.lru_cache(maxsize=None)
 def _tensor_core_schur():
-    """The Triton obs_schur_extend_ where triton imports (cached), else None."""
-    if not _TC_SCHUR:
-        try:
-            import importlib
+    """The Triton obs_schur_extend_ where triton imports (looked up once), else None."""
+    try:
+        import importlib
 
-            _TC_SCHUR.append(importlib.import_module("gradkit.kernels.triton.obs").obs_schur_extend_)
-        except Exception:  # pragma: no cover - triton missing
-            _TC_SCHUR.append(None)
-    return _TC_SCHUR[0]
+        return importlib.import_module("gradkit.kernels.triton.obs").obs_schur_extend_
+    except Exception:  # pragma: no cover - triton missing
+        return None
 
 
 def _obs_schur_extend_fake(ut, xf, up, linv, cnt):

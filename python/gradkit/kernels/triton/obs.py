@@ -26,13 +26,13 @@ torch reference, a stable sort, on the same device).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from gradkit.kernels.reference import obs as _ref
+from gradkit.kernels.triton import interpreting
 
 # Tile of (row, scope) pairs per program: min(max_scopes, tile_elems // GS_P), at least 1; tests
 # shrink it to exercise many programs on tiny inputs.
@@ -258,10 +258,6 @@ def _schur_extend_kernel(ut_ptr, xf_ptr, up_ptr, linv_ptr, m, cnt, F, K, stb, st
                  mask=(ri < m)[:, None] & cm[None, :])
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def obs_schur_extend_(ut: torch.Tensor, xf: torch.Tensor, up: torch.Tensor, linv: torch.Tensor, cnt: int) -> None:
     """Launcher: see ``gradkit.kernels.reference.obs.obs_schur_extend_`` (writes ut[:, cnt:cnt+m, K-F:])."""
     if ut.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -284,7 +280,7 @@ def obs_schur_extend_(ut: torch.Tensor, xf: torch.Tensor, up: torch.Tensor, linv
     grid = (triton.cdiv(F, BF), n)
     _schur_extend_kernel[grid](ut, xf, up, linv, m, cnt, F, K, *ut.stride(), *xf.stride(), *up.stride(),
                                *linv.stride(), M_PAD=M_PAD, BF=BF, BK=SCHUR_BLOCKS["bk"], BM=BM,
-                               LOW=0 if ut.dtype == torch.float32 else (2 if _interpret() else 1))
+                               LOW=0 if ut.dtype == torch.float32 else (2 if interpreting() else 1))
     return None
 
 

@@ -25,7 +25,6 @@ Design
 """
 from __future__ import annotations
 
-import os
 import struct
 
 import torch
@@ -33,6 +32,7 @@ import triton
 import triton.language as tl
 
 from gradkit.kernels.reference.projection import GOLDEN, MIX_A, MIX_B, ROW_C, _s64, inv_sqrt_k
+from gradkit.kernels.triton import interpreting
 
 _MIX_A = _s64(MIX_A)
 _MIX_B = _s64(MIX_B)
@@ -41,10 +41,6 @@ _ROW_C = _s64(ROW_C)
 
 # Tile sizes; tests shrink them to exercise multi-tile paths on tiny inputs.
 BLOCKS = {"k": 64, "b": 16, "d": 64, "split_target": 0}
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -211,7 +207,7 @@ def projection_matrix_(out: torch.Tensor, seed: int, kind: int, k: int, row0: in
     R, C = out.shape
     if R == 0 or C == 0:
         return
-    BR, BC = (16, 64) if _interpret() else (32, 128)
+    BR, BC = (16, 64) if interpreting() else (32, 128)
     grid = (triton.cdiv(R, BR), triton.cdiv(C, BC))
     _matrix_kernel[grid](out, R, C, out.stride(0), out.stride(1), *_split(seed), *_split(row0), *_split(col0),
                          _inv_bits(k), KIND=kind,
@@ -230,7 +226,7 @@ def project_flat(x: torch.Tensor, k: int, seed: int, kind: int, col0: int) -> to
     out = torch.zeros(B, k, dtype=torch.float32, device=x.device)
     if B == 0 or D == 0:
         return out
-    interp = _interpret()
+    interp = interpreting()
     if interp or kind == 1 or x.dtype == torch.float64:
         mode = 0
     elif x.dtype in (torch.bfloat16, torch.float16):
