@@ -399,6 +399,7 @@ struct FArgs {
   const float* rb;
   const bool* mask;
   int64_t lda, ldg, I, O, p;
+  int64_t N;  // rows of a / g (prefetches stay inside)
 };
 
 // Y[r][0..p) = X[r] . W (K x p, row-major), r < mr; rows X[r] given by pointers; sums over k ascending.
@@ -415,17 +416,20 @@ void skinny_portable(const float* const* X, int mr, int64_t K, const float* W, i
 }
 
 #ifdef GK_PROJ_AVX512
-template <int MR>
+template <int MR, bool kP16>
 // pf / pf_bytes: a region the caller reads next (the other operand's rows, or the next tile), prefetched a
 // slice per step of 16 k so that the DRAM stream overlaps the FMAs (rows are 4 KiB-ish, too short for the
-// hardware prefetchers to ramp up on their own).
-__attribute__((target("avx512f"))) void skinny_avx512(const float* const* X, int64_t K, const float* W, int64_t p,
-                                                     float* Y, const char* pf, int64_t pf_bytes) {
+// hardware prefetchers to ramp up on their own). kP16: p == 16 (the common projection size), compiled with
+// a constant W stride, one column block and no masks.
+__attribute__((target("avx512f"))) void skinny_avx512(const float* const* X, int64_t K, const float* W,
+                                                     int64_t p_arg, float* Y, const char* pf, int64_t pf_bytes) {
+  const int64_t p = kP16 ? 16 : p_arg;
   const int64_t steps = std::max<int64_t>(1, K / 16);
   const int64_t per = ((pf_bytes + steps - 1) / steps + 63) / 64 * 64;
   int64_t pf_off = 0;
   for (int64_t j0 = 0; j0 < p; j0 += 16) {
-    const __mmask16 m = p - j0 >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (p - j0)) - 1u);
+    const __mmask16 m = kP16 || p - j0 >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                             : static_cast<__mmask16>((1u << (p - j0)) - 1u);
     __m512 acc[MR];
     for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
     const float* w = W + j0;
@@ -434,7 +438,7 @@ __attribute__((target("avx512f"))) void skinny_avx512(const float* const* X, int
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {  // one cache line of every row per step
       if (j0 == 0 && pf_off < pf_bytes) {
-        for (int64_t b = 0; b < per && pf_off + b < pf_bytes; b += 64) _mm_prefetch(pf + pf_off + b, _MM_HINT_T1);
+        for (int64_t b = 0; b < per && pf_off + b < pf_bytes; b += 64) _mm_prefetch(pf + pf_off + b, _MM_HINT_T2);
         pf_off += per;
       }
 #pragma GCC unroll 16
@@ -453,11 +457,12 @@ __attribute__((target("avx512f"))) void skinny_avx512(const float* const* X, int
   }
 }
 using SkinnyFn = void (*)(const float* const*, int64_t, const float*, int64_t, float*, const char*, int64_t);
-template <int... I>
+template <bool kP16, int... I>
 constexpr std::array<SkinnyFn, sizeof...(I)> skinny_table(std::integer_sequence<int, I...>) {
-  return {&skinny_avx512<I + 1>...};
+  return {&skinny_avx512<I + 1, kP16>...};
 }
-const auto kSkinny = skinny_table(std::make_integer_sequence<int, kFMR>{});
+const auto kSkinny = skinny_table<false>(std::make_integer_sequence<int, kFMR>{});
+const auto kSkinny16 = skinny_table<true>(std::make_integer_sequence<int, kFMR>{});
 
 // part[i, :] = fma(u_i, v, part[i, :]) for i < p (the same rounding as the portable loop)
 __attribute__((target("avx512f"))) void outer_acc_avx512(const float* u, const float* v, int64_t p, float* part) {
@@ -491,14 +496,17 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, float* part) {
     if (mr == 0) break;
 #ifdef GK_PROJ_AVX512
     if (proj_avx512()) {
-      // one tile ahead: while this tile's g rows are used, the next tile's g rows stream into L2; likewise a
-      const int64_t nn = std::min(n1, n + static_cast<int64_t>(kFMR));
+      // one tile ahead: while this tile's g rows are used, the next tile's g rows stream into L2; likewise a.
+      // The next tile may lie past this item: a thread's items are consecutive examples, so it is usually
+      // the thread's next item's first tile (without it, one tile in T / 16 would start cold).
+      const int64_t nn = std::min(A.N, n + static_cast<int64_t>(kFMR));
       const char* g_lo = reinterpret_cast<const char*>(A.g + n * A.ldg);
-      const int64_t g_len = n < n1 ? reinterpret_cast<const char*>(A.g + (nn - 1) * A.ldg + A.O) - g_lo : 0;
+      const int64_t g_len = n < nn ? reinterpret_cast<const char*>(A.g + (nn - 1) * A.ldg + A.O) - g_lo : 0;
       const char* a_lo = reinterpret_cast<const char*>(A.a + n * A.lda);
-      const int64_t a_len = n < n1 ? reinterpret_cast<const char*>(A.a + (nn - 1) * A.lda + A.I) - a_lo : 0;
-      kSkinny[mr - 1](xg, A.O, A.lt, p, U.data(), g_lo, g_len);
-      kSkinny[mr - 1](xa, A.I, A.rt, p, V.data(), a_lo, a_len);
+      const int64_t a_len = n < nn ? reinterpret_cast<const char*>(A.a + (nn - 1) * A.lda + A.I) - a_lo : 0;
+      const SkinnyFn skinny = (p == 16 ? kSkinny16 : kSkinny)[mr - 1];
+      skinny(xg, A.O, A.lt, p, U.data(), g_lo, g_len);
+      skinny(xa, A.I, A.rt, p, V.data(), a_lo, a_len);
     } else
 #endif
     {
@@ -535,7 +543,7 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
   const FactoredInputs in = prepare_factored(a_in, g_in, lt_in, rt_in, rb_in, mask_in);
   const FArgs A{in.a.data_ptr<float>(), in.g.data_ptr<float>(), in.lt.data_ptr<float>(), in.rt.data_ptr<float>(),
                 in.rb_ptr(), in.mask_ptr(), std::max<int64_t>(in.a.stride(0), 1), std::max<int64_t>(in.g.stride(0), 1),
-                in.a.size(1), in.g.size(1), p};
+                in.a.size(1), in.g.size(1), p, N};
   const int64_t chunks = (T + kTokChunk - 1) / kTokChunk;
   float* o = out.data_ptr<float>();
   if (chunks == 1) {
