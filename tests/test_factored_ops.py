@@ -66,16 +66,19 @@ def test_long_sequences_chunked_and_thread_count_independent():
     close(one, want)
 
 
+@pytest.mark.parametrize("p", [16, 32, 64])
 @pytest.mark.parametrize("mask", [False, True])
-def test_p16_specialisation_same_bits_as_generic_kernel(mask):
-    """p == 16 runs a kernel compiled for that width; p = 17 with the same first 16 columns runs the generic
-    one, whose first column block does the same multiply-adds in the same order: the 16 x 16 blocks agree
-    bit for bit (tokens past one 16-row tile, features past one 16-wide k step plus a remainder)."""
-    a, g, lt, rt, rb, m = make(3, 37, 1003, 517, 17, 4, rb=True, mask=mask)
+def test_fixed_width_kernels_same_bits_as_generic_kernel(p, mask):
+    """p = 16, 32, 64 run kernels compiled for that width; p + 1 with the same first p columns runs the
+    generic one, whose first p / 16 column blocks do the same multiply-adds in the same order: the p x p
+    blocks agree bit for bit (tokens past one 16-row tile, features past one 16-wide k step plus a
+    remainder)."""
+    a, g, lt, rt, rb, m = make(3, 37, 1003, 517, p + 1, 4, rb=True, mask=mask)
     full = ops.factored_project(a, g, lt, rt, rb, m, 37)
-    p16 = ops.factored_project(a, g, lt[:, :16].contiguous(), rt[:, :16].contiguous(), rb[:16].clone(), m, 37)
-    assert torch.equal(full[:, :16, :16], p16)
-    close(p16, ref.factored_project(a, g, lt[:, :16], rt[:, :16], rb[:16], m, 37))
+    args = (a, g, lt[:, :p].contiguous(), rt[:, :p].contiguous(), rb[:p].clone(), m)
+    fixed = ops.factored_project(*args, 37)
+    assert torch.equal(full[:, :p, :p], fixed)
+    close(fixed, ref.factored_project(*args, 37))
 
 
 @settings(max_examples=15, deadline=None)

@@ -416,20 +416,20 @@ void skinny_portable(const float* const* X, int mr, int64_t K, const float* W, i
 }
 
 #ifdef GK_PROJ_AVX512
-template <int MR, bool kP16>
+template <int MR, int kP>
 // pf / pf_bytes: a region the caller reads next (the other operand's rows, or the next tile), prefetched a
 // slice per step of 16 k so that the DRAM stream overlaps the FMAs (rows are 4 KiB-ish, too short for the
-// hardware prefetchers to ramp up on their own). kP16: p == 16 (the common projection size), compiled with
-// a constant W stride, one column block and no masks.
+// hardware prefetchers to ramp up on their own). kP > 0: p == kP, a multiple of 16 (the common projection
+// sizes), compiled with a constant W stride and column-block count and no masks; kP == 0: any p.
 __attribute__((target("avx512f"))) void skinny_avx512(const float* const* X, int64_t K, const float* W,
                                                      int64_t p_arg, float* Y, const char* pf, int64_t pf_bytes) {
-  const int64_t p = kP16 ? 16 : p_arg;
+  const int64_t p = kP ? kP : p_arg;
   const int64_t steps = std::max<int64_t>(1, K / 16);
   const int64_t per = ((pf_bytes + steps - 1) / steps + 63) / 64 * 64;
   int64_t pf_off = 0;
   for (int64_t j0 = 0; j0 < p; j0 += 16) {
-    const __mmask16 m = kP16 || p - j0 >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                             : static_cast<__mmask16>((1u << (p - j0)) - 1u);
+    const __mmask16 m = kP || p - j0 >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                           : static_cast<__mmask16>((1u << (p - j0)) - 1u);
     __m512 acc[MR];
     for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
     const float* w = W + j0;
@@ -457,12 +457,13 @@ __attribute__((target("avx512f"))) void skinny_avx512(const float* const* X, int
   }
 }
 using SkinnyFn = void (*)(const float* const*, int64_t, const float*, int64_t, float*, const char*, int64_t);
-template <bool kP16, int... I>
+template <int kP, int... I>
 constexpr std::array<SkinnyFn, sizeof...(I)> skinny_table(std::integer_sequence<int, I...>) {
-  return {&skinny_avx512<I + 1, kP16>...};
+  return {&skinny_avx512<I + 1, kP>...};
 }
-const auto kSkinny = skinny_table<false>(std::make_integer_sequence<int, kFMR>{});
-const auto kSkinny16 = skinny_table<true>(std::make_integer_sequence<int, kFMR>{});
+const std::array<std::array<SkinnyFn, kFMR>, 4> kSkinny = {  // p: any, 16, 32, 64
+    skinny_table<0>(std::make_integer_sequence<int, kFMR>{}), skinny_table<16>(std::make_integer_sequence<int, kFMR>{}),
+    skinny_table<32>(std::make_integer_sequence<int, kFMR>{}), skinny_table<64>(std::make_integer_sequence<int, kFMR>{})};
 
 // part[i, :] = fma(u_i, v, part[i, :]) for i < p (the same rounding as the portable loop)
 __attribute__((target("avx512f"))) void outer_acc_avx512(const float* u, const float* v, int64_t p, float* part) {
@@ -504,7 +505,7 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, float* part) {
       const int64_t g_len = n < nn ? reinterpret_cast<const char*>(A.g + (nn - 1) * A.ldg + A.O) - g_lo : 0;
       const char* a_lo = reinterpret_cast<const char*>(A.a + n * A.lda);
       const int64_t a_len = n < nn ? reinterpret_cast<const char*>(A.a + (nn - 1) * A.lda + A.I) - a_lo : 0;
-      const SkinnyFn skinny = (p == 16 ? kSkinny16 : kSkinny)[mr - 1];
+      const SkinnyFn skinny = kSkinny[p == 16 ? 1 : p == 32 ? 2 : p == 64 ? 3 : 0][mr - 1];
       skinny(xg, A.O, A.lt, p, U.data(), g_lo, g_len);
       skinny(xa, A.I, A.rt, p, V.data(), a_lo, a_len);
     } else
