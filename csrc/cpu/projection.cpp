@@ -465,14 +465,28 @@ const std::array<std::array<SkinnyFn, kFMR>, 4> kSkinny = {  // p: any, 16, 32, 
     skinny_table<0>(std::make_integer_sequence<int, kFMR>{}), skinny_table<16>(std::make_integer_sequence<int, kFMR>{}),
     skinny_table<32>(std::make_integer_sequence<int, kFMR>{}), skinny_table<64>(std::make_integer_sequence<int, kFMR>{})};
 
-// part[i, :] = fma(u_i, v, part[i, :]) for i < p (the same rounding as the portable loop)
-__attribute__((target("avx512f"))) void outer_acc_avx512(const float* u, const float* v, int64_t p, float* part) {
+// part[i, j] = fma(U[r, i], V[r, j], part[i, j]) for r = 0 .. mr-1 in order (the portable loop's rounding and
+// order), with a 16 x 16 block of part held in registers across the mr tokens.
+__attribute__((target("avx512f"))) void outer_tile_avx512(const float* U, const float* V, int mr, int64_t p,
+                                                         float* part) {
   for (int64_t j0 = 0; j0 < p; j0 += 16) {
     const __mmask16 m = p - j0 >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (p - j0)) - 1u);
-    const __m512 vj = _mm512_maskz_loadu_ps(m, v + j0);
-    for (int64_t i = 0; i < p; ++i) {
-      float* row = part + i * p + j0;
-      _mm512_mask_storeu_ps(row, m, _mm512_fmadd_ps(_mm512_set1_ps(u[i]), vj, _mm512_maskz_loadu_ps(m, row)));
+    for (int64_t i0 = 0; i0 < p; i0 += 16) {
+      const int64_t ni = std::min<int64_t>(16, p - i0);
+      __m512 acc[16];
+#pragma GCC unroll 16
+      for (int ii = 0; ii < 16; ++ii)
+        if (ii < ni) acc[ii] = _mm512_maskz_loadu_ps(m, part + (i0 + ii) * p + j0);
+      for (int r = 0; r < mr; ++r) {
+        const __m512 vj = _mm512_maskz_loadu_ps(m, V + r * p + j0);
+        const float* u = U + r * p + i0;
+#pragma GCC unroll 16
+        for (int ii = 0; ii < 16; ++ii)
+          if (ii < ni) acc[ii] = _mm512_fmadd_ps(_mm512_set1_ps(u[ii]), vj, acc[ii]);
+      }
+#pragma GCC unroll 16
+      for (int ii = 0; ii < 16; ++ii)
+        if (ii < ni) _mm512_mask_storeu_ps(part + (i0 + ii) * p + j0, m, acc[ii]);
     }
   }
 }
@@ -514,17 +528,18 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, float* part) {
       skinny_portable(xg, mr, A.O, A.lt, p, U.data());
       skinny_portable(xa, mr, A.I, A.rt, p, V.data());
     }
+    if (A.rb)
+      for (int r = 0; r < mr; ++r)
+        for (int64_t j = 0; j < p; ++j) V[r * p + j] += A.rb[j];
+#ifdef GK_PROJ_AVX512
+    if (proj_avx512()) {
+      outer_tile_avx512(U.data(), V.data(), mr, p, part);
+      continue;
+    }
+#endif
     for (int r = 0; r < mr; ++r) {  // tokens in order: part[i, j] = fma(u_i, v_j, part[i, j])
       const float* u = U.data() + r * p;
-      float* v = V.data() + r * p;
-      if (A.rb)
-        for (int64_t j = 0; j < p; ++j) v[j] += A.rb[j];
-#ifdef GK_PROJ_AVX512
-      if (proj_avx512()) {
-        outer_acc_avx512(u, v, p, part);
-        continue;
-      }
-#endif
+      const float* v = V.data() + r * p;
       for (int64_t i = 0; i < p; ++i) {
         float* row = part + i * p;
         const float ui = u[i];
