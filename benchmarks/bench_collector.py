@@ -120,6 +120,41 @@ def run(rec, quick: bool = False) -> None:
             if hasattr(lin, attr):
                 delattr(lin, attr)
 
+    # ---- hook work on a bfloat16 model's activations / gradients
+    op = "factored proj (hook work)"
+    ab, gb = a.bfloat16(), g.bfloat16()
+    dtb = "bfloat16 a, g"
+    outb = factored_project(ab, gb, P, seed=0, name="lin")
+    truth = torch.stack([(L @ (gb[b].double().T @ ab[b].double()) @ R.T).reshape(-1) for b in range(B)])
+    rel = lambda x: ((x.double() - truth).norm() / truth.norm()).item()  # noqa: E731
+    rec.add(FAMILY, op, "gradkit", wl, dtb, rec.time(lambda: factored_project(ab, gb, P, seed=0, name="lin")),
+            note=f"native bf16 input, fp32 arithmetic; rel. error vs float64 {rel(outb):.1e}")
+    rec.add(FAMILY, op, "gradkit (a.float())", wl, dtb,
+            rec.time(lambda: factored_project(ab.float(), gb.float(), P, seed=0, name="lin")),
+            note="the same after converting a and g to float32 first (the old path)")
+    linb = nn.Linear(D, D).to(dev, torch.bfloat16)
+    bcolb = _bergson(_Wrap(linb))
+    if bcolb is not None:
+        linb._name = "lin"
+        linb._collect_bias = False
+
+        def bergson_bf16():
+            bcolb.forward_hook(linb, ab)
+            bcolb.backward_hook(linb, gb)
+            return bcolb.mod_grads["lin"]
+
+        # bergson's own matrices differ from gradkit's: its error against its own L G R^T
+        got = bergson_bf16()
+        Lb = bcolb.projection("lin", P, D, "left", dev, torch.bfloat16).double()
+        Rb = bcolb.projection("lin", P, D, "right", dev, torch.bfloat16).double()
+        tb = torch.stack([(Lb @ (gb[b].double().T @ ab[b].double()) @ Rb.T).reshape(-1) for b in range(B)])
+        err_b = ((got.double() - tb).norm() / tb.norm()).item()
+        rec.add(FAMILY, op, "bergson", wl, dtb, rec.time(bergson_bf16),
+                note=f"bergson 2.5.1 on a bf16 model (bf16 matmuls, bf16 output); rel. error vs float64 {err_b:.1e}")
+        for attr in ("_name", "_collect_bias", "_inputs"):
+            if hasattr(linb, attr):
+                delattr(linb, attr)
+
     # ---- the whole collector step
     op = "collector step (fwd+bwd)"
     x = torch.randn(B, T, D, generator=gen).to(dev)

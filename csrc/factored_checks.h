@@ -12,8 +12,15 @@ namespace projection {
 
 inline void check_factored(const at::Tensor& a, const at::Tensor& g, const at::Tensor& lt, const at::Tensor& rt,
                     const std::optional<at::Tensor>& rb, const std::optional<at::Tensor>& mask, int64_t T) {
+  // a and g: float32, or bfloat16 / float16 (a model's activations and gradients in half precision, widened
+  // exactly to float32 as they are read: the same bits as passing a.float(), g.float()); g has a's dtype.
+  const auto st = a.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
+                   "a: expected a float32, bfloat16 or float16 tensor, got ", st);
+  TORCH_CHECK_TYPE(g.scalar_type() == st, "g: expected ", st, " (the dtype of a), got ", g.scalar_type());
   for (const auto& [t, nm] : {std::pair<const at::Tensor&, const char*>{a, "a"}, {g, "g"}, {lt, "lt"}, {rt, "rt"}}) {
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, nm, ": expected a float32 tensor, got ", t.scalar_type());
+    TORCH_CHECK_TYPE(&t == &a || &t == &g || t.scalar_type() == at::kFloat, nm, ": expected a float32 tensor, got ",
+                     t.scalar_type());
     TORCH_CHECK_VALUE(t.dim() == 2, nm, ": expected a 2-D tensor, got shape ", t.sizes());
     TORCH_CHECK_VALUE(t.device() == a.device(), nm, ": on ", t.device(), " but a is on ", a.device());
   }
@@ -37,7 +44,8 @@ inline void check_factored(const at::Tensor& a, const at::Tensor& g, const at::T
   }
 }
 
-// The kernels' view of the inputs: rows with unit column stride (a, g), contiguous lt / rt / rb / mask.
+// The kernels' view of the inputs: rows with unit column stride (a, g; their dtype kept), contiguous lt / rt /
+// rb / mask.
 struct FactoredInputs {
   at::Tensor a, g, lt, rt, rb, mask;  // rb / mask undefined when absent
   const float* rb_ptr() const { return rb.defined() ? rb.data_ptr<float>() : nullptr; }

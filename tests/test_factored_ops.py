@@ -19,10 +19,15 @@ from gradkit.kernels.reference import projection as ref
 pytestmark = pytest.mark.skipif(not _ext.has_op("factored_project"), reason="compiled extension not built")
 
 
-def make(B, T, I, O, p, seed, rb=False, mask=False, strided=False):
+HALF = (torch.bfloat16, torch.float16)
+DTYPES = (torch.float32,) + HALF
+
+
+def make(B, T, I, O, p, seed, rb=False, mask=False, strided=False, dtype=torch.float32):
+    """a, g in ``dtype`` (a model's activations / output gradients); lt, rt, rb float32."""
     g_ = torch.Generator().manual_seed(seed)
-    a = torch.randn(B * T, I + (3 if strided else 0), generator=g_)[:, :I]
-    g = torch.randn(B * T, O, generator=g_)
+    a = torch.randn(B * T, I + (3 if strided else 0), generator=g_).to(dtype)[:, :I]
+    g = torch.randn(B * T, O, generator=g_).to(dtype)
     lt = torch.randn(O, p, generator=g_)
     rt = torch.randn(I, p, generator=g_)
     rbt = torch.randn(p, generator=g_) if rb else None
@@ -40,9 +45,9 @@ def close(got, want):
 
 @given(B=st.integers(0, 5), T=st.integers(1, 9), I=st.integers(1, 40), O=st.integers(1, 40),
        p=st.sampled_from([1, 3, 16, 17, 33]), seed=st.integers(0, 2**31 - 1), rb=st.booleans(), mask=st.booleans(),
-       strided=st.booleans())
-def test_native_matches_reference(B, T, I, O, p, seed, rb, mask, strided):
-    args = make(B, T, I, O, p, seed, rb, mask, strided)
+       strided=st.booleans(), dtype=st.sampled_from(DTYPES))
+def test_native_matches_reference(B, T, I, O, p, seed, rb, mask, strided, dtype):
+    args = make(B, T, I, O, p, seed, rb, mask, strided, dtype)
     got = ops.factored_project(*args, T)
     want = ref.factored_project(*args, T)
     assert got.shape == (B, p, p) and got.dtype == torch.float32
@@ -84,11 +89,11 @@ def test_fixed_width_kernels_same_bits_as_generic_kernel(p, mask):
 @settings(max_examples=15, deadline=None)
 @given(B=st.integers(0, 3), T=st.integers(1, 20), I=st.integers(1, 24), O=st.integers(1, 24),
        p=st.sampled_from([1, 5, 16, 20]), seed=st.integers(0, 2**31 - 1), rb=st.booleans(), mask=st.booleans(),
-       small=st.booleans())
-def test_triton_matches_reference(B, T, I, O, p, seed, rb, mask, small):
+       small=st.booleans(), dtype=st.sampled_from(DTYPES))
+def test_triton_matches_reference(B, T, I, O, p, seed, rb, mask, small, dtype):
     from gradkit.kernels.triton import projection as tri
 
-    args = make(B, T, I, O, p, seed, rb, mask)
+    args = make(B, T, I, O, p, seed, rb, mask, dtype=dtype)
     saved = dict(tri.FACTORED_BLOCKS)
     if small:
         tri.FACTORED_BLOCKS.update({"t": 16, "k": 16})
@@ -99,8 +104,49 @@ def test_triton_matches_reference(B, T, I, O, p, seed, rb, mask, small):
     close(got, ref.factored_project(*args, T))
 
 
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("mask", [False, True])
+def test_half_inputs_are_widened_exactly(dtype, mask):
+    """bfloat16 / float16 a and g give the bits of the float32 kernel on a.float(), g.float() (the widening
+    is exact; no rounding of the inputs beyond what the caller's dtype already did): native CPU kernel at
+    the fixed widths and the generic one, features past a 16-wide vector and a remainder, and Triton."""
+    from gradkit.kernels.triton import projection as tri
+
+    for p in (16, 17):
+        a, g, lt, rt, rb, m = make(3, 37, 1003, 517, p, 5, rb=True, mask=mask, dtype=dtype)
+        assert a.dtype == g.dtype == dtype
+        wide = (a.float(), g.float(), lt, rt, rb, m)
+        got = ops.factored_project(a, g, lt, rt, rb, m, 37)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, ops.factored_project(*wide, 37))
+        close(got, ref.factored_project(*wide, 37))
+    small = make(2, 5, 20, 18, 4, 6, rb=True, mask=mask, dtype=dtype)
+    assert torch.equal(tri.factored_project(*small, 5), tri.factored_project(small[0].float(), small[1].float(),
+                                                                             *small[2:], 5))
+
+
+def test_half_subnormals_and_extremes_widened_exactly():
+    """float16 subnormals and the largest finite values, bfloat16 tiny values: the exact float32 values go
+    in (a scalar-tail and a vector-body column each)."""
+    for dtype, vals in ((torch.float16, [2.0**-24, -(2.0**-20), 65504.0, -65504.0]),
+                        (torch.bfloat16, [2.0**-130, -(2.0**-126), 3.0e38, 1.0 + 2.0**-7])):
+        a = torch.zeros(4, 33, dtype=dtype)
+        g = torch.zeros(4, 33, dtype=dtype)
+        for i, v in enumerate(vals):
+            a[i, 3], a[i, 32], g[i, i] = v, v, 1.0
+        lt = torch.eye(33)[:, :4].contiguous()
+        rt = torch.zeros(33, 4)
+        rt[3, 0] = 1.0
+        rt[32, 1] = 1.0
+        out = ops.factored_project(a, g, lt, rt, None, None, 1)
+        want = torch.tensor(vals, dtype=dtype).float()
+        assert torch.equal(out[:, :, 0].diagonal(), want) and torch.equal(out[:, :, 1].diagonal(), want)
+
+
 BAD = [
     (lambda a, g, lt, rt: (a.double(), g, lt, rt, None, None, 2), TypeError, "a:"),
+    (lambda a, g, lt, rt: (a.bfloat16(), g, lt, rt, None, None, 2), TypeError, "g:"),
+    (lambda a, g, lt, rt: (a, g, lt.bfloat16(), rt, None, None, 2), TypeError, "lt:"),
     (lambda a, g, lt, rt: (a, g[:-2], lt, rt, None, None, 2), ValueError, "g:"),
     (lambda a, g, lt, rt: (a, g, lt[:-1], rt, None, None, 2), ValueError, "lt:"),
     (lambda a, g, lt, rt: (a, g, lt, rt[:, :-1], None, None, 2), ValueError, "rt:"),
@@ -121,8 +167,9 @@ def test_bad_inputs_name_the_argument(case, direct):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device):
-    a, g, lt, rt, rb, m = make(3, 4, 7, 6, 5, 2, rb=True, mask=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck(device, dtype):
+    a, g, lt, rt, rb, m = make(3, 4, 7, 6, 5, 2, rb=True, mask=True, dtype=dtype)
     a = torch.nan_to_num(a)
     g = torch.nan_to_num(g)
     args = tuple(t.to(device) for t in (a, g, lt, rt, rb, m)) + (4,)
@@ -155,15 +202,36 @@ def test_api_equals_explicit_per_example_gradient(backend, bias):
 @settings(deadline=None)
 @given(B=st.integers(0, 4), T=st.sampled_from([1, 7, 33, 256, 300]), I=st.integers(1, 130), O=st.integers(1, 130),
        p=st.sampled_from([1, 16, 17, 64, 65]), seed=st.integers(0, 2**31 - 1), rb=st.booleans(), mask=st.booleans(),
-       strided=st.booleans())
-def test_cuda_bitwise_equals_cpu(B, T, I, O, p, seed, rb, mask, strided):
+       strided=st.booleans(), dtype=st.sampled_from(DTYPES))
+def test_cuda_bitwise_equals_cpu(B, T, I, O, p, seed, rb, mask, strided, dtype):
     """The CUDA kernel runs the CPU kernel's fused multiply-adds in the CPU kernel's order (features
-    ascending, tokens in order, 256-token chunk partials added in chunk order): the same bits. p = 65
-    takes the composite path (cuBLAS), checked against the reference."""
-    args = make(B, T, I, O, p, seed, rb, mask, strided)
+    ascending, tokens in order, 256-token chunk partials added in chunk order), half-precision inputs
+    widened exactly on both: the same bits. p = 65 takes the composite path (cuBLAS), checked against the
+    reference."""
+    args = make(B, T, I, O, p, seed, rb, mask, strided, dtype)
     cpu = ops.factored_project(*args, T)
     gpu = ops.factored_project(*[None if t is None else t.cuda() for t in args], T).cpu()
     if p <= 64:
         assert torch.equal(gpu, cpu)
     else:
         close(gpu, ref.factored_project(*args, T))
+
+
+@pytest.mark.parametrize("backend", ["native", "triton", "reference"])
+def test_api_half_precision_activations(backend):
+    """gradkit.projection.factored_project on a bfloat16 / float16 model's activations and gradients: the
+    result of the same call on their float32 values, bit for bit (the fused op widens as it reads); a and g
+    of different dtypes are both converted to float32 first."""
+    from gradkit.projection import factored_project
+
+    gen = torch.Generator().manual_seed(11)
+    a = torch.randn(3, 6, 40, generator=gen)
+    g = torch.randn(3, 6, 24, generator=gen)
+    mask = torch.rand(3, 6, generator=gen) < 0.8
+    with use_backend(backend):
+        for dt in HALF:
+            ah, gh = a.to(dt), g.to(dt)
+            want = factored_project(ah.float(), gh.float(), 16, seed=1, name="fc", bias=True, mask=mask)
+            assert torch.equal(factored_project(ah, gh, 16, seed=1, name="fc", bias=True, mask=mask), want)
+        mixed = factored_project(a.bfloat16(), g, 16, seed=1, name="fc")
+        assert torch.equal(mixed, factored_project(a.bfloat16().float(), g, 16, seed=1, name="fc"))

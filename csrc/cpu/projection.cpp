@@ -30,6 +30,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <array>
@@ -39,6 +41,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../factored_checks.h"
@@ -392,8 +395,8 @@ constexpr int64_t kTokChunk = 256;
 constexpr int kFMR = 16;
 
 struct FArgs {
-  const float* a;
-  const float* g;
+  const void* a;  // float, c10::BFloat16 or c10::Half: factored_item's E
+  const void* g;
   const float* lt;
   const float* rt;
   const float* rb;
@@ -465,6 +468,22 @@ const std::array<std::array<SkinnyFn, kFMR>, 4> kSkinny = {  // p: any, 16, 32, 
     skinny_table<0>(std::make_integer_sequence<int, kFMR>{}), skinny_table<16>(std::make_integer_sequence<int, kFMR>{}),
     skinny_table<32>(std::make_integer_sequence<int, kFMR>{}), skinny_table<64>(std::make_integer_sequence<int, kFMR>{})};
 
+// widen_row's vector body: returns how many leading elements it converted (a multiple of 16).
+__attribute__((target("avx512f"))) int64_t widen_row_avx512(const c10::BFloat16* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {  // bfloat16 is the top half of a float32: zero-extend and shift
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+  }
+  return i;
+}
+__attribute__((target("avx512f"))) int64_t widen_row_avx512(const c10::Half* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  return i;
+}
+
 // part[i, j] = fma(U[r, i], V[r, j], part[i, j]) for r = 0 .. mr-1 in order (the portable loop's rounding and
 // order), with a 16 x 16 block of part held in registers across the mr tokens.
 __attribute__((target("avx512f"))) void outer_tile_avx512(const float* U, const float* V, int mr, int64_t p,
@@ -492,11 +511,28 @@ __attribute__((target("avx512f"))) void outer_tile_avx512(const float* U, const 
 }
 #endif
 
-// One work item: tokens [n0, n1) of one example into part (p x p), zeroed first.
+// dst[0..n) = src[0..n) widened to float32 (exact for bfloat16 and float16, subnormals included).
+template <typename E>
+void widen_row(const E* src, int64_t n, float* dst) {
+  int64_t i = 0;
+#ifdef GK_PROJ_AVX512
+  if (proj_avx512()) i = widen_row_avx512(src, n, dst);
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// One work item: tokens [n0, n1) of one example into part (p x p), zeroed first. E: the element type of a
+// and g; half-precision rows are widened into a float32 tile first (16 rows x (O + I) floats, L2-resident),
+// so the arithmetic is the float32 kernel's on the same values.
+template <typename E>
 void factored_item(const FArgs& A, int64_t n0, int64_t n1, float* part) {
+  constexpr bool kWiden = !std::is_same_v<E, float>;
+  const E* ga = static_cast<const E*>(A.a);
+  const E* gg = static_cast<const E*>(A.g);
   const int64_t p = A.p;
   std::fill(part, part + p * p, 0.0f);
   std::vector<float> U(static_cast<size_t>(kFMR * p)), V(static_cast<size_t>(kFMR * p));
+  std::vector<float> wide(kWiden ? static_cast<size_t>(kFMR * (A.O + A.I)) : 0);
   const float* xg[kFMR];
   const float* xa[kFMR];
   int64_t n = n0;
@@ -504,8 +540,17 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, float* part) {
     int mr = 0;
     for (; n < n1 && mr < kFMR; ++n) {
       if (A.mask && !A.mask[n]) continue;
-      xg[mr] = A.g + n * A.ldg;
-      xa[mr] = A.a + n * A.lda;
+      if constexpr (kWiden) {
+        float* wg = wide.data() + mr * A.O;
+        float* wa = wide.data() + kFMR * A.O + mr * A.I;
+        widen_row(gg + n * A.ldg, A.O, wg);
+        widen_row(ga + n * A.lda, A.I, wa);
+        xg[mr] = wg;
+        xa[mr] = wa;
+      } else {
+        xg[mr] = gg + n * A.ldg;
+        xa[mr] = ga + n * A.lda;
+      }
       ++mr;
     }
     if (mr == 0) break;
@@ -515,10 +560,10 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, float* part) {
       // The next tile may lie past this item: a thread's items are consecutive examples, so it is usually
       // the thread's next item's first tile (without it, one tile in T / 16 would start cold).
       const int64_t nn = std::min(A.N, n + static_cast<int64_t>(kFMR));
-      const char* g_lo = reinterpret_cast<const char*>(A.g + n * A.ldg);
-      const int64_t g_len = n < nn ? reinterpret_cast<const char*>(A.g + (nn - 1) * A.ldg + A.O) - g_lo : 0;
-      const char* a_lo = reinterpret_cast<const char*>(A.a + n * A.lda);
-      const int64_t a_len = n < nn ? reinterpret_cast<const char*>(A.a + (nn - 1) * A.lda + A.I) - a_lo : 0;
+      const char* g_lo = reinterpret_cast<const char*>(gg + n * A.ldg);
+      const int64_t g_len = n < nn ? reinterpret_cast<const char*>(gg + (nn - 1) * A.ldg + A.O) - g_lo : 0;
+      const char* a_lo = reinterpret_cast<const char*>(ga + n * A.lda);
+      const int64_t a_len = n < nn ? reinterpret_cast<const char*>(ga + (nn - 1) * A.lda + A.I) - a_lo : 0;
       const SkinnyFn skinny = kSkinny[p == 16 ? 1 : p == 32 ? 2 : p == 64 ? 3 : 0][mr - 1];
       skinny(xg, A.O, A.lt, p, U.data(), g_lo, g_len);
       skinny(xa, A.I, A.rt, p, V.data(), a_lo, a_len);
@@ -554,17 +599,20 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
                                 const std::optional<at::Tensor>& mask_in, int64_t T) {
   check_factored(a_in, g_in, lt_in, rt_in, rb_in, mask_in, T);
   const int64_t N = a_in.size(0), p = lt_in.size(1), B = N / T;
-  at::Tensor out = at::empty({B, p, p}, a_in.options());
+  at::Tensor out = at::empty({B, p, p}, a_in.options().dtype(at::kFloat));
   if (B == 0) return out;
   const FactoredInputs in = prepare_factored(a_in, g_in, lt_in, rt_in, rb_in, mask_in);
-  const FArgs A{in.a.data_ptr<float>(), in.g.data_ptr<float>(), in.lt.data_ptr<float>(), in.rt.data_ptr<float>(),
+  const FArgs A{in.a.data_ptr(), in.g.data_ptr(), in.lt.data_ptr<float>(), in.rt.data_ptr<float>(),
                 in.rb_ptr(), in.mask_ptr(), std::max<int64_t>(in.a.stride(0), 1), std::max<int64_t>(in.g.stride(0), 1),
                 in.a.size(1), in.g.size(1), p, N};
+  const auto item = in.a.scalar_type() == at::kBFloat16 ? &factored_item<c10::BFloat16>
+                    : in.a.scalar_type() == at::kHalf   ? &factored_item<c10::Half>
+                                                        : &factored_item<float>;
   const int64_t chunks = (T + kTokChunk - 1) / kTokChunk;
   float* o = out.data_ptr<float>();
   if (chunks == 1) {
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) factored_item(A, b * T, (b + 1) * T, o + b * p * p);
+      for (int64_t b = b0; b < b1; ++b) item(A, b * T, (b + 1) * T, o + b * p * p);
     });
     return out;
   }
@@ -572,7 +620,7 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
   at::parallel_for(0, B * chunks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / chunks, c = i % chunks;
-      factored_item(A, b * T + c * kTokChunk, b * T + std::min(T, (c + 1) * kTokChunk), parts.data() + i * p * p);
+      item(A, b * T + c * kTokChunk, b * T + std::min(T, (c + 1) * kTokChunk), parts.data() + i * p * p);
     }
   });
   for (int64_t b = 0; b < B; ++b) {

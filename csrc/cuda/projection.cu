@@ -18,6 +18,7 @@
 // Headers and conventions as in the other csrc/cuda files: only c10/cuda/* (no
 // ATen/cuda/CUDAContext.h), a CUDAGuard, launches on the current stream, int64 offsets.
 #include <ATen/ATen.h>
+#include <cuda_fp16.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -237,7 +238,17 @@ constexpr int64_t kFChunk = 256;   // tokens per work item (csrc/cpu/projection.
 constexpr int64_t kFMaxP = 64;     // p x p <= 4096 entries: 16 per thread of 256
 constexpr int kFPerUV = static_cast<int>(kFT * kFMaxP / kThreads);  // (token, output) pairs per thread: 8
 
-__device__ __forceinline__ void factored_side(const float* __restrict__ x, int64_t ldx, int64_t K,
+// a / g elements widened exactly to float32 on load (read-only cache path for every dtype).
+__device__ __forceinline__ float widen(const float* p) { return __ldg(p); }
+__device__ __forceinline__ float widen(const c10::BFloat16* p) {  // the top half of a float32
+  return __uint_as_float(static_cast<unsigned>(__ldg(reinterpret_cast<const unsigned short*>(p))) << 16);
+}
+__device__ __forceinline__ float widen(const c10::Half* p) {
+  return __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(p))));
+}
+
+template <typename E>
+__device__ __forceinline__ void factored_side(const E* __restrict__ x, int64_t ldx, int64_t K,
                                               const float* __restrict__ wt, int64_t p, int64_t n0, int64_t ntok,
                                               const bool* __restrict__ mask, float* xs, float* ws, float* dst) {
   float acc[kFPerUV];
@@ -248,7 +259,7 @@ __device__ __forceinline__ void factored_side(const float* __restrict__ x, int64
     for (int e = threadIdx.x; e < kFT * kFKC; e += kThreads) {  // token rows, coalesced along features
       const int tt = e / kFKC, kk = e % kFKC;
       float v = 0.0f;
-      if (tt < ntok && kk < kc && (mask == nullptr || mask[n0 + tt])) v = __ldg(x + (n0 + tt) * ldx + k0 + kk);
+      if (tt < ntok && kk < kc && (mask == nullptr || mask[n0 + tt])) v = widen(x + (n0 + tt) * ldx + k0 + kk);
       xs[tt * (kFKC + 1) + kk] = v;
     }
     for (int64_t e = threadIdx.x; e < kc * p; e += kThreads) ws[e] = __ldg(wt + k0 * p + e);  // rows k0.. of wt
@@ -272,8 +283,9 @@ __device__ __forceinline__ void factored_side(const float* __restrict__ x, int64
   }
 }
 
+template <typename E>
 __global__ void __launch_bounds__(kThreads)
-    factored_kernel(const float* __restrict__ a, const float* __restrict__ g, const float* __restrict__ lt,
+    factored_kernel(const E* __restrict__ a, const E* __restrict__ g, const float* __restrict__ lt,
                     const float* __restrict__ rt, const float* __restrict__ rb, const bool* __restrict__ mask,
                     float* __restrict__ part, int64_t T, int64_t chunks, int64_t I, int64_t O, int64_t p,
                     int64_t lda, int64_t ldg) {
@@ -330,7 +342,7 @@ at::Tensor factored_project_cuda(const at::Tensor& a_in, const at::Tensor& g_in,
   const c10::cuda::CUDAGuard guard(a_in.device());
   const int64_t N = a_in.size(0), p = lt_in.size(1), B = N / T;
   if (p > kFMaxP) {  // wide projections: the composite (two GEMMs and a batched product), same definition
-    at::Tensor u = at::mm(g_in, lt_in), v = at::mm(a_in, rt_in);
+    at::Tensor u = at::mm(g_in.to(at::kFloat), lt_in), v = at::mm(a_in.to(at::kFloat), rt_in);
     if (rb_in.has_value()) v = v + *rb_in;
     if (mask_in.has_value()) {
       const at::Tensor m = mask_in->unsqueeze(1);
@@ -339,16 +351,24 @@ at::Tensor factored_project_cuda(const at::Tensor& a_in, const at::Tensor& g_in,
     }
     return at::bmm(u.view({B, T, p}).transpose(1, 2), v.view({B, T, p}));
   }
-  if (B == 0) return at::empty({B, p, p}, a_in.options());
+  if (B == 0) return at::empty({B, p, p}, a_in.options().dtype(at::kFloat));
   const FactoredInputs in = prepare_factored(a_in, g_in, lt_in, rt_in, rb_in, mask_in);
   const int64_t chunks = (T + kFChunk - 1) / kFChunk;
   TORCH_CHECK_VALUE(B * chunks <= 2147483647LL, "a: too many examples for one launch (", B, ")");
-  at::Tensor part = at::empty({B, chunks, p, p}, a_in.options());
+  at::Tensor part = at::empty({B, chunks, p, p}, a_in.options().dtype(at::kFloat));
   const size_t smem = static_cast<size_t>(2 * kFT * p + kFT * (kFKC + 1) + kFKC * p) * sizeof(float);
-  factored_kernel<<<static_cast<unsigned>(B * chunks), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      in.a.data_ptr<float>(), in.g.data_ptr<float>(), in.lt.data_ptr<float>(), in.rt.data_ptr<float>(), in.rb_ptr(),
-      in.mask_ptr(), part.data_ptr<float>(), T, chunks, in.a.size(1), in.g.size(1), p,
-      std::max<int64_t>(in.a.stride(0), 1), std::max<int64_t>(in.g.stride(0), 1));
+  const auto launch = [&](auto* a_ptr, auto* g_ptr) {
+    factored_kernel<<<static_cast<unsigned>(B * chunks), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+        a_ptr, g_ptr, in.lt.data_ptr<float>(), in.rt.data_ptr<float>(), in.rb_ptr(), in.mask_ptr(),
+        part.data_ptr<float>(), T, chunks, in.a.size(1), in.g.size(1), p, std::max<int64_t>(in.a.stride(0), 1),
+        std::max<int64_t>(in.g.stride(0), 1));
+  };
+  if (in.a.scalar_type() == at::kBFloat16)
+    launch(in.a.data_ptr<c10::BFloat16>(), in.g.data_ptr<c10::BFloat16>());
+  else if (in.a.scalar_type() == at::kHalf)
+    launch(in.a.data_ptr<c10::Half>(), in.g.data_ptr<c10::Half>());
+  else
+    launch(in.a.data_ptr<float>(), in.g.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (chunks == 1) return part.view({B, p, p});
   at::Tensor out = part.select(1, 0).clone();  // chunk partials added in chunk order (the CPU's order)

@@ -380,8 +380,13 @@ def factored_project(a: torch.Tensor, g: torch.Tensor, p: int, seed: int = 0, na
             rt, Rb = rtb[:I], (rtb[I] if bias else None)
         else:
             lt, rt = Lw.T.contiguous(), Rw.T.contiguous()
-        res = ops.factored_project(a.reshape(B * T, I).float(), g.reshape(B * T, O).float(), lt, rt, Rb,
-                                   None if mask is None else mask.reshape(B * T), T)
+        # float32 / bfloat16 / float16 go in as they are (the op widens half precision exactly as it reads
+        # it: no float32 copy of the activations); other dtypes, or a and g differing, are converted first
+        same = a.dtype == g.dtype and a.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        a2, g2 = a.reshape(B * T, I), g.reshape(B * T, O)
+        if not same:
+            a2, g2 = a2.float(), g2.float()
+        res = ops.factored_project(a2, g2, lt, rt, Rb, None if mask is None else mask.reshape(B * T), T)
         return res.reshape(B, p * p)
     af = a.float()
     gf = g.float()

@@ -108,14 +108,17 @@ def factored_project(a: torch.Tensor, g: torch.Tensor, lt: torch.Tensor, rt: tor
                      rb: torch.Tensor | None = None, mask: torch.Tensor | None = None, T: int = 1) -> torch.Tensor:
     """Projected per-example gradients of a Linear layer, G never formed: (B, p, p) float32.
 
-    a (N, I), g (N, O) float32, N = B * T tokens example-major (unit column stride; any row stride);
+    a (N, I), g (N, O) float32, bfloat16 or float16 (the same dtype; half precision is widened exactly to
+    float32 as it is read: the same bits as passing ``a.float(), g.float()``), N = B * T tokens
+    example-major (unit column stride; any row stride);
     lt = L^T (O, p), rt = R^T (I, p) float32; rb (p,) float32 or None: the bias column's projection,
     added to every token's ``a_t R^T``; mask (N,) bool or None: False tokens contribute nothing (NaN
     there included). ``out[b] = sum_t (g_t L^T)^T (a_t R^T + rb) = L G_b R^T`` with
     ``G_b = sum_t g_t a_t^T`` (+ the bias column).
     """
-    _check_typed((("a", a),), torch.float32)
-    _check_typed((("g", g), ("lt", lt), ("rt", rt)), torch.float32, ("a", a.device))
+    _check_typed((("a", a),), (torch.float32, torch.bfloat16, torch.float16))
+    _check_typed((("g", g),), a.dtype, ("a", a.device))
+    _check_typed((("lt", lt), ("rt", rt)), torch.float32, ("a", a.device))
     for nm, t in (("a", a), ("g", g), ("lt", lt), ("rt", rt)):
         if t.dim() != 2:
             raise ValueError(f"{nm}: expected a 2-D tensor, got shape {tuple(t.shape)}")

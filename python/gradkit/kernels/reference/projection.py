@@ -130,7 +130,8 @@ def project_flat(x: torch.Tensor, k: int, seed: int, kind: int, col0: int) -> to
 def factored_project(a: torch.Tensor, g: torch.Tensor, lt: torch.Tensor, rt: torch.Tensor, rb, mask, T: int) -> torch.Tensor:
     """Factored per-example projection of a Linear layer (the op ``factored_project``).
 
-    a (N, I), g (N, O) float32 with N = B * T tokens (example-major); lt = L^T (O, p), rt = R^T (I, p);
+    a (N, I), g (N, O) float32 / bfloat16 / float16 (one dtype; widened exactly) with N = B * T tokens
+    (example-major); lt = L^T (O, p), rt = R^T (I, p);
     rb (p,) or None; mask (N,) bool or None. Per token ``u = g_n lt``, ``v = a_n rt (+ rb)``; per example
     ``out[b] = sum over the unmasked tokens of b of u v^T`` -- ``L G_b R^T`` with ``G_b = sum_t g_t a_t^T``
     (plus the bias column) never formed. Returns (B, p, p) float32 (computed here in float64).

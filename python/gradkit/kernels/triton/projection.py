@@ -274,7 +274,8 @@ def _tile_project(x_ptr, w_ptr, rows, tm, K, sx, p, offs_k, offs_j, jm, BT: tl.c
     acc = tl.zeros((BT, P_P), dtype=tl.float32)
     for k0 in range(0, K, BKD):
         km = (k0 + offs_k) < K
-        x = tl.load(x_ptr + rows[:, None] * sx + (k0 + offs_k)[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * sx + (k0 + offs_k)[None, :], mask=tm[:, None] & km[None, :],
+                    other=0.0).to(tl.float32)  # half-precision a / g widened exactly
         w = tl.load(w_ptr + (k0 + offs_k)[:, None] * p + offs_j[None, :], mask=km[:, None] & jm[None, :], other=0.0)
         acc += tl.dot(x, w, input_precision="ieee")
     return acc
@@ -309,7 +310,11 @@ def _factored_kernel(a_ptr, g_ptr, lt_ptr, rt_ptr, rb_ptr, m_ptr, out_ptr, T, I,
 
 def factored_project(a, g, lt, rt, rb, mask, T: int) -> torch.Tensor:
     """Launcher: see ``gradkit.kernels.reference.projection.factored_project``; (B, p, p) float32."""
-    for nm, t in (("a", a), ("g", g), ("lt", lt), ("rt", rt)):
+    if a.dtype not in (torch.float32, torch.bfloat16, torch.float16) or a.dim() != 2:
+        raise TypeError(f"a: expected a 2-D float32, bfloat16 or float16 tensor, got {a.dtype} {tuple(a.shape)}")
+    if g.dtype != a.dtype or g.dim() != 2:
+        raise TypeError(f"g: expected a 2-D {a.dtype} tensor (the dtype of a), got {g.dtype} {tuple(g.shape)}")
+    for nm, t in (("lt", lt), ("rt", rt)):
         if t.dtype != torch.float32 or t.dim() != 2:
             raise TypeError(f"{nm}: expected a 2-D float32 tensor, got {t.dtype} {tuple(t.shape)}")
     N, I = a.shape
@@ -343,5 +348,6 @@ def record_aot_cases() -> None:
         for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             project_flat(torch.randn(3, 130, generator=g).to(dt), 20, 7, kind, 3)
     for rb, mask in ((None, None), (torch.randn(4, generator=g), torch.rand(6, generator=g) < 0.5)):
-        factored_project(torch.randn(6, 20, generator=g), torch.randn(6, 18, generator=g), torch.randn(18, 4, generator=g),
-                         torch.randn(20, 4, generator=g), rb, mask, 3)
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            factored_project(torch.randn(6, 20, generator=g).to(dt), torch.randn(6, 18, generator=g).to(dt),
+                             torch.randn(18, 4, generator=g), torch.randn(20, 4, generator=g), rb, mask, 3)
