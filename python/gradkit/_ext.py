@@ -39,6 +39,24 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"gradkit::{op}", dispatch_key)
 
 
+def register_triton_for_cuda(family: str, names) -> None:
+    """Register ``gradkit.kernels.triton.<family>.<name>`` as the CUDA kernel of ``gradkit::<name>`` for
+    each name whose schema the extension declares but that has no CUDA kernel (an extension built without
+    CUDA C++): Triton is then the GPU kernel. Needs a CUDA device; without triton (or the launcher) the op
+    keeps no CUDA kernel and CUDA tensors get the dispatcher's error."""
+    if not LOADED or not torch.cuda.is_available():
+        return
+    try:
+        import importlib
+
+        mod = importlib.import_module(f"gradkit.kernels.triton.{family}")
+    except Exception:  # pragma: no cover - triton (or this family's launchers) missing
+        return
+    for name in names:
+        if has_op(name) and not has_kernel(name, "CUDA") and hasattr(mod, name):
+            torch.library.impl(f"gradkit::{name}", "CUDA")(getattr(mod, name))
+
+
 def has_op(op: str) -> bool:
     """True when the loaded extension declares the schema ``gradkit::<op>``."""
     if not LOADED:

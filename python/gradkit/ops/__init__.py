@@ -682,25 +682,6 @@ if _ext.LOADED:
 
     torch.library.register_autograd("gradkit::scatter_segments", _scatter_backward, setup_context=_scatter_setup)
 
-    # Triton is the GPU kernel where the extension was built without CUDA C++.
-    def _register_triton_for_cuda() -> None:
-        try:
-            from gradkit.kernels.triton import parammap as _tri
-        except Exception:  # pragma: no cover - triton missing: CUDA tensors get a clear dispatcher error
-            return
-        for name in ("gather_segments", "gather_segments_out", "scatter_segments", "scatter_segments_",
-                     "mask_to_indices", "bitmask_to_indices", "pack_bitmask", "topk_select",
-                     "topk_select_segments"):
-            if not _ext.has_kernel(name, "CUDA"):
-                torch.library.impl(f"gradkit::{name}", "CUDA")(getattr(_tri, name))
-        try:
-            from gradkit.kernels.triton import scope as _tri_scope
-        except Exception:  # pragma: no cover
-            return
-        for name in SCOPE_OPS:
-            if not _ext.has_kernel(name, "CUDA"):
-                torch.library.impl(f"gradkit::{name}", "CUDA")(getattr(_tri_scope, name))
-
     @torch.library.register_fake("gradkit::golden_topk_and_")
     def _golden_topk_and_fake(g, bits, counts, k, first):
         return g.new_empty((), dtype=torch.int64)
@@ -722,21 +703,13 @@ if _ext.LOADED:
                            weight_decay, bias_correction1, bias_correction2_sqrt, maximize):
         return None
 
-    def _register_triton_family(family: str, names) -> None:
-        try:
-            import importlib
-
-            mod = importlib.import_module(f"gradkit.kernels.triton.{family}")
-        except Exception:  # pragma: no cover - triton (or this family's launchers) missing
-            return
-        for name in names:
-            if not _ext.has_kernel(name, "CUDA") and hasattr(mod, name):
-                torch.library.impl(f"gradkit::{name}", "CUDA")(getattr(mod, name))
-
-    if torch.cuda.is_available():
-        _register_triton_for_cuda()
-        _register_triton_family("golden", GOLDEN_OPS)
-        _register_triton_family("adamw", ADAMW_OPS)
+    # Triton is the GPU kernel where the extension was built without CUDA C++.
+    _ext.register_triton_for_cuda("parammap", ("gather_segments", "gather_segments_out", "scatter_segments",
+                                               "scatter_segments_", "mask_to_indices", "bitmask_to_indices",
+                                               "pack_bitmask", "topk_select", "topk_select_segments"))
+    _ext.register_triton_for_cuda("scope", SCOPE_OPS)
+    _ext.register_triton_for_cuda("golden", GOLDEN_OPS)
+    _ext.register_triton_for_cuda("adamw", ADAMW_OPS)
 
 
 # Families with their own module (DESIGN: one module per family once ops grows too long).

@@ -186,14 +186,4 @@ if _ext.has_op("obs_select"):
                                     _stacklevel=_ext.ops_package_stacklevel())
 
     # Triton is the GPU kernel where the extension was built without CUDA C++.
-    if torch.cuda.is_available():
-        try:
-            import importlib
-
-            _tri_obs = importlib.import_module("gradkit.kernels.triton.obs")
-        except Exception:  # pragma: no cover - triton missing: CUDA tensors get a dispatcher error
-            _tri_obs = None
-        if _tri_obs is not None:
-            for _name in OBS_OPS:
-                if not _ext.has_kernel(_name, "CUDA") and hasattr(_tri_obs, _name):
-                    torch.library.impl(f"gradkit::{_name}", "CUDA")(getattr(_tri_obs, _name))
+    _ext.register_triton_for_cuda("obs", OBS_OPS)

@@ -167,14 +167,5 @@ if _ext.LOADED:
         torch.library.register_fake("gradkit::factored_project", _factored_project_fake,
                                     _stacklevel=_ext.ops_package_stacklevel())
 
-    def _register_triton_projection() -> None:
-        try:
-            from gradkit.kernels.triton import projection as _tri
-        except Exception:  # pragma: no cover - triton missing: CUDA tensors get a dispatcher error
-            return
-        for name in PROJECTION_OPS:
-            if _ext.has_op(name) and not _ext.has_kernel(name, "CUDA"):
-                torch.library.impl(f"gradkit::{name}", "CUDA")(getattr(_tri, name))
-
-    if torch.cuda.is_available():
-        _register_triton_projection()
+    # Triton is the GPU kernel where the extension was built without CUDA C++.
+    _ext.register_triton_for_cuda("projection", PROJECTION_OPS)

@@ -93,10 +93,4 @@ def _score_topk_fake(queries, keys, k, largest, key_scale, scores_in, idx_in, ba
 if _ext.has_op("score_topk"):
     torch.library.register_fake("gradkit::score_topk", _score_topk_fake, _stacklevel=_ext.ops_package_stacklevel())
 
-    if torch.cuda.is_available() and not _ext.has_kernel("score_topk", "CUDA"):
-        try:
-            from gradkit.kernels.triton import search as _tri_search
-
-            torch.library.impl("gradkit::score_topk", "CUDA")(_tri_search.score_topk)
-        except Exception:  # pragma: no cover - triton missing: CUDA tensors get a dispatcher error
-            pass
+    _ext.register_triton_for_cuda("search", ("score_topk",))  # Triton where CUDA C++ was not built
