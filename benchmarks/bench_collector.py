@@ -12,6 +12,12 @@ Two operations, each side by side with bergson 2.5.1 driven through its own coll
     by the right matrix in the forward hook, ``g`` by the left one, forms ``g^T a`` per example,
     flattens + clamps), projection matrices cached in its ``GradientProcessor`` (steady state);
   - bergson cold: the same with a fresh processor, i.e. the first batch (matrix generation included).
+* ``factored proj (hook work, bf16 a/g)``: the same hook work on a bfloat16 model's activations and
+  gradients (``a``, ``g`` rounded to bf16).
+  - gradkit: ``factored_project(a_bf16, g_bf16, 16)``: read as bf16, widened exactly, fp32 arithmetic;
+  - gradkit (a.float()): the same call after converting a and g to float32 (what the API did before);
+  - bergson: its hooks on a bf16 Linear (bf16 projection matrices, bf16 matmuls, bf16 result).
+  Each row's note gives its relative error against the float64 L G R^T of its own matrices.
 * ``collector step (fwd+bwd)``: the whole step from the input ``x``: forward of the Linear with
   the hooks attached, backward of ``sum(y * w)`` (so ``g = w``), projected gradients out.
   - gradkit (the collector): ``col.backward(loss)`` (autograd to the hooked outputs only: no weight
@@ -121,9 +127,9 @@ def run(rec, quick: bool = False) -> None:
                 delattr(lin, attr)
 
     # ---- hook work on a bfloat16 model's activations / gradients
-    op = "factored proj (hook work)"
+    op = "factored proj (hook work, bf16 a/g)"
     ab, gb = a.bfloat16(), g.bfloat16()
-    dtb = "bfloat16 a, g"
+    dtb = "bfloat16"
     outb = factored_project(ab, gb, P, seed=0, name="lin")
     truth = torch.stack([(L @ (gb[b].double().T @ ab[b].double()) @ R.T).reshape(-1) for b in range(B)])
     rel = lambda x: ((x.double() - truth).norm() / truth.norm()).item()  # noqa: E731

@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "../obs_schur.h"
+#include "../obs_select_checks.h"
 #include "../obs_shared.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -59,21 +60,6 @@ using at::Tensor;
 constexpr int64_t kBuf = 2048;            // costs per batch (floats)
 constexpr int64_t kGrainElems = 1 << 15;  // elements per parallel task at least
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-void check_args(const Tensor& w, const Tensor& d, int64_t gs, int64_t bk, int64_t num_prune, double eps) {
-  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, "w: expected a float32 tensor, got ", w.scalar_type());
-  TORCH_CHECK_TYPE(d.scalar_type() == at::kFloat, "d: expected a float32 tensor, got ", d.scalar_type());
-  TORCH_CHECK_VALUE(w.dim() == 2, "w: expected a 2-D tensor (n, nb), got shape ", w.sizes());
-  TORCH_CHECK_VALUE(d.sizes() == w.sizes(), "d: expected shape ", w.sizes(), " (that of w), got ", d.sizes());
-  TORCH_CHECK_VALUE(d.device() == w.device(), "d: on ", d.device(), " but w is on ", w.device());
-  TORCH_CHECK_VALUE(gs >= 1, "gs: expected >= 1, got ", gs);
-  TORCH_CHECK_VALUE(bk >= 1, "bk: expected >= 1, got ", bk);
-  TORCH_CHECK_VALUE(num_prune >= 0 && num_prune <= gs, "num_prune: expected 0 <= num_prune <= gs = ", gs, ", got ",
-                    num_prune);
-  TORCH_CHECK_VALUE(gs <= (int64_t{1} << 31) && bk <= (int64_t{1} << 31) && w.size(1) % (gs * bk) == 0,
-                    "w: the row length ", w.size(1), " is not a multiple of gs * bk = ", gs, " * ", bk);
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, "eps: expected a finite number >= 0, got ", eps);
-}
 
 struct Args {
   const float* w;
@@ -352,7 +338,7 @@ RangeFn pick(int64_t gs) {
 
 Tensor obs_select_cpu(const Tensor& w_in, const Tensor& d_in, int64_t gs, int64_t bk, int64_t num_prune,
                       double eps) {
-  check_args(w_in, d_in, gs, bk, num_prune, eps);
+  check_obs_select(w_in, d_in, gs, bk, num_prune, eps);
   const int64_t n = w_in.size(0), nb = w_in.size(1), E = gs * bk, nq = nb / E, O = num_prune * bk;
   Tensor out = at::empty({n, nq * O}, w_in.options().dtype(at::kLong));
   const int64_t S = n * nq;

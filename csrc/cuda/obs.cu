@@ -33,6 +33,7 @@
 
 #include "common.cuh"
 #include "../obs_schur.h"
+#include "../obs_select_checks.h"
 #include "../obs_shared.h"
 
 namespace gradkit {
@@ -43,21 +44,6 @@ using at::Tensor;
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxSmemGs = 8192;  // gs floats + gs flag bytes = 40 KiB of shared memory
-
-void check_args(const Tensor& w, const Tensor& d, int64_t gs, int64_t bk, int64_t num_prune, double eps) {
-  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, "w: expected a float32 tensor, got ", w.scalar_type());
-  TORCH_CHECK_TYPE(d.scalar_type() == at::kFloat, "d: expected a float32 tensor, got ", d.scalar_type());
-  TORCH_CHECK_VALUE(w.dim() == 2, "w: expected a 2-D tensor (n, nb), got shape ", w.sizes());
-  TORCH_CHECK_VALUE(d.sizes() == w.sizes(), "d: expected shape ", w.sizes(), " (that of w), got ", d.sizes());
-  TORCH_CHECK_VALUE(d.device() == w.device(), "d: on ", d.device(), " but w is on ", w.device());
-  TORCH_CHECK_VALUE(gs >= 1, "gs: expected >= 1, got ", gs);
-  TORCH_CHECK_VALUE(bk >= 1, "bk: expected >= 1, got ", bk);
-  TORCH_CHECK_VALUE(num_prune >= 0 && num_prune <= gs, "num_prune: expected 0 <= num_prune <= gs = ", gs, ", got ",
-                    num_prune);
-  TORCH_CHECK_VALUE(gs <= (int64_t{1} << 31) && bk <= (int64_t{1} << 31) && w.size(1) % (gs * bk) == 0,
-                    "w: the row length ", w.size(1), " is not a multiple of gs * bk = ", gs, " * ", bk);
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, "eps: expected a finite number >= 0, got ", eps);
-}
 
 __device__ __forceinline__ float term(float w, float d, float eps) {
   return __fdiv_rn(__fmul_rn(w, w), __fadd_rn(d, eps));
@@ -146,7 +132,7 @@ Tensor composite(const Tensor& w, const Tensor& d, int64_t gs, int64_t bk, int64
 
 Tensor obs_select_cuda(const Tensor& w_in, const Tensor& d_in, int64_t gs, int64_t bk, int64_t num_prune,
                        double eps) {
-  check_args(w_in, d_in, gs, bk, num_prune, eps);
+  check_obs_select(w_in, d_in, gs, bk, num_prune, eps);
   c10::cuda::CUDAGuard guard(w_in.device());
   const int64_t n = w_in.size(0), nb = w_in.size(1), E = gs * bk, nq = nb / E, O = num_prune * bk;
   const int64_t S = n * nq;
