@@ -2,6 +2,7 @@
 per-example gradients that autograd gives when each example is run ALONE (unpadded), for nn.Linear
 and Hugging Face Conv1D, with bias column, per token, padding masks, shared modules; hooks come off;
 the config is JSON-able; bad input is refused."""
+import functools
 import json
 
 import pytest
@@ -479,3 +480,37 @@ def test_bad_input():
     with pytest.raises(ValueError, match="flat"):
         col.split(torch.zeros(2, 3))
     model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model(dtype):
+    """A bf16 / fp16 model: the hooks hand the fused op the model-dtype activations and output gradients
+    as they are; the collected vectors are, bit for bit, factored_project of those tensors widened to
+    float32 (so nothing is rounded beyond the model's own dtype), with and without a padding mask."""
+    from gradkit.projection import factored_project
+
+    g = torch.Generator().manual_seed(8)
+    model = nn.Sequential(nn.Linear(40, 24), nn.Tanh(), nn.Linear(24, 6)).to(dtype)
+    x = torch.randn(3, 9, 40, generator=g).to(dtype)
+    w = torch.randn(3, 9, 6, generator=g).to(dtype)
+    mask = torch.rand(3, 9, generator=g) > 0.25
+    seen = {}
+
+    def grab(mod, inp, out, n):
+        seen[("a", n)] = inp[0].detach()
+        out.register_hook(lambda grad: seen.__setitem__(("g", n), grad.detach()))
+
+    hooks = [m.register_forward_hook(functools.partial(grab, n=n)) for n, m in (("0", model[0]), ("2", model[2]))]
+    col = GradientCollector(model, p=16, seed=2, bias=True)
+    with col:
+        col.set_mask(mask)
+        (model(x) * w).sum().backward()
+        got = col.collect()
+    for h in hooks:
+        h.remove()
+    for n in ("0", "2"):
+        a, gr = seen[("a", n)], seen[("g", n)]
+        assert a.dtype == gr.dtype == dtype
+        want = factored_project(a.float(), gr.float(), 16, seed=2, name=n, bias=True, mask=mask)
+        assert got[n].dtype == torch.float32
+        assert torch.equal(got[n], want)
