@@ -3,7 +3,8 @@
 Times ``torch.ops.gradkit.factored_project`` (p = 16, 1000 x 1000 Linear, T = 128) on 8192 tokens
 (a and g 65.5 MB: streamed from DRAM), 2048 and 512 tokens (cache-resident), each scaled to 8192
 tokens, with the achieved GFLOP/s (2 sides x 2 x tokens x 1000 x 16 flops). Compare with the 2-core
-fp32 FMA peak of the machine (~230 GFLOP/s on the project's AMD EPYC).
+fp32 FMA peak of the machine (~230 GFLOP/s on the project's AMD EPYC). Then the same 8192 tokens as
+examples of T = 1 .. 512 tokens.
 
 ``python benchmarks/factored_roofline.py`` (2 threads).
 """
@@ -35,3 +36,22 @@ for ntok, rep in ((64 * 128, 10), (16 * 128, 40), (4 * 128, 160)):
     ts.sort()
     print(f"{ntok:5d} tokens: per 8192 tokens min {ts[0]:.2f} ms, median {ts[4]:.2f} ms -> "
           f"{flop / ts[0] / 1e6:.0f} GFLOP/s")
+
+# Sequence length: the same 8192 tokens as examples of T tokens (T = 1: one token per example, e.g. a
+# layer whose input has no token axis). Tiles of 16 tokens span examples, so short sequences keep the
+# lt / rt loads shared among 16 tokens; what remains is one p x p partial update per example.
+a = torch.randn(64 * 128, 1000, generator=g)
+gg = torch.randn(64 * 128, 1000, generator=g)
+for T in (1, 4, 16, 128, 512):
+    def f(T=T):
+        return torch.ops.gradkit.factored_project(a, gg, lt, rt, None, None, T)
+
+    f()
+    ts = []
+    for _ in range(9):
+        t = time.perf_counter()
+        for _ in range(5):
+            f()
+        ts.append((time.perf_counter() - t) / 5 * 1e3)
+    ts.sort()
+    print(f"T = {T:3d} ({64 * 128 // T} examples): min {ts[0]:.2f} ms, median {ts[4]:.2f} ms")

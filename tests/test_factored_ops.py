@@ -71,6 +71,24 @@ def test_long_sequences_chunked_and_thread_count_independent():
     close(one, want)
 
 
+@pytest.mark.parametrize("T", [1, 3, 16, 100])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_short_sequences_share_tiles_across_examples_same_bits(T, dtype):
+    """Examples shorter than a tile share 16-token tiles (and items of ~256 tokens): each example's result
+    is, bit for bit, the one it gets alone, the batch's partials are never mixed (masks leave some examples
+    empty: exact zeros), and all match the reference."""
+    B = 700 // T + 3
+    a, g, lt, rt, rb, m = make(B, T, 45, 38, 16, 7, rb=True, mask=True, dtype=dtype)
+    m[:T] = False  # the first example fully masked
+    got = ops.factored_project(a, g, lt, rt, rb, m, T)
+    assert torch.equal(got[0], torch.zeros(16, 16))
+    for b in (0, 1, B // 2, B - 1):
+        sl = slice(b * T, (b + 1) * T)
+        alone = ops.factored_project(a[sl], g[sl], lt, rt, rb, m[sl], T)
+        assert torch.equal(got[b:b + 1], alone)
+    close(got, ref.factored_project(a, g, lt, rt, rb, m, T))
+
+
 @pytest.mark.parametrize("p", [16, 32, 64])
 @pytest.mark.parametrize("mask", [False, True])
 def test_fixed_width_kernels_same_bits_as_generic_kernel(p, mask):

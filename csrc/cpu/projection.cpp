@@ -385,10 +385,11 @@ at::Tensor project_flat_cpu(const at::Tensor& x_in, int64_t k, int64_t seed, int
 //   out[b] = sum over the unmasked tokens n of example b (n = b T + t, t ascending) of u_n v_n^T,
 //   u_n = g_n lt (sum over o ascending), v_n = a_n rt (+ rb): the projected per-example gradient
 //   L G_b R^T of a Linear layer without forming G (kernels/reference/projection.py::factored_project).
-// Work items are (example, chunk of kTokChunk tokens): each item projects its tokens MR at a time with a
+// Work items are runs of whole examples of about kTokChunk tokens (T <= kTokChunk) or (example, chunk of
+// kTokChunk tokens): each item projects its tokens MR at a time (tiles may span examples) with a
 // register-blocked kernel that keeps MR x 16 outputs in zmm registers (one FMA per input element and 16
-// outputs, rows of lt / rt loaded once per MR tokens) and accumulates the outer products into its own
-// p x p partial; partials are added per example in chunk order. Every sum has a fixed order that depends
+// outputs, rows of lt / rt loaded once per MR tokens) and accumulates the outer products into its
+// examples' p x p partials; chunk partials are added per example in chunk order. Every sum has a fixed order that depends
 // on neither the thread count nor the batch: results are bitwise reproducible. Without AVX-512F the same
 // items run a portable loop of the same arithmetic order.
 constexpr int64_t kTokChunk = 256;
@@ -521,20 +522,27 @@ void widen_row(const E* src, int64_t n, float* dst) {
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-// One work item: tokens [n0, n1) of one example into part (p x p), zeroed first. E: the element type of a
-// and g; half-precision rows are widened into a float32 tile first (16 rows x (O + I) floats, L2-resident),
-// so the arithmetic is the float32 kernel's on the same values.
+// One work item: tokens [n0, n1), either whole examples n0 / T .. (n1 - 1) / T (short sequences: several
+// examples per item) or one chunk of one example; part holds the p x p partial of each example the item
+// touches (zeroed first). Tiles of up to 16 unmasked tokens may span examples, so one-token examples still
+// share each load of lt / rt among 16 tokens; each tile's outer products go to their examples' partials in
+// token order (the same arithmetic per token and per partial entry whatever the tiling). E: the element
+// type of a and g; half-precision rows are widened into a float32 tile first (16 rows x (O + I) floats,
+// L2-resident), so the arithmetic is the float32 kernel's on the same values.
 template <typename E>
-void factored_item(const FArgs& A, int64_t n0, int64_t n1, float* part) {
+void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* part) {
   constexpr bool kWiden = !std::is_same_v<E, float>;
   const E* ga = static_cast<const E*>(A.a);
   const E* gg = static_cast<const E*>(A.g);
-  const int64_t p = A.p;
-  std::fill(part, part + p * p, 0.0f);
-  std::vector<float> U(static_cast<size_t>(kFMR * p)), V(static_cast<size_t>(kFMR * p));
-  std::vector<float> wide(kWiden ? static_cast<size_t>(kFMR * (A.O + A.I)) : 0);
+  const int64_t p = A.p, b0 = n0 / T;
+  std::fill(part, part + ((n1 - 1) / T - b0 + 1) * p * p, 0.0f);
+  thread_local std::vector<float> U, V, wide;  // per-thread scratch, kept across calls
+  U.resize(static_cast<size_t>(kFMR * p));
+  V.resize(static_cast<size_t>(kFMR * p));
+  if constexpr (kWiden) wide.resize(static_cast<size_t>(kFMR * (A.O + A.I)));
   const float* xg[kFMR];
   const float* xa[kFMR];
+  int64_t tok_b[kFMR];  // each tile row's example, relative to b0
   int64_t n = n0;
   while (n < n1) {
     int mr = 0;
@@ -551,6 +559,7 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, float* part) {
         xg[mr] = gg + n * A.ldg;
         xa[mr] = ga + n * A.lda;
       }
+      tok_b[mr] = n / T - b0;
       ++mr;
     }
     if (mr == 0) break;
@@ -558,7 +567,7 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, float* part) {
     if (proj_avx512()) {
       // one tile ahead: while this tile's g rows are used, the next tile's g rows stream into L2; likewise a.
       // The next tile may lie past this item: a thread's items are consecutive examples, so it is usually
-      // the thread's next item's first tile (without it, one tile in T / 16 would start cold).
+      // the thread's next item's first tile (without it, one tile per item would start cold).
       const int64_t nn = std::min(A.N, n + static_cast<int64_t>(kFMR));
       const char* g_lo = reinterpret_cast<const char*>(gg + n * A.ldg);
       const int64_t g_len = n < nn ? reinterpret_cast<const char*>(gg + (nn - 1) * A.ldg + A.O) - g_lo : 0;
@@ -576,19 +585,25 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, float* part) {
     if (A.rb)
       for (int r = 0; r < mr; ++r)
         for (int64_t j = 0; j < p; ++j) V[r * p + j] += A.rb[j];
+    for (int r = 0; r < mr;) {  // runs of tokens of one example, in order
+      int r1 = r + 1;
+      while (r1 < mr && tok_b[r1] == tok_b[r]) ++r1;
+      float* pb = part + tok_b[r] * p * p;
 #ifdef GK_PROJ_AVX512
-    if (proj_avx512()) {
-      outer_tile_avx512(U.data(), V.data(), mr, p, part);
-      continue;
-    }
+      if (proj_avx512()) {
+        outer_tile_avx512(U.data() + r * p, V.data() + r * p, r1 - r, p, pb);
+        r = r1;
+        continue;
+      }
 #endif
-    for (int r = 0; r < mr; ++r) {  // tokens in order: part[i, j] = fma(u_i, v_j, part[i, j])
-      const float* u = U.data() + r * p;
-      const float* v = V.data() + r * p;
-      for (int64_t i = 0; i < p; ++i) {
-        float* row = part + i * p;
-        const float ui = u[i];
-        for (int64_t j = 0; j < p; ++j) row[j] = std::fma(ui, v[j], row[j]);
+      for (; r < r1; ++r) {  // part[i, j] = fma(u_i, v_j, part[i, j])
+        const float* u = U.data() + r * p;
+        const float* v = V.data() + r * p;
+        for (int64_t i = 0; i < p; ++i) {
+          float* row = pb + i * p;
+          const float ui = u[i];
+          for (int64_t j = 0; j < p; ++j) row[j] = std::fma(ui, v[j], row[j]);
+        }
       }
     }
   }
@@ -610,9 +625,13 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
                                                         : &factored_item<float>;
   const int64_t chunks = (T + kTokChunk - 1) / kTokChunk;
   float* o = out.data_ptr<float>();
-  if (chunks == 1) {
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) item(A, b * T, (b + 1) * T, o + b * p * p);
+  if (chunks == 1) {  // items of whole examples, about kTokChunk tokens each
+    const int64_t per = std::max<int64_t>(1, kTokChunk / T), items = (B + per - 1) / per;
+    at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t lo = i * per, hi = std::min(B, lo + per);
+        item(A, lo * T, hi * T, T, o + lo * p * p);
+      }
     });
     return out;
   }
@@ -620,7 +639,7 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
   at::parallel_for(0, B * chunks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / chunks, c = i % chunks;
-      item(A, b * T + c * kTokChunk, b * T + std::min(T, (c + 1) * kTokChunk), parts.data() + i * p * p);
+      item(A, b * T + c * kTokChunk, b * T + std::min(T, (c + 1) * kTokChunk), T, parts.data() + i * p * p);
     }
   });
   for (int64_t b = 0; b < B; ++b) {
