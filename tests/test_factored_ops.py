@@ -80,7 +80,15 @@ def test_short_sequences_share_tiles_across_examples_same_bits(T, dtype):
     B = 700 // T + 3
     a, g, lt, rt, rb, m = make(B, T, 45, 38, 16, 7, rb=True, mask=True, dtype=dtype)
     m[:T] = False  # the first example fully masked
-    got = ops.factored_project(a, g, lt, rt, rb, m, T)
+    nt = torch.get_num_threads()
+    try:  # the examples-per-item grouping follows the thread count; the bits do not
+        torch.set_num_threads(1)
+        one = ops.factored_project(a, g, lt, rt, rb, m, T)
+        torch.set_num_threads(2)
+        got = ops.factored_project(a, g, lt, rt, rb, m, T)
+    finally:
+        torch.set_num_threads(nt)
+    assert torch.equal(one, got)
     assert torch.equal(got[0], torch.zeros(16, 16))
     for b in (0, 1, B // 2, B - 1):
         sl = slice(b * T, (b + 1) * T)

@@ -625,8 +625,13 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
                                                         : &factored_item<float>;
   const int64_t chunks = (T + kTokChunk - 1) / kTokChunk;
   float* o = out.data_ptr<float>();
-  if (chunks == 1) {  // items of whole examples, about kTokChunk tokens each
-    const int64_t per = std::max<int64_t>(1, kTokChunk / T), items = (B + per - 1) / per;
+  if (chunks == 1) {
+    // items of whole examples: at most about kTokChunk tokens, enough items for ~4 per thread, but at least
+    // one tile's worth of tokens (the grouping changes no result bit: see factored_item)
+    const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t fill = (kFMR + T - 1) / T, spread = (B + 4 * nt - 1) / (4 * nt);
+    const int64_t per = std::max<int64_t>(1, std::max(fill, std::min(kTokChunk / T, spread)));
+    const int64_t items = (B + per - 1) / per;
     at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t lo = i * per, hi = std::min(B, lo + per);
