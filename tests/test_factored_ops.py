@@ -71,6 +71,22 @@ def test_long_sequences_chunked_and_thread_count_independent():
     close(one, want)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [5, 16, 33])
+def test_portable_loops_same_bits_as_simd_kernels(monkeypatch, dtype, p):
+    """CPUs without AVX-512 run portable loops of the same arithmetic in the same order
+    (GRADKIT_FACTORED_PORTABLE=1 selects them here): the same bits, tiles spanning short examples and
+    chunked long ones included."""
+    for B, T in ((40, 1), (3, 37), (2, 300)):
+        a, g, lt, rt, rb, m = make(B, T, 70, 53, p, 3, rb=True, mask=True, dtype=dtype)
+        simd = ops.factored_project(a, g, lt, rt, rb, m, T)
+        monkeypatch.setenv("GRADKIT_FACTORED_PORTABLE", "1")
+        portable = ops.factored_project(a, g, lt, rt, rb, m, T)
+        monkeypatch.delenv("GRADKIT_FACTORED_PORTABLE")
+        assert torch.equal(simd, portable)
+        close(portable, ref.factored_project(a, g, lt, rt, rb, m, T))
+
+
 @pytest.mark.parametrize("T", [1, 3, 16, 100])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_short_sequences_share_tiles_across_examples_same_bits(T, dtype):

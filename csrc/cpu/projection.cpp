@@ -404,6 +404,7 @@ struct FArgs {
   const bool* mask;
   int64_t lda, ldg, I, O, p;
   int64_t N;  // rows of a / g (prefetches stay inside)
+  bool simd;  // the AVX-512 kernels (else the portable loops: same arithmetic, same order, same bits)
 };
 
 // Y[r][0..p) = X[r] . W (K x p, row-major), r < mr; rows X[r] given by pointers; sums over k ascending.
@@ -512,12 +513,23 @@ __attribute__((target("avx512f"))) void outer_tile_avx512(const float* U, const 
 }
 #endif
 
+// The factored kernel's AVX-512 paths, unless GRADKIT_FACTORED_PORTABLE=1 (read per call: tests compare the
+// portable loops, which other CPUs run, with them bit for bit).
+bool factored_simd() {
+#ifdef GK_PROJ_AVX512
+  const char* env = std::getenv("GRADKIT_FACTORED_PORTABLE");
+  return proj_avx512() && !(env && std::strcmp(env, "1") == 0);
+#else
+  return false;
+#endif
+}
+
 // dst[0..n) = src[0..n) widened to float32 (exact for bfloat16 and float16, subnormals included).
 template <typename E>
-void widen_row(const E* src, int64_t n, float* dst) {
+void widen_row(const E* src, int64_t n, float* dst, bool simd) {
   int64_t i = 0;
 #ifdef GK_PROJ_AVX512
-  if (proj_avx512()) i = widen_row_avx512(src, n, dst);
+  if (simd) i = widen_row_avx512(src, n, dst);
 #endif
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
@@ -551,8 +563,8 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
       if constexpr (kWiden) {
         float* wg = wide.data() + mr * A.O;
         float* wa = wide.data() + kFMR * A.O + mr * A.I;
-        widen_row(gg + n * A.ldg, A.O, wg);
-        widen_row(ga + n * A.lda, A.I, wa);
+        widen_row(gg + n * A.ldg, A.O, wg, A.simd);
+        widen_row(ga + n * A.lda, A.I, wa, A.simd);
         xg[mr] = wg;
         xa[mr] = wa;
       } else {
@@ -564,7 +576,7 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
     }
     if (mr == 0) break;
 #ifdef GK_PROJ_AVX512
-    if (proj_avx512()) {
+    if (A.simd) {
       // one tile ahead: while this tile's g rows are used, the next tile's g rows stream into L2; likewise a.
       // The next tile may lie past this item: a thread's items are consecutive examples, so it is usually
       // the thread's next item's first tile (without it, one tile per item would start cold).
@@ -590,7 +602,7 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
       while (r1 < mr && tok_b[r1] == tok_b[r]) ++r1;
       float* pb = part + tok_b[r] * p * p;
 #ifdef GK_PROJ_AVX512
-      if (proj_avx512()) {
+      if (A.simd) {
         outer_tile_avx512(U.data() + r * p, V.data() + r * p, r1 - r, p, pb);
         r = r1;
         continue;
@@ -619,7 +631,7 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
   const FactoredInputs in = prepare_factored(a_in, g_in, lt_in, rt_in, rb_in, mask_in);
   const FArgs A{in.a.data_ptr(), in.g.data_ptr(), in.lt.data_ptr<float>(), in.rt.data_ptr<float>(),
                 in.rb_ptr(), in.mask_ptr(), std::max<int64_t>(in.a.stride(0), 1), std::max<int64_t>(in.g.stride(0), 1),
-                in.a.size(1), in.g.size(1), p, N};
+                in.a.size(1), in.g.size(1), p, N, factored_simd()};
   const auto item = in.a.scalar_type() == at::kBFloat16 ? &factored_item<c10::BFloat16>
                     : in.a.scalar_type() == at::kHalf   ? &factored_item<c10::Half>
                                                         : &factored_item<float>;
