@@ -308,6 +308,36 @@ def _factored_kernel(a_ptr, g_ptr, lt_ptr, rt_ptr, rb_ptr, m_ptr, out_ptr, T, I,
     tl.store(out_ptr + b * p * p + offs_j[:, None] * p + offs_j[None, :], acc, mask=om)
 
 
+@triton.jit
+def _factored_short_kernel(a_ptr, g_ptr, lt_ptr, rt_ptr, rb_ptr, m_ptr, out_ptr, B, T, E, I, O, p, sa, sg,
+                           HAS_RB: tl.constexpr, HAS_M: tl.constexpr, BT: tl.constexpr, BKD: tl.constexpr,
+                           P_P: tl.constexpr):
+    """Short sequences (T < BT): one program per E = BT // T consecutive examples, whose E * T tokens
+    share one tile (one pass over lt / rt for all of them); then out[b0 + e] = U^T V over example e's
+    rows of the tile."""
+    b0 = tl.program_id(0).to(tl.int64) * E
+    offs_t = tl.arange(0, BT)
+    offs_k = tl.arange(0, BKD)
+    offs_j = tl.arange(0, P_P)
+    jm = offs_j < p
+    ne = tl.minimum(E, B - b0)
+    rows = b0 * T + offs_t
+    tm = offs_t < ne * T
+    if HAS_M:
+        tm = tm & (tl.load(m_ptr + rows, mask=tm, other=0) != 0)
+    u = _tile_project(g_ptr, lt_ptr, rows, tm, O, sg, p, offs_k, offs_j, jm, BT, BKD, P_P)
+    v = _tile_project(a_ptr, rt_ptr, rows, tm, I, sa, p, offs_k, offs_j, jm, BT, BKD, P_P)
+    if HAS_RB:
+        v += tl.load(rb_ptr + offs_j, mask=jm, other=0.0)[None, :]
+    v = tl.where(tm[:, None], v, 0.0)
+    ex = offs_t // T
+    om = jm[:, None] & jm[None, :]
+    for e in range(0, ne):
+        ve = tl.where((ex == e)[:, None], v, 0.0)
+        acc = tl.dot(tl.trans(u), ve, input_precision="ieee")
+        tl.store(out_ptr + (b0 + e) * p * p + offs_j[:, None] * p + offs_j[None, :], acc, mask=om)
+
+
 def factored_project(a, g, lt, rt, rb, mask, T: int) -> torch.Tensor:
     """Launcher: see ``gradkit.kernels.reference.projection.factored_project``; (B, p, p) float32."""
     if a.dtype not in (torch.float32, torch.bfloat16, torch.float16) or a.dim() != 2:
@@ -330,11 +360,18 @@ def factored_project(a, g, lt, rt, rb, mask, T: int) -> torch.Tensor:
     lt, rt = lt.contiguous(), rt.contiguous()
     rb_t = rb.contiguous() if rb is not None else lt
     m_t = mask.contiguous().view(torch.uint8) if mask is not None else lt
-    BT = max(16, min(FACTORED_BLOCKS["t"], triton.next_power_of_2(T)))
     BKD = FACTORED_BLOCKS["k"]
+    P_P = max(16, triton.next_power_of_2(p))
+    if 2 * T <= FACTORED_BLOCKS["t"]:  # short sequences: several examples share a tile
+        BT = FACTORED_BLOCKS["t"]
+        E = BT // T
+        _factored_short_kernel[(triton.cdiv(B, E),)](
+            a, g, lt, rt, rb_t, m_t, out, B, T, E, I, O, p, max(a.stride(0), 1), max(g.stride(0), 1),
+            HAS_RB=rb is not None, HAS_M=mask is not None, BT=BT, BKD=BKD, P_P=P_P)
+        return out
+    BT = max(16, min(FACTORED_BLOCKS["t"], triton.next_power_of_2(T)))
     _factored_kernel[(B,)](a, g, lt, rt, rb_t, m_t, out, T, I, O, p, max(a.stride(0), 1), max(g.stride(0), 1),
-                           HAS_RB=rb is not None, HAS_M=mask is not None, BT=BT, BKD=BKD,
-                           P_P=max(16, triton.next_power_of_2(p)))
+                           HAS_RB=rb is not None, HAS_M=mask is not None, BT=BT, BKD=BKD, P_P=P_P)
     return out
 
 
@@ -349,5 +386,7 @@ def record_aot_cases() -> None:
             project_flat(torch.randn(3, 130, generator=g).to(dt), 20, 7, kind, 3)
     for rb, mask in ((None, None), (torch.randn(4, generator=g), torch.rand(6, generator=g) < 0.5)):
         for dt in (torch.float32, torch.bfloat16, torch.float16):
-            factored_project(torch.randn(6, 20, generator=g).to(dt), torch.randn(6, 18, generator=g).to(dt),
-                             torch.randn(18, 4, generator=g), torch.randn(20, 4, generator=g), rb, mask, 3)
+            for T, m in ((3, mask), (40, None if mask is None else torch.rand(80, generator=g) < 0.5)):
+                n = 6 if T == 3 else 80  # T = 3: the short-sequence kernel; T = 40: the per-example one
+                factored_project(torch.randn(n, 20, generator=g).to(dt), torch.randn(n, 18, generator=g).to(dt),
+                                 torch.randn(18, 4, generator=g), torch.randn(20, 4, generator=g), rb, m, T)
