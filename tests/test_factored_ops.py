@@ -271,6 +271,20 @@ def test_cuda_bitwise_equals_cpu(B, T, I, O, p, seed, rb, mask, strided, dtype):
         close(gpu, ref.factored_project(*args, T))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_blocks_of_several_examples_bitwise_equal_cpu():
+    """Short sequences: CUDA blocks of several whole examples, tiles spanning examples, each thread
+    flushing its entries when the example changes (a fully masked example included): the CPU's bits."""
+    for dtype in DTYPES:
+        for B, T in ((100, 1), (50, 7), (9, 100), (3, 700)):
+            a, g, lt, rt, rb, m = make(B, T, 90, 70, 16, 13, rb=True, mask=True, dtype=dtype)
+            m[T:2 * T] = False
+            cpu = ops.factored_project(a, g, lt, rt, rb, m, T)
+            gpu = ops.factored_project(*[t.cuda() for t in (a, g, lt, rt, rb, m)], T).cpu()
+            assert torch.equal(gpu, cpu), (dtype, B, T)
+            assert torch.equal(gpu[1], torch.zeros(16, 16))
+
+
 @pytest.mark.parametrize("backend", ["native", "triton", "reference"])
 def test_api_half_precision_activations(backend):
     """gradkit.projection.factored_project on a bfloat16 / float16 model's activations and gradients: the

@@ -223,8 +223,9 @@ at::Tensor project_flat_cuda(const at::Tensor& x, int64_t k, int64_t seed, int64
 }
 
 // factored_project (csrc/cpu/projection.cpp has the semantics and the arithmetic order): one block per
-// (example, chunk of kFChunk tokens) -- the CPU kernel's work items -- writing that chunk's p x p partial;
-// partials are added per example in chunk order afterwards (as on the CPU). Per tile of kFT tokens the
+// run of whole examples (T <= kFChunk; tiles span examples, so short sequences share each lt / rt pass) or
+// per (example, chunk of kFChunk tokens), writing the p x p partials; chunk partials are added per example
+// in chunk order afterwards (as on the CPU). Per tile of kFT tokens the
 // block forms u = g_t lt and v = a_t rt (+ rb) as small shared-memory GEMMs: the token rows are staged
 // kFKC features at a time (loads coalesced along the feature dimension), the matching kFKC rows of lt / rt
 // beside them, and each thread keeps fmaf chains over the features ascending for the (token, output)
@@ -287,22 +288,44 @@ template <typename E>
 __global__ void __launch_bounds__(kThreads)
     factored_kernel(const E* __restrict__ a, const E* __restrict__ g, const float* __restrict__ lt,
                     const float* __restrict__ rt, const float* __restrict__ rb, const bool* __restrict__ mask,
-                    float* __restrict__ part, int64_t T, int64_t chunks, int64_t I, int64_t O, int64_t p,
-                    int64_t lda, int64_t ldg) {
+                    float* __restrict__ part, int64_t B, int64_t T, int64_t chunks, int64_t per, int64_t I,
+                    int64_t O, int64_t p, int64_t lda, int64_t ldg) {
   extern __shared__ float sm[];
   float* us = sm;                        // kFT x p
   float* vs = us + kFT * p;              // kFT x p
   float* xs = vs + kFT * p;              // kFT x (kFKC + 1)
   float* ws = xs + kFT * (kFKC + 1);     // kFKC x p
   const int64_t item = blockIdx.x;
-  const int64_t b = item / chunks, c = item % chunks;
-  const int64_t t_lo = c * kFChunk, t_hi = std::min<int64_t>(T, t_lo + kFChunk);
+  // chunks == 1: the block's tokens are whole examples [b_lo, b_lo + per), whose partials are the rows
+  // part[b_lo ..]; chunks > 1: one 256-token chunk of one example, partial part[item]
+  int64_t b_lo, n_lo, n_hi;
+  float* o;
+  if (chunks == 1) {
+    b_lo = item * per;
+    n_lo = b_lo * T;
+    n_hi = std::min<int64_t>(B, b_lo + per) * T;
+    o = part + b_lo * p * p;
+  } else {
+    b_lo = item / chunks;
+    const int64_t c = item % chunks;
+    n_lo = b_lo * T + c * kFChunk;
+    n_hi = b_lo * T + std::min<int64_t>(T, (c + 1) * kFChunk);
+    o = part + item * p * p;
+  }
   constexpr int kPer = static_cast<int>(kFMaxP * kFMaxP / kThreads);
   float acc[kPer];
+  int ui[kPer], vj[kPer];  // the (i, j) of each entry this thread owns (i < 0: none)
+  const int pp = static_cast<int>(p);
 #pragma unroll
-  for (int e = 0; e < kPer; ++e) acc[e] = 0.0f;
-  for (int64_t t0 = t_lo; t0 < t_hi; t0 += kFT) {
-    const int64_t n0 = b * T + t0, ntok = std::min<int64_t>(kFT, t_hi - t0);
+  for (int e = 0; e < kPer; ++e) {
+    const int idx = static_cast<int>(threadIdx.x) + e * kThreads;
+    acc[e] = 0.0f;
+    ui[e] = idx < pp * pp ? idx / pp : -1;
+    vj[e] = idx < pp * pp ? idx % pp : 0;
+  }
+  int64_t cur = 0;  // the example (relative to b_lo) whose partial acc holds
+  for (int64_t n0 = n_lo; n0 < n_hi; n0 += kFT) {  // tiles may span examples
+    const int64_t ntok = std::min<int64_t>(kFT, n_hi - n0);
     factored_side(g, ldg, O, lt, p, n0, ntok, mask, xs, ws, us);
     factored_side(a, lda, I, rt, p, n0, ntok, mask, xs, ws, vs);
     if (rb != nullptr) {
@@ -312,26 +335,33 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     __syncthreads();
+    // every thread walks the tile's tokens in order; when the example changes it writes its entries of
+    // the finished example's partial and starts the next from zero (so each example's entries are its
+    // tokens' fused multiply-adds in token order from 0, as on the CPU; fully masked examples get zeros)
+    for (int64_t tt = 0; tt < ntok; ++tt) {
+      const int64_t ex = (n0 + tt) / T - b_lo;
+      if (ex != cur) {
 #pragma unroll
-    for (int e = 0; e < kPer; ++e) {
-      const int64_t idx = threadIdx.x + static_cast<int64_t>(e) * kThreads;
-      if (idx < p * p) {
-        const int64_t i = idx / p, j = idx % p;
-        float s = acc[e];
-        for (int64_t tt = 0; tt < ntok; ++tt) {
-          if (mask != nullptr && !mask[n0 + tt]) continue;  // skipped, as on the CPU
-          s = fmaf(us[tt * p + i], vs[tt * p + j], s);
+        for (int e = 0; e < kPer; ++e) {
+          const int64_t idx = threadIdx.x + static_cast<int64_t>(e) * kThreads;
+          if (idx < p * p) o[cur * p * p + idx] = acc[e];
+          acc[e] = 0.0f;
         }
-        acc[e] = s;
+        cur = ex;
       }
+      if (mask != nullptr && !mask[n0 + tt]) continue;  // skipped, as on the CPU
+      const float* ut = us + tt * p;
+      const float* vt = vs + tt * p;
+#pragma unroll
+      for (int e = 0; e < kPer; ++e)
+        if (ui[e] >= 0) acc[e] = fmaf(ut[ui[e]], vt[vj[e]], acc[e]);
     }
     __syncthreads();
   }
-  float* o = part + item * p * p;
 #pragma unroll
   for (int e = 0; e < kPer; ++e) {
     const int64_t idx = threadIdx.x + static_cast<int64_t>(e) * kThreads;
-    if (idx < p * p) o[idx] = acc[e];
+    if (idx < p * p) o[cur * p * p + idx] = acc[e];
   }
 }
 
@@ -354,14 +384,23 @@ at::Tensor factored_project_cuda(const at::Tensor& a_in, const at::Tensor& g_in,
   if (B == 0) return at::empty({B, p, p}, a_in.options().dtype(at::kFloat));
   const FactoredInputs in = prepare_factored(a_in, g_in, lt_in, rt_in, rb_in, mask_in);
   const int64_t chunks = (T + kFChunk - 1) / kFChunk;
-  TORCH_CHECK_VALUE(B * chunks <= 2147483647LL, "a: too many examples for one launch (", B, ")");
+  // chunks == 1: blocks of `per` whole examples -- at least one kFT-token tile's worth, at most ~kFChunk
+  // tokens, and no fewer than ~4 blocks per SM where the batch allows (the grouping changes no bit)
+  int64_t per = 1;
+  if (chunks == 1) {
+    const int64_t blocks_wanted = 4 * static_cast<int64_t>(gradkit::cuda::sm_count(a_in.get_device()));
+    const int64_t fill = (kFT + T - 1) / T, spread = (B + blocks_wanted - 1) / blocks_wanted;
+    per = std::max<int64_t>(1, std::max(fill, std::min(kFChunk / T, spread)));
+  }
+  const int64_t blocks = chunks == 1 ? (B + per - 1) / per : B * chunks;
+  TORCH_CHECK_VALUE(blocks <= 2147483647LL, "a: too many examples for one launch (", B, ")");
   at::Tensor part = at::empty({B, chunks, p, p}, a_in.options().dtype(at::kFloat));
   const size_t smem = static_cast<size_t>(2 * kFT * p + kFT * (kFKC + 1) + kFKC * p) * sizeof(float);
   const auto launch = [&](auto* a_ptr, auto* g_ptr) {
-    factored_kernel<<<static_cast<unsigned>(B * chunks), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+    factored_kernel<<<static_cast<unsigned>(blocks), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
         a_ptr, g_ptr, in.lt.data_ptr<float>(), in.rt.data_ptr<float>(), in.rb_ptr(), in.mask_ptr(),
-        part.data_ptr<float>(), T, chunks, in.a.size(1), in.g.size(1), p, std::max<int64_t>(in.a.stride(0), 1),
-        std::max<int64_t>(in.g.stride(0), 1));
+        part.data_ptr<float>(), B, T, chunks, per, in.a.size(1), in.g.size(1), p,
+        std::max<int64_t>(in.a.stride(0), 1), std::max<int64_t>(in.g.stride(0), 1));
   };
   if (in.a.scalar_type() == at::kBFloat16)
     launch(in.a.data_ptr<c10::BFloat16>(), in.g.data_ptr<c10::BFloat16>());
