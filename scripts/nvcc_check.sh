@@ -9,6 +9,7 @@
 #   PYTHON      interpreter whose torch provides the headers (default: python)
 #   NVCC        nvcc to use (default: nvcc on PATH, else $CUDA_HOME/bin/nvcc)
 #   NVCC_ARCH   target flags (default: -gencode arch=compute_90,code=sm_90, i.e. H100)
+#   NVCC_JOBS   files compiled at once (default: the CPU count)
 #
 # Flags mirror what setup.py's CUDAExtension passes: torch's COMMON_NVCC_FLAGS
 # (-D__CUDA_NO_HALF_OPERATORS__ ... --expt-relaxed-constexpr), -fPIC,
@@ -93,15 +94,32 @@ echo "nvcc_check: $HDR_NOTE"
 echo "nvcc_check: flags ${FLAGS[*]} ${DEFINES[*]}"
 echo "nvcc_check: objects -> $OBJDIR (removed on exit)"
 
-failed=0
-for src in "${SOURCES[@]}"; do
-  rel="${src#"$ROOT"/}"
+# Files compile in parallel, NVCC_JOBS at a time (default: the CPU count); each one's output is kept in
+# its own log and printed in source order afterwards.
+JOBS="${NVCC_JOBS:-$(nproc 2>/dev/null || echo 1)}"
+[[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || JOBS=1
+compile_one() {
+  local src="$1" rel="${1#"$ROOT"/}" obj start
   obj="$OBJDIR/$(basename "${src%.cu}").o"
   start=$(date +%s)
   if "$NVCC" -c "$src" -o "$obj" "${INCLUDES[@]}" "${DEFINES[@]}" "${FLAGS[@]}"; then
     echo "nvcc_check: OK   $rel ($(( $(date +%s) - start ))s, $(wc -c <"$obj") bytes)"
   else
-    echo "nvcc_check: FAIL $rel ($(( $(date +%s) - start ))s)" >&2
+    echo "nvcc_check: FAIL $rel ($(( $(date +%s) - start ))s)"
+  fi
+}
+for src in "${SOURCES[@]}"; do
+  while [[ $(jobs -rp | wc -l) -ge $JOBS ]]; do wait -n || true; done
+  compile_one "$src" >"$OBJDIR/$(basename "${src%.cu}").log" 2>&1 &
+done
+wait
+failed=0
+for src in "${SOURCES[@]}"; do
+  log="$OBJDIR/$(basename "${src%.cu}").log"
+  if grep -q '^nvcc_check: OK ' "$log"; then
+    grep '^nvcc_check: OK ' "$log"
+  else
+    cat "$log" >&2
     failed=$((failed + 1))
   fi
 done
