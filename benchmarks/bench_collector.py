@@ -67,6 +67,30 @@ def _bergson(model, cold: bool = False):
     return StreamingGradientCollector(model=model, processor=proc, dtype=torch.float32)
 
 
+def _tag(lin: nn.Linear) -> None:
+    """What bergson's collector sets on a hooked module before its hooks run."""
+    lin._name = "lin"
+    lin._collect_bias = False
+
+
+def _untag(lin: nn.Linear) -> None:
+    for attr in ("_name", "_collect_bias", "_inputs"):
+        if hasattr(lin, attr):
+            delattr(lin, attr)
+
+
+def _bergson_hooks(c, lin: nn.Linear, a, g):
+    """bergson's hook work for one batch: forward hook on a, backward hook on g; its (B, p*p) result."""
+    c.forward_hook(lin, a)
+    c.backward_hook(lin, g)
+    return c.mod_grads["lin"]
+
+
+def _lgr(L, R, a, g):
+    """float64 vec(L G_b R^T) of every example b, G_b = g_b^T a_b."""
+    return torch.stack([(L @ (g[b].double().T @ a[b].double()) @ R.T).reshape(-1) for b in range(a.shape[0])])
+
+
 def run(rec, quick: bool = False) -> None:
     from gradkit.projection import (GradientCollector, derive_seed, factored_project,
                                     projection_matrix)
@@ -103,13 +127,10 @@ def run(rec, quick: bool = False) -> None:
             note="GradientCollector hook body (_project -> factored_project)")
     bcol = _bergson(model)
     if bcol is not None:
-        lin._name = "lin"
-        lin._collect_bias = False
+        _tag(lin)
 
         def bergson_hooks(c=bcol):
-            c.forward_hook(lin, a)
-            c.backward_hook(lin, g)
-            return c.mod_grads["lin"]
+            return _bergson_hooks(c, lin, a, g)
 
         got = bergson_hooks()
         assert got.shape == (B, P * P)
@@ -122,16 +143,14 @@ def run(rec, quick: bool = False) -> None:
 
             rec.add(FAMILY, op, "bergson cold", wl, dt, rec.time(bergson_cold, slow_reps=3),
                     note="fresh GradientProcessor: first batch, projection matrices generated")
-        for attr in ("_name", "_collect_bias", "_inputs"):
-            if hasattr(lin, attr):
-                delattr(lin, attr)
+        _untag(lin)
 
     # ---- hook work on a bfloat16 model's activations / gradients
     op = "factored proj (hook work, bf16 a/g)"
     ab, gb = a.bfloat16(), g.bfloat16()
     dtb = "bfloat16"
     outb = factored_project(ab, gb, P, seed=0, name="lin")
-    truth = torch.stack([(L @ (gb[b].double().T @ ab[b].double()) @ R.T).reshape(-1) for b in range(B)])
+    truth = _lgr(L, R, ab, gb)
     rel = lambda x: ((x.double() - truth).norm() / truth.norm()).item()  # noqa: E731
     rec.add(FAMILY, op, "gradkit", wl, dtb, rec.time(lambda: factored_project(ab, gb, P, seed=0, name="lin")),
             note=f"native bf16 input, fp32 arithmetic; rel. error vs float64 {rel(outb):.1e}")
@@ -141,25 +160,20 @@ def run(rec, quick: bool = False) -> None:
     linb = nn.Linear(D, D).to(dev, torch.bfloat16)
     bcolb = _bergson(_Wrap(linb))
     if bcolb is not None:
-        linb._name = "lin"
-        linb._collect_bias = False
+        _tag(linb)
 
         def bergson_bf16():
-            bcolb.forward_hook(linb, ab)
-            bcolb.backward_hook(linb, gb)
-            return bcolb.mod_grads["lin"]
+            return _bergson_hooks(bcolb, linb, ab, gb)
 
         # bergson's own matrices differ from gradkit's: its error against its own L G R^T
         got = bergson_bf16()
         Lb = bcolb.projection("lin", P, D, "left", dev, torch.bfloat16).double()
         Rb = bcolb.projection("lin", P, D, "right", dev, torch.bfloat16).double()
-        tb = torch.stack([(Lb @ (gb[b].double().T @ ab[b].double()) @ Rb.T).reshape(-1) for b in range(B)])
+        tb = _lgr(Lb, Rb, ab, gb)
         err_b = ((got.double() - tb).norm() / tb.norm()).item()
         rec.add(FAMILY, op, "bergson", wl, dtb, rec.time(bergson_bf16),
                 note=f"bergson 2.5.1 on a bf16 model (bf16 matmuls, bf16 output); rel. error vs float64 {err_b:.1e}")
-        for attr in ("_name", "_collect_bias", "_inputs"):
-            if hasattr(linb, attr):
-                delattr(linb, attr)
+        _untag(linb)
 
     # ---- the whole collector step
     op = "collector step (fwd+bwd)"

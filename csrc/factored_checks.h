@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <optional>
 #include <utility>
 
@@ -60,6 +62,15 @@ inline FactoredInputs prepare_factored(const at::Tensor& a, const at::Tensor& g,
   if (rb.has_value()) in.rb = rb->contiguous();
   if (mask.has_value()) in.mask = mask->contiguous();
   return in;
+}
+
+// Examples per work item when T fits one item (both kernels group whole examples; the grouping changes no
+// result bit): at least one tile's worth of tokens (`tile`), at most about `chunk` tokens, and otherwise
+// small enough for about 4 items per parallel unit (`units`: CPU threads, or SMs).
+inline int64_t factored_examples_per_item(int64_t B, int64_t T, int64_t tile, int64_t chunk, int64_t units) {
+  const int64_t want = 4 * std::max<int64_t>(1, units);
+  const int64_t fill = (tile + T - 1) / T, spread = (B + want - 1) / want;
+  return std::max<int64_t>(1, std::max(fill, std::min(chunk / T, spread)));
 }
 
 }  // namespace projection

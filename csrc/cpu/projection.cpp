@@ -389,9 +389,9 @@ at::Tensor project_flat_cpu(const at::Tensor& x_in, int64_t k, int64_t seed, int
 // kTokChunk tokens): each item projects its tokens MR at a time (tiles may span examples) with a
 // register-blocked kernel that keeps MR x 16 outputs in zmm registers (one FMA per input element and 16
 // outputs, rows of lt / rt loaded once per MR tokens) and accumulates the outer products into its
-// examples' p x p partials; chunk partials are added per example in chunk order. Every sum has a fixed order that depends
-// on neither the thread count nor the batch: results are bitwise reproducible. Without AVX-512F the same
-// items run a portable loop of the same arithmetic order.
+// examples' p x p partials; chunk partials are added per example in chunk order. Every sum has a fixed
+// order that depends on neither the thread count nor the batch: results are bitwise reproducible. Without
+// AVX-512F the same items run a portable loop of the same arithmetic order.
 constexpr int64_t kTokChunk = 256;
 constexpr int kFMR = 16;
 
@@ -466,9 +466,9 @@ template <int kP, int... I>
 constexpr std::array<SkinnyFn, sizeof...(I)> skinny_table(std::integer_sequence<int, I...>) {
   return {&skinny_avx512<I + 1, kP>...};
 }
+constexpr auto kMRs = std::make_integer_sequence<int, kFMR>{};
 const std::array<std::array<SkinnyFn, kFMR>, 4> kSkinny = {  // p: any, 16, 32, 64
-    skinny_table<0>(std::make_integer_sequence<int, kFMR>{}), skinny_table<16>(std::make_integer_sequence<int, kFMR>{}),
-    skinny_table<32>(std::make_integer_sequence<int, kFMR>{}), skinny_table<64>(std::make_integer_sequence<int, kFMR>{})};
+    skinny_table<0>(kMRs), skinny_table<16>(kMRs), skinny_table<32>(kMRs), skinny_table<64>(kMRs)};
 
 // widen_row's vector body: returns how many leading elements it converted (a multiple of 16).
 __attribute__((target("avx512f"))) int64_t widen_row_avx512(const c10::BFloat16* src, int64_t n, float* dst) {
@@ -638,11 +638,7 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
   const int64_t chunks = (T + kTokChunk - 1) / kTokChunk;
   float* o = out.data_ptr<float>();
   if (chunks == 1) {
-    // items of whole examples: at most about kTokChunk tokens, enough items for ~4 per thread, but at least
-    // one tile's worth of tokens (the grouping changes no result bit: see factored_item)
-    const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
-    const int64_t fill = (kFMR + T - 1) / T, spread = (B + 4 * nt - 1) / (4 * nt);
-    const int64_t per = std::max<int64_t>(1, std::max(fill, std::min(kTokChunk / T, spread)));
+    const int64_t per = factored_examples_per_item(B, T, kFMR, kTokChunk, at::get_num_threads());
     const int64_t items = (B + per - 1) / per;
     at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {

@@ -384,14 +384,9 @@ at::Tensor factored_project_cuda(const at::Tensor& a_in, const at::Tensor& g_in,
   if (B == 0) return at::empty({B, p, p}, a_in.options().dtype(at::kFloat));
   const FactoredInputs in = prepare_factored(a_in, g_in, lt_in, rt_in, rb_in, mask_in);
   const int64_t chunks = (T + kFChunk - 1) / kFChunk;
-  // chunks == 1: blocks of `per` whole examples -- at least one kFT-token tile's worth, at most ~kFChunk
-  // tokens, and no fewer than ~4 blocks per SM where the batch allows (the grouping changes no bit)
-  int64_t per = 1;
-  if (chunks == 1) {
-    const int64_t blocks_wanted = 4 * static_cast<int64_t>(gradkit::cuda::sm_count(a_in.get_device()));
-    const int64_t fill = (kFT + T - 1) / T, spread = (B + blocks_wanted - 1) / blocks_wanted;
-    per = std::max<int64_t>(1, std::max(fill, std::min(kFChunk / T, spread)));
-  }
+  // chunks == 1: blocks of `per` whole examples (tiles of kFT tokens, ~4 blocks per SM where the batch allows)
+  const int64_t per =
+      chunks == 1 ? factored_examples_per_item(B, T, kFT, kFChunk, gradkit::cuda::sm_count(a_in.get_device())) : 1;
   const int64_t blocks = chunks == 1 ? (B + per - 1) / per : B * chunks;
   TORCH_CHECK_VALUE(blocks <= 2147483647LL, "a: too many examples for one launch (", B, ")");
   at::Tensor part = at::empty({B, chunks, p, p}, a_in.options().dtype(at::kFloat));

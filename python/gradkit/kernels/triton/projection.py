@@ -282,6 +282,19 @@ def _tile_project(x_ptr, w_ptr, rows, tm, K, sx, p, offs_k, offs_j, jm, BT: tl.c
 
 
 @triton.jit
+def _tile_uv(a_ptr, g_ptr, lt_ptr, rt_ptr, rb_ptr, m_ptr, rows, tm, I, O, p, sa, sg, offs_k, offs_j, jm,
+             HAS_RB: tl.constexpr, HAS_M: tl.constexpr, BT: tl.constexpr, BKD: tl.constexpr, P_P: tl.constexpr):
+    """One tile of tokens: U = g_tile lt and V = a_tile rt (+ rb), rows outside tm or masked as zeros."""
+    if HAS_M:
+        tm = tm & (tl.load(m_ptr + rows, mask=tm, other=0) != 0)
+    u = _tile_project(g_ptr, lt_ptr, rows, tm, O, sg, p, offs_k, offs_j, jm, BT, BKD, P_P)
+    v = _tile_project(a_ptr, rt_ptr, rows, tm, I, sa, p, offs_k, offs_j, jm, BT, BKD, P_P)
+    if HAS_RB:
+        v += tl.load(rb_ptr + offs_j, mask=jm, other=0.0)[None, :]
+    return u, tl.where(tm[:, None], v, 0.0)
+
+
+@triton.jit
 def _factored_kernel(a_ptr, g_ptr, lt_ptr, rt_ptr, rb_ptr, m_ptr, out_ptr, T, I, O, p, sa, sg,
                      HAS_RB: tl.constexpr, HAS_M: tl.constexpr, BT: tl.constexpr, BKD: tl.constexpr,
                      P_P: tl.constexpr):
@@ -295,14 +308,8 @@ def _factored_kernel(a_ptr, g_ptr, lt_ptr, rt_ptr, rb_ptr, m_ptr, out_ptr, T, I,
     acc = tl.zeros((P_P, P_P), dtype=tl.float32)
     for t0 in range(0, T, BT):
         rows = b * T + t0 + offs_t
-        tm = (t0 + offs_t) < T
-        if HAS_M:
-            tm = tm & (tl.load(m_ptr + rows, mask=tm, other=0) != 0)
-        u = _tile_project(g_ptr, lt_ptr, rows, tm, O, sg, p, offs_k, offs_j, jm, BT, BKD, P_P)
-        v = _tile_project(a_ptr, rt_ptr, rows, tm, I, sa, p, offs_k, offs_j, jm, BT, BKD, P_P)
-        if HAS_RB:
-            v += tl.load(rb_ptr + offs_j, mask=jm, other=0.0)[None, :]
-        v = tl.where(tm[:, None], v, 0.0)
+        u, v = _tile_uv(a_ptr, g_ptr, lt_ptr, rt_ptr, rb_ptr, m_ptr, rows, (t0 + offs_t) < T, I, O, p, sa, sg,
+                        offs_k, offs_j, jm, HAS_RB, HAS_M, BT, BKD, P_P)
         acc += tl.dot(tl.trans(u), v, input_precision="ieee")
     om = jm[:, None] & jm[None, :]
     tl.store(out_ptr + b * p * p + offs_j[:, None] * p + offs_j[None, :], acc, mask=om)
@@ -321,15 +328,8 @@ def _factored_short_kernel(a_ptr, g_ptr, lt_ptr, rt_ptr, rb_ptr, m_ptr, out_ptr,
     offs_j = tl.arange(0, P_P)
     jm = offs_j < p
     ne = tl.minimum(E, B - b0)
-    rows = b0 * T + offs_t
-    tm = offs_t < ne * T
-    if HAS_M:
-        tm = tm & (tl.load(m_ptr + rows, mask=tm, other=0) != 0)
-    u = _tile_project(g_ptr, lt_ptr, rows, tm, O, sg, p, offs_k, offs_j, jm, BT, BKD, P_P)
-    v = _tile_project(a_ptr, rt_ptr, rows, tm, I, sa, p, offs_k, offs_j, jm, BT, BKD, P_P)
-    if HAS_RB:
-        v += tl.load(rb_ptr + offs_j, mask=jm, other=0.0)[None, :]
-    v = tl.where(tm[:, None], v, 0.0)
+    u, v = _tile_uv(a_ptr, g_ptr, lt_ptr, rt_ptr, rb_ptr, m_ptr, b0 * T + offs_t, offs_t < ne * T, I, O, p, sa, sg,
+                    offs_k, offs_j, jm, HAS_RB, HAS_M, BT, BKD, P_P)
     ex = offs_t // T
     om = jm[:, None] & jm[None, :]
     for e in range(0, ne):
