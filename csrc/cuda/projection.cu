@@ -323,6 +323,11 @@ __global__ void __launch_bounds__(kThreads)
     ui[e] = idx < pp * pp ? idx / pp : -1;
     vj[e] = idx < pp * pp ? idx % pp : 0;
   }
+  const auto flush = [&](float* dst) {  // this thread's entries of one example's partial
+#pragma unroll
+    for (int e = 0; e < kPer; ++e)
+      if (ui[e] >= 0) dst[ui[e] * p + vj[e]] = acc[e];
+  };
   int64_t cur = 0;  // the example (relative to b_lo) whose partial acc holds
   for (int64_t n0 = n_lo; n0 < n_hi; n0 += kFT) {  // tiles may span examples
     const int64_t ntok = std::min<int64_t>(kFT, n_hi - n0);
@@ -341,12 +346,9 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t tt = 0; tt < ntok; ++tt) {
       const int64_t ex = (n0 + tt) / T - b_lo;
       if (ex != cur) {
+        flush(o + cur * p * p);
 #pragma unroll
-        for (int e = 0; e < kPer; ++e) {
-          const int64_t idx = threadIdx.x + static_cast<int64_t>(e) * kThreads;
-          if (idx < p * p) o[cur * p * p + idx] = acc[e];
-          acc[e] = 0.0f;
-        }
+        for (int e = 0; e < kPer; ++e) acc[e] = 0.0f;
         cur = ex;
       }
       if (mask != nullptr && !mask[n0 + tt]) continue;  // skipped, as on the CPU
@@ -358,11 +360,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
   }
-#pragma unroll
-  for (int e = 0; e < kPer; ++e) {
-    const int64_t idx = threadIdx.x + static_cast<int64_t>(e) * kThreads;
-    if (idx < p * p) o[cur * p * p + idx] = acc[e];
-  }
+  flush(o + cur * p * p);
 }
 
 at::Tensor factored_project_cuda(const at::Tensor& a_in, const at::Tensor& g_in, const at::Tensor& lt_in,
