@@ -8,9 +8,26 @@
 #include <algorithm>
 #include <atomic>
 
+// Kernel launches and dynamic shared memory through two macros, so that a file can also be compiled as
+// plain C++ by the CPU emulator of tests/cuda_emu (GRADKIT_CUDA_EMU: every block's threads run as fibers,
+// __syncthreads a barrier among them), which runs the kernels and their host code in CI without a GPU.
+//   GK_LAUNCH(kernel, grid, block, smem_bytes, stream, args...)  ==  kernel<<<grid, block, smem, stream>>>(args...)
+//   GK_DYNAMIC_SHARED(float, sm);                                ==  extern __shared__ float sm[];
+#ifdef GRADKIT_CUDA_EMU
+#define GK_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::gk_emu::launch(dim3(grid), dim3(block), static_cast<size_t>(smem), [&] { kernel(__VA_ARGS__); })
+#define GK_DYNAMIC_SHARED(type, name) type* name = ::gk_emu::dynamic_shared<type>()
+#else
+#define GK_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define GK_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 namespace gradkit {
 namespace cuda {
 
+#ifdef GRADKIT_CUDA_EMU
+inline int sm_count(int) { return ::gk_emu::sm_count(); }  // the emulated device's, set by the test
+#else
 // Streaming multiprocessors of device `dev` (queried once per device, then cached).
 inline int sm_count(int dev) {
   static std::atomic<int> cache[C10_COMPILE_TIME_MAX_GPUS];
@@ -23,6 +40,7 @@ inline int sm_count(int dev) {
   }
   return v;
 }
+#endif
 
 // Index of the last table row whose first tile is <= tile, for the multi-tensor tile tables
 // (rows sorted by `first_tile`, every row covering >= 1 tile).

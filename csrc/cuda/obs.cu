@@ -87,7 +87,7 @@ __global__ void small_kernel(const float* __restrict__ w, const float* __restric
 
 __global__ void large_kernel(const float* __restrict__ w, const float* __restrict__ d, int64_t* __restrict__ out,
                              int64_t S, int64_t nq, int64_t gs, int64_t bk, int64_t np, float eps) {
-  extern __shared__ float sc[];                               // gs costs
+  GK_DYNAMIC_SHARED(float, sc);                               // gs costs
   unsigned char* fl = reinterpret_cast<unsigned char*>(sc + gs);  // gs pruned flags
   const int64_t E = gs * bk, O = np * bk;
   for (int64_t s = blockIdx.x; s < S; s += gridDim.x) {
@@ -150,7 +150,7 @@ Tensor obs_select_cuda(const Tensor& w_in, const Tensor& d_in, int64_t gs, int64
     const int64_t blocks = std::min<int64_t>((S + kThreads - 1) / kThreads, int64_t{32} * cuda::sm_count(dev));
     const dim3 grid(static_cast<unsigned>(blocks));
     auto launch = [&](auto kernel) {
-      kernel<<<grid, kThreads, 0, stream>>>(wp, dp, op, S, nq, gs, bk, num_prune, epsf);
+      GK_LAUNCH(kernel, grid, kThreads, 0, stream, wp, dp, op, S, nq, gs, bk, num_prune, epsf);
     };
     if (gs <= 2) launch(small_kernel<2>);
     else if (gs <= 4) launch(small_kernel<4>);
@@ -160,8 +160,8 @@ Tensor obs_select_cuda(const Tensor& w_in, const Tensor& d_in, int64_t gs, int64
   } else {
     const int64_t blocks = std::min<int64_t>(S, int64_t{8} * cuda::sm_count(dev));
     const size_t smem = static_cast<size_t>(gs) * (sizeof(float) + 1);
-    large_kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(wp, dp, op, S, nq, gs, bk, num_prune,
-                                                                             epsf);
+    GK_LAUNCH(large_kernel, static_cast<unsigned>(blocks), kThreads, smem, stream, wp, dp, op, S, nq, gs, bk,
+              num_prune, epsf);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -195,7 +195,7 @@ std::tuple<Tensor, Tensor> obs_shared_prune_cuda(const Tensor& w_in, const Tenso
   const int64_t S = n * nq;
   if (S == 0) return {out, sub};
   const int64_t blocks = std::min<int64_t>((S + kThreads - 1) / kThreads, int64_t{32} * cuda::sm_count(w.get_device()));
-  shared_prune_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  GK_LAUNCH(shared_prune_kernel, static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream(),
       w.data_ptr<float>(), out.data_ptr<float>(), c.data_ptr<float>(), cinv.data_ptr<float>(),
       pidx.data_ptr<int64_t>(), S, nq, ns, p, E, K, local, sub.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(kThreads)
     schur_extend_kernel(scalar_t* __restrict__ ut, Strides3 su, const float* __restrict__ xf, Strides3 sx,
                         const float* __restrict__ up, Strides3 sp, const float* __restrict__ linv, Strides3 sl,
                         int64_t m, int64_t cnt, int64_t F, int64_t K) {
-  extern __shared__ float smem[];
+  GK_DYNAMIC_SHARED(float, smem);
   float* ups = smem;                         // m x (KC + 1)
   float* ufs = smem + m * (kSchurKC + 1);    // KC x BF
   float* ts = smem;                          // m x BF (phase 2, aliases the staging space)
@@ -297,7 +297,7 @@ void obs_schur_extend_cuda(const Tensor& ut, const Tensor& xf, const Tensor& up,
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ut.scalar_type(), "obs_schur_extend_", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      schur_extend_kernel<scalar_t><<<grid, kThreads, smem, stream>>>(
+      GK_LAUNCH(schur_extend_kernel<scalar_t>, grid, kThreads, smem, stream,
           ut.data_ptr<scalar_t>(), st(ut), xf.data_ptr<float>(), st(xf), up.data_ptr<float>(), st(up),
           linv.data_ptr<float>(), st(linv), m, cnt, F, K);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -180,9 +180,9 @@ void projection_matrix_cuda(const at::Tensor& out, int64_t seed, int64_t kind, i
   const int64_t blocks = std::min<int64_t>((rows * cols + kThreads - 1) / kThreads, 8LL * cuda::sm_count(dev));
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "projection_matrix_cuda", [&] {
-    matrix_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        out.data_ptr<scalar_t>(), rows, cols, out.stride(0), out.stride(1), static_cast<uint64_t>(seed), row0, col0,
-        static_cast<int>(kind), inv);
+    GK_LAUNCH(matrix_kernel<scalar_t>, static_cast<unsigned>(blocks), kThreads, 0, stream, out.data_ptr<scalar_t>(),
+              rows, cols, out.stride(0), out.stride(1), static_cast<uint64_t>(seed), row0, col0,
+              static_cast<int>(kind), inv);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -213,9 +213,9 @@ at::Tensor project_flat_cuda(const at::Tensor& x, int64_t k, int64_t seed, int64
   auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(gk), static_cast<unsigned>(gb), static_cast<unsigned>(split));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "project_flat_cuda", [&] {
-    project_flat_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), part.data_ptr<float>(), B, D, k,
-                                                                 x.stride(0), x.stride(1), static_cast<uint64_t>(seed),
-                                                                 col0, ntiles, per, static_cast<int>(kind), inv);
+    GK_LAUNCH(project_flat_kernel<scalar_t>, grid, kThreads, 0, stream, x.data_ptr<scalar_t>(), part.data_ptr<float>(),
+              B, D, k, x.stride(0), x.stride(1), static_cast<uint64_t>(seed), col0, ntiles, per,
+              static_cast<int>(kind), inv);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (split > 1) at::sum_out(out, part, {0});
@@ -290,7 +290,7 @@ __global__ void __launch_bounds__(kThreads)
                     const float* __restrict__ rt, const float* __restrict__ rb, const bool* __restrict__ mask,
                     float* __restrict__ part, int64_t B, int64_t T, int64_t chunks, int64_t per, int64_t I,
                     int64_t O, int64_t p, int64_t lda, int64_t ldg) {
-  extern __shared__ float sm[];
+  GK_DYNAMIC_SHARED(float, sm);
   float* us = sm;                        // kFT x p
   float* vs = us + kFT * p;              // kFT x p
   float* xs = vs + kFT * p;              // kFT x (kFKC + 1)
@@ -390,10 +390,10 @@ at::Tensor factored_project_cuda(const at::Tensor& a_in, const at::Tensor& g_in,
   at::Tensor part = at::empty({B, chunks, p, p}, a_in.options().dtype(at::kFloat));
   const size_t smem = static_cast<size_t>(2 * kFT * p + kFT * (kFKC + 1) + kFKC * p) * sizeof(float);
   const auto launch = [&](auto* a_ptr, auto* g_ptr) {
-    factored_kernel<<<static_cast<unsigned>(blocks), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
-        a_ptr, g_ptr, in.lt.data_ptr<float>(), in.rt.data_ptr<float>(), in.rb_ptr(), in.mask_ptr(),
-        part.data_ptr<float>(), B, T, chunks, per, in.a.size(1), in.g.size(1), p,
-        std::max<int64_t>(in.a.stride(0), 1), std::max<int64_t>(in.g.stride(0), 1));
+    GK_LAUNCH(factored_kernel, static_cast<unsigned>(blocks), kThreads, smem, c10::cuda::getCurrentCUDAStream(), a_ptr,
+              g_ptr, in.lt.data_ptr<float>(), in.rt.data_ptr<float>(), in.rb_ptr(), in.mask_ptr(),
+              part.data_ptr<float>(), B, T, chunks, per, in.a.size(1), in.g.size(1), p,
+              std::max<int64_t>(in.a.stride(0), 1), std::max<int64_t>(in.g.stride(0), 1));
   };
   if (in.a.scalar_type() == at::kBFloat16)
     launch(in.a.data_ptr<c10::BFloat16>(), in.g.data_ptr<c10::BFloat16>());

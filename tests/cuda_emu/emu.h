@@ -1,0 +1,185 @@
+// A CPU emulator for gradkit's CUDA C++ kernels, so that CI (no GPU) runs them, host code included, and
+// checks their results against the CPU kernels: a .cu file is compiled as plain C++ with GRADKIT_CUDA_EMU
+// defined and the headers in shim/ in front of the real ones (see tests/test_cuda_emulated.py).
+//
+// Model: blocks run one after another; a block's threads run as fibers (ucontext) on one OS thread, each
+// until it reaches __syncthreads() or returns, and a barrier releases when every live thread of the block
+// has reached it. __shared__ arrays are `static` here: they keep what the previous block or launch left
+// (undefined on hardware too); GK_DYNAMIC_SHARED memory is filled with NaN bytes at each block's start.
+// Either way a read of shared memory this block did not write yet shows up in the results.
+// Every thread of a block must wait at the same __syncthreads (same source line) in each round: one
+// waiting elsewhere is reported as a barrier divergence (an error on real hardware too).
+//
+// What it checks: indexing, tiling, the split of work over blocks and threads, barrier placement (a
+// missing barrier that lets a thread read a tile before it is written reads NaN or stale data here only
+// when the fiber order exposes it: threads run in index order, or in reverse order after
+// set_reverse(true), so a test that runs both orders sees a read of data written by another thread in the
+// same phase as a stale or NaN value in one of them), and the arithmetic where it is written with
+// explicit intrinsics (fmaf, __fadd_rn, __dmul_rn...). What it does not: warp-level intrinsics
+// (__shfl_sync, __ballot_sync: not provided, a file using them does not compile here), the memory model,
+// timing, and nvcc's default contraction of a * b + c into an FMA (this build uses -ffp-contract=off,
+// so expressions that nvcc would contract round differently here), and CUDA's own libm (the host's is used).
+#pragma once
+
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct uint3 {
+  unsigned x, y, z;
+};
+
+// The running fiber's indices (set by the scheduler before every switch into a fiber).
+inline uint3 threadIdx{0, 0, 0};
+inline uint3 blockIdx{0, 0, 0};
+inline dim3 blockDim;
+inline dim3 gridDim;
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __syncthreads() ::gk_emu::sync_threads(__LINE__)
+
+namespace gk_emu {
+
+struct Fiber {
+  ucontext_t ctx;
+  bool done = false;
+  int line = 0;  // the __syncthreads line it waits at
+};
+
+struct State {
+  ucontext_t sched;
+  std::vector<Fiber> fibers;
+  std::vector<char> stacks;
+  size_t stack_bytes = 256 * 1024;
+  Fiber* cur = nullptr;
+  const std::function<void()>* body = nullptr;
+  std::vector<unsigned char> dyn;  // GK_DYNAMIC_SHARED
+  int sms = 132;                   // the emulated device's streaming multiprocessors
+  bool reverse = false;            // run each round's threads in descending index order
+  int64_t launches = 0, blocks = 0, barriers = 0;
+};
+inline State& state() {
+  static State s;
+  return s;
+}
+
+inline int sm_count() { return state().sms; }
+inline void set_sm_count(int n) { state().sms = n < 1 ? 1 : n; }
+inline void set_reverse(bool r) { state().reverse = r; }
+
+template <typename T>
+T* dynamic_shared() {
+  return reinterpret_cast<T*>(state().dyn.data());
+}
+
+inline void sync_threads(int line) {
+  State& s = state();
+  s.cur->line = line;
+  swapcontext(&s.cur->ctx, &s.sched);
+}
+
+inline void fiber_entry() {
+  State& s = state();
+  (*s.body)();
+  s.cur->done = true;  // returns to uc_link (the scheduler)
+}
+
+// Runs fn once per thread of every block of the grid (the body of a <<<grid, block, smem>>> launch).
+inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& fn) {
+  State& s = state();
+  const size_t nt = static_cast<size_t>(block.x) * block.y * block.z;
+  if (nt == 0 || nt > 1024) throw std::runtime_error("gk_emu: bad block size " + std::to_string(nt));
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) throw std::runtime_error("gk_emu: empty grid");
+  s.fibers.assign(nt, Fiber{});
+  s.stacks.resize(nt * s.stack_bytes);
+  s.body = &fn;
+  s.dyn.assign(smem + 64, 0xFF);
+  gridDim = grid;
+  blockDim = block;
+  ++s.launches;
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        blockIdx = uint3{bx, by, bz};
+        ++s.blocks;
+        std::memset(s.dyn.data(), 0xFF, s.dyn.size());
+        for (size_t t = 0; t < nt; ++t) {
+          Fiber& f = s.fibers[t];
+          f.done = false;
+          getcontext(&f.ctx);
+          f.ctx.uc_stack.ss_sp = s.stacks.data() + t * s.stack_bytes;
+          f.ctx.uc_stack.ss_size = s.stack_bytes;
+          f.ctx.uc_link = &s.sched;
+          makecontext(&f.ctx, &fiber_entry, 0);
+        }
+        for (;;) {  // one round: every live thread runs to its next barrier or its end
+          int waiting = 0, line = -1;
+          for (size_t i = 0; i < nt; ++i) {
+            const size_t t = s.reverse ? nt - 1 - i : i;
+            Fiber& f = s.fibers[t];
+            if (f.done) continue;
+            threadIdx = uint3{static_cast<unsigned>(t % block.x), static_cast<unsigned>((t / block.x) % block.y),
+                              static_cast<unsigned>(t / (static_cast<size_t>(block.x) * block.y))};
+            s.cur = &f;
+            swapcontext(&s.sched, &f.ctx);
+            if (!f.done) {
+              if (waiting > 0 && f.line != line)
+                throw std::runtime_error("gk_emu: barrier divergence: threads wait at __syncthreads on lines " +
+                                         std::to_string(line) + " and " + std::to_string(f.line));
+              line = f.line;
+              ++waiting;
+            }
+          }
+          if (waiting == 0) break;
+          ++s.barriers;
+        }
+      }
+  s.cur = nullptr;
+}
+
+}  // namespace gk_emu
+
+// Device intrinsics the kernels use, as host functions with the same rounding.
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline float __double2float_rn(double d) { return static_cast<float>(d); }
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+// CUDA's global-namespace math (the host's <cmath> puts these in std only)
+inline bool isnan(float x) { return std::isnan(x); }
+inline bool isnan(double x) { return std::isnan(x); }
+inline bool isinf(float x) { return std::isinf(x); }
+inline bool isinf(double x) { return std::isinf(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}

@@ -1,0 +1,7 @@
+// tests/cuda_emu: one stream, which the emulator's launches ignore (they run synchronously).
+#pragma once
+namespace c10 {
+namespace cuda {
+inline int getCurrentCUDAStream(int = -1) { return 0; }
+}  // namespace cuda
+}  // namespace c10

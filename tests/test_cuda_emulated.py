@@ -1,0 +1,238 @@
+"""The CUDA C++ kernels of csrc/cuda/projection.cu and csrc/cuda/obs.cu, host code included, run on the
+CPU under the emulator of tests/cuda_emu (each block's threads as fibers, __syncthreads a barrier; see
+emu.h for what it checks and what it cannot): CI has no GPU, and these kernels had never run before.
+Each file is compiled as plain C++ with GRADKIT_CUDA_EMU (the GK_LAUNCH / GK_DYNAMIC_SHARED macros of
+common.cuh) into torch.ops.gradkit_cuda_emu[_obs].* taking CPU tensors. The checks are the GPU tests'
+(test_factored_ops, test_obs_*_ops), so they run in CI instead of skipping:
+
+* factored_project: the same bits as the CPU kernel (the claim test_factored_ops' GPU tests make), for
+  blocks of one or several whole examples (the emulated SM count changes how many), 256-token chunks,
+  masks (a fully masked example), bias, strided rows, the three input dtypes, both thread orders;
+* project_flat: against the explicit-matrix reference, for several D splits (SM counts), col0 offsets
+  off the 64-column grid, every input dtype;
+* projection_matrix_: Rademacher bit for bit with the CPU kernel, Gaussian within 1 ulp;
+* obs_select (small and large kernels), obs_shared_prune: the reference's exact results;
+  obs_schur_extend_ (CUDA C++ kernel, three dtypes): within the fp32 bound of test_obs_schur_ops;
+* the emulator itself: a missing barrier and a divergent barrier are caught.
+"""
+import functools
+import os
+import tempfile
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from gradkit import _ext, ops
+from gradkit.kernels.reference import projection as ref
+from test_factored_ops import DTYPES, close, make
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+EMU = os.path.join(HERE, "cuda_emu")
+
+pytestmark = pytest.mark.skipif(not _ext.has_op("factored_project"), reason="compiled extension not built")
+
+
+@functools.lru_cache(maxsize=None)
+def _build(stem):
+    """Compile tests/cuda_emu/<stem>_emu.cpp (csrc/cuda/<stem>.cu inside) once per session (~20 s each)."""
+    from torch.utils import cpp_extension
+
+    name = "gradkit_cuda_emu" + ("" if stem == "projection" else "_" + stem)
+    build = tempfile.mkdtemp(prefix=name + "_")
+    cpp_extension.load(name=name, sources=[os.path.join(EMU, stem + "_emu.cpp")],
+                       extra_include_paths=[os.path.join(EMU, "shim"), EMU, os.path.join(ROOT, "csrc", "cuda")],
+                       extra_cflags=["-O2", "-ffp-contract=off", "-DGRADKIT_CUDA_EMU"], is_python_module=False,
+                       build_directory=build, verbose=False)
+    return getattr(torch.ops, name)
+
+
+def emu():
+    return _build("projection")
+
+
+def emu_obs():
+    return _build("obs")
+
+
+@pytest.fixture
+def device(request):
+    """Emulated device settings (SM count, thread order), restored afterwards."""
+    E = emu()
+    yield E
+    E.set_sm_count(132)
+    E.set_reverse(False)
+
+
+def test_emulator_catches_a_missing_and_a_divergent_barrier():
+    E = emu()
+    want = torch.tensor([[float((t + 1) % 64) for t in range(64)], [100.0 + (t + 1) % 64 for t in range(64)]])
+    for reverse in (False, True):
+        assert torch.equal(E.selftest(0, reverse), want)  # with the barrier: right in either order
+    # without it, some thread reads its neighbour's slot before this block wrote it, in one order or the other
+    assert not all(torch.equal(E.selftest(1, reverse), want) for reverse in (False, True))
+    with pytest.raises(RuntimeError, match="barrier divergence"):
+        E.selftest(2, False)
+    assert torch.equal(E.selftest(0, False), want)  # and it recovers
+
+
+@pytest.mark.parametrize("sms", [132, 2])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_factored_blocks_of_several_examples_bitwise_equal_cpu(device, sms, reverse):
+    """test_factored_ops' GPU test, emulated: short sequences in blocks of several whole examples (few SMs:
+    more per block), tiles spanning examples, a fully masked example, long ones in 256-token chunks."""
+    device.set_sm_count(sms)
+    device.set_reverse(reverse)
+    for dtype in DTYPES:
+        for B, T in ((100, 1), (50, 7), (9, 100), (3, 700)):
+            a, g, lt, rt, rb, m = make(B, T, 90, 70, 16, 13, rb=True, mask=True, dtype=dtype)
+            m[T:2 * T] = False
+            cpu = ops.factored_project(a, g, lt, rt, rb, m, T)
+            got = device.factored_project(a, g, lt, rt, rb, m, T)
+            assert torch.equal(got, cpu), (dtype, B, T)
+            assert torch.equal(got[1], torch.zeros(16, 16))
+    assert device.stats(1) > 0  # blocks did run
+
+
+@settings(deadline=None)
+@given(B=st.integers(0, 4), T=st.sampled_from([1, 7, 33, 256, 300]), I=st.integers(1, 130), O=st.integers(1, 130),
+       p=st.sampled_from([1, 16, 17, 64, 65]), seed=st.integers(0, 2**31 - 1), rb=st.booleans(), mask=st.booleans(),
+       strided=st.booleans(), dtype=st.sampled_from(DTYPES), sms=st.sampled_from([1, 3, 132]))
+def test_factored_bitwise_equals_cpu(B, T, I, O, p, seed, rb, mask, strided, dtype, sms):
+    """test_factored_ops.test_cuda_bitwise_equals_cpu, emulated: p <= 64 the same bits as the CPU kernel;
+    p = 65 the composite path, against the reference."""
+    E = emu()
+    E.set_sm_count(sms)
+    try:
+        args = make(B, T, I, O, p, seed, rb, mask, strided, dtype)
+        cpu = ops.factored_project(*args, T)
+        got = E.factored_project(*args, T)
+    finally:
+        E.set_sm_count(132)
+    assert got.shape == cpu.shape and got.dtype == torch.float32
+    if p <= 64:
+        assert torch.equal(got, cpu)
+    else:
+        close(got, ref.factored_project(*args, T))
+
+
+def test_factored_validation_names_the_argument():
+    E = emu()
+    a, g, lt, rt, rb, m = make(2, 3, 8, 6, 4, 0, rb=True, mask=True)
+    with pytest.raises(TypeError, match="g: expected"):
+        E.factored_project(a, g.double(), lt, rt, rb, m, 3)
+    with pytest.raises(ValueError, match="lt: expected"):
+        E.factored_project(a, g, lt[:-1], rt, rb, m, 3)
+
+
+@settings(deadline=None, max_examples=25)
+@given(B=st.integers(1, 70), D=st.integers(1, 300), k=st.integers(1, 130), col0=st.sampled_from([0, 5, 64, 131]),
+       kind=st.sampled_from([0, 1]), seed=st.integers(0, 2**40), dtype=st.sampled_from(
+           [torch.float32, torch.bfloat16, torch.float16, torch.float64]), sms=st.sampled_from([1, 4, 132]))
+def test_project_flat_matches_reference(B, D, k, col0, kind, seed, dtype, sms):
+    """Tiles of the projection matrix generated in shared memory (one 64-bit word per row per 64 columns of
+    the GLOBAL column index, so col0 off the grid shifts bits), several B / k tiles, D split across blocks
+    by SM count: x R^T with R built explicitly."""
+    E = emu()
+    E.set_sm_count(sms)
+    try:
+        x = torch.randn(B, D, generator=torch.Generator().manual_seed(seed % 1000)).to(dtype)
+        got = E.project_flat(x, k, seed, kind, col0)
+    finally:
+        E.set_sm_count(132)
+    R = torch.empty(k, col0 + D)
+    ops.projection_matrix_(R, seed, kind, k, 0, 0)
+    want = x.double() @ R[:, col0:].double().T
+    assert got.shape == (B, k) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * max(1.0, want.abs().max().item()))
+
+
+@pytest.mark.parametrize("kind", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_projection_matrix_equals_cpu(kind, dtype):
+    """Rademacher entries bit for bit, Gaussian within 1 ulp of fp32 (the issue's contract), at row / column
+    offsets, through a transposed output (strides)."""
+    E = emu()
+    for rows, cols, row0, col0 in ((7, 200, 0, 0), (33, 65, 12, 63), (1, 1, 5, 1000)):
+        cpu = torch.empty(rows, cols, dtype=dtype)
+        ops.projection_matrix_(cpu, 42, kind, 16, row0, col0)
+        got = torch.empty(cols, rows, dtype=dtype).T
+        E.projection_matrix_(got, 42, kind, 16, row0, col0)
+        if kind == 0:
+            assert torch.equal(got, cpu)
+        else:
+            bits = lambda t: t.float().contiguous().view(torch.int32).long()  # noqa: E731 (same-sign values)
+            ulp = 1 << 16 if dtype == torch.bfloat16 else 1  # one ulp of the output dtype, in float32 bits
+            assert (bits(got) - bits(cpu)).abs().max().item() <= ulp, (rows, cols)
+
+
+# ---------------------------------------------------------------------------------------------- obs.cu
+import test_obs_ops as t_sel  # noqa: E402
+import test_obs_schur_ops as t_schur  # noqa: E402
+import test_obs_shared_ops as t_shared  # noqa: E402
+from gradkit.kernels.reference import obs as obs_ref  # noqa: E402
+
+
+@settings(deadline=None, max_examples=40)
+@given(t_sel.problems(max_gs=40), st.sampled_from([1, 132]), st.booleans())
+def test_obs_select_matches_reference(p, sms, reverse):
+    """One thread per (row, group) for gs <= 32 (small_kernel<G>), one block per group with the costs in
+    dynamic shared memory beyond (large_kernel): the reference's indices, ties, NaN and inf included."""
+    w, d, gs, bk, num_prune, eps = p
+    E = emu_obs()
+    E.set_sm_count(sms)
+    E.set_reverse(reverse)
+    try:
+        got = E.obs_select(w, d, gs, bk, num_prune, eps)
+    finally:
+        E.set_sm_count(132)
+        E.set_reverse(False)
+    assert torch.equal(got, obs_ref.obs_select(w, d, gs, bk, num_prune, eps))
+
+
+@pytest.mark.parametrize("gs,bk", [(4, 1), (13, 2), (32, 1), (40, 1), (300, 1), (9000, 1)])
+def test_obs_select_large(gs, bk):
+    nq = max(1, 9000 // (gs * bk))
+    w, d = t_sel._mixed(33, nq * gs * bk, gs)
+    for num_prune in sorted({1, gs // 2, gs}):
+        got = emu_obs().obs_select(w, d, gs, bk, num_prune, 1e-8)
+        assert torch.equal(got, obs_ref.obs_select(w, d, gs, bk, num_prune, 1e-8)), num_prune
+
+
+@settings(deadline=None, max_examples=40)
+@given(t_shared.problems(), st.booleans(), st.sampled_from([1, 132]))
+def test_obs_shared_prune_matches_reference(prob, local, sms):
+    n, nq, E_, ns, p, seed, nan, spd = prob
+    w, c, cinv, pidx = t_shared.make(n, nq, E_, ns, p, seed, nan=nan, spd=spd)
+    E = emu_obs()
+    E.set_sm_count(sms)
+    try:
+        got_w, got_s = E.obs_shared_prune(w, c, cinv, pidx, E_, local)
+    finally:
+        E.set_sm_count(132)
+    exp_w, exp_s = obs_ref.obs_shared_prune(w, c, cinv, pidx, E_, local)
+    assert torch.equal(got_s, exp_s)
+    torch.testing.assert_close(got_w, exp_w, rtol=0, atol=0, equal_nan=True)
+
+
+@settings(deadline=None, max_examples=30)
+@given(shape=t_schur.shapes, dt=st.sampled_from(t_schur.DTYPES), seed=st.integers(0, 2 ** 16),
+       strided=st.booleans(), reverse=st.booleans())
+def test_obs_schur_extend_within_fp32_bound(shape, dt, seed, strided, reverse):
+    """The CUDA C++ Schur-extension kernel (what GRADKIT_SCHUR_CUDA_CPP=1 and fp32 factors select on a GPU):
+    within the fp32 bound, nothing written outside its window."""
+    n, m, c, F = shape
+    args = t_schur.schur_make(n, m, c, F, dt, seed, strided, representable=True)
+    E = emu_obs()
+    E.set_reverse(reverse)
+    try:
+        t_schur.schur_check(E.obs_schur_extend_, args)
+    finally:
+        E.set_reverse(False)
+
+
+@pytest.mark.parametrize("m", [128, 256, 300])
+def test_obs_schur_extend_large_m(m):
+    """Past kSchurMaxM the composite path; at and below it the kernel with the largest shared tiles."""
+    t_schur.schur_check(emu_obs().obs_schur_extend_, t_schur.schur_make(2, m, 200, 260, torch.bfloat16, m))
