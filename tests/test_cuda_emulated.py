@@ -1,8 +1,8 @@
-"""The CUDA C++ kernels of csrc/cuda/projection.cu and csrc/cuda/obs.cu, host code included, run on the
+"""The CUDA C++ kernels of csrc/cuda/projection.cu, obs.cu and search.cu, host code included, run on the
 CPU under the emulator of tests/cuda_emu (each block's threads as fibers, __syncthreads a barrier; see
 emu.h for what it checks and what it cannot): CI has no GPU, and these kernels had never run before.
 Each file is compiled as plain C++ with GRADKIT_CUDA_EMU (the GK_LAUNCH / GK_DYNAMIC_SHARED macros of
-common.cuh) into torch.ops.gradkit_cuda_emu[_obs].* taking CPU tensors. The checks are the GPU tests'
+common.cuh) into torch.ops.gradkit_cuda_emu[_obs|_search].* taking CPU tensors. The checks are the GPU tests'
 (test_factored_ops, test_obs_*_ops), so they run in CI instead of skipping:
 
 * factored_project: the same bits as the CPU kernel (the claim test_factored_ops' GPU tests make), for
@@ -13,6 +13,8 @@ common.cuh) into torch.ops.gradkit_cuda_emu[_obs].* taking CPU tensors. The chec
 * projection_matrix_: Rademacher bit for bit with the CPU kernel, Gaussian within 1 ulp;
 * obs_select (small and large kernels), obs_shared_prune: the reference's exact results;
   obs_schur_extend_ (CUDA C++ kernel, three dtypes): within the fp32 bound of test_obs_schur_ops;
+* score_topk (tile scoring, warp arg-max over __shfl_xor_sync, host merge): the reference's scores and
+  indices exactly, ties and NaN included;
 * the emulator itself: a missing barrier and a divergent barrier are caught.
 """
 import functools
@@ -54,6 +56,10 @@ def emu():
 
 def emu_obs():
     return _build("obs")
+
+
+def emu_search():
+    return _build("search")
 
 
 @pytest.fixture
@@ -236,3 +242,38 @@ def test_obs_schur_extend_within_fp32_bound(shape, dt, seed, strided, reverse):
 def test_obs_schur_extend_large_m(m):
     """Past kSchurMaxM the composite path; at and below it the kernel with the largest shared tiles."""
     t_schur.schur_check(emu_obs().obs_schur_extend_, t_schur.schur_make(2, m, 200, 260, torch.bfloat16, m))
+
+
+# ------------------------------------------------------------------------------------------- search.cu
+import test_search_ops as t_search  # noqa: E402
+from gradkit.kernels.reference import search as search_ref  # noqa: E402
+
+
+@settings(deadline=None, max_examples=30)
+@given(t_search.problems(max_n=700), st.booleans())
+def test_score_topk_matches_reference(p, reverse):
+    """test_search_ops.test_cuda_matches_reference, emulated: integer-valued data (exact products), so the
+    tie rule (lowest index) decides; several 128-key tiles, running input, key scales, both thread orders."""
+    q, keys, k, largest, scale, s_in, i_in, base = p
+    E = emu_search()
+    E.set_reverse(reverse)
+    try:
+        got = E.score_topk(q, keys, k, largest, scale, s_in, i_in, base)
+    finally:
+        E.set_reverse(False)
+    want = search_ref.score_topk(q, keys, k, largest, scale, s_in, i_in, base)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_score_topk_many_ties_and_nan():
+    """Every score equal within a tile (the warp arg-max must take columns in ascending order) and NaN
+    scores (rank last), over several tiles and query blocks."""
+    E = emu_search()
+    q = torch.ones(40, 8)
+    keys = torch.ones(300, 8, dtype=torch.bfloat16)
+    keys[7] = float("nan")
+    for largest in (True, False):
+        got = E.score_topk(q, keys, 20, largest, None, None, None, 0)
+        want = search_ref.score_topk(q, keys, 20, largest, None, None, None, 0)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert 7 not in got[1][0].tolist()

@@ -31,6 +31,8 @@
 #include <limits>
 #include <tuple>
 
+#include "common.cuh"
+
 namespace gradkit {
 namespace search {
 namespace {
@@ -238,7 +240,7 @@ std::tuple<Tensor, Tensor> score_topk_cuda(const Tensor& queries, const Tensor& 
   auto stream = c10::cuda::getCurrentCUDAStream();
   dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(q_blocks));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, keys.scalar_type(), "score_topk_cuda", [&] {
-    tile_topk_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+    GK_LAUNCH(tile_topk_kernel<scalar_t>, grid, kThreads, 0, stream,
         q.data_ptr<float>(), keys.data_ptr<scalar_t>(), scp, cs.data_ptr<float>(), ci.data_ptr<int64_t>(), Q, N, D,
         q.stride(0), keys.stride(0), n_tiles, static_cast<int>(k));
   });

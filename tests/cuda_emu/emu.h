@@ -15,8 +15,10 @@
 // when the fiber order exposes it: threads run in index order, or in reverse order after
 // set_reverse(true), so a test that runs both orders sees a read of data written by another thread in the
 // same phase as a stale or NaN value in one of them), and the arithmetic where it is written with
-// explicit intrinsics (fmaf, __fadd_rn, __dmul_rn...). What it does not: warp-level intrinsics
-// (__shfl_sync, __ballot_sync: not provided, a file using them does not compile here), the memory model,
+// explicit intrinsics (fmaf, __fadd_rn, __dmul_rn...), and full-warp collectives (__shfl_sync,
+// __shfl_xor_sync, __shfl_down_sync, __ballot_sync, __syncwarp: every live lane of the warp deposits its
+// value and waits until all have; a lane waiting at one while another waits at __syncthreads is reported
+// as a deadlock). What it does not: partial masks (taken as full), the memory model,
 // timing, and nvcc's default contraction of a * b + c into an FMA (this build uses -ffp-contract=off,
 // so expressions that nvcc would contract round differently here), and CUDA's own libm (the host's is used).
 #pragma once
@@ -27,6 +29,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <functional>
 #include <stdexcept>
 #include <string>
@@ -56,10 +59,13 @@ inline dim3 gridDim;
 
 namespace gk_emu {
 
+enum class Wait { kReady, kBlock, kWarp, kDone };
+
 struct Fiber {
   ucontext_t ctx;
-  bool done = false;
-  int line = 0;  // the __syncthreads line it waits at
+  Wait wait = Wait::kReady;
+  int line = 0;      // the __syncthreads line it waits at
+  unsigned seq = 0;  // warp collectives this thread has entered (slot parity)
 };
 
 struct State {
@@ -68,8 +74,10 @@ struct State {
   std::vector<char> stacks;
   size_t stack_bytes = 256 * 1024;
   Fiber* cur = nullptr;
+  size_t cur_t = 0;  // the running fiber's linear thread index
   const std::function<void()>* body = nullptr;
   std::vector<unsigned char> dyn;  // GK_DYNAMIC_SHARED
+  std::vector<uint64_t> slots;     // warp collectives: [warp][parity][lane] deposited values
   int sms = 132;                   // the emulated device's streaming multiprocessors
   bool reverse = false;            // run each round's threads in descending index order
   int64_t launches = 0, blocks = 0, barriers = 0;
@@ -90,14 +98,28 @@ T* dynamic_shared() {
 
 inline void sync_threads(int line) {
   State& s = state();
+  s.cur->wait = Wait::kBlock;
   s.cur->line = line;
   swapcontext(&s.cur->ctx, &s.sched);
+}
+
+// A full-warp collective (every live lane of the warp takes part, mask 0xffffffff): deposit v, wait until
+// every live lane of the warp has deposited, return the deposits of this collective (indexed by lane).
+inline const uint64_t* warp_exchange(uint64_t v) {
+  State& s = state();
+  const size_t w = s.cur_t / 32, lane = s.cur_t % 32;
+  const unsigned par = s.cur->seq++ & 1u;
+  uint64_t* slot = s.slots.data() + (w * 2 + par) * 32;
+  slot[lane] = v;
+  s.cur->wait = Wait::kWarp;
+  swapcontext(&s.cur->ctx, &s.sched);
+  return slot;
 }
 
 inline void fiber_entry() {
   State& s = state();
   (*s.body)();
-  s.cur->done = true;  // returns to uc_link (the scheduler)
+  s.cur->wait = Wait::kDone;  // returns to uc_link (the scheduler)
 }
 
 // Runs fn once per thread of every block of the grid (the body of a <<<grid, block, smem>>> launch).
@@ -106,8 +128,10 @@ inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void(
   const size_t nt = static_cast<size_t>(block.x) * block.y * block.z;
   if (nt == 0 || nt > 1024) throw std::runtime_error("gk_emu: bad block size " + std::to_string(nt));
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) throw std::runtime_error("gk_emu: empty grid");
+  const size_t nw = (nt + 31) / 32;
   s.fibers.assign(nt, Fiber{});
   s.stacks.resize(nt * s.stack_bytes);
+  s.slots.assign(nw * 2 * 32, 0);
   s.body = &fn;
   s.dyn.assign(smem + 64, 0xFF);
   gridDim = grid;
@@ -121,37 +145,83 @@ inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void(
         std::memset(s.dyn.data(), 0xFF, s.dyn.size());
         for (size_t t = 0; t < nt; ++t) {
           Fiber& f = s.fibers[t];
-          f.done = false;
+          f.wait = Wait::kReady;
+          f.seq = 0;
           getcontext(&f.ctx);
           f.ctx.uc_stack.ss_sp = s.stacks.data() + t * s.stack_bytes;
           f.ctx.uc_stack.ss_size = s.stack_bytes;
           f.ctx.uc_link = &s.sched;
           makecontext(&f.ctx, &fiber_entry, 0);
         }
-        for (;;) {  // one round: every live thread runs to its next barrier or its end
-          int waiting = 0, line = -1;
+        for (;;) {
+          // run every ready thread to its next barrier, warp collective or end
           for (size_t i = 0; i < nt; ++i) {
             const size_t t = s.reverse ? nt - 1 - i : i;
             Fiber& f = s.fibers[t];
-            if (f.done) continue;
+            if (f.wait != Wait::kReady) continue;
             threadIdx = uint3{static_cast<unsigned>(t % block.x), static_cast<unsigned>((t / block.x) % block.y),
                               static_cast<unsigned>(t / (static_cast<size_t>(block.x) * block.y))};
             s.cur = &f;
+            s.cur_t = t;
             swapcontext(&s.sched, &f.ctx);
-            if (!f.done) {
-              if (waiting > 0 && f.line != line)
-                throw std::runtime_error("gk_emu: barrier divergence: threads wait at __syncthreads on lines " +
-                                         std::to_string(line) + " and " + std::to_string(f.line));
-              line = f.line;
-              ++waiting;
+          }
+          // release every warp whose live lanes all wait at a warp collective
+          bool released = false;
+          for (size_t w = 0; w < nw; ++w) {
+            size_t live = 0, at = 0;
+            for (size_t t = w * 32; t < std::min(nt, w * 32 + 32); ++t) {
+              live += s.fibers[t].wait != Wait::kDone;
+              at += s.fibers[t].wait == Wait::kWarp;
+            }
+            if (at > 0 && at == live) {
+              unsigned par = 0;
+              for (size_t t = w * 32; t < std::min(nt, w * 32 + 32); ++t)
+                if (s.fibers[t].wait == Wait::kWarp) par = (s.fibers[t].seq - 1) & 1u;
+              for (size_t t = w * 32; t < w * 32 + 32; ++t) {
+                if (t >= nt || s.fibers[t].wait == Wait::kDone) s.slots[(w * 2 + par) * 32 + t % 32] = 0;  // exited
+                else s.fibers[t].wait = Wait::kReady;
+              }
+              released = true;
             }
           }
+          if (released) continue;
+          // else a block barrier: every live thread must wait at the same __syncthreads
+          int waiting = 0, line = -1;
+          for (size_t t = 0; t < nt; ++t) {
+            const Fiber& f = s.fibers[t];
+            if (f.wait == Wait::kDone) continue;
+            if (f.wait != Wait::kBlock)
+              throw std::runtime_error("gk_emu: deadlock: thread " + std::to_string(t) +
+                                       " waits at a warp collective its warp does not reach");
+            if (waiting > 0 && f.line != line)
+              throw std::runtime_error("gk_emu: barrier divergence: threads wait at __syncthreads on lines " +
+                                       std::to_string(line) + " and " + std::to_string(f.line));
+            line = f.line;
+            ++waiting;
+          }
           if (waiting == 0) break;
+          for (auto& f : s.fibers)
+            if (f.wait == Wait::kBlock) f.wait = Wait::kReady;
           ++s.barriers;
         }
       }
   s.cur = nullptr;
 }
+
+template <typename T>
+uint64_t to_slot(T v) {
+  static_assert(sizeof(T) <= 8, "gk_emu: warp collectives on values of at most 8 bytes");
+  uint64_t u = 0;
+  std::memcpy(&u, &v, sizeof(T));
+  return u;
+}
+template <typename T>
+T from_slot(uint64_t u) {
+  T v;
+  std::memcpy(&v, &u, sizeof(T));
+  return v;
+}
+inline unsigned lane_id() { return static_cast<unsigned>(state().cur_t % 32); }
 
 }  // namespace gk_emu
 
@@ -176,6 +246,30 @@ inline bool isnan(float x) { return std::isnan(x); }
 inline bool isnan(double x) { return std::isnan(x); }
 inline bool isinf(float x) { return std::isinf(x); }
 inline bool isinf(double x) { return std::isinf(x); }
+// Warp collectives (full mask only: the kernels here use 0xffffffff; width 32).
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int lane_mask) {
+  const uint64_t* got = ::gk_emu::warp_exchange(::gk_emu::to_slot(v));
+  return ::gk_emu::from_slot<T>(got[(::gk_emu::lane_id() ^ static_cast<unsigned>(lane_mask)) & 31u]);
+}
+template <typename T>
+T __shfl_sync(unsigned, T v, int src) {
+  const uint64_t* got = ::gk_emu::warp_exchange(::gk_emu::to_slot(v));
+  return ::gk_emu::from_slot<T>(got[static_cast<unsigned>(src) & 31u]);
+}
+template <typename T>
+T __shfl_down_sync(unsigned, T v, unsigned delta) {
+  const unsigned lane = ::gk_emu::lane_id();
+  const uint64_t* got = ::gk_emu::warp_exchange(::gk_emu::to_slot(v));
+  return lane + delta < 32 ? ::gk_emu::from_slot<T>(got[lane + delta]) : v;
+}
+inline unsigned __ballot_sync(unsigned, int pred) {
+  const uint64_t* got = ::gk_emu::warp_exchange(pred != 0);
+  unsigned r = 0;
+  for (unsigned l = 0; l < 32; ++l) r |= got[l] ? 1u << l : 0u;  // exited lanes read as 0
+  return r;
+}
+inline void __syncwarp(unsigned = 0xffffffffu) { ::gk_emu::warp_exchange(0); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline unsigned __float_as_uint(float f) {
