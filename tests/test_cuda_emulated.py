@@ -132,7 +132,7 @@ def test_factored_validation_names_the_argument():
         E.factored_project(a, g, lt[:-1], rt, rb, m, 3)
 
 
-@settings(deadline=None, max_examples=25)
+@settings(deadline=None)
 @given(B=st.integers(1, 70), D=st.integers(1, 300), k=st.integers(1, 130), col0=st.sampled_from([0, 5, 64, 131]),
        kind=st.sampled_from([0, 1]), seed=st.integers(0, 2**40), dtype=st.sampled_from(
            [torch.float32, torch.bfloat16, torch.float16, torch.float64]), sms=st.sampled_from([1, 4, 132]))
@@ -180,7 +180,7 @@ import test_obs_shared_ops as t_shared  # noqa: E402
 from gradkit.kernels.reference import obs as obs_ref  # noqa: E402
 
 
-@settings(deadline=None, max_examples=40)
+@settings(deadline=None)
 @given(t_sel.problems(max_gs=40), st.sampled_from([1, 132]), st.booleans())
 def test_obs_select_matches_reference(p, sms, reverse):
     """One thread per (row, group) for gs <= 32 (small_kernel<G>), one block per group with the costs in
@@ -206,7 +206,7 @@ def test_obs_select_large(gs, bk):
         assert torch.equal(got, obs_ref.obs_select(w, d, gs, bk, num_prune, 1e-8)), num_prune
 
 
-@settings(deadline=None, max_examples=40)
+@settings(deadline=None)
 @given(t_shared.problems(), st.booleans(), st.sampled_from([1, 132]))
 def test_obs_shared_prune_matches_reference(prob, local, sms):
     n, nq, E_, ns, p, seed, nan, spd = prob
@@ -222,7 +222,7 @@ def test_obs_shared_prune_matches_reference(prob, local, sms):
     torch.testing.assert_close(got_w, exp_w, rtol=0, atol=0, equal_nan=True)
 
 
-@settings(deadline=None, max_examples=30)
+@settings(deadline=None)
 @given(shape=t_schur.shapes, dt=st.sampled_from(t_schur.DTYPES), seed=st.integers(0, 2 ** 16),
        strided=st.booleans(), reverse=st.booleans())
 def test_obs_schur_extend_within_fp32_bound(shape, dt, seed, strided, reverse):
@@ -249,7 +249,7 @@ import test_search_ops as t_search  # noqa: E402
 from gradkit.kernels.reference import search as search_ref  # noqa: E402
 
 
-@settings(deadline=None, max_examples=30)
+@settings(deadline=None)
 @given(t_search.problems(max_n=700), st.booleans())
 def test_score_topk_matches_reference(p, reverse):
     """test_search_ops.test_cuda_matches_reference, emulated: integer-valued data (exact products), so the
