@@ -12,6 +12,9 @@ Two operations, each side by side with bergson 2.5.1 driven through its own coll
     by the right matrix in the forward hook, ``g`` by the left one, forms ``g^T a`` per example,
     flattens + clamps), projection matrices cached in its ``GradientProcessor`` (steady state);
   - bergson cold: the same with a fresh processor, i.e. the first batch (matrix generation included).
+  - ``..., interleaved``: gradkit and bergson alternated in rounds of 10 calls (order rotating), and
+    the quantiles of the per-round ratio bergson / gradkit, the figure least moved by the shared host's
+    load drift (``harness.time_interleaved``).
 * ``factored proj (hook work, bf16 a/g)``: the same hook work on a bfloat16 model's activations and
   gradients (``a``, ``g`` rounded to bf16).
   - gradkit: ``factored_project(a_bf16, g_bf16, 16)``: read as bf16, widened exactly, fp32 arithmetic;
@@ -92,6 +95,7 @@ def _lgr(L, R, a, g):
 
 
 def run(rec, quick: bool = False) -> None:
+    from harness import time_interleaved
     from gradkit.projection import (GradientCollector, derive_seed, factored_project,
                                     projection_matrix)
 
@@ -136,6 +140,19 @@ def run(rec, quick: bool = False) -> None:
         assert got.shape == (B, P * P)
         rec.add(FAMILY, op, "bergson", wl, dt, rec.time(bergson_hooks),
                 note="bergson 2.5.1 StreamingGradientCollector forward_hook + backward_hook, cached matrices")
+        # interleaved: the same two calls alternated in rounds (order rotating), so host-load drift hits
+        # both alike; the per-round ratio is the figure least moved by the shared machine's noise
+        op_i = op + ", interleaved"
+        st = time_interleaved({"gradkit": lambda: factored_project(a, g, P, seed=0, name="lin"),
+                               "bergson": bergson_hooks}, rounds=10 if quick else 40, calls=10, baseline="gradkit")
+        rec.add(FAMILY, op_i, "gradkit", wl, dt, st["gradkit"],
+                note="factored_project(a, g, 16), alternated with bergson's hooks in rounds of 10 calls")
+        rec.add(FAMILY, op_i, "bergson", wl, dt, st["bergson"],
+                note=f"per-round ratio bergson / gradkit: p20 {st['bergson']['ratio_p20']:.2f}, "
+                     f"p50 {st['bergson']['ratio_p50']:.2f}, p80 {st['bergson']['ratio_p80']:.2f}")
+        rec.add(FAMILY, op_i, "bergson / gradkit, same round", wl, dt,
+                {"p20": st["bergson"]["ratio_p20"], "p50": st["bergson"]["ratio_p50"],
+                 "p80": st["bergson"]["ratio_p80"], "n": st["bergson"]["n"]}, metric="ratio (x)")
         if not quick:
             def bergson_cold():
                 c = _bergson(model)

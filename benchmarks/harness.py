@@ -91,6 +91,37 @@ def time_fn(fn: Callable[[], object], device: str = "cpu", min_run_time: float =
     return {**_quantiles(times), "n": len(times)}
 
 
+def time_interleaved(fns: Dict[str, Callable[[], object]], rounds: int = 30, calls: int = 10,
+                     baseline: Optional[str] = None) -> Dict[str, Dict[str, float]]:
+    """Side by side under a shared, drifting CPU load: per round, each provider runs ``calls`` calls
+    back to back (the order rotates every round), so all of them see the same stretch of load.
+    Returns per provider p20/p50/p80 of its per-call time per round, and, against ``baseline``, the
+    quantiles of the per-round ratios (``ratio_p20`` / ``ratio_p50`` / ``ratio_p80``: provider time /
+    baseline time in the same round). CPU only; one warm-up call each first."""
+    import time
+
+    names = list(fns)
+    for n in names:
+        fns[n]()
+    per = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            f = fns[n]
+            t = time.perf_counter()
+            for _ in range(calls):
+                f()
+            per[n].append((time.perf_counter() - t) / calls)
+    out = {}
+    for n in names:
+        st = {**_quantiles(per[n]), "n": rounds * calls}
+        if baseline is not None and n != baseline:
+            rq = _quantiles([a / b for a, b in zip(per[n], per[baseline])])
+            st.update(ratio_p20=rq["p20"], ratio_p50=rq["p50"], ratio_p80=rq["p80"])
+        out[n] = st
+    return out
+
+
 class Recorder:
     """Collects rows and writes the JSONL, the markdown table and the plot."""
 
