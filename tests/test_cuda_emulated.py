@@ -1,8 +1,8 @@
-"""The CUDA C++ kernels of csrc/cuda/projection.cu, obs.cu and search.cu, host code included, run on the
+"""The CUDA C++ kernels of csrc/cuda/projection.cu, obs.cu, search.cu and adamw.cu, host code included, run on the
 CPU under the emulator of tests/cuda_emu (each block's threads as fibers, __syncthreads a barrier; see
 emu.h for what it checks and what it cannot): CI has no GPU, and these kernels had never run before.
 Each file is compiled as plain C++ with GRADKIT_CUDA_EMU (the GK_LAUNCH / GK_DYNAMIC_SHARED macros of
-common.cuh) into torch.ops.gradkit_cuda_emu[_obs|_search].* taking CPU tensors. The checks are the GPU tests'
+common.cuh) into torch.ops.gradkit_cuda_emu[_obs|_search|_adamw].* taking CPU tensors. The checks are the GPU tests'
 (test_factored_ops, test_obs_*_ops), so they run in CI instead of skipping:
 
 * factored_project: the same bits as the CPU kernel (the claim test_factored_ops' GPU tests make), for
@@ -15,6 +15,8 @@ common.cuh) into torch.ops.gradkit_cuda_emu[_obs|_search].* taking CPU tensors. 
   obs_schur_extend_ (CUDA C++ kernel, three dtypes): within the fp32 bound of test_obs_schur_ops;
 * score_topk (tile scoring, warp arg-max over __shfl_xor_sync, host merge): the reference's scores and
   indices exactly, ties and NaN included;
+* masked_adamw_ (one multi-tensor launch, tiles found by binary search, 16-byte vector units or the
+  entry-wise tail): bit for bit the CPU kernel's parameters and moments, four dtypes;
 * the emulator itself: a missing barrier and a divergent barrier are caught.
 """
 import functools
@@ -60,6 +62,10 @@ def emu_obs():
 
 def emu_search():
     return _build("search")
+
+
+def emu_adamw():
+    return _build("adamw")
 
 
 @pytest.fixture
@@ -277,3 +283,52 @@ def test_score_topk_many_ties_and_nan():
         want = search_ref.score_topk(q, keys, 20, largest, None, None, None, 0)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         assert 7 not in got[1][0].tolist()
+
+
+# -------------------------------------------------------------------------------------------- adamw.cu
+import test_masked_adamw as t_adamw  # noqa: E402
+
+
+@settings(deadline=None)
+@given(st.data(), st.sampled_from([1, 132]))
+def test_masked_adamw_bitwise_equals_cpu(data, sms):
+    """test_masked_adamw.test_op_matches_reference's cases (1-4 tensors of 0-40 x 0-40 entries, masks or
+    none, frozen rates, maximize, four dtypes): the emulated CUDA kernel's parameters and moments equal the
+    CPU kernel's bit for bit (both round every step like torch's AdamW), so also within the reference's
+    tolerance; gradients untouched. One SM: one block walks every tile."""
+    dtype, (p, g, m, v), bits, kw = t_adamw._op_case(data, "cpu")
+    cpu = [[t.clone() for t in x] for x in (p, m, v)]
+    ops.masked_adamw_(cpu[0], g, cpu[1], cpu[2], bits, **kw)
+    g_before = [t.clone() for t in g]
+    E = emu_adamw()
+    E.set_sm_count(sms)
+    try:
+        E.masked_adamw_(p, g, m, v, bits, kw["masked_lr"], kw["unmasked_lr"], kw["beta1"], kw["beta2"], kw["eps"],
+                        kw["weight_decay"], kw["bias_correction1"], kw["bias_correction2_sqrt"], kw["maximize"])
+    finally:
+        E.set_sm_count(132)
+    for got, want in zip((p, m, v), cpu):
+        for a, b in zip(got, want):
+            assert t_adamw._bits_equal(a, b), dtype
+    assert all(torch.equal(a, b) for a, b in zip(g, g_before))
+
+
+def test_masked_adamw_vector_units_and_tails():
+    """Tensors past one 4096-entry tile, aligned (16-byte units) and not (a view one element in: the
+    entry-wise path), with a partial last unit: bit for bit the CPU kernel."""
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        base = [torch.randn(n + 1, generator=gen).to(dtype) for n in (9000, 4103, 17)]
+        views = [base[0][:9000], base[1][1:], base[2][1:]]  # aligned, misaligned, misaligned tail-only
+        grads = [torch.randn(t.shape, generator=gen).to(dtype) for t in views]
+        ms = [torch.randn(t.shape, generator=gen).to(dtype) * 0.1 for t in views]
+        vs = [torch.rand(t.shape, generator=gen).to(dtype) * 0.01 for t in views]
+        bits = [ops.pack_bitmask(torch.rand(t.shape, generator=gen) < 0.5) for t in views]
+        kw = dict(masked_lr=1e-3, unmasked_lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+                  bias_correction1=[0.1] * 3, bias_correction2_sqrt=[0.05] * 3, maximize=False)
+        want = [[t.clone() for t in x] for x in (views, ms, vs)]
+        ops.masked_adamw_(want[0], grads, want[1], want[2], bits, **kw)
+        emu_adamw().masked_adamw_(views, grads, ms, vs, bits, *kw.values())
+        for got, exp in zip((views, ms, vs), want):
+            for a, b in zip(got, exp):
+                assert t_adamw._bits_equal(a, b), dtype

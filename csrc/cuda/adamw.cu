@@ -211,7 +211,7 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   check_args(params, grads, exp_avgs, exp_avg_sqs, bits, bias_correction1, bias_correction2_sqrt);
   if (params.empty()) return;
   const at::Device device = params[0].device();
-  TORCH_CHECK_VALUE(device.is_cuda(), "params[0]: expected a CUDA tensor, got one on ", device);
+  TORCH_CHECK_VALUE(cuda::on_device(device), "params[0]: expected a CUDA tensor, got one on ", device);
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -222,7 +222,7 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   }
   if (live.empty()) return;
   const int64_t bytes = static_cast<int64_t>(live.size() * sizeof(AdamTensor));
-  Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(cuda::kPinnedStaging));
   std::memset(host.data_ptr(), 0, bytes);  // struct padding deterministic
   AdamTensor* rows = reinterpret_cast<AdamTensor*>(host.data_ptr<uint8_t>());
   int64_t tiles = 0;
@@ -263,8 +263,9 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
     c.eps = static_cast<A>(eps);
     c.small = std::abs(c.w1) < static_cast<A>(0.5);
     c.maximize = maximize;
-    masked_adamw_kernel<scalar_t, A><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
-        dev_rows, static_cast<int>(live.size()), tiles, c);
+    const auto kernel = masked_adamw_kernel<scalar_t, A>;  // (a template-id's comma would split GK_LAUNCH's arguments)
+    GK_LAUNCH(kernel, static_cast<unsigned>(grid), kThreads, 0, stream, dev_rows, static_cast<int>(live.size()), tiles,
+              c);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -27,7 +27,14 @@ namespace cuda {
 
 #ifdef GRADKIT_CUDA_EMU
 inline int sm_count(int) { return ::gk_emu::sm_count(); }  // the emulated device's, set by the test
+// The emulator's "device" tensors are CPU tensors, and a CPU-only torch has no pinned allocator.
+inline bool on_device(const c10::Device& d) { return d.is_cpu(); }
+constexpr bool kPinnedStaging = false;
 #else
+// Whether d is this backend's device (a CUDA device; under the emulator, the CPU).
+inline bool on_device(const c10::Device& d) { return d.is_cuda(); }
+// Host staging buffers for async uploads are pinned (page-locked) memory.
+constexpr bool kPinnedStaging = true;
 // Streaming multiprocessors of device `dev` (queried once per device, then cached).
 inline int sm_count(int dev) {
   static std::atomic<int> cache[C10_COMPILE_TIME_MAX_GPUS];

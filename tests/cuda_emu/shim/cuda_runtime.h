@@ -3,3 +3,4 @@
 #include "../emu.h"
 typedef int cudaError_t;
 constexpr cudaError_t cudaSuccess = 0;
+typedef int cudaStream_t;  // c10::cuda::getCurrentCUDAStream() returns 0 here
