@@ -28,7 +28,7 @@ __attribute__((noinline)) void varA(const float* x, const float* W, float* Y) {
 // ---- pair
 // Rademacher pair trick, lanes = the p outputs: v = blend(sign(k) == sign(k+1), x_k + x_{k+1}, x_k - x_{k+1}), one FMA per pair of k
 // instead of two (plus the pair sums per token). Result on the Zen 4 VM: A (today's broadcast FMA) 104-117, B / C (blend /
-// masked broadcast) 73-79 GFLOP-equivalent/s per core: the blend costs as much as the FMA it saves.
+// masked broadcast) 73-80 GFLOP-equivalent/s per core: the blend costs as much as the FMA it saves.
 namespace pair {
 constexpr int MR=16;
 __attribute__((noinline)) void prep(const float* x, float* yz){
@@ -82,7 +82,7 @@ void run(){
 // ---- fused
 // Rademacher B-formulation v = c (2 sum_{s=+1} x - sum x) for the a side as masked adds (FADD pipes) interleaved with
 // the g side's FMAs (FMA pipes), MR = 8 (+ 8) accumulators, plus the per-token row sums. Result on the Zen 4 VM: 2 x FMA16
-// 113-115, fused 129-143 GFLOP-equivalent/s per core (1.13-1.25x): ~10% end to end once the DRAM stream is counted.
+// 113-117, fused 129-143 GFLOP-equivalent/s per core under load (1.13-1.25x), 148-155 on a quiet host (1.28-1.34x).
 namespace fused {
 template<int MR> __attribute__((noinline)) void fused(const float* g, const float* a, const float* W, const __mmask16* M, float* U, float* V){
   __m512 au[MR], av[MR]; for(int r=0;r<MR;++r){au[r]=_mm512_setzero_ps(); av[r]=_mm512_setzero_ps();}
@@ -119,7 +119,7 @@ void run(){
 // ---- tok
 // lanes = 16 tokens (transposed tile), x_k and -x_k stored side by side, each output's sign picks the address from an
 // offset table, adds alternating between FADD and FMA(x, 1) so both pipe pairs work. Result on the Zen 4 VM: FMA 113-116,
-// this 58-71 GFLOP-equivalent/s per core (two loads per op), before the transpose (6-8 us per tile on its own).
+// this 58-80 GFLOP-equivalent/s per core (two loads per op), before the transpose (6-8 us per tile on its own).
 namespace tok {
 constexpr int P=16;
 __attribute__((noinline)) void tok(const float* xb, const int32_t* off, float* Y){
