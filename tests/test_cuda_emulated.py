@@ -1,8 +1,9 @@
-"""The CUDA C++ kernels of csrc/cuda/projection.cu, obs.cu, search.cu and adamw.cu, host code included, run on the
+"""The CUDA C++ kernels of csrc/cuda/projection.cu, obs.cu, search.cu, adamw.cu, golden.cu and parammap.cu,
+host code included, run on the
 CPU under the emulator of tests/cuda_emu (each block's threads as fibers, __syncthreads a barrier; see
 emu.h for what it checks and what it cannot): CI has no GPU, and these kernels had never run before.
 Each file is compiled as plain C++ with GRADKIT_CUDA_EMU (the GK_LAUNCH / GK_DYNAMIC_SHARED macros of
-common.cuh) into torch.ops.gradkit_cuda_emu[_obs|_search|_adamw].* taking CPU tensors. The checks are the GPU tests'
+common.cuh) into torch.ops.gradkit_cuda_emu[_<file>].* taking CPU tensors. The checks are the GPU tests'
 (test_factored_ops, test_obs_*_ops), so they run in CI instead of skipping:
 
 * factored_project: the same bits as the CPU kernel (the claim test_factored_ops' GPU tests make), for
@@ -17,6 +18,12 @@ common.cuh) into torch.ops.gradkit_cuda_emu[_obs|_search|_adamw].* taking CPU te
   indices exactly, ties and NaN included;
 * masked_adamw_ (one multi-tensor launch, tiles found by binary search, 16-byte vector units or the
   entry-wise tail): bit for bit the CPU kernel's parameters and moments, four dtypes;
+* golden_topk_and_ (radix select: histogram with warp-aggregated atomics and __match_any_sync on a
+  partial mask, a one-block walk with a block scan, tie counts, a device scan, the bitmask write) and
+  bitmask_binary / _not / _count: the reference's bits, counts and popcounts, four dtypes, ties and NaN;
+* parammap: gather / scatter segments (functional and in place), mask / bitmask encodings, topk_select
+  and topk_select_segments (radix passes, compaction, the heavy-bucket fallback): the reference's exact
+  results;
 * the emulator itself: a missing barrier and a divergent barrier are caught.
 """
 import functools
@@ -66,6 +73,14 @@ def emu_search():
 
 def emu_adamw():
     return _build("adamw")
+
+
+def emu_golden():
+    return _build("golden")
+
+
+def emu_parammap():
+    return _build("parammap")
 
 
 @pytest.fixture
@@ -332,3 +347,195 @@ def test_masked_adamw_vector_units_and_tails():
         for got, exp in zip((views, ms, vs), want):
             for a, b in zip(got, exp):
                 assert t_adamw._bits_equal(a, b), dtype
+
+
+# ------------------------------------------------------------------------------------------- golden.cu
+import test_golden as t_golden  # noqa: E402
+from gradkit.kernels.reference import golden as golden_ref  # noqa: E402
+
+
+@settings(deadline=None)
+@given(t_golden.grads(), st.data(), st.sampled_from([1, 132]), st.booleans())
+def test_golden_topk_and_matches_reference(g, data, sms, reverse):
+    """test_golden.test_golden_topk_and_matches_reference, emulated: a running AND over two samples, with
+    and without counts, many ties (integer values) and NaN."""
+    E = emu_golden()
+    E.set_sm_count(sms)
+    E.set_reverse(reverse)
+    try:
+        n = g.numel()
+        bits0 = torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8)
+        if n % 8:
+            bits0[-1] &= (1 << (n % 8)) - 1
+        counts0 = torch.randint(0, 5, (n,), dtype=torch.int32)
+        for _ in range(2):
+            k = data.draw(st.integers(0, n))
+            first = data.draw(st.booleans())
+            use_counts = data.draw(st.booleans())
+            b1, b2, c1, c2 = bits0.clone(), bits0.clone(), counts0.clone(), counts0.clone()
+            p1 = E.golden_topk_and_(g, b1, c1 if use_counts else None, k, first)
+            p2 = golden_ref.golden_topk_and_(g, b2, c2 if use_counts else None, k, first)
+            assert torch.equal(b1, b2) and int(p1) == int(p2) == int(golden_ref.unpack_bitmask(b1, n).sum())
+            assert torch.equal(c1, c2)
+            bits0, counts0 = b1, c1
+            g = g.flip(0) if n else g
+    finally:
+        E.set_sm_count(132)
+        E.set_reverse(False)
+
+
+@pytest.mark.parametrize("dtype", t_golden.FLOATS)
+def test_golden_topk_multiblock_ties(dtype):
+    """Several 8192-element chunks and histogram blocks (2 SMs: fewer blocks than units, so blocks loop),
+    thresholds inside runs of ties that span chunks, NaN, zeros."""
+    gen = torch.Generator().manual_seed(1)
+    n = 40_007
+    g = torch.randint(-3, 4, (n,), generator=gen).to(dtype)
+    g[torch.rand(n, generator=gen) < 0.01] = float("nan")
+    E = emu_golden()
+    for sms in (2, 132):
+        E.set_sm_count(sms)
+        try:
+            for k in (0, 1, 5, 6_000, 20_000, 33_000, n - 500, n):
+                sel = golden_ref.topk_abs_mask(g, k)
+                b = torch.zeros((n + 7) // 8, dtype=torch.uint8)
+                c = torch.zeros(n, dtype=torch.int32)
+                p = E.golden_topk_and_(g, b, c, k, True)
+                assert torch.equal(golden_ref.unpack_bitmask(b, n), sel), (sms, k)
+                assert torch.equal(c, sel.int()) and int(p) == int(sel.sum())
+        finally:
+            E.set_sm_count(132)
+
+
+@settings(deadline=None)
+@given(st.lists(st.integers(0, 70), min_size=1, max_size=4), st.integers(0, 2**31 - 1))
+def test_bitmask_ops_match_reference(sizes, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ms = [torch.rand(n, generator=gen) < 0.5 for n in sizes]
+    ns = [torch.rand(n, generator=gen) < 0.5 for n in sizes]
+    a = [ops.pack_bitmask(m) for m in ms]
+    b = [ops.pack_bitmask(m) for m in ns]
+    E = emu_golden()
+    for op in ("and", "or", "xor", "andnot"):
+        out = E.bitmask_binary(a, b, ops.BITMASK_OPS[op])
+        assert all(torch.equal(o, r) for o, r in zip(out, golden_ref.bitmask_binary(a, b, ops.BITMASK_OPS[op])))
+    nots = E.bitmask_not(a, sizes)
+    assert all(torch.equal(o, ops.pack_bitmask(~m)) for o, m in zip(nots, ms))  # padding bits stay 0
+    assert E.bitmask_count(a).tolist() == [int(m.sum()) for m in ms]
+
+
+def test_bitmask_ops_multi_tile():
+    """Pieces over several 16 KB tiles (vector path) and a misaligned one (byte path)."""
+    gen = torch.Generator().manual_seed(3)
+    ms = [torch.rand(n, generator=gen) < 0.3 for n in (300_001, 17, 250_000)]
+    a = [ops.pack_bitmask(m) for m in ms]
+    a[2] = torch.cat([torch.zeros(1, dtype=torch.uint8), a[2]])[1:]  # a view one byte into its buffer
+    E = emu_golden()
+    assert E.bitmask_count(a).tolist() == [int(m.sum()) for m in ms]
+    nots = E.bitmask_not(a, [m.numel() for m in ms])
+    assert E.bitmask_count(nots).tolist() == [int((~m).sum()) for m in ms]
+    out = E.bitmask_binary(a, nots, ops.BITMASK_OPS["or"])
+    assert E.bitmask_count(out).tolist() == [m.numel() for m in ms]
+
+
+# ----------------------------------------------------------------------------------------- parammap.cu
+import test_parammap_ops as t_pm  # noqa: E402
+from gradkit.kernels.reference import parammap as pm_ref  # noqa: E402
+
+
+@settings(deadline=None)
+@given(segs=t_pm.segment_lists(), out_dtype=st.sampled_from([None] + t_pm.FLOATS), accumulate=st.booleans(),
+       scale=st.sampled_from([1.0, -0.5, 3.0]))
+def test_parammap_gather_scatter_match_reference(segs, out_dtype, accumulate, scale):
+    """test_parammap_ops' gather / gather_out / scatter / scatter_ cases on the emulated kernels."""
+    E = emu_parammap()
+    src, index = segs
+    got = E.gather_segments(src, index, out_dtype)
+    want = pm_ref.gather_segments(src, index, dtype=out_dtype)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    total = got.numel()
+    start = torch.randn(total).to(out_dtype or torch.float32)
+    a, b = start.clone(), start.clone()
+    E.gather_segments_out(src, index, a, accumulate)
+    pm_ref.gather_segments_out(src, index, b, accumulate)
+    assert torch.equal(a, b)
+    flat = pm_ref.gather_segments(src, index, dtype=torch.float32) if src else torch.empty(0)
+    numel = [t.numel() for t in src]
+    for g, w in zip(E.scatter_segments(flat, index, numel, scale), pm_ref.scatter_segments(flat, index, numel, scale)):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+    got_d = [torch.empty_strided(d.size(), d.stride(), dtype=d.dtype).copy_(d) for d in src]
+    want_d = [d.clone() for d in src]
+    E.scatter_segments_(flat, index, got_d, scale, accumulate)
+    pm_ref.scatter_segments_(flat, index, want_d, scale, accumulate)
+    for g, w in zip(got_d, want_d):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
+@settings(deadline=None)
+@given(shape=st.lists(st.integers(0, 40), max_size=3), p=st.floats(0, 1), dtype=st.sampled_from(t_pm.IDX),
+       seed=st.integers(0, 2**31 - 1))
+def test_parammap_mask_encodings_match_reference(shape, p, dtype, seed):
+    E = emu_parammap()
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < p
+    assert torch.equal(E.mask_to_indices(mask, dtype), pm_ref.mask_to_indices(mask, dtype))
+    bits = E.pack_bitmask(mask)
+    assert torch.equal(bits, pm_ref.pack_bitmask(mask))
+    assert torch.equal(E.bitmask_to_indices(bits, mask.numel(), dtype), pm_ref.bitmask_to_indices(bits, mask.numel(),
+                                                                                                    dtype))
+
+
+def test_parammap_large_multi_chunk():
+    """Several scan chunks and blocks: mask encodings and a scatter with many work items per segment."""
+    E = emu_parammap()
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(100_003, generator=g) < 0.05
+    assert torch.equal(E.mask_to_indices(mask, torch.int64), mask.nonzero().reshape(-1))
+    bits = E.pack_bitmask(mask)
+    assert torch.equal(E.bitmask_to_indices(bits, mask.numel(), torch.int32), mask.nonzero().reshape(-1).int())
+    n = 60_001
+    pos = (torch.rand(n, generator=g) < 0.3).nonzero().reshape(-1)
+    pos = pos[torch.randperm(pos.numel(), generator=g)]
+    index = [pos.int(), None, torch.empty(0, dtype=torch.int64), pos]
+    numel = [n, 5, 17, n]
+    flat = torch.randn(2 * pos.numel() + 5, generator=g)
+    for a, b in zip(E.scatter_segments(flat, index, numel, 0.5), pm_ref.scatter_segments(flat, index, numel, 0.5)):
+        assert torch.equal(a, b)
+
+
+@settings(deadline=None)
+@given(case=t_pm.score_vectors(), sms=st.sampled_from([1, 132]), reverse=st.booleans())
+def test_parammap_topk_select_matches_reference(case, sms, reverse):
+    s, active, k = case
+    E = emu_parammap()
+    E.set_sm_count(sms)
+    E.set_reverse(reverse)
+    try:
+        got = E.topk_select(s, active, k)
+    finally:
+        E.set_sm_count(132)
+        E.set_reverse(False)
+    assert got.dtype == torch.int64 and torch.equal(got, pm_ref.topk_select(s, active, k))
+
+
+@settings(deadline=None)
+@given(case=t_pm.score_lists())
+def test_parammap_topk_select_segments_matches_reference(case):
+    scores, active, k = case
+    got = emu_parammap().topk_select_segments(scores, active or [None] * len(scores), k)
+    assert torch.equal(got, pm_ref.topk_select_segments(scores, active or [None] * len(scores), k))
+
+
+@pytest.mark.parametrize("dtype", t_pm.FLOATS)
+def test_parammap_topk_heavy_ties_and_bucket_fallback(dtype):
+    """Heavy ties (lowest position wins) and scores in one narrow range (one top-12-bit bucket: radix passes
+    instead of compaction), over several blocks."""
+    E = emu_parammap()
+    g = torch.Generator().manual_seed(3)
+    n = 60_000
+    ties = torch.randint(0, 100, (n,), generator=g).to(dtype)
+    narrow = (0.5 + torch.rand(n, generator=g, dtype=torch.float64) * 1e-3).to(dtype)
+    active = torch.rand(n, generator=g) < 0.7
+    for s, act in ((ties, None), (narrow, None), (narrow, active)):
+        n_act = n if act is None else int(act.sum())
+        for k in (1, n_act // 3, n_act - 1):
+            assert torch.equal(E.topk_select(s, act, k), pm_ref.topk_select(s, act, k)), (dtype, k)

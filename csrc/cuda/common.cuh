@@ -3,6 +3,7 @@
 
 #include <c10/core/Device.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -29,10 +30,13 @@ namespace cuda {
 inline int sm_count(int) { return ::gk_emu::sm_count(); }  // the emulated device's, set by the test
 // The emulator's "device" tensors are CPU tensors, and a CPU-only torch has no pinned allocator.
 inline bool on_device(const c10::Device& d) { return d.is_cpu(); }
+inline c10::Device current_device() { return c10::Device(c10::kCPU); }
 constexpr bool kPinnedStaging = false;
 #else
 // Whether d is this backend's device (a CUDA device; under the emulator, the CPU).
 inline bool on_device(const c10::Device& d) { return d.is_cuda(); }
+// The current device, where an op with no tensor to take it from puts its output.
+inline c10::Device current_device() { return c10::Device(c10::kCUDA, c10::cuda::current_device()); }
 // Host staging buffers for async uploads are pinned (page-locked) memory.
 constexpr bool kPinnedStaging = true;
 // Streaming multiprocessors of device `dev` (queried once per device, then cached).

@@ -92,7 +92,7 @@ void exclusive_sum(const int64_t* in, int64_t* out, int64_t n, const at::Device&
 template <typename T>
 Tensor upload(const std::vector<T>& rows, const at::Device& dev) {
   const int64_t bytes = static_cast<int64_t>(rows.size() * sizeof(T));
-  Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(cuda::kPinnedStaging));
   std::memcpy(host.data_ptr<uint8_t>(), rows.data(), static_cast<size_t>(bytes));
   Tensor d = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(dev));
   d.copy_(host, /*non_blocking=*/true);
@@ -265,24 +265,25 @@ void golden_run(const Tensor& g, const Tensor& bits, int32_t* counts, int64_t k,
     const int64_t hist_grid = std::min(units, std::max(grid_for(units, di), (units + kMaxUnitsPerBlock - 1) /
                                                                                  kMaxUnitsPerBlock));
     for (int p = 0; p < D::kPasses; ++p) {
-      hist_kernel<K><<<static_cast<unsigned>(hist_grid), kThreads, 0, stream>>>(gk, n, inf, units, s, D::shift(p),
-                                                                              D::width(p), s + kStHist);
+      GK_LAUNCH(hist_kernel<K>, static_cast<unsigned>(hist_grid), kThreads, 0, stream, gk, n, inf, units, s,
+                D::shift(p), D::width(p), s + kStHist);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      radix::walk_kernel<D::kBins><<<1, radix::kWalkThreads, 0, stream>>>(s, s + kStHist, p, D::shift(p), D::width(p),
-                                                                          static_cast<unsigned long long>(k));
+      GK_LAUNCH(radix::walk_kernel<D::kBins>, 1, radix::kWalkThreads, 0, stream, s, s + kStHist, p, D::shift(p),
+                D::width(p), static_cast<unsigned long long>(k));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     eq = at::empty({2 * nchunks}, long_opts);  // per-chunk ties | their exclusive prefix
     int64_t* e = eq.data_ptr<int64_t>();
-    ties_kernel<K><<<static_cast<unsigned>(grid_for(nchunks, di)), kThreads, 0, stream>>>(gk, n, inf, nchunks, s, e);
+    GK_LAUNCH(ties_kernel<K>, static_cast<unsigned>(grid_for(nchunks, di)), kThreads, 0, stream, gk, n, inf, nchunks,
+              s, e);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     exclusive_sum(e, e + nchunks, nchunks, dev, stream);
     E = e + nchunks;
   }
   uint8_t* b = bits.data_ptr<uint8_t>();
-  write_kernel<K><<<static_cast<unsigned>(grid_for(nchunks, di)), kThreads, 0, stream>>>(
-      gk, n, inf, nchunks, s, E, k == 0, first, b, nbytes, is_aligned(b, 4), counts,
-      reinterpret_cast<unsigned long long*>(pop.data_ptr<int64_t>()));
+  GK_LAUNCH(write_kernel<K>, static_cast<unsigned>(grid_for(nchunks, di)), kThreads, 0, stream, gk, n, inf, nchunks, s,
+            E, k == 0, first, b, nbytes, is_aligned(b, 4), counts,
+            reinterpret_cast<unsigned long long*>(pop.data_ptr<int64_t>()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -290,7 +291,7 @@ void check_golden(const Tensor& g, const Tensor& bits, const std::optional<Tenso
   const auto dt = g.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
                    "g: expected float32/float64/float16/bfloat16, got ", dt);
-  TORCH_CHECK_VALUE(g.is_cuda(), "g: expected a CUDA tensor, got one on ", g.device());
+  TORCH_CHECK_VALUE(cuda::on_device(g.device()), "g: expected a CUDA tensor, got one on ", g.device());
   TORCH_CHECK_VALUE(g.is_contiguous(), "g: expected a contiguous tensor");
   const int64_t n = g.numel();
   TORCH_CHECK_TYPE(bits.scalar_type() == at::kByte, "bits: expected a uint8 packed bitmask, got ",
@@ -418,7 +419,7 @@ at::Device check_bit_list(at::TensorList a, const char* what) {
     TORCH_CHECK_VALUE(t.device() == a[0].device(), what, "[", i, "]: on ", t.device(), " but ", what, "[0] is on ",
                       a[0].device());
   }
-  TORCH_CHECK_VALUE(a[0].is_cuda(), what, ": expected CUDA tensors, got ones on ", a[0].device());
+  TORCH_CHECK_VALUE(cuda::on_device(a[0].device()), what, ": expected CUDA tensors, got ones on ", a[0].device());
   return a[0].device();
 }
 
@@ -441,7 +442,7 @@ bool aligned16(const void* p) { return is_aligned(p, 16); }
 template <int OP>
 void map_launch(std::vector<BmSeg>& table, const at::Device& dev) {
   bitmask_launch(table, dev, [](const BmSeg* segs, int nseg, int64_t tiles, cudaStream_t stream, unsigned grid) {
-    bitmask_map_kernel<OP><<<grid, kThreads, 0, stream>>>(segs, nseg, tiles);
+    GK_LAUNCH(bitmask_map_kernel<OP>, grid, kThreads, 0, stream, segs, nseg, tiles);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -514,7 +515,7 @@ Tensor bitmask_count_cuda(at::TensorList bits) {
   }
   unsigned long long* o = reinterpret_cast<unsigned long long*>(out.data_ptr<int64_t>());
   bitmask_launch(table, dev, [o](const BmSeg* segs, int nseg, int64_t tiles, cudaStream_t stream, unsigned grid) {
-    bitmask_count_kernel<<<grid, kThreads, 0, stream>>>(segs, nseg, tiles, o);
+    GK_LAUNCH(bitmask_count_kernel, grid, kThreads, 0, stream, segs, nseg, tiles, o);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

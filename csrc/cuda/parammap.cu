@@ -193,7 +193,7 @@ SegTable upload_table(const std::vector<Segment>& segs, const std::vector<int64_
   SegTable t;
   t.nseg = static_cast<int>(live.size());
   const int64_t bytes = kHeaderBytes + static_cast<int64_t>(live.size()) * static_cast<int64_t>(sizeof(DevSeg));
-  Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(cuda::kPinnedStaging));
   uint8_t* hp = host.data_ptr<uint8_t>();
   std::memset(hp, 0, bytes);  // header flag = 0, struct padding deterministic
   DevSeg* table = reinterpret_cast<DevSeg*>(hp + kHeaderBytes);
@@ -457,7 +457,7 @@ void gather_impl(at::TensorList src, const c10::List<std::optional<Tensor>>& ind
   check_gather_out(out, total);
   if (total == 0) return;
   TORCH_CHECK_VALUE(out.device() == src[0].device(), "out: on ", out.device(), " but src is on ", src[0].device());
-  TORCH_CHECK_VALUE(out.is_cuda(), "out: expected a CUDA tensor, got one on ", out.device());
+  TORCH_CHECK_VALUE(cuda::on_device(out.device()), "out: expected a CUDA tensor, got one on ", out.device());
   const c10::cuda::CUDAGuard guard(out.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   GK_DISPATCH_FLOAT(out.scalar_type(), "gather_out", [&] {
@@ -465,8 +465,8 @@ void gather_impl(at::TensorList src, const c10::List<std::optional<Tensor>>& ind
     D* o = out.data_ptr<D>();
     const SegTable t = upload_table(segs, offs, o, sizeof(D), out.device());
     const int64_t grid = grid_for(t.tiles, out.device().index());
-    gather_kernel<D><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(t.segs, t.nseg, t.tiles, o, t.bad,
-                                                                           accumulate);
+    GK_LAUNCH(gather_kernel<D>, static_cast<unsigned>(grid), kThreads, 0, stream, t.segs, t.nseg, t.tiles, o, t.bad,
+              accumulate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     check_oob(t);
   });
@@ -476,7 +476,7 @@ Tensor gather_segments_cuda(at::TensorList src, const c10::List<std::optional<Te
                             std::optional<at::ScalarType> dtype) {
   const int64_t total = gather_total(src, index);
   const at::ScalarType dt = gather_dtype(src, dtype);
-  const at::Device device = src.empty() ? at::Device(at::kCUDA, c10::cuda::current_device()) : src[0].device();
+  const at::Device device = src.empty() ? cuda::current_device() : src[0].device();
   Tensor out = at::empty({total}, at::TensorOptions().dtype(dt).device(device));
   gather_impl(src, index, out, false);
   return out;
@@ -497,7 +497,7 @@ void scatter_impl(const Tensor& flat, const c10::List<std::optional<Tensor>>& in
   if (total == 0) return;
   TORCH_CHECK_VALUE(flat.device() == dst[0].device(), "flat: on ", flat.device(), " but dst is on ",
                     dst[0].device());
-  TORCH_CHECK_VALUE(flat.is_cuda(), "flat: expected a CUDA tensor, got one on ", flat.device());
+  TORCH_CHECK_VALUE(cuda::on_device(flat.device()), "flat: expected a CUDA tensor, got one on ", flat.device());
   const c10::cuda::CUDAGuard guard(flat.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const Tensor f = flat.contiguous();
@@ -506,8 +506,8 @@ void scatter_impl(const Tensor& flat, const c10::List<std::optional<Tensor>>& in
     const F* fp = f.data_ptr<F>();
     const SegTable t = upload_table(segs, offs, fp, sizeof(F), f.device());
     const int64_t grid = grid_for(t.tiles, f.device().index());
-    scatter_kernel<F><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(t.segs, t.nseg, t.tiles, fp, scale,
-                                                                            accumulate, t.bad);
+    GK_LAUNCH(scatter_kernel<F>, static_cast<unsigned>(grid), kThreads, 0, stream, t.segs, t.nseg, t.tiles, fp,
+              scale, accumulate, t.bad);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     check_oob(t);
   });
@@ -662,8 +662,8 @@ std::pair<int64_t, bool> compact_count(const L& ld, int64_t nwords, int64_t nchu
   int64_t* counts = buf.data_ptr<int64_t>();
   int64_t* offsets = counts + nchunks + 1;
   int64_t* flag = counts + 2 * nchunks + 2;
-  compact_count_kernel<L><<<static_cast<unsigned>(grid_for(nchunks, dev.index())), kThreads, 0, stream>>>(
-      ld, nwords, nchunks, counts, flag);
+  GK_LAUNCH(compact_count_kernel<L>, static_cast<unsigned>(grid_for(nchunks, dev.index())), kThreads, 0, stream, ld,
+            nwords, nchunks, counts, flag);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   exclusive_sum(counts, offsets, nchunks + 1, dev, stream);
   const auto v = fetch_i64(buf.narrow(0, 2 * nchunks + 1, 2));  // offsets[nchunks], flag
@@ -678,11 +678,11 @@ Tensor compact_write(const L& ld, int64_t nwords, int64_t nchunks, const Tensor&
   const int64_t* offsets = buf.data_ptr<int64_t>() + nchunks + 1;
   const unsigned grid = static_cast<unsigned>(grid_for(nchunks, dev.index()));
   if (dtype == at::kInt) {
-    compact_write_kernel<L, int32_t><<<grid, kThreads, 0, stream>>>(ld, nwords, nchunks, offsets,
-                                                                   out.data_ptr<int32_t>());
+    GK_LAUNCH((compact_write_kernel<L, int32_t>), grid, kThreads, 0, stream, ld, nwords, nchunks, offsets,
+              out.data_ptr<int32_t>());
   } else {
-    compact_write_kernel<L, int64_t><<<grid, kThreads, 0, stream>>>(ld, nwords, nchunks, offsets,
-                                                                   out.data_ptr<int64_t>());
+    GK_LAUNCH((compact_write_kernel<L, int64_t>), grid, kThreads, 0, stream, ld, nwords, nchunks, offsets,
+              out.data_ptr<int64_t>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -750,8 +750,8 @@ Tensor pack_bitmask_cuda(const Tensor& mask) {
   const MaskLoader ld{p, n, is_aligned(p, 16)};
   const int64_t nwords = (n + 31) / 32;
   const int64_t grid = grid_for((nwords + kThreads - 1) / kThreads, m.device().index());
-  pack_bitmask_kernel<<<static_cast<unsigned>(grid), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      ld, nwords, nbytes, out.data_ptr<uint8_t>());
+  GK_LAUNCH(pack_bitmask_kernel, static_cast<unsigned>(grid), kThreads, 0, at::cuda::getCurrentCUDAStream(), ld, nwords,
+            nbytes, out.data_ptr<uint8_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -1098,11 +1098,11 @@ void topk_run(const TopkSeg* segs, int nseg, int64_t nchunks, int64_t k, Tensor&
   for (int p = 0; p < kPasses; ++p) {
     const int shift = std::max(0, kKeyBits - kBits * (p + 1));
     const int width = std::min(kBits, kKeyBits - kBits * p);
-    topk_hist_kernel<T, K, kBits><<<static_cast<unsigned>(hist_grid), kThreads, 0, stream>>>(segs, nseg, units, w,
-                                                                                            shift, width, hist);
+    GK_LAUNCH((topk_hist_kernel<T, K, kBits>), static_cast<unsigned>(hist_grid), kThreads, 0, stream, segs, nseg, units,
+              w, shift, width, hist);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    topk_walk_kernel<kBits><<<1, kWalkThreads, 0, stream>>>(w, hist, p, shift, width,
-                                                            static_cast<unsigned long long>(k));
+    GK_LAUNCH(topk_walk_kernel<kBits>, 1, kWalkThreads, 0, stream, w, hist, p, shift, width,
+              static_cast<unsigned long long>(k));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   Tensor sel = at::empty({4 * nchunks}, at::TensorOptions().dtype(at::kLong).device(dev));
@@ -1111,11 +1111,12 @@ void topk_run(const TopkSeg* segs, int nseg, int64_t nchunks, int64_t k, Tensor&
   int64_t* G = gt + 2 * nchunks;
   int64_t* E = gt + 3 * nchunks;
   const unsigned grid = static_cast<unsigned>(grid_for(nchunks, di));
-  topk_count_kernel<T, K><<<grid, kThreads, 0, stream>>>(segs, nseg, nchunks, w, gt, eq);
+  GK_LAUNCH((topk_count_kernel<T, K>), grid, kThreads, 0, stream, segs, nseg, nchunks, w, gt, eq);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   exclusive_sum(gt, G, nchunks, dev, stream);
   exclusive_sum(eq, E, nchunks, dev, stream);
-  topk_write_kernel<T, K><<<grid, kThreads, 0, stream>>>(segs, nseg, nchunks, w, G, E, out.data_ptr<int64_t>(), k);
+  GK_LAUNCH((topk_write_kernel<T, K>), grid, kThreads, 0, stream, segs, nseg, nchunks, w, G, E, out.data_ptr<int64_t>(),
+            k);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1159,7 +1160,7 @@ Tensor topk_impl(const std::vector<TopkPart>& parts, at::ScalarType dtype, int64
   // copy (and the contiguous score/active tensors in `parts`) outlive every launch below in
   // stream order, which is all the caching allocator needs.
   const int64_t bytes = static_cast<int64_t>(table.size() * sizeof(TopkSeg));
-  Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(cuda::kPinnedStaging));
   std::memcpy(host.data_ptr<uint8_t>(), table.data(), static_cast<size_t>(bytes));
   Tensor tdev = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(dev));
   tdev.copy_(host, /*non_blocking=*/true);
@@ -1169,8 +1170,8 @@ Tensor topk_impl(const std::vector<TopkPart>& parts, at::ScalarType dtype, int64
   const int64_t units = nchunks * kUnitsPerChunk;
   GK_DISPATCH_FLOAT(dtype, "topk_select", [&] {
     const int64_t grid = grid_for(units, dev.index());
-    topk_stats_kernel<scalar_t><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
-        segs, nseg, units, reinterpret_cast<unsigned long long*>(ws.data_ptr<int64_t>()));
+    GK_LAUNCH(topk_stats_kernel<scalar_t>, static_cast<unsigned>(grid), kThreads, 0, stream, segs, nseg, units,
+              reinterpret_cast<unsigned long long*>(ws.data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   // Check order and messages follow the CPU kernel: NaN among the active scores, then
@@ -1193,7 +1194,8 @@ Tensor topk_select_cuda(const Tensor& scores, const std::optional<Tensor>& activ
   TopkPart part;
   part.scores = scores.contiguous();
   if (active.has_value()) part.active = active->contiguous();
-  TORCH_CHECK_VALUE(part.scores.is_cuda(), "scores: expected a CUDA tensor, got one on ", part.scores.device());
+  TORCH_CHECK_VALUE(cuda::on_device(part.scores.device()), "scores: expected a CUDA tensor, got one on ",
+                    part.scores.device());
   // check_topk already rejected k > 0 with no scores; an empty input returns before any launch.
   if (part.scores.numel() == 0) return at::empty({0}, at::TensorOptions().dtype(at::kLong).device(scores.device()));
   return topk_impl({part}, part.scores.scalar_type(), k, part.scores.device());
@@ -1207,8 +1209,8 @@ Tensor topk_select_segments_cuda(at::TensorList scores, const c10::List<std::opt
   // held for the whole call (the select reads the scores once per pass). The scores are never
   // concatenated.
   const auto [flat, acts] = check_topk_segments(scores, active, k);
-  const at::Device dev = scores.empty() ? at::Device(at::kCUDA, c10::cuda::current_device()) : scores[0].device();
-  TORCH_CHECK_VALUE(dev.is_cuda(), "scores: expected a CUDA tensor, got one on ", dev);
+  const at::Device dev = scores.empty() ? cuda::current_device() : scores[0].device();
+  TORCH_CHECK_VALUE(cuda::on_device(dev), "scores: expected a CUDA tensor, got one on ", dev);
   std::vector<TopkPart> parts(flat.size());
   int64_t total = 0;
   for (const auto i : c10::irange(flat.size())) {

@@ -15,10 +15,12 @@
 // when the fiber order exposes it: threads run in index order, or in reverse order after
 // set_reverse(true), so a test that runs both orders sees a read of data written by another thread in the
 // same phase as a stale or NaN value in one of them), and the arithmetic where it is written with
-// explicit intrinsics (fmaf, __fadd_rn, __dmul_rn...), and full-warp collectives (__shfl_sync,
-// __shfl_xor_sync, __shfl_down_sync, __ballot_sync, __syncwarp: every live lane of the warp deposits its
-// value and waits until all have; a lane waiting at one while another waits at __syncthreads is reported
-// as a deadlock). What it does not: partial masks (taken as full), the memory model,
+// explicit intrinsics (fmaf, __fadd_rn, __dmul_rn...), and warp collectives (__shfl_sync,
+// __shfl_xor_sync, __shfl_down_sync, __ballot_sync, __match_any_sync, __syncwarp): the lanes of the mask
+// deposit their values, and the group is released when every live lane of the mask waits at a collective
+// of that mask; a lane left waiting while the rest of the block waits at __syncthreads is reported as a
+// deadlock. Atomics are plain read-modify-writes (fibers never run concurrently); cub's block reduce /
+// scan and device scan are in shim/cub_emu.h. What it does not: the memory model,
 // timing, and nvcc's default contraction of a * b + c into an FMA (this build uses -ffp-contract=off,
 // so expressions that nvcc would contract round differently here), and CUDA's own libm (the host's is used).
 #pragma once
@@ -45,6 +47,7 @@ struct uint3 {
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 
 // The running fiber's indices (set by the scheduler before every switch into a fiber).
 inline uint3 threadIdx{0, 0, 0};
@@ -67,8 +70,10 @@ enum class Wait { kReady, kBlock, kWarp, kDone };
 struct Fiber {
   ucontext_t ctx;
   Wait wait = Wait::kReady;
-  int line = 0;      // the __syncthreads line it waits at
-  unsigned seq = 0;  // warp collectives this thread has entered (slot parity)
+  int line = 0;            // the __syncthreads line it waits at
+  unsigned mask = 0;       // the lanes of the warp collective it waits at
+  uint64_t deposit = 0;    // its value for that collective
+  uint64_t snap[32] = {};  // every participant's deposit, copied at release
 };
 
 struct State {
@@ -80,7 +85,6 @@ struct State {
   size_t cur_t = 0;  // the running fiber's linear thread index
   const std::function<void()>* body = nullptr;
   std::vector<unsigned char> dyn;  // GK_DYNAMIC_SHARED
-  std::vector<uint64_t> slots;     // warp collectives: [warp][parity][lane] deposited values
   int sms = 132;                   // the emulated device's streaming multiprocessors
   bool reverse = false;            // run each round's threads in descending index order
   int64_t launches = 0, blocks = 0, barriers = 0;
@@ -106,17 +110,16 @@ inline void sync_threads(int line) {
   swapcontext(&s.cur->ctx, &s.sched);
 }
 
-// A full-warp collective (every live lane of the warp takes part, mask 0xffffffff): deposit v, wait until
-// every live lane of the warp has deposited, return the deposits of this collective (indexed by lane).
-inline const uint64_t* warp_exchange(uint64_t v) {
+// A warp collective over the lanes in `mask` (the calling lane included): deposit v, wait until every
+// live lane of the mask waits at a collective of the same mask, return the deposits (indexed by lane;
+// lanes outside the mask or exited read 0).
+inline const uint64_t* warp_exchange(unsigned mask, uint64_t v) {
   State& s = state();
-  const size_t w = s.cur_t / 32, lane = s.cur_t % 32;
-  const unsigned par = s.cur->seq++ & 1u;
-  uint64_t* slot = s.slots.data() + (w * 2 + par) * 32;
-  slot[lane] = v;
+  s.cur->mask = mask | (1u << (s.cur_t % 32));
+  s.cur->deposit = v;
   s.cur->wait = Wait::kWarp;
   swapcontext(&s.cur->ctx, &s.sched);
-  return slot;
+  return s.cur->snap;
 }
 
 inline void fiber_entry() {
@@ -134,7 +137,6 @@ inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void(
   const size_t nw = (nt + 31) / 32;
   s.fibers.assign(nt, Fiber{});
   s.stacks.resize(nt * s.stack_bytes);
-  s.slots.assign(nw * 2 * 32, 0);
   s.body = &fn;
   s.dyn.assign(smem + 64, 0xFF);
   gridDim = grid;
@@ -149,7 +151,6 @@ inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void(
         for (size_t t = 0; t < nt; ++t) {
           Fiber& f = s.fibers[t];
           f.wait = Wait::kReady;
-          f.seq = 0;
           getcontext(&f.ctx);
           f.ctx.uc_stack.ss_sp = s.stacks.data() + t * s.stack_bytes;
           f.ctx.uc_stack.ss_size = s.stack_bytes;
@@ -168,22 +169,28 @@ inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void(
             s.cur_t = t;
             swapcontext(&s.sched, &f.ctx);
           }
-          // release every warp whose live lanes all wait at a warp collective
+          // release each group of lanes that all wait at a warp collective of the same mask, every live
+          // lane of the mask present
           bool released = false;
           for (size_t w = 0; w < nw; ++w) {
-            size_t live = 0, at = 0;
-            for (size_t t = w * 32; t < std::min(nt, w * 32 + 32); ++t) {
-              live += s.fibers[t].wait != Wait::kDone;
-              at += s.fibers[t].wait == Wait::kWarp;
-            }
-            if (at > 0 && at == live) {
-              unsigned par = 0;
-              for (size_t t = w * 32; t < std::min(nt, w * 32 + 32); ++t)
-                if (s.fibers[t].wait == Wait::kWarp) par = (s.fibers[t].seq - 1) & 1u;
-              for (size_t t = w * 32; t < w * 32 + 32; ++t) {
-                if (t >= nt || s.fibers[t].wait == Wait::kDone) s.slots[(w * 2 + par) * 32 + t % 32] = 0;  // exited
-                else s.fibers[t].wait = Wait::kReady;
-              }
+            const size_t lo = w * 32, hi = std::min(nt, lo + 32);
+            for (size_t t = lo; t < hi; ++t) {
+              if (s.fibers[t].wait != Wait::kWarp) continue;
+              const unsigned mask = s.fibers[t].mask;
+              bool complete = true;
+              for (size_t u = lo; u < hi && complete; ++u)
+                if ((mask >> (u - lo)) & 1u)
+                  complete = s.fibers[u].wait == Wait::kDone ||
+                             (s.fibers[u].wait == Wait::kWarp && s.fibers[u].mask == mask);
+              if (!complete) continue;
+              uint64_t got[32] = {};
+              for (size_t u = lo; u < hi; ++u)
+                if (((mask >> (u - lo)) & 1u) && s.fibers[u].wait == Wait::kWarp) got[u - lo] = s.fibers[u].deposit;
+              for (size_t u = lo; u < hi; ++u)
+                if (((mask >> (u - lo)) & 1u) && s.fibers[u].wait == Wait::kWarp) {
+                  std::memcpy(s.fibers[u].snap, got, sizeof got);
+                  s.fibers[u].wait = Wait::kReady;
+                }
               released = true;
             }
           }
@@ -254,32 +261,58 @@ inline bool isnan(float x) { return std::isnan(x); }
 inline bool isnan(double x) { return std::isnan(x); }
 inline bool isinf(float x) { return std::isinf(x); }
 inline bool isinf(double x) { return std::isinf(x); }
-// Warp collectives (full mask only: the kernels here use 0xffffffff; width 32).
+// Warp collectives over `mask` (width 32). __match_any_sync: the lanes of the mask holding the same value.
 template <typename T>
-T __shfl_xor_sync(unsigned, T v, int lane_mask) {
-  const uint64_t* got = ::gk_emu::warp_exchange(::gk_emu::to_slot(v));
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+  const uint64_t* got = ::gk_emu::warp_exchange(mask, ::gk_emu::to_slot(v));
   return ::gk_emu::from_slot<T>(got[(::gk_emu::lane_id() ^ static_cast<unsigned>(lane_mask)) & 31u]);
 }
 template <typename T>
-T __shfl_sync(unsigned, T v, int src) {
-  const uint64_t* got = ::gk_emu::warp_exchange(::gk_emu::to_slot(v));
+T __shfl_sync(unsigned mask, T v, int src) {
+  const uint64_t* got = ::gk_emu::warp_exchange(mask, ::gk_emu::to_slot(v));
   return ::gk_emu::from_slot<T>(got[static_cast<unsigned>(src) & 31u]);
 }
 template <typename T>
-T __shfl_down_sync(unsigned, T v, unsigned delta) {
+T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
   const unsigned lane = ::gk_emu::lane_id();
-  const uint64_t* got = ::gk_emu::warp_exchange(::gk_emu::to_slot(v));
+  const uint64_t* got = ::gk_emu::warp_exchange(mask, ::gk_emu::to_slot(v));
   return lane + delta < 32 ? ::gk_emu::from_slot<T>(got[lane + delta]) : v;
 }
-inline unsigned __ballot_sync(unsigned, int pred) {
-  const uint64_t* got = ::gk_emu::warp_exchange(pred != 0);
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  const uint64_t* got = ::gk_emu::warp_exchange(mask, pred != 0);
   unsigned r = 0;
-  for (unsigned l = 0; l < 32; ++l) r |= got[l] ? 1u << l : 0u;  // exited lanes read as 0
+  for (unsigned l = 0; l < 32; ++l) r |= got[l] ? 1u << l : 0u;  // outside the mask or exited: 0
+  return r & mask;
+}
+template <typename T>
+unsigned __match_any_sync(unsigned mask, T v) {
+  const uint64_t mine = ::gk_emu::to_slot(v);
+  const uint64_t* got = ::gk_emu::warp_exchange(mask, mine);
+  unsigned r = 0;
+  for (unsigned l = 0; l < 32; ++l) r |= ((mask >> l) & 1u) && got[l] == mine ? 1u << l : 0u;
   return r;
 }
-inline void __syncwarp(unsigned = 0xffffffffu) { ::gk_emu::warp_exchange(0); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { ::gk_emu::warp_exchange(mask, 0); }
+// Atomics: fibers never run concurrently, so a read-modify-write is atomic here.
+template <typename T>
+T atomicAdd(T* p, T v) {
+  const T old = *p;
+  *p = old + v;
+  return old;
+}
+inline unsigned atomicAdd(unsigned* p, int v) { return atomicAdd(p, static_cast<unsigned>(v)); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline long long __double_as_longlong(double d) {
+  long long u;
+  std::memcpy(&u, &d, sizeof u);
+  return u;
+}
+inline unsigned __vcmpne4(unsigned a, unsigned b) {  // 0xff in each byte where a and b differ
+  unsigned r = 0;
+  for (int i = 0; i < 4; ++i) r |= ((a >> (8 * i)) & 0xffu) != ((b >> (8 * i)) & 0xffu) ? 0xffu << (8 * i) : 0u;
+  return r;
+}
 inline unsigned __float_as_uint(float f) {
   unsigned u;
   std::memcpy(&u, &f, sizeof u);

@@ -5,3 +5,8 @@ namespace cuda {
 inline int getCurrentCUDAStream(int = -1) { return 0; }
 }  // namespace cuda
 }  // namespace c10
+namespace at {
+namespace cuda {
+using c10::cuda::getCurrentCUDAStream;
+}  // namespace cuda
+}  // namespace at
