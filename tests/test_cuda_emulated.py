@@ -1,5 +1,5 @@
-"""The CUDA C++ kernels of csrc/cuda/projection.cu, obs.cu, search.cu, adamw.cu, golden.cu and parammap.cu,
-host code included, run on the
+"""The CUDA C++ kernels of every csrc/cuda/*.cu file (projection, obs, search, adamw, golden, parammap,
+scope), host code included, run on the
 CPU under the emulator of tests/cuda_emu (each block's threads as fibers, __syncthreads a barrier; see
 emu.h for what it checks and what it cannot): CI has no GPU, and these kernels had never run before.
 Each file is compiled as plain C++ with GRADKIT_CUDA_EMU (the GK_LAUNCH / GK_DYNAMIC_SHARED macros of
@@ -24,6 +24,9 @@ common.cuh) into torch.ops.gradkit_cuda_emu[_<file>].* taking CPU tensors. The c
 * parammap: gather / scatter segments (functional and in place), mask / bitmask encodings, topk_select
   and topk_select_segments (radix passes, compaction, the heavy-bucket fallback): the reference's exact
   results;
+* scope: block norms, scope masks / kth / hard threshold (small-block sub-warp groups, CTA selection with
+  dynamic shared memory, the multi-pass radix path, dense N:M tiles), block masks, soft threshold:
+  against the reference as test_scope_ops compares the CPU kernels;
 * the emulator itself: a missing barrier and a divergent barrier are caught.
 """
 import functools
@@ -81,6 +84,10 @@ def emu_golden():
 
 def emu_parammap():
     return _build("parammap")
+
+
+def emu_scope():
+    return _build("scope")
 
 
 @pytest.fixture
@@ -539,3 +546,106 @@ def test_parammap_topk_heavy_ties_and_bucket_fallback(dtype):
         n_act = n if act is None else int(act.sum())
         for k in (1, n_act // 3, n_act - 1):
             assert torch.equal(E.topk_select(s, act, k), pm_ref.topk_select(s, act, k)), (dtype, k)
+
+
+# -------------------------------------------------------------------------------------------- scope.cu
+import math  # noqa: E402
+
+import test_scope_ops as t_scope  # noqa: E402
+from gradkit.kernels.reference import scope as scope_ref  # noqa: E402
+
+
+@settings(deadline=None)
+@given(t_scope.layouts(), st.sampled_from([1.0, 2.0, math.inf]), st.data())
+def test_scope_mask_kth_norms_match_reference(case, p, data):
+    """test_scope_ops' mask / kth / block-norm properties on the emulated kernels (strided views, NaN,
+    ties, every block / scope layout the strategy draws)."""
+    E = emu_scope()
+    x, block, scope = case
+    nb = t_scope._nb(scope)
+    nnz = data.draw(st.integers(0, nb))
+    keep_ties, expand = data.draw(st.booleans()), data.draw(st.booleans())
+    raw = all(b == 1 for b in block) and data.draw(st.booleans())
+    t_scope._same(E.scope_mask(x, block, scope, nnz, p, raw, keep_ties, expand),
+                  scope_ref.scope_mask(x, block, scope, nnz, p, raw, keep_ties, expand))
+    t_scope._same(E.block_norms(x, block, p), scope_ref.block_norms(x, block, p))
+    mid = nb >= 2 and data.draw(st.booleans())
+    k = data.draw(st.integers(1, nb - 1 if mid else nb))
+    w = data.draw(st.sampled_from([0.0, 1.0, 0.5]))
+    t_scope._same(E.scope_kth(x, block, scope, k, p, raw, w, mid), scope_ref.scope_kth(x, block, scope, k, p, raw, w,
+                                                                                      mid))
+
+
+@settings(deadline=None)
+@given(t_scope.layouts(), st.sampled_from([1.0, 2.0, math.inf]), st.data())
+def test_scope_hard_threshold_and_block_mask_match_reference(case, p, data):
+    E = emu_scope()
+    x, block, scope = case
+    nnz = data.draw(st.integers(0, t_scope._nb(scope)))
+    keep_ties = data.draw(st.booleans())
+    values = None
+    if data.draw(st.booleans()):
+        values = torch.randint(-8, 9, x.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype)
+    a, b = x.clone(), x.clone()
+    bm_ref = scope_ref.scope_hard_threshold_(a, None if values is None else values.clone(), block, scope, nnz, p,
+                                             keep_ties)
+    t_scope._same(E.scope_hard_threshold_(b, values, block, scope, nnz, p, keep_ties), bm_ref)
+    t_scope._same(b, a)
+    grid = [n // s_ for n, s_ in zip(x.shape, block)]
+    m = torch.rand(grid, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))) < 0.5
+    a, b = x.clone(), x.clone()
+    scope_ref.block_apply_mask_(a, block, m)
+    E.block_apply_mask_(b, block, m)
+    t_scope._same(b, a)
+
+
+@settings(deadline=None)
+@given(t_scope.layouts(nan=True), st.data())
+def test_block_soft_threshold_matches_reference(case, data):
+    E = emu_scope()
+    x, block, _ = case
+    x = x / 4
+    grid = [n // b for n, b in zip(x.shape, block)]
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
+    t = torch.rand(grid, generator=g).to(x.dtype) * 2
+    cond = (torch.rand(x.shape, generator=g) + 0.25).to(x.dtype) if data.draw(st.booleans()) else None
+    eps = float(torch.finfo(x.dtype).eps)
+    a, b = x.clone(), x.clone()
+    scope_ref.block_soft_threshold_(a, block, t, cond, 30, 1e-9, eps)
+    E.block_soft_threshold_(b, block, t, cond, 30, 1e-9, eps)
+    tol = dict(atol=2e-2, rtol=2e-2) if x.dtype in (torch.float16, torch.bfloat16) else dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(b, a, equal_nan=True, **tol)
+
+
+@pytest.mark.parametrize("sms", [2, 132])
+def test_scope_large_paths_match_reference(sms):
+    """Scopes over 32 blocks (CTA selection, dynamic shared memory cache, multi-pass radix), whole-tensor
+    scopes, and dense N:M tiles with ragged tails, ties and NaN; few SMs make blocks loop."""
+    E = emu_scope()
+    E.set_sm_count(sms)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(-8, 9, (37, 300), generator=g).float()
+        x[3, 5] = float("nan")
+        for scope, nnz in (([1, 300], 31), ([37, 300], 1000), ([1, 300], 300), ([1, 300], 0), ([37, 60], 7)):
+            for kt in (False, True):
+                t_scope._same(E.scope_mask(x, [1, 1], scope, nnz, 2.0, False, kt, True),
+                              scope_ref.scope_mask(x, [1, 1], scope, nnz, 2.0, False, kt, True))
+            k = max(1, min(nnz, math.prod(scope) - 1))
+            t_scope._same(E.scope_kth(x, [1, 1], scope, k, 2.0, False, 1.0, True),
+                          scope_ref.scope_kth(x, [1, 1], scope, k, 2.0, False, 1.0, True))
+        xb = torch.randn(64, 512, generator=g)
+        t_scope._same(E.scope_mask(xb, [1, 16], [2, 32], 20, 2.0, False, False, True),
+                      scope_ref.scope_mask(xb, [1, 16], [2, 32], 20, 2.0, False, False, True))
+        for m in (2, 4, 16):
+            y = torch.randint(-3, 4, (37, 16 * 67), generator=g).to(torch.bfloat16)
+            y[torch.rand(y.shape, generator=g) < 0.02] = float("nan")
+            for nnz in sorted({0, 1, m // 2, m}):
+                t_scope._same(E.scope_mask(y, [1, 1], [1, m], nnz, 2.0, False, False, True),
+                              scope_ref.scope_mask(y, [1, 1], [1, m], nnz, 2.0, False, False, True))
+                a, b = y.clone(), y.clone()
+                t_scope._same(E.scope_hard_threshold_(a, None, [1, 1], [1, m], nnz, 1.0, True),
+                              scope_ref.scope_hard_threshold_(b, None, [1, 1], [1, m], nnz, 1.0, True))
+                t_scope._same(a, b)
+    finally:
+        E.set_sm_count(132)

@@ -942,7 +942,7 @@ __global__ void __launch_bounds__(kThreads) select_cta_kernel(const SelArgs<T> a
   using A = acc_of<T>;
   using KT = KeyOf<A>;
   using K = typename KT::K;
-  extern __shared__ double dyn_smem[];  // nb scores when a.cache
+  GK_DYNAMIC_SHARED(double, dyn_smem);  // nb scores when a.cache
   __shared__ unsigned hist[kBins];
   __shared__ unsigned scan_sh[kWarps];
   __shared__ unsigned long long red_sh[kWarps];
@@ -1534,14 +1534,16 @@ void launch_scores(const Geo& G, const T* v, int kind, double p, void* dst, T* n
     a.norm = norm;
   }
   if (P.cta) {
-    score_kernel<T, true><<<grid_occ(score_kernel<T, true>, ctas_for(a.nitems, P), di), kThreads, 0, stream>>>(a);
+    GK_LAUNCH((score_kernel<T, true>), grid_occ(score_kernel<T, true>, ctas_for(a.nitems, P), di), kThreads, 0, stream,
+              a);
   } else {
-    score_kernel<T, false><<<grid_occ(score_kernel<T, false>, ctas_for(a.nitems, P), di), kThreads, 0, stream>>>(a);
+    GK_LAUNCH((score_kernel<T, false>), grid_occ(score_kernel<T, false>, ctas_for(a.nitems, P), di), kThreads, 0,
+              stream, a);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (P.nsplit > 1) {
-    combine_kernel<T><<<grid_for(ceil_div(nblk, kThreads), di), kThreads, 0, stream>>>(
-        G, part.data_ptr(), nblk, P.nsplit, dst, norm, kind, p, 1.0 / p);
+    GK_LAUNCH(combine_kernel<T>, grid_for(ceil_div(nblk, kThreads), di), kThreads, 0, stream, G, part.data_ptr(), nblk,
+              P.nsplit, dst, norm, kind, p, 1.0 / p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -1562,7 +1564,7 @@ void launch_fill(const Geo& G, T* x, const bool* bmask, bool* emask, bool expand
   a.chunk = a.nsplit > 1 ? kSplitChunk : G.ne;
   a.nitems = G.numscp * a.nsplit;
   const unsigned grid = grid_occ(fill_kernel<T>, ceil_div(a.nitems, kThreads / a.lanes), di);
-  fill_kernel<T><<<grid, kThreads, 0, stream>>>(a);
+  GK_LAUNCH(fill_kernel<T>, grid, kThreads, 0, stream, a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1582,20 +1584,21 @@ void launch_multi_select(const Geo& G, const A* scores, int op, int64_t target, 
   auto* hp = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
   const unsigned ugrid = grid_occ(multi_hist_kernel<A>, U.units, di);
   const unsigned sgrid = grid_occ(multi_walk_kernel<A>, G.numscp, di);
-  multi_count_kernel<A><<<ugrid, kThreads, 0, stream>>>(scores, U, w);
+  GK_LAUNCH(multi_count_kernel<A>, ugrid, kThreads, 0, stream, scores, U, w);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  multi_init_kernel<<<grid_for(ceil_div(G.numscp, kThreads), di), kThreads, 0, stream>>>(G.numscp, w, op, target);
+  GK_LAUNCH(multi_init_kernel, grid_for(ceil_div(G.numscp, kThreads), di), kThreads, 0, stream, G.numscp, w, op,
+            target);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   constexpr int kKeyBits = static_cast<int>(sizeof(K)) * 8;
   for (int shift = kKeyBits - 8; shift >= 0; shift -= 8) {
-    multi_hist_kernel<A><<<ugrid, kThreads, 0, stream>>>(scores, U, w, hp, shift);
+    GK_LAUNCH(multi_hist_kernel<A>, ugrid, kThreads, 0, stream, scores, U, w, hp, shift);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    multi_walk_kernel<A><<<sgrid, kThreads, 0, stream>>>(G.numscp, w, hp, shift);
+    GK_LAUNCH(multi_walk_kernel<A>, sgrid, kThreads, 0, stream, G.numscp, w, hp, shift);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (op == kOpKth) {
     if (k_for_below > 0) {
-      multi_below_kernel<A><<<ugrid, kThreads, 0, stream>>>(scores, U, w, k_for_below);
+      GK_LAUNCH(multi_below_kernel<A>, ugrid, kThreads, 0, stream, scores, U, w, k_for_below);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     return;
@@ -1605,13 +1608,13 @@ void launch_multi_select(const Geo& G, const A* scores, int op, int64_t target, 
   if (!ties) {
     eq = at::empty({U.units}, at::TensorOptions().dtype(at::kInt).device(dev));
     auto* ep = reinterpret_cast<unsigned*>(eq.data_ptr<int32_t>());
-    multi_eq_kernel<A><<<ugrid, kThreads, 0, stream>>>(scores, U, w, ep);
+    GK_LAUNCH(multi_eq_kernel<A>, ugrid, kThreads, 0, stream, scores, U, w, ep);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    multi_eqscan_kernel<<<sgrid, kThreads, 0, stream>>>(G.numscp, U.nchunk, ep);
+    GK_LAUNCH(multi_eqscan_kernel, sgrid, kThreads, 0, stream, G.numscp, U.nchunk, ep);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     eqb = ep;
   }
-  multi_write_kernel<A><<<ugrid, kThreads, 0, stream>>>(G, scores, U, w, eqb, mask, ties ? 1 : 0);
+  GK_LAUNCH(multi_write_kernel<A>, ugrid, kThreads, 0, stream, G, scores, U, w, eqb, mask, ties ? 1 : 0);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1677,7 +1680,7 @@ void run_select(const SelJob& J, const Tensor& x, const Tensor& v, const Layout&
                     ? 1
                     : 0;
       a.vec_x = (J.op == kOpHard && J.v_is_x && a.vec_v) ? 1 : 0;
-      nm_kernel<T, NB><<<grid_occ(nm_kernel<T, NB>, ceil_div(numscp, kThreads), di), kThreads, 0, stream>>>(a);
+      GK_LAUNCH((nm_kernel<T, NB>), grid_occ(nm_kernel<T, NB>, ceil_div(numscp, kThreads), di), kThreads, 0, stream, a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return;
@@ -1711,7 +1714,7 @@ void run_select(const SelJob& J, const Tensor& x, const Tensor& v, const Layout&
     dispatch_nb(nb, [&](auto nbc) {
       constexpr int NB = decltype(nbc)::value;
       const unsigned grid = grid_occ(small_kernel<T, NB>, ceil_div(numscp, kThreads / lanes), di);
-      small_kernel<T, NB><<<grid, kThreads, 0, stream>>>(a);
+      GK_LAUNCH((small_kernel<T, NB>), grid, kThreads, 0, stream, a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return;
@@ -1738,9 +1741,9 @@ void run_select(const SelJob& J, const Tensor& x, const Tensor& v, const Layout&
     launch_multi_select<A>(G, sp, sel_op, J.target, J.ties, ws, dev, stream, gm,
                            (sel_op == kOpKth && J.mid) ? J.target : 0);
     if (sel_op == kOpKth) {
-      multi_kth_kernel<T><<<grid_for(ceil_div(numscp, kThreads), di), kThreads, 0, stream>>>(
-          G, reinterpret_cast<const unsigned long long*>(ws.data_ptr<int64_t>()), kp, J.target, J.mid ? 1 : 0, J.w,
-          J.kind, 1.0 / J.p);
+      GK_LAUNCH(multi_kth_kernel<T>, grid_for(ceil_div(numscp, kThreads), di), kThreads, 0, stream, G,
+                reinterpret_cast<const unsigned long long*>(ws.data_ptr<int64_t>()), kp, J.target, J.mid ? 1 : 0, J.w,
+                J.kind, 1.0 / J.p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   } else {
@@ -1759,7 +1762,7 @@ void run_select(const SelJob& J, const Tensor& x, const Tensor& v, const Layout&
     const int64_t bytes = nb * static_cast<int64_t>(sizeof(A));
     a.cache = bytes <= 32 * 1024 ? 1 : 0;
     const size_t dyn = a.cache ? static_cast<size_t>(bytes) : 0;
-    select_cta_kernel<T><<<grid_occ(select_cta_kernel<T>, numscp, di, dyn), kThreads, dyn, stream>>>(a);
+    GK_LAUNCH(select_cta_kernel<T>, grid_occ(select_cta_kernel<T>, numscp, di, dyn), kThreads, dyn, stream, a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if ((J.op == kOpMaskElem && ne > 1) || J.op == kOpHard) {
@@ -1929,9 +1932,10 @@ void block_soft_threshold_cuda(Tensor& x, c10::IntArrayRef block_shape, const Te
     a.lanes = P.lanes;
     const int64_t ctas = ctas_for(Y.numscp, P);
     if (P.cta) {
-      soft_kernel<scalar_t, true><<<grid_occ(soft_kernel<scalar_t, true>, ctas, di), kThreads, 0, stream>>>(a);
+      GK_LAUNCH((soft_kernel<scalar_t, true>), grid_occ(soft_kernel<scalar_t, true>, ctas, di), kThreads, 0, stream, a);
     } else {
-      soft_kernel<scalar_t, false><<<grid_occ(soft_kernel<scalar_t, false>, ctas, di), kThreads, 0, stream>>>(a);
+      GK_LAUNCH((soft_kernel<scalar_t, false>), grid_occ(soft_kernel<scalar_t, false>, ctas, di), kThreads, 0, stream,
+                a);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

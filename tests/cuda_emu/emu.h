@@ -44,6 +44,9 @@ struct dim3 {
 struct uint3 {
   unsigned x, y, z;
 };
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
@@ -273,6 +276,12 @@ T __shfl_sync(unsigned mask, T v, int src) {
   return ::gk_emu::from_slot<T>(got[static_cast<unsigned>(src) & 31u]);
 }
 template <typename T>
+T __shfl_up_sync(unsigned mask, T v, unsigned delta) {
+  const unsigned lane = ::gk_emu::lane_id();
+  const uint64_t* got = ::gk_emu::warp_exchange(mask, ::gk_emu::to_slot(v));
+  return lane >= delta ? ::gk_emu::from_slot<T>(got[lane - delta]) : v;
+}
+template <typename T>
 T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
   const unsigned lane = ::gk_emu::lane_id();
   const uint64_t* got = ::gk_emu::warp_exchange(mask, ::gk_emu::to_slot(v));
@@ -301,8 +310,30 @@ T atomicAdd(T* p, T v) {
   return old;
 }
 inline unsigned atomicAdd(unsigned* p, int v) { return atomicAdd(p, static_cast<unsigned>(v)); }
+template <typename T>
+T atomicMax(T* p, T v) {
+  const T old = *p;
+  if (v > old) *p = v;
+  return old;
+}
+template <typename T>
+T atomicMin(T* p, T v) {
+  const T old = *p;
+  if (v < old) *p = v;
+  return old;
+}
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+inline double __longlong_as_double(long long i) {
+  double d;
+  std::memcpy(&d, &i, sizeof d);
+  return d;
+}
 inline long long __double_as_longlong(double d) {
   long long u;
   std::memcpy(&u, &d, sizeof u);
