@@ -417,11 +417,7 @@ def test_golden_topk_multiblock_ties(dtype):
 @settings(deadline=None)
 @given(st.lists(st.integers(0, 70), min_size=1, max_size=4), st.integers(0, 2**31 - 1))
 def test_bitmask_ops_match_reference(sizes, seed):
-    gen = torch.Generator().manual_seed(seed)
-    ms = [torch.rand(n, generator=gen) < 0.5 for n in sizes]
-    ns = [torch.rand(n, generator=gen) < 0.5 for n in sizes]
-    a = [ops.pack_bitmask(m) for m in ms]
-    b = [ops.pack_bitmask(m) for m in ns]
+    ms, ns, a, b = t_golden.bitmask_case(sizes, seed)
     E = emu_golden()
     for op in ("and", "or", "xor", "andnot"):
         out = E.bitmask_binary(a, b, ops.BITMASK_OPS[op])

@@ -88,13 +88,17 @@ def test_golden_topk_smooth_data_and_k_percent():
         assert bool((g.abs()[m] >= thr).all()) and bool((g.abs()[~m] <= thr).all())
 
 
-@given(st.lists(st.integers(0, 70), min_size=1, max_size=4), st.integers(0, 2**31 - 1))
-def test_bitmask_ops_match_reference(sizes, seed):
+def bitmask_case(sizes, seed):
+    """Two lists of random masks of the given sizes and their packed bitmasks: ms, ns, a, b."""
     gen = torch.Generator().manual_seed(seed)
     ms = [torch.rand(n, generator=gen) < 0.5 for n in sizes]
     ns = [torch.rand(n, generator=gen) < 0.5 for n in sizes]
-    a = [ops.pack_bitmask(m) for m in ms]
-    b = [ops.pack_bitmask(m) for m in ns]
+    return ms, ns, [ops.pack_bitmask(m) for m in ms], [ops.pack_bitmask(m) for m in ns]
+
+
+@given(st.lists(st.integers(0, 70), min_size=1, max_size=4), st.integers(0, 2**31 - 1))
+def test_bitmask_ops_match_reference(sizes, seed):
+    ms, ns, a, b = bitmask_case(sizes, seed)
     for op, fn in (("and", torch.logical_and), ("or", torch.logical_or), ("xor", torch.logical_xor),
                    ("andnot", lambda x, y: x & ~y)):
         out = ops.bitmask_binary(a, b, op)

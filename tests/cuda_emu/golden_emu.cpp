@@ -1,26 +1,16 @@
 // csrc/cuda/golden.cu (with radix_select.cuh), host code and kernels, compiled for the CPU emulator (emu.h;
 // cub from shim/cub_emu.h, warp collectives and atomics from emu.h) and registered as
 // torch.ops.gradkit_cuda_emu_golden.* on CPU tensors (tests/test_cuda_emulated.py). See projection_emu.cpp.
-#include <torch/library.h>
-
-#include "emu.h"
-
-#undef TORCH_LIBRARY_IMPL
-#define TORCH_LIBRARY_IMPL(ns, key, m) [[maybe_unused]] static void gk_emu_unregistered_##ns##_##key(torch::Library& m)
+#include "emu_tu.h"
 
 #include "golden.cu"
 
-namespace {
-void emu_set_sms(int64_t n) { gk_emu::set_sm_count(static_cast<int>(n)); }
-void emu_set_reverse(bool r) { gk_emu::set_reverse(r); }
-}  // namespace
 
 TORCH_LIBRARY(gradkit_cuda_emu_golden, m) {
+  gk_emu_def_controls(m);
   m.def("golden_topk_and_(Tensor g, Tensor(a!) bits, Tensor(b!)? counts, int k, bool first) -> Tensor",
         &gradkit::golden::golden_topk_and_cuda);
   m.def("bitmask_binary(Tensor[] a, Tensor[] b, int op) -> Tensor[]", &gradkit::golden::bitmask_binary_cuda);
   m.def("bitmask_not(Tensor[] a, int[] numel) -> Tensor[]", &gradkit::golden::bitmask_not_cuda);
   m.def("bitmask_count(Tensor[] bits) -> Tensor", &gradkit::golden::bitmask_count_cuda);
-  m.def("set_sm_count(int n) -> ()", &emu_set_sms);
-  m.def("set_reverse(bool r) -> ()", &emu_set_reverse);
 }

@@ -1,21 +1,13 @@
 // csrc/cuda/parammap.cu, host code and kernels, compiled for the CPU emulator (emu.h; cub from
 // shim/cub_emu.h) and registered as torch.ops.gradkit_cuda_emu_parammap.* on CPU tensors
 // (tests/test_cuda_emulated.py). See projection_emu.cpp.
-#include <torch/library.h>
-
-#include "emu.h"
-
-#undef TORCH_LIBRARY_IMPL
-#define TORCH_LIBRARY_IMPL(ns, key, m) [[maybe_unused]] static void gk_emu_unregistered_##ns##_##key(torch::Library& m)
+#include "emu_tu.h"
 
 #include "parammap.cu"
 
-namespace {
-void emu_set_sms(int64_t n) { gk_emu::set_sm_count(static_cast<int>(n)); }
-void emu_set_reverse(bool r) { gk_emu::set_reverse(r); }
-}  // namespace
 
 TORCH_LIBRARY(gradkit_cuda_emu_parammap, m) {
+  gk_emu_def_controls(m);
   using namespace gradkit;
   m.def("gather_segments(Tensor[] src, Tensor?[] index, ScalarType? dtype) -> Tensor", &gather_segments_cuda);
   m.def("gather_segments_out(Tensor[] src, Tensor?[] index, Tensor(a!) out, bool accumulate) -> ()",
@@ -29,6 +21,4 @@ TORCH_LIBRARY(gradkit_cuda_emu_parammap, m) {
   m.def("pack_bitmask(Tensor mask) -> Tensor", &pack_bitmask_cuda);
   m.def("topk_select(Tensor scores, Tensor? active, int k) -> Tensor", &topk_select_cuda);
   m.def("topk_select_segments(Tensor[] scores, Tensor?[] active, int k) -> Tensor", &topk_select_segments_cuda);
-  m.def("set_sm_count(int n) -> ()", &emu_set_sms);
-  m.def("set_reverse(bool r) -> ()", &emu_set_reverse);
 }

@@ -1,13 +1,7 @@
-// csrc/cuda/projection.cu, host code and kernels, compiled for the CPU emulator (emu.h) and registered
-// as torch.ops.gradkit_cuda_emu.* on CPU tensors: tests/test_cuda_emulated.py runs them against the CPU
-// kernels. The .cu's own registration (TORCH_LIBRARY_IMPL(gradkit, CUDA, ...)) is compiled into an
-// unused function instead.
-#include <torch/library.h>
-
-#include "emu.h"
-
-#undef TORCH_LIBRARY_IMPL
-#define TORCH_LIBRARY_IMPL(ns, key, m) [[maybe_unused]] static void gk_emu_unregistered_##ns##_##key(torch::Library& m)
+// csrc/cuda/projection.cu, host code and kernels, compiled for the CPU emulator (emu.h, via emu_tu.h) and
+// registered as torch.ops.gradkit_cuda_emu.* on CPU tensors: tests/test_cuda_emulated.py runs them against
+// the CPU kernels. Also the emulator's self-test kernel.
+#include "emu_tu.h"
 
 #include "projection.cu"
 
@@ -42,22 +36,14 @@ at::Tensor emu_selftest(int64_t which, bool reverse) {
   gk_emu::set_reverse(false);
   return out;
 }
-void emu_set_reverse(bool r) { gk_emu::set_reverse(r); }
-int64_t emu_stats(int64_t which) {
-  const auto& s = gk_emu::state();
-  return which == 0 ? s.launches : which == 1 ? s.blocks : s.barriers;
-}
-void emu_set_sms(int64_t n) { gk_emu::set_sm_count(static_cast<int>(n)); }
 }  // namespace
 
 TORCH_LIBRARY(gradkit_cuda_emu, m) {
+  gk_emu_def_controls(m);
   m.def("projection_matrix_(Tensor(a!) out, int seed, int kind, int k, int row0, int col0) -> ()",
         &gradkit::projection::projection_matrix_cuda);
   m.def("project_flat(Tensor x, int k, int seed, int kind, int col0) -> Tensor", &gradkit::projection::project_flat_cuda);
   m.def("factored_project(Tensor a, Tensor g, Tensor lt, Tensor rt, Tensor? rb, Tensor? mask, int T) -> Tensor",
         &gradkit::projection::factored_project_cuda);
-  m.def("set_sm_count(int n) -> ()", &emu_set_sms);
-  m.def("set_reverse(bool r) -> ()", &emu_set_reverse);
   m.def("selftest(int which, bool reverse) -> Tensor", &emu_selftest);
-  m.def("stats(int which) -> int", &emu_stats);
 }

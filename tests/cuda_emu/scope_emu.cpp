@@ -1,21 +1,13 @@
 // csrc/cuda/scope.cu, host code and kernels, compiled for the CPU emulator (emu.h; its sub-warp
 // collectives carry the small-block groups) and registered as torch.ops.gradkit_cuda_emu_scope.* on CPU
 // tensors (tests/test_cuda_emulated.py). See projection_emu.cpp.
-#include <torch/library.h>
-
-#include "emu.h"
-
-#undef TORCH_LIBRARY_IMPL
-#define TORCH_LIBRARY_IMPL(ns, key, m) [[maybe_unused]] static void gk_emu_unregistered_##ns##_##key(torch::Library& m)
+#include "emu_tu.h"
 
 #include "scope.cu"
 
-namespace {
-void emu_set_sms(int64_t n) { gk_emu::set_sm_count(static_cast<int>(n)); }
-void emu_set_reverse(bool r) { gk_emu::set_reverse(r); }
-}  // namespace
 
 TORCH_LIBRARY(gradkit_cuda_emu_scope, m) {
+  gk_emu_def_controls(m);
   using namespace gradkit::scope;
   m.def("block_norms(Tensor x, int[] block_shape, float p) -> Tensor", &block_norms_cuda);
   m.def("scope_kth(Tensor x, int[] block_shape, int[] scope_shape, int k, float p, bool raw, float k_weight, "
@@ -31,6 +23,4 @@ TORCH_LIBRARY(gradkit_cuda_emu_scope, m) {
   m.def("block_soft_threshold_(Tensor(a!) x, int[] block_shape, Tensor thresholds, Tensor? conditioner, "
         "int max_iter, float atol, float eps) -> ()",
         &block_soft_threshold_cuda);
-  m.def("set_sm_count(int n) -> ()", &emu_set_sms);
-  m.def("set_reverse(bool r) -> ()", &emu_set_reverse);
 }

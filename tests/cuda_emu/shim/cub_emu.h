@@ -10,17 +10,27 @@
 
 namespace cub {
 
+// One slot per thread: each thread deposits its value, then waits for the whole block.
 template <typename T, int kBlock>
-struct BlockReduce {
+struct BlockSlots {
   struct TempStorage {
     T v[kBlock];
   };
   TempStorage& s;
-  explicit BlockReduce(TempStorage& t) : s(t) {}
+  explicit BlockSlots(TempStorage& t) : s(t) {}
+  void deposit(T x) {
+    s.v[threadIdx.x] = x;
+    __syncthreads();
+  }
+};
+
+template <typename T, int kBlock>
+struct BlockReduce : BlockSlots<T, kBlock> {
+  using BlockSlots<T, kBlock>::BlockSlots;
+  using BlockSlots<T, kBlock>::s;
   T Sum(T x) {
     const unsigned t = threadIdx.x;
-    s.v[t] = x;
-    __syncthreads();
+    this->deposit(x);
     if (t != 0) {
       T poison;
       std::memset(&poison, 0x5A, sizeof poison);
@@ -33,16 +43,12 @@ struct BlockReduce {
 };
 
 template <typename T, int kBlock>
-struct BlockScan {
-  struct TempStorage {
-    T v[kBlock];
-  };
-  TempStorage& s;
-  explicit BlockScan(TempStorage& t) : s(t) {}
+struct BlockScan : BlockSlots<T, kBlock> {
+  using BlockSlots<T, kBlock>::BlockSlots;
+  using BlockSlots<T, kBlock>::s;
   void ExclusiveSum(T x, T& out, T& aggregate) {
     const unsigned t = threadIdx.x;
-    s.v[t] = x;
-    __syncthreads();
+    this->deposit(x);
     T run = T(0), all = T(0);
     for (unsigned i = 0; i < blockDim.x; ++i) {
       if (i == t) run = all;
