@@ -11,6 +11,7 @@ import os
 import platform
 import statistics
 import subprocess
+import time
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -98,8 +99,6 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], rounds: int = 30, cal
     Returns per provider p20/p50/p80 of its per-call time per round, and, against ``baseline``, the
     quantiles of the per-round ratios (``ratio_p20`` / ``ratio_p50`` / ``ratio_p80``: provider time /
     baseline time in the same round). CPU only; one warm-up call each first."""
-    import time
-
     names = list(fns)
     for n in names:
         fns[n]()

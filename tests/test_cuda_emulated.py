@@ -29,6 +29,7 @@ common.cuh) into torch.ops.gradkit_cuda_emu[_<file>].* taking CPU tensors. The c
   against the reference as test_scope_ops compares the CPU kernels;
 * the emulator itself: a missing barrier and a divergent barrier are caught.
 """
+import contextlib
 import functools
 import os
 import tempfile
@@ -64,77 +65,58 @@ def _build_all():
                        build_directory=build, verbose=False)
 
 
-def _build(stem):
+def emu(stem="projection"):
     """torch.ops.gradkit_cuda_emu[_<stem>]: the ops of csrc/cuda/<stem>.cu under the emulator."""
     _build_all()
     return getattr(torch.ops, "gradkit_cuda_emu" + ("" if stem == "projection" else "_" + stem))
 
 
-def emu():
-    return _build("projection")
-
-
-def emu_obs():
-    return _build("obs")
-
-
-def emu_search():
-    return _build("search")
-
-
-def emu_adamw():
-    return _build("adamw")
-
-
-def emu_golden():
-    return _build("golden")
-
-
-def emu_parammap():
-    return _build("parammap")
-
-
-def emu_scope():
-    return _build("scope")
-
-
-@pytest.fixture
-def device(request):
-    """Emulated device settings (SM count, thread order), restored afterwards."""
+@contextlib.contextmanager
+def emulated(sms=132, reverse=False):
+    """The emulated device for the body: `sms` SMs (what the host code sizes grids by) and threads run in
+    descending order if `reverse`; restored afterwards. One emulator state serves every file's ops."""
     E = emu()
-    yield E
-    E.set_sm_count(132)
-    E.set_reverse(False)
+    E.set_sm_count(sms)
+    E.set_reverse(reverse)
+    try:
+        yield
+    finally:
+        E.set_sm_count(132)
+        E.set_reverse(False)
 
 
 def test_emulator_catches_a_missing_and_a_divergent_barrier():
     E = emu()
     want = torch.tensor([[float((t + 1) % 64) for t in range(64)], [100.0 + (t + 1) % 64 for t in range(64)]])
+    got = {}
     for reverse in (False, True):
-        assert torch.equal(E.selftest(0, reverse), want)  # with the barrier: right in either order
+        with emulated(reverse=reverse):
+            assert torch.equal(E.selftest(0), want)  # with the barrier: right in either order
+            got[reverse] = E.selftest(1)
     # without it, some thread reads its neighbour's slot before this block wrote it, in one order or the other
-    assert not all(torch.equal(E.selftest(1, reverse), want) for reverse in (False, True))
+    assert not all(torch.equal(g, want) for g in got.values())
     with pytest.raises(RuntimeError, match="barrier divergence"):
-        E.selftest(2, False)
-    assert torch.equal(E.selftest(0, False), want)  # and it recovers
+        E.selftest(2)
+    assert torch.equal(E.selftest(0), want)  # and it recovers
 
 
 @pytest.mark.parametrize("sms", [132, 2])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_factored_blocks_of_several_examples_bitwise_equal_cpu(device, sms, reverse):
+def test_factored_blocks_of_several_examples_bitwise_equal_cpu(sms, reverse):
     """test_factored_ops' GPU test, emulated: short sequences in blocks of several whole examples (few SMs:
     more per block), tiles spanning examples, a fully masked example, long ones in 256-token chunks."""
-    device.set_sm_count(sms)
-    device.set_reverse(reverse)
+    E = emu()
+    blocks = E.stats(1)
     for dtype in DTYPES:
         for B, T in ((100, 1), (50, 7), (9, 100), (3, 700)):
             a, g, lt, rt, rb, m = make(B, T, 90, 70, 16, 13, rb=True, mask=True, dtype=dtype)
             m[T:2 * T] = False
             cpu = ops.factored_project(a, g, lt, rt, rb, m, T)
-            got = device.factored_project(a, g, lt, rt, rb, m, T)
+            with emulated(sms, reverse):
+                got = E.factored_project(a, g, lt, rt, rb, m, T)
             assert torch.equal(got, cpu), (dtype, B, T)
             assert torch.equal(got[1], torch.zeros(16, 16))
-    assert device.stats(1) > 0  # blocks did run
+    assert E.stats(1) > blocks  # blocks did run
 
 
 @settings(deadline=None)
@@ -144,14 +126,10 @@ def test_factored_blocks_of_several_examples_bitwise_equal_cpu(device, sms, reve
 def test_factored_bitwise_equals_cpu(B, T, I, O, p, seed, rb, mask, strided, dtype, sms):
     """test_factored_ops.test_cuda_bitwise_equals_cpu, emulated: p <= 64 the same bits as the CPU kernel;
     p = 65 the composite path, against the reference."""
-    E = emu()
-    E.set_sm_count(sms)
-    try:
-        args = make(B, T, I, O, p, seed, rb, mask, strided, dtype)
-        cpu = ops.factored_project(*args, T)
-        got = E.factored_project(*args, T)
-    finally:
-        E.set_sm_count(132)
+    args = make(B, T, I, O, p, seed, rb, mask, strided, dtype)
+    cpu = ops.factored_project(*args, T)
+    with emulated(sms):
+        got = emu().factored_project(*args, T)
     assert got.shape == cpu.shape and got.dtype == torch.float32
     if p <= 64:
         assert torch.equal(got, cpu)
@@ -177,12 +155,9 @@ def test_project_flat_matches_reference(B, D, k, col0, kind, seed, dtype, sms):
     the GLOBAL column index, so col0 off the grid shifts bits), several B / k tiles, D split across blocks
     by SM count: x R^T with R built explicitly."""
     E = emu()
-    E.set_sm_count(sms)
-    try:
+    with emulated(sms):
         x = torch.randn(B, D, generator=torch.Generator().manual_seed(seed % 1000)).to(dtype)
         got = E.project_flat(x, k, seed, kind, col0)
-    finally:
-        E.set_sm_count(132)
     R = torch.empty(k, col0 + D)
     ops.projection_matrix_(R, seed, kind, k, 0, 0)
     want = x.double() @ R[:, col0:].double().T
@@ -222,14 +197,9 @@ def test_obs_select_matches_reference(p, sms, reverse):
     """One thread per (row, group) for gs <= 32 (small_kernel<G>), one block per group with the costs in
     dynamic shared memory beyond (large_kernel): the reference's indices, ties, NaN and inf included."""
     w, d, gs, bk, num_prune, eps = p
-    E = emu_obs()
-    E.set_sm_count(sms)
-    E.set_reverse(reverse)
-    try:
+    E = emu("obs")
+    with emulated(sms, reverse):
         got = E.obs_select(w, d, gs, bk, num_prune, eps)
-    finally:
-        E.set_sm_count(132)
-        E.set_reverse(False)
     assert torch.equal(got, obs_ref.obs_select(w, d, gs, bk, num_prune, eps))
 
 
@@ -238,7 +208,7 @@ def test_obs_select_large(gs, bk):
     nq = max(1, 9000 // (gs * bk))
     w, d = t_sel._mixed(33, nq * gs * bk, gs)
     for num_prune in sorted({1, gs // 2, gs}):
-        got = emu_obs().obs_select(w, d, gs, bk, num_prune, 1e-8)
+        got = emu("obs").obs_select(w, d, gs, bk, num_prune, 1e-8)
         assert torch.equal(got, obs_ref.obs_select(w, d, gs, bk, num_prune, 1e-8)), num_prune
 
 
@@ -247,12 +217,9 @@ def test_obs_select_large(gs, bk):
 def test_obs_shared_prune_matches_reference(prob, local, sms):
     n, nq, E_, ns, p, seed, nan, spd = prob
     w, c, cinv, pidx = t_shared.make(n, nq, E_, ns, p, seed, nan=nan, spd=spd)
-    E = emu_obs()
-    E.set_sm_count(sms)
-    try:
+    E = emu("obs")
+    with emulated(sms):
         got_w, got_s = E.obs_shared_prune(w, c, cinv, pidx, E_, local)
-    finally:
-        E.set_sm_count(132)
     exp_w, exp_s = obs_ref.obs_shared_prune(w, c, cinv, pidx, E_, local)
     assert torch.equal(got_s, exp_s)
     torch.testing.assert_close(got_w, exp_w, rtol=0, atol=0, equal_nan=True)
@@ -266,18 +233,15 @@ def test_obs_schur_extend_within_fp32_bound(shape, dt, seed, strided, reverse):
     within the fp32 bound, nothing written outside its window."""
     n, m, c, F = shape
     args = t_schur.schur_make(n, m, c, F, dt, seed, strided, representable=True)
-    E = emu_obs()
-    E.set_reverse(reverse)
-    try:
+    E = emu("obs")
+    with emulated(reverse=reverse):
         t_schur.schur_check(E.obs_schur_extend_, args)
-    finally:
-        E.set_reverse(False)
 
 
 @pytest.mark.parametrize("m", [128, 256, 300])
 def test_obs_schur_extend_large_m(m):
     """Past kSchurMaxM the composite path; at and below it the kernel with the largest shared tiles."""
-    t_schur.schur_check(emu_obs().obs_schur_extend_, t_schur.schur_make(2, m, 200, 260, torch.bfloat16, m))
+    t_schur.schur_check(emu("obs").obs_schur_extend_, t_schur.schur_make(2, m, 200, 260, torch.bfloat16, m))
 
 
 # ------------------------------------------------------------------------------------------- search.cu
@@ -291,12 +255,9 @@ def test_score_topk_matches_reference(p, reverse):
     """test_search_ops.test_cuda_matches_reference, emulated: integer-valued data (exact products), so the
     tie rule (lowest index) decides; several 128-key tiles, running input, key scales, both thread orders."""
     q, keys, k, largest, scale, s_in, i_in, base = p
-    E = emu_search()
-    E.set_reverse(reverse)
-    try:
+    E = emu("search")
+    with emulated(reverse=reverse):
         got = E.score_topk(q, keys, k, largest, scale, s_in, i_in, base)
-    finally:
-        E.set_reverse(False)
     want = search_ref.score_topk(q, keys, k, largest, scale, s_in, i_in, base)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
@@ -304,7 +265,7 @@ def test_score_topk_matches_reference(p, reverse):
 def test_score_topk_many_ties_and_nan():
     """Every score equal within a tile (the warp arg-max must take columns in ascending order) and NaN
     scores (rank last), over several tiles and query blocks."""
-    E = emu_search()
+    E = emu("search")
     q = torch.ones(40, 8)
     keys = torch.ones(300, 8, dtype=torch.bfloat16)
     keys[7] = float("nan")
@@ -330,13 +291,10 @@ def test_masked_adamw_bitwise_equals_cpu(data, sms):
     cpu = [[t.clone() for t in x] for x in (p, m, v)]
     ops.masked_adamw_(cpu[0], g, cpu[1], cpu[2], bits, **kw)
     g_before = [t.clone() for t in g]
-    E = emu_adamw()
-    E.set_sm_count(sms)
-    try:
+    E = emu("adamw")
+    with emulated(sms):
         E.masked_adamw_(p, g, m, v, bits, kw["masked_lr"], kw["unmasked_lr"], kw["beta1"], kw["beta2"], kw["eps"],
                         kw["weight_decay"], kw["bias_correction1"], kw["bias_correction2_sqrt"], kw["maximize"])
-    finally:
-        E.set_sm_count(132)
     for got, want in zip((p, m, v), cpu):
         for a, b in zip(got, want):
             assert t_adamw._bits_equal(a, b), dtype
@@ -358,7 +316,7 @@ def test_masked_adamw_vector_units_and_tails():
                   bias_correction1=[0.1] * 3, bias_correction2_sqrt=[0.05] * 3, maximize=False)
         want = [[t.clone() for t in x] for x in (views, ms, vs)]
         ops.masked_adamw_(want[0], grads, want[1], want[2], bits, **kw)
-        emu_adamw().masked_adamw_(views, grads, ms, vs, bits, *kw.values())
+        emu("adamw").masked_adamw_(views, grads, ms, vs, bits, *kw.values())
         for got, exp in zip((views, ms, vs), want):
             for a, b in zip(got, exp):
                 assert t_adamw._bits_equal(a, b), dtype
@@ -374,29 +332,8 @@ from gradkit.kernels.reference import golden as golden_ref  # noqa: E402
 def test_golden_topk_and_matches_reference(g, data, sms, reverse):
     """test_golden.test_golden_topk_and_matches_reference, emulated: a running AND over two samples, with
     and without counts, many ties (integer values) and NaN."""
-    E = emu_golden()
-    E.set_sm_count(sms)
-    E.set_reverse(reverse)
-    try:
-        n = g.numel()
-        bits0 = torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8)
-        if n % 8:
-            bits0[-1] &= (1 << (n % 8)) - 1
-        counts0 = torch.randint(0, 5, (n,), dtype=torch.int32)
-        for _ in range(2):
-            k = data.draw(st.integers(0, n))
-            first = data.draw(st.booleans())
-            use_counts = data.draw(st.booleans())
-            b1, b2, c1, c2 = bits0.clone(), bits0.clone(), counts0.clone(), counts0.clone()
-            p1 = E.golden_topk_and_(g, b1, c1 if use_counts else None, k, first)
-            p2 = golden_ref.golden_topk_and_(g, b2, c2 if use_counts else None, k, first)
-            assert torch.equal(b1, b2) and int(p1) == int(p2) == int(golden_ref.unpack_bitmask(b1, n).sum())
-            assert torch.equal(c1, c2)
-            bits0, counts0 = b1, c1
-            g = g.flip(0) if n else g
-    finally:
-        E.set_sm_count(132)
-        E.set_reverse(False)
+    with emulated(sms, reverse):
+        t_golden.check_running_and(emu("golden").golden_topk_and_, g, data)
 
 
 @pytest.mark.parametrize("dtype", t_golden.FLOATS)
@@ -407,10 +344,9 @@ def test_golden_topk_multiblock_ties(dtype):
     n = 40_007
     g = torch.randint(-3, 4, (n,), generator=gen).to(dtype)
     g[torch.rand(n, generator=gen) < 0.01] = float("nan")
-    E = emu_golden()
+    E = emu("golden")
     for sms in (2, 132):
-        E.set_sm_count(sms)
-        try:
+        with emulated(sms):
             for k in (0, 1, 5, 6_000, 20_000, 33_000, n - 500, n):
                 sel = golden_ref.topk_abs_mask(g, k)
                 b = torch.zeros((n + 7) // 8, dtype=torch.uint8)
@@ -418,15 +354,13 @@ def test_golden_topk_multiblock_ties(dtype):
                 p = E.golden_topk_and_(g, b, c, k, True)
                 assert torch.equal(golden_ref.unpack_bitmask(b, n), sel), (sms, k)
                 assert torch.equal(c, sel.int()) and int(p) == int(sel.sum())
-        finally:
-            E.set_sm_count(132)
 
 
 @settings(deadline=None)
 @given(st.lists(st.integers(0, 70), min_size=1, max_size=4), st.integers(0, 2**31 - 1))
 def test_bitmask_ops_match_reference(sizes, seed):
     ms, ns, a, b = t_golden.bitmask_case(sizes, seed)
-    E = emu_golden()
+    E = emu("golden")
     for op in ("and", "or", "xor", "andnot"):
         out = E.bitmask_binary(a, b, ops.BITMASK_OPS[op])
         assert all(torch.equal(o, r) for o, r in zip(out, golden_ref.bitmask_binary(a, b, ops.BITMASK_OPS[op])))
@@ -441,7 +375,7 @@ def test_bitmask_ops_multi_tile():
     ms = [torch.rand(n, generator=gen) < 0.3 for n in (300_001, 17, 250_000)]
     a = [ops.pack_bitmask(m) for m in ms]
     a[2] = torch.cat([torch.zeros(1, dtype=torch.uint8), a[2]])[1:]  # a view one byte into its buffer
-    E = emu_golden()
+    E = emu("golden")
     assert E.bitmask_count(a).tolist() == [int(m.sum()) for m in ms]
     nots = E.bitmask_not(a, [m.numel() for m in ms])
     assert E.bitmask_count(nots).tolist() == [int((~m).sum()) for m in ms]
@@ -459,7 +393,7 @@ from gradkit.kernels.reference import parammap as pm_ref  # noqa: E402
        scale=st.sampled_from([1.0, -0.5, 3.0]))
 def test_parammap_gather_scatter_match_reference(segs, out_dtype, accumulate, scale):
     """test_parammap_ops' gather / gather_out / scatter / scatter_ cases on the emulated kernels."""
-    E = emu_parammap()
+    E = emu("parammap")
     src, index = segs
     got = E.gather_segments(src, index, out_dtype)
     want = pm_ref.gather_segments(src, index, dtype=out_dtype)
@@ -486,7 +420,7 @@ def test_parammap_gather_scatter_match_reference(segs, out_dtype, accumulate, sc
 @given(shape=st.lists(st.integers(0, 40), max_size=3), p=st.floats(0, 1), dtype=st.sampled_from(t_pm.IDX),
        seed=st.integers(0, 2**31 - 1))
 def test_parammap_mask_encodings_match_reference(shape, p, dtype, seed):
-    E = emu_parammap()
+    E = emu("parammap")
     mask = torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < p
     assert torch.equal(E.mask_to_indices(mask, dtype), pm_ref.mask_to_indices(mask, dtype))
     bits = E.pack_bitmask(mask)
@@ -497,7 +431,7 @@ def test_parammap_mask_encodings_match_reference(shape, p, dtype, seed):
 
 def test_parammap_large_multi_chunk():
     """Several scan chunks and blocks: mask encodings and a scatter with many work items per segment."""
-    E = emu_parammap()
+    E = emu("parammap")
     g = torch.Generator().manual_seed(1)
     mask = torch.rand(100_003, generator=g) < 0.05
     assert torch.equal(E.mask_to_indices(mask, torch.int64), mask.nonzero().reshape(-1))
@@ -517,14 +451,9 @@ def test_parammap_large_multi_chunk():
 @given(case=t_pm.score_vectors(), sms=st.sampled_from([1, 132]), reverse=st.booleans())
 def test_parammap_topk_select_matches_reference(case, sms, reverse):
     s, active, k = case
-    E = emu_parammap()
-    E.set_sm_count(sms)
-    E.set_reverse(reverse)
-    try:
+    E = emu("parammap")
+    with emulated(sms, reverse):
         got = E.topk_select(s, active, k)
-    finally:
-        E.set_sm_count(132)
-        E.set_reverse(False)
     assert got.dtype == torch.int64 and torch.equal(got, pm_ref.topk_select(s, active, k))
 
 
@@ -532,7 +461,7 @@ def test_parammap_topk_select_matches_reference(case, sms, reverse):
 @given(case=t_pm.score_lists())
 def test_parammap_topk_select_segments_matches_reference(case):
     scores, active, k = case
-    got = emu_parammap().topk_select_segments(scores, active or [None] * len(scores), k)
+    got = emu("parammap").topk_select_segments(scores, active or [None] * len(scores), k)
     assert torch.equal(got, pm_ref.topk_select_segments(scores, active or [None] * len(scores), k))
 
 
@@ -540,7 +469,7 @@ def test_parammap_topk_select_segments_matches_reference(case):
 def test_parammap_topk_heavy_ties_and_bucket_fallback(dtype):
     """Heavy ties (lowest position wins) and scores in one narrow range (one top-12-bit bucket: radix passes
     instead of compaction), over several blocks."""
-    E = emu_parammap()
+    E = emu("parammap")
     g = torch.Generator().manual_seed(3)
     n = 60_000
     ties = torch.randint(0, 100, (n,), generator=g).to(dtype)
@@ -564,7 +493,7 @@ from gradkit.kernels.reference import scope as scope_ref  # noqa: E402
 def test_scope_mask_kth_norms_match_reference(case, p, data):
     """test_scope_ops' mask / kth / block-norm properties on the emulated kernels (strided views, NaN,
     ties, every block / scope layout the strategy draws)."""
-    E = emu_scope()
+    E = emu("scope")
     x, block, scope = case
     nb = t_scope._nb(scope)
     nnz = data.draw(st.integers(0, nb))
@@ -583,7 +512,7 @@ def test_scope_mask_kth_norms_match_reference(case, p, data):
 @settings(deadline=None)
 @given(t_scope.layouts(), st.sampled_from([1.0, 2.0, math.inf]), st.data())
 def test_scope_hard_threshold_and_block_mask_match_reference(case, p, data):
-    E = emu_scope()
+    E = emu("scope")
     x, block, scope = case
     nnz = data.draw(st.integers(0, t_scope._nb(scope)))
     keep_ties = data.draw(st.booleans())
@@ -606,7 +535,7 @@ def test_scope_hard_threshold_and_block_mask_match_reference(case, p, data):
 @settings(deadline=None)
 @given(t_scope.layouts(nan=True), st.data())
 def test_block_soft_threshold_matches_reference(case, data):
-    E = emu_scope()
+    E = emu("scope")
     x, block, _ = case
     x = x / 4
     grid = [n // b for n, b in zip(x.shape, block)]
@@ -625,9 +554,8 @@ def test_block_soft_threshold_matches_reference(case, data):
 def test_scope_large_paths_match_reference(sms):
     """Scopes over 32 blocks (CTA selection, dynamic shared memory cache, multi-pass radix), whole-tensor
     scopes, and dense N:M tiles with ragged tails, ties and NaN; few SMs make blocks loop."""
-    E = emu_scope()
-    E.set_sm_count(sms)
-    try:
+    E = emu("scope")
+    with emulated(sms):
         g = torch.Generator().manual_seed(0)
         x = torch.randint(-8, 9, (37, 300), generator=g).float()
         x[3, 5] = float("nan")
@@ -651,5 +579,3 @@ def test_scope_large_paths_match_reference(sms):
                 t_scope._same(E.scope_hard_threshold_(a, None, [1, 1], [1, m], nnz, 1.0, True),
                               scope_ref.scope_hard_threshold_(b, None, [1, 1], [1, m], nnz, 1.0, True))
                 t_scope._same(a, b)
-    finally:
-        E.set_sm_count(132)

@@ -37,8 +37,9 @@ def grads(draw, max_n=300):
     return x
 
 
-@given(grads(), st.data())
-def test_golden_topk_and_matches_reference(g, data):
+def check_running_and(fn, g, data):
+    """fn(g, bits, counts, k, first) (golden_topk_and_'s argument order) against the reference over a
+    running AND of two samples, with and without counts, starting from random bits and counts."""
     n = g.numel()
     bits0 = torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8)
     if n % 8:
@@ -49,12 +50,17 @@ def test_golden_topk_and_matches_reference(g, data):
         first = data.draw(st.booleans())
         use_counts = data.draw(st.booleans())
         b1, b2, c1, c2 = bits0.clone(), bits0.clone(), counts0.clone(), counts0.clone()
-        p1 = ops.golden_topk_and_(g, b1, k, counts=c1 if use_counts else None, first=first)
+        p1 = fn(g, b1, c1 if use_counts else None, k, first)
         p2 = ref.golden_topk_and_(g, b2, c2 if use_counts else None, k, first)
         assert torch.equal(b1, b2) and int(p1) == int(p2) == int(ref.unpack_bitmask(b1, n).sum())
         assert torch.equal(c1, c2)
         bits0, counts0 = b1, c1
         g = g.flip(0) if n else g
+
+
+@given(grads(), st.data())
+def test_golden_topk_and_matches_reference(g, data):
+    check_running_and(lambda g, b, c, k, first: ops.golden_topk_and_(g, b, k, counts=c, first=first), g, data)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)

@@ -263,9 +263,8 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
     c.eps = static_cast<A>(eps);
     c.small = std::abs(c.w1) < static_cast<A>(0.5);
     c.maximize = maximize;
-    const auto kernel = masked_adamw_kernel<scalar_t, A>;  // (a template-id's comma would split GK_LAUNCH's arguments)
-    GK_LAUNCH(kernel, static_cast<unsigned>(grid), kThreads, 0, stream, dev_rows, static_cast<int>(live.size()), tiles,
-              c);
+    GK_LAUNCH((masked_adamw_kernel<scalar_t, A>), static_cast<unsigned>(grid), kThreads, 0, stream, dev_rows,
+              static_cast<int>(live.size()), tiles, c);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

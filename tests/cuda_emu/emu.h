@@ -16,7 +16,7 @@
 // set_reverse(true), so a test that runs both orders sees a read of data written by another thread in the
 // same phase as a stale or NaN value in one of them), and the arithmetic where it is written with
 // explicit intrinsics (fmaf, __fadd_rn, __dmul_rn...), and warp collectives (__shfl_sync,
-// __shfl_xor_sync, __shfl_down_sync, __ballot_sync, __match_any_sync, __syncwarp): the lanes of the mask
+// __shfl_xor_sync, __shfl_up_sync, __shfl_down_sync, __ballot_sync, __match_any_sync, __syncwarp): the lanes of the mask
 // deposit their values, and the group is released when every live lane of the mask waits at a collective
 // of that mask; a lane left waiting while the rest of the block waits at __syncthreads is reported as a
 // deadlock. Atomics are plain read-modify-writes (fibers never run concurrently); cub's block reduce /
@@ -27,11 +27,11 @@
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <algorithm>
 #include <functional>
 #include <stdexcept>
 #include <string>
@@ -221,6 +221,14 @@ inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void(
   s.cur = nullptr;
 }
 
+template <typename To, typename From>
+To bit_as(From v) {  // std::bit_cast
+  static_assert(sizeof(To) == sizeof(From), "gk_emu: bit_as between types of one size");
+  To r;
+  std::memcpy(&r, &v, sizeof r);
+  return r;
+}
+// A warp collective's value in a 64-bit slot (zero-padded) and back.
 template <typename T>
 uint64_t to_slot(T v) {
   static_assert(sizeof(T) <= 8, "gk_emu: warp collectives on values of at most 8 bytes");
@@ -245,20 +253,21 @@ inline T __ldg(const T* p) {
 }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
-inline float __fsqrt_rn(float a) { return std::sqrt(a); }
-inline double __dsub_rn(double a, double b) { return a - b; }
-inline double __ddiv_rn(double a, double b) { return a / b; }
-inline double __dsqrt_rn(double a) { return std::sqrt(a); }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline double __dsqrt_rn(double a) { return std::sqrt(a); }
 inline float __double2float_rn(double d) { return static_cast<float>(d); }
-inline float __uint_as_float(unsigned u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+// Reinterpretations of the bits.
+inline float __uint_as_float(unsigned u) { return ::gk_emu::bit_as<float>(u); }
+inline unsigned __float_as_uint(float f) { return ::gk_emu::bit_as<unsigned>(f); }
+inline float __int_as_float(int i) { return ::gk_emu::bit_as<float>(i); }
+inline double __longlong_as_double(long long i) { return ::gk_emu::bit_as<double>(i); }
+inline long long __double_as_longlong(double d) { return ::gk_emu::bit_as<long long>(d); }
 // CUDA's global-namespace math (the host's <cmath> puts these in std only)
 inline bool isnan(float x) { return std::isnan(x); }
 inline bool isnan(double x) { return std::isnan(x); }
@@ -324,28 +333,8 @@ T atomicMin(T* p, T v) {
 }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
-inline float __int_as_float(int i) {
-  float f;
-  std::memcpy(&f, &i, sizeof f);
-  return f;
-}
-inline double __longlong_as_double(long long i) {
-  double d;
-  std::memcpy(&d, &i, sizeof d);
-  return d;
-}
-inline long long __double_as_longlong(double d) {
-  long long u;
-  std::memcpy(&u, &d, sizeof u);
-  return u;
-}
 inline unsigned __vcmpne4(unsigned a, unsigned b) {  // 0xff in each byte where a and b differ
   unsigned r = 0;
   for (int i = 0; i < 4; ++i) r |= ((a >> (8 * i)) & 0xffu) != ((b >> (8 * i)) & 0xffu) ? 0xffu << (8 * i) : 0u;
   return r;
-}
-inline unsigned __float_as_uint(float f) {
-  unsigned u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
 }

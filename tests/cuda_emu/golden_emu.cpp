@@ -5,9 +5,7 @@
 
 #include "golden.cu"
 
-
 TORCH_LIBRARY(gradkit_cuda_emu_golden, m) {
-  gk_emu_def_controls(m);
   m.def("golden_topk_and_(Tensor g, Tensor(a!) bits, Tensor(b!)? counts, int k, bool first) -> Tensor",
         &gradkit::golden::golden_topk_and_cuda);
   m.def("bitmask_binary(Tensor[] a, Tensor[] b, int op) -> Tensor[]", &gradkit::golden::bitmask_binary_cuda);

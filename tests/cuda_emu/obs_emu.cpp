@@ -4,9 +4,7 @@
 
 #include "obs.cu"
 
-
 TORCH_LIBRARY(gradkit_cuda_emu_obs, m) {
-  gk_emu_def_controls(m);
   m.def("obs_select(Tensor w, Tensor d, int gs, int bk, int num_prune, float eps) -> Tensor",
         &gradkit::obs::obs_select_cuda);
   m.def("obs_shared_prune(Tensor w, Tensor c, Tensor cinv, Tensor pidx, int E, bool local) -> (Tensor, Tensor)",

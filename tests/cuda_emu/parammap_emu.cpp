@@ -5,9 +5,7 @@
 
 #include "parammap.cu"
 
-
 TORCH_LIBRARY(gradkit_cuda_emu_parammap, m) {
-  gk_emu_def_controls(m);
   using namespace gradkit;
   m.def("gather_segments(Tensor[] src, Tensor?[] index, ScalarType? dtype) -> Tensor", &gather_segments_cuda);
   m.def("gather_segments_out(Tensor[] src, Tensor?[] index, Tensor(a!) out, bool accumulate) -> ()",

@@ -1,6 +1,8 @@
 // csrc/cuda/projection.cu, host code and kernels, compiled for the CPU emulator (emu.h, via emu_tu.h) and
 // registered as torch.ops.gradkit_cuda_emu.* on CPU tensors: tests/test_cuda_emulated.py runs them against
-// the CPU kernels. Also the emulator's self-test kernel.
+// the CPU kernels. Also the emulator's self-test kernel and its control ops, which act on the one emulator
+// state every file's ops in the library share: set_sm_count(n) (the SM count the host code sees),
+// set_reverse(r) (threads in descending order), stats(0 | 1 | 2) (launches, blocks, block barriers so far).
 #include "emu_tu.h"
 
 #include "projection.cu"
@@ -24,26 +26,27 @@ __global__ void selftest_kernel(float* out, int which) {
   }
   out[blockIdx.x * n + t] = slot[(t + 1) % n];
 }
-at::Tensor emu_selftest(int64_t which, bool reverse) {
+at::Tensor emu_selftest(int64_t which) {  // the emulator's errors reach Python as RuntimeError
   at::Tensor out = at::zeros({2, 64}, at::kFloat);
-  gk_emu::set_reverse(reverse);
-  try {
-    GK_LAUNCH(selftest_kernel, 2u, 64u, 0, 0, out.data_ptr<float>(), static_cast<int>(which));
-  } catch (const std::exception& e) {
-    gk_emu::set_reverse(false);
-    TORCH_CHECK(false, e.what());
-  }
-  gk_emu::set_reverse(false);
+  GK_LAUNCH(selftest_kernel, 2u, 64u, 0, 0, out.data_ptr<float>(), static_cast<int>(which));
   return out;
+}
+void emu_set_sms(int64_t n) { gk_emu::set_sm_count(static_cast<int>(n)); }
+void emu_set_reverse(bool r) { gk_emu::set_reverse(r); }
+int64_t emu_stats(int64_t which) {
+  const auto& s = gk_emu::state();
+  return which == 0 ? s.launches : which == 1 ? s.blocks : s.barriers;
 }
 }  // namespace
 
 TORCH_LIBRARY(gradkit_cuda_emu, m) {
-  gk_emu_def_controls(m);
+  m.def("set_sm_count(int n) -> ()", &emu_set_sms);
+  m.def("set_reverse(bool r) -> ()", &emu_set_reverse);
+  m.def("stats(int which) -> int", &emu_stats);
   m.def("projection_matrix_(Tensor(a!) out, int seed, int kind, int k, int row0, int col0) -> ()",
         &gradkit::projection::projection_matrix_cuda);
   m.def("project_flat(Tensor x, int k, int seed, int kind, int col0) -> Tensor", &gradkit::projection::project_flat_cuda);
   m.def("factored_project(Tensor a, Tensor g, Tensor lt, Tensor rt, Tensor? rb, Tensor? mask, int T) -> Tensor",
         &gradkit::projection::factored_project_cuda);
-  m.def("selftest(int which, bool reverse) -> Tensor", &emu_selftest);
+  m.def("selftest(int which) -> Tensor", &emu_selftest);
 }

@@ -5,9 +5,7 @@
 
 #include "scope.cu"
 
-
 TORCH_LIBRARY(gradkit_cuda_emu_scope, m) {
-  gk_emu_def_controls(m);
   using namespace gradkit::scope;
   m.def("block_norms(Tensor x, int[] block_shape, float p) -> Tensor", &block_norms_cuda);
   m.def("scope_kth(Tensor x, int[] block_shape, int[] scope_shape, int k, float p, bool raw, float k_weight, "

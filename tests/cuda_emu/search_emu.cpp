@@ -6,7 +6,6 @@
 #include "search.cu"
 
 TORCH_LIBRARY(gradkit_cuda_emu_search, m) {
-  gk_emu_def_controls(m);
   m.def("score_topk(Tensor queries, Tensor keys, int k, bool largest, Tensor? key_scale, Tensor? scores_in, "
         "Tensor? idx_in, int base) -> (Tensor, Tensor)",
         &gradkit::search::score_topk_cuda);
