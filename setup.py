@@ -25,8 +25,11 @@ def _rel(paths):
 def extensions():
     sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     # -fno-math-errno -fno-trapping-math: sqrt and selects may then vectorise (gradkit never reads errno or
-    # FP exception flags); results are unchanged (no reassociation, no contraction, IEEE rounding)
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-DGRADKIT_CPU"]
+    # FP exception flags); results are unchanged (no reassociation, IEEE rounding). -ffp-contract=off: GCC's
+    # C++ default fuses a * b + c into one FMA wherever the target has one, so the same source would round
+    # differently by ISA (the AVX-512 functions, an aarch64 build); every FMA the kernels do is written out
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
+           "-DGRADKIT_CPU"]
     if platform.machine() in ("x86_64", "AMD64"):
         cxx.append("-march=x86-64-v2")  # POPCNT/SSE4.2 (every x86-64 CPU since ~2009): popcount is one instruction
     link = ["-fopenmp"]

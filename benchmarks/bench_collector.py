@@ -12,6 +12,8 @@ Two operations, each side by side with bergson 2.5.1 driven through its own coll
     by the right matrix in the forward hook, ``g`` by the left one, forms ``g^T a`` per example,
     flattens + clamps), projection matrices cached in its ``GradientProcessor`` (steady state);
   - bergson cold: the same with a fresh processor, i.e. the first batch (matrix generation included).
+  - the same interleaved comparison on a 1024x1024 (64 x 128 tokens) and a 4096x4096 Linear (16 x 128
+    tokens): the power-of-two widths of real transformers, whose rows lie a multiple of 4 KiB apart.
   - ``..., interleaved``: gradkit and bergson alternated in rounds of 10 calls (order rotating), and
     the quantiles of the per-round ratio bergson / gradkit, the figure least moved by the shared host's
     load drift (``harness.time_interleaved``).
@@ -94,6 +96,33 @@ def _lgr(L, R, a, g):
     return torch.stack([(L @ (g[b].double().T @ a[b].double()) @ R.T).reshape(-1) for b in range(a.shape[0])])
 
 
+def _hook_work_wide(rec, dev, width: int, nb: int, quick: bool) -> None:
+    """gradkit's factored_project and bergson's hooks on a width x width Linear, nb x T tokens, interleaved."""
+    from harness import time_interleaved
+    from gradkit.projection import factored_project
+
+    gen = torch.Generator().manual_seed(6)
+    lin = nn.Linear(width, width).to(dev)
+    a = torch.randn(nb, T, width, generator=gen).to(dev)
+    g = torch.randn(nb, T, width, generator=gen).to(dev)
+    wl = f"Linear {width}x{width}, {nb}x{T} tokens, p={P}"
+    op = "factored proj (hook work), interleaved"
+    bcol = _bergson(_Wrap(lin))
+    if bcol is None:
+        rec.add(FAMILY, op, "gradkit", wl, "float32", rec.time(lambda: factored_project(a, g, P, seed=0, name="lin")))
+        return
+    _tag(lin)
+    st = time_interleaved({"gradkit": lambda: factored_project(a, g, P, seed=0, name="lin"),
+                           "bergson": lambda: _bergson_hooks(bcol, lin, a, g)},
+                          rounds=10 if quick else 30, calls=10, baseline="gradkit")
+    _untag(lin)
+    rec.add(FAMILY, op, "gradkit", wl, "float32", st["gradkit"], note="factored_project(a, g, 16)")
+    rec.add(FAMILY, op, "bergson", wl, "float32", st["bergson"], note="bergson 2.5.1 forward_hook + backward_hook")
+    rec.add(FAMILY, op, "bergson / gradkit, same round", wl, "float32",
+            {"p20": st["bergson"]["ratio_p20"], "p50": st["bergson"]["ratio_p50"],
+             "p80": st["bergson"]["ratio_p80"], "n": st["bergson"]["n"]}, metric="ratio (x)")
+
+
 def run(rec, quick: bool = False) -> None:
     from harness import time_interleaved
     from gradkit.projection import (GradientCollector, derive_seed, factored_project,
@@ -161,6 +190,10 @@ def run(rec, quick: bool = False) -> None:
             rec.add(FAMILY, op, "bergson cold", wl, dt, rec.time(bergson_cold, slow_reps=3),
                     note="fresh GradientProcessor: first batch, projection matrices generated")
         _untag(lin)
+
+    # ---- hook work at the power-of-two widths of real transformers (rows a multiple of 4 KiB apart)
+    for width, nb in ((1024, B), (4096, B // 4)):
+        _hook_work_wide(rec, dev, width, nb, quick)
 
     # ---- hook work on a bfloat16 model's activations / gradients
     op = "factored proj (hook work, bf16 a/g)"

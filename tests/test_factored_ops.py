@@ -87,6 +87,19 @@ def test_portable_loops_same_bits_as_simd_kernels(monkeypatch, dtype, p):
         close(portable, ref.factored_project(a, g, lt, rt, rb, m, T))
 
 
+@pytest.mark.parametrize("p", [16, 20])
+def test_power_of_two_widths_same_bits_as_portable(monkeypatch, p):
+    """1024 features (rows exactly 4 KiB apart, the width the 8-token passes exist for; 1024 a's vs 512 g's):
+    tiles of 16 unmasked tokens split into two passes, a 5-token tail tile, and masked holes that make
+    tiles gather rows from across the batch: the portable loops' bits, and the reference's values."""
+    a, g, lt, rt, rb, m = make(3, 21, 1024, 512, p, 11, rb=True, mask=True)
+    simd = ops.factored_project(a, g, lt, rt, rb, m, 21)
+    monkeypatch.setenv("GRADKIT_FACTORED_PORTABLE", "1")
+    portable = ops.factored_project(a, g, lt, rt, rb, m, 21)
+    assert torch.equal(simd, portable)
+    close(simd, ref.factored_project(a, g, lt, rt, rb, m, 21))
+
+
 @pytest.mark.parametrize("T", [1, 3, 16, 100])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_short_sequences_share_tiles_across_examples_same_bits(T, dtype):

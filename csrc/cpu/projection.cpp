@@ -388,10 +388,10 @@ at::Tensor project_flat_cpu(const at::Tensor& x_in, int64_t k, int64_t seed, int
 // Work items are runs of whole examples of about kTokChunk tokens (T <= kTokChunk) or (example, chunk of
 // kTokChunk tokens): each item projects its tokens MR at a time (tiles may span examples) with a
 // register-blocked kernel that keeps MR x 16 outputs in zmm registers (one FMA per input element and 16
-// outputs, rows of lt / rt loaded once per MR tokens) and accumulates the outer products into its
-// examples' p x p partials; chunk partials are added per example in chunk order. Every sum has a fixed
-// order that depends on neither the thread count nor the batch: results are bitwise reproducible. Without
-// AVX-512F the same items run a portable loop of the same arithmetic order.
+// outputs, rows of lt / rt loaded once per MR = 8 tokens: kSkinnyMR) and accumulates the outer products
+// into its examples' p x p partials; chunk partials are added per example in chunk order. Every sum has a
+// fixed order that depends on neither the thread count nor the batch: results are bitwise reproducible.
+// Without AVX-512F the same items run a portable loop of the same arithmetic order.
 constexpr int64_t kTokChunk = 256;
 constexpr int kFMR = 16;
 
@@ -466,8 +466,16 @@ template <int kP, int... I>
 constexpr std::array<SkinnyFn, sizeof...(I)> skinny_table(std::integer_sequence<int, I...>) {
   return {&skinny_avx512<I + 1, kP>...};
 }
-constexpr auto kMRs = std::make_integer_sequence<int, kFMR>{};
-const std::array<std::array<SkinnyFn, kFMR>, 4> kSkinny = {  // p: any, 16, 32, 64
+// Tokens per register-blocked pass: 8 rows of one side (a 16-token tile takes two passes per side). Not 16: a
+// pass reads its rows in lockstep, one line of each at a time, and rows a multiple of 4 KiB apart (1024, 2048,
+// 4096 features: most transformers) put all those lines in one set of the 8-way, 64-set L1, where 16 of them
+// evict each other before their 16 uses (Zen 4, in cache: 48 instead of 115 GFLOP/s per core;
+// benchmarks/micro/rademacher.cpp `aliasing`); 8 fit. At other widths 8-row passes measured as fast as 16-row
+// ones (interleaved in one process, 1000 features: 0.97-1.04x), though they load lt / rt rows twice as often.
+// The pass size changes no result bit.
+constexpr int kSkinnyMR = 8;
+constexpr auto kMRs = std::make_integer_sequence<int, kSkinnyMR>{};
+const std::array<std::array<SkinnyFn, kSkinnyMR>, 4> kSkinny = {  // p: any, 16, 32, 64
     skinny_table<0>(kMRs), skinny_table<16>(kMRs), skinny_table<32>(kMRs), skinny_table<64>(kMRs)};
 
 // widen_row's vector body: returns how many leading elements it converted (a multiple of 16).
@@ -585,9 +593,17 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
       const int64_t g_len = n < nn ? reinterpret_cast<const char*>(gg + (nn - 1) * A.ldg + A.O) - g_lo : 0;
       const char* a_lo = reinterpret_cast<const char*>(ga + n * A.lda);
       const int64_t a_len = n < nn ? reinterpret_cast<const char*>(ga + (nn - 1) * A.lda + A.I) - a_lo : 0;
-      const SkinnyFn skinny = kSkinny[p == 16 ? 1 : p == 32 ? 2 : p == 64 ? 3 : 0][mr - 1];
-      skinny(xg, A.O, A.lt, p, U.data(), g_lo, g_len);
-      skinny(xa, A.I, A.rt, p, V.data(), a_lo, a_len);
+      // each side in passes of up to kSkinnyMR tokens, sharing the prefetch of that side's next-tile rows
+      const auto& table = kSkinny[p == 16 ? 1 : p == 32 ? 2 : p == 64 ? 3 : 0];
+      const int np = (mr + kSkinnyMR - 1) / kSkinnyMR;
+      const auto side = [&](const float* const* x, int64_t K, const float* w, float* Y, const char* lo, int64_t len) {
+        for (int q = 0; q < np; ++q) {
+          const int h = q * kSkinnyMR, n = std::min(kSkinnyMR, mr - h);
+          table[n - 1](x + h, K, w, p, Y + h * p, lo + len * q / np, len * (q + 1) / np - len * q / np);
+        }
+      };
+      side(xg, A.O, A.lt, U.data(), g_lo, g_len);
+      side(xa, A.I, A.rt, V.data(), a_lo, a_len);
     } else
 #endif
     {
