@@ -421,13 +421,27 @@ void skinny_portable(const float* const* X, int mr, int64_t K, const float* W, i
 }
 
 #ifdef GK_PROJ_AVX512
-template <int MR, int kP>
+// A row's 16 bfloat16 / float16 values from x, widened exactly to float32.
+__attribute__((target("avx512f"))) inline __m512 widen16(const c10::BFloat16* x) {  // the top half of a float32
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
+}
+__attribute__((target("avx512f"))) inline __m512 widen16(const c10::Half* x) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+}
+
+template <int MR, int kP, typename E>
 // pf / pf_bytes: a region the caller reads next (the other operand's rows, or the next tile), prefetched a
 // slice per step of 16 k so that the DRAM stream overlaps the FMAs (rows are 4 KiB-ish, too short for the
 // hardware prefetchers to ramp up on their own). kP > 0: p == kP, a multiple of 16 (the common projection
 // sizes), compiled with a constant W stride and column-block count and no masks; kP == 0: any p.
-__attribute__((target("avx512f"))) void skinny_avx512(const float* const* X, int64_t K, const float* W,
+// E = bfloat16 / float16: each step widens the rows' next 16 values into an L1 scratch first (exact, so the
+// FMAs see the float32 values they would see after a.float()); no widened copy of the tile is written.
+__attribute__((target("avx512f"))) void skinny_avx512(const E* const* X, int64_t K, const float* W,
                                                      int64_t p_arg, float* Y, const char* pf, int64_t pf_bytes) {
+  constexpr bool kNarrow = !std::is_same_v<E, float>;
+  constexpr int64_t kWideChunk = 256;
+  alignas(64) float sx[kNarrow ? MR : 1][kNarrow ? kWideChunk : 1];
   const int64_t p = kP ? kP : p_arg;
   const int64_t steps = std::max<int64_t>(1, K / 16);
   const int64_t per = ((pf_bytes + steps - 1) / steps + 63) / 64 * 64;
@@ -438,7 +452,7 @@ __attribute__((target("avx512f"))) void skinny_avx512(const float* const* X, int
     __m512 acc[MR];
     for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
     const float* w = W + j0;
-    const float* xr[MR];
+    const E* xr[MR];
     for (int r = 0; r < MR; ++r) xr[r] = X[r];
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {  // one cache line of every row per step
@@ -446,25 +460,42 @@ __attribute__((target("avx512f"))) void skinny_avx512(const float* const* X, int
         for (int64_t b = 0; b < per && pf_off + b < pf_bytes; b += 64) _mm_prefetch(pf + pf_off + b, _MM_HINT_T2);
         pf_off += per;
       }
+      if constexpr (kNarrow) {
+        const int64_t c = k % kWideChunk;  // the step's place in the widened chunk
+        if (c == 0) {  // widen the rows' next chunk (whole 16-value groups) into the L1 scratch
+          const int64_t nc = std::min<int64_t>(kWideChunk, (K - k) / 16 * 16);
+          for (int r = 0; r < MR; ++r)
+            for (int64_t q = 0; q < nc; q += 16) _mm512_store_ps(sx[r] + q, widen16(xr[r] + k + q));
+        }
 #pragma GCC unroll 16
-      for (int kk = 0; kk < 16; ++kk) {
-        const __m512 wk = _mm512_maskz_loadu_ps(m, w + (k + kk) * p);
+        for (int kk = 0; kk < 16; ++kk) {
+          const __m512 wk = _mm512_maskz_loadu_ps(m, w + (k + kk) * p);
 #pragma GCC unroll 16
-        for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xr[r][k + kk]), wk, acc[r]);
+          for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(sx[r][c + kk]), wk, acc[r]);
+        }
+      } else {
+#pragma GCC unroll 16
+        for (int kk = 0; kk < 16; ++kk) {
+          const __m512 wk = _mm512_maskz_loadu_ps(m, w + (k + kk) * p);
+#pragma GCC unroll 16
+          for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xr[r][k + kk]), wk, acc[r]);
+        }
       }
     }
     for (; k < K; ++k) {
       const __m512 wk = _mm512_maskz_loadu_ps(m, w + k * p);
 #pragma GCC unroll 16
-      for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xr[r][k]), wk, acc[r]);
+      for (int r = 0; r < MR; ++r)
+        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(xr[r][k])), wk, acc[r]);
     }
     for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(Y + r * p + j0, m, acc[r]);
   }
 }
-using SkinnyFn = void (*)(const float* const*, int64_t, const float*, int64_t, float*, const char*, int64_t);
-template <int kP, int... I>
-constexpr std::array<SkinnyFn, sizeof...(I)> skinny_table(std::integer_sequence<int, I...>) {
-  return {&skinny_avx512<I + 1, kP>...};
+template <typename E>
+using SkinnyFn = void (*)(const E* const*, int64_t, const float*, int64_t, float*, const char*, int64_t);
+template <typename E, int kP, int... I>
+constexpr std::array<SkinnyFn<E>, sizeof...(I)> skinny_table(std::integer_sequence<int, I...>) {
+  return {&skinny_avx512<I + 1, kP, E>...};
 }
 // Tokens per register-blocked pass: 8 rows of one side (a 16-token tile takes two passes per side). Not 16: a
 // pass reads its rows in lockstep, one line of each at a time, and rows a multiple of 4 KiB apart (1024, 2048,
@@ -475,24 +506,9 @@ constexpr std::array<SkinnyFn, sizeof...(I)> skinny_table(std::integer_sequence<
 // The pass size changes no result bit.
 constexpr int kSkinnyMR = 8;
 constexpr auto kMRs = std::make_integer_sequence<int, kSkinnyMR>{};
-const std::array<std::array<SkinnyFn, kSkinnyMR>, 4> kSkinny = {  // p: any, 16, 32, 64
-    skinny_table<0>(kMRs), skinny_table<16>(kMRs), skinny_table<32>(kMRs), skinny_table<64>(kMRs)};
-
-// widen_row's vector body: returns how many leading elements it converted (a multiple of 16).
-__attribute__((target("avx512f"))) int64_t widen_row_avx512(const c10::BFloat16* src, int64_t n, float* dst) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {  // bfloat16 is the top half of a float32: zero-extend and shift
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-  }
-  return i;
-}
-__attribute__((target("avx512f"))) int64_t widen_row_avx512(const c10::Half* src, int64_t n, float* dst) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
-  return i;
-}
+template <typename E>  // [p: any, 16, 32, 64][rows - 1], for rows of E
+constexpr std::array<std::array<SkinnyFn<E>, kSkinnyMR>, 4> kSkinny = {
+    skinny_table<E, 0>(kMRs), skinny_table<E, 16>(kMRs), skinny_table<E, 32>(kMRs), skinny_table<E, 64>(kMRs)};
 
 // part[i, j] = fma(U[r, i], V[r, j], part[i, j]) for r = 0 .. mr-1 in order (the portable loop's rounding and
 // order), with a 16 x 16 block of part held in registers across the mr tokens.
@@ -534,12 +550,8 @@ bool factored_simd() {
 
 // dst[0..n) = src[0..n) widened to float32 (exact for bfloat16 and float16, subnormals included).
 template <typename E>
-void widen_row(const E* src, int64_t n, float* dst, bool simd) {
-  int64_t i = 0;
-#ifdef GK_PROJ_AVX512
-  if (simd) i = widen_row_avx512(src, n, dst);
-#endif
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+void widen_row(const E* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 // One work item: tokens [n0, n1), either whole examples n0 / T .. (n1 - 1) / T (short sequences: several
@@ -547,8 +559,9 @@ void widen_row(const E* src, int64_t n, float* dst, bool simd) {
 // touches (zeroed first). Tiles of up to 16 unmasked tokens may span examples, so one-token examples still
 // share each load of lt / rt among 16 tokens; each tile's outer products go to their examples' partials in
 // token order (the same arithmetic per token and per partial entry whatever the tiling). E: the element
-// type of a and g; half-precision rows are widened into a float32 tile first (16 rows x (O + I) floats,
-// L2-resident), so the arithmetic is the float32 kernel's on the same values.
+// type of a and g; half-precision rows are widened exactly as the AVX-512 kernel reads them (16 values of a
+// row at a time, into L1), or into a float32 tile first on the portable path, so the arithmetic is the
+// float32 kernel's on the same values.
 template <typename E>
 void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* part) {
   constexpr bool kWiden = !std::is_same_v<E, float>;
@@ -559,26 +572,16 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
   thread_local std::vector<float> U, V, wide;  // per-thread scratch, kept across calls
   U.resize(static_cast<size_t>(kFMR * p));
   V.resize(static_cast<size_t>(kFMR * p));
-  if constexpr (kWiden) wide.resize(static_cast<size_t>(kFMR * (A.O + A.I)));
-  const float* xg[kFMR];
-  const float* xa[kFMR];
+  const E* rg[kFMR];  // the tile's rows of g and a
+  const E* ra[kFMR];
   int64_t tok_b[kFMR];  // each tile row's example, relative to b0
   int64_t n = n0;
   while (n < n1) {
     int mr = 0;
     for (; n < n1 && mr < kFMR; ++n) {
       if (A.mask && !A.mask[n]) continue;
-      if constexpr (kWiden) {
-        float* wg = wide.data() + mr * A.O;
-        float* wa = wide.data() + kFMR * A.O + mr * A.I;
-        widen_row(gg + n * A.ldg, A.O, wg, A.simd);
-        widen_row(ga + n * A.lda, A.I, wa, A.simd);
-        xg[mr] = wg;
-        xa[mr] = wa;
-      } else {
-        xg[mr] = gg + n * A.ldg;
-        xa[mr] = ga + n * A.lda;
-      }
+      rg[mr] = gg + n * A.ldg;
+      ra[mr] = ga + n * A.lda;
       tok_b[mr] = n / T - b0;
       ++mr;
     }
@@ -594,19 +597,35 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
       const char* a_lo = reinterpret_cast<const char*>(ga + n * A.lda);
       const int64_t a_len = n < nn ? reinterpret_cast<const char*>(ga + (nn - 1) * A.lda + A.I) - a_lo : 0;
       // each side in passes of up to kSkinnyMR tokens, sharing the prefetch of that side's next-tile rows
-      const auto& table = kSkinny[p == 16 ? 1 : p == 32 ? 2 : p == 64 ? 3 : 0];
+      const auto& table = kSkinny<E>[p == 16 ? 1 : p == 32 ? 2 : p == 64 ? 3 : 0];
       const int np = (mr + kSkinnyMR - 1) / kSkinnyMR;
-      const auto side = [&](const float* const* x, int64_t K, const float* w, float* Y, const char* lo, int64_t len) {
+      const auto side = [&](const E* const* x, int64_t K, const float* w, float* Y, const char* lo, int64_t len) {
         for (int q = 0; q < np; ++q) {
           const int h = q * kSkinnyMR, n = std::min(kSkinnyMR, mr - h);
           table[n - 1](x + h, K, w, p, Y + h * p, lo + len * q / np, len * (q + 1) / np - len * q / np);
         }
       };
-      side(xg, A.O, A.lt, U.data(), g_lo, g_len);
-      side(xa, A.I, A.rt, V.data(), a_lo, a_len);
+      side(rg, A.O, A.lt, U.data(), g_lo, g_len);
+      side(ra, A.I, A.rt, V.data(), a_lo, a_len);
     } else
 #endif
     {
+      const float* xg[kFMR];
+      const float* xa[kFMR];
+      if constexpr (kWiden) {  // half-precision rows widened into a float32 tile first
+        wide.resize(static_cast<size_t>(kFMR * (A.O + A.I)));
+        for (int r = 0; r < mr; ++r) {
+          float* wg = wide.data() + r * A.O;
+          float* wa = wide.data() + kFMR * A.O + r * A.I;
+          widen_row(rg[r], A.O, wg);
+          widen_row(ra[r], A.I, wa);
+          xg[r] = wg;
+          xa[r] = wa;
+        }
+      } else {
+        std::copy(rg, rg + mr, xg);
+        std::copy(ra, ra + mr, xa);
+      }
       skinny_portable(xg, mr, A.O, A.lt, p, U.data());
       skinny_portable(xa, mr, A.I, A.rt, p, V.data());
     }
