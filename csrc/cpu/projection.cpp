@@ -462,26 +462,23 @@ __attribute__((target("avx512f"))) void skinny_avx512(const E* const* X, int64_t
         for (int64_t b = 0; b < per && pf_off + b < pf_bytes; b += 64) _mm_prefetch(pf + pf_off + b, _MM_HINT_T2);
         pf_off += per;
       }
+      const int64_t c = k % kWideChunk;  // narrow E: the step's place in the widened chunk
       if constexpr (kNarrow) {
-        const int64_t c = k % kWideChunk;  // the step's place in the widened chunk
         if (c == 0) {  // widen the rows' next chunk (whole 16-value groups) into the L1 scratch
           const int64_t nc = std::min<int64_t>(kWideChunk, (K - k) / 16 * 16);
           for (int r = 0; r < MR; ++r)
             for (int64_t q = 0; q < nc; q += 16) _mm512_store_ps(sx[r] + q, widen16(xr[r] + k + q));
         }
+      }
+      const auto x_at = [&](int r, int kk) -> float {  // feature k + kk of row r, as float32
+        if constexpr (kNarrow) return sx[r][c + kk];
+        else return xr[r][k + kk];
+      };
 #pragma GCC unroll 16
-        for (int kk = 0; kk < 16; ++kk) {
-          const __m512 wk = _mm512_maskz_loadu_ps(m, w + (k + kk) * p);
+      for (int kk = 0; kk < 16; ++kk) {
+        const __m512 wk = _mm512_maskz_loadu_ps(m, w + (k + kk) * p);
 #pragma GCC unroll 16
-          for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(sx[r][c + kk]), wk, acc[r]);
-        }
-      } else {
-#pragma GCC unroll 16
-        for (int kk = 0; kk < 16; ++kk) {
-          const __m512 wk = _mm512_maskz_loadu_ps(m, w + (k + kk) * p);
-#pragma GCC unroll 16
-          for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xr[r][k + kk]), wk, acc[r]);
-        }
+        for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x_at(r, kk)), wk, acc[r]);
       }
     }
     for (; k < K; ++k) {
