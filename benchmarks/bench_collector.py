@@ -116,9 +116,15 @@ def _hook_work_wide(rec, dev, width: int, nb: int, quick: bool) -> None:
                            "bergson": lambda: _bergson_hooks(bcol, lin, a, g)},
                           rounds=10 if quick else 30, calls=10, baseline="gradkit")
     _untag(lin)
-    rec.add(FAMILY, op, "gradkit", wl, "float32", st["gradkit"], note="factored_project(a, g, 16)")
-    rec.add(FAMILY, op, "bergson", wl, "float32", st["bergson"], note="bergson 2.5.1 forward_hook + backward_hook")
-    rec.add(FAMILY, op, "bergson / gradkit, same round", wl, "float32",
+    _add_interleaved(rec, op, wl, "float32", st, "factored_project(a, g, 16)",
+                     "bergson 2.5.1 forward_hook + backward_hook")
+
+
+def _add_interleaved(rec, op, wl, dt, st, gk_note: str, bergson_note: str) -> None:
+    """The rows of one time_interleaved gradkit-vs-bergson run: each side's times and the per-round ratio."""
+    rec.add(FAMILY, op, "gradkit", wl, dt, st["gradkit"], note=gk_note)
+    rec.add(FAMILY, op, "bergson", wl, dt, st["bergson"], note=bergson_note)
+    rec.add(FAMILY, op, "bergson / gradkit, same round", wl, dt,
             {"p20": st["bergson"]["ratio_p20"], "p50": st["bergson"]["ratio_p50"],
              "p80": st["bergson"]["ratio_p80"], "n": st["bergson"]["n"]}, metric="ratio (x)")
 
@@ -174,14 +180,10 @@ def run(rec, quick: bool = False) -> None:
         op_i = op + ", interleaved"
         st = time_interleaved({"gradkit": lambda: factored_project(a, g, P, seed=0, name="lin"),
                                "bergson": bergson_hooks}, rounds=10 if quick else 40, calls=10, baseline="gradkit")
-        rec.add(FAMILY, op_i, "gradkit", wl, dt, st["gradkit"],
-                note="factored_project(a, g, 16), alternated with bergson's hooks in rounds of 10 calls")
-        rec.add(FAMILY, op_i, "bergson", wl, dt, st["bergson"],
-                note=f"per-round ratio bergson / gradkit: p20 {st['bergson']['ratio_p20']:.2f}, "
-                     f"p50 {st['bergson']['ratio_p50']:.2f}, p80 {st['bergson']['ratio_p80']:.2f}")
-        rec.add(FAMILY, op_i, "bergson / gradkit, same round", wl, dt,
-                {"p20": st["bergson"]["ratio_p20"], "p50": st["bergson"]["ratio_p50"],
-                 "p80": st["bergson"]["ratio_p80"], "n": st["bergson"]["n"]}, metric="ratio (x)")
+        _add_interleaved(rec, op_i, wl, dt, st,
+                         "factored_project(a, g, 16), alternated with bergson's hooks in rounds of 10 calls",
+                         f"per-round ratio bergson / gradkit: p20 {st['bergson']['ratio_p20']:.2f}, "
+                         f"p50 {st['bergson']['ratio_p50']:.2f}, p80 {st['bergson']['ratio_p80']:.2f}")
         if not quick:
             def bergson_cold():
                 c = _bergson(model)
