@@ -25,6 +25,24 @@ import gradkit  # noqa: E402,F401  (GRADKIT_REQUIRE_EXT=1 makes a broken build f
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+_FLAGS = _cpu_flags()
+# The instruction-set levels of the CPU kernels this CPU can run, best first (x86: read from /proc/cpuinfo,
+# as the kernels' __builtin_cpu_supports reads cpuid). "portable" always: the loops other CPUs run.
+CPU_ISAS = (["avx512"] if "avx512f" in _FLAGS else []) + \
+    (["avx2"] if {"avx2", "fma", "f16c"} <= _FLAGS else []) + ["portable"]
+
+
 @contextlib.contextmanager
 def use_backend(name):
     """Run API calls through one backend (Triton under the interpreter on a CPU machine)."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from conftest import DEVICES, use_backend
+from conftest import CPU_ISAS, DEVICES, use_backend
 from gradkit import _ext, ops
 from gradkit.kernels.reference import projection as ref
 
@@ -71,33 +71,61 @@ def test_long_sequences_chunked_and_thread_count_independent():
     close(one, want)
 
 
+def by_isa(monkeypatch, *args):
+    """factored_project(*args) at every instruction-set level this CPU has (GRADKIT_FACTORED_ISA), best first."""
+    out = {}
+    for isa in CPU_ISAS:
+        monkeypatch.setenv("GRADKIT_FACTORED_ISA", isa)
+        out[isa] = ops.factored_project(*args)
+    monkeypatch.delenv("GRADKIT_FACTORED_ISA")
+    return out
+
+
+def test_isa_levels_detected():
+    """The levels the tests compare: the portable loops always, AVX2 and AVX-512 where the CPU has them (an
+    x86-64 CPU without AVX2 is older than 2013)."""
+    assert CPU_ISAS[-1] == "portable"
+    if os.uname().machine == "x86_64":
+        assert "avx2" in CPU_ISAS, CPU_ISAS
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("p", [5, 16, 33])
-def test_portable_loops_same_bits_as_simd_kernels(monkeypatch, dtype, p):
-    """CPUs without AVX-512 run portable loops of the same arithmetic in the same order
-    (GRADKIT_FACTORED_PORTABLE=1 selects them here): the same bits, tiles spanning short examples and
-    chunked long ones included."""
+def test_isa_levels_same_bits(monkeypatch, dtype, p):
+    """AVX-512 (16 outputs per zmm, 8-token passes), AVX2 (8 per ymm, 6-token passes) and the portable loops
+    do the same arithmetic in the same order: the same bits at every level this CPU has, tiles spanning
+    short examples and chunked long ones included, and the reference's values."""
     for B, T in ((40, 1), (3, 37), (2, 300)):
         a, g, lt, rt, rb, m = make(B, T, 70, 53, p, 3, rb=True, mask=True, dtype=dtype)
-        simd = ops.factored_project(a, g, lt, rt, rb, m, T)
-        monkeypatch.setenv("GRADKIT_FACTORED_PORTABLE", "1")
-        portable = ops.factored_project(a, g, lt, rt, rb, m, T)
-        monkeypatch.delenv("GRADKIT_FACTORED_PORTABLE")
-        assert torch.equal(simd, portable)
-        close(portable, ref.factored_project(a, g, lt, rt, rb, m, T))
+        got = by_isa(monkeypatch, a, g, lt, rt, rb, m, T)
+        best = got[CPU_ISAS[0]]
+        for isa in CPU_ISAS[1:]:
+            assert torch.equal(got[isa], best), isa
+        close(best, ref.factored_project(a, g, lt, rt, rb, m, T))
+
+
+def test_portable_switch_is_the_portable_level(monkeypatch):
+    """GRADKIT_FACTORED_PORTABLE=1 (the older switch) selects the portable loops, as GRADKIT_FACTORED_ISA=portable:
+    on a p of 17 (a masked 16 + 1 column block at AVX-512, 8 + 8 + 1 at AVX2) the bits agree with every level."""
+    a, g, lt, rt, rb, m = make(2, 40, 90, 61, 17, 9, rb=True, mask=True)
+    got = by_isa(monkeypatch, a, g, lt, rt, rb, m, 40)
+    monkeypatch.setenv("GRADKIT_FACTORED_PORTABLE", "1")
+    old = ops.factored_project(a, g, lt, rt, rb, m, 40)
+    assert torch.equal(old, got["portable"])
+    assert all(torch.equal(v, old) for v in got.values())
 
 
 @pytest.mark.parametrize("p", [16, 20])
-def test_power_of_two_widths_same_bits_as_portable(monkeypatch, p):
-    """1024 features (rows exactly 4 KiB apart, the width the 8-token passes exist for; 1024 a's vs 512 g's):
-    tiles of 16 unmasked tokens split into two passes, a 5-token tail tile, and masked holes that make
-    tiles gather rows from across the batch: the portable loops' bits, and the reference's values."""
+def test_power_of_two_widths_same_bits_at_every_level(monkeypatch, p):
+    """1024 features (rows exactly 4 KiB apart, the width the 8-token AVX-512 passes exist for; 1024 a's vs 512
+    g's): tiles of 16 unmasked tokens split into passes, a 5-token tail tile, and masked holes that make tiles
+    gather rows from across the batch: the same bits at every level, and the reference's values."""
     a, g, lt, rt, rb, m = make(3, 21, 1024, 512, p, 11, rb=True, mask=True)
-    simd = ops.factored_project(a, g, lt, rt, rb, m, 21)
-    monkeypatch.setenv("GRADKIT_FACTORED_PORTABLE", "1")
-    portable = ops.factored_project(a, g, lt, rt, rb, m, 21)
-    assert torch.equal(simd, portable)
-    close(simd, ref.factored_project(a, g, lt, rt, rb, m, 21))
+    got = by_isa(monkeypatch, a, g, lt, rt, rb, m, 21)
+    best = got[CPU_ISAS[0]]
+    for isa in CPU_ISAS[1:]:
+        assert torch.equal(got[isa], best), isa
+    close(best, ref.factored_project(a, g, lt, rt, rb, m, 21))
 
 
 @pytest.mark.parametrize("T", [1, 3, 16, 100])

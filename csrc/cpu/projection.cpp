@@ -16,15 +16,15 @@
 // column are assembled from two consecutive words with shifts (no per-entry branches), then each
 // byte is expanded to 8 floats with one copy from a 256 x 8 table of +-s (8 KiB, L1-resident).
 //
-// project_flat, Rademacher on AVX-512 CPUs (B >= 4, k >= 32): sign tables, see project_flat_table below
-// (8 table loads per 64 inputs instead of 64 multiply-adds). Otherwise:
+// project_flat, Rademacher on AVX-512 or AVX2 CPUs (B >= 4, k >= 32): sign tables, see project_flat_table
+// below (8 table loads per 64 inputs instead of 64 multiply-adds). Otherwise:
 // project_flat: out (B, k) fp32 = x (B, Dc) @ R[:, col0 : col0 + Dc]^T. R tiles of kKT x kDT
 // (1 MiB fp32, L2-resident) are generated into a per-thread buffer and consumed at once by a
 // single-threaded BLAS gemm (addmm_ on from_blob views: MKL sgemm) accumulating into out.
 // Work is split over groups of k tiles (each group loops d tiles outer, its k tiles inner, so the
 // x tile stays in cache); when there are fewer k tiles than threads the D range is split too and
 // the per-split partial outputs are added in a fixed order. The summation order therefore
-// depends only on (shapes, thread count), never on timing. fp16/bf16/fp64 x is converted to
+// depends only on the shapes, never on the thread count or timing. fp16/bf16/fp64 x is converted to
 // fp32 one (B x kDT) tile at a time.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -48,7 +48,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
-#define GK_PROJ_AVX512 1
+#define GK_PROJ_X86 1  // AVX-512 and AVX2 kernels, each chosen at run time by what the CPU has
 #endif
 
 namespace gradkit {
@@ -185,8 +185,8 @@ void projection_matrix_cpu(const at::Tensor& out, int64_t seed, int64_t kind, in
 constexpr int64_t kKT = 256;   // rows of R per tile (output features)
 constexpr int64_t kDT = 1024;  // columns of R per tile (input features)
 
-#ifdef GK_PROJ_AVX512
-// ---- Rademacher flat projection by sign tables ("four Russians"), AVX-512 CPUs.
+#ifdef GK_PROJ_X86
+// ---- Rademacher flat projection by sign tables ("four Russians"), AVX-512 and AVX2 CPUs.
 // Output j of a row is s * sum over columns c of (bit c of R's row j ? +x_c : -x_c). The 64 bits of one
 // word cover 64 consecutive absolute columns, one byte per 8 columns, so for each word and a tile of 16
 // rows the 8 tables T_g[p] = sum_{t<8} (bit t of p ? +x_{8g+t} : -x_{8g+t}) (256 entries x 16 rows each,
@@ -196,14 +196,23 @@ constexpr int64_t kDT = 1024;  // columns of R per tile (input features)
 // the running sum of output j word by word in ascending order, scaled by s at the end. Outputs are split
 // over threads; each output's sum has one order whatever the thread count. Columns outside [col0, col0 +
 // D) enter as zeros. GRADKIT_PROJECT_GEMM=1 selects the GEMM path instead.
+// CPUs without AVX-512F but with AVX2 run the same tables as two ymm halves of 8 rows (same sums in the same
+// order: the same bits).
 bool proj_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f");
   return ok;
 }
+bool proj_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+}
 
-bool table_path_enabled() {
+// 2: AVX-512 tables, 1: AVX2 tables, 0: the GEMM path.
+int table_path_isa() {
   const char* env = std::getenv("GRADKIT_PROJECT_GEMM");
-  return proj_avx512() && !(env && std::strcmp(env, "1") == 0);
+  if (env && std::strcmp(env, "1") == 0) return 0;
+  return proj_avx512() ? 2 : proj_avx2() ? 1 : 0;
 }
 
 constexpr int64_t kTabRows = 16;
@@ -262,8 +271,49 @@ __attribute__((target("avx512f"))) void word_accumulate(const float* tb, const u
   }
 }
 
+__attribute__((target("avx2,fma,f16c"))) void build_tables_avx2(const float* xs, float* tb) {
+  for (int g = 0; g < 8; ++g) {
+    float* T = tb + g * 256 * kTabRows;
+    const float* xg = xs + g * 8 * kTabRows;
+    for (int h = 0; h < kTabRows; h += 8) {
+      const __m256 x0 = _mm256_loadu_ps(xg + h);
+      _mm256_store_ps(T + h, _mm256_sub_ps(_mm256_setzero_ps(), x0));
+      _mm256_store_ps(T + kTabRows + h, x0);
+    }
+    for (int t = 1; t < 8; ++t) {
+      const __m256 xt0 = _mm256_loadu_ps(xg + t * kTabRows), xt1 = _mm256_loadu_ps(xg + t * kTabRows + 8);
+      const int half = 1 << t;
+      for (int q = 0; q < half; ++q) {
+        const __m256 a0 = _mm256_load_ps(T + q * kTabRows), a1 = _mm256_load_ps(T + q * kTabRows + 8);
+        _mm256_store_ps(T + (q + half) * kTabRows, _mm256_add_ps(a0, xt0));
+        _mm256_store_ps(T + (q + half) * kTabRows + 8, _mm256_add_ps(a1, xt1));
+        _mm256_store_ps(T + q * kTabRows, _mm256_sub_ps(a0, xt0));
+        _mm256_store_ps(T + q * kTabRows + 8, _mm256_sub_ps(a1, xt1));
+      }
+    }
+  }
+}
+
+__attribute__((target("avx2,fma,f16c"))) void word_accumulate_avx2(const float* tb, const uint64_t* rk, int64_t nj,
+                                                                  uint64_t w, float* yT) {
+  for (int64_t j = 0; j < nj; ++j) {
+    const uint64_t h = word_hash(rk[j], w);
+    const float* e[8];
+    for (int g = 0; g < 8; ++g) e[g] = tb + (g * 256 + ((h >> (8 * g)) & 255u)) * kTabRows;
+    float* y = yT + j * kTabRows;
+    for (int o = 0; o < kTabRows; o += 8) {
+      const __m256 a01 = _mm256_add_ps(_mm256_load_ps(e[0] + o), _mm256_load_ps(e[1] + o));
+      const __m256 a23 = _mm256_add_ps(_mm256_load_ps(e[2] + o), _mm256_load_ps(e[3] + o));
+      const __m256 a45 = _mm256_add_ps(_mm256_load_ps(e[4] + o), _mm256_load_ps(e[5] + o));
+      const __m256 a67 = _mm256_add_ps(_mm256_load_ps(e[6] + o), _mm256_load_ps(e[7] + o));
+      const __m256 acc = _mm256_add_ps(_mm256_add_ps(a01, a23), _mm256_add_ps(a45, a67));
+      _mm256_store_ps(y + o, _mm256_add_ps(_mm256_load_ps(y + o), acc));
+    }
+  }
+}
+
 template <typename T>
-void project_flat_table(const T* x, int64_t ldx, int64_t B, int64_t D, int64_t k, uint64_t seed, int64_t col0,
+void project_flat_table(int isa, const T* x, int64_t ldx, int64_t B, int64_t D, int64_t k, uint64_t seed, int64_t col0,
                         float s, float* out) {
   const int64_t w0 = col0 >> 6, w1 = (col0 + D - 1) >> 6;
   const int64_t rtiles = (B + kTabRows - 1) / kTabRows;
@@ -286,8 +336,13 @@ void project_flat_table(const T* x, int64_t ldx, int64_t B, int64_t D, int64_t k
       std::fill(yT, yT + nj * kTabRows, 0.0f);
       for (int64_t w = w0; w <= w1; ++w) {
         stage_word(x + r0 * ldx, ldx, nr, D, col0, w, xs);
-        build_tables(xs, tb);
-        word_accumulate(tb, rk.data(), nj, static_cast<uint64_t>(w), yT);
+        if (isa == 2) {
+          build_tables(xs, tb);
+          word_accumulate(tb, rk.data(), nj, static_cast<uint64_t>(w), yT);
+        } else {
+          build_tables_avx2(xs, tb);
+          word_accumulate_avx2(tb, rk.data(), nj, static_cast<uint64_t>(w), yT);
+        }
       }
       for (int64_t r = 0; r < nr; ++r)
         for (int64_t j = 0; j < nj; ++j) out[(r0 + r) * k + ja + j] = s * yT[j * kTabRows + r];
@@ -309,13 +364,14 @@ at::Tensor project_flat_cpu(const at::Tensor& x_in, int64_t k, int64_t seed, int
   const int64_t B = x_in.size(0), D = x_in.size(1);
   at::Tensor out = at::zeros({B, k}, at::TensorOptions().dtype(at::kFloat));
   if (B == 0 || D == 0) return out;
-#ifdef GK_PROJ_AVX512
-  if (kind == 0 && B >= 4 && k >= 32 && table_path_enabled()) {
+#ifdef GK_PROJ_X86
+  const int tisa = kind == 0 && B >= 4 && k >= 32 ? table_path_isa() : 0;
+  if (tisa > 0) {
     const at::Tensor xc = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
     const float s = static_cast<float>(inv_sqrt_k(k));
     const int64_t ldx = std::max<int64_t>(xc.stride(0), 1);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "project_flat_table", [&] {
-      project_flat_table(xc.data_ptr<scalar_t>(), ldx, B, D, k, static_cast<uint64_t>(seed), col0, s,
+      project_flat_table(tisa, xc.data_ptr<scalar_t>(), ldx, B, D, k, static_cast<uint64_t>(seed), col0, s,
                          out.data_ptr<float>());
     });
     return out;
@@ -329,9 +385,12 @@ at::Tensor project_flat_cpu(const at::Tensor& x_in, int64_t k, int64_t seed, int
   const SignTable tab(static_cast<float>(inv));
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t nk = (k + kKT - 1) / kKT, nd = (D + kDT - 1) / kDT;
-  // Groups: contiguous k-tile ranges; with fewer k tiles than threads, D is split as well.
+  // Groups: contiguous k-tile ranges; with fewer than kSplitTarget k tiles, D is split as well, into a number
+  // of ranges that depends on the shapes only (not the thread count: the summation order, hence the bits,
+  // are the same at any thread count; up to 16 threads all get work).
+  constexpr int64_t kSplitTarget = 16;
   int64_t kgroups = std::min(nk, nthreads);
-  int64_t dsplit = nk >= nthreads ? 1 : std::min(nd, (nthreads + nk - 1) / nk);
+  int64_t dsplit = nk >= kSplitTarget ? 1 : std::min(nd, (kSplitTarget + nk - 1) / nk);
   // Tiny problems: not worth the threads.
   if (B * D * k < (int64_t(1) << 22)) {
     kgroups = 1;
@@ -391,7 +450,8 @@ at::Tensor project_flat_cpu(const at::Tensor& x_in, int64_t k, int64_t seed, int
 // outputs, rows of lt / rt loaded once per MR = 8 tokens: kSkinnyMR) and accumulates the outer products
 // into its examples' p x p partials; chunk partials are added per example in chunk order. Every sum has a
 // fixed order that depends on neither the thread count nor the batch: results are bitwise reproducible.
-// Without AVX-512F the same items run a portable loop of the same arithmetic order.
+// CPUs without AVX-512F run AVX2 kernels of the same arithmetic order (8 outputs per ymm), CPUs without AVX2
+// + FMA portable loops of that order.
 constexpr int64_t kTokChunk = 256;
 constexpr int kFMR = 16;
 
@@ -404,7 +464,7 @@ struct FArgs {
   const bool* mask;
   int64_t lda, ldg, I, O, p;
   int64_t N;  // rows of a / g (prefetches stay inside)
-  bool simd;  // the AVX-512 kernels (else the portable loops: same arithmetic, same order, same bits)
+  int isa;  // factored_isa(): the AVX-512 or AVX2 kernels, or the portable loops (same arithmetic, same order, same bits)
 };
 
 // Y[r][0..p) = X[r] . W (K x p, row-major), r < mr; rows X[r] given by pointers; sums over k ascending.
@@ -420,7 +480,7 @@ void skinny_portable(const float* const* X, int mr, int64_t K, const float* W, i
   }
 }
 
-#ifdef GK_PROJ_AVX512
+#ifdef GK_PROJ_X86
 // A row's 16 bfloat16 / float16 values from x, widened exactly to float32.
 __attribute__((target("avx512f"))) inline __m512 widen16(const c10::BFloat16* x) {  // the top half of a float32
   return _mm512_castsi512_ps(
@@ -534,16 +594,156 @@ __attribute__((target("avx512f"))) void outer_tile_avx512(const float* U, const 
     }
   }
 }
+
+// ---- AVX2 + FMA (+ F16C) kernels: CPUs without AVX-512 (AMD Zen 1-3, Intel Haswell to Alder Lake client
+// parts). The same multiply-adds in the same order as skinny_avx512 / outer_tile_avx512 (each output a
+// chain of fma over k ascending, one lane per output), 8 outputs per ymm instead of 16: the same bits.
+// Without them those CPUs ran the portable loops, whose std::fma is a libm call when the file is compiled
+// for baseline x86-64: 270 ms instead of ~3 ms for the 1000 x 1000 hook-work benchmark on a Zen 3.
+__attribute__((target("avx2,fma,f16c"))) inline __m256 widen8(const c10::BFloat16* x) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))), 16));
+}
+__attribute__((target("avx2,fma,f16c"))) inline __m256 widen8(const c10::Half* x) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+}
+
+// Lanes [0, n) of a ymm (n may be <= 0 or >= 8) as a maskload / maskstore mask.
+__attribute__((target("avx2,fma,f16c"))) inline __m256i lanes8(int64_t n) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const int c = static_cast<int>(std::clamp<int64_t>(n, 0, 8));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), idx);
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline __m256 wload8(const float* src, bool full, __m256i m) {
+  return full ? _mm256_loadu_ps(src) : _mm256_maskload_ps(src, m);
+}
+
+// Y[r][0..p) = X[r] . W for r < MR (MR <= 6: 12 accumulators + 2 W vectors + 1 broadcast fit the 16 ymm
+// registers), columns 16 at a time (two ymm); prefetch and half-precision widening as in skinny_avx512.
+template <int MR, int kP, typename E>
+__attribute__((target("avx2,fma,f16c"))) void skinny_avx2(const E* const* X, int64_t K, const float* W,
+                                                          int64_t p_arg, float* Y, const char* pf, int64_t pf_bytes) {
+  constexpr bool kNarrow = !std::is_same_v<E, float>;
+  constexpr int64_t kWideChunk = 256;
+  alignas(32) float sx[kNarrow ? MR : 1][kNarrow ? kWideChunk : 1];
+  const int64_t p = kP ? kP : p_arg;
+  const int64_t steps = std::max<int64_t>(1, K / 16);
+  const int64_t per = ((pf_bytes + steps - 1) / steps + 63) / 64 * 64;
+  int64_t pf_off = 0;
+  for (int64_t j0 = 0; j0 < p; j0 += 16) {
+    const bool full = kP || p - j0 >= 16;
+    const __m256i m0 = lanes8(p - j0), m1 = lanes8(p - j0 - 8);
+    const float* w = W + j0;
+    __m256 acc[MR][2];
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    const E* xr[MR];
+    for (int r = 0; r < MR; ++r) xr[r] = X[r];
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      if (j0 == 0 && pf_off < pf_bytes) {
+        for (int64_t b = 0; b < per && pf_off + b < pf_bytes; b += 64) _mm_prefetch(pf + pf_off + b, _MM_HINT_T2);
+        pf_off += per;
+      }
+      const int64_t c = k % kWideChunk;
+      if constexpr (kNarrow) {
+        if (c == 0) {
+          const int64_t nc = std::min<int64_t>(kWideChunk, (K - k) / 16 * 16);
+          for (int r = 0; r < MR; ++r)
+            for (int64_t q = 0; q < nc; q += 8) _mm256_store_ps(sx[r] + q, widen8(xr[r] + k + q));
+        }
+      }
+      const auto x_at = [&](int r, int kk) -> const float* {
+        if constexpr (kNarrow) return &sx[r][c + kk];
+        else return xr[r] + k + kk;
+      };
+#pragma GCC unroll 16
+      for (int kk = 0; kk < 16; ++kk) {
+        const __m256 w0 = wload8(w + (k + kk) * p, full, m0), w1 = wload8(w + (k + kk) * p + 8, full, m1);
+#pragma GCC unroll 6
+        for (int r = 0; r < MR; ++r) {
+          const __m256 xb = _mm256_broadcast_ss(x_at(r, kk));
+          acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
+        }
+      }
+    }
+    for (; k < K; ++k) {
+      const __m256 w0 = wload8(w + k * p, full, m0), w1 = wload8(w + k * p + 8, full, m1);
+#pragma GCC unroll 6
+      for (int r = 0; r < MR; ++r) {
+        const __m256 xb = _mm256_set1_ps(static_cast<float>(xr[r][k]));
+        acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      float* y = Y + r * p + j0;
+      if (full) {
+        _mm256_storeu_ps(y, acc[r][0]);
+        _mm256_storeu_ps(y + 8, acc[r][1]);
+      } else {
+        _mm256_maskstore_ps(y, m0, acc[r][0]);
+        _mm256_maskstore_ps(y + 8, m1, acc[r][1]);
+      }
+    }
+  }
+}
+template <typename E, int kP, int... I>
+constexpr std::array<SkinnyFn<E>, sizeof...(I)> skinny_table_avx2(std::integer_sequence<int, I...>) {
+  return {&skinny_avx2<I + 1, kP, E>...};
+}
+constexpr int kSkinnyMR2 = 6;  // tokens per AVX2 pass (register file: see skinny_avx2)
+constexpr auto kMRs2 = std::make_integer_sequence<int, kSkinnyMR2>{};
+template <typename E>  // [p: any, 16, 32, 64][rows - 1]
+constexpr std::array<std::array<SkinnyFn<E>, kSkinnyMR2>, 4> kSkinny2 = {
+    skinny_table_avx2<E, 0>(kMRs2), skinny_table_avx2<E, 16>(kMRs2), skinny_table_avx2<E, 32>(kMRs2),
+    skinny_table_avx2<E, 64>(kMRs2)};
+
+// outer_tile_avx512's updates (part[i, j] = fma(U[r, i], V[r, j], part[i, j]), r ascending), 8 x 8 blocks.
+__attribute__((target("avx2,fma,f16c"))) void outer_tile_avx2(const float* U, const float* V, int mr, int64_t p,
+                                                             float* part) {
+  for (int64_t j0 = 0; j0 < p; j0 += 8) {
+    const __m256i m = lanes8(p - j0);
+    for (int64_t i0 = 0; i0 < p; i0 += 8) {
+      const int64_t ni = std::min<int64_t>(8, p - i0);
+      __m256 acc[8];
+#pragma GCC unroll 8
+      for (int ii = 0; ii < 8; ++ii)
+        if (ii < ni) acc[ii] = _mm256_maskload_ps(part + (i0 + ii) * p + j0, m);
+      for (int r = 0; r < mr; ++r) {
+        const __m256 vj = _mm256_maskload_ps(V + r * p + j0, m);
+        const float* u = U + r * p + i0;
+#pragma GCC unroll 8
+        for (int ii = 0; ii < 8; ++ii)
+          if (ii < ni) acc[ii] = _mm256_fmadd_ps(_mm256_broadcast_ss(u + ii), vj, acc[ii]);
+      }
+#pragma GCC unroll 8
+      for (int ii = 0; ii < 8; ++ii)
+        if (ii < ni) _mm256_maskstore_ps(part + (i0 + ii) * p + j0, m, acc[ii]);
+    }
+  }
+}
 #endif
 
-// The factored kernel's AVX-512 paths, unless GRADKIT_FACTORED_PORTABLE=1 (read per call: tests compare the
-// portable loops, which other CPUs run, with them bit for bit).
-bool factored_simd() {
-#ifdef GK_PROJ_AVX512
-  const char* env = std::getenv("GRADKIT_FACTORED_PORTABLE");
-  return proj_avx512() && !(env && std::strcmp(env, "1") == 0);
+// The factored kernel's instruction set: 2 = AVX-512F, 1 = AVX2 + FMA + F16C, 0 = the portable loops. The
+// best the CPU has, capped by GRADKIT_FACTORED_ISA=avx2|portable (or GRADKIT_FACTORED_PORTABLE=1), read per
+// call: tests compare every level the CPU has, bit for bit.
+int factored_isa() {
+#ifdef GK_PROJ_X86
+  static const int hw = __builtin_cpu_supports("avx512f") ? 2
+                        : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           __builtin_cpu_supports("f16c"))
+                            ? 1
+                            : 0;
+  int cap = 2;
+  const char* port = std::getenv("GRADKIT_FACTORED_PORTABLE");
+  const char* isa = std::getenv("GRADKIT_FACTORED_ISA");
+  if ((port && std::strcmp(port, "1") == 0) || (isa && std::strcmp(isa, "portable") == 0)) cap = 0;
+  else if (isa && std::strcmp(isa, "avx2") == 0) cap = 1;
+  return std::min(hw, cap);
 #else
-  return false;
+  return 0;
 #endif
 }
 
@@ -585,8 +785,8 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
       ++mr;
     }
     if (mr == 0) break;
-#ifdef GK_PROJ_AVX512
-    if (A.simd) {
+#ifdef GK_PROJ_X86
+    if (A.isa > 0) {
       // one tile ahead: while this tile's g rows are used, the next tile's g rows stream into L2; likewise a.
       // The next tile may lie past this item: a thread's items are consecutive examples, so it is usually
       // the thread's next item's first tile (without it, one tile per item would start cold).
@@ -596,11 +796,13 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
       const char* a_lo = reinterpret_cast<const char*>(ga + n * A.lda);
       const int64_t a_len = n < nn ? reinterpret_cast<const char*>(ga + (nn - 1) * A.lda + A.I) - a_lo : 0;
       // each side in passes of up to kSkinnyMR tokens, sharing the prefetch of that side's next-tile rows
-      const auto& table = kSkinny<E>[p == 16 ? 1 : p == 32 ? 2 : p == 64 ? 3 : 0];
-      const int np = (mr + kSkinnyMR - 1) / kSkinnyMR;
+      const int pi = p == 16 ? 1 : p == 32 ? 2 : p == 64 ? 3 : 0;
+      const SkinnyFn<E>* table = A.isa == 2 ? kSkinny<E>[pi].data() : kSkinny2<E>[pi].data();
+      const int pass = A.isa == 2 ? kSkinnyMR : kSkinnyMR2;
+      const int np = (mr + pass - 1) / pass;
       const auto side = [&](const E* const* x, int64_t K, const float* w, float* Y, const char* lo, int64_t len) {
         for (int q = 0; q < np; ++q) {
-          const int h = q * kSkinnyMR, n = std::min(kSkinnyMR, mr - h);
+          const int h = q * pass, n = std::min(pass, mr - h);
           table[n - 1](x + h, K, w, p, Y + h * p, lo + len * q / np, len * (q + 1) / np - len * q / np);
         }
       };
@@ -635,9 +837,9 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
       int r1 = r + 1;
       while (r1 < mr && tok_b[r1] == tok_b[r]) ++r1;
       float* pb = part + tok_b[r] * p * p;
-#ifdef GK_PROJ_AVX512
-      if (A.simd) {
-        outer_tile_avx512(U.data() + r * p, V.data() + r * p, r1 - r, p, pb);
+#ifdef GK_PROJ_X86
+      if (A.isa > 0) {
+        (A.isa == 2 ? outer_tile_avx512 : outer_tile_avx2)(U.data() + r * p, V.data() + r * p, r1 - r, p, pb);
         r = r1;
         continue;
       }
@@ -665,7 +867,7 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
   const FactoredInputs in = prepare_factored(a_in, g_in, lt_in, rt_in, rb_in, mask_in);
   const FArgs A{in.a.data_ptr(), in.g.data_ptr(), in.lt.data_ptr<float>(), in.rt.data_ptr<float>(),
                 in.rb_ptr(), in.mask_ptr(), std::max<int64_t>(in.a.stride(0), 1), std::max<int64_t>(in.g.stride(0), 1),
-                in.a.size(1), in.g.size(1), p, N, factored_simd()};
+                in.a.size(1), in.g.size(1), p, N, factored_isa()};
   const auto item = in.a.scalar_type() == at::kBFloat16 ? &factored_item<c10::BFloat16>
                     : in.a.scalar_type() == at::kHalf   ? &factored_item<c10::Half>
                                                         : &factored_item<float>;
