@@ -490,6 +490,21 @@ __attribute__((target("avx512f"))) inline __m512 widen16(const c10::Half* x) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
 }
 
+// The region a skinny kernel's caller reads next, prefetched (into L2) one slice per step of 16 k.
+struct PrefetchStream {
+  const char* pf;
+  int64_t bytes, per, off = 0;
+  PrefetchStream(const char* p, int64_t b, int64_t K) : pf(p), bytes(b) {
+    const int64_t steps = std::max<int64_t>(1, K / 16);
+    per = ((b + steps - 1) / steps + 63) / 64 * 64;
+  }
+  inline void step() {
+    if (off >= bytes) return;
+    for (int64_t b = 0; b < per && off + b < bytes; b += 64) _mm_prefetch(pf + off + b, _MM_HINT_T2);
+    off += per;
+  }
+};
+
 template <int MR, int kP, typename E>
 // pf / pf_bytes: a region the caller reads next (the other operand's rows, or the next tile), prefetched a
 // slice per step of 16 k so that the DRAM stream overlaps the FMAs (rows are 4 KiB-ish, too short for the
@@ -505,9 +520,7 @@ __attribute__((target("avx512f"))) void skinny_avx512(const E* const* X, int64_t
   constexpr int64_t kWideChunk = 256;
   alignas(64) float sx[kNarrow ? MR : 1][kNarrow ? kWideChunk : 1];
   const int64_t p = kP ? kP : p_arg;
-  const int64_t steps = std::max<int64_t>(1, K / 16);
-  const int64_t per = ((pf_bytes + steps - 1) / steps + 63) / 64 * 64;
-  int64_t pf_off = 0;
+  PrefetchStream pfs(pf, pf_bytes, K);
   for (int64_t j0 = 0; j0 < p; j0 += 16) {
     const __mmask16 m = kP || p - j0 >= 16 ? static_cast<__mmask16>(0xFFFF)
                                            : static_cast<__mmask16>((1u << (p - j0)) - 1u);
@@ -518,10 +531,7 @@ __attribute__((target("avx512f"))) void skinny_avx512(const E* const* X, int64_t
     for (int r = 0; r < MR; ++r) xr[r] = X[r];
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {  // one cache line of every row per step
-      if (j0 == 0 && pf_off < pf_bytes) {
-        for (int64_t b = 0; b < per && pf_off + b < pf_bytes; b += 64) _mm_prefetch(pf + pf_off + b, _MM_HINT_T2);
-        pf_off += per;
-      }
+      if (j0 == 0) pfs.step();
       const int64_t c = k % kWideChunk;  // narrow E: the step's place in the widened chunk
       if constexpr (kNarrow) {
         if (c == 0) {  // widen the rows' next chunk (whole 16-value groups) into the L1 scratch
@@ -628,9 +638,7 @@ __attribute__((target("avx2,fma,f16c"))) void skinny_avx2(const E* const* X, int
   constexpr int64_t kWideChunk = 256;
   alignas(32) float sx[kNarrow ? MR : 1][kNarrow ? kWideChunk : 1];
   const int64_t p = kP ? kP : p_arg;
-  const int64_t steps = std::max<int64_t>(1, K / 16);
-  const int64_t per = ((pf_bytes + steps - 1) / steps + 63) / 64 * 64;
-  int64_t pf_off = 0;
+  PrefetchStream pfs(pf, pf_bytes, K);
   for (int64_t j0 = 0; j0 < p; j0 += 16) {
     const bool full = kP || p - j0 >= 16;
     const __m256i m0 = lanes8(p - j0), m1 = lanes8(p - j0 - 8);
@@ -641,10 +649,7 @@ __attribute__((target("avx2,fma,f16c"))) void skinny_avx2(const E* const* X, int
     for (int r = 0; r < MR; ++r) xr[r] = X[r];
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
-      if (j0 == 0 && pf_off < pf_bytes) {
-        for (int64_t b = 0; b < per && pf_off + b < pf_bytes; b += 64) _mm_prefetch(pf + pf_off + b, _MM_HINT_T2);
-        pf_off += per;
-      }
+      if (j0 == 0) pfs.step();
       const int64_t c = k % kWideChunk;
       if constexpr (kNarrow) {
         if (c == 0) {
