@@ -71,13 +71,16 @@ def test_long_sequences_chunked_and_thread_count_independent():
     close(one, want)
 
 
-def by_isa(monkeypatch, *args):
-    """factored_project(*args) at every instruction-set level this CPU has (GRADKIT_FACTORED_ISA), best first."""
+def same_bits_at_every_level(monkeypatch, *args):
+    """factored_project(*args) at every instruction-set level this CPU has (GRADKIT_FACTORED_ISA), best first;
+    asserts they agree bit for bit and returns them by level."""
     out = {}
     for isa in CPU_ISAS:
         monkeypatch.setenv("GRADKIT_FACTORED_ISA", isa)
         out[isa] = ops.factored_project(*args)
     monkeypatch.delenv("GRADKIT_FACTORED_ISA")
+    for isa in CPU_ISAS[1:]:
+        assert torch.equal(out[isa], out[CPU_ISAS[0]]), isa
     return out
 
 
@@ -97,22 +100,18 @@ def test_isa_levels_same_bits(monkeypatch, dtype, p):
     short examples and chunked long ones included, and the reference's values."""
     for B, T in ((40, 1), (3, 37), (2, 300)):
         a, g, lt, rt, rb, m = make(B, T, 70, 53, p, 3, rb=True, mask=True, dtype=dtype)
-        got = by_isa(monkeypatch, a, g, lt, rt, rb, m, T)
-        best = got[CPU_ISAS[0]]
-        for isa in CPU_ISAS[1:]:
-            assert torch.equal(got[isa], best), isa
-        close(best, ref.factored_project(a, g, lt, rt, rb, m, T))
+        got = same_bits_at_every_level(monkeypatch, a, g, lt, rt, rb, m, T)
+        close(got[CPU_ISAS[0]], ref.factored_project(a, g, lt, rt, rb, m, T))
 
 
 def test_portable_switch_is_the_portable_level(monkeypatch):
     """GRADKIT_FACTORED_PORTABLE=1 (the older switch) selects the portable loops, as GRADKIT_FACTORED_ISA=portable:
     on a p of 17 (a masked 16 + 1 column block at AVX-512, 8 + 8 + 1 at AVX2) the bits agree with every level."""
     a, g, lt, rt, rb, m = make(2, 40, 90, 61, 17, 9, rb=True, mask=True)
-    got = by_isa(monkeypatch, a, g, lt, rt, rb, m, 40)
+    got = same_bits_at_every_level(monkeypatch, a, g, lt, rt, rb, m, 40)
     monkeypatch.setenv("GRADKIT_FACTORED_PORTABLE", "1")
     old = ops.factored_project(a, g, lt, rt, rb, m, 40)
     assert torch.equal(old, got["portable"])
-    assert all(torch.equal(v, old) for v in got.values())
 
 
 @pytest.mark.parametrize("p", [16, 20])
@@ -121,11 +120,8 @@ def test_power_of_two_widths_same_bits_at_every_level(monkeypatch, p):
     g's): tiles of 16 unmasked tokens split into passes, a 5-token tail tile, and masked holes that make tiles
     gather rows from across the batch: the same bits at every level, and the reference's values."""
     a, g, lt, rt, rb, m = make(3, 21, 1024, 512, p, 11, rb=True, mask=True)
-    got = by_isa(monkeypatch, a, g, lt, rt, rb, m, 21)
-    best = got[CPU_ISAS[0]]
-    for isa in CPU_ISAS[1:]:
-        assert torch.equal(got[isa], best), isa
-    close(best, ref.factored_project(a, g, lt, rt, rb, m, 21))
+    got = same_bits_at_every_level(monkeypatch, a, g, lt, rt, rb, m, 21)
+    close(got[CPU_ISAS[0]], ref.factored_project(a, g, lt, rt, rb, m, 21))
 
 
 @pytest.mark.parametrize("T", [1, 3, 16, 100])

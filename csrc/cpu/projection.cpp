@@ -22,7 +22,7 @@
 // (1 MiB fp32, L2-resident) are generated into a per-thread buffer and consumed at once by a
 // single-threaded BLAS gemm (addmm_ on from_blob views: MKL sgemm) accumulating into out.
 // Work is split over groups of k tiles (each group loops d tiles outer, its k tiles inner, so the
-// x tile stays in cache); when there are fewer k tiles than threads the D range is split too and
+// x tile stays in cache); when there are fewer than 16 k tiles the D range is split too and
 // the per-split partial outputs are added in a fixed order. The summation order therefore
 // depends only on the shapes, never on the thread count or timing. fp16/bf16/fp64 x is converted to
 // fp32 one (B x kDT) tile at a time.
@@ -736,11 +736,7 @@ __attribute__((target("avx2,fma,f16c"))) void outer_tile_avx2(const float* U, co
 // call: tests compare every level the CPU has, bit for bit.
 int factored_isa() {
 #ifdef GK_PROJ_X86
-  static const int hw = __builtin_cpu_supports("avx512f") ? 2
-                        : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                           __builtin_cpu_supports("f16c"))
-                            ? 1
-                            : 0;
+  const int hw = proj_avx512() ? 2 : proj_avx2() ? 1 : 0;
   int cap = 2;
   const char* port = std::getenv("GRADKIT_FACTORED_PORTABLE");
   const char* isa = std::getenv("GRADKIT_FACTORED_ISA");
