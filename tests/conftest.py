@@ -44,14 +44,20 @@ CPU_ISAS = (["avx512"] if "avx512f" in _FLAGS else []) + \
 
 
 @contextlib.contextmanager
-def use_backend(name):
-    """Run API calls through one backend (Triton under the interpreter on a CPU machine)."""
-    old = os.environ.get("GRADKIT_BACKEND")
-    os.environ["GRADKIT_BACKEND"] = name
+def env_set(name, value):
+    """os.environ[name] = value inside the block, then what it was (usable inside hypothesis tests, where
+    pytest's function-scoped monkeypatch is not)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            del os.environ["GRADKIT_BACKEND"]
+            del os.environ[name]
         else:
-            os.environ["GRADKIT_BACKEND"] = old
+            os.environ[name] = old
+
+
+def use_backend(name):
+    """Run API calls through one backend (Triton under the interpreter on a CPU machine)."""
+    return env_set("GRADKIT_BACKEND", name)

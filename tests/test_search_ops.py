@@ -5,13 +5,38 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from conftest import DEVICES
+from conftest import CPU_ISAS, DEVICES, env_set
 from gradkit import _ext, ops
 from gradkit.kernels.reference import search as ref
 
 pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="compiled extension not built")
 
 KEY_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# The CPU scoring levels (GRADKIT_SEARCH_ISA): the register-blocked kernels this CPU has, then BLAS blocks.
+PACKED_ISAS = [isa for isa in CPU_ISAS if isa != "portable"]
+SEARCH_ISAS = PACKED_ISAS + ["blas"]
+
+
+def search_isa(isa):
+    return env_set("GRADKIT_SEARCH_ISA", isa)
+
+
+def fma_chain(q, keys):
+    """(Q, N) fp32 scores, each the fp32 chain acc = fma(q[d], key[d], acc) over d ascending from 0, computed
+    exactly: the product is exact in float64, the sum's error comes from TwoSum, and rounding the float64 sum
+    to odd before rounding it to fp32 gives the correctly rounded fp32 result (53 >= 24 + 2 bits)."""
+    qd, kd = q.double(), keys.double()
+    acc = torch.zeros(q.shape[0], keys.shape[0], dtype=torch.float64)
+    for d in range(q.shape[1]):
+        p = qd[:, d, None] * kd[None, :, d]
+        s = p + acc
+        bb = s - p
+        err = (p - (s - bb)) + (acc - bb)
+        bits = s.view(torch.int64)
+        fix = (err != 0) & ((bits & 1) == 0)
+        step = torch.where((err > 0) == (s > 0), 1, -1)
+        acc = torch.where(fix, bits + step, bits).view(torch.float64).float().double()
+    return acc.float()
 
 
 def _oracle(q, keys, k, largest, scale=None, s_in=None, i_in=None, base=0):
@@ -66,6 +91,50 @@ def test_score_topk_matches_reference_and_oracle(p):
     if q.shape[0] and s_in is None:
         o = _oracle(q, keys.float(), k, largest, scale, None, None, base)
         assert torch.equal(want[0], o[0]) and torch.equal(want[1], o[1])
+
+
+@pytest.mark.parametrize("isa", SEARCH_ISAS)
+@given(p=problems())
+def test_every_scoring_level_matches_reference(isa, p):
+    """The register-blocked AVX-512 / AVX2 kernels and the BLAS blocks, each forced with GRADKIT_SEARCH_ISA:
+    integer data (exact products), so all of them return the reference's bits, ties included."""
+    q, keys, k, largest, scale, s_in, i_in, base = p
+    with search_isa(isa):
+        got = ops.score_topk(q, keys, k, largest=largest, key_scale=scale, scores_in=s_in, idx_in=i_in, base=base)
+    want = ref.score_topk(q, keys, k, largest, scale, s_in, i_in, base)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def _dense(s, i, n):
+    return torch.full((s.shape[0], n), float("nan")).scatter_(1, i, s)
+
+
+@pytest.mark.skipif(not PACKED_ISAS, reason="no register-blocked scoring kernel for this CPU (not x86-64)")
+@pytest.mark.parametrize("dtype", KEY_DTYPES)
+def test_packed_scores_are_the_fp32_fma_chain(dtype):
+    """Float data: every score of the register-blocked kernels (AVX-512 with or without its bf16 screen, AVX2) is
+    the fp32 FMA chain over d ascending, bit for bit (D = 300 spans three contraction chunks), whatever the
+    query batch, key window, panel or thread it lands in; so every level returns the same bits."""
+    g = torch.Generator().manual_seed(7)
+    Q, N, D = 29, 1100, 300
+    q = torch.randn(Q, D, generator=g)
+    keys = torch.randn(N, D, generator=g).to(dtype)
+    want = fma_chain(q, keys.float())
+    scale = torch.rand(N, generator=g) + 0.5
+    for isa in PACKED_ISAS:
+        with search_isa(isa):
+            s, i = ops.score_topk(q, keys, N)
+            assert torch.equal(_dense(s, i, N), want), isa
+            assert torch.equal(i, torch.sort(want, dim=1, descending=True, stable=True).indices), isa
+            # a sub-batch of queries against a key window at an odd offset: the same bits for the same pairs
+            s2, i2 = ops.score_topk(q[3:10], keys[77:1001], 924, base=77)
+            assert torch.equal(_dense(s2, i2 - 77, 924), want[3:10, 77:1001]), isa
+            s3, i3 = ops.score_topk(q, keys, 10, largest=False, key_scale=scale)
+            low = torch.sort(want * scale, dim=1, stable=True)
+            assert torch.equal(s3, low.values[:, :10]) and torch.equal(i3, low.indices[:, :10]), isa
+    with search_isa("blas"):  # BLAS blocks: another summation order, the same scores to rounding
+        s, i = ops.score_topk(q, keys, N)
+    torch.testing.assert_close(_dense(s, i, N), want, rtol=0, atol=2e-4)
 
 
 def test_reference_matches_oracle_with_running_input():

@@ -44,7 +44,7 @@
 #endif
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
-#define GK_SEARCH_AVX512 1
+#define GK_SEARCH_X86 1
 #endif
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -122,22 +122,34 @@ void scan_row(const float* s, int64_t n, int64_t idx0, Heap& hp) {
   }
 }
 
-#ifdef GK_SEARCH_AVX512
-// ---- AVX-512 scoring: a register-blocked fp32 GEMM (kMR queries x kNR keys per micro-tile) on keys packed
-// per block into panels of kNR keys ([panel][d][kNR], fp16/bf16 upcast while packing, zero-padded), the
-// contraction split in chunks of kKC so that a panel chunk (kKC x kNR floats = 16 KiB) stays in L1 while
-// kMR query rows stream from L2. Every score is one fp32 FMA chain over d ascending (chunks continue the
-// chain through the score buffer), so a score does not depend on the tiling, the thread count or which
-// other queries and keys are in the call. Used when the CPU has AVX-512F (measured on the project's
-// AMD EPYC machine: ~1.6x MKL's sgemm on these shapes); GRADKIT_SEARCH_BLAS=1 forces the BLAS path.
+#ifdef GK_SEARCH_X86
+// ---- Register-blocked scoring: an fp32 GEMM on keys packed per block into panels of kNR keys ([panel][d][kNR],
+// fp16/bf16 upcast while packing, zero-padded), the contraction split in chunks of kKC so that a panel chunk
+// (kKC x kNR floats = 16 KiB) stays in L1 while the query rows stream from L2. Every score is one fp32 FMA chain
+// over d ascending (chunks continue the chain through the score buffer), so a score does not depend on the
+// tiling, the thread count, which other queries and keys are in the call, or the instruction set:
+//  * AVX-512F: kMR = 14 queries x kNR = 32 keys per micro-tile (28 zmm accumulators). Measured on the project's
+//    Zen 4 machine: ~1.6x MKL's sgemm on these shapes.
+//  * AVX2 + FMA (CPUs without AVX-512: AMD Zen 1-3, Intel client parts): kMRAvx2 = 6 queries x 16 keys (half a
+//    panel: 12 ymm accumulators + 2 key vectors + 1 broadcast of the 16 registers), the same FMAs in the same
+//    order, so the same bits.
+// Otherwise, or with GRADKIT_SEARCH_ISA=blas (GRADKIT_SEARCH_BLAS=1), BLAS blocks (at::mm_out) score the keys;
+// GRADKIT_SEARCH_ISA=avx2 caps an AVX-512 CPU at the AVX2 kernel. Both are read per call (tests compare levels).
 constexpr int kMR = 14;
+constexpr int kMRAvx2 = 6;
 constexpr int kNR = 32;
 constexpr int64_t kKC = 128;
 
-bool use_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") &&
-                         !(std::getenv("GRADKIT_SEARCH_BLAS") && std::strcmp(std::getenv("GRADKIT_SEARCH_BLAS"), "1") == 0);
-  return ok;
+// 2: AVX-512 micro-kernel, 1: AVX2 micro-kernel, 0: BLAS blocks.
+int packed_isa() {
+  static const int hw = __builtin_cpu_supports("avx512f") ? 2
+                        : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) ? 1 : 0;
+  const char* blas = std::getenv("GRADKIT_SEARCH_BLAS");
+  const char* isa = std::getenv("GRADKIT_SEARCH_ISA");
+  int cap = 2;
+  if ((blas && std::strcmp(blas, "1") == 0) || (isa && std::strcmp(isa, "blas") == 0)) cap = 0;
+  else if (isa && std::strcmp(isa, "avx2") == 0) cap = 1;
+  return std::min(hw, cap);
 }
 
 template <int MR>
@@ -165,40 +177,117 @@ __attribute__((target("avx512f"))) void micro(const float* __restrict__ A, int64
 
 using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, bool);
 
-template <int... I>
-constexpr std::array<MicroFn, sizeof...(I)> micro_table(std::integer_sequence<int, I...>) {
-  return {&micro<I + 1>...};
+// {make(1), ..., make(R)}: a micro-kernel's instances for 1 .. R rows, indexed by rows - 1.
+template <int R, typename Make, int... I>
+constexpr auto rows_table(Make make, std::integer_sequence<int, I...>) {
+  return std::array{make(std::integral_constant<int, I + 1>{})...};
 }
-const auto kMicro = micro_table(std::make_integer_sequence<int, kMR>{});
+template <int R, typename Make>
+constexpr auto rows_table(Make make) {
+  return rows_table<R>(make, std::make_integer_sequence<int, R>{});
+}
+const auto kMicro = rows_table<kMR>([](auto r) -> MicroFn { return &micro<decltype(r)::value>; });
 
-// keys rows [0, nb) (row stride ldk, D columns, dtype T) -> panels [ceil(nb / kNR)][D][kNR], zero-padded
-template <typename T>
-void pack_keys(const T* keys, int64_t ldk, int64_t nb, int64_t D, float* Bp) {
-  const int64_t np = (nb + kNR - 1) / kNR;
-  for (int64_t p = 0; p < np; ++p) {
-    float* dst = Bp + p * D * kNR;
-    const int64_t jn = std::min<int64_t>(kNR, nb - p * kNR);
-    for (int64_t jj = 0; jj < jn; ++jj) {
-      const T* src = keys + (p * kNR + jj) * ldk;
-      for (int64_t d = 0; d < D; ++d) dst[d * kNR + jj] = static_cast<float>(src[d]);
+// C[r, 0..16) (+)= A[r] . B[:, half of a panel] for r < MR: the AVX-512 micro-kernel's FMA chain, 8 keys per ymm.
+template <int MR>
+__attribute__((target("avx2,fma"))) void micro_avx2(const float* __restrict__ A, int64_t lda,
+                                                    const float* __restrict__ Bp, int64_t kc, float* __restrict__ C,
+                                                    int64_t ldc, bool acc) {
+  __m256 c0[MR], c1[MR];  // every loop over r fully unrolled: GCC keeps the arrays in registers only then
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = acc ? _mm256_loadu_ps(C + r * ldc) : _mm256_setzero_ps();
+    c1[r] = acc ? _mm256_loadu_ps(C + r * ldc + 8) : _mm256_setzero_ps();
+  }
+  for (int64_t d = 0; d < kc; ++d) {
+    const __m256 b0 = _mm256_loadu_ps(Bp + d * kNR), b1 = _mm256_loadu_ps(Bp + d * kNR + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const __m256 a = _mm256_broadcast_ss(A + r * lda + d);
+      c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
     }
-    for (int64_t jj = jn; jj < kNR; ++jj)
-      for (int64_t d = 0; d < D; ++d) dst[d * kNR + jj] = 0.0f;
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_ps(C + r * ldc, c0[r]);
+    _mm256_storeu_ps(C + r * ldc + 8, c1[r]);
   }
 }
 
-// S[r, j] (row stride lds, columns rounded up to kNR) = q[r] . key[j] for r < nq, j < nb (panels packed).
-void score_packed(const float* q, int64_t ldq, int64_t nq, const float* Bp, int64_t nb, int64_t D, float* S,
-                  int64_t lds) {
+const auto kMicroAvx2 = rows_table<kMRAvx2>([](auto r) -> MicroFn { return &micro_avx2<decltype(r)::value>; });
+
+// 8 consecutive key values widened exactly to fp32 (F16C for float16; bfloat16 is the high half of an fp32).
+__attribute__((target("avx2,f16c"))) inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+__attribute__((target("avx2,f16c"))) inline __m256 load8(const at::Half* x) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+}
+__attribute__((target("avx2,f16c"))) inline __m256 load8(const at::BFloat16* x) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+// Keys rows [0, jn) (jn <= kNR; row stride ldk, D columns, dtype T) -> one panel dst[D][kNR] fp32, zero-padded.
+// 8 keys x 8 features at a time through an in-register 8 x 8 transpose (a scalar loop's one strided store per
+// value cost as much as the scoring for a few queries). Only called on CPUs with AVX2 (both packed levels).
+template <typename T>
+__attribute__((target("avx2,f16c"))) void pack_panel(const T* keys, int64_t ldk, int64_t jn, int64_t D, float* dst) {
+  int64_t j8 = 0;
+  for (; j8 + 8 <= jn; j8 += 8) {
+    const T* src = keys + j8 * ldk;
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+      __m256 r[8], t[8];
+      for (int i = 0; i < 8; ++i) r[i] = load8(src + i * ldk + d);
+      for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+      }
+      // r[i] (i < 4): feature d + i of keys 0-3 (low half) and d + 4 + i (high half); r[4 + i]: keys 4-7
+      for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(dst + (d + i) * kNR + j8, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+        _mm256_storeu_ps(dst + (d + i + 4) * kNR + j8, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+      }
+    }
+    for (int64_t jj = j8; jj < j8 + 8; ++jj)
+      for (int64_t dd = d; dd < D; ++dd) dst[dd * kNR + jj] = static_cast<float>(keys[jj * ldk + dd]);
+  }
+  for (int64_t jj = j8; jj < jn; ++jj)
+    for (int64_t d = 0; d < D; ++d) dst[d * kNR + jj] = static_cast<float>(keys[jj * ldk + d]);
+  for (int64_t jj = jn; jj < kNR; ++jj)
+    for (int64_t d = 0; d < D; ++d) dst[d * kNR + jj] = 0.0f;
+}
+
+// S[r, j] (row stride lds, columns rounded up to kNR) = q[r] . key[j] for r < nq, j < nb (keys rows of dtype T,
+// stride ldk). Each panel of kNR keys is packed into `panel` (D x kNR fp32, L1/L2-resident) just before its
+// micro-tiles run; isa 2: AVX-512 micro-tiles (kMR x kNR), 1: AVX2 (kMRAvx2 x kNR / 2, a panel as two halves).
+template <typename T>
+void score_packed(int isa, const float* q, int64_t ldq, int64_t nq, const T* keys, int64_t ldk, int64_t nb,
+                  int64_t D, float* S, int64_t lds, float* panel) {
   const int64_t np = (nb + kNR - 1) / kNR;
   for (int64_t p = 0; p < np; ++p) {
+    pack_panel(keys + p * kNR * ldk, ldk, std::min<int64_t>(kNR, nb - p * kNR), D, panel);
     for (int64_t d0 = 0; d0 < D; d0 += kKC) {
       const int64_t kc = std::min<int64_t>(kKC, D - d0);
-      const float* B = Bp + (p * D + d0) * kNR;
-      for (int64_t r0 = 0; r0 < nq; r0 += kMR) {
-        const int mr = static_cast<int>(std::min<int64_t>(kMR, nq - r0));
-        kMicro[mr - 1](q + r0 * ldq + d0, ldq, B, kc, S + r0 * lds + p * kNR, lds, d0 > 0);
+      const float* B = panel + d0 * kNR;
+      if (isa == 2) {
+        for (int64_t r0 = 0; r0 < nq; r0 += kMR) {
+          const int mr = static_cast<int>(std::min<int64_t>(kMR, nq - r0));
+          kMicro[mr - 1](q + r0 * ldq + d0, ldq, B, kc, S + r0 * lds + p * kNR, lds, d0 > 0);
+        }
+        continue;
       }
+      for (int64_t h = 0; h < kNR; h += 16)
+        for (int64_t r0 = 0; r0 < nq; r0 += kMRAvx2) {
+          const int mr = static_cast<int>(std::min<int64_t>(kMRAvx2, nq - r0));
+          kMicroAvx2[mr - 1](q + r0 * ldq + d0, ldq, B + h, kc, S + r0 * lds + p * kNR + h, lds, d0 > 0);
+        }
     }
   }
 }
@@ -249,11 +338,7 @@ __attribute__((target("avx512f,avx512bf16"))) void micro_bf16(const uint32_t* __
 }
 
 using MicroBf16Fn = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, float*, int64_t);
-template <int... I>
-constexpr std::array<MicroBf16Fn, sizeof...(I)> micro_bf16_table(std::integer_sequence<int, I...>) {
-  return {&micro_bf16<I + 1>...};
-}
-const auto kMicroBf16 = micro_bf16_table(std::make_integer_sequence<int, kMR>{});
+const auto kMicroBf16 = rows_table<kMR>([](auto r) -> MicroBf16Fn { return &micro_bf16<decltype(r)::value>; });
 
 // One row of D floats -> (D + 1) / 2 bf16 pairs at dst[d * stride] (a zero pads odd D); returns an upper
 // bound of its 2-norm (fp32 sum of squares inflated by its rounding bound, then sqrt rounded up).
@@ -453,10 +538,11 @@ std::tuple<Tensor, Tensor> score_topk_cpu(const Tensor& queries_in, const Tensor
   std::vector<Cand> heaps((size_t)(kchunks * Q * k));
   std::vector<int64_t> counts((size_t)(kchunks * Q), 0);
 
-#ifdef GK_SEARCH_AVX512
-  const bool packed = use_avx512() && D > 0;
-  // bf16 screening: worth it from a few dozen features on; queries converted once (pairs of bf16)
-  bool screen = packed && D >= 16 && use_bf16_screen();
+#ifdef GK_SEARCH_X86
+  const int isa = D > 0 ? packed_isa() : 0;
+  const bool packed = isa > 0;
+  // bf16 screening (AVX-512 level only): worth it from a few dozen features on; queries converted once
+  bool screen = isa == 2 && D >= 16 && use_bf16_screen();
   const int64_t D2 = (D + 1) / 2;
   std::vector<uint32_t> qh;
   std::vector<float> qcq, qtiny;  // per query: margin = qcq * |x| + qtiny
@@ -484,8 +570,8 @@ std::tuple<Tensor, Tensor> score_topk_cpu(const Tensor& queries_in, const Tensor
     at::parallel_for(0, kchunks * qgroups, 1, [&](int64_t t0, int64_t t1) {
       Tensor buf = (f32 || packed) ? Tensor() : at::empty({kBlockKeys, D}, q.options());
       Tensor sbuf = at::empty({std::min(kTileQ, qper), kBlockKeys}, q.options());
-#ifdef GK_SEARCH_AVX512
-      Tensor pbuf = packed ? at::empty({kBlockKeys * D}, q.options()) : Tensor();
+#ifdef GK_SEARCH_X86
+      Tensor pbuf = packed ? at::empty({kNR * D}, q.options()) : Tensor();
       std::vector<uint32_t> hbuf(screen ? static_cast<size_t>(kBlockKeys * D2) : 0);
       std::vector<float> knorm(screen ? static_cast<size_t>(kBlockKeys) : 0);
 #endif
@@ -496,7 +582,7 @@ std::tuple<Tensor, Tensor> score_topk_cpu(const Tensor& queries_in, const Tensor
         if (q0 >= q1) continue;
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t j0 = b * kBlockKeys, nb = std::min(kBlockKeys, N - j0);
-#ifdef GK_SEARCH_AVX512
+#ifdef GK_SEARCH_X86
           const int64_t ldk = keys.stride(0);
           bool block_screen = false;
           if (screen)  // bf16 panels + norms; a block with non-finite / huge keys falls back to fp32
@@ -529,10 +615,6 @@ std::tuple<Tensor, Tensor> score_topk_cpu(const Tensor& queries_in, const Tensor
             }
             continue;
           }
-          if (packed) {
-            float* Bp = pbuf.data_ptr<float>();
-            with_keys(keys, [&](auto kp) { pack_keys(kp + j0 * ldk, ldk, nb, D, Bp); });
-          }
 #endif
           Tensor kb = keys.narrow(0, j0, nb);
           if (!f32 && !packed) {
@@ -545,9 +627,12 @@ std::tuple<Tensor, Tensor> score_topk_cpu(const Tensor& queries_in, const Tensor
             const int64_t nq = std::min(kTileQ, q1 - qt);
             float* S = sbuf.data_ptr<float>();
             const int64_t lds = sbuf.stride(0);
-#ifdef GK_SEARCH_AVX512
+#ifdef GK_SEARCH_X86
             if (packed) {
-              score_packed(q.data_ptr<float>() + qt * D, D, nq, pbuf.data_ptr<float>(), nb, D, S, lds);
+              with_keys(keys, [&](auto kp) {
+                score_packed(isa, q.data_ptr<float>() + qt * D, D, nq, kp + j0 * keys.stride(0), keys.stride(0), nb,
+                             D, S, lds, pbuf.data_ptr<float>());
+              });
             } else
 #endif
             {
