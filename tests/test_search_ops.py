@@ -114,7 +114,8 @@ def _dense(s, i, n):
 def test_packed_scores_are_the_fp32_fma_chain(dtype):
     """Float data: every score of the register-blocked kernels (AVX-512 with or without its bf16 screen, AVX2) is
     the fp32 FMA chain over d ascending, bit for bit (D = 300 spans three contraction chunks), whatever the
-    query batch, key window, panel or thread it lands in; so every level returns the same bits."""
+    query batch (1-5 queries take the unpacked path), key window, panel or thread it lands in; so every level
+    returns the same bits."""
     g = torch.Generator().manual_seed(7)
     Q, N, D = 29, 1100, 300
     q = torch.randn(Q, D, generator=g)
@@ -129,6 +130,9 @@ def test_packed_scores_are_the_fp32_fma_chain(dtype):
             # a sub-batch of queries against a key window at an odd offset: the same bits for the same pairs
             s2, i2 = ops.score_topk(q[3:10], keys[77:1001], 924, base=77)
             assert torch.equal(_dense(s2, i2 - 77, 924), want[3:10, 77:1001]), isa
+            for nq in (1, 2, 5):  # fewer queries than a micro-tile: keys transposed in registers, not packed
+                s4, i4 = ops.score_topk(q[nq:2 * nq], keys[5:], N - 5, base=5)
+                assert torch.equal(_dense(s4, i4 - 5, N - 5), want[nq:2 * nq, 5:]), (isa, nq)
             s3, i3 = ops.score_topk(q, keys, 10, largest=False, key_scale=scale)
             low = torch.sort(want * scale, dim=1, stable=True)
             assert torch.equal(s3, low.values[:, :10]) and torch.equal(i3, low.indices[:, :10]), isa

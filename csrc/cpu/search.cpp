@@ -13,10 +13,12 @@
 //    scores are negated back at the end.
 //  * the (query group x key chunk) grid is spread over at::parallel_for: key chunks when N is
 //    large (each thread reads its own rows once), query groups when N is small (streamed blocks).
-//  * per task, keys are walked in blocks of kBlockKeys rows: a block that is not fp32 is upcast
-//    once into a thread-local fp32 buffer (ATen's vectorised copy); then for each tile of
-//    kTileQ queries one single-threaded GEMM (at::mm_out, MKL/OpenBLAS) writes the
-//    kTileQ x kBlockKeys scores into a thread-local, cache-sized buffer.
+//  * per task, keys are walked in blocks of kBlockKeys rows, and for each tile of kTileQ queries the
+//    kTileQ x kBlockKeys scores are written into a thread-local, cache-sized buffer by
+//    - on x86-64 CPUs with AVX-512F or AVX2 + FMA (packed_isa): the register-blocked kernel below
+//      (keys packed a 32-key panel at a time; every score the same fp32 FMA chain at both levels), or
+//    - otherwise (or GRADKIT_SEARCH_ISA=blas): one single-threaded GEMM (at::mm_out, MKL/OpenBLAS)
+//      on the block, upcast first into a thread-local fp32 buffer when it is not fp32.
 //  * selection: each query keeps a bounded heap of k (score, index) pairs with the worst on top;
 //    the row of scores is scanned 8 at a time against the heap's worst score with SSE compares
 //    (one movemask per 8 scores; after warm-up almost every group is rejected), and only a score
@@ -189,6 +191,7 @@ constexpr auto rows_table(Make make) {
 const auto kMicro = rows_table<kMR>([](auto r) -> MicroFn { return &micro<decltype(r)::value>; });
 
 // C[r, 0..16) (+)= A[r] . B[:, half of a panel] for r < MR: the AVX-512 micro-kernel's FMA chain, 8 keys per ymm.
+// A is a packed query panel: A[d * lda + r] (lda = kMRAvx2), so the broadcasts walk one stream.
 template <int MR>
 __attribute__((target("avx2,fma"))) void micro_avx2(const float* __restrict__ A, int64_t lda,
                                                     const float* __restrict__ Bp, int64_t kc, float* __restrict__ C,
@@ -203,7 +206,7 @@ __attribute__((target("avx2,fma"))) void micro_avx2(const float* __restrict__ A,
     const __m256 b0 = _mm256_loadu_ps(Bp + d * kNR), b1 = _mm256_loadu_ps(Bp + d * kNR + 8);
 #pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) {
-      const __m256 a = _mm256_broadcast_ss(A + r * lda + d);
+      const __m256 a = _mm256_broadcast_ss(A + d * lda + r);
       c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
       c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
     }
@@ -227,9 +230,30 @@ __attribute__((target("avx2,f16c"))) inline __m256 load8(const at::BFloat16* x) 
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
 
+// r[i] = 8 values of row i  ->  r[i] = value i of rows 0 .. 7 (an in-register 8 x 8 transpose).
+__attribute__((target("avx2"))) inline void transpose8(__m256 r[8]) {
+  __m256 t[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  // r[i] (i < 4): value i of rows 0-3 (low half) and value i + 4 of rows 0-3 (high half); r[4 + i]: rows 4-7
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+    t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+  }
+  for (int i = 0; i < 8; ++i) r[i] = t[i];
+}
+
 // Keys rows [0, jn) (jn <= kNR; row stride ldk, D columns, dtype T) -> one panel dst[D][kNR] fp32, zero-padded.
-// 8 keys x 8 features at a time through an in-register 8 x 8 transpose (a scalar loop's one strided store per
-// value cost as much as the scoring for a few queries). Only called on CPUs with AVX2 (both packed levels).
+// 8 keys x 8 features at a time through transpose8 (a scalar loop's one strided store per value cost as much as
+// the scoring for a few queries). Only called on CPUs with AVX2 (both packed levels).
 template <typename T>
 __attribute__((target("avx2,f16c"))) void pack_panel(const T* keys, int64_t ldk, int64_t jn, int64_t D, float* dst) {
   int64_t j8 = 0;
@@ -237,23 +261,10 @@ __attribute__((target("avx2,f16c"))) void pack_panel(const T* keys, int64_t ldk,
     const T* src = keys + j8 * ldk;
     int64_t d = 0;
     for (; d + 8 <= D; d += 8) {
-      __m256 r[8], t[8];
+      __m256 r[8];
       for (int i = 0; i < 8; ++i) r[i] = load8(src + i * ldk + d);
-      for (int i = 0; i < 8; i += 2) {
-        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-      }
-      for (int i = 0; i < 8; i += 4) {
-        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-      }
-      // r[i] (i < 4): feature d + i of keys 0-3 (low half) and d + 4 + i (high half); r[4 + i]: keys 4-7
-      for (int i = 0; i < 4; ++i) {
-        _mm256_storeu_ps(dst + (d + i) * kNR + j8, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-        _mm256_storeu_ps(dst + (d + i + 4) * kNR + j8, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-      }
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (d + i) * kNR + j8, r[i]);
     }
     for (int64_t jj = j8; jj < j8 + 8; ++jj)
       for (int64_t dd = d; dd < D; ++dd) dst[dd * kNR + jj] = static_cast<float>(keys[jj * ldk + dd]);
@@ -264,12 +275,71 @@ __attribute__((target("avx2,f16c"))) void pack_panel(const T* keys, int64_t ldk,
     for (int64_t d = 0; d < D; ++d) dst[d * kNR + jj] = 0.0f;
 }
 
+// Fewer queries than an AVX2 micro-tile (NQ < kMRAvx2): packing a panel would cost as much as scoring it, so
+// keys are transposed 8 x 8 in registers and scored at once, S[r, j] = the same fp32 FMA chain over d
+// ascending as the packed kernels (the same bits), 8 keys per ymm; the last nb % 8 keys one chain at a time.
+template <int NQ, typename T>
+__attribute__((target("avx2,fma,f16c"))) void score_direct(const float* q, int64_t ldq, const T* keys, int64_t ldk,
+                                                           int64_t nb, int64_t D, float* S, int64_t lds) {
+  int64_t j8 = 0;
+  for (; j8 + 8 <= nb; j8 += 8) {
+    const T* src = keys + j8 * ldk;
+    __m256 acc[NQ];
+#pragma GCC unroll 8
+    for (int r = 0; r < NQ; ++r) acc[r] = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+      __m256 v[8];
+      for (int i = 0; i < 8; ++i) v[i] = load8(src + i * ldk + d);
+      transpose8(v);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i)
+#pragma GCC unroll 8
+        for (int r = 0; r < NQ; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(q + r * ldq + d + i), v[i], acc[r]);
+    }
+    for (; d < D; ++d) {
+      alignas(32) float col[8];
+      for (int i = 0; i < 8; ++i) col[i] = static_cast<float>(src[i * ldk + d]);
+      const __m256 v = _mm256_load_ps(col);
+#pragma GCC unroll 8
+      for (int r = 0; r < NQ; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(q + r * ldq + d), v, acc[r]);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < NQ; ++r) _mm256_storeu_ps(S + r * lds + j8, acc[r]);
+  }
+  for (; j8 < nb; ++j8)
+    for (int r = 0; r < NQ; ++r) {
+      float a = 0.0f;
+      for (int64_t d = 0; d < D; ++d) a = __builtin_fmaf(q[r * ldq + d], static_cast<float>(keys[j8 * ldk + d]), a);
+      S[r * lds + j8] = a;
+    }
+}
+
 // S[r, j] (row stride lds, columns rounded up to kNR) = q[r] . key[j] for r < nq, j < nb (keys rows of dtype T,
-// stride ldk). Each panel of kNR keys is packed into `panel` (D x kNR fp32, L1/L2-resident) just before its
+// stride ldk). Fewer than kMRAvx2 queries: score_direct. Otherwise each panel of kNR keys is packed into `panel` (D x kNR fp32, L1/L2-resident) just before its
 // micro-tiles run; isa 2: AVX-512 micro-tiles (kMR x kNR), 1: AVX2 (kMRAvx2 x kNR / 2, a panel as two halves).
 template <typename T>
 void score_packed(int isa, const float* q, int64_t ldq, int64_t nq, const T* keys, int64_t ldk, int64_t nb,
-                  int64_t D, float* S, int64_t lds, float* panel) {
+                  int64_t D, float* S, int64_t lds, float* panel, float* qpack) {
+  using DirectFn = void (*)(const float*, int64_t, const T*, int64_t, int64_t, int64_t, float*, int64_t);
+  static const auto direct = rows_table<kMRAvx2 - 1>([](auto r) -> DirectFn { return &score_direct<decltype(r)::value, T>; });
+  if (nq < kMRAvx2) {
+    direct[nq - 1](q, ldq, keys, ldk, nb, D, S, lds);
+    return;
+  }
+  if (isa == 1) {  // queries -> panels of kMRAvx2: qpack[g][d][kMRAvx2] (zero-padded)
+    const int64_t ng = (nq + kMRAvx2 - 1) / kMRAvx2;
+    for (int64_t g = 0; g < ng; ++g)
+      for (int64_t r = 0; r < kMRAvx2; ++r) {
+        float* dst = qpack + g * D * kMRAvx2 + r;
+        if (g * kMRAvx2 + r < nq) {
+          const float* src = q + (g * kMRAvx2 + r) * ldq;
+          for (int64_t d = 0; d < D; ++d) dst[d * kMRAvx2] = src[d];
+        } else {
+          for (int64_t d = 0; d < D; ++d) dst[d * kMRAvx2] = 0.0f;
+        }
+      }
+  }
   const int64_t np = (nb + kNR - 1) / kNR;
   for (int64_t p = 0; p < np; ++p) {
     pack_panel(keys + p * kNR * ldk, ldk, std::min<int64_t>(kNR, nb - p * kNR), D, panel);
@@ -286,7 +356,8 @@ void score_packed(int isa, const float* q, int64_t ldq, int64_t nq, const T* key
       for (int64_t h = 0; h < kNR; h += 16)
         for (int64_t r0 = 0; r0 < nq; r0 += kMRAvx2) {
           const int mr = static_cast<int>(std::min<int64_t>(kMRAvx2, nq - r0));
-          kMicroAvx2[mr - 1](q + r0 * ldq + d0, ldq, B + h, kc, S + r0 * lds + p * kNR + h, lds, d0 > 0);
+          kMicroAvx2[mr - 1](qpack + r0 * D + d0 * kMRAvx2, kMRAvx2, B + h, kc, S + r0 * lds + p * kNR + h, lds,
+                             d0 > 0);
         }
     }
   }
@@ -572,6 +643,7 @@ std::tuple<Tensor, Tensor> score_topk_cpu(const Tensor& queries_in, const Tensor
       Tensor sbuf = at::empty({std::min(kTileQ, qper), kBlockKeys}, q.options());
 #ifdef GK_SEARCH_X86
       Tensor pbuf = packed ? at::empty({kNR * D}, q.options()) : Tensor();
+      Tensor qbuf = isa == 1 ? at::empty({(kTileQ + kMRAvx2) * D}, q.options()) : Tensor();
       std::vector<uint32_t> hbuf(screen ? static_cast<size_t>(kBlockKeys * D2) : 0);
       std::vector<float> knorm(screen ? static_cast<size_t>(kBlockKeys) : 0);
 #endif
@@ -631,7 +703,7 @@ std::tuple<Tensor, Tensor> score_topk_cpu(const Tensor& queries_in, const Tensor
             if (packed) {
               with_keys(keys, [&](auto kp) {
                 score_packed(isa, q.data_ptr<float>() + qt * D, D, nq, kp + j0 * keys.stride(0), keys.stride(0), nb,
-                             D, S, lds, pbuf.data_ptr<float>());
+                             D, S, lds, pbuf.data_ptr<float>(), isa == 1 ? qbuf.data_ptr<float>() : nullptr);
               });
             } else
 #endif
