@@ -45,6 +45,7 @@
 #include <vector>
 
 #include "../factored_checks.h"
+#include "simd_level.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
@@ -198,21 +199,11 @@ constexpr int64_t kDT = 1024;  // columns of R per tile (input features)
 // D) enter as zeros. GRADKIT_PROJECT_GEMM=1 selects the GEMM path instead.
 // CPUs without AVX-512F but with AVX2 run the same tables as two ymm halves of 8 rows (same sums in the same
 // order: the same bits).
-bool proj_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
-}
-bool proj_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-}
-
 // 2: AVX-512 tables, 1: AVX2 tables, 0: the GEMM path.
 int table_path_isa() {
   const char* env = std::getenv("GRADKIT_PROJECT_GEMM");
   if (env && std::strcmp(env, "1") == 0) return 0;
-  return proj_avx512() ? 2 : proj_avx2() ? 1 : 0;
+  return cpu_simd_level();
 }
 
 constexpr int64_t kTabRows = 16;
@@ -734,19 +725,7 @@ __attribute__((target("avx2,fma,f16c"))) void outer_tile_avx2(const float* U, co
 // The factored kernel's instruction set: 2 = AVX-512F, 1 = AVX2 + FMA + F16C, 0 = the portable loops. The
 // best the CPU has, capped by GRADKIT_FACTORED_ISA=avx2|portable (or GRADKIT_FACTORED_PORTABLE=1), read per
 // call: tests compare every level the CPU has, bit for bit.
-int factored_isa() {
-#ifdef GK_PROJ_X86
-  const int hw = proj_avx512() ? 2 : proj_avx2() ? 1 : 0;
-  int cap = 2;
-  const char* port = std::getenv("GRADKIT_FACTORED_PORTABLE");
-  const char* isa = std::getenv("GRADKIT_FACTORED_ISA");
-  if ((port && std::strcmp(port, "1") == 0) || (isa && std::strcmp(isa, "portable") == 0)) cap = 0;
-  else if (isa && std::strcmp(isa, "avx2") == 0) cap = 1;
-  return std::min(hw, cap);
-#else
-  return 0;
-#endif
-}
+int factored_isa() { return capped_simd_level("GRADKIT_FACTORED_ISA", "portable", "GRADKIT_FACTORED_PORTABLE"); }
 
 // dst[0..n) = src[0..n) widened to float32 (exact for bfloat16 and float16, subnormals included).
 template <typename E>

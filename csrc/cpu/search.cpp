@@ -52,6 +52,8 @@
 #include <c10/util/Half.h>
 #include <cstdlib>
 
+#include "simd_level.h"
+
 namespace gradkit {
 namespace search {
 namespace {
@@ -125,11 +127,12 @@ void scan_row(const float* s, int64_t n, int64_t idx0, Heap& hp) {
 }
 
 #ifdef GK_SEARCH_X86
-// ---- Register-blocked scoring: an fp32 GEMM on keys packed per block into panels of kNR keys ([panel][d][kNR],
-// fp16/bf16 upcast while packing, zero-padded), the contraction split in chunks of kKC so that a panel chunk
-// (kKC x kNR floats = 16 KiB) stays in L1 while the query rows stream from L2. Every score is one fp32 FMA chain
-// over d ascending (chunks continue the chain through the score buffer), so a score does not depend on the
-// tiling, the thread count, which other queries and keys are in the call, or the instruction set:
+// ---- Register-blocked scoring: an fp32 GEMM on keys packed into panels of kNR keys ([d][kNR], fp16/bf16 upcast
+// while packing, zero-padded; one panel at a time, just before it is scored), the contraction split in chunks of
+// kKC so that a panel chunk (kKC x kNR floats = 16 KiB) stays in L1 while the query rows stream from L2. Every
+// score is one fp32 FMA chain over d ascending (chunks continue the chain through the score buffer), so a score
+// does not depend on the tiling, the thread count, which other queries and keys are in the call, or the
+// instruction set:
 //  * AVX-512F: kMR = 14 queries x kNR = 32 keys per micro-tile (28 zmm accumulators). Measured on the project's
 //    Zen 4 machine: ~1.6x MKL's sgemm on these shapes.
 //  * AVX2 + FMA (CPUs without AVX-512: AMD Zen 1-3, Intel client parts): kMRAvx2 = 6 queries x 16 keys (half a
@@ -143,16 +146,7 @@ constexpr int kNR = 32;
 constexpr int64_t kKC = 128;
 
 // 2: AVX-512 micro-kernel, 1: AVX2 micro-kernel, 0: BLAS blocks.
-int packed_isa() {
-  static const int hw = __builtin_cpu_supports("avx512f") ? 2
-                        : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) ? 1 : 0;
-  const char* blas = std::getenv("GRADKIT_SEARCH_BLAS");
-  const char* isa = std::getenv("GRADKIT_SEARCH_ISA");
-  int cap = 2;
-  if ((blas && std::strcmp(blas, "1") == 0) || (isa && std::strcmp(isa, "blas") == 0)) cap = 0;
-  else if (isa && std::strcmp(isa, "avx2") == 0) cap = 1;
-  return std::min(hw, cap);
-}
+int packed_isa() { return capped_simd_level("GRADKIT_SEARCH_ISA", "blas", "GRADKIT_SEARCH_BLAS"); }
 
 template <int MR>
 __attribute__((target("avx512f"))) void micro(const float* __restrict__ A, int64_t lda, const float* __restrict__ Bp,
@@ -275,6 +269,14 @@ __attribute__((target("avx2,f16c"))) void pack_panel(const T* keys, int64_t ldk,
     for (int64_t d = 0; d < D; ++d) dst[d * kNR + jj] = 0.0f;
 }
 
+// The exact fp32 score of one (query, key): the micro-kernels' FMA chain, one score at a time.
+template <typename T>
+__attribute__((target("fma"))) float exact_dot(const float* q, const T* x, int64_t D) {
+  float acc = 0.0f;
+  for (int64_t d = 0; d < D; ++d) acc = __builtin_fmaf(q[d], static_cast<float>(x[d]), acc);
+  return acc;
+}
+
 // Fewer queries than an AVX2 micro-tile (NQ < kMRAvx2): packing a panel would cost as much as scoring it, so
 // keys are transposed 8 x 8 in registers and scored at once, S[r, j] = the same fp32 FMA chain over d
 // ascending as the packed kernels (the same bits), 8 keys per ymm; the last nb % 8 keys one chain at a time.
@@ -308,21 +310,19 @@ __attribute__((target("avx2,fma,f16c"))) void score_direct(const float* q, int64
     for (int r = 0; r < NQ; ++r) _mm256_storeu_ps(S + r * lds + j8, acc[r]);
   }
   for (; j8 < nb; ++j8)
-    for (int r = 0; r < NQ; ++r) {
-      float a = 0.0f;
-      for (int64_t d = 0; d < D; ++d) a = __builtin_fmaf(q[r * ldq + d], static_cast<float>(keys[j8 * ldk + d]), a);
-      S[r * lds + j8] = a;
-    }
+    for (int r = 0; r < NQ; ++r) S[r * lds + j8] = exact_dot(q + r * ldq, keys + j8 * ldk, D);
 }
 
 // S[r, j] (row stride lds, columns rounded up to kNR) = q[r] . key[j] for r < nq, j < nb (keys rows of dtype T,
-// stride ldk). Fewer than kMRAvx2 queries: score_direct. Otherwise each panel of kNR keys is packed into `panel` (D x kNR fp32, L1/L2-resident) just before its
-// micro-tiles run; isa 2: AVX-512 micro-tiles (kMR x kNR), 1: AVX2 (kMRAvx2 x kNR / 2, a panel as two halves).
+// stride ldk). Fewer than kMRAvx2 queries: score_direct. Otherwise each panel of kNR keys is packed into `panel`
+// (D x kNR fp32, L1/L2-resident) just before its micro-tiles run; isa 2: AVX-512 micro-tiles (kMR x kNR),
+// 1: AVX2 (kMRAvx2 x kNR / 2, a panel as two halves, queries packed into `qpack` panels of kMRAvx2).
 template <typename T>
 void score_packed(int isa, const float* q, int64_t ldq, int64_t nq, const T* keys, int64_t ldk, int64_t nb,
                   int64_t D, float* S, int64_t lds, float* panel, float* qpack) {
   using DirectFn = void (*)(const float*, int64_t, const T*, int64_t, int64_t, int64_t, float*, int64_t);
-  static const auto direct = rows_table<kMRAvx2 - 1>([](auto r) -> DirectFn { return &score_direct<decltype(r)::value, T>; });
+  static const auto direct =
+      rows_table<kMRAvx2 - 1>([](auto r) -> DirectFn { return &score_direct<decltype(r)::value, T>; });
   if (nq < kMRAvx2) {
     direct[nq - 1](q, ldq, keys, ldk, nb, D, S, lds);
     return;
@@ -481,18 +481,10 @@ decltype(auto) with_keys(const Tensor& keys, F&& f) {
   return f(keys.data_ptr<at::BFloat16>());
 }
 
-// The exact fp32 score of one (query, key): the fp32 micro-kernel's FMA chain.
-template <typename T>
-__attribute__((target("avx512f,fma"))) float exact_dot(const float* q, const T* x, int64_t D) {
-  float acc = 0.0f;
-  for (int64_t d = 0; d < D; ++d) acc = __builtin_fmaf(q[d], static_cast<float>(x[d]), acc);
-  return acc;
-}
-
 // Offer the keys of one row whose approximate score a[j] (+ margin cq kn[j] + tiny) can reach the heap,
 // scored exactly. The margin already carries 1% slack, far above the rounding of the sums below.
 template <typename T>
-__attribute__((target("avx512f"))) void scan_row_screened(const float* a, int64_t nb, const float* kn, float cq,
+__attribute__((target("avx512f,fma"))) void scan_row_screened(const float* a, int64_t nb, const float* kn, float cq,
                                                           const float* sc, const float* qrow, const T* keys,
                                                           int64_t ldk, int64_t D, float tiny, int64_t idx0,
                                                           Heap& hp) {
@@ -702,8 +694,8 @@ std::tuple<Tensor, Tensor> score_topk_cpu(const Tensor& queries_in, const Tensor
 #ifdef GK_SEARCH_X86
             if (packed) {
               with_keys(keys, [&](auto kp) {
-                score_packed(isa, q.data_ptr<float>() + qt * D, D, nq, kp + j0 * keys.stride(0), keys.stride(0), nb,
-                             D, S, lds, pbuf.data_ptr<float>(), isa == 1 ? qbuf.data_ptr<float>() : nullptr);
+                score_packed(isa, q.data_ptr<float>() + qt * D, D, nq, kp + j0 * ldk, ldk, nb, D, S, lds,
+                             pbuf.data_ptr<float>(), isa == 1 ? qbuf.data_ptr<float>() : nullptr);
               });
             } else
 #endif
