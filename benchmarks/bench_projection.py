@@ -10,7 +10,8 @@ D = 65,536). Providers:
   proj_type=rademacher, device=cpu)``, ``project(grads, model_id=0)`` (regenerates its
   D x block_size torch-RNG blocks on every call).
 Peers take tens of seconds per call, so they run once after a warm-up.
-Also recorded (gradkit only): the Gaussian flat projection, the explicit matrix generation rate.
+Then the Gaussian flat projection (D / 16 columns) with bergson's ``normal`` projection (its default) and TRAK's
+``proj_type=normal``, and (gradkit only) the explicit matrix generation rate.
 Then the collector workload (bench_collector.py, the same family): the factored per-example projection
 of a 1000 x 1000 Linear (64 examples x 128 tokens, p = 16) and the whole collector step, side by side
 with bergson's collector.
@@ -64,9 +65,29 @@ def run(rec, quick: bool = False) -> None:
     # gradkit-only context rows
     Dg = D // 16
     xg = x[:, :Dg].contiguous()
-    rec.add(FAMILY, "flat gaussian", "gradkit", f"{B}x{Dg}->{k}", dt,
+    wg = f"{B}x{Dg}->{k}"
+    rec.add(FAMILY, "flat gaussian", "gradkit", wg, dt,
             rec.time(lambda: P.project(xg, k, seed=0, kind="gaussian")),
-            note="Box-Muller in float64 per entry pair")
+            note="Box-Muller in float64 per entry pair (4 lanes: Sleef log / sincos on AVX2 CPUs)")
+    try:
+        from bergson.collector.collector import project_global
+
+        rec.add(FAMILY, "flat gaussian", "bergson 2.5.1", wg, dt,
+                rec.time(lambda: project_global("bench/single", xg, k, "normal"), slow_reps=1),
+                note="project_global(..., 'normal'): bergson's default projection type")
+    except ImportError as e:  # pragma: no cover
+        print(f"  bergson unavailable: {e}")
+    try:
+        from trak.projectors import BasicProjector, ProjectionType
+
+        proj = BasicProjector(grad_dim=Dg, proj_dim=k, seed=0, proj_type=ProjectionType.normal,
+                              device=torch.device("cpu"))
+        rec.add(FAMILY, "flat gaussian", "trak BasicProjector", wg, dt,
+                rec.time(lambda: proj.project(xg, model_id=0), slow_reps=1),
+                note="traker 0.3.2 BasicProjector, proj_type=normal")
+        del proj
+    except ImportError as e:  # pragma: no cover
+        print(f"  trak unavailable: {e}")
     out = torch.empty(k, 65_536)
     st = rec.time(lambda: P.ops.projection_matrix_(out, 0, 0, k, 0, 0))
     rec.add(FAMILY, "matrix rademacher", "gradkit", f"{k}x65536", dt, st)

@@ -146,14 +146,120 @@ inline void gaussian_row(uint64_t seed, uint64_t row, int64_t c0, int64_t n, dou
   }
 }
 
-// Tile R[r0 : r0 + nr, c0 : c0 + nc] into dst (row-major, leading dimension ld).
+#ifdef GK_PROJ_X86
+// Sleef's float64 log and sincos, 4 lanes (AVX2, 1.0-ulp variants): libtorch_cpu exports them (ATen's
+// vectorised double log / sin / cos are these). Weak references: a torch build without them leaves them null
+// and Gaussian entries on the scalar libm path. Sleef returns sincos as {sin, cos}.
+struct SleefD2 {
+  __m256d x, y;
+};
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+extern "C" __m256d Sleef_logd4_u10avx2(__m256d) __attribute__((weak));
+extern "C" SleefD2 Sleef_sincosd4_u10avx2(__m256d) __attribute__((weak));
+#pragma GCC diagnostic pop
+
+// a * b mod 2^64 per 64-bit lane, b a constant (AVX2 has no 64-bit multiply): the low product plus the two
+// cross products shifted up 32.
+__attribute__((target("avx2,fma"))) inline __m256i mul64_x4(__m256i a, uint64_t b) {
+  const __m256i bl = _mm256_set1_epi64x(static_cast<long long>(b & 0xffffffffull));
+  const __m256i bh = _mm256_set1_epi64x(static_cast<long long>(b >> 32));
+  const __m256i cross = _mm256_add_epi64(_mm256_mul_epu32(_mm256_srli_epi64(a, 32), bl), _mm256_mul_epu32(a, bh));
+  return _mm256_add_epi64(_mm256_mul_epu32(a, bl), _mm256_slli_epi64(cross, 32));
+}
+// mix64 of 4 lanes.
+__attribute__((target("avx2,fma"))) inline __m256i mix64_x4(__m256i z) {
+  z = mul64_x4(_mm256_xor_si256(z, _mm256_srli_epi64(z, 30)), kMixA);
+  z = mul64_x4(_mm256_xor_si256(z, _mm256_srli_epi64(z, 27)), kMixB);
+  return _mm256_xor_si256(z, _mm256_srli_epi64(z, 31));
+}
+
+// Pairs q0 .. q0 + nq - 1 of row key rk into dst[0 .. 2 nq) (cos half, sin half per pair): gauss_pair's float64
+// arithmetic in the same order, 4 pairs per step, every entry through the same vector functions (a short last
+// step is computed in full and only its pairs are stored), so an entry's value does not depend on where a tile
+// starts. Sleef's log / sincos (<= 1 ulp) and glibc's differ in the last float64 bit for a few % of arguments;
+// after rounding to fp32 that changes an entry (by 1 ulp) for about 1 in 10^8 entries.
+__attribute__((target("avx2,fma"))) void gauss_pairs_avx2(uint64_t rk, uint64_t q0, int64_t nq, double inv, float* dst) {
+  const __m256d scale = _mm256_set1_pd(kInv2p32), half = _mm256_set1_pd(0.5), m2 = _mm256_set1_pd(-2.0),
+                two_pi = _mm256_set1_pd(kTwoPi), vinv = _mm256_set1_pd(inv);
+  // word_hash(rk, q) = mix64(rk + (q + 1) kGolden) for 4 consecutive q, in 64-bit lanes
+  __m256i z = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<long long>(rk + (q0 + 1) * kGolden)),
+                               _mm256_setr_epi64x(0, static_cast<long long>(kGolden), static_cast<long long>(2 * kGolden),
+                                                  static_cast<long long>(3 * kGolden)));
+  const __m256i step = _mm256_set1_epi64x(static_cast<long long>(4 * kGolden));
+  const __m256i lo32 = _mm256_set1_epi64x(0xffffffffll);
+  const __m256i magic = _mm256_set1_epi64x(0x4330000000000000ll);  // 2^52: a 32-bit integer in its low bits
+  const __m256d two52 = _mm256_set1_pd(4503599627370496.0);
+  for (int64_t i = 0; i < nq; i += 4, z = _mm256_add_epi64(z, step)) {
+    const __m256i h = mix64_x4(z);
+    // the two 32-bit halves as doubles, exactly: (2^52 + v) - 2^52
+    const __m256d hi = _mm256_sub_pd(_mm256_castsi256_pd(_mm256_or_si256(_mm256_srli_epi64(h, 32), magic)), two52);
+    const __m256d lo = _mm256_sub_pd(_mm256_castsi256_pd(_mm256_or_si256(_mm256_and_si256(h, lo32), magic)), two52);
+    const __m256d u1 = _mm256_mul_pd(_mm256_add_pd(hi, half), scale);
+    const __m256d u2 = _mm256_mul_pd(lo, scale);
+    const __m256d r = _mm256_sqrt_pd(_mm256_mul_pd(m2, Sleef_logd4_u10avx2(u1)));
+    const SleefD2 sc = Sleef_sincosd4_u10avx2(_mm256_mul_pd(two_pi, u2));
+    const __m128 z0 = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_mul_pd(r, sc.y), vinv));  // r cos t / sqrt(k)
+    const __m128 z1 = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_mul_pd(r, sc.x), vinv));  // r sin t / sqrt(k)
+    const __m128 a = _mm_unpacklo_ps(z0, z1), b = _mm_unpackhi_ps(z0, z1);
+    if (nq - i >= 4) {
+      _mm_storeu_ps(dst + 2 * i, a);
+      _mm_storeu_ps(dst + 2 * i + 4, b);
+    } else {
+      alignas(16) float tmp[8];
+      _mm_store_ps(tmp, a);
+      _mm_store_ps(tmp + 4, b);
+      std::memcpy(dst + 2 * i, tmp, static_cast<size_t>(2 * (nq - i)) * sizeof(float));
+    }
+  }
+}
+
+// gaussian_row through gauss_pairs_avx2.
+void gaussian_row_avx2(uint64_t seed, uint64_t row, int64_t c0, int64_t n, double inv, float* dst) {
+  if (n <= 0) return;
+  const uint64_t rk = row_key(seed, row);
+  float two[2];
+  int64_t j = 0;
+  if (c0 & 1) {  // odd start: the sin half of pair c0 >> 1
+    gauss_pairs_avx2(rk, static_cast<uint64_t>(c0) >> 1, 1, inv, two);
+    dst[0] = two[1];
+    j = 1;
+  }
+  const int64_t np = (n - j) / 2;
+  gauss_pairs_avx2(rk, static_cast<uint64_t>(c0 + j) >> 1, np, inv, dst + j);
+  j += 2 * np;
+  if (j < n) {  // odd end: the cos half of the last pair
+    gauss_pairs_avx2(rk, static_cast<uint64_t>(c0 + j) >> 1, 1, inv, two);
+    dst[j] = two[0];
+  }
+}
+#endif
+
+// The Gaussian generator's level, read per call: 1 = 4-lane float64 (AVX2 + FMA, Sleef's log / sincos from
+// libtorch_cpu), 0 = scalar libm; GRADKIT_GAUSSIAN_ISA=portable forces 0 (tests compare both).
+int gaussian_level() {
+#ifdef GK_PROJ_X86
+  if (Sleef_logd4_u10avx2 == nullptr || Sleef_sincosd4_u10avx2 == nullptr) return 0;
+  return std::min(1, capped_simd_level("GRADKIT_GAUSSIAN_ISA", "portable", "GRADKIT_GAUSSIAN_PORTABLE"));
+#else
+  return 0;
+#endif
+}
+
+// Tile R[r0 : r0 + nr, c0 : c0 + nc] into dst (row-major, leading dimension ld). glevel: gaussian_level().
 void gen_tile(int kind, const SignTable& tab, uint64_t seed, double inv, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
-              float* dst, int64_t ld) {
+              float* dst, int64_t ld, int glevel) {
   if (kind == 0) {
     for (int64_t i = 0; i < nr; ++i) rademacher_row(tab, seed, static_cast<uint64_t>(r0 + i), c0, nc, dst + i * ld);
-  } else {
-    for (int64_t i = 0; i < nr; ++i) gaussian_row(seed, static_cast<uint64_t>(r0 + i), c0, nc, inv, dst + i * ld);
+    return;
   }
+#ifdef GK_PROJ_X86
+  if (glevel > 0) {
+    for (int64_t i = 0; i < nr; ++i) gaussian_row_avx2(seed, static_cast<uint64_t>(r0 + i), c0, nc, inv, dst + i * ld);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < nr; ++i) gaussian_row(seed, static_cast<uint64_t>(r0 + i), c0, nc, inv, dst + i * ld);
 }
 
 void check_common(int64_t k, int64_t seed, int64_t kind) {
@@ -176,9 +282,10 @@ void projection_matrix_cpu(const at::Tensor& out, int64_t seed, int64_t kind, in
   const SignTable tab(static_cast<float>(inv));
   float* o = buf.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / cols);
+  const int glevel = gaussian_level();
   at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
     gen_tile(static_cast<int>(kind), tab, static_cast<uint64_t>(seed), inv, row0 + b, e - b, col0, cols, o + b * cols,
-             cols);
+             cols, glevel);
   });
   if (!direct) const_cast<at::Tensor&>(out).copy_(buf);
 }
@@ -392,6 +499,7 @@ at::Tensor project_flat_cpu(const at::Tensor& x_in, int64_t k, int64_t seed, int
   for (int64_t s = 0; s < dsplit; ++s) partial[s] = s == 0 ? out : at::zeros({B, k}, out.options());
 
   const auto fopt = at::TensorOptions().dtype(at::kFloat);
+  const int glevel = gaussian_level();
   at::parallel_for(0, ngroups, 1, [&](int64_t gb, int64_t ge) {
     std::vector<float> rt(static_cast<size_t>(kKT * kDT));
     at::Tensor xbuf;
@@ -416,7 +524,8 @@ at::Tensor project_flat_cpu(const at::Tensor& x_in, int64_t k, int64_t seed, int
         }
         for (int64_t kt = kt0; kt < kt1; ++kt) {
           const int64_t r0 = kt * kKT, rn = std::min(kKT, k - r0);
-          gen_tile(static_cast<int>(kind), tab, static_cast<uint64_t>(seed), inv, r0, rn, col0 + d0, dn, rt.data(), dn);
+          gen_tile(static_cast<int>(kind), tab, static_cast<uint64_t>(seed), inv, r0, rn, col0 + d0, dn, rt.data(), dn,
+                   glevel);
           // out[:, r0 : r0 + rn] (B x rn, row stride k) += x tile (B x dn) @ R tile (rn x dn)^T
           at::Tensor ov = at::from_blob(o + r0, {B, rn}, {k, 1}, fopt);
           at::Tensor xv = at::from_blob(const_cast<float*>(xp), {B, dn}, {ldx, 1}, fopt);
