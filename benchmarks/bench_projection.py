@@ -11,7 +11,7 @@ D = 65,536). Providers:
   D x block_size torch-RNG blocks on every call).
 Peers take tens of seconds per call, so they run once after a warm-up.
 Then the Gaussian flat projection (D / 16 columns) with bergson's ``normal`` projection (its default) and TRAK's
-``proj_type=normal``, and (gradkit only) the explicit matrix generation rate.
+``proj_type=normal``, and (gradkit only) the explicit matrix generation rates.
 Then the collector workload (bench_collector.py, the same family): the factored per-example projection
 of a 1000 x 1000 Linear (64 examples x 128 tokens, p = 16) and the whole collector step, side by side
 with bergson's collector.
@@ -93,6 +93,10 @@ def run(rec, quick: bool = False) -> None:
     rec.add(FAMILY, "matrix rademacher", "gradkit", f"{k}x65536", dt, st)
     rec.add(FAMILY, "matrix rademacher", "gradkit", f"{k}x65536", dt,
             {m: out.numel() / st[m] / 1e9 for m in ("p20", "p50", "p80")} | {"n": st["n"]}, metric="Gentries/s")
+    gt = rec.time(lambda: P.ops.projection_matrix_(out, 0, 1, k, 0, 0))
+    rec.add(FAMILY, "matrix gaussian", "gradkit", f"{k}x65536", dt, gt)
+    rec.add(FAMILY, "matrix gaussian", "gradkit", f"{k}x65536", dt,
+            {m: out.numel() / gt[m] / 1e9 for m in ("p20", "p50", "p80")} | {"n": gt["n"]}, metric="Gentries/s")
 
     del x, xg, out
     from bench_collector import run as run_collector

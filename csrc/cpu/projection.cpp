@@ -46,6 +46,7 @@
 
 #include "../factored_checks.h"
 #include "simd_level.h"
+#include "gauss_x4.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
@@ -147,18 +148,9 @@ inline void gaussian_row(uint64_t seed, uint64_t row, int64_t c0, int64_t n, dou
 }
 
 #ifdef GK_PROJ_X86
-// Sleef's float64 log and sincos, 4 lanes (AVX2, 1.0-ulp variants): libtorch_cpu exports them (ATen's
-// vectorised double log / sin / cos are these). Weak references: a torch build without them leaves them null
-// and Gaussian entries on the scalar libm path. Sleef returns sincos as {sin, cos}.
-struct SleefD2 {
-  __m256d x, y;
-};
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"
-extern "C" __m256d Sleef_logd4_u10avx2(__m256d) __attribute__((weak));
-extern "C" SleefD2 Sleef_sincosd4_u10avx2(__m256d) __attribute__((weak));
-#pragma GCC diagnostic pop
-
+// ---- Gaussian entries, 4 pairs at a time in float64 lanes (AVX2 + FMA): gauss_pair's arithmetic in the same
+// order, log and sin / cos from gauss_x4.h instead of libm (each within 1 ulp of float64 of glibc's: after the
+// rounding to fp32 an entry differs from the scalar path's about once in 10^8, and then by 1 ulp).
 // a * b mod 2^64 per 64-bit lane, b a constant (AVX2 has no 64-bit multiply): the low product plus the two
 // cross products shifted up 32.
 __attribute__((target("avx2,fma"))) inline __m256i mul64_x4(__m256i a, uint64_t b) {
@@ -174,11 +166,9 @@ __attribute__((target("avx2,fma"))) inline __m256i mix64_x4(__m256i z) {
   return _mm256_xor_si256(z, _mm256_srli_epi64(z, 31));
 }
 
-// Pairs q0 .. q0 + nq - 1 of row key rk into dst[0 .. 2 nq) (cos half, sin half per pair): gauss_pair's float64
-// arithmetic in the same order, 4 pairs per step, every entry through the same vector functions (a short last
-// step is computed in full and only its pairs are stored), so an entry's value does not depend on where a tile
-// starts. Sleef's log / sincos (<= 1 ulp) and glibc's differ in the last float64 bit for a few % of arguments;
-// after rounding to fp32 that changes an entry (by 1 ulp) for about 1 in 10^8 entries.
+// Pairs q0 .. q0 + nq - 1 of row key rk into dst[0 .. 2 nq) (cos half, sin half per pair), 4 pairs per step,
+// every entry through the same vector code (a short last step is computed in full and only its pairs are
+// stored), so an entry's value does not depend on where a tile starts.
 __attribute__((target("avx2,fma"))) void gauss_pairs_avx2(uint64_t rk, uint64_t q0, int64_t nq, double inv, float* dst) {
   const __m256d scale = _mm256_set1_pd(kInv2p32), half = _mm256_set1_pd(0.5), m2 = _mm256_set1_pd(-2.0),
                 two_pi = _mm256_set1_pd(kTwoPi), vinv = _mm256_set1_pd(inv);
@@ -197,10 +187,11 @@ __attribute__((target("avx2,fma"))) void gauss_pairs_avx2(uint64_t rk, uint64_t 
     const __m256d lo = _mm256_sub_pd(_mm256_castsi256_pd(_mm256_or_si256(_mm256_and_si256(h, lo32), magic)), two52);
     const __m256d u1 = _mm256_mul_pd(_mm256_add_pd(hi, half), scale);
     const __m256d u2 = _mm256_mul_pd(lo, scale);
-    const __m256d r = _mm256_sqrt_pd(_mm256_mul_pd(m2, Sleef_logd4_u10avx2(u1)));
-    const SleefD2 sc = Sleef_sincosd4_u10avx2(_mm256_mul_pd(two_pi, u2));
-    const __m128 z0 = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_mul_pd(r, sc.y), vinv));  // r cos t / sqrt(k)
-    const __m128 z1 = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_mul_pd(r, sc.x), vinv));  // r sin t / sqrt(k)
+    const __m256d r = _mm256_sqrt_pd(_mm256_mul_pd(m2, gauss::log_unit_x4(u1)));
+    __m256d sin_t, cos_t;
+    gauss::sincos_turn_x4(_mm256_mul_pd(two_pi, u2), &sin_t, &cos_t);
+    const __m128 z0 = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_mul_pd(r, cos_t), vinv));  // r cos t / sqrt(k)
+    const __m128 z1 = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_mul_pd(r, sin_t), vinv));  // r sin t / sqrt(k)
     const __m128 a = _mm_unpacklo_ps(z0, z1), b = _mm_unpackhi_ps(z0, z1);
     if (nq - i >= 4) {
       _mm_storeu_ps(dst + 2 * i, a);
@@ -235,11 +226,10 @@ void gaussian_row_avx2(uint64_t seed, uint64_t row, int64_t c0, int64_t n, doubl
 }
 #endif
 
-// The Gaussian generator's level, read per call: 1 = 4-lane float64 (AVX2 + FMA, Sleef's log / sincos from
-// libtorch_cpu), 0 = scalar libm; GRADKIT_GAUSSIAN_ISA=portable forces 0 (tests compare both).
+// The Gaussian generator's level, read per call: 1 = 4-lane float64 (AVX2 + FMA), 0 = scalar libm;
+// GRADKIT_GAUSSIAN_ISA=portable forces 0 (tests compare both).
 int gaussian_level() {
 #ifdef GK_PROJ_X86
-  if (Sleef_logd4_u10avx2 == nullptr || Sleef_sincosd4_u10avx2 == nullptr) return 0;
   return std::min(1, capped_simd_level("GRADKIT_GAUSSIAN_ISA", "portable", "GRADKIT_GAUSSIAN_PORTABLE"));
 #else
   return 0;
