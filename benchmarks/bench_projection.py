@@ -40,54 +40,10 @@ def run(rec, quick: bool = False) -> None:
     torch.testing.assert_close(P.project(xs, k, seed=0), xs @ R.T, rtol=1e-4, atol=1e-4)
     del R
 
-    rec.add(FAMILY, "flat rademacher", "gradkit", wl, dt, rec.time(lambda: P.project(x, k, seed=0)),
-            note="counter-based R tiles in cache + fp32 GEMM (MKL), never stored")
-    try:
-        from bergson.collector.collector import project_global
-
-        rec.add(FAMILY, "flat rademacher", "bergson 2.5.1", wl, dt,
-                rec.time(lambda: project_global("bench/single", x, k, "rademacher"), slow_reps=1),
-                note="bergson.collector.collector.project_global: Philox column blocks (numpy) + addmm_")
-    except ImportError as e:  # pragma: no cover
-        print(f"  bergson unavailable: {e}")
-    try:
-        from trak.projectors import BasicProjector, ProjectionType
-
-        proj = BasicProjector(grad_dim=D, proj_dim=k, seed=0, proj_type=ProjectionType.rademacher,
-                              device=torch.device("cpu"))
-        rec.add(FAMILY, "flat rademacher", "trak BasicProjector", wl, dt,
-                rec.time(lambda: proj.project(x, model_id=0), slow_reps=1),
-                note="traker 0.3.2 BasicProjector (block_size 100, torch RNG blocks regenerated per call)")
-        del proj
-    except ImportError as e:  # pragma: no cover
-        print(f"  trak unavailable: {e}")
-
-    # gradkit-only context rows
-    Dg = D // 16
-    xg = x[:, :Dg].contiguous()
-    wg = f"{B}x{Dg}->{k}"
-    rec.add(FAMILY, "flat gaussian", "gradkit", wg, dt,
-            rec.time(lambda: P.project(xg, k, seed=0, kind="gaussian")),
-            note="Box-Muller in float64 per entry pair (4 lanes: Sleef log / sincos on AVX2 CPUs)")
-    try:
-        from bergson.collector.collector import project_global
-
-        rec.add(FAMILY, "flat gaussian", "bergson 2.5.1", wg, dt,
-                rec.time(lambda: project_global("bench/single", xg, k, "normal"), slow_reps=1),
-                note="project_global(..., 'normal'): bergson's default projection type")
-    except ImportError as e:  # pragma: no cover
-        print(f"  bergson unavailable: {e}")
-    try:
-        from trak.projectors import BasicProjector, ProjectionType
-
-        proj = BasicProjector(grad_dim=Dg, proj_dim=k, seed=0, proj_type=ProjectionType.normal,
-                              device=torch.device("cpu"))
-        rec.add(FAMILY, "flat gaussian", "trak BasicProjector", wg, dt,
-                rec.time(lambda: proj.project(xg, model_id=0), slow_reps=1),
-                note="traker 0.3.2 BasicProjector, proj_type=normal")
-        del proj
-    except ImportError as e:  # pragma: no cover
-        print(f"  trak unavailable: {e}")
+    _flat_rows(rec, "rademacher", x, k, "counter-based R tiles in cache + fp32 GEMM (MKL), never stored")
+    # Gaussian on D / 16 columns (keeps the run short: the peers would take 15-40 s per full-width call)
+    _flat_rows(rec, "gaussian", x[:, :D // 16].contiguous(), k,
+               "Box-Muller in float64 per entry pair (4 pairs per step, own log / sin / cos, on AVX2 CPUs)")
     out = torch.empty(k, 65_536)
     st = rec.time(lambda: P.ops.projection_matrix_(out, 0, 0, k, 0, 0))
     rec.add(FAMILY, "matrix rademacher", "gradkit", f"{k}x65536", dt, st)
@@ -98,7 +54,36 @@ def run(rec, quick: bool = False) -> None:
     rec.add(FAMILY, "matrix gaussian", "gradkit", f"{k}x65536", dt,
             {m: out.numel() / gt[m] / 1e9 for m in ("p20", "p50", "p80")} | {"n": gt["n"]}, metric="Gentries/s")
 
-    del x, xg, out
+    del x, out
     from bench_collector import run as run_collector
 
     run_collector(rec, quick=quick)
+
+
+def _flat_rows(rec, kind: str, x: torch.Tensor, k: int, note: str) -> None:
+    """One flat projection x (B, D) -> (B, k) of ``kind`` by gradkit, bergson's ``project_global`` and TRAK's
+    ``BasicProjector`` (its ``rademacher`` / ``normal`` projection types), side by side."""
+    B, D = x.shape
+    wl, dt, op = f"{B}x{D}->{k}", "float32", f"flat {kind}"
+    rec.add(FAMILY, op, "gradkit", wl, dt, rec.time(lambda: P.project(x, k, seed=0, kind=kind)), note=note)
+    peer_kind = "rademacher" if kind == "rademacher" else "normal"
+    try:
+        from bergson.collector.collector import project_global
+
+        rec.add(FAMILY, op, "bergson 2.5.1", wl, dt,
+                rec.time(lambda: project_global("bench/single", x, k, peer_kind), slow_reps=1),
+                note=f"bergson.collector.collector.project_global(..., '{peer_kind}'): Philox column blocks (numpy) "
+                     "+ addmm_ ('normal' is its default)")
+    except ImportError as e:  # pragma: no cover
+        print(f"  bergson unavailable: {e}")
+    try:
+        from trak.projectors import BasicProjector, ProjectionType
+
+        proj = BasicProjector(grad_dim=D, proj_dim=k, seed=0, proj_type=ProjectionType(peer_kind),
+                              device=torch.device("cpu"))
+        rec.add(FAMILY, op, "trak BasicProjector", wl, dt, rec.time(lambda: proj.project(x, model_id=0), slow_reps=1),
+                note=f"traker 0.3.2 BasicProjector, proj_type={peer_kind} (block_size 100, torch RNG blocks "
+                     "regenerated per call)")
+        del proj
+    except ImportError as e:  # pragma: no cover
+        print(f"  trak unavailable: {e}")
