@@ -322,6 +322,20 @@ def test_cuda_blocks_of_several_examples_bitwise_equal_cpu():
             assert torch.equal(gpu[1], torch.zeros(16, 16))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_triton_matches_reference(dtype):
+    """The Triton kernels compiled for the GPU (the interpreter runs them in CI): per-example tiles, the
+    short-sequence kernel (several examples per tile), p past a power of two, bias, masked NaN tokens."""
+    from gradkit.kernels.triton import projection as tri
+
+    for B, T, I, O, p in ((3, 37, 1003, 517, 16), (40, 3, 90, 70, 17), (2, 300, 64, 64, 64), (0, 5, 8, 8, 4)):
+        args = make(B, T, I, O, p, 5, rb=True, mask=True, dtype=dtype)
+        got = tri.factored_project(*[None if t is None else t.cuda() for t in args], T).cpu()
+        assert not bool(torch.isnan(got).any())
+        close(got, ref.factored_project(*args, T))
+
+
 @pytest.mark.parametrize("backend", ["native", "triton", "reference"])
 def test_api_half_precision_activations(backend):
     """gradkit.projection.factored_project on a bfloat16 / float16 model's activations and gradients: the
