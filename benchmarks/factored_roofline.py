@@ -55,3 +55,15 @@ for T in (1, 4, 16, 128, 512):
         ts.append((time.perf_counter() - t) / 5 * 1e3)
     ts.sort()
     print(f"T = {T:3d} ({64 * 128 // T} examples): min {ts[0]:.2f} ms, median {ts[4]:.2f} ms")
+
+# The two floors of the streamed case: reading a and g once (65.5 MB; torch's sum, both threads) and the
+# FMA count at the machine's peak (benchmarks/micro/rademacher_avx2_mixed.cpp prints fma6 per core).
+ts = []
+for _ in range(15):
+    t = time.perf_counter()
+    a.sum() + gg.sum()
+    ts.append(time.perf_counter() - t)
+ts.sort()
+nbytes = 2 * a.numel() * 4
+print(f"reading a and g (sum): min {ts[0] * 1e3:.2f} ms, median {ts[7] * 1e3:.2f} ms -> {nbytes / ts[0] / 1e9:.1f} GB/s; "
+      f"{flop / 1e6:.0f} MFLOP at 200 GFLOP/s: {flop / 200e9 * 1e3:.2f} ms")
