@@ -19,7 +19,8 @@ stored with the row; a failed check is recorded as ``WRONG`` and the row is not 
   p = 16 (the CPU benchmark's size) and 4096 x 4096, 64 x 512 tokens, against the torch composite that
   bergson's hooks compute (two GEMMs and a batched product, fp32);
 * exact top-10 of 1,000 queries over 1,000,000 x 256 fp32 keys: ``score_topk`` against torch's
-  ``mm`` + ``topk`` (faiss-gpu is not on the machine), with the agreement of the returned indices.
+  ``mm`` + ``topk`` (faiss-gpu is not on the machine), with the agreement of the returned indices;
+* last, the Triton flat kernel's GPU tiles (``GPU_FLAT``) against three alternatives at B = 512.
 Writes ``<out>/gpu-issue6.jsonl`` and ``.md``; the last thing printed is the summary table.
 """
 from __future__ import annotations
@@ -174,6 +175,41 @@ def flat(r: Run) -> None:
     del Rt
 
 
+def flat_tiles(r: Run) -> None:
+    """The Triton flat kernel's GPU tiles (kernels/triton/projection.py GPU_FLAT) against alternatives, at
+    B = 512 (8 in smoke runs, where the interpreter ignores them): shorter D steps hold fewer expanded sign
+    bits per thread, taller B tiles generate each R tile for more rows, 8 warps split the generation."""
+    from gradkit import projection as P
+    from gradkit.kernels.triton import projection as T
+
+    k, D, B = (64, 4096, 8) if r.smoke else (2048, 1_048_576, 512)
+    wl, flops = f"{B}x{D}->{k}", 2 * B * D * k
+    ds = min(D, 65_536)
+    Rs = P.projection_matrix(k, ds, seed=0, device=r.dev).double()
+    x32 = torch.randn(B, D, device=r.dev, generator=torch.Generator(device=r.dev).manual_seed(1))
+    saved = dict(T.GPU_FLAT)
+    # compiled here for sm_90 (Triton 3.9, ptxas 13.4; the GPU image has Triton 3.6): the default spilled 456
+    # bytes for fp32 x (255 registers); d = 64 with 8 warps none (244 / 173 registers for fp32 / bf16 x)
+    variants = [dict(saved), dict(saved, d=64, num_warps=8), dict(saved, b=128, d=64, num_warps=8),
+                dict(saved, k=256, d=64, num_warps=8)]
+    r.backend("triton")
+    try:
+        for x, dt in ((x32, "float32"), (x32.to(torch.bfloat16), "bfloat16")):
+            ref = x[:, :ds].double() @ Rs.T
+            for v in variants:
+                T.GPU_FLAT.clear()
+                T.GPU_FLAT.update(v)
+                prov = f"gradkit Triton b{v['b']} k{v['k']} d{v['d']} w{v['num_warps']} s{v['num_stages']}"
+                if not r.check(f"flat tiles {dt} {prov}", _rel(P.project(x[:, :ds], k, seed=0), ref), 1e-4):
+                    continue
+                st = r.time(lambda: P.project(x, k, seed=0))
+                r.rate(f"flat tiles B={B} {dt}", prov, wl, dt, st, flops)
+    finally:
+        T.GPU_FLAT.clear()
+        T.GPU_FLAT.update(saved)
+        r.backend("native")
+
+
 def factored(r: Run) -> None:
     from gradkit import ops
     from gradkit.projection import projection_matrix
@@ -240,12 +276,16 @@ def search(r: Run) -> None:
     del keys
 
 
+# in this order: the lease may end before the last ones (each section's rows are written when it ends)
+SECTIONS = ("ceilings", "generator", "flat", "factored", "search", "flat_tiles")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(HERE, "results")))
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script, not the GPU")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--only", action="append", choices=["ceilings", "generator", "flat", "factored", "search"])
+    ap.add_argument("--only", action="append", choices=list(SECTIONS))
     args = ap.parse_args(argv)
     if args.device == "cpu" and not args.smoke:
         ap.error("--device cpu: only with --smoke (the GPU targets need a GPU)")
@@ -268,7 +308,7 @@ def main(argv=None) -> int:
         return table
 
     t0 = time.perf_counter()
-    for name in ("ceilings", "generator", "flat", "factored", "search"):
+    for name in SECTIONS:
         if args.only and name not in args.only and name != "ceilings":
             continue
         print(f"== {name} ({time.perf_counter() - t0:.0f} s)", flush=True)

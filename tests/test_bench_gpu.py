@@ -28,7 +28,8 @@ def test_smoke_run_writes_every_section(tmp_path):
                  ("factored (hook work)", "torch composite (bergson's math)", "seconds"),
                  ("factored (hook work)", "gradkit C++ (CPU)", "TFLOP/s"),
                  ("factored (hook work)", "gradkit Triton", "seconds"),
-                 ("search top-10", "torch mm + topk", "seconds"), ("search top-10", "gradkit Triton", "seconds")]:
+                 ("search top-10", "torch mm + topk", "seconds"), ("search top-10", "gradkit Triton", "seconds"),
+                 ("flat tiles B=8 bfloat16", "gradkit Triton b128 k128 d64 w8 s3", "TFLOP/s")]:
         assert want in got, want
     assert all(r["p50"] > 0 for r in rows)
     assert (tmp_path / "gpu-issue6-smoke.md").read_text().count("| gpu-issue6 |") == len(rows)

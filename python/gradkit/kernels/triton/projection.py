@@ -41,6 +41,13 @@ _ROW_C = _s64(ROW_C)
 
 # Tile sizes; tests shrink them to exercise multi-tile paths on tiny inputs.
 BLOCKS = {"k": 64, "b": 16, "d": 64, "split_target": 0}
+# project_flat's tiles and launch parameters on a GPU (BLOCKS is the interpreter's). Unmeasured so far: no
+# GPU has been lent to this project yet; benchmarks/bench_gpu.py times alternatives beside these ("flat
+# tiles"). Each R tile is generated once per (k tile, B tile): a taller B tile generates less per MMA.
+GPU_FLAT = {"k": 128, "b": 64, "d": 128, "num_warps": 4, "num_stages": 3}
+# record_aot_cases only: launch project_flat as on a GPU (its tiles, the tensor-core MODEs 1 / 2) under the
+# interpreter, so that scripts/triton_aot_check.py compiles the launches a GPU makes
+_AOT_GPU_LAUNCH = False
 
 
 @triton.jit
@@ -226,7 +233,7 @@ def project_flat(x: torch.Tensor, k: int, seed: int, kind: int, col0: int) -> to
     out = torch.zeros(B, k, dtype=torch.float32, device=x.device)
     if B == 0 or D == 0:
         return out
-    interp = interpreting()
+    interp = interpreting() and not _AOT_GPU_LAUNCH
     if interp or kind == 1 or x.dtype == torch.float64:
         mode = 0
     elif x.dtype in (torch.bfloat16, torch.float16):
@@ -236,8 +243,10 @@ def project_flat(x: torch.Tensor, k: int, seed: int, kind: int, col0: int) -> to
     if x.dtype == torch.float64 and not interp:
         x = x.float()  # fp64 operands are not a tensor-core type; the values are fp32-accurate anyway
     BK, BB, BD = BLOCKS["k"], BLOCKS["b"], BLOCKS["d"]
+    launch = {"num_warps": GPU_FLAT["num_warps"], "num_stages": GPU_FLAT["num_stages"]}
     if not interp:
-        BK, BB, BD = 128, (64 if B >= 64 else max(16, triton.next_power_of_2(B))), 128
+        BK, BD = GPU_FLAT["k"], GPU_FLAT["d"]
+        BB = GPU_FLAT["b"] if B >= GPU_FLAT["b"] else max(16, triton.next_power_of_2(B))
     assert BD % 64 == 0
     base = col0 - col0 % 64
     ntiles = triton.cdiv(col0 + D - base, BD)
@@ -251,7 +260,7 @@ def project_flat(x: torch.Tensor, k: int, seed: int, kind: int, col0: int) -> to
     _project_flat_kernel[(gk, gb, split)](x, part, B, D, k, x.stride(0), x.stride(1), *_split(seed), *_split(col0),
                                           ntiles, per,
                                           _inv_bits(k), KIND=kind, MODE=mode, BLOCK_B=BB, BLOCK_K=BK, BLOCK_D=BD,
-                                          MA=_MIX_A, MB=_MIX_B, RC=_ROW_C, G=_GOLDEN)
+                                          MA=_MIX_A, MB=_MIX_B, RC=_ROW_C, G=_GOLDEN, **launch)
     if split > 1:
         torch.sum(part, dim=0, out=out)
     return out
@@ -384,6 +393,13 @@ def record_aot_cases() -> None:
         projection_matrix_(out, 3, kind, 16, 2, 5)
         for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             project_flat(torch.randn(3, 130, generator=g).to(dt), 20, 7, kind, 3)
+    global _AOT_GPU_LAUNCH
+    _AOT_GPU_LAUNCH = True
+    try:  # GPU_FLAT's tiles and launch options, MODE 2 (fp32 as three bf16 parts) and 1 (bf16 / fp16 x)
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            project_flat(torch.randn(GPU_FLAT["b"], 70, generator=g).to(dt), GPU_FLAT["k"], 7, 0, 3)
+    finally:
+        _AOT_GPU_LAUNCH = False
     for rb, mask in ((None, None), (torch.randn(4, generator=g), torch.rand(6, generator=g) < 0.5)):
         for dt in (torch.float32, torch.bfloat16, torch.float16):
             for T, m in ((3, mask), (40, None if mask is None else torch.rand(80, generator=g) < 0.5)):
