@@ -796,26 +796,44 @@ constexpr std::array<std::array<SkinnyFn<E>, kSkinnyMR2>, 4> kSkinny2 = {
     skinny_table_avx2<E, 64>(kMRs2)};
 
 // outer_tile_avx512's updates (part[i, j] = fma(U[r, i], V[r, j], part[i, j]), r ascending), 8 x 8 blocks.
+// kFull: all 8 columns of the block exist (plain loads / stores; AMD's masked stores are slow, ~10% of the
+// one-token-per-example case on a Zen 3 when every block went through them); else lanes m only.
+// fresh: the partial has not been written yet and is taken as +0 (what zero-filling it and loading would give).
+template <bool kFull>
+__attribute__((target("avx2,fma,f16c"))) inline void outer_block_avx2(const float* U, const float* V, int mr,
+                                                                     int64_t p, int64_t i0, int64_t j0,
+                                                                     __m256i m, bool fresh, float* part) {
+  const int64_t ni = std::min<int64_t>(8, p - i0);
+  __m256 acc[8];
+#pragma GCC unroll 8
+  for (int ii = 0; ii < 8; ++ii)
+    if (ii < ni) acc[ii] = fresh ? _mm256_setzero_ps() : wload8(part + (i0 + ii) * p + j0, kFull, m);
+  for (int r = 0; r < mr; ++r) {
+    const __m256 vj = wload8(V + r * p + j0, kFull, m);
+    const float* u = U + r * p + i0;
+#pragma GCC unroll 8
+    for (int ii = 0; ii < 8; ++ii)
+      if (ii < ni) acc[ii] = _mm256_fmadd_ps(_mm256_broadcast_ss(u + ii), vj, acc[ii]);
+  }
+#pragma GCC unroll 8
+  for (int ii = 0; ii < 8; ++ii) {
+    if (ii >= ni) continue;
+    if constexpr (kFull)
+      _mm256_storeu_ps(part + (i0 + ii) * p + j0, acc[ii]);
+    else
+      _mm256_maskstore_ps(part + (i0 + ii) * p + j0, m, acc[ii]);
+  }
+}
+
 __attribute__((target("avx2,fma,f16c"))) void outer_tile_avx2(const float* U, const float* V, int mr, int64_t p,
-                                                             float* part) {
+                                                             bool fresh, float* part) {
   for (int64_t j0 = 0; j0 < p; j0 += 8) {
     const __m256i m = lanes8(p - j0);
     for (int64_t i0 = 0; i0 < p; i0 += 8) {
-      const int64_t ni = std::min<int64_t>(8, p - i0);
-      __m256 acc[8];
-#pragma GCC unroll 8
-      for (int ii = 0; ii < 8; ++ii)
-        if (ii < ni) acc[ii] = _mm256_maskload_ps(part + (i0 + ii) * p + j0, m);
-      for (int r = 0; r < mr; ++r) {
-        const __m256 vj = _mm256_maskload_ps(V + r * p + j0, m);
-        const float* u = U + r * p + i0;
-#pragma GCC unroll 8
-        for (int ii = 0; ii < 8; ++ii)
-          if (ii < ni) acc[ii] = _mm256_fmadd_ps(_mm256_broadcast_ss(u + ii), vj, acc[ii]);
-      }
-#pragma GCC unroll 8
-      for (int ii = 0; ii < 8; ++ii)
-        if (ii < ni) _mm256_maskstore_ps(part + (i0 + ii) * p + j0, m, acc[ii]);
+      if (p - j0 >= 8)
+        outer_block_avx2<true>(U, V, mr, p, i0, j0, m, fresh, part);
+      else
+        outer_block_avx2<false>(U, V, mr, p, i0, j0, m, fresh, part);
     }
   }
 }
@@ -845,8 +863,12 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
   constexpr bool kWiden = !std::is_same_v<E, float>;
   const E* ga = static_cast<const E*>(A.a);
   const E* gg = static_cast<const E*>(A.g);
-  const int64_t p = A.p, b0 = n0 / T;
-  std::fill(part, part + ((n1 - 1) / T - b0 + 1) * p * p, 0.0f);
+  const int64_t p = A.p, b0 = n0 / T, nb = (n1 - 1) / T - b0 + 1;
+  // partials are zeroed when their example's first unmasked token comes (in L1, just before use; the AVX2
+  // kernel starts such a partial from +0 in registers instead), and those of examples with no unmasked
+  // token at the end: partials [0, ready) are initialised. Tokens come in order, so an example before the
+  // current one gets no more tokens.
+  int64_t ready = 0;
   thread_local std::vector<float> U, V, wide;  // per-thread scratch, kept across calls
   U.resize(static_cast<size_t>(kFMR * p));
   V.resize(static_cast<size_t>(kFMR * p));
@@ -916,9 +938,22 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
       int r1 = r + 1;
       while (r1 < mr && tok_b[r1] == tok_b[r]) ++r1;
       float* pb = part + tok_b[r] * p * p;
+      const bool fresh = tok_b[r] >= ready;
+      if (fresh) {
+        std::fill(part + ready * p * p, pb, 0.0f);  // examples without unmasked tokens
+        ready = tok_b[r] + 1;
+      }
 #ifdef GK_PROJ_X86
-      if (A.isa > 0) {
-        (A.isa == 2 ? outer_tile_avx512 : outer_tile_avx2)(U.data() + r * p, V.data() + r * p, r1 - r, p, pb);
+      if (A.isa == 1) {
+        outer_tile_avx2(U.data() + r * p, V.data() + r * p, r1 - r, p, fresh, pb);
+        r = r1;
+        continue;
+      }
+#endif
+      if (fresh) std::fill(pb, pb + p * p, 0.0f);
+#ifdef GK_PROJ_X86
+      if (A.isa == 2) {
+        outer_tile_avx512(U.data() + r * p, V.data() + r * p, r1 - r, p, pb);
         r = r1;
         continue;
       }
@@ -934,6 +969,7 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
       }
     }
   }
+  std::fill(part + ready * p * p, part + nb * p * p, 0.0f);
 }
 
 at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, const at::Tensor& lt_in,
