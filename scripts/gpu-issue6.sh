@@ -9,6 +9,7 @@
 #      result on the device first);
 #   3. the GPU tests of the projection / factored / search ops (tests/test_*_ops.py, their CUDA cases).
 # Then commit $OUT's gpu-issue6.{jsonl,md} under benchmarks/results/h200/ and give the machine back.
+# DRY=1 checks the script itself on a CPU machine: no build (the installed extension), bench_gpu.py --smoke.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gradkit-gpu-out}
@@ -31,17 +32,23 @@ else
   echo "no .gpu-peers/: TRAK's fast_jl rows are skipped (bash scripts/fetch-gpu-peers.sh here first)"
   PEERS_PID=
 fi
+DRY=${DRY:-0}
+BENCH_ARGS=()
+[ "$DRY" = 1 ] && BENCH_ARGS=(--smoke --device cpu) && export TRITON_INTERPRET=1
 echo "== build ($((SECONDS - T0)) s)"
-if ! timeout 300 $PY -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.txt" 2>&1; then
+if [ "$DRY" = 1 ]; then
+  echo "DRY=1: no build"
+elif ! timeout 300 $PY -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.txt" 2>&1; then
   tail -40 "$OUT/build.txt"; echo "BUILD FAILED ($((SECONDS - T0)) s)"; exit 1
 fi
-$PY -c "import gradkit._ext as e; assert e.LOADED and e.has_kernel('project_flat', 'CUDA'), 'no CUDA kernels'" || exit 1
+[ "$DRY" = 1 ] || $PY -c "import gradkit._ext as e; assert e.LOADED and e.has_kernel('project_flat', 'CUDA'), \
+'no CUDA kernels'" || exit 1
 if [ -n "$PEERS_PID" ]; then
   wait "$PEERS_PID" && echo "fast_jl built" || { echo "fast_jl build failed:"; tail -15 "$OUT/peers-build.txt"; }
 fi
 export PYTHONPATH="$PEERS${PYTHONPATH:+:$PYTHONPATH}"
 echo "== bench ($((SECONDS - T0)) s)"
-timeout 240 $PY benchmarks/bench_gpu.py --out "$OUT" 2>&1 | tee "$OUT/bench.txt" | grep -v "^  " || true
+timeout 240 $PY benchmarks/bench_gpu.py --out "$OUT" "${BENCH_ARGS[@]}" 2>&1 | tee "$OUT/bench.txt" | grep -v "^  " || true
 echo "== tests ($((SECONDS - T0)) s)"
 GRADKIT_REQUIRE_EXT=1 timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_projection_ops.py \
   tests/test_factored_ops.py tests/test_search_ops.py -k "gpu or cuda" 2>&1 | tee "$OUT/pytest.txt" | tail -12
