@@ -18,6 +18,12 @@ MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install -q --no-build-isolation --no-deps -e
 $PY -c "import gradkit._ext as e; assert e.LOADED and e.has_kernel('gather_segments', 'CUDA'), 'CUDA kernels not built'"
 IGNORE=()
 $PY -c "import gradiend" 2>/dev/null || IGNORE=(--ignore=tests/test_compat_gradiend.py)
+# tests/test_*_triton.py run Triton on CPU tensors under the interpreter; on a GPU machine gradkit's import has
+# already compiled-mode Triton kernels (TRITON_INTERPRET is read when @triton.jit runs), so they get a process
+# of their own with the interpreter on from the start. The GPU's Triton kernels are tested by the ops' GPU cases.
+TRITON_TESTS=(tests/test_*_triton.py)
+for f in "${TRITON_TESTS[@]}"; do IGNORE+=("--ignore=$f"); done
 GRADKIT_REQUIRE_EXT=1 $PY -m pytest -q tests "${IGNORE[@]}" -x 2>&1 | tee "$OUT/pytest.txt" | tail -15
+TRITON_INTERPRET=1 GRADKIT_REQUIRE_EXT=1 $PY -m pytest -q "${TRITON_TESTS[@]}" -x 2>&1 | tee "$OUT/pytest-triton.txt" | tail -5
 GRADKIT_BACKEND=triton GRADKIT_REQUIRE_EXT=1 $PY -m pytest -q tests/test_parammap_ops.py -x -k "not opcheck" 2>&1 | tail -3
 $PY benchmarks/run.py --device cuda --out "$OUT" 2>&1 | tail -40
