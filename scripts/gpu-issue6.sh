@@ -8,7 +8,8 @@
 #   2. benchmarks/bench_gpu.py: ceilings, generator agreement, flat / factored / search (each row checks its
 #      result on the device first);
 #   3. the GPU tests of the projection / factored / search ops (tests/test_*_ops.py, their CUDA cases).
-# Then commit $OUT's gpu-issue6.{jsonl,md} under benchmarks/results/h200/ and give the machine back.
+# Then commit $OUT's gpu-issue6.{jsonl,md} under benchmarks/results/h200/, give the machine back, and compare
+# with the predictions in benchmarks/GPU-NOTES.md ("What the results decide").
 # DRY=1 checks the script itself on a CPU machine: no build (the installed extension), bench_gpu.py --smoke.
 set -uo pipefail
 cd "$(dirname "$0")/.."
