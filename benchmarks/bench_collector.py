@@ -13,7 +13,8 @@ Two operations, each side by side with bergson 2.5.1 driven through its own coll
     flattens + clamps), projection matrices cached in its ``GradientProcessor`` (steady state);
   - bergson cold: the same with a fresh processor, i.e. the first batch (matrix generation included).
   - the same interleaved comparison on a 1024x1024 (64 x 128 tokens) and a 4096x4096 Linear (16 x 128
-    tokens): the power-of-two widths of real transformers, whose rows lie a multiple of 4 KiB apart.
+    tokens): the power-of-two widths of real transformers, whose rows lie a multiple of 4 KiB apart; and on
+    the 1000x1000 Linear with 8192 one-token examples (a layer without a token axis: MLPs, CNN heads).
   - ``..., interleaved``: gradkit and bergson alternated in rounds of 10 calls (order rotating), and
     the quantiles of the per-round ratio bergson / gradkit, the figure least moved by the shared host's
     load drift (``harness.time_interleaved``).
@@ -96,16 +97,16 @@ def _lgr(L, R, a, g):
     return torch.stack([(L @ (g[b].double().T @ a[b].double()) @ R.T).reshape(-1) for b in range(a.shape[0])])
 
 
-def _hook_work_wide(rec, dev, width: int, nb: int, quick: bool) -> None:
-    """gradkit's factored_project and bergson's hooks on a width x width Linear, nb x T tokens, interleaved."""
+def _hook_work_wide(rec, dev, width: int, nb: int, quick: bool, tokens: int = T) -> None:
+    """gradkit's factored_project and bergson's hooks on a width x width Linear, nb x tokens, interleaved."""
     from harness import time_interleaved
     from gradkit.projection import factored_project
 
     gen = torch.Generator().manual_seed(6)
     lin = nn.Linear(width, width).to(dev)
-    a = torch.randn(nb, T, width, generator=gen).to(dev)
-    g = torch.randn(nb, T, width, generator=gen).to(dev)
-    wl = f"Linear {width}x{width}, {nb}x{T} tokens, p={P}"
+    a = torch.randn(nb, tokens, width, generator=gen).to(dev)
+    g = torch.randn(nb, tokens, width, generator=gen).to(dev)
+    wl = f"Linear {width}x{width}, {nb}x{tokens} tokens, p={P}"
     op = "factored proj (hook work), interleaved"
     bcol = _bergson(_Wrap(lin))
     if bcol is None:
@@ -196,6 +197,7 @@ def run(rec, quick: bool = False) -> None:
     # ---- hook work at the power-of-two widths of real transformers (rows a multiple of 4 KiB apart)
     for width, nb in ((1024, B), (4096, B // 4)):
         _hook_work_wide(rec, dev, width, nb, quick)
+    _hook_work_wide(rec, dev, D, B * T, quick, tokens=1)  # the same tokens as one-token examples (no token axis)
 
     # ---- hook work on a bfloat16 model's activations / gradients
     op = "factored proj (hook work, bf16 a/g)"
