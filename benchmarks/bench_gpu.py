@@ -119,6 +119,24 @@ def generator(r: Run) -> None:
     r.backend("native")
 
 
+def _head_matrix(r: Run, k: int, D: int) -> torch.Tensor:
+    """R's first min(D, 65536) columns in float64, on the device: the reference of _checked_flat."""
+    from gradkit.projection import projection_matrix
+
+    return projection_matrix(k, min(D, 65_536), seed=0, device=r.dev).double()
+
+
+def _checked_flat(r: Run, what: str, x: torch.Tensor, k: int, Rs: torch.Tensor):
+    """The timing of project(x, k), after project(x[:, :ds], k) is checked against x[:, :ds] @ Rs^T in float64
+    (Rs: the float64 matrix's first ds columns); None when the check fails (r.check records it)."""
+    from gradkit import projection as P
+
+    ds = Rs.shape[1]
+    if not r.check(what, _rel(P.project(x[:, :ds], k, seed=0), x[:, :ds].double() @ Rs.T), 1e-4):
+        return None
+    return r.time(lambda: P.project(x, k, seed=0))
+
+
 def flat(r: Run) -> None:
     from gradkit import projection as P
 
@@ -134,8 +152,7 @@ def flat(r: Run) -> None:
         have_trak = False
     # the same-shape product against a materialised R^T (D x k), bf16: the matrix-product rate at this shape
     Rt = P.projection_matrix(k, D, seed=0, device=r.dev, dtype=torch.bfloat16).T.contiguous()
-    ds = min(D, 65_536)
-    Rs = P.projection_matrix(k, ds, seed=0, device=r.dev).double()
+    Rs = _head_matrix(r, k, D)
     for B in batches:
         flops = 2 * B * D * k
         wl = f"{B}x{D}->{k}"
@@ -148,13 +165,12 @@ def flat(r: Run) -> None:
         same_shape = flops / st["p50"]
         for x, dt in ((x32, "float32"), (xb, "bfloat16")):
             op = f"flat rademacher B={B} {dt}"
-            ref = x[:, :ds].double() @ Rs.T
             for be in ("native", "triton"):
                 r.backend(be)
                 prov = r.prov(be)
-                if not r.check(f"{op} {prov}", _rel(P.project(x[:, :ds], k, seed=0), ref), 1e-4):
+                st = _checked_flat(r, f"{op} {prov}", x, k, Rs)
+                if st is None:
                     continue
-                st = r.time(lambda: P.project(x, k, seed=0))
                 r.rec.add(FAMILY, op, prov, wl, dt, st)
                 r.rate(op, prov, wl, dt, st, flops)
                 r.share(op, prov, wl, dt, flops / st["p50"], same_shape)
@@ -184,8 +200,7 @@ def flat_tiles(r: Run) -> None:
 
     k, D, B = (64, 4096, 8) if r.smoke else (2048, 1_048_576, 512)
     wl, flops = f"{B}x{D}->{k}", 2 * B * D * k
-    ds = min(D, 65_536)
-    Rs = P.projection_matrix(k, ds, seed=0, device=r.dev).double()
+    Rs = _head_matrix(r, k, D)
     x32 = torch.randn(B, D, device=r.dev, generator=torch.Generator(device=r.dev).manual_seed(1))
     saved = dict(T.GPU_FLAT)
     # compiled here for sm_90 (Triton 3.9, ptxas 13.4; the GPU image has Triton 3.6): the default spilled 456
@@ -195,14 +210,13 @@ def flat_tiles(r: Run) -> None:
     r.backend("triton")
     try:
         for x, dt in ((x32, "float32"), (x32.to(torch.bfloat16), "bfloat16")):
-            ref = x[:, :ds].double() @ Rs.T
             for v in variants:
                 T.GPU_FLAT.clear()
                 T.GPU_FLAT.update(v)
                 prov = f"gradkit Triton b{v['b']} k{v['k']} d{v['d']} w{v['num_warps']} s{v['num_stages']}"
-                if not r.check(f"flat tiles {dt} {prov}", _rel(P.project(x[:, :ds], k, seed=0), ref), 1e-4):
+                st = _checked_flat(r, f"flat tiles {dt} {prov}", x, k, Rs)
+                if st is None:
                     continue
-                st = r.time(lambda: P.project(x, k, seed=0))
                 r.rate(f"flat tiles B={B} {dt}", prov, wl, dt, st, flops)
     finally:
         T.GPU_FLAT.clear()

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run HERE (the CPU machine has the network) before scripts/gpu-issue6.sh: the GPU machine reaches no
 # registry, so TRAK's CUDA projector travels as files in .gpu-peers/ (git-ignored; carry it):
-#   a traker 0.3.2 wheel (pure Python, built here from its sdist; numpy, torch, tqdm are on the GPU image) and the fast_jl 0.1.3 source
-#   distribution (one .cu file; built there against the image's CUDA torch).
+#   a traker 0.3.2 wheel (pure Python, built here from its sdist; numpy, torch, tqdm are on the GPU image)
+#   and the fast_jl 0.1.3 source distribution (one .cu file; built there against the image's CUDA torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .gpu-peers

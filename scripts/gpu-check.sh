@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Longer than one lease (15 minutes of device time a session): for issue 6's GPU targets run
-# scripts/gpu-issue6.sh instead. For a session that is lent a GPU (the device tool): build the extension WITH its CUDA kernels
-# against the device image's own CUDA torch, run the whole test suite there (every op test is
+# scripts/gpu-issue6.sh instead. For a session that is lent a GPU (the device tool): build the extension
+# WITH its CUDA kernels against the device image's own CUDA torch, run the whole test suite there (every op test is
 # parametrised over "cuda" when a GPU is visible; Triton then compiles for the GPU instead of
 # running under the interpreter) and the benchmark on the GPU. No network there: gradiend is
 # carried as a wheel in wheels/ when present (pip download gradiend==0.2.3 --no-deps -d wheels/

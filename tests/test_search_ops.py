@@ -242,7 +242,7 @@ def test_cuda_matches_reference(backend, p):
     q, keys, k, largest, scale, s_in, i_in, base = p
     mv = lambda t: None if t is None else t.cuda()  # noqa: E731
     with env_set("GRADKIT_BACKEND", backend):
-            got = ops.score_topk(q.cuda(), keys.cuda(), k, largest=largest, key_scale=mv(scale), scores_in=mv(s_in),
+        got = ops.score_topk(q.cuda(), keys.cuda(), k, largest=largest, key_scale=mv(scale), scores_in=mv(s_in),
                              idx_in=mv(i_in), base=base)
     want = ref.score_topk(q, keys, k, largest, scale, s_in, i_in, base)
     assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
