@@ -1,0 +1,383 @@
+"""Issue 6, GPU: the Triton flat projection kernel against variants that generate the same +-1 matrix more
+cheaply, in one call (the second GPU lease step after bench_gpu.py; see benchmarks/GPU-NOTES.md).
+
+The first H200 run (benchmarks/results/h200/gpu-issue6.md) put the shipped kernel at 217 TFLOP/s for bf16 x
+(31% of the measured 8192^3 bf16 product), the same at B = 64 and B = 512: the R-tile generation, not the
+matrix units, bounds it. Variants, all drawing the same bits (so the same matrix, entry for entry):
+
+* GEN 0: the shipped expansion, ``(word >> j) & 1`` on the 64-bit word, then a select of +-1.
+* GEN 1: each 64-bit word split once into two 32-bit halves; an entry is
+  ``((half << (31 - j)) & 0x80000000) ^ 0xBF800000`` read as fp32 (+1 when bit j is set, else -1): a shift
+  and one logic op per entry, then a packed fp32 -> bf16 conversion.
+* TRANS 0: ``acc[B, k] += x_tile @ Rt_tile`` (R^T tile is the B operand: generated in registers, stored to
+  shared memory for wgmma). TRANS 1: ``acc[k, B] += R_tile @ x_tile^T`` (R is the A operand, which wgmma can
+  take from registers).
+
+Each variant is checked before it is timed: its first 65,536 columns against float64 (R from the Triton
+generator, itself checked against the CPU's in bench_gpu.py), and its full output against the shipped
+kernel's. Rows go to $OUT/gpu-flat-variants.jsonl as they are measured. ``--smoke`` runs tiny shapes under
+TRITON_INTERPRET=1 on CPU (correctness of every variant's generation and indexing, MODE 0).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "python"))
+
+from gradkit.kernels.triton import projection as T  # noqa: E402
+from gradkit.kernels.triton.projection import _row_key, _word  # noqa: E402
+
+
+@triton.jit
+def _halves(h):
+    lo = h.to(tl.uint32).to(tl.int32, bitcast=True)
+    hi = (h >> 32).to(tl.uint32).to(tl.int32, bitcast=True)
+    return tl.join(lo, hi)  # [..., 2]: bits 0-31, 32-63
+
+
+@triton.jit
+def _pm1(half_bcast, s):
+    top = (half_bcast << s) & tl.full([], -2147483648, tl.int32)  # bit j moved to bit 31
+    return (top ^ tl.full([], -1082130432, tl.int32)).to(tl.float32, bitcast=True)  # 0xBF800000: set -> +1.0
+
+
+@triton.jit
+def _rt_gen1(rk, wbase, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, MA: tl.constexpr, MB: tl.constexpr,
+             G: tl.constexpr):
+    """R^T tile [BLOCK_D, BLOCK_K], fp32 +-1."""
+    NW: tl.constexpr = BLOCK_D // 64
+    w = wbase + tl.arange(0, NW)
+    h = _word(rk[None, :], w[:, None], MA, MB, G)  # [NW, BLOCK_K]
+    hv = tl.permute(_halves(h), (0, 2, 1))  # [NW, 2, BLOCK_K]
+    s = 31 - tl.arange(0, 32)
+    v = _pm1(hv[:, :, None, :], s[None, None, :, None])  # [NW, 2, 32, BLOCK_K]
+    return tl.reshape(v, (BLOCK_D, BLOCK_K))
+
+
+@triton.jit
+def _r_gen1(rk, wbase, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, MA: tl.constexpr, MB: tl.constexpr,
+            G: tl.constexpr):
+    """R tile [BLOCK_K, BLOCK_D], fp32 +-1."""
+    NW: tl.constexpr = BLOCK_D // 64
+    w = wbase + tl.arange(0, NW)
+    h = _word(rk[:, None], w[None, :], MA, MB, G)  # [BLOCK_K, NW]
+    hv = _halves(h)  # [BLOCK_K, NW, 2]
+    s = 31 - tl.arange(0, 32)
+    v = _pm1(hv[:, :, :, None], s[None, None, None, :])  # [BLOCK_K, NW, 2, 32]
+    return tl.reshape(v, (BLOCK_K, BLOCK_D))
+
+
+@triton.jit
+def _r_gen0(rk, wbase, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, MA: tl.constexpr, MB: tl.constexpr,
+            G: tl.constexpr):
+    NW: tl.constexpr = BLOCK_D // 64
+    w = wbase + tl.arange(0, NW)
+    h = _word(rk[:, None], w[None, :], MA, MB, G)  # [BLOCK_K, NW]
+    j = tl.arange(0, 64).to(tl.uint64)
+    bits = (h[:, :, None] >> j[None, None, :]) & 1
+    return tl.where(tl.reshape(bits, (BLOCK_K, BLOCK_D)) != 0, 1.0, -1.0).to(tl.float32)
+
+
+@triton.jit
+def _flat_v(x_ptr, part_ptr, B, D, K, sxb, sxd, seed_h, seed_m, seed_l, c0_h, c0_m, c0_l, ntiles, per_split,
+            inv_bits, MODE: tl.constexpr, GEN: tl.constexpr, TRANS: tl.constexpr, LOCAL: tl.constexpr,
+            BLOCK_B: tl.constexpr,
+            BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, MA: tl.constexpr, MB: tl.constexpr, RC: tl.constexpr,
+            G: tl.constexpr):
+    inv = inv_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    seed = T._join(seed_h, seed_m, seed_l)
+    col0 = T._join(c0_h, c0_m, c0_l)
+    base = col0 - (col0 & 63)
+    pid_k = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rows = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    bidx = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rk = _row_key(seed, rows.to(tl.int64), MA, MB, RC)
+    if TRANS == 0:
+        acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_K, BLOCK_B], dtype=tl.float32)
+    t0 = pid_s * per_split
+    t1 = tl.minimum(t0 + per_split, ntiles)
+    for t in range(t0, t1):
+        t64 = tl.cast(t, tl.int64)
+        c = base + t64 * BLOCK_D + tl.arange(0, BLOCK_D)
+        d = c - col0
+        dm = (d >= 0) & (d < D)
+        wb = (base >> 6) + t64 * (BLOCK_D // 64)
+        if TRANS == 0:
+            xm = (bidx[:, None] < B) & dm[None, :]
+            xt = tl.load(x_ptr + bidx[:, None].to(tl.int64) * sxb + d[None, :] * sxd, mask=xm, other=0.0)
+            if GEN == 0:
+                bits = T._rt_tile_signs(rk, wb, BLOCK_D, BLOCK_K, MA, MB, G)
+                r = tl.where(bits != 0, 1.0, -1.0).to(tl.float32)
+            else:
+                r = _rt_gen1(rk, wb, BLOCK_D, BLOCK_K, MA, MB, G)
+        else:
+            xm = dm[:, None] & (bidx[None, :] < B)
+            xt = tl.load(x_ptr + bidx[None, :].to(tl.int64) * sxb + d[:, None] * sxd, mask=xm, other=0.0)
+            if GEN == 0:
+                r = _r_gen0(rk, wb, BLOCK_D, BLOCK_K, MA, MB, G)
+            else:
+                r = _r_gen1(rk, wb, BLOCK_D, BLOCK_K, MA, MB, G)
+        if MODE == 0:
+            if TRANS == 0:
+                acc += tl.dot(xt.to(tl.float32), r, input_precision="ieee")
+            else:
+                acc += tl.dot(r, xt.to(tl.float32), input_precision="ieee")
+        elif MODE == 1:
+            rb = r.to(xt.dtype)
+            if TRANS == 0 and LOCAL == 1:
+                acc += tl.dot(xt, rb, tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32))
+            elif TRANS == 0:
+                acc += tl.dot(xt, rb)
+            else:
+                acc += tl.dot(rb, xt)
+        else:
+            rb = r.to(tl.bfloat16)
+            xf = xt.to(tl.float32)
+            hi = xf.to(tl.bfloat16)
+            r1 = xf - hi.to(tl.float32)
+            mid = r1.to(tl.bfloat16)
+            lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
+            if TRANS == 0 and LOCAL == 1:  # this tile's MMA chain in its own accumulator, added in IEEE fp32
+                tt = tl.dot(lo, rb, tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32))
+                tt = tl.dot(mid, rb, tt)
+                acc += tl.dot(hi, rb, tt)
+            elif TRANS == 0:
+                acc += tl.dot(hi, rb)
+                acc += tl.dot(mid, rb)
+                acc += tl.dot(lo, rb)
+            else:
+                acc += tl.dot(rb, hi)
+                acc += tl.dot(rb, mid)
+                acc += tl.dot(rb, lo)
+    acc = acc * inv.to(tl.float32)
+    base_ptr = part_ptr + pid_s.to(tl.int64) * B * K
+    if TRANS == 0:
+        om = (bidx[:, None] < B) & (rows[None, :] < K)
+        tl.store(base_ptr + bidx[:, None].to(tl.int64) * K + rows[None, :], acc, mask=om)
+    else:
+        om = (rows[:, None] < K) & (bidx[None, :] < B)
+        tl.store(base_ptr + bidx[None, :].to(tl.int64) * K + rows[:, None], acc, mask=om)
+
+
+def flat_variant(x, k, seed, gen, trans, bk, bb, bd, warps, stages, mode=None, sms=132, local=0):
+    """project_flat(x, k, seed, Rademacher, col0=0) with the given variant and tiles."""
+    B, D = x.shape
+    if mode is None:
+        mode = 1 if x.dtype in (torch.bfloat16, torch.float16) else 2
+    out = torch.zeros(B, k, dtype=torch.float32, device=x.device)
+    ntiles = triton.cdiv(D, bd)
+    gk, gb = triton.cdiv(k, bk), triton.cdiv(B, bb)
+    split = max(1, min(ntiles, (4 * sms) // max(1, gk * gb)))
+    per = triton.cdiv(ntiles, split)
+    split = triton.cdiv(ntiles, per)
+    part = out if split == 1 else torch.empty(split, B, k, dtype=torch.float32, device=x.device)
+    kw = {} if x.device.type == "cpu" else {"num_warps": warps, "num_stages": stages}
+    _flat_v[(gk, gb, split)](x, part, B, D, k, x.stride(0), x.stride(1), *T._split(seed), *T._split(0), ntiles, per,
+                             T._inv_bits(k), MODE=mode, GEN=gen, TRANS=trans, LOCAL=local, BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd,
+                             MA=T._MIX_A, MB=T._MIX_B, RC=T._ROW_C, G=T._GOLDEN, **kw)
+    if split > 1:
+        torch.sum(part, dim=0, out=out)
+    return out
+
+
+def _matrix(k, cols, seed, dev):
+    out = torch.empty(k, cols, dtype=torch.float32, device=dev)
+    T.projection_matrix_(out, seed, 0, k, 0, 0)
+    return out
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return float((a - b).norm() / b.norm())
+
+
+def peer_rows(xs, k, D, Rs, ds):
+    """TRAK's CudaProjector (fast_jl 0.1.3, its own +-1 matrix; checked for the JL scale only: its matrix is
+    not gradkit's) on the same x, per dtype it accepts."""
+    try:
+        from trak.projectors import CudaProjector, ProjectionType
+        import fast_jl  # noqa: F401
+    except Exception as e:
+        print(f"fast_jl unavailable: {type(e).__name__}: {e}", flush=True)
+        return [{"variant": "trak fast_jl", "ok": False, "error": f"{type(e).__name__}: {e}"[:300]}]
+    rows = []
+    for B, pairs in xs.items():
+        for x, dt in pairs:
+            row = {"B": B, "dtype": dt, "variant": "trak fast_jl"}
+            try:
+                proj = CudaProjector(grad_dim=D, proj_dim=k, seed=0, proj_type=ProjectionType.rademacher,
+                                     device=x.device, max_batch_size=32)
+                xin = x.to(torch.float16) if x.dtype == torch.bfloat16 else x  # fast_jl takes fp16 / fp32 only
+                y = proj.project(xin, model_id=0).float()
+                # fast_jl's entries are +-1, unscaled: |y|^2 / |x|^2 is about k (JL with entries +-1/sqrt(k): 1)
+                ratio = float((y.double().pow(2).sum(1) / x.double().pow(2).sum(1)).mean()) / k
+                row.update(norm_ratio=ratio, input=str(xin.dtype),
+                           ok=bool(torch.isfinite(y).all()) and 0.7 < ratio < 1.3)
+                if row["ok"]:
+                    ms = triton.testing.do_bench(lambda: proj.project(xin, model_id=0), warmup=20, rep=60,
+                                                 return_mode="median")
+                    row.update(ms=ms, tflops=2 * B * D * k / ms / 1e9)
+            except Exception as e:
+                row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+            print(f"B={B:4d} {dt:8s} trak fast_jl {row.get('ms', 0):8.3f} ms {row.get('tflops', 0):7.1f} TFLOP/s "
+                  f"{row.get('norm_ratio', '')} {row.get('error', '')}", flush=True)
+            rows.append(row)
+    return rows
+
+
+def search_rows():
+    """Top-10 of 1,000 queries over 1,000,000 x 256 fp32 keys: one mm + topk (the 4 GB score matrix) against
+    the same products over key blocks with a running top-k (bounded memory), fp32 (no tf32)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    g = torch.Generator(device="cuda").manual_seed(5)
+    keys = torch.randn(1_000_000, 256, device="cuda", generator=g)
+    q = torch.randn(1000, 256, device="cuda", generator=g)
+
+    def whole():
+        return torch.topk(q @ keys.T, 10, dim=1)
+
+    def blocked(bs):
+        def f():
+            best_s = best_i = None
+            for s0 in range(0, keys.shape[0], bs):
+                s, i = torch.topk(q @ keys[s0:s0 + bs].T, 10, dim=1)
+                i = i + s0
+                if best_s is not None:
+                    s, j = torch.topk(torch.cat([best_s, s], 1), 10, dim=1)
+                    i = torch.gather(torch.cat([best_i, i], 1), 1, j)
+                best_s, best_i = s, i
+            return best_s, best_i
+        return f
+
+    rows = []
+    ref_s, ref_i = whole()
+    for name, f in (("torch mm + topk (whole)", whole), ("blocked 131072", blocked(131072)),
+                    ("blocked 262144", blocked(262144))):
+        s, i = f()
+        ok = bool(torch.equal(i, ref_i) or (s - ref_s).abs().max().item() <= 1e-4)
+        ms = triton.testing.do_bench(f, warmup=20, rep=200, return_mode="median") if ok else None
+        rows.append({"variant": f"search {name}", "ok": ok, "ms": ms})
+        print(f"search {name}: ok {ok} {ms} ms", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=150.0, help="start no new variant after this many seconds")
+    ap.add_argument("--no-extras", action="store_true", help="variants only (no fast_jl / search rows)")
+    ap.add_argument("--extras-only", action="store_true", help="fast_jl / search rows only")
+    ap.add_argument("--local", action="store_true",
+                    help="the shipped kernel (GEN 0, TRANS 0, default tiles) with and without a per-tile accumulator")
+    a = ap.parse_args(argv)
+    t_start = time.time()
+    dev = "cpu" if a.smoke else "cuda"
+    k, D = (64, 300) if a.smoke else (2048, 1_048_576)
+    seed = 0
+    stem = "gpu-flat-extras" if a.extras_only else "gpu-flat-variants"
+    path = os.path.join(a.out, stem + ("-smoke" if a.smoke else "") + ".jsonl")
+    os.makedirs(a.out, exist_ok=True)
+    fh = open(path, "w")
+    env = {"torch": torch.__version__, "triton": triton.__version__,
+           "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (TRITON_INTERPRET)"}
+    fh.write(json.dumps({"env": env}) + "\n")
+    print(env, flush=True)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 4
+    ds = min(D, 65_536)
+    Rs = _matrix(k, ds, seed, dev).double()
+    if a.smoke:
+        tiles = [(32, 16, 64, 4, 3), (64, 16, 128, 4, 3)]
+        batches, modes = (5, 19), (0,)
+    else:
+        # (128, 256, *) tiles spill hundreds of bytes for sm_90 (cuobjdump -res-usage of a local compile): left out
+        tiles = [(128, 64, 128, 4, 3), (256, 64, 64, 8, 3), (128, 128, 64, 8, 3), (256, 128, 64, 8, 3),
+                 (128, 64, 64, 8, 3), (128, 64, 128, 8, 4)]
+        batches, modes = (64, 512), (None,)
+    rows = []
+    xs = {}
+    for B in batches:
+        g = torch.Generator(device=dev).manual_seed(B)
+        x32 = torch.randn(B, D, device=dev, generator=g)
+        xs[B] = [(x32, "float32")] if a.smoke else [(x32.to(torch.bfloat16), "bfloat16"), (x32, "float32")]
+    plan = []  # most informative first: the shipped tiles, every (GEN, TRANS), both dtypes and batches
+    for ti, tile in enumerate(tiles):
+        for B in batches:
+            for x, dt in xs[B]:
+                for gen in (0, 1):
+                    for trans in (0, 1):
+                        for mode in modes:
+                            plan.append((ti, tile, B, x, dt, gen, trans, mode))
+    if a.local:  # LOCAL is carried in the 'trans' slot: 0 / 2 (the shipped kernel / per-tile accumulator)
+        plan = [(0, tiles[0], B, x, dt, 0, tr, m) for B in batches for x, dt in xs[B] for tr in (0, 2) for m in modes]
+    baseline = {}
+    for ti, tile, B, x, dt, gen, trans, mode in ([] if a.extras_only else plan):
+        if time.time() - t_start > a.budget_s:
+            print(f"budget reached: {len(rows)} rows", flush=True)
+            break
+        bk, bb, bd, w, s = tile
+        name = f"gen{gen} trans{trans} k{bk} b{bb} d{bd} w{w} s{s}"
+        row = {"B": B, "dtype": dt, "variant": name, "gen": gen, "trans": trans, "tile": tile}
+        try:
+            loc, trn = (1, 0) if trans == 2 else (0, trans)
+            f = lambda: flat_variant(x, k, seed, gen, trn, bk, bb, bd, w, s, mode, sms, loc)  # noqa: E731
+            head = flat_variant(x[:, :ds].contiguous(), k, seed, gen, trn, bk, bb, bd, w, s, mode, sms, loc)
+            err = _rel(head, x[:, :ds].double() @ Rs.T)
+            full = f()
+            key = (B, dt)
+            if key not in baseline and gen == 0 and trans == 0 and ti == 0:
+                baseline[key] = full
+            vs = _rel(full, baseline[key]) if key in baseline else None
+            row.update(err_f64=err, rel_vs_shipped=vs)
+            ok = err <= 1e-4 and (vs is None or vs <= 1e-4)
+            row["ok"] = ok
+            if ok and not a.smoke:
+                ms = triton.testing.do_bench(f, warmup=20, rep=60, return_mode="median")
+                row.update(ms=ms, tflops=2 * B * D * k / ms / 1e9)
+        except Exception as e:  # a variant that does not compile on this Triton: recorded, the rest go on
+            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+        rows.append(row)
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+        print(f"B={B:4d} {dt:8s} {name:34s} err {row.get('err_f64', float('nan')):.2e} "
+              f"vs {row.get('rel_vs_shipped', -1) if row.get('rel_vs_shipped') is not None else -1:.1e} ok {row['ok']} "
+              f"{row.get('ms', 0):8.3f} ms {row.get('tflops', 0):7.1f} TFLOP/s {row.get('error', '')}", flush=True)
+    if not a.smoke and not a.no_extras:
+        for row in peer_rows(xs, k, D, Rs, ds):
+            rows.append(row)
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+        for row in search_rows():
+            rows.append(row)
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+    fh.close()
+    bad = [r for r in rows if not r["ok"]]
+    print(f"{len(rows)} rows, {len(bad)} not ok; wrote {path} ({time.time() - t_start:.0f} s)")
+    if not a.smoke:
+        for B in batches:
+            for dt in ("bfloat16", "float32"):
+                best = sorted((r for r in rows if r.get("B") == B and r.get("dtype") == dt and r.get("ms")),
+                              key=lambda r: r["ms"])[:3]
+                for r in best:
+                    print(f"best B={B} {dt}: {r['variant']} {r['ms']:.3f} ms {r['tflops']:.1f} TFLOP/s")
+    return 1 if a.smoke and bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

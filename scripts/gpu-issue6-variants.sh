@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Issue 6 on a lent GPU, second call (after scripts/gpu-issue6.sh): no C++ build. Builds TRAK's fast_jl in the
+# background (its setup.py asks for compute_70, which CUDA 13 dropped: patched to 9.0), while
+# benchmarks/gpu_flat_variants.py checks and times the Triton flat kernel's generation variants; then the
+# fast_jl rows and the blocked-search rows. About 4-5 minutes:
+#   run(command="bash scripts/gpu-issue6-variants.sh", carry=[".gpu-peers"], timeout_s=330)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gradkit-gpu-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+T0=$SECONDS
+PEERS=/tmp/gpu-peers
+(set -e; $PY -m pip install -q --no-deps --no-index --target "$PEERS" .gpu-peers/traker-*.whl
+ rm -rf /tmp/fast_jl-src && mkdir -p /tmp/fast_jl-src && tar xzf .gpu-peers/fast_jl-*.tar.gz -C /tmp/fast_jl-src
+ cd /tmp/fast_jl-src/fast_jl-* && touch README.rst && sed -i 's/7.0+PTX/9.0/' setup.py
+ MAX_JOBS=8 timeout 240 $PY -m pip install -q --no-deps --no-build-isolation --no-index --target "$PEERS" .
+) > "$OUT/peers-build.txt" 2>&1 &
+PEERS_PID=$!
+export PYTHONPATH="$PEERS:$PWD/python"
+[ "${EXTRAS_ONLY:-0}" = 1 ] || \
+  timeout 200 $PY benchmarks/gpu_flat_variants.py --out "$OUT" --budget-s 140 --no-extras 2>&1 | tee "$OUT/variants.txt"
+wait "$PEERS_PID" && echo "fast_jl built ($((SECONDS - T0)) s)" || { echo "fast_jl build failed:"; grep -m5 -i "error\|fatal" "$OUT/peers-build.txt"; }
+timeout 90 $PY benchmarks/gpu_flat_variants.py --out "$OUT" --extras-only 2>&1 | tee "$OUT/extras.txt"
+echo "== done ($((SECONDS - T0)) s)"
