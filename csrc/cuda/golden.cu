@@ -308,7 +308,7 @@ void check_golden(const Tensor& g, const Tensor& bits, const std::optional<Tenso
   TORCH_CHECK_VALUE(0 <= k && k <= n, "k: must be in [0, ", n, "], got ", k);
 }
 
-Tensor golden_topk_and_cuda(const Tensor& g, const Tensor& bits, const std::optional<Tensor>& counts, int64_t k,
+Tensor golden_topk_and_cuda(const Tensor& g, Tensor& bits, const std::optional<Tensor>& counts, int64_t k,
                             bool first) {
   check_golden(g, bits, counts, k);
   const c10::cuda::CUDAGuard guard(g.device());

@@ -7,8 +7,12 @@ the CUDA dispatch key), a fake impl (so it traces under ``torch.compile``) and,
 where it applies, autograd.
 
 Backend override, read on every call (tests and benchmarks flip it):
-``GRADKIT_BACKEND=native`` (default: the dispatcher), ``triton`` (the Triton
-launchers directly; CPU tensors need ``TRITON_INTERPRET=1``) or ``reference``.
+``GRADKIT_BACKEND=auto`` (default), ``native`` (the dispatcher: C++ on CPU, CUDA C++ on
+GPU), ``triton`` (the Triton launchers directly; CPU tensors need ``TRITON_INTERPRET=1``)
+or ``reference``. ``auto`` is ``native`` except where a GPU measurement picked another
+path for CUDA tensors (``gpu_auto``): Rademacher ``project_flat`` runs the Triton kernel,
+``factored_project`` and ``score_topk`` the cuBLAS composites of
+``gradkit.kernels.composite`` (benchmarks/results/h200/).
 
 Segments: ``src[s]`` with ``index[s]`` (a 1-D int32/int64 tensor of flat row-major
 positions, or ``None`` for every element in order) contributes its selected
@@ -26,17 +30,46 @@ from gradkit import _ext
 from gradkit.kernels.reference import parammap as _ref
 from gradkit.kernels.reference import scope as _ref_scope
 
-_BACKENDS = ("native", "triton", "reference")
+_BACKENDS = ("auto", "native", "triton", "reference")
+
+
+def _requested() -> str:
+    b = os.environ.get("GRADKIT_BACKEND", "auto").strip().lower()
+    if b not in _BACKENDS:
+        raise ValueError(f"GRADKIT_BACKEND: expected one of {_BACKENDS}, got {b!r}")
+    return b
 
 
 def backend() -> str:
-    """The active backend: ``GRADKIT_BACKEND`` if set, else native (reference when the extension is missing)."""
-    b = os.environ.get("GRADKIT_BACKEND", "native").strip().lower()
-    if b not in _BACKENDS:
-        raise ValueError(f"GRADKIT_BACKEND: expected one of {_BACKENDS}, got {b!r}")
+    """The active backend: ``GRADKIT_BACKEND`` if set, else native (``auto`` is native here; reference when
+    the extension is missing). CUDA tensors under ``auto``: see ``gpu_auto``."""
+    b = _requested()
+    if b == "auto":
+        b = "native"
     if b == "native" and not _ext.LOADED:
         return "reference"
     return b
+
+
+def gpu_auto(t: torch.Tensor) -> bool:
+    """True when ``t`` is a CUDA tensor and the backend is ``auto`` (the default) with the extension
+    loaded: the ops that measured a faster GPU path than their CUDA C++ kernel then take it."""
+    return t.is_cuda and _requested() == "auto" and _ext.LOADED
+
+
+_TRITON_FAMILIES: dict = {}
+
+
+def triton_family(family: str):
+    """``gradkit.kernels.triton.<family>``, or None where triton (or the module) does not import."""
+    if family not in _TRITON_FAMILIES:
+        try:
+            import importlib
+
+            _TRITON_FAMILIES[family] = importlib.import_module(f"gradkit.kernels.triton.{family}")
+        except Exception:  # pragma: no cover - a CUDA torch without triton
+            _TRITON_FAMILIES[family] = None
+    return _TRITON_FAMILIES[family]
 
 
 def _impl(name: str, family: str = "parammap"):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from gradkit import _ext
-from gradkit.ops import _check_typed, _impl
+from gradkit.ops import _check_typed, _impl, gpu_auto, triton_family
 
 __all__ = ["PROJECTION_OPS", "projection_matrix", "projection_matrix_", "project_flat", "factored_project"]
 
@@ -101,6 +101,10 @@ def project_flat(x: torch.Tensor, k: int, seed: int, kind: int = 0, col0: int = 
         raise ValueError(f"col0: must be non-negative, got {col0}")
     if col0 + x.shape[1] >= _MAX_SEED:
         raise ValueError("col0: col0 + D must stay below 2^63")
+    if kind == 0 and x.dtype != torch.float64 and gpu_auto(x):
+        tri = triton_family("projection")
+        if tri is not None:  # H200: 1.27 ms (bf16 x) / 2.24 ms (fp32 x) against the CUDA C++ kernel's 15.3
+            return tri.project_flat(x, k, seed, kind, col0)
     return _impl("project_flat", "projection")(x, k, seed, kind, col0)
 
 
@@ -144,6 +148,10 @@ def factored_project(a: torch.Tensor, g: torch.Tensor, lt: torch.Tensor, rt: tor
             raise ValueError(f"mask: expected a bool tensor of shape ({N},)")
         if mask.device != a.device:
             raise ValueError(f"mask: on {mask.device} but a is on {a.device}")
+    if gpu_auto(a):  # H200: cuBLAS products 0.07 ms, CUDA C++ kernel 0.91, Triton 0.10 (1000^2, 64 x 128, p 16)
+        from gradkit.kernels import composite
+
+        return composite.factored_project(a, g, lt, rt, rb, mask, T)
     return _impl("factored_project", "projection")(a, g, lt, rt, rb, mask, T)
 
 

@@ -1,0 +1,183 @@
+"""The cuBLAS-composite GPU paths (gradkit.kernels.composite) and the default backend's routing of CUDA
+tensors to them (``auto``). The composites are plain torch, so their semantics are checked here on CPU
+tensors against the references (exact for score_topk on integer data, ties and NaN included); the
+routing is checked by standing in for the CUDA test, and on a GPU by the CUDA cases at the end."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from conftest import env_set
+from gradkit import _ext, ops
+from gradkit.kernels import composite
+from gradkit.kernels.reference import projection as pref
+from gradkit.kernels.reference import search as sref
+from test_factored_ops import DTYPES as F_DTYPES, close, make
+from test_search_ops import problems
+
+pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="compiled extension not built")
+
+
+@pytest.mark.parametrize("block,slack", [(1, 0), (7, 0), (50, 0), (50, 256), (100_000, 256)])
+@given(p=problems())
+def test_score_topk_composite_equals_reference(block, slack, p):
+    """Integer data (exact products): every block size and tie slack gives the reference's bits. Slack 0
+    sends every block with ties at the k-th best score through the candidate path or, past it, whole."""
+    q, keys, k, largest, scale, s_in, i_in, base = p
+    saved = composite._TIE_SLACK
+    composite._TIE_SLACK = slack
+    try:
+        got = composite.score_topk(q, keys, k, largest, scale, s_in, i_in, base, block=block)
+    finally:
+        composite._TIE_SLACK = saved
+    want = sref.score_topk(q, keys, k, largest, scale, s_in, i_in, base)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_score_topk_composite_nan_inf_and_ties_across_blocks(largest):
+    """NaN scores rank worst, +-inf keep their order, and a tie at the k-th best that spans two blocks is
+    broken by the lower index, as in the reference."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(-3, 4, (6, 5), generator=g).float()
+    keys = torch.randint(-3, 4, (900, 5), generator=g).float()
+    keys[10, 0] = float("nan")
+    keys[20, 1] = float("inf")
+    keys[400, 2] = float("-inf")
+    keys[777] = keys[3]  # the same scores in another block
+    for block in (64, 300, 4096):
+        got = composite.score_topk(q, keys, 7, largest, None, None, None, 5, block=block)
+        want = sref.score_topk(q, keys, 7, largest, None, None, None, 5)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), block
+
+
+def test_score_topk_composite_candidate_path_on_distinct_scores():
+    """Wide integer range (few ties): the top-k candidate path, not the whole-block fallback, decides."""
+    g = torch.Generator().manual_seed(8)
+    q = torch.randint(-1000, 1001, (20, 16), generator=g).float()
+    keys = torch.randint(-1000, 1001, (5000, 16), generator=g).float()
+    calls = []
+    real = composite.select_topk
+
+    def spy(s, i, k, largest):
+        calls.append(s.shape[1])
+        return real(s, i, k, largest)
+
+    composite.select_topk = spy
+    try:
+        got = composite.score_topk(q, keys, 10, True, None, None, None, 0, block=1000)
+    finally:
+        composite.select_topk = real
+    want = sref.score_topk(q, keys, 10, True, None, None, None, 0)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert max(calls) < 1000  # each merge saw candidates, never a whole block
+
+
+@given(B=st.integers(0, 5), T=st.integers(1, 9), I=st.integers(1, 40), O=st.integers(1, 40),
+       p=st.sampled_from([1, 3, 16, 17, 33]), seed=st.integers(0, 2**31 - 1), rb=st.booleans(), mask=st.booleans(),
+       strided=st.booleans(), dtype=st.sampled_from(F_DTYPES))
+def test_factored_composite_matches_reference(B, T, I, O, p, seed, rb, mask, strided, dtype):
+    args = make(B, T, I, O, p, seed, rb, mask, strided, dtype)
+    got = composite.factored_project(*args, T)
+    assert got.dtype == torch.float32 and got.shape == (B, p, p)
+    assert not bool(torch.isnan(got).any())  # masked NaN tokens never reach the sums
+    close(got, pref.factored_project(*args, T))
+
+
+class _Cuda:
+    is_cuda = True
+
+
+def test_gpu_auto_only_for_cuda_tensors_under_auto():
+    assert not ops.gpu_auto(torch.zeros(2))
+    with env_set("GRADKIT_BACKEND", "auto"):
+        assert ops.gpu_auto(_Cuda())
+    for b in ("native", "triton", "reference"):
+        with env_set("GRADKIT_BACKEND", b):
+            assert not ops.gpu_auto(_Cuda())
+    with env_set("GRADKIT_BACKEND", "auto"):
+        assert ops.backend() == "native"
+
+
+def test_auto_routes_cuda_work_to_the_measured_paths(monkeypatch):
+    """With gpu_auto standing in for a CUDA tensor: score_topk and factored_project reach the composites,
+    Rademacher project_flat the Triton launcher; Gaussian and float64 x stay on the dispatcher."""
+    import gradkit.ops.projection as P
+
+    seen = []
+    monkeypatch.setattr(ops, "gpu_auto", lambda t: True)
+    monkeypatch.setattr(P, "gpu_auto", lambda t: True)
+    real_s, real_f = composite.score_topk, composite.factored_project
+    monkeypatch.setattr(composite, "score_topk", lambda *a, **kw: seen.append("search") or real_s(*a, **kw))
+    monkeypatch.setattr(composite, "factored_project", lambda *a: seen.append("factored") or real_f(*a))
+
+    class FakeTriton:
+        @staticmethod
+        def project_flat(x, k, seed, kind, col0):
+            seen.append(("triton flat", x.dtype, kind))
+            return pref.project_flat(x, k, seed, kind, col0)
+
+    monkeypatch.setattr(P, "triton_family", lambda fam: FakeTriton)
+    q = torch.randn(3, 8)
+    keys = torch.randn(40, 8)
+    s, i = ops.score_topk(q, keys, 4)
+    want = sref.score_topk(q, keys, 4, True, None, None, None, 0)
+    assert torch.equal(i, want[1])
+    args = make(2, 3, 5, 4, 3, 1, rb=True, mask=True)
+    close(ops.factored_project(*args, 3), pref.factored_project(*args, 3))
+    x = torch.randn(2, 70)
+    ops.project_flat(x, 16, 3)
+    ops.project_flat(x.bfloat16(), 16, 3)
+    ops.project_flat(x, 16, 3, kind=1)  # Gaussian: the dispatcher
+    ops.project_flat(x.double(), 16, 3)  # float64: the dispatcher
+    assert seen == ["search", "factored", ("triton flat", torch.float32, 0), ("triton flat", torch.bfloat16, 0)]
+
+
+def test_auto_validates_before_routing(monkeypatch):
+    """Bad input gets the op's error naming the argument on the routed path too."""
+    import gradkit.ops.projection as P
+
+    monkeypatch.setattr(ops, "gpu_auto", lambda t: True)
+    monkeypatch.setattr(P, "gpu_auto", lambda t: True)
+    with pytest.raises(ValueError, match="keys"):
+        ops.score_topk(torch.randn(3, 8), torch.randn(5, 7), 2)
+    with pytest.raises(ValueError, match="T"):
+        ops.factored_project(*make(2, 3, 5, 4, 3, 1)[:4], T=4)
+    with pytest.raises(TypeError, match="x"):
+        ops.project_flat(torch.zeros(2, 3, dtype=torch.int32), 4, 0)
+
+
+# ---- On a GPU: the default backend's results on CUDA tensors against the references.
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_auto_project_flat_matches_reference(dtype):
+    x = torch.randn(70, 5000, generator=torch.Generator().manual_seed(2)).to(dtype)
+    got = ops.project_flat(x.cuda(), 300, 9, 0, 64).cpu()
+    want = pref.project_flat(x, 300, 9, 0, 64)
+    tol = (2e-6 * math.sqrt(5000) * 4 / math.sqrt(300) + 1e-6) * 8
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=tol)
+
+
+@GPU
+@given(p=problems(max_n=700))
+def test_gpu_auto_score_topk_equals_reference(p):
+    q, keys, k, largest, scale, s_in, i_in, base = p
+    mv = lambda t: None if t is None else t.cuda()  # noqa: E731
+    got = ops.score_topk(q.cuda(), keys.cuda(), k, largest=largest, key_scale=mv(scale), scores_in=mv(s_in),
+                         idx_in=mv(i_in), base=base)
+    want = sref.score_topk(q, keys, k, largest, scale, s_in, i_in, base)
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+
+
+@GPU
+@pytest.mark.parametrize("dtype", F_DTYPES)
+def test_gpu_auto_factored_matches_reference(dtype):
+    for B, T, I, O, p in ((3, 37, 1003, 517, 16), (40, 3, 90, 70, 17), (0, 5, 8, 8, 4)):
+        args = make(B, T, I, O, p, 5, rb=True, mask=True, dtype=dtype)
+        got = ops.factored_project(*[None if t is None else t.cuda() for t in args], T).cpu()
+        assert not bool(torch.isnan(got).any())
+        close(got, pref.factored_project(*args, T))
