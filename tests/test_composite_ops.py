@@ -19,18 +19,20 @@ from test_search_ops import problems
 pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="compiled extension not built")
 
 
-@pytest.mark.parametrize("block,slack", [(1, 0), (7, 0), (50, 0), (50, 256), (100_000, 256)])
+@pytest.mark.parametrize("block,slack,margin", [(1, 0, 0), (7, 0, 0), (50, 0, 1), (50, 0, 8), (50, 256, 8),
+                                                 (100_000, 256, 8)])
 @given(p=problems())
-def test_score_topk_composite_equals_reference(block, slack, p):
-    """Integer data (exact products): every block size and tie slack gives the reference's bits. Slack 0
-    sends every block with ties at the k-th best score through the candidate path or, past it, whole."""
+def test_score_topk_composite_equals_reference(block, slack, margin, p):
+    """Integer data (exact products): every block size, tie slack and topk margin gives the reference's
+    bits. Slack 0 sends blocks to the one-topk path (kept only when the ties at the k-th best fit in the
+    margin), then to the tie-gathering path, then whole."""
     q, keys, k, largest, scale, s_in, i_in, base = p
-    saved = composite._TIE_SLACK
-    composite._TIE_SLACK = slack
+    saved = composite._TIE_SLACK, composite._MARGIN
+    composite._TIE_SLACK, composite._MARGIN = slack, margin
     try:
         got = composite.score_topk(q, keys, k, largest, scale, s_in, i_in, base, block=block)
     finally:
-        composite._TIE_SLACK = saved
+        composite._TIE_SLACK, composite._MARGIN = saved
     want = sref.score_topk(q, keys, k, largest, scale, s_in, i_in, base)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
