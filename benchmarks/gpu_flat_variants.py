@@ -89,8 +89,7 @@ def _r_gen0(rk, wbase, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, MA: tl.cons
 
 @triton.jit
 def _flat_v(x_ptr, part_ptr, B, D, K, sxb, sxd, seed_h, seed_m, seed_l, c0_h, c0_m, c0_l, ntiles, per_split,
-            inv_bits, MODE: tl.constexpr, GEN: tl.constexpr, TRANS: tl.constexpr, LOCAL: tl.constexpr,
-            BLOCK_B: tl.constexpr,
+            inv_bits, MODE: tl.constexpr, GEN: tl.constexpr, TRANS: tl.constexpr, BLOCK_B: tl.constexpr,
             BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, MA: tl.constexpr, MB: tl.constexpr, RC: tl.constexpr,
             G: tl.constexpr):
     inv = inv_bits.to(tl.int64).to(tl.float64, bitcast=True)
@@ -137,9 +136,7 @@ def _flat_v(x_ptr, part_ptr, B, D, K, sxb, sxd, seed_h, seed_m, seed_l, c0_h, c0
                 acc += tl.dot(r, xt.to(tl.float32), input_precision="ieee")
         elif MODE == 1:
             rb = r.to(xt.dtype)
-            if TRANS == 0 and LOCAL == 1:
-                acc += tl.dot(xt, rb, tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32))
-            elif TRANS == 0:
+            if TRANS == 0:
                 acc += tl.dot(xt, rb)
             else:
                 acc += tl.dot(rb, xt)
@@ -150,11 +147,7 @@ def _flat_v(x_ptr, part_ptr, B, D, K, sxb, sxd, seed_h, seed_m, seed_l, c0_h, c0
             r1 = xf - hi.to(tl.float32)
             mid = r1.to(tl.bfloat16)
             lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
-            if TRANS == 0 and LOCAL == 1:  # this tile's MMA chain in its own accumulator, added in IEEE fp32
-                tt = tl.dot(lo, rb, tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32))
-                tt = tl.dot(mid, rb, tt)
-                acc += tl.dot(hi, rb, tt)
-            elif TRANS == 0:
+            if TRANS == 0:
                 acc += tl.dot(hi, rb)
                 acc += tl.dot(mid, rb)
                 acc += tl.dot(lo, rb)
@@ -172,7 +165,7 @@ def _flat_v(x_ptr, part_ptr, B, D, K, sxb, sxd, seed_h, seed_m, seed_l, c0_h, c0
         tl.store(base_ptr + bidx[None, :].to(tl.int64) * K + rows[:, None], acc, mask=om)
 
 
-def flat_variant(x, k, seed, gen, trans, bk, bb, bd, warps, stages, mode=None, sms=132, local=0):
+def flat_variant(x, k, seed, gen, trans, bk, bb, bd, warps, stages, mode=None, sms=132):
     """project_flat(x, k, seed, Rademacher, col0=0) with the given variant and tiles."""
     B, D = x.shape
     if mode is None:
@@ -186,11 +179,160 @@ def flat_variant(x, k, seed, gen, trans, bk, bb, bd, warps, stages, mode=None, s
     part = out if split == 1 else torch.empty(split, B, k, dtype=torch.float32, device=x.device)
     kw = {} if x.device.type == "cpu" else {"num_warps": warps, "num_stages": stages}
     _flat_v[(gk, gb, split)](x, part, B, D, k, x.stride(0), x.stride(1), *T._split(seed), *T._split(0), ntiles, per,
-                             T._inv_bits(k), MODE=mode, GEN=gen, TRANS=trans, LOCAL=local, BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd,
+                             T._inv_bits(k), MODE=mode, GEN=gen, TRANS=trans, BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd,
                              MA=T._MIX_A, MB=T._MIX_B, RC=T._ROW_C, G=T._GOLDEN, **kw)
     if split > 1:
         torch.sum(part, dim=0, out=out)
     return out
+
+
+@triton.jit
+def _fp32_tile(x_ptr, B, D, sxb, sxd, bidx, rk, t64, base, col0, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_D: tl.constexpr, MA: tl.constexpr, MB: tl.constexpr, G: tl.constexpr, IEEE: tl.constexpr):
+    """One D tile of fp32 x as three bf16 parts (hi, mid, lo) and the +-1 R^T tile (bf16); IEEE (the
+    interpreter, whose bf16 dots are wrong) returns the same parts widened to fp32."""
+    c = base + t64 * BLOCK_D + tl.arange(0, BLOCK_D)
+    d = c - col0
+    xm = (bidx[:, None] < B) & ((d >= 0) & (d < D))[None, :]
+    xf = tl.load(x_ptr + bidx[:, None].to(tl.int64) * sxb + d[None, :] * sxd, mask=xm, other=0.0).to(tl.float32)
+    bits = T._rt_tile_signs(rk, (base >> 6) + t64 * (BLOCK_D // 64), BLOCK_D, BLOCK_K, MA, MB, G)
+    rb = tl.where(bits != 0, 1.0, -1.0).to(tl.bfloat16)
+    hi = xf.to(tl.bfloat16)
+    r1 = xf - hi.to(tl.float32)
+    mid = r1.to(tl.bfloat16)
+    lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
+    if IEEE:
+        return hi.to(tl.float32), mid.to(tl.float32), lo.to(tl.float32), rb.to(tl.float32)
+    return hi, mid, lo, rb
+
+
+@triton.jit
+def _dot(a, b, c, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, c, input_precision="ieee")
+    return tl.dot(a, b, c)
+
+
+@triton.jit
+def _flat_fp32acc(x_ptr, part_ptr, B, D, K, sxb, sxd, seed_h, seed_m, seed_l, c0_h, c0_m, c0_l, ntiles, per_split,
+                  inv_bits, ACC: tl.constexpr, GROUP: tl.constexpr, IEEE: tl.constexpr, BLOCK_B: tl.constexpr,
+                  BLOCK_K: tl.constexpr,
+                  BLOCK_D: tl.constexpr, MA: tl.constexpr, MB: tl.constexpr, RC: tl.constexpr, G: tl.constexpr):
+    """fp32 x (MODE 2), Rademacher, R^T as the B operand. ACC 0: the shipped single in-place chain; 1: the
+    chain restarted every GROUP tiles and added to the running sum in IEEE fp32; 2: hi in one accumulator,
+    mid + lo in another (each chain's addends then sit at or above its accumulator's last bit far longer);
+    3: three accumulators."""
+    inv = inv_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    seed = T._join(seed_h, seed_m, seed_l)
+    col0 = T._join(c0_h, c0_m, c0_l)
+    base = col0 - (col0 & 63)
+    pid_s = tl.program_id(2)
+    rows = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    bidx = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rk = _row_key(seed, rows.to(tl.int64), MA, MB, RC)
+    acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+    t0 = pid_s * per_split
+    t1 = tl.minimum(t0 + per_split, ntiles)
+    if ACC == 1:
+        for g0 in range(t0, t1, GROUP):
+            inner = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+            for t in range(g0, tl.minimum(g0 + GROUP, t1)):
+                hi, mid, lo, rb = _fp32_tile(x_ptr, B, D, sxb, sxd, bidx, rk, tl.cast(t, tl.int64), base, col0,
+                                             BLOCK_B, BLOCK_K, BLOCK_D, MA, MB, G, IEEE)
+                inner = _dot(lo, rb, inner, IEEE)
+                inner = _dot(mid, rb, inner, IEEE)
+                inner = _dot(hi, rb, inner, IEEE)
+            acc += inner
+    else:
+        for t in range(t0, t1):
+            hi, mid, lo, rb = _fp32_tile(x_ptr, B, D, sxb, sxd, bidx, rk, tl.cast(t, tl.int64), base, col0,
+                                         BLOCK_B, BLOCK_K, BLOCK_D, MA, MB, G, IEEE)
+            if ACC == 0:
+                acc = _dot(hi, rb, acc, IEEE)
+                acc = _dot(mid, rb, acc, IEEE)
+                acc = _dot(lo, rb, acc, IEEE)
+            elif ACC == 2:
+                acc = _dot(hi, rb, acc, IEEE)
+                acc2 = _dot(mid, rb, acc2, IEEE)
+                acc2 = _dot(lo, rb, acc2, IEEE)
+            else:
+                acc = _dot(hi, rb, acc, IEEE)
+                acc2 = _dot(mid, rb, acc2, IEEE)
+                acc3 = _dot(lo, rb, acc3, IEEE)
+    acc = (acc + (acc2 + acc3)) * inv.to(tl.float32)
+    om = (bidx[:, None] < B) & (rows[None, :] < K)
+    optr = part_ptr + pid_s.to(tl.int64) * B * K + bidx[:, None].to(tl.int64) * K + rows[None, :]
+    tl.store(optr, acc, mask=om)
+
+
+def flat_fp32acc(x, k, seed, acc, group, bk, bb, bd, warps, stages, sms=132):
+    B, D = x.shape
+    out = torch.zeros(B, k, dtype=torch.float32, device=x.device)
+    ntiles = triton.cdiv(D, bd)
+    gk, gb = triton.cdiv(k, bk), triton.cdiv(B, bb)
+    split = max(1, min(ntiles, (4 * sms) // max(1, gk * gb)))
+    per = triton.cdiv(ntiles, split)
+    split = triton.cdiv(ntiles, per)
+    part = out if split == 1 else torch.empty(split, B, k, dtype=torch.float32, device=x.device)
+    kw = {} if x.device.type == "cpu" else {"num_warps": warps, "num_stages": stages}
+    _flat_fp32acc[(gk, gb, split)](x, part, B, D, k, x.stride(0), x.stride(1), *T._split(seed), *T._split(0), ntiles,
+                                   per, T._inv_bits(k), ACC=acc, GROUP=group, IEEE=x.device.type == "cpu", BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd,
+                                   MA=T._MIX_A, MB=T._MIX_B, RC=T._ROW_C, G=T._GOLDEN, **kw)
+    if split > 1:
+        torch.sum(part, dim=0, out=out)
+    return out
+
+
+def _full_reference(x, k, seed, chunk=65_536):
+    """x @ R^T over the whole D in float64, R generated chunk by chunk (the Triton generator, which
+    bench_gpu.py checks against the CPU's bit for bit)."""
+    out = torch.zeros(x.shape[0], k, dtype=torch.float64, device=x.device)
+    for c0 in range(0, x.shape[1], chunk):
+        c1 = min(c0 + chunk, x.shape[1])
+        r = torch.empty(k, c1 - c0, dtype=torch.float32, device=x.device)
+        T.projection_matrix_(r, seed, 0, k, 0, c0)
+        out += x[:, c0:c1].double() @ r.double().T
+    return out
+
+
+def accuracy(a, dev, k, D, batches, xs, seed, sms, path):
+    """fp32 x over the full D: relative error against float64 and time, per accumulation variant."""
+    rows = []
+    # the shipped tile, and (128, 64, 64), which spills least for every ACC (sm_90 compile here: 8-360
+    # stack bytes against 760-1680)
+    tiles = [(64, 16, 64, 4, 3)] if a.smoke else [(128, 64, 128, 4, 3), (128, 64, 64, 4, 3)]
+    variants = [(0, 1), (1, 8), (1, 32), (2, 1), (3, 1)] + ([(1, 3)] if a.smoke else [])
+    if a.smoke:  # programs of 8 tiles (D = 2000, one 'SM'): whole and partial groups
+        sms = 1
+        xs = {B: [(torch.randn(B, 2000, generator=torch.Generator().manual_seed(B)), "float32")] for B in batches}
+    with open(path, "w") as fh:
+        for B in batches:
+            x = next(x for x, dt in xs[B] if dt == "float32")
+            want = _full_reference(x, k, seed)
+            for tile, (acc, group) in [(t, v) for t in tiles for v in variants]:
+                bk, bb, bd, w, s = tile
+                row = {"B": B, "dtype": "float32", "variant": f"acc{acc} group{group} k{bk} b{bb} d{bd}", "tile": tile}
+                try:
+                    f = lambda: flat_fp32acc(x, k, seed, acc, group, bk, bb, bd, w, s, sms)  # noqa: E731
+                    got = f()
+                    row["err_full_f64"] = _rel(got, want)
+                    row["ok"] = row["err_full_f64"] <= (1e-6 if a.smoke else 1e-3)
+                    if row["ok"] and not a.smoke:
+                        row["ms"] = triton.testing.do_bench(f, warmup=20, rep=60, return_mode="median")
+                        row["tflops"] = 2 * B * D * k / row["ms"] / 1e9
+                except Exception as e:
+                    row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+                rows.append(row)
+                fh.write(json.dumps(row) + "\n")
+                fh.flush()
+                print(f"accuracy B={B} {row['variant']}: err {row.get('err_full_f64', float('nan')):.2e} "
+                      f"{row.get('ms', 0):.3f} ms {row.get('tflops', 0):.1f} TFLOP/s {row.get('error', '')}",
+                      flush=True)
+    bad = [r for r in rows if not r["ok"]]
+    print(f"{len(rows)} accuracy rows, {len(bad)} not ok; wrote {path}")
+    return 1 if bad else 0
 
 
 def _matrix(k, cols, seed, dev):
@@ -283,8 +425,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=150.0, help="start no new variant after this many seconds")
     ap.add_argument("--no-extras", action="store_true", help="variants only (no fast_jl / search rows)")
     ap.add_argument("--extras-only", action="store_true", help="fast_jl / search rows only")
-    ap.add_argument("--local", action="store_true",
-                    help="the shipped kernel (GEN 0, TRANS 0, default tiles) with and without a per-tile accumulator")
+    ap.add_argument("--accuracy", action="store_true",
+                    help="fp32 x: the shipped accumulation against the ACC variants, checked over the full D")
     a = ap.parse_args(argv)
     t_start = time.time()
     dev = "cpu" if a.smoke else "cuda"
@@ -323,8 +465,10 @@ def main(argv=None) -> int:
                     for trans in (0, 1):
                         for mode in modes:
                             plan.append((ti, tile, B, x, dt, gen, trans, mode))
-    if a.local:  # LOCAL is carried in the 'trans' slot: 0 / 2 (the shipped kernel / per-tile accumulator)
-        plan = [(0, tiles[0], B, x, dt, 0, tr, m) for B in batches for x, dt in xs[B] for tr in (0, 2) for m in modes]
+    if a.accuracy:
+        fh.close()
+        return accuracy(a, dev, k, D, batches, xs, seed, sms,
+                        os.path.join(a.out, "gpu-flat-accuracy" + ("-smoke" if a.smoke else "") + ".jsonl"))
     baseline = {}
     for ti, tile, B, x, dt, gen, trans, mode in ([] if a.extras_only else plan):
         if time.time() - t_start > a.budget_s:
@@ -334,9 +478,8 @@ def main(argv=None) -> int:
         name = f"gen{gen} trans{trans} k{bk} b{bb} d{bd} w{w} s{s}"
         row = {"B": B, "dtype": dt, "variant": name, "gen": gen, "trans": trans, "tile": tile}
         try:
-            loc, trn = (1, 0) if trans == 2 else (0, trans)
-            f = lambda: flat_variant(x, k, seed, gen, trn, bk, bb, bd, w, s, mode, sms, loc)  # noqa: E731
-            head = flat_variant(x[:, :ds].contiguous(), k, seed, gen, trn, bk, bb, bd, w, s, mode, sms, loc)
+            f = lambda: flat_variant(x, k, seed, gen, trans, bk, bb, bd, w, s, mode, sms)  # noqa: E731
+            head = flat_variant(x[:, :ds].contiguous(), k, seed, gen, trans, bk, bb, bd, w, s, mode, sms)
             err = _rel(head, x[:, :ds].double() @ Rs.T)
             full = f()
             key = (B, dt)

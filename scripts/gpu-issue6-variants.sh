@@ -2,8 +2,8 @@
 # Issue 6 on a lent GPU, second call (after scripts/gpu-issue6.sh): no C++ build. Builds TRAK's fast_jl in the
 # background (its setup.py asks for compute_70, which CUDA 13 dropped: patched to 9.0), while
 # benchmarks/gpu_flat_variants.py checks and times the Triton flat kernel's generation variants; then the
-# fast_jl rows and the blocked-search rows. About 4-5 minutes:
-#   run(command="bash scripts/gpu-issue6-variants.sh", carry=[".gpu-peers"], timeout_s=330)
+# fast_jl rows and the blocked-search rows. About 5-6 minutes (EXTRAS_ONLY=1: fast_jl and search only):
+#   run(command="bash scripts/gpu-issue6-variants.sh", carry=[".gpu-peers"], timeout_s=420)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gradkit-gpu-out}
@@ -19,6 +19,10 @@ PEERS=/tmp/gpu-peers
 ) > "$OUT/peers-build.txt" 2>&1 &
 PEERS_PID=$!
 export PYTHONPATH="$PEERS:$PWD/python"
+# fp32 x accuracy over the full D: the shipped single MMA chain against per-group / per-part accumulators
+# (benchmarks/GPU-NOTES.md, "Measured"); ACCURACY=0 skips it
+[ "${ACCURACY:-1}" = 1 ] && timeout 100 $PY benchmarks/gpu_flat_variants.py --out "$OUT" --accuracy 2>&1 | \
+  tee "$OUT/accuracy.txt"
 [ "${EXTRAS_ONLY:-0}" = 1 ] || \
   timeout 200 $PY benchmarks/gpu_flat_variants.py --out "$OUT" --budget-s 140 --no-extras 2>&1 | tee "$OUT/variants.txt"
 wait "$PEERS_PID" && echo "fast_jl built ($((SECONDS - T0)) s)" || { echo "fast_jl build failed:"; grep -m5 -i "error\|fatal" "$OUT/peers-build.txt"; }
