@@ -59,6 +59,8 @@ class Run:
     def prov(self, be: str) -> str:
         if be == "triton":
             return "gradkit Triton"
+        if be == "auto":  # the default backend: on CUDA tensors Triton / cuBLAS composites (gradkit.ops)
+            return "gradkit default (auto)"
         return "gradkit CUDA C++" if self.dev.startswith("cuda") else "gradkit C++ (CPU)"
 
     def backend(self, name: str):
@@ -165,7 +167,7 @@ def flat(r: Run) -> None:
         same_shape = flops / st["p50"]
         for x, dt in ((x32, "float32"), (xb, "bfloat16")):
             op = f"flat rademacher B={B} {dt}"
-            for be in ("native", "triton"):
+            for be in ("native", "triton", "auto"):
                 r.backend(be)
                 prov = r.prov(be)
                 st = _checked_flat(r, f"{op} {prov}", x, k, Rs)
@@ -249,7 +251,7 @@ def factored(r: Run) -> None:
         if r.check(f"factored {W} torch composite", _rel(composite(), ref), 1e-5):
             st = r.time(composite)
             r.rec.add(FAMILY, "factored (hook work)", "torch composite (bergson's math)", wl, "float32", st)
-        for be in ("native", "triton"):
+        for be in ("native", "triton", "auto"):
             r.backend(be)
             prov = r.prov(be)
             f = lambda: ops.factored_project(a, g, lt, rt, None, None, T)  # noqa: E731
@@ -277,7 +279,7 @@ def search(r: Run) -> None:
     ref = torch_topk()
     st = r.time(torch_topk)
     r.rec.add(FAMILY, "search top-10", "torch mm + topk", wl, "float32", st)
-    for be in ("native", "triton"):
+    for be in ("native", "triton", "auto"):
         r.backend(be)
         prov = r.prov(be)
         s, i = ops.score_topk(q, keys, k)

@@ -11,7 +11,8 @@ matrix units, bounds it. Variants, all drawing the same bits (so the same matrix
   and one logic op per entry, then a packed fp32 -> bf16 conversion.
 * TRANS 0: ``acc[B, k] += x_tile @ Rt_tile`` (R^T tile is the B operand: generated in registers, stored to
   shared memory for wgmma). TRANS 1: ``acc[k, B] += R_tile @ x_tile^T`` (R is the A operand, which wgmma can
-  take from registers).
+  take from registers). TRANS 2 (GEN 0 only, added after the first run): TRANS 0 unrolled by two into two
+  accumulators over alternate tiles, so one tile's generation can overlap the other's wgmma.
 
 Each variant is checked before it is timed: its first 65,536 columns against float64 (R from the Triton
 generator, itself checked against the CPU's in bench_gpu.py), and its full output against the shipped
@@ -165,6 +166,68 @@ def _flat_v(x_ptr, part_ptr, B, D, K, sxb, sxd, seed_h, seed_m, seed_l, c0_h, c0
         tl.store(base_ptr + bidx[None, :].to(tl.int64) * K + rows[:, None], acc, mask=om)
 
 
+@triton.jit
+def _tile_xr(x_ptr, B, D, sxb, sxd, bidx, rk, t64, tlim, base, col0, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+             MA: tl.constexpr, MB: tl.constexpr, G: tl.constexpr):
+    """x tile [BLOCK_B, BLOCK_D] (zeros when t64 >= tlim) and the shipped +-1 R^T tile [BLOCK_D, BLOCK_K]."""
+    c = base + t64 * BLOCK_D + tl.arange(0, BLOCK_D)
+    d = c - col0
+    dm = (d >= 0) & (d < D) & (c < base + tlim.to(tl.int64) * BLOCK_D)
+    xm = (bidx[:, None] < B) & dm[None, :]
+    xt = tl.load(x_ptr + bidx[:, None].to(tl.int64) * sxb + d[None, :] * sxd, mask=xm, other=0.0)
+    bits = T._rt_tile_signs(rk, (base >> 6) + t64 * (BLOCK_D // 64), BLOCK_D, BLOCK_K, MA, MB, G)
+    return xt, tl.where(bits != 0, 1.0, -1.0).to(tl.float32)
+
+
+@triton.jit
+def _mode_dot(xt, r, acc, MODE: tl.constexpr):
+    if MODE == 0:
+        return tl.dot(xt.to(tl.float32), r, acc, input_precision="ieee")
+    elif MODE == 1:
+        return tl.dot(xt, r.to(xt.dtype), acc)
+    else:
+        rb = r.to(tl.bfloat16)
+        xf = xt.to(tl.float32)
+        hi = xf.to(tl.bfloat16)
+        r1 = xf - hi.to(tl.float32)
+        mid = r1.to(tl.bfloat16)
+        lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
+        acc = tl.dot(hi, rb, acc)
+        acc = tl.dot(mid, rb, acc)
+        return tl.dot(lo, rb, acc)
+
+
+@triton.jit
+def _flat_2acc(x_ptr, part_ptr, B, D, K, sxb, sxd, seed_h, seed_m, seed_l, c0_h, c0_m, c0_l, ntiles, per_split,
+               inv_bits, MODE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+               MA: tl.constexpr, MB: tl.constexpr, RC: tl.constexpr, G: tl.constexpr):
+    """The shipped kernel with the D loop unrolled by two into two accumulators: the two dots of an
+    iteration are independent (their own R^T operand in shared memory), so the second tile's generation
+    need not wait for the first tile's wgmma, and each MMA chain is half as long."""
+    inv = inv_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    seed = T._join(seed_h, seed_m, seed_l)
+    col0 = T._join(c0_h, c0_m, c0_l)
+    base = col0 - (col0 & 63)
+    pid_s = tl.program_id(2)
+    rows = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    bidx = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rk = _row_key(seed, rows.to(tl.int64), MA, MB, RC)
+    acc0 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+    t0 = pid_s * per_split
+    t1 = tl.minimum(t0 + per_split, ntiles)
+    for t in range(t0, t1, 2):
+        t64 = tl.cast(t, tl.int64)
+        xa, ra = _tile_xr(x_ptr, B, D, sxb, sxd, bidx, rk, t64, t1, base, col0, BLOCK_D, BLOCK_K, MA, MB, G)
+        acc0 = _mode_dot(xa, ra, acc0, MODE)
+        xb, rb = _tile_xr(x_ptr, B, D, sxb, sxd, bidx, rk, t64 + 1, t1, base, col0, BLOCK_D, BLOCK_K, MA, MB, G)
+        acc1 = _mode_dot(xb, rb, acc1, MODE)
+    acc = (acc0 + acc1) * inv.to(tl.float32)
+    om = (bidx[:, None] < B) & (rows[None, :] < K)
+    optr = part_ptr + pid_s.to(tl.int64) * B * K + bidx[:, None].to(tl.int64) * K + rows[None, :]
+    tl.store(optr, acc, mask=om)
+
+
 def flat_variant(x, k, seed, gen, trans, bk, bb, bd, warps, stages, mode=None, sms=132):
     """project_flat(x, k, seed, Rademacher, col0=0) with the given variant and tiles."""
     B, D = x.shape
@@ -178,6 +241,13 @@ def flat_variant(x, k, seed, gen, trans, bk, bb, bd, warps, stages, mode=None, s
     split = triton.cdiv(ntiles, per)
     part = out if split == 1 else torch.empty(split, B, k, dtype=torch.float32, device=x.device)
     kw = {} if x.device.type == "cpu" else {"num_warps": warps, "num_stages": stages}
+    if trans == 2:  # TRANS 2: the shipped generation and orientation, two accumulators over alternate tiles
+        _flat_2acc[(gk, gb, split)](x, part, B, D, k, x.stride(0), x.stride(1), *T._split(seed), *T._split(0), ntiles,
+                                    per, T._inv_bits(k), MODE=mode, BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd, MA=T._MIX_A,
+                                    MB=T._MIX_B, RC=T._ROW_C, G=T._GOLDEN, **kw)
+        if split > 1:
+            torch.sum(part, dim=0, out=out)
+        return out
     _flat_v[(gk, gb, split)](x, part, B, D, k, x.stride(0), x.stride(1), *T._split(seed), *T._split(0), ntiles, per,
                              T._inv_bits(k), MODE=mode, GEN=gen, TRANS=trans, BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd,
                              MA=T._MIX_A, MB=T._MIX_B, RC=T._ROW_C, G=T._GOLDEN, **kw)
@@ -430,7 +500,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     t_start = time.time()
     dev = "cpu" if a.smoke else "cuda"
-    k, D = (64, 300) if a.smoke else (2048, 1_048_576)
+    k, D = (64, 1100) if a.smoke else (2048, 1_048_576)  # smoke: 18 or 9 tiles, 5 or 3 per program (one SM)
     seed = 0
     stem = "gpu-flat-extras" if a.extras_only else "gpu-flat-variants"
     path = os.path.join(a.out, stem + ("-smoke" if a.smoke else "") + ".jsonl")
@@ -440,7 +510,7 @@ def main(argv=None) -> int:
            "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (TRITON_INTERPRET)"}
     fh.write(json.dumps({"env": env}) + "\n")
     print(env, flush=True)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 4
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 1
     ds = min(D, 65_536)
     Rs = _matrix(k, ds, seed, dev).double()
     if a.smoke:
@@ -461,10 +531,9 @@ def main(argv=None) -> int:
     for ti, tile in enumerate(tiles):
         for B in batches:
             for x, dt in xs[B]:
-                for gen in (0, 1):
-                    for trans in (0, 1):
-                        for mode in modes:
-                            plan.append((ti, tile, B, x, dt, gen, trans, mode))
+                for gen, trans in ((0, 0), (0, 1), (1, 0), (1, 1), (0, 2)):
+                    for mode in modes:
+                        plan.append((ti, tile, B, x, dt, gen, trans, mode))
     if a.accuracy:
         fh.close()
         return accuracy(a, dev, k, D, batches, xs, seed, sms,

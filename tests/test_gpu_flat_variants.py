@@ -22,10 +22,11 @@ def _run(tmp_path, *args):
 def test_generation_variants_agree(tmp_path):
     _run(tmp_path)
     rows = [json.loads(line) for line in open(tmp_path / "gpu-flat-variants-smoke.jsonl")][1:]
-    assert len(rows) == 16 and all(r["ok"] for r in rows)
+    assert len(rows) == 20 and all(r["ok"] for r in rows)
     assert max(r["err_f64"] for r in rows) < 1e-6
     # GEN 1 draws the same matrix: with the shipped tiles and orientation its output is the shipped one's bits
     same = [r for r in rows if r["gen"] == 1 and r["trans"] == 0 and r["tile"] == rows[0]["tile"]]
+    assert {(r["gen"], r["trans"]) for r in rows} == {(0, 0), (0, 1), (1, 0), (1, 1), (0, 2)}
     assert same and all(r["rel_vs_shipped"] == 0.0 for r in same)
 
 
