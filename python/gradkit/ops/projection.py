@@ -91,8 +91,9 @@ def project_flat(x: torch.Tensor, k: int, seed: int, kind: int = 0, col0: int = 
     """``x (B, Dc) @ R[:, col0:col0+Dc]^T`` -> (B, k) fp32 (fp32 accumulation; R never stored).
 
     CUDA tensors under the default backend run the Triton kernel (tensor cores): bf16 / fp16 x exactly
-    (+-1 products, fp32 sums); fp32 x as three bf16 parts, relative error up to about 1e-4 against float64
-    on an H200 (the CUDA C++ kernel, ``GRADKIT_BACKEND=native``: about 3e-6, 7x slower)."""
+    (+-1 products, fp32 sums); fp32 x as three bf16 parts, relative error against float64 of 1e-5 to a few
+    1e-4 on an H200, growing with D per program (the CUDA C++ kernel, ``GRADKIT_BACKEND=native``: about
+    3e-6, 7x slower; benchmarks/GPU-NOTES.md)."""
     seed, kind, k = _check_gen(seed, kind, k)
     col0 = _int(col0, "col0")
     if not isinstance(x, torch.Tensor):
