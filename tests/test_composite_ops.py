@@ -6,14 +6,14 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
 
 from conftest import env_set
 from gradkit import _ext, ops
 from gradkit.kernels import composite
 from gradkit.kernels.reference import projection as pref
 from gradkit.kernels.reference import search as sref
-from test_factored_ops import DTYPES as F_DTYPES, close, make
+from test_factored_ops import CASES, DTYPES as F_DTYPES, close, make
 from test_search_ops import problems
 
 pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="compiled extension not built")
@@ -76,9 +76,7 @@ def test_score_topk_composite_candidate_path_on_distinct_scores():
     assert max(calls) < 1000  # each merge saw candidates, never a whole block
 
 
-@given(B=st.integers(0, 5), T=st.integers(1, 9), I=st.integers(1, 40), O=st.integers(1, 40),
-       p=st.sampled_from([1, 3, 16, 17, 33]), seed=st.integers(0, 2**31 - 1), rb=st.booleans(), mask=st.booleans(),
-       strided=st.booleans(), dtype=st.sampled_from(F_DTYPES))
+@given(**CASES)
 def test_factored_composite_matches_reference(B, T, I, O, p, seed, rb, mask, strided, dtype):
     args = make(B, T, I, O, p, seed, rb, mask, strided, dtype)
     got = composite.factored_project(*args, T)
