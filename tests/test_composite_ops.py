@@ -181,3 +181,14 @@ def test_gpu_auto_factored_matches_reference(dtype):
         got = ops.factored_project(*[None if t is None else t.cuda() for t in args], T).cpu()
         assert not bool(torch.isnan(got).any())
         close(got, pref.factored_project(*args, T))
+
+
+def test_cli_info_names_the_backend(capsys):
+    from gradkit import cli
+
+    with env_set("GRADKIT_BACKEND", "auto"):
+        assert cli.main(["info"]) == 0
+    assert "active backend: auto (native; on CUDA tensors Triton project_flat" in capsys.readouterr().out
+    with env_set("GRADKIT_BACKEND", "native"):
+        assert cli.main(["info"]) == 0
+    assert "active backend: native;" in capsys.readouterr().out

@@ -30,7 +30,10 @@ def _info() -> int:
 
     print(f"gradkit extension loaded: {_ext.LOADED}" + (f" ({_ext.ERROR})" if _ext.ERROR else ""))
     print(f"CUDA kernels compiled: {_ext.has_kernel('gather_segments', 'CUDA')}")
-    print(f"active backend: {ops.backend()}; torch {torch.__version__}; cuda available: {torch.cuda.is_available()}")
+    b = ops.backend()
+    if ops._requested() == "auto" and b == "native":  # what CUDA tensors get differs: say so
+        b = "auto (native; on CUDA tensors Triton project_flat, cuBLAS factored_project / score_topk)"
+    print(f"active backend: {b}; torch {torch.__version__}; cuda available: {torch.cuda.is_available()}")
     return 0
 
 
