@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 6 on a lent GPU, second call (after scripts/gpu-issue6.sh): no C++ build. Builds TRAK's fast_jl in the
-# background (its setup.py asks for compute_70, which CUDA 13 dropped: patched to 9.0), while
+# background (scripts/build-gpu-peers.sh), while
 # benchmarks/gpu_flat_variants.py checks and times the Triton flat kernel's generation variants; then the
 # fast_jl rows and the blocked-search rows. About 5-6 minutes (EXTRAS_ONLY=1: fast_jl and search only):
 #   run(command="bash scripts/gpu-issue6-variants.sh", carry=[".gpu-peers"], timeout_s=420)
@@ -12,11 +12,7 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 T0=$SECONDS
 PEERS=/tmp/gpu-peers
-(set -e; $PY -m pip install -q --no-deps --no-index --target "$PEERS" .gpu-peers/traker-*.whl
- rm -rf /tmp/fast_jl-src && mkdir -p /tmp/fast_jl-src && tar xzf .gpu-peers/fast_jl-*.tar.gz -C /tmp/fast_jl-src
- cd /tmp/fast_jl-src/fast_jl-* && touch README.rst && sed -i 's/7.0+PTX/9.0/' setup.py
- MAX_JOBS=8 timeout 240 $PY -m pip install -q --no-deps --no-build-isolation --no-index --target "$PEERS" .
-) > "$OUT/peers-build.txt" 2>&1 &
+bash scripts/build-gpu-peers.sh "$PEERS" 240 > "$OUT/peers-build.txt" 2>&1 &
 PEERS_PID=$!
 export PYTHONPATH="$PEERS:$PWD/python"
 # fp32 x accuracy over the full D: the shipped single MMA chain against per-group / per-part accumulators

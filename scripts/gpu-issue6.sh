@@ -23,12 +23,7 @@ triton.__version__, torch.cuda.get_device_name())"; nvidia-smi --query-gpu=name,
 clocks.max.sm,memory.total --format=csv; nproc; } 2>&1 | tee "$OUT/env.txt"
 PEERS=/tmp/gpu-peers
 if ls .gpu-peers/fast_jl-*.tar.gz >/dev/null 2>&1; then
-  (set -e; $PY -m pip install -q --no-deps --no-index --target "$PEERS" .gpu-peers/traker-*.whl
-   rm -rf /tmp/fast_jl-src && mkdir -p /tmp/fast_jl-src && tar xzf .gpu-peers/fast_jl-*.tar.gz -C /tmp/fast_jl-src
-   # fast_jl's setup.py asks for compute_70, which CUDA 13 dropped (the H200 image's nvcc, 2026-12-04)
-   cd /tmp/fast_jl-src/fast_jl-* && touch README.rst && sed -i 's/7.0+PTX/9.0/' setup.py
-   MAX_JOBS=8 timeout 300 $PY -m pip install -q --no-deps --no-build-isolation --no-index --target "$PEERS" .
-  ) > "$OUT/peers-build.txt" 2>&1 &
+  bash scripts/build-gpu-peers.sh "$PEERS" 300 > "$OUT/peers-build.txt" 2>&1 &
   PEERS_PID=$!
 else
   echo "no .gpu-peers/: TRAK's fast_jl rows are skipped (bash scripts/fetch-gpu-peers.sh here first)"
