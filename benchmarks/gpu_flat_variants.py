@@ -228,49 +228,45 @@ def _flat_2acc(x_ptr, part_ptr, B, D, K, sxb, sxd, seed_h, seed_m, seed_l, c0_h,
     tl.store(optr, acc, mask=om)
 
 
-def flat_variant(x, k, seed, gen, trans, bk, bb, bd, warps, stages, mode=None, sms=132):
-    """project_flat(x, k, seed, Rademacher, col0=0) with the given variant and tiles."""
+def _launch(kernel, x, k, seed, bk, bb, bd, warps, stages, sms, **constexprs):
+    """kernel over the grid (k tiles, B tiles, D splits) with project_flat's D-split rule (T.d_splits), the
+    per-split partial sums added afterwards in order, as the shipped launcher does."""
     B, D = x.shape
-    if mode is None:
-        mode = 1 if x.dtype in (torch.bfloat16, torch.float16) else 2
     out = torch.zeros(B, k, dtype=torch.float32, device=x.device)
     ntiles = triton.cdiv(D, bd)
     gk, gb = triton.cdiv(k, bk), triton.cdiv(B, bb)
-    split = max(1, min(ntiles, (4 * sms) // max(1, gk * gb)))
-    per = triton.cdiv(ntiles, split)
-    split = triton.cdiv(ntiles, per)
+    split, per = T.d_splits(ntiles, gk * gb, 4 * sms)
     part = out if split == 1 else torch.empty(split, B, k, dtype=torch.float32, device=x.device)
     kw = {} if x.device.type == "cpu" else {"num_warps": warps, "num_stages": stages}
-    if trans == 2:  # TRANS 2: the shipped generation and orientation, two accumulators over alternate tiles
-        _flat_2acc[(gk, gb, split)](x, part, B, D, k, x.stride(0), x.stride(1), *T._split(seed), *T._split(0), ntiles,
-                                    per, T._inv_bits(k), MODE=mode, BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd, MA=T._MIX_A,
-                                    MB=T._MIX_B, RC=T._ROW_C, G=T._GOLDEN, **kw)
-        if split > 1:
-            torch.sum(part, dim=0, out=out)
-        return out
-    _flat_v[(gk, gb, split)](x, part, B, D, k, x.stride(0), x.stride(1), *T._split(seed), *T._split(0), ntiles, per,
-                             T._inv_bits(k), MODE=mode, GEN=gen, TRANS=trans, BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd,
-                             MA=T._MIX_A, MB=T._MIX_B, RC=T._ROW_C, G=T._GOLDEN, **kw)
+    kernel[(gk, gb, split)](x, part, B, D, k, x.stride(0), x.stride(1), *T._split(seed), *T._split(0), ntiles, per,
+                            T._inv_bits(k), BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd, MA=T._MIX_A, MB=T._MIX_B,
+                            RC=T._ROW_C, G=T._GOLDEN, **constexprs, **kw)
     if split > 1:
         torch.sum(part, dim=0, out=out)
     return out
 
 
+def flat_variant(x, k, seed, gen, trans, bk, bb, bd, warps, stages, mode=None, sms=132):
+    """project_flat(x, k, seed, Rademacher, col0=0) with the given variant and tiles."""
+    if mode is None:
+        mode = 1 if x.dtype in (torch.bfloat16, torch.float16) else 2
+    if trans == 2:  # TRANS 2: the shipped generation and orientation, two accumulators over alternate tiles
+        return _launch(_flat_2acc, x, k, seed, bk, bb, bd, warps, stages, sms, MODE=mode)
+    return _launch(_flat_v, x, k, seed, bk, bb, bd, warps, stages, sms, MODE=mode, GEN=gen, TRANS=trans)
+
+
 @triton.jit
-def _fp32_tile(x_ptr, B, D, sxb, sxd, bidx, rk, t64, base, col0, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-               BLOCK_D: tl.constexpr, MA: tl.constexpr, MB: tl.constexpr, G: tl.constexpr, IEEE: tl.constexpr):
+def _fp32_tile(x_ptr, B, D, sxb, sxd, bidx, rk, t64, tlim, base, col0, BLOCK_D: tl.constexpr,
+               BLOCK_K: tl.constexpr, MA: tl.constexpr, MB: tl.constexpr, G: tl.constexpr, IEEE: tl.constexpr):
     """One D tile of fp32 x as three bf16 parts (hi, mid, lo) and the +-1 R^T tile (bf16); IEEE (the
     interpreter, whose bf16 dots are wrong) returns the same parts widened to fp32."""
-    c = base + t64 * BLOCK_D + tl.arange(0, BLOCK_D)
-    d = c - col0
-    xm = (bidx[:, None] < B) & ((d >= 0) & (d < D))[None, :]
-    xf = tl.load(x_ptr + bidx[:, None].to(tl.int64) * sxb + d[None, :] * sxd, mask=xm, other=0.0).to(tl.float32)
-    bits = T._rt_tile_signs(rk, (base >> 6) + t64 * (BLOCK_D // 64), BLOCK_D, BLOCK_K, MA, MB, G)
-    rb = tl.where(bits != 0, 1.0, -1.0).to(tl.bfloat16)
+    xt, r = _tile_xr(x_ptr, B, D, sxb, sxd, bidx, rk, t64, tlim, base, col0, BLOCK_D, BLOCK_K, MA, MB, G)
+    xf = xt.to(tl.float32)
     hi = xf.to(tl.bfloat16)
     r1 = xf - hi.to(tl.float32)
     mid = r1.to(tl.bfloat16)
     lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
+    rb = r.to(tl.bfloat16)
     if IEEE:
         return hi.to(tl.float32), mid.to(tl.float32), lo.to(tl.float32), rb.to(tl.float32)
     return hi, mid, lo, rb
@@ -309,16 +305,16 @@ def _flat_fp32acc(x_ptr, part_ptr, B, D, K, sxb, sxd, seed_h, seed_m, seed_l, c0
         for g0 in range(t0, t1, GROUP):
             inner = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
             for t in range(g0, tl.minimum(g0 + GROUP, t1)):
-                hi, mid, lo, rb = _fp32_tile(x_ptr, B, D, sxb, sxd, bidx, rk, tl.cast(t, tl.int64), base, col0,
-                                             BLOCK_B, BLOCK_K, BLOCK_D, MA, MB, G, IEEE)
+                hi, mid, lo, rb = _fp32_tile(x_ptr, B, D, sxb, sxd, bidx, rk, tl.cast(t, tl.int64), t1, base, col0,
+                                             BLOCK_D, BLOCK_K, MA, MB, G, IEEE)
                 inner = _dot(lo, rb, inner, IEEE)
                 inner = _dot(mid, rb, inner, IEEE)
                 inner = _dot(hi, rb, inner, IEEE)
             acc += inner
     else:
         for t in range(t0, t1):
-            hi, mid, lo, rb = _fp32_tile(x_ptr, B, D, sxb, sxd, bidx, rk, tl.cast(t, tl.int64), base, col0,
-                                         BLOCK_B, BLOCK_K, BLOCK_D, MA, MB, G, IEEE)
+            hi, mid, lo, rb = _fp32_tile(x_ptr, B, D, sxb, sxd, bidx, rk, tl.cast(t, tl.int64), t1, base, col0,
+                                         BLOCK_D, BLOCK_K, MA, MB, G, IEEE)
             if ACC == 0:
                 acc = _dot(hi, rb, acc, IEEE)
                 acc = _dot(mid, rb, acc, IEEE)
@@ -338,21 +334,8 @@ def _flat_fp32acc(x_ptr, part_ptr, B, D, K, sxb, sxd, seed_h, seed_m, seed_l, c0
 
 
 def flat_fp32acc(x, k, seed, acc, group, bk, bb, bd, warps, stages, sms=132):
-    B, D = x.shape
-    out = torch.zeros(B, k, dtype=torch.float32, device=x.device)
-    ntiles = triton.cdiv(D, bd)
-    gk, gb = triton.cdiv(k, bk), triton.cdiv(B, bb)
-    split = max(1, min(ntiles, (4 * sms) // max(1, gk * gb)))
-    per = triton.cdiv(ntiles, split)
-    split = triton.cdiv(ntiles, per)
-    part = out if split == 1 else torch.empty(split, B, k, dtype=torch.float32, device=x.device)
-    kw = {} if x.device.type == "cpu" else {"num_warps": warps, "num_stages": stages}
-    _flat_fp32acc[(gk, gb, split)](x, part, B, D, k, x.stride(0), x.stride(1), *T._split(seed), *T._split(0), ntiles,
-                                   per, T._inv_bits(k), ACC=acc, GROUP=group, IEEE=x.device.type == "cpu", BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd,
-                                   MA=T._MIX_A, MB=T._MIX_B, RC=T._ROW_C, G=T._GOLDEN, **kw)
-    if split > 1:
-        torch.sum(part, dim=0, out=out)
-    return out
+    return _launch(_flat_fp32acc, x, k, seed, bk, bb, bd, warps, stages, sms, ACC=acc, GROUP=group,
+                   IEEE=x.device.type == "cpu")
 
 
 def _full_reference(x, k, seed, chunk=65_536):

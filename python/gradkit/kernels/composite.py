@@ -54,10 +54,13 @@ def _candidates(s: torch.Tensor, k: int, largest: bool, off: int) -> Tuple[torch
     """Every entry of the score block s (Q, M) that can be among the k best of any union containing the
     block: the k best by the reference's key and all entries tied with the k-th. (scores, global indices)."""
     Q, M = s.shape
-    idx = torch.arange(off, off + M, dtype=torch.int64, device=s.device)
+
+    def whole():
+        return s, torch.arange(off, off + M, dtype=torch.int64, device=s.device).expand(Q, M)
+
     kk = min(k, M)
     if kk == 0 or Q == 0 or M <= kk + _TIE_SLACK:
-        return s, idx.expand(Q, M)
+        return whole()
     m = min(kk + _MARGIN, M)
     if not bool(torch.isnan(s).any()):
         # one topk on the scores: complete when each row's m-th best is strictly worse than its k-th (every
@@ -74,7 +77,7 @@ def _candidates(s: torch.Tensor, k: int, largest: bool, off: int) -> Tuple[torch
     # alone, so it is never selected; the ones at the threshold are kept for the index tie-break
     cnt = int((key >= thr).sum(1).max())
     if cnt > kk + _TIE_SLACK:
-        return s, idx.expand(Q, M)
+        return whole()
     pos = torch.topk(key, cnt, dim=1).indices  # the cnt largest keys hold every entry >= the row's thr
     return s.gather(1, pos), pos + off
 

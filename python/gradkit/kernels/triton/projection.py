@@ -251,11 +251,7 @@ def project_flat(x: torch.Tensor, k: int, seed: int, kind: int, col0: int) -> to
     base = col0 - col0 % 64
     ntiles = triton.cdiv(col0 + D - base, BD)
     gk, gb = triton.cdiv(k, BK), triton.cdiv(B, BB)
-    # enough programs to fill the device: split D when the (k, B) grid is small
-    target = BLOCKS["split_target"] or (1 if interp else 4 * _sm_count(x.device))
-    split = max(1, min(ntiles, target // max(1, gk * gb)))
-    per = triton.cdiv(ntiles, split)
-    split = triton.cdiv(ntiles, per)
+    split, per = d_splits(ntiles, gk * gb, BLOCKS["split_target"] or (1 if interp else 4 * _sm_count(x.device)))
     part = out if split == 1 else torch.empty(split, B, k, dtype=torch.float32, device=x.device)
     _project_flat_kernel[(gk, gb, split)](x, part, B, D, k, x.stride(0), x.stride(1), *_split(seed), *_split(col0),
                                           ntiles, per,
@@ -264,6 +260,14 @@ def project_flat(x: torch.Tensor, k: int, seed: int, kind: int, col0: int) -> to
     if split > 1:
         torch.sum(part, dim=0, out=out)
     return out
+
+
+def d_splits(ntiles: int, programs: int, target: int):
+    """project_flat's D splits: (split, tiles per split) so that programs x split reaches about target
+    programs (enough to fill the device when the (k, B) grid is small), no split empty."""
+    split = max(1, min(ntiles, target // max(1, programs)))
+    per = triton.cdiv(ntiles, split)
+    return triton.cdiv(ntiles, per), per
 
 
 def _sm_count(device) -> int:
