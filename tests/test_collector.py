@@ -358,8 +358,10 @@ def test_hooks_removed_and_state_dropped():
         loss.backward()
         assert not col._edges  # every pending call got its gradient and let go of its input
     assert not col.attached and all(len(m._forward_hooks) == 0 for m in hooked)
-    with pytest.raises(RuntimeError, match="no gradients"):
-        col.collect()  # exit dropped the batch
+    with pytest.raises(RuntimeError, match="no gradients.*detached .*call collect\(\) inside it"):
+        col.collect()  # exit dropped the batch, and the error says so
+    with pytest.raises(RuntimeError, match="no hooked module ran forward"):
+        col.collect()  # the previous collect() reported the drop and forgot it
     with pytest.raises(ZeroDivisionError):
         with col:
             1 / 0
@@ -369,12 +371,20 @@ def test_hooks_removed_and_state_dropped():
         loss = lm_losses(model, batch["input_ids"], batch["attention_mask"]).sum()
     loss.backward()
     with col:
-        with pytest.raises(RuntimeError, match="no gradients"):
+        with pytest.raises(RuntimeError, match="no gradients.*no hooked module ran forward"):
             col.collect()
-    # no_grad forwards are ignored
-    with col, torch.no_grad():
-        model(batch["input_ids"])
+    # no_grad forwards are ignored, and collect() names grad being disabled as the reason
+    with col:
+        with torch.no_grad():
+            model(batch["input_ids"])
         assert not col._edges
+        with pytest.raises(RuntimeError, match=f"ran forward {len(hooked)} time\\(s\\) with grad disabled"):
+            col.collect()
+        loss = lm_losses(model, batch["input_ids"], batch["attention_mask"]).sum()
+        with torch.no_grad():
+            model(batch["input_ids"])  # a no_grad forward beside a real batch changes nothing
+        loss.backward()
+        assert col.collect()["lm_head"].abs().sum() > 0
 
 
 def test_missing_module_gradients():

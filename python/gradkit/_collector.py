@@ -187,6 +187,8 @@ class GradientCollector:
         self._grads: Dict[str, Tensor] = {}
         self._forward_shapes: Dict[str, Tuple[int, ...]] = {}
         self._edges: Dict[int, object] = {}  # id(call) -> autograd edge of its output, until its gradient arrives
+        self._nograd_calls = 0  # hooked forwards skipped since the last collect/reset: grad was disabled
+        self._dropped = False  # detach() dropped collected gradients nobody collected
 
     # ------------------------------------------------------------------ selection
     @staticmethod
@@ -265,6 +267,7 @@ class GradientCollector:
     def attach(self) -> "GradientCollector":
         """Register the forward hooks (idempotent)."""
         if not self._handles:
+            self._dropped = False
             for name, mod in self._modules.items():
                 self._handles.append(mod.register_forward_hook(
                     functools.partial(self._forward_hook, name), with_kwargs=True))
@@ -275,7 +278,9 @@ class GradientCollector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        dropped = bool(self._grads)
         self.reset()
+        self._dropped = dropped
 
     def __enter__(self) -> "GradientCollector":
         return self.attach()
@@ -291,6 +296,8 @@ class GradientCollector:
         self._forward_shapes.clear()
         self._edges.clear()
         self._mask, self._mask_all = None, False
+        self._nograd_calls = 0
+        self._dropped = False
 
     def set_mask(self, mask: Optional[Tensor]) -> None:
         """Padding mask ``(B, T)`` (0/1 or bool) for the NEXT forward pass; ``None`` clears it."""
@@ -317,6 +324,8 @@ class GradientCollector:
 
     def _forward_hook(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
+            if not torch.is_grad_enabled():
+                self._nograd_calls += 1
             return
         if name in self._grads:
             raise RuntimeError(f"GradientCollector: module {name!r} ran forward again after its gradient "
@@ -400,12 +409,20 @@ class GradientCollector:
         if missing not in ("zeros", "error"):
             raise ValueError(f"missing: expected 'zeros' or 'error', got {missing!r}")
         if not self._grads:
-            ran = bool(self._forward_shapes)
+            ran, nograd, dropped = bool(self._forward_shapes), self._nograd_calls, self._dropped
             self.reset()
-            raise RuntimeError("GradientCollector.collect: no gradients were collected; "
-                               + ("run loss.backward() or col.backward(loss) after the forward pass"
-                                  if ran else "no hooked module ran forward while the collector was "
-                                  "attached (use `with col:` around the forward and backward passes)"))
+            if dropped:
+                why = ("the collector was detached (the `with col:` block ended) before collect(); leaving "
+                       "the block drops the batch, so call collect() inside it")
+            elif ran:
+                why = "run loss.backward() or col.backward(loss) after the forward pass"
+            elif nograd:
+                why = (f"hooked modules ran forward {nograd} time(s) with grad disabled (torch.no_grad / "
+                       "inference_mode); run the forward pass with grad enabled")
+            else:
+                why = ("no hooked module ran forward while the collector was attached (use `with col:` "
+                       "around the forward and backward passes)")
+            raise RuntimeError("GradientCollector.collect: no gradients were collected; " + why)
         any_out = next(iter(self._grads.values()))
         out: "OrderedDict[str, Tensor]" = OrderedDict()
         absent = []
