@@ -258,6 +258,9 @@ def test_search_refusals(tmp_path):
     ix.search(q, 3, projection=dict(PROJ))  # the same config is accepted
     with pytest.raises(ValueError, match="queries: expected shape"):
         ix.search(torch.zeros(2, D + 1), 3)
+    with pytest.raises(ValueError, match=r"expected shape \(\.\.\., 14\) \(the index's dim: every module "
+                                         r"\['h.0.mlp', 'h.0.attn', 'h.1.mlp'\] in that order, also when modules="):
+        ix.search(torch.zeros(2, 6), 3, modules=["h.0.mlp"])  # only the selected module's columns
     with pytest.raises(ValueError, match="module set differs"):
         ix.search({"h.0.mlp": torch.zeros(1, 6)}, 3)
     with pytest.raises(ValueError, match=r"queries\['h.0.attn'\]"):

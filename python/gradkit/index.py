@@ -1201,7 +1201,8 @@ class GradientIndex:
             if not queries.is_floating_point():
                 raise TypeError(f"queries: expected a floating tensor, got {queries.dtype}")
             if queries.dim() < 1 or queries.shape[-1] != self.dim:
-                raise ValueError(f"queries: expected shape (..., {self.dim}) (the index's dim), got "
+                raise ValueError(f"queries: expected shape (..., {self.dim}) (the index's dim: every module "
+                                 f"{list(self.modules)} in that order, also when modules= selects some), got "
                                  f"{tuple(queries.shape)}")
             lead = tuple(queries.shape[:-1])
             dense = queries.detach().reshape(-1, self.dim).to(torch.float32)
