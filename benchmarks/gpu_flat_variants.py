@@ -12,7 +12,10 @@ matrix units, bounds it. Variants, all drawing the same bits (so the same matrix
 * TRANS 0: ``acc[B, k] += x_tile @ Rt_tile`` (R^T tile is the B operand: generated in registers, stored to
   shared memory for wgmma). TRANS 1: ``acc[k, B] += R_tile @ x_tile^T`` (R is the A operand, which wgmma can
   take from registers). TRANS 2 (GEN 0 only, added after the first run): TRANS 0 unrolled by two into two
-  accumulators over alternate tiles, so one tile's generation can overlap the other's wgmma.
+  accumulators over alternate tiles, so one tile's generation can overlap the other's wgmma. TRANS 3 / 4
+  (GEN 0, added in session 15, no GPU): x read through a tensor descriptor (TMA) instead of masked pointer
+  loads; TRANS 4 also warp-specialised by the compiler (a TMA producer warp group and two consumer groups,
+  each generating R^T for its own 64 rows of the B tile; see _flat_tma).
 
 Each variant is checked before it is timed: its first 65,536 columns against float64 (R from the Triton
 generator, itself checked against the CPU's in bench_gpu.py), and its full output against the shipped
@@ -228,6 +231,52 @@ def _flat_2acc(x_ptr, part_ptr, B, D, K, sxb, sxd, seed_h, seed_m, seed_l, c0_h,
     tl.store(optr, acc, mask=om)
 
 
+@triton.jit
+def _flat_tma(x_ptr, part_ptr, B, D, K, sxb, sxd, seed_h, seed_m, seed_l, c0_h, c0_m, c0_l, ntiles, per_split,
+              inv_bits, MODE: tl.constexpr, WS: tl.constexpr, STAGES: tl.constexpr, BLOCK_B: tl.constexpr,
+              BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, MA: tl.constexpr, MB: tl.constexpr, RC: tl.constexpr,
+              G: tl.constexpr):
+    """TRANS 3 / 4: the shipped generation and orientation with x read through a tensor descriptor (TMA, zero
+    fill past B and D) instead of masked pointer loads; TRANS 4 also asks for warp specialisation of the D loop
+    (``tl.range(..., warp_specialize=True)``). What Triton 3.9's Hopper pass makes of it (compiled here for
+    sm_90; the H200 runs Triton 3.6, whose pass may differ, and a failure there is recorded as the row's error):
+    * with the shipped pointer loads it aborts ("unsupported load type for producer commit";
+      triton-lang/triton#9728), hence the descriptor;
+    * 4 warps: a TMA producer warp group plus two consumer warp groups (12 warps, 232 registers each). The
+      consumers split the B tile by rows, 64 each, and each generates the whole R^T tile for its own wgmma.
+      At BLOCK_B = 64 there is nothing to split and both consumers do the whole tile twice, so the plan runs
+      TRANS 4 only with BLOCK_B = 128 (B = 512: the same generation per MMA as the shipped BLOCK_B = 64, now
+      with one group's generation free to overlap the other's wgmma); 8 warps: no partitions at all;
+      BLOCK_K = 256 with 4 warps: the pass fails.
+    Generation is not a load, so the pass never makes it the producer's job: a producer warp group that
+    generates R^T tiles for MMA-only consumers needs a hand-written (Gluon) kernel. Needs col0 == 0 and
+    sxd == 1 (the variant launcher's case)."""
+    inv = inv_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    seed = T._join(seed_h, seed_m, seed_l)
+    pid_s = tl.program_id(2)
+    rows = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    b0 = tl.program_id(1) * BLOCK_B
+    bidx = b0 + tl.arange(0, BLOCK_B)
+    rk = _row_key(seed, rows.to(tl.int64), MA, MB, RC)
+    xdesc = tl.make_tensor_descriptor(x_ptr, shape=[B, D], strides=[sxb, 1], block_shape=[BLOCK_B, BLOCK_D])
+    acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+    t0 = pid_s * per_split
+    t1 = tl.minimum(t0 + per_split, ntiles)
+    for t in tl.range(t0, t1, num_stages=STAGES, warp_specialize=WS):
+        xt = xdesc.load([b0, t * BLOCK_D])
+        bits = T._rt_tile_signs(rk, tl.cast(t, tl.int64) * (BLOCK_D // 64), BLOCK_D, BLOCK_K, MA, MB, G)
+        acc = _mode_dot(xt, tl.where(bits != 0, 1.0, -1.0).to(tl.float32), acc, MODE)
+    acc = acc * inv.to(tl.float32)
+    om = (bidx[:, None] < B) & (rows[None, :] < K)
+    optr = part_ptr + pid_s.to(tl.int64) * B * K + bidx[:, None].to(tl.int64) * K + rows[None, :]
+    tl.store(optr, acc, mask=om)
+
+
+def _descriptor_scratch(size: int, alignment: int, stream):
+    """Global scratch for tensor descriptors made inside kernels (triton.set_allocator)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 def _launch(kernel, x, k, seed, bk, bb, bd, warps, stages, sms, **constexprs):
     """kernel over the grid (k tiles, B tiles, D splits) with project_flat's D-split rule (T.d_splits), the
     per-split partial sums added afterwards in order, as the shipped launcher does."""
@@ -252,6 +301,13 @@ def flat_variant(x, k, seed, gen, trans, bk, bb, bd, warps, stages, mode=None, s
         mode = 1 if x.dtype in (torch.bfloat16, torch.float16) else 2
     if trans == 2:  # TRANS 2: the shipped generation and orientation, two accumulators over alternate tiles
         return _launch(_flat_2acc, x, k, seed, bk, bb, bd, warps, stages, sms, MODE=mode)
+    if trans in (3, 4):  # TRANS 3 / 4: x through a tensor descriptor; 4 also warp-specialised
+        if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16:
+            raise ValueError("TRANS 3/4: x needs unit column stride and 16-byte aligned rows (TMA)")
+        if x.device.type == "cuda":
+            triton.set_allocator(_descriptor_scratch)
+        return _launch(_flat_tma, x, k, seed, bk, bb, bd, warps, stages, sms, MODE=mode, WS=trans == 4,
+                       STAGES=stages)
     return _launch(_flat_v, x, k, seed, bk, bb, bd, warps, stages, sms, MODE=mode, GEN=gen, TRANS=trans)
 
 
@@ -501,8 +557,8 @@ def main(argv=None) -> int:
         batches, modes = (5, 19), (0,)
     else:
         # (128, 256, *) tiles spill hundreds of bytes for sm_90 (cuobjdump -res-usage of a local compile): left out
-        tiles = [(128, 64, 128, 4, 3), (256, 64, 64, 8, 3), (128, 128, 64, 8, 3), (256, 128, 64, 8, 3),
-                 (128, 64, 64, 8, 3), (128, 64, 128, 8, 4)]
+        tiles = [(128, 64, 128, 4, 3), (128, 128, 64, 4, 3), (256, 64, 64, 8, 3), (128, 128, 64, 8, 3),
+                 (256, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 64, 128, 8, 4)]
         batches, modes = (64, 512), (None,)
     rows = []
     xs = {}
@@ -514,7 +570,9 @@ def main(argv=None) -> int:
     for ti, tile in enumerate(tiles):
         for B in batches:
             for x, dt in xs[B]:
-                for gen, trans in ((0, 0), (0, 1), (1, 0), (1, 1), (0, 2)):
+                for gen, trans in ((0, 0), (0, 3), (0, 4), (0, 2), (0, 1), (1, 0), (1, 1)):
+                    if trans == 4 and not (tile[1] == 128 and tile[3] == 4) and not a.smoke:
+                        continue  # see _flat_tma: warp specialisation only splits a 128-row B tile, 4 warps
                     for mode in modes:
                         plan.append((ti, tile, B, x, dt, gen, trans, mode))
     if a.accuracy:
