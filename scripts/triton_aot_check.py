@@ -47,7 +47,7 @@ def _record(path: str) -> None:
                 bound[k] = v
             else:
                 options[k] = v
-        sig, const = {}, {}
+        sig, const, ints = {}, {}, {}
         for name in names:
             v = bound.get(name, params[name].default)
             if params[name].annotation is tl.constexpr or params[name].annotation == "tl.constexpr":
@@ -58,13 +58,18 @@ def _record(path: str) -> None:
                 sig[name] = "i1"
             elif isinstance(v, int):
                 sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+                ints[name] = v
             elif isinstance(v, float):
                 sig[name] = "fp32"
             else:
                 raise TypeError(f"{self.fn.__name__}: cannot type argument {name}={v!r}")
+        # the runtime's specialisation of int arguments (triton's native_specialize_impl): 1 becomes a
+        # constexpr, a multiple of 16 gets the divisibility hint; the key keeps which applies, not the value
+        # (the first launch of each signature keeps its pattern; the every-1 pass below covers the constexprs)
+        spec = {n: (1 if v == 1 else 16 if v % 16 == 0 else 0) for n, v in ints.items()}
         key = json.dumps([self.fn.__module__, self.fn.__name__, sig, const, options], sort_keys=True, default=str)
-        seen[key] = {"module": self.fn.__module__, "kernel": self.fn.__name__, "signature": sig,
-                     "constexprs": const, "options": options}
+        seen.setdefault(key, {"module": self.fn.__module__, "kernel": self.fn.__name__, "signature": sig,
+                              "constexprs": const, "options": options, "ints": spec})
         return orig_run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     InterpretedFunction.run = run
@@ -223,20 +228,38 @@ def _compile(path: str) -> int:
     target = GPUTarget("cuda", 90, 32)
     with open(path) as f:
         launches = json.load(f)
-    failures = 0
+    # every recorded launch as the runtime specialises it, then, once per kernel, the same launch with every
+    # int argument equal to 1 (a batch of one, a seed or offset whose 16-bit piece is 1, a unit stride): the
+    # runtime passes each such argument as a constexpr int, which has no .to() and no tensor semantics
+    jobs = [(rec, rec.get("ints", {}), "") for rec in launches]
+    firsts = {}
     for rec in launches:
+        if rec.get("ints"):
+            firsts.setdefault((rec.get("module"), rec["kernel"]), rec)
+    jobs += [(rec, {n: 1 for n in rec["ints"]}, " (every int argument 1)") for rec in firsts.values()]
+    failures = 0
+    for rec, spec, what in jobs:
         fn = getattr(importlib.import_module(rec.get("module", "gradkit.kernels.triton.parammap")), rec["kernel"])
         const = {k: (triton.language.dtype(v["tl.dtype"]) if isinstance(v, dict) else v)
                  for k, v in rec["constexprs"].items()}
+        sig = dict(rec["signature"])
+        names = list(sig)
+        attrs = {}
+        for n, how in spec.items():
+            if how == 1:
+                sig[n], const[n] = "constexpr", 1
+            elif how == 16:
+                attrs[(names.index(n),)] = [["tt.divisibility", 16]]
         opts = {k: v for k, v in rec["options"].items() if k in ("num_warps", "num_stages", "enable_fp_fusion")}
         try:
-            c = triton.compile(ASTSource(fn=fn, signature=rec["signature"], constexprs=const), target=target,
+            c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=target,
                                options=opts or None)
             assert "cubin" in c.asm
         except Exception as exc:  # report every failure, then fail
             failures += 1
-            print(f"FAIL {rec['kernel']} {rec['signature']} {const}: {type(exc).__name__}: {exc}"[:2000])
-    print(f"compiled {len(launches) - failures}/{len(launches)} launches for sm_90")
+            print(f"FAIL{what} {rec['kernel']} {sig} {const}: {type(exc).__name__}: {exc}"[:2000])
+    print(f"compiled {len(jobs) - failures}/{len(jobs)} launches for sm_90 ({len(firsts)} of them with every "
+          "int argument 1)")
     return 1 if failures else 0
 
 

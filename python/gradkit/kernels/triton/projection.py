@@ -14,7 +14,13 @@ Design
   column pair and Box-Muller in float64, rounded to fp32.
 * ``project_flat``: grid (k tiles, B tiles, D splits). Each program keeps a [BLOCK_B, BLOCK_K]
   fp32 accumulator and walks its share of the D tiles: load the x tile (masked to
-  [col0, col0 + D)), generate the R^T tile in registers, ``tl.dot``. D splits write partial sums
+  [col0, col0 + D)), generate the R^T tile in registers, ``tl.dot``. ``ALIGNED`` (col0 a multiple
+  of 64, the usual case): the x tile's columns are written as ``t * BLOCK_D + i`` without the
+  ``col0`` shift, so the compiler can prove them contiguous and 16-byte aligned. For sm_90 (bf16 x,
+  the GPU_FLAT tiles, compiled here with runtime-like specialisation) that turns 64 scalar 2-byte
+  loads, 97 byte permutes and 16 shared stores per thread and tile into 8 pipelined 16-byte
+  ``cp.async``: the loop falls from 912 to 740 instructions and from 255 to 128 registers. Same
+  elements, same order: the same bits. D splits write partial sums
   to a (SPLIT, B, k) buffer summed afterwards in a fixed order (deterministic).
   Dot modes (constexpr ``MODE``): 0 = fp32 operands with ``input_precision="ieee"`` (the
   interpreter, Gaussian, fp64 x); 1 = bf16/fp16 x against +-1 in the same dtype (exact products,
@@ -57,8 +63,9 @@ def _u64(c: tl.constexpr):
 
 @triton.jit
 def _join(h, m, l):
-    """int64 from three pieces (h << 32 | m << 16 | l); see _split."""
-    return (h.to(tl.int64) << 32) | (m.to(tl.int64) << 16) | l.to(tl.int64)
+    """int64 from three pieces (h << 32 | m << 16 | l); see _split. tl.cast, not .to(): on a GPU the runtime
+    passes a piece equal to 1 (seed 1, col0 1) as a constexpr int, which has no .to() (CompilationError)."""
+    return (tl.cast(h, tl.int64) << 32) | (tl.cast(m, tl.int64) << 16) | tl.cast(l, tl.int64)
 
 
 @triton.jit
@@ -111,8 +118,9 @@ def _project_flat_kernel(x_ptr, part_ptr, B, D, K, sxb, sxd, seed_h, seed_m, see
                          per_split, inv_bits,
                          KIND: tl.constexpr, MODE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
                          BLOCK_D: tl.constexpr, MA: tl.constexpr, MB: tl.constexpr, RC: tl.constexpr,
-                         G: tl.constexpr):
-    inv = inv_bits.to(tl.int64).to(tl.float64, bitcast=True)  # 1/sqrt(k) in float64 (scalar args are fp32)
+                         G: tl.constexpr, ALIGNED: tl.constexpr):
+    # 1/sqrt(k) in float64 (scalar args are fp32); tl.cast as in _join
+    inv = tl.cast(tl.cast(inv_bits, tl.int64), tl.float64, bitcast=True)
     seed = _join(seed_h, seed_m, seed_l)
     col0 = _join(c0_h, c0_m, c0_l)
     base = col0 - (col0 & 63)
@@ -127,9 +135,14 @@ def _project_flat_kernel(x_ptr, part_ptr, B, D, K, sxb, sxd, seed_h, seed_m, see
     t1 = tl.minimum(t0 + per_split, ntiles)
     for t in range(t0, t1):
         t64 = tl.cast(t, tl.int64)
-        c = base + t64 * BLOCK_D + tl.arange(0, BLOCK_D)  # global columns
-        d = c - col0
-        dm = (d >= 0) & (d < D)
+        if ALIGNED:  # col0 % 64 == 0 (base == col0): x columns d = t BLOCK_D + i, provably contiguous and aligned
+            d = t64 * BLOCK_D + tl.arange(0, BLOCK_D)
+            c = col0 + d
+            dm = d < D
+        else:
+            c = base + t64 * BLOCK_D + tl.arange(0, BLOCK_D)  # global columns
+            d = c - col0
+            dm = (d >= 0) & (d < D)
         xm = (bidx[:, None] < B) & dm[None, :]
         xt = tl.load(x_ptr + bidx[:, None].to(tl.int64) * sxb + d[None, :] * sxd, mask=xm, other=0.0)
         if KIND == 0:
@@ -165,7 +178,7 @@ def _project_flat_kernel(x_ptr, part_ptr, B, D, K, sxb, sxd, seed_h, seed_m, see
 def _matrix_kernel(out_ptr, R, C, so_r, so_c, seed_h, seed_m, seed_l, r0_h, r0_m, r0_l, c0_h, c0_m, c0_l, inv_bits,
                    KIND: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_C: tl.constexpr, MA: tl.constexpr, MB: tl.constexpr, RC: tl.constexpr, G: tl.constexpr):
-    inv = inv_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    inv = tl.cast(tl.cast(inv_bits, tl.int64), tl.float64, bitcast=True)
     seed = _join(seed_h, seed_m, seed_l)
     row0 = _join(r0_h, r0_m, r0_l)
     col0 = _join(c0_h, c0_m, c0_l)
@@ -256,7 +269,8 @@ def project_flat(x: torch.Tensor, k: int, seed: int, kind: int, col0: int) -> to
     _project_flat_kernel[(gk, gb, split)](x, part, B, D, k, x.stride(0), x.stride(1), *_split(seed), *_split(col0),
                                           ntiles, per,
                                           _inv_bits(k), KIND=kind, MODE=mode, BLOCK_B=BB, BLOCK_K=BK, BLOCK_D=BD,
-                                          MA=_MIX_A, MB=_MIX_B, RC=_ROW_C, G=_GOLDEN, **launch)
+                                          MA=_MIX_A, MB=_MIX_B, RC=_ROW_C, G=_GOLDEN, ALIGNED=col0 % 64 == 0,
+                                          **launch)
     if split > 1:
         torch.sum(part, dim=0, out=out)
     return out
