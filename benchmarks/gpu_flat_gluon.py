@@ -36,6 +36,21 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 # TMA global -> shared copy: async_copy_global_to_shared up to Triton 3.6 (the H200's), async_load from 3.7 on
 # (the old name raises there). Same arguments (descriptor, coordinates, barrier, destination).
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+# shared_memory_descriptor's reinterpret: `_reinterpret` up to 3.6, `reinterpret` from 3.7 on
+_NEW_REINTERPRET = hasattr(gl.shared_memory_descriptor, "reinterpret")
+
+
+@gluon.jit
+def _unshuffle(x):
+    """uint32: bits 0, 2, .., 30 to bits 0..15 and bits 1, 3, .., 31 to bits 16..31 (four delta swaps)."""
+    t = (x ^ (x >> 1)) & 0x22222222
+    x = x ^ t ^ (t << 1)
+    t = (x ^ (x >> 2)) & 0x0C0C0C0C
+    x = x ^ t ^ (t << 2)
+    t = (x ^ (x >> 4)) & 0x00F000F0
+    x = x ^ t ^ (t << 4)
+    t = (x ^ (x >> 8)) & 0x0000FF00
+    return x ^ t ^ (t << 8)
 
 
 @gluon.jit
@@ -48,17 +63,71 @@ def _mix64(z, MA: gl.constexpr, MB: gl.constexpr):
 @gluon.jit
 def _gen_partition(x_desc, x_bufs, r_bufs, x_ready, r_ready, empty, seed, pid_k, b0, t0, n,
                    BLOCK_K: gl.constexpr, BLOCK_D: gl.constexpr, NBUF: gl.constexpr, GEN_WARPS: gl.constexpr,
-                   MA: gl.constexpr, MB: gl.constexpr, RC: gl.constexpr, G: gl.constexpr):
+                   MA: gl.constexpr, MB: gl.constexpr, RC: gl.constexpr, G: gl.constexpr, PACKED: gl.constexpr,
+                   NEG2: gl.constexpr, NEW_REINTERPRET: gl.constexpr):
     """R tiles [BLOCK_K, BLOCK_D] into r_bufs: row k of the tile is row pid_k * BLOCK_K + k of R, its columns
-    are t * BLOCK_D + [0, BLOCK_D); entry = +1 where bit (c & 63) of word (row, c >> 6) is set, else -1."""
-    gen: gl.constexpr = gl.BlockedLayout([1, 64], [32, 1], [GEN_WARPS, 1], [1, 0])
-    rows = pid_k * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, gen))
+    are t * BLOCK_D + [0, BLOCK_D); entry = +1 where bit (c & 63) of word (row, c >> 6) is set, else -1.
+    PACKED: two entries per 32-bit register. Each 32-bit half of a word is unshuffled once (even bits low,
+    odd bits high), then pair p of the half is ((u << (15 - p)) & 0x80008000) ^ NEG2, two 16-bit +-1 (NEG2 =
+    the pair of -1's bits: bf16 0xBF80BF80, fp16 0xBC00BC00) with the sign bits cleared where the bits are
+    set. That is a shift and a logic op per pair plus ~20 ops per 32 entries, instead of ~3 ops per entry.
+    The pairs go to the same bytes through an int32 view of the tile."""
+    if PACKED:
+        _gen_packed(r_bufs, r_ready, empty, seed, pid_k, t0, n, BLOCK_K, BLOCK_D, NBUF, GEN_WARPS, MA, MB, RC, G,
+                    NEG2, NEW_REINTERPRET)
+    else:
+        _gen_plain(r_bufs, r_ready, empty, seed, pid_k, t0, n, BLOCK_K, BLOCK_D, NBUF, GEN_WARPS, MA, MB, RC, G)
+
+
+@gluon.jit
+def _row_keys(seed, pid_k, BLOCK_K: gl.constexpr, layout: gl.constexpr, MA: gl.constexpr, MB: gl.constexpr,
+              RC: gl.constexpr):
+    rows = pid_k * BLOCK_K + gl.arange(0, BLOCK_K, layout=layout)
     r = rows.to(gl.int64).to(gl.uint64, bitcast=True)
     s64 = gl.full(r.shape, 0, gl.int64, r.type.layout) + seed
-    rk = _mix64(_mix64(r + gl.full(r.shape, RC, gl.int64, r.type.layout).to(gl.uint64, bitcast=True), MA, MB)
-                ^ s64.to(gl.uint64, bitcast=True), MA, MB)
+    return _mix64(_mix64(r + gl.full(r.shape, RC, gl.int64, r.type.layout).to(gl.uint64, bitcast=True), MA, MB)
+                  ^ s64.to(gl.uint64, bitcast=True), MA, MB)
+
+
+@gluon.jit
+def _gen_packed(r_bufs, r_ready, empty, seed, pid_k, t0, n, BLOCK_K: gl.constexpr, BLOCK_D: gl.constexpr,
+                NBUF: gl.constexpr, GEN_WARPS: gl.constexpr, MA: gl.constexpr, MB: gl.constexpr, RC: gl.constexpr,
+                G: gl.constexpr, NEG2: gl.constexpr, NEW_REINTERPRET: gl.constexpr):
+    gen: gl.constexpr = gl.BlockedLayout([1, 32], [32, 1], [GEN_WARPS, 1], [1, 0])
+    rk = _row_keys(seed, pid_k, BLOCK_K, gl.SliceLayout(1, gen), MA, MB, RC)
+    golden = gl.full(rk.shape, G, gl.int64, rk.type.layout).to(gl.uint64, bitcast=True)
+    q = gl.arange(0, 32, layout=gl.SliceLayout(0, gen))
+    low = gl.expand_dims(q < 16, 0)
+    sh = gl.expand_dims((15 - (q % 16)).to(gl.uint32), 0)
+    NW: gl.constexpr = BLOCK_D // 64
+    v_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+    for i in range(n):
+        s = i % NBUF
+        mbarrier.wait(empty.index(s), ((i // NBUF) & 1) ^ 1)
+        if NEW_REINTERPRET:
+            buf = r_bufs.index(s).reinterpret(gl.int32, [BLOCK_K, BLOCK_D // 2], v_layout)
+        else:
+            buf = r_bufs.index(s)._reinterpret(gl.int32, [BLOCK_K, BLOCK_D // 2], v_layout)
+        for w in gl.static_range(NW):
+            wi = ((t0 + i).to(gl.int64) * NW + w + 1).to(gl.uint64, bitcast=True)
+            h = _mix64(rk + wi * golden, MA, MB)
+            ulo = _unshuffle((h & 0xFFFFFFFF).to(gl.uint32))
+            uhi = _unshuffle((h >> 32).to(gl.uint32))
+            u = gl.where(low, gl.expand_dims(ulo, 1), gl.expand_dims(uhi, 1))
+            v = ((u << sh) & 0x80008000) ^ NEG2
+            buf.slice(w * 32, 32, dim=1).store(v.to(gl.int32, bitcast=True))
+        fence_async_shared()
+        mbarrier.arrive(r_ready.index(s), count=1)
+
+
+@gluon.jit
+def _gen_plain(r_bufs, r_ready, empty, seed, pid_k, t0, n, BLOCK_K: gl.constexpr, BLOCK_D: gl.constexpr,
+               NBUF: gl.constexpr, GEN_WARPS: gl.constexpr, MA: gl.constexpr, MB: gl.constexpr, RC: gl.constexpr,
+               G: gl.constexpr):
+    gen: gl.constexpr = gl.BlockedLayout([1, 64], [32, 1], [GEN_WARPS, 1], [1, 0])
+    rk = _row_keys(seed, pid_k, BLOCK_K, gl.SliceLayout(1, gen), MA, MB, RC)
     j = gl.arange(0, 64, layout=gl.SliceLayout(0, gen)).to(gl.uint64)
-    golden = gl.full(r.shape, G, gl.int64, r.type.layout).to(gl.uint64, bitcast=True)
+    golden = gl.full(rk.shape, G, gl.int64, rk.type.layout).to(gl.uint64, bitcast=True)
     NW: gl.constexpr = BLOCK_D // 64
     dt: gl.constexpr = r_bufs.dtype
     for i in range(n):
@@ -77,7 +146,8 @@ def _gen_partition(x_desc, x_bufs, r_bufs, x_ready, r_ready, empty, seed, pid_k,
 @gluon.jit
 def _load_partition(x_desc, x_bufs, r_bufs, x_ready, r_ready, empty, seed, pid_k, b0, t0, n,
                     BLOCK_K: gl.constexpr, BLOCK_D: gl.constexpr, NBUF: gl.constexpr, GEN_WARPS: gl.constexpr,
-                    MA: gl.constexpr, MB: gl.constexpr, RC: gl.constexpr, G: gl.constexpr):
+                    MA: gl.constexpr, MB: gl.constexpr, RC: gl.constexpr, G: gl.constexpr, PACKED: gl.constexpr,
+                    NEG2: gl.constexpr, NEW_REINTERPRET: gl.constexpr):
     """x tiles [BLOCK_B, BLOCK_D] at (b0, t * BLOCK_D) into x_bufs by TMA (zeros past B and D)."""
     for i in range(n):
         s = i % NBUF
@@ -108,7 +178,8 @@ def _mma_partition(x_bufs, r_bufs, x_ready, r_ready, empty, n, BLOCK_B: gl.const
 def flat_gluon_kernel(x_desc, part_ptr, B, K, seed_h, seed_m, seed_l, ntiles, per_split, inv_bits,
                       BLOCK_B: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_D: gl.constexpr, NBUF: gl.constexpr,
                       GEN_WARPS: gl.constexpr, GEN_REGS: gl.constexpr, MA: gl.constexpr, MB: gl.constexpr,
-                      RC: gl.constexpr, G: gl.constexpr, num_warps: gl.constexpr):
+                      RC: gl.constexpr, G: gl.constexpr, PACKED: gl.constexpr, NEG2: gl.constexpr,
+                      NEW_REINTERPRET: gl.constexpr, num_warps: gl.constexpr):
     pid_k = gl.program_id(0)
     pid_b = gl.program_id(1)
     pid_s = gl.program_id(2)
@@ -134,9 +205,9 @@ def flat_gluon_kernel(x_desc, part_ptr, B, K, seed_h, seed_m, seed_l, ntiles, pe
     res = gl.warp_specialize([
         (_mma_partition, (x_bufs, r_bufs, x_ready, r_ready, empty, n, BLOCK_B, BLOCK_K, NBUF, num_warps)),
         (_gen_partition, (x_desc, x_bufs, r_bufs, x_ready, r_ready, empty, seed, pid_k, b0, t0, n, BLOCK_K,
-                          BLOCK_D, NBUF, GEN_WARPS, MA, MB, RC, G)),
+                          BLOCK_D, NBUF, GEN_WARPS, MA, MB, RC, G, PACKED, NEG2, NEW_REINTERPRET)),
         (_load_partition, (x_desc, x_bufs, r_bufs, x_ready, r_ready, empty, seed, pid_k, b0, t0, n, BLOCK_K,
-                           BLOCK_D, NBUF, GEN_WARPS, MA, MB, RC, G)),
+                           BLOCK_D, NBUF, GEN_WARPS, MA, MB, RC, G, PACKED, NEG2, NEW_REINTERPRET)),
     ], [GEN_WARPS, 1], [GEN_REGS, 24])
     acc = res[0]
 
@@ -157,7 +228,12 @@ def x_descriptor(x: torch.Tensor, block_b: int, block_d: int) -> TensorDescripto
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [block_b, block_d], layout)
 
 
-def flat_gluon(x, k, seed, bk, bb, bd, nbuf=3, gen_warps=4, gen_regs=152, sms=132, num_warps=4):
+def _neg2(dtype) -> int:
+    """Two -1 entries of the tile dtype in one 32-bit word (PACKED generation)."""
+    return 0xBF80BF80 if dtype in (torch.bfloat16, gl.bfloat16) else 0xBC00BC00
+
+
+def flat_gluon(x, k, seed, bk, bb, bd, nbuf=3, gen_warps=4, gen_regs=152, sms=132, num_warps=4, packed=False):
     """project_flat(x, k, seed, Rademacher, col0=0) for bf16 / fp16 x on sm_90, launched like the shipped
     kernel (grid (k tiles, B tiles, D splits), T.d_splits, partial sums added in split order)."""
     from gradkit.kernels.triton import projection as T
@@ -175,13 +251,14 @@ def flat_gluon(x, k, seed, bk, bb, bd, nbuf=3, gen_warps=4, gen_regs=152, sms=13
     flat_gluon_kernel[(gk, gb, split)](x_descriptor(x, bb, bd), part, B, k, *T._split(seed), ntiles, per,
                                        T._inv_bits(k), BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd, NBUF=nbuf,
                                        GEN_WARPS=gen_warps, GEN_REGS=gen_regs, MA=T._MIX_A, MB=T._MIX_B,
-                                       RC=T._ROW_C, G=T._GOLDEN, num_warps=num_warps)
+                                       RC=T._ROW_C, G=T._GOLDEN, PACKED=packed, NEG2=_neg2(x.dtype),
+                                       NEW_REINTERPRET=_NEW_REINTERPRET, num_warps=num_warps)
     if split > 1:
         torch.sum(part, dim=0, out=out)
     return out
 
 
-def compile_sm90(bk=128, bb=64, bd=128, nbuf=3, gen_warps=4, gen_regs=152, B=64, D=1 << 20, k=2048):
+def compile_sm90(bk=128, bb=64, bd=128, nbuf=3, gen_warps=4, gen_regs=152, B=64, D=1 << 20, k=2048, packed=False):
     """The kernel compiled for sm_90 as the runtime would launch it at (B, D, k), on a machine without a GPU
     (tests/test_gpu_flat_variants.py; benchmarks/sass_census.py-style inspection)."""
     from triton.backends.compiler import GPUTarget
@@ -196,7 +273,8 @@ def compile_sm90(bk=128, bb=64, bd=128, nbuf=3, gen_warps=4, gen_regs=152, B=64,
     sig = {"x_desc": native_specialize_impl(CUDABackend, desc, False, True, True)[0], "part_ptr": "*fp32"}
     attrs = {(names.index("part_ptr"),): [["tt.divisibility", 16]]}
     const = dict(BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd, NBUF=nbuf, GEN_WARPS=gen_warps, GEN_REGS=gen_regs, MA=T._MIX_A,
-                 MB=T._MIX_B, RC=T._ROW_C, G=T._GOLDEN, num_warps=4)
+                 MB=T._MIX_B, RC=T._ROW_C, G=T._GOLDEN, PACKED=packed, NEG2=_neg2(torch.bfloat16),
+                 NEW_REINTERPRET=_NEW_REINTERPRET, num_warps=4)
     ntiles = triton.cdiv(D, bd)
     _, per = T.d_splits(ntiles, triton.cdiv(k, bk) * triton.cdiv(B, bb), 4 * 132)
     vals = (("B", B), ("K", k), *zip(("seed_h", "seed_m", "seed_l"), T._split(0)), ("ntiles", ntiles),

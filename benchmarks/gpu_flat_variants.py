@@ -18,7 +18,7 @@ matrix units, bounds it. Variants, all drawing the same bits (so the same matrix
   each generating R^T for its own 64 rows of the B tile; see _flat_tma). TRANS 6 (bf16 x, added in session
   15): the hand-written warp-specialised Gluon kernel of benchmarks/gpu_flat_gluon.py (a TMA loader warp,
   four generator warps writing R tiles with 16-byte stores, one wgmma warp group), the tile's stage count
-  as its ring depth.
+  as its ring depth; TRANS 7 the same with two entries generated per 32-bit register (PACKED).
 
 Each variant is checked before it is timed: its first 65,536 columns against float64 (R from the Triton
 generator, itself checked against the CPU's in bench_gpu.py), and its full output against the shipped
@@ -306,10 +306,10 @@ def flat_variant(x, k, seed, gen, trans, bk, bb, bd, warps, stages, mode=None, s
         return _launch(_flat_2acc, x, k, seed, bk, bb, bd, warps, stages, sms, MODE=mode)
     if trans == -1:  # the library's kernel as shipped (GPU_FLAT tiles, ALIGNED path at col0 = 0)
         return T.project_flat(x, k, seed, 0, 0)
-    if trans == 6:  # TRANS 6: the hand-written warp-specialised Gluon kernel (benchmarks/gpu_flat_gluon.py)
+    if trans in (6, 7):  # TRANS 6 / 7: the hand-written warp-specialised Gluon kernel (7: packed generation)
         import gpu_flat_gluon
 
-        return gpu_flat_gluon.flat_gluon(x, k, seed, bk, bb, bd, nbuf=stages, sms=sms)
+        return gpu_flat_gluon.flat_gluon(x, k, seed, bk, bb, bd, nbuf=stages, sms=sms, packed=trans == 7)
     if trans in (3, 4):  # TRANS 3 / 4: x through a tensor descriptor; 4 also warp-specialised
         if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16:
             raise ValueError("TRANS 3/4: x needs unit column stride and 16-byte aligned rows (TMA)")
@@ -579,19 +579,19 @@ def main(argv=None) -> int:
     for ti, tile in enumerate(tiles):
         for B in batches:
             for x, dt in xs[B]:
-                for gen, trans in ((0, 0), (0, -1), (0, 6), (0, 3), (0, 4), (0, 2), (0, 1), (1, 0), (1, 1)):
+                for gen, trans in ((0, 0), (0, -1), (0, 6), (0, 7), (0, 3), (0, 4), (0, 2), (0, 1), (1, 0), (1, 1)):
                     if trans == -1 and (ti != 0 or a.smoke):
                         continue  # the library kernel has its own tiles: one row per batch and dtype
                     if trans == 4 and not (tile[1] == 128 and tile[3] == 4) and not a.smoke:
                         continue  # see _flat_tma: warp specialisation only splits a 128-row B tile, 4 warps
-                    if trans == 6 and (a.smoke or dt != "bfloat16" or tile[0] != 128):
+                    if trans in (6, 7) and (a.smoke or dt != "bfloat16" or tile[0] != 128):
                         continue  # Gluon: no interpreter; bf16 / fp16 x; BLOCK_K 128 (256 runs out of registers)
                     for mode in modes:
                         plan.append((ti, tile, B, x, dt, gen, trans, mode))
     # the rows added in session 15 first (the library kernel with ALIGNED, TRANS 6, TRANS 3, TRANS 4), so that the
     # time budget cannot cut them; then the rest in the order above
     first = [p for p in plan
-             if p[5] == 0 and ((p[0] == 0 and p[6] in (0, -1, 6, 3)) or (p[0] == 1 and p[6] in (0, 4, 6)))]
+             if p[5] == 0 and ((p[0] == 0 and p[6] in (0, -1, 6, 7, 3)) or (p[0] == 1 and p[6] in (0, 4, 6, 7)))]
     plan = first + [p for p in plan if not any(p is q for q in first)]
     if a.accuracy:
         fh.close()

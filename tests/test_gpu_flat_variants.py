@@ -85,16 +85,19 @@ import collections, json, os, re, sys
 sys.path[:0] = [os.path.join(ROOT, "benchmarks"), os.path.join(ROOT, "python")]
 import gpu_flat_gluon as G
 import sass_census as S
-c = G.compile_sm90()
-sass = S._tool("nvdisasm", c.asm["cubin"])
 pat = r"/[*][0-9a-f]+[*]/\\s+(@!?U?P\\w+\\s+)?([A-Z][A-Z0-9_.]*)"
-ops = collections.Counter(m.group(2) for m in re.finditer(pat, sass))
-print("RESULT " + json.dumps({"warps": c.metadata.num_warps, "ops": ops}))
+got = {}
+for packed in (False, True):
+    c = G.compile_sm90(packed=packed)
+    sass = S._tool("nvdisasm", c.asm["cubin"])
+    got[str(packed)] = {"warps": c.metadata.num_warps,
+                        "ops": collections.Counter(m.group(2) for m in re.finditer(pat, sass))}
+print("RESULT " + json.dumps(got))
 """
 
 
 def test_gluon_kernel_compiles_for_sm90():
-    """TRANS 6 (benchmarks/gpu_flat_gluon.py) at the shipped tiles compiles for sm_90 with this machine's Triton:
+    """TRANS 6 / 7 (benchmarks/gpu_flat_gluon.py) at the shipped tiles compiles for sm_90 with this machine's Triton:
     12 warps (one wgmma warp group, four generator warps, one TMA loader, rounded to warp groups); each generator
     thread writes its R row as 16-byte stores (16 per tile of 128 x 128, where the shipped kernel issues 128
     two-byte stores); x arrives by TMA; 8 wgmma per tile; nothing spilled to local memory. Whether it is right
@@ -104,9 +107,13 @@ def test_gluon_kernel_compiles_for_sm90():
     proc = subprocess.run([sys.executable, "-c", f"ROOT = {ROOT!r}\n" + _GLUON], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:]
-    got = json.loads(proc.stdout.split("RESULT ")[1].splitlines()[0])
-    ops = got["ops"]
-    assert got["warps"] == 12, got
-    assert ops.get("STS.128") == 16 and ops.get("HGMMA.64") == 8, ops
-    assert ops.get("UTMALDG.2D", 0) >= 1, ops
-    assert not any(op.split(".")[0] in ("LDL", "STL", "STS") and op not in ("STS.128", "STS.64") for op in ops), ops
+    both = json.loads(proc.stdout.split("RESULT ")[1].splitlines()[0])
+    for packed, got in both.items():  # TRANS 6 and TRANS 7 (PACKED generation)
+        ops = got["ops"]
+        assert got["warps"] == 12, (packed, got)
+        assert ops.get("STS.128") == 16 and ops.get("HGMMA.64") == 8, (packed, ops)
+        assert ops.get("UTMALDG.2D", 0) >= 1, (packed, ops)
+        assert not any(op.split(".")[0] in ("LDL", "STL", "STS") and op not in ("STS.128", "STS.64") for op in ops), \
+            (packed, ops)
+    # PACKED moves the +-1 expansion off SEL / PRMT (two entries per register)
+    assert both["True"]["ops"].get("SEL", 0) < both["False"]["ops"].get("SEL", 0), both
