@@ -117,3 +117,32 @@ def test_gluon_kernel_compiles_for_sm90():
             (packed, ops)
     # PACKED moves the +-1 expansion off SEL / PRMT (two entries per register)
     assert both["True"]["ops"].get("SEL", 0) < both["False"]["ops"].get("SEL", 0), both
+
+
+def test_packed_generation_formula_is_the_generator():
+    """TRANS 7's arithmetic (gpu_flat_gluon._gen_packed), emulated on the reference generator's words: each 32-bit
+    half unshuffled, pair p = ((u << (15 - p)) & 0x80008000) ^ NEG2, gives the bf16 / fp16 bits of the +-1
+    entries of columns 2p, 2p + 1 (little-endian halves), for every bit pattern the words produce."""
+    import torch
+
+    from gradkit.kernels.reference import projection as R
+
+    def unshuffle(x):  # the four delta swaps of gpu_flat_gluon._unshuffle, on int64 holding uint32
+        for mask, s in ((0x22222222, 1), (0x0C0C0C0C, 2), (0x00F000F0, 4), (0x0000FF00, 8)):
+            t = (x ^ (x >> s)) & mask
+            x = x ^ t ^ (t << s)
+        return x & 0xFFFFFFFF
+
+    rows, words, seed = 96, 40, 12345
+    rk = R.row_key(seed, torch.arange(rows, dtype=torch.int64))
+    h = R.word_hash(rk[:, None], torch.arange(words, dtype=torch.int64)[None, :])  # int64 holding uint64
+    halves = torch.stack([h & 0xFFFFFFFF, (h >> 32) & 0xFFFFFFFF], -1)  # [rows, words, 2]
+    u = unshuffle(halves)
+    p = torch.arange(16)
+    for dtype, neg2 in ((torch.bfloat16, 0xBF80BF80), (torch.float16, 0xBC00BC00)):
+        v = (((u[..., None] << (15 - p)) & 0x80008000) ^ neg2)  # [rows, words, 2, 16] pairs
+        lo, hi = v & 0xFFFF, v >> 16
+        bits16 = torch.stack([lo, hi], -1).reshape(rows, words * 64)  # column order: word, half, pair, element
+        got = bits16.to(torch.int16).view(dtype).float()
+        want = torch.sign(R.matrix_values(rows, words * 64, seed, 0, 16))
+        assert torch.equal(got, want), dtype
