@@ -543,6 +543,10 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=150.0, help="start no new variant after this many seconds")
     ap.add_argument("--no-extras", action="store_true", help="variants only (no fast_jl / search rows)")
     ap.add_argument("--extras-only", action="store_true", help="fast_jl / search rows only")
+    ap.add_argument("--trans", default=None, help="only these TRANS values (comma list; -1 = the library kernel)")
+    ap.add_argument("--skip-trans", default="", help="leave out these TRANS values (comma list)")
+    ap.add_argument("--max-tile", type=int, default=None, help="only the first N tile shapes")
+    ap.add_argument("--stem", default=None, help="output file stem (default gpu-flat-variants / -extras)")
     ap.add_argument("--accuracy", action="store_true",
                     help="fp32 x: the shipped accumulation against the ACC variants, checked over the full D")
     a = ap.parse_args(argv)
@@ -550,7 +554,7 @@ def main(argv=None) -> int:
     dev = "cpu" if a.smoke else "cuda"
     k, D = (64, 1100) if a.smoke else (2048, 1_048_576)  # smoke: 18 or 9 tiles, 5 or 3 per program (one SM)
     seed = 0
-    stem = "gpu-flat-extras" if a.extras_only else "gpu-flat-variants"
+    stem = a.stem or ("gpu-flat-extras" if a.extras_only else "gpu-flat-variants")
     path = os.path.join(a.out, stem + ("-smoke" if a.smoke else "") + ".jsonl")
     os.makedirs(a.out, exist_ok=True)
     fh = open(path, "w")
@@ -590,6 +594,10 @@ def main(argv=None) -> int:
                         plan.append((ti, tile, B, x, dt, gen, trans, mode))
     # the rows added in session 15 first (the library kernel with ALIGNED, TRANS 6, TRANS 3, TRANS 4), so that the
     # time budget cannot cut them; then the rest in the order above
+    keep = None if a.trans is None else {int(v) for v in a.trans.split(",")}
+    skip = {int(v) for v in a.skip_trans.split(",") if v}
+    plan = [p for p in plan if (keep is None or (p[6] in keep and p[5] == 0)) and p[6] not in skip
+            and (a.max_tile is None or p[0] < a.max_tile)]  # --trans: GEN 0 rows only
     first = [p for p in plan
              if p[5] == 0 and ((p[0] == 0 and p[6] in (0, -1, 6, 7, 3)) or (p[0] == 1 and p[6] in (0, 4, 6, 7)))]
     plan = first + [p for p in plan if not any(p is q for q in first)]
