@@ -175,11 +175,49 @@ def _mma_partition(x_bufs, r_bufs, x_ready, r_ready, empty, n, BLOCK_B: gl.const
 
 
 @gluon.jit
+def _mma_split_partition(x_bufs, r_bufs, x_ready, r_ready, empty, n, BLOCK_B: gl.constexpr, BLOCK_K: gl.constexpr,
+                         NBUF: gl.constexpr, num_warps: gl.constexpr):
+    """fp32 x (SPLIT): each x tile is read from shared memory 64 columns at a time into registers, split into
+    three bf16 parts (hi + mid + lo hold its 24 significant bits, as the shipped MODE 2), and multiplied by the
+    bf16 R^T half-tile: wgmma takes A from registers. Each tile's products go to a fresh accumulator that is
+    added to the running sum in IEEE fp32 once the tile's wgmmas are done. That is session 14's ACC idea for
+    the fp32 error that grows with the in-place MMA chain (GPU-NOTES.md). So the sums differ in order from
+    the shipped kernel, and the check against it allows the shipped chain's own error."""
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                   instr_shape=[16, BLOCK_K, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    BLOCK_D: gl.constexpr = x_bufs.type.shape[2]
+    acc = gl.zeros([BLOCK_B, BLOCK_K], gl.float32, layout=mma)
+    for i in range(n):
+        s = i % NBUF
+        ph = (i // NBUF) & 1
+        mbarrier.wait(x_ready.index(s), ph)
+        mbarrier.wait(r_ready.index(s), ph)
+        xs = x_bufs.index(s)
+        rt = r_bufs.index(s).permute((1, 0))
+        part = gl.zeros([BLOCK_B, BLOCK_K], gl.float32, layout=mma)
+        for h in gl.static_range(BLOCK_D // 64):
+            xf = xs.slice(h * 64, 64, dim=1).load(a_layout)
+            hi = xf.to(gl.bfloat16)
+            r1 = xf - hi.to(gl.float32)
+            mid = r1.to(gl.bfloat16)
+            lo = (r1 - mid.to(gl.float32)).to(gl.bfloat16)
+            rth = rt.slice(h * 64, 64, dim=0)
+            part = warpgroup_mma(hi, rth, part, is_async=True)
+            part = warpgroup_mma(mid, rth, part, is_async=True)
+            part = warpgroup_mma(lo, rth, part, is_async=True)
+        part = warpgroup_mma_wait(num_outstanding=0, deps=(part, ))
+        mbarrier.arrive(empty.index(s), count=1)
+        acc = acc + part
+    return (acc, )
+
+
+@gluon.jit
 def flat_gluon_kernel(x_desc, part_ptr, B, K, seed_h, seed_m, seed_l, ntiles, per_split, inv_bits,
                       BLOCK_B: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_D: gl.constexpr, NBUF: gl.constexpr,
                       GEN_WARPS: gl.constexpr, GEN_REGS: gl.constexpr, MA: gl.constexpr, MB: gl.constexpr,
                       RC: gl.constexpr, G: gl.constexpr, PACKED: gl.constexpr, NEG2: gl.constexpr,
-                      NEW_REINTERPRET: gl.constexpr, num_warps: gl.constexpr):
+                      NEW_REINTERPRET: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
     pid_k = gl.program_id(0)
     pid_b = gl.program_id(1)
     pid_s = gl.program_id(2)
@@ -190,8 +228,12 @@ def flat_gluon_kernel(x_desc, part_ptr, B, K, seed_h, seed_m, seed_l, ntiles, pe
     n = gl.minimum(t0 + per_split, ntiles) - t0
 
     x_bufs = gl.allocate_shared_memory(x_desc.dtype, [NBUF] + x_desc.block_type.shape, x_desc.layout)
-    r_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_D], x_desc.dtype)
-    r_bufs = gl.allocate_shared_memory(x_desc.dtype, [NBUF, BLOCK_K, BLOCK_D], r_layout)
+    if SPLIT:  # fp32 x: R in bf16 for the three parts
+        r_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_D], gl.bfloat16)
+        r_bufs = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BLOCK_K, BLOCK_D], r_layout)
+    else:
+        r_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_D], x_desc.dtype)
+        r_bufs = gl.allocate_shared_memory(x_desc.dtype, [NBUF, BLOCK_K, BLOCK_D], r_layout)
     x_ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
     r_ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
@@ -202,13 +244,23 @@ def flat_gluon_kernel(x_desc, part_ptr, B, K, seed_h, seed_m, seed_l, ntiles, pe
 
     # (the worker argument tuples are written out in the call: a tuple bound to a variable first turns its
     # constexprs into values, Triton 3.6)
-    res = gl.warp_specialize([
-        (_mma_partition, (x_bufs, r_bufs, x_ready, r_ready, empty, n, BLOCK_B, BLOCK_K, NBUF, num_warps)),
-        (_gen_partition, (x_desc, x_bufs, r_bufs, x_ready, r_ready, empty, seed, pid_k, b0, t0, n, BLOCK_K,
-                          BLOCK_D, NBUF, GEN_WARPS, MA, MB, RC, G, PACKED, NEG2, NEW_REINTERPRET)),
-        (_load_partition, (x_desc, x_bufs, r_bufs, x_ready, r_ready, empty, seed, pid_k, b0, t0, n, BLOCK_K,
-                           BLOCK_D, NBUF, GEN_WARPS, MA, MB, RC, G, PACKED, NEG2, NEW_REINTERPRET)),
-    ], [GEN_WARPS, 1], [GEN_REGS, 24])
+    # (the partition list is written out per case: a function held in a constexpr is not callable there)
+    if SPLIT:
+        res = gl.warp_specialize([
+            (_mma_split_partition, (x_bufs, r_bufs, x_ready, r_ready, empty, n, BLOCK_B, BLOCK_K, NBUF, num_warps)),
+            (_gen_partition, (x_desc, x_bufs, r_bufs, x_ready, r_ready, empty, seed, pid_k, b0, t0, n, BLOCK_K,
+                              BLOCK_D, NBUF, GEN_WARPS, MA, MB, RC, G, PACKED, NEG2, NEW_REINTERPRET)),
+            (_load_partition, (x_desc, x_bufs, r_bufs, x_ready, r_ready, empty, seed, pid_k, b0, t0, n, BLOCK_K,
+                               BLOCK_D, NBUF, GEN_WARPS, MA, MB, RC, G, PACKED, NEG2, NEW_REINTERPRET)),
+        ], [GEN_WARPS, 1], [GEN_REGS, 24])
+    else:
+        res = gl.warp_specialize([
+            (_mma_partition, (x_bufs, r_bufs, x_ready, r_ready, empty, n, BLOCK_B, BLOCK_K, NBUF, num_warps)),
+            (_gen_partition, (x_desc, x_bufs, r_bufs, x_ready, r_ready, empty, seed, pid_k, b0, t0, n, BLOCK_K,
+                              BLOCK_D, NBUF, GEN_WARPS, MA, MB, RC, G, PACKED, NEG2, NEW_REINTERPRET)),
+            (_load_partition, (x_desc, x_bufs, r_bufs, x_ready, r_ready, empty, seed, pid_k, b0, t0, n, BLOCK_K,
+                               BLOCK_D, NBUF, GEN_WARPS, MA, MB, RC, G, PACKED, NEG2, NEW_REINTERPRET)),
+        ], [GEN_WARPS, 1], [GEN_REGS, 24])
     acc = res[0]
 
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -223,23 +275,24 @@ def flat_gluon_kernel(x_desc, part_ptr, B, K, seed_h, seed_m, seed_l, ntiles, pe
 
 
 def x_descriptor(x: torch.Tensor, block_b: int, block_d: int) -> TensorDescriptor:
-    dt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[x.dtype]
+    dt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[x.dtype]
     layout = gl.NVMMASharedLayout.get_default_for([block_b, block_d], dt)
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [block_b, block_d], layout)
 
 
 def _neg2(dtype) -> int:
     """Two -1 entries of the tile dtype in one 32-bit word (PACKED generation)."""
-    return 0xBF80BF80 if dtype in (torch.bfloat16, gl.bfloat16) else 0xBC00BC00
+    return 0xBC00BC00 if dtype in (torch.float16, gl.float16) else 0xBF80BF80  # fp32 x: bf16 R
 
 
 def flat_gluon(x, k, seed, bk, bb, bd, nbuf=3, gen_warps=4, gen_regs=152, sms=132, num_warps=4, packed=False):
-    """project_flat(x, k, seed, Rademacher, col0=0) for bf16 / fp16 x on sm_90, launched like the shipped
-    kernel (grid (k tiles, B tiles, D splits), T.d_splits, partial sums added in split order)."""
+    """project_flat(x, k, seed, Rademacher, col0=0) on sm_90 for bf16 / fp16 x, and fp32 x split into three
+    bf16 parts (SPLIT), launched like the shipped kernel (grid (k tiles, B tiles, D splits), T.d_splits,
+    partial sums added in split order)."""
     from gradkit.kernels.triton import projection as T
 
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError("flat_gluon: bf16 / fp16 x only")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError("flat_gluon: bf16 / fp16 / fp32 x only")
     if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16:
         raise ValueError("flat_gluon: x needs unit column stride and 16-byte aligned rows (TMA)")
     B, D = x.shape
@@ -252,13 +305,15 @@ def flat_gluon(x, k, seed, bk, bb, bd, nbuf=3, gen_warps=4, gen_regs=152, sms=13
                                        T._inv_bits(k), BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd, NBUF=nbuf,
                                        GEN_WARPS=gen_warps, GEN_REGS=gen_regs, MA=T._MIX_A, MB=T._MIX_B,
                                        RC=T._ROW_C, G=T._GOLDEN, PACKED=packed, NEG2=_neg2(x.dtype),
-                                       NEW_REINTERPRET=_NEW_REINTERPRET, num_warps=num_warps)
+                                       NEW_REINTERPRET=_NEW_REINTERPRET, SPLIT=x.dtype == torch.float32,
+                                       num_warps=num_warps)
     if split > 1:
         torch.sum(part, dim=0, out=out)
     return out
 
 
-def compile_sm90(bk=128, bb=64, bd=128, nbuf=3, gen_warps=4, gen_regs=152, B=64, D=1 << 20, k=2048, packed=False):
+def compile_sm90(bk=128, bb=64, bd=128, nbuf=3, gen_warps=4, gen_regs=152, B=64, D=1 << 20, k=2048, packed=False,
+                 dtype=torch.bfloat16):
     """The kernel compiled for sm_90 as the runtime would launch it at (B, D, k), on a machine without a GPU
     (tests/test_gpu_flat_variants.py; benchmarks/sass_census.py-style inspection)."""
     from triton.backends.compiler import GPUTarget
@@ -268,13 +323,13 @@ def compile_sm90(bk=128, bb=64, bd=128, nbuf=3, gen_warps=4, gen_regs=152, B=64,
 
     from gradkit.kernels.triton import projection as T
 
-    desc = x_descriptor(torch.empty(0, dtype=torch.bfloat16).new_empty((B, D)), bb, bd)
+    desc = x_descriptor(torch.empty(0, dtype=dtype).new_empty((B, D)), bb, bd)
     names = list(flat_gluon_kernel.arg_names)
     sig = {"x_desc": native_specialize_impl(CUDABackend, desc, False, True, True)[0], "part_ptr": "*fp32"}
     attrs = {(names.index("part_ptr"),): [["tt.divisibility", 16]]}
     const = dict(BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd, NBUF=nbuf, GEN_WARPS=gen_warps, GEN_REGS=gen_regs, MA=T._MIX_A,
-                 MB=T._MIX_B, RC=T._ROW_C, G=T._GOLDEN, PACKED=packed, NEG2=_neg2(torch.bfloat16),
-                 NEW_REINTERPRET=_NEW_REINTERPRET, num_warps=4)
+                 MB=T._MIX_B, RC=T._ROW_C, G=T._GOLDEN, PACKED=packed, NEG2=_neg2(dtype),
+                 NEW_REINTERPRET=_NEW_REINTERPRET, SPLIT=dtype == torch.float32, num_warps=4)
     ntiles = triton.cdiv(D, bd)
     _, per = T.d_splits(ntiles, triton.cdiv(k, bk) * triton.cdiv(B, bb), 4 * 132)
     vals = (("B", B), ("K", k), *zip(("seed_h", "seed_m", "seed_l"), T._split(0)), ("ntiles", ntiles),

@@ -18,7 +18,8 @@ matrix units, bounds it. Variants, all drawing the same bits (so the same matrix
   each generating R^T for its own 64 rows of the B tile; see _flat_tma). TRANS 6 (bf16 x, added in session
   15): the hand-written warp-specialised Gluon kernel of benchmarks/gpu_flat_gluon.py (a TMA loader warp,
   four generator warps writing R tiles with 16-byte stores, one wgmma warp group), the tile's stage count
-  as its ring depth; TRANS 7 the same with two entries generated per 32-bit register (PACKED).
+  as its ring depth; TRANS 7 the same with two entries generated per 32-bit register (PACKED), and for fp32
+  x the three-part split with a fresh accumulator per tile (SPLIT).
 
 Each variant is checked before it is timed: its first 65,536 columns against float64 (R from the Triton
 generator, itself checked against the CPU's in bench_gpu.py), and its full output against the shipped
@@ -588,8 +589,8 @@ def main(argv=None) -> int:
                         continue  # the library kernel has its own tiles: one row per batch and dtype
                     if trans == 4 and not (tile[1] == 128 and tile[3] == 4) and not a.smoke:
                         continue  # see _flat_tma: warp specialisation only splits a 128-row B tile, 4 warps
-                    if trans in (6, 7) and (a.smoke or dt != "bfloat16" or tile[0] != 128):
-                        continue  # Gluon: no interpreter; bf16 / fp16 x; BLOCK_K 128 (256 runs out of registers)
+                    if trans in (6, 7) and (a.smoke or tile[0] != 128 or (trans == 6 and dt != "bfloat16")):
+                        continue  # Gluon: no interpreter; BLOCK_K 128 (256 runs out of registers); fp32 x: TRANS 7
                     for mode in modes:
                         plan.append((ti, tile, B, x, dt, gen, trans, mode))
     # the rows added in session 15 first (the library kernel with ALIGNED, TRANS 6, TRANS 3, TRANS 4), so that the
@@ -623,7 +624,11 @@ def main(argv=None) -> int:
                 baseline[key] = full
             vs = _rel(full, baseline[key]) if key in baseline else None
             row.update(err_f64=err, rel_vs_shipped=vs)
-            ok = err <= 1e-4 and (vs is None or vs <= 1e-4)
+            # the Gluon fp32 path sums each tile apart (IEEE adds), the shipped chain in place: over the full D at
+            # B = 512 two shipped-kernel tilings already differ by 2.9e-4 (session 14), so allow that against it
+            vs_tol = 5e-4 if trans in (6, 7) and dt == "float32" else 1e-4
+            row["vs_tol"] = vs_tol
+            ok = err <= 1e-4 and (vs is None or vs <= vs_tol)
             row["ok"] = ok
             if ok and not a.smoke:
                 ms = triton.testing.do_bench(f, warmup=20, rep=60, return_mode="median")

@@ -86,12 +86,16 @@ sys.path[:0] = [os.path.join(ROOT, "benchmarks"), os.path.join(ROOT, "python")]
 import gpu_flat_gluon as G
 import sass_census as S
 pat = r"/[*][0-9a-f]+[*]/\\s+(@!?U?P\\w+\\s+)?([A-Z][A-Z0-9_.]*)"
+import torch
 got = {}
 for packed in (False, True):
     c = G.compile_sm90(packed=packed)
     sass = S._tool("nvdisasm", c.asm["cubin"])
     got[str(packed)] = {"warps": c.metadata.num_warps,
                         "ops": collections.Counter(m.group(2) for m in re.finditer(pat, sass))}
+c = G.compile_sm90(packed=True, dtype=torch.float32)  # TRANS 7 on fp32 x: SPLIT
+sass = S._tool("nvdisasm", c.asm["cubin"])
+got["split"] = {"warps": c.metadata.num_warps, "ops": collections.Counter(m.group(2) for m in re.finditer(pat, sass))}
 print("RESULT " + json.dumps(got))
 """
 
@@ -108,6 +112,8 @@ def test_gluon_kernel_compiles_for_sm90():
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:]
     both = json.loads(proc.stdout.split("RESULT ")[1].splitlines()[0])
+    split = both.pop("split")["ops"]  # fp32 x: three bf16 parts per half-tile, 3 x 8 wgmma, R rows as before
+    assert split.get("HGMMA.64") == 24 and split.get("STS.128") == 16 and split.get("UTMALDG.2D", 0) >= 1, split
     for packed, got in both.items():  # TRANS 6 and TRANS 7 (PACKED generation)
         ops = got["ops"]
         assert got["warps"] == 12, (packed, got)
