@@ -157,16 +157,23 @@ def _load_partition(x_desc, x_bufs, r_bufs, x_ready, r_ready, empty, seed, pid_k
 
 
 @gluon.jit
+def _wait_operands(x_ready, r_ready, i, NBUF: gl.constexpr):
+    """Ring slot of tile i, once both its x tile (TMA) and its R tile (generator) have landed."""
+    s = i % NBUF
+    ph = (i // NBUF) & 1
+    mbarrier.wait(x_ready.index(s), ph)
+    mbarrier.wait(r_ready.index(s), ph)
+    return s
+
+
+@gluon.jit
 def _mma_partition(x_bufs, r_bufs, x_ready, r_ready, empty, n, BLOCK_B: gl.constexpr, BLOCK_K: gl.constexpr,
                    NBUF: gl.constexpr, num_warps: gl.constexpr):
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                    instr_shape=[16, BLOCK_K, 16])
     acc = gl.zeros([BLOCK_B, BLOCK_K], gl.float32, layout=mma)
     for i in range(n):
-        s = i % NBUF
-        ph = (i // NBUF) & 1
-        mbarrier.wait(x_ready.index(s), ph)
-        mbarrier.wait(r_ready.index(s), ph)
+        s = _wait_operands(x_ready, r_ready, i, NBUF)
         acc = warpgroup_mma(x_bufs.index(s), r_bufs.index(s).permute((1, 0)), acc, is_async=True)
         # the previous tile's wgmma has completed: its slot may be refilled
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
@@ -189,10 +196,7 @@ def _mma_split_partition(x_bufs, r_bufs, x_ready, r_ready, empty, n, BLOCK_B: gl
     BLOCK_D: gl.constexpr = x_bufs.type.shape[2]
     acc = gl.zeros([BLOCK_B, BLOCK_K], gl.float32, layout=mma)
     for i in range(n):
-        s = i % NBUF
-        ph = (i // NBUF) & 1
-        mbarrier.wait(x_ready.index(s), ph)
-        mbarrier.wait(r_ready.index(s), ph)
+        s = _wait_operands(x_ready, r_ready, i, NBUF)
         xs = x_bufs.index(s)
         rt = r_bufs.index(s).permute((1, 0))
         part = gl.zeros([BLOCK_B, BLOCK_K], gl.float32, layout=mma)
@@ -210,6 +214,17 @@ def _mma_split_partition(x_bufs, r_bufs, x_ready, r_ready, empty, n, BLOCK_B: gl
         mbarrier.arrive(empty.index(s), count=1)
         acc = acc + part
     return (acc, )
+
+
+@gluon.jit
+def _mma_any_partition(x_bufs, r_bufs, x_ready, r_ready, empty, n, BLOCK_B: gl.constexpr, BLOCK_K: gl.constexpr,
+                       NBUF: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
+    """The default partition: the fp32 split (SPLIT) or the bf16 / fp16 one (a function held in a constexpr is
+    not callable in warp_specialize's list, Triton 3.6)."""
+    if SPLIT:
+        return _mma_split_partition(x_bufs, r_bufs, x_ready, r_ready, empty, n, BLOCK_B, BLOCK_K, NBUF, num_warps)
+    else:
+        return _mma_partition(x_bufs, r_bufs, x_ready, r_ready, empty, n, BLOCK_B, BLOCK_K, NBUF, num_warps)
 
 
 @gluon.jit
@@ -244,23 +259,14 @@ def flat_gluon_kernel(x_desc, part_ptr, B, K, seed_h, seed_m, seed_l, ntiles, pe
 
     # (the worker argument tuples are written out in the call: a tuple bound to a variable first turns its
     # constexprs into values, Triton 3.6)
-    # (the partition list is written out per case: a function held in a constexpr is not callable there)
-    if SPLIT:
-        res = gl.warp_specialize([
-            (_mma_split_partition, (x_bufs, r_bufs, x_ready, r_ready, empty, n, BLOCK_B, BLOCK_K, NBUF, num_warps)),
-            (_gen_partition, (x_desc, x_bufs, r_bufs, x_ready, r_ready, empty, seed, pid_k, b0, t0, n, BLOCK_K,
-                              BLOCK_D, NBUF, GEN_WARPS, MA, MB, RC, G, PACKED, NEG2, NEW_REINTERPRET)),
-            (_load_partition, (x_desc, x_bufs, r_bufs, x_ready, r_ready, empty, seed, pid_k, b0, t0, n, BLOCK_K,
-                               BLOCK_D, NBUF, GEN_WARPS, MA, MB, RC, G, PACKED, NEG2, NEW_REINTERPRET)),
-        ], [GEN_WARPS, 1], [GEN_REGS, 24])
-    else:
-        res = gl.warp_specialize([
-            (_mma_partition, (x_bufs, r_bufs, x_ready, r_ready, empty, n, BLOCK_B, BLOCK_K, NBUF, num_warps)),
-            (_gen_partition, (x_desc, x_bufs, r_bufs, x_ready, r_ready, empty, seed, pid_k, b0, t0, n, BLOCK_K,
-                              BLOCK_D, NBUF, GEN_WARPS, MA, MB, RC, G, PACKED, NEG2, NEW_REINTERPRET)),
-            (_load_partition, (x_desc, x_bufs, r_bufs, x_ready, r_ready, empty, seed, pid_k, b0, t0, n, BLOCK_K,
-                               BLOCK_D, NBUF, GEN_WARPS, MA, MB, RC, G, PACKED, NEG2, NEW_REINTERPRET)),
-        ], [GEN_WARPS, 1], [GEN_REGS, 24])
+    res = gl.warp_specialize([
+        (_mma_any_partition, (x_bufs, r_bufs, x_ready, r_ready, empty, n, BLOCK_B, BLOCK_K, NBUF, SPLIT,
+                              num_warps)),
+        (_gen_partition, (x_desc, x_bufs, r_bufs, x_ready, r_ready, empty, seed, pid_k, b0, t0, n, BLOCK_K,
+                          BLOCK_D, NBUF, GEN_WARPS, MA, MB, RC, G, PACKED, NEG2, NEW_REINTERPRET)),
+        (_load_partition, (x_desc, x_bufs, r_bufs, x_ready, r_ready, empty, seed, pid_k, b0, t0, n, BLOCK_K,
+                           BLOCK_D, NBUF, GEN_WARPS, MA, MB, RC, G, PACKED, NEG2, NEW_REINTERPRET)),
+    ], [GEN_WARPS, 1], [GEN_REGS, 24])
     acc = res[0]
 
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -295,21 +301,18 @@ def flat_gluon(x, k, seed, bk, bb, bd, nbuf=3, gen_warps=4, gen_regs=152, sms=13
         raise ValueError("flat_gluon: bf16 / fp16 / fp32 x only")
     if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16:
         raise ValueError("flat_gluon: x needs unit column stride and 16-byte aligned rows (TMA)")
-    B, D = x.shape
-    out = torch.zeros(B, k, dtype=torch.float32, device=x.device)
-    ntiles = triton.cdiv(D, bd)
-    gk, gb = triton.cdiv(k, bk), triton.cdiv(B, bb)
-    split, per = T.d_splits(ntiles, gk * gb, 4 * sms)
-    part = out if split == 1 else torch.empty(split, B, k, dtype=torch.float32, device=x.device)
-    flat_gluon_kernel[(gk, gb, split)](x_descriptor(x, bb, bd), part, B, k, *T._split(seed), ntiles, per,
-                                       T._inv_bits(k), BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd, NBUF=nbuf,
-                                       GEN_WARPS=gen_warps, GEN_REGS=gen_regs, MA=T._MIX_A, MB=T._MIX_B,
-                                       RC=T._ROW_C, G=T._GOLDEN, PACKED=packed, NEG2=_neg2(x.dtype),
-                                       NEW_REINTERPRET=_NEW_REINTERPRET, SPLIT=x.dtype == torch.float32,
-                                       num_warps=num_warps)
-    if split > 1:
-        torch.sum(part, dim=0, out=out)
-    return out
+    from gpu_flat_variants import split_launch
+
+    desc = x_descriptor(x, bb, bd)
+
+    def launch(grid, part, ntiles, per):
+        flat_gluon_kernel[grid](desc, part, x.shape[0], k, *T._split(seed), ntiles, per, T._inv_bits(k),
+                                BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd, NBUF=nbuf, GEN_WARPS=gen_warps, GEN_REGS=gen_regs,
+                                MA=T._MIX_A, MB=T._MIX_B, RC=T._ROW_C, G=T._GOLDEN, PACKED=packed,
+                                NEG2=_neg2(x.dtype), NEW_REINTERPRET=_NEW_REINTERPRET, SPLIT=x.dtype == torch.float32,
+                                num_warps=num_warps)
+
+    return split_launch(launch, x, k, bk, bb, bd, sms)
 
 
 def compile_sm90(bk=128, bb=64, bd=128, nbuf=3, gen_warps=4, gen_regs=152, B=64, D=1 << 20, k=2048, packed=False,

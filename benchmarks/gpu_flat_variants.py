@@ -281,22 +281,31 @@ def _descriptor_scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _launch(kernel, x, k, seed, bk, bb, bd, warps, stages, sms, **constexprs):
-    """kernel over the grid (k tiles, B tiles, D splits) with project_flat's D-split rule (T.d_splits), the
-    per-split partial sums added afterwards in order, as the shipped launcher does."""
+def split_launch(launch, x, k, bk, bb, bd, sms):
+    """launch(grid, part, ntiles, per) over the grid (k tiles, B tiles, D splits) with project_flat's D-split rule
+    (T.d_splits), the per-split partial sums added afterwards in order, as the shipped launcher does."""
     B, D = x.shape
     out = torch.zeros(B, k, dtype=torch.float32, device=x.device)
     ntiles = triton.cdiv(D, bd)
     gk, gb = triton.cdiv(k, bk), triton.cdiv(B, bb)
     split, per = T.d_splits(ntiles, gk * gb, 4 * sms)
     part = out if split == 1 else torch.empty(split, B, k, dtype=torch.float32, device=x.device)
-    kw = {} if x.device.type == "cpu" else {"num_warps": warps, "num_stages": stages}
-    kernel[(gk, gb, split)](x, part, B, D, k, x.stride(0), x.stride(1), *T._split(seed), *T._split(0), ntiles, per,
-                            T._inv_bits(k), BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd, MA=T._MIX_A, MB=T._MIX_B,
-                            RC=T._ROW_C, G=T._GOLDEN, **constexprs, **kw)
+    launch((gk, gb, split), part, ntiles, per)
     if split > 1:
         torch.sum(part, dim=0, out=out)
     return out
+
+
+def _launch(kernel, x, k, seed, bk, bb, bd, warps, stages, sms, **constexprs):
+    """A variant kernel (the shipped kernel's arguments) through split_launch."""
+    kw = {} if x.device.type == "cpu" else {"num_warps": warps, "num_stages": stages}
+
+    def launch(grid, part, ntiles, per):
+        kernel[grid](x, part, x.shape[0], x.shape[1], k, x.stride(0), x.stride(1), *T._split(seed), *T._split(0),
+                     ntiles, per, T._inv_bits(k), BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd, MA=T._MIX_A, MB=T._MIX_B,
+                     RC=T._ROW_C, G=T._GOLDEN, **constexprs, **kw)
+
+    return split_launch(launch, x, k, bk, bb, bd, sms)
 
 
 def flat_variant(x, k, seed, gen, trans, bk, bb, bd, warps, stages, mode=None, sms=132):
