@@ -66,6 +66,10 @@ def test_roundtrip_sharded_and_header(tmp_path, dtype):
     assert len(ix) == 103 and list(ix.modules.items()) == list(MODS.items()) and ix.dim == D
     assert ix.projection == PROJ and ix.dtype == dtype and ix.layout == "gradkit" and not ix.per_token
     assert torch.equal(ix.get(range(103)), x)
+    assert torch.equal(ix.get([-1, -103, 5]), x[[102, 0, 5]])  # negative rows count from the end
+    for bad in ([103], [-104]):
+        with pytest.raises(IndexError, match=r"rows: out of range for an index of 103 rows \(valid: -103 \.\. 102\)"):
+            ix.get(bad)
     h = json.loads((tmp_path / "ix" / "index.json").read_text())
     assert h["complete"] and h["count"] == 103 and len(h["shards"]) == 6
     assert all(s["rows"] <= 20 for s in h["shards"])
@@ -273,6 +277,13 @@ def test_search_refusals(tmp_path):
     bad[1, 0] = float("nan")
     with pytest.raises(ValueError, match="queries: rows \\[1\\] hold NaN"):
         ix.search(bad, 3)
+    # an empty batch of queries: empty results of the usual shape, after the same checks as any other batch
+    s, i = ix.search(torch.zeros(0, D), 3)
+    assert s.shape == i.shape == (0, 3) and s.dtype == torch.float32 and i.dtype == torch.int64
+    s, i = ix.search({m: torch.zeros(2, 0, d) for m, d in MODS.items()}, 4)
+    assert s.shape == i.shape == (2, 0, 4)
+    with pytest.raises(ValueError, match="k: 21 is larger than the index"):
+        ix.search(torch.zeros(0, D), 21)
     with pytest.raises(ValueError, match="backend"):
         ix.search(q, 3, backend="annoy")
     with pytest.raises(TypeError, match="batch_rows"):

@@ -1158,11 +1158,14 @@ class GradientIndex:
                                "(allow_incomplete=True) or resume it")
 
     def get(self, rows) -> torch.Tensor:
-        """Rows as a float32 (len(rows), D) tensor (modules concatenated in order)."""
+        """Rows as a float32 (len(rows), D) tensor (modules concatenated in order); negative row numbers count
+        from the end, as in Python and numpy."""
         self._check_readable("get")
         r = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
-        if r.numel() and (int(r.min()) < 0 or int(r.max()) >= self._count):
-            raise IndexError(f"rows: out of range for an index of {self._count} rows")
+        if r.numel() and (int(r.min()) < -self._count or int(r.max()) >= self._count):
+            raise IndexError(f"rows: out of range for an index of {self._count} rows (valid: "
+                             f"{-self._count} .. {self._count - 1})")
+        r = torch.where(r < 0, r + self._count, r)
         out = torch.empty(r.numel(), self.dim, dtype=torch.float32)
         starts = [s for s, _ in self._shards]
         for j, row in enumerate(r.tolist()):
@@ -1253,7 +1256,8 @@ class GradientIndex:
         block, CPU; faiss's tie order).
 
         Returns (scores, indices): float32 and int64 of shape (..., k), best first, ties lowest
-        row first. Row numbers index the stored rows (``example_of`` maps per-token rows).
+        row first (an empty batch of queries gives empty results). Row numbers index the stored rows
+        (``example_of`` maps per-token rows).
         """
         self._check_readable("search")
         n = len(self)
@@ -1304,8 +1308,9 @@ class GradientIndex:
         if precondition is not None and not isinstance(precondition, Precondition):
             precondition = Precondition(precondition, mode="query")
         q, lead = self._query_matrix(queries)
-        if q.shape[0] == 0:
-            raise ValueError("queries: no query rows")
+        if q.shape[0] == 0:  # an empty batch: empty results of the usual shape and dtypes, nothing scanned
+            return (torch.empty(*lead, k, dtype=torch.float32, device=q.device),
+                    torch.empty(*lead, k, dtype=torch.int64, device=q.device))
         bad = (~torch.isfinite(q).all(dim=1)).nonzero().flatten()
         if bad.numel():
             raise ValueError(f"queries: rows {bad[:10].tolist()} hold NaN or Inf")
