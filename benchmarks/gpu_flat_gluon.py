@@ -318,34 +318,23 @@ def flat_gluon(x, k, seed, bk, bb, bd, nbuf=3, gen_warps=4, gen_regs=152, sms=13
 def compile_sm90(bk=128, bb=64, bd=128, nbuf=3, gen_warps=4, gen_regs=152, B=64, D=1 << 20, k=2048, packed=False,
                  dtype=torch.bfloat16):
     """The kernel compiled for sm_90 as the runtime would launch it at (B, D, k), on a machine without a GPU
-    (tests/test_gpu_flat_variants.py; benchmarks/sass_census.py-style inspection)."""
-    from triton.backends.compiler import GPUTarget
+    (tests/test_gpu_flat_variants.py), through benchmarks/sass_census.py's compile_sm90."""
     from triton.backends.nvidia.compiler import CUDABackend
     from triton._C.libtriton import native_specialize_impl
     from triton.experimental.gluon._runtime import GluonASTSource
 
+    import sass_census
     from gradkit.kernels.triton import projection as T
 
     desc = x_descriptor(torch.empty(0, dtype=dtype).new_empty((B, D)), bb, bd)
-    names = list(flat_gluon_kernel.arg_names)
-    sig = {"x_desc": native_specialize_impl(CUDABackend, desc, False, True, True)[0], "part_ptr": "*fp32"}
-    attrs = {(names.index("part_ptr"),): [["tt.divisibility", 16]]}
+    ntiles = triton.cdiv(D, bd)
+    _, per = T.d_splits(ntiles, triton.cdiv(k, bk) * triton.cdiv(B, bb), 4 * 132)
+    args = {"x_desc": (native_specialize_impl(CUDABackend, desc, False, True, True)[0], None),
+            "part_ptr": ("*fp32", 0), "B": ("i32", B), "K": ("i32", k),
+            **{n: ("i32", v) for n, v in zip(("seed_h", "seed_m", "seed_l"), T._split(0))},
+            "ntiles": ("i32", ntiles), "per_split": ("i32", per), "inv_bits": ("i64", T._inv_bits(k))}
     const = dict(BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd, NBUF=nbuf, GEN_WARPS=gen_warps, GEN_REGS=gen_regs, MA=T._MIX_A,
                  MB=T._MIX_B, RC=T._ROW_C, G=T._GOLDEN, PACKED=packed, NEG2=_neg2(dtype),
                  NEW_REINTERPRET=_NEW_REINTERPRET, SPLIT=dtype == torch.float32, num_warps=4)
-    ntiles = triton.cdiv(D, bd)
-    _, per = T.d_splits(ntiles, triton.cdiv(k, bk) * triton.cdiv(B, bb), 4 * 132)
-    vals = (("B", B), ("K", k), *zip(("seed_h", "seed_m", "seed_l"), T._split(0)), ("ntiles", ntiles),
-            ("per_split", per))
-    for n, v in vals:
-        if v == 1:
-            sig[n], const[n] = "constexpr", 1
-            continue
-        sig[n] = "i32"
-        if v % 16 == 0:
-            attrs[(names.index(n),)] = [["tt.divisibility", 16]]
-    sig["inv_bits"] = "i64"
-    for n in const:
-        sig.setdefault(n, "constexpr")
-    return triton.compile(GluonASTSource(fn=flat_gluon_kernel, signature=sig, constexprs=const, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    return sass_census.compile_sm90(flat_gluon_kernel, args, const, num_warps=4, num_stages=None,
+                                    source=GluonASTSource)

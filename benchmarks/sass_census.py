@@ -40,9 +40,11 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 KEEP = ("LDG", "STS", "LDS", "LDGSTS", "HGMMA", "UTMALDG", "LDL", "STL")  # opcodes kept with their widths
 
 
-def compile_sm90(fn, args, constexprs, num_warps=4, num_stages=3):
+def compile_sm90(fn, args, constexprs, num_warps=4, num_stages=3, source=ASTSource):
     """Compile fn for sm_90 as the runtime would for these argument values: ints equal to 1 become
-    constexprs, pointers and ints divisible by 16 get the divisibility hint. args: name -> (type, value)."""
+    constexprs, pointers and ints divisible by 16 get the divisibility hint; other types (a tensor
+    descriptor's) as given. args: name -> (type, value). source: GluonASTSource for Gluon kernels;
+    num_stages=None leaves it out of the options."""
     sig, attrs, const = {}, {}, dict(constexprs)
     names = list(fn.arg_names)
     for name, (ty, val) in args.items():
@@ -50,12 +52,13 @@ def compile_sm90(fn, args, constexprs, num_warps=4, num_stages=3):
             sig[name], const[name] = "constexpr", 1
             continue
         sig[name] = ty
-        if ty.startswith("*") or val % 16 == 0:
+        if ty.startswith("*") or (ty.startswith("i") and val % 16 == 0):
             attrs[(names.index(name),)] = [["tt.divisibility", 16]]
     for k in constexprs:
         sig[k] = "constexpr"
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(source(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def _tool(name, cubin):
@@ -69,6 +72,23 @@ def _tool(name, cubin):
         os.unlink(path)
 
 
+def opcodes(lines) -> collections.Counter:
+    """Opcode counts of SASS lines: loads, stores, HGMMA and TMA with their widths / shapes (KEEP), the rest
+    by base name."""
+    ops = collections.Counter()
+    for ln in lines:
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", ln)
+        if m:
+            op = m.group(2)
+            ops[op if op.split(".")[0] in KEEP else op.split(".")[0]] += 1
+    return ops
+
+
+def kernel_opcodes(c) -> collections.Counter:
+    """opcodes() of the whole compiled kernel."""
+    return opcodes(_tool("nvdisasm", c.asm["cubin"]).splitlines())
+
+
 def census(c) -> dict:
     """The loop holding the last HGMMA: from the label its backward branch targets to that branch."""
     sass = _tool("nvdisasm", c.asm["cubin"]).splitlines()
@@ -78,12 +98,7 @@ def census(c) -> dict:
     br = next(i for i in range(mma[-1], len(sass)) if re.search(r"\bBRA\b", sass[i]))
     label = re.search(r"\(\.(L_x_\d+)\)", sass[br]).group(1)
     start = next(i for i, ln in enumerate(sass) if ln.strip().startswith("." + label + ":"))
-    ops = collections.Counter()
-    for ln in sass[start:br + 1]:
-        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", ln)
-        if m:
-            op = m.group(2)
-            ops[op if op.split(".")[0] in KEEP else op.split(".")[0]] += 1
+    ops = opcodes(sass[start:br + 1])
     res = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", _tool("cuobjdump", c.asm["cubin"]))
     return {"loop_instructions": sum(ops.values()), "registers": int(res.group(1)), "stack": int(res.group(2)),
             "shared_bytes": c.metadata.shared, "ops": dict(ops.most_common())}
