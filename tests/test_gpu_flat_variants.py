@@ -44,21 +44,14 @@ def test_accumulation_variants_agree(tmp_path):
 _COMPILE = """
 import json, os, sys
 sys.path[:0] = [os.path.join(ROOT, "benchmarks"), os.path.join(ROOT, "python")]
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import gpu_flat_variants as V
+import sass_census as S
 from gradkit.kernels.triton import projection as T
-sig = {"x_ptr": "*bf16", "part_ptr": "*fp32"}
-sig.update({n: "i32" for n in ("B", "D", "K", "sxb", "sxd", "seed_h", "seed_m", "seed_l", "c0_h", "c0_m", "c0_l",
-                               "ntiles", "per_split")})
-sig["inv_bits"] = "i64"
 got = {}
 for ws in (False, True):
     const = dict(MODE=1, WS=ws, STAGES=3, BLOCK_B=128, BLOCK_K=128, BLOCK_D=64, MA=T._MIX_A, MB=T._MIX_B,
                  RC=T._ROW_C, G=T._GOLDEN)
-    c = triton.compile(ASTSource(fn=V._flat_tma, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4, "num_stages": 3})
+    c = S.compile_sm90(V._flat_tma, S.flat_args(), const, num_warps=4, num_stages=3)
     ttgir = c.asm["ttgir"]
     got[str(ws)] = ["cubin" in c.asm, "async_tma_copy_global_to_local" in ttgir, c.metadata.num_warps,
                     sum(1 for ln in ttgir.splitlines() if ln.strip().startswith("partition"))]
@@ -68,7 +61,7 @@ print("RESULT " + json.dumps(got))
 
 def test_descriptor_variant_compiles_for_sm90_and_is_warp_specialised():
     """TRANS 3 / 4 compile for sm_90 on this machine (the Triton of torch's pin, through the ptxas in its
-    wheel), and with 4 warps and a 128-row B tile the Hopper pass splits TRANS 4 into a producer and two
+    wheel; specialised as the runtime would at the issue's shape), and with 4 warps and a 128-row B tile the Hopper pass splits TRANS 4 into a producer and two
     consumer warp groups: the layout the next GPU lease times (GPU-NOTES.md). TRANS 3 stays one warp group.
     In a subprocess without TRITON_INTERPRET (under it, kernels are not compilable objects)."""
     pytest.importorskip("triton")
