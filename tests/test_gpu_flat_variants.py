@@ -61,8 +61,9 @@ print("RESULT " + json.dumps(got))
 
 def test_descriptor_variant_compiles_for_sm90_and_is_warp_specialised():
     """TRANS 3 / 4 compile for sm_90 on this machine (the Triton of torch's pin, through the ptxas in its
-    wheel; specialised as the runtime would at the issue's shape), and with 4 warps and a 128-row B tile the Hopper pass splits TRANS 4 into a producer and two
-    consumer warp groups: the layout the next GPU lease times (GPU-NOTES.md). TRANS 3 stays one warp group.
+    wheel; specialised as the runtime would at the issue's shape), and with 4 warps and a 128-row B tile the
+    Hopper pass splits TRANS 4 into a producer and two consumer warp groups: the layout the next GPU lease
+    times (GPU-NOTES.md). TRANS 3 stays one warp group.
     In a subprocess without TRITON_INTERPRET (under it, kernels are not compilable objects)."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
