@@ -2,7 +2,8 @@
 # Issue 6 on a lent GPU, second call (after scripts/gpu-issue6.sh): no C++ build. Builds TRAK's fast_jl in the
 # background (scripts/build-gpu-peers.sh), while
 # benchmarks/gpu_flat_variants.py checks and times the Triton flat kernel's generation variants; then the
-# fast_jl rows and the blocked-search rows. At most ~6.5 minutes (timeouts 80 + 75 + 150 + 90 s) (EXTRAS_ONLY=1: fast_jl and search only):
+# fast_jl rows and the blocked-search rows. At most ~6.5 minutes (timeouts 80 + 75 + 150 + 90 s; EXTRAS_ONLY=1:
+# fast_jl and search only):
 #   run(command="bash scripts/gpu-issue6-variants.sh", carry=[".gpu-peers"], timeout_s=420)
 set -uo pipefail
 cd "$(dirname "$0")/.."
