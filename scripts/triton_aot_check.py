@@ -10,7 +10,9 @@ rejects, so CPU tests alone cannot show that the Triton backend compiles. This c
    int32 and int64 offsets), and records each launch's kernel, argument types and constexpr values;
 2. ``compile`` (run without the interpreter): compiles each recorded signature with
    ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (H100) through ptxas shipped with the
-   triton wheel, down to cubin.
+   triton wheel, down to cubin. The launches are dealt round-robin to one process per CPU
+   (``AOT_JOBS`` overrides the count): compiling is single-threaded, and this check was the
+   suite's longest test (286 s of 783 s on 2 cores, serial).
 
     python scripts/triton_aot_check.py     # both phases, each in its own process; exit 1 on any failure
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -218,7 +221,7 @@ def _record_scope(g, floats) -> None:
                             20, 1e-8, 1e-6)
 
 
-def _compile(path: str) -> int:
+def _compile(path: str, shard: int = 0, nshards: int = 1) -> int:
     import importlib
 
     import triton
@@ -237,6 +240,8 @@ def _compile(path: str) -> int:
         if rec.get("ints"):
             firsts.setdefault((rec.get("module"), rec["kernel"]), rec)
     jobs += [(rec, {n: 1 for n in rec["ints"]}, " (every int argument 1)") for rec in firsts.values()]
+    total = len(jobs)
+    jobs = jobs[shard::nshards]  # this process's share (every shard builds the same list)
     failures = 0
     for rec, spec, what in jobs:
         fn = getattr(importlib.import_module(rec.get("module", "gradkit.kernels.triton.parammap")), rec["kernel"])
@@ -258,8 +263,8 @@ def _compile(path: str) -> int:
         except Exception as exc:  # report every failure, then fail
             failures += 1
             print(f"FAIL{what} {rec['kernel']} {sig} {const}: {type(exc).__name__}: {exc}"[:2000])
-    print(f"compiled {len(jobs) - failures}/{len(jobs)} launches for sm_90 ({len(firsts)} of them with every "
-          "int argument 1)")
+    print(f"shard {shard}/{nshards}: compiled {len(jobs) - failures}/{len(jobs)} of {total} launches "
+          f"({len(firsts)} with every int argument 1 in all)")
     return 1 if failures else 0
 
 
@@ -267,8 +272,8 @@ def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "record":
         _record(sys.argv[2])
         return 0
-    if len(sys.argv) == 3 and sys.argv[1] == "compile":
-        return _compile(sys.argv[2])
+    if len(sys.argv) == 5 and sys.argv[1] == "compile":
+        return _compile(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "launches.json")
         env = dict(os.environ, TRITON_INTERPRET="1")
@@ -277,7 +282,20 @@ def main() -> int:
             return r.returncode
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-        return subprocess.run([sys.executable, __file__, "compile", path], env=env).returncode
+        n = max(1, int(os.environ.get("AOT_JOBS", 0)) or len(os.sched_getaffinity(0)))
+        procs = [subprocess.Popen([sys.executable, __file__, "compile", path, str(i), str(n)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(n)]
+        outs = [p.communicate()[0] for p in procs]
+        done = total = 0
+        for out in outs:
+            sys.stdout.write(out)
+            m = re.search(r"compiled (\d+)/\d+ of (\d+) launches", out)
+            if m:
+                done, total = done + int(m.group(1)), int(m.group(2))
+        bad = [i for i, p in enumerate(procs) if p.returncode]
+        print(f"compiled {done}/{total} launches for sm_90 in {n} processes"
+              + (f"; shard(s) {bad} failed" if bad else ""))
+        return 1 if bad or done != total or total == 0 else 0
 
 
 if __name__ == "__main__":
