@@ -21,28 +21,9 @@
 #include <cstring>
 #include <vector>
 
-constexpr int K = 1000;
+#include "micro_avx2.h"
 
-template <int MR>
-__attribute__((noinline, target("avx2,fma"))) void fma_rows(const float* x, const float* W, float* Y) {
-  __m256 acc[MR][2];
-#pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  for (int k = 0; k < K; ++k) {
-    const __m256 w0 = _mm256_loadu_ps(W + k * 16), w1 = _mm256_loadu_ps(W + k * 16 + 8);
-#pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) {
-      const __m256 b = _mm256_broadcast_ss(x + r * K + k);
-      acc[r][0] = _mm256_fmadd_ps(b, w0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(b, w1, acc[r][1]);
-    }
-  }
-#pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) {
-    _mm256_storeu_ps(Y + r * 16, acc[r][0]);
-    _mm256_storeu_ps(Y + r * 16 + 8, acc[r][1]);
-  }
-}
+constexpr int K = 1000;
 
 // NA tokens by FMA from x, NB tokens by xor + add from their prepared rows xq.
 template <int NA, int NB>
@@ -95,7 +76,7 @@ int main() {
     std::memcpy(&xq[i], &u, 4);
   }
   for (int i = 0; i < K * 16; ++i) W[i] = (std::rand() & 1) ? s : -s;
-  fma_rows<6>(x.data(), W.data(), Y.data());
+  fma_rows<6>(ContiguousRows{x.data(), K}, K, W.data(), Y.data());
   mixed<4, 2>(x.data(), xq.data() + 4 * K, W.data(), Y2.data());
   std::printf("same bits: %s\n", std::memcmp(Y.data(), Y2.data(), 6 * 16 * sizeof(float)) == 0 ? "yes" : "NO");
   const int it = 40000;
@@ -104,8 +85,8 @@ int main() {
   for (int rep = 0; rep < 8; ++rep) {
     const auto t0 = std::chrono::steady_clock::now();
     for (int i = 0; i < it; ++i) {
-      fma_rows<6>(x.data(), W.data(), Y.data());
-      fma_rows<6>(x.data() + 6 * K, W.data(), Y.data());
+      fma_rows<6>(ContiguousRows{x.data(), K}, K, W.data(), Y.data());
+      fma_rows<6>(ContiguousRows{x.data() + 6 * K, K}, K, W.data(), Y.data());
     }
     const auto t1 = std::chrono::steady_clock::now();
     for (int i = 0; i < it; ++i) {

@@ -27,28 +27,9 @@
 #include <cstdlib>
 #include <vector>
 
-constexpr int P = 16;
+#include "micro_avx2.h"
 
-template <int MR>
-__attribute__((noinline, target("avx2,fma"))) void fma_rows(const float* const* x, int K, const float* W, float* Y) {
-  __m256 acc[MR][2];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  for (int k = 0; k < K; ++k) {
-    const __m256 w0 = _mm256_loadu_ps(W + k * 16), w1 = _mm256_loadu_ps(W + k * 16 + 8);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m256 b = _mm256_broadcast_ss(x[r] + k);
-      acc[r][0] = _mm256_fmadd_ps(b, w0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(b, w1, acc[r][1]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    _mm256_storeu_ps(Y + r * 16, acc[r][0]);
-    _mm256_storeu_ps(Y + r * 16 + 8, acc[r][1]);
-  }
-}
+constexpr int P = 16;
 
 // Per (block, output, group): the table entry's offset within the block (in floats, token vector 0) and the
 // sign of x0's coefficient. m = s1 * 4 + s2 * 2 + s3, signs relative to x0's.
@@ -76,31 +57,6 @@ Plan make_plan(const float* W, int K, int GB, int TV) {
   return L;
 }
 
-__attribute__((target("avx2,fma"))) inline void tr8(__m256* r) {
-  __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]), t2 = _mm256_unpacklo_ps(r[2], r[3]),
-         t3 = _mm256_unpackhi_ps(r[2], r[3]), t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]),
-         t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE), u2 = _mm256_shuffle_ps(t1, t3, 0x44),
-         u3 = _mm256_shuffle_ps(t1, t3, 0xEE), u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
-         u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20); r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
-  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20); r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
-  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31); r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
-  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31); r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
-}
-template <int TV>
-__attribute__((target("avx2,fma"))) inline void combos(__m256 x0, __m256 x1, __m256 x2, __m256 x3, float* t) {
-  const __m256 tp = _mm256_add_ps(x0, x1), tm = _mm256_sub_ps(x0, x1), up = _mm256_add_ps(x2, x3),
-               um = _mm256_sub_ps(x2, x3);
-  _mm256_store_ps(t + 0 * TV * 8, _mm256_add_ps(tp, up));
-  _mm256_store_ps(t + 1 * TV * 8, _mm256_add_ps(tp, um));
-  _mm256_store_ps(t + 2 * TV * 8, _mm256_sub_ps(tp, um));
-  _mm256_store_ps(t + 3 * TV * 8, _mm256_sub_ps(tp, up));
-  _mm256_store_ps(t + 4 * TV * 8, _mm256_add_ps(tm, up));
-  _mm256_store_ps(t + 5 * TV * 8, _mm256_add_ps(tm, um));
-  _mm256_store_ps(t + 6 * TV * 8, _mm256_sub_ps(tm, um));
-  _mm256_store_ps(t + 7 * TV * 8, _mm256_sub_ps(tm, up));
-}
 
 // 8 * TV tokens (rows x[r], K features, K % 8 == 0 here) -> Y[r][P], s the scale
 template <int TV, int GB, int JP>
@@ -116,8 +72,8 @@ __attribute__((noinline, target("avx2,fma"))) void sign_fma_tile(const float* co
         __m256 r[8];
         for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(x[tv * 8 + q] + 4 * g);
         tr8(r);
-        combos<TV>(r[0], r[1], r[2], r[3], T + ((g - g0) * 8 * TV + tv) * 8);
-        combos<TV>(r[4], r[5], r[6], r[7], T + ((g + 1 - g0) * 8 * TV + tv) * 8);
+        combos<TV * 8>(r[0], r[1], r[2], r[3], T + ((g - g0) * 8 * TV + tv) * 8);
+        combos<TV * 8>(r[4], r[5], r[6], r[7], T + ((g + 1 - g0) * 8 * TV + tv) * 8);
       }
 #endif
 #ifndef NOB
@@ -164,7 +120,7 @@ void run(const char* name, int K, int ld) {
   for (int r = 0; r < R; ++r) rows[r] = x.data() + static_cast<size_t>(r) * ld;
   const Plan L = make_plan(W.data(), K, GB, TV);
   constexpr int TT = 8 * TV;
-  for (int q = 0; q < R; q += 6) fma_rows<6>(rows.data() + q, K, W.data(), Y.data() + q * 16);
+  for (int q = 0; q < R; q += 6) fma_rows<6>(PointerRows{rows.data() + q}, K, W.data(), Y.data() + q * 16);
   for (int q = 0; q < R; q += TT) sign_fma_tile<TV, GB, JP>(rows.data() + q, L, s, Y2.data() + q * 16);
   double md = 0, my = 0;
   for (int i = 0; i < R * 16; ++i) md = std::fmax(md, std::fabs(Y[i] - Y2[i])), my = std::fmax(my, std::fabs(Y[i]));
@@ -175,7 +131,7 @@ void run(const char* name, int K, int ld) {
   for (int rep = 0; rep < 5; ++rep) {
     auto t0 = std::chrono::steady_clock::now();
     for (int i = 0; i < it; ++i)
-      for (int q = 0; q < R; q += 6) fma_rows<6>(rows.data() + q, K, W.data(), Y.data() + q * 16);
+      for (int q = 0; q < R; q += 6) fma_rows<6>(PointerRows{rows.data() + q}, K, W.data(), Y.data() + q * 16);
     auto t1 = std::chrono::steady_clock::now();
     for (int i = 0; i < it; ++i)
       for (int q = 0; q < R; q += TT) sign_fma_tile<TV, GB, JP>(rows.data() + q, L, s, Y2.data() + q * 16);

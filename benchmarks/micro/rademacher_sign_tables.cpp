@@ -29,29 +29,10 @@
 #include <cstring>
 #include <cmath>
 #include <vector>
+
+#include "micro_avx2.h"
 constexpr int K = 1000, G = K / 4, P = 16, TV = 4, TT = 8 * TV, GB = 16;  // GB groups per block
 constexpr int NBLK = (G + GB - 1) / GB;
-
-template <int MR>
-__attribute__((noinline, target("avx2,fma"))) void fma_rows(const float* const* x, const float* W, float* Y) {
-  __m256 acc[MR][2];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  for (int k = 0; k < K; ++k) {
-    const __m256 w0 = _mm256_loadu_ps(W + k * 16), w1 = _mm256_loadu_ps(W + k * 16 + 8);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m256 b = _mm256_broadcast_ss(x[r] + k);
-      acc[r][0] = _mm256_fmadd_ps(b, w0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(b, w1, acc[r][1]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    _mm256_storeu_ps(Y + r * 16, acc[r][0]);
-    _mm256_storeu_ps(Y + r * 16 + 8, acc[r][1]);
-  }
-}
 
 struct Lists {  // per block, per output: offsets (in floats) into the block table, pos then neg
   std::vector<int32_t> off;   // NBLK x P x GB
@@ -84,31 +65,6 @@ Lists make_lists(const float* W) {
   return L;
 }
 
-__attribute__((target("avx2,fma"))) inline void tr8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4,
-                                                     __m256& r5, __m256& r6, __m256& r7) {
-  __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
-         t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
-         t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-  __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE), u2 = _mm256_shuffle_ps(t1, t3, 0x44),
-         u3 = _mm256_shuffle_ps(t1, t3, 0xEE), u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
-         u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  r0 = _mm256_permute2f128_ps(u0, u4, 0x20); r1 = _mm256_permute2f128_ps(u1, u5, 0x20);
-  r2 = _mm256_permute2f128_ps(u2, u6, 0x20); r3 = _mm256_permute2f128_ps(u3, u7, 0x20);
-  r4 = _mm256_permute2f128_ps(u0, u4, 0x31); r5 = _mm256_permute2f128_ps(u1, u5, 0x31);
-  r6 = _mm256_permute2f128_ps(u2, u6, 0x31); r7 = _mm256_permute2f128_ps(u3, u7, 0x31);
-}
-__attribute__((target("avx2,fma"))) inline void combos(__m256 x0, __m256 x1, __m256 x2, __m256 x3, float* t) {
-  const __m256 tp = _mm256_add_ps(x0, x1), tm = _mm256_sub_ps(x0, x1), up = _mm256_add_ps(x2, x3), um = _mm256_sub_ps(x2, x3);
-  // m = s1*4 + s2*2 + s3 (signs relative to x0): s1 picks tm; (s2,s3): ++ up, +- um, -+ -um, -- -up
-  _mm256_store_ps(t + 0 * TV * 8, _mm256_add_ps(tp, up));
-  _mm256_store_ps(t + 1 * TV * 8, _mm256_add_ps(tp, um));
-  _mm256_store_ps(t + 2 * TV * 8, _mm256_sub_ps(tp, um));
-  _mm256_store_ps(t + 3 * TV * 8, _mm256_sub_ps(tp, up));
-  _mm256_store_ps(t + 4 * TV * 8, _mm256_add_ps(tm, up));
-  _mm256_store_ps(t + 5 * TV * 8, _mm256_add_ps(tm, um));
-  _mm256_store_ps(t + 6 * TV * 8, _mm256_sub_ps(tm, um));
-  _mm256_store_ps(t + 7 * TV * 8, _mm256_sub_ps(tm, up));
-}
 
 // 32 tokens (rows x[r], K features) -> Y[r][P] (token-major), with s the scale
 __attribute__((noinline, target("avx2,fma"))) void lanes_tile(const float* const* x, const Lists& L, float s, float* Y) {
@@ -123,10 +79,10 @@ __attribute__((noinline, target("avx2,fma"))) void lanes_tile(const float* const
         __m256 r[8];
         for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(x[tv * 8 + q] + k);  // (g1-g0 even assumed)
 #ifndef NOTR
-        tr8(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
+        tr8(r);
 #endif
-        combos(r[0], r[1], r[2], r[3], T + ((g - g0) * 8 * TV + tv) * 8);
-        combos(r[4], r[5], r[6], r[7], T + ((g + 1 - g0) * 8 * TV + tv) * 8);
+        combos<TV * 8>(r[0], r[1], r[2], r[3], T + ((g - g0) * 8 * TV + tv) * 8);
+        combos<TV * 8>(r[4], r[5], r[6], r[7], T + ((g + 1 - g0) * 8 * TV + tv) * 8);
       }
 #ifndef NOB
     // phase B
@@ -169,7 +125,7 @@ int main() {
   std::vector<const float*> rows(R);
   for (int r = 0; r < R; ++r) rows[r] = x.data() + r * 1040;
   Lists L = make_lists(W.data());
-  for (int q = 0; q < R; q += 6) fma_rows<6>(rows.data() + q, W.data(), Y.data() + q * 16);
+  for (int q = 0; q < R; q += 6) fma_rows<6>(PointerRows{rows.data() + q}, K, W.data(), Y.data() + q * 16);
   for (int q = 0; q < R; q += TT) lanes_tile(rows.data() + q, L, s, Y2.data() + q * 16);
   double md = 0; for (int i = 0; i < R * 16; ++i) md = std::fmax(md, std::fabs(Y[i] - Y2[i]));
   std::printf("max diff %.3g (|y|~%.3g)\n", md, std::fabs(Y[5]));
@@ -178,7 +134,7 @@ int main() {
   auto secs = [](auto a, auto b) { return std::chrono::duration<double>(b - a).count(); };
   for (int rep = 0; rep < 6; ++rep) {
     auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < it; ++i) for (int q = 0; q < R; q += 6) fma_rows<6>(rows.data() + q, W.data(), Y.data() + q * 16);
+    for (int i = 0; i < it; ++i) for (int q = 0; q < R; q += 6) fma_rows<6>(PointerRows{rows.data() + q}, K, W.data(), Y.data() + q * 16);
     auto t1 = std::chrono::steady_clock::now();
     for (int i = 0; i < it; ++i) for (int q = 0; q < R; q += TT) lanes_tile(rows.data() + q, L, s, Y2.data() + q * 16);
     auto t2 = std::chrono::steady_clock::now();

@@ -16,29 +16,10 @@
 #include <cstring>
 #include <cmath>
 #include <vector>
+
+#include "micro_avx2.h"
 constexpr int K = 999;  // multiple of 3 for the prototype
 constexpr int G = K / 3;
-
-template <int MR>
-__attribute__((noinline, target("avx2,fma"))) void fma_rows(const float* x, const float* W, float* Y) {
-  __m256 acc[MR][2];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  for (int k = 0; k < K; ++k) {
-    const __m256 w0 = _mm256_loadu_ps(W + k * 16), w1 = _mm256_loadu_ps(W + k * 16 + 8);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m256 b = _mm256_broadcast_ss(x + r * K + k);
-      acc[r][0] = _mm256_fmadd_ps(b, w0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(b, w1, acc[r][1]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    _mm256_storeu_ps(Y + r * 16, acc[r][0]);
-    _mm256_storeu_ps(Y + r * 16 + 8, acc[r][1]);
-  }
-}
 
 // idx: G x 2 x 8 int32
 template <int MR, bool XOR>
@@ -87,7 +68,7 @@ int main() {
   for (int g = 0; g < G; ++g)
     for (int j = 0; j < 16; ++j)
       idx[g * 16 + j] = (W[(3 * g) * 16 + j] < 0) * 4 + (W[(3 * g + 1) * 16 + j] < 0) * 2 + (W[(3 * g + 2) * 16 + j] < 0);
-  fma_rows<6>(x.data(), W.data(), Y.data());
+  fma_rows<6>(ContiguousRows{x.data(), K}, K, W.data(), Y.data());
   perm_rows<6, false>(x.data(), idx.data(), s, Y2.data());
   double md = 0; for (int i = 0; i < 96; ++i) md = std::fmax(md, std::fabs(Y[i] - Y2[i]));
   perm_rows<6, true>(x.data(), idx.data(), s, Y2.data());
@@ -98,7 +79,7 @@ int main() {
   auto secs = [](auto a, auto b) { return std::chrono::duration<double>(b - a).count(); };
   for (int rep = 0; rep < 6; ++rep) {
     auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < it; ++i) for (int q = 0; q < R; q += 6) fma_rows<6>(x.data() + q * K, W.data(), Y.data());
+    for (int i = 0; i < it; ++i) for (int q = 0; q < R; q += 6) fma_rows<6>(ContiguousRows{x.data() + q * K, K}, K, W.data(), Y.data());
     auto t1 = std::chrono::steady_clock::now();
     for (int i = 0; i < it; ++i) for (int q = 0; q < R; q += 4) perm_rows<4, false>(x.data() + q * K, idx.data(), s, Y.data());
     auto t2 = std::chrono::steady_clock::now();
