@@ -358,7 +358,7 @@ def test_hooks_removed_and_state_dropped():
         loss.backward()
         assert not col._edges  # every pending call got its gradient and let go of its input
     assert not col.attached and all(len(m._forward_hooks) == 0 for m in hooked)
-    with pytest.raises(RuntimeError, match="no gradients.*detached .*call collect\(\) inside it"):
+    with pytest.raises(RuntimeError, match=r"no gradients.*detached .*call collect\(\) inside it"):
         col.collect()  # exit dropped the batch, and the error says so
     with pytest.raises(RuntimeError, match="no hooked module ran forward"):
         col.collect()  # the previous collect() reported the drop and forgot it
