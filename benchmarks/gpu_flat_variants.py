@@ -392,6 +392,19 @@ def flat_fp32acc(x, k, seed, acc, group, bk, bb, bd, warps, stages, sms=132):
                    IEEE=x.device.type == "cpu")
 
 
+def library_flat(x, k, seed, tile=None):
+    """gradkit's project_flat kernel (Rademacher, col0 0) with its GPU_FLAT tile replaced by tile = (BLOCK_K,
+    BLOCK_B, BLOCK_D, warps, stages) for this call (None: as shipped)."""
+    saved = dict(T.GPU_FLAT)
+    if tile is not None:
+        T.GPU_FLAT.update(zip(("k", "b", "d", "num_warps", "num_stages"), tile))
+    try:
+        return T.project_flat(x, k, seed, 0, 0)
+    finally:
+        T.GPU_FLAT.clear()
+        T.GPU_FLAT.update(saved)
+
+
 def _full_reference(x, k, seed, chunk=65_536):
     """x @ R^T over the whole D in float64, R generated chunk by chunk (the Triton generator, which
     bench_gpu.py checks against the CPU's bit for bit)."""
@@ -414,10 +427,31 @@ def accuracy(a, dev, k, D, batches, xs, seed, sms, path):
     if a.smoke:  # programs of 8 tiles (D = 2000, one 'SM'): whole and partial groups
         sms = 1
         xs = {B: [(torch.randn(B, 2000, generator=torch.Generator().manual_seed(B)), "float32")] for B in batches}
+    # the library kernel itself (MODE 2, ALIGNED) at its GPU_FLAT tile and at (128, 64, 64, 4, 3), where it does
+    # not spill for sm_90 (185 registers, no stack, against 255 and 120 stack bytes: GPU-NOTES, session 16)
+    lib_tiles = [None] if a.smoke else [None, (128, 64, 64, 4, 3)]
     with open(path, "w") as fh:
         for B in batches:
             x = next(x for x, dt in xs[B] if dt == "float32")
             want = _full_reference(x, k, seed)
+            for tile in lib_tiles:
+                row = {"B": B, "dtype": "float32", "variant": "library project_flat" + (
+                    "" if tile is None else " k{} b{} d{} w{} s{}".format(*tile)), "tile": tile}
+                try:
+                    f = lambda: library_flat(x, k, seed, tile)  # noqa: E731
+                    row["err_full_f64"] = _rel(f(), want)
+                    row["ok"] = row["err_full_f64"] <= (1e-6 if a.smoke else 1e-3)
+                    if row["ok"] and not a.smoke:
+                        row["ms"] = triton.testing.do_bench(f, warmup=20, rep=60, return_mode="median")
+                        row["tflops"] = 2 * B * D * k / row["ms"] / 1e9
+                except Exception as e:
+                    row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+                rows.append(row)
+                fh.write(json.dumps(row) + "\n")
+                fh.flush()
+                print(f"accuracy B={B} {row['variant']}: err {row.get('err_full_f64', float('nan')):.2e} "
+                      f"{row.get('ms', 0):.3f} ms {row.get('tflops', 0):.1f} TFLOP/s {row.get('error', '')}",
+                      flush=True)
             for tile, (acc, group) in [(t, v) for t in tiles for v in variants]:
                 bk, bb, bd, w, s = tile
                 row = {"B": B, "dtype": "float32", "variant": f"acc{acc} group{group} k{bk} b{bb} d{bd}", "tile": tile}

@@ -36,9 +36,10 @@ def test_generation_variants_agree(tmp_path):
 def test_accumulation_variants_agree(tmp_path):
     out = _run(tmp_path, "--accuracy")
     rows = [json.loads(line) for line in open(tmp_path / "gpu-flat-accuracy-smoke.jsonl")]
-    assert len(rows) == 12 and all(r["ok"] for r in rows), out[-2000:]
+    assert len(rows) == 14 and all(r["ok"] for r in rows), out[-2000:]
     assert {r["variant"].split(" k")[0] for r in rows} == {"acc0 group1", "acc1 group8", "acc1 group32",
-                                                           "acc2 group1", "acc3 group1", "acc1 group3"}
+                                                           "acc2 group1", "acc3 group1", "acc1 group3",
+                                                           "library project_flat"}
 
 
 _COMPILE = """
