@@ -14,7 +14,8 @@ Then the Gaussian flat projection (D / 16 columns) with bergson's ``normal`` pro
 ``proj_type=normal``, and (gradkit only) the explicit matrix generation rates.
 Then the collector workload (bench_collector.py, the same family): the factored per-example projection
 of a 1000 x 1000 Linear (64 examples x 128 tokens, p = 16) and the whole collector step, side by side
-with bergson's collector.
+with bergson's collector. Last the whole pipeline (bench_pipeline.py): a per-example gradient index of a
+random GPT-2 built by gradkit and by bergson's collect_gradients.
 """
 from __future__ import annotations
 
@@ -58,6 +59,9 @@ def run(rec, quick: bool = False) -> None:
     from bench_collector import run as run_collector
 
     run_collector(rec, quick=quick)
+    from bench_pipeline import run as run_pipeline
+
+    run_pipeline(rec, quick=quick)
 
 
 def _flat_rows(rec, kind: str, x: torch.Tensor, k: int, note: str) -> None:
