@@ -8,15 +8,16 @@
 // the transposes' shuffles run beside it. One FMA per 4 inputs and output instead of 4.
 // Variants: TV token vectors per tile (4: 32 tokens, 8: 64), GB groups per table block.
 // -DNOB times phase A alone, -DNOA phase B alone (on a stale table: the diff is then meaningless).
-// Result on the Zen 3 VM (session 16, one core, 192 tokens x 1000 features x p = 16 in cache, rows 1040 / 1000 /
-// 1024 floats apart, best of 5; the shipped loop `fma6` at 93-114 GFLOP/s, the core's FMA peak):
+// Result on session 16's VM, a Zen 4 (AMD EPYC family 25 model 17; this AVX2 code runs on the same two 256-bit FMA
+// pipes as on Zen 3), one core, 192 tokens x 1000 features x p = 16 in cache, rows 1040 / 1000 / 1024 floats
+// apart, best of 5; the shipped loop `fma6` at 93-114 GFLOP/s, the core's FMA peak:
 //   whole: 0.84-1.24x of fma6 over six (TV, GB, JP) shapes, mostly 0.95-1.06x (same as the session-15 list form);
 //   phase A alone 1.7-2.7x, phase B alone 1.8-2.5x: each costs 40-55% of the FMA kernel's time and the two do
 //   not overlap (A: 8 loads, 24 shuffles, 24 adds, 16 256-bit stores per 8 tokens x 8 features; B: one 256-bit
 //   load per FMA plus the offset and sign loads, so Zen 3's two 256-bit loads per cycle bound it at the FMA rate
 //   it replaces 4:1, while the measured rate is about half of that).
 // Error against fma6: max |diff| 1.1e-5 of |y| ~9 (another summation order). Not built: at best ~1.2x in cache,
-// short of the 1.46x end to end that the 3x against bergson's 6.35 ms would need on this VM.
+// short of the 1.46x end to end that the 3x against bergson's 6.35 ms would need on the Zen 3 VM.
 #include <immintrin.h>
 
 #include <algorithm>
