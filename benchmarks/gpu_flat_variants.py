@@ -431,46 +431,33 @@ def accuracy(a, dev, k, D, batches, xs, seed, sms, path):
     # not spill for sm_90 (185 registers, no stack, against 255 and 120 stack bytes: GPU-NOTES, session 16)
     lib_tiles = [None] if a.smoke else [None, (128, 64, 64, 4, 3)]
     with open(path, "w") as fh:
+        def measure(B, variant, tile, f, want):
+            """One row: f()'s full-D error against float64, then (on a GPU, when within 1e-3) its time."""
+            row = {"B": B, "dtype": "float32", "variant": variant, "tile": tile}
+            try:
+                row["err_full_f64"] = _rel(f(), want)
+                row["ok"] = row["err_full_f64"] <= (1e-6 if a.smoke else 1e-3)
+                if row["ok"] and not a.smoke:
+                    row["ms"] = triton.testing.do_bench(f, warmup=20, rep=60, return_mode="median")
+                    row["tflops"] = 2 * B * D * k / row["ms"] / 1e9
+            except Exception as e:
+                row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+            rows.append(row)
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            print(f"accuracy B={B} {row['variant']}: err {row.get('err_full_f64', float('nan')):.2e} "
+                  f"{row.get('ms', 0):.3f} ms {row.get('tflops', 0):.1f} TFLOP/s {row.get('error', '')}", flush=True)
+
         for B in batches:
             x = next(x for x, dt in xs[B] if dt == "float32")
             want = _full_reference(x, k, seed)
             for tile in lib_tiles:
-                row = {"B": B, "dtype": "float32", "variant": "library project_flat" + (
-                    "" if tile is None else " k{} b{} d{} w{} s{}".format(*tile)), "tile": tile}
-                try:
-                    f = lambda: library_flat(x, k, seed, tile)  # noqa: E731
-                    row["err_full_f64"] = _rel(f(), want)
-                    row["ok"] = row["err_full_f64"] <= (1e-6 if a.smoke else 1e-3)
-                    if row["ok"] and not a.smoke:
-                        row["ms"] = triton.testing.do_bench(f, warmup=20, rep=60, return_mode="median")
-                        row["tflops"] = 2 * B * D * k / row["ms"] / 1e9
-                except Exception as e:
-                    row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
-                rows.append(row)
-                fh.write(json.dumps(row) + "\n")
-                fh.flush()
-                print(f"accuracy B={B} {row['variant']}: err {row.get('err_full_f64', float('nan')):.2e} "
-                      f"{row.get('ms', 0):.3f} ms {row.get('tflops', 0):.1f} TFLOP/s {row.get('error', '')}",
-                      flush=True)
+                name = "library project_flat" + ("" if tile is None else " k{} b{} d{} w{} s{}".format(*tile))
+                measure(B, name, tile, lambda: library_flat(x, k, seed, tile), want)
             for tile, (acc, group) in [(t, v) for t in tiles for v in variants]:
                 bk, bb, bd, w, s = tile
-                row = {"B": B, "dtype": "float32", "variant": f"acc{acc} group{group} k{bk} b{bb} d{bd}", "tile": tile}
-                try:
-                    f = lambda: flat_fp32acc(x, k, seed, acc, group, bk, bb, bd, w, s, sms)  # noqa: E731
-                    got = f()
-                    row["err_full_f64"] = _rel(got, want)
-                    row["ok"] = row["err_full_f64"] <= (1e-6 if a.smoke else 1e-3)
-                    if row["ok"] and not a.smoke:
-                        row["ms"] = triton.testing.do_bench(f, warmup=20, rep=60, return_mode="median")
-                        row["tflops"] = 2 * B * D * k / row["ms"] / 1e9
-                except Exception as e:
-                    row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
-                rows.append(row)
-                fh.write(json.dumps(row) + "\n")
-                fh.flush()
-                print(f"accuracy B={B} {row['variant']}: err {row.get('err_full_f64', float('nan')):.2e} "
-                      f"{row.get('ms', 0):.3f} ms {row.get('tflops', 0):.1f} TFLOP/s {row.get('error', '')}",
-                      flush=True)
+                measure(B, f"acc{acc} group{group} k{bk} b{bb} d{bd}", tile,
+                        lambda: flat_fp32acc(x, k, seed, acc, group, bk, bb, bd, w, s, sms), want)
     bad = [r for r in rows if not r["ok"]]
     print(f"{len(rows)} accuracy rows, {len(bad)} not ok; wrote {path}")
     return 1 if bad else 0
