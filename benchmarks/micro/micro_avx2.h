@@ -1,7 +1,31 @@
-// Shared by the AVX2 programs in benchmarks/micro (each is still built by one `g++ -O3 file.cpp` command: the
-// header is found beside the source). Not part of the library.
+// Shared by the programs in benchmarks/micro (each is still built by one `g++ -O3 file.cpp` command: the
+// header is found beside the source). Not part of the library. All but sign_inputs are AVX2 code.
 #pragma once
 #include <immintrin.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+// The mixed (FADD-pipe) programs' inputs: R x K token rows x in [-0.5, 0.5), their prepared rows
+// xq = bits(s x) ^ bits(s), and a K x 16 Rademacher W of +-s.
+inline void sign_inputs(int R, int K, float s, std::vector<float>& x, std::vector<float>& xq, std::vector<float>& W) {
+  x.resize(R * K);
+  xq.resize(R * K);
+  W.resize(K * 16);
+  for (auto& v : x) v = std::rand() / static_cast<float>(RAND_MAX) - 0.5f;
+  uint32_t sbits;
+  std::memcpy(&sbits, &s, 4);
+  for (int i = 0; i < R * K; ++i) {
+    const float sx = x[i] * s;
+    uint32_t u;
+    std::memcpy(&u, &sx, 4);
+    u ^= sbits;
+    std::memcpy(&xq[i], &u, 4);
+  }
+  for (int i = 0; i < K * 16; ++i) W[i] = (std::rand() & 1) ? s : -s;
+}
 
 // The shipped AVX2 factored kernel's inner loop (csrc/cpu/projection.cpp skinny_avx2 for fp32 and p = 16): MR
 // token rows row(r), K features, W K x 16 row-major; per row and feature one broadcast and two FMAs.

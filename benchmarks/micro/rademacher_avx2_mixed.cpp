@@ -64,18 +64,8 @@ __attribute__((noinline, target("avx2,fma"))) void mixed(const float* x, const f
 int main() {
   const int R = 12;
   const float s = 0.25f;
-  std::vector<float> x(R * K), xq(R * K), W(K * 16), Y(R * 16), Y2(R * 16);
-  for (auto& v : x) v = std::rand() / static_cast<float>(RAND_MAX) - 0.5f;
-  uint32_t sbits;
-  std::memcpy(&sbits, &s, 4);
-  for (int i = 0; i < R * K; ++i) {
-    const float sx = x[i] * s;
-    uint32_t u;
-    std::memcpy(&u, &sx, 4);
-    u ^= sbits;
-    std::memcpy(&xq[i], &u, 4);
-  }
-  for (int i = 0; i < K * 16; ++i) W[i] = (std::rand() & 1) ? s : -s;
+  std::vector<float> x, xq, W, Y(R * 16), Y2(R * 16);
+  sign_inputs(R, K, s, x, xq, W);
   fma_rows<6>(ContiguousRows{x.data(), K}, K, W.data(), Y.data());
   mixed<4, 2>(x.data(), xq.data() + 4 * K, W.data(), Y2.data());
   std::printf("same bits: %s\n", std::memcmp(Y.data(), Y2.data(), 6 * 16 * sizeof(float)) == 0 ? "yes" : "NO");

@@ -41,6 +41,8 @@
 #include <cstring>
 #include <vector>
 
+#include "micro_avx2.h"  // sign_inputs
+
 constexpr int K = 1000;
 
 __attribute__((target("avx512f"))) inline __m512 add_xor_bcast(__m512 acc, const float* q, __m512 w) {
@@ -82,18 +84,8 @@ __attribute__((noinline, target("avx512f"))) void mixed(const float* x, const fl
 int main() {
   const int R = 48;
   const float s = 0.25f;
-  std::vector<float> x(R * K), xq(R * K), W(K * 16), Y(R * 16), Y2(R * 16);
-  for (auto& v : x) v = std::rand() / static_cast<float>(RAND_MAX) - 0.5f;
-  uint32_t sbits;
-  std::memcpy(&sbits, &s, 4);
-  for (int i = 0; i < R * K; ++i) {
-    const float sx = x[i] * s;
-    uint32_t u;
-    std::memcpy(&u, &sx, 4);
-    u ^= sbits;
-    std::memcpy(&xq[i], &u, 4);
-  }
-  for (int i = 0; i < K * 16; ++i) W[i] = (std::rand() & 1) ? s : -s;
+  std::vector<float> x, xq, W, Y(R * 16), Y2(R * 16);
+  sign_inputs(R, K, s, x, xq, W);
   mixed<8, 0, false>(x.data(), xq.data(), W.data(), Y.data());
   mixed<5, 3, true>(x.data(), xq.data() + 5 * K, W.data(), Y2.data());
   const bool same_asm = std::memcmp(Y.data(), Y2.data(), 8 * 16 * sizeof(float)) == 0;
