@@ -226,6 +226,85 @@ def test_half_subnormals_and_extremes_widened_exactly():
         assert torch.equal(out[:, :, 0].diagonal(), want) and torch.equal(out[:, :, 1].diagonal(), want)
 
 
+def rademacher_args(B, T, I, O, p, seed, dtype, rb=True, mask=True):
+    """make()'s a, g, rb, mask in ``dtype`` with lt / rt the Rademacher matrices the collector uses (entries
+    +-1/sqrt(p)): at p = 4, 16, 64 a power of two, the AVX-512 sign path's condition for half-precision a / g."""
+    from gradkit.projection import projection_matrix
+
+    a, g, _, _, rbt, m = make(B, T, I, O, p, seed, rb, mask, dtype=dtype)
+    lt = projection_matrix(p, O, seed=seed + 1).T.contiguous()
+    rt = projection_matrix(p, I, seed=seed + 2).T.contiguous()
+    return a, g, lt, rt, rbt, m
+
+
+def bits(t):
+    return t.view(torch.int32)
+
+
+def sign_path_agrees(monkeypatch, a, g, lt, rt, rb, m, T):
+    """The sign path (GRADKIT_FACTORED_SIGN unset: on) against GRADKIT_FACTORED_SIGN=0 (the FMA kernel), every
+    instruction-set level and the float32 kernel on a.float(), g.float(): the same bits, NaN payloads and signs
+    included. Returns the result."""
+    monkeypatch.delenv("GRADKIT_FACTORED_SIGN", raising=False)
+    got = ops.factored_project(a, g, lt, rt, rb, m, T)
+    monkeypatch.setenv("GRADKIT_FACTORED_SIGN", "0")
+    off = ops.factored_project(a, g, lt, rt, rb, m, T)
+    monkeypatch.delenv("GRADKIT_FACTORED_SIGN")
+    assert torch.equal(bits(got), bits(off))
+    for isa in CPU_ISAS[1:]:
+        monkeypatch.setenv("GRADKIT_FACTORED_ISA", isa)
+        assert torch.equal(bits(ops.factored_project(a, g, lt, rt, rb, m, T)), bits(got)), isa
+    monkeypatch.delenv("GRADKIT_FACTORED_ISA", raising=False)
+    wide = ops.factored_project(a.float(), g.float(), lt, rt, rb, m, T)
+    assert torch.equal(bits(wide), bits(got))
+    return got
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("p", [4, 16, 32, 64])
+def test_sign_path_same_bits(monkeypatch, dtype, p):
+    """Half-precision a / g with Rademacher matrices: on AVX-512 CPUs each 12-token tile runs 8 rows by FMA and
+    4 by xor + add (p = 4, 16, 64; p = 32 has no power-of-two scale and stays on the FMA kernel). The same bits as
+    the FMA kernel, every level and the float32 kernel: one-token examples, tail tiles of 9-11 tokens, features
+    past one 256-value chunk with a remainder, fewer than 16 features, masked holes, the bias column; and the
+    reference's values."""
+    for B, T, I, O in ((40, 1, 70, 53), (3, 37, 1003, 517), (2, 300, 256, 33), (6, 11, 5, 17)):
+        args = rademacher_args(B, T, I, O, p, 3, dtype)
+        got = sign_path_agrees(monkeypatch, *args, T)
+        close(got, ref.factored_project(*args, T))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_sign_path_non_finite_and_zero_rows(monkeypatch, dtype):
+    """NaN, +-inf, -0 and all-zero rows in the xor + add rows (tokens 8-11 and 20-23 of the 12-token tiles) and in
+    the FMA rows: a chunk holding a NaN or an inf is run by FMA (by xor + add a NaN's sign would differ), so the
+    bits, NaN signs included, are the FMA kernel's at every level."""
+    a, g, lt, rt, _, _ = rademacher_args(2, 12, 300, 40, 16, 5, dtype, rb=False, mask=False)
+    a[9, 3] = float("nan")
+    a[10, 299] = float("inf")  # the 300 % 16 tail
+    a[21, 200] = -float("inf")
+    a[22] = 0.0
+    a[23, 7] = -0.0
+    g[8, 1] = float("nan")
+    g[11] = -0.0
+    g[20, 39] = float("inf")
+    a[2, 5] = float("nan")  # an FMA row
+    got = sign_path_agrees(monkeypatch, a, g, lt, rt, None, None, 12)
+    assert bool(torch.isnan(got).any())
+
+
+@given(B=st.integers(0, 4), T=st.integers(1, 30), I=st.integers(1, 300), O=st.integers(1, 60),
+       p=st.sampled_from([4, 16, 64]), seed=st.integers(0, 2**20), rb=st.booleans(), mask=st.booleans(),
+       dtype=st.sampled_from(HALF))
+def test_sign_path_property(B, T, I, O, p, seed, rb, mask, dtype):
+    """Hypothesis-drawn shapes, Rademacher matrices, half-precision a / g: the sign path gives the FMA kernel's
+    bits at every level, and the reference's values."""
+    args = rademacher_args(B, T, I, O, p, seed, dtype, rb, mask)
+    with pytest.MonkeyPatch.context() as mp:
+        got = sign_path_agrees(mp, *args, T)
+    close(got, ref.factored_project(*args, T))
+
+
 @pytest.mark.parametrize("B,T", [(70, 1), (9, 7), (5, 32), (3, 33)])
 def test_triton_short_sequences_several_programs(B, T):
     """Triton: T <= 32 takes the kernel where several examples share one tile (70 one-token examples:

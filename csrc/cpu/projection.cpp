@@ -41,6 +41,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -555,6 +556,8 @@ struct FArgs {
   int64_t lda, ldg, I, O, p;
   int64_t N;  // rows of a / g (prefetches stay inside)
   int isa;  // factored_isa(): the AVX-512 or AVX2 kernels, or the portable loops (same arithmetic, same order, same bits)
+  float ls = 0.0f, rs = 0.0f;  // the sign path's s for lt / rt (half-precision a / g, AVX-512), or 0: not taken
+  int tile = kFMR;             // tokens per tile: kSignTile when a side takes the sign path
 };
 
 // Y[r][0..p) = X[r] . W (K x p, row-major), r < mr; rows X[r] given by pointers; sums over k ascending.
@@ -668,6 +671,131 @@ constexpr auto kMRs = std::make_integer_sequence<int, kSkinnyMR>{};
 template <typename E>  // [p: any, 16, 32, 64][rows - 1], for rows of E
 constexpr std::array<std::array<SkinnyFn<E>, kSkinnyMR>, 4> kSkinny = {
     skinny_table<E, 0>(kMRs), skinny_table<E, 16>(kMRs), skinny_table<E, 32>(kMRs), skinny_table<E, 64>(kMRs)};
+
+// ---- The sign path (bfloat16 / float16 a and g, AVX-512): when W = +-s with s a power of two (a Rademacher
+// matrix at p = 4, 16, 64, 256: s = 1 / sqrt(p)), fma(x, +-s, acc) == acc + (+-(s x)) bit for bit whenever s x
+// is exact. Zen 4 (like Zen 2-3) has two FMA pipes and two separate FADD pipes, and skinny_avx512 uses only the
+// FMA pipes. A pass of 8 + NB tokens runs its first 8 rows as skinny_avx512 does and its last NB rows with one xor
+// and one add per feature: each 256 features, every add row is widened once into an L1 scratch as
+// xq = bits(s x) ^ bits(s) (the narrow kernel widens every row into L1 anyway), and xq ^ w (w = +-s, the
+// register the FMA rows use) is +-(s x). The xor takes xq broadcast from memory (`vpxord m32{1to16}`): a separate
+// vbroadcastss costs Zen 4 an FP-pipe slot, and in benchmarks/micro/rademacher_avx512_mixed.cpp it cut the gain
+// in L2 from 1.48x to 1.19x. Each output is the same chain (k ascending, from +0), so the bits are skinny_avx512's.
+// A 256-feature chunk of an add row holding a value whose s x is not exact (|x| < 2^-126 / s, nonzero) or not
+// finite (a NaN's sign would differ) is run by FMA from its plain widened values instead. Not used for float32 a
+// and g: there the two-thread op is bound by streaming a and g from DRAM, and the trial measured no gain
+// (benchmarks/results/README.md, session 17); half-precision rows are half the bytes, and the path measured
+// 1.05-1.15x there.
+//
+// acc + (bits(*q broadcast) ^ bits(w)), in one asm statement: with the xor alone in asm, GCC hoisted all 16
+// unrolled steps' xors ahead of the adds and spilled their results; acc goes by value (an __m512& operand kept the
+// accumulators on the stack).
+__attribute__((target("avx512f"))) inline __m512 add_xor_bcast(__m512 acc, const float* q, __m512 w) {
+  __m512 t;
+  asm("vpxord %[q]%{1to16%}, %[w], %[t]\n\tvaddps %[t], %[acc], %[acc]"
+      : [acc] "+v"(acc), [t] "=&v"(t)
+      : [q] "m"(*q), [w] "v"(w));
+  return acc;
+}
+
+constexpr int kSignNB = 4;  // add rows per pass: 8 + 4 measured best in the micro program
+constexpr int kSignTile = kSkinnyMR + kSignNB;  // tokens per tile on the sign path (one pass per side)
+
+template <int NB, int kP, typename E>
+__attribute__((target("avx512f"))) void skinny_sign_avx512(const E* const* X, int64_t K, const float* W,
+                                                          int64_t p_arg, float* Y, const char* pf, int64_t pf_bytes,
+                                                          float s) {
+  constexpr int NA = kSkinnyMR;
+  constexpr int64_t kChunk = 256;
+  alignas(64) float sx[NA][kChunk];
+  alignas(64) float sq[NB][kChunk];
+  const int64_t p = kP ? kP : p_arg;
+  uint32_t sbits, lo;
+  std::memcpy(&sbits, &s, 4);
+  const float lo_f = std::numeric_limits<float>::min() / s;  // |x| >= lo_f: s x is a normal float, exact
+  std::memcpy(&lo, &lo_f, 4);
+  const __m512i vlo1 = _mm512_set1_epi32(static_cast<int32_t>(lo - 1)), vone = _mm512_set1_epi32(1),
+                vinf = _mm512_set1_epi32(0x7f800000), vabs = _mm512_set1_epi32(0x7fffffff),
+                vsb = _mm512_set1_epi32(static_cast<int32_t>(sbits));
+  const __m512 vs = _mm512_set1_ps(s);
+  PrefetchStream pfs(pf, pf_bytes, K);
+  for (int64_t j0 = 0; j0 < p; j0 += 16) {
+    const __mmask16 m = kP || p - j0 >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                           : static_cast<__mmask16>((1u << (p - j0)) - 1u);
+    __m512 acc[NA], bcc[NB];
+    for (int r = 0; r < NA; ++r) acc[r] = _mm512_setzero_ps();
+    for (int r = 0; r < NB; ++r) bcc[r] = _mm512_setzero_ps();
+    const float* w = W + j0;
+    const E* xr[NA + NB];
+    for (int r = 0; r < NA + NB; ++r) xr[r] = X[r];
+    bool sign = true;  // the current chunk's add rows hold xq (else their plain widened values)
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      if (j0 == 0) pfs.step();
+      const int64_t c = k % kChunk;
+      if (c == 0) {  // the rows' next chunk (whole 16-value groups) into the L1 scratch
+        const int64_t nc = std::min<int64_t>(kChunk, (K - k) / 16 * 16);
+        for (int r = 0; r < NA; ++r)
+          for (int64_t q = 0; q < nc; q += 16) _mm512_store_ps(sx[r] + q, widen16(xr[r] + k + q));
+        // per lane, the least |x| bits minus 1 (a zero wraps to the largest: exact) and the largest |x| bits
+        __m512i lmin = _mm512_set1_epi32(-1), lmax = _mm512_setzero_si512();
+        for (int r = 0; r < NB; ++r)
+          for (int64_t q = 0; q < nc; q += 16) {
+            const __m512 v = widen16(xr[NA + r] + k + q);
+            const __m512i u = _mm512_and_si512(_mm512_castps_si512(v), vabs);
+            lmin = _mm512_min_epu32(lmin, _mm512_sub_epi32(u, vone));
+            lmax = _mm512_max_epu32(lmax, u);
+            _mm512_store_si512(sq[r] + q, _mm512_xor_si512(_mm512_castps_si512(_mm512_mul_ps(v, vs)), vsb));
+          }
+        sign = _mm512_cmplt_epu32_mask(lmin, vlo1) == 0 && _mm512_cmpge_epu32_mask(lmax, vinf) == 0;
+        if (!sign)
+          for (int r = 0; r < NB; ++r)
+            for (int64_t q = 0; q < nc; q += 16) _mm512_store_ps(sq[r] + q, widen16(xr[NA + r] + k + q));
+      }
+      if (sign) {
+#pragma GCC unroll 16
+        for (int kk = 0; kk < 16; ++kk) {
+          const __m512 wk = _mm512_maskz_loadu_ps(m, w + (k + kk) * p);
+#pragma GCC unroll 8
+          for (int r = 0; r < NA; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(sx[r][c + kk]), wk, acc[r]);
+#pragma GCC unroll 4
+          for (int r = 0; r < NB; ++r) bcc[r] = add_xor_bcast(bcc[r], sq[r] + c + kk, wk);
+        }
+      } else {
+#pragma GCC unroll 16
+        for (int kk = 0; kk < 16; ++kk) {
+          const __m512 wk = _mm512_maskz_loadu_ps(m, w + (k + kk) * p);
+#pragma GCC unroll 8
+          for (int r = 0; r < NA; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(sx[r][c + kk]), wk, acc[r]);
+#pragma GCC unroll 4
+          for (int r = 0; r < NB; ++r) bcc[r] = _mm512_fmadd_ps(_mm512_set1_ps(sq[r][c + kk]), wk, bcc[r]);
+        }
+      }
+    }
+    for (; k < K; ++k) {  // the last K % 16 features, by FMA (the same bits either way)
+      const __m512 wk = _mm512_maskz_loadu_ps(m, w + k * p);
+#pragma GCC unroll 8
+      for (int r = 0; r < NA; ++r)
+        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(xr[r][k])), wk, acc[r]);
+#pragma GCC unroll 4
+      for (int r = 0; r < NB; ++r)
+        bcc[r] = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(xr[NA + r][k])), wk, bcc[r]);
+    }
+    for (int r = 0; r < NA; ++r) _mm512_mask_storeu_ps(Y + r * p + j0, m, acc[r]);
+    for (int r = 0; r < NB; ++r) _mm512_mask_storeu_ps(Y + (NA + r) * p + j0, m, bcc[r]);
+  }
+}
+template <typename E>
+using SignFn = void (*)(const E* const*, int64_t, const float*, int64_t, float*, const char*, int64_t, float);
+template <typename E, int kP, int... I>
+constexpr std::array<SignFn<E>, sizeof...(I)> sign_table(std::integer_sequence<int, I...>) {
+  return {&skinny_sign_avx512<I + 1, kP, E>...};
+}
+template <typename E>  // [p: any, 16, 64][add rows - 1] (p = 32: 1 / sqrt(32) is not a power of two)
+constexpr std::array<std::array<SignFn<E>, kSignNB>, 3> kSkinnySign = {
+    sign_table<E, 0>(std::make_integer_sequence<int, kSignNB>{}),
+    sign_table<E, 16>(std::make_integer_sequence<int, kSignNB>{}),
+    sign_table<E, 64>(std::make_integer_sequence<int, kSignNB>{})};
 
 // part[i, j] = fma(U[r, i], V[r, j], part[i, j]) for r = 0 .. mr-1 in order (the portable loop's rounding and
 // order), with a 16 x 16 block of part held in registers across the mr tokens.
@@ -844,6 +972,29 @@ __attribute__((target("avx2,fma,f16c"))) void outer_tile_avx2(const float* U, co
 // call: tests compare every level the CPU has, bit for bit.
 int factored_isa() { return capped_simd_level("GRADKIT_FACTORED_ISA", "portable", "GRADKIT_FACTORED_PORTABLE"); }
 
+// The sign path's condition on one side's n projection entries w: s when every entry is +-s with s a power of
+// two in [2^-100, 1] (a Rademacher matrix at p = 4^m), else 0. GRADKIT_FACTORED_SIGN=0 turns the path off (read
+// per call: the tests compare both, bit for bit).
+float sign_scale(const float* w, int64_t n) {
+  const char* env = std::getenv("GRADKIT_FACTORED_SIGN");
+  if (n == 0 || (env && std::strcmp(env, "0") == 0)) return 0.0f;
+  const float s = std::fabs(w[0]);
+  int e = 0;
+  if (!(s <= 1.0f && s >= 0x1p-100f) || std::frexp(s, &e) != 0.5f) return 0.0f;
+  uint32_t sb, diff = 0;
+  std::memcpy(&sb, &s, 4);
+  for (int64_t i0 = 0; i0 < n; i0 += 4096) {  // |w|'s bits against s's, 4096 at a time (vectorised; early exit)
+    const int64_t i1 = std::min(n, i0 + 4096);
+    for (int64_t i = i0; i < i1; ++i) {
+      uint32_t u;
+      std::memcpy(&u, w + i, 4);
+      diff |= (u & 0x7fffffffu) ^ sb;
+    }
+    if (diff) return 0.0f;
+  }
+  return s;
+}
+
 // dst[0..n) = src[0..n) widened to float32 (exact for bfloat16 and float16, subnormals included).
 template <typename E>
 void widen_row(const E* src, int64_t n, float* dst) {
@@ -878,7 +1029,7 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
   int64_t n = n0;
   while (n < n1) {
     int mr = 0;
-    for (; n < n1 && mr < kFMR; ++n) {
+    for (; n < n1 && mr < A.tile; ++n) {
       if (A.mask && !A.mask[n]) continue;
       rg[mr] = gg + n * A.ldg;
       ra[mr] = ga + n * A.lda;
@@ -891,7 +1042,7 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
       // one tile ahead: while this tile's g rows are used, the next tile's g rows stream into L2; likewise a.
       // The next tile may lie past this item: a thread's items are consecutive examples, so it is usually
       // the thread's next item's first tile (without it, one tile per item would start cold).
-      const int64_t nn = std::min(A.N, n + static_cast<int64_t>(kFMR));
+      const int64_t nn = std::min(A.N, n + static_cast<int64_t>(A.tile));
       const char* g_lo = reinterpret_cast<const char*>(gg + n * A.ldg);
       const int64_t g_len = n < nn ? reinterpret_cast<const char*>(gg + (nn - 1) * A.ldg + A.O) - g_lo : 0;
       const char* a_lo = reinterpret_cast<const char*>(ga + n * A.lda);
@@ -901,14 +1052,21 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
       const SkinnyFn<E>* table = A.isa == 2 ? kSkinny<E>[pi].data() : kSkinny2<E>[pi].data();
       const int pass = A.isa == 2 ? kSkinnyMR : kSkinnyMR2;
       const int np = (mr + pass - 1) / pass;
-      const auto side = [&](const E* const* x, int64_t K, const float* w, float* Y, const char* lo, int64_t len) {
+      const auto side = [&](const E* const* x, int64_t K, const float* w, float s, float* Y, const char* lo,
+                            int64_t len) {
+        if constexpr (kWiden) {  // the sign path: one pass of 8 FMA rows + the rest (tiles of kSignTile)
+          if (s > 0.0f && pi != 2 && mr > kSkinnyMR) {
+            kSkinnySign<E>[pi == 3 ? 2 : pi][mr - kSkinnyMR - 1](x, K, w, p, Y, lo, len, s);
+            return;
+          }
+        }
         for (int q = 0; q < np; ++q) {
           const int h = q * pass, n = std::min(pass, mr - h);
           table[n - 1](x + h, K, w, p, Y + h * p, lo + len * q / np, len * (q + 1) / np - len * q / np);
         }
       };
-      side(rg, A.O, A.lt, U.data(), g_lo, g_len);
-      side(ra, A.I, A.rt, V.data(), a_lo, a_len);
+      side(rg, A.O, A.lt, A.ls, U.data(), g_lo, g_len);
+      side(ra, A.I, A.rt, A.rs, V.data(), a_lo, a_len);
     } else
 #endif
     {
@@ -980,9 +1138,14 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
   at::Tensor out = at::empty({B, p, p}, a_in.options().dtype(at::kFloat));
   if (B == 0) return out;
   const FactoredInputs in = prepare_factored(a_in, g_in, lt_in, rt_in, rb_in, mask_in);
-  const FArgs A{in.a.data_ptr(), in.g.data_ptr(), in.lt.data_ptr<float>(), in.rt.data_ptr<float>(),
+  FArgs A{in.a.data_ptr(), in.g.data_ptr(), in.lt.data_ptr<float>(), in.rt.data_ptr<float>(),
                 in.rb_ptr(), in.mask_ptr(), std::max<int64_t>(in.a.stride(0), 1), std::max<int64_t>(in.g.stride(0), 1),
                 in.a.size(1), in.g.size(1), p, N, factored_isa()};
+  if (A.isa == 2 && in.a.scalar_type() != at::kFloat) {
+    A.ls = sign_scale(A.lt, in.lt.numel());
+    A.rs = sign_scale(A.rt, in.rt.numel());
+    if (A.ls > 0.0f || A.rs > 0.0f) A.tile = kSignTile;
+  }
   const auto item = in.a.scalar_type() == at::kBFloat16 ? &factored_item<c10::BFloat16>
                     : in.a.scalar_type() == at::kHalf   ? &factored_item<c10::Half>
                                                         : &factored_item<float>;
