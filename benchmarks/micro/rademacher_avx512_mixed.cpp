@@ -19,19 +19,18 @@
 //   asm 8+4 141-174, mostly 164-174 (up to 1.48x: the pipes' bound is 1.5x); asm 10+6 150-169; asm 8+8 139-156;
 //   asm 12+4 147-155.
 // So a separate vbroadcastss takes an FP-pipe slot on Zen 4 and most of the gain goes with it.
-// Built into the library as a trial (skinny_sign_avx512: 8 FMA rows + 4 add rows per pass, tiles of 24 tokens,
-// the add rows prepared 256 features at a time into an L1 scratch, and a chunk with any |x| < 2^-126 / s nonzero or
-// non-finite run by FMA instead). It gave the same bits as the FMA kernel on every input tried, NaN, inf,
-// subnormals and -0 included. Timed through factored_project, 1000 x 1000, p = 16, in one process with the two
-// paths alternated:
-//   one thread: 1.17x in L3 (4.77 -> 4.09 ms per 8192 tokens), 1.08-1.1x streamed from DRAM;
-//   two threads (the setting), per-round medians: 0.92-1.04x streamed and 0.92-1.03x in L3, varying
-//   from run to run with the shared host's load; 4096 x 4096: 1.05-1.18x SLOWER (each 24-token tile's rows are
-//   384 KiB per side, which with W's 256 KiB crowds the 1 MiB L2 the next tile is prefetched into).
-// Under perf with two threads, a third of the FMA kernel's samples fall on its prefetch loop: the two-thread op is
-// bound by the DRAM stream (22-24 GB/s achieved, against 44-51 GB/s for torch's sum over the same a and g), not
-// by the FMA pipes. Spreading each step's prefetches over its 16 features instead of one burst changed nothing
-// (1.01-1.03x). Not built.
+// Built into the library (csrc/cpu/projection.cpp skinny_sign_avx512): 8 FMA rows + 4 add rows per pass, the add
+// rows prepared 256 features at a time into an L1 scratch, and a chunk holding a nonzero |x| < 2^-126 / s or a
+// non-finite value run by FMA instead. It gives the FMA kernel's bits on every input tried, NaN, inf, subnormals
+// and -0 included. Timed through factored_project, 1000 x 1000, p = 16, in one process with the two paths
+// alternated:
+//   float32 a / g, one thread: 1.17x in L3 (4.77 -> 4.09 ms per 8192 tokens), 1.08-1.1x streamed from DRAM;
+//   float32, two threads (the setting), per-round medians: 0.92-1.04x streamed and 0.92-1.03x in L3,
+//   varying from run to run with the shared host's load; 4096 x 4096: 1.05-1.18x SLOWER (24-token tiles);
+//   bf16 / fp16 a / g, two threads: 1.13-1.24x (half the bytes to stream; the rows are widened into L1 anyway).
+// Under perf with two threads, a third of the float32 FMA kernel's samples fall on its prefetch loop: that op is
+// bound by the DRAM stream (23-26 GB/s achieved, against 44-51 GB/s for torch's sum over the same a and g), not
+// by the FMA pipes. So the library takes this path for half-precision a and g only (12-token tiles).
 #include <immintrin.h>
 
 #include <chrono>
