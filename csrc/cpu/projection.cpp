@@ -752,6 +752,8 @@ __attribute__((target("avx512f"))) void skinny_sign_avx512(const E* const* X, in
           for (int r = 0; r < NB; ++r)
             for (int64_t q = 0; q < nc; q += 16) _mm512_store_ps(sq[r] + q, widen16(xr[NA + r] + k + q));
       }
+      // two copies of the step: with `sign ? xor-add : fma` inside one loop GCC did not unswitch it, leaving a
+      // branch and a jump per feature and add row
       if (sign) {
 #pragma GCC unroll 16
         for (int kk = 0; kk < 16; ++kk) {
