@@ -685,7 +685,7 @@ constexpr std::array<std::array<SkinnyFn<E>, kSkinnyMR>, 4> kSkinny = {
 // finite (a NaN's sign would differ) is run by FMA from its plain widened values instead. Not used for float32 a
 // and g: there the two-thread op is bound by streaming a and g from DRAM, and the trial measured no gain
 // (benchmarks/results/README.md, session 17); half-precision rows are half the bytes, and the path measured
-// 1.05-1.15x there.
+// 1.13-1.24x there at two threads.
 //
 // acc + (bits(*q broadcast) ^ bits(w)), in one asm statement: with the xor alone in asm, GCC hoisted all 16
 // unrolled steps' xors ahead of the adds and spilled their results; acc goes by value (an __m512& operand kept the
