@@ -233,7 +233,7 @@ def test_half_subnormals_and_extremes_widened_exactly():
 
 def rademacher_args(B, T, I, O, p, seed, dtype, rb=True, mask=True):
     """make()'s a, g, rb, mask in ``dtype`` with lt / rt the Rademacher matrices the collector uses (entries
-    +-1/sqrt(p)): at p = 4, 16, 64 a power of two, the AVX-512 sign path's condition for half-precision a / g."""
+    +-1/sqrt(p)): at p = 4, 16, 64 a power of two, the AVX-512 sign path's condition."""
     from gradkit.projection import projection_matrix
 
     a, g, _, _, rbt, m = make(B, T, I, O, p, seed, rb, mask, dtype=dtype)
@@ -244,8 +244,8 @@ def rademacher_args(B, T, I, O, p, seed, dtype, rb=True, mask=True):
 
 def sign_path_agrees(monkeypatch, a, g, lt, rt, rb, m, T):
     """The sign path (GRADKIT_FACTORED_SIGN unset: on) against GRADKIT_FACTORED_SIGN=0 (the FMA kernel), every
-    instruction-set level and the float32 kernel on a.float(), g.float(): the same bits, NaN payloads and signs
-    included. Returns the result."""
+    instruction-set level and (half-precision a / g) the float32 kernel on a.float(), g.float(): the same bits,
+    NaN payloads and signs included. Returns the result."""
     monkeypatch.delenv("GRADKIT_FACTORED_SIGN", raising=False)
     got = same_bits_at_every_level(monkeypatch, a, g, lt, rt, rb, m, T)[CPU_ISAS[0]]
     monkeypatch.setenv("GRADKIT_FACTORED_SIGN", "0")
@@ -257,10 +257,10 @@ def sign_path_agrees(monkeypatch, a, g, lt, rt, rb, m, T):
     return got
 
 
-@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("p", [4, 16, 32, 64])
 def test_sign_path_same_bits(monkeypatch, dtype, p):
-    """Half-precision a / g with Rademacher matrices: on AVX-512 CPUs each 12-token tile runs 8 rows by FMA and
+    """Rademacher matrices, float32 or half-precision a / g: on AVX-512 CPUs each 12-token tile runs 8 rows by FMA and
     4 by xor + add (p = 4, 16, 64; p = 32 has no power-of-two scale and stays on the FMA kernel). The same bits as
     the FMA kernel, every level and the float32 kernel: one-token examples, tail tiles of 9-11 tokens, features
     past one 256-value chunk with a remainder, fewer than 16 features, masked holes, the bias column; and the
@@ -271,7 +271,7 @@ def test_sign_path_same_bits(monkeypatch, dtype, p):
         close(got, ref.factored_project(*args, T))
 
 
-@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_sign_path_non_finite_and_zero_rows(monkeypatch, dtype):
     """NaN, +-inf, -0 and all-zero rows in the xor + add rows (tokens 8-11 and 20-23 of the 12-token tiles) and in
     the FMA rows: a chunk holding a NaN or an inf is run by FMA (by xor + add a NaN's sign would differ), so the
@@ -290,11 +290,28 @@ def test_sign_path_non_finite_and_zero_rows(monkeypatch, dtype):
     assert bool(torch.isnan(got).any())
 
 
+def test_sign_path_tiny_float32(monkeypatch):
+    """float32 subnormals in an xor + add row (token 8 of a 12-token tile): s x0 = 2^-149 and s x1 = 2.5 * 2^-149
+    (s = 1/4). Rounding s x1 first (to 2 * 2^-149, ties to even) and then adding gives 3 * 2^-149 or 1 * 2^-149,
+    where the FMA chain rounds once (4 or 2); so such a chunk must be run by FMA. Example 0 holds only that token,
+    so the difference reaches its projected gradient; example 1 has tiny values beside normal ones."""
+    a, g, lt, rt, _, _ = rademacher_args(2, 12, 600, 40, 16, 7, torch.float32, rb=False, mask=False)
+    a[:12] = 0.0
+    a[8, 0] = 2.0**-147
+    a[8, 1] = 10 * 2.0**-149
+    a[8, 300] = 2.0**-147  # the same in a later 256-feature chunk (the first two are in chunk 0)
+    a[8, 301] = -10 * 2.0**-149
+    a[20, 4] = (1 + 2.0**-23) * 2.0**-126
+    g[21, 5] = -(1 + 2.0**-22) * 2.0**-125
+    got = sign_path_agrees(monkeypatch, a, g, lt, rt, None, None, 12)
+    assert bool((got[0] != 0).any())
+
+
 @given(B=st.integers(0, 4), T=st.integers(1, 30), I=st.integers(1, 300), O=st.integers(1, 60),
        p=st.sampled_from([4, 16, 64]), seed=st.integers(0, 2**20), rb=st.booleans(), mask=st.booleans(),
-       dtype=st.sampled_from(HALF))
+       dtype=st.sampled_from(DTYPES))
 def test_sign_path_property(B, T, I, O, p, seed, rb, mask, dtype):
-    """Hypothesis-drawn shapes, Rademacher matrices, half-precision a / g: the sign path gives the FMA kernel's
+    """Hypothesis-drawn shapes, Rademacher matrices, float32 or half-precision a / g: the sign path gives the FMA kernel's
     bits at every level, and the reference's values."""
     args = rademacher_args(B, T, I, O, p, seed, dtype, rb, mask)
     with pytest.MonkeyPatch.context() as mp:

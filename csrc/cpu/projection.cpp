@@ -579,6 +579,7 @@ __attribute__((target("avx512f"))) inline __m512 widen16(const c10::BFloat16* x)
   return _mm512_castsi512_ps(
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
 }
+__attribute__((target("avx512f"))) inline __m512 widen16(const float* x) { return _mm512_loadu_ps(x); }
 __attribute__((target("avx512f"))) inline __m512 widen16(const c10::Half* x) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
 }
@@ -672,20 +673,23 @@ template <typename E>  // [p: any, 16, 32, 64][rows - 1], for rows of E
 constexpr std::array<std::array<SkinnyFn<E>, kSkinnyMR>, 4> kSkinny = {
     skinny_table<E, 0>(kMRs), skinny_table<E, 16>(kMRs), skinny_table<E, 32>(kMRs), skinny_table<E, 64>(kMRs)};
 
-// ---- The sign path (bfloat16 / float16 a and g, AVX-512): when W = +-s with s a power of two (a Rademacher
-// matrix at p = 4, 16, 64, 256: s = 1 / sqrt(p)), fma(x, +-s, acc) == acc + (+-(s x)) bit for bit whenever s x
-// is exact. Zen 4 (like Zen 2-3) has two FMA pipes and two separate FADD pipes, and skinny_avx512 uses only the
-// FMA pipes. A pass of 8 + NB tokens runs its first 8 rows as skinny_avx512 does and its last NB rows with one xor
-// and one add per feature: each 256 features, every add row is widened once into an L1 scratch as
-// xq = bits(s x) ^ bits(s) (the narrow kernel widens every row into L1 anyway), and xq ^ w (w = +-s, the
-// register the FMA rows use) is +-(s x). The xor takes xq broadcast from memory (`vpxord m32{1to16}`): a separate
-// vbroadcastss costs Zen 4 an FP-pipe slot, and in benchmarks/micro/rademacher_avx512_mixed.cpp it cut the gain
-// in L2 from 1.48x to 1.19x. Each output is the same chain (k ascending, from +0), so the bits are skinny_avx512's.
-// A 256-feature chunk of an add row holding a value whose s x is not exact (|x| < 2^-126 / s, nonzero) or not
-// finite (a NaN's sign would differ) is run by FMA from its plain widened values instead. Not used for float32 a
-// and g: there the two-thread op is bound by streaming a and g from DRAM, and the trial measured no gain
-// (benchmarks/results/README.md, session 17); half-precision rows are half the bytes, and the path measured
-// 1.13-1.24x there at two threads.
+// ---- The sign path (AVX-512): when W = +-s with s a power of two (a Rademacher matrix at p = 4, 16, 64, 256:
+// s = 1 / sqrt(p)), fma(x, +-s, acc) == acc + (+-(s x)) bit for bit whenever s x is exact. Zen 4 (like Zen 2-3)
+// has two FMA pipes and two separate FADD pipes, and skinny_avx512 uses only the FMA pipes. A pass of 8 + NB
+// tokens runs its first 8 rows as skinny_avx512 does and its last NB rows with one xor and one add per feature:
+// each 256 features, every add row is prepared once into an L1 scratch as xq = bits(s x) ^ bits(s), and xq ^ w
+// (w = +-s, the register the FMA rows use) is +-(s x). The xor takes xq broadcast from memory
+// (`vpxord m32{1to16}`): a separate vbroadcastss costs Zen 4 an FP-pipe slot, and in
+// benchmarks/micro/rademacher_avx512_mixed.cpp it cut the gain in L2 from 1.48x to 1.19x. Each output is the same
+// chain (k ascending, from +0), so the bits are skinny_avx512's. A 256-feature chunk of an add row holding a value
+// whose s x is not exact (|x| < 2^-126 / s, nonzero) or not finite (a NaN's sign would differ) is run by FMA from
+// its plain widened values instead.
+// Rows: bfloat16 / float16 FMA rows are widened into an L1 scratch per chunk as in skinny_avx512; float32 FMA
+// rows are read where they lie, and the float32 add rows' next chunk is prefetched into L1 a line per step (a
+// copy of the FMA rows, or the add rows read in a burst at each chunk start, left the float32 path 1.03-1.55x
+// slower than the FMA kernel: 4096-wide rows, 16 KiB apart, were the worst). Measured against
+// GRADKIT_FACTORED_SIGN=0 at two threads, per-round medians (benchmarks/results/README.md, sessions 17-18):
+// bf16 / fp16 1.13-1.24x faster; float32 1.09-1.17x at 1000 wide, 1.02-1.07x at 1024, 0.97-1.03x at 4096.
 //
 // acc + (bits(*q broadcast) ^ bits(w)), in one asm statement: with the xor alone in asm, GCC hoisted all 16
 // unrolled steps' xors ahead of the adds and spilled their results; acc goes by value (an __m512& operand kept the
@@ -707,7 +711,8 @@ __attribute__((target("avx512f"))) void skinny_sign_avx512(const E* const* X, in
                                                           float s) {
   constexpr int NA = kSkinnyMR;
   constexpr int64_t kChunk = 256;
-  alignas(64) float sx[NA][kChunk];
+  constexpr bool kNarrow = !std::is_same_v<E, float>;  // else float32: the FMA rows are read where they lie
+  alignas(64) float sx[kNarrow ? NA : 1][kNarrow ? kChunk : 1];
   alignas(64) float sq[NB][kChunk];
   const int64_t p = kP ? kP : p_arg;
   uint32_t sbits, lo;
@@ -735,8 +740,9 @@ __attribute__((target("avx512f"))) void skinny_sign_avx512(const E* const* X, in
       const int64_t c = k % kChunk;
       if (c == 0) {  // the rows' next chunk (whole 16-value groups) into the L1 scratch
         const int64_t nc = std::min<int64_t>(kChunk, (K - k) / 16 * 16);
-        for (int r = 0; r < NA; ++r)
-          for (int64_t q = 0; q < nc; q += 16) _mm512_store_ps(sx[r] + q, widen16(xr[r] + k + q));
+        if constexpr (kNarrow)
+          for (int r = 0; r < NA; ++r)
+            for (int64_t q = 0; q < nc; q += 16) _mm512_store_ps(sx[r] + q, widen16(xr[r] + k + q));
         // per lane, the least |x| bits minus 1 (a zero wraps to the largest: exact) and the largest |x| bits
         __m512i lmin = _mm512_set1_epi32(-1), lmax = _mm512_setzero_si512();
         for (int r = 0; r < NB; ++r)
@@ -752,6 +758,13 @@ __attribute__((target("avx512f"))) void skinny_sign_avx512(const E* const* X, in
           for (int r = 0; r < NB; ++r)
             for (int64_t q = 0; q < nc; q += 16) _mm512_store_ps(sq[r] + q, widen16(xr[NA + r] + k + q));
       }
+      if constexpr (!kNarrow)  // float32: the add rows' next chunk into L1 a line per step, not all at its start
+        if (k + kChunk < K)
+          for (int r = 0; r < NB; ++r) _mm_prefetch(reinterpret_cast<const char*>(xr[NA + r] + k + kChunk), _MM_HINT_T0);
+      const auto x_at = [&](int r, int kk) -> float {  // feature k + kk of FMA row r, as float32
+        if constexpr (kNarrow) return sx[r][c + kk];
+        else return xr[r][k + kk];
+      };
       // two copies of the step: with `sign ? xor-add : fma` inside one loop GCC did not unswitch it, leaving a
       // branch and a jump per feature and add row
       if (sign) {
@@ -759,7 +772,7 @@ __attribute__((target("avx512f"))) void skinny_sign_avx512(const E* const* X, in
         for (int kk = 0; kk < 16; ++kk) {
           const __m512 wk = _mm512_maskz_loadu_ps(m, w + (k + kk) * p);
 #pragma GCC unroll 8
-          for (int r = 0; r < NA; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(sx[r][c + kk]), wk, acc[r]);
+          for (int r = 0; r < NA; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x_at(r, kk)), wk, acc[r]);
 #pragma GCC unroll 4
           for (int r = 0; r < NB; ++r) bcc[r] = add_xor_bcast(bcc[r], sq[r] + c + kk, wk);
         }
@@ -768,7 +781,7 @@ __attribute__((target("avx512f"))) void skinny_sign_avx512(const E* const* X, in
         for (int kk = 0; kk < 16; ++kk) {
           const __m512 wk = _mm512_maskz_loadu_ps(m, w + (k + kk) * p);
 #pragma GCC unroll 8
-          for (int r = 0; r < NA; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(sx[r][c + kk]), wk, acc[r]);
+          for (int r = 0; r < NA; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x_at(r, kk)), wk, acc[r]);
 #pragma GCC unroll 4
           for (int r = 0; r < NB; ++r) bcc[r] = _mm512_fmadd_ps(_mm512_set1_ps(sq[r][c + kk]), wk, bcc[r]);
         }
@@ -1054,11 +1067,9 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
       const int np = (mr + pass - 1) / pass;
       const auto side = [&](const E* const* x, int64_t K, const float* w, float s, float* Y, const char* lo,
                             int64_t len) {
-        if constexpr (kWiden) {  // the sign path: one pass of 8 FMA rows + the rest (tiles of kSignTile)
-          if (s > 0.0f && pi != 2 && mr > kSkinnyMR) {
-            kSkinnySign<E>[pi == 3 ? 2 : pi][mr - kSkinnyMR - 1](x, K, w, p, Y, lo, len, s);
-            return;
-          }
+        if (s > 0.0f && pi != 2 && mr > kSkinnyMR) {  // the sign path: one pass of 8 FMA rows + the rest
+          kSkinnySign<E>[pi == 3 ? 2 : pi][mr - kSkinnyMR - 1](x, K, w, p, Y, lo, len, s);
+          return;
         }
         for (int q = 0; q < np; ++q) {
           const int h = q * pass, n = std::min(pass, mr - h);
@@ -1143,7 +1154,7 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
                 in.a.size(1), in.g.size(1), p, N, factored_isa()};
   // GRADKIT_FACTORED_SIGN=0 turns the sign path off (read per call: the tests compare both, bit for bit)
   const char* sign_env = std::getenv("GRADKIT_FACTORED_SIGN");
-  if (A.isa == 2 && in.a.scalar_type() != at::kFloat && !(sign_env && std::strcmp(sign_env, "0") == 0)) {
+  if (A.isa == 2 && !(sign_env && std::strcmp(sign_env, "0") == 0)) {
     A.ls = sign_scale(A.lt, in.lt.numel());
     A.rs = sign_scale(A.rt, in.rt.numel());
     if (A.ls > 0.0f || A.rs > 0.0f) A.tile = kSignTile;
