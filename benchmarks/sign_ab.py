@@ -1,0 +1,85 @@
+"""One-process A/B of factored_project's sign path (issue 6): the xor + add rows against the FMA kernel
+(GRADKIT_FACTORED_SIGN=0), on the layer shapes of bench_collector.py, in rounds with the order rotating
+(harness.time_interleaved), so both see the same stretch of the shared host's load. Each pair is checked
+bit for bit first.
+
+    python benchmarks/sign_ab.py [--dtypes float32,bfloat16] [--rounds 15] [--bergson]
+
+Prints, per shape, the FMA kernel's median time and the per-round ratio sign / FMA (p20, p50, p80: below 1
+is faster). With --bergson, also bergson 2.5.1's hooks on the 1000 x 1000 layer (gradkit's whole
+``factored_project`` call, both paths) and the per-round ratios bergson / gradkit. 2 threads. The sign path
+is taken on AVX-512 CPUs only; elsewhere both columns time the same kernel.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import time_interleaved  # noqa: E402
+
+from gradkit.projection import factored_project, projection_matrix  # noqa: E402
+
+SHAPES = ((1000, 64, 128), (1024, 64, 128), (4096, 16, 128), (1000, 8192, 1))
+
+
+def with_sign(flag: str, fn):
+    def call():
+        os.environ["GRADKIT_FACTORED_SIGN"] = flag
+        return fn()
+    return call
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--bergson", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(5)
+    for name in args.dtypes.split(","):
+        dt = getattr(torch, name)
+        for width, nb, T in SHAPES:
+            lt = projection_matrix(16, width, seed=1).T.contiguous()
+            rt = projection_matrix(16, width, seed=2).T.contiguous()
+            a = torch.randn(nb * T, width, generator=gen).to(dt)
+            g = torch.randn(nb * T, width, generator=gen).to(dt)
+
+            def op():
+                return torch.ops.gradkit.factored_project(a, g, lt, rt, None, None, T)
+
+            fns = {"fma": with_sign("0", op), "sign": with_sign("1", op)}
+            assert torch.equal(fns["fma"]().view(torch.int32), fns["sign"]().view(torch.int32))
+            st = time_interleaved(fns, rounds=args.rounds, calls=10, baseline="fma")["sign"]
+            print(f"{name:8s} {width}x{width}, {nb}x{T} tokens: FMA kernel "
+                  f"{st['p50'] / st['ratio_p50'] * 1e3:.2f} ms, sign / FMA per round "
+                  f"{st['ratio_p20']:.3f} {st['ratio_p50']:.3f} {st['ratio_p80']:.3f}", flush=True)
+    if args.bergson:
+        import bench_collector as bc
+        from torch import nn
+
+        lin = nn.Linear(1000, 1000)
+        a = torch.randn(64, 128, 1000, generator=gen)
+        g = torch.randn(64, 128, 1000, generator=gen)
+        bcol = bc._bergson(bc._Wrap(lin))
+        if bcol is None:
+            print("bergson is not installed: scripts/install-peers.sh")
+            return
+        bc._tag(lin)
+
+        def gk():
+            return factored_project(a, g, 16, seed=0, name="lin")
+
+        fns = {"sign": with_sign("1", gk), "fma": with_sign("0", gk),
+               "bergson": lambda: bc._bergson_hooks(bcol, lin, a, g)}
+        st = time_interleaved(fns, rounds=2 * args.rounds, calls=10, baseline="bergson")
+        print(f"bergson hooks 1000x1000, 64x128 tokens: {st['bergson']['p50'] * 1e3:.2f} ms")
+        for k in ("sign", "fma"):  # ratio_pXX is gradkit / bergson: invert for bergson / gradkit
+            print(f"  {k:4s} {st[k]['p50'] * 1e3:.2f} ms, bergson / gradkit per round p20 / p50 / p80 "
+                  f"{1 / st[k]['ratio_p80']:.2f} {1 / st[k]['ratio_p50']:.2f} {1 / st[k]['ratio_p20']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
