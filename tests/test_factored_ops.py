@@ -290,6 +290,23 @@ def test_sign_path_non_finite_and_zero_rows(monkeypatch, dtype):
     assert bool(torch.isnan(got).any())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_sign_path_one_side(monkeypatch, dtype, side):
+    """Only one side qualifies (the other matrix is not +-s: a user's own, here a Gaussian one): that side
+    takes the sign path, the other runs its 12-token tiles as 8 + 4-token FMA passes; the same bits."""
+    from gradkit.projection import projection_matrix
+
+    a, g, lt, rt, rbt, m = rademacher_args(5, 29, 300, 270, 16, 11, dtype)
+    gauss = projection_matrix(16, 270 if side == "left" else 300, seed=4, kind="gaussian").T.contiguous()
+    if side == "left":
+        lt = gauss
+    else:
+        rt = gauss
+    got = sign_path_agrees(monkeypatch, a, g, lt, rt, rbt, m, 29)
+    close(got, ref.factored_project(a, g, lt, rt, rbt, m, 29))
+
+
 def test_sign_path_tiny_float32(monkeypatch):
     """float32 subnormals in an xor + add row (token 8 of a 12-token tile): s x0 = 2^-149 and s x1 = 2.5 * 2^-149
     (s = 1/4). Rounding s x1 first (to 2 * 2^-149, ties to even) and then adding gives 3 * 2^-149 or 1 * 2^-149,

@@ -30,7 +30,10 @@
 //   bf16 / fp16 a / g, two threads: 1.13-1.24x (half the bytes to stream; the rows are widened into L1 anyway).
 // Under perf with two threads, a third of the float32 FMA kernel's samples fall on its prefetch loop: that op is
 // bound by the DRAM stream (23-26 GB/s achieved, against 44-51 GB/s for torch's sum over the same a and g), not
-// by the FMA pipes. So the library takes this path for half-precision a and g only (12-token tiles).
+// by the FMA pipes. So session 17 took this path for half-precision a and g only (12-token tiles).
+// Session 18: float32 too, in another form: the FMA rows read where they lie (not copied into L1) and the add
+// rows' next chunk prefetched into L1 a line per step; 1.02-1.18x at two threads (benchmarks/sign_ab.py,
+// benchmarks/results/README.md). The copying form above measured 1.03-1.55x slower in session 18's re-run.
 #include <immintrin.h>
 
 #include <chrono>
