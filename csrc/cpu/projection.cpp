@@ -689,7 +689,7 @@ constexpr std::array<std::array<SkinnyFn<E>, kSkinnyMR>, 4> kSkinny = {
 // copy of the FMA rows, or the add rows read in a burst at each chunk start, left the float32 path 1.03-1.55x
 // slower than the FMA kernel: 4096-wide rows, 16 KiB apart, were the worst). Measured against
 // GRADKIT_FACTORED_SIGN=0 at two threads, per-round medians (benchmarks/results/README.md, sessions 17-18):
-// bf16 / fp16 1.1-1.24x faster; float32 1.08-1.18x at 1000 wide, 1.02-1.13x at 1024 and at 4096, 1.06-1.12x
+// bf16 / fp16 1.1-1.24x faster; float32 1.08-1.18x at 1000 wide, 1.02-1.15x at 1024 and at 4096, 1.06-1.12x
 // with one-token examples (the range is the shared host's load).
 //
 // acc + (bits(*q broadcast) ^ bits(w)), in one asm statement: with the xor alone in asm, GCC hoisted all 16
