@@ -556,7 +556,7 @@ struct FArgs {
   int64_t lda, ldg, I, O, p;
   int64_t N;  // rows of a / g (prefetches stay inside)
   int isa;  // factored_isa(): the AVX-512 or AVX2 kernels, or the portable loops (same arithmetic, same order, same bits)
-  float ls = 0.0f, rs = 0.0f;  // the sign path's s for lt / rt (half-precision a / g, AVX-512), or 0: not taken
+  float ls = 0.0f, rs = 0.0f;  // the sign path's s for lt / rt (AVX-512), or 0: not taken
   int tile = kFMR;             // tokens per tile: kSignTile when a side takes the sign path
 };
 
