@@ -328,8 +328,8 @@ def test_sign_path_tiny_float32(monkeypatch):
        p=st.sampled_from([4, 16, 64]), seed=st.integers(0, 2**20), rb=st.booleans(), mask=st.booleans(),
        dtype=st.sampled_from(DTYPES))
 def test_sign_path_property(B, T, I, O, p, seed, rb, mask, dtype):
-    """Hypothesis-drawn shapes, Rademacher matrices, float32 or half-precision a / g: the sign path gives the FMA kernel's
-    bits at every level, and the reference's values."""
+    """Hypothesis-drawn shapes, Rademacher matrices, float32 or half-precision a / g: the sign path gives the FMA
+    kernel's bits at every level, and the reference's values."""
     args = rademacher_args(B, T, I, O, p, seed, dtype, rb, mask)
     with pytest.MonkeyPatch.context() as mp:
         got = sign_path_agrees(mp, *args, T)

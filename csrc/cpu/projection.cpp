@@ -761,7 +761,8 @@ __attribute__((target("avx512f"))) void skinny_sign_avx512(const E* const* X, in
       }
       if constexpr (!kNarrow)  // float32: the add rows' next chunk into L1 a line per step, not all at its start
         if (k + kChunk < K)
-          for (int r = 0; r < NB; ++r) _mm_prefetch(reinterpret_cast<const char*>(xr[NA + r] + k + kChunk), _MM_HINT_T0);
+          for (int r = 0; r < NB; ++r)
+            _mm_prefetch(reinterpret_cast<const char*>(xr[NA + r] + k + kChunk), _MM_HINT_T0);
       const auto x_at = [&](int r, int kk) -> float {  // feature k + kk of FMA row r, as float32
         if constexpr (kNarrow) return sx[r][c + kk];
         else return xr[r][k + kk];
