@@ -767,27 +767,25 @@ __attribute__((target("avx512f"))) void skinny_sign_avx512(const E* const* X, in
         if constexpr (kNarrow) return sx[r][c + kk];
         else return xr[r][k + kk];
       };
-      // two copies of the step: with `sign ? xor-add : fma` inside one loop GCC did not unswitch it, leaving a
-      // branch and a jump per feature and add row
-      if (sign) {
+      // the step, compiled once per kind of add row (kSign: xor + add from xq, else FMA from the plain values):
+      // with `sign ? xor-add : fma` inside one loop GCC did not unswitch it, leaving a branch and a jump per
+      // feature and add row
+      const auto step = [&](auto sign_kind) __attribute__((target("avx512f"))) {
+        constexpr bool kSign = decltype(sign_kind)::value;
 #pragma GCC unroll 16
         for (int kk = 0; kk < 16; ++kk) {
           const __m512 wk = _mm512_maskz_loadu_ps(m, w + (k + kk) * p);
 #pragma GCC unroll 8
           for (int r = 0; r < NA; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x_at(r, kk)), wk, acc[r]);
 #pragma GCC unroll 4
-          for (int r = 0; r < NB; ++r) bcc[r] = add_xor_bcast(bcc[r], sq[r] + c + kk, wk);
+          for (int r = 0; r < NB; ++r) {
+            if constexpr (kSign) bcc[r] = add_xor_bcast(bcc[r], sq[r] + c + kk, wk);
+            else bcc[r] = _mm512_fmadd_ps(_mm512_set1_ps(sq[r][c + kk]), wk, bcc[r]);
+          }
         }
-      } else {
-#pragma GCC unroll 16
-        for (int kk = 0; kk < 16; ++kk) {
-          const __m512 wk = _mm512_maskz_loadu_ps(m, w + (k + kk) * p);
-#pragma GCC unroll 8
-          for (int r = 0; r < NA; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x_at(r, kk)), wk, acc[r]);
-#pragma GCC unroll 4
-          for (int r = 0; r < NB; ++r) bcc[r] = _mm512_fmadd_ps(_mm512_set1_ps(sq[r][c + kk]), wk, bcc[r]);
-        }
-      }
+      };
+      if (sign) step(std::true_type{});
+      else step(std::false_type{});
     }
     for (; k < K; ++k) {  // the last K % 16 features, by FMA (the same bits either way)
       const __m512 wk = _mm512_maskz_loadu_ps(m, w + k * p);
