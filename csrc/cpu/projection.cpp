@@ -584,13 +584,15 @@ __attribute__((target("avx512f"))) inline __m512 widen16(const c10::Half* x) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
 }
 
-// The region a skinny kernel's caller reads next, prefetched (into L2) one slice per step of 16 k. A slice
-// of at most 16 lines (always, for rows read whole: 8-16 rows x 64 bytes per step) is spread over the step,
-// one prefetch per feature (the kernel issues lines() of them from cur(), then advance()); a wider one
-// (rows with gaps) goes out at the step's start by step(). Against all at the step's start (session 19, one
-// process, the variants alternated, per-round medians): the sign path 0.95x the time in float32 at every
-// width and 0.97-0.99x in bf16; the AVX2 kernels (GRADKIT_FACTORED_ISA=avx2 on the Zen 4) 0.94-1.0x; the
-// AVX-512 FMA kernel 0.99-1.0x (unchanged).
+// The region a skinny kernel's caller reads next, prefetched (into L2) one slice per step of 16 k. The
+// AVX-512 kernels spread a float32 slice of at most 16 lines (always, for rows read whole: 8-12 rows x 64
+// bytes per step) over the step, one prefetch per feature (lines() of them from cur(), then advance());
+// otherwise step() issues the slice at the step's start. Session 19, each variant in its own process,
+// alternated, per-pair ratios of median times (1000 x 1000, 64 x 128 tokens, two threads): spread / at the
+// start 0.92x for the float32 sign path (0.91-0.96 over 10 pairs) and 0.95x for the float32 FMA kernel, but
+// 1.02x for the bf16 sign path and 1.06x for the bf16 FMA kernel (their rows are widened into L1 a chunk at a
+// time anyway), and 0.99x for the AVX2 float32 kernel on the Zen 4 (GRADKIT_FACTORED_ISA=avx2), which keeps
+// step() (its machines, Zen 3 and older, were not there to measure).
 struct PrefetchStream {
   const char* pf;
   int64_t bytes, per, off = 0;
@@ -626,7 +628,7 @@ __attribute__((target("avx512f"))) void skinny_avx512(const E* const* X, int64_t
   alignas(64) float sx[kNarrow ? MR : 1][kNarrow ? kWideChunk : 1];
   const int64_t p = kP ? kP : p_arg;
   PrefetchStream pfs(pf, pf_bytes, K);
-  const bool spread = pfs.spread();
+  const bool spread = !kNarrow && pfs.spread();  // float32 rows (bf16 / fp16: all at the step's start)
   for (int64_t j0 = 0; j0 < p; j0 += 16) {
     const __mmask16 m = kP || p - j0 >= 16 ? static_cast<__mmask16>(0xFFFF)
                                            : static_cast<__mmask16>((1u << (p - j0)) - 1u);
@@ -741,7 +743,7 @@ __attribute__((target("avx512f"))) void skinny_sign_avx512(const E* const* X, in
                 vsb = _mm512_set1_epi32(static_cast<int32_t>(sbits));
   const __m512 vs = _mm512_set1_ps(s);
   PrefetchStream pfs(pf, pf_bytes, K);
-  const bool spread = pfs.spread();
+  const bool spread = !kNarrow && pfs.spread();  // float32 rows (bf16 / fp16: all at the step's start)
   for (int64_t j0 = 0; j0 < p; j0 += 16) {
     const __mmask16 m = kP || p - j0 >= 16 ? static_cast<__mmask16>(0xFFFF)
                                            : static_cast<__mmask16>((1u << (p - j0)) - 1u);
@@ -893,7 +895,6 @@ __attribute__((target("avx2,fma,f16c"))) void skinny_avx2(const E* const* X, int
   alignas(32) float sx[kNarrow ? MR : 1][kNarrow ? kWideChunk : 1];
   const int64_t p = kP ? kP : p_arg;
   PrefetchStream pfs(pf, pf_bytes, K);
-  const bool spread = pfs.spread();
   for (int64_t j0 = 0; j0 < p; j0 += 16) {
     const bool full = kP || p - j0 >= 16;
     const __m256i m0 = lanes8(p - j0), m1 = lanes8(p - j0 - 8);
@@ -904,7 +905,7 @@ __attribute__((target("avx2,fma,f16c"))) void skinny_avx2(const E* const* X, int
     for (int r = 0; r < MR; ++r) xr[r] = X[r];
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
-      if (!spread && j0 == 0) pfs.step();
+      if (j0 == 0) pfs.step();
       const int64_t c = k % kWideChunk;
       if constexpr (kNarrow) {
         if (c == 0) {
@@ -917,11 +918,8 @@ __attribute__((target("avx2,fma,f16c"))) void skinny_avx2(const E* const* X, int
         if constexpr (kNarrow) return &sx[r][c + kk];
         else return xr[r] + k + kk;
       };
-      const int nl = spread ? pfs.lines() : 0;  // the step's prefetches, one per feature
-      const char* const pl = pfs.cur();
 #pragma GCC unroll 16
       for (int kk = 0; kk < 16; ++kk) {
-        if (kk < nl) _mm_prefetch(pl + kk * 64, _MM_HINT_T2);
         const __m256 w0 = wload8(w + (k + kk) * p, full, m0), w1 = wload8(w + (k + kk) * p + 8, full, m1);
 #pragma GCC unroll 6
         for (int r = 0; r < MR; ++r) {
@@ -930,7 +928,6 @@ __attribute__((target("avx2,fma,f16c"))) void skinny_avx2(const E* const* X, int
           acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
         }
       }
-      if (spread) pfs.advance();
     }
     for (; k < K; ++k) {
       const __m256 w0 = wload8(w + k * p, full, m0), w1 = wload8(w + k * p + 8, full, m1);
