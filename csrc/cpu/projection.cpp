@@ -588,11 +588,12 @@ __attribute__((target("avx512f"))) inline __m512 widen16(const c10::Half* x) {
 // AVX-512 kernels spread a float32 slice of at most 16 lines (always, for rows read whole: 8-12 rows x 64
 // bytes per step) over the step, one prefetch per feature (lines() of them from cur(), then advance());
 // otherwise step() issues the slice at the step's start. Session 19, each variant in its own process,
-// alternated, per-pair ratios of median times (1000 x 1000, 64 x 128 tokens, two threads): spread / at the
-// start 0.92x for the float32 sign path (0.91-0.96 over 10 pairs) and 0.95x for the float32 FMA kernel, but
-// 1.02x for the bf16 sign path and 1.06x for the bf16 FMA kernel (their rows are widened into L1 a chunk at a
-// time anyway), and 0.99x for the AVX2 float32 kernel on the Zen 4 (GRADKIT_FACTORED_ISA=avx2), which keeps
-// step() (its machines, Zen 3 and older, were not there to measure).
+// alternated, medians of the per-pair ratios (benchmarks/pair_ab.py; 1000 x 1000, 64 x 128 tokens, two
+// threads): spread / at the start 0.92x and 0.97x for the float32 sign path (two runs of 10 pairs, pairs
+// 0.91-1.02) and 0.95-0.98x for the float32 FMA kernel, but 1.02x for the bf16 sign path and 1.06x for the
+// bf16 FMA kernel (their rows are widened into L1 a chunk at a time anyway), and 0.99x for the AVX2 float32
+// kernel on the Zen 4 (GRADKIT_FACTORED_ISA=avx2), which keeps step() (its machines, Zen 3 and older, were not
+// there to measure).
 struct PrefetchStream {
   const char* pf;
   int64_t bytes, per, off = 0;
