@@ -16,13 +16,13 @@ minutes) and kept for later runs. This checkout must be built already (``python 
 """
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def child(shape: str, dtype: str) -> None:
@@ -98,9 +98,11 @@ def main() -> None:
         ratios.append(t["this"] / t["base"])
         print(f"pair {i + 1}: base {t['base'] * 1e3:.3f} ms, this {t['this'] * 1e3:.3f} ms, this / base "
               f"{ratios[-1]:.3f}", flush=True)
-    q = sorted(ratios)
-    print(f"this / base over {len(q)} pairs: median {statistics.median(q):.3f}, p20 {q[int(0.2 * (len(q) - 1))]:.3f}, "
-          f"p80 {q[int(round(0.8 * (len(q) - 1)))]:.3f} ({args.dtype}, shape {args.shape}, env {args.env or '-'})")
+    from harness import _quantiles  # the p20 / p50 / p80 every benchmark row reports
+
+    q = _quantiles(ratios)
+    print(f"this / base over {len(ratios)} pairs: median {q['p50']:.3f}, p20 {q['p20']:.3f}, p80 {q['p80']:.3f} "
+          f"({args.dtype}, shape {args.shape}, env {args.env or '-'})")
 
 
 if __name__ == "__main__":
