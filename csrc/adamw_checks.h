@@ -2,7 +2,7 @@
 // bad input with the same message (before any tensor is touched).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/irange.h>
 
 #include <optional>

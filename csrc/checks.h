@@ -1,7 +1,8 @@
 // Host-side argument checks shared by every backend (CPU and CUDA), so the same bad input
 // gets the same error kind and message whichever kernel would have run.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/promote_types.h>
 #include <c10/util/irange.h>
 
 #include <optional>

@@ -2,7 +2,7 @@
 // (csrc/cuda/projection.cu) kernels: one set of messages, each naming the argument.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <cstdint>

@@ -21,7 +21,9 @@
 // the written rows [cnt, cnt + m) are disjoint by construction; xf, up and linv must not overlap ut.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
 
 namespace gradkit {
 namespace obs {

@@ -2,7 +2,7 @@
 // one set of messages, each naming the argument.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cmath>
 #include <cstdint>

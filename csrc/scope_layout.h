@@ -15,7 +15,7 @@
 // (N:M over contiguous rows, row blocks) become one or two flat strided loops.
 #pragma once
 
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
 
 #include <array>
 #include <cstdint>

@@ -2,7 +2,7 @@
 // by the CPU and CUDA kernels. Validation lives here so every backend rejects the
 // same bad input with the same message, before any kernel runs.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/irange.h>
 
 #include <string>

@@ -19,7 +19,8 @@
 // (__fmul_rn, __fdiv_rn, __fsqrt_rn, ...), so nvcc contracts nothing into an FMA and every step
 // rounds like the CPU kernel's. An entry whose rate is 0 keeps its bits (a vector unit writes
 // them back as read).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>

@@ -35,7 +35,10 @@
 // 16-byte vectors (uint4) when the tensor's pointers are 16-byte aligned, bytes otherwise and for
 // the vector holding the last byte (where bitmask_not clears the padding bits). Popcounts use
 // __popc, block-reduced per tile and added atomically into the tensor's slot.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -19,7 +19,11 @@
 //   to shared memory; each thread ranks its blocks against all of them (broadcast reads), writes a
 //   pruned flag; a pruned block's slot is the count of pruned flags before it.
 // * gs > kMaxSmemGs: composite ATen path (stable sort), the reference's algorithm.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -19,7 +19,9 @@
 //   grid-stride over its work items (tiles, chunks or elements), so any grid size is correct;
 // * loops that contain __syncthreads / cub::Block* / warp intrinsics have block- (or warp-)
 //   uniform trip counts.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>

@@ -17,7 +17,13 @@
 //
 // Headers and conventions as in the other csrc/cuda files: only c10/cuda/* (no
 // ATen/cuda/CUDAContext.h), a CUDAGuard, launches on the current stream, int64 offsets.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
 #include <cuda_fp16.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -371,7 +377,7 @@ at::Tensor factored_project_cuda(const at::Tensor& a_in, const at::Tensor& g_in,
   const int64_t N = a_in.size(0), p = lt_in.size(1), B = N / T;
   if (p > kFMaxP) {  // wide projections: the composite (two GEMMs and a batched product), same definition
     at::Tensor u = at::mm(g_in.to(at::kFloat), lt_in), v = at::mm(a_in.to(at::kFloat), rt_in);
-    if (rb_in.has_value()) v = v + *rb_in;
+    if (rb_in.has_value()) v = v.add(*rb_in);
     if (mask_in.has_value()) {
       const at::Tensor m = mask_in->unsqueeze(1);
       u = at::where(m, u, at::zeros({}, u.options()));

@@ -65,7 +65,9 @@
 // their own lane mask and take group-uniform decisions. Accumulation in float (double for
 // float64); products feeding sums use __fmul_rn / __dmul_rn so nvcc cannot contract them
 // into FMAs (single-lane sums then round exactly like the CPU kernel's sequential loop).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAException.h>

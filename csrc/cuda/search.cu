@@ -19,7 +19,17 @@
 //   winner of its tile, so the result equals the reference's.
 // * smallest runs as largest on negated queries (exact) and negates the scores back.
 // * k > kMaxK: composite path (at::mm over chunks of keys + the same merge).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/full_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/nan_to_num.h>
+#include <ATen/ops/sort.h>
+#include <ATen/ops/where.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -247,7 +257,7 @@ std::tuple<Tensor, Tensor> score_topk_cuda(const Tensor& queries, const Tensor& 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   Tensor cs2 = cs.view({Q, n_tiles * k});
   Tensor ci2 = ci.view({Q, n_tiles * k});
-  ci2 = at::where(ci2.ge(0), ci2 + base, ci2);
+  ci2 = at::where(ci2.ge(0), ci2.add(base), ci2);
   return merge(cs2, ci2, k, scores_in, idx_in, largest);
 }
 
