@@ -20,7 +20,9 @@
 # nvcc's -O sets the host compiler's level only, device code is optimised by ptxas as in the real build.
 # The .cu files include ATen/core/Tensor.h and the ATen/ops/<op>.h headers they call, never ATen/ATen.h
 # (which parses every operator's declaration in cudafe++, cicc and gcc): 201 s instead of 286 s for the 7
-# files on a 2-core Zen 3 (session 20). Keep new includes to that set.
+# files on a 2-core Zen 3 (session 20). Keep new includes to that set: each compile writes its header
+# list (-MD -MF, no extra pass) and a file fails when that list holds one of SLIM_FORBIDDEN (the umbrella
+# headers that parse every operator's declaration: ATen/Functions.h, and what includes it).
 #
 # CPU-wheel header gap: torch's CPU wheel ships c10/cuda/*.h but not the build-generated
 # c10/cuda/impl/cuda_cmake_macros.h (on Linux it only defines C10_CUDA_BUILD_SHARED_LIBS,
@@ -104,12 +106,25 @@ echo "nvcc_check: objects -> $OBJDIR (removed on exit)"
 # its own log and printed in source order afterwards.
 JOBS="${NVCC_JOBS:-$(nproc 2>/dev/null || echo 1)}"
 [[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || JOBS=1
+SLIM_FORBIDDEN=(ATen/Functions.h ATen/ATen.h ATen/NativeFunctions.h ATen/TensorOperators.h torch/types.h
+                torch/extension.h torch/all.h)
 compile_one() {
-  local src="$1" rel="${1#"$ROOT"/}" obj start
+  local src="$1" rel="${1#"$ROOT"/}" obj dep start hdr bad=()
   obj="$OBJDIR/$(basename "${src%.cu}").o"
+  dep="${obj%.o}.d"
   start=$(date +%s)
-  if "$NVCC" -c "$src" -o "$obj" "${INCLUDES[@]}" "${DEFINES[@]}" "${FLAGS[@]}"; then
-    echo "nvcc_check: OK   $rel ($(( $(date +%s) - start ))s, $(wc -c <"$obj") bytes)"
+  if "$NVCC" -c "$src" -o "$obj" -MD -MF "$dep" "${INCLUDES[@]}" "${DEFINES[@]}" "${FLAGS[@]}"; then
+    for hdr in "${SLIM_FORBIDDEN[@]}"; do
+      grep -q "/include/$hdr\\b" "$dep" && bad+=("$hdr")
+    done
+    if [[ ! -s "$dep" ]]; then
+      echo "nvcc_check: FAIL $rel: nvcc wrote no header list ($dep)"
+    elif [[ ${#bad[@]} -ne 0 ]]; then
+      echo "nvcc_check: FAIL $rel includes ${bad[*]} (directly or through another header): include" \
+           "ATen/core/Tensor.h and the ATen/ops/<op>.h headers it calls instead (see this script's header)"
+    else
+      echo "nvcc_check: OK   $rel ($(( $(date +%s) - start ))s, $(wc -c <"$obj") bytes, $(grep -c '\.h' "$dep") header lines)"
+    fi
   else
     echo "nvcc_check: FAIL $rel ($(( $(date +%s) - start ))s)"
   fi
@@ -131,7 +146,7 @@ for src in "${SOURCES[@]}"; do
 done
 
 if [[ $failed -ne 0 ]]; then
-  echo "nvcc_check: $failed of ${#SOURCES[@]} file(s) failed to compile" >&2
+  echo "nvcc_check: $failed of ${#SOURCES[@]} file(s) failed (a compile error, or an umbrella header: see above)" >&2
   exit 1
 fi
 echo "nvcc_check: all ${#SOURCES[@]} file(s) compiled"

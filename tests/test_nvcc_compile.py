@@ -1,7 +1,9 @@
 """Compile-only check of the CUDA C++ kernels (csrc/cuda/*.cu) with nvcc.
 
 Runs scripts/nvcc_check.sh, which needs nvcc and torch's headers but no GPU and no CUDA
-build of torch. Skipped only when nvcc is not on PATH (CI machines have it).
+build of torch. Skipped only when nvcc is not on PATH (CI machines have it). The script also fails a file
+whose header list (nvcc -MD) holds ATen/Functions.h or an umbrella header that includes it: the slim
+includes keep this, the suite's slowest test, about 85 s shorter on 2 cores.
 """
 import os
 import shutil
