@@ -4,6 +4,7 @@ and Hugging Face Conv1D, with bias column, per token, padding masks, shared modu
 the config is JSON-able; bad input is refused."""
 import functools
 import json
+import re
 
 import pytest
 import torch
@@ -358,9 +359,11 @@ def test_hooks_removed_and_state_dropped():
         loss.backward()
         assert not col._edges  # every pending call got its gradient and let go of its input
     assert not col.attached and all(len(m._forward_hooks) == 0 for m in hooked)
-    with pytest.raises(RuntimeError, match=r"no gradients.*detached .*call collect\(\) inside it"):
+    with pytest.raises(RuntimeError, match=r"^GradientCollector\.collect: no gradients were collected; the "
+                       r"collector was detached .*call collect\(\) inside it$"):
         col.collect()  # exit dropped the batch, and the error says so
-    with pytest.raises(RuntimeError, match="no hooked module ran forward"):
+    with pytest.raises(RuntimeError, match=r"^GradientCollector\.collect: no gradients were collected; no "
+                       r"hooked module ran forward while the collector was attached"):
         col.collect()  # the previous collect() reported the drop and forgot it
     with pytest.raises(ZeroDivisionError):
         with col:
@@ -371,14 +374,16 @@ def test_hooks_removed_and_state_dropped():
         loss = lm_losses(model, batch["input_ids"], batch["attention_mask"]).sum()
     loss.backward()
     with col:
-        with pytest.raises(RuntimeError, match="no gradients.*no hooked module ran forward"):
+        with pytest.raises(RuntimeError, match=r"^GradientCollector\.collect: no gradients were collected; no "
+                           r"hooked module ran forward while the collector was attached"):
             col.collect()
     # no_grad forwards are ignored, and collect() names grad being disabled as the reason
     with col:
         with torch.no_grad():
             model(batch["input_ids"])
         assert not col._edges
-        with pytest.raises(RuntimeError, match=f"ran forward {len(hooked)} time\\(s\\) with grad disabled"):
+        with pytest.raises(RuntimeError, match=r"^GradientCollector\.collect: no gradients were collected; "
+                           rf"hooked modules ran forward {len(hooked)} time\(s\) with grad disabled"):
             col.collect()
         loss = lm_losses(model, batch["input_ids"], batch["attention_mask"]).sum()
         with torch.no_grad():
@@ -403,7 +408,8 @@ def test_missing_module_gradients():
             hidden.clear()
             model(batch["input_ids"])
             hidden["x"].pow(2).sum().backward()
-            with pytest.raises(RuntimeError, match="lm_head"):
+            with pytest.raises(RuntimeError, match=r"^GradientCollector\.collect: no gradient reached "
+                               r"modules \['lm_head'\]$"):
                 col.collect(missing="error")
     finally:
         h.remove()
@@ -444,52 +450,220 @@ def test_output_dtype():
 def test_bad_input():
     model = tiny_gpt(n_layer=1, d_model=16, n_head=2, vocab=29)
     for bad in (0, -1, 1.5, True, None):
-        with pytest.raises(ValueError, match="p"):
+        with pytest.raises(ValueError, match=rf"^p: expected a positive int, got {re.escape(repr(bad))}$"):
             GradientCollector(model, p=bad)
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(ValueError, match=r"^kind: expected 'rademacher' or 'gaussian', got 'sparse'$"):
         GradientCollector(model, kind="sparse")
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(ValueError, match=r"^seed: expected a non-negative int, got -3$"):
         GradientCollector(model, seed=-3)
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(TypeError, match=r"^dtype: expected a floating torch\.dtype, got torch\.int32$"):
         GradientCollector(model, dtype=torch.int32)
-    with pytest.raises(TypeError, match="model"):
+    with pytest.raises(TypeError, match=r"^model: expected an nn\.Module, got str$"):
         GradientCollector("gpt2")
-    with pytest.raises(ValueError, match="matches no module"):
+    with pytest.raises(ValueError, match=r"^modules: pattern 'transformer\.h\.9\.\*' matches no module"):
         GradientCollector(model, modules=["transformer.h.0.mlp.*", "transformer.h.9.*"])
-    with pytest.raises(TypeError, match="LayerNorm"):
+    with pytest.raises(TypeError, match=r"^modules: 'transformer\.ln_f' is a LayerNorm; only nn\.Linear"):
         GradientCollector(model, modules="transformer.ln_f")
-    with pytest.raises(TypeError, match="Embedding"):
+    with pytest.raises(TypeError, match=r"^modules: selected module 'transformer\.wte' is a Embedding; only"):
         GradientCollector(model, modules=lambda n, m: n.endswith("wte") or isinstance(m, nn.Linear))
-    with pytest.raises(ValueError, match="no nn.Linear"):
+    with pytest.raises(ValueError, match=r"^modules: the model has no nn\.Linear or transformers Conv1D module"):
         GradientCollector(nn.Sequential(nn.LayerNorm(3), nn.ReLU()))
-    with pytest.raises(ValueError, match="no nn.Linear / Conv1D"):
+    with pytest.raises(ValueError, match=r"^modules: patterns \['transformer\.h\.0\.ln_\*'\] match no "
+                       r"nn\.Linear / Conv1D module$"):
         GradientCollector(model, modules="transformer.h.0.ln_*")
-    with pytest.raises(ValueError, match="normalizers"):
+    with pytest.raises(ValueError, match=r"^normalizers: names \['transformer\.h\.0\.mlp\.c_fc'\] are not "
+                       r"among the hooked modules \['lm_head'\]$"):
         GradientCollector(model, modules="lm_head", normalizers={"transformer.h.0.mlp.c_fc": object()})
     col = GradientCollector(model, p=2)
     batch = random_batches(1, batch=2, seq=6, vocab=29)[0]
-    with pytest.raises(ValueError, match="mask"):
+    with pytest.raises(ValueError, match=r"^mask: expected a \(B, T\) tensor, got \(6,\)$"):
         col.set_mask(torch.ones(6))
-    with pytest.raises(ValueError, match="mask"):
+    with pytest.raises(ValueError, match=r"^mask: expected 0/1 values$"):
         col.set_mask(torch.full((2, 6), 0.5))
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(ValueError, match=r"^missing: expected 'zeros' or 'error', got 'ignore'$"):
         col.collect(missing="ignore")
     with col:
-        with pytest.raises(RuntimeError, match="no hooked module"):
+        with pytest.raises(RuntimeError, match=r"^GradientCollector\.backward: no hooked module ran forward"):
             col.backward(torch.ones((), requires_grad=True))
-        with pytest.raises(RuntimeError, match="backward"):
+        with pytest.raises(RuntimeError, match=r"^GradientCollector\.collect: no gradients were collected; "
+                           r"run loss\.backward\(\) or col\.backward\(loss\) after the forward pass$"):
             model(batch["input_ids"])
             col.collect()
-        col.set_mask(torch.ones(2, 5))  # wrong T
-        with pytest.raises(ValueError, match="mask"):
-            lm_losses(model, batch["input_ids"], batch["attention_mask"]).sum().backward()
-        col.reset()
+        col.set_mask(torch.ones(2, 5))  # wrong T: the forward pass refuses it, before anything is kept
+        with pytest.raises(ValueError, match=r"^mask: expected shape \(batch, tokens\) = \(2, 6\) to match the "
+                           r"input \(2, 6, 16\) of module 'transformer\.h\.0\.attn\.c_attn', got \(2, 5\)$"):
+            model(batch["input_ids"])
+        assert not col._grads and not col._edges and not col._forward_shapes
+        col.set_mask(batch["attention_mask"])  # no reset() needed
         lm_losses(model, batch["input_ids"], batch["attention_mask"]).sum().backward()
-        with pytest.raises(RuntimeError, match="collect"):
+        assert set(col._grads) == set(col.module_dims)
+        with pytest.raises(RuntimeError, match=r"^GradientCollector: module 'transformer\.h\.0\.attn\.c_attn' "
+                           r"ran forward again after its gradient was collected; call collect\(\)"):
             model(batch["input_ids"])  # forward again before collect()
-    with pytest.raises(ValueError, match="flat"):
+        assert not col._grads and not col._edges and not col._forward_shapes
+    with pytest.raises(ValueError, match=rf"^flat: expected last dimension {col.dim}, got \(2, 3\)$"):
         col.split(torch.zeros(2, 3))
     model.zero_grad(set_to_none=True)
+
+
+class TokensThenPooled(nn.Module):
+    """Linear 'a' over tokens (B, T, d), mean over tokens, Linear 'b' on (B, h): only 'a' sees the mask."""
+
+    def __init__(self, d=4, h=3, o=2, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.a = nn.Linear(d, h)
+        self.b = nn.Linear(h, o)
+        with torch.no_grad():
+            for prm in self.parameters():
+                prm.copy_(torch.randn(prm.shape, generator=g))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)).mean(1))
+
+
+class PooledThenTokens(nn.Module):
+    """Linear 'a' on (B, d) (no token axis: the mask does not apply), broadcast to T tokens, Linear 'b' on
+    (B, T, h): 'a' has already registered its call when 'b' checks the mask."""
+
+    def __init__(self, d=4, h=3, o=2, T=5, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.a = nn.Linear(d, h)
+        self.b = nn.Linear(h, o)
+        self.pos = nn.Parameter(torch.randn(T, h, generator=g), requires_grad=False)
+        with torch.no_grad():
+            for prm in (self.a.weight, self.a.bias, self.b.weight, self.b.bias):
+                prm.copy_(torch.randn(prm.shape, generator=g))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x.mean(1))[:, None, :] + self.pos))
+
+
+def _batch_state(col):
+    return {"grads": dict(col._grads), "edges": dict(col._edges), "shapes": dict(col._forward_shapes)}
+
+
+def _collect(col, model, x, w, mask):
+    col.set_mask(mask)
+    out = model(x)
+    col.backward((out * w).sum())
+    return col.collect()
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("model_cls", [TokensThenPooled, PooledThenTokens])
+def test_wrong_mask_refused_by_forward_and_leaves_no_state(model_cls, per_token):
+    g = torch.Generator().manual_seed(1)
+    model = model_cls()
+    x = torch.randn(2, 5, 4, generator=g)
+    good = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    w = torch.randn(2, 5, 2, generator=g) if model_cls is PooledThenTokens else torch.randn(2, 2, generator=g)
+    col = GradientCollector(model, p=2, seed=3, bias=True, per_token=per_token)
+    with col:
+        col.set_mask(torch.ones(2, 7))  # T = 7, the input has T = 5
+        with pytest.raises(ValueError) as err:
+            model(x)  # the forward pass refuses it: no backward needed
+        msg = str(err.value)
+        hooked = "a" if model_cls is TokensThenPooled else "b"
+        assert re.match(r"^mask: expected shape \(batch, tokens\) = \(2, 5\) to match the input "
+                        rf"\(2, 5, \d\) of module '{hooked}', got \(2, 7\)$", msg), msg
+        assert _batch_state(col) == {"grads": {}, "edges": {}, "shapes": {}}
+        # the next batch, with the right mask, works without reset() and equals a fresh collector's
+        got = _collect(col, model, x, w, good)
+    fresh = GradientCollector(model, p=2, seed=3, bias=True, per_token=per_token)
+    with fresh:
+        want = _collect(fresh, model, x, w, good)
+    assert list(got) == list(want) == ["a", "b"]
+    for n in want:
+        assert want[n].abs().sum() > 0
+        assert torch.equal(got[n], want[n])
+    if per_token and model_cls is TokensThenPooled:
+        assert got["a"].shape == (2, 5, 4) and torch.equal(got["a"][0, 3:], torch.zeros(2, 4))
+
+
+def test_wrong_mask_refused_for_conv1d():
+    pytest.importorskip("transformers")
+    model = ConvGPT(seed=3)
+    batch = random_batches(1, batch=3, seq=9, vocab=31, seed=4)[0]
+    col = GradientCollector(model, p=3, seed=11)
+    with col:
+        col.set_mask(batch["attention_mask"][:, :8])
+        with pytest.raises(ValueError, match=r"^mask: expected shape \(batch, tokens\) = \(3, 9\) to match the "
+                           r"input \(3, 9, 12\) of module 'c_fc', got \(3, 8\)$"):
+            model(batch["input_ids"])
+        assert _batch_state(col) == {"grads": {}, "edges": {}, "shapes": {}}
+    got = run_collector(col, model, batch)
+    want = run_collector(GradientCollector(model, p=3, seed=11), model, batch)
+    for n in want:
+        assert torch.equal(got[n], want[n])
+
+
+@pytest.mark.parametrize("use_col_backward", [True, False])
+def test_error_in_gradient_hook_leaves_no_partial_state(monkeypatch, use_col_backward):
+    """The projection of 'a' fails after 'b' (whose gradient arrives first) was stored: the batch is
+    dropped whole, and the next batch works without reset()."""
+    import gradkit.projection as projection
+
+    g = torch.Generator().manual_seed(2)
+    model = TokensThenPooled(seed=4)
+    x = torch.randn(3, 5, 4, generator=g)
+    w = torch.randn(3, 2, generator=g)
+    mask = torch.rand(3, 5, generator=g) > 0.3
+    real = projection.factored_project
+    seen = []
+
+    def failing(a, gr, *args, name, **kw):
+        seen.append(name)
+        if name == "a":
+            raise FloatingPointError("forced failure while projecting 'a'")
+        return real(a, gr, *args, name=name, **kw)
+
+    col = GradientCollector(model, p=2, seed=5)
+    with col:
+        monkeypatch.setattr(projection, "factored_project", failing)
+        col.set_mask(mask)
+        loss = (model(x) * w).sum()
+        with pytest.raises(FloatingPointError, match=r"^forced failure while projecting 'a'$"):
+            if use_col_backward:
+                col.backward(loss)
+            else:
+                loss.backward()
+        assert seen == ["b", "a"]  # 'b' had been projected and stored before 'a' failed
+        assert _batch_state(col) == {"grads": {}, "edges": {}, "shapes": {}}
+        monkeypatch.setattr(projection, "factored_project", real)
+        model.zero_grad(set_to_none=True)
+        got = _collect(col, model, x, w, mask)
+    fresh = GradientCollector(model, p=2, seed=5)
+    with fresh:
+        want = _collect(fresh, model, x, w, mask)
+    for n in ("a", "b"):
+        assert want[n].abs().sum() > 0
+        assert torch.equal(got[n], want[n])
+    model.zero_grad(set_to_none=True)
+
+
+def test_inconsistent_shapes_in_one_batch_leave_no_state():
+    """The same module called with two token counts in one per-token batch: refused by the second forward,
+    and the first call's pending state is dropped with it."""
+    lin = nn.Linear(3, 2)
+    col = GradientCollector(nn.Sequential(lin), p=2, per_token=True)
+    g = torch.Generator().manual_seed(0)
+    x5, x4 = torch.randn(2, 5, 3, generator=g), torch.randn(2, 4, 3, generator=g)
+    with col:
+        y = lin(x5)
+        assert len(col._edges) == 1
+        with pytest.raises(RuntimeError, match=r"^GradientCollector: module '0' was called with inputs of shapes "
+                           r"\(B, T\) = \(2, 5\) and \(2, 4\) in one batch$"):
+            lin(x4)
+        assert _batch_state(col) == {"grads": {}, "edges": {}, "shapes": {}}
+        y.sum().backward()  # the dropped call's hook is a no-op now
+        assert not col._grads
+        lin(x4).sum().backward()
+        got = col.collect()["0"]
+    assert got.shape == (2, 4, 4)
+    want = factored_project(x4, torch.ones(2, 4, 2), 2, seed=0, name="0", per_token=True)
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

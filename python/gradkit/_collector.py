@@ -291,13 +291,19 @@ class GradientCollector:
 
     def reset(self) -> None:
         """Forget the current batch: collected gradients, pending activations, mask."""
+        self._drop_batch()
+        self._mask, self._mask_all = None, False
+        self._dropped = False
+
+    def _drop_batch(self) -> None:
+        """Forget the per-batch state (collected gradients, pending activations and edges, forward
+        shapes, no-grad count) and turn the tensor hooks of earlier forwards into no-ops. The mask
+        is kept: it is the caller's setting for the next forward, not state built by the hooks."""
         self._gen += 1
         self._grads.clear()
         self._forward_shapes.clear()
         self._edges.clear()
-        self._mask, self._mask_all = None, False
         self._nograd_calls = 0
-        self._dropped = False
 
     def set_mask(self, mask: Optional[Tensor]) -> None:
         """Padding mask ``(B, T)`` (0/1 or bool) for the NEXT forward pass; ``None`` clears it."""
@@ -323,27 +329,42 @@ class GradientCollector:
             self._mask, self._mask_all = None, False
 
     def _forward_hook(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        try:
+            self._on_forward(name, args, kwargs, output)
+        except BaseException:
+            # Never leave a half-built batch behind: the next batch must work without reset().
+            self._drop_batch()
+            raise
+
+    def _on_forward(self, name: str, args: tuple, kwargs: dict, output) -> None:
         if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
             if not torch.is_grad_enabled():
                 self._nograd_calls += 1
             return
         if name in self._grads:
             raise RuntimeError(f"GradientCollector: module {name!r} ran forward again after its gradient "
-                               "was collected; call collect() (or reset()) after each backward pass")
+                               "was collected; call collect() (or reset()) after each backward pass "
+                               "(the uncollected batch has been dropped)")
         x = args[0] if args else next(iter(kwargs.values()), None)
         if not isinstance(x, Tensor):
             raise TypeError(f"GradientCollector: cannot find the input tensor of module {name!r}")
         if x.dim() < 2:
             raise ValueError(f"GradientCollector: module {name!r} got an unbatched input of shape "
                              f"{tuple(x.shape)}; expected (B, ..., I)")
-        call = _Call(x.detach(), self._mask, self._mask_all, self._gen)
-        output.register_hook(functools.partial(self._grad_hook, name, call))
-        self._edges[id(call)] = torch.autograd.graph.get_gradient_edge(output)
+        # (B, T) as _project sees it: every axis between batch and features is a token axis.
         shape = (int(x.shape[0]),) + ((int(math.prod(x.shape[1:-1])),) if x.dim() > 2 else (1,))
+        mask = self._mask
+        # Validate everything before any tensor hook is registered or anything is stored.
+        if mask is not None and x.dim() > 2 and tuple(mask.shape) != shape:
+            raise ValueError(f"mask: expected shape (batch, tokens) = {shape} to match the input "
+                             f"{tuple(x.shape)} of module {name!r}, got {tuple(mask.shape)}")
         prev = self._forward_shapes.get(name)
         if prev is not None and prev != shape and (self.per_token or prev[0] != shape[0]):
             raise RuntimeError(f"GradientCollector: module {name!r} was called with inputs of shapes "
                                f"(B, T) = {prev} and {shape} in one batch")
+        call = _Call(x.detach(), mask, self._mask_all, self._gen)
+        output.register_hook(functools.partial(self._grad_hook, name, call))
+        self._edges[id(call)] = torch.autograd.graph.get_gradient_edge(output)
         self._forward_shapes[name] = shape
 
     def _grad_hook(self, name: str, call: _Call, grad: Tensor) -> None:
@@ -353,9 +374,14 @@ class GradientCollector:
             call.a = None
             return None
         call.a = None  # release the activation as soon as it is used
-        out = self._project(name, a, grad, call.mask, call.mask_all)
-        acc = self._grads.get(name)
-        self._grads[name] = out if acc is None else acc.add_(out)
+        try:
+            out = self._project(name, a, grad, call.mask, call.mask_all)
+            acc = self._grads.get(name)
+            self._grads[name] = out if acc is None else acc.add_(out)
+        except BaseException:
+            # Gradients of modules that already fired would otherwise stay half-collected.
+            self._drop_batch()
+            raise
         return None
 
     def _project(self, name: str, a: Tensor, g: Tensor, mask: Optional[Tensor], mask_all: bool = False) -> Tensor:
