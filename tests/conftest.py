@@ -61,3 +61,99 @@ def env_set(name, value):
 def use_backend(name):
     """Run API calls through one backend (Triton under the interpreter on a CPU machine)."""
     return env_set("GRADKIT_BACKEND", name)
+
+
+# ---- The suite's two compile checks, started in the background at collection.
+# tests/test_nvcc_compile.py (scripts/nvcc_check.sh: nvcc -c of every csrc/cuda/*.cu) and
+# tests/test_triton_compile.py's AOT test (scripts/triton_aot_check.py: every recorded Triton launch to an sm_90
+# cubin) are subprocesses that took 103 s and 167 s of a 10-minute suite on a 2-core Zen 4, about half of the
+# suite's wall time, while the tests around them mostly keep one core busy. When collection selects one of them,
+# its subprocess starts then, with one job (NVCC_JOBS / AOT_JOBS = 1), beside the rest of the suite; the test
+# itself waits for it and asserts on its exit status and output exactly as it would on a run of its own. Output
+# goes to a temporary file (no pipe to fill); jobs still running at the end of the session (a -x stop, an
+# interrupt) are killed. GRADKIT_TEST_FOREGROUND=1 starts each one only when its test runs, with the scripts'
+# default job counts (the behaviour before this change).
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _nvcc_job():
+    if shutil.which("nvcc") is None:
+        return None  # the test skips
+    return [["bash", os.path.join(ROOT, "scripts", "nvcc_check.sh")], {"PYTHON": sys.executable, "NVCC_JOBS": "1"}]
+
+
+def _triton_aot_job():
+    import importlib.util
+    if importlib.util.find_spec("triton") is None:
+        return None  # the test skips
+    return [[sys.executable, os.path.join(ROOT, "scripts", "triton_aot_check.py")], {"AOT_JOBS": "1"}]
+
+
+# (test file, test name) -> (job name, how to build its command)
+BACKGROUND_TESTS = {
+    ("test_nvcc_compile.py", "test_cuda_sources_compile_with_nvcc"): ("nvcc", _nvcc_job),
+    ("test_triton_compile.py", "test_every_triton_launch_compiles_for_sm90"): ("triton_aot", _triton_aot_job),
+}
+_JOBS = {}  # job name -> (Popen, output file path, start time)
+
+
+def _start_job(name, make, foreground=False):
+    spec = make()
+    if spec is None or name in _JOBS:
+        return
+    cmd, extra = spec
+    env = dict(os.environ, **(extra if not foreground else {k: v for k, v in extra.items() if k == "PYTHON"}))
+    fd, path = tempfile.mkstemp(prefix=f"gradkit_test_{name}_", suffix=".log")
+    with os.fdopen(fd, "w") as out:
+        # its own process group: a kill reaches nvcc_check.sh's nvcc processes and the AOT script's workers
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    _JOBS[name] = (proc, path, time.monotonic())
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("GRADKIT_TEST_FOREGROUND") == "1":
+        return
+    for item in items:
+        key = (os.path.basename(str(item.path)), item.originalname)
+        if key in BACKGROUND_TESTS:
+            _start_job(*BACKGROUND_TESTS[key])
+
+
+def background_result(name, timeout):
+    """(returncode, output) of the compile check `name` ("nvcc" / "triton_aot"): the job started at collection
+    (waited for here, at most `timeout` seconds from its start), or, when none was started, run now in the
+    foreground."""
+    if name not in _JOBS:
+        make = next(m for n, m in BACKGROUND_TESTS.values() if n == name)
+        _start_job(name, make, foreground=True)
+    proc, path, t0 = _JOBS[name]
+    try:
+        rc = proc.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)))
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        rc = f"killed after {timeout} s"
+    with open(path) as f:
+        out = f.read()
+    return rc, out
+
+
+def _kill(proc):
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, 9)
+    proc.wait()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for proc, path, _ in _JOBS.values():
+        if proc.poll() is None:
+            _kill(proc)
+        with contextlib.suppress(OSError):
+            os.remove(path)
+    _JOBS.clear()
