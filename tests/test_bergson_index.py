@@ -12,6 +12,8 @@ the same top-k as bergson's own query path (``bergson.Attributor``).
   ``load_gradients``' legacy branch, but no longer writes it: it is written here by hand).
 """
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -26,7 +28,10 @@ from bergson.data import TokenGradients, create_index, create_token_index, load_
 from bergson.gradients import GradientProcessor  # noqa: E402
 from bergson.utils.utils import tensor_to_numpy  # noqa: E402
 
-from gradkit.index import GradientIndex, Precondition  # noqa: E402
+from gradkit.index import GradientIndex, IndexFormatError, Precondition  # noqa: E402
+
+# the parity searches pass bergson-style queries without a projection config on purpose
+pytestmark = pytest.mark.filterwarnings("ignore::gradkit.index.UncheckedProjectionWarning")
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +54,15 @@ def bergson_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("bergson")
     icfg = IndexConfig(run_path=str(root / "run"), projection_dim=4, token_batch_size=64)
     collect_gradients(model, ds, GradientProcessor(projection_dim=4, projection_seed=0), icfg)
-    path = root / "run.part"  # collect_gradients writes here; bergson's CLI renames it when done
-    assert (path / "gradients.bin").exists() and (path / "info.json").exists()
+    part = root / "run.part"  # collect_gradients writes here
+    assert (part / "gradients.bin").exists() and (part / "info.json").exists()
+    # an unfinished build: refused until renamed, however it is named on open
+    for p in (part, str(part), part / ".." / "run.part"):
+        with pytest.raises(IndexFormatError, match=r"^path: .*run\.part'? is a bergson index whose build did not "
+                                                   r"finish \(it lies in 'run\.part'"):
+            GradientIndex.open(p)
+    path = root / "run"
+    shutil.move(part, path)  # what bergson's CLI (bergson.build.build) does once the build is done
     return path
 
 
@@ -88,7 +100,9 @@ def test_bergson_built_index_same_topk(bergson_run):
                                  modules=sorted(modules) if modules else None, batch_rows=7)
                 _same_topk(ours, (theirs.values, theirs.indices))
     # a query projected with other settings is refused
-    with pytest.raises(ValueError, match="projection"):
+    with pytest.raises(ValueError, match=r"^projection: the queries were projected with \{.*'projection_seed': 1.*\} "
+                                         r"but the index with \{.*'projection_seed': 0.*\}; scores across different "
+                                         r"projections are meaningless$"):
         ix.search(q, 3, projection={**ix.projection, "projection_seed": 1})
 
 
@@ -181,5 +195,52 @@ def test_truncated_bergson_index_refused(tmp_path):
     f = tmp_path / "t" / "gradients.bin"
     with open(f, "r+b") as fh:
         fh.truncate(f.stat().st_size - 4)
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(IndexFormatError,
+                       match=r"^open: .*gradients\.bin is truncated: 76 bytes, info\.json says 5 rows = 80 bytes$"):
         GradientIndex.open(tmp_path / "t")
+
+
+def test_unfinished_bergson_build_refused(tmp_path, monkeypatch):
+    """bergson sizes gradients.bin and writes info.json before any row exists; only the rename of
+    '<run>.part' to '<run>' says the build finished. An index under a '.part' directory is refused
+    (naming the path) unless allow_incomplete=True."""
+    sizes = {"m1": 4, "m2": 2}
+    run_part = tmp_path / "run.part"
+    mm = create_index(run_part, 6, sizes, np.float32)  # no row written yet: every row is zeros
+    del mm
+    with pytest.raises(IndexFormatError, match=rf"^path: {re.escape(repr(str(run_part)))} is a bergson index whose "
+                                               r"build did not finish \(it lies in 'run\.part'.*rows not written yet "
+                                               r"read as zeros.*allow_incomplete=True"):
+        GradientIndex.open(run_part)
+    # the same directory reached through a relative path
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(IndexFormatError, match=r"^path: 'run\.part' is a bergson index whose build did not finish"):
+        GradientIndex.open("run.part")
+    monkeypatch.undo()
+    # opt-in: the rows as they are on disk (zeros where bergson has not written yet)
+    ix = GradientIndex.open(run_part, allow_incomplete=True)
+    assert ix.layout == "bergson" and len(ix) == 6 and torch.equal(ix.get(range(6)), torch.zeros(6, 6))
+    # an index in a sub-directory of a '.part' run, and a sharded export inside one: refused too
+    sub = tmp_path / "run2.part" / "index"
+    m = create_index(sub, 3, sizes, np.float32)
+    m[:] = 1.0
+    m.flush()
+    del m
+    with pytest.raises(IndexFormatError, match=r"^path: .*run2\.part/index' is a bergson index whose build did not "
+                                               r"finish \(it lies in 'run2\.part'"):
+        GradientIndex.open(sub)
+    for j in range(2):
+        m = create_index(tmp_path / "run3.part" / f"shard-{j:02d}", 2, sizes, np.float32)
+        del m
+    with pytest.raises(IndexFormatError, match=r"^path: .*run3\.part' is a bergson index whose build did not finish"):
+        GradientIndex.open(tmp_path / "run3.part")
+    assert len(GradientIndex.open(tmp_path / "run3.part", allow_incomplete=True)) == 4
+    # renamed the way bergson's CLI does once the build is done: opens without the opt-in
+    shutil.move(tmp_path / "run2.part", tmp_path / "run2")
+    assert torch.equal(GradientIndex.open(tmp_path / "run2" / "index").get(range(3)), torch.ones(3, 6))
+    # a symlink with a finished-looking name that points into a '.part' run is refused as well
+    (tmp_path / "link").symlink_to(run_part, target_is_directory=True)
+    with pytest.raises(IndexFormatError, match=r"^path: .*link' is a bergson index whose build did not finish"):
+        GradientIndex.open(tmp_path / "link")
+    with pytest.raises(TypeError, match=r"^allow_incomplete: expected a bool, got str$"):
+        GradientIndex.open(run_part, allow_incomplete="yes")

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,12 @@ from hypothesis import given, settings, strategies as st
 
 import gradkit.index as gi
 from gradkit import ops
-from gradkit.index import GradientIndex, IndexFormatError, NonFiniteGradientError, Precondition
+from gradkit.index import (GradientIndex, IndexFormatError, NonFiniteGradientError, Precondition,
+                           UncheckedProjectionWarning)
+
+# most searches here score queries that carry no projection config on purpose; the warning that says so
+# is asserted in test_search_without_projection_warns_once_per_index
+pytestmark = pytest.mark.filterwarnings("ignore::gradkit.index.UncheckedProjectionWarning")
 
 MODS = {"h.0.mlp": 6, "h.0.attn": 3, "h.1.mlp": 5}
 D = sum(MODS.values())
@@ -185,11 +191,12 @@ def test_preconditioning_query_and_both(tmp_path):
     M = torch.eye(D, dtype=torch.float64)
     M[6:9, 6:9] = torch.linalg.inv(H[:3, :3] + torch.eye(3, dtype=torch.float64))
     assert torch.equal(i, (q.double() @ M @ x.double().T).topk(5).indices)
-    with pytest.raises(ValueError, match="positive definite"):
+    with pytest.raises(ValueError, match=r"precondition: matrix for the full matrix is not positive definite "
+                                         r"\(smallest eigenvalue -1 after damping=0\.0\); pass damping > 0"):
         ix.search(q, 5, precondition=-torch.eye(D))
-    with pytest.raises(ValueError, match="mode"):
+    with pytest.raises(ValueError, match=r"^mode: expected one of \('query', 'both'\), got 'two'$"):
         Precondition(torch.eye(D), mode="two")
-    with pytest.raises(ValueError, match="dims"):
+    with pytest.raises(ValueError, match=rf"^precondition: matrix is {D + 1} x {D + 1} but the index has {D} dims$"):
         ix.search(q, 5, precondition=torch.eye(D + 1))
 
 
@@ -220,7 +227,7 @@ def test_per_token_offsets_and_nonfinite(tmp_path):
     assert ix.example_of([0, 2, 3, 5, 6, 10]).tolist() == [0, 0, 2, 2, 3, 3]
     keep = torch.cat([x[:4], x[5:]])
     assert torch.equal(ix.get(range(11)), keep)
-    with pytest.raises(ValueError, match="num_tokens"):
+    with pytest.raises(ValueError, match=r"^num_tokens: counts sum to 2 but grads has 3 rows$"):
         with GradientIndex.create(tmp_path / "b", MODS, per_token=True) as ix2:
             ix2.append(x[:3], num_tokens=[1, 1])
 
@@ -243,7 +250,7 @@ def test_nonfinite_policies(tmp_path):
     ix = GradientIndex.open(tmp_path / "ix")
     assert len(ix) == 8 and ix.nonfinite_rows == 2
     assert torch.isfinite(ix.get(range(8))).all()
-    with pytest.raises(ValueError, match="on_nonfinite"):
+    with pytest.raises(ValueError, match=r"^on_nonfinite: expected one of \('skip', 'error'\), got 'ignore'$"):
         GradientIndex.create(tmp_path / "z", MODS, on_nonfinite="ignore")
 
 
@@ -253,29 +260,33 @@ def test_search_refusals(tmp_path):
     q = int_grads(2, 13)
     with pytest.raises(ValueError, match="k: 21 is larger than the index"):
         ix.search(q, 21)
-    with pytest.raises(ValueError, match="k"):
+    with pytest.raises(ValueError, match=r"^k: must be >= 1, got 0$"):
         ix.search(q, 0)
-    with pytest.raises(ValueError, match="projection"):
+    with pytest.raises(ValueError, match=r"^projection: the queries were projected with \{'kind': 'rademacher', "
+                                         r"'p': 4, 'seed': 8\} but the index with \{'kind': 'rademacher', 'p': 4, "
+                                         r"'seed': 7\}; scores across different projections are meaningless$"):
         ix.search(q, 3, projection={**PROJ, "seed": 8})
-    with pytest.raises(ValueError, match="projection"):
+    with pytest.raises(ValueError, match=r"^projection: the queries were projected with \{'kind': 'gaussian', 'p': 4, "
+                                         r"'seed': 7\} but the index with \{'kind': 'rademacher'"):
         ix.search(q, 3, projection={"kind": "gaussian", "seed": 7, "p": 4})
     ix.search(q, 3, projection=dict(PROJ))  # the same config is accepted
-    with pytest.raises(ValueError, match="queries: expected shape"):
+    with pytest.raises(ValueError, match=rf"^queries: expected shape \(\.\.\., {D}\) .*got \(2, {D + 1}\)$"):
         ix.search(torch.zeros(2, D + 1), 3)
     with pytest.raises(ValueError, match=r"expected shape \(\.\.\., 14\) \(the index's dim: every module "
                                          r"\['h.0.mlp', 'h.0.attn', 'h.1.mlp'\] in that order, also when modules="):
         ix.search(torch.zeros(2, 6), 3, modules=["h.0.mlp"])  # only the selected module's columns
-    with pytest.raises(ValueError, match="module set differs"):
+    with pytest.raises(ValueError, match=r"^queries: module set differs from the index's: missing \['h\.0\.attn', "
+                                         r"'h\.1\.mlp'\], unknown \[\]$"):
         ix.search({"h.0.mlp": torch.zeros(1, 6)}, 3)
-    with pytest.raises(ValueError, match=r"queries\['h.0.attn'\]"):
+    with pytest.raises(ValueError, match=r"^queries\['h\.0\.attn'\]: expected shape \(\.\.\., 3\), got \(1, 4\)$"):
         ix.search({"h.0.mlp": torch.zeros(1, 6), "h.0.attn": torch.zeros(1, 4), "h.1.mlp": torch.zeros(1, 5)}, 3)
-    with pytest.raises(ValueError, match="modules"):
+    with pytest.raises(ValueError, match=r"^modules: the index has no modules \['nope'\]"):
         ix.search(q, 3, modules=["nope"])
-    with pytest.raises(ValueError, match="weights"):
+    with pytest.raises(ValueError, match=r"^weights: module 'h\.1\.mlp' is not among the selected modules$"):
         ix.search(q, 3, modules=["h.0.mlp"], weights={"h.1.mlp": 2.0})
     bad = q.clone()
     bad[1, 0] = float("nan")
-    with pytest.raises(ValueError, match="queries: rows \\[1\\] hold NaN"):
+    with pytest.raises(ValueError, match=r"^queries: rows \[1\] hold NaN or Inf$"):
         ix.search(bad, 3)
     # an empty batch of queries: empty results of the usual shape, after the same checks as any other batch
     s, i = ix.search(torch.zeros(0, D), 3)
@@ -284,37 +295,91 @@ def test_search_refusals(tmp_path):
     assert s.shape == i.shape == (2, 0, 4)
     with pytest.raises(ValueError, match="k: 21 is larger than the index"):
         ix.search(torch.zeros(0, D), 21)
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ValueError, match=r"^backend: expected one of \('auto', 'torch', 'faiss'\), got 'annoy'$"):
         ix.search(q, 3, backend="annoy")
-    with pytest.raises(TypeError, match="batch_rows"):
+    with pytest.raises(TypeError, match=r"^batch_rows: expected an int, got float$"):
         ix.search(q, 3, batch_rows=2.5)
 
 
+def test_search_without_projection_warns_once_per_index(tmp_path):
+    x = int_grads(20, 30)
+    q = int_grads(3, 31)
+    build(tmp_path / "ix", x)
+    ix = GradientIndex.open(tmp_path / "ix")
+    with pytest.warns(UncheckedProjectionWarning, match=r"^search: the index at .*ix records the projection .*passed "
+                                                        r"no projection=, so the queries' projection could not be "
+                                                        r"checked.*pass projection=") as rec:
+        plain = ix.search(q, 4)
+    assert len(rec) == 1 and issubclass(rec[0].category, UserWarning)
+    assert rec[0].filename == __file__  # attributed to the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = ix.search(q, 4)  # once per index object
+        checked = ix.search(q, 4, projection=dict(PROJ))  # a checked call never warns
+        with GradientIndex.create(tmp_path / "np", MODS) as ix2:  # without a projection there is nothing to check
+            ix2.append(x)
+        GradientIndex.open(tmp_path / "np").search(q, 1)
+    for a in (again, checked):
+        assert torch.equal(a[0], plain[0]) and torch.equal(a[1], plain[1])
+    with pytest.warns(UncheckedProjectionWarning):  # a fresh index object warns again
+        GradientIndex.open(tmp_path / "ix").search(q, 4)
+
+
+def test_search_projection_from_collector(tmp_path):
+    """projection= also takes the GradientCollector that made the queries (its projection_config)."""
+    from gradkit.projection import GradientCollector
+
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    col = GradientCollector(model, modules=["0", "2"], p=2, seed=11)
+    g = torch.Generator().manual_seed(32)
+    x = torch.randn(25, col.dim, generator=g)
+    q = torch.randn(4, col.dim, generator=g)
+    with GradientIndex.create(tmp_path / "ix", col.module_dims, dtype=torch.float32, projection=col) as ix:
+        ix.append(x)
+    ix = GradientIndex.open(tmp_path / "ix")
+    assert ix.projection == json.loads(json.dumps(col.projection_config))  # create took the collector's config
+    with pytest.warns(UserWarning, match="projection could not be checked"):
+        before = ix.search(q, 5, unit_norm=True)
+    same = GradientCollector(model, modules=["0", "2"], p=2, seed=11)
+    for proj in (col, same, col.projection_config):
+        got = ix.search(q, 5, unit_norm=True, projection=proj)
+        assert torch.equal(got[0], before[0]) and torch.equal(got[1], before[1])
+    for kw, what in (({"seed": 12}, "'seed': 12"), ({"p": 3}, "'p': 3")):
+        other = GradientCollector(model, modules=["0", "2"], **{"p": 2, "seed": 11, **kw})
+        with pytest.raises(ValueError, match=rf"^projection: the queries were projected with \{{.*{what}.*\}} but the "
+                                             r"index with \{.*; scores across different projections are meaningless$"):
+            ix.search(q, 5, projection=other)
+    with pytest.raises(TypeError, match=r"^projection: expected a dict .*GradientCollector.*got Sequential$"):
+        ix.search(q, 5, projection=model)
+
+
 def test_append_and_create_refusals(tmp_path):
-    with pytest.raises(ValueError, match="modules"):
+    with pytest.raises(ValueError, match=r"^modules: expected at least one module$"):
         GradientIndex.create(tmp_path / "a", {})
-    with pytest.raises(ValueError, match=r"modules\['m'\]"):
+    with pytest.raises(ValueError, match=r"^modules\['m'\]: dim must be a positive int, got 0$"):
         GradientIndex.create(tmp_path / "a", {"m": 0})
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(TypeError, match=r"^dtype: expected torch\.float16, torch\.bfloat16 or torch\.float32, "
+                                        r"got torch\.int8$"):
         GradientIndex.create(tmp_path / "a", MODS, dtype=torch.int8)
-    with pytest.raises(ValueError, match="shard_rows"):
+    with pytest.raises(ValueError, match=r"^shard_rows: must be >= 1, got 0$"):
         GradientIndex.create(tmp_path / "a", MODS, shard_rows=0)
-    with pytest.raises(TypeError, match="projection"):
+    with pytest.raises(TypeError, match=r"^projection: expected a dict .*got str$"):
         GradientIndex.create(tmp_path / "a", MODS, projection="seed=1")
     ix = GradientIndex.create(tmp_path / "b", MODS)
-    with pytest.raises(ValueError, match="grads: expected shape"):
+    with pytest.raises(ValueError, match=rf"^grads: expected shape \(n, {D}\) .*got \(3, {D - 1}\)$"):
         ix.append(torch.zeros(3, D - 1))
-    with pytest.raises(ValueError, match="module set differs"):
+    with pytest.raises(ValueError, match=r"^grads: module set differs from the index's: missing \['h\.0\.attn', "
+                                         r"'h\.1\.mlp'\], unknown \[\]$"):
         ix.append({"h.0.mlp": torch.zeros(3, 6)})
-    with pytest.raises(ValueError, match="num_tokens"):
+    with pytest.raises(ValueError, match=r"^num_tokens: only for per-token indexes"):
         ix.append(torch.zeros(3, D), num_tokens=[3])
-    with pytest.raises(RuntimeError, match="still being built"):
+    with pytest.raises(RuntimeError, match=r"^search: the index is still being built"):
         ix.search(torch.zeros(1, D), 1)
     ix.append(torch.zeros(3, D))
     ix.close()
-    with pytest.raises(FileExistsError, match="resume=True"):
+    with pytest.raises(FileExistsError, match=r"^path: .*b already holds a gradkit index; pass resume=True"):
         GradientIndex.create(tmp_path / "b", MODS)
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(ValueError, match=r"^resume: the index at .*b was built with different settings: modules "):
         GradientIndex.create(tmp_path / "b", {"x": 3}, resume=True)
     with GradientIndex.create(tmp_path / "b", MODS, overwrite=True) as ix:
         ix.append(torch.ones(2, D))
@@ -330,7 +395,8 @@ def test_interrupted_build_never_opens_and_resumes(tmp_path):
     ix.append(x[:20])
     ix.append(x[20:30], commit=False)  # written, never committed
     del ix  # "crash": no close()
-    with pytest.raises(IndexFormatError, match="did not complete.*resume=True"):
+    with pytest.raises(IndexFormatError,
+                       match=r"^open: the build of .*ix did not complete \(20 rows committed.*resume=True"):
         GradientIndex.open(tmp_path / "ix")
     part = GradientIndex.open(tmp_path / "ix", allow_incomplete=True)
     assert len(part) == 20 and torch.equal(part.get(range(20)), x[:20])
@@ -347,12 +413,12 @@ def test_directory_without_header_and_truncated_shard(tmp_path):
     x = int_grads(30, 15)
     build(tmp_path / "ix", x, shard_rows=10)
     (tmp_path / "ix" / "index.json").unlink()
-    with pytest.raises(IndexFormatError, match="no committed index header.*never committed"):
+    with pytest.raises(IndexFormatError, match=r"^path: .*ix holds no committed index header.*never committed"):
         GradientIndex.open(tmp_path / "ix")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(IndexFormatError, match="no committed index header"):
+    with pytest.raises(IndexFormatError, match=r"^path: .*empty holds no committed index header"):
         GradientIndex.open(tmp_path / "empty")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"^path: .*missing does not exist$"):
         GradientIndex.open(tmp_path / "missing")
     # a leftover directory without a header is discarded by a new build
     build(tmp_path / "ix", x[:5])
@@ -360,10 +426,10 @@ def test_directory_without_header_and_truncated_shard(tmp_path):
     build(tmp_path / "t", x, shard_rows=10)
     f = tmp_path / "t" / "shards" / "r00000-000001.bin"
     os.truncate(f, f.stat().st_size - 1)
-    with pytest.raises(IndexFormatError, match="truncated"):
+    with pytest.raises(IndexFormatError, match=r"^open: shard .*r00000-000001\.bin is truncated: "):
         GradientIndex.open(tmp_path / "t")
     (tmp_path / "t" / "index.json").write_text("{not json")
-    with pytest.raises(IndexFormatError, match="not valid JSON"):
+    with pytest.raises(IndexFormatError, match=r"^open: .*index\.json is not valid JSON"):
         GradientIndex.open(tmp_path / "t")
 
 
@@ -384,7 +450,7 @@ def test_disk_full_during_build(tmp_path, monkeypatch):
     assert e.value.errno == errno.ENOSPC
     assert len(ix) == 20
     # nothing corrupt is visible: the build is incomplete, its committed rows intact, files trimmed
-    with pytest.raises(IndexFormatError, match="did not complete"):
+    with pytest.raises(IndexFormatError, match=r"^open: the build of .*ix did not complete \(20 rows committed"):
         GradientIndex.open(tmp_path / "ix")
     part = GradientIndex.open(tmp_path / "ix", allow_incomplete=True)
     assert torch.equal(part.get(range(20)), x[:20])
@@ -396,11 +462,53 @@ def test_disk_full_during_build(tmp_path, monkeypatch):
     assert torch.equal(GradientIndex.open(tmp_path / "ix").get(range(40)), x)
     # disk full while writing the very first header: no index becomes visible
     monkeypatch.setattr(gi, "_write_all", full)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left on device"):
         GradientIndex.create(tmp_path / "new", MODS)
     monkeypatch.setattr(gi, "_write_all", real)
-    with pytest.raises(IndexFormatError):
+    with pytest.raises(IndexFormatError, match=r"^path: .*new holds no committed index header"):
         GradientIndex.open(tmp_path / "new")
+
+
+@pytest.mark.parametrize("fail_in", ["fsync", "replace"])
+def test_disk_full_during_commit(tmp_path, monkeypatch, fail_in):
+    """A commit that fails (data fsync, or the header's os.replace) raises ONE OSError that names the index
+    and what it holds; nothing of the failed chunk is visible on disk and the same writer can go on."""
+    x = int_grads(40, 33)
+    path = tmp_path / "ix"
+    ix = GradientIndex.create(path, MODS, shard_rows=16, projection=PROJ)
+    ix.append(x[:20])
+    ix.append(x[20:25], commit=False)  # pending rows: discarded with the failed chunk
+    header_before = (path / "index.json").read_bytes()
+    real = getattr(os, fail_in)
+
+    def enospc(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, fail_in, enospc)
+    with pytest.raises(OSError) as e:
+        ix.append(x[25:])
+    monkeypatch.setattr(os, fail_in, real)
+    msg = str(e.value)
+    assert e.value.errno == errno.ENOSPC
+    assert msg.startswith(f"[Errno {errno.ENOSPC}] gradkit.index: committing {path} failed (No space left on device); ")
+    assert "the index still holds its 20 committed rows and is not marked complete" in msg
+    assert "resume=True" in msg
+    for once in ("No space left on device", "gradkit.index", str(path), "committed rows", "[Errno"):
+        assert msg.count(once) == 1, (once, msg)
+    assert isinstance(e.value.__cause__, OSError) and e.value.__cause__.__cause__ is None
+    assert len(ix) == 20
+    # on disk: the previous header, the previous rows, nothing of the failed chunk
+    assert (path / "index.json").read_bytes() == header_before
+    assert not (path / "index.json.tmp").exists()
+    with pytest.raises(IndexFormatError, match=r"^open: the build of .*ix did not complete \(20 rows committed"):
+        GradientIndex.open(path)
+    part = GradientIndex.open(path, allow_incomplete=True)
+    assert len(part) == 20 and torch.equal(part.get(range(20)), x[:20])
+    assert sorted(p.stat().st_size for p in (path / "shards").glob("*.bin")) == [4 * 2 * D, 16 * 2 * D]  # float16 rows
+    # space freed: the same writer continues from its 20 committed rows
+    ix.append(x[20:])
+    ix.close()
+    assert torch.equal(GradientIndex.open(path).get(range(40)), x)
 
 
 def test_hard_crash_mid_build_in_subprocess(tmp_path):
@@ -418,7 +526,7 @@ def test_hard_crash_mid_build_in_subprocess(tmp_path):
         os._exit(0)
     """)
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
-    with pytest.raises(IndexFormatError):
+    with pytest.raises(IndexFormatError, match=r"^open: the build of .*ix did not complete \(25 rows committed"):
         GradientIndex.open(tmp_path / "ix")
     x = torch.arange(60 * D, dtype=torch.float32).reshape(60, D)
     with GradientIndex.create(tmp_path / "ix", MODS, shard_rows=7, resume=True) as ix:

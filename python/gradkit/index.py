@@ -29,7 +29,7 @@ is refused by :meth:`GradientIndex.open`; ``create(..., resume=True)`` continues
 last committed row (uncommitted bytes are cut off), ``create(..., overwrite=True)`` discards it.
 A directory without a header never opens as an index. A shard shorter than its header says is
 refused on open. A failed write (e.g. disk full) rolls the files back to the last commit and
-raises ``OSError`` naming the file.
+raises ``OSError`` naming the index directory and the state it was left in.
 
 Multi-process builds (``torch.distributed`` initialised): every rank writes its own shards and
 commits its own ``shards/rank-<r>.json``; ``close()`` gathers the row counts (all_gather), and
@@ -38,6 +38,8 @@ rank 0 writes the final header after every rank has committed.
 bergson's layout (``gradients.bin`` + ``info.json`` with ``num_grads``, ``grad_sizes`` and
 ``base_dtype`` or the older structured ``dtype``; ``offsets.npy`` for per-token indexes; or a
 directory of ``*shard*`` sub-directories in that layout) opens read-only with the same search.
+bergson marks a finished build only by renaming ``<run>.part`` to ``<run>``, so a bergson index
+under a ``*.part`` directory is refused unless ``open(..., allow_incomplete=True)``.
 
 Search
 ------
@@ -64,7 +66,8 @@ import torch
 
 from gradkit import ops
 
-__all__ = ["GradientIndex", "Precondition", "IndexFormatError", "NonFiniteGradientError", "FORMAT", "VERSION"]
+__all__ = ["GradientIndex", "Precondition", "IndexFormatError", "NonFiniteGradientError",
+           "UncheckedProjectionWarning", "FORMAT", "VERSION"]
 
 FORMAT = "gradkit-index"
 VERSION = 1
@@ -94,6 +97,11 @@ class IndexFormatError(ValueError):
 
 class NonFiniteGradientError(ValueError):
     """Rows with NaN or Inf were appended under ``on_nonfinite="error"``."""
+
+
+class UncheckedProjectionWarning(UserWarning):
+    """:meth:`GradientIndex.search` on an index that records a projection was given no ``projection=``,
+    so the queries' projection could not be compared with the index's (warned once per index object)."""
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -138,7 +146,14 @@ def _atomic_write_json(path: Path, obj) -> None:
             pass
         raise
     os.close(fd)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     _fsync_dir(path.parent)
 
 
@@ -195,6 +210,11 @@ def _projection_dict(projection, what: str = "projection"):
     """A projection config as a JSON-normalised dict (None stays None)."""
     if projection is None:
         return None
+    if not isinstance(projection, Mapping) and hasattr(projection, "projection_config"):
+        # a GradientCollector (or anything else exposing its config the same way): use its config
+        projection = projection.projection_config
+        if callable(projection):
+            projection = projection()
     if dataclasses.is_dataclass(projection) and not isinstance(projection, type):
         projection = dataclasses.asdict(projection)
     elif not isinstance(projection, Mapping):
@@ -204,8 +224,8 @@ def _projection_dict(projection, what: str = "projection"):
                 projection = fn()
                 break
     if not isinstance(projection, Mapping):
-        raise TypeError(f"{what}: expected a dict (projection config incl. seed and kind) or None, "
-                        f"got {type(projection).__name__}")
+        raise TypeError(f"{what}: expected a dict (projection config incl. seed and kind), a GradientCollector "
+                        f"(its projection_config is used) or None, got {type(projection).__name__}")
     try:
         return json.loads(json.dumps(dict(projection), sort_keys=True))
     except (TypeError, ValueError) as e:
@@ -388,6 +408,7 @@ class GradientIndex:
         self._upcast = False
         self._maps: list = []
         self.low_memory = False
+        self._projection_warned = False
         return self
 
     @classmethod
@@ -724,14 +745,19 @@ class GradientIndex:
                 self._dirty.add(str(self._tokens_file.relative_to(self.path)))
                 self._w_examples += int(counts.numel())
             self._w_nonfinite += nbad
-            if commit:
-                self.commit()
         except OSError as e:
             self._rollback()
-            raise OSError(e.errno, f"gradkit.index: writing to {self.path} failed ({e.strerror or e}); the index "
-                          f"still holds its {len(self)} committed rows and is not marked complete "
-                          "(free space, then create(..., resume=True) to continue)") from e
+            raise OSError(e.errno, f"gradkit.index: writing to {self.path} failed ({e.strerror or e}); "
+                          f"{self._failed_state()}") from e
+        if commit:
+            self.commit()  # raises its own single OSError (already rolled back) on failure
         return row_ids
+
+    def _failed_state(self) -> str:
+        """After a rollback: what a failed write or commit left on disk and how to go on."""
+        return (f"nothing of this chunk or of the rows appended since the last commit was kept; the index still "
+                f"holds its {len(self)} committed rows and is not marked complete (free space, then append again "
+                "with this writer, or create(..., resume=True) to continue)")
 
     def _write_rows(self, buf: np.ndarray) -> None:
         n = buf.shape[0]
@@ -767,8 +793,8 @@ class GradientIndex:
             _atomic_write_json(self._state_path(), self._state_header(complete=False))
         except OSError as e:
             self._rollback()
-            raise OSError(e.errno, f"gradkit.index: committing {self.path} failed ({e.strerror or e}); the index "
-                          f"still holds its {len(self)} previously committed rows") from e
+            raise OSError(e.errno, f"gradkit.index: committing {self.path} failed ({e.strerror or e}); "
+                          f"{self._failed_state()}") from e
         self._commit_snapshot()
 
     def _state_path(self) -> Path:
@@ -885,7 +911,12 @@ class GradientIndex:
 
         Refuses (IndexFormatError) a directory without a committed header, an index whose
         build did not complete (unless ``allow_incomplete``: its committed rows only), and
-        shard files shorter than the header says. ``low_memory``: search drops each block's
+        shard files shorter than the header says. A bergson index is refused while its build
+        has not finished: bergson builds into ``<run>.part`` (``gradients.bin`` is sized for every
+        row and ``info.json`` written before any row is, so unwritten rows read as zeros) and
+        renames it to ``<run>`` when done, so a bergson index with a path component ending in
+        ``.part`` is refused unless ``allow_incomplete=True`` (its rows are then read as they are
+        on disk, zeros included). ``low_memory``: search drops each block's
         pages from the process once scored (madvise DONTNEED), so the resident set stays about
         one block (``batch_rows`` rows) however large the index; repeated searches then fault
         the pages in again from the page cache (or disk).
@@ -894,6 +925,8 @@ class GradientIndex:
             raise TypeError(f"path: expected a str or path, got {type(path).__name__}")
         if not isinstance(low_memory, bool):
             raise TypeError(f"low_memory: expected a bool, got {type(low_memory).__name__}")
+        if not isinstance(allow_incomplete, bool):
+            raise TypeError(f"allow_incomplete: expected a bool, got {type(allow_incomplete).__name__}")
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"path: {p} does not exist")
@@ -905,10 +938,12 @@ class GradientIndex:
         if (p / HEADER).exists():
             self._load_gradkit(allow_incomplete=allow_incomplete)
         elif (p / "info.json").exists():
+            self._check_bergson_finished(p, [p], allow_incomplete)
             self._load_bergson([p])
         else:
             subs = sorted(c for c in p.iterdir() if c.is_dir() and "shard" in c.name and (c / "info.json").exists())
             if subs:
+                self._check_bergson_finished(p, subs, allow_incomplete)
                 self._load_bergson(subs)
             else:
                 hint = " (it holds gradkit shard files: a build that never committed)" \
@@ -916,6 +951,27 @@ class GradientIndex:
                 raise IndexFormatError(f"path: {p} holds no committed index header ({HEADER} for gradkit, info.json "
                                        f"for bergson){hint}")
         return self
+
+    @staticmethod
+    def _check_bergson_finished(p: Path, dirs: List[Path], allow_incomplete: bool) -> None:
+        """Refuse a bergson index inside a ``*.part`` directory (a build that has not finished).
+
+        bergson writes a run into ``<run>.part`` (the index there or in a sub-directory of it) and
+        renames it to ``<run>`` only once every row is written; info.json and a full-size
+        gradients.bin exist from the start, so nothing else tells a finished index from one whose
+        later rows are still zeros."""
+        if allow_incomplete:
+            return
+        for d in dirs:
+            for q in (d.absolute(), d.resolve()):
+                hit = next((c for c in q.parts if c.endswith(".part")), None)
+                if hit is not None:
+                    raise IndexFormatError(
+                        f"path: {str(p)!r} is a bergson index whose build did not finish (it lies in {hit!r}: bergson "
+                        f"builds into '<run>.part' and renames it to '<run>' only when every row is written; rows "
+                        "not written yet read as zeros). Open the finished run directory; if the build did finish "
+                        "without the rename (bergson's collect_gradients called directly does not rename), rename it "
+                        "the way bergson's CLI does, or pass allow_incomplete=True to read it as it is on disk")
 
     def _load_gradkit(self, allow_incomplete: bool) -> None:
         p = self.path
@@ -1250,8 +1306,11 @@ class GradientIndex:
         modules: the module names to score (default all); weights: dict name -> float scaling
         each module's contribution. precondition: a (D, D) / per-module dict matrix H (H^-1 on
         the queries) or a :class:`Precondition` (``mode="both"``: H^-1/2 on both sides plus unit
-        normalisation). projection: the queries' projection config; refused unless it equals the
-        index's. batch_rows: rows scored per block (bounds memory; default about 256 MiB of
+        normalisation). projection: the queries' projection config (a dict) or the
+        ``GradientCollector`` that made them (its ``projection_config`` is used); refused unless it
+        equals the index's. Left out while the index records a projection, the queries cannot be
+        checked: an :class:`UncheckedProjectionWarning` (a ``UserWarning``) says so, once per
+        index object. batch_rows: rows scored per block (bounds memory; default about 256 MiB of
         fp32 per block). backend: "auto"/"torch" (gradkit's kernels) or "faiss" (faiss.knn per
         block, CPU; faiss's tie order).
 
@@ -1314,6 +1373,14 @@ class GradientIndex:
         bad = (~torch.isfinite(q).all(dim=1)).nonzero().flatten()
         if bad.numel():
             raise ValueError(f"queries: rows {bad[:10].tolist()} hold NaN or Inf")
+        if qproj is None and self.projection is not None and not self._projection_warned:
+            self._projection_warned = True
+            warnings.warn(f"search: the index at {self.path} records the projection its rows were made with, but "
+                          "this call passed no projection=, so the queries' projection could not be checked (queries "
+                          "made with another seed or p give meaningless scores without any error); pass "
+                          "projection=<the GradientCollector that made the queries> or its projection_config to "
+                          "have a mismatch refused. Warned once per index object.", UncheckedProjectionWarning,
+                          stacklevel=2)
         dev = q.device
         # preconditioning on the query side (dense module coordinates)
         key_pre = None
