@@ -46,8 +46,8 @@ inline void check_factored(const at::Tensor& a, const at::Tensor& g, const at::T
   }
 }
 
-// The kernels' view of the inputs: rows with unit column stride (a, g; their dtype kept), contiguous lt / rt /
-// rb / mask.
+// The kernels' view of the inputs: rows with unit column stride that do not overlap (a, g; their dtype kept),
+// contiguous lt / rt / rb / mask.
 struct FactoredInputs {
   at::Tensor a, g, lt, rt, rb, mask;  // rb / mask undefined when absent
   const float* rb_ptr() const { return rb.defined() ? rb.data_ptr<float>() : nullptr; }
@@ -57,8 +57,12 @@ struct FactoredInputs {
 inline FactoredInputs prepare_factored(const at::Tensor& a, const at::Tensor& g, const at::Tensor& lt,
                                        const at::Tensor& rt, const std::optional<at::Tensor>& rb,
                                        const std::optional<at::Tensor>& mask) {
-  FactoredInputs in{a.stride(1) == 1 ? a : a.contiguous(), g.stride(1) == 1 ? g : g.contiguous(), lt.contiguous(),
-                    rt.contiguous(), at::Tensor(), at::Tensor()};
+  // rows are read in place when unit-stride and not overlapping: an expand()ed a or g has row stride 0, which
+  // the kernels' max(stride, 1) row step would turn into reading row r from element r
+  const auto rows = [](const at::Tensor& t) {
+    return t.stride(1) == 1 && (t.size(0) <= 1 || t.stride(0) >= t.size(1)) ? t : t.contiguous();
+  };
+  FactoredInputs in{rows(a), rows(g), lt.contiguous(), rt.contiguous(), at::Tensor(), at::Tensor()};
   if (rb.has_value()) in.rb = rb->contiguous();
   if (mask.has_value()) in.mask = mask->contiguous();
   return in;

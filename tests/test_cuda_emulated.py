@@ -119,6 +119,19 @@ def test_factored_blocks_of_several_examples_bitwise_equal_cpu(sms, reverse):
     assert E.stats(1) > blocks  # blocks did run
 
 
+def test_factored_overlapping_rows_bitwise_equal_cpu():
+    """An expand()ed a (row stride 0) and g rows that overlap: the CUDA host code reads them as given (not
+    with a zero stride stepped as 1), the CPU kernel's bits on their contiguous copies."""
+    a, g, lt, rt, rb, m = make(2, 9, 50, 30, 16, 6, rb=True, mask=True)
+    r0 = int(m.nonzero()[0])  # an unmasked token (masked ones hold NaN, which expand() would spread)
+    ea = a[r0:r0 + 1].expand(18, 50)
+    og = torch.randn(18 * 15 + 30, generator=torch.Generator().manual_seed(3)).as_strided((18, 30), (15, 1))
+    want = ops.factored_project(ea.contiguous(), og.contiguous(), lt, rt, rb, m, 9)
+    with emulated(3):
+        got = emu().factored_project(ea, og, lt, rt, rb, m, 9)
+    assert torch.equal(got, want)
+
+
 @settings(deadline=None)
 @given(B=st.integers(0, 4), T=st.sampled_from([1, 7, 33, 256, 300]), I=st.integers(1, 130), O=st.integers(1, 130),
        p=st.sampled_from([1, 16, 17, 64, 65]), seed=st.integers(0, 2**31 - 1), rb=st.booleans(), mask=st.booleans(),

@@ -123,6 +123,26 @@ def test_portable_switch_is_the_portable_level(monkeypatch):
     assert torch.equal(old, got["portable"])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [16, 5])
+def test_overlapping_rows_read_as_given(monkeypatch, dtype, p):
+    """a / g whose rows share memory (an expand()ed token, row stride 0; an as_strided view whose rows
+    overlap) give the bits of their contiguous copies at every instruction-set level: the kernels once
+    stepped a zero row stride as 1, reading token r from feature r."""
+    B, T, I, O = 3, 20, 70, 40
+    a, g, lt, rt, rb, m = make(B, T, I, O, p, 4, rb=True, mask=True, dtype=dtype)
+    n = B * T
+    r0 = int(m.nonzero()[0])  # an unmasked token (masked ones hold NaN, which expand() would spread)
+    ea = a[r0:r0 + 1].expand(n, I)
+    og = torch.randn(n * O // 2 + O, generator=torch.Generator().manual_seed(5)).to(dtype).as_strided((n, O), (O // 2, 1))
+    for a_, g_ in ((ea, g), (a, og), (ea, og)):
+        assert a_.stride(0) < I or g_.stride(0) < O
+        got = same_bits_at_every_level(monkeypatch, a_, g_, lt, rt, rb, m, T)
+        want = ops.factored_project(a_.contiguous(), g_.contiguous(), lt, rt, rb, m, T)
+        assert torch.equal(bits(got[CPU_ISAS[0]]), bits(want))
+        close(want, ref.factored_project(a_.contiguous(), g_.contiguous(), lt, rt, rb, m, T))
+
+
 @pytest.mark.parametrize("p", [16, 20])
 def test_power_of_two_widths_same_bits_at_every_level(monkeypatch, p):
     """1024 features (rows exactly 4 KiB apart, the width the 8-token AVX-512 passes exist for; 1024 a's vs 512

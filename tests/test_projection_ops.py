@@ -319,6 +319,30 @@ def test_rademacher_sign_table_path(B, D, k, col0):
     torch.testing.assert_close(y[rest], outs[0][rest])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("B,D,k", [(5, 100, 32), (6, 300, 40), (3, 100, 16), (8, 70, 8)])
+def test_overlapping_rows_read_as_given(dtype, B, D, k):
+    """Rows that share memory: an expand()ed x (row stride 0) and an as_strided view whose rows overlap
+    (row stride < D) give the bits of their contiguous copies on the sign-table path (B >= 4, k >= 32) and
+    their values on the GEMM path. The table path once clamped a zero row stride to 1 and read row r from
+    element r."""
+    v = _x(1, D, dtype, 9)
+    base = _x(1, D * B, dtype, 10).flatten()
+    views = {"expand": v.expand(B, D), "overlap": base.as_strided((B, D), (D // 2, 1))}
+    for name, x in views.items():
+        assert x.stride(0) < D, name
+        want = ops.project_flat(x.contiguous(), k, 7, 0, 0)
+        got = ops.project_flat(x, k, 7, 0, 0)
+        if B >= 4 and k >= 32:  # the sign tables: the same sums whatever the row stride
+            assert torch.equal(got, want), name
+        else:  # the GEMM path converts non-contiguous float32 rows per tile: another blocking of the same sums
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * math.sqrt(D))
+        if name == "expand":
+            torch.testing.assert_close(got, got[:1].expand(B, k), rtol=0, atol=0)  # every row the same
+        torch.testing.assert_close(got, ref.project_flat(x.contiguous(), k, 7, 0, 0), rtol=1e-5,
+                                   atol=1e-5 * math.sqrt(D))
+
+
 # ---- On a GPU (scripts/gpu-issue6.sh runs these; on CPU machines the CUDA sources are checked through
 # tests/test_cuda_emulated.py and the Triton kernels through the interpreter): both GPU backends against the
 # CPU's generator and the float64 reference.

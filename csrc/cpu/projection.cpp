@@ -456,9 +456,12 @@ at::Tensor project_flat_cpu(const at::Tensor& x_in, int64_t k, int64_t seed, int
 #ifdef GK_PROJ_X86
   const int tisa = kind == 0 && B >= 4 && k >= 32 ? table_path_isa() : 0;
   if (tisa > 0) {
-    const at::Tensor xc = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+    // rows read in place only when they are unit-stride and do not overlap (an expand()ed x has row stride 0:
+    // clamping that stride once read row r from element r)
+    const bool in_place = x_in.stride(1) == 1 && x_in.stride(0) >= D;
+    const at::Tensor xc = in_place ? x_in : x_in.contiguous();
     const float s = static_cast<float>(inv_sqrt_k(k));
-    const int64_t ldx = std::max<int64_t>(xc.stride(0), 1);
+    const int64_t ldx = xc.stride(0);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "project_flat_table", [&] {
       project_flat_table(tisa, xc.data_ptr<scalar_t>(), ldx, B, D, k, static_cast<uint64_t>(seed), col0, s,
                          out.data_ptr<float>());
