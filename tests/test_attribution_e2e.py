@@ -8,9 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradkit.index import GradientIndex
+from gradkit.index import GradientIndex, UncheckedProjectionWarning
 from gradkit.projection import GradientCollector
 from gradkit.testing import random_batches, tiny_gpt
+
+# every search here passes projection= (the collector that made the queries or its config), so
+# the index's projection is checked on each call: an unchecked search is an error in this module
+pytestmark = pytest.mark.filterwarnings(f"error::{UncheckedProjectionWarning.__module__}."
+                                        f"{UncheckedProjectionWarning.__name__}")
 
 
 def lm_losses(model, batch):
@@ -46,14 +51,14 @@ def test_every_example_retrieves_itself(built):
     assert torch.isfinite(flat).all() and flat.norm(dim=1).min() > 0
     index = GradientIndex.open(path)
     assert len(index) == n
-    scores, indices = index.search(flat, 5, unit_norm=True)
+    scores, indices = index.search(flat, 5, unit_norm=True, projection=col)
     assert scores.shape == indices.shape == (n, 5)
     assert torch.equal(indices[:, 0], torch.arange(n))
     # cosine with itself ~ 1 (fp16 storage); the runner-up is clearly below it
     assert torch.allclose(scores[:, 0].float(), torch.ones(n), atol=5e-3)
     assert (scores[:, 0] - scores[:, 1]).min() > 1e-2
     # reverse: an example is never its own least similar neighbour
-    _, rev = index.search(flat, 1, unit_norm=True, reverse=True)
+    _, rev = index.search(flat, 1, unit_norm=True, reverse=True, projection=col.projection_config)
     assert not torch.equal(rev[:, 0], torch.arange(n))
 
 
@@ -65,7 +70,7 @@ def test_query_collected_again_matches_index(built):
     assert again.projection_config == col.projection_config
     q = next(again.per_example_grads(batches[3:4], lm_losses))
     index = GradientIndex.open(path)
-    _, indices = index.search(again.flatten(q), 1, unit_norm=True)
+    _, indices = index.search(again.flatten(q), 1, unit_norm=True, projection=again)
     assert indices[:, 0].tolist() == [12, 13, 14, 15]
     # the dict form, scoring one module only
     name = "transformer.h.1.mlp.c_fc"
@@ -87,8 +92,11 @@ def test_query_with_other_projection_is_refused(built):
     for kw in ({"seed": 99}, {"p": 4}):
         other = GradientCollector(model, modules=["transformer.h.*", "lm_head"], **{"p": 8, "seed": 1234, **kw})
         q = next(other.per_example_grads(batches[:1], lm_losses))
-        with pytest.raises(ValueError, match="projection|seed|dimension"):
+        with pytest.raises(ValueError, match=r"^projection: the queries were projected with .* but the index with "
+                                             r".*; scores across different projections are meaningless$"):
             index.search(other.flatten(q), 1, projection=other.projection_config)
+        with pytest.raises(ValueError, match=r"^projection: the queries were projected with "):
+            index.search(other.flatten(q), 1, projection=other)  # the collector itself: same check
     # same data with the right config is accepted
     index.search(flat[:2], 1, projection=col.projection_config)
 

@@ -32,8 +32,15 @@ refused on open. A failed write (e.g. disk full) rolls the files back to the las
 raises ``OSError`` naming the index directory and the state it was left in.
 
 Multi-process builds (``torch.distributed`` initialised): every rank writes its own shards and
-commits its own ``shards/rank-<r>.json``; ``close()`` gathers the row counts (all_gather), and
-rank 0 writes the final header after every rank has committed.
+commits its own ``shards/rank-<r>.json``; ``close()`` gathers every rank's outcome and row
+counts (all_gather), and rank 0 writes the final header after every rank has committed. If any
+rank fails (its commit in ``close()``, or loading its committed state in ``create()``), every rank
+learns it from that same collective and raises (the failing rank its own error, the others
+:class:`DistributedBuildError` naming the failing ranks) instead of waiting for the failed rank
+until the process group times out; the index is then not marked complete (after a failed
+``close()`` rank 0 records the rows every rank had committed in an incomplete header, which
+``open(..., allow_incomplete=True)`` reads and ``create(..., resume=True)`` continues). Every
+rank makes the same collective calls in the same order on every path.
 
 bergson's layout (``gradients.bin`` + ``info.json`` with ``num_grads``, ``grad_sizes`` and
 ``base_dtype`` or the older structured ``dtype``; ``offsets.npy`` for per-token indexes; or a
@@ -59,7 +66,7 @@ import re
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Mapping, NoReturn, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -67,7 +74,7 @@ import torch
 from gradkit import ops
 
 __all__ = ["GradientIndex", "Precondition", "IndexFormatError", "NonFiniteGradientError",
-           "UncheckedProjectionWarning", "FORMAT", "VERSION"]
+           "UncheckedProjectionWarning", "DistributedBuildError", "FORMAT", "VERSION"]
 
 FORMAT = "gradkit-index"
 VERSION = 1
@@ -97,6 +104,11 @@ class IndexFormatError(ValueError):
 
 class NonFiniteGradientError(ValueError):
     """Rows with NaN or Inf were appended under ``on_nonfinite="error"``."""
+
+
+class DistributedBuildError(RuntimeError):
+    """Another rank of a multi-process build failed (in ``create`` or ``close``); raised on every rank
+    that did not fail itself (the failing ranks raise their own error), naming the failing ranks."""
 
 
 class UncheckedProjectionWarning(UserWarning):
@@ -279,6 +291,24 @@ def _release(view: torch.Tensor, mm, lo_row: int, hi_row: int) -> None:
             pass
 
 
+def _gather_ints(d, world: int, values: List[int]) -> List[List[int]]:
+    """Every rank's ``values`` (ints), in rank order: one all_gather (a collective: every rank calls it)."""
+    mine = torch.tensor(values, dtype=torch.int64)
+    out = [torch.zeros_like(mine) for _ in range(world)]
+    d.all_gather(out, mine)
+    return [t.tolist() for t in out]
+
+
+def _raise_rank_failure(own: Optional[BaseException], failed: List[int], msg: str) -> NoReturn:
+    """After the ranks combined their outcomes: the failing rank re-raises its own error (its cause
+    chain kept, ``msg`` added as a note), the others raise DistributedBuildError(msg)."""
+    if own is None:
+        raise DistributedBuildError(msg)
+    if isinstance(own, Exception):
+        own.add_note(msg)
+    raise own
+
+
 def _dist():
     try:
         import torch.distributed as dist
@@ -427,7 +457,9 @@ class GradientIndex:
         already at ``path``. on_nonfinite: default policy for rows with NaN/Inf ("skip": refuse
         the row, count it and warn; "error": raise before writing anything of the chunk).
         distributed: build across the ranks of the initialised default process group (default:
-        when torch.distributed is initialised).
+        when torch.distributed is initialised); ``create`` is then a collective call, and if any
+        rank fails to prepare or load its state, every rank raises (that rank its own error, the
+        others :class:`DistributedBuildError`) and none is left with a writer.
         """
         mods = _check_modules(modules)
         dname = _dtype_name(dtype)
@@ -480,11 +512,26 @@ class GradientIndex:
             flag = torch.tensor([0 if err is None else 1])
             d.broadcast(flag, src=0)
             if int(flag) and err is None:
-                raise RuntimeError("GradientIndex.create: rank 0 failed to prepare the index directory "
-                                   f"{self.path} (see rank 0's error)")
+                raise DistributedBuildError("GradientIndex.create: rank 0 failed to prepare the index directory "
+                                            f"{self.path} (see rank 0's error)")
         if err is not None:
             raise err
-        self._load_rank_state(resume)
+        # every rank loads (resume) or starts its own state; a failure on any rank (e.g. a damaged
+        # shard of rank 1 on resume) is combined in one all_gather, so that no rank goes on to a
+        # build whose close() would wait for the failed rank until the process group times out
+        try:
+            self._load_rank_state(resume)
+        except BaseException as e:  # noqa: BLE001 - re-raised below (after the collective)
+            err = e
+        if d is not None:
+            failed = [r for r, (bad,) in enumerate(_gather_ints(d, world, [0 if err is None else 1])) if bad]
+            if failed:
+                _raise_rank_failure(err, failed, (
+                    f"GradientIndex.create: rank(s) {failed} of {world} failed to "
+                    f"{'load their committed state of' if resume else 'start their shards in'} {self.path} "
+                    "(see those ranks' errors); no rank opened it for writing and it is not marked complete"))
+        if err is not None:
+            raise err
         self._writable = True
         return self
 
@@ -855,38 +902,70 @@ class GradientIndex:
     def close(self) -> None:
         """Commit pending rows and mark the index complete (all ranks: a collective call).
 
-        Afterwards the object is a read-only, searchable index."""
+        Afterwards the object is a read-only, searchable index. Multi-process: if any rank's
+        commit fails, every rank raises (that rank its own error, e.g. ``OSError`` ENOSPC, with a
+        note naming the failing ranks; the others :class:`DistributedBuildError`), nothing is
+        marked complete, and the writers are left as after an interrupted build (each rank's
+        committed rows stay; ``create(..., resume=True)`` continues)."""
         if not self._writable:
             return
-        self.commit()
-        self._close_fds()
         if self._world == 1:
+            self.commit()
+            self._close_fds()
             _atomic_write_json(self.path / HEADER, self._state_header(complete=True))
         else:
-            d = self._dist
-            mine = torch.tensor([len(self), self._w_examples, self._w_nonfinite], dtype=torch.int64)
-            allc = [torch.zeros_like(mine) for _ in range(self._world)]
-            d.all_gather(allc, mine)  # also the barrier: every rank has committed its state
+            # Collectives, the same on every rank: one all_gather of (failed, rows, examples,
+            # nonfinite), then, only when no rank failed (every rank sees the same gathered
+            # flags, so all take the same branch), one broadcast of rank 0's header outcome.
+            d, world = self._dist, self._world
+            own = None
+            try:
+                self.commit()  # a failure has rolled back to the last commit
+            except BaseException as e:  # noqa: BLE001 - re-raised below (after the collective)
+                own = e
+            got = _gather_ints(d, world, [0 if own is None else 1, len(self), self._w_examples,
+                                          self._w_nonfinite])  # also the barrier: every rank is done committing
+            failed = [r for r, g in enumerate(got) if g[0]]
+            if failed:
+                if self._rank == 0:  # best effort: publish what every rank committed (not complete)
+                    try:
+                        self._write_merged_header([g[1:] for g in got], complete=False)
+                    except Exception:  # noqa: BLE001 - the header then stays as it was (incomplete)
+                        pass
+                self._abort()
+                _raise_rank_failure(own, failed, (
+                    f"GradientIndex.close: rank(s) {failed} of {world} failed to commit their rows of {self.path} "
+                    "(see those ranks' errors); the index was not marked complete. The rows each rank had "
+                    "committed are kept: open(..., allow_incomplete=True) reads them, create(..., resume=True) on "
+                    f"{world} ranks continues the build"))
+            self._close_fds()
             err = None
             if self._rank == 0:
                 try:
-                    self._write_merged_header([c.tolist() for c in allc])
-                except BaseException as e:  # noqa: BLE001
+                    self._write_merged_header([g[1:] for g in got], complete=True)
+                except BaseException as e:  # noqa: BLE001 - re-raised below (after the collective)
                     err = e
             flag = torch.tensor([0 if err is None else 1])
             d.broadcast(flag, src=0)
-            if err is not None:
-                raise err
             if int(flag):
-                raise RuntimeError(f"GradientIndex.close: rank 0 failed to write the header of {self.path}")
+                self._abort()
+                _raise_rank_failure(err, [0], (
+                    f"GradientIndex.close: rank 0 failed to write the header of {self.path} (see rank 0's "
+                    "error); the index was not marked complete (every rank's rows are committed: "
+                    f"create(..., resume=True) on {world} ranks and close() again)"))
         self._writable = False
         self._load_gradkit(allow_incomplete=False)
 
-    def _write_merged_header(self, counts: List[List[int]]) -> None:
-        h = self._base_header(True)
+    def _write_merged_header(self, counts: List[List[int]], complete: bool) -> None:
+        """Rank 0: the header listing every rank's committed shards (``counts``: each rank's gathered
+        [rows, examples, nonfinite], checked against its committed ``rank-<r>.json``)."""
+        h = self._base_header(complete)
         shards, tfiles, total, examples, nonfinite = [], [], 0, 0, 0
         for r in range(self._world):
-            rh = _read_json(self.path / SHARD_DIR / f"rank-{r:05d}.json", "close")
+            rf = self.path / SHARD_DIR / f"rank-{r:05d}.json"
+            if not complete and counts[r][0] == 0 and not rf.exists():
+                continue  # a rank that never committed (possible only when the build failed)
+            rh = _read_json(rf, "close")
             rows = sum(int(s["rows"]) for s in rh["shards"])
             if rows != counts[r][0]:
                 raise IndexFormatError(f"close: rank {r} reports {counts[r][0]} rows but committed {rows}")
