@@ -310,6 +310,44 @@ def test_normalizers_match_normalized_per_example_grads(which):
         assert_close(got["2"][b], lgr(weight_grad(model[2], True), "2", 3, 4, "rademacher"))
 
 
+def test_memory_budget_reaches_the_adam_path(monkeypatch):
+    """memory_budget is passed to factored_project for every module (the Adam path forms G in blocks within
+    it: the largest bmm output stays within the budget, the values stay those of an unbounded budget), and a
+    budget too small for one entry, or not a positive int, is refused at construction naming memory_budget."""
+    g = torch.Generator().manual_seed(8)
+    model = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 3))
+    x = torch.randn(3, 4, 12, generator=g)
+    w = torch.randn(3, 4, 3, generator=g)
+    nz = AdamNormalizer(v=torch.rand(10, 12, generator=g) + 0.1)
+    out, largest = {}, {}
+    real_bmm = torch.bmm
+    for budget in (256 << 20, 200):
+        sizes = []
+
+        def bmm(*args, **kw):
+            r = real_bmm(*args, **kw)
+            sizes.append(r.numel() * r.element_size())
+            return r
+
+        monkeypatch.setattr(torch, "bmm", bmm)
+        col = GradientCollector(model, p=3, seed=2, bias=True, normalizers={"0": nz}, memory_budget=budget)
+        assert col.memory_budget == budget
+        with col:
+            (model(x) * w).sum().backward()
+            out[budget] = col.collect()
+        monkeypatch.setattr(torch, "bmm", real_bmm)
+        largest[budget] = max(sizes)
+    assert largest[200] <= 200 < largest[256 << 20]  # the small budget did bind the G blocks
+    for n in out[200]:
+        torch.testing.assert_close(out[200][n], out[256 << 20][n], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"^memory_budget: 8 bytes cannot hold one entry"):
+        GradientCollector(model, p=3, normalizers={"0": nz}, memory_budget=8)
+    GradientCollector(model, p=3, memory_budget=8)  # no Adam module: nothing is formed, any budget works
+    for bad in (0, -1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match=r"^memory_budget: expected a positive int \(bytes\), got "):
+            GradientCollector(model, p=3, memory_budget=bad)
+
+
 # ----------------------------------------------------------------------------- API behaviour
 def test_col_backward_equals_loss_backward_and_collects_from_factored_project():
     model = tiny_gpt(n_layer=1, d_model=16, n_head=2, vocab=29, seed=2)

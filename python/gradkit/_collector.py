@@ -132,6 +132,10 @@ class GradientCollector:
         normalizers: ``{module name: normalizer}`` (``gradkit.projection.AdafactorNormalizer``
             / ``AdamNormalizer``) applied to that module's gradient before projection.
         dtype: dtype of the returned vectors (``factored_project`` computes in fp32).
+        memory_budget: bytes an ``AdamNormalizer`` module may use for the blocks of its per-example
+            gradient that it forms (``factored_project``'s ``memory_budget``; default 256 MiB).
+            Checked here against every Adam-normalised module's shape, so a budget too small for
+            one entry is refused before any forward pass.
 
     Attributes:
         module_dims: ``OrderedDict`` name -> ``p * p`` in model order (pass to
@@ -144,7 +148,7 @@ class GradientCollector:
     def __init__(self, model: nn.Module, modules: ModuleSelector = None, p: int = 16, seed: int = 0,
                  kind: str = "rademacher", bias: bool = False, per_token: bool = False,
                  normalizers: Optional[Mapping[str, object]] = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, memory_budget: int = 256 << 20) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         if isinstance(p, bool) or not isinstance(p, int) or p <= 0:
@@ -155,6 +159,9 @@ class GradientCollector:
             raise ValueError(f"kind: expected 'rademacher' or 'gaussian', got {kind!r}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
+            raise ValueError(f"memory_budget: expected a positive int (bytes), got {memory_budget!r}")
+        self.memory_budget = memory_budget
         self.model = model
         self.p = p
         self.seed = seed
@@ -179,6 +186,10 @@ class GradientCollector:
             raise ValueError(f"normalizers: names {unknown} are not among the hooked modules "
                              f"{list(self._modules)}")
         self.normalizers = normalizers
+        for name, norm in normalizers.items():  # the Adam path's smallest block must fit the budget
+            if isinstance(norm, _projection().AdamNormalizer):
+                O, I = self.module_shapes[name]
+                _projection()._adam_plan(1, O, I + int(self._bias_of[name]), p, memory_budget)
 
         self._handles: list = []
         self._gen = 0  # bumped on detach/reset: hooks of older forwards become no-ops
@@ -401,7 +412,8 @@ class GradientCollector:
                 mask = mask.to(a.device)
         out = _projection().factored_project(
             a3, g3, self.p, seed=self.seed, name=name, kind=self.kind, mask=mask,
-            bias=self._bias_of[name], per_token=self.per_token, normalizer=self.normalizers.get(name))
+            bias=self._bias_of[name], per_token=self.per_token, normalizer=self.normalizers.get(name),
+            memory_budget=self.memory_budget)
         return out.to(self.dtype)
 
     # ------------------------------------------------------------------ driving
