@@ -187,6 +187,46 @@ def test_legacy_structured_dtype(tmp_path):
         assert torch.equal(a[1], b[1]) and torch.allclose(a[0], b[0])
 
 
+def test_legacy_structured_dtype_padding_ignored(tmp_path):
+    """Padding between (and after) the fields of a structured record is not part of any module: whatever bytes it
+    holds, cosine and preconditioned searches give what the same rows with zero padding give."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(40, 8, generator=g)
+    spec = {"names": ["m1", "m2"], "formats": ["(5,)<f4", "(3,)<f4"], "offsets": [0, 28], "itemsize": 48}
+    info = {"num_grads": 40, "grad_sizes": {"m1": 5, "m2": 3}, "dtype": spec}
+    ixs = []
+    for name in ("zero", "junk", "nonfinite"):
+        pad = np.zeros((40, 12), dtype="<f4")
+        if name != "zero":  # large, varying junk in the padding columns 5, 6 and 10, 11
+            pad[:, [5, 6, 10, 11]] = 1e3 * torch.randn(40, 4, generator=g).numpy()
+        if name == "nonfinite":
+            pad[::7, 6], pad[::5, 11] = np.nan, np.inf
+        pad[:, 0:5], pad[:, 7:10] = x[:, :5].numpy(), x[:, 5:].numpy()
+        root = tmp_path / name
+        root.mkdir()
+        pad.tofile(root / "gradients.bin")
+        (root / "info.json").write_text(json.dumps(info))
+        ixs.append(GradientIndex.open(root))
+    clean, junk, nonfinite = ixs
+    assert torch.equal(junk.get(range(40)), x) and torch.equal(nonfinite.get(range(40)), x)
+    q = torch.randn(3, 8, generator=g)
+    a = torch.randn(8, 8, generator=g)
+    hess = a @ a.T / 8 + torch.eye(8)
+    xn = x.double() / x.double().norm(dim=1, keepdim=True)
+    for kw in ({"unit_norm": True}, {"unit_norm": True, "reverse": True}, {"unit_norm": True, "modules": ["m2"]},
+               {"precondition": Precondition(hess, mode="both")}, {"precondition": hess, "unit_norm": True},
+               {"precondition": Precondition({"m2": hess[:3, :3]}, mode="both"), "modules": ["m2"]}, {}):
+        want = clean.search(q, 10, **kw)
+        for other in (junk, nonfinite):
+            got = other.search(q, 10, **kw)
+            assert torch.equal(want[1], got[1]), (other.path.name, kw)
+            torch.testing.assert_close(want[0], got[0], rtol=0, atol=1e-6)
+    s, i = junk.search(q, 10, unit_norm=True)
+    want = (q.double() / q.double().norm(dim=1, keepdim=True)) @ xn.T
+    assert torch.equal(i, want.topk(10).indices)
+    torch.testing.assert_close(s.double(), want.topk(10).values, rtol=0, atol=1e-6)
+
+
 def test_truncated_bergson_index_refused(tmp_path):
     m = create_index(tmp_path / "t", 5, {"m": 4}, np.float32)
     m[:] = 1.0

@@ -41,7 +41,8 @@ def oracle(q, x, k, largest=True, unit_norm=False, cols=None, wcols=None):
     """Brute force on float64: (scores, indices) with ties lowest index first."""
     q, x = q.double(), x.double()
     if unit_norm:
-        q = q / (q.norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps)
+        nq = q.norm(dim=1, keepdim=True)
+        q = torch.where(nq > 0, q / nq, torch.zeros_like(q))
         nx = x.norm(dim=1, keepdim=True)
         x = torch.where(nx > 0, x / nx, torch.zeros_like(x))
     if wcols is not None:
@@ -198,6 +199,84 @@ def test_preconditioning_query_and_both(tmp_path):
         Precondition(torch.eye(D), mode="two")
     with pytest.raises(ValueError, match=rf"^precondition: matrix is {D + 1} x {D + 1} but the index has {D} dims$"):
         ix.search(q, 5, precondition=torch.eye(D + 1))
+
+
+def _has_faiss():
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _cos64(a, b):
+    """float64 cosine matrix (rows of norm 0 score 0)."""
+    a, b = a.double(), b.double()
+    na, nb = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
+    a = torch.where(na > 0, a / na, torch.zeros_like(a))
+    b = torch.where(nb > 0, b / nb, torch.zeros_like(b))
+    return a @ b.T
+
+
+def test_cosine_invariant_to_query_and_preconditioner_scale(tmp_path):
+    """Cosine scores do not depend on the scale of the query or of the preconditioner H: the query is divided by
+    its exact norm (no epsilon that dominates a small norm)."""
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(60, D, generator=g)
+    q = torch.randn(3, D, generator=g)
+    a = torch.randn(D, D, generator=g, dtype=torch.float64)
+    H = (a @ a.T / D + 0.5 * torch.eye(D, dtype=torch.float64)).float()
+    ev, V = torch.linalg.eigh(H.double())
+    Hinv, Hmh = (V * (1 / ev)) @ V.T, (V * ev.rsqrt()) @ V.T
+    ix = build(tmp_path / "ix", x)
+    refs = {None: _cos64(q, x), "query": _cos64(q.double() @ Hinv, x),
+            "both": _cos64(q.double() @ Hmh, x.double() @ Hmh)}
+    for s_ in (1e-12, 1e-7, 1.0, 1e7):
+        for c in (1.0, 1e7):
+            for mode in (None, "query", "both"):
+                if mode is None and c != 1.0:
+                    continue
+                pre = None if mode is None else Precondition(H * c, mode=mode)
+                backends = ("torch", "faiss") if mode is None and _has_faiss() else ("torch",)
+                for be in backends:
+                    s, i = ix.search(q * s_, 6, unit_norm=True, precondition=pre, backend=be)
+                    want = refs[mode].topk(6)
+                    assert torch.equal(i, want.indices), (s_, c, mode, be)
+                    torch.testing.assert_close(s.double(), want.values, rtol=0, atol=1e-6, msg=f"{s_} {c} {mode} {be}")
+    # a zero query still scores 0 everywhere (no NaN)
+    s, _ = ix.search(torch.zeros(1, D), 3, unit_norm=True)
+    assert torch.equal(s, torch.zeros(1, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cosine_rows_with_tiny_and_huge_norms(tmp_path, dtype):
+    """A row whose entries square below (1e-30) or above (1e25) fp32's range keeps its direction: it is its own
+    top-1 with cosine 1, and its score against other queries is the float64 cosine."""
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(40, D, generator=g)
+    x[3] *= 1e-30
+    x[7] *= 1e25
+    x[11] *= 1e-20  # squares partly subnormal
+    x[5] = 0.0
+    ix = build(tmp_path / "ix", x, dtype=dtype)
+    xs = ix.get(range(40))  # the stored values
+    assert (xs[3] != 0).any() and torch.isfinite(xs[7]).all()
+    rows = torch.tensor([3, 7, 11, 0])
+    a = torch.randn(D, D, generator=g, dtype=torch.float64)
+    H = (a @ a.T / D + torch.eye(D, dtype=torch.float64)).float()
+    for pre in (None, Precondition(H, mode="both")):
+        backends = ("torch", "faiss") if pre is None and _has_faiss() else ("torch",)
+        for be in backends:
+            s, i = ix.search(xs[rows], 1, unit_norm=True, precondition=pre, backend=be)
+            assert torch.equal(i[:, 0], rows), (pre, be)
+            torch.testing.assert_close(s[:, 0], torch.ones(4), rtol=0, atol=1e-6)
+    q = torch.randn(4, D, generator=g)
+    for be in ("torch", "faiss") if _has_faiss() else ("torch",):
+        s, i = ix.search(q, 40, unit_norm=True, backend=be)
+        want = _cos64(q, xs)
+        torch.testing.assert_close(s.double(), want.gather(1, i), rtol=0, atol=1e-6)
+        assert torch.equal(s, s.sort(dim=1, descending=True).values)
+        assert torch.equal(i.sort(dim=1).values, torch.arange(40).expand(4, 40))
 
 
 def test_faiss_backend_matches(tmp_path):

@@ -1381,7 +1381,9 @@ class GradientIndex:
         queries: (..., D) tensor (modules concatenated in the index's order) or dict name ->
         (..., d_m) holding every module of the index. k: 1 <= k <= len(index).
         unit_norm: cosine similarity — queries and rows are unit-normalised over all modules
-        (rows of norm 0 score 0), as bergson does. reverse: the k lowest scores instead.
+        (rows of norm 0 score 0), as bergson does; norms are exact over fp32's whole range and
+        leave out any padding between the modules of a bergson record. reverse: the k lowest
+        scores instead.
         modules: the module names to score (default all); weights: dict name -> float scaling
         each module's contribution. precondition: a (D, D) / per-module dict matrix H (H^-1 on
         the queries) or a :class:`Precondition` (``mode="both"``: H^-1/2 on both sides plus unit
@@ -1461,38 +1463,50 @@ class GradientIndex:
                           "have a mismatch refused. Warned once per index object.", UncheckedProjectionWarning,
                           stacklevel=2)
         dev = q.device
+        # A layout with padding between modules (older bergson records) is scored in module columns only:
+        # padding bytes never enter a norm, a preconditioner or a score.
+        gaps = self._width != self.dim
+        cols = self._dense_cols() if gaps else self._cols
+        if gaps:
+            q = self._dense(q)
+        cosine = unit_norm or (precondition is not None and precondition.mode == "both")
+        if cosine:  # cosine is scale-free: bring each row's largest entry to [0.5, 1) first (exact)
+            q = self._pow2_rows(q)
         # preconditioning on the query side (dense module coordinates)
         key_pre = None
         if precondition is not None:
             p = -1.0 if precondition.mode == "query" else -0.5
             blocks = precondition.blocks(self.modules, p)
-            q = self._apply_dense(q, blocks)
+            q = self._apply_dense(q, blocks, dense=gaps)
             if precondition.mode == "both":
                 key_pre = blocks
-        cosine = unit_norm or key_pre is not None
-        if cosine:
+        if cosine:  # divide by the exact norm (computed on the rescaled row: no fp32 under/overflow)
+            q = self._pow2_rows(q)
             norm = torch.linalg.vector_norm(q, dim=1, keepdim=True)
-            q = q / (norm + torch.finfo(torch.float32).eps)
+            q = torch.where(norm > 0, q / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(q))
         # selection / weights, and the column window the kernel reads
-        keep = torch.zeros(self._width, dtype=torch.float32, device=dev)
+        keep = torch.zeros(q.shape[1], dtype=torch.float32, device=dev)
         for m in sel:
-            lo, hi = self._cols[m]
+            lo, hi = cols[m]
             keep[lo:hi] = wts.get(m, 1.0)
         q = q * keep
-        lo = min(self._cols[m][0] for m in sel)
-        hi = max(self._cols[m][1] for m in sel)
+        lo = min(cols[m][0] for m in sel)
+        hi = max(cols[m][1] for m in sel)
         qw = q[:, lo:hi].contiguous()
         largest = not reverse
         run_s = run_i = None
         for base, blk in self._blocks(batch_rows):
+            if gaps:
+                blk = self._dense(blk)
             scale = None
             if key_pre is not None:
-                kb = self._apply_dense(blk.float(), key_pre)
-                scale = self._inv_norms(kb)
+                xb, _ = self._unit_scale(blk)  # rows out of fp32's safe range rescaled before H^-1/2
+                kb = self._apply_dense(xb.float(), key_pre, dense=gaps)
+                kb, scale = self._unit_scale(kb, owned=True)
                 kv = kb[:, lo:hi]
             else:
                 if cosine:
-                    scale = self._inv_norms(blk)
+                    blk, scale = self._unit_scale(blk)
                 kv = blk[:, lo:hi]
             if kv.device != dev:
                 kv = kv.to(dev, non_blocking=True)
@@ -1504,17 +1518,18 @@ class GradientIndex:
                                               idx_in=run_i, base=base)
         return run_s.reshape(*lead, k), run_i.reshape(*lead, k)
 
-    def _apply_dense(self, x: torch.Tensor, blocks) -> torch.Tensor:
-        """x (rows, W) -> a copy with each dense module block multiplied by its matrix (padding kept)."""
-        if self._plain_layout():
+    def _apply_dense(self, x: torch.Tensor, blocks, dense: bool = False) -> torch.Tensor:
+        """x (rows, W) in storage layout, or (rows, D) module columns when ``dense`` -> a copy with each dense
+        module block multiplied by its matrix (other columns kept)."""
+        if dense or self._plain_layout():
             out = x.clone()
             for lo, hi, mat in blocks:
                 out[:, lo:hi] = x[:, lo:hi] @ mat.to(x.device)
             return out
-        dense = self._dense(x)
-        new = dense.clone()
+        dense_x = self._dense(x)
+        new = dense_x.clone()
         for lo, hi, mat in blocks:
-            new[:, lo:hi] = dense[:, lo:hi] @ mat.to(x.device)
+            new[:, lo:hi] = dense_x[:, lo:hi] @ mat.to(x.device)
         out = x.clone()
         for n, (dlo, dhi) in self._dense_cols().items():
             slo, shi = self._cols[n]
@@ -1525,12 +1540,46 @@ class GradientIndex:
         return self._width == self.dim and self._cols == self._dense_cols()
 
     @staticmethod
-    def _inv_norms(blk: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-        out = torch.empty(blk.shape[0], dtype=torch.float32, device=blk.device)
-        for i in range(0, blk.shape[0], chunk):
-            nrm = torch.linalg.vector_norm(blk[i:i + chunk].float(), dim=1)
-            out[i:i + chunk] = torch.where(nrm > 0, 1.0 / nrm, torch.zeros_like(nrm))
-        return out
+    def _pow2_rows(x: torch.Tensor) -> torch.Tensor:
+        """x (rows, D) float32 with each row multiplied by the power of two that brings its largest |entry| into
+        [0.5, 1) (exact; all-zero and non-finite rows unchanged)."""
+        amax = x.abs().amax(dim=1)
+        amax = torch.where(torch.isfinite(amax) & (amax > 0), amax, torch.full_like(amax, 0.5))
+        e = torch.frexp(amax)[1].to(torch.int32)[:, None]
+        h = torch.div(e, 2, rounding_mode="floor")  # two steps: 2**-e alone leaves fp32's range for e < -127
+        return torch.ldexp(torch.ldexp(x, -h), h - e)
+
+    @classmethod
+    def _unit_scale(cls, x: torch.Tensor, owned: bool = False, chunk: int = 8192) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Cosine key scaling: (x', inv) with inv (rows,) float32 = 1 / ||x'_row|| (0 for a row of norm 0) and
+        x' = x, or a float32 copy of it (x itself, written in place, when ``owned``) in which each row whose
+        fp32 sum of squares under- or overflows (entries below ~1e-19 or above ~1e19) is rescaled by a power
+        of two first: the row's direction, hence its cosine, is unchanged and its norm is exact."""
+        n = x.shape[0]
+        inv = torch.empty(n, dtype=torch.float32, device=x.device)
+        sus = torch.zeros(n, dtype=torch.bool, device=x.device)
+        # below this norm the subnormal squares of a row could move its fp32 sum of squares by more than 2**-30
+        tiny = math.sqrt(max(1, x.shape[1])) * 2.0 ** -48
+        check = owned or x.dtype != torch.float16  # fp16 entries square within fp32's normal range
+        for i in range(0, n, chunk):
+            nrm = torch.linalg.vector_norm(x[i:i + chunk].float(), dim=1)
+            inv[i:i + chunk] = torch.where(nrm > 0, 1.0 / nrm, torch.zeros_like(nrm))
+            if check:
+                sus[i:i + chunk] = (nrm < tiny) | torch.isinf(nrm)
+        if not check or not bool(sus.any()):
+            return x, inv
+        idx = sus.nonzero().flatten()
+        rows = x[idx].float()
+        amax = rows.abs().amax(dim=1)
+        live = (amax > 0) & torch.isfinite(amax)  # all-zero rows keep norm 0; rows holding Inf stay as they were
+        if not bool(live.any()):
+            return x, inv
+        idx, rows = idx[live], cls._pow2_rows(rows[live])
+        if not owned:
+            x = x.to(torch.float32, copy=True)
+        x[idx] = rows
+        inv[idx] = 1.0 / torch.linalg.vector_norm(rows, dim=1)
+        return x, inv
 
     @staticmethod
     def _faiss_block(qw, kv, k, largest, scale, run_s, run_i, base):
