@@ -53,7 +53,7 @@ def _losses(model, batch):
 def _self_top1(ix) -> bool:
     """Every stored row, as a query, finds itself as its cosine top-1, and all rows are finite."""
     rows = ix.get(range(len(ix)))
-    _, idx = ix.search(rows, 1, unit_norm=True)
+    _, idx = ix.search(rows, 1, unit_norm=True, projection=ix.projection)  # the queries are its own rows
     return bool(torch.equal(idx[:, 0], torch.arange(len(ix)))) and bool(torch.isfinite(rows).all())
 
 
@@ -108,7 +108,11 @@ def _run(rec, quick: bool) -> None:
             cfg = IndexConfig(run_path=run_path, projection_dim=P, token_batch_size=BATCH * T)
             collect_gradients(model, data, GradientProcessor(projection_dim=P, projection_seed=0), cfg,
                               batches=bbatches)
-            return run_path + ".part"
+            # bergson's build() marks the run finished by renaming <run>.part to <run>; GradientIndex.open
+            # refuses a bergson index still under a .part directory
+            shutil.rmtree(run_path, ignore_errors=True)
+            os.replace(run_path + ".part", run_path)
+            return run_path
 
     try:
         built = {"gradkit": gradkit_build()}
