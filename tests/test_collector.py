@@ -348,6 +348,107 @@ def test_memory_budget_reaches_the_adam_path(monkeypatch):
             GradientCollector(model, p=3, memory_budget=bad)
 
 
+class _InPlaceAfter(nn.Module):
+    """a -> b; after b's forward its input is scaled in place (an op plain autograd refuses at backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 6)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x) + 1.0
+        y = self.b(h)
+        h.mul_(3.0)
+        return y
+
+
+@pytest.mark.parametrize("how", ["col", "loss"])
+def test_input_modified_in_place_after_forward_is_refused(how):
+    """An in-place change to a hooked module's input after its forward makes that module's gradient
+    uncomputable from the saved input. Autograd refuses it in the weight-gradient node, which
+    col.backward() never runs: the collector's hook refuses it too (naming the module), drops the batch,
+    and the next batch (no in-place op) collects the explicit per-example gradients."""
+    torch.manual_seed(0)
+    model = _InPlaceAfter()
+    x = torch.randn(4, 2, 5)
+    col = GradientCollector(model, modules=["b"], p=3, seed=1)
+    with col:
+        y = model(x)
+        with pytest.raises(RuntimeError, match=r"(input of module 'b' was modified by an in-place|inplace)"):
+            if how == "col":
+                col.backward(y.sum())
+            else:
+                y.sum().backward()
+        assert not col._grads and not col._edges
+        h = model.a(x) + 1.0
+        model.b(h).sum().backward()
+        got = col.collect()["b"]
+    for i in range(4):
+        model.zero_grad()
+        model.b(model.a(x[i:i + 1]) + 1.0).sum().backward()
+        assert_close(got[i], lgr(weight_grad(model.b, False), "b", 3, 1, "rademacher"))
+
+
+def test_scale_batch_undoes_a_batch_mean_loss_for_every_batch_size():
+    """scale='batch' multiplies each batch by its own size: with a batch-mean loss and a shorter last batch,
+    every row equals the summed-loss rows; a fixed scale=B warns once that batch sizes differ (and is
+    indeed wrong for the short batch); bad scales are refused naming scale."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    X = torch.randn(7, 4)
+    batches = [X[0:3], X[3:6], X[6:7]]
+    col = GradientCollector(model, p=2, seed=3)
+    summed = torch.cat(list(col.per_example_grads(batches, lambda m, b: m(b).pow(2).sum(1), flat=True)))
+    mean = lambda m, b: m(b).pow(2).sum(1).mean()  # noqa: E731
+    rows = torch.cat(list(col.per_example_grads(batches, mean, flat=True, scale="batch")))
+    torch.testing.assert_close(rows, summed, rtol=1e-5, atol=1e-6)
+    with pytest.warns(UserWarning, match=r"scale=3 multiplies every batch alike, but batch sizes differ \(\[1, 3\]\)"):
+        fixed = torch.cat(list(col.per_example_grads(batches, mean, flat=True, scale=3)))
+    torch.testing.assert_close(fixed[:6], summed[:6], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fixed[6], 3 * summed[6], rtol=1e-5, atol=1e-6)  # what the warning is about
+    with col:
+        model(X[:2]).sum().backward()
+        one = col.collect(scale="batch")
+    with col:
+        model(X[:2]).sum().backward()
+        torch.testing.assert_close(col.collect(scale=2.0)["0"], one["0"])
+    for bad in ("mean", float("nan"), True, [2]):
+        with pytest.raises(ValueError, match=r"^scale: expected a finite number, 'batch' or None, got "):
+            col.collect(scale=bad)
+        with pytest.raises(ValueError, match=r"^scale: expected a finite number, 'batch' or None, got "):
+            next(col.per_example_grads(batches, mean, scale=bad))
+
+
+def test_multihead_attention_out_proj_is_not_hooked():
+    """nn.MultiheadAttention passes out_proj's weight to the functional attention and never calls out_proj:
+    a hook would see nothing and its rows would be zeros. The default selection leaves it out, a wildcard
+    leaves it out, an exact name or a callable selecting it is refused naming it; the other Linears still
+    give the explicit per-example gradients."""
+    torch.manual_seed(2)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    col = GradientCollector(layer, p=2, seed=0)
+    assert list(col.module_dims) == ["linear1", "linear2"]
+    assert list(GradientCollector(layer, modules=["*"], p=2).module_dims) == ["linear1", "linear2"]
+    with pytest.raises(ValueError, match=r"^modules: \['self_attn\.out_proj'\] never run their forward "
+                                         r"\(nn\.MultiheadAttention uses its weight without calling it\)"):
+        GradientCollector(layer, modules=["self_attn.out_proj", "linear1"], p=2)
+    with pytest.raises(ValueError, match=r"^modules: \['self_attn\.out_proj'\] never run"):
+        GradientCollector(layer, modules=lambda n, m: isinstance(m, nn.Linear), p=2)
+    with pytest.raises(ValueError, match=r"^modules: patterns \['self_attn\.\*'\] match no nn\.Linear / Conv1D "
+                                         r"module that runs its forward \(\['self_attn\.out_proj'\] never do\)"):
+        GradientCollector(layer, modules=["self_attn.*"], p=2)
+    x = torch.randn(3, 4, 8)
+    with col:
+        layer(x).pow(2).sum().backward()
+        got = col.collect()
+    for i in range(3):
+        layer.zero_grad()
+        layer(x[i:i + 1]).pow(2).sum().backward()
+        for n in ("linear1", "linear2"):
+            assert_close(got[n][i], lgr(weight_grad(getattr(layer, n), False), n, 2, 0, "rademacher"))
+
+
 # ----------------------------------------------------------------------------- API behaviour
 def test_col_backward_equals_loss_backward_and_collects_from_factored_project():
     model = tiny_gpt(n_layer=1, d_model=16, n_head=2, vocab=29, seed=2)

@@ -28,8 +28,8 @@ or, equivalently, ``for grads in col.per_example_grads(batches, loss_fn): ...``.
 Per-example correctness. The projected gradients are per-example gradients only when the
 batch loss is a SUM of per-example losses and examples do not interact in the forward pass
 (no BatchNorm, no in-batch negatives). With a loss averaged over the batch every row comes out
-scaled by ``1/B``: use ``reduction="sum"`` over examples, or pass ``collect(scale=B)`` to undo
-it. Averaging over the tokens *of one example* is part of that example's loss and needs nothing.
+scaled by ``1/B``: use ``reduction="sum"`` over examples, or pass ``collect(scale="batch")`` (each
+batch's rows times its own B; a fixed ``scale=B`` is wrong for a shorter last batch) to undo it. Averaging over the tokens *of one example* is part of that example's loss and needs nothing.
 Padding: set a ``(B, T)`` mask (``set_mask`` / :meth:`batch` / the ``attention_mask`` of a batch
 dict in :meth:`per_example_grads`) before the forward pass; positions where it is 0 contribute
 nothing (per-token rows there are 0).
@@ -49,6 +49,8 @@ import contextlib
 import fnmatch
 import functools
 import math
+import numbers
+import warnings
 from collections import OrderedDict
 from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -90,6 +92,31 @@ def _module_kind(module: nn.Module) -> Optional[str]:
     return None
 
 
+def _unhookable(model: nn.Module) -> Dict[str, str]:
+    """Names of Linear modules whose forward never runs, -> why: ``nn.MultiheadAttention`` passes its
+    ``out_proj.weight`` / ``.bias`` to the functional attention and never calls ``out_proj``, so no hook
+    sees its input or output (its per-example gradient would come back as zeros)."""
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention) and isinstance(getattr(m, "out_proj", None), nn.Linear):
+            out[f"{n}.out_proj" if n else "out_proj"] = "nn.MultiheadAttention uses its weight without calling it"
+    return out
+
+
+def _refuse_unhookable(selected, unhookable: Dict[str, str]) -> None:
+    bad = [n for n, _, _ in selected if n in unhookable]
+    if bad:
+        raise ValueError(f"modules: {bad} never run their forward ({unhookable[bad[0]]}), so no hook can see "
+                         "their gradients; leave them out")
+
+
+def _check_scale(scale) -> None:
+    if scale is None or scale == "batch":
+        return
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, 'batch' or None, got {scale!r}")
+
+
 def _shape(module: nn.Module, kind: str) -> Tuple[int, int]:
     """(O, I) of the gradient in nn.Linear layout (Conv1D stores its weight as (I, O))."""
     w = module.weight
@@ -103,13 +130,16 @@ def _shape(module: nn.Module, kind: str) -> Tuple[int, int]:
 class _Call:
     """State of one forward call of a hooked module, waiting for its output gradient."""
 
-    __slots__ = ("a", "gen", "mask", "mask_all")
+    __slots__ = ("a", "gen", "mask", "mask_all", "version")
 
     def __init__(self, a: Tensor, mask: Optional[Tensor], mask_all: bool, gen: int) -> None:
         self.a: Optional[Tensor] = a
         self.mask = mask
         self.mask_all = mask_all
         self.gen = gen
+        # a.detach() shares the input's version counter: an in-place change after the forward shows here
+        # (autograd's own check sits in the module's weight-gradient node, which backward() skips)
+        self.version = a._version
 
 
 class GradientCollector:
@@ -206,8 +236,9 @@ class GradientCollector:
     def _select(model: nn.Module, modules: ModuleSelector) -> List[Tuple[str, nn.Module, str]]:
         named = [(n, m) for n, m in model.named_modules() if n]
         out: List[Tuple[str, nn.Module, str]] = []
-        if modules is None:
-            out = [(n, m, k) for n, m in named if (k := _module_kind(m)) is not None]
+        unhookable = _unhookable(model)
+        if modules is None:  # every Linear / Conv1D that runs as a module
+            out = [(n, m, k) for n, m in named if (k := _module_kind(m)) is not None and n not in unhookable]
             if not out:
                 raise ValueError("modules: the model has no nn.Linear or transformers Conv1D module to hook")
             return out
@@ -221,6 +252,7 @@ class GradientCollector:
                     out.append((n, m, k))
             if not out:
                 raise ValueError("modules: the callable selected no module")
+            _refuse_unhookable(out, unhookable)
             return out
         pats = [modules] if isinstance(modules, str) else list(modules)
         if not pats or not all(isinstance(x, str) and x for x in pats):
@@ -238,8 +270,13 @@ class GradientCollector:
         for n, m in named:
             if any(fnmatch.fnmatchcase(n, pat) for pat in pats) and (k := _module_kind(m)) is not None:
                 out.append((n, m, k))
+        # a module named exactly is refused if it never runs; wildcard matches of such modules are left out
+        _refuse_unhookable([t for t in out if t[0] in pats], unhookable)
+        dropped = [t[0] for t in out if t[0] in unhookable]
+        out = [t for t in out if t[0] not in unhookable]
         if not out:
-            raise ValueError(f"modules: patterns {pats} match no nn.Linear / Conv1D module")
+            raise ValueError(f"modules: patterns {pats} match no nn.Linear / Conv1D module"
+                             + (f" that runs its forward ({dropped} never do)" if dropped else ""))
         return out
 
     # ------------------------------------------------------------------ config
@@ -386,6 +423,11 @@ class GradientCollector:
             return None
         call.a = None  # release the activation as soon as it is used
         try:
+            if a._version != call.version:
+                raise RuntimeError(
+                    f"GradientCollector: the input of module {name!r} was modified by an in-place operation "
+                    f"after its forward pass (version {call.version} -> {a._version}), so its gradient cannot be "
+                    "computed from it; avoid the in-place op (or clone the input) (the batch has been dropped)")
             out = self._project(name, a, grad, call.mask, call.mask_all)
             acc = self._grads.get(name)
             self._grads[name] = out if acc is None else acc.add_(out)
@@ -434,18 +476,20 @@ class GradientCollector:
             loss = loss.sum()
         torch.autograd.grad(loss, list(self._edges.values()), retain_graph=retain_graph, allow_unused=True)
 
-    def collect(self, flat: bool = False, scale: Optional[float] = None,
+    def collect(self, flat: bool = False, scale: Union[float, str, None] = None,
                 missing: str = "zeros") -> Union[Dict[str, Tensor], Tensor]:
         """The projected per-example gradients of the last batch, and reset for the next one.
 
         Returns ``{name: (B, p*p)}`` (``(B, T, p*p)`` with ``per_token``) in model order, or with
         ``flat=True`` the ``(B, D)`` (``(B, T, D)``) concatenation in that order. ``scale``
-        multiplies every vector (``scale=B`` undoes a batch-mean loss). A module that ran forward
+        multiplies every vector; ``scale="batch"`` multiplies by this batch's B, which undoes a
+        batch-mean loss (also for a shorter last batch, where a fixed ``scale=B`` would not). A module that ran forward
         but got no gradient (its output did not reach the loss) or did not run at all has a zero
         gradient: zeros with ``missing="zeros"``, an error with ``missing="error"``.
         """
         if missing not in ("zeros", "error"):
             raise ValueError(f"missing: expected 'zeros' or 'error', got {missing!r}")
+        _check_scale(scale)
         if not self._grads:
             ran, nograd, dropped = bool(self._forward_shapes), self._nograd_calls, self._dropped
             self.reset()
@@ -480,8 +524,9 @@ class GradientCollector:
             raise RuntimeError(f"GradientCollector.collect: no gradient reached modules {absent}")
         self.reset()
         if scale is not None:
+            factor = any_out.shape[0] if scale == "batch" else scale
             for name in out:
-                out[name].mul_(scale)
+                out[name].mul_(factor)
         return self.flatten(out) if flat else out
 
     def flatten(self, grads: Mapping[str, Tensor]) -> Tensor:
@@ -520,12 +565,16 @@ class GradientCollector:
 
     def per_example_grads(self, batches: Iterable, loss_fn: Callable[[nn.Module, object], Tensor],
                           mask_key: Optional[str] = "attention_mask", flat: bool = False,
-                          scale: Optional[float] = None) -> Iterator[Union[Dict[str, Tensor], Tensor]]:
+                          scale: Union[float, str, None] = None) -> Iterator[Union[Dict[str, Tensor], Tensor]]:
         """For each batch: ``loss_fn(model, batch)`` (per-example losses ``(B,)`` or their sum),
         :meth:`backward`, :meth:`collect`; yields the result. When a batch is a mapping holding
         ``mask_key``, that is used as the padding mask. Hooks are attached for the duration if
-        they were not already.
+        they were not already. ``scale``: as in :meth:`collect`; for a batch-mean loss pass
+        ``"batch"``. A number is applied to every batch alike, so when batch sizes differ it warns
+        once (a fixed ``scale=B`` mis-scales the shorter batches of a batch-mean loss).
         """
+        _check_scale(scale)
+        sizes = set()
         owned = not self.attached
         self.attach()
         try:
@@ -534,7 +583,14 @@ class GradientCollector:
                 with self.batch(mask):
                     loss = loss_fn(self.model, batch)
                     self.backward(loss)
-                yield self.collect(flat=flat, scale=scale)
+                got = self.collect(flat=flat, scale=scale)
+                sizes.add(int((got if flat else next(iter(got.values()))).shape[0]))
+                if len(sizes) == 2 and scale is not None and scale != "batch":
+                    warnings.warn(f"per_example_grads: scale={scale!r} multiplies every batch alike, but batch "
+                                  f"sizes differ ({sorted(sizes)}); with a batch-mean loss pass scale='batch' "
+                                  "(each batch's rows times its own size) or sum the per-example losses",
+                                  UserWarning, stacklevel=2)
+                yield got
         finally:
             if owned:
                 self.detach()
