@@ -4,6 +4,7 @@ and weights, preconditioning, streaming, faiss) against independent torch oracle
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -655,3 +656,240 @@ def test_low_memory_search_keeps_resident_set_small(tmp_path):
     grow_low, grow_plain = map(float, out.stdout.split()[-2:])
     assert grow_low < 12, out.stdout  # ~2 MiB block + scratch, far below the 48 MiB index
     assert grow_plain > 36, out.stdout  # the plain mapping keeps what it touched resident
+
+
+# --------------------------------------------------------------------------- row arguments, writer state, one writer
+
+
+def test_get_and_example_of_take_masks_and_refuse_fractional_rows(tmp_path):
+    """A boolean mask selects rows as in numpy (it was read as row numbers 0/1); float row numbers are refused
+    (2.9 was truncated to row 2); example_of checks the range and counts negative rows from the end, as get does."""
+    x = int_grads(10, 40)
+    build(tmp_path / "ix", x, shard_rows=4)
+    ix = GradientIndex.open(tmp_path / "ix")
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[[7, 8]] = True
+    assert torch.equal(ix.get(mask), x[[7, 8]])
+    assert torch.equal(ix.get(mask.numpy()), x[[7, 8]])
+    assert torch.equal(ix.get([True] * 10), x)
+    assert ix.example_of(mask).tolist() == [7, 8]
+    assert ix.example_of([-1, 0, -10]).tolist() == [9, 0, 0]
+    assert ix.example_of(3).shape == () and ix.get([]).shape == (0, D)
+    for f in (ix.get, ix.example_of):
+        for bad in (mask[:9], torch.ones(2, 10, dtype=torch.bool), True):
+            with pytest.raises(IndexError, match=r"^rows: a boolean mask must be 1-D with one entry per row \(10\), "
+                                                 r"got shape \((9,|2, 10|)\)$"):
+                f(bad)
+        for bad, dt in (([2.9], "float32"), (np.array([2.0]), "float64"), (torch.tensor([1.0]), "float32"),
+                        ([1, 2.5], "float32"), (np.array([1j]), "complex128")):
+            with pytest.raises(TypeError, match=rf"^rows: expected integer row numbers or a boolean mask, got "
+                                                rf"torch\.{dt} values$"):
+                f(bad)
+        with pytest.raises(TypeError, match=r"^rows: expected row numbers \(an int, or a sequence, array or tensor "
+                                            r"of ints\) or a boolean mask, got slice$"):
+            f(slice(0, 3))
+        for bad in ([10], [-11], [0, 99], np.array([2**63 + 1], dtype=np.uint64)):
+            with pytest.raises(IndexError, match=r"^rows: out of range for an index of 10 rows \(valid: -10 \.\. 9\)$"):
+                f(bad)
+
+
+def test_example_of_per_token_ranges_and_writer_refusal(tmp_path):
+    """On a per-token writer example_of returned row numbers and offsets None (neither knows the examples
+    there): both are refused like every read; on the reader rows are range-checked and negatives wrap."""
+    x = int_grads(7, 41)
+    ix = GradientIndex.create(tmp_path / "ix", MODS, per_token=True)
+    ids = ix.append(x, num_tokens=[3, 4])
+    for what, call in (("example_of", lambda: ix.example_of(ids)), ("offsets", lambda: ix.offsets)):
+        with pytest.raises(RuntimeError, match=rf"^{what}: the index is still being built; close\(\) it first$"):
+            call()
+    assert ix.num_examples == 2 and len(ix) == 7
+    ix.close()
+    assert ix.offsets.tolist() == [0, 3, 7]
+    assert ix.example_of(ids).tolist() == [0, 0, 0, 1, 1, 1, 1]
+    assert ix.example_of([-1, -7, -4]).tolist() == [1, 0, 1]
+    assert ix.example_of(torch.tensor([[2, 3]])).tolist() == [[0, 1]]
+    for bad in ([-8], [7], [-1, 99]):
+        with pytest.raises(IndexError, match=r"^rows: out of range for an index of 7 rows \(valid: -7 \.\. 6\)$"):
+            ix.example_of(bad)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_aborted_build_reports_committed_state(tmp_path, per_token):
+    """len(), num_examples and repr() of a writer whose `with` block raised report the committed rows
+    (they raised AttributeError); reads stay refused."""
+    x = int_grads(10, 42)
+    kw = {"num_tokens": [2, 2]} if per_token else {}
+    with pytest.raises(KeyError):
+        with GradientIndex.create(tmp_path / "ix", MODS, dtype=torch.float16, per_token=per_token) as ix:
+            ix.append(x[:4], **kw)
+            ix.append(x[4:], commit=False, **({"num_tokens": [6]} if per_token else {}))
+            raise KeyError("boom")
+    assert len(ix) == 4 and ix.num_examples == (2 if per_token else 4)
+    assert re.fullmatch(rf"GradientIndex\('.*ix', layout=gradkit, rows=4, dim={D}, dtype=torch\.float16, "
+                        rf"modules=3, per_token={per_token}, aborted\)", repr(ix))
+    for what, call in (("get", lambda: ix.get([0])), ("offsets", lambda: ix.offsets),
+                       ("example_of", lambda: ix.example_of([0]))):
+        with pytest.raises(RuntimeError, match=rf"^{what}: the build was aborted; reopen with GradientIndex\.open "
+                                               r"\(allow_incomplete=True\) or resume it$"):
+            call()
+    part = GradientIndex.open(tmp_path / "ix", allow_incomplete=True)
+    assert len(part) == 4 and torch.equal(part.get(range(4)), x[:4])
+
+
+def _bergson_shards(root, n=2):
+    for k in range(n):
+        d = root / f"shard-{k:05d}"
+        d.mkdir(parents=True)
+        (d / "info.json").write_text(json.dumps({"num_grads": 3, "grad_sizes": {"a": 2}, "base_dtype": "float32"}))
+        np.arange(6, dtype=np.float32).tofile(d / "gradients.bin")
+
+
+def test_create_refuses_a_sharded_bergson_index(tmp_path):
+    """create() took over a directory of bergson shard-* sub-directories (only a top-level info.json was
+    refused); now refused the way open() detects it, overwrite=True included, leaving it untouched."""
+    root = tmp_path / "bs"
+    _bergson_shards(root)
+    before = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    for kw in ({}, {"overwrite": True}):
+        with pytest.raises(FileExistsError, match=rf"^path: {re.escape(str(root))} holds a bergson index \(2 shard "
+                                                  r"directories with info\.json, e\.g\. shard-00000\); choose another "
+                                                  r"directory$"):
+            GradientIndex.create(root, {"z": 7}, **kw)
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before  # no header, lock or shards/ added
+    ix = GradientIndex.open(root)
+    assert ix.layout == "bergson" and len(ix) == 6
+
+
+def test_one_writer_at_a_time(tmp_path, monkeypatch):
+    """A second create() of an index whose writer is still open (resume=True reused its shard names and cut
+    its rows, leaving a complete-marked index that did not open) is refused before anything changes; the lock
+    goes with close(), an aborted build, the writer's garbage collection and a create() that failed."""
+    path = tmp_path / "ix"
+    x = int_grads(12, 43)
+    lock_msg = (rf"^path: {re.escape(str(path))} is being written by another writer \(the lock "
+                rf"{re.escape(str(path / '.lock'))} is held by a GradientIndex\.create not closed yet, in this process "
+                r"or another\); close\(\) that writer before creating, resuming or overwriting this index$")
+    w1 = GradientIndex.create(path, MODS, shard_rows=3, per_token=True)
+    w1.append(x[:5], num_tokens=[2, 3])
+    files = {p.name: p.read_bytes() for p in (path / "shards").iterdir()}
+    header = (path / "index.json").read_bytes()
+    for kw in ({"resume": True}, {"overwrite": True}):
+        with pytest.raises(RuntimeError, match=lock_msg):
+            GradientIndex.create(path, MODS, shard_rows=3, per_token=True, **kw)
+    assert (path / "index.json").read_bytes() == header
+    assert {p.name: p.read_bytes() for p in (path / "shards").iterdir()} == files
+    part = GradientIndex.open(path, allow_incomplete=True)  # readers take no lock
+    assert len(part) == 5
+    w1.append(x[5:9], num_tokens=[4])
+    w1.close()
+    ix = GradientIndex.open(path)
+    assert ix.offsets.tolist() == [0, 2, 5, 9] and torch.equal(ix.get(range(9)), x[:9])
+    # released by close(): resume works; an aborted build releases it too
+    with pytest.raises(ZeroDivisionError):
+        with GradientIndex.create(path, MODS, shard_rows=3, per_token=True, resume=True) as w2:
+            w2.append(x[9:], num_tokens=[3])
+            1 / 0
+    # a create() that fails after taking the lock releases it (settings differ from the index's)
+    with pytest.raises(ValueError, match=r"^resume: the index at .*ix was built with different settings: per_token "):
+        GradientIndex.create(path, MODS, shard_rows=3, resume=True)
+    w3 = GradientIndex.create(path, MODS, shard_rows=3, per_token=True, resume=True)
+    assert len(w3) == 12
+    del w3  # dropped without close(): garbage collection releases the lock
+    with GradientIndex.create(path, MODS, shard_rows=3, per_token=True, resume=True) as w4:
+        assert len(w4) == 12
+    assert torch.equal(GradientIndex.open(path).get(range(12)), x)
+    # the lock file is no part of the index: a directory holding only it has no header
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / ".lock").touch()
+    with pytest.raises(IndexFormatError, match=r"^path: .*only holds no committed index header \(index\.json for "
+                                               r"gradkit, info\.json for bergson\)$"):
+        GradientIndex.open(tmp_path / "only")
+    # without fcntl (not POSIX) builds are not locked
+    monkeypatch.setattr(gi, "fcntl", None)
+    a = GradientIndex.create(tmp_path / "nolock", MODS)
+    b = GradientIndex.create(tmp_path / "nolock", MODS, overwrite=True)
+    a._abort()
+    b._abort()
+
+
+def test_overwrite_keeps_foreign_files(tmp_path):
+    """overwrite=True deleted every *.tmp file in shards/; only gradkit's own file names go now."""
+    path = tmp_path / "ix"
+    build(path, int_grads(5, 44))
+    sd = path / "shards"
+    for name in ("mine.tmp", "results.bin", "notes.json.tmp"):
+        (sd / name).write_text("keep")
+    (sd / "rank-00000.json.tmp").write_text("{}")  # gradkit's own leftover
+    (path / "notes.tmp").write_text("keep")
+    build(path, int_grads(3, 45), overwrite=True)
+    assert sorted(p.name for p in sd.iterdir()) == ["mine.tmp", "notes.json.tmp", "r00000-000000.bin", "results.bin"]
+    assert (path / "notes.tmp").read_text() == "keep" and len(GradientIndex.open(path)) == 3
+
+
+def _with_header(path, change):
+    h = json.loads((path / "index.json").read_text())
+    change(h)
+    (path / "index.json").write_text(json.dumps(h))
+
+
+@pytest.mark.parametrize("change, field, want", [
+    (lambda h: h.update(shards={"a": 1}), "shards", "a list"),
+    (lambda h: h.update(shards="shards/r00000-000000.bin"), "shards", "a list"),
+    (lambda h: h.update(shards=[["shards/r00000-000000.bin", 4]]), r"shards\[0\]", "an object"),
+    (lambda h: h["shards"][0].update(rows=4.0), r"shards\[0\]\.rows", "an int >= 0"),
+    (lambda h: h["shards"][0].update(rows=-1), r"shards\[0\]\.rows", "an int >= 0"),
+    (lambda h: h["shards"][0].update(file=7), r"shards\[0\]\.file", "a string"),
+    (lambda h: h.update(count="4"), "count", "an int >= 0"),
+    (lambda h: h.update(per_token="no"), "per_token", "a bool"),
+    (lambda h: h.update(modules=5), "modules", r"a list of \[name, dim\] pairs"),
+    (lambda h: h["token_files"][0].update(examples=2.0), r"token_files\[0\]\.examples", "an int >= 0"),
+], ids=["shards-dict", "shards-str", "shard-list", "rows-float", "rows-negative", "file-int", "count-str",
+        "per_token-str", "modules-int", "examples-float"])
+def test_header_with_wrong_json_types_is_refused(tmp_path, change, field, want):
+    """Wrong JSON types in a header raised a bare TypeError (or opened); now IndexFormatError naming the field."""
+    path = tmp_path / "ix"
+    with GradientIndex.create(path, MODS, per_token=True) as ix:
+        ix.append(int_grads(4, 46), num_tokens=[1, 3])
+    _with_header(path, change)
+    for call in (lambda: GradientIndex.open(path),
+                 lambda: GradientIndex.create(path, MODS, per_token=True, resume=True)):
+        with pytest.raises(IndexFormatError, match=rf"^(open|resume): {re.escape(str(path / 'index.json'))} field "
+                                                   rf"{field} must be {want}, got .+$"):
+            call()
+
+
+def test_header_listing_a_file_twice_is_refused(tmp_path):
+    """A header naming one shard file twice opened with its rows duplicated."""
+    path = tmp_path / "ix"
+    build(path, int_grads(4, 47))
+
+    def dup(h):
+        h["shards"].append(dict(h["shards"][0], file="shards/./r00000-000000.bin"))
+        h["count"] *= 2
+    _with_header(path, dup)
+    with pytest.raises(IndexFormatError, match=rf"^open: {re.escape(str(path / 'index.json'))} lists the file "
+                                               r"'r00000-000000\.bin' more than once in shards$"):
+        GradientIndex.open(path)
+
+
+def test_per_token_skip_drops_tokens_not_examples(tmp_path):
+    """on_nonfinite="skip" in a per-token index refuses single token rows: the example stays with fewer
+    tokens, an example whose every token is refused stays with 0 tokens, offsets and example_of agree."""
+    x = int_grads(9, 48)
+    x[3, 0] = float("nan")   # example 1: 1 of its 3 tokens
+    x[5, 1] = float("inf")   # example 2: both of its tokens
+    x[6, 2] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"^grads: 3 of 7 rows hold NaN or Inf \(input rows \[3, 5, 6\]\); "):
+        with GradientIndex.create(tmp_path / "ix", MODS, per_token=True, shard_rows=2) as w:
+            ids = w.append(x[:7], num_tokens=[2, 3, 2])
+            assert ids.tolist() == [0, 1, 2, -1, 3, -1, -1] and w.num_examples == 3
+            assert w.append(x[7:], num_tokens=[2]).tolist() == [4, 5]
+    ix = GradientIndex.open(tmp_path / "ix")
+    assert ix.num_examples == 4 and len(ix) == 6 and ix.nonfinite_rows == 3
+    assert ix.offsets.tolist() == [0, 2, 4, 4, 6]
+    assert np.diff(ix.offsets).tolist() == [2, 2, 0, 2]
+    assert ix.example_of(range(6)).tolist() == [0, 0, 1, 1, 3, 3]
+    assert ix.example_of([-1, -3]).tolist() == [3, 1]
+    assert torch.equal(ix.get(range(6)), x[[0, 1, 2, 4, 7, 8]])
+    s, i = ix.search(x[[4]], 1)
+    assert i.tolist() == [[3]] and ix.example_of(i).tolist() == [[1]]

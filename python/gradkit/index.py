@@ -31,6 +31,16 @@ A directory without a header never opens as an index. A shard shorter than its h
 refused on open. A failed write (e.g. disk full) rolls the files back to the last commit and
 raises ``OSError`` naming the index directory and the state it was left in.
 
+One writer at a time: ``create`` takes an exclusive advisory lock (``flock``) on ``.lock`` in the
+index directory before it changes anything there, and holds it until ``close()``, an aborted build
+(an exception inside ``with``) or the writer being garbage collected; a second ``create`` of the
+same index meanwhile (``resume=True`` or ``overwrite=True`` included, in this process or another)
+is refused with a ``RuntimeError`` naming the directory. Readers take no lock. In a multi-process
+build rank 0 holds ``.lock`` and every other rank its own (``.lock-r00001`` for rank 1, ...; a rank
+writes only its own files). The lock files stay in the directory and are never part of an index.
+Where ``fcntl`` is unavailable (not POSIX) or the file system does not support ``flock``, builds
+are not locked.
+
 Multi-process builds (``torch.distributed`` initialised): every rank writes its own shards and
 commits its own ``shards/rank-<r>.json``; ``close()`` gathers every rank's outcome and row
 counts (all_gather), and rank 0 writes the final header after every rank has committed. If any
@@ -73,6 +83,11 @@ import torch
 
 from gradkit import ops
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: builds are not locked
+    fcntl = None
+
 __all__ = ["GradientIndex", "Precondition", "IndexFormatError", "NonFiniteGradientError",
            "UncheckedProjectionWarning", "DistributedBuildError", "FORMAT", "VERSION"]
 
@@ -83,6 +98,7 @@ SHARD_DIR = "shards"
 _SHARD_RE = re.compile(r"^r(\d{5})-(\d{6})\.bin$")
 _TOKENS_RE = re.compile(r"^r(\d{5})\.tokens\.bin$")
 _RANK_RE = re.compile(r"^rank-(\d{5})\.json(\.tmp)?$")
+LOCK = ".lock"  # rank 0's (a single-process build's) writer lock; rank r > 0: LOCK + "-r<r:05d>"
 _MAX_HEADER_BYTES = 1 << 28
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -317,6 +333,106 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
+class _WriterLock:
+    """An exclusive advisory lock (``flock``) on ``path / name``, held by one index writer.
+
+    Released by :meth:`release` or when the object is garbage collected; a copy inherited by a forked
+    child only closes its descriptor there (the lock stays with the process that took it). The lock
+    file itself is never removed (removing it would let two writers lock two different files)."""
+
+    def __init__(self, path: Path, name: str, whose: str = "") -> None:
+        self.fd: Optional[int] = None
+        self.pid = os.getpid()
+        if fcntl is None:  # pragma: no cover - not POSIX
+            return
+        fd = os.open(str(path / name), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RuntimeError(f"path: {path} is being written by another writer (the lock {path / name}{whose} "
+                                   "is held by a GradientIndex.create not closed yet, in this process or another); "
+                                   "close() that writer before creating, resuming or overwriting this index") from None
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return  # a file system without flock: the build goes on unlocked
+            raise
+        self.fd = fd
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        if os.getpid() == self.pid:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except OSError:  # pragma: no cover
+                pass
+        try:
+            os.close(fd)
+        except OSError:  # pragma: no cover
+            pass
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def _bergson_dirs(p: Path) -> List[Path]:
+    """The directories of a bergson index at ``p``: ``[p]`` (its own info.json), its ``*shard*``
+    sub-directories holding an info.json (a sharded index), or none."""
+    if (p / "info.json").exists():
+        return [p]
+    if not p.is_dir():
+        return []
+    return sorted(c for c in p.iterdir() if c.is_dir() and "shard" in c.name and (c / "info.json").exists())
+
+
+def _check_header_fields(h, f: Path, what: str) -> None:
+    """Refuse (IndexFormatError naming the field) a gradkit header or rank header whose fields have the
+    wrong JSON types, or that lists one shard or token file twice (fields left out are checked by the caller)."""
+    if not isinstance(h, dict):
+        raise IndexFormatError(f"{what}: {f} is not a gradkit index header (a JSON object)")
+
+    def bad(field: str, want: str, v) -> NoReturn:
+        raise IndexFormatError(f"{what}: {f} field {field} must be {want}, got {v!r}")
+
+    def count(field: str, v) -> None:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            bad(field, "an int >= 0", v)
+
+    for k in ("count", "examples", "nonfinite_rows", "rank"):
+        if k in h:
+            count(k, h[k])
+    if "per_token" in h and not isinstance(h["per_token"], bool):
+        bad("per_token", "a bool", h["per_token"])
+    if "modules" in h:
+        mods = h["modules"]
+        if not isinstance(mods, list) or not all(isinstance(m, list) and len(m) == 2 for m in mods):
+            bad("modules", "a list of [name, dim] pairs", mods)
+    for key, n_key in (("shards", "rows"), ("token_files", "examples")):
+        if key not in h:
+            continue
+        items = h[key]
+        if not isinstance(items, list):
+            bad(key, "a list", items)
+        seen = set()
+        for i, it in enumerate(items):
+            if not isinstance(it, dict):
+                bad(f"{key}[{i}]", "an object", it)
+            if not isinstance(it.get("file"), str):
+                bad(f"{key}[{i}].file", "a string", it.get("file"))
+            count(f"{key}[{i}].{n_key}", it.get(n_key))
+            if "rank" in it:
+                count(f"{key}[{i}].rank", it["rank"])
+            name = Path(it["file"]).name
+            if name in seen:
+                raise IndexFormatError(f"{what}: {f} lists the file {name!r} more than once in {key}")
+            seen.add(name)
+
+
 # --------------------------------------------------------------------------- preconditioning
 
 
@@ -439,6 +555,7 @@ class GradientIndex:
         self._maps: list = []
         self.low_memory = False
         self._projection_warned = False
+        self._lock: Optional[_WriterLock] = None
         return self
 
     @classmethod
@@ -454,9 +571,13 @@ class GradientIndex:
         shard_rows: rows per shard file (None: one growing shard per rank). resume: continue the
         (interrupted or complete) build at ``path`` after its last committed row; its modules,
         dtype, projection and per_token must equal the arguments. overwrite: replace an index
-        already at ``path``. on_nonfinite: default policy for rows with NaN/Inf ("skip": refuse
-        the row, count it and warn; "error": raise before writing anything of the chunk).
-        distributed: build across the ranks of the initialised default process group (default:
+        already at ``path`` (a bergson index, flat or sharded, is never replaced). on_nonfinite:
+        default policy for rows with NaN/Inf ("skip": refuse the row, count it and warn; in a
+        per-token index only that token's row, see :meth:`append`; "error": raise before writing
+        anything of the chunk). The writer holds an exclusive lock on the index directory until
+        ``close()`` (or an aborted build, or its garbage collection): a second ``create`` of the
+        same index meanwhile raises ``RuntimeError`` (see the module docstring). distributed:
+        build across the ranks of the initialised default process group (default:
         when torch.distributed is initialised); ``create`` is then a collective call, and if any
         rank fails to prepare or load its state, every rank raises (that rank its own error, the
         others :class:`DistributedBuildError`) and none is left with a writer.
@@ -501,6 +622,17 @@ class GradientIndex:
         self._rank, self._world, self._dist = rank, world, d
         self._row_bytes = self.dim * self.dtype.itemsize
 
+        try:
+            self._start(resume, overwrite)
+        except BaseException:
+            self._unlock()
+            raise
+        self._writable = True
+        return self
+
+    def _start(self, resume: bool, overwrite: bool) -> None:
+        """create's collective part: prepare the directory (rank 0), then every rank its own state."""
+        d, rank, world = self._dist, self._rank, self._world
         # rank 0 prepares the directory; every rank learns whether that worked
         err: Optional[BaseException] = None
         if rank == 0:
@@ -532,8 +664,11 @@ class GradientIndex:
                     "(see those ranks' errors); no rank opened it for writing and it is not marked complete"))
         if err is not None:
             raise err
-        self._writable = True
-        return self
+
+    def _unlock(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
 
     def _base_header(self, complete: bool) -> dict:
         return {"format": FORMAT, "version": VERSION, "complete": complete, "world_size": self._world,
@@ -558,12 +693,13 @@ class GradientIndex:
             raise ValueError(f"resume: the index at {where} was built with different settings: " + "; ".join(diffs))
 
     def _own_files(self) -> List[Path]:
+        """The files of a gradkit index (by gradkit's own name patterns only: anything else a user keeps
+        in the directory, or in shards/, is left alone)."""
         sd = self.path / SHARD_DIR
         out = []
         if sd.is_dir():
             for f in sd.iterdir():
-                if _SHARD_RE.match(f.name) or _TOKENS_RE.match(f.name) or _RANK_RE.match(f.name) \
-                        or f.name.endswith(".tmp"):
+                if _SHARD_RE.match(f.name) or _TOKENS_RE.match(f.name) or _RANK_RE.match(f.name):
                     out.append(f)
         for extra in (HEADER, HEADER + ".tmp"):
             if (self.path / extra).exists():
@@ -579,18 +715,19 @@ class GradientIndex:
             if not hdr.exists():
                 raise IndexFormatError(f"resume: {p} has no committed header ({HEADER}); there is nothing to resume "
                                        "(start a new build without resume=True)")
+            self._lock = _WriterLock(p, LOCK)  # before anything on disk changes
             h = _read_json(hdr, "resume")
-            if h.get("format") != FORMAT:
+            if not isinstance(h, dict) or h.get("format") != FORMAT:
                 raise IndexFormatError(f"resume: {hdr} is not a gradkit index header")
+            _check_header_fields(h, hdr, "resume")
             self._check_same(h, str(p))
             h["complete"] = False
             _atomic_write_json(hdr, h)
             return
-        if (p / "info.json").exists():
-            raise FileExistsError(f"path: {p} holds a bergson index (info.json); choose another directory")
-        if hdr.exists() and not overwrite:
-            raise FileExistsError(f"path: {p} already holds a gradkit index; pass resume=True to continue it or "
-                                  "overwrite=True to replace it")
+        self._refuse_existing(overwrite)  # before the lock file is made: nothing is added to a refused directory
+        p.mkdir(parents=True, exist_ok=True)
+        self._lock = _WriterLock(p, LOCK)  # before anything of an old index changes
+        self._refuse_existing(overwrite)  # again under the lock (another writer may have finished meanwhile)
         # discard an old index (overwrite) or the leftovers of a build that never committed
         for f in self._own_files():
             f.unlink()
@@ -599,20 +736,34 @@ class GradientIndex:
         h.update({"count": 0, "examples": 0, "nonfinite_rows": 0, "shards": [], "token_files": []})
         _atomic_write_json(hdr, h)
 
+    def _refuse_existing(self, overwrite: bool) -> None:
+        p = self.path
+        berg = _bergson_dirs(p)
+        if berg:
+            what = "info.json" if berg == [p] else f"{len(berg)} shard directories with info.json, e.g. {berg[0].name}"
+            raise FileExistsError(f"path: {p} holds a bergson index ({what}); choose another directory")
+        if (p / HEADER).exists() and not overwrite:
+            raise FileExistsError(f"path: {p} already holds a gradkit index; pass resume=True to continue it or "
+                                  "overwrite=True to replace it")
+
     def _rank_header_path(self) -> Path:
         return self.path / SHARD_DIR / f"rank-{self._rank:05d}.json"
 
     def _load_rank_state(self, resume: bool) -> None:
         """This rank's committed state (empty for a new build) and the files trimmed to it."""
+        if self._rank != 0:  # rank 0 took LOCK in _prepare_dir; every other rank locks its own files
+            self._lock = _WriterLock(self.path, f"{LOCK}-r{self._rank:05d}", f" of rank {self._rank}")
         shards: List[dict] = []
         tokens_examples = 0
         nonfinite = 0
         if resume:
             h = _read_json(self.path / HEADER, "resume")
+            _check_header_fields(h, self.path / HEADER, "resume")
             self._check_same(h, str(self.path))
             src, own = h, False
             if self._world > 1 and self._rank_header_path().exists():
                 src, own = _read_json(self._rank_header_path(), "resume"), True
+                _check_header_fields(src, self._rank_header_path(), "resume")
             shards = [dict(s) for s in src.get("shards", []) if int(s.get("rank", 0)) == self._rank]
             for tf in src.get("token_files", []):
                 if int(tf.get("rank", 0)) == self._rank:
@@ -735,7 +886,12 @@ class GradientIndex:
         ``on_nonfinite="skip"`` (default of create) they are refused, counted in
         ``nonfinite_rows`` and reported with a warning (later rows then take the next row
         numbers: use the returned numbers); ``"error"`` raises NonFiniteGradientError before
-        anything of this chunk is written. ``commit=False`` defers the commit (see commit()).
+        anything of this chunk is written. In a per-token index "skip" refuses single token rows,
+        not whole examples: every example of the chunk is kept, in order (example numbers do not
+        shift), and its stored token count is ``num_tokens[i]`` less its refused tokens, so
+        ``offsets`` and ``example_of`` describe the rows actually stored. An example all of whose
+        tokens are refused is kept with 0 tokens (``offsets[i] == offsets[i + 1]``; no row maps to
+        it) and still counts in ``num_examples``. ``commit=False`` defers the commit (see commit()).
         """
         self._check_writable("append")
         policy = self._policy if on_nonfinite is None else on_nonfinite
@@ -892,12 +1048,16 @@ class GradientIndex:
         self._fds.clear()
 
     def _abort(self) -> None:
-        """Leave the build interrupted: committed rows stay (resume=True continues), pending ones go."""
+        """Leave the build interrupted: committed rows stay (resume=True continues), pending ones go.
+        The object then reports the committed state (len, num_examples, repr) and refuses reads."""
         if self._writable:
             self._rollback()
             self._close_fds()
             self._writable = False
             self._closed = True
+            self._count = sum(int(s["rows"]) for s in self._c_shards)
+            self._examples = self._c_examples if self.per_token else self._count
+            self._unlock()
 
     def close(self) -> None:
         """Commit pending rows and mark the index complete (all ranks: a collective call).
@@ -913,6 +1073,7 @@ class GradientIndex:
             self.commit()
             self._close_fds()
             _atomic_write_json(self.path / HEADER, self._state_header(complete=True))
+            self._unlock()
         else:
             # Collectives, the same on every rank: one all_gather of (failed, rows, examples,
             # nonfinite), then, only when no rank failed (every rank sees the same gathered
@@ -953,6 +1114,7 @@ class GradientIndex:
                     f"GradientIndex.close: rank 0 failed to write the header of {self.path} (see rank 0's "
                     "error); the index was not marked complete (every rank's rows are committed: "
                     f"create(..., resume=True) on {world} ranks and close() again)"))
+            self._unlock()
         self._writable = False
         self._load_gradkit(allow_incomplete=False)
 
@@ -1016,14 +1178,11 @@ class GradientIndex:
         self.low_memory = low_memory
         if (p / HEADER).exists():
             self._load_gradkit(allow_incomplete=allow_incomplete)
-        elif (p / "info.json").exists():
-            self._check_bergson_finished(p, [p], allow_incomplete)
-            self._load_bergson([p])
         else:
-            subs = sorted(c for c in p.iterdir() if c.is_dir() and "shard" in c.name and (c / "info.json").exists())
-            if subs:
-                self._check_bergson_finished(p, subs, allow_incomplete)
-                self._load_bergson(subs)
+            dirs = _bergson_dirs(p)
+            if dirs:
+                self._check_bergson_finished(p, dirs, allow_incomplete)
+                self._load_bergson(dirs)
             else:
                 hint = " (it holds gradkit shard files: a build that never committed)" \
                     if (p / SHARD_DIR).is_dir() else ""
@@ -1059,6 +1218,7 @@ class GradientIndex:
             raise IndexFormatError(f"open: {p / HEADER} is not a gradkit index header")
         if h.get("version") != VERSION:
             raise IndexFormatError(f"open: {p} has format version {h.get('version')}, this gradkit reads {VERSION}")
+        _check_header_fields(h, p / HEADER, "open")
         if not h.get("complete") and not allow_incomplete:
             raise IndexFormatError(f"open: the build of {p} did not complete ({h.get('count', 0)} rows committed by "
                                    f"rank 0's header); continue it with GradientIndex.create(..., resume=True), "
@@ -1276,14 +1436,50 @@ class GradientIndex:
 
     @property
     def offsets(self) -> Optional[np.ndarray]:
+        """Per-token indexes: read-only int64 array of ``num_examples + 1`` row offsets (example i owns rows
+        ``offsets[i]:offsets[i+1]``; an example with no stored token has ``offsets[i] == offsets[i+1]``);
+        None for an index with one row per example. Refused (RuntimeError) while the index is being built
+        or after an aborted build, like every read."""
+        self._check_readable("offsets")
         return self._offsets
 
     def example_of(self, rows) -> torch.Tensor:
-        """Example number owning each row (per-token indexes; rows are examples otherwise)."""
-        r = torch.as_tensor(rows, dtype=torch.int64)
+        """Example number owning each row (per-token indexes; rows are examples otherwise).
+
+        rows: as for :meth:`get` (row numbers, negative ones counting from the end, or a boolean mask with
+        one entry per row); the result has the shape of integer input (1-D for a mask). Row numbers out of
+        range raise IndexError. An example with no stored token owns no row, so no row maps to it."""
+        self._check_readable("example_of")
+        r = self._row_numbers(rows)
         if self._offsets is None:
-            return r.clone()
-        return torch.from_numpy(np.searchsorted(self._offsets, r.numpy(), side="right") - 1).to(torch.int64)
+            return r
+        ex = np.searchsorted(self._offsets, r.numpy().reshape(-1), side="right") - 1
+        return torch.from_numpy(ex.astype(np.int64)).reshape(r.shape)
+
+    def _row_numbers(self, rows) -> torch.Tensor:
+        """``rows`` as int64 row numbers in [0, len(index)) (CPU; the shape of integer input kept):
+        ints (negative ones count from the end), or a 1-D boolean mask with one entry per row (the rows
+        where it is True, as in numpy). Fractional (float or complex) row numbers are refused, not truncated."""
+        n = self._count
+        try:
+            r = torch.as_tensor(rows.detach().cpu() if isinstance(rows, torch.Tensor) else rows)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise TypeError(f"rows: expected row numbers (an int, or a sequence, array or tensor of ints) or a "
+                            f"boolean mask, got {type(rows).__name__}") from None
+        if r.dtype == torch.bool:
+            if r.dim() != 1 or r.shape[0] != n:
+                raise IndexError(f"rows: a boolean mask must be 1-D with one entry per row ({n}), got shape "
+                                 f"{tuple(r.shape)}")
+            return r.nonzero().flatten()
+        if r.numel() == 0:  # e.g. [] (float to torch): no row number to be wrong
+            return torch.empty(r.shape, dtype=torch.int64)
+        if r.dtype.is_floating_point or r.dtype.is_complex:
+            raise TypeError(f"rows: expected integer row numbers or a boolean mask, got {r.dtype} values")
+        big = r.dtype == getattr(torch, "uint64", None) and int(r.numpy().max()) >= n  # would wrap in int64
+        r = r.to(torch.int64)
+        if big or int(r.min()) < -n or int(r.max()) >= n:
+            raise IndexError(f"rows: out of range for an index of {n} rows (valid: {-n} .. {n - 1})")
+        return torch.where(r < 0, r + n, r)
 
     def _check_readable(self, what: str) -> None:
         if self._writable:
@@ -1294,13 +1490,11 @@ class GradientIndex:
 
     def get(self, rows) -> torch.Tensor:
         """Rows as a float32 (len(rows), D) tensor (modules concatenated in order); negative row numbers count
-        from the end, as in Python and numpy."""
+        from the end, as in Python and numpy. rows: an int, a sequence / array / tensor of ints, or a 1-D boolean
+        mask with one entry per row (selects the rows where it is True, as in numpy; a mask of another length
+        raises IndexError). Float row numbers raise TypeError (they are not truncated)."""
         self._check_readable("get")
-        r = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
-        if r.numel() and (int(r.min()) < -self._count or int(r.max()) >= self._count):
-            raise IndexError(f"rows: out of range for an index of {self._count} rows (valid: "
-                             f"{-self._count} .. {self._count - 1})")
-        r = torch.where(r < 0, r + self._count, r)
+        r = self._row_numbers(rows).reshape(-1)
         out = torch.empty(r.numel(), self.dim, dtype=torch.float32)
         starts = [s for s, _ in self._shards]
         for j, row in enumerate(r.tolist()):
@@ -1606,7 +1800,7 @@ class GradientIndex:
         return out_s.to(qw.device), out_i.to(qw.device)
 
     def __repr__(self) -> str:
-        state = "building" if self._writable else "read-only"
+        state = "building" if self._writable else "aborted" if self._closed else "read-only"
         return (f"GradientIndex({str(self.path)!r}, layout={getattr(self, 'layout', '?')}, rows={len(self)}, "
                 f"dim={self.dim}, dtype={self.dtype}, modules={len(self.modules)}, per_token={self.per_token}, "
                 f"{state})")
