@@ -453,3 +453,100 @@ def test_factored_bad_inputs(kw, exc, pattern):
     args.update(kw)
     with pytest.raises(exc, match=pattern):
         P.factored_project(**args)
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_project_gives_gradients(kind):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 90, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    (P.project(x, 6, 5, kind).double() * w).sum().backward()
+    R = P.projection_matrix(6, 90, 5, kind, dtype=torch.float64)
+    torch.testing.assert_close(x.grad, w @ R)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_factored_project_gives_gradients(bias, per_token):
+    gen = torch.Generator().manual_seed(3)
+    B, T, I, O, p = 2, 3, 5, 4, 3
+    a = torch.randn(B, T, I, generator=gen, requires_grad=True)
+    g = torch.randn(B, T, O, generator=gen, requires_grad=True)
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    res = P.factored_project(a, g, p, seed=1, name="m", mask=mask, bias=bias, per_token=per_token)
+    w = torch.randn(res.shape, generator=gen)
+    (res * w).sum().backward()
+    L = P.projection_matrix(p, O, P.derive_seed(1, "m", "left"), dtype=torch.float64)
+    Rf = P.projection_matrix(p, I + int(bias), P.derive_seed(1, "m", "right"), dtype=torch.float64)
+    ad, gd = a.detach().double().requires_grad_(), g.detach().double().requires_grad_()
+    m = mask.double()[..., None]
+    ax = torch.cat([ad, torch.ones(B, T, 1, dtype=torch.float64)], -1) if bias else ad
+    if per_token:
+        want = torch.einsum("po,bto,bti,qi->btpq", L, gd * m, ax * m, Rf).reshape(B, T, p * p)
+    else:
+        want = torch.einsum("po,bto,bti,qi->bpq", L, gd * m, ax * m, Rf).reshape(B, p * p)
+    (want * w.double()).sum().backward()
+    torch.testing.assert_close(a.grad.double(), ad.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g.grad.double(), gd.grad, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- out= refused before any work
+
+
+def _counting_chunks(B, widths, pulled):
+    gen = torch.Generator().manual_seed(0)
+    for w in widths:
+        pulled.append(w)
+        yield torch.randn(B, w, generator=gen)
+
+
+@pytest.mark.parametrize("source", ["iterable", "callable"])
+def test_project_out_rows_checked_on_first_chunk(source):
+    pulled = []
+    src = _counting_chunks(3, [4, 5, 6], pulled)
+    x = (lambda: src) if source == "callable" else src
+    with pytest.raises(ValueError, match="^out:"):
+        P.project(x, 7, out=torch.empty(4, 7))
+    assert pulled == [4]  # refused at the first chunk, the stream not consumed
+
+
+def test_project_out_device_checked_up_front():
+    bad = torch.empty(3, 7, device="meta")
+    with pytest.raises(ValueError, match="^out:"):
+        P.project(np.ones((3, 20), np.float32), 7, out=bad)
+    pulled = []
+    with pytest.raises(ValueError, match="^out:"):
+        P.project(_counting_chunks(3, [4, 5, 6], pulled), 7, out=bad)
+    assert pulled == [4]
+    with pytest.raises(ValueError, match="^out:"):
+        P.project(torch.ones(3, 20), 7, chunk=5, out=bad)
+
+
+def test_project_array_without_columns_gives_zeros():
+    for x in (np.zeros((3, 0), np.float32), np.zeros((0, 0), np.float32)):
+        r = P.project(x, 7)
+        assert r.shape == (x.shape[0], 7) and r.dtype == torch.float32 and not r.any()
+    assert torch.equal(P.project(np.zeros((3, 0), np.float32), 7), P.project(torch.zeros(3, 0), 7))
+
+
+@pytest.mark.parametrize("field,kw", [("eps", {"eps": 0.0}), ("eps", {"eps": -1e-8}), ("bias_eps", {"bias_eps": 0.0}),
+                                      ("bias_eps", {"bias_eps": -1.0}), ("row", {"row": -torch.ones(4)}),
+                                      ("col", {"col": torch.tensor([1.0, -1e-3, 0.0, 2.0, 1.0])}),
+                                      ("bias_avg_sq", {"bias_avg_sq": -torch.ones(4)})])
+def test_adafactor_normalizer_refuses_bad_values(field, kw):
+    args = {"row": torch.ones(4), "col": torch.ones(5)}
+    args.update(kw)
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        P.AdafactorNormalizer(**args)
+
+
+def test_projection_matrix_refuses_rows_past_k():
+    with pytest.raises(ValueError, match="^rows:"):
+        P.projection_matrix(3, 5, row0=2, k=4)
+    with pytest.raises(ValueError, match="^rows:"):
+        P.projection_matrix(5, 5, k=4)
+    full = P.projection_matrix(4, 5, 1)
+    assert torch.equal(P.projection_matrix(2, 5, 1, row0=2, k=4), full[2:])

@@ -386,3 +386,105 @@ def test_gpu_opcheck():
     torch.library.opcheck(torch.ops.gradkit.project_flat, (x, 17, 5, 0, 3))
     torch.library.opcheck(torch.ops.gradkit.project_flat, (x.bfloat16(), 17, 5, 1, 0))
     torch.library.opcheck(torch.ops.gradkit.projection_matrix_, (torch.empty(7, 90, device="cuda"), 5, 0, 7, 1, 2))
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+def _explicit_flat(x, k, seed, kind, col0):
+    R = ref.matrix_values(k, x.shape[1], seed, kind, k, 0, col0).double()
+    return x.double() @ R.T
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("kind", [0, 1])
+def test_project_flat_gradcheck(backend, kind):
+    x = torch.randn(3, 70, dtype=torch.float64, generator=torch.Generator().manual_seed(kind), requires_grad=True)
+    with use_backend(backend):
+        # linear with a float32 output: central differences are exact up to float32 rounding
+        assert torch.autograd.gradcheck(lambda t: ops.project_flat(t, 5, 11, kind, 3).double(), (x,),
+                                        eps=1e-2, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("kind", [0, 1])
+def test_project_flat_grad_equals_explicit(backend, dtype, kind, monkeypatch):
+    from gradkit.ops import projection as P
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 150, generator=gen).to(dtype).requires_grad_()
+    w = torch.randn(4, 9, generator=gen)
+    xd = x.detach().double().requires_grad_()
+    (_explicit_flat(xd, 9, 21, kind, 7) * w.double()).sum().backward()
+    for chunk in (P._GRAD_CHUNK_ELEMS, 9 * 64):  # whole, and R generated 64 columns at a time
+        monkeypatch.setattr(P, "_GRAD_CHUNK_ELEMS", chunk)
+        x.grad = None
+        with use_backend(backend):
+            (ops.project_flat(x, 9, 21, kind, 7) * w).sum().backward()
+        assert x.grad is not None and x.grad.dtype == dtype
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(x.grad.double(), xd.grad, rtol=tol, atol=tol)
+
+
+def _factored_inputs(N, I, O, p, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_()
+            for s in ((N, I), (N, O), (O, p), (I, p), (p,))]
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("T,bias,masked", [(1, False, False), (1, True, True), (3, True, True), (3, False, True),
+                                           (2, True, False)])
+def test_factored_project_gradcheck(backend, T, bias, masked):
+    N = 2 * T
+    ins = _factored_inputs(N, 5, 4, 3, T)
+    mask = (torch.arange(N) % 3 != 1) if masked else None
+
+    def f(a, g, lt, rt, rb):
+        return ops.factored_project(a.float(), g.float(), lt.float(), rt.float(), rb.float() if bias else None,
+                                    mask, T).double()
+
+    with use_backend(backend):  # bilinear, float32 inside: exact differences up to float32 rounding
+        assert torch.autograd.gradcheck(f, ins if bias else ins[:4] + [ins[4].detach()], eps=1e-2, atol=1e-3,
+                                        rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("T", [1, 3])
+def test_factored_project_grads_equal_explicit(backend, T):
+    B, I, O, p = 2, 6, 5, 3
+    N = B * T
+    ins = _factored_inputs(N, I, O, p, 10 + T)
+    mask = torch.arange(N) % 4 != 2
+    a, g, lt, rt, rb = ins
+    bad = a.detach().clone()
+    bad[~mask] = float("nan")  # masked tokens holding NaN give no NaN gradient
+    w = torch.randn(B, p, p, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    # explicit: G_b = sum_t g_t [a_t, 1]^T over unmasked tokens, out_b = L G_b [R, rb]^T
+    ex = [t.detach().clone().requires_grad_() for t in ins]
+    ea, eg, elt, ert, erb = ex
+    m = mask.double()[:, None]
+    ones = torch.ones(N, 1, dtype=torch.float64)
+    G = torch.einsum("bto,bti->boi", (eg * m).view(B, T, O), torch.cat([ea * m, ones * m], 1).view(B, T, I + 1))
+    want = elt.T @ G @ torch.cat([ert, erb[None, :]], 0)
+    (want * w).sum().backward()
+    got_in = [t.detach().float().requires_grad_() for t in ins]
+    got_in[0] = bad.float().requires_grad_()
+    with use_backend(backend):
+        out = ops.factored_project(*got_in, mask, T)
+    torch.testing.assert_close(out.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    (out * w.float()).sum().backward()
+    for gi, e in zip(got_in, ex):
+        assert gi.grad is not None and torch.isfinite(gi.grad).all()
+        torch.testing.assert_close(gi.grad.double(), e.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_opcheck_with_gradients():
+    x = torch.randn(4, 70, requires_grad=True)
+    torch.library.opcheck(torch.ops.gradkit.project_flat, (x, 17, 5, 0, 3))
+    torch.library.opcheck(torch.ops.gradkit.project_flat, (x.detach().double().requires_grad_(), 5, 5, 1, 0))
+    if _ext.has_op("factored_project"):
+        a, g, lt, rt, rb = [t.float().detach().requires_grad_() for t in _factored_inputs(6, 5, 4, 3, 0)]
+        torch.library.opcheck(torch.ops.gradkit.factored_project, (a, g, lt, rt, rb, torch.arange(6) % 4 != 1, 3))
+        torch.library.opcheck(torch.ops.gradkit.factored_project, (a, g, lt, rt, None, None, 2))

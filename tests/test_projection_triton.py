@@ -81,3 +81,53 @@ def test_triton_bad_inputs():
         T.project_flat(torch.randn(2, 3), 0, 1, 0, 0)
     with pytest.raises(ValueError, match="seed"):
         T.projection_matrix_(torch.empty(2, 2), -1, 0, 3, 0, 0)
+
+
+def _odd_layouts(n, w, seed):
+    """(strided, contiguous copy) pairs: an expanded (row stride 0) and an overlapping (0 < row stride < w)
+    (n, w) tensor."""
+    g = torch.Generator().manual_seed(seed)
+    expanded = torch.randn(1, w, generator=g).expand(n, w)
+    base = torch.randn(n * 2 + w, generator=g)
+    overlap = base.as_strided((n, w), (2, 1))
+    return [(expanded, expanded.contiguous()), (overlap, overlap.contiguous())]
+
+
+@pytest.mark.parametrize("T_", [2, 40])  # the short-sequence kernel and the per-example one
+@pytest.mark.parametrize("which", ["a", "g", "both"])
+def test_triton_factored_expanded_and_overlapping_rows(T_, which):
+    B, I, O, p = 2, 5, 6, 3
+    N = B * T_
+    gen = torch.Generator().manual_seed(T_)
+    lt, rt = torch.randn(O, p, generator=gen), torch.randn(I, p, generator=gen)
+    a0, g0 = torch.randn(N, I, generator=gen), torch.randn(N, O, generator=gen)
+    for (ao, ac), (go, gc) in zip(_odd_layouts(N, I, 1), _odd_layouts(N, O, 2)):
+        a, ac = (ao, ac) if which in ("a", "both") else (a0, a0)
+        g, gc = (go, gc) if which in ("g", "both") else (g0, g0)
+        got = T.factored_project(a, g, lt, rt, None, None, T_)
+        want = T.factored_project(ac, gc, lt, rt, None, None, T_)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, R.factored_project(ac, gc, lt, rt, None, None, T_), rtol=1e-4, atol=1e-4)
+
+
+def test_triton_project_flat_expanded_and_overlapping_rows():
+    for xs, xc in _odd_layouts(6, 70, 3):
+        for kind in (0, 1):
+            got = T.project_flat(xs, 12, 5, kind, 3)
+            torch.testing.assert_close(got, T.project_flat(xc, 12, 5, kind, 3), rtol=1e-5, atol=1e-5)
+
+
+def test_triton_backend_gradients():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 70, generator=gen, requires_grad=True)
+    a, g = torch.randn(4, 5, generator=gen, requires_grad=True), torch.randn(4, 6, generator=gen, requires_grad=True)
+    lt, rt = torch.randn(6, 3, generator=gen), torch.randn(5, 3, generator=gen)
+    with use_backend("triton"):
+        ops.project_flat(x, 7, 3, 0, 2).sum().backward()
+        ops.factored_project(a, g, lt, rt, None, None, 2).sum().backward()
+    Rm = R.matrix_values(7, 70, 3, 0, 7, 0, 2)
+    torch.testing.assert_close(x.grad, torch.ones(3, 7) @ Rm)
+    u, v = g.detach() @ lt, a.detach() @ rt
+    ga = (torch.ones(2, 3, 3) @ u.view(2, 2, 3).transpose(1, 2)).transpose(1, 2).reshape(4, 3) @ rt.T
+    torch.testing.assert_close(a.grad, ga)
+    assert g.grad is not None and torch.isfinite(g.grad).all()

@@ -94,6 +94,8 @@ def projection_matrix(rows: int, cols: int, seed: int = 0, kind: str = "rademach
             raise ValueError("k: required when row0 > 0 (the scale 1/sqrt(k) is that of the full matrix)")
         k = rows
     k = _pos_int(k, "k")
+    if isinstance(rows, int) and isinstance(row0, int) and row0 + rows > k:
+        raise ValueError(f"rows: row0 + rows = {row0} + {rows} exceeds k = {k} (the matrix has k rows)")
     return ops.projection_matrix(rows, cols, _seed(seed), _kind(kind), k, row0, col0, dtype=dtype,
                                  device=torch.device(device))
 
@@ -173,6 +175,10 @@ def project(x: Union[torch.Tensor, "object", Callable[[], Iterable], Iterable], 
         B, D = int(x.shape[0]), int(x.shape[1])
         if out is not None and out.shape[0] != B:
             raise ValueError(f"out: expected shape ({B}, {k}), got {tuple(out.shape)}")
+        want_dev = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")  # arrays project on CPU
+        if out is not None and out.device != want_dev:
+            raise ValueError(f"out: expected a tensor on {want_dev}, got one on {out.device}")
+        known_rows = B
         if isinstance(x, torch.Tensor):
             _as_tensor(x, "x")  # dtype / shape checks before any work
             if chunk is None or chunk >= D:
@@ -197,16 +203,23 @@ def project(x: Union[torch.Tensor, "object", Callable[[], Iterable], Iterable], 
                 c0 += t.shape[1]
 
         it = consecutive()
+        known_rows = None
     acc = None
     for c0, piece in it:
         t = _as_tensor(piece, "x chunk")
         if acc is not None and t.shape[0] != acc.shape[0]:
             raise ValueError(f"x chunk at column {c0}: {t.shape[0]} rows, expected {acc.shape[0]}")
+        if acc is None and out is not None and (out.shape[0] != t.shape[0] or out.device != t.device):
+            # checked on the first chunk, before any projection (the stream is not consumed first)
+            raise ValueError(f"out: expected shape ({t.shape[0]}, {k}) on {t.device}, got {tuple(out.shape)} "
+                             f"on {out.device}")
         part = ops.project_flat(t, k, seed, kd, c0)
         acc = part if acc is None else acc.add_(part)
     if acc is None:
         if out is not None:
             return out.zero_()
+        if known_rows is not None:  # an array with no columns: B is known, the projection is zero
+            return torch.zeros(known_rows, k, dtype=torch.float32)
         raise ValueError("x: no columns to project (an empty iterable gives no batch size)")
     return finish(acc)
 
@@ -240,6 +253,12 @@ class AdafactorNormalizer:
                 continue
             if not isinstance(t, torch.Tensor) or t.dim() != 1 or not t.dtype.is_floating_point:
                 raise ValueError(f"{nm}: expected a 1-D floating tensor")
+            if bool((t < 0).any()):  # a second moment: a negative entry would give NaN factors
+                raise ValueError(f"{nm}: second-moment averages must be non-negative")
+        for nm in ("eps", "bias_eps"):
+            v = getattr(self, nm)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ValueError(f"{nm}: expected a positive finite number, got {v!r}")
 
     def factors(self):
         """(row factor (O,), column factor (I,)) with ``G / sqrt(V) = diag(row) G diag(col)``."""

@@ -106,11 +106,14 @@ def project_flat(x: torch.Tensor, k: int, seed: int, kind: int = 0, col0: int = 
         raise ValueError(f"col0: must be non-negative, got {col0}")
     if col0 + x.shape[1] >= _MAX_SEED:
         raise ValueError("col0: col0 + D must stay below 2^63")
+    fn = _impl("project_flat", "projection")
     if kind == 0 and x.dtype != torch.float64 and gpu_auto(x):
         tri = triton_family("projection")
         if tri is not None:  # H200: 1.27 ms (bf16 x) / 2.24 ms (fp32 x) against the CUDA C++ kernel's 15.3
-            return tri.project_flat(x, k, seed, kind, col0)
-    return _impl("project_flat", "projection")(x, k, seed, kind, col0)
+            fn = tri.project_flat
+    if _needs_wrap(fn, x):
+        return _ProjectFlatFn.apply(fn, x, k, seed, kind, col0)
+    return fn(x, k, seed, kind, col0)
 
 
 def factored_project(a: torch.Tensor, g: torch.Tensor, lt: torch.Tensor, rt: torch.Tensor,
@@ -156,8 +159,101 @@ def factored_project(a: torch.Tensor, g: torch.Tensor, lt: torch.Tensor, rt: tor
     if gpu_auto(a):  # H200: cuBLAS products 0.07 ms, CUDA C++ kernel 0.91, Triton 0.10 (1000^2, 64 x 128, p 16)
         from gradkit.kernels import composite
 
-        return composite.factored_project(a, g, lt, rt, rb, mask, T)
-    return _impl("factored_project", "projection")(a, g, lt, rt, rb, mask, T)
+        return composite.factored_project(a, g, lt, rt, rb, mask, T)  # plain torch: autograd as it is
+    fn = _impl("factored_project", "projection")
+    if _needs_wrap(fn, a, g, lt, rt, rb):
+        return _FactoredFn.apply(fn, a, g, lt, rt, rb, mask, T)
+    return fn(a, g, lt, rt, rb, mask, T)
+
+
+# ---- autograd ---------------------------------------------------------------------------------------
+# project_flat is linear in x: grad_x = grad_out @ R[:, col0:col0+D], R generated again in column chunks
+# (at most _GRAD_CHUNK_ELEMS entries of R at a time, never the whole k x D matrix). factored_project is
+# bilinear: with U = g lt, V = a rt (+ rb) (masked tokens zero) and out[b] = U_b^T V_b,
+# dU_b = V_b grad_b^T and dV_b = U_b grad_b. seed, kind, k, col0, mask and T get no gradient.
+_GRAD_CHUNK_ELEMS = 1 << 22
+
+
+def _needs_wrap(fn, *ts) -> bool:
+    """True where fn is not a dispatcher op (whose autograd is registered below) and a gradient is wanted."""
+    if isinstance(fn, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
+        return False
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
+
+
+def _project_flat_grad(grad: torch.Tensor, D: int, dtype: torch.dtype, k: int, seed: int, kind: int,
+                       col0: int) -> torch.Tensor:
+    wd = torch.float64 if dtype == torch.float64 else torch.float32
+    grad = grad.to(wd)
+    step = max(1, _GRAD_CHUNK_ELEMS // max(k, 1))
+    parts = []
+    for c in range(0, D, step):
+        cc = min(step, D - c)
+        r = projection_matrix(k, cc, seed, kind, k, 0, col0 + c, dtype=wd, device=grad.device)
+        parts.append(grad @ r)
+    if not parts:
+        return grad.new_zeros((grad.shape[0], D), dtype=dtype)
+    gx = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return gx.to(dtype)
+
+
+def _factored_grads(grad, a, g, lt, rt, rb, mask, T, need):
+    """(grad_a, grad_g, grad_lt, grad_rt, grad_rb), None where need[i] is False."""
+    N, p = a.shape[0], lt.shape[1]
+    B = N // T
+    af, gf = a.float(), g.float()
+    if mask is not None:  # where, not a product: NaN in masked tokens must not reach the sums
+        keep = mask[:, None]
+        af = torch.where(keep, af, 0.0)
+        gf = torch.where(keep, gf, 0.0)
+    u = gf @ lt
+    v = af @ rt
+    if rb is not None:
+        v = v + rb
+    if mask is not None:
+        v = torch.where(mask[:, None], v, 0.0)
+    grad = grad.float()
+    du = torch.bmm(v.view(B, T, p), grad.transpose(1, 2)).reshape(N, p)
+    dv = torch.bmm(u.view(B, T, p), grad).reshape(N, p)
+    if mask is not None:
+        du = torch.where(mask[:, None], du, 0.0)
+        dv = torch.where(mask[:, None], dv, 0.0)
+    ga = (dv @ rt.T).to(a.dtype) if need[0] else None
+    gg = (du @ lt.T).to(g.dtype) if need[1] else None
+    glt = (gf.T @ du) if need[2] else None
+    grt = (af.T @ dv) if need[3] else None
+    grb = dv.sum(0) if (need[4] and rb is not None) else None
+    return ga, gg, glt, grt, grb
+
+
+class _ProjectFlatFn(torch.autograd.Function):
+    """Autograd around a project_flat that is not the dispatcher op (Triton, reference backends)."""
+
+    @staticmethod
+    def forward(ctx, fn, x, k, seed, kind, col0):
+        ctx.meta = (int(x.shape[1]), x.dtype, int(k), seed, kind, col0)
+        return fn(x.detach(), k, seed, kind, col0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, _project_flat_grad(grad, *ctx.meta), None, None, None, None
+
+
+class _FactoredFn(torch.autograd.Function):
+    """Autograd around a factored_project that is not the dispatcher op."""
+
+    @staticmethod
+    def forward(ctx, fn, a, g, lt, rt, rb, mask, T):
+        ctx.save_for_backward(a, g, lt, rt, rb, mask)
+        ctx.T = T
+        d = lambda t: None if t is None else t.detach()  # noqa: E731
+        return fn(d(a), d(g), d(lt), d(rt), d(rb), mask, T)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, g, lt, rt, rb, mask = ctx.saved_tensors
+        gs = _factored_grads(grad, a, g, lt, rt, rb, mask, ctx.T, ctx.needs_input_grad[1:6])
+        return (None, *gs, None, None)
 
 
 def _factored_project_fake(a, g, lt, rt, rb, mask, T):
@@ -179,6 +275,29 @@ if _ext.LOADED:
     if _ext.has_op("factored_project"):
         torch.library.register_fake("gradkit::factored_project", _factored_project_fake,
                                     _stacklevel=_ext.ops_package_stacklevel())
+
+    def _project_flat_setup(ctx, inputs, output):
+        x, k, seed, kind, col0 = inputs
+        ctx.meta = (int(x.shape[1]), x.dtype, int(k), seed, kind, col0)
+
+    def _project_flat_backward(ctx, grad):
+        return _project_flat_grad(grad, *ctx.meta), None, None, None, None
+
+    torch.library.register_autograd("gradkit::project_flat", _project_flat_backward, setup_context=_project_flat_setup)
+
+    if _ext.has_op("factored_project"):
+        def _factored_setup(ctx, inputs, output):
+            a, g, lt, rt, rb, mask, T = inputs
+            ctx.save_for_backward(a, g, lt, rt, rb, mask)
+            ctx.T = T
+
+        def _factored_backward(ctx, grad):
+            a, g, lt, rt, rb, mask = ctx.saved_tensors
+            gs = _factored_grads(grad, a, g, lt, rt, rb, mask, ctx.T, ctx.needs_input_grad[:5])
+            return (*gs, None, None)
+
+        torch.library.register_autograd("gradkit::factored_project", _factored_backward,
+                                        setup_context=_factored_setup)
 
     # Triton is the GPU kernel where the extension was built without CUDA C++.
     _ext.register_triton_for_cuda("projection", PROJECTION_OPS)

@@ -365,6 +365,15 @@ def _factored_short_kernel(a_ptr, g_ptr, lt_ptr, rt_ptr, rb_ptr, m_ptr, out_ptr,
         tl.store(out_ptr + (b0 + e) * p * p + offs_j[:, None] * p + offs_j[None, :], acc, mask=om)
 
 
+def _rows_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself where the kernels can address it as ``row * stride0 + col`` with disjoint rows (unit
+    column stride, row stride at least the row length, or a single row), else a contiguous copy: an
+    expanded (stride-0) or overlapping row layout would otherwise be read wrongly."""
+    if t.stride(1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1]):
+        return t
+    return t.contiguous()
+
+
 def factored_project(a, g, lt, rt, rb, mask, T: int) -> torch.Tensor:
     """Launcher: see ``gradkit.kernels.reference.projection.factored_project``; (B, p, p) float32."""
     if a.dtype not in (torch.float32, torch.bfloat16, torch.float16) or a.dim() != 2:
@@ -382,8 +391,7 @@ def factored_project(a, g, lt, rt, rb, mask, T: int) -> torch.Tensor:
     out = torch.empty((B, p, p), dtype=torch.float32, device=a.device)
     if B == 0:
         return out
-    a = a if a.stride(1) == 1 else a.contiguous()
-    g = g if g.stride(1) == 1 else g.contiguous()
+    a, g = _rows_layout(a), _rows_layout(g)
     lt, rt = lt.contiguous(), rt.contiguous()
     rb_t = rb.contiguous() if rb is not None else lt
     m_t = mask.contiguous().view(torch.uint8) if mask is not None else lt
