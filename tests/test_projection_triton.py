@@ -131,3 +131,31 @@ def test_triton_backend_gradients():
     ga = (torch.ones(2, 3, 3) @ u.view(2, 2, 3).transpose(1, 2)).transpose(1, 2).reshape(4, 3) @ rt.T
     torch.testing.assert_close(a.grad, ga)
     assert g.grad is not None and torch.isfinite(g.grad).all()
+
+
+@pytest.mark.parametrize("T_", [1, 2, 4, 40])  # examples sharing a tile (short kernel) and one per program
+def test_triton_factored_non_finite_stays_in_its_example(T_):
+    """A NaN or inf in one example's a / g, or a NaN in lt with a fully masked example, changes only the
+    examples the reference changes: examples sharing a tile were separated by zeroing V alone, so
+    NaN * 0 in U spread one example's NaN to the others."""
+    B, I, O, p = 3, 5, 6, 3
+    N = B * T_
+    gen = torch.Generator().manual_seed(7 + T_)
+    lt, rt = torch.randn(O, p, generator=gen), torch.randn(I, p, generator=gen)
+    a, g = torch.randn(N, I, generator=gen), torch.randn(N, O, generator=gen)
+    for bad in (float("nan"), float("inf")):
+        for which in ("a", "g"):
+            a_, g_ = a.clone(), g.clone()
+            (a_ if which == "a" else g_)[0, 0] = bad
+            got = T.factored_project(a_, g_, lt, rt, None, None, T_)
+            want = R.factored_project(a_, g_, lt, rt, None, None, T_)
+            assert not torch.isfinite(got[0]).all()
+            torch.testing.assert_close(got[1:], want[1:], rtol=1e-5, atol=1e-5)  # untouched examples
+            assert torch.isfinite(got[1:]).all(), (bad, which)
+    lt_nan = lt.clone()
+    lt_nan[0, 0] = float("nan")
+    mask = torch.ones(N, dtype=torch.bool)
+    mask[T_:2 * T_] = False  # example 1 fully masked
+    got = T.factored_project(a, g, lt_nan, rt, None, mask, T_)
+    want = R.factored_project(a, g, lt_nan, rt, None, mask, T_)
+    assert torch.equal(got[1], torch.zeros(p, p)) and torch.equal(want[1], torch.zeros(p, p))

@@ -156,8 +156,15 @@ def _project_flat_kernel(x_ptr, part_ptr, B, D, K, sxb, sxd, seed_h, seed_m, see
             else:
                 rt = tl.where(bits != 0, 1.0, -1.0).to(tl.bfloat16)
                 xf = xt.to(tl.float32)
-                hi = xf.to(tl.bfloat16)
-                r1 = xf - hi.to(tl.float32)
+                # x = hi + mid + lo in bf16. A finite |x| above bf16's largest finite value rounds hi to inf:
+                # hi takes that largest value (+-0x7F7F, exact in fp32) and the rest goes to mid / lo; an
+                # infinite x keeps hi = x with no remainder (x - hi would be NaN), a NaN stays NaN through hi
+                xfin = tl.abs(xf) < float("inf")
+                hif = xf.to(tl.bfloat16).to(tl.float32)
+                hif = tl.where(xfin & (tl.abs(hif) == float("inf")),
+                               tl.where(xf > 0, 3.3895313892515355e38, -3.3895313892515355e38), hif)
+                hi = hif.to(tl.bfloat16)
+                r1 = tl.where(xfin, xf - hif, 0.0)
                 mid = r1.to(tl.bfloat16)
                 lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
                 acc += tl.dot(hi, rt)
@@ -318,7 +325,9 @@ def _tile_uv(a_ptr, g_ptr, lt_ptr, rt_ptr, rb_ptr, m_ptr, rows, tm, I, O, p, sa,
     v = _tile_project(a_ptr, rt_ptr, rows, tm, I, sa, p, offs_k, offs_j, jm, BT, BKD, P_P)
     if HAS_RB:
         v += tl.load(rb_ptr + offs_j, mask=jm, other=0.0)[None, :]
-    return u, tl.where(tm[:, None], v, 0.0)
+    # both sides zeroed outside the tile's live, unmasked rows: a NaN / inf of lt, rt or another row must not
+    # reach a sum through 0 * NaN
+    return tl.where(tm[:, None], u, 0.0), tl.where(tm[:, None], v, 0.0)
 
 
 @triton.jit
@@ -360,8 +369,11 @@ def _factored_short_kernel(a_ptr, g_ptr, lt_ptr, rt_ptr, rb_ptr, m_ptr, out_ptr,
     ex = offs_t // T
     om = jm[:, None] & jm[None, :]
     for e in range(0, ne):
+        # both factors restricted to example e's rows: zeroing V alone let another example's NaN / inf in U
+        # through as NaN * 0
+        ue = tl.where((ex == e)[:, None], u, 0.0)
         ve = tl.where((ex == e)[:, None], v, 0.0)
-        acc = tl.dot(tl.trans(u), ve, input_precision="ieee")
+        acc = tl.dot(tl.trans(ue), ve, input_precision="ieee")
         tl.store(out_ptr + (b0 + e) * p * p + offs_j[:, None] * p + offs_j[None, :], acc, mask=om)
 
 
