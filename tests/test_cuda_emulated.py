@@ -119,6 +119,28 @@ def test_factored_blocks_of_several_examples_bitwise_equal_cpu(sms, reverse):
     assert E.stats(1) > blocks  # blocks did run
 
 
+@pytest.mark.parametrize("T", [1, 3, 40])
+def test_factored_non_finite_stays_in_its_example(T):
+    """A NaN or inf in one example's a / g (blocks of several whole examples share a tile at short T), and a
+    NaN in lt with a fully masked example: the CPU kernel's bits, so the other examples stay finite."""
+    B, I, O, p = 6, 20, 12, 16
+    for bad in (float("nan"), float("inf")):
+        for which in (0, 1):
+            a, g, lt, rt, rb, m = make(B, T, I, O, p, 11, rb=True, mask=False)
+            (a if which == 0 else g)[0, 3] = bad
+            cpu = ops.factored_project(a, g, lt, rt, rb, m, T)
+            with emulated(2):
+                got = emu().factored_project(a, g, lt, rt, rb, m, T)
+            assert torch.equal(got[1:], cpu[1:]) and torch.isfinite(got[1:]).all(), (bad, which)
+    a, g, lt, rt, rb, m = make(B, T, I, O, p, 12, rb=True, mask=True)
+    m[T:2 * T] = False
+    lt[0, 0] = float("nan")
+    cpu = ops.factored_project(a, g, lt, rt, rb, m, T)
+    with emulated(2):
+        got = emu().factored_project(a, g, lt, rt, rb, m, T)
+    assert torch.equal(got[1], torch.zeros(p, p)) and torch.equal(cpu[1], torch.zeros(p, p))
+
+
 def test_factored_overlapping_rows_bitwise_equal_cpu():
     """An expand()ed a (row stride 0) and g rows that overlap: the CUDA host code reads them as given (not
     with a zero stride stepped as 1), the CPU kernel's bits on their contiguous copies."""
