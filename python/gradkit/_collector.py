@@ -29,7 +29,8 @@ Per-example correctness. The projected gradients are per-example gradients only 
 batch loss is a SUM of per-example losses and examples do not interact in the forward pass
 (no BatchNorm, no in-batch negatives). With a loss averaged over the batch every row comes out
 scaled by ``1/B``: use ``reduction="sum"`` over examples, or pass ``collect(scale="batch")`` (each
-batch's rows times its own B; a fixed ``scale=B`` is wrong for a shorter last batch) to undo it. Averaging over the tokens *of one example* is part of that example's loss and needs nothing.
+batch's rows times its own B; a fixed ``scale=B`` is wrong for a shorter last batch) to undo it.
+Averaging over the tokens *of one example* is part of that example's loss and needs nothing.
 Padding: set a ``(B, T)`` mask (``set_mask`` / :meth:`batch` / the ``attention_mask`` of a batch
 dict in :meth:`per_example_grads`) before the forward pass; positions where it is 0 contribute
 nothing (per-token rows there are 0).
@@ -441,13 +442,9 @@ class GradientCollector:
         b, i, o = a.shape[0], a.shape[-1], g.shape[-1]
         a3 = a.reshape(b, -1, i)
         g3 = g.reshape(b, -1, o)
-        t = a3.shape[1]
-        if mask is not None:
+        if mask is not None:  # its shape was checked against the input's (B, T) in the forward hook
             if a.dim() == 2:
                 mask = None  # no token axis in this module's input: nothing is padding
-            elif tuple(mask.shape) != (b, t):
-                raise ValueError(f"mask: shape {tuple(mask.shape)} does not match module {name!r}'s "
-                                 f"(batch, tokens) = {(b, t)}")
             elif mask_all:
                 mask = None  # nothing to exclude: skip the masking copies
             else:

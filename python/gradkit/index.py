@@ -1664,8 +1664,8 @@ class GradientIndex:
         if gaps:
             q = self._dense(q)
         cosine = unit_norm or (precondition is not None and precondition.mode == "both")
-        if cosine:  # cosine is scale-free: bring each row's largest entry to [0.5, 1) first (exact)
-            q = self._pow2_rows(q)
+        if cosine and precondition is not None:  # cosine is scale-free: bring each row's largest entry to
+            q = self._pow2_rows(q)                # [0.5, 1) before H multiplies it (exact)
         # preconditioning on the query side (dense module coordinates)
         key_pre = None
         if precondition is not None:

@@ -148,14 +148,13 @@ def project(x: Union[torch.Tensor, "object", Callable[[], Iterable], Iterable], 
         if not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or out.dim() != 2 or out.shape[1] != k:
             raise ValueError(f"out: expected a (B, {k}) float32 tensor")
 
+    def check_out(rows: int, device: torch.device) -> None:
+        """out's rows and device against the result's, before any projection (k was checked above)."""
+        if out is not None and (out.shape[0] != rows or out.device != device):
+            raise ValueError(f"out: expected shape ({rows}, {k}) on {device}, got {tuple(out.shape)} on {out.device}")
+
     def finish(res: torch.Tensor) -> torch.Tensor:
-        if out is None:
-            return res
-        if out.shape != res.shape or out.device != res.device:
-            raise ValueError(f"out: expected shape {tuple(res.shape)} on {res.device}, got {tuple(out.shape)} "
-                             f"on {out.device}")
-        out.copy_(res)
-        return out
+        return res if out is None else out.copy_(res)
 
     def chunks_of(arr, B: int, D: int, step: int):
         for c0 in range(0, D, step):
@@ -173,11 +172,7 @@ def project(x: Union[torch.Tensor, "object", Callable[[], Iterable], Iterable], 
         if x.ndim != 2:
             raise ValueError(f"x: expected a 2-D (B, D) array, got shape {tuple(x.shape)}")
         B, D = int(x.shape[0]), int(x.shape[1])
-        if out is not None and out.shape[0] != B:
-            raise ValueError(f"out: expected shape ({B}, {k}), got {tuple(out.shape)}")
-        want_dev = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")  # arrays project on CPU
-        if out is not None and out.device != want_dev:
-            raise ValueError(f"out: expected a tensor on {want_dev}, got one on {out.device}")
+        check_out(B, x.device if isinstance(x, torch.Tensor) else torch.device("cpu"))  # arrays project on CPU
         known_rows = B
         if isinstance(x, torch.Tensor):
             _as_tensor(x, "x")  # dtype / shape checks before any work
@@ -209,10 +204,8 @@ def project(x: Union[torch.Tensor, "object", Callable[[], Iterable], Iterable], 
         t = _as_tensor(piece, "x chunk")
         if acc is not None and t.shape[0] != acc.shape[0]:
             raise ValueError(f"x chunk at column {c0}: {t.shape[0]} rows, expected {acc.shape[0]}")
-        if acc is None and out is not None and (out.shape[0] != t.shape[0] or out.device != t.device):
-            # checked on the first chunk, before any projection (the stream is not consumed first)
-            raise ValueError(f"out: expected shape ({t.shape[0]}, {k}) on {t.device}, got {tuple(out.shape)} "
-                             f"on {out.device}")
+        if acc is None and known_rows is None:  # a stream: out is checked on its first chunk, before projecting
+            check_out(t.shape[0], t.device)
         part = ops.project_flat(t, k, seed, kd, c0)
         acc = part if acc is None else acc.add_(part)
     if acc is None:
