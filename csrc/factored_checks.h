@@ -54,14 +54,17 @@ struct FactoredInputs {
   const bool* mask_ptr() const { return mask.defined() ? mask.data_ptr<bool>() : nullptr; }
 };
 
+// True when the kernels can read t's rows in place as row * stride(0) + col: unit column stride and rows that
+// do not overlap (or a single row). An expand()ed tensor has row stride 0, which a max(stride, 1) row step would
+// turn into reading row r from element r; such tensors are copied first.
+inline bool rows_readable_in_place(const at::Tensor& t) {
+  return t.stride(1) == 1 && (t.size(0) <= 1 || t.stride(0) >= t.size(1));
+}
+
 inline FactoredInputs prepare_factored(const at::Tensor& a, const at::Tensor& g, const at::Tensor& lt,
                                        const at::Tensor& rt, const std::optional<at::Tensor>& rb,
                                        const std::optional<at::Tensor>& mask) {
-  // rows are read in place when unit-stride and not overlapping: an expand()ed a or g has row stride 0, which
-  // the kernels' max(stride, 1) row step would turn into reading row r from element r
-  const auto rows = [](const at::Tensor& t) {
-    return t.stride(1) == 1 && (t.size(0) <= 1 || t.stride(0) >= t.size(1)) ? t : t.contiguous();
-  };
+  const auto rows = [](const at::Tensor& t) { return rows_readable_in_place(t) ? t : t.contiguous(); };
   FactoredInputs in{rows(a), rows(g), lt.contiguous(), rt.contiguous(), at::Tensor(), at::Tensor()};
   if (rb.has_value()) in.rb = rb->contiguous();
   if (mask.has_value()) in.mask = mask->contiguous();

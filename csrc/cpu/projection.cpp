@@ -456,10 +456,7 @@ at::Tensor project_flat_cpu(const at::Tensor& x_in, int64_t k, int64_t seed, int
 #ifdef GK_PROJ_X86
   const int tisa = kind == 0 && B >= 4 && k >= 32 ? table_path_isa() : 0;
   if (tisa > 0) {
-    // rows read in place only when they are unit-stride and do not overlap (an expand()ed x has row stride 0:
-    // clamping that stride once read row r from element r)
-    const bool in_place = x_in.stride(1) == 1 && x_in.stride(0) >= D;
-    const at::Tensor xc = in_place ? x_in : x_in.contiguous();
+    const at::Tensor xc = rows_readable_in_place(x_in) ? x_in : x_in.contiguous();  // B >= 4 rows here
     const float s = static_cast<float>(inv_sqrt_k(k));
     const int64_t ldx = xc.stride(0);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "project_flat_table", [&] {
