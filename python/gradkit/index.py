@@ -56,7 +56,35 @@ bergson's layout (``gradients.bin`` + ``info.json`` with ``num_grads``, ``grad_s
 ``base_dtype`` or the older structured ``dtype``; ``offsets.npy`` for per-token indexes; or a
 directory of ``*shard*`` sub-directories in that layout) opens read-only with the same search.
 bergson marks a finished build only by renaming ``<run>.part`` to ``<run>``, so a bergson index
-under a ``*.part`` directory is refused unless ``open(..., allow_incomplete=True)``.
+under a ``*.part`` directory is refused unless ``open(..., allow_incomplete=True)``. ``base_dtype`` may
+also be older bergson's ``np.dtype(...).str`` (``"<f2"``, ``"<f4"``, ``"<V2"`` for bfloat16). An index of
+0 rows (whose ``gradients.bin`` numpy leaves 1 byte long) opens empty; a ``gradients.bin`` of any
+other size than ``info.json`` says is refused (bergson would read a prefix of a longer file).
+
+bergson parity (what ``bergson.Attributor`` computes on the same index, and where gradkit differs)
+---------------------------------------------------------------------------------------------------
+Same top-k, module order (``grad_sizes`` order), per-token rows (row numbers index token rows;
+``example_of`` maps them to ``offsets.npy``'s examples), module subsets (cosine norms always over
+all modules, as bergson's) and reverse search. Intentional differences:
+
+* bergson's ``Attributor(unit_norm=True, hessian_path=...)`` is two-sided: it is
+  ``Precondition(H, mode="both")`` here. ``search(precondition=H, unit_norm=True)`` is
+  ``cos(H^-1 q, x)``, which bergson has no equivalent of.
+* gradkit takes the matrices H, not bergson's Hessian files (``hessian_path``); ``damping`` is absolute:
+  bergson's ``InversionConfig(inversion="absolute_damped_inverse", damping_factor=c)`` is
+  ``damping=c``; its default ``"damped_inverse"`` damps by ``c * mean(eigenvalues of H)`` (with
+  negative eigenvalues clamped to 0 first), i.e. ``damping=c * H.trace() / d`` for one PSD H (per-module
+  matrices each get their own mean: pass ``H_m + c * H_m.trace() / d_m * I`` with ``damping=0``).
+* Cosine divides by the exact query norm; bergson divides by ``norm + eps`` (fp32 eps), which
+  lowers the scores of queries of tiny norm (ranks are the same), and divides the caller's query
+  tensors in place.
+* ``k`` larger than the index is refused (``k: ...``); bergson returns every row instead.
+  Ties go to the lowest row (``torch.topk``'s tie order is unspecified).
+* ``projection=`` on a bergson index: a dict with ``projection_dim`` or a bergson
+  ``GradientProcessor`` is compared as bergson compares processors (its projection settings only,
+  with bergson's defaults for those an older ``processor_config.yaml`` leaves out; nothing else
+  when neither side projects). A gradkit collector's config never equals a bergson projection and
+  is refused.
 
 Search
 ------
@@ -238,6 +266,11 @@ def _projection_dict(projection, what: str = "projection"):
     """A projection config as a JSON-normalised dict (None stays None)."""
     if projection is None:
         return None
+    if not isinstance(projection, Mapping) and not hasattr(projection, "projection_config") \
+            and all(hasattr(projection, k) for k in ("projection_dim", "projection_seed")):
+        # a bergson GradientProcessor: only its projection settings (its normalizers and Hessians hold tensors
+        # and say nothing about the projection)
+        projection = {k: getattr(projection, k) for k in _BERGSON_PROJ_KEYS if hasattr(projection, k)}
     if not isinstance(projection, Mapping) and hasattr(projection, "projection_config"):
         # a GradientCollector (or anything else exposing its config the same way): use its config
         projection = projection.projection_config
@@ -258,6 +291,46 @@ def _projection_dict(projection, what: str = "projection"):
         return json.loads(json.dumps(dict(projection), sort_keys=True))
     except (TypeError, ValueError) as e:
         raise TypeError(f"{what}: must be JSON-serialisable (str keys; numbers, strings, lists): {e}") from None
+
+
+# bergson's PROJECTION_SETTINGS (the settings that must match between gradients projected separately) and the
+# values bergson's GradientProcessor._read_config gives those an older processor_config.yaml leaves out
+_BERGSON_PROJ_KEYS = ("projection_dim", "projection_type", "projection_scale", "projection_seed", "projection_target",
+                      "include_bias", "projection_version")
+_BERGSON_PROJ_DEFAULTS = {"projection_type": "normal", "include_bias": False, "projection_scale": "row_norm",
+                          "projection_version": 1}
+
+
+def _bergson_settings(cfg: Mapping):
+    """A bergson projection config (processor_config.yaml, a GradientProcessor's fields) reduced to what bergson
+    compares: its PROJECTION_SETTINGS, with bergson's defaults for settings an older config leaves out; None when
+    it projects nothing (projection_dim 0 or None: bergson then compares nothing else)."""
+    if not cfg.get("projection_dim"):
+        return None
+    out = {k: cfg[k] for k in _BERGSON_PROJ_KEYS if k in cfg}
+    for k, v in _BERGSON_PROJ_DEFAULTS.items():
+        out.setdefault(k, v)
+    return _projection_dict(out)
+
+
+def _bergson_base_dtype(v, f: Path) -> str:
+    """bergson's ``base_dtype`` as a storage dtype name. bergson 2.x writes numpy's name (``"float16"``,
+    ``"bfloat16"``, ``"float32"``); older bergson wrote ``np.dtype(dtype).str`` (``"<f2"``, ``"<f4"``, and
+    ``"<V2"`` for ml_dtypes' bfloat16), which bergson's own reader still accepts."""
+    if isinstance(v, str) and v in _NP_RAW:
+        return v
+    try:
+        dt = np.dtype(v) if isinstance(v, str) else None
+    except TypeError:
+        dt = None
+    if dt is not None and dt.fields is None and dt.subdtype is None:
+        if dt.kind == "V" and dt.itemsize == 2 or dt.name == "bfloat16":
+            return "bfloat16"
+        for name in ("float16", "float32", "float64"):
+            if dt == np.dtype(name).newbyteorder("<"):
+                return name
+    raise IndexFormatError(f"open: unsupported bergson dtype {v!r} in {f} (expected float16, bfloat16, float32 or "
+                           "float64, little-endian)")
 
 
 def _int_arg(v, what: str, lo: int = 0) -> int:
@@ -491,7 +564,10 @@ class Precondition:
         ck = (key, str(p))
         if ck not in self._cache:
             h64 = h.detach().to("cpu", torch.float64)
-            if not torch.allclose(h64, h64.T, rtol=1e-5, atol=1e-8 * float(h64.abs().max().clamp_min(1e-300))):
+            # asymmetry at the rounding level of h's own dtype (an fp32 Gram a @ a.T computed by BLAS is rarely
+            # bitwise symmetric) is not an error: the symmetric part is used
+            tol = min(1e-3, max(1e-8, 64 * torch.finfo(h.dtype).eps))
+            if not torch.allclose(h64, h64.T, rtol=1e-5, atol=tol * float(h64.abs().max().clamp_min(1e-300))):
                 raise ValueError(f"precondition: matrix for {key} is not symmetric")
             ev, vec = torch.linalg.eigh((h64 + h64.T) / 2)
             ev = ev + self.damping
@@ -1318,7 +1394,7 @@ class GradientIndex:
             num = _int_arg(info["num_grads"], f"{dd / 'info.json'} num_grads")
             # element dtype and each module's columns in a row of `width` elements
             if "base_dtype" in info:
-                dname = str(info["base_dtype"])
+                dname = _bergson_base_dtype(info["base_dtype"], dd / "info.json")
                 width = sum(mods.values())
                 cols, lo = {}, 0
                 for n, dm in mods.items():
@@ -1338,7 +1414,7 @@ class GradientIndex:
             size = f.stat().st_size
             if size < need:
                 raise IndexFormatError(f"open: {f} is truncated: {size} bytes, info.json says {num} rows = {need} bytes")
-            if size != need:
+            if size != need and not (need == 0 and size == 1):  # numpy's memmap of 0 rows writes one byte
                 raise IndexFormatError(f"open: {f} has {size} bytes, info.json says {num} rows = {need} bytes")
             if views and (dname != self._dname or width != self._width):
                 raise IndexFormatError(f"open: shard {dd} has a different dtype or row layout than the first shard")
@@ -1426,11 +1502,9 @@ class GradientIndex:
                 cfg = yaml.safe_load(fh)
         except Exception:  # noqa: BLE001 - a damaged config only loses the projection check
             return None
-        if not isinstance(cfg, dict) or not cfg.get("projection_dim"):
+        if not isinstance(cfg, dict):
             return None
-        keys = ("projection_dim", "projection_type", "projection_scale", "projection_seed", "projection_target",
-                "include_bias", "projection_version")
-        return _projection_dict({k: cfg[k] for k in keys if k in cfg})
+        return _bergson_settings(cfg)
 
     # ------------------------------------------------------------------ row access
 
@@ -1583,7 +1657,8 @@ class GradientIndex:
         the queries) or a :class:`Precondition` (``mode="both"``: H^-1/2 on both sides plus unit
         normalisation). projection: the queries' projection config (a dict) or the
         ``GradientCollector`` that made them (its ``projection_config`` is used); refused unless it
-        equals the index's. Left out while the index records a projection, the queries cannot be
+        equals the index's (on a bergson index: compared as bergson compares processors, see the
+        module docstring). Left out while the index records a projection, the queries cannot be
         checked: an :class:`UncheckedProjectionWarning` (a ``UserWarning``) says so, once per
         index object. batch_rows: rows scored per block (bounds memory; default about 256 MiB of
         fp32 per block). backend: "auto"/"torch" (gradkit's kernels) or "faiss" (faiss.knn per
@@ -1609,7 +1684,10 @@ class GradientIndex:
             except ImportError:
                 raise ImportError("backend: 'faiss' needs the faiss package (pip install faiss-cpu)") from None
         qproj = _projection_dict(projection)
-        if qproj is not None and qproj != self.projection:
+        checked = qproj is not None
+        if checked and self.layout == "bergson" and "projection_dim" in qproj:
+            qproj = _bergson_settings(qproj)  # bergson's own comparison: its projection settings only
+        if checked and qproj != self.projection:
             raise ValueError(f"projection: the queries were projected with {qproj} but the index with "
                              f"{self.projection}; scores across different projections are meaningless")
         if batch_rows is None:
@@ -1648,7 +1726,7 @@ class GradientIndex:
         bad = (~torch.isfinite(q).all(dim=1)).nonzero().flatten()
         if bad.numel():
             raise ValueError(f"queries: rows {bad[:10].tolist()} hold NaN or Inf")
-        if qproj is None and self.projection is not None and not self._projection_warned:
+        if not checked and self.projection is not None and not self._projection_warned:
             self._projection_warned = True
             warnings.warn(f"search: the index at {self.path} records the projection its rows were made with, but "
                           "this call passed no projection=, so the queries' projection could not be checked (queries "
