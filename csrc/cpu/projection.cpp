@@ -456,7 +456,10 @@ at::Tensor project_flat_cpu(const at::Tensor& x_in, int64_t k, int64_t seed, int
 #ifdef GK_PROJ_X86
   const int tisa = kind == 0 && B >= 4 && k >= 32 ? table_path_isa() : 0;
   if (tisa > 0) {
-    const at::Tensor xc = rows_readable_in_place(x_in) ? x_in : x_in.contiguous();  // B >= 4 rows here
+    // x is only read (stage_word: x[r * ldx + c]), so any row stride is fine in place -- 0 for an expand()ed x,
+    // overlapping rows; only a non-unit column stride needs the copy (a contiguous copy of a stride-0 x of D ~ 1e9
+    // columns would be B x D floats)
+    const at::Tensor xc = x_in.stride(1) == 1 || D == 1 ? x_in : x_in.contiguous();  // B >= 4 rows here
     const float s = static_cast<float>(inv_sqrt_k(k));
     const int64_t ldx = xc.stride(0);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "project_flat_table", [&] {

@@ -48,17 +48,29 @@ def _kind(kind) -> int:
     raise ValueError(f"kind: expected 'rademacher' or 'gaussian', got {kind!r}")
 
 
-def _pos_int(v, what: str) -> int:
+def _int(v, what: str) -> int:
+    """v as a Python int: an int or a numpy integer (never a bool), else TypeError naming ``what``."""
     if isinstance(v, bool) or not isinstance(v, int):
+        try:
+            import numpy as np
+
+            if isinstance(v, np.integer):
+                return int(v)
+        except ImportError:  # pragma: no cover
+            pass
         raise TypeError(f"{what}: expected an int, got {type(v).__name__}")
-    if v <= 0:
-        raise ValueError(f"{what}: must be positive, got {v}")
     return int(v)
 
 
+def _pos_int(v, what: str) -> int:
+    v = _int(v, what)
+    if v <= 0:
+        raise ValueError(f"{what}: must be positive, got {v}")
+    return v
+
+
 def _seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    seed = _int(seed, "seed")
     if not 0 <= seed <= _SEED_MASK:
         raise ValueError(f"seed: must be a non-negative 63-bit integer, got {seed} (use derive_seed for others)")
     return int(seed)
@@ -71,8 +83,7 @@ def derive_seed(seed: int, name: str = "", side: str = "") -> int:
     stable across processes, machines and Python versions (never Python's ``hash``), and
     independent for every (seed, name, side) triple. Any Python int seed is accepted.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    seed = _int(seed, "seed")  # a numpy integer keys as the int it holds
     if not isinstance(name, str):
         raise TypeError(f"name: expected a str, got {type(name).__name__}")
     if not isinstance(side, str):
@@ -89,12 +100,18 @@ def projection_matrix(rows: int, cols: int, seed: int = 0, kind: str = "rademach
     only on ``k``, the full output dimension (default ``rows``; required when ``row0 > 0``), so any
     sub-block is an exact slice of the full matrix.
     """
+    # numpy integers are taken as ints (and checked like them: the row range against k below)
+    rows, cols, row0, col0 = _int(rows, "rows"), _int(cols, "cols"), _int(row0, "row0"), _int(col0, "col0")
+    if rows < 0:
+        raise ValueError(f"rows: must be non-negative, got {rows}")
     if k is None:
         if row0:
             raise ValueError("k: required when row0 > 0 (the scale 1/sqrt(k) is that of the full matrix)")
+        if rows == 0:
+            raise ValueError("rows: must be positive when k is not given (k defaults to rows)")
         k = rows
     k = _pos_int(k, "k")
-    if isinstance(rows, int) and isinstance(row0, int) and row0 + rows > k:
+    if row0 + rows > k:
         raise ValueError(f"rows: row0 + rows = {row0} + {rows} exceeds k = {k} (the matrix has k rows)")
     return ops.projection_matrix(rows, cols, _seed(seed), _kind(kind), k, row0, col0, dtype=dtype,
                                  device=torch.device(device))
@@ -180,6 +197,8 @@ def project(x: Union[torch.Tensor, "object", Callable[[], Iterable], Iterable], 
                 return finish(ops.project_flat(x, k, seed, kd, 0))
             step = chunk
         else:
+            if not (x.dtype == np.float16 or x.dtype == np.float32 or x.dtype == np.float64):  # before any work,
+                raise TypeError(f"x: expected a float16/float32/float64 array, got {x.dtype}")  # D = 0 included
             step = chunk or max(64, (_DEFAULT_CHUNK_BYTES // max(1, B * x.itemsize)) // 64 * 64)
         it = chunks_of(x, B, D, step)
     else:
@@ -349,8 +368,7 @@ def factored_project(a: torch.Tensor, g: torch.Tensor, p: int, seed: int = 0, na
     budget beyond float32 rounding.
     """
     p = _pos_int(p, "p")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    seed = _int(seed, "seed")
     if not isinstance(name, str):
         raise TypeError(f"name: expected a str, got {type(name).__name__}")
     kd = _kind(kind)

@@ -51,6 +51,10 @@ BLOCKS = {"k": 64, "b": 16, "d": 64, "split_target": 0}
 # GPU has been lent to this project yet; benchmarks/bench_gpu.py times alternatives beside these ("flat
 # tiles"). Each R tile is generated once per (k tile, B tile): a taller B tile generates less per MMA.
 GPU_FLAT = {"k": 128, "b": 64, "d": 128, "num_warps": 4, "num_stages": 3}
+# The largest grid extent on axes 1 and 2 of a CUDA launch (gridDim.y / .z; axis 0 allows 2^31 - 1): launchers
+# whose axis-1 extent would pass it (project_flat's B tiles, projection_matrix_'s column tiles) run in slices
+# (tests shrink it to exercise the slicing under the interpreter, which has no such limit).
+_MAX_GRID_YZ = 65535
 # record_aot_cases only: launch project_flat as on a GPU (its tiles, the tensor-core MODEs 1 / 2) under the
 # interpreter, so that scripts/triton_aot_check.py compiles the launches a GPU makes
 _AOT_GPU_LAUNCH = False
@@ -235,6 +239,11 @@ def projection_matrix_(out: torch.Tensor, seed: int, kind: int, k: int, row0: in
     if R == 0 or C == 0:
         return
     BR, BC = (16, 64) if interpreting() else (32, 128)
+    if triton.cdiv(C, BC) > _MAX_GRID_YZ:  # column tiles on grid axis 1: slices of columns, each its own launch
+        step = _MAX_GRID_YZ * BC
+        for c in range(0, C, step):
+            projection_matrix_(out[:, c:c + step], seed, kind, k, row0, col0 + c)
+        return
     grid = (triton.cdiv(R, BR), triton.cdiv(C, BC))
     _matrix_kernel[grid](out, R, C, out.stride(0), out.stride(1), *_split(seed), *_split(row0), *_split(col0),
                          _inv_bits(k), KIND=kind,
@@ -260,14 +269,19 @@ def project_flat(x: torch.Tensor, k: int, seed: int, kind: int, col0: int) -> to
         mode = 1
     else:
         mode = 2
-    if x.dtype == torch.float64 and not interp:
-        x = x.float()  # fp64 operands are not a tensor-core type; the values are fp32-accurate anyway
     BK, BB, BD = BLOCKS["k"], BLOCKS["b"], BLOCKS["d"]
     launch = {"num_warps": GPU_FLAT["num_warps"], "num_stages": GPU_FLAT["num_stages"]}
     if not interp:
         BK, BD = GPU_FLAT["k"], GPU_FLAT["d"]
         BB = GPU_FLAT["b"] if B >= GPU_FLAT["b"] else max(16, triton.next_power_of_2(B))
     assert BD % 64 == 0
+    if triton.cdiv(B, BB) > _MAX_GRID_YZ:  # B tiles on grid axis 1: slices of rows (each row's sums are its own)
+        step = _MAX_GRID_YZ * BB
+        for b in range(0, B, step):
+            out[b:b + step] = project_flat(x[b:b + step], k, seed, kind, col0)
+        return out
+    if x.dtype == torch.float64 and not interp:
+        x = x.float()  # fp64 operands are not a tensor-core type; the values are fp32-accurate anyway
     base = col0 - col0 % 64
     ntiles = triton.cdiv(col0 + D - base, BD)
     gk, gb = triton.cdiv(k, BK), triton.cdiv(B, BB)
