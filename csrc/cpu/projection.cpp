@@ -42,6 +42,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -401,6 +402,19 @@ __attribute__((target("avx2,fma,f16c"))) void word_accumulate_avx2(const float* 
   }
 }
 
+// A 64-byte aligned float scratch of n entries, freed when it goes out of scope (an exception from another
+// allocation, or from the parallel region, frees it too); a failed allocation is an error, never a null write.
+struct FreeFloats {
+  void operator()(float* q) const { std::free(q); }
+};
+using AlignedFloats = std::unique_ptr<float[], FreeFloats>;
+inline AlignedFloats aligned_floats(int64_t n) {
+  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(float) + 63) / 64 * 64;
+  void* q = std::aligned_alloc(64, bytes);
+  TORCH_CHECK(q != nullptr, "project: could not allocate ", bytes, " bytes of scratch");
+  return AlignedFloats(static_cast<float*>(q));
+}
+
 template <typename T>
 void project_flat_table(int isa, const T* x, int64_t ldx, int64_t B, int64_t D, int64_t k, uint64_t seed, int64_t col0,
                         float s, float* out) {
@@ -410,9 +424,10 @@ void project_flat_table(int isa, const T* x, int64_t ldx, int64_t B, int64_t D, 
   const int64_t jsplit = std::max<int64_t>(1, std::min<int64_t>((k + 63) / 64, (nthreads + rtiles - 1) / rtiles));
   at::parallel_for(0, rtiles * jsplit, 1, [&](int64_t t0, int64_t t1) {
     std::vector<uint64_t> rk;
-    float* xs = static_cast<float*>(std::aligned_alloc(64, 64 * kTabRows * sizeof(float)));
-    float* tb = static_cast<float*>(std::aligned_alloc(64, 8 * 256 * kTabRows * sizeof(float)));
-    float* yT = nullptr;
+    const AlignedFloats xs_buf = aligned_floats(64 * kTabRows), tb_buf = aligned_floats(8 * 256 * kTabRows);
+    float* const xs = xs_buf.get();
+    float* const tb = tb_buf.get();
+    AlignedFloats yT_buf;
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t rt = task / jsplit, js = task % jsplit;
       const int64_t ja = js * k / jsplit, jb = (js + 1) * k / jsplit, nj = jb - ja;
@@ -420,8 +435,9 @@ void project_flat_table(int isa, const T* x, int64_t ldx, int64_t B, int64_t D, 
       if (nj <= 0) continue;
       rk.resize(nj);
       for (int64_t j = 0; j < nj; ++j) rk[j] = row_key(seed, static_cast<uint64_t>(ja + j));
-      std::free(yT);
-      yT = static_cast<float*>(std::aligned_alloc(64, nj * kTabRows * sizeof(float)));
+      yT_buf.reset();  // the previous task's first
+      yT_buf = aligned_floats(nj * kTabRows);
+      float* const yT = yT_buf.get();
       std::fill(yT, yT + nj * kTabRows, 0.0f);
       for (int64_t w = w0; w <= w1; ++w) {
         stage_word(x + r0 * ldx, ldx, nr, D, col0, w, xs);
@@ -436,9 +452,6 @@ void project_flat_table(int isa, const T* x, int64_t ldx, int64_t B, int64_t D, 
       for (int64_t r = 0; r < nr; ++r)
         for (int64_t j = 0; j < nj; ++j) out[(r0 + r) * k + ja + j] = s * yT[j * kTabRows + r];
     }
-    std::free(yT);
-    std::free(tb);
-    std::free(xs);
   });
 }
 #endif
