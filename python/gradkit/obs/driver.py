@@ -89,6 +89,23 @@ def _select_modules(model: nn.Module, modules) -> List[Tuple[str, nn.Linear]]:
     return out
 
 
+def _check_untied(layers: Sequence[Tuple[str, nn.Linear]]) -> None:
+    """Refuses selected layers whose weights overlap in memory (tied weights): each would be pruned
+    against its own Hessian and the last write would silently discard the others' pruning."""
+    spans = []
+    for n, m in layers:
+        w = m.weight
+        if w.device.type == "meta" or not w.numel():
+            continue
+        extent = sum((d - 1) * st for d, st in zip(w.shape, w.stride())) + 1
+        spans.append((w.device, w.data_ptr(), w.data_ptr() + extent * w.element_size(), n))
+    spans.sort(key=lambda t: (str(t[0]), t[1]))
+    for a, b in zip(spans, spans[1:]):
+        if a[0] == b[0] and b[1] < a[2]:
+            raise ValueError(f"modules: {a[3]!r} and {b[3]!r} share their weight (tied weights); prune_model prunes "
+                             "each layer against its own inputs, so select only one of them")
+
+
 def _batches(batches) -> list:
     if isinstance(batches, (Tensor, Mapping)):
         raise TypeError("batches: expected an iterable of batches (a list of dicts, tuples or tensors), got a single "
@@ -727,6 +744,7 @@ def prune_model(model: nn.Module, batches: Iterable, pattern: Union[str, Callabl
         if not isinstance(v, bool):
             raise TypeError(f"{nm}: expected a bool, got {type(v).__name__}")
     layers = _select_modules(model, modules)
+    _check_untied(layers)
     data = _batches(batches)
     t_start = time.perf_counter()
     was_training = model.training
@@ -808,8 +826,14 @@ def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, ch
                 wdt = torch.float64 if dense.dtype == torch.float64 else torch.float32
                 w = dense.to(device=wdev, dtype=wdt, copy=True).contiguous()
                 t0 = time.perf_counter()
-                scope, n_keep = _scope_for(pattern, nnz, name, w)
-                out = _prune_layer(method, scope, w, H.to(wdev), n_keep, damp, kw)
+                try:
+                    scope, n_keep = _scope_for(pattern, nnz, name, w)
+                    out = _prune_layer(method, scope, w, H.to(wdev), n_keep, damp, kw)
+                except Exception as err:  # say which layer; the model holds only the groups finished before
+                    if hasattr(err, "add_note"):  # Python >= 3.11 (requires-python is 3.10)
+                        err.add_note(f"prune_model: raised while pruning layer {name!r} ({method}, {pattern_s}); "
+                                     "its group was not written into the model")
+                    raise
                 seconds = time.perf_counter() - t0
                 if not bool(torch.isfinite(out).all()):
                     raise RuntimeError(f"{method} produced non-finite weights for layer {name!r}")

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from gradkit import ops
 from gradkit.obs.layout import ObsLayout, obs_layout
+from gradkit.obs.metrics import _check_symmetric
 
 __all__ = ["StructuredOBS", "compute_inverse", "MAX_SUBSETS"]
 
@@ -55,6 +56,8 @@ def _check_matrix(h, k: Optional[int], what: str) -> Tensor:
         raise TypeError(f"{what}: expected a floating dtype, got {h.dtype}")
     if not bool(torch.isfinite(h).all()):
         raise ValueError(f"{what}: contains NaN or Inf")
+    # an inverse from an LU solve (e.g. SparseKit's inv_h) carries more round-off asymmetry than X^T X
+    _check_symmetric(h, what, 1e-2 if what == "inv_h" else 1e-3)
     return h
 
 
@@ -283,7 +286,10 @@ class StructuredOBS:
         return self.blocks_per_scope - nnz
 
     def _write_back(self, w: Tensor) -> None:
-        self.W.data.copy_(w.view_as(self.W).to(self.W.dtype))
+        # an in-place copy under no_grad, not through .data: it bumps the version counter, so an
+        # autograd graph that saved the dense weight raises on backward instead of using the pruned one
+        with torch.no_grad():
+            self.W.copy_(w.view_as(self.W).to(self.W.dtype))
 
     def _c32(self) -> Tensor:
         return self.inv_hessian.to(device=self.W.device, dtype=torch.float32)
@@ -606,7 +612,9 @@ def _true_obs_chunk(w: Tensor, C: Tensor, ctx: _TrueObsContext, plan: _Plan, num
             wel = w_b[rows_idx, loc]  # (ngrp, nq, gs, bk)
             if scoring == "independent":  # row-coupled: each block's own OBS cost in its row
                 cost = _block_costs(wel, rows_idx, loc, Cp, fac_at, s, cnt)
-                prune_blk = cost.topk(num_prune, dim=-1, largest=False).indices
+                # lowest costs first, equal costs: lower block first (topk's tie order is unspecified
+                # and differs between backends); NaN sorts last, as obs_select ranks it
+                prune_blk = torch.sort(cost, dim=-1, stable=True).indices[..., :num_prune]
             else:
                 prune_blk = _joint_choice(wel, rows_idx, loc, Cp, fac_at, s, cnt, gs, bk, num_prune)
             # pruned positions per chunk row (padded to the batch maximum)
