@@ -509,7 +509,9 @@ __attribute__((target("avx512f,fma"))) void scan_row_screened(const float* a, in
     for (; j < nb; ++j) {
       const float t = a[j] * sc[j];
       const float m = (cq * kn[j] + tiny) * std::fabs(sc[j]) * 1.000001f + std::fabs(t) * 2.5e-7f;
-      if (t + m >= thr) consider(j);
+      // skipped only when the bound is below the threshold: a huge or infinite scale can overflow a * sc to
+      // -inf (the approximation of the wrong sign) and the margin to +inf, and -inf + inf is NaN
+      if (!(t + m < thr)) consider(j);
     }
     return;
   }
@@ -548,6 +550,8 @@ void check_args(const Tensor& queries, const Tensor& keys, int64_t k, const std:
                     queries.device());
   TORCH_CHECK_VALUE(k >= 0, "k: must be non-negative, got ", k);
   TORCH_CHECK_VALUE(base >= 0, "base: must be non-negative, got ", base);
+  TORCH_CHECK_VALUE(keys.size(0) <= 1 || base <= std::numeric_limits<int64_t>::max() - (keys.size(0) - 1),
+                    "base: ", base, " + ", keys.size(0), " keys overflows the int64 row numbers");
   if (key_scale.has_value()) {
     TORCH_CHECK_TYPE(key_scale->scalar_type() == at::kFloat, "key_scale: expected float32, got ",
                      key_scale->scalar_type());
@@ -581,7 +585,7 @@ std::tuple<Tensor, Tensor> score_topk_cpu(const Tensor& queries_in, const Tensor
   if (Q == 0 || k == 0) return {out_s, out_i};
 
   // smallest == largest of the negated scores
-  Tensor q = largest ? queries_in.contiguous() : queries_in.neg();
+  Tensor q = largest ? queries_in.contiguous() : queries_in.neg().contiguous();  // neg() keeps the strides
   Tensor keys = (keys_in.stride(1) == 1 || N == 0 || D == 0) ? keys_in : keys_in.contiguous();
   Tensor scale;
   if (key_scale_in.has_value()) scale = key_scale_in->contiguous();

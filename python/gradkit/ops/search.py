@@ -16,6 +16,7 @@ __all__ = ["score_topk", "SEARCH_OPS", "KEY_DTYPES"]
 
 SEARCH_OPS = ("score_topk",)
 KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INT64_MAX = (1 << 63) - 1
 
 
 def _int(v, what: str) -> int:
@@ -58,6 +59,8 @@ def score_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, largest: bo
     base = _int(base, "base")
     if base < 0:
         raise ValueError(f"base: must be non-negative, got {base}")
+    if base + max(keys.shape[0] - 1, 0) > _INT64_MAX:  # row numbers are int64: wrapped ones read as empty slots
+        raise ValueError(f"base: {base} + {keys.shape[0]} keys overflows the int64 row numbers")
     if not isinstance(largest, bool):
         raise TypeError(f"largest: expected a bool, got {type(largest).__name__}")
     if key_scale is not None:

@@ -6,8 +6,9 @@ under ``TRITON_INTERPRET=1``.
 
 Design: fused tile matmul + per-tile top-k (for k <= MAX_FUSED_K), then one merge
 ----------------------------------------------------------------------------------
-* ``_tile_topk_kernel``: program (i, j) computes the BLOCK_Q x BLOCK_N tile of scores of query
-  block i against key block j with ``tl.dot`` over BLOCK_D slices of the feature dimension
+* ``_tile_topk_kernel``: program (j, i) computes the BLOCK_Q x BLOCK_N tile of scores of query
+  block i against key block j (key tiles on grid axis 0, which allows 2^31 - 1 programs; column
+  offsets in int64) with ``tl.dot`` over BLOCK_D slices of the feature dimension
   (keys of any float dtype are upcast to fp32 on load; fp32 "ieee" products, so results match
   the fp32 reference to rounding), multiplies by ``key_scale`` and maps NaN to -inf. Without
   leaving registers it then extracts the tile's k best per query row by k rounds of
@@ -40,10 +41,12 @@ MAX_FUSED_K = 64
 def _tile_topk_kernel(q_ptr, k_ptr, scale_ptr, out_s_ptr, out_i_ptr, Q, N, D, stride_q, stride_k, n_tiles,
                       HAS_SCALE: tl.constexpr, K: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr):
-    pid_q = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_n = tl.program_id(0)  # key tiles on axis 0 (up to 2^31 - 1 programs; axes 1 and 2 stop at 65535)
+    pid_q = tl.program_id(1)
     rq = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n.to(tl.int64) * BLOCK_N  # int64: pid_n * BLOCK_N passes 2^31 for N > 2^31 keys
+    cols = tl.arange(0, BLOCK_N)  # the tile's columns; the selection below works on these (int32)
+    rn = n0 + cols
     qm = rq < Q
     nm = rn < N
     acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
@@ -61,17 +64,17 @@ def _tile_topk_kernel(q_ptr, k_ptr, scale_ptr, out_s_ptr, out_i_ptr, Q, N, D, st
     neg_inf = float("-inf")
     acc = tl.where(acc != acc, neg_inf, acc)
     taken = (rn[None, :] >= N) | (rq[:, None] < 0)  # (BLOCK_Q, BLOCK_N): out-of-range columns are never taken
-    big = N + BLOCK_N
-    out_base = rq.to(tl.int64) * n_tiles * K + pid_n * K
+    big = BLOCK_N
+    out_base = rq.to(tl.int64) * n_tiles * K + pid_n.to(tl.int64) * K
     for j in tl.static_range(K):
         cur = tl.where(taken, neg_inf, acc)
         m = tl.max(cur, axis=1)
-        cand = tl.where((cur == m[:, None]) & (~taken), rn[None, :], big)
+        cand = tl.where((cur == m[:, None]) & (~taken), cols[None, :], big)
         sel = tl.min(cand, axis=1)
         has = sel < big
         tl.store(out_s_ptr + out_base + j, tl.where(has, m, neg_inf), mask=qm)
-        tl.store(out_i_ptr + out_base + j, tl.where(has, sel, -1).to(tl.int64), mask=qm)
-        taken = taken | (rn[None, :] == sel[:, None])
+        tl.store(out_i_ptr + out_base + j, tl.where(has, n0 + sel, -1), mask=qm)
+        taken = taken | (cols[None, :] == sel[:, None])
 
 
 def _merge(cs: torch.Tensor, ci: torch.Tensor, k: int, scores_in, idx_in, largest: bool):
@@ -113,12 +116,14 @@ def score_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, largest: bool,
             rs, ri = _merge(s, idx, k, rs, ri, largest)
         return rs, ri
     BQ, BN, BD = BLOCKS["q"], BLOCKS["n"], BLOCKS["d"]
+    if triton.cdiv(Q, BQ) > 65535:  # grid axis 1's limit on CUDA
+        raise ValueError(f"queries: at most {65535 * BQ} queries per call, got {Q}")
     kk = min(k, BN)
     n_tiles = triton.cdiv(N, BN)
     out_s = torch.empty(Q, n_tiles, kk, dtype=torch.float32, device=dev)
     out_i = torch.empty(Q, n_tiles, kk, dtype=torch.int64, device=dev)
     scale = key_scale.contiguous() if key_scale is not None else q  # dummy pointer when absent
-    grid = (triton.cdiv(Q, BQ), n_tiles)
+    grid = (n_tiles, triton.cdiv(Q, BQ))
     _tile_topk_kernel[grid](q, keys, scale, out_s, out_i, Q, N, D, q.stride(0), keys.stride(0), n_tiles,
                             HAS_SCALE=key_scale is not None, K=kk, BLOCK_Q=BQ, BLOCK_N=BN, BLOCK_D=BD)
     cs = out_s.reshape(Q, n_tiles * kk)
