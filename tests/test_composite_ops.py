@@ -134,6 +134,52 @@ def test_auto_routes_cuda_work_to_the_measured_paths(monkeypatch):
     assert seen == ["search", "factored", ("triton flat", torch.float32, 0), ("triton flat", torch.bfloat16, 0)]
 
 
+def test_tf32_keeps_search_and_factored_on_the_exact_kernels(monkeypatch):
+    """While torch lets cuBLAS use TF32 for float32 products, the composites are not float32-exact: with
+    gpu_auto standing in for a CUDA tensor, score_topk and factored_project then take the op's own kernel
+    (the dispatcher), and reach the composites again once the setting is back."""
+    import gradkit.ops.projection as P
+
+    seen = []
+    monkeypatch.setattr(ops, "gpu_auto", lambda t: True)
+    monkeypatch.setattr(composite, "score_topk", lambda *a, **kw: seen.append("search"))
+    monkeypatch.setattr(composite, "factored_project", lambda *a: seen.append("factored"))
+    q, keys = torch.randn(3, 8), torch.randn(40, 8)
+    args = make(2, 3, 5, 4, 3, 1, rb=True, mask=True)
+    monkeypatch.setattr(ops, "cublas_fp32_reduced", lambda: True)
+    s, i = ops.score_topk(q, keys, 4)
+    assert torch.equal(i, sref.score_topk(q, keys, 4, True, None, None, None, 0)[1])
+    close(ops.factored_project(*args, 3), pref.factored_project(*args, 3))
+    assert seen == []
+    monkeypatch.setattr(ops, "cublas_fp32_reduced", lambda: False)
+    ops.score_topk(q, keys, 4)
+    P.factored_project(*args, 3)
+    assert seen == ["search", "factored"]
+
+
+def test_cublas_fp32_reduced_reads_every_way_to_enable_tf32():
+    """Each way torch offers to enable TF32 for CUDA matmuls, and back (a fresh process per case: the
+    settings are global, and torch refuses some reads once the legacy and new APIs are mixed)."""
+    import subprocess
+    import sys
+
+    cases = {"pass": False, "torch.backends.cuda.matmul.allow_tf32 = True": True,
+             "torch.set_float32_matmul_precision('medium')": True,
+             "torch.set_float32_matmul_precision('high'); torch.set_float32_matmul_precision('highest')": False,
+             "torch.backends.cuda.matmul.fp32_precision = 'tf32'": True,
+             "torch.backends.fp32_precision = 'tf32'": True,
+             "torch.backends.fp32_precision = 'tf32'; torch.backends.cuda.matmul.fp32_precision = 'ieee'": False,
+             # mixed legacy and new API: torch's own getters raise here; still read
+             "torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cuda.matmul.fp32_precision = 'ieee'": False}
+    code = "import torch, sys\nfrom gradkit import ops\n{}\nsys.stdout.write(repr(ops.cublas_fp32_reduced()))"
+    procs = {setup: subprocess.Popen([sys.executable, "-c", code.format(setup)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True) for setup in cases}  # all at once
+    for setup, want in cases.items():
+        out, err = procs[setup].communicate(timeout=300)
+        assert procs[setup].returncode == 0, (setup, err[-2000:])
+        assert out.strip().splitlines()[-1] == repr(want), (setup, out)
+
+
 def test_auto_validates_before_routing(monkeypatch):
     """Bad input gets the op's error naming the argument on the routed path too."""
     import gradkit.ops.projection as P

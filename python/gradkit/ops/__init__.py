@@ -12,7 +12,9 @@ GPU), ``triton`` (the Triton launchers directly; CPU tensors need ``TRITON_INTER
 or ``reference``. ``auto`` is ``native`` except where a GPU measurement picked another
 path for CUDA tensors (``gpu_auto``): Rademacher ``project_flat`` runs the Triton kernel,
 ``factored_project`` and ``score_topk`` the cuBLAS composites of
-``gradkit.kernels.composite`` (benchmarks/results/h200/).
+``gradkit.kernels.composite`` (benchmarks/results/h200/), except while torch lets cuBLAS
+use TF32 for float32 products (``cublas_fp32_reduced``): they then run gradkit's CUDA C++
+kernels, which are float32-exact whatever that setting.
 
 Segments: ``src[s]`` with ``index[s]`` (a 1-D int32/int64 tensor of flat row-major
 positions, or ``None`` for every element in order) contributes its selected
@@ -55,6 +57,31 @@ def gpu_auto(t: torch.Tensor) -> bool:
     """True when ``t`` is a CUDA tensor and the backend is ``auto`` (the default) with the extension
     loaded: the ops that measured a faster GPU path than their CUDA C++ kernel then take it."""
     return t.is_cuda and _requested() == "auto" and _ext.LOADED
+
+
+def cublas_fp32_reduced() -> bool:
+    """True when torch lets cuBLAS round float32 matmul operands (TF32): ``allow_tf32 = True``,
+    ``set_float32_matmul_precision("high" | "medium")`` or ``fp32_precision = "tf32"`` (CUDA's or the
+    generic one). The cuBLAS composites (``gradkit.kernels.composite``) are then no longer float32-exact
+    (about 1e-3 relative instead of 1e-6), so ``factored_project`` and ``score_topk`` keep to gradkit's
+    own kernels, whose products ignore the setting. Read per call, without the legacy getters (they raise
+    once a program has mixed the legacy and the new API); an unreadable setting counts as reduced."""
+    try:
+        prec = torch.backends.cuda.matmul.fp32_precision
+        if prec == "none":  # CUDA's matmul inherits the generic setting
+            prec = torch.backends.fp32_precision
+        return prec not in ("none", "ieee")
+    except Exception:  # noqa: BLE001 - an older torch: the legacy flag
+        try:
+            return bool(torch.backends.cuda.matmul.allow_tf32)
+        except Exception:  # noqa: BLE001
+            return True
+
+
+def gpu_composite(t: torch.Tensor) -> bool:
+    """gpu_auto(t) while cuBLAS float32 products are exact (cublas_fp32_reduced() is False): where the
+    cuBLAS composites stand in for gradkit's kernels."""
+    return gpu_auto(t) and not cublas_fp32_reduced()
 
 
 _TRITON_FAMILIES: dict = {}

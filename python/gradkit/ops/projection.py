@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from gradkit import _ext
-from gradkit.ops import _check_typed, _impl, gpu_auto, triton_family
+from gradkit.ops import _check_typed, _impl, gpu_auto, gpu_composite, triton_family
 
 __all__ = ["PROJECTION_OPS", "projection_matrix", "projection_matrix_", "project_flat", "factored_project"]
 
@@ -156,7 +156,7 @@ def factored_project(a: torch.Tensor, g: torch.Tensor, lt: torch.Tensor, rt: tor
             raise ValueError(f"mask: expected a bool tensor of shape ({N},)")
         if mask.device != a.device:
             raise ValueError(f"mask: on {mask.device} but a is on {a.device}")
-    if gpu_auto(a):  # H200: cuBLAS products 0.07 ms, CUDA C++ kernel 0.91, Triton 0.10 (1000^2, 64 x 128, p 16)
+    if gpu_composite(a):  # H200: cuBLAS products 0.07 ms, CUDA C++ kernel 0.91, Triton 0.10 (1000^2, 64 x 128, p 16)
         from gradkit.kernels import composite
 
         return composite.factored_project(a, g, lt, rt, rb, mask, T)  # plain torch: autograd as it is

@@ -40,7 +40,7 @@ def score_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, largest: bo
     first; NaN scores rank as -inf (largest) / +inf (smallest); slots without a candidate are
     (-inf, -1) (largest) or (+inf, -1).
     """
-    from gradkit.ops import _impl, gpu_auto
+    from gradkit.ops import _impl, gpu_composite
 
     if not isinstance(queries, torch.Tensor) or queries.dtype != torch.float32:
         raise TypeError(f"queries: expected a float32 tensor, got {getattr(queries, 'dtype', type(queries).__name__)}")
@@ -85,7 +85,7 @@ def score_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, largest: bo
             raise ValueError("scores_in, idx_in: must be on the queries' device")
     if keys.shape[0] and keys.shape[1] and keys.stride(1) != 1:
         keys = keys.contiguous()  # the kernels read rows with unit column stride
-    if gpu_auto(queries):  # H200: blocked cuBLAS 25.0 ms, CUDA C++ kernel 71.8 (1,000 x 1M x 256, top-10)
+    if gpu_composite(queries):  # H200: blocked cuBLAS 25.0 ms, CUDA C++ kernel 71.8 (1,000 x 1M x 256, top-10)
         from gradkit.kernels import composite
 
         return composite.score_topk(queries, keys, k, largest, key_scale, scores_in, idx_in, base)
