@@ -21,8 +21,10 @@ GoldenParams-compatible semantics on gradkit's kernels:
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -53,11 +55,14 @@ def _check_percent(percent) -> float:
 
 def percent_to_k(numel: int, percent: float) -> int:
     """Entries a top-``percent``% selection keeps in a tensor of ``numel`` entries:
-    ``max(1, floor(numel * percent / 100))`` for a non-empty tensor, 0 for an empty one."""
+    ``max(1, floor(numel * percent / 100))`` for a non-empty tensor, 0 for an empty one.
+
+    The product is exact, with ``percent`` read as the shortest decimal that prints as it (so
+    0.57% of 10000 entries is 57, where float arithmetic gives 56.99999... and floors to 56)."""
     p = _check_percent(percent)
     if numel == 0:
         return 0
-    return max(1, min(numel, int(numel * p / 100.0)))
+    return max(1, min(numel, math.floor(numel * Fraction(repr(p)) / 100)))
 
 
 def _fresh_bits(numel: int, device) -> torch.Tensor:
@@ -441,7 +446,8 @@ def _global_update(gs: Dict[str, torch.Tensor], bits, counts, pct: float, first:
     multi-tensor exact select (no concatenation), then AND per tensor."""
     total_n = sum(g.numel() for g in gs.values())
     k = percent_to_k(total_n, pct)
-    scores = [g.abs().reshape(-1).nan_to_num(nan=-1.0) for g in gs.values()]  # NaN below every |g|
+    wide = functools.reduce(torch.promote_types, [g.dtype for g in gs.values()])  # exact for every float pair
+    scores = [g.abs().reshape(-1).to(wide).nan_to_num(nan=-1.0) for g in gs.values()]  # NaN below every |g|
     pos = ops.topk_select_segments(scores, k)
     start = 0
     for (name, g), s in zip(gs.items(), scores):

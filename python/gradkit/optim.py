@@ -114,7 +114,9 @@ class MaskedAdamW(torch.optim.Optimizer):
     ``exp_avg_sq``); a parameter whose ``.grad`` is None is skipped and its step does not advance.
     ``state_dict()`` also holds the masks and the parameters' names and shapes, and
     ``load_state_dict`` checks they match before changing anything. The rates live in the
-    parameter group as ``masked_lr`` / ``unmasked_lr`` (a schedule edits those keys).
+    parameter group as ``masked_lr`` / ``unmasked_lr`` (a schedule edits those keys); the group
+    has no ``lr``, and ``step`` raises if one was added (e.g. to make a torch LR scheduler run),
+    since it would be ignored.
 
     Compared with GoldenParams' ``MaskedAdamW``: that optimizer runs two AdamW sub-steps on the
     same state per call (one with each rate, combined by the mask), so every call advances the
@@ -125,7 +127,9 @@ class MaskedAdamW(torch.optim.Optimizer):
     Bad input raises ``ValueError`` / ``TypeError`` naming the argument or parameter, before any
     parameter or state changes: a mask whose shape differs from its parameter's, a mask for an
     unknown name, a mask that is neither bool nor a packed uint8 bitmask, rates / betas / eps /
-    weight decay out of range, duplicate names or tensors, sparse gradients.
+    weight decay out of range, duplicate names or tensors, sparse gradients, and (in ``step``) a
+    parameter moved or cast after its state was created: ``step`` checks every parameter before
+    the first fused call, so an error never leaves some parameters stepped and others not.
     """
 
     def __init__(self, named_params: NamedParams, masks: Optional[Mapping[str, torch.Tensor]], masked_lr: float,
@@ -159,11 +163,14 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
+        group = self.param_groups[0]
+        if "lr" in group:  # an LR scheduler (or user code) editing 'lr' would otherwise be silently ignored
+            raise ValueError("param_groups[0]['lr']: MaskedAdamW has no 'lr'; its rates are the group's "
+                             "'masked_lr' and 'unmasked_lr' (schedule those keys instead)")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        group = self.param_groups[0]
         todo = []
         for name, p in zip(group["param_names"], group["params"]):
             g = p.grad
@@ -176,6 +183,23 @@ class MaskedAdamW(torch.optim.Optimizer):
                                  f"{tuple(p.shape)} on {p.device}")
             if g.dtype != p.dtype:
                 raise TypeError(f"grad of {name!r}: dtype {g.dtype} differs from the parameter's {p.dtype}")
+            st = self.state.get(p)
+            if st:  # the kernels check these too, but per (device, dtype) call: an earlier call may have run
+                for key in ("exp_avg", "exp_avg_sq"):
+                    t = st.get(key)
+                    if not isinstance(t, torch.Tensor) or t.shape != p.shape or t.device != p.device \
+                            or t.dtype != p.dtype or not t.is_contiguous():
+                        raise ValueError(f"state[{key!r}] of {name!r}: expected a {p.dtype} tensor of shape "
+                                         f"{tuple(p.shape)} on {p.device} (was the parameter moved or cast after "
+                                         f"the optimizer's first step?), got {getattr(t, 'dtype', type(t).__name__)}"
+                                         f" {tuple(getattr(t, 'shape', ()))} on {getattr(t, 'device', None)}")
+                s = st.get("step")
+                if not isinstance(s, torch.Tensor) or s.numel() != 1 or not math.isfinite(float(s)) or float(s) < 0:
+                    raise ValueError(f"state['step'] of {name!r}: expected a one-element tensor >= 0, got {s!r}")
+            bits = self._bits.get(name)
+            if bits is not None and bits.device != p.device:
+                raise ValueError(f"masks[{name!r}]: stored on {bits.device} but the parameter is now on {p.device} "
+                                 f"(build the optimizer after moving the model)")
             todo.append((name, p, g))
         beta1, beta2 = group["betas"]
         buckets: Dict[Tuple[torch.device, torch.dtype], Dict[str, list]] = {}
@@ -247,8 +271,9 @@ class MaskedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"state_dict: state for parameter id {idx!r}, which is not in its param_groups")
             name = names[saved["params"].index(idx)]
             step = st.get("step")
-            if not isinstance(step, torch.Tensor) or step.numel() != 1:
-                raise ValueError(f"state_dict: state['step'] of {name!r} is not a one-element tensor")
+            if not isinstance(step, torch.Tensor) or step.numel() != 1 or not math.isfinite(float(step)) \
+                    or float(step) < 0:
+                raise ValueError(f"state_dict: state['step'] of {name!r} is not a one-element tensor >= 0")
             for key in ("exp_avg", "exp_avg_sq"):
                 t = st.get(key)
                 if not isinstance(t, torch.Tensor) or t.shape != by_name[name].shape:
