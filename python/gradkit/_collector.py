@@ -33,7 +33,18 @@ batch's rows times its own B; a fixed ``scale=B`` is wrong for a shorter last ba
 Averaging over the tokens *of one example* is part of that example's loss and needs nothing.
 Padding: set a ``(B, T)`` mask (``set_mask`` / :meth:`batch` / the ``attention_mask`` of a batch
 dict in :meth:`per_example_grads`) before the forward pass; positions where it is 0 contribute
-nothing (per-token rows there are 0).
+nothing (per-token rows there are 0). A module whose input is 2-D must have the batch on its first axis
+(with a mask set, a ``(B * T, I)`` input is refused).
+
+What is collected. Each hooked module's own calls: for a weight also used elsewhere (an ``lm_head`` tied to
+the embedding) only the Linear's share of that weight's gradient. A frozen module (``requires_grad=False``)
+whose input requires grad still gives its true gradient; one whose output cannot require grad (nothing
+upstream does) is refused by its forward pass rather than given zero rows. In-place ops on a hooked output
+(``nn.ReLU(inplace=True)``) are fine. Each forward may be backpropagated once while its batch is pending: a
+second backward through it (``retain_graph=True``, several losses) raises; backpropagate the losses' sum, or
+``collect()`` first. Gradient checkpointing: with ``use_reentrant=False`` either backward works; with
+``use_reentrant=True`` use ``loss.backward()`` (:meth:`backward` refuses: ``torch.autograd.grad`` would skip the
+recomputation), and the recomputed forward uses the mask the first forward ran under.
 
 Memory. The forward hook keeps a reference to each hooked module's input (the same storage
 autograd already saves for the weight gradient, so no copy) only until that module's output
@@ -51,6 +62,7 @@ import fnmatch
 import functools
 import math
 import numbers
+import sys
 import warnings
 from collections import OrderedDict
 from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -81,8 +93,6 @@ def _module_kind(module: nn.Module) -> Optional[str]:
     """
     if isinstance(module, nn.Linear):
         return "linear"
-    import sys
-
     pu = sys.modules.get("transformers.pytorch_utils")
     conv1d = getattr(pu, "Conv1D", None) if pu is not None else None
     if conv1d is not None and isinstance(module, conv1d):
@@ -118,6 +128,35 @@ def _check_scale(scale) -> None:
         raise ValueError(f"scale: expected a finite number, 'batch' or None, got {scale!r}")
 
 
+def _in_reentrant_checkpoint() -> bool:
+    """True inside the forward of ``torch.utils.checkpoint(..., use_reentrant=True)``: it runs its function
+    with grad disabled and runs it again inside the backward, where only that backward's own pass (not a
+    ``torch.autograd.grad`` restricted to the hooked outputs) reaches the recomputed modules."""
+    try:
+        from torch.utils.checkpoint import CheckpointFunction
+
+        code = CheckpointFunction.forward.__code__
+    except Exception:  # pragma: no cover - torch without it
+        return False
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code is code:
+            return True
+        f = f.f_back
+    return False
+
+
+def _in_checkpoint_recomputation() -> bool:
+    """True while non-reentrant ``torch.utils.checkpoint`` recomputes a forward inside the backward pass, only
+    to refill the tensors its graph saved: those recomputed outputs never receive a gradient."""
+    try:
+        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    except Exception:  # pragma: no cover - private API moved
+        return False
+    pack = top[0] if top else None
+    return getattr(pack, "__qualname__", "").startswith("_recomputation_hook.")
+
+
 def _shape(module: nn.Module, kind: str) -> Tuple[int, int]:
     """(O, I) of the gradient in nn.Linear layout (Conv1D stores its weight as (I, O))."""
     w = module.weight
@@ -131,10 +170,12 @@ def _shape(module: nn.Module, kind: str) -> Tuple[int, int]:
 class _Call:
     """State of one forward call of a hooked module, waiting for its output gradient."""
 
-    __slots__ = ("a", "gen", "mask", "mask_all", "version")
+    __slots__ = ("a", "gen", "mask", "mask_all", "version", "shape")
 
-    def __init__(self, a: Tensor, mask: Optional[Tensor], mask_all: bool, gen: int) -> None:
+    def __init__(self, a: Tensor, mask: Optional[Tensor], mask_all: bool, gen: int,
+                 shape: Tuple[int, ...] = ()) -> None:
         self.a: Optional[Tensor] = a
+        self.shape = shape  # the module output's shape (the gradient may arrive in its un-viewed base's shape)
         self.mask = mask
         self.mask_all = mask_all
         self.gen = gen
@@ -230,6 +271,9 @@ class GradientCollector:
         self._forward_shapes: Dict[str, Tuple[int, ...]] = {}
         self._edges: Dict[int, object] = {}  # id(call) -> autograd edge of its output, until its gradient arrives
         self._nograd_calls = 0  # hooked forwards skipped since the last collect/reset: grad was disabled
+        # mask of the hooked forwards run (grad disabled) inside torch.utils.checkpoint(use_reentrant=True) since
+        # the last collect/reset, for their recomputation in the backward pass; None: there were none
+        self._ckpt_mask: Optional[Tuple[Optional[Tensor], bool]] = None
         self._dropped = False  # detach() dropped collected gradients nobody collected
 
     # ------------------------------------------------------------------ selection
@@ -353,6 +397,7 @@ class GradientCollector:
         self._forward_shapes.clear()
         self._edges.clear()
         self._nograd_calls = 0
+        self._ckpt_mask = None
 
     def set_mask(self, mask: Optional[Tensor]) -> None:
         """Padding mask ``(B, T)`` (0/1 or bool) for the NEXT forward pass; ``None`` clears it."""
@@ -386,10 +431,20 @@ class GradientCollector:
             raise
 
     def _on_forward(self, name: str, args: tuple, kwargs: dict, output) -> None:
-        if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
-            if not torch.is_grad_enabled():
-                self._nograd_calls += 1
+        if not torch.is_grad_enabled():
+            self._nograd_calls += 1
+            if _in_reentrant_checkpoint():  # runs again in the backward pass, with grad: remember the mask
+                self._ckpt_mask = (self._mask, self._mask_all)
             return
+        if not isinstance(output, Tensor):
+            return
+        if _in_checkpoint_recomputation():
+            return  # non-reentrant checkpointing refilling saved tensors: this output never gets a gradient
+        if not output.requires_grad:
+            raise ValueError(f"modules: {name!r} ran forward with grad enabled, but its output does not require "
+                             "grad (its weight is frozen, requires_grad=False, and so is everything its input "
+                             "depends on), so no gradient can reach it and its rows would be zeros; unfreeze its "
+                             "weight or leave it out of `modules`")
         if name in self._grads:
             raise RuntimeError(f"GradientCollector: module {name!r} ran forward again after its gradient "
                                "was collected; call collect() (or reset()) after each backward pass "
@@ -402,27 +457,54 @@ class GradientCollector:
                              f"{tuple(x.shape)}; expected (B, ..., I)")
         # (B, T) as _project sees it: every axis between batch and features is a token axis.
         shape = (int(x.shape[0]),) + ((int(math.prod(x.shape[1:-1])),) if x.dim() > 2 else (1,))
-        mask = self._mask
+        mask, mask_all = self._mask, self._mask_all
+        if self._ckpt_mask is not None and torch._C._current_autograd_node() is not None:
+            # reentrant checkpointing recomputing its forward in the backward pass, maybe after `with col.batch(mask):`
+            # ended: use the mask its first (grad-disabled) forward ran under
+            mask, mask_all = self._ckpt_mask
         # Validate everything before any tensor hook is registered or anything is stored.
         if mask is not None and x.dim() > 2 and tuple(mask.shape) != shape:
             raise ValueError(f"mask: expected shape (batch, tokens) = {shape} to match the input "
                              f"{tuple(x.shape)} of module {name!r}, got {tuple(mask.shape)}")
+        if mask is not None and x.dim() == 2 and int(mask.shape[0]) != shape[0]:
+            # e.g. tokens flattened to (B * T, I) before the module: its rows are not examples, and the mask
+            # cannot be applied to them
+            raise ValueError(f"mask: has {int(mask.shape[0])} rows (examples), but module {name!r} got a 2-D input "
+                             f"{tuple(x.shape)}; its first axis must be the batch (do not flatten the tokens "
+                             "into it), or leave the module out")
         prev = self._forward_shapes.get(name)
         if prev is not None and prev != shape and (self.per_token or prev[0] != shape[0]):
             raise RuntimeError(f"GradientCollector: module {name!r} was called with inputs of shapes "
                                f"(B, T) = {prev} and {shape} in one batch")
-        call = _Call(x.detach(), mask, self._mask_all, self._gen)
-        output.register_hook(functools.partial(self._grad_hook, name, call))
-        self._edges[id(call)] = torch.autograd.graph.get_gradient_edge(output)
+        call = _Call(x.detach(), mask, mask_all, self._gen, tuple(output.shape))
+        target = output
+        base = output._base
+        if (base is not None and base.requires_grad and base.grad_fn is not None and base.numel() == output.numel()
+                and base.is_contiguous() and output.is_contiguous() and base.data_ptr() == output.data_ptr()):
+            # Linear / Conv1D on (B, T, I) return a view of a (B*T, O) matmul result. An in-place op on that view
+            # (nn.ReLU(inplace=True), y.mul_(s)) rebases its history and a hook on the view would never fire; the
+            # base's node stays in the graph and receives the same gradient (in the base's shape).
+            target = base
+        target.register_hook(functools.partial(self._grad_hook, name, call))
+        self._edges[id(call)] = torch.autograd.graph.get_gradient_edge(target)
         self._forward_shapes[name] = shape
 
     def _grad_hook(self, name: str, call: _Call, grad: Tensor) -> None:
         a = call.a
         self._edges.pop(id(call), None)
-        if a is None or call.gen != self._gen:
+        if call.gen != self._gen:
             call.a = None
             return None
+        if a is None:  # its gradient already arrived: a second backward pass through this forward
+            self._drop_batch()
+            raise RuntimeError(
+                f"GradientCollector: module {name!r} received a second output gradient for the same forward pass "
+                "(backward ran twice through it, with retain_graph=True, or a double backward); its activation "
+                "was released after the first, so the second cannot be added. Backpropagate the sum of the "
+                "losses once, or call collect() before backpropagating again (the batch has been dropped)")
         call.a = None  # release the activation as soon as it is used
+        if call.shape and tuple(grad.shape) != call.shape:
+            grad = grad.reshape(call.shape)  # it arrived in the shape of the output's un-viewed base
         try:
             if a._version != call.version:
                 raise RuntimeError(
@@ -466,6 +548,11 @@ class GradientCollector:
             raise TypeError(f"loss: expected a tensor, got {type(loss).__name__}")
         if not loss.requires_grad:
             raise ValueError("loss: does not require grad (was the forward pass run under no_grad?)")
+        if self._ckpt_mask is not None:
+            raise RuntimeError("GradientCollector.backward: hooked modules ran inside torch.utils.checkpoint with "
+                               "use_reentrant=True, whose recomputation torch.autograd.grad restricted to the "
+                               "hooked outputs skips (their rows would be zeros); call loss.backward() instead, "
+                               "or checkpoint with use_reentrant=False")
         if not self._edges:
             raise RuntimeError("GradientCollector.backward: no hooked module ran forward with grad enabled "
                                "since the last collect(); is the collector attached (`with col:`)?")
