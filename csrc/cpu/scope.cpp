@@ -5,6 +5,7 @@
 // parallel over scopes; each scope's block scores are computed once (one read of x), the
 // selection runs on them in place (rank counting for small scopes, nth_element for large
 // ones), and the result is written straight out (mask, zeroed blocks, per-scope value).
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -200,6 +201,15 @@ void for_scopes(const Layout& Y, int64_t work_per_scope, const F& f) {
 }
 
 std::vector<int64_t> to_vec(c10::IntArrayRef a) { return std::vector<int64_t>(a.begin(), a.end()); }
+
+// A read-side tensor that shares x's storage, copied before x is written (scopes run in parallel and
+// in tiles: a scope would otherwise score values another scope has already zeroed). Same rule as the
+// CUDA host code (csrc/cuda/scope.cu).
+at::Tensor detach_from(const at::Tensor& t, const at::Tensor& x) {
+  if (t.numel() > 0 && t.has_storage() && x.has_storage() && t.storage().is_alias_of(x.storage()))
+    return t.clone(at::MemoryFormat::Contiguous);
+  return t;
+}
 
 // ---------------------------------------------------------------- small flat scopes (N:M and friends)
 //
@@ -748,11 +758,17 @@ at::Tensor scope_hard_threshold_cpu(at::Tensor& x, const std::optional<at::Tenso
   const int64_t nb = prod(scope_shape);
   TORCH_CHECK_VALUE(nnz >= 0 && nnz <= nb, "scope_hard_threshold_: nnz: expected 0 <= nnz <= ", nb, ", got ", nnz);
   at::Tensor v = values.has_value() ? *values : x;
+  bool v_is_x = true;
   if (values.has_value()) {
     check_companion(v, x, x.sizes(), "values", "scope_hard_threshold_");
     TORCH_CHECK_TYPE(v.scalar_type() == x.scalar_type(), "scope_hard_threshold_: values: dtype ", v.scalar_type(),
                      " differs from x's ", x.scalar_type());
+    v_is_x = v.data_ptr() == x.data_ptr() && v.strides() == x.strides();
   }
+  // an x that covers an element twice would be zeroed by one scope while another scores it (as torch's
+  // in-place ops and the CUDA / Triton backends, refuse it)
+  at::assert_no_internal_overlap(x);
+  if (!v_is_x) v = detach_from(v, x);  // x is zeroed while v is read
   Layout Y = make_layout(x.sizes(), x.strides(), v.strides(), block_shape, scope_shape);
   at::Tensor out = at::empty(Y.grid, x.options().dtype(at::kBool));
   if (out.numel() == 0) return out;
@@ -789,8 +805,9 @@ void block_apply_mask_cpu(at::Tensor& x, c10::IntArrayRef block_shape, const at:
   check_layout(x, block_shape, c10::nullopt, "block_apply_mask_");
   auto grid = grid_shape(x, block_shape);
   check_companion(block_mask, x, grid, "block_mask", "block_apply_mask_", true);
+  at::assert_no_internal_overlap(x);
   if (x.numel() == 0) return;
-  at::Tensor m = block_mask.contiguous();
+  at::Tensor m = detach_from(block_mask, x).contiguous();
   Layout Y = make_layout(x.sizes(), x.strides(), x.strides(), block_shape, {});
   Walk wex(Y.lv[2], kX);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "block_apply_mask_", [&] {
@@ -815,10 +832,11 @@ void block_soft_threshold_cpu(at::Tensor& x, c10::IntArrayRef block_shape, const
   if (conditioner.has_value()) check_companion(*conditioner, x, x.sizes(), "conditioner", op);
   TORCH_CHECK_VALUE(max_iter >= 0, op, ": max_iter: expected >= 0, got ", max_iter);
   TORCH_CHECK_VALUE(atol >= 0 && eps >= 0, op, ": atol and eps must be >= 0");
+  at::assert_no_internal_overlap(x);
   if (x.numel() == 0) return;
   const at::ScalarType acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor t = thresholds.to(acc_type).contiguous();
-  at::Tensor h = conditioner.has_value() ? conditioner->to(acc_type) : at::Tensor();
+  at::Tensor t = detach_from(thresholds.to(acc_type).contiguous(), x);
+  at::Tensor h = conditioner.has_value() ? detach_from(conditioner->to(acc_type), x) : at::Tensor();
   Layout Y = make_layout(x.sizes(), x.strides(), h.defined() ? h.strides() : x.strides(), block_shape, {});
   Walk wex(Y.lv[2], kX), wev(Y.lv[2], kV);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "block_soft_threshold_", [&] {

@@ -21,7 +21,25 @@ Where SparseKit 0.1.5 is wrong, gradkit does not follow it:
 tensor's element count); ``numel_per_scope`` counts elements (SparseKit: blocks);
 ``ScopeCoupling.hard_threshold(values=...)`` compares the thresholds with ``values``' norms
 (SparseKit: with the weights' own norms); ScopeSpec and ScopeCoupling break ties the same way;
-a block whose norm is NaN is zeroed by ``hard_threshold`` (SparseKit keeps it: NaN < t is False).
+a block whose norm is NaN is zeroed by ``hard_threshold`` (SparseKit keeps it: NaN < t is False);
+``sparsity_to_nnz`` counts a product within float rounding of an integer as that integer
+(SparseKit's ``int(0.29 * 100)`` is 28); NaN thresholds, and negative ``soft_threshold`` ones,
+are refused (SparseKit zeroes / keeps everything, or scales blocks up).
+
+Precision: selection ranks float32 scores (float64 for float64 tensors) everywhere - fp16 / bf16
+norms are not rounded to the weight's dtype before couplings or the one-huge-scope path rank them,
+``values`` of another dtype than the weight are ranked in their own precision, and thresholds are
+compared in the promoted dtype of norms and thresholds. ``soft_threshold``'s default ``eps`` is the
+machine epsilon of the thresholds' dtype (SparseKit's rule; bf16's own 7.8e-3 would visibly shrink
+small blocks less). Scores are sums in each backend's own order, so they agree across backends to
+rounding, not bitwise: blocks that tie only in exact arithmetic (the same values in another order)
+can be ranked differently by the CPU, Triton and CUDA kernels; equal computed scores (e.g.
+integer-valued data, single-element blocks) follow the tie rule on every backend.
+
+Autograd: every in-place update (hard / soft thresholding, ``keep_blocks``, ``apply_mask``,
+``apply_multiplier``, ``set_data``) bumps the parameter's version counter (``View.data`` is a
+detached view sharing it), so a backward that saved the dense weight raises instead of silently
+using the pruned one. Prune after ``backward()`` / ``step()``, or build a fresh graph.
 """
 from __future__ import annotations
 
@@ -97,6 +115,48 @@ def _aligned(owner: str, items, cls, what: str, orders, describe):
     return items, orders, [_inverse(o) for o in orders], ref
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _check_thresholds(t: Tensor, what: str = "thresholds", nonneg: bool = False) -> None:
+    """NaN thresholds are refused (a NaN comparison would silently zero, or keep, every block);
+    ``nonneg``: so are negative ones (a negative group-lasso threshold scales blocks *up*)."""
+    if not isinstance(t, Tensor) or not t.is_floating_point() or t.numel() == 0:
+        return  # the shape / dtype checks downstream name the problem
+    if bool(torch.isnan(t).any()):
+        raise ValueError(f"{what}: NaN threshold(s)")
+    if nonneg and bool((t < 0).any()):
+        raise ValueError(f"{what}: expected thresholds >= 0, got a minimum of {float(t.min())}")
+
+
+def _at_least(a: Tensor, t: Tensor) -> Tensor:
+    """``a >= t`` in the promoted dtype (neither side rounded to the other's precision)."""
+    dt = torch.promote_types(a.dtype, t.dtype)
+    return a.to(dt) >= t.to(dt)
+
+
+def _default_eps(thresholds: Tensor, eps: Optional[float]) -> Optional[float]:
+    """SparseKit's default: the machine epsilon of the *thresholds'* dtype (a float32 threshold on a
+    bf16 weight gets float32's 1.2e-7, not bf16's 7.8e-3, which would shift every small block)."""
+    if eps is None and isinstance(thresholds, Tensor) and thresholds.is_floating_point():
+        return float(torch.finfo(thresholds.dtype).eps)
+    return eps
+
+
+def _acc_norms(x: Tensor, block_shape: Sequence[int], p: float) -> Tensor:
+    """Block norms in the accumulation dtype (float32 for fp16 / bf16 x, else x's dtype), for ranking:
+    ``ops.block_norms`` rounds them to x's dtype, which ties blocks whose float32 scores differ (and
+    the tie then goes to the lower index, not the larger score). Half tensors are widened in slices
+    of whole blocks along dim 0, so the float32 copy stays bounded."""
+    if x.dtype not in _HALF:
+        return ops.block_norms(x, block_shape, p)
+    step = block_shape[0] * max(1, (1 << 24) // max(1, x[0:block_shape[0]].numel()))
+    if x.shape[0] <= step:
+        return ops.block_norms(x.float(), block_shape, p)
+    parts = [ops.block_norms(x[i:i + step].float(), block_shape, p) for i in range(0, x.shape[0], step)]
+    return torch.cat(parts, dim=0)
+
+
 # --------------------------------------------------------------------------- View
 
 
@@ -165,12 +225,21 @@ class View:
 
     @property
     def data(self) -> Tensor:
-        p = self.param.data
+        """The live view, detached from autograd but sharing the parameter's version counter: an
+        in-place update through it makes a backward that saved the parameter raise instead of
+        silently using the updated weights (``param.data`` has a counter of its own)."""
+        p = self.param.detach()
         return p.as_strided(self.shape, self.stride, p.storage_offset() + self.offset)
 
     @data.setter
     def data(self, value: Tensor) -> None:
         self.data.copy_(value)
+
+    def bump_version(self) -> None:
+        """Marks the parameter as modified in place (after a gradkit op wrote into it: custom ops do
+        not bump the autograd version counter themselves)."""
+        if not self.param.is_inference():
+            torch.autograd.graph.increment_version(self.param)
 
     @property
     def ndim(self) -> int:
@@ -308,6 +377,9 @@ class BlockSpec(SparseBlock):
     def numel_per_block(self) -> int:
         return math.prod(self.shape)
 
+    def _wrote(self) -> None:
+        self.view.bump_version()
+
     def blocks(self) -> List["BlockSpec"]:
         return [self]
 
@@ -354,6 +426,10 @@ class BlockSpec(SparseBlock):
         """Lp norm of every block (grid-shaped), one fused pass, no copy of strided views."""
         return ops.block_norms(self.resolve(values), self.shape, p)
 
+    def _rank_norms(self, values: Values = None, p: float = 2) -> Tensor:
+        """Norms for ranking: float32 (not rounded to fp16 / bf16) for half tensors."""
+        return _acc_norms(self.resolve(values), self.shape, p)
+
     def min(self, values: Values = None) -> Tensor:
         return torch.amin(_blocked(self.resolve(values), self.shape), dim=tuple(range(1, 2 * self.ndim, 2)))
 
@@ -371,6 +447,7 @@ class BlockSpec(SparseBlock):
         """Zero every block where the grid-shaped bool ``keep`` is False (exact zeros)."""
         self._check_grid(keep, "keep")
         ops.block_apply_mask_(self.view.data, self.shape, keep.to(torch.bool))
+        self._wrote()
 
     def apply_mask(self, mask: Tensor) -> None:
         """Zero every block where ``mask`` is True (SparseKit's convention: the mask marks pruned blocks)."""
@@ -384,19 +461,27 @@ class BlockSpec(SparseBlock):
 
     def hard_threshold(self, thresholds: Tensor, values: Values = None, p: float = 2) -> Tensor:
         """Zero blocks whose norm (of ``values``, else of the weights) is below ``thresholds``
-        (grid-shaped) or NaN. Returns the grid keep-mask."""
+        (grid-shaped) or NaN. Returns the grid keep-mask. The comparison runs in the promoted dtype
+        of the norms and the thresholds (a float32 threshold is not rounded to a bf16 weight's
+        precision); NaN thresholds are refused."""
         self._check_grid(thresholds, "thresholds")
-        keep = self.norms(values, p) >= thresholds.to(self.view.data.dtype)
+        _check_thresholds(thresholds)
+        keep = _at_least(self.norms(values, p), thresholds)
         ops.block_apply_mask_(self.view.data, self.shape, keep)
+        self._wrote()
         return keep
 
     def soft_threshold(self, block_thresholds: Tensor, conditioners: Values = None, max_iter: int = 20,
                        atol: float = 1e-8, eps: Optional[float] = None) -> None:
-        """Group-lasso proximal step per block (diagonal metric ``conditioners`` solved by bisection)."""
+        """Group-lasso proximal step per block (diagonal metric ``conditioners`` solved by bisection).
+        ``eps`` defaults to the machine epsilon of the thresholds' dtype (SparseKit's rule);
+        negative or NaN thresholds are refused."""
         self._check_grid(block_thresholds, "thresholds")
+        _check_thresholds(block_thresholds, nonneg=True)
         cond = None if conditioners is None else self.resolve(conditioners, "conditioners")
         ops.block_soft_threshold_(self.view.data, self.shape, block_thresholds, conditioner=cond,
-                                  max_iter=max_iter, atol=atol, eps=eps)
+                                  max_iter=max_iter, atol=atol, eps=_default_eps(block_thresholds, eps))
+        self._wrote()
 
     # --- masks
     def get_masks(self, block_masks: Tensor) -> Dict["BlockSpec", Tensor]:
@@ -464,7 +549,9 @@ class BlockCoupling(SparseBlock):
         return t.permute(self._reverse_orders[i]).contiguous()
 
     def norms(self, values: Values = None, p: float = 2) -> Tensor:
-        parts = [self._to_common(s.norms(self._values_for(values, s), p), i) for i, s in enumerate(self.specs)]
+        """Norms over the union of the coupled blocks, in float32 (float64 when the first spec's
+        values are float64); each spec's part is combined unrounded (float32 for fp16 / bf16)."""
+        parts = [self._to_common(s._rank_norms(self._values_for(values, s), p), i) for i, s in enumerate(self.specs)]
         acc = torch.float64 if parts[0].dtype == torch.float64 else torch.float32
         if math.isinf(p):
             out = parts[0].to(acc)
@@ -511,16 +598,19 @@ class BlockCoupling(SparseBlock):
 
     def hard_threshold(self, thresholds: Tensor, values: Values = None, p: float = 2) -> Tensor:
         self._check_grid(thresholds, "thresholds")
-        keep = self.norms(values, p) >= thresholds.to(torch.float64 if thresholds.dtype == torch.float64 else
-                                                      torch.float32)
+        _check_thresholds(thresholds)
+        keep = _at_least(self.norms(values, p), thresholds)
         self.keep_blocks(keep)
         return keep
 
     def soft_threshold(self, block_thresholds: Tensor, conditioners: Values = None, max_iter: int = 20,
                        atol: float = 1e-8, eps: Optional[float] = None) -> None:
-        """Joint group-lasso step over the coupled blocks (one norm per coupled block)."""
+        """Joint group-lasso step over the coupled blocks (one norm per coupled block). ``eps``
+        defaults to the machine epsilon of the thresholds' dtype (SparseKit's rule)."""
         self._check_grid(block_thresholds, "thresholds")
+        _check_thresholds(block_thresholds, nonneg=True)
         dt = self.specs[0].view.data.dtype
+        eps = _default_eps(block_thresholds, eps)
         eps = float(torch.finfo(dt).eps) if eps is None else eps
         acc = torch.float64 if dt == torch.float64 else torch.float32
         t = block_thresholds.to(acc)
@@ -529,7 +619,7 @@ class BlockCoupling(SparseBlock):
             scale = (1 - t / (n + eps)).clamp(min=0.0)
             scale = torch.where(torch.isnan(n), torch.zeros_like(scale), scale)
             for i, s in enumerate(self.specs):
-                s.apply_multiplier(self._from_common(scale, i).to(dt))
+                s.apply_multiplier(self._from_common(scale, i))  # in acc: x * scale rounds once
                 s.keep_blocks(self._from_common(~torch.isnan(n), i))
             return
         if not isinstance(conditioners, Mapping):
@@ -561,7 +651,7 @@ class BlockCoupling(SparseBlock):
         for i, s in enumerate(self.specs):
             y = hw[s] / (h[s] + spread(mu, i, s))
             y = torch.where(spread(dead, i, s), torch.zeros_like(y), y)
-            s.set_data(y.to(dt))
+            s.set_data(y)  # copy_ rounds once, to each spec's own dtype
 
     def get_masks(self, block_masks: Tensor) -> Dict[BlockSpec, Tensor]:
         self._check_grid(block_masks, "block_masks")
@@ -614,11 +704,16 @@ class SparseScope:
         return self.numscp() * self.numblk_per_scope()
 
     def sparsity_to_nnz(self, sparsity: float) -> int:
-        """Blocks to keep per scope for a pruned fraction ``sparsity`` in [0, 1]."""
+        """Blocks to keep per scope for a pruned fraction ``sparsity`` in [0, 1]: ``n - floor(sparsity * n)``,
+        where a product within float rounding of an integer counts as that integer (``0.29`` of 100 blocks
+        prunes 29; SparseKit's ``int(0.29 * 100)`` is 28, the float product being 28.999999999999996)."""
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= 1:
             raise ValueError(f"sparsity: expected a number in [0, 1], got {sparsity!r}")
         n = self.numblk_per_scope()
-        return max(n - int(sparsity * n), 0)
+        prod = float(sparsity) * n
+        near = round(prod)
+        pruned = near if abs(prod - near) <= 1e-9 * max(1.0, prod) else math.floor(prod)
+        return max(n - pruned, 0)
 
     def _check_nnz(self, nnz) -> int:
         if isinstance(nnz, bool) or not isinstance(nnz, int):
@@ -691,7 +786,9 @@ class ScopeSpec(SparseScope):
         return self.block if isinstance(self.block, BlockSpec) else None
 
     def _grid_scores(self, values: Values, p: float) -> Tensor:
-        return self.block.norms(values, p)
+        """Grid-shaped norms for ranking (float32, not rounded to fp16 / bf16)."""
+        b = self.block
+        return b._rank_norms(values, p) if isinstance(b, BlockSpec) else b.norms(values, p)
 
     def block_norms(self, values: Values = None, p: float = 2) -> Tensor:
         """``(*grid_shape, numblk_per_scope)`` block norms in scope layout."""
@@ -736,7 +833,7 @@ class ScopeSpec(SparseScope):
         if spec is not None:
             x = spec.resolve(values)
             if self.numscp() == 1 and self.numblk_per_scope() > 1 << 16 and not keep_ties:
-                return _global_keep(ops.block_norms(x, spec.shape, p), nnz)
+                return _global_keep(_acc_norms(x, spec.shape, p), nnz)
             return ops.scope_mask(x, spec.shape, self.shape, nnz, p=p, keep_ties=keep_ties, expand=False)
         g = self.block.norms(values, p)
         if self.numscp() == 1 and self.numblk_per_scope() > 1 << 16 and not keep_ties:
@@ -791,10 +888,13 @@ class ScopeSpec(SparseScope):
         spec = self._single()
         if spec is not None and not (self.numscp() == 1 and self.numblk_per_scope() > 1 << 16 and not keep_ties):
             v = None if values is None else spec.resolve(values)
-            if v is not None and v.dtype != spec.view.data.dtype:
-                v = v.to(spec.view.data.dtype)
-            return ops.scope_hard_threshold_(spec.view.data, spec.shape, self.shape, nnz, values=v, p=p,
-                                             keep_ties=keep_ties)
+            if v is None or v.dtype == spec.view.data.dtype:
+                keep = ops.scope_hard_threshold_(spec.view.data, spec.shape, self.shape, nnz, values=v, p=p,
+                                                 keep_ties=keep_ties)
+                spec._wrote()
+                return keep
+            # values of another dtype are ranked in their own precision (rounding float32 values to a
+            # bf16 weight's dtype would tie, and so reorder, blocks that differ), then applied
         keep = self.block_keep(nnz, values=values, ties=ties, p=p)
         self.block.keep_blocks(keep)
         return keep
@@ -815,6 +915,15 @@ class ScopeSpec(SparseScope):
 
     def __hash__(self) -> int:
         return hash((hash(self.block), self.shape))
+
+
+def _check_conditioner(spec: BlockSpec, h: Tensor) -> None:
+    """What ``ops.block_soft_threshold_`` checks of a conditioner, ahead of a multi-tensor update."""
+    x = spec.view.data
+    if not isinstance(h, Tensor) or h.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise TypeError(f"conditioners: dtype {getattr(h, 'dtype', type(h).__name__)} not supported")
+    if h.device != x.device:
+        raise ValueError(f"conditioners: on {h.device} but the weight is on {x.device}")
 
 
 def _global_keep(g: Tensor, nnz: int) -> Tensor:
@@ -872,7 +981,7 @@ class ScopeCoupling(SparseScope):
         """``(*grid_shape, numblk_per_scope)``: each scope's merged norms, concatenated in list order."""
         parts = []
         for o, s in zip(self.orders, self.scopes):
-            parts.append(s.block_norms(values, p).permute(*o, len(o)))
+            parts.append(s.block_to_scope(s._grid_scores(values, p), merge=True).permute(*o, len(o)))
         acc = torch.float64 if any(q.dtype == torch.float64 for q in parts) else torch.float32
         return torch.cat([q.to(acc) for q in parts], dim=-1)
 
@@ -923,7 +1032,7 @@ class ScopeCoupling(SparseScope):
         """One aligned scope over every spec (global selection across tensors): the multi-tensor
         radix select on each spec's block norms, no concatenated copy. Returns each scope's
         grid-shaped keep mask."""
-        norms = [s.block.norms(values, p) for s in self.scopes]
+        norms = [s._grid_scores(values, p) for s in self.scopes]
         dt = torch.promote_types(norms[0].dtype, torch.float32)
         for q in norms[1:]:
             dt = torch.promote_types(dt, q.dtype)
@@ -975,8 +1084,9 @@ class ScopeCoupling(SparseScope):
         else:
             if not isinstance(thresholds, Tensor) or tuple(thresholds.shape) != self.grid_shape:
                 raise ShapeMismatchError(self.grid_shape, getattr(thresholds, "shape", ()), "thresholds")
+            _check_thresholds(thresholds)
             b = self.block_norms(values, p)
-            joint = b >= thresholds.to(b.dtype).unsqueeze(-1)
+            joint = _at_least(b, thresholds.unsqueeze(-1))
         for s, part in self._split(joint):
             s.block.keep_blocks(s._unmerge(part))
         return joint
@@ -985,6 +1095,14 @@ class ScopeCoupling(SparseScope):
                        max_iter: int = 20, atol: float = 1e-8, eps: Optional[float] = None) -> None:
         if not isinstance(thresholds, Tensor) or tuple(thresholds.shape) != self.grid_shape:
             raise ShapeMismatchError(self.grid_shape, getattr(thresholds, "shape", ()), "thresholds")
+        _check_thresholds(thresholds, nonneg=True)
+        if conditioners is not None:  # every scope's conditioners, before the first scope is written
+            for s in self.scopes:
+                for b in s.blocks():
+                    if isinstance(s.block, BlockCoupling) and not isinstance(conditioners, Mapping):
+                        raise ValueError("conditioners: a BlockCoupling needs a mapping {BlockSpec: tensor}")
+                    _check_conditioner(b, b.resolve(conditioners, "conditioners"))
+        eps = _default_eps(thresholds, eps)
         for ro, s in zip(self._reverse_orders, self.scopes):
             s.soft_threshold(thresholds.permute(ro).contiguous(), conditioners=conditioners, scale=scale,
                              max_iter=max_iter, atol=atol, eps=eps)

@@ -18,7 +18,20 @@ wrong or inconsistent (see ``gradkit.scope``):
 * NaN block scores are never kept (SparseKit keeps NaN blocks in hard_threshold and ranks
   NaN above everything in kth_largest);
 * ``kth_largest`` / ``mid_kth_largest`` ignore NaN (a scope with fewer than k valid scores
-  gives -inf).
+  gives -inf);
+* ``sparsity_to_nnz``: a product within float rounding of an integer is that integer (SparseKit's
+  ``int(0.29 * 100)`` keeps 72 of 100 blocks for sparsity 0.29; gradkit keeps 71);
+* NaN thresholds (hard or soft) and negative soft thresholds raise ValueError, the weights
+  untouched (SparseKit zeroes or keeps every block, fills NaN, or scales blocks up);
+* thresholds are compared with the norms in their promoted dtype (the same as SparseKit); fp16 /
+  bf16 blocks are ranked by float32 norms (SparseKit ranks norms rounded to the weight's dtype,
+  so blocks closer than that rounding can differ, as ties);
+* pruned elements are exactly +0.0 (SparseKit multiplies by 0: -0.0 for negative weights, NaN for
+  infinite ones);
+* in-place updates bump the parameter's autograd version counter (SparseKit writes through
+  ``.data``, so a backward that saved the dense weight silently used the pruned one);
+* ``View`` needs a contiguous parameter (SparseKit accepts a transposed one, ``BlockSpec(W.t())``:
+  for W of shape (r, c), ``BlockSpec(View(W, (c, r), (1, c)), ...)`` walks ``W.t()`` in place).
 """
 from __future__ import annotations
 

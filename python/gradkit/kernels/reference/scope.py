@@ -11,7 +11,9 @@ numbered row-major over their in-scope coordinates; that number is the block's
 Scores. A block's score is ``sum |x|^p`` over its elements (``max |x|`` for
 ``p = inf``; ``|x|`` for single-element blocks, whatever p), accumulated in float32 (float64 for float64 inputs). That is a monotone
 function of the block's Lp norm, so ranking by it ranks by norm; values returned to
-the user (``block_norms``, ``scope_kth``) are norms, ``score ** (1/p)``. With
+the user (``block_norms``, ``scope_kth``) are norms, ``score ** (1/p)``. The summation order is
+each backend's own: scores agree across backends to rounding, not bitwise, so blocks that tie only
+in exact arithmetic may rank differently per backend (equal computed scores follow the tie rule). With
 ``raw=True`` the blocks must be single elements and the score is the signed value.
 
 Selection (``nnz`` blocks per scope, ``0 <= nnz <= prod(s)``):
@@ -19,6 +21,8 @@ Selection (``nnz`` blocks per scope, ``0 <= nnz <= prod(s)``):
   an equal score going to the lower in-scope index, so N:M patterns always hold;
 * ``keep_ties``: keep every block whose score is ``>=`` the ``nnz``-th largest (the
   seed's rule); ``nnz = 0`` keeps nothing.
+* In-place ops refuse an ``x`` that covers an element twice (torch's in-place rule), and read
+  ``values`` / ``conditioner`` / thresholds that share x's storage as they were before x is written.
 * NaN scores are never kept and never counted: a scope with fewer valid scores
   than ``nnz`` keeps all of its valid ones. ``scope_kth`` returns ``-inf`` for such a
   scope (every valid block passes a ``>=`` test against it).
@@ -167,8 +171,16 @@ def scope_mask(x: torch.Tensor, block_shape: List[int], scope_shape: List[int], 
     return expand_blocks(bm, block_shape).contiguous() if expand else bm
 
 
+def check_inplace(x: torch.Tensor) -> None:
+    """An in-place op's x must not cover an element twice (torch's in-place rule; every backend checks)."""
+    if torch._debug_has_internal_overlap(x) == 1:
+        raise RuntimeError("unsupported operation: more than one element of the written-to tensor refers to a single "
+                           "memory location. Please clone() the tensor before performing the operation.")
+
+
 def block_apply_mask_(x: torch.Tensor, block_shape: List[int], block_mask: torch.Tensor) -> None:
     """Set every element of the blocks where ``block_mask`` is False to exactly 0."""
+    check_inplace(x)
     em = expand_blocks(block_mask, block_shape)
     x.masked_fill_(~em, 0)
 
@@ -176,6 +188,7 @@ def block_apply_mask_(x: torch.Tensor, block_shape: List[int], block_mask: torch
 def scope_hard_threshold_(x: torch.Tensor, values: Optional[torch.Tensor], block_shape: List[int],
                           scope_shape: List[int], nnz: int, p: float, keep_ties: bool) -> torch.Tensor:
     """Zero x's blocks not selected (scores from ``values`` when given, else x); returns the grid keep-mask."""
+    check_inplace(x)
     bm = scope_block_mask(x if values is None else values, block_shape, scope_shape, nnz, p, False, keep_ties)
     block_apply_mask_(x, block_shape, bm)
     return bm
@@ -194,6 +207,7 @@ def block_soft_threshold_(x: torch.Tensor, block_shape: List[int], thresholds: t
     blocks use the closed form ``x * max(0, 1 - (t / h) / (|x| + eps))``.
     Blocks whose norm is NaN are set to 0 (never kept).
     """
+    check_inplace(x)
     acc = acc_dtype(x.dtype)
     xb = _blocked(x.to(acc), block_shape)
     red = tuple(range(1, 2 * x.dim(), 2))

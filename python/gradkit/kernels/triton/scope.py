@@ -764,6 +764,17 @@ def _check_inplace(x: torch.Tensor) -> None:
                            "memory location. Please clone() the tensor before performing the operation.")
 
 
+def _detach_from(t: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """A read-side tensor sharing x's storage (other than x itself, same layout), copied before x is
+    written: programs run concurrently, so one would read values another has already zeroed (the
+    CPU and CUDA host code do the same)."""
+    if t is None or t.numel() == 0 or t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+        return t
+    if t.data_ptr() == x.data_ptr() and t.stride() == x.stride() and t.shape == x.shape:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _small_tiles(lay: _Layout):
     nbp = _np2(lay.nb)
     ec = min(_np2(lay.ne), TUNING["elem_chunk"])
@@ -924,6 +935,7 @@ def scope_hard_threshold_(x: torch.Tensor, values: Optional[torch.Tensor], block
     gm = torch.empty(_grid(x, block), dtype=torch.bool, device=x.device)
     if x.numel() == 0:
         return gm
+    values = _detach_from(values, x)
     src = x if values is None else values
     if not _scope_select(src, block, scope, int(nnz), p, False, keep_ties, gm, x, None):
         return _ref.scope_hard_threshold_(x, values, block, scope, nnz, p, keep_ties)
@@ -935,6 +947,7 @@ def block_apply_mask_(x: torch.Tensor, block_shape: List[int], block_mask: torch
     _check_inplace(x)
     if x.numel() == 0:
         return None
+    block_mask = _detach_from(block_mask, x)
     lay = _Layout(x.shape, block, [1] * x.dim(), [(x.stride(), "e"), (x.stride(), "e"), (block_mask.stride(), "g")])
     if not lay.ok:
         _ref.block_apply_mask_(x, block, block_mask)
@@ -949,6 +962,7 @@ def block_soft_threshold_(x: torch.Tensor, block_shape: List[int], thresholds: t
     _check_inplace(x)
     if x.numel() == 0:
         return None
+    thresholds, conditioner = _detach_from(thresholds, x), _detach_from(conditioner, x)
     h = conditioner if conditioner is not None else x
     lay = _Layout(x.shape, block, [1] * x.dim(), [(x.stride(), "e"), (h.stride(), "e"), (thresholds.stride(), "g")])
     if not lay.ok:
