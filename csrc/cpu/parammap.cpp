@@ -294,6 +294,11 @@ std::vector<Tensor> scatter_segments_cpu(const Tensor& flat, const c10::List<std
   }
   if (total == 0) return outs;
   const Tensor f = flat.contiguous();
+  // `flat * scale` as torch computes it: in flat's opmath type (float32 for float32 / float16 /
+  // bfloat16, with the scale rounded to float32), the reference's definition. The product of two
+  // floats is exact in double, so scatter_chunk's double multiply then float rounding gives exactly
+  // the float32 product.
+  const double fscale = f.scalar_type() == at::kDouble ? scale : static_cast<double>(static_cast<float>(scale));
   constexpr int64_t kFusedGrain = 1 << 13;  // positions per item: its zeroed range stays cache-sized
   const auto work = make_work(segs, [&](size_t i) { return fused[i] ? kFusedGrain : kGrain; });
   run_work(work, segs, [&](const WorkItem& it, const SegView& v, const Tensor& idx, std::atomic<bool>& bad) {
@@ -301,7 +306,7 @@ std::vector<Tensor> scatter_segments_cpu(const Tensor& flat, const c10::List<std
         using F = scalar_t;
         const F* fp = f.data_ptr<F>() + offs[it.seg];
         if (!idx.defined()) {
-          scatter_chunk<F, F, int32_t>(fp, nullptr, v, it.lo, it.hi, scale, false, bad);
+          scatter_chunk<F, F, int32_t>(fp, nullptr, v, it.lo, it.hi, fscale, false, bad);
           return;
         }
         AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "scatter_new_idx", [&] {
@@ -313,7 +318,7 @@ std::vector<Tensor> scatter_segments_cpu(const Tensor& flat, const c10::List<std
               std::memset(static_cast<F*>(v.data) + z_lo, 0, sizeof(F) * (z_hi - z_lo));
             }
           }
-          scatter_chunk<F, F, index_t>(fp, ip, v, it.lo, it.hi, scale, false, bad);
+          scatter_chunk<F, F, index_t>(fp, ip, v, it.lo, it.hi, fscale, false, bad);
         });
       });
   });

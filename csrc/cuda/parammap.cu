@@ -531,7 +531,11 @@ std::vector<Tensor> scatter_segments_cuda(const Tensor& flat, const c10::List<st
       outs.push_back(at::empty({n}, flat.options()));
     }
   }
-  scatter_impl(flat, index, outs, scale, false);
+  // `flat * scale` in flat's opmath type (float32 with a float32 scale unless flat is float64), like
+  // the reference and the CPU kernel: the product of two floats is exact in double (scatter_put).
+  const double fscale =
+      flat.scalar_type() == at::kDouble ? scale : static_cast<double>(static_cast<float>(scale));
+  scatter_impl(flat, index, outs, fscale, false);
   return outs;
 }
 

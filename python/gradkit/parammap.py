@@ -31,6 +31,7 @@ from gradkit import ops
 from gradkit._io import write_dir_atomic, write_safetensors
 
 REPRS = ("all", "mask", "bitmask", "indices")
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # what the kernels take
 _INT32_MAX = 2**31 - 1
 CONFIG = "config.json"
 INDICES_FILE = "mapping_indices.safetensors"
@@ -331,6 +332,11 @@ class ParamMap:
                 raise TypeError(f"{where.format(e.name)}: expected a tensor, got {type(t).__name__}")
             if tuple(t.shape) != e.shape:
                 raise ValueError(f"{where.format(e.name)}: shape {tuple(t.shape)} differs from the map's {e.shape}")
+            if t.dtype not in _FLOAT_DTYPES:
+                raise TypeError(f"{where.format(e.name)}: expected float32/float64/float16/bfloat16, got {t.dtype}")
+            if t.layout != torch.strided:
+                raise TypeError(f"{where.format(e.name)}: expected a dense tensor, got layout {t.layout} "
+                                "(e.g. a sparse Embedding gradient: call .to_dense() first)")
         if tensors:
             dev = tensors[0].device
             for i, t in zip(active, tensors):
@@ -376,6 +382,9 @@ class ParamMap:
                 for t in given[1:]:
                     dtype = torch.promote_types(dtype, t.dtype)
             return torch.empty(0, dtype=dtype or torch.float32, device=given[0].device if given else "cpu")
+        if out is not None:
+            # an `out` sharing memory with a source would be read after being written: snapshot those sources
+            tensors = [t.clone() if _shares_storage(t, out) else t for t in tensors]
         plan = self._plan(tensors[0].device)
         return ops.gather_segments(tensors, [plan[i] for i in active], dtype=dtype, out=out, accumulate=accumulate)
 
@@ -419,7 +428,15 @@ class ParamMap:
                                      f"the map's {self._entries[i].shape}")
                 if p.device != flat.device:
                     raise ValueError(f"out[{self._entries[i].name!r}]: on {p.device} but flat is on {flat.device}")
+                if p.dtype not in _FLOAT_DTYPES:  # checked before any .grad is created below
+                    raise TypeError(f"out[{self._entries[i].name!r}]: expected float32/float64/float16/bfloat16, "
+                                    f"got {p.dtype}")
             if target == "grad":
+                for i in active:
+                    g = params[self._entries[i].name].grad
+                    if g is not None and g.layout != torch.strided:
+                        raise TypeError(f"out[{self._entries[i].name!r}].grad: expected a dense tensor, got layout "
+                                        f"{g.layout} (a sparse gradient)")
                 for i in active:  # only after every check passed
                     p = params[self._entries[i].name]
                     if p.grad is None:
@@ -439,12 +456,29 @@ class ParamMap:
                                      f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
                 if t.device != flat.device:
                     raise ValueError(f"out[{e.name!r}]: on {t.device} but flat is on {flat.device}")
-                if not t.dtype.is_floating_point:
-                    raise TypeError(f"out[{e.name!r}]: expected a floating dtype, got {t.dtype}")
+                if t.dtype not in _FLOAT_DTYPES:
+                    raise TypeError(f"out[{e.name!r}]: expected float32/float64/float16/bfloat16, got {t.dtype}")
+                if t.layout != torch.strided:
+                    raise TypeError(f"out[{e.name!r}]: expected a dense tensor, got layout {t.layout}")
+                if _internal_overlap(t):
+                    raise ValueError(f"out[{e.name!r}]: several elements share one memory location (an expanded "
+                                     "tensor); clone() it first")
         else:
             raise TypeError(f"out: expected None, a dict of tensors or a torch.nn.Module, got {type(out).__name__}")
+        if any(_shares_storage(flat, d) for d in dst):  # flat would be overwritten while still being read
+            flat = flat.clone()
         with torch.no_grad():
-            ops.scatter_segments_(flat, [plan[i] for i in active], dst, scale=scale, accumulate=(mode == "add"))
+            if _storage_ptrs_repeat(dst):
+                # destinations sharing memory (tied weights in a dict): the kernel's work items run in
+                # parallel, so apply the entries one after another, as torch would
+                start = 0
+                for i, d in zip(active, dst):
+                    c = self._entries[i].count
+                    ops.scatter_segments_(flat[start:start + c], [plan[i]], [d], scale=scale,
+                                          accumulate=(mode == "add"))
+                    start += c
+            else:
+                ops.scatter_segments_(flat, [plan[i] for i in active], dst, scale=scale, accumulate=(mode == "add"))
         return out
 
     # ------------------------------------------------------------------ prune
@@ -487,10 +521,14 @@ class ParamMap:
             if isinstance(topk, int) and topk < 1:
                 raise ValueError(f"topk: an int must be >= 1, got {topk}")
         imp = None if importance is None else importance.detach().to("cpu").contiguous()
-        if imp is not None and topk is None and torch.isnan(imp).any():
-            raise ValueError("importance: contains NaN")  # (with topk, topk_select rejects NaN itself)
-
         active = None if mask is None else mask.detach().to("cpu")
+        if imp is not None and (threshold is not None or topk is not None):
+            # NaN where the mask leaves a position is an error whichever criteria follow (the threshold
+            # would otherwise drop it silently, since NaN >= t is False); importance is unused otherwise
+            nan = torch.isnan(imp) if active is None else (torch.isnan(imp) & active)
+            if bool(nan.any()):
+                raise ValueError(f"importance: contains NaN (first at input position {int(nan.nonzero()[0])})")
+
         if threshold is not None:
             t = imp >= float(threshold)
             active = t if active is None else (active & t)
@@ -614,7 +652,9 @@ class ParamMap:
         """
         if not isinstance(directory, (str, os.PathLike)):
             raise TypeError(f"directory: expected a path, got {type(directory).__name__}")
-        directory = os.fspath(directory)
+        # through symlinks: the swap must happen at the real directory (swapping the link itself
+        # replaced it with a plain directory and left the linked-to files untouched)
+        directory = os.path.realpath(os.fspath(directory))
         cfg_path = os.path.join(directory, CONFIG)
         cfg: Dict[str, Any] = {}
         if os.path.isfile(cfg_path):
@@ -784,6 +824,40 @@ def _entry_from_positions(e: _Entry, pos: torch.Tensor) -> _Entry:
             return _Entry(e.name, e.shape, e.numel, "bitmask", ops.pack_bitmask(m), k, True)
         return _Entry(e.name, e.shape, e.numel, "mask", m.reshape(e.shape), k, True)
     return _Entry(e.name, e.shape, e.numel, "indices", pos.contiguous(), k, ascending)
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when ``a`` and ``b`` view the same storage (conservatively: any overlap possible)."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without a plain storage (e.g. meta)
+        return False
+
+
+def _storage_ptrs_repeat(ts: Sequence[torch.Tensor]) -> bool:
+    """True when two of ``ts`` view the same storage."""
+    seen = set()
+    for t in ts:
+        if t.numel() == 0:
+            continue
+        try:
+            p = (t.device, t.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):
+            continue
+        if p in seen:
+            return True
+        seen.add(p)
+    return False
+
+
+def _internal_overlap(t: torch.Tensor) -> bool:
+    """True when some elements of ``t`` provably share memory (torch refuses in-place writes there)."""
+    try:
+        return int(torch._debug_has_internal_overlap(t)) == 1  # 0: no, 1: yes, 2: too hard to tell
+    except (AttributeError, RuntimeError):
+        return any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape))
 
 
 def _named_parameters(model: torch.nn.Module):

@@ -10,7 +10,8 @@ top-k, remapping with gradkit, weight slicing without first deep-copying the ful
 encoder/decoder). Everything else, and every argument combination not listed,
 runs GRADIEND's own code. One documented difference: where importances tie at the
 top-k cut, GRADIEND's ``torch.topk`` keeps an unspecified subset; gradkit keeps the
-lowest input positions (deterministic). Two GRADIEND behaviours are kept for drop-in
+lowest input positions (deterministic); a NaN importance where the mask leaves a position is an
+error (GRADIEND's threshold drops it silently, its topk ranks it first). Two GRADIEND behaviours are kept for drop-in
 parity: ``prune(topk=1.0)`` returns the model unchanged (GRADIEND ignores ``mask`` and
 ``threshold`` then; ``ParamMap.prune`` applies them), and ``keep_idx=`` / lazily built models
 run GRADIEND's own prune. Where GRADIEND would re-encode an unsorted index list as a mask
@@ -197,6 +198,13 @@ def _prune(self, *, topk=None, threshold=None, mask=None, part: str = "decoder-w
     return m
 
 
+def _invalidate_runtime_param_map_cache(self):
+    # GRADIEND calls this whenever the mapping may have changed (also after an in-place edit of
+    # param_map, whose id then stays the same): drop gradkit's compiled map with its own selectors
+    type(self)._invalidate_runtime_param_map_cache(self)
+    self._gradkit_param_map = None
+
+
 def accelerate(model):
     """Patch ``model`` (a gradiend ``ParamMappedGradiendModel``) in place to use gradkit; returns it."""
     try:
@@ -211,5 +219,6 @@ def accelerate(model):
     model.forward = types.MethodType(_forward, model)
     model.forward_encoder = types.MethodType(_forward_encoder, model)
     model.prune = types.MethodType(_prune, model)
+    model._invalidate_runtime_param_map_cache = types.MethodType(_invalidate_runtime_param_map_cache, model)
     model._gradkit_accelerated = True
     return model
