@@ -294,6 +294,28 @@ def test_gather_autograd_is_scatter():
     torch.autograd.gradcheck(lambda f: torch.ops.gradkit.scatter_segments(f, idx, [20, 7], 0.5)[0], (flat,))
 
 
+@pytest.mark.parametrize("idx", [[[3, 1]], [[0], [1, 2]], [[3, 1], None], [None]])
+def test_gather_scatter_autograd_for_every_index_structure(idx):
+    """torch.library matches the backward's return to the inputs' structure, which differs between an
+    index list of tensors only and one holding a None: both backward (a one-entry ParamMap with an index
+    list raised "Expected the return from backward to be of the same structure as the inputs")."""
+    idx = [None if i is None else torch.tensor(i) for i in idx]
+    srcs = [torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in idx]
+    torch.autograd.gradcheck(lambda *s: torch.ops.gradkit.gather_segments(list(s), idx, None), srcs)
+    n = sum(4 if i is None else len(i) for i in idx)
+    flat = torch.randn(n, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda f: torch.ops.gradkit.scatter_segments(f, idx, [4] * len(idx), 0.5)[0], (flat,))
+
+
+def test_parammap_gather_backward_one_index_entry():
+    from gradkit import ParamMap
+
+    pm = ParamMap({"a": {"shape": (4,), "repr": "indices", "indices": torch.tensor([3, 1])}})
+    x = torch.randn(4, requires_grad=True)
+    (pm.gather({"a": x}) * torch.tensor([2.0, 5.0])).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([0.0, 5.0, 0.0, 2.0]))
+
+
 def test_gather_under_torch_compile():
     idx = [torch.tensor([3, 0, 7], dtype=torch.int32), None]
 

@@ -718,6 +718,11 @@ if _ext.LOADED:
         return None
 
     # gather and scatter are linear maps and each other's adjoint.
+    def _no_index_grad(index):
+        # torch.library matches the backward's return to the inputs' structure: an index list of tensors
+        # only is a list there (one None per entry), a list holding a None is a single leaf
+        return [None] * len(index) if all(isinstance(ix, torch.Tensor) for ix in index) else None
+
     def _gather_setup(ctx, inputs, output):
         src, index, _ = inputs
         ctx.index = list(index)
@@ -727,7 +732,7 @@ if _ext.LOADED:
         numel = [int(torch.Size(shape).numel()) for shape, _ in ctx.shapes]
         full = torch.ops.gradkit.scatter_segments(grad.contiguous(), ctx.index, numel, 1.0)
         grads = [g.reshape(shape).to(dt) for g, (shape, dt) in zip(full, ctx.shapes)]
-        return grads, None, None
+        return grads, _no_index_grad(ctx.index), None
 
     torch.library.register_autograd("gradkit::gather_segments", _gather_backward, setup_context=_gather_setup)
 
@@ -738,7 +743,7 @@ if _ext.LOADED:
     def _scatter_backward(ctx, grads):
         grads = [g.contiguous() for g in grads]
         g = torch.ops.gradkit.gather_segments(grads, ctx.index, ctx.dtype)
-        return g * ctx.scale, None, None, None
+        return g * ctx.scale, _no_index_grad(ctx.index), None, None
 
     torch.library.register_autograd("gradkit::scatter_segments", _scatter_backward, setup_context=_scatter_setup)
 
