@@ -99,6 +99,28 @@ def triton_family(family: str):
     return _TRITON_FAMILIES[family]
 
 
+def _check_writable(tensors, what: str) -> None:
+    """Before an in-place op: its targets must not need autograd to see the write. gradkit's in-place
+    ops have no derivative, so writing a tensor that requires grad while grad mode is on would leave any
+    graph through it silently wrong (torch refuses the same for its own in-place ops on leaves)."""
+    if not torch.is_grad_enabled():
+        return
+    for i, t in enumerate(tensors):
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            name = what if len(tensors) == 1 else f"{what}[{i}]"
+            raise RuntimeError(f"{name}: requires grad and grad mode is on; gradkit's in-place ops are not "
+                               "differentiable: call it under torch.no_grad() (or on .detach())")
+
+
+def _wrote(tensors) -> None:
+    """After an in-place op: bump the targets' autograd version counters, as torch's own in-place ops do, so
+    that a backward through a graph that saved one of them raises instead of silently using the new
+    values (the custom ops' C++ / Triton kernels write through data pointers, which autograd cannot see)."""
+    ts = [t for t in tensors if isinstance(t, torch.Tensor)]
+    if ts:
+        torch.autograd.graph.increment_version(ts)
+
+
 def _impl(name: str, family: str = "parammap"):
     b = backend()
     if b == "native":
@@ -178,7 +200,9 @@ def gather_segments(src: Sequence[torch.Tensor], index: Sequence[Optional[torch.
         raise ValueError("out: must be contiguous")
     if not src:
         return out
+    _check_writable([out], "out")
     _impl("gather_segments_out")(list(src), list(index), out, accumulate)
+    _wrote([out])
     return out
 
 
@@ -214,7 +238,9 @@ def scatter_segments_(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]
         raise ValueError(f"flat: expected {total} elements, got {flat.numel()}")
     if dst and flat.device != dst[0].device:
         raise ValueError(f"flat: on {flat.device} but dst is on {dst[0].device}")
+    _check_writable(list(dst), "dst")
     _impl("scatter_segments_")(flat, list(index), list(dst), float(scale), bool(accumulate))
+    _wrote(dst)
 
 
 def _check_flat(flat) -> None:
@@ -465,15 +491,20 @@ def scope_hard_threshold_(x: torch.Tensor, block_shape: Sequence[int], scope_sha
         _check_companion(values, x, "values", x.shape)
         if values.dtype != x.dtype:
             raise TypeError(f"values: dtype {values.dtype} differs from x's {x.dtype}")
-    return _impl("scope_hard_threshold_", "scope")(x, values, list(block_shape), list(scope_shape), nnz, p,
+    _check_writable([x], "x")
+    keep = _impl("scope_hard_threshold_", "scope")(x, values, list(block_shape), list(scope_shape), nnz, p,
                                                    bool(keep_ties))
+    _wrote([x])
+    return keep
 
 
 def block_apply_mask_(x: torch.Tensor, block_shape: Sequence[int], block_mask: torch.Tensor) -> None:
     """Set every element of the blocks where ``block_mask`` (grid-shaped bool) is False to exactly 0."""
     grid, _ = _check_layout(x, block_shape)
     _check_companion(block_mask, x, "block_mask", grid, (torch.bool,))
+    _check_writable([x], "x")
     _impl("block_apply_mask_", "scope")(x, list(block_shape), block_mask)
+    _wrote([x])
 
 
 def block_soft_threshold_(x: torch.Tensor, block_shape: Sequence[int], thresholds: torch.Tensor, *,
@@ -496,8 +527,10 @@ def block_soft_threshold_(x: torch.Tensor, block_shape: Sequence[int], threshold
     for name, v in (("atol", atol), ("eps", eps)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < float("inf")):
             raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+    _check_writable([x], "x")
     _impl("block_soft_threshold_", "scope")(x, list(block_shape), thresholds, conditioner, max_iter, float(atol),
                                             float(eps))
+    _wrote([x])
 
 
 # --------------------------------------------------------------------------- family 3: golden masks, bitmask algebra
@@ -532,7 +565,9 @@ def golden_topk_and_(g: torch.Tensor, bits: torch.Tensor, k: int, *, counts: Opt
     k = _int(k, "k")
     if not 0 <= k <= g.numel():
         raise ValueError(f"k: must be in [0, {g.numel()}], got {k}")
-    return _impl("golden_topk_and_", "golden")(g, bits, counts, k, bool(first))
+    n = _impl("golden_topk_and_", "golden")(g, bits, counts, k, bool(first))
+    _wrote([bits, counts])
+    return n
 
 
 def _check_bit_lists(a, what: str) -> None:
@@ -636,10 +671,12 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                 raise ValueError(f"{name}[{i}]: expected a number in (0, 1], got {v!r}")
     if n == 0:
         return
+    _check_writable(list(params), "params")
     _impl("masked_adamw_", "adamw")(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(bits),
                                     float(masked_lr), float(unmasked_lr), float(beta1), float(beta2), float(eps),
                                     float(weight_decay), [float(v) for v in bias_correction1],
                                     [float(v) for v in bias_correction2_sqrt], bool(maximize))
+    _wrote(list(params) + list(exp_avgs) + list(exp_avg_sqs))
 
 
 # --------------------------------------------------------------------------- fake impls + autograd

@@ -14,7 +14,7 @@ import os
 import torch
 
 from gradkit import _ext
-from gradkit.ops import _check_typed, _impl, backend
+from gradkit.ops import _check_typed, _check_writable, _impl, _wrote, backend
 
 __all__ = ["OBS_OPS", "SHARED_MAX_P", "obs_schur_extend_", "obs_select", "obs_shared_prune"]
 
@@ -142,13 +142,15 @@ def obs_schur_extend_(ut: torch.Tensor, xf: torch.Tensor, up: torch.Tensor, linv
         raise ValueError(f"up: expected shape ({n}, {m}, {cnt}), got {tuple(up.shape)}")
     if linv.shape != (n, m, m):
         raise ValueError(f"linv: expected shape ({n}, {m}, {m}), got {tuple(linv.shape)}")
+    _check_writable([ut], "ut")
     if ut.is_cuda and ut.dtype != torch.float32 and backend() == "native" and \
             os.environ.get("GRADKIT_SCHUR_CUDA_CPP", "0") != "1" and _tensor_core_schur() is not None:
         # a half-precision factor: the Triton kernel's tl.dot runs on the tensor cores; the CUDA C++
         # kernel accumulates on the fp32 units (GRADKIT_SCHUR_CUDA_CPP=1 selects it instead)
         _tensor_core_schur()(ut, xf, up, linv, cnt)
-        return
-    _impl("obs_schur_extend_", "obs")(ut, xf, up, linv, cnt)
+    else:
+        _impl("obs_schur_extend_", "obs")(ut, xf, up, linv, cnt)
+    _wrote([ut])
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from gradkit import _ext
-from gradkit.ops import _check_typed, _impl, gpu_auto, gpu_composite, triton_family
+from gradkit.ops import _check_typed, _check_writable, _impl, _wrote, gpu_auto, gpu_composite, triton_family
 
 __all__ = ["PROJECTION_OPS", "projection_matrix", "projection_matrix_", "project_flat", "factored_project"]
 
@@ -68,7 +68,9 @@ def projection_matrix_(out: torch.Tensor, seed: int, kind: int, k: int, row0: in
     if row0 + out.shape[0] >= _MAX_SEED or col0 + out.shape[1] >= _MAX_SEED:
         raise ValueError("row0/col0: the range must stay below 2^63")
     if out.numel():
+        _check_writable([out], "out")
         _impl("projection_matrix_", "projection")(out, seed, kind, k, row0, col0)
+        _wrote([out])
     return out
 
 

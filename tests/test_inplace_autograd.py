@@ -1,0 +1,78 @@
+"""gradkit's in-place ops and autograd: every op that writes a tensor in place bumps that tensor's version
+counter, as torch's own in-place ops do, so a backward through a graph that saved the tensor raises instead
+of silently using the new values (the custom ops' kernels write through data pointers, which autograd does
+not see); and writing a tensor that requires grad while grad mode is on is refused before anything is
+written (the ops have no derivative). Before this, every case below ran silently."""
+import pytest
+import torch
+
+from gradkit import _ext, ops
+
+pytestmark = pytest.mark.skipif(not _ext.has_op("scatter_segments_"), reason="compiled extension not built")
+
+
+def _adamw(p):
+    n = p.numel()
+    return lambda: ops.masked_adamw_([p], [torch.ones_like(p)], [torch.zeros_like(p)], [torch.zeros_like(p)],
+                                     [torch.full(((n + 7) // 8,), 255, dtype=torch.uint8)], masked_lr=0.1,
+                                     unmasked_lr=0.0, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
+                                     bias_correction1=[0.1], bias_correction2_sqrt=[0.1])
+
+
+def _schur(ut):
+    n, cap, K = ut.shape
+    xf = torch.randn(n, 1, K)
+    return lambda: ops.obs_schur_extend_(ut, xf, torch.zeros(n, 1, 0), torch.ones(n, 1, 1), 0)
+
+
+# name -> (make the target tensor, the call writing it in place)
+CASES = {
+    "scatter_segments_": (lambda: torch.zeros(6), lambda t: lambda: ops.scatter_segments_(
+        torch.arange(3.0), [torch.tensor([0, 2, 4])], [t])),
+    "gather_segments(out=)": (lambda: torch.zeros(3), lambda t: lambda: ops.gather_segments(
+        [torch.arange(6.0)], [torch.tensor([5, 1, 3])], out=t)),
+    "scope_hard_threshold_": (lambda: torch.randn(4, 8), lambda t: lambda: ops.scope_hard_threshold_(
+        t, [1, 2], [1, 4], 1)),
+    "block_apply_mask_": (lambda: torch.randn(4, 8), lambda t: lambda: ops.block_apply_mask_(
+        t, [1, 4], torch.tensor([[True, False]] * 4))),
+    "block_soft_threshold_": (lambda: torch.randn(4, 8), lambda t: lambda: ops.block_soft_threshold_(
+        t, [1, 4], torch.full((4, 2), 0.5))),
+    "masked_adamw_": (lambda: torch.randn(10), _adamw),
+    "obs_schur_extend_": (lambda: torch.zeros(2, 3, 5), _schur),
+    "projection_matrix_": (lambda: torch.zeros(3, 7), lambda t: lambda: ops.projection_matrix_(t, 1, 0, 3)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_inplace_op_bumps_the_version_counter(name):
+    make, call = CASES[name]
+    # a graph that saved the target: (t * w).sum() saves t for w's gradient
+    w = torch.ones((), requires_grad=True)
+    t = make()
+    loss = (t * w).sum()
+    v = t._version
+    call(t)()
+    assert t._version > v
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_inplace_op_refuses_a_tensor_requiring_grad_under_grad_mode(name):
+    make, call = CASES[name]
+    t = make().requires_grad_()
+    before = t.detach().clone()
+    with pytest.raises(RuntimeError, match=r"^[a-z_]+(\[0\])?: requires grad and grad mode is on"):
+        call(t)()
+    assert torch.equal(t.detach(), before)  # nothing written
+    with torch.no_grad():  # the documented way: allowed, and written
+        call(t)()
+
+
+def test_golden_topk_and_bumps_bits_and_counts():
+    g = torch.randn(20)
+    bits = torch.zeros(3, dtype=torch.uint8)
+    counts = torch.zeros(20, dtype=torch.int32)
+    vb, vc = bits._version, counts._version
+    ops.golden_topk_and_(g, bits, 5, counts=counts, first=True)
+    assert bits._version > vb and counts._version > vc
