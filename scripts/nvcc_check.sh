@@ -47,7 +47,12 @@ else
 fi
 
 shopt -s nullglob
-SOURCES=("$ROOT"/csrc/cuda/*.cu)
+# Arguments, when given, are the .cu files to check (default: all of csrc/cuda/*.cu).
+if [[ $# -gt 0 ]]; then
+  SOURCES=("$@")
+else
+  SOURCES=("$ROOT"/csrc/cuda/*.cu)
+fi
 shopt -u nullglob
 if [[ ${#SOURCES[@]} -eq 0 ]]; then
   echo "nvcc_check: no csrc/cuda/*.cu sources found under $ROOT" >&2

@@ -10,7 +10,7 @@ common.cuh) into torch.ops.gradkit_cuda_emu[_<file>].* taking CPU tensors. The c
   blocks of one or several whole examples (the emulated SM count changes how many), 256-token chunks,
   masks (a fully masked example), bias, strided rows, the three input dtypes, both thread orders;
 * project_flat: against the explicit-matrix reference, for several D splits (SM counts), col0 offsets
-  off the 64-column grid, every input dtype;
+  off the 64-column grid, every input dtype, batches sliced past the grid limit (built with a limit of 1);
 * projection_matrix_: Rademacher bit for bit with the CPU kernel, Gaussian within 1 ulp;
 * obs_select (small and large kernels), obs_shared_prune: the reference's exact results;
   obs_schur_extend_ (CUDA C++ kernel, three dtypes): within the fp32 bound of test_obs_schur_ops;
@@ -61,7 +61,7 @@ def _build_all():
     build = tempfile.mkdtemp(prefix="gradkit_cuda_emu_")
     cpp_extension.load(name="gradkit_cuda_emu_all", sources=[os.path.join(EMU, s + "_emu.cpp") for s in STEMS],
                        extra_include_paths=[os.path.join(EMU, "shim"), EMU, os.path.join(ROOT, "csrc", "cuda")],
-                       extra_cflags=["-O2", "-ffp-contract=off", "-DGRADKIT_CUDA_EMU"], is_python_module=False,
+                       extra_cflags=["-O2", "-ffp-contract=off", "-DGRADKIT_CUDA_EMU", "-DGK_MAX_GRID_Y=1"], is_python_module=False,
                        build_directory=build, verbose=False)
 
 
@@ -170,6 +170,20 @@ def test_factored_bitwise_equals_cpu(B, T, I, O, p, seed, rb, mask, strided, dty
         assert torch.equal(got, cpu)
     else:
         close(got, ref.factored_project(*args, T))
+
+
+@pytest.mark.parametrize("B", [64, 65, 150])
+def test_project_flat_slices_rows_past_the_grid_limit(B):
+    """More row tiles than grid axis y allows (65535 on a GPU; the emulator build sets the limit to 1 tile
+    of 64 rows): the host code runs slices of rows, each its own launch, with the one-launch result."""
+    E = emu()
+    x = torch.randn(B, 200, generator=torch.Generator().manual_seed(B))
+    with emulated(4):
+        got = E.project_flat(x, 40, 7, 0, 3)
+    R = torch.empty(40, 203)
+    ops.projection_matrix_(R, 7, 0, 40, 0, 0)
+    want = x.double() @ R[:, 3:].double().T
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def test_factored_validation_names_the_argument():

@@ -44,6 +44,9 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kBB = 64;  // batch rows per block
+#ifndef GK_MAX_GRID_Y
+#define GK_MAX_GRID_Y 65535  // gridDim.y's limit (tests/test_cuda_emulated.py builds with 1: slices of 64 rows)
+#endif
 constexpr int kBK = 64;  // output features (rows of R) per block
 constexpr int kBD = 64;  // columns per tile: one 64-bit word per row of R
 
@@ -207,7 +210,15 @@ at::Tensor project_flat_cuda(const at::Tensor& x, int64_t k, int64_t seed, int64
   const int64_t base = col0 - (col0 & 63);
   const int64_t ntiles = (col0 + D - base + kBD - 1) / kBD;
   const int64_t gk = (k + kBK - 1) / kBK, gb = (B + kBB - 1) / kBB;
-  TORCH_CHECK_VALUE(gk <= 2147483647LL && gb <= 65535, "x: batch too large for one launch (B = ", B, ")");
+  TORCH_CHECK_VALUE(gk <= 2147483647LL, "k: too large for one launch (k = ", k, ")");
+  if (gb > GK_MAX_GRID_Y) {  // row tiles on grid axis y (at most 65535): slices of rows, each row's sums its own
+    const int64_t step = static_cast<int64_t>(GK_MAX_GRID_Y) * kBB;
+    for (int64_t b0 = 0; b0 < B; b0 += step) {
+      const int64_t n = std::min(step, B - b0);
+      out.narrow(0, b0, n).copy_(project_flat_cuda(x.narrow(0, b0, n), k, seed, kind, col0));
+    }
+    return out;
+  }
   const int dev = x.device().index();
   const int64_t target = 4LL * cuda::sm_count(dev);
   int64_t split = std::max<int64_t>(1, std::min<int64_t>(ntiles, target / std::max<int64_t>(1, gk * gb)));
