@@ -137,3 +137,14 @@ def test_symmetric_roundoff_accepted():
     w = torch.randn(8, 48)
     StructuredOBS(_nm(w), h, damp=0.01).prune_true_obs(2)
     assert int((w.view(8, 12, 4) != 0).sum(-1).max()) <= 2
+
+
+@pytest.mark.parametrize("sparsity, kept", [("0.25", 8), ("0.75", 3), ("0.5", 5), ("0.3", 7)])
+def test_unstructured_pattern_keeps_k_minus_floor(sparsity, kept):
+    """"unstructured:s" keeps K - floor(s K) weights per row, gradkit.scope's sparsity_to_nnz rule: Python's
+    round (half to even) kept 8 of 10 at 0.25 but 2 at 0.75 (7.5 rounded up), unlike sparsity_to_nnz."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 6))
+    data = [torch.randn(8, 10) for _ in range(2)]
+    prune_model(model, data, pattern=f"unstructured:{sparsity}", method="magnitude", progress=False)
+    assert ((model[0].weight != 0).sum(1) == kept).all()

@@ -383,7 +383,8 @@ def _scope_for(pattern, nnz, name: str, w: Tensor) -> Tuple[ScopeSpec, int]:
             raise ValueError(f"pattern {pattern!r}: layer {name!r} has {k} input features, not a multiple of {mm}")
         return ScopeSpec(BlockSpec(w, (1, 1)), (1, mm)), n
     s = float(_UNSTR.match(pattern).group(1))
-    return ScopeSpec(BlockSpec(w, (1, 1)), (1, -1)), k - int(round(s * k))
+    scope = ScopeSpec(BlockSpec(w, (1, 1)), (1, -1))
+    return scope, scope.sparsity_to_nnz(s)  # gradkit.scope's rule: K - floor(s K) (not round's half-to-even)
 
 
 def _prune_layer(method: str, scope: ScopeSpec, w: Tensor, H: Tensor, nnz: int, damp: float,
@@ -690,7 +691,8 @@ def prune_model(model: nn.Module, batches: Iterable, pattern: Union[str, Callabl
         model: the model (modified in place: each Linear's weight is replaced by its pruned version).
         batches: calibration batches, as for :func:`collect_hessians` (iterated once per group).
         pattern: ``"N:M"`` (N kept of every M consecutive inputs of each row, e.g. ``"2:4"``),
-            ``"unstructured:<sparsity>"`` (each row keeps ``K - round(sparsity K)`` weights), or
+            ``"unstructured:<sparsity>"`` (each row keeps ``K - floor(sparsity K)`` weights, as
+            ``ScopeSpec.sparsity_to_nnz``), or
             ``callable(name, weight) -> ScopeSpec`` (with ``nnz``) or ``-> (ScopeSpec, nnz)``,
             building the scope on the ``weight`` tensor it is given (a float copy of the layer's).
         nnz: blocks kept per scope; implied by a string pattern.
