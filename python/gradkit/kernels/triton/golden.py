@@ -42,7 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gradkit.kernels.triton.parammap import _KEYS, _META_COLS, _topk_prefix, _topk_walk_kernel, _work_item, _work_rows
+from gradkit.kernels.triton.parammap import (_HIST_DTYPE, _KEYS, _META_COLS, _topk_prefix, _topk_walk_kernel,
+                                             _work_item, _work_rows)
 
 # Elements per program of the select count/write kernels (a multiple of 8: whole bytes of bits),
 # histogram programs cover HIST_ITERS such blocks, bytes per program of the bitmask kernels.
@@ -90,7 +91,7 @@ def _golden_hist_kernel(g_ptr, n, hist_ptr, digits_ptr, npass, KT: tl.constexpr,
         m = offs < n
         key = _abs_keys(g_ptr, offs, m, KT, INF)
         h += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=m & ((key & pmask) == prefix))
-    tl.atomic_add(hist_ptr + tl.arange(0, 256), h, mask=h > 0)
+    tl.atomic_add(hist_ptr + tl.arange(0, 256), h.to(tl.int64), mask=h > 0)  # int64 bins: n may pass 2^31
 
 
 @triton.jit
@@ -124,7 +125,7 @@ def _golden_write_kernel(g_ptr, n, bits_ptr, counts_ptr, digits_ptr, need_ptr, e
     take = tl.minimum(tl.maximum(tl.load(need_ptr + NPASS) - tl.load(eq_before_ptr + pid), 0), BYTES * 8)
     sel = (key != 0) & ((key > kth) | ((tie != 0) & (rank <= take.to(tl.int32))))
     packed = tl.sum(sel.to(tl.int32) << bit[None, :], axis=1)
-    bm = byte < (n + 7) // 8
+    bm = byte * 8 < n  # == byte < ceil(n / 8), without n + 7 (wraps in int32 for n > 2^31 - 8)
     if not FIRST:
         packed = packed & tl.load(bits_ptr + byte, mask=bm, other=0).to(tl.int32)
     tl.store(bits_ptr + byte, packed.to(tl.uint8), mask=bm)
@@ -157,7 +158,7 @@ def golden_topk_and_(g: torch.Tensor, bits: torch.Tensor, counts: Optional[torch
     state = torch.zeros(2 * npass + 1, dtype=torch.int64, device=dev)
     if 0 < k < n:
         state[npass] = k
-        hist = torch.zeros(npass * 256, dtype=torch.int32, device=dev)
+        hist = torch.zeros(npass * 256, dtype=_HIST_DTYPE, device=dev)
         for p in range(npass):
             _golden_hist_kernel[(triton.cdiv(n, block * iters),)](raw, n, hist[p * 256:], state, p, KT=kt,
                                                                    INF=inf_bits, BLOCK=block, ITERS=iters)

@@ -43,15 +43,18 @@ MAX_FUSED_GS = 256
 @triton.jit
 def _obs_select_kernel(w_ptr, d_ptr, out_ptr, S, nq, gs, bk, num_prune, eps, GS_P: tl.constexpr,
                        BLOCK_S: tl.constexpr):
-    pid = tl.program_id(0)
+    # int64 scope index and element offsets: S and S * E can pass 2^31 (pid * BLOCK_S would wrap in
+    # int32), and so can E = gs * bk (gs, bk int32 arguments; tl.cast: either may be a constexpr 1)
+    pid = tl.program_id(0).to(tl.int64)
     rs = pid * BLOCK_S + tl.arange(0, BLOCK_S)
     rb = tl.arange(0, GS_P)
     sm = rs < S
     bm = rb < gs
     m2 = sm[:, None] & bm[None, :]
-    E = gs * bk
-    row0 = rs.to(tl.int64) * E
-    blk0 = row0[:, None] + (rb * bk).to(tl.int64)[None, :]
+    bk64 = tl.cast(bk, tl.int64)
+    E = tl.cast(gs, tl.int64) * bk64
+    row0 = rs * E
+    blk0 = row0[:, None] + (rb.to(tl.int64) * bk64)[None, :]
     w = tl.load(w_ptr + blk0, mask=m2, other=0.0)
     d = tl.load(d_ptr + blk0, mask=m2, other=1.0)
     c = tl.math.div_rn(w * w, d + eps)
@@ -68,10 +71,10 @@ def _obs_select_kernel(w_ptr, d_ptr, out_ptr, S, nq, gs, bk, num_prune, eps, GS_
         rank += beats.to(tl.int32)
     pr = ((rank < num_prune) & bm[None, :]).to(tl.int32)
     slot = tl.cumsum(pr, axis=1) - pr
-    O = num_prune * bk
-    q = (rs % nq).to(tl.int64)
-    dst = rs.to(tl.int64)[:, None] * O + (slot * bk).to(tl.int64)
-    pos = (q * E)[:, None] + (rb * bk).to(tl.int64)[None, :]
+    O = tl.cast(num_prune, tl.int64) * bk64
+    q = rs % nq
+    dst = rs[:, None] * O + slot.to(tl.int64) * bk64
+    pos = (q * E)[:, None] + (rb.to(tl.int64) * bk64)[None, :]
     keep = (pr != 0) & sm[:, None]
     for j in range(bk):
         tl.store(out_ptr + dst + j, pos + j, mask=keep)
@@ -134,9 +137,9 @@ def _shared_prune_kernel(w_ptr, out_ptr, c_ptr, cinv_ptr, pidx_ptr, sub_ptr, n, 
     """
     pid = tl.program_id(0)
     q = (pid % nq).to(tl.int64)
-    rows = (pid // nq) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = (pid // nq).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # int64: n may pass 2^31 - BLOCK_R
     rm = rows < n
-    base = rows.to(tl.int64) * K + q * E
+    base = rows * K + q * E
     cq = cinv_ptr + q * ns * p * p
     inf = float("inf")
     best = tl.full((BLOCK_R,), inf, tl.float32)
@@ -154,7 +157,7 @@ def _shared_prune_kernel(w_ptr, out_ptr, c_ptr, cinv_ptr, pidx_ptr, sub_ptr, n, 
         take = (bs < 0) | (cost < best)
         best = tl.where(take, cost, best)
         bs = tl.where(take, s, bs)
-    tl.store(sub_ptr + rows.to(tl.int64) * nq + q, bs, mask=rm)
+    tl.store(sub_ptr + rows * nq + q, bs, mask=rm)
     cols = tl.arange(0, P_P)
     y = tl.zeros((BLOCK_R, P_P), tl.float32)
     for i in range(p):
@@ -232,14 +235,19 @@ def _schur_extend_kernel(ut_ptr, xf_ptr, up_ptr, linv_ptr, m, cnt, F, K, stb, st
     rm = rows < m
     cm = cols < F
     ks = tl.arange(0, BK)
-    ucol = (K - F + cols) * stj  # offsets of the F window in ut
+    ucol = (K - F + cols).to(tl.int64) * stj  # offsets of the F window in ut
+    # ut's row offsets (rows < cnt + m <= cap, stride sti) in int64: one factor's cap * K can pass 2^31.
+    # The loop advances a row pointer, so its tile offsets ks * sti (< BK * sti) stay int32.
+    ut_b = ut_ptr + b * stb
+    u_row = ut_b
     acc = tl.zeros((M_PAD, BF), dtype=tl.float32)
     for k0 in range(0, cnt, BK):
         kk = k0 + ks
         km = kk < cnt
         a = tl.load(up_ptr + b * spb + rows[:, None] * spi + kk[None, :] * spk, mask=rm[:, None] & km[None, :],
                     other=0.0)
-        u = tl.load(ut_ptr + b * stb + kk[:, None] * sti + ucol[None, :], mask=km[:, None] & cm[None, :], other=0.0)
+        u = tl.load(u_row + ks[:, None] * sti + ucol[None, :], mask=km[:, None] & cm[None, :], other=0.0)
+        u_row += BK * sti
         if LOW == 1:
             acc += tl.dot(a.to(u.dtype), u)
         elif LOW == 2:
@@ -254,7 +262,7 @@ def _schur_extend_kernel(ut_ptr, xf_ptr, up_ptr, linv_ptr, m, cnt, F, K, stb, st
         li = tl.load(linv_ptr + b * slb + ri[:, None] * sli + rows[None, :] * slj,
                      mask=(ri < m)[:, None] & rm[None, :], other=0.0)
         o = tl.dot(li, t, input_precision="ieee")
-        tl.store(ut_ptr + b * stb + (cnt + ri[:, None]) * sti + ucol[None, :], o.to(ut_ptr.dtype.element_ty),
+        tl.store(ut_b + (tl.cast(cnt, tl.int64) + ri[:, None]) * sti + ucol[None, :], o.to(ut_ptr.dtype.element_ty),
                  mask=(ri < m)[:, None] & cm[None, :])
 
 

@@ -515,6 +515,10 @@ def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- exact top-k select
 
 # scores dtype -> (raw-bits dtype the kernels read the scores as, +inf bit pattern)
+# Global radix-select histograms (topk_select*, golden_topk_and_): int64, since one bin can count
+# more than 2^31 - 1 keys once a select spans more than 2^31 elements.
+_HIST_DTYPE = torch.int64
+
 _KEYS = {
     torch.float16: (tl.uint16, 0x7C00),
     torch.bfloat16: (tl.uint16, 0x7F80),
@@ -567,7 +571,8 @@ def _topk_hist_kernel(meta_ptr, work_ptr, hist_ptr, digits_ptr, npass, stats_ptr
     match = act & ((key & pmask) == prefix)
     digit = ((key >> tl.cast(KT.primitive_bitwidth - 8 * (npass + 1), KT)) & 255).to(tl.int32)
     h = tl.histogram(digit, 256, mask=match)
-    tl.atomic_add(hist_ptr + tl.arange(0, 256), h, mask=h > 0)
+    # int64 global bins: a bin of a select over > 2^31 scores (an 8B-parameter model) must not wrap
+    tl.atomic_add(hist_ptr + tl.arange(0, 256), h.to(tl.int64), mask=h > 0)
     if STATS:
         pid = tl.program_id(0)
         tl.store(stats_ptr + pid, tl.sum(act.to(tl.int32)))
@@ -658,7 +663,7 @@ def topk_select_segments(scores: Sequence[torch.Tensor], active: Sequence[Option
         block = BLOCKS["topk"]
         digits, need, meta, work, nw, n, keep = _topk_table(scores, active, npass, k, block, dev)
         if nw:
-            hist = torch.zeros(npass * 256, dtype=torch.int32, device=dev)
+            hist = torch.zeros(npass * 256, dtype=_HIST_DTYPE, device=dev)
             stats = torch.empty(2 * nw, dtype=torch.int32, device=dev)
             # Pass 0 also counts the active and the NaN-among-active scores.
             _topk_hist_kernel[(nw,)](meta, work, hist, digits, 0, stats, nw, KT=kt, INF=inf_bits, STATS=True,

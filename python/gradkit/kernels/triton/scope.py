@@ -440,16 +440,17 @@ def _rows_kernel(r_ptr, w_ptr, g_ptr, o_ptr, nrows, nb, ne,
 
 
 @triton.jit
-def _radix_kth(s_ptr, base, nb, k, KT: tl.constexpr, CH: tl.constexpr):
+def _radix_kth(s_ptr, base, nb, k, KT: tl.constexpr, CH: tl.constexpr, CNT: tl.constexpr):
     """Key of the k-th largest valid score of row s_ptr[base : base + nb] (1 <= k <= #valid), and
-    how many of the scores with that key a top-k takes (>= 1)."""
+    how many of the scores with that key a top-k takes (>= 1). CNT: the counters' dtype (int64 once
+    a scope can hold 2^31 scores: a bin, ``need`` and their sums would wrap in int32)."""
     BITS: tl.constexpr = KT.primitive_bitwidth
     prefix = tl.full([], 0, KT)
-    need = tl.full([], 0, tl.int32) + k
+    need = tl.full([], 0, CNT) + k
     b = tl.arange(0, 256)
     for ps in tl.static_range(BITS // 8):
         sh = tl.full([], BITS - 8 * (ps + 1), KT)
-        hist = tl.zeros([256], tl.int32)
+        hist = tl.zeros([256], CNT)
         for c0 in range(0, nb, CH):
             j = c0 + tl.arange(0, CH)
             v = tl.load(s_ptr + base + j, mask=j < nb, other=float("nan"))
@@ -459,7 +460,7 @@ def _radix_kth(s_ptr, base, nb, k, KT: tl.constexpr, CH: tl.constexpr):
                 sh_hi = tl.full([], BITS - 8 * ps, KT)
                 ok = ok & ((key >> sh_hi) == (prefix >> sh_hi))
             d = ((key >> sh) & 255).to(tl.int32)
-            hist += tl.histogram(d, 256, mask=ok)
+            hist += tl.histogram(d, 256, mask=ok).to(CNT)
         at_or_above = tl.sum(hist) - tl.cumsum(hist, 0) + hist
         digit = tl.sum((at_or_above >= need).to(tl.int32)) - 1
         need = need - tl.sum(tl.where(b > digit, hist, 0))
@@ -476,24 +477,26 @@ def _select_kernel(s_ptr, g_ptr, nb, k,
                    IDX: tl.constexpr, ND0: tl.constexpr, ND1: tl.constexpr, CH: tl.constexpr):
     # One program per scope over its row of scores s[scope * nb : (scope + 1) * nb].
     # MODE _SEL_KTH: g[scope] = k-th norm (contiguous scope grid); _SEL_MASK: G[block] = keep.
+    # Counters (valid scores, histogram bins, need, the tie carry) in IDX: int64 when a scope can hold
+    # 2^31 scores or more (IDX is int64 whenever numscp * nb * ne + 4096 >= 2^31).
     sc = tl.program_id(0).to(IDX)
     base = sc * nb
-    nvalid = tl.full([], 0, tl.int32)
+    nvalid = tl.full([], 0, IDX)
     for c0 in range(0, nb, CH):
         j = c0 + tl.arange(0, CH)
         v = tl.load(s_ptr + base + j, mask=j < nb, other=float("nan"))
-        nvalid += tl.sum((v == v).to(tl.int32))
+        nvalid += tl.sum((v == v).to(tl.int32)).to(IDX)
     if MODE == _SEL_KTH:
         ipf = _f64(ipbits).to(ACC)
         kv = tl.full([], float("-inf"), ACC)
         if k <= nvalid:
-            kk, _n = _radix_kth(s_ptr, base, nb, k, KT, CH)
+            kk, _n = _radix_kth(s_ptr, base, nb, k, KT, CH, IDX)
             kv = _unkey(kk, ACC, KT)
         out = _kth_out(kv, ipf, PK, RAW)
         if MID:
             kv1 = tl.full([], float("-inf"), ACC)
             if k + 1 <= nvalid:
-                kk1, _n1 = _radix_kth(s_ptr, base, nb, k + 1, KT, CH)
+                kk1, _n1 = _radix_kth(s_ptr, base, nb, k + 1, KT, CH, IDX)
                 kv1 = _unkey(kk1, ACC, KT)
             out = _mid(out, _kth_out(kv1, ipf, PK, RAW), wbits, dbits, ACC)
         _store(g_ptr, sc, out, sc >= 0, O_BF)
@@ -502,10 +505,10 @@ def _select_kernel(s_ptr, g_ptr, nb, k,
         g0 = _off(a0, a1, a2, a3, g00, g01, g02, g03, ND0, IDX)
         take_all = nvalid <= k
         thr = ~tl.full([], 0, KT)  # above every valid key: nothing passes but take_all
-        need = tl.full([], 0, tl.int32)
+        need = tl.full([], 0, IDX)
         if (k > 0) & (nvalid > k):
-            thr, need = _radix_kth(s_ptr, base, nb, k, KT, CH)
-        carry = tl.full([], 0, tl.int32)
+            thr, need = _radix_kth(s_ptr, base, nb, k, KT, CH, IDX)
+        carry = tl.full([], 0, IDX)
         for c0 in range(0, nb, CH):
             j = c0 + tl.arange(0, CH)
             jm = j < nb
@@ -516,9 +519,9 @@ def _select_kernel(s_ptr, g_ptr, nb, k,
                 keep = ok & (take_all | (key >= thr))
             else:
                 eq = ok & (key == thr)
-                rank_eq = tl.cumsum(eq.to(tl.int32), 0) + carry
+                rank_eq = tl.cumsum(eq.to(tl.int32), 0).to(IDX) + carry
                 keep = ok & (take_all | (key > thr) | (eq & (rank_eq <= need)))
-                carry += tl.sum(eq.to(tl.int32))
+                carry += tl.sum(eq.to(tl.int32)).to(IDX)
             b0, b1, b2, b3 = _coords(j, n11, n12, n13, ND1)
             g1 = _off(b0, b1, b2, b3, g10, g11, g12, g13, ND1, IDX)
             tl.store(g_ptr + (g0 + g1), keep.to(tl.uint8), mask=jm)
