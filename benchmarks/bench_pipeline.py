@@ -9,6 +9,8 @@ the blocks, written to an on-disk index (fp32). 128 examples x 128 tokens (quick
 * bergson: ``bergson.collection.collect_gradients(model, dataset, GradientProcessor(projection_dim=16), cfg,
   batches=...)`` with ``token_batch_size`` = 16 x 128 and the batches its ``build()`` makes
   (``allocate_batches``: 16 examples each): its collector hooks, ``loss.backward()``, its index writer.
+Both run the model as bergson's ``build()`` configures it (weights frozen, input embeddings trainable: no
+weight gradients on either side).
 The two use different random matrices (each library's own), so the indexes differ; both are checked before
 timing: the same rows and width, finite, and every example retrieves itself as its cosine top-1 in each.
 Timed interleaved (``harness.time_interleaved``, one build per provider and round, order rotating), with the
@@ -75,6 +77,13 @@ def _run(rec, quick: bool) -> None:
     except Exception as e:  # pragma: no cover - transformers / datasets come with bergson
         print(f"  skipped: {type(e).__name__}: {e}")
         return
+    # The model as bergson's build() sets it up before collect_gradients (bergson/utils/worker_utils.py,
+    # setup_model_and_peft): weights frozen, the input embeddings trainable, so its loss.backward() computes no
+    # weight gradients. Until session 22 the benchmark left every weight trainable, which made bergson's
+    # backward compute weight gradients its own pipeline never does (43.0 instead of 30.1 GFLOP per 16 x 128
+    # batch) and overstated gradkit's ratio (1.41-1.50x). Both sides run this same model.
+    model.requires_grad_(False)
+    model.get_input_embeddings().requires_grad_(True)
     ids = np.random.default_rng(0).integers(0, VOCAB, size=(n, T))
     root = tempfile.mkdtemp(prefix="gradkit_pipeline_")
 
