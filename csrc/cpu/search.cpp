@@ -52,6 +52,7 @@
 #include <c10/util/Half.h>
 #include <cstdlib>
 
+#include "../search_checks.h"
 #include "simd_level.h"
 
 namespace gradkit {
@@ -537,47 +538,11 @@ __attribute__((target("avx512f,fma"))) void scan_row_screened(const float* a, in
 }
 #endif
 
-void check_args(const Tensor& queries, const Tensor& keys, int64_t k, const std::optional<Tensor>& key_scale,
-                const std::optional<Tensor>& scores_in, const std::optional<Tensor>& idx_in, int64_t base) {
-  TORCH_CHECK_TYPE(queries.scalar_type() == at::kFloat, "queries: expected float32, got ", queries.scalar_type());
-  TORCH_CHECK_VALUE(queries.dim() == 2, "queries: expected a 2-D tensor (Q, D), got shape ", queries.sizes());
-  TORCH_CHECK_TYPE(keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kHalf ||
-                       keys.scalar_type() == at::kBFloat16,
-                   "keys: expected float32, float16 or bfloat16, got ", keys.scalar_type());
-  TORCH_CHECK_VALUE(keys.dim() == 2 && keys.size(1) == queries.size(1), "keys: expected shape (N, ",
-                    queries.size(1), "), got ", keys.sizes());
-  TORCH_CHECK_VALUE(keys.device() == queries.device(), "keys: on ", keys.device(), " but queries on ",
-                    queries.device());
-  TORCH_CHECK_VALUE(k >= 0, "k: must be non-negative, got ", k);
-  TORCH_CHECK_VALUE(base >= 0, "base: must be non-negative, got ", base);
-  TORCH_CHECK_VALUE(keys.size(0) <= 1 || base <= std::numeric_limits<int64_t>::max() - (keys.size(0) - 1),
-                    "base: ", base, " + ", keys.size(0), " keys overflows the int64 row numbers");
-  if (key_scale.has_value()) {
-    TORCH_CHECK_TYPE(key_scale->scalar_type() == at::kFloat, "key_scale: expected float32, got ",
-                     key_scale->scalar_type());
-    TORCH_CHECK_VALUE(key_scale->dim() == 1 && key_scale->size(0) == keys.size(0),
-                      "key_scale: expected shape (", keys.size(0), ",), got ", key_scale->sizes());
-    TORCH_CHECK_VALUE(key_scale->device() == queries.device(), "key_scale: on the wrong device");
-  }
-  TORCH_CHECK_VALUE(scores_in.has_value() == idx_in.has_value(), "scores_in, idx_in: give both or neither");
-  if (scores_in.has_value()) {
-    TORCH_CHECK_TYPE(scores_in->scalar_type() == at::kFloat, "scores_in: expected float32, got ",
-                     scores_in->scalar_type());
-    TORCH_CHECK_TYPE(idx_in->scalar_type() == at::kLong, "idx_in: expected int64, got ", idx_in->scalar_type());
-    TORCH_CHECK_VALUE(scores_in->dim() == 2 && scores_in->size(0) == queries.size(0),
-                      "scores_in: expected shape (", queries.size(0), ", k_in), got ", scores_in->sizes());
-    TORCH_CHECK_VALUE(idx_in->sizes() == scores_in->sizes(), "idx_in: expected shape ", scores_in->sizes(),
-                      ", got ", idx_in->sizes());
-    TORCH_CHECK_VALUE(scores_in->device() == queries.device() && idx_in->device() == queries.device(),
-                      "scores_in, idx_in: on the wrong device");
-  }
-}
-
 std::tuple<Tensor, Tensor> score_topk_cpu(const Tensor& queries_in, const Tensor& keys_in, int64_t k, bool largest,
                                           const std::optional<Tensor>& key_scale_in,
                                           const std::optional<Tensor>& scores_in,
                                           const std::optional<Tensor>& idx_in, int64_t base) {
-  check_args(queries_in, keys_in, k, key_scale_in, scores_in, idx_in, base);
+  check_score_topk(queries_in, keys_in, k, key_scale_in, scores_in, idx_in, base);
   const int64_t Q = queries_in.size(0), D = queries_in.size(1), N = keys_in.size(0);
   const float pad = largest ? -std::numeric_limits<float>::infinity() : std::numeric_limits<float>::infinity();
   Tensor out_s = at::empty({Q, k}, queries_in.options().dtype(at::kFloat));

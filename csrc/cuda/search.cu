@@ -41,6 +41,7 @@
 #include <limits>
 #include <tuple>
 
+#include "../search_checks.h"
 #include "common.cuh"
 
 namespace gradkit {
@@ -197,40 +198,7 @@ std::tuple<Tensor, Tensor> score_topk_cuda(const Tensor& queries, const Tensor& 
                                            const std::optional<Tensor>& key_scale,
                                            const std::optional<Tensor>& scores_in,
                                            const std::optional<Tensor>& idx_in, int64_t base) {
-  // the CPU kernel's checks (csrc/cpu/search.cpp check_args): the dispatcher reaches this without the Python
-  // wrapper's, and a mismatched idx_in / scores_in pair would otherwise be merged silently
-  TORCH_CHECK_TYPE(queries.scalar_type() == at::kFloat, "queries: expected float32, got ", queries.scalar_type());
-  TORCH_CHECK_VALUE(queries.dim() == 2, "queries: expected a 2-D tensor (Q, D), got shape ", queries.sizes());
-  TORCH_CHECK_TYPE(keys_in.scalar_type() == at::kFloat || keys_in.scalar_type() == at::kHalf ||
-                       keys_in.scalar_type() == at::kBFloat16,
-                   "keys: expected float32, float16 or bfloat16, got ", keys_in.scalar_type());
-  TORCH_CHECK_VALUE(keys_in.dim() == 2 && keys_in.size(1) == queries.size(1), "keys: expected shape (N, ",
-                    queries.size(1), "), got ", keys_in.sizes());
-  TORCH_CHECK_VALUE(keys_in.device() == queries.device(), "keys: on ", keys_in.device(), " but queries on ",
-                    queries.device());
-  TORCH_CHECK_VALUE(k >= 0, "k: must be non-negative, got ", k);
-  TORCH_CHECK_VALUE(base >= 0, "base: must be non-negative, got ", base);
-  TORCH_CHECK_VALUE(keys_in.size(0) <= 1 || base <= std::numeric_limits<int64_t>::max() - (keys_in.size(0) - 1),
-                    "base: ", base, " + ", keys_in.size(0), " keys overflows the int64 row numbers");
-  if (key_scale.has_value()) {
-    TORCH_CHECK_TYPE(key_scale->scalar_type() == at::kFloat, "key_scale: expected float32, got ",
-                     key_scale->scalar_type());
-    TORCH_CHECK_VALUE(key_scale->dim() == 1 && key_scale->size(0) == keys_in.size(0),
-                      "key_scale: expected shape (", keys_in.size(0), ",), got ", key_scale->sizes());
-    TORCH_CHECK_VALUE(key_scale->device() == queries.device(), "key_scale: on the wrong device");
-  }
-  TORCH_CHECK_VALUE(scores_in.has_value() == idx_in.has_value(), "scores_in, idx_in: give both or neither");
-  if (scores_in.has_value()) {
-    TORCH_CHECK_TYPE(scores_in->scalar_type() == at::kFloat, "scores_in: expected float32, got ",
-                     scores_in->scalar_type());
-    TORCH_CHECK_TYPE(idx_in->scalar_type() == at::kLong, "idx_in: expected int64, got ", idx_in->scalar_type());
-    TORCH_CHECK_VALUE(scores_in->dim() == 2 && scores_in->size(0) == queries.size(0),
-                      "scores_in: expected shape (", queries.size(0), ", k_in), got ", scores_in->sizes());
-    TORCH_CHECK_VALUE(idx_in->sizes() == scores_in->sizes(), "idx_in: expected shape ", scores_in->sizes(),
-                      ", got ", idx_in->sizes());
-    TORCH_CHECK_VALUE(scores_in->device() == queries.device() && idx_in->device() == queries.device(),
-                      "scores_in, idx_in: on the wrong device");
-  }
+  check_score_topk(queries, keys_in, k, key_scale, scores_in, idx_in, base);  // csrc/search_checks.h
   c10::cuda::CUDAGuard guard(queries.device());
   const int64_t Q = queries.size(0), D = queries.size(1), N = keys_in.size(0);
   auto fopt = queries.options().dtype(at::kFloat);
