@@ -40,6 +40,14 @@ def run(rec, quick: bool = False) -> None:
     R = P.projection_matrix(k, 4096, seed=0)
     torch.testing.assert_close(P.project(xs, k, seed=0), xs @ R.T, rtol=1e-4, atol=1e-4)
     del R
+    # and the timed call itself (its tiling and thread split): three groups of output columns against the same
+    # rows of R over the full width, in float64
+    y = P.project(x, k, seed=0)
+    for r0 in (0, k // 2, k - 8):
+        Rr = P.projection_matrix(8, D, seed=0, k=k, row0=r0).double()
+        want = x.double() @ Rr.T
+        torch.testing.assert_close(y[:, r0:r0 + 8].double(), want, rtol=0, atol=3e-5 * float(want.abs().max()))  # fp32 sums of 2^20 terms: ~5e-6 seen
+    del y, Rr, want
 
     _flat_rows(rec, "rademacher", x, k, "counter-based R tiles in cache + fp32 GEMM (MKL), never stored")
     # Gaussian on D / 16 columns (keeps the run short: the peers would take 15-40 s per full-width call)
