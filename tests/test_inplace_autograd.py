@@ -76,3 +76,28 @@ def test_golden_topk_and_bumps_bits_and_counts():
     vb, vc = bits._version, counts._version
     ops.golden_topk_and_(g, bits, 5, counts=counts, first=True)
     assert bits._version > vb and counts._version > vc
+
+
+def test_direct_dispatcher_calls_bump_too():
+    """torch.ops.gradkit.* called directly (past the wrappers): the ADInplaceOrView kernels bump every argument
+    the schema marks written, single tensors, optional ones and lists."""
+    G = torch.ops.gradkit
+    x = torch.randn(4, 8)
+    G.block_apply_mask_(x, [1, 4], torch.tensor([[True, False]] * 4))
+    dst = [torch.zeros(6), torch.zeros(2)]
+    G.scatter_segments_(torch.arange(5.0), [torch.tensor([0, 2, 4]), None], dst, 1.0, False)
+    out = torch.zeros(3, 7)
+    G.projection_matrix_(out, 1, 0, 3, 0, 0)
+    bits, counts = torch.zeros(3, dtype=torch.uint8), torch.zeros(20, dtype=torch.int32)
+    G.golden_topk_and_(torch.randn(20), bits, counts, 5, True)
+    p, m, v = torch.randn(10), torch.zeros(10), torch.zeros(10)
+    G.masked_adamw_([p], [torch.ones(10)], [m], [v], [None], 0.1, 0.1, 0.9, 0.99, 1e-8, 0.0, [0.1], [0.1], False)
+    for t in (x, *dst, out, bits, counts, p, m, v):
+        assert t._version > 0
+    # and a graph that saved one raises on backward
+    w = torch.ones((), requires_grad=True)
+    y = torch.randn(4, 8)
+    loss = (y * w).sum()
+    G.block_apply_mask_(y, [1, 4], torch.tensor([[False, True]] * 4))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

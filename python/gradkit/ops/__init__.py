@@ -818,3 +818,45 @@ if _ext.LOADED:
 from gradkit.ops.obs import *  # noqa: E402,F401,F403
 from gradkit.ops.projection import *  # noqa: E402,F401,F403
 from gradkit.ops.search import *  # noqa: E402,F401,F403
+
+
+# ADInplaceOrView kernels for the in-place ops: bump the version counters of the arguments the schema marks
+# written (Tensor(a!)), as torch's own in-place ops do, also for direct torch.ops.gradkit.* calls that bypass
+# the wrappers above (whose _wrote does the same for the Triton / reference paths that skip the dispatcher).
+# The kernels' writes through data pointers are invisible to autograd otherwise. This is how
+# torch.library.custom_op treats mutable ops; torch.compile traces through it.
+_INPLACE_LIB = None
+
+
+def _register_version_bumps() -> None:
+    global _INPLACE_LIB
+    if not _ext.LOADED or _INPLACE_LIB is not None:
+        return
+    lib = torch.library.Library("gradkit", "IMPL")
+    for name in ("gather_segments_out", "scatter_segments_", "scope_hard_threshold_", "block_apply_mask_",
+                 "block_soft_threshold_", "golden_topk_and_", "masked_adamw_", "obs_schur_extend_",
+                 "projection_matrix_"):
+        if not _ext.has_op(name):
+            continue
+        op = getattr(torch.ops.gradkit, name).default
+        written = [i for i, a in enumerate(op._schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+
+        def kernel(*args, _op=op, _written=tuple(written)):
+            with torch._C._AutoDispatchBelowADInplaceOrView():
+                out = _op(*args)
+            ts = []
+            for i in _written:
+                a = args[i] if i < len(args) else None
+                if isinstance(a, torch.Tensor):
+                    ts.append(a)
+                elif isinstance(a, (list, tuple)):
+                    ts.extend(t for t in a if isinstance(t, torch.Tensor))
+            if ts:
+                torch.autograd.graph.increment_version(ts)
+            return out
+
+        lib.impl(name, kernel, "ADInplaceOrView")
+    _INPLACE_LIB = lib
+
+
+_register_version_bumps()
