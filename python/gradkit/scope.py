@@ -38,7 +38,7 @@ integer-valued data, single-element blocks) follow the tie rule on every backend
 
 Autograd: every in-place update (hard / soft thresholding, ``keep_blocks``, ``apply_mask``,
 ``apply_multiplier``, ``set_data``) bumps the parameter's version counter (``View.data`` is a
-detached view sharing it), so a backward that saved the dense weight raises instead of silently
+detached view sharing it, and gradkit's in-place ops bump what they write, as torch's do), so a backward that saved the dense weight raises instead of silently
 using the pruned one. Prune after ``backward()`` / ``step()``, or build a fresh graph.
 """
 from __future__ import annotations
@@ -235,12 +235,6 @@ class View:
     def data(self, value: Tensor) -> None:
         self.data.copy_(value)
 
-    def bump_version(self) -> None:
-        """Marks the parameter as modified in place (after a gradkit op wrote into it: custom ops do
-        not bump the autograd version counter themselves)."""
-        if not self.param.is_inference():
-            torch.autograd.graph.increment_version(self.param)
-
     @property
     def ndim(self) -> int:
         return len(self.shape)
@@ -377,9 +371,6 @@ class BlockSpec(SparseBlock):
     def numel_per_block(self) -> int:
         return math.prod(self.shape)
 
-    def _wrote(self) -> None:
-        self.view.bump_version()
-
     def blocks(self) -> List["BlockSpec"]:
         return [self]
 
@@ -447,7 +438,6 @@ class BlockSpec(SparseBlock):
         """Zero every block where the grid-shaped bool ``keep`` is False (exact zeros)."""
         self._check_grid(keep, "keep")
         ops.block_apply_mask_(self.view.data, self.shape, keep.to(torch.bool))
-        self._wrote()
 
     def apply_mask(self, mask: Tensor) -> None:
         """Zero every block where ``mask`` is True (SparseKit's convention: the mask marks pruned blocks)."""
@@ -468,7 +458,6 @@ class BlockSpec(SparseBlock):
         _check_thresholds(thresholds)
         keep = _at_least(self.norms(values, p), thresholds)
         ops.block_apply_mask_(self.view.data, self.shape, keep)
-        self._wrote()
         return keep
 
     def soft_threshold(self, block_thresholds: Tensor, conditioners: Values = None, max_iter: int = 20,
@@ -481,7 +470,6 @@ class BlockSpec(SparseBlock):
         cond = None if conditioners is None else self.resolve(conditioners, "conditioners")
         ops.block_soft_threshold_(self.view.data, self.shape, block_thresholds, conditioner=cond,
                                   max_iter=max_iter, atol=atol, eps=_default_eps(block_thresholds, eps))
-        self._wrote()
 
     # --- masks
     def get_masks(self, block_masks: Tensor) -> Dict["BlockSpec", Tensor]:
@@ -889,10 +877,8 @@ class ScopeSpec(SparseScope):
         if spec is not None and not (self.numscp() == 1 and self.numblk_per_scope() > 1 << 16 and not keep_ties):
             v = None if values is None else spec.resolve(values)
             if v is None or v.dtype == spec.view.data.dtype:
-                keep = ops.scope_hard_threshold_(spec.view.data, spec.shape, self.shape, nnz, values=v, p=p,
+                return ops.scope_hard_threshold_(spec.view.data, spec.shape, self.shape, nnz, values=v, p=p,
                                                  keep_ties=keep_ties)
-                spec._wrote()
-                return keep
             # values of another dtype are ranked in their own precision (rounding float32 values to a
             # bf16 weight's dtype would tie, and so reorder, blocks that differ), then applied
         keep = self.block_keep(nnz, values=values, ties=ties, p=p)
@@ -915,15 +901,6 @@ class ScopeSpec(SparseScope):
 
     def __hash__(self) -> int:
         return hash((hash(self.block), self.shape))
-
-
-def _check_conditioner(spec: BlockSpec, h: Tensor) -> None:
-    """What ``ops.block_soft_threshold_`` checks of a conditioner, ahead of a multi-tensor update."""
-    x = spec.view.data
-    if not isinstance(h, Tensor) or h.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        raise TypeError(f"conditioners: dtype {getattr(h, 'dtype', type(h).__name__)} not supported")
-    if h.device != x.device:
-        raise ValueError(f"conditioners: on {h.device} but the weight is on {x.device}")
 
 
 def _global_keep(g: Tensor, nnz: int) -> Tensor:
@@ -1101,7 +1078,8 @@ class ScopeCoupling(SparseScope):
                 for b in s.blocks():
                     if isinstance(s.block, BlockCoupling) and not isinstance(conditioners, Mapping):
                         raise ValueError("conditioners: a BlockCoupling needs a mapping {BlockSpec: tensor}")
-                    _check_conditioner(b, b.resolve(conditioners, "conditioners"))
+                    x = b.view.data  # what ops.block_soft_threshold_ checks of it, ahead of any write
+                    ops._check_companion(b.resolve(conditioners, "conditioners"), x, "conditioners", x.shape)
         eps = _default_eps(thresholds, eps)
         for ro, s in zip(self._reverse_orders, self.scopes):
             s.soft_threshold(thresholds.permute(ro).contiguous(), conditioners=conditioners, scale=scale,
