@@ -28,8 +28,11 @@ header, whose rows are all on disk. A header whose build did not complete (``com
 is refused by :meth:`GradientIndex.open`; ``create(..., resume=True)`` continues it after its
 last committed row (uncommitted bytes are cut off), ``create(..., overwrite=True)`` discards it.
 A directory without a header never opens as an index. A shard shorter than its header says is
-refused on open. A failed write (e.g. disk full) rolls the files back to the last commit and
-raises ``OSError`` naming the index directory and the state it was left in.
+refused on open, and so is a header that contradicts itself (a ``complete`` or ``per_token`` that is not a
+bool, a ``dim`` other than the modules' sum, an ``examples`` other than the rows or token counts, shards not
+named and listed in gradkit's order ``r<rank>-000000, -000001, ...`` of ranks below ``world_size``). A failed
+write (e.g. disk full) rolls the files back to the last commit and raises ``OSError`` naming the index
+directory and the state it was left in.
 
 One writer at a time: ``create`` takes an exclusive advisory lock (``flock``) on ``.lock`` in the
 index directory before it changes anything there, and holds it until ``close()``, an aborted build
@@ -43,11 +46,14 @@ are not locked.
 
 Multi-process builds (``torch.distributed`` initialised): every rank writes its own shards and
 commits its own ``shards/rank-<r>.json``; ``close()`` gathers every rank's outcome and row
-counts (all_gather), and rank 0 writes the final header after every rank has committed. If any
-rank fails (its commit in ``close()``, or loading its committed state in ``create()``), every rank
-learns it from that same collective and raises (the failing rank its own error, the others
-:class:`DistributedBuildError` naming the failing ranks) instead of waiting for the failed rank
-until the process group times out; the index is then not marked complete (after a failed
+counts (all_gather), and rank 0 writes the final header after every rank has committed. ``create`` first
+combines every rank's argument checks and settings in one all_gather: a rank refusing its arguments raises
+its own error and the others :class:`DistributedBuildError`, and settings that differ between the ranks
+(modules, dtype, projection, per_token, shard_rows, resume, overwrite) raise ``ValueError`` naming them on
+every rank, all before anything is written. If any rank fails (its commit in ``close()``, or loading
+its committed state in ``create()``), every rank learns it from that same collective and raises (the
+failing rank its own error, the others :class:`DistributedBuildError` naming the failing ranks) instead
+of waiting for the failed rank until the process group times out; the index is then not marked complete (after a failed
 ``close()`` rank 0 records the rows every rank had committed in an incomplete header, which
 ``open(..., allow_incomplete=True)`` reads and ``create(..., resume=True)`` continues). Every
 rank makes the same collective calls in the same order on every path.
@@ -398,6 +404,42 @@ def _raise_rank_failure(own: Optional[BaseException], failed: List[int], msg: st
     raise own
 
 
+_AGREED = ("modules", "dtype", "projection", "per_token", "shard_rows", "resume", "overwrite")
+
+
+def _agree_on_arguments(d, err: Optional[BaseException], settings: Optional[dict], path) -> None:
+    """create's first collective (every rank, before anything is written): one all_gather of whether the
+    rank's arguments were valid and of a hash of each setting that must be the same on every rank. A rank
+    that refused its arguments raises its own error (with a note), the others DistributedBuildError;
+    settings that differ between the ranks raise ValueError naming them on every rank."""
+    import hashlib
+
+    rank, world = d.get_rank(), d.get_world_size()
+    mine = [0 if err is None else 1]
+    for k in _AGREED:
+        v = json.dumps(settings[k], sort_keys=True) if settings is not None else ""
+        mine.append(int.from_bytes(hashlib.sha256(v.encode()).digest()[:8], "little", signed=True))
+    got = _gather_ints(d, world, mine)
+    failed = [r for r, g in enumerate(got) if g[0]]
+    if failed:
+        _raise_rank_failure(err, failed, (
+            f"GradientIndex.create: rank(s) {failed} of {world} refused their arguments (see those ranks' "
+            f"errors); nothing was written to {path}"))
+    differ = [(j, k) for j, k in enumerate(_AGREED) if len({g[1 + j] for g in got}) > 1]
+    if differ:
+        j, _ = differ[0]
+        groups: Dict[int, List[int]] = {}
+        for r, g in enumerate(got):
+            groups.setdefault(g[1 + j], []).append(r)
+        names = [k for _, k in differ]
+        mine_v = "; ".join(f"{k} {settings[k]}" if len(differ) > 1 else str(settings[k]) for _, k in differ)
+        raise ValueError(
+            f"{', '.join(names)}: {'differ' if len(names) > 1 else 'differs'} between the ranks of the distributed "
+            f"build (ranks {' and '.join(str(g) for g in groups.values())} passed different values; this rank, "
+            f"{rank}, passed {mine_v}); every rank must pass the same {', '.join(_AGREED[:-1])} and {_AGREED[-1]}; "
+            f"nothing was written to {path}")
+
+
 def _dist():
     try:
         import torch.distributed as dist
@@ -504,6 +546,36 @@ def _check_header_fields(h, f: Path, what: str) -> None:
             if name in seen:
                 raise IndexFormatError(f"{what}: {f} lists the file {name!r} more than once in {key}")
             seen.add(name)
+    if "complete" in h and not isinstance(h["complete"], bool):
+        bad("complete", "a bool", h["complete"])  # "false" (a string) read as a complete index
+    if "byteorder" in h and h["byteorder"] != "little":
+        bad("byteorder", "'little'", h["byteorder"])
+    world = h.get("world_size", 1)
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        bad("world_size", "an int >= 1", world)
+    # gradkit names rank r's shards r<r>-000000, r<r>-000001, ... in the order it fills them, and lists them
+    # so (rank 0's, then rank 1's, ...): anything else is a damaged header (resume would start its next shard
+    # under a name the header already uses, truncating that shard)
+    nxt: Dict[int, int] = {}
+    last = 0
+    for it in h.get("shards", []):
+        name = Path(it["file"]).name
+        m = _SHARD_RE.match(name)
+        if m is None:
+            continue  # refused by the caller, which names the file
+        r, seq = int(m.group(1)), int(m.group(2))
+        if r != it.get("rank", 0):
+            raise IndexFormatError(f"{what}: {f} lists shard file {name!r} with rank {it.get('rank', 0)} (its name "
+                                   f"says rank {r})")
+        if r >= world:
+            raise IndexFormatError(f"{what}: {f} lists shard file {name!r} of rank {r} but world_size is {world}")
+        if r < last:
+            raise IndexFormatError(f"{what}: {f} lists the shards of rank {r} after those of rank {last}")
+        want = nxt.get(r, 0)
+        if seq != want:
+            raise IndexFormatError(f"{what}: {f} lists the shards of rank {r} out of order: {name!r} where "
+                                   f"'r{r:05d}-{want:06d}.bin' belongs")
+        nxt[r], last = want + 1, r
 
 
 # --------------------------------------------------------------------------- preconditioning
@@ -646,7 +718,7 @@ class GradientIndex:
         search. per_token: rows are tokens; ``append`` then takes per-example token counts.
         shard_rows: rows per shard file (None: one growing shard per rank). resume: continue the
         (interrupted or complete) build at ``path`` after its last committed row; its modules,
-        dtype, projection and per_token must equal the arguments. overwrite: replace an index
+        dtype, projection, per_token and shard_rows must equal the arguments. overwrite: replace an index
         already at ``path`` (a bergson index, flat or sharded, is never replaced). on_nonfinite:
         default policy for rows with NaN/Inf ("skip": refuse the row, count it and warn; in a
         per-token index only that token's row, see :meth:`append`; "error": raise before writing
@@ -654,28 +726,47 @@ class GradientIndex:
         ``close()`` (or an aborted build, or its garbage collection): a second ``create`` of the
         same index meanwhile raises ``RuntimeError`` (see the module docstring). distributed:
         build across the ranks of the initialised default process group (default:
-        when torch.distributed is initialised); ``create`` is then a collective call, and if any
-        rank fails to prepare or load its state, every rank raises (that rank its own error, the
-        others :class:`DistributedBuildError`) and none is left with a writer.
+        when torch.distributed is initialised); ``create`` is then a collective call, every rank must pass
+        the same settings (all but path and on_nonfinite; checked before anything is written), and if any
+        rank refuses its arguments or fails to prepare or load its state, every rank raises (that rank its
+        own error, the others :class:`DistributedBuildError`) and none is left with a writer.
         """
-        mods = _check_modules(modules)
-        dname = _dtype_name(dtype)
-        proj = _projection_dict(projection)
-        if not isinstance(per_token, bool):
-            raise TypeError(f"per_token: expected a bool, got {type(per_token).__name__}")
-        if shard_rows is not None:
-            shard_rows = _int_arg(shard_rows, "shard_rows", 1)
-        if not isinstance(resume, bool) or not isinstance(overwrite, bool):
-            raise TypeError("resume, overwrite: expected bools")
-        if resume and overwrite:
-            raise ValueError("resume, overwrite: choose one (resume continues the index, overwrite replaces it)")
-        if on_nonfinite not in _POLICIES:
-            raise ValueError(f"on_nonfinite: expected one of {_POLICIES}, got {on_nonfinite!r}")
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path: expected a str or path, got {type(path).__name__}")
-        d = _dist() if distributed in (None, True) else None
+        # distributed: decided first, so that a rank refusing its arguments still makes the collective call
+        # the other ranks make (an argument error on one rank alone left them waiting for the process group's
+        # timeout); an invalid value is refused, on every rank when the process group is initialised
+        dist_err = None if distributed is None or isinstance(distributed, bool) else \
+            TypeError(f"distributed: expected a bool or None, got {type(distributed).__name__}")
+        d = _dist() if distributed is not False else None
         if distributed is True and d is None:
             raise ValueError("distributed: torch.distributed is not initialised")
+        err: Optional[BaseException] = None
+        try:
+            if dist_err is not None:
+                raise dist_err
+            mods = _check_modules(modules)
+            dname = _dtype_name(dtype)
+            proj = _projection_dict(projection)
+            if not isinstance(per_token, bool):
+                raise TypeError(f"per_token: expected a bool, got {type(per_token).__name__}")
+            if shard_rows is not None:
+                shard_rows = _int_arg(shard_rows, "shard_rows", 1)
+            if not isinstance(resume, bool) or not isinstance(overwrite, bool):
+                raise TypeError("resume, overwrite: expected bools")
+            if resume and overwrite:
+                raise ValueError("resume, overwrite: choose one (resume continues the index, overwrite replaces it)")
+            if on_nonfinite not in _POLICIES:
+                raise ValueError(f"on_nonfinite: expected one of {_POLICIES}, got {on_nonfinite!r}")
+            if not isinstance(path, (str, os.PathLike)):
+                raise TypeError(f"path: expected a str or path, got {type(path).__name__}")
+        except BaseException as e:  # noqa: BLE001 - re-raised below (after the collective)
+            if d is None:
+                raise
+            err = e
+        if d is not None:
+            settings = None if err is not None else {
+                "modules": [[n, dm] for n, dm in mods.items()], "dtype": dname, "projection": proj,
+                "per_token": per_token, "shard_rows": shard_rows, "resume": resume, "overwrite": overwrite}
+            _agree_on_arguments(d, err, settings, path)
         rank, world = (d.get_rank(), d.get_world_size()) if d is not None else (0, 1)
 
         self = cls._blank()
@@ -765,6 +856,10 @@ class GradientIndex:
             diffs.append(f"per_token {h.get('per_token')} != {self.per_token}")
         if h.get("world_size") != self._world:
             diffs.append(f"world_size {h.get('world_size')} != {self._world}")
+        if "shard_rows" in h and h["shard_rows"] != self._shard_rows:
+            # the shards already written have the old size: a build of two shard sizes would misdescribe its
+            # files (the header records one shard_rows)
+            diffs.append(f"shard_rows {h['shard_rows']} != {self._shard_rows}")
         if diffs:
             raise ValueError(f"resume: the index at {where} was built with different settings: " + "; ".join(diffs))
 
@@ -880,6 +975,7 @@ class GradientIndex:
         self._commit_snapshot()
         self._fds: Dict[str, int] = {}
         self._dirty: set = set()
+        self._new_names = True  # shards/ (made, trimmed or given a tokens file) is fsynced by the next commit
 
     def _commit_snapshot(self) -> None:
         self._c_shards = [dict(s) for s in self._w_shards]
@@ -936,7 +1032,7 @@ class GradientIndex:
                     raise TypeError(f"{what}[{name!r}]: expected a floating tensor")
                 if g.dim() < 1:
                     raise ValueError(f"{what}[{name!r}]: expected shape (n, {dm})")
-                g = g.detach().reshape(g.shape[0], -1) if g.dim() != 2 else g.detach()
+                g = g.detach().reshape(g.shape[0], math.prod(g.shape[1:])) if g.dim() != 2 else g.detach()
                 if g.shape[1] != dm:
                     raise ValueError(f"{what}[{name!r}]: expected {dm} values per row, got {g.shape[1]}")
                 if n0 is None:
@@ -968,6 +1064,8 @@ class GradientIndex:
         ``offsets`` and ``example_of`` describe the rows actually stored. An example all of whose
         tokens are refused is kept with 0 tokens (``offsets[i] == offsets[i + 1]``; no row maps to
         it) and still counts in ``num_examples``. ``commit=False`` defers the commit (see commit()).
+        An append that fails or is interrupted (disk full, KeyboardInterrupt) goes back to the last
+        commit: rows appended with ``commit=False`` since then are discarded too.
         """
         self._check_writable("append")
         policy = self._policy if on_nonfinite is None else on_nonfinite
@@ -981,6 +1079,8 @@ class GradientIndex:
                 raise ValueError("num_tokens: required for a per-token index (token count of each example)")
             counts = torch.as_tensor(np.asarray(num_tokens) if not isinstance(num_tokens, torch.Tensor)
                                      else num_tokens.cpu())
+            if counts.dim() == 1 and counts.numel() == 0 and not counts.dtype.is_complex:
+                counts = counts.to(torch.int64)  # [] (a float array to numpy and torch): a chunk of no example
             if counts.dim() != 1 or counts.dtype.is_floating_point or counts.dtype == torch.bool:
                 raise TypeError("num_tokens: expected a 1-D sequence of ints")
             counts = counts.to(torch.int64)
@@ -1024,8 +1124,12 @@ class GradientIndex:
                 self._dirty.add(str(self._tokens_file.relative_to(self.path)))
                 self._w_examples += int(counts.numel())
             self._w_nonfinite += nbad
-        except OSError as e:
+        except BaseException as e:
+            # any interruption (not only a failed write: KeyboardInterrupt between the rows and their token
+            # counts) goes back to the last commit, so that rows are never counted without their counts
             self._rollback()
+            if not isinstance(e, OSError):
+                raise
             raise OSError(e.errno, f"gradkit.index: writing to {self.path} failed ({e.strerror or e}); "
                           f"{self._failed_state()}") from e
         if commit:
@@ -1046,6 +1150,7 @@ class GradientIndex:
                 seq = len(self._w_shards)
                 rel = f"{SHARD_DIR}/r{self._rank:05d}-{seq:06d}.bin"
                 self._w_shards.append({"file": rel, "rank": self._rank, "rows": 0})
+                self._new_names = True
                 fd = self._fd(rel)
                 os.ftruncate(fd, 0)
             s = self._w_shards[-1]
@@ -1069,7 +1174,10 @@ class GradientIndex:
                 if _SHARD_RE.match(Path(rel).name) and rel != last:
                     os.close(self._fds.pop(rel))
             self._dirty.clear()
+            if self._new_names:  # the names of new shard files must be durable before a header lists them
+                _fsync_dir(self.path / SHARD_DIR)
             _atomic_write_json(self._state_path(), self._state_header(complete=False))
+            self._new_names = False
         except OSError as e:
             self._rollback()
             raise OSError(e.errno, f"gradkit.index: committing {self.path} failed ({e.strerror or e}); "
@@ -1148,7 +1256,12 @@ class GradientIndex:
         if self._world == 1:
             self.commit()
             self._close_fds()
-            _atomic_write_json(self.path / HEADER, self._state_header(complete=True))
+            try:
+                _atomic_write_json(self.path / HEADER, self._state_header(complete=True))
+            except OSError as e:  # the committed header stays (every row committed): close() can be retried
+                raise OSError(e.errno, f"gradkit.index: marking {self.path} complete failed ({e.strerror or e}); its "
+                              f"{len(self)} committed rows are kept but the index is not marked complete (free "
+                              "space, then close() this writer again, or create(..., resume=True) and close())") from e
             self._unlock()
         else:
             # Collectives, the same on every rank: one all_gather of (failed, rows, examples,
@@ -1312,6 +1425,9 @@ class GradientIndex:
                 raise
             raise IndexFormatError(f"open: {p / HEADER} is missing or has malformed fields ({e})") from None
         self.dim = sum(self.modules.values())
+        if "dim" in h and h["dim"] != self.dim:
+            raise IndexFormatError(f"open: {p / HEADER} field dim is {h['dim']!r} but the modules add up to "
+                                   f"{self.dim}")
         self._width = self.dim
         self._cols, lo = {}, 0
         for n, dm in self.modules.items():
@@ -1361,6 +1477,9 @@ class GradientIndex:
             self._set_offsets(counts, "open")
         else:
             self._examples = count
+        if "examples" in h and h["examples"] != self._examples:
+            raise IndexFormatError(f"open: {p / HEADER} field examples is {h['examples']} but the index holds "
+                                   f"{self._examples} examples")
 
     def _set_offsets(self, counts: np.ndarray, what: str) -> None:
         if (counts < 0).any():

@@ -1,0 +1,379 @@
+"""Audit of gradkit's own index build path (create / append / commit / close / resume) and of
+open()'s header validation. Each test names the bug it pins down; all of them failed before the fix
+that came with them, except test_sigkill_mid_append_never_opens_and_resumes (a crash-safety check
+that found no bug and stays as a regression test)."""
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+import gradkit.index as gi
+from gradkit.index import DistributedBuildError, GradientIndex, IndexFormatError
+
+pytestmark = pytest.mark.filterwarnings("ignore::gradkit.index.UncheckedProjectionWarning")
+
+MODS = {"h.0.mlp": 4, "h.0.attn": 3}
+D = sum(MODS.values())
+
+
+def grads(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-3, 4, (n, D), generator=g).float()
+
+
+def tree(path):
+    """Every file under path (names and bytes)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(Path(path).rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_refuses_a_different_shard_rows(tmp_path):
+    """resume=True with another shard_rows than the build started with was accepted: the shards already
+    written kept the old size, new ones the new one, and the header then recorded only the new value."""
+    path = tmp_path / "ix"
+    x = grads(10, 1)
+    with GradientIndex.create(path, MODS, shard_rows=4) as w:
+        w.append(x[:6])
+    before = tree(path)
+    for other in (3, None, 8):
+        with pytest.raises(ValueError, match=rf"^resume: the index at {re.escape(str(path))} was built with different "
+                                             rf"settings: shard_rows 4 != {other}$"):
+            GradientIndex.create(path, MODS, shard_rows=other, resume=True)
+    assert tree(path) == before  # nothing changed: still complete, same files
+    assert len(GradientIndex.open(path)) == 6
+    with GradientIndex.create(path, MODS, shard_rows=4, resume=True) as w:  # the same value still resumes
+        w.append(x[6:])
+    ix = GradientIndex.open(path)
+    assert torch.equal(ix.get(range(10)), x)
+    assert sorted(p.name for p in (path / "shards").iterdir()) == [f"r00000-{i:06d}.bin" for i in range(3)]
+
+
+# --------------------------------------------------------------------------- chunks of 0 rows
+
+
+def test_empty_chunks_are_accepted(tmp_path):
+    """A per-token chunk of 0 rows with num_tokens=[] raised TypeError (an empty list is a float array), and a
+    dict chunk of 0 rows whose tensors have more than 2 dims raised torch's reshape error."""
+    path = tmp_path / "ix"
+    x = grads(5, 2)
+    with GradientIndex.create(path, MODS, per_token=True, shard_rows=1) as w:
+        assert w.append(torch.zeros(0, D), num_tokens=[]).tolist() == []
+        assert w.append(torch.zeros(0, D), num_tokens=torch.tensor([])).tolist() == []
+        assert w.append(torch.zeros(0, D), num_tokens=np.zeros(0)).tolist() == []
+        assert w.append(x[:2], num_tokens=[2]).tolist() == [0, 1]
+        empty = {"h.0.mlp": torch.zeros(0, 2, 2), "h.0.attn": torch.zeros(0, 3)}
+        assert w.append(empty, num_tokens=[0]).tolist() == []
+        assert w.append(x[2:], num_tokens=[1, 2]).tolist() == [2, 3, 4]
+        assert len(w) == 5 and w.num_examples == 4
+    ix = GradientIndex.open(path)
+    assert ix.offsets.tolist() == [0, 2, 2, 3, 5] and torch.equal(ix.get(range(5)), x)
+    with GradientIndex.create(tmp_path / "plain", MODS, shard_rows=1) as w:
+        assert w.append({"h.0.mlp": torch.zeros(0, 4, 1), "h.0.attn": torch.zeros(0, 3)}).tolist() == []
+        w.append(x[:1])
+    assert len(GradientIndex.open(tmp_path / "plain")) == 1
+    # a fractional count is still refused, empty or not
+    with GradientIndex.create(tmp_path / "bad", MODS, per_token=True) as w:
+        with pytest.raises(TypeError, match=r"^num_tokens: expected a 1-D sequence of ints$"):
+            w.append(x[:2], num_tokens=[2.0])
+
+
+# --------------------------------------------------------------------------- interrupted writes
+
+
+def test_interrupt_between_rows_and_token_counts_rolls_back(tmp_path, monkeypatch):
+    """A non-OSError (KeyboardInterrupt) raised after an append had written its rows but before its token
+    counts left the writer counting the rows without their counts: close() then wrote a complete header that
+    open() refused ("token counts ... sum to 3 but it holds 7 rows")."""
+    path = tmp_path / "ix"
+    x = grads(7, 3)
+    w = GradientIndex.create(path, MODS, per_token=True)
+    w.append(x[:3], num_tokens=[1, 2])
+    real, calls = gi._write_all, []
+
+    def interrupted(fd, data):
+        calls.append(fd)
+        if len(calls) == 2:  # the rows went through; the token counts do not
+            raise KeyboardInterrupt
+        real(fd, data)
+
+    monkeypatch.setattr(gi, "_write_all", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        w.append(x[3:], num_tokens=[4])
+    monkeypatch.setattr(gi, "_write_all", real)
+    assert len(calls) == 2 and len(w) == 3 and w.num_examples == 2  # back at the last commit
+    w.append(x[3:], num_tokens=[4])
+    w.close()
+    ix = GradientIndex.open(path)
+    assert ix.offsets.tolist() == [0, 1, 3, 7] and torch.equal(ix.get(range(7)), x)
+
+
+def test_commit_makes_new_shard_names_durable_before_the_header(tmp_path, monkeypatch):
+    """commit fsynced the shard data and the index directory (after the header's replace) but never shards/:
+    after a power loss the header could name a shard file whose directory entry was lost, and the index
+    (resume included) was refused for a missing shard."""
+    path = tmp_path / "ix"
+    w = GradientIndex.create(path, MODS, shard_rows=2, per_token=True)
+    events = []
+    real_fsync_dir, real_replace = gi._fsync_dir, os.replace
+
+    def fsync_dir(p):
+        events.append(("fsync_dir", Path(p)))
+        real_fsync_dir(p)
+
+    def replace(a, b):
+        events.append(("replace", Path(b)))
+        real_replace(a, b)
+
+    monkeypatch.setattr(gi, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(os, "replace", replace)
+    w.append(grads(3, 4), num_tokens=[3])  # creates two shard files (and commits the tokens file)
+    hdr = events.index(("replace", path / "index.json"))
+    assert ("fsync_dir", path / "shards") in events[:hdr], events
+    events.clear()
+    w.append(grads(1, 5), num_tokens=[1])  # fills the second shard: no new name, no directory fsync needed
+    assert ("replace", path / "index.json") in events
+    events.clear()
+    w.append(grads(1, 6), num_tokens=[1])  # a third shard file
+    hdr = events.index(("replace", path / "index.json"))
+    assert ("fsync_dir", path / "shards") in events[:hdr], events
+    w.close()
+
+
+def test_close_that_cannot_mark_complete_names_the_index(tmp_path, monkeypatch):
+    """close() whose final header write failed (disk full) raised the bare OSError ("[Errno 28] No space left on
+    device"), naming neither the index nor what it was left holding."""
+    path = tmp_path / "ix"
+    x = grads(5, 7)
+    w = GradientIndex.create(path, MODS)
+    w.append(x)
+    real = gi._atomic_write_json
+
+    def full(p, obj):
+        if obj.get("complete"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(p, obj)
+
+    monkeypatch.setattr(gi, "_atomic_write_json", full)
+    with pytest.raises(OSError) as e:
+        w.close()
+    assert e.value.errno == errno.ENOSPC
+    assert str(e.value) == (f"[Errno {errno.ENOSPC}] gradkit.index: marking {path} complete failed (No space left on "
+                            "device); its 5 committed rows are kept but the index is not marked complete (free space, "
+                            "then close() this writer again, or create(..., resume=True) and close())")
+    with pytest.raises(IndexFormatError, match=r"did not complete \(5 rows committed"):
+        GradientIndex.open(path)
+    monkeypatch.setattr(gi, "_atomic_write_json", real)
+    w.close()
+    assert torch.equal(GradientIndex.open(path).get(range(5)), x)
+
+
+# --------------------------------------------------------------------------- header validation
+
+
+def _build_and_tamper(path, change, per_token=False):
+    with GradientIndex.create(path, MODS, shard_rows=2, per_token=per_token) as w:
+        w.append(grads(5, 8), **({"num_tokens": [2, 3]} if per_token else {}))
+    h = json.loads((path / "index.json").read_text())
+    change(h)
+    (path / "index.json").write_text(json.dumps(h))
+
+
+def _rename_shard(path, old, new):
+    os.rename(path / "shards" / old, path / "shards" / new)
+
+
+@pytest.mark.parametrize("change, msg", [
+    (lambda h: h.update(complete="false"), r"field complete must be a bool, got 'false'"),
+    (lambda h: h.update(complete=1), r"field complete must be a bool, got 1"),
+    (lambda h: h.update(dim=99), r"field dim is 99 but the modules add up to 7"),
+    (lambda h: h.update(examples=4), r"field examples is 4 but the index holds 5 examples"),
+    (lambda h: h.update(byteorder="big"), r"field byteorder must be 'little', got 'big'"),
+    (lambda h: h.update(world_size=0), r"field world_size must be an int >= 1, got 0"),
+    (lambda h: h["shards"][1].update(rank=1), r"lists shard file 'r00000-000001\.bin' with rank 1 \(its name says "
+                                              r"rank 0\)"),
+    (lambda h: h["shards"].reverse(), r"lists the shards of rank 0 out of order: 'r00000-000002\.bin' where "
+                                      r"'r00000-000000\.bin' belongs"),
+], ids=["complete-str", "complete-int", "dim", "examples", "byteorder", "world_size", "rank-field", "order"])
+def test_inconsistent_header_is_refused(tmp_path, change, msg):
+    """Headers that contradict themselves opened: "complete": "false" (a string) opened as a complete index, a
+    wrong dim / examples / byteorder / world_size was ignored, and shards listed under another rank or out of
+    order were read in that order (a resume of such a header reused a committed shard's name for a new shard
+    and truncated it)."""
+    path = tmp_path / "ix"
+    _build_and_tamper(path, change)
+    with pytest.raises(IndexFormatError, match=rf"^open: {re.escape(str(path / 'index.json'))} {msg}$"):
+        GradientIndex.open(path)
+
+
+def test_resume_of_a_header_with_a_gap_in_its_shards_changes_nothing(tmp_path):
+    """A header whose shards of one rank skip a number (r00000-000000, r00000-000002): resume started the next
+    shard as r00000-000002 again, truncating that committed shard (ftruncate to 0) and listing it twice."""
+    path = tmp_path / "ix"
+
+    def gap(h):
+        h["shards"] = [h["shards"][0], dict(h["shards"][2], file="shards/r00000-000002.bin")]
+        h["count"] = h["examples"] = 3
+    _build_and_tamper(path, gap)
+    (path / "shards" / "r00000-000001.bin").unlink()
+    before = tree(path)
+    with pytest.raises(IndexFormatError, match=rf"^resume: {re.escape(str(path / 'index.json'))} lists the shards "
+                                               r"of rank 0 out of order: 'r00000-000002\.bin' where "
+                                               r"'r00000-000001\.bin' belongs$"):
+        GradientIndex.create(path, MODS, shard_rows=2, resume=True)
+    assert tree(path) == before
+
+
+# --------------------------------------------------------------------------- crash (SIGKILL)
+
+
+def test_sigkill_mid_append_never_opens_and_resumes(tmp_path):
+    """A writer killed with SIGKILL while it appends and commits in a loop leaves an index that open() refuses;
+    resume=True continues after its last committed row, every committed row intact."""
+    root = Path(__file__).resolve().parents[1] / "python"
+    path = tmp_path / "ix"
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(root)!r})
+        from gradkit.index import GradientIndex
+        x = torch.arange(100000 * {D}, dtype=torch.float32).reshape(-1, {D}) % 1000
+        ix = GradientIndex.create({str(path)!r}, {MODS!r}, shard_rows=5, dtype=torch.float32)
+        i = 0
+        while True:
+            ix.append(x[i:i + 3], commit=(i % 2 == 0))
+            i = (i + 3) % 99000
+            if i == 30:
+                print("go", flush=True)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "go"
+        time.sleep(0.3)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait(30)
+    assert p.returncode == -signal.SIGKILL
+    with pytest.raises(IndexFormatError, match=r"^open: the build of \S+ did not complete \(\d+ rows committed"):
+        GradientIndex.open(path)
+    part = GradientIndex.open(path, allow_incomplete=True)
+    n = len(part)
+    x = torch.arange(100000 * D, dtype=torch.float32).reshape(-1, D) % 1000
+    assert n >= 27 and torch.equal(part.get(range(n)), x[:n])  # rows 0-26 were committed before "go"
+    with GradientIndex.create(path, MODS, shard_rows=5, dtype=torch.float32, resume=True) as w:
+        assert len(w) == n
+        w.append(x[n:n + 7])
+    ix = GradientIndex.open(path)
+    assert len(ix) == n + 7 and torch.equal(ix.get(range(n + 7)), x[:n + 7])
+    names = sorted(f.name for f in (path / "shards").iterdir())
+    assert names == [f"r00000-{i:06d}.bin" for i in range((n + 7 + 4) // 5)]
+
+
+# --------------------------------------------------------------------------- distributed create
+
+
+GLOO_TIMEOUT = timedelta(seconds=20)
+DEADLINE_S = 90
+PROMPT_S = 10
+
+
+def _init(rank, world, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=GLOO_TIMEOUT)
+
+
+def _outcome(e):
+    if e is None:
+        return None
+    return {"type": type(e).__name__, "msg": str(e), "notes": list(getattr(e, "__notes__", []))}
+
+
+def _create_worker(rank, world, init_file, root):
+    """On 2 ranks: (a) rank 1 passes a bad argument; (b) rank 1 passes another dtype than rank 0;
+    (c) rank 1 passes distributed="yes"; then (d) a good build, to check the ranks are still in step."""
+    _init(rank, world, init_file)
+    out = {}
+    try:
+        for tag, kw in (("bad_arg", {"shard_rows": 0} if rank == 1 else {}),
+                        ("dtype", {"dtype": torch.float16} if rank == 1 else {}),
+                        ("dist_arg", {"distributed": "yes"} if rank == 1 else {})):
+            kw = {"dtype": torch.float32, "shard_rows": 2, **kw}
+            err, t0 = None, time.monotonic()
+            try:
+                w = GradientIndex.create(f"{root}/{tag}", MODS, **kw)
+            except Exception as e:  # noqa: BLE001 - recorded for the parent
+                err = e
+            else:
+                w._abort()
+            out[tag] = {"err": _outcome(err), "s": time.monotonic() - t0}
+        with GradientIndex.create(f"{root}/good", MODS, dtype=torch.float32, shard_rows=2) as w:
+            w.append(grads(3 + rank, rank))
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        out["group"] = int(t)
+    finally:
+        with open(f"{root}/create-rank{rank}.json", "w") as f:
+            json.dump(out, f)
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_distributed_create_fails_promptly_on_every_rank(tmp_path):
+    """A bad argument on one rank only (it raised before create's first collective) left the other ranks in
+    that collective until the gloo timeout; ranks passing different settings (e.g. dtype) built one index of
+    mixed rows; an invalid distributed= was taken for False. Now every rank raises at once, before anything
+    is written: the failing rank its own error, the others DistributedBuildError; settings that differ raise
+    ValueError naming them on every rank."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(_create_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
+    end = time.monotonic() + DEADLINE_S
+    try:
+        while not ctx.join(timeout=0.5):
+            if time.monotonic() > end:
+                pytest.fail(f"the workers did not finish within {DEADLINE_S} s (a collective hung?)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    out = [json.loads((tmp_path / f"create-rank{r}.json").read_text()) for r in (0, 1)]
+    note = (r"^GradientIndex\.create: rank\(s\) \[1\] of 2 refused their arguments \(see those ranks' errors\); "
+            r"nothing was written to \S+{}$")
+    # (a) rank 1's own error, with a note; rank 0: DistributedBuildError with the same text
+    own, other = out[1]["bad_arg"]["err"], out[0]["bad_arg"]["err"]
+    assert own["type"] == "ValueError" and own["msg"] == "shard_rows: must be >= 1, got 0"
+    assert len(own["notes"]) == 1 and re.match(note.format("bad_arg"), own["notes"][0])
+    assert other["type"] == DistributedBuildError.__name__ and re.match(note.format("bad_arg"), other["msg"])
+    # (b) every rank: ValueError naming dtype
+    for r in (0, 1):
+        e = out[r]["dtype"]["err"]
+        assert e["type"] == "ValueError" and re.match(
+            r"^dtype: differs between the ranks of the distributed build \(ranks \[0\] and \[1\] passed different "
+            rf"values; this rank, {r}, passed {'float16' if r else 'float32'}\); every rank must pass the same "
+            r"modules, dtype, projection, per_token, shard_rows, resume and overwrite; nothing was written to "
+            r"\S+dtype$",
+            e["msg"]), e
+    # (c) rank 1's distributed="yes" refused
+    own, other = out[1]["dist_arg"]["err"], out[0]["dist_arg"]["err"]
+    assert own["type"] == "TypeError" and own["msg"] == "distributed: expected a bool or None, got str"
+    assert other["type"] == "DistributedBuildError" and re.match(note.format("dist_arg"), other["msg"])
+    for r in (0, 1):
+        for tag in ("bad_arg", "dtype", "dist_arg"):
+            assert out[r][tag]["s"] < PROMPT_S, (r, tag, out[r][tag])
+            assert not (tmp_path / tag).exists()  # refused before anything was written
+        assert out[r]["group"] == 2
+    ix = GradientIndex.open(tmp_path / "good")
+    assert torch.equal(ix.get(range(7)), torch.cat([grads(3, 0), grads(4, 1)]))
