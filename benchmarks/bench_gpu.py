@@ -20,6 +20,8 @@ stored with the row; a failed check is recorded as ``WRONG`` and the row is not 
   bergson's hooks compute (two GEMMs and a batched product, fp32);
 * exact top-10 of 1,000 queries over 1,000,000 x 256 fp32 keys: ``score_topk`` against torch's
   ``mm`` + ``topk`` (faiss-gpu is not on the machine), with the agreement of the returned indices;
+* for both of these, the auto backend and torch's composite again with TF32 on: auto then takes the CUDA
+  C++ kernels (the composites are no longer fp32-exact), and these rows give what that route costs;
 * last, the Triton flat kernel's GPU tiles (``GPU_FLAT``) against three alternatives at B = 512.
 Writes ``<out>/gpu-issue6.jsonl`` and ``.md``; the last thing printed is the summary table.
 """
@@ -226,6 +228,21 @@ def flat_tiles(r: Run) -> None:
         r.backend("native")
 
 
+class _tf32:
+    """TF32 on for the block (the legacy flag, as main() sets it off): gradkit's auto backend then takes its
+    CUDA C++ kernels for factored_project / score_topk instead of the cuBLAS composites, whose fp32 products
+    TF32 rounds (ops.cublas_fp32_reduced); these rows time that route beside the fp32-exact one."""
+
+    def __enter__(self):
+        self.was = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        os.environ["GRADKIT_BACKEND"] = "auto"
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.was
+        os.environ["GRADKIT_BACKEND"] = "native"
+
+
 def factored(r: Run) -> None:
     from gradkit import ops
     from gradkit.projection import projection_matrix
@@ -260,6 +277,13 @@ def factored(r: Run) -> None:
             st = r.time(f)
             r.rec.add(FAMILY, "factored (hook work)", prov, wl, "float32", st)
             r.rate("factored (hook work)", prov, wl, "float32", st, flops)
+        with _tf32():  # auto leaves the composite (no longer fp32-exact) for the CUDA C++ kernel: its cost
+            st = r.time(composite)
+            r.rec.add(FAMILY, "factored (hook work)", "torch composite, TF32 on", wl, "float32", st)
+            f = lambda: ops.factored_project(a, g, lt, rt, None, None, T)  # noqa: E731
+            if r.check(f"factored {W} auto, TF32 on", _rel(f(), ref), 1e-5):
+                st = r.time(f)
+                r.rec.add(FAMILY, "factored (hook work)", "gradkit auto, TF32 on", wl, "float32", st)
         r.backend("native")
         del a, g
 
@@ -288,6 +312,14 @@ def search(r: Run) -> None:
             continue
         st = r.time(lambda: ops.score_topk(q, keys, k))
         r.rec.add(FAMILY, "search top-10", prov, wl, "float32", st)
+    with _tf32():
+        st = r.time(torch_topk)
+        r.rec.add(FAMILY, "search top-10", "torch mm + topk, TF32 on", wl, "float32", st)
+        s, i = ops.score_topk(q, keys, k)
+        same = (i == ref.indices).float().mean().item()
+        if r.check("search auto, TF32 on: 1 - share of indices equal to torch's", 1 - same, 1e-3):
+            st = r.time(lambda: ops.score_topk(q, keys, k))
+            r.rec.add(FAMILY, "search top-10", "gradkit auto, TF32 on", wl, "float32", st)
     r.backend("native")
     del keys
 
