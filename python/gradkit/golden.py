@@ -24,12 +24,12 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from gradkit import ops
+from gradkit._rules import floor_count
 from gradkit.kernels.reference.parammap import unpack_bitmask
 from gradkit.golden_reverse import (DEFAULT_LAYER_PATTERN, STRATEGIES, AdaptiveSinusoidal, ChaosDriven,  # noqa: F401
                                     ExplorationDecay, FluctuationStrategy, HarmonicOscillator, MomentumBased,
@@ -57,12 +57,14 @@ def percent_to_k(numel: int, percent: float) -> int:
     """Entries a top-``percent``% selection keeps in a tensor of ``numel`` entries:
     ``max(1, floor(numel * percent / 100))`` for a non-empty tensor, 0 for an empty one.
 
-    The product is exact, with ``percent`` read as the shortest decimal that prints as it (so
-    0.57% of 10000 entries is 57, where float arithmetic gives 56.99999... and floors to 56)."""
+    The floor is gradkit's one counting rule (``gradkit._rules.floor_count``, which ``scope``'s
+    ``sparsity_to_nnz`` takes too): exact on ``percent``'s value, with a product that ``percent``'s own
+    rounding could move onto an integer taken as that integer (0.57% of 10000 entries is 57, where float
+    arithmetic gives 56.99999... and floors to 56)."""
     p = _check_percent(percent)
     if numel == 0:
         return 0
-    return max(1, min(numel, math.floor(numel * Fraction(repr(p)) / 100)))
+    return max(1, min(numel, floor_count(numel, p, 100)))
 
 
 def _fresh_bits(numel: int, device) -> torch.Tensor:

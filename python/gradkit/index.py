@@ -116,6 +116,7 @@ import numpy as np
 import torch
 
 from gradkit import ops
+from gradkit._rules import check_symmetric
 
 try:
     import fcntl
@@ -636,11 +637,9 @@ class Precondition:
         ck = (key, str(p))
         if ck not in self._cache:
             h64 = h.detach().to("cpu", torch.float64)
-            # asymmetry at the rounding level of h's own dtype (an fp32 Gram a @ a.T computed by BLAS is rarely
-            # bitwise symmetric) is not an error: the symmetric part is used
-            tol = min(1e-3, max(1e-8, 64 * torch.finfo(h.dtype).eps))
-            if not torch.allclose(h64, h64.T, rtol=1e-5, atol=tol * float(h64.abs().max().clamp_min(1e-300))):
-                raise ValueError(f"precondition: matrix for {key} is not symmetric")
+            # gradkit's one symmetry rule (as for OBS Hessians): round-off asymmetry (an fp32 Gram a @ a.T from
+            # BLAS is rarely bitwise symmetric) is not an error, and the symmetric part is used
+            check_symmetric(h64, f"precondition: matrix for {key}", max(1e-3, 16 * torch.finfo(h.dtype).eps))
             ev, vec = torch.linalg.eigh((h64 + h64.T) / 2)
             ev = ev + self.damping
             if float(ev.min()) <= 0:

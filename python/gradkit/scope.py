@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from gradkit import ops
+from gradkit._rules import floor_count
 
 __all__ = ["View", "BlockSpec", "BlockCoupling", "ScopeSpec", "ScopeCoupling", "CouplingError",
            "ShapeMismatchError", "Values", "semi_structured", "check_nm"]
@@ -693,15 +694,15 @@ class SparseScope:
 
     def sparsity_to_nnz(self, sparsity: float) -> int:
         """Blocks to keep per scope for a pruned fraction ``sparsity`` in [0, 1]: ``n - floor(sparsity * n)``,
-        where a product within float rounding of an integer counts as that integer (``0.29`` of 100 blocks
-        prunes 29; SparseKit's ``int(0.29 * 100)`` is 28, the float product being 28.999999999999996)."""
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= 1:
+        by gradkit's one counting rule (``gradkit._rules.floor_count``, as ``golden.percent_to_k``): a product
+        that ``sparsity``'s own rounding could move onto an integer counts as that integer (``0.29`` of 100
+        blocks prunes 29, ``1 / 3`` of 3 prunes 1; SparseKit's ``int(0.29 * 100)`` is 28, the float product
+        being 28.999999999999996)."""
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= 1 \
+                or math.isnan(sparsity):
             raise ValueError(f"sparsity: expected a number in [0, 1], got {sparsity!r}")
         n = self.numblk_per_scope()
-        prod = float(sparsity) * n
-        near = round(prod)
-        pruned = near if abs(prod - near) <= 1e-9 * max(1.0, prod) else math.floor(prod)
-        return max(n - pruned, 0)
+        return max(n - floor_count(n, sparsity), 0)
 
     def _check_nnz(self, nnz) -> int:
         if isinstance(nnz, bool) or not isinstance(nnz, int):

@@ -22,6 +22,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from gradkit._rules import check_symmetric
+
 __all__ = ["output_error", "resolve", "damped_hessian", "NotPositiveDefiniteError"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -62,19 +64,9 @@ def _check_hessian(h, k: int, what: str = "hessian") -> Tensor:
 
 
 def _check_symmetric(h: Tensor, what: str, rtol: float = 1e-3) -> None:
-    """Refuses a matrix that is not symmetric up to round-off (``rtol`` of its largest entry): the
-    Cholesky-based solves read one triangle only, so an asymmetric H would silently be replaced by
-    its lower triangle."""
-    if not h.numel():
-        return
-    hd = h.detach()
-    scale = float(hd.abs().max())
-    tol = max(rtol, 16 * torch.finfo(hd.dtype).eps) * scale
-    step = 1024  # row blocks: no K x K temporaries beside H (K = 11008 would be ~0.5 GB each in fp32)
-    gap = max(float((hd[i:i + step] - hd[:, i:i + step].T).abs().max()) for i in range(0, hd.shape[0], step))
-    if gap > tol:
-        raise ValueError(f"{what}: is not symmetric (max |H - H^T| = {gap:.3g}, max |H| = {scale:.3g}); expected "
-                         "X^T X of the layer inputs")
+    """The Cholesky-based solves read one triangle only, so an asymmetric H would silently be replaced by its
+    lower triangle: refused by gradkit's one symmetry rule."""
+    check_symmetric(h, what, rtol, hint="expected X^T X of the layer inputs")
 
 
 def _check_damp(damp) -> float:

@@ -1,0 +1,91 @@
+"""gradkit._rules: the one counting rule (golden's percent_to_k and scope's sparsity_to_nnz) and the one
+symmetry rule (OBS Hessians and the search preconditioner)."""
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import gradkit.golden as G
+from gradkit._rules import check_symmetric, floor_count
+from gradkit.index import Precondition
+from gradkit.obs.metrics import _check_symmetric as obs_check_symmetric
+from gradkit.scope import BlockSpec, ScopeSpec
+
+
+@pytest.mark.parametrize("n,x,d,want", [(10000, 0.57, 100, 57), (100, 0.29, 1, 29), (3, 1 / 3, 1, 1),
+                                        (3, 2 / 3, 1, 2), (100, 0.295, 1, 29), (7, 0.5, 1, 3), (0, 0.5, 1, 0),
+                                        (10, 0.0, 1, 0), (10, 1.0, 1, 10), (3, 1e-9, 100, 0)])
+def test_floor_count_cases(n, x, d, want):
+    assert floor_count(n, x, d) == want
+
+
+def test_floor_count_still_floors_large_counts():
+    # a fixed relative tolerance (1e-9 of the product, scope's old rule) rounded instead of flooring here:
+    # 0.3 of 7e9 + 3 is 2,100,000,000.9, which must give 2,100,000,000
+    n = 7_000_000_003
+    assert floor_count(n, 0.3) == 2_100_000_000
+    assert floor_count(n, 30.0, 100) == 2_100_000_000
+    big = ScopeSpec(BlockSpec(torch.zeros(1, 1), (1, 1)), (1, -1))
+    big.numblk_per_scope = lambda: n  # the rule, not the tensor, is under test
+    assert big.sparsity_to_nnz(0.3) == n - 2_100_000_000
+
+
+@given(st.integers(0, 10 ** 7), st.integers(0, 10 ** 4))
+def test_floor_count_is_the_decimal_floor(n, p):
+    # x written with at most 4 decimals: the answer is the floor of the exact decimal product
+    x = p / 10 ** 4
+    assert floor_count(n, x) == math.floor(n * Fraction(p, 10 ** 4))
+    assert floor_count(n, p / 100, 100) == math.floor(n * Fraction(p, 10 ** 4))
+
+
+@given(st.integers(1, 10 ** 6), st.integers(1, 10 ** 4))
+def test_percent_and_sparsity_take_the_same_rule(n, p):
+    pct = p / 100  # percent in (0, 100]
+    s = ScopeSpec(BlockSpec(torch.zeros(1, 1), (1, 1)), (1, -1))
+    s.numblk_per_scope = lambda: n
+    kept_by_golden = G.percent_to_k(n, pct)
+    pruned_by_scope = n - s.sparsity_to_nnz(pct / 100)
+    # pct / 100 is a second rounding of the same decimal: both readings give the decimal floor
+    want = math.floor(n * Fraction(p, 10 ** 4))
+    assert pruned_by_scope == want
+    assert kept_by_golden == max(1, min(n, want))
+
+
+def test_sparsity_nan_refused():
+    s = ScopeSpec(BlockSpec(torch.zeros(1, 4), (1, 1)), (1, -1))
+    with pytest.raises(ValueError, match="^sparsity: "):
+        s.sparsity_to_nnz(float("nan"))
+
+
+def _gram(k, dtype, seed=0):
+    a = torch.randn(4 * k, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (a.T @ a).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_symmetry_rule_shared_by_obs_and_precondition(dtype):
+    h = _gram(48, dtype)
+    # round-off asymmetry (an fp32 Gram from BLAS is rarely bitwise symmetric) passes both
+    noisy = h + 1e-5 * float(h.abs().max()) * torch.triu(torch.ones_like(h), 1)
+    check_symmetric(noisy, "h")
+    obs_check_symmetric(noisy, "h")
+    Precondition(noisy).blocks({"m": 48}, -1.0)  # used, not refused
+    # a clearly asymmetric matrix is refused by both, naming the argument
+    bad = h.clone()
+    bad[0, 5] += 0.01 * float(h.abs().max())
+    with pytest.raises(ValueError, match="^h: is not symmetric"):
+        check_symmetric(bad, "h")
+    with pytest.raises(ValueError, match="^h: is not symmetric.*X\\^T X"):
+        obs_check_symmetric(bad, "h")
+    with pytest.raises(ValueError, match="^precondition: .*not symmetric"):
+        Precondition(bad).blocks({"m": 48}, -1.0)
+
+
+def test_symmetry_rule_nan_gap_refused():
+    h = torch.eye(4)
+    h[0, 1] = float("nan")  # callers check finiteness first; the rule itself must not pass a NaN gap
+    with pytest.raises(ValueError, match="^h: is not symmetric"):
+        check_symmetric(h, "h")
