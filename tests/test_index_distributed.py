@@ -100,14 +100,17 @@ def _load(root, tag, world=2):
 def _worker(rank, world, init_file, root):
     _init(rank, world, init_file)
     try:
+        out = {}
         with GradientIndex.create(f"{root}/plain", MODS, dtype=torch.float32, projection=PROJ,
                                   shard_rows=4) as ix:
             x = rows(rank, 10 + rank)
-            ix.append(x[:6])
-            ix.append(x[6:])
+            got = ix.append(x[:6]).tolist() + ix.append(x[6:]).tolist()
+        out["plain"] = {"rows": got, "row_offset": ix.row_offset, "example_offset": ix.example_offset}
         with GradientIndex.create(f"{root}/tokens", MODS, dtype=torch.float32, per_token=True) as ix:
             counts = [2, 3] if rank == 0 else [1, 0, 4]
-            ix.append(rows(rank, sum(counts)), num_tokens=counts)
+            got = ix.append(rows(rank, sum(counts)), num_tokens=counts).tolist()
+        out["tokens"] = {"rows": got, "row_offset": ix.row_offset, "example_offset": ix.example_offset}
+        _record(root, "builds", rank, out)
         ix = GradientIndex.create(f"{root}/fail", MODS, dtype=torch.float32)
         ix.append(rows(rank, 3))
         # the ranks stop here without close(): nobody writes the final header
@@ -133,6 +136,21 @@ def test_two_rank_builds(tmp_path):
 
     with pytest.raises(IndexFormatError, match="did not complete"):
         GradientIndex.open(tmp_path / "fail")
+
+    # append's row numbers are the rank's own; row_offset / example_offset place them in the index
+    out = _load(tmp_path, "builds")
+    assert [o["plain"]["row_offset"] for o in out] == [0, 10]
+    assert [o["plain"]["example_offset"] for o in out] == [0, 10]
+    assert [o["tokens"]["row_offset"] for o in out] == [0, 5]
+    assert [o["tokens"]["example_offset"] for o in out] == [0, 2]
+    ix = GradientIndex.open(tmp_path / "plain")
+    for r, o in enumerate(out):
+        assert o["plain"]["rows"] == list(range(10 + r))
+        glob = [n + o["plain"]["row_offset"] for n in o["plain"]["rows"]]
+        assert torch.equal(ix.get(glob), rows(r, 10 + r))
+    ix = GradientIndex.open(tmp_path / "tokens")
+    assert torch.equal(ix.get([n + out[1]["tokens"]["row_offset"] for n in out[1]["tokens"]["rows"]]), rows(1, 5))
+    assert ix.example_of(out[1]["tokens"]["row_offset"]) == out[1]["tokens"]["example_offset"]
 
 
 # --------------------------------------------------------------------------- failures and resume

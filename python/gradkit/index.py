@@ -703,6 +703,8 @@ class GradientIndex:
         self.low_memory = False
         self._projection_warned = False
         self._lock: Optional[_WriterLock] = None
+        self.row_offset = 0
+        self.example_offset = 0
         return self
 
     @classmethod
@@ -1048,7 +1050,10 @@ class GradientIndex:
 
     def append(self, grads, num_tokens=None, *, on_nonfinite: Optional[str] = None,
                commit: bool = True) -> torch.Tensor:
-        """Append rows; returns the int64 row number given to each input row (-1: refused).
+        """Append rows; returns the int64 row number given to each input row (-1: refused). In a
+        distributed build the numbers count this rank's rows only: after ``close()``, row ``r`` of
+        this rank is row ``r + row_offset`` of the index (``row_offset``: the rows of the ranks
+        before this one; ``example_offset`` likewise for examples; both 0 in one process).
 
         grads: (n, D) tensor (modules concatenated in order) or dict name -> (n, d_m).
         num_tokens (per-token indexes only, required there): per-example token counts summing
@@ -1303,6 +1308,9 @@ class GradientIndex:
                     "error); the index was not marked complete (every rank's rows are committed: "
                     f"create(..., resume=True) on {world} ranks and close() again)"))
             self._unlock()
+            # where this rank's rows and examples start in the merged index (rank 0's first, then rank 1's, ...)
+            self.row_offset = sum(g[1] for g in got[:self._rank])
+            self.example_offset = sum(g[2] for g in got[:self._rank]) if self.per_token else self.row_offset
         self._writable = False
         self._load_gradkit(allow_incomplete=False)
 
