@@ -121,6 +121,41 @@ def test_interrupt_between_rows_and_token_counts_rolls_back(tmp_path, monkeypatc
     assert ix.offsets.tolist() == [0, 1, 3, 7] and torch.equal(ix.get(range(7)), x)
 
 
+def test_interrupt_after_the_header_was_replaced_keeps_those_rows_committed(tmp_path, monkeypatch):
+    """A KeyboardInterrupt inside commit after os.replace had published the header (in the directory fsync)
+    left the writer's snapshot at the previous commit: a later failed write rolled back to it and truncated
+    rows the header on disk lists, so the index no longer opened (shard shorter than its header says)."""
+    path = tmp_path / "ix"
+    x = grads(9, 5)
+    w = GradientIndex.create(path, MODS, dtype=torch.float32, shard_rows=4)
+    w.append(x[:2])
+    real = gi._fsync_dir
+
+    def interrupted(p):
+        if Path(p) == path:  # the header's directory fsync: after the replace
+            raise KeyboardInterrupt
+        real(p)
+
+    monkeypatch.setattr(gi, "_fsync_dir", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        w.append(x[2:6])
+    monkeypatch.setattr(gi, "_fsync_dir", real)
+    assert json.loads((path / gi.HEADER).read_text())["count"] == 6  # published
+    real_write = gi._write_all
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(gi, "_write_all", full)
+    with pytest.raises(OSError, match="No space left"):
+        w.append(x[6:])
+    monkeypatch.setattr(gi, "_write_all", real_write)
+    assert len(w) == 6
+    w.append(x[6:])
+    w.close()
+    assert torch.equal(GradientIndex.open(path).get(range(9)), x)
+
+
 def test_commit_makes_new_shard_names_durable_before_the_header(tmp_path, monkeypatch):
     """commit fsynced the shard data and the index directory (after the header's replace) but never shards/:
     after a power loss the header could name a shard file whose directory entry was lost, and the index

@@ -1169,6 +1169,7 @@ class GradientIndex:
     def commit(self) -> None:
         """Make every appended row durable: fsync the data, then atomically replace the header."""
         self._check_writable("commit")
+        state = None
         try:
             for rel in sorted(self._dirty):
                 os.fsync(self._fds[rel])
@@ -1180,12 +1181,22 @@ class GradientIndex:
             self._dirty.clear()
             if self._new_names:  # the names of new shard files must be durable before a header lists them
                 _fsync_dir(self.path / SHARD_DIR)
-            _atomic_write_json(self._state_path(), self._state_header(complete=False))
+            state = self._state_header(complete=False)
+            _atomic_write_json(self._state_path(), state)
             self._new_names = False
         except OSError as e:
             self._rollback()
             raise OSError(e.errno, f"gradkit.index: committing {self.path} failed ({e.strerror or e}); "
                           f"{self._failed_state()}") from e
+        except BaseException:
+            # interrupted (KeyboardInterrupt): if the header was replaced already, these rows are committed on
+            # disk, and a later rollback to the old snapshot would truncate rows the header lists
+            try:
+                if state is not None and _read_json(self._state_path(), "commit") == json.loads(json.dumps(state)):
+                    self._commit_snapshot()
+            except BaseException:  # noqa: BLE001 - unreadable or not written yet: the old snapshot stands
+                pass
+            raise
         self._commit_snapshot()
 
     def _state_path(self) -> Path:
