@@ -156,6 +156,37 @@ def test_interrupt_after_the_header_was_replaced_keeps_those_rows_committed(tmp_
     assert torch.equal(GradientIndex.open(path).get(range(9)), x)
 
 
+def test_a_dropped_writer_closes_its_descriptors(tmp_path):
+    """A writer garbage-collected without close() released its lock but kept its shard files open."""
+    import gc
+
+    path = tmp_path / "ix"
+    w = GradientIndex.create(path, MODS, dtype=torch.float32, shard_rows=4, per_token=True)
+    w.append(grads(6, 1), num_tokens=[2, 4])
+
+    def open_here():
+        fds = Path("/proc/self/fd")
+        out = []
+        for f in fds.iterdir():
+            try:
+                t = os.readlink(f)
+            except OSError:
+                continue
+            if t.startswith(str(path)):
+                out.append(t)
+        return out
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc")
+    assert open_here()  # the writer holds its shard / token files open
+    del w
+    gc.collect()
+    assert open_here() == []
+    w = GradientIndex.create(path, MODS, dtype=torch.float32, shard_rows=4, per_token=True, resume=True)
+    assert len(w) == 6
+    w.close()
+
+
 def test_commit_makes_new_shard_names_durable_before_the_header(tmp_path, monkeypatch):
     """commit fsynced the shard data and the index directory (after the header's replace) but never shards/:
     after a power loss the header could name a shard file whose directory entry was lost, and the index

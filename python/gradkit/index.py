@@ -995,6 +995,15 @@ class GradientIndex:
         else:
             self._abort()
 
+    def __del__(self) -> None:
+        # a writer dropped without close(): its lock goes with it (_WriterLock.__del__), and so must its open
+        # shard descriptors; on disk it is an interrupted build (resume=True continues after the last commit)
+        try:
+            if getattr(self, "_writable", False):
+                self._close_fds()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
     def __len__(self) -> int:
         if self._writable:
             return sum(int(s["rows"]) for s in self._w_shards)
