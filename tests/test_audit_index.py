@@ -187,6 +187,19 @@ def test_a_dropped_writer_closes_its_descriptors(tmp_path):
     w.close()
 
 
+def test_complete_index_with_a_longer_token_file_is_refused(tmp_path):
+    """A complete index whose token count file holds more than its header says opened (its shards are
+    refused in the same case): the extra counts are an unexplained difference, like extra shard bytes."""
+    path = tmp_path / "ix"
+    with GradientIndex.create(path, MODS, dtype=torch.float32, per_token=True) as w:
+        w.append(grads(5, 2), num_tokens=[2, 3])
+    tf = next((path / "shards").glob("*.tokens.bin"))
+    with open(tf, "ab") as f:
+        f.write(np.array([4], dtype="<i8").tobytes())
+    with pytest.raises(IndexFormatError, match="token count file .* has 24 bytes, the header says 2 examples"):
+        GradientIndex.open(path)
+
+
 def test_commit_makes_new_shard_names_durable_before_the_header(tmp_path, monkeypatch):
     """commit fsynced the shard data and the index directory (after the header's replace) but never shards/:
     after a power loss the header could name a shard file whose directory entry was lost, and the index

@@ -1499,6 +1499,9 @@ class GradientIndex:
                 e = _int_arg(tf["examples"], "token file examples")
                 if not f.exists() or f.stat().st_size < e * 8:
                     raise IndexFormatError(f"open: token count file {f} is missing or truncated")
+                if f.stat().st_size != e * 8 and h.get("complete"):  # as for the shards
+                    raise IndexFormatError(f"open: token count file {f} has {f.stat().st_size} bytes, the header "
+                                           f"says {e} examples = {e * 8} bytes")
                 parts.append(np.fromfile(f, dtype="<i8", count=e))
             counts = np.concatenate(parts) if parts else np.zeros(0, np.int64)
             self._set_offsets(counts, "open")
