@@ -15,12 +15,23 @@ error (GRADIEND's threshold drops it silently, its topk ranks it first). Two GRA
 parity: ``prune(topk=1.0)`` returns the model unchanged (GRADIEND ignores ``mask`` and
 ``threshold`` then; ``ParamMap.prune`` applies them), and ``keep_idx=`` / lazily built models
 run GRADIEND's own prune. Where GRADIEND would re-encode an unsorted index list as a mask
-(reordering the input space), the accelerated model keeps the list.
+(reordering the input space), the accelerated model keeps the list. Integer importances are
+accepted as GRADIEND accepts them (its ``>= float(threshold)`` test, exact ranking for topk).
+
+Further deliberate differences, each an error where GRADIEND would go on with a doubtful input:
+a gradient tensor (``flatten_gradient_dict`` / dict ``forward`` / ``forward_encoder``) whose shape
+differs from its map entry's, or that is not floating point, raises ``ValueError`` / ``TypeError``
+naming the entry (GRADIEND flattens whatever it gets, and a wrongly shaped tensor with enough
+elements silently yields other entries); ``prune(threshold=True)`` raises (GRADIEND reads it as
+1.0; it already refuses ``topk=True``). In the dict returned by ``forward``, the tensors of entries
+that select nothing are zeros like GRADIEND's, but they are part of the autograd graph (their
+gradient is zero). The accelerated methods are picklable: ``torch.save(model)`` / ``pickle`` /
+``copy.deepcopy`` give an accelerated model.
 """
 from __future__ import annotations
 
 import copy
-import types
+import math
 from typing import Any, Dict, Optional
 
 import torch
@@ -160,6 +171,19 @@ def _prune(self, *, topk=None, threshold=None, mask=None, part: str = "decoder-w
         imp = importance.detach() if importance is not None else self.get_weight_importance(part=part).detach()
         if imp.dim() != 1 or imp.numel() != n:
             raise ValueError(f"importance must be 1D tensor of length {n}, got shape {imp.shape}")
+        if not imp.is_floating_point() and not imp.is_complex() and imp.dtype != torch.bool:
+            # integer importances (GRADIEND accepts them): its threshold test exactly as GRADIEND
+            # evaluates it, folded into the mask; topk ranks the values' dense ranks (exact for any int64)
+            imp = imp.to("cpu")
+            if threshold is not None:
+                if isinstance(threshold, bool) or math.isnan(threshold):
+                    raise ValueError(f"threshold: expected a number, got {threshold!r}")
+                above = imp >= float(threshold)
+                mask = above if mask is None else (mask.detach().to("cpu") & above)
+                threshold = None
+                if topk is None and not bool(mask.any()):
+                    raise ValueError("prune: the criteria remove every input dimension")
+            imp = torch.unique(imp, sorted=True, return_inverse=True)[1].to(torch.float64)
     pm = param_map_of(self)
     new_pm, keep = pm.prune(mask=mask, threshold=threshold, topk=topk, importance=imp)
     new_in = int(keep.numel())
@@ -205,6 +229,44 @@ def _invalidate_runtime_param_map_cache(self):
     self._gradkit_param_map = None
 
 
+_PATCHES = {
+    "extract_gradients": _extract_gradients,
+    "flatten_gradient_dict": _flatten_gradient_dict,
+    "forward": _forward,
+    "forward_encoder": _forward_encoder,
+    "prune": _prune,
+    "_invalidate_runtime_param_map_cache": _invalidate_runtime_param_map_cache,
+}
+
+
+class _Bound:
+    """One of gradkit's methods bound to one model. Unlike ``types.MethodType`` it pickles (and
+    deep-copies) by name, so ``torch.save(model)`` / ``pickle`` / multiprocessing of an accelerated
+    model round-trip to an accelerated model."""
+
+    __slots__ = ("__self__", "_name")
+
+    def __init__(self, model, name: str):
+        self.__self__, self._name = model, name
+
+    @property
+    def __func__(self):
+        return _PATCHES[self._name]
+
+    @property
+    def __name__(self) -> str:
+        return self._name
+
+    def __call__(self, *args, **kwargs):
+        return _PATCHES[self._name](self.__self__, *args, **kwargs)
+
+    def __reduce__(self):
+        return _Bound, (self.__self__, self._name)
+
+    def __repr__(self) -> str:
+        return f"<gradkit-accelerated method {self._name} of {type(self.__self__).__name__}>"
+
+
 def accelerate(model):
     """Patch ``model`` (a gradiend ``ParamMappedGradiendModel``) in place to use gradkit; returns it."""
     try:
@@ -214,11 +276,7 @@ def accelerate(model):
     if not isinstance(model, ParamMappedGradiendModel):
         raise TypeError(f"model: expected a gradiend ParamMappedGradiendModel, got {type(model).__name__}")
     param_map_of(model)  # validate the mapping once, up front
-    model.extract_gradients = types.MethodType(_extract_gradients, model)
-    model.flatten_gradient_dict = types.MethodType(_flatten_gradient_dict, model)
-    model.forward = types.MethodType(_forward, model)
-    model.forward_encoder = types.MethodType(_forward_encoder, model)
-    model.prune = types.MethodType(_prune, model)
-    model._invalidate_runtime_param_map_cache = types.MethodType(_invalidate_runtime_param_map_cache, model)
+    for name in _PATCHES:
+        setattr(model, name, _Bound(model, name))
     model._gradkit_accelerated = True
     return model

@@ -31,7 +31,38 @@ wrong or inconsistent (see ``gradkit.scope``):
 * in-place updates bump the parameter's autograd version counter (SparseKit writes through
   ``.data``, so a backward that saved the dense weight silently used the pruned one);
 * ``View`` needs a contiguous parameter (SparseKit accepts a transposed one, ``BlockSpec(W.t())``:
-  for W of shape (r, c), ``BlockSpec(View(W, (c, r), (1, c)), ...)`` walks ``W.t()`` in place).
+  for W of shape (r, c), ``BlockSpec(View(W, (c, r), (1, c)), ...)`` walks ``W.t()`` in place), and
+  refuses a view that covers an element twice;
+* ``nnz=0`` (``sparsity_to_nnz(1.0)``) keeps no block: ``get_masks(0)`` is all False and
+  ``hard_threshold(nnz=0)`` zeroes every block (SparseKit raises: an AssertionError in its
+  kth-largest kernel, or torch.kthvalue's RuntimeError);
+* where SparseKit 0.1.5 raises on valid input, gradkit answers: ``ScopeCoupling.get_masks`` with
+  more than one scope, ``ScopeSpec.get_masks`` over 3-D and higher block grids (SparseKit's
+  ``.view`` of a permuted mask fails);
+* block norms, kth / mid-kth values and soft-thresholded weights agree with SparseKit's to float
+  rounding (about one ulp of the dtype; a few ulp after soft thresholding, which gradkit computes
+  in float32 for fp16 / bf16 and rounds once), not bitwise: gradkit sums in its kernels' order;
+* ``BlockCoupling.norms``, ``ScopeCoupling.block_norms`` / ``kth_largest`` / ``mid_kth_largest`` of
+  fp16 / bf16 weights return the float32 scores they rank (SparseKit rounds them to the weights'
+  dtype), so ``hard_threshold(thresholds=c.kth_largest(k))`` keeps the same blocks as ``nnz=k``;
+* ``ScopeSpec.block_to_scope(b, merge=True)`` is ``(*grid_shape, numblk_per_scope)``, the layout of
+  ``block_norms`` (SparseKit 0.1.5 permutes twice there and returns another layout);
+* ``hard_threshold`` with both ``thresholds`` and ``nnz`` raises (SparseKit silently ignores ``nnz``);
+  ``hard_threshold`` / ``BlockSpec.hard_threshold`` return the keep mask (SparseKit: None);
+* bad arguments raise ``ValueError`` / ``TypeError`` / ``IndexError`` naming the argument before any
+  work (SparseKit: ``AssertionError`` or ``RuntimeError`` from torch, e.g. ``kth_largest`` with ``k``
+  out of range is ``ValueError``); ``kth_largest`` / ``mid_kth_largest`` with ``dim`` outside
+  ``[-x.dim(), x.dim())`` raise ``IndexError`` (SparseKit reduces it modulo ``x.dim()``, silently
+  answering for another dim); a negative ``k_weight`` is refused (SparseKit extrapolates, and
+  divides by zero at -1); a scope shape entry other than -1 or a positive divisor is refused
+  (SparseKit builds a negative grid from -2);
+* ``SparsityBuilder`` refuses a name that would shadow another block / coupling or scope /
+  coupling (SparseKit overwrites or hides it), and a failed ``couple_scopes`` consumes nothing.
+
+Kept from SparseKit: any block-shape entry <= 0 spans its whole dim (not only -1); ``kth_largest`` /
+``mid_kth_largest`` take integer tensors (exact, by ``torch.kthvalue``; mid in float); ``View`` has
+SparseKit's ``block_view_of`` / ``broadcast_block_to_element`` / ``apply_multiplier`` / ``apply_mask``
+and ``BlockSpec`` its ``expand_block_tensor``.
 """
 from __future__ import annotations
 
@@ -40,9 +71,12 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+import math
+
 from gradkit import ops
-from gradkit.scope import (BlockCoupling, BlockSpec, CouplingError, ScopeCoupling, ScopeSpec, ShapeMismatchError,
-                           SparseBlock, SparseScope, Values, View)
+from gradkit import scope as _scope
+from gradkit.scope import (BlockCoupling, CouplingError, ScopeCoupling, ScopeSpec, ShapeMismatchError, SparseBlock,
+                           SparseScope, Values)
 
 SparseKitError = ValueError
 
@@ -50,8 +84,69 @@ __all__ = ["View", "BlockSpec", "BlockCoupling", "ScopeSpec", "ScopeCoupling", "
            "ShapeMismatchError", "SparseBlock", "SparseScope", "Values", "kth_largest", "mid_kth_largest"]
 
 
+class View(_scope.View):
+    """gradkit's View plus SparseKit's block helpers (``block_view_of``, ``broadcast_block_to_element``,
+    ``apply_multiplier``, ``apply_mask``)."""
+
+    @staticmethod
+    def block_view_of(t: Tensor, block_shape: Tuple[int, ...], reorder: bool = True, merge: bool = False) -> Tensor:
+        """Zero-copy block view of ``t``: ``(B0, b0, B1, b1, ...)`` (``reorder=False``), grid dims first
+        ``(B0, B1, ..., b0, b1, ...)`` (``reorder=True``) or ``(B0, B1, ..., b0*b1*...)`` (``merge=True``)."""
+        v = _scope._blocked(t, block_shape)
+        if reorder or merge:
+            nd = len(block_shape)
+            v = v.permute(list(range(0, 2 * nd, 2)) + list(range(1, 2 * nd, 2)))
+            if merge:
+                v = v.reshape(*v.shape[:nd], -1)
+        return v
+
+    @staticmethod
+    def broadcast_block_to_element(block_values: Tensor, block_shape: Tuple[int, ...], fake: bool = False) -> Tensor:
+        """Grid values -> element shape (``fake``: only the interleaved singleton dims, for broadcasting)."""
+        if fake:
+            v = block_values
+            for i in range(len(block_shape)):
+                v = v.unsqueeze(2 * i + 1)
+            return v
+        return _scope._expand(block_values, block_shape)
+
+    def apply_multiplier(self, multiplier: Tensor, block_shape: Tuple[int, ...]) -> None:
+        """Multiply every block of ``data`` by its grid entry, in place."""
+        _scope.BlockSpec(self, block_shape).apply_multiplier(multiplier)
+
+    def apply_mask(self, mask: Tensor, block_shape: Tuple[int, ...]) -> None:
+        """Zero every block of ``data`` where the grid-shaped ``mask`` is True, in place."""
+        _scope.BlockSpec(self, block_shape).apply_mask(mask)
+
+
+class BlockSpec(_scope.BlockSpec):
+    """gradkit's BlockSpec with SparseKit's block-shape rule (any entry <= 0 spans its whole dim) and
+    ``expand_block_tensor``."""
+
+    def __init__(self, view, shape: Sequence[int] = (), name: Optional[str] = None):
+        try:
+            shape = tuple(-1 if int(b) <= 0 else int(b) for b in shape)
+        except (TypeError, ValueError):
+            raise TypeError(f"BlockSpec {name or ''}: shape: expected a sequence of ints, got {shape!r}") from None
+        super().__init__(view, shape, name=name)
+
+    def expand_block_tensor(self, block_values: Tensor) -> Tensor:
+        """``block_values`` viewed as the block grid's shape."""
+        return block_values.view(self.grid_shape)
+
+
+def _check_dim(x: Tensor, dim: Optional[int]) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
+    if dim is not None:
+        nd = max(x.dim(), 1)
+        if isinstance(dim, bool) or not isinstance(dim, int) or not -nd <= dim < nd:
+            raise IndexError(f"dim: expected an int in [{-nd}, {nd - 1}] for a {x.dim()}-D x, got {dim!r}")
+
+
 def _rows(x: Tensor, dim: Optional[int]):
-    if not isinstance(x, Tensor) or not x.is_floating_point():
+    _check_dim(x, dim)
+    if not x.is_floating_point():
         raise TypeError(f"x: expected a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if dim is None:
         return x.reshape(1, -1), ()
@@ -62,8 +157,33 @@ def _rows(x: Tensor, dim: Optional[int]):
     return m.reshape(-1, m.shape[-1]), tuple(m.shape[:-1])
 
 
+def _integer_kth(x: Tensor, k: int, dim: Optional[int], mid: bool, k_weight: float) -> Tensor:
+    """Integer x (SparseKit accepts it): exact order statistics by torch.kthvalue; mid in float."""
+    if dim is None:
+        x, dim = x.reshape(-1), 0
+    n = x.shape[dim] if x.dim() else 1
+    top = n - 1 if mid else n
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= top:
+        raise ValueError(f"k: expected 1 <= k <= {top} ({n} values along dim{', mid needs k+1' if mid else ''}), "
+                         f"got {k!r}")
+    v = torch.kthvalue(x, n - k + 1, dim=dim).values
+    if not mid:
+        return v
+    if isinstance(k_weight, bool) or not isinstance(k_weight, (int, float)) or not 0 <= k_weight < math.inf:
+        raise ValueError(f"k_weight: expected a finite number >= 0, got {k_weight!r}")
+    nxt = torch.kthvalue(x, n - k, dim=dim).values
+    return (k_weight * nxt + v) / (1.0 + k_weight)
+
+
+def _is_integer(x: Tensor) -> bool:
+    return not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
+
+
 def kth_largest(x: Tensor, k: int, dim: Optional[int] = None, **kwargs) -> Tensor:
     """k-th largest along ``dim`` (flattened when None), NaN skipped; CPU and GPU."""
+    _check_dim(x, dim)
+    if _is_integer(x):
+        return _integer_kth(x, k, dim, False, 1.0)
     r, out_shape = _rows(x, dim)
     v = ops.scope_kth(r, [1, 1], [1, r.shape[1]], k, raw=True)
     return v.reshape(out_shape)
@@ -71,6 +191,9 @@ def kth_largest(x: Tensor, k: int, dim: Optional[int] = None, **kwargs) -> Tenso
 
 def mid_kth_largest(x: Tensor, k: int, dim: Optional[int] = None, k_weight: float = 1.0, **kwargs) -> Tensor:
     """``(v_k + k_weight * v_{k+1}) / (1 + k_weight)`` along ``dim`` (flattened when None)."""
+    _check_dim(x, dim)
+    if _is_integer(x):
+        return _integer_kth(x, k, dim, True, k_weight)
     r, out_shape = _rows(x, dim)
     v = ops.scope_kth(r, [1, 1], [1, r.shape[1]], k, raw=True, mid=True, k_weight=k_weight)
     return v.reshape(out_shape)
@@ -118,7 +241,8 @@ class SparsityBuilder:
         return self
 
     def couple_scopes(self, scope_names: List[str], orders: List[Tuple[int, ...]], name: str) -> "SparsityBuilder":
-        self._fresh(name, self._scopes, self._scope_couplings)
+        # the coupled scopes are consumed, so the coupling may take one of their names (as in SparseKit)
+        self._fresh(name, {n: None for n in self._scopes if n not in scope_names}, self._scope_couplings)
         scopes = [self._get(self._scopes, n, "scope") for n in scope_names]
         self._scope_couplings[name] = ScopeCoupling(scopes, orders, name=name)
         for n in scope_names:  # coupled scopes are consumed, as in SparseKit
