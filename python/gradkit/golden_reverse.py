@@ -439,6 +439,23 @@ class ReverseGoldenResult:
     strategy: str
 
 
+@contextlib.contextmanager
+def _seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """The torch RNG of the CPU (and of ``device`` if it is a CUDA device) seeded with ``seed``
+    inside, the caller's RNG states restored after."""
+    if device.type != "cuda":
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            yield
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.random.fork_rng(devices=[index], device_type="cuda"):
+        torch.random.default_generator.manual_seed(seed)
+        with torch.cuda.device(index):
+            torch.cuda.manual_seed(seed)  # this device only
+        yield
+
+
 def _next_token_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Mean next-token cross-entropy (fp32) over positions whose token and target are both real."""
     ids, am = batch["input_ids"], batch.get("attention_mask")
@@ -513,7 +530,13 @@ def reverse_golden_masks(
     scored again (``result.kl``).
 
     ``strategy``: a name in ``STRATEGIES`` (built with ``amplitude``, ``frequency``, ``seed`` and
-    the default bounds) or a ``FluctuationStrategy`` whose ``target`` is ``percent``.
+    the default bounds) or a ``FluctuationStrategy`` whose ``target`` is ``percent``. An instance
+    is advanced in place (it holds the search's final state afterwards), so passing the same
+    instance to a second call continues from there: pass a fresh one (or a ``copy.deepcopy``
+    taken before) to repeat a search exactly.
+    ``seed`` also seeds the torch RNG the gradient passes draw from (dropout in a model left in
+    training mode), inside a forked RNG state: the same inputs and ``seed`` give the same masks,
+    and the caller's global RNG state is left untouched.
     Gradient passes run in the model's own mode, scoring in eval mode; modes, ``requires_grad``
     and (bit-exactly) the weights are as before afterwards. Bad arguments raise ``ValueError``
     before the model is touched; NaN importance raises ``ValueError`` naming the parameter.
@@ -521,6 +544,12 @@ def reverse_golden_masks(
     percent = _check_percent(percent, "percent")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed: expected an int, got {seed!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise ValueError(f"loss_fn: expected None or a callable(model, batch) -> scalar loss, got {loss_fn!r}")
+    if not isinstance(progress, bool):
+        raise ValueError(f"progress: expected a bool, got {progress!r}")
     if isinstance(strategy, FluctuationStrategy):
         if strategy.target != percent:
             raise ValueError(f"strategy: its target {strategy.target} differs from percent {percent}")
@@ -565,7 +594,8 @@ def reverse_golden_masks(
     best_kl, best_masks = -math.inf, None
     current = percent
     chunks = itertools.chain([first], iter(lambda: list(itertools.islice(stream, chunk_size)), []))
-    with tqdm(total=total, disable=not progress, desc="reverse golden", unit="chunk") as bar:
+    with _seeded_rng(seed, device), \
+            tqdm(total=total, disable=not progress, desc="reverse golden", unit="chunk") as bar:
         for it, chunk in enumerate(chunks):
             for batch in chunk:
                 ids, am = _unpack(batch, device, "batches")
@@ -584,8 +614,13 @@ def reverse_golden_masks(
                     raise ValueError(f"params: NaN gradient importance for {n!r}")
             candidate = {n: topk_mask(a, current) for n, a in acc.items()}
             kl = score(candidate)
+            if math.isnan(kl):
+                raise ValueError(f"model: the KL of the iteration-{it} candidate ({current:.6g}%) is NaN "
+                                 "(non-finite logits with the selected weights zeroed?)")
             history.append((it, current, kl))
-            improvement = kl - max(best_kl, 0.0)
+            # an infinite KL (the masked model gives log-prob -inf to a token the original gives
+            # P > 0) equal to an infinite best is no improvement, not inf - inf = NaN
+            improvement = 0.0 if kl == best_kl else kl - max(best_kl, 0.0)
             if kl > best_kl or best_masks is None:
                 best_kl, best_masks = kl, candidate
             current = strat.next_percent(it, improvement)

@@ -1,7 +1,7 @@
 """Model-level OBS pruning: Hessians from forward hooks, layer-by-layer pruning, checkpoints, resume.
 
 ``collect_hessians`` runs calibration batches through a model and returns, for every selected
-``nn.Linear``, ``H = X^T X`` over the (non-padded) tokens that reached it: a plain sum in float32,
+``nn.Linear`` (or transformers' ``Conv1D``, GPT-2's transposed Linear), ``H = X^T X`` over the (non-padded) tokens that reached it: a plain sum in float32,
 no ``1/n`` or ``2/n`` factor (SparseGPT scales by ``2/n``; every gradkit pruner and
 ``output_error`` is invariant to that scale and damping is relative, so ``X^T X`` is used
 throughout). Under ``torch.distributed`` the sums and token counts are all-reduced, so each rank
@@ -51,7 +51,7 @@ __all__ = ["collect_hessians", "prune_model", "Hessians", "LayerReport", "PruneR
 METHODS = ("sparsegpt", "true_obs", "obs_local", "obs_full", "magnitude", "obd", "resolve")
 PROGRESS_FILE = "progress.json"
 _FORMAT = "gradkit.obs.prune_model"
-_VERSION = 1
+_VERSION = 2  # 2: "params", the digests of the model's parameters outside the pruned layers
 
 
 class CheckpointError(ValueError):
@@ -66,10 +66,31 @@ class _Stop(Exception):
 # --------------------------------------------------------------------------- helpers
 
 
+def _is_conv1d(m: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and relatives): a Linear whose weight is stored transposed,
+    ``(in_features, out_features)``; recognised by duck typing (transformers is not imported)."""
+    w = getattr(m, "weight", None)
+    return (type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int) and isinstance(w, Tensor)
+            and w.dim() == 2 and w.shape[1] == m.nf)
+
+
+def _prunable(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or _is_conv1d(m)
+
+
+def _in_features(m: nn.Module) -> int:
+    return int(m.weight.shape[0]) if _is_conv1d(m) else int(m.in_features)
+
+
+def _out_in(w: Tensor, mod: nn.Module) -> Tensor:
+    """The weight in ``nn.Linear``'s ``(out, in)`` layout (a view for Conv1D)."""
+    return w.T if _is_conv1d(mod) else w
+
+
 def _select_modules(model: nn.Module, modules) -> List[Tuple[str, nn.Linear]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    lin = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
+    lin = [(n, m) for n, m in model.named_modules() if _prunable(m) and n]
     if modules is None:
         out = lin
     elif callable(modules):
@@ -80,7 +101,7 @@ def _select_modules(model: nn.Module, modules) -> List[Tuple[str, nn.Linear]]:
             raise TypeError("modules: expected None, fnmatch pattern(s) (str or list of str) or a callable(name, module)")
         out = [(n, m) for n, m in lin if any(fnmatch.fnmatchcase(n, p) for p in pats)]
     if not out:
-        raise ValueError(f"modules: no nn.Linear of the model matches {modules!r}")
+        raise ValueError(f"modules: no nn.Linear (or transformers Conv1D) of the model matches {modules!r}")
     seen = {}
     for n, m in out:
         if id(m) in seen:
@@ -104,6 +125,41 @@ def _check_untied(layers: Sequence[Tuple[str, nn.Linear]]) -> None:
         if a[0] == b[0] and b[1] < a[2]:
             raise ValueError(f"modules: {a[3]!r} and {b[3]!r} share their weight (tied weights); prune_model prunes "
                              "each layer against its own inputs, so select only one of them")
+
+
+def _check_not_tied_elsewhere(model: nn.Module, layers: Sequence[Tuple[str, nn.Linear]]) -> None:
+    """Refuses a selected layer whose weight is also (or overlaps in memory) a parameter of a module
+    that is not a Linear / Conv1D, e.g. a language-model head tied to the token embedding: pruning it
+    would silently prune the embedding too, under the earlier layers that were pruned on the dense
+    embedding's outputs. (A weight shared with another, unselected Linear is the caller's choice.)"""
+    def foreign(pname: str) -> bool:
+        owner, _, leaf = pname.rpartition(".")
+        try:
+            mod = model.get_submodule(owner) if owner else model
+        except AttributeError:
+            return True
+        return not (leaf == "weight" and _prunable(mod))
+
+    sel = {id(m.weight): n for n, m in layers}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in sel and pname != f"{sel[id(p)]}.weight" and foreign(pname):
+            raise ValueError(f"modules: the weight of {sel[id(p)]!r} is tied to the parameter {pname!r} (e.g. a head "
+                             "tied to the embedding); pruning it would prune that parameter too, so leave it out of "
+                             "modules")
+
+    def span(w):
+        extent = sum((d - 1) * st for d, st in zip(w.shape, w.stride())) + 1
+        return w.device, w.data_ptr(), w.data_ptr() + extent * w.element_size()
+
+    spans = [(span(m.weight), n) for n, m in layers if m.weight.device.type != "meta" and m.weight.numel()]
+    for pname, p in model.named_parameters():
+        if id(p) in sel or p.device.type == "meta" or not p.numel() or not foreign(pname):
+            continue
+        dev, lo, hi = span(p)
+        for (wdev, wlo, whi), n in spans:
+            if dev == wdev and lo < whi and wlo < hi:
+                raise ValueError(f"modules: the weight of {n!r} shares memory with the parameter {pname!r} (tied "
+                                 "weights); pruning it would prune that parameter too, so leave it out of modules")
 
 
 def _batches(batches) -> list:
@@ -213,7 +269,7 @@ class _Collector:
 
     def __enter__(self):
         for name, mod in self.layers:
-            self.handles.append(mod.register_forward_hook(self._hook(name, mod.in_features), with_kwargs=True))
+            self.handles.append(mod.register_forward_hook(self._hook(name, _in_features(mod)), with_kwargs=True))
         return self
 
     def stop_before(self, later: Sequence[nn.Module]) -> None:
@@ -252,7 +308,8 @@ class _Collector:
         for name, mod in self.layers:  # layers never reached: zero Hessian, 0 tokens
             if name not in self.H:
                 dev = self.device if self.device is not None else mod.weight.device
-                self.H[name] = torch.zeros(mod.in_features, mod.in_features, dtype=torch.float32, device=dev)
+                k = _in_features(mod)
+                self.H[name] = torch.zeros(k, k, dtype=torch.float32, device=dev)
                 self.n[name] = 0
         dist = _dist()
         if dist is not None:
@@ -292,8 +349,8 @@ def collect_hessians(model: nn.Module, batches: Iterable, modules=None, device=N
         batches: calibration batches (iterated once). A dict batch with an ``attention_mask``
             (``(B, T)``, non-zero = real token) counts only real tokens, for layer inputs shaped
             ``(B, T, K)`` or ``(B*T, K)``; inputs of any other shape count all their rows.
-        modules: ``None`` (every ``nn.Linear``), fnmatch pattern(s) on module names, or a
-            ``callable(name, module) -> bool`` over the model's Linear modules.
+        modules: ``None`` (every ``nn.Linear`` and transformers ``Conv1D``), fnmatch pattern(s) on
+            module names, or a ``callable(name, module) -> bool`` over those modules.
         device: where the Hessians are accumulated (default: each layer's weight device).
         progress: a tqdm bar over batches.
 
@@ -350,6 +407,22 @@ def _check_pattern(pattern, nnz):
     raise ValueError(f"pattern: expected 'N:M' (e.g. '2:4'), 'unstructured:<sparsity>' or a callable, got {pattern!r}")
 
 
+def _check_pattern_fits(pattern, layers: Sequence[Tuple[str, nn.Linear]]) -> None:
+    """An ``"N:M"`` pattern needs every selected layer's input features to be a multiple of M:
+    checked for all layers before any work, so a misfit layer late in the model cannot stop a run
+    after earlier groups were already pruned into the model."""
+    if not isinstance(pattern, str):
+        return
+    m = _NM.match(pattern)
+    if not m:
+        return
+    mm = int(m.group(2))
+    for name, mod in layers:
+        k = _in_features(mod)
+        if k % mm:
+            raise ValueError(f"pattern: {pattern!r}: layer {name!r} has {k} input features, not a multiple of {mm}")
+
+
 def _check_int(v, what: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{what}: expected an int, got {type(v).__name__}")
@@ -364,7 +437,7 @@ def _scope_for(pattern, nnz, name: str, w: Tensor) -> Tuple[ScopeSpec, int]:
         got = pattern(name, w)
         if isinstance(got, tuple):
             if len(got) != 2:
-                raise ValueError(f"pattern({name!r}): expected a ScopeSpec or (ScopeSpec, nnz), got a {len(got)}-tuple")
+                raise ValueError(f"pattern: the callable returned a {len(got)}-tuple for layer {name!r}, expected a ScopeSpec or (ScopeSpec, nnz)")
             scope, n = got
             n = _check_int(n, f"pattern({name!r}) nnz")
         else:
@@ -372,15 +445,15 @@ def _scope_for(pattern, nnz, name: str, w: Tensor) -> Tuple[ScopeSpec, int]:
             if n is None:
                 raise ValueError("nnz: required (blocks kept per scope) when pattern is a callable returning a ScopeSpec")
         if not isinstance(scope, ScopeSpec):
-            raise TypeError(f"pattern({name!r}): expected a gradkit.scope.ScopeSpec, got {type(scope).__name__}")
+            raise TypeError(f"pattern: the callable returned a {type(scope).__name__} for layer {name!r}, expected a gradkit.scope.ScopeSpec")
         if obs_layout(scope).weight is not w:
-            raise ValueError(f"pattern({name!r}): the ScopeSpec must be built on the weight tensor passed to the callable")
+            raise ValueError(f"pattern: the ScopeSpec for layer {name!r} must be built on the weight tensor passed to the callable")
         return scope, n
     m = _NM.match(pattern)
     if m:
         n, mm = int(m.group(1)), int(m.group(2))
         if k % mm:
-            raise ValueError(f"pattern {pattern!r}: layer {name!r} has {k} input features, not a multiple of {mm}")
+            raise ValueError(f"pattern: {pattern!r}: layer {name!r} has {k} input features, not a multiple of {mm}")
         return ScopeSpec(BlockSpec(w, (1, 1)), (1, mm)), n
     s = float(_UNSTR.match(pattern).group(1))
     scope = ScopeSpec(BlockSpec(w, (1, 1)), (1, -1))
@@ -543,9 +616,12 @@ def _name_of(fn) -> str:
     return f"callable:{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
+_TMP_PREFIX = ".tmp-"
+
+
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=d)
     os.close(fd)
     try:
         write(tmp)
@@ -556,12 +632,24 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    try:  # make the rename itself durable (POSIX); not available everywhere
+        dfd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
 
 
 class _Checkpoint:
-    def __init__(self, directory: str, config: Dict[str, Any], resume: bool):
+    def __init__(self, directory: str, config: Dict[str, Any], resume: bool, params: Dict[str, str]):
         self.dir = os.path.abspath(directory)
         self.config = config
+        self.params = params  # digests of the model's parameters that pruning leaves alone
+        self.saved_params: Any = None
         self.writer = _rank() == 0
         self.path = os.path.join(self.dir, PROGRESS_FILE)
         self.layers: Dict[str, Dict[str, Any]] = {}
@@ -571,11 +659,22 @@ class _Checkpoint:
             self._load()
         if self.writer:
             os.makedirs(self.dir, exist_ok=True)
+            self._remove_stale_temporaries()
             if not resume or not os.path.exists(self.path):
                 self._flush()
         dist = _dist()
         if dist is not None:
             dist.barrier()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Half-written ``.tmp-*`` files that a killed run (SIGKILL, power loss) left behind: never
+        referenced by the progress file, removed so that they do not pile up."""
+        for entry in os.listdir(self.dir):
+            if entry.startswith(_TMP_PREFIX):
+                try:
+                    os.remove(os.path.join(self.dir, entry))
+                except OSError:
+                    pass
 
     def _load(self) -> None:
         try:
@@ -594,9 +693,11 @@ class _Checkpoint:
             raise CheckpointError(f"checkpoint_dir {self.dir!r} holds a run with a different configuration (differs in: "
                                   f"{', '.join(keys)}); use another directory, or resume=False to start over")
         self.layers = state["layers"]
+        self.saved_params = state.get("params")
 
     def _flush(self) -> None:
-        state = {"format": _FORMAT, "version": _VERSION, "config": self.config, "layers": self.layers}
+        state = {"format": _FORMAT, "version": _VERSION, "config": self.config, "layers": self.layers,
+                 "params": self.params}
         text = json.dumps(state, indent=1, sort_keys=True)
 
         def write(p):
@@ -651,6 +752,55 @@ class _Checkpoint:
 # --------------------------------------------------------------------------- prune_model
 
 
+def _param_digests(model: nn.Module, layers: Sequence[Tuple[str, nn.Module]]) -> Dict[str, str]:
+    """``{name: sha256}`` of every parameter except the pruned layers' weights (which pruning changes)."""
+    skip = {id(m.weight) for _, m in layers}
+    return {name: _digest(p) for name, p in model.named_parameters() if id(p) not in skip}
+
+
+def _check_resumed_weight(name: str, mod: nn.Module, entry: Mapping[str, Any]) -> None:
+    cur = _digest(mod.weight)
+    if cur not in (entry.get("dense"), entry.get("pruned")):
+        raise CheckpointError(f"checkpoint: the model's weight of layer {name!r} is neither the dense weight the "
+                              "checkpointed run started from nor its pruned result (another model?); use another "
+                              "directory or resume=False")
+
+
+def _verify_resumable(ckpt: "_Checkpoint", ordered: Sequence[Tuple[str, nn.Module]]) -> None:
+    """Every checkpointed layer: known, its file intact, and the model's weight the dense one it was
+    pruned from (or its pruned result). Run before any work, so a checkpoint that cannot be resumed
+    is refused with the model untouched rather than after some groups were loaded into it."""
+    by = dict(ordered)
+    unknown = [n for n in ckpt.layers if n not in by]
+    if unknown:
+        raise CheckpointError(f"checkpoint {ckpt.path!r} lists layers the run does not prune: {unknown[:5]}")
+    for name, mod in ordered:
+        if name in ckpt.layers:
+            _, entry = ckpt.load(name, mod.weight)
+            _check_resumed_weight(name, mod, entry)
+    old, cur = ckpt.saved_params, ckpt.params
+    if not isinstance(old, dict):
+        raise CheckpointError(f"checkpoint {ckpt.path!r} records no digest of the model's other parameters")
+    if old != cur:
+        diff = sorted(k for k in set(old) | set(cur) if old.get(k) != cur.get(k))
+        raise CheckpointError(f"checkpoint: the model differs from the checkpointed run's outside the pruned layers "
+                              f"(parameters {diff[:5]}{' ...' if len(diff) > 5 else ''} differ or are missing); "
+                              "another model? use another directory or resume=False")
+
+
+def _failure_note(name: str, method: str, pattern_s: str, in_model: List[str], ckpt) -> str:
+    if in_model:
+        held = (f"the model holds the {len(in_model)} pruned layer(s) of the groups finished before it "
+                f"({in_model[0]!r} ... {in_model[-1]!r})")
+    else:
+        held = "no layer of the model was modified"
+    note = f"prune_model: raised while pruning layer {name!r} ({method}, {pattern_s}); its group was not written " \
+           f"into the model; {held}"
+    if ckpt is not None:
+        note += f"; the checkpoint holds {len(ckpt.layers)} finished layer(s), resumable from {ckpt.dir!r}"
+    return note
+
+
 def _default_group(name: str) -> str:
     parts = name.split(".")
     for i, p in enumerate(parts[:-1]):
@@ -702,6 +852,10 @@ def prune_model(model: nn.Module, batches: Iterable, pattern: Union[str, Callabl
             ``.prune(compensate="local" | "full")``).
         damp: damping passed to the method (relative below 1, absolute from 1).
         modules: which Linear layers (None: all; fnmatch patterns; or ``callable(name, module)``).
+            transformers' ``Conv1D`` (GPT-2) counts as a Linear: it is pruned in the ``(out, in)``
+            layout (N:M runs along its inputs) and written back transposed. Refused before any work:
+            two selected layers sharing a weight, and a selected weight tied to a parameter of a
+            module that is not a Linear (e.g. a head tied to the embedding).
         sequential: True: SparseGPT's order (each group's Hessians from a model whose earlier groups
             are pruned); False: every Hessian from the dense model in one pass, then all layers pruned.
         checkpoint_dir: directory for per-layer checkpoints and ``progress.json``; None: none.
@@ -720,6 +874,13 @@ def prune_model(model: nn.Module, batches: Iterable, pattern: Union[str, Callabl
             models that call a layer again after a later one.
         device: where Hessians are accumulated and layers pruned (default: each weight's device).
 
+    Arguments are checked before any work (an ``"N:M"`` pattern against every selected layer's
+    input features too). On resume, every checkpointed layer (its file, and the model's weight being
+    the dense weight it was pruned from or its pruned result) and the model's other parameters
+    (embeddings, norms, biases: recorded by digest) are checked before any work, so a checkpoint that
+    does not belong to the model is refused with the model untouched. Stale ``.tmp-*`` files of a
+    killed run are removed.
+
     The layers of a group are written into the model together, after the whole group is pruned,
     so an interrupted group leaves its layers dense and a resumed run sees exactly the inputs of an
     uninterrupted one; groups finished before an error stay pruned in the model (and in the
@@ -732,9 +893,9 @@ def prune_model(model: nn.Module, batches: Iterable, pattern: Union[str, Callabl
         raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
     _check_pattern(pattern, nnz)
     damp = metrics._check_damp(damp)
-    kw = dict(method_kwargs or {})
     if not isinstance(method_kwargs, (Mapping, type(None))):
-        raise TypeError("method_kwargs: expected a dict")
+        raise TypeError(f"method_kwargs: expected a dict, got {type(method_kwargs).__name__}")
+    kw = dict(method_kwargs or {})
     for key in ("inplace", "return_mask", "damp", "compensate"):
         if key in kw:
             raise ValueError(f"method_kwargs: {key!r} is set by prune_model")
@@ -745,8 +906,19 @@ def prune_model(model: nn.Module, batches: Iterable, pattern: Union[str, Callabl
     for nm, v in (("sequential", sequential), ("resume", resume), ("progress", progress), ("early_stop", early_stop)):
         if not isinstance(v, bool):
             raise TypeError(f"{nm}: expected a bool, got {type(v).__name__}")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as err:
+            raise ValueError(f"device: expected None or a torch device, got {device!r} ({err})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device: {device} requested but CUDA is not available")
+    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise TypeError(f"checkpoint_dir: expected None or a path, got {type(checkpoint_dir).__name__}")
     layers = _select_modules(model, modules)
     _check_untied(layers)
+    _check_not_tied_elsewhere(model, layers)
+    _check_pattern_fits(pattern, layers)
     data = _batches(batches)
     t_start = time.perf_counter()
     was_training = model.training
@@ -785,9 +957,16 @@ def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, ch
         "calibration": _data_digest(data),
         "gradkit_obs_driver": _VERSION,
     }
-    ckpt = _Checkpoint(checkpoint_dir, config, resume) if checkpoint_dir is not None else None
+    ckpt = None
+    if checkpoint_dir is not None:
+        # everything pruning leaves alone (embeddings, norms, biases, unselected layers) shapes the
+        # calibration inputs: a model that differs there is another model, even with equal weights
+        ckpt = _Checkpoint(checkpoint_dir, config, resume, _param_digests(model, ordered))
+    if ckpt is not None and ckpt.layers:
+        _verify_resumable(ckpt, ordered)  # before any work: a bad checkpoint leaves the model untouched
     report = PruneReport(method=method, pattern=pattern_s)
     position = {n: i for i, (n, _) in enumerate(ordered)}
+    in_model: List[str] = []  # layers written (pruned) into the model by this call
     bar = _bar(progress, len(ordered), f"prune {method} {pattern_s}", "layer")
     try:
         for gi, group in enumerate(group_list):
@@ -807,11 +986,7 @@ def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, ch
             for name, mod in group:
                 if ckpt is not None and name in ckpt.layers:
                     w, entry = ckpt.load(name, mod.weight)
-                    cur = _digest(mod.weight)
-                    if cur not in (entry.get("dense"), entry.get("pruned")):
-                        raise CheckpointError(f"checkpoint: the model's weight of layer {name!r} is neither the dense "
-                                              "weight the checkpointed run started from nor its pruned result (another "
-                                              "model?); use another directory or resume=False")
+                    _check_resumed_weight(name, mod, entry)
                     rep = LayerReport.from_dict(entry["report"])
                     rep.resumed = True
                     pending.append((mod, w))
@@ -824,30 +999,34 @@ def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, ch
                 H = hs[name]
                 dense = mod.weight.detach()
                 dense_digest = _digest(dense) if ckpt is not None else ""
-                wdev = torch.device(device) if device is not None else dense.device
+                dense_oi = _out_in(dense, mod)  # (out, in), as the pruners expect
+                wdev = device if device is not None else dense.device
                 wdt = torch.float64 if dense.dtype == torch.float64 else torch.float32
-                w = dense.to(device=wdev, dtype=wdt, copy=True).contiguous()
+                w = dense_oi.to(device=wdev, dtype=wdt, copy=True).contiguous()
                 t0 = time.perf_counter()
                 try:
                     scope, n_keep = _scope_for(pattern, nnz, name, w)
                     out = _prune_layer(method, scope, w, H.to(wdev), n_keep, damp, kw)
-                except Exception as err:  # say which layer; the model holds only the groups finished before
+                    seconds = time.perf_counter() - t0
+                    if not bool(torch.isfinite(out).all()):
+                        raise RuntimeError(f"{method} produced non-finite weights for layer {name!r}")
+                    _check_pattern_holds(scope, out, n_keep, name, method)
+                    final = out.to(device=dense.device, dtype=dense.dtype)
+                    if not bool(torch.isfinite(final).all()):
+                        raise RuntimeError(f"{method}: the pruned weights of layer {name!r} overflow the layer's dtype "
+                                           f"{dense.dtype} (largest magnitude {float(out.abs().max()):.4g})")
+                except Exception as err:  # say which layer and what the model holds
                     if hasattr(err, "add_note"):  # Python >= 3.11 (requires-python is 3.10)
-                        err.add_note(f"prune_model: raised while pruning layer {name!r} ({method}, {pattern_s}); "
-                                     "its group was not written into the model")
+                        err.add_note(_failure_note(name, method, pattern_s, in_model, ckpt))
                     raise
-                seconds = time.perf_counter() - t0
-                if not bool(torch.isfinite(out).all()):
-                    raise RuntimeError(f"{method} produced non-finite weights for layer {name!r}")
-                _check_pattern_holds(scope, out, n_keep, name, method)
-                wd = dense.to(device=wdev, dtype=wdt)
+                wd = dense_oi.to(device=wdev, dtype=wdt)
                 rep = LayerReport(
-                    name=name, shape=tuple(dense.shape), method=method, pattern=pattern_s, nnz=n_keep,
+                    name=name, shape=tuple(dense_oi.shape), method=method, pattern=pattern_s, nnz=n_keep,
                     blocks_per_scope=obs_layout(scope).gs, density=float((out != 0).float().mean()),
                     error=metrics.output_error(wd, out, H=H.to(wdev)),
                     error_mask_only=metrics.output_error(wd, wd.masked_fill(out == 0, 0), H=H.to(wdev)),
                     tokens=int(hs.tokens[name]), seconds=seconds)
-                final = out.to(device=dense.device, dtype=dense.dtype)
+                final = _out_in(final, mod).contiguous()  # back to the module's layout
                 if ckpt is not None:
                     ckpt.save(position[name], name, final, dense_digest, rep)
                 pending.append((mod, final))
@@ -858,6 +1037,7 @@ def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, ch
                     callback(rep)
             for mod, w in pending:  # the group's layers enter the model together
                 mod.weight.copy_(w)
+            in_model.extend(n for n, _ in group)
             del hs
     finally:
         if bar is not None:
