@@ -19,6 +19,7 @@
 //   to shared memory; each thread ranks its blocks against all of them (broadcast reads), writes a
 //   pruned flag; a pruned block's slot is the count of pruned flags before it.
 // * gs > kMaxSmemGs: composite ATen path (stable sort), the reference's algorithm.
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/arange.h>
@@ -291,7 +292,10 @@ __global__ void __launch_bounds__(kThreads)
 void obs_schur_extend_cuda(const Tensor& ut, const Tensor& xf, const Tensor& up, const Tensor& linv, int64_t cnt) {
   GK_OBS_SCHUR_CHECKS(ut, xf, up, linv, cnt);
   const int64_t n = xf.size(0), m = xf.size(1), F = xf.size(2), K = ut.size(2);
-  if (m > kSchurMaxM || n > 65535) return schur_extend_composite_(ut, xf, up, linv, cnt);
+  if (m > kSchurMaxM || n > 65535) {
+    const at::NoTF32Guard no_tf32;  // float32 products, as the kernel's, whatever torch's TF32 setting
+    return schur_extend_composite_(ut, xf, up, linv, cnt);
+  }
   if (n == 0 || m == 0 || F == 0) return;
   const c10::cuda::CUDAGuard guard(ut.device());
   const auto st = [](const Tensor& t) { return Strides3{t.stride(0), t.stride(1), t.stride(2)}; };

@@ -17,6 +17,7 @@
 //
 // Headers and conventions as in the other csrc/cuda files: only c10/cuda/* (no
 // ATen/cuda/CUDAContext.h), a CUDAGuard, launches on the current stream, int64 offsets.
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
@@ -387,6 +388,9 @@ at::Tensor factored_project_cuda(const at::Tensor& a_in, const at::Tensor& g_in,
   const c10::cuda::CUDAGuard guard(a_in.device());
   const int64_t N = a_in.size(0), p = lt_in.size(1), B = N / T;
   if (p > kFMaxP) {  // wide projections: the composite (two GEMMs and a batched product), same definition
+    // float32 products whatever torch's TF32 setting: the auto backend sends CUDA work here exactly while
+    // TF32 is on (ops.cublas_fp32_reduced), counting on these kernels to stay float32-exact
+    const at::NoTF32Guard no_tf32;
     at::Tensor u = at::mm(g_in.to(at::kFloat), lt_in), v = at::mm(a_in.to(at::kFloat), rt_in);
     if (rb_in.has_value()) v = v.add(*rb_in);
     if (mask_in.has_value()) {

@@ -19,6 +19,7 @@
 //   winner of its tile, so the result equals the reference's.
 // * smallest runs as largest on negated queries (exact) and negates the scores back.
 // * k > kMaxK: composite path (at::mm over chunks of keys + the same merge).
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/arange.h>
@@ -37,6 +38,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -56,6 +58,9 @@ constexpr int kTileN = 128;
 constexpr int kSliceD = 32;
 constexpr int kMaxK = 64;
 constexpr int kColsPerLane = kTileN / 32;  // 4
+#ifndef GK_MAX_GRID_Y
+#define GK_MAX_GRID_Y 65535  // gridDim.y's limit (tests/test_cuda_emulated.py builds with 1: slices of 32 queries)
+#endif
 
 template <typename T>
 __device__ __forceinline__ float to_f(T v) {
@@ -204,11 +209,32 @@ std::tuple<Tensor, Tensor> score_topk_cuda(const Tensor& queries, const Tensor& 
   auto fopt = queries.options().dtype(at::kFloat);
   auto lopt = queries.options().dtype(at::kLong);
   if (Q == 0 || k == 0) return {at::empty({Q, k}, fopt), at::empty({Q, k}, lopt)};
+  if (N > 0 && D > 0 && k <= kMaxK && (Q + kTileQ - 1) / kTileQ > GK_MAX_GRID_Y) {
+    // query blocks on grid axis y (at most 65535): slices of queries, each query's top-k its own (the
+    // composite path above had no such limit, and the auto backend routes here while TF32 is on)
+    const int64_t step = static_cast<int64_t>(GK_MAX_GRID_Y) * kTileQ;
+    Tensor out_s = at::empty({Q, k}, fopt), out_i = at::empty({Q, k}, lopt);
+    for (int64_t q0 = 0; q0 < Q; q0 += step) {
+      const int64_t n = std::min(step, Q - q0);
+      std::optional<Tensor> si, ii;
+      if (scores_in.has_value()) {
+        si = scores_in->narrow(0, q0, n);
+        ii = idx_in->narrow(0, q0, n);
+      }
+      auto [s, i] = score_topk_cuda(queries.narrow(0, q0, n), keys_in, k, largest, key_scale, si, ii, base);
+      out_s.narrow(0, q0, n).copy_(s);
+      out_i.narrow(0, q0, n).copy_(i);
+    }
+    return {out_s, out_i};
+  }
   Tensor q = largest ? queries.contiguous() : queries.neg().contiguous();
   Tensor keys = (N == 0 || D == 0 || keys_in.stride(1) == 1) ? keys_in : keys_in.contiguous();
   if (N == 0) return merge(at::empty({Q, 0}, fopt), at::empty({Q, 0}, lopt), k, scores_in, idx_in, largest);
   if (k > kMaxK || D == 0) {
-    // composite: GEMM per chunk of keys, merged in the largest sense (q is already negated for smallest)
+    // composite: GEMM per chunk of keys, merged in the largest sense (q is already negated for smallest).
+    // float32 products whatever torch's TF32 setting: the auto backend sends CUDA work here exactly while
+    // TF32 is on (ops.cublas_fp32_reduced), counting on this kernel to stay float32-exact
+    const at::NoTF32Guard no_tf32;
     std::optional<Tensor> rs, ri;
     if (scores_in.has_value()) {
       rs = largest ? scores_in->to(at::kFloat) : scores_in->to(at::kFloat).neg();
@@ -229,7 +255,6 @@ std::tuple<Tensor, Tensor> score_topk_cuda(const Tensor& queries, const Tensor& 
   }
   const int64_t n_tiles = (N + kTileN - 1) / kTileN;
   const int64_t q_blocks = (Q + kTileQ - 1) / kTileQ;
-  TORCH_CHECK_VALUE(q_blocks <= 65535, "queries: at most ", 65535 * kTileQ, " queries per call");
   Tensor cs = at::empty({Q, n_tiles, k}, fopt);
   Tensor ci = at::empty({Q, n_tiles, k}, lopt);
   Tensor sc;

@@ -143,14 +143,22 @@ def obs_schur_extend_(ut: torch.Tensor, xf: torch.Tensor, up: torch.Tensor, linv
     if linv.shape != (n, m, m):
         raise ValueError(f"linv: expected shape ({n}, {m}, {m}), got {tuple(linv.shape)}")
     _check_writable([ut], "ut")
-    if ut.is_cuda and ut.dtype != torch.float32 and backend() == "native" and \
-            os.environ.get("GRADKIT_SCHUR_CUDA_CPP", "0") != "1" and _tensor_core_schur() is not None:
+    if ut.is_cuda and ut.dtype != torch.float32 and backend() == "native" and m <= _SCHUR_FUSED_M and \
+            n <= _SCHUR_MAX_ROWS and os.environ.get("GRADKIT_SCHUR_CUDA_CPP", "0") != "1" and \
+            _tensor_core_schur() is not None:
         # a half-precision factor: the Triton kernel's tl.dot runs on the tensor cores; the CUDA C++
-        # kernel accumulates on the fp32 units (GRADKIT_SCHUR_CUDA_CPP=1 selects it instead)
-        _tensor_core_schur()(ut, xf, up, linv, cnt)
+        # kernel accumulates on the fp32 units (GRADKIT_SCHUR_CUDA_CPP=1 selects it instead). Past the
+        # Triton kernel's range (m > 256 or n > 65535) both take a cuBLAS composite: the op's (CUDA C++),
+        # whose products stay float32 under TF32, not the Triton launcher's torch fallback, whose do not
+        fn = _tensor_core_schur()
     else:
-        _impl("obs_schur_extend_", "obs")(ut, xf, up, linv, cnt)
-    _wrote([ut])
+        fn = _impl("obs_schur_extend_", "obs")
+    fn(ut, xf, up, linv, cnt)
+    _wrote([ut], fn)
+
+
+_SCHUR_FUSED_M = 256  # kernels.triton.obs.MAX_FUSED_M (== csrc/cuda/obs.cu kSchurMaxM)
+_SCHUR_MAX_ROWS = 65535  # rows on grid axis y of either kernel
 
 
 @functools.lru_cache(maxsize=None)

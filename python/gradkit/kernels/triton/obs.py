@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from gradkit.kernels.reference import obs as _ref
-from gradkit.kernels.triton import interpreting
+from gradkit.kernels.triton import interpreting, on_tensor_device
 
 # Tile of (row, scope) pairs per program: min(max_scopes, tile_elems // GS_P), at least 1; tests
 # shrink it to exercise many programs on tiny inputs.
@@ -98,6 +98,7 @@ def _check(w: torch.Tensor, d: torch.Tensor, gs: int, bk: int, num_prune: int, e
         raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
 
 
+@on_tensor_device
 def obs_select(w: torch.Tensor, d: torch.Tensor, gs: int, bk: int, num_prune: int, eps: float) -> torch.Tensor:
     """Launcher: see ``gradkit.kernels.reference.obs.obs_select``; int64 (n, nq * num_prune * bk)."""
     _check(w, d, gs, bk, num_prune, eps)
@@ -182,6 +183,7 @@ def _shared_prune_kernel(w_ptr, out_ptr, c_ptr, cinv_ptr, pidx_ptr, sub_ptr, n, 
         tl.store(out_ptr + base + e, tl.where(pr, 0.0, we), mask=rm)
 
 
+@on_tensor_device
 def obs_shared_prune(w: torch.Tensor, c: torch.Tensor, cinv: torch.Tensor, pidx: torch.Tensor, E: int,
                      local: bool):
     """Launcher: see ``gradkit.kernels.reference.obs.obs_shared_prune``; (w' (n, K), sub (n, nq) int64)."""
@@ -266,6 +268,7 @@ def _schur_extend_kernel(ut_ptr, xf_ptr, up_ptr, linv_ptr, m, cnt, F, K, stb, st
                  mask=(ri < m)[:, None] & cm[None, :])
 
 
+@on_tensor_device
 def obs_schur_extend_(ut: torch.Tensor, xf: torch.Tensor, up: torch.Tensor, linv: torch.Tensor, cnt: int) -> None:
     """Launcher: see ``gradkit.kernels.reference.obs.obs_schur_extend_`` (writes ut[:, cnt:cnt+m, K-F:])."""
     if ut.dtype not in (torch.float32, torch.bfloat16, torch.float16):

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from gradkit.kernels.reference.projection import GOLDEN, MIX_A, MIX_B, ROW_C, _s64, inv_sqrt_k
-from gradkit.kernels.triton import interpreting
+from gradkit.kernels.triton import interpreting, on_tensor_device
 
 _MIX_A = _s64(MIX_A)
 _MIX_B = _s64(MIX_B)
@@ -229,6 +229,7 @@ def _check(seed, kind, k):
         raise ValueError(f"kind: expected 0 (rademacher) or 1 (gaussian), got {kind}")
 
 
+@on_tensor_device
 def projection_matrix_(out: torch.Tensor, seed: int, kind: int, k: int, row0: int, col0: int) -> None:
     _check(seed, kind, k)
     if out.dim() != 2 or not out.dtype.is_floating_point:
@@ -250,6 +251,7 @@ def projection_matrix_(out: torch.Tensor, seed: int, kind: int, k: int, row0: in
                          BLOCK_R=BR, BLOCK_C=BC, MA=_MIX_A, MB=_MIX_B, RC=_ROW_C, G=_GOLDEN)
 
 
+@on_tensor_device
 def project_flat(x: torch.Tensor, k: int, seed: int, kind: int, col0: int) -> torch.Tensor:
     _check(seed, kind, k)
     if x.dim() != 2:
@@ -400,6 +402,7 @@ def _rows_layout(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+@on_tensor_device
 def factored_project(a, g, lt, rt, rb, mask, T: int) -> torch.Tensor:
     """Launcher: see ``gradkit.kernels.reference.projection.factored_project``; (B, p, p) float32."""
     if a.dtype not in (torch.float32, torch.bfloat16, torch.float16) or a.dim() != 2:

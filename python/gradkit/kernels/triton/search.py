@@ -31,10 +31,14 @@ import triton
 import triton.language as tl
 
 from gradkit.kernels.reference.search import select_topk
+from gradkit.kernels.triton import on_tensor_device
 
 # Tile sizes; tests shrink them to exercise many tiles on tiny inputs.
 BLOCKS = {"q": 32, "n": 64, "d": 32, "composite_rows": 1 << 16}
 MAX_FUSED_K = 64
+# The largest grid extent on axis 1 of a CUDA launch (gridDim.y): more query blocks than this run in slices of
+# queries, each its own launch (tests shrink it to exercise the slicing under the interpreter).
+_MAX_GRID_Y = 65535
 
 
 @triton.jit
@@ -87,6 +91,7 @@ def _merge(cs: torch.Tensor, ci: torch.Tensor, k: int, scores_in, idx_in, larges
     return (s if largest else -s), i
 
 
+@on_tensor_device
 def score_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, largest: bool, key_scale: Optional[torch.Tensor],
                scores_in: Optional[torch.Tensor], idx_in: Optional[torch.Tensor],
                base: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -116,8 +121,16 @@ def score_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, largest: bool,
             rs, ri = _merge(s, idx, k, rs, ri, largest)
         return rs, ri
     BQ, BN, BD = BLOCKS["q"], BLOCKS["n"], BLOCKS["d"]
-    if triton.cdiv(Q, BQ) > 65535:  # grid axis 1's limit on CUDA
-        raise ValueError(f"queries: at most {65535 * BQ} queries per call, got {Q}")
+    if triton.cdiv(Q, BQ) > _MAX_GRID_Y:  # query blocks on grid axis 1: slices of queries, each query's top-k its own
+        step = _MAX_GRID_Y * BQ
+        out_s = torch.empty(Q, k, dtype=torch.float32, device=dev)
+        out_i = torch.empty(Q, k, dtype=torch.int64, device=dev)
+        for q0 in range(0, Q, step):
+            sl = slice(q0, q0 + step)
+            out_s[sl], out_i[sl] = score_topk(queries[sl], keys, k, largest, key_scale,
+                                              None if scores_in is None else scores_in[sl],
+                                              None if idx_in is None else idx_in[sl], base)
+        return out_s, out_i
     kk = min(k, BN)
     n_tiles = triton.cdiv(N, BN)
     out_s = torch.empty(Q, n_tiles, kk, dtype=torch.float32, device=dev)
