@@ -58,6 +58,21 @@ def test_inplace_op_bumps_the_version_counter(name):
 
 
 @pytest.mark.parametrize("name", list(CASES))
+def test_native_inplace_op_bumps_once_per_call(name):
+    """One call, one bump, as torch's add_ does: the native op bumps in its ADInplaceOrView kernel and the
+    wrapper adds nothing (it used to bump a second time). The Triton kernels write past the dispatcher, so
+    there the wrapper bumps; the reference kernels bump once per torch in-place op they run, then once more."""
+    assert ops.backend() == "native"
+    make, call = CASES[name]
+    t = make()
+    v = t._version
+    call(t)()
+    assert t._version == v + 1
+    call(t)()
+    assert t._version == v + 2
+
+
+@pytest.mark.parametrize("name", list(CASES))
 def test_inplace_op_refuses_a_tensor_requiring_grad_under_grad_mode(name):
     make, call = CASES[name]
     t = make().requires_grad_()
@@ -101,3 +116,25 @@ def test_direct_dispatcher_calls_bump_too():
     G.block_apply_mask_(y, [1, 4], torch.tensor([[False, True]] * 4))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_direct_dispatcher_calls_refuse_a_tensor_requiring_grad():
+    """torch.ops.gradkit.* called directly on a written tensor that requires grad, grad mode on: refused before
+    anything is written, naming the schema's argument (it used to write a leaf and leave any graph through a
+    non-leaf silently wrong); under no_grad it runs."""
+    G = torch.ops.gradkit
+    mask = torch.tensor([[True, False]] * 4)
+    for x in (torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True) * 1):
+        before = x.detach().clone()
+        with pytest.raises(RuntimeError, match="^x: requires grad and grad mode is on"):
+            G.block_apply_mask_(x, [1, 4], mask)
+        assert torch.equal(x.detach(), before)
+    dst = [torch.zeros(6), torch.zeros(2, requires_grad=True)]
+    with pytest.raises(RuntimeError, match=r"^dst\[1\]: requires grad"):
+        G.scatter_segments_(torch.arange(5.0), [torch.tensor([0, 2, 4]), None], dst, 1.0, False)
+    assert not dst[0].any()
+    leaf = torch.randn(4, 8, requires_grad=True)
+    with torch.no_grad():
+        G.block_apply_mask_(leaf, [1, 4], mask)
+    assert not leaf[:, 4:].any()
+

@@ -22,6 +22,7 @@ entries to one flat vector; segments are concatenated in list order.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import List, Optional, Sequence
@@ -64,7 +65,10 @@ def cublas_fp32_reduced() -> bool:
     ``set_float32_matmul_precision("high" | "medium")`` or ``fp32_precision = "tf32"`` (CUDA's or the
     generic one). The cuBLAS composites (``gradkit.kernels.composite``) are then no longer float32-exact
     (about 1e-3 relative instead of 1e-6), so ``factored_project`` and ``score_topk`` keep to gradkit's
-    own kernels, whose products ignore the setting. Read per call, without the legacy getters (they raise
+    own kernels, whose products ignore the setting (the CUDA C++ kernels' own cuBLAS fallbacks, p > 64,
+    k > 64, run under ``at::NoTF32Guard``). In an extension built without CUDA C++ (Triton the only GPU
+    kernels) two fallbacks do follow TF32: ``score_topk`` with k > 64 and the half-precision Schur
+    extension past m = 256 (their ``torch`` products; Python has no thread-local TF32 guard). Read per call, without the legacy getters (they raise
     once a program has mixed the legacy and the new API); an unreadable setting counts as reduced."""
     try:
         prec = torch.backends.cuda.matmul.fp32_precision
@@ -112,10 +116,14 @@ def _check_writable(tensors, what: str) -> None:
                                "differentiable: call it under torch.no_grad() (or on .detach())")
 
 
-def _wrote(tensors) -> None:
-    """After an in-place op: bump the targets' autograd version counters, as torch's own in-place ops do, so
-    that a backward through a graph that saved one of them raises instead of silently using the new
-    values (the custom ops' C++ / Triton kernels write through data pointers, which autograd cannot see)."""
+def _wrote(tensors, fn=None) -> None:
+    """After an in-place op run by ``fn``: bump the targets' autograd version counters, as torch's own in-place
+    ops do, so that a backward through a graph that saved one of them raises instead of silently using the new
+    values (the Triton / reference kernels write through data pointers, which autograd cannot see). A
+    ``torch.ops.gradkit`` op (the native backend) has bumped them already in its ADInplaceOrView kernel (below):
+    nothing to do, so a call bumps each target once, as ``add_`` does."""
+    if isinstance(fn, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
+        return
     ts = [t for t in tensors if isinstance(t, torch.Tensor)]
     if ts:
         torch.autograd.graph.increment_version(ts)
@@ -126,12 +134,20 @@ def _impl(name: str, family: str = "parammap"):
     if b == "native":
         return getattr(torch.ops.gradkit, name)
     if b == "triton":
-        import importlib
-
-        return getattr(importlib.import_module(f"gradkit.kernels.triton.{family}"), name)
+        return _triton_launcher(family, name)
     import importlib
 
     return getattr(importlib.import_module(f"gradkit.kernels.reference.{family}"), name)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_launcher(family: str, name: str):
+    """``gradkit.kernels.triton.<family>.<name>``, run on its tensors' GPU (not the current one)."""
+    import importlib
+
+    from gradkit.kernels.triton import on_tensor_device
+
+    return on_tensor_device(getattr(importlib.import_module(f"gradkit.kernels.triton.{family}"), name))
 
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -201,8 +217,9 @@ def gather_segments(src: Sequence[torch.Tensor], index: Sequence[Optional[torch.
     if not src:
         return out
     _check_writable([out], "out")
-    _impl("gather_segments_out")(list(src), list(index), out, accumulate)
-    _wrote([out])
+    fn = _impl("gather_segments_out")
+    fn(list(src), list(index), out, accumulate)
+    _wrote([out], fn)
     return out
 
 
@@ -239,8 +256,9 @@ def scatter_segments_(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]
     if dst and flat.device != dst[0].device:
         raise ValueError(f"flat: on {flat.device} but dst is on {dst[0].device}")
     _check_writable(list(dst), "dst")
-    _impl("scatter_segments_")(flat, list(index), list(dst), float(scale), bool(accumulate))
-    _wrote(dst)
+    fn = _impl("scatter_segments_")
+    fn(flat, list(index), list(dst), float(scale), bool(accumulate))
+    _wrote(dst, fn)
 
 
 def _check_flat(flat) -> None:
@@ -492,9 +510,9 @@ def scope_hard_threshold_(x: torch.Tensor, block_shape: Sequence[int], scope_sha
         if values.dtype != x.dtype:
             raise TypeError(f"values: dtype {values.dtype} differs from x's {x.dtype}")
     _check_writable([x], "x")
-    keep = _impl("scope_hard_threshold_", "scope")(x, values, list(block_shape), list(scope_shape), nnz, p,
-                                                   bool(keep_ties))
-    _wrote([x])
+    fn = _impl("scope_hard_threshold_", "scope")
+    keep = fn(x, values, list(block_shape), list(scope_shape), nnz, p, bool(keep_ties))
+    _wrote([x], fn)
     return keep
 
 
@@ -503,8 +521,9 @@ def block_apply_mask_(x: torch.Tensor, block_shape: Sequence[int], block_mask: t
     grid, _ = _check_layout(x, block_shape)
     _check_companion(block_mask, x, "block_mask", grid, (torch.bool,))
     _check_writable([x], "x")
-    _impl("block_apply_mask_", "scope")(x, list(block_shape), block_mask)
-    _wrote([x])
+    fn = _impl("block_apply_mask_", "scope")
+    fn(x, list(block_shape), block_mask)
+    _wrote([x], fn)
 
 
 def block_soft_threshold_(x: torch.Tensor, block_shape: Sequence[int], thresholds: torch.Tensor, *,
@@ -528,9 +547,9 @@ def block_soft_threshold_(x: torch.Tensor, block_shape: Sequence[int], threshold
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < float("inf")):
             raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
     _check_writable([x], "x")
-    _impl("block_soft_threshold_", "scope")(x, list(block_shape), thresholds, conditioner, max_iter, float(atol),
-                                            float(eps))
-    _wrote([x])
+    fn = _impl("block_soft_threshold_", "scope")
+    fn(x, list(block_shape), thresholds, conditioner, max_iter, float(atol), float(eps))
+    _wrote([x], fn)
 
 
 # --------------------------------------------------------------------------- family 3: golden masks, bitmask algebra
@@ -565,8 +584,9 @@ def golden_topk_and_(g: torch.Tensor, bits: torch.Tensor, k: int, *, counts: Opt
     k = _int(k, "k")
     if not 0 <= k <= g.numel():
         raise ValueError(f"k: must be in [0, {g.numel()}], got {k}")
-    n = _impl("golden_topk_and_", "golden")(g, bits, counts, k, bool(first))
-    _wrote([bits, counts])
+    fn = _impl("golden_topk_and_", "golden")
+    n = fn(g, bits, counts, k, bool(first))
+    _wrote([bits, counts], fn)
     return n
 
 
@@ -672,11 +692,11 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     if n == 0:
         return
     _check_writable(list(params), "params")
-    _impl("masked_adamw_", "adamw")(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(bits),
-                                    float(masked_lr), float(unmasked_lr), float(beta1), float(beta2), float(eps),
-                                    float(weight_decay), [float(v) for v in bias_correction1],
-                                    [float(v) for v in bias_correction2_sqrt], bool(maximize))
-    _wrote(list(params) + list(exp_avgs) + list(exp_avg_sqs))
+    fn = _impl("masked_adamw_", "adamw")
+    fn(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(bits), float(masked_lr),
+       float(unmasked_lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+       [float(v) for v in bias_correction1], [float(v) for v in bias_correction2_sqrt], bool(maximize))
+    _wrote(list(params) + list(exp_avgs) + list(exp_avg_sqs), fn)
 
 
 # --------------------------------------------------------------------------- fake impls + autograd
@@ -824,7 +844,8 @@ from gradkit.ops.search import *  # noqa: E402,F401,F403
 # written (Tensor(a!)), as torch's own in-place ops do, also for direct torch.ops.gradkit.* calls that bypass
 # the wrappers above (whose _wrote does the same for the Triton / reference paths that skip the dispatcher).
 # The kernels' writes through data pointers are invisible to autograd otherwise. This is how
-# torch.library.custom_op treats mutable ops; torch.compile traces through it.
+# torch.library.custom_op treats mutable ops; torch.compile traces through it. A written argument that requires
+# grad while grad mode is on is refused here before the op runs, as the wrappers refuse it.
 _INPLACE_LIB = None
 
 
@@ -842,8 +863,6 @@ def _register_version_bumps() -> None:
         written = [i for i, a in enumerate(op._schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
 
         def kernel(*args, _op=op, _written=tuple(written)):
-            with torch._C._AutoDispatchBelowADInplaceOrView():
-                out = _op(*args)
             ts = []
             for i in _written:
                 a = args[i] if i < len(args) else None
@@ -851,6 +870,10 @@ def _register_version_bumps() -> None:
                     ts.append(a)
                 elif isinstance(a, (list, tuple)):
                     ts.extend(t for t in a if isinstance(t, torch.Tensor))
+                # the wrappers' refusal, for direct calls too: before anything is written
+                _check_writable(list(a) if isinstance(a, (list, tuple)) else [a], _op._schema.arguments[i].name)
+            with torch._C._AutoDispatchBelowADInplaceOrView():
+                out = _op(*args)
             if ts:
                 torch.autograd.graph.increment_version(ts)
             return out

@@ -69,8 +69,9 @@ def projection_matrix_(out: torch.Tensor, seed: int, kind: int, k: int, row0: in
         raise ValueError("row0/col0: the range must stay below 2^63")
     if out.numel():
         _check_writable([out], "out")
-        _impl("projection_matrix_", "projection")(out, seed, kind, k, row0, col0)
-        _wrote([out])
+        fn = _impl("projection_matrix_", "projection")
+        fn(out, seed, kind, k, row0, col0)
+        _wrote([out], fn)
     return out
 
 
