@@ -229,6 +229,30 @@ def test_gpu_auto_factored_matches_reference(dtype):
         close(got, pref.factored_project(*args, T))
 
 
+@GPU
+def test_gpu_tf32_on_auto_stays_float32_exact():
+    """TF32 on: auto leaves the cuBLAS composites for the CUDA C++ kernels, whose own cuBLAS fallbacks (p > 64,
+    k > 64) run under at::NoTF32Guard: results within float32 rounding of float64 (TF32 gives ~1e-3)."""
+    was = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        for p in (16, 128):  # the kernel, then its cuBLAS fallback
+            a, g, lt, rt, _, _ = make(4, 33, 700, 300, p, 11, dtype=torch.float32)
+            got = ops.factored_project(a.cuda(), g.cuda(), lt.cuda(), rt.cuda(), None, None, 33).cpu().double()
+            u, v = g.double() @ lt.double(), a.double() @ rt.double()  # L G R^T per example, in float64
+            want = torch.bmm(u.view(4, 33, p).transpose(1, 2), v.view(4, 33, p))
+            assert float((got - want).norm() / want.norm()) < 1e-5, p  # TF32: ~1e-3
+        g = torch.Generator().manual_seed(3)
+        q, keys = torch.randn(20, 256, generator=g), torch.randn(5000, 256, generator=g)
+        for k in (10, 100):
+            s, i = ops.score_topk(q.cuda(), keys.cuda(), k)
+            want = (q.double() @ keys.double().T).topk(k)
+            assert float((s.cpu().double() - want.values).norm() / want.values.norm()) < 1e-5, k  # TF32: ~5e-4
+            assert float((i.cpu() == want.indices).float().mean()) > 0.99, k
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = was
+
+
 def test_cli_info_names_the_backend(capsys):
     from gradkit import cli
 
