@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-bergson = pytest.importorskip("bergson")
-ml_dtypes = pytest.importorskip("ml_dtypes")
+# installed wherever the suite runs (scripts/install-peers.sh): a broken install fails, it does not skip
+import bergson  # noqa: E402,F401
+import ml_dtypes  # noqa: E402
 
 from bergson import Attributor  # noqa: E402
 from bergson.config import InversionConfig  # noqa: E402
@@ -214,7 +215,8 @@ def test_parity_with_attributor(tmp_path):
         damped = {n: h + c * float(h.trace()) / h.shape[0] * torch.eye(h.shape[0]) for n, h in hess.items()}
         s, i = ix.search(_split(q), 6, unit_norm=un, precondition=Precondition(damped, mode=mode))
         assert torch.equal(i, theirs.indices), (un, mode)
-        torch.testing.assert_close(s, theirs.values, rtol=2e-3, atol=1e-5)
+        # fp32 on both sides, bergson's eigh-based inverse against gradkit's: measured 2.8e-7 relative (scores ~3)
+        torch.testing.assert_close(s, theirs.values, rtol=2e-5, atol=1e-5)
 
 
 def test_fp32_gram_rounding_asymmetry_accepted(tmp_path):

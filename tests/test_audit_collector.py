@@ -62,8 +62,6 @@ def tanh_loss(model, x):
                                           (True, (3, 5, 4))])
 @pytest.mark.parametrize("use_col_backward", [True, False])
 def test_inplace_op_on_hooked_output_is_collected(conv1d, shape, use_col_backward):
-    if conv1d:
-        pytest.importorskip("transformers")
     model = InPlaceMLP(conv1d).double()
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     col = GradientCollector(model, p=3, seed=4)

@@ -77,13 +77,20 @@ def test_lr_key_added_for_a_scheduler_is_not_silently_ignored():
 
 
 def test_scheduling_masked_lr_still_works():
+    # the group's keys are what a schedule edits: a rate changed there (not the constructor's) is the one used
     p = torch.nn.Parameter(torch.randn(4))
-    opt = MaskedAdamW({"p": p}, None, masked_lr=1e-2, unmasked_lr=0.0)
+    opt = MaskedAdamW({"p": p}, {"p": torch.tensor([True, True, False, False])}, masked_lr=1e-2, unmasked_lr=1e-2)
     opt.param_groups[0]["unmasked_lr"] = 0.0
     p.grad = torch.randn(4)
     p0 = p.detach().clone()
     opt.step()
-    assert torch.equal(p.detach(), p0)
+    assert torch.equal(p.detach()[2:], p0[2:])  # scheduled to 0: frozen exactly
+    assert (p.detach()[:2] != p0[:2]).all()  # masked entries still move at masked_lr
+    opt.param_groups[0]["masked_lr"] = 0.0
+    opt.param_groups[0]["unmasked_lr"] = 1e-2
+    p1 = p.detach().clone()
+    opt.step()
+    assert torch.equal(p.detach()[:2], p1[:2]) and (p.detach()[2:] != p1[2:]).all()
 
 
 # --------------------------------------------------------------------------- golden masks

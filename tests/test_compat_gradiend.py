@@ -101,10 +101,14 @@ def test_prune_inplace_and_errors_match_gradiend():
     f = fast.prune(topk=5, importance=imp, inplace=True)
     assert r is ref and f is fast and _positions(r) == _positions(f)
     assert torch.equal(f.extract_gradients(base), r.extract_gradients(base))
-    for bad in (dict(topk=True, importance=imp[:5]), dict(), dict(mask=torch.ones(3, dtype=torch.bool))):
-        with pytest.raises((TypeError, ValueError)):
+    # the same type and message as GRADIEND's (which has no "<arg>: " prefix), naming the argument
+    for bad, err, msg in ((dict(topk=True, importance=imp[:5]), TypeError, r"^topk must be int or float, not bool$"),
+                          (dict(), ValueError, r"^At least one of topk, threshold, mask must be provided\.$"),
+                          (dict(mask=torch.ones(3, dtype=torch.bool)), ValueError,
+                           r"^mask must be bool tensor with shape \(5,\)$")):
+        with pytest.raises(err, match=msg):
             ref.prune(**bad)
-        with pytest.raises((TypeError, ValueError)):
+        with pytest.raises(err, match=msg):
             fast.prune(**bad)
 
 

@@ -151,7 +151,9 @@ def test_self_retrieval_top1(tmp_path):
     for scale in (1.0, 50.0):  # cosine: the example itself is its nearest neighbour, whatever the scale
         s, i = ix.search(x[:40] * scale, 1, unit_norm=True)
         assert torch.equal(i[:, 0], torch.arange(40))
-        torch.testing.assert_close(s[:, 0], torch.ones(40), rtol=0, atol=2e-3)  # fp16 rows
+        # fp16 rows: rounding moves a row's direction only to second order (~2^-22); fp32 dot and norms add a few
+        # ulps of 1. Measured 3.0e-7 (the old atol 2e-3 passed a cosine of 0.998)
+        torch.testing.assert_close(s[:, 0], torch.ones(40), rtol=0, atol=1e-5)
 
 
 def test_queries_dict_batch_shape_and_device_forms(tmp_path):
@@ -281,7 +283,7 @@ def test_cosine_rows_with_tiny_and_huge_norms(tmp_path, dtype):
 
 
 def test_faiss_backend_matches(tmp_path):
-    pytest.importorskip("faiss")
+    import faiss  # noqa: F401  (installed wherever the suite runs: scripts/install-peers.sh; never skipped)
     g = torch.Generator().manual_seed(9)
     x = torch.randn(400, D, generator=g)
     q = torch.randn(6, D, generator=g)

@@ -452,11 +452,12 @@ def test_op_bad_input_raises_before_any_change():
     before = [t[0].clone() for t in (p, m, v)]
     bc = dict(bias_correction1=[0.1], bias_correction2_sqrt=[0.03])
     kw = dict(masked_lr=1e-2, unmasked_lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, **bc)
-    for bits, extra, exc in (([torch.zeros(1, dtype=torch.uint8)], {}, ValueError),  # 9 entries need 2 bytes
-                             ([torch.zeros(2)], {}, TypeError),
-                             ([None], {"beta1": 1.0}, ValueError),
-                             ([None], {"bias_correction1": [0.0]}, ValueError)):
-        with pytest.raises(exc):
+    # (9 entries need 2 bytes)
+    for bits, extra, exc, arg in (([torch.zeros(1, dtype=torch.uint8)], {}, ValueError, r"bits\[0\]"),
+                                  ([torch.zeros(2)], {}, TypeError, r"bits\[0\]"),
+                                  ([None], {"beta1": 1.0}, ValueError, "beta1"),
+                                  ([None], {"bias_correction1": [0.0]}, ValueError, r"bias_correction1\[0\]")):
+        with pytest.raises(exc, match=rf"^{arg}: "):
             ops.masked_adamw_(p, g, m, v, bits, **{**kw, **extra})
         assert all(torch.equal(t[0], b) for t, b in zip((p, m, v), before))
 

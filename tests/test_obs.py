@@ -105,7 +105,7 @@ def test_prune_matches_literal_reference(name, compensate):
 
 
 def _sparsekit():
-    sk = pytest.importorskip("sparsekit")
+    import sparsekit as sk  # installed wherever the suite runs (scripts/install-peers.sh): never skipped
     import sparsekit.tensor_ops as sk_ops
     from sparsekit.pruners.obs import StructuredOBS as SK
 
@@ -171,7 +171,7 @@ def test_true_obs_weights_are_the_least_squares_solution_on_its_mask(name):
     o.prune_true_obs(nnz)
     d = 0.01 * float(torch.diagonal(H).double().mean())
     bf = brute_force_resolve(W0, H, W != 0, d)
-    assert _close(W, bf, 1e-3)
+    assert _close(W, bf, 1e-5)  # float32 factors vs the float64 solve: 3.3e-7 measured (was 1e-3)
 
 
 @pytest.mark.parametrize("block,scope,nnz,kw", [((1, 1), (1, 4), 2, {}), ((1, 1), (1, 8), 4, {"ng": 3}),
@@ -191,10 +191,11 @@ def test_resolve_mode_equals_brute_force_on_sparsegpt_mask(block, scope, nnz, kw
     assert torch.equal(keep, keep_sg.reshape(keep.shape))
     assert bool((W[~keep] == 0).all())
     bf = brute_force_resolve(W0, H, keep, 0.01 * float(torch.diagonal(H).double().mean()))
-    assert _close(W, bf, 4e-3 if kw.get("c_dtype") == torch.bfloat16 else 1e-3)  # bf16 factor: 7e-4 measured
+    # bf16 factor: 7.2e-4 measured; float32 factors: 5.7e-7 measured (was 1e-3)
+    assert _close(W, bf, 4e-3 if kw.get("c_dtype") == torch.bfloat16 else 1e-5)
     W2 = W0.clone()
     StructuredOBS(gk.ScopeSpec(gk.BlockSpec(W2, block), scope), H, damp=0.01)._resolve_mode(nnz, False)
-    assert _close(W2, bf, 1e-3)
+    assert _close(W2, bf, 1e-5)  # 6.8e-7 measured (was 1e-3)
 
 
 @pytest.mark.parametrize("nm", [(2, 4), (4, 8)])

@@ -239,7 +239,7 @@ def test_out_of_range_index_raises(which, idt):
         "scatter_": lambda m: m.scatter_segments_(flat, index, [s.clone() for s in src], 1.0, False),
     }
     for mod in (R, T):
-        with pytest.raises(IndexError):
+        with pytest.raises(IndexError, match="^index: a position is out of range for its segment$"):
             calls[which](mod)
 
 
@@ -321,7 +321,7 @@ def test_bitmask_to_indices(mask, dtype, garbage, blk):
             bad = bits.clone()
             bad[-1] |= junk
             for mod in (R, T):
-                with pytest.raises(ValueError):
+                with pytest.raises(ValueError, match="^bits: bits set beyond numel$"):
                     mod.bitmask_to_indices(bad, numel, dtype)
 
 
@@ -380,17 +380,32 @@ def test_topk_select_errors(case, where, bad, blk):
             with blocks(blk):
                 assert_same(T.topk_select(scores, active, k), R.topk_select(scores, active, k))
             return
-        with pytest.raises(ValueError, match="NaN"):
+        with pytest.raises(ValueError, match="^scores: contains NaN among the active"):
             R.topk_select(scores, active, k)
     elif bad == "k_big":
         k = n_active + 1 + where % 3
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"^k: must be in \[0, "):
             R.topk_select(scores, active, k)
     else:
         k = -1 - where % 3
-    with blocks(blk), pytest.raises(ValueError, match="NaN" if bad == "nan" else "k"):
+        with pytest.raises(ValueError, match=r"^k: must be in \[0, "):
+            R.topk_select(scores, active, k)
+    # k too large or negative: "k: must be in [0, n] (active scores)", as the native op says
+    with blocks(blk), pytest.raises(ValueError, match="^scores: contains NaN among the active" if bad == "nan"
+                                    else r"^k: must be in \[0, "):
         T.topk_select(scores, active, k)
 
+
+
+def test_reference_topk_select_negative_k():
+    """The reference checked only k > n: a negative k sliced order[:k] and returned all but the last |k| ranked
+    positions, where the native and Triton kernels raise."""
+    scores = torch.arange(10.0)
+    for k in (-1, -3):
+        with pytest.raises(ValueError, match=r"^k: "):
+            R.topk_select(scores, None, k)
+        with pytest.raises(ValueError, match=r"^k: "):
+            T.topk_select(scores, None, k)
 
 @st.composite
 def topk_segment_cases(draw, max_segments=5):
@@ -467,15 +482,18 @@ def test_topk_select_segments_errors(case, which, bad, blk):
         s = scores[i].clone()  # keeps a transposed layout
         s[tuple(torch.unravel_index(torch.tensor(j), s.shape))] = float("nan")
         scores = scores[:i] + [s] + scores[i + 1:]
-        with pytest.raises(ValueError, match="NaN"):
+        with pytest.raises(ValueError, match="^scores: contains NaN among the active"):
             R.topk_select_segments(scores, active, k)
     elif bad == "k_big":
         k = n_active + 1 + which % 3
-        with pytest.raises(ValueError, match="k"):
+        with pytest.raises(ValueError, match=r"^k: must be in \[0, "):
             R.topk_select_segments(scores, active, k)
     else:
         k = -1 - which % 3
-    with blocks(blk), pytest.raises(ValueError, match="NaN among the active" if bad == "nan" else "k"):
+        with pytest.raises(ValueError, match=r"^k: must be in \[0, "):
+            R.topk_select_segments(scores, active, k)
+    with blocks(blk), pytest.raises(ValueError, match="^scores: contains NaN among the active" if bad == "nan"
+                                    else r"^k: must be in \[0, "):
         T.topk_select_segments(scores, active, k)
 
 
@@ -500,7 +518,7 @@ def test_topk_select_segments_edges():
     with pytest.raises(ValueError, match="NaN among the active"):
         T.topk_select_segments(s, [None, a[1]], 0)
     # mixed dtypes are refused
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="^scores: every tensor must have the same dtype"):
         T.topk_select_segments([torch.ones(2), torch.ones(2, dtype=torch.float64)], [None, None], 1)
 
 

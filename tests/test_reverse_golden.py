@@ -496,7 +496,8 @@ def test_search_bad_input_raises_before_any_change(case):
     model.inner.transformer.wpe.weight.requires_grad_(False)
     kwargs = {"batches": random_batches(2, seed=6), "percent": PCT, "progress": False, **_BAD[case]}
     snap = _snapshot(model)
-    with pytest.raises(ValueError):
+    (arg,) = _BAD[case]  # the error names the offending argument first
+    with pytest.raises(ValueError, match=rf"^{arg}: "):
         gr.reverse_golden_masks(model, **kwargs)
     assert model.calls == 0  # rejected before the first forward
     assert _bitwise_equal(model, snap) and all(p.grad is None for p in model.parameters())

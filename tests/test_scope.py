@@ -190,11 +190,12 @@ def test_bad_input_leaves_weights_untouched():
     W = _w(8, 16, seed=13)
     snap = W.clone()
     s = ScopeSpec(BlockSpec(W, (1, 1)), (1, 4))
-    for call in (lambda: s.hard_threshold(nnz=5), lambda: s.hard_threshold(nnz=2, values=torch.zeros(3)),
-                 lambda: s.hard_threshold(thresholds=torch.zeros(8, 3)),
-                 lambda: s.soft_threshold(torch.zeros(8, 3)),
-                 lambda: s.soft_threshold(torch.zeros(8, 4), conditioners=torch.zeros(8, 3))):
-        with pytest.raises((ValueError, TypeError)):
+    for call, arg in ((lambda: s.hard_threshold(nnz=5), "nnz"),
+                      (lambda: s.hard_threshold(nnz=2, values=torch.zeros(3)), "values"),
+                      (lambda: s.hard_threshold(thresholds=torch.zeros(8, 3)), "thresholds"),
+                      (lambda: s.soft_threshold(torch.zeros(8, 3)), "thresholds"),
+                      (lambda: s.soft_threshold(torch.zeros(8, 4), conditioners=torch.zeros(8, 3)), "conditioners")):
+        with pytest.raises((ValueError, TypeError), match=rf"^{arg}\b"):  # "values (or the parameter's ...): "
             call()
         assert torch.equal(W, snap)
 

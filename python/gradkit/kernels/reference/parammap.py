@@ -121,8 +121,8 @@ def topk_select(scores: torch.Tensor, active: Optional[torch.Tensor], k: int) ->
     pos = torch.arange(s.numel(), device=s.device) if active is None else active.reshape(-1).nonzero().reshape(-1)
     if torch.isnan(s[pos]).any():
         raise ValueError("scores: contains NaN among the active entries")
-    if k > pos.numel():
-        raise ValueError(f"k={k} exceeds the number of active scores {pos.numel()}")
+    if not 0 <= k <= pos.numel():  # the native op's check (a negative k sliced order[:k]: all but |k| kept)
+        raise ValueError(f"k: must be in [0, {pos.numel()}] (active scores), got {k}")
     vals = s[pos].to(torch.float64)
     order = torch.sort(vals, descending=True, stable=True).indices[:k]
     return torch.sort(pos[order]).values.to(torch.int64)
@@ -133,7 +133,7 @@ def topk_select_segments(scores: Sequence[torch.Tensor], active: Sequence[Option
     """topk_select over the concatenation of the flattened ``scores`` (list order)."""
     if not scores:
         if k != 0:
-            raise ValueError(f"k={k} exceeds the number of active scores 0")
+            raise ValueError(f"k: must be in [0, 0] (active scores), got {k}")
         return torch.empty(0, dtype=torch.int64)
     flat = torch.cat([s.reshape(-1) for s in scores])
     acts = None

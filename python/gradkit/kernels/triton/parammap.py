@@ -673,8 +673,7 @@ def topk_select_segments(scores: Sequence[torch.Tensor], active: Sequence[Option
                 raise ValueError("scores: contains NaN among the active entries")
             n_active = n_act
     if k < 0 or k > n_active:
-        raise ValueError(f"k={k} exceeds the number of active scores {n_active}" if k > 0 else
-                         f"k: must be in [0, {n_active}], got {k}")
+        raise ValueError(f"k: must be in [0, {n_active}] (active scores), got {k}")
     if k == 0:
         return torch.empty(0, dtype=torch.int64, device=dev)
     if k < n_active:
