@@ -30,9 +30,10 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
-def _fsync_dir(path: str) -> None:
+def _fsync_dir(path) -> None:
+    """fsync a directory (a rename or a new name in it durable), where the platform allows; never raises."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(os.fspath(path), os.O_RDONLY)
     except OSError:
         return
     try:

@@ -110,12 +110,13 @@ import re
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, NoReturn, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Mapping, NoReturn, Optional, Tuple
 
 import numpy as np
 import torch
 
 from gradkit import ops
+from gradkit._io import _fsync_dir
 from gradkit._rules import check_symmetric
 
 try:
@@ -168,19 +169,6 @@ class UncheckedProjectionWarning(UserWarning):
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def _fsync_dir(path: Union[str, Path]) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, data) -> None:

@@ -41,6 +41,7 @@ from typing import (
 import torch
 from torch import Tensor, nn
 
+from gradkit._io import _fsync_dir
 from gradkit.obs import baselines, metrics
 from gradkit.obs.layout import obs_layout
 from gradkit.scope import BlockSpec, ScopeSpec
@@ -632,16 +633,7 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    try:  # make the rename itself durable (POSIX); not available everywhere
-        dfd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    _fsync_dir(d)  # make the rename itself durable (POSIX); not available everywhere
 
 
 class _Checkpoint:
