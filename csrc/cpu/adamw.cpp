@@ -50,12 +50,13 @@ __attribute__((always_inline)) inline void step_range(scalar_t* __restrict__ p, 
     const int len = (int)std::min<int64_t>(8, hi - i0);
     const unsigned byte = bits ? bits[i0 >> 3] : 0u;
     if (len == 8) {
-      int lane[8];  // the mask bits as lane values (int selects keep the loop free of control flow)
-      for (int j = 0; j < 8; ++j) lane[j] = (int)((byte >> j) & 1u);
+      // The mask bit of lane j is taken in the vector loop itself (a variable shift per lane): a lane[8]
+      // array of 8 scalar stores then read as one vector stalled on store forwarding every 8 entries, which
+      // made the step 2.2x slower (70 vs 32 ms per 38.9M entries on one Zen 4 thread; /tmp micro-benchmark).
 #pragma omp simd
       for (int j = 0; j < 8; ++j) {
         const int64_t i = i0 + j;
-        const int b = lane[j];
+        const int b = (int)((byte >> j) & 1u);
         acc_t gi = static_cast<acc_t>(g[i]);
         if constexpr (kMaximize) gi = -gi;
         acc_t mi = static_cast<acc_t>(m[i]);
