@@ -341,6 +341,25 @@ def test_every_backend_rejects_out_of_range_positions(backend, monkeypatch):
             ops.scatter_segments_(torch.ones(bad.numel()), [bad], [dst])
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("bad", [torch.tensor([0, 12]), torch.tensor([-1]), torch.tensor([5, 2, 99], dtype=torch.int32)])
+def test_out_of_range_position_leaves_every_destination_untouched(backend, bad, monkeypatch):
+    """An in-place scatter or gather(out=) whose positions run out of range raises before writing anything:
+    the CPU kernel used to write the in-range entries (and the reference the earlier segments) first."""
+    monkeypatch.setenv("GRADKIT_BACKEND", backend)
+    good = torch.tensor([1, 3])
+    n = good.numel() + bad.numel()
+    for accumulate in (False, True):
+        dst = [torch.zeros(4, 3), torch.zeros(4, 3)]
+        with pytest.raises(IndexError, match="^index: a position is out of range"):
+            ops.scatter_segments_(torch.ones(n), [good, bad], dst, accumulate=accumulate)
+        assert not dst[0].any() and not dst[1].any()
+        out = torch.full((n,), 7.0)
+        with pytest.raises(IndexError, match="^index: a position is out of range"):
+            ops.gather_segments([torch.randn(4, 3), torch.randn(4, 3)], [good, bad], out=out, accumulate=accumulate)
+        assert torch.equal(out, torch.full((n,), 7.0))
+
+
 @pytest.mark.parametrize("density", [0.002, 0.05, 0.7, 1.0])
 @pytest.mark.parametrize("order", ["ascending", "shuffled"])
 def test_scatter_large_multi_chunk(density, order):

@@ -192,18 +192,44 @@ void run_work(const std::vector<WorkItem>& work, const std::vector<Segment>& seg
   TORCH_CHECK_INDEX(!bad.load(), "index: a position is out of range for its segment");
 }
 
+// Every position of every indexed segment checked against its tensor in one parallel pass (over the same
+// work items as the kernel) before anything is written, so an in-place scatter / gather(out=) that raises
+// leaves its destination untouched (the kernels' own flags, reported after the parallel region, came after
+// the in-range entries had been written).
+void check_positions(const std::vector<WorkItem>& work, const std::vector<Segment>& segs) {
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t b, int64_t e) {
+    bool local = false;
+    for (int64_t w = b; w < e; ++w) {
+      const auto& it = work[w];
+      const Tensor& idx = segs[it.seg].index;
+      if (!idx.defined()) continue;
+      const uint64_t n = static_cast<uint64_t>(segs[it.seg].view.numel);
+      AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "check_positions", [&] {
+        const index_t* p = idx.data_ptr<index_t>();
+        for (int64_t j = it.lo; j < it.hi; ++j) local |= static_cast<uint64_t>(static_cast<int64_t>(p[j])) >= n;
+      });
+    }
+    if (local) bad.store(true, std::memory_order_relaxed);
+  });
+  TORCH_CHECK_INDEX(!bad.load(), "index: a position is out of range for its segment");
+}
+
 #define GK_DISPATCH_FLOAT(T, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, T, NAME, __VA_ARGS__)
 
+// precheck: positions checked before any write (into a caller's `out`; a new output is dropped on error).
 void gather_impl(at::TensorList src, const c10::List<std::optional<Tensor>>& index, Tensor& out,
-                 bool accumulate) {
+                 bool accumulate, bool precheck) {
   const auto segs = make_segments(src, index, "src");
   std::vector<int64_t> offs;
   const int64_t total = segment_offsets(segs, &offs);
   check_gather_out(out, total);
   if (total == 0) return;
+  const auto work = make_work(segs);
+  if (precheck) check_positions(work, segs);
   const at::ScalarType dt = out.scalar_type();
-  run_work(make_work(segs), segs, [&](const WorkItem& it, const SegView& v, const Tensor& idx, std::atomic<bool>& bad) {
+  run_work(work, segs, [&](const WorkItem& it, const SegView& v, const Tensor& idx, std::atomic<bool>& bad) {
       GK_DISPATCH_FLOAT(v.dtype, "gather_src", [&] {
         using S = scalar_t;
         GK_DISPATCH_FLOAT(dt, "gather_out", [&] {
@@ -226,14 +252,14 @@ Tensor gather_segments_cpu(at::TensorList src, const c10::List<std::optional<Ten
   const int64_t total = gather_total(src, index);
   const at::ScalarType dt = gather_dtype(src, dtype);
   Tensor out = kernel_backed(total, at::TensorOptions().dtype(dt).device(at::kCPU), false, true);
-  gather_impl(src, index, out, false);
+  gather_impl(src, index, out, false, false);
   return out;
 }
 
 void gather_segments_out_cpu(at::TensorList src, const c10::List<std::optional<Tensor>>& index,
                              const Tensor& out, bool accumulate) {
   Tensor o = out;
-  gather_impl(src, index, o, accumulate);
+  gather_impl(src, index, o, accumulate, true);
 }
 
 void scatter_impl(const Tensor& flat, const c10::List<std::optional<Tensor>>& index,
@@ -242,8 +268,10 @@ void scatter_impl(const Tensor& flat, const c10::List<std::optional<Tensor>>& in
   std::vector<int64_t> offs;
   check_scatter_flat(flat, segment_offsets(segs, &offs));
   if (flat.numel() == 0) return;
+  const auto work = make_work(segs);
+  check_positions(work, segs);
   const Tensor f = flat.contiguous();
-  run_work(make_work(segs), segs, [&](const WorkItem& it, const SegView& v, const Tensor& idx, std::atomic<bool>& bad) {
+  run_work(work, segs, [&](const WorkItem& it, const SegView& v, const Tensor& idx, std::atomic<bool>& bad) {
       GK_DISPATCH_FLOAT(f.scalar_type(), "scatter_flat", [&] {
         using F = scalar_t;
         GK_DISPATCH_FLOAT(v.dtype, "scatter_dst", [&] {

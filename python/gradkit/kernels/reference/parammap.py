@@ -73,6 +73,9 @@ def scatter_segments(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]]
 
 def scatter_segments_(flat: torch.Tensor, index, dst: Sequence[torch.Tensor],
                       scale: float = 1.0, accumulate: bool = False) -> None:
+    for i, d in zip(index, dst):  # every position first: an error leaves every dst untouched
+        if i is not None:
+            _checked(i, d.numel())
     off = 0
     for i, d in zip(index, dst):
         c = d.numel() if i is None else i.numel()
