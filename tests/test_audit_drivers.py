@@ -17,15 +17,9 @@ from gradkit.obs import baselines
 from gradkit.obs.driver import CheckpointError, collect_hessians, prune_model
 from gradkit.scope import BlockSpec, ScopeSpec
 from gradkit.testing import random_batches, tiny_gpt
+from test_audit_obs import _Three  # h.2 only sees zeros: H = 0, not positive definite
+from test_obs_driver import _one_thread  # noqa: F401 - autouse: one thread, as there
 from torch import nn
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _state(model):
@@ -103,6 +97,17 @@ def _gpt(seed=0):
     return tiny_gpt(n_layer=2, d_model=32, seed=seed)
 
 
+def _resumes_to_the_uninterrupted_result(ck, data, n_done):
+    """A fresh model resumed from checkpoint ``ck`` takes its first ``n_done`` of 9 layers from it and ends
+    bit for bit where an uninterrupted run ends."""
+    ref = _gpt()
+    prune_model(ref, data, progress=False)
+    model = _gpt()
+    rep = prune_model(model, data, checkpoint_dir=ck, progress=False)
+    assert [r.resumed for r in rep.layers] == [i < n_done for i in range(9)]
+    assert _same(model, _state(ref))
+
+
 def test_resume_refuses_a_model_that_differs_outside_the_pruned_layers(tmp_path):
     # same Linear weights, another token embedding: before, the checkpoint was accepted and the
     # resumed model mixed layers pruned on the old embedding's inputs with ones pruned on the new
@@ -118,12 +123,7 @@ def test_resume_refuses_a_model_that_differs_outside_the_pruned_layers(tmp_path)
         prune_model(other, data, checkpoint_dir=ck, progress=False)
     assert _same(other, snap)
     # the right model still resumes, to exactly the uninterrupted result
-    ref = _gpt()
-    prune_model(ref, data, progress=False)
-    model = _gpt()
-    rep = prune_model(model, data, checkpoint_dir=ck, progress=False)
-    assert [r.resumed for r in rep.layers] == [i < 5 for i in range(9)]
-    assert _same(model, _state(ref))
+    _resumes_to_the_uninterrupted_result(ck, data, 5)
 
 
 def test_corrupt_late_layer_file_is_refused_before_the_model_is_modified(tmp_path):
@@ -178,12 +178,7 @@ def test_sigkill_mid_write_then_resume_equals_uninterrupted_and_leaves_no_tempor
     with open(os.path.join(ck, "progress.json")) as fh:
         assert len(json.load(fh)["layers"]) == 3  # progress.json is whole and lists the 3 finished layers
     data = random_batches(3, batch=4, seq=16, seed=0)
-    ref = _gpt()
-    prune_model(ref, data, progress=False)
-    model = _gpt()
-    rep = prune_model(model, data, checkpoint_dir=ck, progress=False)
-    assert [r.resumed for r in rep.layers] == [i < 3 for i in range(9)]
-    assert _same(model, _state(ref))
+    _resumes_to_the_uninterrupted_result(ck, data, 3)
     assert not [f for f in os.listdir(ck) if f.startswith(".tmp-")]
 
 
@@ -246,17 +241,6 @@ def test_fp16_overflow_of_the_pruned_weights_is_refused_not_written():
         prune_model(net, [x], "2:4", progress=False)
     assert _same(net, snap)
     assert any("no layer of the model was modified" in n for n in ei.value.__notes__)
-
-
-class _Three(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.h = nn.ModuleList([nn.Linear(8, 8, bias=False) for _ in range(3)])
-
-    def forward(self, x):
-        for i, lin in enumerate(self.h):
-            x = torch.tanh(lin(x * 0 if i == 2 else x))  # h.2 only sees zeros: H = 0, not PD
-        return x
 
 
 def test_failure_note_reports_what_the_model_and_checkpoint_hold(tmp_path):

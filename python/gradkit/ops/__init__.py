@@ -68,8 +68,9 @@ def cublas_fp32_reduced() -> bool:
     own kernels, whose products ignore the setting (the CUDA C++ kernels' own cuBLAS fallbacks, p > 64,
     k > 64, run under ``at::NoTF32Guard``). In an extension built without CUDA C++ (Triton the only GPU
     kernels) two fallbacks do follow TF32: ``score_topk`` with k > 64 and the half-precision Schur
-    extension past m = 256 (their ``torch`` products; Python has no thread-local TF32 guard). Read per call, without the legacy getters (they raise
-    once a program has mixed the legacy and the new API); an unreadable setting counts as reduced."""
+    extension past m = 256 (their ``torch`` products; Python has no thread-local TF32 guard). Read per
+    call, without the legacy getters (they raise once a program has mixed the legacy and the new API); an
+    unreadable setting counts as reduced."""
     try:
         prec = torch.backends.cuda.matmul.fp32_precision
         if prec == "none":  # CUDA's matmul inherits the generic setting
