@@ -465,6 +465,31 @@ def test_parammap_gather_scatter_match_reference(segs, out_dtype, accumulate, sc
         torch.testing.assert_close(g, w, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("sms", [1, 132])
+@pytest.mark.parametrize("bad", [torch.tensor([0, 12]), torch.tensor([-1]), torch.tensor([5, 2, 99], dtype=torch.int32)])
+def test_parammap_out_of_range_position_leaves_every_destination_untouched(bad, sms):
+    """In-place scatter / gather(out=) on the emulated device: check_kernel runs first and the gated kernel
+    writes nothing, so a whole in-range earlier segment (two 4096-entry tiles, one block or many) stays as it
+    was. The functional ops still raise."""
+    E = emu("parammap")
+    good = torch.arange(5000) % 12
+    n = good.numel() + bad.numel()
+    with emulated(sms=sms):
+        for accumulate in (False, True):
+            dst = [torch.zeros(4, 3), torch.zeros(3, 4).t()]
+            with pytest.raises(IndexError, match="^index: a position is out of range for its segment$"):
+                E.scatter_segments_(torch.ones(n), [good, bad], dst, 1.0, accumulate)
+            assert not dst[0].any() and not dst[1].any()
+            out = torch.full((n,), 7.0)
+            with pytest.raises(IndexError, match="^index: a position is out of range for its segment$"):
+                E.gather_segments_out([torch.randn(4, 3), torch.randn(4, 3)], [good, bad], out, accumulate)
+            assert torch.equal(out, torch.full((n,), 7.0))
+        with pytest.raises(IndexError, match="^index: a position is out of range for its segment$"):
+            E.scatter_segments(torch.ones(n), [good, bad], [12, 12], 1.0)
+        with pytest.raises(IndexError, match="^index: a position is out of range for its segment$"):
+            E.gather_segments([torch.randn(4, 3), torch.randn(4, 3)], [good, bad], None)
+
+
 @settings(deadline=None)
 @given(shape=st.lists(st.integers(0, 40), max_size=3), p=st.floats(0, 1), dtype=st.sampled_from(t_pm.IDX),
        seed=st.integers(0, 2**31 - 1))

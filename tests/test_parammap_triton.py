@@ -243,6 +243,33 @@ def test_out_of_range_index_raises(which, idt):
             calls[which](mod)
 
 
+@pytest.mark.parametrize("blk", ["default", "tiny"])
+@pytest.mark.parametrize("bad", [torch.tensor([0, 12]), torch.tensor([-1]), torch.tensor([5, 2, 99], dtype=torch.int32)])
+def test_out_of_range_position_leaves_every_destination_untouched(bad, blk):
+    """In-place scatter / gather(out=): _check_kernel runs first and the gated kernel writes nothing, so the
+    in-range entries (here a whole earlier segment, over several programs with tiny blocks) stay as they were;
+    a non-contiguous destination's write-back does not happen either."""
+    good = torch.arange(20) % 12
+    n = good.numel() + bad.numel()
+    with blocks(blk):
+        for accumulate in (False, True):
+            dst = [torch.zeros(4, 3), torch.zeros(3, 4).t()]
+            with pytest.raises(IndexError, match="^index: a position is out of range for its segment$"):
+                T.scatter_segments_(torch.ones(n), [good, bad], dst, 1.0, accumulate)
+            assert not dst[0].any() and not dst[1].any()
+            for out in (torch.full((n,), 7.0), torch.full((n, 2), 7.0)[:, 0]):
+                with pytest.raises(IndexError, match="^index: a position is out of range for its segment$"):
+                    T.gather_segments_out([torch.randn(4, 3), torch.randn(4, 3)], [good, bad], out, accumulate)
+                assert torch.equal(out, torch.full((n,), 7.0))
+        # in range: the gate is open and the same calls write
+        dst = [torch.zeros(4, 3), torch.zeros(3, 4).t()]
+        flat = torch.arange(40.0)
+        T.scatter_segments_(flat, [good, good], dst, 1.0, False)
+        want = [torch.zeros(4, 3), torch.zeros(3, 4).t()]
+        R.scatter_segments_(flat, [good, good], want, 1.0, False)
+        assert all(torch.equal(d, w) for d, w in zip(dst, want))
+
+
 class _Counter:
     """Wraps a kernel so that launches through ``kernel[grid]`` are counted."""
 
@@ -258,7 +285,7 @@ def test_one_launch_for_all_segments(monkeypatch):
     src = [torch.randn(3, 5), torch.randn(40, dtype=torch.float64), torch.randn(7).half(),
            torch.randn(2, 9).bfloat16().t(), torch.randn(0)]
     index = [torch.tensor([4, 0, 14, 4]), None, torch.tensor([6, 1], dtype=torch.int32), None, None]
-    names = ["_gather_kernel", "_scatter_kernel", "_zero_kernel"]
+    names = ["_gather_kernel", "_scatter_kernel", "_zero_kernel", "_check_kernel"]
     counters = {n: _Counter(getattr(T, n)) for n in names}
     for n, c in counters.items():
         monkeypatch.setattr(T, n, c)
@@ -266,12 +293,15 @@ def test_one_launch_for_all_segments(monkeypatch):
     monkeypatch.setitem(T.BLOCKS, "scatter", 16)
     flat = T.gather_segments(src, index, torch.float32)
     assert_same(flat, R.gather_segments(src, index, torch.float32))
-    assert counters["_gather_kernel"].launches == 1
+    assert counters["_gather_kernel"].launches == 1 and counters["_check_kernel"].launches == 0
     dst = [s.clone() for s in src]
-    T.scatter_segments_(flat, index, dst, 2.0, True)
-    assert counters["_scatter_kernel"].launches == 1
+    T.scatter_segments_(flat, index, dst, 2.0, True)  # in place with an index: one check launch first
+    assert counters["_scatter_kernel"].launches == 1 and counters["_check_kernel"].launches == 1
     T.scatter_segments(flat, index, [s.numel() for s in src], 1.0)
     assert counters["_scatter_kernel"].launches == 2 and counters["_zero_kernel"].launches == 1
+    assert counters["_check_kernel"].launches == 1
+    T.gather_segments_out(src, [None] * len(src), torch.empty(sum(s.numel() for s in src)), False)
+    assert counters["_gather_kernel"].launches == 2 and counters["_check_kernel"].launches == 1  # no index
 
 
 # --------------------------------------------------------------------------- selection encodings

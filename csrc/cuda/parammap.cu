@@ -110,6 +110,13 @@ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? 
 // Out-of-range indices (k >= numel as uint64, so negatives too) are never dereferenced:
 // the element is skipped and the header flag is set; the host reads the flag after the
 // launch (only when some segment has an index) and raises TORCH_CHECK_INDEX.
+// The in-place ops (gather_segments(out=), scatter_segments_) write into tensors the caller
+// owns, so an out-of-range position must not leave them half-written: when some segment has
+// an index, check_kernel first reads every indexed position and sets the flag, and the
+// writing kernel, launched after it on the same stream, is gated: each block reads the flag
+// before its first write and stops if it is set (the CPU kernel's pre-pass; no extra host
+// synchronisation, one more read of the positions). The functional ops write only tensors
+// they allocated and keep one launch.
 
 constexpr int kVec = 4;                             // elements per vector access
 constexpr int64_t kTile = kThreads * 4 * kVec;       // 4096 entries per tile (multiple of kVec)
@@ -357,7 +364,9 @@ __device__ __forceinline__ void gather_seg(const DevSeg& sg, D* out, int64_t j0,
 // One launch for all segments; out dtype D is uniform, the src dtype is per segment.
 template <typename D>
 __global__ void __launch_bounds__(kThreads)
-    gather_kernel(const DevSeg* __restrict__ segs, int nseg, int64_t tiles, D* __restrict__ out, int* bad, bool acc) {
+    gather_kernel(const DevSeg* __restrict__ segs, int nseg, int64_t tiles, D* __restrict__ out, int* bad, bool acc,
+                  bool gated) {
+  if (gated && *static_cast<volatile int*>(bad) != 0) return;  // check_kernel found a bad position
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const DevSeg& sg = segs[find_seg(segs, nseg, tile)];
     const int64_t j0 = (tile - sg.first_tile) * kTile;
@@ -436,7 +445,8 @@ __device__ __forceinline__ void scatter_seg(const DevSeg& sg, const F* flat, int
 template <typename F>
 __global__ void __launch_bounds__(kThreads) scatter_kernel(const DevSeg* __restrict__ segs, int nseg, int64_t tiles,
                                                            const F* __restrict__ flat, double scale, bool acc,
-                                                           int* bad) {
+                                                           int* bad, bool gated) {
+  if (gated && *static_cast<volatile int*>(bad) != 0) return;  // check_kernel found a bad position
   const bool unit = scale == 1.0;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const DevSeg& sg = segs[find_seg(segs, nseg, tile)];
@@ -451,8 +461,41 @@ __global__ void __launch_bounds__(kThreads) scatter_kernel(const DevSeg* __restr
   }
 }
 
+// Sets *bad if any indexed segment holds a position outside [0, numel); writes nothing else.
+template <typename I>
+__device__ bool any_out_of_range(const DevSeg& sg, int64_t j0, int64_t j1) {
+  const I* __restrict__ ix = static_cast<const I*>(sg.index);
+  const uint64_t n = static_cast<uint64_t>(sg.numel);
+  bool oob = false;
+  for (int64_t j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
+    oob |= static_cast<uint64_t>(static_cast<int64_t>(ix[j])) >= n;
+  }
+  return oob;
+}
+
+__global__ void __launch_bounds__(kThreads) check_kernel(const DevSeg* __restrict__ segs, int nseg, int64_t tiles,
+                                                         int* bad) {
+  bool oob = false;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const DevSeg& sg = segs[find_seg(segs, nseg, tile)];
+    const int64_t j0 = (tile - sg.first_tile) * kTile;
+    const int64_t j1 = min64(sg.count, j0 + kTile);
+    if (sg.index_kind == kIdx32) oob |= any_out_of_range<int32_t>(sg, j0, j1);
+    else if (sg.index_kind == kIdx64) oob |= any_out_of_range<int64_t>(sg, j0, j1);
+  }
+  if (oob) *bad = 1;
+}
+
+// In-place launches (into the caller's tensors) with an index: check_kernel first, then the gated kernel.
+bool launch_check(const SegTable& t, int64_t grid, cudaStream_t stream) {
+  if (!t.any_index) return false;
+  GK_LAUNCH(check_kernel, static_cast<unsigned>(grid), kThreads, 0, stream, t.segs, t.nseg, t.tiles, t.bad);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
 void gather_impl(at::TensorList src, const c10::List<std::optional<Tensor>>& index, Tensor& out,
-                 bool accumulate) {
+                 bool accumulate, bool in_place) {
   const auto segs = make_segments(src, index, "src");
   std::vector<int64_t> offs;
   const int64_t total = segment_offsets(segs, &offs);
@@ -467,8 +510,9 @@ void gather_impl(at::TensorList src, const c10::List<std::optional<Tensor>>& ind
     D* o = out.data_ptr<D>();
     const SegTable t = upload_table(segs, offs, o, sizeof(D), out.device());
     const int64_t grid = grid_for(t.tiles, out.device().index());
+    const bool gated = in_place && launch_check(t, grid, stream);
     GK_LAUNCH(gather_kernel<D>, static_cast<unsigned>(grid), kThreads, 0, stream, t.segs, t.nseg, t.tiles, o, t.bad,
-              accumulate);
+              accumulate, gated);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     check_oob(t);
   });
@@ -480,18 +524,18 @@ Tensor gather_segments_cuda(at::TensorList src, const c10::List<std::optional<Te
   const at::ScalarType dt = gather_dtype(src, dtype);
   const at::Device device = src.empty() ? cuda::current_device() : src[0].device();
   Tensor out = at::empty({total}, at::TensorOptions().dtype(dt).device(device));
-  gather_impl(src, index, out, false);
+  gather_impl(src, index, out, false, /*in_place=*/false);
   return out;
 }
 
 void gather_segments_out_cuda(at::TensorList src, const c10::List<std::optional<Tensor>>& index,
                               const Tensor& out, bool accumulate) {
   Tensor o = out;
-  gather_impl(src, index, o, accumulate);
+  gather_impl(src, index, o, accumulate, /*in_place=*/true);
 }
 
 void scatter_impl(const Tensor& flat, const c10::List<std::optional<Tensor>>& index, at::TensorList dst,
-                  double scale, bool accumulate) {
+                  double scale, bool accumulate, bool in_place) {
   const auto segs = make_segments(dst, index, "dst");
   std::vector<int64_t> offs;
   const int64_t total = segment_offsets(segs, &offs);
@@ -508,8 +552,9 @@ void scatter_impl(const Tensor& flat, const c10::List<std::optional<Tensor>>& in
     const F* fp = f.data_ptr<F>();
     const SegTable t = upload_table(segs, offs, fp, sizeof(F), f.device());
     const int64_t grid = grid_for(t.tiles, f.device().index());
+    const bool gated = in_place && launch_check(t, grid, stream);
     GK_LAUNCH(scatter_kernel<F>, static_cast<unsigned>(grid), kThreads, 0, stream, t.segs, t.nseg, t.tiles, fp,
-              scale, accumulate, t.bad);
+              scale, accumulate, t.bad, gated);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     check_oob(t);
   });
@@ -535,13 +580,13 @@ std::vector<Tensor> scatter_segments_cuda(const Tensor& flat, const c10::List<st
   // the reference and the CPU kernel: the product of two floats is exact in double (scatter_put).
   const double fscale =
       flat.scalar_type() == at::kDouble ? scale : static_cast<double>(static_cast<float>(scale));
-  scatter_impl(flat, index, outs, fscale, false);
+  scatter_impl(flat, index, outs, fscale, false, /*in_place=*/false);
   return outs;
 }
 
 void scatter_segments__cuda(const Tensor& flat, const c10::List<std::optional<Tensor>>& index,
                             at::TensorList dst, double scale, bool accumulate) {
-  scatter_impl(flat, index, dst, scale, accumulate);
+  scatter_impl(flat, index, dst, scale, accumulate, /*in_place=*/true);
 }
 
 // ===========================================================================

@@ -42,6 +42,11 @@ Design
   indices Python-style, these kernels and the C++ ones reject them). Checking the
   flag costs one device sync per gather/scatter that has an index; it is skipped
   while a CUDA graph is being captured, or when ``CHECK_INDEX`` is set to False.
+  The in-place calls (``gather_segments_out``, ``scatter_segments_``) write into the
+  caller's tensors, so there a ``_check_kernel`` launch reads the indexed positions
+  first and the writing kernel (``GATED``) masks every access off when the flag is
+  set: an out-of-range position leaves the destination untouched (one more read of
+  the positions, no extra sync).
 * **mask / bitmask -> indices**: a per-block count kernel, an exclusive cumsum on the
   device, then a per-block write kernel (in-block ranks by ``tl.cumsum``).
 * **topk_select_segments** (and ``topk_select``, its one-segment case) is an exact
@@ -182,9 +187,19 @@ def _work_item(meta_ptr, work_ptr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _gather_kernel(meta_ptr, work_ptr, out_addr_ptr, flag_ptr, OUT_CODE: tl.constexpr, ACC: tl.constexpr,
-                   WIDE: tl.constexpr, BLOCK: tl.constexpr):
+def _check_kernel(meta_ptr, work_ptr, flag_ptr, BLOCK: tl.constexpr):
+    """Sets the flag if a work row's indexed positions run out of range; writes nothing else."""
     row, ooff, offs, m = _work_item(meta_ptr, work_ptr, BLOCK)
+    _segment_positions(row, offs, m, flag_ptr)
+
+
+@triton.jit
+def _gather_kernel(meta_ptr, work_ptr, out_addr_ptr, flag_ptr, OUT_CODE: tl.constexpr, ACC: tl.constexpr,
+                   WIDE: tl.constexpr, BLOCK: tl.constexpr, GATED: tl.constexpr = False):
+    # GATED: _check_kernel ran first on this stream; a set flag masks every load and store off.
+    row, ooff, offs, m = _work_item(meta_ptr, work_ptr, BLOCK)
+    if GATED:
+        m = m & ((offs * 0 + tl.load(flag_ptr)) == 0)  # a block-shaped mask (the interpreter wants one)
     pos, lm = _segment_positions(row, offs, m, flag_ptr)
     code = tl.load(row + 3) & 15
     v = _round_as(_load_wide(tl.load(row), pos, lm, code, WIDE), OUT_CODE)
@@ -197,9 +212,12 @@ def _gather_kernel(meta_ptr, work_ptr, out_addr_ptr, flag_ptr, OUT_CODE: tl.cons
 @triton.jit
 def _scatter_kernel(meta_ptr, work_ptr, flat_addr_ptr, flag_ptr, FLAT_CODE: tl.constexpr,
                     DST_CODE: tl.constexpr, ACC: tl.constexpr, HAS_SCALE: tl.constexpr,
-                    WIDE: tl.constexpr, BLOCK: tl.constexpr):
+                    WIDE: tl.constexpr, BLOCK: tl.constexpr, GATED: tl.constexpr = False):
     # DST_CODE >= 0: every destination has that dtype (scatter_segments); -1: per segment.
+    # GATED: as in _gather_kernel.
     row, ooff, offs, m = _work_item(meta_ptr, work_ptr, BLOCK)
+    if GATED:
+        m = m & ((offs * 0 + tl.load(flag_ptr)) == 0)  # a block-shaped mask (the interpreter wants one)
     pos, lm = _segment_positions(row, offs, m, flag_ptr)
     v = _load_wide(tl.load(flat_addr_ptr), ooff + offs, m, FLAT_CODE, WIDE)
     if HAS_SCALE:
@@ -303,6 +321,14 @@ class _Plan:
         self.zwork = b[s + self.n_work * _WORK_COLS:]
         return self
 
+    def precheck(self, block: int) -> bool:
+        """For launches into the caller's tensors: _check_kernel over the indexed positions, so that the
+        writing kernel (GATED=True) writes nothing when one is out of range. False: nothing to check."""
+        if not (CHECK_INDEX and self.has_index and self.n_work):
+            return False
+        _check_kernel[(self.n_work,)](self.meta, self.work, self.flag, BLOCK=block)
+        return True
+
     def check(self) -> None:
         if not (CHECK_INDEX and self.has_index and self.n_work):
             return
@@ -323,15 +349,16 @@ def _promote(src: Sequence[torch.Tensor]) -> torch.dtype:
     return dtype
 
 
-def _gather_into(src, index, out: torch.Tensor, accumulate: bool) -> None:
+def _gather_into(src, index, out: torch.Tensor, accumulate: bool, in_place: bool) -> None:
     srcs = [s if s.is_contiguous() else s.contiguous() for s in src]
     target = out if out.is_contiguous() else out.contiguous()
     block = BLOCKS["gather"]
     plan = _Plan(srcs, index, target.data_ptr() if target.numel() else 0, 1.0, block).to(out.device)
     if plan.n_work == 0:
         return
+    gated = in_place and plan.precheck(block)
     _gather_kernel[(plan.n_work,)](plan.meta, plan.work, plan.head, plan.flag, OUT_CODE=_CODE[out.dtype],
-                                   ACC=bool(accumulate), WIDE=_wide(out.dtype), BLOCK=block)
+                                   ACC=bool(accumulate), WIDE=_wide(out.dtype), BLOCK=block, GATED=gated)
     plan.check()
     if target is not out:
         out.copy_(target)
@@ -345,13 +372,13 @@ def gather_segments(src: Sequence[torch.Tensor], index: Sequence[Optional[torch.
     total = sum(s.numel() if i is None else i.numel() for s, i in zip(src, index))
     out = torch.empty(total, dtype=dtype, device=device)
     if total:
-        _gather_into(src, index, out, False)
+        _gather_into(src, index, out, False, in_place=False)
     return out
 
 
 def gather_segments_out(src, index, out: torch.Tensor, accumulate: bool = False) -> None:
     if out.numel():
-        _gather_into(src, index, out, accumulate)
+        _gather_into(src, index, out, accumulate, in_place=True)
 
 
 def _scatter_into(flat: torch.Tensor, index, dst: Sequence[torch.Tensor], scale: float, accumulate: bool,
@@ -370,9 +397,10 @@ def _scatter_into(flat: torch.Tensor, index, dst: Sequence[torch.Tensor], scale:
         dst_code, wide, has_scale = _CODE[flat.dtype], _wide(flat.dtype), scale != 1.0
     else:  # the reference: (dst +) flat.double() * scale, then .to(dst.dtype)
         dst_code, wide, has_scale = -1, tl.float64, True
+    gated = not new and plan.precheck(block)  # new: scatter_segments' own tensors, nothing to protect
     _scatter_kernel[(plan.n_work,)](plan.meta, plan.work, plan.head, plan.flag, FLAT_CODE=_CODE[flat.dtype],
                                     DST_CODE=dst_code, ACC=bool(accumulate), HAS_SCALE=has_scale,
-                                    WIDE=wide, BLOCK=block, enable_fp_fusion=False)
+                                    WIDE=wide, BLOCK=block, GATED=gated, enable_fp_fusion=False)
     plan.check()
 
 
