@@ -78,15 +78,20 @@ def test_accelerated_model_pickles_and_stays_accelerated(how):
 
 def _int_importance(n, big=False):
     vals = torch.randperm(n, generator=torch.Generator().manual_seed(11)).to(torch.int64) * 3
-    if big:  # distinct int64 values that float64 cannot tell apart (2**60 + small steps)
+    if big == "f32":  # 2**24 + multiples of 3: float32 rounds the odd ones to even neighbours
+        vals = vals + (1 << 24)
+    elif big:  # distinct int64 values that float64 cannot tell apart (2**60 + small steps)
         vals = vals + (1 << 60)
     return vals
 
 
 @pytest.mark.parametrize("kw", [dict(topk=9), dict(topk=0.4), dict(threshold=60), dict(threshold=30, topk=5),
-                                dict(topk=9, big=True), dict(topk=0.3, big=True, mask=True)])
+                                dict(topk=9, big=True), dict(topk=0.3, big=True, mask=True),
+                                dict(threshold=(1 << 24) + 61, big="f32"), dict(threshold=(1 << 24) + 61, topk=4, big="f32")])
 def test_integer_importance_prunes_like_gradiend(kw):
-    """gradkit refused integer importances (TypeError); GRADIEND ranks / thresholds them."""
+    """gradkit refused integer importances (TypeError); GRADIEND ranks / thresholds them. GRADIEND's ParamMapped
+    model compares `importance >= float(threshold)` in float32, which keeps 2**24 + 60 at a 2**24 + 61
+    threshold; the compat layer does the same (ParamMap.prune itself compares integers exactly)."""
     kw = dict(kw)
     big, use_mask = kw.pop("big", False), kw.pop("mask", False)
     base, ref, fast = _gradiend_pair(2)

@@ -295,6 +295,26 @@ def test_prune_topk_edge_cases():
         pm.prune(threshold=100.0, topk=2, importance=imp)
 
 
+def test_prune_integer_importance():
+    """Integer importances (GRADIEND takes them): the threshold compares exactly, topk ranks exactly past 2**53
+    (float64 would tie 2**60 + 1 with 2**60), ties lowest position first; bool / complex stay refused."""
+    pm = ParamMap({"a": {"shape": (2, 3), "repr": "all"}})
+    big = torch.tensor([3, 1, 2, 0, 1, 5], dtype=torch.int64) + (1 << 60)
+    _, kept = pm.prune(topk=2, importance=big)
+    assert kept.tolist() == [0, 5]
+    _, kept = pm.prune(threshold=(1 << 60) + 2, importance=big)
+    assert kept.tolist() == [0, 2, 5]
+    _, kept = pm.prune(threshold=(1 << 60) + 1, topk=2, importance=big, mask=torch.tensor([1, 1, 1, 1, 1, 0]).bool())
+    assert kept.tolist() == [0, 2]
+    _, kept = pm.prune(topk=3, importance=torch.tensor([1, 2, 2, 0, 2, 1], dtype=torch.int8))
+    assert kept.tolist() == [1, 2, 4]
+    for bad in (torch.ones(6, dtype=torch.bool), torch.ones(6, dtype=torch.complex64)):
+        with pytest.raises(TypeError, match="^importance: expected a floating or integer dtype"):
+            pm.prune(topk=2, importance=bad)
+    with pytest.raises(ValueError, match="criteria remove every input dimension"):
+        pm.prune(threshold=(1 << 60) + 6, importance=big)
+
+
 def test_prune_keeps_unsorted_index_order():
     pm = ParamMap({"a": {"shape": (4, 4), "repr": "indices", "indices": torch.tensor([9, 2, 15, 0, 7])}})
     new, kept = pm.prune(topk=3, importance=torch.tensor([5.0, 1.0, 4.0, 0.0, 3.0]))

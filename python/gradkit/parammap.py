@@ -508,8 +508,8 @@ class ParamMap:
             if not isinstance(importance, torch.Tensor) or tuple(importance.shape) != (n,):
                 raise ValueError(f"importance: expected a tensor of shape ({n},), got "
                                  f"{tuple(importance.shape) if isinstance(importance, torch.Tensor) else importance!r}")
-            if not importance.dtype.is_floating_point:
-                raise TypeError(f"importance: expected a floating dtype, got {importance.dtype}")
+            if importance.dtype == torch.bool or importance.dtype.is_complex:
+                raise TypeError(f"importance: expected a floating or integer dtype, got {importance.dtype}")
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                       or math.isnan(threshold)):
             raise ValueError(f"threshold: expected a number, got {threshold!r}")
@@ -522,6 +522,15 @@ class ParamMap:
                 raise ValueError(f"topk: an int must be >= 1, got {topk}")
         imp = None if importance is None else importance.detach().to("cpu").contiguous()
         active = None if mask is None else mask.detach().to("cpu")
+        if imp is not None and not imp.dtype.is_floating_point and (threshold is not None or topk is not None):
+            # integer importances (GRADIEND takes them): the threshold test as GRADIEND writes it
+            # (`importance >= threshold`, torch's promotion: exact for an int threshold), folded into the mask;
+            # topk then ranks the values' dense ranks (float64 of a rank is exact for any int64 value)
+            if threshold is not None:
+                t = imp >= threshold
+                active = t if active is None else (active & t)
+                threshold = None
+            imp = torch.unique(imp, sorted=True, return_inverse=True)[1].to(torch.float64)
         if imp is not None and (threshold is not None or topk is not None):
             # NaN where the mask leaves a position is an error whichever criteria follow (the threshold
             # would otherwise drop it silently, since NaN >= t is False); importance is unused otherwise

@@ -171,19 +171,15 @@ def _prune(self, *, topk=None, threshold=None, mask=None, part: str = "decoder-w
         imp = importance.detach() if importance is not None else self.get_weight_importance(part=part).detach()
         if imp.dim() != 1 or imp.numel() != n:
             raise ValueError(f"importance must be 1D tensor of length {n}, got shape {imp.shape}")
-        if not imp.is_floating_point() and not imp.is_complex() and imp.dtype != torch.bool:
-            # integer importances (GRADIEND accepts them): its threshold test exactly as GRADIEND
-            # evaluates it, folded into the mask; topk ranks the values' dense ranks (exact for any int64)
-            imp = imp.to("cpu")
-            if threshold is not None:
-                if isinstance(threshold, bool) or math.isnan(threshold):
-                    raise ValueError(f"threshold: expected a number, got {threshold!r}")
-                above = imp >= float(threshold)
-                mask = above if mask is None else (mask.detach().to("cpu") & above)
-                threshold = None
-                if topk is None and not bool(mask.any()):
-                    raise ValueError("prune: the criteria remove every input dimension")
-            imp = torch.unique(imp, sorted=True, return_inverse=True)[1].to(torch.float64)
+        if threshold is not None and not (imp.is_floating_point() or imp.is_complex() or imp.dtype == torch.bool):
+            # integer importances: GRADIEND's ParamMappedGradiendModel compares `importance >= float(threshold)`
+            # (float32 for an integer tensor: 2**60 + 3 passes 2**60 + 60), where ParamMap.prune compares the
+            # integers exactly; fold GRADIEND's test into the mask. ParamMap.prune ranks them for topk.
+            if isinstance(threshold, bool) or math.isnan(threshold):
+                raise ValueError(f"threshold: expected a number, got {threshold!r}")
+            above = imp.to("cpu") >= float(threshold)
+            mask = above if mask is None else (mask.detach().to("cpu") & above)
+            threshold = None
     pm = param_map_of(self)
     new_pm, keep = pm.prune(mask=mask, threshold=threshold, topk=topk, importance=imp)
     new_in = int(keep.numel())
