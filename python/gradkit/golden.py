@@ -507,6 +507,9 @@ class SparseGradientAccumulator:
             g = grads.get(n)
             if g is None:
                 raise ValueError(f"grads: no gradient for {n!r}")
+            if not isinstance(g, torch.Tensor) or not g.is_floating_point() or g.layout != torch.strided:
+                got = f"a {g.layout} {g.dtype} tensor" if isinstance(g, torch.Tensor) else type(g).__name__
+                raise TypeError(f"grads[{n!r}]: expected a dense floating tensor, got {got}")
             if tuple(g.shape) != self.masks[n].shape:
                 raise ValueError(f"grads[{n!r}]: shape {tuple(g.shape)} differs from its mask's {self.masks[n].shape}")
             if g.device != self._flat.device:

@@ -18,6 +18,7 @@ or an object with ``.logits`` (Hugging Face style). Batches are mappings with ``
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import math
 import re
@@ -349,6 +350,26 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+@contextlib.contextmanager
+def _restored_on_error(obj: object, active: bool = True) -> Iterator[None]:
+    """Inside: ``obj``'s attributes are put back as they were if the block raises (with ``active``), so that
+    a failed call leaves the caller's object as it found it. An object without a ``__dict__`` or with an
+    attribute that cannot be deep-copied is left as it is."""
+    saved = None
+    if active:
+        try:
+            saved = copy.deepcopy(vars(obj))
+        except Exception:  # noqa: BLE001 - see the docstring
+            saved = None
+    try:
+        yield
+    except BaseException:
+        if saved is not None:
+            vars(obj).clear()
+            vars(obj).update(saved)
+        raise
+
+
 def _check_masks(named: Mapping[str, nn.Parameter], masks: Mapping[str, torch.Tensor]) -> None:
     if not isinstance(masks, Mapping):
         raise TypeError(f"masks: expected a mapping name -> bool tensor, got {type(masks).__name__}")
@@ -594,44 +615,48 @@ def reverse_golden_masks(
     best_kl, best_masks = -math.inf, None
     current = percent
     chunks = itertools.chain([first], iter(lambda: list(itertools.islice(stream, chunk_size)), []))
-    with _seeded_rng(seed, device), \
-            tqdm(total=total, disable=not progress, desc="reverse golden", unit="chunk") as bar:
-        for it, chunk in enumerate(chunks):
-            for batch in chunk:
-                ids, am = _unpack(batch, device, "batches")
-                moved = {**batch, "input_ids": ids} if am is None else {**batch, "input_ids": ids, "attention_mask": am}
-                with torch.enable_grad():
-                    loss = loss_fn(model, moved)
-                    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
-                        raise ValueError("loss_fn: must return a scalar tensor that requires grad")
-                    grads = torch.autograd.grad(loss.reshape(()), tensors, allow_unused=True)
-                for a, g in zip(acc.values(), grads):
-                    if g is not None:
-                        a.add_(g.detach().abs().float())
-                del loss, grads
-            for n, a in acc.items():
-                if bool(torch.isnan(a).any()):
-                    raise ValueError(f"params: NaN gradient importance for {n!r}")
-            candidate = {n: topk_mask(a, current) for n, a in acc.items()}
-            kl = score(candidate)
-            if math.isnan(kl):
-                raise ValueError(f"model: the KL of the iteration-{it} candidate ({current:.6g}%) is NaN "
-                                 "(non-finite logits with the selected weights zeroed?)")
-            history.append((it, current, kl))
-            # an infinite KL (the masked model gives log-prob -inf to a token the original gives
-            # P > 0) equal to an infinite best is no improvement, not inf - inf = NaN
-            improvement = 0.0 if kl == best_kl else kl - max(best_kl, 0.0)
-            if kl > best_kl or best_masks is None:
-                best_kl, best_masks = kl, candidate
-            current = strat.next_percent(it, improvement)
-            bar.update(1)
-            bar.set_postfix(percent=f"{history[-1][1]:.3g}", kl=f"{kl:.4g}", best=f"{best_kl:.4g}")
+    # a caller's strategy instance is advanced in place: a search that fails puts it back as it was
+    with _restored_on_error(strat, strat is strategy):
+        with _seeded_rng(seed, device), \
+                tqdm(total=total, disable=not progress, desc="reverse golden", unit="chunk") as bar:
+            for it, chunk in enumerate(chunks):
+                for batch in chunk:
+                    ids, am = _unpack(batch, device, "batches")
+                    moved = {**batch, "input_ids": ids} if am is None else \
+                        {**batch, "input_ids": ids, "attention_mask": am}
+                    with torch.enable_grad():
+                        loss = loss_fn(model, moved)
+                        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+                            raise ValueError("loss_fn: must return a scalar tensor that requires grad")
+                        grads = torch.autograd.grad(loss.reshape(()), tensors, allow_unused=True)
+                    for a, g in zip(acc.values(), grads):
+                        if g is not None:
+                            a.add_(g.detach().abs().float())
+                    del loss, grads
+                for n, a in acc.items():
+                    if bool(torch.isnan(a).any()):
+                        raise ValueError(f"params: NaN gradient importance for {n!r}")
+                candidate = {n: topk_mask(a, current) for n, a in acc.items()}
+                kl = score(candidate)
+                if math.isnan(kl):
+                    raise ValueError(f"model: the KL of the iteration-{it} candidate ({current:.6g}%) is NaN "
+                                     "(non-finite logits with the selected weights zeroed?)")
+                history.append((it, current, kl))
+                # an infinite KL (the masked model gives log-prob -inf to a token the original gives
+                # P > 0) equal to an infinite best is no improvement, not inf - inf = NaN
+                improvement = 0.0 if kl == best_kl else kl - max(best_kl, 0.0)
+                if kl > best_kl or best_masks is None:
+                    best_kl, best_masks = kl, candidate
+                current = strat.next_percent(it, improvement)
+                bar.update(1)
+                bar.set_postfix(percent=f"{history[-1][1]:.3g}", kl=f"{kl:.4g}", best=f"{best_kl:.4g}")
 
-    final = {n: _exact_k(best_masks[n], acc[n], percent_to_k(acc[n].numel(), percent))
-             for n in selected}
-    summary = {}
-    for n, m in final.items():
-        active = int(m.sum())
-        summary[n] = {"numel": m.numel(), "active": active, "density": active / m.numel() if m.numel() else 0.0}
-    return ReverseGoldenResult(masks=final, kl=score(final), history=history, summary=summary,
+        final = {n: _exact_k(best_masks[n], acc[n], percent_to_k(acc[n].numel(), percent))
+                 for n in selected}
+        summary = {}
+        for n, m in final.items():
+            active = int(m.sum())
+            summary[n] = {"numel": m.numel(), "active": active, "density": active / m.numel() if m.numel() else 0.0}
+        kl = score(final)
+    return ReverseGoldenResult(masks=final, kl=kl, history=history, summary=summary,
                                percent=percent, strategy=strategy_name)

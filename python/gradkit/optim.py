@@ -128,8 +128,11 @@ class MaskedAdamW(torch.optim.Optimizer):
     parameter or state changes: a mask whose shape differs from its parameter's, a mask for an
     unknown name, a mask that is neither bool nor a packed uint8 bitmask, rates / betas / eps /
     weight decay out of range, duplicate names or tensors, sparse gradients, and (in ``step``) a
-    parameter moved or cast after its state was created: ``step`` checks every parameter before
-    the first fused call, so an error never leaves some parameters stepped and others not.
+    parameter moved or cast after its state was created, or whose data was replaced after its mask
+    was given, and rates / betas / eps / weight decay edited into the group: ``step`` checks the group
+    and every parameter before the closure and the first fused call, and enters the state of
+    parameters stepped for the first time only once every step ran, so an error never leaves some
+    parameters stepped and others not, nor a state behind.
     """
 
     def __init__(self, named_params: NamedParams, masks: Optional[Mapping[str, torch.Tensor]], masked_lr: float,
@@ -167,6 +170,9 @@ class MaskedAdamW(torch.optim.Optimizer):
         if "lr" in group:  # an LR scheduler (or user code) editing 'lr' would otherwise be silently ignored
             raise ValueError("param_groups[0]['lr']: MaskedAdamW has no 'lr'; its rates are the group's "
                              "'masked_lr' and 'unmasked_lr' (schedule those keys instead)")
+        # the group's hyper-parameters (a schedule may have edited them) before anything runs or changes
+        _check_hyper(group["masked_lr"], group["unmasked_lr"], group["betas"], group["eps"], group["weight_decay"],
+                     group["maximize"])
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -194,22 +200,28 @@ class MaskedAdamW(torch.optim.Optimizer):
                                          f"the optimizer's first step?), got {getattr(t, 'dtype', type(t).__name__)}"
                                          f" {tuple(getattr(t, 'shape', ()))} on {getattr(t, 'device', None)}")
                 s = st.get("step")
-                if not isinstance(s, torch.Tensor) or s.numel() != 1 or not math.isfinite(float(s)) or float(s) < 0:
+                # bool / complex: the count could not be advanced after the parameters were stepped
+                if not isinstance(s, torch.Tensor) or s.numel() != 1 or s.dtype == torch.bool or s.is_complex() \
+                        or not math.isfinite(float(s)) or float(s) < 0:
                     raise ValueError(f"state['step'] of {name!r}: expected a one-element tensor >= 0, got {s!r}")
             bits = self._bits.get(name)
             if bits is not None and bits.device != p.device:
                 raise ValueError(f"masks[{name!r}]: stored on {bits.device} but the parameter is now on {p.device} "
                                  f"(build the optimizer after moving the model)")
+            if bits is not None and bits.numel() != (p.numel() + 7) // 8:  # checked here, not per fused call
+                raise ValueError(f"masks[{name!r}]: {bits.numel()} bytes, but the parameter now has {p.numel()} "
+                                 f"entries (its data was replaced after the optimizer was built)")
             todo.append((name, p, g))
         beta1, beta2 = group["betas"]
         buckets: Dict[Tuple[torch.device, torch.dtype], Dict[str, list]] = {}
         writeback = []
+        fresh = {}  # the state of first-stepped parameters, entered into self.state once the steps succeeded
         for name, p, g in todo:
-            st = self.state[p]
+            st = self.state.get(p)
             if not st:
-                st["step"] = torch.tensor(0.0, dtype=torch.float32)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                st = fresh[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
+                                 "exp_avg": torch.zeros_like(p, memory_format=torch.contiguous_format),
+                                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.contiguous_format)}
             step = float(st["step"].item()) + 1
             work = p if p.is_contiguous() else p.contiguous()
             if work is not p:
@@ -229,8 +241,11 @@ class MaskedAdamW(torch.optim.Optimizer):
                               bias_correction2_sqrt=b["bc2"], maximize=group["maximize"])
         for p, work in writeback:
             p.copy_(work)
+        for p, st in fresh.items():
+            self.state[p].update(st)
         if todo:
-            torch._foreach_add_([self.state[p]["step"] for _, p, _ in todo], 1.0)
+            # an int 1: an integer step count loaded from a state dict advances too (1.0 cannot be cast to it)
+            torch._foreach_add_([self.state[p]["step"] for _, p, _ in todo], 1)
         return loss
 
     def state_dict(self) -> Dict[str, Any]:

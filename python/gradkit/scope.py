@@ -144,6 +144,37 @@ def _default_eps(thresholds: Tensor, eps: Optional[float]) -> Optional[float]:
     return eps
 
 
+def _check_soft_args(thresholds: Tensor, max_iter, atol, eps) -> None:
+    """What ``ops.block_soft_threshold_`` checks of the thresholds' dtype and the scalar arguments (same
+    messages), for the BlockCoupling step, which never reaches it: so that a bad argument is refused there
+    too, before any spec (or, in a ScopeCoupling, any earlier scope) is written."""
+    if not thresholds.is_floating_point():
+        raise TypeError(f"thresholds: dtype {thresholds.dtype} not supported")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int):
+        raise TypeError(f"max_iter: expected an int, got {type(max_iter).__name__}")
+    if max_iter < 0:
+        raise ValueError(f"max_iter: expected >= 0, got {max_iter}")
+    for name, v in (("atol", atol), ("eps", eps)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf):
+            raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+
+
+def _check_targets(specs: Sequence["BlockSpec"], grid: Tensor, what: str, owner: str = "specs") -> None:
+    """Before the first of several specs is written: every spec takes the write (floating weights on
+    ``grid``'s device, or for ``what == "multiplier"`` weights that ``grid``'s dtype may be multiplied
+    into), so that a later spec cannot refuse it after an earlier one was changed."""
+    for i, s in enumerate(specs):
+        x = s.view.data
+        if what == "multiplier":
+            if not torch.can_cast(torch.result_type(x, grid), x.dtype):
+                raise TypeError(f"multiplier: a {grid.dtype} multiplier cannot be applied in place to the {x.dtype} "
+                                f"weights of {owner}[{i}]")
+        elif not x.is_floating_point():
+            raise TypeError(f"{owner}[{i}]: expected floating weights, got {x.dtype}")
+        if x.device != grid.device and not (what == "multiplier" and grid.dim() == 0 and grid.device.type == "cpu"):
+            raise ValueError(f"{what}: on {grid.device} but the weights of {owner}[{i}] are on {x.device}")
+
+
 def _acc_norms(x: Tensor, block_shape: Sequence[int], p: float) -> Tensor:
     """Block norms in the accumulation dtype (float32 for fp16 / bf16 x, else x's dtype), for ranking:
     ``ops.block_norms`` rounds them to x's dtype, which ties blocks whose float32 scores differ (and
@@ -573,6 +604,7 @@ class BlockCoupling(SparseBlock):
 
     def keep_blocks(self, keep: Tensor) -> None:
         self._check_grid(keep, "keep")
+        _check_targets(self.specs, keep, "keep")
         for i, s in enumerate(self.specs):
             s.keep_blocks(self._from_common(keep, i))
 
@@ -582,6 +614,7 @@ class BlockCoupling(SparseBlock):
 
     def apply_multiplier(self, multiplier: Tensor) -> None:
         self._check_grid(multiplier, "multiplier")
+        _check_targets(self.specs, multiplier, "multiplier")
         for i, s in enumerate(self.specs):
             s.apply_multiplier(self._from_common(multiplier, i))
 
@@ -598,6 +631,7 @@ class BlockCoupling(SparseBlock):
         defaults to the machine epsilon of the thresholds' dtype (SparseKit's rule)."""
         self._check_grid(block_thresholds, "thresholds")
         _check_thresholds(block_thresholds, nonneg=True)
+        _check_soft_args(block_thresholds, max_iter, atol, eps)
         dt = self.specs[0].view.data.dtype
         eps = _default_eps(block_thresholds, eps)
         eps = float(torch.finfo(dt).eps) if eps is None else eps
@@ -1074,6 +1108,9 @@ class ScopeCoupling(SparseScope):
         if not isinstance(thresholds, Tensor) or tuple(thresholds.shape) != self.grid_shape:
             raise ShapeMismatchError(self.grid_shape, getattr(thresholds, "shape", ()), "thresholds")
         _check_thresholds(thresholds, nonneg=True)
+        _check_soft_args(thresholds, max_iter, atol, eps)
+        for i, s in enumerate(self.scopes):  # every scope takes the thresholds, before the first is written
+            _check_targets(s.blocks(), thresholds, "thresholds", f"scopes[{i}].blocks()")
         if conditioners is not None:  # every scope's conditioners, before the first scope is written
             for s in self.scopes:
                 for b in s.blocks():

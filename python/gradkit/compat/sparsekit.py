@@ -243,6 +243,8 @@ class SparsityBuilder:
     def couple_scopes(self, scope_names: List[str], orders: List[Tuple[int, ...]], name: str) -> "SparsityBuilder":
         # the coupled scopes are consumed, so the coupling may take one of their names (as in SparseKit)
         self._fresh(name, {n: None for n in self._scopes if n not in scope_names}, self._scope_couplings)
+        if len(set(scope_names)) != len(scope_names):  # before anything is registered or consumed
+            raise ValueError(f"scope_names: a scope appears more than once in {list(scope_names)}")
         scopes = [self._get(self._scopes, n, "scope") for n in scope_names]
         self._scope_couplings[name] = ScopeCoupling(scopes, orders, name=name)
         for n in scope_names:  # coupled scopes are consumed, as in SparseKit

@@ -692,7 +692,8 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                 raise ValueError(f"{name}[{i}]: expected a number in (0, 1], got {v!r}")
     if n == 0:
         return
-    _check_writable(list(params), "params")
+    for name in ("params", "exp_avgs", "exp_avg_sqs"):  # every written list, as the native op's check
+        _check_writable(list(lists[name]), name)
     fn = _impl("masked_adamw_", "adamw")
     fn(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(bits), float(masked_lr),
        float(unmasked_lr), float(beta1), float(beta2), float(eps), float(weight_decay),
