@@ -18,6 +18,7 @@ from gradkit.obs.driver import CheckpointError, collect_hessians, prune_model
 from gradkit.scope import BlockSpec, ScopeSpec
 from gradkit.testing import random_batches, tiny_gpt
 from test_audit_obs import _Three  # h.2 only sees zeros: H = 0, not positive definite
+import test_obs_driver as _od
 from test_obs_driver import _one_thread  # noqa: F401 - autouse: one thread, as there
 from torch import nn
 
@@ -339,3 +340,44 @@ def test_reverse_golden_nan_kl_names_the_model():
     with pytest.raises(ValueError, match=r"^model: the KL of the iteration-0 candidate \(10%\) is NaN"):
         gr.reverse_golden_masks(model, _ids(2), 10.0, chunk_size=1, progress=False)
     assert _same(model, snap)
+
+
+# ------------------------------------------------------------------ prune_model: callable identity in checkpoints
+
+
+def _keep_pattern(n, m):
+    """A pattern callable: n of every m consecutive inputs of each row (closure over n, m)."""
+    def pattern(name, w):
+        return ScopeSpec(BlockSpec(w, (1, 1)), (1, m)), n
+    return pattern
+
+
+def test_resume_refuses_another_callable_under_the_same_name(tmp_path):
+    """A checkpoint used to record a pattern / groups callable by module.qualname only: every lambda, and every
+    closure made by one factory, looked the same, so a resumed run with another pattern mixed layers pruned two
+    ways. Now its code, defaults and closure values are digested; the same callable (or an equal one made
+    again) still resumes."""
+    from gradkit.obs.driver import _identity_of
+
+    a, b, a2 = _keep_pattern(2, 4), _keep_pattern(1, 4), _keep_pattern(2, 4)
+    assert _identity_of(a) == _identity_of(a2) != _identity_of(b)
+    assert _identity_of(a).startswith("callable:test_audit_drivers._keep_pattern.<locals>.pattern#")
+    f, g = (lambda name: name.split(".")[1]), (lambda name: name.split(".")[2])
+    assert _identity_of(f) != _identity_of(g)
+    t1, t2 = torch.zeros(3), torch.ones(3)
+    assert _identity_of(lambda n, t=t1: n) != _identity_of(lambda n, t=t2: n)
+    assert _identity_of(lambda n, s={"x", "y", "z"}: n) == _identity_of(lambda n, s={"z", "y", "x"}: n)
+
+    data = _od._data(3)
+    ck = str(tmp_path / "ck")
+    model = _od._model()
+    prune_model(model, data, pattern=a, checkpoint_dir=ck, progress=False, sequential=False)
+    done = _od._weights(model)
+    model = _od._model()
+    before = _od._weights(model)
+    with pytest.raises(CheckpointError, match="different configuration.*pattern"):
+        prune_model(model, data, pattern=b, checkpoint_dir=ck, progress=False, sequential=False)
+    assert all(torch.equal(_od._weights(model)[n], before[n]) for n in before)
+    model = _od._model()
+    prune_model(model, data, pattern=a2, checkpoint_dir=ck, progress=False, sequential=False)  # resumes
+    assert all(torch.equal(_od._weights(model)[n], done[n]) for n in done)

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import hashlib
 import json
 import os
 import re
 import tempfile
 import time
+import types
 import zlib
 from typing import (
     Any,
@@ -617,6 +619,64 @@ def _name_of(fn) -> str:
     return f"callable:{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
+def _value_token(v, depth: int = 0) -> str:
+    """A text that changes when ``v`` would make a pattern / groups callable behave differently, stable across
+    processes: tensors by dtype, shape and a digest of their values; plain data by value (sets sorted);
+    functions by their code, defaults and closure; other objects by type and their attributes, or by type
+    alone when the only text torch / Python give is an address."""
+    if depth > 8:
+        return "..."
+    if v is None or isinstance(v, (bool, int, float, complex, str, bytes)):
+        return repr(v)
+    if isinstance(v, torch.Tensor):
+        t = v.detach().to("cpu").contiguous()
+        h = hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()[:16]
+        return f"tensor({t.dtype},{tuple(t.shape)},{h})"
+    if isinstance(v, (list, tuple)):
+        return type(v).__name__ + "(" + ",".join(_value_token(x, depth + 1) for x in v) + ")"
+    if isinstance(v, (set, frozenset)):
+        return type(v).__name__ + "(" + ",".join(sorted(_value_token(x, depth + 1) for x in v)) + ")"
+    if isinstance(v, dict):
+        return "dict(" + ",".join(sorted(f"{_value_token(k, depth + 1)}:{_value_token(x, depth + 1)}"
+                                         for k, x in v.items())) + ")"
+    if isinstance(v, types.CodeType):
+        return "code(" + v.co_code.hex() + "," + ",".join(v.co_names) + "," + \
+            ",".join(_value_token(c, depth + 1) for c in v.co_consts) + ")"
+    if isinstance(v, functools.partial):
+        return "partial(" + ",".join(_value_token(x, depth + 1) for x in (v.func, v.args, v.keywords)) + ")"
+    if isinstance(v, types.MethodType):
+        return "method(" + _value_token(v.__func__, depth + 1) + "," + _value_token(v.__self__, depth + 1) + ")"
+    if isinstance(v, types.FunctionType):
+        cells = []
+        for c in v.__closure__ or ():
+            try:
+                cells.append(c.cell_contents)
+            except ValueError:  # an empty cell
+                cells.append(None)
+        return "fn(" + ",".join(_value_token(x, depth + 1) for x in
+                                (v.__code__, v.__defaults__, v.__kwdefaults__, tuple(cells))) + ")"
+    if isinstance(v, (types.BuiltinFunctionType, types.ModuleType, type)):
+        return f"{getattr(v, '__module__', '')}.{getattr(v, '__qualname__', getattr(v, '__name__', '?'))}"
+    name = f"{type(v).__module__}.{type(v).__qualname__}"
+    attrs = getattr(v, "__dict__", None)
+    if isinstance(attrs, dict):
+        return name + "(" + _value_token(attrs, depth + 1) + ")"
+    r = repr(v)
+    return name if " at 0x" in r else f"{name}({r})"
+
+
+def _identity_of(fn) -> str:
+    """How a checkpoint records a pattern / groups callable: its name (``_name_of``) and a digest of its code,
+    defaults, closure and (for a callable object or a bound method) attributes, so that a resumed run with a
+    different function under the same name (another lambda, a closure over other values, an edited body) is
+    refused instead of mixing layers pruned two ways. The digest depends on the Python version (bytecode)."""
+    try:
+        token = _value_token(fn)
+    except Exception:  # noqa: BLE001 - an object whose attributes cannot be read: its name alone
+        return _name_of(fn)
+    return f"{_name_of(fn)}#{hashlib.sha256(token.encode('utf-8', 'backslashreplace')).hexdigest()[:16]}"
+
+
 _TMP_PREFIX = ".tmp-"
 
 
@@ -852,8 +912,10 @@ def prune_model(model: nn.Module, batches: Iterable, pattern: Union[str, Callabl
             are pruned); False: every Hessian from the dense model in one pass, then all layers pruned.
         checkpoint_dir: directory for per-layer checkpoints and ``progress.json``; None: none.
         resume: continue a run found in ``checkpoint_dir`` (its configuration, the calibration data
-            and the dense weights of done layers must match; else :class:`CheckpointError`).
-            False: start over, overwriting it.
+            and the dense weights of done layers must match; else :class:`CheckpointError`; a
+            ``pattern`` / ``groups`` callable counts as the same when its name and a digest of its
+            code, defaults, closure values and attributes are: another lambda, a closure over other
+            values or an edited body is refused). False: start over, overwriting it.
         progress: a tqdm bar over layers.
         method_kwargs: extra keyword arguments of the method (e.g. ``{"blocksize": 64}``).
         groups: ``"block"`` (layers grouped by the name prefix ending at the first numeric part,
@@ -942,8 +1004,8 @@ def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, ch
 
     pattern_s = pattern if isinstance(pattern, str) else _name_of(pattern)
     config = {
-        "method": method, "pattern": pattern_s, "nnz": nnz, "damp": damp, "sequential": sequential,
-        "groups": groups if isinstance(groups, str) else _name_of(groups),
+        "method": method, "pattern": pattern if isinstance(pattern, str) else _identity_of(pattern), "nnz": nnz,
+        "damp": damp, "sequential": sequential, "groups": groups if isinstance(groups, str) else _identity_of(groups),
         "method_kwargs": json.loads(json.dumps(kw, sort_keys=True, default=repr)),
         "layers": [[n, list(m.weight.shape), str(m.weight.dtype)] for n, m in ordered],
         "calibration": _data_digest(data),
