@@ -5,7 +5,12 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/irange.h>
 
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <optional>
+#include <string>
+#include <utility>
 
 namespace gradkit {
 namespace adamw {
@@ -20,16 +25,86 @@ inline void check_list(at::TensorList ts, const at::Tensor& p0, const char* what
   }
 }
 
-// Returns false when there is nothing to do (no parameters).
+// Python's repr() of a float: the shortest digits that read back as v, fixed notation for decimal
+// exponents in [-4, 16) (with a ".0" when integral), else d[.ddd]e+XX; "nan", "inf", "-inf". The scalar
+// checks below print their values with it, so their messages are the Python wrapper's (gradkit.ops.
+// masked_adamw_, which prints {v!r}) character for character.
+inline std::string py_repr(double v) {
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  char buf[40];
+  for (int prec = 0; prec < 17; ++prec) {  // significant digits - 1; 17 digits always read back
+    std::snprintf(buf, sizeof buf, "%.*e", prec, v);
+    if (std::strtod(buf, nullptr) == v) break;
+  }
+  std::string s(buf);  // [-]d[.ddd]e(+|-)XX
+  const bool neg = s[0] == '-';
+  if (neg) s.erase(0, 1);
+  const size_t e = s.find('e');
+  const int exp = std::atoi(s.c_str() + e + 1);
+  std::string digits;
+  for (size_t i = 0; i < e; ++i) {
+    if (s[i] != '.') digits += s[i];
+  }
+  while (digits.size() > 1 && digits.back() == '0') digits.pop_back();
+  std::string out;
+  if (exp >= -4 && exp < 16) {
+    if (exp < 0) {
+      out = "0." + std::string(static_cast<size_t>(-exp - 1), '0') + digits;
+    } else if (digits.size() <= static_cast<size_t>(exp) + 1) {
+      out = digits + std::string(static_cast<size_t>(exp) + 1 - digits.size(), '0') + ".0";
+    } else {
+      out = digits.substr(0, static_cast<size_t>(exp) + 1) + "." + digits.substr(static_cast<size_t>(exp) + 1);
+    }
+  } else {
+    out = digits.substr(0, 1) + (digits.size() > 1 ? "." + digits.substr(1) : std::string());
+    char eb[16];
+    std::snprintf(eb, sizeof eb, "e%c%02d", exp < 0 ? '-' : '+', exp < 0 ? -exp : exp);
+    out += eb;
+  }
+  return neg ? "-" + out : out;
+}
+
+// The scalar checks of gradkit.ops.masked_adamw_ (same ranges, same order, same messages): rates, eps and
+// weight decay finite and >= 0 (a NaN or inf one writes NaN into every parameter), betas in [0, 1), every
+// bias correction in (0, 1] (each entry named by its index).
+inline void check_scalars(double masked_lr, double unmasked_lr, double beta1, double beta2, double eps,
+                          double weight_decay, at::ArrayRef<double> bias_correction1,
+                          at::ArrayRef<double> bias_correction2_sqrt) {
+  const std::pair<const char*, double> nonneg[] = {
+      {"masked_lr", masked_lr}, {"unmasked_lr", unmasked_lr}, {"eps", eps}, {"weight_decay", weight_decay}};
+  for (const auto& [name, v] : nonneg) {
+    TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0, name, ": expected a finite number >= 0, got ", py_repr(v));
+  }
+  const std::pair<const char*, double> betas[] = {{"beta1", beta1}, {"beta2", beta2}};
+  for (const auto& [name, v] : betas) {
+    TORCH_CHECK_VALUE(v >= 0.0 && v < 1.0, name, ": expected a number in [0, 1), got ", py_repr(v));
+  }
+  const std::pair<const char*, at::ArrayRef<double>> bcs[] = {{"bias_correction1", bias_correction1},
+                                                              {"bias_correction2_sqrt", bias_correction2_sqrt}};
+  for (const auto& [name, vs] : bcs) {
+    for (const auto i : c10::irange(vs.size())) {
+      TORCH_CHECK_VALUE(vs[i] > 0.0 && vs[i] <= 1.0, name, "[", i, "]: expected a number in (0, 1], got ",
+                        py_repr(vs[i]));
+    }
+  }
+}
+
+// Every check, before any tensor is touched. Returns false when there is nothing to do (no parameters).
 inline bool check_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, const c10::List<std::optional<at::Tensor>>& bits,
-                       at::ArrayRef<double> bias_correction1, at::ArrayRef<double> bias_correction2_sqrt) {
+                       double masked_lr, double unmasked_lr, double beta1, double beta2, double eps,
+                       double weight_decay, at::ArrayRef<double> bias_correction1,
+                       at::ArrayRef<double> bias_correction2_sqrt) {
   const size_t n = params.size();
   TORCH_CHECK_VALUE(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && bits.size() == n &&
                         bias_correction1.size() == n && bias_correction2_sqrt.size() == n,
                     "masked_adamw_: grads, exp_avgs, exp_avg_sqs, bits and the bias corrections need one entry per "
                     "parameter (", n, ")");
-  if (n == 0) return false;
+  if (n == 0) {  // nothing to write, but the wrapper refuses bad scalars here too
+    check_scalars(masked_lr, unmasked_lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt);
+    return false;
+  }
   const at::Tensor& p0 = params[0];
   TORCH_CHECK_TYPE(p0.is_floating_point(), "params[0]: expected a floating tensor, got ", p0.scalar_type());
   check_list(params, p0, "params");
@@ -49,9 +124,8 @@ inline bool check_args(at::TensorList params, at::TensorList grads, at::TensorLi
                         "bits[", i, "]: expected a contiguous uint8 tensor of ", (numel + 7) / 8, " bytes on ",
                         p0.device());
     }
-    TORCH_CHECK_VALUE(bias_correction1[i] > 0 && bias_correction2_sqrt[i] > 0,
-                      "bias_correction1 / bias_correction2_sqrt: must be > 0");
   }
+  check_scalars(masked_lr, unmasked_lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt);
   return true;
 }
 

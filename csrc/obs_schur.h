@@ -18,9 +18,11 @@
 // C - C[:,P] C[P,P]^-1 C[P,:] restricted to F, in factored form). round_ut(up) rounds up to ut's dtype
 // first (exact where up was read from the factor, as in true OBS), so a bf16 / fp16 factor runs its
 // products exactly at the half-precision matrix rate with fp32 accumulation. The read rows [0, cnt) and
-// the written rows [cnt, cnt + m) are disjoint by construction; xf, up and linv must not overlap ut.
+// the written rows [cnt, cnt + m) are disjoint by construction; xf, up and linv must not overlap ut, nor ut
+// itself (refused: an expanded / stride-0 ut, torch's in-place rule).
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
@@ -50,6 +52,10 @@ namespace obs {
                       linv.sizes());                                                                                \
     TORCH_CHECK_VALUE(xf.device() == ut.device() && up.device() == ut.device() && linv.device() == ut.device(),    \
                       "xf, up, linv: expected on ", ut.device(), " (that of ut)");                                 \
+    /* torch's in-place rule (at::assert_no_internal_overlap), naming ut: an expanded / stride-0 factor */        \
+    TORCH_CHECK(at::has_internal_overlap(ut) != at::MemOverlap::Yes,                                                \
+                "ut: unsupported operation: more than one element of the written-to tensor refers to a single "    \
+                "memory location. Please clone() the tensor before performing the operation.");                    \
   } while (0)
 
 // The composite path: two batched GEMMs over BLAS (CPU) or cuBLAS (CUDA), fp32; an fp32 factor's rows

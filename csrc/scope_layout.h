@@ -16,9 +16,14 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/aminmax.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/min.h>
 
 #include <array>
+#include <cmath>
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 namespace gradkit {
@@ -198,6 +203,40 @@ inline void check_companion(const at::Tensor& t, const at::Tensor& x, c10::IntAr
   }
   TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", what, ": expected shape ", shape, ", got ", t.sizes());
   TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", what, ": on ", t.device(), " but x is on ", x.device());
+}
+
+// The value domain of block_soft_threshold_ (python/gradkit/kernels/reference/scope.py check_soft_values,
+// same rule and messages): thresholds >= 0 (a NaN one would zero or keep its block silently, a negative one
+// scales it up; +inf zeroes it), the conditioner finite and > 0 everywhere (a positive diagonal metric: 0 can give
+// 0/0 = NaN in t / h and h x / (h + mu), a negative entry a non-convex problem, inf gives inf * 0). t / h: the
+// accumulation-dtype tensors the kernels read (h undefined: no conditioner), so values are judged as the
+// kernels see them. One reduction over each (at::min / at::aminmax propagate NaN) and ONE copy of the 1-3
+// results to the host, before x is written: for CUDA tensors that copy is the op's one host sync, which a
+// synchronous error needs (a device-side flag could stop the write, but not raise before the call returns).
+inline void check_soft_values(const at::Tensor& t, const at::Tensor& h, const char* op) {
+  const bool has_t = t.numel() > 0, has_h = h.defined() && h.numel() > 0;
+  std::vector<at::Tensor> parts;
+  if (has_t) parts.push_back(at::min(t).reshape({1}));
+  if (has_h) {
+    const auto mm = at::aminmax(h);
+    parts.push_back(std::get<0>(mm).reshape({1}));
+    parts.push_back(std::get<1>(mm).reshape({1}));
+  }
+  if (parts.empty()) return;
+  const at::Tensor v = at::cat(parts).to(at::kCPU, at::kDouble);  // CUDA: synchronises the current stream
+  const double* p = v.const_data_ptr<double>();
+  if (has_t) {
+    TORCH_CHECK_VALUE(!std::isnan(p[0]), op, ": thresholds: NaN threshold(s)");
+    TORCH_CHECK_VALUE(p[0] >= 0, op, ": thresholds: expected thresholds >= 0, got a minimum of ", p[0]);
+    ++p;
+  }
+  if (has_h) {
+    TORCH_CHECK_VALUE(!std::isnan(p[0]) && !std::isnan(p[1]), op,
+                      ": conditioner: NaN value(s); expected finite values > 0 (a positive diagonal metric)");
+    TORCH_CHECK_VALUE(p[0] > 0 && std::isfinite(p[1]), op,
+                      ": conditioner: expected finite values > 0 (a positive diagonal metric), got a minimum of ",
+                      p[0], " and a maximum of ", p[1]);
+  }
 }
 
 inline std::vector<int64_t> grid_shape(const at::Tensor& x, c10::IntArrayRef block) {

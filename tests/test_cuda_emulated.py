@@ -293,6 +293,18 @@ def test_obs_schur_extend_large_m(m):
     t_schur.schur_check(emu("obs").obs_schur_extend_, t_schur.schur_make(2, m, 200, 260, torch.bfloat16, m))
 
 
+@pytest.mark.parametrize("m", [2, 300])  # the kernel, the composite path
+def test_obs_schur_extend_refuses_an_internally_overlapping_ut(m):
+    """An expanded ut (rows sharing one factor) is refused before anything is written (csrc/obs_schur.h)."""
+    base = torch.randn(1, m + 1, 5, generator=torch.Generator().manual_seed(0))
+    before = base.clone()
+    ut = base.expand(3, m + 1, 5)
+    xf, up, linv = torch.randn(3, m, 4), torch.randn(3, m, 1), torch.randn(3, m, m)
+    with pytest.raises(RuntimeError, match=r"^ut: unsupported operation: more than one element"):
+        emu("obs").obs_schur_extend_(ut, xf, up, linv, 1)
+    assert torch.equal(base, before)
+
+
 # ------------------------------------------------------------------------------------------- search.cu
 import test_search_ops as t_search  # noqa: E402
 from gradkit.kernels.reference import search as search_ref  # noqa: E402
@@ -369,6 +381,32 @@ def test_masked_adamw_vector_units_and_tails():
         for got, exp in zip((views, ms, vs), want):
             for a, b in zip(got, exp):
                 assert t_adamw._bits_equal(a, b), dtype
+
+
+def test_masked_adamw_refuses_bad_scalars_like_the_wrapper():
+    """The CUDA C++ op's scalar checks (csrc/adamw_checks.h, shared with the CPU kernel): the wrapper's ranges
+    and messages, the bias correction's index named, nothing written."""
+    p, g, m, v = ([torch.randn(9, generator=torch.Generator().manual_seed(i + 4 * k)) for i in range(2)]
+                  for k in range(4))
+    v = [t.abs() for t in v]
+    kw = dict(masked_lr=1e-2, unmasked_lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+              bias_correction1=[0.1, 0.2], bias_correction2_sqrt=[0.03, 0.05], maximize=False)
+    before = [[t.clone() for t in ts] for ts in (p, m, v)]
+    for bad, msg in ((dict(masked_lr=float("nan")), "masked_lr: expected a finite number >= 0, got nan"),
+                     (dict(weight_decay=-1.0), "weight_decay: expected a finite number >= 0, got -1.0"),
+                     (dict(eps=float("inf")), "eps: expected a finite number >= 0, got inf"),
+                     (dict(beta2=1.0), "beta2: expected a number in [0, 1), got 1.0"),
+                     (dict(bias_correction1=[0.1, 0.0]), "bias_correction1[1]: expected a number in (0, 1], got 0.0"),
+                     (dict(bias_correction2_sqrt=[2.0, 0.05]),
+                      "bias_correction2_sqrt[0]: expected a number in (0, 1], got 2.0")):
+        with pytest.raises(ValueError) as err:
+            emu("adamw").masked_adamw_(p, g, m, v, [None, None], *{**kw, **bad}.values())
+        assert str(err.value).splitlines()[0] == msg
+        with pytest.raises(ValueError) as py:  # the wrapper's message, character for character
+            ops.masked_adamw_(p, g, m, v, [None, None], **{**kw, **bad})
+        assert str(py.value) == msg
+        for ts, bs in zip((p, m, v), before):
+            assert all(torch.equal(a, b) for a, b in zip(ts, bs))
 
 
 # ------------------------------------------------------------------------------------------- golden.cu
@@ -622,6 +660,33 @@ def test_block_soft_threshold_matches_reference(case, data):
     E.block_soft_threshold_(b, block, t, cond, 30, 1e-9, eps)
     tol = t_scope.SOFT_TOL[x.dtype]  # see test_scope_ops: measured bit for bit (fp16 / bf16), 1.2e-7 (fp32)
     torch.testing.assert_close(b, a, equal_nan=True, **tol)
+
+
+@pytest.mark.parametrize("block", [[1, 4], [1, 1], [4, 8]])
+def test_block_soft_threshold_refuses_bad_values(block):
+    """NaN / negative thresholds, a conditioner not finite and > 0: refused before x is written
+    (csrc/scope_layout.h check_soft_values, shared with the CPU kernel; the reference's messages)."""
+    E = emu("scope")
+    grid = [4 // block[0], 8 // block[1]]
+    t = torch.full(grid, 0.3)
+    h = torch.rand(4, 8, generator=torch.Generator().manual_seed(1)) + 0.5
+    nan = float("nan")
+    for tt, hh, msg in ((t.index_put((torch.tensor([0]), torch.tensor([0])), torch.tensor(nan)), None,
+                         r"^block_soft_threshold_: thresholds: NaN threshold"),
+                        (t - 0.5, h, r"^block_soft_threshold_: thresholds: expected thresholds >= 0, got a minimum "
+                                     r"of -0\.2"),
+                        (t, h.index_put((torch.tensor([3]), torch.tensor([7])), torch.tensor(0.0)),
+                         r"^block_soft_threshold_: conditioner: expected finite values > 0"),
+                        (t, -h, r"^block_soft_threshold_: conditioner: expected finite values > 0"),
+                        (t, h.index_put((torch.tensor([1]), torch.tensor([2])), torch.tensor(float("inf"))),
+                         r"^block_soft_threshold_: conditioner: expected finite values > 0 .* maximum of inf"),
+                        (t, h.index_put((torch.tensor([2]), torch.tensor([2])), torch.tensor(nan)),
+                         r"^block_soft_threshold_: conditioner: NaN value")):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
+        before = x.clone()
+        with pytest.raises(ValueError, match=msg):
+            E.block_soft_threshold_(x, block, tt, hh, 20, 1e-8, 1e-7)
+        assert torch.equal(x, before)
 
 
 @pytest.mark.parametrize("sms", [2, 132])

@@ -113,7 +113,10 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       double unmasked_lr, double beta1, double beta2, double eps, double weight_decay,
                       at::ArrayRef<double> bias_correction1, at::ArrayRef<double> bias_correction2_sqrt,
                       bool maximize) {
-  if (!check_args(params, grads, exp_avgs, exp_avg_sqs, bits, bias_correction1, bias_correction2_sqrt)) return;
+  if (!check_args(params, grads, exp_avgs, exp_avg_sqs, bits, masked_lr, unmasked_lr, beta1, beta2, eps,
+                  weight_decay, bias_correction1, bias_correction2_sqrt)) {
+    return;
+  }
   const size_t n = params.size();
   const at::Tensor& p0 = params[0];
   std::vector<Item> work;

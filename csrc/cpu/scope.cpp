@@ -837,6 +837,7 @@ void block_soft_threshold_cpu(at::Tensor& x, c10::IntArrayRef block_shape, const
   const at::ScalarType acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor t = detach_from(thresholds.to(acc_type).contiguous(), x);
   at::Tensor h = conditioner.has_value() ? detach_from(conditioner->to(acc_type), x) : at::Tensor();
+  check_soft_values(t, h, op);  // thresholds >= 0, conditioner finite and > 0: before x is written
   Layout Y = make_layout(x.sizes(), x.strides(), h.defined() ? h.strides() : x.strides(), block_shape, {});
   Walk wex(Y.lv[2], kX), wev(Y.lv[2], kV);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "block_soft_threshold_", [&] {

@@ -209,8 +209,10 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        double unmasked_lr, double beta1, double beta2, double eps, double weight_decay,
                        at::ArrayRef<double> bias_correction1, at::ArrayRef<double> bias_correction2_sqrt,
                        bool maximize) {
-  check_args(params, grads, exp_avgs, exp_avg_sqs, bits, bias_correction1, bias_correction2_sqrt);
-  if (params.empty()) return;
+  if (!check_args(params, grads, exp_avgs, exp_avg_sqs, bits, masked_lr, unmasked_lr, beta1, beta2, eps,
+                  weight_decay, bias_correction1, bias_correction2_sqrt)) {
+    return;
+  }
   const at::Device device = params[0].device();
   TORCH_CHECK_VALUE(cuda::on_device(device), "params[0]: expected a CUDA tensor, got one on ", device);
   const c10::cuda::CUDAGuard guard(device);

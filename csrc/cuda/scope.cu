@@ -1918,6 +1918,8 @@ void block_soft_threshold_cuda(Tensor& x, c10::IntArrayRef block_shape, const Te
   // Both are read while x is rewritten: never alias x's memory.
   const Tensor t = detach_from(thresholds.to(at_acc).contiguous(), x);
   const Tensor h = has_h ? detach_from(conditioner->to(at_acc), x) : Tensor();
+  // thresholds >= 0, conditioner finite and > 0, before x is written (one D2H copy: the op's only sync)
+  check_soft_values(t, h, op);
   const Layout Y = make_layout(x.sizes(), x.strides(), h.defined() ? h.strides() : x.strides(), block_shape, {});
   const Geo G = make_geo(Y);
   const int di = x.device().index();

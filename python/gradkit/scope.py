@@ -24,7 +24,8 @@ tensor's element count); ``numel_per_scope`` counts elements (SparseKit: blocks)
 a block whose norm is NaN is zeroed by ``hard_threshold`` (SparseKit keeps it: NaN < t is False);
 ``sparsity_to_nnz`` counts a product within float rounding of an integer as that integer
 (SparseKit's ``int(0.29 * 100)`` is 28); NaN thresholds, and negative ``soft_threshold`` ones,
-are refused (SparseKit zeroes / keeps everything, or scales blocks up).
+are refused (SparseKit zeroes / keeps everything, or scales blocks up), and so are ``soft_threshold``
+conditioners that are not finite and > 0 everywhere (a zero entry can give NaN weights).
 
 Precision: selection ranks float32 scores (float64 for float64 tensors) everywhere - fp16 / bf16
 norms are not rounded to the weight's dtype before couplings or the one-huge-scope path rank them,
@@ -51,6 +52,7 @@ from torch import Tensor
 
 from gradkit import ops
 from gradkit._rules import floor_count
+from gradkit.kernels.reference.scope import check_soft_values as _check_soft_values
 
 __all__ = ["View", "BlockSpec", "BlockCoupling", "ScopeSpec", "ScopeCoupling", "CouplingError",
            "ShapeMismatchError", "Values", "semi_structured", "check_nm"]
@@ -648,6 +650,8 @@ class BlockCoupling(SparseBlock):
         if not isinstance(conditioners, Mapping):
             raise ValueError("conditioners: a BlockCoupling needs a mapping {BlockSpec: tensor}")
         h = {s: s.resolve(conditioners, "conditioners").to(acc) for s in self.specs}
+        for s in self.specs:  # finite and > 0 (ops.block_soft_threshold_'s rule), before any spec is written
+            _check_soft_values(None, h[s], acc, ("thresholds", "conditioners"))
         x = {s: s.view.data.to(acc) for s in self.specs}
         hw = {s: h[s] * x[s] for s in self.specs}
         nhw = self.norms(hw, 2)
@@ -1117,7 +1121,10 @@ class ScopeCoupling(SparseScope):
                     if isinstance(s.block, BlockCoupling) and not isinstance(conditioners, Mapping):
                         raise ValueError("conditioners: a BlockCoupling needs a mapping {BlockSpec: tensor}")
                     x = b.view.data  # what ops.block_soft_threshold_ checks of it, ahead of any write
-                    ops._check_companion(b.resolve(conditioners, "conditioners"), x, "conditioners", x.shape)
+                    h = b.resolve(conditioners, "conditioners")
+                    ops._check_companion(h, x, "conditioners", x.shape)
+                    _check_soft_values(None, h, torch.float64 if x.dtype == torch.float64 else torch.float32,
+                                       ("thresholds", "conditioners"))
         eps = _default_eps(thresholds, eps)
         for ro, s in zip(self._reverse_orders, self.scopes):
             s.soft_threshold(thresholds.permute(ro).contiguous(), conditioners=conditioners, scale=scale,

@@ -245,7 +245,9 @@ class StructuredOBS:
         inv_h: a precomputed ``(H + damp I)^-1`` (skips the inversion).
 
     Every method prunes into a float32 copy and writes the weight back only when it
-    succeeds; ``nnz >= blocks per scope`` is a documented no-op.
+    succeeds (a non-finite result, or one that overflows an fp16 / bf16 weight's dtype, raises
+    RuntimeError naming the layer and leaves the weight untouched, as ``prune_model`` does);
+    ``nnz >= blocks per scope`` is a documented no-op.
     """
 
     def __init__(self, scope, hessian: Tensor, damp: float = 1e-4, inv_h: Optional[Tensor] = None):
@@ -285,11 +287,27 @@ class StructuredOBS:
             raise ValueError("weight: contains NaN or Inf")
         return self.blocks_per_scope - nnz
 
-    def _write_back(self, w: Tensor) -> None:
+    def _write_back(self, w: Tensor, method: str) -> None:
+        """The pruned float32 weights into the model's weight, or a RuntimeError with the weight untouched:
+        the rule of ``gradkit.obs.driver.prune_model`` (which checks each layer before writing it), so a
+        direct call is as safe: the result must be finite, and stay finite once rounded to the weight's
+        dtype (an fp16 / bf16 weight whose compensated entries exceed its range would become inf)."""
+        what = self._what()
+        if not bool(torch.isfinite(w).all()):
+            raise RuntimeError(f"{method} produced non-finite weights for {what}")
+        final = w.view_as(self.W).to(self.W.dtype)
+        if not bool(torch.isfinite(final).all()):
+            raise RuntimeError(f"{method}: the pruned weights of {what} overflow the weight's dtype {self.W.dtype} "
+                               f"(largest magnitude {float(w.abs().max()):.4g})")
         # an in-place copy under no_grad, not through .data: it bumps the version counter, so an
         # autograd graph that saved the dense weight raises on backward instead of using the pruned one
         with torch.no_grad():
-            self.W.copy_(w.view_as(self.W).to(self.W.dtype))
+            self.W.copy_(final)
+
+    def _what(self) -> str:
+        """The pruned weight in messages: the scope's (or its BlockSpec's) name when it has one."""
+        name = getattr(self.scope, "name", None) or getattr(self.block, "name", None)
+        return f"layer {name!r}" if name else f"the scope's weight (shape {tuple(self.W.shape)})"
 
     def _c32(self) -> Tensor:
         return self.inv_hessian.to(device=self.W.device, dtype=torch.float32)
@@ -391,7 +409,7 @@ class StructuredOBS:
                 upd(1)
         finally:
             close()
-        self._write_back(W)
+        self._write_back(W, "prune_true_obs")
         return keep if return_mask else None
 
     def _keep_all(self) -> Tensor:
@@ -422,7 +440,7 @@ class StructuredOBS:
         keep = keep.reshape(self.M, self.num_cols)
         w = metrics.resolve(self.W.detach().float().reshape(self.M, self.num_cols), self.hessian, keep,
                             damp=self.damp)
-        self._write_back(w)
+        self._write_back(w, "prune_true_obs")
         return keep if return_mask else None
 
     # ------------------------------------------------------------------ shared-inverse OBS
@@ -476,7 +494,7 @@ class StructuredOBS:
         else:
             W, keep = self._split(W, plan, num_prune, n_splits, reselect=compensate == "interleaved")
         W = W.masked_fill(~keep, 0.0)
-        self._write_back(W)
+        self._write_back(W, "prune")
         return keep if return_mask else None
 
     def _split(self, W: Tensor, plan: _Plan, num_prune: int, n_splits: int, reselect: bool):

@@ -534,6 +534,9 @@ def block_soft_threshold_(x: torch.Tensor, block_shape: Sequence[int], threshold
 
     thresholds: grid-shaped, >= 0. conditioner: x-shaped positive diagonal metric (Adam's
     denominator), solved per block by bisection. eps defaults to the dtype's machine epsilon.
+    Every backend refuses NaN or negative thresholds and a conditioner that is not finite and > 0
+    everywhere (ValueError naming the argument) before x is written (one reduction over each; for CUDA
+    tensors one device-to-host copy, i.e. a host sync: see ``kernels.reference.scope.check_soft_values``).
     """
     grid, _ = _check_layout(x, block_shape)
     _check_companion(thresholds, x, "thresholds", grid)

@@ -14,6 +14,7 @@ import os
 import torch
 
 from gradkit import _ext
+from gradkit.kernels.reference.scope import check_inplace as _check_inplace
 from gradkit.ops import _check_typed, _check_writable, _impl, _wrote, backend
 
 __all__ = ["OBS_OPS", "SHARED_MAX_P", "obs_schur_extend_", "obs_select", "obs_shared_prune"]
@@ -124,7 +125,8 @@ def obs_schur_extend_(ut: torch.Tensor, xf: torch.Tensor, up: torch.Tensor, linv
     float32: the inverse Cholesky factor of the downdated C_row[P, P]. Products and sums in float32
     (up rounded to ut's dtype first: exact when read from the factor, so a half-precision factor runs
     on the half-precision matrix units), the result rounded to ut's dtype. Writes rows cnt .. cnt+m on
-    the last F positions only; xf, up and linv must not overlap ut. See
+    the last F positions only; xf, up and linv must not overlap ut, nor ut itself (an expanded or stride-0
+    ut is refused, as torch's in-place ops refuse it). See
     ``gradkit.kernels.reference.obs.obs_schur_extend_``.
     """
     _check_typed((("ut", ut),), (torch.float32, torch.bfloat16, torch.float16))
@@ -142,6 +144,7 @@ def obs_schur_extend_(ut: torch.Tensor, xf: torch.Tensor, up: torch.Tensor, linv
         raise ValueError(f"up: expected shape ({n}, {m}, {cnt}), got {tuple(up.shape)}")
     if linv.shape != (n, m, m):
         raise ValueError(f"linv: expected shape ({n}, {m}, {m}), got {tuple(linv.shape)}")
+    _check_inplace(ut, "ut")  # an expanded / stride-0 ut: rows written twice, one row's result lost
     _check_writable([ut], "ut")
     if ut.is_cuda and ut.dtype != torch.float32 and backend() == "native" and m <= _SCHUR_FUSED_M and \
             n <= _SCHUR_MAX_ROWS and os.environ.get("GRADKIT_SCHUR_CUDA_CPP", "0") != "1" and \

@@ -171,10 +171,13 @@ def scope_mask(x: torch.Tensor, block_shape: List[int], scope_shape: List[int], 
     return expand_blocks(bm, block_shape).contiguous() if expand else bm
 
 
-def check_inplace(x: torch.Tensor) -> None:
-    """An in-place op's x must not cover an element twice (torch's in-place rule; every backend checks)."""
+def check_inplace(x: torch.Tensor, what: Optional[str] = None) -> None:
+    """An in-place op's x must not cover an element twice (torch's in-place rule and message, as
+    ``at::assert_no_internal_overlap``; every backend checks). ``what``: the argument's name, to prefix the
+    message with (the C++ checks that name it, e.g. obs_schur_extend_'s ``ut``, print the same)."""
     if torch._debug_has_internal_overlap(x) == 1:
-        raise RuntimeError("unsupported operation: more than one element of the written-to tensor refers to a single "
+        raise RuntimeError(("" if what is None else f"{what}: ") +
+                           "unsupported operation: more than one element of the written-to tensor refers to a single "
                            "memory location. Please clone() the tensor before performing the operation.")
 
 
@@ -194,9 +197,45 @@ def scope_hard_threshold_(x: torch.Tensor, values: Optional[torch.Tensor], block
     return bm
 
 
+def check_soft_values(thresholds: Optional[torch.Tensor], conditioner: Optional[torch.Tensor], acc: torch.dtype,
+                      names: Tuple[str, str] = ("thresholds", "conditioner")) -> None:
+    """The value domain of ``block_soft_threshold_`` (every backend checks it before x is written; the C++
+    kernels' ``check_soft_values`` in csrc/scope_layout.h, same messages): thresholds ``>= 0`` (a NaN one
+    would zero or keep its block silently, a negative one scales the block *up*; ``+inf`` zeroes it), the
+    conditioner finite and ``> 0`` everywhere (a positive diagonal metric: a zero entry can make ``t / h`` or
+    ``h x / (h + mu)`` 0/0 = NaN, a negative one makes the problem non-convex and the bisection meaningless,
+    an infinite one gives inf * 0). Both are judged as the kernels read them, in the accumulation dtype
+    ``acc`` (rounding is monotone, so min / max of the tensor, then rounded, are those of the rounded
+    tensor). One reduction over each; a single device-to-host copy brings the results back (for CUDA
+    tensors the check's one host sync: the error has to be raised before the call returns). ``names``:
+    the arguments as the caller calls them. Raises ValueError naming the argument."""
+    parts = []
+    if thresholds is not None and thresholds.numel():
+        parts.append(thresholds.min().to(acc).reshape(1))
+    if conditioner is not None and conditioner.numel():
+        lo, hi = torch.aminmax(conditioner)
+        parts += [lo.to(acc).reshape(1), hi.to(acc).reshape(1)]
+    if not parts:
+        return
+    vals = torch.cat(parts).tolist()
+    if thresholds is not None and thresholds.numel():
+        tmin, vals = vals[0], vals[1:]
+        if math.isnan(tmin):
+            raise ValueError(f"{names[0]}: NaN threshold(s)")
+        if tmin < 0:
+            raise ValueError(f"{names[0]}: expected thresholds >= 0, got a minimum of {tmin:g}")
+    if vals:
+        hmin, hmax = vals
+        if math.isnan(hmin) or math.isnan(hmax):
+            raise ValueError(f"{names[1]}: NaN value(s); expected finite values > 0 (a positive diagonal metric)")
+        if not (hmin > 0 and hmax < math.inf):
+            raise ValueError(f"{names[1]}: expected finite values > 0 (a positive diagonal metric), got a minimum "
+                             f"of {hmin:g} and a maximum of {hmax:g}")
+
+
 def block_soft_threshold_(x: torch.Tensor, block_shape: List[int], thresholds: torch.Tensor,
                           conditioner: Optional[torch.Tensor], max_iter: int, atol: float, eps: float) -> None:
-    """Group-lasso proximal step on every block, in place.
+    """Group-lasso proximal step on every block, in place (values checked first: ``check_soft_values``).
 
     Euclidean (``conditioner`` None): ``x_b *= max(0, 1 - t_b / (||x_b||_2 + eps))``.
     Diagonal metric ``h`` (``conditioner``, x-shaped, positive): the minimiser of
@@ -208,6 +247,13 @@ def block_soft_threshold_(x: torch.Tensor, block_shape: List[int], thresholds: t
     Blocks whose norm is NaN are set to 0 (never kept).
     """
     check_inplace(x)
+    check_soft_values(thresholds, conditioner, acc_dtype(x.dtype))
+    soft_threshold_unchecked_(x, block_shape, thresholds, conditioner, max_iter, atol, eps)
+
+
+def soft_threshold_unchecked_(x: torch.Tensor, block_shape: List[int], thresholds: torch.Tensor,
+                              conditioner: Optional[torch.Tensor], max_iter: int, atol: float, eps: float) -> None:
+    """``block_soft_threshold_`` without its checks (a caller that made them: the Triton launcher's fallback)."""
     acc = acc_dtype(x.dtype)
     xb = _blocked(x.to(acc), block_shape)
     red = tuple(range(1, 2 * x.dim(), 2))

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from gradkit.kernels.reference import obs as _ref
+from gradkit.kernels.reference.scope import check_inplace as _check_inplace
 from gradkit.kernels.triton import interpreting, on_tensor_device
 
 # Tile of (row, scope) pairs per program: min(max_scopes, tile_elems // GS_P), at least 1; tests
@@ -281,6 +282,7 @@ def obs_schur_extend_(ut: torch.Tensor, xf: torch.Tensor, up: torch.Tensor, linv
     if xf.shape[0] != n or F > K or cnt < 0 or cnt + m > cap or up.shape != (n, m, cnt) or linv.shape != (n, m, m):
         raise ValueError(f"xf, up, linv, cnt: shapes {tuple(xf.shape)}, {tuple(up.shape)}, {tuple(linv.shape)}, "
                          f"cnt={cnt} do not match ut {tuple(ut.shape)}")
+    _check_inplace(ut, "ut")  # the CUDA C++ op's check (csrc/obs_schur.h), where Triton is the CUDA kernel
     if m > MAX_FUSED_M or n > 65535:
         return _ref.obs_schur_extend_(ut, xf, up, linv, cnt)
     if n == 0 or m == 0 or F == 0:

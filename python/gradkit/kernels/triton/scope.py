@@ -963,13 +963,14 @@ def block_soft_threshold_(x: torch.Tensor, block_shape: List[int], thresholds: t
                           conditioner: Optional[torch.Tensor], max_iter: int, atol: float, eps: float) -> None:
     block = [int(b) for b in block_shape]
     _check_inplace(x)
+    _ref.check_soft_values(thresholds, conditioner, _ref.acc_dtype(x.dtype))  # before x is written
     if x.numel() == 0:
         return None
     thresholds, conditioner = _detach_from(thresholds, x), _detach_from(conditioner, x)
     h = conditioner if conditioner is not None else x
     lay = _Layout(x.shape, block, [1] * x.dim(), [(x.stride(), "e"), (h.stride(), "e"), (thresholds.stride(), "g")])
     if not lay.ok:
-        _ref.block_soft_threshold_(x, block, thresholds, conditioner, max_iter, atol, eps)
+        _ref.soft_threshold_unchecked_(x, block, thresholds, conditioner, max_iter, atol, eps)
         return None
     ne, nrows = lay.ne, lay.numscp
     ec = min(_np2(ne), TUNING["soft_chunk"])
