@@ -332,3 +332,21 @@ def test_structured_obs_fp16_in_range_still_written():
     StructuredOBS(scope, H, damp=1e-6).prune(2)
     assert torch.isfinite(w).all() and int((w != 0).sum(-1).max()) == 2
     assert math.isclose(float(w.float().sum()), 8.0, rel_tol=1e-2)  # the pruned weight moved onto the kept
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_sparsegpt_refuses_weights_that_overflow_fp16(inplace):
+    """obs.baselines.sparsegpt compensated in float32 and returned (and with inplace=True wrote) inf for an fp16
+    weight whose compensated entries pass 65504; now a RuntimeError, the weight untouched."""
+    from gradkit.obs import baselines
+
+    w, scope, H = _overflow_case(torch.float16)
+    v0 = w._version
+    with pytest.raises(RuntimeError, match=r"^sparsegpt: the pruned weights overflow the weight's dtype "
+                                           r"torch\.float16 \(largest magnitude 1\.2\d*e\+05\)"):
+        baselines.sparsegpt(scope, H, 2, damp=1e-6, inplace=inplace)
+    assert (w == 6.0e4).all() and w._version == v0
+    with torch.no_grad():
+        w.fill_(1.0)
+    out = baselines.sparsegpt(scope, H, 2, damp=1e-6, inplace=inplace)
+    assert torch.isfinite(out).all() and int((out != 0).sum(-1).max()) == 2

@@ -286,7 +286,11 @@ def _sparsegpt(lay: ObsLayout, hessian: Tensor, nnz: int, damp: float, blocksize
     if not bool(torch.isfinite(w).all()):
         raise NotPositiveDefiniteError(f"sparsegpt: the updates overflowed (H is numerically singular with damp={damp}); "
                                        "increase damp")
-    return w.to(lay.weight.dtype), ~prune
+    final = w.to(lay.weight.dtype)
+    if not bool(torch.isfinite(final).all()):  # finite in float32, not in an fp16 weight's range (the driver's rule)
+        raise RuntimeError(f"sparsegpt: the pruned weights overflow the weight's dtype {lay.weight.dtype} (largest "
+                           f"magnitude {float(w.abs().max()):.4g}); the weight is untouched")
+    return final, ~prune
 
 
 def sparsegpt(scope, hessian: Tensor, nnz: int, damp: float = 0.01, blocksize: int = 128, progress: bool = False,
