@@ -313,6 +313,21 @@ def test_prune_integer_importance():
             pm.prune(topk=2, importance=bad)
     with pytest.raises(ValueError, match="criteria remove every input dimension"):
         pm.prune(threshold=(1 << 60) + 6, importance=big)
+    # a float threshold is exact too (torch's >= would compare in float32: 16777219 >= 16777219.5 there)
+    mid = torch.tensor([16777219, 16777220, 5, 16777221, -3, 0], dtype=torch.int64)
+    _, kept = pm.prune(threshold=16777219.5, importance=mid)
+    assert kept.tolist() == [1, 3]
+    _, kept = pm.prune(threshold=-2.5, importance=mid)
+    assert kept.tolist() == [0, 1, 2, 3, 5]
+    _, kept = pm.prune(threshold=float("-inf"), topk=2, importance=mid)
+    assert kept.tolist() == [1, 3]
+    small = torch.tensor([1, -128, 127, 0, 3, 2], dtype=torch.int8)
+    _, kept = pm.prune(threshold=-1000, importance=small)  # outside int8: everything passes
+    assert kept.numel() == 6
+    with pytest.raises(ValueError, match="criteria remove every input dimension"):
+        pm.prune(threshold=1e30, importance=small)
+    with pytest.raises(ValueError, match="criteria remove every input dimension"):
+        pm.prune(threshold=float("inf"), importance=small)
 
 
 def test_prune_keeps_unsorted_index_order():

@@ -141,6 +141,21 @@ def _make_entry(name: str, spec: Mapping[str, Any]) -> _Entry:
     return _Entry(name, shape, numel, r, t, int(t.numel()), ascending)
 
 
+def _int_at_least(imp: torch.Tensor, threshold: Union[int, float]) -> torch.Tensor:
+    """``imp >= threshold`` for an integer tensor, exact for an int or float threshold (torch would compare in
+    float32 past 2**24, or refuse an int outside imp's dtype)."""
+    if isinstance(threshold, float):
+        if math.isinf(threshold):
+            return torch.full(imp.shape, threshold < 0, dtype=torch.bool)
+        threshold = math.ceil(threshold)  # an integer is >= t exactly when it is >= ceil(t)
+    info = torch.iinfo(imp.dtype)
+    if threshold > info.max:
+        return torch.zeros(imp.shape, dtype=torch.bool)
+    if threshold <= info.min:
+        return torch.ones(imp.shape, dtype=torch.bool)
+    return imp >= int(threshold)
+
+
 class ParamMap:
     """An ordered selection of parameter entries forming one flat input space.
 
@@ -495,6 +510,12 @@ class ParamMap:
         the cut are kept lowest input position first, so the result is
         deterministic. ``kept`` holds the ascending int64 positions (in this map's
         input space) that remain, so callers can slice their own weights with it.
+
+        ``importance`` (needed with threshold / topk) may be floating or integer: integers
+        are compared with the threshold exactly (an int or a float one: ``importance >=
+        ceil(threshold)``, where torch's own ``>=`` would round both to float32 past 2**24)
+        and ranked exactly by topk; bool / complex importances are a TypeError, NaN at a
+        position the mask leaves a ValueError.
         """
         n = self.input_dim
         if mask is None and threshold is None and topk is None:
@@ -527,7 +548,7 @@ class ParamMap:
             # (`importance >= threshold`, torch's promotion: exact for an int threshold), folded into the mask;
             # topk then ranks the values' dense ranks (float64 of a rank is exact for any int64 value)
             if threshold is not None:
-                t = imp >= threshold
+                t = _int_at_least(imp, threshold)
                 active = t if active is None else (active & t)
                 threshold = None
             imp = torch.unique(imp, sorted=True, return_inverse=True)[1].to(torch.float64)
@@ -657,7 +678,8 @@ class ParamMap:
         index list and U8 mask is smaller (GRADIEND's rule, 0.8 margin); an unsorted index
         list is always written as given (a mask would reorder the input space). Every
         entry hashes the same after load. A crash mid-save leaves the previous files
-        intact (see gradkit._io).
+        intact where the file system can exchange directories; elsewhere the files are moved
+        in one by one and a torn save is caught on load by the checksums (see gradkit._io).
         """
         if not isinstance(directory, (str, os.PathLike)):
             raise TypeError(f"directory: expected a path, got {type(directory).__name__}")

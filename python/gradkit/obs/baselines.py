@@ -322,7 +322,9 @@ def sparsegpt(scope, hessian: Tensor, nnz: int, damp: float = 0.01, blocksize: i
     ``dtype`` is the compute precision (float32 as SparseGPT; float64 for references). Returns the
     pruned weight (the scope's parameter shape and dtype), and with ``return_mask=True`` also the
     ``(M, K)`` bool keep-mask (False = pruned). Raises :class:`NotPositiveDefiniteError` when ``H``
-    is not positive definite after damping.
+    is not positive definite after damping (or the updates overflow), and RuntimeError when the
+    result is finite in ``dtype`` but overflows the weight's own dtype (an fp16 weight); the weight
+    is untouched either way.
     """
     lay = _layout(scope)
     nnz = _check_nnz(nnz)
