@@ -350,3 +350,22 @@ def test_sparsegpt_refuses_weights_that_overflow_fp16(inplace):
         w.fill_(1.0)
     out = baselines.sparsegpt(scope, H, 2, damp=1e-6, inplace=inplace)
     assert torch.isfinite(out).all() and int((out != 0).sum(-1).max()) == 2
+
+
+def test_resolve_refuses_weights_that_overflow_fp16():
+    """obs.metrics.resolve checked finiteness in float32 and then returned (or wrote into `out`) inf for an fp16
+    W whose re-solved weights pass 65504: now a RuntimeError, `out` untouched."""
+    from gradkit.obs import metrics
+
+    w, _, H = _overflow_case(torch.float16)
+    keep = torch.tensor([[True, True, False, False]] * 2)
+    with pytest.raises(RuntimeError, match=r"^resolve: the re-solved weights overflow the result's dtype "
+                                           r"torch\.float16"):
+        metrics.resolve(w, H, keep, damp=1e-6)
+    out = torch.full((2, 4), 7.0, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="overflow"):
+        metrics.resolve(w, H, keep, damp=1e-6, out=out)
+    assert (out == 7.0).all()
+    wide = torch.empty(2, 4)  # a float32 `out` holds them: no error
+    metrics.resolve(w, H, keep, damp=1e-6, out=wide)
+    assert torch.isfinite(wide).all() and float(wide.abs().max()) > 65504

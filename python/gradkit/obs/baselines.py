@@ -286,11 +286,29 @@ def _sparsegpt(lay: ObsLayout, hessian: Tensor, nnz: int, damp: float, blocksize
     if not bool(torch.isfinite(w).all()):
         raise NotPositiveDefiniteError(f"sparsegpt: the updates overflowed (H is numerically singular with damp={damp}); "
                                        "increase damp")
+    return w, ~prune
+
+
+def _in_weight_dtype(lay: ObsLayout, w: Tensor) -> Tensor:
+    """``w`` (the compute dtype) in the weight's dtype, or RuntimeError when it is finite there but not in the
+    weight's range (an fp16 weight; the driver's rule)."""
     final = w.to(lay.weight.dtype)
-    if not bool(torch.isfinite(final).all()):  # finite in float32, not in an fp16 weight's range (the driver's rule)
+    if not bool(torch.isfinite(final).all()):
         raise RuntimeError(f"sparsegpt: the pruned weights overflow the weight's dtype {lay.weight.dtype} (largest "
                            f"magnitude {float(w.abs().max()):.4g}); the weight is untouched")
-    return final, ~prune
+    return final
+
+
+def sparsegpt_mask(scope, hessian: Tensor, nnz: int, damp: float = 0.01) -> Tensor:
+    """SparseGPT's keep-mask alone (``sparsegpt(..., return_mask=True)[1]``, float32), for callers that compute
+    their own weights from it: no overflow check on compensated weights it does not return."""
+    lay = _layout(scope)
+    nnz = _check_nnz(nnz)
+    _check_hessian(hessian, lay.K)
+    damp = _check_damp(damp)
+    if nnz >= lay.gs or lay.S == 0:
+        return torch.ones(lay.M, lay.K, dtype=torch.bool, device=lay.weight.device)
+    return _sparsegpt(lay, hessian, nnz, damp, 128, False, torch.float32)[1]
 
 
 def sparsegpt(scope, hessian: Tensor, nnz: int, damp: float = 0.01, blocksize: int = 128, progress: bool = False,
@@ -347,5 +365,6 @@ def sparsegpt(scope, hessian: Tensor, nnz: int, damp: float = 0.01, blocksize: i
         keep = torch.ones(lay.M, lay.K, dtype=torch.bool, device=out.device)
         return (out, keep) if return_mask else out
     out, keep = _sparsegpt(lay, hessian, nnz, damp, blocksize, progress, dtype)
+    out = _in_weight_dtype(lay, out)
     _finish(lay, out, inplace)
     return (out, keep) if return_mask else out

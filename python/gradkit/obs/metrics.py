@@ -252,7 +252,8 @@ def resolve(W: Tensor, H: Tensor, mask: Tensor, damp: float = 0.0, out: Optional
     rows with a full support are returned unchanged. Columns with ``H[j, j] == 0`` keep their
     weight. Returns ``W'`` in ``W``'s dtype (into ``out`` when given; ``out`` is written only on
     success). Raises :class:`NotPositiveDefiniteError` when a system is not positive definite
-    (``H`` singular on the support: increase ``damp``).
+    (``H`` singular on the support: increase ``damp``), and RuntimeError when the weights, finite in
+    ``dtype``, overflow the result's dtype (an fp16 ``W`` or ``out``).
     """
     _check_matrix(W, "W")
     m, k = W.shape
@@ -339,7 +340,12 @@ def resolve(W: Tensor, H: Tensor, mask: Tensor, damp: float = 0.0, out: Optional
     if not bool(torch.isfinite(res).all()):
         raise NotPositiveDefiniteError("resolve: the solve produced non-finite weights (H is numerically singular "
                                        f"on a support even with damp={damp}); increase damp")
+    final = res.to(W.dtype if out is None else out.dtype)
+    if not bool(torch.isfinite(final).all()):  # finite in `dtype`, not in an fp16 result's range: refused, as
+        # StructuredOBS / sparsegpt / prune_model refuse it, before `out` is written
+        raise RuntimeError(f"resolve: the re-solved weights overflow the result's dtype {final.dtype} (largest "
+                           f"magnitude {float(res.abs().max()):.4g})")
     if out is not None:
-        out.copy_(res)
+        out.copy_(final)
         return out
-    return res.to(W.dtype)
+    return final

@@ -370,7 +370,7 @@ class StructuredOBS:
             # the factor is built from GEMMs instead of one K/2 x K/2 Cholesky per row
             from gradkit.obs import baselines
 
-            _, keep_sg = baselines.sparsegpt(self.scope, self.hessian, nnz, damp=self.damp, return_mask=True)
+            keep_sg = baselines.sparsegpt_mask(self.scope, self.hessian, nnz, damp=self.damp)
             fixed_all = ~keep_sg.reshape(self.M, self.num_cols).to(self.W.device)
             order, scoring = "left_to_right", "independent"
         if scoring == "joint":
@@ -436,7 +436,7 @@ class StructuredOBS:
     def _resolve_mode(self, nnz: int, return_mask: bool):
         from gradkit.obs import baselines, metrics
 
-        _, keep = baselines.sparsegpt(self.scope, self.hessian, nnz, damp=self.damp, return_mask=True)
+        keep = baselines.sparsegpt_mask(self.scope, self.hessian, nnz, damp=self.damp)
         keep = keep.reshape(self.M, self.num_cols)
         w = metrics.resolve(self.W.detach().float().reshape(self.M, self.num_cols), self.hessian, keep,
                             damp=self.damp)
