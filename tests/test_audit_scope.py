@@ -409,3 +409,26 @@ def test_compat_defaults_match_sparsekit_on_tie_free_input(sparsekit_on_cpu):
     ssk.hard_threshold(nnz=2)
     sgk.hard_threshold(nnz=2)
     assert torch.equal(a, b) and torch.equal(b[:8], big[:8]) and torch.equal(b[24:], big[24:])
+
+
+def test_get_masks_refuses_unknown_keywords_and_coupling_honours_block_mask():
+    """get_masks took **kwargs and dropped them (as SparseKit does): a misspelt `tie="keep"` selected with the
+    default ties, and ScopeCoupling.get_masks(block_mask=...) selected by norms instead of the given mask."""
+    from gradkit.scope import BlockSpec, ScopeCoupling, ScopeSpec, ShapeMismatchError
+
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    sa, sb = ScopeSpec(BlockSpec(a, (1, 1)), (1, 4)), ScopeSpec(BlockSpec(b, (1, 1)), (1, 4))
+    with pytest.raises(TypeError, match=r"^get_masks: unexpected keyword argument\(s\) \['tie'\]"):
+        sa.get_masks(2, tie="keep")
+    pair = ScopeCoupling([sa, sb], [(0, 1), (0, 1)])
+    with pytest.raises(TypeError, match=r"^get_masks: unexpected keyword argument\(s\) \['tie'\]"):
+        pair.get_masks(2, tie="keep")
+    joint = torch.zeros(pair.grid_shape + (pair.numblk_per_scope(),), dtype=torch.bool)
+    joint[..., 0] = True  # a's first block of every scope, and nothing of b
+    got = pair.get_masks(2, block_mask=joint)
+    want_a = torch.zeros(4, 8, dtype=torch.bool)
+    want_a[:, 0::4] = True
+    assert torch.equal(got[sa.block], want_a) and not got[sb.block].any()
+    with pytest.raises(ShapeMismatchError, match="^block_mask: expected shape"):
+        pair.get_masks(2, block_mask=joint[..., :4])

@@ -697,6 +697,11 @@ class BlockCoupling(SparseBlock):
 # --------------------------------------------------------------------------- scopes
 
 
+def _no_extra_kwargs(method: str, kwargs: Mapping[str, object]) -> None:
+    if kwargs:
+        raise TypeError(f"{method}: unexpected keyword argument(s) {sorted(kwargs)}")
+
+
 def _format_masks(masks: Dict[BlockSpec, Tensor], format: str):
     if format == "bool":
         return masks
@@ -880,8 +885,10 @@ class ScopeSpec(SparseScope):
                   **kwargs) -> Dict[BlockSpec, Tensor]:
         """Element keep-masks per BlockSpec: ``format`` "bool" (view-shaped), "param"
         (parameter-shaped; elements outside a View kept), "bitmask" (packed parameter mask) or
-        "indices" (ascending flat parameter positions)."""
+        "indices" (ascending flat parameter positions). Keyword arguments other than these are a
+        TypeError (SparseKit ignores them, so a misspelt ``tie=`` went unnoticed)."""
         _check_format(format)
+        _no_extra_kwargs("get_masks", kwargs)
         if block_mask is not None:
             want = self.grid_shape + (self.numblk_per_scope(),)
             if tuple(block_mask.shape) != want:
@@ -1070,8 +1077,22 @@ class ScopeCoupling(SparseScope):
         return out
 
     def get_masks(self, nnz: int, block_scores: Optional[Tensor] = None, values: Values = None,
-                  ties: str = "exact", p: float = 2, format: str = "bool", **kwargs) -> Dict[BlockSpec, Tensor]:
+                  ties: str = "exact", p: float = 2, format: str = "bool", block_mask: Optional[Tensor] = None,
+                  **kwargs) -> Dict[BlockSpec, Tensor]:
+        """As :meth:`ScopeSpec.get_masks`, with SparseKit's argument order. ``block_mask``
+        (``(*grid_shape, numblk_per_scope)`` bool, the coupled scopes' blocks in order) is used as the
+        joint keep-mask (SparseKit silently ignores it and selects by norms); other unknown keyword
+        arguments are a TypeError."""
         _check_format(format)
+        _no_extra_kwargs("get_masks", kwargs)
+        if block_mask is not None:
+            want = self.grid_shape + (self.numblk_per_scope(),)
+            if not isinstance(block_mask, Tensor) or tuple(block_mask.shape) != want:
+                raise ShapeMismatchError(want, getattr(block_mask, "shape", ()), "block_mask")
+            out: Dict[BlockSpec, Tensor] = {}
+            for s, part in self._split(block_mask.to(torch.bool)):
+                out.update(s.get_masks(0, block_mask=part, format=format))
+            return out
         if self._global(nnz, values, block_scores, ties):
             out: Dict[BlockSpec, Tensor] = {}
             for s, keep in self._global_keeps(nnz, values, p):
