@@ -260,7 +260,16 @@ def test_cli_info_names_the_backend(capsys):
 
     with env_set("GRADKIT_BACKEND", "auto"):
         assert cli.main(["info"]) == 0
-    assert "active backend: auto (native; on CUDA tensors Triton project_flat" in capsys.readouterr().out
+    assert "active backend: auto (native; on CUDA tensors Triton project_flat, cuBLAS factored_project" \
+        in capsys.readouterr().out
+    was = torch.backends.cuda.matmul.allow_tf32
+    try:  # with TF32 allowed, auto routes CUDA tensors to gradkit's own kernels: info says so
+        torch.backends.cuda.matmul.allow_tf32 = True
+        with env_set("GRADKIT_BACKEND", "auto"):
+            assert cli.main(["info"]) == 0
+        assert "gradkit's own factored_project / score_topk kernels" in capsys.readouterr().out
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = was
     with env_set("GRADKIT_BACKEND", "native"):
         assert cli.main(["info"]) == 0
     assert "active backend: native;" in capsys.readouterr().out

@@ -32,7 +32,10 @@ def _info() -> int:
     print(f"CUDA kernels compiled: {_ext.has_kernel('gather_segments', 'CUDA')}")
     b = ops.backend()
     if ops._requested() == "auto" and b == "native":  # what CUDA tensors get differs: say so
-        b = "auto (native; on CUDA tensors Triton project_flat, cuBLAS factored_project / score_topk)"
+        dense = ("gradkit's own factored_project / score_topk kernels (torch allows TF32 float32 matmuls now, "
+                 "which the cuBLAS composites would follow)" if ops.cublas_fp32_reduced()
+                 else "cuBLAS factored_project / score_topk")
+        b = f"auto (native; on CUDA tensors Triton project_flat, {dense})"
     print(f"active backend: {b}; torch {torch.__version__}; cuda available: {torch.cuda.is_available()}")
     return 0
 
