@@ -164,7 +164,7 @@ def ref_scope_kth(x, block, scope, k, p, raw, k_weight, mid):
 
     v = norm(R.kth_rows(rows, k))
     if mid:
-        v = (v + k_weight * norm(R.kth_rows(rows, k + 1))) / (1.0 + k_weight)
+        v = R.mid_value(v, norm(R.kth_rows(rows, k + 1)), k_weight)  # MID_RULE: no NaN from inf / 0 * inf
     return v.reshape([n // s for n, s in zip(sc.shape, scope)]).to(x.dtype)
 
 

@@ -676,6 +676,19 @@ at::Tensor block_norms_cpu(const at::Tensor& x, c10::IntArrayRef block_shape, do
   return out;
 }
 
+// (v + w v1) / (1 + w), rounded step by step, never NaN: the reference's mid_value (MID_RULE in
+// kernels/reference/scope.py): w = 0 gives v; an infinite v gives v, v1 = -inf below a finite v gives -inf; finite
+// v, v1 whose formula overflows (or a w past acc_t's range) take two products that cannot.
+template <typename acc_t>
+inline acc_t mid_value(acc_t v, acc_t v1, double w) {
+  if (w == 0) return v;
+  if (!std::isfinite(v)) return v;
+  if (!std::isfinite(v1)) return v1;
+  acc_t m = (v + (acc_t)w * v1) / (acc_t)(1.0 + w);
+  if (!std::isfinite(m)) m = v * (acc_t)(1.0 / (1.0 + w)) + v1 * (acc_t)(w / (1.0 + w));
+  return m;
+}
+
 at::Tensor scope_kth_cpu(const at::Tensor& x, c10::IntArrayRef block_shape, c10::IntArrayRef scope_shape, int64_t k,
                          double p, bool raw, double k_weight, bool mid) {
   check_layout(x, block_shape, scope_shape, "scope_kth");
@@ -701,7 +714,7 @@ at::Tensor scope_kth_cpu(const at::Tensor& x, c10::IntArrayRef block_shape, c10:
         for (int64_t j = 0; j < Y.nb; ++j) sel.s[j] = sc(base + wb[j]);
         auto [vk, vk1] = sel.kth(Y.nb, k, mid);
         acc_t v = finalize<acc_t>(sc.kind, vk, sc.inv_p);
-        if (mid) v = (v + (acc_t)k_weight * finalize<acc_t>(sc.kind, vk1, sc.inv_p)) / (acc_t)(1.0 + k_weight);
+        if (mid) v = mid_value<acc_t>(v, finalize<acc_t>(sc.kind, vk1, sc.inv_p), k_weight);
         op[o.off[kS]] = static_cast<scalar_t>(v);
       }
     });
@@ -859,11 +872,13 @@ void block_soft_threshold_cpu(at::Tensor& x, c10::IntArrayRef block_shape, const
           for (int64_t q = 0; q < ne; ++q) n2 += w[q] * w[q];
           const acc_t n = std::sqrt(n2);
           acc_t scale = 1 - tb / (n + ep);
-          scale = scale > 0 ? scale : acc_t(0);
-          if (std::isnan(n)) scale = 0;
-          for (int64_t q = 0; q < ne; ++q) {
-            acc_t y = w[q] * scale;
-            xb[wex[q]] = static_cast<scalar_t>(std::isnan(n) ? acc_t(0) : y);
+          scale = scale > 0 ? scale : acc_t(0);  // a NaN scale (inf / inf, 0 / 0) counts as 0: SOFT_RULE
+          if (std::isnan(n)) {
+            for (int64_t q = 0; q < ne; ++q) xb[wex[q]] = scalar_t(0);
+          } else if (scale > 0) {
+            for (int64_t q = 0; q < ne; ++q) xb[wex[q]] = static_cast<scalar_t>(w[q] * scale);
+          } else {  // x * 0 with x's sign, also for an infinite x (inf * 0 would be NaN)
+            for (int64_t q = 0; q < ne; ++q) xb[wex[q]] = static_cast<scalar_t>(std::copysign(acc_t(0), w[q]));
           }
           continue;
         }

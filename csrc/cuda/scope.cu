@@ -314,16 +314,31 @@ __device__ __forceinline__ A max_nan(A a, A b) {
   return is_nan(a) ? a : (is_nan(b) ? b : (a > b ? a : b));
 }
 
-// (v + w * v1) / (1 + w), rounded step by step like the CPU kernel (no FMA).
+// (v + w * v1) / (1 + w), rounded step by step like the CPU kernel (no FMA), never NaN (MID_RULE of the
+// reference): w = 0 gives v; an infinite v gives v, v1 = -inf below a finite v gives -inf; finite v, v1 whose
+// formula overflows (or a w past A's range) take two products that cannot.
 template <typename A>
 __device__ __forceinline__ A mix_mid(A v, A v1, double w) {
+  if (w == 0.0 || !(abs_of(v) < pinf_of<A>())) return v;
+  if (!(abs_of(v1) < pinf_of<A>())) return v1;
   const A wf = static_cast<A>(w);
   const A den = static_cast<A>(1.0 + w);
   if constexpr (std::is_same<A, double>::value) {
-    return __ddiv_rn(__dadd_rn(v, __dmul_rn(wf, v1)), den);
+    const A m = __ddiv_rn(__dadd_rn(v, __dmul_rn(wf, v1)), den);
+    if (abs_of(m) < pinf_of<A>()) return m;
+    return __dadd_rn(__dmul_rn(v, 1.0 / (1.0 + w)), __dmul_rn(v1, w / (1.0 + w)));
   } else {
-    return __fdiv_rn(__fadd_rn(v, __fmul_rn(wf, v1)), den);
+    const A m = __fdiv_rn(__fadd_rn(v, __fmul_rn(wf, v1)), den);
+    if (abs_of(m) < pinf_of<A>()) return m;
+    const float a = static_cast<float>(1.0 / (1.0 + w)), b = static_cast<float>(w / (1.0 + w));
+    return __fadd_rn(__fmul_rn(v, a), __fmul_rn(v1, b));
   }
+}
+
+// x * 0 with x's sign, also for an infinite x (inf * 0 would be NaN): the soft threshold's zero scale (SOFT_RULE)
+template <typename A>
+__device__ __forceinline__ A signed_zero(A x) {
+  return abs_of(x) == pinf_of<A>() ? (x > A(0) ? A(0) : -A(0)) : x * A(0);
 }
 
 // Score kinds (the reference's block_scores): raw signed value, |x| of single-element blocks
@@ -1370,18 +1385,19 @@ __global__ void __launch_bounds__(kThreads) soft_kernel(const SoftArgs<T> a) {
       n2 = grp.reduce(n2, AddOp{}, sh);
       const A n = sqrt_of(n2);
       A scale = A(1) - tb / (n + eps);
-      scale = scale < A(0) ? A(0) : scale;  // clamp(min=0): NaN stays NaN, like the reference
-      const bool dead = is_nan(n);
+      scale = scale > A(0) ? scale : A(0);  // clamp(min=0); a NaN scale (inf / inf, 0 / 0) counts as 0: SOFT_RULE
+      const bool dead = is_nan(n), zero = !(scale > A(0));
       if (cached) {
 #pragma unroll
         for (int c = 0; c < kCache; ++c) {
           const int64_t e = grp.rank + static_cast<int64_t>(c) * grp.size;
-          if (e < ne) xb[ox[c]] = static_cast<T>(dead ? A(0) : xc[c] * scale);
+          if (e < ne) xb[ox[c]] = static_cast<T>(dead ? A(0) : zero ? signed_zero(xc[c]) : xc[c] * scale);
         }
       } else {
         for (int64_t e = grp.rank; e < ne; e += grp.size) {
           const int64_t off = level_offs(L2, e).o[kX];
-          xb[off] = static_cast<T>(dead ? A(0) : static_cast<A>(xb[off]) * scale);
+          const A v = static_cast<A>(xb[off]);
+          xb[off] = static_cast<T>(dead ? A(0) : zero ? signed_zero(v) : v * scale);
         }
       }
       continue;

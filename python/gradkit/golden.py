@@ -449,7 +449,9 @@ def _global_update(gs: Dict[str, torch.Tensor], bits, counts, pct: float, first:
     total_n = sum(g.numel() for g in gs.values())
     k = percent_to_k(total_n, pct)
     wide = functools.reduce(torch.promote_types, [g.dtype for g in gs.values()])  # exact for every float pair
-    scores = [g.abs().reshape(-1).to(wide).nan_to_num(nan=-1.0) for g in gs.values()]  # NaN below every |g|
+    # NaN below every |g|; +inf kept as +inf (nan_to_num's default would make it the dtype's largest finite value,
+    # tied with a real one and losing to it by position)
+    scores = [g.abs().reshape(-1).to(wide).nan_to_num(nan=-1.0, posinf=math.inf) for g in gs.values()]
     pos = ops.topk_select_segments(scores, k)
     start = 0
     for (name, g), s in zip(gs.items(), scores):
@@ -478,7 +480,9 @@ class SparseGradientAccumulator:
 
     ``add(grads)`` takes ``{name: gradient}`` (or a model: its parameters' ``.grad``);
     ``values()`` the compact sums, ``mean()`` divided by the number of ``add`` calls,
-    ``to_dense()`` scattered back to full shapes (zeros elsewhere)."""
+    ``to_dense()`` scattered back to full shapes (zeros elsewhere). Gradients are not inspected: a
+    NaN / Inf at a mask position enters its sum, and a sum past ``dtype``'s range (an fp16 accumulator)
+    becomes +-inf, as torch's own ``+=`` would."""
 
     def __init__(self, masks: Union[MaskSet, Mapping[str, torch.Tensor]], dtype: torch.dtype = torch.float32):
         self.masks = masks if isinstance(masks, MaskSet) else MaskSet(masks)

@@ -125,7 +125,8 @@ def kl_divergence(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, mask: Opti
     and accumulated in at least fp32). Vocabulary entries with ``P_ref = 0`` (``-inf`` or an
     underflowing log-prob) contribute 0, also where ``logprobs`` is ``-inf`` there; a ``-inf``
     of ``logprobs`` where ``P_ref > 0`` gives ``+inf`` (the true KL). Per-position values are
-    clamped at 0 against rounding; NaN inputs stay NaN.
+    clamped at 0 against rounding; a position with a NaN in either input (wherever it sits in V), or a
+    ``+inf`` log-prob of ``logprobs`` where ``P_ref > 0`` (not a log-probability), is NaN.
     ``mask``: ``(...)`` bool or 0/1, the positions to include (default all).
     ``reduction``: ``"mean"`` over included positions (0-dim; an error if there are none),
     ``"sum"`` (0-dim), or ``"none"`` (``(...)``, 0 at excluded positions).
@@ -145,8 +146,11 @@ def kl_divergence(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, mask: Opti
     dtype = torch.promote_types(torch.promote_types(ref_logprobs.dtype, logprobs.dtype), torch.float32)
     ref, other = ref_logprobs.to(dtype), logprobs.to(device=ref_logprobs.device, dtype=dtype)
     p = ref.exp()
-    diff = torch.where(p > 0, ref - other, torch.zeros((), dtype=dtype, device=ref.device))
-    per = (p * diff).sum(-1).clamp_min(0.0)
+    # a NaN of `other` where P_ref = 0 still reaches the sum (NaN - x, times 0: NaN)
+    diff = torch.where((p > 0) | torch.isnan(other), ref - other, torch.zeros((), dtype=dtype, device=ref.device))
+    per = (p * diff).sum(-1)
+    # -inf only from a +inf log-prob of `other` where P_ref > 0: NaN, not clamped to 0 like rounding
+    per = torch.where(per == -math.inf, math.nan, per.clamp_min(0.0))
     if mask is not None:
         keep = mask.to(ref.device) != 0
         per = per.masked_fill(~keep, 0.0)
@@ -430,7 +434,9 @@ def _kl_against(model: nn.Module, refs: Sequence[torch.Tensor],
 def masked_kl(model: nn.Module, masks: Mapping[str, torch.Tensor], batches: Iterable[Batch]) -> float:
     """``KL(P_original || P_masked)`` (mean over the real tokens of ``batches``) where the masked
     model has the ``masks`` entries zeroed; in eval mode, no autograd graph, weights restored
-    bit-exactly and modes restored after."""
+    bit-exactly and modes restored after. NaN when either model's logits hold a NaN at a real token,
+    +inf when the masked model gives log-prob -inf to a token the original gives P > 0
+    (:func:`kl_divergence`'s rules)."""
     named = dict(model.named_parameters())
     _check_masks(named, masks)
     device = next((p.device for p in named.values()), torch.device("cpu"))

@@ -1804,6 +1804,14 @@ class GradientIndex:
         Returns (scores, indices): float32 and int64 of shape (..., k), best first, ties lowest
         row first (an empty batch of queries gives empty results). Row numbers index the stored rows
         (``example_of`` maps per-token rows).
+
+        Non-finite values: queries holding NaN / Inf are refused (ValueError). Stored rows are not
+        inspected (gradkit's own appends refuse them; a bergson index can hold them): a NaN score ranks
+        last (as -inf, +inf with ``reverse``) and is reported as that value; a row holding Inf scores
+        +-inf (NaN, so last, where the query is 0 on that column or with ``unit_norm``). A query row whose
+        largest entry is 2**64 or more is scaled by a power of two before scoring and its scores back after
+        (a score past float32's range is then reported as +-inf), so that no partial sum overflows; rows near
+        float32's limit still can, and scores that overflow rank as +-inf, ties by row.
         """
         self._check_readable("search")
         n = len(self)
@@ -1879,6 +1887,17 @@ class GradientIndex:
         if gaps:
             q = self._dense(q)
         cosine = unit_norm or (precondition is not None and precondition.mode == "both")
+        qexp = None
+        if not cosine:
+            # an inner product's ranking is invariant to a positive scale of the query: a row whose largest entry is
+            # 2**64 or more is brought to [0.5, 1) by a power of two (exact), so that no partial sum of its scores
+            # overflows fp32 (each backend sums in its own order: a finite score could become inf on one and not
+            # on another); its scores are scaled back at the end (inf where they do overflow fp32)
+            amax = q.abs().amax(dim=1)
+            big = amax >= 2.0 ** 64
+            if bool(big.any()):
+                qexp = torch.where(big, torch.frexp(amax)[1], 0).to(torch.int32)
+                q = self._ldexp2(q, -qexp[:, None])
         if cosine and precondition is not None:  # cosine is scale-free: bring each row's largest entry to
             q = self._pow2_rows(q)                # [0.5, 1) before H multiplies it (exact)
         # preconditioning on the query side (dense module coordinates)
@@ -1925,7 +1944,15 @@ class GradientIndex:
             else:
                 run_s, run_i = ops.score_topk(qw, kv, k, largest=largest, key_scale=scale, scores_in=run_s,
                                               idx_in=run_i, base=base)
+        if qexp is not None:
+            run_s = self._ldexp2(run_s, qexp[:, None].to(run_s.device))
         return run_s.reshape(*lead, k), run_i.reshape(*lead, k)
+
+    @staticmethod
+    def _ldexp2(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x * 2**e for int exponents |e| <= 256, in two steps (2**e alone leaves fp32's range past 127)."""
+        h = torch.div(e, 2, rounding_mode="floor")
+        return torch.ldexp(torch.ldexp(x, h), e - h)
 
     def _apply_dense(self, x: torch.Tensor, blocks, dense: bool = False) -> torch.Tensor:
         """x (rows, W) in storage layout, or (rows, D) module columns when ``dense`` -> a copy with each dense

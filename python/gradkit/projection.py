@@ -18,7 +18,9 @@ CUDA); Gaussian entries ``N(0,1)/sqrt(k)`` agree within 1 ulp of fp32.
 
 NaN / Inf policy: values are not inspected (that would cost a pass over the data); a NaN or Inf
 in an input propagates to every output entry it touches. Masked (padding) tokens are excluded
-with ``where``, so whatever they hold (NaN included) never reaches the output.
+with ``where``, so whatever they hold (NaN included) never reaches the output. A normaliser's
+second moments (and its eps) are checked once when it is built: finite and >= 0 (ValueError naming
+the field), since one bad entry would reach every projected entry of every example.
 """
 from __future__ import annotations
 
@@ -239,6 +241,21 @@ def project(x: Union[torch.Tensor, "object", Callable[[], Iterable], Iterable], 
 # --------------------------------------------------------------------------- normalizers
 
 
+def _check_moments(t: torch.Tensor, what: str) -> None:
+    """A normaliser's second moments: finite and >= 0 (a negative or NaN entry gives NaN factors, an infinite one
+    NaN or inf through Adafactor's mean; either would silently spread to every projected entry). One reduction."""
+    if t.numel():
+        lo, hi = (float(v) for v in torch.aminmax(t.detach()))
+        if not (lo >= 0 and hi < math.inf):  # NaN fails both
+            raise ValueError(f"{what}: second-moment averages must be finite and non-negative, got a minimum of "
+                             f"{lo:g} and a maximum of {hi:g}")
+
+
+def _check_eps(v, what: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+        raise ValueError(f"{what}: expected a positive finite number, got {v!r}")
+
+
 @dataclass
 class AdafactorNormalizer:
     """Adafactor's factored second-moment estimate for a Linear weight (O x I).
@@ -265,12 +282,9 @@ class AdafactorNormalizer:
                 continue
             if not isinstance(t, torch.Tensor) or t.dim() != 1 or not t.dtype.is_floating_point:
                 raise ValueError(f"{nm}: expected a 1-D floating tensor")
-            if bool((t < 0).any()):  # a second moment: a negative entry would give NaN factors
-                raise ValueError(f"{nm}: second-moment averages must be non-negative")
+            _check_moments(t, nm)
         for nm in ("eps", "bias_eps"):
-            v = getattr(self, nm)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
-                raise ValueError(f"{nm}: expected a positive finite number, got {v!r}")
+            _check_eps(getattr(self, nm), nm)
 
     def factors(self):
         """(row factor (O,), column factor (I,)) with ``G / sqrt(V) = diag(row) G diag(col)``."""
@@ -302,8 +316,12 @@ class AdamNormalizer:
         if not isinstance(self.v, torch.Tensor) or self.v.dim() != 2 or not self.v.dtype.is_floating_point:
             raise ValueError("v: expected a 2-D (O, I) floating tensor")
         if self.bias_avg_sq is not None and (not isinstance(self.bias_avg_sq, torch.Tensor)
-                                             or self.bias_avg_sq.dim() != 1):
-            raise ValueError("bias_avg_sq: expected a 1-D (O,) tensor")
+                                             or self.bias_avg_sq.dim() != 1 or not self.bias_avg_sq.is_floating_point()):
+            raise ValueError("bias_avg_sq: expected a 1-D (O,) floating tensor")
+        _check_moments(self.v, "v")
+        if self.bias_avg_sq is not None:
+            _check_moments(self.bias_avg_sq, "bias_avg_sq")
+        _check_eps(self.eps, "eps")
 
     def denominator(self) -> torch.Tensor:
         """``sqrt(v) + eps`` (O, I) float32, on v's device."""

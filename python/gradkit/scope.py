@@ -642,9 +642,20 @@ class BlockCoupling(SparseBlock):
         if conditioners is None:
             n = self.norms(None, 2)
             scale = (1 - t / (n + eps)).clamp(min=0.0)
-            scale = torch.where(torch.isnan(n), torch.zeros_like(scale), scale)
+            # the kernels' rule (kernels.reference.scope.SOFT_RULE): a NaN scale (NaN norm, inf / inf, 0 / 0) counts
+            # as 0, and an infinite element scaled by 0 becomes its signed zero (not inf * 0 = NaN)
+            scale = torch.where(torch.isnan(scale), torch.zeros_like(scale), scale)
+            zero_inf = (scale == 0) & torch.isinf(n)
+            any_zero_inf = bool(zero_inf.any())
             for i, s in enumerate(self.specs):
+                fix = None
+                if any_zero_inf:
+                    xb = _blocked(s.view.data, s.shape)
+                    fix = s.broadcast_block_to_element(self._from_common(zero_inf, i), fake=True) & torch.isinf(xb)
+                    neg = fix & torch.signbit(xb)
                 s.apply_multiplier(self._from_common(scale, i))  # in acc: x * scale rounds once
+                if fix is not None:
+                    xb.masked_fill_(fix, 0.0).masked_fill_(neg, -0.0)
                 s.keep_blocks(self._from_common(~torch.isnan(n), i))
             return
         if not isinstance(conditioners, Mapping):

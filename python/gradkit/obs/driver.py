@@ -360,7 +360,9 @@ def collect_hessians(model: nn.Module, batches: Iterable, modules=None, device=N
     Returns ``Hessians``, a dict ``{name: H}`` whose ``tokens`` attribute maps each name to the
     number of tokens accumulated (0, with a zero H, for a layer never called). Under an
     initialised ``torch.distributed`` process group, sums and counts are all-reduced over ranks.
-    Hooks are removed on return, also on error.
+    Hooks are removed on return, also on error. Activations are not inspected: a NaN / Inf one (or a
+    product past float32's range) leaves NaN / Inf in that layer's H, which every pruner, and
+    ``prune_model``'s report, refuses (ValueError naming H and the layer).
     """
     layers = _select_modules(model, modules)
     data = _batches(batches)
@@ -1069,17 +1071,19 @@ def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, ch
                     if not bool(torch.isfinite(final).all()):
                         raise RuntimeError(f"{method}: the pruned weights of layer {name!r} overflow the layer's dtype "
                                            f"{dense.dtype} (largest magnitude {float(out.abs().max()):.4g})")
+                    # the report's errors read H too (a NaN activation makes it NaN; "magnitude" never reads it
+                    # before): inside the try, so that this error names the layer as well
+                    wd = dense_oi.to(device=wdev, dtype=wdt)
+                    rep = LayerReport(
+                        name=name, shape=tuple(dense_oi.shape), method=method, pattern=pattern_s, nnz=n_keep,
+                        blocks_per_scope=obs_layout(scope).gs, density=float((out != 0).float().mean()),
+                        error=metrics.output_error(wd, out, H=H.to(wdev)),
+                        error_mask_only=metrics.output_error(wd, wd.masked_fill(out == 0, 0), H=H.to(wdev)),
+                        tokens=int(hs.tokens[name]), seconds=seconds)
                 except Exception as err:  # say which layer and what the model holds
                     if hasattr(err, "add_note"):  # Python >= 3.11 (requires-python is 3.10)
                         err.add_note(_failure_note(name, method, pattern_s, in_model, ckpt))
                     raise
-                wd = dense_oi.to(device=wdev, dtype=wdt)
-                rep = LayerReport(
-                    name=name, shape=tuple(dense_oi.shape), method=method, pattern=pattern_s, nnz=n_keep,
-                    blocks_per_scope=obs_layout(scope).gs, density=float((out != 0).float().mean()),
-                    error=metrics.output_error(wd, out, H=H.to(wdev)),
-                    error_mask_only=metrics.output_error(wd, wd.masked_fill(out == 0, 0), H=H.to(wdev)),
-                    tokens=int(hs.tokens[name]), seconds=seconds)
                 final = _out_in(final, mod).contiguous()  # back to the module's layout
                 if ckpt is not None:
                     ckpt.save(position[name], name, final, dense_digest, rep)

@@ -192,6 +192,9 @@ def gather_segments(src: Sequence[torch.Tensor], index: Sequence[Optional[torch.
     entries, each a 1-D int tensor of flat positions or None (all, in order).
     Returns out: (sum_s count_s,) with out[off_s + j] = src[s].flatten()[index[s][j]].
     With ``out`` nothing is allocated; ``accumulate`` adds into ``out``.
+    Values are not inspected (gather / scatter move data): NaN / Inf are copied as they are, and a
+    value, sum or ``scale`` product past the destination dtype's range becomes +-inf, as torch's own
+    casts and adds do, identically on every backend.
     """
     _check_segments(src, index, "src")
     total = sum(_count(t, ix) for t, ix in zip(src, index))
@@ -448,7 +451,9 @@ def _check_companion(t, x: torch.Tensor, what: str, shape, dtypes=_FLOATS) -> No
 def block_norms(x: torch.Tensor, block_shape: Sequence[int], p: float = 2.0) -> torch.Tensor:
     """Lp norm of every block of ``x``: (S0, S1, ...) -> grid (S0/b0, S1/b1, ...), x's dtype.
 
-    x may be any strided view (no copy is made). p > 0 or inf.
+    x may be any strided view (no copy is made). p > 0 or inf. A NaN element gives NaN, an infinite one
+    inf; the sum of ``|x|^p`` is float32 (float64 for float64 x), so a finite block whose sum overflows
+    (fp32 entries past ~1.8e19 at p = 2) has norm inf too, and ranks (ties) with the infinite ones.
     """
     _check_layout(x, block_shape)
     p = _check_p(p)
@@ -460,7 +465,9 @@ def scope_kth(x: torch.Tensor, block_shape: Sequence[int], scope_shape: Sequence
     """k-th largest block norm of every scope (scope-grid shaped, x's dtype).
 
     ``mid``: ``(v_k + k_weight * v_{k+1}) / (1 + k_weight)``. NaN scores are skipped; a scope
-    with fewer than k valid scores gives -inf.
+    with fewer than k valid scores gives -inf. ``mid`` never gives NaN: ``k_weight = 0`` gives ``v_k``, an
+    infinite ``v_k`` or ``v_{k+1}`` gives that infinity (``v_k`` first), an overflowing formula the same
+    weights as two products (``gradkit.kernels.reference.scope.MID_RULE``).
     """
     _, nb = _check_layout(x, block_shape, scope_shape)
     p = _check_p(p)
@@ -537,6 +544,9 @@ def block_soft_threshold_(x: torch.Tensor, block_shape: Sequence[int], threshold
     Every backend refuses NaN or negative thresholds and a conditioner that is not finite and > 0
     everywhere (ValueError naming the argument) before x is written (one reduction over each; for CUDA
     tensors one device-to-host copy, i.e. a host sync: see ``kernels.reference.scope.check_soft_values``).
+    Non-finite weights (``kernels.reference.scope.SOFT_RULE``): a block whose norm is NaN becomes 0, a
+    threshold of +inf zeroes its block whatever it holds (signed zeros, never ``inf * 0``), a finite one
+    leaves a block with an infinite element unchanged.
     """
     grid, _ = _check_layout(x, block_shape)
     _check_companion(thresholds, x, "thresholds", grid)
@@ -656,7 +666,8 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     """One fused AdamW step over every tensor (see the schema in csrc/ops.cpp): per-entry rate
     ``masked_lr`` where the entry's bit is set, ``unmasked_lr`` elsewhere; weight decay scaled by
     the same rate; entries with rate 0 keep their exact value. Everything is checked before any
-    tensor is touched."""
+    tensor is touched. Gradients are not inspected: a NaN / Inf one (or ``g * g`` past float32's
+    range, |g| > ~1.8e19) enters that entry's state and parameter as in ``torch.optim.AdamW``."""
     lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "bits": bits,
              "bias_correction1": bias_correction1, "bias_correction2_sqrt": bias_correction2_sqrt}
     n = len(params) if isinstance(params, (list, tuple)) else -1

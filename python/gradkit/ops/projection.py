@@ -10,7 +10,10 @@ Entry ``(row, col)`` of a projection matrix R (k x D) is a pure function of ``(s
   ``x @ R[:, col0:col0+Dc]^T`` (B, k) fp32, R generated inside the matrix-product tiles.
 
 ``kind``: 0 = Rademacher, 1 = Gaussian. ``seed``: a non-negative 63-bit integer.
-NaN / Inf in x propagate to the outputs they touch (no check: it would cost a pass over x).
+NaN / Inf in x propagate to the outputs they touch (no check: it would cost a pass over x). Finite x
+near float32's limit: a sum past its range is +-inf; the Triton Rademacher kernel sums the +-1 products
+and applies 1/sqrt(k) once at the end, so it reaches inf sooner (at sqrt(k) times smaller sums) than
+the reference and the CPU kernel.
 """
 from __future__ import annotations
 

@@ -132,6 +132,30 @@ def kth_rows(s: torch.Tensor, k: int) -> torch.Tensor:
     return top[:, k - 1]
 
 
+def mid_value(v: torch.Tensor, v1: torch.Tensor, w: float) -> torch.Tensor:
+    """``(v + w v1) / (1 + w)`` in v's dtype, rounded step by step, with the non-finite cases of MID_RULE."""
+    if w == 0:
+        return v.clone()
+    m = (v + w * v1) / (1.0 + w)
+    fin = torch.isfinite(v) & torch.isfinite(v1)
+    # finite v, v1 whose formula overflows (w v1 or the sum past the dtype's range, or a w past it): the same
+    # weights as two products that cannot overflow
+    redo = fin & ~torch.isfinite(m)
+    if bool(redo.any()):
+        a, b = torch.tensor(1.0 / (1.0 + w), dtype=v.dtype), torch.tensor(w / (1.0 + w), dtype=v.dtype)
+        m = torch.where(redo, v * a + v1 * b, m)
+    # an infinite v (+inf, or -inf with v1 = -inf too) is the result; so is v1 = -inf below a finite v
+    return torch.where(fin, m, torch.where(torch.isinf(v), v, v1))
+
+
+MID_RULE = """``mid``: ``(v_k + w v_{k+1}) / (1 + w)`` (``w = k_weight``), in the accumulation dtype, where ``v_{k+1}``
+is ``-inf`` when fewer than k+1 scores are valid. No NaN comes out of it: ``w = 0`` gives ``v_k`` (not
+``v_k + 0 * inf``); an infinite ``v_k`` gives ``v_k`` (``+inf`` rather than ``inf - inf``), and ``v_{k+1} = -inf``
+below a finite ``v_k`` gives ``-inf`` (every valid block passes a ``>=`` test against it); finite ``v_k``,
+``v_{k+1}`` whose formula overflows (values near the dtype's largest, a ``w`` past its range) give
+``v_k / (1 + w) + v_{k+1} w / (1 + w)``."""
+
+
 def scope_kth(x: torch.Tensor, block_shape: List[int], scope_shape: List[int], k: int, p: float,
               raw: bool, k_weight: float, mid: bool) -> torch.Tensor:
     """Per scope: the k-th largest block norm (``mid``: ``(v_k + w v_{k+1}) / (1 + w)``); scope-grid shaped."""
@@ -141,7 +165,7 @@ def scope_kth(x: torch.Tensor, block_shape: List[int], scope_shape: List[int], k
     v = score_to_norm(kth_rows(rows, k), p, raw, single)
     if mid:
         v1 = score_to_norm(kth_rows(rows, k + 1), p, raw, single)
-        v = (v + k_weight * v1) / (1.0 + k_weight)
+        v = mid_value(v, v1, k_weight)
     sg = [n // s for n, s in zip(sc.shape, scope_shape)]
     return v.reshape(sg).to(x.dtype)
 
@@ -233,6 +257,14 @@ def check_soft_values(thresholds: Optional[torch.Tensor], conditioner: Optional[
                              f"of {hmin:g} and a maximum of {hmax:g}")
 
 
+SOFT_RULE = """Non-finite cases of the soft threshold (every backend): a block whose norm is NaN is set to 0; a
+Euclidean scale ``1 - t / (n + eps)`` that is NaN (``t = +inf`` with an infinite norm ``n``, or ``0 / 0`` with
+``t = n = eps = 0``) counts as 0; a scale of 0 writes zeros with x's signs (``x * 0``, and ``+-0`` for an
+infinite x, where ``inf * 0`` would be NaN). So a threshold of ``+inf`` zeroes its block whatever it holds, and a
+finite threshold leaves a block with an infinite element as it is (scale 1). Norms are fp32 sums of squares
+(fp64 for fp64 x): a finite block whose sum overflows has norm ``+inf`` and is treated as such."""
+
+
 def block_soft_threshold_(x: torch.Tensor, block_shape: List[int], thresholds: torch.Tensor,
                           conditioner: Optional[torch.Tensor], max_iter: int, atol: float, eps: float) -> None:
     """Group-lasso proximal step on every block, in place (values checked first: ``check_soft_values``).
@@ -244,7 +276,7 @@ def block_soft_threshold_(x: torch.Tensor, block_shape: List[int], thresholds: t
     ``mu`` is found by bisection from ``[t h_min / (||h x|| - t), t h_max / (||h x|| - t)]``
     (``max_iter`` halvings, or until the bracket is narrower than ``atol``). Single-element
     blocks use the closed form ``x * max(0, 1 - (t / h) / (|x| + eps))``.
-    Blocks whose norm is NaN are set to 0 (never kept).
+    Blocks whose norm is NaN are set to 0 (never kept). Non-finite cases: SOFT_RULE.
     """
     check_inplace(x)
     check_soft_values(thresholds, conditioner, acc_dtype(x.dtype))
@@ -266,7 +298,9 @@ def soft_threshold_unchecked_(x: torch.Tensor, block_shape: List[int], threshold
             tb = tb / hb
         n = (xb * xb).sum(dim=red, keepdim=True).sqrt()
         scale = (1 - tb / (n + eps)).clamp(min=0.0)
+        scale = torch.where(torch.isnan(scale), torch.zeros_like(scale), scale)  # inf / inf, 0 / 0: see SOFT_RULE
         y = xb * scale
+        y = torch.where((scale == 0) & torch.isinf(xb), torch.copysign(torch.zeros_like(y), xb), y)
         y = torch.where(torch.isnan(n), torch.zeros_like(y), y)
     else:
         hb = _blocked(conditioner.to(acc), block_shape)

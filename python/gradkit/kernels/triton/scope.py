@@ -255,10 +255,27 @@ def _kth_out(kv, ipf, PK: tl.constexpr, RAW: tl.constexpr):
 
 @triton.jit
 def _mid(v, v1, wbits, dbits, ACC: tl.constexpr):
-    # (v + w * v1) / (1 + w), with w and (1 + w) rounded to ACC like torch's Python scalars.
-    w = _f64(wbits).to(ACC)
-    d = _f64(dbits).to(ACC)
-    return _div(v + w * v1, d)
+    # (v + w * v1) / (1 + w), with w and (1 + w) rounded to ACC like torch's Python scalars, never NaN (MID_RULE of
+    # the reference): w = 0 gives v; an infinite v gives v, v1 = -inf below a finite v gives -inf; finite v, v1 whose
+    # formula overflows (or a w past ACC's range) take two products that cannot
+    w64 = _f64(wbits)
+    d64 = _f64(dbits)
+    m = _div(v + w64.to(ACC) * v1, d64.to(ACC))
+    a = (1.0 / d64).to(ACC)
+    b = (w64 / d64).to(ACC)
+    m = tl.where((tl.abs(m) == float("inf")) | (m != m), v * a + v1 * b, m)
+    m = tl.where(tl.abs(v1) == float("inf"), v1, m)
+    m = tl.where(tl.abs(v) == float("inf"), v, m)
+    return tl.where(w64 == 0, v, m)
+
+
+@triton.jit
+def _scaled(x, scale):
+    # x * scale for a soft-threshold scale (SOFT_RULE of the reference): a NaN scale (inf / inf, 0 / 0) counts as 0,
+    # and a scale of 0 gives x's signed zero, also for an infinite x (inf * 0 would be NaN)
+    s = tl.where(scale > 0, scale, 0.0)
+    y = x * s
+    return tl.where((s == 0) & (tl.abs(x) == float("inf")), tl.where(x > 0, 1.0, -1.0) * 0.0, y)
 
 
 @triton.jit
@@ -646,7 +663,7 @@ def _soft_kernel(x_ptr, h_ptr, t_ptr, nrows, ne, max_iter,
             if COND:
                 tb = _div(tb, hv1)
             scale = _clamp0(1.0 - _div(tb, (n + eps)[:, None]))
-            y = tl.where((n != n)[:, None], 0.0, xv1 * scale)
+            y = tl.where((n != n)[:, None], 0.0, _scaled(xv1, scale))
             _store(x_ptr, xo, y, m1, X_BF)
         else:
             scale = _clamp0(1.0 - _div(t, n + eps))
@@ -656,7 +673,7 @@ def _soft_kernel(x_ptr, h_ptr, t_ptr, nrows, ne, max_iter,
                 m = q_ok[:, None] & (e < ne)[None, :]
                 xo = xrow[:, None] + _off(c_0, c_1, c_2, c_3, x20, x21, x22, x23, ND2, IDX)[None, :]
                 xv = _load(x_ptr, xo, m, X_BF, ACC)
-                y = tl.where((n != n)[:, None], 0.0, xv * scale[:, None])
+                y = tl.where((n != n)[:, None], 0.0, _scaled(xv, scale[:, None]))
                 _store(x_ptr, xo, y, m, X_BF)
 
 
