@@ -114,20 +114,21 @@ def test_masked_adamw_op_good_input_unchanged():
 # --------------------------------------------------------------------------- block_soft_threshold_
 
 
-def _soft_impls():
-    out = [("reference", scope_ref.block_soft_threshold_)]
-    if _ext.LOADED:
-        out.append(("native", torch.ops.gradkit.block_soft_threshold_))
+def _impls(first, name: str, family: str):
+    """[(label, fn)]: ``first``, then torch.ops.gradkit.<name> when built, then the Triton launcher."""
+    out = [first]
+    if _ext.has_op(name):
+        out.append(("native", getattr(torch.ops.gradkit, name)))
     try:
-        from gradkit.kernels.triton import scope as tri
+        import importlib
 
-        out.append(("triton", tri.block_soft_threshold_))
+        out.append(("triton", getattr(importlib.import_module(f"gradkit.kernels.triton.{family}"), name)))
     except Exception:  # pragma: no cover - no triton
         pass
     return out
 
 
-SOFT_IMPLS = _soft_impls()
+SOFT_IMPLS = _impls(("reference", scope_ref.block_soft_threshold_), "block_soft_threshold_", "scope")
 _T_GRID = (4, 2)  # x (4, 8) in (1, 4) blocks
 
 
@@ -240,20 +241,7 @@ def _schur_args(ut, m=2, cnt=1, F=3, seed=0):
     return xf, up, linv, cnt
 
 
-def _schur_impls():
-    out = [("wrapper", ops.obs_schur_extend_)]
-    if _ext.has_op("obs_schur_extend_"):
-        out.append(("native", torch.ops.gradkit.obs_schur_extend_))
-    try:
-        from gradkit.kernels.triton import obs as tri
-
-        out.append(("triton", tri.obs_schur_extend_))
-    except Exception:  # pragma: no cover - no triton
-        pass
-    return out
-
-
-SCHUR_IMPLS = _schur_impls()
+SCHUR_IMPLS = _impls(("wrapper", ops.obs_schur_extend_), "obs_schur_extend_", "obs")
 
 
 @pytest.mark.parametrize("impl_name, impl", SCHUR_IMPLS, ids=[n for n, _ in SCHUR_IMPLS])
