@@ -461,7 +461,7 @@ __global__ void __launch_bounds__(kThreads) scatter_kernel(const DevSeg* __restr
   }
 }
 
-// Sets *bad if any indexed segment holds a position outside [0, numel); writes nothing else.
+// True if a position of entries [j0, j1) of an indexed segment lies outside [0, numel).
 template <typename I>
 __device__ bool any_out_of_range(const DevSeg& sg, int64_t j0, int64_t j1) {
   const I* __restrict__ ix = static_cast<const I*>(sg.index);
@@ -473,6 +473,7 @@ __device__ bool any_out_of_range(const DevSeg& sg, int64_t j0, int64_t j1) {
   return oob;
 }
 
+// Sets *bad if any indexed segment holds a position outside [0, numel); writes nothing else.
 __global__ void __launch_bounds__(kThreads) check_kernel(const DevSeg* __restrict__ segs, int nseg, int64_t tiles,
                                                          int* bad) {
   bool oob = false;

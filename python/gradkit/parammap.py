@@ -544,9 +544,9 @@ class ParamMap:
         imp = None if importance is None else importance.detach().to("cpu").contiguous()
         active = None if mask is None else mask.detach().to("cpu")
         if imp is not None and not imp.dtype.is_floating_point and (threshold is not None or topk is not None):
-            # integer importances (GRADIEND takes them): the threshold test as GRADIEND writes it
-            # (`importance >= threshold`, torch's promotion: exact for an int threshold), folded into the mask;
-            # topk then ranks the values' dense ranks (float64 of a rank is exact for any int64 value)
+            # integer importances (GRADIEND takes them): the threshold compared exactly (_int_at_least; the compat
+            # layer keeps GRADIEND's float32 compare), folded into the mask; topk then ranks the values' dense
+            # ranks (float64 of a rank is exact for any int64 value)
             if threshold is not None:
                 t = _int_at_least(imp, threshold)
                 active = t if active is None else (active & t)

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from gradkit import ops
 from gradkit._rules import floor_count
-from gradkit.kernels.reference.scope import check_soft_values as _check_soft_values
+from gradkit.kernels.reference.scope import acc_dtype as _acc_dtype, check_soft_values as _check_soft_values
 
 __all__ = ["View", "BlockSpec", "BlockCoupling", "ScopeSpec", "ScopeCoupling", "CouplingError",
            "ShapeMismatchError", "Values", "semi_structured", "check_nm"]
@@ -152,13 +152,7 @@ def _check_soft_args(thresholds: Tensor, max_iter, atol, eps) -> None:
     too, before any spec (or, in a ScopeCoupling, any earlier scope) is written."""
     if not thresholds.is_floating_point():
         raise TypeError(f"thresholds: dtype {thresholds.dtype} not supported")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int):
-        raise TypeError(f"max_iter: expected an int, got {type(max_iter).__name__}")
-    if max_iter < 0:
-        raise ValueError(f"max_iter: expected >= 0, got {max_iter}")
-    for name, v in (("atol", atol), ("eps", eps)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf):
-            raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+    ops.check_soft_scalars(max_iter, atol, eps)
 
 
 def _check_targets(specs: Sequence["BlockSpec"], grid: Tensor, what: str, owner: str = "specs") -> None:
@@ -1100,16 +1094,14 @@ class ScopeCoupling(SparseScope):
             want = self.grid_shape + (self.numblk_per_scope(),)
             if not isinstance(block_mask, Tensor) or tuple(block_mask.shape) != want:
                 raise ShapeMismatchError(want, getattr(block_mask, "shape", ()), "block_mask")
-            out: Dict[BlockSpec, Tensor] = {}
-            for s, part in self._split(block_mask.to(torch.bool)):
-                out.update(s.get_masks(0, block_mask=part, format=format))
-            return out
-        if self._global(nnz, values, block_scores, ties):
+            joint = block_mask.to(torch.bool)
+        elif self._global(nnz, values, block_scores, ties):
             out: Dict[BlockSpec, Tensor] = {}
             for s, keep in self._global_keeps(nnz, values, p):
                 out.update(_format_masks(s.block.get_masks(keep), format))
             return out
-        joint = self.joint_keep(nnz, values=values, block_scores=block_scores, ties=ties, p=p)
+        else:
+            joint = self.joint_keep(nnz, values=values, block_scores=block_scores, ties=ties, p=p)
         out: Dict[BlockSpec, Tensor] = {}
         for s, part in self._split(joint):
             out.update(s.get_masks(0, block_mask=part, format=format))
@@ -1155,8 +1147,7 @@ class ScopeCoupling(SparseScope):
                     x = b.view.data  # what ops.block_soft_threshold_ checks of it, ahead of any write
                     h = b.resolve(conditioners, "conditioners")
                     ops._check_companion(h, x, "conditioners", x.shape)
-                    _check_soft_values(None, h, torch.float64 if x.dtype == torch.float64 else torch.float32,
-                                       ("thresholds", "conditioners"))
+                    _check_soft_values(None, h, _acc_dtype(x.dtype), ("thresholds", "conditioners"))
         eps = _default_eps(thresholds, eps)
         for ro, s in zip(self._reverse_orders, self.scopes):
             s.soft_threshold(thresholds.permute(ro).contiguous(), conditioners=conditioners, scale=scale,

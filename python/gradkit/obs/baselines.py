@@ -33,6 +33,7 @@ from gradkit.obs.metrics import (
     _cholesky,
     _cholesky_inverse,
     _threads,
+    cast_finite,
     damped_hessian,
 )
 
@@ -60,6 +61,14 @@ def _layout(scope) -> ObsLayout:
         raise TypeError(f"scope: the pruned weight must be floating, got {lay.weight.dtype}")
     _check_finite(lay.weight, "weight (the scope's parameter)")
     return lay
+
+
+def _scope_hessian_args(scope, hessian: Tensor, nnz, damp) -> Tuple[ObsLayout, int, float]:
+    """The checks every Hessian-based baseline starts with, in order: scope, nnz, hessian, damp."""
+    lay = _layout(scope)
+    nnz = _check_nnz(nnz)
+    _check_hessian(hessian, lay.K)
+    return lay, nnz, _check_damp(damp)
 
 
 def _keep_top(scores: Tensor, nnz: int) -> Tensor:
@@ -104,10 +113,7 @@ def obd(scope, hessian: Tensor, nnz: int, damp: float = 0.0, inplace: bool = Fal
     """Optimal Brain Damage: keep the ``nnz`` blocks of largest saliency ``sum_e w_e^2 (H_jj + lam)``
     (``j`` the element's column, ``lam`` the damping of :mod:`gradkit.obs.metrics`) per scope; zero
     the others, no compensation. A dead column (``H_jj == 0``) has saliency ``lam w^2``."""
-    lay = _layout(scope)
-    nnz = _check_nnz(nnz)
-    _check_hessian(hessian, lay.K)
-    damp = _check_damp(damp)
+    lay, nnz, damp = _scope_hessian_args(scope, hessian, nnz, damp)
     if not isinstance(inplace, bool):
         raise TypeError("inplace: expected a bool")
     if nnz >= lay.gs or lay.S == 0:
@@ -289,23 +295,10 @@ def _sparsegpt(lay: ObsLayout, hessian: Tensor, nnz: int, damp: float, blocksize
     return w, ~prune
 
 
-def _in_weight_dtype(lay: ObsLayout, w: Tensor) -> Tensor:
-    """``w`` (the compute dtype) in the weight's dtype, or RuntimeError when it is finite there but not in the
-    weight's range (an fp16 weight; the driver's rule)."""
-    final = w.to(lay.weight.dtype)
-    if not bool(torch.isfinite(final).all()):
-        raise RuntimeError(f"sparsegpt: the pruned weights overflow the weight's dtype {lay.weight.dtype} (largest "
-                           f"magnitude {float(w.abs().max()):.4g}); the weight is untouched")
-    return final
-
-
 def sparsegpt_mask(scope, hessian: Tensor, nnz: int, damp: float = 0.01) -> Tensor:
     """SparseGPT's keep-mask alone (``sparsegpt(..., return_mask=True)[1]``, float32), for callers that compute
     their own weights from it: no overflow check on compensated weights it does not return."""
-    lay = _layout(scope)
-    nnz = _check_nnz(nnz)
-    _check_hessian(hessian, lay.K)
-    damp = _check_damp(damp)
+    lay, nnz, damp = _scope_hessian_args(scope, hessian, nnz, damp)
     if nnz >= lay.gs or lay.S == 0:
         return torch.ones(lay.M, lay.K, dtype=torch.bool, device=lay.weight.device)
     return _sparsegpt(lay, hessian, nnz, damp, 128, False, torch.float32)[1]
@@ -344,10 +337,7 @@ def sparsegpt(scope, hessian: Tensor, nnz: int, damp: float = 0.01, blocksize: i
     result is finite in ``dtype`` but overflows the weight's own dtype (an fp16 weight); the weight
     is untouched either way.
     """
-    lay = _layout(scope)
-    nnz = _check_nnz(nnz)
-    _check_hessian(hessian, lay.K)
-    damp = _check_damp(damp)
+    lay, nnz, damp = _scope_hessian_args(scope, hessian, nnz, damp)
     dtype = _check_dtype(dtype)
     if isinstance(blocksize, bool):
         raise TypeError("blocksize: expected an int")
@@ -365,6 +355,7 @@ def sparsegpt(scope, hessian: Tensor, nnz: int, damp: float = 0.01, blocksize: i
         keep = torch.ones(lay.M, lay.K, dtype=torch.bool, device=out.device)
         return (out, keep) if return_mask else out
     out, keep = _sparsegpt(lay, hessian, nnz, damp, blocksize, progress, dtype)
-    out = _in_weight_dtype(lay, out)
+    out = cast_finite(out, lay.weight.dtype, "sparsegpt: the pruned weights overflow the weight's dtype",
+                      "; the weight is untouched")
     _finish(lay, out, inplace)
     return (out, keep) if return_mask else out

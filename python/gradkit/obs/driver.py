@@ -1067,10 +1067,8 @@ def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, ch
                     if not bool(torch.isfinite(out).all()):
                         raise RuntimeError(f"{method} produced non-finite weights for layer {name!r}")
                     _check_pattern_holds(scope, out, n_keep, name, method)
-                    final = out.to(device=dense.device, dtype=dense.dtype)
-                    if not bool(torch.isfinite(final).all()):
-                        raise RuntimeError(f"{method}: the pruned weights of layer {name!r} overflow the layer's dtype "
-                                           f"{dense.dtype} (largest magnitude {float(out.abs().max()):.4g})")
+                    final = metrics.cast_finite(out, dense.dtype, f"{method}: the pruned weights of layer {name!r} "
+                                                "overflow the layer's dtype", device=dense.device)
                     # the report's errors read H too (a NaN activation makes it NaN; "magnitude" never reads it
                     # before): inside the try, so that this error names the layer as well
                     wd = dense_oi.to(device=wdev, dtype=wdt)

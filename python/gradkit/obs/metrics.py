@@ -230,6 +230,16 @@ def output_error(W: Tensor, W_pruned: Tensor, X: Optional[Tensor] = None, H: Opt
 # --------------------------------------------------------------------------- resolve
 
 
+def cast_finite(w: Tensor, dtype: torch.dtype, what: str, tail: str = "", device=None) -> Tensor:
+    """``w`` (finite, in the compute dtype) rounded to ``dtype`` (and moved to ``device``), or RuntimeError
+    ``"<what> <dtype> (largest magnitude ...)<tail>"`` when a value leaves ``dtype``'s range (an fp16 weight):
+    the overflow rule every pruner and ``prune_model`` apply before writing a weight back."""
+    final = w.to(device=w.device if device is None else device, dtype=dtype)
+    if not bool(torch.isfinite(final).all()):
+        raise RuntimeError(f"{what} {dtype} (largest magnitude {float(w.abs().max()):.4g}){tail}")
+    return final
+
+
 def resolve(W: Tensor, H: Tensor, mask: Tensor, damp: float = 0.0, out: Optional[Tensor] = None,
             dtype: torch.dtype = torch.float32, max_batch_bytes: int = 1 << 28) -> Tensor:
     """Exact per-row least-squares re-solve of the kept weights on a fixed support.
@@ -340,11 +350,9 @@ def resolve(W: Tensor, H: Tensor, mask: Tensor, damp: float = 0.0, out: Optional
     if not bool(torch.isfinite(res).all()):
         raise NotPositiveDefiniteError("resolve: the solve produced non-finite weights (H is numerically singular "
                                        f"on a support even with damp={damp}); increase damp")
-    final = res.to(W.dtype if out is None else out.dtype)
-    if not bool(torch.isfinite(final).all()):  # finite in `dtype`, not in an fp16 result's range: refused, as
-        # StructuredOBS / sparsegpt / prune_model refuse it, before `out` is written
-        raise RuntimeError(f"resolve: the re-solved weights overflow the result's dtype {final.dtype} (largest "
-                           f"magnitude {float(res.abs().max()):.4g})")
+    # finite in `dtype`, not necessarily in an fp16 result's range: refused before `out` is written
+    final = cast_finite(res, W.dtype if out is None else out.dtype,
+                        "resolve: the re-solved weights overflow the result's dtype")
     if out is not None:
         out.copy_(final)
         return out

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from gradkit import ops
 from gradkit.obs.layout import ObsLayout, obs_layout
-from gradkit.obs.metrics import _check_symmetric
+from gradkit.obs.metrics import _check_symmetric, cast_finite
 
 __all__ = ["StructuredOBS", "compute_inverse", "MAX_SUBSETS"]
 
@@ -295,10 +295,8 @@ class StructuredOBS:
         what = self._what()
         if not bool(torch.isfinite(w).all()):
             raise RuntimeError(f"{method} produced non-finite weights for {what}")
-        final = w.view_as(self.W).to(self.W.dtype)
-        if not bool(torch.isfinite(final).all()):
-            raise RuntimeError(f"{method}: the pruned weights of {what} overflow the weight's dtype {self.W.dtype} "
-                               f"(largest magnitude {float(w.abs().max()):.4g})")
+        final = cast_finite(w.view_as(self.W), self.W.dtype,
+                            f"{method}: the pruned weights of {what} overflow the weight's dtype")
         # an in-place copy under no_grad, not through .data: it bumps the version counter, so an
         # autograd graph that saved the dense weight raises on backward instead of using the pruned one
         with torch.no_grad():

@@ -534,6 +534,19 @@ def block_apply_mask_(x: torch.Tensor, block_shape: Sequence[int], block_mask: t
     _wrote([x], fn)
 
 
+def check_soft_scalars(max_iter, atol, eps) -> int:
+    """block_soft_threshold_'s scalar arguments: ``max_iter`` an int >= 0, ``atol`` and ``eps`` (None: not
+    given) finite and >= 0; returns max_iter. Also used by gradkit.scope's couplings, whose steps check
+    before their first write."""
+    max_iter = _int(max_iter, "max_iter")
+    if max_iter < 0:
+        raise ValueError(f"max_iter: expected >= 0, got {max_iter}")
+    for name, v in (("atol", atol), ("eps", eps)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < float("inf"))):
+            raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+    return max_iter
+
+
 def block_soft_threshold_(x: torch.Tensor, block_shape: Sequence[int], thresholds: torch.Tensor, *,
                           conditioner: Optional[torch.Tensor] = None, max_iter: int = 20, atol: float = 1e-8,
                           eps: Optional[float] = None) -> None:
@@ -552,14 +565,9 @@ def block_soft_threshold_(x: torch.Tensor, block_shape: Sequence[int], threshold
     _check_companion(thresholds, x, "thresholds", grid)
     if conditioner is not None:
         _check_companion(conditioner, x, "conditioner", x.shape)
-    max_iter = _int(max_iter, "max_iter")
-    if max_iter < 0:
-        raise ValueError(f"max_iter: expected >= 0, got {max_iter}")
     if eps is None:
         eps = float(torch.finfo(x.dtype).eps)
-    for name, v in (("atol", atol), ("eps", eps)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < float("inf")):
-            raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+    max_iter = check_soft_scalars(max_iter, atol, eps)
     _check_writable([x], "x")
     fn = _impl("block_soft_threshold_", "scope")
     fn(x, list(block_shape), thresholds, conditioner, max_iter, float(atol), float(eps))
