@@ -12,7 +12,8 @@
 // Result on the session-25 VM (AMD EPYC Zen 4, family 25 model 17, avx512_bf16): part 1, 0 mismatches in
 // 1,732,992 outputs that meet the bound (91,688 of 200,000 cases did not and were skipped; without the swap
 // 189,603 mismatches); part 2, vdpbf16ps 0.665 ns per instruction against 0.273 ns per FMA: 2.4x the time for
-// 2x the work, so 1.2x slower per multiply-add. A factored kernel built on it (one pass of 16 rows, the rows'
+// 2x the work, so 1.2x slower per multiply-add (a /tmp variant: the register-operand zmm form 0.595 ns, the ymm
+// form 0.279 ns for 8 lanes: at best the FMA's multiply-add rate). A factored kernel built on it (one pass of 16 rows, the rows'
 // pairs swapped per 256-feature chunk into L1, the bound checked per chunk with an FMA fallback) matched the
 // FMA kernel bit for bit and timed 2.37 vs 2.36 ms (1000 x 1000, 64 x 128 bf16 tokens, two threads): not
 // kept. On CPUs whose vdpbf16ps issues at the FMA rate (Intel's Sapphire Rapids documents it so) the same
