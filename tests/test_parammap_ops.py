@@ -471,3 +471,32 @@ def test_topk_select_heavy_bucket_fallback(dtype, with_active):
     parts = list(s.split([100_000, 1, 299_999, 200_000]))
     acts = None if active is None else list(active.split([100_000, 1, 299_999, 200_000]))
     assert torch.equal(ops.topk_select_segments(parts, n_act // 2, acts), ref.topk_select(s, active, n_act // 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_precheck_finds_one_bad_position_anywhere(dtype):
+    """The in-place ops' position pre-check (a vectorised min / max reduction per work item of 32768 positions)
+    finds a single out-of-range position at any place of a long list -- the first, the last, inside the
+    vector body or its tail, in a later work item -- and lets the boundary values 0 and n - 1 through."""
+    n = 70_001  # positions per segment: three work items, the last one short
+    numel = 100_003
+    base = torch.arange(n, dtype=dtype) % numel
+    base[0], base[1] = 0, numel - 1
+    limits = [numel, -1, torch.iinfo(dtype).min, torch.iinfo(dtype).max]
+    for where in (0, 1, 7, 31, 32767, 32768, 65536, n - 2, n - 1):
+        for v in limits:
+            idx = base.clone()
+            idx[where] = v
+            dst = torch.zeros(numel)
+            with pytest.raises(IndexError, match="^index: a position is out of range"):
+                ops.scatter_segments_(torch.ones(n), [idx], [dst])
+            assert not dst.any()
+            out = torch.full((n,), 3.0)
+            with pytest.raises(IndexError, match="^index: a position is out of range"):
+                ops.gather_segments([torch.randn(numel)], [idx], out=out)
+            assert torch.equal(out, torch.full((n,), 3.0))
+    dst = torch.zeros(numel)
+    ops.scatter_segments_(torch.ones(n), [base], [dst])  # every position valid: written
+    assert dst[base.long()].eq(1).all() and int(dst.sum()) == torch.unique(base).numel()
+    with pytest.raises(IndexError, match="^index: a position is out of range"):  # an empty destination
+        ops.scatter_segments_(torch.ones(1), [torch.zeros(1, dtype=dtype)], [torch.zeros(0)])

@@ -192,6 +192,20 @@ void run_work(const std::vector<WorkItem>& work, const std::vector<Segment>& seg
   TORCH_CHECK_INDEX(!bad.load(), "index: a position is out of range for its segment");
 }
 
+// True when a position of p[lo, hi) lies outside [0, n): a signed min / max reduction, which the compiler
+// vectorises (pminsd / pmaxsd, pcmpgtq at x86-64-v2); the per-entry unsigned compare it replaces did not
+// vectorise and was 2.3 of 14.8 ms of scatter_into on GPT-2 4x512 at 5% (one thread, Zen 4, session 25).
+template <typename T>
+bool out_of_range(const T* p, int64_t lo, int64_t hi, int64_t n) {
+  if (hi <= lo) return false;
+  T mn = p[lo], mx = p[lo];
+  for (int64_t j = lo + 1; j < hi; ++j) {
+    mn = std::min(mn, p[j]);
+    mx = std::max(mx, p[j]);
+  }
+  return mn < 0 || static_cast<int64_t>(mx) >= n;
+}
+
 // Every position of every indexed segment checked against its tensor in one parallel pass (over the same
 // work items as the kernel) before anything is written, so an in-place scatter / gather(out=) that raises
 // leaves its destination untouched (the kernels' own flags, reported after the parallel region, came after
@@ -204,10 +218,9 @@ void check_positions(const std::vector<WorkItem>& work, const std::vector<Segmen
       const auto& it = work[w];
       const Tensor& idx = segs[it.seg].index;
       if (!idx.defined()) continue;
-      const uint64_t n = static_cast<uint64_t>(segs[it.seg].view.numel);
+      const int64_t n = segs[it.seg].view.numel;
       AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "check_positions", [&] {
-        const index_t* p = idx.data_ptr<index_t>();
-        for (int64_t j = it.lo; j < it.hi; ++j) local |= static_cast<uint64_t>(static_cast<int64_t>(p[j])) >= n;
+        local |= out_of_range(idx.data_ptr<index_t>(), it.lo, it.hi, n);
       });
     }
     if (local) bad.store(true, std::memory_order_relaxed);
