@@ -528,6 +528,42 @@ def test_parammap_out_of_range_position_leaves_every_destination_untouched(bad, 
             E.gather_segments([torch.randn(4, 3), torch.randn(4, 3)], [good, bad], None)
 
 
+@pytest.mark.parametrize("sms", [1, 132])
+def test_parammap_scatter_refuses_a_repeated_position(sms):
+    """check_kernel also flags positions that are not strictly ascending (a tile's last one against the next
+    tile's first); the host then sorts the segments' positions: a repeat raises ValueError with the in-place
+    destination untouched (the gated writer skipped), distinct unsorted positions are written by a second,
+    ungated launch; the functional scatter raises too. An out-of-range position is reported first."""
+    E = emu("parammap")
+    g = torch.Generator().manual_seed(4)
+    n, numel = 9000, 12_000  # three 4096-entry tiles
+    distinct = torch.randperm(numel, generator=g)[:n]
+    flat = torch.randn(n, generator=g)
+    with emulated(sms=sms):
+        for where in ((0, 1), (4095, 4096), (10, 8999)):
+            for pos in (distinct.clone(), distinct.sort().values):
+                pos[where[1]] = pos[where[0]]
+                for accumulate in (False, True):
+                    dst = [torch.zeros(numel)]
+                    with pytest.raises(ValueError, match="^index: a position occurs more than once"):
+                        E.scatter_segments_(flat, [pos], dst, 1.0, accumulate)
+                    assert not dst[0].any()
+                with pytest.raises(ValueError, match="^index: a position occurs more than once"):
+                    E.scatter_segments(flat, [pos], [numel], 1.0)
+                with pytest.raises(IndexError, match="^index: a position is out of range"):
+                    E.scatter_segments_(torch.cat([flat, torch.ones(1)]), [pos, torch.tensor([7])],
+                                        [torch.zeros(numel), torch.zeros(7)], 1.0, False)
+        for pos in (distinct, distinct.sort().values):
+            for accumulate in (False, True):
+                dst = [torch.full((numel,), 2.0)]
+                want = [torch.full((numel,), 2.0)]
+                E.scatter_segments_(flat, [pos], dst, 1.0, accumulate)
+                pm_ref.scatter_segments_(flat, [pos], want, 1.0, accumulate)
+                assert torch.equal(dst[0], want[0])
+            (got,) = E.scatter_segments(flat, [pos], [numel], 0.5)
+            assert torch.equal(got, pm_ref.scatter_segments(flat, [pos], [numel], 0.5)[0])
+
+
 @settings(deadline=None)
 @given(shape=st.lists(st.integers(0, 40), max_size=3), p=st.floats(0, 1), dtype=st.sampled_from(t_pm.IDX),
        seed=st.integers(0, 2**31 - 1))

@@ -500,3 +500,48 @@ def test_precheck_finds_one_bad_position_anywhere(dtype):
     assert dst[base.long()].eq(1).all() and int(dst.sum()) == torch.unique(base).numel()
     with pytest.raises(IndexError, match="^index: a position is out of range"):  # an empty destination
         ops.scatter_segments_(torch.ones(1), [torch.zeros(1, dtype=dtype)], [torch.zeros(0)])
+
+
+@pytest.mark.parametrize("backend", ["native", "reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_scatter_refuses_a_repeated_position(backend, dtype, monkeypatch):
+    """Scatter positions are a set. A repeated one made the native kernels' writes race (two threads: 5e5 of
+    1e6 ones added into one position, a different count each run) and the reference keep one of them: every
+    backend now refuses it with a ValueError naming index, before writing (in place: dst untouched), whether
+    the repeat lies in one work item or two (positions 3 and 70,000 of 100,000). Unsorted distinct positions
+    are written as sorted ones are (the GPU writers, gated on a check that flags unsorted positions, write
+    them after the repeat check), and an out-of-range position in another segment is reported first."""
+    monkeypatch.setenv("GRADKIT_BACKEND", backend)
+    g = torch.Generator().manual_seed(11)
+    n, numel = 100_000, 150_000
+    distinct = torch.randperm(numel, generator=g)[:n].to(dtype)
+    flat = torch.randn(n, generator=g)
+    for where in ((0, 1), (3, 70_000), (n - 2, n - 1)):
+        for order in ("shuffled", "sorted"):
+            pos = distinct.clone()
+            if order == "sorted":
+                pos = pos.sort().values
+            pos[where[1]] = pos[where[0]]
+            for accumulate in (False, True):
+                dst = [torch.zeros(numel), torch.zeros(7)]
+                with pytest.raises(ValueError, match="^index: a position occurs more than once"):
+                    ops.scatter_segments_(torch.cat([flat, torch.ones(2)]), [pos, torch.tensor([1, 5])], dst,
+                                          accumulate=accumulate)
+                assert not dst[0].any() and not dst[1].any()
+            with pytest.raises(ValueError, match="^index: a position occurs more than once"):
+                ops.scatter_segments(flat, [pos], [numel])
+            # a position out of range in another segment is reported first
+            with pytest.raises(IndexError, match="^index: a position is out of range"):
+                ops.scatter_segments_(torch.cat([flat, torch.ones(1)]), [pos, torch.tensor([9])],
+                                      [torch.zeros(numel), torch.zeros(7)])
+    for pos in (distinct, distinct.sort().values):  # distinct positions, either order: written
+        for accumulate in (False, True):
+            dst = torch.full((numel,), 2.0)
+            ops.scatter_segments_(flat, [pos], [dst], accumulate=accumulate)
+            want = torch.full((numel,), 2.0)
+            want[pos.long()] = (flat + 2.0) if accumulate else flat
+            assert torch.equal(dst, want)
+        (got,) = ops.scatter_segments(flat, [pos], [numel], scale=0.5)
+        want = torch.zeros(numel)
+        want[pos.long()] = flat * 0.5
+        assert torch.equal(got, want)

@@ -261,12 +261,14 @@ def test_out_of_range_position_leaves_every_destination_untouched(bad, blk):
                 with pytest.raises(IndexError, match="^index: a position is out of range for its segment$"):
                     T.gather_segments_out([torch.randn(4, 3), torch.randn(4, 3)], [good, bad], out, accumulate)
                 assert torch.equal(out, torch.full((n,), 7.0))
-        # in range: the gate is open and the same calls write
+        # in range (and distinct: scatter positions are a set): the gate is open and the same calls write, sorted
+        # positions at once, unsorted ones after the repeat check
         dst = [torch.zeros(4, 3), torch.zeros(3, 4).t()]
-        flat = torch.arange(40.0)
-        T.scatter_segments_(flat, [good, good], dst, 1.0, False)
+        pos = [torch.arange(12), torch.tensor([5, 0, 11, 3, 7, 1, 2, 9, 4, 10, 6, 8])]
+        flat = torch.arange(24.0)
+        T.scatter_segments_(flat, pos, dst, 1.0, False)
         want = [torch.zeros(4, 3), torch.zeros(3, 4).t()]
-        R.scatter_segments_(flat, [good, good], want, 1.0, False)
+        R.scatter_segments_(flat, pos, want, 1.0, False)
         assert all(torch.equal(d, w) for d, w in zip(dst, want))
 
 
@@ -284,7 +286,7 @@ class _Counter:
 def test_one_launch_for_all_segments(monkeypatch):
     src = [torch.randn(3, 5), torch.randn(40, dtype=torch.float64), torch.randn(7).half(),
            torch.randn(2, 9).bfloat16().t(), torch.randn(0)]
-    index = [torch.tensor([4, 0, 14, 4]), None, torch.tensor([6, 1], dtype=torch.int32), None, None]
+    index = [torch.tensor([0, 4, 9, 14]), None, torch.tensor([1, 6], dtype=torch.int32), None, None]
     names = ["_gather_kernel", "_scatter_kernel", "_zero_kernel", "_check_kernel"]
     counters = {n: _Counter(getattr(T, n)) for n in names}
     for n, c in counters.items():
@@ -297,11 +299,15 @@ def test_one_launch_for_all_segments(monkeypatch):
     dst = [s.clone() for s in src]
     T.scatter_segments_(flat, index, dst, 2.0, True)  # in place with an index: one check launch first
     assert counters["_scatter_kernel"].launches == 1 and counters["_check_kernel"].launches == 1
-    T.scatter_segments(flat, index, [s.numel() for s in src], 1.0)
+    T.scatter_segments(flat, index, [s.numel() for s in src], 1.0)  # the functional one is checked too
     assert counters["_scatter_kernel"].launches == 2 and counters["_zero_kernel"].launches == 1
-    assert counters["_check_kernel"].launches == 1
+    assert counters["_check_kernel"].launches == 2
     T.gather_segments_out(src, [None] * len(src), torch.empty(sum(s.numel() for s in src)), False)
-    assert counters["_gather_kernel"].launches == 2 and counters["_check_kernel"].launches == 1  # no index
+    assert counters["_gather_kernel"].launches == 2 and counters["_check_kernel"].launches == 2  # no index
+    # unsorted (distinct) positions: the gated writer skips, the repeat check passes, a second launch writes
+    index[0] = torch.tensor([4, 0, 14, 9])
+    T.scatter_segments_(flat, index, dst, 2.0, True)
+    assert counters["_scatter_kernel"].launches == 4 and counters["_check_kernel"].launches == 3
 
 
 # --------------------------------------------------------------------------- selection encodings

@@ -178,54 +178,113 @@ std::vector<WorkItem> make_work(const std::vector<Segment>& segs) {
   return make_work(segs, [](size_t) { return kGrain; });
 }
 
+// fn(w) for w in [0, n) in one parallel region, each thread taking the next unclaimed item (an atomic
+// counter): items differ in size (a segment's last one is short, small tensors have one short item), and the
+// static split of at::parallel_for gave one thread the long items: scatter_into of GPT-2 4x512 at 5% took 7.1
+// ms against 5.1 ms so (two threads, Zen 4, session 25; torch's index_copy_ per tensor 5.7 ms). Every item
+// writes its own positions (scatter positions are distinct, gather outputs are), so the result does not
+// depend on which thread runs which item.
+template <typename Fn>
+void for_each_item(int64_t n, Fn fn) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t w; (w = next.fetch_add(1, std::memory_order_relaxed)) < n;) fn(w);
+  });
+}
+
 // Runs fn(item, view, index, bad) over every work item in one parallel region; positions out of
 // range are never touched, only flagged, and reported once the region is over.
 template <typename Fn>
 void run_work(const std::vector<WorkItem>& work, const std::vector<Segment>& segs, Fn fn) {
   std::atomic<bool> bad{false};
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t w = b; w < e; ++w) {
-      const auto& it = work[w];
-      fn(it, segs[it.seg].view, segs[it.seg].index, bad);
-    }
+  for_each_item(static_cast<int64_t>(work.size()), [&](int64_t w) {
+    const auto& it = work[w];
+    fn(it, segs[it.seg].view, segs[it.seg].index, bad);
   });
   TORCH_CHECK_INDEX(!bad.load(), "index: a position is out of range for its segment");
 }
 
-// True when a position of p[lo, hi) lies outside [0, n): a signed min / max reduction, which the compiler
-// vectorises (pminsd / pmaxsd, pcmpgtq at x86-64-v2); the per-entry unsigned compare it replaces did not
+// Checks of positions p[lo, hi) of a segment of `count` positions into a tensor of n elements: bit 1, one lies
+// outside [0, n); bit 2, they are not strictly ascending at some j in [lo, hi) (p[j] >= p[j + 1], the item's
+// last one compared with the next item's first). Signed min / max and neighbour compares, which the compiler
+// vectorises (pminsd / pmaxsd, pcmpgtq at x86-64-v2); the per-entry unsigned compare this replaces did not
 // vectorise and was 2.3 of 14.8 ms of scatter_into on GPT-2 4x512 at 5% (one thread, Zen 4, session 25).
 template <typename T>
-bool out_of_range(const T* p, int64_t lo, int64_t hi, int64_t n) {
-  if (hi <= lo) return false;
+int position_flags(const T* p, int64_t lo, int64_t hi, int64_t count, int64_t n) {
+  if (hi <= lo) return 0;
   T mn = p[lo], mx = p[lo];
   for (int64_t j = lo + 1; j < hi; ++j) {
     mn = std::min(mn, p[j]);
     mx = std::max(mx, p[j]);
   }
-  return mn < 0 || static_cast<int64_t>(mx) >= n;
+  bool down = false;
+  const int64_t e = std::min(hi, count - 1);
+  for (int64_t j = lo; j < e; ++j) down |= p[j] >= p[j + 1];
+  return (mn < 0 || static_cast<int64_t>(mx) >= n ? 1 : 0) | (down ? 2 : 0);
+}
+
+// True when a position occurs twice in idx (every one in [0, n)): a bitmap of n bits, or a sorted copy of the
+// positions where that is smaller. Only run on segments whose positions are not strictly ascending.
+bool has_duplicates(const at::Tensor& idx, int64_t n) {
+  const int64_t c = idx.numel();
+  if (c < 2) return false;
+  if (n / 8 > c * 8) {
+    at::Tensor s = std::get<0>(idx.to(at::kLong).sort());
+    const int64_t* q = s.data_ptr<int64_t>();
+    for (int64_t j = 1; j < c; ++j)
+      if (q[j] == q[j - 1]) return true;
+    return false;
+  }
+  std::vector<uint64_t> seen(static_cast<size_t>(n / 64 + 1), 0);
+  bool dup = false;
+  AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "has_duplicates", [&] {
+    const index_t* p = idx.data_ptr<index_t>();
+    for (int64_t j = 0; j < c && !dup; ++j) {
+      const uint64_t k = static_cast<uint64_t>(static_cast<int64_t>(p[j]));
+      const uint64_t b = uint64_t(1) << (k % 64);
+      dup = (seen[k / 64] & b) != 0;
+      seen[k / 64] |= b;
+    }
+  });
+  return dup;
+}
+
+// The segments among `which` whose positions repeat one, checked in parallel over segments.
+void check_distinct(const std::vector<Segment>& segs, const std::vector<int64_t>& which) {
+  std::atomic<bool> dup{false};
+  for_each_item(static_cast<int64_t>(which.size()), [&](int64_t w) {
+    const Segment& sg = segs[which[w]];
+    if (has_duplicates(sg.index, sg.view.numel)) dup.store(true, std::memory_order_relaxed);
+  });
+  TORCH_CHECK_VALUE(!dup.load(), "index: a position occurs more than once in a segment; scatter positions must "
+                    "be distinct");
 }
 
 // Every position of every indexed segment checked against its tensor in one parallel pass (over the same
 // work items as the kernel) before anything is written, so an in-place scatter / gather(out=) that raises
 // leaves its destination untouched (the kernels' own flags, reported after the parallel region, came after
-// the in-range entries had been written).
-void check_positions(const std::vector<WorkItem>& work, const std::vector<Segment>& segs) {
-  std::atomic<bool> bad{false};
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t b, int64_t e) {
-    bool local = false;
-    for (int64_t w = b; w < e; ++w) {
-      const auto& it = work[w];
-      const Tensor& idx = segs[it.seg].index;
-      if (!idx.defined()) continue;
-      const int64_t n = segs[it.seg].view.numel;
-      AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "check_positions", [&] {
-        local |= out_of_range(idx.data_ptr<index_t>(), it.lo, it.hi, n);
-      });
-    }
-    if (local) bad.store(true, std::memory_order_relaxed);
+// the in-range entries had been written). distinct (scatter): a segment whose positions are not strictly
+// ascending is then checked for a repeated position (its writes would race, and its += would lose updates).
+void check_positions(const std::vector<WorkItem>& work, const std::vector<Segment>& segs, bool distinct) {
+  std::vector<uint8_t> flags(work.size(), 0);
+  for_each_item(static_cast<int64_t>(work.size()), [&](int64_t w) {
+    const auto& it = work[w];
+    const Segment& sg = segs[it.seg];
+    if (!sg.index.defined()) return;
+    AT_DISPATCH_INDEX_TYPES(sg.index.scalar_type(), "check_positions", [&] {
+      flags[w] = static_cast<uint8_t>(
+          position_flags(sg.index.data_ptr<index_t>(), it.lo, it.hi, sg.count, sg.view.numel));
+    });
   });
-  TORCH_CHECK_INDEX(!bad.load(), "index: a position is out of range for its segment");
+  int all = 0;
+  std::vector<int64_t> unsorted;
+  for (size_t w = 0; w < work.size(); ++w) {
+    all |= flags[w];
+    if ((flags[w] & 2) && (unsorted.empty() || unsorted.back() != work[w].seg)) unsorted.push_back(work[w].seg);
+  }
+  TORCH_CHECK_INDEX(!(all & 1), "index: a position is out of range for its segment");
+  if (distinct && !unsorted.empty()) check_distinct(segs, unsorted);
 }
 
 #define GK_DISPATCH_FLOAT(T, NAME, ...) \
@@ -240,7 +299,7 @@ void gather_impl(at::TensorList src, const c10::List<std::optional<Tensor>>& ind
   check_gather_out(out, total);
   if (total == 0) return;
   const auto work = make_work(segs);
-  if (precheck) check_positions(work, segs);
+  if (precheck) check_positions(work, segs, false);
   const at::ScalarType dt = out.scalar_type();
   run_work(work, segs, [&](const WorkItem& it, const SegView& v, const Tensor& idx, std::atomic<bool>& bad) {
       GK_DISPATCH_FLOAT(v.dtype, "gather_src", [&] {
@@ -282,7 +341,7 @@ void scatter_impl(const Tensor& flat, const c10::List<std::optional<Tensor>>& in
   check_scatter_flat(flat, segment_offsets(segs, &offs));
   if (flat.numel() == 0) return;
   const auto work = make_work(segs);
-  check_positions(work, segs);
+  check_positions(work, segs, true);
   const Tensor f = flat.contiguous();
   run_work(work, segs, [&](const WorkItem& it, const SegView& v, const Tensor& idx, std::atomic<bool>& bad) {
       GK_DISPATCH_FLOAT(f.scalar_type(), "scatter_flat", [&] {
@@ -339,6 +398,7 @@ std::vector<Tensor> scatter_segments_cpu(const Tensor& flat, const c10::List<std
   std::vector<int64_t> offs;
   const int64_t total = segment_offsets(segs, &offs);
   check_scatter_flat(flat, total);
+  std::vector<int64_t> unsorted;
   for (const auto i : c10::irange(segs.size())) {
     const Tensor& idx = segs[i].index;
     if (!idx.defined()) continue;  // every element is written
@@ -346,7 +406,21 @@ std::vector<Tensor> scatter_segments_cpu(const Tensor& flat, const c10::List<std
       fused[i] = 1;
     } else {
       outs[i].zero_();
+      unsorted.push_back(static_cast<int64_t>(i));
     }
+  }
+  if (!unsorted.empty()) {  // a repeated position would make the output depend on which thread wrote last
+    // positions out of range (in any segment) are reported first, as everywhere (has_duplicates indexes its
+    // bitmap by them)
+    for (const auto& sg : segs) {
+      if (!sg.index.defined()) continue;
+      bool oob = false;
+      AT_DISPATCH_INDEX_TYPES(sg.index.scalar_type(), "scatter_new_range", [&] {
+        oob = position_flags(sg.index.data_ptr<index_t>(), 0, sg.count, sg.count, sg.view.numel) & 1;
+      });
+      TORCH_CHECK_INDEX(!oob, "index: a position is out of range for its segment");
+    }
+    check_distinct(segs, unsorted);
   }
   if (total == 0) return outs;
   const Tensor f = flat.contiguous();

@@ -116,7 +116,12 @@ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? 
 // writing kernel, launched after it on the same stream, is gated: each block reads the flag
 // before its first write and stops if it is set (the CPU kernel's pre-pass; no extra host
 // synchronisation, one more read of the positions). The functional ops write only tensors
-// they allocated and keep one launch.
+// they allocated: gather keeps one launch. Scatter positions must be distinct (a repeat makes the
+// writes race and += lose updates), so every scatter with an index runs check_kernel with
+// `ascending`: it also flags (bit 2) positions that are not strictly ascending; after the writer
+// the host then sorts each indexed segment's positions and raises on a repeat, or, for the gated
+// in-place writer (which wrote nothing), launches it again ungated. Sorted positions (ParamMap's)
+// cost one read of the positions more than before in the functional scatter, nothing more in place.
 
 constexpr int kVec = 4;                             // elements per vector access
 constexpr int64_t kTile = kThreads * 4 * kVec;       // 4096 entries per tile (multiple of kVec)
@@ -249,12 +254,14 @@ SegTable upload_table(const std::vector<Segment>& segs, const std::vector<int64_
   return t;
 }
 
-void check_oob(const SegTable& t) {
-  if (!t.any_index) return;  // only indexed segments can be out of range
+// The header flag (0 without an indexed segment); raises when a position was out of range.
+int32_t check_oob(const SegTable& t) {
+  if (!t.any_index) return 0;  // only indexed segments can be out of range
   const Tensor h = t.dev.narrow(0, 0, 4).to(at::kCPU);  // synchronises the stream
   int32_t flag = 0;
   std::memcpy(&flag, h.data_ptr<uint8_t>(), 4);
-  TORCH_CHECK_INDEX(flag == 0, "index: a position is out of range for its segment");
+  TORCH_CHECK_INDEX(!(flag & 1), "index: a position is out of range for its segment");
+  return flag;
 }
 
 using gradkit::cuda::find_seg;  // the gather/scatter (DevSeg) and top-k (TopkSeg) tables
@@ -461,38 +468,58 @@ __global__ void __launch_bounds__(kThreads) scatter_kernel(const DevSeg* __restr
   }
 }
 
-// True if a position of entries [j0, j1) of an indexed segment lies outside [0, numel).
+// Flags of entries [j0, j1) of an indexed segment: kOutOfRange if a position lies outside [0, numel);
+// with `ascending`, kNotAscending if some j in [j0, j1) has ix[j] >= ix[j + 1] (j + 1 < count: a tile's last
+// position is compared with the next tile's first).
+constexpr int kOutOfRange = 1, kNotAscending = 2;
 template <typename I>
-__device__ bool any_out_of_range(const DevSeg& sg, int64_t j0, int64_t j1) {
+__device__ int position_flags(const DevSeg& sg, int64_t j0, int64_t j1, bool ascending) {
   const I* __restrict__ ix = static_cast<const I*>(sg.index);
   const uint64_t n = static_cast<uint64_t>(sg.numel);
-  bool oob = false;
+  bool oob = false, down = false;
   for (int64_t j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
-    oob |= static_cast<uint64_t>(static_cast<int64_t>(ix[j])) >= n;
+    const I v = ix[j];
+    oob |= static_cast<uint64_t>(static_cast<int64_t>(v)) >= n;
+    if (ascending && j + 1 < sg.count) down |= v >= ix[j + 1];
   }
-  return oob;
+  return (oob ? kOutOfRange : 0) | (down ? kNotAscending : 0);
 }
 
-// Sets *bad if any indexed segment holds a position outside [0, numel); writes nothing else.
+// ORs into *bad kOutOfRange if an indexed segment holds a position outside [0, numel), and with `ascending`
+// (the scatters) kNotAscending if one's positions are not strictly ascending; writes nothing else.
 __global__ void __launch_bounds__(kThreads) check_kernel(const DevSeg* __restrict__ segs, int nseg, int64_t tiles,
-                                                         int* bad) {
-  bool oob = false;
+                                                         int* bad, bool ascending) {
+  int f = 0;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const DevSeg& sg = segs[find_seg(segs, nseg, tile)];
     const int64_t j0 = (tile - sg.first_tile) * kTile;
     const int64_t j1 = min64(sg.count, j0 + kTile);
-    if (sg.index_kind == kIdx32) oob |= any_out_of_range<int32_t>(sg, j0, j1);
-    else if (sg.index_kind == kIdx64) oob |= any_out_of_range<int64_t>(sg, j0, j1);
+    if (sg.index_kind == kIdx32) f |= position_flags<int32_t>(sg, j0, j1, ascending);
+    else if (sg.index_kind == kIdx64) f |= position_flags<int64_t>(sg, j0, j1, ascending);
   }
-  if (oob) *bad = 1;
+  if (f) atomicOr(bad, f);
 }
 
-// In-place launches (into the caller's tensors) with an index: check_kernel first, then the gated kernel.
-bool launch_check(const SegTable& t, int64_t grid, cudaStream_t stream) {
+// check_kernel over the indexed positions (false: no segment has an index). Before the in-place launches
+// (into the caller's tensors), whose writing kernel is then gated on the flag, and before the functional
+// scatter (ascending: a repeated position is refused there too).
+bool launch_check(const SegTable& t, int64_t grid, cudaStream_t stream, bool ascending) {
   if (!t.any_index) return false;
-  GK_LAUNCH(check_kernel, static_cast<unsigned>(grid), kThreads, 0, stream, t.segs, t.nseg, t.tiles, t.bad);
+  GK_LAUNCH(check_kernel, static_cast<unsigned>(grid), kThreads, 0, stream, t.segs, t.nseg, t.tiles, t.bad,
+            ascending);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
+}
+
+// After a scatter's check found positions that are not strictly ascending: true when some indexed segment
+// repeats a position (a sorted copy per segment; this path is for unsorted position lists only).
+bool any_repeated(const std::vector<Segment>& segs) {
+  for (const auto& sg : segs) {
+    if (!sg.index.defined() || sg.count < 2) continue;
+    const Tensor s = std::get<0>(sg.index.sort());
+    if (s.slice(0, 1).eq(s.slice(0, 0, sg.count - 1)).any().item<bool>()) return true;
+  }
+  return false;
 }
 
 void gather_impl(at::TensorList src, const c10::List<std::optional<Tensor>>& index, Tensor& out,
@@ -511,7 +538,7 @@ void gather_impl(at::TensorList src, const c10::List<std::optional<Tensor>>& ind
     D* o = out.data_ptr<D>();
     const SegTable t = upload_table(segs, offs, o, sizeof(D), out.device());
     const int64_t grid = grid_for(t.tiles, out.device().index());
-    const bool gated = in_place && launch_check(t, grid, stream);
+    const bool gated = in_place && launch_check(t, grid, stream, false);
     GK_LAUNCH(gather_kernel<D>, static_cast<unsigned>(grid), kThreads, 0, stream, t.segs, t.nseg, t.tiles, o, t.bad,
               accumulate, gated);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -553,11 +580,23 @@ void scatter_impl(const Tensor& flat, const c10::List<std::optional<Tensor>>& in
     const F* fp = f.data_ptr<F>();
     const SegTable t = upload_table(segs, offs, fp, sizeof(F), f.device());
     const int64_t grid = grid_for(t.tiles, f.device().index());
-    const bool gated = in_place && launch_check(t, grid, stream);
+    // The check runs before every scatter with an index (the functional one too): it also flags positions that
+    // are not strictly ascending, which may repeat one (racing writes, lost += updates). The in-place writer is
+    // gated on the flag; the functional one writes only its own new tensors.
+    const bool checked = launch_check(t, grid, stream, true);
+    const bool gated = in_place && checked;
     GK_LAUNCH(scatter_kernel<F>, static_cast<unsigned>(grid), kThreads, 0, stream, t.segs, t.nseg, t.tiles, fp,
               scale, accumulate, t.bad, gated);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    check_oob(t);
+    if (check_oob(t) & kNotAscending) {  // unsorted positions: refused if one repeats
+      TORCH_CHECK_VALUE(!any_repeated(segs), "index: a position occurs more than once in a segment; scatter "
+                        "positions must be distinct");
+      if (gated) {  // distinct after all: the gated writer wrote nothing, so write now (no position is out of range)
+        GK_LAUNCH(scatter_kernel<F>, static_cast<unsigned>(grid), kThreads, 0, stream, t.segs, t.nseg, t.tiles, fp,
+                  scale, accumulate, t.bad, false);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
   });
 }
 

@@ -331,6 +331,12 @@ T atomicMin(T* p, T v) {
   if (v < old) *p = v;
   return old;
 }
+template <typename T>
+T atomicOr(T* p, T v) {
+  const T old = *p;
+  *p = old | v;
+  return old;
+}
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline unsigned __vcmpne4(unsigned a, unsigned b) {  // 0xff in each byte where a and b differ

@@ -232,6 +232,7 @@ def scatter_segments(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]]
     """Inverse of gather: S new 1-D tensors of ``numel[s]`` elements, zero where unselected.
 
     flat: (sum_s count_s,); returns [t_s: (numel[s],)] with t_s[index[s][j]] = scale * flat[off_s + j].
+    The positions of a segment must be distinct (IndexError out of range, ValueError for a repeat).
     """
     _check_flat(flat)
     if len(numel) != len(index):
@@ -251,7 +252,11 @@ def scatter_segments(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]]
 
 def scatter_segments_(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]],
                       dst: Sequence[torch.Tensor], *, scale: float = 1.0, accumulate: bool = False) -> None:
-    """In place: dst[s].flatten()[index[s][j]] = (or +=) scale * flat[off_s + j]. Allocates nothing."""
+    """In place: dst[s].flatten()[index[s][j]] = (or +=) scale * flat[off_s + j]. Allocates nothing.
+
+    The positions of a segment must be distinct: a repeat is a ValueError (an out-of-range one an IndexError),
+    raised before anything is written. Unsorted positions cost one more pass (a bitmap or a sort) on CPU, and
+    on a GPU a sort per segment plus a second launch."""
     _check_flat(flat)
     _check_segments(dst, index, "dst")
     total = sum(_count(t, ix) for t, ix in zip(dst, index))

@@ -29,6 +29,16 @@ def _checked(idx: torch.Tensor, numel: int) -> torch.Tensor:
     return i
 
 
+def _check_scatter(index, numel) -> None:
+    """Every segment's positions in range (IndexError), then none repeated (ValueError): scatter positions are a
+    set; every kernel refuses a repeat, whose writes would race and whose += would lose updates."""
+    pos = [None if i is None else _checked(i, int(n)) for i, n in zip(index, numel)]
+    for i in pos:
+        if i is not None and i.numel() > 1 and torch.unique(i).numel() != i.numel():
+            raise ValueError("index: a position occurs more than once in a segment; scatter positions must be "
+                             "distinct")
+
+
 def gather_segments(src: Sequence[torch.Tensor], index: Sequence[Optional[torch.Tensor]],
                     dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     if dtype is None:
@@ -55,6 +65,7 @@ def gather_segments_out(src, index, out: torch.Tensor, accumulate: bool = False)
 
 def scatter_segments(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]],
                      numel: Sequence[int], scale: float = 1.0) -> List[torch.Tensor]:
+    _check_scatter(index, numel)
     outs, off = [], 0
     for i, n in zip(index, numel):
         full = torch.zeros(int(n), dtype=flat.dtype, device=flat.device)
@@ -65,7 +76,7 @@ def scatter_segments(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]]
         if i is None:
             full.copy_(vals)
         else:
-            full[_checked(i, int(n))] = vals
+            full[i.long()] = vals
         outs.append(full)
         off += c
     return outs
@@ -73,9 +84,7 @@ def scatter_segments(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]]
 
 def scatter_segments_(flat: torch.Tensor, index, dst: Sequence[torch.Tensor],
                       scale: float = 1.0, accumulate: bool = False) -> None:
-    for i, d in zip(index, dst):  # every position first: an error leaves every dst untouched
-        if i is not None:
-            _checked(i, d.numel())
+    _check_scatter(index, [d.numel() for d in dst])  # every position first: an error leaves every dst untouched
     off = 0
     for i, d in zip(index, dst):
         c = d.numel() if i is None else i.numel()

@@ -187,10 +187,29 @@ def _work_item(meta_ptr, work_ptr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _check_kernel(meta_ptr, work_ptr, flag_ptr, BLOCK: tl.constexpr):
-    """Sets the flag if a work row's indexed positions run out of range; writes nothing else."""
+def _check_kernel(meta_ptr, work_ptr, flag_ptr, BLOCK: tl.constexpr, ASCENDING: tl.constexpr = False):
+    """ORs 1 into the flag if a work row's indexed positions run out of range and, with ASCENDING (the
+    scatters), 2 if they are not strictly ascending (position j >= position j + 1, the row's last one compared
+    with the next row's first); writes nothing else."""
     row, ooff, offs, m = _work_item(meta_ptr, work_ptr, BLOCK)
-    _segment_positions(row, offs, m, flag_ptr)
+    numel = tl.load(row + 1)
+    flags = tl.load(row + 3)
+    if ((flags >> 4) & 1) != 0:
+        iaddr = tl.load(row + 2)
+        count = tl.load(row + 4)
+        nm = m & (offs + 1 < count)
+        if ((flags >> 5) & 1) != 0:
+            ix = tl.load(iaddr.to(tl.pointer_type(tl.int64)) + offs, mask=m, other=0)
+            nx = tl.load(iaddr.to(tl.pointer_type(tl.int64)) + offs + 1, mask=nm, other=0)
+        else:
+            ix = tl.load(iaddr.to(tl.pointer_type(tl.int32)) + offs, mask=m, other=0).to(tl.int64)
+            nx = tl.load(iaddr.to(tl.pointer_type(tl.int32)) + offs + 1, mask=nm, other=0).to(tl.int64)
+        nbad = tl.sum((m & ((ix < 0) | (ix >= numel))).to(tl.int32))
+        f = tl.where(nbad > 0, 1, 0)
+        if ASCENDING:
+            ndown = tl.sum((nm & (ix >= nx)).to(tl.int32))
+            f = f | tl.where(ndown > 0, 2, 0)
+        tl.atomic_or(flag_ptr, f.to(tl.int64), mask=f != 0)
 
 
 @triton.jit
@@ -321,21 +340,38 @@ class _Plan:
         self.zwork = b[s + self.n_work * _WORK_COLS:]
         return self
 
-    def precheck(self, block: int) -> bool:
-        """For launches into the caller's tensors: _check_kernel over the indexed positions, so that the
-        writing kernel (GATED=True) writes nothing when one is out of range. False: nothing to check."""
+    def capturing(self) -> bool:
+        return self.buf.is_cuda and torch.cuda.is_current_stream_capturing()
+
+    def precheck(self, block: int, ascending: bool = False) -> bool:
+        """_check_kernel over the indexed positions, before launches into the caller's tensors (whose writing
+        kernel, GATED=True, then writes nothing when the flag is set) and before the scatters (``ascending``:
+        positions that are not strictly ascending are flagged too; they may repeat one, see
+        ``repeats``). False: nothing to check."""
         if not (CHECK_INDEX and self.has_index and self.n_work):
             return False
-        _check_kernel[(self.n_work,)](self.meta, self.work, self.flag, BLOCK=block)
+        _check_kernel[(self.n_work,)](self.meta, self.work, self.flag, BLOCK=block, ASCENDING=ascending)
         return True
 
-    def check(self) -> None:
+    def check(self) -> int:
+        """The flag after the launches (0 when nothing was checked); raises when a position was out of range."""
         if not (CHECK_INDEX and self.has_index and self.n_work):
-            return
-        if self.buf.is_cuda and torch.cuda.is_current_stream_capturing():
-            return
-        if int(self.flag.item()) != 0:
+            return 0
+        if self.capturing():
+            return 0
+        flag = int(self.flag.item())
+        if flag & 1:
             raise IndexError("index: a position is out of range for its segment")
+        return flag
+
+    def repeats(self) -> bool:
+        """After a check that flagged unsorted positions: True when a segment repeats one (a sorted copy each)."""
+        for ix in self.keep:
+            if ix.numel() > 1:
+                s = torch.sort(ix).values
+                if bool((s[1:] == s[:-1]).any()):
+                    return True
+        return False
 
 
 def _wide(*dtypes: torch.dtype) -> tl.dtype:
@@ -397,11 +433,23 @@ def _scatter_into(flat: torch.Tensor, index, dst: Sequence[torch.Tensor], scale:
         dst_code, wide, has_scale = _CODE[flat.dtype], _wide(flat.dtype), scale != 1.0
     else:  # the reference: (dst +) flat.double() * scale, then .to(dst.dtype)
         dst_code, wide, has_scale = -1, tl.float64, True
-    gated = not new and plan.precheck(block)  # new: scatter_segments' own tensors, nothing to protect
-    _scatter_kernel[(plan.n_work,)](plan.meta, plan.work, plan.head, plan.flag, FLAT_CODE=_CODE[flat.dtype],
-                                    DST_CODE=dst_code, ACC=bool(accumulate), HAS_SCALE=has_scale,
-                                    WIDE=wide, BLOCK=block, GATED=gated, enable_fp_fusion=False)
-    plan.check()
+    # the check also flags unsorted positions, which may repeat one (racing writes, lost += updates); not while a
+    # CUDA graph is captured (its flag cannot be read, and a gated writer would then skip distinct unsorted ones)
+    checked = plan.precheck(block, ascending=not plan.capturing())
+    gated = not new and checked  # new: scatter_segments' own tensors, nothing to protect
+
+    def launch(gated: bool) -> None:
+        _scatter_kernel[(plan.n_work,)](plan.meta, plan.work, plan.head, plan.flag, FLAT_CODE=_CODE[flat.dtype],
+                                        DST_CODE=dst_code, ACC=bool(accumulate), HAS_SCALE=has_scale,
+                                        WIDE=wide, BLOCK=block, GATED=gated, enable_fp_fusion=False)
+
+    launch(gated)
+    if plan.check() & 2:  # unsorted positions: refused if one repeats
+        if plan.repeats():
+            raise ValueError("index: a position occurs more than once in a segment; scatter positions must be "
+                             "distinct")
+        if gated:  # distinct after all: the gated writer wrote nothing, so write now
+            launch(False)
 
 
 def scatter_segments(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]],
