@@ -35,6 +35,22 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 
+def ieee_sqrt(t: torch.Tensor) -> torch.Tensor:
+    """``t.sqrt()`` correctly rounded on every host, as the native and GPU kernels compute it.
+
+    On an Intel CPU torch's float32 / float64 ``sqrt`` goes through MKL's vector math, which is
+    accurate to 1 ulp but not correctly rounded (0.7% of uniform float64 inputs on an Emerald
+    Rapids Xeon, session 26; MKL_CBWR=COMPATIBLE doubles that), while the AMD hosts' results
+    were correctly rounded. The square root of a complex number with a zero imaginary part is
+    the real root, correctly rounded, on both; zeros, negatives and NaN keep the real ``sqrt``
+    (exact there: -0 stays -0).
+    """
+    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
+        return t.sqrt()
+    root = torch.view_as_real(torch.complex(t, torch.zeros_like(t)).sqrt())[..., 0]
+    return torch.where(t > 0, root, t.sqrt())
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -75,7 +91,7 @@ def block_scores(x: torch.Tensor, block_shape: Sequence[int], p: float, raw: boo
 def score_to_norm(s: torch.Tensor, p: float, raw: bool = False, single: bool = False) -> torch.Tensor:
     if raw or single or math.isinf(p) or p == 1:
         return s
-    n = s.sqrt() if p == 2 else s.pow(1.0 / p)
+    n = ieee_sqrt(s) if p == 2 else s.pow(1.0 / p)
     return torch.where(s < 0, s, n)  # -inf (fewer than k valid scores) stays -inf
 
 
@@ -296,7 +312,7 @@ def soft_threshold_unchecked_(x: torch.Tensor, block_shape: List[int], threshold
         if conditioner is not None:
             hb = _blocked(conditioner.to(acc), block_shape)
             tb = tb / hb
-        n = (xb * xb).sum(dim=red, keepdim=True).sqrt()
+        n = ieee_sqrt((xb * xb).sum(dim=red, keepdim=True))
         scale = (1 - tb / (n + eps)).clamp(min=0.0)
         scale = torch.where(torch.isnan(scale), torch.zeros_like(scale), scale)  # inf / inf, 0 / 0: see SOFT_RULE
         y = xb * scale
@@ -305,7 +321,7 @@ def soft_threshold_unchecked_(x: torch.Tensor, block_shape: List[int], threshold
     else:
         hb = _blocked(conditioner.to(acc), block_shape)
         hw = hb * xb
-        nhw = (hw * hw).sum(dim=red, keepdim=True).sqrt()
+        nhw = ieee_sqrt((hw * hw).sum(dim=red, keepdim=True))
         dead = ~(nhw > tb)
         denom = (nhw - tb).clamp(min=0.0) + eps
         lo = (tb * hb.amin(dim=red, keepdim=True) / denom).clamp(min=0.0)
@@ -314,7 +330,7 @@ def soft_threshold_unchecked_(x: torch.Tensor, block_shape: List[int], threshold
         mu = (lo + hi) / 2
         for _ in range(max_iter):
             z = hw / (hb + mu)
-            zeta = mu * (z * z).sum(dim=red, keepdim=True).sqrt()
+            zeta = mu * ieee_sqrt((z * z).sum(dim=red, keepdim=True))
             below = zeta < tb
             lo = torch.where(done, lo, torch.where(below, mu, lo))
             hi = torch.where(done, hi, torch.where(below, hi, mu))
