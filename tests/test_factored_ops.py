@@ -263,15 +263,16 @@ def rademacher_args(B, T, I, O, p, seed, dtype, rb=True, mask=True):
 
 
 def sign_path_agrees(monkeypatch, a, g, lt, rt, rb, m, T):
-    """The sign path (GRADKIT_FACTORED_SIGN unset: on) against GRADKIT_FACTORED_SIGN=0 (the FMA kernel), every
-    instruction-set level and (half-precision a / g) the float32 kernel on a.float(), g.float(): the same bits,
-    NaN payloads and signs included. Returns the result."""
-    monkeypatch.delenv("GRADKIT_FACTORED_SIGN", raising=False)
+    """The sign path (GRADKIT_FACTORED_SIGN=1: on, whatever the CPU's vendor) against GRADKIT_FACTORED_SIGN=0
+    (the FMA kernel) and the host's default, every instruction-set level and (half-precision a / g) the float32
+    kernel on a.float(), g.float(): the same bits, NaN payloads and signs included. Returns the result."""
+    monkeypatch.setenv("GRADKIT_FACTORED_SIGN", "1")
     got = same_bits_at_every_level(monkeypatch, a, g, lt, rt, rb, m, T)[CPU_ISAS[0]]
     monkeypatch.setenv("GRADKIT_FACTORED_SIGN", "0")
     off = ops.factored_project(a, g, lt, rt, rb, m, T)
     monkeypatch.delenv("GRADKIT_FACTORED_SIGN")
     assert torch.equal(bits(got), bits(off))
+    assert torch.equal(bits(got), bits(ops.factored_project(a, g, lt, rt, rb, m, T)))
     wide = ops.factored_project(a.float(), g.float(), lt, rt, rb, m, T)
     assert torch.equal(bits(wide), bits(got))
     return got

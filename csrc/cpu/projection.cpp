@@ -725,7 +725,9 @@ constexpr std::array<std::array<SkinnyFn<E>, kSkinnyMR>, 4> kSkinny = {
 // slower than the FMA kernel: 4096-wide rows, 16 KiB apart, were the worst). Measured against
 // GRADKIT_FACTORED_SIGN=0 at two threads, per-round medians (benchmarks/results/README.md, sessions 17-18):
 // bf16 / fp16 1.1-1.24x faster; float32 1.08-1.18x at 1000 wide, 1.02-1.15x at 1024 and at 4096, 1.06-1.12x
-// with one-token examples (the range is the shared host's load).
+// with one-token examples (the range is the shared host's load). On an Intel Xeon (Emerald Rapids, session 26)
+// the path is 1.12-1.27x SLOWER than the FMA kernel (512-bit xor, add and FMA all issue on ports 0 and 5, so an
+// add row costs two slots per feature where an FMA row costs one): it is the default on AMD CPUs only.
 //
 // acc + (bits(*q broadcast) ^ bits(w)), in one asm statement: with the xor alone in asm, GCC hoisted all 16
 // unrolled steps' xors ahead of the adds and spilled their results; acc goes by value (an __m512& operand kept the
@@ -1192,9 +1194,13 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
   FArgs A{in.a.data_ptr(), in.g.data_ptr(), in.lt.data_ptr<float>(), in.rt.data_ptr<float>(),
                 in.rb_ptr(), in.mask_ptr(), std::max<int64_t>(in.a.stride(0), 1), std::max<int64_t>(in.g.stride(0), 1),
                 in.a.size(1), in.g.size(1), p, N, factored_isa()};
-  // GRADKIT_FACTORED_SIGN=0 turns the sign path off (read per call: the tests compare both, bit for bit)
+  // The sign path is the default on AMD CPUs only (cpu_is_amd); GRADKIT_FACTORED_SIGN=0 turns it off, =1 on
+  // (read per call: the tests compare both, bit for bit, on every host)
   const char* sign_env = std::getenv("GRADKIT_FACTORED_SIGN");
-  if (A.isa == 2 && !(sign_env && std::strcmp(sign_env, "0") == 0)) {
+  const bool sign_on = sign_env && std::strcmp(sign_env, "0") == 0   ? false
+                       : sign_env && std::strcmp(sign_env, "1") == 0 ? true
+                                                                      : cpu_is_amd();
+  if (A.isa == 2 && sign_on) {
     A.ls = sign_scale(A.lt, in.lt.numel());
     A.rs = sign_scale(A.rt, in.rt.numel());
     if (A.ls > 0.0f || A.rs > 0.0f) A.tile = kSignTile;

@@ -22,6 +22,18 @@ inline int cpu_simd_level() {
 #endif
 }
 
+// True on an AMD CPU (cpuid vendor): Zen 2-5 have two FADD pipes beside their two FMA pipes, which the
+// factored kernel's sign path (xor + add rows) uses; Intel's 512-bit adds, xors and FMAs share ports 0 and 5,
+// where that path is 1.12-1.27x slower than the FMA kernel (session 26, an Emerald Rapids Xeon).
+inline bool cpu_is_amd() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  static const bool amd = __builtin_cpu_is("amd");
+  return amd;
+#else
+  return false;
+#endif
+}
+
 // cpu_simd_level() capped by the environment, read per call (tests compare every level a CPU has):
 // `var`=avx2 caps it at 1; `var`=`lowest` (the family's name for its level-0 path) or `legacy`=1 at 0.
 inline int capped_simd_level(const char* var, const char* lowest, const char* legacy) {
