@@ -100,6 +100,40 @@ def _lgr(L, R, a, g):
     return torch.stack([(L @ (g[b].double().T @ a[b].double()) @ R.T).reshape(-1) for b in range(a.shape[0])])
 
 
+def has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " amx_bf16" in flags and " amx_tile" in flags
+
+
+def bergson_hooks_ab(variants, rounds: int, dtype=torch.float32, seed: int = 5) -> None:
+    """The A/B scripts' bergson comparison (sign_ab.py, amx_ab.py): bergson 2.5.1's hooks on a 1000 x 1000 Linear
+    in ``dtype`` (64 x 128 tokens) against each of ``variants`` (name -> fn(a, g) -> gradkit's whole call),
+    interleaved in 2 * rounds rounds; prints the medians and per-round bergson / gradkit ratios."""
+    from harness import time_interleaved
+
+    gen = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(1000, 1000).to(dtype)
+    a = torch.randn(64, 128, 1000, generator=gen).to(dtype)
+    g = torch.randn(64, 128, 1000, generator=gen).to(dtype)
+    bcol = _bergson(_Wrap(lin))
+    if bcol is None:
+        print("bergson is not installed: scripts/install-peers.sh")
+        return
+    _tag(lin)
+    fns = {k: (lambda f=f: f(a, g)) for k, f in variants.items()}
+    fns["bergson"] = lambda: _bergson_hooks(bcol, lin, a, g)
+    st = time_interleaved(fns, rounds=2 * rounds, calls=10, baseline="bergson")
+    _untag(lin)
+    print(f"bergson hooks ({dtype}) 1000x1000, 64x128 tokens: {st['bergson']['p50'] * 1e3:.2f} ms")
+    for k in variants:  # ratio_pXX is gradkit / bergson: invert for bergson / gradkit
+        print(f"  {k:7s} {st[k]['p50'] * 1e3:.2f} ms, bergson / gradkit per round p20 / p50 / p80 "
+              f"{1 / st[k]['ratio_p80']:.2f} {1 / st[k]['ratio_p50']:.2f} {1 / st[k]['ratio_p20']:.2f}")
+
+
 def _hook_work_wide(rec, dev, width: int, nb: int, quick: bool, tokens: int = T) -> None:
     """gradkit's factored_project and bergson's hooks on a width x width Linear, nb x tokens, interleaved."""
     from harness import time_interleaved
@@ -214,6 +248,16 @@ def run(rec, quick: bool = False) -> None:
     rec.add(FAMILY, op, "gradkit (a.float())", wl, dtb,
             rec.time(lambda: factored_project(ab.float(), gb.float(), P, seed=0, name="lin")),
             note="the same after converting a and g to float32 first (the old path)")
+    if dev == "cpu" and has_amx():  # the opt-in AMX path (its own bits; benchmarks/amx_ab.py)
+        def gk_amx():
+            os.environ["GRADKIT_FACTORED_AMX"] = "1"
+            try:
+                return factored_project(ab, gb, P, seed=0, name="lin")
+            finally:
+                os.environ.pop("GRADKIT_FACTORED_AMX", None)
+
+        rec.add(FAMILY, op, "gradkit (GRADKIT_FACTORED_AMX=1)", wl, dtb, rec.time(gk_amx),
+                note=f"opt-in AMX tiles, fp32 sums in TDPBF16PS's order; rel. error vs float64 {rel(gk_amx()):.1e}")
     linb = nn.Linear(D, D).to(dev, torch.bfloat16)
     bcolb = _bergson(_Wrap(linb))
     if bcolb is not None:

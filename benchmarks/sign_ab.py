@@ -25,9 +25,9 @@ SHAPES = ((1000, 64, 128), (1024, 64, 128), (4096, 16, 128), (1000, 8192, 1))
 
 
 def with_sign(flag: str, fn):
-    def call():
+    def call(*args):
         os.environ["GRADKIT_FACTORED_SIGN"] = flag
-        return fn()
+        return fn(*args)
     return call
 
 
@@ -59,28 +59,11 @@ def main():
                   f"{st['ratio_p20']:.3f} {st['ratio_p50']:.3f} {st['ratio_p80']:.3f}", flush=True)
     if args.bergson:
         import bench_collector as bc
-        from torch import nn
 
-        lin = nn.Linear(1000, 1000)
-        a = torch.randn(64, 128, 1000, generator=gen)
-        g = torch.randn(64, 128, 1000, generator=gen)
-        bcol = bc._bergson(bc._Wrap(lin))
-        if bcol is None:
-            print("bergson is not installed: scripts/install-peers.sh")
-            return
-        bc._tag(lin)
-
-        def gk():
+        def gk(a, g):
             return factored_project(a, g, 16, seed=0, name="lin")
 
-        fns = {"sign": with_sign("1", gk), "fma": with_sign("0", gk),
-               "bergson": lambda: bc._bergson_hooks(bcol, lin, a, g)}
-        st = time_interleaved(fns, rounds=2 * args.rounds, calls=10, baseline="bergson")
-        print(f"bergson hooks 1000x1000, 64x128 tokens: {st['bergson']['p50'] * 1e3:.2f} ms")
-        for k in ("sign", "fma"):  # ratio_pXX is gradkit / bergson: invert for bergson / gradkit
-            print(f"  {k:4s} {st[k]['p50'] * 1e3:.2f} ms, bergson / gradkit per round p20 / p50 / p80 "
-                  f"{1 / st[k]['ratio_p80']:.2f} {1 / st[k]['ratio_p50']:.2f} {1 / st[k]['ratio_p20']:.2f}")
-
+        bc.bergson_hooks_ab({"sign": with_sign("1", gk), "fma": with_sign("0", gk)}, args.rounds)
 
 if __name__ == "__main__":
     main()

@@ -12,16 +12,14 @@
 //   NTOK = 512 (in L2): 640-765 GFLOP/s (the FMA kernel: about 140 per core);
 //   2558 of 131072 outputs differ from the FMA chain (2563 with the pairs swapped): TDPBF16PS does not round
 //   after each product as the chain does, so no pair order gives the other backends' bits.
-// Not built this session: it would be a fourth summation order (the CPU ISA levels and the CUDA C++ kernel agree
-// bit for bit) and needs the rest of the factored kernel around it (masks gather rows, so tiles need a copy; K and
-// token tails; per-thread tile configuration; an FMA fallback for non-finite and tiny values, which AMX flushes).
-// What it would give: both sides at ~0.3 ms each on two threads, so roughly 0.7-0.8 ms for the bfloat16
-// 1000 x 1000, 64 x 128-token hook work, against gradkit's 2.36 ms and bergson's 1.24 ms (its bfloat16 matmuls,
-// through oneDNN, bfloat16 out; benchmarks/results/intel-emr-avx512/projection-cpu-2t.md): the one large CPU gain
-// left on Intel, for bfloat16 models, at the price of its own bits (an opt-in, or a documented error bound).
-// A float32 path would need each x split into three bfloat16 parts and meets the float32 read floor: reading a
-// and g takes 1.17 ms on two threads (python benchmarks/factored_roofline.py), against bergson's 2.45 ms, so no
-// kernel reaches the 3x on this host.
+// Built the same session as an opt-in (GRADKIT_FACTORED_AMX=1, csrc/cpu/projection.cpp skinny_amx), not as the
+// default: it is a fourth summation order (the CPU ISA levels and the CUDA C++ kernel agree bit for bit). Whole op,
+// bfloat16 1000 x 1000, 64 x 128 tokens, two threads: 0.85-0.90 ms against the FMA kernel's 1.8-2.0 ms and
+// bergson's bfloat16 hooks' 1.0-1.2 ms (python benchmarks/amx_ab.py --bergson). A float32 path would need each x
+// split into three bfloat16 parts and meets the float32 read floor: reading a and g takes 1.17 ms on two threads
+// (python benchmarks/factored_roofline.py), against bergson's 2.45 ms, so no kernel reaches the 3x there.
+// (This program builds its tile configuration on the stack and it works here; in the extension, GCC dropped some
+// of such a configuration's zeroing stores and LDTILECFG faulted: the extension keeps it in a thread_local.)
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>

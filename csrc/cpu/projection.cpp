@@ -52,6 +52,10 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #define GK_PROJ_X86 1  // AVX-512 and AVX2 kernels, each chosen at run time by what the CPU has
 #endif
 
@@ -574,6 +578,8 @@ struct FArgs {
   int isa;  // factored_isa(): the AVX-512 or AVX2 kernels, or the portable loops (same arithmetic, same order, same bits)
   float ls = 0.0f, rs = 0.0f;  // the sign path's s for lt / rt (AVX-512), or 0: not taken
   int tile = kFMR;             // tokens per tile: kSignTile when a side takes the sign path
+  const uint16_t* lw_amx = nullptr;  // opt-in AMX path (bfloat16 a / g, p = 16): lt / rt packed, or null
+  const uint16_t* rw_amx = nullptr;
 };
 
 // Y[r][0..p) = X[r] . W (K x p, row-major), r < mr; rows X[r] given by pointers; sums over k ascending.
@@ -1056,6 +1062,138 @@ void widen_row(const E* src, int64_t n, float* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
+#ifdef GK_PROJ_X86
+// ---- Opt-in AMX path (GRADKIT_FACTORED_AMX=1): bfloat16 rows, p = 16, a side whose matrix is +-s with s a power
+// of two (exact in bfloat16). One tile of up to 16 tokens is copied into a zero-padded L1/L2 scratch (masks gather
+// rows; the feature count is rounded up to 32) and multiplied with TDPBF16PS into one 16 x 16 float32 tile.
+// The products are exact and the sums float32, but TDPBF16PS does not round after every product as the FMA chain
+// does (benchmarks/micro/amx_bf16.cpp: ~2% of outputs differ by an ulp), it reads denormal inputs as zero and
+// flushes denormal sums: this path has its own bits, within float32 summation error of the others (the same
+// largest relative error against float64 in the tests), which is why it is not the default. Session 26, Intel
+// Emerald Rapids, bfloat16 hook work at two threads against the FMA kernel, per-round medians
+// (`python benchmarks/amx_ab.py`): 1000 x 1000, 64 x 128 tokens 1.05 vs 2.37 ms (0.44x); 1024 x 1024 0.37x;
+// 4096 x 4096 0.37x; 8192 one-token examples 0.49x. bergson's bfloat16 hooks took 1.24 ms on that host.
+struct AmxTileConfig {  // LDTILECFG's 64-byte palette-1 layout
+  uint8_t palette, start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+bool amx_ready() {  // the CPU has AMX-BF16 and the kernel grants this process tile data (Linux >= 5.16)
+#if !defined(__linux__)
+  return false;
+#endif
+  static const bool ok = [] {
+    if (!__builtin_cpu_supports("avx512f")) return false;
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
+    const bool amx_bf16 = (edx >> 22) & 1u, amx_tile = (edx >> 24) & 1u;
+    if (!amx_bf16 || !amx_tile) return false;
+    constexpr long kReqPerm = 0x1023, kXTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+#if defined(__linux__)
+    return syscall(SYS_arch_prctl, kReqPerm, kXTileData) == 0;
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
+
+// W (K x 16 float32, entries exact in bfloat16) as TDPBF16PS's B operand: [kpad / 2][16][2] bfloat16, zero past K.
+std::vector<uint16_t> amx_pack(const float* W, int64_t K) {
+  const int64_t kpad = (K + 31) / 32 * 32;
+  std::vector<uint16_t> out(static_cast<size_t>(kpad * 16), 0);
+  for (int64_t k = 0; k < K; ++k)
+    for (int n = 0; n < 16; ++n) {
+      uint32_t u;
+      std::memcpy(&u, W + k * 16 + n, 4);
+      out[static_cast<size_t>((k / 2) * 32 + n * 2 + (k % 2))] = static_cast<uint16_t>(u >> 16);
+    }
+  return out;
+}
+
+// Tiles 0: the 16 x 16 float32 sums; 1: 16 tokens x 32 features; 2: 16 feature pairs x 16 outputs; for each side
+// whose feature count K has an even tail K % 32, 16 tokens x that tail (3 left, 5 right) and its pairs (4, 6).
+// Loaded once per work item (amx_begin) and released at its end (amx_end): nothing else runs on the thread in
+// between. The configuration is a thread_local object, not a stack one: built on the stack, GCC dropped some of
+// its zeroing stores (it does not see LDTILECFG read them), and the instruction faulted on nonzero reserved bytes.
+__attribute__((target("amx-tile,amx-bf16"))) void amx_begin(int64_t k_left, int64_t k_right) {
+  alignas(64) thread_local AmxTileConfig cfg;
+  std::memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int t = 0; t < 3; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  const int64_t tails[2] = {k_left % 32, k_right % 32};
+  for (int side = 0; side < 2; ++side)
+    if (tails[side] > 0 && tails[side] % 2 == 0) {
+      cfg.colsb[3 + 2 * side] = static_cast<uint16_t>(tails[side] * 2);
+      cfg.rows[3 + 2 * side] = 16;
+      cfg.colsb[4 + 2 * side] = 64;
+      cfg.rows[4 + 2 * side] = static_cast<uint8_t>(tails[side] / 2);
+    }
+  asm volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+__attribute__((target("amx-tile,amx-bf16"))) void amx_end() { _tile_release(); }
+
+// Y[r][0..16) = X[r] . W for r < mr (mr <= 16), X bfloat16 rows by pointer, W packed by amx_pack; between
+// amx_begin and amx_end. Sixteen equally spaced rows are read where they lie, an even tail K % 32 through tiles
+// TA / TB (sized by amx_begin), an odd one through a zero-padded copy; otherwise (masked tokens, a short last
+// tile) the rows are copied into a padded scratch. Padding is +0 times +0 products: the sums (never -0, they
+// start from +0) are unchanged, and no padded feature is a copy of an inf or a NaN.
+template <int TA, int TB>
+__attribute__((target("amx-tile,amx-bf16"))) void skinny_amx(const c10::BFloat16* const* X, int mr, int64_t K,
+                                                             const uint16_t* Wp, float* Y) {
+  const int64_t kmain = K / 32 * 32, kpad = (K + 31) / 32 * 32, tail = K - kmain;
+  bool direct = mr == 16;
+  const int64_t ld = mr > 1 ? X[1] - X[0] : 0;
+  for (int r = 2; direct && r < 16; ++r) direct = X[r] - X[r - 1] == ld;
+  thread_local std::vector<uint16_t> xs;
+  _tile_zero(0);
+  if (direct && ld > 0) {
+    const auto* x0 = reinterpret_cast<const uint16_t*>(X[0]);
+    for (int64_t k = 0; k < kmain; k += 32) {
+      _tile_loadd(1, x0 + k, ld * 2);
+      _tile_loadd(2, Wp + k * 16, 64);
+      _tile_dpbf16ps(0, 1, 2);
+    }
+    if (tail > 0 && tail % 2 == 0) {
+      _tile_loadd(TA, x0 + kmain, ld * 2);
+      _tile_loadd(TB, Wp + kmain * 16, 64);
+      _tile_dpbf16ps(0, TA, TB);
+    } else if (tail > 0) {
+      xs.resize(16 * 32);
+      for (int r = 0; r < 16; ++r) {
+        uint16_t* row = xs.data() + r * 32;
+        std::memcpy(row, x0 + r * ld + kmain, static_cast<size_t>(tail) * 2);
+        std::fill(row + tail, row + 32, uint16_t{0});
+      }
+      _tile_loadd(1, xs.data(), 64);
+      _tile_loadd(2, Wp + kmain * 16, 64);
+      _tile_dpbf16ps(0, 1, 2);
+    }
+  } else {
+    xs.resize(static_cast<size_t>(16 * kpad));
+    for (int r = 0; r < 16; ++r) {
+      uint16_t* row = xs.data() + r * kpad;
+      if (r < mr) std::memcpy(row, X[r], static_cast<size_t>(K) * 2);
+      std::fill(row + (r < mr ? K : 0), row + kpad, uint16_t{0});
+    }
+    for (int64_t k = 0; k < kpad; k += 32) {
+      _tile_loadd(1, xs.data() + k, kpad * 2);
+      _tile_loadd(2, Wp + k * 16, 64);
+      _tile_dpbf16ps(0, 1, 2);
+    }
+  }
+  alignas(64) float y[16 * 16];
+  _tile_stored(0, y, 64);
+  std::memcpy(Y, y, static_cast<size_t>(mr) * 16 * 4);
+}
+#endif
+
 // One work item: tokens [n0, n1), either whole examples n0 / T .. (n1 - 1) / T (short sequences: several
 // examples per item) or one chunk of one example; part holds the p x p partial of each example the item
 // touches (zeroed first). Tiles of up to 16 unmasked tokens may span examples, so one-token examples still
@@ -1082,6 +1220,10 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
   const E* ra[kFMR];
   int64_t tok_b[kFMR];  // each tile row's example, relative to b0
   int64_t n = n0;
+#ifdef GK_PROJ_X86
+  const bool amx = A.lw_amx || A.rw_amx;
+  if (amx) amx_begin(A.O, A.I);
+#endif
   while (n < n1) {
     int mr = 0;
     for (; n < n1 && mr < A.tile; ++n) {
@@ -1118,8 +1260,15 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
           table[n - 1](x + h, K, w, p, Y + h * p, lo + len * q / np, len * (q + 1) / np - len * q / np);
         }
       };
-      side(rg, A.O, A.lt, A.ls, U.data(), g_lo, g_len);
-      side(ra, A.I, A.rt, A.rs, V.data(), a_lo, a_len);
+      if constexpr (std::is_same_v<E, c10::BFloat16>) {
+        if (A.lw_amx) skinny_amx<3, 4>(rg, mr, A.O, A.lw_amx, U.data());
+        else side(rg, A.O, A.lt, A.ls, U.data(), g_lo, g_len);
+        if (A.rw_amx) skinny_amx<5, 6>(ra, mr, A.I, A.rw_amx, V.data());
+        else side(ra, A.I, A.rt, A.rs, V.data(), a_lo, a_len);
+      } else {
+        side(rg, A.O, A.lt, A.ls, U.data(), g_lo, g_len);
+        side(ra, A.I, A.rt, A.rs, V.data(), a_lo, a_len);
+      }
     } else
 #endif
     {
@@ -1181,6 +1330,9 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
     }
   }
   std::fill(part + ready * p * p, part + nb * p * p, 0.0f);
+#ifdef GK_PROJ_X86
+  if (amx) amx_end();
+#endif
 }
 
 at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, const at::Tensor& lt_in,
@@ -1205,6 +1357,26 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
     A.rs = sign_scale(A.rt, in.rt.numel());
     if (A.ls > 0.0f || A.rs > 0.0f) A.tile = kSignTile;
   }
+#ifdef GK_PROJ_X86
+  // GRADKIT_FACTORED_AMX=1 (opt-in; its own bits, see skinny_amx): bfloat16 a / g, p = 16, on an AMX CPU, for
+  // each side whose matrix is +-s (s a power of two); that side leaves the sign path.
+  std::vector<uint16_t> lw_amx, rw_amx;
+  const char* amx_env = std::getenv("GRADKIT_FACTORED_AMX");
+  if (amx_env && std::strcmp(amx_env, "1") == 0 && A.isa == 2 && p == 16 && in.a.scalar_type() == at::kBFloat16 &&
+      amx_ready()) {
+    if (sign_scale(A.lt, in.lt.numel()) > 0.0f) {
+      lw_amx = amx_pack(A.lt, A.O);
+      A.lw_amx = lw_amx.data();
+      A.ls = 0.0f;
+    }
+    if (sign_scale(A.rt, in.rt.numel()) > 0.0f) {
+      rw_amx = amx_pack(A.rt, A.I);
+      A.rw_amx = rw_amx.data();
+      A.rs = 0.0f;
+    }
+    if (A.ls == 0.0f && A.rs == 0.0f) A.tile = kFMR;
+  }
+#endif
   const auto item = in.a.scalar_type() == at::kBFloat16 ? &factored_item<c10::BFloat16>
                     : in.a.scalar_type() == at::kHalf   ? &factored_item<c10::Half>
                                                         : &factored_item<float>;
