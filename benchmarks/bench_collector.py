@@ -248,7 +248,7 @@ def run(rec, quick: bool = False) -> None:
     rec.add(FAMILY, op, "gradkit (a.float())", wl, dtb,
             rec.time(lambda: factored_project(ab.float(), gb.float(), P, seed=0, name="lin")),
             note="the same after converting a and g to float32 first (the old path)")
-    if dev == "cpu" and has_amx():  # the opt-in AMX path (its own bits; benchmarks/amx_ab.py)
+    if dev.type == "cpu" and has_amx():  # the opt-in AMX path (its own bits; benchmarks/amx_ab.py)
         def gk_amx():
             os.environ["GRADKIT_FACTORED_AMX"] = "1"
             try:
