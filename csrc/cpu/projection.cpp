@@ -1141,10 +1141,10 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_end() { _tile_release(); }
 
 // Y[r][0..16) = X[r] . W for r < mr (mr <= 16), X bfloat16 rows by pointer, W packed by amx_pack; between
 // amx_begin and amx_end. Sixteen equally spaced rows are read where they lie, an even tail K % 32 through tiles
-// TA / TB (sized by amx_begin), an odd one through a zero-padded copy; otherwise (masked tokens, a short last
-// tile) the rows are copied into a padded scratch. Padding is +0 times +0 products: the sums (never -0, they
+// 3 / 4 (left) or 5 / 6 (right), sized by amx_begin, an odd one through a zero-padded copy; otherwise (masked
+// tokens, a short last tile) the rows are copied into a padded scratch. Padding is +0 times +0 products: the sums (never -0, they
 // start from +0) are unchanged, and no padded feature is a copy of an inf or a NaN.
-template <int TA, int TB>
+template <bool kLeft>
 __attribute__((target("amx-tile,amx-bf16"))) void skinny_amx(const c10::BFloat16* const* X, int mr, int64_t K,
                                                              const uint16_t* Wp, float* Y) {
   const int64_t kmain = K / 32 * 32, kpad = (K + 31) / 32 * 32, tail = K - kmain;
@@ -1160,10 +1160,16 @@ __attribute__((target("amx-tile,amx-bf16"))) void skinny_amx(const c10::BFloat16
       _tile_loadd(2, Wp + k * 16, 64);
       _tile_dpbf16ps(0, 1, 2);
     }
-    if (tail > 0 && tail % 2 == 0) {
-      _tile_loadd(TA, x0 + kmain, ld * 2);
-      _tile_loadd(TB, Wp + kmain * 16, 64);
-      _tile_dpbf16ps(0, TA, TB);
+    if (tail > 0 && tail % 2 == 0) {  // tile numbers are literals in the instructions (the macros paste them)
+      if constexpr (kLeft) {
+        _tile_loadd(3, x0 + kmain, ld * 2);
+        _tile_loadd(4, Wp + kmain * 16, 64);
+        _tile_dpbf16ps(0, 3, 4);
+      } else {
+        _tile_loadd(5, x0 + kmain, ld * 2);
+        _tile_loadd(6, Wp + kmain * 16, 64);
+        _tile_dpbf16ps(0, 5, 6);
+      }
     } else if (tail > 0) {
       xs.resize(16 * 32);
       for (int r = 0; r < 16; ++r) {
@@ -1261,9 +1267,9 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
         }
       };
       if constexpr (std::is_same_v<E, c10::BFloat16>) {
-        if (A.lw_amx) skinny_amx<3, 4>(rg, mr, A.O, A.lw_amx, U.data());
+        if (A.lw_amx) skinny_amx<true>(rg, mr, A.O, A.lw_amx, U.data());
         else side(rg, A.O, A.lt, A.ls, U.data(), g_lo, g_len);
-        if (A.rw_amx) skinny_amx<5, 6>(ra, mr, A.I, A.rw_amx, V.data());
+        if (A.rw_amx) skinny_amx<false>(ra, mr, A.I, A.rw_amx, V.data());
         else side(ra, A.I, A.rt, A.rs, V.data(), a_lo, a_len);
       } else {
         side(rg, A.O, A.lt, A.ls, U.data(), g_lo, g_len);
