@@ -14,8 +14,8 @@
 //   after each product as the chain does, so no pair order gives the other backends' bits.
 // Built the same session as an opt-in (GRADKIT_FACTORED_AMX=1, csrc/cpu/projection.cpp skinny_amx), not as the
 // default: it is a fourth summation order (the CPU ISA levels and the CUDA C++ kernel agree bit for bit). Whole op,
-// bfloat16 1000 x 1000, 64 x 128 tokens, two threads: 0.85-0.90 ms against the FMA kernel's 1.8-2.0 ms and
-// bergson's bfloat16 hooks' 1.0-1.2 ms (python benchmarks/amx_ab.py --bergson). A float32 path would need each x
+// bfloat16 1000 x 1000, 64 x 128 tokens, two threads: 0.89-0.96 ms against the FMA kernel's 2.0-2.6 ms and
+// bergson's bfloat16 hooks' 1.2-1.3 ms (python benchmarks/amx_ab.py --bergson; benchmarks/run.py). A float32 path would need each x
 // split into three bfloat16 parts and meets the float32 read floor: reading a and g takes 1.17 ms on two threads
 // (python benchmarks/factored_roofline.py), against bergson's 2.45 ms, so no kernel reaches the 3x there.
 // (This program builds its tile configuration on the stack and it works here; in the extension, GCC dropped some

@@ -1071,8 +1071,8 @@ void widen_row(const E* src, int64_t n, float* dst) {
 // flushes denormal sums: this path has its own bits, within float32 summation error of the others (the same
 // largest relative error against float64 in the tests), which is why it is not the default. Session 26, Intel
 // Emerald Rapids, bfloat16 hook work at two threads against the FMA kernel, per-round medians
-// (`python benchmarks/amx_ab.py`): 1000 x 1000, 64 x 128 tokens 1.05 vs 2.37 ms (0.44x); 1024 x 1024 0.37x;
-// 4096 x 4096 0.37x; 8192 one-token examples 0.49x. bergson's bfloat16 hooks took 1.24 ms on that host.
+// (`python benchmarks/amx_ab.py --bergson`): 1000 x 1000, 64 x 128 tokens 0.95 vs 2.01 ms (0.43x); 1024 x 1024
+// 0.36x; 4096 x 4096 0.39x; 8192 one-token examples 0.43x; bergson's bfloat16 hooks 1.28 ms (1.41x).
 struct AmxTileConfig {  // LDTILECFG's 64-byte palette-1 layout
   uint8_t palette, start_row;
   uint8_t reserved[14];
