@@ -17,19 +17,13 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import time_interleaved  # noqa: E402
+from harness import time_interleaved, with_env  # noqa: E402
 
 import bench_collector as bc  # noqa: E402
 from gradkit.projection import factored_project, projection_matrix  # noqa: E402
 
+AMX = "GRADKIT_FACTORED_AMX"  # the switch this script times
 SHAPES = ((1000, 64, 128), (1024, 64, 128), (4096, 16, 128), (1000, 8192, 1))
-
-
-def with_amx(flag: str, fn):
-    def call(*args):
-        os.environ["GRADKIT_FACTORED_AMX"] = flag
-        return fn(*args)
-    return call
 
 
 def main():
@@ -50,7 +44,7 @@ def main():
         def op():
             return torch.ops.gradkit.factored_project(a, g, lt, rt, None, None, T)
 
-        fns = {"default": with_amx("0", op), "amx": with_amx("1", op)}
+        fns = {"default": with_env(AMX, "0", op), "amx": with_env(AMX, "1", op)}
         exact = torch.einsum("btp,btq->bpq", (g.double() @ lt.double()).view(nb, T, 16),
                              (a.double() @ rt.double()).view(nb, T, 16))
         for k, f in fns.items():
@@ -65,7 +59,7 @@ def main():
         def gk(a, g):
             return factored_project(a, g, 16, seed=0, name="lin")
 
-        bc.bergson_hooks_ab({"amx": with_amx("1", gk), "default": with_amx("0", gk)}, args.rounds,
+        bc.bergson_hooks_ab({"amx": with_env(AMX, "1", gk), "default": with_env(AMX, "0", gk)}, args.rounds,
                             dtype=torch.bfloat16)
 
 if __name__ == "__main__":

@@ -92,6 +92,15 @@ def time_fn(fn: Callable[[], object], device: str = "cpu", min_run_time: float =
     return {**_quantiles(times), "n": len(times)}
 
 
+def with_env(name: str, value: str, fn: Callable[..., object]) -> Callable[..., object]:
+    """fn with the environment variable ``name`` set to ``value`` for each call (the A/B scripts' switch
+    between two kernel paths that gradkit reads per call)."""
+    def call(*args):
+        os.environ[name] = value
+        return fn(*args)
+    return call
+
+
 def time_interleaved(fns: Dict[str, Callable[[], object]], rounds: int = 30, calls: int = 10,
                      baseline: Optional[str] = None) -> Dict[str, Dict[str, float]]:
     """Side by side under a shared, drifting CPU load: per round, each provider runs ``calls`` calls

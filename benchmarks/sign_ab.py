@@ -17,18 +17,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import time_interleaved  # noqa: E402
+from harness import time_interleaved, with_env  # noqa: E402
 
 from gradkit.projection import factored_project, projection_matrix  # noqa: E402
 
+SIGN = "GRADKIT_FACTORED_SIGN"  # the switch this script times
 SHAPES = ((1000, 64, 128), (1024, 64, 128), (4096, 16, 128), (1000, 8192, 1))
-
-
-def with_sign(flag: str, fn):
-    def call(*args):
-        os.environ["GRADKIT_FACTORED_SIGN"] = flag
-        return fn(*args)
-    return call
 
 
 def main():
@@ -50,7 +44,7 @@ def main():
             def op():
                 return torch.ops.gradkit.factored_project(a, g, lt, rt, None, None, T)
 
-            fns = {"fma": with_sign("0", op), "sign": with_sign("1", op)}
+            fns = {"fma": with_env(SIGN, "0", op), "sign": with_env(SIGN, "1", op)}
             assert torch.equal(fns["fma"]().view(torch.int32), fns["sign"]().view(torch.int32))
             res = time_interleaved(fns, rounds=args.rounds, calls=10, baseline="fma")
             st = res["sign"]
@@ -63,7 +57,7 @@ def main():
         def gk(a, g):
             return factored_project(a, g, 16, seed=0, name="lin")
 
-        bc.bergson_hooks_ab({"sign": with_sign("1", gk), "fma": with_sign("0", gk)}, args.rounds)
+        bc.bergson_hooks_ab({"sign": with_env(SIGN, "1", gk), "fma": with_env(SIGN, "0", gk)}, args.rounds)
 
 if __name__ == "__main__":
     main()

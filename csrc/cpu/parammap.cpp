@@ -398,7 +398,7 @@ std::vector<Tensor> scatter_segments_cpu(const Tensor& flat, const c10::List<std
   std::vector<int64_t> offs;
   const int64_t total = segment_offsets(segs, &offs);
   check_scatter_flat(flat, total);
-  std::vector<int64_t> unsorted;
+  bool any_unsorted = false;
   for (const auto i : c10::irange(segs.size())) {
     const Tensor& idx = segs[i].index;
     if (!idx.defined()) continue;  // every element is written
@@ -406,22 +406,12 @@ std::vector<Tensor> scatter_segments_cpu(const Tensor& flat, const c10::List<std
       fused[i] = 1;
     } else {
       outs[i].zero_();
-      unsorted.push_back(static_cast<int64_t>(i));
+      any_unsorted = true;
     }
   }
-  if (!unsorted.empty()) {  // a repeated position would make the output depend on which thread wrote last
-    // positions out of range (in any segment) are reported first, as everywhere (has_duplicates indexes its
-    // bitmap by them)
-    for (const auto& sg : segs) {
-      if (!sg.index.defined()) continue;
-      bool oob = false;
-      AT_DISPATCH_INDEX_TYPES(sg.index.scalar_type(), "scatter_new_range", [&] {
-        oob = position_flags(sg.index.data_ptr<index_t>(), 0, sg.count, sg.count, sg.view.numel) & 1;
-      });
-      TORCH_CHECK_INDEX(!oob, "index: a position is out of range for its segment");
-    }
-    check_distinct(segs, unsorted);
-  }
+  // a repeated position would make the output depend on which thread wrote last: the in-place ops' check
+  // (positions out of range first, in any segment, then repeats in the unsorted segments)
+  if (any_unsorted) check_positions(make_work(segs), segs, true);
   if (total == 0) return outs;
   const Tensor f = flat.contiguous();
   // `flat * scale` as torch computes it: in flat's opmath type (float32 for float32 / float16 /

@@ -1064,8 +1064,8 @@ void widen_row(const E* src, int64_t n, float* dst) {
 
 #ifdef GK_PROJ_X86
 // ---- Opt-in AMX path (GRADKIT_FACTORED_AMX=1): bfloat16 rows, p = 16, a side whose matrix is +-s with s a power
-// of two (exact in bfloat16). One tile of up to 16 tokens is copied into a zero-padded L1/L2 scratch (masks gather
-// rows; the feature count is rounded up to 32) and multiplied with TDPBF16PS into one 16 x 16 float32 tile.
+// of two (exact in bfloat16). One tile of up to 16 tokens is multiplied with TDPBF16PS into one 16 x 16 float32
+// tile (skinny_amx: the rows where they lie, or a zero-padded copy).
 // The products are exact and the sums float32, but TDPBF16PS does not round after every product as the FMA chain
 // does (benchmarks/micro/amx_bf16.cpp: ~2% of outputs differ by an ulp), it reads denormal inputs as zero and
 // flushes denormal sums: this path has its own bits, within float32 summation error of the others (the same
@@ -1081,9 +1081,7 @@ struct AmxTileConfig {  // LDTILECFG's 64-byte palette-1 layout
 };
 
 bool amx_ready() {  // the CPU has AMX-BF16 and the kernel grants this process tile data (Linux >= 5.16)
-#if !defined(__linux__)
-  return false;
-#endif
+#if defined(__linux__)
   static const bool ok = [] {
     if (!__builtin_cpu_supports("avx512f")) return false;
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
@@ -1091,13 +1089,12 @@ bool amx_ready() {  // the CPU has AMX-BF16 and the kernel grants this process t
     const bool amx_bf16 = (edx >> 22) & 1u, amx_tile = (edx >> 24) & 1u;
     if (!amx_bf16 || !amx_tile) return false;
     constexpr long kReqPerm = 0x1023, kXTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
-#if defined(__linux__)
     return syscall(SYS_arch_prctl, kReqPerm, kXTileData) == 0;
-#else
-    return false;
-#endif
   }();
   return ok;
+#else
+  return false;
+#endif
 }
 
 // W (K x 16 float32, entries exact in bfloat16) as TDPBF16PS's B operand: [kpad / 2][16][2] bfloat16, zero past K.
@@ -1142,8 +1139,8 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_end() { _tile_release(); }
 // Y[r][0..16) = X[r] . W for r < mr (mr <= 16), X bfloat16 rows by pointer, W packed by amx_pack; between
 // amx_begin and amx_end. Sixteen equally spaced rows are read where they lie, an even tail K % 32 through tiles
 // 3 / 4 (left) or 5 / 6 (right), sized by amx_begin, an odd one through a zero-padded copy; otherwise (masked
-// tokens, a short last tile) the rows are copied into a padded scratch. Padding is +0 times +0 products: the sums (never -0, they
-// start from +0) are unchanged, and no padded feature is a copy of an inf or a NaN.
+// tokens, a short last tile) the rows are copied into a padded scratch. Padding is +0 times +0 products: the
+// sums (never -0, they start from +0) are unchanged, and no padded feature is a copy of an inf or a NaN.
 template <bool kLeft>
 __attribute__((target("amx-tile,amx-bf16"))) void skinny_amx(const c10::BFloat16* const* X, int mr, int64_t K,
                                                              const uint16_t* Wp, float* Y) {
@@ -1152,6 +1149,16 @@ __attribute__((target("amx-tile,amx-bf16"))) void skinny_amx(const c10::BFloat16
   const int64_t ld = mr > 1 ? X[1] - X[0] : 0;
   for (int r = 2; direct && r < 16; ++r) direct = X[r] - X[r - 1] == ld;
   thread_local std::vector<uint16_t> xs;
+  // xs = 16 rows of `width` entries: row r's features [k0, K) of X[r] for r < mr, zeros after them and below
+  const auto pad_rows = [&](int64_t k0, int64_t width) {
+    xs.resize(static_cast<size_t>(16 * width));
+    for (int r = 0; r < 16; ++r) {
+      uint16_t* row = xs.data() + r * width;
+      const int64_t len = r < mr ? K - k0 : 0;
+      if (len) std::memcpy(row, reinterpret_cast<const uint16_t*>(X[r]) + k0, static_cast<size_t>(len) * 2);
+      std::fill(row + len, row + width, uint16_t{0});
+    }
+  };
   _tile_zero(0);
   if (direct && ld > 0) {
     const auto* x0 = reinterpret_cast<const uint16_t*>(X[0]);
@@ -1171,23 +1178,13 @@ __attribute__((target("amx-tile,amx-bf16"))) void skinny_amx(const c10::BFloat16
         _tile_dpbf16ps(0, 5, 6);
       }
     } else if (tail > 0) {
-      xs.resize(16 * 32);
-      for (int r = 0; r < 16; ++r) {
-        uint16_t* row = xs.data() + r * 32;
-        std::memcpy(row, x0 + r * ld + kmain, static_cast<size_t>(tail) * 2);
-        std::fill(row + tail, row + 32, uint16_t{0});
-      }
+      pad_rows(kmain, 32);
       _tile_loadd(1, xs.data(), 64);
       _tile_loadd(2, Wp + kmain * 16, 64);
       _tile_dpbf16ps(0, 1, 2);
     }
   } else {
-    xs.resize(static_cast<size_t>(16 * kpad));
-    for (int r = 0; r < 16; ++r) {
-      uint16_t* row = xs.data() + r * kpad;
-      if (r < mr) std::memcpy(row, X[r], static_cast<size_t>(K) * 2);
-      std::fill(row + (r < mr ? K : 0), row + kpad, uint16_t{0});
-    }
+    pad_rows(0, kpad);
     for (int64_t k = 0; k < kpad; k += 32) {
       _tile_loadd(1, xs.data() + k, kpad * 2);
       _tile_loadd(2, Wp + k * 16, 64);
@@ -1358,31 +1355,32 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
   const bool sign_on = sign_env && std::strcmp(sign_env, "0") == 0   ? false
                        : sign_env && std::strcmp(sign_env, "1") == 0 ? true
                                                                       : cpu_is_amd();
-  if (A.isa == 2 && sign_on) {
-    A.ls = sign_scale(A.lt, in.lt.numel());
-    A.rs = sign_scale(A.rt, in.rt.numel());
-    if (A.ls > 0.0f || A.rs > 0.0f) A.tile = kSignTile;
-  }
-#ifdef GK_PROJ_X86
   // GRADKIT_FACTORED_AMX=1 (opt-in; its own bits, see skinny_amx): bfloat16 a / g, p = 16, on an AMX CPU, for
-  // each side whose matrix is +-s (s a power of two); that side leaves the sign path.
-  std::vector<uint16_t> lw_amx, rw_amx;
+  // each side whose matrix is +-s (s a power of two), in place of the sign path.
   const char* amx_env = std::getenv("GRADKIT_FACTORED_AMX");
-  if (amx_env && std::strcmp(amx_env, "1") == 0 && A.isa == 2 && p == 16 && in.a.scalar_type() == at::kBFloat16 &&
-      amx_ready()) {
-    if (sign_scale(A.lt, in.lt.numel()) > 0.0f) {
-      lw_amx = amx_pack(A.lt, A.O);
-      A.lw_amx = lw_amx.data();
-      A.ls = 0.0f;
-    }
-    if (sign_scale(A.rt, in.rt.numel()) > 0.0f) {
-      rw_amx = amx_pack(A.rt, A.I);
-      A.rw_amx = rw_amx.data();
-      A.rs = 0.0f;
-    }
-    if (A.ls == 0.0f && A.rs == 0.0f) A.tile = kFMR;
+  bool amx_on = false;
+#ifdef GK_PROJ_X86
+  amx_on = amx_env && std::strcmp(amx_env, "1") == 0 && A.isa == 2 && p == 16 &&
+           in.a.scalar_type() == at::kBFloat16 && amx_ready();
+#endif
+  const float ls = A.isa == 2 && (sign_on || amx_on) ? sign_scale(A.lt, in.lt.numel()) : 0.0f;
+  const float rs = A.isa == 2 && (sign_on || amx_on) ? sign_scale(A.rt, in.rt.numel()) : 0.0f;
+  std::vector<uint16_t> lw_amx, rw_amx;
+#ifdef GK_PROJ_X86
+  if (amx_on && ls > 0.0f) {
+    lw_amx = amx_pack(A.lt, A.O);
+    A.lw_amx = lw_amx.data();
+  }
+  if (amx_on && rs > 0.0f) {
+    rw_amx = amx_pack(A.rt, A.I);
+    A.rw_amx = rw_amx.data();
   }
 #endif
+  if (sign_on) {  // the sides AMX does not take
+    A.ls = A.lw_amx ? 0.0f : ls;
+    A.rs = A.rw_amx ? 0.0f : rs;
+    if (A.ls > 0.0f || A.rs > 0.0f) A.tile = kSignTile;
+  }
   const auto item = in.a.scalar_type() == at::kBFloat16 ? &factored_item<c10::BFloat16>
                     : in.a.scalar_type() == at::kHalf   ? &factored_item<c10::Half>
                                                         : &factored_item<float>;

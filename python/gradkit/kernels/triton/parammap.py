@@ -150,16 +150,20 @@ def _round_as(v, CODE: tl.constexpr):
 
 
 @triton.jit
+def _load_index(iaddr, flags, offs, m):
+    """Entries ``offs`` (masked by ``m``, else 0) of a segment's index, int32 or int64 by its flags, as int64."""
+    if ((flags >> 5) & 1) != 0:
+        return tl.load(iaddr.to(tl.pointer_type(tl.int64)) + offs, mask=m, other=0)
+    return tl.load(iaddr.to(tl.pointer_type(tl.int32)) + offs, mask=m, other=0).to(tl.int64)
+
+
+@triton.jit
 def _segment_positions(row_ptr, offs, m, flag_ptr):
     """Positions inside the segment for flat offsets ``offs`` (masked by ``m``); returns (pos, in_range)."""
     numel = tl.load(row_ptr + 1)
     flags = tl.load(row_ptr + 3)
     if ((flags >> 4) & 1) != 0:
-        iaddr = tl.load(row_ptr + 2)
-        if ((flags >> 5) & 1) != 0:
-            ix = tl.load(iaddr.to(tl.pointer_type(tl.int64)) + offs, mask=m, other=0)
-        else:
-            ix = tl.load(iaddr.to(tl.pointer_type(tl.int32)) + offs, mask=m, other=0).to(tl.int64)
+        ix = _load_index(tl.load(row_ptr + 2), flags, offs, m)
         ok = (ix >= 0) & (ix < numel)
         nbad = tl.sum((m & ~ok).to(tl.int32))
         tl.store(flag_ptr, 1, mask=nbad > 0)
@@ -196,14 +200,9 @@ def _check_kernel(meta_ptr, work_ptr, flag_ptr, BLOCK: tl.constexpr, ASCENDING: 
     flags = tl.load(row + 3)
     if ((flags >> 4) & 1) != 0:
         iaddr = tl.load(row + 2)
-        count = tl.load(row + 4)
-        nm = m & (offs + 1 < count)
-        if ((flags >> 5) & 1) != 0:
-            ix = tl.load(iaddr.to(tl.pointer_type(tl.int64)) + offs, mask=m, other=0)
-            nx = tl.load(iaddr.to(tl.pointer_type(tl.int64)) + offs + 1, mask=nm, other=0)
-        else:
-            ix = tl.load(iaddr.to(tl.pointer_type(tl.int32)) + offs, mask=m, other=0).to(tl.int64)
-            nx = tl.load(iaddr.to(tl.pointer_type(tl.int32)) + offs + 1, mask=nm, other=0).to(tl.int64)
+        nm = m & (offs + 1 < tl.load(row + 4))
+        ix = _load_index(iaddr, flags, offs, m)
+        nx = _load_index(iaddr, flags, offs + 1, nm)
         nbad = tl.sum((m & ((ix < 0) | (ix >= numel))).to(tl.int32))
         f = tl.where(nbad > 0, 1, 0)
         if ASCENDING:
