@@ -92,6 +92,11 @@ TORCH_LIBRARY(gradkit, m) {
   // U[P, :cnt]; linv (n, m, m) fp32 = L^-1 of the downdated C_row[P, P]. Writes
   // ut[:, cnt:cnt+m, K-F:] = linv @ (xf - round_ut(up) @ ut[:, :cnt, K-F:]) (fp32 math, rounded to ut's dtype).
   m.def("obs_schur_extend_(Tensor(a!) ut, Tensor xf, Tensor up, Tensor linv, int cnt) -> ()");
+  // SparseGPT's column sweep over one lazy block, in place (csrc/obs_sweep.h, kernels/reference/obs.py::obs_sweep_):
+  // w (n, m) fp32/fp64 the block transposed, err (n, m), u (n, n) the block of H^-1's upper Cholesky factor,
+  // prune (n, m) bool; for i in [start, stop): err[i] = where(prune[i], w[i] / u[i,i], 0), w[i] zeroed where
+  // pruned, w[j] -= u[i,j] * err[i] for j > i (no FMA: the same bits on every backend).
+  m.def("obs_sweep_(Tensor(a!) w, Tensor(b!) err, Tensor u, Tensor prune, int start, int stop) -> ()");
 
   // ---- family 6: random projections and attribution search (issue 6) ----
   // (projection schemas go here)

@@ -14,6 +14,7 @@ common.cuh) into torch.ops.gradkit_cuda_emu[_<file>].* taking CPU tensors. The c
 * projection_matrix_: Rademacher bit for bit with the CPU kernel, Gaussian within 1 ulp;
 * obs_select (small and large kernels), obs_shared_prune: the reference's exact results;
   obs_schur_extend_ (CUDA C++ kernel, three dtypes): within the fp32 bound of test_obs_schur_ops;
+  obs_sweep_ (SparseGPT's column sweep): the reference's bits, NaN / inf / -0.0 included;
 * score_topk (tile scoring, warp arg-max over __shfl_xor_sync, host merge): the reference's scores and
   indices exactly, ties and NaN included;
 * masked_adamw_ (one multi-tensor launch, tiles found by binary search, 16-byte vector units or the
@@ -303,6 +304,33 @@ def test_obs_schur_extend_refuses_an_internally_overlapping_ut(m):
     with pytest.raises(RuntimeError, match=r"^ut: unsupported operation: more than one element"):
         emu("obs").obs_schur_extend_(ut, xf, up, linv, 1)
     assert torch.equal(base, before)
+
+
+import test_obs_sweep_ops as t_sweep  # noqa: E402
+
+
+@settings(deadline=None)
+@given(n=st.integers(0, 30), m=st.integers(0, 300), a=st.integers(0, 30), b=st.integers(0, 30),
+       dt=st.sampled_from(t_sweep.DTYPES), seed=st.integers(0, 2 ** 16), special=st.booleans(),
+       reverse=st.booleans())
+def test_obs_sweep_matches_reference_bitwise(n, m, a, b, dt, seed, special, reverse):
+    """The CUDA C++ sweep (one thread per weight row, __fmul_rn / __fsub_rn / IEEE division): the reference's
+    bits, NaN / inf / -0.0 included, on strided blocks; rows before start and err outside [start, stop) untouched."""
+    start, stop = sorted((min(a, n), min(b, n)))
+    w, err, u, prune = t_sweep.make(n, m, dt, seed, 0.5, special)
+    want = t_sweep.run(obs_ref.obs_sweep_, w, err, u, prune, start, stop)
+    with emulated(reverse=reverse):
+        got = t_sweep.run(emu("obs").obs_sweep_, w, err, u, prune, start, stop)
+    assert t_sweep.same(got[0], want[0]) and t_sweep.same(got[1], want[1])
+
+
+@pytest.mark.parametrize("case", range(16))
+def test_obs_sweep_checks_name_the_argument(case):
+    name, exc, args = t_sweep._bad_cases()[case]
+    before = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    with pytest.raises((exc, RuntimeError), match=f"^{name}"):
+        emu("obs").obs_sweep_(*args)
+    assert all(torch.equal(a, b) for a, b in zip(args, before) if isinstance(a, torch.Tensor))
 
 
 # ------------------------------------------------------------------------------------------- search.cu

@@ -40,6 +40,8 @@ CASES = {
     "masked_adamw_": (lambda: torch.randn(10), _adamw),
     "obs_schur_extend_": (lambda: torch.zeros(2, 3, 5), _schur),
     "projection_matrix_": (lambda: torch.zeros(3, 7), lambda t: lambda: ops.projection_matrix_(t, 1, 0, 3)),
+    "obs_sweep_": (lambda: torch.randn(4, 6), lambda t: lambda: ops.obs_sweep_(
+        t, torch.zeros(4, 6), torch.eye(4) * 2, torch.ones(4, 6, dtype=torch.bool), 0, 4)),
 }
 
 

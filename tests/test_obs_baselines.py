@@ -425,3 +425,88 @@ def test_noop_and_inplace():
     W2, _ = _data(8, 16, 64, seed=0)
     s2, _ = _nm(W2, 2, 4)
     assert torch.equal(magnitude(s2, 2, inplace=True), W2) and bool(((W2 != 0).reshape(8, 4, 4).sum(-1) == 2).all())
+
+
+# ----------------------------------------------------------------------------- the N:M fast path
+
+
+def _generic_only(monkeypatch):
+    """Every scope through the general lazy-block plan (per-element index events), as before the N:M path."""
+    import gradkit.obs.baselines as B
+
+    monkeypatch.setattr(B, "_nm_span", lambda lay, blocksize: 0)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:4", "1x4-blocks-2:4"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("ties", [False, True])
+def test_sparsegpt_nm_path_equals_the_general_plan(pattern, dtype, ties, monkeypatch):
+    """N:M along the rows takes its own plan (one event per scope column, no index tensors) and, in float32, the
+    native obs_select fed the blocks reversed (so equal saliencies keep the lower block): the same weights and
+    mask, bit for bit, as the general plan; with ties (weights on a grid of 4 values) the tie rule decides."""
+    import gradkit.obs.baselines as B
+
+    W, X = _data(24, 64, 200, seed=7, dtype=F64)
+    if ties:
+        W = torch.round(W * 1.5).clamp(-2, 2)
+    H = _hess(X, F64)
+    W, H = W.to(dtype), H.to(dtype)
+    scope, nnz = PATTERNS[pattern](W)
+    assert B._nm_span(obs_layout(scope), 16) > 0  # the path is taken
+    got, keep = sparsegpt(scope, H, nnz, blocksize=16, dtype=dtype, return_mask=True)
+    with monkeypatch.context() as mp:
+        _generic_only(mp)
+        want, want_keep = sparsegpt(PATTERNS[pattern](W)[0], H, nnz, blocksize=16, dtype=dtype, return_mask=True)
+    assert torch.equal(keep, want_keep)
+    assert torch.equal(got, want)
+
+
+def test_sparsegpt_nm_path_not_taken_for_other_layouts():
+    import gradkit.obs.baselines as B
+
+    W = torch.randn(16, 32)
+    for pattern in ("coupled-2:4", "row-pairs-16", "rowwise-50%"):
+        assert B._nm_span(obs_layout(PATTERNS[pattern](W)[0]), 16) == 0, pattern
+    assert B._nm_span(obs_layout(_nm(W, 2, 4)[0]), 2) == 0  # a scope wider than the lazy block
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_select_nan_saliency_ranks_as_inf_on_both_paths(dtype):
+    """Weights are refused with NaN / inf up front, but updates of a near-singular H can overflow mid-sweep (then
+    sparsegpt raises at the end; sparsegpt_mask returns its mask): a NaN saliency ranks as +inf (kept before
+    finite ones, then by block index) in the general select and in the N:M one alike."""
+    import gradkit.obs.baselines as B
+    from gradkit import ops
+
+    m, gs = 6, 4
+    w1 = torch.randn(8, m, generator=_gen(1), dtype=dtype)
+    w1[0, 0], w1[1, 0] = float("nan"), float("inf")  # row 0's scope: NaN beside inf
+    w1[2, 1], w1[3, 1] = float("nan"), float("nan")
+    w1[0, 2], w1[3, 2] = 0.5, 0.5  # an exact tie
+    w1[1, 2], w1[2, 2] = 0.5, 0.5
+    dcol = torch.rand(8, generator=_gen(2), dtype=dtype) + 0.5
+    dcol[:4] = 1.0
+    fast = torch.zeros(8, m, dtype=torch.bool)
+    B._select_rows(B._RowsEvent(0, gs, 1, 2), w1, dcol, fast, ops.obs_select if dtype == torch.float32 else None)
+    slow = torch.zeros(8, m, dtype=torch.bool)
+    c = torch.arange(gs).view(1, gs, 1).expand(m, gs, 1)
+    loc = c * m + torch.arange(m).view(m, 1, 1)
+    B._select(B._Event(0, loc, c, None, 2), w1, dcol, slow)
+    assert torch.equal(fast, slow)
+    assert fast[:gs].sum(0).eq(2).all()
+    assert not fast[0, 0] and not fast[1, 0] and fast[2, 0] and fast[3, 0]  # NaN and inf kept
+    assert fast[:2, 1].all() and not fast[2:4, 1].any()  # two NaN: both kept
+    assert fast[:, 2].tolist()[:4] == [False, False, True, True]  # four equal: the lower two kept
+
+
+@pytest.mark.parametrize("n", [1, 5, 256, 257, 600])
+def test_lower_inverse(n):
+    from gradkit.obs.baselines import _lower_inverse
+
+    g = _gen(n)
+    L = torch.randn(n, n, generator=g, dtype=F64).tril_()
+    L.diagonal().abs_().add_(n ** 0.5)
+    got = _lower_inverse(L, leaf=64)
+    assert torch.equal(got, got.tril())  # exactly lower triangular
+    torch.testing.assert_close(got @ L, torch.eye(n, dtype=F64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(got, torch.linalg.inv(L), rtol=1e-12, atol=1e-14)

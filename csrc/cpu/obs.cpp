@@ -45,6 +45,7 @@
 #include "../obs_schur.h"
 #include "../obs_select_checks.h"
 #include "../obs_shared.h"
+#include "../obs_sweep.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
@@ -388,11 +389,61 @@ void obs_schur_extend_cpu(const Tensor& ut, const Tensor& xf, const Tensor& up, 
   schur_extend_composite_(ut, xf, up, linv, cnt);
 }
 
+// obs_sweep_ (csrc/obs_sweep.h has the definition): the weight rows (w's columns) are independent, so m is cut
+// into slices of kSweepCols that one thread sweeps through every step i: a slice of the block (n x 64 floats,
+// 32 KiB at n = 128) stays in L1 across the steps, and each row update is one loop the compiler vectorises
+// (-std=c++20: no FMA contraction, so w - u * e rounds the product, as the reference does).
+constexpr int64_t kSweepCols = 64;
+
+template <typename T>
+void sweep_slice(T* w, int64_t ws, T* err, int64_t es, const T* u, int64_t u0, int64_t u1, const bool* pr, int64_t ps,
+                 int64_t n, int64_t start, int64_t stop, int64_t c0, int64_t c1) {
+  for (int64_t i = start; i < stop; ++i) {
+    const T d = u[i * u0 + i * u1];
+    T* __restrict__ wi = w + i * ws;
+    T* __restrict__ ei = err + i * es;
+    const bool* __restrict__ pi = pr + i * ps;
+    for (int64_t c = c0; c < c1; ++c) {
+      const T x = wi[c];
+      const bool p = pi[c];
+      ei[c] = p ? x / d : T(0);
+      wi[c] = p ? T(0) : x;
+    }
+    for (int64_t j = i + 1; j < n; ++j) {
+      const T uij = u[i * u0 + j * u1];
+      T* __restrict__ wj = w + j * ws;
+      for (int64_t c = c0; c < c1; ++c) wj[c] = wj[c] - uij * ei[c];
+    }
+  }
+}
+
+void obs_sweep_cpu(const Tensor& w, const Tensor& err, const Tensor& u, const Tensor& prune, int64_t start,
+                   int64_t stop) {
+  obs_sweep_checks(w, err, u, prune, start, stop);
+  const int64_t n = w.size(0), m = w.size(1);
+  if (start == stop || m == 0) return;
+  const Tensor pr = prune.contiguous();
+  const int64_t slices = (m + kSweepCols - 1) / kSweepCols;
+  const int64_t work = std::max<int64_t>(1, (stop - start) * (n - start) * kSweepCols);  // element updates per slice
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "obs_sweep_", [&] {
+    scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* ep = err.data_ptr<scalar_t>();
+    const scalar_t* up = u.data_ptr<scalar_t>();
+    const bool* pp = pr.data_ptr<bool>();
+    at::parallel_for(0, slices, std::max<int64_t>(1, kGrainElems * 4 / work), [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s)
+        sweep_slice<scalar_t>(wp, w.stride(0), ep, err.stride(0), up, u.stride(0), u.stride(1), pp, m, n, start,
+                              stop, s * kSweepCols, std::min(m, (s + 1) * kSweepCols));
+    });
+  });
+}
+
 }  // namespace
 }  // namespace obs
 }  // namespace gradkit
 
 TORCH_LIBRARY_IMPL(gradkit, CPU, m) {
+  m.impl("obs_sweep_", &gradkit::obs::obs_sweep_cpu);
   m.impl("obs_select", &gradkit::obs::obs_select_cpu);
   m.impl("obs_shared_prune", &gradkit::obs::obs_shared_prune_cpu);
   m.impl("obs_schur_extend_", &gradkit::obs::obs_schur_extend_cpu);

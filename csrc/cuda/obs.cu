@@ -38,6 +38,7 @@
 
 #include "common.cuh"
 #include "../obs_schur.h"
+#include "../obs_sweep.h"
 #include "../obs_select_checks.h"
 #include "../obs_shared.h"
 
@@ -313,11 +314,56 @@ void obs_schur_extend_cuda(const Tensor& ut, const Tensor& xf, const Tensor& up,
   });
 }
 
+// ---- obs_sweep_ (csrc/obs_sweep.h has the definition): one thread per column of w (a weight row), which it
+// owns through every step, so no thread reads what another wrote and there is nothing to synchronise. Reads of
+// u[i, j] are the same address across a warp (a broadcast); w's rows are read and written coalesced along m.
+// Explicitly rounded intrinsics: the product rounded, then the difference (no contraction), IEEE division.
+__device__ __forceinline__ float sweep_div(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double sweep_div(double a, double b) { return __ddiv_rn(a, b); }
+__device__ __forceinline__ float sweep_step(float w, float u, float e) { return __fsub_rn(w, __fmul_rn(u, e)); }
+__device__ __forceinline__ double sweep_step(double w, double u, double e) { return __dsub_rn(w, __dmul_rn(u, e)); }
+
+template <typename T>
+__global__ void sweep_kernel(T* w, int64_t ws, T* err, int64_t es, const T* u, int64_t u0, int64_t u1,
+                             const bool* pr, int64_t p0, int64_t p1, int64_t n, int64_t m, int64_t start,
+                             int64_t stop) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= m) return;
+  for (int64_t i = start; i < stop; ++i) {
+    const T d = u[i * u0 + i * u1];
+    const T x = w[i * ws + c];
+    const bool p = pr[i * p0 + c * p1];
+    const T e = p ? sweep_div(x, d) : T(0);
+    err[i * es + c] = e;
+    w[i * ws + c] = p ? T(0) : x;
+    for (int64_t j = i + 1; j < n; ++j) w[j * ws + c] = sweep_step(w[j * ws + c], u[i * u0 + j * u1], e);
+  }
+}
+
+constexpr int kSweepThreads = 128;
+
+void obs_sweep_cuda(const Tensor& w, const Tensor& err, const Tensor& u, const Tensor& prune, int64_t start,
+                    int64_t stop) {
+  obs_sweep_checks(w, err, u, prune, start, stop);
+  const int64_t n = w.size(0), m = w.size(1);
+  if (start == stop || m == 0) return;
+  const c10::cuda::CUDAGuard guard(w.device());
+  const dim3 grid(static_cast<unsigned>((m + kSweepThreads - 1) / kSweepThreads));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "obs_sweep_", [&] {
+    GK_LAUNCH(sweep_kernel<scalar_t>, grid, kSweepThreads, 0, stream, w.data_ptr<scalar_t>(), w.stride(0),
+              err.data_ptr<scalar_t>(), err.stride(0), u.data_ptr<scalar_t>(), u.stride(0), u.stride(1),
+              prune.data_ptr<bool>(), prune.stride(0), prune.stride(1), n, m, start, stop);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 }  // namespace obs
 }  // namespace gradkit
 
 TORCH_LIBRARY_IMPL(gradkit, CUDA, m) {
+  m.impl("obs_sweep_", &gradkit::obs::obs_sweep_cuda);
   m.impl("obs_select", &gradkit::obs::obs_select_cuda);
   m.impl("obs_shared_prune", &gradkit::obs::obs_shared_prune_cuda);
   m.impl("obs_schur_extend_", &gradkit::obs::obs_schur_extend_cuda);

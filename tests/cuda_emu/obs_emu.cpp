@@ -11,4 +11,6 @@ TORCH_LIBRARY(gradkit_cuda_emu_obs, m) {
         &gradkit::obs::obs_shared_prune_cuda);
   m.def("obs_schur_extend_(Tensor(a!) ut, Tensor xf, Tensor up, Tensor linv, int cnt) -> ()",
         &gradkit::obs::obs_schur_extend_cuda);
+  m.def("obs_sweep_(Tensor(a!) w, Tensor(b!) err, Tensor u, Tensor prune, int start, int stop) -> ()",
+        &gradkit::obs::obs_sweep_cuda);
 }

@@ -885,7 +885,7 @@ def _register_version_bumps() -> None:
     lib = torch.library.Library("gradkit", "IMPL")
     for name in ("gather_segments_out", "scatter_segments_", "scope_hard_threshold_", "block_apply_mask_",
                  "block_soft_threshold_", "golden_topk_and_", "masked_adamw_", "obs_schur_extend_",
-                 "projection_matrix_"):
+                 "obs_sweep_", "projection_matrix_"):
         if not _ext.has_op(name):
             continue
         op = getattr(torch.ops.gradkit, name).default

@@ -17,9 +17,9 @@ from gradkit import _ext
 from gradkit.kernels.reference.scope import check_inplace as _check_inplace
 from gradkit.ops import _check_typed, _check_writable, _impl, _wrote, backend
 
-__all__ = ["OBS_OPS", "SHARED_MAX_P", "obs_schur_extend_", "obs_select", "obs_shared_prune"]
+__all__ = ["OBS_OPS", "SHARED_MAX_P", "obs_schur_extend_", "obs_select", "obs_shared_prune", "obs_sweep_"]
 
-OBS_OPS = ("obs_select", "obs_shared_prune", "obs_schur_extend_")
+OBS_OPS = ("obs_select", "obs_shared_prune", "obs_schur_extend_", "obs_sweep_")
 SHARED_MAX_P = 64  # pruned elements per subset the kernels take
 
 
@@ -160,6 +160,62 @@ def obs_schur_extend_(ut: torch.Tensor, xf: torch.Tensor, up: torch.Tensor, linv
     _wrote([ut], fn)
 
 
+def obs_sweep_(w: torch.Tensor, err: torch.Tensor, u: torch.Tensor, prune: torch.Tensor, start: int,
+               stop: int) -> None:
+    """SparseGPT's column sweep over one lazy block, in place: for i in [start, stop), in order,
+    ``err[i] = where(prune[i], w[i] / u[i, i], 0)``, ``w[i]`` zeroed where pruned, and
+    ``w[j] -= u[i, j] * err[i]`` for every later row j of the block (the product rounded, then the difference:
+    the same bits on every backend).
+
+    w (n, m) float32 / float64, the lazy block transposed (row i = weight column i; one entry per weight row),
+    unit stride along m; err (n, m) of w's dtype, unit stride along m; u (n, n) of w's dtype, the block of the
+    upper Cholesky factor of the damped inverse Hessian (only u[i, i:] is read); prune (n, m) bool;
+    0 <= start <= stop <= n. w and err must not share memory with each other, u or prune. Checked before
+    anything is written. See ``gradkit.kernels.reference.obs.obs_sweep_``.
+    """
+    _check_typed((("w", w),), (torch.float32, torch.float64))
+    _check_typed((("err", err), ("u", u)), w.dtype, ("w", w.device))
+    _check_typed((("prune", prune),), torch.bool, ("w", w.device))
+    start = _int(start, "start")
+    stop = _int(stop, "stop")
+    if w.dim() != 2:
+        raise ValueError(f"w: expected a 2-D tensor (n, m), got shape {tuple(w.shape)}")
+    n, m = w.shape
+    if err.shape != (n, m):
+        raise ValueError(f"err: expected shape ({n}, {m}), got {tuple(err.shape)}")
+    if u.shape != (n, n):
+        raise ValueError(f"u: expected shape ({n}, {n}), got {tuple(u.shape)}")
+    if prune.shape != (n, m):
+        raise ValueError(f"prune: expected shape ({n}, {m}), got {tuple(prune.shape)}")
+    if not 0 <= start <= stop <= n:
+        raise ValueError(f"start, stop: expected 0 <= start <= stop <= {n}, got {start}, {stop}")
+    for name, t in (("w", w), ("err", err)):
+        if m > 1 and t.stride(1) != 1:
+            raise ValueError(f"{name}: expected unit stride along dim 1, got strides {tuple(t.stride())}")
+        _check_inplace(t, name)
+    for name, t, others in (("err", err, (w,)), ("u", u, (w, err)), ("prune", prune, (w, err))):
+        if any(_shares(t, o) for o in others):
+            raise ValueError(f"{name}: shares memory with {'w' if name == 'err' else 'w or err'}")
+    _check_writable([w], "w")
+    _check_writable([err], "err")
+    fn = _impl("obs_sweep_", "obs")
+    fn(w, err, u, prune, start, stop)
+    _wrote([w, err], fn)
+
+
+def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a's and b's address ranges meet (same storage only; conservative for interleaved views)."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):
+        last = sum((sz - 1) * st for sz, st in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
 _SCHUR_FUSED_M = 256  # kernels.triton.obs.MAX_FUSED_M (== csrc/cuda/obs.cu kSchurMaxM)
 _SCHUR_MAX_ROWS = 65535  # rows on grid axis y of either kernel
 
@@ -176,6 +232,10 @@ def _tensor_core_schur():
 
 
 def _obs_schur_extend_fake(ut, xf, up, linv, cnt):
+    return None
+
+
+def _obs_sweep_fake(w, err, u, prune, start, stop):
     return None
 
 
@@ -197,6 +257,8 @@ if _ext.has_op("obs_select"):
     if _ext.has_op("obs_schur_extend_"):
         torch.library.register_fake("gradkit::obs_schur_extend_", _obs_schur_extend_fake,
                                     _stacklevel=_ext.ops_package_stacklevel())
+    if _ext.has_op("obs_sweep_"):
+        torch.library.register_fake("gradkit::obs_sweep_", _obs_sweep_fake, _stacklevel=_ext.ops_package_stacklevel())
 
     # Triton is the GPU kernel where the extension was built without CUDA C++.
     _ext.register_triton_for_cuda("obs", OBS_OPS)

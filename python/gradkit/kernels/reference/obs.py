@@ -253,3 +253,25 @@ def obs_schur_extend_(ut: Tensor, xf: Tensor, up: Tensor, linv: Tensor, cnt: int
     else:
         t = xf
     ut[:, cnt:cnt + m, K - F:] = torch.bmm(linv, t)
+
+
+def obs_sweep_(w: Tensor, err: Tensor, u: Tensor, prune: Tensor, start: int, stop: int) -> None:
+    """SparseGPT's column sweep over one lazy block, in place (csrc/obs_sweep.h).
+
+    w (n, m) float32 / float64: the block's weights transposed (row i is the lazy block's weight column i,
+    one entry per weight row); err (n, m) w's dtype; u (n, n) w's dtype, the block of the upper Cholesky
+    factor of the damped H^-1 (only u[i, i:] is read); prune (n, m) bool. For i in [start, stop), in order::
+
+        err[i] = where(prune[i], w[i] / u[i, i], 0)
+        w[i]   = where(prune[i], 0, w[i])
+        w[j]   = w[j] - u[i, j] * err[i]     for j in (i, n)   (product rounded, then the difference)
+
+    Every backend computes exactly these roundings (no FMA contraction): the same bits everywhere.
+    """
+    n = w.shape[0]
+    for i in range(start, stop):
+        e = torch.where(prune[i], w[i] / u[i, i], torch.zeros((), dtype=w.dtype, device=w.device))
+        err[i] = e
+        w[i] = torch.where(prune[i], torch.zeros((), dtype=w.dtype, device=w.device), w[i])
+        if i + 1 < n:
+            w[i + 1:] = w[i + 1:] - u[i, i + 1:, None] * e[None, :]

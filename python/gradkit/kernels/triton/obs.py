@@ -297,6 +297,79 @@ def obs_schur_extend_(ut: torch.Tensor, xf: torch.Tensor, up: torch.Tensor, linv
     return None
 
 
+# --------------------------------------------------------------------------------------------- obs_sweep_
+# One program per tile of BLOCK_M columns of w (weight rows), which it owns through every step i: the columns
+# are independent. Per step: row i's error and zeroing (div_rn: IEEE division on the GPU), then the later rows
+# in tiles of BLOCK_J, w[j] - u[i, j] * e with enable_fp_fusion=False (the product rounded, then the
+# difference: csrc/obs_sweep.h's bits). A barrier closes each step: the 2-D tiles and the 1-D row need not map a
+# column to the same thread, and step i + 1 reads the row step i wrote.
+SWEEP_BLOCKS = {"m": 128, "j": 32}
+
+
+@triton.jit
+def _sweep_kernel(w_ptr, e_ptr, u_ptr, p_ptr, n, m, start, stop, sw, se, su0, su1, sp0, sp1,
+                  BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, F64: tl.constexpr):
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cm = cols < m
+    jj = tl.arange(0, BLOCK_J)
+    zero = tl.zeros((BLOCK_M,), dtype=w_ptr.dtype.element_ty)
+    for i in range(start, stop):
+        ii = tl.cast(i, tl.int64)
+        d = tl.load(u_ptr + ii * su0 + ii * su1)
+        x = tl.load(w_ptr + ii * sw + cols, mask=cm, other=0.0)
+        p = tl.load(p_ptr + ii * sp0 + cols * sp1, mask=cm, other=0) != 0
+        if F64:  # float64 division is IEEE on the GPU; div_rn takes float32 only
+            q = x / d
+        else:
+            q = tl.math.div_rn(x, tl.zeros_like(x) + d)
+        e = tl.where(p, q, zero)
+        tl.store(e_ptr + ii * se + cols, e, mask=cm)
+        tl.store(w_ptr + ii * sw + cols, tl.where(p, zero, x), mask=cm)
+        for j0 in range(i + 1, n, BLOCK_J):
+            j = tl.cast(j0, tl.int64) + jj
+            jm = j < n
+            uij = tl.load(u_ptr + ii * su0 + j * su1, mask=jm, other=0.0)
+            ptrs = w_ptr + j[:, None] * sw + cols[None, :]
+            tm = jm[:, None] & cm[None, :]
+            wt = tl.load(ptrs, mask=tm, other=0.0)
+            tl.store(ptrs, wt - uij[:, None] * e[None, :], mask=tm)
+        tl.debug_barrier()
+
+
+@on_tensor_device
+def obs_sweep_(w: torch.Tensor, err: torch.Tensor, u: torch.Tensor, prune: torch.Tensor, start: int,
+               stop: int) -> None:
+    """Launcher: see ``gradkit.kernels.reference.obs.obs_sweep_`` (the C++ op's checks: csrc/obs_sweep.h)."""
+    if w.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"w: expected a float32 or float64 tensor, got {w.dtype}")
+    for name, t in (("err", err), ("u", u)):
+        if t.dtype != w.dtype:
+            raise TypeError(f"{name}: expected {w.dtype} (w's dtype), got {t.dtype}")
+    if prune.dtype != torch.bool:
+        raise TypeError(f"prune: expected a bool tensor, got {prune.dtype}")
+    if w.dim() != 2:
+        raise ValueError(f"w: expected a 2-D tensor (n, m), got shape {tuple(w.shape)}")
+    n, m = w.shape
+    if err.shape != (n, m) or u.shape != (n, n) or prune.shape != (n, m):
+        raise ValueError(f"err, u, prune: shapes {tuple(err.shape)}, {tuple(u.shape)}, {tuple(prune.shape)} do not "
+                         f"match w {tuple(w.shape)}")
+    if not 0 <= start <= stop <= n:
+        raise ValueError(f"start, stop: expected 0 <= start <= stop <= {n}, got {start}, {stop}")
+    for name, t in (("w", w), ("err", err)):
+        if m > 1 and t.stride(1) != 1:
+            raise ValueError(f"{name}: expected unit stride along dim 1, got strides {tuple(t.stride())}")
+        _check_inplace(t, name)
+    if start == stop or m == 0:
+        return None
+    pv = prune.view(torch.uint8)
+    kw = {} if w.device.type == "cpu" else {"enable_fp_fusion": False}
+    bm = SWEEP_BLOCKS["m"]
+    _sweep_kernel[(triton.cdiv(m, bm),)](w, err, u, pv, n, m, start, stop, w.stride(0), err.stride(0), u.stride(0),
+                                         u.stride(1), pv.stride(0), pv.stride(1), BLOCK_M=bm,
+                                         BLOCK_J=SWEEP_BLOCKS["j"], F64=w.dtype == torch.float64, **kw)
+    return None
+
+
 def record_aot_cases() -> None:
     """Representative calls on tiny CPU tensors (for the recording interpreter of
     scripts/triton_aot_check.py): gs = 1, 3, 4, 8, 16, 64, 256 (every GS_P up to the fused limit),
@@ -322,3 +395,7 @@ def record_aot_cases() -> None:
         up = torch.randn(n, m, cnt, generator=g)
         linv = torch.randn(n, m, m, generator=g)
         obs_schur_extend_(ut, xf, up, linv, cnt)
+    for n, m, dt in ((5, 7, torch.float32), (40, 130, torch.float32), (9, 3, torch.float64)):
+        w = torch.randn(n, m, generator=g, dtype=dt)
+        u = torch.randn(n, n, generator=g, dtype=dt).triu_() + 2 * torch.eye(n, dtype=dt)
+        obs_sweep_(w, torch.empty_like(w), u, torch.rand(n, m, generator=g) < 0.5, 1, n - 1)
