@@ -1,11 +1,11 @@
-"""One-process A/B of factored_project's opt-in AMX path (issue 6) on bfloat16 activations and gradients:
-``GRADKIT_FACTORED_AMX=1`` against the default kernel, on the layer shapes of bench_collector.py, in rounds with
+"""One-process A/B of factored_project's AMX path (issue 6; the default on AMX CPUs since session 27) on bfloat16
+activations and gradients: ``GRADKIT_FACTORED_AMX=1`` against the FMA kernel (``=0``), on the layer shapes of bench_collector.py, in rounds with
 the order rotating (harness.time_interleaved). The two differ in bits (TDPBF16PS rounds its sums its own way), so
 each pair is checked against float64 instead: both must be within 1e-6 of it, relative to the largest entry.
 
     python benchmarks/amx_ab.py [--rounds 15] [--bergson]
 
-Prints, per shape, both medians and the per-round ratio AMX / default (p20, p50, p80: below 1 is faster). With
+Prints, per shape, both medians and the per-round ratio AMX / FMA (p20, p50, p80: below 1 is faster). With
 --bergson, also bergson 2.5.1's hooks on a bfloat16 1000 x 1000 Linear (bf16 matmuls, bf16 out) against gradkit's
 whole ``factored_project`` call, both paths. 2 threads. On a CPU without AMX-BF16 both columns time the same
 kernel (the script says so).
@@ -44,22 +44,22 @@ def main():
         def op():
             return torch.ops.gradkit.factored_project(a, g, lt, rt, None, None, T)
 
-        fns = {"default": with_env(AMX, "0", op), "amx": with_env(AMX, "1", op)}
+        fns = {"fma": with_env(AMX, "0", op), "amx": with_env(AMX, "1", op)}
         exact = torch.einsum("btp,btq->bpq", (g.double() @ lt.double()).view(nb, T, 16),
                              (a.double() @ rt.double()).view(nb, T, 16))
         for k, f in fns.items():
             rel = float((f().double() - exact).abs().max() / exact.abs().max())
             assert rel < 1e-6, (k, rel)
-        res = time_interleaved(fns, rounds=args.rounds, calls=10, baseline="default")
+        res = time_interleaved(fns, rounds=args.rounds, calls=10, baseline="fma")
         st = res["amx"]
-        print(f"bfloat16 {width}x{width}, {nb}x{T} tokens: default {res['default']['p50'] * 1e3:.2f} ms, "
-              f"AMX {st['p50'] * 1e3:.2f} ms, AMX / default per round "
+        print(f"bfloat16 {width}x{width}, {nb}x{T} tokens: FMA {res['fma']['p50'] * 1e3:.2f} ms, "
+              f"AMX {st['p50'] * 1e3:.2f} ms, AMX / FMA per round "
               f"{st['ratio_p20']:.3f} {st['ratio_p50']:.3f} {st['ratio_p80']:.3f}", flush=True)
     if args.bergson:
         def gk(a, g):
             return factored_project(a, g, 16, seed=0, name="lin")
 
-        bc.bergson_hooks_ab({"amx": with_env(AMX, "1", gk), "default": with_env(AMX, "0", gk)}, args.rounds,
+        bc.bergson_hooks_ab({"amx": with_env(AMX, "1", gk), "fma": with_env(AMX, "0", gk)}, args.rounds,
                             dtype=torch.bfloat16)
 
 if __name__ == "__main__":

@@ -243,21 +243,23 @@ def run(rec, quick: bool = False) -> None:
     outb = factored_project(ab, gb, P, seed=0, name="lin")
     truth = _lgr(L, R, ab, gb)
     rel = lambda x: ((x.double() - truth).norm() / truth.norm()).item()  # noqa: E731
+    amx = dev.type == "cpu" and has_amx()  # the default there: AMX tiles (its own bits; benchmarks/amx_ab.py)
     rec.add(FAMILY, op, "gradkit", wl, dtb, rec.time(lambda: factored_project(ab, gb, P, seed=0, name="lin")),
-            note=f"native bf16 input, fp32 arithmetic; rel. error vs float64 {rel(outb):.1e}")
+            note=("AMX tiles (the default on this CPU), fp32 sums in TDPBF16PS's order" if amx else
+                  "native bf16 input, fp32 arithmetic") + f"; rel. error vs float64 {rel(outb):.1e}")
     rec.add(FAMILY, op, "gradkit (a.float())", wl, dtb,
             rec.time(lambda: factored_project(ab.float(), gb.float(), P, seed=0, name="lin")),
             note="the same after converting a and g to float32 first (the old path)")
-    if dev.type == "cpu" and has_amx():  # the opt-in AMX path (its own bits; benchmarks/amx_ab.py)
-        def gk_amx():
-            os.environ["GRADKIT_FACTORED_AMX"] = "1"
+    if amx:
+        def gk_fma():
+            os.environ["GRADKIT_FACTORED_AMX"] = "0"
             try:
                 return factored_project(ab, gb, P, seed=0, name="lin")
             finally:
                 os.environ.pop("GRADKIT_FACTORED_AMX", None)
 
-        rec.add(FAMILY, op, "gradkit (GRADKIT_FACTORED_AMX=1)", wl, dtb, rec.time(gk_amx),
-                note=f"opt-in AMX tiles, fp32 sums in TDPBF16PS's order; rel. error vs float64 {rel(gk_amx()):.1e}")
+        rec.add(FAMILY, op, "gradkit (GRADKIT_FACTORED_AMX=0)", wl, dtb, rec.time(gk_fma),
+                note=f"the FMA kernel, the bits of the a.float() call; rel. error vs float64 {rel(gk_fma()):.1e}")
     linb = nn.Linear(D, D).to(dev, torch.bfloat16)
     bcolb = _bergson(_Wrap(linb))
     if bcolb is not None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from conftest import CPU_ISAS, DEVICES, use_backend
+from conftest import CPU_ISAS, DEVICES, env_set, use_backend
 from gradkit import _ext, ops
 from gradkit.kernels.reference import projection as ref
 
@@ -265,7 +265,9 @@ def rademacher_args(B, T, I, O, p, seed, dtype, rb=True, mask=True):
 def sign_path_agrees(monkeypatch, a, g, lt, rt, rb, m, T):
     """The sign path (GRADKIT_FACTORED_SIGN=1: on, whatever the CPU's vendor) against GRADKIT_FACTORED_SIGN=0
     (the FMA kernel) and the host's default, every instruction-set level and (half-precision a / g) the float32
-    kernel on a.float(), g.float(): the same bits, NaN payloads and signs included. Returns the result."""
+    kernel on a.float(), g.float(): the same bits, NaN payloads and signs included. Returns the result. The AMX
+    path (bfloat16, p = 16, the default on AMX CPUs; its own bits) is off here: it has its own tests below."""
+    monkeypatch.setenv("GRADKIT_FACTORED_AMX", "0")
     monkeypatch.setenv("GRADKIT_FACTORED_SIGN", "1")
     got = same_bits_at_every_level(monkeypatch, a, g, lt, rt, rb, m, T)[CPU_ISAS[0]]
     monkeypatch.setenv("GRADKIT_FACTORED_SIGN", "0")
@@ -475,20 +477,26 @@ def test_cuda_triton_matches_reference(dtype):
 def test_api_half_precision_activations(backend):
     """gradkit.projection.factored_project on a bfloat16 / float16 model's activations and gradients: the
     result of the same call on their float32 values, bit for bit (the fused op widens as it reads); a and g
-    of different dtypes are both converted to float32 first."""
+    of different dtypes are both converted to float32 first. On an AMX CPU the native backend's default for
+    bfloat16 at p = 16 is the AMX path (its own bits: within float32 summation error); GRADKIT_FACTORED_AMX=0
+    gives the bits above."""
     from gradkit.projection import factored_project
 
     gen = torch.Generator().manual_seed(11)
     a = torch.randn(3, 6, 40, generator=gen)
     g = torch.randn(3, 6, 24, generator=gen)
     mask = torch.rand(3, 6, generator=gen) < 0.8
-    with use_backend(backend):
+    with use_backend(backend), env_set("GRADKIT_FACTORED_AMX", "0"):
         for dt in HALF:
             ah, gh = a.to(dt), g.to(dt)
             want = factored_project(ah.float(), gh.float(), 16, seed=1, name="fc", bias=True, mask=mask)
             assert torch.equal(factored_project(ah, gh, 16, seed=1, name="fc", bias=True, mask=mask), want)
         mixed = factored_project(a.bfloat16(), g, 16, seed=1, name="fc")
         assert torch.equal(mixed, factored_project(a.bfloat16().float(), g, 16, seed=1, name="fc"))
+    with use_backend(backend):  # the default (AMX where the CPU has it)
+        ah, gh = a.bfloat16(), g.bfloat16()
+        close(factored_project(ah, gh, 16, seed=1, name="fc", bias=True, mask=mask),
+              factored_project(ah.float(), gh.float(), 16, seed=1, name="fc", bias=True, mask=mask))
 
 
 def _has_amx():
@@ -503,11 +511,12 @@ def _has_amx():
 @settings(max_examples=30)
 @given(B=st.integers(0, 4), T=st.integers(1, 40), I=st.integers(1, 300), O=st.integers(1, 70),
        seed=st.integers(0, 2**20), rb=st.booleans(), mask=st.booleans(), left_gauss=st.booleans())
-def test_amx_opt_in_matches_reference(B, T, I, O, seed, rb, mask, left_gauss):
-    """GRADKIT_FACTORED_AMX=1 (opt-in): bfloat16 a / g at p = 16 on an AMX CPU run TDPBF16PS for each side whose
-    matrix is +-s (a Gaussian side stays on the FMA kernel). Its own bits, so: the reference's values within
-    float32 summation error, whatever the tails (16-token tiles, features rounded up to 32), masks and bias
-    column. Elsewhere (no AMX) the setting changes nothing, bit for bit."""
+def test_amx_matches_reference(B, T, I, O, seed, rb, mask, left_gauss):
+    """The AMX path (the default on AMX CPUs; GRADKIT_FACTORED_AMX=1 asks for it, =0 turns it off): bfloat16 a / g
+    at p = 16 run TDPBF16PS for each side whose matrix is +-s (a Gaussian side stays on the FMA kernel). Its own
+    bits, so: the reference's values within float32 summation error, whatever the tails (16-token tiles, features
+    rounded up to 32), masks and bias column. Elsewhere (no AMX) the setting changes nothing, bit for bit; unset,
+    the result is that of =1 (the default), bit for bit."""
     from gradkit.projection import projection_matrix
 
     a, g, lt, rt, rbt, m = rademacher_args(B, T, I, O, 16, seed, torch.bfloat16, rb, mask)
@@ -518,12 +527,15 @@ def test_amx_opt_in_matches_reference(B, T, I, O, seed, rb, mask, left_gauss):
         off = ops.factored_project(a, g, lt, rt, rbt, m, T)
         mp.setenv("GRADKIT_FACTORED_AMX", "1")
         on = ops.factored_project(a, g, lt, rt, rbt, m, T)
+        mp.delenv("GRADKIT_FACTORED_AMX")
+        default = ops.factored_project(a, g, lt, rt, rbt, m, T)
     close(on, ref.factored_project(a, g, lt, rt, rbt, m, T))
+    assert torch.equal(bits(default), bits(on))
     if not _has_amx():
         assert torch.equal(bits(on), bits(off))
 
 
-def test_amx_opt_in_taken_and_exact_products():
+def test_amx_taken_and_exact_products():
     """On an AMX CPU the path is taken (some sums round differently from the FMA chain: 8192 tokens x 1000
     features gave ~27% of entries an ulp apart) and stays as close to float64 as the FMA kernel (relative 1e-6);
     bfloat16 values in every binade of +-2^-60 .. 2^60 (products exact, no denormals). Not on AMX: the same bits.

@@ -1063,13 +1063,16 @@ void widen_row(const E* src, int64_t n, float* dst) {
 }
 
 #ifdef GK_PROJ_X86
-// ---- Opt-in AMX path (GRADKIT_FACTORED_AMX=1): bfloat16 rows, p = 16, a side whose matrix is +-s with s a power
-// of two (exact in bfloat16). One tile of up to 16 tokens is multiplied with TDPBF16PS into one 16 x 16 float32
-// tile (skinny_amx: the rows where they lie, or a zero-padded copy).
+// ---- AMX path (the default where it applies; GRADKIT_FACTORED_AMX=0 turns it off): bfloat16 rows, p = 16, a
+// side whose matrix is +-s with s a power of two (exact in bfloat16). One tile of up to 16 tokens is multiplied
+// with TDPBF16PS into one 16 x 16 float32 tile (skinny_amx: the rows where they lie, or a zero-padded copy).
 // The products are exact and the sums float32, but TDPBF16PS does not round after every product as the FMA chain
 // does (benchmarks/micro/amx_bf16.cpp: ~2% of outputs differ by an ulp), it reads denormal inputs as zero and
 // flushes denormal sums: this path has its own bits, within float32 summation error of the others (the same
-// largest relative error against float64 in the tests), which is why it is not the default. Session 26, Intel
+// largest relative error against float64 in the tests). Opt-in in session 26; the default from session 27,
+// because on bfloat16 models the FMA kernel took ~1.9x bergson's time on an AMX CPU (bergson's bfloat16 matmuls
+// run on AMX through oneDNN) and the GPU defaults (cuBLAS composites) keep no bitwise promise either;
+// GRADKIT_FACTORED_AMX=0 restores the bits the other CPU kernels and the CUDA C++ kernel share. Session 26, Intel
 // Emerald Rapids, bfloat16 hook work at two threads against the FMA kernel, per-round medians
 // (`python benchmarks/amx_ab.py --bergson`): 1000 x 1000, 64 x 128 tokens 0.95 vs 2.01 ms (0.43x); 1024 x 1024
 // 0.36x; 4096 x 4096 0.39x; 8192 one-token examples 0.43x; bergson's bfloat16 hooks 1.28 ms (1.41x).
@@ -1355,12 +1358,13 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
   const bool sign_on = sign_env && std::strcmp(sign_env, "0") == 0   ? false
                        : sign_env && std::strcmp(sign_env, "1") == 0 ? true
                                                                       : cpu_is_amd();
-  // GRADKIT_FACTORED_AMX=1 (opt-in; its own bits, see skinny_amx): bfloat16 a / g, p = 16, on an AMX CPU, for
-  // each side whose matrix is +-s (s a power of two), in place of the sign path.
+  // The AMX path (its own bits, see skinny_amx): bfloat16 a / g, p = 16, on an AMX CPU, for each side whose
+  // matrix is +-s (s a power of two), in place of the sign path. The default where it applies (from session 27);
+  // GRADKIT_FACTORED_AMX=0 keeps the FMA kernel and its bits (those of the same call on a.float(), g.float()).
   const char* amx_env = std::getenv("GRADKIT_FACTORED_AMX");
   bool amx_on = false;
 #ifdef GK_PROJ_X86
-  amx_on = amx_env && std::strcmp(amx_env, "1") == 0 && A.isa == 2 && p == 16 &&
+  amx_on = !(amx_env && std::strcmp(amx_env, "0") == 0) && A.isa == 2 && p == 16 &&
            in.a.scalar_type() == at::kBFloat16 && amx_ready();
 #endif
   const float ls = A.isa == 2 && (sign_on || amx_on) ? sign_scale(A.lt, in.lt.numel()) : 0.0f;
