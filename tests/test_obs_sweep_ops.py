@@ -167,14 +167,23 @@ def test_bad_input_names_the_argument_and_writes_nothing(case):
             assert torch.equal(a, b)
 
 
+def _triton_launcher():
+    from gradkit.kernels.triton import obs as tri
+
+    return tri.obs_sweep_
+
+
+@pytest.mark.parametrize("impl", ["op", "triton"])
 @pytest.mark.parametrize("case", range(16))
-def test_native_op_checks_too(case):
-    """Direct torch.ops.gradkit.obs_sweep_ calls (no wrapper): the C++ checks name the argument as well (the
-    dtype / shape / overlap cases; the Python integer checks have no C++ twin)."""
+def test_direct_kernel_calls_check_too(case, impl):
+    """Past the wrapper: a direct torch.ops.gradkit.obs_sweep_ call (the C++ checks, csrc/obs_sweep.h) and the
+    Triton launcher (the CUDA kernel where the extension has no CUDA C++) name the argument as well, before
+    anything is written."""
     name, exc, args = _bad_cases()[case]
+    fn = torch.ops.gradkit.obs_sweep_ if impl == "op" else _triton_launcher()
     before = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
     with pytest.raises((exc, RuntimeError), match=f"^{name}"):
-        torch.ops.gradkit.obs_sweep_(*args)
+        fn(*args)
     for a, b in zip(args, before):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b)

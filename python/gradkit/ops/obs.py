@@ -14,6 +14,7 @@ import os
 import torch
 
 from gradkit import _ext
+from gradkit.kernels.reference import obs as _ref
 from gradkit.kernels.reference.scope import check_inplace as _check_inplace
 from gradkit.ops import _check_typed, _check_writable, _impl, _wrote, backend
 
@@ -178,42 +179,12 @@ def obs_sweep_(w: torch.Tensor, err: torch.Tensor, u: torch.Tensor, prune: torch
     _check_typed((("prune", prune),), torch.bool, ("w", w.device))
     start = _int(start, "start")
     stop = _int(stop, "stop")
-    if w.dim() != 2:
-        raise ValueError(f"w: expected a 2-D tensor (n, m), got shape {tuple(w.shape)}")
-    n, m = w.shape
-    if err.shape != (n, m):
-        raise ValueError(f"err: expected shape ({n}, {m}), got {tuple(err.shape)}")
-    if u.shape != (n, n):
-        raise ValueError(f"u: expected shape ({n}, {n}), got {tuple(u.shape)}")
-    if prune.shape != (n, m):
-        raise ValueError(f"prune: expected shape ({n}, {m}), got {tuple(prune.shape)}")
-    if not 0 <= start <= stop <= n:
-        raise ValueError(f"start, stop: expected 0 <= start <= stop <= {n}, got {start}, {stop}")
-    for name, t in (("w", w), ("err", err)):
-        if m > 1 and t.stride(1) != 1:
-            raise ValueError(f"{name}: expected unit stride along dim 1, got strides {tuple(t.stride())}")
-        _check_inplace(t, name)
-    for name, t, others in (("err", err, (w,)), ("u", u, (w, err)), ("prune", prune, (w, err))):
-        if any(_shares(t, o) for o in others):
-            raise ValueError(f"{name}: shares memory with {'w' if name == 'err' else 'w or err'}")
+    _ref.check_sweep(w, err, u, prune, start, stop)
     _check_writable([w], "w")
     _check_writable([err], "err")
     fn = _impl("obs_sweep_", "obs")
     fn(w, err, u, prune, start, stop)
     _wrote([w, err], fn)
-
-
-def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether a's and b's address ranges meet (same storage only; conservative for interleaved views)."""
-    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-
-    def span(t):
-        last = sum((sz - 1) * st for sz, st in zip(t.shape, t.stride()))
-        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
-
-    (a0, a1), (b0, b1) = span(a), span(b)
-    return a0 < b1 and b0 < a1
 
 
 _SCHUR_FUSED_M = 256  # kernels.triton.obs.MAX_FUSED_M (== csrc/cuda/obs.cu kSchurMaxM)

@@ -11,6 +11,8 @@ from itertools import combinations
 import torch
 from torch import Tensor
 
+from gradkit.kernels.reference.scope import check_inplace
+
 SCORE_EPS = 1e-8
 BLOCK_EPS = 1e-4
 
@@ -275,3 +277,36 @@ def obs_sweep_(w: Tensor, err: Tensor, u: Tensor, prune: Tensor, start: int, sto
         w[i] = torch.where(prune[i], torch.zeros((), dtype=w.dtype, device=w.device), w[i])
         if i + 1 < n:
             w[i + 1:] = w[i + 1:] - u[i, i + 1:, None] * e[None, :]
+
+
+def check_sweep(w: Tensor, err: Tensor, u: Tensor, prune: Tensor, start: int, stop: int) -> None:
+    """obs_sweep_'s shape, stride, range and overlap checks (after its dtype checks), raising as the C++ op does
+    (csrc/obs_sweep.h) and naming the argument: shared by the op wrapper and the Triton launcher."""
+    if w.dim() != 2:
+        raise ValueError(f"w: expected a 2-D tensor (n, m), got shape {tuple(w.shape)}")
+    n, m = w.shape
+    for name, t, want in (("err", err, (n, m)), ("u", u, (n, n)), ("prune", prune, (n, m))):
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
+    if not 0 <= start <= stop <= n:
+        raise ValueError(f"start, stop: expected 0 <= start <= stop <= {n}, got {start}, {stop}")
+    for name, t in (("w", w), ("err", err)):
+        if m > 1 and t.stride(1) != 1:
+            raise ValueError(f"{name}: expected unit stride along dim 1, got strides {tuple(t.stride())}")
+        check_inplace(t, name)
+    for name, t, others in (("err", err, (w,)), ("u", u, (w, err)), ("prune", prune, (w, err))):
+        if any(_shares(t, o) for o in others):
+            raise ValueError(f"{name}: shares memory with {'w' if name == 'err' else 'w or err'}")
+
+
+def _shares(a: Tensor, b: Tensor) -> bool:
+    """Whether a's and b's address ranges meet (same storage only; conservative for interleaved views)."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):
+        last = sum((sz - 1) * st for sz, st in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1

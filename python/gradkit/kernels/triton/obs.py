@@ -347,18 +347,8 @@ def obs_sweep_(w: torch.Tensor, err: torch.Tensor, u: torch.Tensor, prune: torch
             raise TypeError(f"{name}: expected {w.dtype} (w's dtype), got {t.dtype}")
     if prune.dtype != torch.bool:
         raise TypeError(f"prune: expected a bool tensor, got {prune.dtype}")
-    if w.dim() != 2:
-        raise ValueError(f"w: expected a 2-D tensor (n, m), got shape {tuple(w.shape)}")
+    _ref.check_sweep(w, err, u, prune, start, stop)
     n, m = w.shape
-    if err.shape != (n, m) or u.shape != (n, n) or prune.shape != (n, m):
-        raise ValueError(f"err, u, prune: shapes {tuple(err.shape)}, {tuple(u.shape)}, {tuple(prune.shape)} do not "
-                         f"match w {tuple(w.shape)}")
-    if not 0 <= start <= stop <= n:
-        raise ValueError(f"start, stop: expected 0 <= start <= stop <= {n}, got {start}, {stop}")
-    for name, t in (("w", w), ("err", err)):
-        if m > 1 and t.stride(1) != 1:
-            raise ValueError(f"{name}: expected unit stride along dim 1, got strides {tuple(t.stride())}")
-        _check_inplace(t, name)
     if start == stop or m == 0:
         return None
     pv = prune.view(torch.uint8)
