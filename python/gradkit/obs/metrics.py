@@ -58,15 +58,20 @@ def _check_hessian(h, k: int, what: str = "hessian") -> Tensor:
         raise ValueError(f"{what}: must be square (K, K), got shape {tuple(h.shape)}")
     if h.shape[0] != k:
         raise ValueError(f"{what}: is {h.shape[0]} x {h.shape[1]} but the weight has K={k} columns (in features)")
-    _check_finite(h, what)
-    _check_symmetric(h, what)
+    scale = 0.0
+    if h.numel():  # finite, and the largest |entry| for the symmetry rule, in one pass without temporaries
+        lo, hi = (float(v) for v in torch.aminmax(h.detach()))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            _check_finite(h, what)  # names NaN or Inf
+        scale = max(abs(lo), abs(hi))
+    _check_symmetric(h, what, scale=scale)
     return h
 
 
-def _check_symmetric(h: Tensor, what: str, rtol: float = 1e-3) -> None:
+def _check_symmetric(h: Tensor, what: str, rtol: float = 1e-3, scale: Optional[float] = None) -> None:
     """The Cholesky-based solves read one triangle only, so an asymmetric H would silently be replaced by its
     lower triangle: refused by gradkit's one symmetry rule."""
-    check_symmetric(h, what, rtol, hint="expected X^T X of the layer inputs")
+    check_symmetric(h, what, rtol, hint="expected X^T X of the layer inputs", scale=scale)
 
 
 def _check_damp(damp) -> float:
