@@ -111,3 +111,21 @@ def test_symmetry_rule_tiles_see_every_entry(n, upper):
                 check_symmetric(h, "h")
         else:
             check_symmetric(h, "h")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_all_finite_matches_isfinite(dtype):
+    """all_finite (one aminmax pass) against torch.isfinite(t).all(): NaN, +-inf anywhere, empty, ints."""
+    from gradkit._rules import all_finite
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(37, 53, generator=g).to(dtype)
+    assert all_finite(t) and all_finite(t[:, ::2]) and all_finite(t[:0])
+    for v in (float("nan"), float("inf"), -float("inf")):
+        for where in ((0, 0), (36, 52), (17, 3)):
+            b = t.clone()
+            b[where] = v
+            assert not all_finite(b) and not all_finite(b.T) and bool(torch.isfinite(b).all()) is False
+    assert all_finite(torch.arange(5)) and all_finite(torch.zeros(3, dtype=torch.bool))
+    c = torch.complex(torch.ones(3), torch.tensor([0.0, float("inf"), 1.0]))
+    assert not all_finite(c) and all_finite(c[:1])

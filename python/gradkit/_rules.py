@@ -25,6 +25,18 @@ def floor_count(n: int, x: float, divisor: int = 1) -> int:
     return math.floor(prod)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """``bool(torch.isfinite(t).all())`` through one ``aminmax`` pass (NaN and +-inf reach the min or the max):
+    no bool temporary, whose first-touch page faults made the check 16x slower on a 4096 x 4096 float32 matrix
+    (58 ms against 3.6 ms at two threads, an Intel Xeon)."""
+    if t.is_complex():
+        return bool(torch.isfinite(t).all())
+    if not t.numel() or not t.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(t.detach())
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
 def check_symmetric(h: torch.Tensor, what: str, rtol: float = 1e-3, hint: str = "",
                     scale: Optional[float] = None) -> None:
     """Refuses a matrix that is not symmetric up to round-off: ``max |H - H^T|`` above ``max(rtol, 16 eps)``

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from gradkit._rules import all_finite
 from gradkit.obs.layout import ObsLayout, obs_layout
 from gradkit.obs.metrics import (
     NotPositiveDefiniteError,
@@ -384,7 +385,7 @@ def _sparsegpt(lay: ObsLayout, hessian: Tensor, nnz: int, damp: float, blocksize
     finally:
         if bar is not None:
             bar.close()
-    if not bool(torch.isfinite(w).all()):
+    if not all_finite(w):
         raise NotPositiveDefiniteError(f"sparsegpt: the updates overflowed (H is numerically singular with damp={damp}); "
                                        "increase damp")
     return w, ~prune

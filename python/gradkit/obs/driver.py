@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from gradkit._io import _fsync_dir
+from gradkit._rules import all_finite
 from gradkit.obs import baselines, metrics
 from gradkit.obs.layout import obs_layout
 from gradkit.scope import BlockSpec, ScopeSpec
@@ -1064,7 +1065,7 @@ def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, ch
                     scope, n_keep = _scope_for(pattern, nnz, name, w)
                     out = _prune_layer(method, scope, w, H.to(wdev), n_keep, damp, kw)
                     seconds = time.perf_counter() - t0
-                    if not bool(torch.isfinite(out).all()):
+                    if not all_finite(out):
                         raise RuntimeError(f"{method} produced non-finite weights for layer {name!r}")
                     _check_pattern_holds(scope, out, n_keep, name, method)
                     final = metrics.cast_finite(out, dense.dtype, f"{method}: the pruned weights of layer {name!r} "

@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from gradkit._rules import check_symmetric
+from gradkit._rules import all_finite, check_symmetric
 
 __all__ = ["output_error", "resolve", "damped_hessian", "NotPositiveDefiniteError"]
 
@@ -47,7 +47,7 @@ def _check_matrix(t, what: str, *, dims: int = 2) -> Tensor:
 
 
 def _check_finite(t: Tensor, what: str) -> None:
-    if t.numel() and not bool(torch.isfinite(t).all()):
+    if t.numel() and not all_finite(t):
         bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
         raise ValueError(f"{what}: contains {bad}")
 
@@ -240,7 +240,7 @@ def cast_finite(w: Tensor, dtype: torch.dtype, what: str, tail: str = "", device
     ``"<what> <dtype> (largest magnitude ...)<tail>"`` when a value leaves ``dtype``'s range (an fp16 weight):
     the overflow rule every pruner and ``prune_model`` apply before writing a weight back."""
     final = w.to(device=w.device if device is None else device, dtype=dtype)
-    if not bool(torch.isfinite(final).all()):
+    if not all_finite(final):
         raise RuntimeError(f"{what} {dtype} (largest magnitude {float(w.abs().max()):.4g}){tail}")
     return final
 
@@ -352,7 +352,7 @@ def resolve(W: Tensor, H: Tensor, mask: Tensor, damp: float = 0.0, out: Optional
             y = _batched(torch.cholesky_solve, torch.empty_like(rhs), rhs, lf).squeeze(2)
             ydense = torch.zeros_like(wr).scatter_(1, idx, y.masked_fill_(~valid, 0.0))
             res[rb] = torch.addmm(wr, ydense, cinv, alpha=-1.0).masked_fill_(~mask[rb], 0.0)
-    if not bool(torch.isfinite(res).all()):
+    if not all_finite(res):
         raise NotPositiveDefiniteError("resolve: the solve produced non-finite weights (H is numerically singular "
                                        f"on a support even with damp={damp}); increase damp")
     # finite in `dtype`, not necessarily in an fp16 result's range: refused before `out` is written

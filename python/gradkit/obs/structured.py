@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from gradkit import ops
+from gradkit._rules import all_finite
 from gradkit.obs.layout import ObsLayout, obs_layout
 from gradkit.obs.metrics import _check_symmetric, cast_finite
 
@@ -54,7 +55,7 @@ def _check_matrix(h, k: Optional[int], what: str) -> Tensor:
                          f"(in features)")
     if not h.is_floating_point():
         raise TypeError(f"{what}: expected a floating dtype, got {h.dtype}")
-    if not bool(torch.isfinite(h).all()):
+    if not all_finite(h):
         raise ValueError(f"{what}: contains NaN or Inf")
     # an inverse from an LU solve (e.g. SparseKit's inv_h) carries more round-off asymmetry than X^T X
     _check_symmetric(h, what, 1e-2 if what == "inv_h" else 1e-3)
@@ -283,7 +284,7 @@ class StructuredOBS:
         if nnz >= self.blocks_per_scope:
             return None
         w = self.W.detach()
-        if not bool(torch.isfinite(w).all()):
+        if not all_finite(w):
             raise ValueError("weight: contains NaN or Inf")
         return self.blocks_per_scope - nnz
 
@@ -293,7 +294,7 @@ class StructuredOBS:
         direct call is as safe: the result must be finite, and stay finite once rounded to the weight's
         dtype (an fp16 / bf16 weight whose compensated entries exceed its range would become inf)."""
         what = self._what()
-        if not bool(torch.isfinite(w).all()):
+        if not all_finite(w):
             raise RuntimeError(f"{method} produced non-finite weights for {what}")
         final = cast_finite(w.view_as(self.W), self.W.dtype,
                             f"{method}: the pruned weights of {what} overflow the weight's dtype")
