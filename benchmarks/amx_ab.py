@@ -20,10 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import time_interleaved, with_env  # noqa: E402
 
 import bench_collector as bc  # noqa: E402
-from gradkit.projection import factored_project, projection_matrix  # noqa: E402
+from gradkit.projection import factored_project  # noqa: E402
 
 AMX = "GRADKIT_FACTORED_AMX"  # the switch this script times
-SHAPES = ((1000, 64, 128), (1024, 64, 128), (4096, 16, 128), (1000, 8192, 1))
 
 
 def main():
@@ -34,16 +33,7 @@ def main():
     torch.set_num_threads(2)
     if not bc.has_amx():
         print("this CPU has no AMX-BF16: both columns run the same kernel")
-    gen = torch.Generator().manual_seed(5)
-    for width, nb, T in SHAPES:
-        lt = projection_matrix(16, width, seed=1).T.contiguous()
-        rt = projection_matrix(16, width, seed=2).T.contiguous()
-        a = torch.randn(nb * T, width, generator=gen).bfloat16()
-        g = torch.randn(nb * T, width, generator=gen).bfloat16()
-
-        def op():
-            return torch.ops.gradkit.factored_project(a, g, lt, rt, None, None, T)
-
+    for width, nb, T, a, g, lt, rt, op in bc.ab_layers(torch.bfloat16, torch.Generator().manual_seed(5)):
         fns = {"fma": with_env(AMX, "0", op), "amx": with_env(AMX, "1", op)}
         exact = torch.einsum("btp,btq->bpq", (g.double() @ lt.double()).view(nb, T, 16),
                              (a.double() @ rt.double()).view(nb, T, 16))

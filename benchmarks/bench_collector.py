@@ -40,6 +40,7 @@ Run alone: ``python benchmarks/bench_collector.py [--quick]`` (2 threads).
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -107,6 +108,23 @@ def has_amx() -> bool:
     except OSError:
         return False
     return " amx_bf16" in flags and " amx_tile" in flags
+
+
+AB_SHAPES = ((1000, 64, 128), (1024, 64, 128), (4096, 16, 128), (1000, 8192, 1))  # width, examples, tokens
+
+
+def ab_layers(dtype, gen):
+    """The A/B scripts' layers (sign_ab.py, amx_ab.py): per shape of AB_SHAPES, (width, examples, tokens, a, g,
+    lt, rt, op): Rademacher lt / rt at p = 16, a / g drawn from ``gen`` in ``dtype``, op the fused call on them."""
+    from gradkit.projection import projection_matrix
+
+    for width, nb, T in AB_SHAPES:
+        lt = projection_matrix(16, width, seed=1).T.contiguous()
+        rt = projection_matrix(16, width, seed=2).T.contiguous()
+        a = torch.randn(nb * T, width, generator=gen).to(dtype)
+        g = torch.randn(nb * T, width, generator=gen).to(dtype)
+        yield width, nb, T, a, g, lt, rt, functools.partial(torch.ops.gradkit.factored_project, a, g, lt, rt, None,
+                                                            None, T)
 
 
 def bergson_hooks_ab(variants, rounds: int, dtype=torch.float32, seed: int = 5) -> None:
@@ -251,13 +269,9 @@ def run(rec, quick: bool = False) -> None:
             rec.time(lambda: factored_project(ab.float(), gb.float(), P, seed=0, name="lin")),
             note="the same after converting a and g to float32 first (the old path)")
     if amx:
-        def gk_fma():
-            os.environ["GRADKIT_FACTORED_AMX"] = "0"
-            try:
-                return factored_project(ab, gb, P, seed=0, name="lin")
-            finally:
-                os.environ.pop("GRADKIT_FACTORED_AMX", None)
+        from harness import with_env
 
+        gk_fma = with_env("GRADKIT_FACTORED_AMX", "0", lambda: factored_project(ab, gb, P, seed=0, name="lin"))
         rec.add(FAMILY, op, "gradkit (GRADKIT_FACTORED_AMX=0)", wl, dtb, rec.time(gk_fma),
                 note=f"the FMA kernel, the bits of the a.float() call; rel. error vs float64 {rel(gk_fma()):.1e}")
     linb = nn.Linear(D, D).to(dev, torch.bfloat16)

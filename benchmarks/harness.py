@@ -93,11 +93,18 @@ def time_fn(fn: Callable[[], object], device: str = "cpu", min_run_time: float =
 
 
 def with_env(name: str, value: str, fn: Callable[..., object]) -> Callable[..., object]:
-    """fn with the environment variable ``name`` set to ``value`` for each call (the A/B scripts' switch
-    between two kernel paths that gradkit reads per call)."""
+    """fn with the environment variable ``name`` set to ``value`` during each call, restored after it (the A/B
+    scripts' switch between two kernel paths that gradkit reads per call; bench_collector's extra rows)."""
     def call(*args):
+        old = os.environ.get(name)
         os.environ[name] = value
-        return fn(*args)
+        try:
+            return fn(*args)
+        finally:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
     return call
 
 

@@ -8,7 +8,8 @@ bit for bit first.
 Prints, per shape, the FMA kernel's median time and the per-round ratio sign / FMA (p20, p50, p80: below 1
 is faster). With --bergson, also bergson 2.5.1's hooks on the 1000 x 1000 layer (gradkit's whole
 ``factored_project`` call, both paths) and the per-round ratios bergson / gradkit. 2 threads. The sign path
-is taken on AVX-512 CPUs only; elsewhere both columns time the same kernel.
+is taken on AVX-512 CPUs only; elsewhere both columns time the same kernel. GRADKIT_FACTORED_AMX=0 throughout:
+on AMX CPUs the AMX path would otherwise run bfloat16 in both columns.
 """
 import argparse
 import os
@@ -19,10 +20,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import time_interleaved, with_env  # noqa: E402
 
-from gradkit.projection import factored_project, projection_matrix  # noqa: E402
+import bench_collector as bc  # noqa: E402
+from gradkit.projection import factored_project  # noqa: E402
 
 SIGN = "GRADKIT_FACTORED_SIGN"  # the switch this script times
-SHAPES = ((1000, 64, 128), (1024, 64, 128), (4096, 16, 128), (1000, 8192, 1))
 
 
 def main():
@@ -32,18 +33,11 @@ def main():
     ap.add_argument("--bergson", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    # the AMX path (the default for bfloat16 at p = 16 on AMX CPUs) would stand in for both columns there
+    os.environ["GRADKIT_FACTORED_AMX"] = "0"
     gen = torch.Generator().manual_seed(5)
     for name in args.dtypes.split(","):
-        dt = getattr(torch, name)
-        for width, nb, T in SHAPES:
-            lt = projection_matrix(16, width, seed=1).T.contiguous()
-            rt = projection_matrix(16, width, seed=2).T.contiguous()
-            a = torch.randn(nb * T, width, generator=gen).to(dt)
-            g = torch.randn(nb * T, width, generator=gen).to(dt)
-
-            def op():
-                return torch.ops.gradkit.factored_project(a, g, lt, rt, None, None, T)
-
+        for width, nb, T, a, g, lt, rt, op in bc.ab_layers(getattr(torch, name), gen):
             fns = {"fma": with_env(SIGN, "0", op), "sign": with_env(SIGN, "1", op)}
             assert torch.equal(fns["fma"]().view(torch.int32), fns["sign"]().view(torch.int32))
             res = time_interleaved(fns, rounds=args.rounds, calls=10, baseline="fma")
@@ -52,8 +46,6 @@ def main():
                   f"sign path {st['p50'] * 1e3:.2f} ms, sign / FMA per round "
                   f"{st['ratio_p20']:.3f} {st['ratio_p50']:.3f} {st['ratio_p80']:.3f}", flush=True)
     if args.bergson:
-        import bench_collector as bc
-
         def gk(a, g):
             return factored_project(a, g, 16, seed=0, name="lin")
 

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from gradkit._io import _fsync_dir
 from gradkit._rules import all_finite
+from gradkit.kernels.reference.scope import byte_span
 from gradkit.obs import baselines, metrics
 from gradkit.obs.layout import obs_layout
 from gradkit.scope import BlockSpec, ScopeSpec
@@ -151,15 +152,11 @@ def _check_not_tied_elsewhere(model: nn.Module, layers: Sequence[Tuple[str, nn.L
                              "tied to the embedding); pruning it would prune that parameter too, so leave it out of "
                              "modules")
 
-    def span(w):
-        extent = sum((d - 1) * st for d, st in zip(w.shape, w.stride())) + 1
-        return w.device, w.data_ptr(), w.data_ptr() + extent * w.element_size()
-
-    spans = [(span(m.weight), n) for n, m in layers if m.weight.device.type != "meta" and m.weight.numel()]
+    spans = [(byte_span(m.weight), n) for n, m in layers if m.weight.device.type != "meta" and m.weight.numel()]
     for pname, p in model.named_parameters():
         if id(p) in sel or p.device.type == "meta" or not p.numel() or not foreign(pname):
             continue
-        dev, lo, hi = span(p)
+        dev, lo, hi = byte_span(p)
         for (wdev, wlo, whi), n in spans:
             if dev == wdev and lo < whi and wlo < hi:
                 raise ValueError(f"modules: the weight of {n!r} shares memory with the parameter {pname!r} (tied "

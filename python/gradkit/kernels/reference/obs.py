@@ -11,7 +11,7 @@ from itertools import combinations
 import torch
 from torch import Tensor
 
-from gradkit.kernels.reference.scope import check_inplace
+from gradkit.kernels.reference.scope import byte_span, check_inplace
 
 SCORE_EPS = 1e-8
 BLOCK_EPS = 1e-4
@@ -300,13 +300,8 @@ def check_sweep(w: Tensor, err: Tensor, u: Tensor, prune: Tensor, start: int, st
 
 
 def _shares(a: Tensor, b: Tensor) -> bool:
-    """Whether a's and b's address ranges meet (same storage only; conservative for interleaved views)."""
-    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+    """Whether a's and b's address ranges meet (conservative for interleaved views)."""
+    if a.numel() == 0 or b.numel() == 0:
         return False
-
-    def span(t):
-        last = sum((sz - 1) * st for sz, st in zip(t.shape, t.stride()))
-        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
-
-    (a0, a1), (b0, b1) = span(a), span(b)
-    return a0 < b1 and b0 < a1
+    (da, a0, a1), (db, b0, b1) = byte_span(a), byte_span(b)
+    return da == db and a0 < b1 and b0 < a1

@@ -211,6 +211,13 @@ def scope_mask(x: torch.Tensor, block_shape: List[int], scope_shape: List[int], 
     return expand_blocks(bm, block_shape).contiguous() if expand else bm
 
 
+def byte_span(t: torch.Tensor):
+    """``(device, first, end)``: the byte addresses ``t``'s elements can occupy, ``[first, end)`` (its strided
+    extent; ``t`` non-empty). Two tensors whose spans on one device meet may share memory."""
+    extent = sum((d - 1) * st for d, st in zip(t.shape, t.stride())) + 1
+    return t.device, t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+
 def check_inplace(x: torch.Tensor, what: Optional[str] = None) -> None:
     """An in-place op's x must not cover an element twice (torch's in-place rule and message, as
     ``at::assert_no_internal_overlap``; every backend checks). ``what``: the argument's name, to prefix the
