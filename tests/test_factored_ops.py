@@ -568,3 +568,38 @@ def test_amx_taken_and_exact_products():
     want = ref.factored_project(a, g, lt, rt, None, None, T)
     assert torch.equal(torch.isnan(on), torch.isnan(want))
     assert torch.equal(torch.isinf(on), torch.isinf(want))
+
+
+def test_amx_suspect_rows_take_fma_bits():
+    """Rows the AMX path cannot stand for are recomputed with the FMA kernel (csrc/cpu/projection.cpp
+    amx_suspect_rows): a side's row whose projection is below 2^-60 everywhere (TDPBF16PS reads denormal bfloat16
+    inputs as zero and flushes denormal sums) or not finite. g is one-hot per token (its projection exact on every
+    path), so an example's output bits are those of its a rows' projections: examples of denormal, tiny (2^-80),
+    zero-and-denormal and non-finite rows must match GRADKIT_FACTORED_AMX=0 bit for bit (NaN payloads included); the example of
+    ordinary rows stays within float32 summation error of the reference. Without the recomputation the denormal
+    example's output would be all zeros on an AMX CPU, against nonzero values here."""
+    from gradkit.projection import projection_matrix
+
+    gen = torch.Generator().manual_seed(11)
+    B, T, I, O = 5, 20, 300, 40
+    a = torch.randn(B, T, I, generator=gen)
+    a[0] *= 2.0 ** -133  # bfloat16 denormals
+    a[1] *= 2.0 ** -80
+    a[2] *= 2.0 ** -128
+    a[2, ::3] = 0.0
+    a[3, 2, 5], a[3, 2, 9], a[3, 7, 1], a[3, 11, 0] = float("inf"), -float("inf"), float("nan"), float("inf")
+    a = a.reshape(B * T, I).bfloat16()
+    g = torch.zeros(B * T, O)
+    g[torch.arange(B * T), torch.arange(B * T) % O] = 1.0
+    g = g.bfloat16()
+    lt = projection_matrix(16, O, seed=1).T.contiguous()
+    rt = projection_matrix(16, I, seed=2).T.contiguous()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADKIT_FACTORED_AMX", "0")
+        off = ops.factored_project(a, g, lt, rt, None, None, T)
+        mp.delenv("GRADKIT_FACTORED_AMX")
+        on = ops.factored_project(a, g, lt, rt, None, None, T)
+    assert bool((off[0] != 0).any()), "the denormal example's projection is zero: the test would not see a flush"
+    for b in range(4):
+        assert torch.equal(bits(on[b]), bits(off[b])), b
+    close(on[4], ref.factored_project(a[4 * T:], g[4 * T:], lt, rt, None, None, T)[0])

@@ -1069,7 +1069,9 @@ void widen_row(const E* src, int64_t n, float* dst) {
 // The products are exact and the sums float32, but TDPBF16PS does not round after every product as the FMA chain
 // does (benchmarks/micro/amx_bf16.cpp: ~2% of outputs differ by an ulp), it reads denormal inputs as zero and
 // flushes denormal sums: this path has its own bits, within float32 summation error of the others (the same
-// largest relative error against float64 in the tests). Opt-in in session 26; the default from session 27,
+// largest relative error against float64 in the tests); rows where a flush could matter (every output below
+// 2^-60) and non-finite rows are recomputed with the FMA kernel (amx_suspect_rows, from session 28). A float32
+// path (three bfloat16 parts per value) was no faster than the FMA kernel: benchmarks/micro/amx_f32.cpp. Opt-in in session 26; the default from session 27,
 // because on bfloat16 models the FMA kernel took ~1.9x bergson's time on an AMX CPU (bergson's bfloat16 matmuls
 // run on AMX through oneDNN) and the GPU defaults (cuBLAS composites) keep no bitwise promise either;
 // GRADKIT_FACTORED_AMX=0 restores the bits the other CPU kernels and the CUDA C++ kernel share. Session 26, Intel
@@ -1144,8 +1146,28 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_end() { _tile_release(); }
 // 3 / 4 (left) or 5 / 6 (right), sized by amx_begin, an odd one through a zero-padded copy; otherwise (masked
 // tokens, a short last tile) the rows are copied into a padded scratch. Padding is +0 times +0 products: the
 // sums (never -0, they start from +0) are unchanged, and no padded feature is a copy of an inf or a NaN.
+// The rows an AMX result may not stand for: one with a non-finite output (an inf or a NaN among the inputs, or an
+// overflow) or whose largest magnitude is below 2^-60 (zero rows included). factored_item recomputes them with
+// the FMA kernel, one row at a time (its bits in any tile), so such rows come out exactly as with
+// GRADKIT_FACTORED_AMX=0: its inf / NaN pattern, and no input read as zero where it decides the result. In any
+// other row every quantity TDPBF16PS flushes (a denormal input, product or sum) is below 2^-126 and an output
+// sums fewer than 2^30 of them: less than 2^-96, against half an ulp of 2^-60 or more (2^-84).
+__attribute__((target("avx512f"))) uint32_t amx_suspect_rows(const float* Y, int mr) {
+  uint32_t bad = 0;
+  const __m512i absm = _mm512_set1_epi32(0x7FFFFFFF);
+  const __m512i tiny = _mm512_set1_epi32(67 << 23);  // 2^-60
+  const __m512i inf = _mm512_set1_epi32(0x7F800000);
+  for (int r = 0; r < mr; ++r) {
+    const __m512i a = _mm512_and_si512(_mm512_loadu_si512(Y + r * 16), absm);
+    const bool nonfinite = _mm512_cmpge_epu32_mask(a, inf) != 0;
+    const bool small = _mm512_cmpge_epu32_mask(a, tiny) == 0;
+    if (nonfinite || small) bad |= 1u << r;
+  }
+  return bad;
+}
+
 template <bool kLeft>
-__attribute__((target("amx-tile,amx-bf16"))) void skinny_amx(const c10::BFloat16* const* X, int mr, int64_t K,
+__attribute__((target("amx-tile,amx-bf16"))) uint32_t skinny_amx(const c10::BFloat16* const* X, int mr, int64_t K,
                                                              const uint16_t* Wp, float* Y) {
   const int64_t kmain = K / 32 * 32, kpad = (K + 31) / 32 * 32, tail = K - kmain;
   bool direct = mr == 16;
@@ -1197,7 +1219,9 @@ __attribute__((target("amx-tile,amx-bf16"))) void skinny_amx(const c10::BFloat16
   alignas(64) float y[16 * 16];
   _tile_stored(0, y, 64);
   std::memcpy(Y, y, static_cast<size_t>(mr) * 16 * 4);
+  return amx_suspect_rows(Y, mr);
 }
+
 #endif
 
 // One work item: tokens [n0, n1), either whole examples n0 / T .. (n1 - 1) / T (short sequences: several
@@ -1267,9 +1291,19 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
         }
       };
       if constexpr (std::is_same_v<E, c10::BFloat16>) {
-        if (A.lw_amx) skinny_amx<true>(rg, mr, A.O, A.lw_amx, U.data());
+        // AMX sides; the rows amx_suspect_rows names again through the FMA kernel, one at a time (the same bits
+        // as in any tile)
+        const auto amx_side = [&](const E* const* x, int64_t K, const uint16_t* wp, const float* w, float* Y,
+                                  auto left) {
+          uint32_t bad = skinny_amx<decltype(left)::value>(x, mr, K, wp, Y);
+          for (; bad; bad &= bad - 1) {
+            const int r = __builtin_ctz(bad);
+            table[0](x + r, K, w, p, Y + r * p, nullptr, 0);
+          }
+        };
+        if (A.lw_amx) amx_side(rg, A.O, A.lw_amx, A.lt, U.data(), std::true_type{});
         else side(rg, A.O, A.lt, A.ls, U.data(), g_lo, g_len);
-        if (A.rw_amx) skinny_amx<false>(ra, mr, A.I, A.rw_amx, V.data());
+        if (A.rw_amx) amx_side(ra, A.I, A.rw_amx, A.rt, V.data(), std::false_type{});
         else side(ra, A.I, A.rt, A.rs, V.data(), a_lo, a_len);
       } else {
         side(rg, A.O, A.lt, A.ls, U.data(), g_lo, g_len);
