@@ -97,10 +97,13 @@ inline bool check_args(at::TensorList params, at::TensorList grads, at::TensorLi
                        double weight_decay, at::ArrayRef<double> bias_correction1,
                        at::ArrayRef<double> bias_correction2_sqrt) {
   const size_t n = params.size();
-  TORCH_CHECK_VALUE(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && bits.size() == n &&
-                        bias_correction1.size() == n && bias_correction2_sqrt.size() == n,
-                    "masked_adamw_: grads, exp_avgs, exp_avg_sqs, bits and the bias corrections need one entry per "
-                    "parameter (", n, ")");
+  const std::pair<const char*, size_t> sizes[] = {
+      {"grads", grads.size()}, {"exp_avgs", exp_avgs.size()}, {"exp_avg_sqs", exp_avg_sqs.size()},
+      {"bits", bits.size()}, {"bias_correction1", bias_correction1.size()},
+      {"bias_correction2_sqrt", bias_correction2_sqrt.size()}};
+  for (const auto& [name, size] : sizes) {  // the wrapper's message, naming the first list that is off
+    TORCH_CHECK_VALUE(size == n, name, ": expected a list of ", n, " entries (one per parameter)");
+  }
   if (n == 0) {  // nothing to write, but the wrapper refuses bad scalars here too
     check_scalars(masked_lr, unmasked_lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt);
     return false;
@@ -113,9 +116,12 @@ inline bool check_args(at::TensorList params, at::TensorList grads, at::TensorLi
   check_list(exp_avg_sqs, p0, "exp_avg_sqs");
   for (const auto i : c10::irange(n)) {
     const int64_t numel = params[i].numel();
-    TORCH_CHECK_VALUE(grads[i].numel() == numel && exp_avgs[i].numel() == numel && exp_avg_sqs[i].numel() == numel,
-                      "grads[", i, "] / exp_avgs[", i, "] / exp_avg_sqs[", i, "]: expected ", numel,
-                      " entries like params[", i, "]");
+    const std::pair<const char*, const at::Tensor*> state[] = {
+        {"grads", &grads[i]}, {"exp_avgs", &exp_avgs[i]}, {"exp_avg_sqs", &exp_avg_sqs[i]}};
+    for (const auto& [name, t] : state) {  // the shape, as the wrapper (not only the entry count)
+      TORCH_CHECK_VALUE(t->sizes() == params[i].sizes(), name, "[", i, "]: expected a contiguous tensor of shape ",
+                        params[i].sizes(), " (that of params[", i, "]), got ", t->sizes());
+    }
     const auto& b = bits.get(i);
     if (b.has_value()) {
       TORCH_CHECK_TYPE(b->scalar_type() == at::kByte, "bits[", i, "]: expected uint8, got ", b->scalar_type());

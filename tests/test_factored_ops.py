@@ -380,7 +380,9 @@ BAD = [
     (lambda a, g, lt, rt: (a, g, lt, rt[:, :-1], None, None, 2), ValueError, "rt:"),
     (lambda a, g, lt, rt: (a, g, lt, rt, None, None, 3), ValueError, "T:"),
     (lambda a, g, lt, rt: (a, g, lt, rt, torch.zeros(5), None, 2), ValueError, "rb:"),
-    (lambda a, g, lt, rt: (a, g, lt, rt, None, torch.ones(8), 2), ValueError, "mask:"),
+    (lambda a, g, lt, rt: (a, g, lt, rt, None, torch.ones(8), 2), TypeError, "mask:"),
+    (lambda a, g, lt, rt: (a, g, lt, rt, None, torch.ones(7, dtype=torch.bool), 2), ValueError, "mask:"),
+    (lambda a, g, lt, rt: (a, g, lt, rt, torch.zeros(4, dtype=torch.float64), None, 2), TypeError, "rb:"),
 ]
 
 

@@ -595,11 +595,8 @@ def _check_bits(bits, numel: int, what: str, device=None) -> None:
         raise ValueError(f"{what}: on {bits.device} but expected {device}")
 
 
-def golden_topk_and_(g: torch.Tensor, bits: torch.Tensor, k: int, *, counts: Optional[torch.Tensor] = None,
-                     first: bool = False) -> torch.Tensor:
-    """One golden update of one tensor, in place: the k largest |g| (ties: lowest flat position
-    first; NaN never selected) packed into ``bits`` (``first``) or ANDed into it; ``counts``
-    (int32, g's numel) gets +1 per selected entry. Returns the new popcount (int64, 0-dim)."""
+def check_golden_topk_and_(g, bits, counts, k) -> int:
+    """golden_topk_and_'s checks (the op wrapper's and the Triton launcher's); returns k."""
     _check_float_tensor(g, "g")
     if not g.is_contiguous():
         raise ValueError("g: expected a contiguous tensor")
@@ -611,6 +608,15 @@ def golden_topk_and_(g: torch.Tensor, bits: torch.Tensor, k: int, *, counts: Opt
     k = _int(k, "k")
     if not 0 <= k <= g.numel():
         raise ValueError(f"k: must be in [0, {g.numel()}], got {k}")
+    return k
+
+
+def golden_topk_and_(g: torch.Tensor, bits: torch.Tensor, k: int, *, counts: Optional[torch.Tensor] = None,
+                     first: bool = False) -> torch.Tensor:
+    """One golden update of one tensor, in place: the k largest |g| (ties: lowest flat position
+    first; NaN never selected) packed into ``bits`` (``first``) or ANDed into it; ``counts``
+    (int32, g's numel) gets +1 per selected entry. Returns the new popcount (int64, 0-dim)."""
+    k = check_golden_topk_and_(g, bits, counts, k)
     fn = _impl("golden_topk_and_", "golden")
     n = fn(g, bits, counts, k, bool(first))
     _wrote([bits, counts], fn)
@@ -627,10 +633,10 @@ def _check_bit_lists(a, what: str) -> None:
             raise ValueError(f"{what}[{i}]: on {t.device} but {what}[0] is on {a[0].device}")
 
 
-def bitmask_binary(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], op: str) -> List[torch.Tensor]:
-    """Elementwise and / or / xor / andnot (a & ~b) of packed bitmasks, list by list (new tensors)."""
-    if op not in BITMASK_OPS:
-        raise ValueError(f"op: expected one of {sorted(BITMASK_OPS)}, got {op!r}")
+def check_bitmask_binary(a, b, code) -> None:
+    """bitmask_binary's checks on the op's arguments (``code``: the value of BITMASK_OPS the op takes)."""
+    if isinstance(code, bool) or code not in BITMASK_OPS.values():
+        raise ValueError(f"op: expected one of the codes {sorted(BITMASK_OPS.values())}, got {code!r}")
     _check_bit_lists(a, "a")
     _check_bit_lists(b, "b")
     if len(a) != len(b):
@@ -639,13 +645,20 @@ def bitmask_binary(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], op: str
         if x.shape != y.shape or x.device != y.device:
             raise ValueError(f"b[{i}]: shape {tuple(y.shape)} on {y.device} differs from a[{i}]'s "
                              f"{tuple(x.shape)} on {x.device}")
+
+
+def bitmask_binary(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], op: str) -> List[torch.Tensor]:
+    """Elementwise and / or / xor / andnot (a & ~b) of packed bitmasks, list by list (new tensors)."""
+    if op not in BITMASK_OPS:
+        raise ValueError(f"op: expected one of {sorted(BITMASK_OPS)}, got {op!r}")
+    check_bitmask_binary(a, b, BITMASK_OPS[op])
     if not a:
         return []
     return _impl("bitmask_binary", "golden")(list(a), list(b), BITMASK_OPS[op])
 
 
-def bitmask_not(a: Sequence[torch.Tensor], numel: Sequence[int]) -> List[torch.Tensor]:
-    """Complement of packed bitmasks over ``numel[i]`` elements each (padding bits stay 0)."""
+def check_bitmask_not(a, numel) -> List[int]:
+    """bitmask_not's checks (the op wrapper's and the Triton launcher's); returns numel as ints."""
     _check_bit_lists(a, "a")
     if not isinstance(numel, (list, tuple)) or len(numel) != len(a):
         raise ValueError(f"numel: expected a list of {len(a)} ints")
@@ -653,14 +666,25 @@ def bitmask_not(a: Sequence[torch.Tensor], numel: Sequence[int]) -> List[torch.T
     for i, (t, n) in enumerate(zip(a, numel)):
         if n < 0 or t.numel() != (n + 7) // 8:
             raise ValueError(f"a[{i}]: {t.numel()} bytes cannot hold numel[{i}]={n} bits")
+    return numel
+
+
+def bitmask_not(a: Sequence[torch.Tensor], numel: Sequence[int]) -> List[torch.Tensor]:
+    """Complement of packed bitmasks over ``numel[i]`` elements each (padding bits stay 0)."""
+    numel = check_bitmask_not(a, numel)
     if not a:
         return []
     return _impl("bitmask_not", "golden")(list(a), numel)
 
 
+def check_bitmask_count(bits) -> None:
+    """bitmask_count's checks (the op wrapper's and the Triton launcher's)."""
+    _check_bit_lists(bits, "bits")
+
+
 def bitmask_count(bits: Sequence[torch.Tensor]) -> torch.Tensor:
     """Set bits of each packed bitmask (int64 tensor, one entry per mask)."""
-    _check_bit_lists(bits, "bits")
+    check_bitmask_count(bits)
     if not bits:
         return torch.zeros(0, dtype=torch.int64)
     return _impl("bitmask_count", "golden")(list(bits))
@@ -671,16 +695,10 @@ def bitmask_count(bits: Sequence[torch.Tensor]) -> torch.Tensor:
 ADAMW_OPS = ("masked_adamw_",)
 
 
-def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
-                  exp_avg_sqs: Sequence[torch.Tensor], bits: Sequence[Optional[torch.Tensor]], *, masked_lr: float,
-                  unmasked_lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                  bias_correction1: Sequence[float], bias_correction2_sqrt: Sequence[float],
-                  maximize: bool = False) -> None:
-    """One fused AdamW step over every tensor (see the schema in csrc/ops.cpp): per-entry rate
-    ``masked_lr`` where the entry's bit is set, ``unmasked_lr`` elsewhere; weight decay scaled by
-    the same rate; entries with rate 0 keep their exact value. Everything is checked before any
-    tensor is touched. Gradients are not inspected: a NaN / Inf one (or ``g * g`` past float32's
-    range, |g| > ~1.8e19) enters that entry's state and parameter as in ``torch.optim.AdamW``."""
+def check_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, masked_lr, unmasked_lr, beta1, beta2, eps,
+                        weight_decay, bias_correction1, bias_correction2_sqrt) -> int:
+    """masked_adamw_'s checks (the op wrapper's and the Triton launcher's; csrc/adamw_checks.h for the C++
+    kernels), before any tensor is touched; returns the number of parameters."""
     lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "bits": bits,
              "bias_correction1": bias_correction1, "bias_correction2_sqrt": bias_correction2_sqrt}
     n = len(params) if isinstance(params, (list, tuple)) else -1
@@ -717,10 +735,25 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         for i, v in enumerate(lists[name]):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
                 raise ValueError(f"{name}[{i}]: expected a number in (0, 1], got {v!r}")
-    if n == 0:
-        return
     for name in ("params", "exp_avgs", "exp_avg_sqs"):  # every written list, as the native op's check
         _check_writable(list(lists[name]), name)
+    return n
+
+
+def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
+                  exp_avg_sqs: Sequence[torch.Tensor], bits: Sequence[Optional[torch.Tensor]], *, masked_lr: float,
+                  unmasked_lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                  bias_correction1: Sequence[float], bias_correction2_sqrt: Sequence[float],
+                  maximize: bool = False) -> None:
+    """One fused AdamW step over every tensor (see the schema in csrc/ops.cpp): per-entry rate
+    ``masked_lr`` where the entry's bit is set, ``unmasked_lr`` elsewhere; weight decay scaled by
+    the same rate; entries with rate 0 keep their exact value. Everything is checked before any
+    tensor is touched. Gradients are not inspected: a NaN / Inf one (or ``g * g`` past float32's
+    range, |g| > ~1.8e19) enters that entry's state and parameter as in ``torch.optim.AdamW``."""
+    n = check_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, masked_lr, unmasked_lr, beta1, beta2, eps,
+                            weight_decay, bias_correction1, bias_correction2_sqrt)
+    if n == 0:
+        return
     fn = _impl("masked_adamw_", "adamw")
     fn(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(bits), float(masked_lr),
        float(unmasked_lr), float(beta1), float(beta2), float(eps), float(weight_decay),

@@ -53,9 +53,9 @@ def _check_gen(seed, kind, k) -> tuple:
     return seed, kind, k
 
 
-def projection_matrix_(out: torch.Tensor, seed: int, kind: int, k: int, row0: int = 0, col0: int = 0) -> torch.Tensor:
-    """Fill ``out`` (rows, cols), any float dtype, with ``R[row0:row0+rows, col0:col0+cols]``
-    (values defined in fp32, scale ``1/sqrt(k)``, then cast to out's dtype). Returns ``out``."""
+def check_projection_matrix_(out, seed, kind, k, row0, col0) -> tuple:
+    """projection_matrix_'s checks (the op wrapper's and the Triton launcher's: the CPU / CUDA C++ kernels check
+    the same in C++); returns (seed, kind, k, row0, col0) as ints."""
     seed, kind, k = _check_gen(seed, kind, k)
     row0, col0 = _int(row0, "row0"), _int(col0, "col0")
     if not isinstance(out, torch.Tensor):
@@ -72,6 +72,14 @@ def projection_matrix_(out: torch.Tensor, seed: int, kind: int, k: int, row0: in
         raise ValueError("row0/col0: the range must stay below 2^63")
     if out.numel():
         _check_writable([out], "out")
+    return seed, kind, k, row0, col0
+
+
+def projection_matrix_(out: torch.Tensor, seed: int, kind: int, k: int, row0: int = 0, col0: int = 0) -> torch.Tensor:
+    """Fill ``out`` (rows, cols), any float dtype, with ``R[row0:row0+rows, col0:col0+cols]``
+    (values defined in fp32, scale ``1/sqrt(k)``, then cast to out's dtype). Returns ``out``."""
+    seed, kind, k, row0, col0 = check_projection_matrix_(out, seed, kind, k, row0, col0)
+    if out.numel():
         fn = _impl("projection_matrix_", "projection")
         fn(out, seed, kind, k, row0, col0)
         _wrote([out], fn)
@@ -93,13 +101,8 @@ def projection_matrix(rows: int, cols: int, seed: int, kind: int, k: int, row0: 
     return projection_matrix_(out, seed, kind, k, row0, col0)
 
 
-def project_flat(x: torch.Tensor, k: int, seed: int, kind: int = 0, col0: int = 0) -> torch.Tensor:
-    """``x (B, Dc) @ R[:, col0:col0+Dc]^T`` -> (B, k) fp32 (fp32 accumulation; R never stored).
-
-    CUDA tensors under the default backend run the Triton kernel (tensor cores): bf16 / fp16 x exactly
-    (+-1 products, fp32 sums); fp32 x as three bf16 parts, relative error against float64 of 1e-5 to a few
-    1e-4 on an H200, growing with D per program (the CUDA C++ kernel, ``GRADKIT_BACKEND=native``: about
-    3e-6, 7x slower; benchmarks/GPU-NOTES.md)."""
+def check_project_flat(x, k, seed, kind, col0) -> tuple:
+    """project_flat's checks (the op wrapper's and the Triton launcher's); returns (seed, kind, k, col0)."""
     seed, kind, k = _check_gen(seed, kind, k)
     col0 = _int(col0, "col0")
     if not isinstance(x, torch.Tensor):
@@ -112,6 +115,17 @@ def project_flat(x: torch.Tensor, k: int, seed: int, kind: int = 0, col0: int = 
         raise ValueError(f"col0: must be non-negative, got {col0}")
     if col0 + x.shape[1] >= _MAX_SEED:
         raise ValueError("col0: col0 + D must stay below 2^63")
+    return seed, kind, k, col0
+
+
+def project_flat(x: torch.Tensor, k: int, seed: int, kind: int = 0, col0: int = 0) -> torch.Tensor:
+    """``x (B, Dc) @ R[:, col0:col0+Dc]^T`` -> (B, k) fp32 (fp32 accumulation; R never stored).
+
+    CUDA tensors under the default backend run the Triton kernel (tensor cores): bf16 / fp16 x exactly
+    (+-1 products, fp32 sums); fp32 x as three bf16 parts, relative error against float64 of 1e-5 to a few
+    1e-4 on an H200, growing with D per program (the CUDA C++ kernel, ``GRADKIT_BACKEND=native``: about
+    3e-6, 7x slower; benchmarks/GPU-NOTES.md)."""
+    seed, kind, k, col0 = check_project_flat(x, k, seed, kind, col0)
     fn = _impl("project_flat", "projection")
     if kind == 0 and x.dtype != torch.float64 and gpu_auto(x):
         tri = triton_family("projection")
@@ -122,18 +136,9 @@ def project_flat(x: torch.Tensor, k: int, seed: int, kind: int = 0, col0: int = 
     return fn(x, k, seed, kind, col0)
 
 
-def factored_project(a: torch.Tensor, g: torch.Tensor, lt: torch.Tensor, rt: torch.Tensor,
-                     rb: torch.Tensor | None = None, mask: torch.Tensor | None = None, T: int = 1) -> torch.Tensor:
-    """Projected per-example gradients of a Linear layer, G never formed: (B, p, p) float32.
-
-    a (N, I), g (N, O) float32, bfloat16 or float16 (the same dtype; half precision is widened exactly to
-    float32 as it is read: the same bits as passing ``a.float(), g.float()``), N = B * T tokens
-    example-major (unit column stride; any row stride);
-    lt = L^T (O, p), rt = R^T (I, p) float32; rb (p,) float32 or None: the bias column's projection,
-    added to every token's ``a_t R^T``; mask (N,) bool or None: False tokens contribute nothing (NaN
-    there included). ``out[b] = sum_t (g_t L^T)^T (a_t R^T + rb) = L G_b R^T`` with
-    ``G_b = sum_t g_t a_t^T`` (+ the bias column).
-    """
+def check_factored_project(a, g, lt, rt, rb, mask, T) -> int:
+    """factored_project's checks (the op wrapper's and the Triton launcher's; csrc/factored_checks.h for the
+    C++ kernels); returns T as an int."""
     _check_typed((("a", a),), (torch.float32, torch.bfloat16, torch.float16))
     _check_typed((("g", g),), a.dtype, ("a", a.device))
     _check_typed((("lt", lt), ("rt", rt)), torch.float32, ("a", a.device))
@@ -152,16 +157,34 @@ def factored_project(a: torch.Tensor, g: torch.Tensor, lt: torch.Tensor, rt: tor
         raise ValueError(f"rt: expected shape ({I}, {p}), got {tuple(rt.shape)}")
     if T < 1 or N % T:
         raise ValueError(f"T: expected >= 1 dividing the {N} rows, got {T}")
-    if rb is not None:
-        if not isinstance(rb, torch.Tensor) or rb.dtype != torch.float32 or tuple(rb.shape) != (p,):
-            raise ValueError(f"rb: expected a float32 tensor of shape ({p},)")
+    if rb is not None:  # a wrong type or dtype is a TypeError, as in the C++ checks (csrc/factored_checks.h)
+        _check_typed((("rb", rb),), torch.float32)
+        if tuple(rb.shape) != (p,):
+            raise ValueError(f"rb: expected a float32 tensor of shape ({p},), got {tuple(rb.shape)}")
         if rb.device != a.device:
             raise ValueError(f"rb: on {rb.device} but a is on {a.device}")
     if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (N,):
-            raise ValueError(f"mask: expected a bool tensor of shape ({N},)")
+        _check_typed((("mask", mask),), torch.bool)
+        if tuple(mask.shape) != (N,):
+            raise ValueError(f"mask: expected a bool tensor of shape ({N},), got {tuple(mask.shape)}")
         if mask.device != a.device:
             raise ValueError(f"mask: on {mask.device} but a is on {a.device}")
+    return T
+
+
+def factored_project(a: torch.Tensor, g: torch.Tensor, lt: torch.Tensor, rt: torch.Tensor,
+                     rb: torch.Tensor | None = None, mask: torch.Tensor | None = None, T: int = 1) -> torch.Tensor:
+    """Projected per-example gradients of a Linear layer, G never formed: (B, p, p) float32.
+
+    a (N, I), g (N, O) float32, bfloat16 or float16 (the same dtype; half precision is widened exactly to
+    float32 as it is read: the same bits as passing ``a.float(), g.float()``), N = B * T tokens
+    example-major (unit column stride; any row stride);
+    lt = L^T (O, p), rt = R^T (I, p) float32; rb (p,) float32 or None: the bias column's projection,
+    added to every token's ``a_t R^T``; mask (N,) bool or None: False tokens contribute nothing (NaN
+    there included). ``out[b] = sum_t (g_t L^T)^T (a_t R^T + rb) = L G_b R^T`` with
+    ``G_b = sum_t g_t a_t^T`` (+ the bias column).
+    """
+    T = check_factored_project(a, g, lt, rt, rb, mask, T)
     if gpu_composite(a):  # H200: cuBLAS products 0.07 ms, CUDA C++ kernel 0.91, Triton 0.10 (1000^2, 64 x 128, p 16)
         from gradkit.kernels import composite
 

@@ -12,7 +12,7 @@ import torch
 
 from gradkit import _ext
 
-__all__ = ["score_topk", "SEARCH_OPS", "KEY_DTYPES"]
+__all__ = ["score_topk", "check_score_topk", "SEARCH_OPS", "KEY_DTYPES"]
 
 SEARCH_OPS = ("score_topk",)
 KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -25,23 +25,9 @@ def _int(v, what: str) -> int:
     return v
 
 
-def score_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, largest: bool = True,
-               key_scale: Optional[torch.Tensor] = None, scores_in: Optional[torch.Tensor] = None,
-               idx_in: Optional[torch.Tensor] = None, base: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Blocked exact top-k by inner product, merged into a running top-k.
-
-    queries: (Q, D) float32; keys: (N, D) float32/float16/bfloat16 (any row stride; upcast to
-    float32 per block); key_scale: (N,) float32 multiplying each key's score (e.g. inverse
-    norms for cosine) or None; scores_in / idx_in: (Q, k_in) float32 / int64 running top-k
-    (idx -1 = empty slot) or None; base: index of keys[0].
-
-    Returns (scores (Q, k) float32, indices (Q, k) int64): the k best of the running top-k and
-    the new candidates, best first (largest: highest score, else lowest), ties lowest index
-    first; NaN scores rank as -inf (largest) / +inf (smallest); slots without a candidate are
-    (-inf, -1) (largest) or (+inf, -1).
-    """
-    from gradkit.ops import _impl, gpu_composite
-
+def check_score_topk(queries, keys, k, largest, key_scale, scores_in, idx_in, base) -> Tuple[int, int]:
+    """score_topk's checks (the op wrapper's and the Triton launcher's; csrc/search_checks.h for the C++
+    kernels); returns (k, base)."""
     if not isinstance(queries, torch.Tensor) or queries.dtype != torch.float32:
         raise TypeError(f"queries: expected a float32 tensor, got {getattr(queries, 'dtype', type(queries).__name__)}")
     if queries.dim() != 2:
@@ -83,6 +69,27 @@ def score_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, largest: bo
             raise ValueError(f"idx_in: expected shape {tuple(scores_in.shape)}, got {tuple(idx_in.shape)}")
         if scores_in.device != queries.device or idx_in.device != queries.device:
             raise ValueError("scores_in, idx_in: must be on the queries' device")
+    return k, base
+
+
+def score_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, largest: bool = True,
+               key_scale: Optional[torch.Tensor] = None, scores_in: Optional[torch.Tensor] = None,
+               idx_in: Optional[torch.Tensor] = None, base: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Blocked exact top-k by inner product, merged into a running top-k.
+
+    queries: (Q, D) float32; keys: (N, D) float32/float16/bfloat16 (any row stride; upcast to
+    float32 per block); key_scale: (N,) float32 multiplying each key's score (e.g. inverse
+    norms for cosine) or None; scores_in / idx_in: (Q, k_in) float32 / int64 running top-k
+    (idx -1 = empty slot) or None; base: index of keys[0].
+
+    Returns (scores (Q, k) float32, indices (Q, k) int64): the k best of the running top-k and
+    the new candidates, best first (largest: highest score, else lowest), ties lowest index
+    first; NaN scores rank as -inf (largest) / +inf (smallest); slots without a candidate are
+    (-inf, -1) (largest) or (+inf, -1).
+    """
+    from gradkit.ops import _impl, gpu_composite
+
+    k, base = check_score_topk(queries, keys, k, largest, key_scale, scores_in, idx_in, base)
     if keys.shape[0] and keys.shape[1] and keys.stride(1) != 1:
         keys = keys.contiguous()  # the kernels read rows with unit column stride
     if gpu_composite(queries):  # H200: blocked cuBLAS 25.0 ms, CUDA C++ kernel 71.8 (1,000 x 1M x 256, top-10)

@@ -220,22 +220,17 @@ def _inv_bits(k: int) -> int:
     return struct.unpack("<q", struct.pack("<d", inv_sqrt_k(k)))[0]
 
 
-def _check(seed, kind, k):
-    if k <= 0:
-        raise ValueError(f"k: must be positive, got {k}")
-    if not 0 <= seed < 2 ** 63:
-        raise ValueError(f"seed: must be a non-negative 63-bit integer, got {seed}")
-    if kind not in (0, 1):
-        raise ValueError(f"kind: expected 0 (rademacher) or 1 (gaussian), got {kind}")
+def _checks():
+    """gradkit.ops.projection, whose check_* functions the launchers run first (imported here, not at module
+    level: gradkit.ops.projection registers these launchers while it is being imported)."""
+    from gradkit.ops import projection
+
+    return projection
 
 
 @on_tensor_device
 def projection_matrix_(out: torch.Tensor, seed: int, kind: int, k: int, row0: int, col0: int) -> None:
-    _check(seed, kind, k)
-    if out.dim() != 2 or not out.dtype.is_floating_point:
-        raise ValueError(f"out: expected a 2-D floating tensor, got {tuple(out.shape)} {out.dtype}")
-    if row0 < 0 or col0 < 0:
-        raise ValueError(f"{'row0' if row0 < 0 else 'col0'}: must be non-negative")
+    seed, kind, k, row0, col0 = _checks().check_projection_matrix_(out, seed, kind, k, row0, col0)
     R, C = out.shape
     if R == 0 or C == 0:
         return
@@ -253,13 +248,7 @@ def projection_matrix_(out: torch.Tensor, seed: int, kind: int, k: int, row0: in
 
 @on_tensor_device
 def project_flat(x: torch.Tensor, k: int, seed: int, kind: int, col0: int) -> torch.Tensor:
-    _check(seed, kind, k)
-    if x.dim() != 2:
-        raise ValueError(f"x: expected a 2-D tensor (B, D), got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"x: expected float32/float16/bfloat16/float64, got {x.dtype}")
-    if col0 < 0:
-        raise ValueError(f"col0: must be non-negative, got {col0}")
+    seed, kind, k, col0 = _checks().check_project_flat(x, k, seed, kind, col0)
     B, D = x.shape
     out = torch.zeros(B, k, dtype=torch.float32, device=x.device)
     if B == 0 or D == 0:
@@ -405,17 +394,9 @@ def _rows_layout(t: torch.Tensor) -> torch.Tensor:
 @on_tensor_device
 def factored_project(a, g, lt, rt, rb, mask, T: int) -> torch.Tensor:
     """Launcher: see ``gradkit.kernels.reference.projection.factored_project``; (B, p, p) float32."""
-    if a.dtype not in (torch.float32, torch.bfloat16, torch.float16) or a.dim() != 2:
-        raise TypeError(f"a: expected a 2-D float32, bfloat16 or float16 tensor, got {a.dtype} {tuple(a.shape)}")
-    if g.dtype != a.dtype or g.dim() != 2:
-        raise TypeError(f"g: expected a 2-D {a.dtype} tensor (the dtype of a), got {g.dtype} {tuple(g.shape)}")
-    for nm, t in (("lt", lt), ("rt", rt)):
-        if t.dtype != torch.float32 or t.dim() != 2:
-            raise TypeError(f"{nm}: expected a 2-D float32 tensor, got {t.dtype} {tuple(t.shape)}")
+    T = _checks().check_factored_project(a, g, lt, rt, rb, mask, T)
     N, I = a.shape
     O, p = lt.shape
-    if g.shape[0] != N or tuple(rt.shape) != (I, p) or T < 1 or N % T:
-        raise ValueError("a, g, lt, rt, T: inconsistent shapes")
     B = N // T
     out = torch.empty((B, p, p), dtype=torch.float32, device=a.device)
     if B == 0:
