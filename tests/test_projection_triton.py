@@ -77,10 +77,13 @@ def test_triton_project_flat_strided_input_and_offsets():
 
 
 def test_triton_bad_inputs():
-    with pytest.raises(ValueError, match="k"):
-        T.project_flat(torch.randn(2, 3), 0, 1, 0, 0)
-    with pytest.raises(ValueError, match="seed"):
-        T.projection_matrix_(torch.empty(2, 2), -1, 0, 3, 0, 0)
+    """The kernels registered for CUDA (the launchers behind the ops' checks: tests/test_triton_checks.py)."""
+    from gradkit.kernels.triton import cuda_kernel
+
+    with pytest.raises(ValueError, match="^k: "):
+        cuda_kernel("projection", "project_flat")(torch.randn(2, 3), 0, 1, 0, 0)
+    with pytest.raises(ValueError, match="^seed: "):
+        cuda_kernel("projection", "projection_matrix_")(torch.empty(2, 2), -1, 0, 3, 0, 0)
 
 
 def _odd_layouts(n, w, seed):

@@ -1,10 +1,12 @@
 """The Triton launchers refuse what the native ops refuse. On a GPU whose extension was built without CUDA C++,
 the Triton launchers are the ops' CUDA kernels (gradkit._ext.register_triton_for_cuda), reached by direct
 ``torch.ops.gradkit.*`` calls that skip the Python wrappers. Until session 28 the projection, search, golden and
-AdamW launchers checked little (factored_project did not compare lt with g's columns nor look at rb / mask;
-score_topk and masked_adamw_ checked nothing, and masked_adamw_'s kernel reads every tensor by address and
-numel): a bad call read or wrote out of bounds instead of raising. Each launcher now runs its op's check_*
-function first (the wrapper's own). Here every bad call is made both ways, the native CPU op and the launcher
+AdamW launchers checked little and the parammap ones nothing (factored_project did not compare lt with g's
+columns nor look at rb / mask; score_topk and masked_adamw_ checked nothing, and masked_adamw_'s kernel reads
+every tensor by address and numel), the scope launchers indexed past a short block_shape, and the obs ones
+named other arguments: a bad call read or wrote out of bounds, or raised something else, where the C++ kernels
+raise. Each registered kernel now runs its op's check_* function first (the wrapper's own:
+gradkit.kernels.triton.cuda_kernel). Here every bad call is made both ways, the native CPU op and the launcher
 (on CPU tensors, Triton's interpreter), and both must raise the same exception class with a message naming the
 same argument, before anything is written."""
 import os
@@ -102,6 +104,45 @@ CASES = [
 ]
 
 
+I64 = torch.int64
+_X = torch.randn(4, 6)
+CASES += [
+    ("gather_segments", "parammap", ([torch.randn(4), torch.randn(3)], [None], None), "index:"),
+    ("gather_segments", "parammap", ([torch.randn(4)], [torch.zeros(2)], None), "index[0]:"),
+    ("gather_segments_out", "parammap", ([torch.randn(4)], [None], torch.empty(3), False), "out:"),
+    ("scatter_segments", "parammap", (torch.randn(7), [None, None], [4], 1.0), "numel:"),
+    ("scatter_segments", "parammap", (torch.randn(6), [None, None], [4, 3], 1.0), "flat:"),
+    ("scatter_segments_", "parammap", (torch.randn(7), [None, None], [torch.empty(4)], 1.0, False), "index:"),
+    ("scatter_segments_", "parammap", (torch.randn(7), [None], [torch.empty(4)], 1.0, False), "flat:"),
+    ("mask_to_indices", "parammap", (torch.ones(5), I64), "mask:"),
+    ("mask_to_indices", "parammap", (torch.ones(5, dtype=torch.bool), torch.float32), "dtype:"),
+    ("bitmask_to_indices", "parammap", (_bits(20), 9, I64), "bits:"),
+    ("pack_bitmask", "parammap", (torch.ones(5),), "mask:"),
+    ("topk_select", "parammap", (torch.randn(5), None, 6), "k:"),
+    ("topk_select", "parammap", (torch.randn(5), torch.ones(4, dtype=torch.bool), 2), "active:"),
+    ("topk_select_segments", "parammap", ([torch.randn(5)], [None, None], 2), "active:"),
+    ("block_norms", "scope", (_X, [2], 2.0), "block_shape:"),
+    ("block_norms", "scope", (_X, [4, 4], 2.0), "block_shape[1]="),
+    ("scope_kth", "scope", (_X, [1, 1], [1, 6], 7, 2.0, False, 1.0, False), "k:"),
+    ("scope_kth", "scope", (_X, [1, 1], [1, 6], 2, 0.0, False, 1.0, False), "p:"),
+    ("scope_kth", "scope", (_X, [1, 1], [1, 4], 2, 2.0, False, 1.0, False), "scope_shape[1]="),
+    ("scope_mask", "scope", (_X, [1, 1], [1, 6], 7, 2.0, False, False, False), "nnz:"),
+    ("scope_hard_threshold_", "scope", (_X.clone(), torch.randn(3, 6), [1, 1], [1, 6], 2, 2.0, False), "values:"),
+    ("block_apply_mask_", "scope", (_X.clone(), [1, 2], torch.ones(4, 2, dtype=torch.bool)), "block_mask:"),
+    ("block_soft_threshold_", "scope", (_X.clone(), [1, 2], torch.ones(3), None, 10, 1e-6, 1e-8), "thresholds:"),
+    ("obs_select", "obs", (torch.ones(2, 8).double(), torch.ones(2, 8), 4, 1, 2, 0.0), "w:"),
+    ("obs_select", "obs", (torch.ones(2, 8), torch.ones(2, 4), 4, 1, 2, 0.0), "d:"),
+    ("obs_select", "obs", (torch.ones(2, 8), torch.ones(2, 8), 4, 1, 5, 0.0), "num_prune:"),
+    ("obs_select", "obs", (torch.ones(2, 8), torch.ones(2, 8), 4, 1, 2, -1.0), "eps:"),
+    ("obs_shared_prune", "obs", (torch.randn(3, 8), torch.eye(4), torch.eye(4), torch.zeros(3, 2, dtype=I64), 2, False),
+     "c:"),
+    ("obs_schur_extend_", "obs", (torch.zeros(2, 4, 3), torch.zeros(2, 1, 3), torch.zeros(2, 4), torch.eye(2), 9),
+     "cnt:"),
+    ("obs_sweep_", "obs", (torch.randn(4, 6), torch.zeros(4, 5), torch.eye(4), torch.zeros(4, 6, dtype=torch.bool), 0,
+                           4), "err:"),
+]
+
+
 def _outcome(fn, args):
     try:
         fn(*args)
@@ -120,14 +161,35 @@ def _snapshot(args):
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{c[0]}-{c[3]}" for c in CASES])
 def test_launcher_refuses_like_the_native_op(case):
-    import importlib
+    from gradkit.kernels.triton import cuda_kernel
 
     op, family, args, word = CASES[case]
-    launcher = getattr(importlib.import_module(f"gradkit.kernels.triton.{family}"), op)
+    launcher = cuda_kernel(family, op)  # what register_triton_for_cuda registers
     before = _snapshot(args)
     native_t, native_msg = _outcome(getattr(torch.ops.gradkit, op), args)
     tri_t, tri_msg = _outcome(launcher, args)
-    assert native_t is not None and native_msg.startswith(word), (native_t, native_msg)
-    assert tri_t is native_t and tri_msg.startswith(word), (tri_t, tri_msg, native_t, native_msg)
+    names = (word, f"{op}: {word}")  # the scope family's messages start with the op's name
+    assert native_t is not None and native_msg.startswith(names), (native_t, native_msg)
+    assert tri_t is native_t and tri_msg.startswith(names), (tri_t, tri_msg, native_t, native_msg)
     for t, saved in before:  # nothing written by either
         assert torch.equal(t.view(torch.uint8), saved.view(torch.uint8)) if t.numel() else True
+
+
+def test_every_launcher_has_its_check():
+    """Every op a Triton launcher can serve as CUDA kernel has a check_* function (cuda_kernel refuses to build a
+    kernel without one), and the cases above cover every family."""
+    import importlib
+
+    from gradkit import ops
+    from gradkit.kernels.triton import cuda_kernel
+    from gradkit.ops import obs, projection, search
+
+    families = {"parammap": ops.PARAMMAP_OPS, "scope": ops.SCOPE_OPS, "golden": ops.GOLDEN_OPS,
+                "adamw": ops.ADAMW_OPS, "projection": projection.PROJECTION_OPS, "search": search.SEARCH_OPS,
+                "obs": obs.OBS_OPS}
+    for family, names in families.items():
+        mod = importlib.import_module(f"gradkit.kernels.triton.{family}")
+        for name in names:
+            assert hasattr(mod, name), (family, name)
+            assert callable(cuda_kernel(family, name)), (family, name)
+    assert {c[0] for c in CASES} == {n for names in families.values() for n in names}

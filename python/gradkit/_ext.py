@@ -52,12 +52,13 @@ def register_triton_for_cuda(family: str, names) -> None:
         mod = importlib.import_module(f"gradkit.kernels.triton.{family}")
     except Exception:  # pragma: no cover - triton (or this family's launchers) missing
         return
-    from gradkit.kernels.triton import on_tensor_device
+    from gradkit.kernels.triton import cuda_kernel
 
     for name in names:
         if has_op(name) and not has_kernel(name, "CUDA") and hasattr(mod, name):
-            # on the tensors' GPU, not the current one (Triton launches on the current device)
-            torch.library.impl(f"gradkit::{name}", "CUDA")(on_tensor_device(getattr(mod, name)))
+            # the op's checks first (as the C++ kernels'), then the launcher on the tensors' GPU, not the current
+            # one (Triton launches on the current device)
+            torch.library.impl(f"gradkit::{name}", "CUDA")(cuda_kernel(family, name))
 
 
 def has_op(op: str) -> bool:

@@ -152,6 +152,8 @@ def _triton_launcher(family: str, name: str):
 
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+PARAMMAP_OPS = ("gather_segments", "gather_segments_out", "scatter_segments", "scatter_segments_", "mask_to_indices",
+                "bitmask_to_indices", "pack_bitmask", "topk_select", "topk_select_segments")
 _INDEX = (torch.int32, torch.int64)
 
 
@@ -183,6 +185,34 @@ def _count(t: torch.Tensor, ix: Optional[torch.Tensor]) -> int:
 # --------------------------------------------------------------------------- gather / scatter
 
 
+# The check_* functions take an op's schema arguments (csrc/ops.cpp): the op wrappers run them, and so do the
+# Triton launchers where they are the ops' CUDA kernels (gradkit._ext.register_triton_for_cuda), so a direct
+# torch.ops.gradkit call is refused there as by the C++ kernels' checks, before anything is launched.
+
+
+def check_gather_segments(src, index, dtype) -> None:
+    _check_segments(src, index, "src")
+    if dtype is not None and dtype not in _FLOATS:
+        raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
+
+
+def check_gather_segments_out(src, index, out, accumulate) -> None:
+    _check_segments(src, index, "src")
+    total = sum(_count(t, ix) for t, ix in zip(src, index))
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out: expected a tensor, got {type(out).__name__}")
+    if out.dim() != 1 or out.numel() != total:
+        raise ValueError(f"out: expected shape ({total},), got {tuple(out.shape)}")
+    if out.dtype not in _FLOATS:
+        raise TypeError(f"out: expected a floating dtype, got {out.dtype}")
+    if src and out.device != src[0].device:
+        raise ValueError(f"out: on {out.device} but src is on {src[0].device}")
+    if not out.is_contiguous():
+        raise ValueError("out: must be contiguous")
+    if src:
+        _check_writable([out], "out")
+
+
 def gather_segments(src: Sequence[torch.Tensor], index: Sequence[Optional[torch.Tensor]], *,
                     dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None,
                     accumulate: bool = False) -> torch.Tensor:
@@ -196,44 +226,26 @@ def gather_segments(src: Sequence[torch.Tensor], index: Sequence[Optional[torch.
     value, sum or ``scale`` product past the destination dtype's range becomes +-inf, as torch's own
     casts and adds do, identically on every backend.
     """
-    _check_segments(src, index, "src")
-    total = sum(_count(t, ix) for t, ix in zip(src, index))
     if out is None:
         if accumulate:
             raise ValueError("accumulate: needs an `out` tensor to add into")
-        if dtype is not None and dtype not in _FLOATS:
-            raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
+        check_gather_segments(src, index, dtype)
         if not src:  # no tensor to dispatch on: the empty result is known
             return torch.empty(0, dtype=dtype or torch.float32)
         return _impl("gather_segments")(list(src), list(index), dtype)
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out: expected a tensor, got {type(out).__name__}")
-    if out.dim() != 1 or out.numel() != total:
-        raise ValueError(f"out: expected shape ({total},), got {tuple(out.shape)}")
-    if dtype is not None and out.dtype != dtype:
+    _check_segments(src, index, "src")
+    if dtype is not None and isinstance(out, torch.Tensor) and out.dtype != dtype:
         raise TypeError(f"out: dtype {out.dtype} differs from the requested dtype {dtype}")
-    if out.dtype not in _FLOATS:
-        raise TypeError(f"out: expected a floating dtype, got {out.dtype}")
-    if src and out.device != src[0].device:
-        raise ValueError(f"out: on {out.device} but src is on {src[0].device}")
-    if not out.is_contiguous():
-        raise ValueError("out: must be contiguous")
+    check_gather_segments_out(src, index, out, accumulate)
     if not src:
         return out
-    _check_writable([out], "out")
     fn = _impl("gather_segments_out")
     fn(list(src), list(index), out, accumulate)
     _wrote([out], fn)
     return out
 
 
-def scatter_segments(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]],
-                     numel: Sequence[int], *, scale: float = 1.0) -> List[torch.Tensor]:
-    """Inverse of gather: S new 1-D tensors of ``numel[s]`` elements, zero where unselected.
-
-    flat: (sum_s count_s,); returns [t_s: (numel[s],)] with t_s[index[s][j]] = scale * flat[off_s + j].
-    The positions of a segment must be distinct (IndexError out of range, ValueError for a repeat).
-    """
+def check_scatter_segments(flat, index, numel, scale) -> None:
     _check_flat(flat)
     if len(numel) != len(index):
         raise ValueError(f"numel: expected {len(index)} entries, got {len(numel)}")
@@ -247,7 +259,28 @@ def scatter_segments(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]]
     total = sum(int(n) if ix is None else ix.numel() for ix, n in zip(index, numel))
     if flat.numel() != total:
         raise ValueError(f"flat: expected {total} elements, got {flat.numel()}")
+
+
+def scatter_segments(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]],
+                     numel: Sequence[int], *, scale: float = 1.0) -> List[torch.Tensor]:
+    """Inverse of gather: S new 1-D tensors of ``numel[s]`` elements, zero where unselected.
+
+    flat: (sum_s count_s,); returns [t_s: (numel[s],)] with t_s[index[s][j]] = scale * flat[off_s + j].
+    The positions of a segment must be distinct (IndexError out of range, ValueError for a repeat).
+    """
+    check_scatter_segments(flat, index, numel, scale)
     return list(_impl("scatter_segments")(flat, list(index), [int(n) for n in numel], float(scale)))
+
+
+def check_scatter_segments_(flat, index, dst, scale, accumulate) -> None:
+    _check_flat(flat)
+    _check_segments(dst, index, "dst")
+    total = sum(_count(t, ix) for t, ix in zip(dst, index))
+    if flat.numel() != total:
+        raise ValueError(f"flat: expected {total} elements, got {flat.numel()}")
+    if dst and flat.device != dst[0].device:
+        raise ValueError(f"flat: on {flat.device} but dst is on {dst[0].device}")
+    _check_writable(list(dst), "dst")
 
 
 def scatter_segments_(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]],
@@ -257,14 +290,7 @@ def scatter_segments_(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]
     The positions of a segment must be distinct: a repeat is a ValueError (an out-of-range one an IndexError),
     raised before anything is written. Unsorted positions cost one more pass (a bitmap or a sort) on CPU, and
     on a GPU a sort per segment plus a second launch."""
-    _check_flat(flat)
-    _check_segments(dst, index, "dst")
-    total = sum(_count(t, ix) for t, ix in zip(dst, index))
-    if flat.numel() != total:
-        raise ValueError(f"flat: expected {total} elements, got {flat.numel()}")
-    if dst and flat.device != dst[0].device:
-        raise ValueError(f"flat: on {flat.device} but dst is on {dst[0].device}")
-    _check_writable(list(dst), "dst")
+    check_scatter_segments_(flat, index, dst, scale, accumulate)
     fn = _impl("scatter_segments_")
     fn(flat, list(index), list(dst), float(scale), bool(accumulate))
     _wrote(dst, fn)
@@ -282,16 +308,23 @@ def _check_flat(flat) -> None:
 # --------------------------------------------------------------------------- selection encodings
 
 
-def mask_to_indices(mask: torch.Tensor, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    """Ascending flat positions of the True entries of a bool mask (any shape)."""
+def check_mask_to_indices(mask, dtype) -> None:
+    check_pack_bitmask(mask)
+    _check_index_dtype(dtype, mask.numel())
+
+
+def check_pack_bitmask(mask) -> None:
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"mask: expected a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
-    _check_index_dtype(dtype, mask.numel())
+
+
+def mask_to_indices(mask: torch.Tensor, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Ascending flat positions of the True entries of a bool mask (any shape)."""
+    check_mask_to_indices(mask, dtype)
     return _impl("mask_to_indices")(mask, dtype)
 
 
-def bitmask_to_indices(bits: torch.Tensor, numel: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    """Ascending positions of the set bits of a packed little-endian bitmask over ``numel`` elements."""
+def check_bitmask_to_indices(bits, numel, dtype) -> int:
     if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8:
         raise TypeError(f"bits: expected a uint8 tensor, got {getattr(bits, 'dtype', type(bits).__name__)}")
     numel = int(numel)
@@ -300,13 +333,18 @@ def bitmask_to_indices(bits: torch.Tensor, numel: int, dtype: torch.dtype = torc
     if bits.dim() != 1 or bits.numel() != (numel + 7) // 8:
         raise ValueError(f"bits: expected shape ({(numel + 7) // 8},) for numel={numel}, got {tuple(bits.shape)}")
     _check_index_dtype(dtype, numel)
+    return numel
+
+
+def bitmask_to_indices(bits: torch.Tensor, numel: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Ascending positions of the set bits of a packed little-endian bitmask over ``numel`` elements."""
+    numel = check_bitmask_to_indices(bits, numel, dtype)
     return _impl("bitmask_to_indices")(bits, numel, dtype)
 
 
 def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
     """Pack a bool mask (flattened) into ceil(numel/8) bytes, bit j of byte i = element 8i+j."""
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"mask: expected a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    check_pack_bitmask(mask)
     return _impl("pack_bitmask")(mask)
 
 
@@ -317,12 +355,7 @@ def _check_index_dtype(dtype, numel: int) -> None:
         raise ValueError(f"dtype: int32 cannot address {numel} elements; use torch.int64")
 
 
-def topk_select(scores: torch.Tensor, k: int, active: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Exact top-k: ascending int64 positions of the k largest ``scores`` among ``active``.
-
-    scores: (N,) floating; active: (N,) bool or None (all). Equal scores are taken
-    lowest position first (deterministic on every backend); NaN raises ValueError.
-    """
+def check_topk_select(scores, active, k) -> None:
     if not isinstance(scores, torch.Tensor) or scores.dtype not in _FLOATS:
         raise TypeError(f"scores: expected a floating tensor, got {getattr(scores, 'dtype', type(scores).__name__)}")
     if scores.dim() != 1:
@@ -334,18 +367,20 @@ def topk_select(scores: torch.Tensor, k: int, active: Optional[torch.Tensor] = N
             raise ValueError(f"active: on {active.device} but scores is on {scores.device}")
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k: expected an int, got {type(k).__name__}")
+
+
+def topk_select(scores: torch.Tensor, k: int, active: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Exact top-k: ascending int64 positions of the k largest ``scores`` among ``active``.
+
+    scores: (N,) floating; active: (N,) bool or None (all). Equal scores are taken
+    lowest position first (deterministic on every backend); NaN raises ValueError.
+    """
+    check_topk_select(scores, active, k)
     return _impl("topk_select")(scores, active, k)
 
 
-def topk_select_segments(scores: Sequence[torch.Tensor], k: int,
-                         active: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
-    """Exact top-k over many tensors at once, without concatenating them.
-
-    scores: list of float tensors (any shapes, one dtype); active: None or a list of the
-    same length with a bool tensor (same numel) or None per entry. Returns the ascending int64
-    positions, in the concatenation of the flattened scores (list order), of the k largest
-    active scores; equal scores are taken lowest position first; NaN among active raises.
-    """
+def check_topk_select_segments(scores, active, k) -> list:
+    """Returns active as a list (None: one None per tensor)."""
     if not isinstance(scores, (list, tuple)):
         raise TypeError(f"scores: expected a list of tensors, got {type(scores).__name__}")
     for i, s in enumerate(scores):
@@ -365,6 +400,19 @@ def topk_select_segments(scores: Sequence[torch.Tensor], k: int,
             raise ValueError(f"active[{i}]: expected None or a bool tensor of {s.numel()} elements on {s.device}")
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k: expected an int, got {type(k).__name__}")
+    return list(active)
+
+
+def topk_select_segments(scores: Sequence[torch.Tensor], k: int,
+                         active: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+    """Exact top-k over many tensors at once, without concatenating them.
+
+    scores: list of float tensors (any shapes, one dtype); active: None or a list of the
+    same length with a bool tensor (same numel) or None per entry. Returns the ascending int64
+    positions, in the concatenation of the flattened scores (list order), of the k largest
+    active scores; equal scores are taken lowest position first; NaN among active raises.
+    """
+    active = check_topk_select_segments(scores, active, k)
     if not scores:  # nothing to dispatch on
         return _ref.topk_select_segments([], [], k)
     return _impl("topk_select_segments")(list(scores), list(active), k)
@@ -453,6 +501,11 @@ def _check_companion(t, x: torch.Tensor, what: str, shape, dtypes=_FLOATS) -> No
         raise ValueError(f"{what}: on {t.device} but x is on {x.device}")
 
 
+def check_block_norms(x, block_shape, p) -> float:
+    _check_layout(x, block_shape)
+    return _check_p(p)
+
+
 def block_norms(x: torch.Tensor, block_shape: Sequence[int], p: float = 2.0) -> torch.Tensor:
     """Lp norm of every block of ``x``: (S0, S1, ...) -> grid (S0/b0, S1/b1, ...), x's dtype.
 
@@ -460,9 +513,22 @@ def block_norms(x: torch.Tensor, block_shape: Sequence[int], p: float = 2.0) -> 
     inf; the sum of ``|x|^p`` is float32 (float64 for float64 x), so a finite block whose sum overflows
     (fp32 entries past ~1.8e19 at p = 2) has norm inf too, and ranks (ties) with the infinite ones.
     """
-    _check_layout(x, block_shape)
-    p = _check_p(p)
+    p = check_block_norms(x, block_shape, p)
     return _impl("block_norms", "scope")(x, list(block_shape), p)
+
+
+def check_scope_kth(x, block_shape, scope_shape, k, p, raw, k_weight, mid) -> tuple:
+    """Returns (p, raw) as float, bool."""
+    _, nb = _check_layout(x, block_shape, scope_shape)
+    p = _check_p(p)
+    raw = _check_raw(raw, block_shape)
+    k = _int(k, "k")
+    hi = nb - 1 if mid else nb
+    if not 1 <= k <= hi:
+        raise ValueError(f"k: expected 1 <= k <= {hi} ({nb} blocks per scope{', mid needs k+1' if mid else ''}), got {k}")
+    if isinstance(k_weight, bool) or not isinstance(k_weight, (int, float)) or not (0 <= k_weight < float("inf")):
+        raise ValueError(f"k_weight: expected a finite number >= 0, got {k_weight!r}")
+    return p, raw
 
 
 def scope_kth(x: torch.Tensor, block_shape: Sequence[int], scope_shape: Sequence[int], k: int, *,
@@ -474,15 +540,7 @@ def scope_kth(x: torch.Tensor, block_shape: Sequence[int], scope_shape: Sequence
     infinite ``v_k`` or ``v_{k+1}`` gives that infinity (``v_k`` first), an overflowing formula the same
     weights as two products (``gradkit.kernels.reference.scope.MID_RULE``).
     """
-    _, nb = _check_layout(x, block_shape, scope_shape)
-    p = _check_p(p)
-    raw = _check_raw(raw, block_shape)
-    k = _int(k, "k")
-    hi = nb - 1 if mid else nb
-    if not 1 <= k <= hi:
-        raise ValueError(f"k: expected 1 <= k <= {hi} ({nb} blocks per scope{', mid needs k+1' if mid else ''}), got {k}")
-    if isinstance(k_weight, bool) or not isinstance(k_weight, (int, float)) or not (0 <= k_weight < float("inf")):
-        raise ValueError(f"k_weight: expected a finite number >= 0, got {k_weight!r}")
+    p, raw = check_scope_kth(x, block_shape, scope_shape, k, p, raw, k_weight, mid)
     return _impl("scope_kth", "scope")(x, list(block_shape), list(scope_shape), k, p, raw, float(k_weight), bool(mid))
 
 
@@ -493,6 +551,15 @@ def _check_nnz(nnz, nb: int) -> int:
     return nnz
 
 
+def check_scope_mask(x, block_shape, scope_shape, nnz, p, raw, keep_ties, expand) -> tuple:
+    """Returns (p, raw) as float, bool."""
+    _, nb = _check_layout(x, block_shape, scope_shape)
+    p = _check_p(p)
+    raw = _check_raw(raw, block_shape)
+    _check_nnz(nnz, nb)
+    return p, raw
+
+
 def scope_mask(x: torch.Tensor, block_shape: Sequence[int], scope_shape: Sequence[int], nnz: int, *,
                p: float = 2.0, raw: bool = False, keep_ties: bool = False, expand: bool = True) -> torch.Tensor:
     """Bool keep-mask of the ``nnz`` best blocks of every scope, in one pass over x.
@@ -501,20 +568,13 @@ def scope_mask(x: torch.Tensor, block_shape: Sequence[int], scope_shape: Sequenc
     (every block scoring >= the nnz-th largest). NaN scores are never kept.
     ``expand``: element-shaped (x.shape, contiguous); else grid-shaped.
     """
-    _, nb = _check_layout(x, block_shape, scope_shape)
-    p = _check_p(p)
-    raw = _check_raw(raw, block_shape)
-    nnz = _check_nnz(nnz, nb)
+    p, raw = check_scope_mask(x, block_shape, scope_shape, nnz, p, raw, keep_ties, expand)
     return _impl("scope_mask", "scope")(x, list(block_shape), list(scope_shape), nnz, p, raw, bool(keep_ties),
                                         bool(expand))
 
 
-def scope_hard_threshold_(x: torch.Tensor, block_shape: Sequence[int], scope_shape: Sequence[int], nnz: int, *,
-                          values: Optional[torch.Tensor] = None, p: float = 2.0,
-                          keep_ties: bool = False) -> torch.Tensor:
-    """Zero, in place, every block of x outside the nnz best of its scope (scored on ``values``
-    when given, else on x). Returns the grid-shaped bool keep-mask. Validation happens before
-    x is touched."""
+def check_scope_hard_threshold_(x, values, block_shape, scope_shape, nnz, p, keep_ties) -> float:
+    """Returns p as a float."""
     _, nb = _check_layout(x, block_shape, scope_shape)
     p = _check_p(p)
     nnz = _check_nnz(nnz, nb)
@@ -523,17 +583,31 @@ def scope_hard_threshold_(x: torch.Tensor, block_shape: Sequence[int], scope_sha
         if values.dtype != x.dtype:
             raise TypeError(f"values: dtype {values.dtype} differs from x's {x.dtype}")
     _check_writable([x], "x")
+    return p
+
+
+def scope_hard_threshold_(x: torch.Tensor, block_shape: Sequence[int], scope_shape: Sequence[int], nnz: int, *,
+                          values: Optional[torch.Tensor] = None, p: float = 2.0,
+                          keep_ties: bool = False) -> torch.Tensor:
+    """Zero, in place, every block of x outside the nnz best of its scope (scored on ``values``
+    when given, else on x). Returns the grid-shaped bool keep-mask. Validation happens before
+    x is touched."""
+    p = check_scope_hard_threshold_(x, values, block_shape, scope_shape, nnz, p, keep_ties)
     fn = _impl("scope_hard_threshold_", "scope")
     keep = fn(x, values, list(block_shape), list(scope_shape), nnz, p, bool(keep_ties))
     _wrote([x], fn)
     return keep
 
 
-def block_apply_mask_(x: torch.Tensor, block_shape: Sequence[int], block_mask: torch.Tensor) -> None:
-    """Set every element of the blocks where ``block_mask`` (grid-shaped bool) is False to exactly 0."""
+def check_block_apply_mask_(x, block_shape, block_mask) -> None:
     grid, _ = _check_layout(x, block_shape)
     _check_companion(block_mask, x, "block_mask", grid, (torch.bool,))
     _check_writable([x], "x")
+
+
+def block_apply_mask_(x: torch.Tensor, block_shape: Sequence[int], block_mask: torch.Tensor) -> None:
+    """Set every element of the blocks where ``block_mask`` (grid-shaped bool) is False to exactly 0."""
+    check_block_apply_mask_(x, block_shape, block_mask)
     fn = _impl("block_apply_mask_", "scope")
     fn(x, list(block_shape), block_mask)
     _wrote([x], fn)
@@ -552,6 +626,17 @@ def check_soft_scalars(max_iter, atol, eps) -> int:
     return max_iter
 
 
+def check_block_soft_threshold_(x, block_shape, thresholds, conditioner, max_iter, atol, eps) -> int:
+    """Returns max_iter as an int."""
+    grid, _ = _check_layout(x, block_shape)
+    _check_companion(thresholds, x, "thresholds", grid)
+    if conditioner is not None:
+        _check_companion(conditioner, x, "conditioner", x.shape)
+    max_iter = check_soft_scalars(max_iter, atol, eps)
+    _check_writable([x], "x")
+    return max_iter
+
+
 def block_soft_threshold_(x: torch.Tensor, block_shape: Sequence[int], thresholds: torch.Tensor, *,
                           conditioner: Optional[torch.Tensor] = None, max_iter: int = 20, atol: float = 1e-8,
                           eps: Optional[float] = None) -> None:
@@ -566,14 +651,9 @@ def block_soft_threshold_(x: torch.Tensor, block_shape: Sequence[int], threshold
     threshold of +inf zeroes its block whatever it holds (signed zeros, never ``inf * 0``), a finite one
     leaves a block with an infinite element unchanged.
     """
-    grid, _ = _check_layout(x, block_shape)
-    _check_companion(thresholds, x, "thresholds", grid)
-    if conditioner is not None:
-        _check_companion(conditioner, x, "conditioner", x.shape)
-    if eps is None:
+    if eps is None and isinstance(x, torch.Tensor) and x.dtype in _FLOATS:
         eps = float(torch.finfo(x.dtype).eps)
-    max_iter = check_soft_scalars(max_iter, atol, eps)
-    _check_writable([x], "x")
+    max_iter = check_block_soft_threshold_(x, block_shape, thresholds, conditioner, max_iter, atol, eps)
     fn = _impl("block_soft_threshold_", "scope")
     fn(x, list(block_shape), thresholds, conditioner, max_iter, float(atol), float(eps))
     _wrote([x], fn)
@@ -595,7 +675,7 @@ def _check_bits(bits, numel: int, what: str, device=None) -> None:
         raise ValueError(f"{what}: on {bits.device} but expected {device}")
 
 
-def check_golden_topk_and_(g, bits, counts, k) -> int:
+def check_golden_topk_and_(g, bits, counts, k, first=False) -> int:
     """golden_topk_and_'s checks (the op wrapper's and the Triton launcher's); returns k."""
     _check_float_tensor(g, "g")
     if not g.is_contiguous():
@@ -696,7 +776,7 @@ ADAMW_OPS = ("masked_adamw_",)
 
 
 def check_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, masked_lr, unmasked_lr, beta1, beta2, eps,
-                        weight_decay, bias_correction1, bias_correction2_sqrt) -> int:
+                        weight_decay, bias_correction1, bias_correction2_sqrt, maximize=False) -> int:
     """masked_adamw_'s checks (the op wrapper's and the Triton launcher's; csrc/adamw_checks.h for the C++
     kernels), before any tensor is touched; returns the number of parameters."""
     lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "bits": bits,
@@ -888,9 +968,7 @@ if _ext.LOADED:
         return None
 
     # Triton is the GPU kernel where the extension was built without CUDA C++.
-    _ext.register_triton_for_cuda("parammap", ("gather_segments", "gather_segments_out", "scatter_segments",
-                                               "scatter_segments_", "mask_to_indices", "bitmask_to_indices",
-                                               "pack_bitmask", "topk_select", "topk_select_segments"))
+    _ext.register_triton_for_cuda("parammap", PARAMMAP_OPS)
     _ext.register_triton_for_cuda("scope", SCOPE_OPS)
     _ext.register_triton_for_cuda("golden", GOLDEN_OPS)
     _ext.register_triton_for_cuda("adamw", ADAMW_OPS)

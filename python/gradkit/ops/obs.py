@@ -32,23 +32,12 @@ def _int(v, what: str) -> int:
     return int(v)
 
 
-def obs_select(w: torch.Tensor, d: torch.Tensor, gs: int, bk: int, num_prune: int, eps: float = 1e-8) -> torch.Tensor:
-    """Positions of the elements of the ``num_prune`` lowest-cost blocks of every (row, scope).
+# The check_* functions take an op's schema arguments (csrc/ops.cpp): the op wrappers run them, and so do the
+# Triton launchers where they are the ops' CUDA kernels (gradkit._ext.register_triton_for_cuda).
 
-    w, d: (n, nb) float32 (weights and the matching diagonal of the inverse Hessian; any strides),
-    nb = nq * gs * bk: each row is nq consecutive scopes, each of gs consecutive blocks of bk
-    consecutive elements. Block cost, in fp32, summed over the block's elements in order::
 
-        c[r, q, b] = sum_j w[r, e]^2 / (d[r, e] + eps),   e = (q * gs + b) * bk + j
-
-    Per (row, scope) the ``num_prune`` blocks with the lowest cost are pruned; equal costs take the
-    lower block index first; a NaN cost counts as +inf (pruned last, ranked among the +inf costs
-    by block index). ``d`` is not required to be positive (a zero or negative ``d + eps`` gives an
-    inf / negative cost, ranked as such).
-
-    Returns int64 (n, nq * num_prune * bk): per row, the local positions (0 .. nb - 1) of every
-    element of every pruned block, ascending. ``num_prune == 0`` gives an (n, 0) tensor.
-    """
+def check_obs_select(w, d, gs, bk, num_prune, eps) -> tuple:
+    """Returns (gs, bk, num_prune, eps) as ints and a float."""
     _check_typed((("w", w), ("d", d)), torch.float32)
     if w.dim() != 2:
         raise ValueError(f"w: expected a 2-D tensor (n, nb), got shape {tuple(w.shape)}")
@@ -71,26 +60,34 @@ def obs_select(w: torch.Tensor, d: torch.Tensor, gs: int, bk: int, num_prune: in
         raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
+    return gs, bk, num_prune, float(eps)
+
+
+def obs_select(w: torch.Tensor, d: torch.Tensor, gs: int, bk: int, num_prune: int, eps: float = 1e-8) -> torch.Tensor:
+    """Positions of the elements of the ``num_prune`` lowest-cost blocks of every (row, scope).
+
+    w, d: (n, nb) float32 (weights and the matching diagonal of the inverse Hessian; any strides),
+    nb = nq * gs * bk: each row is nq consecutive scopes, each of gs consecutive blocks of bk
+    consecutive elements. Block cost, in fp32, summed over the block's elements in order::
+
+        c[r, q, b] = sum_j w[r, e]^2 / (d[r, e] + eps),   e = (q * gs + b) * bk + j
+
+    Per (row, scope) the ``num_prune`` blocks with the lowest cost are pruned; equal costs take the
+    lower block index first; a NaN cost counts as +inf (pruned last, ranked among the +inf costs
+    by block index). ``d`` is not required to be positive (a zero or negative ``d + eps`` gives an
+    inf / negative cost, ranked as such).
+
+    Returns int64 (n, nq * num_prune * bk): per row, the local positions (0 .. nb - 1) of every
+    element of every pruned block, ascending. ``num_prune == 0`` gives an (n, 0) tensor.
+    """
+    gs, bk, num_prune, eps = check_obs_select(w, d, gs, bk, num_prune, eps)
     if num_prune == 0:
         return torch.empty((w.shape[0], 0), dtype=torch.int64, device=w.device)
     return _impl("obs_select", "obs")(w.contiguous(), d.contiguous(), gs, bk, num_prune, float(eps))
 
 
-def obs_shared_prune(w: torch.Tensor, c: torch.Tensor, cinv: torch.Tensor, pidx: torch.Tensor, E: int,
-                     local: bool = True):
-    """Shared-inverse OBS: per (row, scope) the prune subset of lowest cost, pruned, with local compensation.
-
-    w (n, K) float32, K = nq * E (each row: nq consecutive scopes of E elements); c (K, K) float32, the
-    shared inverse Hessian (only its within-scope diagonal blocks are read); cinv (nq, ns, p, p)
-    float32, ``(C[P,P] + eps I)^-1`` of every (slot, subset); pidx (ns, p) int64, the subsets' in-scope
-    element indices, strictly ascending in [0, E), p <= 64. Per (row, scope)::
-
-        cost(s) = w_P^T cinv[q, s] w_P      (fp32, index order; NaN -> +inf), lowest s of minimal cost
-        w_P <- 0;   local: w_e <- w_e - C[e, P] cinv[q, s] w_P  for the scope's other elements e
-
-    Returns (w' (n, K) float32, chosen subset (n, nq) int64). See
-    ``gradkit.kernels.reference.obs.obs_shared_prune`` for the exact arithmetic.
-    """
+def check_obs_shared_prune(w, c, cinv, pidx, E, local) -> int:
+    """Returns E as an int (pidx is read on the host: one copy for a CUDA pidx)."""
     _check_typed((("w", w),), torch.float32)
     _check_typed((("c", c), ("cinv", cinv)), torch.float32, ("w", w.device))
     _check_typed((("pidx", pidx),), torch.int64, ("w", w.device))
@@ -113,23 +110,30 @@ def obs_shared_prune(w: torch.Tensor, c: torch.Tensor, cinv: torch.Tensor, pidx:
     ph = pidx.cpu()
     if bool((ph < 0).any()) or bool((ph >= E).any()) or (p > 1 and not bool((ph[:, 1:] > ph[:, :-1]).all())):
         raise ValueError(f"pidx: every row must be strictly ascending in [0, E={E})")
+    return E
+
+
+def obs_shared_prune(w: torch.Tensor, c: torch.Tensor, cinv: torch.Tensor, pidx: torch.Tensor, E: int,
+                     local: bool = True):
+    """Shared-inverse OBS: per (row, scope) the prune subset of lowest cost, pruned, with local compensation.
+
+    w (n, K) float32, K = nq * E (each row: nq consecutive scopes of E elements); c (K, K) float32, the
+    shared inverse Hessian (only its within-scope diagonal blocks are read); cinv (nq, ns, p, p)
+    float32, ``(C[P,P] + eps I)^-1`` of every (slot, subset); pidx (ns, p) int64, the subsets' in-scope
+    element indices, strictly ascending in [0, E), p <= 64. Per (row, scope)::
+
+        cost(s) = w_P^T cinv[q, s] w_P      (fp32, index order; NaN -> +inf), lowest s of minimal cost
+        w_P <- 0;   local: w_e <- w_e - C[e, P] cinv[q, s] w_P  for the scope's other elements e
+
+    Returns (w' (n, K) float32, chosen subset (n, nq) int64). See
+    ``gradkit.kernels.reference.obs.obs_shared_prune`` for the exact arithmetic.
+    """
+    E = check_obs_shared_prune(w, c, cinv, pidx, E, local)
     return _impl("obs_shared_prune", "obs")(w, c, cinv, pidx, E, local)
 
 
-def obs_schur_extend_(ut: torch.Tensor, xf: torch.Tensor, up: torch.Tensor, linv: torch.Tensor, cnt: int) -> None:
-    """One factor extension of true OBS, in place: ``ut[:, cnt:cnt+m, K-F:] = linv @ (xf - up @ ut[:, :cnt, K-F:])``.
-
-    ut (n, cap, K) float32 / bfloat16 / float16, any strides: the factor U of the rows' downdated
-    inverse Hessians, transposed (ut[:, j, f] = U[f, j]), its first ``cnt`` rows written so far;
-    xf (n, m, F) float32: C_row[P, F], the inverse Hessian at the m newly pruned positions P on the F
-    undecided positions (the last F of the K); up (n, m, cnt) float32: U[P, :cnt]; linv (n, m, m)
-    float32: the inverse Cholesky factor of the downdated C_row[P, P]. Products and sums in float32
-    (up rounded to ut's dtype first: exact when read from the factor, so a half-precision factor runs
-    on the half-precision matrix units), the result rounded to ut's dtype. Writes rows cnt .. cnt+m on
-    the last F positions only; xf, up and linv must not overlap ut, nor ut itself (an expanded or stride-0
-    ut is refused, as torch's in-place ops refuse it). See
-    ``gradkit.kernels.reference.obs.obs_schur_extend_``.
-    """
+def check_obs_schur_extend_(ut, xf, up, linv, cnt) -> int:
+    """Returns cnt as an int."""
     _check_typed((("ut", ut),), (torch.float32, torch.bfloat16, torch.float16))
     _check_typed((("xf", xf), ("up", up), ("linv", linv)), torch.float32, ("ut", ut.device))
     cnt = _int(cnt, "cnt")
@@ -147,6 +151,25 @@ def obs_schur_extend_(ut: torch.Tensor, xf: torch.Tensor, up: torch.Tensor, linv
         raise ValueError(f"linv: expected shape ({n}, {m}, {m}), got {tuple(linv.shape)}")
     _check_inplace(ut, "ut")  # an expanded / stride-0 ut: rows written twice, one row's result lost
     _check_writable([ut], "ut")
+    return cnt
+
+
+def obs_schur_extend_(ut: torch.Tensor, xf: torch.Tensor, up: torch.Tensor, linv: torch.Tensor, cnt: int) -> None:
+    """One factor extension of true OBS, in place: ``ut[:, cnt:cnt+m, K-F:] = linv @ (xf - up @ ut[:, :cnt, K-F:])``.
+
+    ut (n, cap, K) float32 / bfloat16 / float16, any strides: the factor U of the rows' downdated
+    inverse Hessians, transposed (ut[:, j, f] = U[f, j]), its first ``cnt`` rows written so far;
+    xf (n, m, F) float32: C_row[P, F], the inverse Hessian at the m newly pruned positions P on the F
+    undecided positions (the last F of the K); up (n, m, cnt) float32: U[P, :cnt]; linv (n, m, m)
+    float32: the inverse Cholesky factor of the downdated C_row[P, P]. Products and sums in float32
+    (up rounded to ut's dtype first: exact when read from the factor, so a half-precision factor runs
+    on the half-precision matrix units), the result rounded to ut's dtype. Writes rows cnt .. cnt+m on
+    the last F positions only; xf, up and linv must not overlap ut, nor ut itself (an expanded or stride-0
+    ut is refused, as torch's in-place ops refuse it). See
+    ``gradkit.kernels.reference.obs.obs_schur_extend_``.
+    """
+    cnt = check_obs_schur_extend_(ut, xf, up, linv, cnt)
+    n, m = ut.shape[0], xf.shape[1]
     if ut.is_cuda and ut.dtype != torch.float32 and backend() == "native" and m <= _SCHUR_FUSED_M and \
             n <= _SCHUR_MAX_ROWS and os.environ.get("GRADKIT_SCHUR_CUDA_CPP", "0") != "1" and \
             _tensor_core_schur() is not None:
@@ -159,6 +182,19 @@ def obs_schur_extend_(ut: torch.Tensor, xf: torch.Tensor, up: torch.Tensor, linv
         fn = _impl("obs_schur_extend_", "obs")
     fn(ut, xf, up, linv, cnt)
     _wrote([ut], fn)
+
+
+def check_obs_sweep_(w, err, u, prune, start, stop) -> tuple:
+    """Returns (start, stop) as ints."""
+    _check_typed((("w", w),), (torch.float32, torch.float64))
+    _check_typed((("err", err), ("u", u)), w.dtype, ("w", w.device))
+    _check_typed((("prune", prune),), torch.bool, ("w", w.device))
+    start = _int(start, "start")
+    stop = _int(stop, "stop")
+    _ref.check_sweep(w, err, u, prune, start, stop)
+    _check_writable([w], "w")
+    _check_writable([err], "err")
+    return start, stop
 
 
 def obs_sweep_(w: torch.Tensor, err: torch.Tensor, u: torch.Tensor, prune: torch.Tensor, start: int,
@@ -174,14 +210,7 @@ def obs_sweep_(w: torch.Tensor, err: torch.Tensor, u: torch.Tensor, prune: torch
     0 <= start <= stop <= n. w and err must not share memory with each other, u or prune. Checked before
     anything is written. See ``gradkit.kernels.reference.obs.obs_sweep_``.
     """
-    _check_typed((("w", w),), (torch.float32, torch.float64))
-    _check_typed((("err", err), ("u", u)), w.dtype, ("w", w.device))
-    _check_typed((("prune", prune),), torch.bool, ("w", w.device))
-    start = _int(start, "start")
-    stop = _int(stop, "stop")
-    _ref.check_sweep(w, err, u, prune, start, stop)
-    _check_writable([w], "w")
-    _check_writable([err], "err")
+    start, stop = check_obs_sweep_(w, err, u, prune, start, stop)
     fn = _impl("obs_sweep_", "obs")
     fn(w, err, u, prune, start, stop)
     _wrote([w, err], fn)

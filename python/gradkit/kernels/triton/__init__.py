@@ -45,3 +45,38 @@ def on_tensor_device(fn):
 
     launcher._gk_on_tensor_device = True
     return launcher
+
+
+def op_check(family: str, name: str):
+    """The op's argument check, ``check_<name>`` (schema arguments, raising as the C++ kernels' checks do):
+    from gradkit.ops.<family> where that module exists (projection, search, obs), else from gradkit.ops; None
+    when there is none (tests/test_triton_checks.py requires one for every launcher)."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"gradkit.ops.{family}")
+    except ModuleNotFoundError:
+        mod = importlib.import_module("gradkit.ops")
+    return getattr(mod, f"check_{name}", None)
+
+
+def cuda_kernel(family: str, name: str):
+    """What gradkit._ext.register_triton_for_cuda registers as ``gradkit::<name>``'s CUDA kernel: the op's check
+    (op_check), then ``gradkit.kernels.triton.<family>.<name>`` on its tensors' GPU. Direct torch.ops calls skip
+    the Python wrappers, and the launchers themselves check little (the kernels read by pointer and size): without
+    the check a bad call would read or write out of bounds where the C++ kernels raise. Raises LookupError when the
+    op has no check."""
+    import functools
+    import importlib
+
+    fn = getattr(importlib.import_module(f"gradkit.kernels.triton.{family}"), name)
+    check = op_check(family, name)
+    if check is None:
+        raise LookupError(f"gradkit::{name}: no check_{name} for its Triton launcher")
+
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        check(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return on_tensor_device(checked)

@@ -183,11 +183,8 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                   exp_avg_sqs: Sequence[torch.Tensor], bits: Sequence[Optional[torch.Tensor]], masked_lr: float,
                   unmasked_lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                   bias_correction1: Sequence[float], bias_correction2_sqrt: Sequence[float], maximize: bool) -> None:
-    from gradkit.ops import check_masked_adamw_  # here: gradkit.ops registers this launcher while importing
-
-    # before any pointer is taken: the kernel reads every tensor by address and numel (no bounds of its own)
-    check_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, masked_lr, unmasked_lr, beta1, beta2, eps,
-                        weight_decay, bias_correction1, bias_correction2_sqrt)
+    """Launcher; the kernel reads every tensor by address and numel, so gradkit.ops.check_masked_adamw_ runs
+    first (op wrapper, CUDA kernel)."""
     hyper = [_bits64(1 - masked_lr * weight_decay), _bits64(1 - unmasked_lr * weight_decay), _bits64(1 - beta1),
              _bits64(beta2), _bits64(1 - beta2), _bits64(eps), int(masked_lr == 0), int(unmasked_lr == 0)]
     by_dtype: Dict[torch.dtype, List[int]] = {}

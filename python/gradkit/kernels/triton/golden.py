@@ -138,23 +138,14 @@ def _golden_write_kernel(g_ptr, n, bits_ptr, counts_ptr, digits_ptr, need_ptr, e
 # --------------------------------------------------------------------------- golden_topk_and_
 
 
-def _ops():
-    """gradkit.ops, whose check_* functions the launchers run first (imported here, not at module level:
-    gradkit.ops registers these launchers while it is being imported)."""
-    import gradkit.ops
-
-    return gradkit.ops
-
-
 def golden_topk_and_(g: torch.Tensor, bits: torch.Tensor, counts: Optional[torch.Tensor], k: int,
                      first: bool) -> torch.Tensor:
     """One golden update of ``bits`` (and ``counts``) in place; returns the new popcount (int64, 0-dim).
 
     g: contiguous float tensor; bits: (ceil(numel/8),) uint8; counts: None or int32 of g's numel;
-    0 <= k <= numel.
+    0 <= k <= numel (gradkit.ops.check_golden_topk_and_: op wrapper, CUDA kernel).
     """
-    k = _ops().check_golden_topk_and_(g, bits, counts, k)
-    n, dev = g.numel(), g.device
+    n, k, dev = g.numel(), int(k), g.device
     pop = torch.zeros((), dtype=torch.int64, device=dev)
     if n == 0:
         return pop
@@ -238,7 +229,6 @@ def _addr(t: torch.Tensor) -> int:
 
 
 def bitmask_binary(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], op: int) -> List[torch.Tensor]:
-    _ops().check_bitmask_binary(a, b, op)
     out = [torch.empty_like(x) for x in a]
     if not out:
         return out
@@ -250,7 +240,6 @@ def bitmask_binary(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], op: int
 
 
 def bitmask_not(a: Sequence[torch.Tensor], numel: Sequence[int]) -> List[torch.Tensor]:
-    numel = _ops().check_bitmask_not(a, numel)
     out = [torch.empty_like(x) for x in a]
     if not out:
         return out
@@ -263,7 +252,6 @@ def bitmask_not(a: Sequence[torch.Tensor], numel: Sequence[int]) -> List[torch.T
 
 
 def bitmask_count(bits: Sequence[torch.Tensor]) -> torch.Tensor:
-    _ops().check_bitmask_count(bits)
     if not len(bits):
         return torch.zeros(0, dtype=torch.int64)
     out = torch.zeros(len(bits), dtype=torch.int64, device=bits[0].device)

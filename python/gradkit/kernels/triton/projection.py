@@ -220,17 +220,9 @@ def _inv_bits(k: int) -> int:
     return struct.unpack("<q", struct.pack("<d", inv_sqrt_k(k)))[0]
 
 
-def _checks():
-    """gradkit.ops.projection, whose check_* functions the launchers run first (imported here, not at module
-    level: gradkit.ops.projection registers these launchers while it is being imported)."""
-    from gradkit.ops import projection
-
-    return projection
-
-
 @on_tensor_device
 def projection_matrix_(out: torch.Tensor, seed: int, kind: int, k: int, row0: int, col0: int) -> None:
-    seed, kind, k, row0, col0 = _checks().check_projection_matrix_(out, seed, kind, k, row0, col0)
+    """Launcher; arguments checked by gradkit.ops.projection.check_projection_matrix_ (op wrapper, CUDA kernel)."""
     R, C = out.shape
     if R == 0 or C == 0:
         return
@@ -248,7 +240,7 @@ def projection_matrix_(out: torch.Tensor, seed: int, kind: int, k: int, row0: in
 
 @on_tensor_device
 def project_flat(x: torch.Tensor, k: int, seed: int, kind: int, col0: int) -> torch.Tensor:
-    seed, kind, k, col0 = _checks().check_project_flat(x, k, seed, kind, col0)
+    """Launcher; arguments checked by gradkit.ops.projection.check_project_flat (op wrapper, CUDA kernel)."""
     B, D = x.shape
     out = torch.zeros(B, k, dtype=torch.float32, device=x.device)
     if B == 0 or D == 0:
@@ -393,8 +385,8 @@ def _rows_layout(t: torch.Tensor) -> torch.Tensor:
 
 @on_tensor_device
 def factored_project(a, g, lt, rt, rb, mask, T: int) -> torch.Tensor:
-    """Launcher: see ``gradkit.kernels.reference.projection.factored_project``; (B, p, p) float32."""
-    T = _checks().check_factored_project(a, g, lt, rt, rb, mask, T)
+    """Launcher: see ``gradkit.kernels.reference.projection.factored_project``; (B, p, p) float32. Arguments
+    checked by gradkit.ops.projection.check_factored_project (op wrapper, CUDA kernel)."""
     N, I = a.shape
     O, p = lt.shape
     B = N // T
