@@ -66,14 +66,14 @@ class _Wrap(nn.Module):
         return self.lin(x)
 
 
-def _bergson(model, cold: bool = False):
+def _bergson(model, cold: bool = False, p: int = P):
     try:
         from bergson.collector.gradient_collectors import StreamingGradientCollector
         from bergson.gradients import GradientProcessor
     except Exception as e:  # pragma: no cover - peer not installed
         print(f"  bergson unavailable: {e}")
         return None
-    proc = GradientProcessor(projection_dim=P, projection_type="rademacher")
+    proc = GradientProcessor(projection_dim=p, projection_type="rademacher")
     return StreamingGradientCollector(model=model, processor=proc, dtype=torch.float32)
 
 
@@ -113,31 +113,32 @@ def has_amx() -> bool:
 AB_SHAPES = ((1000, 64, 128), (1024, 64, 128), (4096, 16, 128), (1000, 8192, 1))  # width, examples, tokens
 
 
-def ab_layers(dtype, gen):
+def ab_layers(dtype, gen, p: int = P):
     """The A/B scripts' layers (sign_ab.py, amx_ab.py): per shape of AB_SHAPES, (width, examples, tokens, a, g,
-    lt, rt, op): Rademacher lt / rt at p = 16, a / g drawn from ``gen`` in ``dtype``, op the fused call on them."""
+    lt, rt, op): Rademacher lt / rt at ``p``, a / g drawn from ``gen`` in ``dtype``, op the fused call on them."""
     from gradkit.projection import projection_matrix
 
     for width, nb, T in AB_SHAPES:
-        lt = projection_matrix(16, width, seed=1).T.contiguous()
-        rt = projection_matrix(16, width, seed=2).T.contiguous()
+        lt = projection_matrix(p, width, seed=1).T.contiguous()
+        rt = projection_matrix(p, width, seed=2).T.contiguous()
         a = torch.randn(nb * T, width, generator=gen).to(dtype)
         g = torch.randn(nb * T, width, generator=gen).to(dtype)
         yield width, nb, T, a, g, lt, rt, functools.partial(torch.ops.gradkit.factored_project, a, g, lt, rt, None,
                                                             None, T)
 
 
-def bergson_hooks_ab(variants, rounds: int, dtype=torch.float32, seed: int = 5) -> None:
+def bergson_hooks_ab(variants, rounds: int, dtype=torch.float32, seed: int = 5, p: int = P) -> None:
     """The A/B scripts' bergson comparison (sign_ab.py, amx_ab.py): bergson 2.5.1's hooks on a 1000 x 1000 Linear
     in ``dtype`` (64 x 128 tokens) against each of ``variants`` (name -> fn(a, g) -> gradkit's whole call),
-    interleaved in 2 * rounds rounds; prints the medians and per-round bergson / gradkit ratios."""
+    interleaved in 2 * rounds rounds, both at projection size ``p``; prints the medians and per-round bergson /
+    gradkit ratios."""
     from harness import time_interleaved
 
     gen = torch.Generator().manual_seed(seed)
     lin = nn.Linear(1000, 1000).to(dtype)
     a = torch.randn(64, 128, 1000, generator=gen).to(dtype)
     g = torch.randn(64, 128, 1000, generator=gen).to(dtype)
-    bcol = _bergson(_Wrap(lin))
+    bcol = _bergson(_Wrap(lin), p=p)
     if bcol is None:
         print("bergson is not installed: scripts/install-peers.sh")
         return
@@ -146,7 +147,7 @@ def bergson_hooks_ab(variants, rounds: int, dtype=torch.float32, seed: int = 5) 
     fns["bergson"] = lambda: _bergson_hooks(bcol, lin, a, g)
     st = time_interleaved(fns, rounds=2 * rounds, calls=10, baseline="bergson")
     _untag(lin)
-    print(f"bergson hooks ({dtype}) 1000x1000, 64x128 tokens: {st['bergson']['p50'] * 1e3:.2f} ms")
+    print(f"bergson hooks ({dtype}) 1000x1000, 64x128 tokens, p={p}: {st['bergson']['p50'] * 1e3:.2f} ms")
     for k in variants:  # ratio_pXX is gradkit / bergson: invert for bergson / gradkit
         print(f"  {k:7s} {st[k]['p50'] * 1e3:.2f} ms, bergson / gradkit per round p20 / p50 / p80 "
               f"{1 / st[k]['ratio_p80']:.2f} {1 / st[k]['ratio_p50']:.2f} {1 / st[k]['ratio_p20']:.2f}")

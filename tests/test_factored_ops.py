@@ -510,20 +510,22 @@ def _has_amx():
     return " amx_bf16" in flags and " amx_tile" in flags and " avx512f" in flags
 
 
-@settings(max_examples=30)
+@settings(max_examples=40)
 @given(B=st.integers(0, 4), T=st.integers(1, 40), I=st.integers(1, 300), O=st.integers(1, 70),
-       seed=st.integers(0, 2**20), rb=st.booleans(), mask=st.booleans(), left_gauss=st.booleans())
-def test_amx_matches_reference(B, T, I, O, seed, rb, mask, left_gauss):
+       p=st.sampled_from([16, 32, 64]), seed=st.integers(0, 2**20), rb=st.booleans(), mask=st.booleans(),
+       left_gauss=st.booleans())
+def test_amx_matches_reference(B, T, I, O, p, seed, rb, mask, left_gauss):
     """The AMX path (the default on AMX CPUs; GRADKIT_FACTORED_AMX=1 asks for it, =0 turns it off): bfloat16 a / g
-    at p = 16 run TDPBF16PS for each side whose matrix is +-s (a Gaussian side stays on the FMA kernel). Its own
-    bits, so: the reference's values within float32 summation error, whatever the tails (16-token tiles, features
-    rounded up to 32), masks and bias column. Elsewhere (no AMX) the setting changes nothing, bit for bit; unset,
-    the result is that of =1 (the default), bit for bit."""
+    at p = 16, 32, 64 run TDPBF16PS for each side whose matrix is +-s (the signs in the tiles, s applied to the
+    sums; a Gaussian side stays on the FMA kernel). Its own bits, so: the reference's values within float32
+    summation error, whatever the tails (16-token tiles, features rounded up to 32, p / 16 blocks of outputs),
+    masks and bias column. Elsewhere (no AMX) the setting changes nothing, bit for bit; unset, the result is that
+    of =1 (the default), bit for bit."""
     from gradkit.projection import projection_matrix
 
-    a, g, lt, rt, rbt, m = rademacher_args(B, T, I, O, 16, seed, torch.bfloat16, rb, mask)
+    a, g, lt, rt, rbt, m = rademacher_args(B, T, I, O, p, seed, torch.bfloat16, rb, mask)
     if left_gauss:
-        lt = projection_matrix(16, O, seed=4, kind="gaussian").T.contiguous()
+        lt = projection_matrix(p, O, seed=4, kind="gaussian").T.contiguous()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GRADKIT_FACTORED_AMX", "0")
         off = ops.factored_project(a, g, lt, rt, rbt, m, T)
@@ -537,26 +539,28 @@ def test_amx_matches_reference(B, T, I, O, seed, rb, mask, left_gauss):
         assert torch.equal(bits(on), bits(off))
 
 
-def test_amx_taken_and_exact_products():
+@pytest.mark.parametrize("p", [16, 32, 64])
+def test_amx_taken_and_exact_products(p):
     """On an AMX CPU the path is taken (some sums round differently from the FMA chain: 8192 tokens x 1000
     features gave ~27% of entries an ulp apart) and stays as close to float64 as the FMA kernel (relative 1e-6);
     bfloat16 values in every binade of +-2^-60 .. 2^60 (products exact, no denormals). Not on AMX: the same bits.
-    Non-finite entries: the same NaN / inf positions as the reference."""
+    Non-finite entries: the same NaN / inf positions as the reference. p = 32: +-1/sqrt(32) is not a bfloat16
+    value; the tiles take the signs and the sums are scaled once."""
     from gradkit.projection import projection_matrix
 
     gen = torch.Generator().manual_seed(3)
     B, T, I, O = 8, 64, 1000, 520
     a = (torch.randn(B * T, I, generator=gen) * torch.exp2(torch.randint(-60, 61, (B * T, I), generator=gen))).bfloat16()
     g = torch.randn(B * T, O, generator=gen).bfloat16()
-    lt = projection_matrix(16, O, seed=1).T.contiguous()
-    rt = projection_matrix(16, I, seed=2).T.contiguous()
+    lt = projection_matrix(p, O, seed=1).T.contiguous()
+    rt = projection_matrix(p, I, seed=2).T.contiguous()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GRADKIT_FACTORED_AMX", "0")
         off = ops.factored_project(a, g, lt, rt, None, None, T)
         mp.setenv("GRADKIT_FACTORED_AMX", "1")
         on = ops.factored_project(a, g, lt, rt, None, None, T)
-        exact = torch.einsum("btp,btq->bpq", (g.double() @ lt.double()).view(B, T, 16),
-                             (a.double() @ rt.double()).view(B, T, 16))
+        exact = torch.einsum("btp,btq->bpq", (g.double() @ lt.double()).view(B, T, p),
+                             (a.double() @ rt.double()).view(B, T, p))
         rel = lambda r: float((r.double() - exact).abs().max() / exact.abs().max())  # noqa: E731
         assert rel(off) < 1e-6 and rel(on) < 1e-6, (rel(off), rel(on))
         if _has_amx():
@@ -574,7 +578,7 @@ def test_amx_taken_and_exact_products():
 
 def test_amx_suspect_rows_take_fma_bits():
     """Rows the AMX path cannot stand for are recomputed with the FMA kernel (csrc/cpu/projection.cpp
-    amx_suspect_rows): a side's row whose projection is below 2^-60 everywhere (TDPBF16PS reads denormal bfloat16
+    amx_scale_rows): a side's row whose projection is below 2^-60 everywhere (TDPBF16PS reads denormal bfloat16
     inputs as zero and flushes denormal sums) or not finite. g is one-hot per token (its projection exact on every
     path), so an example's output bits are those of its a rows' projections: examples of denormal, tiny (2^-80),
     zero-and-denormal and non-finite rows must match GRADKIT_FACTORED_AMX=0 bit for bit (NaN payloads included); the example of

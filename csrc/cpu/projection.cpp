@@ -578,8 +578,9 @@ struct FArgs {
   int isa;  // factored_isa(): the AVX-512 or AVX2 kernels, or the portable loops (same arithmetic, same order, same bits)
   float ls = 0.0f, rs = 0.0f;  // the sign path's s for lt / rt (AVX-512), or 0: not taken
   int tile = kFMR;             // tokens per tile: kSignTile when a side takes the sign path
-  const uint16_t* lw_amx = nullptr;  // opt-in AMX path (bfloat16 a / g, p = 16): lt / rt packed, or null
+  const uint16_t* lw_amx = nullptr;  // the AMX path (bfloat16 a / g, p = 16, 32, 64): lt / rt's signs packed, or null
   const uint16_t* rw_amx = nullptr;
+  float lsa = 0.0f, rsa = 0.0f;  // the AMX sides' scales s
 };
 
 // Y[r][0..p) = X[r] . W (K x p, row-major), r < mr; rows X[r] given by pointers; sums over k ascending.
@@ -1063,14 +1064,16 @@ void widen_row(const E* src, int64_t n, float* dst) {
 }
 
 #ifdef GK_PROJ_X86
-// ---- AMX path (the default where it applies; GRADKIT_FACTORED_AMX=0 turns it off): bfloat16 rows, p = 16, a
-// side whose matrix is +-s with s a power of two (exact in bfloat16). One tile of up to 16 tokens is multiplied
-// with TDPBF16PS into one 16 x 16 float32 tile (skinny_amx: the rows where they lie, or a zero-padded copy).
+// ---- AMX path (the default where it applies; GRADKIT_FACTORED_AMX=0 turns it off): bfloat16 rows, p = 16, 32 or
+// 64, a side whose matrix is +-s (amx_scale). One tile of up to 16 tokens is multiplied with TDPBF16PS by the
+// signs (+-1, packed per block of 16 outputs) into p / 16 float32 tiles of 16 x 16 (skinny_amx: the rows where they
+// lie, or a zero-padded copy), and the sums are scaled by s once (for p = 16 / 64, s a power of two: the bits of
+// multiplying by +-s; p = 32 from session 28, as 64).
 // The products are exact and the sums float32, but TDPBF16PS does not round after every product as the FMA chain
 // does (benchmarks/micro/amx_bf16.cpp: ~2% of outputs differ by an ulp), it reads denormal inputs as zero and
 // flushes denormal sums: this path has its own bits, within float32 summation error of the others (the same
 // largest relative error against float64 in the tests); rows where a flush could matter (every output below
-// 2^-60) and non-finite rows are recomputed with the FMA kernel (amx_suspect_rows, from session 28). A float32
+// 2^-60) and non-finite rows are recomputed with the FMA kernel (amx_scale_rows, from session 28). A float32
 // path (three bfloat16 parts per value) was no faster than the FMA kernel: benchmarks/micro/amx_f32.cpp. Opt-in in session 26; the default from session 27,
 // because on bfloat16 models the FMA kernel took ~1.9x bergson's time on an AMX CPU (bergson's bfloat16 matmuls
 // run on AMX through oneDNN) and the GPU defaults (cuBLAS composites) keep no bitwise promise either;
@@ -1102,32 +1105,60 @@ bool amx_ready() {  // the CPU has AMX-BF16 and the kernel grants this process t
 #endif
 }
 
-// W (K x 16 float32, entries exact in bfloat16) as TDPBF16PS's B operand: [kpad / 2][16][2] bfloat16, zero past K.
-std::vector<uint16_t> amx_pack(const float* W, int64_t K) {
+// The AMX path's condition on one side's n projection entries w: s when every entry is +-s with s normal in
+// [2^-100, 1] (a Rademacher matrix at any p), else 0. The tiles multiply by the signs (+-1, exact in bfloat16) and
+// the sums are scaled by s once: for s a power of two (p = 16, 64) the same bits as multiplying by +-s.
+float amx_scale(const float* w, int64_t n) {
+  if (n == 0) return 0.0f;
+  const float s = std::fabs(w[0]);
+  if (!(s <= 1.0f && s >= 0x1p-100f)) return 0.0f;
+  uint32_t sb, diff = 0;
+  std::memcpy(&sb, &s, 4);
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, w + i, 4);
+    diff |= (u & 0x7fffffffu) ^ sb;
+  }
+  return diff ? 0.0f : s;
+}
+
+// The signs of W (K x p float32, p = 16 q, every entry +-s) as TDPBF16PS's B operands: per block of 16 outputs j,
+// [kpad / 2][16][2] bfloat16 +-1 (at out + j kpad 16), zero past K.
+__attribute__((target("avx512f"))) std::vector<uint16_t> amx_pack(const float* W, int64_t K, int64_t p) {
   const int64_t kpad = (K + 31) / 32 * 32;
-  std::vector<uint16_t> out(static_cast<size_t>(kpad * 16), 0);
-  for (int64_t k = 0; k < K; ++k)
-    for (int n = 0; n < 16; ++n) {
-      uint32_t u;
-      std::memcpy(&u, W + k * 16 + n, 4);
-      out[static_cast<size_t>((k / 2) * 32 + n * 2 + (k % 2))] = static_cast<uint16_t>(u >> 16);
+  std::vector<uint16_t> out(static_cast<size_t>(kpad * p), 0);
+  // per call (the hooks' matrices change with the module), so kept cheap: features k, k + 1 of 16 outputs give 16
+  // pairs (+-1.0 with W's signs) in one 64-byte store
+  const __m512i sign_lo = _mm512_set1_epi32(0x8000), one_lo = _mm512_set1_epi32(0x3F80);
+  const __m512i sign_hi = _mm512_set1_epi32(static_cast<int>(0x80000000u)), one_hi = _mm512_set1_epi32(0x3F800000);
+  for (int64_t k = 0; k < K; k += 2) {
+    for (int64_t j = 0; j < p / 16; ++j) {
+      const __m512i u0 = _mm512_loadu_si512(W + k * p + j * 16);
+      const __m512i u1 = k + 1 < K ? _mm512_loadu_si512(W + (k + 1) * p + j * 16) : _mm512_setzero_si512();
+      const __m512i lo = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u0, 16), sign_lo), one_lo);
+      const __m512i hi = k + 1 < K ? _mm512_or_si512(_mm512_and_si512(u1, sign_hi), one_hi) : _mm512_setzero_si512();
+      _mm512_storeu_si512(out.data() + j * kpad * 16 + (k >> 1) * 32, _mm512_or_si512(lo, hi));
     }
+  }
   return out;
 }
 
-// Tiles 0: the 16 x 16 float32 sums; 1: 16 tokens x 32 features; 2: 16 feature pairs x 16 outputs; for each side
-// whose feature count K has an even tail K % 32, 16 tokens x that tail (3 left, 5 right) and its pairs (4, 6).
+// p = 16: tiles 0: the 16 x 16 float32 sums; 1: 16 tokens x 32 features; 2: 16 feature pairs x 16 outputs; for
+// each side whose feature count K has an even tail K % 32, 16 tokens x that tail (3 left, 5 right) and its pairs
+// (4, 6). p = 32 / 64 (q = p / 16 blocks of 16 outputs): sums in 0, 5 (, 6, 7), pairs in 2, 3 (, 4), every tile
+// 16 x 64 bytes (the tails go through a zero-padded copy).
 // Loaded once per work item (amx_begin) and released at its end (amx_end): nothing else runs on the thread in
 // between. The configuration is a thread_local object, not a stack one: built on the stack, GCC dropped some of
 // its zeroing stores (it does not see LDTILECFG read them), and the instruction faulted on nonzero reserved bytes.
-__attribute__((target("amx-tile,amx-bf16"))) void amx_begin(int64_t k_left, int64_t k_right) {
+__attribute__((target("amx-tile,amx-bf16"))) void amx_begin(int64_t k_left, int64_t k_right, int64_t q) {
   alignas(64) thread_local AmxTileConfig cfg;
   std::memset(&cfg, 0, sizeof cfg);
   cfg.palette = 1;
-  for (int t = 0; t < 3; ++t) {
+  for (int t = 0; t < (q > 1 ? 8 : 3); ++t) {
     cfg.colsb[t] = 64;
     cfg.rows[t] = 16;
   }
+  if (q > 1) k_left = k_right = 0;  // no tail tiles
   const int64_t tails[2] = {k_left % 32, k_right % 32};
   for (int side = 0; side < 2; ++side)
     if (tails[side] > 0 && tails[side] % 2 == 0) {
@@ -1146,29 +1177,55 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_end() { _tile_release(); }
 // 3 / 4 (left) or 5 / 6 (right), sized by amx_begin, an odd one through a zero-padded copy; otherwise (masked
 // tokens, a short last tile) the rows are copied into a padded scratch. Padding is +0 times +0 products: the
 // sums (never -0, they start from +0) are unchanged, and no padded feature is a copy of an inf or a NaN.
-// The rows an AMX result may not stand for: one with a non-finite output (an inf or a NaN among the inputs, or an
+// amx_scale_rows: the rows an AMX result may not stand for: one with a non-finite output (an inf or a NaN among the inputs, or an
 // overflow) or whose largest magnitude is below 2^-60 (zero rows included). factored_item recomputes them with
 // the FMA kernel, one row at a time (its bits in any tile), so such rows come out exactly as with
 // GRADKIT_FACTORED_AMX=0: its inf / NaN pattern, and no input read as zero where it decides the result. In any
-// other row every quantity TDPBF16PS flushes (a denormal input, product or sum) is below 2^-126 and an output
-// sums fewer than 2^30 of them: less than 2^-96, against half an ulp of 2^-60 or more (2^-84).
-__attribute__((target("avx512f"))) uint32_t amx_suspect_rows(const float* Y, int mr) {
+// other row every quantity TDPBF16PS flushes (a denormal input, product or sum) is below 2^-126, an output sums
+// fewer than 2^30 of them and is then scaled by s <= 1: less than 2^-96, against half an ulp of 2^-60 or more.
+// Also writes the rows: Y[r][0..p) = s y[r][0..p) for r < mr (y: 16 rows of p sums, p a multiple of 16).
+__attribute__((target("avx512f"))) uint32_t amx_scale_rows(const float* y, int mr, int64_t p, float s, float* Y) {
   uint32_t bad = 0;
   const __m512i absm = _mm512_set1_epi32(0x7FFFFFFF);
   const __m512i tiny = _mm512_set1_epi32(67 << 23);  // 2^-60
   const __m512i inf = _mm512_set1_epi32(0x7F800000);
+  const __m512 sv = _mm512_set1_ps(s);
   for (int r = 0; r < mr; ++r) {
-    const __m512i a = _mm512_and_si512(_mm512_loadu_si512(Y + r * 16), absm);
-    const bool nonfinite = _mm512_cmpge_epu32_mask(a, inf) != 0;
-    const bool small = _mm512_cmpge_epu32_mask(a, tiny) == 0;
-    if (nonfinite || small) bad |= 1u << r;
+    __mmask16 nonfinite = 0, big = 0;
+    for (int64_t c = 0; c < p; c += 16) {
+      const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(y + r * p + c), sv);
+      _mm512_storeu_ps(Y + r * p + c, v);
+      const __m512i a = _mm512_and_si512(_mm512_castps_si512(v), absm);
+      nonfinite |= _mm512_cmpge_epu32_mask(a, inf);
+      big |= _mm512_cmpge_epu32_mask(a, tiny);
+    }
+    if (nonfinite || !big) bad |= 1u << r;
   }
   return bad;
 }
 
-template <bool kLeft>
+// x tile 1 times every block of outputs' pairs at feature k into its sums (p = 16: tile 2 into 0; p = 32 / 64: the
+// pair tiles rotate over 2, 3, 4 so a load does not wait on the previous product's read of the same tile)
+template <int kQ>
+__attribute__((target("amx-tile,amx-bf16"))) inline void amx_dp(const uint16_t* Wp, int64_t k, int64_t kpad) {
+  _tile_loadd(2, Wp + k * 16, 64);
+  _tile_dpbf16ps(0, 1, 2);
+  if constexpr (kQ >= 2) {
+    _tile_loadd(3, Wp + kpad * 16 + k * 16, 64);
+    _tile_dpbf16ps(5, 1, 3);
+  }
+  if constexpr (kQ == 4) {
+    _tile_loadd(4, Wp + 2 * kpad * 16 + k * 16, 64);
+    _tile_dpbf16ps(6, 1, 4);
+    _tile_loadd(2, Wp + 3 * kpad * 16 + k * 16, 64);
+    _tile_dpbf16ps(7, 1, 2);
+  }
+}
+
+template <bool kLeft, int kQ>
 __attribute__((target("amx-tile,amx-bf16"))) uint32_t skinny_amx(const c10::BFloat16* const* X, int mr, int64_t K,
-                                                             const uint16_t* Wp, float* Y) {
+                                                                 const uint16_t* Wp, float s, float* Y) {
+  constexpr int64_t p = 16 * kQ;
   const int64_t kmain = K / 32 * 32, kpad = (K + 31) / 32 * 32, tail = K - kmain;
   bool direct = mr == 16;
   const int64_t ld = mr > 1 ? X[1] - X[0] : 0;
@@ -1185,14 +1242,18 @@ __attribute__((target("amx-tile,amx-bf16"))) uint32_t skinny_amx(const c10::BFlo
     }
   };
   _tile_zero(0);
+  if constexpr (kQ >= 2) _tile_zero(5);
+  if constexpr (kQ == 4) {
+    _tile_zero(6);
+    _tile_zero(7);
+  }
   if (direct && ld > 0) {
     const auto* x0 = reinterpret_cast<const uint16_t*>(X[0]);
     for (int64_t k = 0; k < kmain; k += 32) {
       _tile_loadd(1, x0 + k, ld * 2);
-      _tile_loadd(2, Wp + k * 16, 64);
-      _tile_dpbf16ps(0, 1, 2);
+      amx_dp<kQ>(Wp, k, kpad);
     }
-    if (tail > 0 && tail % 2 == 0) {  // tile numbers are literals in the instructions (the macros paste them)
+    if (kQ == 1 && tail > 0 && tail % 2 == 0) {  // tile numbers are literals in the instructions (the macros paste them)
       if constexpr (kLeft) {
         _tile_loadd(3, x0 + kmain, ld * 2);
         _tile_loadd(4, Wp + kmain * 16, 64);
@@ -1205,21 +1266,23 @@ __attribute__((target("amx-tile,amx-bf16"))) uint32_t skinny_amx(const c10::BFlo
     } else if (tail > 0) {
       pad_rows(kmain, 32);
       _tile_loadd(1, xs.data(), 64);
-      _tile_loadd(2, Wp + kmain * 16, 64);
-      _tile_dpbf16ps(0, 1, 2);
+      amx_dp<kQ>(Wp, kmain, kpad);
     }
   } else {
     pad_rows(0, kpad);
     for (int64_t k = 0; k < kpad; k += 32) {
       _tile_loadd(1, xs.data() + k, kpad * 2);
-      _tile_loadd(2, Wp + k * 16, 64);
-      _tile_dpbf16ps(0, 1, 2);
+      amx_dp<kQ>(Wp, k, kpad);
     }
   }
-  alignas(64) float y[16 * 16];
-  _tile_stored(0, y, 64);
-  std::memcpy(Y, y, static_cast<size_t>(mr) * 16 * 4);
-  return amx_suspect_rows(Y, mr);
+  alignas(64) float y[16 * p];
+  _tile_stored(0, y, p * 4);
+  if constexpr (kQ >= 2) _tile_stored(5, y + 16, p * 4);
+  if constexpr (kQ == 4) {
+    _tile_stored(6, y + 32, p * 4);
+    _tile_stored(7, y + 48, p * 4);
+  }
+  return amx_scale_rows(y, mr, p, s, Y);
 }
 
 #endif
@@ -1252,7 +1315,7 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
   int64_t n = n0;
 #ifdef GK_PROJ_X86
   const bool amx = A.lw_amx || A.rw_amx;
-  if (amx) amx_begin(A.O, A.I);
+  if (amx) amx_begin(A.O, A.I, p / 16);
 #endif
   while (n < n1) {
     int mr = 0;
@@ -1291,19 +1354,23 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
         }
       };
       if constexpr (std::is_same_v<E, c10::BFloat16>) {
-        // AMX sides; the rows amx_suspect_rows names again through the FMA kernel, one at a time (the same bits
+        // AMX sides; the rows amx_scale_rows names again through the FMA kernel, one at a time (the same bits
         // as in any tile)
-        const auto amx_side = [&](const E* const* x, int64_t K, const uint16_t* wp, const float* w, float* Y,
-                                  auto left) {
-          uint32_t bad = skinny_amx<decltype(left)::value>(x, mr, K, wp, Y);
+        const auto amx_side = [&](const E* const* x, int64_t K, const uint16_t* wp, float sa, const float* w,
+                                  float* Y, auto left) {
+          constexpr bool kL = decltype(left)::value;
+          const uint32_t bad0 = p == 16   ? skinny_amx<kL, 1>(x, mr, K, wp, sa, Y)
+                                : p == 32 ? skinny_amx<kL, 2>(x, mr, K, wp, sa, Y)
+                                          : skinny_amx<kL, 4>(x, mr, K, wp, sa, Y);
+          uint32_t bad = bad0;
           for (; bad; bad &= bad - 1) {
             const int r = __builtin_ctz(bad);
             table[0](x + r, K, w, p, Y + r * p, nullptr, 0);
           }
         };
-        if (A.lw_amx) amx_side(rg, A.O, A.lw_amx, A.lt, U.data(), std::true_type{});
+        if (A.lw_amx) amx_side(rg, A.O, A.lw_amx, A.lsa, A.lt, U.data(), std::true_type{});
         else side(rg, A.O, A.lt, A.ls, U.data(), g_lo, g_len);
-        if (A.rw_amx) amx_side(ra, A.I, A.rw_amx, A.rt, V.data(), std::false_type{});
+        if (A.rw_amx) amx_side(ra, A.I, A.rw_amx, A.rsa, A.rt, V.data(), std::false_type{});
         else side(ra, A.I, A.rt, A.rs, V.data(), a_lo, a_len);
       } else {
         side(rg, A.O, A.lt, A.ls, U.data(), g_lo, g_len);
@@ -1392,25 +1459,30 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
   const bool sign_on = sign_env && std::strcmp(sign_env, "0") == 0   ? false
                        : sign_env && std::strcmp(sign_env, "1") == 0 ? true
                                                                       : cpu_is_amd();
-  // The AMX path (its own bits, see skinny_amx): bfloat16 a / g, p = 16, on an AMX CPU, for each side whose
-  // matrix is +-s (s a power of two), in place of the sign path. The default where it applies (from session 27);
-  // GRADKIT_FACTORED_AMX=0 keeps the FMA kernel and its bits (those of the same call on a.float(), g.float()).
+  // The AMX path (its own bits, see skinny_amx): bfloat16 a / g, p = 16, 32 or 64, on an AMX CPU, for each side
+  // whose matrix is +-s (amx_scale), in place of the sign path. The default where it applies (p = 16 from session
+  // 27, 32 / 64 from session 28); GRADKIT_FACTORED_AMX=0 keeps the FMA kernel and its bits (those of the same call
+  // on a.float(), g.float()).
   const char* amx_env = std::getenv("GRADKIT_FACTORED_AMX");
   bool amx_on = false;
 #ifdef GK_PROJ_X86
-  amx_on = !(amx_env && std::strcmp(amx_env, "0") == 0) && A.isa == 2 && p == 16 &&
+  amx_on = !(amx_env && std::strcmp(amx_env, "0") == 0) && A.isa == 2 && (p == 16 || p == 32 || p == 64) &&
            in.a.scalar_type() == at::kBFloat16 && amx_ready();
 #endif
-  const float ls = A.isa == 2 && (sign_on || amx_on) ? sign_scale(A.lt, in.lt.numel()) : 0.0f;
-  const float rs = A.isa == 2 && (sign_on || amx_on) ? sign_scale(A.rt, in.rt.numel()) : 0.0f;
+  const float ls = A.isa == 2 && sign_on ? sign_scale(A.lt, in.lt.numel()) : 0.0f;
+  const float rs = A.isa == 2 && sign_on ? sign_scale(A.rt, in.rt.numel()) : 0.0f;
   std::vector<uint16_t> lw_amx, rw_amx;
 #ifdef GK_PROJ_X86
-  if (amx_on && ls > 0.0f) {
-    lw_amx = amx_pack(A.lt, A.O);
+  if (amx_on) {
+    A.lsa = amx_scale(A.lt, in.lt.numel());
+    A.rsa = amx_scale(A.rt, in.rt.numel());
+  }
+  if (A.lsa > 0.0f) {
+    lw_amx = amx_pack(A.lt, A.O, p);
     A.lw_amx = lw_amx.data();
   }
-  if (amx_on && rs > 0.0f) {
-    rw_amx = amx_pack(A.rt, A.I);
+  if (A.rsa > 0.0f) {
+    rw_amx = amx_pack(A.rt, A.I, p);
     A.rw_amx = rw_amx.data();
   }
 #endif
