@@ -122,10 +122,14 @@ def test_through_the_api():
 
 
 def test_launcher_checks():
+    """The kernel register_triton_for_cuda registers: the op's checks, then the launcher."""
+    from gradkit.kernels.triton import cuda_kernel
+
+    select = cuda_kernel("obs", "obs_select")
     with pytest.raises(ValueError, match="num_prune"):
-        T.obs_select(torch.ones(2, 8), torch.ones(2, 8), 4, 1, 5, 0.0)
+        select(torch.ones(2, 8), torch.ones(2, 8), 4, 1, 5, 0.0)
     with pytest.raises(TypeError, match="float32"):
-        T.obs_select(torch.ones(2, 8).double(), torch.ones(2, 8), 4, 1, 2, 0.0)
+        select(torch.ones(2, 8).double(), torch.ones(2, 8), 4, 1, 2, 0.0)
 
 
 # ---------------------------------------------------------------- obs_shared_prune

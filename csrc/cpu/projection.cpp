@@ -578,7 +578,8 @@ struct FArgs {
   int isa;  // factored_isa(): the AVX-512 or AVX2 kernels, or the portable loops (same arithmetic, same order, same bits)
   float ls = 0.0f, rs = 0.0f;  // the sign path's s for lt / rt (AVX-512), or 0: not taken
   int tile = kFMR;             // tokens per tile: kSignTile when a side takes the sign path
-  const uint16_t* lw_amx = nullptr;  // the AMX path (bfloat16 a / g, p = 16, 32, 64): lt / rt's signs packed, or null
+  const uint16_t* lw_amx = nullptr;  // the AMX path (bfloat16 a / g, p = 16, 32, 64): lt / rt's signs packed
+  // (or null: not taken)
   const uint16_t* rw_amx = nullptr;
   float lsa = 0.0f, rsa = 0.0f;  // the AMX sides' scales s
 };
@@ -1036,13 +1037,13 @@ __attribute__((target("avx2,fma,f16c"))) void outer_tile_avx2(const float* U, co
 // call: tests compare every level the CPU has, bit for bit.
 int factored_isa() { return capped_simd_level("GRADKIT_FACTORED_ISA", "portable", "GRADKIT_FACTORED_PORTABLE"); }
 
-// The sign path's condition on one side's n projection entries w: s when every entry is +-s with s a power of
-// two in [2^-100, 1] (a Rademacher matrix at p = 4^m), else 0.
-float sign_scale(const float* w, int64_t n) {
+// One side's n projection entries w: s when every entry is +-s with s in [2^-100, 1] (a Rademacher matrix at any
+// p), else 0. The AMX path's condition: its tiles multiply by the signs (+-1, exact in bfloat16) and the sums are
+// scaled by s once, for s a power of two (p = 16, 64) the same bits as multiplying by +-s.
+float uniform_scale(const float* w, int64_t n) {
   if (n == 0) return 0.0f;
   const float s = std::fabs(w[0]);
-  int e = 0;
-  if (!(s <= 1.0f && s >= 0x1p-100f) || std::frexp(s, &e) != 0.5f) return 0.0f;
+  if (!(s <= 1.0f && s >= 0x1p-100f)) return 0.0f;
   uint32_t sb, diff = 0;
   std::memcpy(&sb, &s, 4);
   for (int64_t i0 = 0; i0 < n; i0 += 4096) {  // |w|'s bits against s's, 4096 at a time (vectorised; early exit)
@@ -1057,6 +1058,13 @@ float sign_scale(const float* w, int64_t n) {
   return s;
 }
 
+// The sign path's condition: uniform_scale's s when it is a power of two (a Rademacher matrix at p = 4^m), else 0.
+float sign_scale(const float* w, int64_t n) {
+  const float s = uniform_scale(w, n);
+  int e = 0;
+  return s > 0.0f && std::frexp(s, &e) == 0.5f ? s : 0.0f;
+}
+
 // dst[0..n) = src[0..n) widened to float32 (exact for bfloat16 and float16, subnormals included).
 template <typename E>
 void widen_row(const E* src, int64_t n, float* dst) {
@@ -1064,23 +1072,22 @@ void widen_row(const E* src, int64_t n, float* dst) {
 }
 
 #ifdef GK_PROJ_X86
-// ---- AMX path (the default where it applies; GRADKIT_FACTORED_AMX=0 turns it off): bfloat16 rows, p = 16, 32 or
-// 64, a side whose matrix is +-s (amx_scale). One tile of up to 16 tokens is multiplied with TDPBF16PS by the
-// signs (+-1, packed per block of 16 outputs) into p / 16 float32 tiles of 16 x 16 (skinny_amx: the rows where they
-// lie, or a zero-padded copy), and the sums are scaled by s once (for p = 16 / 64, s a power of two: the bits of
-// multiplying by +-s; p = 32 from session 28, as 64).
-// The products are exact and the sums float32, but TDPBF16PS does not round after every product as the FMA chain
-// does (benchmarks/micro/amx_bf16.cpp: ~2% of outputs differ by an ulp), it reads denormal inputs as zero and
-// flushes denormal sums: this path has its own bits, within float32 summation error of the others (the same
-// largest relative error against float64 in the tests); rows where a flush could matter (every output below
-// 2^-60) and non-finite rows are recomputed with the FMA kernel (amx_scale_rows, from session 28). A float32
-// path (three bfloat16 parts per value) was no faster than the FMA kernel: benchmarks/micro/amx_f32.cpp. Opt-in in session 26; the default from session 27,
-// because on bfloat16 models the FMA kernel took ~1.9x bergson's time on an AMX CPU (bergson's bfloat16 matmuls
-// run on AMX through oneDNN) and the GPU defaults (cuBLAS composites) keep no bitwise promise either;
-// GRADKIT_FACTORED_AMX=0 restores the bits the other CPU kernels and the CUDA C++ kernel share. Session 26, Intel
-// Emerald Rapids, bfloat16 hook work at two threads against the FMA kernel, per-round medians
-// (`python benchmarks/amx_ab.py --bergson`): 1000 x 1000, 64 x 128 tokens 0.95 vs 2.01 ms (0.43x); 1024 x 1024
-// 0.36x; 4096 x 4096 0.39x; 8192 one-token examples 0.43x; bergson's bfloat16 hooks 1.28 ms (1.41x).
+// ---- AMX path (the default where it applies; GRADKIT_FACTORED_AMX=0 turns it off): bfloat16 rows, p = 16, 32 or 64, a
+// side whose matrix is +-s (uniform_scale). One tile of up to 16 tokens is multiplied with TDPBF16PS by the signs (+-1,
+// packed per block of 16 outputs) into p / 16 float32 tiles of 16 x 16 (skinny_amx: the rows where they lie, or a
+// zero-padded copy), and the sums are scaled by s once (for p = 16 / 64, s a power of two: the bits of multiplying by
+// +-s; p = 32 from session 28, as 64). The products are exact and the sums float32, but TDPBF16PS does not round after
+// every product as the FMA chain does (benchmarks/micro/amx_bf16.cpp: ~2% of outputs differ by an ulp), it reads
+// denormal inputs as zero and flushes denormal sums: this path has its own bits, within float32 summation error of the
+// others (the same largest relative error against float64 in the tests); rows where a flush could matter (every output
+// below 2^-60) and non-finite rows are recomputed with the FMA kernel (amx_scale_rows, from session 28). A float32 path
+// (three bfloat16 parts per value) was no faster than the FMA kernel: benchmarks/micro/amx_f32.cpp. Opt-in in session
+// 26; the default from session 27, because on bfloat16 models the FMA kernel took ~1.9x bergson's time on an AMX CPU
+// (bergson's bfloat16 matmuls run on AMX through oneDNN) and the GPU defaults (cuBLAS composites) keep no bitwise
+// promise either; GRADKIT_FACTORED_AMX=0 restores the bits the other CPU kernels and the CUDA C++ kernel share. Session
+// 26, Intel Emerald Rapids, bfloat16 hook work at two threads against the FMA kernel, per-round medians (`python
+// benchmarks/amx_ab.py --bergson`): 1000 x 1000, 64 x 128 tokens 0.95 vs 2.01 ms (0.43x); 1024 x 1024 0.36x; 4096 x
+// 4096 0.39x; 8192 one-token examples 0.43x; bergson's bfloat16 hooks 1.28 ms (1.41x).
 struct AmxTileConfig {  // LDTILECFG's 64-byte palette-1 layout
   uint8_t palette, start_row;
   uint8_t reserved[14];
@@ -1103,23 +1110,6 @@ bool amx_ready() {  // the CPU has AMX-BF16 and the kernel grants this process t
 #else
   return false;
 #endif
-}
-
-// The AMX path's condition on one side's n projection entries w: s when every entry is +-s with s normal in
-// [2^-100, 1] (a Rademacher matrix at any p), else 0. The tiles multiply by the signs (+-1, exact in bfloat16) and
-// the sums are scaled by s once: for s a power of two (p = 16, 64) the same bits as multiplying by +-s.
-float amx_scale(const float* w, int64_t n) {
-  if (n == 0) return 0.0f;
-  const float s = std::fabs(w[0]);
-  if (!(s <= 1.0f && s >= 0x1p-100f)) return 0.0f;
-  uint32_t sb, diff = 0;
-  std::memcpy(&sb, &s, 4);
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, w + i, 4);
-    diff |= (u & 0x7fffffffu) ^ sb;
-  }
-  return diff ? 0.0f : s;
 }
 
 // The signs of W (K x p float32, p = 16 q, every entry +-s) as TDPBF16PS's B operands: per block of 16 outputs j,
@@ -1172,18 +1162,18 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_begin(int64_t k_left, int6
 }
 __attribute__((target("amx-tile,amx-bf16"))) void amx_end() { _tile_release(); }
 
-// Y[r][0..16) = X[r] . W for r < mr (mr <= 16), X bfloat16 rows by pointer, W packed by amx_pack; between
-// amx_begin and amx_end. Sixteen equally spaced rows are read where they lie, an even tail K % 32 through tiles
-// 3 / 4 (left) or 5 / 6 (right), sized by amx_begin, an odd one through a zero-padded copy; otherwise (masked
-// tokens, a short last tile) the rows are copied into a padded scratch. Padding is +0 times +0 products: the
-// sums (never -0, they start from +0) are unchanged, and no padded feature is a copy of an inf or a NaN.
-// amx_scale_rows: the rows an AMX result may not stand for: one with a non-finite output (an inf or a NaN among the inputs, or an
-// overflow) or whose largest magnitude is below 2^-60 (zero rows included). factored_item recomputes them with
-// the FMA kernel, one row at a time (its bits in any tile), so such rows come out exactly as with
-// GRADKIT_FACTORED_AMX=0: its inf / NaN pattern, and no input read as zero where it decides the result. In any
-// other row every quantity TDPBF16PS flushes (a denormal input, product or sum) is below 2^-126, an output sums
-// fewer than 2^30 of them and is then scaled by s <= 1: less than 2^-96, against half an ulp of 2^-60 or more.
-// Also writes the rows: Y[r][0..p) = s y[r][0..p) for r < mr (y: 16 rows of p sums, p a multiple of 16).
+// Y[r][0..16) = X[r] . W for r < mr (mr <= 16), X bfloat16 rows by pointer, W packed by amx_pack; between amx_begin and
+// amx_end. Sixteen equally spaced rows are read where they lie, an even tail K % 32 through tiles 3 / 4 (left) or 5 / 6
+// (right), sized by amx_begin, an odd one through a zero-padded copy; otherwise (masked tokens, a short last tile) the
+// rows are copied into a padded scratch. Padding is +0 times +0 products: the sums (never -0, they start from +0) are
+// unchanged, and no padded feature is a copy of an inf or a NaN. amx_scale_rows: the rows an AMX result may not stand
+// for: one with a non-finite output (an inf or a NaN among the inputs, or an overflow) or whose largest magnitude is
+// below 2^-60 (zero rows included). factored_item recomputes them with the FMA kernel, one row at a time (its bits in
+// any tile), so such rows come out exactly as with GRADKIT_FACTORED_AMX=0: its inf / NaN pattern, and no input read as
+// zero where it decides the result. In any other row every quantity TDPBF16PS flushes (a denormal input, product or
+// sum) is below 2^-126, an output sums fewer than 2^30 of them and is then scaled by s <= 1: less than 2^-96, against
+// half an ulp of 2^-60 or more. Also writes the rows: Y[r][0..p) = s y[r][0..p) for r < mr (y: 16 rows of p sums, p a
+// multiple of 16).
 __attribute__((target("avx512f"))) uint32_t amx_scale_rows(const float* y, int mr, int64_t p, float s, float* Y) {
   uint32_t bad = 0;
   const __m512i absm = _mm512_set1_epi32(0x7FFFFFFF);
@@ -1253,7 +1243,8 @@ __attribute__((target("amx-tile,amx-bf16"))) uint32_t skinny_amx(const c10::BFlo
       _tile_loadd(1, x0 + k, ld * 2);
       amx_dp<kQ>(Wp, k, kpad);
     }
-    if (kQ == 1 && tail > 0 && tail % 2 == 0) {  // tile numbers are literals in the instructions (the macros paste them)
+    // tile numbers are literals in the instructions (the macros paste them)
+    if (kQ == 1 && tail > 0 && tail % 2 == 0) {
       if constexpr (kLeft) {
         _tile_loadd(3, x0 + kmain, ld * 2);
         _tile_loadd(4, Wp + kmain * 16, 64);
@@ -1359,10 +1350,9 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
         const auto amx_side = [&](const E* const* x, int64_t K, const uint16_t* wp, float sa, const float* w,
                                   float* Y, auto left) {
           constexpr bool kL = decltype(left)::value;
-          const uint32_t bad0 = p == 16   ? skinny_amx<kL, 1>(x, mr, K, wp, sa, Y)
-                                : p == 32 ? skinny_amx<kL, 2>(x, mr, K, wp, sa, Y)
-                                          : skinny_amx<kL, 4>(x, mr, K, wp, sa, Y);
-          uint32_t bad = bad0;
+          uint32_t bad = p == 16   ? skinny_amx<kL, 1>(x, mr, K, wp, sa, Y)
+                         : p == 32 ? skinny_amx<kL, 2>(x, mr, K, wp, sa, Y)
+                                   : skinny_amx<kL, 4>(x, mr, K, wp, sa, Y);
           for (; bad; bad &= bad - 1) {
             const int r = __builtin_ctz(bad);
             table[0](x + r, K, w, p, Y + r * p, nullptr, 0);
@@ -1460,7 +1450,7 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
                        : sign_env && std::strcmp(sign_env, "1") == 0 ? true
                                                                       : cpu_is_amd();
   // The AMX path (its own bits, see skinny_amx): bfloat16 a / g, p = 16, 32 or 64, on an AMX CPU, for each side
-  // whose matrix is +-s (amx_scale), in place of the sign path. The default where it applies (p = 16 from session
+  // whose matrix is +-s (uniform_scale), in place of the sign path. The default where it applies (p = 16 from session
   // 27, 32 / 64 from session 28); GRADKIT_FACTORED_AMX=0 keeps the FMA kernel and its bits (those of the same call
   // on a.float(), g.float()).
   const char* amx_env = std::getenv("GRADKIT_FACTORED_AMX");
@@ -1474,8 +1464,8 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
   std::vector<uint16_t> lw_amx, rw_amx;
 #ifdef GK_PROJ_X86
   if (amx_on) {
-    A.lsa = amx_scale(A.lt, in.lt.numel());
-    A.rsa = amx_scale(A.rt, in.rt.numel());
+    A.lsa = uniform_scale(A.lt, in.lt.numel());
+    A.rsa = uniform_scale(A.rt, in.rt.numel());
   }
   if (A.lsa > 0.0f) {
     lw_amx = amx_pack(A.lt, A.O, p);

@@ -196,13 +196,16 @@ def check_gather_segments(src, index, dtype) -> None:
         raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
 
 
-def check_gather_segments_out(src, index, out, accumulate) -> None:
+def check_gather_segments_out(src, index, out, accumulate, dtype=None) -> None:
+    """``dtype``: the wrapper's requested dtype (not in the schema), which out must have."""
     _check_segments(src, index, "src")
     total = sum(_count(t, ix) for t, ix in zip(src, index))
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out: expected a tensor, got {type(out).__name__}")
     if out.dim() != 1 or out.numel() != total:
         raise ValueError(f"out: expected shape ({total},), got {tuple(out.shape)}")
+    if dtype is not None and out.dtype != dtype:
+        raise TypeError(f"out: dtype {out.dtype} differs from the requested dtype {dtype}")
     if out.dtype not in _FLOATS:
         raise TypeError(f"out: expected a floating dtype, got {out.dtype}")
     if src and out.device != src[0].device:
@@ -233,10 +236,7 @@ def gather_segments(src: Sequence[torch.Tensor], index: Sequence[Optional[torch.
         if not src:  # no tensor to dispatch on: the empty result is known
             return torch.empty(0, dtype=dtype or torch.float32)
         return _impl("gather_segments")(list(src), list(index), dtype)
-    _check_segments(src, index, "src")
-    if dtype is not None and isinstance(out, torch.Tensor) and out.dtype != dtype:
-        raise TypeError(f"out: dtype {out.dtype} differs from the requested dtype {dtype}")
-    check_gather_segments_out(src, index, out, accumulate)
+    check_gather_segments_out(src, index, out, accumulate, dtype)
     if not src:
         return out
     fn = _impl("gather_segments_out")

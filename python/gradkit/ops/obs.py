@@ -83,7 +83,7 @@ def obs_select(w: torch.Tensor, d: torch.Tensor, gs: int, bk: int, num_prune: in
     gs, bk, num_prune, eps = check_obs_select(w, d, gs, bk, num_prune, eps)
     if num_prune == 0:
         return torch.empty((w.shape[0], 0), dtype=torch.int64, device=w.device)
-    return _impl("obs_select", "obs")(w.contiguous(), d.contiguous(), gs, bk, num_prune, float(eps))
+    return _impl("obs_select", "obs")(w.contiguous(), d.contiguous(), gs, bk, num_prune, eps)
 
 
 def check_obs_shared_prune(w, c, cinv, pidx, E, local) -> int:

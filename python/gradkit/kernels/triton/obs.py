@@ -32,7 +32,6 @@ import triton
 import triton.language as tl
 
 from gradkit.kernels.reference import obs as _ref
-from gradkit.kernels.reference.scope import check_inplace as _check_inplace
 from gradkit.kernels.triton import interpreting, on_tensor_device
 
 # Tile of (row, scope) pairs per program: min(max_scopes, tile_elems // GS_P), at least 1; tests
@@ -81,28 +80,10 @@ def _obs_select_kernel(w_ptr, d_ptr, out_ptr, S, nq, gs, bk, num_prune, eps, GS_
         tl.store(out_ptr + dst + j, pos + j, mask=keep)
 
 
-def _check(w: torch.Tensor, d: torch.Tensor, gs: int, bk: int, num_prune: int, eps: float) -> None:
-    """The schema's preconditions (the API wrapper checks them first; direct dispatcher calls land here)."""
-    if w.dtype != torch.float32 or d.dtype != torch.float32:
-        raise TypeError(f"w, d: expected float32 tensors, got {w.dtype} and {d.dtype}")
-    if w.dim() != 2 or d.shape != w.shape:
-        raise ValueError(f"d: expected the 2-D shape of w {tuple(w.shape)}, got {tuple(d.shape)}")
-    if d.device != w.device:
-        raise ValueError(f"d: on {d.device} but w is on {w.device}")
-    if gs < 1 or bk < 1:
-        raise ValueError(f"gs, bk: expected >= 1, got {gs}, {bk}")
-    if not 0 <= num_prune <= gs:
-        raise ValueError(f"num_prune: expected 0 <= num_prune <= gs = {gs}, got {num_prune}")
-    if w.shape[1] % (gs * bk):
-        raise ValueError(f"w: the row length {w.shape[1]} is not a multiple of gs * bk = {gs} * {bk}")
-    if not (0.0 <= eps < float("inf")):
-        raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
-
-
 @on_tensor_device
 def obs_select(w: torch.Tensor, d: torch.Tensor, gs: int, bk: int, num_prune: int, eps: float) -> torch.Tensor:
-    """Launcher: see ``gradkit.kernels.reference.obs.obs_select``; int64 (n, nq * num_prune * bk)."""
-    _check(w, d, gs, bk, num_prune, eps)
+    """Launcher: see ``gradkit.kernels.reference.obs.obs_select``; int64 (n, nq * num_prune * bk). Arguments
+    checked by gradkit.ops.obs.check_obs_select (op wrapper, CUDA kernel: gradkit.kernels.triton.cuda_kernel)."""
     n, nb = w.shape
     E = gs * bk
     nq = nb // E
@@ -187,19 +168,11 @@ def _shared_prune_kernel(w_ptr, out_ptr, c_ptr, cinv_ptr, pidx_ptr, sub_ptr, n, 
 @on_tensor_device
 def obs_shared_prune(w: torch.Tensor, c: torch.Tensor, cinv: torch.Tensor, pidx: torch.Tensor, E: int,
                      local: bool):
-    """Launcher: see ``gradkit.kernels.reference.obs.obs_shared_prune``; (w' (n, K), sub (n, nq) int64)."""
-    for name, t, dt in (("w", w, torch.float32), ("c", c, torch.float32), ("cinv", cinv, torch.float32),
-                        ("pidx", pidx, torch.int64)):
-        if t.dtype != dt:
-            raise TypeError(f"{name}: expected a {dt} tensor, got {t.dtype}")
+    """Launcher: see ``gradkit.kernels.reference.obs.obs_shared_prune``; (w' (n, K), sub (n, nq) int64). Arguments
+    checked by gradkit.ops.obs.check_obs_shared_prune (op wrapper, CUDA kernel)."""
     n, K = w.shape
-    if E < 1 or K % E:
-        raise ValueError(f"E: expected >= 1 dividing the row length {K}, got {E}")
     nq = K // E
     ns, p = pidx.shape
-    if cinv.shape != (nq, ns, p, p) or c.shape != (K, K) or not 1 <= p <= min(E, 64):
-        raise ValueError(f"cinv, c, pidx: shapes {tuple(cinv.shape)}, {tuple(c.shape)}, {tuple(pidx.shape)} do not "
-                         f"match w {tuple(w.shape)} and E={E}")
     w, c, cinv, pidx = w.contiguous(), c.contiguous(), cinv.contiguous(), pidx.contiguous()
     out = torch.empty_like(w)
     sub = torch.empty((n, nq), dtype=torch.int64, device=w.device)
@@ -271,18 +244,11 @@ def _schur_extend_kernel(ut_ptr, xf_ptr, up_ptr, linv_ptr, m, cnt, F, K, stb, st
 
 @on_tensor_device
 def obs_schur_extend_(ut: torch.Tensor, xf: torch.Tensor, up: torch.Tensor, linv: torch.Tensor, cnt: int) -> None:
-    """Launcher: see ``gradkit.kernels.reference.obs.obs_schur_extend_`` (writes ut[:, cnt:cnt+m, K-F:])."""
-    if ut.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"ut: expected a float32, bfloat16 or float16 tensor, got {ut.dtype}")
-    for name, t in (("xf", xf), ("up", up), ("linv", linv)):
-        if t.dtype != torch.float32:
-            raise TypeError(f"{name}: expected a torch.float32 tensor, got {t.dtype}")
+    """Launcher: see ``gradkit.kernels.reference.obs.obs_schur_extend_`` (writes ut[:, cnt:cnt+m, K-F:]). Arguments
+    checked by gradkit.ops.obs.check_obs_schur_extend_ (op wrapper, CUDA kernel), overlap of ut with itself
+    included."""
     n, cap, K = ut.shape
     _, m, F = xf.shape
-    if xf.shape[0] != n or F > K or cnt < 0 or cnt + m > cap or up.shape != (n, m, cnt) or linv.shape != (n, m, m):
-        raise ValueError(f"xf, up, linv, cnt: shapes {tuple(xf.shape)}, {tuple(up.shape)}, {tuple(linv.shape)}, "
-                         f"cnt={cnt} do not match ut {tuple(ut.shape)}")
-    _check_inplace(ut, "ut")  # the CUDA C++ op's check (csrc/obs_schur.h), where Triton is the CUDA kernel
     if m > MAX_FUSED_M or n > 65535:
         return _ref.obs_schur_extend_(ut, xf, up, linv, cnt)
     if n == 0 or m == 0 or F == 0:
@@ -339,15 +305,8 @@ def _sweep_kernel(w_ptr, e_ptr, u_ptr, p_ptr, n, m, start, stop, sw, se, su0, su
 @on_tensor_device
 def obs_sweep_(w: torch.Tensor, err: torch.Tensor, u: torch.Tensor, prune: torch.Tensor, start: int,
                stop: int) -> None:
-    """Launcher: see ``gradkit.kernels.reference.obs.obs_sweep_`` (the C++ op's checks: csrc/obs_sweep.h)."""
-    if w.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"w: expected a float32 or float64 tensor, got {w.dtype}")
-    for name, t in (("err", err), ("u", u)):
-        if t.dtype != w.dtype:
-            raise TypeError(f"{name}: expected {w.dtype} (w's dtype), got {t.dtype}")
-    if prune.dtype != torch.bool:
-        raise TypeError(f"prune: expected a bool tensor, got {prune.dtype}")
-    _ref.check_sweep(w, err, u, prune, start, stop)
+    """Launcher: see ``gradkit.kernels.reference.obs.obs_sweep_``. Arguments checked by
+    gradkit.ops.obs.check_obs_sweep_ (op wrapper, CUDA kernel; the C++ op's checks: csrc/obs_sweep.h)."""
     n, m = w.shape
     if start == stop or m == 0:
         return None
