@@ -115,14 +115,15 @@ def test_masked_adamw_op_good_input_unchanged():
 
 
 def _impls(first, name: str, family: str):
-    """[(label, fn)]: ``first``, then torch.ops.gradkit.<name> when built, then the Triton launcher."""
+    """[(label, fn)]: ``first``, then torch.ops.gradkit.<name> when built, then the Triton launcher as registered
+    for CUDA (the op's checks, then the launcher: gradkit.kernels.triton.cuda_kernel)."""
     out = [first]
     if _ext.has_op(name):
         out.append(("native", getattr(torch.ops.gradkit, name)))
     try:
-        import importlib
+        from gradkit.kernels.triton import cuda_kernel
 
-        out.append(("triton", getattr(importlib.import_module(f"gradkit.kernels.triton.{family}"), name)))
+        out.append(("triton", cuda_kernel(family, name)))
     except Exception:  # pragma: no cover - no triton
         pass
     return out
