@@ -4,12 +4,19 @@ the order rotating (harness.time_interleaved). The two differ in bits (TDPBF16PS
 each pair is checked against float64 instead: both must be within 1e-5 of it, relative to the largest entry.
 
     python benchmarks/amx_ab.py [--rounds 15] [--bergson] [--p 16]
+    python benchmarks/amx_ab.py --prefetch [--rounds 21] [--p 64] [--widths 768,1000,1024,2048,4096]
 
 Prints, per shape, both medians and the per-round ratio AMX / FMA (p20, p50, p80: below 1 is faster). With
 --bergson, also bergson 2.5.1's hooks on a bfloat16 1000 x 1000 Linear (bf16 matmuls, bf16 out) against gradkit's
 whole ``factored_project`` call, both paths. 2 threads. On a CPU without AMX-BF16 both columns time the same
 kernel (the script says so). --p: the projection size (16, 32 or 64: the sizes the AMX path takes; at 32 the
 tiles hold the signs and the sums are scaled by 1/sqrt(32) once).
+
+--prefetch: instead, the AMX path with and without its prefetch of the next tile's rows
+(``GRADKIT_AMX_PREFETCH=1`` against ``=0``; the default picks one per side by width and p, see amx_prefetch in
+csrc/cpu/projection.cpp), bfloat16 width x width layers, 8192 tokens in examples of 128 (fewer examples at 2048
+and above: 16 x 128 at 4096), printing the per-round ratio on / off (below 1: the prefetch is faster) and which
+one the default takes.
 """
 import argparse
 import os
@@ -24,6 +31,32 @@ import bench_collector as bc  # noqa: E402
 from gradkit.projection import factored_project  # noqa: E402
 
 AMX = "GRADKIT_FACTORED_AMX"  # the switch this script times
+PF = "GRADKIT_AMX_PREFETCH"  # --prefetch's switch
+
+
+def prefetch_ab(p: int, widths, rounds: int) -> None:
+    from gradkit.projection import projection_matrix
+
+    gen = torch.Generator().manual_seed(5)
+    for width in widths:
+        nb = max(1, min(64, 64 * 1024 // width))
+        lt = projection_matrix(p, width, seed=1).T.contiguous()
+        rt = projection_matrix(p, width, seed=2).T.contiguous()
+        a = torch.randn(nb * 128, width, generator=gen).bfloat16()
+        g = torch.randn(nb * 128, width, generator=gen).bfloat16()
+
+        def op():
+            return torch.ops.gradkit.factored_project(a, g, lt, rt, None, None, 128)
+
+        on, off = with_env(PF, "1", op)(), with_env(PF, "0", op)()
+        assert torch.equal(on, off), width  # a prefetch changes no result
+        res = time_interleaved({"off": with_env(PF, "0", op), "on": with_env(PF, "1", op)}, rounds=rounds, calls=10,
+                               baseline="off")
+        st = res["on"]
+        rule = width < 2048 and (p == 64 or width * 2 % 64 != 0)  # amx_prefetch's rule
+        print(f"bfloat16 {width}x{width}, {nb}x128 tokens, p={p}: off {res['off']['p50'] * 1e3:.2f} ms, on "
+              f"{st['p50'] * 1e3:.2f} ms, on / off per round {st['ratio_p20']:.3f} {st['ratio_p50']:.3f} "
+              f"{st['ratio_p80']:.3f}; default: {'on' if rule else 'off'}", flush=True)
 
 
 def main():
@@ -31,11 +64,16 @@ def main():
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--bergson", action="store_true")
     ap.add_argument("--p", type=int, default=16, choices=(16, 32, 64))
+    ap.add_argument("--prefetch", action="store_true")
+    ap.add_argument("--widths", default="768,1000,1024,2048,4096")
     args = ap.parse_args()
     p = args.p
     torch.set_num_threads(2)
     if not bc.has_amx():
         print("this CPU has no AMX-BF16: both columns run the same kernel")
+    if args.prefetch:
+        prefetch_ab(p, [int(w) for w in args.widths.split(",")], args.rounds)
+        return
     for width, nb, T, a, g, lt, rt, op in bc.ab_layers(torch.bfloat16, torch.Generator().manual_seed(5), p):
         fns = {"fma": with_env(AMX, "0", op), "amx": with_env(AMX, "1", op)}
         exact = torch.einsum("btp,btq->bpq", (g.double() @ lt.double()).view(nb, T, p),

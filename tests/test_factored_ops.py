@@ -609,3 +609,32 @@ def test_amx_suspect_rows_take_fma_bits():
     for b in range(4):
         assert torch.equal(bits(on[b]), bits(off[b])), b
     close(on[4], ref.factored_project(a[4 * T:], g[4 * T:], lt, rt, None, None, T)[0])
+
+
+@pytest.mark.parametrize("p", [16, 32, 64])
+def test_amx_prefetch_changes_no_bits(p):
+    """The AMX path's prefetch of the next tile's rows (csrc/cpu/projection.cpp amx_prefetch: on for rows under
+    4 KiB at p = 64 or with a stride not a multiple of 64 bytes; GRADKIT_AMX_PREFETCH=0 / 1 forces it) only moves
+    data into cache: off, on and the default give the same bits, on rows of 1000 (two cache lines per tile row) and
+    768 features, whole and masked tiles, and examples that end mid-tile (T = 37)."""
+    from gradkit.projection import projection_matrix
+
+    gen = torch.Generator().manual_seed(29)
+    B, T = 6, 37
+    for I, O in ((1000, 768), (768, 1000)):
+        a = torch.randn(B * T, I, generator=gen).bfloat16()
+        g = torch.randn(B * T, O, generator=gen).bfloat16()
+        lt = projection_matrix(p, O, seed=6).T.contiguous()
+        rt = projection_matrix(p, I, seed=7).T.contiguous()
+        m = torch.rand(B * T, generator=gen) > 0.2
+        for mask in (None, m):
+            outs = []
+            with pytest.MonkeyPatch.context() as mp:
+                for v in ("0", "1", None):
+                    if v is None:
+                        mp.delenv("GRADKIT_AMX_PREFETCH", raising=False)
+                    else:
+                        mp.setenv("GRADKIT_AMX_PREFETCH", v)
+                    outs.append(bits(ops.factored_project(a, g, lt, rt, None, mask, T)))
+            assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), (I, O, mask is None)
+            close(outs[0].view(torch.float32), ref.factored_project(a, g, lt, rt, None, mask, T))

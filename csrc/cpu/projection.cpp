@@ -582,6 +582,7 @@ struct FArgs {
   // (or null: not taken)
   const uint16_t* rw_amx = nullptr;
   float lsa = 0.0f, rsa = 0.0f;  // the AMX sides' scales s
+  bool lpf_amx = false, rpf_amx = false;  // the AMX sides that prefetch the next tile's rows (see amx_prefetch)
 };
 
 // Y[r][0..p) = X[r] . W (K x p, row-major), r < mr; rows X[r] given by pointers; sums over k ascending.
@@ -1174,6 +1175,8 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_end() { _tile_release(); }
 // sum) is below 2^-126, an output sums fewer than 2^30 of them and is then scaled by s <= 1: less than 2^-96, against
 // half an ulp of 2^-60 or more. Also writes the rows: Y[r][0..p) = s y[r][0..p) for r < mr (y: 16 rows of p sums, p a
 // multiple of 16).
+// skinny_amx's pf / pf_bytes: a region read next (the next tile's rows), prefetched into L2 a slice per step of 32
+// features on the direct path (none: pf_bytes = 0; amx_prefetch decides).
 __attribute__((target("avx512f"))) uint32_t amx_scale_rows(const float* y, int mr, int64_t p, float s, float* Y) {
   uint32_t bad = 0;
   const __m512i absm = _mm512_set1_epi32(0x7FFFFFFF);
@@ -1214,7 +1217,8 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void amx_dp(const uint16_t* 
 
 template <bool kLeft, int kQ>
 __attribute__((target("amx-tile,amx-bf16"))) uint32_t skinny_amx(const c10::BFloat16* const* X, int mr, int64_t K,
-                                                                 const uint16_t* Wp, float s, float* Y) {
+                                                                 const uint16_t* Wp, float s, float* Y,
+                                                                 const char* pf, int64_t pf_bytes) {
   constexpr int64_t p = 16 * kQ;
   const int64_t kmain = K / 32 * 32, kpad = (K + 31) / 32 * 32, tail = K - kmain;
   bool direct = mr == 16;
@@ -1239,8 +1243,10 @@ __attribute__((target("amx-tile,amx-bf16"))) uint32_t skinny_amx(const c10::BFlo
   }
   if (direct && ld > 0) {
     const auto* x0 = reinterpret_cast<const uint16_t*>(X[0]);
+    PrefetchStream pfs(pf, pf_bytes, K / 2);  // a slice per step of 32 features
     for (int64_t k = 0; k < kmain; k += 32) {
       _tile_loadd(1, x0 + k, ld * 2);
+      pfs.step();
       amx_dp<kQ>(Wp, k, kpad);
     }
     // tile numbers are literals in the instructions (the macros paste them)
@@ -1348,19 +1354,19 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
         // AMX sides; the rows amx_scale_rows names again through the FMA kernel, one at a time (the same bits
         // as in any tile)
         const auto amx_side = [&](const E* const* x, int64_t K, const uint16_t* wp, float sa, const float* w,
-                                  float* Y, auto left) {
+                                  float* Y, const char* lo, int64_t len, auto left) {
           constexpr bool kL = decltype(left)::value;
-          uint32_t bad = p == 16   ? skinny_amx<kL, 1>(x, mr, K, wp, sa, Y)
-                         : p == 32 ? skinny_amx<kL, 2>(x, mr, K, wp, sa, Y)
-                                   : skinny_amx<kL, 4>(x, mr, K, wp, sa, Y);
+          uint32_t bad = p == 16   ? skinny_amx<kL, 1>(x, mr, K, wp, sa, Y, lo, len)
+                         : p == 32 ? skinny_amx<kL, 2>(x, mr, K, wp, sa, Y, lo, len)
+                                   : skinny_amx<kL, 4>(x, mr, K, wp, sa, Y, lo, len);
           for (; bad; bad &= bad - 1) {
             const int r = __builtin_ctz(bad);
             table[0](x + r, K, w, p, Y + r * p, nullptr, 0);
           }
         };
-        if (A.lw_amx) amx_side(rg, A.O, A.lw_amx, A.lsa, A.lt, U.data(), std::true_type{});
+        if (A.lw_amx) amx_side(rg, A.O, A.lw_amx, A.lsa, A.lt, U.data(), g_lo, A.lpf_amx ? g_len : 0, std::true_type{});
         else side(rg, A.O, A.lt, A.ls, U.data(), g_lo, g_len);
-        if (A.rw_amx) amx_side(ra, A.I, A.rw_amx, A.rsa, A.rt, V.data(), std::false_type{});
+        if (A.rw_amx) amx_side(ra, A.I, A.rw_amx, A.rsa, A.rt, V.data(), a_lo, A.rpf_amx ? a_len : 0, std::false_type{});
         else side(ra, A.I, A.rt, A.rs, V.data(), a_lo, a_len);
       } else {
         side(rg, A.O, A.lt, A.ls, U.data(), g_lo, g_len);
@@ -1432,6 +1438,24 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
 #endif
 }
 
+#ifdef GK_PROJ_X86
+// Whether an AMX side prefetches the next tile's rows into L2 while it multiplies the current ones (skinny_amx's
+// pf): for rows under 4 KiB (K < 2048) at p = 64, or whose stride is not a multiple of 64 bytes (then each tile row
+// is two cache lines). Session 29, Intel Xeon (Emerald Rapids): benchmarks/amx_ab.py --prefetch (one process, on /
+// off alternated, medians of the per-round ratios; bfloat16, 8192 tokens); the host drifts between runs, so two
+// to three runs per size: p = 64: 768 0.94-0.95x, 1000 0.83-0.84x, 1024 0.95-0.96x, 2048 0.94-1.00x, 4096
+// 0.98-1.02x; 1000 (misaligned rows) at p = 16 0.77-1.03x, p = 32 0.84-1.02x; aligned rows at p = 16 / 32 (768,
+// 1024, 1536): 1.02-1.09x in 8 of 10 runs (one step of 32 features is one or two TDPBF16PS, and the prefetches
+// crowd its tile loads); 4096 at p = 16 / 32: 1.05-1.10x (rows of 8 KiB: the hardware prefetchers keep up on
+// their own). GRADKIT_AMX_PREFETCH=0 / 1 overrides the rule.
+bool amx_prefetch(int64_t K, int64_t ld, int64_t p) {
+  const char* env = std::getenv("GRADKIT_AMX_PREFETCH");
+  if (env && std::strcmp(env, "0") == 0) return false;
+  if (env && std::strcmp(env, "1") == 0) return true;
+  return K < 2048 && (p == 64 || ld * 2 % 64 != 0);
+}
+#endif
+
 at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, const at::Tensor& lt_in,
                                 const at::Tensor& rt_in, const std::optional<at::Tensor>& rb_in,
                                 const std::optional<at::Tensor>& mask_in, int64_t T) {
@@ -1475,6 +1499,8 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
     rw_amx = amx_pack(A.rt, A.I, p);
     A.rw_amx = rw_amx.data();
   }
+  A.lpf_amx = A.lw_amx && amx_prefetch(A.O, A.ldg, p);
+  A.rpf_amx = A.rw_amx && amx_prefetch(A.I, A.lda, p);
 #endif
   if (sign_on) {  // the sides AMX does not take
     A.ls = A.lw_amx ? 0.0f : ls;
