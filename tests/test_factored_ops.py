@@ -638,3 +638,28 @@ def test_amx_prefetch_changes_no_bits(p):
                     outs.append(bits(ops.factored_project(a, g, lt, rt, None, mask, T)))
             assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), (I, O, mask is None)
             close(outs[0].view(torch.float32), ref.factored_project(a, g, lt, rt, None, mask, T))
+
+
+def test_large_output_reused_buffer_fully_written():
+    """Outputs of 4 MiB or more come from a cache of freed buffers (csrc/cpu/out_pool.h, on huge pages): a call
+    that reuses the buffer of an earlier, nonzero result must still write every entry, examples whose tokens are
+    all masked out included (+0.0, the reference's value), and must not hand out a buffer still in use."""
+    gen = torch.Generator().manual_seed(41)
+    B, I, O, p = 4096, 24, 20, 16  # 4096 one-token examples: 4096 x 16 x 16 float32 = 4 MiB
+    a = torch.randn(B, I, generator=gen)
+    g = torch.randn(B, O, generator=gen)
+    lt = torch.randn(O, p, generator=gen)
+    rt = torch.randn(I, p, generator=gen)
+    first = ops.factored_project(a, g, lt, rt, None, None, 1)
+    assert bool((first != 0).all())
+    kept = first.clone()
+    held = ops.factored_project(a, g, lt, rt, None, None, 1)  # `first` is alive: a different buffer
+    assert held.data_ptr() != first.data_ptr() and torch.equal(first, kept)
+    ptrs = (first.data_ptr(), held.data_ptr())
+    del first, held
+    m = torch.rand(B, generator=gen) < 0.5
+    out = ops.factored_project(a, g, lt, rt, None, m, 1)
+    want = ref.factored_project(a, g, lt, rt, None, m, 1)
+    assert bool((out[~m] == 0).all()) and not bool(torch.signbit(out[~m]).any())
+    close(out, want)
+    assert out.data_ptr() in ptrs  # a freed buffer was reused: the values above were written over a result

@@ -47,6 +47,7 @@
 #include <vector>
 
 #include "../factored_checks.h"
+#include "out_pool.h"
 #include "simd_level.h"
 #include "gauss_x4.h"
 
@@ -1461,7 +1462,8 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
                                 const std::optional<at::Tensor>& mask_in, int64_t T) {
   check_factored(a_in, g_in, lt_in, rt_in, rb_in, mask_in, T);
   const int64_t N = a_in.size(0), p = lt_in.size(1), B = N / T;
-  at::Tensor out = at::empty({B, p, p}, a_in.options().dtype(at::kFloat));
+  // large outputs (one-token examples, large p) from out_pool.h, on huge pages, reused once freed
+  at::Tensor out = pooled_empty({B, p, p}, a_in.options().dtype(at::kFloat), /*huge=*/true);
   if (B == 0) return out;
   const FactoredInputs in = prepare_factored(a_in, g_in, lt_in, rt_in, rb_in, mask_in);
   FArgs A{in.a.data_ptr(), in.g.data_ptr(), in.lt.data_ptr<float>(), in.rt.data_ptr<float>(),
