@@ -3,14 +3,16 @@ activations and gradients: ``GRADKIT_FACTORED_AMX=1`` against the FMA kernel (``
 the order rotating (harness.time_interleaved). The two differ in bits (TDPBF16PS rounds its sums its own way), so
 each pair is checked against float64 instead: both must be within 1e-5 of it, relative to the largest entry.
 
-    python benchmarks/amx_ab.py [--rounds 15] [--bergson] [--p 16]
+    python benchmarks/amx_ab.py [--rounds 15] [--bergson] [--p 16] [--dtype bfloat16]
     python benchmarks/amx_ab.py --prefetch [--rounds 21] [--p 64] [--widths 768,1000,1024,2048,4096]
 
 Prints, per shape, both medians and the per-round ratio AMX / FMA (p20, p50, p80: below 1 is faster). With
 --bergson, also bergson 2.5.1's hooks on a bfloat16 1000 x 1000 Linear (bf16 matmuls, bf16 out) against gradkit's
 whole ``factored_project`` call, both paths. 2 threads. On a CPU without AMX-BF16 both columns time the same
 kernel (the script says so). --p: the projection size (16, 32 or 64: the sizes the AMX path takes; at 32 the
-tiles hold the signs and the sums are scaled by 1/sqrt(32) once).
+tiles hold the signs and the sums are scaled by 1/sqrt(32) once). --dtype float32: the float32 AMX path (p = 32,
+64 from session 29: each value split into three bfloat16 parts), against the FMA kernel and bergson's float32
+hooks.
 
 --prefetch: instead, the AMX path with and without its prefetch of the next tile's rows
 (``GRADKIT_AMX_PREFETCH=1`` against ``=0``; the default picks one per side by width and p, see amx_prefetch in
@@ -65,6 +67,7 @@ def main():
     ap.add_argument("--bergson", action="store_true")
     ap.add_argument("--p", type=int, default=16, choices=(16, 32, 64))
     ap.add_argument("--prefetch", action="store_true")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--widths", default="768,1000,1024,2048,4096")
     args = ap.parse_args()
     p = args.p
@@ -74,7 +77,10 @@ def main():
     if args.prefetch:
         prefetch_ab(p, [int(w) for w in args.widths.split(",")], args.rounds)
         return
-    for width, nb, T, a, g, lt, rt, op in bc.ab_layers(torch.bfloat16, torch.Generator().manual_seed(5), p):
+    dt = getattr(torch, args.dtype)
+    if dt == torch.float32 and p == 16:
+        print("float32 at p = 16 stays on the FMA kernel: both columns run the same kernel")
+    for width, nb, T, a, g, lt, rt, op in bc.ab_layers(dt, torch.Generator().manual_seed(5), p):
         fns = {"fma": with_env(AMX, "0", op), "amx": with_env(AMX, "1", op)}
         exact = torch.einsum("btp,btq->bpq", (g.double() @ lt.double()).view(nb, T, p),
                              (a.double() @ rt.double()).view(nb, T, p))
@@ -83,7 +89,7 @@ def main():
             assert rel < 1e-5, (k, rel)  # float32 sums of up to 4096 products (the FMA kernel: 2e-6 at p = 32)
         res = time_interleaved(fns, rounds=args.rounds, calls=10, baseline="fma")
         st = res["amx"]
-        print(f"bfloat16 {width}x{width}, {nb}x{T} tokens, p={p}: FMA {res['fma']['p50'] * 1e3:.2f} ms, "
+        print(f"{args.dtype} {width}x{width}, {nb}x{T} tokens, p={p}: FMA {res['fma']['p50'] * 1e3:.2f} ms, "
               f"AMX {st['p50'] * 1e3:.2f} ms, AMX / FMA per round "
               f"{st['ratio_p20']:.3f} {st['ratio_p50']:.3f} {st['ratio_p80']:.3f}", flush=True)
     if args.bergson:
@@ -91,7 +97,7 @@ def main():
             return factored_project(a, g, p, seed=0, name="lin")
 
         bc.bergson_hooks_ab({"amx": with_env(AMX, "1", gk), "fma": with_env(AMX, "0", gk)}, args.rounds,
-                            dtype=torch.bfloat16, p=p)
+                            dtype=dt, p=p)
 
 if __name__ == "__main__":
     main()

@@ -663,3 +663,119 @@ def test_large_output_reused_buffer_fully_written():
     assert bool((out[~m] == 0).all()) and not bool(torch.signbit(out[~m]).any())
     close(out, want)
     assert out.data_ptr() in ptrs  # a freed buffer was reused: the values above were written over a result
+
+
+@settings(max_examples=30)
+@given(B=st.integers(0, 4), T=st.integers(1, 40), I=st.integers(1, 300), O=st.integers(1, 70),
+       p=st.sampled_from([32, 64]), seed=st.integers(0, 2**20), rb=st.booleans(), mask=st.booleans(),
+       left_gauss=st.booleans())
+def test_amx_float32_matches_reference(B, T, I, O, p, seed, rb, mask, left_gauss):
+    """The float32 AMX path (p = 32, 64 on AMX CPUs, from session 29; csrc/cpu/projection.cpp skinny_amx_f32): each
+    value split into three bfloat16 parts, every part through TDPBF16PS. Its own bits, within float32 summation
+    error of the reference whatever the tails (features rounded up to 32, the last tile short), masks, bias
+    column and a Gaussian side (which stays on the FMA kernel); the default is =1, bit for bit; without AMX the
+    setting changes nothing."""
+    from gradkit.projection import projection_matrix
+
+    a, g, lt, rt, rbt, m = rademacher_args(B, T, I, O, p, seed, torch.float32, rb, mask)
+    if left_gauss:
+        lt = projection_matrix(p, O, seed=4, kind="gaussian").T.contiguous()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADKIT_FACTORED_AMX", "0")
+        off = ops.factored_project(a, g, lt, rt, rbt, m, T)
+        mp.setenv("GRADKIT_FACTORED_AMX", "1")
+        on = ops.factored_project(a, g, lt, rt, rbt, m, T)
+        mp.delenv("GRADKIT_FACTORED_AMX")
+        default = ops.factored_project(a, g, lt, rt, rbt, m, T)
+    close(on, ref.factored_project(a, g, lt, rt, rbt, m, T))
+    assert torch.equal(bits(default), bits(on))
+    if not _has_amx():
+        assert torch.equal(bits(on), bits(off))
+
+
+@pytest.mark.parametrize("p", [32, 64])
+def test_amx_float32_keeps_every_bit(p):
+    """The three-part split loses nothing: with one nonzero feature per token (values 1 + j 2^-23, j random, in
+    binades 2^-20 .. 2^20, so hi, mid and lo are all nonzero) and one-hot g, every sum is a single term, and the
+    AMX path must give the FMA kernel's bits exactly (both round x s once, then share the outer products); the
+    same values with their lowest 8 significand bits cleared (a lost lo part) give other bits. Then 8 x 64 tokens
+    x 1000 features of values in every binade of 2^-60 .. 2^60: within 1e-6 of float64 relative to the largest
+    entry (the FMA kernel's bound), bits unlike the FMA kernel's on an AMX CPU (the path is taken), and the
+    reference's inf / NaN positions."""
+    from gradkit.projection import projection_matrix
+
+    gen = torch.Generator().manual_seed(17)
+    B, T, I, O = 6, 16, 40, 24
+    j = torch.randint(1, 2**23, (B * T, I), generator=gen).double()
+    a = ((1 + j * 2.0 ** -23) * torch.exp2(torch.randint(-20, 21, (B * T, I), generator=gen).double())).float()
+    a = a * (torch.arange(I)[None, :] == (torch.arange(B * T)[:, None] % I))  # one feature per token
+    g = torch.zeros(B * T, O)
+    g[torch.arange(B * T), torch.arange(B * T) % O] = 1.0
+    lt = projection_matrix(p, O, seed=1).T.contiguous()
+    rt = projection_matrix(p, I, seed=2).T.contiguous()
+    cut = (a.view(torch.int32) & ~0xFF).view(torch.float32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADKIT_FACTORED_AMX", "0")
+        off = ops.factored_project(a, g, lt, rt, None, None, T)
+        off_cut = ops.factored_project(cut, g, lt, rt, None, None, T)
+        mp.setenv("GRADKIT_FACTORED_AMX", "1")
+        on = ops.factored_project(a, g, lt, rt, None, None, T)
+    assert torch.equal(bits(on), bits(off))
+    assert not torch.equal(bits(off_cut), bits(off))
+
+    B, T, I, O = 8, 64, 1000, 520
+    a = torch.randn(B * T, I, generator=gen) * torch.exp2(torch.randint(-60, 61, (B * T, I), generator=gen).float())
+    g = torch.randn(B * T, O, generator=gen)
+    lt = projection_matrix(p, O, seed=1).T.contiguous()
+    rt = projection_matrix(p, I, seed=2).T.contiguous()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADKIT_FACTORED_AMX", "0")
+        off = ops.factored_project(a, g, lt, rt, None, None, T)
+        mp.setenv("GRADKIT_FACTORED_AMX", "1")
+        on = ops.factored_project(a, g, lt, rt, None, None, T)
+        exact = torch.einsum("btp,btq->bpq", (g.double() @ lt.double()).view(B, T, p),
+                             (a.double() @ rt.double()).view(B, T, p))
+        rel = lambda r: float((r.double() - exact).abs().max() / exact.abs().max())  # noqa: E731
+        assert rel(off) < 1e-6 and rel(on) < 1e-6, (rel(off), rel(on))
+        assert torch.equal(bits(on), bits(off)) != _has_amx()
+        a[5, 7] = float("nan")
+        a[70, 999] = float("inf")
+        g[200, 3] = -float("inf")
+        on = ops.factored_project(a, g, lt, rt, None, None, T)
+    want = ref.factored_project(a, g, lt, rt, None, None, T)
+    assert torch.equal(torch.isnan(on), torch.isnan(want))
+    assert torch.equal(torch.isinf(on), torch.isinf(want))
+
+
+def test_amx_float32_suspect_rows_take_fma_bits():
+    """float32 rows the AMX path cannot stand for are recomputed with the FMA kernel, as on the bfloat16 path:
+    denormal rows (their parts are read as zero), tiny rows (2^-100: parts below 2^-126), rows of zeros and
+    denormals, and non-finite rows, among them a NaN whose payload lies in the low 16 bits (its hi part is an
+    inf): the GRADKIT_FACTORED_AMX=0 bits exactly, NaN payloads included; ordinary rows within float32 summation
+    error of the reference."""
+    from gradkit.projection import projection_matrix
+
+    gen = torch.Generator().manual_seed(12)
+    B, T, I, O, p = 6, 20, 300, 40, 32
+    a = torch.randn(B, T, I, generator=gen)
+    a[0] *= 2.0 ** -140  # float32 denormals
+    a[1] *= 2.0 ** -100
+    a[2] *= 2.0 ** -128
+    a[2, ::3] = 0.0
+    a[3, 2, 5], a[3, 2, 9], a[3, 7, 1] = float("inf"), -float("inf"), float("nan")
+    a[4, 3, 3] = torch.tensor(0x7F800001, dtype=torch.int32).view(torch.float32)  # NaN, payload in the low bits
+    a = a.reshape(B * T, I)
+    g = torch.zeros(B * T, O)
+    g[torch.arange(B * T), torch.arange(B * T) % O] = 1.0
+    lt = projection_matrix(p, O, seed=1).T.contiguous()
+    rt = projection_matrix(p, I, seed=2).T.contiguous()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADKIT_FACTORED_AMX", "0")
+        off = ops.factored_project(a, g, lt, rt, None, None, T)
+        mp.delenv("GRADKIT_FACTORED_AMX")
+        on = ops.factored_project(a, g, lt, rt, None, None, T)
+    assert bool((off[0] != 0).any()), "the denormal example's projection is zero: the test would not see a flush"
+    assert bool(torch.isnan(off[4]).any())
+    for b in range(5):
+        assert torch.equal(bits(on[b]), bits(off[b])), b
+    close(on[5], ref.factored_project(a[5 * T:], g[5 * T:], lt, rt, None, None, T)[0])

@@ -1115,21 +1115,26 @@ bool amx_ready() {  // the CPU has AMX-BF16 and the kernel grants this process t
 }
 
 // The signs of W (K x p float32, p = 16 q, every entry +-s) as TDPBF16PS's B operands: per block of 16 outputs j,
-// [kpad / 2][16][2] bfloat16 +-1 (at out + j kpad 16), zero past K.
-__attribute__((target("avx512f"))) std::vector<uint16_t> amx_pack(const float* W, int64_t K, int64_t p) {
+// [kpad / 2][16][2] bfloat16 +-1 (at out + j kpad 16), zero past K. Pair i of a block of 32 features kb holds
+// features kb + 2i, kb + 2i + 1 (split = false: the layout of bfloat16 rows read as they lie), or kb + i, kb + i + 16
+// (split = true: the float32 path's, whose parts are packed from two vectors of 16 features, see amx_split).
+__attribute__((target("avx512f"))) std::vector<uint16_t> amx_pack(const float* W, int64_t K, int64_t p,
+                                                                bool split = false) {
   const int64_t kpad = (K + 31) / 32 * 32;
   std::vector<uint16_t> out(static_cast<size_t>(kpad * p), 0);
-  // per call (the hooks' matrices change with the module), so kept cheap: features k, k + 1 of 16 outputs give 16
+  // per call (the hooks' matrices change with the module), so kept cheap: features k, k' of 16 outputs give 16
   // pairs (+-1.0 with W's signs) in one 64-byte store
   const __m512i sign_lo = _mm512_set1_epi32(0x8000), one_lo = _mm512_set1_epi32(0x3F80);
   const __m512i sign_hi = _mm512_set1_epi32(static_cast<int>(0x80000000u)), one_hi = _mm512_set1_epi32(0x3F800000);
-  for (int64_t k = 0; k < K; k += 2) {
+  for (int64_t i = 0; i < kpad / 2; ++i) {
+    const int64_t k = split ? i / 16 * 32 + i % 16 : 2 * i, k2 = split ? k + 16 : k + 1;
+    if (k >= K) continue;  // zeros
     for (int64_t j = 0; j < p / 16; ++j) {
       const __m512i u0 = _mm512_loadu_si512(W + k * p + j * 16);
-      const __m512i u1 = k + 1 < K ? _mm512_loadu_si512(W + (k + 1) * p + j * 16) : _mm512_setzero_si512();
+      const __m512i u1 = k2 < K ? _mm512_loadu_si512(W + k2 * p + j * 16) : _mm512_setzero_si512();
       const __m512i lo = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u0, 16), sign_lo), one_lo);
-      const __m512i hi = k + 1 < K ? _mm512_or_si512(_mm512_and_si512(u1, sign_hi), one_hi) : _mm512_setzero_si512();
-      _mm512_storeu_si512(out.data() + j * kpad * 16 + (k >> 1) * 32, _mm512_or_si512(lo, hi));
+      const __m512i hi = k2 < K ? _mm512_or_si512(_mm512_and_si512(u1, sign_hi), one_hi) : _mm512_setzero_si512();
+      _mm512_storeu_si512(out.data() + j * kpad * 16 + i * 32, _mm512_or_si512(lo, hi));
     }
   }
   return out;
@@ -1283,6 +1288,88 @@ __attribute__((target("amx-tile,amx-bf16"))) uint32_t skinny_amx(const c10::BFlo
   return amx_scale_rows(y, mr, p, s, Y);
 }
 
+// float32 rows on AMX (p = 32, 64; session 29): each x is split exactly into three bfloat16 parts, x = hi + mid +
+// lo (hi: x with its low 16 bits cleared; mid likewise of x - hi; lo the rest, at most 8 significant bits; both
+// subtractions exact), and the three part tiles go through TDPBF16PS against the same sign tiles, so the sums are
+// those of the float32 values (the products are exact; only TDPBF16PS's float32 accumulation rounds). The split
+// of 16 rows x 32 features goes to an L1 scratch (three buffers, written two steps ahead of their tile loads),
+// pair i of a step holding features k + i and k + i + 16 (amx_pack(split = true) matches it). Tiles: 0, 1 the
+// sums of a block of 32 outputs; 2, 3, 4 hi, mid, lo; 5, 6 the two blocks' signs. p = 64: two passes of 32
+// outputs, each splitting x again (keeping the whole split, 96 KiB at 1000 features, was not tried). The next
+// step's sign tiles are prefetched into L1 (the packed matrices, 64 / 128 KiB a side at 1000 features, live in
+// L2; session 29, 1000 x 1000: p = 32 2.6 against 2.7-2.8 ms, p = 64 4.9 against 5.3-5.5 ms); a prefetch of the
+// next tile's rows, as the bfloat16 path has, measured 0.98-1.05x here and is left out. Rows where
+// amx_scale_rows says an AMX result may not stand (a part below 2^-126 is read as zero, an inf splits into NaN)
+// are recomputed by the FMA kernel as on the bfloat16 path. The split (benchmarks/micro/amx_f32.cpp, session 28)
+// did not pay at p = 16, where the FMA kernel needs one FMA per value and side.
+__attribute__((target("avx512f"))) inline void amx_split(const float* const* X, int mr, int64_t k, int64_t K,
+                                                         uint32_t* buf) {
+  const __m512i keep = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const int64_t n0 = std::clamp<int64_t>(K - k, 0, 16), n1 = std::clamp<int64_t>(K - k - 16, 0, 16);
+  const __mmask16 m0 = static_cast<__mmask16>((1u << n0) - 1u), m1 = static_cast<__mmask16>((1u << n1) - 1u);
+  const bool full = n1 == 16;
+  for (int r = 0; r < mr; ++r) {
+    const float* x = X[r] + k;
+    const __m512i x0 = _mm512_castps_si512(full ? _mm512_loadu_ps(x) : _mm512_maskz_loadu_ps(m0, x));
+    const __m512i x1 = _mm512_castps_si512(full ? _mm512_loadu_ps(x + 16) : _mm512_maskz_loadu_ps(m1, x + 16));
+    const __m512i h0 = _mm512_and_si512(x0, keep), h1 = _mm512_and_si512(x1, keep);
+    const __m512i r0 = _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(x0), _mm512_castsi512_ps(h0)));
+    const __m512i r1 = _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(x1), _mm512_castsi512_ps(h1)));
+    const __m512i d0 = _mm512_and_si512(r0, keep), d1 = _mm512_and_si512(r1, keep);
+    const __m512i l0 = _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(r0), _mm512_castsi512_ps(d0)));
+    const __m512i l1 = _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(r1), _mm512_castsi512_ps(d1)));
+    // pair i = (feature k + i: the low half, k + i + 16: the high half): (v1 & keep) | (v0 >> 16)
+    _mm512_store_si512(buf + r * 16, _mm512_ternarylogic_epi32(x1, keep, _mm512_srli_epi32(x0, 16), 0xEA));
+    _mm512_store_si512(buf + 256 + r * 16, _mm512_ternarylogic_epi32(r1, keep, _mm512_srli_epi32(r0, 16), 0xEA));
+    _mm512_store_si512(buf + 512 + r * 16, _mm512_ternarylogic_epi32(l1, keep, _mm512_srli_epi32(l0, 16), 0xEA));
+  }
+}
+
+template <int kQ>
+__attribute__((target("amx-tile,amx-bf16,avx512f"))) uint32_t skinny_amx_f32(const float* const* X, int mr, int64_t K,
+                                                                             const uint16_t* Wp, float s, float* Y) {
+  constexpr int64_t p = 16 * kQ;
+  const int64_t kpad = (K + 31) / 32 * 32;
+  // three steps' hi, mid, lo (16 rows x 16 pairs each): a step's split is written two steps ahead of its tile
+  // loads, whose reads would otherwise wait on the stores just made (the TDPBF16PS of the step run meanwhile)
+  alignas(64) thread_local uint32_t buf[3][3 * 256];
+  if (mr < 16) {  // rows past mr: zeros (their sums are not read, but no stale NaN or denormal goes in)
+    for (auto& b : buf) std::fill(b, b + 3 * 256, 0u);
+  }
+  alignas(64) float y[16 * p];
+  for (int64_t c = 0; c < p; c += 32) {
+    const uint16_t* w0 = Wp + (c / 16) * kpad * 16;
+    const uint16_t* w1 = w0 + kpad * 16;
+    _tile_zero(0);
+    _tile_zero(1);
+    amx_split(X, mr, 0, K, buf[0]);
+    if (kpad > 32) amx_split(X, mr, 32, K, buf[1]);
+    int cur = 0;
+    for (int64_t k = 0; k < kpad; k += 32, cur = cur == 2 ? 0 : cur + 1) {
+      _tile_loadd(2, buf[cur], 64);
+      _tile_loadd(3, buf[cur] + 256, 64);
+      _tile_loadd(4, buf[cur] + 512, 64);
+      _tile_loadd(5, w0 + k * 16, 64);
+      _tile_loadd(6, w1 + k * 16, 64);
+      _tile_dpbf16ps(0, 2, 5);
+      _tile_dpbf16ps(1, 2, 6);
+      _tile_dpbf16ps(0, 3, 5);
+      _tile_dpbf16ps(1, 3, 6);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_dpbf16ps(1, 4, 6);
+      if (k + 64 < kpad) amx_split(X, mr, k + 64, K, buf[cur == 0 ? 2 : cur - 1]);
+      if (k + 32 < kpad)  // the next step's sign tiles into L1 (2 KiB; the matrices live in L2)
+        for (int b = 0; b < 1024; b += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(w0 + (k + 32) * 16) + b, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(w1 + (k + 32) * 16) + b, _MM_HINT_T0);
+        }
+    }
+    _tile_stored(0, y + c, p * 4);
+    _tile_stored(1, y + c + 16, p * 4);
+  }
+  return amx_scale_rows(y, mr, p, s, Y);
+}
+
 #endif
 
 // One work item: tokens [n0, n1), either whole examples n0 / T .. (n1 - 1) / T (short sequences: several
@@ -1351,15 +1438,19 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
           table[n - 1](x + h, K, w, p, Y + h * p, lo + len * q / np, len * (q + 1) / np - len * q / np);
         }
       };
-      if constexpr (std::is_same_v<E, c10::BFloat16>) {
+      if constexpr (std::is_same_v<E, c10::BFloat16> || std::is_same_v<E, float>) {
         // AMX sides; the rows amx_scale_rows names again through the FMA kernel, one at a time (the same bits
         // as in any tile)
         const auto amx_side = [&](const E* const* x, int64_t K, const uint16_t* wp, float sa, const float* w,
                                   float* Y, const char* lo, int64_t len, auto left) {
           constexpr bool kL = decltype(left)::value;
-          uint32_t bad = p == 16   ? skinny_amx<kL, 1>(x, mr, K, wp, sa, Y, lo, len)
-                         : p == 32 ? skinny_amx<kL, 2>(x, mr, K, wp, sa, Y, lo, len)
-                                   : skinny_amx<kL, 4>(x, mr, K, wp, sa, Y, lo, len);
+          uint32_t bad;
+          if constexpr (std::is_same_v<E, float>)  // p = 32 or 64 (amx_on)
+            bad = p == 32 ? skinny_amx_f32<2>(x, mr, K, wp, sa, Y) : skinny_amx_f32<4>(x, mr, K, wp, sa, Y);
+          else
+            bad = p == 16   ? skinny_amx<kL, 1>(x, mr, K, wp, sa, Y, lo, len)
+                  : p == 32 ? skinny_amx<kL, 2>(x, mr, K, wp, sa, Y, lo, len)
+                            : skinny_amx<kL, 4>(x, mr, K, wp, sa, Y, lo, len);
           for (; bad; bad &= bad - 1) {
             const int r = __builtin_ctz(bad);
             table[0](x + r, K, w, p, Y + r * p, nullptr, 0);
@@ -1482,8 +1573,9 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
   const char* amx_env = std::getenv("GRADKIT_FACTORED_AMX");
   bool amx_on = false;
 #ifdef GK_PROJ_X86
-  amx_on = !(amx_env && std::strcmp(amx_env, "0") == 0) && A.isa == 2 && (p == 16 || p == 32 || p == 64) &&
-           in.a.scalar_type() == at::kBFloat16 && amx_ready();
+  const bool f32_amx = in.a.scalar_type() == at::kFloat && (p == 32 || p == 64);  // skinny_amx_f32
+  amx_on = !(amx_env && std::strcmp(amx_env, "0") == 0) && A.isa == 2 &&
+           ((in.a.scalar_type() == at::kBFloat16 && (p == 16 || p == 32 || p == 64)) || f32_amx) && amx_ready();
 #endif
   const float ls = A.isa == 2 && sign_on ? sign_scale(A.lt, in.lt.numel()) : 0.0f;
   const float rs = A.isa == 2 && sign_on ? sign_scale(A.rt, in.rt.numel()) : 0.0f;
@@ -1494,15 +1586,15 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
     A.rsa = uniform_scale(A.rt, in.rt.numel());
   }
   if (A.lsa > 0.0f) {
-    lw_amx = amx_pack(A.lt, A.O, p);
+    lw_amx = amx_pack(A.lt, A.O, p, f32_amx);
     A.lw_amx = lw_amx.data();
   }
   if (A.rsa > 0.0f) {
-    rw_amx = amx_pack(A.rt, A.I, p);
+    rw_amx = amx_pack(A.rt, A.I, p, f32_amx);
     A.rw_amx = rw_amx.data();
   }
-  A.lpf_amx = A.lw_amx && amx_prefetch(A.O, A.ldg, p);
-  A.rpf_amx = A.rw_amx && amx_prefetch(A.I, A.lda, p);
+  A.lpf_amx = A.lw_amx && !f32_amx && amx_prefetch(A.O, A.ldg, p);  // bfloat16 rows only (skinny_amx)
+  A.rpf_amx = A.rw_amx && !f32_amx && amx_prefetch(A.I, A.lda, p);
 #endif
   if (sign_on) {  // the sides AMX does not take
     A.ls = A.lw_amx ? 0.0f : ls;
