@@ -513,17 +513,18 @@ def _has_amx():
 @settings(max_examples=40)
 @given(B=st.integers(0, 4), T=st.integers(1, 40), I=st.integers(1, 300), O=st.integers(1, 70),
        p=st.sampled_from([16, 32, 64]), seed=st.integers(0, 2**20), rb=st.booleans(), mask=st.booleans(),
-       left_gauss=st.booleans())
-def test_amx_matches_reference(B, T, I, O, p, seed, rb, mask, left_gauss):
+       left_gauss=st.booleans(), dtype=st.sampled_from([torch.bfloat16, torch.float32]))
+def test_amx_matches_reference(B, T, I, O, p, seed, rb, mask, left_gauss, dtype):
     """The AMX path (the default on AMX CPUs; GRADKIT_FACTORED_AMX=1 asks for it, =0 turns it off): bfloat16 a / g
-    at p = 16, 32, 64 run TDPBF16PS for each side whose matrix is +-s (the signs in the tiles, s applied to the
-    sums; a Gaussian side stays on the FMA kernel). Its own bits, so: the reference's values within float32
-    summation error, whatever the tails (16-token tiles, features rounded up to 32, p / 16 blocks of outputs),
-    masks and bias column. Elsewhere (no AMX) the setting changes nothing, bit for bit; unset, the result is that
-    of =1 (the default), bit for bit."""
+    at p = 16, 32, 64, and float32 ones at p = 32, 64 (each value split into three bfloat16 parts, skinny_amx_f32;
+    at p = 16 float32 stays on the FMA kernel) run TDPBF16PS for each side whose matrix is +-s (the signs in the
+    tiles, s applied to the sums; a Gaussian side stays on the FMA kernel). Its own bits, so: the reference's
+    values within float32 summation error, whatever the tails (16-token tiles, features rounded up to 32, p / 16
+    blocks of outputs), masks and bias column. Elsewhere (no AMX) the setting changes nothing, bit for bit; unset,
+    the result is that of =1 (the default), bit for bit."""
     from gradkit.projection import projection_matrix
 
-    a, g, lt, rt, rbt, m = rademacher_args(B, T, I, O, p, seed, torch.bfloat16, rb, mask)
+    a, g, lt, rt, rbt, m = rademacher_args(B, T, I, O, p, seed, dtype, rb, mask)
     if left_gauss:
         lt = projection_matrix(p, O, seed=4, kind="gaussian").T.contiguous()
     with pytest.MonkeyPatch.context() as mp:
@@ -539,19 +540,21 @@ def test_amx_matches_reference(B, T, I, O, p, seed, rb, mask, left_gauss):
         assert torch.equal(bits(on), bits(off))
 
 
-@pytest.mark.parametrize("p", [16, 32, 64])
-def test_amx_taken_and_exact_products(p):
+@pytest.mark.parametrize("dtype,p", [(torch.bfloat16, 16), (torch.bfloat16, 32), (torch.bfloat16, 64),
+                                     (torch.float32, 32), (torch.float32, 64)])
+def test_amx_taken_and_exact_products(dtype, p):
     """On an AMX CPU the path is taken (some sums round differently from the FMA chain: 8192 tokens x 1000
     features gave ~27% of entries an ulp apart) and stays as close to float64 as the FMA kernel (relative 1e-6);
-    bfloat16 values in every binade of +-2^-60 .. 2^60 (products exact, no denormals). Not on AMX: the same bits.
-    Non-finite entries: the same NaN / inf positions as the reference. p = 32: +-1/sqrt(32) is not a bfloat16
-    value; the tiles take the signs and the sums are scaled once."""
+    values in every binade of +-2^-60 .. 2^60 (bfloat16: products exact, no denormals; float32: split into three
+    bfloat16 parts). Not on AMX: the same bits. Non-finite entries: the same NaN / inf positions as the
+    reference. p = 32: +-1/sqrt(32) is not a bfloat16 value; the tiles take the signs and the sums are scaled
+    once."""
     from gradkit.projection import projection_matrix
 
     gen = torch.Generator().manual_seed(3)
     B, T, I, O = 8, 64, 1000, 520
-    a = (torch.randn(B * T, I, generator=gen) * torch.exp2(torch.randint(-60, 61, (B * T, I), generator=gen))).bfloat16()
-    g = torch.randn(B * T, O, generator=gen).bfloat16()
+    a = (torch.randn(B * T, I, generator=gen) * torch.exp2(torch.randint(-60, 61, (B * T, I), generator=gen))).to(dtype)
+    g = torch.randn(B * T, O, generator=gen).to(dtype)
     lt = projection_matrix(p, O, seed=1).T.contiguous()
     rt = projection_matrix(p, I, seed=2).T.contiguous()
     with pytest.MonkeyPatch.context() as mp:
@@ -576,30 +579,36 @@ def test_amx_taken_and_exact_products(p):
     assert torch.equal(torch.isinf(on), torch.isinf(want))
 
 
-def test_amx_suspect_rows_take_fma_bits():
+@pytest.mark.parametrize("dtype,p", [(torch.bfloat16, 16), (torch.float32, 32)])
+def test_amx_suspect_rows_take_fma_bits(dtype, p):
     """Rows the AMX path cannot stand for are recomputed with the FMA kernel (csrc/cpu/projection.cpp
     amx_scale_rows): a side's row whose projection is below 2^-60 everywhere (TDPBF16PS reads denormal bfloat16
-    inputs as zero and flushes denormal sums) or not finite. g is one-hot per token (its projection exact on every
-    path), so an example's output bits are those of its a rows' projections: examples of denormal, tiny (2^-80),
-    zero-and-denormal and non-finite rows must match GRADKIT_FACTORED_AMX=0 bit for bit (NaN payloads included); the example of
-    ordinary rows stays within float32 summation error of the reference. Without the recomputation the denormal
-    example's output would be all zeros on an AMX CPU, against nonzero values here."""
+    inputs, and float32 values' parts below 2^-126, as zero and flushes denormal sums) or not finite. g is one-hot
+    per token (its projection exact on every path), so an example's output bits are those of its a rows'
+    projections: examples of denormal, tiny (bfloat16 2^-80, float32 2^-100), zero-and-denormal and non-finite
+    rows (float32: also a NaN whose payload lies in the low 16 bits, so that its hi part is an inf) must match
+    GRADKIT_FACTORED_AMX=0 bit for bit (NaN payloads included); the example of ordinary rows stays within float32
+    summation error of the reference. Without the recomputation the denormal example's output would be all zeros
+    on an AMX CPU, against nonzero values here."""
     from gradkit.projection import projection_matrix
 
+    f32 = dtype == torch.float32
     gen = torch.Generator().manual_seed(11)
     B, T, I, O = 5, 20, 300, 40
     a = torch.randn(B, T, I, generator=gen)
-    a[0] *= 2.0 ** -133  # bfloat16 denormals
-    a[1] *= 2.0 ** -80
+    a[0] *= 2.0 ** (-140 if f32 else -133)  # denormals
+    a[1] *= 2.0 ** (-100 if f32 else -80)
     a[2] *= 2.0 ** -128
     a[2, ::3] = 0.0
     a[3, 2, 5], a[3, 2, 9], a[3, 7, 1], a[3, 11, 0] = float("inf"), -float("inf"), float("nan"), float("inf")
-    a = a.reshape(B * T, I).bfloat16()
+    if f32:
+        a[3, 12, 4] = torch.tensor(0x7F800001, dtype=torch.int32).view(torch.float32)  # NaN, payload in the low bits
+    a = a.reshape(B * T, I).to(dtype)
     g = torch.zeros(B * T, O)
     g[torch.arange(B * T), torch.arange(B * T) % O] = 1.0
-    g = g.bfloat16()
-    lt = projection_matrix(16, O, seed=1).T.contiguous()
-    rt = projection_matrix(16, I, seed=2).T.contiguous()
+    g = g.to(dtype)
+    lt = projection_matrix(p, O, seed=1).T.contiguous()
+    rt = projection_matrix(p, I, seed=2).T.contiguous()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GRADKIT_FACTORED_AMX", "0")
         off = ops.factored_project(a, g, lt, rt, None, None, T)
@@ -665,43 +674,13 @@ def test_large_output_reused_buffer_fully_written():
     assert out.data_ptr() in ptrs  # a freed buffer was reused: the values above were written over a result
 
 
-@settings(max_examples=30)
-@given(B=st.integers(0, 4), T=st.integers(1, 40), I=st.integers(1, 300), O=st.integers(1, 70),
-       p=st.sampled_from([32, 64]), seed=st.integers(0, 2**20), rb=st.booleans(), mask=st.booleans(),
-       left_gauss=st.booleans())
-def test_amx_float32_matches_reference(B, T, I, O, p, seed, rb, mask, left_gauss):
-    """The float32 AMX path (p = 32, 64 on AMX CPUs, from session 29; csrc/cpu/projection.cpp skinny_amx_f32): each
-    value split into three bfloat16 parts, every part through TDPBF16PS. Its own bits, within float32 summation
-    error of the reference whatever the tails (features rounded up to 32, the last tile short), masks, bias
-    column and a Gaussian side (which stays on the FMA kernel); the default is =1, bit for bit; without AMX the
-    setting changes nothing."""
-    from gradkit.projection import projection_matrix
-
-    a, g, lt, rt, rbt, m = rademacher_args(B, T, I, O, p, seed, torch.float32, rb, mask)
-    if left_gauss:
-        lt = projection_matrix(p, O, seed=4, kind="gaussian").T.contiguous()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRADKIT_FACTORED_AMX", "0")
-        off = ops.factored_project(a, g, lt, rt, rbt, m, T)
-        mp.setenv("GRADKIT_FACTORED_AMX", "1")
-        on = ops.factored_project(a, g, lt, rt, rbt, m, T)
-        mp.delenv("GRADKIT_FACTORED_AMX")
-        default = ops.factored_project(a, g, lt, rt, rbt, m, T)
-    close(on, ref.factored_project(a, g, lt, rt, rbt, m, T))
-    assert torch.equal(bits(default), bits(on))
-    if not _has_amx():
-        assert torch.equal(bits(on), bits(off))
-
-
 @pytest.mark.parametrize("p", [32, 64])
 def test_amx_float32_keeps_every_bit(p):
     """The three-part split loses nothing: with one nonzero feature per token (values 1 + j 2^-23, j random, in
     binades 2^-20 .. 2^20, so hi, mid and lo are all nonzero) and one-hot g, every sum is a single term, and the
     AMX path must give the FMA kernel's bits exactly (both round x s once, then share the outer products); the
-    same values with their lowest 8 significand bits cleared (a lost lo part) give other bits. Then 8 x 64 tokens
-    x 1000 features of values in every binade of 2^-60 .. 2^60: within 1e-6 of float64 relative to the largest
-    entry (the FMA kernel's bound), bits unlike the FMA kernel's on an AMX CPU (the path is taken), and the
-    reference's inf / NaN positions."""
+    same values with their lowest 8 significand bits cleared (a lost lo part) give other bits. Without AMX both
+    are the FMA kernel."""
     from gradkit.projection import projection_matrix
 
     gen = torch.Generator().manual_seed(17)
@@ -722,60 +701,3 @@ def test_amx_float32_keeps_every_bit(p):
         on = ops.factored_project(a, g, lt, rt, None, None, T)
     assert torch.equal(bits(on), bits(off))
     assert not torch.equal(bits(off_cut), bits(off))
-
-    B, T, I, O = 8, 64, 1000, 520
-    a = torch.randn(B * T, I, generator=gen) * torch.exp2(torch.randint(-60, 61, (B * T, I), generator=gen).float())
-    g = torch.randn(B * T, O, generator=gen)
-    lt = projection_matrix(p, O, seed=1).T.contiguous()
-    rt = projection_matrix(p, I, seed=2).T.contiguous()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRADKIT_FACTORED_AMX", "0")
-        off = ops.factored_project(a, g, lt, rt, None, None, T)
-        mp.setenv("GRADKIT_FACTORED_AMX", "1")
-        on = ops.factored_project(a, g, lt, rt, None, None, T)
-        exact = torch.einsum("btp,btq->bpq", (g.double() @ lt.double()).view(B, T, p),
-                             (a.double() @ rt.double()).view(B, T, p))
-        rel = lambda r: float((r.double() - exact).abs().max() / exact.abs().max())  # noqa: E731
-        assert rel(off) < 1e-6 and rel(on) < 1e-6, (rel(off), rel(on))
-        assert torch.equal(bits(on), bits(off)) != _has_amx()
-        a[5, 7] = float("nan")
-        a[70, 999] = float("inf")
-        g[200, 3] = -float("inf")
-        on = ops.factored_project(a, g, lt, rt, None, None, T)
-    want = ref.factored_project(a, g, lt, rt, None, None, T)
-    assert torch.equal(torch.isnan(on), torch.isnan(want))
-    assert torch.equal(torch.isinf(on), torch.isinf(want))
-
-
-def test_amx_float32_suspect_rows_take_fma_bits():
-    """float32 rows the AMX path cannot stand for are recomputed with the FMA kernel, as on the bfloat16 path:
-    denormal rows (their parts are read as zero), tiny rows (2^-100: parts below 2^-126), rows of zeros and
-    denormals, and non-finite rows, among them a NaN whose payload lies in the low 16 bits (its hi part is an
-    inf): the GRADKIT_FACTORED_AMX=0 bits exactly, NaN payloads included; ordinary rows within float32 summation
-    error of the reference."""
-    from gradkit.projection import projection_matrix
-
-    gen = torch.Generator().manual_seed(12)
-    B, T, I, O, p = 6, 20, 300, 40, 32
-    a = torch.randn(B, T, I, generator=gen)
-    a[0] *= 2.0 ** -140  # float32 denormals
-    a[1] *= 2.0 ** -100
-    a[2] *= 2.0 ** -128
-    a[2, ::3] = 0.0
-    a[3, 2, 5], a[3, 2, 9], a[3, 7, 1] = float("inf"), -float("inf"), float("nan")
-    a[4, 3, 3] = torch.tensor(0x7F800001, dtype=torch.int32).view(torch.float32)  # NaN, payload in the low bits
-    a = a.reshape(B * T, I)
-    g = torch.zeros(B * T, O)
-    g[torch.arange(B * T), torch.arange(B * T) % O] = 1.0
-    lt = projection_matrix(p, O, seed=1).T.contiguous()
-    rt = projection_matrix(p, I, seed=2).T.contiguous()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRADKIT_FACTORED_AMX", "0")
-        off = ops.factored_project(a, g, lt, rt, None, None, T)
-        mp.delenv("GRADKIT_FACTORED_AMX")
-        on = ops.factored_project(a, g, lt, rt, None, None, T)
-    assert bool((off[0] != 0).any()), "the denormal example's projection is zero: the test would not see a flush"
-    assert bool(torch.isnan(off[4]).any())
-    for b in range(5):
-        assert torch.equal(bits(on[b]), bits(off[b])), b
-    close(on[5], ref.factored_project(a[5 * T:], g[5 * T:], lt, rt, None, None, T)[0])
