@@ -11,6 +11,7 @@
 
 #include <cstdlib>
 #include <sys/mman.h>
+#include <iterator>
 #include <map>
 #include <mutex>
 
@@ -43,8 +44,11 @@ inline at::Tensor pooled_empty(c10::IntArrayRef sizes, const at::TensorOptions& 
   void* p = nullptr;
   {
     std::lock_guard<std::mutex> g(P.mu);
-    auto it = P.free_blocks.find(bytes);
-    if (it != P.free_blocks.end()) {
+    // the most recently freed block of this size (its pages are the likeliest to be in cache and the TLB; and a
+    // call that follows a free gets that buffer, whatever other blocks of the size the cache holds)
+    const auto range = P.free_blocks.equal_range(bytes);
+    if (range.first != range.second) {
+      const auto it = std::prev(range.second);
       p = it->second;
       P.free_blocks.erase(it);
       P.cached -= bytes;
