@@ -59,9 +59,13 @@ def test_native_matches_reference(B, T, I, O, p, seed, rb, mask, strided, dtype)
     close(got, want)
 
 
-def test_long_sequences_chunked_and_thread_count_independent():
-    """T past the 256-token chunk: partials added in chunk order; the same bits at 1 and 2 threads."""
-    args = make(3, 700, 50, 30, 16, 1, rb=True, mask=True)
+@pytest.mark.parametrize("p,dtype", [(16, torch.float32), (32, torch.float32), (64, torch.float32),
+                                     (64, torch.bfloat16)])
+def test_long_sequences_chunked_and_thread_count_independent(p, dtype):
+    """T past the 256-token chunk: partials added in chunk order; the same bits at 1 and 2 threads (p = 32 / 64 and
+    bfloat16: the AMX paths on AMX CPUs, whose tiles follow the same token order; Rademacher matrices, which those
+    paths take)."""
+    args = rademacher_args(3, 700, 50, 30, p, 1, dtype, rb=True, mask=True)
     want = ref.factored_project(*args, 700)
     nt = torch.get_num_threads()
     try:
