@@ -37,19 +37,8 @@ PF = "GRADKIT_AMX_PREFETCH"  # --prefetch's switch
 
 
 def prefetch_ab(p: int, widths, rounds: int) -> None:
-    from gradkit.projection import projection_matrix
-
-    gen = torch.Generator().manual_seed(5)
-    for width in widths:
-        nb = max(1, min(64, 64 * 1024 // width))
-        lt = projection_matrix(p, width, seed=1).T.contiguous()
-        rt = projection_matrix(p, width, seed=2).T.contiguous()
-        a = torch.randn(nb * 128, width, generator=gen).bfloat16()
-        g = torch.randn(nb * 128, width, generator=gen).bfloat16()
-
-        def op():
-            return torch.ops.gradkit.factored_project(a, g, lt, rt, None, None, 128)
-
+    shapes = [(width, max(1, min(64, 64 * 1024 // width)), 128) for width in widths]
+    for width, nb, _, _, _, _, _, op in bc.ab_layers(torch.bfloat16, torch.Generator().manual_seed(5), p, shapes):
         on, off = with_env(PF, "1", op)(), with_env(PF, "0", op)()
         assert torch.equal(on, off), width  # a prefetch changes no result
         res = time_interleaved({"off": with_env(PF, "0", op), "on": with_env(PF, "1", op)}, rounds=rounds, calls=10,

@@ -113,12 +113,13 @@ def has_amx() -> bool:
 AB_SHAPES = ((1000, 64, 128), (1024, 64, 128), (4096, 16, 128), (1000, 8192, 1))  # width, examples, tokens
 
 
-def ab_layers(dtype, gen, p: int = P):
-    """The A/B scripts' layers (sign_ab.py, amx_ab.py): per shape of AB_SHAPES, (width, examples, tokens, a, g,
-    lt, rt, op): Rademacher lt / rt at ``p``, a / g drawn from ``gen`` in ``dtype``, op the fused call on them."""
+def ab_layers(dtype, gen, p: int = P, shapes=AB_SHAPES):
+    """The A/B scripts' layers (sign_ab.py, amx_ab.py): per (width, examples, tokens) of ``shapes``, (width,
+    examples, tokens, a, g, lt, rt, op): Rademacher lt / rt at ``p``, a / g drawn from ``gen`` in ``dtype``, op
+    the fused call on them."""
     from gradkit.projection import projection_matrix
 
-    for width, nb, T in AB_SHAPES:
+    for width, nb, T in shapes:
         lt = projection_matrix(p, width, seed=1).T.contiguous()
         rt = projection_matrix(p, width, seed=2).T.contiguous()
         a = torch.randn(nb * T, width, generator=gen).to(dtype)

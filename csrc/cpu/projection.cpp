@@ -1181,8 +1181,6 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_end() { _tile_release(); }
 // sum) is below 2^-126, an output sums fewer than 2^30 of them and is then scaled by s <= 1: less than 2^-96, against
 // half an ulp of 2^-60 or more. Also writes the rows: Y[r][0..p) = s y[r][0..p) for r < mr (y: 16 rows of p sums, p a
 // multiple of 16).
-// skinny_amx's pf / pf_bytes: a region read next (the next tile's rows), prefetched into L2 a slice per step of 32
-// features on the direct path (none: pf_bytes = 0; amx_prefetch decides).
 __attribute__((target("avx512f"))) uint32_t amx_scale_rows(const float* y, int mr, int64_t p, float s, float* Y) {
   uint32_t bad = 0;
   const __m512i absm = _mm512_set1_epi32(0x7FFFFFFF);
@@ -1249,7 +1247,9 @@ __attribute__((target("amx-tile,amx-bf16"))) uint32_t skinny_amx(const c10::BFlo
   }
   if (direct && ld > 0) {
     const auto* x0 = reinterpret_cast<const uint16_t*>(X[0]);
-    PrefetchStream pfs(pf, pf_bytes, K / 2);  // a slice per step of 32 features
+    // pf / pf_bytes: a region read next (the next tile's rows), into L2 a slice per step of 32 features (none:
+    // pf_bytes = 0; amx_prefetch decides)
+    PrefetchStream pfs(pf, pf_bytes, K / 2);
     for (int64_t k = 0; k < kmain; k += 32) {
       _tile_loadd(1, x0 + k, ld * 2);
       pfs.step();
