@@ -5,6 +5,7 @@ each pair is checked against float64 instead: both must be within 1e-5 of it, re
 
     python benchmarks/amx_ab.py [--rounds 15] [--bergson] [--p 16] [--dtype bfloat16]
     python benchmarks/amx_ab.py --prefetch [--rounds 21] [--p 64] [--widths 768,1000,1024,2048,4096]
+    python benchmarks/amx_ab.py --tile [--bergson] [--rounds 15] [--p 64]
 
 Prints, per shape, both medians and the per-round ratio AMX / FMA (p20, p50, p80: below 1 is faster). With
 --bergson, also bergson 2.5.1's hooks on a bfloat16 1000 x 1000 Linear (bf16 matmuls, bf16 out) against gradkit's
@@ -19,6 +20,10 @@ hooks.
 csrc/cpu/projection.cpp), bfloat16 width x width layers, 8192 tokens in examples of 128 (fewer examples at 2048
 and above: 16 x 128 at 4096), printing the per-round ratio on / off (below 1: the prefetch is faster) and which
 one the default takes.
+
+--tile: instead, the bfloat16 AMX path's 32-token tiles (``GRADKIT_AMX_TILE=32``, skinny_amx2: the default at p = 16
+and 32 from session 30) against its 16-token ones (``=16``, the default at p = 64) on bench_collector's A/B shapes: the same bits (asserted), per-round ratio
+32 / 16; with --bergson, both against bergson's bfloat16 hooks.
 """
 import argparse
 import os
@@ -34,20 +39,27 @@ from gradkit.projection import factored_project  # noqa: E402
 
 AMX = "GRADKIT_FACTORED_AMX"  # the switch this script times
 PF = "GRADKIT_AMX_PREFETCH"  # --prefetch's switch
+TILE = "GRADKIT_AMX_TILE"  # --tile's switch
+
+
+def env_ab(var: str, off: str, on: str, shapes, p: int, rounds: int, default) -> None:
+    """``var=on`` against ``var=off`` on the AMX path (bfloat16 layers of ``shapes``): the same bits (asserted),
+    and the per-round ratio on / off; ``default(width)`` names the setting taken when ``var`` is unset."""
+    for width, nb, T, _, _, _, _, op in bc.ab_layers(torch.bfloat16, torch.Generator().manual_seed(5), p, shapes):
+        r_on, r_off = with_env(var, on, op)(), with_env(var, off, op)()
+        assert torch.equal(r_on.view(torch.int32), r_off.view(torch.int32)), width  # the same bits either way
+        res = time_interleaved({"off": with_env(var, off, op), "on": with_env(var, on, op)}, rounds=rounds,
+                               calls=10, baseline="off")
+        st = res["on"]
+        print(f"bfloat16 {width}x{width}, {nb}x{T} tokens, p={p}: {var}={off} {res['off']['p50'] * 1e3:.2f} ms, "
+              f"={on} {st['p50'] * 1e3:.2f} ms, {on} / {off} per round {st['ratio_p20']:.3f} {st['ratio_p50']:.3f} "
+              f"{st['ratio_p80']:.3f}; default: {default(width)}", flush=True)
 
 
 def prefetch_ab(p: int, widths, rounds: int) -> None:
     shapes = [(width, max(1, min(64, 64 * 1024 // width)), 128) for width in widths]
-    for width, nb, _, _, _, _, _, op in bc.ab_layers(torch.bfloat16, torch.Generator().manual_seed(5), p, shapes):
-        on, off = with_env(PF, "1", op)(), with_env(PF, "0", op)()
-        assert torch.equal(on, off), width  # a prefetch changes no result
-        res = time_interleaved({"off": with_env(PF, "0", op), "on": with_env(PF, "1", op)}, rounds=rounds, calls=10,
-                               baseline="off")
-        st = res["on"]
-        rule = width < 2048 and (p == 64 or width * 2 % 64 != 0)  # amx_prefetch's rule
-        print(f"bfloat16 {width}x{width}, {nb}x128 tokens, p={p}: off {res['off']['p50'] * 1e3:.2f} ms, on "
-              f"{st['p50'] * 1e3:.2f} ms, on / off per round {st['ratio_p20']:.3f} {st['ratio_p50']:.3f} "
-              f"{st['ratio_p80']:.3f}; default: {'on' if rule else 'off'}", flush=True)
+    env_ab(PF, "0", "1", shapes, p, rounds,  # amx_prefetch's rule
+           lambda width: "1" if width < 2048 and (p == 64 or width * 2 % 64 != 0) else "0")
 
 
 def main():
@@ -56,6 +68,7 @@ def main():
     ap.add_argument("--bergson", action="store_true")
     ap.add_argument("--p", type=int, default=16, choices=(16, 32, 64))
     ap.add_argument("--prefetch", action="store_true")
+    ap.add_argument("--tile", action="store_true")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--widths", default="768,1000,1024,2048,4096")
     args = ap.parse_args()
@@ -65,6 +78,15 @@ def main():
         print("this CPU has no AMX-BF16: both columns run the same kernel")
     if args.prefetch:
         prefetch_ab(p, [int(w) for w in args.widths.split(",")], args.rounds)
+        return
+    if args.tile:
+        env_ab(TILE, "16", "32", bc.AB_SHAPES, p, args.rounds, lambda width: "32" if p <= 32 else "16")
+        if args.bergson:
+            def gk_b(a, g):
+                return factored_project(a, g, p, seed=0, name="lin")
+
+            bc.bergson_hooks_ab({"tile32": with_env(TILE, "32", gk_b), "tile16": with_env(TILE, "16", gk_b)},
+                                args.rounds, dtype=torch.bfloat16, p=p)
         return
     dt = getattr(torch, args.dtype)
     if dt == torch.float32 and p == 16:

@@ -653,6 +653,43 @@ def test_amx_prefetch_changes_no_bits(p):
             close(outs[0].view(torch.float32), ref.factored_project(a, g, lt, rt, None, mask, T))
 
 
+@pytest.mark.parametrize("p", [16, 32, 64])
+def test_amx_two_tiles_change_no_bits(p):
+    """Where the bfloat16 AMX path runs, tiles are 32 tokens at p = 16, 32 (csrc/cpu/projection.cpp skinny_amx2: two
+    16-token tiles share each sign tile load) and 16 at p = 64; GRADKIT_AMX_TILE=16 / 32 forces either. TDPBF16PS
+    computes each row alone, so both (and the default) must give the same bits: feature counts with no tail (1024), an even and an odd tail
+    (1000, 37), fewer than 32 features (20), rows spaced wider than their length (a slice of wider tensors),
+    masked tokens (tiles copied first), examples ending mid-tile (T = 37, 5) and one-token examples (partial last
+    tiles of 17 to 31 rows). A copy of the wrong rows, a skipped tail or a tile stored to the wrong rows changes
+    the bits (checked by breaking each on purpose). Without AMX both settings run the FMA kernel."""
+    from gradkit.projection import projection_matrix
+
+    gen = torch.Generator().manual_seed(31)
+    cases = [(1024, 20, 5, 37), (1000, 37, 3, 37), (37, 1000, 4, 5), (20, 64, 49, 1)]
+    for I, O, B, T in cases:
+        for sliced in (False, True):
+            if sliced:  # rows 8 features longer than the slice read
+                a = torch.randn(B * T, I + 8, generator=gen).bfloat16()[:, :I]
+                g = torch.randn(B * T, O + 8, generator=gen).bfloat16()[:, 3:O + 3]
+            else:
+                a = torch.randn(B * T, I, generator=gen).bfloat16()
+                g = torch.randn(B * T, O, generator=gen).bfloat16()
+            lt = projection_matrix(p, O, seed=8).T.contiguous()
+            rt = projection_matrix(p, I, seed=9).T.contiguous()
+            m = torch.rand(B * T, generator=gen) > 0.3
+            for mask in (None, m):
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setenv("GRADKIT_AMX_TILE", "16")
+                    one = ops.factored_project(a, g, lt, rt, None, mask, T)
+                    mp.setenv("GRADKIT_AMX_TILE", "32")
+                    two = ops.factored_project(a, g, lt, rt, None, mask, T)
+                    mp.delenv("GRADKIT_AMX_TILE")
+                    default = ops.factored_project(a, g, lt, rt, None, mask, T)
+                assert torch.equal(bits(one), bits(two)), (I, O, B, T, sliced, mask is None)
+                assert torch.equal(bits(one), bits(default)), (I, O, B, T, sliced, mask is None)
+                close(two, ref.factored_project(a, g, lt, rt, None, mask, T))
+
+
 def test_large_output_reused_buffer_fully_written():
     """Outputs of 4 MiB or more come from a cache of freed buffers (csrc/cpu/out_pool.h, on huge pages): a call
     that reuses the buffer of an earlier, nonzero result must still write every entry, examples whose tokens are

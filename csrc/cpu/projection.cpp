@@ -566,6 +566,7 @@ at::Tensor project_flat_cpu(const at::Tensor& x_in, int64_t k, int64_t seed, int
 // + FMA portable loops of that order.
 constexpr int64_t kTokChunk = 256;
 constexpr int kFMR = 16;
+constexpr int kAmxTile = 32;  // tokens per tile where every side takes the bfloat16 AMX path (skinny_amx2)
 
 struct FArgs {
   const void* a;  // float, c10::BFloat16 or c10::Half: factored_item's E
@@ -578,7 +579,7 @@ struct FArgs {
   int64_t N;  // rows of a / g (prefetches stay inside)
   int isa;  // factored_isa(): the AVX-512 or AVX2 kernels, or the portable loops (same arithmetic, same order, same bits)
   float ls = 0.0f, rs = 0.0f;  // the sign path's s for lt / rt (AVX-512), or 0: not taken
-  int tile = kFMR;             // tokens per tile: kSignTile when a side takes the sign path
+  int tile = kFMR;             // tokens per tile: kSignTile when a side takes the sign path, kAmxTile on AMX
   const uint16_t* lw_amx = nullptr;  // the AMX path (bfloat16 a / g, p = 16, 32, 64): lt / rt's signs packed
   // (or null: not taken)
   const uint16_t* rw_amx = nullptr;
@@ -1143,19 +1144,22 @@ __attribute__((target("avx512f"))) std::vector<uint16_t> amx_pack(const float* W
 // p = 16: tiles 0: the 16 x 16 float32 sums; 1: 16 tokens x 32 features; 2: 16 feature pairs x 16 outputs; for
 // each side whose feature count K has an even tail K % 32, 16 tokens x that tail (3 left, 5 right) and its pairs
 // (4, 6). p = 32 / 64 (q = p / 16 blocks of 16 outputs): sums in 0, 5 (, 6, 7), pairs in 2, 3 (, 4), every tile
-// 16 x 64 bytes (the tails go through a zero-padded copy).
+// 16 x 64 bytes (the tails go through a zero-padded copy). Items of 32-token tiles (skinny_amx2, any p): all 8
+// tiles 16 x 64 bytes, tails through a zero-padded copy.
 // Loaded once per work item (amx_begin) and released at its end (amx_end): nothing else runs on the thread in
 // between. The configuration is a thread_local object, not a stack one: built on the stack, GCC dropped some of
 // its zeroing stores (it does not see LDTILECFG read them), and the instruction faulted on nonzero reserved bytes.
-__attribute__((target("amx-tile,amx-bf16"))) void amx_begin(int64_t k_left, int64_t k_right, int64_t q) {
+// two: the item's tiles are 32 tokens (skinny_amx2: all 8 tiles 16 x 64 bytes, no tail tiles at any p).
+__attribute__((target("amx-tile,amx-bf16"))) void amx_begin(int64_t k_left, int64_t k_right, int64_t q, bool two) {
   alignas(64) thread_local AmxTileConfig cfg;
   std::memset(&cfg, 0, sizeof cfg);
   cfg.palette = 1;
-  for (int t = 0; t < (q > 1 ? 8 : 3); ++t) {
+  const bool full = q > 1 || two;
+  for (int t = 0; t < (full ? 8 : 3); ++t) {
     cfg.colsb[t] = 64;
     cfg.rows[t] = 16;
   }
-  if (q > 1) k_left = k_right = 0;  // no tail tiles
+  if (full) k_left = k_right = 0;  // no tail tiles
   const int64_t tails[2] = {k_left % 32, k_right % 32};
   for (int side = 0; side < 2; ++side)
     if (tails[side] > 0 && tails[side] % 2 == 0) {
@@ -1201,6 +1205,102 @@ __attribute__((target("avx512f"))) uint32_t amx_scale_rows(const float* y, int m
   return bad;
 }
 
+// Y[r][0..p) = X[r] . W for r < mr, 16 < mr <= 32: skinny_amx on two tiles of 16 tokens at once (session 30), so
+// that each sign tile loaded serves both; per block of 32 outputs (16 at p = 16), the 2 x 2 products of the two
+// token tiles (4, 5) and two sign tiles (6, 7) into four sums (0, 1: outputs [0, 16) of tiles 4, 5; 2, 3: the next
+// 16). TDPBF16PS computes each row alone, so every sum has skinny_amx's bits. Where the time went on a 16-token
+// tile at p = 64: the 4 sign tiles (128 KiB a side at 1000 features, in L2) loaded per 32 features for one x tile,
+// 5 tile loads for 4 TDPBF16PS; here 4 for 4 (p = 16: 3 for 2). One side, 8208 bfloat16 tokens x 1000 features, one
+// thread (a micro program as skinny_amx's loop without its prefetch): p = 16 0.82 -> 0.66 ms, p = 32 1.19 -> 0.85,
+// p = 64 2.01 -> 1.52. In the whole op the 16-token path's next-tile prefetch had hidden part of that (its x tile
+// loads wait on L2), so the gain there is smaller, and p = 64 does not gain (see A.tile in factored_project_cpu).
+// The loop is bound by tile loads, not TDPBF16PS: on this VM a TDPBF16PS alone issues every 6.2 ns and a 1 KiB tile
+// load from L2 every 4.7 ns, but mixed as here a step costs about 17 ns per tile load with x in L2. Tried and not
+// kept: an L1 prefetch of the next step's rows (0.97-1.06x in the op), double-buffered sources (one token tile, two
+// accumulators, two sets of x / sign tiles: 1.3x slower in the micro program, more loads per product), and the
+// 16-token path's L2 prefetch of the next tile (amx_prefetch: off with 32-token tiles). A tile whose 16 rows are not
+// equally spaced, or tile 5 when mr < 32, is copied first (kpad features, zeros after K); a tail K % 32 of rows
+// read where they lie goes through a 32-feature zero-padded copy. Returns amx_scale_rows's mask of the rows the
+// FMA kernel must redo.
+template <int kQ>
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw"))) uint32_t skinny_amx2(const c10::BFloat16* const* X, int mr,
+                                                                                   int64_t K, const uint16_t* Wp,
+                                                                                   float s, float* Y, const char* pf,
+                                                                                   int64_t pf_bytes) {
+  constexpr int64_t p = 16 * kQ;
+  const int64_t kmain = K / 32 * 32, kpad = (K + 31) / 32 * 32, tail = K - kmain;
+  thread_local std::vector<uint16_t> xs[2];
+  alignas(64) uint16_t xt[2][16 * 32];  // the tails of tiles read where they lie
+  const uint16_t* base[2];
+  int64_t ld[2];  // in bytes
+  bool direct[2];
+  for (int h = 0; h < 2; ++h) {
+    const int r0 = 16 * h, n = std::min(16, mr - r0);
+    const int64_t l = n > 1 ? X[r0 + 1] - X[r0] : 0;
+    bool d = n == 16 && l > 0;
+    for (int r = 2; d && r < 16; ++r) d = X[r0 + r] - X[r0 + r - 1] == l;
+    direct[h] = d;
+    if (d) {
+      base[h] = reinterpret_cast<const uint16_t*>(X[r0]);
+      ld[h] = l * 2;
+      if (tail > 0) {
+        const __mmask32 m = static_cast<__mmask32>((1ull << tail) - 1u);
+        for (int r = 0; r < 16; ++r)
+          _mm512_store_si512(xt[h] + r * 32, _mm512_maskz_loadu_epi16(m, X[r0 + r] + kmain));
+      }
+    } else {
+      xs[h].resize(static_cast<size_t>(16 * kpad));
+      for (int r = 0; r < 16; ++r) {
+        uint16_t* row = xs[h].data() + r * kpad;
+        const int64_t len = r < n ? K : 0;
+        if (len) std::memcpy(row, reinterpret_cast<const uint16_t*>(X[r0 + r]), static_cast<size_t>(len) * 2);
+        std::fill(row + len, row + kpad, uint16_t{0});
+      }
+      base[h] = xs[h].data();
+      ld[h] = kpad * 2;
+    }
+  }
+  alignas(64) float y[32 * p];
+  PrefetchStream pfs(pf, pf_bytes, K / 2);
+  for (int64_t c = 0; c < p; c += 32) {
+    const uint16_t* w0 = Wp + (c / 16) * kpad * 16;
+    const uint16_t* w1 = w0 + kpad * 16;
+    _tile_zero(0);
+    _tile_zero(1);
+    if constexpr (kQ >= 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    const auto step = [&](const uint16_t* xa, int64_t la, const uint16_t* xb, int64_t lb, int64_t k)
+                          __attribute__((target("amx-tile,amx-bf16"))) {
+                            _tile_loadd(4, xa, la);
+                            _tile_loadd(6, w0 + k * 16, 64);
+                            _tile_dpbf16ps(0, 4, 6);
+                            if constexpr (kQ >= 2) {
+                              _tile_loadd(7, w1 + k * 16, 64);
+                              _tile_dpbf16ps(2, 4, 7);
+                            }
+                            _tile_loadd(5, xb, lb);
+                            _tile_dpbf16ps(1, 5, 6);
+                            if constexpr (kQ >= 2) _tile_dpbf16ps(3, 5, 7);
+                          };
+    for (int64_t k = 0; k < kmain; k += 32) {
+      step(base[0] + k, ld[0], base[1] + k, ld[1], k);
+      if (c == 0) pfs.step();
+    }
+    if (tail > 0)
+      step(direct[0] ? xt[0] : base[0] + kmain, direct[0] ? 64 : ld[0], direct[1] ? xt[1] : base[1] + kmain,
+           direct[1] ? 64 : ld[1], kmain);
+    _tile_stored(0, y + c, p * 4);
+    _tile_stored(1, y + 16 * p + c, p * 4);
+    if constexpr (kQ >= 2) {
+      _tile_stored(2, y + c + 16, p * 4);
+      _tile_stored(3, y + 16 * p + c + 16, p * 4);
+    }
+  }
+  return amx_scale_rows(y, mr, p, s, Y);
+}
+
 // x tile 1 times every block of outputs' pairs at feature k into its sums (p = 16: tile 2 into 0; p = 32 / 64: the
 // pair tiles rotate over 2, 3, 4 so a load does not wait on the previous product's read of the same tile)
 template <int kQ>
@@ -1222,7 +1322,7 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void amx_dp(const uint16_t* 
 template <bool kLeft, int kQ>
 __attribute__((target("amx-tile,amx-bf16"))) uint32_t skinny_amx(const c10::BFloat16* const* X, int mr, int64_t K,
                                                                  const uint16_t* Wp, float s, float* Y,
-                                                                 const char* pf, int64_t pf_bytes) {
+                                                                 const char* pf, int64_t pf_bytes, bool tails) {
   constexpr int64_t p = 16 * kQ;
   const int64_t kmain = K / 32 * 32, kpad = (K + 31) / 32 * 32, tail = K - kmain;
   bool direct = mr == 16;
@@ -1256,7 +1356,7 @@ __attribute__((target("amx-tile,amx-bf16"))) uint32_t skinny_amx(const c10::BFlo
       amx_dp<kQ>(Wp, k, kpad);
     }
     // tile numbers are literals in the instructions (the macros paste them)
-    if (kQ == 1 && tail > 0 && tail % 2 == 0) {
+    if (kQ == 1 && tails && tail > 0 && tail % 2 == 0) {
       if constexpr (kLeft) {
         _tile_loadd(3, x0 + kmain, ld * 2);
         _tile_loadd(4, Wp + kmain * 16, 64);
@@ -1392,15 +1492,15 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
   // current one gets no more tokens.
   int64_t ready = 0;
   thread_local std::vector<float> U, V, wide;  // per-thread scratch, kept across calls
-  U.resize(static_cast<size_t>(kFMR * p));
-  V.resize(static_cast<size_t>(kFMR * p));
-  const E* rg[kFMR];  // the tile's rows of g and a
-  const E* ra[kFMR];
-  int64_t tok_b[kFMR];  // each tile row's example, relative to b0
+  U.resize(static_cast<size_t>(kAmxTile * p));
+  V.resize(static_cast<size_t>(kAmxTile * p));
+  const E* rg[kAmxTile];  // the tile's rows of g and a (A.tile <= kAmxTile)
+  const E* ra[kAmxTile];
+  int64_t tok_b[kAmxTile];  // each tile row's example, relative to b0
   int64_t n = n0;
 #ifdef GK_PROJ_X86
   const bool amx = A.lw_amx || A.rw_amx;
-  if (amx) amx_begin(A.O, A.I, p / 16);
+  if (amx) amx_begin(A.O, A.I, p / 16, A.tile == kAmxTile);
 #endif
   while (n < n1) {
     int mr = 0;
@@ -1448,9 +1548,12 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
           if constexpr (std::is_same_v<E, float>)  // p = 32 or 64 (amx_on)
             bad = p == 32 ? skinny_amx_f32<2>(x, mr, K, wp, sa, Y) : skinny_amx_f32<4>(x, mr, K, wp, sa, Y);
           else
-            bad = p == 16   ? skinny_amx<kL, 1>(x, mr, K, wp, sa, Y, lo, len)
-                  : p == 32 ? skinny_amx<kL, 2>(x, mr, K, wp, sa, Y, lo, len)
-                            : skinny_amx<kL, 4>(x, mr, K, wp, sa, Y, lo, len);
+            bad = mr > 16 ? (p == 16   ? skinny_amx2<1>(x, mr, K, wp, sa, Y, lo, len)
+                             : p == 32 ? skinny_amx2<2>(x, mr, K, wp, sa, Y, lo, len)
+                                       : skinny_amx2<4>(x, mr, K, wp, sa, Y, lo, len))
+                  : p == 16   ? skinny_amx<kL, 1>(x, mr, K, wp, sa, Y, lo, len, A.tile != kAmxTile)
+                  : p == 32 ? skinny_amx<kL, 2>(x, mr, K, wp, sa, Y, lo, len, false)
+                            : skinny_amx<kL, 4>(x, mr, K, wp, sa, Y, lo, len, false);
           for (; bad; bad &= bad - 1) {
             const int r = __builtin_ctz(bad);
             table[0](x + r, K, w, p, Y + r * p, nullptr, 0);
@@ -1539,12 +1642,14 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
 // 0.98-1.02x; 1000 (misaligned rows) at p = 16 0.77-1.03x, p = 32 0.84-1.02x; aligned rows at p = 16 / 32 (768,
 // 1024, 1536): 1.02-1.09x in 8 of 10 runs (one step of 32 features is one or two TDPBF16PS, and the prefetches
 // crowd its tile loads); 4096 at p = 16 / 32: 1.05-1.10x (rows of 8 KiB: the hardware prefetchers keep up on
-// their own). GRADKIT_AMX_PREFETCH=0 / 1 overrides the rule.
-bool amx_prefetch(int64_t K, int64_t ld, int64_t p) {
+// their own). With 32-token tiles (skinny_amx2, session 30) off: one interleaved run over amx_ab.py's four shapes
+// at p = 16, 32 and 64, median time without it / with it 0.91-1.04 (4096 features: 0.74-0.78).
+// GRADKIT_AMX_PREFETCH=0 / 1 overrides the rule.
+bool amx_prefetch(int64_t K, int64_t ld, int64_t p, int tile) {
   const char* env = std::getenv("GRADKIT_AMX_PREFETCH");
   if (env && std::strcmp(env, "0") == 0) return false;
   if (env && std::strcmp(env, "1") == 0) return true;
-  return K < 2048 && (p == 64 || ld * 2 % 64 != 0);
+  return tile < kAmxTile && K < 2048 && (p == 64 || ld * 2 % 64 != 0);
 }
 #endif
 
@@ -1593,21 +1698,34 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
     rw_amx = amx_pack(A.rt, A.I, p, f32_amx);
     A.rw_amx = rw_amx.data();
   }
-  A.lpf_amx = A.lw_amx && !f32_amx && amx_prefetch(A.O, A.ldg, p);  // bfloat16 rows only (skinny_amx)
-  A.rpf_amx = A.rw_amx && !f32_amx && amx_prefetch(A.I, A.lda, p);
 #endif
   if (sign_on) {  // the sides AMX does not take
     A.ls = A.lw_amx ? 0.0f : ls;
     A.rs = A.rw_amx ? 0.0f : rs;
     if (A.ls > 0.0f || A.rs > 0.0f) A.tile = kSignTile;
   }
+#ifdef GK_PROJ_X86
+  // bfloat16 rows on AMX, no side on the sign path, p = 16 or 32: 32-token tiles (skinny_amx2, the same bits as 16;
+  // GRADKIT_AMX_TILE=16 / 32 forces either, at any p, for benchmarks/amx_ab.py --tile). Session 30 (Intel EMR,
+  // amx_ab.py --tile --rounds 9, per-round median 32 / 16, against 16-token tiles with their amx_prefetch rule):
+  // p = 16 0.92-0.97, p = 32 0.91-0.97 over the four A/B shapes; p = 64 0.99-1.06 (0.93-1.01 in another run):
+  // there each 32-token pass reads its 32 rows again (64 KiB at 1000 features, past L1), which costs what the
+  // sign loads saved, so p = 64 keeps 16-token tiles.
+  const char* tile_env = std::getenv("GRADKIT_AMX_TILE");
+  const bool tile32 = tile_env && std::strcmp(tile_env, "32") == 0   ? true
+                      : tile_env && std::strcmp(tile_env, "16") == 0 ? false
+                                                                      : p <= 32;
+  if ((A.lw_amx || A.rw_amx) && !f32_amx && A.tile == kFMR && tile32) A.tile = kAmxTile;
+  A.lpf_amx = A.lw_amx && !f32_amx && amx_prefetch(A.O, A.ldg, p, A.tile);  // bfloat16 rows only
+  A.rpf_amx = A.rw_amx && !f32_amx && amx_prefetch(A.I, A.lda, p, A.tile);
+#endif
   const auto item = in.a.scalar_type() == at::kBFloat16 ? &factored_item<c10::BFloat16>
                     : in.a.scalar_type() == at::kHalf   ? &factored_item<c10::Half>
                                                         : &factored_item<float>;
   const int64_t chunks = (T + kTokChunk - 1) / kTokChunk;
   float* o = out.data_ptr<float>();
   if (chunks == 1) {
-    const int64_t per = factored_examples_per_item(B, T, kFMR, kTokChunk, at::get_num_threads());
+    const int64_t per = factored_examples_per_item(B, T, A.tile, kTokChunk, at::get_num_threads());
     const int64_t items = (B + per - 1) / per;
     at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
