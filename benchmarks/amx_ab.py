@@ -13,7 +13,7 @@ whole ``factored_project`` call, both paths. 2 threads. On a CPU without AMX-BF1
 kernel (the script says so). --p: the projection size (16, 32 or 64: the sizes the AMX path takes; at 32 the
 tiles hold the signs and the sums are scaled by 1/sqrt(32) once). --dtype float32: the float32 AMX path (p = 32,
 64 from session 29: each value split into three bfloat16 parts), against the FMA kernel and bergson's float32
-hooks.
+hooks; --dtype float16 likewise (p = 16, 32, 64 from session 30, two parts).
 
 --prefetch: instead, the AMX path with and without its prefetch of the next tile's rows
 (``GRADKIT_AMX_PREFETCH=1`` against ``=0``; the default picks one per side by width and p, see amx_prefetch in
@@ -69,7 +69,7 @@ def main():
     ap.add_argument("--p", type=int, default=16, choices=(16, 32, 64))
     ap.add_argument("--prefetch", action="store_true")
     ap.add_argument("--tile", action="store_true")
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
     ap.add_argument("--widths", default="768,1000,1024,2048,4096")
     args = ap.parse_args()
     p = args.p

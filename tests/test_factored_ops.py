@@ -517,11 +517,11 @@ def _has_amx():
 @settings(max_examples=40)
 @given(B=st.integers(0, 4), T=st.integers(1, 40), I=st.integers(1, 300), O=st.integers(1, 70),
        p=st.sampled_from([16, 32, 64]), seed=st.integers(0, 2**20), rb=st.booleans(), mask=st.booleans(),
-       left_gauss=st.booleans(), dtype=st.sampled_from([torch.bfloat16, torch.float32]))
+       left_gauss=st.booleans(), dtype=st.sampled_from([torch.bfloat16, torch.float32, torch.float16]))
 def test_amx_matches_reference(B, T, I, O, p, seed, rb, mask, left_gauss, dtype):
     """The AMX path (the default on AMX CPUs; GRADKIT_FACTORED_AMX=1 asks for it, =0 turns it off): bfloat16 a / g
-    at p = 16, 32, 64, and float32 ones at p = 32, 64 (each value split into three bfloat16 parts, skinny_amx_f32;
-    at p = 16 float32 stays on the FMA kernel) run TDPBF16PS for each side whose matrix is +-s (the signs in the
+    at p = 16, 32, 64, float32 ones at p = 32, 64 (each value split into three bfloat16 parts, skinny_amx_split;
+    at p = 16 float32 stays on the FMA kernel) and float16 ones at p = 16, 32, 64 (two parts) run TDPBF16PS for each side whose matrix is +-s (the signs in the
     tiles, s applied to the sums; a Gaussian side stays on the FMA kernel). Its own bits, so: the reference's
     values within float32 summation error, whatever the tails (16-token tiles, features rounded up to 32, p / 16
     blocks of outputs), masks and bias column. Elsewhere (no AMX) the setting changes nothing, bit for bit; unset,
@@ -545,19 +545,21 @@ def test_amx_matches_reference(B, T, I, O, p, seed, rb, mask, left_gauss, dtype)
 
 
 @pytest.mark.parametrize("dtype,p", [(torch.bfloat16, 16), (torch.bfloat16, 32), (torch.bfloat16, 64),
-                                     (torch.float32, 32), (torch.float32, 64)])
+                                     (torch.float32, 32), (torch.float32, 64),
+                                     (torch.float16, 16), (torch.float16, 32), (torch.float16, 64)])
 def test_amx_taken_and_exact_products(dtype, p):
     """On an AMX CPU the path is taken (some sums round differently from the FMA chain: 8192 tokens x 1000
     features gave ~27% of entries an ulp apart) and stays as close to float64 as the FMA kernel (relative 1e-6);
     values in every binade of +-2^-60 .. 2^60 (bfloat16: products exact, no denormals; float32: split into three
-    bfloat16 parts). Not on AMX: the same bits. Non-finite entries: the same NaN / inf positions as the
+    bfloat16 parts; float16: its binades 2^-24 .. 2^11, subnormals included, in two parts). Not on AMX: the same bits. Non-finite entries: the same NaN / inf positions as the
     reference. p = 32: +-1/sqrt(32) is not a bfloat16 value; the tiles take the signs and the sums are scaled
     once."""
     from gradkit.projection import projection_matrix
 
     gen = torch.Generator().manual_seed(3)
     B, T, I, O = 8, 64, 1000, 520
-    a = (torch.randn(B * T, I, generator=gen) * torch.exp2(torch.randint(-60, 61, (B * T, I), generator=gen))).to(dtype)
+    lo, hi = (-24, 12) if dtype == torch.float16 else (-60, 61)
+    a = (torch.randn(B * T, I, generator=gen) * torch.exp2(torch.randint(lo, hi, (B * T, I), generator=gen))).to(dtype)
     g = torch.randn(B * T, O, generator=gen).to(dtype)
     lt = projection_matrix(p, O, seed=1).T.contiguous()
     rt = projection_matrix(p, I, seed=2).T.contiguous()
@@ -715,25 +717,34 @@ def test_large_output_reused_buffer_fully_written():
     assert out.data_ptr() in ptrs  # a freed buffer was reused: the values above were written over a result
 
 
-@pytest.mark.parametrize("p", [32, 64])
-def test_amx_float32_keeps_every_bit(p):
-    """The three-part split loses nothing: with one nonzero feature per token (values 1 + j 2^-23, j random, in
-    binades 2^-20 .. 2^20, so hi, mid and lo are all nonzero) and one-hot g, every sum is a single term, and the
-    AMX path must give the FMA kernel's bits exactly (both round x s once, then share the outer products); the
-    same values with their lowest 8 significand bits cleared (a lost lo part) give other bits. Without AMX both
-    are the FMA kernel."""
+@pytest.mark.parametrize("dtype,p", [(torch.float32, 32), (torch.float32, 64), (torch.float16, 16),
+                                     (torch.float16, 32), (torch.float16, 64)])
+def test_amx_split_keeps_every_bit(dtype, p):
+    """The split into bfloat16 parts loses nothing: with one nonzero feature per token and one-hot g, every sum is
+    a single term, and the AMX path must give the FMA kernel's bits exactly (both round x s once, then share the
+    outer products). float32: values 1 + j 2^-23 (j random) in binades 2^-20 .. 2^20, so hi, mid and lo are all
+    nonzero, three parts; float16: 1 + j 2^-10 in binades 2^-14 .. 2^15, two parts (hi 8 significant bits, lo the
+    other 3). The same values with their last part cleared (float32's lowest 8 significand bits, float16's lowest
+    3) give other bits, so a lost part would show. Without AMX both are the FMA kernel."""
     from gradkit.projection import projection_matrix
 
+    f16 = dtype == torch.float16
     gen = torch.Generator().manual_seed(17)
     B, T, I, O = 6, 16, 40, 24
-    j = torch.randint(1, 2**23, (B * T, I), generator=gen).double()
-    a = ((1 + j * 2.0 ** -23) * torch.exp2(torch.randint(-20, 21, (B * T, I), generator=gen).double())).float()
-    a = a * (torch.arange(I)[None, :] == (torch.arange(B * T)[:, None] % I))  # one feature per token
+    mbits, (e0, e1) = (10, (-14, 16)) if f16 else (23, (-20, 21))
+    j = torch.randint(1, 2**mbits, (B * T, I), generator=gen).double()
+    a = ((1 + j * 2.0 ** -mbits) * torch.exp2(torch.randint(e0, e1, (B * T, I), generator=gen).double())).to(dtype)
+    a = a * (torch.arange(I)[None, :] == (torch.arange(B * T)[:, None] % I)).to(dtype)  # one feature per token
     g = torch.zeros(B * T, O)
     g[torch.arange(B * T), torch.arange(B * T) % O] = 1.0
+    g = g.to(dtype)
     lt = projection_matrix(p, O, seed=1).T.contiguous()
     rt = projection_matrix(p, I, seed=2).T.contiguous()
-    cut = (a.view(torch.int32) & ~0xFF).view(torch.float32)
+    if f16:
+        cut = (a.view(torch.int16) & ~0x7).view(torch.float16)
+    else:
+        cut = (a.view(torch.int32) & ~0xFF).view(torch.float32)
+    assert bool((cut != a).any())
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GRADKIT_FACTORED_AMX", "0")
         off = ops.factored_project(a, g, lt, rt, None, None, T)
@@ -742,3 +753,39 @@ def test_amx_float32_keeps_every_bit(p):
         on = ops.factored_project(a, g, lt, rt, None, None, T)
     assert torch.equal(bits(on), bits(off))
     assert not torch.equal(bits(off_cut), bits(off))
+
+
+def test_amx_float16_nonfinite_and_zero_rows_take_fma_bits():
+    """float16 rows on the AMX path (two bfloat16 parts): an inf splits into hi = inf and lo = NaN, and a NaN whose
+    payload lies in its lowest 3 bits truncates to an inf in hi, so such rows come out non-finite and are
+    recomputed by the FMA kernel (amx_scale_rows), as are all-zero rows: those examples have exactly the
+    GRADKIT_FACTORED_AMX=0 bits (NaN payloads and signs included); an example of ordinary rows stays within
+    float32 summation error of the reference. Subnormal float16 inputs need no recomputation (each part is a
+    normal bfloat16): that example matches the reference too."""
+    from gradkit.projection import projection_matrix
+
+    gen = torch.Generator().manual_seed(12)
+    B, T, I, O, p = 5, 20, 300, 40, 16
+    a = torch.randn(B, T, I, generator=gen).half()
+    a[0] = 0.0
+    a[1, 2, 5], a[1, 2, 9], a[1, 7, 1] = float("inf"), -float("inf"), float("nan")
+    a[1, 12, 4] = torch.tensor(0x7C01, dtype=torch.int16).view(torch.float16)  # NaN, payload in the low bits
+    a[1, 13, 7] = torch.tensor(0xFC03 - 0x10000, dtype=torch.int16).view(torch.float16)  # negative NaN, likewise
+    a[2] = (torch.randn(T, I, generator=gen) * 2.0 ** -20).half()  # float16 subnormals
+    assert bool((a[2] != 0).any()) and bool((a[2].abs() < 2.0 ** -14).all())
+    a = a.reshape(B * T, I)
+    g = torch.zeros(B * T, O)
+    g[torch.arange(B * T), torch.arange(B * T) % O] = 1.0
+    g = g.half()
+    lt = projection_matrix(p, O, seed=1).T.contiguous()
+    rt = projection_matrix(p, I, seed=2).T.contiguous()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADKIT_FACTORED_AMX", "0")
+        off = ops.factored_project(a, g, lt, rt, None, None, T)
+        mp.delenv("GRADKIT_FACTORED_AMX")
+        on = ops.factored_project(a, g, lt, rt, None, None, T)
+    assert bool(torch.isnan(off[1]).any()), "the non-finite example has no NaN: the test would not see a split inf"
+    for b in range(2):
+        assert torch.equal(bits(on[b]), bits(off[b])), b
+    for b in (2, 3, 4):
+        close(on[b], ref.factored_project(a[b * T:(b + 1) * T], g[b * T:(b + 1) * T], lt, rt, None, None, T)[0])

@@ -1388,7 +1388,8 @@ __attribute__((target("amx-tile,amx-bf16"))) uint32_t skinny_amx(const c10::BFlo
   return amx_scale_rows(y, mr, p, s, Y);
 }
 
-// float32 rows on AMX (p = 32, 64; session 29): each x is split exactly into three bfloat16 parts, x = hi + mid +
+// float32 rows on AMX (p = 32, 64; session 29; float16 rows likewise in two parts from session 30, at p = 16 too:
+// skinny_amx_split below): each x is split exactly into three bfloat16 parts, x = hi + mid +
 // lo (hi: x with its low 16 bits cleared; mid likewise of x - hi; lo the rest, at most 8 significant bits; both
 // subtractions exact), and the three part tiles go through TDPBF16PS against the same sign tiles, so the sums are
 // those of the float32 values (the products are exact; only TDPBF16PS's float32 accumulation rounds). The split
@@ -1402,70 +1403,87 @@ __attribute__((target("amx-tile,amx-bf16"))) uint32_t skinny_amx(const c10::BFlo
 // amx_scale_rows says an AMX result may not stand (a part below 2^-126 is read as zero, an inf splits into NaN)
 // are recomputed by the FMA kernel as on the bfloat16 path. The split (benchmarks/micro/amx_f32.cpp, session 28)
 // did not pay at p = 16, where the FMA kernel needs one FMA per value and side.
-__attribute__((target("avx512f"))) inline void amx_split(const float* const* X, int mr, int64_t k, int64_t K,
-                                                         uint32_t* buf) {
+
+// 16 values of row x from feature k (n of them, the rest zero) as float32; float16: widened exactly
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i amx_load16(const float* x, int64_t n) {
+  return _mm512_castps_si512(n >= 16 ? _mm512_loadu_ps(x) : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), x));
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i amx_load16(const c10::Half* x, int64_t n) {
+  const __m256i h = n >= 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))
+                            : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1u), x);
+  return _mm512_castps_si512(_mm512_cvtph_ps(h));
+}
+
+// The parts of 16 rows x 32 features from k into buf (kParts x 256 words): float32 three (hi, mid, lo), float16 two
+// (hi, lo: a float16 has 11 significant bits, hi takes 8, lo the other 3, exact in bfloat16 and never below 2^-24,
+// so no part is a bfloat16 denormal).
+template <int kParts, typename E>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void amx_split(const E* const* X, int mr, int64_t k,
+                                                                           int64_t K, uint32_t* buf) {
   const __m512i keep = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   const int64_t n0 = std::clamp<int64_t>(K - k, 0, 16), n1 = std::clamp<int64_t>(K - k - 16, 0, 16);
-  const __mmask16 m0 = static_cast<__mmask16>((1u << n0) - 1u), m1 = static_cast<__mmask16>((1u << n1) - 1u);
-  const bool full = n1 == 16;
   for (int r = 0; r < mr; ++r) {
-    const float* x = X[r] + k;
-    const __m512i x0 = _mm512_castps_si512(full ? _mm512_loadu_ps(x) : _mm512_maskz_loadu_ps(m0, x));
-    const __m512i x1 = _mm512_castps_si512(full ? _mm512_loadu_ps(x + 16) : _mm512_maskz_loadu_ps(m1, x + 16));
-    const __m512i h0 = _mm512_and_si512(x0, keep), h1 = _mm512_and_si512(x1, keep);
-    const __m512i r0 = _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(x0), _mm512_castsi512_ps(h0)));
-    const __m512i r1 = _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(x1), _mm512_castsi512_ps(h1)));
-    const __m512i d0 = _mm512_and_si512(r0, keep), d1 = _mm512_and_si512(r1, keep);
-    const __m512i l0 = _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(r0), _mm512_castsi512_ps(d0)));
-    const __m512i l1 = _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(r1), _mm512_castsi512_ps(d1)));
-    // pair i = (feature k + i: the low half, k + i + 16: the high half): (v1 & keep) | (v0 >> 16)
-    _mm512_store_si512(buf + r * 16, _mm512_ternarylogic_epi32(x1, keep, _mm512_srli_epi32(x0, 16), 0xEA));
-    _mm512_store_si512(buf + 256 + r * 16, _mm512_ternarylogic_epi32(r1, keep, _mm512_srli_epi32(r0, 16), 0xEA));
-    _mm512_store_si512(buf + 512 + r * 16, _mm512_ternarylogic_epi32(l1, keep, _mm512_srli_epi32(l0, 16), 0xEA));
+    __m512i v0 = amx_load16(X[r] + k, n0), v1 = amx_load16(X[r] + k + 16, n1);
+    for (int q = 0; q < kParts; ++q) {
+      // pair i = (feature k + i: the low half, k + i + 16: the high half): (v1 & keep) | (v0 >> 16)
+      _mm512_store_si512(buf + q * 256 + r * 16, _mm512_ternarylogic_epi32(v1, keep, _mm512_srli_epi32(v0, 16), 0xEA));
+      if (q + 1 < kParts) {  // the rest, exact: x minus its leading 8 significant bits
+        v0 = _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(v0), _mm512_castsi512_ps(_mm512_and_si512(v0, keep))));
+        v1 = _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(v1), _mm512_castsi512_ps(_mm512_and_si512(v1, keep))));
+      }
+    }
   }
 }
 
-template <int kQ>
-__attribute__((target("amx-tile,amx-bf16,avx512f"))) uint32_t skinny_amx_f32(const float* const* X, int mr, int64_t K,
-                                                                             const uint16_t* Wp, float s, float* Y) {
+// Split rows on AMX (float32 at p = 32, 64 from session 29: three parts; float16 at p = 16, 32, 64 from session
+// 30: two parts): amx_split's parts, each multiplied by TDPBF16PS against the same sign tiles into one sum per
+// block, so the sums are those of the input values (products exact; only TDPBF16PS's float32 accumulation rounds).
+// Tiles: 0, 1 the sums of a block of 32 outputs (p = 16: 0 alone); 2, 3 (, 4) the parts; 5, 6 the two blocks'
+// signs (p = 16: 5).
+template <int kParts, int kQ, typename E>
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) uint32_t skinny_amx_split(
+    const E* const* X, int mr, int64_t K, const uint16_t* Wp, float s, float* Y) {
   constexpr int64_t p = 16 * kQ;
+  constexpr int kW = kQ == 1 ? 1 : 2;  // sign tiles (blocks of 16 outputs) per pass
   const int64_t kpad = (K + 31) / 32 * 32;
-  // three steps' hi, mid, lo (16 rows x 16 pairs each): a step's split is written two steps ahead of its tile
+  // three steps' parts (16 rows x 16 pairs each): a step's split is written two steps ahead of its tile
   // loads, whose reads would otherwise wait on the stores just made (the TDPBF16PS of the step run meanwhile)
   alignas(64) thread_local uint32_t buf[3][3 * 256];
   if (mr < 16) {  // rows past mr: zeros (their sums are not read, but no stale NaN or denormal goes in)
     for (auto& b : buf) std::fill(b, b + 3 * 256, 0u);
   }
   alignas(64) float y[16 * p];
-  for (int64_t c = 0; c < p; c += 32) {
+  for (int64_t c = 0; c < p; c += 16 * kW) {
     const uint16_t* w0 = Wp + (c / 16) * kpad * 16;
     const uint16_t* w1 = w0 + kpad * 16;
     _tile_zero(0);
-    _tile_zero(1);
-    amx_split(X, mr, 0, K, buf[0]);
-    if (kpad > 32) amx_split(X, mr, 32, K, buf[1]);
+    if constexpr (kW == 2) _tile_zero(1);
+    amx_split<kParts>(X, mr, 0, K, buf[0]);
+    if (kpad > 32) amx_split<kParts>(X, mr, 32, K, buf[1]);
     int cur = 0;
     for (int64_t k = 0; k < kpad; k += 32, cur = cur == 2 ? 0 : cur + 1) {
       _tile_loadd(2, buf[cur], 64);
       _tile_loadd(3, buf[cur] + 256, 64);
-      _tile_loadd(4, buf[cur] + 512, 64);
+      if constexpr (kParts == 3) _tile_loadd(4, buf[cur] + 512, 64);
       _tile_loadd(5, w0 + k * 16, 64);
-      _tile_loadd(6, w1 + k * 16, 64);
+      if constexpr (kW == 2) _tile_loadd(6, w1 + k * 16, 64);
       _tile_dpbf16ps(0, 2, 5);
-      _tile_dpbf16ps(1, 2, 6);
+      if constexpr (kW == 2) _tile_dpbf16ps(1, 2, 6);
       _tile_dpbf16ps(0, 3, 5);
-      _tile_dpbf16ps(1, 3, 6);
-      _tile_dpbf16ps(0, 4, 5);
-      _tile_dpbf16ps(1, 4, 6);
-      if (k + 64 < kpad) amx_split(X, mr, k + 64, K, buf[cur == 0 ? 2 : cur - 1]);
-      if (k + 32 < kpad)  // the next step's sign tiles into L1 (2 KiB; the matrices live in L2)
+      if constexpr (kW == 2) _tile_dpbf16ps(1, 3, 6);
+      if constexpr (kParts == 3) {
+        _tile_dpbf16ps(0, 4, 5);
+        if constexpr (kW == 2) _tile_dpbf16ps(1, 4, 6);
+      }
+      if (k + 64 < kpad) amx_split<kParts>(X, mr, k + 64, K, buf[cur == 0 ? 2 : cur - 1]);
+      if (k + 32 < kpad)  // the next step's sign tiles into L1 (1-2 KiB; the matrices live in L2)
         for (int b = 0; b < 1024; b += 64) {
           _mm_prefetch(reinterpret_cast<const char*>(w0 + (k + 32) * 16) + b, _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(w1 + (k + 32) * 16) + b, _MM_HINT_T0);
+          if constexpr (kW == 2) _mm_prefetch(reinterpret_cast<const char*>(w1 + (k + 32) * 16) + b, _MM_HINT_T0);
         }
     }
     _tile_stored(0, y + c, p * 4);
-    _tile_stored(1, y + c + 16, p * 4);
+    if constexpr (kW == 2) _tile_stored(1, y + c + 16, p * 4);
   }
   return amx_scale_rows(y, mr, p, s, Y);
 }
@@ -1500,7 +1518,7 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
   int64_t n = n0;
 #ifdef GK_PROJ_X86
   const bool amx = A.lw_amx || A.rw_amx;
-  if (amx) amx_begin(A.O, A.I, p / 16, A.tile == kAmxTile);
+  if (amx) amx_begin(A.O, A.I, p / 16, A.tile == kAmxTile || !std::is_same_v<E, c10::BFloat16>);  // split: all 8 tiles
 #endif
   while (n < n1) {
     int mr = 0;
@@ -1538,7 +1556,7 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
           table[n - 1](x + h, K, w, p, Y + h * p, lo + len * q / np, len * (q + 1) / np - len * q / np);
         }
       };
-      if constexpr (std::is_same_v<E, c10::BFloat16> || std::is_same_v<E, float>) {
+      if constexpr (std::is_same_v<E, c10::BFloat16> || std::is_same_v<E, float> || std::is_same_v<E, c10::Half>) {
         // AMX sides; the rows amx_scale_rows names again through the FMA kernel, one at a time (the same bits
         // as in any tile)
         const auto amx_side = [&](const E* const* x, int64_t K, const uint16_t* wp, float sa, const float* w,
@@ -1546,7 +1564,11 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
           constexpr bool kL = decltype(left)::value;
           uint32_t bad;
           if constexpr (std::is_same_v<E, float>)  // p = 32 or 64 (amx_on)
-            bad = p == 32 ? skinny_amx_f32<2>(x, mr, K, wp, sa, Y) : skinny_amx_f32<4>(x, mr, K, wp, sa, Y);
+            bad = p == 32 ? skinny_amx_split<3, 2>(x, mr, K, wp, sa, Y) : skinny_amx_split<3, 4>(x, mr, K, wp, sa, Y);
+          else if constexpr (std::is_same_v<E, c10::Half>)  // p = 16, 32 or 64
+            bad = p == 16   ? skinny_amx_split<2, 1>(x, mr, K, wp, sa, Y)
+                  : p == 32 ? skinny_amx_split<2, 2>(x, mr, K, wp, sa, Y)
+                            : skinny_amx_split<2, 4>(x, mr, K, wp, sa, Y);
           else
             bad = mr > 16 ? (p == 16   ? skinny_amx2<1>(x, mr, K, wp, sa, Y, lo, len)
                              : p == 32 ? skinny_amx2<2>(x, mr, K, wp, sa, Y, lo, len)
@@ -1673,14 +1695,17 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
                                                                       : cpu_is_amd();
   // The AMX path (its own bits, see skinny_amx): bfloat16 a / g, p = 16, 32 or 64, on an AMX CPU, for each side
   // whose matrix is +-s (uniform_scale), in place of the sign path. The default where it applies (p = 16 from session
-  // 27, 32 / 64 from session 28); GRADKIT_FACTORED_AMX=0 keeps the FMA kernel and its bits (those of the same call
-  // on a.float(), g.float()).
+  // 27, 32 / 64 from session 28; float32 at 32 / 64 from session 29 and float16 at 16 / 32 / 64 from session 30, split
+  // into bfloat16 parts); GRADKIT_FACTORED_AMX=0 keeps the FMA kernel and its bits (those of the same call on
+  // a.float(), g.float()).
   const char* amx_env = std::getenv("GRADKIT_FACTORED_AMX");
   bool amx_on = false;
 #ifdef GK_PROJ_X86
-  const bool f32_amx = in.a.scalar_type() == at::kFloat && (p == 32 || p == 64);  // skinny_amx_f32
+  // skinny_amx_split: float32 at p = 32 / 64 (three parts), float16 at p = 16 / 32 / 64 (two)
+  const bool split_amx = (in.a.scalar_type() == at::kFloat && (p == 32 || p == 64)) ||
+                         (in.a.scalar_type() == at::kHalf && (p == 16 || p == 32 || p == 64));
   amx_on = !(amx_env && std::strcmp(amx_env, "0") == 0) && A.isa == 2 &&
-           ((in.a.scalar_type() == at::kBFloat16 && (p == 16 || p == 32 || p == 64)) || f32_amx) && amx_ready();
+           ((in.a.scalar_type() == at::kBFloat16 && (p == 16 || p == 32 || p == 64)) || split_amx) && amx_ready();
 #endif
   const float ls = A.isa == 2 && sign_on ? sign_scale(A.lt, in.lt.numel()) : 0.0f;
   const float rs = A.isa == 2 && sign_on ? sign_scale(A.rt, in.rt.numel()) : 0.0f;
@@ -1691,11 +1716,11 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
     A.rsa = uniform_scale(A.rt, in.rt.numel());
   }
   if (A.lsa > 0.0f) {
-    lw_amx = amx_pack(A.lt, A.O, p, f32_amx);
+    lw_amx = amx_pack(A.lt, A.O, p, split_amx);
     A.lw_amx = lw_amx.data();
   }
   if (A.rsa > 0.0f) {
-    rw_amx = amx_pack(A.rt, A.I, p, f32_amx);
+    rw_amx = amx_pack(A.rt, A.I, p, split_amx);
     A.rw_amx = rw_amx.data();
   }
 #endif
@@ -1715,9 +1740,9 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
   const bool tile32 = tile_env && std::strcmp(tile_env, "32") == 0   ? true
                       : tile_env && std::strcmp(tile_env, "16") == 0 ? false
                                                                       : p <= 32;
-  if ((A.lw_amx || A.rw_amx) && !f32_amx && A.tile == kFMR && tile32) A.tile = kAmxTile;
-  A.lpf_amx = A.lw_amx && !f32_amx && amx_prefetch(A.O, A.ldg, p, A.tile);  // bfloat16 rows only
-  A.rpf_amx = A.rw_amx && !f32_amx && amx_prefetch(A.I, A.lda, p, A.tile);
+  if ((A.lw_amx || A.rw_amx) && !split_amx && A.tile == kFMR && tile32) A.tile = kAmxTile;
+  A.lpf_amx = A.lw_amx && !split_amx && amx_prefetch(A.O, A.ldg, p, A.tile);  // bfloat16 rows only
+  A.rpf_amx = A.rw_amx && !split_amx && amx_prefetch(A.I, A.lda, p, A.tile);
 #endif
   const auto item = in.a.scalar_type() == at::kBFloat16 ? &factored_item<c10::BFloat16>
                     : in.a.scalar_type() == at::kHalf   ? &factored_item<c10::Half>
