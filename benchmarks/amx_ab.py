@@ -12,7 +12,7 @@ Prints, per shape, both medians and the per-round ratio AMX / FMA (p20, p50, p80
 whole ``factored_project`` call, both paths. 2 threads. On a CPU without AMX-BF16 both columns time the same
 kernel (the script says so). --p: the projection size (16, 32 or 64: the sizes the AMX path takes; at 32 the
 tiles hold the signs and the sums are scaled by 1/sqrt(32) once). --dtype float32: the float32 AMX path (p = 32,
-64 from session 29: each value split into three bfloat16 parts), against the FMA kernel and bergson's float32
+64 from session 29, 16 from session 30: each value split into three bfloat16 parts), against the FMA kernel and bergson's float32
 hooks; --dtype float16 likewise (p = 16, 32, 64 from session 30, two parts).
 
 --prefetch: instead, the AMX path with and without its prefetch of the next tile's rows
@@ -89,8 +89,6 @@ def main():
                                 args.rounds, dtype=torch.bfloat16, p=p)
         return
     dt = getattr(torch, args.dtype)
-    if dt == torch.float32 and p == 16:
-        print("float32 at p = 16 stays on the FMA kernel: both columns run the same kernel")
     for width, nb, T, a, g, lt, rt, op in bc.ab_layers(dt, torch.Generator().manual_seed(5), p):
         fns = {"fma": with_env(AMX, "0", op), "amx": with_env(AMX, "1", op)}
         exact = torch.einsum("btp,btq->bpq", (g.double() @ lt.double()).view(nb, T, p),

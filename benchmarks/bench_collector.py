@@ -269,13 +269,14 @@ def run(rec, quick: bool = False) -> None:
                   "native bf16 input, fp32 arithmetic") + f"; rel. error vs float64 {rel(outb):.1e}")
     rec.add(FAMILY, op, "gradkit (a.float())", wl, dtb,
             rec.time(lambda: factored_project(ab.float(), gb.float(), P, seed=0, name="lin")),
-            note="the same after converting a and g to float32 first (the old path)")
+            note="the same after converting a and g to float32 first (the old path; on AMX CPUs float32 takes the "
+                 "split AMX path since session 30)")
     if amx:
         from harness import with_env
 
         gk_fma = with_env("GRADKIT_FACTORED_AMX", "0", lambda: factored_project(ab, gb, P, seed=0, name="lin"))
         rec.add(FAMILY, op, "gradkit (GRADKIT_FACTORED_AMX=0)", wl, dtb, rec.time(gk_fma),
-                note=f"the FMA kernel, the bits of the a.float() call; rel. error vs float64 {rel(gk_fma()):.1e}")
+                note=f"the FMA kernel, the bits of the a.float() call under the same setting; rel. error vs float64 {rel(gk_fma()):.1e}")
     linb = nn.Linear(D, D).to(dev, torch.bfloat16)
     bcolb = _bergson(_Wrap(linb))
     if bcolb is not None:

@@ -520,8 +520,8 @@ def _has_amx():
        left_gauss=st.booleans(), dtype=st.sampled_from([torch.bfloat16, torch.float32, torch.float16]))
 def test_amx_matches_reference(B, T, I, O, p, seed, rb, mask, left_gauss, dtype):
     """The AMX path (the default on AMX CPUs; GRADKIT_FACTORED_AMX=1 asks for it, =0 turns it off): bfloat16 a / g
-    at p = 16, 32, 64, float32 ones at p = 32, 64 (each value split into three bfloat16 parts, skinny_amx_split;
-    at p = 16 float32 stays on the FMA kernel) and float16 ones at p = 16, 32, 64 (two parts) run TDPBF16PS for each side whose matrix is +-s (the signs in the
+    at p = 16, 32, 64, float32 ones (each value split into three bfloat16 parts, skinny_amx_split; p = 32, 64 from
+    session 29, 16 from session 30) and float16 ones (two parts) likewise run TDPBF16PS for each side whose matrix is +-s (the signs in the
     tiles, s applied to the sums; a Gaussian side stays on the FMA kernel). Its own bits, so: the reference's
     values within float32 summation error, whatever the tails (16-token tiles, features rounded up to 32, p / 16
     blocks of outputs), masks and bias column. Elsewhere (no AMX) the setting changes nothing, bit for bit; unset,
@@ -545,7 +545,7 @@ def test_amx_matches_reference(B, T, I, O, p, seed, rb, mask, left_gauss, dtype)
 
 
 @pytest.mark.parametrize("dtype,p", [(torch.bfloat16, 16), (torch.bfloat16, 32), (torch.bfloat16, 64),
-                                     (torch.float32, 32), (torch.float32, 64),
+                                     (torch.float32, 16), (torch.float32, 32), (torch.float32, 64),
                                      (torch.float16, 16), (torch.float16, 32), (torch.float16, 64)])
 def test_amx_taken_and_exact_products(dtype, p):
     """On an AMX CPU the path is taken (some sums round differently from the FMA chain: 8192 tokens x 1000
@@ -585,7 +585,7 @@ def test_amx_taken_and_exact_products(dtype, p):
     assert torch.equal(torch.isinf(on), torch.isinf(want))
 
 
-@pytest.mark.parametrize("dtype,p", [(torch.bfloat16, 16), (torch.float32, 32)])
+@pytest.mark.parametrize("dtype,p", [(torch.bfloat16, 16), (torch.float32, 16), (torch.float32, 32)])
 def test_amx_suspect_rows_take_fma_bits(dtype, p):
     """Rows the AMX path cannot stand for are recomputed with the FMA kernel (csrc/cpu/projection.cpp
     amx_scale_rows): a side's row whose projection is below 2^-60 everywhere (TDPBF16PS reads denormal bfloat16
@@ -717,8 +717,8 @@ def test_large_output_reused_buffer_fully_written():
     assert out.data_ptr() in ptrs  # a freed buffer was reused: the values above were written over a result
 
 
-@pytest.mark.parametrize("dtype,p", [(torch.float32, 32), (torch.float32, 64), (torch.float16, 16),
-                                     (torch.float16, 32), (torch.float16, 64)])
+@pytest.mark.parametrize("dtype,p", [(torch.float32, 16), (torch.float32, 32), (torch.float32, 64),
+                                     (torch.float16, 16), (torch.float16, 32), (torch.float16, 64)])
 def test_amx_split_keeps_every_bit(dtype, p):
     """The split into bfloat16 parts loses nothing: with one nonzero feature per token and one-hot g, every sum is
     a single term, and the AMX path must give the FMA kernel's bits exactly (both round x s once, then share the

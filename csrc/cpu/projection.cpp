@@ -1402,7 +1402,11 @@ __attribute__((target("amx-tile,amx-bf16"))) uint32_t skinny_amx(const c10::BFlo
 // next tile's rows, as the bfloat16 path has, measured 0.98-1.05x here and is left out. Rows where
 // amx_scale_rows says an AMX result may not stand (a part below 2^-126 is read as zero, an inf splits into NaN)
 // are recomputed by the FMA kernel as on the bfloat16 path. The split (benchmarks/micro/amx_f32.cpp, session 28)
-// did not pay at p = 16, where the FMA kernel needs one FMA per value and side.
+// did not pay at p = 16, where the FMA kernel needs one FMA per value and side (0.84-1.03x its time, session 28).
+// Session 30 measured this kernel (three rotating buffers, sign tiles prefetched into L1) at p = 16: AMX / FMA per
+// round 0.98 / 1.03 (1000 features), 0.93 / 0.96 (1024), 0.81 / 0.84 (4096), 0.95 / 1.00 (8192 one-token
+// examples) in two runs, with half the error against float64 (4e-7 against 8e-7 at 1000): the default at p = 16
+// too since then, as at 32 and 64.
 
 // 16 values of row x from feature k (n of them, the rest zero) as float32; float16: widened exactly
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i amx_load16(const float* x, int64_t n) {
@@ -1563,8 +1567,10 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
                                   float* Y, const char* lo, int64_t len, auto left) {
           constexpr bool kL = decltype(left)::value;
           uint32_t bad;
-          if constexpr (std::is_same_v<E, float>)  // p = 32 or 64 (amx_on)
-            bad = p == 32 ? skinny_amx_split<3, 2>(x, mr, K, wp, sa, Y) : skinny_amx_split<3, 4>(x, mr, K, wp, sa, Y);
+          if constexpr (std::is_same_v<E, float>)  // p = 16, 32 or 64
+            bad = p == 16   ? skinny_amx_split<3, 1>(x, mr, K, wp, sa, Y)
+                  : p == 32 ? skinny_amx_split<3, 2>(x, mr, K, wp, sa, Y)
+                            : skinny_amx_split<3, 4>(x, mr, K, wp, sa, Y);
           else if constexpr (std::is_same_v<E, c10::Half>)  // p = 16, 32 or 64
             bad = p == 16   ? skinny_amx_split<2, 1>(x, mr, K, wp, sa, Y)
                   : p == 32 ? skinny_amx_split<2, 2>(x, mr, K, wp, sa, Y)
@@ -1695,15 +1701,15 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
                                                                       : cpu_is_amd();
   // The AMX path (its own bits, see skinny_amx): bfloat16 a / g, p = 16, 32 or 64, on an AMX CPU, for each side
   // whose matrix is +-s (uniform_scale), in place of the sign path. The default where it applies (p = 16 from session
-  // 27, 32 / 64 from session 28; float32 at 32 / 64 from session 29 and float16 at 16 / 32 / 64 from session 30, split
-  // into bfloat16 parts); GRADKIT_FACTORED_AMX=0 keeps the FMA kernel and its bits (those of the same call on
+  // 27, 32 / 64 from session 28; float32 at 32 / 64 from session 29, float16 at 16 / 32 / 64 and float32 at 16 from
+  // session 30, split into bfloat16 parts); GRADKIT_FACTORED_AMX=0 keeps the FMA kernel and its bits (those of the same call on
   // a.float(), g.float()).
   const char* amx_env = std::getenv("GRADKIT_FACTORED_AMX");
   bool amx_on = false;
 #ifdef GK_PROJ_X86
-  // skinny_amx_split: float32 at p = 32 / 64 (three parts), float16 at p = 16 / 32 / 64 (two)
-  const bool split_amx = (in.a.scalar_type() == at::kFloat && (p == 32 || p == 64)) ||
-                         (in.a.scalar_type() == at::kHalf && (p == 16 || p == 32 || p == 64));
+  // skinny_amx_split: float32 (three parts) and float16 (two) at p = 16 / 32 / 64
+  const bool split_amx = (in.a.scalar_type() == at::kFloat || in.a.scalar_type() == at::kHalf) &&
+                         (p == 16 || p == 32 || p == 64);
   amx_on = !(amx_env && std::strcmp(amx_env, "0") == 0) && A.isa == 2 &&
            ((in.a.scalar_type() == at::kBFloat16 && (p == 16 || p == 32 || p == 64)) || split_amx) && amx_ready();
 #endif
