@@ -717,6 +717,32 @@ def test_large_output_reused_buffer_fully_written():
     assert out.data_ptr() in ptrs  # a freed buffer was reused: the values above were written over a result
 
 
+def test_output_cache_switch():
+    """GRADKIT_OUT_POOL_MB caps the cache of large freed outputs (csrc/cpu/out_pool.h; default 256 MiB): 0 turns it
+    off, and large outputs are then ordinary tensors (resizable storage, like at::empty's; the cache's are not); the
+    values are the same either way. A value that is not a whole number of MiB is refused, naming the variable,
+    before any work."""
+    gen = torch.Generator().manual_seed(43)
+    B, I, O, p = 4096, 24, 20, 16  # 4 MiB out: large enough for the cache
+    a = torch.randn(B, I, generator=gen)
+    g = torch.randn(B, O, generator=gen)
+    lt = torch.randn(O, p, generator=gen)
+    rt = torch.randn(I, p, generator=gen)
+    pooled = ops.factored_project(a, g, lt, rt, None, None, 1)
+    assert not pooled.untyped_storage().resizable()  # from the cache
+    small = ops.factored_project(a[:8], g[:8], lt, rt, None, None, 1)
+    assert small.untyped_storage().resizable()  # under 4 MiB: never from the cache
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADKIT_OUT_POOL_MB", "0")
+        plain = ops.factored_project(a, g, lt, rt, None, None, 1)
+        assert plain.untyped_storage().resizable()
+        assert torch.equal(bits(plain), bits(pooled))
+        for bad in ("lots", "-1", "12MB"):
+            mp.setenv("GRADKIT_OUT_POOL_MB", bad)
+            with pytest.raises(RuntimeError, match="GRADKIT_OUT_POOL_MB"):
+                ops.factored_project(a, g, lt, rt, None, None, 1)
+
+
 @pytest.mark.parametrize("dtype,p", [(torch.float32, 16), (torch.float32, 32), (torch.float32, 64),
                                      (torch.float16, 16), (torch.float16, 32), (torch.float16, 64)])
 def test_amx_split_keeps_every_bit(dtype, p):

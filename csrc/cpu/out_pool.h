@@ -5,10 +5,13 @@
 // 3.5 ms scope_mask over 4096x4096, 2 threads). Buffers of at least kPoolMin bytes handed out
 // here go back to the cache when their tensor is freed (up to kPoolMax bytes in all, exact-size
 // reuse), so a loop that makes the same mask again reuses pages that are already mapped.
+// GRADKIT_OUT_POOL_MB=N (read per call) caps what the cache keeps at N MiB instead; 0 turns it off: outputs
+// are plain at::empty tensors (resizable storage, nothing kept after they are freed).
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <sys/mman.h>
 #include <iterator>
@@ -19,7 +22,20 @@ namespace gradkit {
 
 struct OutPool {
   static constexpr size_t kPoolMin = size_t(4) << 20;
-  static constexpr size_t kPoolMax = size_t(256) << 20;
+  static constexpr size_t kPoolMax = size_t(256) << 20;  // the default cap
+  // check: a value that is not a whole number is an error (at the op's call); unchecked (a freed tensor's
+  // deleter, which must not throw) it reads as the default
+  static size_t cap(bool check) {
+    const char* env = std::getenv("GRADKIT_OUT_POOL_MB");
+    if (env == nullptr || *env == '\0') return kPoolMax;
+    char* end = nullptr;
+    const unsigned long long mb = std::strtoull(env, &end, 10);
+    const bool ok = *end == '\0' && *env != '-' && *env != '+';
+    TORCH_CHECK(ok || !check, "GRADKIT_OUT_POOL_MB: expected a whole number of MiB (0 turns the output cache off), got '",
+                env, "'");
+    if (!ok) return kPoolMax;
+    return static_cast<size_t>(std::min<unsigned long long>(mb, 1ull << 30)) << 20;
+  }
   std::mutex mu;
   std::multimap<size_t, void*> free_blocks;
   size_t cached = 0;
@@ -39,7 +55,7 @@ inline at::Tensor pooled_empty(c10::IntArrayRef sizes, const at::TensorOptions& 
   int64_t numel = 1;
   for (auto s : sizes) numel *= s;
   const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(opt.dtype()));
-  if (bytes < OutPool::kPoolMin) return at::empty(sizes, opt);
+  if (OutPool::cap(true) == 0 || bytes < OutPool::kPoolMin) return at::empty(sizes, opt);
   OutPool& P = out_pool();
   void* p = nullptr;
   {
@@ -68,7 +84,7 @@ inline at::Tensor pooled_empty(c10::IntArrayRef sizes, const at::TensorOptions& 
       [bytes](void* q) {
         OutPool& Q = out_pool();
         std::lock_guard<std::mutex> g(Q.mu);
-        if (Q.cached + bytes <= OutPool::kPoolMax) {
+        if (Q.cached + bytes <= OutPool::cap(false)) {
           Q.free_blocks.emplace(bytes, q);
           Q.cached += bytes;
         } else {
