@@ -505,6 +505,35 @@ def test_api_half_precision_activations(backend):
               factored_project(ah.float(), gh.float(), 16, seed=1, name="fc", bias=True, mask=mask))
 
 
+def under_env(var, values, call):
+    """call() under each of ``values`` of the environment variable ``var`` in turn (None: unset); the results."""
+    outs = []
+    with pytest.MonkeyPatch.context() as mp:
+        for v in values:
+            if v is None:
+                mp.delenv(var, raising=False)
+            else:
+                mp.setenv(var, v)
+            outs.append(call())
+    return outs
+
+
+def one_hot_amx_pair(a, T, O, p):
+    """For the AMX tests whose sums must be exact: g one-hot per token (token n's output n % O, so g's projection is
+    exact on every path and each output's bits are those of a's projections), Rademacher lt / rt (seeds 1, 2), and
+    factored_project under GRADKIT_FACTORED_AMX=0 and unset (the default): (g, lt, rt, off, on)."""
+    from gradkit.projection import projection_matrix
+
+    N = a.shape[0]
+    g = torch.zeros(N, O)
+    g[torch.arange(N), torch.arange(N) % O] = 1.0
+    g = g.to(a.dtype)
+    lt = projection_matrix(p, O, seed=1).T.contiguous()
+    rt = projection_matrix(p, a.shape[1], seed=2).T.contiguous()
+    off, on = under_env("GRADKIT_FACTORED_AMX", ("0", None), lambda: ops.factored_project(a, g, lt, rt, None, None, T))
+    return g, lt, rt, off, on
+
+
 def _has_amx():
     try:
         with open("/proc/cpuinfo") as f:
@@ -531,13 +560,8 @@ def test_amx_matches_reference(B, T, I, O, p, seed, rb, mask, left_gauss, dtype)
     a, g, lt, rt, rbt, m = rademacher_args(B, T, I, O, p, seed, dtype, rb, mask)
     if left_gauss:
         lt = projection_matrix(p, O, seed=4, kind="gaussian").T.contiguous()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRADKIT_FACTORED_AMX", "0")
-        off = ops.factored_project(a, g, lt, rt, rbt, m, T)
-        mp.setenv("GRADKIT_FACTORED_AMX", "1")
-        on = ops.factored_project(a, g, lt, rt, rbt, m, T)
-        mp.delenv("GRADKIT_FACTORED_AMX")
-        default = ops.factored_project(a, g, lt, rt, rbt, m, T)
+    off, on, default = under_env("GRADKIT_FACTORED_AMX", ("0", "1", None),
+                                 lambda: ops.factored_project(a, g, lt, rt, rbt, m, T))
     close(on, ref.factored_project(a, g, lt, rt, rbt, m, T))
     assert torch.equal(bits(default), bits(on))
     if not _has_amx():
@@ -596,8 +620,6 @@ def test_amx_suspect_rows_take_fma_bits(dtype, p):
     GRADKIT_FACTORED_AMX=0 bit for bit (NaN payloads included); the example of ordinary rows stays within float32
     summation error of the reference. Without the recomputation the denormal example's output would be all zeros
     on an AMX CPU, against nonzero values here."""
-    from gradkit.projection import projection_matrix
-
     f32 = dtype == torch.float32
     gen = torch.Generator().manual_seed(11)
     B, T, I, O = 5, 20, 300, 40
@@ -610,16 +632,7 @@ def test_amx_suspect_rows_take_fma_bits(dtype, p):
     if f32:
         a[3, 12, 4] = torch.tensor(0x7F800001, dtype=torch.int32).view(torch.float32)  # NaN, payload in the low bits
     a = a.reshape(B * T, I).to(dtype)
-    g = torch.zeros(B * T, O)
-    g[torch.arange(B * T), torch.arange(B * T) % O] = 1.0
-    g = g.to(dtype)
-    lt = projection_matrix(p, O, seed=1).T.contiguous()
-    rt = projection_matrix(p, I, seed=2).T.contiguous()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRADKIT_FACTORED_AMX", "0")
-        off = ops.factored_project(a, g, lt, rt, None, None, T)
-        mp.delenv("GRADKIT_FACTORED_AMX")
-        on = ops.factored_project(a, g, lt, rt, None, None, T)
+    g, lt, rt, off, on = one_hot_amx_pair(a, T, O, p)
     assert bool((off[0] != 0).any()), "the denormal example's projection is zero: the test would not see a flush"
     for b in range(4):
         assert torch.equal(bits(on[b]), bits(off[b])), b
@@ -643,14 +656,8 @@ def test_amx_prefetch_changes_no_bits(p):
         rt = projection_matrix(p, I, seed=7).T.contiguous()
         m = torch.rand(B * T, generator=gen) > 0.2
         for mask in (None, m):
-            outs = []
-            with pytest.MonkeyPatch.context() as mp:
-                for v in ("0", "1", None):
-                    if v is None:
-                        mp.delenv("GRADKIT_AMX_PREFETCH", raising=False)
-                    else:
-                        mp.setenv("GRADKIT_AMX_PREFETCH", v)
-                    outs.append(bits(ops.factored_project(a, g, lt, rt, None, mask, T)))
+            outs = under_env("GRADKIT_AMX_PREFETCH", ("0", "1", None),
+                             lambda: bits(ops.factored_project(a, g, lt, rt, None, mask, T)))
             assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), (I, O, mask is None)
             close(outs[0].view(torch.float32), ref.factored_project(a, g, lt, rt, None, mask, T))
 
@@ -680,13 +687,8 @@ def test_amx_two_tiles_change_no_bits(p):
             rt = projection_matrix(p, I, seed=9).T.contiguous()
             m = torch.rand(B * T, generator=gen) > 0.3
             for mask in (None, m):
-                with pytest.MonkeyPatch.context() as mp:
-                    mp.setenv("GRADKIT_AMX_TILE", "16")
-                    one = ops.factored_project(a, g, lt, rt, None, mask, T)
-                    mp.setenv("GRADKIT_AMX_TILE", "32")
-                    two = ops.factored_project(a, g, lt, rt, None, mask, T)
-                    mp.delenv("GRADKIT_AMX_TILE")
-                    default = ops.factored_project(a, g, lt, rt, None, mask, T)
+                one, two, default = under_env("GRADKIT_AMX_TILE", ("16", "32", None),
+                                              lambda: ops.factored_project(a, g, lt, rt, None, mask, T))
                 assert torch.equal(bits(one), bits(two)), (I, O, B, T, sliced, mask is None)
                 assert torch.equal(bits(one), bits(default)), (I, O, B, T, sliced, mask is None)
                 close(two, ref.factored_project(a, g, lt, rt, None, mask, T))
@@ -788,8 +790,6 @@ def test_amx_float16_nonfinite_and_zero_rows_take_fma_bits():
     GRADKIT_FACTORED_AMX=0 bits (NaN payloads and signs included); an example of ordinary rows stays within
     float32 summation error of the reference. Subnormal float16 inputs need no recomputation (each part is a
     normal bfloat16): that example matches the reference too."""
-    from gradkit.projection import projection_matrix
-
     gen = torch.Generator().manual_seed(12)
     B, T, I, O, p = 5, 20, 300, 40, 16
     a = torch.randn(B, T, I, generator=gen).half()
@@ -800,16 +800,7 @@ def test_amx_float16_nonfinite_and_zero_rows_take_fma_bits():
     a[2] = (torch.randn(T, I, generator=gen) * 2.0 ** -20).half()  # float16 subnormals
     assert bool((a[2] != 0).any()) and bool((a[2].abs() < 2.0 ** -14).all())
     a = a.reshape(B * T, I)
-    g = torch.zeros(B * T, O)
-    g[torch.arange(B * T), torch.arange(B * T) % O] = 1.0
-    g = g.half()
-    lt = projection_matrix(p, O, seed=1).T.contiguous()
-    rt = projection_matrix(p, I, seed=2).T.contiguous()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRADKIT_FACTORED_AMX", "0")
-        off = ops.factored_project(a, g, lt, rt, None, None, T)
-        mp.delenv("GRADKIT_FACTORED_AMX")
-        on = ops.factored_project(a, g, lt, rt, None, None, T)
+    g, lt, rt, off, on = one_hot_amx_pair(a, T, O, p)
     assert bool(torch.isnan(off[1]).any()), "the non-finite example has no NaN: the test would not see a split inf"
     for b in range(2):
         assert torch.equal(bits(on[b]), bits(off[b])), b

@@ -62,7 +62,8 @@ int main(int argc, char** argv) {
     }
   };
   // B: 32 tokens x 32 outputs per pass, two passes: acc 0,1 (tile a), 2,3 (tile b); x 4,5; W 6,7
-  auto B = [&] {
+  // B (pd = 0) and D (pd = steps ahead of the L1 prefetch of the rows)
+  const auto BD = [&](int pd) {
     for (int t = 0; t < N; t += 32) {
       const uint16_t* x0 = x.data() + (size_t)t * LD;
       const uint16_t* x1 = x0 + (size_t)16 * LD;
@@ -71,33 +72,8 @@ int main(int argc, char** argv) {
         const uint16_t* w1 = w0 + kpad * 16;
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
         for (int k = 0; k < kmain; k += 32) {
-          _tile_loadd(4, x0 + k, LD * 2);
-          _tile_loadd(6, w0 + k * 16, 64);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_loadd(7, w1 + k * 16, 64);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_loadd(5, x1 + k, LD * 2);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-        }
-        float* yy = y.data() + (size_t)t * P + c * 32;
-        _tile_stored(0, yy, P * 4); _tile_stored(1, yy + 16, P * 4);
-        _tile_stored(2, yy + 16 * P, P * 4); _tile_stored(3, yy + 16 * P + 16, P * 4);
-      }
-    }
-  };
-  const int PD = getenv("PD") ? atoi(getenv("PD")) : 1;  // steps ahead
-  auto D = [&] {
-    for (int t = 0; t < N; t += 32) {
-      const uint16_t* x0 = x.data() + (size_t)t * LD;
-      const uint16_t* x1 = x0 + (size_t)16 * LD;
-      for (int c = 0; c < 2; ++c) {
-        const uint16_t* w0 = wp.data() + (2 * c) * kpad * 16;
-        const uint16_t* w1 = w0 + kpad * 16;
-        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-        for (int k = 0; k < kmain; k += 32) {
-          const int kn = k + 32 * PD;
-          if (kn < kmain)
+          const int kn = k + 32 * pd;
+          if (pd > 0 && kn < kmain)
             for (int r = 0; r < 16; ++r) { _mm_prefetch((const char*)(x0 + (size_t)r * LD + kn), _MM_HINT_T0); _mm_prefetch((const char*)(x1 + (size_t)r * LD + kn), _MM_HINT_T0); }
           _tile_loadd(4, x0 + k, LD * 2);
           _tile_loadd(6, w0 + k * 16, 64);
@@ -114,6 +90,9 @@ int main(int argc, char** argv) {
       }
     }
   };
+  const int PD = getenv("PD") ? atoi(getenv("PD")) : 1;  // steps ahead
+  auto B = [&] { BD(0); };
+  auto D = [&] { BD(PD); };
   // E: 16 tokens, 2 passes of 32 outputs, acc 0,1; double-buffered sources {2,3,4} / {5,6,7}
   auto E = [&] {
     for (int t = 0; t < N; t += 16) {
