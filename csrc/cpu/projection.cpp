@@ -1396,7 +1396,7 @@ __attribute__((target("amx-tile,amx-bf16"))) uint32_t skinny_amx(const c10::BFlo
 // of 16 rows x 32 features goes to an L1 scratch (three buffers, written two steps ahead of their tile loads),
 // pair i of a step holding features k + i and k + i + 16 (amx_pack(split = true) matches it). Tiles: 0, 1 the
 // sums of a block of 32 outputs; 2, 3, 4 hi, mid, lo; 5, 6 the two blocks' signs. p = 64: two passes of 32
-// outputs, each splitting x again (keeping the whole split, 96 KiB at 1000 features, was not tried). The next
+// outputs, each splitting x again, until session 30 (now one pass, skinny_amx_split64). The next
 // step's sign tiles are prefetched into L1 (the packed matrices, 64 / 128 KiB a side at 1000 features, live in
 // L2; session 29, 1000 x 1000: p = 32 2.6 against 2.7-2.8 ms, p = 64 4.9 against 5.3-5.5 ms); a prefetch of the
 // next tile's rows, as the bfloat16 path has, measured 0.98-1.05x here and is left out. Rows where
@@ -1442,11 +1442,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void amx_split(const
 // Split rows on AMX (float32 at p = 32, 64 from session 29: three parts; float16 at p = 16, 32, 64 from session
 // 30: two parts): amx_split's parts, each multiplied by TDPBF16PS against the same sign tiles into one sum per
 // block, so the sums are those of the input values (products exact; only TDPBF16PS's float32 accumulation rounds).
-// Tiles: 0, 1 the sums of a block of 32 outputs (p = 16: 0 alone); 2, 3 (, 4) the parts; 5, 6 the two blocks'
-// signs (p = 16: 5).
+// Tiles: 0, 1 the sums of the two blocks of 16 outputs (p = 16: 0 alone); 2, 3 (, 4) the parts; 5, 6 the two
+// blocks' signs (p = 16: 5). p = 64: skinny_amx_split64.
 template <int kParts, int kQ, typename E>
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) uint32_t skinny_amx_split(
     const E* const* X, int mr, int64_t K, const uint16_t* Wp, float s, float* Y) {
+  static_assert(kQ == 1 || kQ == 2, "p = 16 or 32");
   constexpr int64_t p = 16 * kQ;
   constexpr int kW = kQ == 1 ? 1 : 2;  // sign tiles (blocks of 16 outputs) per pass
   const int64_t kpad = (K + 31) / 32 * 32;
@@ -1489,6 +1490,83 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) uint32_t 
     _tile_stored(0, y + c, p * 4);
     if constexpr (kW == 2) _tile_stored(1, y + c + 16, p * 4);
   }
+  return amx_scale_rows(y, mr, p, s, Y);
+}
+
+// p = 64 in one pass (session 30): the four blocks' sums in 0, 1, 6, 7, the parts in 2, 3 (, 4) split once per step,
+// each block's sign tile loaded in turn (float32: into 5 alone; float16: 4 and 5 alternating). Until then p = 64 ran
+// skinny_amx_split's loop twice, 32 outputs a pass, splitting every row twice and loading the parts twice (10 tile
+// loads per 12 TDPBF16PS against 7): this one took 0.77-0.89x its time (float32) and 0.79-0.87x (float16) per round
+// over amx_ab.py's four shapes, with the same bits (each sum gets the same products in the same order).
+template <int kParts, typename E>
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) uint32_t skinny_amx_split64(
+    const E* const* X, int mr, int64_t K, const uint16_t* Wp, float s, float* Y) {
+  constexpr int64_t p = 64;
+  const int64_t kpad = (K + 31) / 32 * 32;
+  alignas(64) thread_local uint32_t buf[3][3 * 256];
+  if (mr < 16) {
+    for (auto& b : buf) std::fill(b, b + 3 * 256, 0u);
+  }
+  alignas(64) float y[16 * p];
+  const uint16_t* w0 = Wp;
+  const uint16_t* w1 = w0 + kpad * 16;
+  const uint16_t* w2 = w1 + kpad * 16;
+  const uint16_t* w3 = w2 + kpad * 16;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(6);
+  _tile_zero(7);
+  amx_split<kParts>(X, mr, 0, K, buf[0]);
+  if (kpad > 32) amx_split<kParts>(X, mr, 32, K, buf[1]);
+  int cur = 0;
+  for (int64_t k = 0; k < kpad; k += 32, cur = cur == 2 ? 0 : cur + 1) {
+    _tile_loadd(2, buf[cur], 64);
+    _tile_loadd(3, buf[cur] + 256, 64);
+    if constexpr (kParts == 3) {
+      _tile_loadd(4, buf[cur] + 512, 64);
+      _tile_loadd(5, w0 + k * 16, 64);
+      _tile_dpbf16ps(0, 2, 5);
+      _tile_dpbf16ps(0, 3, 5);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_loadd(5, w1 + k * 16, 64);
+      _tile_dpbf16ps(1, 2, 5);
+      _tile_dpbf16ps(1, 3, 5);
+      _tile_dpbf16ps(1, 4, 5);
+      _tile_loadd(5, w2 + k * 16, 64);
+      _tile_dpbf16ps(6, 2, 5);
+      _tile_dpbf16ps(6, 3, 5);
+      _tile_dpbf16ps(6, 4, 5);
+      _tile_loadd(5, w3 + k * 16, 64);
+      _tile_dpbf16ps(7, 2, 5);
+      _tile_dpbf16ps(7, 3, 5);
+      _tile_dpbf16ps(7, 4, 5);
+    } else {
+      _tile_loadd(4, w0 + k * 16, 64);
+      _tile_loadd(5, w1 + k * 16, 64);
+      _tile_dpbf16ps(0, 2, 4);
+      _tile_dpbf16ps(0, 3, 4);
+      _tile_dpbf16ps(1, 2, 5);
+      _tile_dpbf16ps(1, 3, 5);
+      _tile_loadd(4, w2 + k * 16, 64);
+      _tile_loadd(5, w3 + k * 16, 64);
+      _tile_dpbf16ps(6, 2, 4);
+      _tile_dpbf16ps(6, 3, 4);
+      _tile_dpbf16ps(7, 2, 5);
+      _tile_dpbf16ps(7, 3, 5);
+    }
+    if (k + 64 < kpad) amx_split<kParts>(X, mr, k + 64, K, buf[cur == 0 ? 2 : cur - 1]);
+    if (k + 32 < kpad)
+      for (int b = 0; b < 1024; b += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + (k + 32) * 16) + b, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w1 + (k + 32) * 16) + b, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w2 + (k + 32) * 16) + b, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w3 + (k + 32) * 16) + b, _MM_HINT_T0);
+      }
+  }
+  _tile_stored(0, y, p * 4);
+  _tile_stored(1, y + 16, p * 4);
+  _tile_stored(6, y + 32, p * 4);
+  _tile_stored(7, y + 48, p * 4);
   return amx_scale_rows(y, mr, p, s, Y);
 }
 
@@ -1570,11 +1648,11 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
           if constexpr (std::is_same_v<E, float>)  // p = 16, 32 or 64
             bad = p == 16   ? skinny_amx_split<3, 1>(x, mr, K, wp, sa, Y)
                   : p == 32 ? skinny_amx_split<3, 2>(x, mr, K, wp, sa, Y)
-                            : skinny_amx_split<3, 4>(x, mr, K, wp, sa, Y);
+                            : skinny_amx_split64<3>(x, mr, K, wp, sa, Y);
           else if constexpr (std::is_same_v<E, c10::Half>)  // p = 16, 32 or 64
             bad = p == 16   ? skinny_amx_split<2, 1>(x, mr, K, wp, sa, Y)
                   : p == 32 ? skinny_amx_split<2, 2>(x, mr, K, wp, sa, Y)
-                            : skinny_amx_split<2, 4>(x, mr, K, wp, sa, Y);
+                            : skinny_amx_split64<2>(x, mr, K, wp, sa, Y);
           else
             bad = mr > 16 ? (p == 16   ? skinny_amx2<1>(x, mr, K, wp, sa, Y, lo, len)
                              : p == 32 ? skinny_amx2<2>(x, mr, K, wp, sa, Y, lo, len)
