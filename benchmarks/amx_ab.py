@@ -22,7 +22,8 @@ and above: 16 x 128 at 4096), printing the per-round ratio on / off (below 1: th
 one the default takes.
 
 --tile: instead, the bfloat16 AMX path's 32-token tiles (``GRADKIT_AMX_TILE=32``, skinny_amx2: the default at p = 16
-and 32 from session 30) against its 16-token ones (``=16``, the default at p = 64) on bench_collector's A/B shapes: the same bits (asserted), per-round ratio
+and 32 from session 30) against its 16-token ones (``=16``, the default at p = 64) on bench_collector's A/B shapes
+(--dtype float16: the float16 path at p = 16, skinny_amx_split2; other float16 / float32 p keep 16 either way): the same bits (asserted), per-round ratio
 32 / 16; with --bergson, both against bergson's bfloat16 hooks.
 """
 import argparse
@@ -42,16 +43,17 @@ PF = "GRADKIT_AMX_PREFETCH"  # --prefetch's switch
 TILE = "GRADKIT_AMX_TILE"  # --tile's switch
 
 
-def env_ab(var: str, off: str, on: str, shapes, p: int, rounds: int, default) -> None:
-    """``var=on`` against ``var=off`` on the AMX path (bfloat16 layers of ``shapes``): the same bits (asserted),
+def env_ab(var: str, off: str, on: str, shapes, p: int, rounds: int, default, dtype=torch.bfloat16) -> None:
+    """``var=on`` against ``var=off`` on the AMX path (``dtype`` layers of ``shapes``): the same bits (asserted),
     and the per-round ratio on / off; ``default(width)`` names the setting taken when ``var`` is unset."""
-    for width, nb, T, _, _, _, _, op in bc.ab_layers(torch.bfloat16, torch.Generator().manual_seed(5), p, shapes):
+    name = str(dtype).removeprefix("torch.")
+    for width, nb, T, _, _, _, _, op in bc.ab_layers(dtype, torch.Generator().manual_seed(5), p, shapes):
         r_on, r_off = with_env(var, on, op)(), with_env(var, off, op)()
         assert torch.equal(r_on.view(torch.int32), r_off.view(torch.int32)), width  # the same bits either way
         res = time_interleaved({"off": with_env(var, off, op), "on": with_env(var, on, op)}, rounds=rounds,
                                calls=10, baseline="off")
         st = res["on"]
-        print(f"bfloat16 {width}x{width}, {nb}x{T} tokens, p={p}: {var}={off} {res['off']['p50'] * 1e3:.2f} ms, "
+        print(f"{name} {width}x{width}, {nb}x{T} tokens, p={p}: {var}={off} {res['off']['p50'] * 1e3:.2f} ms, "
               f"={on} {st['p50'] * 1e3:.2f} ms, {on} / {off} per round {st['ratio_p20']:.3f} {st['ratio_p50']:.3f} "
               f"{st['ratio_p80']:.3f}; default: {default(width)}", flush=True)
 
@@ -80,13 +82,15 @@ def main():
         prefetch_ab(p, [int(w) for w in args.widths.split(",")], args.rounds)
         return
     if args.tile:
-        env_ab(TILE, "16", "32", bc.AB_SHAPES, p, args.rounds, lambda width: "32" if p <= 32 else "16")
+        dt = getattr(torch, args.dtype)
+        tile32 = p == 16 if dt == torch.float16 else p <= 32 and dt == torch.bfloat16  # the defaults
+        env_ab(TILE, "16", "32", bc.AB_SHAPES, p, args.rounds, lambda width: "32" if tile32 else "16", dt)
         if args.bergson:
             def gk_b(a, g):
                 return factored_project(a, g, p, seed=0, name="lin")
 
             bc.bergson_hooks_ab({"tile32": with_env(TILE, "32", gk_b), "tile16": with_env(TILE, "16", gk_b)},
-                                args.rounds, dtype=torch.bfloat16, p=p)
+                                args.rounds, dtype=dt, p=p)
         return
     dt = getattr(torch, args.dtype)
     for width, nb, T, a, g, lt, rt, op in bc.ab_layers(dt, torch.Generator().manual_seed(5), p):

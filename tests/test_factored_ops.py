@@ -662,11 +662,13 @@ def test_amx_prefetch_changes_no_bits(p):
             close(outs[0].view(torch.float32), ref.factored_project(a, g, lt, rt, None, mask, T))
 
 
-@pytest.mark.parametrize("p", [16, 32, 64])
-def test_amx_two_tiles_change_no_bits(p):
+@pytest.mark.parametrize("dtype,p", [(torch.bfloat16, 16), (torch.bfloat16, 32), (torch.bfloat16, 64),
+                                     (torch.float16, 16)])
+def test_amx_two_tiles_change_no_bits(dtype, p):
     """Where the bfloat16 AMX path runs, tiles are 32 tokens at p = 16, 32 (csrc/cpu/projection.cpp skinny_amx2: two
-    16-token tiles share each sign tile load) and 16 at p = 64; GRADKIT_AMX_TILE=16 / 32 forces either. TDPBF16PS
-    computes each row alone, so both (and the default) must give the same bits: feature counts with no tail (1024), an even and an odd tail
+    16-token tiles share each sign tile load) and 16 at p = 64; GRADKIT_AMX_TILE=16 / 32 forces either; float16 at
+    p = 16 likewise (skinny_amx_split2, two parts per token tile). TDPBF16PS computes each row alone, so both (and
+    the default) must give the same bits: feature counts with no tail (1024), an even and an odd tail
     (1000, 37), fewer than 32 features (20), rows spaced wider than their length (a slice of wider tensors),
     masked tokens (tiles copied first), examples ending mid-tile (T = 37, 5) and one-token examples (partial last
     tiles of 17 to 31 rows). A copy of the wrong rows, a skipped tail or a tile stored to the wrong rows changes
@@ -678,11 +680,11 @@ def test_amx_two_tiles_change_no_bits(p):
     for I, O, B, T in cases:
         for sliced in (False, True):
             if sliced:  # rows 8 features longer than the slice read
-                a = torch.randn(B * T, I + 8, generator=gen).bfloat16()[:, :I]
-                g = torch.randn(B * T, O + 8, generator=gen).bfloat16()[:, 3:O + 3]
+                a = torch.randn(B * T, I + 8, generator=gen).to(dtype)[:, :I]
+                g = torch.randn(B * T, O + 8, generator=gen).to(dtype)[:, 3:O + 3]
             else:
-                a = torch.randn(B * T, I, generator=gen).bfloat16()
-                g = torch.randn(B * T, O, generator=gen).bfloat16()
+                a = torch.randn(B * T, I, generator=gen).to(dtype)
+                g = torch.randn(B * T, O, generator=gen).to(dtype)
             lt = projection_matrix(p, O, seed=8).T.contiguous()
             rt = projection_matrix(p, I, seed=9).T.contiguous()
             m = torch.rand(B * T, generator=gen) > 0.3

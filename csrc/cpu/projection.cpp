@@ -1493,6 +1493,48 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) uint32_t 
   return amx_scale_rows(y, mr, p, s, Y);
 }
 
+// float16 at p = 16 on 32-token tiles (16 < mr <= 32; session 30), as skinny_amx2 for bfloat16: the two token tiles'
+// parts (2, 3 and 6, 7) share each sign tile (5), 5 tile loads per 4 TDPBF16PS instead of 6; sums in 0 (rows 0-15)
+// and 1 (rows 16-31). Each row's sum gets the same products in the same order as in skinny_amx_split<2, 1>: the
+// same bits. (float32's three parts a tile would need 9 tiles.)
+template <typename E>
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) uint32_t skinny_amx_split2(
+    const E* const* X, int mr, int64_t K, const uint16_t* Wp, float s, float* Y) {
+  constexpr int64_t p = 16;
+  const int64_t kpad = (K + 31) / 32 * 32;
+  const int mb = mr - 16;  // rows of the second token tile
+  alignas(64) thread_local uint32_t buf[3][2][2 * 256];  // step, token tile, parts
+  if (mb < 16)
+    for (auto& b : buf) std::fill(b[1], b[1] + 2 * 256, 0u);
+  alignas(64) float y[32 * p];
+  const auto split = [&](int64_t k, int b) {
+    amx_split<2>(X, 16, k, K, buf[b][0]);
+    amx_split<2>(X + 16, mb, k, K, buf[b][1]);
+  };
+  _tile_zero(0);
+  _tile_zero(1);
+  split(0, 0);
+  if (kpad > 32) split(32, 1);
+  int cur = 0;
+  for (int64_t k = 0; k < kpad; k += 32, cur = cur == 2 ? 0 : cur + 1) {
+    _tile_loadd(2, buf[cur][0], 64);
+    _tile_loadd(3, buf[cur][0] + 256, 64);
+    _tile_loadd(5, Wp + k * 16, 64);
+    _tile_dpbf16ps(0, 2, 5);
+    _tile_dpbf16ps(0, 3, 5);
+    _tile_loadd(6, buf[cur][1], 64);
+    _tile_loadd(7, buf[cur][1] + 256, 64);
+    _tile_dpbf16ps(1, 6, 5);
+    _tile_dpbf16ps(1, 7, 5);
+    if (k + 64 < kpad) split(k + 64, cur == 0 ? 2 : cur - 1);
+    if (k + 32 < kpad)
+      for (int b = 0; b < 1024; b += 64) _mm_prefetch(reinterpret_cast<const char*>(Wp + (k + 32) * 16) + b, _MM_HINT_T0);
+  }
+  _tile_stored(0, y, p * 4);
+  _tile_stored(1, y + 16 * p, p * 4);
+  return amx_scale_rows(y, mr, p, s, Y);
+}
+
 // p = 64 in one pass (session 30): the four blocks' sums in 0, 1, 6, 7, the parts in 2, 3 (, 4) split once per step,
 // each block's sign tile loaded in turn (float32: into 5 alone; float16: 4 and 5 alternating). Until then p = 64 ran
 // skinny_amx_split's loop twice, 32 outputs a pass, splitting every row twice and loading the parts twice (10 tile
@@ -1650,7 +1692,7 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
                   : p == 32 ? skinny_amx_split<3, 2>(x, mr, K, wp, sa, Y)
                             : skinny_amx_split64<3>(x, mr, K, wp, sa, Y);
           else if constexpr (std::is_same_v<E, c10::Half>)  // p = 16, 32 or 64
-            bad = p == 16   ? skinny_amx_split<2, 1>(x, mr, K, wp, sa, Y)
+            bad = p == 16   ? (mr > 16 ? skinny_amx_split2(x, mr, K, wp, sa, Y) : skinny_amx_split<2, 1>(x, mr, K, wp, sa, Y))
                   : p == 32 ? skinny_amx_split<2, 2>(x, mr, K, wp, sa, Y)
                             : skinny_amx_split64<2>(x, mr, K, wp, sa, Y);
           else
@@ -1819,12 +1861,14 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
   // amx_ab.py --tile --rounds 9, per-round median 32 / 16, against 16-token tiles with their amx_prefetch rule):
   // p = 16 0.92-0.97, p = 32 0.91-0.97 over the four A/B shapes; p = 64 0.99-1.06 (0.93-1.01 in another run):
   // there each 32-token pass reads its 32 rows again (64 KiB at 1000 features, past L1), which costs what the
-  // sign loads saved, so p = 64 keeps 16-token tiles.
+  // sign loads saved, so p = 64 keeps 16-token tiles. float16 at p = 16 likewise (skinny_amx_split2); the other split
+  // paths have no room in the 8 tiles for two token tiles.
   const char* tile_env = std::getenv("GRADKIT_AMX_TILE");
   const bool tile32 = tile_env && std::strcmp(tile_env, "32") == 0   ? true
                       : tile_env && std::strcmp(tile_env, "16") == 0 ? false
                                                                       : p <= 32;
-  if ((A.lw_amx || A.rw_amx) && !split_amx && A.tile == kFMR && tile32) A.tile = kAmxTile;
+  const bool half16 = in.a.scalar_type() == at::kHalf && p == 16;  // skinny_amx_split2
+  if ((A.lw_amx || A.rw_amx) && (!split_amx || half16) && A.tile == kFMR && tile32) A.tile = kAmxTile;
   A.lpf_amx = A.lw_amx && !split_amx && amx_prefetch(A.O, A.ldg, p, A.tile);  // bfloat16 rows only
   A.rpf_amx = A.rw_amx && !split_amx && amx_prefetch(A.I, A.lda, p, A.tile);
 #endif
