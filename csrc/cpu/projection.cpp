@@ -1566,22 +1566,17 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) uint32_t 
     _tile_loadd(3, buf[cur] + 256, 64);
     if constexpr (kParts == 3) {
       _tile_loadd(4, buf[cur] + 512, 64);
-      _tile_loadd(5, w0 + k * 16, 64);
-      _tile_dpbf16ps(0, 2, 5);
-      _tile_dpbf16ps(0, 3, 5);
-      _tile_dpbf16ps(0, 4, 5);
-      _tile_loadd(5, w1 + k * 16, 64);
-      _tile_dpbf16ps(1, 2, 5);
-      _tile_dpbf16ps(1, 3, 5);
-      _tile_dpbf16ps(1, 4, 5);
-      _tile_loadd(5, w2 + k * 16, 64);
-      _tile_dpbf16ps(6, 2, 5);
-      _tile_dpbf16ps(6, 3, 5);
-      _tile_dpbf16ps(6, 4, 5);
-      _tile_loadd(5, w3 + k * 16, 64);
-      _tile_dpbf16ps(7, 2, 5);
-      _tile_dpbf16ps(7, 3, 5);
-      _tile_dpbf16ps(7, 4, 5);
+// block W's signs into tile 5, then its three parts' products into sum tile C (tile numbers must be literals)
+#define GK_SPLIT3_BLOCK(C, W)       \
+  _tile_loadd(5, W + k * 16, 64); \
+  _tile_dpbf16ps(C, 2, 5);          \
+  _tile_dpbf16ps(C, 3, 5);          \
+  _tile_dpbf16ps(C, 4, 5)
+      GK_SPLIT3_BLOCK(0, w0);
+      GK_SPLIT3_BLOCK(1, w1);
+      GK_SPLIT3_BLOCK(6, w2);
+      GK_SPLIT3_BLOCK(7, w3);
+#undef GK_SPLIT3_BLOCK
     } else {
       _tile_loadd(4, w0 + k * 16, 64);
       _tile_loadd(5, w1 + k * 16, 64);
