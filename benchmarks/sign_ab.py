@@ -9,7 +9,7 @@ Prints, per shape, the FMA kernel's median time and the per-round ratio sign / F
 is faster). With --bergson, also bergson 2.5.1's hooks on the 1000 x 1000 layer (gradkit's whole
 ``factored_project`` call, both paths) and the per-round ratios bergson / gradkit. 2 threads. The sign path
 is taken on AVX-512 CPUs only; elsewhere both columns time the same kernel. GRADKIT_FACTORED_AMX=0 throughout:
-on AMX CPUs the AMX path would otherwise run bfloat16 in both columns.
+on AMX CPUs the AMX path would otherwise run both columns (every dtype at p = 16 since session 30).
 """
 import argparse
 import os
@@ -33,7 +33,8 @@ def main():
     ap.add_argument("--bergson", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    # the AMX path (the default for bfloat16 at p = 16 on AMX CPUs) would stand in for both columns there
+    # the AMX path (the default at p = 16 on AMX CPUs: bfloat16, and float32 / float16 since session 30) would stand
+    # in for both columns there
     os.environ["GRADKIT_FACTORED_AMX"] = "0"
     gen = torch.Generator().manual_seed(5)
     for name in args.dtypes.split(","):
