@@ -12,19 +12,19 @@ Prints, per shape, both medians and the per-round ratio AMX / FMA (p20, p50, p80
 whole ``factored_project`` call, both paths. 2 threads. On a CPU without AMX-BF16 both columns time the same
 kernel (the script says so). --p: the projection size (16, 32 or 64: the sizes the AMX path takes; at 32 the
 tiles hold the signs and the sums are scaled by 1/sqrt(32) once). --dtype float32: the float32 AMX path (p = 32,
-64 from session 29, 16 from session 30: each value split into three bfloat16 parts), against the FMA kernel and bergson's float32
-hooks; --dtype float16 likewise (p = 16, 32, 64 from session 30, two parts).
+64 from session 29, 16 from session 30: each value split into three bfloat16 parts), against the FMA kernel and
+bergson's float32 hooks; --dtype float16 likewise (p = 16, 32, 64 from session 30, two parts).
 
 --prefetch: instead, the AMX path with and without its prefetch of the next tile's rows
-(``GRADKIT_AMX_PREFETCH=1`` against ``=0``; the default picks one per side by width and p, see amx_prefetch in
-csrc/cpu/projection.cpp), bfloat16 width x width layers, 8192 tokens in examples of 128 (fewer examples at 2048
-and above: 16 x 128 at 4096), printing the per-round ratio on / off (below 1: the prefetch is faster) and which
-one the default takes.
+(``GRADKIT_AMX_PREFETCH=1`` against ``=0``; the default picks one per side by width, p and tile size, see
+amx_prefetch in csrc/cpu/projection.cpp), bfloat16 width x width layers, 8192 tokens in examples of 128 (fewer
+examples at 2048 and above: 16 x 128 at 4096), printing the per-round ratio on / off (below 1: the prefetch is
+faster) and which one the default takes.
 
 --tile: instead, the bfloat16 AMX path's 32-token tiles (``GRADKIT_AMX_TILE=32``, skinny_amx2: the default at p = 16
 and 32 from session 30) against its 16-token ones (``=16``, the default at p = 64) on bench_collector's A/B shapes
-(--dtype float16: the float16 path at p = 16, skinny_amx_split2; other float16 / float32 p keep 16 either way): the same bits (asserted), per-round ratio
-32 / 16; with --bergson, both against bergson's bfloat16 hooks.
+(--dtype float16: the float16 path at p = 16, skinny_amx_split2; other float16 / float32 p keep 16 either way):
+the same bits (asserted), per-round ratio 32 / 16; with --bergson, both against bergson's hooks in that dtype.
 """
 import argparse
 import os
@@ -60,8 +60,8 @@ def env_ab(var: str, off: str, on: str, shapes, p: int, rounds: int, default, dt
 
 def prefetch_ab(p: int, widths, rounds: int) -> None:
     shapes = [(width, max(1, min(64, 64 * 1024 // width)), 128) for width in widths]
-    env_ab(PF, "0", "1", shapes, p, rounds,  # amx_prefetch's rule
-           lambda width: "1" if width < 2048 and (p == 64 or width * 2 % 64 != 0) else "0")
+    # amx_prefetch's rule: only with 16-token tiles (at p = 64 by default; 32-token tiles at p = 16 / 32)
+    env_ab(PF, "0", "1", shapes, p, rounds, lambda width: "1" if p == 64 and width < 2048 else "0")
 
 
 def main():

@@ -276,7 +276,8 @@ def run(rec, quick: bool = False) -> None:
 
         gk_fma = with_env("GRADKIT_FACTORED_AMX", "0", lambda: factored_project(ab, gb, P, seed=0, name="lin"))
         rec.add(FAMILY, op, "gradkit (GRADKIT_FACTORED_AMX=0)", wl, dtb, rec.time(gk_fma),
-                note=f"the FMA kernel, the bits of the a.float() call under the same setting; rel. error vs float64 {rel(gk_fma()):.1e}")
+                note=f"the FMA kernel, the bits of the a.float() call under the same setting; rel. error vs float64 "
+                     f"{rel(gk_fma()):.1e}")
     linb = nn.Linear(D, D).to(dev, torch.bfloat16)
     bcolb = _bergson(_Wrap(linb))
     if bcolb is not None:

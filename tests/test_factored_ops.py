@@ -550,11 +550,11 @@ def _has_amx():
 def test_amx_matches_reference(B, T, I, O, p, seed, rb, mask, left_gauss, dtype):
     """The AMX path (the default on AMX CPUs; GRADKIT_FACTORED_AMX=1 asks for it, =0 turns it off): bfloat16 a / g
     at p = 16, 32, 64, float32 ones (each value split into three bfloat16 parts, skinny_amx_split; p = 32, 64 from
-    session 29, 16 from session 30) and float16 ones (two parts) likewise run TDPBF16PS for each side whose matrix is +-s (the signs in the
-    tiles, s applied to the sums; a Gaussian side stays on the FMA kernel). Its own bits, so: the reference's
-    values within float32 summation error, whatever the tails (16-token tiles, features rounded up to 32, p / 16
-    blocks of outputs), masks and bias column. Elsewhere (no AMX) the setting changes nothing, bit for bit; unset,
-    the result is that of =1 (the default), bit for bit."""
+    session 29, 16 from session 30) and float16 ones (two parts) likewise run TDPBF16PS for each side whose matrix
+    is +-s (the signs in the tiles, s applied to the sums; a Gaussian side stays on the FMA kernel). Its own bits,
+    so: the reference's values within float32 summation error, whatever the tails (16- and 32-token tiles,
+    features rounded up to 32, p / 16 blocks of outputs), masks and bias column. Elsewhere (no AMX) the setting
+    changes nothing, bit for bit; unset, the result is that of =1 (the default), bit for bit."""
     from gradkit.projection import projection_matrix
 
     a, g, lt, rt, rbt, m = rademacher_args(B, T, I, O, p, seed, dtype, rb, mask)
@@ -575,9 +575,9 @@ def test_amx_taken_and_exact_products(dtype, p):
     """On an AMX CPU the path is taken (some sums round differently from the FMA chain: 8192 tokens x 1000
     features gave ~27% of entries an ulp apart) and stays as close to float64 as the FMA kernel (relative 1e-6);
     values in every binade of +-2^-60 .. 2^60 (bfloat16: products exact, no denormals; float32: split into three
-    bfloat16 parts; float16: its binades 2^-24 .. 2^11, subnormals included, in two parts). Not on AMX: the same bits. Non-finite entries: the same NaN / inf positions as the
-    reference. p = 32: +-1/sqrt(32) is not a bfloat16 value; the tiles take the signs and the sums are scaled
-    once."""
+    bfloat16 parts; float16: its binades 2^-24 .. 2^11, subnormals included, in two parts). Not on AMX: the same
+    bits. Non-finite entries: the same NaN / inf positions as the reference. p = 32: +-1/sqrt(32) is not a
+    bfloat16 value; the tiles take the signs and the sums are scaled once."""
     from gradkit.projection import projection_matrix
 
     gen = torch.Generator().manual_seed(3)

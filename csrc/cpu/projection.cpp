@@ -1223,10 +1223,9 @@ __attribute__((target("avx512f"))) uint32_t amx_scale_rows(const float* y, int m
 // read where they lie goes through a 32-feature zero-padded copy. Returns amx_scale_rows's mask of the rows the
 // FMA kernel must redo.
 template <int kQ>
-__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw"))) uint32_t skinny_amx2(const c10::BFloat16* const* X, int mr,
-                                                                                   int64_t K, const uint16_t* Wp,
-                                                                                   float s, float* Y, const char* pf,
-                                                                                   int64_t pf_bytes) {
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw"))) uint32_t skinny_amx2(
+    const c10::BFloat16* const* X, int mr, int64_t K, const uint16_t* Wp, float s, float* Y, const char* pf,
+    int64_t pf_bytes) {
   constexpr int64_t p = 16 * kQ;
   const int64_t kmain = K / 32 * 32, kpad = (K + 31) / 32 * 32, tail = K - kmain;
   thread_local std::vector<uint16_t> xs[2];
@@ -1410,7 +1409,8 @@ __attribute__((target("amx-tile,amx-bf16"))) uint32_t skinny_amx(const c10::BFlo
 
 // 16 values of row x from feature k (n of them, the rest zero) as float32; float16: widened exactly
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i amx_load16(const float* x, int64_t n) {
-  return _mm512_castps_si512(n >= 16 ? _mm512_loadu_ps(x) : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), x));
+  return _mm512_castps_si512(n >= 16 ? _mm512_loadu_ps(x)
+                                     : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), x));
 }
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i amx_load16(const c10::Half* x, int64_t n) {
   const __m256i h = n >= 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))
@@ -1432,64 +1432,80 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void amx_split(const
       // pair i = (feature k + i: the low half, k + i + 16: the high half): (v1 & keep) | (v0 >> 16)
       _mm512_store_si512(buf + q * 256 + r * 16, _mm512_ternarylogic_epi32(v1, keep, _mm512_srli_epi32(v0, 16), 0xEA));
       if (q + 1 < kParts) {  // the rest, exact: x minus its leading 8 significant bits
-        v0 = _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(v0), _mm512_castsi512_ps(_mm512_and_si512(v0, keep))));
-        v1 = _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(v1), _mm512_castsi512_ps(_mm512_and_si512(v1, keep))));
+        const auto rest = [keep](__m512i v) __attribute__((target("avx512f"))) {
+          const __m512 lead = _mm512_castsi512_ps(_mm512_and_si512(v, keep));
+          return _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(v), lead));
+        };
+        v0 = rest(v0);
+        v1 = rest(v1);
       }
     }
   }
 }
 
-// Split rows on AMX (float32 at p = 32, 64 from session 29: three parts; float16 at p = 16, 32, 64 from session
-// 30: two parts): amx_split's parts, each multiplied by TDPBF16PS against the same sign tiles into one sum per
-// block, so the sums are those of the input values (products exact; only TDPBF16PS's float32 accumulation rounds).
-// Tiles: 0, 1 the sums of the two blocks of 16 outputs (p = 16: 0 alone); 2, 3 (, 4) the parts; 5, 6 the two
-// blocks' signs (p = 16: 5). p = 64: skinny_amx_split64.
+// The split paths' scratch: three steps' parts (16 rows x 16 pairs per part, up to three parts), rows past mr
+// zeroed (their sums are not read, but no stale NaN or denormal goes in).
+inline uint32_t (&split_scratch(int mr))[3][3 * 256] {
+  alignas(64) thread_local uint32_t buf[3][3 * 256];
+  if (mr < 16)
+    for (auto& b : buf) std::fill(b, b + 3 * 256, 0u);
+  return buf;
+}
+
+// The split paths' step loop: step(k, b) for each step of 32 features k, scratch b (of three) holding that step's
+// parts, which split(k, b) wrote two steps ahead (a step's tile loads would otherwise wait on the stores just made,
+// while the TDPBF16PS of the step before run); then the next step's sign tiles of the first nsign blocks of Wp are
+// prefetched into L1 (1 KiB a block; the packed matrices live in L2).
+template <typename Split, typename Step>
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) inline void split_steps(
+    int64_t kpad, const uint16_t* Wp, int nsign, const Split& split, const Step& step) {
+  split(0, 0);
+  if (kpad > 32) split(32, 1);
+  int cur = 0;
+  for (int64_t k = 0; k < kpad; k += 32, cur = cur == 2 ? 0 : cur + 1) {
+    step(k, cur);
+    if (k + 64 < kpad) split(k + 64, cur == 0 ? 2 : cur - 1);
+    if (k + 32 < kpad)
+      for (int j = 0; j < nsign; ++j)
+        for (int b = 0; b < 1024; b += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(Wp + (j * kpad + k + 32) * 16) + b, _MM_HINT_T0);
+  }
+}
+
+// Split rows on AMX (float32 three parts, float16 two; p = 16, 32 here, 64 in skinny_amx_split64): amx_split's
+// parts, each multiplied by TDPBF16PS against the same sign tiles into one sum per block, so the sums are those of
+// the input values (products exact; only TDPBF16PS's float32 accumulation rounds). Tiles: 0, 1 the sums of the
+// blocks of 16 outputs (p = 16: 0 alone); 2, 3 (, 4) the parts; 5, 6 the blocks' signs (p = 16: 5).
 template <int kParts, int kQ, typename E>
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) uint32_t skinny_amx_split(
     const E* const* X, int mr, int64_t K, const uint16_t* Wp, float s, float* Y) {
   static_assert(kQ == 1 || kQ == 2, "p = 16 or 32");
   constexpr int64_t p = 16 * kQ;
-  constexpr int kW = kQ == 1 ? 1 : 2;  // sign tiles (blocks of 16 outputs) per pass
   const int64_t kpad = (K + 31) / 32 * 32;
-  // three steps' parts (16 rows x 16 pairs each): a step's split is written two steps ahead of its tile
-  // loads, whose reads would otherwise wait on the stores just made (the TDPBF16PS of the step run meanwhile)
-  alignas(64) thread_local uint32_t buf[3][3 * 256];
-  if (mr < 16) {  // rows past mr: zeros (their sums are not read, but no stale NaN or denormal goes in)
-    for (auto& b : buf) std::fill(b, b + 3 * 256, 0u);
-  }
+  auto& buf = split_scratch(mr);
   alignas(64) float y[16 * p];
-  for (int64_t c = 0; c < p; c += 16 * kW) {
-    const uint16_t* w0 = Wp + (c / 16) * kpad * 16;
-    const uint16_t* w1 = w0 + kpad * 16;
-    _tile_zero(0);
-    if constexpr (kW == 2) _tile_zero(1);
-    amx_split<kParts>(X, mr, 0, K, buf[0]);
-    if (kpad > 32) amx_split<kParts>(X, mr, 32, K, buf[1]);
-    int cur = 0;
-    for (int64_t k = 0; k < kpad; k += 32, cur = cur == 2 ? 0 : cur + 1) {
-      _tile_loadd(2, buf[cur], 64);
-      _tile_loadd(3, buf[cur] + 256, 64);
-      if constexpr (kParts == 3) _tile_loadd(4, buf[cur] + 512, 64);
-      _tile_loadd(5, w0 + k * 16, 64);
-      if constexpr (kW == 2) _tile_loadd(6, w1 + k * 16, 64);
-      _tile_dpbf16ps(0, 2, 5);
-      if constexpr (kW == 2) _tile_dpbf16ps(1, 2, 6);
-      _tile_dpbf16ps(0, 3, 5);
-      if constexpr (kW == 2) _tile_dpbf16ps(1, 3, 6);
-      if constexpr (kParts == 3) {
-        _tile_dpbf16ps(0, 4, 5);
-        if constexpr (kW == 2) _tile_dpbf16ps(1, 4, 6);
-      }
-      if (k + 64 < kpad) amx_split<kParts>(X, mr, k + 64, K, buf[cur == 0 ? 2 : cur - 1]);
-      if (k + 32 < kpad)  // the next step's sign tiles into L1 (1-2 KiB; the matrices live in L2)
-        for (int b = 0; b < 1024; b += 64) {
-          _mm_prefetch(reinterpret_cast<const char*>(w0 + (k + 32) * 16) + b, _MM_HINT_T0);
-          if constexpr (kW == 2) _mm_prefetch(reinterpret_cast<const char*>(w1 + (k + 32) * 16) + b, _MM_HINT_T0);
+  const uint16_t* w1 = Wp + kpad * 16;
+  _tile_zero(0);
+  if constexpr (kQ == 2) _tile_zero(1);
+  split_steps(
+      kpad, Wp, kQ, [&](int64_t k, int b) { amx_split<kParts>(X, mr, k, K, buf[b]); },
+      [&](int64_t k, int b) __attribute__((target("amx-tile,amx-bf16"))) {
+        _tile_loadd(2, buf[b], 64);
+        _tile_loadd(3, buf[b] + 256, 64);
+        if constexpr (kParts == 3) _tile_loadd(4, buf[b] + 512, 64);
+        _tile_loadd(5, Wp + k * 16, 64);
+        if constexpr (kQ == 2) _tile_loadd(6, w1 + k * 16, 64);
+        _tile_dpbf16ps(0, 2, 5);
+        if constexpr (kQ == 2) _tile_dpbf16ps(1, 2, 6);
+        _tile_dpbf16ps(0, 3, 5);
+        if constexpr (kQ == 2) _tile_dpbf16ps(1, 3, 6);
+        if constexpr (kParts == 3) {
+          _tile_dpbf16ps(0, 4, 5);
+          if constexpr (kQ == 2) _tile_dpbf16ps(1, 4, 6);
         }
-    }
-    _tile_stored(0, y + c, p * 4);
-    if constexpr (kW == 2) _tile_stored(1, y + c + 16, p * 4);
-  }
+      });
+  _tile_stored(0, y, p * 4);
+  if constexpr (kQ == 2) _tile_stored(1, y + 16, p * 4);
   return amx_scale_rows(y, mr, p, s, Y);
 }
 
@@ -1507,29 +1523,25 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) uint32_t 
   if (mb < 16)
     for (auto& b : buf) std::fill(b[1], b[1] + 2 * 256, 0u);
   alignas(64) float y[32 * p];
-  const auto split = [&](int64_t k, int b) {
-    amx_split<2>(X, 16, k, K, buf[b][0]);
-    amx_split<2>(X + 16, mb, k, K, buf[b][1]);
-  };
   _tile_zero(0);
   _tile_zero(1);
-  split(0, 0);
-  if (kpad > 32) split(32, 1);
-  int cur = 0;
-  for (int64_t k = 0; k < kpad; k += 32, cur = cur == 2 ? 0 : cur + 1) {
-    _tile_loadd(2, buf[cur][0], 64);
-    _tile_loadd(3, buf[cur][0] + 256, 64);
-    _tile_loadd(5, Wp + k * 16, 64);
-    _tile_dpbf16ps(0, 2, 5);
-    _tile_dpbf16ps(0, 3, 5);
-    _tile_loadd(6, buf[cur][1], 64);
-    _tile_loadd(7, buf[cur][1] + 256, 64);
-    _tile_dpbf16ps(1, 6, 5);
-    _tile_dpbf16ps(1, 7, 5);
-    if (k + 64 < kpad) split(k + 64, cur == 0 ? 2 : cur - 1);
-    if (k + 32 < kpad)
-      for (int b = 0; b < 1024; b += 64) _mm_prefetch(reinterpret_cast<const char*>(Wp + (k + 32) * 16) + b, _MM_HINT_T0);
-  }
+  split_steps(
+      kpad, Wp, 1,
+      [&](int64_t k, int b) {
+        amx_split<2>(X, 16, k, K, buf[b][0]);
+        amx_split<2>(X + 16, mb, k, K, buf[b][1]);
+      },
+      [&](int64_t k, int b) __attribute__((target("amx-tile,amx-bf16"))) {
+        _tile_loadd(2, buf[b][0], 64);
+        _tile_loadd(3, buf[b][0] + 256, 64);
+        _tile_loadd(5, Wp + k * 16, 64);
+        _tile_dpbf16ps(0, 2, 5);
+        _tile_dpbf16ps(0, 3, 5);
+        _tile_loadd(6, buf[b][1], 64);
+        _tile_loadd(7, buf[b][1] + 256, 64);
+        _tile_dpbf16ps(1, 6, 5);
+        _tile_dpbf16ps(1, 7, 5);
+      });
   _tile_stored(0, y, p * 4);
   _tile_stored(1, y + 16 * p, p * 4);
   return amx_scale_rows(y, mr, p, s, Y);
@@ -1545,10 +1557,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) uint32_t 
     const E* const* X, int mr, int64_t K, const uint16_t* Wp, float s, float* Y) {
   constexpr int64_t p = 64;
   const int64_t kpad = (K + 31) / 32 * 32;
-  alignas(64) thread_local uint32_t buf[3][3 * 256];
-  if (mr < 16) {
-    for (auto& b : buf) std::fill(b, b + 3 * 256, 0u);
-  }
+  auto& buf = split_scratch(mr);
   alignas(64) float y[16 * p];
   const uint16_t* w0 = Wp;
   const uint16_t* w1 = w0 + kpad * 16;
@@ -1558,48 +1567,38 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) uint32_t 
   _tile_zero(1);
   _tile_zero(6);
   _tile_zero(7);
-  amx_split<kParts>(X, mr, 0, K, buf[0]);
-  if (kpad > 32) amx_split<kParts>(X, mr, 32, K, buf[1]);
-  int cur = 0;
-  for (int64_t k = 0; k < kpad; k += 32, cur = cur == 2 ? 0 : cur + 1) {
-    _tile_loadd(2, buf[cur], 64);
-    _tile_loadd(3, buf[cur] + 256, 64);
-    if constexpr (kParts == 3) {
-      _tile_loadd(4, buf[cur] + 512, 64);
+  split_steps(
+      kpad, Wp, 4, [&](int64_t k, int b) { amx_split<kParts>(X, mr, k, K, buf[b]); },
+      [&](int64_t k, int b) __attribute__((target("amx-tile,amx-bf16"))) {
+        _tile_loadd(2, buf[b], 64);
+        _tile_loadd(3, buf[b] + 256, 64);
+        if constexpr (kParts == 3) {
+          _tile_loadd(4, buf[b] + 512, 64);
 // block W's signs into tile 5, then its three parts' products into sum tile C (tile numbers must be literals)
 #define GK_SPLIT3_BLOCK(C, W)       \
   _tile_loadd(5, W + k * 16, 64); \
   _tile_dpbf16ps(C, 2, 5);          \
   _tile_dpbf16ps(C, 3, 5);          \
   _tile_dpbf16ps(C, 4, 5)
-      GK_SPLIT3_BLOCK(0, w0);
-      GK_SPLIT3_BLOCK(1, w1);
-      GK_SPLIT3_BLOCK(6, w2);
-      GK_SPLIT3_BLOCK(7, w3);
+          GK_SPLIT3_BLOCK(0, w0);
+          GK_SPLIT3_BLOCK(1, w1);
+          GK_SPLIT3_BLOCK(6, w2);
+          GK_SPLIT3_BLOCK(7, w3);
 #undef GK_SPLIT3_BLOCK
-    } else {
-      _tile_loadd(4, w0 + k * 16, 64);
-      _tile_loadd(5, w1 + k * 16, 64);
-      _tile_dpbf16ps(0, 2, 4);
-      _tile_dpbf16ps(0, 3, 4);
-      _tile_dpbf16ps(1, 2, 5);
-      _tile_dpbf16ps(1, 3, 5);
-      _tile_loadd(4, w2 + k * 16, 64);
-      _tile_loadd(5, w3 + k * 16, 64);
-      _tile_dpbf16ps(6, 2, 4);
-      _tile_dpbf16ps(6, 3, 4);
-      _tile_dpbf16ps(7, 2, 5);
-      _tile_dpbf16ps(7, 3, 5);
-    }
-    if (k + 64 < kpad) amx_split<kParts>(X, mr, k + 64, K, buf[cur == 0 ? 2 : cur - 1]);
-    if (k + 32 < kpad)
-      for (int b = 0; b < 1024; b += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(w0 + (k + 32) * 16) + b, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(w1 + (k + 32) * 16) + b, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(w2 + (k + 32) * 16) + b, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(w3 + (k + 32) * 16) + b, _MM_HINT_T0);
-      }
-  }
+        } else {
+// blocks WA, WB's signs into tiles 4, 5, then their two parts' products into sum tiles CA, CB
+#define GK_SPLIT2_BLOCKS(CA, WA, CB, WB) \
+  _tile_loadd(4, WA + k * 16, 64);       \
+  _tile_loadd(5, WB + k * 16, 64);       \
+  _tile_dpbf16ps(CA, 2, 4);              \
+  _tile_dpbf16ps(CA, 3, 4);              \
+  _tile_dpbf16ps(CB, 2, 5);              \
+  _tile_dpbf16ps(CB, 3, 5)
+          GK_SPLIT2_BLOCKS(0, w0, 1, w1);
+          GK_SPLIT2_BLOCKS(6, w2, 7, w3);
+#undef GK_SPLIT2_BLOCKS
+        }
+      });
   _tile_stored(0, y, p * 4);
   _tile_stored(1, y + 16, p * 4);
   _tile_stored(6, y + 32, p * 4);
@@ -1687,7 +1686,8 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
                   : p == 32 ? skinny_amx_split<3, 2>(x, mr, K, wp, sa, Y)
                             : skinny_amx_split64<3>(x, mr, K, wp, sa, Y);
           else if constexpr (std::is_same_v<E, c10::Half>)  // p = 16, 32 or 64
-            bad = p == 16   ? (mr > 16 ? skinny_amx_split2(x, mr, K, wp, sa, Y) : skinny_amx_split<2, 1>(x, mr, K, wp, sa, Y))
+            bad = p == 16   ? (mr > 16 ? skinny_amx_split2(x, mr, K, wp, sa, Y)
+                                       : skinny_amx_split<2, 1>(x, mr, K, wp, sa, Y))
                   : p == 32 ? skinny_amx_split<2, 2>(x, mr, K, wp, sa, Y)
                             : skinny_amx_split64<2>(x, mr, K, wp, sa, Y);
           else
@@ -1704,7 +1704,8 @@ void factored_item(const FArgs& A, int64_t n0, int64_t n1, int64_t T, float* par
         };
         if (A.lw_amx) amx_side(rg, A.O, A.lw_amx, A.lsa, A.lt, U.data(), g_lo, A.lpf_amx ? g_len : 0, std::true_type{});
         else side(rg, A.O, A.lt, A.ls, U.data(), g_lo, g_len);
-        if (A.rw_amx) amx_side(ra, A.I, A.rw_amx, A.rsa, A.rt, V.data(), a_lo, A.rpf_amx ? a_len : 0, std::false_type{});
+        if (A.rw_amx)
+          amx_side(ra, A.I, A.rw_amx, A.rsa, A.rt, V.data(), a_lo, A.rpf_amx ? a_len : 0, std::false_type{});
         else side(ra, A.I, A.rt, A.rs, V.data(), a_lo, a_len);
       } else {
         side(rg, A.O, A.lt, A.ls, U.data(), g_lo, g_len);
@@ -1817,8 +1818,8 @@ at::Tensor factored_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, 
   // The AMX path (its own bits, see skinny_amx): bfloat16 a / g, p = 16, 32 or 64, on an AMX CPU, for each side
   // whose matrix is +-s (uniform_scale), in place of the sign path. The default where it applies (p = 16 from session
   // 27, 32 / 64 from session 28; float32 at 32 / 64 from session 29, float16 at 16 / 32 / 64 and float32 at 16 from
-  // session 30, split into bfloat16 parts); GRADKIT_FACTORED_AMX=0 keeps the FMA kernel and its bits (those of the same call on
-  // a.float(), g.float()).
+  // session 30, split into bfloat16 parts); GRADKIT_FACTORED_AMX=0 keeps the FMA kernel and its bits (those of the
+  // same call on a.float(), g.float()).
   const char* amx_env = std::getenv("GRADKIT_FACTORED_AMX");
   bool amx_on = false;
 #ifdef GK_PROJ_X86
