@@ -1218,7 +1218,10 @@ __attribute__((target("avx512f"))) uint32_t amx_scale_rows(const float* y, int m
 // load from L2 every 4.7 ns, but mixed as here a step costs about 17 ns per tile load with x in L2. Tried and not
 // kept: an L1 prefetch of the next step's rows (0.97-1.06x in the op), double-buffered sources (one token tile, two
 // accumulators, two sets of x / sign tiles: 1.3x slower in the micro program, more loads per product), and the
-// 16-token path's L2 prefetch of the next tile (amx_prefetch: off with 32-token tiles). A tile whose 16 rows are not
+// 16-token path's L2 prefetch of the next tile (amx_prefetch: off with 32-token tiles). Session 31, p = 64 on 16-token
+// tiles: copying the x tile into an L1 scratch with AVX-512 two steps ahead (the same bits) took 1.17-1.66x as long,
+// and an L1 prefetch of the rows 1-8 steps ahead 0.99-1.04x; at p = 16, even and odd steps in separate sums 0.97-0.98x
+// (other bits; not kept). A tile whose 16 rows are not
 // equally spaced, or tile 5 when mr < 32, is copied first (kpad features, zeros after K); a tail K % 32 of rows
 // read where they lie goes through a 32-feature zero-padded copy. Returns amx_scale_rows's mask of the rows the
 // FMA kernel must redo.
@@ -1405,7 +1408,12 @@ __attribute__((target("amx-tile,amx-bf16"))) uint32_t skinny_amx(const c10::BFlo
 // Session 30 measured this kernel (three rotating buffers, sign tiles prefetched into L1) at p = 16: AMX / FMA per
 // round 0.98 / 1.03 (1000 features), 0.93 / 0.96 (1024), 0.81 / 0.84 (4096), 0.95 / 1.00 (8192 one-token
 // examples) in two runs, with half the error against float64 (4e-7 against 8e-7 at 1000): the default at p = 16
-// too since then, as at 32 and 64.
+// too since then, as at 32 and 64. Session 31 took p = 16 apart with temporary patches: the splits alone about 1.09
+// ms, the tile loads and products alone 0.63, the rest 0.47, the whole 2.0 (reading a and g: 1.26). The parts add
+// up, so reading and tile work barely overlap. None of these helped: a sum tile per part (1.00x); splitting 1, 3, 5
+// or 7 steps ahead instead of 2 (0.97-1.09x); an L1 prefetch of the rows (1.06-1.16x worse); no sign-tile prefetch
+// (1.00-1.06x worse); the next tile's L2 prefetch (1.06-1.19x worse). Figures:
+// benchmarks/results/intel-emr-avx512/amx-experiments-session31.txt.
 
 // 16 values of row x from feature k (n of them, the rest zero) as float32; float16: widened exactly
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i amx_load16(const float* x, int64_t n) {
