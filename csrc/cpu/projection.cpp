@@ -1412,7 +1412,8 @@ __attribute__((target("amx-tile,amx-bf16"))) uint32_t skinny_amx(const c10::BFlo
 // ms, the tile loads and products alone 0.63, the rest 0.47, the whole 2.0 (reading a and g: 1.26). The parts add
 // up, so reading and tile work barely overlap. None of these helped: a sum tile per part (1.00x); splitting 1, 3, 5
 // or 7 steps ahead instead of 2 (0.97-1.09x); an L1 prefetch of the rows (1.06-1.16x worse); no sign-tile prefetch
-// (1.00-1.06x worse); the next tile's L2 prefetch (1.06-1.19x worse). Figures:
+// (1.00-1.06x worse); the next tile's L2 prefetch (1.06-1.19x worse); splitting a group of 1, 2 or 4 steps ahead of
+// the group's tile work (0.99-1.13x). Figures:
 // benchmarks/results/intel-emr-avx512/amx-experiments-session31.txt.
 
 // 16 values of row x from feature k (n of them, the rest zero) as float32; float16: widened exactly
