@@ -518,10 +518,11 @@ def under_env(var, values, call):
     return outs
 
 
-def one_hot_amx_pair(a, T, O, p):
+def one_hot_amx_pair(a, T, O, p, amx=None):
     """For the AMX tests whose sums must be exact: g one-hot per token (token n's output n % O, so g's projection is
     exact on every path and each output's bits are those of a's projections), Rademacher lt / rt (seeds 1, 2), and
-    factored_project under GRADKIT_FACTORED_AMX=0 and unset (the default): (g, lt, rt, off, on)."""
+    factored_project under GRADKIT_FACTORED_AMX=0 and under ``amx`` (None: unset, the default): (g, lt, rt, off,
+    on)."""
     from gradkit.projection import projection_matrix
 
     N = a.shape[0]
@@ -530,7 +531,7 @@ def one_hot_amx_pair(a, T, O, p):
     g = g.to(a.dtype)
     lt = projection_matrix(p, O, seed=1).T.contiguous()
     rt = projection_matrix(p, a.shape[1], seed=2).T.contiguous()
-    off, on = under_env("GRADKIT_FACTORED_AMX", ("0", None), lambda: ops.factored_project(a, g, lt, rt, None, None, T))
+    off, on = under_env("GRADKIT_FACTORED_AMX", ("0", amx), lambda: ops.factored_project(a, g, lt, rt, None, None, T))
     return g, lt, rt, off, on
 
 
@@ -756,8 +757,6 @@ def test_amx_split_keeps_every_bit(dtype, p):
     nonzero, three parts; float16: 1 + j 2^-10 in binades 2^-14 .. 2^15, two parts (hi 8 significant bits, lo the
     other 3). The same values with their last part cleared (float32's lowest 8 significand bits, float16's lowest
     3) give other bits, so a lost part would show. Without AMX both are the FMA kernel."""
-    from gradkit.projection import projection_matrix
-
     f16 = dtype == torch.float16
     gen = torch.Generator().manual_seed(17)
     B, T, I, O = 6, 16, 40, 24
@@ -765,22 +764,13 @@ def test_amx_split_keeps_every_bit(dtype, p):
     j = torch.randint(1, 2**mbits, (B * T, I), generator=gen).double()
     a = ((1 + j * 2.0 ** -mbits) * torch.exp2(torch.randint(e0, e1, (B * T, I), generator=gen).double())).to(dtype)
     a = a * (torch.arange(I)[None, :] == (torch.arange(B * T)[:, None] % I)).to(dtype)  # one feature per token
-    g = torch.zeros(B * T, O)
-    g[torch.arange(B * T), torch.arange(B * T) % O] = 1.0
-    g = g.to(dtype)
-    lt = projection_matrix(p, O, seed=1).T.contiguous()
-    rt = projection_matrix(p, I, seed=2).T.contiguous()
     if f16:
         cut = (a.view(torch.int16) & ~0x7).view(torch.float16)
     else:
         cut = (a.view(torch.int32) & ~0xFF).view(torch.float32)
     assert bool((cut != a).any())
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRADKIT_FACTORED_AMX", "0")
-        off = ops.factored_project(a, g, lt, rt, None, None, T)
-        off_cut = ops.factored_project(cut, g, lt, rt, None, None, T)
-        mp.setenv("GRADKIT_FACTORED_AMX", "1")
-        on = ops.factored_project(a, g, lt, rt, None, None, T)
+    g, lt, rt, off, on = one_hot_amx_pair(a, T, O, p, amx="1")
+    (off_cut,) = under_env("GRADKIT_FACTORED_AMX", ("0",), lambda: ops.factored_project(cut, g, lt, rt, None, None, T))
     assert torch.equal(bits(on), bits(off))
     assert not torch.equal(bits(off_cut), bits(off))
 

@@ -1205,6 +1205,28 @@ __attribute__((target("avx512f"))) uint32_t amx_scale_rows(const float* y, int m
   return bad;
 }
 
+// The bfloat16 AMX paths' row handling (skinny_amx, skinny_amx2). amx_row_stride: the stride (in elements) of 16
+// equally spaced rows X[0..16), which a tile then reads where they lie; 0 when there are fewer rows (n < 16), the
+// spacing varies (masked tokens) or it is not positive. amx_pad_rows: xs = 16 rows of `width` entries, row r holding
+// features [k0, K) of X[r] for r < n, zeros after them and in the rows below.
+inline int64_t amx_row_stride(const c10::BFloat16* const* X, int n) {
+  if (n != 16) return 0;
+  const int64_t ld = X[1] - X[0];
+  for (int r = 2; r < 16; ++r)
+    if (X[r] - X[r - 1] != ld) return 0;
+  return ld > 0 ? ld : 0;
+}
+inline void amx_pad_rows(const c10::BFloat16* const* X, int n, int64_t k0, int64_t K, int64_t width,
+                         std::vector<uint16_t>& xs) {
+  xs.resize(static_cast<size_t>(16 * width));
+  for (int r = 0; r < 16; ++r) {
+    uint16_t* row = xs.data() + r * width;
+    const int64_t len = r < n ? K - k0 : 0;
+    if (len) std::memcpy(row, reinterpret_cast<const uint16_t*>(X[r]) + k0, static_cast<size_t>(len) * 2);
+    std::fill(row + len, row + width, uint16_t{0});
+  }
+}
+
 // Y[r][0..p) = X[r] . W for r < mr, 16 < mr <= 32: skinny_amx on two tiles of 16 tokens at once (session 30), so
 // that each sign tile loaded serves both; per block of 32 outputs (16 at p = 16), the 2 x 2 products of the two
 // token tiles (4, 5) and two sign tiles (6, 7) into four sums (0, 1: outputs [0, 16) of tiles 4, 5; 2, 3: the next
@@ -1218,13 +1240,12 @@ __attribute__((target("avx512f"))) uint32_t amx_scale_rows(const float* y, int m
 // load from L2 every 4.7 ns, but mixed as here a step costs about 17 ns per tile load with x in L2. Tried and not
 // kept: an L1 prefetch of the next step's rows (0.97-1.06x in the op), double-buffered sources (one token tile, two
 // accumulators, two sets of x / sign tiles: 1.3x slower in the micro program, more loads per product), and the
-// 16-token path's L2 prefetch of the next tile (amx_prefetch: off with 32-token tiles). Session 31, p = 64 on 16-token
-// tiles: copying the x tile into an L1 scratch with AVX-512 two steps ahead (the same bits) took 1.17-1.66x as long,
-// and an L1 prefetch of the rows 1-8 steps ahead 0.99-1.04x; at p = 16, even and odd steps in separate sums 0.97-0.98x
-// (other bits; not kept). A tile whose 16 rows are not
-// equally spaced, or tile 5 when mr < 32, is copied first (kpad features, zeros after K); a tail K % 32 of rows
-// read where they lie goes through a 32-feature zero-padded copy. Returns amx_scale_rows's mask of the rows the
-// FMA kernel must redo.
+// 16-token path's L2 prefetch of the next tile (amx_prefetch: off with 32-token tiles). Session 31, p = 64 on
+// 16-token tiles: copying the x tile into an L1 scratch with AVX-512 two steps ahead (the same bits) took 1.17-1.66x
+// as long, and an L1 prefetch of the rows 1-8 steps ahead 0.99-1.04x; at p = 16, even and odd steps in separate sums
+// 0.97-0.98x (other bits; not kept). A tile whose 16 rows are not equally spaced, or tile 5 when mr < 32, is copied
+// first (kpad features, zeros after K); a tail K % 32 of rows read where they lie goes through a 32-feature
+// zero-padded copy. Returns amx_scale_rows's mask of the rows the FMA kernel must redo.
 template <int kQ>
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw"))) uint32_t skinny_amx2(
     const c10::BFloat16* const* X, int mr, int64_t K, const uint16_t* Wp, float s, float* Y, const char* pf,
@@ -1238,11 +1259,9 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw"))) uint32_t skinny_am
   bool direct[2];
   for (int h = 0; h < 2; ++h) {
     const int r0 = 16 * h, n = std::min(16, mr - r0);
-    const int64_t l = n > 1 ? X[r0 + 1] - X[r0] : 0;
-    bool d = n == 16 && l > 0;
-    for (int r = 2; d && r < 16; ++r) d = X[r0 + r] - X[r0 + r - 1] == l;
-    direct[h] = d;
-    if (d) {
+    const int64_t l = amx_row_stride(X + r0, n);
+    direct[h] = l > 0;
+    if (direct[h]) {
       base[h] = reinterpret_cast<const uint16_t*>(X[r0]);
       ld[h] = l * 2;
       if (tail > 0) {
@@ -1251,13 +1270,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw"))) uint32_t skinny_am
           _mm512_store_si512(xt[h] + r * 32, _mm512_maskz_loadu_epi16(m, X[r0 + r] + kmain));
       }
     } else {
-      xs[h].resize(static_cast<size_t>(16 * kpad));
-      for (int r = 0; r < 16; ++r) {
-        uint16_t* row = xs[h].data() + r * kpad;
-        const int64_t len = r < n ? K : 0;
-        if (len) std::memcpy(row, reinterpret_cast<const uint16_t*>(X[r0 + r]), static_cast<size_t>(len) * 2);
-        std::fill(row + len, row + kpad, uint16_t{0});
-      }
+      amx_pad_rows(X + r0, n, 0, K, kpad, xs[h]);
       base[h] = xs[h].data();
       ld[h] = kpad * 2;
     }
@@ -1327,27 +1340,15 @@ __attribute__((target("amx-tile,amx-bf16"))) uint32_t skinny_amx(const c10::BFlo
                                                                  const char* pf, int64_t pf_bytes, bool tails) {
   constexpr int64_t p = 16 * kQ;
   const int64_t kmain = K / 32 * 32, kpad = (K + 31) / 32 * 32, tail = K - kmain;
-  bool direct = mr == 16;
-  const int64_t ld = mr > 1 ? X[1] - X[0] : 0;
-  for (int r = 2; direct && r < 16; ++r) direct = X[r] - X[r - 1] == ld;
+  const int64_t ld = amx_row_stride(X, mr);  // 0: the rows go through a padded copy
   thread_local std::vector<uint16_t> xs;
-  // xs = 16 rows of `width` entries: row r's features [k0, K) of X[r] for r < mr, zeros after them and below
-  const auto pad_rows = [&](int64_t k0, int64_t width) {
-    xs.resize(static_cast<size_t>(16 * width));
-    for (int r = 0; r < 16; ++r) {
-      uint16_t* row = xs.data() + r * width;
-      const int64_t len = r < mr ? K - k0 : 0;
-      if (len) std::memcpy(row, reinterpret_cast<const uint16_t*>(X[r]) + k0, static_cast<size_t>(len) * 2);
-      std::fill(row + len, row + width, uint16_t{0});
-    }
-  };
   _tile_zero(0);
   if constexpr (kQ >= 2) _tile_zero(5);
   if constexpr (kQ == 4) {
     _tile_zero(6);
     _tile_zero(7);
   }
-  if (direct && ld > 0) {
+  if (ld > 0) {
     const auto* x0 = reinterpret_cast<const uint16_t*>(X[0]);
     // pf / pf_bytes: a region read next (the next tile's rows), into L2 a slice per step of 32 features (none:
     // pf_bytes = 0; amx_prefetch decides)
@@ -1369,12 +1370,12 @@ __attribute__((target("amx-tile,amx-bf16"))) uint32_t skinny_amx(const c10::BFlo
         _tile_dpbf16ps(0, 5, 6);
       }
     } else if (tail > 0) {
-      pad_rows(kmain, 32);
+      amx_pad_rows(X, mr, kmain, K, 32, xs);
       _tile_loadd(1, xs.data(), 64);
       amx_dp<kQ>(Wp, kmain, kpad);
     }
   } else {
-    pad_rows(0, kpad);
+    amx_pad_rows(X, mr, 0, K, kpad, xs);
     for (int64_t k = 0; k < kpad; k += 32) {
       _tile_loadd(1, xs.data() + k, kpad * 2);
       amx_dp<kQ>(Wp, k, kpad);
