@@ -1,5 +1,6 @@
-// Argument checks of factored_project, shared by the CPU (csrc/cpu/projection.cpp) and CUDA
-// (csrc/cuda/projection.cu) kernels: one set of messages, each naming the argument.
+// Argument checks of the projection family (projection_matrix_, project_flat, factored_project), shared by the
+// CPU (csrc/cpu/projection.cpp) and CUDA (csrc/cuda/projection.cu) kernels: one set of messages, each naming the
+// argument.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,6 +12,31 @@
 
 namespace gradkit {
 namespace projection {
+
+// The generator's arguments, common to projection_matrix_ and project_flat.
+inline void check_generator(int64_t k, int64_t seed, int64_t kind) {
+  TORCH_CHECK_VALUE(k > 0, "k: must be positive, got ", k);
+  TORCH_CHECK_VALUE(seed >= 0, "seed: must be a non-negative 63-bit integer, got ", seed);
+  TORCH_CHECK_VALUE(kind == 0 || kind == 1, "kind: expected 0 (rademacher) or 1 (gaussian), got ", kind);
+}
+
+inline void check_projection_matrix(const at::Tensor& out, int64_t seed, int64_t kind, int64_t k, int64_t row0,
+                                    int64_t col0) {
+  check_generator(k, seed, kind);
+  TORCH_CHECK_VALUE(out.dim() == 2, "out: expected a 2-D tensor (rows, cols), got shape ", out.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(out.scalar_type()), "out: expected a floating dtype, got ", out.scalar_type());
+  TORCH_CHECK_VALUE(row0 >= 0, "row0: must be non-negative, got ", row0);
+  TORCH_CHECK_VALUE(col0 >= 0, "col0: must be non-negative, got ", col0);
+}
+
+inline void check_project_flat(const at::Tensor& x, int64_t k, int64_t seed, int64_t kind, int64_t col0) {
+  check_generator(k, seed, kind);
+  TORCH_CHECK_VALUE(col0 >= 0, "col0: must be non-negative, got ", col0);
+  TORCH_CHECK_VALUE(x.dim() == 2, "x: expected a 2-D tensor (B, D), got shape ", x.sizes());
+  const auto st = x.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
+                   "x: expected float32/float16/bfloat16/float64, got ", st);
+}
 
 inline void check_factored(const at::Tensor& a, const at::Tensor& g, const at::Tensor& lt, const at::Tensor& rt,
                     const std::optional<at::Tensor>& rb, const std::optional<at::Tensor>& mask, int64_t T) {

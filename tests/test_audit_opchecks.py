@@ -358,3 +358,27 @@ def test_resolve_refuses_weights_that_overflow_fp16():
     wide = torch.empty(2, 4)  # a float32 `out` holds them: no error
     metrics.resolve(w, H, keep, damp=1e-6, out=wide)
     assert torch.isfinite(wide).all() and float(wide.abs().max()) > 65504
+
+
+# ---- integer arguments: the scope and search wrappers refused numpy integers that projection and OBS took -------
+def test_every_family_takes_numpy_integers_as_ints_and_refuses_bools():
+    """The op wrappers had five copies of their int check: the scope / param-map ones (``k``, ``nnz``,
+    ``block_shape`` entries) and score_topk's ``k`` raised TypeError for ``np.int64(3)`` while projection and OBS
+    took it. One check now serves all: a numpy integer gives the int's result, a bool (numpy's too) is refused."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(0)
+    q, keys = torch.randn(3, 8, generator=gen), torch.randn(20, 8, generator=gen)
+    want = ops.score_topk(q, keys, 4)
+    got = ops.score_topk(q, keys, np.int64(4), base=np.int32(0))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    x = torch.randn(8, 16, generator=gen)
+    assert torch.equal(ops.scope_kth(x, [np.int64(1), 2], [1, np.int16(8)], np.int8(3)), ops.scope_kth(x, [1, 2], [1, 8], 3))
+    assert torch.equal(ops.scope_mask(x, [1, 1], [1, 4], np.uint8(2)), ops.scope_mask(x, [1, 1], [1, 4], 2))
+    for bad in (True, np.bool_(True)):
+        with pytest.raises(TypeError, match=r"^k: expected an int, got (bool|bool_)$"):
+            ops.score_topk(q, keys, bad)
+        with pytest.raises(TypeError, match=r"^nnz: expected an int, got (bool|bool_)$"):
+            ops.scope_mask(x, [1, 1], [1, 4], bad)
+    with pytest.raises(TypeError, match=r"^k: expected an int, got float$"):
+        ops.score_topk(q, keys, 4.0)

@@ -259,18 +259,8 @@ void gen_tile(int kind, const SignTable& tab, uint64_t seed, double inv, int64_t
   for (int64_t i = 0; i < nr; ++i) gaussian_row(seed, static_cast<uint64_t>(r0 + i), c0, nc, inv, dst + i * ld);
 }
 
-void check_common(int64_t k, int64_t seed, int64_t kind) {
-  TORCH_CHECK_VALUE(k > 0, "k: must be positive, got ", k);
-  TORCH_CHECK_VALUE(seed >= 0, "seed: must be a non-negative 63-bit integer, got ", seed);
-  TORCH_CHECK_VALUE(kind == 0 || kind == 1, "kind: expected 0 (rademacher) or 1 (gaussian), got ", kind);
-}
-
 void projection_matrix_cpu(const at::Tensor& out, int64_t seed, int64_t kind, int64_t k, int64_t row0, int64_t col0) {
-  check_common(k, seed, kind);
-  TORCH_CHECK_VALUE(out.dim() == 2, "out: expected a 2-D tensor (rows, cols), got shape ", out.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(out.scalar_type()), "out: expected a floating dtype, got ", out.scalar_type());
-  TORCH_CHECK_VALUE(row0 >= 0, "row0: must be non-negative, got ", row0);
-  TORCH_CHECK_VALUE(col0 >= 0, "col0: must be non-negative, got ", col0);
+  check_projection_matrix(out, seed, kind, k, row0, col0);
   const int64_t rows = out.size(0), cols = out.size(1);
   if (rows == 0 || cols == 0) return;
   const bool direct = out.scalar_type() == at::kFloat && out.is_contiguous();
@@ -462,12 +452,8 @@ void project_flat_table(int isa, const T* x, int64_t ldx, int64_t B, int64_t D, 
 #endif
 
 at::Tensor project_flat_cpu(const at::Tensor& x_in, int64_t k, int64_t seed, int64_t kind, int64_t col0) {
-  check_common(k, seed, kind);
-  TORCH_CHECK_VALUE(col0 >= 0, "col0: must be non-negative, got ", col0);
-  TORCH_CHECK_VALUE(x_in.dim() == 2, "x: expected a 2-D tensor (B, D), got shape ", x_in.sizes());
+  check_project_flat(x_in, k, seed, kind, col0);
   const auto st = x_in.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
-                   "x: expected float32/float16/bfloat16/float64, got ", st);
   const int64_t B = x_in.size(0), D = x_in.size(1);
   at::Tensor out = at::zeros({B, k}, at::TensorOptions().dtype(at::kFloat));
   if (B == 0 || D == 0) return out;

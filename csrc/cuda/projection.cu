@@ -170,18 +170,8 @@ __global__ void matrix_kernel(out_t* __restrict__ out, int64_t rows, int64_t col
   }
 }
 
-void check_common(int64_t k, int64_t seed, int64_t kind) {
-  TORCH_CHECK_VALUE(k > 0, "k: must be positive, got ", k);
-  TORCH_CHECK_VALUE(seed >= 0, "seed: must be a non-negative 63-bit integer, got ", seed);
-  TORCH_CHECK_VALUE(kind == 0 || kind == 1, "kind: expected 0 (rademacher) or 1 (gaussian), got ", kind);
-}
-
 void projection_matrix_cuda(const at::Tensor& out, int64_t seed, int64_t kind, int64_t k, int64_t row0, int64_t col0) {
-  check_common(k, seed, kind);
-  TORCH_CHECK_VALUE(out.dim() == 2, "out: expected a 2-D tensor (rows, cols), got shape ", out.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(out.scalar_type()), "out: expected a floating dtype, got ", out.scalar_type());
-  TORCH_CHECK_VALUE(row0 >= 0, "row0: must be non-negative, got ", row0);
-  TORCH_CHECK_VALUE(col0 >= 0, "col0: must be non-negative, got ", col0);
+  check_projection_matrix(out, seed, kind, k, row0, col0);
   const int64_t rows = out.size(0), cols = out.size(1);
   if (rows == 0 || cols == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
@@ -198,12 +188,8 @@ void projection_matrix_cuda(const at::Tensor& out, int64_t seed, int64_t kind, i
 }
 
 at::Tensor project_flat_cuda(const at::Tensor& x, int64_t k, int64_t seed, int64_t kind, int64_t col0) {
-  check_common(k, seed, kind);
-  TORCH_CHECK_VALUE(col0 >= 0, "col0: must be non-negative, got ", col0);
-  TORCH_CHECK_VALUE(x.dim() == 2, "x: expected a 2-D tensor (B, D), got shape ", x.sizes());
+  check_project_flat(x, k, seed, kind, col0);
   const auto st = x.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
-                   "x: expected float32/float16/bfloat16/float64, got ", st);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), D = x.size(1);
   at::Tensor out = at::zeros({B, k}, x.options().dtype(at::kFloat));

@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 
 from gradkit import ops
+from gradkit.ops import _int
 
 __all__ = ["KINDS", "derive_seed", "projection_matrix", "project", "factored_project", "AdafactorNormalizer",
            "AdamNormalizer"]
@@ -48,20 +49,6 @@ def _kind(kind) -> int:
     if isinstance(kind, int) and not isinstance(kind, bool) and kind in (0, 1):
         return kind
     raise ValueError(f"kind: expected 'rademacher' or 'gaussian', got {kind!r}")
-
-
-def _int(v, what: str) -> int:
-    """v as a Python int: an int or a numpy integer (never a bool), else TypeError naming ``what``."""
-    if isinstance(v, bool) or not isinstance(v, int):
-        try:
-            import numpy as np
-
-            if isinstance(v, np.integer):
-                return int(v)
-        except ImportError:  # pragma: no cover
-            pass
-        raise TypeError(f"{what}: expected an int, got {type(v).__name__}")
-    return int(v)
 
 
 def _pos_int(v, what: str) -> int:

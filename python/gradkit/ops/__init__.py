@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 from typing import List, Optional, Sequence
 
@@ -426,9 +427,14 @@ SCOPE_OPS = ("block_norms", "scope_kth", "scope_mask", "scope_hard_threshold_", 
 
 
 def _int(v, what: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
+    """v as a Python int: an int or a numpy integer (any ``numbers.Integral`` but bool), else a TypeError naming
+    ``what``. Every family's wrappers and the public functions share it, so an argument that one accepts the
+    others accept too."""
+    if type(v) is int:  # the common case, fast
+        return v
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{what}: expected an int, got {type(v).__name__}")
-    return v
+    return int(v)
 
 
 def _check_typed(named, dtype, device=None) -> None:

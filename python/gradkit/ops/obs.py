@@ -16,20 +16,12 @@ import torch
 from gradkit import _ext
 from gradkit.kernels.reference import obs as _ref
 from gradkit.kernels.reference.scope import check_inplace as _check_inplace
-from gradkit.ops import _check_typed, _check_writable, _impl, _wrote, backend
+from gradkit.ops import _check_typed, _check_writable, _impl, _int, _wrote, backend
 
 __all__ = ["OBS_OPS", "SHARED_MAX_P", "obs_schur_extend_", "obs_select", "obs_shared_prune", "obs_sweep_"]
 
 OBS_OPS = ("obs_select", "obs_shared_prune", "obs_schur_extend_", "obs_sweep_")
 SHARED_MAX_P = 64  # pruned elements per subset the kernels take
-
-
-def _int(v, what: str) -> int:
-    if type(v) is int:  # the common case, fast
-        return v
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{what}: expected an int, got {type(v).__name__}")
-    return int(v)
 
 
 # The check_* functions take an op's schema arguments (csrc/ops.cpp): the op wrappers run them, and so do the

@@ -20,26 +20,13 @@ from __future__ import annotations
 import torch
 
 from gradkit import _ext
-from gradkit.ops import _check_typed, _check_writable, _impl, _wrote, gpu_auto, gpu_composite, triton_family
+from gradkit.ops import _check_typed, _check_writable, _impl, _int, _wrote, gpu_auto, gpu_composite, triton_family
 
 __all__ = ["PROJECTION_OPS", "projection_matrix", "projection_matrix_", "project_flat", "factored_project"]
 
 PROJECTION_OPS = ("projection_matrix_", "project_flat", "factored_project")
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MAX_SEED = 2 ** 63
-
-
-def _int(v, what: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        try:
-            import numpy as np
-
-            if isinstance(v, np.integer):
-                return int(v)
-        except ImportError:  # pragma: no cover
-            pass
-        raise TypeError(f"{what}: expected an int, got {type(v).__name__}")
-    return int(v)
 
 
 def _check_gen(seed, kind, k) -> tuple:

@@ -11,18 +11,13 @@ from typing import Optional, Tuple
 import torch
 
 from gradkit import _ext
+from gradkit.ops import _int
 
 __all__ = ["score_topk", "check_score_topk", "SEARCH_OPS", "KEY_DTYPES"]
 
 SEARCH_OPS = ("score_topk",)
 KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT64_MAX = (1 << 63) - 1
-
-
-def _int(v, what: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{what}: expected an int, got {type(v).__name__}")
-    return v
 
 
 def check_score_topk(queries, keys, k, largest, key_scale, scores_in, idx_in, base) -> Tuple[int, int]:
