@@ -223,3 +223,120 @@ def test_mask_with_tokens_flattened_into_the_batch_axis_is_refused():
         col.set_mask(mask)
         col.backward(model(x).sum())
         assert col.collect()["pool"].shape == (2, 4)
+
+
+# ---- session 32 audit: the projection-matrix cache, normalisers checked late, argument corners --------------------
+def test_a_call_under_inference_mode_does_not_break_later_differentiable_calls():
+    """The process-wide matrix cache kept the matrix a first call made under torch.inference_mode() as an inference
+    tensor; every later differentiable call with the same (p, size, seed) then failed for the whole process with
+    "Inference tensors cannot be saved for backward". Cached matrices are now made with inference mode off."""
+    from gradkit import projection as P
+
+    P.clear_matrix_cache()
+    gen = torch.Generator().manual_seed(11)
+    a, g = torch.randn(3, 5, 7, generator=gen), torch.randn(3, 5, 6, generator=gen)
+    for kw in (dict(), dict(per_token=True), dict(bias=True)):
+        with torch.inference_mode():
+            want = P.factored_project(a, g, 4, seed=2, name="inf", **kw)
+        a2 = a.clone().requires_grad_()
+        got = P.factored_project(a2, g, 4, seed=2, name="inf", **kw)
+        got.sum().backward()
+        assert torch.equal(got.detach(), want)
+        assert a2.grad is not None and a2.grad.abs().sum() > 0
+
+
+def test_process_cache_is_bounded_and_a_collector_keeps_and_releases_its_own(monkeypatch):
+    """The cache behind factored_project was an lru_cache of 256 matrices (both L and L^T): held for the life of
+    the process, and with more than 128 hooked modules a collector regenerated every matrix every batch. Now the
+    process-wide cache holds at most MATRIX_CACHE_BYTES, and a collector keeps its modules' matrices (one (n, p)
+    copy each) for as long as it is attached: the second batch generates nothing, detach releases them."""
+    from gradkit import ops
+    from gradkit import projection as P
+
+    made = []
+    real = ops.projection_matrix
+
+    def counting(*args, **kw):
+        made.append(args[:3])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ops, "projection_matrix", counting)
+    P.clear_matrix_cache()
+    monkeypatch.setattr(P._MATRICES, "max_bytes", 4096)  # a small bound: every call below evicts
+    gen = torch.Generator().manual_seed(3)
+    a, g = torch.randn(2, 3, 40, generator=gen), torch.randn(2, 3, 30, generator=gen)
+    for i in range(20):
+        P.factored_project(a, g, 4, name=f"m{i}")
+    assert P._MATRICES.nbytes <= 4096 and len(P._MATRICES) >= 1 and len(made) == 40
+    made.clear()
+    P.factored_project(a, g, 4, name="m19")  # the most recent is kept
+    assert made == []
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(140)])  # more modules than the old cache's 128 pairs
+    x = torch.randn(2, 8)
+    col = GradientCollector(model, p=2, seed=1)
+    with col:
+        out = []
+        for _ in range(2):
+            made.clear()
+            col.backward(model(x).sum())
+            out.append(col.collect(flat=True))
+        assert made == [], f"the second batch generated {len(made)} matrices again"
+        assert torch.equal(out[0], out[1])
+        assert len(col._matrices) == 280
+    assert len(col._matrices) == 0  # released on detach
+    P.clear_matrix_cache()
+    assert P._MATRICES.nbytes == 0
+
+
+def test_collector_checks_normalizers_when_built_naming_the_module():
+    """Wrong normaliser types and shapes were accepted by the constructor and raised inside the backward pass,
+    without the module's name. Refused at construction now; a Conv1D's message says to pass the transpose."""
+    from gradkit.projection import AdafactorNormalizer, AdamNormalizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 7), nn.ReLU(), nn.Linear(7, 10))
+    with pytest.raises(TypeError, match=r"^normalizers\['0'\]: expected an AdafactorNormalizer or AdamNormalizer, "
+                                        r"got str$"):
+        GradientCollector(model, p=4, normalizers={"0": "adam"})
+    with pytest.raises(ValueError, match=r"^normalizers\['0'\]: row / col must have 7 / 3 entries, got 3 / 7$"):
+        GradientCollector(model, p=4, normalizers={"0": AdafactorNormalizer(torch.rand(3) + .1, torch.rand(7) + .1)})
+    with pytest.raises(ValueError, match=r"^normalizers\['2'\]: v must have shape \(10, 7\), got \(7, 10\)$"):
+        GradientCollector(model, p=4, normalizers={"2": AdamNormalizer(torch.rand(7, 10) + .1)})
+    with pytest.raises(ValueError, match=r"^normalizers\['2'\]: bias_avg_sq must have 10 entries, got 7$"):
+        GradientCollector(model, p=4, bias=True,
+                          normalizers={"2": AdamNormalizer(torch.rand(10, 7) + .1, bias_avg_sq=torch.rand(7))})
+    GradientCollector(model, p=4, normalizers={"2": AdamNormalizer(torch.rand(10, 7) + .1)})  # right: accepted
+    transformers = pytest.importorskip("transformers")
+    conv = nn.Sequential(transformers.pytorch_utils.Conv1D(5, 3))  # weight (3, 5): in 3, out 5
+    with pytest.raises(ValueError, match=r"^normalizers\['0'\]: v must have shape \(5, 3\) \(nn.Linear layout .*"
+                                         r"Conv1D.*pass the transpose\), got \(3, 5\)$"):
+        GradientCollector(conv, p=2, normalizers={"0": AdamNormalizer(torch.rand(3, 5) + .1)})
+
+
+def test_collector_argument_corners():
+    """A Linear as the whole model said "the model has no nn.Linear"; modules=3 raised "'int' object is not
+    iterable"; a numpy seed and kind="Gaussian" were refused here while gradkit.projection's functions take them."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"^model: is itself a Linear, .* wrap it, e\.g\. nn\.Sequential\(model\)$"):
+        GradientCollector(nn.Linear(5, 4))
+    model = nn.Sequential(nn.Linear(5, 4))
+    with pytest.raises(TypeError, match=r"^modules: expected None, a callable, a name pattern or a list of them, "
+                                        r"got int$"):
+        GradientCollector(model, modules=3)
+    x = torch.randn(3, 5)
+    got = {}
+    for seed, kind in ((np.int64(3), "Gaussian"), (3, "gaussian")):
+        with GradientCollector(model, p=2, seed=seed, kind=kind, memory_budget=np.int32(1 << 20)) as col:
+            col.backward(model(x).sum())
+            got[type(seed)] = col.collect(flat=True)
+            assert col.projection_config == GradientCollector(model, p=2, seed=3, kind="gaussian").projection_config
+    assert torch.equal(got[np.int64], got[int])
+    for bad in (True, np.bool_(True), 3.0):
+        with pytest.raises(ValueError, match=r"^seed: expected a non-negative int"):
+            GradientCollector(model, seed=bad)
+    with pytest.raises(ValueError, match=r"^seed: expected a non-negative int, got 9223372036854775808$"):
+        GradientCollector(model, seed=1 << 63)

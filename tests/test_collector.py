@@ -756,18 +756,18 @@ def test_error_in_gradient_hook_leaves_no_partial_state(monkeypatch, use_col_bac
     x = torch.randn(3, 5, 4, generator=g)
     w = torch.randn(3, 2, generator=g)
     mask = torch.rand(3, 5, generator=g) > 0.3
-    real = projection.factored_project
+    real = projection._factored_project  # what the hooks call (with the collector's own matrix cache)
     seen = []
 
-    def failing(a, gr, *args, name, **kw):
+    def failing(a, gr, p, seed, name, *args):
         seen.append(name)
         if name == "a":
             raise FloatingPointError("forced failure while projecting 'a'")
-        return real(a, gr, *args, name=name, **kw)
+        return real(a, gr, p, seed, name, *args)
 
     col = GradientCollector(model, p=2, seed=5)
     with col:
-        monkeypatch.setattr(projection, "factored_project", failing)
+        monkeypatch.setattr(projection, "_factored_project", failing)
         col.set_mask(mask)
         loss = (model(x) * w).sum()
         with pytest.raises(FloatingPointError, match=r"^forced failure while projecting 'a'$"):
@@ -777,7 +777,7 @@ def test_error_in_gradient_hook_leaves_no_partial_state(monkeypatch, use_col_bac
                 loss.backward()
         assert seen == ["b", "a"]  # 'b' had been projected and stored before 'a' failed
         assert _batch_state(col) == {"grads": {}, "edges": {}, "shapes": {}}
-        monkeypatch.setattr(projection, "factored_project", real)
+        monkeypatch.setattr(projection, "_factored_project", real)
         model.zero_grad(set_to_none=True)
         got = _collect(col, model, x, w, mask)
     fresh = GradientCollector(model, p=2, seed=5)

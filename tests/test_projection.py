@@ -397,7 +397,7 @@ def test_adam_bad_memory_budget(monkeypatch, budget, exc, pattern):
     def no_work(*a, **k):
         raise AssertionError("work started before memory_budget was checked")
 
-    monkeypatch.setattr(P, "_cached_matrix", no_work)
+    monkeypatch.setattr(P._MATRICES, "get", no_work)
     monkeypatch.setattr(torch, "bmm", no_work)
     a, g, _, nz = _adam_case(2, 3, 5, 4, 4, bias=True, bias_sq=False)
     with pytest.raises(exc, match=pattern):

@@ -202,7 +202,9 @@ class GradientCollector:
         bias: append the bias gradient as an extra input column (modules that have a bias).
         per_token: one vector per position, ``(B, T, p*p)``, instead of summing over positions.
         normalizers: ``{module name: normalizer}`` (``gradkit.projection.AdafactorNormalizer``
-            / ``AdamNormalizer``) applied to that module's gradient before projection.
+            / ``AdamNormalizer``) applied to that module's gradient before projection, in
+            ``nn.Linear`` layout (``module_shapes``: (O, I)); a Conv1D's weight and its optimizer
+            state are (I, O), so pass their transpose. Types and shapes are checked here.
         dtype: dtype of the returned vectors (``factored_project`` computes in fp32).
         memory_budget: bytes an ``AdamNormalizer`` module may use for the blocks of its per-example
             gradient that it forms (``factored_project``'s ``memory_budget``; default 256 MiB).
@@ -223,16 +225,21 @@ class GradientCollector:
                  dtype: torch.dtype = torch.float32, memory_budget: int = 256 << 20) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-        if isinstance(p, bool) or not isinstance(p, int) or p <= 0:
+        # ints or numpy integers (as gradkit.projection's functions take them), never bools
+        def whole(v) -> bool:
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # numpy's bool_ is no Integral
+
+        if not whole(p) or p <= 0:
             raise ValueError(f"p: expected a positive int, got {p!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        if not whole(seed) or seed < 0 or seed >= 1 << 63:
             raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
-        if kind not in ("rademacher", "gaussian"):
+        if not isinstance(kind, str) or kind.lower() not in ("rademacher", "gaussian"):
             raise ValueError(f"kind: expected 'rademacher' or 'gaussian', got {kind!r}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
-        if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
+        if not whole(memory_budget) or memory_budget <= 0:
             raise ValueError(f"memory_budget: expected a positive int (bytes), got {memory_budget!r}")
+        p, seed, memory_budget, kind = int(p), int(seed), int(memory_budget), kind.lower()
         self.memory_budget = memory_budget
         self.model = model
         self.p = p
@@ -246,6 +253,7 @@ class GradientCollector:
         self.module_shapes: "OrderedDict[str, Tuple[int, int]]" = OrderedDict()
         self._bias_of: Dict[str, bool] = {}
         self._modules: "OrderedDict[str, nn.Module]" = OrderedDict()
+        selected_kinds = {name: kind_ for name, _, kind_ in selected}
         for name, mod, kind_ in selected:
             self.module_shapes[name] = _shape(mod, kind_)
             self._bias_of[name] = self.bias and getattr(mod, "bias", None) is not None
@@ -257,11 +265,17 @@ class GradientCollector:
         if unknown:
             raise ValueError(f"normalizers: names {unknown} are not among the hooked modules "
                              f"{list(self._modules)}")
+        for name, norm in normalizers.items():
+            self._check_normalizer(name, norm, selected_kinds[name])
         self.normalizers = normalizers
         for name, norm in normalizers.items():  # the Adam path's smallest block must fit the budget
             if isinstance(norm, _projection().AdamNormalizer):
                 O, I = self.module_shapes[name]
                 _projection()._adam_plan(1, O, I + int(self._bias_of[name]), p, memory_budget)
+        # this collector's projection matrices (L^T, R^T of every hooked module), made on first use and kept
+        # until it detaches: the process-wide cache of factored_project is bounded, and a model with many
+        # hooked modules would make it regenerate every matrix every batch
+        self._matrices = _projection()._MatrixCache()
 
         self._handles: list = []
         self._gen = 0  # bumped on detach/reset: hooks of older forwards become no-ops
@@ -276,6 +290,24 @@ class GradientCollector:
         self._ckpt_mask: Optional[Tuple[Optional[Tensor], bool]] = None
         self._dropped = False  # detach() dropped collected gradients nobody collected
 
+    def _check_normalizer(self, name: str, norm, kind: str) -> None:
+        """A normaliser's type and shapes against its module, here rather than in the backward pass."""
+        P = _projection()
+        what = f"normalizers[{name!r}]"
+        if not isinstance(norm, (P.AdafactorNormalizer, P.AdamNormalizer)):
+            raise TypeError(f"{what}: expected an AdafactorNormalizer or AdamNormalizer, got {type(norm).__name__}")
+        O, I = self.module_shapes[name]
+        layout = (" (nn.Linear layout (out, in); this module is a Conv1D, whose weight and optimizer state are "
+                  "(in, out): pass the transpose)") if kind != "linear" else ""
+        if isinstance(norm, P.AdafactorNormalizer):
+            if norm.row.numel() != O or norm.col.numel() != I:
+                raise ValueError(f"{what}: row / col must have {O} / {I} entries{layout}, got "
+                                 f"{norm.row.numel()} / {norm.col.numel()}")
+        elif tuple(norm.v.shape) != (O, I):
+            raise ValueError(f"{what}: v must have shape ({O}, {I}){layout}, got {tuple(norm.v.shape)}")
+        if self._bias_of[name] and norm.bias_avg_sq is not None and norm.bias_avg_sq.numel() != O:
+            raise ValueError(f"{what}: bias_avg_sq must have {O} entries, got {norm.bias_avg_sq.numel()}")
+
     # ------------------------------------------------------------------ selection
     @staticmethod
     def _select(model: nn.Module, modules: ModuleSelector) -> List[Tuple[str, nn.Module, str]]:
@@ -285,6 +317,9 @@ class GradientCollector:
         if modules is None:  # every Linear / Conv1D that runs as a module
             out = [(n, m, k) for n, m in named if (k := _module_kind(m)) is not None and n not in unhookable]
             if not out:
+                if _module_kind(model) is not None:
+                    raise ValueError(f"model: is itself a {type(model).__name__}, which has no name to key its "
+                                     "projection seeds and index columns; wrap it, e.g. nn.Sequential(model)")
                 raise ValueError("modules: the model has no nn.Linear or transformers Conv1D module to hook")
             return out
         if callable(modules) and not isinstance(modules, str):
@@ -299,6 +334,9 @@ class GradientCollector:
                 raise ValueError("modules: the callable selected no module")
             _refuse_unhookable(out, unhookable)
             return out
+        if not isinstance(modules, (str, Iterable)):
+            raise TypeError(f"modules: expected None, a callable, a name pattern or a list of them, got "
+                            f"{type(modules).__name__}")
         pats = [modules] if isinstance(modules, str) else list(modules)
         if not pats or not all(isinstance(x, str) and x for x in pats):
             raise ValueError(f"modules: expected None, a callable, or non-empty name patterns, got {modules!r}")
@@ -371,6 +409,7 @@ class GradientCollector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._matrices.clear()
         dropped = bool(self._grads)
         self.reset()
         self._dropped = dropped
@@ -531,10 +570,9 @@ class GradientCollector:
                 mask = None  # nothing to exclude: skip the masking copies
             else:
                 mask = mask.to(a.device)
-        out = _projection().factored_project(
-            a3, g3, self.p, seed=self.seed, name=name, kind=self.kind, mask=mask,
-            bias=self._bias_of[name], per_token=self.per_token, normalizer=self.normalizers.get(name),
-            memory_budget=self.memory_budget)
+        out = _projection()._factored_project(
+            a3, g3, self.p, self.seed, name, self.kind, mask, self._bias_of[name], self.per_token,
+            self.normalizers.get(name), self.memory_budget, self._matrices)
         return out.to(self.dtype)
 
     # ------------------------------------------------------------------ driving

@@ -24,9 +24,10 @@ the field), since one bad entry would reach every projected entry of every examp
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Union
 
@@ -36,7 +37,7 @@ from gradkit import ops
 from gradkit.ops import _int
 
 __all__ = ["KINDS", "derive_seed", "projection_matrix", "project", "factored_project", "AdafactorNormalizer",
-           "AdamNormalizer"]
+           "AdamNormalizer", "MATRIX_CACHE_BYTES", "clear_matrix_cache"]
 
 KINDS = {"rademacher": 0, "gaussian": 1}
 _SEED_MASK = (1 << 63) - 1
@@ -336,18 +337,66 @@ class AdamNormalizer:
 # --------------------------------------------------------------------------- factored projection
 
 
-@functools.lru_cache(maxsize=256)
-def _cached_matrix(p: int, n: int, seed: int, kind: int, device: str) -> torch.Tensor:
-    m = ops.projection_matrix(p, n, seed, kind, p, 0, 0, dtype=torch.float32, device=torch.device(device))
-    m.requires_grad_(False)
-    return m
+class _MatrixCache:
+    """Generated projection matrices, kept transposed ((n, p) float32, contiguous: the fused op's operand
+    layout; ``L = lt.T`` is a view), keyed on (p, n, seed, kind, device).
+
+    ``max_bytes``: least recently used entries are dropped past it (the newest one is always kept); None:
+    unbounded. The process-wide cache behind :func:`factored_project` holds at most
+    :data:`MATRIX_CACHE_BYTES`; a :class:`GradientCollector` keeps its own, unbounded (its modules' matrices
+    are wanted every batch, whatever their number), and drops it when it detaches. Entries are made with
+    autograd and inference mode off, so one made under ``torch.inference_mode()`` serves a later
+    differentiable call. Thread-safe (a lock around insertions and evictions; two threads missing the same key
+    both generate it, with the same bits)."""
+
+    def __init__(self, max_bytes: Optional[int] = None) -> None:
+        self.max_bytes = max_bytes
+        self._table: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, p: int, n: int, seed: int, kind: int, device: torch.device) -> torch.Tensor:
+        key = (p, n, seed, kind, device)
+        t = self._table.get(key)  # a hit takes no lock: one dict read and a reorder, each atomic
+        if t is not None:
+            if self.max_bytes is not None:
+                try:
+                    self._table.move_to_end(key)
+                except KeyError:  # dropped by another thread since the read: t is still the matrix
+                    pass
+            return t
+        with torch.inference_mode(False), torch.no_grad():
+            t = ops.projection_matrix(p, n, seed, kind, p, 0, 0, dtype=torch.float32, device=device).T.contiguous()
+        with self._lock:
+            if key not in self._table:
+                self._table[key] = t
+                self._bytes += t.numel() * t.element_size()
+                while self.max_bytes is not None and self._bytes > self.max_bytes and len(self._table) > 1:
+                    _, old = self._table.popitem(last=False)
+                    self._bytes -= old.numel() * old.element_size()
+            return self._table[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._table.clear()
+            self._bytes = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._table)
 
 
-@functools.lru_cache(maxsize=256)
-def _cached_matrix_t(p: int, n: int, seed: int, kind: int, device: str) -> torch.Tensor:
-    """The same matrix transposed, (n, p) contiguous: the fused op's operand layout (cached, so a hook
-    call does not copy it every batch)."""
-    return _cached_matrix(p, n, seed, kind, device).T.contiguous()
+MATRIX_CACHE_BYTES = 64 << 20
+_MATRICES = _MatrixCache(MATRIX_CACHE_BYTES)
+
+
+def clear_matrix_cache() -> None:
+    """Drop the projection matrices :func:`factored_project` keeps between calls (at most
+    :data:`MATRIX_CACHE_BYTES`). A :class:`GradientCollector`'s own matrices go when it detaches."""
+    _MATRICES.clear()
 
 
 def factored_project(a: torch.Tensor, g: torch.Tensor, p: int, seed: int = 0, name: str = "",
@@ -372,6 +421,12 @@ def factored_project(a: torch.Tensor, g: torch.Tensor, p: int, seed: int = 0, na
     naming ``memory_budget`` and the minimum, before any work. The result does not depend on the
     budget beyond float32 rounding.
     """
+    return _factored_project(a, g, p, seed, name, kind, mask, bias, per_token, normalizer, memory_budget, _MATRICES)
+
+
+def _factored_project(a, g, p, seed, name, kind, mask, bias, per_token, normalizer, memory_budget,
+                      matrices: _MatrixCache) -> torch.Tensor:
+    """:func:`factored_project` with the projection matrices from ``matrices``."""
     p = _pos_int(p, "p")
     seed = _int(seed, "seed")
     if not isinstance(name, str):
@@ -419,10 +474,11 @@ def factored_project(a: torch.Tensor, g: torch.Tensor, p: int, seed: int = 0, na
                 dw = max(dw, 1 + 2 * -(-t.element_size() // 4))
         adam_plan = _adam_plan(B * T if per_token else B, O, I, p, memory_budget, dw)
 
-    dev, dk = a.device, str(a.device)
+    dev = a.device
     ls, rs = derive_seed(seed, name, "left"), derive_seed(seed, name, "right")
-    L = _cached_matrix(p, O, ls, kd, dk)
-    R = _cached_matrix(p, I + int(bias), rs, kd, dk)
+    lt = matrices.get(p, O, ls, kd, dev)  # L^T (O, p) and R^T (I(+1), p): the bias row is the last
+    rtb = matrices.get(p, I + int(bias), rs, kd, dev)
+    L, R = lt.T, rtb.T
     Rw = R[:, :I]
     Rb = R[:, I] if bias else None
     Lw, bias_L = L, None
@@ -437,9 +493,7 @@ def factored_project(a: torch.Tensor, g: torch.Tensor, p: int, seed: int = 0, na
         # the fused op: both sides projected per token and the outer products accumulated in one pass
         if T == 0:
             return torch.zeros(B, p * p, dtype=torch.float32, device=dev)
-        if normalizer is None:  # the cached transposes (rows of R^T: the bias row is the last)
-            lt = _cached_matrix_t(p, O, ls, kd, dk)
-            rtb = _cached_matrix_t(p, I + int(bias), rs, kd, dk)
+        if normalizer is None:  # the cached transposes as they are
             rt, Rb = rtb[:I], (rtb[I] if bias else None)
         else:
             lt, rt = Lw.T.contiguous(), Rw.T.contiguous()
