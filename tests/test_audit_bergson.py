@@ -252,3 +252,52 @@ def test_fp32_gram_rounding_asymmetry_accepted(tmp_path):
     bad[1, 0] += 0.01 * float(h.abs().max())
     with pytest.raises(ValueError, match=r"^precondition: matrix for the full matrix: is not symmetric \(max "):
         ix.search(q, 2, precondition=bad)
+
+
+# ---- session 32 audit ------------------------------------------------------------------------------------------------
+def test_non_finite_values_in_a_module_left_out_do_not_decide_the_score(tmp_path):
+    """A selection with a hole (z.mlp and m.out, not a.attn between them) was read as one column window with the
+    query zeroed on a.attn: a NaN / Inf there made 0 * NaN = NaN and the row ranked last, although bergson scores it
+    on the selected modules only. bergson indexes can hold such values (gradkit's refuse them on append)."""
+    x = torch.zeros(4, D)
+    x[:, 0] = torch.tensor([5.0, 1.0, 2.0, 3.0])  # z.mlp: row 0 best
+    x[0, 7] = float("nan")  # a.attn (columns 6..9) of row 0
+    x[3, 8] = float("inf")  # and of row 3
+    mm = create_index(tmp_path / "b", 4, SIZES, np.float32)
+    mm[:] = x.numpy()
+    mm.flush()
+    del mm
+    GradientProcessor(projection_dim=None).save(tmp_path / "b")
+    ix = GradientIndex.open(tmp_path / "b")
+    q = torch.zeros(1, D)
+    q[0, 0], q[0, 12] = 1.0, 0.5
+    theirs = Attributor(tmp_path / "b").search(_split(q.clone()), 4, modules={"z.mlp", "m.out"})
+    for rev in (False, True):
+        s, i = ix.search(q, 4, modules=["z.mlp", "m.out"], reverse=rev)
+        want = torch.tensor([[0, 3, 2, 1]]) if not rev else torch.tensor([[1, 2, 3, 0]])
+        assert torch.equal(i, want), (rev, i)
+        assert torch.equal(s, (x[want[0]][:, 0] * 1.0)[None])
+    assert torch.equal(ix.search(q, 4, modules=["z.mlp", "m.out"])[1], theirs.indices)
+    # a selection without a hole reads its window as before; the NaN row then scores NaN, ranked last, as bergson
+    s, i = ix.search(q, 4, modules=["z.mlp", "a.attn"])
+    assert i[0, -1].item() in (0, 3)
+
+
+def test_older_processor_config_without_target_or_seed_gets_bergsons_defaults(tmp_path):
+    """bergson reads a processor_config.yaml that leaves out projection_target / projection_seed with its
+    GradientProcessor defaults ('per_module', None) and accepts a processor with those values; gradkit refused it
+    (its defaults covered only the four settings _read_config fills)."""
+    old = tmp_path / "old"
+    x = _index_with_processor(old, GradientProcessor(projection_dim=4))
+    (old / "processor_config.yaml").write_text("projection_dim: 4\nprojection_type: rademacher\n")
+    proc = GradientProcessor(projection_dim=4, projection_type="rademacher", projection_scale="row_norm",
+                             projection_version=1)
+    proc.check_saved_projection(old, "index")  # bergson: accepted
+    ix = GradientIndex.open(old)
+    assert ix.projection["projection_target"] == "per_module" and ix.projection["projection_seed"] is None
+    q = x[:2] + 0.1
+    assert torch.equal(ix.search(q, 3, projection=proc)[1], (q @ x.T).topk(3).indices)
+    with pytest.raises(ValueError, match=r"^projection: .*'projection_target': 'global'"):
+        ix.search(q, 3, projection=GradientProcessor(projection_dim=4, projection_type="rademacher",
+                                                     projection_scale="row_norm", projection_version=1,
+                                                     projection_target="global"))

@@ -456,3 +456,152 @@ def test_distributed_create_fails_promptly_on_every_rank(tmp_path):
         assert out[r]["group"] == 2
     ix = GradientIndex.open(tmp_path / "good")
     assert torch.equal(ix.get(range(7)), torch.cat([grads(3, 0), grads(4, 1)]))
+
+
+# --------------------------------------------------------------------------- session 32 audit
+
+
+def test_an_error_in_a_resumed_build_that_added_nothing_leaves_the_index_complete(tmp_path):
+    """create(resume=True) marks the header incomplete at once; an error before anything new was committed (a
+    refused append, an exception in the with-block) left a complete index unopenable. Now it is complete again;
+    one that committed new rows stays incomplete (resume continues it)."""
+    path = tmp_path / "ix"
+    with GradientIndex.create(path, MODS) as w:
+        w.append(grads(6, 1))
+    before = tree(path)
+    with pytest.raises(ValueError, match=r"^grads: expected shape"):
+        with GradientIndex.create(path, MODS, resume=True) as w:
+            w.append(torch.zeros(2, D + 1))
+    assert tree(path) == before and len(GradientIndex.open(path)) == 6
+    with pytest.raises(KeyError):
+        with GradientIndex.create(path, MODS, resume=True) as w:
+            w.append(grads(2, 2), commit=False)  # pending rows only: rolled back
+            raise KeyError("user code")
+    assert tree(path) == before
+    with pytest.raises(KeyError):
+        with GradientIndex.create(path, MODS, resume=True) as w:
+            w.append(grads(2, 3))  # committed: the build has changed the index
+            raise KeyError("user code")
+    with pytest.raises(IndexFormatError, match="did not complete|not complete|incomplete"):
+        GradientIndex.open(path)
+    assert len(GradientIndex.open(path, allow_incomplete=True)) == 8
+
+
+def test_per_example_queries_search_a_per_token_index(tmp_path):
+    """A collector's projection_config records per_token, and search compared whole configs: per-example queries
+    (the sum of their tokens' vectors, the same matrices) were refused on a per-token index and back."""
+    from gradkit.projection import GradientCollector
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x = torch.randn(4, 7, 6)
+    tok = GradientCollector(model, p=2, seed=3, per_token=True)
+    with tok:
+        tok.backward(model(x).sum())
+        rows = tok.collect(flat=True)  # (4, 7, D)
+    ex = GradientCollector(model, p=2, seed=3)
+    with ex:
+        ex.backward(model(x).sum())
+        q = ex.collect(flat=True)
+    torch.testing.assert_close(q, rows.sum(1), rtol=1e-5, atol=1e-5)
+    with GradientIndex.create(tmp_path / "t", tok.module_dims, dtype=torch.float32, projection=tok,
+                              per_token=True) as w:
+        w.append(rows.reshape(28, -1), num_tokens=[7] * 4)
+    with GradientIndex.create(tmp_path / "e", ex.module_dims, dtype=torch.float32, projection=ex) as w:
+        w.append(q)
+    flat = rows.reshape(28, -1)
+    s, i = GradientIndex.open(tmp_path / "t").search(q, 3, projection=ex)
+    assert torch.equal(i, (q @ flat.T).topk(3).indices)
+    GradientIndex.open(tmp_path / "e").search(flat[:2], 2, projection=tok)
+    other = GradientCollector(model, p=2, seed=4)
+    with pytest.raises(ValueError, match=r"^projection: the queries were projected with .*'seed': 4"):
+        GradientIndex.open(tmp_path / "t").search(q, 3, projection=other)
+
+
+def test_search_takes_numpy_and_tensor_weights_and_any_iterable_of_modules(tmp_path):
+    """weights={"m": np.float32(2)} (or a 0-d tensor) was refused as "not a finite number", and modules=ix.modules
+    .keys() as "not a list/set"; a finite float64 query beyond float32's range was reported as NaN / Inf."""
+    path = tmp_path / "ix"
+    x = grads(12, 4)
+    with GradientIndex.create(path, MODS, dtype=torch.float32) as w:
+        w.append(x)
+    ix = GradientIndex.open(path)
+    q = grads(3, 5)
+    want = ix.search(q, 4, weights={"h.0.mlp": 2.0})
+    for wv in (np.float32(2.0), np.int64(2), torch.tensor(2.0), torch.tensor([2.0])):
+        got = ix.search(q, 4, weights={"h.0.mlp": wv})
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), wv
+    for bad in (np.bool_(True), torch.tensor(True), torch.tensor(float("nan")), "2", torch.ones(2)):
+        with pytest.raises(ValueError, match=r"^weights\['h\.0\.mlp'\]: expected a finite number"):
+            ix.search(q, 4, weights={"h.0.mlp": bad})
+    a = ix.search(q, 4, modules=["h.0.attn"])
+    for mods in ((m for m in ["h.0.attn"]), {"h.0.attn"}, ("h.0.attn",)):
+        assert torch.equal(ix.search(q, 4, modules=mods)[1], a[1])
+    assert torch.equal(ix.search(q, 4, modules=ix.modules.keys())[1], ix.search(q, 4)[1])
+    for bad in ("h.0.attn", 3, {"h.0.attn": 1.0}):
+        with pytest.raises(TypeError, match=r"^modules: expected a list/set of module names or None"):
+            ix.search(q, 4, modules=bad)
+    big = torch.zeros(2, D, dtype=torch.float64)
+    big[1, 0] = 1e39
+    with pytest.raises(ValueError, match=r"^queries: rows \[1\] are finite but overflow float32"):
+        ix.search(big, 2)
+    big[1, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"^queries: rows \[1\] hold NaN or Inf$"):
+        ix.search(big, 2)
+
+
+def _raise_in_block_worker(rank, world, init_file, root):
+    """Rank 1 raises inside its with-block after appending; rank 0 closes normally."""
+    _init(rank, world, init_file)
+    out = {}
+    try:
+        t0 = time.monotonic()
+        err = None
+        try:
+            with GradientIndex.create(f"{root}/ix", MODS, dtype=torch.float32) as w:
+                w.append(grads(3 + rank, rank))
+                if rank == 1:
+                    raise RuntimeError("user code failed on rank 1")
+        except Exception as e:  # noqa: BLE001 - recorded for the parent
+            err = e
+        out = {"err": _outcome(err), "s": time.monotonic() - t0}
+        t = torch.ones(1)
+        dist.all_reduce(t)  # the group is still usable, in step
+        out["group"] = int(t)
+    finally:
+        with open(f"{root}/raise-rank{rank}.json", "w") as f:
+            json.dump(out, f)
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_an_error_in_one_ranks_with_block_fails_every_rank_promptly(tmp_path):
+    """A rank whose with-block raised only aborted locally: the other ranks waited in close()'s collective until
+    the process group timed out. Now it joins that collective as a failed rank: it re-raises its own error, the
+    others raise DistributedBuildError naming it, at once; the committed rows stay (resume continues)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(_raise_in_block_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
+    end = time.monotonic() + DEADLINE_S
+    try:
+        while not ctx.join(timeout=0.5):
+            if time.monotonic() > end:
+                pytest.fail(f"the workers did not finish within {DEADLINE_S} s (a collective hung?)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    out = [json.loads((tmp_path / f"raise-rank{r}.json").read_text()) for r in (0, 1)]
+    own, other = out[1]["err"], out[0]["err"]
+    assert own["type"] == "RuntimeError" and own["msg"] == "user code failed on rank 1"
+    assert other["type"] == "DistributedBuildError" and other["msg"].startswith(
+        "GradientIndex.close: rank(s) [1] of 2 failed to commit their rows of ") and "(rank(s) [1] raised an error in "\
+        "their with-block before close())" in other["msg"], other
+    for r in (0, 1):
+        assert out[r]["s"] < PROMPT_S, out[r]
+        assert out[r]["group"] == 2
+    with pytest.raises(IndexFormatError):
+        GradientIndex.open(tmp_path / "ix")
+    got = GradientIndex.open(tmp_path / "ix", allow_incomplete=True)  # every rank's committed rows
+    assert torch.equal(got.get(range(len(got))), torch.cat([grads(3, 0), grads(4, 1)]))

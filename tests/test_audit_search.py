@@ -130,3 +130,37 @@ def test_cuda_host_checks_running_topk(name, s_in, i_in):
             f(q, keys, 4, True, None, s_in, i_in, 0)
     with pytest.raises(ValueError, match=r"^base: "):
         E.score_topk(q, keys, 4, True, None, None, None, (1 << 63) - 3)
+
+
+# ---- session 32: identical keys tie on every level, whatever the blocking --------------------------------------
+@pytest.mark.parametrize("isa", SEARCH_ISAS)
+@pytest.mark.parametrize("Q", [1, 2, 3, 20])
+def test_identical_keys_tie_whatever_the_blocking(isa, Q):
+    """On the BLAS blocks (CPUs without AVX2, and non-x86 ones) a key's score depended on the product's shape (MKL:
+    a one-key block or one query goes through a GEMV, whose sums depend on the key's position mod 4; short query
+    tiles at large D through other kernels), so copies of one key scored a few ulps apart and the top-k changed
+    with the blocking and thread count (1000 keys in blocks of 513: key 1538 outranked key 3). BLAS scores now
+    only screen and candidates are rescored exactly. Real data (non-integer: the sums' order matters). The
+    answer must not depend on the blocking or the level, and among equal scores the lowest row wins."""
+    g = torch.Generator().manual_seed(5)
+    for D in (16, 37, 256):
+        keys = torch.randn(5, D, generator=g).repeat(200, 1)  # key j == key j + 5 == ...
+        q = torch.randn(Q, D, generator=g)
+        results = []
+        with env_set("GRADKIT_SEARCH_ISA", isa):
+            for br in (1, 2, 3, 5, 7, 64, 511, 513, 1000):
+                run_s = run_i = None
+                for b0 in range(0, keys.shape[0], br):
+                    run_s, run_i = ops.score_topk(q, keys[b0:b0 + br], 3, scores_in=run_s, idx_in=run_i, base=b0)
+                results.append((br, run_s, run_i))
+        _, s0, i0 = results[0]
+        for br, s, i in results[1:]:
+            assert torch.equal(s, s0) and torch.equal(i, i0), (isa, Q, D, br)
+        # the BLAS blocks rescore their candidates as the packed kernels' FMA chain: every level, the same bits
+        for other in SEARCH_ISAS:
+            with env_set("GRADKIT_SEARCH_ISA", other):
+                s1, i1 = ops.score_topk(q, keys, 3)
+            assert torch.equal(s1, s0) and torch.equal(i1, i0), (isa, other, Q, D)
+        best = (q @ keys[:5].T).argmax(1)  # the top 3 are the best key's first three copies
+        assert torch.equal(i0, best[:, None] + torch.tensor([0, 5, 10])), (isa, Q, D)
+        assert torch.equal(s0[:, 0], s0[:, 1]) and torch.equal(s0[:, 1], s0[:, 2])

@@ -18,7 +18,9 @@
 //    - on x86-64 CPUs with AVX-512F or AVX2 + FMA (packed_isa): the register-blocked kernel below
 //      (keys packed a 32-key panel at a time; every score the same fp32 FMA chain at both levels), or
 //    - otherwise (or GRADKIT_SEARCH_ISA=blas): one single-threaded GEMM (at::mm_out, MKL/OpenBLAS)
-//      on the block, upcast first into a thread-local fp32 buffer when it is not fp32.
+//      on the block, upcast first into a thread-local fp32 buffer when it is not fp32; its scores only
+//      screen, and every key that may enter the top-k is scored again as the same FMA chain
+//      (scan_row_rescored), so every level gives the same bits.
 //  * selection: each query keeps a bounded heap of k (score, index) pairs with the worst on top;
 //    the row of scores is scanned 8 at a time against the heap's worst score with SSE compares
 //    (one movemask per 8 scores; after warm-up almost every group is rejected), and only a score
@@ -122,6 +124,185 @@ void scan_row(const float* s, int64_t n, int64_t idx0, Heap& hp) {
     const float v = s[j];
     if (v > thr) {
       hp.replace_top(v, idx0 + j);
+      thr = hp.h[0].s;
+    }
+  }
+}
+
+// ---- The BLAS blocks (CPUs without AVX2, non-x86 ones, GRADKIT_SEARCH_ISA=blas). A BLAS product's sums depend
+// on its shape: MKL sums a one-query product (GEMV) in an order set by the key's position mod 4, and products
+// narrower than 4 keys, or shorter than ~16 queries at large D, in other orders again. A key's score would then
+// depend on the blocking, the thread count and the other queries of the call (identical keys stop tying; the
+// top-k changes with batch_rows). So BLAS scores only bound: both a BLAS score a and the exact score e (the fp32
+// FMA chain over d ascending: the packed kernels' bits) are sums of the D products q_d x_d, each within
+// gamma_D sum |q_d x_d| <= gamma_D |q| |x| of the exact sum (gamma_D = D u / (1 - D u), u = 2^-24; any order,
+// with or without FMA), so e lies in [a - m, a + m] with m = 2 gamma_D |q| |x| (+ 2^-126 per product for
+// subnormal underflow; scaled keys: times |scale|, plus the product's rounding). Per query, a task keeps the k
+// best lower bounds a - m in a heap, and every key whose upper bound a + m reaches the heap's worst lower bound
+// as a candidate (index ascending): at least k keys score at least that lower bound, so no key left out can be
+// among the k best. After its last block the task scores its candidates exactly and keeps the k best (ties:
+// lowest index), the same result, bit for bit, as the packed kernels'. Candidates are few (about k plus the
+// keys within 2m of the k-th score), so the exact chains cost little next to the products.
+template <typename T>
+inline float fma_chain_portable(const float* q, const T* x, int64_t D) {
+  float acc = 0.0f;
+  for (int64_t d = 0; d < D; ++d) acc = std::fma(q[d], static_cast<float>(x[d]), acc);
+  return acc;
+}
+#if defined(__x86_64__) || defined(_M_X64)
+template <typename T>
+__attribute__((target("fma"))) float fma_chain_hw(const float* q, const T* x, int64_t D) {
+  float acc = 0.0f;
+  for (int64_t d = 0; d < D; ++d) acc = __builtin_fmaf(q[d], static_cast<float>(x[d]), acc);
+  return acc;
+}
+#endif
+template <typename T>
+float fma_chain(const float* q, const T* x, int64_t D) {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool hw = __builtin_cpu_supports("fma");  // else std::fma (glibc: exact in software)
+  if (hw) return fma_chain_hw(q, x, D);
+#endif
+  return fma_chain_portable(q, x, D);
+}
+
+// Per query: cq = 2.02 gamma_D |q| (rounded up; inf when |q| is, NaN keeps every key), tiny = the underflow
+// allowance.
+struct BlasBounds {
+  std::vector<float> cq, tiny;
+  void init(const float* q, int64_t Q, int64_t D) {
+    const double u = std::ldexp(1.0, -24), g = static_cast<double>(D) * u / std::max(1e-300, 1.0 - D * u);
+    cq.resize(static_cast<size_t>(Q));
+    tiny.resize(static_cast<size_t>(Q));
+    for (int64_t r = 0; r < Q; ++r) {
+      double ss = 0.0;
+      for (int64_t d = 0; d < D; ++d) ss += static_cast<double>(q[r * D + d]) * q[r * D + d];
+      cq[r] = static_cast<float>(2.02 * g * std::sqrt(ss) * 1.000001);
+      tiny[r] = static_cast<float>(std::ldexp(1.0, -126) * (2.0 * D + 2.0) + 1e-37);
+    }
+  }
+};
+
+// kn[j] >= |x_j|: float sums of squares in 32 lanes (8 independent vector chains), each within (D / 32 + 32) u of
+// its exact value, rounded up by twice that; an overflowing square gives inf (that key is always a candidate).
+inline void key_norms(const float* x, int64_t ldx, int64_t nb, int64_t D, float* kn) {
+  constexpr int kL = 32;
+  const float up = static_cast<float>(1.0 + (static_cast<double>(D) / kL + 2 * kL) * std::ldexp(1.0, -23));
+  for (int64_t j = 0; j < nb; ++j) {
+    const float* r = x + j * ldx;
+    float acc[kL] = {};
+    int64_t d = 0;
+    for (; d + kL <= D; d += kL)
+      for (int l = 0; l < kL; ++l) acc[l] += r[d + l] * r[d + l];
+    for (int l = 0; d < D; ++d, ++l) acc[l] += r[d] * r[d];
+    float ss = 0.0f;
+    for (int l = 0; l < kL; ++l) ss += acc[l];
+    kn[j] = std::sqrt(ss * up) * 1.000001f;
+  }
+}
+
+// One query's state in a task of the BLAS path: the heap of the k best lower bounds, and the candidates
+// (upper bound, key index), index ascending.
+struct BlasQuery {
+  std::vector<Cand> lo;
+  int64_t nlo = 0;
+  std::vector<Cand> cand;
+};
+
+// Bounds of one row of BLAS scores a[0..nb) (keys idx0 + j): lower bounds into the heap, keys whose upper bound
+// reaches its worst into the candidates.
+void scan_row_bounds(const float* a, int64_t nb, const float* kn, float cq, float tiny, const float* sc,
+                     int64_t idx0, int64_t k, BlasQuery& st) {
+  if (k == 0) return;
+  Heap hp{st.lo.data(), st.nlo, k};
+  float thr = hp.n < k ? -std::numeric_limits<float>::infinity() : hp.h[0].s;
+  constexpr int kG = 16;  // bounds computed and tested a group at a time (vectorised loops): almost all rejected
+  float lo[kG], hi[kG];
+  auto bounds = [&](int64_t j, int n) {
+    if (!sc) {
+      for (int i = 0; i < n; ++i) {
+        const float m = cq * kn[j + i] + tiny;
+        lo[i] = a[j + i] - m;
+        hi[i] = a[j + i] + m;
+      }
+    } else {  // |e sc - a sc| <= m |sc| (1 + u) + the two products' rounding
+      for (int i = 0; i < n; ++i) {
+        const float t = a[j + i] * sc[j + i];
+        const float m = (cq * kn[j + i] + tiny) * std::fabs(sc[j + i]) * 1.000001f + std::fabs(t) * 2.5e-7f;
+        lo[i] = t - m;
+        hi[i] = t + m;
+      }
+    }
+  };
+  auto consider = [&](int64_t j, float l, float h) {
+    if (!(h < thr)) st.cand.push_back(Cand{h, idx0 + j});  // NaN: a candidate (its exact score decides)
+    if (hp.n < k) {
+      hp.offer_fill(l, idx0 + j);
+      if (hp.n == k) thr = hp.h[0].s;
+    } else if (l > thr) {  // NaN never passes
+      hp.replace_top(l, idx0 + j);
+      thr = hp.h[0].s;
+    }
+  };
+  int64_t j = 0;
+  for (; j + kG <= nb; j += kG) {
+#ifdef GK_SEARCH_SSE
+    // the same bounds as bounds(), 4 at a time (the compiler leaves the scalar loops unvectorised)
+    const __m128 cqv = _mm_set1_ps(cq), tv = _mm_set1_ps(tiny), th = _mm_set1_ps(thr);
+    const __m128 absm = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
+    int any = 0;
+    for (int i = 0; i < kG; i += 4) {
+      const __m128 av = _mm_loadu_ps(a + j + i);
+      __m128 m = _mm_add_ps(_mm_mul_ps(cqv, _mm_loadu_ps(kn + j + i)), tv), t = av;
+      if (sc) {
+        const __m128 sv = _mm_loadu_ps(sc + j + i);
+        t = _mm_mul_ps(av, sv);
+        m = _mm_add_ps(_mm_mul_ps(_mm_mul_ps(m, _mm_and_ps(sv, absm)), _mm_set1_ps(1.000001f)),
+                       _mm_mul_ps(_mm_and_ps(t, absm), _mm_set1_ps(2.5e-7f)));
+      }
+      const __m128 h = _mm_add_ps(t, m);
+      _mm_storeu_ps(lo + i, _mm_sub_ps(t, m));
+      _mm_storeu_ps(hi + i, h);
+      any |= _mm_movemask_ps(_mm_cmpnlt_ps(h, th));  // !(h < thr): NaN counts
+    }
+#else
+    bounds(j, kG);
+    int any = 0;
+    for (int i = 0; i < kG; ++i) any |= !(hi[i] < thr);
+#endif
+    if (!any) continue;
+    for (int i = 0; i < kG; ++i) consider(j + i, lo[i], hi[i]);
+  }
+  if (j < nb) {
+    const int n = static_cast<int>(nb - j);
+    bounds(j, n);
+    for (int i = 0; i < n; ++i) consider(j + i, lo[i], hi[i]);
+  }
+  st.nlo = hp.n;
+  if (hp.n == k && st.cand.size() > static_cast<size_t>(4 * k + 256)) {  // drop those the heap has passed
+    size_t w = 0;
+    for (const Cand& cd : st.cand)
+      if (!(cd.s < thr)) st.cand[w++] = cd;
+    st.cand.resize(w);
+  }
+}
+
+// After a task's last block: its candidates scored exactly into its heap (index ascending, as scan_row offers).
+template <typename T>
+void rescore_candidates(const BlasQuery& st, int64_t k, const float* qrow, const T* keys, int64_t ldk, int64_t D,
+                        const float* sc, int64_t base, Heap& hp) {
+  const float lthr = st.nlo < k ? -std::numeric_limits<float>::infinity() : st.lo[0].s;
+  float thr = 0.0f;
+  for (const Cand& cd : st.cand) {
+    if (cd.s < lthr) continue;  // passed by the heap after it was added
+    const int64_t j = cd.i - base;
+    float v = fma_chain(qrow, keys + j * ldk, D);
+    if (sc) v *= sc[j];
+    if (hp.n < hp.k) {
+      hp.offer_fill(v, cd.i);
+      if (hp.n == hp.k) thr = hp.h[0].s;
+    } else if (v > thr) {
+      hp.replace_top(v, cd.i);
       thr = hp.h[0].s;
     }
   }
@@ -598,10 +779,13 @@ std::tuple<Tensor, Tensor> score_topk_cpu(const Tensor& queries_in, const Tensor
   const bool packed = false;
   const bool screen = false;
 #endif
+  BlasBounds bounds;
+  if (N > 0 && !packed) bounds.init(q.data_ptr<float>(), Q, D);
   if (N > 0) {
     at::parallel_for(0, kchunks * qgroups, 1, [&](int64_t t0, int64_t t1) {
       Tensor buf = (f32 || packed) ? Tensor() : at::empty({kBlockKeys, D}, q.options());
       Tensor sbuf = at::empty({std::min(kTileQ, qper), kBlockKeys}, q.options());
+      std::vector<float> knb(packed ? 0 : static_cast<size_t>(kBlockKeys));  // BLAS blocks: key norms
 #ifdef GK_SEARCH_X86
       Tensor pbuf = packed ? at::empty({kNR * D}, q.options()) : Tensor();
       Tensor qbuf = isa == 1 ? at::empty({(kTileQ + kMRAvx2) * D}, q.options()) : Tensor();
@@ -613,6 +797,8 @@ std::tuple<Tensor, Tensor> score_topk_cpu(const Tensor& queries_in, const Tensor
         const int64_t q0 = g * qper, q1 = std::min(Q, q0 + qper);
         const int64_t b0 = c * blocks_per_chunk, b1 = std::min(nblocks, b0 + blocks_per_chunk);
         if (q0 >= q1) continue;
+        std::vector<BlasQuery> bq(packed ? 0 : static_cast<size_t>(q1 - q0));
+        for (auto& st : bq) st.lo.resize(static_cast<size_t>(k));
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t j0 = b * kBlockKeys, nb = std::min(kBlockKeys, N - j0);
 #ifdef GK_SEARCH_X86
@@ -671,6 +857,15 @@ std::tuple<Tensor, Tensor> score_topk_cpu(const Tensor& queries_in, const Tensor
             {
               Tensor sv = sbuf.narrow(0, 0, nq).narrow(1, 0, nb);
               at::mm_out(sv, q.narrow(0, qt, nq), kbt);
+              // the block's key norms, after its first product has brought it into cache (a memory-bound product
+              // of few queries would otherwise wait for memory twice)
+              if (qt == q0) key_norms(kb.data_ptr<float>(), kb.stride(0), nb, D, knb.data());
+              for (int64_t r = 0; r < nq; ++r) {
+                const int64_t qi = qt + r;
+                scan_row_bounds(S + r * lds, nb, knb.data(), bounds.cq[qi], bounds.tiny[qi], sc ? sc + j0 : nullptr,
+                                base + j0, k, bq[qi - q0]);
+              }
+              continue;
             }
             for (int64_t r = 0; r < nq; ++r) {
               float* row = S + r * lds;
@@ -683,6 +878,21 @@ std::tuple<Tensor, Tensor> score_topk_cpu(const Tensor& queries_in, const Tensor
               scan_row(row, nb, base + j0, hp);
               counts[c * Q + qi] = hp.n;
             }
+          }
+        }
+        if (!packed) {  // the BLAS path: this task's candidates, scored exactly
+          const float* qp = q.data_ptr<float>();
+          const int64_t ldk_all = keys.stride(0);
+          for (int64_t qi = q0; qi < q1; ++qi) {
+            Heap hp{heaps.data() + (c * Q + qi) * k, counts[c * Q + qi], k};
+            if (keys.scalar_type() == at::kFloat)
+              rescore_candidates(bq[qi - q0], k, qp + qi * D, keys.data_ptr<float>(), ldk_all, D, sc, base, hp);
+            else if (keys.scalar_type() == at::kHalf)
+              rescore_candidates(bq[qi - q0], k, qp + qi * D, keys.data_ptr<at::Half>(), ldk_all, D, sc, base, hp);
+            else
+              rescore_candidates(bq[qi - q0], k, qp + qi * D, keys.data_ptr<at::BFloat16>(), ldk_all, D, sc, base,
+                                 hp);
+            counts[c * Q + qi] = hp.n;
           }
         }
       }

@@ -105,10 +105,12 @@ import dataclasses
 import errno
 import json
 import math
+import numbers
 import os
 import re
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, NoReturn, Optional, Tuple
 
@@ -289,11 +291,19 @@ def _projection_dict(projection, what: str = "projection"):
 
 
 # bergson's PROJECTION_SETTINGS (the settings that must match between gradients projected separately) and the
-# values bergson's GradientProcessor._read_config gives those an older processor_config.yaml leaves out
+# values bergson gives those an older processor_config.yaml leaves out: GradientProcessor._read_config fills four,
+# and cls(**cfg) the GradientProcessor fields' defaults for the rest
 _BERGSON_PROJ_KEYS = ("projection_dim", "projection_type", "projection_scale", "projection_seed", "projection_target",
                       "include_bias", "projection_version")
 _BERGSON_PROJ_DEFAULTS = {"projection_type": "normal", "include_bias": False, "projection_scale": "row_norm",
-                          "projection_version": 1}
+                          "projection_version": 1,  # _read_config's
+                          "projection_target": "per_module", "projection_seed": None}  # the dataclass's own
+
+
+def _without_per_token(cfg):
+    """A projection config less ``per_token``: one vector per example or per token is made with the same matrices
+    (a per-example vector is the sum of its tokens'), so per-example queries search a per-token index and back."""
+    return {k: v for k, v in cfg.items() if k != "per_token"} if isinstance(cfg, dict) else cfg
 
 
 def _bergson_settings(cfg: Mapping):
@@ -693,6 +703,8 @@ class GradientIndex:
         self._lock: Optional[_WriterLock] = None
         self.row_offset = 0
         self.example_offset = 0
+        self._resumed_complete: Optional[dict] = None  # resume of a complete index: its header (see _abort)
+        self._resumed_state: Optional[dict] = None
         return self
 
     @classmethod
@@ -784,6 +796,8 @@ class GradientIndex:
             self._unlock()
             raise
         self._writable = True
+        if self._resumed_complete is not None:  # the committed state the resume started from, as _abort compares it
+            self._resumed_state = self._state_header(complete=False)
         return self
 
     def _start(self, resume: bool, overwrite: bool) -> None:
@@ -881,6 +895,8 @@ class GradientIndex:
                 raise IndexFormatError(f"resume: {hdr} is not a gradkit index header")
             _check_header_fields(h, hdr, "resume")
             self._check_same(h, str(p))
+            if h.get("complete") is True and self._world == 1:
+                self._resumed_complete = dict(h)  # restored by _abort when the resumed build adds nothing
             h["complete"] = False
             _atomic_write_json(hdr, h)
             return
@@ -980,8 +996,17 @@ class GradientIndex:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        else:
-            self._abort()
+            return
+        if getattr(self, "_writable", False) and self._world > 1 and isinstance(exc, Exception) \
+                and not isinstance(exc, DistributedBuildError):
+            # the other ranks are in (or on their way to) close()'s collective: join it as a failed rank, so that
+            # they raise DistributedBuildError naming this one instead of waiting for it until the process group
+            # times out. The error raised here propagates as it is.
+            try:
+                self._close_ranks(failure=exc)
+            except BaseException:  # noqa: BLE001 - exc with a note, or the collective's own failure
+                pass
+        self._abort()
 
     def __del__(self) -> None:
         # a writer dropped without close(): its lock goes with it (_WriterLock.__del__), and so must its open
@@ -1245,10 +1270,17 @@ class GradientIndex:
 
     def _abort(self) -> None:
         """Leave the build interrupted: committed rows stay (resume=True continues), pending ones go.
-        The object then reports the committed state (len, num_examples, repr) and refuses reads."""
+        The object then reports the committed state (len, num_examples, repr) and refuses reads.
+        A resumed build of a complete index (one process) that committed nothing new since is the index it
+        resumed: its header is marked complete again, so an error before any append loses nothing."""
         if self._writable:
             self._rollback()
             self._close_fds()
+            if self._resumed_complete is not None and self._state_header(complete=False) == self._resumed_state:
+                try:
+                    _atomic_write_json(self.path / HEADER, self._resumed_complete)
+                except OSError:  # best effort: the index stays incomplete, as before this rule
+                    pass
             self._writable = False
             self._closed = True
             self._count = sum(int(s["rows"]) for s in self._c_shards)
@@ -1276,51 +1308,62 @@ class GradientIndex:
                               "space, then close() this writer again, or create(..., resume=True) and close())") from e
             self._unlock()
         else:
-            # Collectives, the same on every rank: one all_gather of (failed, rows, examples,
-            # nonfinite), then, only when no rank failed (every rank sees the same gathered
-            # flags, so all take the same branch), one broadcast of rank 0's header outcome.
-            d, world = self._dist, self._world
-            own = None
+            self._close_ranks()
+        self._writable = False
+        self._load_gradkit(allow_incomplete=False)
+
+    def _close_ranks(self, failure: Optional[BaseException] = None) -> None:
+        """close() of a multi-process build; ``failure``: this rank's with-block raised it (nothing more is
+        committed: the rank takes part as a failed one, and every rank raises)."""
+        # Collectives, the same on every rank: one all_gather of (failed, rows, examples,
+        # nonfinite), then, only when no rank failed (every rank sees the same gathered
+        # flags, so all take the same branch), one broadcast of rank 0's header outcome.
+        d, world = self._dist, self._world
+        own = failure
+        if own is None:
             try:
                 self.commit()  # a failure has rolled back to the last commit
             except BaseException as e:  # noqa: BLE001 - re-raised below (after the collective)
                 own = e
-            got = _gather_ints(d, world, [0 if own is None else 1, len(self), self._w_examples,
-                                          self._w_nonfinite])  # also the barrier: every rank is done committing
-            failed = [r for r, g in enumerate(got) if g[0]]
-            if failed:
-                if self._rank == 0:  # best effort: publish what every rank committed (not complete)
-                    try:
-                        self._write_merged_header([g[1:] for g in got], complete=False)
-                    except Exception:  # noqa: BLE001 - the header then stays as it was (incomplete)
-                        pass
-                self._abort()
-                _raise_rank_failure(own, failed, (
-                    f"GradientIndex.close: rank(s) {failed} of {world} failed to commit their rows of {self.path} "
-                    "(see those ranks' errors); the index was not marked complete. The rows each rank had "
-                    "committed are kept: open(..., allow_incomplete=True) reads them, create(..., resume=True) on "
-                    f"{world} ranks continues the build"))
-            self._close_fds()
-            err = None
-            if self._rank == 0:
+        else:
+            self._rollback()
+        flag = 0 if own is None else (2 if failure is not None else 1)  # 2: its with-block raised
+        got = _gather_ints(d, world, [flag, len(self), self._w_examples,
+                                      self._w_nonfinite])  # also the barrier: every rank is done committing
+        failed = [r for r, g in enumerate(got) if g[0]]
+        raised = [r for r, g in enumerate(got) if g[0] == 2]
+        if failed:
+            if self._rank == 0:  # best effort: publish what every rank committed (not complete)
                 try:
-                    self._write_merged_header([g[1:] for g in got], complete=True)
-                except BaseException as e:  # noqa: BLE001 - re-raised below (after the collective)
-                    err = e
-            flag = torch.tensor([0 if err is None else 1])
-            d.broadcast(flag, src=0)
-            if int(flag):
-                self._abort()
-                _raise_rank_failure(err, [0], (
-                    f"GradientIndex.close: rank 0 failed to write the header of {self.path} (see rank 0's "
-                    "error); the index was not marked complete (every rank's rows are committed: "
-                    f"create(..., resume=True) on {world} ranks and close() again)"))
-            self._unlock()
-            # where this rank's rows and examples start in the merged index (rank 0's first, then rank 1's, ...)
-            self.row_offset = sum(g[1] for g in got[:self._rank])
-            self.example_offset = sum(g[2] for g in got[:self._rank]) if self.per_token else self.row_offset
-        self._writable = False
-        self._load_gradkit(allow_incomplete=False)
+                    self._write_merged_header([g[1:] for g in got], complete=False)
+                except Exception:  # noqa: BLE001 - the header then stays as it was (incomplete)
+                    pass
+            self._abort()
+            _raise_rank_failure(own, failed, (
+                f"GradientIndex.close: rank(s) {failed} of {world} failed to commit their rows of {self.path} "
+                + (f"(rank(s) {raised} raised an error in their with-block before close()) " if raised else "")
+                + "(see those ranks' errors); the index was not marked complete. The rows each rank had "
+                "committed are kept: open(..., allow_incomplete=True) reads them, create(..., resume=True) on "
+                f"{world} ranks continues the build"))
+        self._close_fds()
+        err = None
+        if self._rank == 0:
+            try:
+                self._write_merged_header([g[1:] for g in got], complete=True)
+            except BaseException as e:  # noqa: BLE001 - re-raised below (after the collective)
+                err = e
+        flag = torch.tensor([0 if err is None else 1])
+        d.broadcast(flag, src=0)
+        if int(flag):
+            self._abort()
+            _raise_rank_failure(err, [0], (
+                f"GradientIndex.close: rank 0 failed to write the header of {self.path} (see rank 0's "
+                "error); the index was not marked complete (every rank's rows are committed: "
+                f"create(..., resume=True) on {world} ranks and close() again)"))
+        self._unlock()
+        # where this rank's rows and examples start in the merged index (rank 0's first, then rank 1's, ...)
+        self.row_offset = sum(g[1] for g in got[:self._rank])
+        self.example_offset = sum(g[2] for g in got[:self._rank]) if self.per_token else self.row_offset
 
     def _write_merged_header(self, counts: List[List[int]], complete: bool) -> None:
         """Rank 0: the header listing every rank's committed shards (``counts``: each rank's gathered
@@ -1738,6 +1781,19 @@ class GradientIndex:
 
     # ------------------------------------------------------------------ search
 
+    @staticmethod
+    def _query_f32(t: torch.Tensor, what: str) -> torch.Tensor:
+        """t as (rows, features) float32; finite float64 rows that float32 cannot hold are refused here, by their
+        own name (search's later check would call them NaN / Inf)."""
+        src = t.detach().reshape(-1, t.shape[-1])
+        out = src.to(torch.float32)
+        if src.dtype == torch.float64:
+            over = (torch.isfinite(src).all(dim=1) & ~torch.isfinite(out).all(dim=1)).nonzero().flatten()
+            if over.numel():
+                raise ValueError(f"{what}: rows {over[:10].tolist()} are finite but overflow float32 (an entry beyond "
+                                 "3.4e38), the dtype scores are computed in; scale them down first")
+        return out
+
     def _query_matrix(self, queries, device=None) -> Tuple[torch.Tensor, Tuple[int, ...]]:
         """(Q, W) float32 in storage layout (padding columns 0) and the leading batch shape."""
         if isinstance(queries, torch.Tensor):
@@ -1748,7 +1804,7 @@ class GradientIndex:
                                  f"{list(self.modules)} in that order, also when modules= selects some), got "
                                  f"{tuple(queries.shape)}")
             lead = tuple(queries.shape[:-1])
-            dense = queries.detach().reshape(-1, self.dim).to(torch.float32)
+            dense = self._query_f32(queries, "queries")
             parts = {n: dense[:, lo:hi] for n, (lo, hi) in self._dense_cols().items()}
         elif isinstance(queries, Mapping):
             missing = [n for n in self.modules if n not in queries]
@@ -1766,7 +1822,7 @@ class GradientIndex:
                     lead = tuple(g.shape[:-1])
                 elif tuple(g.shape[:-1]) != lead:
                     raise ValueError(f"queries[{n!r}]: batch shape {tuple(g.shape[:-1])} differs from {lead}")
-                parts[n] = g.detach().reshape(-1, dm).to(torch.float32)
+                parts[n] = self._query_f32(g, f"queries[{n!r}]")
             dev = next(iter(parts.values())).device
             parts = {n: t.to(dev) for n, t in parts.items()}
         else:
@@ -1832,7 +1888,7 @@ class GradientIndex:
         checked = qproj is not None
         if checked and self.layout == "bergson" and "projection_dim" in qproj:
             qproj = _bergson_settings(qproj)  # bergson's own comparison: its projection settings only
-        if checked and qproj != self.projection:
+        if checked and _without_per_token(qproj) != _without_per_token(self.projection):
             raise ValueError(f"projection: the queries were projected with {qproj} but the index with "
                              f"{self.projection}; scores across different projections are meaningless")
         if batch_rows is None:
@@ -1842,8 +1898,9 @@ class GradientIndex:
         if modules is None:
             sel = list(self.modules)
         else:
-            if isinstance(modules, str) or not isinstance(modules, (list, tuple, set, frozenset)):
-                raise TypeError("modules: expected a list/set of module names or None")
+            if isinstance(modules, (str, bytes, Mapping)) or not isinstance(modules, Iterable):
+                raise TypeError(f"modules: expected a list/set of module names or None, got {type(modules).__name__}")
+            modules = list(modules)  # also dict keys, generators
             unknown = [m for m in modules if m not in self.modules]
             if unknown:
                 raise ValueError(f"modules: the index has no modules {unknown} (it has {list(self.modules)})")
@@ -1859,7 +1916,9 @@ class GradientIndex:
                     raise ValueError(f"weights: the index has no module {m!r}")
                 if m not in sel:
                     raise ValueError(f"weights: module {m!r} is not among the selected modules")
-                if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                if isinstance(w, torch.Tensor) and w.numel() == 1 and not w.dtype.is_complex and w.dtype != torch.bool:
+                    w = w.item()  # a 0-d (or one-element) tensor
+                if isinstance(w, (bool, np.bool_)) or not isinstance(w, numbers.Real) or not math.isfinite(w):
                     raise ValueError(f"weights[{m!r}]: expected a finite number, got {w!r}")
                 wts[m] = float(w)
         if precondition is not None and not isinstance(precondition, Precondition):
@@ -1920,7 +1979,23 @@ class GradientIndex:
         q = q * keep
         lo = min(cols[m][0] for m in sel)
         hi = max(cols[m][1] for m in sel)
-        qw = q[:, lo:hi].contiguous()
+        # The kernel reads the window [lo, hi), the query zero on the columns of modules left out. A bergson index
+        # may hold NaN / Inf (gradkit's refuses them on append), and 0 * NaN would make a row NaN (ranked last)
+        # for values in a module that is not selected: there a selection with holes is read column run by run
+        # (one copy of the selected columns per block), so such a row scores on its selected modules, as in bergson.
+        runs: List[Tuple[int, int]] = []
+        for a, b in sorted(cols[m] for m in sel):
+            if runs and runs[-1][1] == a:
+                runs[-1] = (runs[-1][0], b)
+            else:
+                runs.append((a, b))
+        if len(runs) > 1 and self.layout == "bergson":
+            def window(t: torch.Tensor) -> torch.Tensor:
+                return torch.cat([t[:, a:b] for a, b in runs], dim=1)
+        else:
+            def window(t: torch.Tensor) -> torch.Tensor:
+                return t[:, lo:hi]
+        qw = window(q).contiguous()
         largest = not reverse
         run_s = run_i = None
         for base, blk in self._blocks(batch_rows):
@@ -1931,11 +2006,11 @@ class GradientIndex:
                 xb, _ = self._unit_scale(blk)  # rows out of fp32's safe range rescaled before H^-1/2
                 kb = self._apply_dense(xb.float(), key_pre, dense=gaps)
                 kb, scale = self._unit_scale(kb, owned=True)
-                kv = kb[:, lo:hi]
+                kv = window(kb)
             else:
                 if cosine:
                     blk, scale = self._unit_scale(blk)
-                kv = blk[:, lo:hi]
+                kv = window(blk)
             if kv.device != dev:
                 kv = kv.to(dev, non_blocking=True)
                 scale = scale.to(dev) if scale is not None else None
