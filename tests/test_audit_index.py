@@ -379,6 +379,23 @@ def _outcome(e):
     return {"type": type(e).__name__, "msg": str(e), "notes": list(getattr(e, "__notes__", []))}
 
 
+def _run_two_ranks(worker, tmp_path):
+    """worker(rank, 2, init file, tmp_path) on 2 spawned processes; fails the test if they hang."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
+    end = time.monotonic() + DEADLINE_S
+    try:
+        while not ctx.join(timeout=0.5):
+            if time.monotonic() > end:
+                pytest.fail(f"the workers did not finish within {DEADLINE_S} s (a collective hung?)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
 def _create_worker(rank, world, init_file, root):
     """On 2 ranks: (a) rank 1 passes a bad argument; (b) rank 1 passes another dtype than rank 0;
     (c) rank 1 passes distributed="yes"; then (d) a good build, to check the ranks are still in step."""
@@ -415,19 +432,7 @@ def test_distributed_create_fails_promptly_on_every_rank(tmp_path):
     mixed rows; an invalid distributed= was taken for False. Now every rank raises at once, before anything
     is written: the failing rank its own error, the others DistributedBuildError; settings that differ raise
     ValueError naming them on every rank."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.spawn(_create_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
-    end = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=0.5):
-            if time.monotonic() > end:
-                pytest.fail(f"the workers did not finish within {DEADLINE_S} s (a collective hung?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join()
+    _run_two_ranks(_create_worker, tmp_path)
     out = [json.loads((tmp_path / f"create-rank{r}.json").read_text()) for r in (0, 1)]
     note = (r"^GradientIndex\.create: rank\(s\) \[1\] of 2 refused their arguments \(see those ranks' errors\); "
             r"nothing was written to \S+{}$")
@@ -579,19 +584,7 @@ def test_an_error_in_one_ranks_with_block_fails_every_rank_promptly(tmp_path):
     """A rank whose with-block raised only aborted locally: the other ranks waited in close()'s collective until
     the process group timed out. Now it joins that collective as a failed rank: it re-raises its own error, the
     others raise DistributedBuildError naming it, at once; the committed rows stay (resume continues)."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.spawn(_raise_in_block_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
-    end = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=0.5):
-            if time.monotonic() > end:
-                pytest.fail(f"the workers did not finish within {DEADLINE_S} s (a collective hung?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join()
+    _run_two_ranks(_raise_in_block_worker, tmp_path)
     out = [json.loads((tmp_path / f"raise-rank{r}.json").read_text()) for r in (0, 1)]
     own, other = out[1]["err"], out[0]["err"]
     assert own["type"] == "RuntimeError" and own["msg"] == "user code failed on rank 1"
