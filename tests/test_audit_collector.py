@@ -340,3 +340,44 @@ def test_collector_argument_corners():
             GradientCollector(model, seed=bad)
     with pytest.raises(ValueError, match=r"^seed: expected a non-negative int, got 9223372036854775808$"):
         GradientCollector(model, seed=1 << 63)
+
+
+def test_half_precision_output_sums_and_scales_in_float32_and_warns_on_overflow():
+    """dtype=float16 cast each call's projection before summing a module's calls (two roundings) and scaled in
+    float16; values past 65504 became inf silently. Now sums and scale run in float32, cast once at collect(),
+    and an overflow is a RuntimeWarning naming the module."""
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 5)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            return self.lin(self.lin.weight.new_ones(1, 1) * x).sum() + self.lin(x * 0.5).sum()
+
+    model = Twice()
+    x = torch.randn(4, 3, 6) * 3
+    got = {}
+    for dt in (torch.float32, torch.float16):
+        with GradientCollector(model, p=4, seed=1, dtype=dt) as col:
+            col.backward(model(x))
+            got[dt] = col.collect(scale=7.0)["lin"]
+    assert got[torch.float16].dtype == torch.float16
+    assert torch.equal(got[torch.float16], got[torch.float32].to(torch.float16))  # one rounding, at the end
+    with GradientCollector(model, p=4, seed=1, dtype=torch.float16) as col:
+        col.backward(model(x * 1e4))
+        with pytest.warns(RuntimeWarning, match=r"modules \['lin'\] are beyond torch\.float16's range"):
+            col.collect()
+
+
+def test_integer_mask_values_other_than_0_and_1_are_refused():
+    """set_mask checked 0/1 values for float masks only: an integer mask holding 2 (token ids passed by mistake)
+    was read as True everywhere it was nonzero."""
+    col = GradientCollector(nn.Sequential(nn.Linear(3, 2)), p=2)
+    for bad in (torch.tensor([[1, 2, 0]]), torch.tensor([[1.0, 0.5, 0.0]])):
+        with pytest.raises(ValueError, match=r"^mask: expected 0/1 values$"):
+            col.set_mask(bad)
+    col.set_mask(torch.tensor([[1, 1, 0]], dtype=torch.uint8))
+    assert col._mask.dtype == torch.bool and col._mask.tolist() == [[True, True, False]]

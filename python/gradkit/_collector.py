@@ -205,7 +205,8 @@ class GradientCollector:
             / ``AdamNormalizer``) applied to that module's gradient before projection, in
             ``nn.Linear`` layout (``module_shapes``: (O, I)); a Conv1D's weight and its optimizer
             state are (I, O), so pass their transpose. Types and shapes are checked here.
-        dtype: dtype of the returned vectors (``factored_project`` computes in fp32).
+        dtype: dtype of the returned vectors (computed, summed over a module's calls and scaled in fp32; a
+            value beyond a half-precision dtype's range becomes inf, with a RuntimeWarning).
         memory_budget: bytes an ``AdamNormalizer`` module may use for the blocks of its per-example
             gradient that it forms (``factored_project``'s ``memory_budget``; default 256 MiB).
             Checked here against every Adam-normalised module's shape, so a budget too small for
@@ -445,9 +446,8 @@ class GradientCollector:
                 raise ValueError(f"mask: expected a (B, T) tensor, got "
                                  f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
             if mask.dtype != torch.bool:
-                if mask.is_floating_point() or mask.is_complex():
-                    if not bool(((mask == 0) | (mask == 1)).all()):
-                        raise ValueError("mask: expected 0/1 values")
+                if not bool(((mask == 0) | (mask == 1)).all()):  # integer masks too: a 2 is no padding flag
+                    raise ValueError("mask: expected 0/1 values")
                 mask = mask != 0
         self._mask = mask
         self._mask_all = mask is not None and bool(mask.all())  # once per batch, not per module
@@ -573,7 +573,7 @@ class GradientCollector:
         out = _projection()._factored_project(
             a3, g3, self.p, self.seed, name, self.kind, mask, self._bias_of[name], self.per_token,
             self.normalizers.get(name), self.memory_budget, self._matrices)
-        return out.to(self.dtype)
+        return out  # float32: calls of one module are summed, and scaled, in float32; collect() casts to dtype
 
     # ------------------------------------------------------------------ driving
     def backward(self, loss: Tensor, retain_graph: bool = False) -> None:
@@ -649,6 +649,18 @@ class GradientCollector:
             factor = any_out.shape[0] if scale == "batch" else scale
             for name in out:
                 out[name].mul_(factor)
+        if self.dtype != torch.float32:
+            over = []
+            for name in out:
+                v = out[name].to(self.dtype)
+                if bool((torch.isinf(v) & torch.isfinite(out[name])).any()):
+                    over.append(name)
+                out[name] = v
+            if over:
+                warnings.warn(f"GradientCollector.collect: projected gradients of modules {over} are beyond "
+                              f"{self.dtype}'s range and became inf (an index refuses such rows); use "
+                              "dtype=torch.float32 or torch.bfloat16, or a smaller scale", RuntimeWarning,
+                              stacklevel=2)
         return self.flatten(out) if flat else out
 
     def flatten(self, grads: Mapping[str, Tensor]) -> Tensor:
