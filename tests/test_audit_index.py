@@ -493,8 +493,9 @@ def test_an_error_in_a_resumed_build_that_added_nothing_leaves_the_index_complet
 
 
 def test_per_example_queries_search_a_per_token_index(tmp_path):
-    """A collector's projection_config records per_token, and search compared whole configs: per-example queries
-    (the sum of their tokens' vectors, the same matrices) were refused on a per-token index and back."""
+    """A collector's projection_config records per_token and the normalisers, and search compared whole configs:
+    per-example queries (the sum of their tokens' vectors, the same matrices) were refused on a per-token index
+    and back, and plain query gradients on an Adam-normalised index (LESS's setting)."""
     from gradkit.projection import GradientCollector
 
     torch.manual_seed(0)
@@ -521,6 +522,14 @@ def test_per_example_queries_search_a_per_token_index(tmp_path):
     other = GradientCollector(model, p=2, seed=4)
     with pytest.raises(ValueError, match=r"^projection: the queries were projected with .*'seed': 4"):
         GradientIndex.open(tmp_path / "t").search(q, 3, projection=other)
+    # normalisers rescale the gradients, not the projection: LESS-style Adam-normalised index, plain queries
+    from gradkit.projection import AdamNormalizer
+
+    adam = GradientCollector(model, p=2, seed=3, normalizers={"0": AdamNormalizer(torch.rand(5, 6) + 0.1)})
+    with GradientIndex.create(tmp_path / "n", adam.module_dims, dtype=torch.float32, projection=adam) as w:
+        w.append(q)
+    GradientIndex.open(tmp_path / "n").search(q, 2, projection=ex)
+    GradientIndex.open(tmp_path / "e").search(q, 2, projection=adam)
 
 
 def test_search_takes_numpy_and_tensor_weights_and_any_iterable_of_modules(tmp_path):

@@ -300,10 +300,16 @@ _BERGSON_PROJ_DEFAULTS = {"projection_type": "normal", "include_bias": False, "p
                           "projection_target": "per_module", "projection_seed": None}  # the dataclass's own
 
 
-def _without_per_token(cfg):
-    """A projection config less ``per_token``: one vector per example or per token is made with the same matrices
-    (a per-example vector is the sum of its tokens'), so per-example queries search a per-token index and back."""
-    return {k: v for k, v in cfg.items() if k != "per_token"} if isinstance(cfg, dict) else cfg
+# Collector settings that do not change the projection: one vector per example or per token is made with the
+# same matrices (a per-example vector is the sum of its tokens'), and a normaliser rescales the gradient before
+# it is projected (LESS scores Adam-normalised training gradients against plain query gradients; bergson's
+# PROJECTION_SETTINGS leave its normalizers out too). Query and index may differ in them.
+_NOT_PROJECTION = ("per_token", "normalizers")
+
+
+def _projection_only(cfg):
+    """A projection config less the settings that do not change the projection (_NOT_PROJECTION)."""
+    return {k: v for k, v in cfg.items() if k not in _NOT_PROJECTION} if isinstance(cfg, dict) else cfg
 
 
 def _bergson_settings(cfg: Mapping):
@@ -1888,7 +1894,7 @@ class GradientIndex:
         checked = qproj is not None
         if checked and self.layout == "bergson" and "projection_dim" in qproj:
             qproj = _bergson_settings(qproj)  # bergson's own comparison: its projection settings only
-        if checked and _without_per_token(qproj) != _without_per_token(self.projection):
+        if checked and _projection_only(qproj) != _projection_only(self.projection):
             raise ValueError(f"projection: the queries were projected with {qproj} but the index with "
                              f"{self.projection}; scores across different projections are meaningless")
         if batch_rows is None:
