@@ -164,3 +164,38 @@ def test_identical_keys_tie_whatever_the_blocking(isa, Q):
         best = (q @ keys[:5].T).argmax(1)  # the top 3 are the best key's first three copies
         assert torch.equal(i0, best[:, None] + torch.tensor([0, 5, 10])), (isa, Q, D)
         assert torch.equal(s0[:, 0], s0[:, 1]) and torch.equal(s0[:, 1], s0[:, 2])
+
+
+def test_blas_blocks_equal_the_best_level_on_extreme_scales():
+    """The BLAS blocks' error bound used float32 key norms: the squares of a key of 1e-30 underflowed, its norm
+    was 0 and its bound nothing, so of two identical keys the later one could be kept (its BLAS score a few ulps
+    higher). Random cases with keys and queries from 1e-30 to 1e15, NaN / Inf keys, scales with inf and 0, repeated
+    keys, every key dtype: the BLAS blocks give the best level's result, bit for bit (NaN scores compared as NaN)."""
+    import random
+
+    rnd = random.Random(0)
+    g = torch.Generator().manual_seed(0)
+    best = SEARCH_ISAS[0]
+    for _ in range(80):
+        Q, N, D = rnd.choice([1, 2, 5, 17]), rnd.choice([2, 3, 50, 600]), rnd.choice([1, 7, 33, 256])
+        k = rnd.choice([1, 3, 10])
+        keys = torch.randn(N, D, generator=g) * rnd.choice([1e-30, 1.0, 1e15])
+        if rnd.random() < 0.2:
+            keys[rnd.randrange(N)] = float("nan")
+        if rnd.random() < 0.2:
+            keys[rnd.randrange(N), 0] = float("inf")
+        if rnd.random() < 0.4:
+            keys = keys[: max(1, N // 2)].repeat(2, 1)
+        keys = keys.to(rnd.choice([torch.float32, torch.float16, torch.bfloat16]))
+        q = torch.randn(Q, D, generator=g) * rnd.choice([1e-20, 1.0, 1e10])
+        sc = None
+        if rnd.random() < 0.4:
+            sc = torch.rand(keys.shape[0], generator=g) * rnd.choice([1.0, 1e30])
+            sc[0] = rnd.choice([float("inf"), 0.0, 1.0])
+        largest = rnd.random() < 0.7
+        with env_set("GRADKIT_SEARCH_ISA", "blas"):
+            got = ops.score_topk(q, keys, k, largest=largest, key_scale=sc)
+        with env_set("GRADKIT_SEARCH_ISA", best):
+            want = ops.score_topk(q, keys, k, largest=largest, key_scale=sc)
+        assert torch.equal(got[1], want[1]), (Q, N, D, k, keys.dtype, largest, sc is not None)
+        assert torch.equal(got[0].nan_to_num(7.0), want[0].nan_to_num(7.0))

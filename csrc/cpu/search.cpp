@@ -183,8 +183,10 @@ struct BlasBounds {
   }
 };
 
-// kn[j] >= |x_j|: float sums of squares in 32 lanes (8 independent vector chains), each within (D / 32 + 32) u of
-// its exact value, rounded up by twice that; an overflowing square gives inf (that key is always a candidate).
+// kn[j] >= |x_j|. Sums of squares in float32, 32 lanes (8 independent vector chains), each within (D / 32 + 32) u
+// of its value, rounded up by twice that. A sum under 1e-20 or not finite is done again in float64: float32
+// squares of keys under ~1e-19 underflow (a key of 1e-30 would get norm 0, and its scores no error bound), and
+// above ~1.8e19 overflow; at 1e-20 and more, the squares lost to underflow (under 1e-38 each) do not matter.
 inline void key_norms(const float* x, int64_t ldx, int64_t nb, int64_t D, float* kn) {
   constexpr int kL = 32;
   const float up = static_cast<float>(1.0 + (static_cast<double>(D) / kL + 2 * kL) * std::ldexp(1.0, -23));
@@ -197,7 +199,13 @@ inline void key_norms(const float* x, int64_t ldx, int64_t nb, int64_t D, float*
     for (int l = 0; d < D; ++d, ++l) acc[l] += r[d] * r[d];
     float ss = 0.0f;
     for (int l = 0; l < kL; ++l) ss += acc[l];
-    kn[j] = std::sqrt(ss * up) * 1.000001f;
+    if (ss >= 1e-20f && ss <= std::numeric_limits<float>::max()) {
+      kn[j] = std::sqrt(ss * up) * 1.000001f;
+      continue;
+    }
+    double sd = 0.0;
+    for (int64_t e = 0; e < D; ++e) sd += static_cast<double>(r[e]) * r[e];
+    kn[j] = static_cast<float>(std::sqrt(sd) * (1.0 + 1e-6));  // inf beyond float32; NaN stays NaN
   }
 }
 
