@@ -300,7 +300,7 @@ def test_collector_checks_normalizers_when_built_naming_the_module():
     with pytest.raises(TypeError, match=r"^normalizers\['0'\]: expected an AdafactorNormalizer or AdamNormalizer, "
                                         r"got str$"):
         GradientCollector(model, p=4, normalizers={"0": "adam"})
-    with pytest.raises(ValueError, match=r"^normalizers\['0'\]: row / col must have 7 / 3 entries, got 3 / 7$"):
+    with pytest.raises(ValueError, match=r"^normalizers\['0'\]: row/col must have 7/3 entries, got 3/7$"):
         GradientCollector(model, p=4, normalizers={"0": AdafactorNormalizer(torch.rand(3) + .1, torch.rand(7) + .1)})
     with pytest.raises(ValueError, match=r"^normalizers\['2'\]: v must have shape \(10, 7\), got \(7, 10\)$"):
         GradientCollector(model, p=4, normalizers={"2": AdamNormalizer(torch.rand(7, 10) + .1)})

@@ -379,11 +379,27 @@ def _outcome(e):
     return {"type": type(e).__name__, "msg": str(e), "notes": list(getattr(e, "__notes__", []))}
 
 
-def _run_two_ranks(worker, tmp_path):
-    """worker(rank, 2, init file, tmp_path) on 2 spawned processes; fails the test if they hang."""
+def _rank_main(rank, world, init_file, root, name, body):
+    """One spawned rank: body(rank, root, out) records into out; then an all_reduce checks the group is still in
+    step (out["group"]); out is written to <root>/<name>-rank<r>.json whatever happened."""
+    _init(rank, world, init_file)
+    out = {}
+    try:
+        body(rank, root, out)
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        out["group"] = int(t)
+    finally:
+        with open(f"{root}/{name}-rank{rank}.json", "w") as f:
+            json.dump(out, f)
+        dist.destroy_process_group()
+
+
+def _run_two_ranks(body, name, tmp_path):
+    """body on 2 spawned gloo ranks (_rank_main); fails the test if they hang; returns their two records."""
     import torch.multiprocessing as mp
 
-    ctx = mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
+    ctx = mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path), name, body), nprocs=2, join=False)
     end = time.monotonic() + DEADLINE_S
     try:
         while not ctx.join(timeout=0.5):
@@ -394,35 +410,26 @@ def _run_two_ranks(worker, tmp_path):
             if p.is_alive():
                 p.kill()
                 p.join()
+    return [json.loads((tmp_path / f"{name}-rank{r}.json").read_text()) for r in (0, 1)]
 
 
-def _create_worker(rank, world, init_file, root):
+def _create_body(rank, root, out):
     """On 2 ranks: (a) rank 1 passes a bad argument; (b) rank 1 passes another dtype than rank 0;
     (c) rank 1 passes distributed="yes"; then (d) a good build, to check the ranks are still in step."""
-    _init(rank, world, init_file)
-    out = {}
-    try:
-        for tag, kw in (("bad_arg", {"shard_rows": 0} if rank == 1 else {}),
-                        ("dtype", {"dtype": torch.float16} if rank == 1 else {}),
-                        ("dist_arg", {"distributed": "yes"} if rank == 1 else {})):
-            kw = {"dtype": torch.float32, "shard_rows": 2, **kw}
-            err, t0 = None, time.monotonic()
-            try:
-                w = GradientIndex.create(f"{root}/{tag}", MODS, **kw)
-            except Exception as e:  # noqa: BLE001 - recorded for the parent
-                err = e
-            else:
-                w._abort()
-            out[tag] = {"err": _outcome(err), "s": time.monotonic() - t0}
-        with GradientIndex.create(f"{root}/good", MODS, dtype=torch.float32, shard_rows=2) as w:
-            w.append(grads(3 + rank, rank))
-        t = torch.ones(1)
-        dist.all_reduce(t)
-        out["group"] = int(t)
-    finally:
-        with open(f"{root}/create-rank{rank}.json", "w") as f:
-            json.dump(out, f)
-        dist.destroy_process_group()
+    for tag, kw in (("bad_arg", {"shard_rows": 0} if rank == 1 else {}),
+                    ("dtype", {"dtype": torch.float16} if rank == 1 else {}),
+                    ("dist_arg", {"distributed": "yes"} if rank == 1 else {})):
+        kw = {"dtype": torch.float32, "shard_rows": 2, **kw}
+        err, t0 = None, time.monotonic()
+        try:
+            w = GradientIndex.create(f"{root}/{tag}", MODS, **kw)
+        except Exception as e:  # noqa: BLE001 - recorded for the parent
+            err = e
+        else:
+            w._abort()
+        out[tag] = {"err": _outcome(err), "s": time.monotonic() - t0}
+    with GradientIndex.create(f"{root}/good", MODS, dtype=torch.float32, shard_rows=2) as w:
+        w.append(grads(3 + rank, rank))
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
@@ -432,8 +439,7 @@ def test_distributed_create_fails_promptly_on_every_rank(tmp_path):
     mixed rows; an invalid distributed= was taken for False. Now every rank raises at once, before anything
     is written: the failing rank its own error, the others DistributedBuildError; settings that differ raise
     ValueError naming them on every rank."""
-    _run_two_ranks(_create_worker, tmp_path)
-    out = [json.loads((tmp_path / f"create-rank{r}.json").read_text()) for r in (0, 1)]
+    out = _run_two_ranks(_create_body, "create", tmp_path)
     note = (r"^GradientIndex\.create: rank\(s\) \[1\] of 2 refused their arguments \(see those ranks' errors\); "
             r"nothing was written to \S+{}$")
     # (a) rank 1's own error, with a note; rank 0: DistributedBuildError with the same text
@@ -564,28 +570,18 @@ def test_search_takes_numpy_and_tensor_weights_and_any_iterable_of_modules(tmp_p
         ix.search(big, 2)
 
 
-def _raise_in_block_worker(rank, world, init_file, root):
+def _raise_in_block_body(rank, root, out):
     """Rank 1 raises inside its with-block after appending; rank 0 closes normally."""
-    _init(rank, world, init_file)
-    out = {}
+    t0 = time.monotonic()
+    err = None
     try:
-        t0 = time.monotonic()
-        err = None
-        try:
-            with GradientIndex.create(f"{root}/ix", MODS, dtype=torch.float32) as w:
-                w.append(grads(3 + rank, rank))
-                if rank == 1:
-                    raise RuntimeError("user code failed on rank 1")
-        except Exception as e:  # noqa: BLE001 - recorded for the parent
-            err = e
-        out = {"err": _outcome(err), "s": time.monotonic() - t0}
-        t = torch.ones(1)
-        dist.all_reduce(t)  # the group is still usable, in step
-        out["group"] = int(t)
-    finally:
-        with open(f"{root}/raise-rank{rank}.json", "w") as f:
-            json.dump(out, f)
-        dist.destroy_process_group()
+        with GradientIndex.create(f"{root}/ix", MODS, dtype=torch.float32) as w:
+            w.append(grads(3 + rank, rank))
+            if rank == 1:
+                raise RuntimeError("user code failed on rank 1")
+    except Exception as e:  # noqa: BLE001 - recorded for the parent
+        err = e
+    out.update({"err": _outcome(err), "s": time.monotonic() - t0})
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
@@ -593,8 +589,7 @@ def test_an_error_in_one_ranks_with_block_fails_every_rank_promptly(tmp_path):
     """A rank whose with-block raised only aborted locally: the other ranks waited in close()'s collective until
     the process group timed out. Now it joins that collective as a failed rank: it re-raises its own error, the
     others raise DistributedBuildError naming it, at once; the committed rows stay (resume continues)."""
-    _run_two_ranks(_raise_in_block_worker, tmp_path)
-    out = [json.loads((tmp_path / f"raise-rank{r}.json").read_text()) for r in (0, 1)]
+    out = _run_two_ranks(_raise_in_block_body, "raise", tmp_path)
     own, other = out[1]["err"], out[0]["err"]
     assert own["type"] == "RuntimeError" and own["msg"] == "user code failed on rank 1"
     assert other["type"] == "DistributedBuildError" and other["msg"].startswith(

@@ -19,8 +19,8 @@
 //      (keys packed a 32-key panel at a time; every score the same fp32 FMA chain at both levels), or
 //    - otherwise (or GRADKIT_SEARCH_ISA=blas): one single-threaded GEMM (at::mm_out, MKL/OpenBLAS)
 //      on the block, upcast first into a thread-local fp32 buffer when it is not fp32; its scores only
-//      screen, and every key that may enter the top-k is scored again as the same FMA chain
-//      (scan_row_rescored), so every level gives the same bits.
+//      bound, and every key that may enter the top-k is scored again as the same FMA chain
+//      (scan_row_bounds, rescore_candidates), so every level gives the same bits.
 //  * selection: each query keeps a bounded heap of k (score, index) pairs with the worst on top;
 //    the row of scores is scanned 8 at a time against the heap's worst score with SSE compares
 //    (one movemask per 8 scores; after warm-up almost every group is rejected), and only a score
@@ -94,6 +94,13 @@ struct Heap {
     h[n - 1] = Cand{v, i};
     std::push_heap(h, h + n, better);
   }
+  // one candidate: fills the heap, then replaces the worst only when strictly better (NaN never does)
+  inline void offer(float v, int64_t i) {
+    if (n < k)
+      offer_fill(v, i);
+    else if (v > h[0].s)
+      replace_top(v, i);
+  }
 };
 
 // Offer scores s[0..n) with indices idx0 + j (increasing) to the heap.
@@ -143,43 +150,50 @@ void scan_row(const float* s, int64_t n, int64_t idx0, Heap& hp) {
 // among the k best. After its last block the task scores its candidates exactly and keeps the k best (ties:
 // lowest index), the same result, bit for bit, as the packed kernels'. Candidates are few (about k plus the
 // keys within 2m of the k-th score), so the exact chains cost little next to the products.
-template <typename T>
-inline float fma_chain_portable(const float* q, const T* x, int64_t D) {
-  float acc = 0.0f;
-  for (int64_t d = 0; d < D; ++d) acc = std::fma(q[d], static_cast<float>(x[d]), acc);
-  return acc;
+// f(typed pointer to keys row 0) for the three key dtypes score_topk takes.
+template <typename F>
+decltype(auto) with_keys(const Tensor& keys, F&& f) {
+  if (keys.scalar_type() == at::kFloat) return f(keys.data_ptr<float>());
+  if (keys.scalar_type() == at::kHalf) return f(keys.data_ptr<at::Half>());
+  return f(keys.data_ptr<at::BFloat16>());
 }
-#if defined(__x86_64__) || defined(_M_X64)
+
+#ifdef GK_SEARCH_X86
+// The exact fp32 score of one (query, key): the micro-kernels' FMA chain, one score at a time.
 template <typename T>
-__attribute__((target("fma"))) float fma_chain_hw(const float* q, const T* x, int64_t D) {
+__attribute__((target("fma"))) float exact_dot(const float* q, const T* x, int64_t D) {
   float acc = 0.0f;
   for (int64_t d = 0; d < D; ++d) acc = __builtin_fmaf(q[d], static_cast<float>(x[d]), acc);
   return acc;
 }
 #endif
+
+// exact_dot wherever the CPU has FMA instructions, else the same chain through std::fma (exact in software).
 template <typename T>
 float fma_chain(const float* q, const T* x, int64_t D) {
-#if defined(__x86_64__) || defined(_M_X64)
-  static const bool hw = __builtin_cpu_supports("fma");  // else std::fma (glibc: exact in software)
-  if (hw) return fma_chain_hw(q, x, D);
+#ifdef GK_SEARCH_X86
+  static const bool hw = __builtin_cpu_supports("fma");
+  if (hw) return exact_dot(q, x, D);
 #endif
-  return fma_chain_portable(q, x, D);
+  float acc = 0.0f;
+  for (int64_t d = 0; d < D; ++d) acc = std::fma(q[d], static_cast<float>(x[d]), acc);
+  return acc;
 }
 
-// Per query: cq = 2.02 gamma_D |q| (rounded up; inf when |q| is, NaN keeps every key), tiny = the underflow
-// allowance.
+// Per query: cq = 2.02 gamma_D |q| (rounded up; inf when |q| is, NaN keeps every key); tiny = the underflow
+// allowance (D only).
 struct BlasBounds {
-  std::vector<float> cq, tiny;
+  std::vector<float> cq;
+  float tiny = 0.0f;
   void init(const float* q, int64_t Q, int64_t D) {
     const double u = std::ldexp(1.0, -24), g = static_cast<double>(D) * u / std::max(1e-300, 1.0 - D * u);
     cq.resize(static_cast<size_t>(Q));
-    tiny.resize(static_cast<size_t>(Q));
     for (int64_t r = 0; r < Q; ++r) {
       double ss = 0.0;
       for (int64_t d = 0; d < D; ++d) ss += static_cast<double>(q[r * D + d]) * q[r * D + d];
       cq[r] = static_cast<float>(2.02 * g * std::sqrt(ss) * 1.000001);
-      tiny[r] = static_cast<float>(std::ldexp(1.0, -126) * (2.0 * D + 2.0) + 1e-37);
     }
+    tiny = static_cast<float>(std::ldexp(1.0, -126) * (2.0 * D + 2.0) + 1e-37);
   }
 };
 
@@ -244,13 +258,8 @@ void scan_row_bounds(const float* a, int64_t nb, const float* kn, float cq, floa
   };
   auto consider = [&](int64_t j, float l, float h) {
     if (!(h < thr)) st.cand.push_back(Cand{h, idx0 + j});  // NaN: a candidate (its exact score decides)
-    if (hp.n < k) {
-      hp.offer_fill(l, idx0 + j);
-      if (hp.n == k) thr = hp.h[0].s;
-    } else if (l > thr) {  // NaN never passes
-      hp.replace_top(l, idx0 + j);
-      thr = hp.h[0].s;
-    }
+    hp.offer(l, idx0 + j);
+    if (hp.n == k) thr = hp.h[0].s;
   };
   int64_t j = 0;
   for (; j + kG <= nb; j += kG) {
@@ -300,19 +309,12 @@ template <typename T>
 void rescore_candidates(const BlasQuery& st, int64_t k, const float* qrow, const T* keys, int64_t ldk, int64_t D,
                         const float* sc, int64_t base, Heap& hp) {
   const float lthr = st.nlo < k ? -std::numeric_limits<float>::infinity() : st.lo[0].s;
-  float thr = 0.0f;
   for (const Cand& cd : st.cand) {
     if (cd.s < lthr) continue;  // passed by the heap after it was added
     const int64_t j = cd.i - base;
     float v = fma_chain(qrow, keys + j * ldk, D);
     if (sc) v *= sc[j];
-    if (hp.n < hp.k) {
-      hp.offer_fill(v, cd.i);
-      if (hp.n == hp.k) thr = hp.h[0].s;
-    } else if (v > thr) {
-      hp.replace_top(v, cd.i);
-      thr = hp.h[0].s;
-    }
+    hp.offer(v, cd.i);
   }
 }
 
@@ -457,14 +459,6 @@ __attribute__((target("avx2,f16c"))) void pack_panel(const T* keys, int64_t ldk,
     for (int64_t d = 0; d < D; ++d) dst[d * kNR + jj] = static_cast<float>(keys[jj * ldk + d]);
   for (int64_t jj = jn; jj < kNR; ++jj)
     for (int64_t d = 0; d < D; ++d) dst[d * kNR + jj] = 0.0f;
-}
-
-// The exact fp32 score of one (query, key): the micro-kernels' FMA chain, one score at a time.
-template <typename T>
-__attribute__((target("fma"))) float exact_dot(const float* q, const T* x, int64_t D) {
-  float acc = 0.0f;
-  for (int64_t d = 0; d < D; ++d) acc = __builtin_fmaf(q[d], static_cast<float>(x[d]), acc);
-  return acc;
 }
 
 // Fewer queries than an AVX2 micro-tile (NQ < kMRAvx2): packing a panel would cost as much as scoring it, so
@@ -663,14 +657,6 @@ bool pack_keys_bf16(const T* keys, int64_t ldk, int64_t nb, int64_t D, uint32_t*
   return ok;
 }
 
-// f(typed pointer to keys row 0) for the three key dtypes score_topk takes.
-template <typename F>
-decltype(auto) with_keys(const Tensor& keys, F&& f) {
-  if (keys.scalar_type() == at::kFloat) return f(keys.data_ptr<float>());
-  if (keys.scalar_type() == at::kHalf) return f(keys.data_ptr<at::Half>());
-  return f(keys.data_ptr<at::BFloat16>());
-}
-
 // Offer the keys of one row whose approximate score a[j] (+ margin cq kn[j] + tiny) can reach the heap,
 // scored exactly. The margin already carries 1% slack, far above the rounding of the sums below.
 template <typename T>
@@ -860,31 +846,29 @@ std::tuple<Tensor, Tensor> score_topk_cpu(const Tensor& queries_in, const Tensor
                 score_packed(isa, q.data_ptr<float>() + qt * D, D, nq, kp + j0 * ldk, ldk, nb, D, S, lds,
                              pbuf.data_ptr<float>(), isa == 1 ? qbuf.data_ptr<float>() : nullptr);
               });
-            } else
-#endif
-            {
-              Tensor sv = sbuf.narrow(0, 0, nq).narrow(1, 0, nb);
-              at::mm_out(sv, q.narrow(0, qt, nq), kbt);
-              // the block's key norms, after its first product has brought it into cache (a memory-bound product
-              // of few queries would otherwise wait for memory twice)
-              if (qt == q0) key_norms(kb.data_ptr<float>(), kb.stride(0), nb, D, knb.data());
               for (int64_t r = 0; r < nq; ++r) {
+                float* row = S + r * lds;
+                if (sc) {
+                  const float* s2 = sc + j0;
+                  for (int64_t j = 0; j < nb; ++j) row[j] *= s2[j];
+                }
                 const int64_t qi = qt + r;
-                scan_row_bounds(S + r * lds, nb, knb.data(), bounds.cq[qi], bounds.tiny[qi], sc ? sc + j0 : nullptr,
-                                base + j0, k, bq[qi - q0]);
+                Heap hp{heaps.data() + (c * Q + qi) * k, counts[c * Q + qi], k};
+                scan_row(row, nb, base + j0, hp);
+                counts[c * Q + qi] = hp.n;
               }
               continue;
             }
+#endif
+            Tensor sv = sbuf.narrow(0, 0, nq).narrow(1, 0, nb);
+            at::mm_out(sv, q.narrow(0, qt, nq), kbt);
+            // the block's key norms, after its first product has brought it into cache (a memory-bound product
+            // of few queries would otherwise wait for memory twice)
+            if (qt == q0) key_norms(kb.data_ptr<float>(), kb.stride(0), nb, D, knb.data());
             for (int64_t r = 0; r < nq; ++r) {
-              float* row = S + r * lds;
-              if (sc) {
-                const float* s2 = sc + j0;
-                for (int64_t j = 0; j < nb; ++j) row[j] *= s2[j];
-              }
               const int64_t qi = qt + r;
-              Heap hp{heaps.data() + (c * Q + qi) * k, counts[c * Q + qi], k};
-              scan_row(row, nb, base + j0, hp);
-              counts[c * Q + qi] = hp.n;
+              scan_row_bounds(S + r * lds, nb, knb.data(), bounds.cq[qi], bounds.tiny, sc ? sc + j0 : nullptr,
+                              base + j0, k, bq[qi - q0]);
             }
           }
         }
@@ -893,13 +877,9 @@ std::tuple<Tensor, Tensor> score_topk_cpu(const Tensor& queries_in, const Tensor
           const int64_t ldk_all = keys.stride(0);
           for (int64_t qi = q0; qi < q1; ++qi) {
             Heap hp{heaps.data() + (c * Q + qi) * k, counts[c * Q + qi], k};
-            if (keys.scalar_type() == at::kFloat)
-              rescore_candidates(bq[qi - q0], k, qp + qi * D, keys.data_ptr<float>(), ldk_all, D, sc, base, hp);
-            else if (keys.scalar_type() == at::kHalf)
-              rescore_candidates(bq[qi - q0], k, qp + qi * D, keys.data_ptr<at::Half>(), ldk_all, D, sc, base, hp);
-            else
-              rescore_candidates(bq[qi - q0], k, qp + qi * D, keys.data_ptr<at::BFloat16>(), ldk_all, D, sc, base,
-                                 hp);
+            with_keys(keys, [&](auto kp) {
+              rescore_candidates(bq[qi - q0], k, qp + qi * D, kp, ldk_all, D, sc, base, hp);
+            });
             counts[c * Q + qi] = hp.n;
           }
         }

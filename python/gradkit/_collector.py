@@ -298,16 +298,9 @@ class GradientCollector:
         if not isinstance(norm, (P.AdafactorNormalizer, P.AdamNormalizer)):
             raise TypeError(f"{what}: expected an AdafactorNormalizer or AdamNormalizer, got {type(norm).__name__}")
         O, I = self.module_shapes[name]
-        layout = (" (nn.Linear layout (out, in); this module is a Conv1D, whose weight and optimizer state are "
-                  "(in, out): pass the transpose)") if kind != "linear" else ""
-        if isinstance(norm, P.AdafactorNormalizer):
-            if norm.row.numel() != O or norm.col.numel() != I:
-                raise ValueError(f"{what}: row / col must have {O} / {I} entries{layout}, got "
-                                 f"{norm.row.numel()} / {norm.col.numel()}")
-        elif tuple(norm.v.shape) != (O, I):
-            raise ValueError(f"{what}: v must have shape ({O}, {I}){layout}, got {tuple(norm.v.shape)}")
-        if self._bias_of[name] and norm.bias_avg_sq is not None and norm.bias_avg_sq.numel() != O:
-            raise ValueError(f"{what}: bias_avg_sq must have {O} entries, got {norm.bias_avg_sq.numel()}")
+        hint = (" (nn.Linear layout (out, in); this module is a Conv1D, whose weight and optimizer state are "
+                "(in, out): pass the transpose)") if kind != "linear" else ""
+        P._check_normalizer_shapes(norm, O, I, self._bias_of[name], what, hint)
 
     # ------------------------------------------------------------------ selection
     @staticmethod

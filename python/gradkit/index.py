@@ -1333,8 +1333,8 @@ class GradientIndex:
                 own = e
         else:
             self._rollback()
-        flag = 0 if own is None else (2 if failure is not None else 1)  # 2: its with-block raised
-        got = _gather_ints(d, world, [flag, len(self), self._w_examples,
+        outcome = 0 if own is None else (2 if failure is not None else 1)  # 2: its with-block raised
+        got = _gather_ints(d, world, [outcome, len(self), self._w_examples,
                                       self._w_nonfinite])  # also the barrier: every rank is done committing
         failed = [r for r, g in enumerate(got) if g[0]]
         raised = [r for r, g in enumerate(got) if g[0] == 2]

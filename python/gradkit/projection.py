@@ -337,6 +337,20 @@ class AdamNormalizer:
 # --------------------------------------------------------------------------- factored projection
 
 
+def _check_normalizer_shapes(normalizer, O: int, I: int, bias: bool, what: str, hint: str = "") -> None:
+    """An AdafactorNormalizer's / AdamNormalizer's sizes against a Linear gradient (O, I) (+ the bias column);
+    ``what`` names the argument, ``hint`` is added to a wrong shape's message. :func:`factored_project` and
+    :class:`GradientCollector` (at construction) check with it."""
+    if isinstance(normalizer, AdafactorNormalizer):
+        if normalizer.row.numel() != O or normalizer.col.numel() != I:
+            raise ValueError(f"{what}: row/col must have {O}/{I} entries{hint}, got "
+                             f"{normalizer.row.numel()}/{normalizer.col.numel()}")
+    elif tuple(normalizer.v.shape) != (O, I):
+        raise ValueError(f"{what}: v must have shape ({O}, {I}){hint}, got {tuple(normalizer.v.shape)}")
+    if bias and normalizer.bias_avg_sq is not None and normalizer.bias_avg_sq.numel() != O:
+        raise ValueError(f"{what}: bias_avg_sq must have {O} entries, got {normalizer.bias_avg_sq.numel()}")
+
+
 class _MatrixCache:
     """Generated projection matrices, kept transposed ((n, p) float32, contiguous: the fused op's operand
     layout; ``L = lt.T`` is a view), keyed on (p, n, seed, kind, device).
@@ -457,14 +471,8 @@ def _factored_project(a, g, p, seed, name, kind, mask, bias, per_token, normaliz
     if normalizer is not None and not isinstance(normalizer, (AdafactorNormalizer, AdamNormalizer)):
         raise TypeError(f"normalizer: expected None, AdafactorNormalizer or AdamNormalizer, "
                         f"got {type(normalizer).__name__}")
-    if isinstance(normalizer, AdafactorNormalizer):
-        if normalizer.row.numel() != O or normalizer.col.numel() != I:
-            raise ValueError(f"normalizer: row/col must have {O}/{I} entries, got "
-                             f"{normalizer.row.numel()}/{normalizer.col.numel()}")
-    if isinstance(normalizer, AdamNormalizer) and tuple(normalizer.v.shape) != (O, I):
-        raise ValueError(f"normalizer: v must have shape ({O}, {I}), got {tuple(normalizer.v.shape)}")
-    if normalizer is not None and bias and normalizer.bias_avg_sq is not None and normalizer.bias_avg_sq.numel() != O:
-        raise ValueError(f"normalizer: bias_avg_sq must have {O} entries")
+    if normalizer is not None:
+        _check_normalizer_shapes(normalizer, O, I, bias, "normalizer")
     memory_budget = _pos_int(memory_budget, "memory_budget")
     adam_plan = None
     if isinstance(normalizer, AdamNormalizer):  # the block sizes, or the error, before any work
