@@ -301,3 +301,41 @@ def test_older_processor_config_without_target_or_seed_gets_bergsons_defaults(tm
         ix.search(q, 3, projection=GradientProcessor(projection_dim=4, projection_type="rademacher",
                                                      projection_scale="row_norm", projection_version=1,
                                                      projection_target="global"))
+
+
+def test_sharded_export_projection_and_layout_checked_across_shards(tmp_path):
+    """Session 33: a sharded bergson export took its projection config from the first shard only (a config kept
+    at the top of the export, or a second shard projected with another seed, went unseen), and the column map
+    of structured shards came from the last shard (a shard with the fields placed differently read wrong
+    columns)."""
+    sizes = {"m1": 5, "m2": 3}
+    g = torch.Generator().manual_seed(3)
+    root = tmp_path / "sh"
+    for j in range(2):
+        m = create_index(root / f"shard-{j:02d}", 3, sizes, np.float32)
+        m[:] = torch.randn(3, 8, generator=g).numpy()
+        m.flush()
+    cfg = "projection_dim: 4\nprojection_type: rademacher\nprojection_seed: {}\nprojection_target: per_module\n"
+    # a config only at the top of the export is read
+    (root / "processor_config.yaml").write_text(cfg.format(0))
+    ix = GradientIndex.open(root)
+    assert ix.projection is not None and ix.projection["projection_seed"] == 0
+    # the same config in each shard too: agrees
+    for j in range(2):
+        (root / f"shard-{j:02d}" / "processor_config.yaml").write_text(cfg.format(0))
+    assert GradientIndex.open(root).projection == ix.projection
+    # a shard projected with another seed: refused, naming both files
+    (root / "shard-01" / "processor_config.yaml").write_text(cfg.format(1))
+    with pytest.raises(IndexFormatError, match=r"shard-01.*processor_config.*projected differently"):
+        GradientIndex.open(root)
+
+    # structured shards with the fields in another order: refused (the first shard's map would misread it)
+    x = torch.randn(2, 8, generator=g)
+    for j, (o1, o2) in enumerate([(0, 20), (12, 0)]):
+        d = tmp_path / "st" / f"shard-{j}"
+        d.mkdir(parents=True)
+        x.numpy().astype("<f4").tofile(d / "gradients.bin")
+        spec = {"names": ["m1", "m2"], "formats": ["(5,)<f4", "(3,)<f4"], "offsets": [o1, o2], "itemsize": 32}
+        (d / "info.json").write_text(json.dumps({"num_grads": 2, "grad_sizes": sizes, "dtype": spec}))
+    with pytest.raises(IndexFormatError, match="different dtype or row layout"):
+        GradientIndex.open(tmp_path / "st")

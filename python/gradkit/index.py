@@ -1564,7 +1564,7 @@ class GradientIndex:
         self.layout = "bergson"
         views, first = [], 0
         counts_all = []
-        grad_sizes0 = None
+        grad_sizes0 = layout0 = None
         for dd in dirs:
             info = _read_json(dd / "info.json", "open")
             if not isinstance(info, dict) or "num_grads" not in info or "grad_sizes" not in info:
@@ -1602,7 +1602,9 @@ class GradientIndex:
                 raise IndexFormatError(f"open: {f} is truncated: {size} bytes, info.json says {num} rows = {need} bytes")
             if size != need and not (need == 0 and size == 1):  # numpy's memmap of 0 rows writes one byte
                 raise IndexFormatError(f"open: {f} has {size} bytes, info.json says {num} rows = {need} bytes")
-            if views and (dname != self._dname or width != self._width):
+            if layout0 is None:
+                layout0 = (dname, width, cols)
+            elif (dname, width, cols) != layout0:  # cols too: structured shards may place the fields differently
                 raise IndexFormatError(f"open: shard {dd} has a different dtype or row layout than the first shard")
             self._dname, self._width, self._cols = dname, width, cols
             if num:
@@ -1629,7 +1631,7 @@ class GradientIndex:
         self._shards = views
         self._count = first
         self.per_token = bool(counts_all)
-        self.projection = self._bergson_projection(dirs[0])
+        self.projection = self._bergson_projection_of(self.path, dirs)
         if self.per_token:
             if len(counts_all) != len(dirs):
                 raise IndexFormatError(f"open: some shards of {self.path} are per-token and some are not")
@@ -1673,6 +1675,21 @@ class GradientIndex:
                 raise IndexFormatError(f"open: field {n!r} of {dd} does not hold {dm} aligned elements")
             cols[n] = (off // es, off // es + dm)
         return dname, dt.itemsize // es, cols
+
+    @classmethod
+    def _bergson_projection_of(cls, root: Path, dirs: List[Path]):
+        """The projection config of a bergson index: that of every ``processor_config.yaml`` in its directory and
+        its shards' (a sharded export may keep one at the top, one per shard, or both). Shards built with different
+        projections cannot be searched as one index, so configs that disagree are refused, naming the two files."""
+        seen = []
+        for dd in ([root] if root not in dirs else []) + list(dirs):
+            if (dd / "processor_config.yaml").exists():
+                seen.append((dd / "processor_config.yaml", cls._bergson_projection(dd)))
+        for f, cfg in seen[1:]:
+            if cfg != seen[0][1]:
+                raise IndexFormatError(f"open: {f} has projection {cfg}, but {seen[0][0]} has {seen[0][1]}: shards "
+                                       f"projected differently cannot be searched as one index")
+        return seen[0][1] if seen else None
 
     @staticmethod
     def _bergson_projection(dd: Path):
