@@ -187,6 +187,31 @@ def test_project_flat_slices_rows_past_the_grid_limit(B):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("kind", [0, 1])
+def test_project_flat_float64_rows_past_float32_range(kind):
+    """Session 33 (csrc/project_wide.h, shared with the CPU kernel): float64 rows holding finite values past
+    float32's range are scaled by a power of two before the kernel's float32 conversion, so +v and -v cancel
+    instead of meeting as inf - inf = NaN; other rows keep their bits."""
+    E = emu()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 70, generator=g, dtype=torch.float64)
+    x[1] *= 1e40
+    x[3, :2] = torch.tensor([1e39, -1e39], dtype=torch.float64)
+    with emulated(4):
+        got = E.project_flat(x, 9, 11, kind, 3)
+        plain = E.project_flat(x[[0, 2, 4]], 9, 11, kind, 3)
+    R = torch.empty(9, 73)
+    ops.projection_matrix_(R, 11, kind, 9, 0, 0)
+    want = x @ R[:, 3:].double().T
+    bound = 1e-5 * (x.abs() @ R[:, 3:].double().abs().T)  # fp32 sums: a few ulp of the sum of |terms|
+    assert torch.isfinite(got[[0, 2, 4]]).all() and not torch.isnan(got).any()
+    assert torch.equal(got[[0, 2, 4]], plain)
+    big = want.abs() > torch.finfo(torch.float32).max
+    assert big.any() and (~big[3]).any()  # row 3 has cancelling outputs within range, and some past it
+    assert torch.equal(got[big], torch.sign(want[big]).float() * float("inf"))
+    assert ((got.double() - want).abs() <= bound)[~big].all()
+
+
 def test_factored_validation_names_the_argument():
     E = emu()
     a, g, lt, rt, rb, m = make(2, 3, 8, 6, 4, 0, rb=True, mask=True)

@@ -47,6 +47,7 @@
 #include <vector>
 
 #include "../factored_checks.h"
+#include "../project_wide.h"
 #include "out_pool.h"
 #include "simd_level.h"
 #include "gauss_x4.h"
@@ -451,15 +452,20 @@ void project_flat_table(int isa, const T* x, int64_t ldx, int64_t B, int64_t D, 
 }
 #endif
 
+at::Tensor project_flat_gemm(const at::Tensor& x_in, int64_t k, int64_t seed, int64_t kind, int64_t col0);
+
 at::Tensor project_flat_cpu(const at::Tensor& x_in, int64_t k, int64_t seed, int64_t kind, int64_t col0) {
   check_project_flat(x_in, k, seed, kind, col0);
-  const auto st = x_in.scalar_type();
-  const int64_t B = x_in.size(0), D = x_in.size(1);
-  at::Tensor out = at::zeros({B, k}, at::TensorOptions().dtype(at::kFloat));
-  if (B == 0 || D == 0) return out;
+  if (auto wide = project_flat_wide_rows(x_in, [&](const at::Tensor& xs) {
+        return project_flat_cpu(xs, k, seed, kind, col0);
+      }))
+    return *wide;
 #ifdef GK_PROJ_X86
-  const int tisa = kind == 0 && B >= 4 && k >= 32 ? table_path_isa() : 0;
+  const int64_t B = x_in.size(0), D = x_in.size(1);
+  const int tisa = kind == 0 && B >= 4 && k >= 32 && D > 0 ? table_path_isa() : 0;
   if (tisa > 0) {
+    const auto st = x_in.scalar_type();
+    at::Tensor out = at::zeros({B, k}, at::TensorOptions().dtype(at::kFloat));
     // x is only read (stage_word: x[r * ldx + c]), so any row stride is fine in place -- 0 for an expand()ed x,
     // overlapping rows; only a non-unit column stride needs the copy (a contiguous copy of a stride-0 x of D ~ 1e9
     // columns would be B x D floats)
@@ -470,9 +476,27 @@ at::Tensor project_flat_cpu(const at::Tensor& x_in, int64_t k, int64_t seed, int
       project_flat_table(tisa, xc.data_ptr<scalar_t>(), ldx, B, D, k, static_cast<uint64_t>(seed), col0, s,
                          out.data_ptr<float>());
     });
+    // The tables sum +-x and scale by 1/sqrt(k) once at the end, so finite x near float32's limit can reach
+    // +-inf there where the scaled products do not: rows with a non-finite output are projected again by the
+    // GEMM path (which multiplies by the scaled entries, as the reference does), so whether a row overflows does
+    // not depend on its batch. Rows holding NaN / Inf go the same way and give the GEMM path's propagation.
+    const at::Tensor bad = out.isfinite().all(1).logical_not();
+    if (bad.any().item<bool>()) {
+      const at::Tensor rows = bad.nonzero().squeeze(1);
+      out.index_copy_(0, rows, project_flat_gemm(x_in.index_select(0, rows), k, seed, kind, col0));
+    }
     return out;
   }
 #endif
+  return project_flat_gemm(x_in, k, seed, kind, col0);
+}
+
+// The GEMM path (any kind, any CPU): R tiles generated into cache, consumed by sgemm (see the header comment).
+at::Tensor project_flat_gemm(const at::Tensor& x_in, int64_t k, int64_t seed, int64_t kind, int64_t col0) {
+  const auto st = x_in.scalar_type();
+  const int64_t B = x_in.size(0), D = x_in.size(1);
+  at::Tensor out = at::zeros({B, k}, at::TensorOptions().dtype(at::kFloat));
+  if (B == 0 || D == 0) return out;
   // fp32 x is read in place when its rows are unit-stride; anything else is converted per tile.
   const bool direct = st == at::kFloat && x_in.stride(1) == 1 && x_in.stride(0) >= std::max<int64_t>(D, 1);
   const at::Tensor x = x_in;

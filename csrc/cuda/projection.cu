@@ -38,6 +38,7 @@
 
 #include "common.cuh"
 #include "../factored_checks.h"
+#include "../project_wide.h"
 
 namespace gradkit {
 namespace projection {
@@ -191,6 +192,10 @@ at::Tensor project_flat_cuda(const at::Tensor& x, int64_t k, int64_t seed, int64
   check_project_flat(x, k, seed, kind, col0);
   const auto st = x.scalar_type();
   const c10::cuda::CUDAGuard guard(x.device());
+  if (auto wide = project_flat_wide_rows(x, [&](const at::Tensor& xs) {  // float64 past float32's range
+        return project_flat_cuda(xs, k, seed, kind, col0);
+      }))
+    return *wide;
   const int64_t B = x.size(0), D = x.size(1);
   at::Tensor out = at::zeros({B, k}, x.options().dtype(at::kFloat));
   if (B == 0 || D == 0) return out;

@@ -46,6 +46,16 @@ second backward through it (``retain_graph=True``, several losses) raises; backp
 ``use_reentrant=True`` use ``loss.backward()`` (:meth:`backward` refuses: ``torch.autograd.grad`` would skip the
 recomputation), and the recomputed forward uses the mask the first forward ran under.
 
+Refused rather than collected wrong (session 33): a hooked module whose output is not one tensor, or whose input /
+output widths are not its weight's (I, O) (grouped or extended Linear subclasses); modules of one batch whose inputs
+disagree on the batch size (a sequence-first ``(T, B, I)`` input, which would be taken as T examples; with T == B
+nothing can tell); in :meth:`per_example_grads`, an encoder-decoder's ``attention_mask`` (the encoder's, which would
+mark the decoder's positions). Hooked modules inside blocks compiled in place (``module.compile()``) and run before
+the collector attached run code traced without its hooks: :meth:`collect` names them instead of returning zeros.
+The collector's hook runs before forward hooks registered earlier, so a hook that replaces the output (``out * s``)
+does not change the weight gradient collected. A mask is copied by :meth:`set_mask`. When the model's forward raises
+(an out-of-memory error caught to retry with a smaller batch), or :meth:`backward` does, the batch is dropped.
+
 Memory. The forward hook keeps a reference to each hooked module's input (the same storage
 autograd already saves for the weight gradient, so no copy) only until that module's output
 gradient arrives; it is projected and released there and then. :meth:`backward` asks autograd
@@ -291,6 +301,23 @@ class GradientCollector:
         self._ckpt_mask: Optional[Tuple[Optional[Tensor], bool]] = None
         self._dropped = False  # detach() dropped collected gradients nobody collected
 
+    def _compiled_ancestor(self, name: str) -> Optional[str]:
+        """The name of a module holding ``name`` (or itself) compiled in place (``module.compile()``), or None."""
+        parts = name.split(".")
+        for i in range(len(parts), -1, -1):
+            anc = ".".join(parts[:i])
+            try:
+                m = self.model.get_submodule(anc)
+            except AttributeError:  # pragma: no cover - names come from named_modules
+                continue
+            if getattr(m, "_compiled_call_impl", None) is not None:
+                return anc or "<model>"
+        return None
+
+    def _compiled_note(self) -> str:
+        comp = sorted({c for c in map(self._compiled_ancestor, self._modules) if c is not None})
+        return f" (compiled in place: {comp})" if comp else ""
+
     def _check_normalizer(self, name: str, norm, kind: str) -> None:
         """A normaliser's type and shapes against its module, here rather than in the backward pass."""
         P = _projection()
@@ -394,8 +421,13 @@ class GradientCollector:
         if not self._handles:
             self._dropped = False
             for name, mod in self._modules.items():
+                # prepend: the module's own output, before any forward hook registered earlier replaces it
+                # (a gating / scaling hook's `out * s` is downstream of the weight, as autograd sees it)
                 self._handles.append(mod.register_forward_hook(
-                    functools.partial(self._forward_hook, name), with_kwargs=True))
+                    functools.partial(self._forward_hook, name), with_kwargs=True, prepend=True))
+            # the model's forward raising after some hooked modules ran (an out-of-memory error caught to retry
+            # with a smaller batch): that forward's pending calls are dropped, so the retry starts clean
+            self._handles.append(self.model.register_forward_hook(self._model_hook, always_call=True))
         return self
 
     def detach(self) -> None:
@@ -442,6 +474,8 @@ class GradientCollector:
                 if not bool(((mask == 0) | (mask == 1)).all()):  # integer masks too: a 2 is no padding flag
                     raise ValueError("mask: expected 0/1 values")
                 mask = mask != 0
+            else:
+                mask = mask.clone()  # the caller's buffer may change before the backward pass reads it
         self._mask = mask
         self._mask_all = mask is not None and bool(mask.all())  # once per batch, not per module
 
@@ -453,6 +487,10 @@ class GradientCollector:
             yield self
         finally:
             self._mask, self._mask_all = None, False
+
+    def _model_hook(self, module: nn.Module, args: tuple, output) -> None:
+        if output is None and sys.exc_info()[0] is not None:  # always_call: the model's forward raised
+            self._drop_batch()
 
     def _forward_hook(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         try:
@@ -469,7 +507,10 @@ class GradientCollector:
                 self._ckpt_mask = (self._mask, self._mask_all)
             return
         if not isinstance(output, Tensor):
-            return
+            raise TypeError(f"modules: {name!r} ({type(self._modules[name]).__name__}) returned a "
+                            f"{type(output).__name__}, not a tensor, so its output gradient cannot be matched to its "
+                            "weight (a Linear subclass with its own forward, e.g. a router returning scores and "
+                            "logits); leave it out of `modules`")
         if _in_checkpoint_recomputation():
             return  # non-reentrant checkpointing refilling saved tensors: this output never gets a gradient
         if not output.requires_grad:
@@ -477,7 +518,9 @@ class GradientCollector:
                              "grad (its weight is frozen, requires_grad=False, and so is everything its input "
                              "depends on), so no gradient can reach it and its rows would be zeros; unfreeze its "
                              "weight or leave it out of `modules`")
-        if name in self._grads:
+        if name in self._grads and torch._C._current_autograd_node() is None:
+            # (inside a backward pass this is reentrant checkpointing recomputing a layer used several times:
+            # each recomputed call's gradient adds to the module's sum)
             raise RuntimeError(f"GradientCollector: module {name!r} ran forward again after its gradient "
                                "was collected; call collect() (or reset()) after each backward pass "
                                "(the uncollected batch has been dropped)")
@@ -487,8 +530,23 @@ class GradientCollector:
         if x.dim() < 2:
             raise ValueError(f"GradientCollector: module {name!r} got an unbatched input of shape "
                              f"{tuple(x.shape)}; expected (B, ..., I)")
+        O, I = self.module_shapes[name]
+        if int(x.shape[-1]) != I or output.dim() < 1 or int(output.shape[-1]) != O or \
+                tuple(output.shape[:-1]) != tuple(x.shape[:-1]):
+            raise ValueError(f"modules: {name!r} ({type(self._modules[name]).__name__}) mapped an input of shape "
+                             f"{tuple(x.shape)} to an output of shape {tuple(output.shape)}, but its weight gradient "
+                             f"is (O, I) = ({O}, {I}): it does not apply its weight as a Linear does (a grouped or "
+                             "extended Linear subclass), so its gradient is not sum_t g_t a_t^T; leave it out of "
+                             "`modules`")
         # (B, T) as _project sees it: every axis between batch and features is a token axis.
         shape = (int(x.shape[0]),) + ((int(math.prod(x.shape[1:-1])),) if x.dim() > 2 else (1,))
+        first = next(iter(self._forward_shapes.items()), None)
+        if first is not None and first[1][0] != shape[0] and first[0] != name:
+            raise ValueError(f"modules: {name!r} got an input of shape {tuple(x.shape)}, {shape[0]} rows on its first "
+                             f"axis, but {first[0]!r} got {first[1][0]} in the same batch; the first axis of every "
+                             "hooked module's input must be the batch. A sequence-first (T, B, I) input (e.g. "
+                             "nn.TransformerEncoderLayer with batch_first=False) would be taken as T examples: use "
+                             "batch_first=True, or leave those modules out")
         mask, mask_all = self._mask, self._mask_all
         if self._ckpt_mask is not None and torch._C._current_autograd_node() is not None:
             # reentrant checkpointing recomputing its forward in the backward pass, maybe after `with col.batch(mask):`
@@ -586,10 +644,19 @@ class GradientCollector:
                                "or checkpoint with use_reentrant=False")
         if not self._edges:
             raise RuntimeError("GradientCollector.backward: no hooked module ran forward with grad enabled "
-                               "since the last collect(); is the collector attached (`with col:`)?")
+                               "since the last collect(); is the collector attached (`with col:`)? A model (or "
+                               "its blocks) compiled with torch.compile and run before the collector attached "
+                               "runs code traced without the hooks: attach before its first compiled call, or "
+                               "call torch._dynamo.reset() first" + self._compiled_note())
         if loss.dim():
             loss = loss.sum()
-        torch.autograd.grad(loss, list(self._edges.values()), retain_graph=retain_graph, allow_unused=True)
+        try:
+            torch.autograd.grad(loss, list(self._edges.values()), retain_graph=retain_graph, allow_unused=True)
+        except BaseException:
+            # interrupted part-way (an error in another backward function, out of memory): the modules reached so
+            # far must not be collected as a batch beside zeros for the others
+            self._drop_batch()
+            raise
 
     def collect(self, flat: bool = False, scale: Union[float, str, None] = None,
                 missing: str = "zeros") -> Union[Dict[str, Tensor], Tensor]:
@@ -620,6 +687,13 @@ class GradientCollector:
                 why = ("no hooked module ran forward while the collector was attached (use `with col:` "
                        "around the forward and backward passes)")
             raise RuntimeError("GradientCollector.collect: no gradients were collected; " + why)
+        unseen = [n for n in self._modules if n not in self._forward_shapes and self._compiled_ancestor(n)]
+        if unseen:
+            self.reset()
+            raise RuntimeError(f"GradientCollector.collect: modules {unseen} sit inside modules compiled with "
+                               "torch.compile and none of their hooks ran: compiled code traced before the "
+                               "collector attached skips hooks added later, and their rows would be zeros. Attach "
+                               "before the first compiled call, or call torch._dynamo.reset() before attaching")
         any_out = next(iter(self._grads.values()))
         out: "OrderedDict[str, Tensor]" = OrderedDict()
         absent = []
@@ -707,6 +781,12 @@ class GradientCollector:
         try:
             for batch in batches:
                 mask = batch.get(mask_key) if (mask_key and isinstance(batch, Mapping)) else None
+                if mask is not None and getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+                    raise ValueError(f"per_example_grads: the model is an encoder-decoder, and batch[{mask_key!r}] is "
+                                     "its encoder's padding mask: applied to the decoder's modules it would mark "
+                                     "other positions. Pass mask_key=None (padded positions get no gradient when "
+                                     "the loss ignores them), or hook encoder and decoder in separate collectors "
+                                     "and set each one's mask")
                 with self.batch(mask):
                     loss = loss_fn(self.model, batch)
                     self.backward(loss)

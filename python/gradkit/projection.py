@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
+import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -47,9 +49,16 @@ _DEFAULT_CHUNK_BYTES = 64 << 20
 def _kind(kind) -> int:
     if isinstance(kind, str) and kind.lower() in KINDS:
         return KINDS[kind.lower()]
-    if isinstance(kind, int) and not isinstance(kind, bool) and kind in (0, 1):
-        return kind
+    if isinstance(kind, numbers.Integral) and not isinstance(kind, bool) and kind in (0, 1):
+        return int(kind)  # a numpy integer too, as every integer argument
     raise ValueError(f"kind: expected 'rademacher' or 'gaussian', got {kind!r}")
+
+
+def _flag(v, what: str) -> bool:
+    """A bool argument (numpy's bool too); anything else, a string "False" included, is refused by name."""
+    if isinstance(v, (bool, getattr(sys.modules.get("numpy"), "bool_", bool))):
+        return bool(v)
+    raise TypeError(f"{what}: expected a bool, got {type(v).__name__} {v!r}")
 
 
 def _pos_int(v, what: str) -> int:
@@ -78,7 +87,9 @@ def derive_seed(seed: int, name: str = "", side: str = "") -> int:
         raise TypeError(f"name: expected a str, got {type(name).__name__}")
     if not isinstance(side, str):
         raise TypeError(f"side: expected a str, got {type(side).__name__}")
-    msg = f"gradkit.projection/{seed}/{len(name)}:{name}/{side}".encode()
+    # surrogatepass: a name holding a lone surrogate (from os.fsdecode of a non-UTF-8 byte) keys like any other;
+    # every other str encodes as plain UTF-8, so existing seeds are unchanged
+    msg = f"gradkit.projection/{seed}/{len(name)}:{name}/{side}".encode("utf-8", "surrogatepass")
     return int.from_bytes(hashlib.blake2b(msg, digest_size=8).digest(), "little") & _SEED_MASK
 
 
@@ -356,7 +367,8 @@ class _MatrixCache:
     layout; ``L = lt.T`` is a view), keyed on (p, n, seed, kind, device).
 
     ``max_bytes``: least recently used entries are dropped past it (the newest one is always kept); None:
-    unbounded. The process-wide cache behind :func:`factored_project` holds at most
+    unbounded; a callable: read at each call (the process-wide cache reads :data:`MATRIX_CACHE_BYTES`, so
+    setting it takes effect at the next call). The process-wide cache behind :func:`factored_project` holds at most
     :data:`MATRIX_CACHE_BYTES`; a :class:`GradientCollector` keeps its own, unbounded (its modules' matrices
     are wanted every batch, whatever their number), and drops it when it detaches. Entries are made with
     autograd and inference mode off, so one made under ``torch.inference_mode()`` serves a later
@@ -371,9 +383,10 @@ class _MatrixCache:
 
     def get(self, p: int, n: int, seed: int, kind: int, device: torch.device) -> torch.Tensor:
         key = (p, n, seed, kind, device)
+        limit = self.max_bytes() if callable(self.max_bytes) else self.max_bytes
         t = self._table.get(key)  # a hit takes no lock: one dict read and a reorder, each atomic
         if t is not None:
-            if self.max_bytes is not None:
+            if limit is not None:
                 try:
                     self._table.move_to_end(key)
                 except KeyError:  # dropped by another thread since the read: t is still the matrix
@@ -385,7 +398,7 @@ class _MatrixCache:
             if key not in self._table:
                 self._table[key] = t
                 self._bytes += t.numel() * t.element_size()
-                while self.max_bytes is not None and self._bytes > self.max_bytes and len(self._table) > 1:
+                while limit is not None and self._bytes > limit and len(self._table) > 1:
                     _, old = self._table.popitem(last=False)
                     self._bytes -= old.numel() * old.element_size()
             return self._table[key]
@@ -404,7 +417,7 @@ class _MatrixCache:
 
 
 MATRIX_CACHE_BYTES = 64 << 20
-_MATRICES = _MatrixCache(MATRIX_CACHE_BYTES)
+_MATRICES = _MatrixCache(lambda: MATRIX_CACHE_BYTES)
 
 
 def clear_matrix_cache() -> None:
@@ -446,6 +459,7 @@ def _factored_project(a, g, p, seed, name, kind, mask, bias, per_token, normaliz
     if not isinstance(name, str):
         raise TypeError(f"name: expected a str, got {type(name).__name__}")
     kd = _kind(kind)
+    bias, per_token = _flag(bias, "bias"), _flag(per_token, "per_token")
     for nm, t in (("a", a), ("g", g)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{nm}: expected a tensor, got {type(t).__name__}")

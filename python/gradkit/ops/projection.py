@@ -13,7 +13,11 @@ Entry ``(row, col)`` of a projection matrix R (k x D) is a pure function of ``(s
 NaN / Inf in x propagate to the outputs they touch (no check: it would cost a pass over x). Finite x
 near float32's limit: a sum past its range is +-inf; the Triton Rademacher kernel sums the +-1 products
 and applies 1/sqrt(k) once at the end, so it reaches inf sooner (at sqrt(k) times smaller sums) than
-the reference and the CPU kernel.
+the reference and the CPU kernel. (The CPU sign-table path sums the same way, and projects rows whose outputs
+are not finite again through its GEMM path, which multiplies by the scaled entries: on CPU a row's outputs do
+not depend on its batch.) float64 x: rows holding finite values past float32's range are divided by a power of
+two before the kernels convert them to float32 and their outputs multiplied back (csrc/project_wide.h), so +v
+and -v cancel instead of meeting as inf - inf = NaN; other rows are untouched.
 """
 from __future__ import annotations
 
