@@ -545,7 +545,8 @@ class GradientCollector:
             raise ValueError(f"modules: {name!r} got an input of shape {tuple(x.shape)}, {shape[0]} rows on its first "
                              f"axis, but {first[0]!r} got {first[1][0]} in the same batch; the first axis of every "
                              "hooked module's input must be the batch. A sequence-first (T, B, I) input (e.g. "
-                             "nn.TransformerEncoderLayer with batch_first=False) would be taken as T examples: use "
+                             "nn.TransformerEncoderLayer with batch_first=False) would be taken as T examples, and "
+                             "mixture-of-experts expert layers see the tokens routed to them, not examples: use "
                              "batch_first=True, or leave those modules out")
         mask, mask_all = self._mask, self._mask_all
         if self._ckpt_mask is not None and torch._C._current_autograd_node() is not None:
