@@ -805,3 +805,27 @@ def test_bool_mask_edited_in_place_after_the_forward_pass():
             got = col.collect()
         want = reference(model, ["1", "3"], 3, lambda b: losses(ids[b:b + 1], used[b:b + 1]).sum())
         assert_rows(got, want)  # passes for int64, fails for bool
+
+
+def test_collect_after_a_failed_forward_says_the_batch_was_dropped():
+    # session 33: a forward that raises drops the batch's pending calls (earlier forwards of the batch included);
+    # collect() then says so instead of "no hooked module ran forward".
+    class Fails(MLP):
+        def forward(self, x, fail=False):
+            h = torch.tanh(self.fc1(x))
+            if fail:
+                raise MemoryError("simulated out of memory")
+            return self.fc2(h)
+
+    model = Fails(seed=10)
+    x = torch.randn(4, 6, 5)
+    col = GradientCollector(model, p=P, seed=SEED)
+    with col:
+        loss = model(x).sin().sum()
+        with pytest.raises(MemoryError):
+            model(x, fail=True)
+        loss.backward()
+        with pytest.raises(RuntimeError, match="forward raised an exception, which dropped the batch"):
+            col.collect()
+        col.backward(model(x).sin().sum())  # the batch run again is collected
+        assert set(col.collect()) == {"fc1", "fc2"}

@@ -300,6 +300,7 @@ class GradientCollector:
         # the last collect/reset, for their recomputation in the backward pass; None: there were none
         self._ckpt_mask: Optional[Tuple[Optional[Tensor], bool]] = None
         self._dropped = False  # detach() dropped collected gradients nobody collected
+        self._raised = False  # the model's forward raised and dropped the batch (no hooked forward since)
 
     def _compiled_ancestor(self, name: str) -> Optional[str]:
         """The name of a module holding ``name`` (or itself) compiled in place (``module.compile()``), or None."""
@@ -451,7 +452,7 @@ class GradientCollector:
         """Forget the current batch: collected gradients, pending activations, mask."""
         self._drop_batch()
         self._mask, self._mask_all = None, False
-        self._dropped = False
+        self._dropped = self._raised = False
 
     def _drop_batch(self) -> None:
         """Forget the per-batch state (collected gradients, pending activations and edges, forward
@@ -491,6 +492,7 @@ class GradientCollector:
     def _model_hook(self, module: nn.Module, args: tuple, output) -> None:
         if output is None and sys.exc_info()[0] is not None:  # always_call: the model's forward raised
             self._drop_batch()
+            self._raised = True  # for collect()'s message, until a hooked module runs forward again
 
     def _forward_hook(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         try:
@@ -567,6 +569,7 @@ class GradientCollector:
         if prev is not None and prev != shape and (self.per_token or prev[0] != shape[0]):
             raise RuntimeError(f"GradientCollector: module {name!r} was called with inputs of shapes "
                                f"(B, T) = {prev} and {shape} in one batch")
+        self._raised = False
         call = _Call(x.detach(), mask, mask_all, self._gen, tuple(output.shape))
         target = output
         base = output._base
@@ -674,9 +677,12 @@ class GradientCollector:
             raise ValueError(f"missing: expected 'zeros' or 'error', got {missing!r}")
         _check_scale(scale)
         if not self._grads:
-            ran, nograd, dropped = bool(self._forward_shapes), self._nograd_calls, self._dropped
+            ran, nograd, dropped, raised = bool(self._forward_shapes), self._nograd_calls, self._dropped, self._raised
             self.reset()
-            if dropped:
+            if raised:
+                why = ("the model's forward raised an exception, which dropped the batch's pending calls (forwards "
+                       "run before it in this batch included); run the batch's forward and backward again")
+            elif dropped:
                 why = ("the collector was detached (the `with col:` block ended) before collect(); leaving "
                        "the block drops the batch, so call collect() inside it")
             elif ran:
