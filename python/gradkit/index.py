@@ -98,6 +98,17 @@ Exact: the queries are scored against every row by inner product (cosine with ``
 streaming the memory-mapped rows in blocks of ``batch_rows`` and merging each block's best into
 a running top-k (``gradkit.ops.score_topk``: C++ GEMM + selection on CPU, Triton / CUDA C++ on
 GPU), so the index never has to fit in memory. Ties go to the lowest row.
+
+Scores are float32, computed over float32 queries; float64 inputs are brought into float32's range
+first by exact powers of two (a query row below 2**-64 or at least 2**64, with its inner-product
+scores scaled back after ranking; a float64 bergson row under cosine). Preconditioning (``Precondition``)
+is applied in float64 and rounded once to float32, with H^p kept as a float32 matrix times a power of
+two so that cosines do not depend on H's scale. A float32 BLAS product rounds a one-row block
+differently from a larger one; the float64 products give the same float32 values for a row (or query)
+whatever block (or batch) it is in: MKL's float64 products are the same bits for every block size, and
+a BLAS whose float64 sums differ in their last bits gives another float32 value only where the float64
+result lies within those bits of a float32 rounding boundary. Weights outside float32's range are
+refused.
 """
 from __future__ import annotations
 
@@ -148,6 +159,8 @@ _NP_RAW = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32, 
 _TORCH_OF = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
              "float64": torch.float64}
 _POLICIES = ("skip", "error")
+_F32_MAX = float(torch.finfo(torch.float32).max)
+_F32_TINY = float(torch.finfo(torch.float32).tiny)  # 2**-126, float32's smallest normal
 _BACKENDS = ("auto", "torch", "faiss")
 _MODES = ("query", "both")
 
@@ -601,16 +614,17 @@ class Precondition:
 
     ``damping`` is added to every eigenvalue before the power is taken (a matrix whose smallest
     eigenvalue is then not positive is refused). A bare tensor or dict passed as ``precondition=``
-    means ``Precondition(matrix, mode="query")``. The powers are computed once (float64 eigh) and
-    cached on this object, so reuse it across searches.
+    means ``Precondition(matrix, mode="query")``. The powers are computed once per damping (float64
+    eigh) and cached on this object, so reuse it across searches; assigning ``damping`` validates the
+    value and drops the cached powers. Each power is kept as a float32 matrix whose largest entry is
+    in [0.5, 1) and a power of two (H^p = M * 2**e), so any H float64 can hold gives the same cosines
+    as H scaled by a positive constant; search applies M in float64 and carries 2**e exactly.
     """
 
     def __init__(self, matrix, mode: str = "query", damping: float = 0.0) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) \
-                or damping < 0:
-            raise ValueError(f"damping: expected a finite number >= 0, got {damping!r}")
+        self._damping = self._check_damping(damping)
         if isinstance(matrix, torch.Tensor):
             self._check_square(matrix, "matrix")
         elif isinstance(matrix, Mapping):
@@ -625,8 +639,26 @@ class Precondition:
                             f"got {type(matrix).__name__}")
         self.matrix = matrix
         self.mode = mode
-        self.damping = float(damping)
-        self._cache: Dict[Tuple[str, str], torch.Tensor] = {}
+        # (module key, p, damping) -> (M float32, e): (H + damping I)^p = M * 2**e
+        self._cache: Dict[Tuple[str, str, float], Tuple[torch.Tensor, int]] = {}
+
+    @staticmethod
+    def _check_damping(damping) -> float:
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) \
+                or damping < 0:
+            raise ValueError(f"damping: expected a finite number >= 0, got {damping!r}")
+        return float(damping)
+
+    @property
+    def damping(self) -> float:
+        return self._damping
+
+    @damping.setter
+    def damping(self, value) -> None:
+        value = self._check_damping(value)
+        if value != self._damping:
+            self._cache.clear()  # powers of the old damping are never used again
+        self._damping = value
 
     @staticmethod
     def _check_square(h, what: str) -> None:
@@ -637,30 +669,39 @@ class Precondition:
         if not torch.isfinite(h).all():
             raise ValueError(f"{what}: contains NaN or Inf")
 
-    def _power(self, key: str, h: torch.Tensor, p: float) -> torch.Tensor:
-        ck = (key, str(p))
+    def _power(self, key: str, h: torch.Tensor, p: float) -> Tuple[torch.Tensor, int]:
+        """(M, e) with (h + damping I)^p = M * 2**e: M float32 with its largest |entry| in [0.5, 1) (the power is
+        computed in float64; only its rounding to float32 is inexact, so H's scale never over- or underflows)."""
+        ck = (key, str(p), self._damping)
         if ck not in self._cache:
             h64 = h.detach().to("cpu", torch.float64)
             # gradkit's one symmetry rule (as for OBS Hessians): round-off asymmetry (an fp32 Gram a @ a.T from
             # BLAS is rarely bitwise symmetric) is not an error, and the symmetric part is used
             check_symmetric(h64, f"precondition: matrix for {key}", max(1e-3, 16 * torch.finfo(h.dtype).eps))
             ev, vec = torch.linalg.eigh((h64 + h64.T) / 2)
-            ev = ev + self.damping
+            ev = ev + self._damping
             if float(ev.min()) <= 0:
                 raise ValueError(f"precondition: matrix for {key} is not positive definite (smallest eigenvalue "
-                                 f"{float(ev.min()):.3g} after damping={self.damping}); pass damping > 0")
-            self._cache[ck] = ((vec * ev.pow(p)) @ vec.T).to(torch.float32)
+                                 f"{float(ev.min()):.3g} after damping={self._damping}); pass damping > 0")
+            pw = (vec * ev.pow(p)) @ vec.T
+            amax = float(pw.abs().max())
+            if not (math.isfinite(amax) and amax > 0):
+                raise ValueError(f"precondition: matrix for {key}: its power {p} is not finite in float64 (eigenvalues "
+                                 f"{float(ev.min()):.3g} .. {float(ev.max()):.3g}); rescale the matrix")
+            e = math.frexp(amax)[1]
+            self._cache[ck] = (GradientIndex._ldexp64(pw, -e).to(torch.float32), e)
         return self._cache[ck]
 
-    def blocks(self, modules: "OrderedDict[str, int]", p: float) -> List[Tuple[int, int, torch.Tensor]]:
-        """[(lo, hi, H_block^p)] over dense module coordinates (module order, no padding)."""
+    def blocks(self, modules: "OrderedDict[str, int]", p: float) -> List[Tuple[int, int, torch.Tensor, int]]:
+        """[(lo, hi, M, e)] over dense module coordinates (module order, no padding): the block's
+        (H + damping I)^p is the float32 M times 2**e."""
         dims = list(modules.values())
         total = sum(dims)
         if isinstance(self.matrix, torch.Tensor):
             if self.matrix.shape[0] != total:
                 raise ValueError(f"precondition: matrix is {self.matrix.shape[0]} x {self.matrix.shape[0]} but the "
                                  f"index has {total} dims")
-            return [(0, total, self._power("the full matrix", self.matrix, p))]
+            return [(0, total) + self._power("the full matrix", self.matrix, p)]
         unknown = [n for n in self.matrix if n not in modules]
         if unknown:
             raise ValueError(f"precondition: matrices for modules the index does not have: {unknown}")
@@ -671,7 +712,7 @@ class Precondition:
                 if h.shape[0] != d:
                     raise ValueError(f"precondition: matrix[{name!r}] is {h.shape[0]} x {h.shape[0]} but module "
                                      f"{name!r} has {d} dims")
-                out.append((lo, lo + d, self._power(f"module {name!r}", h, p)))
+                out.append((lo, lo + d) + self._power(f"module {name!r}", h, p))
             lo += d
         return out
 
@@ -1794,21 +1835,25 @@ class GradientIndex:
         return out
 
     def _blocks(self, batch_rows: int) -> Iterator[Tuple[int, torch.Tensor]]:
+        """(first row, block) in storage layout and dtype (float64 for a float64 bergson index: search converts)."""
         for si, (first, view) in enumerate(self._shards):
             n = view.shape[0]
             for i in range(0, n, batch_rows):
                 blk = view[i:i + batch_rows]
-                yield first + i, (blk.float() if self._upcast else blk)
+                yield first + i, blk
                 if self.low_memory and si < len(self._maps):
                     _release(view, self._maps[si], i, min(n, i + batch_rows))
 
     # ------------------------------------------------------------------ search
 
-    @staticmethod
-    def _query_f32(t: torch.Tensor, what: str) -> torch.Tensor:
-        """t as (rows, features) float32; finite float64 rows that float32 cannot hold are refused here, by their
-        own name (search's later check would call them NaN / Inf)."""
+    @classmethod
+    def _query_f32(cls, t: torch.Tensor, what: str, exp: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """t as (rows, features) float32, each row first multiplied by 2**-exp[row] (exact, in float64) where exp is
+        given; finite float64 rows that float32 cannot hold are refused here, by their own name (search's later
+        check would call them NaN / Inf)."""
         src = t.detach().reshape(-1, t.shape[-1])
+        if exp is not None:
+            src = cls._ldexp64(src.to(torch.float64), -exp.to(src.device)[:, None])
         out = src.to(torch.float32)
         if src.dtype == torch.float64:
             over = (torch.isfinite(src).all(dim=1) & ~torch.isfinite(out).all(dim=1)).nonzero().flatten()
@@ -1817,8 +1862,27 @@ class GradientIndex:
                                  "3.4e38), the dtype scores are computed in; scale them down first")
         return out
 
-    def _query_matrix(self, queries, device=None) -> Tuple[torch.Tensor, Tuple[int, ...]]:
-        """(Q, W) float32 in storage layout (padding columns 0) and the leading batch shape."""
+    @staticmethod
+    def _tiny_rows(srcs: List[torch.Tensor]) -> Optional[torch.Tensor]:
+        """For (rows, d) query parts of which some are float64: the frexp exponent of each row's largest |entry|
+        (over all parts) where that is nonzero and below 2**-64 (0 elsewhere), or None when no row is that small.
+        float32 holds such a row only as zeros or subnormals; scaled by 2**-exponent first it keeps every bit."""
+        if not any(t.dtype == torch.float64 for t in srcs):
+            return None
+        dev = srcs[0].device
+        amax = torch.zeros(srcs[0].shape[0], dtype=torch.float64, device=dev)
+        for t in srcs:
+            if t.shape[1]:
+                amax = torch.maximum(amax, t.abs().amax(dim=1).to(dev, torch.float64))  # NaN propagates
+        tiny = (amax > 0) & (amax < 2.0 ** -64)
+        if not bool(tiny.any()):
+            return None
+        return torch.where(tiny, torch.frexp(amax)[1], 0).to(torch.int64)
+
+    def _query_matrix(self, queries, device=None) -> Tuple[torch.Tensor, Tuple[int, ...], Optional[torch.Tensor]]:
+        """(Q, W) float32 in storage layout (padding columns 0), the leading batch shape, and None or (Q,) int64
+        exponents e: a float64 query row whose largest |entry| is below 2**-64 is returned times 2**-e (exact), so
+        that float32 holds it (search scales inner-product scores back)."""
         if isinstance(queries, torch.Tensor):
             if not queries.is_floating_point():
                 raise TypeError(f"queries: expected a floating tensor, got {queries.dtype}")
@@ -1827,7 +1891,8 @@ class GradientIndex:
                                  f"{list(self.modules)} in that order, also when modules= selects some), got "
                                  f"{tuple(queries.shape)}")
             lead = tuple(queries.shape[:-1])
-            dense = self._query_f32(queries, "queries")
+            qexp = self._tiny_rows([queries.detach().reshape(-1, self.dim)])
+            dense = self._query_f32(queries, "queries", qexp)
             parts = {n: dense[:, lo:hi] for n, (lo, hi) in self._dense_cols().items()}
         elif isinstance(queries, Mapping):
             missing = [n for n in self.modules if n not in queries]
@@ -1845,7 +1910,10 @@ class GradientIndex:
                     lead = tuple(g.shape[:-1])
                 elif tuple(g.shape[:-1]) != lead:
                     raise ValueError(f"queries[{n!r}]: batch shape {tuple(g.shape[:-1])} differs from {lead}")
-                parts[n] = self._query_f32(g, f"queries[{n!r}]")
+            srcs = {n: queries[n].detach().reshape(-1, dm) for n, dm in self.modules.items()}
+            qexp = self._tiny_rows(list(srcs.values()))
+            for n, g in srcs.items():
+                parts[n] = self._query_f32(g, f"queries[{n!r}]", qexp)
             dev = next(iter(parts.values())).device
             parts = {n: t.to(dev) for n, t in parts.items()}
         else:
@@ -1855,7 +1923,7 @@ class GradientIndex:
         q = torch.zeros(first.shape[0], self._width, dtype=torch.float32, device=first.device)
         for n, (lo, hi) in self._cols.items():
             q[:, lo:hi] = parts[n]
-        return q, lead
+        return q, lead, (qexp.to(q.device) if qexp is not None else None)
 
     def search(self, queries, k: int, unit_norm: bool = False, reverse: bool = False, modules=None, weights=None,
                precondition=None, projection=None, batch_rows: Optional[int] = None,
@@ -1869,9 +1937,17 @@ class GradientIndex:
         leave out any padding between the modules of a bergson record. reverse: the k lowest
         scores instead.
         modules: the module names to score (default all); weights: dict name -> float scaling
-        each module's contribution. precondition: a (D, D) / per-module dict matrix H (H^-1 on
-        the queries) or a :class:`Precondition` (``mode="both"``: H^-1/2 on both sides plus unit
-        normalisation). projection: the queries' projection config (a dict) or the
+        each module's contribution (applied in float32: a weight whose magnitude float32 cannot hold,
+        above 3.4e38 or nonzero below 2**-126, is refused with a ValueError naming it). precondition:
+        a (D, D) / per-module dict matrix H (H^-1 on the queries) or a :class:`Precondition`
+        (``mode="both"``: H^-1/2 on both sides plus unit normalisation). The preconditioner is applied
+        in float64 (products and sums) and rounded once to float32, on the queries and, with
+        ``mode="both"``, on the rows: a row's or a query's transformed values do not depend on the
+        other rows in its block or the other queries in the call (see the module docstring), so
+        identical rows score identically and tie to the lowest row. Cosines do not depend on the
+        scale of H (H^p is kept as a float32 matrix times a power of two, see :class:`Precondition`);
+        inner products carry that power of two exactly. projection: the queries' projection config
+        (a dict) or the
         ``GradientCollector`` that made them (its ``projection_config`` is used); refused unless it
         equals the index's (on a bergson index: compared as bergson compares processors, see the
         module docstring). Left out while the index records a projection, the queries cannot be
@@ -1888,9 +1964,16 @@ class GradientIndex:
         inspected (gradkit's own appends refuse them; a bergson index can hold them): a NaN score ranks
         last (as -inf, +inf with ``reverse``) and is reported as that value; a row holding Inf scores
         +-inf (NaN, so last, where the query is 0 on that column or with ``unit_norm``). A query row whose
-        largest entry is 2**64 or more is scaled by a power of two before scoring and its scores back after
-        (a score past float32's range is then reported as +-inf), so that no partial sum overflows; rows near
-        float32's limit still can, and scores that overflow rank as +-inf, ties by row.
+        largest entry is 2**64 or more, or nonzero and below 2**-64, is scaled by a power of two before
+        scoring and its inner-product scores back after, so that no partial sum over- or underflows; the
+        ranking is that of the scaled scores, and a score past float32's range is then reported as +-inf,
+        one below it as 0 or a float32 subnormal. For a float64 query that scaling is done in float64 before
+        the cast to float32, so rows below float32's range (which the cast would make 0) keep every bit;
+        float64 rows above 3.4e38 are refused (ValueError). Rows near float32's limit can still overflow a
+        partial sum, and scores that overflow rank as +-inf, ties by row. A float64 bergson index is scored in
+        float32: with ``unit_norm`` (or ``mode="both"``) each row is first scaled by a power of two in float64,
+        so rows outside float32's range keep their cosines; plain inner products of such rows over- or
+        underflow as float32 does.
         """
         self._check_readable("search")
         n = len(self)
@@ -1943,10 +2026,15 @@ class GradientIndex:
                     w = w.item()  # a 0-d (or one-element) tensor
                 if isinstance(w, (bool, np.bool_)) or not isinstance(w, numbers.Real) or not math.isfinite(w):
                     raise ValueError(f"weights[{m!r}]: expected a finite number, got {w!r}")
-                wts[m] = float(w)
+                w = float(w)
+                if abs(w) > _F32_MAX or 0 < abs(w) < _F32_TINY:
+                    raise ValueError(f"weights[{m!r}]: {w!r} is outside float32's range (magnitudes 2**-126 = "
+                                     f"1.18e-38 to 3.4e38, or 0), the dtype scores are computed in; scale every "
+                                     f"weight by one positive factor (the ranking is the same)")
+                wts[m] = w
         if precondition is not None and not isinstance(precondition, Precondition):
             precondition = Precondition(precondition, mode="query")
-        q, lead = self._query_matrix(queries)
+        q, lead, qexp = self._query_matrix(queries)
         if q.shape[0] == 0:  # an empty batch: empty results of the usual shape and dtypes, nothing scanned
             return (torch.empty(*lead, k, dtype=torch.float32, device=q.device),
                     torch.empty(*lead, k, dtype=torch.int64, device=q.device))
@@ -1969,31 +2057,39 @@ class GradientIndex:
         if gaps:
             q = self._dense(q)
         cosine = unit_norm or (precondition is not None and precondition.mode == "both")
-        qexp = None
-        if not cosine:
-            # an inner product's ranking is invariant to a positive scale of the query: a row whose largest entry is
-            # 2**64 or more is brought to [0.5, 1) by a power of two (exact), so that no partial sum of its scores
-            # overflows fp32 (each backend sums in its own order: a finite score could become inf on one and not
-            # on another); its scores are scaled back at the end (inf where they do overflow fp32)
-            amax = q.abs().amax(dim=1)
-            big = amax >= 2.0 ** 64
-            if bool(big.any()):
-                qexp = torch.where(big, torch.frexp(amax)[1], 0).to(torch.int32)
-                q = self._ldexp2(q, -qexp[:, None])
-        if cosine and precondition is not None:  # cosine is scale-free: bring each row's largest entry to
-            q = self._pow2_rows(q)                # [0.5, 1) before H multiplies it (exact)
-        # preconditioning on the query side (dense module coordinates)
+        # qexp: None, or (Q,) int64 exponents with true query row = q row * 2**qexp; inner-product scores are scaled
+        # back at the end (cosines are scale-free: there it is dropped)
         key_pre = None
         if precondition is not None:
+            # the query-side transform in float64 (one row's result does not depend on the other queries: float64
+            # sums rounded once to float32), then each row brought to [0.5, 1) by a power of two (exact)
             p = -1.0 if precondition.mode == "query" else -0.5
             blocks = precondition.blocks(self.modules, p)
-            q = self._apply_dense(q, blocks, dense=gaps)
-            if precondition.mode == "both":
-                key_pre = blocks
-        if cosine:  # divide by the exact norm (computed on the rescaled row: no fp32 under/overflow)
+            y, e_pre = self._apply64(q.to(torch.float64), blocks, dense=gaps)
+            if precondition.mode == "both":  # the rows' transform (on the CPU, where the blocks are read)
+                key_pre = [(lo, hi, mat.to("cpu", torch.float64), e) for lo, hi, mat, e in blocks]
+            if cosine:
+                q, qexp = self._unit64(y).to(torch.float32), None
+            else:
+                y, r = self._pow2_rows64(y)
+                q = y.to(torch.float32)
+                qexp = r + e_pre if qexp is None else qexp + r + e_pre
+        elif cosine:  # divide by the exact norm (computed on the rescaled row: no fp32 under/overflow)
+            qexp = None
             q = self._pow2_rows(q)
             norm = torch.linalg.vector_norm(q, dim=1, keepdim=True)
             q = torch.where(norm > 0, q / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(q))
+        else:
+            # an inner product's ranking is invariant to a positive scale of the query: a row whose largest entry is
+            # 2**64 or more, or below 2**-64, is brought to [0.5, 1) by a power of two (exact), so that no partial sum
+            # of its scores over- or underflows fp32 (each backend sums in its own order: a finite score could become
+            # inf on one and not on another); its scores are scaled back at the end (inf or 0 where they leave fp32)
+            amax = q.abs().amax(dim=1)
+            resc = (amax >= 2.0 ** 64) | ((amax > 0) & (amax < 2.0 ** -64))
+            if bool(resc.any()):
+                e = torch.where(resc, torch.frexp(amax)[1], 0).to(torch.int64)
+                q = self._ldexp2(q, -e[:, None])
+                qexp = e if qexp is None else qexp + e
         # selection / weights, and the column window the kernel reads
         keep = torch.zeros(q.shape[1], dtype=torch.float32, device=dev)
         for m in sel:
@@ -2026,11 +2122,11 @@ class GradientIndex:
                 blk = self._dense(blk)
             scale = None
             if key_pre is not None:
-                xb, _ = self._unit_scale(blk)  # rows out of fp32's safe range rescaled before H^-1/2
-                kb = self._apply_dense(xb.float(), key_pre, dense=gaps)
-                kb, scale = self._unit_scale(kb, owned=True)
+                kb, scale = self._precondition_rows(blk, key_pre, dense=gaps)
                 kv = window(kb)
             else:
+                if blk.dtype == torch.float64:  # a float64 bergson index; for cosine each row is first brought to
+                    blk = (self._pow2_rows64(blk)[0] if cosine else blk).to(torch.float32)  # [0.5, 1) (exact)
                 if cosine:
                     blk, scale = self._unit_scale(blk)
                 kv = window(blk)
@@ -2043,7 +2139,7 @@ class GradientIndex:
                 run_s, run_i = ops.score_topk(qw, kv, k, largest=largest, key_scale=scale, scores_in=run_s,
                                               idx_in=run_i, base=base)
         if qexp is not None:
-            run_s = self._ldexp2(run_s, qexp[:, None].to(run_s.device))
+            run_s = self._scale_scores(run_s, qexp.to(run_s.device))
         return run_s.reshape(*lead, k), run_i.reshape(*lead, k)
 
     @staticmethod
@@ -2052,23 +2148,104 @@ class GradientIndex:
         h = torch.div(e, 2, rounding_mode="floor")
         return torch.ldexp(torch.ldexp(x, h), e - h)
 
-    def _apply_dense(self, x: torch.Tensor, blocks, dense: bool = False) -> torch.Tensor:
-        """x (rows, W) in storage layout, or (rows, D) module columns when ``dense`` -> a copy with each dense
-        module block multiplied by its matrix (other columns kept)."""
-        if dense or self._plain_layout():
-            out = x.clone()
-            for lo, hi, mat in blocks:
-                out[:, lo:hi] = x[:, lo:hi] @ mat.to(x.device)
-            return out
-        dense_x = self._dense(x)
-        new = dense_x.clone()
-        for lo, hi, mat in blocks:
-            new[:, lo:hi] = dense_x[:, lo:hi] @ mat.to(x.device)
-        out = x.clone()
+    @staticmethod
+    def _pow2_64(e: torch.Tensor) -> torch.Tensor:
+        """2.0 ** e as float64 for integer exponents in [-1022, 1023], built from the exponent bits (exact)."""
+        return ((e.to(torch.int64) + 1023) << 52).contiguous().view(torch.float64)
+
+    @classmethod
+    def _ldexp64(cls, x: torch.Tensor, e) -> torch.Tensor:
+        """x * 2**e for float64 x and integer exponents e (an int or an int tensor broadcastable to x), as two
+        power-of-two factors: exact wherever the result is a normal float64."""
+        e = torch.as_tensor(e, dtype=torch.int64, device=x.device).clamp(-2044, 2046)
+        h = torch.div(e, 2, rounding_mode="floor")
+        return x * cls._pow2_64(h) * cls._pow2_64(e - h)
+
+    @classmethod
+    def _pow2_rows64(cls, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(x', e): float64 x (rows, D) with each row multiplied by the power of two 2**-e[row] that brings its
+        largest |entry| into [0.5, 1) (exact; all-zero and non-finite rows unchanged, e = 0), e (rows,) int64."""
+        amax = x.abs().amax(dim=1)
+        ok = torch.isfinite(amax) & (amax > 0)
+        e = torch.where(ok, torch.frexp(amax)[1], 0).to(torch.int64)
+        return cls._ldexp64(x, -e[:, None]), e
+
+    @classmethod
+    def _unit64(cls, y: torch.Tensor) -> torch.Tensor:
+        """float64 rows divided by their norm (rows of norm 0 stay 0), after a power-of-two rescale (no overflow)."""
+        y, _ = cls._pow2_rows64(y)
+        norm = torch.linalg.vector_norm(y, dim=1, keepdim=True)
+        return torch.where(norm > 0, y / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(y))
+
+    @classmethod
+    def _scale_scores(cls, s: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """float32 scores (Q, k) times 2**e[q], rounded once (float64 product, exact): a score past float32's
+        range becomes +-inf, one below it 0 or a subnormal, as float32 holds it."""
+        e = e.to(torch.int64).clamp(-400, 400)[:, None]  # beyond +-400 every nonzero float32 score saturates anyway
+        return cls._ldexp64(s.to(torch.float64), e).to(torch.float32)
+
+    def _apply64(self, x: torch.Tensor, blocks, dense: bool = False,
+                 out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, int]:
+        """(y, E): x (rows, W) float64 in storage layout, or (rows, D) module columns when ``dense``, with each dense
+        module block multiplied by its matrix power and the other columns kept, is y * 2**E (y float64; E the
+        largest block exponent, or 0 if that is larger and a module is left out: nothing in y over- or
+        underflows). Every product is float64 (the float32 matrices are exact in it). ``out``: a float64 buffer of
+        x's shape that y may be written to."""
+        covered = sum(hi - lo for lo, hi, _, _ in blocks)
+        big = max(e for _, _, _, e in blocks)
+        if covered < self.dim:
+            big = max(big, 0)
+        plain = dense or self._plain_layout()
+        xd = x if plain else self._dense(x)
+        if len(blocks) == 1 and covered == xd.shape[1]:  # one matrix over every column
+            mat = blocks[0][2].to(xd.device, torch.float64)
+            y = torch.mm(xd, mat, out=out) if plain and out is not None else xd @ mat
+        else:
+            y = self._ldexp64(xd, -big) if big != 0 else xd.clone()
+            for lo, hi, mat, e in blocks:
+                part = xd[:, lo:hi] @ mat.to(xd.device, torch.float64)
+                y[:, lo:hi] = self._ldexp64(part, e - big) if e != big else part
+        if plain:
+            return y, big
+        res = torch.empty_like(x)
         for n, (dlo, dhi) in self._dense_cols().items():
             slo, shi = self._cols[n]
-            out[:, slo:shi] = new[:, dlo:dhi]
-        return out
+            res[:, slo:shi] = y[:, dlo:dhi]
+        return res, big
+
+    def _precondition_rows(self, x: torch.Tensor, blocks, dense: bool = False,
+                           chunk_bytes: int = 4 << 20) -> Tuple[torch.Tensor, torch.Tensor]:
+        """mode="both" keys: (k, inv) with k (rows, W) float32 = x H^-1/2 up to a positive factor per row and
+        inv (rows,) float32 = 1 / ||that row|| (0 for a row of norm 0 or not finite). Computed in float64 in chunks
+        of about ``chunk_bytes`` (cache-sized): the products and sums are float64 and rounded once to float32, so a
+        row's key does not depend on how many rows share its block (BLAS rounds a one-row product differently in
+        float32); rows of a float64 index are brought to [0.5, 1) by a power of two first, and keys whose norm is
+        outside [2**-60, 2**60] are rescaled by a power of two before the float32 cast."""
+        n, width = x.shape
+        out = torch.empty(n, width, dtype=torch.float32)
+        inv = torch.empty(n, dtype=torch.float32)
+        step = max(1, min(n, max(64, chunk_bytes // (8 * max(1, width)))))
+        blocks64 = [(lo, hi, mat.to(torch.float64), e) for lo, hi, mat, e in blocks]  # no copy if float64 already
+        # reused chunk buffers: a fresh multi-MiB tensor per chunk is a fresh mapping, page-faulted every time
+        xbuf = torch.empty(step, width, dtype=torch.float64)
+        ybuf = torch.empty(step, width, dtype=torch.float64)
+        for i in range(0, n, step):
+            m = min(step, n - i)
+            xc = xbuf[:m]
+            xc.copy_(x[i:i + m])
+            if x.dtype == torch.float64:
+                xc, _ = self._pow2_rows64(xc)
+            y, _ = self._apply64(xc, blocks64, dense=dense, out=ybuf[:m])
+            nrm = torch.linalg.vector_norm(y, dim=1)
+            sus = ~((nrm >= 2.0 ** -60) & (nrm <= 2.0 ** 60))  # also 0, Inf and NaN
+            if bool(sus.any()):
+                idx = sus.nonzero().flatten()
+                rows, _ = self._pow2_rows64(y[idx])  # all-zero and non-finite rows stay as they are
+                y[idx] = rows
+                nrm[idx] = torch.linalg.vector_norm(rows, dim=1)
+            out[i:i + step] = y
+            inv[i:i + step] = torch.where(nrm > 0, 1.0 / nrm, torch.zeros_like(nrm))
+        return out, inv
 
     def _plain_layout(self) -> bool:
         return self._width == self.dim and self._cols == self._dense_cols()
