@@ -469,6 +469,16 @@ def test_weight_shared_layer_without_or_with_non_reentrant_checkpoint(reentrant)
 
 
 # ============================================================================= defects
+class FailsMidForward(MLP):
+    """Raises (a simulated out-of-memory error) after fc1 ran, when asked to."""
+
+    def forward(self, x, fail=False):
+        h = torch.tanh(self.fc1(x))
+        if fail:
+            raise MemoryError("simulated out of memory")
+        return self.fc2(h)
+
+
 def test_retry_with_a_smaller_batch_after_an_exception_in_forward():
     # DEFECT: an exception raised by the MODEL in the middle of a forward (e.g. an out-of-memory error, caught
     # to retry with a smaller batch, inside `with col:`) leaves the hooked modules' pending calls and forward
@@ -476,14 +486,7 @@ def test_retry_with_a_smaller_batch_after_an_exception_in_forward():
     # batch is then refused with "module 'fc1' was called with inputs of shapes (B, T) = (4, 6) and (2, 6) in one
     # batch" -- which it never was. Correct: the new forward pass is collected (the module docstring: "the next
     # batch must work without reset()").
-    class Fails(MLP):
-        def forward(self, x, fail=False):
-            h = torch.tanh(self.fc1(x))
-            if fail:
-                raise MemoryError("simulated out of memory")
-            return self.fc2(h)
-
-    model = Fails(seed=10)
+    model = FailsMidForward(seed=10)
     x = torch.randn(4, 6, 5)
     small = x[:2]
     col = GradientCollector(model, p=P, seed=SEED)
@@ -810,14 +813,7 @@ def test_bool_mask_edited_in_place_after_the_forward_pass():
 def test_collect_after_a_failed_forward_says_the_batch_was_dropped():
     # session 33: a forward that raises drops the batch's pending calls (earlier forwards of the batch included);
     # collect() then says so instead of "no hooked module ran forward".
-    class Fails(MLP):
-        def forward(self, x, fail=False):
-            h = torch.tanh(self.fc1(x))
-            if fail:
-                raise MemoryError("simulated out of memory")
-            return self.fc2(h)
-
-    model = Fails(seed=10)
+    model = FailsMidForward(seed=10)
     x = torch.randn(4, 6, 5)
     col = GradientCollector(model, p=P, seed=SEED)
     with col:
