@@ -252,7 +252,8 @@ def test_close_that_cannot_mark_complete_names_the_index(tmp_path, monkeypatch):
     assert e.value.errno == errno.ENOSPC
     assert str(e.value) == (f"[Errno {errno.ENOSPC}] gradkit.index: marking {path} complete failed (No space left on "
                             "device); its 5 committed rows are kept but the index is not marked complete (free space, "
-                            "then close() this writer again, or create(..., resume=True) and close())")
+                            "then close() this writer again; or drop this writer, which releases its lock, then "
+                            "create(..., resume=True) and close())")
     with pytest.raises(IndexFormatError, match=r"did not complete \(5 rows committed"):
         GradientIndex.open(path)
     monkeypatch.setattr(gi, "_atomic_write_json", real)

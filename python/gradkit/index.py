@@ -839,8 +839,14 @@ class GradientIndex:
 
         try:
             self._start(resume, overwrite)
-        except BaseException:
+        except BaseException as e:
+            state = self._undo_start(resume)
             self._unlock()
+            if isinstance(e, OSError) and e.errno is not None and not isinstance(
+                    e, (FileExistsError, NotADirectoryError, IsADirectoryError)):  # (those name the path already)
+                # (a disk-full / file-size-limit failure) named with the index and what it left; the errno is kept
+                raise OSError(e.errno, f"gradkit.index: {'resuming' if resume else 'creating'} {self.path} failed "
+                              f"({e.strerror or e}); {state}") from e
             raise
         self._writable = True
         if self._resumed_complete is not None:  # the committed state the resume started from, as _abort compares it
@@ -881,6 +887,27 @@ class GradientIndex:
                     "(see those ranks' errors); no rank opened it for writing and it is not marked complete"))
         if err is not None:
             raise err
+
+    def _undo_start(self, resume: bool) -> str:
+        """After a failed create(): no writer exists, so nothing it began may look like an index. A new build's first
+        header (0 rows, incomplete) is removed; a resumed complete index gets its complete header back (a resume only
+        cuts uncommitted bytes, so its committed rows are as they were). Returns what was left, for the error."""
+        hdr = self.path / HEADER
+        if not resume:
+            if self._rank == 0 and getattr(self, "_wrote_first_header", False):
+                try:
+                    hdr.unlink(missing_ok=True)
+                except OSError:
+                    return f"its empty header {hdr} could not be removed either; delete {self.path} and create it again"
+            return f"no index was created (nothing at {self.path} opens as one); create it again once the cause is fixed"
+        if self._rank == 0 and self._resumed_complete is not None:
+            try:
+                _atomic_write_json(hdr, self._resumed_complete)
+                return "the index is as it was: its committed rows, marked complete"
+            except OSError:
+                pass
+        return ("its committed rows are as they were and it is not marked complete; create(..., resume=True) again "
+                "once the cause is fixed")
 
     def _unlock(self) -> None:
         lock, self._lock = self._lock, None
@@ -948,7 +975,10 @@ class GradientIndex:
             _atomic_write_json(hdr, h)
             return
         self._refuse_existing(overwrite)  # before the lock file is made: nothing is added to a refused directory
+        made = not p.exists()
         p.mkdir(parents=True, exist_ok=True)
+        if made:  # the directory's own name durable, so a power loss cannot make a finished index disappear
+            _fsync_dir(p.parent)
         self._lock = _WriterLock(p, LOCK)  # before anything of an old index changes
         self._refuse_existing(overwrite)  # again under the lock (another writer may have finished meanwhile)
         # discard an old index (overwrite) or the leftovers of a build that never committed
@@ -958,6 +988,7 @@ class GradientIndex:
         h = self._base_header(False)
         h.update({"count": 0, "examples": 0, "nonfinite_rows": 0, "shards": [], "token_files": []})
         _atomic_write_json(hdr, h)
+        self._wrote_first_header = True  # a create() that fails after this removes it (_undo_start)
 
     def _refuse_existing(self, overwrite: bool) -> None:
         p = self.path
@@ -1197,6 +1228,7 @@ class GradientIndex:
                 self._dirty.add(str(self._tokens_file.relative_to(self.path)))
                 self._w_examples += int(counts.numel())
             self._w_nonfinite += nbad
+            self.nonfinite_rows = self._w_nonfinite  # as len() counts pending rows (a rollback resets both)
         except BaseException as e:
             # any interruption (not only a failed write: KeyboardInterrupt between the rows and their token
             # counts) goes back to the last commit, so that rows are never counted without their counts
@@ -1305,6 +1337,7 @@ class GradientIndex:
         self._w_shards = [dict(s) for s in self._c_shards]
         self._w_examples = self._c_examples
         self._w_nonfinite = self._c_nonfinite
+        self.nonfinite_rows = self._c_nonfinite
         self._dirty.clear()
 
     def _close_fds(self) -> None:
@@ -1352,7 +1385,8 @@ class GradientIndex:
             except OSError as e:  # the committed header stays (every row committed): close() can be retried
                 raise OSError(e.errno, f"gradkit.index: marking {self.path} complete failed ({e.strerror or e}); its "
                               f"{len(self)} committed rows are kept but the index is not marked complete (free "
-                              "space, then close() this writer again, or create(..., resume=True) and close())") from e
+                              "space, then close() this writer again; or drop this writer, which releases its lock, then "
+                              "create(..., resume=True) and close())") from e
             self._unlock()
         else:
             self._close_ranks()
