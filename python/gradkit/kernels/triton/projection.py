@@ -238,6 +238,25 @@ def projection_matrix_(out: torch.Tensor, seed: int, kind: int, k: int, row0: in
                          BLOCK_R=BR, BLOCK_C=BC, MA=_MIX_A, MB=_MIX_B, RC=_ROW_C, G=_GOLDEN)
 
 
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _wide_rows(x: torch.Tensor, k: int, seed: int, kind: int, col0: int):
+    """csrc/project_wide.h's rule for this launcher: float64 rows holding finite values past float32's range are
+    divided by a power of two (exact) that brings their largest entry under 2**64, projected, and their outputs
+    multiplied back in float64 (the kernel converts x to float32, which would make such values +-inf and +v, -v
+    meet as inf - inf = NaN). None when x is not float64 or no row needs it."""
+    if x.dtype != torch.float64 or x.numel() == 0:
+        return None
+    amax = x.abs().amax(dim=1)
+    wide = (amax > _F32_MAX) & torch.isfinite(amax)
+    if not bool(wide.any()):
+        return None
+    ex = torch.frexp(amax)[1].to(torch.float64)
+    up = torch.pow(2.0, torch.where(wide, ex - 64.0, torch.zeros_like(ex)))[:, None]
+    return (project_flat(x / up, k, seed, kind, col0).double() * up).float()
+
+
 @on_tensor_device
 def project_flat(x: torch.Tensor, k: int, seed: int, kind: int, col0: int) -> torch.Tensor:
     """Launcher; arguments checked by gradkit.ops.projection.check_project_flat (op wrapper, CUDA kernel)."""
@@ -245,6 +264,9 @@ def project_flat(x: torch.Tensor, k: int, seed: int, kind: int, col0: int) -> to
     out = torch.zeros(B, k, dtype=torch.float32, device=x.device)
     if B == 0 or D == 0:
         return out
+    wide = _wide_rows(x, k, seed, kind, col0)
+    if wide is not None:
+        return wide
     interp = interpreting() and not _AOT_GPU_LAUNCH
     if interp or kind == 1 or x.dtype == torch.float64:
         mode = 0
