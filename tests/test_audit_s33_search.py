@@ -413,7 +413,7 @@ def test_blas_scoring_level_gives_identical_results(tmp_path):
         r = subprocess.run([sys.executable, str(script), str(tmp_path), str(tmp_path / f"{isa}.pt")], env=env,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
-        outs[isa] = torch.load(tmp_path / f"{isa}.pt")
+        outs[isa] = torch.load(tmp_path / f"{isa}.pt", weights_only=True)
     assert outs["default"].keys() == outs["blas"].keys()
     for key, (s, i) in outs["default"].items():
         s2, i2 = outs["blas"][key]
