@@ -821,3 +821,14 @@ def test_collect_after_a_failed_forward_says_the_batch_was_dropped():
             col.collect()
         col.backward(model(x).sin().sum())  # the batch run again is collected
         assert set(col.collect()) == {"fc1", "fc2"}
+
+
+def test_collector_bool_flags_are_validated():
+    # session 33: bias / per_token went through bool(), so bias="False" hooked the bias column (factored_project's
+    # twin check, gradkit.ops._flag, refuses it by name)
+    model = MLP(seed=3)
+    for nm in ("bias", "per_token"):
+        with pytest.raises(TypeError, match=f"{nm}: expected a bool, got str 'False'"):
+            GradientCollector(model, p=P, **{nm: "False"})
+    import numpy as np
+    assert GradientCollector(model, p=P, bias=np.bool_(True)).bias is True

@@ -256,8 +256,8 @@ class GradientCollector:
         self.p = p
         self.seed = seed
         self.kind = kind
-        self.bias = bool(bias)
-        self.per_token = bool(per_token)
+        self.bias = _projection()._flag(bias, "bias")  # bool("False") would be True
+        self.per_token = _projection()._flag(per_token, "per_token")
         self.dtype = dtype
 
         selected = self._select(model, modules)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
-import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 
 from gradkit import ops
-from gradkit.ops import _int
+from gradkit.ops import _flag, _int
 
 __all__ = ["KINDS", "derive_seed", "projection_matrix", "project", "factored_project", "AdafactorNormalizer",
            "AdamNormalizer", "MATRIX_CACHE_BYTES", "clear_matrix_cache"]
@@ -52,13 +51,6 @@ def _kind(kind) -> int:
     if isinstance(kind, numbers.Integral) and not isinstance(kind, bool) and kind in (0, 1):
         return int(kind)  # a numpy integer too, as every integer argument
     raise ValueError(f"kind: expected 'rademacher' or 'gaussian', got {kind!r}")
-
-
-def _flag(v, what: str) -> bool:
-    """A bool argument (numpy's bool too); anything else, a string "False" included, is refused by name."""
-    if isinstance(v, (bool, getattr(sys.modules.get("numpy"), "bool_", bool))):
-        return bool(v)
-    raise TypeError(f"{what}: expected a bool, got {type(v).__name__} {v!r}")
 
 
 def _pos_int(v, what: str) -> int:

@@ -26,6 +26,7 @@ import functools
 import math
 import numbers
 import os
+import sys
 from typing import List, Optional, Sequence
 
 import torch
@@ -435,6 +436,14 @@ def _int(v, what: str) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{what}: expected an int, got {type(v).__name__}")
     return int(v)
+
+
+def _flag(v, what: str) -> bool:
+    """v as a bool: a bool or numpy's bool_, else a TypeError naming ``what`` (``bool(v)`` would take the string
+    "False" as True). The bool counterpart of :func:`_int`."""
+    if isinstance(v, (bool, getattr(sys.modules.get("numpy"), "bool_", bool))):
+        return bool(v)
+    raise TypeError(f"{what}: expected a bool, got {type(v).__name__} {v!r}")
 
 
 def _check_typed(named, dtype, device=None) -> None:
