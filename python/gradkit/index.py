@@ -594,6 +594,23 @@ def _check_header_fields(h, f: Path, what: str) -> None:
             raise IndexFormatError(f"{what}: {f} lists the shards of rank {r} out of order: {name!r} where "
                                    f"'r{r:05d}-{want:06d}.bin' belongs")
         nxt[r], last = want + 1, r
+    # one token file per rank, listed in rank order: open() joins their counts in the listed order, so a
+    # reordered list would map every per-token row to the wrong example
+    last = -1
+    for it in h.get("token_files", []):
+        name = Path(it["file"]).name
+        m = _TOKENS_RE.match(name)
+        if m is None:
+            continue  # refused by the caller, which names the file
+        r = int(m.group(1))
+        if r != it.get("rank", r):
+            raise IndexFormatError(f"{what}: {f} lists token file {name!r} with rank {it['rank']} (its name "
+                                   f"says rank {r})")
+        if r >= world:
+            raise IndexFormatError(f"{what}: {f} lists token file {name!r} of rank {r} but world_size is {world}")
+        if r <= last:
+            raise IndexFormatError(f"{what}: {f} lists the token file of rank {r} after that of rank {last}")
+        last = r
 
 
 # --------------------------------------------------------------------------- preconditioning
@@ -1075,11 +1092,12 @@ class GradientIndex:
         if exc_type is None:
             self.close()
             return
-        if getattr(self, "_writable", False) and self._world > 1 and isinstance(exc, Exception) \
-                and not isinstance(exc, DistributedBuildError):
+        if getattr(self, "_writable", False) and self._world > 1 and isinstance(exc, Exception):
             # the other ranks are in (or on their way to) close()'s collective: join it as a failed rank, so that
             # they raise DistributedBuildError naming this one instead of waiting for it until the process group
-            # times out. The error raised here propagates as it is.
+            # times out. The error raised here propagates as it is. A DistributedBuildError joins too: raised in
+            # this with-block while this writer is open, it came from another index (this one's collectives are
+            # create's and close()'s), and a rank that failed there joins this close() as a failed rank.
             try:
                 self._close_ranks(failure=exc)
             except BaseException:  # noqa: BLE001 - exc with a note, or the collective's own failure
@@ -1581,11 +1599,14 @@ class GradientIndex:
         row_bytes = self.dim * self.dtype.itemsize
         sd = (p / SHARD_DIR).resolve()
         views, first = [], 0
+        rank_rows: Dict[int, int] = {}
         for s in shards:
             f = p / str(s["file"])
-            if not _SHARD_RE.match(f.name) or f.parent.resolve() != sd:
+            m = _SHARD_RE.match(f.name)
+            if not m or f.parent.resolve() != sd:
                 raise IndexFormatError(f"open: unexpected shard file name {s['file']!r} in {p / HEADER}")
             rows = _int_arg(s["rows"], f"shard {s['file']} rows")
+            rank_rows[int(m.group(1))] = rank_rows.get(int(m.group(1)), 0) + rows
             need = rows * row_bytes
             if not f.exists():
                 raise IndexFormatError(f"open: shard {f} listed in the header is missing")
@@ -1615,6 +1636,10 @@ class GradientIndex:
                     raise IndexFormatError(f"open: token count file {f} has {f.stat().st_size} bytes, the header "
                                            f"says {e} examples = {e * 8} bytes")
                 parts.append(np.fromfile(f, dtype="<i8", count=e))
+                r = int(_TOKENS_RE.match(f.name).group(1))
+                if int(parts[-1].sum()) != rank_rows.get(r, 0):  # each rank's tokens are its own rows
+                    raise IndexFormatError(f"open: token count file {f} counts {int(parts[-1].sum())} tokens but "
+                                           f"rank {r}'s shards hold {rank_rows.get(r, 0)} rows")
             counts = np.concatenate(parts) if parts else np.zeros(0, np.int64)
             self._set_offsets(counts, "open")
         else:
