@@ -768,6 +768,8 @@ class GradientCollector:
         if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(x.shape[:2]):
             raise ValueError(f"mask: expected shape {tuple(x.shape[:2])}, got "
                              f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("mask: expected 0/1 values or a bool tensor (as set_mask takes), got other values")
         keep = (mask != 0).to(x.device)
         return x[keep], keep.sum(1).to(torch.int64).cpu()
 
