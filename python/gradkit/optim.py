@@ -3,6 +3,7 @@ per entry by a mask (issue 7)."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
@@ -15,8 +16,13 @@ NamedParams = Union[Mapping[str, torch.Tensor], Iterable[Tuple[str, torch.Tensor
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def _real(v: Any) -> bool:
+    """A real scalar (Python or numpy: a schedule may write np.float32 rates), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def _nonneg(v: Any, what: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+    if not _real(v) or not math.isfinite(v) or v < 0:
         raise ValueError(f"{what}: expected a finite number >= 0, got {v!r}")
     return float(v)
 
@@ -27,7 +33,7 @@ def _check_hyper(masked_lr: Any, unmasked_lr: Any, betas: Any, eps: Any, weight_
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
     for i, b in enumerate(betas):
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
+        if not _real(b) or not 0.0 <= b < 1.0:
             raise ValueError(f"betas[{i}]: expected a number in [0, 1), got {b!r}")
     if not isinstance(maximize, bool):
         raise TypeError(f"maximize: expected a bool, got {type(maximize).__name__}")
@@ -171,8 +177,8 @@ class MaskedAdamW(torch.optim.Optimizer):
             raise ValueError("param_groups[0]['lr']: MaskedAdamW has no 'lr'; its rates are the group's "
                              "'masked_lr' and 'unmasked_lr' (schedule those keys instead)")
         # the group's hyper-parameters (a schedule may have edited them) before anything runs or changes
-        _check_hyper(group["masked_lr"], group["unmasked_lr"], group["betas"], group["eps"], group["weight_decay"],
-                     group["maximize"])
+        hp = _check_hyper(group["masked_lr"], group["unmasked_lr"], group["betas"], group["eps"],
+                          group["weight_decay"], group["maximize"])  # Python floats (a schedule may write numpy's)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -212,7 +218,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"masks[{name!r}]: {bits.numel()} bytes, but the parameter now has {p.numel()} "
                                  f"entries (its data was replaced after the optimizer was built)")
             todo.append((name, p, g))
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = hp["betas"]
         buckets: Dict[Tuple[torch.device, torch.dtype], Dict[str, list]] = {}
         writeback = []
         fresh = {}  # the state of first-stepped parameters, entered into self.state once the steps succeeded
@@ -235,10 +241,10 @@ class MaskedAdamW(torch.optim.Optimizer):
             b["bc1"].append(1 - beta1 ** step)  # torch.optim.AdamW's expressions, to the last bit
             b["bc2"].append((1 - beta2 ** step) ** 0.5)
         for b in buckets.values():
-            ops.masked_adamw_(b["p"], b["g"], b["m"], b["v"], b["bits"], masked_lr=group["masked_lr"],
-                              unmasked_lr=group["unmasked_lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                              weight_decay=group["weight_decay"], bias_correction1=b["bc1"],
-                              bias_correction2_sqrt=b["bc2"], maximize=group["maximize"])
+            ops.masked_adamw_(b["p"], b["g"], b["m"], b["v"], b["bits"], masked_lr=hp["masked_lr"],
+                              unmasked_lr=hp["unmasked_lr"], beta1=beta1, beta2=beta2, eps=hp["eps"],
+                              weight_decay=hp["weight_decay"], bias_correction1=b["bc1"],
+                              bias_correction2_sqrt=b["bc2"], maximize=hp["maximize"])
         for p, work in writeback:
             p.copy_(work)
         for p, st in fresh.items():
@@ -285,9 +291,14 @@ class MaskedAdamW(torch.optim.Optimizer):
             if idx not in saved["params"]:
                 raise ValueError(f"state_dict: state for parameter id {idx!r}, which is not in its param_groups")
             name = names[saved["params"].index(idx)]
+            if not isinstance(st, Mapping):
+                raise ValueError(f"state_dict: state of {name!r} is not a dict")
+            if not st:
+                continue  # an empty entry: opt.state[p] read before p's first step (a defaultdict); step() skips it
             step = st.get("step")
-            if not isinstance(step, torch.Tensor) or step.numel() != 1 or not math.isfinite(float(step)) \
-                    or float(step) < 0:
+            # bool / complex: step() refuses them (the count could not be advanced), so loading refuses them too
+            if not isinstance(step, torch.Tensor) or step.numel() != 1 or step.dtype == torch.bool \
+                    or step.is_complex() or not math.isfinite(float(step)) or float(step) < 0:
                 raise ValueError(f"state_dict: state['step'] of {name!r} is not a one-element tensor >= 0")
             for key in ("exp_avg", "exp_avg_sq"):
                 t = st.get(key)
@@ -305,7 +316,8 @@ class MaskedAdamW(torch.optim.Optimizer):
         super().load_state_dict({"state": state_dict["state"], "param_groups": groups})
         for st in self.state.values():
             for key in ("exp_avg", "exp_avg_sq"):
-                st[key] = st[key].contiguous()
+                if key in st:  # not in an empty entry
+                    st[key] = st[key].contiguous()
         self._bits = bits
 
     def __getstate__(self) -> Dict[str, Any]:
