@@ -86,6 +86,13 @@ all modules, as bergson's) and reverse search. Intentional differences:
   tensors in place.
 * ``k`` larger than the index is refused (``k: ...``); bergson returns every row instead.
   Ties go to the lowest row (``torch.topk``'s tie order is unspecified).
+* ``modules=`` naming a module the index lacks, an empty selection, or a query dict with extra
+  keys are refused by name; bergson drops unknown names, reads an empty set as "all modules" and
+  ignores extra query keys.
+* A row holding NaN / Inf under ``unit_norm``: bergson zeroes the whole row (score 0, ranked among
+  the others); gradkit scores it NaN and ranks it last (reported as -inf, +inf with ``reverse``).
+* A precondition matrix that is not positive semi-definite: bergson clamps negative eigenvalues to 0
+  before damping; gradkit adds the damping to the eigenvalues as they are and refuses a result <= 0.
 * ``projection=`` on a bergson index: a dict with ``projection_dim`` or a bergson
   ``GradientProcessor`` is compared as bergson compares processors (its projection settings only,
   with bergson's defaults for those an older ``processor_config.yaml`` leaves out; nothing else
@@ -2367,6 +2374,15 @@ class GradientIndex:
         i = torch.where(i >= 0, i + base, i)
         if not largest:
             s = -s
+        bad = (i < 0).any(dim=1)
+        if bool(bad.any()):
+            # faiss's heap starts at -inf and takes only scores above it: a row scoring -inf or NaN (+inf / NaN
+            # reversed) is never taken, and its slot comes back -1 although the block holds kb rows. Those
+            # queries' block results are redone by the torch kernel, which ranks such rows last (NaN as -inf /
+            # +inf) with ties on the lowest row, as the torch backend does.
+            rs, ri = ops.score_topk(qw[bad.to(qw.device)].to(torch.float32), kv, kb, largest=largest,
+                                    key_scale=scale, base=base)
+            s[bad], i[bad] = rs.cpu(), ri.cpu()
         if run_s is not None:
             s = torch.cat([run_s.cpu(), s], dim=1)
             i = torch.cat([run_i.cpu(), i], dim=1)
