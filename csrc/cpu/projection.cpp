@@ -525,7 +525,12 @@ at::Tensor project_flat_gemm(const at::Tensor& x_in, int64_t k, int64_t seed, in
   at::parallel_for(0, ngroups, 1, [&](int64_t gb, int64_t ge) {
     std::vector<float> rt(static_cast<size_t>(kKT * kDT));
     at::Tensor xbuf;
-    if (!direct) xbuf = at::empty({B, kDT}, at::TensorOptions().dtype(at::kFloat));
+    // float32 copies of x's tiles where x cannot be read in place; no wider than x (project() cuts a tall x
+    // into narrow column chunks, and a B x 1024 buffer per group would dwarf them), rounded up to 16 floats so that
+    // every row starts 64-byte aligned: the BLAS product's rounding depends on a row's alignment, and equal rows
+    // (an expand()ed x) must give equal outputs
+    const int64_t xw = std::min(kDT, (D + 15) / 16 * 16);
+    if (!direct) xbuf = at::empty({B, xw}, at::TensorOptions().dtype(at::kFloat));
     for (int64_t g = gb; g < ge; ++g) {
       const int64_t kg = g / dsplit, ds = g % dsplit;
       const int64_t kt0 = kg * nk / kgroups, kt1 = (kg + 1) * nk / kgroups;
@@ -542,7 +547,7 @@ at::Tensor project_flat_gemm(const at::Tensor& x_in, int64_t k, int64_t seed, in
           at::Tensor xv = xbuf.narrow(1, 0, dn);
           xv.copy_(x.narrow(1, d0, dn));
           xp = xbuf.data_ptr<float>();
-          ldx = kDT;
+          ldx = xw;
         }
         for (int64_t kt = kt0; kt < kt1; ++kt) {
           const int64_t r0 = kt * kKT, rn = std::min(kKT, k - r0);

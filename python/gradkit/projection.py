@@ -137,6 +137,23 @@ def _as_tensor(chunk, what: str) -> torch.Tensor:
     return t
 
 
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _project_f64_chunk(t: torch.Tensor, k: int, seed: int, kd: int, c0: int) -> torch.Tensor:
+    """One float64 column chunk's partial projection, in float64. A chunk's float32 partial could be +-inf where the
+    whole row's projection is finite (+v in one chunk, -v in the next, past float32's range: inf - inf = NaN), or
+    lose tiny values to subnormals: each row is divided by the power of two csrc/project_wide.h would use (1 for rows
+    within range, NaN / Inf rows and zero rows), projected, and multiplied back in float64. No data-dependent branch
+    (torch.compile traces it as is)."""
+    lo, hi = torch.aminmax(t.detach(), dim=1)
+    amax = torch.maximum(-lo, hi)
+    need = torch.isfinite(amax) & ((amax > _F32_MAX) | ((amax < 2.0 ** -100) & (amax > 0)))
+    ex = torch.frexp(amax)[1].to(torch.float64)
+    up = torch.pow(2.0, torch.where(need, ex - 64.0, torch.zeros_like(ex)))[:, None]
+    return ops.project_flat(t / up, k, seed, kd, c0).to(torch.float64) * up
+
+
 def project(x: Union[torch.Tensor, "object", Callable[[], Iterable], Iterable], k: int, seed: int = 0,
             kind: str = "rademacher", chunk: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Flat projection ``x @ R^T``: (B, D) -> (B, k) fp32, ``R = projection_matrix(k, D, seed, kind)``.
@@ -218,8 +235,16 @@ def project(x: Union[torch.Tensor, "object", Callable[[], Iterable], Iterable], 
             raise ValueError(f"x chunk at column {c0}: {t.shape[0]} rows, expected {acc.shape[0]}")
         if acc is None and known_rows is None:  # a stream: out is checked on its first chunk, before projecting
             check_out(t.shape[0], t.device)
-        part = ops.project_flat(t, k, seed, kd, c0)
-        acc = part if acc is None else acc.add_(part)
+        part = _project_f64_chunk(t, k, seed, kd, c0) if t.dtype == torch.float64 else \
+            ops.project_flat(t, k, seed, kd, c0)
+        if acc is None:
+            acc = part
+        elif part.dtype == torch.float64 and acc.dtype != torch.float64:
+            acc = acc.double().add_(part)
+        else:
+            acc = acc.add_(part)
+    if acc is not None and acc.dtype == torch.float64:
+        acc = acc.float()  # float64 chunks' partials are summed in float64 and rounded once
     if acc is None:
         if out is not None:
             return out.zero_()

@@ -14,10 +14,12 @@ NaN / Inf in x propagate to the outputs they touch (no check: it would cost a pa
 near float32's limit: a sum past its range is +-inf; the Triton Rademacher kernel sums the +-1 products
 and applies 1/sqrt(k) once at the end, so it reaches inf sooner (at sqrt(k) times smaller sums) than
 the reference and the CPU kernel. (The CPU sign-table path sums the same way, and projects rows whose outputs
-are not finite again through its GEMM path, which multiplies by the scaled entries: on CPU a row's outputs do
-not depend on its batch.) float64 x: rows holding finite values past float32's range are divided by a power of
-two before the kernels convert them to float32 and their outputs multiplied back (csrc/project_wide.h), so +v
-and -v cancel instead of meeting as inf - inf = NaN; other rows are untouched.
+are not finite again through its GEMM path, which multiplies by the scaled entries: on CPU whether a row's
+outputs overflow does not depend on its batch; their float32 rounding may, by a few ulps, since the path taken
+and the blocking depend on B.) float64 x: rows holding finite values past float32's range, or whose largest
+entry is nonzero and under 2^-100, are divided by a power of two before the kernels convert them to float32 and
+their outputs multiplied back (csrc/project_wide.h), so +v and -v cancel instead of meeting as inf - inf = NaN,
+and tiny values are not flushed to zero; other rows are untouched.
 """
 from __future__ import annotations
 

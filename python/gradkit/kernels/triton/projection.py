@@ -242,14 +242,16 @@ _F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _wide_rows(x: torch.Tensor, k: int, seed: int, kind: int, col0: int):
-    """csrc/project_wide.h's rule for this launcher: float64 rows holding finite values past float32's range are
-    divided by a power of two (exact) that brings their largest entry under 2**64, projected, and their outputs
-    multiplied back in float64 (the kernel converts x to float32, which would make such values +-inf and +v, -v
-    meet as inf - inf = NaN). None when x is not float64 or no row needs it."""
+    """csrc/project_wide.h's rule for this launcher: float64 rows holding finite values past float32's range, or
+    whose largest entry is nonzero and under 2**-100, are divided by a power of two (exact) that brings their largest
+    entry to [2**63, 2**64), projected, and their outputs multiplied back in float64 (the kernel converts x to
+    float32, which would make such values +-inf, so that +v, -v meet as inf - inf = NaN, or flush tiny ones to
+    subnormals / 0). None when x is not float64 or no row needs it. One min / max reduction (no |x| copy)."""
     if x.dtype != torch.float64 or x.numel() == 0:
         return None
-    amax = x.abs().amax(dim=1)
-    wide = (amax > _F32_MAX) & torch.isfinite(amax)
+    lo, hi = torch.aminmax(x, dim=1)
+    amax = torch.maximum(-lo, hi)
+    wide = ((amax > _F32_MAX) | ((amax < 2.0 ** -100) & (amax > 0))) & torch.isfinite(amax)
     if not bool(wide.any()):
         return None
     ex = torch.frexp(amax)[1].to(torch.float64)
