@@ -113,6 +113,21 @@ def _module_kind(module: nn.Module) -> Optional[str]:
     return None
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel (``.module``) and ``torch.compile``'s wrapper
+    (``._orig_mod``), however nested: module names (which key the projection seeds and the index columns), name
+    patterns and ``config`` are the wrapped model's, so that rows collected under DDP on every rank can be queried
+    from one process with the bare model. Hooks go on the same module objects either way."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+    return model
+
+
 def _unhookable(model: nn.Module) -> Dict[str, str]:
     """Names of Linear modules whose forward never runs, -> why: ``nn.MultiheadAttention`` passes its
     ``out_proj.weight`` / ``.bias`` to the functional attention and never calls ``out_proj``, so no hook
@@ -198,7 +213,10 @@ class GradientCollector:
     """Hooks Linear / Conv1D modules and returns projected per-example gradients per batch.
 
     Args:
-        model: the ``nn.Module`` to hook (left unchanged apart from the hooks while attached).
+        model: the ``nn.Module`` to hook (left unchanged apart from the hooks while attached). A
+            ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` wrapper is looked through:
+            module names (hence seeds, index columns and ``modules`` patterns) are the wrapped model's,
+            so rows collected under DDP match those of the bare model in one process.
         modules: which modules to hook. ``None``: every ``nn.Linear`` and Hugging Face
             ``transformers.pytorch_utils.Conv1D``. A string or a list of :mod:`fnmatch` name
             patterns (``"transformer.h.*.mlp.*"``, ``"lm_head"``): the Linear/Conv1D modules whose
@@ -252,7 +270,8 @@ class GradientCollector:
             raise ValueError(f"memory_budget: expected a positive int (bytes), got {memory_budget!r}")
         p, seed, memory_budget, kind = int(p), int(seed), int(memory_budget), kind.lower()
         self.memory_budget = memory_budget
-        self.model = model
+        self.model = model  # what loss_fn is given, and whose forward hook sees a failed forward
+        self._base = _unwrap(model)  # names, patterns and config: the model inside a DDP / compile wrapper
         self.p = p
         self.seed = seed
         self.kind = kind
@@ -260,7 +279,7 @@ class GradientCollector:
         self.per_token = _projection()._flag(per_token, "per_token")
         self.dtype = dtype
 
-        selected = self._select(model, modules)
+        selected = self._select(self._base, modules)
         self.module_shapes: "OrderedDict[str, Tuple[int, int]]" = OrderedDict()
         self._bias_of: Dict[str, bool] = {}
         self._modules: "OrderedDict[str, nn.Module]" = OrderedDict()
@@ -308,7 +327,7 @@ class GradientCollector:
         for i in range(len(parts), -1, -1):
             anc = ".".join(parts[:i])
             try:
-                m = self.model.get_submodule(anc)
+                m = self._base.get_submodule(anc)
             except AttributeError:  # pragma: no cover - names come from named_modules
                 continue
             if getattr(m, "_compiled_call_impl", None) is not None:
@@ -790,7 +809,7 @@ class GradientCollector:
         try:
             for batch in batches:
                 mask = batch.get(mask_key) if (mask_key and isinstance(batch, Mapping)) else None
-                if mask is not None and getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+                if mask is not None and getattr(getattr(self._base, "config", None), "is_encoder_decoder", False):
                     raise ValueError(f"per_example_grads: the model is an encoder-decoder, and batch[{mask_key!r}] is "
                                      "its encoder's padding mask: applied to the decoder's modules it would mark "
                                      "other positions. Pass mask_key=None (padded positions get no gradient when "
