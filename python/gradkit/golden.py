@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -47,7 +48,8 @@ __all__ = ["percent_to_k", "topk_mask", "Bitmask", "MaskSet", "GoldenResult", "g
 
 
 def _check_percent(percent) -> float:
-    if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 < percent <= 100 \
+    # numbers.Real: numpy's float32 / int64 scalars too (np.float64 alone subclasses float); numpy's bool_ is no Real
+    if isinstance(percent, bool) or not isinstance(percent, numbers.Real) or not 0 < percent <= 100 \
             or math.isnan(percent):
         raise ValueError(f"percent: expected a number in (0, 100], got {percent!r}")
     return float(percent)
@@ -134,7 +136,8 @@ class Bitmask:
         keep = c.values() != 0
         ind = c.indices()[:, keep]
         flat = torch.zeros(c.shape, dtype=torch.bool, device=c.device)
-        flat[tuple(ind)] = True
+        if ind.shape[1]:  # a 0-dim mask's indices are (0, nnz): flat[()] = True would set it with nothing stored
+            flat[tuple(ind)] = True
         return cls.from_bool(flat)
 
     @classmethod
@@ -165,7 +168,7 @@ class Bitmask:
     def to_coo(self) -> torch.Tensor:
         """A torch sparse COO bool tensor (what GoldenParams stores; ~17 bytes per set entry)."""
         idx = self.to_indices()
-        coords = torch.stack(torch.unravel_index(idx, self.shape)) if self.shape else idx.reshape(0, -1)
+        coords = torch.stack(torch.unravel_index(idx, self.shape)) if self.shape else idx.new_zeros((0, idx.numel()))
         return torch.sparse_coo_tensor(coords, torch.ones(idx.numel(), dtype=torch.bool, device=idx.device),
                                        self.shape, is_coalesced=True, check_invariants=False)
 
@@ -221,7 +224,8 @@ class Bitmask:
 
 
 def _same_keys(a: "MaskSet", b: "MaskSet") -> None:
-    if list(a) != list(b):
+    """The same names (in any order: masks pair by name) and, name by name, the same shapes."""
+    if set(a) != set(b):
         raise ValueError(f"other: mask names differ ({sorted(set(a) ^ set(b))[:5]} ...)")
     for n in a:
         if a[n].shape != b[n].shape:
@@ -252,7 +256,7 @@ class MaskSet(Mapping[str, Bitmask]):
     def _bin(self, other: "MaskSet", op: str) -> "MaskSet":
         other = other if isinstance(other, MaskSet) else MaskSet(other)
         _same_keys(self, other)
-        out = ops.bitmask_binary(self._lists(), other._lists(), op)
+        out = ops.bitmask_binary(self._lists(), [other[n].bits for n in self._m], op)  # paired by name
         return MaskSet({n: Bitmask(b, self._m[n].shape) for n, b in zip(self._m, out)})
 
     def __and__(self, o) -> "MaskSet":
@@ -346,6 +350,10 @@ def load_goldenparams(path: str, key: Optional[str] = None) -> MaskSet:
             masks = data[k]
             if not isinstance(masks, Mapping):
                 raise ValueError(f"path: {path!r}[{k!r}] is not a dict of name -> mask")
+            for n, m in masks.items():
+                if not isinstance(m, torch.Tensor):
+                    raise TypeError(f"{k}[{n!r}]: expected a mask tensor (dense or sparse COO) in {path!r}, got "
+                                    f"{type(m).__name__}")
             return MaskSet({n: Bitmask.coerce(m if m.dtype == torch.bool or m.layout == torch.sparse_coo
                                               else m.bool(), what=f"{k}[{n!r}]") for n, m in masks.items()})
     raise ValueError(f"path: {path!r} has none of the keys {keys} (found {sorted(data)[:8]})")

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import itertools
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -47,7 +48,7 @@ def _golden():
 
 
 def _check_percent(value: object, arg: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 100:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 100:  # numpy scalars too
         raise ValueError(f"{arg}: expected a number in (0, 100], got {value!r}")
     return float(value)
 
@@ -168,7 +169,8 @@ def kl_divergence(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, mask: Opti
 
 # ----------------------------------------------------------------------------- layer filter
 
-DEFAULT_LAYER_PATTERN = r"(?:^|\.)(h|layers|blocks|layer)\.(\d+)\."
+# the first (leftmost) match names the block: T5's "encoder.block.3.layer.1..." is block 3 (its sub-layer 1 is no block)
+DEFAULT_LAYER_PATTERN = r"(?:^|\.)(h|layers|blocks|block|layer)\.(\d+)\."
 
 
 def layer_filter(names: Iterable[str], last_percent: float,
@@ -176,7 +178,8 @@ def layer_filter(names: Iterable[str], last_percent: float,
     """The names (input order) that belong to the last ``last_percent``% of transformer blocks.
 
     A name's block index is the regex's group ``idx`` if it has one, else its last group
-    (``transformer.h.3.attn...`` -> 3). ``percent_to_k(n_blocks, last_percent)`` blocks with the
+    of its first match (``transformer.h.3.attn...`` -> 3, T5's ``encoder.block.3.layer.1...`` -> 3).
+    ``percent_to_k(n_blocks, last_percent)`` blocks with the
     highest indices are kept (at least one). Names the pattern does not match (embeddings,
     final norm, head) are excluded. Blocks are identified by index alone: an encoder and a decoder
     stack with the same indices are treated as one stack.
