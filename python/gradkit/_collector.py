@@ -80,6 +80,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 import torch
 from torch import Tensor, nn
 
+from gradkit._unwrap import unwrap_model
+
 __all__ = ["GradientCollector", "COLLECTOR_VERSION"]
 
 COLLECTOR_VERSION = 1
@@ -111,21 +113,6 @@ def _module_kind(module: nn.Module) -> Optional[str]:
     if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers."):
         return "conv1d"
     return None
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel / DataParallel (``.module``) and ``torch.compile``'s wrapper
-    (``._orig_mod``), however nested: module names (which key the projection seeds and the index columns), name
-    patterns and ``config`` are the wrapped model's, so that rows collected under DDP on every rank can be queried
-    from one process with the bare model. Hooks go on the same module objects either way."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-    return model
 
 
 def _unhookable(model: nn.Module) -> Dict[str, str]:
@@ -271,7 +258,7 @@ class GradientCollector:
         p, seed, memory_budget, kind = int(p), int(seed), int(memory_budget), kind.lower()
         self.memory_budget = memory_budget
         self.model = model  # what loss_fn is given, and whose forward hook sees a failed forward
-        self._base = _unwrap(model)  # names, patterns and config: the model inside a DDP / compile wrapper
+        self._base = unwrap_model(model)  # names, patterns and config: the model inside a DDP / compile wrapper
         self.p = p
         self.seed = seed
         self.kind = kind

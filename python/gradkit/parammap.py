@@ -29,6 +29,7 @@ import torch
 
 from gradkit import ops
 from gradkit._io import write_dir_atomic, write_safetensors
+from gradkit._unwrap import unwrap_model
 
 REPRS = ("all", "mask", "bitmask", "indices")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # what the kernels take
@@ -90,6 +91,9 @@ def _make_entry(name: str, spec: Mapping[str, Any]) -> _Entry:
         raise ValueError(f"{where}: missing 'shape'")
     shape = _check_shape(where, spec["shape"])
     numel = _numel(shape)
+    if "repr" not in spec and any(key in spec for key in REPRS if key != "all"):
+        raise ValueError(f"{where}: holds a {[key for key in REPRS if key in spec][0]!r} selection but no 'repr' "
+                         "(without one the entry would select every element); add e.g. 'repr': 'mask'")
     r = spec.get("repr", "all")
     if r not in REPRS:
         raise ValueError(f"{where}['repr']: expected one of {REPRS}, got {r!r}")
@@ -458,7 +462,9 @@ class ParamMap:
                         p.grad = torch.zeros_like(p)
                 dst = [params[self._entries[i].name].grad for i in active]
             else:
-                dst = [params[self._entries[i].name].data for i in active]
+                # detach(), not .data: it shares the parameter's version counter, so a pending backward that saved
+                # the parameter raises (as after torch's own no_grad p.add_) instead of using the new values
+                dst = [params[self._entries[i].name].detach() for i in active]
         elif isinstance(out, Mapping):
             missing = [self._entries[i].name for i in active if self._entries[i].name not in out]
             if missing:
@@ -892,6 +898,6 @@ def _internal_overlap(t: torch.Tensor) -> bool:
 
 
 def _named_parameters(model: torch.nn.Module):
-    """named_parameters of the model, unwrapping DDP/DataParallel-style ``.module``."""
-    base = model.module if isinstance(getattr(model, "module", None), torch.nn.Module) else model
-    return base.named_parameters()
+    """named_parameters of the model inside DDP / DataParallel / torch.compile wrappers (their ``module.`` /
+    ``_orig_mod.`` prefixes dropped); a model that merely has a child named ``module`` keeps all its names."""
+    return unwrap_model(model).named_parameters()

@@ -41,13 +41,26 @@ from gradkit.parammap import ParamMap
 __all__ = ["accelerate", "param_map_of"]
 
 
+def _bool_masks(param_map):
+    """gradiend reads a ``"mask"`` entry with ``.bool()`` and saves masks as uint8: integer 0/1 masks become bool
+    here (ParamMap itself takes bool masks only); other values are left for ParamMap to refuse by name."""
+    out = {}
+    for name, spec in param_map.items():
+        m = spec.get("mask") if isinstance(spec, dict) and spec.get("repr") == "mask" else None
+        if isinstance(m, torch.Tensor) and m.dtype != torch.bool and not m.dtype.is_floating_point \
+                and not m.dtype.is_complex and bool(((m == 0) | (m == 1)).all()):
+            spec = {**spec, "mask": m != 0}
+        out[name] = spec
+    return out
+
+
 def param_map_of(model) -> ParamMap:
     """The gradkit ParamMap of ``model.param_map``, built once per mapping version."""
     key = (id(model.param_map), getattr(model, "_param_map_version", 0), int(model.input_dim))
     cached = getattr(model, "_gradkit_param_map", None)
     if cached is not None and cached[0] == key:
         return cached[1]
-    pm = ParamMap(model.param_map)
+    pm = ParamMap(_bool_masks(model.param_map))
     if pm.input_dim != int(model.input_dim):
         raise ValueError(f"model.param_map selects {pm.input_dim} entries but model.input_dim={model.input_dim}")
     model._gradkit_param_map = (key, pm)
