@@ -17,7 +17,7 @@ from gradkit.obs import baselines
 from gradkit.obs.driver import CheckpointError, collect_hessians, prune_model
 from gradkit.scope import BlockSpec, ScopeSpec
 from gradkit.testing import random_batches, tiny_gpt
-from test_audit_obs import _Three  # h.2 only sees zeros: H = 0, not positive definite
+from test_audit_obs import _Three  # h.2 sees one feature 8 times: H of rank 1, not positive definite at damp=0
 import test_obs_driver as _od
 from test_obs_driver import _one_thread  # noqa: F401 - autouse: one thread, as there
 from torch import nn
@@ -250,7 +250,7 @@ def test_failure_note_reports_what_the_model_and_checkpoint_hold(tmp_path):
     net = _Three()
     ck = str(tmp_path / "ck")
     with pytest.raises(ValueError, match="^hessian: ") as ei:
-        prune_model(net, [torch.randn(16, 8)], "2:4", method="true_obs", progress=False, checkpoint_dir=ck)
+        prune_model(net, [torch.randn(16, 8)], "2:4", method="true_obs", damp=0.0, progress=False, checkpoint_dir=ck)
     note = [n for n in ei.value.__notes__ if n.startswith("prune_model:")]
     assert len(note) == 1
     assert "the model holds the 2 pruned layer(s) of the groups finished before it ('h.0' ... 'h.1')" in note[0]

@@ -21,6 +21,7 @@ import fnmatch
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -410,20 +411,41 @@ def _check_pattern(pattern, nnz):
     raise ValueError(f"pattern: expected 'N:M' (e.g. '2:4'), 'unstructured:<sparsity>' or a callable, got {pattern!r}")
 
 
-def _check_pattern_fits(pattern, layers: Sequence[Tuple[str, nn.Linear]]) -> None:
-    """An ``"N:M"`` pattern needs every selected layer's input features to be a multiple of M:
-    checked for all layers before any work, so a misfit layer late in the model cannot stop a run
-    after earlier groups were already pruned into the model."""
+def _check_pattern_fits(pattern, layers: Sequence[Tuple[str, nn.Linear]], method: Optional[str] = None,
+                        kw: Optional[Dict[str, Any]] = None) -> None:
+    """What a string pattern and the method need of every selected layer, checked for all layers before any work,
+    so a misfit layer late in the model cannot stop a run after earlier groups were already pruned into the model:
+    an ``"N:M"`` pattern needs the input features to be a multiple of M, and the methods that enumerate prune
+    subsets per scope (``obs_local`` / ``obs_full``, ``true_obs`` with ``scoring="joint"``) need at most
+    ``MAX_SUBSETS`` of them (``"unstructured:s"`` on a row of K inputs: C(K, floor(s K)))."""
     if not isinstance(pattern, str):
         return
     m = _NM.match(pattern)
-    if not m:
+    if m:
+        mm = int(m.group(2))
+        for name, mod in layers:
+            k = _in_features(mod)
+            if k % mm:
+                raise ValueError(f"pattern: {pattern!r}: layer {name!r} has {k} input features, not a multiple of "
+                                 f"{mm}")
+    joint = method in ("obs_local", "obs_full") or (method == "true_obs" and (kw or {}).get("scoring") == "joint")
+    if not joint:
         return
-    mm = int(m.group(2))
+    from gradkit.obs.structured import MAX_SUBSETS
     for name, mod in layers:
         k = _in_features(mod)
-        if k % mm:
-            raise ValueError(f"pattern: {pattern!r}: layer {name!r} has {k} input features, not a multiple of {mm}")
+        if m:
+            gs, keep = int(m.group(2)), int(m.group(1))
+        else:  # unstructured: one scope per row of k single-entry blocks (_scope_for's rule, on a 1 x k stand-in)
+            gs = k
+            keep = ScopeSpec(BlockSpec(torch.empty(1, k), (1, 1)), (1, -1)).sparsity_to_nnz(
+                float(_UNSTR.match(pattern).group(1)))
+        n_sub = math.comb(gs, gs - keep) if 0 < gs - keep else 1
+        if n_sub > MAX_SUBSETS:
+            raise ValueError(f"pattern: {pattern!r} with method={method!r}: layer {name!r} would need {n_sub} prune "
+                             f"subsets per scope (C({gs}, {gs - keep})), more than MAX_SUBSETS={MAX_SUBSETS}; use "
+                             "method='true_obs' (scoring='independent') or 'sparsegpt', or a pattern with smaller "
+                             "scopes")
 
 
 def _check_int(v, what: str) -> int:
@@ -880,6 +902,50 @@ def _execution_order(model, layers, batch) -> List[Tuple[str, nn.Linear]]:
     return [(n, by[n]) for n in order]
 
 
+def _agreed_order(layers, ordered) -> List[Tuple[str, nn.Linear]]:
+    """Under torch.distributed, one execution order on every rank: each rank saw the layers its own first batch
+    ran (a data-dependent model, e.g. mixture-of-experts routing, may skip some on one rank), and every later
+    collective (the Hessians' all_reduce, one per layer of a group) goes in group order, so ranks that disagreed
+    would pair different layers' sums and then fall out of step. One all_gather of each layer's position (-1: did
+    not run); the order is rank 0's, then the layers that ran only on other ranks (rank by rank, in their order)."""
+    dist = _dist()
+    if dist is None:
+        return ordered
+    names = [n for n, _ in layers]
+    pos = {n: i for i, (n, _) in enumerate(ordered)}
+    mine = torch.tensor([pos.get(n, -1) for n in names], dtype=torch.int64, device=_dist_device(dist))
+    got = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(got, mine)
+    by, out, seen = dict(layers), [], set()
+    for g in got:
+        g = g.cpu().tolist()
+        for i in sorted((i for i in range(len(names)) if g[i] >= 0), key=lambda i: g[i]):
+            if names[i] not in seen:
+                seen.add(names[i])
+                out.append((names[i], by[names[i]]))
+    return out
+
+
+def _agree_batches(err: Optional[BaseException]) -> None:
+    """Under torch.distributed, every rank learns whether every rank has calibration batches (one all_gather)
+    before any Hessian collective: a rank with an empty shard raising alone would leave the others waiting in
+    their first all_reduce until the process group timed out."""
+    dist = _dist()
+    if dist is None:
+        if err is not None:
+            raise err
+        return
+    flag = torch.tensor([0 if err is None else 1], dtype=torch.int64, device=_dist_device(dist))
+    got = [torch.empty_like(flag) for _ in range(dist.get_world_size())]
+    dist.all_gather(got, flag)
+    failed = [r for r, g in enumerate(got) if int(g)]
+    if err is not None:
+        raise err
+    if failed:
+        raise ValueError(f"batches: rank(s) {failed} of {dist.get_world_size()} have no usable calibration batches "
+                         "(see their errors); every rank needs at least one")
+
+
 @torch.no_grad()
 def prune_model(model: nn.Module, batches: Iterable, pattern: Union[str, Callable] = "2:4", nnz: Optional[int] = None,
                 method: str = "sparsegpt", damp: float = 0.01, modules=None, sequential: bool = True,
@@ -972,8 +1038,13 @@ def prune_model(model: nn.Module, batches: Iterable, pattern: Union[str, Callabl
     layers = _select_modules(model, modules)
     _check_untied(layers)
     _check_not_tied_elsewhere(model, layers)
-    _check_pattern_fits(pattern, layers)
-    data = _batches(batches)
+    _check_pattern_fits(pattern, layers, method, kw)
+    data_err = None
+    try:
+        data = _batches(batches)
+    except (TypeError, ValueError) as err:  # raised on every rank together under torch.distributed
+        data, data_err = None, err
+    _agree_batches(data_err)
     t_start = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -986,7 +1057,7 @@ def prune_model(model: nn.Module, batches: Iterable, pattern: Union[str, Callabl
 
 def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, checkpoint_dir, resume, progress, kw,
                  groups, callback, early_stop, device, t_start) -> PruneReport:
-    ordered = _execution_order(model, layers, data[0])
+    ordered = _agreed_order(layers, _execution_order(model, layers, data[0]))
     never = [n for n, _ in layers if n not in {m for m, _ in ordered}]
     if not ordered:
         raise ValueError("modules: none of the selected layers ran during a forward pass of the first batch")

@@ -10,8 +10,10 @@ Conventions shared by every OBS routine in gradkit:
 * Damping (``damp``): ``lam = damp * mean(diag(H))`` when ``damp < 1`` (relative, SparseKit's
   ``compute_inverse`` rule), ``lam = damp`` when ``damp >= 1`` (absolute); ``H + lam I`` is used.
   Columns with ``H[j, j] == 0`` (an input that is always zero) are decoupled first: their row and
-  column are zero already and their diagonal is set to 1, as SparseGPT does, so a dead input never
-  makes ``H`` singular.
+  column are zero already and their diagonal is set to the mean of the live diagonal entries (1 when
+  every entry is dead), so a dead input never makes ``H`` singular and results stay invariant to the
+  scale of ``H`` (SparseGPT sets 1, which made the mask depend on that scale: a dead input's weights
+  cost ``w^2 (1 + lam)`` to prune against the live ones' ``w^2 H_jj``-sized costs).
 """
 from __future__ import annotations
 
@@ -100,9 +102,16 @@ def damped_hessian(hessian: Tensor, damp: float, dtype: torch.dtype = torch.floa
     lam = d * float(diag.double().mean()) if (d < 1.0 and diag.numel()) else d
     dead = diag == 0
     if bool(dead.any()):
-        diag[dead] = 1.0
+        diag[dead] = dead_diagonal(diag, dead)
     diag.add_(lam)
     return hd, lam
+
+
+def dead_diagonal(diag: Tensor, dead: Tensor) -> float:
+    """The value a dead input's diagonal entry takes (see the module docstring): the mean of the live entries, or 1
+    when there are none."""
+    live = diag[~dead]
+    return float(live.double().mean()) if live.numel() else 1.0
 
 
 class _threads:

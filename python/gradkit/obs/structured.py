@@ -33,6 +33,7 @@ from torch import Tensor
 from gradkit import ops
 from gradkit._rules import all_finite
 from gradkit.obs.layout import ObsLayout, obs_layout
+from gradkit.obs.metrics import dead_diagonal
 from gradkit.obs.metrics import _check_symmetric, cast_finite
 
 __all__ = ["StructuredOBS", "compute_inverse", "MAX_SUBSETS"]
@@ -80,12 +81,16 @@ def compute_inverse(hessian: Tensor, damp: float = 1e-4) -> Tensor:
     """``(H + d I)^-1`` with ``d = damp * mean(diag(H))`` for ``damp < 1``, else ``d = damp``.
 
     Cholesky (never an LU inverse: batched/large ``linalg.inv`` is unreliable on some oneMKL
-    builds) in the Hessian's precision (float64 for float64, else float32, as the peer's inverse). Raises when
-    the damped matrix is not positive definite."""
+    builds) in the Hessian's precision (float64 for float64, else float32, as the peer's inverse). Dead inputs
+    (``H[j, j] == 0``) are decoupled first, as every gradkit OBS routine does (``gradkit.obs.metrics``), so
+    ``damp=0`` works on a layer fed by a dead unit. Raises when the damped matrix is not positive definite."""
     _check_matrix(hessian, None, "hessian")
     d = _damp_value(hessian, damp)
     dt = torch.float64 if hessian.dtype == torch.float64 else torch.float32
     h = hessian.to(dt, copy=True)
+    dead = h.diagonal() == 0  # an input that is always zero: decoupled as in gradkit.obs.metrics.damped_hessian
+    if bool(dead.any()):
+        h.diagonal()[dead] = dead_diagonal(h.diagonal(), dead)
     h.diagonal().add_(d)
     L, info = torch.linalg.cholesky_ex(h)  # reads the lower triangle only
     if int(info) != 0:
