@@ -95,8 +95,13 @@ inline bool check_args(at::TensorList params, at::TensorList grads, at::TensorLi
                        at::TensorList exp_avg_sqs, const c10::List<std::optional<at::Tensor>>& bits,
                        double masked_lr, double unmasked_lr, double beta1, double beta2, double eps,
                        double weight_decay, at::ArrayRef<double> bias_correction1,
-                       at::ArrayRef<double> bias_correction2_sqrt) {
+                       at::ArrayRef<double> bias_correction2_sqrt,
+                       const std::optional<at::TensorList>& max_exp_avg_sqs = std::nullopt) {
   const size_t n = params.size();
+  if (max_exp_avg_sqs.has_value()) {  // AMSGrad's running maxima: one per parameter, as exp_avg_sqs
+    TORCH_CHECK_VALUE(max_exp_avg_sqs->size() == n, "max_exp_avg_sqs: expected a list of ", n,
+                      " entries (one per parameter)");
+  }
   const std::pair<const char*, size_t> sizes[] = {
       {"grads", grads.size()}, {"exp_avgs", exp_avgs.size()}, {"exp_avg_sqs", exp_avg_sqs.size()},
       {"bits", bits.size()}, {"bias_correction1", bias_correction1.size()},
@@ -114,6 +119,7 @@ inline bool check_args(at::TensorList params, at::TensorList grads, at::TensorLi
   check_list(grads, p0, "grads");
   check_list(exp_avgs, p0, "exp_avgs");
   check_list(exp_avg_sqs, p0, "exp_avg_sqs");
+  if (max_exp_avg_sqs.has_value()) check_list(*max_exp_avg_sqs, p0, "max_exp_avg_sqs");
   for (const auto i : c10::irange(n)) {
     const int64_t numel = params[i].numel();
     const std::pair<const char*, const at::Tensor*> state[] = {
@@ -121,6 +127,11 @@ inline bool check_args(at::TensorList params, at::TensorList grads, at::TensorLi
     for (const auto& [name, t] : state) {  // the shape, as the wrapper (not only the entry count)
       TORCH_CHECK_VALUE(t->sizes() == params[i].sizes(), name, "[", i, "]: expected a contiguous tensor of shape ",
                         params[i].sizes(), " (that of params[", i, "]), got ", t->sizes());
+    }
+    if (max_exp_avg_sqs.has_value()) {
+      const at::Tensor& t = (*max_exp_avg_sqs)[i];
+      TORCH_CHECK_VALUE(t.sizes() == params[i].sizes(), "max_exp_avg_sqs[", i, "]: expected a contiguous tensor of ",
+                        "shape ", params[i].sizes(), " (that of params[", i, "]), got ", t.sizes());
     }
     const auto& b = bits.get(i);
     if (b.has_value()) {

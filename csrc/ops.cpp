@@ -69,7 +69,7 @@ TORCH_LIBRARY(gradkit, m) {
   // bit set and unmasked_lr elsewhere (bits[i] None: unmasked_lr everywhere); decoupled weight
   // decay uses the same per-entry rate; an entry whose rate is 0 keeps its value exactly.
   // bias_correction1[i] = 1 - beta1^step_i, bias_correction2_sqrt[i] = sqrt(1 - beta2^step_i).
-  m.def("masked_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor?[] bits, float masked_lr, float unmasked_lr, float beta1, float beta2, float eps, float weight_decay, float[] bias_correction1, float[] bias_correction2_sqrt, bool maximize) -> ()");
+  m.def("masked_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor?[] bits, float masked_lr, float unmasked_lr, float beta1, float beta2, float eps, float weight_decay, float[] bias_correction1, float[] bias_correction2_sqrt, bool maximize, Tensor(d!)[]? max_exp_avg_sqs=None) -> ()");
 
   // ---- family 5: OBS pruning (issue 5): batched Schur-complement kernels ----
   // (obs schemas go here)

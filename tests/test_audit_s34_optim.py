@@ -320,7 +320,7 @@ def test_numpy_scalar_hyper_parameters_are_accepted():
     assert opt.state[p]["step"].item() == 1.0
 
 
-@pytest.mark.parametrize("kw", ["amsgrad", "foreach", "capturable", "fused", "differentiable"])
+@pytest.mark.parametrize("kw", ["foreach", "capturable", "fused", "differentiable"])  # amsgrad: supported (s34)
 def test_torch_only_kwargs_raise_a_type_error_naming_them(kw):
     p = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(TypeError, match=kw):

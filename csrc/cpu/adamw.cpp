@@ -4,7 +4,9 @@
 // starts on a mask byte) and the chunks of every tensor run in ONE parallel region: param, grad,
 // exp_avg, exp_avg_sq and the mask bits are each read once and written once per entry. The op
 // order per entry follows torch.optim.AdamW's single-tensor path (decay, lerp, mul + addcmul,
-// sqrt / bc2 + eps, addcdiv), so with equal rates the result matches torch to rounding.
+// sqrt / bc2 + eps, addcdiv), so with equal rates the result matches torch to rounding. AMSGrad
+// (max_exp_avg_sqs given): the denominator takes max(max_exp_avg_sq, the new exp_avg_sq), as torch's
+// torch.maximum(..., out=max_exp_avg_sq) (NaN propagates), and the maximum is stored.
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
 #include <c10/util/BFloat16.h>
@@ -39,10 +41,16 @@ struct Rates {
 
 // One mask byte (8 entries) at a time, branch-free inside, so the compiler vectorises the
 // 8-entry loop (sqrt and division included); the rate constants are selected per lane.
-template <typename scalar_t, typename acc_t, bool kLerpHigh, bool kMaximize>
+// torch.maximum(a, b): NaN when either is NaN
+template <typename acc_t>
+__attribute__((always_inline)) inline acc_t nan_max(acc_t a, acc_t b) {
+  return (a > b || a != a) ? a : b;
+}
+
+template <typename scalar_t, typename acc_t, bool kLerpHigh, bool kMaximize, bool kAms>
 __attribute__((always_inline)) inline void step_range(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t* __restrict__ m,
-                scalar_t* __restrict__ v, const uint8_t* bits, int64_t lo, int64_t hi, const Rates<acc_t>& R,
-                acc_t w1, acc_t beta2, acc_t w2, acc_t eps) {
+                scalar_t* __restrict__ v, scalar_t* __restrict__ vmax, const uint8_t* bits, int64_t lo, int64_t hi,
+                const Rates<acc_t>& R, acc_t w1, acc_t beta2, acc_t w2, acc_t eps) {
   const acc_t one_m_w1 = acc_t(1) - w1, bc2 = R.bc2sqrt;
   const acc_t d0 = R.decay[0], d1 = R.decay[1], s0 = R.neg_step[0], s1 = R.neg_step[1];
   const int f0 = R.frozen[0], f1 = R.frozen[1];
@@ -65,8 +73,13 @@ __attribute__((always_inline)) inline void step_range(scalar_t* __restrict__ p, 
         const acc_t vi = static_cast<acc_t>(v[i]) * beta2 + w2 * gi * gi;  // mul_ then addcmul
         m[i] = static_cast<scalar_t>(mi);
         v[i] = static_cast<scalar_t>(vi);
+        acc_t vd = vi;
+        if constexpr (kAms) {
+          vd = nan_max(static_cast<acc_t>(vmax[i]), vi);
+          vmax[i] = static_cast<scalar_t>(vd);
+        }
         const scalar_t praw = p[i];
-        const acc_t denom = std::sqrt(vi) / bc2 + eps;
+        const acc_t denom = std::sqrt(vd) / bc2 + eps;
         const acc_t dd = b ? d1 : d0, ss = b ? s1 : s0;
         const int fz = b ? f1 : f0;
         const scalar_t pn = static_cast<scalar_t>(static_cast<acc_t>(praw) * dd + ss * mi / denom);
@@ -83,8 +96,13 @@ __attribute__((always_inline)) inline void step_range(scalar_t* __restrict__ p, 
         const acc_t vi = static_cast<acc_t>(v[i]) * beta2 + w2 * gi * gi;
         m[i] = static_cast<scalar_t>(mi);
         v[i] = static_cast<scalar_t>(vi);
+        acc_t vd = vi;
+        if constexpr (kAms) {
+          vd = nan_max(static_cast<acc_t>(vmax[i]), vi);
+          vmax[i] = static_cast<scalar_t>(vd);
+        }
         if (R.frozen[b]) continue;
-        const acc_t denom = std::sqrt(vi) / bc2 + eps;
+        const acc_t denom = std::sqrt(vd) / bc2 + eps;
         p[i] = static_cast<scalar_t>(static_cast<acc_t>(p[i]) * R.decay[b] + R.neg_step[b] * mi / denom);
       }
     }
@@ -93,18 +111,18 @@ __attribute__((always_inline)) inline void step_range(scalar_t* __restrict__ p, 
 
 // The same loop compiled twice: for the build's baseline ISA and, on x86-64, for AVX2 (8 fp32
 // lanes; chosen at run time). No FMA: contraction would change the rounding against torch.
-template <typename scalar_t, typename acc_t, bool kLerpHigh, bool kMaximize>
-void step_base(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, const uint8_t* bits, int64_t lo, int64_t hi,
-               const Rates<acc_t>& R, acc_t w1, acc_t beta2, acc_t w2, acc_t eps) {
-  step_range<scalar_t, acc_t, kLerpHigh, kMaximize>(p, g, m, v, bits, lo, hi, R, w1, beta2, w2, eps);
+template <typename scalar_t, typename acc_t, bool kLerpHigh, bool kMaximize, bool kAms>
+void step_base(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax, const uint8_t* bits,
+               int64_t lo, int64_t hi, const Rates<acc_t>& R, acc_t w1, acc_t beta2, acc_t w2, acc_t eps) {
+  step_range<scalar_t, acc_t, kLerpHigh, kMaximize, kAms>(p, g, m, v, vmax, bits, lo, hi, R, w1, beta2, w2, eps);
 }
 #if defined(__x86_64__) && defined(__GNUC__)
 #define GK_AVX2_CLONE 1
-template <typename scalar_t, typename acc_t, bool kLerpHigh, bool kMaximize>
+template <typename scalar_t, typename acc_t, bool kLerpHigh, bool kMaximize, bool kAms>
 __attribute__((target("avx2"))) void step_avx2(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v,
-                                               const uint8_t* bits, int64_t lo, int64_t hi, const Rates<acc_t>& R,
-                                               acc_t w1, acc_t beta2, acc_t w2, acc_t eps) {
-  step_range<scalar_t, acc_t, kLerpHigh, kMaximize>(p, g, m, v, bits, lo, hi, R, w1, beta2, w2, eps);
+                                               scalar_t* vmax, const uint8_t* bits, int64_t lo, int64_t hi,
+                                               const Rates<acc_t>& R, acc_t w1, acc_t beta2, acc_t w2, acc_t eps) {
+  step_range<scalar_t, acc_t, kLerpHigh, kMaximize, kAms>(p, g, m, v, vmax, bits, lo, hi, R, w1, beta2, w2, eps);
 }
 #endif
 
@@ -112,11 +130,12 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       at::TensorList exp_avg_sqs, const c10::List<std::optional<at::Tensor>>& bits, double masked_lr,
                       double unmasked_lr, double beta1, double beta2, double eps, double weight_decay,
                       at::ArrayRef<double> bias_correction1, at::ArrayRef<double> bias_correction2_sqrt,
-                      bool maximize) {
+                      bool maximize, std::optional<at::TensorList> max_exp_avg_sqs) {
   if (!check_args(params, grads, exp_avgs, exp_avg_sqs, bits, masked_lr, unmasked_lr, beta1, beta2, eps,
-                  weight_decay, bias_correction1, bias_correction2_sqrt)) {
+                  weight_decay, bias_correction1, bias_correction2_sqrt, max_exp_avg_sqs)) {
     return;
   }
+  const bool ams = max_exp_avg_sqs.has_value();
   const size_t n = params.size();
   const at::Tensor& p0 = params[0];
   std::vector<Item> work;
@@ -130,7 +149,7 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p0.scalar_type(), "masked_adamw_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<Rates<acc_t>> rates(n);
-    std::vector<scalar_t*> P(n), M(n), V(n);
+    std::vector<scalar_t*> P(n), M(n), V(n), VM(n, nullptr);
     std::vector<const scalar_t*> G(n);
     std::vector<const uint8_t*> B(n);
     for (size_t t = 0; t < n; ++t) {
@@ -144,6 +163,7 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
       G[t] = grads[t].data_ptr<scalar_t>();
       M[t] = exp_avgs[t].data_ptr<scalar_t>();
       V[t] = exp_avg_sqs[t].data_ptr<scalar_t>();
+      if (ams) VM[t] = (*max_exp_avg_sqs)[t].data_ptr<scalar_t>();
       B[t] = bits.get(t).has_value() ? bits.get(t)->data_ptr<uint8_t>() : nullptr;
     }
     const acc_t w1 = static_cast<acc_t>(1.0 - beta1), b2 = static_cast<acc_t>(beta2),
@@ -151,23 +171,25 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     at::parallel_for(0, (int64_t)work.size(), 1, [&](int64_t b, int64_t e) {
       for (int64_t w = b; w < e; ++w) {
         const Item& it = work[w];
-        auto run = [&](auto hi_lerp, auto maxim) {
-          constexpr bool kH = decltype(hi_lerp)::value, kM = decltype(maxim)::value;
+        auto run = [&](auto hi_lerp, auto maxim, auto amsgrad) {
+          constexpr bool kH = decltype(hi_lerp)::value, kM = decltype(maxim)::value,
+                         kA = decltype(amsgrad)::value;
 #ifdef GK_AVX2_CLONE
           if (avx2) {
-            step_avx2<scalar_t, acc_t, kH, kM>(P[it.t], G[it.t], M[it.t], V[it.t], B[it.t], it.lo, it.hi, rates[it.t],
-                                               w1, b2, w2, ep);
+            step_avx2<scalar_t, acc_t, kH, kM, kA>(P[it.t], G[it.t], M[it.t], V[it.t], VM[it.t], B[it.t], it.lo,
+                                                   it.hi, rates[it.t], w1, b2, w2, ep);
             return;
           }
 #endif
-          step_base<scalar_t, acc_t, kH, kM>(P[it.t], G[it.t], M[it.t], V[it.t], B[it.t], it.lo, it.hi, rates[it.t],
-                                             w1, b2, w2, ep);
+          step_base<scalar_t, acc_t, kH, kM, kA>(P[it.t], G[it.t], M[it.t], V[it.t], VM[it.t], B[it.t], it.lo, it.hi,
+                                                 rates[it.t], w1, b2, w2, ep);
         };
         using T = std::true_type;
         using F = std::false_type;
         const bool hl = w1 >= acc_t(0.5);
-        if (hl) maximize ? run(T{}, T{}) : run(T{}, F{});
-        else maximize ? run(F{}, T{}) : run(F{}, F{});
+        auto with_ams = [&](auto hi_lerp, auto maxim) { ams ? run(hi_lerp, maxim, T{}) : run(hi_lerp, maxim, F{}); };
+        if (hl) maximize ? with_ams(T{}, T{}) : with_ams(T{}, F{});
+        else maximize ? with_ams(F{}, T{}) : with_ams(F{}, F{});
       }
     });
   });

@@ -64,12 +64,13 @@ struct AdamTensor {
   const void* g;
   void* m;
   void* v;
+  void* vmax;           // AMSGrad's running maximum of v; null: no AMSGrad
   const uint8_t* bits;  // null: no entry is masked
   int64_t numel;
   int64_t first_tile;
   double neg_step[2];   // -(lr / bias_correction1) for [unmasked, masked]
   double bc2sqrt;
-  int32_t vec_ok;       // p, g, m, v all 16-byte aligned
+  int32_t vec_ok;       // p, g, m, v (and vmax) all 16-byte aligned
   int32_t pad;
 };
 static_assert(sizeof(AdamTensor) % 8 == 0, "AdamTensor must keep 8-byte alignment in the packed table");
@@ -109,8 +110,14 @@ struct RN<double> {
 };
 
 // One entry, torch.optim.AdamW's single-tensor op order. `sel` picks the rate (1: masked).
+template <typename A>
+__device__ __forceinline__ A nan_max(A a, A b) {  // torch.maximum: NaN when either is NaN
+  return (a > b || a != a) ? a : b;
+}
+
+// vmax: AMSGrad's running maximum (nullptr: none); the denominator takes max(vmax, the new v), which is stored.
 template <typename T, typename A>
-__device__ __forceinline__ void adam_entry(T& p, T g_in, T& m, T& v, int sel, const Consts<A>& c,
+__device__ __forceinline__ void adam_entry(T& p, T g_in, T& m, T& v, T* vmax, int sel, const Consts<A>& c,
                                            const A (&neg_step)[2], A bc2sqrt) {
   using R = RN<A>;
   A g = static_cast<A>(g_in);
@@ -120,9 +127,14 @@ __device__ __forceinline__ void adam_entry(T& p, T g_in, T& m, T& v, int sel, co
   const A vi = R::add(R::mul(static_cast<A>(v), c.beta2), R::mul(R::mul(c.w2, g), g));
   m = static_cast<T>(mi);
   v = static_cast<T>(vi);
+  A vd = vi;
+  if (vmax != nullptr) {
+    vd = nan_max(static_cast<A>(*vmax), vi);
+    *vmax = static_cast<T>(vd);
+  }
   if (c.frozen[sel]) return;
   const A pi = R::mul(static_cast<A>(p), c.decay[sel]);
-  const A denom = R::add(R::div(R::sqrt(vi), bc2sqrt), c.eps);
+  const A denom = R::add(R::div(R::sqrt(vd), bc2sqrt), c.eps);
   p = static_cast<T>(R::add(pi, R::div(R::mul(neg_step[sel], mi), denom)));
 }
 
@@ -174,6 +186,7 @@ __global__ void __launch_bounds__(kThreads)
     const T* __restrict__ g = static_cast<const T*>(t.g);
     T* __restrict__ m = static_cast<T*>(t.m);
     T* __restrict__ v = static_cast<T*>(t.v);
+    T* __restrict__ vmax = static_cast<T*>(t.vmax);
     const uint8_t* __restrict__ bits = t.bits;
     const int64_t numel = t.numel;
     const int64_t u0 = (tile - t.first_tile) * kTileUnits;
@@ -182,19 +195,23 @@ __global__ void __launch_bounds__(kThreads)
       const unsigned byte = bits ? static_cast<unsigned>(bits[q]) : 0u;
       const int64_t e0 = q * 8;
       if (t.vec_ok && e0 + 8 <= numel) {
-        Unit<T> P = load_unit(p, q), M = load_unit(m, q), V = load_unit(v, q);
+        Unit<T> P = load_unit(p, q), M = load_unit(m, q), V = load_unit(v, q), VM;
+        if (vmax != nullptr) VM = load_unit(vmax, q);
         const Unit<T> G = load_unit_ro(g, q);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-          adam_entry<T, A>(P.v[j], G.v[j], M.v[j], V.v[j], (byte >> j) & 1u, c, neg_step, bc2sqrt);
+          adam_entry<T, A>(P.v[j], G.v[j], M.v[j], V.v[j], vmax != nullptr ? &VM.v[j] : nullptr, (byte >> j) & 1u, c,
+                           neg_step, bc2sqrt);
         }
         store_unit(p, q, P);  // frozen entries were not touched: their bits are written back as read
         store_unit(m, q, M);
         store_unit(v, q, V);
+        if (vmax != nullptr) store_unit(vmax, q, VM);
       } else {
         const int64_t e1 = std::min<int64_t>(e0 + 8, numel);
         for (int64_t e = e0; e < e1; ++e) {
-          adam_entry<T, A>(p[e], g[e], m[e], v[e], (byte >> (e - e0)) & 1u, c, neg_step, bc2sqrt);
+          adam_entry<T, A>(p[e], g[e], m[e], v[e], vmax != nullptr ? vmax + e : nullptr, (byte >> (e - e0)) & 1u, c,
+                           neg_step, bc2sqrt);
         }
       }
     }
@@ -208,9 +225,9 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        at::TensorList exp_avg_sqs, const c10::List<std::optional<Tensor>>& bits, double masked_lr,
                        double unmasked_lr, double beta1, double beta2, double eps, double weight_decay,
                        at::ArrayRef<double> bias_correction1, at::ArrayRef<double> bias_correction2_sqrt,
-                       bool maximize) {
+                       bool maximize, std::optional<at::TensorList> max_exp_avg_sqs) {
   if (!check_args(params, grads, exp_avgs, exp_avg_sqs, bits, masked_lr, unmasked_lr, beta1, beta2, eps,
-                  weight_decay, bias_correction1, bias_correction2_sqrt)) {
+                  weight_decay, bias_correction1, bias_correction2_sqrt, max_exp_avg_sqs)) {
     return;
   }
   const at::Device device = params[0].device();
@@ -236,6 +253,7 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
     r.g = grads[i].data_ptr();
     r.m = exp_avgs[i].data_ptr();
     r.v = exp_avg_sqs[i].data_ptr();
+    r.vmax = max_exp_avg_sqs.has_value() ? (*max_exp_avg_sqs)[i].data_ptr() : nullptr;
     const auto& b = bits.get(i);
     r.bits = b.has_value() ? b->data_ptr<uint8_t>() : nullptr;
     r.numel = params[i].numel();
@@ -243,7 +261,8 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
     tiles += (r.numel + kTile - 1) / kTile;
     for (int s = 0; s < 2; ++s) r.neg_step[s] = -(lr[s] / bias_correction1[i]);
     r.bc2sqrt = bias_correction2_sqrt[i];
-    r.vec_ok = aligned16(r.p) && aligned16(r.g) && aligned16(r.m) && aligned16(r.v);
+    r.vec_ok = aligned16(r.p) && aligned16(r.g) && aligned16(r.m) && aligned16(r.v) &&
+               (r.vmax == nullptr || aligned16(r.vmax));
   }
   // Pinned source + non_blocking: one async H2D copy on the current stream; ATen records the
   // pinned block's use on that stream so it is not recycled before the copy ran.

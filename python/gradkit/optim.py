@@ -28,7 +28,7 @@ def _nonneg(v: Any, what: str) -> float:
 
 
 def _check_hyper(masked_lr: Any, unmasked_lr: Any, betas: Any, eps: Any, weight_decay: Any,
-                 maximize: Any) -> Dict[str, Any]:
+                 maximize: Any, amsgrad: Any = False) -> Dict[str, Any]:
     """The validated hyper-parameters of one parameter group (ValueError / TypeError naming the argument)."""
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
@@ -37,9 +37,11 @@ def _check_hyper(masked_lr: Any, unmasked_lr: Any, betas: Any, eps: Any, weight_
             raise ValueError(f"betas[{i}]: expected a number in [0, 1), got {b!r}")
     if not isinstance(maximize, bool):
         raise TypeError(f"maximize: expected a bool, got {type(maximize).__name__}")
+    if not isinstance(amsgrad, bool):
+        raise TypeError(f"amsgrad: expected a bool, got {type(amsgrad).__name__}")
     return {"masked_lr": _nonneg(masked_lr, "masked_lr"), "unmasked_lr": _nonneg(unmasked_lr, "unmasked_lr"),
             "betas": (float(betas[0]), float(betas[1])), "eps": _nonneg(eps, "eps"),
-            "weight_decay": _nonneg(weight_decay, "weight_decay"), "maximize": maximize}
+            "weight_decay": _nonneg(weight_decay, "weight_decay"), "maximize": maximize, "amsgrad": amsgrad}
 
 
 def _named_list(named_params: NamedParams) -> List[Tuple[str, torch.Tensor]]:
@@ -111,13 +113,15 @@ class MaskedAdamW(torch.optim.Optimizer):
             Parameters without a mask (a missing name, a None mask, or ``masks=None``) use
             ``unmasked_lr`` everywhere. Masks are stored once, packed, on their parameter's device.
         masked_lr, unmasked_lr: the two rates (>= 0). A rate of 0 freezes its entries exactly.
-        betas, eps, weight_decay, maximize: as in ``torch.optim.AdamW``; the decoupled weight
+        betas, eps, weight_decay, maximize, amsgrad: as in ``torch.optim.AdamW``; the decoupled weight
             decay of an entry is scaled by that entry's rate.
 
     Per entry, one step is torch.optim.AdamW's step with the entry's rate, so with
     ``masked_lr == unmasked_lr`` it matches ``torch.optim.AdamW`` to rounding. State per
     parameter uses torch's names (``step``: a float32 scalar tensor, ``exp_avg``,
-    ``exp_avg_sq``); a parameter whose ``.grad`` is None is skipped and its step does not advance.
+    ``exp_avg_sq``, and with ``amsgrad=True`` ``max_exp_avg_sq``, the running maximum whose square root
+    is the denominator, as in ``torch.optim.AdamW(amsgrad=True)``; turned on later, it starts at 0); a
+    parameter whose ``.grad`` is None is skipped and its step does not advance.
     ``state_dict()`` also holds the masks and the parameters' names and shapes, and
     ``load_state_dict`` checks they match before changing anything. The rates live in the
     parameter group as ``masked_lr`` / ``unmasked_lr`` (a schedule edits those keys); the group
@@ -143,8 +147,8 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     def __init__(self, named_params: NamedParams, masks: Optional[Mapping[str, torch.Tensor]], masked_lr: float,
                  unmasked_lr: float, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, maximize: bool = False) -> None:
-        defaults = _check_hyper(masked_lr, unmasked_lr, betas, eps, weight_decay, maximize)
+                 weight_decay: float = 1e-2, maximize: bool = False, amsgrad: bool = False) -> None:
+        defaults = _check_hyper(masked_lr, unmasked_lr, betas, eps, weight_decay, maximize, amsgrad)
         named = _named_list(named_params)
         params = dict(named)
         if masks is not None and not isinstance(masks, Mapping):
@@ -178,7 +182,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                              "'masked_lr' and 'unmasked_lr' (schedule those keys instead)")
         # the group's hyper-parameters (a schedule may have edited them) before anything runs or changes
         hp = _check_hyper(group["masked_lr"], group["unmasked_lr"], group["betas"], group["eps"],
-                          group["weight_decay"], group["maximize"])  # Python floats (a schedule may write numpy's)
+                          group["weight_decay"], group["maximize"], group.get("amsgrad", False))  # Python floats
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -197,7 +201,9 @@ class MaskedAdamW(torch.optim.Optimizer):
                 raise TypeError(f"grad of {name!r}: dtype {g.dtype} differs from the parameter's {p.dtype}")
             st = self.state.get(p)
             if st:  # the kernels check these too, but per (device, dtype) call: an earlier call may have run
-                for key in ("exp_avg", "exp_avg_sq"):
+                keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if hp["amsgrad"] and "max_exp_avg_sq" in st
+                                                    else ())
+                for key in keys:
                     t = st.get(key)
                     if not isinstance(t, torch.Tensor) or t.shape != p.shape or t.device != p.device \
                             or t.dtype != p.dtype or not t.is_contiguous():
@@ -222,21 +228,29 @@ class MaskedAdamW(torch.optim.Optimizer):
         buckets: Dict[Tuple[torch.device, torch.dtype], Dict[str, list]] = {}
         writeback = []
         fresh = {}  # the state of first-stepped parameters, entered into self.state once the steps succeeded
+        fresh_max = {}  # amsgrad turned on for a parameter with state: its maximum starts at 0 (torch's initial value)
         for name, p, g in todo:
             st = self.state.get(p)
             if not st:
                 st = fresh[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
                                  "exp_avg": torch.zeros_like(p, memory_format=torch.contiguous_format),
                                  "exp_avg_sq": torch.zeros_like(p, memory_format=torch.contiguous_format)}
+                if hp["amsgrad"]:
+                    st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            elif hp["amsgrad"] and "max_exp_avg_sq" not in st:
+                fresh_max[p] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             step = float(st["step"].item()) + 1
             work = p if p.is_contiguous() else p.contiguous()
             if work is not p:
                 writeback.append((p, work))
-            b = buckets.setdefault((p.device, p.dtype), {k: [] for k in ("p", "g", "m", "v", "bits", "bc1", "bc2")})
+            b = buckets.setdefault((p.device, p.dtype), {k: [] for k in ("p", "g", "m", "v", "vmax", "bits", "bc1",
+                                                                         "bc2")})
             b["p"].append(work)
             b["g"].append(g.contiguous())
             b["m"].append(st["exp_avg"])
             b["v"].append(st["exp_avg_sq"])
+            if hp["amsgrad"]:
+                b["vmax"].append(fresh_max[p] if p in fresh_max else st["max_exp_avg_sq"])
             b["bits"].append(self._bits.get(name))
             b["bc1"].append(1 - beta1 ** step)  # torch.optim.AdamW's expressions, to the last bit
             b["bc2"].append((1 - beta2 ** step) ** 0.5)
@@ -244,11 +258,14 @@ class MaskedAdamW(torch.optim.Optimizer):
             ops.masked_adamw_(b["p"], b["g"], b["m"], b["v"], b["bits"], masked_lr=hp["masked_lr"],
                               unmasked_lr=hp["unmasked_lr"], beta1=beta1, beta2=beta2, eps=hp["eps"],
                               weight_decay=hp["weight_decay"], bias_correction1=b["bc1"],
-                              bias_correction2_sqrt=b["bc2"], maximize=hp["maximize"])
+                              bias_correction2_sqrt=b["bc2"], maximize=hp["maximize"],
+                              max_exp_avg_sqs=b["vmax"] if hp["amsgrad"] else None)
         for p, work in writeback:
             p.copy_(work)
         for p, st in fresh.items():
             self.state[p].update(st)
+        for p, t in fresh_max.items():
+            self.state[p]["max_exp_avg_sq"] = t
         if todo:
             # an int 1: an integer step count loaded from a state dict advances too (1.0 cannot be cast to it)
             torch._foreach_add_([self.state[p]["step"] for _, p, _ in todo], 1)
@@ -280,7 +297,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                              f"({'e.g. ' + repr(diff[:3]) if diff else 'same names, other order'})")
         saved = groups[0]
         _check_hyper(saved["masked_lr"], saved["unmasked_lr"], saved["betas"], saved["eps"], saved["weight_decay"],
-                     saved["maximize"])
+                     saved["maximize"], saved.get("amsgrad", False))
         by_name = dict(zip(names, params))
         for name, p in by_name.items():
             shape = state_dict["param_shapes"].get(name)
@@ -300,7 +317,8 @@ class MaskedAdamW(torch.optim.Optimizer):
             if not isinstance(step, torch.Tensor) or step.numel() != 1 or step.dtype == torch.bool \
                     or step.is_complex() or not math.isfinite(float(step)) or float(step) < 0:
                 raise ValueError(f"state_dict: state['step'] of {name!r} is not a one-element tensor >= 0")
-            for key in ("exp_avg", "exp_avg_sq"):
+            keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if "max_exp_avg_sq" in st else ())
+            for key in keys:
                 t = st.get(key)
                 if not isinstance(t, torch.Tensor) or t.shape != by_name[name].shape:
                     raise ValueError(f"state_dict: state[{key!r}] of {name!r} is not a tensor of shape "
@@ -315,7 +333,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             bits[name] = _bits_of(name, b, p, f"state_dict: masks[{name!r}]")
         super().load_state_dict({"state": state_dict["state"], "param_groups": groups})
         for st in self.state.values():
-            for key in ("exp_avg", "exp_avg_sq"):
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                 if key in st:  # not in an empty entry
                     st[key] = st[key].contiguous()
         self._bits = bits

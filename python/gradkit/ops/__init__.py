@@ -791,11 +791,14 @@ ADAMW_OPS = ("masked_adamw_",)
 
 
 def check_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, masked_lr, unmasked_lr, beta1, beta2, eps,
-                        weight_decay, bias_correction1, bias_correction2_sqrt, maximize=False) -> int:
+                        weight_decay, bias_correction1, bias_correction2_sqrt, maximize=False,
+                        max_exp_avg_sqs=None) -> int:
     """masked_adamw_'s checks (the op wrapper's and the Triton launcher's; csrc/adamw_checks.h for the C++
     kernels), before any tensor is touched; returns the number of parameters."""
     lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "bits": bits,
              "bias_correction1": bias_correction1, "bias_correction2_sqrt": bias_correction2_sqrt}
+    if max_exp_avg_sqs is not None:
+        lists["max_exp_avg_sqs"] = max_exp_avg_sqs
     n = len(params) if isinstance(params, (list, tuple)) else -1
     for name, v in lists.items():
         if not isinstance(v, (list, tuple)) or len(v) != n:
@@ -810,7 +813,8 @@ def check_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, masked_lr, u
         if p.dtype != params[0].dtype:
             raise TypeError(f"params[{i}]: dtype {p.dtype} differs from params[0]'s {params[0].dtype} "
                             f"(one call per dtype)")
-        for name in ("grads", "exp_avgs", "exp_avg_sqs"):
+        for name in ("grads", "exp_avgs", "exp_avg_sqs") + (("max_exp_avg_sqs",) if max_exp_avg_sqs is not None
+                                                              else ()):
             t = lists[name][i]
             if not isinstance(t, torch.Tensor) or t.shape != p.shape or t.device != p.device \
                     or not t.is_contiguous():
@@ -830,8 +834,9 @@ def check_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, masked_lr, u
         for i, v in enumerate(lists[name]):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
                 raise ValueError(f"{name}[{i}]: expected a number in (0, 1], got {v!r}")
-    for name in ("params", "exp_avgs", "exp_avg_sqs"):  # every written list, as the native op's check
-        _check_writable(list(lists[name]), name)
+    for name in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):  # every written list, as the native op's
+        if name in lists:
+            _check_writable(list(lists[name]), name)
     return n
 
 
@@ -839,21 +844,24 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                   exp_avg_sqs: Sequence[torch.Tensor], bits: Sequence[Optional[torch.Tensor]], *, masked_lr: float,
                   unmasked_lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                   bias_correction1: Sequence[float], bias_correction2_sqrt: Sequence[float],
-                  maximize: bool = False) -> None:
+                  maximize: bool = False, max_exp_avg_sqs: Optional[Sequence[torch.Tensor]] = None) -> None:
     """One fused AdamW step over every tensor (see the schema in csrc/ops.cpp): per-entry rate
     ``masked_lr`` where the entry's bit is set, ``unmasked_lr`` elsewhere; weight decay scaled by
     the same rate; entries with rate 0 keep their exact value. Everything is checked before any
     tensor is touched. Gradients are not inspected: a NaN / Inf one (or ``g * g`` past float32's
-    range, |g| > ~1.8e19) enters that entry's state and parameter as in ``torch.optim.AdamW``."""
+    range, |g| > ~1.8e19) enters that entry's state and parameter as in ``torch.optim.AdamW``.
+    ``max_exp_avg_sqs`` (AMSGrad, as ``torch.optim.AdamW(amsgrad=True)``): each entry's denominator uses
+    ``maximum(max_exp_avg_sq, new exp_avg_sq)``, which is stored back; None: plain AdamW."""
     n = check_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, masked_lr, unmasked_lr, beta1, beta2, eps,
-                            weight_decay, bias_correction1, bias_correction2_sqrt)
+                            weight_decay, bias_correction1, bias_correction2_sqrt, max_exp_avg_sqs=max_exp_avg_sqs)
     if n == 0:
         return
     fn = _impl("masked_adamw_", "adamw")
     fn(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(bits), float(masked_lr),
        float(unmasked_lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-       [float(v) for v in bias_correction1], [float(v) for v in bias_correction2_sqrt], bool(maximize))
-    _wrote(list(params) + list(exp_avgs) + list(exp_avg_sqs), fn)
+       [float(v) for v in bias_correction1], [float(v) for v in bias_correction2_sqrt], bool(maximize),
+       None if max_exp_avg_sqs is None else list(max_exp_avg_sqs))
+    _wrote(list(params) + list(exp_avgs) + list(exp_avg_sqs) + list(max_exp_avg_sqs or []), fn)
 
 
 # --------------------------------------------------------------------------- fake impls + autograd
@@ -979,7 +987,7 @@ if _ext.LOADED:
 
     @torch.library.register_fake("gradkit::masked_adamw_")
     def _masked_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, bits, masked_lr, unmasked_lr, beta1, beta2, eps,
-                           weight_decay, bias_correction1, bias_correction2_sqrt, maximize):
+                           weight_decay, bias_correction1, bias_correction2_sqrt, maximize, max_exp_avg_sqs=None):
         return None
 
     # Triton is the GPU kernel where the extension was built without CUDA C++.
@@ -1021,6 +1029,8 @@ def _register_version_bumps() -> None:
             ts = []
             for i in _written:
                 a = args[i] if i < len(args) else None
+                if a is None:  # an optional written list left out (masked_adamw_'s max_exp_avg_sqs)
+                    continue
                 if isinstance(a, torch.Tensor):
                     ts.append(a)
                 elif isinstance(a, (list, tuple)):

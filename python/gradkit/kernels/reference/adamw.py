@@ -9,7 +9,9 @@ bit set), computed in float32 (float64 for float64 tensors) and rounded only whe
     p1     = p * (1 - lr * weight_decay)                  # the factor is formed in float64, then cast
     m      = lerp(m, g, 1 - beta1)                         # torch.lerp: m + w (g - m) for w < 0.5
     v      = v * beta2 + (1 - beta2) * g * g              # torch's mul_ + addcmul_
-    denom  = sqrt(v) / bias_correction2_sqrt[i] + eps
+    vmax   = maximum(vmax, v)                             # AMSGrad only (max_exp_avg_sqs given): torch.maximum,
+                                                          # NaN when either is NaN; the stored maximum
+    denom  = sqrt(vmax if AMSGrad else v) / bias_correction2_sqrt[i] + eps
     p      = p1 + (-(lr / bias_correction1[i]) * m) / denom   # torch's addcdiv_
     p      = p (unchanged, bit for bit) where lr == 0
 
@@ -42,9 +44,11 @@ def _per_entry(sel: torch.Tensor, a: float, b: float, dtype: torch.dtype) -> tor
 def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
                   exp_avg_sqs: Sequence[torch.Tensor], bits: Sequence[Optional[torch.Tensor]], masked_lr: float,
                   unmasked_lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                  bias_correction1: Sequence[float], bias_correction2_sqrt: Sequence[float], maximize: bool) -> None:
-    for p, g, m, v, b, bc1, bc2s in zip(params, grads, exp_avgs, exp_avg_sqs, bits, bias_correction1,
-                                        bias_correction2_sqrt):
+                  bias_correction1: Sequence[float], bias_correction2_sqrt: Sequence[float], maximize: bool,
+                  max_exp_avg_sqs: Optional[Sequence[torch.Tensor]] = None) -> None:
+    vmaxes = [None] * len(params) if max_exp_avg_sqs is None else max_exp_avg_sqs
+    for p, g, m, v, b, bc1, bc2s, vmx in zip(params, grads, exp_avgs, exp_avg_sqs, bits, bias_correction1,
+                                             bias_correction2_sqrt, vmaxes):
         wide = torch.float64 if p.dtype == torch.float64 else torch.float32
         sel = unpack_bits(b, p.numel(), p.device).reshape(p.shape)
         decay = _per_entry(sel, 1 - masked_lr * weight_decay, 1 - unmasked_lr * weight_decay, wide)
@@ -58,8 +62,13 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         pw = p.to(wide) * decay
         mw.lerp_(gw, 1 - beta1)
         vw.mul_(beta2).addcmul_(gw, gw, value=1 - beta2)
-        denom = (vw.sqrt() / bc2s).add_(eps)
+        vd = vw
+        if vmx is not None:
+            vd = torch.maximum(vmx.to(wide), vw)
+        denom = (vd.sqrt() / bc2s).add_(eps)
         pw.add_((-step) * mw / denom)
         p.copy_(torch.where(frozen, p, pw.to(p.dtype)))
         m.copy_(mw)
         v.copy_(vw)
+        if vmx is not None:
+            vmx.copy_(vd)

@@ -10,7 +10,7 @@ Design
   one transfer: 8 global words (the hyper-parameters as float64 bits, formed in float64 on the
   host exactly as torch forms its scalars), one row per tensor ``[param, grad, exp_avg,
   exp_avg_sq, bits (0 = no mask), numel, masked step size, unmasked step size,
-  bias_correction2_sqrt]`` (addresses, cast in-kernel with ``.to(tl.pointer_type(T))``; the
+  bias_correction2_sqrt, max_exp_avg_sq (0 = no AMSGrad)]`` (addresses, cast in-kernel with ``.to(tl.pointer_type(T))``; the
   interpreter dereferences raw host addresses of CPU tensors), and one work row ``[tensor,
   block index]`` per block of ``8 * BYTES`` entries.
 * **One pass**: a program loads ``BYTES`` mask bytes once and views its entries as a
@@ -40,7 +40,7 @@ BYTES = 256
 
 _CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _HYPER = 8  # global words: decay_m, decay_u, 1 - beta1, beta2, 1 - beta2, eps, frozen_m, frozen_u
-_COLS = tl.constexpr(9)  # words per tensor row (see the module docstring)
+_COLS = tl.constexpr(10)  # words per tensor row (see the module docstring)
 
 
 @triton.jit
@@ -102,7 +102,7 @@ def _narrow(x, ptr, CODE: tl.constexpr):
 
 @triton.jit
 def _update_block(hyper_ptr, row, blk, numel, CODE: tl.constexpr, WIDE: tl.constexpr, MAXIMIZE: tl.constexpr,
-                  ALIGNED: tl.constexpr, BYTES: tl.constexpr, EVEN: tl.constexpr):
+                  ALIGNED: tl.constexpr, BYTES: tl.constexpr, EVEN: tl.constexpr, AMS: tl.constexpr):
     byte = blk * BYTES + tl.arange(0, BYTES).to(tl.int64)
     offs = byte[:, None] * 8 + tl.arange(0, 8)[None, :]  # entry 8k + j <-> bit j of byte k
     inb = offs < numel
@@ -136,11 +136,17 @@ def _update_block(hyper_ptr, row, blk, numel, CODE: tl.constexpr, WIDE: tl.const
     else:
         m = g - (g - m) * (1.0 - w1)
     v = v * beta2 + w2 * g * g
+    vd = v
+    if AMS:  # AMSGrad: the denominator takes torch.maximum(max_exp_avg_sq, v) (NaN when either is), stored back
+        vm_ptr = _ptr(tl.load(row + 9), CODE, ALIGNED)
+        vm = _widen(_ld(vm_ptr, offs, inb, EVEN), CODE, WIDE)
+        vd = tl.where((vm > v) | (vm != vm), vm, v)
+        _st(vm_ptr, offs, _narrow(vd, vm_ptr, CODE), inb, EVEN)
     if WIDE == tl.float32:  # correctly rounded, as on the CPU (float64's sqrt and / always are)
-        denom = tl.div_rn(tl.sqrt_rn(v), bc2s) + eps
+        denom = tl.div_rn(tl.sqrt_rn(vd), bc2s) + eps
         p = p + tl.div_rn(-step * m, denom)
     else:
-        denom = tl.sqrt(v) / bc2s + eps
+        denom = tl.sqrt(vd) / bc2s + eps
         p = p + (-step * m) / denom
     _st(m_ptr, offs, _narrow(m, m_ptr, CODE), inb, EVEN)
     _st(v_ptr, offs, _narrow(v, v_ptr, CODE), inb, EVEN)
@@ -149,11 +155,12 @@ def _update_block(hyper_ptr, row, blk, numel, CODE: tl.constexpr, WIDE: tl.const
 
 @triton.jit
 def _masked_adamw_kernel(hyper_ptr, meta_ptr, work_ptr, CODE: tl.constexpr, WIDE: tl.constexpr,
-                         MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, BYTES: tl.constexpr):
+                         MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, BYTES: tl.constexpr, AMS: tl.constexpr):
     """Block ``blk`` (8 * BYTES entries) of one tensor; per entry, lr = masked rate if its bit is set::
 
         p1 = p * (1 - lr wd);  m = lerp(m, g, 1 - beta1);  v = v beta2 + (1 - beta2) g g
         p  = p1 + (-(lr / bc1) m) / (sqrt(v) / bc2sqrt + eps), p kept bit for bit where lr == 0
+    (AMS: sqrt(max(max_exp_avg_sq, v)), the maximum stored)
     """
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(work_ptr + 2 * pid)
@@ -161,9 +168,9 @@ def _masked_adamw_kernel(hyper_ptr, meta_ptr, work_ptr, CODE: tl.constexpr, WIDE
     row = meta_ptr + t * _COLS
     numel = tl.load(row + 5)
     if (blk + 1) * (8 * BYTES) <= numel:  # full block (uniform branch): no bounds masks
-        _update_block(hyper_ptr, row, blk, numel, CODE, WIDE, MAXIMIZE, ALIGNED, BYTES, True)
+        _update_block(hyper_ptr, row, blk, numel, CODE, WIDE, MAXIMIZE, ALIGNED, BYTES, True, AMS)
     else:
-        _update_block(hyper_ptr, row, blk, numel, CODE, WIDE, MAXIMIZE, ALIGNED, BYTES, False)
+        _update_block(hyper_ptr, row, blk, numel, CODE, WIDE, MAXIMIZE, ALIGNED, BYTES, False, AMS)
 
 
 def _bits64(x: float) -> int:
@@ -182,7 +189,8 @@ def _work_rows(numels: List[int], block: int) -> torch.Tensor:
 def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
                   exp_avg_sqs: Sequence[torch.Tensor], bits: Sequence[Optional[torch.Tensor]], masked_lr: float,
                   unmasked_lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                  bias_correction1: Sequence[float], bias_correction2_sqrt: Sequence[float], maximize: bool) -> None:
+                  bias_correction1: Sequence[float], bias_correction2_sqrt: Sequence[float], maximize: bool,
+                  max_exp_avg_sqs: Optional[Sequence[torch.Tensor]] = None) -> None:
     """Launcher; the kernel reads every tensor by address and numel, so gradkit.ops.check_masked_adamw_ runs
     first (op wrapper, CUDA kernel)."""
     hyper = [_bits64(1 - masked_lr * weight_decay), _bits64(1 - unmasked_lr * weight_decay), _bits64(1 - beta1),
@@ -195,12 +203,13 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     for dtype, idx in by_dtype.items():
         rows, aligned = [], True
         for i in idx:
-            aligned &= all(t.data_ptr() % 16 == 0 for t in (params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]))
+            vmx = [] if max_exp_avg_sqs is None else [max_exp_avg_sqs[i]]
+            aligned &= all(t.data_ptr() % 16 == 0 for t in [params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]] + vmx)
             b = bits[i]
             rows.append([params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
                          0 if b is None else b.data_ptr(), params[i].numel(),
                          _bits64(masked_lr / bias_correction1[i]), _bits64(unmasked_lr / bias_correction1[i]),
-                         _bits64(bias_correction2_sqrt[i])])
+                         _bits64(bias_correction2_sqrt[i]), vmx[0].data_ptr() if vmx else 0])
         work = _work_rows([params[i].numel() for i in idx], block)
         host = torch.cat([torch.tensor(hyper + [w for r in rows for w in r], dtype=torch.int64), work.reshape(-1)])
         buf = host.to(params[idx[0]].device)
@@ -208,7 +217,7 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         _masked_adamw_kernel[(work.shape[0],)](buf[:_HYPER], buf[_HYPER:meta_end], buf[meta_end:],
                                                CODE=_CODE[dtype], WIDE=tl.float64 if dtype == torch.float64
                                                else tl.float32, MAXIMIZE=bool(maximize), ALIGNED=aligned,
-                                               BYTES=BYTES, enable_fp_fusion=False)
+                                               BYTES=BYTES, AMS=max_exp_avg_sqs is not None, enable_fp_fusion=False)
 
 
 def record_aot_cases() -> None:
@@ -232,4 +241,7 @@ def record_aot_cases() -> None:
             for maximize in (False, True):
                 for lrs in ((1e-2, 1e-3), (1e-2, 0.0)):
                     masked_adamw_(ps, gs, ms, vs, bs, *lrs, 0.9, 0.999, 1e-8, 0.01, [0.1] * 3, [0.03] * 3, maximize)
+                    vmax = [v.clone() for v in vs]  # AMSGrad
+                    masked_adamw_(ps, gs, ms, vs, bs, *lrs, 0.9, 0.999, 1e-8, 0.01, [0.1] * 3, [0.03] * 3, maximize,
+                                  vmax)
             masked_adamw_(ps, gs, ms, vs, [None] * 3, 1e-3, 1e-3, 0.3, 0.99, 1e-8, 0.0, [0.7] * 3, [0.1] * 3, False)
