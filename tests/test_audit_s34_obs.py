@@ -561,17 +561,25 @@ def _dist_worker(rank, tmp):
         dist.destroy_process_group()
 
 
+def _spawn_and_wait(worker, tmp: str, limit: float = 60.0) -> None:
+    """Run ``worker(rank, tmp)`` on WORLD processes; a hang past ``limit`` seconds fails the test."""
+    ctx = mp.spawn(worker, args=(tmp,), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + limit
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"distributed workers did not finish within {limit:.0f} s (hang)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+
+
 def test_distributed_uneven_padded_shards_equal_one_process_over_all_data(tmp_path):
     from safetensors.torch import load_file
 
     tmp = str(tmp_path)
-    ctx = mp.spawn(_dist_worker, args=(tmp,), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 60
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.terminate()
-            pytest.fail("distributed workers did not finish within 60 s (hang)")
+    _spawn_and_wait(_dist_worker, tmp)
     res = [load_file(os.path.join(tmp, f"r{r}.safetensors")) for r in range(WORLD)]
     data = _dist_data()
     single = collect_hessians(tiny_gpt(n_layer=1, d_model=16), data, progress=False)
@@ -635,16 +643,7 @@ def test_distributed_layer_running_on_one_rank_only(tmp_path):
     from safetensors.torch import load_file
 
     tmp = str(tmp_path)
-    ctx = mp.spawn(_routed_worker, args=(tmp,), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 60
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("distributed workers did not finish within 60 s (hang)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    _spawn_and_wait(_routed_worker, tmp)
     res = [load_file(os.path.join(tmp, f"r{r}.safetensors")) for r in range(WORLD)]
     for n in ("e0", "e1"):
         assert torch.equal(res[0][n], res[1][n]), n
@@ -678,16 +677,7 @@ def test_distributed_rank_without_batches_fails_every_rank_promptly(tmp_path):
     first Hessian all_reduce until the gloo timeout; now every rank raises at once, nothing is pruned, and the ranks
     stay in step."""
     tmp = str(tmp_path)
-    ctx = mp.spawn(_empty_shard_worker, args=(tmp,), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 60
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("distributed workers did not finish within 60 s (hang)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    _spawn_and_wait(_empty_shard_worker, tmp)
     r0 = open(os.path.join(tmp, "r0.txt")).read().split("\n", 1)
     r1 = open(os.path.join(tmp, "r1.txt")).read().split("\n", 1)
     assert r0[0] == "True" and r1[0] == "True"
