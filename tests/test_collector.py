@@ -435,7 +435,7 @@ def test_multihead_attention_out_proj_is_not_hooked():
     with pytest.raises(ValueError, match=r"^modules: \['self_attn\.out_proj'\] never run"):
         GradientCollector(layer, modules=lambda n, m: isinstance(m, nn.Linear), p=2)
     with pytest.raises(ValueError, match=r"^modules: patterns \['self_attn\.\*'\] match no nn\.Linear / Conv1D "
-                                         r"module that runs its forward \(\['self_attn\.out_proj'\] never do\)"):
+                                         r"module that can be collected \(\['self_attn\.out_proj'\] never run their forward"):
         GradientCollector(layer, modules=["self_attn.*"], p=2)
     x = torch.randn(3, 4, 8)
     with col:

@@ -50,7 +50,11 @@ Refused rather than collected wrong (session 33): a hooked module whose output i
 output widths are not its weight's (I, O) (grouped or extended Linear subclasses); modules of one batch whose inputs
 disagree on the batch size (a sequence-first ``(T, B, I)`` input, which would be taken as T examples; with T == B
 nothing can tell); in :meth:`per_example_grads`, an encoder-decoder's ``attention_mask`` (the encoder's, which would
-mark the decoder's positions). Hooked modules inside blocks compiled in place (``module.compile()``) and run before
+mark the decoder's positions: two collectors, one with the encoder's modules and the decoder's cross-attention
+key / value projections under the encoder's mask, one with the other decoder modules under the decoder's, collect
+such a model). Mixture-of-experts expert layers (Linears under an ``experts`` module) see the tokens routed to
+them, not examples: the default selection leaves them out, and naming them is refused (session 34; before, an
+expert that received exactly B tokens was taken as B examples). Hooked modules inside blocks compiled in place (``module.compile()``) and run before
 the collector attached run code traced without its hooks: :meth:`collect` names them instead of returning zeros.
 The collector's hook runs before forward hooks registered earlier, so a hook that replaces the output (``out * s``)
 does not change the weight gradient collected. A mask is copied by :meth:`set_mask`. When the model's forward raises
@@ -122,15 +126,22 @@ def _unhookable(model: nn.Module) -> Dict[str, str]:
     out = {}
     for n, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention) and isinstance(getattr(m, "out_proj", None), nn.Linear):
-            out[f"{n}.out_proj" if n else "out_proj"] = "nn.MultiheadAttention uses its weight without calling it"
+            out[f"{n}.out_proj" if n else "out_proj"] = ("never run their forward (nn.MultiheadAttention uses its "
+                                                         "weight without calling it), so no hook can see their "
+                                                         "gradients")
+        elif _module_kind(m) is not None and "experts" in n.split(".")[:-1]:
+            # a mixture-of-experts expert (Switch / Mixtral-style `...experts.<i>.<linear>`) runs on the tokens routed
+            # to it, an (N_e, I) input whose rows belong to examples it cannot tell: with N_e != B the batch-size
+            # check refuses it, but with N_e == B its token rows would be taken as the examples' rows
+            out[n] = ("are mixture-of-experts expert layers: they run on the tokens routed to them, whose examples "
+                      "they cannot tell, so no per-example gradient can be formed")
     return out
 
 
 def _refuse_unhookable(selected, unhookable: Dict[str, str]) -> None:
     bad = [n for n, _, _ in selected if n in unhookable]
     if bad:
-        raise ValueError(f"modules: {bad} never run their forward ({unhookable[bad[0]]}), so no hook can see "
-                         "their gradients; leave them out")
+        raise ValueError(f"modules: {bad} {unhookable[bad[0]]}; leave them out")
 
 
 def _check_scale(scale) -> None:
@@ -387,7 +398,7 @@ class GradientCollector:
         out = [t for t in out if t[0] not in unhookable]
         if not out:
             raise ValueError(f"modules: patterns {pats} match no nn.Linear / Conv1D module"
-                             + (f" that runs its forward ({dropped} never do)" if dropped else ""))
+                             + (f" that can be collected ({dropped} {unhookable[dropped[0]]})" if dropped else ""))
         return out
 
     # ------------------------------------------------------------------ config
@@ -800,8 +811,11 @@ class GradientCollector:
                     raise ValueError(f"per_example_grads: the model is an encoder-decoder, and batch[{mask_key!r}] is "
                                      "its encoder's padding mask: applied to the decoder's modules it would mark "
                                      "other positions. Pass mask_key=None (padded positions get no gradient when "
-                                     "the loss ignores them), or hook encoder and decoder in separate collectors "
-                                     "and set each one's mask")
+                                     "the loss ignores them), or use two collectors, each with its own mask: the "
+                                     "encoder's modules and the decoder's cross-attention key / value projections "
+                                     "(which read the encoder's positions, e.g. T5's "
+                                     "'decoder.*.EncDecAttention.[kv]') under the encoder's attention_mask, the "
+                                     "other decoder modules under the decoder's")
                 with self.batch(mask):
                     loss = loss_fn(self.model, batch)
                     self.backward(loss)
