@@ -73,20 +73,50 @@ def run(rec, quick: bool = False) -> None:
     run_pipeline(rec, quick=quick)
 
 
+def _check_jl(y: torch.Tensor, x: torch.Tensor, scale: float, who: str) -> None:
+    """A peer's timed output is a projection of x (its own matrix is not at hand at full size): every row's norm is
+    ``scale`` times x's within the JL spread for k, and the rows' cosines are x's within it (a no-op, a partial D,
+    the wrong k or scale fails). The benchmark's x has i.i.d. Gaussian rows, nearly orthogonal."""
+    k = y.shape[1]
+    tol = 6.0 / k ** 0.5  # ~6 sigma of |y|^2 / |x|^2 - 1 and of the cosines, for k >= 64
+    yd, xd = y.double(), x.double()
+    ratio = yd.norm(dim=1) ** 2 / (xd.norm(dim=1) ** 2 * scale ** 2)
+    if y.shape != (x.shape[0], k) or not torch.isfinite(yd).all() or (ratio - 1).abs().max() > tol:
+        raise AssertionError(f"{who}: its output is not a projection of x (shape {tuple(y.shape)}, |y|^2 / "
+                             f"(scale |x|)^2 from {float(ratio.min()):.3g} to {float(ratio.max()):.3g})")
+    cy = torch.nn.functional.normalize(yd, dim=1) @ torch.nn.functional.normalize(yd, dim=1).T
+    cx = torch.nn.functional.normalize(xd, dim=1) @ torch.nn.functional.normalize(xd, dim=1).T
+    if (cy - cx).abs().max() > tol:
+        raise AssertionError(f"{who}: its rows' cosines differ from x's by {float((cy - cx).abs().max()):.3g}")
+
+
 def _flat_rows(rec, kind: str, x: torch.Tensor, k: int, note: str) -> None:
     """One flat projection x (B, D) -> (B, k) of ``kind`` by gradkit, bergson's ``project_global`` and TRAK's
-    ``BasicProjector`` (its ``rademacher`` / ``normal`` projection types), side by side."""
+    ``BasicProjector`` (its ``rademacher`` / ``normal`` projection types), side by side. Every provider gets the
+    same samples (3 after a warm-up; until session 34 the peers got 1, so a single draw on a noisy host was set
+    against gradkit's median), and each peer's last timed output is checked to be a projection of x."""
     B, D = x.shape
     wl, dt, op = f"{B}x{D}->{k}", "float32", f"flat {kind}"
-    rec.add(FAMILY, op, "gradkit", wl, dt, rec.time(lambda: P.project(x, k, seed=0, kind=kind)), note=note)
+    reps = 3
+    rec.add(FAMILY, op, "gradkit", wl, dt, rec.time(lambda: P.project(x, k, seed=0, kind=kind), slow_reps=reps),
+            note=note)
     peer_kind = "rademacher" if kind == "rademacher" else "normal"
+    last = {}
+
+    def keep(who, fn):
+        def run():
+            last[who] = fn()
+            return last[who]
+        return run
+
     try:
         from bergson.collector.collector import project_global
 
         rec.add(FAMILY, op, "bergson 2.5.1", wl, dt,
-                rec.time(lambda: project_global("bench/single", x, k, peer_kind), slow_reps=1),
+                rec.time(keep("bergson", lambda: project_global("bench/single", x, k, peer_kind)), slow_reps=reps),
                 note=f"bergson.collector.collector.project_global(..., '{peer_kind}'): Philox column blocks (numpy) "
                      "+ addmm_ ('normal' is its default)")
+        _check_jl(last.pop("bergson"), x, 1.0, "bergson project_global")  # scaled by 1/sqrt(k)
     except ImportError as e:  # pragma: no cover
         print(f"  bergson unavailable: {e}")
     try:
@@ -94,9 +124,11 @@ def _flat_rows(rec, kind: str, x: torch.Tensor, k: int, note: str) -> None:
 
         proj = BasicProjector(grad_dim=D, proj_dim=k, seed=0, proj_type=ProjectionType(peer_kind),
                               device=torch.device("cpu"))
-        rec.add(FAMILY, op, "trak BasicProjector", wl, dt, rec.time(lambda: proj.project(x, model_id=0), slow_reps=1),
+        rec.add(FAMILY, op, "trak BasicProjector", wl, dt,
+                rec.time(keep("trak", lambda: proj.project(x, model_id=0)), slow_reps=reps),
                 note=f"traker 0.3.2 BasicProjector, proj_type={peer_kind} (block_size 100, torch RNG blocks "
                      "regenerated per call)")
+        _check_jl(last.pop("trak"), x, k ** 0.5, "trak BasicProjector")  # +-1 / N(0, 1) entries, unscaled
         del proj
     except ImportError as e:  # pragma: no cover
         print(f"  trak unavailable: {e}")

@@ -50,7 +50,17 @@ def environment(device: str) -> Dict[str, object]:
         tv = None
     return {"device_name": device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "triton": tv, "git_sha": _git_sha(), "host": platform.node(), "python": platform.python_version(),
-            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "loadavg_1m": _loadavg()}
+
+
+def _loadavg():
+    """The host's 1-minute load average when the row is written (None where the OS has none): on a shared VM a
+    load above the thread count slows providers unequally (faiss's two OpenMP regions per block more than
+    gradkit's one parallel loop), so a ratio should be read with it."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _quantiles(xs: List[float]) -> Dict[str, float]:
