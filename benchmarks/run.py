@@ -28,6 +28,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--quick", action="store_true", help="short timings, skip the slowest peer runs")
     args = ap.parse_args(argv)
+    try:  # before any benchmark runs: a file there (or no permission) would otherwise lose every result at the end
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        print(f"--out: cannot use {args.out!r} as the results directory ({e.strerror or e})", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     for fam in args.family or FAMILIES:
         print(f"== {fam} on {args.device} ({torch.get_num_threads()} threads)", flush=True)

@@ -20,6 +20,7 @@ import json
 import os
 import struct
 import shutil
+import stat as _stat
 import tempfile
 import zlib
 from typing import Callable, Dict
@@ -27,6 +28,44 @@ from typing import Callable, Dict
 import torch
 
 _AT_FDCWD = -100
+
+
+def check_regular(path, what: str, err=ValueError) -> int:
+    """``path`` (symlinks followed) must be a regular file: a FIFO would block a read for ever and a device
+    (a link to /dev/zero) never ends. Returns its size; ``err(message naming the file)`` otherwise."""
+    try:
+        st = os.stat(os.fspath(path))
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop seen by pathlib on some versions
+        raise err(f"{what}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not _stat.S_ISREG(st.st_mode):
+        raise err(f"{what}: {path} is not a regular file")
+    return st.st_size
+
+
+def read_regular(path, limit: int, what: str, err=ValueError) -> bytes:
+    """The bytes of the regular file ``path`` (see :func:`check_regular`), refused beyond ``limit`` bytes (read with
+    that bound, so a file growing after the check cannot make it read more)."""
+    size = check_regular(path, what, err)
+    if size > limit:
+        raise err(f"{what}: {path} is {size} bytes, more than the {limit} a file of this kind can hold")
+    try:
+        with open(os.fspath(path), "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise err(f"{what}: cannot read {path}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise err(f"{what}: {path} is more than the {limit} bytes a file of this kind can hold")
+    return data
+
+
+def parse_json(data: bytes, path, what: str, err=ValueError):
+    """JSON text of ``path`` (UTF-8) parsed; damaged, too deeply nested or too large -> ``err`` naming the file."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise err(f"{what}: {path} is not valid JSON ({e}); the file is damaged") from None
+    except (RecursionError, MemoryError):
+        raise err(f"{what}: {path} is nested too deeply or too large to be a file of this kind") from None
 _RENAME_EXCHANGE = 2
 
 

@@ -30,6 +30,7 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, 
 import torch
 
 from gradkit import ops
+from gradkit._io import check_regular
 from gradkit._rules import floor_count
 from gradkit.kernels.reference.parammap import unpack_bitmask
 from gradkit.golden_reverse import (DEFAULT_LAYER_PATTERN, STRATEGIES, AdaptiveSinusoidal, ChaosDriven,  # noqa: F401
@@ -119,9 +120,7 @@ class Bitmask:
         idx = torch.as_tensor(indices).reshape(-1).long()
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
             raise ValueError(f"indices: positions must lie in [0, {numel}) for shape {shape}")
-        m = torch.zeros(numel, dtype=torch.bool, device=idx.device)
-        m[idx] = True
-        return cls.from_bool(m.reshape(shape))
+        return cls(_bits_of_flat(idx, numel), shape)
 
     @classmethod
     def from_coo(cls, coo: torch.Tensor) -> "Bitmask":
@@ -134,11 +133,15 @@ class Bitmask:
             raise ValueError(f"coo: indices outside the shape {tuple(coo.shape)}")
         c = coo.coalesce()
         keep = c.values() != 0
-        ind = c.indices()[:, keep]
-        flat = torch.zeros(c.shape, dtype=torch.bool, device=c.device)
-        if ind.shape[1]:  # a 0-dim mask's indices are (0, nnz): flat[()] = True would set it with nothing stored
-            flat[tuple(ind)] = True
-        return cls.from_bool(flat)
+        ind = c.indices()[:, keep].long()
+        # flat positions (row-major) packed straight into bits: no dense bool copy of the mask's shape (a file of a
+        # few hundred bytes could name a shape of 2^33 entries); a 0-dim mask's indices are (0, nnz)
+        flat = torch.zeros(ind.shape[1], dtype=torch.long, device=ind.device)
+        stride = 1
+        for d in range(len(c.shape) - 1, -1, -1):
+            flat += ind[d] * stride
+            stride *= int(c.shape[d])
+        return cls(_bits_of_flat(flat, math.prod(c.shape)), tuple(c.shape))
 
     @classmethod
     def coerce(cls, m, shape: Optional[Sequence[int]] = None, what: str = "mask") -> "Bitmask":
@@ -221,6 +224,16 @@ class Bitmask:
 
     def __repr__(self) -> str:
         return f"Bitmask(shape={self.shape}, count={self.count()}, bytes={self.memory()})"
+
+
+def _bits_of_flat(idx: torch.Tensor, numel: int) -> torch.Tensor:
+    """The packed bitmask (ceil(numel / 8) uint8, bit j of byte i = entry 8i + j) of the flat positions ``idx``
+    (in range, duplicates allowed), without a dense bool mask."""
+    bits = torch.zeros((numel + 7) // 8, dtype=torch.uint8, device=idx.device)
+    if idx.numel():
+        u = torch.unique(idx)
+        bits.index_put_((u >> 3,), (1 << (u & 7)).to(torch.uint8), accumulate=True)  # distinct bits of a byte: OR
+    return bits
 
 
 def _same_keys(a: "MaskSet", b: "MaskSet") -> None:
@@ -340,8 +353,15 @@ class MaskSet(Mapping[str, Bitmask]):
 
 def load_goldenparams(path: str, key: Optional[str] = None) -> MaskSet:
     """Masks from a GoldenParams results file (``.pt`` with ``masks`` or ``intersection_masks``:
-    name -> sparse COO or dense bool). Loaded with ``weights_only=True``: nothing is unpickled."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    name -> sparse COO or dense bool). Loaded with ``weights_only=True``: nothing is unpickled; a file that is not
+    a regular file, cannot be loaded that way, or holds masks that are not plain CPU tensors raises ValueError
+    naming it."""
+    check_regular(path, "path")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError (a refused global), OSError, RuntimeError (damaged)
+        raise ValueError(f"path: {path!r} cannot be loaded as a GoldenParams results file with weights_only=True "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(data, Mapping):
         raise ValueError(f"path: {path!r} does not hold a dict of results")
     keys = [key] if key else ["masks", "intersection_masks"]
@@ -354,6 +374,9 @@ def load_goldenparams(path: str, key: Optional[str] = None) -> MaskSet:
                 if not isinstance(m, torch.Tensor):
                     raise TypeError(f"{k}[{n!r}]: expected a mask tensor (dense or sparse COO) in {path!r}, got "
                                     f"{type(m).__name__}")
+                if m.device.type != "cpu" or type(m) is not torch.Tensor:
+                    raise ValueError(f"{k}[{n!r}]: expected a plain CPU tensor in {path!r}, got a {type(m).__name__} "
+                                     f"on {m.device}")
             return MaskSet({n: Bitmask.coerce(m if m.dtype == torch.bool or m.layout == torch.sparse_coo
                                               else m.bool(), what=f"{k}[{n!r}]") for n, m in masks.items()})
     raise ValueError(f"path: {path!r} has none of the keys {keys} (found {sorted(data)[:8]})")

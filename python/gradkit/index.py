@@ -136,7 +136,7 @@ import numpy as np
 import torch
 
 from gradkit import ops
-from gradkit._io import _fsync_dir
+from gradkit._io import _fsync_dir, check_regular, parse_json, read_regular
 from gradkit._rules import check_symmetric
 
 try:
@@ -155,7 +155,7 @@ _SHARD_RE = re.compile(r"^r(\d{5})-(\d{6})\.bin$")
 _TOKENS_RE = re.compile(r"^r(\d{5})\.tokens\.bin$")
 _RANK_RE = re.compile(r"^rank-(\d{5})\.json(\.tmp)?$")
 LOCK = ".lock"  # rank 0's (a single-process build's) writer lock; rank r > 0: LOCK + "-r<r:05d>"
-_MAX_HEADER_BYTES = 1 << 28
+_MAX_HEADER_BYTES = 1 << 25  # 32 MiB: ~10^5 shards or modules; json.loads needs ~24x the text (was 256 MiB: ~6 GB)
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "f16": "float16", "float16": "float16",
@@ -231,17 +231,8 @@ def _atomic_write_json(path: Path, obj) -> None:
 
 
 def _read_json(path: Path, what: str):
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise IndexFormatError(f"{what}: cannot read {path}: {e.strerror}") from None
-    if size > _MAX_HEADER_BYTES:
-        raise IndexFormatError(f"{what}: {path} is {size} bytes, too large for a header")
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise IndexFormatError(f"{what}: {path} is not valid JSON ({e}); the header is damaged") from None
+    """A header (index.json, info.json, a rank's state): a regular file of at most _MAX_HEADER_BYTES, valid JSON."""
+    return parse_json(read_regular(path, _MAX_HEADER_BYTES, what, IndexFormatError), path, what, IndexFormatError)
 
 
 def _dtype_name(dtype) -> str:
@@ -339,6 +330,9 @@ def _bergson_settings(cfg: Mapping):
     if not cfg.get("projection_dim"):
         return None
     out = {k: cfg[k] for k in _BERGSON_PROJ_KEYS if k in cfg}
+    for k, v in out.items():  # bergson's settings are scalars: a YAML alias tree here would expand in json.dumps
+        if v is not None and not isinstance(v, (str, int, float, bool)):
+            raise ValueError(f"{k}: expected a scalar, got a {type(v).__name__}")
     for k, v in _BERGSON_PROJ_DEFAULTS.items():
         out.setdefault(k, v)
     return _projection_dict(out)
@@ -1529,18 +1523,23 @@ class GradientIndex:
         self = cls._blank()
         self.path = p
         self.low_memory = low_memory
-        if (p / HEADER).exists():
-            self._load_gradkit(allow_incomplete=allow_incomplete)
-        else:
-            dirs = _bergson_dirs(p)
-            if dirs:
-                self._check_bergson_finished(p, dirs, allow_incomplete)
-                self._load_bergson(dirs)
+        try:
+            if (p / HEADER).exists():
+                self._load_gradkit(allow_incomplete=allow_incomplete)
             else:
-                hint = " (it holds gradkit shard files: a build that never committed)" \
-                    if (p / SHARD_DIR).is_dir() else ""
-                raise IndexFormatError(f"path: {p} holds no committed index header ({HEADER} for gradkit, info.json "
-                                       f"for bergson){hint}")
+                dirs = _bergson_dirs(p)
+                if dirs:
+                    self._check_bergson_finished(p, dirs, allow_incomplete)
+                    self._load_bergson(dirs)
+                else:
+                    hint = " (it holds gradkit shard files: a build that never committed)" \
+                        if (p / SHARD_DIR).is_dir() else ""
+                    raise IndexFormatError(f"path: {p} holds no committed index header ({HEADER} for gradkit, "
+                                           f"info.json for bergson){hint}")
+        except (OSError, RuntimeError, RecursionError, MemoryError) as e:
+            # the file system's oddities (a symlink loop, a directory where a file belongs, an unreadable file)
+            # and files too large to load: a damaged index, named, rather than the OS's error
+            raise IndexFormatError(f"open: {p} cannot be read as an index ({type(e).__name__}: {e})") from None
         return self
 
     @staticmethod
@@ -1610,8 +1609,9 @@ class GradientIndex:
         for s in shards:
             f = p / str(s["file"])
             m = _SHARD_RE.match(f.name)
-            if not m or f.parent.resolve() != sd:
-                raise IndexFormatError(f"open: unexpected shard file name {s['file']!r} in {p / HEADER}")
+            if not m or f.parent.resolve() != sd or f.resolve().parent != sd:  # a link out of shards/ is refused
+                raise IndexFormatError(f"open: unexpected shard file name {s['file']!r} in {p / HEADER} (shard "
+                                       f"files must be files in {sd}, not links elsewhere)")
             rows = _int_arg(s["rows"], f"shard {s['file']} rows")
             rank_rows[int(m.group(1))] = rank_rows.get(int(m.group(1)), 0) + rows
             need = rows * row_bytes
@@ -1634,7 +1634,7 @@ class GradientIndex:
             parts = []
             for tf in h.get("token_files", []):
                 f = p / str(tf["file"])
-                if not _TOKENS_RE.match(f.name) or f.parent.resolve() != sd:
+                if not _TOKENS_RE.match(f.name) or f.parent.resolve() != sd or f.resolve().parent != sd:
                     raise IndexFormatError(f"open: unexpected token file name {tf['file']!r}")
                 e = _int_arg(tf["examples"], "token file examples")
                 if not f.exists() or f.stat().st_size < e * 8:
@@ -1644,6 +1644,10 @@ class GradientIndex:
                                            f"says {e} examples = {e * 8} bytes")
                 parts.append(np.fromfile(f, dtype="<i8", count=e))
                 r = int(_TOKENS_RE.match(f.name).group(1))
+                if parts[-1].size and (int(parts[-1].min()) < 0 or int(parts[-1].max()) > rank_rows.get(r, 0)):
+                    # checked before the sum, which would wrap in int64 for counts near 2^63
+                    raise IndexFormatError(f"open: token count file {f} holds counts outside [0, {rank_rows.get(r, 0)}] "
+                                           f"(rank {r}'s rows)")
                 if int(parts[-1].sum()) != rank_rows.get(r, 0):  # each rank's tokens are its own rows
                     raise IndexFormatError(f"open: token count file {f} counts {int(parts[-1].sum())} tokens but "
                                            f"rank {r}'s shards hold {rank_rows.get(r, 0)} rows")
@@ -1679,7 +1683,10 @@ class GradientIndex:
             gs = info["grad_sizes"]
             if not isinstance(gs, dict):
                 raise IndexFormatError(f"open: grad_sizes in {dd / 'info.json'} is not a dict")
-            mods = _check_modules(gs)
+            try:
+                mods = _check_modules(gs)
+            except (TypeError, ValueError) as e:
+                raise IndexFormatError(f"open: grad_sizes in {dd / 'info.json'}: {e}") from None
             if grad_sizes0 is None:
                 grad_sizes0 = mods
             elif list(mods.items()) != list(grad_sizes0.items()):
@@ -1720,9 +1727,13 @@ class GradientIndex:
                 op = dd / "offsets.npy"
                 if not op.exists():
                     raise IndexFormatError(f"open: per-token bergson index {dd} lacks offsets.npy")
-                try:
-                    offs = np.load(op, allow_pickle=False)
-                except ValueError as e:
+                check_regular(op, "open", IndexFormatError)
+                try:  # mapped, so a header claiming a huge shape is checked against the file, not allocated
+                    offs = np.load(op, allow_pickle=False, mmap_mode="r")
+                    if offs.nbytes > op.stat().st_size:
+                        raise ValueError("its header claims more data than the file holds")
+                    offs = np.array(offs)
+                except (ValueError, OSError, MemoryError) as e:
                     raise IndexFormatError(f"open: {op} is not a plain numpy array ({e})") from None
                 if offs.ndim != 1 or offs.dtype.kind not in "iu" or len(offs) < 1 or offs[0] != 0 \
                         or int(offs[-1]) != num or (np.diff(offs) < 0).any():
@@ -1807,14 +1818,14 @@ class GradientIndex:
             import yaml
         except ImportError:  # pragma: no cover
             return None
+        check_regular(f, "open", IndexFormatError)  # a FIFO / device in its place is refused, not read
         try:
-            with open(f) as fh:
-                cfg = yaml.safe_load(fh)
+            cfg = yaml.safe_load(read_regular(f, 1 << 20, "open", IndexFormatError))
+            if not isinstance(cfg, dict):
+                return None
+            return _bergson_settings(cfg)
         except Exception:  # noqa: BLE001 - a damaged config only loses the projection check
             return None
-        if not isinstance(cfg, dict):
-            return None
-        return _bergson_settings(cfg)
 
     # ------------------------------------------------------------------ row access
 

@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from gradkit import ops
-from gradkit._io import write_dir_atomic, write_safetensors
+from gradkit._io import check_regular, parse_json, read_regular, write_dir_atomic, write_safetensors
 from gradkit._unwrap import unwrap_model
 
 REPRS = ("all", "mask", "bitmask", "indices")
@@ -78,6 +78,8 @@ def _check_shape(where: str, shape: Any) -> Tuple[int, ...]:
     if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                        for d in shape):
         raise ValueError(f"{where}['shape']: expected a list of non-negative ints, got {shape!r}")
+    if math.prod(int(d) for d in shape) > (1 << 63) - 1:
+        raise ValueError(f"{where}['shape']: {list(shape)} has more than 2^63 - 1 elements")
     return tuple(int(d) for d in shape)
 
 
@@ -747,14 +749,13 @@ class ParamMap:
         from safetensors.torch import load as st_load
 
         directory = os.fspath(directory)
+        if not os.path.isdir(directory):
+            raise ValueError(f"directory: {directory!r} is not a directory")
         cfg_path = os.path.join(directory, CONFIG)
-        try:
-            with open(cfg_path) as f:
-                cfg = json.load(f)
-        except FileNotFoundError:
-            raise ValueError(f"directory: no {CONFIG} in {directory!r}") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{cfg_path}: not valid JSON ({exc})") from None
+        if not os.path.lexists(cfg_path):
+            raise ValueError(f"directory: no {CONFIG} in {directory!r}")
+        # a regular file (a FIFO would block, a link to /dev/zero never end) of at most 64 MiB, valid UTF-8 JSON
+        cfg = parse_json(read_regular(cfg_path, 1 << 26, "directory"), cfg_path, "directory")
         mapping = cfg.get("mapping") if isinstance(cfg, dict) else None
         if not isinstance(mapping, dict) or not isinstance(mapping.get("param_map"), list):
             raise ValueError(f"{cfg_path}: no 'mapping' section with a 'param_map' list")
@@ -771,6 +772,10 @@ class ParamMap:
                 raise ValueError(f"{cfg_path}: mapping.{field}={fn!r} is not safetensors; gradkit never unpickles "
                                  "files (re-save the map with safetensors)")
             path = os.path.join(directory, fn)
+            if os.path.dirname(os.path.realpath(path)) != os.path.realpath(directory):
+                raise ValueError(f"{path}: links outside {directory!r} (mapping.{field} must be a file of the map's "
+                                 "own directory)")
+            check_regular(path, path)  # not a FIFO / device
             try:
                 with open(path, "rb") as f:
                     data = f.read()
@@ -829,11 +834,13 @@ class ParamMap:
         pm = cls._from_entries(entries)
         gk = mapping.get("gradkit") if isinstance(mapping.get("gradkit"), dict) else {}
         want = gk.get("hash")
-        if want is not None:
-            if gk.get("entries_sha256") == _entries_digest(mapping["param_map"]) and set(sums) == set(tensors_files):
-                pm._hash = want  # entries and every tensor file are byte-identical to what was hashed at save
-            elif want != pm.hash:
-                raise ValueError(f"{cfg_path}: the loaded map's hash differs from the one recorded at save (edited)")
+        if want is not None and not isinstance(want, str):
+            raise ValueError(f"{cfg_path}: mapping.gradkit.hash is not a string")
+        if want is not None and not (gk.get("entries_sha256") == _entries_digest(mapping["param_map"])
+                                     and set(sums) == set(tensors_files)) and want != pm.hash:
+            raise ValueError(f"{cfg_path}: the loaded map's hash differs from the one recorded at save (edited)")
+        # the recorded hash is never adopted (session 34): anyone can recompute entries_sha256 and the crc32s, so an
+        # edited file could make two different maps report one hash; pm.hash is computed from the selection itself
         return pm
 
 

@@ -44,7 +44,7 @@ from typing import (
 import torch
 from torch import Tensor, nn
 
-from gradkit._io import _fsync_dir
+from gradkit._io import _fsync_dir, check_regular, parse_json, read_regular
 from gradkit._rules import all_finite
 from gradkit.kernels.reference.scope import byte_span
 from gradkit.obs import baselines, metrics
@@ -751,9 +751,8 @@ class _Checkpoint:
                     pass
 
     def _load(self) -> None:
-        try:
-            with open(self.path, "r", encoding="utf-8") as f:
-                state = json.load(f)
+        try:  # a regular file (a FIFO blocks, a link to /dev/zero never ends) of at most 64 MiB, valid JSON
+            state = parse_json(read_regular(self.path, 1 << 26, "checkpoint"), self.path, "checkpoint")
         except (OSError, ValueError) as e:
             raise CheckpointError(f"checkpoint {self.path!r} is unreadable or corrupt ({e}); delete the directory or "
                                   "pass resume=False to start over") from None
@@ -799,10 +798,11 @@ class _Checkpoint:
             crc = int(e["crc32"])
             if not isinstance(fname, str) or os.path.basename(fname) != fname:
                 raise ValueError("bad file name")
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: a crc32 of Infinity
             raise CheckpointError(f"checkpoint {self.path!r}: the entry of layer {name!r} is malformed") from None
         path = os.path.join(self.dir, fname)
         try:
+            check_regular(path, "checkpoint", OSError)  # not a FIFO / device
             with open(path, "rb") as f:
                 raw = f.read()
         except OSError as err:
