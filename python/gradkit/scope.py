@@ -45,6 +45,7 @@ using the pruned one. Prune after ``backward()`` / ``step()``, or build a fresh 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -214,7 +215,7 @@ class View:
                 raise ValueError(f"View reaches outside its parameter: linear offset {top} >= param.numel() "
                                  f"{param.numel()} (param shape {tuple(param.shape)}, view shape {shape}, "
                                  f"stride {stride}, offset {offset})")
-            reach = -1
+            reach = 0  # the span covered so far (an axis of stride <= it revisits an element; 0: nothing yet)
             for s, d in sorted((sd for sd in zip(shape, stride) if sd[0] > 1), key=lambda sd: sd[1]):
                 if d <= reach:
                     raise ValueError(f"View: shape {shape} with stride {stride} covers some elements twice")
@@ -377,7 +378,7 @@ class BlockSpec(SparseBlock):
         if len(shape) != self.view.ndim:
             raise ValueError(f"BlockSpec {name or ''}: block shape {shape} has {len(shape)} dims but the tensor "
                              f"is {self.view.ndim}-D {self.view.shape}")
-        shape = tuple(self.view.shape[i] if b == -1 else b for i, b in enumerate(shape))
+        shape = tuple(max(1, self.view.shape[i]) if b == -1 else b for i, b in enumerate(shape))  # -1 of a 0 dim: 1
         for i, (n, b) in enumerate(zip(self.view.shape, shape)):
             if b < 1 or n % b:
                 raise ValueError(f"BlockSpec {name or ''}: dim {i}: size {n} not divisible by block shape[{i}]={b}")
@@ -484,7 +485,9 @@ class BlockSpec(SparseBlock):
         precision); NaN thresholds are refused."""
         self._check_grid(thresholds, "thresholds")
         _check_thresholds(thresholds)
-        keep = _at_least(self.norms(values, p), thresholds)
+        # float32 norms for half weights (_rank_norms), as the couplings compare: a norm rounded to bf16 / fp16
+        # first could keep a block below its threshold or zero one above it
+        keep = _at_least(self._rank_norms(values, p), thresholds)
         ops.block_apply_mask_(self.view.data, self.shape, keep)
         return keep
 
@@ -746,15 +749,16 @@ class SparseScope:
         that ``sparsity``'s own rounding could move onto an integer counts as that integer (``0.29`` of 100
         blocks prunes 29, ``1 / 3`` of 3 prunes 1; SparseKit's ``int(0.29 * 100)`` is 28, the float product
         being 28.999999999999996)."""
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= 1 \
+        if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0 <= sparsity <= 1 \
                 or math.isnan(sparsity):
             raise ValueError(f"sparsity: expected a number in [0, 1], got {sparsity!r}")
         n = self.numblk_per_scope()
         return max(n - floor_count(n, sparsity), 0)
 
     def _check_nnz(self, nnz) -> int:
-        if isinstance(nnz, bool) or not isinstance(nnz, int):
+        if isinstance(nnz, bool) or not isinstance(nnz, numbers.Integral):  # numpy ints too, as the ops take them
             raise TypeError(f"nnz: expected an int, got {type(nnz).__name__}")
+        nnz = int(nnz)
         n = self.numblk_per_scope()
         if not 0 <= nnz <= n:
             raise ValueError(f"nnz: expected 0 <= nnz <= {n} (blocks per scope), got {nnz}")
@@ -778,7 +782,7 @@ class ScopeSpec(SparseScope):
         if len(shape) != len(g):
             raise ValueError(f"ScopeSpec {name or ''}: scope shape {shape} has {len(shape)} dims but the block grid "
                              f"{g} has {len(g)}")
-        shape = tuple(g[i] if s == -1 else s for i, s in enumerate(shape))
+        shape = tuple(max(1, g[i]) if s == -1 else s for i, s in enumerate(shape))  # -1 of an empty grid dim: 1
         for i, (n, s) in enumerate(zip(g, shape)):
             if s < 1 or n % s:
                 raise ValueError(f"ScopeSpec {name or ''}: dim {i}: block grid {g} not divisible by scope shape "
@@ -841,17 +845,20 @@ class ScopeSpec(SparseScope):
     def mid_kth_largest(self, element_values: Values = None, nnz: int = 1, k_weight: float = 1.0,
                         p: float = 2) -> Tensor:
         """Per scope, ``(v_nnz + k_weight * v_{nnz+1}) / (1 + k_weight)`` of the block norms."""
-        if isinstance(nnz, bool) or not isinstance(nnz, int) or not 1 <= nnz < self.numblk_per_scope():
+        if isinstance(nnz, bool) or not isinstance(nnz, numbers.Integral) or not 1 <= nnz < self.numblk_per_scope():
             raise ValueError(f"nnz: expected 1 <= nnz < {self.numblk_per_scope()}, got {nnz!r}")
+        nnz = int(nnz)
         return self._kth(element_values, nnz, p, mid=True, k_weight=k_weight)
 
     kth_mid = mid_kth_largest
 
     def _kth(self, values, k, p, mid, k_weight):
         spec = self._single()
-        if spec is not None:
+        if spec is not None and spec.resolve(values).dtype not in (torch.float16, torch.bfloat16):
             return ops.scope_kth(spec.resolve(values), spec.shape, self.shape, k, p=p, k_weight=k_weight, mid=mid)
-        g = self.block.norms(values, p)
+        # half weights: the float32 norms (as ScopeCoupling.kth_largest and hard_threshold compare), so that
+        # hard_threshold(thresholds=kth_largest(k)) keeps the k blocks whose norms rank first
+        g = self.block._rank_norms(values, p) if spec is not None else self.block.norms(values, p)
         return ops.scope_kth(g, [1] * g.dim(), self.shape, k, p=p, raw=True, k_weight=k_weight, mid=mid)
 
     def block_keep(self, nnz: int, values: Values = None, block_scores: Optional[Tensor] = None,
@@ -1022,8 +1029,9 @@ class ScopeCoupling(SparseScope):
 
     def mid_kth_largest(self, k: int, values: Values = None, k_weight: float = 1.0, p: float = 2) -> Tensor:
         n = self.numblk_per_scope()
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k < n:
             raise ValueError(f"k: expected 1 <= k < {n}, got {k!r}")
+        k = int(k)
         b = self.block_norms(values, p)
         return ops.scope_kth(b, [1] * b.dim(), [1] * (b.dim() - 1) + [b.shape[-1]], k, raw=True, mid=True,
                              k_weight=k_weight).squeeze(-1)
@@ -1168,9 +1176,12 @@ def check_nm(mask: Tensor, n: int, m: int) -> None:
     keeps at most ``n`` (the layout ``torch.sparse.to_sparse_semi_structured`` needs for 2:4)."""
     if mask.dtype != torch.bool:
         raise TypeError(f"mask: expected a bool tensor, got {mask.dtype}")
+    n, m = ops._int(n, "n"), ops._int(m, "m")
+    if m < 1 or not 0 <= n <= m:
+        raise ValueError(f"n, m: expected 0 <= n <= m and m >= 1, got {n}:{m}")
     if mask.dim() < 1 or mask.shape[-1] % m:
         raise ValueError(f"mask: last dim {tuple(mask.shape)[-1:]} is not a multiple of m={m}")
-    counts = mask.reshape(*mask.shape[:-1], -1, m).sum(-1)
+    counts = mask.reshape(*mask.shape[:-1], mask.shape[-1] // m, m).sum(-1)  # (an empty mask too)
     if counts.numel() and int(counts.max()) > n:
         raise ValueError(f"mask: a group of {m} keeps {int(counts.max())} > {n} elements")
 

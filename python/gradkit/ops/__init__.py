@@ -494,7 +494,7 @@ def _check_layout(x: torch.Tensor, block_shape, scope_shape=None):
 
 
 def _check_p(p) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not (p > 0):
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not (p > 0):  # numpy scalars too
         raise ValueError(f"p: expected a positive number or inf, got {p!r}")
     return float(p)
 
