@@ -5,7 +5,11 @@ HYPOTHESIS_PROFILE=ci (default: bounded, derandomised) or deep (run by hand:
 """
 import contextlib
 import os
+import random
+import zlib
 
+import numpy as np
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -23,6 +27,17 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 import gradkit  # noqa: E402,F401  (GRADKIT_REQUIRE_EXT=1 makes a broken build fail here)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rngs(request):
+    """Every test starts from global torch / numpy / random states seeded by its own node id: tests that draw
+    from the global generators see the same data on every run (as hypothesis's derandomised `ci` profile does),
+    so CI cannot flake on an unlucky draw (session 34 saw one), and a failure reproduces with the test alone."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def _cpu_flags():
