@@ -1,4 +1,5 @@
-"""`gradkit` command line: `gradkit bench [...]` runs the benchmark harness of a source checkout;
+"""`gradkit` command line: `gradkit bench [...]` runs the benchmark harness of a source checkout
+(every argument after `bench`, `--help` included, goes to `benchmarks/run.py`);
 `gradkit info` prints what was built and which backend is active."""
 from __future__ import annotations
 
@@ -8,6 +9,17 @@ import runpy
 import sys
 
 
+def _exit_status(code) -> int:
+    """The process status ``sys.exit(code)`` would give: None 0, an int itself, anything else (a message)
+    printed to stderr and 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int) and not isinstance(code, bool):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
 def _bench(rest) -> int:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script = os.path.join(root, "benchmarks", "run.py")
@@ -15,11 +27,14 @@ def _bench(rest) -> int:
         print("gradkit bench: needs a source checkout (benchmarks/run.py not found next to the package)",
               file=sys.stderr)
         return 2
-    sys.argv = [script] + list(rest)
+    argv = sys.argv
+    sys.argv = [script] + list(rest)  # put back below: an in-process main() leaves the caller's argv alone
     try:
         runpy.run_path(script, run_name="__main__")
     except SystemExit as exc:
-        return int(exc.code or 0)
+        return _exit_status(exc.code)
+    finally:
+        sys.argv = argv
     return 0
 
 
@@ -41,11 +56,17 @@ def _info() -> int:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(prog="gradkit")
-    ap.add_argument("command", choices=["bench", "info"])
-    args, rest = ap.parse_known_args(argv)
-    return _bench(rest) if args.command == "bench" else _info()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":  # everything after it is the runner's, `-h` too
+        return _bench(argv[1:])
+    ap = argparse.ArgumentParser(prog="gradkit", description="gradkit's command line")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{bench,info}")
+    sub.add_parser("bench", help="run the benchmark harness (`gradkit bench --help` lists its options)")
+    sub.add_parser("info", help="print what was built and which backend is active")
+    args = ap.parse_args(argv)  # an unknown command or a stray argument is a usage error (status 2)
+    if args.command == "bench":  # `gradkit -- bench`
+        return _bench([])
+    return _info()
 
 
 if __name__ == "__main__":

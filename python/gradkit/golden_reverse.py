@@ -23,7 +23,8 @@ import itertools
 import math
 import numbers
 import re
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -377,29 +378,60 @@ def _restored_on_error(obj: object, active: bool = True) -> Iterator[None]:
         raise
 
 
-def _check_masks(named: Mapping[str, nn.Parameter], masks: Mapping[str, torch.Tensor]) -> None:
+def _check_model(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+
+
+def _aliases(model: nn.Module) -> Dict[str, str]:
+    """{alias: name} for parameters registered under more than one name (tied weights): ``named_parameters()``
+    lists such a tensor once, under its first name."""
+    first: Dict[int, str] = {id(p): n for n, p in model.named_parameters()}
+    return {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n}
+
+
+def _check_masks(model: nn.Module, masks: Mapping[str, object]) -> List[Tuple[nn.Parameter, torch.Tensor]]:
+    """(parameter, dense bool mask on any device) per entry of ``masks``. A mask may be a bool tensor, a
+    ``gradkit.golden.Bitmask`` (a ``MaskSet``'s entries) or a torch sparse COO tensor (GoldenParams' saved
+    masks; stored non-zero values are set); a tied parameter may be named by any of its names."""
+    _check_model(model)
     if not isinstance(masks, Mapping):
         raise TypeError(f"masks: expected a mapping name -> bool tensor, got {type(masks).__name__}")
+    named = dict(model.named_parameters(remove_duplicate=False))
     unknown = [n for n in masks if n not in named]
     if unknown:
         raise ValueError(f"masks: unknown parameter names {unknown[:5]}")
+    Bitmask = _golden().Bitmask
+    out = []
     for n, m in masks.items():
-        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != named[n].shape:
-            raise ValueError(f"masks: {n!r} needs a bool tensor of shape {tuple(named[n].shape)}, got "
-                             f"{type(m).__name__} {getattr(m, 'dtype', '')} {getattr(m, 'shape', '')}")
+        shape = tuple(named[n].shape)
+        if isinstance(m, Bitmask) or (isinstance(m, torch.Tensor) and m.layout == torch.sparse_coo):
+            try:
+                m = Bitmask.coerce(m, shape, what=f"masks[{n!r}]").to_bool()
+            except (TypeError, ValueError) as e:
+                raise ValueError(str(e) if str(e).startswith("masks") else f"masks[{n!r}]: {e}") from None
+        elif not isinstance(m, torch.Tensor) or m.layout != torch.strided or m.dtype != torch.bool \
+                or tuple(m.shape) != shape:
+            raise ValueError(f"masks: {n!r} needs a bool tensor (or a Bitmask / sparse COO mask) of shape {shape}, "
+                             f"got {type(m).__name__} {getattr(m, 'dtype', '')} {getattr(m, 'shape', '')}")
+        out.append((named[n], m))
+    return out
 
 
 @contextlib.contextmanager
-def zeroed_params(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Iterator[None]:
+def zeroed_params(model: nn.Module, masks: Mapping[str, object]) -> Iterator[None]:
     """Zero the masked entries of the named parameters in place (under ``no_grad``) inside the
-    block; on exit (also on an exception) the saved values are written back, bit for bit."""
-    named = dict(model.named_parameters())
-    _check_masks(named, masks)
+    block; on exit (also on an exception) the saved values are written back, bit for bit.
+
+    ``masks``: {name: mask of the parameter's shape}, a mask being a bool tensor, a
+    ``gradkit.golden.Bitmask`` (so a ``MaskSet`` from ``golden_masks`` / ``load_goldenparams``) or a
+    torch sparse COO tensor (GoldenParams' saved masks); a tied parameter may be named by any of its
+    names. Every mask is checked before the first write."""
+    checked = _check_masks(model, masks)
     saved: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     try:
         with torch.no_grad():
-            for name, mask in masks.items():
-                p = named[name]
+            for p, mask in checked:
                 m = mask.to(p.device)
                 saved.append((p, m, p[m]))  # advanced indexing copies
                 p.masked_fill_(m, 0)
@@ -434,15 +466,15 @@ def _kl_against(model: nn.Module, refs: Sequence[torch.Tensor],
     return total / count
 
 
-def masked_kl(model: nn.Module, masks: Mapping[str, torch.Tensor], batches: Iterable[Batch]) -> float:
+def masked_kl(model: nn.Module, masks: Mapping[str, object], batches: Iterable[Batch]) -> float:
     """``KL(P_original || P_masked)`` (mean over the real tokens of ``batches``) where the masked
-    model has the ``masks`` entries zeroed; in eval mode, no autograd graph, weights restored
-    bit-exactly and modes restored after. NaN when either model's logits hold a NaN at a real token,
-    +inf when the masked model gives log-prob -inf to a token the original gives P > 0
-    (:func:`kl_divergence`'s rules)."""
-    named = dict(model.named_parameters())
-    _check_masks(named, masks)
-    device = next((p.device for p in named.values()), torch.device("cpu"))
+    model has the ``masks`` entries zeroed (masks as :func:`zeroed_params` takes them); in eval mode,
+    no autograd graph, weights restored bit-exactly and modes restored after. NaN when either model's
+    logits hold a NaN at a real token, +inf when the masked model gives log-prob -inf to a token the
+    original gives P > 0 (:func:`kl_divergence`'s rules)."""
+    checked = _check_masks(model, masks)
+    masks = {n: m for n, (_, m) in zip(masks, checked)}  # dense bool, converted once
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     inputs = [_unpack(b, device, "batches") for b in batches]
     if not inputs:
         raise ValueError("batches: empty")
@@ -459,7 +491,9 @@ class ReverseGoldenResult:
     """``masks``: {name: bool tensor of the parameter's shape}, exactly ``percent_to_k(numel, percent)``
     entries each; ``kl``: KL(original || masked) of those masks on the evaluation batches;
     ``history``: ``(iteration, candidate percent, candidate KL)`` per chunk;
-    ``summary``: {name: {"numel", "active", "density"}}."""
+    ``summary``: {name: {"numel", "active", "density"}};
+    ``no_grad``: the selected parameters that no batch's loss reached (``torch.autograd.grad`` gave
+    None every time): they have no importance to rank, so, as in GoldenParams, no mask and no summary."""
 
     masks: Dict[str, torch.Tensor]
     kl: float
@@ -467,6 +501,7 @@ class ReverseGoldenResult:
     summary: Dict[str, Dict[str, float]]
     percent: float
     strategy: str
+    no_grad: List[str] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -510,7 +545,7 @@ def _exact_k(candidate: torch.Tensor, importance: torch.Tensor, k: int) -> torch
     return out.reshape(candidate.shape)
 
 
-def _select(named: Mapping[str, nn.Parameter], params: Optional[Iterable[str]]) -> List[str]:
+def _select(model: nn.Module, named: Mapping[str, nn.Parameter], params: Optional[Iterable[str]]) -> List[str]:
     if params is None:
         names = [n for n, p in named.items() if p.requires_grad]
         if not names:
@@ -521,6 +556,11 @@ def _select(named: Mapping[str, nn.Parameter], params: Optional[Iterable[str]]) 
         raise ValueError("params: empty selection")
     unknown = [n for n in names if n not in named]
     if unknown:
+        aliases = _aliases(model)
+        tied = [f"{n!r} is tied to {aliases[n]!r}" for n in unknown if isinstance(n, str) and n in aliases]
+        if tied:
+            raise ValueError(f"params: {'; '.join(tied[:5])} (a parameter shared under several names is "
+                             "selected, and its mask returned, under its first name)")
         raise ValueError(f"params: unknown parameter names {unknown[:5]}")
     frozen = [n for n in names if not named[n].requires_grad]
     if frozen:
@@ -567,15 +607,22 @@ def reverse_golden_masks(
     ``seed`` also seeds the torch RNG the gradient passes draw from (dropout in a model left in
     training mode), inside a forked RNG state: the same inputs and ``seed`` give the same masks,
     and the caller's global RNG state is left untouched.
+    A selected parameter that receives no gradient in any batch (unused by ``loss_fn``) gets no mask
+    (it is listed in ``result.no_grad``, with a ``RuntimeWarning``); none receiving one is a ``ValueError``.
+    Tied parameters are selected once, under ``named_parameters()``'s (first) name.
     Gradient passes run in the model's own mode, scoring in eval mode; modes, ``requires_grad``
     and (bit-exactly) the weights are as before afterwards. Bad arguments raise ``ValueError``
     before the model is touched; NaN importance raises ``ValueError`` naming the parameter.
     """
+    _check_model(model)
     percent = _check_percent(percent, "percent")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed: expected an int, got {seed!r}")
+    if not -2 ** 63 <= seed < 2 ** 64:  # what torch.Generator.manual_seed takes
+        raise ValueError(f"seed: expected an int in [-2**63, 2**64), got {seed!r}")
+    seed = int(seed)  # numpy integers too
     if loss_fn is not None and not callable(loss_fn):
         raise ValueError(f"loss_fn: expected None or a callable(model, batch) -> scalar loss, got {loss_fn!r}")
     if not isinstance(progress, bool):
@@ -591,7 +638,7 @@ def reverse_golden_masks(
         raise ValueError(f"strategy: expected one of {sorted(STRATEGIES)} or a FluctuationStrategy, "
                          f"got {strategy!r}")
     named = dict(model.named_parameters())
-    selected = _select(named, params)
+    selected = _select(model, named, params)
     device = named[selected[0]].device
     loss_fn = _next_token_loss if loss_fn is None else loss_fn
 
@@ -621,6 +668,7 @@ def reverse_golden_masks(
     tensors = [named[n] for n in selected]
     acc = {n: torch.zeros(named[n].shape, dtype=torch.float32, device=named[n].device) for n in selected}
     history: List[Tuple[int, float, float]] = []
+    got_grad: set = set()
     best_kl, best_masks = -math.inf, None
     current = percent
     chunks = itertools.chain([first], iter(lambda: list(itertools.islice(stream, chunk_size)), []))
@@ -638,14 +686,16 @@ def reverse_golden_masks(
                         if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
                             raise ValueError("loss_fn: must return a scalar tensor that requires grad")
                         grads = torch.autograd.grad(loss.reshape(()), tensors, allow_unused=True)
-                    for a, g in zip(acc.values(), grads):
+                    for n, g in zip(selected, grads):
                         if g is not None:
-                            a.add_(g.detach().abs().float())
+                            acc[n].add_(g.detach().abs().float())
+                            got_grad.add(n)
                     del loss, grads
                 for n, a in acc.items():
                     if bool(torch.isnan(a).any()):
                         raise ValueError(f"params: NaN gradient importance for {n!r}")
-                candidate = {n: topk_mask(a, current) for n, a in acc.items()}
+                # a parameter no gradient has reached yet has no importance to rank: it is not masked
+                candidate = {n: topk_mask(a, current) for n, a in acc.items() if n in got_grad}
                 kl = score(candidate)
                 if math.isnan(kl):
                     raise ValueError(f"model: the KL of the iteration-{it} candidate ({current:.6g}%) is NaN "
@@ -660,12 +710,21 @@ def reverse_golden_masks(
                 bar.update(1)
                 bar.set_postfix(percent=f"{history[-1][1]:.3g}", kl=f"{kl:.4g}", best=f"{best_kl:.4g}")
 
-        final = {n: _exact_k(best_masks[n], acc[n], percent_to_k(acc[n].numel(), percent))
-                 for n in selected}
+        no_grad = [n for n in selected if n not in got_grad]
+        if len(no_grad) == len(selected):
+            raise ValueError(f"loss_fn: no selected parameter received a gradient in any batch "
+                             f"(params: {selected[:5]}{' ...' if len(selected) > 5 else ''})")
+        final = {n: _exact_k(best_masks[n] if n in best_masks else torch.zeros_like(acc[n], dtype=torch.bool),
+                             acc[n], percent_to_k(acc[n].numel(), percent))
+                 for n in selected if n in got_grad}
         summary = {}
         for n, m in final.items():
             active = int(m.sum())
             summary[n] = {"numel": m.numel(), "active": active, "density": active / m.numel() if m.numel() else 0.0}
         kl = score(final)
+    if no_grad:
+        warnings.warn(f"reverse_golden_masks: {len(no_grad)} selected parameter(s) received no gradient from "
+                      f"loss_fn in any batch and have no mask (result.no_grad): {no_grad[:5]}",
+                      RuntimeWarning, stacklevel=2)
     return ReverseGoldenResult(masks=final, kl=kl, history=history, summary=summary,
-                               percent=percent, strategy=strategy_name)
+                               percent=percent, strategy=strategy_name, no_grad=no_grad)
