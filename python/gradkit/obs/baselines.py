@@ -32,8 +32,8 @@ from gradkit.obs.metrics import (
     _check_finite,
     _check_hessian,
     _cholesky,
+    _damped_hessian,
     cast_finite,
-    damped_hessian,
 )
 
 __all__ = ["sparsegpt", "magnitude", "obd"]
@@ -326,7 +326,7 @@ def _sparsegpt(lay: ObsLayout, hessian: Tensor, nnz: int, damp: float, blocksize
                dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     m, k = lay.M, lay.K
     dev = lay.weight.device
-    hd, lam = damped_hessian(hessian.to(dev), damp, dtype)
+    hd, lam = _damped_hessian(hessian.to(dev), damp, dtype)
     # U, the upper Cholesky factor of H^-1 (H^-1 = U^T U), straight from a factor of H: with J the index reversal,
     # J H J = L L^T gives H^-1 = J L^-T L^-1 J = U^T U for U = J L^-1 J (upper, positive diagonal: by uniqueness
     # the factor itself). One Cholesky and one triangular inverse: half the flops of factoring H, inverting it
