@@ -36,6 +36,7 @@ import torch
 
 from gradkit import ops
 from gradkit.ops import _flag, _int
+from gradkit.kernels.reference.projection import f64_row_scale
 
 __all__ = ["KINDS", "derive_seed", "projection_matrix", "project", "factored_project", "AdafactorNormalizer",
            "AdamNormalizer", "MATRIX_CACHE_BYTES", "clear_matrix_cache"]
@@ -137,20 +138,13 @@ def _as_tensor(chunk, what: str) -> torch.Tensor:
     return t
 
 
-_F32_MAX = float(torch.finfo(torch.float32).max)
-
-
 def _project_f64_chunk(t: torch.Tensor, k: int, seed: int, kd: int, c0: int) -> torch.Tensor:
     """One float64 column chunk's partial projection, in float64. A chunk's float32 partial could be +-inf where the
     whole row's projection is finite (+v in one chunk, -v in the next, past float32's range: inf - inf = NaN), or
-    lose tiny values to subnormals: each row is divided by the power of two csrc/project_wide.h would use (1 for rows
-    within range, NaN / Inf rows and zero rows), projected, and multiplied back in float64. No data-dependent branch
-    (torch.compile traces it as is)."""
-    lo, hi = torch.aminmax(t.detach(), dim=1)
-    amax = torch.maximum(-lo, hi)
-    need = torch.isfinite(amax) & ((amax > _F32_MAX) | ((amax < 2.0 ** -100) & (amax > 0)))
-    ex = torch.frexp(amax)[1].to(torch.float64)
-    up = torch.pow(2.0, torch.where(need, ex - 64.0, torch.zeros_like(ex)))[:, None]
+    lose tiny values to subnormals: each row is divided by ``f64_row_scale``'s power of two (1 for rows within range,
+    NaN / Inf rows and zero rows), projected, and multiplied back in float64. No data-dependent branch (torch.compile
+    traces it as is)."""
+    up = f64_row_scale(t)[1]
     return ops.project_flat(t / up, k, seed, kd, c0).to(torch.float64) * up
 
 

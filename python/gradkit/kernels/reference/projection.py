@@ -74,6 +74,27 @@ def inv_sqrt_k(k: int) -> float:
     return 1.0 / math.sqrt(float(k))
 
 
+F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def f64_row_scale(x: torch.Tensor):
+    """The row-scaling rule for float64 inputs of a flat projection (csrc/project_wide.h holds the C++ copy for the
+    CPU and CUDA kernels). Every kernel converts x to float32 before multiplying: a finite row entry past float32's
+    range would become +-inf (and +v, -v then meet as inf - inf = NaN), and a row whose largest entry is nonzero and
+    under 2**-100 would lose its values to subnormals or 0. Such rows are divided by the power of two (exact) that
+    brings their largest entry to [2**63, 2**64), projected, and their outputs multiplied back in float64.
+
+    Returns ``(wide, up)``: a (B,) bool of the rows that need it, and a (B, 1) float64 of their divisors (1 for
+    every other row: in range, all-zero, or holding NaN / Inf, which propagate). One min / max reduction (no |x|
+    copy), no data-dependent branch."""
+    lo, hi = torch.aminmax(x.detach(), dim=1)
+    amax = torch.maximum(-lo, hi)  # max |x| of each row (NaN: NaN)
+    wide = ((amax > F32_MAX) | ((amax < 2.0 ** -100) & (amax > 0))) & torch.isfinite(amax)
+    ex = torch.frexp(amax)[1].to(torch.float64)  # amax = m 2**ex, 0.5 <= m < 1
+    up = torch.pow(2.0, torch.where(wide, ex - 64.0, torch.zeros_like(ex)))[:, None]
+    return wide, up
+
+
 def _check(seed: int, kind: int, k: int) -> None:
     if k <= 0:
         raise ValueError(f"k: must be positive, got {k}")

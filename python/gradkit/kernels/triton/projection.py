@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gradkit.kernels.reference.projection import GOLDEN, MIX_A, MIX_B, ROW_C, _s64, inv_sqrt_k
+from gradkit.kernels.reference.projection import GOLDEN, MIX_A, MIX_B, ROW_C, _s64, f64_row_scale, inv_sqrt_k
 from gradkit.kernels.triton import interpreting, on_tensor_device
 
 _MIX_A = _s64(MIX_A)
@@ -238,24 +238,14 @@ def projection_matrix_(out: torch.Tensor, seed: int, kind: int, k: int, row0: in
                          BLOCK_R=BR, BLOCK_C=BC, MA=_MIX_A, MB=_MIX_B, RC=_ROW_C, G=_GOLDEN)
 
 
-_F32_MAX = float(torch.finfo(torch.float32).max)
-
-
 def _wide_rows(x: torch.Tensor, k: int, seed: int, kind: int, col0: int):
-    """csrc/project_wide.h's rule for this launcher: float64 rows holding finite values past float32's range, or
-    whose largest entry is nonzero and under 2**-100, are divided by a power of two (exact) that brings their largest
-    entry to [2**63, 2**64), projected, and their outputs multiplied back in float64 (the kernel converts x to
-    float32, which would make such values +-inf, so that +v, -v meet as inf - inf = NaN, or flush tiny ones to
-    subnormals / 0). None when x is not float64 or no row needs it. One min / max reduction (no |x| copy)."""
+    """``f64_row_scale``'s rule (the kernel converts x to float32) for this launcher: None when x is not float64 or
+    no row needs scaling, else the projection of the scaled rows, scaled back in float64."""
     if x.dtype != torch.float64 or x.numel() == 0:
         return None
-    lo, hi = torch.aminmax(x, dim=1)
-    amax = torch.maximum(-lo, hi)
-    wide = ((amax > _F32_MAX) | ((amax < 2.0 ** -100) & (amax > 0))) & torch.isfinite(amax)
+    wide, up = f64_row_scale(x)
     if not bool(wide.any()):
         return None
-    ex = torch.frexp(amax)[1].to(torch.float64)
-    up = torch.pow(2.0, torch.where(wide, ex - 64.0, torch.zeros_like(ex)))[:, None]
     return (project_flat(x / up, k, seed, kind, col0).double() * up).float()
 
 
