@@ -630,11 +630,16 @@ def _data_digest(batches: list) -> str:
     dist = _dist()
     if dist is None:
         return local
-    ddev = _dist_device(dist)
-    mine = torch.tensor(list(bytes.fromhex(local)), dtype=torch.uint8, device=ddev)
-    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, mine)
-    return hashlib.sha256(b"".join(bytes(p.cpu().tolist()) for p in parts)).hexdigest()
+    parts = _gather_ints(dist, list(bytes.fromhex(local)), torch.uint8)
+    return hashlib.sha256(b"".join(bytes(p) for p in parts)).hexdigest()
+
+
+def _gather_ints(dist, values: Sequence[int], dtype: torch.dtype = torch.int64) -> List[List[int]]:
+    """Every rank's ``values`` (the same length on each), in rank order: one all_gather on the group's device."""
+    mine = torch.tensor(list(values), dtype=dtype, device=_dist_device(dist))
+    got = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(got, mine)
+    return [g.cpu().tolist() for g in got]
 
 
 def _name_of(fn) -> str:
@@ -913,12 +918,8 @@ def _agreed_order(layers, ordered) -> List[Tuple[str, nn.Linear]]:
         return ordered
     names = [n for n, _ in layers]
     pos = {n: i for i, (n, _) in enumerate(ordered)}
-    mine = torch.tensor([pos.get(n, -1) for n in names], dtype=torch.int64, device=_dist_device(dist))
-    got = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(got, mine)
     by, out, seen = dict(layers), [], set()
-    for g in got:
-        g = g.cpu().tolist()
+    for g in _gather_ints(dist, [pos.get(n, -1) for n in names]):
         for i in sorted((i for i in range(len(names)) if g[i] >= 0), key=lambda i: g[i]):
             if names[i] not in seen:
                 seen.add(names[i])
@@ -935,10 +936,7 @@ def _agree_batches(err: Optional[BaseException]) -> None:
         if err is not None:
             raise err
         return
-    flag = torch.tensor([0 if err is None else 1], dtype=torch.int64, device=_dist_device(dist))
-    got = [torch.empty_like(flag) for _ in range(dist.get_world_size())]
-    dist.all_gather(got, flag)
-    failed = [r for r, g in enumerate(got) if int(g)]
+    failed = [r for r, g in enumerate(_gather_ints(dist, [0 if err is None else 1])) if g[0]]
     if err is not None:
         raise err
     if failed:
