@@ -59,6 +59,10 @@ wrong or inconsistent (see ``gradkit.scope``):
 * ``SparsityBuilder`` refuses a name that would shadow another block / coupling or scope /
   coupling (SparseKit overwrites or hides it), and a failed ``couple_scopes`` consumes nothing.
 
+``StructuredOBS`` is gradkit's (``gradkit.obs``): SparseKit's arguments and defaults, on these specs; its
+differences are in its docstring (fp32 per-row factors by default, inverse Hessians checked, the weight
+written only on success, row-coupled ``prune`` keeping the coupling, empty weights a no-op).
+
 Kept from SparseKit: any block-shape entry <= 0 spans its whole dim (not only -1); ``kth_largest`` /
 ``mid_kth_largest`` take integer tensors (exact, by ``torch.kthvalue``; mid in float); ``View`` has
 SparseKit's ``block_view_of`` / ``broadcast_block_to_element`` / ``apply_multiplier`` / ``apply_mask``
@@ -75,13 +79,15 @@ import math
 
 from gradkit import ops
 from gradkit import scope as _scope
+from gradkit.obs.structured import StructuredOBS  # SparseKit's ``from sparsekit import StructuredOBS``
 from gradkit.scope import (BlockCoupling, CouplingError, ScopeCoupling, ScopeSpec, ShapeMismatchError, SparseBlock,
                            SparseScope, Values)
 
 SparseKitError = ValueError
 
 __all__ = ["View", "BlockSpec", "BlockCoupling", "ScopeSpec", "ScopeCoupling", "SparsityBuilder", "CouplingError",
-           "ShapeMismatchError", "SparseBlock", "SparseScope", "Values", "kth_largest", "mid_kth_largest"]
+           "ShapeMismatchError", "SparseBlock", "SparseScope", "Values", "kth_largest", "mid_kth_largest",
+           "StructuredOBS"]
 
 
 class View(_scope.View):
@@ -133,6 +139,13 @@ class BlockSpec(_scope.BlockSpec):
     def expand_block_tensor(self, block_values: Tensor) -> Tensor:
         """``block_values`` viewed as the block grid's shape."""
         return block_values.view(self.grid_shape)
+
+    def reduce(self, values: Values, reduce_fn) -> Tensor:
+        """``reduce_fn`` over the ``(B0, b0, B1, b1, ...)`` block view of ``values`` (None: the weights), its
+        result viewed as the block grid (SparseKit's ``BlockSpec.reduce``)."""
+        if not callable(reduce_fn):
+            raise TypeError(f"reduce_fn: expected a callable, got {type(reduce_fn).__name__}")
+        return reduce_fn(self.block_view(values, reorder=False)).view(self.grid_shape)
 
 
 def _check_dim(x: Tensor, dim: Optional[int]) -> None:

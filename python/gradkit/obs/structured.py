@@ -23,6 +23,7 @@ accumulating K x K downdates in fp16.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from itertools import combinations
 from typing import Callable, List, Optional, Union
@@ -33,6 +34,7 @@ from torch import Tensor
 from gradkit import ops
 from gradkit._rules import all_finite
 from gradkit.obs.layout import ObsLayout, obs_layout
+from gradkit.scope import BlockSpec, ScopeSpec
 from gradkit.obs.metrics import dead_diagonal
 from gradkit.obs.metrics import _check_symmetric, cast_finite
 
@@ -64,17 +66,21 @@ def _check_matrix(h, k: Optional[int], what: str) -> Tensor:
 
 
 def _check_nnz(nnz, gs: int) -> int:
-    if isinstance(nnz, bool) or not isinstance(nnz, int):
+    # numpy integers too, as ScopeSpec.get_masks / hard_threshold and the SparseKit peer take them
+    if isinstance(nnz, bool) or not isinstance(nnz, numbers.Integral):
         raise TypeError(f"nnz: expected an int (blocks kept per scope), got {type(nnz).__name__}")
+    nnz = int(nnz)
     if nnz < 0:
         raise ValueError(f"nnz: expected >= 0 blocks kept per scope, got {nnz}")
     return nnz
 
 
 def _damp_value(h: Tensor, damp: float) -> float:
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp < 0:
+    if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not math.isfinite(damp) or damp < 0:
         raise ValueError(f"damp: expected a finite number >= 0, got {damp!r}")
-    return float(damp) * float(torch.diagonal(h).double().mean()) if damp < 1.0 else float(damp)
+    if damp >= 1.0:
+        return float(damp)
+    return float(damp) * float(torch.diagonal(h).double().mean()) if h.shape[0] else 0.0
 
 
 def compute_inverse(hessian: Tensor, damp: float = 1e-4) -> Tensor:
@@ -97,6 +103,32 @@ def compute_inverse(hessian: Tensor, damp: float = 1e-4) -> Tensor:
         raise ValueError(f"hessian: not positive definite even after damping (damp={damp!r} -> {d:.3g} added to "
                          f"the diagonal; leading minor {int(info)} fails); raise damp")
     return torch.cholesky_inverse(L)
+
+
+def _check_inv_h(inv_h, k: int) -> Tensor:
+    """A user's ``(H + damp I)^-1``: square, finite, symmetric and positive definite. An indefinite matrix
+    would otherwise be used silently (its pruned sub-blocks can each be positive definite, so every method
+    ran and compensated with it); one Cholesky, a third of the inversion it replaces."""
+    _check_matrix(inv_h, k, "inv_h")
+    dt = torch.float64 if inv_h.dtype == torch.float64 else torch.float32
+    _, info = torch.linalg.cholesky_ex(inv_h.detach().to(dt))
+    if int(info) != 0:
+        raise ValueError(f"inv_h: is not positive definite (leading minor {int(info)} fails); expected the damped "
+                         f"inverse Hessian (H + damp I)^-1, e.g. StructuredOBS.compute_inverse(H, damp)")
+    return inv_h
+
+
+def _layout(scope) -> ObsLayout:
+    """``obs_layout(scope)``, and the empty layout of a weight without elements (0 rows or 0 columns): such a
+    weight has no scope, so every method is a no-op on it (``obs_layout`` cannot view its empty block grid)."""
+    spec = getattr(scope, "block", None)
+    w = getattr(getattr(spec, "view", None), "param", None)
+    if isinstance(scope, ScopeSpec) and isinstance(spec, BlockSpec) and isinstance(w, Tensor) and w.dim() == 2 \
+            and w.numel() == 0:
+        gs, bk = scope.numblk_per_scope(), spec.numel_per_block()
+        return ObsLayout(weight=w, elems=torch.empty((0, gs, bk), dtype=torch.long, device=w.device),
+                         M=int(w.shape[0]), K=int(w.shape[1]), S=0, gs=int(gs), bk=int(bk), row_coupled=False)
+    return obs_layout(scope)
 
 
 def _progress(progress, total: int, desc: str):
@@ -248,17 +280,19 @@ class StructuredOBS:
         scope: ``gradkit.scope.ScopeSpec`` over one ``BlockSpec`` of a 2-D weight ``(M, K)``.
         hessian: ``(K, K)`` symmetric PSD (``X^T X`` of the layer inputs).
         damp: ridge added to ``H`` before inverting (``< 1``: relative to ``mean(diag(H))``).
-        inv_h: a precomputed ``(H + damp I)^-1`` (skips the inversion).
+        inv_h: a precomputed ``(H + damp I)^-1`` (skips the inversion; refused unless symmetric positive
+            definite, checked by one Cholesky: SparseKit uses an indefinite one silently).
 
     Every method prunes into a float32 copy and writes the weight back only when it
     succeeds (a non-finite result, or one that overflows an fp16 / bf16 weight's dtype, raises
     RuntimeError naming the layer and leaves the weight untouched, as ``prune_model`` does);
-    ``nnz >= blocks per scope`` is a documented no-op.
+    ``nnz >= blocks per scope`` is a documented no-op, and so is any ``nnz`` on a weight with 0 rows or
+    0 columns (SparseKit raises IndexError). ``nnz`` may be a numpy integer, as for ``ScopeSpec``.
     """
 
     def __init__(self, scope, hessian: Tensor, damp: float = 1e-4, inv_h: Optional[Tensor] = None):
         self.scope = scope
-        self.layout = obs_layout(scope)
+        self.layout = _layout(scope)
         lay = self.layout
         self.block = scope.block
         self.hessian = _check_matrix(hessian, lay.K, "hessian")
@@ -269,7 +303,7 @@ class StructuredOBS:
         self.blocks_per_scope = lay.gs
         self.row_coupled = lay.row_coupled
         if inv_h is not None:
-            self.inv_hessian = _check_matrix(inv_h, lay.K, "inv_h")
+            self.inv_hessian = _check_inv_h(inv_h, lay.K)
         else:
             self.inv_hessian = self.compute_inverse(hessian, damp)
         self._plan: Optional[_Plan] = None
@@ -286,7 +320,7 @@ class StructuredOBS:
     def _start(self, nnz) -> Optional[int]:
         """Validates; returns the number of blocks pruned per scope (None: nothing to do)."""
         nnz = _check_nnz(nnz, self.blocks_per_scope)
-        if nnz >= self.blocks_per_scope:
+        if nnz >= self.blocks_per_scope or self.W.numel() == 0:  # nothing to prune (an empty weight: no scope)
             return None
         w = self.W.detach()
         if not all_finite(w):
