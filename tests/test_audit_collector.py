@@ -195,27 +195,47 @@ def test_frozen_module_without_gradient_path_is_refused():
         torch.testing.assert_close(got[n].double(), want[n], atol=1e-5, rtol=1e-4)
 
 
-def test_mask_with_tokens_flattened_into_the_batch_axis_is_refused():
+def test_mask_with_tokens_flattened_into_the_batch_axis():
+    """Session 35: a (B * T, I) input under a (B, T) mask is the row-major flattening of (B, T, I): collected as the
+    same module fed (B, T, I), the mask applied to its rows (it was refused; before that, the mask was ignored and
+    B*T = 10 rows came back). Rows that are not B * T tokens (here the first 3 of 5) are still refused."""
     class Flat(nn.Module):
-        def __init__(self):
+        def __init__(self, flat=True, keep=5):
             super().__init__()
             self.fc = nn.Linear(4, 3)
             self.pool = nn.Linear(4, 3)
+            self.flat, self.keep = flat, keep
 
         def forward(self, x):
+            x = x[:, :self.keep]
             B, T, I = x.shape
-            return self.fc(x.reshape(B * T, I)).reshape(B, T, 3).sum(1) + self.pool(x.mean(1))
+            y = self.fc(x.reshape(B * T, I)).reshape(B, T, 3) if self.flat else self.fc(x)
+            return y.sin().sum(1) + self.pool(x.mean(1))
 
-    model = Flat()
+    torch.manual_seed(0)
+    model, twin = Flat(), Flat(flat=False)
+    twin.load_state_dict(model.state_dict())
     x = torch.randn(2, 5, 4)
     mask = torch.ones(2, 5)
     mask[1, 3:] = 0
+    for per_token in (False, True):
+        got, want = [], []
+        for m, out in ((model, got), (twin, want)):
+            col = GradientCollector(m, p=2, per_token=per_token)
+            with col:
+                col.set_mask(mask)
+                col.backward(m(x).sum())
+                out.append(col.collect())
+        assert got[0]["fc"].shape == ((2, 5, 4) if per_token else (2, 4))
+        assert torch.equal(got[0]["fc"], want[0]["fc"]) and torch.equal(got[0]["pool"], want[0]["pool"])
+        if per_token:
+            assert not got[0]["fc"][1, 3:].any() and got[0]["fc"][1, :3].abs().sum() > 0
+    model.keep = 3
     col = GradientCollector(model, p=2)
     with col:
         col.set_mask(mask)
-        # the old code ignored the mask and returned (B*T) = 10 rows for 'fc'
-        with pytest.raises(ValueError, match=r"^mask: has 2 rows \(examples\), but module 'fc' got a 2-D input "
-                                             r"\(10, 4\)"):
+        with pytest.raises(ValueError, match=r"^modules: 'fc' got a 2-D input of shape \(6, 4\): 6 rows, neither the "
+                                             r"batch's B = 2 examples \(the mask\) nor its B \* T = 10 tokens"):
             model(x)
         assert not col._grads and not col._edges and not col._forward_shapes
     col = GradientCollector(model, modules="pool", p=2)  # a pooled (B, I) input with the mask: fine

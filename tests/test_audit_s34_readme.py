@@ -476,7 +476,7 @@ def test_index_opens_bergson_layout_and_refuses_part(tmp_path):
 def test_test_and_bench_scripts_do_what_readme_says():
     test_sh = open(os.path.join(ROOT, "scripts", "test.sh")).read()
     assert "bash scripts/setup-env.sh" in test_sh and "GRADKIT_REQUIRE_EXT=1" in test_sh
-    assert 'HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"' in test_sh and "python -m pytest -q tests" in test_sh
+    assert 'HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"' in test_sh and re.search(r"python -m pytest -q (--durations=\d+ )?tests", test_sh)
     bench_sh = open(os.path.join(ROOT, "scripts", "bench.sh")).read()
     assert "bash scripts/setup-env.sh" in bench_sh and "gradkit bench" in bench_sh
     setup = open(os.path.join(ROOT, "scripts", "setup-env.sh")).read()

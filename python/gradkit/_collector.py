@@ -33,8 +33,15 @@ batch's rows times its own B; a fixed ``scale=B`` is wrong for a shorter last ba
 Averaging over the tokens *of one example* is part of that example's loss and needs nothing.
 Padding: set a ``(B, T)`` mask (``set_mask`` / :meth:`batch` / the ``attention_mask`` of a batch
 dict in :meth:`per_example_grads`) before the forward pass; positions where it is 0 contribute
-nothing (per-token rows there are 0). A module whose input is 2-D must have the batch on its first axis
-(with a mask set, a ``(B * T, I)`` input is refused).
+nothing (per-token rows there are 0). A module whose input is 2-D has the batch on its first axis, ``(B, I)``
+(a pooled input: nothing in it is padding), or the batch's tokens flattened into it, ``(B * T, I)`` (OPT's ``fc1`` /
+``fc2`` and Qwen2-MoE's ``shared_expert`` get ``hidden.reshape(-1, H)``; session 35, before refused): when the
+batch's (B, T) is known, from the mask or from another hooked module's ``(B, T, I)`` input in the same batch (also
+one that runs later in the forward), B * T rows are taken as the row-major flattening of ``(B, T, I)`` and collected
+exactly as that input would be (per-token rows, the mask applied to them). Rows that are neither B nor B * T (tokens
+routed to an expert) are refused by name; so are B * T rows for the model's ``(B, T)`` token ids (``input_ids=`` or
+an integer first argument) when nothing else tells (B, T): set the mask (``torch.ones(B, T)`` without padding). A
+sequence-first ``(T * B, I)`` flattening cannot be told from a batch-first one: use batch-first inputs.
 
 What is collected. Each hooked module's own calls: for a weight also used elsewhere (an ``lm_head`` tied to
 the embedding) only the Linear's share of that weight's gradient. A frozen module (``requires_grad=False``)
@@ -193,12 +200,18 @@ def _shape(module: nn.Module, kind: str) -> Tuple[int, int]:
 class _Call:
     """State of one forward call of a hooked module, waiting for its output gradient."""
 
-    __slots__ = ("a", "gen", "mask", "mask_all", "version", "shape")
+    __slots__ = ("a", "gen", "mask", "mask_all", "version", "shape", "bt", "pending")
 
     def __init__(self, a: Tensor, mask: Optional[Tensor], mask_all: bool, gen: int,
-                 shape: Tuple[int, ...] = ()) -> None:
+                 shape: Tuple[int, ...] = (), bt: Optional[Tuple[int, int]] = None, pending: bool = False) -> None:
         self.a: Optional[Tensor] = a
         self.shape = shape  # the module output's shape (the gradient may arrive in its un-viewed base's shape)
+        # (B, T) whose row-major flattening a 2-D (B * T, I) input is: its rows (and its output gradient's) are
+        # viewed as (B, T, .); None: the first axis is the batch
+        self.bt = bt
+        # a 2-D input seen before anything told the batch's (B, T): its rows are examples unless a later module
+        # (or mask) of the batch shows they are B * T tokens
+        self.pending = pending
         self.mask = mask
         self.mask_all = mask_all
         self.gen = gen
@@ -318,6 +331,12 @@ class GradientCollector:
         self._ckpt_mask: Optional[Tuple[Optional[Tensor], bool]] = None
         self._dropped = False  # detach() dropped collected gradients nobody collected
         self._raised = False  # the model's forward raised and dropped the batch (no hooked forward since)
+        # The batch's (B, T), to tell a 2-D input's rows apart: examples (B rows) or the tokens flattened into the
+        # first axis (B * T rows, as OPT's fc1 / fc2 and Qwen2-MoE's shared expert get them).
+        self._rows: Optional[Tuple[int, str]] = None  # (B, where it came from), once the mask or a module fixed it
+        self._tokens: Dict[int, str] = {}  # T -> where it came from (the modules with a (B, T, I) input)
+        self._pending: List[Tuple[str, _Call, int]] = []  # (name, call, rows) of 2-D calls made before B was known
+        self._model_bt: Optional[Tuple[int, int]] = None  # (B, T) of the token ids the model's forward was given
 
     def _compiled_ancestor(self, name: str) -> Optional[str]:
         """The name of a module holding ``name`` (or itself) compiled in place (``module.compile()``), or None."""
@@ -446,6 +465,7 @@ class GradientCollector:
             # the model's forward raising after some hooked modules ran (an out-of-memory error caught to retry
             # with a smaller batch): that forward's pending calls are dropped, so the retry starts clean
             self._handles.append(self.model.register_forward_hook(self._model_hook, always_call=True))
+            self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
         return self
 
     def detach(self) -> None:
@@ -481,6 +501,7 @@ class GradientCollector:
         self._edges.clear()
         self._nograd_calls = 0
         self._ckpt_mask = None
+        self._rows, self._tokens, self._pending, self._model_bt = None, {}, [], None
 
     def set_mask(self, mask: Optional[Tensor]) -> None:
         """Padding mask ``(B, T)`` (0/1 or bool) for the NEXT forward pass; ``None`` clears it."""
@@ -506,10 +527,40 @@ class GradientCollector:
         finally:
             self._mask, self._mask_all = None, False
 
+    def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # The (B, T) of the token ids the model is given (``input_ids=`` or an integer (B, T) first argument), only
+        # to refuse a 2-D input of B * T rows that nothing else in the batch can interpret (see _check_pending).
+        ids = kwargs.get("input_ids")
+        if ids is None and args:
+            ids = args[0]
+        ok = (isinstance(ids, Tensor) and ids.dim() == 2 and not ids.dtype.is_floating_point
+              and not ids.dtype.is_complex and ids.dtype != torch.bool)
+        self._model_bt = (int(ids.shape[0]), int(ids.shape[1])) if ok else None
+
     def _model_hook(self, module: nn.Module, args: tuple, output) -> None:
         if output is None and sys.exc_info()[0] is not None:  # always_call: the model's forward raised
             self._drop_batch()
             self._raised = True  # for collect()'s message, until a hooked module runs forward again
+            return
+        for name, call, rows in self._pending:
+            try:
+                self._check_pending(name, rows)
+            except BaseException:
+                self._drop_batch()
+                raise
+
+    def _check_pending(self, name: str, rows: int) -> None:
+        """A 2-D input of ``rows`` rows that nothing in its batch interpreted (no mask, no module with a (B, T, I)
+        input) is taken as ``rows`` examples, unless the model's token ids show it is their B * T tokens."""
+        bt = self._model_bt
+        if bt is not None and bt[1] > 1 and rows == bt[0] * bt[1]:
+            raise ValueError(
+                f"modules: {name!r} got a 2-D input of {rows} rows, the B * T = {bt[0]} * {bt[1]} tokens of the "
+                f"model's (B, T) = {bt} token ids flattened into its first axis, but nothing in the batch tells "
+                "(B, T) for sure (no padding mask is set and no hooked module has a (B, T, I) input), so its rows "
+                f"cannot be matched to examples. Set the (B, T) padding mask before the forward pass (col.set_mask "
+                "/ col.batch(mask); torch.ones(B, T) when nothing is padded), or also hook a module that sees "
+                "(B, T, I) (e.g. an attention projection), or leave the module out (the batch has been dropped)")
 
     def _forward_hook(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         try:
@@ -557,37 +608,110 @@ class GradientCollector:
                              f"is (O, I) = ({O}, {I}): it does not apply its weight as a Linear does (a grouped or "
                              "extended Linear subclass), so its gradient is not sum_t g_t a_t^T; leave it out of "
                              "`modules`")
-        # (B, T) as _project sees it: every axis between batch and features is a token axis.
-        shape = (int(x.shape[0]),) + ((int(math.prod(x.shape[1:-1])),) if x.dim() > 2 else (1,))
-        first = next(iter(self._forward_shapes.items()), None)
-        if first is not None and first[1][0] != shape[0] and first[0] != name:
-            raise ValueError(f"modules: {name!r} got an input of shape {tuple(x.shape)}, {shape[0]} rows on its first "
-                             f"axis, but {first[0]!r} got {first[1][0]} in the same batch; the first axis of every "
-                             "hooked module's input must be the batch. A sequence-first (T, B, I) input (e.g. "
-                             "nn.TransformerEncoderLayer with batch_first=False) would be taken as T examples, and "
-                             "mixture-of-experts expert layers see the tokens routed to them, not examples: use "
-                             "batch_first=True, or leave those modules out")
         mask, mask_all = self._mask, self._mask_all
         if self._ckpt_mask is not None and torch._C._current_autograd_node() is not None:
             # reentrant checkpointing recomputing its forward in the backward pass, maybe after `with col.batch(mask):`
             # ended: use the mask its first (grad-disabled) forward ran under
             mask, mask_all = self._ckpt_mask
         # Validate everything before any tensor hook is registered or anything is stored.
-        if mask is not None and x.dim() > 2 and tuple(mask.shape) != shape:
-            raise ValueError(f"mask: expected shape (batch, tokens) = {shape} to match the input "
-                             f"{tuple(x.shape)} of module {name!r}, got {tuple(mask.shape)}")
-        if mask is not None and x.dim() == 2 and int(mask.shape[0]) != shape[0]:
-            # e.g. tokens flattened to (B * T, I) before the module: its rows are not examples, and the mask
-            # cannot be applied to them
-            raise ValueError(f"mask: has {int(mask.shape[0])} rows (examples), but module {name!r} got a 2-D input "
-                             f"{tuple(x.shape)}; its first axis must be the batch (do not flatten the tokens "
-                             "into it), or leave the module out")
+        rows = int(x.shape[0])
+        # What tells this batch's (B, T): the mask, else the modules with a (B, T, I) input that ran before.
+        if mask is not None:
+            known: Optional[Tuple[int, str]] = (int(mask.shape[0]), "the mask")
+            tokens: Dict[int, str] = {int(mask.shape[1]): "the mask"}
+        else:
+            known, tokens = self._rows, self._tokens
+        bt: Optional[Tuple[int, int]] = None  # set: a (B * T, I) input, viewed as (B, T, I)
+        pending = False
+        if x.dim() > 2:
+            # (B, T) as _project sees it: every axis between batch and features is a token axis.
+            shape = (rows, int(math.prod(x.shape[1:-1])))
+            if mask is not None and tuple(mask.shape) != shape:
+                raise ValueError(f"mask: expected shape (batch, tokens) = {shape} to match the input "
+                                 f"{tuple(x.shape)} of module {name!r}, got {tuple(mask.shape)}")
+        elif known is not None:
+            B, src = known
+            if rows == B:  # the batch on the first axis ((B, I): a pooled or per-example input; no token to mask)
+                shape = (rows, 1)
+            elif rows % B == 0 and rows // B in tokens:
+                # the batch's tokens flattened into the first axis (OPT's fc1 / fc2 get hidden.reshape(-1, H)): the
+                # rows of example b are b*T .. b*T+T-1, so it is collected as the same module fed (B, T, I) would be
+                bt = shape = (B, rows // B)
+            else:
+                ts = sorted(tokens)
+                raise ValueError(
+                    f"modules: {name!r} got a 2-D input of shape {tuple(x.shape)}: {rows} rows, neither the batch's "
+                    f"B = {B} examples ({src}) nor its B * T = {' or '.join(str(B * t) for t in ts)} tokens "
+                    f"(T = {', '.join(f'{t} from {tokens[t]}' for t in ts)}) flattened into the first axis. The first "
+                    "axis of every hooked module's input must be the batch, or, for a 2-D input, the batch's tokens "
+                    "flattened in row-major (B, T) order (x.reshape(-1, I) of a (B, T, I) x); rows routed to a "
+                    "mixture-of-experts expert, or a sequence-first (T, B, I) input, cannot be matched to "
+                    "examples: leave the module out")
+        else:
+            # nothing has told the batch's (B, T) yet: the rows are examples unless a module with a (B, T, I) input
+            # later in this batch (or the model's token ids, checked after its forward) shows they are B * T tokens
+            shape, pending = (rows, 1), True
+            if self._pending and self._pending[0][2] != rows:
+                other, _, orows = self._pending[0]
+                raise ValueError(
+                    f"modules: {name!r} got a 2-D input of shape {tuple(x.shape)} ({rows} rows) but {other!r} got "
+                    f"{orows} rows in the same batch, and nothing tells the batch's (B, T) to say which are examples "
+                    "and which the B * T tokens flattened into the first axis (the first axis of every hooked "
+                    "module's input must be the batch, or its tokens flattened in row-major (B, T) order). Set the "
+                    "(B, T) padding mask before the forward pass (col.set_mask / col.batch(mask); torch.ones(B, T) "
+                    "when nothing is padded), or leave one of them out")
         prev = self._forward_shapes.get(name)
         if prev is not None and prev != shape and (self.per_token or prev[0] != shape[0]):
             raise RuntimeError(f"GradientCollector: module {name!r} was called with inputs of shapes "
                                f"(B, T) = {prev} and {shape} in one batch")
+        resolved: List[Tuple[str, _Call, Tuple[int, int]]] = []
+        if not pending:
+            B = shape[0]
+            if self._rows is not None and self._rows[0] != B:
+                raise ValueError(
+                    f"modules: {name!r} got an input of shape {tuple(x.shape)}, {B} examples on its first axis, but "
+                    f"{self._rows[1]} gave the batch {self._rows[0]} rows in the same batch; the first axis of every "
+                    "hooked module's input must be the batch (or, for a 2-D input, the batch's tokens flattened "
+                    "into it). A sequence-first (T, B, I) input (e.g. nn.TransformerEncoderLayer with "
+                    "batch_first=False) would be taken as T examples, and mixture-of-experts expert layers see the "
+                    "tokens routed to them, not examples: use batch_first=True, or leave those modules out")
+            # the first (B, T) of the batch: the 2-D calls made before it are its examples or its flattened tokens
+            T = shape[1] if x.dim() > 2 else (int(mask.shape[1]) if mask is not None else None)
+            for pname, pcall, prows in self._pending:
+                if prows == B:
+                    continue
+                if T is not None and T > 1 and prows == B * T:
+                    if pcall.a is None or pcall.gen != self._gen or pname in self._grads:
+                        raise ValueError(
+                            f"modules: {pname!r} got a 2-D input of {prows} rows, the B * T = {B} * {T} tokens of "
+                            f"{name!r}'s input {tuple(x.shape)} flattened into the first axis, but its gradient was "
+                            f"already taken as that of {prows} examples (nothing had told the batch's (B, T) before "
+                            "its backward pass). Set the (B, T) padding mask before the forward pass "
+                            "(col.set_mask / col.batch(mask); torch.ones(B, T) when nothing is padded)")
+                    resolved.append((pname, pcall, (B, T)))
+                    continue
+                raise ValueError(
+                    f"modules: {pname!r} got a 2-D input of {prows} rows, but {name!r} got an input of shape "
+                    f"{tuple(x.shape)}, (B, T) = ({B}, {T}), in the same batch: {prows} rows are neither its B "
+                    "examples nor its B * T tokens flattened into the first axis. The first axis of every hooked "
+                    "module's input must be the batch, or, for a 2-D input, the batch's tokens flattened in "
+                    "row-major (B, T) order; rows routed to a mixture-of-experts expert, or a sequence-first (T, B, I) "
+                    "input, cannot be matched to examples: leave the module out")
         self._raised = False
-        call = _Call(x.detach(), mask, mask_all, self._gen, tuple(output.shape))
+        if not pending:
+            for pname, pcall, pbt in resolved:
+                pcall.bt = pbt
+                self._forward_shapes[pname] = pbt
+            for _, pcall, _ in self._pending:
+                pcall.pending = False
+            self._pending = []
+            if self._rows is None:
+                self._rows = (shape[0], "the mask" if mask is not None else f"module {name!r}")
+            if mask is not None:
+                self._tokens.setdefault(int(mask.shape[1]), "the mask")
+            if x.dim() > 2:
+                self._tokens.setdefault(shape[1], f"module {name!r}")
+        call = _Call(x.detach(), mask, mask_all, self._gen, tuple(output.shape), bt, pending)
         target = output
         base = output._base
         if (base is not None and base.requires_grad and base.grad_fn is not None and base.numel() == output.numel()
@@ -599,6 +723,8 @@ class GradientCollector:
         target.register_hook(functools.partial(self._grad_hook, name, call))
         self._edges[id(call)] = torch.autograd.graph.get_gradient_edge(target)
         self._forward_shapes[name] = shape
+        if pending:
+            self._pending.append((name, call, rows))
 
     def _grad_hook(self, name: str, call: _Call, grad: Tensor) -> None:
         a = call.a
@@ -622,7 +748,9 @@ class GradientCollector:
                     f"GradientCollector: the input of module {name!r} was modified by an in-place operation "
                     f"after its forward pass (version {call.version} -> {a._version}), so its gradient cannot be "
                     "computed from it; avoid the in-place op (or clone the input) (the batch has been dropped)")
-            out = self._project(name, a, grad, call.mask, call.mask_all)
+            if call.pending:  # (a forward recomputed in the backward pass: the model's hook has not seen it)
+                self._check_pending(name, int(a.shape[0]))
+            out = self._project(name, a, grad, call.mask, call.mask_all, call.bt)
             acc = self._grads.get(name)
             self._grads[name] = out if acc is None else acc.add_(out)
         except BaseException:
@@ -631,12 +759,14 @@ class GradientCollector:
             raise
         return None
 
-    def _project(self, name: str, a: Tensor, g: Tensor, mask: Optional[Tensor], mask_all: bool = False) -> Tensor:
-        b, i, o = a.shape[0], a.shape[-1], g.shape[-1]
+    def _project(self, name: str, a: Tensor, g: Tensor, mask: Optional[Tensor], mask_all: bool = False,
+                 bt: Optional[Tuple[int, int]] = None) -> Tensor:
+        b, i, o = (a.shape[0] if bt is None else bt[0]), a.shape[-1], g.shape[-1]
+        # a (B * T, I) input (bt set) is the row-major flattening of (B, T, I): the same rows as that input would give
         a3 = a.reshape(b, -1, i)
         g3 = g.reshape(b, -1, o)
         if mask is not None:  # its shape was checked against the input's (B, T) in the forward hook
-            if a.dim() == 2:
+            if a.dim() == 2 and bt is None:
                 mask = None  # no token axis in this module's input: nothing is padding
             elif mask_all:
                 mask = None  # nothing to exclude: skip the masking copies
