@@ -427,8 +427,8 @@ class BlockSpec(SparseBlock):
         if reorder or merge:
             nd = self.ndim
             t = t.permute(list(range(0, 2 * nd, 2)) + list(range(1, 2 * nd, 2)))
-            if merge:
-                t = t.reshape(*self.grid_shape, -1)
+            if merge:  # the block size, not -1: a weight without elements has an empty grid (-1 is ambiguous there)
+                t = t.reshape(*self.grid_shape, self.numel_per_block())
         return t
 
     def broadcast_block_to_element(self, block_values: Tensor, fake: bool = False) -> Tensor:

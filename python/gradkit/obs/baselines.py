@@ -200,8 +200,14 @@ def _imin(x: Tensor, dim: int) -> Tensor:
     return x.neg().amax(dim).neg_()
 
 
-def _lazy_plan(lay: ObsLayout, nnz: int, blocksize: int) -> List[Tuple[int, int, Dict[int, List[_Event]]]]:
-    """Lazy-block boundaries and the mask events of each block (see :func:`sparsegpt`)."""
+def _lazy_plan(lay: ObsLayout, nnz: int, blocksize: int, dead: Optional[Tensor] = None,
+               pre: Optional[Tensor] = None) -> List[Tuple[int, int, Dict[int, List[_Event]]]]:
+    """Lazy-block boundaries and the mask events of each block (see :func:`sparsegpt`).
+
+    ``dead`` ((K,) bool, or None): the dead inputs. A block of a wide scope that lies wholly on dead inputs is free
+    to prune: up to the scope's quota of them (the highest in-scope indices first) are marked in ``pre`` (the
+    ``(M, K)`` prune mask, before the sweep), and the rest of the quota is spread over the live blocks only.
+    Narrow scopes need nothing: their dead weights are zero in the sweep, so they score 0 and go first."""
     k, gs, bk = lay.K, lay.gs, lay.bk
     elems = lay.elems
     dev = elems.device
@@ -257,12 +263,29 @@ def _lazy_plan(lay: ObsLayout, nnz: int, blocksize: int) -> List[Tuple[int, int,
         lo_sorted = lo_b.gather(1, b_order).contiguous()
         nw = ids_w.numel()
         t_prev = torch.zeros(nw, dtype=torch.long, device=dev)
+        p_live = torch.full((nw,), p, dtype=torch.long, device=dev)  # blocks to prune among the live ones
+        n_live = torch.full((nw,), gs, dtype=torch.long, device=dev)
+        dead_sorted = dead_before = None
+        if dead is not None:
+            dblk = dead[cols[ids_w]].all(2)  # (nw, gs): blocks wholly on dead inputs
+            nd = dblk.sum(1)
+            # the free blocks go first, up to the quota: those with the highest in-scope index (ties keep the lowest)
+            free = dblk & (dblk.flip(1).cumsum(1).flip(1) <= p)
+            pre.view(-1)[ew[free].reshape(-1)] = True
+            p_live = p - nd.clamp_max(p)
+            n_live = gs - nd
+            dead_sorted = dblk.gather(1, b_order)
+            dead_before = torch.cat([torch.zeros(nw, 1, dtype=torch.long, device=dev), dead_sorted.cumsum(1)], 1)
+        den = n_live.clamp_min(1)
         for i1, i2, events in plan:
             q = torch.tensor([[i1, i2]], device=dev).expand(nw, 2).contiguous()
             se = torch.searchsorted(lo_sorted, q)  # first block with lo >= i1 / >= i2
             s0, s1 = se[:, 0], se[:, 1]
-            cum = s1  # blocks of the scope in lazy blocks up to this one
-            t = (2 * p * cum + gs) // (2 * gs)  # round(p * cum / gs), half up; == p when cum == gs
+            cum = s1  # blocks of the scope in lazy blocks up to this one (live ones when some are dead)
+            if dead_before is not None:
+                cum = cum - dead_before.gather(1, s1[:, None]).squeeze(1)
+            # round(p * cum / gs), half up; == p when cum == gs (p and gs counting live blocks when some are dead)
+            t = (2 * p_live * cum + n_live) // (2 * den)
             quota = t - t_prev
             t_prev = t
             n = s1 - s0
@@ -271,8 +294,12 @@ def _lazy_plan(lay: ObsLayout, nnz: int, blocksize: int) -> List[Tuple[int, int,
                 continue
             nmax = int(n[sel].max())
             ar = torch.arange(nmax, device=dev)
-            pos = (s0[sel, None] + ar).clamp_max(gs - 1)
             valid = ar < n[sel, None]
+            # padding points at the scope's first block here, not past it: a later block may lie in a later lazy
+            # block, outside this one's (bsz, M) slice (an IndexError once, 2:4 scopes with blocksize=3)
+            pos = torch.where(valid, s0[sel, None] + ar, s0[sel, None])
+            if dead_sorted is not None:
+                valid &= ~dead_sorted[sel].gather(1, pos)
             blk = b_order[sel].gather(1, pos)
             el = ew[sel].gather(1, blk.unsqueeze(2).expand(-1, -1, bk))
             add(i1, i2 - i1, events, 0, el, valid, quota[sel])
@@ -322,10 +349,23 @@ def _lower_inverse(lf: Tensor, leaf: int = 256) -> Tensor:
     return out
 
 
+def _dead_inputs(hessian: Tensor, dev, dtype: torch.dtype) -> Optional[Tensor]:
+    """(K,) bool: the inputs that were always 0 in calibration (``H[j, j] == 0`` in ``dtype``, as
+    :func:`gradkit.obs.metrics.damped_hessian` decides, and the whole row zero, so the input is decoupled), or None."""
+    h = hessian.detach()
+    dead = h.diagonal().to(device=dev, dtype=dtype) == 0
+    if not bool(dead.any()):
+        return None
+    idx = torch.nonzero(dead).squeeze(1)
+    dead[idx] = (h[idx.to(h.device)].to(device=dev, dtype=dtype) == 0).all(1)
+    return dead if bool(dead.any()) else None
+
+
 def _sparsegpt(lay: ObsLayout, hessian: Tensor, nnz: int, damp: float, blocksize: int, progress: bool,
                dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     m, k = lay.M, lay.K
     dev = lay.weight.device
+    dead = _dead_inputs(hessian, dev, dtype)
     hd, lam = _damped_hessian(hessian.to(dev), damp, dtype)
     # U, the upper Cholesky factor of H^-1 (H^-1 = U^T U), straight from a factor of H: with J the index reversal,
     # J H J = L L^T gives H^-1 = J L^-T L^-1 J = U^T U for U = J L^-1 J (upper, positive diagonal: by uniqueness
@@ -340,8 +380,14 @@ def _sparsegpt(lay: ObsLayout, hessian: Tensor, nnz: int, damp: float, blocksize
     del lf
     w = lay.weight.detach().to(dtype=dtype, copy=True).contiguous()
     prune = torch.zeros(m, k, dtype=torch.bool, device=dev)
+    w_dead = None
+    if dead is not None:
+        # weights on dead inputs cost nothing to prune (their input is always 0): zeroed for the sweep (as SparseGPT
+        # does), they score 0 and are pruned first; their column of U is e_j U[j, j], so nothing else changes them
+        w_dead = w[:, dead]
+        w[:, dead] = 0
     span = _nm_span(lay, blocksize)
-    plan = _rows_plan(lay, nnz, blocksize, span) if span else _lazy_plan(lay, nnz, blocksize)
+    plan = _rows_plan(lay, nnz, blocksize, span) if span else _lazy_plan(lay, nnz, blocksize, dead, prune)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -363,7 +409,7 @@ def _sparsegpt(lay: ObsLayout, hessian: Tensor, nnz: int, damp: float, blocksize
                 err1 = torch.empty_like(w1)
                 u1 = u[i1:i2, i1:i2]
                 dcol = u1.diagonal()
-                prune1 = torch.zeros(bsz, m, dtype=torch.bool, device=dev)
+                prune1 = prune[:, i1:i2].T.contiguous()  # dead-input blocks of wide scopes are marked already
                 done = 0
                 for col in sorted(events):  # sweep up to the event's column, then decide its masks
                     if col > done:
@@ -388,6 +434,8 @@ def _sparsegpt(lay: ObsLayout, hessian: Tensor, nnz: int, damp: float, blocksize
     if not all_finite(w):
         raise NotPositiveDefiniteError(f"sparsegpt: the updates overflowed (H is numerically singular with damp={damp}); "
                                        "increase damp")
+    if w_dead is not None:  # kept dead-input weights keep their value (as resolve keeps them)
+        w[:, dead] = w_dead.masked_fill_(prune[:, dead], 0)
     return w, ~prune
 
 
@@ -425,6 +473,15 @@ def sparsegpt(scope, hessian: Tensor, nnz: int, damp: float = 0.01, blocksize: i
       prunes ``round(P c_b / gs) - round(P c_{b-1} / gs)`` (halves up) of its blocks, the lowest
       saliencies first, so the scope ends with exactly ``nnz`` (SparseGPT's own unstructured mode
       thresholds a whole lazy block at once instead, which does not give equal per-row counts).
+
+    Dead inputs (``H[j, j] == 0``: the input was always 0, so pruning its weights costs nothing) are
+    pruned first, as SparseGPT does by zeroing ``W[:, dead]`` before the sweep: their weights score 0
+    in every decision (within the pattern: in N:M a dead-input weight is among its group's pruned
+    ones), and in a wide scope the blocks wholly on dead inputs take the quota first (the highest
+    in-scope indices when there are more of them than the quota), the rest of the quota being spread
+    over the live blocks as above. Dead-input weights that stay kept keep their value (as in
+    :func:`gradkit.obs.metrics.resolve`; nothing compensates into a dead column). The inverse is
+    still taken of ``H`` with the dead diagonal decoupled as in :mod:`gradkit.obs.metrics`.
 
     ``dtype`` is the compute precision (float32 as SparseGPT; float64 for references). Returns the
     pruned weight (the scope's parameter shape and dtype), and with ``return_mask=True`` also the

@@ -59,7 +59,7 @@ def obs_layout(scope: ScopeSpec) -> ObsLayout:
     gs, bk = scope.numblk_per_scope(), spec.numel_per_block()
     elems = per_scope.reshape(-1, gs, bk).contiguous()
     rows = elems // k
-    flat_rows = rows.reshape(rows.shape[0], -1)
+    flat_rows = rows.reshape(rows.shape[0], gs * bk)  # not -1: a weight without elements has S = 0 scopes
     coupled = bool((flat_rows != flat_rows[:, :1]).any()) if elems.numel() else False
     return ObsLayout(weight=w, elems=elems, M=int(m), K=int(k), S=int(elems.shape[0]), gs=int(gs), bk=int(bk),
                      row_coupled=coupled)
