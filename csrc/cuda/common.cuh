@@ -15,8 +15,9 @@
 //   GK_LAUNCH(kernel, grid, block, smem_bytes, stream, args...)  ==  kernel<<<grid, block, smem, stream>>>(args...)
 //   GK_DYNAMIC_SHARED(float, sm);                                ==  extern __shared__ float sm[];
 #ifdef GRADKIT_CUDA_EMU
-#define GK_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  ::gk_emu::launch(dim3(grid), dim3(block), static_cast<size_t>(smem), [&] { kernel(__VA_ARGS__); })
+#define GK_LAUNCH(kernel, grid, block, smem, stream, ...)                                          \
+  ::gk_emu::launch(dim3(grid), dim3(block), static_cast<size_t>(smem), static_cast<int>(stream), \
+                   [&] { kernel(__VA_ARGS__); })
 #define GK_DYNAMIC_SHARED(type, name) type* name = ::gk_emu::dynamic_shared<type>()
 #else
 #define GK_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)

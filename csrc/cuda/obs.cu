@@ -157,6 +157,7 @@ Tensor obs_select_cuda(const Tensor& w_in, const Tensor& d_in, int64_t gs, int64
     const dim3 grid(static_cast<unsigned>(blocks));
     auto launch = [&](auto kernel) {
       GK_LAUNCH(kernel, grid, kThreads, 0, stream, wp, dp, op, S, nq, gs, bk, num_prune, epsf);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (gs <= 2) launch(small_kernel<2>);
     else if (gs <= 4) launch(small_kernel<4>);
@@ -168,8 +169,8 @@ Tensor obs_select_cuda(const Tensor& w_in, const Tensor& d_in, int64_t gs, int64
     const size_t smem = static_cast<size_t>(gs) * (sizeof(float) + 1);
     GK_LAUNCH(large_kernel, static_cast<unsigned>(blocks), kThreads, smem, stream, wp, dp, op, S, nq, gs, bk,
               num_prune, epsf);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 

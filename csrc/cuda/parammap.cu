@@ -771,11 +771,12 @@ Tensor compact_write(const L& ld, int64_t nwords, int64_t nchunks, const Tensor&
   if (dtype == at::kInt) {
     GK_LAUNCH((compact_write_kernel<L, int32_t>), grid, kThreads, 0, stream, ld, nwords, nchunks, offsets,
               out.data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     GK_LAUNCH((compact_write_kernel<L, int64_t>), grid, kThreads, 0, stream, ld, nwords, nchunks, offsets,
               out.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 

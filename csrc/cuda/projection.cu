@@ -184,8 +184,8 @@ void projection_matrix_cuda(const at::Tensor& out, int64_t seed, int64_t kind, i
     GK_LAUNCH(matrix_kernel<scalar_t>, static_cast<unsigned>(blocks), kThreads, 0, stream, out.data_ptr<scalar_t>(),
               rows, cols, out.stride(0), out.stride(1), static_cast<uint64_t>(seed), row0, col0,
               static_cast<int>(kind), inv);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor project_flat_cuda(const at::Tensor& x, int64_t k, int64_t seed, int64_t kind, int64_t col0) {
@@ -225,8 +225,8 @@ at::Tensor project_flat_cuda(const at::Tensor& x, int64_t k, int64_t seed, int64
     GK_LAUNCH(project_flat_kernel<scalar_t>, grid, kThreads, 0, stream, x.data_ptr<scalar_t>(), part.data_ptr<float>(),
               B, D, k, x.stride(0), x.stride(1), static_cast<uint64_t>(seed), col0, ntiles, per,
               static_cast<int>(kind), inv);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (split > 1) at::sum_out(out, part, {0});
   return out;
 }
@@ -406,6 +406,7 @@ at::Tensor factored_project_cuda(const at::Tensor& a_in, const at::Tensor& g_in,
               g_ptr, in.lt.data_ptr<float>(), in.rt.data_ptr<float>(), in.rb_ptr(), in.mask_ptr(),
               part.data_ptr<float>(), B, T, chunks, per, in.a.size(1), in.g.size(1), p,
               std::max<int64_t>(in.a.stride(0), 1), std::max<int64_t>(in.g.stride(0), 1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (in.a.scalar_type() == at::kBFloat16)
     launch(in.a.data_ptr<c10::BFloat16>(), in.g.data_ptr<c10::BFloat16>());
@@ -413,7 +414,6 @@ at::Tensor factored_project_cuda(const at::Tensor& a_in, const at::Tensor& g_in,
     launch(in.a.data_ptr<c10::Half>(), in.g.data_ptr<c10::Half>());
   else
     launch(in.a.data_ptr<float>(), in.g.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (chunks == 1) return part.view({B, p, p});
   at::Tensor out = part.select(1, 0).clone();  // chunk partials added in chunk order (the CPU's order)
   for (int64_t c = 1; c < chunks; ++c) out.add_(part.select(1, c));

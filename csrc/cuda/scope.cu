@@ -455,22 +455,24 @@ __device__ __forceinline__ V cta_reduce(V v, Op op, V* sh) {
   return r;
 }
 
-// Exclusive prefix sum over threadIdx.x; `total` gets the CTA sum. sh: kWarps unsigned.
-__device__ __forceinline__ unsigned cta_excl_scan(unsigned v, unsigned* sh, unsigned& total) {
+// Exclusive prefix sum over threadIdx.x; `total` gets the CTA sum. sh: kWarps V's. V = unsigned, or
+// unsigned long long where the counts may pass 2^32 (the multi-CTA select: a scope of >= 2^31 blocks).
+template <typename V>
+__device__ __forceinline__ V cta_excl_scan(V v, V* sh, V& total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  unsigned inc = v;
+  V inc = v;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
-    const unsigned y = __shfl_up_sync(0xffffffffu, inc, o);
+    const V y = __shfl_up_sync(0xffffffffu, inc, o);
     if (lane >= o) inc += y;
   }
   if (lane == 31) sh[warp] = inc;
   __syncthreads();
-  unsigned before = 0, tot = 0;
+  V before = 0, tot = 0;
 #pragma unroll
   for (int w = 0; w < kWarps; ++w) {
-    const unsigned s = sh[w];
-    before += w < warp ? s : 0u;
+    const V s = sh[w];
+    before += w < warp ? s : V(0);
     tot += s;
   }
   __syncthreads();
@@ -1131,16 +1133,18 @@ __global__ void __launch_bounds__(kThreads)
     multi_walk_kernel(int64_t numscp, unsigned long long* __restrict__ ws, unsigned long long* __restrict__ hist,
                       int shift) {
   using K = typename KeyOf<A>::K;
-  __shared__ unsigned sh[kWarps];
+  // 64-bit counts: a scope may hold 2^31 blocks or more (one scope over a whole model), so a bin, `need`
+  // and their sums can pass 2^32
+  __shared__ unsigned long long sh[kWarps];
   for (int64_t g = blockIdx.x; g < numscp; g += gridDim.x) {
     unsigned long long* w = ws + g * kWsN;
     if (w[kWsStatus] != kStSelect) continue;  // CTA-uniform
-    const unsigned need = static_cast<unsigned>(w[kWsNeed]);
+    const unsigned long long need = w[kWsNeed];
     const int bin = kBins - 1 - static_cast<int>(threadIdx.x);
-    const unsigned c = static_cast<unsigned>(hist[g * kBins + bin]);
+    const unsigned long long c = hist[g * kBins + bin];
     hist[g * kBins + bin] = 0;  // ready for the next pass
-    unsigned tot;
-    const unsigned above = cta_excl_scan(c, sh, tot);  // its syncs order every read of w before the write
+    unsigned long long tot;
+    const unsigned long long above = cta_excl_scan(c, sh, tot);  // its syncs order every read of w before the write
     if (above < need && above + c >= need) {
       w[kWsPrefix] = static_cast<unsigned long long>(static_cast<K>(w[kWsPrefix]) | (static_cast<K>(bin) << shift));
       w[kWsMask] = static_cast<unsigned long long>(static_cast<K>(w[kWsMask]) | (static_cast<K>(0xffu) << shift));
@@ -1154,7 +1158,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename A>
 __global__ void __launch_bounds__(kThreads)
     multi_eq_kernel(const A* __restrict__ s, const Units U, const unsigned long long* __restrict__ ws,
-                    unsigned* __restrict__ eqc) {
+                    unsigned long long* __restrict__ eqc) {
   using KT = KeyOf<A>;
   using K = typename KT::K;
   __shared__ unsigned sh[kWarps];
@@ -1178,18 +1182,18 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// In place: eqc[u] -> #keys equal to the k-th key in the scope's earlier units.
+// In place: eqc[u] -> #keys equal to the k-th key in the scope's earlier units (64-bit: may pass 2^32).
 __global__ void __launch_bounds__(kThreads)
-    multi_eqscan_kernel(int64_t numscp, int64_t nchunk, unsigned* __restrict__ eqc) {
-  __shared__ unsigned sh[kWarps];
+    multi_eqscan_kernel(int64_t numscp, int64_t nchunk, unsigned long long* __restrict__ eqc) {
+  __shared__ unsigned long long sh[kWarps];
   for (int64_t g = blockIdx.x; g < numscp; g += gridDim.x) {
-    unsigned* e = eqc + g * nchunk;
-    unsigned carry = 0;
+    unsigned long long* e = eqc + g * nchunk;
+    unsigned long long carry = 0;
     for (int64_t base = 0; base < nchunk; base += kThreads) {
       const int64_t c = base + threadIdx.x;
-      const unsigned v = c < nchunk ? e[c] : 0u;
-      unsigned tot;
-      const unsigned ex = cta_excl_scan(v, sh, tot);
+      const unsigned long long v = c < nchunk ? e[c] : 0ull;
+      unsigned long long tot;
+      const unsigned long long ex = cta_excl_scan(v, sh, tot);
       if (c < nchunk) e[c] = carry + ex;
       carry += tot;
     }
@@ -1199,7 +1203,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename A>
 __global__ void __launch_bounds__(kThreads)
     multi_write_kernel(const Geo G, const A* __restrict__ s, const Units U, const unsigned long long* __restrict__ ws,
-                       const unsigned* __restrict__ eqb, bool* __restrict__ mask, int ties) {
+                       const unsigned long long* __restrict__ eqb, bool* __restrict__ mask, int ties) {
   using KT = KeyOf<A>;
   using K = typename KT::K;
   __shared__ unsigned sh[kWarps];
@@ -1209,8 +1213,8 @@ __global__ void __launch_bounds__(kThreads)
     const unsigned long long* w = ws + g * kWsN;
     const int status = static_cast<int>(w[kWsStatus]);
     const K kth = static_cast<K>(w[kWsPrefix]);
-    const unsigned need = static_cast<unsigned>(w[kWsNeed]);
-    unsigned carry = (status == kStSelect && !ties) ? eqb[u] : 0u;
+    const unsigned long long need = w[kWsNeed];  // 64-bit with the carry: a scope may hold >= 2^31 blocks
+    unsigned long long carry = (status == kStSelect && !ties) ? eqb[u] : 0ull;
     const int64_t ob = level_offs(G.lv[0], g).o[kB];
     const A* sp = s + g * U.nb;
     for (int64_t base = j0; base < j1; base += kThreads) {
@@ -1554,11 +1558,12 @@ void launch_scores(const Geo& G, const T* v, int kind, double p, void* dst, T* n
   if (P.cta) {
     GK_LAUNCH((score_kernel<T, true>), grid_occ(score_kernel<T, true>, ctas_for(a.nitems, P), di), kThreads, 0, stream,
               a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     GK_LAUNCH((score_kernel<T, false>), grid_occ(score_kernel<T, false>, ctas_for(a.nitems, P), di), kThreads, 0,
               stream, a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (P.nsplit > 1) {
     GK_LAUNCH(combine_kernel<T>, grid_for(ceil_div(nblk, kThreads), di), kThreads, 0, stream, G, part.data_ptr(), nblk,
               P.nsplit, dst, norm, kind, p, 1.0 / p);
@@ -1622,10 +1627,10 @@ void launch_multi_select(const Geo& G, const A* scores, int op, int64_t target, 
     return;
   }
   Tensor eq;
-  const unsigned* eqb = nullptr;
+  const unsigned long long* eqb = nullptr;
   if (!ties) {
-    eq = at::empty({U.units}, at::TensorOptions().dtype(at::kInt).device(dev));
-    auto* ep = reinterpret_cast<unsigned*>(eq.data_ptr<int32_t>());
+    eq = at::empty({U.units}, lopts);
+    auto* ep = reinterpret_cast<unsigned long long*>(eq.data_ptr<int64_t>());
     GK_LAUNCH(multi_eq_kernel<A>, ugrid, kThreads, 0, stream, scores, U, w, ep);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     GK_LAUNCH(multi_eqscan_kernel, sgrid, kThreads, 0, stream, G.numscp, U.nchunk, ep);
@@ -1739,7 +1744,6 @@ void run_select(const SelJob& J, const Tensor& x, const Tensor& v, const Layout&
   }
 
   // Large scopes: scores -> select (grid mask / kth) -> expand / apply.
-  TORCH_CHECK_VALUE(nb <= static_cast<int64_t>(INT32_MAX), "gradkit: at most 2^31-1 blocks per scope, got ", nb);
   const auto aopts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value).device(dev);
   Tensor scores = at::empty({numscp * nb}, aopts);
   launch_scores<T>(G, vp, J.kind, J.p, scores.data_ptr(), nullptr, dev, stream);
@@ -1753,7 +1757,9 @@ void run_select(const SelJob& J, const Tensor& x, const Tensor& v, const Layout&
   }
   // (kOpMaskElem with single-element blocks: the element mask is the grid mask, same memory layout)
   const int sel_op = J.op == kOpKth ? kOpKth : kOpMask;
-  const bool multi = numscp * 2 < sms && nb >= 65536;
+  // the multi-CTA select counts in 64 bits; the one-CTA select in 32 (a scope of >= 2^31 blocks, e.g. one scope
+  // over a whole model, always takes the multi-CTA select)
+  const bool multi = (numscp * 2 < sms && nb >= 65536) || nb > static_cast<int64_t>(INT32_MAX);
   if (multi) {
     Tensor ws;
     launch_multi_select<A>(G, sp, sel_op, J.target, J.ties, ws, dev, stream, gm,
@@ -1953,11 +1959,12 @@ void block_soft_threshold_cuda(Tensor& x, c10::IntArrayRef block_shape, const Te
     const int64_t ctas = ctas_for(Y.numscp, P);
     if (P.cta) {
       GK_LAUNCH((soft_kernel<scalar_t, true>), grid_occ(soft_kernel<scalar_t, true>, ctas, di), kThreads, 0, stream, a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       GK_LAUNCH((soft_kernel<scalar_t, false>), grid_occ(soft_kernel<scalar_t, false>, ctas, di), kThreads, 0, stream,
                 a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

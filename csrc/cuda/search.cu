@@ -209,7 +209,8 @@ std::tuple<Tensor, Tensor> score_topk_cuda(const Tensor& queries, const Tensor& 
   auto fopt = queries.options().dtype(at::kFloat);
   auto lopt = queries.options().dtype(at::kLong);
   if (Q == 0 || k == 0) return {at::empty({Q, k}, fopt), at::empty({Q, k}, lopt)};
-  if (N > 0 && D > 0 && k <= kMaxK && (Q + kTileQ - 1) / kTileQ > GK_MAX_GRID_Y) {
+  const int64_t q_blocks = (Q + kTileQ - 1) / kTileQ;  // grid axis y of the tile kernel
+  if (N > 0 && D > 0 && k <= kMaxK && q_blocks > GK_MAX_GRID_Y) {
     // query blocks on grid axis y (at most 65535): slices of queries, each query's top-k its own (the
     // composite path above had no such limit, and the auto backend routes here while TF32 is on)
     const int64_t step = static_cast<int64_t>(GK_MAX_GRID_Y) * kTileQ;
@@ -254,7 +255,6 @@ std::tuple<Tensor, Tensor> score_topk_cuda(const Tensor& queries, const Tensor& 
     return {largest ? out_s : out_s.neg(), out_i};
   }
   const int64_t n_tiles = (N + kTileN - 1) / kTileN;
-  const int64_t q_blocks = (Q + kTileQ - 1) / kTileQ;
   Tensor cs = at::empty({Q, n_tiles, k}, fopt);
   Tensor ci = at::empty({Q, n_tiles, k}, lopt);
   Tensor sc;
@@ -266,8 +266,8 @@ std::tuple<Tensor, Tensor> score_topk_cuda(const Tensor& queries, const Tensor& 
     GK_LAUNCH(tile_topk_kernel<scalar_t>, grid, kThreads, 0, stream,
         q.data_ptr<float>(), keys.data_ptr<scalar_t>(), scp, cs.data_ptr<float>(), ci.data_ptr<int64_t>(), Q, N, D,
         q.stride(0), keys.stride(0), n_tiles, static_cast<int>(k));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   Tensor cs2 = cs.view({Q, n_tiles * k});
   Tensor ci2 = ci.view({Q, n_tiles * k});
   ci2 = at::where(ci2.ge(0), ci2.add(base), ci2);

@@ -10,7 +10,9 @@
 // Every thread of a block must wait at the same __syncthreads (same source line) in each round: one
 // waiting elsewhere is reported as a barrier divergence (an error on real hardware too).
 //
-// What it checks: indexing, tiling, the split of work over blocks and threads, barrier placement (a
+// What it checks: the launch limits a GPU enforces (block size, grid axes x <= 2^31-1 and y, z <= 65535,
+// dynamic shared memory <= 48 KiB) and that every launch is on the current stream (kCurrentStream below);
+// indexing, tiling, the split of work over blocks and threads, barrier placement (a
 // missing barrier that lets a thread read a tile before it is written reads NaN or stale data here only
 // when the fiber order exposes it: threads run in index order, or in reverse order after
 // set_reverse(true), so a test that runs both orders sees a read of data written by another thread in the
@@ -131,12 +133,26 @@ inline void fiber_entry() {
   s.cur->wait = Wait::kDone;  // returns to uc_link (the scheduler)
 }
 
-// Runs fn once per thread of every block of the grid (the body of a <<<grid, block, smem>>> launch).
-inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& fn) {
+// The stream c10::cuda::getCurrentCUDAStream() returns here (shim/c10/cuda/CUDAStream.h): a launch on any
+// other stream (0, the legacy default stream, say) is an error, as the kernels must run on the current one.
+constexpr int kCurrentStream = 0x5eed;
+// A launch with no cudaFuncSetAttribute(MaxDynamicSharedMemorySize) may ask for at most 48 KiB.
+constexpr size_t kMaxDynamicShared = 48 * 1024;
+
+// Runs fn once per thread of every block of the grid (the body of a <<<grid, block, smem, stream>>> launch),
+// after the checks a GPU makes at launch (block and grid limits, dynamic shared memory) and the stream's.
+inline void launch(dim3 grid, dim3 block, size_t smem, int stream, const std::function<void()>& fn) {
   State& s = state();
   const size_t nt = static_cast<size_t>(block.x) * block.y * block.z;
   if (nt == 0 || nt > 1024) throw std::runtime_error("gk_emu: bad block size " + std::to_string(nt));
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) throw std::runtime_error("gk_emu: empty grid");
+  if (grid.x > 2147483647u || grid.y > 65535u || grid.z > 65535u)
+    throw std::runtime_error("gk_emu: grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
+                             std::to_string(grid.z) + ") past the limits (2^31-1, 65535, 65535)");
+  if (smem > kMaxDynamicShared)
+    throw std::runtime_error("gk_emu: " + std::to_string(smem) + " bytes of dynamic shared memory (at most 48 KiB)");
+  if (stream != kCurrentStream)
+    throw std::runtime_error("gk_emu: launch on stream " + std::to_string(stream) + ", not the current stream");
   const size_t nw = (nt + 31) / 32;
   s.fibers.assign(nt, Fiber{});
   s.stacks.resize(nt * s.stack_bytes);

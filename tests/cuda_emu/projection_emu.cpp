@@ -11,7 +11,8 @@ namespace {
 // Self-checks of the emulator (tests/test_cuda_emulated.py): that it can fail. which = 0: every thread
 // writes its shared slot, waits, reads its neighbour's (correct); 1: the same without the barrier (a race:
 // the neighbour's slot is unwritten (NaN) or written depending on the thread order); 2: threads wait at
-// two different barriers (divergence, reported as an error).
+// two different barriers (divergence, reported as an error); 3, 4, 5: launches a GPU (or the stream rule) refuses
+// (the legacy default stream, 65536 blocks on grid axis y, 48 KiB + 4 of dynamic shared memory).
 __global__ void selftest_kernel(float* out, int which) {
   __shared__ float slot[64];
   const unsigned t = threadIdx.x, n = blockDim.x;
@@ -28,7 +29,16 @@ __global__ void selftest_kernel(float* out, int which) {
 }
 at::Tensor emu_selftest(int64_t which) {  // the emulator's errors reach Python as RuntimeError
   at::Tensor out = at::zeros({2, 64}, at::kFloat);
-  GK_LAUNCH(selftest_kernel, 2u, 64u, 0, 0, out.data_ptr<float>(), static_cast<int>(which));
+  if (which == 3) {  // on the legacy default stream instead of the current one: refused
+    GK_LAUNCH(selftest_kernel, 2u, 64u, 0, 0, out.data_ptr<float>(), 0);
+  } else if (which == 4) {  // 65536 blocks on grid axis y: refused, as a GPU refuses it
+    GK_LAUNCH(selftest_kernel, dim3(1u, 65536u), 64u, 0, c10::cuda::getCurrentCUDAStream(), out.data_ptr<float>(), 0);
+  } else if (which == 5) {  // 48 KiB + 4 of dynamic shared memory without raising the kernel's limit: refused
+    GK_LAUNCH(selftest_kernel, 2u, 64u, 48 * 1024 + 4, c10::cuda::getCurrentCUDAStream(), out.data_ptr<float>(), 0);
+  } else {
+    GK_LAUNCH(selftest_kernel, 2u, 64u, 0, c10::cuda::getCurrentCUDAStream(), out.data_ptr<float>(),
+              static_cast<int>(which));
+  }
   return out;
 }
 void emu_set_sms(int64_t n) { gk_emu::set_sm_count(static_cast<int>(n)); }

@@ -1,8 +1,9 @@
-// tests/cuda_emu: one stream, which the emulator's launches ignore (they run synchronously).
+// tests/cuda_emu: one stream, the current one (gk_emu::kCurrentStream, not 0: a launch on the legacy default
+// stream is an error there); launches run synchronously.
 #pragma once
 namespace c10 {
 namespace cuda {
-inline int getCurrentCUDAStream(int = -1) { return 0; }
+inline int getCurrentCUDAStream(int = -1) { return 0x5eed; }
 }  // namespace cuda
 }  // namespace c10
 namespace at {
