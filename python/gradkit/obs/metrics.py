@@ -18,6 +18,7 @@ Conventions shared by every OBS routine in gradkit:
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import Optional, Tuple
 
@@ -77,10 +78,10 @@ def _check_symmetric(h: Tensor, what: str, rtol: float = 1e-3, scale: Optional[f
 
 
 def _check_damp(damp) -> float:
-    try:
-        d = float(damp)
-    except (TypeError, ValueError):
-        raise TypeError(f"damp: expected a number, got {type(damp).__name__}") from None
+    # a real number (numpy reals too); float() alone took the string "0.1" (and a bool as 0 / 1)
+    if isinstance(damp, bool) or not isinstance(damp, numbers.Real):
+        raise TypeError(f"damp: expected a real number, got {type(damp).__name__}")
+    d = float(damp)
     if not math.isfinite(d) or d < 0:
         raise ValueError(f"damp: expected a finite number >= 0, got {damp!r}")
     return d

@@ -34,7 +34,7 @@ from torch import Tensor
 from gradkit import ops
 from gradkit._rules import all_finite
 from gradkit.obs.layout import ObsLayout, obs_layout
-from gradkit.scope import BlockSpec, ScopeSpec
+from gradkit.obs.baselines import _dead_inputs
 from gradkit.obs.metrics import dead_diagonal
 from gradkit.obs.metrics import _check_symmetric, cast_finite
 
@@ -76,7 +76,9 @@ def _check_nnz(nnz, gs: int) -> int:
 
 
 def _damp_value(h: Tensor, damp: float) -> float:
-    if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not math.isfinite(damp) or damp < 0:
+    if isinstance(damp, bool) or not isinstance(damp, numbers.Real):  # as gradkit.obs.metrics' rule
+        raise TypeError(f"damp: expected a real number, got {type(damp).__name__}")
+    if not math.isfinite(damp) or damp < 0:
         raise ValueError(f"damp: expected a finite number >= 0, got {damp!r}")
     if damp >= 1.0:
         return float(damp)
@@ -118,17 +120,11 @@ def _check_inv_h(inv_h, k: int) -> Tensor:
     return inv_h
 
 
-def _layout(scope) -> ObsLayout:
-    """``obs_layout(scope)``, and the empty layout of a weight without elements (0 rows or 0 columns): such a
-    weight has no scope, so every method is a no-op on it (``obs_layout`` cannot view its empty block grid)."""
-    spec = getattr(scope, "block", None)
-    w = getattr(getattr(spec, "view", None), "param", None)
-    if isinstance(scope, ScopeSpec) and isinstance(spec, BlockSpec) and isinstance(w, Tensor) and w.dim() == 2 \
-            and w.numel() == 0:
-        gs, bk = scope.numblk_per_scope(), spec.numel_per_block()
-        return ObsLayout(weight=w, elems=torch.empty((0, gs, bk), dtype=torch.long, device=w.device),
-                         M=int(w.shape[0]), K=int(w.shape[1]), S=0, gs=int(gs), bk=int(bk), row_coupled=False)
-    return obs_layout(scope)
+def _check_progress(progress, what: str) -> None:
+    """``progress`` / ``progress_fn``: None, a bool or a callable(str); anything else (a string, a number) used to
+    open a tqdm bar because it was truthy."""
+    if progress is not None and not isinstance(progress, bool) and not callable(progress):
+        raise TypeError(f"{what}: expected None, a bool or a callable(str), got {type(progress).__name__}")
 
 
 def _progress(progress, total: int, desc: str):
@@ -288,11 +284,17 @@ class StructuredOBS:
     RuntimeError naming the layer and leaves the weight untouched, as ``prune_model`` does);
     ``nnz >= blocks per scope`` is a documented no-op, and so is any ``nnz`` on a weight with 0 rows or
     0 columns (SparseKit raises IndexError). ``nnz`` may be a numpy integer, as for ``ScopeSpec``.
+
+    Dead inputs (``H[j, j] == 0``: the input was always 0 in calibration) make their weights free to prune: every
+    method (each compensation mode, true OBS in either scoring) scores them 0, as if ``W[:, j]`` were 0 (SparseGPT's
+    rule), so within the pattern they are pruned first; those the pattern keeps keep their value, and nothing is
+    compensated into or out of them. The inverse still decouples the dead diagonal as ``compute_inverse`` does
+    (SparseKit scores them against that diagonal and keeps them).
     """
 
     def __init__(self, scope, hessian: Tensor, damp: float = 1e-4, inv_h: Optional[Tensor] = None):
         self.scope = scope
-        self.layout = _layout(scope)
+        self.layout = obs_layout(scope)  # an empty weight: S = 0 scopes, every method a no-op
         lay = self.layout
         self.block = scope.block
         self.hessian = _check_matrix(hessian, lay.K, "hessian")
@@ -306,6 +308,10 @@ class StructuredOBS:
             self.inv_hessian = _check_inv_h(inv_h, lay.K)
         else:
             self.inv_hessian = self.compute_inverse(hessian, damp)
+        # (K,) bool on the weight's device, or None: the inputs that were always 0 in calibration (H[j, j] == 0 in
+        # the inverse's precision, as compute_inverse decides, and the whole row 0)
+        self._dead = _dead_inputs(hessian, self.W.device,
+                                  torch.float64 if hessian.dtype == torch.float64 else torch.float32)
         self._plan: Optional[_Plan] = None
 
     compute_inverse = staticmethod(compute_inverse)
@@ -349,6 +355,22 @@ class StructuredOBS:
 
     def _c32(self) -> Tensor:
         return self.inv_hessian.to(device=self.W.device, dtype=torch.float32)
+
+    def _zero_dead(self, W: Tensor) -> Optional[Tensor]:
+        """Weights on dead inputs cost nothing to prune (their input is always 0): zeroed in the working copy ``W``
+        (as SparseGPT does), they score 0 in every method and are pruned first within the pattern. ``C`` has the dead
+        rows and columns decoupled (``C[j, i] = 0``), so nothing compensates into or out of them. Returns their
+        values (``None`` when no input is dead), for :meth:`_restore_dead`."""
+        if self._dead is None:
+            return None
+        saved = W[:, self._dead]
+        W[:, self._dead] = 0.0
+        return saved
+
+    def _restore_dead(self, W: Tensor, keep: Tensor, saved: Optional[Tensor]) -> None:
+        """Dead-input weights the pattern keeps keep their value (as ``metrics.resolve`` keeps them)."""
+        if saved is not None:
+            W[:, self._dead] = saved.masked_fill_(~keep[:, self._dead], 0.0)
 
     # ------------------------------------------------------------------ true OBS
     @torch.no_grad()
@@ -394,6 +416,8 @@ class StructuredOBS:
             raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
         if ng is not None and (isinstance(ng, bool) or not isinstance(ng, int) or ng < 1):
             raise ValueError(f"ng: expected an int >= 1 or None, got {ng!r}")
+        _check_progress(progress_fn, "progress_fn")
+        _check_progress(progress, "progress")
         num_prune = self._start(nnz)
         if num_prune is None:
             return self._keep_all() if return_mask else None
@@ -425,6 +449,7 @@ class StructuredOBS:
             ng = 1 if plan.coupled else 64
         C = self._c32()
         W = self.W.detach().to(torch.float32).reshape(self.M, self.num_cols).clone()
+        dead_w = self._zero_dead(W)
         slot_order = self._slot_order(W, C, num_prune, order)
         keep = torch.ones(self.M, self.num_cols, dtype=torch.bool, device=W.device)
         rows_per_chunk = max(1, chunk_size // plan.R) * plan.R
@@ -447,6 +472,7 @@ class StructuredOBS:
                 upd(1)
         finally:
             close()
+        self._restore_dead(W, keep, dead_w)
         self._write_back(W, "prune_true_obs")
         return keep if return_mask else None
 
@@ -518,6 +544,7 @@ class StructuredOBS:
                              f"more than MAX_SUBSETS={MAX_SUBSETS}; use prune_true_obs(scoring='independent')")
         plan = self.plan
         W = self.W.detach().to(torch.float32).reshape(self.M, self.num_cols).clone()
+        dead_w = self._zero_dead(W)
         C = self._c32()
         if compensate == "local" and plan.row_major and num_prune * self.bk <= ops.SHARED_MAX_P and \
                 math.comb(gs, num_prune) * (num_prune * self.bk) ** 2 * plan.Q <= _FUSED_CINV_MAX:
@@ -532,6 +559,7 @@ class StructuredOBS:
         else:
             W, keep = self._split(W, plan, num_prune, n_splits, reselect=compensate == "interleaved")
         W = W.masked_fill(~keep, 0.0)
+        self._restore_dead(W, keep, dead_w)
         self._write_back(W, "prune")
         return keep if return_mask else None
 
@@ -550,15 +578,26 @@ class StructuredOBS:
             if k == 0:
                 C, active = self._c32(), None
             else:  # C over the columns not frozen by earlier splits, zero elsewhere
-                active = torch.nonzero(~frozen).squeeze(1)
-                C = torch.zeros(self.num_cols, self.num_cols, device=W.device)
-                Ca = compute_inverse(self.hessian.index_select(0, active).index_select(1, active).float(), self.damp)
-                C[active[:, None], active[None, :]] = Ca.to(C)
+                C, active = _active_inverse(self.hessian, frozen, self.damp, W.device)
             sel = _select_shared(W, C, plan, num_prune, slots) if reselect else _slice_sel(sel_all, q0, q1)
             W = _compensate_full(W, C, plan, sel, slots, active)
             keep = _keep_from(keep, plan, sel)
             frozen[plan.t_col[q0:q1].reshape(-1)] = True
         return W, keep
+
+def _active_inverse(hessian: Tensor, frozen: Tensor, damp: float, device):
+    """``(C, active)`` for a split: ``C`` (K, K) float32 on ``device``, the damped inverse of ``H`` restricted to the
+    columns not ``frozen`` and zero elsewhere, and ``active`` (those columns, on ``device``). The inverse is taken
+    where ``hessian`` lives (as the first one, :func:`compute_inverse`), indexed there: a CPU Hessian with a CUDA
+    weight raised a device mismatch part-way through the splits."""
+    k = hessian.shape[0]
+    active_h = torch.nonzero(~frozen.to(hessian.device)).squeeze(1)
+    Ca = compute_inverse(hessian.index_select(0, active_h).index_select(1, active_h).float(), damp)
+    active = active_h.to(device)
+    C = torch.zeros(k, k, dtype=torch.float32, device=device)
+    C[active[:, None], active[None, :]] = Ca.to(C)
+    return C, active
+
 
 # --------------------------------------------------------------------------- the batched kernel
 
