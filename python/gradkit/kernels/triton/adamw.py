@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gradkit.kernels.triton.parammap import _bf16_bits_to_f32, _f32_to_bf16_bits
+from gradkit.kernels.triton.parammap import _bf16_bits_to_f32, _f32_to_bf16_bits, check_no_overlap
 
 # Mask bytes (8 entries each) handled by one program; tests shrink it to exercise many blocks.
 BYTES = 256
@@ -192,7 +192,15 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                   bias_correction1: Sequence[float], bias_correction2_sqrt: Sequence[float], maximize: bool,
                   max_exp_avg_sqs: Optional[Sequence[torch.Tensor]] = None) -> None:
     """Launcher; the kernel reads every tensor by address and numel, so gradkit.ops.check_masked_adamw_ runs
-    first (op wrapper, CUDA kernel)."""
+    first (op wrapper, CUDA kernel). A written tensor sharing an element with another listed tensor (a parameter
+    listed twice, one state tensor in two roles, a gradient that is also written) is refused before any tensor is
+    touched, naming both, as the native op refuses it (the programs would race; the interpreter would apply one
+    step twice)."""
+    named = [(f"{name}[{i}]", t, True) for name, lst in (("params", params), ("exp_avgs", exp_avgs),
+                                                         ("exp_avg_sqs", exp_avg_sqs),
+                                                         ("max_exp_avg_sqs", max_exp_avg_sqs or []))
+             for i, t in enumerate(lst)]
+    check_no_overlap(named + [(f"grads[{i}]", t, False) for i, t in enumerate(grads)])
     hyper = [_bits64(1 - masked_lr * weight_decay), _bits64(1 - unmasked_lr * weight_decay), _bits64(1 - beta1),
              _bits64(beta2), _bits64(1 - beta2), _bits64(eps), int(masked_lr == 0), int(unmasked_lr == 0)]
     by_dtype: Dict[torch.dtype, List[int]] = {}

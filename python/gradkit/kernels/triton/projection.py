@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from gradkit.kernels.reference.projection import GOLDEN, MIX_A, MIX_B, ROW_C, _s64, f64_row_scale, inv_sqrt_k
+from gradkit.kernels.reference.scope import check_inplace
 from gradkit.kernels.triton import interpreting, on_tensor_device
 
 _MIX_A = _s64(MIX_A)
@@ -220,11 +221,28 @@ def _inv_bits(k: int) -> int:
     return struct.unpack("<q", struct.pack("<d", inv_sqrt_k(k)))[0]
 
 
+# out dtypes the kernel stores itself; any other float dtype (the float8 family) is filled through a float32
+# buffer and torch's cast: Triton has no float8_e8m0fnu, and no fnuz float8 (or e4m3fn before sm_89) on NVIDIA
+# GPUs (a compile error), while the op takes any floating out and defines its values as fp32 cast to out's dtype
+_STORE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_STAGE_ELEMS = 1 << 24  # float32 entries of that buffer at a time (64 MiB), in column slices
+
+
 @on_tensor_device
 def projection_matrix_(out: torch.Tensor, seed: int, kind: int, k: int, row0: int, col0: int) -> None:
-    """Launcher; arguments checked by gradkit.ops.projection.check_projection_matrix_ (op wrapper, CUDA kernel)."""
+    """Launcher; arguments checked by gradkit.ops.projection.check_projection_matrix_ (op wrapper, CUDA kernel). An
+    out that covers an element twice (expand()ed) is refused as the native op refuses it (programs would write one
+    element with different entries, in any order)."""
     R, C = out.shape
     if R == 0 or C == 0:
+        return
+    check_inplace(out, "out")
+    if out.dtype not in _STORE_DTYPES:
+        step = max(1, _STAGE_ELEMS // R)
+        for c in range(0, C, step):
+            part = torch.empty(R, min(step, C - c), dtype=torch.float32, device=out.device)
+            projection_matrix_(part, seed, kind, k, row0, col0 + c)
+            out[:, c:c + part.shape[1]].copy_(part)
         return
     BR, BC = (16, 64) if interpreting() else (32, 128)
     if triton.cdiv(C, BC) > _MAX_GRID_YZ:  # column tiles on grid axis 1: slices of columns, each its own launch
