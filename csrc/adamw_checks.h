@@ -11,6 +11,9 @@
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
+
+#include "overlap.h"
 
 namespace gradkit {
 namespace adamw {
@@ -143,6 +146,19 @@ inline bool check_args(at::TensorList params, at::TensorList grads, at::TensorLi
     }
   }
   check_scalars(masked_lr, unmasked_lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt);
+  // Every entry of every tensor is updated in one parallel pass (and the kernels take the lists' pointers as
+  // not aliasing): a tensor written twice (a parameter listed twice, one state tensor for two roles) or a
+  // gradient that is also written would race. Refused, naming both, before any tensor is touched.
+  std::vector<NamedTensor> named;
+  named.reserve(5 * n);
+  const std::pair<const char*, at::TensorList> written[] = {
+      {"params", params}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
+  for (const auto& [name, list] : written)
+    for (const auto i : c10::irange(n)) named.push_back({&list[i], name, static_cast<int64_t>(i), true});
+  if (max_exp_avg_sqs.has_value())
+    for (const auto i : c10::irange(n)) named.push_back({&(*max_exp_avg_sqs)[i], "max_exp_avg_sqs", static_cast<int64_t>(i), true});
+  for (const auto i : c10::irange(n)) named.push_back({&grads[i], "grads", static_cast<int64_t>(i), false});
+  check_no_overlap(named);
   return true;
 }
 

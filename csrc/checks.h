@@ -26,7 +26,11 @@ inline int64_t segment_offsets(const std::vector<Segment>& segs, std::vector<int
 
 // Result dtype (promoted over src unless given) and length of gather_segments.
 inline at::ScalarType gather_dtype(at::TensorList src, std::optional<at::ScalarType> dtype) {
-  if (dtype.has_value()) return *dtype;
+  if (dtype.has_value()) {
+    // checked before the output is allocated (the kernels dispatch on the float dtypes only)
+    TORCH_CHECK_TYPE(is_float_dtype(*dtype), "dtype: expected a floating dtype, got ", *dtype);
+    return *dtype;
+  }
   at::ScalarType dt = src.empty() ? at::kFloat : src[0].scalar_type();
   for (const auto& s : src) dt = at::promote_types(dt, s.scalar_type());
   return dt;
@@ -42,12 +46,18 @@ inline int64_t gather_total(at::TensorList src, const c10::List<std::optional<at
 }
 
 inline void check_gather_out(const at::Tensor& out, int64_t total) {
+  TORCH_CHECK_TYPE(is_float_dtype(out.scalar_type()), "out: expected a floating dtype, got ", out.scalar_type());
   TORCH_CHECK_VALUE(out.dim() == 1 && out.numel() == total, "out: expected a 1-D tensor of ", total,
                     " elements, got shape ", out.sizes());
   TORCH_CHECK_VALUE(out.is_contiguous(), "out: must be contiguous");
 }
 
+inline void check_flat_dtype(const at::Tensor& flat) {
+  TORCH_CHECK_TYPE(is_float_dtype(flat.scalar_type()), "flat: expected a floating dtype, got ", flat.scalar_type());
+}
+
 inline void check_scatter_flat(const at::Tensor& flat, int64_t total) {
+  check_flat_dtype(flat);
   TORCH_CHECK_VALUE(flat.dim() == 1, "flat: expected a 1-D tensor, got shape ", flat.sizes());
   TORCH_CHECK_VALUE(flat.numel() == total, "flat: expected ", total, " elements, got ", flat.numel());
 }

@@ -108,7 +108,9 @@ at::Tensor golden_topk_and_impl(const scalar_t* g, int64_t n, uint8_t* bits, int
   constexpr int kSubShift = kShift > kDigitBits ? kShift - kDigitBits : 0;
   constexpr int kSubBins = 1 << (kShift - kSubShift);
   const int nthreads = std::max(1, at::get_num_threads());
-  int64_t grain = std::max<int64_t>(int64_t(1) << 16, (n + 2 * nthreads - 1) / (2 * nthreads));
+  // at most 2^30 entries per block: the per-block histograms count in uint32 (one bin may hold every entry)
+  int64_t grain = std::min<int64_t>(int64_t(1) << 30,
+                                    std::max<int64_t>(int64_t(1) << 16, (n + 2 * nthreads - 1) / (2 * nthreads)));
   grain = (grain + 63) / 64 * 64;
   const int64_t nblocks = std::max<int64_t>(1, (n + grain - 1) / grain);
   auto range = [&](int64_t blk) { return std::make_pair(blk * grain, std::min(n, (blk + 1) * grain)); };

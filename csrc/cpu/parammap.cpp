@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../overlap.h"
 #include "../segments.h"
 
 namespace gradkit {
@@ -291,8 +292,22 @@ void check_positions(const std::vector<WorkItem>& work, const std::vector<Segmen
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, T, NAME, __VA_ARGS__)
 
 // precheck: positions checked before any write (into a caller's `out`; a new output is dropped on error).
-void gather_impl(at::TensorList src, const c10::List<std::optional<Tensor>>& index, Tensor& out,
+void gather_impl(at::TensorList src_in, const c10::List<std::optional<Tensor>>& index, Tensor& out,
                  bool accumulate, bool precheck) {
+  // A caller's out that shares memory with a source (out=x with src=[x], out a view of a gradient being read):
+  // the sources are read as they were before the call, as the reference (every value gathered, then written),
+  // so such a source is read from a copy (a new output never overlaps).
+  std::vector<Tensor> src_copy;
+  at::TensorList src = src_in;
+  if (precheck) {
+    for (const auto i : c10::irange(src_in.size())) {
+      if (spans_meet(src_in[i], {out})) {
+        if (src_copy.empty()) src_copy.assign(src_in.begin(), src_in.end());
+        src_copy[i] = src_in[i].clone(at::MemoryFormat::Contiguous);
+      }
+    }
+    if (!src_copy.empty()) src = src_copy;
+  }
   const auto segs = make_segments(src, index, "src");
   std::vector<int64_t> offs;
   const int64_t total = segment_offsets(segs, &offs);
@@ -339,10 +354,21 @@ void scatter_impl(const Tensor& flat, const c10::List<std::optional<Tensor>>& in
   const auto segs = make_segments(dst, index, "dst");
   std::vector<int64_t> offs;
   check_scatter_flat(flat, segment_offsets(segs, &offs));
+  TORCH_CHECK_VALUE(dst.empty() || flat.device() == dst[0].device(), "flat: on ", flat.device(), " but dst is on ",
+                    dst[0].device());
   if (flat.numel() == 0) return;
+  // Two destinations sharing an element (the same tensor twice, overlapping views, an expand()ed one) would be
+  // written by two threads at once: refused, naming them, before anything is written.
+  {
+    std::vector<NamedTensor> named;
+    for (const auto i : c10::irange(dst.size())) named.push_back({&dst[i], "dst", static_cast<int64_t>(i), true});
+    check_no_overlap(named);
+  }
   const auto work = make_work(segs);
   check_positions(work, segs, true);
-  const Tensor f = flat.contiguous();
+  // flat is read as it was before the call (the reference reads every value first) when it shares memory
+  // with a destination
+  const Tensor f = spans_meet(flat, dst) ? flat.clone(at::MemoryFormat::Contiguous) : flat.contiguous();
   run_work(work, segs, [&](const WorkItem& it, const SegView& v, const Tensor& idx, std::atomic<bool>& bad) {
       GK_DISPATCH_FLOAT(f.scalar_type(), "scatter_flat", [&] {
         using F = scalar_t;
@@ -385,6 +411,7 @@ bool strictly_ascending(const Tensor& idx) {
 // storage (outputs never alias).
 std::vector<Tensor> scatter_segments_cpu(const Tensor& flat, const c10::List<std::optional<Tensor>>& index,
                                          c10::IntArrayRef numel, double scale) {
+  check_flat_dtype(flat);  // before the outputs are made in flat's dtype (their check would name dst)
   check_numel_list(numel, index);
   std::vector<Tensor> outs;
   outs.reserve(numel.size());

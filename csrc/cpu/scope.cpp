@@ -122,16 +122,16 @@ template <typename acc_t>
 struct Selector {
   std::vector<acc_t> s;
   std::vector<uint8_t> keep;
-  std::vector<int32_t> idx;
+  std::vector<int64_t> idx;  // block positions in the scope: a single scope may hold 2^31 blocks or more
   explicit Selector(int64_t nb) : s((size_t)nb), keep((size_t)nb) {}
 
   // better(a, b): a ranks before b (valid scores only).
-  inline bool better(int32_t a, int32_t b) const { return s[a] > s[b] || (s[a] == s[b] && a < b); }
+  inline bool better(int64_t a, int64_t b) const { return s[a] > s[b] || (s[a] == s[b] && a < b); }
 
   void collect_valid(int64_t nb) {
     idx.clear();
     for (int64_t i = 0; i < nb; ++i)
-      if (!std::isnan(s[i])) idx.push_back((int32_t)i);
+      if (!std::isnan(s[i])) idx.push_back(i);
   }
 
   // keep[i] for the selection rules of the reference.
@@ -161,7 +161,7 @@ struct Selector {
       for (auto i : idx) keep[i] = 1;
       return;
     }
-    auto cmp = [this](int32_t a, int32_t b) { return better(a, b); };
+    auto cmp = [this](int64_t a, int64_t b) { return better(a, b); };
     std::nth_element(idx.begin(), idx.begin() + (nnz - 1), idx.end(), cmp);
     if (keep_ties) {
       const acc_t kth = s[idx[nnz - 1]];
@@ -178,7 +178,7 @@ struct Selector {
     const int64_t nv = (int64_t)idx.size();
     acc_t vk = ninf, vk1 = ninf;
     if (nv >= k) {
-      auto cmp = [this](int32_t a, int32_t b) { return better(a, b); };
+      auto cmp = [this](int64_t a, int64_t b) { return better(a, b); };
       std::nth_element(idx.begin(), idx.begin() + (k - 1), idx.end(), cmp);
       vk = s[idx[k - 1]];
       if (want_next && nv > k) {
