@@ -20,6 +20,7 @@ import fnmatch
 import hashlib
 import json
 import math
+import operator
 import os
 import zlib
 from dataclasses import dataclass
@@ -112,7 +113,7 @@ def _make_entry(name: str, spec: Mapping[str, Any]) -> _Entry:
             raise TypeError(f"{where}['mask']: expected dtype torch.bool, got {t.dtype}")
         if tuple(t.shape) != shape:
             raise ValueError(f"{where}['mask']: shape {tuple(t.shape)} differs from the parameter shape {shape}")
-        t = t.to("cpu").contiguous()
+        t = _own_cpu_copy(t, t)
         pos = ops.mask_to_indices(t, _index_dtype(numel))  # counts, and is the gather plan
         return _Entry(name, shape, numel, r, t, int(pos.numel()), True, pos)
     if r == "bitmask":
@@ -122,7 +123,7 @@ def _make_entry(name: str, spec: Mapping[str, Any]) -> _Entry:
         if t.dim() != 1 or t.numel() != nbytes:
             raise ValueError(f"{where}['bitmask']: expected shape ({nbytes},) for {numel} elements, "
                              f"got {tuple(t.shape)}")
-        t = t.to("cpu").contiguous()
+        t = _own_cpu_copy(t, t)
         if numel % 8 and int(t[-1]) >> (numel % 8):
             raise ValueError(f"{where}['bitmask']: bits are set beyond the {numel} elements")
         pos = ops.bitmask_to_indices(t, numel, _index_dtype(numel))
@@ -137,7 +138,7 @@ def _make_entry(name: str, spec: Mapping[str, Any]) -> _Entry:
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= numel:
             raise ValueError(f"{where}['indices']: positions must lie in [0, {numel}), got range [{lo}, {hi}]")
-    t = t.to(_index_dtype(numel)).contiguous()
+    t = _own_cpu_copy(t.to(_index_dtype(numel)), spec[r])
     ascending = bool((t[1:] > t[:-1]).all()) if t.numel() > 1 else True
     if not ascending and t.numel() > 1:
         s = torch.sort(t).values
@@ -145,6 +146,29 @@ def _make_entry(name: str, spec: Mapping[str, Any]) -> _Entry:
         if dup.numel():
             raise ValueError(f"{where}['indices']: position {int(s[int(dup[0])])} is selected more than once")
     return _Entry(name, shape, numel, r, t, int(t.numel()), ascending)
+
+
+def _own_cpu_copy(t: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU, contiguous, sharing no memory with the caller's ``user`` tensor: a selection is validated
+    (and its count, position plan and hash cached) once, so a later in-place edit of the caller's mask / index
+    tensor must not reach the map (it made gather, hash, to_spec and save disagree, and skipped validation)."""
+    c = t.to("cpu").contiguous()
+    if user.device.type == "cpu" and (c.numel() == 0
+                                      or c.untyped_storage().data_ptr() == user.untyped_storage().data_ptr()):
+        c = c.clone()
+    return c
+
+
+def _float_at_least(imp: torch.Tensor, threshold: Union[int, float]) -> torch.Tensor:
+    """``imp >= threshold`` for a floating tensor, exact: torch's ``imp >= float(threshold)`` rounds the threshold to
+    imp's dtype first, so a float16 0.0999755859375 passed a 0.1 threshold (a bfloat16 0.69921875 a 0.7 one)."""
+    try:
+        t = float(threshold)
+    except OverflowError:  # an int past the float range
+        t = math.inf if threshold > 0 else -math.inf
+    c = torch.tensor(t, dtype=torch.float64).to(imp.dtype)  # a neighbour of threshold in imp's dtype
+    # no value of imp's dtype lies strictly between c and threshold: below it, "> c" is ">= threshold"
+    return imp > c if float(c) < threshold else imp >= c
 
 
 def _int_at_least(imp: torch.Tensor, threshold: Union[int, float]) -> torch.Tensor:
@@ -245,18 +269,28 @@ class ParamMap:
                 spec[n] = ({"shape": shape, "repr": "bitmask", "bitmask": ops.pack_bitmask(m.detach().cpu())}
                            if bitmask else {"shape": shape, "repr": "mask", "mask": m})
             else:
+                if m.dtype == torch.uint8:
+                    # GRADIEND stores masks as U8: read as flat indices, a 0/1 mask [0, 1] of a 2-element bias
+                    # silently selected both elements
+                    raise TypeError(f"masks[{n!r}]: a uint8 tensor is ambiguous (a 0/1 mask as GRADIEND stores it, "
+                                    "or flat indices): pass mask.bool() for a mask or an int32/int64 tensor of flat "
+                                    "indices")
+                if m.dtype.is_floating_point or m.dtype.is_complex:
+                    raise TypeError(f"masks[{n!r}]: expected a bool mask or an integer tensor of flat indices, "
+                                    f"got {m.dtype}")
                 spec[n] = {"shape": shape, "repr": "indices", "indices": m}
         return cls(spec)
 
     def to_spec(self, *, bitmask_as_mask: bool = False) -> Dict[str, Dict[str, Any]]:
-        """The GRADIEND-style spec dict (bitmask entries unpacked to masks if asked)."""
+        """The GRADIEND-style spec dict (bitmask entries unpacked to masks if asked). Its tensors are copies:
+        editing them in place leaves this map as it is."""
         out: Dict[str, Dict[str, Any]] = {}
         for e in self._entries:
             d: Dict[str, Any] = {"shape": e.shape, "repr": e.repr}
             if e.repr == "bitmask" and bitmask_as_mask:
                 d = {"shape": e.shape, "repr": "mask", "mask": self._dense_mask(e)}
             elif e.repr != "all":
-                d[e.repr] = e.sel
+                d[e.repr] = e.sel.clone()
             out[e.name] = d
         return out
 
@@ -382,9 +416,13 @@ class ParamMap:
         dtype: result dtype (default: the sources' promoted dtype).
         """
         active, tensors = self._sources(source)
+        if dtype is not None and dtype not in _FLOAT_DTYPES:  # also when nothing is selected (no kernel checks it)
+            raise TypeError(f"dtype: expected float32/float64/float16/bfloat16, got {dtype!r}")
         if out is not None:
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"out: expected a tensor, got {type(out).__name__}")
+            if out.dtype not in _FLOAT_DTYPES:
+                raise TypeError(f"out: expected float32/float64/float16/bfloat16, got {out.dtype}")
             if out.dim() != 1 or out.numel() != self.input_dim:
                 raise ValueError(f"out: expected shape ({self.input_dim},), got {tuple(out.shape)}")
             if dtype is not None and out.dtype != dtype:
@@ -428,9 +466,9 @@ class ParamMap:
             raise TypeError(f"flat: expected a tensor, got {type(flat).__name__}")
         if flat.dim() != 1 or flat.numel() != self.input_dim:
             raise ValueError(f"flat: expected shape ({self.input_dim},), got {tuple(flat.shape)}")
-        if not flat.dtype.is_floating_point:
-            raise TypeError(f"flat: expected a floating dtype, got {flat.dtype}")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        if flat.dtype not in _FLOAT_DTYPES:  # before any .grad is created below (float8 passed is_floating_point)
+            raise TypeError(f"flat: expected float32/float64/float16/bfloat16, got {flat.dtype}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not _finite(scale):
             raise ValueError(f"scale: expected a finite number, got {scale!r}")
         plan = self._plan(flat.device)
         if out is None:
@@ -452,12 +490,18 @@ class ParamMap:
                 if p.dtype not in _FLOAT_DTYPES:  # checked before any .grad is created below
                     raise TypeError(f"out[{self._entries[i].name!r}]: expected float32/float64/float16/bfloat16, "
                                     f"got {p.dtype}")
+            for i in active:  # every existing destination, before the first .grad is created below
+                name = self._entries[i].name
+                d = params[name].grad if target == "grad" else params[name]
+                what = f"out[{name!r}].grad" if target == "grad" else f"out[{name!r}]"
+                if d is None:
+                    continue
+                if d.layout != torch.strided:
+                    raise TypeError(f"{what}: expected a dense tensor, got layout {d.layout} (sparse)")
+                if _internal_overlap(d):
+                    raise ValueError(f"{what}: several elements share one memory location (an expanded tensor); "
+                                     "clone() it first")
             if target == "grad":
-                for i in active:
-                    g = params[self._entries[i].name].grad
-                    if g is not None and g.layout != torch.strided:
-                        raise TypeError(f"out[{self._entries[i].name!r}].grad: expected a dense tensor, got layout "
-                                        f"{g.layout} (a sparse gradient)")
                 for i in active:  # only after every check passed
                     p = params[self._entries[i].name]
                     if p.grad is None:
@@ -522,7 +566,9 @@ class ParamMap:
         ``importance`` (needed with threshold / topk) may be floating or integer: integers
         are compared with the threshold exactly (an int or a float one: ``importance >=
         ceil(threshold)``, where torch's own ``>=`` would round both to float32 past 2**24)
-        and ranked exactly by topk; bool / complex importances are a TypeError, NaN at a
+        and ranked exactly by topk; floating ones are compared with the threshold exactly too
+        (torch's ``>=`` would first round the threshold to their dtype: a float16 0.09998
+        passed ``threshold=0.1``); bool / complex importances are a TypeError, NaN at a
         position the mask leaves a ValueError.
         """
         n = self.input_dim
@@ -540,7 +586,7 @@ class ParamMap:
             if importance.dtype == torch.bool or importance.dtype.is_complex:
                 raise TypeError(f"importance: expected a floating or integer dtype, got {importance.dtype}")
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                      or math.isnan(threshold)):
+                                      or (isinstance(threshold, float) and math.isnan(threshold))):
             raise ValueError(f"threshold: expected a number, got {threshold!r}")
         if topk is not None:
             if isinstance(topk, bool) or not isinstance(topk, (int, float)):
@@ -568,7 +614,7 @@ class ParamMap:
                 raise ValueError(f"importance: contains NaN (first at input position {int(nan.nonzero()[0])})")
 
         if threshold is not None:
-            t = imp >= float(threshold)
+            t = _float_at_least(imp, threshold)
             active = t if active is None else (active & t)
         n_active = n if active is None else int(active.sum())
         kept: torch.Tensor
@@ -614,9 +660,14 @@ class ParamMap:
         a tensor -> (entry ids, flat indices) as int64 tensors (names via ``self.names``).
         Uses only the per-entry position plans; never builds an input_dim-long map.
         """
-        scalar = isinstance(positions, int) and not isinstance(positions, bool)
+        scalar = not isinstance(positions, (torch.Tensor, list, tuple)) and _as_int(positions) is not None
         if scalar or isinstance(positions, (list, tuple)):
-            pos = torch.as_tensor([positions] if scalar else list(positions), dtype=torch.int64)
+            items = [positions] if scalar else list(positions)
+            ints = [_as_int(p) for p in items]
+            bad = [p for p, q in zip(items, ints) if q is None]
+            if bad:  # torch.as_tensor(..., dtype=int64) truncated 3.7 to 3 and read True as 1: a wrong entry
+                raise TypeError(f"positions: expected integers, got {bad[0]!r} ({type(bad[0]).__name__})")
+            pos = torch.tensor(ints, dtype=torch.int64) if ints else torch.empty(0, dtype=torch.int64)
         elif isinstance(positions, torch.Tensor):
             if positions.dtype.is_floating_point or positions.dtype == torch.bool:
                 raise TypeError(f"positions: expected integers, got {positions.dtype}")
@@ -808,7 +859,7 @@ class ParamMap:
             elif r in ("indices", "mask"):
                 field = "indices_file" if r == "indices" else "masks_file"
                 key = ent.get("key")
-                if field not in tensors or key not in tensors[field]:
+                if not isinstance(key, str) or field not in tensors or key not in tensors[field]:
                     raise ValueError(f"{where}: {r} tensor {key!r} missing from mapping.{field}")
                 t = tensors[field][key]
                 if r == "mask":
@@ -868,6 +919,24 @@ def _entry_from_positions(e: _Entry, pos: torch.Tensor) -> _Entry:
             return _Entry(e.name, e.shape, e.numel, "bitmask", ops.pack_bitmask(m), k, True)
         return _Entry(e.name, e.shape, e.numel, "mask", m.reshape(e.shape), k, True)
     return _Entry(e.name, e.shape, e.numel, "indices", pos.contiguous(), k, ascending)
+
+
+def _as_int(x) -> Optional[int]:
+    """``x`` as a Python int when it is an integer (int, numpy integer, ...; not a bool), else None."""
+    if isinstance(x, (bool, torch.Tensor)) or type(x).__name__ == "bool_":
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
+
+
+def _finite(x: Union[int, float]) -> bool:
+    """math.isfinite, with an int past the float range (which math.isfinite refuses with OverflowError) infinite."""
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
