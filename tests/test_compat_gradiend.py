@@ -169,3 +169,22 @@ def test_topk_one_keeps_everything_like_gradiend_without_reordering():
     assert f.input_dim == r.input_dim == ref.input_dim
     assert torch.equal(f.extract_gradients(base), ref.extract_gradients(base))  # same order as before
     assert not torch.equal(r.extract_gradients(base), ref.extract_gradients(base))  # gradiend 0.2.3 reorders
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_prune_threshold_on_low_precision_importance_matches_gradiend(dtype):
+    """GRADIEND compares `importance >= threshold` in the importance's dtype (the threshold rounded to it: float16
+    0.09998 passes 0.1); ParamMap.prune compares exactly. The drop-in keeps GRADIEND's answer at the boundary."""
+    base, ref, fast = _models(5)
+    n = ref.input_dim
+    t = 0.1
+    below = torch.tensor(t, dtype=dtype)  # t rounded to dtype, then nudged just under t where rounding went up
+    if float(below) >= t:
+        below = torch.nextafter(below, torch.tensor(0.0, dtype=dtype))
+    imp = torch.full((n,), 0.5, dtype=dtype)
+    imp[0], imp[1], imp[2] = below, torch.tensor(t, dtype=dtype), 0.01
+    r_model, r_mask = ref.prune(threshold=t, importance=imp, return_mask=True)
+    f_model, f_mask = fast.prune(threshold=t, importance=imp, return_mask=True)
+    assert torch.equal(r_mask, f_mask)
+    assert not bool(f_mask[2]) and bool(f_mask[3])
+    assert r_model.input_dim == f_model.input_dim == int(r_mask.sum())

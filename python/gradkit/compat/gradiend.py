@@ -184,10 +184,11 @@ def _prune(self, *, topk=None, threshold=None, mask=None, part: str = "decoder-w
         imp = importance.detach() if importance is not None else self.get_weight_importance(part=part).detach()
         if imp.dim() != 1 or imp.numel() != n:
             raise ValueError(f"importance must be 1D tensor of length {n}, got shape {imp.shape}")
-        if threshold is not None and not (imp.is_floating_point() or imp.is_complex() or imp.dtype == torch.bool):
-            # integer importances: GRADIEND's ParamMappedGradiendModel compares `importance >= float(threshold)`
-            # (float32 for an integer tensor: 2**60 + 3 passes 2**60 + 60), where ParamMap.prune compares the
-            # integers exactly; fold GRADIEND's test into the mask. ParamMap.prune ranks them for topk.
+        if threshold is not None and not (imp.is_complex() or imp.dtype == torch.bool):
+            # GRADIEND's ParamMappedGradiendModel compares `importance >= float(threshold)` with torch's promotion:
+            # the threshold rounded to a float16 / bfloat16 / float32 importance's dtype (float16 0.09998 passes
+            # 0.1), float32 for an integer tensor (2**60 + 3 passes 2**60 + 60), where ParamMap.prune compares
+            # exactly; fold GRADIEND's test into the mask. ParamMap.prune ranks them for topk.
             if isinstance(threshold, bool) or math.isnan(threshold):
                 raise ValueError(f"threshold: expected a number, got {threshold!r}")
             above = imp.to("cpu") >= float(threshold)
