@@ -160,3 +160,16 @@ def test_gather_with_nothing_selected_checks_dtype_and_out():
     with pytest.raises(TypeError, match=r"^out: expected float32/float64/float16/bfloat16"):
         pm.gather(src, out=torch.zeros(0, dtype=torch.int64))
     assert pm.gather(src, dtype=torch.float16).dtype == torch.float16
+
+
+def test_save_errors_name_the_directory_argument(tmp_path):
+    """save(directory) where the directory is a regular file, or a regular file sits where one of its parents should
+    be: a ValueError naming `directory`, nothing written (was `path:` and a raw FileExistsError)."""
+    pm = ParamMap({"w": {"shape": (4,), "repr": "all"}})
+    f = tmp_path / "plain.txt"
+    f.write_text("keep")
+    with pytest.raises(ValueError, match=r"^directory: .* exists and is not a directory"):
+        pm.save(str(f))
+    with pytest.raises(ValueError, match=r"^directory: cannot create .*not a directory"):
+        pm.save(str(f / "sub" / "map"))
+    assert f.read_text() == "keep" and sorted(os.listdir(tmp_path)) == ["plain.txt"]

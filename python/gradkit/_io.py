@@ -111,18 +111,22 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def write_dir_atomic(target: str, writers: Dict[str, Callable[[str], None]],
-                     remove: tuple = (), _hook: Callable[[str], None] | None = None) -> None:
+                     remove: tuple = (), _hook: Callable[[str], None] | None = None, what: str = "path") -> None:
     """Replace the files ``writers`` names inside directory ``target`` atomically.
 
     writers: {file name: fn(path) writing that file}. Files of ``target`` that are
     neither written nor listed in ``remove`` are carried over unchanged.
-    ``_hook(stage)`` is a test seam called between steps.
+    ``_hook(stage)`` is a test seam called between steps; ``what`` names the argument in errors.
     """
     target = os.path.abspath(target)
     parent, base = os.path.split(target)
     if os.path.exists(target) and not os.path.isdir(target):
-        raise ValueError(f"path: {target!r} exists and is not a directory")
-    os.makedirs(parent, exist_ok=True)
+        raise ValueError(f"{what}: {target!r} exists and is not a directory")
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a regular file where a parent directory should be
+        raise ValueError(f"{what}: cannot create {target!r}: a part of its parent {parent!r} is not a directory") \
+            from None
     stage = tempfile.mkdtemp(prefix=f".{base}.gradkit-", dir=parent)
     try:
         existed = os.path.isdir(target)

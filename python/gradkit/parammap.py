@@ -788,7 +788,7 @@ class ParamMap:
         writers[CONFIG] = write_config
         # Stale mapping files (and GRADIEND's cached index map) no longer referenced are dropped.
         stale = tuple(n for n in (INDICES_FILE, MASKS_FILE, "input_index_map.safetensors") if n not in writers)
-        write_dir_atomic(directory, writers, remove=stale, _hook=_hook)
+        write_dir_atomic(directory, writers, remove=stale, _hook=_hook, what="directory")
 
     @classmethod
     def load(cls, directory: str) -> "ParamMap":
