@@ -56,6 +56,24 @@ def _check_percent(percent) -> float:
     return float(percent)
 
 
+def _shape_arg(shape, what: str = "shape") -> Tuple[int, ...]:
+    """A mask's shape: a sequence of ints >= 0 (numpy integers and a torch.Size too), else a TypeError /
+    ValueError naming ``what`` (``int(s)`` would truncate 4.5 to 4, and take True as 1 and "45" as 45)."""
+    if isinstance(shape, (str, bytes, Mapping)) or not isinstance(shape, (Sequence, torch.Size)) \
+            and not (isinstance(shape, torch.Tensor) and shape.dim() == 1 and not shape.is_floating_point()):
+        raise TypeError(f"{what}: expected a sequence of ints, got {type(shape).__name__}")
+    out = []
+    for s in (shape.tolist() if isinstance(shape, torch.Tensor) else shape):
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+            raise TypeError(f"{what}: expected a sequence of ints, got an entry {s!r}")
+        if s < 0:
+            raise ValueError(f"{what}: sizes must be >= 0, got {tuple(shape)}")
+        out.append(int(s))
+    if math.prod(out) >= 1 << 63:
+        raise ValueError(f"{what}: {tuple(out)} has 2^63 entries or more")
+    return tuple(out)
+
+
 def percent_to_k(numel: int, percent: float) -> int:
     """Entries a top-``percent``% selection keeps in a tensor of ``numel`` entries:
     ``max(1, floor(numel * percent / 100))`` for a non-empty tensor, 0 for an empty one.
@@ -64,6 +82,9 @@ def percent_to_k(numel: int, percent: float) -> int:
     ``sparsity_to_nnz`` takes too): exact on ``percent``'s value, with a product that ``percent``'s own
     rounding could move onto an integer taken as that integer (0.57% of 10000 entries is 57, where float
     arithmetic gives 56.99999... and floors to 56)."""
+    numel = ops._int(numel, "numel")
+    if numel < 0:
+        raise ValueError(f"numel: must be >= 0, got {numel}")
     p = _check_percent(percent)
     if numel == 0:
         return 0
@@ -95,7 +116,7 @@ class Bitmask:
     __slots__ = ("bits", "shape")
 
     def __init__(self, bits: torch.Tensor, shape: Sequence[int]):
-        shape = tuple(int(s) for s in shape)
+        shape = _shape_arg(shape)
         numel = math.prod(shape)
         if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or bits.dim() != 1 \
                 or bits.numel() != (numel + 7) // 8:
@@ -115,9 +136,18 @@ class Bitmask:
 
     @classmethod
     def from_indices(cls, indices: torch.Tensor, shape: Sequence[int]) -> "Bitmask":
-        shape = tuple(int(s) for s in shape)
+        shape = _shape_arg(shape)
         numel = math.prod(shape)
-        idx = torch.as_tensor(indices).reshape(-1).long()
+        try:
+            idx = torch.as_tensor(indices)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise TypeError(f"indices: expected integer positions (a tensor, array or sequence of ints), got "
+                            f"{type(indices).__name__}") from None
+        if idx.dtype == torch.bool or idx.dtype.is_floating_point or idx.dtype.is_complex:  # .long() would truncate
+            raise TypeError(f"indices: expected integer positions, got {idx.dtype} values")
+        if idx.is_meta:
+            raise ValueError("indices: a meta tensor holds no positions")
+        idx = idx.reshape(-1).long()
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
             raise ValueError(f"indices: positions must lie in [0, {numel}) for shape {shape}")
         return cls(_bits_of_flat(idx, numel), shape)
@@ -158,7 +188,7 @@ class Bitmask:
         else:
             raise TypeError(f"{what}: expected a bool tensor, a Bitmask, a sparse COO tensor or a packed uint8 "
                             f"bitmask, got {getattr(m, 'dtype', type(m).__name__)}")
-        if shape is not None and tuple(b.shape) != tuple(int(s) for s in shape):
+        if shape is not None and tuple(b.shape) != _shape_arg(shape):
             raise ValueError(f"{what}: shape {tuple(b.shape)} differs from the parameter's {tuple(shape)}")
         return b
 
@@ -267,6 +297,8 @@ class MaskSet(Mapping[str, Bitmask]):
         return [m.bits for m in self._m.values()]
 
     def _bin(self, other: "MaskSet", op: str) -> "MaskSet":
+        if not isinstance(other, Mapping):
+            raise TypeError(f"other: expected a MaskSet or a dict of name -> mask, got {type(other).__name__}")
         other = other if isinstance(other, MaskSet) else MaskSet(other)
         _same_keys(self, other)
         out = ops.bitmask_binary(self._lists(), [other[n].bits for n in self._m], op)  # paired by name
@@ -401,6 +433,8 @@ def _grad_tensor(grads: Mapping[str, torch.Tensor], name: str, sample: int) -> t
     g = grads[name]
     if not isinstance(g, torch.Tensor) or not g.dtype.is_floating_point:
         raise TypeError(f"grad_iter: sample {sample}, {name!r}: expected a floating tensor")
+    if g.is_meta:
+        raise ValueError(f"grad_iter: sample {sample}, {name!r}: a meta tensor holds no gradient values")
     return g.detach()
 
 
@@ -418,9 +452,23 @@ def golden_masks(grad_iter: Iterable[Mapping[str, torch.Tensor]], percent: float
     pct = _check_percent(percent)
     if scope not in ("tensor", "global"):
         raise ValueError(f"scope: expected 'tensor' or 'global', got {scope!r}")
-    if params is not None and (isinstance(params, str) or len(set(params)) != len(params)):
-        raise ValueError("params: expected a sequence of distinct parameter names")
-    it = iter(grad_iter)
+    if params is not None:
+        if isinstance(params, (str, bytes)) or not isinstance(params, Iterable):
+            raise TypeError(f"params: expected a sequence of parameter names, got {type(params).__name__}")
+        params = list(params)
+        if len(set(params)) != len(params):
+            raise ValueError("params: expected a sequence of distinct parameter names")
+        bad = [p for p in params if not isinstance(p, str)]
+        if bad:
+            raise TypeError(f"params: expected parameter names (str), got {bad[0]!r}")
+    for nm, v in (("return_counts", return_counts), ("progress", progress)):
+        if not isinstance(v, bool):  # return_counts="no" would be taken as True
+            raise TypeError(f"{nm}: expected a bool, got {type(v).__name__}")
+    try:
+        it = iter(grad_iter)
+    except TypeError:
+        raise TypeError(f"grad_iter: expected an iterable of dicts name -> gradient, got "
+                        f"{type(grad_iter).__name__}") from None
     bits: Dict[str, torch.Tensor] = {}
     counts: Dict[str, torch.Tensor] = {}
     shapes: Dict[str, Tuple[int, ...]] = {}
@@ -517,7 +565,7 @@ class SparseGradientAccumulator:
 
     def __init__(self, masks: Union[MaskSet, Mapping[str, torch.Tensor]], dtype: torch.dtype = torch.float32):
         self.masks = masks if isinstance(masks, MaskSet) else MaskSet(masks)
-        if not dtype.is_floating_point:
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
         self.dtype = dtype
         self._idx = {n: m.to_indices(torch.int64 if m.numel > 2**31 - 1 else torch.int32) for n, m in self.masks.items()}

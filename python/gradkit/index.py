@@ -267,6 +267,8 @@ def _check_modules(modules) -> "OrderedDict[str, int]":
         if name in out:
             raise ValueError(f"modules: duplicate module name {name!r}")
         out[name] = int(dim)
+    if sum(out.values()) > 1 << 40:  # a row of 4 TiB: past it, row offsets (rows x dim x itemsize) leave int64
+        raise ValueError(f"modules: the dims sum to {sum(out.values())}, more than a row can hold (2^40)")
     return out
 
 
@@ -356,6 +358,16 @@ def _bergson_base_dtype(v, f: Path) -> str:
                 return name
     raise IndexFormatError(f"open: unsupported bergson dtype {v!r} in {f} (expected float16, bfloat16, float32 or "
                            "float64, little-endian)")
+
+
+class _RowIndexError(IndexError, ValueError):
+    """A row number out of range, or a boolean mask of another length: an IndexError (as Python and numpy raise
+    for an index out of range) that is also the ValueError gradkit raises for every bad argument."""
+
+
+def _no_meta(t: torch.Tensor, what: str) -> None:
+    if t.is_meta:
+        raise ValueError(f"{what}: a meta tensor holds no values")
 
 
 def _int_arg(v, what: str, lo: int = 0) -> int:
@@ -662,8 +674,13 @@ class Precondition:
 
     @staticmethod
     def _check_damping(damping) -> float:
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) \
-                or damping < 0:
+        # numbers.Real: numpy's float32 / int64 scalars too, as every numeric argument
+        try:
+            ok = not isinstance(damping, (bool, np.bool_)) and isinstance(damping, numbers.Real) \
+                and math.isfinite(damping) and damping >= 0
+        except OverflowError:  # an int past float's range
+            ok = False
+        if not ok:
             raise ValueError(f"damping: expected a finite number >= 0, got {damping!r}")
         return float(damping)
 
@@ -684,6 +701,7 @@ class Precondition:
             raise TypeError(f"{what}: expected a floating tensor, got {getattr(h, 'dtype', type(h).__name__)}")
         if h.dim() != 2 or h.shape[0] != h.shape[1] or h.shape[0] == 0:
             raise ValueError(f"{what}: expected a square (d, d) matrix, got shape {tuple(h.shape)}")
+        _no_meta(h, what)
         if not torch.isfinite(h).all():
             raise ValueError(f"{what}: contains NaN or Inf")
 
@@ -816,14 +834,17 @@ class GradientIndex:
                 raise TypeError(f"per_token: expected a bool, got {type(per_token).__name__}")
             if shard_rows is not None:
                 shard_rows = _int_arg(shard_rows, "shard_rows", 1)
-            if not isinstance(resume, bool) or not isinstance(overwrite, bool):
-                raise TypeError("resume, overwrite: expected bools")
+            for nm, v in (("resume", resume), ("overwrite", overwrite)):
+                if not isinstance(v, bool):
+                    raise TypeError(f"{nm}: expected a bool, got {type(v).__name__}")
             if resume and overwrite:
                 raise ValueError("resume, overwrite: choose one (resume continues the index, overwrite replaces it)")
             if on_nonfinite not in _POLICIES:
                 raise ValueError(f"on_nonfinite: expected one of {_POLICIES}, got {on_nonfinite!r}")
             if not isinstance(path, (str, os.PathLike)):
                 raise TypeError(f"path: expected a str or path, got {type(path).__name__}")
+            if not os.fspath(path):
+                raise ValueError("path: is empty (an empty path would be the current directory)")
         except BaseException as e:  # noqa: BLE001 - re-raised below (after the collective)
             if d is None:
                 raise
@@ -1136,6 +1157,7 @@ class GradientIndex:
         if isinstance(grads, torch.Tensor):
             if not grads.is_floating_point():
                 raise TypeError(f"{what}: expected a floating tensor, got {grads.dtype}")
+            _no_meta(grads, what)
             if grads.dim() != 2 or grads.shape[1] != self.dim:
                 raise ValueError(f"{what}: expected shape (n, {self.dim}) (the sum of the module dims), got "
                                  f"{tuple(grads.shape)}")
@@ -1150,6 +1172,7 @@ class GradientIndex:
                 g = grads[name]
                 if not isinstance(g, torch.Tensor) or not g.is_floating_point():
                     raise TypeError(f"{what}[{name!r}]: expected a floating tensor")
+                _no_meta(g, f"{what}[{name!r}]")
                 if g.dim() < 1:
                     raise ValueError(f"{what}[{name!r}]: expected shape (n, {dm})")
                 g = g.detach().reshape(g.shape[0], math.prod(g.shape[1:])) if g.dim() != 2 else g.detach()
@@ -1191,6 +1214,8 @@ class GradientIndex:
         commit: rows appended with ``commit=False`` since then are discarded too.
         """
         self._check_writable("append")
+        if not isinstance(commit, (bool, np.bool_)):  # commit="no" or None would be taken as True / False
+            raise TypeError(f"commit: expected a bool, got {type(commit).__name__}")
         policy = self._policy if on_nonfinite is None else on_nonfinite
         if policy not in _POLICIES:
             raise ValueError(f"on_nonfinite: expected one of {_POLICIES}, got {policy!r}")
@@ -1511,6 +1536,8 @@ class GradientIndex:
         """
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path: expected a str or path, got {type(path).__name__}")
+        if not os.fspath(path):
+            raise ValueError("path: is empty (an empty path would be the current directory)")
         if not isinstance(low_memory, bool):
             raise TypeError(f"low_memory: expected a bool, got {type(low_memory).__name__}")
         if not isinstance(allow_incomplete, bool):
@@ -1863,7 +1890,7 @@ class GradientIndex:
                             f"boolean mask, got {type(rows).__name__}") from None
         if r.dtype == torch.bool:
             if r.dim() != 1 or r.shape[0] != n:
-                raise IndexError(f"rows: a boolean mask must be 1-D with one entry per row ({n}), got shape "
+                raise _RowIndexError(f"rows: a boolean mask must be 1-D with one entry per row ({n}), got shape "
                                  f"{tuple(r.shape)}")
             return r.nonzero().flatten()
         if r.numel() == 0:  # e.g. [] (float to torch): no row number to be wrong
@@ -1873,7 +1900,7 @@ class GradientIndex:
         big = r.dtype == getattr(torch, "uint64", None) and int(r.numpy().max()) >= n  # would wrap in int64
         r = r.to(torch.int64)
         if big or int(r.min()) < -n or int(r.max()) >= n:
-            raise IndexError(f"rows: out of range for an index of {n} rows (valid: {-n} .. {n - 1})")
+            raise _RowIndexError(f"rows: out of range for an index of {n} rows (valid: {-n} .. {n - 1})")
         return torch.where(r < 0, r + n, r)
 
     def _check_readable(self, what: str) -> None:
@@ -1963,6 +1990,7 @@ class GradientIndex:
         if isinstance(queries, torch.Tensor):
             if not queries.is_floating_point():
                 raise TypeError(f"queries: expected a floating tensor, got {queries.dtype}")
+            _no_meta(queries, "queries")
             if queries.dim() < 1 or queries.shape[-1] != self.dim:
                 raise ValueError(f"queries: expected shape (..., {self.dim}) (the index's dim: every module "
                                  f"{list(self.modules)} in that order, also when modules= selects some), got "
@@ -1981,6 +2009,7 @@ class GradientIndex:
                 g = queries[n]
                 if not isinstance(g, torch.Tensor) or not g.is_floating_point():
                     raise TypeError(f"queries[{n!r}]: expected a floating tensor")
+                _no_meta(g, f"queries[{n!r}]")
                 if g.dim() < 1 or g.shape[-1] != dm:
                     raise ValueError(f"queries[{n!r}]: expected shape (..., {dm}), got {tuple(g.shape)}")
                 if lead is None:
@@ -2101,7 +2130,11 @@ class GradientIndex:
                     raise ValueError(f"weights: module {m!r} is not among the selected modules")
                 if isinstance(w, torch.Tensor) and w.numel() == 1 and not w.dtype.is_complex and w.dtype != torch.bool:
                     w = w.item()  # a 0-d (or one-element) tensor
-                if isinstance(w, (bool, np.bool_)) or not isinstance(w, numbers.Real) or not math.isfinite(w):
+                try:  # an int past float's range is no finite float either
+                    finite = not isinstance(w, (bool, np.bool_)) and isinstance(w, numbers.Real) and math.isfinite(w)
+                except OverflowError:
+                    finite = False
+                if not finite:
                     raise ValueError(f"weights[{m!r}]: expected a finite number, got {w!r}")
                 w = float(w)
                 if abs(w) > _F32_MAX or 0 < abs(w) < _F32_TINY:
@@ -2110,7 +2143,10 @@ class GradientIndex:
                                      f"weight by one positive factor (the ranking is the same)")
                 wts[m] = w
         if precondition is not None and not isinstance(precondition, Precondition):
-            precondition = Precondition(precondition, mode="query")
+            try:
+                precondition = Precondition(precondition, mode="query")
+            except (TypeError, ValueError) as e:  # Precondition's messages name its own argument, matrix
+                raise type(e)(f"precondition: {e}") from None
         q, lead, qexp = self._query_matrix(queries)
         if q.shape[0] == 0:  # an empty batch: empty results of the usual shape and dtypes, nothing scanned
             return (torch.empty(*lead, k, dtype=torch.float32, device=q.device),

@@ -22,7 +22,11 @@ def _real(v: Any) -> bool:
 
 
 def _nonneg(v: Any, what: str) -> float:
-    if not _real(v) or not math.isfinite(v) or v < 0:
+    try:
+        ok = _real(v) and math.isfinite(v) and v >= 0
+    except OverflowError:  # an int past float's range
+        ok = False
+    if not ok:
         raise ValueError(f"{what}: expected a finite number >= 0, got {v!r}")
     return float(v)
 
@@ -48,7 +52,11 @@ def _named_list(named_params: NamedParams) -> List[Tuple[str, torch.Tensor]]:
     if isinstance(named_params, torch.Tensor):
         raise TypeError("named_params: expected (name, parameter) pairs, e.g. model.named_parameters(), "
                         "or a {name: parameter} dict, got a tensor")
-    items = list(named_params.items() if isinstance(named_params, Mapping) else named_params)
+    try:
+        items = list(named_params.items() if isinstance(named_params, Mapping) else named_params)
+    except TypeError:
+        raise TypeError("named_params: expected (name, parameter) pairs, e.g. model.named_parameters(), "
+                        f"or a {{name: parameter}} dict, got {type(named_params).__name__}") from None
     if not items:
         raise ValueError("named_params: no parameters to optimize")
     seen: Dict[str, torch.Tensor] = {}
@@ -66,6 +74,9 @@ def _named_list(named_params: NamedParams) -> List[Tuple[str, torch.Tensor]]:
         if p.dtype not in _FLOATS:
             raise TypeError(f"named_params[{name!r}]: expected a float32/float64/float16/bfloat16 parameter, "
                             f"got {p.dtype}")
+        if not p.is_leaf:  # torch.optim's own message names no parameter
+            raise ValueError(f"named_params[{name!r}]: can't optimize a non-leaf tensor (a result of other "
+                             f"tensors' operations); pass the parameter itself")
         seen[name] = p
     return items
 
@@ -286,8 +297,16 @@ class MaskedAdamW(torch.optim.Optimizer):
             raise ValueError("state_dict: expected a MaskedAdamW.state_dict() (keys state, param_groups, masks, "
                              "param_shapes)")
         groups = state_dict["param_groups"]
-        if not isinstance(groups, list) or len(groups) != 1 or "param_names" not in groups[0]:
-            raise ValueError("state_dict: expected one named parameter group")
+        if not isinstance(groups, list) or len(groups) != 1 or not isinstance(groups[0], Mapping) \
+                or not {"param_names", "params", "masked_lr", "unmasked_lr", "betas", "eps", "weight_decay",
+                        "maximize"} <= set(groups[0]) \
+                or not isinstance(groups[0]["param_names"], (list, tuple)) \
+                or not isinstance(groups[0]["params"], (list, tuple)):
+            raise ValueError("state_dict: expected one named parameter group (with param_names, params and the "
+                             "hyper-parameters)")
+        for key in ("state", "masks", "param_shapes"):
+            if not isinstance(state_dict[key], Mapping):
+                raise ValueError(f"state_dict: {key!r} is not a dict, got {type(state_dict[key]).__name__}")
         group = self.param_groups[0]
         names, params = group["param_names"], group["params"]
         saved_names = list(groups[0]["param_names"])
@@ -314,7 +333,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                 continue  # an empty entry: opt.state[p] read before p's first step (a defaultdict); step() skips it
             step = st.get("step")
             # bool / complex: step() refuses them (the count could not be advanced), so loading refuses them too
-            if not isinstance(step, torch.Tensor) or step.numel() != 1 or step.dtype == torch.bool \
+            if not isinstance(step, torch.Tensor) or step.numel() != 1 or step.dtype == torch.bool or step.is_meta \
                     or step.is_complex() or not math.isfinite(float(step)) or float(step) < 0:
                 raise ValueError(f"state_dict: state['step'] of {name!r} is not a one-element tensor >= 0")
             keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if "max_exp_avg_sq" in st else ())
@@ -323,6 +342,11 @@ class MaskedAdamW(torch.optim.Optimizer):
                 if not isinstance(t, torch.Tensor) or t.shape != by_name[name].shape:
                     raise ValueError(f"state_dict: state[{key!r}] of {name!r} is not a tensor of shape "
                                      f"{tuple(by_name[name].shape)}")
+                # loading casts to the parameter's dtype: a complex moment would lose its imaginary part
+                # silently, a meta one has no values
+                if not t.is_floating_point() or t.is_meta:
+                    raise ValueError(f"state_dict: state[{key!r}] of {name!r} is not a real floating tensor with "
+                                     f"values, got a {t.dtype} tensor on {t.device}")
         bits = {}
         for name, b in state_dict["masks"].items():
             if name not in by_name:

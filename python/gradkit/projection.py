@@ -58,7 +58,26 @@ def _pos_int(v, what: str) -> int:
     v = _int(v, what)
     if v <= 0:
         raise ValueError(f"{what}: must be positive, got {v}")
+    if v > _SEED_MASK:  # past int64: the ops' schemas (and torch's sizes) cannot take it
+        raise ValueError(f"{what}: must be below 2^63, got {v}")
     return v
+
+
+def _device(device) -> torch.device:
+    """``device`` as a torch.device, or a ValueError naming it (torch raises RuntimeError / AssertionError for an
+    unknown or unavailable device, deep inside the allocation)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"device: expected a torch.device or a device string, got {device!r} ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {dev} was asked for but CUDA is not available")
+    return dev
+
+
+def _check_moments_tensor(t: torch.Tensor, what: str) -> None:
+    if t.is_meta:
+        raise ValueError(f"{what}: a meta tensor holds no second moments to normalise by")
 
 
 def _seed(seed) -> int:
@@ -98,6 +117,9 @@ def projection_matrix(rows: int, cols: int, seed: int = 0, kind: str = "rademach
     rows, cols, row0, col0 = _int(rows, "rows"), _int(cols, "cols"), _int(row0, "row0"), _int(col0, "col0")
     if rows < 0:
         raise ValueError(f"rows: must be non-negative, got {rows}")
+    if cols > _SEED_MASK:
+        raise ValueError(f"cols: must be below 2^63, got {cols}")
+    device = _device(device)
     if k is None:
         if row0:
             raise ValueError("k: required when row0 > 0 (the scale 1/sqrt(k) is that of the full matrix)")
@@ -108,7 +130,7 @@ def projection_matrix(rows: int, cols: int, seed: int = 0, kind: str = "rademach
     if row0 + rows > k:
         raise ValueError(f"rows: row0 + rows = {row0} + {rows} exceeds k = {k} (the matrix has k rows)")
     return ops.projection_matrix(rows, cols, _seed(seed), _kind(kind), k, row0, col0, dtype=dtype,
-                                 device=torch.device(device))
+                                 device=device)
 
 
 # --------------------------------------------------------------------------- flat projection
@@ -168,6 +190,14 @@ def project(x: Union[torch.Tensor, "object", Callable[[], Iterable], Iterable], 
     if out is not None:
         if not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or out.dim() != 2 or out.shape[1] != k:
             raise ValueError(f"out: expected a (B, {k}) float32 tensor")
+        # before any projection: copy_ would refuse these only after the whole (B, D) pass
+        if any(st == 0 and n > 1 for st, n in zip(out.stride(), out.shape)) or \
+                getattr(torch, "_debug_has_internal_overlap", lambda t: 0)(out) == 1:
+            raise ValueError("out: its elements overlap in memory (an expanded tensor); pass a tensor that owns "
+                             "its storage")
+        if out.requires_grad and out.is_leaf and torch.is_grad_enabled():
+            raise ValueError("out: a leaf tensor that requires grad cannot be written in place (use "
+                             "torch.no_grad(), or let project return a new tensor)")
 
     def check_out(rows: int, device: torch.device) -> None:
         """out's rows and device against the result's, before any projection (k was checked above)."""
@@ -254,6 +284,7 @@ def project(x: Union[torch.Tensor, "object", Callable[[], Iterable], Iterable], 
 def _check_moments(t: torch.Tensor, what: str) -> None:
     """A normaliser's second moments: finite and >= 0 (a negative or NaN entry gives NaN factors, an infinite one
     NaN or inf through Adafactor's mean; either would silently spread to every projected entry). One reduction."""
+    _check_moments_tensor(t, what)
     if t.numel():
         lo, hi = (float(v) for v in torch.aminmax(t.detach()))
         if not (lo >= 0 and hi < math.inf):  # NaN fails both
@@ -261,9 +292,15 @@ def _check_moments(t: torch.Tensor, what: str) -> None:
                              f"{lo:g} and a maximum of {hi:g}")
 
 
-def _check_eps(v, what: str) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+def _check_eps(v, what: str) -> float:
+    # numbers.Real: numpy's float32 / int64 scalars too, as every numeric argument
+    try:
+        f = float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else math.nan
+    except OverflowError:  # an int past float's range
+        f = math.inf
+    if not 0 < f < math.inf:
         raise ValueError(f"{what}: expected a positive finite number, got {v!r}")
+    return f
 
 
 @dataclass
@@ -294,7 +331,7 @@ class AdafactorNormalizer:
                 raise ValueError(f"{nm}: expected a 1-D floating tensor")
             _check_moments(t, nm)
         for nm in ("eps", "bias_eps"):
-            _check_eps(getattr(self, nm), nm)
+            setattr(self, nm, _check_eps(getattr(self, nm), nm))
 
     def factors(self):
         """(row factor (O,), column factor (I,)) with ``G / sqrt(V) = diag(row) G diag(col)``."""
@@ -331,7 +368,7 @@ class AdamNormalizer:
         _check_moments(self.v, "v")
         if self.bias_avg_sq is not None:
             _check_moments(self.bias_avg_sq, "bias_avg_sq")
-        _check_eps(self.eps, "eps")
+        self.eps = _check_eps(self.eps, "eps")
 
     def denominator(self) -> torch.Tensor:
         """``sqrt(v) + eps`` (O, I) float32, on v's device."""

@@ -74,6 +74,32 @@ class ShapeMismatchError(ValueError):
         super().__init__(f"{context}: {msg}" if context else msg)
 
 
+class _NoEntry(KeyError, ValueError):
+    """A ``{BlockSpec: tensor}`` mapping without an entry for a spec: a KeyError (a mapping lookup) that is also the
+    ValueError gradkit raises for every bad argument; its message starts with the argument's name, unquoted."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _ints(v, what: str) -> Tuple[int, ...]:
+    """A sequence of ints (numpy integers too) as a tuple, else a TypeError naming ``what``: ``int(s)`` would
+    truncate 4.5 to 4 and take True as 1."""
+    if isinstance(v, (str, bytes, Mapping)) or not isinstance(v, Iterable):
+        raise TypeError(f"{what}: expected a sequence of ints, got {type(v).__name__}")
+    out = []
+    for s in v:
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+            raise TypeError(f"{what}: expected a sequence of ints, got an entry {s!r}")
+        out.append(int(s))
+    return tuple(out)
+
+
+def _tensor_arg(t, what: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{what}: expected a tensor, got {type(t).__name__}")
+
+
 def _ties(ties: str) -> bool:
     if ties not in _TIES:
         raise ValueError(f"ties: expected 'exact' or 'keep', got {ties!r}")
@@ -200,7 +226,7 @@ class View:
     def __init__(self, param: Tensor, shape: Sequence[int], stride: Sequence[int], offset: int = 0):
         if not isinstance(param, Tensor):
             raise TypeError(f"View: param: expected a tensor or Parameter, got {type(param).__name__}")
-        shape, stride = tuple(int(s) for s in shape), tuple(int(s) for s in stride)
+        shape, stride, offset = _ints(shape, "shape"), _ints(stride, "stride"), ops._int(offset, "offset")
         if len(shape) != len(stride):
             raise ValueError(f"View: shape has {len(shape)} dims but stride has {len(stride)}")
         if any(s < 0 for s in shape) or any(d < 0 for d in stride) or offset < 0:
@@ -235,6 +261,10 @@ class View:
         """Columns ``j`` and ``j + distance`` of every ``period``-column tile as the last dim (size 2):
         shape ``(rows, cols // period, distance, 2)``. With ``BlockSpec(v, (1, 1, 1, 2))`` and
         ``ScopeSpec(b, (1, 1, 4, 1))`` and nnz=2 this is the coupled 2:4 pattern."""
+        if not isinstance(param, Tensor) or param.dim() != 2:
+            raise TypeError(f"View.pairs: param: expected a 2-D tensor, got "
+                            f"{tuple(param.shape) if isinstance(param, Tensor) else type(param).__name__}")
+        period, distance = ops._int(period, "period"), ops._int(distance, "distance")
         r, c = param.shape
         if period != 2 * distance or c % period:
             raise ValueError(f"View.pairs: need period == 2 * distance and cols % period == 0, got "
@@ -246,6 +276,10 @@ class View:
         """Rows ``p`` and ``p + distance`` of every ``chunk``-row chunk as dim 2 (size 2):
         shape ``(rows // chunk, distance, 2, cols)``. ``BlockSpec(v, (1, 1, 1, 16))`` with
         ``ScopeSpec(b, (1, 1, 2, 1))`` and nnz=1: 16-column blocks with 8-row coupling."""
+        if not isinstance(param, Tensor) or param.dim() != 2:
+            raise TypeError(f"View.row_pairs: param: expected a 2-D tensor, got "
+                            f"{tuple(param.shape) if isinstance(param, Tensor) else type(param).__name__}")
+        chunk, distance = ops._int(chunk, "chunk"), ops._int(distance, "distance")
         r, c = param.shape
         if chunk != 2 * distance or r % chunk:
             raise ValueError(f"View.row_pairs: need chunk == 2 * distance and rows % chunk == 0, got "
@@ -372,7 +406,7 @@ class BlockSpec(SparseBlock):
     def __init__(self, view: Union[Tensor, View], shape: Sequence[int] = (), name: Optional[str] = None):
         self.view = View.from_existing(view)
         self.name = name
-        shape = tuple(int(b) for b in shape)
+        shape = _ints(shape, "shape")
         if not shape:
             shape = (1,) * self.view.ndim
         if len(shape) != self.view.ndim:
@@ -416,7 +450,7 @@ class BlockSpec(SparseBlock):
             return self.view.data
         if isinstance(values, Mapping):
             if self not in values:
-                raise KeyError(f"{what}: no entry for {self!r}")
+                raise _NoEntry(f"{what}: no entry for {self!r}")
             values = values[self]
         return self.view.resolve(values, what)
 
@@ -755,13 +789,13 @@ class SparseScope:
         n = self.numblk_per_scope()
         return max(n - floor_count(n, sparsity), 0)
 
-    def _check_nnz(self, nnz) -> int:
+    def _check_nnz(self, nnz, what: str = "nnz") -> int:
         if isinstance(nnz, bool) or not isinstance(nnz, numbers.Integral):  # numpy ints too, as the ops take them
-            raise TypeError(f"nnz: expected an int, got {type(nnz).__name__}")
+            raise TypeError(f"{what}: expected an int, got {type(nnz).__name__}")
         nnz = int(nnz)
         n = self.numblk_per_scope()
         if not 0 <= nnz <= n:
-            raise ValueError(f"nnz: expected 0 <= nnz <= {n} (blocks per scope), got {nnz}")
+            raise ValueError(f"{what}: expected 0 <= {what} <= {n} (blocks per scope), got {nnz}")
         return nnz
 
     def __str__(self) -> str:
@@ -776,7 +810,7 @@ class ScopeSpec(SparseScope):
         if not isinstance(block, SparseBlock):
             raise TypeError(f"ScopeSpec: block: expected a BlockSpec or BlockCoupling, got {type(block).__name__}")
         g = block.grid_shape
-        shape = tuple(int(s) for s in shape)
+        shape = _ints(shape, "shape")
         if len(shape) < len(g):
             shape = shape + (-1,) * (len(g) - len(shape))
         if len(shape) != len(g):
@@ -867,6 +901,7 @@ class ScopeSpec(SparseScope):
         keep_ties = _ties(ties)
         nnz = self._check_nnz(nnz)
         if block_scores is not None:
+            _tensor_arg(block_scores, "block_scores")
             want = self.grid_shape + (self.numblk_per_scope(),)
             if tuple(block_scores.shape) != want:
                 raise ShapeMismatchError(want, block_scores.shape, "block_scores")
@@ -902,6 +937,7 @@ class ScopeSpec(SparseScope):
         _check_format(format)
         _no_extra_kwargs("get_masks", kwargs)
         if block_mask is not None:
+            _tensor_arg(block_mask, "block_mask")
             want = self.grid_shape + (self.numblk_per_scope(),)
             if tuple(block_mask.shape) != want:
                 raise ShapeMismatchError(want, block_mask.shape, "block_mask")
@@ -949,6 +985,7 @@ class ScopeSpec(SparseScope):
         multiplies them by sqrt(elements per block)."""
         if not isinstance(thresholds, Tensor) or tuple(thresholds.shape) != self.grid_shape:
             raise ShapeMismatchError(self.grid_shape, getattr(thresholds, "shape", ()), "thresholds")
+        scale = ops._flag(scale, "scale")  # scale="no" would be taken as True
         t = self.scope_to_block(thresholds)
         if scale:
             t = t * math.sqrt(self.block.numel_per_block())
@@ -1021,7 +1058,7 @@ class ScopeCoupling(SparseScope):
         return torch.cat([q.to(acc) for q in parts], dim=-1)
 
     def kth_largest(self, k: int, values: Values = None, p: float = 2) -> Tensor:
-        k = self._check_nnz(k)
+        k = self._check_nnz(k, "k")
         if k == 0:
             raise ValueError("k: expected k >= 1")
         b = self.block_norms(values, p)
@@ -1044,6 +1081,7 @@ class ScopeCoupling(SparseScope):
         if block_scores is None:
             block_scores = self.block_norms(values, p)
         else:
+            _tensor_arg(block_scores, "block_scores")
             want = self.grid_shape + (self.numblk_per_scope(),)
             if tuple(block_scores.shape) != want:
                 raise ShapeMismatchError(want, block_scores.shape, "block_scores")
@@ -1145,6 +1183,7 @@ class ScopeCoupling(SparseScope):
             raise ShapeMismatchError(self.grid_shape, getattr(thresholds, "shape", ()), "thresholds")
         _check_thresholds(thresholds, nonneg=True)
         _check_soft_args(thresholds, max_iter, atol, eps)
+        scale = ops._flag(scale, "scale")
         for i, s in enumerate(self.scopes):  # every scope takes the thresholds, before the first is written
             _check_targets(s.blocks(), thresholds, "thresholds", f"scopes[{i}].blocks()")
         if conditioners is not None:  # every scope's conditioners, before the first scope is written
@@ -1174,6 +1213,7 @@ class ScopeCoupling(SparseScope):
 def check_nm(mask: Tensor, n: int, m: int) -> None:
     """Raise ValueError unless every group of ``m`` consecutive elements along the last dim
     keeps at most ``n`` (the layout ``torch.sparse.to_sparse_semi_structured`` needs for 2:4)."""
+    _tensor_arg(mask, "mask")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask: expected a bool tensor, got {mask.dtype}")
     n, m = ops._int(n, "n"), ops._int(m, "m")
@@ -1190,6 +1230,8 @@ def semi_structured(weight: Tensor, mask: Tensor):
     """``torch.sparse.to_sparse_semi_structured`` of ``weight`` with the 2:4 ``mask`` applied
     (CUDA only, as in torch). The mask is checked first: a broken pattern is an error, never
     a silently different sparsity."""
+    _tensor_arg(weight, "weight")
+    _tensor_arg(mask, "mask")
     if tuple(mask.shape) != tuple(weight.shape):
         raise ShapeMismatchError(weight.shape, mask.shape, "mask")
     check_nm(mask, 2, 4)
