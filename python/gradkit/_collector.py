@@ -154,7 +154,11 @@ def _refuse_unhookable(selected, unhookable: Dict[str, str]) -> None:
 def _check_scale(scale) -> None:
     if scale is None or scale == "batch":
         return
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    try:  # an int past float's range: OverflowError in isfinite
+        finite = not isinstance(scale, bool) and isinstance(scale, numbers.Real) and math.isfinite(scale)
+    except OverflowError:
+        finite = False
+    if not finite:
         raise ValueError(f"scale: expected a finite number, 'batch' or None, got {scale!r}")
 
 
@@ -269,8 +273,8 @@ class GradientCollector:
         def whole(v) -> bool:
             return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # numpy's bool_ is no Integral
 
-        if not whole(p) or p <= 0:
-            raise ValueError(f"p: expected a positive int, got {p!r}")
+        if not whole(p) or p <= 0 or p >= 1 << 31:  # p * p numbers per example (and index columns) fit int64
+            raise ValueError(f"p: expected a positive int below 2**31, got {p!r}")
         if not whole(seed) or seed < 0 or seed >= 1 << 63:
             raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
         if not isinstance(kind, str) or kind.lower() not in ("rademacher", "gaussian"):
@@ -301,6 +305,9 @@ class GradientCollector:
             self._modules[name] = mod
         self.module_dims: "OrderedDict[str, int]" = OrderedDict((n, p * p) for n in self._modules)
 
+        if normalizers is not None and not isinstance(normalizers, Mapping):
+            raise TypeError(f"normalizers: expected None or a {{module name: normalizer}} mapping, got "
+                            f"{type(normalizers).__name__}")
         normalizers = dict(normalizers or {})
         unknown = sorted(set(normalizers) - set(self._modules))
         if unknown:
@@ -392,7 +399,7 @@ class GradientCollector:
                 raise ValueError("modules: the callable selected no module")
             _refuse_unhookable(out, unhookable)
             return out
-        if not isinstance(modules, (str, Iterable)):
+        if isinstance(modules, Tensor) or not isinstance(modules, (str, Iterable)):
             raise TypeError(f"modules: expected None, a callable, a name pattern or a list of them, got "
                             f"{type(modules).__name__}")
         pats = [modules] if isinstance(modules, str) else list(modules)
@@ -823,6 +830,7 @@ class GradientCollector:
         if missing not in ("zeros", "error"):
             raise ValueError(f"missing: expected 'zeros' or 'error', got {missing!r}")
         _check_scale(scale)
+        flat = _projection()._flag(flat, "flat")  # bool("False") would be True
         if not self._grads:
             ran, nograd, dropped, raised = bool(self._forward_shapes), self._nograd_calls, self._dropped, self._raised
             self.reset()
@@ -931,6 +939,7 @@ class GradientCollector:
         once (a fixed ``scale=B`` mis-scales the shorter batches of a batch-mean loss).
         """
         _check_scale(scale)
+        flat = _projection()._flag(flat, "flat")
         sizes = set()
         owned = not self.attached
         self.attach()
