@@ -273,8 +273,10 @@ class GradientCollector:
         def whole(v) -> bool:
             return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # numpy's bool_ is no Integral
 
-        if not whole(p) or p <= 0 or p >= 1 << 31:  # p * p numbers per example (and index columns) fit int64
-            raise ValueError(f"p: expected a positive int below 2**31, got {p!r}")
+        if not whole(p) or p <= 0:
+            raise ValueError(f"p: expected a positive int, got {p!r}")
+        if p >= 1 << 31:  # p * p numbers per example (and index columns) must fit int64
+            raise ValueError(f"p: must be below 2**31, got {p!r}")
         if not whole(seed) or seed < 0 or seed >= 1 << 63:
             raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
         if not isinstance(kind, str) or kind.lower() not in ("rademacher", "gaussian"):
