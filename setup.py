@@ -42,7 +42,9 @@ def extensions():
         reason = f"torch {torch.__version__} is a CPU build (torch.version.cuda is None)"
     elif cpp_extension.CUDA_HOME is None:
         reason = "CUDA_HOME is not set and nvcc was not found"
-    if reason is None and cuda_sources:
+    elif not cuda_sources:  # e.g. an sdist made without them (MANIFEST.in grafts csrc/ to prevent that)
+        reason = f"no CUDA sources in {os.path.join(ROOT, 'csrc', 'cuda')}"
+    if reason is None:
         print(f"gradkit: building CUDA kernels {cuda_sources} against CUDA {torch.version.cuda}")
         return [cpp_extension.CUDAExtension(
             "gradkit._C", sources + cuda_sources,

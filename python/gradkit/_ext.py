@@ -13,6 +13,24 @@ ERROR: Exception | None = None
 
 import torch  # noqa: F401  (libc10/libtorch must be loaded before _C)
 
+
+def _load_hint() -> str:
+    """What to do about a gradkit._C that did not import, said for a checkout and an installed copy alike:
+    a copy with no compiled extension needs a build; one whose _C is there but does not load (built against
+    another torch, most often: torch's C++ ABI changes between releases) needs a rebuild against this torch."""
+    import importlib.machinery
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = [f for f in sorted(os.listdir(here))
+             if f.startswith("_C.") and f.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))]
+    how = ("`pip install --no-build-isolation{} .` (or `-e .`) in a gradkit source checkout, into this "
+           f"environment (torch {torch.__version__})")
+    if not found:
+        return f"this copy of gradkit ({here}) has no compiled extension: build it with " + how.format("")
+    return (f"{os.path.join(here, found[0])} is there but does not load with torch {torch.__version__} (built "
+            "against another torch?): rebuild it with " + how.format(" --force-reinstall --no-deps"))
+
+
 try:
     from gradkit import _C  # noqa: F401  (import registers the ops)
 
@@ -21,12 +39,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without a build
     ERROR = exc
     if os.environ.get("GRADKIT_REQUIRE_EXT", "0") == "1":
         raise ImportError(
-            "gradkit: the compiled extension gradkit._C failed to load and GRADKIT_REQUIRE_EXT=1 is set; "
-            "build it with `pip install --no-build-isolation -e .` after `pip install torch==2.13.0`"
+            f"gradkit: the compiled extension gradkit._C failed to load ({exc}) and GRADKIT_REQUIRE_EXT=1 is set; "
+            + _load_hint()
         ) from exc
     warnings.warn(
         f"gradkit: compiled extension not available ({exc}); falling back to the slow plain-PyTorch "
-        "references. Build with `pip install --no-build-isolation -e .`.",
+        f"references; {_load_hint()}.",
         RuntimeWarning,
         stacklevel=2,
     )

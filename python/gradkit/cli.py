@@ -24,8 +24,13 @@ def _bench(rest) -> int:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script = os.path.join(root, "benchmarks", "run.py")
     if not os.path.isfile(script):
-        print("gradkit bench: needs a source checkout (benchmarks/run.py not found next to the package)",
-              file=sys.stderr)
+        # an installed (non-editable) gradkit has no benchmarks/: the harness and its peers' set-up live in the
+        # source repository only
+        print(f"gradkit bench: the benchmark harness is not part of an installed gradkit ({script} does not "
+              "exist; it ships in the source repository's benchmarks/ folder). In a gradkit source checkout run "
+              "`python benchmarks/run.py [options]` (it benchmarks whichever gradkit is installed), or install "
+              "the checkout in editable mode (`pip install --no-build-isolation -e .`) so that `gradkit bench` "
+              "finds it.", file=sys.stderr)
         return 2
     argv = sys.argv
     sys.argv = [script] + list(rest)  # put back below: an in-process main() leaves the caller's argv alone
