@@ -339,3 +339,13 @@ def test_sharded_export_projection_and_layout_checked_across_shards(tmp_path):
         (d / "info.json").write_text(json.dumps({"num_grads": 2, "grad_sizes": sizes, "dtype": spec}))
     with pytest.raises(IndexFormatError, match="different dtype or row layout"):
         GradientIndex.open(tmp_path / "st")
+
+
+def test_processor_config_without_pyyaml_is_a_clear_error_not_a_skipped_check(tmp_path, monkeypatch):
+    """Session 35: with pyyaml missing, open() read a bergson index's projection as None and then accepted queries
+    of any projection unchecked (no warning). pyyaml is a declared dependency now; without it open() says so."""
+    root = tmp_path / "b"
+    _index_with_processor(root, GradientProcessor(projection_dim=4))
+    monkeypatch.setitem(__import__("sys").modules, "yaml", None)  # `import yaml` raises ImportError
+    with pytest.raises(ImportError, match=r"^open: reading .*processor_config\.yaml.* needs pyyaml"):
+        GradientIndex.open(root)

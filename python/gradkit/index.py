@@ -1843,8 +1843,9 @@ class GradientIndex:
             return None
         try:
             import yaml
-        except ImportError:  # pragma: no cover
-            return None
+        except ImportError:  # a declared dependency; without it the projection check would be skipped silently
+            raise ImportError(f"open: reading {f} (the index's projection config, checked against every query) "
+                              "needs pyyaml, a gradkit dependency: pip install pyyaml") from None
         check_regular(f, "open", IndexFormatError)  # a FIFO / device in its place is refused, not read
         try:
             cfg = yaml.safe_load(read_regular(f, 1 << 20, "open", IndexFormatError))
