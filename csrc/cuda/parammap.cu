@@ -43,6 +43,7 @@
 
 #include "common.cuh"
 #include "../checks.h"
+#include "../overlap.h"
 #include "../segments.h"
 
 namespace gradkit {
@@ -522,8 +523,23 @@ bool any_repeated(const std::vector<Segment>& segs) {
   return false;
 }
 
-void gather_impl(at::TensorList src, const c10::List<std::optional<Tensor>>& index, Tensor& out,
+void gather_impl(at::TensorList src_in, const c10::List<std::optional<Tensor>>& index, Tensor& out,
                  bool accumulate, bool in_place) {
+  // A caller's out that shares memory with a source (out=x with src=[x], out a view of a gradient being read):
+  // the sources are read as they were before the call, as the reference and the CPU kernel read them (blocks
+  // run in any order: one block's writes would reach another's reads), so such a source is read from a copy
+  // (a new output never overlaps).
+  std::vector<Tensor> src_copy;
+  at::TensorList src = src_in;
+  if (in_place) {
+    for (const auto i : c10::irange(src_in.size())) {
+      if (spans_meet(src_in[i], {out})) {
+        if (src_copy.empty()) src_copy.assign(src_in.begin(), src_in.end());
+        src_copy[i] = src_in[i].clone(at::MemoryFormat::Contiguous);
+      }
+    }
+    if (!src_copy.empty()) src = src_copy;
+  }
   const auto segs = make_segments(src, index, "src");
   std::vector<int64_t> offs;
   const int64_t total = segment_offsets(segs, &offs);
@@ -574,7 +590,16 @@ void scatter_impl(const Tensor& flat, const c10::List<std::optional<Tensor>>& in
   TORCH_CHECK_VALUE(cuda::on_device(flat.device()), "flat: expected a CUDA tensor, got one on ", flat.device());
   const c10::cuda::CUDAGuard guard(flat.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const Tensor f = flat.contiguous();
+  // In place: two destinations sharing an element (the same tensor twice, overlapping views, an expand()ed one)
+  // would be written by two blocks at once: refused, naming them, before anything is written (as the CPU
+  // kernel); a flat that shares memory with a destination is read as it was before the call, from a copy.
+  // The functional scatter writes only the tensors it allocated.
+  if (in_place) {
+    std::vector<NamedTensor> named;
+    for (const auto i : c10::irange(dst.size())) named.push_back({&dst[i], "dst", static_cast<int64_t>(i), true});
+    check_no_overlap(named);
+  }
+  const Tensor f = in_place && spans_meet(flat, dst) ? flat.clone(at::MemoryFormat::Contiguous) : flat.contiguous();
   GK_DISPATCH_FLOAT(f.scalar_type(), "scatter_flat", [&] {
     using F = scalar_t;
     const F* fp = f.data_ptr<F>();

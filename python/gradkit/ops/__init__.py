@@ -34,6 +34,8 @@ import torch
 from gradkit import _ext
 from gradkit.kernels.reference import parammap as _ref
 from gradkit.kernels.reference import scope as _ref_scope
+from gradkit.ops.overlap import check_no_overlap as _check_no_overlap
+from gradkit.ops.overlap import spans_meet as _spans_meet
 
 _BACKENDS = ("auto", "native", "triton", "reference")
 
@@ -285,6 +287,12 @@ def check_scatter_segments_(flat, index, dst, scale, accumulate) -> None:
     _check_writable(list(dst), "dst")
 
 
+def _native(fn) -> bool:
+    """``fn`` is the dispatcher op (the native kernels, which run csrc/overlap.h's checks and copy aliased sources
+    themselves): the Python copies of those rules below are for the other backends only (about 4 us a tensor)."""
+    return isinstance(fn, (torch._ops.OpOverloadPacket, torch._ops.OpOverload))
+
+
 def scatter_segments_(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]],
                       dst: Sequence[torch.Tensor], *, scale: float = 1.0, accumulate: bool = False) -> None:
     """In place: dst[s].flatten()[index[s][j]] = (or +=) scale * flat[off_s + j]. Allocates nothing.
@@ -294,8 +302,20 @@ def scatter_segments_(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]
     on a GPU a sort per segment plus a second launch."""
     check_scatter_segments_(flat, index, dst, scale, accumulate)
     fn = _impl("scatter_segments_")
+    if flat.numel() and not _native(fn):  # destinations sharing an element race: refused on every backend
+        _check_no_overlap([(f"dst[{i}]", d, True) for i, d in enumerate(dst)])
+    flat = _read_copy(flat, dst, fn)
     fn(flat, list(index), list(dst), float(scale), bool(accumulate))
     _wrote(dst, fn)
+
+
+def _read_copy(t: torch.Tensor, written: Sequence[torch.Tensor], fn) -> torch.Tensor:
+    """``t``, or a copy of it where it shares memory with a tensor the op writes and ``fn`` is a Python backend
+    (the reference's loops write one tensor after another; the native kernels and the Triton launchers copy
+    such a source themselves): every backend reads its sources as they were before the call."""
+    if not _native(fn) and _spans_meet(t, written):
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
 
 
 def _check_flat(flat) -> None:
@@ -840,6 +860,16 @@ def check_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, masked_lr, u
     return n
 
 
+def _check_adamw_overlap(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs) -> None:
+    """A tensor written twice (a parameter listed twice, one state tensor in two roles) or a gradient that is also
+    written: refused on every backend, naming both (csrc/adamw_checks.h's rule; the reference would step twice)."""
+    lists = {"params": params, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+    if max_exp_avg_sqs is not None:
+        lists["max_exp_avg_sqs"] = max_exp_avg_sqs
+    _check_no_overlap([(f"{name}[{i}]", t, True) for name, ts in lists.items() for i, t in enumerate(ts)]
+                      + [(f"grads[{i}]", t, False) for i, t in enumerate(grads)])
+
+
 def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
                   exp_avg_sqs: Sequence[torch.Tensor], bits: Sequence[Optional[torch.Tensor]], *, masked_lr: float,
                   unmasked_lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
@@ -857,6 +887,8 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     if n == 0:
         return
     fn = _impl("masked_adamw_", "adamw")
+    if not _native(fn):  # the native kernels check it themselves
+        _check_adamw_overlap(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
     fn(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(bits), float(masked_lr),
        float(unmasked_lr), float(beta1), float(beta2), float(eps), float(weight_decay),
        [float(v) for v in bias_correction1], [float(v) for v in bias_correction2_sqrt], bool(maximize),

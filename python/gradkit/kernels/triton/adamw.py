@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gradkit.kernels.triton.parammap import _bf16_bits_to_f32, _f32_to_bf16_bits, check_no_overlap
+from gradkit.kernels.triton.parammap import _bf16_bits_to_f32, _f32_to_bf16_bits
+from gradkit.ops.overlap import check_no_overlap
 
 # Mask bytes (8 entries each) handled by one program; tests shrink it to exercise many blocks.
 BYTES = 256

@@ -80,6 +80,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gradkit.ops.overlap import check_no_overlap, spans_meet as _spans_meet  # noqa: F401 (re-exported)
+
 # Elements (bytes for "pack") handled by one program. Tests shrink these to
 # exercise the multi-block paths on tiny inputs.
 BLOCKS = {"gather": 1024, "scatter": 1024, "zero": 1024, "mask": 2048, "pack": 256, "topk": 4096}
@@ -272,100 +274,9 @@ def _f64_bits(x: float) -> int:
 
 # --------------------------------------------------------------------------- memory overlap (host side)
 # The in-place launchers write many tensors from many programs at once: a written tensor that shares an element
-# with another listed tensor (the same tensor twice, overlapping views, an expand()ed one) races on a GPU (the
-# result depends on which program ran last, += loses updates), and under the interpreter, which runs programs in
-# order, a later program reads what an earlier one wrote. The native kernels refuse such arguments
-# (csrc/overlap.h's check_no_overlap) or read a source from a copy (spans_meet); these are the same rules for the
-# launchers, host-side: only addresses are compared, no data is read.
-
-
-def _byte_span(t: torch.Tensor):
-    """[lo, hi): the bytes t's elements can occupy (t non-empty)."""
-    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
-
-
-def _elem_addrs(t: torch.Tensor) -> torch.Tensor:
-    """The byte address of every element of t (int64, CPU): the exact test's rare path (spans that meet and a
-    tensor that is not dense)."""
-    o = torch.zeros((), dtype=torch.int64)
-    for n, s in zip(t.shape, t.stride()):
-        o = o.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * s
-    return o.reshape(-1) * t.element_size() + t.data_ptr()
-
-
-def _dense(t: torch.Tensor) -> bool:
-    """t's elements fill its byte span exactly once (a permutation of a contiguous layout)."""
-    run = 1
-    for s, n in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n > 1):
-        if s != run:
-            return False
-        run *= n
-    return True
-
-
-def _self_disjoint(t: torch.Tensor) -> bool:
-    """No two elements of t at one address (exact)."""
-    if _dense(t):
-        return True
-    dims = sorted((s, n) for n, s in zip(t.shape, t.stride()) if n > 1)
-    extent = 0
-    for s, n in dims:  # each stride past the extent of the smaller ones: disjoint (every slice / transpose view)
-        if s <= extent:
-            break
-        extent += (n - 1) * s
-    else:
-        return True
-    return torch.unique(_elem_addrs(t)).numel() == t.numel()
-
-
-def _share(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether a and b (non-empty, byte spans meeting) have an element in common (exact; differing element
-    sizes count as sharing)."""
-    if _dense(a) and _dense(b):
-        return True  # dense tensors cover every byte of their spans
-    if a.element_size() != b.element_size():
-        return True
-    return bool(torch.isin(_elem_addrs(a), _elem_addrs(b)).any())
-
-
-def check_no_overlap(named) -> None:
-    """``named``: ``(name, tensor, written)`` in argument order. ValueError (the native ops' messages, naming the
-    written tensor) when a written tensor covers an element twice or shares one with another listed tensor."""
-    ents = []
-    for i, (name, t, write) in enumerate(named):
-        if t is None or t.numel() == 0:
-            continue
-        if write and not _self_disjoint(t):
-            raise ValueError(f"{name}: more than one element of the written-to tensor refers to a single memory "
-                             "location (an expand()ed or overlapping view); clone() it first")
-        lo, hi = _byte_span(t)
-        ents.append((t.device, lo, hi, i))
-    ents.sort(key=lambda e: (str(e[0]), e[1], e[3]))
-    for x, (dev, lo, hi, i) in enumerate(ents):
-        for dev2, lo2, _, j in ents[x + 1:]:
-            if dev2 != dev or lo2 >= hi:
-                break
-            a, b = min(i, j), max(i, j)
-            if not (named[a][2] or named[b][2]) or not _share(named[a][1], named[b][1]):
-                continue
-            if not named[b][2]:
-                a, b = b, a
-            raise ValueError(f"{named[b][0]}: shares memory with {named[a][0]}; the op writes it in place and would "
-                             "race (clone() one of them first)")
-
-
-def _spans_meet(t: torch.Tensor, others: Sequence[torch.Tensor]) -> bool:
-    """Whether t's byte span meets that of any of ``others`` (conservative: the caller then reads t from a copy)."""
-    if t.numel() == 0:
-        return False
-    lo, hi = _byte_span(t)
-    for o in others:
-        if o.numel() and o.device == t.device:
-            lo2, hi2 = _byte_span(o)
-            if lo < hi2 and lo2 < hi:
-                return True
-    return False
+# with another listed tensor races on a GPU, and under the interpreter, which runs programs in order, a later
+# program reads what an earlier one wrote. The rules (refuse, or read a source from a copy) are the native
+# kernels' (csrc/overlap.h), shared with the op-level checks: gradkit.ops.overlap.
 
 
 def _work_rows(sizes: List[int], offsets: List[int], block: int) -> torch.Tensor:
