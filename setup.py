@@ -28,8 +28,10 @@ def extensions():
     # FP exception flags); results are unchanged (no reassociation, IEEE rounding). -ffp-contract=off: GCC's
     # C++ default fuses a * b + c into one FMA wherever the target has one, so the same source would round
     # differently by ISA (the AVX-512 functions, an aarch64 build); every FMA the kernels do is written out
+    # -g0: Python's CFLAGS ask for debug info (-g), which made _C 43 MB for nothing a user runs; GRADKIT_DEBUG=1
+    # keeps it for a debugger session.
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
-           "-DGRADKIT_CPU"]
+           "-DGRADKIT_CPU"] + ([] if os.environ.get("GRADKIT_DEBUG", "0") == "1" else ["-g0"])
     if platform.machine() in ("x86_64", "AMD64"):
         cxx.append("-march=x86-64-v2")  # POPCNT/SSE4.2 (every x86-64 CPU since ~2009): popcount is one instruction
     link = ["-fopenmp"]
