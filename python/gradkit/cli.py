@@ -50,12 +50,23 @@ def _info() -> int:
 
     print(f"gradkit extension loaded: {_ext.LOADED}" + (f" ({_ext.ERROR})" if _ext.ERROR else ""))
     print(f"CUDA kernels compiled: {_ext.has_kernel('gather_segments', 'CUDA')}")
+    import importlib.util
+
+    try:
+        has_triton = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # pragma: no cover - a broken installation
+        has_triton = False
+    print("triton: " + ("installed" if has_triton else "not installed (no Triton kernels: pip install triton, "
+                                                           "or gradkit's [triton] extra)"))
     b = ops.backend()
     if ops._requested() == "auto" and b == "native":  # what CUDA tensors get differs: say so
         dense = ("gradkit's own factored_project / score_topk kernels (torch allows TF32 float32 matmuls now, "
                  "which the cuBLAS composites would follow)" if ops.cublas_fp32_reduced()
                  else "cuBLAS factored_project / score_topk")
-        b = f"auto (native; on CUDA tensors Triton project_flat, {dense})"
+        flat = "Triton project_flat" if has_triton else "CUDA C++ project_flat (triton not installed)"
+        b = f"auto (native; on CUDA tensors {flat}, {dense})"
+    elif b == "triton" and not has_triton:
+        b = "triton (GRADKIT_BACKEND=triton), but triton is not installed: every op will refuse"
     print(f"active backend: {b}; torch {torch.__version__}; cuda available: {torch.cuda.is_available()}")
     return 0
 

@@ -150,9 +150,17 @@ def _triton_launcher(family: str, name: str):
     """``gradkit.kernels.triton.<family>.<name>``, run on its tensors' GPU (not the current one)."""
     import importlib
 
-    from gradkit.kernels.triton import on_tensor_device
+    try:
+        from gradkit.kernels.triton import on_tensor_device
 
-    return on_tensor_device(getattr(importlib.import_module(f"gradkit.kernels.triton.{family}"), name))
+        mod = importlib.import_module(f"gradkit.kernels.triton.{family}")
+    except ModuleNotFoundError as e:
+        if e.name != "triton" and not str(e.name or "").startswith("triton."):
+            raise
+        raise ModuleNotFoundError(f"GRADKIT_BACKEND=triton: the Triton kernels need triton, which is not installed "
+                                  f"(pip install triton, or gradkit's [triton] extra); unset GRADKIT_BACKEND for "
+                                  f"the native kernels ({e})", name=e.name) from None
+    return on_tensor_device(getattr(mod, name))
 
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
