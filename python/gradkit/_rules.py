@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from fractions import Fraction
 from typing import Optional
 
@@ -59,3 +60,29 @@ def check_symmetric(h: torch.Tensor, what: str, rtol: float = 1e-3, hint: str = 
     if not gap <= tol:
         raise ValueError(f"{what}: is not symmetric (max |H - H^T| = {gap:.3g}, max |H| = {scale:.3g})"
                          + (f"; {hint}" if hint else ""))
+
+
+def int_arg(v, what: str, desc: str = "an int", minimum: int = 0, min_desc: Optional[str] = None) -> int:
+    """``v`` as a Python int (numpy integers too, never a bool), or a TypeError / ValueError naming ``what``:
+    ``{what}: expected {desc}, got <type>`` and ``{what}: expected >= {minimum}[ min_desc], got v``."""
+    if isinstance(v, bool):
+        raise TypeError(f"{what}: expected {desc}, got a bool")
+    try:
+        n = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{what}: expected {desc}, got {type(v).__name__}") from None
+    if n < minimum:
+        raise ValueError(f"{what}: expected >= {minimum}{' ' + min_desc if min_desc else ''}, got {n}")
+    return n
+
+
+def device_arg(device, what: str = "device", desc: str = "a torch.device or a device string") -> torch.device:
+    """``device`` as a torch.device, or a ValueError naming ``what`` (torch raises RuntimeError / AssertionError
+    for an unknown or unavailable device, deep inside the first allocation)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"{what}: expected {desc}, got {device!r} ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{what}: {dev} was asked for but CUDA is not available")
+    return dev

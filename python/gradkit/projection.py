@@ -36,6 +36,7 @@ import torch
 
 from gradkit import ops
 from gradkit.ops import _flag, _int
+from gradkit._rules import device_arg
 from gradkit.kernels.reference.projection import f64_row_scale
 
 __all__ = ["KINDS", "derive_seed", "projection_matrix", "project", "factored_project", "AdafactorNormalizer",
@@ -64,15 +65,8 @@ def _pos_int(v, what: str) -> int:
 
 
 def _device(device) -> torch.device:
-    """``device`` as a torch.device, or a ValueError naming it (torch raises RuntimeError / AssertionError for an
-    unknown or unavailable device, deep inside the allocation)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise ValueError(f"device: expected a torch.device or a device string, got {device!r} ({e})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {dev} was asked for but CUDA is not available")
-    return dev
+    """``device`` as a torch.device, or a ValueError naming it."""
+    return device_arg(device)
 
 
 def _check_moments_tensor(t: torch.Tensor, what: str) -> None:

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from gradkit._rules import all_finite
+from gradkit._rules import all_finite, int_arg
 from gradkit.obs.layout import ObsLayout, obs_layout
 from gradkit.obs.metrics import (
     NotPositiveDefiniteError,
@@ -43,15 +43,7 @@ __all__ = ["sparsegpt", "magnitude", "obd"]
 
 
 def _check_nnz(nnz) -> int:
-    if isinstance(nnz, bool):
-        raise TypeError("nnz: expected an int (blocks kept per scope), got a bool")
-    try:
-        n = operator.index(nnz)
-    except TypeError:
-        raise TypeError(f"nnz: expected an int (blocks kept per scope), got {type(nnz).__name__}") from None
-    if n < 0:
-        raise ValueError(f"nnz: expected >= 0 blocks kept per scope, got {n}")
-    return n
+    return int_arg(nnz, "nnz", "an int (blocks kept per scope)", 0, "blocks kept per scope")
 
 
 def _layout(scope) -> ObsLayout:

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from gradkit._io import _fsync_dir, check_regular, parse_json, read_regular
-from gradkit._rules import all_finite
+from gradkit._rules import all_finite, device_arg
 from gradkit.kernels.reference.scope import byte_span
 from gradkit.obs import baselines, metrics
 from gradkit.obs.layout import obs_layout
@@ -1025,12 +1025,7 @@ def prune_model(model: nn.Module, batches: Iterable, pattern: Union[str, Callabl
         if not isinstance(v, bool):
             raise TypeError(f"{nm}: expected a bool, got {type(v).__name__}")
     if device is not None:
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError, ValueError) as err:
-            raise ValueError(f"device: expected None or a torch device, got {device!r} ({err})") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device: {device} requested but CUDA is not available")
+        device = device_arg(device, desc="None or a torch device")
     if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
         raise TypeError(f"checkpoint_dir: expected None or a path, got {type(checkpoint_dir).__name__}")
     layers = _select_modules(model, modules)

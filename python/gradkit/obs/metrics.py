@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from gradkit._rules import all_finite, check_symmetric
+from gradkit._rules import all_finite, check_symmetric, int_arg
 
 __all__ = ["output_error", "resolve", "damped_hessian", "NotPositiveDefiniteError"]
 
@@ -224,14 +224,7 @@ def output_error(W: Tensor, W_pruned: Tensor, X: Optional[Tensor] = None, H: Opt
         raise ValueError(f"W_pruned: expected shape {tuple(W.shape)} (W's), got {tuple(W_pruned.shape)}")
     if (X is None) == (H is None):
         raise ValueError("output_error: give exactly one of X (n, K) or H (K, K)")
-    if isinstance(chunk_elems, bool):
-        raise TypeError("chunk_elems: expected an int")
-    try:
-        cap = operator.index(chunk_elems)
-    except TypeError:
-        raise TypeError(f"chunk_elems: expected an int, got {type(chunk_elems).__name__}") from None
-    if cap < 1:
-        raise ValueError(f"chunk_elems: expected >= 1, got {cap}")
+    cap = int_arg(chunk_elems, "chunk_elems", minimum=1)
     m, k = W.shape
     _check_finite(W, "W")
     _check_finite(W_pruned, "W_pruned")
