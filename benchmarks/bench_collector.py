@@ -32,6 +32,9 @@ Two operations, each side by side with bergson 2.5.1 driven through its own coll
   - bergson: its collector context (``register_forward_hook`` + ``register_full_backward_hook``),
     ``loss.backward()`` -- what ``CollectorComputer`` does per batch;
   - torch fwd+bwd: the same forward/backward with no collection (the floor for the last two).
+  - ``collector step (fwd+bwd), interleaved``: the like-for-like gradkit row, bergson and the floor alternated,
+    one step each per round (order rotating), with the per-round ratios to gradkit: the figure to quote (the
+    rows above get 2-3 samples each, one provider after the other, and move with the shared host's load).
   The last three run the Linear as bergson's ``build()`` sets a model up: weight frozen, input requiring
   grad (the backward computes the input gradient, not the weight gradient); they are the like-for-like
   comparison. The first row needs neither gradient in a one-Linear model, so it is not a bergson comparison.
@@ -43,6 +46,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -363,8 +367,6 @@ def run(rec, quick: bool = False) -> None:
                 (model(xg) * w).sum().backward()
             return bcol.mod_grads["lin"]
 
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "full backward hook is firing ... no inputs require gradients"
             assert bergson_step().shape == (B, P * P)
@@ -378,6 +380,24 @@ def run(rec, quick: bool = False) -> None:
 
     rec.add(FAMILY, op, "torch fwd+bwd (no collection)", wl, dt, rec.time(plain, slow_reps=reps),
             note="forward + backward of the Linear alone, as the loss.backward() rows: their floor")
+    if bcol is not None:
+        # The rows above get 2-3 samples each, one provider after the other: on the shared 2-core host their order
+        # swung with the load (session 35's quick runs: gradkit 257 / 240 ms against bergson 211 / 215 ms and the
+        # floor 208 / 367 ms, while an alternating A/B gave 214 / 214 / 208). Alternated, one step each per round
+        # (order rotating), with the per-round ratios: the figure to quote.
+        op_i = op + ", interleaved"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            st = time_interleaved({"gradkit": gk_step_full, "bergson": bergson_step, "torch fwd+bwd": plain},
+                                  rounds=8 if quick else 20, calls=1, baseline="gradkit")
+        _add_interleaved(rec, op_i, wl, dt, st, "hooks + loss.backward() (bergson's build() setup), alternated with "
+                         "bergson and the floor, one step each per round",
+                         "bergson 2.5.1 collector context, loss.backward(), the same setup")
+        rec.add(FAMILY, op_i, "torch fwd+bwd (no collection)", wl, dt, st["torch fwd+bwd"],
+                note="the floor, in the same rounds")
+        rec.add(FAMILY, op_i, "torch fwd+bwd / gradkit, same round", wl, dt,
+                {"p20": st["torch fwd+bwd"]["ratio_p20"], "p50": st["torch fwd+bwd"]["ratio_p50"],
+                 "p80": st["torch fwd+bwd"]["ratio_p80"], "n": st["torch fwd+bwd"]["n"]}, metric="ratio (x)")
 
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ def _check_near_ties(q, x, got_i, other_i, what: str) -> None:
 
 
 def _rss_mib() -> float:
-    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
+    with open("/proc/self/statm") as f:  # closed at once (an open file per call was a ResourceWarning)
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def run(rec, quick: bool = False) -> None:
