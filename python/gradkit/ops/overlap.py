@@ -23,6 +23,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from gradkit.kernels.reference.scope import byte_span
+
 __all__ = ["check_no_overlap", "spans_meet"]
 
 
@@ -37,9 +39,8 @@ def _skip(t) -> bool:
 
 
 def _byte_span(t: torch.Tensor) -> Tuple[int, int]:
-    """[lo, hi): the bytes t's elements can occupy (t non-empty)."""
-    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+    """[lo, hi): the bytes t's elements can occupy (t non-empty); kernels.reference.scope.byte_span's rule."""
+    return byte_span(t)[1:]
 
 
 def _elem_offsets(t: torch.Tensor) -> torch.Tensor:
