@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from fractions import Fraction
 from typing import Optional
@@ -86,3 +87,17 @@ def device_arg(device, what: str = "device", desc: str = "a torch.device or a de
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{what}: {dev} was asked for but CUDA is not available")
     return dev
+
+
+def int_seq(values, what: str, negative: Optional[str] = None) -> list:
+    """The entries of ``values`` as Python ints (numpy integers too; never a bool or a float, which ``int(s)``
+    would take as 1 or truncate), else a TypeError naming ``what``; with ``negative`` (a message), a negative
+    entry is a ValueError ``{what}: {negative}``, checked entry by entry in order."""
+    out = []
+    for s in values:
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+            raise TypeError(f"{what}: expected a sequence of ints, got an entry {s!r}")
+        if negative is not None and s < 0:
+            raise ValueError(f"{what}: {negative}")
+        out.append(int(s))
+    return out

@@ -31,7 +31,7 @@ import torch
 
 from gradkit import ops
 from gradkit._io import check_regular
-from gradkit._rules import floor_count
+from gradkit._rules import floor_count, int_seq
 from gradkit.kernels.reference.parammap import unpack_bitmask
 from gradkit.golden_reverse import (DEFAULT_LAYER_PATTERN, STRATEGIES, AdaptiveSinusoidal, ChaosDriven,  # noqa: F401
                                     ExplorationDecay, FluctuationStrategy, HarmonicOscillator, MomentumBased,
@@ -62,13 +62,8 @@ def _shape_arg(shape, what: str = "shape") -> Tuple[int, ...]:
     if isinstance(shape, (str, bytes, Mapping)) or not isinstance(shape, (Sequence, torch.Size)) \
             and not (isinstance(shape, torch.Tensor) and shape.dim() == 1 and not shape.is_floating_point()):
         raise TypeError(f"{what}: expected a sequence of ints, got {type(shape).__name__}")
-    out = []
-    for s in (shape.tolist() if isinstance(shape, torch.Tensor) else shape):
-        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
-            raise TypeError(f"{what}: expected a sequence of ints, got an entry {s!r}")
-        if s < 0:
-            raise ValueError(f"{what}: sizes must be >= 0, got {tuple(shape)}")
-        out.append(int(s))
+    out = int_seq(shape.tolist() if isinstance(shape, torch.Tensor) else shape, what,
+                  negative=f"sizes must be >= 0, got {tuple(shape)}")
     if math.prod(out) >= 1 << 63:
         raise ValueError(f"{what}: {tuple(out)} has 2^63 entries or more")
     return tuple(out)

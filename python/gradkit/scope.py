@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from gradkit import ops
-from gradkit._rules import floor_count
+from gradkit._rules import floor_count, int_seq
 from gradkit.kernels.reference.scope import acc_dtype as _acc_dtype, check_soft_values as _check_soft_values
 
 __all__ = ["View", "BlockSpec", "BlockCoupling", "ScopeSpec", "ScopeCoupling", "CouplingError",
@@ -87,12 +87,7 @@ def _ints(v, what: str) -> Tuple[int, ...]:
     truncate 4.5 to 4 and take True as 1."""
     if isinstance(v, (str, bytes, Mapping)) or not isinstance(v, Iterable):
         raise TypeError(f"{what}: expected a sequence of ints, got {type(v).__name__}")
-    out = []
-    for s in v:
-        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
-            raise TypeError(f"{what}: expected a sequence of ints, got an entry {s!r}")
-        out.append(int(s))
-    return tuple(out)
+    return tuple(int_seq(v, what))
 
 
 def _tensor_arg(t, what: str) -> None:
