@@ -11,6 +11,7 @@
 #   NVCC_ARCH   target flags (default: -gencode arch=compute_90,code=sm_90, i.e. H100)
 #   NVCC_JOBS   files compiled at once (default: the CPU count)
 #   NVCC_HOST_OPT  host compiler optimisation (default: -O0; -O3 is what setup.py builds with)
+#   NVCC_EXTRA  more nvcc flags, e.g. "--time FILE" for each phase's time (cudafe++, cicc, ptxas, gcc)
 #
 # Flags mirror what setup.py's CUDAExtension passes: torch's COMMON_NVCC_FLAGS
 # (-D__CUDA_NO_HALF_OPERATORS__ ... --expt-relaxed-constexpr), -fPIC,
@@ -118,7 +119,7 @@ compile_one() {
   obj="$OBJDIR/$(basename "${src%.cu}").o"
   dep="${obj%.o}.d"
   start=$(date +%s)
-  if "$NVCC" -c "$src" -o "$obj" -MD -MF "$dep" "${INCLUDES[@]}" "${DEFINES[@]}" "${FLAGS[@]}"; then
+  if "$NVCC" -c "$src" -o "$obj" -MD -MF "$dep" ${NVCC_EXTRA:-} "${INCLUDES[@]}" "${DEFINES[@]}" "${FLAGS[@]}"; then
     for hdr in "${SLIM_FORBIDDEN[@]}"; do
       grep -q "/include/$hdr\\b" "$dep" && bad+=("$hdr")
     done

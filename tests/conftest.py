@@ -107,7 +107,26 @@ def _triton_aot_job():
     import importlib.util
     if importlib.util.find_spec("triton") is None:
         return None  # the test skips
-    return [[sys.executable, os.path.join(ROOT, "scripts", "triton_aot_check.py")], {"AOT_JOBS": "1"}]
+    # the `ci` profile compiles an all-pairs cover of the recorded launches (~300 of ~560, ~250 s less of one
+    # core on the 2-core VM); HYPOTHESIS_PROFILE=deep compiles every one
+    cover = "all" if os.environ.get("HYPOTHESIS_PROFILE") == "deep" else "pairs"
+    return [[sys.executable, os.path.join(ROOT, "scripts", "triton_aot_check.py")],
+            {"AOT_JOBS": "1", "AOT_COVER": os.environ.get("AOT_COVER", cover)}]
+
+
+# The emulator library of tests/cuda_emu (every csrc/cuda/*.cu compiled as C++; tests/cuda_emu/build.py) took
+# ~200 s of a 23-minute suite on the 2-core Zen 3 VM, all of it inside the first test that used it. Tests marked
+# `cuda_emu` need it: when collection selects one, the build starts in the background then (MAX_JOBS=1) into
+# CUDA_EMU_BUILD_DIR, and the marked tests are moved to the end of the run (their order among themselves kept),
+# so the build overlaps the rest of the suite; test_cuda_emulated.emu() waits for the job and loads the library.
+CUDA_EMU_BUILD_DIR = None
+
+
+def _cuda_emu_job(jobs):
+    global CUDA_EMU_BUILD_DIR
+    CUDA_EMU_BUILD_DIR = tempfile.mkdtemp(prefix="gradkit_cuda_emu_")
+    return [[sys.executable, os.path.join(ROOT, "tests", "cuda_emu", "build.py"), CUDA_EMU_BUILD_DIR],
+            {"MAX_JOBS": str(jobs)}]
 
 
 # (test file, test name) -> (job name, how to build its command)
@@ -116,6 +135,10 @@ BACKGROUND_TESTS = {
     ("test_triton_compile.py", "test_every_triton_launch_compiles_for_sm90"): ("triton_aot", _triton_aot_job),
 }
 _JOBS = {}  # job name -> (Popen, output file path, start time)
+
+
+def cuda_emu_job_started():
+    return "cuda_emu" in _JOBS
 
 
 def _start_job(name, make, foreground=False):
@@ -132,6 +155,11 @@ def _start_job(name, make, foreground=False):
     _JOBS[name] = (proc, path, time.monotonic())
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda_emu: needs the CUDA emulator library (tests/cuda_emu); run last, "
+                                       "after its background build")
+
+
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("GRADKIT_TEST_FOREGROUND") == "1":
         return
@@ -139,6 +167,13 @@ def pytest_collection_modifyitems(config, items):
         key = (os.path.basename(str(item.path)), item.originalname)
         if key in BACKGROUND_TESTS:
             _start_job(*BACKGROUND_TESTS[key])
+    emulated = [item for item in items if item.get_closest_marker("cuda_emu")]
+    if emulated:
+        # one compile job beside other tests; all cores when the run holds nothing else to overlap it with
+        jobs = 1 if len(emulated) < len(items) else os.environ.get("MAX_JOBS", "2")
+        _start_job("cuda_emu", lambda: _cuda_emu_job(jobs))
+        marked = {id(item) for item in emulated}
+        items[:] = [item for item in items if id(item) not in marked] + emulated
 
 
 def background_result(name, timeout):
@@ -172,3 +207,5 @@ def pytest_sessionfinish(session, exitstatus):
         with contextlib.suppress(OSError):
             os.remove(path)
     _JOBS.clear()
+    if CUDA_EMU_BUILD_DIR is not None:  # the library stays mapped in this process; the files go
+        shutil.rmtree(CUDA_EMU_BUILD_DIR, ignore_errors=True)

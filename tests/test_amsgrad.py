@@ -193,6 +193,7 @@ def test_amsgrad_state_dict_round_trip_and_turning_it_on_later():
         MaskedAdamW({"u": u}, None, masked_lr=1e-2, unmasked_lr=1e-2, amsgrad="yes")
 
 
+@pytest.mark.cuda_emu
 def test_cuda_kernel_amsgrad_bitwise_equals_cpu_under_the_emulator():
     """csrc/cuda/adamw.cu with max_exp_avg_sqs, under tests/cuda_emu: the CPU kernel's bits, 16-byte units and the
     entry-wise tail (a view one element in), four dtypes."""

@@ -70,6 +70,7 @@ def _emu(stem):
 # ------------------------------------------------------------------------------------------------ TF32
 
 
+@pytest.mark.cuda_emu
 def test_emulated_wide_factored_project_products_ignore_tf32():
     """p = 65 (past the kernel's 64): the composite's products run with TF32 disabled; result unchanged."""
     from test_factored_ops import close, make
@@ -83,6 +84,7 @@ def test_emulated_wide_factored_project_products_ignore_tf32():
     close(got, pref.factored_project(*args, 5))
 
 
+@pytest.mark.cuda_emu
 def test_emulated_score_topk_composite_products_ignore_tf32():
     """k = 70 (past the fused kernel's 64) and D = 0: the chunked GEMM path, TF32 disabled, results exact."""
     E = _emu("search")
@@ -98,6 +100,7 @@ def test_emulated_score_topk_composite_products_ignore_tf32():
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.cuda_emu
 def test_emulated_schur_composite_products_ignore_tf32():
     """m = 300 (past the kernel's 256): the composite's batched products run with TF32 disabled."""
     import test_obs_schur_ops as t_schur
@@ -128,6 +131,7 @@ def _search_case(Q, N=200, D=9, seed=0):
     return q, keys, scale, s_in, i_in
 
 
+@pytest.mark.cuda_emu
 @pytest.mark.parametrize("Q", [32, 33, 64, 65, 97])
 def test_emulated_score_topk_slices_queries_past_the_grid_limit(Q):
     """The emulator build allows one 32-query block on grid axis y: every Q > 32 runs in slices (the last one

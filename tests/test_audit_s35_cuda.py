@@ -205,6 +205,7 @@ def _emu(stem):
     return emu(stem)
 
 
+@pytest.mark.cuda_emu
 @needs_ext
 def test_emulator_refuses_what_a_gpu_refuses_at_launch():
     """The default stream, 65536 blocks on grid axis y, 48 KiB + 4 of dynamic shared memory: errors, so every
@@ -267,6 +268,7 @@ def test_multi_select_tie_scan_and_write_count_past_2_to_32():
     assert H.multi_write(s, ws, carry, True).tolist() == [[True, True, True, True, False, True, False, True]] * 2
 
 
+@pytest.mark.cuda_emu
 @needs_ext
 def test_multi_cta_select_matches_reference():
     """A scope of 65636 blocks (the multi-CTA select: 8192-score units, per-scope state and histograms, tie

@@ -362,6 +362,7 @@ def test_soft_threshold_conditioner_sharing_x_storage(backend):
     torch.testing.assert_close(x, want, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.cuda_emu
 def test_cuda_emulated_values_sharing_x_storage():
     """The CUDA host code already copies aliased values (detach_from); pinned here under the emulator."""
     if not _ext.LOADED:

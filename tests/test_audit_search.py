@@ -117,6 +117,7 @@ _BAD_RUNNING = [
 ]
 
 
+@pytest.mark.cuda_emu
 @pytest.mark.parametrize("name, s_in, i_in", _BAD_RUNNING)
 def test_cuda_host_checks_running_topk(name, s_in, i_in):
     """The CUDA C++ op (under the CPU emulator; its build is shared with test_cuda_emulated) refuses a running

@@ -32,6 +32,7 @@ common.cuh) into torch.ops.gradkit_cuda_emu[_<file>].* taking CPU tensors. The c
 """
 import contextlib
 import functools
+import importlib.util
 import os
 import tempfile
 
@@ -47,23 +48,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 EMU = os.path.join(HERE, "cuda_emu")
 
-pytestmark = pytest.mark.skipif(not _ext.has_op("factored_project"), reason="compiled extension not built")
-
-
-STEMS = ("projection", "obs", "search", "adamw", "golden", "parammap", "scope")
+pytestmark = [pytest.mark.skipif(not _ext.has_op("factored_project"), reason="compiled extension not built"),
+              pytest.mark.cuda_emu]
 
 
 @functools.lru_cache(maxsize=None)
 def _build_all():
-    """Compile tests/cuda_emu/<stem>_emu.cpp for every csrc/cuda/<stem>.cu into one library, once per
-    session: ninja builds the seven translation units in parallel (~1 min on 2 cores)."""
-    from torch.utils import cpp_extension
+    """The library of every tests/cuda_emu/<stem>_emu.cpp (tests/cuda_emu/build.py), once per session: built in
+    the background since collection (conftest.py) when this run selected a `cuda_emu` test, so this waits for
+    that job and loads what it built; otherwise compiled now (ninja, the seven translation units in parallel)."""
+    import conftest
 
-    build = tempfile.mkdtemp(prefix="gradkit_cuda_emu_")
-    cpp_extension.load(name="gradkit_cuda_emu_all", sources=[os.path.join(EMU, s + "_emu.cpp") for s in STEMS],
-                       extra_include_paths=[os.path.join(EMU, "shim"), EMU, os.path.join(ROOT, "csrc", "cuda")],
-                       extra_cflags=["-O2", "-ffp-contract=off", "-DGRADKIT_CUDA_EMU", "-DGK_MAX_GRID_Y=1"], is_python_module=False,
-                       build_directory=build, verbose=False)
+    spec = importlib.util.spec_from_file_location("gradkit_cuda_emu_build", os.path.join(EMU, "build.py"))
+    emu_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(emu_build)
+    if conftest.cuda_emu_job_started():
+        rc, out = conftest.background_result("cuda_emu", timeout=1800)
+        assert rc == 0, f"tests/cuda_emu/build.py failed (rc={rc}):\n{out[-20000:]}"
+        emu_build.build(conftest.CUDA_EMU_BUILD_DIR)
+    else:
+        emu_build.build(tempfile.mkdtemp(prefix="gradkit_cuda_emu_"))
 
 
 def emu(stem="projection"):

@@ -45,3 +45,37 @@ def test_flat_kernel_aligned_path_vectorises_x_loads():
         assert al["ops"].get("HGMMA.64", 0) > 0
     assert rows["shipped bf16 x, unaligned col0"]["ops"].get("LDG.E.U16", 0) > 0
     assert rows["shipped bf16 x, aligned col0"]["registers"] < rows["shipped bf16 x, unaligned col0"]["registers"]
+
+
+def _aot_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gradkit_triton_aot_check",
+                                                  os.path.join(ROOT, "scripts", "triton_aot_check.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_pairwise_cover_keeps_every_setting_and_pair():
+    """AOT_COVER=pairs (the suite's compile check in the `ci` profile) compiles a subset in which every kernel,
+    every setting of it and every pair of settings some recorded launch holds still appears; a launch adding
+    nothing is dropped; the choice does not depend on anything but the list."""
+    aot = _aot_module()
+
+    def rec(kernel, x, y, w, n=None):
+        return ({"module": "m", "kernel": kernel, "signature": {"x": x, "y": y}, "constexprs": {"W": w},
+                 "options": {}, "ints": {}}, {} if n is None else {"n": n}, "")
+
+    jobs = [rec("k", x, y, w) for x in ("*fp32", "*bf16") for y in ("*fp32", "*bf16") for w in (1, 2)]
+    jobs += [rec("k", "*fp32", "*fp32", 1), rec("other", "*fp32", "*fp32", 4, n=16)]  # a duplicate; another kernel
+    cover = aot._pairwise_cover(jobs)
+    want = set().union(*map(aot._features, jobs))
+    assert set().union(*map(aot._features, cover)) == want
+    assert len(cover) < len(jobs) - 1  # the duplicate and at least one of the 8 full-factorial launches go
+    assert len(cover) >= 4  # 2 x 2 values of x and y: four launches at the least
+    assert {j[0]["kernel"] for j in cover} == {"k", "other"}
+    assert aot._pairwise_cover(list(jobs)) == cover
+    # a pair held by one launch only keeps that launch
+    lone = rec("k", "*fp16", "*bf16", 3)
+    assert lone in aot._pairwise_cover(jobs + [lone])
