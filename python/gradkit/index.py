@@ -2412,8 +2412,9 @@ class GradientIndex:
 
         xq = (qw if largest else -qw).detach().to("cpu", torch.float32).contiguous().numpy()
         xb = kv.detach().to("cpu", torch.float32)
-        if scale is not None:
-            xb = xb * scale.to("cpu")[:, None]
+        if scale is not None:  # in place when the conversion made xb (a bf16 / fp16 block): one fp32 block, not two
+            sc = scale.to("cpu")[:, None]
+            xb = xb.mul_(sc) if xb.data_ptr() != kv.data_ptr() else xb * sc
         xb = xb.contiguous().numpy()
         kb = min(k, xb.shape[0])
         dist, idx = faiss.knn(xq, xb, kb, metric=faiss.METRIC_INNER_PRODUCT)
