@@ -78,12 +78,13 @@ def use_backend(name):
     return env_set("GRADKIT_BACKEND", name)
 
 
-# ---- The suite's two compile checks, started in the background at collection.
+# ---- The suite's three compile jobs (the two checks below and the CUDA emulator's build), queued in the
+# background at collection and run one after another beside the tests.
 # tests/test_nvcc_compile.py (scripts/nvcc_check.sh: nvcc -c of every csrc/cuda/*.cu) and
 # tests/test_triton_compile.py's AOT test (scripts/triton_aot_check.py: every recorded Triton launch to an sm_90
 # cubin) are subprocesses that took 103 s and 167 s of a 10-minute suite on a 2-core Zen 4, about half of the
 # suite's wall time, while the tests around them mostly keep one core busy. When collection selects one of them,
-# its subprocess starts then, with one job (NVCC_JOBS / AOT_JOBS = 1), beside the rest of the suite; the test
+# its subprocess is queued then, with one job (NVCC_JOBS / AOT_JOBS = 1), beside the rest of the suite; the test
 # itself waits for it and asserts on its exit status and output exactly as it would on a run of its own. Output
 # goes to a temporary file (no pipe to fill); jobs still running at the end of the session (a -x stop, an
 # interrupt) are killed. GRADKIT_TEST_FOREGROUND=1 starts each one only when its test runs, with the scripts'
@@ -134,25 +135,45 @@ BACKGROUND_TESTS = {
     ("test_nvcc_compile.py", "test_cuda_sources_compile_with_nvcc"): ("nvcc", _nvcc_job),
     ("test_triton_compile.py", "test_every_triton_launch_compiles_for_sm90"): ("triton_aot", _triton_aot_job),
 }
-_JOBS = {}  # job name -> (Popen, output file path, start time)
+# The background jobs run one at a time, in the order collection queued them (the emulator build, then nvcc,
+# then the AOT check), beside the tests: all three at once beside the tests kept four processes on the 2-core VM
+# and slowed the tests by as much as the overlap gained. The queue advances after each test (pytest_runtest_
+# logfinish) and while a test waits for a result; the tests that wait run last.
+_JOBS = {}  # job name -> (Popen, output file path, start time): started jobs
+_QUEUE = []  # (job name, command, environment): jobs waiting for the one running to end
 
 
 def cuda_emu_job_started():
-    return "cuda_emu" in _JOBS
+    return "cuda_emu" in _JOBS or any(q[0] == "cuda_emu" for q in _QUEUE)
 
 
-def _start_job(name, make, foreground=False):
-    spec = make()
-    if spec is None or name in _JOBS:
-        return
-    cmd, extra = spec
-    env = dict(os.environ, **(extra if not foreground else {k: v for k, v in extra.items() if k == "PYTHON"}))
+def _popen(name, cmd, env):
     fd, path = tempfile.mkstemp(prefix=f"gradkit_test_{name}_", suffix=".log")
     with os.fdopen(fd, "w") as out:
         # its own process group: a kill reaches nvcc_check.sh's nvcc processes and the AOT script's workers
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
     _JOBS[name] = (proc, path, time.monotonic())
+
+
+def _pump():
+    """Start the next queued job when none is running."""
+    if _QUEUE and all(proc.poll() is not None for proc, _, _ in _JOBS.values()):
+        _popen(*_QUEUE.pop(0))
+
+
+def _start_job(name, make, foreground=False):
+    if name in _JOBS or any(q[0] == name for q in _QUEUE):
+        return
+    spec = make()
+    if spec is None:
+        return
+    cmd, extra = spec
+    if foreground:  # the scripts' own defaults (all cores), now
+        _popen(name, cmd, dict(os.environ, **{k: v for k, v in extra.items() if k == "PYTHON"}))
+    else:
+        _QUEUE.append((name, cmd, dict(os.environ, **extra)))
+        _pump()
 
 
 def pytest_configure(config):
@@ -163,32 +184,44 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("GRADKIT_TEST_FOREGROUND") == "1":
         return
-    for item in items:
-        key = (os.path.basename(str(item.path)), item.originalname)
-        if key in BACKGROUND_TESTS:
-            _start_job(*BACKGROUND_TESTS[key])
     emulated = [item for item in items if item.get_closest_marker("cuda_emu")]
+    waiting = [item for item in items if (os.path.basename(str(item.path)), item.originalname) in BACKGROUND_TESTS]
     if emulated:
         # one compile job beside other tests; all cores when the run holds nothing else to overlap it with
         jobs = 1 if len(emulated) < len(items) else os.environ.get("MAX_JOBS", "2")
         _start_job("cuda_emu", lambda: _cuda_emu_job(jobs))
-        marked = {id(item) for item in emulated}
-        items[:] = [item for item in items if id(item) not in marked] + emulated
+    for item in waiting:
+        _start_job(*BACKGROUND_TESTS[(os.path.basename(str(item.path)), item.originalname)])
+    last = {id(item) for item in emulated + waiting}
+    items[:] = [item for item in items if id(item) not in last] + emulated + waiting
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    _pump()
 
 
 def background_result(name, timeout):
-    """(returncode, output) of the compile check `name` ("nvcc" / "triton_aot"): the job started at collection
-    (waited for here, at most `timeout` seconds from its start), or, when none was started, run now in the
-    foreground."""
-    if name not in _JOBS:
+    """(returncode, output) of the background job `name` ("nvcc" / "triton_aot" / "cuda_emu"): the job queued at
+    collection (waited for here, at most `timeout` seconds from its start, after the jobs queued before it), or,
+    when none was queued, run now in the foreground."""
+    if name not in _JOBS and not any(q[0] == name for q in _QUEUE):
         make = next(m for n, m in BACKGROUND_TESTS.values() if n == name)
         _start_job(name, make, foreground=True)
+    deadline = time.monotonic() + timeout
+    while name not in _JOBS:  # the jobs ahead of it in the queue
+        try:
+            for proc, _, _ in list(_JOBS.values()):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return f"not started: the jobs queued before it ran past {timeout} s", ""
+        _pump()
     proc, path, t0 = _JOBS[name]
     try:
         rc = proc.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)))
     except subprocess.TimeoutExpired:
         _kill(proc)
         rc = f"killed after {timeout} s"
+    _pump()
     with open(path) as f:
         out = f.read()
     return rc, out
@@ -207,5 +240,6 @@ def pytest_sessionfinish(session, exitstatus):
         with contextlib.suppress(OSError):
             os.remove(path)
     _JOBS.clear()
+    _QUEUE.clear()
     if CUDA_EMU_BUILD_DIR is not None:  # the library stays mapped in this process; the files go
         shutil.rmtree(CUDA_EMU_BUILD_DIR, ignore_errors=True)
