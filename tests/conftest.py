@@ -143,8 +143,17 @@ _JOBS = {}  # job name -> (Popen, output file path, start time): started jobs
 _QUEUE = []  # (job name, command, environment): jobs waiting for the one running to end
 
 
+def _known(name):
+    """Whether job `name` was started or is queued."""
+    return name in _JOBS or any(q[0] == name for q in _QUEUE)
+
+
 def cuda_emu_job_started():
-    return "cuda_emu" in _JOBS or any(q[0] == "cuda_emu" for q in _QUEUE)
+    return _known("cuda_emu")
+
+
+def _bg_key(item):
+    return os.path.basename(str(item.path)), item.originalname
 
 
 def _popen(name, cmd, env):
@@ -163,7 +172,7 @@ def _pump():
 
 
 def _start_job(name, make, foreground=False):
-    if name in _JOBS or any(q[0] == name for q in _QUEUE):
+    if _known(name):
         return
     spec = make()
     if spec is None:
@@ -190,13 +199,13 @@ def pytest_collection_modifyitems(config, items):
     if os.environ.get("GRADKIT_TEST_FOREGROUND") == "1":
         return
     emulated = [item for item in items if item.get_closest_marker("cuda_emu")]
-    waiting = [item for item in items if (os.path.basename(str(item.path)), item.originalname) in BACKGROUND_TESTS]
+    waiting = [item for item in items if _bg_key(item) in BACKGROUND_TESTS]
     if emulated:
         # one compile job beside other tests; all cores when the run holds nothing else to overlap it with
         jobs = 1 if len(emulated) < len(items) else os.environ.get("MAX_JOBS", "2")
         _start_job("cuda_emu", lambda: _cuda_emu_job(jobs))
     for item in waiting:
-        _start_job(*BACKGROUND_TESTS[(os.path.basename(str(item.path)), item.originalname)])
+        _start_job(*BACKGROUND_TESTS[_bg_key(item)])
     last = {id(item) for item in emulated + waiting}
     items[:] = [item for item in items if id(item) not in last] + emulated + waiting
 
@@ -209,7 +218,7 @@ def background_result(name, timeout):
     """(returncode, output) of the background job `name` ("nvcc" / "triton_aot" / "cuda_emu"): the job queued at
     collection (waited for here, at most `timeout` seconds from its start, after the jobs queued before it), or,
     when none was queued, run now in the foreground."""
-    if name not in _JOBS and not any(q[0] == name for q in _QUEUE):
+    if not _known(name):
         make = next(m for n, m in BACKGROUND_TESTS.values() if n == name)
         _start_job(name, make, foreground=True)
     deadline = time.monotonic() + timeout
