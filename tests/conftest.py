@@ -159,9 +159,14 @@ def _bg_key(item):
 def _popen(name, cmd, env):
     fd, path = tempfile.mkstemp(prefix=f"gradkit_test_{name}_", suffix=".log")
     with os.fdopen(fd, "w") as out:
-        # its own process group: a kill reaches nvcc_check.sh's nvcc processes and the AOT script's workers
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        # its own process group, so that a kill reaches nvcc_check.sh's nvcc processes and the AOT script's
+        # workers, but not its own session: with the kernel's autogroup scheduling (sched_autogroup_enabled=1, the
+        # default on desktop and many cloud kernels) each session is a scheduling group that gets its fair share
+        # whatever its nice value, so a job in a new session took a full half of the CPU from the tests despite
+        # `nice -n 19` (a 2-thread forward + backward ran 20x slower beside it: every parallel region waited for
+        # the descheduled thread); in the tests' session nice -n 19 leaves them the cores
+        group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True, **group)
     _JOBS[name] = (proc, path, time.monotonic())
 
 
