@@ -84,7 +84,7 @@ def use_backend(name):
 # tests/test_triton_compile.py's AOT test (scripts/triton_aot_check.py: every recorded Triton launch to an sm_90
 # cubin) are subprocesses that took 103 s and 167 s of a 10-minute suite on a 2-core Zen 4, about half of the
 # suite's wall time, while the tests around them mostly keep one core busy. When collection selects one of them,
-# its subprocess is queued then, with one job (NVCC_JOBS / AOT_JOBS = 1), beside the rest of the suite; the test
+# its subprocess is queued then, at nice 19 with one worker per core (_WORKERS), beside the rest of the suite; the test
 # itself waits for it and asserts on its exit status and output exactly as it would on a run of its own. Output
 # goes to a temporary file (no pipe to fill); jobs still running at the end of the session (a -x stop, an
 # interrupt) are killed. GRADKIT_TEST_FOREGROUND=1 starts each one only when its test runs, with the scripts'
@@ -101,7 +101,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _nvcc_job():
     if shutil.which("nvcc") is None:
         return None  # the test skips
-    return [["bash", os.path.join(ROOT, "scripts", "nvcc_check.sh")], {"PYTHON": sys.executable, "NVCC_JOBS": "1"}]
+    return [["bash", os.path.join(ROOT, "scripts", "nvcc_check.sh")], {"PYTHON": sys.executable, "NVCC_JOBS": _WORKERS}]
 
 
 def _triton_aot_job():
@@ -112,12 +112,12 @@ def _triton_aot_job():
     # core on the 2-core VM); HYPOTHESIS_PROFILE=deep compiles every one
     cover = "all" if os.environ.get("HYPOTHESIS_PROFILE") == "deep" else "pairs"
     return [[sys.executable, os.path.join(ROOT, "scripts", "triton_aot_check.py")],
-            {"AOT_JOBS": "1", "AOT_COVER": os.environ.get("AOT_COVER", cover)}]
+            {"AOT_JOBS": _WORKERS, "AOT_COVER": os.environ.get("AOT_COVER", cover)}]
 
 
 # The emulator library of tests/cuda_emu (every csrc/cuda/*.cu compiled as C++; tests/cuda_emu/build.py) took
 # ~200 s of a 23-minute suite on the 2-core Zen 3 VM, all of it inside the first test that used it. Tests marked
-# `cuda_emu` need it: when collection selects one, the build starts in the background then (MAX_JOBS=1) into
+# `cuda_emu` need it: when collection selects one, the build starts in the background then (MAX_JOBS=_WORKERS) into
 # CUDA_EMU_BUILD_DIR, and the marked tests are moved to the end of the run (their order among themselves kept),
 # so the build overlaps the rest of the suite; test_cuda_emulated.emu() waits for the job and loads the library.
 CUDA_EMU_BUILD_DIR = None
@@ -136,9 +136,16 @@ BACKGROUND_TESTS = {
     ("test_triton_compile.py", "test_every_triton_launch_compiles_for_sm90"): ("triton_aot", _triton_aot_job),
 }
 # The background jobs run one at a time, in the order collection queued them (the emulator build, then nvcc,
-# then the AOT check), beside the tests: all three at once beside the tests kept four processes on the 2-core VM
-# and slowed the tests by as much as the overlap gained. The queue advances after each test (pytest_runtest_
-# logfinish) and while a test waits for a result; the tests that wait run last.
+# then the AOT check), beside the tests, so that at most one job's workers compete for memory. Each job has one worker
+# per core (_WORKERS, the MAX_JOBS of the environment when set) at nice 19: the tests keep the cores they use and
+# the jobs take what the tests leave idle, including all of it while the last tests wait for them (with one
+# worker, the suite's last two minutes on the 2-core VM were the AOT check on one core and an idle one). Before
+# fea69d0 the jobs ran in a session of their own where nice did not count (see _popen), so more workers had
+# slowed the tests; now they do not (a 2-thread forward + backward probe: 0.066 s alone, 0.067 s beside two
+# niced spinning processes). The queue advances after each test (pytest_runtest_logfinish) and while a test waits
+# for a result; the tests that wait run last.
+_WORKERS = os.environ.get("MAX_JOBS") or str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                               else (os.cpu_count() or 2))
 _JOBS = {}  # job name -> (Popen, output file path, start time): started jobs
 _QUEUE = []  # (job name, command, environment): jobs waiting for the one running to end
 
@@ -206,9 +213,7 @@ def pytest_collection_modifyitems(config, items):
     emulated = [item for item in items if item.get_closest_marker("cuda_emu")]
     waiting = [item for item in items if _bg_key(item) in BACKGROUND_TESTS]
     if emulated:
-        # one compile job beside other tests; all cores when the run holds nothing else to overlap it with
-        jobs = 1 if len(emulated) < len(items) else os.environ.get("MAX_JOBS", "2")
-        _start_job("cuda_emu", lambda: _cuda_emu_job(jobs))
+        _start_job("cuda_emu", lambda: _cuda_emu_job(_WORKERS))
     for item in waiting:
         _start_job(*BACKGROUND_TESTS[_bg_key(item)])
     last = {id(item) for item in emulated + waiting}

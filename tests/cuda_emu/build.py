@@ -4,7 +4,7 @@ C++ with GRADKIT_CUDA_EMU) into one library, torch.ops.gradkit_cuda_emu[_<stem>]
 Two callers share this one definition of the build (sources, flags, library name), so that they agree on what
 ninja has to produce:
 * tests/conftest.py starts `python tests/cuda_emu/build.py DIR` in the background at collection (with
-  MAX_JOBS=1: one core for the build, the other for the tests that run meanwhile);
+  MAX_JOBS set to the core count at nice 19: it takes the cores the tests running meanwhile leave idle);
 * tests/test_cuda_emulated.py's emu() waits for that job, then calls build(DIR) in the test process: ninja finds
   every object up to date and the library is only loaded. Without a background job (GRADKIT_TEST_FOREGROUND=1,
   or a run that selected no emulator test at collection) build(DIR) compiles it then.
