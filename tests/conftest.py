@@ -195,7 +195,8 @@ def _start_job(name, make, foreground=False):
     else:
         # at the lowest priority: the tests' 2-thread torch work beside a compile at equal priority waited on a
         # descheduled thread at every parallel region (test_pipeline_benchmark_quick 13.8 s alone, 33.5 s beside
-        # nvcc_check.sh, 16.6 s beside it under nice -n 19); the jobs still get whatever core the tests leave idle
+        # nvcc_check.sh, 16.6 s beside it under nice -n 19 in a session of its own, where nice only partly counted:
+        # see _popen); the jobs still get whatever core the tests leave idle
         if shutil.which("nice"):
             cmd = ["nice", "-n", "19"] + list(cmd)
         _QUEUE.append((name, cmd, dict(os.environ, **extra)))

@@ -32,7 +32,7 @@ def test_background_job_shares_the_session_but_not_the_process_group():
     assert proc.returncode == -9
 
 
-def test_queued_jobs_are_niced_in_the_tests_session(monkeypatch):
+def test_queued_jobs_run_under_nice(monkeypatch):
     # what _start_job queues: the command behind `nice -n 19`, started by _popen (checked above)
     monkeypatch.setattr(conftest, "_QUEUE", [])
     monkeypatch.setattr(conftest, "_pump", lambda: None)
