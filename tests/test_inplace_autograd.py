@@ -140,3 +140,135 @@ def test_direct_dispatcher_calls_refuse_a_tensor_requiring_grad():
         G.block_apply_mask_(leaf, [1, 4], mask)
     assert not leaf[:, 4:].any()
 
+
+
+# ---- the read side: a source whose values flow into the written tensor. The write is outside autograd, so with
+# the source requiring grad (grad mode on) the target used to hold values whose gradient was silently dropped
+# (torch refuses out= with such an input the same way). Each case: (make the call given a source that requires
+# grad, the argument name the error must give, the tensors that must come out unwritten).
+def _read_cases():
+    def gather(src):
+        out = torch.zeros(5)
+        return (lambda: ops.gather_segments([torch.ones(2), src], [None, torch.tensor([5, 1, 3])], out=out)), [out]
+
+    def scatter(flat):
+        dst = [torch.zeros(6)]
+        return (lambda: ops.scatter_segments_(flat, [torch.tensor([0, 2, 4])], dst)), dst
+
+    def soft(th):
+        x = torch.randn(4, 8)
+        return (lambda: ops.block_soft_threshold_(x, [1, 4], th)), [x]
+
+    def soft_cond(c):
+        x = torch.randn(4, 8)
+        return (lambda: ops.block_soft_threshold_(x, [1, 4], torch.full((4, 2), 0.5), conditioner=c)), [x]
+
+    def adamw(g):
+        p, m, v = torch.randn(10), torch.zeros(10), torch.zeros(10)
+        return (lambda: ops.masked_adamw_([p], [g], [m], [v], [None], masked_lr=0.1, unmasked_lr=0.1, beta1=0.9,
+                                          beta2=0.99, eps=1e-8, weight_decay=0.0, bias_correction1=[0.1],
+                                          bias_correction2_sqrt=[0.1])), [p, m, v]
+
+    def schur(which):
+        def make(t):
+            n, K = 2, 5
+            args = {"xf": torch.randn(n, 1, K), "up": torch.zeros(n, 1, 0), "linv": torch.ones(n, 1, 1)}
+            args[which] = t
+            ut = torch.zeros(n, 3, K)
+            return (lambda: ops.obs_schur_extend_(ut, args["xf"], args["up"], args["linv"], 0)), [ut]
+        return make
+
+    def sweep(u):
+        w, err = torch.randn(4, 6), torch.zeros(4, 6)
+        return (lambda: ops.obs_sweep_(w, err, u, torch.ones(4, 6, dtype=torch.bool), 0, 4)), [w, err]
+
+    return {
+        "gather_segments(out=)": (lambda: torch.arange(6.0), gather, r"src\[1\]"),
+        "scatter_segments_": (lambda: torch.arange(3.0), scatter, "flat"),
+        "block_soft_threshold_ thresholds": (lambda: torch.full((4, 2), 0.5), soft, "thresholds"),
+        "block_soft_threshold_ conditioner": (lambda: torch.rand(4, 8) + 0.5, soft_cond, "conditioner"),
+        "masked_adamw_": (lambda: torch.ones(10), adamw, r"grads\[0\]"),
+        "obs_schur_extend_ xf": (lambda: torch.randn(2, 1, 5), schur("xf"), "xf"),
+        "obs_schur_extend_ linv": (lambda: torch.ones(2, 1, 1), schur("linv"), "linv"),
+        "obs_sweep_": (lambda: torch.eye(4) * 2, sweep, "u"),
+    }
+
+
+READ_CASES = _read_cases()
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("name", list(READ_CASES))
+def test_inplace_op_refuses_a_source_requiring_grad_under_grad_mode(name, backend):
+    from conftest import use_backend
+    make, call, argname = READ_CASES[name]
+    for src in (make().requires_grad_(), make().requires_grad_() * 1):  # a leaf and a non-leaf
+        fn, targets = call(src)
+        before = [t.clone() for t in targets]
+        with use_backend(backend), pytest.raises(RuntimeError, match=f"^{argname}: requires grad and grad mode is on, "
+                                                                     "but the values written into"):
+            fn()
+        assert all(torch.equal(t, b) for t, b in zip(targets, before))  # nothing written
+    # under no_grad, and with the source detached, the same call runs and writes the same values
+    torch.manual_seed(0)
+    fn, targets = call(make().requires_grad_())
+    init = [t.clone() for t in targets]
+    with use_backend(backend), torch.no_grad():
+        fn()
+    torch.manual_seed(0)
+    fn2, targets2 = call(make().requires_grad_().detach())
+    with use_backend(backend):
+        fn2()
+    assert all(torch.equal(a, b) for a, b in zip(targets, targets2))
+    assert any(not torch.equal(a, b) for a, b in zip(targets, init))  # it did write
+
+
+def test_direct_dispatcher_calls_refuse_a_source_requiring_grad():
+    """torch.ops.gradkit.* called directly: the ADInplaceOrView kernel refuses the same sources, naming the
+    schema's argument, before anything is written."""
+    G = torch.ops.gradkit
+    out = torch.zeros(8)
+    src = [torch.randn(5), torch.randn(3, requires_grad=True)]
+    with pytest.raises(RuntimeError, match=r"^src\[1\]: requires grad and grad mode is on.*written into out"):
+        G.gather_segments_out(src, [None, None], out, False)
+    assert not out.any()
+    dst = [torch.zeros(6)]
+    with pytest.raises(RuntimeError, match=r"^flat: requires grad and grad mode is on.*written into dst"):
+        G.scatter_segments_(torch.arange(3.0, requires_grad=True), [torch.tensor([0, 2, 4])], dst, 1.0, False)
+    assert not dst[0].any()
+    w, err = torch.randn(4, 6), torch.zeros(4, 6)
+    w0 = w.clone()
+    with pytest.raises(RuntimeError, match="^u: requires grad.*written into w"):
+        G.obs_sweep_(w, err, (torch.eye(4) * 2).requires_grad_(), torch.ones(4, 6, dtype=torch.bool), 0, 4)
+    assert torch.equal(w, w0) and not err.any()
+    with torch.no_grad():
+        G.gather_segments_out(src, [None, None], out, False)
+    assert torch.equal(out, torch.cat([src[0], src[1].detach()]))
+
+
+def test_values_that_only_choose_entries_may_require_grad():
+    """scope_hard_threshold_'s ``values`` and golden_topk_and_'s ``g`` decide which entries are kept; no gradient
+    flows from them, so they are not refused (the written x / bits stay what they were without grad)."""
+    x = torch.randn(4, 8)
+    vals = x.abs().requires_grad_()
+    y = x.clone()
+    ops.scope_hard_threshold_(x, [1, 2], [1, 4], 1, values=vals)
+    ops.scope_hard_threshold_(y, [1, 2], [1, 4], 1, values=vals.detach())
+    assert torch.equal(x, y)
+    bits = torch.zeros(3, dtype=torch.uint8)
+    ops.golden_topk_and_(torch.randn(20, requires_grad=True), bits, 5, first=True)
+    assert int(bits.sum()) > 0
+
+
+def test_functional_gather_stays_differentiable_and_parammap_names_the_entry():
+    from gradkit import ParamMap
+    a = torch.randn(5, requires_grad=True)
+    flat = ops.gather_segments([a], [torch.tensor([4, 0])])
+    flat.sum().backward()
+    assert torch.equal(a.grad, torch.tensor([1.0, 0, 0, 0, 1.0]))
+    pm = ParamMap({"w": {"shape": (5,), "repr": "all"}})
+    out = torch.zeros(5)
+    with pytest.raises(RuntimeError, match=r"^source\['w'\]: requires grad and grad mode is on.*gather without"):
+        pm.gather({"w": a}, out=out)
+    assert not out.any()
+    assert torch.equal(pm.gather({"w": a}), a.detach()) and pm.gather({"w": a}).requires_grad

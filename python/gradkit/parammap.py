@@ -429,6 +429,10 @@ class ParamMap:
                 raise TypeError(f"out: dtype {out.dtype} differs from dtype={dtype}")
             if tensors and out.device != tensors[0].device:
                 raise ValueError(f"out: on {out.device} but the gradients are on {tensors[0].device}")
+            # named by entry, before the op's own check would name them src[i]
+            where = "source[{!r}].grad" if isinstance(source, torch.nn.Module) else "source[{!r}]"
+            ops._check_read_no_grad([(where.format(self._entries[i].name), t) for i, t in zip(active, tensors)],
+                                    "out", "gather without `out`")
         elif accumulate:
             raise ValueError("accumulate: needs an `out` tensor to add into")
         if not tensors:

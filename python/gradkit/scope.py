@@ -528,7 +528,10 @@ class BlockSpec(SparseBlock):
         self._check_grid(block_thresholds, "thresholds")
         _check_thresholds(block_thresholds, nonneg=True)
         cond = None if conditioners is None else self.resolve(conditioners, "conditioners")
-        ops.block_soft_threshold_(self.view.data, self.shape, block_thresholds, conditioner=cond,
+        # the step writes .data, outside autograd (SparseKit's proximal step): thresholds that require grad are
+        # read as values, as the weights are
+        cond = None if cond is None else cond.detach()
+        ops.block_soft_threshold_(self.view.data, self.shape, block_thresholds.detach(), conditioner=cond,
                                   max_iter=max_iter, atol=atol, eps=_default_eps(block_thresholds, eps))
 
     # --- masks

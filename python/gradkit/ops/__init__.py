@@ -121,6 +121,22 @@ def _check_writable(tensors, what: str) -> None:
                                "differentiable: call it under torch.no_grad() (or on .detach())")
 
 
+def _check_read_no_grad(named, into: str, instead: str = "") -> None:
+    """Before an op that writes into a tensor it was given: a source the written values are computed from must
+    not need autograd either while grad mode is on. The write is not recorded in any graph, so ``into`` would
+    hold values with the source's gradient silently dropped (torch refuses ``out=`` with an input that requires
+    grad the same way). ``named``: (argument name, tensor or None) pairs; ``instead``: the differentiable call
+    to suggest, if there is one."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            alt = f", or use {instead}, which is differentiable" if instead else ""
+            raise RuntimeError(f"{name}: requires grad and grad mode is on, but the values written into {into} "
+                               "are not differentiable (its gradient would be silently dropped): call it under "
+                               f"torch.no_grad() or pass {name}.detach(){alt}")
+
+
 def _wrote(tensors, fn=None) -> None:
     """After an in-place op run by ``fn``: bump the targets' autograd version counters, as torch's own in-place
     ops do, so that a backward through a graph that saved one of them raises instead of silently using the new
@@ -226,6 +242,7 @@ def check_gather_segments_out(src, index, out, accumulate, dtype=None) -> None:
         raise ValueError("out: must be contiguous")
     if src:
         _check_writable([out], "out")
+        _check_read_no_grad([(f"src[{i}]", t) for i, t in enumerate(src)], "out", "gather_segments without `out`")
 
 
 def gather_segments(src: Sequence[torch.Tensor], index: Sequence[Optional[torch.Tensor]], *,
@@ -293,6 +310,8 @@ def check_scatter_segments_(flat, index, dst, scale, accumulate) -> None:
     if dst and flat.device != dst[0].device:
         raise ValueError(f"flat: on {flat.device} but dst is on {dst[0].device}")
     _check_writable(list(dst), "dst")
+    if dst:
+        _check_read_no_grad([("flat", flat)], "dst", "scatter_segments")
 
 
 def _native(fn) -> bool:
@@ -677,6 +696,7 @@ def check_block_soft_threshold_(x, block_shape, thresholds, conditioner, max_ite
         _check_companion(conditioner, x, "conditioner", x.shape)
     max_iter = check_soft_scalars(max_iter, atol, eps)
     _check_writable([x], "x")
+    _check_read_no_grad([("thresholds", thresholds), ("conditioner", conditioner)], "x")
     return max_iter
 
 
@@ -865,6 +885,7 @@ def check_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, masked_lr, u
     for name in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):  # every written list, as the native op's
         if name in lists:
             _check_writable(list(lists[name]), name)
+    _check_read_no_grad([(f"grads[{i}]", g) for i, g in enumerate(grads)], "params")
     return n
 
 
@@ -1050,6 +1071,12 @@ from gradkit.ops.search import *  # noqa: E402,F401,F403
 # torch.library.custom_op treats mutable ops; torch.compile traces through it. A written argument that requires
 # grad while grad mode is on is refused here before the op runs, as the wrappers refuse it.
 _INPLACE_LIB = None
+# The in-place ops' arguments whose values flow into what they write (their derivative would be nonzero): refused
+# while they require grad and grad mode is on (_check_read_no_grad). Bits, masks, counts and the ``values`` that
+# only choose which entries to keep carry no gradient and are not listed.
+_VALUE_SOURCES = {"gather_segments_out": ("src",), "scatter_segments_": ("flat",),
+                  "block_soft_threshold_": ("thresholds", "conditioner"), "masked_adamw_": ("grads",),
+                  "obs_schur_extend_": ("xf", "up", "linv"), "obs_sweep_": ("u",)}
 
 
 def _register_version_bumps() -> None:
@@ -1064,8 +1091,14 @@ def _register_version_bumps() -> None:
             continue
         op = getattr(torch.ops.gradkit, name).default
         written = [i for i, a in enumerate(op._schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+        argnames = [a.name for a in op._schema.arguments]
+        read = [(argnames.index(r), r, argnames[written[0]]) for r in _VALUE_SOURCES.get(name, ())]
 
-        def kernel(*args, _op=op, _written=tuple(written)):
+        def kernel(*args, _op=op, _written=tuple(written), _read=tuple(read)):
+            for i, rname, into in _read:  # the wrappers' read-side refusal, for direct calls too
+                a = args[i] if i < len(args) else None
+                _check_read_no_grad([(f"{rname}[{j}]", t) for j, t in enumerate(a)] if isinstance(a, (list, tuple))
+                                    else [(rname, a)], into)
             ts = []
             for i in _written:
                 a = args[i] if i < len(args) else None

@@ -16,7 +16,7 @@ import torch
 from gradkit import _ext
 from gradkit.kernels.reference import obs as _ref
 from gradkit.kernels.reference.scope import check_inplace as _check_inplace
-from gradkit.ops import _check_typed, _check_writable, _impl, _int, _wrote, backend
+from gradkit.ops import _check_read_no_grad, _check_typed, _check_writable, _impl, _int, _wrote, backend
 
 __all__ = ["OBS_OPS", "SHARED_MAX_P", "obs_schur_extend_", "obs_select", "obs_shared_prune", "obs_sweep_"]
 
@@ -143,6 +143,7 @@ def check_obs_schur_extend_(ut, xf, up, linv, cnt) -> int:
         raise ValueError(f"linv: expected shape ({n}, {m}, {m}), got {tuple(linv.shape)}")
     _check_inplace(ut, "ut")  # an expanded / stride-0 ut: rows written twice, one row's result lost
     _check_writable([ut], "ut")
+    _check_read_no_grad([("xf", xf), ("up", up), ("linv", linv)], "ut")
     return cnt
 
 
@@ -186,6 +187,7 @@ def check_obs_sweep_(w, err, u, prune, start, stop) -> tuple:
     _ref.check_sweep(w, err, u, prune, start, stop)
     _check_writable([w], "w")
     _check_writable([err], "err")
+    _check_read_no_grad([("u", u)], "w and err")
     return start, stop
 
 
