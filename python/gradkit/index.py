@@ -1846,9 +1846,10 @@ class GradientIndex:
         except ImportError:  # a declared dependency; without it the projection check would be skipped silently
             raise ImportError(f"open: reading {f} (the index's projection config, checked against every query) "
                               "needs pyyaml, a gradkit dependency: pip install pyyaml") from None
-        check_regular(f, "open", IndexFormatError)  # a FIFO / device in its place is refused, not read
+        # a FIFO / device in its place is refused, not read (and not swallowed by the except below)
+        data = read_regular(f, 1 << 20, "open", IndexFormatError)
         try:
-            cfg = yaml.safe_load(read_regular(f, 1 << 20, "open", IndexFormatError))
+            cfg = yaml.safe_load(data)
             if not isinstance(cfg, dict):
                 return None
             return _bergson_settings(cfg)

@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from gradkit import ops
-from gradkit._io import check_regular, parse_json, read_regular, write_dir_atomic, write_safetensors
+from gradkit._io import NO_LIMIT, parse_json, read_regular, write_dir_atomic, write_safetensors
 from gradkit._unwrap import unwrap_model
 
 REPRS = ("all", "mask", "bitmask", "indices")
@@ -830,12 +830,7 @@ class ParamMap:
             if os.path.dirname(os.path.realpath(path)) != os.path.realpath(directory):
                 raise ValueError(f"{path}: links outside {directory!r} (mapping.{field} must be a file of the map's "
                                  "own directory)")
-            check_regular(path, path)  # not a FIFO / device
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except OSError as exc:
-                raise ValueError(f"{path}: cannot be read ({exc})") from None
+            data = read_regular(path, NO_LIMIT, path)  # not a FIFO / device (checked on the open file)
             if fn in sums and f"{zlib.crc32(data):08x}" != sums[fn]:
                 raise ValueError(f"{path}: contents do not match the checksum in {CONFIG} (truncated or edited)")
             tensors_files.add(fn)

@@ -44,7 +44,7 @@ from typing import (
 import torch
 from torch import Tensor, nn
 
-from gradkit._io import _fsync_dir, check_regular, parse_json, read_regular
+from gradkit._io import NO_LIMIT, _fsync_dir, parse_json, read_regular
 from gradkit._rules import all_finite, device_arg
 from gradkit.kernels.reference.scope import byte_span
 from gradkit.obs import baselines, metrics
@@ -807,9 +807,7 @@ class _Checkpoint:
             raise CheckpointError(f"checkpoint {self.path!r}: the entry of layer {name!r} is malformed") from None
         path = os.path.join(self.dir, fname)
         try:
-            check_regular(path, "checkpoint", OSError)  # not a FIFO / device
-            with open(path, "rb") as f:
-                raw = f.read()
+            raw = read_regular(path, NO_LIMIT, "checkpoint", OSError)  # not a FIFO / device
         except OSError as err:
             raise CheckpointError(f"checkpoint: cannot read {path!r} for layer {name!r} ({err})") from None
         if zlib.crc32(raw) != crc:
