@@ -272,3 +272,28 @@ def test_functional_gather_stays_differentiable_and_parammap_names_the_entry():
         pm.gather({"w": a}, out=out)
     assert not out.any()
     assert torch.equal(pm.gather({"w": a}), a.detach()) and pm.gather({"w": a}).requires_grad
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+def test_scope_soft_threshold_reads_thresholds_that_require_grad_as_values(coupled):
+    """The scope API's proximal step writes the weights' .data (SparseKit's step, outside autograd): thresholds or
+    conditioners computed from something that requires grad are read as values there, not refused."""
+    from gradkit.scope import BlockCoupling, BlockSpec, ScopeCoupling, ScopeSpec
+
+    def run(lam, cond):
+        torch.manual_seed(3)
+        a, b = torch.randn(4, 8), torch.randn(4, 8)
+        if coupled:
+            sc = ScopeCoupling([ScopeSpec(BlockCoupling([BlockSpec(a, (1, 4)), BlockSpec(b, (1, 4))]), (1, 2))])
+        else:
+            sc = ScopeSpec(BlockSpec(a, (1, 4)), (1, 2))
+        h = {blk: cond for blk in sc.blocks()} if cond is not None else None
+        sc.soft_threshold(torch.ones(sc.grid_shape) * lam, conditioners=h)
+        return a, b
+
+    lam = torch.tensor(0.4, requires_grad=True)
+    cond = torch.rand(4, 8, generator=torch.Generator().manual_seed(1)) + 0.5
+    got = run(lam, cond * lam)  # thresholds and conditioners: non-leaves that require grad
+    want = run(0.4, cond * 0.4)
+    assert all(torch.equal(x, y) for x, y in zip(got, want))
+    assert not torch.equal(got[0], run(0.0, None)[0])  # it did shrink

@@ -886,8 +886,9 @@ class ScopeSpec(SparseScope):
 
     def _kth(self, values, k, p, mid, k_weight):
         spec = self._single()
-        if spec is not None and spec.resolve(values).dtype not in (torch.float16, torch.bfloat16):
-            return ops.scope_kth(spec.resolve(values), spec.shape, self.shape, k, p=p, k_weight=k_weight, mid=mid)
+        x = None if spec is None else spec.resolve(values)  # once: a parameter-shaped non-contiguous one is copied
+        if x is not None and x.dtype not in (torch.float16, torch.bfloat16):
+            return ops.scope_kth(x, spec.shape, self.shape, k, p=p, k_weight=k_weight, mid=mid)
         # half weights: the float32 norms (as ScopeCoupling.kth_largest and hard_threshold compare), so that
         # hard_threshold(thresholds=kth_largest(k)) keeps the k blocks whose norms rank first
         g = self.block._rank_norms(values, p) if spec is not None else self.block.norms(values, p)
