@@ -16,6 +16,10 @@ except ImportError:  # pragma: no cover - the message is the point
     sys.exit("gradkit: install torch first (pip install torch==2.13.0), then build with --no-build-isolation")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+MIN_TORCH = (2, 10)  # the oldest torch whose torch.library API (register_fake, opcheck) gradkit uses
+if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < MIN_TORCH:
+    sys.exit(f"gradkit: needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}, found {torch.__version__} "
+             "(pip install torch==2.13.0, then build with --no-build-isolation)")
 
 
 def _rel(paths):
@@ -56,4 +60,17 @@ def extensions():
     return [cpp_extension.CppExtension("gradkit._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)]
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)})
+# Everything gradkit imports, at module level or on a code path every user reaches (pyyaml: a bergson index's
+# processor_config.yaml, without which its projection reads as unknown and search(projection=) misjudges it);
+# the optional imports are pyproject.toml's extras, faiss (search(backend="faiss")) and the compat layers' peers.
+REQUIRES = ["numpy", "safetensors>=0.4", "tqdm", "pyyaml"]
+
+
+def torch_requirement(version: str = torch.__version__) -> str:
+    """torch at the minor release gradkit._C is compiled against ("2.13.0+cpu" -> "torch==2.13.*", local labels
+    such as +cpu / +cu128 matching): the extension links torch's C++ API, whose ABI changes between releases."""
+    major, minor = version.split("+")[0].split(".")[:2]
+    return f"torch=={int(major)}.{int(minor)}.*"
+
+
+setup(install_requires=REQUIRES + [torch_requirement()], ext_modules=extensions(), cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)})

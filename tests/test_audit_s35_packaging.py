@@ -150,7 +150,63 @@ _DIST = {"yaml": "pyyaml"}
 _OPTIONAL = {"triton": ("kernels/triton/",), "faiss": ("index.py",), "gradiend": ("compat/gradiend.py",)}
 
 
-def test_every_third_party_import_is_a_declared_dependency():
+def _requires(tmp_path, monkeypatch, capsys):
+    """setup.py's install_requires (pyproject.toml declares the dependencies dynamic)."""
+    import runpy
+
+    import setuptools
+
+    _copy_build_files(tmp_path)
+    got = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: got.update(kw))
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(tmp_path / "setup.py"), run_name="__main__")
+    capsys.readouterr()
+    return got["install_requires"]
+
+
+def test_the_wheel_requires_the_torch_minor_release_it_was_compiled_against(tmp_path):
+    """Fixed: the metadata said torch>=2.10, so a wheel compiled against torch 2.13 let pip install or upgrade any
+    torch under it, and gradkit._C (torch's C++ ABI changes between releases) then failed to load: a warning and
+    the slow reference kernels. The metadata setuptools writes for the wheel now pins the build's minor release,
+    local labels (+cpu, +cu128) matching; the other dependencies are unchanged."""
+    import torch
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _copy_build_files(src)
+    out = tmp_path / "meta"
+    out.mkdir()
+    r = _run(f"""
+        from setuptools import build_meta
+        print(build_meta.prepare_metadata_for_build_wheel({str(out)!r}))
+        """, cwd=src)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = (out / r.stdout.strip().splitlines()[-1] / "METADATA").read_text()
+    reqs = sorted(line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")
+                  and "extra ==" not in line)
+    major, minor = torch.__version__.split(".")[:2]
+    assert reqs == sorted(["numpy", "safetensors>=0.4", "tqdm", "pyyaml", f"torch=={major}.{minor}.*"]), reqs
+
+
+def test_torch_requirement_strings():
+    import runpy
+
+    import setuptools
+
+    ns = {}
+    saved = setuptools.setup
+    setuptools.setup = lambda **kw: ns.update(kw)
+    try:
+        mod = runpy.run_path(os.path.join(ROOT, "setup.py"), run_name="not_main")
+    finally:
+        setuptools.setup = saved
+    req = mod["torch_requirement"]
+    assert req("2.13.0+cpu") == "torch==2.13.*" and req("2.13.1") == "torch==2.13.*"
+    assert req("2.14.0a0+git1234") == "torch==2.14.*" and req("3.0.0+cu128") == "torch==3.0.*"
+
+
+def test_every_third_party_import_is_a_declared_dependency(tmp_path, monkeypatch, capsys):
     """Fixed: gradkit.index imports yaml (PyYAML) to read a bergson index's processor_config.yaml, but pyproject.toml
     did not declare pyyaml (a fresh `pip install` of gradkit does not have it). Without it the index's projection
     silently read as None: search(projection=<the matching processor>) was refused ("the index with None"), a
@@ -158,7 +214,9 @@ def test_every_third_party_import_is_a_declared_dependency():
     given. Every import of a package that is not declared must be one of the guarded optional ones."""
     import re
 
-    deps = {re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0].lower() for d in _pyproject()["project"]["dependencies"]}
+    assert "dependencies" in _pyproject()["project"]["dynamic"]
+    deps = {re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0].lower() for d in _requires(tmp_path, monkeypatch, capsys)}
+    assert "torch" in deps
     bad = []
     for d, _, fs in os.walk(PKG):
         for f in fs:
@@ -180,7 +238,7 @@ def test_every_third_party_import_is_a_declared_dependency():
                     if _DIST.get(top, top) in deps or rel.startswith(_OPTIONAL.get(top, ())):
                         continue
                     bad.append(f"{rel}:{node.lineno}: import {n}")
-    assert not bad, f"imports of packages pyproject.toml does not declare: {bad}"
+    assert not bad, f"imports of packages setup.py (install_requires) does not declare: {bad}"
 
 
 # ---------------------------------------------------------------------------------------------- installed copy
