@@ -339,6 +339,10 @@ def main(argv=None) -> int:
         ap.error("--device cpu: only with --smoke (the GPU targets need a GPU)")
     torch.set_num_threads(2)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references and composites in fp32
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU smoke run: nested helpers skip re-patching
+        from gradkit.kernels.triton._interp import fast_nested_calls
+
+        fast_nested_calls()
     rec = Recorder(args.device, min_run_time=0.05 if args.smoke else 0.5)
     r = Run(rec, args.device, args.smoke)
     os.makedirs(args.out, exist_ok=True)

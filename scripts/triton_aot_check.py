@@ -78,6 +78,9 @@ def _record(path: str) -> None:
         return orig_run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     InterpretedFunction.run = run
+    from gradkit.kernels.triton._interp import fast_nested_calls
+
+    fast_nested_calls()  # nested @triton.jit helpers skip re-patching triton.language (~40% of this phase)
     from gradkit.kernels.triton import parammap as T
 
     g = torch.Generator().manual_seed(0)

@@ -26,6 +26,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 import gradkit  # noqa: E402,F401  (GRADKIT_REQUIRE_EXT=1 makes a broken build fail here)
 
+if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("GRADKIT_TEST_SLOW_INTERPRETER") != "1":
+    # nested @triton.jit helpers stop re-patching triton.language at every call (gradkit/kernels/triton/_interp.py)
+    from gradkit.kernels.triton._interp import fast_nested_calls  # noqa: E402
+
+    fast_nested_calls()
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
