@@ -46,6 +46,21 @@ def _copy_build_files(dst, *, cuda=True, manifest=True):
     shutil.copytree(PKG, dst / "python" / "gradkit", ignore=_IGNORE)
 
 
+def _build_meta(tmp_path, hook, out):
+    """setuptools' PEP 517 ``hook`` (build_sdist, prepare_metadata_for_build_wheel) run on a copy of the build
+    files in tmp_path/src, writing into tmp_path/out; the path of what it made."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _copy_build_files(src)
+    (tmp_path / out).mkdir()
+    r = _run(f"""
+        from setuptools import build_meta
+        print(build_meta.{hook}({str(tmp_path / out)!r}))
+        """, cwd=src)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp_path / out / r.stdout.strip().splitlines()[-1]
+
+
 # ---------------------------------------------------------------------------------------------- sdist
 
 def test_sdist_carries_every_kernel_source_and_header(tmp_path):
@@ -54,18 +69,9 @@ def test_sdist_carries_every_kernel_source_and_header(tmp_path):
     `pip install gradkit-0.1.0.tar.gz` or `python -m build`, failed to compile) and, made on a machine without
     CUDA, none of csrc/cuda/*.cu / *.cuh (a CUDA user building it got a CPU-only extension). MANIFEST.in grafts
     csrc/."""
+    sdist = _build_meta(tmp_path, "build_sdist", "dist")
     src = tmp_path / "src"
-    src.mkdir()
-    _copy_build_files(src)
-    out = tmp_path / "dist"
-    out.mkdir()
-    r = _run(f"""
-        from setuptools import build_meta
-        print(build_meta.build_sdist({str(out)!r}))
-        """, cwd=src)
-    assert r.returncode == 0, r.stderr[-3000:]
-    name = r.stdout.strip().splitlines()[-1]
-    with tarfile.open(out / name) as tf:
+    with tarfile.open(sdist) as tf:
         members = {m.split("/", 1)[1] for m in tf.getnames() if "/" in m}
     wanted = {os.path.relpath(os.path.join(d, f), src).replace(os.sep, "/")
               for d, _, fs in os.walk(src / "csrc") for f in fs}
@@ -172,17 +178,7 @@ def test_the_wheel_requires_the_torch_minor_release_it_was_compiled_against(tmp_
     local labels (+cpu, +cu128) matching; the other dependencies are unchanged."""
     import torch
 
-    src = tmp_path / "src"
-    src.mkdir()
-    _copy_build_files(src)
-    out = tmp_path / "meta"
-    out.mkdir()
-    r = _run(f"""
-        from setuptools import build_meta
-        print(build_meta.prepare_metadata_for_build_wheel({str(out)!r}))
-        """, cwd=src)
-    assert r.returncode == 0, r.stderr[-3000:]
-    meta = (out / r.stdout.strip().splitlines()[-1] / "METADATA").read_text()
+    meta = (_build_meta(tmp_path, "prepare_metadata_for_build_wheel", "meta") / "METADATA").read_text()
     reqs = sorted(line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")
                   and "extra ==" not in line)
     major, minor = torch.__version__.split(".")[:2]
