@@ -66,3 +66,28 @@ def test_sizes_and_errors(tmp_path):
     if os.path.exists("/dev/zero"):
         with pytest.raises(ValueError, match="is not a regular file"):
             _io.read_regular("/dev/zero", 10, "w")
+
+
+def test_open_regular_closes_what_it_refuses(tmp_path):
+    """open_regular (torch.load of a GoldenParams file reads through it): the open file of a regular file, a clear
+    error otherwise, and no descriptor left open by a refusal."""
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"abc")
+    with _io.open_regular(p, "path") as f:
+        assert f.read() == b"abc"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    before = len(os.listdir("/proc/self/fd"))
+    for bad in (fifo, tmp_path):
+        with pytest.raises(ValueError, match=r"^path: .* is not a regular file"):
+            _io.open_regular(bad, "path")
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_goldenparams_file_swapped_for_a_fifo_is_refused(tmp_path):
+    from gradkit.golden import load_goldenparams
+
+    fifo = tmp_path / "g.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=r"^path: .*g\.pt is not a regular file"):
+        load_goldenparams(str(fifo))

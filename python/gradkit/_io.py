@@ -45,36 +45,41 @@ def check_regular(path, what: str, err=ValueError) -> int:
 NO_LIMIT = 1 << 62  # read_regular's limit for files of any size (weights, checkpoints)
 
 
-def read_regular(path, limit: int, what: str, err=ValueError) -> bytes:
-    """The bytes of the regular file ``path`` (see :func:`check_regular`), refused beyond ``limit`` bytes (read with
-    that bound, so a file growing after the check cannot make it read more). The file is opened first (without
-    blocking: a FIFO opens at once) and the check made on the open descriptor, so a FIFO or device put in its
-    place after a separate check cannot make the read block or never end."""
+def open_regular(path, what: str, err=ValueError):
+    """``path`` opened for binary reading, once the open descriptor shows a regular file (see :func:`check_regular`).
+    The file is opened first, without blocking (a FIFO opens at once), and checked with fstat, so a FIFO or device
+    put in its place after a separate path check cannot make a read block for ever or never end."""
     try:
         fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except (OSError, RuntimeError) as e:
         raise err(f"{what}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     try:
-        st = os.fstat(fd)
-        problem = None
-        if not _stat.S_ISREG(st.st_mode):
-            problem = f"{what}: {path} is not a regular file"
-        elif st.st_size > limit:
-            problem = f"{what}: {path} is {st.st_size} bytes, more than the {limit} a file of this kind can hold"
-        else:
-            with os.fdopen(fd, "rb") as f:
-                fd = -1  # closed by f
-                # sized by the file, not the limit (a buffered read allocates what it is asked for up front)
-                data = f.read(st.st_size + 1)
-                if len(data) > st.st_size:  # it grew after the fstat: the rest, still bounded by the limit
-                    data += f.read(max(limit + 1 - len(data), 0))
+        regular = _stat.S_ISREG(os.fstat(fd).st_mode)
+        if regular:
+            return os.fdopen(fd, "rb")
     except OSError as e:
+        os.close(fd)
         raise err(f"{what}: cannot read {path}: {e.strerror or e}") from None
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    if problem is not None:
-        raise err(problem)
+    os.close(fd)
+    raise err(f"{what}: {path} is not a regular file")
+
+
+def read_regular(path, limit: int, what: str, err=ValueError) -> bytes:
+    """The bytes of the regular file ``path`` (checked on the open file: :func:`open_regular`), refused beyond
+    ``limit`` bytes (read with that bound, so a file growing after the check cannot make it read more)."""
+    with open_regular(path, what, err) as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise err(f"{what}: {path} is {size} bytes, more than the {limit} a file of this kind can hold")
+            # sized by the file, not the limit (a buffered read allocates what it is asked for up front)
+            data = f.read(size + 1)
+            if len(data) > size:  # it grew after the fstat: the rest, still bounded by the limit
+                data += f.read(max(limit + 1 - len(data), 0))
+        except OSError as e:
+            if isinstance(e, err):  # err may be OSError itself: the size refusal above, as it was raised
+                raise
+            raise err(f"{what}: cannot read {path}: {e.strerror or e}") from None
     if len(data) > limit:
         raise err(f"{what}: {path} is more than the {limit} bytes a file of this kind can hold")
     return data

@@ -30,7 +30,7 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, 
 import torch
 
 from gradkit import ops
-from gradkit._io import check_regular
+from gradkit._io import open_regular
 from gradkit._rules import floor_count, int_seq
 from gradkit.kernels.reference.parammap import unpack_bitmask
 from gradkit.golden_reverse import (DEFAULT_LAYER_PATTERN, STRATEGIES, AdaptiveSinusoidal, ChaosDriven,  # noqa: F401
@@ -383,12 +383,12 @@ def load_goldenparams(path: str, key: Optional[str] = None) -> MaskSet:
     name -> sparse COO or dense bool). Loaded with ``weights_only=True``: nothing is unpickled; a file that is not
     a regular file, cannot be loaded that way, or holds masks that are not plain CPU tensors raises ValueError
     naming it."""
-    check_regular(path, "path")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - UnpicklingError (a refused global), OSError, RuntimeError (damaged)
-        raise ValueError(f"path: {path!r} cannot be loaded as a GoldenParams results file with weights_only=True "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    with open_regular(path, "path") as f:  # not a FIFO / device (checked on the open file)
+        try:
+            data = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - UnpicklingError (a refused global), OSError, RuntimeError (damaged)
+            raise ValueError(f"path: {path!r} cannot be loaded as a GoldenParams results file with weights_only=True "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(data, Mapping):
         raise ValueError(f"path: {path!r} does not hold a dict of results")
     keys = [key] if key else ["masks", "intersection_masks"]
