@@ -17,7 +17,15 @@ except ImportError:  # pragma: no cover - the message is the point
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MIN_TORCH = (2, 10)  # the oldest torch whose torch.library API (register_fake, opcheck) gradkit uses
-if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < MIN_TORCH:
+
+
+def _minor_release(version: str) -> tuple:
+    """(major, minor) of a torch version string ("2.13.0+cpu", "2.14.0a0+git1234" -> (2, 14))."""
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+if _minor_release(torch.__version__) < MIN_TORCH:
     sys.exit(f"gradkit: needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}, found {torch.__version__} "
              "(pip install torch==2.13.0, then build with --no-build-isolation)")
 
@@ -69,8 +77,9 @@ REQUIRES = ["numpy", "safetensors>=0.4", "tqdm", "pyyaml"]
 def torch_requirement(version: str = torch.__version__) -> str:
     """torch at the minor release gradkit._C is compiled against ("2.13.0+cpu" -> "torch==2.13.*", local labels
     such as +cpu / +cu128 matching): the extension links torch's C++ API, whose ABI changes between releases."""
-    major, minor = version.split("+")[0].split(".")[:2]
-    return f"torch=={int(major)}.{int(minor)}.*"
+    major, minor = _minor_release(version)
+    return f"torch=={major}.{minor}.*"
 
 
-setup(install_requires=REQUIRES + [torch_requirement()], ext_modules=extensions(), cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)})
+setup(install_requires=REQUIRES + [torch_requirement()], ext_modules=extensions(),
+      cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)})

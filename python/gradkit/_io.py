@@ -54,31 +54,29 @@ def open_regular(path, what: str, err=ValueError):
     except (OSError, RuntimeError) as e:
         raise err(f"{what}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     try:
-        regular = _stat.S_ISREG(os.fstat(fd).st_mode)
-        if regular:
-            return os.fdopen(fd, "rb")
+        st = os.fstat(fd)
     except OSError as e:
         os.close(fd)
         raise err(f"{what}: cannot read {path}: {e.strerror or e}") from None
-    os.close(fd)
-    raise err(f"{what}: {path} is not a regular file")
+    if not _stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise err(f"{what}: {path} is not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 def read_regular(path, limit: int, what: str, err=ValueError) -> bytes:
     """The bytes of the regular file ``path`` (checked on the open file: :func:`open_regular`), refused beyond
     ``limit`` bytes (read with that bound, so a file growing after the check cannot make it read more)."""
     with open_regular(path, what, err) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise err(f"{what}: {path} is {size} bytes, more than the {limit} a file of this kind can hold")
         try:
-            size = os.fstat(f.fileno()).st_size
-            if size > limit:
-                raise err(f"{what}: {path} is {size} bytes, more than the {limit} a file of this kind can hold")
             # sized by the file, not the limit (a buffered read allocates what it is asked for up front)
             data = f.read(size + 1)
             if len(data) > size:  # it grew after the fstat: the rest, still bounded by the limit
                 data += f.read(max(limit + 1 - len(data), 0))
         except OSError as e:
-            if isinstance(e, err):  # err may be OSError itself: the size refusal above, as it was raised
-                raise
             raise err(f"{what}: cannot read {path}: {e.strerror or e}") from None
     if len(data) > limit:
         raise err(f"{what}: {path} is more than the {limit} bytes a file of this kind can hold")

@@ -358,8 +358,9 @@ class ParamMap:
 
     # ------------------------------------------------------------------ gather / scatter
 
-    def _sources(self, source) -> Tuple[List[int], List[torch.Tensor]]:
-        """(entry ids with a non-empty selection, their full-shape tensors), validated."""
+    def _sources(self, source) -> Tuple[List[int], List[torch.Tensor], str]:
+        """(entry ids with a non-empty selection, their full-shape tensors, how an entry's tensor is named in
+        errors: a format string taking the entry's name), validated."""
         active = [i for i, e in enumerate(self._entries) if e.count > 0]
         tensors: List[torch.Tensor] = []
         if isinstance(source, torch.nn.Module):
@@ -398,7 +399,7 @@ class ParamMap:
                 if t.device != dev:
                     raise ValueError(f"{where.format(self._entries[i].name)}: on {t.device}, "
                                      f"but other sources are on {dev}")
-        return active, tensors
+        return active, tensors, where
 
     def _all_given(self, source) -> List[Optional[torch.Tensor]]:
         if isinstance(source, torch.nn.Module):
@@ -415,7 +416,7 @@ class ParamMap:
         ``accumulate=True`` adds into it (running sums over batches).
         dtype: result dtype (default: the sources' promoted dtype).
         """
-        active, tensors = self._sources(source)
+        active, tensors, where = self._sources(source)
         if dtype is not None and dtype not in _FLOAT_DTYPES:  # also when nothing is selected (no kernel checks it)
             raise TypeError(f"dtype: expected float32/float64/float16/bfloat16, got {dtype!r}")
         if out is not None:
@@ -430,7 +431,6 @@ class ParamMap:
             if tensors and out.device != tensors[0].device:
                 raise ValueError(f"out: on {out.device} but the gradients are on {tensors[0].device}")
             # named by entry, before the op's own check would name them src[i]
-            where = "source[{!r}].grad" if isinstance(source, torch.nn.Module) else "source[{!r}]"
             ops._check_read_no_grad([(where.format(self._entries[i].name), t) for i, t in zip(active, tensors)],
                                     "out", "gather without `out`")
         elif accumulate:

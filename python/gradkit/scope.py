@@ -527,10 +527,9 @@ class BlockSpec(SparseBlock):
         negative or NaN thresholds are refused."""
         self._check_grid(block_thresholds, "thresholds")
         _check_thresholds(block_thresholds, nonneg=True)
-        cond = None if conditioners is None else self.resolve(conditioners, "conditioners")
-        # the step writes .data, outside autograd (SparseKit's proximal step): thresholds that require grad are
-        # read as values, as the weights are
-        cond = None if cond is None else cond.detach()
+        # the step writes .data, outside autograd (SparseKit's proximal step): thresholds and conditioners that
+        # require grad are read as values, as the weights are
+        cond = None if conditioners is None else self.resolve(conditioners, "conditioners").detach()
         ops.block_soft_threshold_(self.view.data, self.shape, block_thresholds.detach(), conditioner=cond,
                                   max_iter=max_iter, atol=atol, eps=_default_eps(block_thresholds, eps))
 

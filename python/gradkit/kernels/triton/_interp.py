@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import inspect
 
-# active: the language modules the launch in progress patched, or None; orig: triton's own _patch_lang
-_STATE = {"installed": False, "active": None, "orig": None}
+# active: the language modules the launch in progress patched, or None; orig: triton's own _patch_lang, once the
+# wrapper is installed
+_STATE = {"active": None, "orig": None}
 
 
 def fast_nested_calls() -> bool:
     """Install the wrapper (once); True when it is in place."""
-    if _STATE["installed"]:
+    if _STATE["orig"] is not None:
         return True
     try:
         import triton.language as tl
@@ -73,5 +74,5 @@ def fast_nested_calls() -> bool:
         return scope
 
     interp._patch_lang = patch_lang
-    _STATE.update(installed=True, orig=orig)
+    _STATE["orig"] = orig
     return True
