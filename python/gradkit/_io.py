@@ -30,25 +30,14 @@ import torch
 _AT_FDCWD = -100
 
 
-def check_regular(path, what: str, err=ValueError) -> int:
-    """``path`` (symlinks followed) must be a regular file: a FIFO would block a read for ever and a device
-    (a link to /dev/zero) never ends. Returns its size; ``err(message naming the file)`` otherwise."""
-    try:
-        st = os.stat(os.fspath(path))
-    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop seen by pathlib on some versions
-        raise err(f"{what}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    if not _stat.S_ISREG(st.st_mode):
-        raise err(f"{what}: {path} is not a regular file")
-    return st.st_size
-
-
 NO_LIMIT = 1 << 62  # read_regular's limit for files of any size (weights, checkpoints)
 
 
 def open_regular(path, what: str, err=ValueError):
-    """``path`` opened for binary reading, once the open descriptor shows a regular file (see :func:`check_regular`).
-    The file is opened first, without blocking (a FIFO opens at once), and checked with fstat, so a FIFO or device
-    put in its place after a separate path check cannot make a read block for ever or never end."""
+    """``path`` (symlinks followed) opened for binary reading, once the open descriptor shows a regular file: a FIFO
+    would block a read for ever and a device (a link to /dev/zero) never end. The file is opened first, without
+    blocking (a FIFO opens at once), and checked with fstat, so a FIFO or device put in its place after a separate
+    path check cannot make a read block for ever or never end. ``err(message naming the file)`` otherwise."""
     try:
         fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except (OSError, RuntimeError) as e:

@@ -136,7 +136,7 @@ import numpy as np
 import torch
 
 from gradkit import ops
-from gradkit._io import _fsync_dir, check_regular, parse_json, read_regular
+from gradkit._io import _fsync_dir, open_regular, parse_json, read_regular
 from gradkit._rules import check_symmetric
 
 try:
@@ -387,16 +387,53 @@ def _from_raw(arr: np.ndarray, name: str) -> torch.Tensor:
     return t.view(torch.bfloat16) if name == "bfloat16" else t
 
 
-def _map_rows(f: Path, dname: str, rows: int, width: int, maps: list) -> torch.Tensor:
-    """Read-only memory map of a (rows, width) little-endian array; the mmap is kept in ``maps``."""
+def _open_sized(f: Path, what: str):
+    """(file object, size): ``f`` opened as a regular file (:func:`gradkit._io.open_regular`: a FIFO or device put in
+    its place cannot block or never end the open) and its size read from that open descriptor, so the size checks
+    and the reads that follow are about the same file."""
+    fh = open_regular(f, what, IndexFormatError)
+    return fh, os.fstat(fh.fileno()).st_size
+
+
+def _map_rows(fh, dname: str, rows: int, width: int, maps: list) -> torch.Tensor:
+    """Read-only memory map of a (rows, width) little-endian array in the open file ``fh``; the mmap is kept in
+    ``maps``."""
     import mmap as _mmap
 
     nbytes = rows * width * np.dtype(_NP_RAW[dname]).itemsize
-    with open(f, "rb") as fh:
-        mm = _mmap.mmap(fh.fileno(), nbytes, access=_mmap.ACCESS_READ)
+    mm = _mmap.mmap(fh.fileno(), nbytes, access=_mmap.ACCESS_READ)
     maps.append(mm)
     arr = np.frombuffer(mm, dtype=np.dtype(_NP_RAW[dname]).newbyteorder("<"), count=rows * width)
     return _from_raw(arr.reshape(rows, width), dname)
+
+
+def _read_npy_ints(op: Path, count: int) -> np.ndarray:
+    """The 1-D integer array in the .npy file ``op`` expected to hold ``count`` entries: read whole through
+    :func:`gradkit._io.read_regular` (bounded by what ``count`` entries and a header can take) and parsed here, header
+    then data, so a header claiming a huge shape is compared with the bytes present rather than allocated, and no
+    pickle is ever loaded."""
+    import io as _io_mod
+
+    data = read_regular(op, count * 8 + (1 << 16), "open", IndexFormatError)
+    bad = f"open: {op} is not a plain numpy array"
+    bio = _io_mod.BytesIO(data)
+    try:
+        major, _minor = np.lib.format.read_magic(bio)
+        # format 3 is format 2 with a UTF-8 header (ASCII for any integer array)
+        read_header = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0,
+                       3: np.lib.format.read_array_header_2_0}.get(major)
+        if read_header is None:
+            raise ValueError(f"format version {major}")
+        shape, fortran, dtype = read_header(bio)
+    except (ValueError, TypeError, SyntaxError, OverflowError) as e:
+        raise IndexFormatError(f"{bad} ({e})") from None
+    if dtype.hasobject:
+        raise IndexFormatError(f"{bad} (it holds Python objects, which gradkit never unpickles)")
+    n = math.prod(shape)
+    if n * dtype.itemsize != len(data) - bio.tell():
+        raise IndexFormatError(f"{bad} (its header claims {n} entries of {dtype.itemsize} bytes but "
+                               f"{len(data) - bio.tell()} bytes of data follow)")
+    return np.frombuffer(data, dtype=dtype, count=n, offset=bio.tell()).reshape(shape, order="F" if fortran else "C")
 
 
 def _release(view: torch.Tensor, mm, lo_row: int, hi_row: int) -> None:
@@ -1644,14 +1681,16 @@ class GradientIndex:
             need = rows * row_bytes
             if not f.exists():
                 raise IndexFormatError(f"open: shard {f} listed in the header is missing")
-            size = f.stat().st_size
-            if size < need:
-                raise IndexFormatError(f"open: shard {f} is truncated: {size} bytes, the header says {rows} rows "
-                                       f"= {need} bytes")
-            if size != need and h.get("complete"):
-                raise IndexFormatError(f"open: shard {f} has {size} bytes, the header says {rows} rows = {need} bytes")
-            if rows:
-                views.append((first, _map_rows(f, dname, rows, self.dim, self._maps)))
+            fh, size = _open_sized(f, "open")
+            with fh:
+                if size < need:
+                    raise IndexFormatError(f"open: shard {f} is truncated: {size} bytes, the header says {rows} rows "
+                                           f"= {need} bytes")
+                if size != need and h.get("complete"):
+                    raise IndexFormatError(f"open: shard {f} has {size} bytes, the header says {rows} rows = {need} "
+                                           "bytes")
+                if rows:
+                    views.append((first, _map_rows(fh, dname, rows, self.dim, self._maps)))
             first += rows
         if first != count:
             raise IndexFormatError(f"open: the shards of {p} hold {first} rows but the header says {count}")
@@ -1664,12 +1703,20 @@ class GradientIndex:
                 if not _TOKENS_RE.match(f.name) or f.parent.resolve() != sd or f.resolve().parent != sd:
                     raise IndexFormatError(f"open: unexpected token file name {tf['file']!r}")
                 e = _int_arg(tf["examples"], "token file examples")
-                if not f.exists() or f.stat().st_size < e * 8:
+                if not f.exists():
                     raise IndexFormatError(f"open: token count file {f} is missing or truncated")
-                if f.stat().st_size != e * 8 and h.get("complete"):  # as for the shards
-                    raise IndexFormatError(f"open: token count file {f} has {f.stat().st_size} bytes, the header "
-                                           f"says {e} examples = {e * 8} bytes")
-                parts.append(np.fromfile(f, dtype="<i8", count=e))
+                fh, size = _open_sized(f, "open")
+                with fh:
+                    if size != e * 8 and (size < e * 8 or h.get("complete")):  # as for the shards
+                        raise IndexFormatError(f"open: token count file {f} is missing or truncated: it has {size} "
+                                               f"bytes, the header says {e} examples = {e * 8} bytes")
+                    try:
+                        data = fh.read(e * 8)
+                    except OSError as err:
+                        raise IndexFormatError(f"open: cannot read {f}: {err.strerror or err}") from None
+                if len(data) != e * 8:  # cut after the size check
+                    raise IndexFormatError(f"open: token count file {f} is truncated: {len(data)} of {e * 8} bytes")
+                parts.append(np.frombuffer(data, dtype="<i8").astype(np.int64))
                 r = int(_TOKENS_RE.match(f.name).group(1))
                 if parts[-1].size and (int(parts[-1].min()) < 0 or int(parts[-1].max()) > rank_rows.get(r, 0)):
                     # checked before the sum, which would wrap in int64 for counts near 2^63
@@ -1738,30 +1785,25 @@ class GradientIndex:
                 raise IndexFormatError(f"open: {f} is missing")
             itemsize = np.dtype(_NP_RAW[dname]).itemsize
             need = num * width * itemsize
-            size = f.stat().st_size
-            if size < need:
-                raise IndexFormatError(f"open: {f} is truncated: {size} bytes, info.json says {num} rows = {need} bytes")
-            if size != need and not (need == 0 and size == 1):  # numpy's memmap of 0 rows writes one byte
-                raise IndexFormatError(f"open: {f} has {size} bytes, info.json says {num} rows = {need} bytes")
             if layout0 is None:
                 layout0 = (dname, width, cols)
             elif (dname, width, cols) != layout0:  # cols too: structured shards may place the fields differently
                 raise IndexFormatError(f"open: shard {dd} has a different dtype or row layout than the first shard")
+            fh, size = _open_sized(f, "open")
+            with fh:
+                if size < need:
+                    raise IndexFormatError(f"open: {f} is truncated: {size} bytes, info.json says {num} rows = {need} "
+                                           "bytes")
+                if size != need and not (need == 0 and size == 1):  # numpy's memmap of 0 rows writes one byte
+                    raise IndexFormatError(f"open: {f} has {size} bytes, info.json says {num} rows = {need} bytes")
+                if num:
+                    views.append((first, _map_rows(fh, dname, num, width, self._maps)))
             self._dname, self._width, self._cols = dname, width, cols
-            if num:
-                views.append((first, _map_rows(f, dname, num, width, self._maps)))
             if info.get("attribute_tokens"):
                 op = dd / "offsets.npy"
                 if not op.exists():
                     raise IndexFormatError(f"open: per-token bergson index {dd} lacks offsets.npy")
-                check_regular(op, "open", IndexFormatError)
-                try:  # mapped, so a header claiming a huge shape is checked against the file, not allocated
-                    offs = np.load(op, allow_pickle=False, mmap_mode="r")
-                    if offs.nbytes > op.stat().st_size:
-                        raise ValueError("its header claims more data than the file holds")
-                    offs = np.array(offs)
-                except (ValueError, OSError, MemoryError) as e:
-                    raise IndexFormatError(f"open: {op} is not a plain numpy array ({e})") from None
+                offs = _read_npy_ints(op, num + 1)
                 if offs.ndim != 1 or offs.dtype.kind not in "iu" or len(offs) < 1 or offs[0] != 0 \
                         or int(offs[-1]) != num or (np.diff(offs) < 0).any():
                     raise IndexFormatError(f"open: {op} is not a valid offsets array for {num} rows")
