@@ -1073,10 +1073,15 @@ from gradkit.ops.search import *  # noqa: E402,F401,F403
 _INPLACE_LIB = None
 # The in-place ops' arguments whose values flow into what they write (their derivative would be nonzero): refused
 # while they require grad and grad mode is on (_check_read_no_grad). Bits, masks, counts and the ``values`` that
-# only choose which entries to keep carry no gradient and are not listed.
-_VALUE_SOURCES = {"gather_segments_out": ("src",), "scatter_segments_": ("flat",),
-                  "block_soft_threshold_": ("thresholds", "conditioner"), "masked_adamw_": ("grads",),
-                  "obs_schur_extend_": ("xf", "up", "linv"), "obs_sweep_": ("u",)}
+# only choose which entries to keep carry no gradient and are not listed. Each entry: (sources, what the error
+# says is written, the differentiable call it suggests), the wrappers' own wording, so a direct call's refusal reads
+# the same.
+_VALUE_SOURCES = {"gather_segments_out": (("src",), "out", "gather_segments without `out`"),
+                  "scatter_segments_": (("flat",), "dst", "scatter_segments"),
+                  "block_soft_threshold_": (("thresholds", "conditioner"), "x", ""),
+                  "masked_adamw_": (("grads",), "params", ""),
+                  "obs_schur_extend_": (("xf", "up", "linv"), "ut", ""),
+                  "obs_sweep_": (("u",), "w and err", "")}
 
 
 def _register_version_bumps() -> None:
@@ -1092,13 +1097,14 @@ def _register_version_bumps() -> None:
         op = getattr(torch.ops.gradkit, name).default
         written = [i for i, a in enumerate(op._schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
         argnames = [a.name for a in op._schema.arguments]
-        read = [(argnames.index(r), r, argnames[written[0]]) for r in _VALUE_SOURCES.get(name, ())]
+        sources, into, instead = _VALUE_SOURCES.get(name, ((), "", ""))
+        read = [(argnames.index(r), r) for r in sources]
 
-        def kernel(*args, _op=op, _written=tuple(written), _read=tuple(read)):
-            for i, rname, into in _read:  # the wrappers' read-side refusal, for direct calls too
+        def kernel(*args, _op=op, _written=tuple(written), _read=tuple(read), _into=into, _instead=instead):
+            for i, rname in _read:  # the wrappers' read-side refusal, for direct calls too
                 a = args[i] if i < len(args) else None
                 _check_read_no_grad([(f"{rname}[{j}]", t) for j, t in enumerate(a)] if isinstance(a, (list, tuple))
-                                    else [(rname, a)], into)
+                                    else [(rname, a)], _into, _instead)
             ts = []
             for i in _written:
                 a = args[i] if i < len(args) else None
