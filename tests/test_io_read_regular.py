@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -91,3 +92,53 @@ def test_goldenparams_file_swapped_for_a_fifo_is_refused(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(ValueError, match=r"^path: .*g\.pt is not a regular file"):
         load_goldenparams(str(fifo))
+
+
+def test_parammap_save_reads_an_existing_config_through_read_regular(tmp_path, monkeypatch):
+    """ParamMap.save merges into an existing config.json: read as load() reads it. A FIFO in its place after the
+    isfile check (isfile made to say yes, as it would have just before the swap) is refused, not waited on; a
+    config that is not JSON is refused and left as it was; one over 64 MiB is refused unread."""
+    import torch
+    from gradkit.parammap import ParamMap
+
+    pm = ParamMap({"w": {"shape": (3,), "repr": "mask", "mask": torch.tensor([True, False, True])}})
+    d = tmp_path / "m"
+    d.mkdir()
+    cfg = d / "config.json"
+    cfg.write_text("{not json")
+    with pytest.raises(ValueError, match=r"^directory: .*config\.json is not valid JSON .*refusing to overwrite it$"):
+        pm.save(d)
+    assert cfg.read_text() == "{not json"
+    with open(cfg, "wb") as f:
+        f.truncate((1 << 26) + 1)
+    with pytest.raises(ValueError, match=r"config\.json is 67108865 bytes, more than the 67108864 .*refusing"):
+        pm.save(d)
+    cfg.unlink()
+    os.mkfifo(cfg)
+    real = os.path.isfile
+    monkeypatch.setattr(os.path, "isfile", lambda p: True if os.fspath(p) == str(cfg) else real(p))
+    stop = threading.Event()
+
+    def writer():  # a regression opens the FIFO and blocks: feed it, so the test fails instead of hanging
+        while not stop.wait(0.05):
+            try:
+                fd = os.open(cfg, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO while nothing reads it
+            except OSError:
+                continue
+            os.write(fd, b"{}")
+            os.close(fd)
+            return
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(ValueError, match=r"^directory: .*config\.json is not a regular file; refusing to "
+                                             "overwrite"):
+            pm.save(d)  # before: open() blocked on the FIFO until a writer came
+    finally:
+        stop.set()
+        t.join()
+    monkeypatch.undo()
+    cfg.unlink()
+    pm.save(d)
+    assert ParamMap.load(d).names == pm.names

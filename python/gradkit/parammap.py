@@ -752,11 +752,12 @@ class ParamMap:
         cfg_path = os.path.join(directory, CONFIG)
         cfg: Dict[str, Any] = {}
         if os.path.isfile(cfg_path):
+            # read as load() reads it (the open file checked regular, at most 64 MiB): a FIFO swapped in after the
+            # isfile check is refused rather than waited on
             try:
-                with open(cfg_path) as f:
-                    cfg = json.load(f)
-            except (OSError, json.JSONDecodeError) as exc:
-                raise ValueError(f"directory: existing {cfg_path} is not valid JSON ({exc}); refusing to overwrite it") from None
+                cfg = parse_json(read_regular(cfg_path, 1 << 26, "directory"), cfg_path, "directory")
+            except ValueError as exc:
+                raise ValueError(f"{exc}; refusing to overwrite it") from None
             if not isinstance(cfg, dict):
                 raise ValueError(f"directory: existing {cfg_path} does not hold a JSON object")
         entries, idx_t, mask_t = [], {}, {}
