@@ -773,9 +773,58 @@ def test_sequence_first_inputs_are_not_silently_taken_as_the_batch():
 
     T, B = 5, 3
     x = torch.randn(T, B, 8)
+    # session 39: torch's layers built batch_first=False are refused when the collector is made (with T == B the
+    # batch-size check below could not tell), naming the layer; the batch-first head alone is collected
+    with pytest.raises(ValueError, match=r"^modules: \['enc\.linear1', 'enc\.linear2'\] run on sequence-first .*"
+                                         r"enc \(TransformerEncoderLayer\) was built with batch_first=False"):
+        GradientCollector(model, p=P, seed=SEED)
+    with pytest.raises(ValueError, match=r"^modules: \['enc\.linear2'\] run on sequence-first"):
+        GradientCollector(model, modules=["head", "enc.linear2"], p=P, seed=SEED)
+    col = GradientCollector(model, modules="head", p=P, seed=SEED)
+    want = reference(model, ["head"], B, lambda b: loss(x[:, b:b + 1]))
+    with col:
+        col.backward(loss(x))
+        assert_rows(col.collect(), want)
+
+    # a hand-written sequence-first block (nothing marks it): the batch-size check refuses the batch
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x):  # (T, B, 8)
+            return self.proj(x).tanh()
+
+    model = nn.ModuleDict(dict(enc=SeqFirst(), head=nn.Linear(8, 2)))
+
+    def loss2(x):
+        return model["head"](model["enc"](x).mean(0)).sin().sum()
+
     col = GradientCollector(model, p=P, seed=SEED)
-    want = reference(model, list(col.module_dims), B, lambda b: loss(x[:, b:b + 1]))
-    collected_or_refused(col, lambda: loss(x), want, r"first axis of every hooked module's input must be the batch")
+    want = reference(model, list(col.module_dims), B, lambda b: loss2(x[:, b:b + 1]))
+    collected_or_refused(col, lambda: loss2(x), want, r"first axis of every hooked module's input must be the batch")
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_torch_transformer_layers_are_refused_only_when_sequence_first(batch_first):
+    kw = dict(dropout=0.0, batch_first=batch_first)
+    models = {
+        "enc": nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 12, **kw), 2)),
+        "dec": nn.ModuleDict(dict(dec=nn.TransformerDecoderLayer(8, 2, 12, **kw))),
+        "transformer": nn.Sequential(nn.Transformer(8, 2, 1, 1, 12, **kw)),
+    }
+    first = {"enc": ("0.layers.0.linear1", r"0\.layers\.0 \(TransformerEncoderLayer\)"),
+             "dec": ("dec.linear1", r"dec \(TransformerDecoderLayer\)"),
+             "transformer": ("0.encoder.layers.0.linear1", r"0 \(Transformer\)")}
+    for name, model in models.items():
+        if batch_first:
+            col = GradientCollector(model, p=P, seed=SEED)
+            assert first[name][0] in col.module_dims
+            continue
+        mod, anc = first[name]
+        with pytest.raises(ValueError, match=rf"^modules: \['{re.escape(mod)}', .* run on sequence-first .*{anc} was "
+                                             "built with batch_first=False"):
+            GradientCollector(model, p=P, seed=SEED)
 
 
 def test_bool_mask_edited_in_place_after_the_forward_pass():

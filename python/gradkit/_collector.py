@@ -56,7 +56,9 @@ recomputation), and the recomputed forward uses the mask the first forward ran u
 Refused rather than collected wrong (session 33): a hooked module whose output is not one tensor, or whose input /
 output widths are not its weight's (I, O) (grouped or extended Linear subclasses); modules of one batch whose inputs
 disagree on the batch size (a sequence-first ``(T, B, I)`` input, which would be taken as T examples; with T == B
-nothing can tell); in :meth:`per_example_grads`, an encoder-decoder's ``attention_mask`` (the encoder's, which would
+nothing can tell, so the Linears of torch's ``nn.Transformer`` / ``nn.TransformerEncoderLayer`` /
+``nn.TransformerDecoderLayer`` built with ``batch_first=False``, torch's default, are refused when selected, the
+default selection included: session 39); in :meth:`per_example_grads`, an encoder-decoder's ``attention_mask`` (the encoder's, which would
 mark the decoder's positions: two collectors, one with the encoder's modules and the decoder's cross-attention
 key / value projections under the encoder's mask, one with the other decoder modules under the decoder's, collect
 such a model). Mixture-of-experts expert layers (Linears under an ``experts`` module) see the tokens routed to
@@ -143,6 +145,37 @@ def _unhookable(model: nn.Module) -> Dict[str, str]:
             out[n] = ("are mixture-of-experts expert layers: they run on the tokens routed to them, whose examples "
                       "they cannot tell, so no per-example gradient can be formed")
     return out
+
+
+def _sequence_first(model: nn.Module) -> Dict[str, str]:
+    """Names of Linear / Conv1D modules that run on sequence-first ``(T, B, features)`` inputs, -> the module that makes
+    them so: the layers of torch's ``nn.Transformer`` / ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``
+    built with ``batch_first=False`` (torch's default). Their inputs' first axis is the position, not the example,
+    and nothing in a batch tells that apart from a batch-first input when T equals B (otherwise the batch-size check
+    catches it only when another module or the mask shows the batch size)."""
+    layers = (nn.Transformer, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    out: Dict[str, str] = {}
+    for n, m in model.named_modules():
+        if not isinstance(m, layers):
+            continue
+        bf = getattr(m, "batch_first", None)
+        if bf is None:  # the layers keep it on their attention
+            bf = getattr(getattr(m, "self_attn", None), "batch_first", None)
+        if bf is False:
+            for c, sub in m.named_modules():
+                if c and _module_kind(sub) is not None:
+                    out.setdefault(f"{n}.{c}" if n else c, f"{n or '<model>'} ({type(m).__name__})")
+    return out
+
+
+def _refuse_sequence_first(selected, seqfirst: Dict[str, str]) -> None:
+    bad = [n for n, _, _ in selected if n in seqfirst]
+    if bad:
+        raise ValueError(f"modules: {bad[:8]}{' ...' if len(bad) > 8 else ''} run on sequence-first (T, B, features) "
+                         f"inputs: {seqfirst[bad[0]]} was built with batch_first=False, so their first axis is the "
+                         "position, not the example, and each row would be a position's gradient summed over the "
+                         "batch. Build it with batch_first=True (same parameters, batch-first inputs) or leave these "
+                         "modules out")
 
 
 def _refuse_unhookable(selected, unhookable: Dict[str, str]) -> None:
@@ -378,6 +411,12 @@ class GradientCollector:
     # ------------------------------------------------------------------ selection
     @staticmethod
     def _select(model: nn.Module, modules: ModuleSelector) -> List[Tuple[str, nn.Module, str]]:
+        out = GradientCollector._select_modules(model, modules)
+        _refuse_sequence_first(out, _sequence_first(model))
+        return out
+
+    @staticmethod
+    def _select_modules(model: nn.Module, modules: ModuleSelector) -> List[Tuple[str, nn.Module, str]]:
         named = [(n, m) for n, m in model.named_modules() if n]
         out: List[Tuple[str, nn.Module, str]] = []
         unhookable = _unhookable(model)
