@@ -305,7 +305,18 @@ def test_process_cache_is_bounded_and_a_collector_keeps_and_releases_its_own(mon
         assert made == [], f"the second batch generated {len(made)} matrices again"
         assert torch.equal(out[0], out[1])
         assert len(col._matrices) == 280
-    assert len(col._matrices) == 0  # released on detach
+    # kept across detach / attach (session 39: `with col:` around each batch regenerated every matrix each batch)
+    assert len(col._matrices) == 280
+    with col:
+        made.clear()
+        col.backward(model(x).sum())
+        assert torch.equal(col.collect(flat=True), out[0])
+        assert made == [], f"a batch after re-attaching generated {len(made)} matrices again"
+    col.clear_matrices()
+    assert len(col._matrices) == 0
+    with col:  # made again, the same bits
+        col.backward(model(x).sum())
+        assert torch.equal(col.collect(flat=True), out[0]) and len(made) == 280
     P.clear_matrix_cache()
     assert P._MATRICES.nbytes == 0
 

@@ -412,7 +412,8 @@ class _MatrixCache:
     unbounded; a callable: read at each call (the process-wide cache reads :data:`MATRIX_CACHE_BYTES`, so
     setting it takes effect at the next call). The process-wide cache behind :func:`factored_project` holds at most
     :data:`MATRIX_CACHE_BYTES`; a :class:`GradientCollector` keeps its own, unbounded (its modules' matrices
-    are wanted every batch, whatever their number), and drops it when it detaches. Entries are made with
+    are wanted every batch, whatever their number), kept across detach / attach until the collector goes or its
+    ``clear_matrices()`` is called. Entries are made with
     autograd and inference mode off, so one made under ``torch.inference_mode()`` serves a later
     differentiable call. Thread-safe (a lock around insertions and evictions; two threads missing the same key
     both generate it, with the same bits)."""
@@ -464,7 +465,8 @@ _MATRICES = _MatrixCache(lambda: MATRIX_CACHE_BYTES)
 
 def clear_matrix_cache() -> None:
     """Drop the projection matrices :func:`factored_project` keeps between calls (at most
-    :data:`MATRIX_CACHE_BYTES`). A :class:`GradientCollector`'s own matrices go when it detaches."""
+    :data:`MATRIX_CACHE_BYTES`). A :class:`GradientCollector`'s own matrices go with it (or with its
+    ``clear_matrices()``)."""
     _MATRICES.clear()
 
 
