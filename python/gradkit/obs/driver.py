@@ -203,12 +203,31 @@ def _forward(model: nn.Module, batch, dev) -> None:
         model(b)
 
 
-def _token_mask(batch, dev) -> Optional[Tensor]:
-    if isinstance(batch, Mapping) and batch.get("attention_mask") is not None:
-        am = batch["attention_mask"]
+def _token_mask(batch, dev, key: str = "attention_mask") -> Optional[Tensor]:
+    if isinstance(batch, Mapping) and batch.get(key) is not None:
+        am = batch[key]
         if isinstance(am, Tensor):
             return am.to(dev) != 0
     return None
+
+
+def _encoder_of(model: nn.Module) -> Optional[nn.Module]:
+    """An encoder-decoder model's encoder (transformers' ``config.is_encoder_decoder`` with ``get_encoder()``), else
+    None: its ``attention_mask`` is the encoder's padding, which says nothing of the decoder's positions."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    get = getattr(model, "get_encoder", None)
+    enc = get() if callable(get) else None
+    return enc if isinstance(enc, nn.Module) else None
+
+
+def _first_tensor(out) -> Optional[Tensor]:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    t = getattr(out, "last_hidden_state", None)
+    return t if isinstance(t, Tensor) else None
 
 
 def _dist():
@@ -243,15 +262,31 @@ class _Collector:
         self.H: Dict[str, Tensor] = {}
         self.n: Dict[str, int] = {}
         self.mask: Optional[Tensor] = None
+        # encoder-decoder models (session 39): the batch's attention_mask is the encoder's padding. It masks the
+        # encoder's layers and the decoder layers that read the encoder's output (cross-attention keys / values: the
+        # very tensor the encoder returned); the decoder's other layers take decoder_attention_mask, or count every
+        # row without one. Before, the encoder's mask was applied to any input of its shape, so a decoder as long
+        # as the encoder lost its tokens at the encoder's padded positions.
+        self.dec_mask: Optional[Tensor] = None
+        self.enc_out: Optional[Tensor] = None
+        self.decoder_side: set = set()  # names of hooked layers outside the encoder of an encoder-decoder model
         self.seen: set = set()
         self.handles: list = []
+
+    def _mask_for(self, name: str, x: Tensor) -> Optional[Tensor]:
+        if name not in self.decoder_side:
+            return self.mask
+        e = self.enc_out
+        if e is not None and x.shape == e.shape and x.data_ptr() == e.data_ptr() and x.stride() == e.stride():
+            return self.mask  # the encoder's output, read by a cross-attention key / value projection
+        return self.dec_mask
 
     def _hook(self, name: str, k: int):
         def hook(mod, args, kwargs, out):
             x = args[0] if args else kwargs.get("input")
             if not isinstance(x, Tensor) or x.shape[-1] != k:
                 return
-            m = self.mask
+            m = self._mask_for(name, x)
             if m is not None:
                 if tuple(x.shape[:-1]) == tuple(m.shape):
                     x = x[m]
@@ -292,17 +327,32 @@ class _Collector:
 
     def run(self, model: nn.Module, batches: list, bar=None) -> None:
         dev = _model_device(model)
-        for b in batches:
-            self.mask = _token_mask(b, dev)
-            self.seen = set()
-            try:
-                _forward(model, b, dev)
-            except _Stop:
-                pass
-            finally:
-                self.mask = None
-            if bar is not None:
-                bar.update(1)
+        enc = _encoder_of(model)
+        handle = None
+        if enc is not None:
+            inside = {id(m) for m in enc.modules()}
+            self.decoder_side = {n for n, m in self.layers if id(m) not in inside}
+
+            def grab(mod, args, out):
+                self.enc_out = _first_tensor(out)
+
+            handle = enc.register_forward_hook(grab)
+        try:
+            for b in batches:
+                self.mask = _token_mask(b, dev)
+                self.dec_mask = _token_mask(b, dev, "decoder_attention_mask") if enc is not None else None
+                self.seen = set()
+                try:
+                    _forward(model, b, dev)
+                except _Stop:
+                    pass
+                finally:
+                    self.mask = self.dec_mask = self.enc_out = None
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if handle is not None:
+                handle.remove()
 
     def result(self) -> Hessians:
         out = Hessians()
@@ -350,7 +400,11 @@ def collect_hessians(model: nn.Module, batches: Iterable, modules=None, device=N
             else ``model(batch)``; batches are moved to the model's device.
         batches: calibration batches (iterated once). A dict batch with an ``attention_mask``
             (``(B, T)``, non-zero = real token) counts only real tokens, for layer inputs shaped
-            ``(B, T, K)`` or ``(B*T, K)``; inputs of any other shape count all their rows.
+            ``(B, T, K)`` or ``(B*T, K)``; inputs of any other shape count all their rows. In an
+            encoder-decoder model (transformers' ``config.is_encoder_decoder``) that mask is the
+            encoder's: it applies to the encoder's layers and to the decoder layers that read the
+            encoder's output (cross-attention keys / values); the decoder's other layers take the
+            batch's ``decoder_attention_mask`` the same way, or count every row without one.
         modules: ``None`` (every ``nn.Linear`` and transformers ``Conv1D``), fnmatch pattern(s) on
             module names, or a ``callable(name, module) -> bool`` over those modules.
         device: where the Hessians are accumulated (default: each layer's weight device).
@@ -886,18 +940,34 @@ def _default_group(name: str) -> str:
     return name
 
 
-def _execution_order(model, layers, batch) -> List[Tuple[str, nn.Linear]]:
+def _execution_order(model, layers, data) -> List[Tuple[str, nn.Linear]]:
+    """The selected layers in the order they first run: the first batch's order, and a layer that first runs in a
+    later batch (a mixture-of-experts expert no token of the first batch was routed to) placed right after the
+    layer that ran before it in that batch. Later batches are run only while some selected layer has not run."""
     order: List[str] = []
     handles = []
     for name, mod in layers:
         def pre(m, a, name=name):
             if name not in seen:
                 seen.add(name)
-                order.append(name)
+                batch_order.append(name)
         handles.append(mod.register_forward_pre_hook(pre))
     seen: set = set()
+    dev = _model_device(model)
     try:
-        _forward(model, batch, _model_device(model))
+        for batch in data:
+            batch_order: List[str] = []
+            seen = set()
+            _forward(model, batch, dev)
+            known = set(order)
+            for j, n in enumerate(batch_order):
+                if n in known:
+                    continue
+                prev = next((batch_order[i] for i in range(j - 1, -1, -1) if batch_order[i] in known), None)
+                order.insert(order.index(prev) + 1 if prev is not None else 0, n)
+                known.add(n)
+            if len(order) == len(layers):
+                break
     finally:
         for h in handles:
             h.remove()
@@ -906,7 +976,7 @@ def _execution_order(model, layers, batch) -> List[Tuple[str, nn.Linear]]:
 
 
 def _agreed_order(layers, ordered) -> List[Tuple[str, nn.Linear]]:
-    """Under torch.distributed, one execution order on every rank: each rank saw the layers its own first batch
+    """Under torch.distributed, one execution order on every rank: each rank saw the layers its own batches
     ran (a data-dependent model, e.g. mixture-of-experts routing, may skip some on one rank), and every later
     collective (the Hessians' all_reduce, one per layer of a group) goes in group order, so ranks that disagreed
     would pair different layers' sums and then fall out of step. One all_gather of each layer's position (-1: did
@@ -1037,21 +1107,22 @@ def prune_model(model: nn.Module, batches: Iterable, pattern: Union[str, Callabl
         data, data_err = None, err
     _agree_batches(data_err)
     t_start = time.perf_counter()
-    was_training = model.training
-    model.eval()
+    modes = [(m, m.training) for m in model.modules()]  # each module's own mode (a frozen BatchNorm in eval, a
+    model.eval()                                        # Monte Carlo dropout in train) comes back as it was
     try:
         return _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, checkpoint_dir, resume,
                             progress, kw, groups, callback, early_stop, device, t_start)
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
 
 
 def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, checkpoint_dir, resume, progress, kw,
                  groups, callback, early_stop, device, t_start) -> PruneReport:
-    ordered = _agreed_order(layers, _execution_order(model, layers, data[0]))
+    ordered = _agreed_order(layers, _execution_order(model, layers, data))
     never = [n for n, _ in layers if n not in {m for m, _ in ordered}]
     if not ordered:
-        raise ValueError("modules: none of the selected layers ran during a forward pass of the first batch")
+        raise ValueError("modules: none of the selected layers ran during a forward pass of the calibration batches")
     keyf = _default_group if groups == "block" else ((lambda n: n) if groups == "layer" else groups)
     group_list: List[List[Tuple[str, nn.Linear]]] = []
     index: Dict[Any, int] = {}
@@ -1068,6 +1139,8 @@ def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, ch
     config = {
         "method": method, "pattern": pattern if isinstance(pattern, str) else _identity_of(pattern), "nnz": nnz,
         "damp": damp, "sequential": sequential, "groups": groups if isinstance(groups, str) else _identity_of(groups),
+        # early_stop shapes the Hessians too (a layer called again after a later one loses those calls)
+        "early_stop": early_stop,
         "method_kwargs": json.loads(json.dumps(kw, sort_keys=True, default=repr)),
         "layers": [[n, list(m.weight.shape), str(m.weight.dtype)] for n, m in ordered],
         "calibration": _data_digest(data),
