@@ -333,7 +333,7 @@ def test_opt_fc_only_without_a_mask_is_refused_then_collected_with_one():
     col = GradientCollector(model, modules=FC, p=P, seed=SEED)
     with col:
         with pytest.raises(ValueError, match=r"^modules: 'model\.decoder\.layers\.0\.fc1' got a 2-D input of 18 rows, "
-                                             r"the B \* T = 3 \* 6 tokens of the model's \(B, T\) = \(3, 6\) token ids"
+                                             r"the B \* T = 3 \* 6 tokens of the model's input_ids of shape \(3, 6\)"
                                              r".*col\.batch\(mask\)"):
             lm_losses(model, ids, mask)
         assert not col._grads and not col._edges and not col._forward_shapes and not col._pending

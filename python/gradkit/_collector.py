@@ -55,16 +55,29 @@ recomputation), and the recomputed forward uses the mask the first forward ran u
 
 Refused rather than collected wrong (session 33): a hooked module whose output is not one tensor, or whose input /
 output widths are not its weight's (I, O) (grouped or extended Linear subclasses); modules of one batch whose inputs
-disagree on the batch size (a sequence-first ``(T, B, I)`` input, which would be taken as T examples; with T == B
-nothing can tell, so the Linears of torch's ``nn.Transformer`` / ``nn.TransformerEncoderLayer`` /
-``nn.TransformerDecoderLayer`` built with ``batch_first=False``, torch's default, are refused when selected, the
-default selection included: session 39); in :meth:`per_example_grads`, an encoder-decoder's ``attention_mask`` (the encoder's, which would
+disagree on the batch size (a sequence-first ``(T, B, I)`` input, which would be taken as T examples), or whose
+batch is not the batch of the model's own input (``input_ids`` / ``inputs_embeds`` / ``pixel_values`` /
+``input_values`` / ``input_features``, else its first positional tensor: a multiple-choice model's B * choices rows,
+window attention's B * windows; session 39); in :meth:`per_example_grads`, an encoder-decoder's ``attention_mask`` (the encoder's, which would
 mark the decoder's positions: two collectors, one with the encoder's modules and the decoder's cross-attention
 key / value projections under the encoder's mask, one with the other decoder modules under the decoder's, collect
 such a model). Mixture-of-experts expert layers (Linears under an ``experts`` module) see the tokens routed to
 them, not examples: the default selection leaves them out, and naming them is refused (session 34; before, an
 expert that received exactly B tokens was taken as B examples). Hooked modules inside blocks compiled in place (``module.compile()``) and run before
 the collector attached run code traced without its hooks: :meth:`collect` names them instead of returning zeros.
+Session 39: a hooked module whose forward did not run while the model's output depends on its weight (the model
+applies the weight itself: WavLM's ``F.multi_head_attention_forward``, MobileBERT's prediction head, Mamba's
+``dt_proj``) is refused after the model's forward (its rows would have been zeros); an ``nn.Linear`` subclass with its
+own forward is probed once (one example through it again): unless its weight gradient is ``g^T x`` for the input its
+forward is given (muP's ``MuReadout`` scales that input, BitNet's layers quantise it) it is refused.
+
+Sequence-first layers (session 39). The Linears of torch's ``nn.Transformer`` / ``nn.TransformerEncoderLayer`` /
+``nn.TransformerDecoderLayer`` built with ``batch_first=False`` (torch's default), and of transformers' XLNet, FSMT
+and Longformer / LED self-attention (``_HF_SEQUENCE_FIRST``), run on ``(T, B, ..., I)`` inputs: the collector reads
+their batch on the second axis, so their rows are per example whatever T and B are (before, their T positions were
+taken as T examples, silently when T == B). Shapes alone cannot tell such an input from a batch-first one: a
+hand-written sequence-first block is caught only when its T differs from the batch another module or the model's
+input shows.
 The collector's hook runs before forward hooks registered earlier, so a hook that replaces the output (``out * s``)
 does not change the weight gradient collected. A mask is copied by :meth:`set_mask`. When the model's forward raises
 (an out-of-memory error caught to retry with a smaller batch), or :meth:`backward` does, the batch is dropped.
@@ -147,35 +160,46 @@ def _unhookable(model: nn.Module) -> Dict[str, str]:
     return out
 
 
+# transformers modules whose hooked Linears run on (T, B, features) inputs (they transpose batch-first inputs
+# internally): (python module, class name), matched along the MRO
+_HF_SEQUENCE_FIRST = {
+    ("transformers.models.xlnet.modeling_xlnet", "XLNetModel"),
+    ("transformers.models.fsmt.modeling_fsmt", "EncoderLayer"),
+    ("transformers.models.fsmt.modeling_fsmt", "DecoderLayer"),
+    ("transformers.models.longformer.modeling_longformer", "LongformerSelfAttention"),
+    ("transformers.models.led.modeling_led", "LEDEncoderSelfAttention"),
+}
+
+
+# The keyword inputs whose first axis is the model's batch, first found first (transformers' names); else the
+# forward's first positional tensor.
+_MODEL_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
+
+
 def _sequence_first(model: nn.Module) -> Dict[str, str]:
-    """Names of Linear / Conv1D modules that run on sequence-first ``(T, B, features)`` inputs, -> the module that makes
-    them so: the layers of torch's ``nn.Transformer`` / ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``
-    built with ``batch_first=False`` (torch's default). Their inputs' first axis is the position, not the example,
-    and nothing in a batch tells that apart from a batch-first input when T equals B (otherwise the batch-size check
-    catches it only when another module or the mask shows the batch size)."""
+    """Names of Linear / Conv1D modules that run on sequence-first ``(T, B, ..., features)`` inputs, -> the module
+    that makes them so: the layers of torch's ``nn.Transformer`` / ``nn.TransformerEncoderLayer`` /
+    ``nn.TransformerDecoderLayer`` built with ``batch_first=False`` (torch's default), and the transformers modules of
+    ``_HF_SEQUENCE_FIRST`` (XLNet, FSMT, Longformer's and LED's self-attention). Their input's SECOND axis is the
+    batch: the collector reads it there. By shape alone that cannot be told from a batch-first input (a batch as
+    large as the sequence is long looks the same), so it is known by the module that runs them."""
     layers = (nn.Transformer, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
     out: Dict[str, str] = {}
     for n, m in model.named_modules():
-        if not isinstance(m, layers):
-            continue
-        bf = getattr(m, "batch_first", None)
-        if bf is None:  # the layers keep it on their attention
-            bf = getattr(getattr(m, "self_attn", None), "batch_first", None)
-        if bf is False:
+        why = None
+        if isinstance(m, layers):
+            bf = getattr(m, "batch_first", None)
+            if bf is None:  # the layers keep it on their attention
+                bf = getattr(getattr(m, "self_attn", None), "batch_first", None)
+            if bf is False:
+                why = f"{n or '<model>'} ({type(m).__name__}, batch_first=False)"
+        elif any((c.__module__, c.__name__) in _HF_SEQUENCE_FIRST for c in type(m).__mro__):
+            why = f"{n or '<model>'} ({type(m).__name__})"
+        if why is not None:
             for c, sub in m.named_modules():
                 if c and _module_kind(sub) is not None:
-                    out.setdefault(f"{n}.{c}" if n else c, f"{n or '<model>'} ({type(m).__name__})")
+                    out.setdefault(f"{n}.{c}" if n else c, why)
     return out
-
-
-def _refuse_sequence_first(selected, seqfirst: Dict[str, str]) -> None:
-    bad = [n for n, _, _ in selected if n in seqfirst]
-    if bad:
-        raise ValueError(f"modules: {bad[:8]}{' ...' if len(bad) > 8 else ''} run on sequence-first (T, B, features) "
-                         f"inputs: {seqfirst[bad[0]]} was built with batch_first=False, so their first axis is the "
-                         "position, not the example, and each row would be a position's gradient summed over the "
-                         "batch. Build it with batch_first=True (same parameters, batch-first inputs) or leave these "
-                         "modules out")
 
 
 def _refuse_unhookable(selected, unhookable: Dict[str, str]) -> None:
@@ -237,11 +261,15 @@ def _shape(module: nn.Module, kind: str) -> Tuple[int, int]:
 class _Call:
     """State of one forward call of a hooked module, waiting for its output gradient."""
 
-    __slots__ = ("a", "gen", "mask", "mask_all", "version", "shape", "bt", "pending")
+    __slots__ = ("a", "gen", "mask", "mask_all", "version", "shape", "bt", "pending", "seq_first")
 
     def __init__(self, a: Tensor, mask: Optional[Tensor], mask_all: bool, gen: int,
-                 shape: Tuple[int, ...] = (), bt: Optional[Tuple[int, int]] = None, pending: bool = False) -> None:
+                 shape: Tuple[int, ...] = (), bt: Optional[Tuple[int, int]] = None, pending: bool = False,
+                 seq_first: bool = False) -> None:
         self.a: Optional[Tensor] = a
+        # a sequence-first module's call: ``a`` is its (T, B, ..., I) input with the first two axes swapped, and its
+        # output gradient (shape ``shape``, (T, B, ..., O)) is swapped the same way when it arrives
+        self.seq_first = seq_first
         self.shape = shape  # the module output's shape (the gradient may arrive in its un-viewed base's shape)
         # (B, T) whose row-major flattening a 2-D (B * T, I) input is: its rows (and its output gradient's) are
         # viewed as (B, T, .); None: the first axis is the batch
@@ -339,6 +367,10 @@ class GradientCollector:
             self._bias_of[name] = self.bias and getattr(mod, "bias", None) is not None
             self._modules[name] = mod
         self.module_dims: "OrderedDict[str, int]" = OrderedDict((n, p * p) for n in self._modules)
+        # modules whose input's second axis is the batch: (T, B, ..., I), read as (B, T, ..., I) (session 39; before,
+        # their T positions were taken as T examples, silently when T == B or when nothing else showed B)
+        seqfirst = _sequence_first(self._base)
+        self._seq_first: Dict[str, str] = {n: seqfirst[n] for n in self._modules if n in seqfirst}
 
         if normalizers is not None and not isinstance(normalizers, Mapping):
             raise TypeError(f"normalizers: expected None or a {{module name: normalizer}} mapping, got "
@@ -370,6 +402,9 @@ class GradientCollector:
         self._forward_shapes: Dict[str, Tuple[int, ...]] = {}
         self._edges: Dict[int, object] = {}  # id(call) -> autograd edge of its output, until its gradient arrives
         self._nograd_calls = 0  # hooked forwards skipped since the last collect/reset: grad was disabled
+        self._ran: set = set()  # hooked modules whose forward ran during the model's current forward
+        self._cleared: set = set()  # Linear subclasses with their own forward whose weight gradient was probed
+        self._probing = False  # the probe's own forward call: the hooks stand aside
         # mask of the hooked forwards run (grad disabled) inside torch.utils.checkpoint(use_reentrant=True) since
         # the last collect/reset, for their recomputation in the backward pass; None: there were none
         self._ckpt_mask: Optional[Tuple[Optional[Tensor], bool]] = None
@@ -380,7 +415,8 @@ class GradientCollector:
         self._rows: Optional[Tuple[int, str]] = None  # (B, where it came from), once the mask or a module fixed it
         self._tokens: Dict[int, str] = {}  # T -> where it came from (the modules with a (B, T, I) input)
         self._pending: List[Tuple[str, _Call, int]] = []  # (name, call, rows) of 2-D calls made before B was known
-        self._model_bt: Optional[Tuple[int, int]] = None  # (B, T) of the token ids the model's forward was given
+        # (B, T or None, description) of the model forward's own input (see _model_pre_hook)
+        self._model_bt: Optional[Tuple[int, Optional[int], str]] = None
 
     def _compiled_ancestor(self, name: str) -> Optional[str]:
         """The name of a module holding ``name`` (or itself) compiled in place (``module.compile()``), or None."""
@@ -413,12 +449,6 @@ class GradientCollector:
     # ------------------------------------------------------------------ selection
     @staticmethod
     def _select(model: nn.Module, modules: ModuleSelector) -> List[Tuple[str, nn.Module, str]]:
-        out = GradientCollector._select_modules(model, modules)
-        _refuse_sequence_first(out, _sequence_first(model))
-        return out
-
-    @staticmethod
-    def _select_modules(model: nn.Module, modules: ModuleSelector) -> List[Tuple[str, nn.Module, str]]:
         named = [(n, m) for n, m in model.named_modules() if n]
         out: List[Tuple[str, nn.Module, str]] = []
         unhookable = _unhookable(model)
@@ -583,39 +613,162 @@ class GradientCollector:
             self._mask, self._mask_all = None, False
 
     def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        # The (B, T) of the token ids the model is given (``input_ids=`` or an integer (B, T) first argument), only
-        # to refuse a 2-D input of B * T rows that nothing else in the batch can interpret (see _check_pending).
-        ids = kwargs.get("input_ids")
-        if ids is None and args:
-            ids = args[0]
-        ok = (isinstance(ids, Tensor) and ids.dim() == 2 and not ids.dtype.is_floating_point
-              and not ids.dtype.is_complex and ids.dtype != torch.bool)
-        self._model_bt = (int(ids.shape[0]), int(ids.shape[1])) if ok else None
+        # The batch of the model's own input: B, and T when it is (B, T) token ids or (B, T, H) input embeddings.
+        # Every hooked module's first axis must be that B (session 39: a multiple-choice model flattening (B, C, T)
+        # ids into B * C rows, window attention on B * windows rows, were collected as that many examples); a 2-D
+        # input of B * T rows that nothing else in the batch interprets is refused (see _check_pending).
+        self._ran = set()
+        x, src = None, None
+        for key in _MODEL_INPUTS:
+            if isinstance(kwargs.get(key), Tensor):
+                x, src = kwargs[key], key
+                break
+        else:
+            if args and isinstance(args[0], Tensor):
+                x, src = args[0], "its first argument"
+        self._model_bt = None
+        if x is None or x.dim() == 0:
+            return
+        integer = not x.dtype.is_floating_point and not x.dtype.is_complex and x.dtype != torch.bool
+        if integer and x.dim() == 2:
+            T: Optional[int] = int(x.shape[1])  # token ids
+        elif src == "inputs_embeds" and x.dim() == 3:
+            T = int(x.shape[1])
+        else:
+            T = None
+        self._model_bt = (int(x.shape[0]), T, f"the model's {src} of shape {tuple(x.shape)}")
 
     def _model_hook(self, module: nn.Module, args: tuple, output) -> None:
         if output is None and sys.exc_info()[0] is not None:  # always_call: the model's forward raised
             self._drop_batch()
             self._raised = True  # for collect()'s message, until a hooked module runs forward again
             return
-        for name, call, rows in self._pending:
-            try:
+        try:
+            for name, call, rows in self._pending:
                 self._check_pending(name, rows)
-            except BaseException:
-                self._drop_batch()
-                raise
+            self._check_model_batch()
+            self._check_unseen_weights(output)
+        except BaseException:
+            self._drop_batch()
+            raise
+
+    def _check_unseen_weights(self, output) -> None:
+        """After the model's forward with grad enabled: a hooked module whose forward did not run, but whose weight
+        the output depends on, applies that weight some other way (``F.multi_head_attention_forward`` with
+        ``q_proj.weight``, ``hidden @ decoder.weight.t()``, ``dt_proj.weight @ x``): no hook sees its input or output
+        gradient, and its rows would be zeros. Found by walking the output's autograd graph, only when some hooked
+        module did not run (session 39)."""
+        if not torch.is_grad_enabled():
+            return
+        # (a module inside a block compiled before the collector attached runs traced code without the hooks:
+        # collect() names those, with what to do about it)
+        unseen = {id(w): n for n, m in self._modules.items() if n not in self._ran
+                  and isinstance(w := getattr(m, "weight", None), Tensor) and w.requires_grad
+                  and self._compiled_ancestor(n) is None}
+        if not unseen:
+            return
+        roots, stack = [], [output]
+        while stack and len(roots) < 64:  # the output's tensors: a tensor, a tuple / list, a dict / ModelOutput
+            o = stack.pop()
+            if isinstance(o, Tensor):
+                if o.grad_fn is not None:
+                    roots.append(o.grad_fn)
+            elif isinstance(o, (tuple, list)):
+                stack.extend(o)
+            elif isinstance(o, Mapping):
+                stack.extend(o.values())
+        found, seen, nodes = set(), set(), roots
+        while nodes:
+            node = nodes.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            var = getattr(node, "variable", None)  # AccumulateGrad: a leaf the graph reads
+            if var is not None:
+                if id(var) in unseen:
+                    found.add(unseen[id(var)])
+                continue
+            nodes.extend(nxt for nxt, _ in node.next_functions)
+        if found:
+            names = [n for n in self._modules if n in found]
+            raise ValueError(f"modules: {names[:8]}{' ...' if len(names) > 8 else ''} never ran their forward, but the "
+                             "model's output depends on their weights: the model applies those weights without "
+                             "calling the module (e.g. F.multi_head_attention_forward, or a matmul with "
+                             "module.weight), so no hook can see their inputs and their rows would be zeros; leave "
+                             "them out of `modules`. (Or the model was compiled with torch.compile and run before "
+                             "the collector attached: its traced code runs without the hooks; attach before its "
+                             "first compiled call, or call torch._dynamo.reset() first.) The batch has been dropped")
+
+    def _probe_subclass(self, name: str, module: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> None:
+        """A Linear subclass with its own forward (once per module): its weight gradient must be ``g^T x`` for the
+        input ``x`` the hook sees, what the collector computes. One example's rows are run through the module again
+        and the weight gradient of a random output gradient compared (session 39: muP's MuReadout, which applies its
+        weight to ``x * output_mult / width_mult``, and BitNet's quantising AutoBitLinear came out silently wrong; a
+        LoRA-style subclass adding ``B(A(x))`` passes)."""
+        self._cleared.add(name)
+        w = getattr(module, "weight", None)
+        if not isinstance(w, Tensor) or not w.requires_grad:
+            return
+        xs = x[:1].detach()
+        if args:
+            args, kwargs = (xs,) + tuple(args[1:]), kwargs
+        else:  # the input passed by keyword (the hook found it as the first keyword value)
+            k0 = next(iter(kwargs))
+            args, kwargs = (), {**kwargs, k0: xs}
+        self._probing = True
+        try:  # the RNG state kept: a dropout inside the module's forward must not shift the model's own draws
+            with torch.random.fork_rng(devices=[xs.device] if xs.device.type == "cuda" else []), torch.enable_grad():
+                y = module(*args, **kwargs)
+                if not isinstance(y, Tensor) or y.shape[:-1] != xs.shape[:-1]:
+                    return  # refused by the caller's own checks
+                g = torch.randn(y.shape, generator=torch.Generator(device="cpu").manual_seed(0)).to(y)
+                (dw,) = torch.autograd.grad(y, w, g, allow_unused=True)
+        finally:
+            self._probing = False
+        g2 = g.reshape(-1, g.shape[-1]).double()
+        want = g2.T @ xs.reshape(-1, xs.shape[-1]).double()
+        got = torch.zeros_like(want) if dw is None else dw.double()
+        tol = 1e-2 if w.dtype in (torch.float16, torch.bfloat16) or x.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        if got.shape != want.shape or float((got - want).abs().max()) > tol * max(float(want.abs().max()), 1e-30):
+            raise ValueError(f"modules: {name!r} ({type(module).__name__}, an nn.Linear subclass with its own "
+                             "forward) does not apply its weight to the input its forward is given as a Linear does "
+                             "(its weight gradient is not g^T x: it scales, quantises or otherwise transforms the "
+                             "input or the weight first), so the collected rows would be wrong; leave it out of "
+                             "`modules`")
+
+    def _check_model_batch(self) -> None:
+        """After the model's forward: the batch the hooked modules (or the mask) gave is the model input's."""
+        mb = self._model_bt
+        if mb is None or self._rows is None or self._rows[0] == mb[0]:
+            return
+        raise ValueError(
+            f"modules: {self._rows[1]} gave the batch {self._rows[0]} rows, but {mb[2]} holds {mb[0]} examples. The "
+            "first axis of every hooked module's input must be the model's batch: a model that folds another axis "
+            "into it (a multiple-choice head's B * choices rows, window attention's B * windows, a sequence-first "
+            "(T, B, I) layer) gives per-row, not per-example, gradients. Leave those modules out (the batch has "
+            "been dropped)")
 
     def _check_pending(self, name: str, rows: int) -> None:
         """A 2-D input of ``rows`` rows that nothing in its batch interpreted (no mask, no module with a (B, T, I)
-        input) is taken as ``rows`` examples, unless the model's token ids show it is their B * T tokens."""
-        bt = self._model_bt
-        if bt is not None and bt[1] > 1 and rows == bt[0] * bt[1]:
+        input) is taken as ``rows`` examples: the model's input must show that many examples; its B * T tokens (token
+        ids or input embeddings) are refused, since nothing tells their (B, T) for sure."""
+        mb = self._model_bt
+        if mb is None or rows == mb[0]:
+            return
+        B, T, src = mb
+        if T is not None and T > 1 and rows == B * T:
             raise ValueError(
-                f"modules: {name!r} got a 2-D input of {rows} rows, the B * T = {bt[0]} * {bt[1]} tokens of the "
-                f"model's (B, T) = {bt} token ids flattened into its first axis, but nothing in the batch tells "
-                "(B, T) for sure (no padding mask is set and no hooked module has a (B, T, I) input), so its rows "
-                f"cannot be matched to examples. Set the (B, T) padding mask before the forward pass (col.set_mask "
-                "/ col.batch(mask); torch.ones(B, T) when nothing is padded), or also hook a module that sees "
-                "(B, T, I) (e.g. an attention projection), or leave the module out (the batch has been dropped)")
+                f"modules: {name!r} got a 2-D input of {rows} rows, the B * T = {B} * {T} tokens of {src} flattened "
+                "into its first axis, but nothing in the batch tells (B, T) for sure (no padding mask is set and no "
+                "hooked module has a (B, T, I) input), so its rows cannot be matched to examples. Set the (B, T) "
+                "padding mask before the forward pass (col.set_mask / col.batch(mask); torch.ones(B, T) when "
+                "nothing is padded), or also hook a module that sees (B, T, I) (e.g. an attention projection), or "
+                "leave the module out (the batch has been dropped)")
+        raise ValueError(
+            f"modules: {name!r} got a 2-D input of {rows} rows, but {src} holds {B} examples: its rows are neither "
+            "the examples nor (with nothing else in the batch telling its (B, T)) their tokens, so they cannot be "
+            "matched to examples (rows routed to a mixture-of-experts expert, or a folded axis); leave the module "
+            "out (the batch has been dropped)")
 
     def _forward_hook(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         try:
@@ -626,6 +779,9 @@ class GradientCollector:
             raise
 
     def _on_forward(self, name: str, args: tuple, kwargs: dict, output) -> None:
+        if self._probing:
+            return
+        self._ran.add(name)
         if not torch.is_grad_enabled():
             self._nograd_calls += 1
             if _in_reentrant_checkpoint():  # runs again in the backward pass, with grad: remember the mask
@@ -663,6 +819,17 @@ class GradientCollector:
                              f"is (O, I) = ({O}, {I}): it does not apply its weight as a Linear does (a grouped or "
                              "extended Linear subclass), so its gradient is not sum_t g_t a_t^T; leave it out of "
                              "`modules`")
+        mod = self._modules[name]
+        if (name not in self._cleared and isinstance(mod, nn.Linear)
+                and type(mod).forward is not nn.Linear.forward and not _in_checkpoint_recomputation()):
+            self._probe_subclass(name, mod, x, args, kwargs)
+        seq_first = name in self._seq_first
+        if seq_first:
+            if x.dim() < 3:
+                raise ValueError(f"modules: {name!r} runs on sequence-first (T, B, features) inputs (inside "
+                                 f"{self._seq_first[name]}), but got a 2-D input of shape {tuple(x.shape)}, whose "
+                                 "rows cannot be matched to examples; leave it out of `modules`")
+            x = x.transpose(0, 1)  # (B, T, ..., I): read as any batch-first input from here on
         mask, mask_all = self._mask, self._mask_all
         if self._ckpt_mask is not None and torch._C._current_autograd_node() is not None:
             # reentrant checkpointing recomputing its forward in the backward pass, maybe after `with col.batch(mask):`
@@ -766,7 +933,7 @@ class GradientCollector:
                 self._tokens.setdefault(int(mask.shape[1]), "the mask")
             if x.dim() > 2:
                 self._tokens.setdefault(shape[1], f"module {name!r}")
-        call = _Call(x.detach(), mask, mask_all, self._gen, tuple(output.shape), bt, pending)
+        call = _Call(x.detach(), mask, mask_all, self._gen, tuple(output.shape), bt, pending, seq_first)
         target = output
         base = output._base
         if (base is not None and base.requires_grad and base.grad_fn is not None and base.numel() == output.numel()
@@ -797,6 +964,8 @@ class GradientCollector:
         call.a = None  # release the activation as soon as it is used
         if call.shape and tuple(grad.shape) != call.shape:
             grad = grad.reshape(call.shape)  # it arrived in the shape of the output's un-viewed base
+        if call.seq_first:
+            grad = grad.transpose(0, 1)
         try:
             if a._version != call.version:
                 raise RuntimeError(
