@@ -344,12 +344,13 @@ def test_search_refusals(tmp_path):
         ix.search(q, 21)
     with pytest.raises(ValueError, match=r"^k: must be >= 1, got 0$"):
         ix.search(q, 0)
+    # (configs keep their keys' order since session 39: a collector's modules are its flat rows' column order)
     with pytest.raises(ValueError, match=r"^projection: the queries were projected with \{'kind': 'rademacher', "
-                                         r"'p': 4, 'seed': 8\} but the index with \{'kind': 'rademacher', 'p': 4, "
-                                         r"'seed': 7\}; scores across different projections are meaningless$"):
+                                         r"'seed': 8, 'p': 4\} but the index with \{'kind': 'rademacher', 'seed': 7, "
+                                         r"'p': 4\}; scores across different projections are meaningless$"):
         ix.search(q, 3, projection={**PROJ, "seed": 8})
-    with pytest.raises(ValueError, match=r"^projection: the queries were projected with \{'kind': 'gaussian', 'p': 4, "
-                                         r"'seed': 7\} but the index with \{'kind': 'rademacher'"):
+    with pytest.raises(ValueError, match=r"^projection: the queries were projected with \{'kind': 'gaussian', 'seed': 7, "
+                                         r"'p': 4\} but the index with \{'kind': 'rademacher'"):
         ix.search(q, 3, projection={"kind": "gaussian", "seed": 7, "p": 4})
     ix.search(q, 3, projection=dict(PROJ))  # the same config is accepted
     with pytest.raises(ValueError, match=rf"^queries: expected shape \(\.\.\., {D}\) .*got \(2, {D + 1}\)$"):

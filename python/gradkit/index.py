@@ -298,7 +298,8 @@ def _projection_dict(projection, what: str = "projection"):
         raise TypeError(f"{what}: expected a dict (projection config incl. seed and kind), a GradientCollector "
                         f"(its projection_config is used) or None, got {type(projection).__name__}")
     try:
-        return json.loads(json.dumps(dict(projection), sort_keys=True))
+        # keys in the order given (not sorted, session 39): a collector's "modules" are in its flat rows' column order
+        return json.loads(json.dumps(dict(projection)))
     except (TypeError, ValueError) as e:
         raise TypeError(f"{what}: must be JSON-serialisable (str keys; numbers, strings, lists): {e}") from None
 
@@ -318,6 +319,35 @@ _BERGSON_PROJ_DEFAULTS = {"projection_type": "normal", "include_bias": False, "p
 # it is projected (LESS scores Adam-normalised training gradients against plain query gradients; bergson's
 # PROJECTION_SETTINGS leave its normalizers out too). Query and index may differ in them.
 _NOT_PROJECTION = ("per_token", "normalizers")
+
+
+def _round_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` rounded to ``dtype`` once (to nearest, ties to even). torch converts float64 to float16 / bfloat16 through
+    float32, rounding twice: 1 + 2^-11 + 2^-30 became 1.0 in float16 instead of 1 + 2^-10, and 65519.99999999999
+    overflowed to inf instead of rounding to 65504. For float64 input the float32 step here rounds to odd (truncate,
+    then set the last bit when inexact), which float32's 13+ spare bits make exact for the second rounding."""
+    if x.dtype != torch.float64 or dtype not in (torch.float16, torch.bfloat16):
+        return x.to(dtype)
+    f = x.to(torch.float32)
+    back = f.to(torch.float64)
+    inexact = (back != x) & torch.isfinite(f) & torch.isfinite(x)
+    if not bool(inexact.any()):
+        return f.to(dtype)
+    # toward zero where float32 rounded away from it, then the last bit set: the round-to-odd float32 value
+    away = inexact & (back.abs() > x.abs())
+    bits = f.view(torch.int32)
+    bits = torch.where(away, bits - 1, bits)  # one ulp toward zero (same sign: the magnitude's bits count down)
+    bits = torch.where(inexact, bits | 1, bits)
+    return bits.view(torch.float32).to(dtype)
+
+
+def _module_order_mismatch(cfg, order: List[str]) -> Optional[List[str]]:
+    """The module order of a projection config's ``"modules"`` mapping (a collector's: its flat rows' columns) when it
+    holds the same modules as ``order`` in another order, else None."""
+    mods = cfg.get("modules") if isinstance(cfg, Mapping) else None
+    if not isinstance(mods, Mapping) or set(mods) != set(order) or list(mods) == list(order):
+        return None
+    return list(mods)
 
 
 def _projection_only(cfg):
@@ -682,16 +712,36 @@ class Precondition:
     ``damping`` is added to every eigenvalue before the power is taken (a matrix whose smallest
     eigenvalue is then not positive is refused). A bare tensor or dict passed as ``precondition=``
     means ``Precondition(matrix, mode="query")``. The powers are computed once per damping (float64
-    eigh) and cached on this object, so reuse it across searches; assigning ``damping`` validates the
-    value and drops the cached powers. Each power is kept as a float32 matrix whose largest entry is
+    eigh) and cached on this object, so reuse it across searches; assigning ``damping`` or ``matrix``
+    validates the value and drops the cached powers, assigning ``mode`` validates it, and a matrix
+    edited in place (its tensor's version counter moves) has its powers computed again. Each power is kept as a float32 matrix whose largest entry is
     in [0.5, 1) and a power of two (H^p = M * 2**e), so any H float64 can hold gives the same cosines
     as H scaled by a positive constant; search applies M in float64 and carries 2**e exactly.
     """
 
     def __init__(self, matrix, mode: str = "query", damping: float = 0.0) -> None:
+        self._cache: Dict[tuple, Tuple[torch.Tensor, int]] = {}
+        self.mode = mode
+        self._damping = self._check_damping(damping)
+        self.matrix = matrix
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
-        self._damping = self._check_damping(damping)
+        self._mode = mode
+
+    @property
+    def matrix(self):
+        return self._matrix
+
+    @matrix.setter
+    def matrix(self, matrix) -> None:
+        """Assigning a new matrix (or dict) validates it and drops the cached powers of the old one."""
         if isinstance(matrix, torch.Tensor):
             self._check_square(matrix, "matrix")
         elif isinstance(matrix, Mapping):
@@ -704,10 +754,9 @@ class Precondition:
         else:
             raise TypeError(f"matrix: expected a (D, D) tensor or a dict name -> (d, d) tensor, "
                             f"got {type(matrix).__name__}")
-        self.matrix = matrix
-        self.mode = mode
-        # (module key, p, damping) -> (M float32, e): (H + damping I)^p = M * 2**e
-        self._cache: Dict[Tuple[str, str, float], Tuple[torch.Tensor, int]] = {}
+        self._matrix = matrix
+        # (module key, p, damping, the matrix's identity and version) -> (M float32, e): (H + damping I)^p = M * 2**e
+        self._cache.clear()
 
     @staticmethod
     def _check_damping(damping) -> float:
@@ -745,7 +794,9 @@ class Precondition:
     def _power(self, key: str, h: torch.Tensor, p: float) -> Tuple[torch.Tensor, int]:
         """(M, e) with (h + damping I)^p = M * 2**e: M float32 with its largest |entry| in [0.5, 1) (the power is
         computed in float64; only its rounding to float32 is inexact, so H's scale never over- or underflows)."""
-        ck = (key, str(p), self._damping)
+        # the tensor's identity and version counter: a matrix replaced in a dict, or edited in place (h.mul_(2),
+        # h.copy_(h2)), is not served the powers of what it held before (session 39)
+        ck = (key, str(p), self._damping, id(h), h._version)
         if ck not in self._cache:
             h64 = h.detach().to("cpu", torch.float64)
             # gradkit's one symmetry rule (as for OBS Hessians): round-off asymmetry (an fp32 Gram a @ a.T from
@@ -762,6 +813,8 @@ class Precondition:
                 raise ValueError(f"precondition: matrix for {key}: its power {p} is not finite in float64 (eigenvalues "
                                  f"{float(ev.min()):.3g} .. {float(ev.max()):.3g}); rescale the matrix")
             e = math.frexp(amax)[1]
+            for old in [c for c in self._cache if c[:3] == ck[:3]]:  # what this module's matrix held before
+                del self._cache[old]
             self._cache[ck] = (GradientIndex._ldexp64(pw, -e).to(torch.float32), e)
         return self._cache[ck]
 
@@ -867,6 +920,11 @@ class GradientIndex:
             mods = _check_modules(modules)
             dname = _dtype_name(dtype)
             proj = _projection_dict(projection)
+            other = _module_order_mismatch(proj, list(mods))
+            if other is not None:  # a collector's flat rows appended here would land in other modules' columns
+                raise ValueError(f"modules: given in the order {list(mods)}, but the projection's modules (its "
+                                 f"collector's flat rows) are in the order {other}; create the index with the "
+                                 "projection's order (modules=col.module_dims with projection=col)")
             if not isinstance(per_token, bool):
                 raise TypeError(f"per_token: expected a bool, got {type(per_token).__name__}")
             if shard_rows is not None:
@@ -1045,8 +1103,10 @@ class GradientIndex:
                 raise IndexFormatError(f"resume: {hdr} is not a gradkit index header")
             _check_header_fields(h, hdr, "resume")
             self._check_same(h, str(p))
-            if h.get("complete") is True and self._world == 1:
-                self._resumed_complete = dict(h)  # restored by _abort when the resumed build adds nothing
+            if h.get("complete") is True:
+                # restored when the resumed build adds nothing: by _abort (one process), by close() (several: rank 0,
+                # once the ranks' gathered totals show nothing new was committed)
+                self._resumed_complete = dict(h)
             h["complete"] = False
             _atomic_write_json(hdr, h)
             return
@@ -1098,7 +1158,10 @@ class GradientIndex:
             for tf in src.get("token_files", []):
                 if int(tf.get("rank", 0)) == self._rank:
                     tokens_examples = int(tf["examples"])
-            if self._world == 1 or own or self._rank == 0:
+            # the refused rows counted once: in a multi-process build each rank's own header holds its own count (every
+            # rank that committed has one; the merged header's total already holds them all: session 39, rank 0
+            # without a header of its own took that total and close() added the other ranks' counts again)
+            if self._world == 1 or own:
                 nonfinite = int(src.get("nonfinite_rows", 0))
         sd = self.path / SHARD_DIR
         sd.mkdir(parents=True, exist_ok=True)
@@ -1275,7 +1338,7 @@ class GradientIndex:
                 raise ValueError(f"num_tokens: counts sum to {int(counts.sum())} but grads has {n} rows")
         elif num_tokens is not None:
             raise ValueError("num_tokens: only for per-token indexes (create(..., per_token=True))")
-        stored = x.to(self.dtype)
+        stored = _round_once(x, self.dtype)
         finite = torch.isfinite(x).all(dim=1) & torch.isfinite(stored).all(dim=1)
         nbad = int(n - int(finite.sum()))
         if nbad:
@@ -1437,7 +1500,8 @@ class GradientIndex:
         if self._writable:
             self._rollback()
             self._close_fds()
-            if self._resumed_complete is not None and self._state_header(complete=False) == self._resumed_state:
+            if self._world == 1 and self._resumed_complete is not None \
+                    and self._state_header(complete=False) == self._resumed_state:
                 try:
                     _atomic_write_json(self.path / HEADER, self._resumed_complete)
                 except OSError:  # best effort: the index stays incomplete, as before this rule
@@ -1497,7 +1561,16 @@ class GradientIndex:
         if failed:
             if self._rank == 0:  # best effort: publish what every rank committed (not complete)
                 try:
-                    self._write_merged_header([g[1:] for g in got], complete=False)
+                    rc = self._resumed_complete
+                    # rows, examples (per-token indexes count them apart from rows), refused rows
+                    totals = [sum(g[i] for g in got) for i in ((1, 2, 3) if self.per_token else (1, 1, 3))]
+                    if rc is not None and totals == [int(rc.get("count", -1)), int(rc.get("examples", -1)),
+                                                     int(rc.get("nonfinite_rows", 0))]:
+                        # a resumed complete index to which no rank committed anything: it is the index it was
+                        # (rows and refused rows only grow with commits), so it stays complete (session 39)
+                        _atomic_write_json(self.path / HEADER, rc)
+                    else:
+                        self._write_merged_header([g[1:] for g in got], complete=False)
                 except Exception:  # noqa: BLE001 - the header then stays as it was (incomplete)
                     pass
             self._abort()
@@ -2147,6 +2220,11 @@ class GradientIndex:
         if checked and _projection_only(qproj) != _projection_only(self.projection):
             raise ValueError(f"projection: the queries were projected with {qproj} but the index with "
                              f"{self.projection}; scores across different projections are meaningless")
+        other = _module_order_mismatch(qproj, list(self.modules)) if isinstance(queries, torch.Tensor) else None
+        if other is not None:
+            raise ValueError(f"queries: flat rows of the projection's collector have their columns in its module order "
+                             f"{other}, but this index's columns are in the order {list(self.modules)}; pass the "
+                             "queries as a dict {module: (..., d)} (collect() without flat=True) or reorder them")
         if batch_rows is None:
             batch_rows = max(1024, (256 << 20) // (4 * max(1, self._width)))
         batch_rows = _int_arg(batch_rows, "batch_rows", 1)
