@@ -12,6 +12,8 @@ Providers:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from bench_parammap import gpt2_shapes
@@ -23,7 +25,7 @@ FAMILY = "golden"
 def _goldenparams_style(grads, running, pct):
     for name, g in grads.items():
         flat = g.abs().reshape(-1)
-        k = max(1, int(flat.numel() * pct / 100))
+        k = max(1, math.ceil(pct / 100.0 * flat.numel()))  # GoldenParams' count (get_golden_params)
         idx = torch.topk(flat, k).indices
         m = torch.zeros(flat.numel(), dtype=torch.bool)
         m[idx] = True
@@ -33,7 +35,7 @@ def _goldenparams_style(grads, running, pct):
 def _kthvalue(grads, running, pct):
     for name, g in grads.items():
         a = g.abs().reshape(-1)
-        k = max(1, int(a.numel() * pct / 100))
+        k = max(1, math.ceil(pct / 100.0 * a.numel()))
         thr = torch.kthvalue(a, a.numel() - k + 1).values
         running[name] = running[name] & (a >= thr).reshape(g.shape)
 

@@ -97,17 +97,18 @@ def test_scheduling_masked_lr_still_works():
 
 
 @pytest.mark.parametrize("numel,percent,k", [(10000, 0.57, 57), (10000, 0.29, 29), (3_000_000, 1.13, 33900),
-                                             (10000, 1.14, 114), (100, 7, 7), (7, 50, 3), (3, 1e-9, 1),
-                                             (0, 5, 0), (10, 100, 10)])
-def test_percent_to_k_floors_the_decimal_percent(numel, percent, k):
-    # Before: numel * percent / 100 in float64 gave 56.999... for 0.57% of 10000, floored to 56.
+                                             (10000, 1.14, 114), (100, 7, 7), (7, 50, 4), (3, 1e-9, 1),
+                                             (0, 5, 0), (10, 100, 10), (1000, 1.1, 11), (768, 5, 39), (64, 5, 4)])
+def test_percent_to_k_ceils_the_decimal_percent(numel, percent, k):
+    # GoldenParams' count, max(1, ceil(numel * pct / 100)) (session 39; a floor before), read on the decimal the user
+    # wrote: 1.1% of 1000 is 11 (GoldenParams' float product 11.000000000000002 would ceil to 12)
     assert G.percent_to_k(numel, percent) == k
 
 
-def test_percent_to_k_matches_exact_floor_on_a_grid():
+def test_percent_to_k_matches_exact_ceil_on_a_grid():
     for p100 in range(1, 10001, 7):
         for n in (100, 1000, 10000, 123457):
-            assert G.percent_to_k(n, p100 / 100) == max(1, min(n, math.floor(n * Fraction(p100, 100) / 100)))
+            assert G.percent_to_k(n, p100 / 100) == max(1, min(n, math.ceil(n * Fraction(p100, 100) / 100)))
 
 
 def test_golden_masks_keep_exactly_k_for_decimal_percent():

@@ -46,7 +46,7 @@ def ref_k(numel: int, percent: float) -> int:
     from fractions import Fraction
     if numel == 0:
         return 0
-    return max(1, min(numel, math.floor(numel * Fraction(str(percent)) / 100)))
+    return max(1, min(numel, math.ceil(numel * Fraction(str(percent)) / 100)))  # GoldenParams' count (s39)
 
 
 def ref_golden(samples, percent, names, scope="tensor"):
@@ -128,8 +128,8 @@ def test_all_equal_gradients_ties_take_lowest_positions():
     assert m.reshape(-1).tolist() == [True] * 6 + [False] * 14
     res = G.golden_masks([{"a": torch.ones(3), "b": -torch.ones(4).half()}] * 2, 50, scope="global",
                          params=["b", "a"])
-    # global ties in `params` order: b first
-    assert res.masks["b"].to_bool().tolist() == [True, True, True, False]
+    # global ties in `params` order: b first (k = ceil(7 * 50%) = 4, GoldenParams' count)
+    assert res.masks["b"].to_bool().tolist() == [True, True, True, True]
     assert res.masks["a"].to_bool().tolist() == [False, False, False]
 
 

@@ -183,7 +183,7 @@ def test_golden_masks_per_tensor_matches_oracle(pct):
     res = G.golden_masks(iter(samples), pct, return_counts=True)
     for name, shape in SHAPES.items():
         numel = math.prod(shape)
-        k = max(1, int(numel * pct / 100))
+        k = max(1, math.ceil(numel * pct / 100))  # GoldenParams' count
         sels = [_oracle_topk(s[name], k) for s in samples]
         inter = torch.stack(sels).all(0)
         assert torch.equal(res.masks[name].to_bool().reshape(-1), inter)

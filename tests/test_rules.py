@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import gradkit.golden as G
-from gradkit._rules import check_symmetric, floor_count
+from gradkit._rules import ceil_count, check_symmetric, floor_count
 from gradkit.index import Precondition
 from gradkit.obs.metrics import _check_symmetric as obs_check_symmetric
 from gradkit.scope import BlockSpec, ScopeSpec
@@ -43,16 +43,17 @@ def test_floor_count_is_the_decimal_floor(n, p):
 
 
 @given(st.integers(1, 10 ** 6), st.integers(1, 10 ** 4))
-def test_percent_and_sparsity_take_the_same_rule(n, p):
+def test_percent_and_sparsity_read_the_same_decimal(n, p):
     pct = p / 100  # percent in (0, 100]
     s = ScopeSpec(BlockSpec(torch.zeros(1, 1), (1, 1)), (1, -1))
     s.numblk_per_scope = lambda: n
     kept_by_golden = G.percent_to_k(n, pct)
     pruned_by_scope = n - s.sparsity_to_nnz(pct / 100)
-    # pct / 100 is a second rounding of the same decimal: both readings give the decimal floor
-    want = math.floor(n * Fraction(p, 10 ** 4))
-    assert pruned_by_scope == want
-    assert kept_by_golden == max(1, min(n, want))
+    # pct / 100 is a second rounding of the same decimal: both readings give the decimal's exact product, which
+    # scope floors (blocks pruned) and golden ceils (entries kept: GoldenParams' count, session 39)
+    exact = n * Fraction(p, 10 ** 4)
+    assert pruned_by_scope == math.floor(exact)
+    assert kept_by_golden == max(1, min(n, math.ceil(exact)))
 
 
 def test_sparsity_nan_refused():
@@ -129,3 +130,16 @@ def test_all_finite_matches_isfinite(dtype):
     assert all_finite(torch.arange(5)) and all_finite(torch.zeros(3, dtype=torch.bool))
     c = torch.complex(torch.ones(3), torch.tensor([0.0, float("inf"), 1.0]))
     assert not all_finite(c) and all_finite(c[:1])
+
+
+@pytest.mark.parametrize("n,x,d,want", [(1000, 1.1, 100, 11), (10000, 0.57, 100, 57), (7, 50, 100, 4), (768, 5, 100, 39),
+                                        (3, 1e-9, 100, 1), (10, 0.0, 100, 0), (2_000_000_001, 0.3, 1, 600_000_001)])
+def test_ceil_count_cases(n, x, d, want):
+    assert ceil_count(n, x, d) == want
+
+
+@given(st.integers(1, 10 ** 6), st.integers(0, 10 ** 4))
+def test_ceil_count_is_the_decimal_ceil(n, p):
+    x = p / 10 ** 4
+    assert ceil_count(n, x) == math.ceil(n * Fraction(p, 10 ** 4))
+    assert ceil_count(n, p / 100, 100) == math.ceil(n * Fraction(p, 10 ** 4))

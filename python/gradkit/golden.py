@@ -6,8 +6,8 @@ GoldenParams-compatible semantics on gradkit's kernels:
   selected tensors together, ``scope="global"``), intersected across samples as a running AND.
   One fused kernel per tensor and sample (exact select of the k-th largest ``|g|``, then select +
   AND into the packed bitmask + per-entry counts + popcount in one pass).
-* Top-k% keeps ``k = max(1, floor(numel * percent / 100))`` entries of a non-empty tensor
-  (:func:`percent_to_k`). Ties at the threshold are taken lowest flat (row-major) position
+* Top-k% keeps ``k = max(1, ceil(numel * percent / 100))`` entries of a non-empty tensor, GoldenParams' count
+  (:func:`percent_to_k`; session 39, floor before: one entry fewer than GoldenParams in most tensors). Ties at the threshold are taken lowest flat (row-major) position
   first, on every backend, so masks are deterministic; NaN gradients are never selected.
 * :class:`Bitmask` / :class:`MaskSet`: masks stored packed (1 bit per entry, 8x smaller than
   bool, and unlike COO never larger than dense), with and / or / xor / andnot / not, count,
@@ -31,7 +31,7 @@ import torch
 
 from gradkit import ops
 from gradkit._io import open_regular
-from gradkit._rules import floor_count, int_seq
+from gradkit._rules import ceil_count, int_seq
 from gradkit.kernels.reference.parammap import unpack_bitmask
 from gradkit.golden_reverse import (DEFAULT_LAYER_PATTERN, STRATEGIES, AdaptiveSinusoidal, ChaosDriven,  # noqa: F401
                                     ExplorationDecay, FluctuationStrategy, HarmonicOscillator, MomentumBased,
@@ -71,19 +71,20 @@ def _shape_arg(shape, what: str = "shape") -> Tuple[int, ...]:
 
 def percent_to_k(numel: int, percent: float) -> int:
     """Entries a top-``percent``% selection keeps in a tensor of ``numel`` entries:
-    ``max(1, floor(numel * percent / 100))`` for a non-empty tensor, 0 for an empty one.
+    ``max(1, ceil(numel * percent / 100))`` for a non-empty tensor, 0 for an empty one: GoldenParams' count
+    (``get_golden_params`` and its reverse search take ``max(1, ceil(pct / 100 * numel))``), so a drop-in user
+    gets its masks (session 39; gradkit floored before and kept one entry fewer in most tensors).
 
-    The floor is gradkit's one counting rule (``gradkit._rules.floor_count``, which ``scope``'s
-    ``sparsity_to_nnz`` takes too): exact on ``percent``'s value, with a product that ``percent``'s own
-    rounding could move onto an integer taken as that integer (0.57% of 10000 entries is 57, where float
-    arithmetic gives 56.99999... and floors to 56)."""
+    Exact on ``percent``'s value (``gradkit._rules.ceil_count``), with a product that ``percent``'s own rounding
+    could move onto an integer taken as that integer (1.1% of 1000 entries is 11, where float arithmetic gives
+    11.000000000000002, which GoldenParams' float ceil takes as 12)."""
     numel = ops._int(numel, "numel")
     if numel < 0:
         raise ValueError(f"numel: must be >= 0, got {numel}")
     p = _check_percent(percent)
     if numel == 0:
         return 0
-    return max(1, min(numel, floor_count(numel, p, 100)))
+    return max(1, min(numel, ceil_count(numel, p, 100)))
 
 
 def _fresh_bits(numel: int, device) -> torch.Tensor:
@@ -142,6 +143,9 @@ class Bitmask:
             raise TypeError(f"indices: expected integer positions, got {idx.dtype} values")
         if idx.is_meta:
             raise ValueError("indices: a meta tensor holds no positions")
+        if idx.dim() > 1:  # (ndim, nnz) coordinates (mask.nonzero().t(), a COO tensor's indices()) are not positions
+            raise ValueError(f"indices: expected a 1-D tensor of flat (row-major) positions, got shape {tuple(idx.shape)}"
+                             " (coordinates: pass the sparse COO tensor to Bitmask.coerce, or flatten them first)")
         idx = idx.reshape(-1).long()
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
             raise ValueError(f"indices: positions must lie in [0, {numel}) for shape {shape}")
@@ -378,9 +382,33 @@ class MaskSet(Mapping[str, Bitmask]):
         return f"MaskSet({len(self)} masks, {self.count()}/{self.numel()} set)"
 
 
+def _compact_sparse(m: Mapping, what: str, path) -> "Bitmask":
+    """GoldenParams' compact sparse mask (``convert_masks_to_sparse_coo``): ``{"indices": int32 flat positions,
+    "shape", "nnz", "dtype": "bool", "layout": "compact_sparse"}``, checked field by field (session 39: refused
+    before, so no results file of the current GoldenParams could be read)."""
+    idx, shape = m.get("indices"), m.get("shape")
+    if not isinstance(idx, torch.Tensor) or type(idx) is not torch.Tensor or idx.device.type != "cpu":
+        raise ValueError(f"{what}: a compact sparse mask's 'indices' must be a plain CPU tensor in {path!r}, got "
+                         f"{type(idx).__name__}")
+    if not isinstance(shape, (torch.Size, tuple, list)) or not all(isinstance(d, int) and not isinstance(d, bool)
+                                                                   and d >= 0 for d in shape):
+        raise ValueError(f"{what}: a compact sparse mask's 'shape' must be a sequence of sizes in {path!r}, got "
+                         f"{shape!r}")
+    if m.get("dtype", "bool") != "bool":
+        raise ValueError(f"{what}: a compact sparse mask of dtype {m.get('dtype')!r} in {path!r}; expected 'bool'")
+    nnz = m.get("nnz")
+    if nnz is not None and (not isinstance(nnz, int) or nnz != idx.numel()):
+        raise ValueError(f"{what}: a compact sparse mask with nnz={nnz!r} but {idx.numel()} indices in {path!r} "
+                         "(truncated or edited)")
+    try:
+        return Bitmask.from_indices(idx, tuple(shape))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what}: {e} (in {path!r})") from None
+
+
 def load_goldenparams(path: str, key: Optional[str] = None) -> MaskSet:
     """Masks from a GoldenParams results file (``.pt`` with ``masks`` or ``intersection_masks``:
-    name -> sparse COO or dense bool). Loaded with ``weights_only=True``: nothing is unpickled; a file that is not
+    name -> sparse COO, dense bool, or the compact sparse dict GoldenParams' ``convert_masks_to_sparse_coo`` writes). Loaded with ``weights_only=True``: nothing is unpickled; a file that is not
     a regular file, cannot be loaded that way, or holds masks that are not plain CPU tensors raises ValueError
     naming it."""
     with open_regular(path, "path") as f:  # not a FIFO / device (checked on the open file)
@@ -397,15 +425,21 @@ def load_goldenparams(path: str, key: Optional[str] = None) -> MaskSet:
             masks = data[k]
             if not isinstance(masks, Mapping):
                 raise ValueError(f"path: {path!r}[{k!r}] is not a dict of name -> mask")
+            out = {}
             for n, m in masks.items():
+                what = f"{k}[{n!r}]"
+                if isinstance(m, Mapping) and m.get("layout") == "compact_sparse":
+                    out[n] = _compact_sparse(m, what, path)  # what GoldenParams' convert_masks_to_sparse_coo writes
+                    continue
                 if not isinstance(m, torch.Tensor):
-                    raise TypeError(f"{k}[{n!r}]: expected a mask tensor (dense or sparse COO) in {path!r}, got "
-                                    f"{type(m).__name__}")
+                    raise TypeError(f"{what}: expected a mask tensor (dense or sparse COO) or GoldenParams' compact "
+                                    f"sparse dict in {path!r}, got {type(m).__name__}")
                 if m.device.type != "cpu" or type(m) is not torch.Tensor:
-                    raise ValueError(f"{k}[{n!r}]: expected a plain CPU tensor in {path!r}, got a {type(m).__name__} "
+                    raise ValueError(f"{what}: expected a plain CPU tensor in {path!r}, got a {type(m).__name__} "
                                      f"on {m.device}")
-            return MaskSet({n: Bitmask.coerce(m if m.dtype == torch.bool or m.layout == torch.sparse_coo
-                                              else m.bool(), what=f"{k}[{n!r}]") for n, m in masks.items()})
+                out[n] = Bitmask.coerce(m if m.dtype == torch.bool or m.layout == torch.sparse_coo else m.bool(),
+                                        what=what)
+            return MaskSet(out)
     raise ValueError(f"path: {path!r} has none of the keys {keys} (found {sorted(data)[:8]})")
 
 

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from gradkit._rules import floor_count
+
 Batch = Mapping[str, torch.Tensor]
 
 __all__ = [
@@ -180,8 +182,8 @@ def layer_filter(names: Iterable[str], last_percent: float,
 
     A name's block index is the regex's group ``idx`` if it has one, else its last group
     of its first match (``transformer.h.3.attn...`` -> 3, T5's ``encoder.block.3.layer.1...`` -> 3).
-    ``percent_to_k(n_blocks, last_percent)`` blocks with the
-    highest indices are kept (at least one). Names the pattern does not match (embeddings,
+    ``max(1, floor(n_blocks * last_percent / 100))`` blocks with the
+    highest indices are kept (GoldenParams' ``filter_params_by_layer_range``). Names the pattern does not match (embeddings,
     final norm, head) are excluded. Blocks are identified by index alone: an encoder and a decoder
     stack with the same indices are treated as one stack.
     """
@@ -203,7 +205,9 @@ def layer_filter(names: Iterable[str], last_percent: float,
     blocks = sorted(set(block_of.values()))
     if not blocks:
         raise ValueError(f"names: no name matches the block pattern {rx.pattern!r}")
-    keep = set(blocks[-_golden().percent_to_k(len(blocks), last_percent):])
+    # GoldenParams' filter_params_by_layer_range: max(1, int(layers * layer_pct / 100)), a floor (unlike its
+    # top-k% count, which ceils: percent_to_k)
+    keep = set(blocks[-max(1, min(len(blocks), floor_count(len(blocks), float(last_percent), 100))):])
     return [n for n in names if n in block_of and block_of[n] in keep]
 
 

@@ -97,6 +97,20 @@ def _grad_lookup(model_base: torch.nn.Module, pm: ParamMap) -> Dict[str, torch.T
     return grads
 
 
+def _normal_form(pm: ParamMap) -> ParamMap:
+    """Every entry re-encoded as GRADIEND's prune (and from_pretrained) encodes the entries of a pruned map ("all" when
+    complete; a mask when smaller than indices by its 0.8 margin, else indices), also those the prune left whole:
+    ParamMap.prune keeps those as they were, so a sparse "mask" entry stayed a mask and ``param_map_hash`` differed
+    from GRADIEND's pruned model and changed across save / load (session 39)."""
+    from gradkit.parammap import _entry_from_positions
+
+    entries = []
+    for e in pm._entries:
+        pos = e.positions()
+        entries.append(e if pos is None else _entry_from_positions(e, pos))
+    return ParamMap._from_entries(entries)
+
+
 def _extract_gradients(self, model, return_dict: bool = False, target_device=None):
     if return_dict:
         return type(self).extract_gradients(self, model, return_dict=True, target_device=target_device)
@@ -196,6 +210,7 @@ def _prune(self, *, topk=None, threshold=None, mask=None, part: str = "decoder-w
             threshold = None
     pm = param_map_of(self)
     new_pm, keep = pm.prune(mask=mask, threshold=threshold, topk=topk, importance=imp)
+    new_pm = _normal_form(new_pm)
     new_in = int(keep.numel())
     enc, dec = self.encoder[0], self.decoder[0]
     new_enc = _sliced(enc, keep, True, new_in, self.latent_dim, True, self.torch_dtype, self.device_encoder)
