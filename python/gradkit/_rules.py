@@ -19,24 +19,25 @@ def floor_count(n: int, x: float, divisor: int = 1) -> int:
     entries is 57 (float arithmetic gives 56.99999999999999), ``1 / 3`` of 3 blocks is 1 (the exact product
     is 0.99999999999999994). The allowance is ``2 n ulp(x) / divisor``: it shrinks with ``x``'s precision,
     and a large ``n`` still floors (a fixed relative tolerance would round, not floor, past ~1e9)."""
-    xf = float(x)
-    prod = n * Fraction(xf) / divisor
-    near = round(prod)
-    if abs(prod - near) <= 2 * n * Fraction(math.ulp(xf)) / divisor:
-        return int(near)
-    return math.floor(prod)
+    return _count(n, x, divisor, math.floor)
 
 
 def ceil_count(n: int, x: float, divisor: int = 1) -> int:
     """``ceil(n * x / divisor)``, read as :func:`floor_count` reads it: a product that ``x``'s own rounding could move
     onto an integer is that integer (1.1 % of 1000 entries is 11, where float arithmetic gives 11.000000000000002
     and a plain ceil 12)."""
+    return _count(n, x, divisor, math.ceil)
+
+
+def _count(n: int, x: float, divisor: int, rounding) -> int:
+    """``rounding(n * x / divisor)`` on ``x``'s exact value, a product within ``x``'s rounding of an integer taken as
+    that integer (see :func:`floor_count`)."""
     xf = float(x)
     prod = n * Fraction(xf) / divisor
     near = round(prod)
     if abs(prod - near) <= 2 * n * Fraction(math.ulp(xf)) / divisor:
         return int(near)
-    return math.ceil(prod)
+    return rounding(prod)
 
 
 def all_finite(t: torch.Tensor) -> bool:
