@@ -850,3 +850,33 @@ def test_peft_lora_adapters_on_gpt2_conv1d_with_left_padding(dora):
     assert_rows(run(model, lambda: lm_losses(model, ids, mask).sum(), mask, modules="*lora_*"), want)
     with pytest.raises(ValueError, match="base_layer"):
         run(model, lambda: lm_losses(model, ids, mask).sum(), mask)
+
+
+def test_model_inputs_of_two_batch_sizes_each_tower_keeps_its_own():
+    # session 39's model-batch check: a module's batch must be one the model's inputs show. A CLIP-like model given
+    # 5 text prompts (input_ids) and 3 images (pixel_values): the image tower's rows are per image, not refused
+    class TwoTower(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(VOCAB, 6)
+            self.text = nn.Linear(6, 4)
+            self.image = nn.Linear(12, 4)
+
+        def forward(self, input_ids, pixel_values):
+            t = self.text(self.emb(input_ids)).mean(1)  # (5, 4)
+            v = self.image(pixel_values.flatten(1))  # (3, 4)
+            return v @ t.T  # (3, 5)
+
+    torch.manual_seed(3)
+    model = TwoTower()
+    ids = torch.randint(0, VOCAB, (5, 7), generator=torch.Generator().manual_seed(4))
+    pix = torch.randn(3, 3, 2, 2, generator=torch.Generator().manual_seed(5))
+    lf = lambda px: model(input_ids=ids, pixel_values=px).sin().sum()
+    want = reference(model, ["image"], 3, lambda b: lf(pix[b:b + 1]))
+    assert_rows(run(model, lambda: lf(pix), modules="image"), want)
+    # a module whose rows match neither input's batch (each image folded into 2 halves: 6 rows) is still refused
+    model.image = nn.Sequential(nn.Unflatten(1, (2, 6)), nn.Flatten(0, 1), nn.Linear(6, 4),  # (6, 4): halves
+                                nn.Unflatten(0, (3, 2)), nn.Flatten(1), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match=r"^modules: 'image\.2' got a 2-D input of 6 rows, but the model's input_ids "
+                                         r"of shape \(5, 7\) holds 5 examples"):
+        run(model, lambda: lf(pix), modules="image.2")

@@ -415,8 +415,9 @@ class GradientCollector:
         self._rows: Optional[Tuple[int, str]] = None  # (B, where it came from), once the mask or a module fixed it
         self._tokens: Dict[int, str] = {}  # T -> where it came from (the modules with a (B, T, I) input)
         self._pending: List[Tuple[str, _Call, int]] = []  # (name, call, rows) of 2-D calls made before B was known
-        # (B, T or None, description) of the model forward's own input (see _model_pre_hook)
-        self._model_bt: Optional[Tuple[int, Optional[int], str]] = None
+        # (B, T or None, description, every batch size of its inputs) of the model forward's own input
+        # (see _model_pre_hook)
+        self._model_bt: Optional[Tuple[int, Optional[int], str, frozenset]] = None
 
     def _compiled_ancestor(self, name: str) -> Optional[str]:
         """The name of a module holding ``name`` (or itself) compiled in place (``module.compile()``), or None."""
@@ -636,7 +637,11 @@ class GradientCollector:
             T = int(x.shape[1])
         else:
             T = None
-        self._model_bt = (int(x.shape[0]), T, f"the model's {src} of shape {tuple(x.shape)}")
+        # every batch the model's inputs show (a CLIP-like model given 10 text prompts and 4 images: a module of
+        # either tower has its own input's batch)
+        sizes = {int(v.shape[0]) for k in _MODEL_INPUTS if isinstance(v := kwargs.get(k), Tensor) and v.dim() > 0}
+        self._model_bt = (int(x.shape[0]), T, f"the model's {src} of shape {tuple(x.shape)}",
+                          frozenset(sizes | {int(x.shape[0])}))
 
     def _model_hook(self, module: nn.Module, args: tuple, output) -> None:
         if output is None and sys.exc_info()[0] is not None:  # always_call: the model's forward raised
@@ -739,7 +744,7 @@ class GradientCollector:
     def _check_model_batch(self) -> None:
         """After the model's forward: the batch the hooked modules (or the mask) gave is the model input's."""
         mb = self._model_bt
-        if mb is None or self._rows is None or self._rows[0] == mb[0]:
+        if mb is None or self._rows is None or self._rows[0] in mb[3]:
             return
         raise ValueError(
             f"modules: {self._rows[1]} gave the batch {self._rows[0]} rows, but {mb[2]} holds {mb[0]} examples. The "
@@ -753,9 +758,9 @@ class GradientCollector:
         input) is taken as ``rows`` examples: the model's input must show that many examples; its B * T tokens (token
         ids or input embeddings) are refused, since nothing tells their (B, T) for sure."""
         mb = self._model_bt
-        if mb is None or rows == mb[0]:
+        if mb is None or rows in mb[3]:
             return
-        B, T, src = mb
+        B, T, src, _ = mb
         if T is not None and T > 1 and rows == B * T:
             raise ValueError(
                 f"modules: {name!r} got a 2-D input of {rows} rows, the B * T = {B} * {T} tokens of {src} flattened "
