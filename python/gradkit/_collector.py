@@ -667,8 +667,10 @@ class GradientCollector:
             return
         # (a module inside a block compiled before the collector attached runs traced code without the hooks:
         # collect() names those, with what to do about it)
+        # (a weight shared with a hooked module that did run is that module's: its use is seen)
+        ran = {id(getattr(m, "weight", None)) for n, m in self._modules.items() if n in self._ran}
         unseen = {id(w): n for n, m in self._modules.items() if n not in self._ran
-                  and isinstance(w := getattr(m, "weight", None), Tensor) and w.requires_grad
+                  and isinstance(w := getattr(m, "weight", None), Tensor) and w.requires_grad and id(w) not in ran
                   and self._compiled_ancestor(n) is None}
         if not unseen:
             return
