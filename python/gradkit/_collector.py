@@ -49,7 +49,10 @@ whose input requires grad still gives its true gradient; one whose output cannot
 upstream does) is refused by its forward pass rather than given zero rows. In-place ops on a hooked output
 (``nn.ReLU(inplace=True)``) are fine. Each forward may be backpropagated once while its batch is pending: a
 second backward through it (``retain_graph=True``, several losses) raises; backpropagate the losses' sum, or
-``collect()`` first. Gradient checkpointing: with ``use_reentrant=False`` either backward works; with
+``collect()`` first. Several forwards before one backward and ``collect()`` (gradient accumulation) give each
+position the SUM of its rows over those forwards: right when row b of each forward is the same example (two
+augmented views of it), but micro-batches of different examples mix example b of each; collect() after each
+micro-batch's backward instead (a shorter micro-batch is refused by its shape). Gradient checkpointing: with ``use_reentrant=False`` either backward works; with
 ``use_reentrant=True`` use ``loss.backward()`` (:meth:`backward` refuses: ``torch.autograd.grad`` would skip the
 recomputation), and the recomputed forward uses the mask the first forward ran under.
 
