@@ -22,17 +22,10 @@ from torch import nn
 from gradkit.index import GradientIndex
 from gradkit.projection import (AdafactorNormalizer, AdamNormalizer, GradientCollector, derive_seed,
                                 projection_matrix)
-from test_audit_s39_collector import P, SEED, VOCAB, assert_rows, reference, untied
+# _one_thread: that file's autouse fixture (one torch thread), imported so it applies here too
+from test_audit_s39_collector import P, SEED, VOCAB, _one_thread, assert_rows, reference, untied  # noqa: F401
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -317,6 +317,30 @@ def test_encoder_attention_mask_is_not_applied_to_decoder_activations():
     assert hs.tokens["decoder.layers.0.fc1"] == int(dmask.sum())
 
 
+class _Blk(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(x)))
+
+
+class _Shared(nn.Module):
+    """Three blocks; block 2 reuses block 0's fc (a layer called again after a later one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Blk(), _Blk(), _Blk()])
+        self.blocks[2].fc = self.blocks[0].fc
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
 # DEFECT: `early_stop` is not part of the checkpoint's configuration (driver.py:1068-1075), although it changes the
 # Hessians of a model that calls a layer again after a later one (the docstring tells users to turn it off for such
 # models): a run interrupted with early_stop=True and resumed with early_stop=False (the user noticed the shared
@@ -326,29 +350,9 @@ def test_encoder_attention_mask_is_not_applied_to_decoder_activations():
 # groups, method_kwargs, ...) is refused with CheckpointError. Correct: CheckpointError naming early_stop (or a resumed
 # result equal to the uninterrupted early_stop=False run).
 def test_resume_with_another_early_stop_is_refused(tmp_path):
-    class Blk(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(8, 8)
-            self.out = nn.Linear(8, 8)
-
-        def forward(self, x):
-            return self.out(torch.tanh(self.fc(x)))
-
-    class Shared(nn.Module):  # block 2 reuses block 0's fc
-        def __init__(self):
-            super().__init__()
-            self.blocks = nn.ModuleList([Blk(), Blk(), Blk()])
-            self.blocks[2].fc = self.blocks[0].fc
-
-        def forward(self, x):
-            for b in self.blocks:
-                x = b(x)
-            return x
-
     def make():
         torch.manual_seed(0)
-        return Shared()
+        return _Shared()
 
     def weights(m):
         return {n: x.weight.detach().clone() for n, x in m.named_modules() if isinstance(x, nn.Linear)}
@@ -428,29 +432,9 @@ def test_linear_called_twice_in_a_block_sums_both_calls(monkeypatch):
 
 def test_shared_module_with_early_stop_off_gets_every_call():
     # documented: early_stop=True truncates a layer called again after a later one; with it off every call counts
-    class Blk(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(8, 8)
-            self.out = nn.Linear(8, 8)
-
-        def forward(self, x):
-            return self.out(torch.tanh(self.fc(x)))
-
-    class Shared(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = nn.ModuleList([Blk(), Blk(), Blk()])
-            self.blocks[2].fc = self.blocks[0].fc
-
-        def forward(self, x):
-            for b in self.blocks:
-                x = b(x)
-            return x
-
     torch.manual_seed(0)
     data = [torch.randn(16, 8) for _ in range(2)]
-    rep = prune_model(Shared(), data, "2:4", early_stop=False, progress=False)
+    rep = prune_model(_Shared(), data, "2:4", early_stop=False, progress=False)
     assert rep["blocks.0.fc"].tokens == 64 and rep["blocks.1.fc"].tokens == 32
 
 

@@ -52,8 +52,8 @@ second backward through it (``retain_graph=True``, several losses) raises; backp
 ``collect()`` first. Several forwards before one backward and ``collect()`` (gradient accumulation) give each
 position the SUM of its rows over those forwards: right when row b of each forward is the same example (two
 augmented views of it), but micro-batches of different examples mix example b of each; collect() after each
-micro-batch's backward instead (a shorter micro-batch is refused by its shape). Gradient checkpointing: with ``use_reentrant=False`` either backward works; with
-``use_reentrant=True`` use ``loss.backward()`` (:meth:`backward` refuses: ``torch.autograd.grad`` would skip the
+micro-batch's backward instead (a shorter micro-batch is refused by its shape). Gradient checkpointing: with
+``use_reentrant=False`` either backward works; with ``use_reentrant=True`` use ``loss.backward()`` (:meth:`backward` refuses: ``torch.autograd.grad`` would skip the
 recomputation), and the recomputed forward uses the mask the first forward ran under.
 
 Refused rather than collected wrong (session 33): a hooked module whose output is not one tensor, or whose input /
@@ -61,8 +61,8 @@ output widths are not its weight's (I, O) (grouped or extended Linear subclasses
 disagree on the batch size (a sequence-first ``(T, B, I)`` input, which would be taken as T examples), or whose
 batch is not the batch of the model's own input (``input_ids`` / ``inputs_embeds`` / ``pixel_values`` /
 ``input_values`` / ``input_features``, else its first positional tensor: a multiple-choice model's B * choices rows,
-window attention's B * windows; session 39); in :meth:`per_example_grads`, an encoder-decoder's ``attention_mask`` (the encoder's, which would
-mark the decoder's positions: two collectors, one with the encoder's modules and the decoder's cross-attention
+window attention's B * windows; session 39); in :meth:`per_example_grads`, an encoder-decoder's
+``attention_mask`` (the encoder's, which would mark the decoder's positions: two collectors, one with the encoder's modules and the decoder's cross-attention
 key / value projections under the encoder's mask, one with the other decoder modules under the decoder's, collect
 such a model). Mixture-of-experts expert layers (Linears under an ``experts`` module) see the tokens routed to
 them, not examples: the default selection leaves them out, and naming them is refused (session 34; before, an

@@ -7,8 +7,8 @@ GoldenParams-compatible semantics on gradkit's kernels:
   One fused kernel per tensor and sample (exact select of the k-th largest ``|g|``, then select +
   AND into the packed bitmask + per-entry counts + popcount in one pass).
 * Top-k% keeps ``k = max(1, ceil(numel * percent / 100))`` entries of a non-empty tensor, GoldenParams' count
-  (:func:`percent_to_k`; session 39, floor before: one entry fewer than GoldenParams in most tensors). Ties at the threshold are taken lowest flat (row-major) position
-  first, on every backend, so masks are deterministic; NaN gradients are never selected.
+  (:func:`percent_to_k`; session 39, floor before: one entry fewer than GoldenParams in most tensors). Ties at
+  the threshold are taken lowest flat (row-major) position first, on every backend, so masks are deterministic; NaN gradients are never selected.
 * :class:`Bitmask` / :class:`MaskSet`: masks stored packed (1 bit per entry, 8x smaller than
   bool, and unlike COO never larger than dense), with and / or / xor / andnot / not, count,
   density, memory, and conversions to and from dense bool, torch sparse COO, flat indices, the
@@ -144,8 +144,8 @@ class Bitmask:
         if idx.is_meta:
             raise ValueError("indices: a meta tensor holds no positions")
         if idx.dim() > 1:  # (ndim, nnz) coordinates (mask.nonzero().t(), a COO tensor's indices()) are not positions
-            raise ValueError(f"indices: expected a 1-D tensor of flat (row-major) positions, got shape {tuple(idx.shape)}"
-                             " (coordinates: pass the sparse COO tensor to Bitmask.coerce, or flatten them first)")
+            raise ValueError(f"indices: expected a 1-D tensor of flat (row-major) positions, got shape "
+                             f"{tuple(idx.shape)} (coordinates: pass the sparse COO tensor to Bitmask.coerce, or flatten them first)")
         idx = idx.reshape(-1).long()
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
             raise ValueError(f"indices: positions must lie in [0, {numel}) for shape {shape}")
@@ -408,8 +408,8 @@ def _compact_sparse(m: Mapping, what: str, path) -> "Bitmask":
 
 def load_goldenparams(path: str, key: Optional[str] = None) -> MaskSet:
     """Masks from a GoldenParams results file (``.pt`` with ``masks`` or ``intersection_masks``:
-    name -> sparse COO, dense bool, or the compact sparse dict GoldenParams' ``convert_masks_to_sparse_coo`` writes). Loaded with ``weights_only=True``: nothing is unpickled; a file that is not
-    a regular file, cannot be loaded that way, or holds masks that are not plain CPU tensors raises ValueError
+    name -> sparse COO, dense bool, or the compact sparse dict GoldenParams' ``convert_masks_to_sparse_coo``
+    writes). Loaded with ``weights_only=True``: nothing is unpickled; a file that is not a regular file, cannot be loaded that way, or holds masks that are not plain CPU tensors raises ValueError
     naming it."""
     with open_regular(path, "path") as f:  # not a FIFO / device (checked on the open file)
         try:

@@ -183,8 +183,8 @@ def layer_filter(names: Iterable[str], last_percent: float,
     A name's block index is the regex's group ``idx`` if it has one, else its last group
     of its first match (``transformer.h.3.attn...`` -> 3, T5's ``encoder.block.3.layer.1...`` -> 3).
     ``max(1, floor(n_blocks * last_percent / 100))`` blocks with the
-    highest indices are kept (GoldenParams' ``filter_params_by_layer_range``). Names the pattern does not match (embeddings,
-    final norm, head) are excluded. Blocks are identified by index alone: an encoder and a decoder
+    highest indices are kept (GoldenParams' ``filter_params_by_layer_range``). Names the pattern does
+    not match (embeddings, final norm, head) are excluded. Blocks are identified by index alone: an encoder and a decoder
     stack with the same indices are treated as one stack.
     """
     last_percent = _check_percent(last_percent, "last_percent")

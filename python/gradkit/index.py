@@ -714,8 +714,8 @@ class Precondition:
     means ``Precondition(matrix, mode="query")``. The powers are computed once per damping (float64
     eigh) and cached on this object, so reuse it across searches; assigning ``damping`` or ``matrix``
     validates the value and drops the cached powers, assigning ``mode`` validates it, and a matrix
-    edited in place (its tensor's version counter moves) has its powers computed again. Each power is kept as a float32 matrix whose largest entry is
-    in [0.5, 1) and a power of two (H^p = M * 2**e), so any H float64 can hold gives the same cosines
+    edited in place (its tensor's version counter moves) has its powers computed again. Each power
+    is kept as a float32 matrix whose largest entry is in [0.5, 1) and a power of two (H^p = M * 2**e), so any H float64 can hold gives the same cosines
     as H scaled by a positive constant; search applies M in float64 and carries 2**e exactly.
     """
 

@@ -84,6 +84,13 @@ def _named_list(named_params: NamedParams) -> List[Tuple[str, torch.Tensor]]:
 def _bits_of(name: str, mask: Any, p: torch.Tensor, what: str) -> torch.Tensor:
     """The packed bitmask (a new tensor on p's device) of a bool mask or a packed uint8 bitmask of p."""
     nbytes = (p.numel() + 7) // 8
+    if isinstance(mask, torch.Tensor) and mask.layout == torch.sparse_coo:
+        # GoldenParams keeps its masks as COO: bool, or float32 ones from convert_masks_to_torch_sparse_coo (the form
+        # its usage guide gives its MaskedAdamW; session 39: refused before); set where a stored value is non-zero.
+        # As a Bitmask it takes the Bitmask path below (its shape checked there).
+        from gradkit.golden import Bitmask
+
+        mask = Bitmask.coerce(mask, what=what)
     if hasattr(mask, "bits") and hasattr(mask, "shape") and not isinstance(mask, torch.Tensor):  # golden.Bitmask
         if tuple(mask.shape) != tuple(p.shape):
             raise ValueError(f"{what}: shape {tuple(mask.shape)} differs from parameter {name!r}'s shape "
@@ -92,16 +99,6 @@ def _bits_of(name: str, mask: Any, p: torch.Tensor, what: str) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{what}: expected a bool tensor of shape {tuple(p.shape)} or a packed uint8 bitmask, "
                         f"got {type(mask).__name__}")
-    if mask.layout == torch.sparse_coo:
-        # GoldenParams keeps its masks as COO: bool, or float32 ones from convert_masks_to_torch_sparse_coo (the form
-        # its usage guide gives its MaskedAdamW; session 39: refused before); set where a stored value is non-zero
-        from gradkit.golden import Bitmask
-
-        bm = Bitmask.coerce(mask, what=what)
-        if tuple(bm.shape) != tuple(p.shape):
-            raise ValueError(f"{what}: shape {tuple(bm.shape)} differs from parameter {name!r}'s shape "
-                             f"{tuple(p.shape)}")
-        return bm.bits.to(p.device, copy=True).contiguous()
     if mask.dtype == torch.bool:
         if mask.shape != p.shape:
             raise ValueError(f"{what}: shape {tuple(mask.shape)} differs from parameter {name!r}'s shape "
