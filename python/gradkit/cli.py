@@ -10,12 +10,12 @@ import sys
 
 
 def _exit_status(code) -> int:
-    """The process status ``sys.exit(code)`` would give: None 0, an int itself, anything else (a message)
-    printed to stderr and 1."""
+    """The process status ``sys.exit(code)`` would give: None 0, an int itself (a bool too: ``sys.exit(False)`` is
+    status 0, ``sys.exit(True)`` 1, nothing printed), anything else (a message) printed to stderr and 1."""
     if code is None:
         return 0
-    if isinstance(code, int) and not isinstance(code, bool):
-        return code
+    if isinstance(code, int):
+        return int(code)
     print(code, file=sys.stderr)
     return 1
 

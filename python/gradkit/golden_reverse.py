@@ -229,16 +229,23 @@ class FluctuationStrategy:
     def __init__(self, target: float, *, amplitude: float = 0.3, frequency: float = 0.1,
                  min_percent: Optional[float] = None, max_percent: Optional[float] = None, seed: int = 0) -> None:
         self.target = _check_percent(target, "target")
+        for arg, v in (("min_percent", min_percent), ("max_percent", max_percent)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+                raise ValueError(f"{arg}: expected None or a number, got {v!r}")
         lo = self.target * 0.5 if min_percent is None else float(min_percent)
         hi = min(100.0, self.target * 2.0) if max_percent is None else float(max_percent)
         if not 0 < lo <= self.target <= hi <= 100:
             raise ValueError(f"min_percent/max_percent: need 0 < min <= target <= max <= 100, "
                              f"got {lo}, {self.target}, {hi}")
-        if isinstance(amplitude, bool) or not isinstance(amplitude, (int, float)) \
+        # numbers.Real: numpy scalars too (np.float32 is no float subclass; np.float64 is)
+        if isinstance(amplitude, bool) or not isinstance(amplitude, numbers.Real) \
                 or not math.isfinite(amplitude) or amplitude < 0:
             raise ValueError(f"amplitude: expected a finite number >= 0, got {amplitude!r}")
-        if isinstance(frequency, bool) or not isinstance(frequency, (int, float)) or not math.isfinite(frequency):
+        if isinstance(frequency, bool) or not isinstance(frequency, numbers.Real) or not math.isfinite(frequency):
             raise ValueError(f"frequency: expected a finite number, got {frequency!r}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2 ** 63 <= seed < 2 ** 64:
+            # int(1.7) would have seeded with 1 silently
+            raise ValueError(f"seed: expected an int in [-2**63, 2**64), got {seed!r}")
         self.min_percent, self.max_percent = lo, hi
         self.span = hi - lo
         self.amplitude, self.frequency = float(amplitude), float(frequency)
@@ -620,8 +627,9 @@ def reverse_golden_masks(
     """
     _check_model(model)
     percent = _check_percent(percent, "percent")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
+    chunk_size = int(chunk_size)  # numpy integers too, as seed
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed: expected an int, got {seed!r}")
     if not -2 ** 63 <= seed < 2 ** 64:  # what torch.Generator.manual_seed takes

@@ -74,6 +74,8 @@ def _named_list(named_params: NamedParams) -> List[Tuple[str, torch.Tensor]]:
         if p.dtype not in _FLOATS:
             raise TypeError(f"named_params[{name!r}]: expected a float32/float64/float16/bfloat16 parameter, "
                             f"got {p.dtype}")
+        if p.layout != torch.strided:  # its gradient is sparse too, which step refuses: say so up front
+            raise TypeError(f"named_params[{name!r}]: MaskedAdamW steps dense parameters, got a {p.layout} one")
         if not p.is_leaf:  # torch.optim's own message names no parameter
             raise ValueError(f"named_params[{name!r}]: can't optimize a non-leaf tensor (a result of other "
                              f"tensors' operations); pass the parameter itself")
@@ -116,6 +118,31 @@ def _bits_of(name: str, mask: Any, p: torch.Tensor, what: str) -> torch.Tensor:
                     f"({nbytes},), got a {mask.layout} {mask.dtype} tensor")
 
 
+def _check_buckets_disjoint(buckets: Iterable[Dict[str, list]], amsgrad: bool) -> None:
+    """The fused op's memory-overlap rule (a written tensor sharing an element with another listed tensor is
+    refused), applied to every bucket up front and naming the parameters. Tensors on distinct storages cannot
+    overlap: the element-wise check runs only for a bucket where a storage repeats (views of one flat buffer)."""
+    from gradkit.ops.overlap import check_no_overlap
+
+    if torch.compiler.is_compiling():  # fake tensors have no addresses (the kernels check)
+        return
+    for b in buckets:
+        keys = ("p", "m", "v", "g") + (("vmax",) if amsgrad else ())
+        seen, shared = set(), False
+        for key in keys:
+            for t in b[key]:
+                if t.numel() and t.device.type != "meta":
+                    ptr = t.untyped_storage().data_ptr()
+                    if ptr in seen:
+                        shared = True
+                    seen.add(ptr)
+        if not shared:
+            continue
+        what = {"p": "parameter {!r}", "m": "state['exp_avg'] of {!r}", "v": "state['exp_avg_sq'] of {!r}",
+                "vmax": "state['max_exp_avg_sq'] of {!r}", "g": "grad of {!r}"}
+        check_no_overlap([(what[key].format(n), t, key != "g") for key in keys for n, t in zip(b["n"], b[key])])
+
+
 class MaskedAdamW(torch.optim.Optimizer):
     """AdamW with a per-entry learning rate: ``masked_lr`` where a parameter's mask is set,
     ``unmasked_lr`` elsewhere, in one fused pass per (device, dtype) per step.
@@ -138,7 +165,7 @@ class MaskedAdamW(torch.optim.Optimizer):
     ``exp_avg_sq``, and with ``amsgrad=True`` ``max_exp_avg_sq``, the running maximum whose square root
     is the denominator, as in ``torch.optim.AdamW(amsgrad=True)``; turned on later, it starts at 0); a
     parameter whose ``.grad`` is None is skipped and its step does not advance.
-    ``state_dict()`` also holds the masks and the parameters' names and shapes, and
+    ``state_dict()`` also holds the masks (copies) and the parameters' names and shapes, and
     ``load_state_dict`` checks they match before changing anything. The rates live in the
     parameter group as ``masked_lr`` / ``unmasked_lr`` (a schedule edits those keys); the group
     has no ``lr``, and ``step`` raises if one was added (e.g. to make a torch LR scheduler run),
@@ -153,9 +180,10 @@ class MaskedAdamW(torch.optim.Optimizer):
     Bad input raises ``ValueError`` / ``TypeError`` naming the argument or parameter, before any
     parameter or state changes: a mask whose shape differs from its parameter's, a mask for an
     unknown name, a mask that is neither bool nor a packed uint8 bitmask, rates / betas / eps /
-    weight decay out of range, duplicate names or tensors, sparse gradients, and (in ``step``) a
+    weight decay out of range, duplicate names or tensors, sparse parameters or gradients, and (in ``step``) a
     parameter moved or cast after its state was created, or whose data was replaced after its mask
-    was given, and rates / betas / eps / weight decay edited into the group: ``step`` checks the group
+    was given, rates / betas / eps / weight decay edited into the group, and a gradient or state tensor sharing
+    memory with a tensor the step writes (every (device, dtype) group is checked): ``step`` checks the group
     and every parameter before the closure and the first fused call, and enters the state of
     parameters stepped for the first time only once every step ran, so an error never leaves some
     parameters stepped and others not, nor a state behind.
@@ -259,8 +287,9 @@ class MaskedAdamW(torch.optim.Optimizer):
             work = p if p.is_contiguous() else p.contiguous()
             if work is not p:
                 writeback.append((p, work))
-            b = buckets.setdefault((p.device, p.dtype), {k: [] for k in ("p", "g", "m", "v", "vmax", "bits", "bc1",
-                                                                         "bc2")})
+            b = buckets.setdefault((p.device, p.dtype), {k: [] for k in ("n", "p", "g", "m", "v", "vmax", "bits",
+                                                                         "bc1", "bc2")})
+            b["n"].append(name)
             b["p"].append(work)
             b["g"].append(g.contiguous())
             b["m"].append(st["exp_avg"])
@@ -270,6 +299,11 @@ class MaskedAdamW(torch.optim.Optimizer):
             b["bits"].append(self._bits.get(name))
             b["bc1"].append(1 - beta1 ** step)  # torch.optim.AdamW's expressions, to the last bit
             b["bc2"].append((1 - beta2 ** step) ** 0.5)
+        if len(buckets) > 1:
+            # one fused call per (device, dtype): a later call refusing its tensors (memory shared between a
+            # parameter, its gradient or its state) would leave the earlier buckets stepped, so every bucket is
+            # checked before the first call
+            _check_buckets_disjoint(buckets.values(), hp["amsgrad"])
         for b in buckets.values():
             ops.masked_adamw_(b["p"], b["g"], b["m"], b["v"], b["bits"], masked_lr=hp["masked_lr"],
                               unmasked_lr=hp["unmasked_lr"], beta1=beta1, beta2=beta2, eps=hp["eps"],
@@ -291,7 +325,9 @@ class MaskedAdamW(torch.optim.Optimizer):
         """torch's optimizer state dict plus ``masks`` ({name: packed bits}) and ``param_shapes``."""
         sd = super().state_dict()
         group = self.param_groups[0]
-        sd["masks"] = dict(self._bits)
+        # copies: the packed masks are the optimizer's configuration, validated once; an in-place edit of a state
+        # dict (say, building another optimizer's) must not change this optimizer's masks unchecked
+        sd["masks"] = {name: b.clone() for name, b in self._bits.items()}
         sd["param_shapes"] = {name: list(p.shape) for name, p in zip(group["param_names"], group["params"])}
         return sd
 
@@ -320,6 +356,13 @@ class MaskedAdamW(torch.optim.Optimizer):
             raise ValueError(f"state_dict: parameter names differ from this optimizer's "
                              f"({'e.g. ' + repr(diff[:3]) if diff else 'same names, other order'})")
         saved = groups[0]
+        try:
+            distinct = len(set(saved["params"]))
+        except TypeError:  # an unhashable id
+            distinct = -1
+        if len(saved["params"]) != len(names) or distinct != len(names):
+            raise ValueError(f"state_dict: param_groups[0]['params'] holds {len(saved['params'])} ids "
+                             f"({distinct} distinct), expected one per parameter name ({len(names)})")
         _check_hyper(saved["masked_lr"], saved["unmasked_lr"], saved["betas"], saved["eps"], saved["weight_decay"],
                      saved["maximize"], saved.get("amsgrad", False))
         by_name = dict(zip(names, params))
