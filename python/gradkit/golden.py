@@ -31,7 +31,7 @@ import torch
 
 from gradkit import ops
 from gradkit._io import open_regular
-from gradkit._rules import ceil_count, int_seq
+from gradkit._rules import as_written, ceil_count, int_seq
 from gradkit.kernels.reference.parammap import unpack_bitmask
 from gradkit.golden_reverse import (DEFAULT_LAYER_PATTERN, STRATEGIES, AdaptiveSinusoidal, ChaosDriven,  # noqa: F401
                                     ExplorationDecay, FluctuationStrategy, HarmonicOscillator, MomentumBased,
@@ -53,7 +53,7 @@ def _check_percent(percent) -> float:
     if isinstance(percent, bool) or not isinstance(percent, numbers.Real) or not 0 < percent <= 100 \
             or math.isnan(percent):
         raise ValueError(f"percent: expected a number in (0, 100], got {percent!r}")
-    return float(percent)
+    return as_written(percent)  # np.float32(1.1) is 1.1 (session 40: its double value took 12 of 1000)
 
 
 def _shape_arg(shape, what: str = "shape") -> Tuple[int, ...]:
@@ -77,7 +77,8 @@ def percent_to_k(numel: int, percent: float) -> int:
 
     Exact on ``percent``'s value (``gradkit._rules.ceil_count``), with a product that ``percent``'s own rounding
     could move onto an integer taken as that integer (1.1% of 1000 entries is 11, where float arithmetic gives
-    11.000000000000002, which GoldenParams' float ceil takes as 12)."""
+    11.000000000000002, which GoldenParams' float ceil takes as 12). A numpy float32 / float16 ``percent`` is read as
+    the decimal numpy prints for it (``np.float32(1.1)`` is 1.1, not 1.10000002384...; session 40)."""
     numel = ops._int(numel, "numel")
     if numel < 0:
         raise ValueError(f"numel: must be >= 0, got {numel}")
@@ -91,12 +92,22 @@ def _fresh_bits(numel: int, device) -> torch.Tensor:
     return torch.zeros((numel + 7) // 8, dtype=torch.uint8, device=device)
 
 
+def _scorable(g: torch.Tensor) -> torch.Tensor:
+    """``g`` detached, float8 widened to float32 (exact; the kernels take float16 / bfloat16 / float32 / float64)."""
+    g = g.detach()
+    return g.float() if g.element_size() == 1 else g
+
+
 def topk_mask(t: torch.Tensor, percent: float) -> torch.Tensor:
     """Bool mask (``t``'s shape) of the top ``percent``% of ``|t|`` (ties lowest position first; NaN never)."""
     if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
         raise TypeError(f"t: expected a floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if t.layout != torch.strided:
+        raise TypeError(f"t: expected a dense (strided) tensor, got a {t.layout} one")
+    if t.is_meta:
+        raise ValueError("t: a meta tensor holds no values")
     k = percent_to_k(t.numel(), percent)
-    g = t.detach().contiguous()
+    g = _scorable(t).contiguous()
     bits = _fresh_bits(g.numel(), g.device)
     ops.golden_topk_and_(g, bits, k, first=True)
     return unpack_bitmask(bits, g.numel()).reshape(t.shape)
@@ -128,6 +139,9 @@ class Bitmask:
     def from_bool(cls, mask: torch.Tensor) -> "Bitmask":
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"mask: expected a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if mask.layout != torch.strided:
+            raise TypeError(f"mask: expected a dense bool tensor, got a {mask.layout} one (a sparse COO mask: "
+                            "Bitmask.from_coo)")
         return cls(ops.pack_bitmask(mask.contiguous()), mask.shape)
 
     @classmethod
@@ -153,7 +167,8 @@ class Bitmask:
 
     @classmethod
     def from_coo(cls, coo: torch.Tensor) -> "Bitmask":
-        """From a torch sparse COO tensor (entries stored with a non-zero value are set)."""
+        """From a torch sparse COO tensor (entries stored with a non-zero value are set), hybrid ones too (dense
+        trailing dimensions: each stored value block sets its non-zero entries; session 40, an IndexError before)."""
         if not isinstance(coo, torch.Tensor) or coo.layout != torch.sparse_coo:
             raise TypeError("coo: expected a torch sparse COO tensor")
         ind = coo._indices()
@@ -161,15 +176,19 @@ class Bitmask:
                                                                                         device=ind.device)).any())):
             raise ValueError(f"coo: indices outside the shape {tuple(coo.shape)}")
         c = coo.coalesce()
-        keep = c.values() != 0
-        ind = c.indices()[:, keep].long()
+        sd = c.sparse_dim()
+        inner = math.prod(c.shape[sd:])  # 1 unless hybrid: the entries of one stored value block
+        vals = c.values()
+        ent, sub = (vals.reshape(vals.shape[0], inner) != 0).nonzero(as_tuple=True)
+        ind = c.indices().long()
         # flat positions (row-major) packed straight into bits: no dense bool copy of the mask's shape (a file of a
         # few hundred bytes could name a shape of 2^33 entries); a 0-dim mask's indices are (0, nnz)
         flat = torch.zeros(ind.shape[1], dtype=torch.long, device=ind.device)
         stride = 1
-        for d in range(len(c.shape) - 1, -1, -1):
+        for d in range(sd - 1, -1, -1):
             flat += ind[d] * stride
             stride *= int(c.shape[d])
+        flat = flat[ent] * inner + sub
         return cls(_bits_of_flat(flat, math.prod(c.shape)), tuple(c.shape))
 
     @classmethod
@@ -180,6 +199,9 @@ class Bitmask:
             b = m
         elif isinstance(m, torch.Tensor) and m.layout == torch.sparse_coo:
             b = cls.from_coo(m)
+        elif isinstance(m, torch.Tensor) and m.layout != torch.strided:  # CSR / CSC / BSR: no conversion here
+            raise TypeError(f"{what}: expected a dense or sparse COO mask, got a {m.layout} tensor "
+                            "(convert it with .to_sparse_coo())")
         elif isinstance(m, torch.Tensor) and m.dtype == torch.bool:
             b = cls.from_bool(m)
         elif isinstance(m, torch.Tensor) and m.dtype == torch.uint8 and m.dim() == 1 and shape is not None:
@@ -462,9 +484,12 @@ def _grad_tensor(grads: Mapping[str, torch.Tensor], name: str, sample: int) -> t
     g = grads[name]
     if not isinstance(g, torch.Tensor) or not g.dtype.is_floating_point:
         raise TypeError(f"grad_iter: sample {sample}, {name!r}: expected a floating tensor")
+    if g.layout != torch.strided:
+        raise TypeError(f"grad_iter: sample {sample}, {name!r}: expected a dense (strided) gradient, got a "
+                        f"{g.layout} one (densify it with .to_dense())")
     if g.is_meta:
         raise ValueError(f"grad_iter: sample {sample}, {name!r}: a meta tensor holds no gradient values")
-    return g.detach()
+    return _scorable(g)
 
 
 def golden_masks(grad_iter: Iterable[Mapping[str, torch.Tensor]], percent: float, scope: str = "tensor",
@@ -477,6 +502,9 @@ def golden_masks(grad_iter: Iterable[Mapping[str, torch.Tensor]], percent: float
     the names (default: the first sample's keys; every later sample must hold them with the same
     shapes). ``return_counts`` also keeps, per entry, how many samples selected it. Ties at the
     threshold: lowest flat position first (globally: in ``params`` order); NaN is never selected.
+    Gradients must be dense (a sparse one is a TypeError naming it); float8 ones are widened to float32 (exact).
+    A tensor listed under two names (a tied parameter's gradient) counts twice in the global scope, as any two
+    entries do: pass each parameter once (``named_parameters()`` does).
     """
     pct = _check_percent(percent)
     if scope not in ("tensor", "global"):
@@ -516,7 +544,8 @@ def golden_masks(grad_iter: Iterable[Mapping[str, torch.Tensor]], percent: float
         if n == 0:
             names = list(params) if params is not None else list(grads)
             if not names:
-                raise ValueError("grad_iter: the first sample holds no gradients")
+                raise ValueError("params: empty selection" if params is not None
+                                 else "grad_iter: the first sample holds no gradients")
         for name in names:
             g = _grad_tensor(grads, name, n)
             if n == 0:
@@ -590,12 +619,13 @@ class SparseGradientAccumulator:
     ``values()`` the compact sums, ``mean()`` divided by the number of ``add`` calls,
     ``to_dense()`` scattered back to full shapes (zeros elsewhere). Gradients are not inspected: a
     NaN / Inf at a mask position enters its sum, and a sum past ``dtype``'s range (an fp16 accumulator)
-    becomes +-inf, as torch's own ``+=`` would."""
+    becomes +-inf, as torch's own ``+=`` would. Float8 gradients are widened to float32 (exact); with a model,
+    a mask may name a tied parameter by any of its names (``named_parameters(remove_duplicate=False)``)."""
 
     def __init__(self, masks: Union[MaskSet, Mapping[str, torch.Tensor]], dtype: torch.dtype = torch.float32):
         self.masks = masks if isinstance(masks, MaskSet) else MaskSet(masks)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize == 1:
+            raise TypeError(f"dtype: expected float16, bfloat16, float32 or float64, got {dtype}")
         self.dtype = dtype
         self._idx = {n: m.to_indices(torch.int64 if m.numel > 2**31 - 1 else torch.int32) for n, m in self.masks.items()}
         total = sum(i.numel() for i in self._idx.values())
@@ -610,8 +640,8 @@ class SparseGradientAccumulator:
 
     def add(self, grads) -> None:
         """Add one set of gradients (``{name: grad}`` or a model whose ``.grad`` are set); all checked first."""
-        if isinstance(grads, torch.nn.Module):
-            grads = {n: p.grad for n, p in grads.named_parameters() if n in self._idx}
+        if isinstance(grads, torch.nn.Module):  # every name of a tied parameter: a mask may name any of them
+            grads = {n: p.grad for n, p in grads.named_parameters(remove_duplicate=False) if n in self._idx}
         if not isinstance(grads, Mapping):
             raise TypeError(f"grads: expected a dict name -> gradient or a model, got {type(grads).__name__}")
         src = []
@@ -626,7 +656,7 @@ class SparseGradientAccumulator:
                 raise ValueError(f"grads[{n!r}]: shape {tuple(g.shape)} differs from its mask's {self.masks[n].shape}")
             if g.device != self._flat.device:
                 raise ValueError(f"grads[{n!r}]: on {g.device} but the accumulator is on {self._flat.device}")
-            src.append(g.detach())
+            src.append(_scorable(g))
         if src:
             ops.gather_segments(src, list(self._idx.values()), out=self._flat, accumulate=True)
         self.steps += 1

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from gradkit._rules import floor_count
+from gradkit._rules import as_written, floor_count
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -53,7 +53,7 @@ def _golden():
 def _check_percent(value: object, arg: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 100:  # numpy scalars too
         raise ValueError(f"{arg}: expected a number in (0, 100], got {value!r}")
-    return float(value)
+    return as_written(value)  # a numpy float32 percent as written, as golden.percent_to_k reads it
 
 
 # ----------------------------------------------------------------------------- log-probs and KL

@@ -23,7 +23,8 @@ a gradient tensor (``flatten_gradient_dict`` / dict ``forward`` / ``forward_enco
 differs from its map entry's, or that is not floating point, raises ``ValueError`` / ``TypeError``
 naming the entry (GRADIEND flattens whatever it gets, and a wrongly shaped tensor with enough
 elements silently yields other entries); ``prune(threshold=True)`` raises (GRADIEND reads it as
-1.0; it already refuses ``topk=True``). In the dict returned by ``forward``, the tensors of entries
+1.0; it already refuses ``topk=True``), and a bool ``importance`` raises ``TypeError`` naming it (GRADIEND's
+``>= threshold`` reads it as 0 / 1; a bool selection is a ``mask``). In the dict returned by ``forward``, the tensors of entries
 that select nothing are zeros like GRADIEND's, but they are part of the autograd graph (their
 gradient is zero). The accelerated methods are picklable: ``torch.save(model)`` / ``pickle`` /
 ``copy.deepcopy`` give an accelerated model.
