@@ -160,6 +160,8 @@ def _project_f64_chunk(t: torch.Tensor, k: int, seed: int, kd: int, c0: int) -> 
     lose tiny values to subnormals: each row is divided by ``f64_row_scale``'s power of two (1 for rows within range,
     NaN / Inf rows and zero rows), projected, and multiplied back in float64. No data-dependent branch (torch.compile
     traces it as is)."""
+    if t.shape[1] == 0:  # a chunk with no columns (a stream may yield one): nothing to add; aminmax refuses it
+        return torch.zeros(t.shape[0], k, dtype=torch.float64, device=t.device)
     up = f64_row_scale(t)[1]
     return ops.project_flat(t / up, k, seed, kd, c0).to(torch.float64) * up
 
@@ -491,6 +493,12 @@ def factored_project(a: torch.Tensor, g: torch.Tensor, p: int, seed: int = 0, na
     ``4 * (p + 2)`` bytes; more when ``v`` is on another device than ``a``) raises ValueError
     naming ``memory_budget`` and the minimum, before any work. The result does not depend on the
     budget beyond float32 rounding.
+
+    dtypes: float32 / bfloat16 / float16 inputs are computed in float32. A float64 ``a`` or ``g``
+    is computed in float64 and the result rounded to float32 once (as :func:`project` does), so
+    values past float32's range, or below its smallest normal, do not turn into inf / NaN / 0 on
+    the way -- except with :class:`AdamNormalizer`, whose blocks are float32 (the budget counts
+    float32 words): there float64 inputs are rounded to float32 first.
     """
     return _factored_project(a, g, p, seed, name, kind, mask, bias, per_token, normalizer, memory_budget, _MATRICES)
 
@@ -555,7 +563,11 @@ def _factored_project(a, g, p, seed, name, kind, mask, bias, per_token, normaliz
         if bias:
             bf = normalizer.bias_factor()
             bias_L = L if bf is None else L * bf.to(dev)[None, :]
-    if not per_token and not isinstance(normalizer, AdamNormalizer) and bias_L is None:
+    # float64 inputs (either of a, g) are projected in float64 and rounded to float32 once, as project does:
+    # converting them first would turn values past float32's range into inf (NaN in the result where the product
+    # is finite) and flush tiny ones. Not with AdamNormalizer: its blocks are float32 within memory_budget.
+    wide = (a.dtype == torch.float64 or g.dtype == torch.float64) and not isinstance(normalizer, AdamNormalizer)
+    if not per_token and not isinstance(normalizer, AdamNormalizer) and bias_L is None and not wide:
         # the fused op: both sides projected per token and the outer products accumulated in one pass
         if T == 0:
             return torch.zeros(B, p * p, dtype=torch.float32, device=dev)
@@ -571,8 +583,13 @@ def _factored_project(a, g, p, seed, name, kind, mask, bias, per_token, normaliz
             a2, g2 = a2.float(), g2.float()
         res = ops.factored_project(a2, g2, lt, rt, Rb, None if mask is None else mask.reshape(B * T), T)
         return res.reshape(B, p * p)
-    af = a.float()
-    gf = g.float()
+    cd = torch.float64 if wide else torch.float32
+    af = a.to(cd)
+    gf = g.to(cd)
+    if wide:
+        Lw, Rw = Lw.to(cd), Rw.to(cd)
+        Rb = None if Rb is None else Rb.to(cd)
+        bias_L = None if bias_L is None else bias_L.to(cd)
     if mask is not None:
         m3 = mask[..., None]
         af = torch.where(m3, af, 0.0)
@@ -591,12 +608,12 @@ def _factored_project(a, g, p, seed, name, kind, mask, bias, per_token, normaliz
         if bias_L is not None:
             u = torch.matmul(gf, bias_L.T)
             res = res + u[..., :, None] * Rb
-        return res.reshape(B, T, p * p)
+        return res.reshape(B, T, p * p).to(torch.float32)
     res = torch.bmm(gl.transpose(1, 2), ar)  # (B, p, p)
     if bias_L is not None:
         u = torch.matmul(gf.sum(1), bias_L.T)  # (B, p): L'' sum_t g_t
         res = res + u[:, :, None] * Rb
-    return res.reshape(B, p * p)
+    return res.reshape(B, p * p).to(torch.float32)
 
 
 def _adam_plan(n: int, O: int, I: int, p: int, budget: int, dw: int = 1):
