@@ -58,6 +58,8 @@ def _scope_hessian_args(scope, hessian: Tensor, nnz, damp) -> Tuple[ObsLayout, i
     """The checks every Hessian-based baseline starts with, in order: scope, nnz, hessian, damp."""
     lay = _layout(scope)
     nnz = _check_nnz(nnz)
+    if isinstance(hessian, Tensor) and hessian.device.type == "meta":  # the checks below read values
+        raise ValueError("hessian: is a meta tensor (no data); pass the materialised matrix")
     _check_hessian(hessian, lay.K)
     return lay, nnz, _check_damp(damp)
 

@@ -4,7 +4,9 @@
 ``nn.Linear`` (or transformers' ``Conv1D``, GPT-2's transposed Linear), ``H = X^T X`` over the (non-padded) tokens that reached it: a plain sum in float32,
 no ``1/n`` or ``2/n`` factor (SparseGPT scales by ``2/n``; every gradkit pruner and
 ``output_error`` is invariant to that scale and damping is relative, so ``X^T X`` is used
-throughout). Under ``torch.distributed`` the sums and token counts are all-reduced, so each rank
+throughout; one exception: ``StructuredOBS.prune_true_obs(scoring="independent")`` on row-coupled
+scopes keeps SparseKit's absolute ``1e-4`` ridge on each block of ``H^-1``, so its masks can
+change with the scale of ``H``, as SparseKit's do). Under ``torch.distributed`` the sums and token counts are all-reduced, so each rank
 can feed a different shard of the calibration data and every rank gets the Hessians of all of it.
 
 ``prune_model`` prunes the layers in execution order, SparseGPT-style: layers are grouped by
