@@ -40,7 +40,9 @@ integer-valued data, single-element blocks) follow the tie rule on every backend
 Autograd: every in-place update (hard / soft thresholding, ``keep_blocks``, ``apply_mask``,
 ``apply_multiplier``, ``set_data``) bumps the parameter's version counter (``View.data`` is a
 detached view sharing it, and gradkit's in-place ops bump what they write, as torch's do), so a backward that saved the dense weight raises instead of silently
-using the pruned one. Prune after ``backward()`` / ``step()``, or build a fresh graph.
+using the pruned one. Prune after ``backward()`` / ``step()``, or build a fresh graph. An inference tensor (made
+under ``torch.inference_mode()``) is refused, by every backend and before any spec of a coupling is written, by the
+in-place updates outside inference mode (torch's rule: its own in-place ops raise there).
 """
 from __future__ import annotations
 
@@ -102,9 +104,9 @@ def _ties(ties: str) -> bool:
 
 
 def _check_order(order, nd: int, what: str) -> Tuple[int, ...]:
-    if not order:
+    if order is None or (isinstance(order, (tuple, list)) and not order):
         return tuple(range(nd))
-    o = tuple(int(i) for i in order)
+    o = _ints(order, what)  # int(i) would truncate an order entry 1.7 to 1 and take True as 1
     if sorted(o) != list(range(nd)):
         raise ValueError(f"{what}: expected a permutation of 0..{nd - 1}, got {tuple(order)}")
     return o
@@ -181,6 +183,7 @@ def _check_targets(specs: Sequence["BlockSpec"], grid: Tensor, what: str, owner:
     """Before the first of several specs is written: every spec takes the write (floating weights on
     ``grid``'s device, or for ``what == "multiplier"`` weights that ``grid``'s dtype may be multiplied
     into), so that a later spec cannot refuse it after an earlier one was changed."""
+    _check_writable(specs, owner)
     for i, s in enumerate(specs):
         x = s.view.data
         if what == "multiplier":
@@ -191,6 +194,21 @@ def _check_targets(specs: Sequence["BlockSpec"], grid: Tensor, what: str, owner:
             raise TypeError(f"{owner}[{i}]: expected floating weights, got {x.dtype}")
         if x.device != grid.device and not (what == "multiplier" and grid.dim() == 0 and grid.device.type == "cpu"):
             raise ValueError(f"{what}: on {grid.device} but the weights of {owner}[{i}] are on {x.device}")
+
+
+def _check_writable(specs: Sequence["BlockSpec"], owner: Optional[str] = None) -> None:
+    """torch's rule for in-place updates, before the first of ``specs`` is written: an inference tensor (made under
+    ``torch.inference_mode()``) is not written outside inference mode. torch's own in-place ops raise there, but
+    after writing it, and only when they reach that spec (a coupling's earlier specs already written); the compiled
+    kernels wrote it silently."""
+    if torch.is_inference_mode_enabled():
+        return
+    for i, s in enumerate(specs):
+        if s.view.param.is_inference():
+            who = owner if owner == "view" else f"{owner}[{i}]" if owner else f"BlockSpec {s.name or ''}".rstrip()
+            raise RuntimeError(f"{who}: its weights are an inference tensor (made under torch.inference_mode()), which "
+                               f"cannot be updated in place outside inference mode; clone it, or prune inside "
+                               f"torch.inference_mode()")
 
 
 def _acc_norms(x: Tensor, block_shape: Sequence[int], p: float) -> Tensor:
@@ -238,8 +256,11 @@ class View:
                                  f"stride {stride}, offset {offset})")
             reach = 0  # the span covered so far (an axis of stride <= it revisits an element; 0: nothing yet)
             for s, d in sorted((sd for sd in zip(shape, stride) if sd[0] > 1), key=lambda sd: sd[1]):
-                if d <= reach:
-                    raise ValueError(f"View: shape {shape} with stride {stride} covers some elements twice")
+                if d <= reach:  # only sufficient: shape (3, 2), stride (2, 3) interleaves {0, 2, 4} and {3, 5, 7}
+                    pos = torch.arange(top + 1).as_strided(shape, stride)  # the exact check (param-sized, once)
+                    if int(torch.bincount(pos.reshape(-1), minlength=1).max()) > 1:
+                        raise ValueError(f"View: shape {shape} with stride {stride} covers some elements twice")
+                    break
                 reach += (s - 1) * d
         self._hash = hash((id(param), shape, stride, offset))
 
@@ -291,6 +312,7 @@ class View:
 
     @data.setter
     def data(self, value: Tensor) -> None:
+        _check_writable([BlockSpec(self)], "view")
         self.data.copy_(value)
 
     @property
@@ -333,9 +355,13 @@ class View:
         raise ShapeMismatchError(self.shape, values.shape, f"{what} (or the parameter's {tuple(self.param.shape)})")
 
     def to_param(self, view_mask: Tensor, fill: bool = True) -> Tensor:
-        """A parameter-shaped bool mask: ``view_mask`` where the view reaches, ``fill`` elsewhere."""
+        """A parameter-shaped bool mask: ``view_mask`` (view-shaped; not broadcast) where the view reaches, ``fill``
+        elsewhere."""
+        _tensor_arg(view_mask, "view_mask")
+        if tuple(view_mask.shape) != self.shape:
+            raise ShapeMismatchError(self.shape, view_mask.shape, "view_mask")
         if self.shape == tuple(self.param.shape) and self.stride == self.param.stride() and self.offset == 0:
-            return view_mask.contiguous()
+            return view_mask.to(torch.bool).contiguous()
         out = torch.full(self.param.shape, fill, dtype=torch.bool, device=view_mask.device)
         out.as_strided(self.shape, self.stride, self.offset).copy_(view_mask)
         return out
@@ -424,6 +450,7 @@ class BlockSpec(SparseBlock):
         return self.view.data
 
     def set_data(self, data: Tensor) -> None:
+        _check_writable([self])
         self.view.data.copy_(data)
 
     def numel_per_block(self) -> int:
@@ -440,14 +467,20 @@ class BlockSpec(SparseBlock):
         return int((self.view.data.abs() > eps).sum())
 
     # --- values
-    def resolve(self, values: Values, what: str = "values") -> Tensor:
+    def resolve(self, values: Values, what: str = "values", floating: bool = False) -> Tensor:
+        """The view-shaped tensor of ``values`` (None: the weights; a mapping: its entry for this spec; a
+        view- or parameter-shaped tensor). ``floating``: scores, which must be floating (a TypeError naming
+        ``what``); otherwise any dtype (``block_view`` of int positions)."""
         if values is None:
             return self.view.data
         if isinstance(values, Mapping):
             if self not in values:
                 raise _NoEntry(f"{what}: no entry for {self!r}")
             values = values[self]
-        return self.view.resolve(values, what)
+        v = self.view.resolve(values, what)
+        if floating and not v.is_floating_point():  # named here: the kernels' own error names their "x"
+            raise TypeError(f"{what}: expected a floating tensor, got {v.dtype}")
+        return v
 
     _resolve_values = resolve
 
@@ -473,11 +506,11 @@ class BlockSpec(SparseBlock):
     # --- reductions
     def norms(self, values: Values = None, p: float = 2) -> Tensor:
         """Lp norm of every block (grid-shaped), one fused pass, no copy of strided views."""
-        return ops.block_norms(self.resolve(values), self.shape, p)
+        return ops.block_norms(self.resolve(values, floating=True), self.shape, p)
 
     def _rank_norms(self, values: Values = None, p: float = 2) -> Tensor:
         """Norms for ranking: float32 (not rounded to fp16 / bf16) for half tensors."""
-        return _acc_norms(self.resolve(values), self.shape, p)
+        return _acc_norms(self.resolve(values, floating=True), self.shape, p)
 
     def min(self, values: Values = None) -> Tensor:
         return torch.amin(_blocked(self.resolve(values), self.shape), dim=tuple(range(1, 2 * self.ndim, 2)))
@@ -495,6 +528,7 @@ class BlockSpec(SparseBlock):
     def keep_blocks(self, keep: Tensor) -> None:
         """Zero every block where the grid-shaped bool ``keep`` is False (exact zeros)."""
         self._check_grid(keep, "keep")
+        _check_writable([self])
         ops.block_apply_mask_(self.view.data, self.shape, keep.to(torch.bool))
 
     def apply_mask(self, mask: Tensor) -> None:
@@ -505,6 +539,7 @@ class BlockSpec(SparseBlock):
     def apply_multiplier(self, multiplier: Tensor) -> None:
         """Multiply every block by its grid entry, in place."""
         self._check_grid(multiplier, "multiplier")
+        _check_writable([self])
         _blocked(self.view.data, self.shape).mul_(self.broadcast_block_to_element(multiplier, fake=True))
 
     def hard_threshold(self, thresholds: Tensor, values: Values = None, p: float = 2) -> Tensor:
@@ -514,6 +549,7 @@ class BlockSpec(SparseBlock):
         precision); NaN thresholds are refused."""
         self._check_grid(thresholds, "thresholds")
         _check_thresholds(thresholds)
+        _check_writable([self])
         # float32 norms for half weights (_rank_norms), as the couplings compare: a norm rounded to bf16 / fp16
         # first could keep a block below its threshold or zero one above it
         keep = _at_least(self._rank_norms(values, p), thresholds)
@@ -527,6 +563,7 @@ class BlockSpec(SparseBlock):
         negative or NaN thresholds are refused."""
         self._check_grid(block_thresholds, "thresholds")
         _check_thresholds(block_thresholds, nonneg=True)
+        _check_writable([self])
         # the step writes .data, outside autograd (SparseKit's proximal step): thresholds and conditioners that
         # require grad are read as values, as the weights are
         cond = None if conditioners is None else self.resolve(conditioners, "conditioners").detach()
@@ -662,6 +699,7 @@ class BlockCoupling(SparseBlock):
         self._check_grid(block_thresholds, "thresholds")
         _check_thresholds(block_thresholds, nonneg=True)
         _check_soft_args(block_thresholds, max_iter, atol, eps)
+        _check_writable(self.specs, "specs")
         dt = self.specs[0].view.data.dtype
         eps = _default_eps(block_thresholds, eps)
         eps = float(torch.finfo(dt).eps) if eps is None else eps
@@ -885,7 +923,8 @@ class ScopeSpec(SparseScope):
 
     def _kth(self, values, k, p, mid, k_weight):
         spec = self._single()
-        x = None if spec is None else spec.resolve(values)  # once: a parameter-shaped non-contiguous one is copied
+        # once: a parameter-shaped non-contiguous one is copied
+        x = None if spec is None else spec.resolve(values, floating=True)
         if x is not None and x.dtype not in (torch.float16, torch.bfloat16):
             return ops.scope_kth(x, spec.shape, self.shape, k, p=p, k_weight=k_weight, mid=mid)
         # half weights: the float32 norms (as ScopeCoupling.kth_largest and hard_threshold compare), so that
@@ -908,7 +947,7 @@ class ScopeSpec(SparseScope):
                                   expand=False)
         spec = self._single()
         if spec is not None:
-            x = spec.resolve(values)
+            x = spec.resolve(values, floating=True)
             if self.numscp() == 1 and self.numblk_per_scope() > 1 << 16 and not keep_ties:
                 return _global_keep(_acc_norms(x, spec.shape, p), nnz)
             return ops.scope_mask(x, spec.shape, self.shape, nnz, p=p, keep_ties=keep_ties, expand=False)
@@ -944,7 +983,8 @@ class ScopeSpec(SparseScope):
         spec = self._single()
         if spec is not None and block_scores is None and not (self.numscp() == 1 and self.numblk_per_scope() > 1 << 16):
             nnz = self._check_nnz(nnz)
-            m = ops.scope_mask(spec.resolve(values), spec.shape, self.shape, nnz, p=p, keep_ties=_ties(ties),
+            x = spec.resolve(values, floating=True)
+            m = ops.scope_mask(x, spec.shape, self.shape, nnz, p=p, keep_ties=_ties(ties),
                                expand=True)
             return _format_masks({spec: m}, format)
         keep = self.block_keep(nnz, values=values, block_scores=block_scores, ties=ties, p=p)
@@ -967,7 +1007,8 @@ class ScopeSpec(SparseScope):
         nnz = self._check_nnz(nnz)
         spec = self._single()
         if spec is not None and not (self.numscp() == 1 and self.numblk_per_scope() > 1 << 16 and not keep_ties):
-            v = None if values is None else spec.resolve(values)
+            _check_writable([spec])
+            v = None if values is None else spec.resolve(values, floating=True)
             if v is None or v.dtype == spec.view.data.dtype:
                 return ops.scope_hard_threshold_(spec.view.data, spec.shape, self.shape, nnz, values=v, p=p,
                                                  keep_ties=keep_ties)
@@ -1158,6 +1199,8 @@ class ScopeCoupling(SparseScope):
         and for explicit ``thresholds``. Returns the joint keep-mask."""
         if (thresholds is None) == (nnz is None):
             raise ValueError("hard_threshold: give exactly one of thresholds or nnz")
+        _ties(ties)  # checked with thresholds too, as ScopeSpec.hard_threshold does
+        _check_writable(self.blocks(), "blocks()")  # before the first scope is written
         if nnz is not None and self._global(nnz, values, None, ties):
             keeps = self._global_keeps(nnz, values, p)
             for s, keep in keeps:

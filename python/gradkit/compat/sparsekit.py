@@ -66,7 +66,8 @@ written only on success, row-coupled ``prune`` keeping the coupling, empty weigh
 Kept from SparseKit: any block-shape entry <= 0 spans its whole dim (not only -1); ``kth_largest`` /
 ``mid_kth_largest`` take integer tensors (exact, by ``torch.kthvalue``; mid in float); ``View`` has
 SparseKit's ``block_view_of`` / ``broadcast_block_to_element`` / ``apply_multiplier`` / ``apply_mask``
-and ``BlockSpec`` its ``expand_block_tensor``.
+(``BlockSpec(tensor).view`` too, as SparseKit's ``View.from_existing``) and ``BlockSpec`` its
+``expand_block_tensor``; block-shape entries must be ints (SparseKit's ``int(b)`` would truncate 1.5).
 """
 from __future__ import annotations
 
@@ -130,10 +131,10 @@ class BlockSpec(_scope.BlockSpec):
     ``expand_block_tensor``."""
 
     def __init__(self, view, shape: Sequence[int] = (), name: Optional[str] = None):
-        try:
-            shape = tuple(-1 if int(b) <= 0 else int(b) for b in shape)
-        except (TypeError, ValueError):
-            raise TypeError(f"BlockSpec {name or ''}: shape: expected a sequence of ints, got {shape!r}") from None
+        # ints only (numpy integers too): int(b) would truncate 1.5 to a block of 1 and take True as 1
+        shape = tuple(-1 if b <= 0 else b for b in _scope._ints(shape, f"BlockSpec {name}: shape" if name else "shape"))
+        if isinstance(view, Tensor):  # SparseKit's View.from_existing: .view has the block helpers below
+            view = View.from_existing(view)
         super().__init__(view, shape, name=name)
 
     def expand_block_tensor(self, block_values: Tensor) -> Tensor:
