@@ -111,7 +111,16 @@ def triton_family(family: str):
 def _check_writable(tensors, what: str) -> None:
     """Before an in-place op: its targets must not need autograd to see the write. gradkit's in-place
     ops have no derivative, so writing a tensor that requires grad while grad mode is on would leave any
-    graph through it silently wrong (torch refuses the same for its own in-place ops on leaves)."""
+    graph through it silently wrong (torch refuses the same for its own in-place ops on leaves). An inference
+    tensor (made under ``torch.inference_mode()``) is refused outside inference mode in any grad mode, as torch's
+    own in-place ops refuse it (the compiled kernels would write it silently: it has no ADInplaceOrView key)."""
+    if not torch.is_inference_mode_enabled():
+        for i, t in enumerate(tensors):
+            if isinstance(t, torch.Tensor) and t.is_inference():
+                name = what if len(tensors) == 1 else f"{what}[{i}]"
+                raise RuntimeError(f"{name}: is an inference tensor (made under torch.inference_mode()), which cannot "
+                                   "be updated in place outside inference mode; clone it, or call this inside "
+                                   "torch.inference_mode()")
     if not torch.is_grad_enabled():
         return
     for i, t in enumerate(tensors):
@@ -760,6 +769,8 @@ def golden_topk_and_(g: torch.Tensor, bits: torch.Tensor, k: int, *, counts: Opt
     first; NaN never selected) packed into ``bits`` (``first``) or ANDed into it; ``counts``
     (int32, g's numel) gets +1 per selected entry. Returns the new popcount (int64, 0-dim)."""
     k = check_golden_topk_and_(g, bits, counts, k)
+    _check_writable([bits], "bits")
+    _check_writable([counts], "counts")
     fn = _impl("golden_topk_and_", "golden")
     n = fn(g, bits, counts, k, bool(first))
     _wrote([bits, counts], fn)
