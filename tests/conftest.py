@@ -35,6 +35,16 @@ if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("GRADKIT_TEST_SL
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    for tiny models' ops, OpenMP threads only add overhead, a lot of it on a busy 2-core machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(autouse=True)
 def _seeded_rngs(request):
     """Every test starts from global torch / numpy / random states seeded by its own node id: tests that draw

@@ -19,8 +19,9 @@ from gradkit.scope import BlockSpec, ScopeSpec
 from gradkit.testing import random_batches, tiny_gpt
 from test_audit_obs import _Three  # h.2 sees one feature 8 times: H of rank 1, not positive definite at damp=0
 import test_obs_driver as _od
-from test_obs_driver import _one_thread  # noqa: F401 - autouse: one thread, as there
 from torch import nn
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _state(model):

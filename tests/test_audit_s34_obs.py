@@ -20,12 +20,7 @@ from gradkit.obs.driver import CheckpointError, collect_hessians, prune_model
 from gradkit.testing import random_batches, tiny_gpt
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _layer(M, K, n=96, seed=0):

@@ -22,8 +22,9 @@ from torch import nn
 from gradkit.index import GradientIndex
 from gradkit.projection import (AdafactorNormalizer, AdamNormalizer, GradientCollector, derive_seed,
                                 projection_matrix)
-# _one_thread: that file's autouse fixture (one torch thread), imported so it applies here too
-from test_audit_s39_collector import P, SEED, VOCAB, _one_thread, assert_rows, reference, untied  # noqa: F401
+from test_audit_s39_collector import P, SEED, VOCAB, assert_rows, reference, untied
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 transformers = pytest.importorskip("transformers")
 

@@ -24,12 +24,7 @@ transformers = pytest.importorskip("transformers")
 transformers.utils.logging.set_verbosity_error()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 class _Boom(Exception):

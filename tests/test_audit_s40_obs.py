@@ -20,12 +20,7 @@ from gradkit.scope import BlockSpec, ScopeSpec, View
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _layer(m, k, n=96, seed=0):

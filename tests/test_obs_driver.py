@@ -13,13 +13,7 @@ from gradkit.testing import random_batches, tiny_gpt
 from torch import nn
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the model's ops are tiny: OpenMP threads only add overhead (a lot of it on a busy machine)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _model(seed=0):
