@@ -100,8 +100,8 @@ def test_masks_and_weights_invariant_to_the_scale_of_H(run):
 
 
 @pytest.mark.xfail(strict=True, reason="row-coupled independent scoring keeps the peer's absolute 1e-4 ridge on "
-                   "C[b, b] (documented in StructuredOBS), so its masks still depend on the scale of H, although "
-                   "gradkit.obs.driver documents every pruner as invariant to it; making it relative changes the "
+                   "C[b, b] (documented in StructuredOBS and gradkit.obs.driver), so its masks still depend on the scale "
+                   "of H; making it relative changes the "
                    "masks that tests/test_obs.py compares with SparseKit (agreement 0.85 < its 0.9)")
 def test_row_coupled_true_obs_masks_invariant_to_the_scale_of_H():
     W, H = _layer(32, 64, n=512, seed=19)
