@@ -79,3 +79,16 @@ def test_masked_adamw_refuses_inference_parameters_before_any_write():
                           bias_correction2_sqrt=[0.1 ** 0.5] * 2)
     assert torch.equal(p0, torch.ones(4)) and torch.equal(p1, torch.ones(4))  # the first one is untouched too
     assert not m[0].any() and not v[0].any()
+
+
+def test_direct_dispatcher_call_refuses_inference_tensors():
+    # outside inference mode the ADInplaceOrView key comes from thread-local state, so gradkit's kernel for it (the
+    # version bumps) runs for an inference tensor too, and refuses it with the wrappers' message
+    x = _inf(torch.ones(2, 4))
+    keep = torch.tensor([[True, False]] * 2)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="^x: is an inference tensor"):
+        torch.ops.gradkit.block_apply_mask_(x, [1, 2], keep)
+    assert torch.equal(x, torch.ones(2, 4))
+    with torch.inference_mode():
+        torch.ops.gradkit.block_apply_mask_(x, [1, 2], keep)
+    assert x.tolist() == [[1.0, 1.0, 0.0, 0.0]] * 2
