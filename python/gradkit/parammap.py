@@ -35,6 +35,8 @@ from gradkit._unwrap import unwrap_model
 REPRS = ("all", "mask", "bitmask", "indices")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # what the kernels take
 _INT32_MAX = 2**31 - 1
+# unsigned dtypes past uint8: torch implements neither min / max nor comparisons for them on the CPU
+_WIDE_UNSIGNED = tuple(getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n))
 CONFIG = "config.json"
 INDICES_FILE = "mapping_indices.safetensors"
 MASKS_FILE = "mapping_masks.safetensors"
@@ -134,6 +136,13 @@ def _make_entry(name: str, spec: Mapping[str, Any]) -> _Entry:
     if t.dim() != 1:
         raise ValueError(f"{where}['indices']: expected a 1-D tensor, got shape {tuple(t.shape)}")
     t = t.to("cpu")
+    if t.dtype in _WIDE_UNSIGNED:  # torch has no min / max for them: compared as int64 (uint64 past 2^63-1: refused)
+        if t.dtype == torch.uint64:
+            t = t.view(torch.int64)
+            if t.numel() and int(t.min()) < 0:
+                raise ValueError(f"{where}['indices']: positions must lie in [0, {numel}), got one >= 2^63")
+        else:
+            t = t.to(torch.int64)
     if t.numel():
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= numel:
@@ -178,6 +187,15 @@ def _int_at_least(imp: torch.Tensor, threshold: Union[int, float]) -> torch.Tens
         if math.isinf(threshold):
             return torch.full(imp.shape, threshold < 0, dtype=torch.bool)
         threshold = math.ceil(threshold)  # an integer is >= t exactly when it is >= ceil(t)
+    if imp.dtype in _WIDE_UNSIGNED:  # no comparison kernels for them: compared through int64 (exact)
+        if imp.dtype != torch.uint64:
+            return _int_at_least(imp.to(torch.int64), threshold)
+        if threshold <= 0:
+            return torch.ones(imp.shape, dtype=torch.bool)
+        if threshold >= 2**64:
+            return torch.zeros(imp.shape, dtype=torch.bool)
+        v = imp.view(torch.int64)  # a value u >= 2^63 reads as u - 2^64 < 0
+        return (v < 0) | (v >= threshold) if threshold < 2**63 else (v < 0) & (v >= threshold - 2**64)
     info = torch.iinfo(imp.dtype)
     if threshold > info.max:
         return torch.zeros(imp.shape, dtype=torch.bool)
@@ -413,7 +431,9 @@ class ParamMap:
 
         source: a model (its parameters' ``.grad``) or a dict {name: full-shape tensor}.
         out: optional preallocated (input_dim,) tensor, filled without allocating;
-        ``accumulate=True`` adds into it (running sums over batches).
+        ``accumulate=True`` adds into it (running sums over batches). The values are rounded to
+        ``out``'s dtype before the add (on every backend), so a float16 / bfloat16 ``out`` fed wider
+        sources is rounded twice, unlike ``out.add_(values)``: keep running sums in float32 / float64.
         dtype: result dtype (default: the sources' promoted dtype).
         """
         active, tensors, where = self._sources(source)
@@ -505,6 +525,11 @@ class ParamMap:
                 if _internal_overlap(d):
                     raise ValueError(f"{what}: several elements share one memory location (an expanded tensor); "
                                      "clone() it first")
+                if d.is_inference() and not torch.is_inference_mode_enabled():
+                    # refused by the op too, but only after the missing .grads below were created as zeros
+                    raise RuntimeError(f"{what}: is an inference tensor (made under torch.inference_mode()), which "
+                                       "cannot be updated in place outside inference mode; clone it, or call this "
+                                       "inside torch.inference_mode()")
             if target == "grad":
                 for i in active:  # only after every check passed
                     p = params[self._entries[i].name]

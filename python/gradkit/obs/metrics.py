@@ -216,7 +216,9 @@ def output_error(W: Tensor, W_pruned: Tensor, X: Optional[Tensor] = None, H: Opt
     elements. A zero denominator gives 0.0 when ``W' == W`` on the data, else ``inf``. An ``H``
     that is not a Gram matrix (a negative diagonal entry, or a row's quadratic form below
     ``-max(1e-3, 16 eps) max|H| (sum_j |d_j|)^2``) is refused with ValueError; smaller negative
-    forms (round-off of a low-precision ``X^T X``) count as 0.
+    forms (round-off of a low-precision ``X^T X``) count as 0. float64 inputs are first rescaled by exact powers of
+    two (the ratio is invariant to a common scale of ``W`` and ``W'`` and to any scale of ``X`` / ``H``), so weights or
+    inputs near the ends of the float64 range neither overflow (a NaN) nor underflow (a 0.0 for a total loss).
     """
     _check_matrix(W, "W")
     _check_matrix(W_pruned, "W_pruned")
@@ -241,27 +243,43 @@ def output_error(W: Tensor, W_pruned: Tensor, X: Optional[Tensor] = None, H: Opt
     W_pruned = W_pruned.to(dev)
     num = torch.zeros((), dtype=torch.float64, device=dev)
     den = torch.zeros((), dtype=torch.float64, device=dev)
+    # float64 W / W' / X / H can square past the float64 range (NaN) or below it (0.0 for a total loss): scaled by
+    # exact powers of two first, which leaves the ratio bit for bit as it is (narrower dtypes cannot get there)
+    sw = _pow2_scale(W, W_pruned) if torch.float64 in (W.dtype, W_pruned.dtype) else 1.0
+
+    def rows(r0: int, r1: int) -> Tuple[Tensor, Tensor]:
+        w = W[r0:r1].detach().double()
+        wp = W_pruned[r0:r1].detach().double()
+        if sw != 1.0:
+            w, wp = w * sw, wp * sw
+        return w, w - wp
+
     if X is not None:
         n = X.shape[0]
+        sx = _pow2_scale(X) if X.dtype == torch.float64 else 1.0
         xrows = max(1, min(n, cap // max(1, k)))  # rows of X converted to float64 at a time
         step = max(1, cap // max(xrows, k))  # rows of W: (step, k) copies and (step, xrows) products
         for x0 in range(0, n, xrows):
             xc = X[x0:x0 + xrows].detach().to(device=dev, dtype=torch.float64)
+            if sx != 1.0:
+                xc = xc * sx
             for r0 in range(0, m, step):
-                w = W[r0:r0 + step].detach().double()
-                dlt = w - W_pruned[r0:r0 + step].detach().double()
+                w, dlt = rows(r0, r0 + step)
                 num += (dlt @ xc.T).square().sum()
                 den += (w @ xc.T).square().sum()
     else:
         other = H.detach().to(device=dev, dtype=torch.float64)
+        if H.dtype == torch.float64:
+            sh = _pow2_scale(other)
+            if sh != 1.0:
+                other = other * sh  # a new tensor: H itself is never written
         # |d H d^T| <= max|H| (sum_j |d_j|)^2 for any H: a form below -rtol times that bound is no round-off of a
         # Gram matrix (rtol as gradkit's symmetry rule); smaller negatives (an fp32 X^T X) count as 0
         rtol = max(1e-3, 16 * torch.finfo(H.dtype).eps)
         slack = rtol * (float(other.abs().amax()) if k else 0.0)
         step = max(1, cap // max(1, k))
         for r0 in range(0, m, step):
-            w = W[r0:r0 + step].detach().double()
-            dlt = w - W_pruned[r0:r0 + step].detach().double()
+            w, dlt = rows(r0, r0 + step)
             qn = ((dlt @ other) * dlt).sum(1)
             qd = ((w @ other) * w).sum(1)
             if bool((qn < -slack * dlt.abs().sum(1).square()).any() or (qd < -slack * w.abs().sum(1).square()).any()):
@@ -273,6 +291,20 @@ def output_error(W: Tensor, W_pruned: Tensor, X: Optional[Tensor] = None, H: Opt
     if den_f == 0.0:
         return 0.0 if num_f == 0.0 else math.inf
     return num_f / den_f
+
+
+def _pow2_scale(*ts: Tensor) -> float:
+    """``2**-e`` bringing the largest ``|entry|`` of ``ts`` (finite) into [0.5, 1), ``e`` clamped to [-1020, 1024]
+    so that the factor itself is a float64 (a power of two: multiplying by it is exact); 1.0 when all are 0."""
+    big = 0.0
+    for t in ts:
+        if t.numel():
+            lo, hi = (abs(float(v)) for v in torch.aminmax(t.detach()))
+            big = max(big, lo, hi)
+    if big == 0.0 or not math.isfinite(big):
+        return 1.0
+    e = min(max(math.frexp(big)[1], -1020), 1024)
+    return 2.0 ** -e
 
 
 # --------------------------------------------------------------------------- resolve
