@@ -398,6 +398,8 @@ class _RowIndexError(IndexError, ValueError):
 def _no_meta(t: torch.Tensor, what: str) -> None:
     if t.is_meta:
         raise ValueError(f"{what}: a meta tensor holds no values")
+    if t.layout != torch.strided:  # session 40: a sparse tensor failed later in torch ("reshape is not implemented")
+        raise TypeError(f"{what}: expected a dense (strided) tensor, got layout {t.layout}; call .to_dense() first")
 
 
 def _int_arg(v, what: str, lo: int = 0) -> int:
@@ -796,8 +798,14 @@ class Precondition:
         computed in float64; only its rounding to float32 is inexact, so H's scale never over- or underflows)."""
         # the tensor's identity and version counter: a matrix replaced in a dict, or edited in place (h.mul_(2),
         # h.copy_(h2)), is not served the powers of what it held before (session 39)
+        # The cache entry holds the tensor itself (session 40): while it is cached its id cannot be given to a new
+        # tensor, so a dict entry replaced by a new matrix (the old one freed) never matches the old entry's key.
         ck = (key, str(p), self._damping, id(h), h._version)
-        if ck not in self._cache:
+        hit = self._cache.get(ck)
+        if hit is None or hit[2] is not h:
+            # the matrix as it is now (a dict's entries can be replaced after construction): validated by name
+            self._check_square(h, f"precondition: matrix[{key[7:]}]" if key.startswith("module ") else
+                               "precondition: matrix")
             h64 = h.detach().to("cpu", torch.float64)
             # gradkit's one symmetry rule (as for OBS Hessians): round-off asymmetry (an fp32 Gram a @ a.T from
             # BLAS is rarely bitwise symmetric) is not an error, and the symmetric part is used
@@ -815,8 +823,8 @@ class Precondition:
             e = math.frexp(amax)[1]
             for old in [c for c in self._cache if c[:3] == ck[:3]]:  # what this module's matrix held before
                 del self._cache[old]
-            self._cache[ck] = (GradientIndex._ldexp64(pw, -e).to(torch.float32), e)
-        return self._cache[ck]
+            self._cache[ck] = (GradientIndex._ldexp64(pw, -e).to(torch.float32), e, h)
+        return self._cache[ck][:2]
 
     def blocks(self, modules: "OrderedDict[str, int]", p: float) -> List[Tuple[int, int, torch.Tensor, int]]:
         """[(lo, hi, M, e)] over dense module coordinates (module order, no padding): the block's
@@ -835,6 +843,8 @@ class Precondition:
         for name, d in modules.items():
             if name in self.matrix:
                 h = self.matrix[name]
+                if not isinstance(h, torch.Tensor) or h.dim() != 2:  # an entry replaced after construction
+                    self._check_square(h, f"precondition: matrix[{name!r}]")
                 if h.shape[0] != d:
                     raise ValueError(f"precondition: matrix[{name!r}] is {h.shape[0]} x {h.shape[0]} but module "
                                      f"{name!r} has {d} dims")
@@ -2187,8 +2197,8 @@ class GradientIndex:
         inspected (gradkit's own appends refuse them; a bergson index can hold them): a NaN score ranks
         last (as -inf, +inf with ``reverse``) and is reported as that value; a row holding Inf scores
         +-inf (NaN, so last, where the query is 0 on that column or with ``unit_norm``). A query row whose
-        largest entry is 2**64 or more, or nonzero and below 2**-64, is scaled by a power of two before
-        scoring and its inner-product scores back after, so that no partial sum over- or underflows; the
+        largest entry (after the weights, applied in float64) is 2**64 or more, or nonzero and below 2**-64, is
+        scaled by a power of two before scoring and its inner-product scores back after, so that no partial sum over- or underflows; the
         ranking is that of the scaled scores, and a score past float32's range is then reported as +-inf,
         one below it as 0 or a float32 subnormal. For a float64 query that scaling is done in float64 before
         the cast to float32, so rows below float32's range (which the cast would make 0) keep every bit;
@@ -2293,7 +2303,7 @@ class GradientIndex:
             q = self._dense(q)
         cosine = unit_norm or (precondition is not None and precondition.mode == "both")
         # qexp: None, or (Q,) int64 exponents with true query row = q row * 2**qexp; inner-product scores are scaled
-        # back at the end (cosines are scale-free: there it is dropped)
+        # back at the end (cosines are scale-free: there it is dropped, and only a weights rescale below sets it)
         key_pre = None
         if precondition is not None:
             # the query-side transform in float64 (one row's result does not depend on the other queries: float64
@@ -2314,23 +2324,26 @@ class GradientIndex:
             q = self._pow2_rows(q)
             norm = torch.linalg.vector_norm(q, dim=1, keepdim=True)
             q = torch.where(norm > 0, q / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(q))
-        else:
-            # an inner product's ranking is invariant to a positive scale of the query: a row whose largest entry is
-            # 2**64 or more, or below 2**-64, is brought to [0.5, 1) by a power of two (exact), so that no partial sum
-            # of its scores over- or underflows fp32 (each backend sums in its own order: a finite score could become
-            # inf on one and not on another); its scores are scaled back at the end (inf or 0 where they leave fp32)
-            amax = q.abs().amax(dim=1)
-            resc = (amax >= 2.0 ** 64) | ((amax > 0) & (amax < 2.0 ** -64))
-            if bool(resc.any()):
-                e = torch.where(resc, torch.frexp(amax)[1], 0).to(torch.int64)
-                q = self._ldexp2(q, -e[:, None])
-                qexp = e if qexp is None else qexp + e
-        # selection / weights, and the column window the kernel reads
+        # selection / weights (each weight rounded to float32; the products in float64, exact), then the scale:
+        # a score's ranking is invariant to a positive scale of the query, so a weighted row whose largest entry is
+        # 2**64 or more, or below 2**-64, is brought to [0.5, 1) by a power of two (exact) before it is rounded to
+        # float32, so that neither the weighted query nor a partial sum of its scores over- or underflows fp32 (each
+        # backend sums in its own order: a finite score could become inf on one and not on another); its scores are
+        # scaled back at the end (inf or 0 where they leave fp32). Session 40: the rescale came before the weights
+        # (inner products only), and a query of entries ~1e18 weighted by 1e21 became inf in float32 (+-inf and
+        # NaN scores, wrong ranks), a cosine weighted by ~1e-38 float32 subnormals (lost precision).
         keep = torch.zeros(q.shape[1], dtype=torch.float32, device=dev)
         for m in sel:
             lo, hi = cols[m]
             keep[lo:hi] = wts.get(m, 1.0)
-        q = q * keep
+        q64 = q.to(torch.float64) * keep.to(torch.float64)
+        amax = q64.abs().amax(dim=1)
+        resc = (amax >= 2.0 ** 64) | ((amax > 0) & (amax < 2.0 ** -64))
+        if bool(resc.any()):
+            e = torch.where(resc, torch.frexp(amax)[1], 0).to(torch.int64)
+            q64 = self._ldexp64(q64, -e[:, None])
+            qexp = e if qexp is None else qexp + e
+        q = q64.to(torch.float32)
         lo = min(cols[m][0] for m in sel)
         hi = max(cols[m][1] for m in sel)
         # The kernel reads the window [lo, hi), the query zero on the columns of modules left out. A bergson index
@@ -2376,12 +2389,6 @@ class GradientIndex:
         if qexp is not None:
             run_s = self._scale_scores(run_s, qexp.to(run_s.device))
         return run_s.reshape(*lead, k), run_i.reshape(*lead, k)
-
-    @staticmethod
-    def _ldexp2(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """x * 2**e for int exponents |e| <= 256, in two steps (2**e alone leaves fp32's range past 127)."""
-        h = torch.div(e, 2, rounding_mode="floor")
-        return torch.ldexp(torch.ldexp(x, h), e - h)
 
     @staticmethod
     def _pow2_64(e: torch.Tensor) -> torch.Tensor:
