@@ -53,7 +53,7 @@ second backward through it (``retain_graph=True``, several losses) raises; backp
 position the SUM of its rows over those forwards: right when row b of each forward is the same example (two
 augmented views of it), but micro-batches of different examples mix example b of each; collect() after each
 micro-batch's backward instead (a shorter micro-batch is refused by its shape). Gradient checkpointing: with
-``use_reentrant=False`` either backward works; with ``use_reentrant=True`` use ``loss.backward()`` (:meth:`backward` refuses: ``torch.autograd.grad`` would skip the
+``use_reentrant=False`` either backward works; with ``use_reentrant=True``, and for layers a custom ``autograd.Function`` runs again in its backward (Reformer's reversible layers; session 40), use ``loss.backward()`` (:meth:`backward` refuses: ``torch.autograd.grad`` would skip the
 recomputation), and the recomputed forward uses the mask the first forward ran under.
 
 Refused rather than collected wrong (session 33): a hooked module whose output is not one tensor, or whose input /
@@ -61,7 +61,7 @@ output widths are not its weight's (I, O) (grouped or extended Linear subclasses
 disagree on the batch size (a sequence-first ``(T, B, I)`` input, which would be taken as T examples), or whose
 batch is not the batch of the model's own input (``input_ids`` / ``inputs_embeds`` / ``pixel_values`` /
 ``input_values`` / ``input_features``, else its first positional tensor: a multiple-choice model's B * choices rows,
-window attention's B * windows; session 39); in :meth:`per_example_grads`, an encoder-decoder's
+window attention's B * windows; session 39; a model called by other keywords only, e.g. PatchTST's ``past_values=``, is checked against the first axes of its tensor keywords, session 40); in :meth:`per_example_grads`, an encoder-decoder's
 ``attention_mask`` (the encoder's, which would mark the decoder's positions: two collectors, one with the encoder's modules and the decoder's cross-attention
 key / value projections under the encoder's mask, one with the other decoder modules under the decoder's, collect
 such a model). Mixture-of-experts expert layers (Linears under an ``experts`` module) see the tokens routed to
@@ -222,22 +222,30 @@ def _check_scale(scale) -> None:
         raise ValueError(f"scale: expected a finite number, 'batch' or None, got {scale!r}")
 
 
-def _in_reentrant_checkpoint() -> bool:
-    """True inside the forward of ``torch.utils.checkpoint(..., use_reentrant=True)``: it runs its function
-    with grad disabled and runs it again inside the backward, where only that backward's own pass (not a
-    ``torch.autograd.grad`` restricted to the hooked outputs) reaches the recomputed modules."""
+def _in_reentrant_checkpoint() -> Optional[str]:
+    """Inside the forward of a custom ``torch.autograd.Function`` (which runs with grad disabled): ``"checkpoint"``
+    for ``torch.utils.checkpoint(..., use_reentrant=True)``, else the Function's class name (Reformer's reversible
+    ``_ReversibleFunction``); None outside any. Such a Function's backward runs the hooked modules again (with grad)
+    -- only inside that backward's own pass, which a ``torch.autograd.grad`` restricted to the hooked outputs never
+    runs (session 40: Reformer's layers came back as zero rows from :meth:`GradientCollector.backward`)."""
     try:
         from torch.utils.checkpoint import CheckpointFunction
 
         code = CheckpointFunction.forward.__code__
     except Exception:  # pragma: no cover - torch without it
-        return False
+        code = None
+    backward_cls = getattr(torch.autograd.function, "BackwardCFunction", None)
     f = sys._getframe(1)
     while f is not None:
-        if f.f_code is code:
-            return True
+        c = f.f_code
+        if c is code:
+            return "checkpoint"
+        if backward_cls is not None and c.co_name == "forward" and c.co_argcount and c.co_varnames[0] == "ctx":
+            ctx = f.f_locals.get("ctx")
+            if isinstance(ctx, backward_cls):
+                return getattr(getattr(ctx, "_forward_cls", None), "__name__", None) or type(ctx).__name__
         f = f.f_back
-    return False
+    return None
 
 
 def _in_checkpoint_recomputation() -> bool:
@@ -411,6 +419,7 @@ class GradientCollector:
         # mask of the hooked forwards run (grad disabled) inside torch.utils.checkpoint(use_reentrant=True) since
         # the last collect/reset, for their recomputation in the backward pass; None: there were none
         self._ckpt_mask: Optional[Tuple[Optional[Tensor], bool]] = None
+        self._ckpt_why: Optional[str] = None  # "checkpoint", or the custom autograd.Function's name (session 40)
         self._dropped = False  # detach() dropped collected gradients nobody collected
         self._raised = False  # the model's forward raised and dropped the batch (no hooked forward since)
         # The batch's (B, T), to tell a 2-D input's rows apart: examples (B rows) or the tokens flattened into the
@@ -630,6 +639,12 @@ class GradientCollector:
         else:
             if args and isinstance(args[0], Tensor):
                 x, src = args[0], "its first argument"
+            else:  # (session 40) all by other keywords (PatchTST's `past_values=`, Perceiver's `inputs=`): the first
+                # tensor keyword stands for the batch, and a module's rows must be the first axis of SOME tensor keyword
+                for key, v in kwargs.items():
+                    if isinstance(v, Tensor) and v.dim() > 0:
+                        x, src = v, key
+                        break
         self._model_bt = None
         if x is None or x.dim() == 0:
             return
@@ -642,7 +657,14 @@ class GradientCollector:
             T = None
         # every batch the model's inputs show (a CLIP-like model given 10 text prompts and 4 images: a module of
         # either tower has its own input's batch)
-        sizes = {int(v.shape[0]) for k in _MODEL_INPUTS if isinstance(v := kwargs.get(k), Tensor) and v.dim() > 0}
+        keys = _MODEL_INPUTS if src in _MODEL_INPUTS or src == "its first argument" else tuple(kwargs)
+        sizes = {int(v.shape[0]) for k in keys if isinstance(v := kwargs.get(k), Tensor) and v.dim() > 0}
+        if self._seq_first and x.dim() >= 3 and not integer:
+            # (session 40) a model with sequence-first layers (torch's nn.Transformer called on (S, B, E) inputs) has
+            # its batch on the inputs' second axis: before, the model nn.Transformer itself was refused
+            ins = [x] + [v for k in keys if isinstance(v := kwargs.get(k), Tensor)] + \
+                [v for v in args if isinstance(v, Tensor)]
+            sizes |= {int(v.shape[1]) for v in ins if v.dim() >= 3}
         self._model_bt = (int(x.shape[0]), T, f"the model's {src} of shape {tuple(x.shape)}",
                           frozenset(sizes | {int(x.shape[0])}))
 
@@ -794,8 +816,10 @@ class GradientCollector:
         self._ran.add(name)
         if not torch.is_grad_enabled():
             self._nograd_calls += 1
-            if _in_reentrant_checkpoint():  # runs again in the backward pass, with grad: remember the mask
+            inside = _in_reentrant_checkpoint()
+            if inside:  # runs again in the backward pass, with grad: remember the mask
                 self._ckpt_mask = (self._mask, self._mask_all)
+                self._ckpt_why = inside
             return
         if not isinstance(output, Tensor):
             raise TypeError(f"modules: {name!r} ({type(self._modules[name]).__name__}) returned a "
@@ -1023,10 +1047,15 @@ class GradientCollector:
         if not loss.requires_grad:
             raise ValueError("loss: does not require grad (was the forward pass run under no_grad?)")
         if self._ckpt_mask is not None:
-            raise RuntimeError("GradientCollector.backward: hooked modules ran inside torch.utils.checkpoint with "
-                               "use_reentrant=True, whose recomputation torch.autograd.grad restricted to the "
-                               "hooked outputs skips (their rows would be zeros); call loss.backward() instead, "
-                               "or checkpoint with use_reentrant=False")
+            if self._ckpt_why == "checkpoint":
+                raise RuntimeError("GradientCollector.backward: hooked modules ran inside torch.utils.checkpoint with "
+                                   "use_reentrant=True, whose recomputation torch.autograd.grad restricted to the "
+                                   "hooked outputs skips (their rows would be zeros); call loss.backward() instead, "
+                                   "or checkpoint with use_reentrant=False")
+            raise RuntimeError(f"GradientCollector.backward: hooked modules ran with grad disabled inside the forward "
+                               f"of the custom torch.autograd.Function {self._ckpt_why!r} (e.g. Reformer's reversible "
+                               "layers), whose backward runs them again: torch.autograd.grad restricted to the "
+                               "hooked outputs skips that (their rows would be zeros); call loss.backward() instead")
         if not self._edges:
             raise RuntimeError("GradientCollector.backward: no hooked module ran forward with grad enabled "
                                "since the last collect(); is the collector attached (`with col:`)? A model (or "
