@@ -175,8 +175,10 @@ def project(x: Union[torch.Tensor, "object", Callable[[], Iterable], Iterable], 
     tensors and arrays (default: the whole tensor -- the kernel tiles internally; ~64 MiB for
     arrays, so a memmap is read once, sequentially). ``out``: an optional (B, k) fp32 tensor that
     receives the result. ``seed`` is used as the generator key as is (pass
-    ``derive_seed(seed, name, side)`` for per-module keys). The result does not depend on
-    ``chunk``: column ``c`` of x always meets column ``c`` of R.
+    ``derive_seed(seed, name, side)`` for per-module keys). Column ``c`` of x always meets
+    column ``c`` of R whatever ``chunk`` is, so the result depends on ``chunk`` (and on the batch's
+    rows around a row) only through the order of its float32 sums: within float32 summation error,
+    not bitwise.
     """
     k = _pos_int(k, "k")
     seed = _seed(seed)
