@@ -521,6 +521,9 @@ def _scope_for(pattern, nnz, name: str, w: Tensor) -> Tuple[ScopeSpec, int]:
                 raise ValueError(f"pattern: the callable returned a {len(got)}-tuple for layer {name!r}, expected a ScopeSpec or (ScopeSpec, nnz)")
             scope, n = got
             n = _check_int(n, f"pattern({name!r}) nnz")
+            if nnz is not None and n != nnz:  # session 40: was silently ignored (a string pattern refuses this)
+                raise ValueError(f"nnz: {nnz} contradicts the nnz {n} that pattern returned for layer {name!r}; "
+                                 "leave nnz=None when the callable returns (ScopeSpec, nnz)")
         else:
             scope, n = got, nnz
             if n is None:
@@ -582,7 +585,8 @@ class LayerReport:
     """One pruned layer. ``error``: ``output_error(W_dense, W_pruned, H)`` on the calibration
     inputs the layer received (earlier groups already pruned); ``error_mask_only``: the same for
     the dense weights with the final mask applied and no update (what the compensation bought).
-    ``density``: fraction of the weight's elements that are non-zero after pruning."""
+    ``density``: fraction of the weight's elements that are non-zero after pruning. All three read
+    the weights as written into the model (cast to the layer's dtype, e.g. fp16 / bf16)."""
 
     name: str
     shape: Tuple[int, int]
@@ -899,6 +903,26 @@ def _check_resumed_weight(name: str, mod: nn.Module, entry: Mapping[str, Any]) -
                               "directory or resume=False")
 
 
+def _resumed_report(ckpt: "_Checkpoint", name: str, mod: nn.Module, entry: Mapping[str, Any]) -> LayerReport:
+    """The checkpointed report of layer ``name``, checked (session 40: a malformed one used to raise a bare
+    TypeError / KeyError mid-run, after earlier groups were written into the model, or was taken under another
+    layer's name) to be well-formed and to describe this layer."""
+    try:
+        rep = LayerReport.from_dict(entry["report"])
+        ok = (rep.name == name and tuple(rep.shape) == tuple(_out_in(mod.weight, mod).shape)
+              and all(isinstance(getattr(rep, f), (int, float)) and not isinstance(getattr(rep, f), bool)
+                      for f in ("density", "error", "error_mask_only", "seconds", "tokens", "nnz")))
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"checkpoint {ckpt.path!r}: the report of layer {name!r} is malformed or describes "
+                              "another layer")
+    rep.resumed = True
+    return rep
+
+
 def _verify_resumable(ckpt: "_Checkpoint", ordered: Sequence[Tuple[str, nn.Module]]) -> None:
     """Every checkpointed layer: known, its file intact, and the model's weight the dense one it was
     pruned from (or its pruned result). Run before any work, so a checkpoint that cannot be resumed
@@ -911,6 +935,7 @@ def _verify_resumable(ckpt: "_Checkpoint", ordered: Sequence[Tuple[str, nn.Modul
         if name in ckpt.layers:
             _, entry = ckpt.load(name, mod.weight)
             _check_resumed_weight(name, mod, entry)
+            _resumed_report(ckpt, name, mod, entry)
     old, cur = ckpt.saved_params, ckpt.params
     if not isinstance(old, dict):
         raise CheckpointError(f"checkpoint {ckpt.path!r} records no digest of the model's other parameters")
@@ -1031,7 +1056,8 @@ def prune_model(model: nn.Module, batches: Iterable, pattern: Union[str, Callabl
             ``ScopeSpec.sparsity_to_nnz``), or
             ``callable(name, weight) -> ScopeSpec`` (with ``nnz``) or ``-> (ScopeSpec, nnz)``,
             building the scope on the ``weight`` tensor it is given (a float copy of the layer's).
-        nnz: blocks kept per scope; implied by a string pattern.
+        nnz: blocks kept per scope; implied by a string pattern. With a callable returning
+            ``(ScopeSpec, nnz)``, leave it None (a different value is refused, ValueError).
         method: ``"sparsegpt"``, ``"magnitude"``, ``"obd"``, ``"resolve"`` (SparseGPT's mask then
             the exact least-squares re-solve of :func:`gradkit.obs.metrics.resolve`, same ``damp``),
             or ``"true_obs"`` / ``"obs_local"`` / ``"obs_full"`` (``StructuredOBS.prune_true_obs`` /
@@ -1178,8 +1204,7 @@ def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, ch
                 if ckpt is not None and name in ckpt.layers:
                     w, entry = ckpt.load(name, mod.weight)
                     _check_resumed_weight(name, mod, entry)
-                    rep = LayerReport.from_dict(entry["report"])
-                    rep.resumed = True
+                    rep = _resumed_report(ckpt, name, mod, entry)
                     pending.append((mod, w))
                     report.layers.append(rep)
                     if bar is not None:
@@ -1207,11 +1232,15 @@ def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, ch
                     # the report's errors read H too (a NaN activation makes it NaN; "magnitude" never reads it
                     # before): inside the try, so that this error names the layer as well
                     wd = dense_oi.to(device=wdev, dtype=wdt)
+                    # session 40: the report describes the weights written into the model (cast to the layer's
+                    # dtype), not the float32 result before the cast: in fp16 / bf16 a compensated weight can round
+                    # to zero (fp16 subnormals), so density, error and the mask of error_mask_only read `final`
+                    wp = final.to(device=wdev, dtype=wdt)
                     rep = LayerReport(
                         name=name, shape=tuple(dense_oi.shape), method=method, pattern=pattern_s, nnz=n_keep,
-                        blocks_per_scope=obs_layout(scope).gs, density=float((out != 0).float().mean()),
-                        error=metrics.output_error(wd, out, H=H.to(wdev)),
-                        error_mask_only=metrics.output_error(wd, wd.masked_fill(out == 0, 0), H=H.to(wdev)),
+                        blocks_per_scope=obs_layout(scope).gs, density=float((wp != 0).float().mean()),
+                        error=metrics.output_error(wd, wp, H=H.to(wdev)),
+                        error_mask_only=metrics.output_error(wd, wd.masked_fill(wp == 0, 0), H=H.to(wdev)),
                         tokens=int(hs.tokens[name]), seconds=seconds)
                 except Exception as err:  # say which layer and what the model holds
                     if hasattr(err, "add_note"):  # Python >= 3.11 (requires-python is 3.10)
