@@ -79,35 +79,42 @@ def _logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[
     return logits
 
 
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else torch.float32
+
+
 def full_logprobs(model: nn.Module, input_ids: torch.Tensor,
                   attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Next-token log-distributions ``(B, T, V)`` fp32: row ``t`` is ``log P(token t+1 | tokens <= t)``.
+    """Next-token log-distributions ``(B, T, V)``: row ``t`` is ``log P(token t+1 | tokens <= t)``.
 
-    ``log_softmax`` runs in fp32 whatever the model's dtype. Gradients flow unless the caller
-    disables them.
+    ``log_softmax`` runs in at least fp32: fp32 for fp16 / bf16 / fp32 logits, fp64 for fp64 logits
+    (an fp64 model is not rounded to fp32, which would blur small KLs by ~1e-7 absolute).
+    Gradients flow unless the caller disables them.
     """
     _check_ids(input_ids, attention_mask)
-    return torch.log_softmax(_logits(model, input_ids, attention_mask).float(), dim=-1)
+    logits = _logits(model, input_ids, attention_mask)
+    return torch.log_softmax(logits.to(_at_least_fp32(logits.dtype)), dim=-1)
 
 
 def logprobs_for_fixed_ids(model: nn.Module, input_ids: torch.Tensor,
                            attention_mask: Optional[torch.Tensor] = None,
                            labels_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Log-probs ``(B, T-1)`` fp32 of the given next tokens: entry ``t`` is ``log P(input_ids[:, t+1])``
+    """Log-probs ``(B, T-1)`` (fp32, fp64 for fp64 logits) of the given next tokens: entry ``t`` is ``log P(input_ids[:, t+1])``
     under the logits at position ``t``.
 
     Excluded positions hold 0 (so ``.sum(-1)`` is a sequence log-likelihood): those whose
     position ``t`` or target ``t+1`` is padding (``attention_mask`` 0), and those whose target
     is not selected by ``labels_mask`` (B, T; e.g. 1 on response tokens only). Computed as
-    ``logit[target] - logsumexp(logits)`` in fp32, without a (B, T, V) fp32 log-softmax copy
-    beyond the fp32 logits themselves.
+    ``logit[target] - logsumexp(logits)`` in fp32 (fp64 for fp64 logits), without a (B, T, V)
+    log-softmax copy beyond the widened logits themselves.
     """
     _check_ids(input_ids, attention_mask)
     if labels_mask is not None and (not isinstance(labels_mask, torch.Tensor)
                                     or labels_mask.shape != input_ids.shape):
         raise ValueError(f"labels_mask: expected a tensor of shape {tuple(input_ids.shape)}, "
                          f"got {type(labels_mask).__name__} {getattr(labels_mask, 'shape', '')}")
-    logits = _logits(model, input_ids, attention_mask)[:, :-1].float()
+    logits = _logits(model, input_ids, attention_mask)[:, :-1]
+    logits = logits.to(_at_least_fp32(logits.dtype))
     targets = input_ids[:, 1:].to(device=logits.device, dtype=torch.long)
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= logits.shape[-1]):
         raise ValueError(f"input_ids: token ids must lie in [0, {logits.shape[-1]}) (the logits' vocabulary)")
@@ -192,7 +199,14 @@ def layer_filter(names: Iterable[str], last_percent: float,
     if rx.groups == 0:
         raise ValueError(f"pattern: needs a capturing group for the block index, got {rx.pattern!r}")
     group: Union[str, int] = "idx" if "idx" in rx.groupindex else rx.groups
+    if isinstance(names, (str, bytes)):
+        raise ValueError(f"names: expected an iterable of parameter names, got a single {type(names).__name__} "
+                         f"{names!r}")
     names = list(names)
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise ValueError(f"names: expected parameter names (str), got a {type(bad[0]).__name__} "
+                         "(for named_parameters(), pass [n for n, _ in model.named_parameters()])")
     block_of: Dict[str, int] = {}
     for name in names:
         m = rx.search(name)
@@ -221,7 +235,10 @@ class FluctuationStrategy:
     to ``[min_percent, max_percent]`` (default ``[target/2, min(100, 2*target)]``); ``current``
     holds the last value (initially ``target``). ``amplitude`` is the typical excursion as a
     fraction of ``span = max_percent - min_percent``. Deterministic given ``seed`` (randomness,
-    where used, comes from a private ``torch.Generator``).
+    where used, comes from a private ``torch.Generator``). The subclasses' own numbers (``phase``,
+    ``momentum`` in [0, 1], ``min_delta``, ``temperature`` >= 0, ``cooling`` >= 0, ``k`` >= 0, ``damping``,
+    ``r`` in [0, 4]) must be finite (``ValueError`` naming the argument), and a NaN proposal is a
+    ``ValueError``, not a silent ``min_percent``.
     """
 
     name: ClassVar[str] = ""
@@ -257,11 +274,25 @@ class FluctuationStrategy:
         if math.isnan(improvement):
             raise ValueError("improvement: NaN")
         raw = self._propose(int(iteration), improvement)
+        if math.isnan(raw):  # min/max below would silently turn a NaN into min_percent
+            raise ValueError(f"{type(self).__name__}: proposed a NaN percentage at iteration {iteration} "
+                             "(overflowing amplitude or state?)")
         self.current = min(self.max_percent, max(self.min_percent, raw))
         return self.current
 
     def _propose(self, iteration: int, improvement: float) -> float:
         raise NotImplementedError
+
+    @staticmethod
+    def _real(value: object, arg: str, lo: Optional[float] = None, hi: Optional[float] = None) -> float:
+        """``value`` as a float: a finite real number in ``[lo, hi]`` (a NaN would otherwise pin every
+        proposal to ``min_percent`` silently)."""
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+                or (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f" in [{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]" \
+                if lo is not None or hi is not None else ""
+            raise ValueError(f"{arg}: expected a finite number{bounds}, got {value!r}")
+        return float(value)
 
     def _uniform(self) -> float:
         return float(torch.rand((), generator=self._gen, dtype=torch.float64))
@@ -275,7 +306,7 @@ class AdaptiveSinusoidal(FluctuationStrategy):
 
     def __init__(self, target: float, *, phase: float = 0.0, **kw) -> None:
         super().__init__(target, **kw)
-        self.phase = float(phase)
+        self.phase = self._real(phase, "phase")
 
     def _propose(self, iteration: int, improvement: float) -> float:
         a = self.amplitude * (1.0 + math.tanh(10.0 * improvement))
@@ -291,7 +322,7 @@ class MomentumBased(FluctuationStrategy):
 
     def __init__(self, target: float, *, momentum: float = 0.8, min_delta: float = 0.0, **kw) -> None:
         super().__init__(target, **kw)
-        self.momentum, self.min_delta = float(momentum), float(min_delta)
+        self.momentum, self.min_delta = self._real(momentum, "momentum", 0.0, 1.0), self._real(min_delta, "min_delta")
         self.velocity = 0.0
 
     def _propose(self, iteration: int, improvement: float) -> float:
@@ -309,7 +340,8 @@ class ExplorationDecay(FluctuationStrategy):
 
     def __init__(self, target: float, *, temperature: float = 1.0, cooling: float = 0.995, **kw) -> None:
         super().__init__(target, **kw)
-        self.temperature, self.cooling = float(temperature), float(cooling)
+        self.temperature = self._real(temperature, "temperature", 0.0)
+        self.cooling = self._real(cooling, "cooling", 0.0)
 
     def _propose(self, iteration: int, improvement: float) -> float:
         self.temperature *= self.cooling
@@ -326,7 +358,7 @@ class HarmonicOscillator(FluctuationStrategy):
 
     def __init__(self, target: float, *, k: float = 0.1, damping: float = 0.05, **kw) -> None:
         super().__init__(target, **kw)
-        self.k, self.damping = float(k), float(damping)
+        self.k, self.damping = self._real(k, "k", 0.0), self._real(damping, "damping")
         self.velocity = self.amplitude * self.span * math.sqrt(self.k)
 
     def _propose(self, iteration: int, improvement: float) -> float:
@@ -343,7 +375,7 @@ class ChaosDriven(FluctuationStrategy):
 
     def __init__(self, target: float, *, r: float = 3.9, **kw) -> None:
         super().__init__(target, **kw)
-        self.r = float(r)
+        self.r = self._real(r, "r", 0.0, 4.0)  # the logistic map stays in [0, 1] for r in [0, 4]
         self.state = 0.05 + 0.9 * self._uniform()
 
     def _propose(self, iteration: int, improvement: float) -> float:
