@@ -87,3 +87,21 @@ def test_triton_backend_through_ops():
         s, i = ops.score_topk(q, keys, 3)
     want = R.score_topk(q, keys, 3, True, None, None, None, 0)
     assert torch.equal(s, want[0]) and torch.equal(i, want[1])
+
+
+def test_smallest_zero_scores_are_positive_zero():
+    # smallest runs as largest on -q and negates back: -(+0) would report -0.0 where q . k gives +0.0 (session 40:
+    # every backend now negates as 0 - s); also through a running top-k holding a +0.0 score
+    q = torch.tensor([[1.0, -2.0]])
+    keys = torch.tensor([[0.0, 0.0], [2.0, 1.0], [3.0, 1.0]])
+    s_in, i_in = torch.tensor([[0.0]]), torch.tensor([[9]])
+    for args in ((None, None), (s_in, i_in)):
+        want = R.score_topk(q, keys, 2, False, None, *args, 0)
+        with path("tiny"):
+            got = T.score_topk(q, keys, 2, False, None, *args, 0)
+        with use_backend("native"):
+            nat = ops.score_topk(q, keys, 2, largest=False, scores_in=args[0], idx_in=args[1])
+        for s, i in (got, nat):
+            assert torch.equal(s, want[0]) and torch.equal(i, want[1])
+            assert not torch.signbit(s[s == 0]).any()
+        assert not torch.signbit(want[0][want[0] == 0]).any()

@@ -917,7 +917,9 @@ std::tuple<Tensor, Tensor> score_topk_cpu(const Tensor& queries_in, const Tensor
       std::partial_sort(cand.begin(), cand.begin() + m, cand.end(), better);
       for (int64_t j = 0; j < k; ++j) {
         if (j < m) {
-          os[qi * k + j] = largest ? cand[j].s : -cand[j].s;
+          // 0 - s, not -s: the negated GEMM sums from +0, so a zero score of -q is +0 and -(+0) would report
+          // -0.0 where q . k (and the reference) give +0.0 (session 40); every nonzero score is the same
+          os[qi * k + j] = largest ? cand[j].s : 0.0f - cand[j].s;
           oi[qi * k + j] = cand[j].i;
         } else {
           os[qi * k + j] = pad;

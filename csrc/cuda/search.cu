@@ -196,7 +196,7 @@ std::tuple<Tensor, Tensor> merge(Tensor cs, Tensor ci, int64_t k, const std::opt
     ci = at::cat({*idx_in, ci}, 1);
   }
   auto [s, i] = select_topk(cs, ci, k);
-  return {largest ? s : s.neg(), i};
+  return {largest ? s : s.neg().add_(0.0), i};  // + 0: a zero score is +0.0, as q . k gives (session 40)
 }
 
 std::tuple<Tensor, Tensor> score_topk_cuda(const Tensor& queries, const Tensor& keys_in, int64_t k, bool largest,
@@ -252,7 +252,7 @@ std::tuple<Tensor, Tensor> score_topk_cuda(const Tensor& queries, const Tensor& 
       rs = out_s;
       ri = out_i;
     }
-    return {largest ? out_s : out_s.neg(), out_i};
+    return {largest ? out_s : out_s.neg().add_(0.0), out_i};  // + 0: a zero score is +0.0 (session 40)
   }
   const int64_t n_tiles = (N + kTileN - 1) / kTileN;
   Tensor cs = at::empty({Q, n_tiles, k}, fopt);

@@ -235,6 +235,7 @@ def check_gather_segments(src, index, dtype) -> None:
 
 def check_gather_segments_out(src, index, out, accumulate, dtype=None) -> None:
     """``dtype``: the wrapper's requested dtype (not in the schema), which out must have."""
+    _flag(accumulate, "accumulate")
     _check_segments(src, index, "src")
     total = sum(_count(t, ix) for t, ix in zip(src, index))
     if not isinstance(out, torch.Tensor):
@@ -268,7 +269,7 @@ def gather_segments(src: Sequence[torch.Tensor], index: Sequence[Optional[torch.
     casts and adds do, identically on every backend.
     """
     if out is None:
-        if accumulate:
+        if _flag(accumulate, "accumulate"):
             raise ValueError("accumulate: needs an `out` tensor to add into")
         check_gather_segments(src, index, dtype)
         if not src:  # no tensor to dispatch on: the empty result is known
@@ -278,7 +279,7 @@ def gather_segments(src: Sequence[torch.Tensor], index: Sequence[Optional[torch.
     if not src:
         return out
     fn = _impl("gather_segments_out")
-    fn(list(src), list(index), out, accumulate)
+    fn(list(src), list(index), out, bool(accumulate))
     _wrote([out], fn)
     return out
 
@@ -292,7 +293,7 @@ def check_scatter_segments(flat, index, numel, scale) -> None:
             raise TypeError(f"index[{i}]: expected a 1-D int32/int64 tensor or None")
         if ix is not None and ix.device != flat.device:
             raise ValueError(f"index[{i}]: on {ix.device} but flat is on {flat.device}")
-        if int(n) < 0:
+        if _int(n, f"numel[{i}]") < 0:  # an int (numpy's too): int() would take 2.5, True or "2"
             raise ValueError(f"numel[{i}]: must be non-negative")
     total = sum(int(n) if ix is None else ix.numel() for ix, n in zip(index, numel))
     if flat.numel() != total:
@@ -311,6 +312,7 @@ def scatter_segments(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]]
 
 
 def check_scatter_segments_(flat, index, dst, scale, accumulate) -> None:
+    _flag(accumulate, "accumulate")
     _check_flat(flat)
     _check_segments(dst, index, "dst")
     total = sum(_count(t, ix) for t, ix in zip(dst, index))
@@ -385,7 +387,7 @@ def mask_to_indices(mask: torch.Tensor, dtype: torch.dtype = torch.int32) -> tor
 def check_bitmask_to_indices(bits, numel, dtype) -> int:
     if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8:
         raise TypeError(f"bits: expected a uint8 tensor, got {getattr(bits, 'dtype', type(bits).__name__)}")
-    numel = int(numel)
+    numel = _int(numel, "numel")
     if numel < 0:
         raise ValueError("numel: must be non-negative")
     if bits.dim() != 1 or bits.numel() != (numel + 7) // 8:
@@ -423,8 +425,7 @@ def check_topk_select(scores, active, k) -> None:
             raise ValueError(f"active: expected a bool tensor of shape {tuple(scores.shape)}")
         if active.device != scores.device:
             raise ValueError(f"active: on {active.device} but scores is on {scores.device}")
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k: expected an int, got {type(k).__name__}")
+    _int(k, "k")  # numpy integers too, as every other family
 
 
 def topk_select(scores: torch.Tensor, k: int, active: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -434,7 +435,7 @@ def topk_select(scores: torch.Tensor, k: int, active: Optional[torch.Tensor] = N
     lowest position first (deterministic on every backend); NaN raises ValueError.
     """
     check_topk_select(scores, active, k)
-    return _impl("topk_select")(scores, active, k)
+    return _impl("topk_select")(scores, active, _int(k, "k"))
 
 
 def check_topk_select_segments(scores, active, k) -> list:
@@ -456,8 +457,7 @@ def check_topk_select_segments(scores, active, k) -> list:
         if a is not None and (not isinstance(a, torch.Tensor) or a.dtype != torch.bool or a.numel() != s.numel()
                               or a.device != s.device):
             raise ValueError(f"active[{i}]: expected None or a bool tensor of {s.numel()} elements on {s.device}")
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k: expected an int, got {type(k).__name__}")
+    _int(k, "k")  # numpy integers too, as every other family
     return list(active)
 
 
@@ -471,6 +471,7 @@ def topk_select_segments(scores: Sequence[torch.Tensor], k: int,
     active scores; equal scores are taken lowest position first; NaN among active raises.
     """
     active = check_topk_select_segments(scores, active, k)
+    k = _int(k, "k")
     if not scores:  # nothing to dispatch on
         return _ref.topk_select_segments([], [], k)
     return _impl("topk_select_segments")(list(scores), list(active), k)
@@ -556,6 +557,7 @@ def _check_p(p) -> float:
 
 
 def _check_raw(raw, block_shape) -> bool:
+    raw = _flag(raw, "raw")
     if raw and any(int(b) != 1 for b in block_shape):
         raise ValueError(f"raw: signed scores need single-element blocks, got block_shape {tuple(block_shape)}")
     return bool(raw)
@@ -594,7 +596,7 @@ def check_scope_kth(x, block_shape, scope_shape, k, p, raw, k_weight, mid) -> tu
     p = _check_p(p)
     raw = _check_raw(raw, block_shape)
     k = _int(k, "k")
-    hi = nb - 1 if mid else nb
+    hi = nb - 1 if _flag(mid, "mid") else nb
     if not 1 <= k <= hi:
         raise ValueError(f"k: expected 1 <= k <= {hi} ({nb} blocks per scope{', mid needs k+1' if mid else ''}), got {k}")
     if isinstance(k_weight, bool) or not isinstance(k_weight, (int, float)) or not (0 <= k_weight < float("inf")):
@@ -628,6 +630,8 @@ def check_scope_mask(x, block_shape, scope_shape, nnz, p, raw, keep_ties, expand
     p = _check_p(p)
     raw = _check_raw(raw, block_shape)
     _check_nnz(nnz, nb)
+    _flag(keep_ties, "keep_ties")
+    _flag(expand, "expand")
     return p, raw
 
 
@@ -649,6 +653,7 @@ def check_scope_hard_threshold_(x, values, block_shape, scope_shape, nnz, p, kee
     _, nb = _check_layout(x, block_shape, scope_shape)
     p = _check_p(p)
     nnz = _check_nnz(nnz, nb)
+    _flag(keep_ties, "keep_ties")
     if values is not None:
         _check_companion(values, x, "values", x.shape)
         if values.dtype != x.dtype:
@@ -749,6 +754,7 @@ def _check_bits(bits, numel: int, what: str, device=None) -> None:
 
 def check_golden_topk_and_(g, bits, counts, k, first=False) -> int:
     """golden_topk_and_'s checks (the op wrapper's and the Triton launcher's); returns k."""
+    _flag(first, "first")  # bool("False") would overwrite bits instead of ANDing into them
     _check_float_tensor(g, "g")
     if not g.is_contiguous():
         raise ValueError("g: expected a contiguous tensor")
@@ -768,7 +774,7 @@ def golden_topk_and_(g: torch.Tensor, bits: torch.Tensor, k: int, *, counts: Opt
     """One golden update of one tensor, in place: the k largest |g| (ties: lowest flat position
     first; NaN never selected) packed into ``bits`` (``first``) or ANDed into it; ``counts``
     (int32, g's numel) gets +1 per selected entry. Returns the new popcount (int64, 0-dim)."""
-    k = check_golden_topk_and_(g, bits, counts, k)
+    k = check_golden_topk_and_(g, bits, counts, k, first)
     _check_writable([bits], "bits")
     _check_writable([counts], "counts")
     fn = _impl("golden_topk_and_", "golden")

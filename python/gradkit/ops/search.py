@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from gradkit import _ext
-from gradkit.ops import _int
+from gradkit.ops import _flag, _int
 
 __all__ = ["score_topk", "check_score_topk", "SEARCH_OPS", "KEY_DTYPES"]
 
@@ -42,8 +42,7 @@ def check_score_topk(queries, keys, k, largest, key_scale, scores_in, idx_in, ba
         raise ValueError(f"base: must be non-negative, got {base}")
     if base + max(keys.shape[0] - 1, 0) > _INT64_MAX:  # row numbers are int64: wrapped ones read as empty slots
         raise ValueError(f"base: {base} + {keys.shape[0]} keys overflows the int64 row numbers")
-    if not isinstance(largest, bool):
-        raise TypeError(f"largest: expected a bool, got {type(largest).__name__}")
+    _flag(largest, "largest")  # a bool or numpy's bool_ (np.bool_ was refused as "expected a bool, got bool")
     if key_scale is not None:
         if not isinstance(key_scale, torch.Tensor) or key_scale.dtype != torch.float32:
             raise TypeError("key_scale: expected a float32 tensor or None")
@@ -75,7 +74,8 @@ def score_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, largest: bo
     queries: (Q, D) float32; keys: (N, D) float32/float16/bfloat16 (any row stride; upcast to
     float32 per block); key_scale: (N,) float32 multiplying each key's score (e.g. inverse
     norms for cosine) or None; scores_in / idx_in: (Q, k_in) float32 / int64 running top-k
-    (idx -1 = empty slot) or None; base: index of keys[0].
+    (idx -1 = empty slot) or None; base: index of keys[0]. ``largest``: a bool (numpy's ``bool_`` too;
+    anything else, a string included, is a TypeError).
 
     Returns (scores (Q, k) float32, indices (Q, k) int64): the k best of the running top-k and
     the new candidates, best first (largest: highest score, else lowest), ties lowest index
@@ -85,6 +85,7 @@ def score_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, largest: bo
     from gradkit.ops import _impl, gpu_composite
 
     k, base = check_score_topk(queries, keys, k, largest, key_scale, scores_in, idx_in, base)
+    largest = bool(largest)  # np.bool_ -> bool for the op schemas
     if keys.shape[0] and keys.shape[1] and keys.stride(1) != 1:
         keys = keys.contiguous()  # the kernels read rows with unit column stride
     if gpu_composite(queries):  # H200: blocked cuBLAS 25.0 ms, CUDA C++ kernel 71.8 (1,000 x 1M x 256, top-10)

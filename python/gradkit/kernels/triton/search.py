@@ -88,7 +88,7 @@ def _merge(cs: torch.Tensor, ci: torch.Tensor, k: int, scores_in, idx_in, larges
         cs = torch.cat([sin.float(), cs], dim=1)
         ci = torch.cat([idx_in, ci], dim=1)
     s, i = select_topk(cs, ci, k, True)
-    return (s if largest else -s), i
+    return (s if largest else 0.0 - s), i  # 0 - s: a zero score is +0.0, as q . k gives (session 40)
 
 
 @on_tensor_device
