@@ -45,6 +45,15 @@ def one_thread():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """:func:`one_thread` for a whole module (``pytestmark = pytest.mark.usefixtures("one_thread_module")``)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(autouse=True)
 def _seeded_rngs(request):
     """Every test starts from global torch / numpy / random states seeded by its own node id: tests that draw

@@ -14,12 +14,7 @@ from gradkit import golden_reverse as gr
 from gradkit.golden import percent_to_k
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py
 
 
 class _LM(torch.nn.Module):

@@ -18,12 +18,7 @@ _IV = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: to
 FC = "transformer.h.1.mlp.c_fc.weight"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py
 
 
 def _snap(m):

@@ -22,6 +22,7 @@ from conftest import use_backend
 
 import sparsekit as sk  # noqa: E402  (installed wherever the suite runs)
 import sparsekit.tensor_ops as sk_ops  # noqa: E402
+from test_audit_s34_scope import _select
 
 pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="compiled extension not built")
 
@@ -80,21 +81,8 @@ def unrows(k, grid, ss):
 
 
 def select(rows, nnz, keep_ties=False):
-    flat = rows.reshape(-1, rows.shape[-1])
-    out = torch.zeros(flat.shape, dtype=torch.bool)
-    for r in range(flat.shape[0]):
-        vals = flat[r].tolist()
-        valid = [i for i, v in enumerate(vals) if not math.isnan(v)]
-        order = sorted(valid, key=lambda i: (-vals[i], i))
-        if nnz == 0:
-            continue
-        if keep_ties and len(order) >= nnz:
-            kth = vals[order[nnz - 1]]
-            chosen = [i for i in valid if vals[i] >= kth]
-        else:
-            chosen = order[:nnz]
-        out[r, chosen] = True
-    return out.reshape(rows.shape)
+    """test_audit_s34_scope's row oracle over every leading dim."""
+    return _select(rows.reshape(-1, rows.shape[-1]), nnz, keep_ties).reshape(rows.shape)
 
 
 def grid_keep(g, ss, nnz, keep_ties=False):

@@ -11,13 +11,7 @@ from gradkit.golden import percent_to_k, topk_mask
 from gradkit.testing import random_batches, tiny_gpt
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threads only add OpenMP hand-offs (ms per op on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py
 
 
 _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64,
