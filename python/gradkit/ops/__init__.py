@@ -766,6 +766,9 @@ def check_golden_topk_and_(g, bits, counts, k, first=False) -> int:
     k = _int(k, "k")
     if not 0 <= k <= g.numel():
         raise ValueError(f"k: must be in [0, {g.numel()}], got {k}")
+    # here, not only in the wrapper: the registered Triton CUDA kernel runs this check alone (session 40)
+    _check_writable([bits], "bits")
+    _check_writable([counts], "counts")
     return k
 
 
@@ -775,8 +778,6 @@ def golden_topk_and_(g: torch.Tensor, bits: torch.Tensor, k: int, *, counts: Opt
     first; NaN never selected) packed into ``bits`` (``first``) or ANDed into it; ``counts``
     (int32, g's numel) gets +1 per selected entry. Returns the new popcount (int64, 0-dim)."""
     k = check_golden_topk_and_(g, bits, counts, k, first)
-    _check_writable([bits], "bits")
-    _check_writable([counts], "counts")
     fn = _impl("golden_topk_and_", "golden")
     n = fn(g, bits, counts, k, bool(first))
     _wrote([bits, counts], fn)
@@ -860,6 +861,7 @@ def check_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, masked_lr, u
                         max_exp_avg_sqs=None) -> int:
     """masked_adamw_'s checks (the op wrapper's and the Triton launcher's; csrc/adamw_checks.h for the C++
     kernels), before any tensor is touched; returns the number of parameters."""
+    _flag(maximize, "maximize")  # bool("False") is True: a string would silently step uphill (session 40)
     lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "bits": bits,
              "bias_correction1": bias_correction1, "bias_correction2_sqrt": bias_correction2_sqrt}
     if max_exp_avg_sqs is not None:
@@ -929,7 +931,8 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     ``max_exp_avg_sqs`` (AMSGrad, as ``torch.optim.AdamW(amsgrad=True)``): each entry's denominator uses
     ``maximum(max_exp_avg_sq, new exp_avg_sq)``, which is stored back; None: plain AdamW."""
     n = check_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, masked_lr, unmasked_lr, beta1, beta2, eps,
-                            weight_decay, bias_correction1, bias_correction2_sqrt, max_exp_avg_sqs=max_exp_avg_sqs)
+                            weight_decay, bias_correction1, bias_correction2_sqrt, maximize=maximize,
+                            max_exp_avg_sqs=max_exp_avg_sqs)
     if n == 0:
         return
     fn = _impl("masked_adamw_", "adamw")
