@@ -525,11 +525,8 @@ class ParamMap:
                 if _internal_overlap(d):
                     raise ValueError(f"{what}: several elements share one memory location (an expanded tensor); "
                                      "clone() it first")
-                if d.is_inference() and not torch.is_inference_mode_enabled():
-                    # refused by the op too, but only after the missing .grads below were created as zeros
-                    raise RuntimeError(f"{what}: is an inference tensor (made under torch.inference_mode()), which "
-                                       "cannot be updated in place outside inference mode; clone it, or call this "
-                                       "inside torch.inference_mode()")
+                # refused by the op too, but only after the missing .grads below were created as zeros
+                ops._check_not_inference([d], what)
             if target == "grad":
                 for i in active:  # only after every check passed
                     p = params[self._entries[i].name]

@@ -108,19 +108,26 @@ def triton_family(family: str):
     return _TRITON_FAMILIES[family]
 
 
+def _check_not_inference(tensors, what: str) -> None:
+    """Outside inference mode, an inference tensor (made under ``torch.inference_mode()``) among ``tensors`` is
+    refused, naming it (``what``, or ``what[i]`` for several), as torch's own in-place ops refuse it."""
+    if torch.is_inference_mode_enabled():
+        return
+    for i, t in enumerate(tensors):
+        if isinstance(t, torch.Tensor) and t.is_inference():
+            name = what if len(tensors) == 1 else f"{what}[{i}]"
+            raise RuntimeError(f"{name}: is an inference tensor (made under torch.inference_mode()), which cannot "
+                               "be updated in place outside inference mode; clone it, or call this inside "
+                               "torch.inference_mode()")
+
+
 def _check_writable(tensors, what: str) -> None:
     """Before an in-place op: its targets must not need autograd to see the write. gradkit's in-place
     ops have no derivative, so writing a tensor that requires grad while grad mode is on would leave any
     graph through it silently wrong (torch refuses the same for its own in-place ops on leaves). An inference
     tensor (made under ``torch.inference_mode()``) is refused outside inference mode in any grad mode, as torch's
     own in-place ops refuse it (the compiled kernels would write it silently: it has no ADInplaceOrView key)."""
-    if not torch.is_inference_mode_enabled():
-        for i, t in enumerate(tensors):
-            if isinstance(t, torch.Tensor) and t.is_inference():
-                name = what if len(tensors) == 1 else f"{what}[{i}]"
-                raise RuntimeError(f"{name}: is an inference tensor (made under torch.inference_mode()), which cannot "
-                                   "be updated in place outside inference mode; clone it, or call this inside "
-                                   "torch.inference_mode()")
+    _check_not_inference(tensors, what)
     if not torch.is_grad_enabled():
         return
     for i, t in enumerate(tensors):
