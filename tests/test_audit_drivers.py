@@ -296,7 +296,7 @@ def test_reverse_golden_same_seed_same_masks_with_dropout_and_global_rng_untouch
     (dict(seed="x"), r"^seed: expected an int, got 'x'$"),
     (dict(seed=1.5), r"^seed: expected an int, got 1\.5$"),
     (dict(loss_fn=3), r"^loss_fn: expected None or a callable"),
-    (dict(progress="yes"), r"^progress: expected a bool, got 'yes'$"),
+    (dict(progress="yes"), r"^progress: expected a bool, got str 'yes'$"),
 ])
 def test_reverse_golden_bad_arguments_name_the_argument_before_any_forward(kwargs, msg):
     model = _DropoutLM()

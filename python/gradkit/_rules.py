@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import sys
 from fractions import Fraction
 from typing import Optional
 
@@ -51,6 +52,22 @@ def _count(n: int, x: float, divisor: int, rounding) -> int:
     return rounding(prod)
 
 
+def flag(v, what: str) -> bool:
+    """``v`` as a Python bool: a bool or numpy's ``bool_`` (what a config array or a numpy comparison gives),
+    else a TypeError naming ``what``. ``bool(v)`` would take the string "False" as True, and 0 / 1 or None are
+    as likely a wrong argument as a flag. Every boolean option in gradkit goes through this one rule."""
+    if isinstance(v, (bool, getattr(sys.modules.get("numpy"), "bool_", bool))):
+        return bool(v)
+    raise TypeError(f"{what}: expected a bool, got {type(v).__name__} {v!r}")
+
+
+def widened(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, a float8 one widened to float32 (exact): few ops (aminmax, isfinite, the kernels) take
+    float8, and float32 holds every float8 value."""
+    t = t.detach()
+    return t.float() if t.is_floating_point() and t.element_size() == 1 else t
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """``bool(torch.isfinite(t).all())`` through one ``aminmax`` pass (NaN and +-inf reach the min or the max):
     no bool temporary, whose first-touch page faults made the check 16x slower on a 4096 x 4096 float32 matrix
@@ -59,10 +76,7 @@ def all_finite(t: torch.Tensor) -> bool:
         return bool(torch.isfinite(t).all())
     if not t.numel() or not t.is_floating_point():
         return True
-    td = t.detach()
-    if td.element_size() == 1:  # float8: neither aminmax nor isfinite is implemented for it; float32 holds it exactly
-        td = td.float()
-    lo, hi = torch.aminmax(td)
+    lo, hi = torch.aminmax(widened(t))
     return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 

@@ -31,7 +31,8 @@ import torch
 
 from gradkit import ops
 from gradkit._io import open_regular
-from gradkit._rules import as_written, ceil_count, int_seq
+from gradkit import _rules
+from gradkit._rules import as_written, ceil_count, flag, int_seq
 from gradkit.kernels.reference.parammap import unpack_bitmask
 from gradkit.golden_reverse import (DEFAULT_LAYER_PATTERN, STRATEGIES, AdaptiveSinusoidal, ChaosDriven,  # noqa: F401
                                     ExplorationDecay, FluctuationStrategy, HarmonicOscillator, MomentumBased,
@@ -93,9 +94,8 @@ def _fresh_bits(numel: int, device) -> torch.Tensor:
 
 
 def _scorable(g: torch.Tensor) -> torch.Tensor:
-    """``g`` detached, float8 widened to float32 (exact; the kernels take float16 / bfloat16 / float32 / float64)."""
-    g = g.detach()
-    return g.float() if g.element_size() == 1 else g
+    """``g`` detached, float8 widened to float32 (the kernels take float16 / bfloat16 / float32 / float64)."""
+    return _rules.widened(g)
 
 
 def topk_mask(t: torch.Tensor, percent: float) -> torch.Tensor:
@@ -518,9 +518,7 @@ def golden_masks(grad_iter: Iterable[Mapping[str, torch.Tensor]], percent: float
         bad = [p for p in params if not isinstance(p, str)]
         if bad:
             raise TypeError(f"params: expected parameter names (str), got {bad[0]!r}")
-    for nm, v in (("return_counts", return_counts), ("progress", progress)):
-        if not isinstance(v, bool):  # return_counts="no" would be taken as True
-            raise TypeError(f"{nm}: expected a bool, got {type(v).__name__}")
+    return_counts, progress = flag(return_counts, "return_counts"), flag(progress, "progress")
     try:
         it = iter(grad_iter)
     except TypeError:

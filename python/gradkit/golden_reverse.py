@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from gradkit._rules import as_written, floor_count
+from gradkit._rules import as_written, flag, floor_count
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -669,8 +669,10 @@ def reverse_golden_masks(
     seed = int(seed)  # numpy integers too
     if loss_fn is not None and not callable(loss_fn):
         raise ValueError(f"loss_fn: expected None or a callable(model, batch) -> scalar loss, got {loss_fn!r}")
-    if not isinstance(progress, bool):
-        raise ValueError(f"progress: expected a bool, got {progress!r}")
+    try:  # this function's rule: every bad argument is a ValueError
+        progress = flag(progress, "progress")
+    except TypeError as e:
+        raise ValueError(str(e)) from None
     if isinstance(strategy, FluctuationStrategy):
         if strategy.target != percent:
             raise ValueError(f"strategy: its target {strategy.target} differs from percent {percent}")

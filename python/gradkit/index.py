@@ -137,7 +137,7 @@ import torch
 
 from gradkit import ops
 from gradkit._io import _fsync_dir, open_regular, parse_json, read_regular
-from gradkit._rules import check_symmetric
+from gradkit._rules import check_symmetric, flag
 
 try:
     import fcntl
@@ -918,8 +918,11 @@ class GradientIndex:
         # distributed: decided first, so that a rank refusing its arguments still makes the collective call
         # the other ranks make (an argument error on one rank alone left them waiting for the process group's
         # timeout); an invalid value is refused, on every rank when the process group is initialised
-        dist_err = None if distributed is None or isinstance(distributed, bool) else \
-            TypeError(f"distributed: expected a bool or None, got {type(distributed).__name__}")
+        dist_err = None
+        if isinstance(distributed, np.bool_):
+            distributed = bool(distributed)
+        elif distributed is not None and not isinstance(distributed, bool):
+            dist_err = TypeError(f"distributed: expected a bool or None, got {type(distributed).__name__}")
         d = _dist() if distributed is not False else None
         if distributed is True and d is None:
             raise ValueError("distributed: torch.distributed is not initialised")
@@ -935,13 +938,10 @@ class GradientIndex:
                 raise ValueError(f"modules: given in the order {list(mods)}, but the projection's modules (its "
                                  f"collector's flat rows) are in the order {other}; create the index with the "
                                  "projection's order (modules=col.module_dims with projection=col)")
-            if not isinstance(per_token, bool):
-                raise TypeError(f"per_token: expected a bool, got {type(per_token).__name__}")
+            per_token = flag(per_token, "per_token")
             if shard_rows is not None:
                 shard_rows = _int_arg(shard_rows, "shard_rows", 1)
-            for nm, v in (("resume", resume), ("overwrite", overwrite)):
-                if not isinstance(v, bool):
-                    raise TypeError(f"{nm}: expected a bool, got {type(v).__name__}")
+            resume, overwrite = flag(resume, "resume"), flag(overwrite, "overwrite")
             if resume and overwrite:
                 raise ValueError("resume, overwrite: choose one (resume continues the index, overwrite replaces it)")
             if on_nonfinite not in _POLICIES:
@@ -1324,8 +1324,7 @@ class GradientIndex:
         commit: rows appended with ``commit=False`` since then are discarded too.
         """
         self._check_writable("append")
-        if not isinstance(commit, (bool, np.bool_)):  # commit="no" or None would be taken as True / False
-            raise TypeError(f"commit: expected a bool, got {type(commit).__name__}")
+        commit = flag(commit, "commit")  # commit="no" or None would be taken as True / False
         policy = self._policy if on_nonfinite is None else on_nonfinite
         if policy not in _POLICIES:
             raise ValueError(f"on_nonfinite: expected one of {_POLICIES}, got {policy!r}")
@@ -1658,10 +1657,7 @@ class GradientIndex:
             raise TypeError(f"path: expected a str or path, got {type(path).__name__}")
         if not os.fspath(path):
             raise ValueError("path: is empty (an empty path would be the current directory)")
-        if not isinstance(low_memory, bool):
-            raise TypeError(f"low_memory: expected a bool, got {type(low_memory).__name__}")
-        if not isinstance(allow_incomplete, bool):
-            raise TypeError(f"allow_incomplete: expected a bool, got {type(allow_incomplete).__name__}")
+        low_memory, allow_incomplete = flag(low_memory, "low_memory"), flag(allow_incomplete, "allow_incomplete")
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"path: {p} does not exist")
@@ -2213,9 +2209,7 @@ class GradientIndex:
         k = _int_arg(k, "k", 1)
         if k > n:
             raise ValueError(f"k: {k} is larger than the index ({n} rows)")
-        for name, v in (("unit_norm", unit_norm), ("reverse", reverse)):
-            if not isinstance(v, bool):
-                raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
+        unit_norm, reverse = flag(unit_norm, "unit_norm"), flag(reverse, "reverse")
         if backend not in _BACKENDS:
             raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
         if backend == "faiss":

@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 
 from gradkit import ops
+from gradkit._rules import flag
 
 __all__ = ["MaskedAdamW"]
 
@@ -39,10 +40,7 @@ def _check_hyper(masked_lr: Any, unmasked_lr: Any, betas: Any, eps: Any, weight_
     for i, b in enumerate(betas):
         if not _real(b) or not 0.0 <= b < 1.0:
             raise ValueError(f"betas[{i}]: expected a number in [0, 1), got {b!r}")
-    if not isinstance(maximize, bool):
-        raise TypeError(f"maximize: expected a bool, got {type(maximize).__name__}")
-    if not isinstance(amsgrad, bool):
-        raise TypeError(f"amsgrad: expected a bool, got {type(amsgrad).__name__}")
+    maximize, amsgrad = flag(maximize, "maximize"), flag(amsgrad, "amsgrad")
     return {"masked_lr": _nonneg(masked_lr, "masked_lr"), "unmasked_lr": _nonneg(unmasked_lr, "unmasked_lr"),
             "betas": (float(betas[0]), float(betas[1])), "eps": _nonneg(eps, "eps"),
             "weight_decay": _nonneg(weight_decay, "weight_decay"), "maximize": maximize, "amsgrad": amsgrad}

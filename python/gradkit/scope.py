@@ -201,14 +201,9 @@ def _check_writable(specs: Sequence["BlockSpec"], owner: Optional[str] = None) -
     ``torch.inference_mode()``) is not written outside inference mode. torch's own in-place ops raise there, but
     after writing it, and only when they reach that spec (a coupling's earlier specs already written); the compiled
     kernels wrote it silently."""
-    if torch.is_inference_mode_enabled():
-        return
-    for i, s in enumerate(specs):
-        if s.view.param.is_inference():
-            who = owner if owner == "view" else f"{owner}[{i}]" if owner else f"BlockSpec {s.name or ''}".rstrip()
-            raise RuntimeError(f"{who}: its weights are an inference tensor (made under torch.inference_mode()), which "
-                               f"cannot be updated in place outside inference mode; clone it, or prune inside "
-                               f"torch.inference_mode()")
+    for i, s in enumerate(specs):  # ops' one rule and message, named for the spec whose weights they are
+        who = owner if owner == "view" else f"{owner}[{i}]" if owner else f"BlockSpec {s.name or ''}".rstrip()
+        ops._check_not_inference((s.view.param,), f"{who} weights")
 
 
 def _acc_norms(x: Tensor, block_shape: Sequence[int], p: float) -> Tensor:

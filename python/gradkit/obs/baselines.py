@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from gradkit._rules import all_finite, int_arg
+from gradkit._rules import all_finite, flag, int_arg
 from gradkit.obs.layout import ObsLayout, obs_layout
 from gradkit.obs.metrics import (
     NotPositiveDefiniteError,
@@ -93,8 +93,7 @@ def magnitude(scope, nnz: int, inplace: bool = False) -> Tensor:
     """Keep the ``nnz`` blocks of largest L2 norm in every scope; zero the others. No update."""
     lay = _layout(scope)
     nnz = _check_nnz(nnz)
-    if not isinstance(inplace, bool):
-        raise TypeError("inplace: expected a bool")
+    inplace = flag(inplace, "inplace")
     if nnz >= lay.gs or lay.S == 0:
         return lay.weight.detach().clone()
     w = lay.weight.detach().reshape(-1)
@@ -107,8 +106,7 @@ def obd(scope, hessian: Tensor, nnz: int, damp: float = 0.0, inplace: bool = Fal
     (``j`` the element's column, ``lam`` the damping of :mod:`gradkit.obs.metrics`) per scope; zero
     the others, no compensation. A dead column (``H_jj == 0``) has saliency ``lam w^2``."""
     lay, nnz, damp = _scope_hessian_args(scope, hessian, nnz, damp)
-    if not isinstance(inplace, bool):
-        raise TypeError("inplace: expected a bool")
+    inplace = flag(inplace, "inplace")
     if nnz >= lay.gs or lay.S == 0:
         return lay.weight.detach().clone()
     hdiag = hessian.detach().diagonal().to(device=lay.weight.device, dtype=torch.float64)
@@ -494,9 +492,7 @@ def sparsegpt(scope, hessian: Tensor, nnz: int, damp: float = 0.01, blocksize: i
         raise TypeError(f"blocksize: expected an int, got {type(blocksize).__name__}") from None
     if blocksize < 1:
         raise ValueError(f"blocksize: expected >= 1, got {blocksize}")
-    for name, v in (("inplace", inplace), ("progress", progress), ("return_mask", return_mask)):
-        if not isinstance(v, bool):
-            raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
+    inplace, progress, return_mask = flag(inplace, "inplace"), flag(progress, "progress"), flag(return_mask, "return_mask")
     if nnz >= lay.gs or lay.S == 0:
         out = lay.weight.detach().clone()
         keep = torch.ones(lay.M, lay.K, dtype=torch.bool, device=out.device)

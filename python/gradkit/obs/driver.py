@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from gradkit._io import NO_LIMIT, _fsync_dir, parse_json, read_regular
-from gradkit._rules import all_finite, device_arg
+from gradkit._rules import all_finite, device_arg, flag
 from gradkit.kernels.reference.scope import byte_span
 from gradkit.obs import baselines, metrics
 from gradkit.obs.layout import obs_layout
@@ -1117,9 +1117,8 @@ def prune_model(model: nn.Module, batches: Iterable, pattern: Union[str, Callabl
         raise ValueError(f"groups: expected 'block', 'layer' or a callable(name) -> key, got {groups!r}")
     if callback is not None and not callable(callback):
         raise TypeError("callback: expected a callable(LayerReport)")
-    for nm, v in (("sequential", sequential), ("resume", resume), ("progress", progress), ("early_stop", early_stop)):
-        if not isinstance(v, bool):
-            raise TypeError(f"{nm}: expected a bool, got {type(v).__name__}")
+    sequential, resume = flag(sequential, "sequential"), flag(resume, "resume")
+    progress, early_stop = flag(progress, "progress"), flag(early_stop, "early_stop")
     if device is not None:
         device = device_arg(device, desc="None or a torch device")
     if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):

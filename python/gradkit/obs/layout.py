@@ -56,13 +56,9 @@ def obs_layout(scope: ScopeSpec) -> ObsLayout:
         raise ValueError("scope: the pruned weight is a meta tensor (no data); materialise it (e.g. "
                          "module.to_empty(device=...) and load the weights) before pruning")
     m, k = w.shape
-    # (*block grid, bk) flat positions, blocked here rather than through BlockSpec.block_view, whose values are
-    # the weight's (a rule for those, such as a floating dtype, does not apply to positions)
-    offs = spec.view.offsets().contiguous()
-    nd = offs.dim()
-    inter = [x for g, b in zip(spec.grid_shape, spec.shape) for x in (g, b)]
-    blocks = offs.reshape(inter).permute(list(range(0, 2 * nd, 2)) + list(range(1, 2 * nd, 2)))
-    blocks = blocks.reshape(*spec.grid_shape, spec.numel_per_block())
+    # (*block grid, bk) flat positions: BlockSpec.block_view of the view's offsets (resolve takes any dtype
+    # unless asked for scores)
+    blocks = spec.block_view(spec.view.offsets(), merge=True)
     per_scope = scope.block_to_scope(blocks, merge=True)  # (*scope grid, gs, bk)
     gs, bk = scope.numblk_per_scope(), spec.numel_per_block()
     elems = per_scope.reshape(-1, gs, bk).contiguous()

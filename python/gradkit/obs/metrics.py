@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from gradkit._rules import all_finite, check_symmetric, int_arg
+from gradkit._rules import all_finite, check_symmetric, flag, int_arg
 
 __all__ = ["output_error", "resolve", "damped_hessian", "NotPositiveDefiniteError"]
 
@@ -370,8 +370,7 @@ def resolve(W: Tensor, H: Tensor, mask: Tensor, damp: float = 0.0, out: Optional
         max_batch_bytes = operator.index(max_batch_bytes)
     except TypeError:
         raise TypeError("max_batch_bytes: expected an int") from None
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress: expected a bool, got {type(progress).__name__}")
+    progress = flag(progress, "progress")
 
     dev = W.device
     hd, lam = _damped_hessian(H.to(dev), damp, dtype)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from gradkit import ops
-from gradkit._rules import all_finite, int_arg
+from gradkit._rules import all_finite, flag, int_arg
 from gradkit.obs.layout import ObsLayout, obs_layout
 from gradkit.obs.baselines import _dead_inputs
 from gradkit.obs.metrics import dead_diagonal
@@ -71,12 +71,6 @@ def _check_nnz(nnz, gs: int) -> int:
     # numpy integers (and 0-d integer tensors) too, as ScopeSpec.get_masks / hard_threshold, the baselines and the
     # SparseKit peer take them; the baselines' rule and messages (gradkit._rules.int_arg)
     return int_arg(nnz, "nnz", "an int (blocks kept per scope)", 0, "blocks kept per scope")
-
-
-def _check_bool(v, what: str) -> bool:
-    if not isinstance(v, bool):  # a truthy string or 1 used to be taken silently
-        raise TypeError(f"{what}: expected a bool, got {type(v).__name__}")
-    return v
 
 
 def _damp_value(h: Tensor, damp: float) -> float:
@@ -437,7 +431,7 @@ class StructuredOBS:
         # numpy integers too (as nnz); a float or a bool is a TypeError, < 1 a ValueError
         chunk_size = int_arg(chunk_size, "chunk_size", "an int >= 1", 1)
         ng = None if ng is None else int_arg(ng, "ng", "an int >= 1 or None", 1)
-        _check_bool(return_mask, "return_mask")
+        return_mask = flag(return_mask, "return_mask")
         _check_progress(progress_fn, "progress_fn")
         _check_progress(progress, "progress")
         num_prune = self._start(nnz)
@@ -555,7 +549,7 @@ class StructuredOBS:
             raise ValueError(f"compensate: expected 'local', 'full', 'split' or 'interleaved', got {compensate!r}")
         n_splits = int_arg(n_splits, "n_splits", "an int >= 1", 1)
         block_size = int_arg(block_size, "block_size", "an int >= 1", 1)
-        _check_bool(return_mask, "return_mask")
+        return_mask = flag(return_mask, "return_mask")
         num_prune = self._start(nnz)
         if num_prune is None:
             return self._keep_all() if return_mask else None

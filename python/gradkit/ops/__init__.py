@@ -26,12 +26,11 @@ import functools
 import math
 import numbers
 import os
-import sys
 from typing import List, Optional, Sequence
 
 import torch
 
-from gradkit import _ext
+from gradkit import _ext, _rules
 from gradkit.kernels.reference import parammap as _ref
 from gradkit.kernels.reference import scope as _ref_scope
 from gradkit.ops.overlap import check_no_overlap as _check_no_overlap
@@ -292,6 +291,7 @@ def gather_segments(src: Sequence[torch.Tensor], index: Sequence[Optional[torch.
 
 
 def check_scatter_segments(flat, index, numel, scale) -> None:
+    _finite(scale, "scale")
     _check_flat(flat)
     if len(numel) != len(index):
         raise ValueError(f"numel: expected {len(index)} entries, got {len(numel)}")
@@ -320,6 +320,7 @@ def scatter_segments(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]]
 
 def check_scatter_segments_(flat, index, dst, scale, accumulate) -> None:
     _flag(accumulate, "accumulate")
+    _finite(scale, "scale")
     _check_flat(flat)
     _check_segments(dst, index, "dst")
     total = sum(_count(t, ix) for t, ix in zip(dst, index))
@@ -502,12 +503,18 @@ def _int(v, what: str) -> int:
     return int(v)
 
 
-def _flag(v, what: str) -> bool:
-    """v as a bool: a bool or numpy's bool_, else a TypeError naming ``what`` (``bool(v)`` would take the string
-    "False" as True). The bool counterpart of :func:`_int`."""
-    if isinstance(v, (bool, getattr(sys.modules.get("numpy"), "bool_", bool))):
-        return bool(v)
-    raise TypeError(f"{what}: expected a bool, got {type(v).__name__} {v!r}")
+_flag = _rules.flag  # the bool counterpart of :func:`_int`
+
+
+def _finite(v, what: str) -> float:
+    """v as a finite Python float: a real number (numpy's too; not a bool, not a string), else a TypeError naming
+    ``what``; NaN or +-inf is a ValueError (``float(v)`` would take "2", True, or a NaN that spreads silently)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{what}: expected a real number, got {type(v).__name__} {v!r}")
+    f = float(v)
+    if not math.isfinite(f):
+        raise ValueError(f"{what}: expected a finite number, got {v!r}")
+    return f
 
 
 def _check_typed(named, dtype, device=None) -> None:
@@ -704,7 +711,7 @@ def check_soft_scalars(max_iter, atol, eps) -> int:
     if max_iter < 0:
         raise ValueError(f"max_iter: expected >= 0, got {max_iter}")
     for name, v in (("atol", atol), ("eps", eps)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < float("inf"))):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not (0 <= v < float("inf"))):
             raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
     return max_iter
 
@@ -817,7 +824,7 @@ def check_bitmask_binary(a, b, code) -> None:
 
 def bitmask_binary(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], op: str) -> List[torch.Tensor]:
     """Elementwise and / or / xor / andnot (a & ~b) of packed bitmasks, list by list (new tensors)."""
-    if op not in BITMASK_OPS:
+    if not isinstance(op, str) or op not in BITMASK_OPS:  # a list was "unhashable type", naming nothing
         raise ValueError(f"op: expected one of {sorted(BITMASK_OPS)}, got {op!r}")
     check_bitmask_binary(a, b, BITMASK_OPS[op])
     if not a:
@@ -899,14 +906,14 @@ def check_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, masked_lr, u
             _check_bits(bits[i], p.numel(), f"bits[{i}]", p.device)
     for name, v in (("masked_lr", masked_lr), ("unmasked_lr", unmasked_lr), ("eps", eps),
                     ("weight_decay", weight_decay)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
             raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
     for name, v in (("beta1", beta1), ("beta2", beta2)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= v < 1.0:
             raise ValueError(f"{name}: expected a number in [0, 1), got {v!r}")
     for name in ("bias_correction1", "bias_correction2_sqrt"):
         for i, v in enumerate(lists[name]):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 < v <= 1.0:
                 raise ValueError(f"{name}[{i}]: expected a number in (0, 1], got {v!r}")
     for name in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):  # every written list, as the native op's
         if name in lists:

@@ -16,7 +16,7 @@ import torch
 from gradkit import _ext
 from gradkit.kernels.reference import obs as _ref
 from gradkit.kernels.reference.scope import check_inplace as _check_inplace
-from gradkit.ops import _check_read_no_grad, _check_typed, _check_writable, _impl, _int, _wrote, backend
+from gradkit.ops import _check_read_no_grad, _check_typed, _check_writable, _flag, _impl, _int, _wrote, backend
 
 __all__ = ["OBS_OPS", "SHARED_MAX_P", "obs_schur_extend_", "obs_select", "obs_shared_prune", "obs_sweep_"]
 
@@ -84,8 +84,7 @@ def check_obs_shared_prune(w, c, cinv, pidx, E, local) -> int:
     _check_typed((("c", c), ("cinv", cinv)), torch.float32, ("w", w.device))
     _check_typed((("pidx", pidx),), torch.int64, ("w", w.device))
     E = _int(E, "E")
-    if not isinstance(local, bool):
-        raise TypeError(f"local: expected a bool, got {type(local).__name__}")
+    local = _flag(local, "local")
     if w.dim() != 2:
         raise ValueError(f"w: expected a 2-D tensor (n, K), got shape {tuple(w.shape)}")
     n, K = w.shape
