@@ -286,5 +286,5 @@ def test_unfinished_bergson_build_refused(tmp_path, monkeypatch):
     (tmp_path / "link").symlink_to(run_part, target_is_directory=True)
     with pytest.raises(IndexFormatError, match=r"^path: .*link' is a bergson index whose build did not finish"):
         GradientIndex.open(tmp_path / "link")
-    with pytest.raises(TypeError, match=r"^allow_incomplete: expected a bool, got str$"):
+    with pytest.raises(TypeError, match=r"^allow_incomplete: expected a bool, got str 'yes'$"):
         GradientIndex.open(run_part, allow_incomplete="yes")

@@ -419,6 +419,7 @@ def collect_hessians(model: nn.Module, batches: Iterable, modules=None, device=N
     product past float32's range) leaves NaN / Inf in that layer's H, which every pruner, and
     ``prune_model``'s report, refuses (ValueError naming H and the layer).
     """
+    progress = flag(progress, "progress")  # "False" would draw a bar
     layers = _select_modules(model, modules)
     data = _batches(batches)
     bar = _bar(progress, len(data), "hessians", "batch")

@@ -118,11 +118,16 @@ def _check_inv_h(inv_h, k: int) -> Tensor:
     return inv_h
 
 
-def _check_progress(progress, what: str) -> None:
-    """``progress`` / ``progress_fn``: None, a bool or a callable(str); anything else (a string, a number) used to
-    open a tqdm bar because it was truthy."""
-    if progress is not None and not isinstance(progress, bool) and not callable(progress):
-        raise TypeError(f"{what}: expected None, a bool or a callable(str), got {type(progress).__name__}")
+def _check_progress(progress, what: str):
+    """``progress`` / ``progress_fn`` as None, a Python bool or a callable(str): a bool or numpy's ``bool_``
+    (:func:`gradkit._rules.flag`'s rule) becomes a bool; anything else (a string, a number) used to open a tqdm
+    bar because it was truthy, and is a TypeError naming ``what``."""
+    if progress is None or callable(progress):
+        return progress
+    try:
+        return flag(progress, what)
+    except TypeError:
+        raise TypeError(f"{what}: expected None, a bool or a callable(str), got {type(progress).__name__}") from None
 
 
 def _progress(progress, total: int, desc: str):
@@ -432,8 +437,8 @@ class StructuredOBS:
         chunk_size = int_arg(chunk_size, "chunk_size", "an int >= 1", 1)
         ng = None if ng is None else int_arg(ng, "ng", "an int >= 1 or None", 1)
         return_mask = flag(return_mask, "return_mask")
-        _check_progress(progress_fn, "progress_fn")
-        _check_progress(progress, "progress")
+        progress_fn = _check_progress(progress_fn, "progress_fn")
+        progress = _check_progress(progress, "progress")
         num_prune = self._start(nnz)
         if num_prune is None:
             return self._keep_all() if return_mask else None
