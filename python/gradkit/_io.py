@@ -10,7 +10,11 @@ A crash before the swap leaves the target untouched (plus a hidden staging
 directory); there is no moment at which the target holds a mix of old and new
 files. Where the file system cannot exchange directories, the files are moved in
 one by one with ``os.replace``, ``config.json`` last, and the weaker guarantee is
-that a crash in that window is detected on load by the checksums gradkit stores.
+that a crash in that window is detected on load by the checksums gradkit stores. The same
+one-by-one move, from a staging directory inside the target, is used where no directory can
+be swapped: a target that is a mount point (a container's volume: rename gives EBUSY, and the
+parent is another file system), or one whose parent is not writable. The target keeps its mode,
+group and owner (where permitted); a new one gets the mode ``mkdir`` gives under the umask.
 """
 from __future__ import annotations
 
@@ -18,10 +22,10 @@ import ctypes
 import errno
 import json
 import os
+import secrets
 import struct
 import shutil
 import stat as _stat
-import tempfile
 import zlib
 from typing import Callable, Dict
 
@@ -39,8 +43,12 @@ def open_regular(path, what: str, err=ValueError):
     blocking (a FIFO opens at once), and checked with fstat, so a FIFO or device put in its place after a separate
     path check cannot make a read block for ever or never end. ``err(message naming the file)`` otherwise."""
     try:
-        fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except (OSError, RuntimeError) as e:
+        fspath = os.fspath(path)
+    except TypeError:  # None, an int (os.open would take a descriptor number), ...: named, not torch's / os's text
+        raise TypeError(f"{what}: expected a path (str, bytes or os.PathLike), got {type(path).__name__}") from None
+    try:
+        fd = os.open(fspath, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except (OSError, RuntimeError, ValueError) as e:  # ValueError: an embedded NUL byte
         raise err(f"{what}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     try:
         st = os.fstat(fd)
@@ -72,14 +80,30 @@ def read_regular(path, limit: int, what: str, err=ValueError) -> bytes:
     return data
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs):
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateKey(f"the key {dup!r} appears twice in one object (JSON readers differ on which value counts)")
+    return out
+
+
 def parse_json(data: bytes, path, what: str, err=ValueError):
-    """JSON text of ``path`` (UTF-8) parsed; damaged, too deeply nested or too large -> ``err`` naming the file."""
+    """JSON text of ``path`` (UTF-8) parsed; damaged, too deeply nested or too large -> ``err`` naming the file.
+    An object holding one key twice is damaged too (Python keeps the last value, other readers the first)."""
     try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise err(f"{what}: {path} is not valid JSON ({e}); the file is damaged") from None
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (RecursionError, MemoryError):
         raise err(f"{what}: {path} is nested too deeply or too large to be a file of this kind") from None
+    except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, a duplicate key, an integer of > 4300 digits
+        raise err(f"{what}: {path} is not valid JSON ({e}); the file is damaged") from None
+
+
 _RENAME_EXCHANGE = 2
 
 
@@ -124,6 +148,32 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst, follow_symlinks=False)
 
 
+def _mkstage(base: str, where: str) -> str:
+    """A new hidden staging directory ``.<base>.gradkit-XXXXXXXX`` in ``where``, made by ``mkdir`` with mode 0o777
+    under the umask: the mode a directory made by the caller would have (``tempfile.mkdtemp``'s 0o700 became the
+    target's mode when the stage was swapped in, so a group-shared model directory turned private)."""
+    for _ in range(1000):
+        path = os.path.join(where, f".{base}.gradkit-{secrets.token_hex(4)}")
+        try:
+            os.mkdir(path, 0o777)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free staging directory name", where)  # pragma: no cover
+
+
+def _copy_owner_and_mode(st: os.stat_result, path: str) -> None:
+    """Give directory ``path`` the owner, group and mode ``st`` recorded (owner and group where permitted; the mode
+    after them, since a change of owner clears set-id bits)."""
+    for uid in ((st.st_uid, -1) if hasattr(os, "chown") else ()):
+        try:
+            os.chown(path, uid, st.st_gid)
+            break
+        except OSError:
+            continue
+    os.chmod(path, _stat.S_IMODE(st.st_mode))
+
+
 def write_dir_atomic(target: str, writers: Dict[str, Callable[[str], None]],
                      remove: tuple = (), _hook: Callable[[str], None] | None = None, what: str = "path") -> None:
     """Replace the files ``writers`` names inside directory ``target`` atomically.
@@ -131,8 +181,15 @@ def write_dir_atomic(target: str, writers: Dict[str, Callable[[str], None]],
     writers: {file name: fn(path) writing that file}. Files of ``target`` that are
     neither written nor listed in ``remove`` are carried over unchanged.
     ``_hook(stage)`` is a test seam called between steps; ``what`` names the argument in errors.
+    A symlink ``target`` is followed (the directory it names is replaced, the link stays).
     """
-    target = os.path.abspath(target)
+    try:
+        target = os.fspath(target)
+    except TypeError:
+        raise TypeError(f"{what}: expected a path (str or os.PathLike), got {type(target).__name__}") from None
+    if isinstance(target, bytes):
+        target = os.fsdecode(target)
+    target = os.path.realpath(target)  # a link to a directory: swapping the link itself replaced it by a plain copy
     parent, base = os.path.split(target)
     if os.path.exists(target) and not os.path.isdir(target):
         raise ValueError(f"{what}: {target!r} exists and is not a directory")
@@ -141,27 +198,47 @@ def write_dir_atomic(target: str, writers: Dict[str, Callable[[str], None]],
     except (FileExistsError, NotADirectoryError):  # a regular file where a parent directory should be
         raise ValueError(f"{what}: cannot create {target!r}: a part of its parent {parent!r} is not a directory") \
             from None
-    stage = tempfile.mkdtemp(prefix=f".{base}.gradkit-", dir=parent)
+    existed = os.path.isdir(target)
+    # where no directory can be swapped in, the files are moved in one by one from a stage inside the target:
+    # a mount point (renaming it gives EBUSY, and a stage beside it is on another file system: every carried file
+    # was copied, not linked), or a target whose parent is not writable
+    in_place = existed and os.path.ismount(target)
+    stage = None
+    if not in_place:
+        try:
+            stage = _mkstage(base, parent)
+        except OSError as e:
+            if not existed or e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            in_place = True
+    if in_place:
+        stage = _mkstage(base, target)
+        os.chmod(stage, 0o700)
     try:
-        existed = os.path.isdir(target)
-        if existed:
+        old_st = os.stat(target) if existed and not in_place else None
+        if old_st is not None:
             for name in os.listdir(target):
-                if name in writers or name in remove:
-                    continue
+                if name in writers or name in remove or name.startswith(f".{base}.gradkit-"):
+                    continue  # (the last: a stage a killed in-place save left inside the target)
                 _link_or_copy(os.path.join(target, name), os.path.join(stage, name))
         for name, write in writers.items():
             path = os.path.join(stage, name)
             write(path)
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
+            fd = os.open(path, os.O_RDONLY)  # (fsync needs no write access: a writer may make its file read-only)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             if _hook is not None:
                 _hook(f"wrote:{name}")
+        if old_st is not None:  # once filled (a read-only target's mode would refuse the new files)
+            _copy_owner_and_mode(old_st, stage)
         _fsync_dir(stage)
         if _hook is not None:
             _hook("before-swap")
         if not existed:
             os.rename(stage, target)
-        elif not _exchange(stage, target):  # after an exchange `stage` holds the old contents
+        elif in_place or not _exchange(stage, target):  # after an exchange `stage` holds the old contents
             # Fallback without an atomic exchange: move files in, config.json last.
             names = sorted(writers, key=lambda n: n == "config.json")
             for name in names:
@@ -170,10 +247,11 @@ def write_dir_atomic(target: str, writers: Dict[str, Callable[[str], None]],
                 p = os.path.join(target, name)
                 if os.path.isfile(p):
                     os.remove(p)
+            _fsync_dir(target)
         _fsync_dir(parent)
     finally:
         # Either the unfinished new files (error before the swap) or the old contents (after it).
-        if os.path.isdir(stage):
+        if os.path.isdir(stage) and not os.path.islink(stage):
             shutil.rmtree(stage, ignore_errors=True)
 
 

@@ -431,7 +431,7 @@ def _compact_sparse(m: Mapping, what: str, path) -> "Bitmask":
 def load_goldenparams(path: str, key: Optional[str] = None) -> MaskSet:
     """Masks from a GoldenParams results file (``.pt`` with ``masks`` or ``intersection_masks``:
     name -> sparse COO, dense bool, or the compact sparse dict GoldenParams' ``convert_masks_to_sparse_coo``
-    writes). Loaded with ``weights_only=True``: nothing is unpickled; a file that is not a regular file, cannot be loaded that way, or holds masks that are not plain CPU tensors raises ValueError
+    writes; a mask of numbers selects its non-zero entries, and one holding NaN is refused). Loaded with ``weights_only=True``: nothing is unpickled; a file that is not a regular file, cannot be loaded that way, or holds masks that are not plain CPU tensors raises ValueError
     naming it."""
     with open_regular(path, "path") as f:  # not a FIFO / device (checked on the open file)
         try:
@@ -459,10 +459,20 @@ def load_goldenparams(path: str, key: Optional[str] = None) -> MaskSet:
                 if m.device.type != "cpu" or type(m) is not torch.Tensor:
                     raise ValueError(f"{what}: expected a plain CPU tensor in {path!r}, got a {type(m).__name__} "
                                      f"on {m.device}")
-                out[n] = Bitmask.coerce(m if m.dtype == torch.bool or m.layout == torch.sparse_coo else m.bool(),
-                                        what=what)
+                if m.dtype != torch.bool and (m.is_floating_point() or m.is_complex()):
+                    # non-zero selects (torch's .bool()); a NaN is no decision either way (.bool() made it True)
+                    vals = m._values() if m.layout == torch.sparse_coo else m
+                    if bool(torch.isnan(vals).any()):
+                        raise ValueError(f"{what}: a {m.dtype} mask in {path!r} holds NaN; expected a bool mask (or "
+                                         "numbers, non-zero = selected)")
+                try:
+                    out[n] = Bitmask.coerce(m if m.dtype == torch.bool or m.layout == torch.sparse_coo
+                                            else m.bool(), what=what)
+                except (TypeError, ValueError, RuntimeError, IndexError) as e:  # a damaged sparse tensor
+                    msg = str(e)
+                    raise ValueError(f"{msg if msg.startswith(what) else f'{what}: {msg}'} (in {path!r})") from None
             return MaskSet(out)
-    raise ValueError(f"path: {path!r} has none of the keys {keys} (found {sorted(data)[:8]})")
+    raise ValueError(f"path: {path!r} has none of the keys {keys} (found {sorted(map(repr, data))[:8]})")
 
 
 # --------------------------------------------------------------------------- golden masks

@@ -135,6 +135,7 @@ from typing import Dict, Iterator, List, Mapping, NoReturn, Optional, Tuple
 import numpy as np
 import torch
 
+from gradkit import _dist as _distributed
 from gradkit import ops
 from gradkit._io import _fsync_dir, open_regular, parse_json, read_regular
 from gradkit._rules import check_symmetric, flag
@@ -150,6 +151,7 @@ __all__ = ["GradientIndex", "Precondition", "IndexFormatError", "NonFiniteGradie
 FORMAT = "gradkit-index"
 VERSION = 1
 HEADER = "index.json"
+_BUILD_TOKEN = ".gradkit-build-token.json"  # a distributed create's same-directory check (removed once read)
 SHARD_DIR = "shards"
 _SHARD_RE = re.compile(r"^r(\d{5})-(\d{6})\.bin$")
 _TOKENS_RE = re.compile(r"^r(\d{5})\.tokens\.bin$")
@@ -487,65 +489,30 @@ def _release(view: torch.Tensor, mm, lo_row: int, hi_row: int) -> None:
 
 
 def _gather_ints(d, world: int, values: List[int]) -> List[List[int]]:
-    """Every rank's ``values`` (ints), in rank order: one all_gather (a collective: every rank calls it)."""
-    mine = torch.tensor(values, dtype=torch.int64)
-    out = [torch.zeros_like(mine) for _ in range(world)]
-    d.all_gather(out, mine)
-    return [t.tolist() for t in out]
+    """Every rank's ``values`` (ints), in rank order: one all_gather on the group's device (CUDA under NCCL,
+    which refuses CPU tensors; a collective: every rank calls it). ``world``: the group's size."""
+    return _distributed.gather_ints(d, values)
 
 
 def _raise_rank_failure(own: Optional[BaseException], failed: List[int], msg: str) -> NoReturn:
     """After the ranks combined their outcomes: the failing rank re-raises its own error (its cause
     chain kept, ``msg`` added as a note), the others raise DistributedBuildError(msg)."""
-    if own is None:
-        raise DistributedBuildError(msg)
-    if isinstance(own, Exception):
-        own.add_note(msg)
-    raise own
+    _distributed.raise_rank_failure(own, failed, msg, DistributedBuildError)
 
 
 _AGREED = ("modules", "dtype", "projection", "per_token", "shard_rows", "resume", "overwrite")
 
 
 def _agree_on_arguments(d, err: Optional[BaseException], settings: Optional[dict], path) -> None:
-    """create's first collective (every rank, before anything is written): one all_gather of whether the
-    rank's arguments were valid and of a hash of each setting that must be the same on every rank. A rank
+    """create's first collective (every rank, before anything is written): :func:`gradkit._dist.agree` on
+    whether the rank's arguments were valid and on each setting that must be the same on every rank. A rank
     that refused its arguments raises its own error (with a note), the others DistributedBuildError;
     settings that differ between the ranks raise ValueError naming them on every rank."""
-    import hashlib
-
-    rank, world = d.get_rank(), d.get_world_size()
-    mine = [0 if err is None else 1]
-    for k in _AGREED:
-        v = json.dumps(settings[k], sort_keys=True) if settings is not None else ""
-        mine.append(int.from_bytes(hashlib.sha256(v.encode()).digest()[:8], "little", signed=True))
-    got = _gather_ints(d, world, mine)
-    failed = [r for r, g in enumerate(got) if g[0]]
-    if failed:
-        _raise_rank_failure(err, failed, (
-            f"GradientIndex.create: rank(s) {failed} of {world} refused their arguments (see those ranks' "
-            f"errors); nothing was written to {path}"))
-    differ = [(j, k) for j, k in enumerate(_AGREED) if len({g[1 + j] for g in got}) > 1]
-    if differ:
-        j, _ = differ[0]
-        groups: Dict[int, List[int]] = {}
-        for r, g in enumerate(got):
-            groups.setdefault(g[1 + j], []).append(r)
-        names = [k for _, k in differ]
-        mine_v = "; ".join(f"{k} {settings[k]}" if len(differ) > 1 else str(settings[k]) for _, k in differ)
-        raise ValueError(
-            f"{', '.join(names)}: {'differ' if len(names) > 1 else 'differs'} between the ranks of the distributed "
-            f"build (ranks {' and '.join(str(g) for g in groups.values())} passed different values; this rank, "
-            f"{rank}, passed {mine_v}); every rank must pass the same {', '.join(_AGREED[:-1])} and {_AGREED[-1]}; "
-            f"nothing was written to {path}")
+    _distributed.agree(d, err, _AGREED, settings, what="GradientIndex.create", job="the distributed build",
+                       after=f"nothing was written to {path}", other_error=DistributedBuildError)
 
 
-def _dist():
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover
-        return None
-    return dist if dist.is_available() and dist.is_initialized() else None
+_dist = _distributed.group
 
 
 class _WriterLock:
@@ -1008,13 +975,13 @@ class GradientIndex:
             except BaseException as e:  # noqa: BLE001 - re-raised below on every rank
                 err = e
         if d is not None:
-            flag = torch.tensor([0 if err is None else 1])
-            d.broadcast(flag, src=0)
-            if int(flag) and err is None:
+            if _distributed.broadcast_flag(d, err is not None) and err is None:
                 raise DistributedBuildError("GradientIndex.create: rank 0 failed to prepare the index directory "
                                             f"{self.path} (see rank 0's error)")
         if err is not None:
             raise err
+        if d is not None and world > 1:
+            self._check_same_directory()
         # every rank loads (resume) or starts its own state; a failure on any rank (e.g. a damaged
         # shard of rank 1 on resume) is combined in one all_gather, so that no rank goes on to a
         # build whose close() would wait for the failed rank until the process group times out
@@ -1031,6 +998,43 @@ class GradientIndex:
                     "(see those ranks' errors); no rank opened it for writing and it is not marked complete"))
         if err is not None:
             raise err
+
+    def _check_same_directory(self) -> None:
+        """Every rank's ``path`` names the directory rank 0 prepared (the ranks compare paths by content, not by
+        name: one directory may have other names on other nodes). Rank 0 writes a random token into it, every
+        other rank reads the token at its own path; ranks given different directories appended all their rows
+        and failed only in close(), when rank 0 found no shard of theirs. The token file is removed once read."""
+        import secrets
+
+        d, rank, world = self._dist, self._rank, self._world
+        tok_path = self.path / _BUILD_TOKEN
+        err: Optional[BaseException] = None
+        token = -1
+        if rank == 0:
+            token = secrets.randbits(62)
+            try:
+                _atomic_write_json(tok_path, {"token": token})
+            except BaseException as e:  # noqa: BLE001 - shared below
+                err, token = e, -1
+        token = _gather_ints(d, world, [token])[0][0]
+        if rank != 0 and token >= 0:
+            try:
+                seen = parse_json(read_regular(tok_path, 1 << 10, "path", ValueError), tok_path, "path")
+            except (OSError, ValueError):
+                seen = None
+            if not isinstance(seen, dict) or seen.get("token") != token:
+                err = ValueError(f"path: {self.path} on rank {rank} is not the directory rank 0 prepared (rank 0's "
+                                 "build token is not there): every rank must pass the same directory, on a file "
+                                 "system every rank sees; nothing was written to it")
+        try:
+            _distributed.share_outcome(d, err, what="GradientIndex.create", after=(
+                "no rank opened the index for writing"), other_error=DistributedBuildError)
+        finally:
+            if rank == 0:
+                try:
+                    tok_path.unlink(missing_ok=True)
+                except OSError:
+                    pass
 
     def _undo_start(self, resume: bool) -> str:
         """After a failed create(): no writer exists, so nothing it began may look like an index. A new build's first
@@ -1596,9 +1600,7 @@ class GradientIndex:
                 self._write_merged_header([g[1:] for g in got], complete=True)
             except BaseException as e:  # noqa: BLE001 - re-raised below (after the collective)
                 err = e
-        flag = torch.tensor([0 if err is None else 1])
-        d.broadcast(flag, src=0)
-        if int(flag):
+        if _distributed.broadcast_flag(d, err is not None):
             self._abort()
             _raise_rank_failure(err, [0], (
                 f"GradientIndex.close: rank 0 failed to write the header of {self.path} (see rank 0's "

@@ -21,11 +21,31 @@ so train and eval mode compute the same function.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def _int(v, what: str, lo: int) -> int:
+    """``v`` as an int >= ``lo`` (numpy integers too), else TypeError / ValueError naming ``what`` (a float, a bool
+    or a string reached torch's constructors and failed there without naming the argument)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{what}: expected an int, got {type(v).__name__}")
+    v = int(v)
+    if v < lo:
+        raise ValueError(f"{what}: must be >= {lo}, got {v}")
+    return v
+
+
+def _seed(v) -> int:
+    """A seed torch.Generator.manual_seed takes (any int in [-2^63, 2^64)), named when it is not."""
+    v = _int(v, "seed", -(1 << 63))
+    if v >= 1 << 64:
+        raise ValueError(f"seed: must be < 2^64, got {v}")
+    return v
 
 
 class _Attention(nn.Module):
@@ -76,8 +96,11 @@ class TinyGPT(nn.Module):
 
     def __init__(self, vocab: int, n_layer: int, d_model: int, n_head: int, n_ctx: int) -> None:
         super().__init__()
+        vocab, n_layer = _int(vocab, "vocab", 1), _int(n_layer, "n_layer", 0)
+        d_model, n_head, n_ctx = _int(d_model, "d_model", 1), _int(n_head, "n_head", 1), _int(n_ctx, "n_ctx", 1)
         if d_model % n_head:
             raise ValueError(f"n_head: must divide d_model={d_model}, got {n_head}")
+        self.vocab = vocab
         self.n_ctx = n_ctx
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(vocab, d_model),
@@ -88,11 +111,19 @@ class TinyGPT(nn.Module):
         self.lm_head = nn.Linear(d_model, vocab, bias=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex() \
+                or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids: expected an integer tensor, got "
+                            f"{input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected (B, T), got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
         if t > self.n_ctx:
             raise ValueError(f"input_ids: sequence length {t} exceeds n_ctx={self.n_ctx}")
+        if input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.vocab:  # torch's embedding: "index out of range in self" (CPU), a device assert
+                raise ValueError(f"input_ids: token ids must be in [0, vocab={self.vocab}), got values in [{lo}, {hi}]")
         dev = input_ids.device
         allowed = torch.ones(t, t, dtype=torch.bool, device=dev).tril().expand(b, 1, t, t)
         if attention_mask is not None:
@@ -117,7 +148,18 @@ def tiny_gpt(vocab: int = 97, n_layer: int = 4, d_model: int = 32, n_head: int =
     projections (``attn.c_proj``, ``mlp.c_proj``) are further scaled by ``1/sqrt(2 * n_layer)``
     as in GPT-2; biases are 0; LayerNorms are (1, 0). The global RNG is left untouched.
     """
-    model = TinyGPT(vocab, n_layer, d_model, n_head, n_ctx)
+    seed = _seed(seed)
+    if init_std is not None:
+        if isinstance(init_std, bool) or not isinstance(init_std, numbers.Real) or not math.isfinite(init_std) \
+                or init_std < 0:
+            raise ValueError(f"init_std: expected None or a finite number >= 0, got {init_std!r}")
+    # torch's own initialisation in the layers' constructors draws from the global RNG (and is then overwritten):
+    # its state is restored, so that building a model does not change what the caller's later random calls give
+    state = torch.get_rng_state()
+    try:
+        model = TinyGPT(vocab, n_layer, d_model, n_head, n_ctx)
+    finally:
+        torch.set_rng_state(state)
     std = d_model ** -0.5 if init_std is None else float(init_std)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -141,9 +183,8 @@ def random_batches(n: int, batch: int = 2, seq: int = 16, vocab: int = 97, seed:
     (at least 2 real tokens), with ``pad_id`` tokens and attention_mask 0 after its length.
     A list, so it can be iterated more than once; identical for identical arguments.
     """
-    if n < 0 or batch < 1 or seq < 2 or vocab < 2:
-        raise ValueError(f"random_batches: need n >= 0, batch >= 1, seq >= 2, vocab >= 2; "
-                         f"got n={n}, batch={batch}, seq={seq}, vocab={vocab}")
+    n, batch, seq, vocab = _int(n, "n", 0), _int(batch, "batch", 1), _int(seq, "seq", 2), _int(vocab, "vocab", 2)
+    seed, pad_id = _seed(seed), _int(pad_id, "pad_id", -(1 << 63))
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):

@@ -18,6 +18,7 @@ interrupted run resumes where it stopped and ends with exactly the weights of an
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import functools
@@ -26,7 +27,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 import types
 import zlib
@@ -46,6 +46,7 @@ from typing import (
 import torch
 from torch import Tensor, nn
 
+from gradkit import _dist as _distributed
 from gradkit._io import NO_LIMIT, _fsync_dir, parse_json, read_regular
 from gradkit._rules import all_finite, device_arg, flag
 from gradkit.kernels.reference.scope import byte_span
@@ -232,16 +233,53 @@ def _first_tensor(out) -> Optional[Tensor]:
     return t if isinstance(t, Tensor) else None
 
 
-def _dist():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed
-    return None
+_dist, _dist_device, _gather_ints = _distributed.group, _distributed.device, _distributed.gather_ints
 
 
-def _dist_device(dist) -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+class DistributedPruneError(RuntimeError):
+    """Another rank of a distributed ``prune_model`` / ``collect_hessians`` failed (refused its arguments, or
+    raised in a calibration forward, a checkpoint or a layer's pruning): raised on every rank that did not fail
+    itself, naming the failing ranks (those raise their own error), instead of leaving them waiting in the next
+    collective until the process group times out."""
+
+
+@contextlib.contextmanager
+def _synced(what: str, after: str):
+    """Run the body; under torch.distributed, every rank then learns whether any rank's body raised (one
+    all_gather), so that no rank goes on to a collective the failed one never calls: the failing rank raises its
+    own error with a note, the others :class:`DistributedPruneError`. Without a process group: as the body."""
+    err = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - shared with the other ranks, then re-raised
+        err = e
+    _distributed.share_outcome(_dist(), err, what=what, after=after, other_error=DistributedPruneError)
+
+
+_PRUNE_AGREED = ("method", "pattern", "nnz", "damp", "sequential", "groups", "early_stop", "method_kwargs",
+                 "layers", "checkpoint_dir", "resume")
+
+
+def _synced_after(in_model: Sequence[str], ckpt) -> str:
+    """What a distributed run stopped by another rank's failure leaves (the groups done before stay pruned)."""
+    done = f"{len(in_model)} layer(s) of the groups done before are pruned in the model" if in_model else \
+        "no layer was pruned in the model"
+    return done + ("" if ckpt is None else " (and checkpointed: resume=True continues)")
+
+
+def _agree_arguments(err: Optional[BaseException], settings: Optional[Dict[str, Any]], what: str,
+                     names: Sequence[str] = _PRUNE_AGREED) -> None:
+    """Under torch.distributed, the first collective (before any forward): every rank learns whether every rank
+    accepted its arguments (and has calibration batches), and the settings in ``names`` must be the same on every
+    rank (a rank pruning to another pattern, or with other layers, would silently hold another model).
+    Without a process group, ``err`` is raised as it is."""
+    dist = _dist()
+    if dist is None:
+        if err is not None:
+            raise err
+        return
+    _distributed.agree(dist, err, names, settings, what=what, job=f"the distributed {what}",
+                       after="nothing was done", other_error=DistributedPruneError)
 
 
 def _rank() -> int:
@@ -419,13 +457,20 @@ def collect_hessians(model: nn.Module, batches: Iterable, modules=None, device=N
     product past float32's range) leaves NaN / Inf in that layer's H, which every pruner, and
     ``prune_model``'s report, refuses (ValueError naming H and the layer).
     """
-    progress = flag(progress, "progress")  # "False" would draw a bar
-    layers = _select_modules(model, modules)
-    data = _batches(batches)
+    err, settings = None, None
+    try:
+        progress = flag(progress, "progress")  # "False" would draw a bar
+        layers = _select_modules(model, modules)
+        data = _batches(batches)
+        settings = {"layers": [[n, list(m.weight.shape)] for n, m in layers]}
+    except Exception as e:  # noqa: BLE001 - under torch.distributed, raised on every rank together
+        err = e
+    _agree_arguments(err, settings, "collect_hessians", ("layers",))
     bar = _bar(progress, len(data), "hessians", "batch")
     try:
         with _Collector(layers, device) as col:
-            col.run(model, data, bar)
+            with _synced("collect_hessians: the calibration forward", "no Hessian was returned"):
+                col.run(model, data, bar)
         return col.result()
     finally:
         if bar is not None:
@@ -695,14 +740,6 @@ def _data_digest(batches: list) -> str:
     return hashlib.sha256(b"".join(bytes(p) for p in parts)).hexdigest()
 
 
-def _gather_ints(dist, values: Sequence[int], dtype: torch.dtype = torch.int64) -> List[List[int]]:
-    """Every rank's ``values`` (the same length on each), in rank order: one all_gather on the group's device."""
-    mine = torch.tensor(list(values), dtype=dtype, device=_dist_device(dist))
-    got = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(got, mine)
-    return [g.cpu().tolist() for g in got]
-
-
 def _name_of(fn) -> str:
     return f"callable:{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
@@ -768,10 +805,25 @@ def _identity_of(fn) -> str:
 _TMP_PREFIX = ".tmp-"
 
 
+def _new_temp(d: str) -> str:
+    """A new empty ``.tmp-*`` file in ``d`` with the mode ``open`` gives under the umask (``tempfile.mkstemp``'s
+    0o600 made every checkpoint file private to its writer: a group-shared checkpoint could not be resumed by a
+    colleague)."""
+    import secrets
+
+    for _ in range(1000):
+        tmp = os.path.join(d, f"{_TMP_PREFIX}{secrets.token_hex(8)}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name in {d}")  # pragma: no cover
+
+
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=d)
-    os.close(fd)
+    tmp = _new_temp(d)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -802,9 +854,7 @@ class _Checkpoint:
             self._remove_stale_temporaries()
             if not resume or not os.path.exists(self.path):
                 self._flush()
-        dist = _dist()
-        if dist is not None:
-            dist.barrier()
+        # (no barrier here: prune_model opens the checkpoint inside _synced, whose all_gather is one)
 
     def _remove_stale_temporaries(self) -> None:
         """Half-written ``.tmp-*`` files that a killed run (SIGKILL, power loss) left behind: never
@@ -1023,23 +1073,6 @@ def _agreed_order(layers, ordered) -> List[Tuple[str, nn.Linear]]:
     return out
 
 
-def _agree_batches(err: Optional[BaseException]) -> None:
-    """Under torch.distributed, every rank learns whether every rank has calibration batches (one all_gather)
-    before any Hessian collective: a rank with an empty shard raising alone would leave the others waiting in
-    their first all_reduce until the process group timed out."""
-    dist = _dist()
-    if dist is None:
-        if err is not None:
-            raise err
-        return
-    failed = [r for r, g in enumerate(_gather_ints(dist, [0 if err is None else 1])) if g[0]]
-    if err is not None:
-        raise err
-    if failed:
-        raise ValueError(f"batches: rank(s) {failed} of {dist.get_world_size()} have no usable calibration batches "
-                         "(see their errors); every rank needs at least one")
-
-
 @torch.no_grad()
 def prune_model(model: nn.Module, batches: Iterable, pattern: Union[str, Callable] = "2:4", nnz: Optional[int] = None,
                 method: str = "sparsegpt", damp: float = 0.01, modules=None, sequential: bool = True,
@@ -1104,36 +1137,47 @@ def prune_model(model: nn.Module, batches: Iterable, pattern: Union[str, Callabl
     all-reduced Hessians (each rank may hold a different shard of the calibration data) and only
     rank 0 writes checkpoints, so ``checkpoint_dir`` must be on a file system every rank sees. Returns a :class:`PruneReport`.
     """
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
-    _check_pattern(pattern, nnz)
-    damp = metrics._check_damp(damp)
-    if not isinstance(method_kwargs, (Mapping, type(None))):
-        raise TypeError(f"method_kwargs: expected a dict, got {type(method_kwargs).__name__}")
-    kw = dict(method_kwargs or {})
-    for key in ("inplace", "return_mask", "damp", "compensate"):
-        if key in kw:
-            raise ValueError(f"method_kwargs: {key!r} is set by prune_model")
-    if groups not in ("block", "layer") and not callable(groups):
-        raise ValueError(f"groups: expected 'block', 'layer' or a callable(name) -> key, got {groups!r}")
-    if callback is not None and not callable(callback):
-        raise TypeError("callback: expected a callable(LayerReport)")
-    sequential, resume = flag(sequential, "sequential"), flag(resume, "resume")
-    progress, early_stop = flag(progress, "progress"), flag(early_stop, "early_stop")
-    if device is not None:
-        device = device_arg(device, desc="None or a torch device")
-    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
-        raise TypeError(f"checkpoint_dir: expected None or a path, got {type(checkpoint_dir).__name__}")
-    layers = _select_modules(model, modules)
-    _check_untied(layers)
-    _check_not_tied_elsewhere(model, layers)
-    _check_pattern_fits(pattern, layers, method, kw)
-    data_err = None
+    err, settings = None, None
     try:
+        if method not in METHODS:
+            raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+        _check_pattern(pattern, nnz)
+        damp = metrics._check_damp(damp)
+        if not isinstance(method_kwargs, (Mapping, type(None))):
+            raise TypeError(f"method_kwargs: expected a dict, got {type(method_kwargs).__name__}")
+        kw = dict(method_kwargs or {})
+        for key in ("inplace", "return_mask", "damp", "compensate"):
+            if key in kw:
+                raise ValueError(f"method_kwargs: {key!r} is set by prune_model")
+        if groups not in ("block", "layer") and not callable(groups):
+            raise ValueError(f"groups: expected 'block', 'layer' or a callable(name) -> key, got {groups!r}")
+        if callback is not None and not callable(callback):
+            raise TypeError("callback: expected a callable(LayerReport)")
+        sequential, resume = flag(sequential, "sequential"), flag(resume, "resume")
+        progress, early_stop = flag(progress, "progress"), flag(early_stop, "early_stop")
+        if device is not None:
+            device = device_arg(device, desc="None or a torch device")
+        if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+            raise TypeError(f"checkpoint_dir: expected None or a path, got {type(checkpoint_dir).__name__}")
+        if checkpoint_dir is not None and os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+            # before the calibration forward and the hashing of every batch (the checkpoint opens after them)
+            raise CheckpointError(f"checkpoint_dir: {os.path.abspath(checkpoint_dir)!r} exists and is not a "
+                                  "directory")
+        layers = _select_modules(model, modules)
+        _check_untied(layers)
+        _check_not_tied_elsewhere(model, layers)
+        _check_pattern_fits(pattern, layers, method, kw)
         data = _batches(batches)
-    except (TypeError, ValueError) as err:  # raised on every rank together under torch.distributed
-        data, data_err = None, err
-    _agree_batches(data_err)
+        settings = {
+            "method": method, "pattern": pattern if isinstance(pattern, str) else _identity_of(pattern), "nnz": nnz,
+            "damp": damp, "sequential": sequential,
+            "groups": groups if isinstance(groups, str) else _identity_of(groups), "early_stop": early_stop,
+            "method_kwargs": json.loads(json.dumps(kw, sort_keys=True, default=repr)),
+            "layers": [[n, list(m.weight.shape), str(m.weight.dtype)] for n, m in layers],
+            "checkpoint_dir": checkpoint_dir is not None, "resume": resume}
+    except Exception as e:  # noqa: BLE001 - under torch.distributed, raised on every rank together
+        err = e
+    _agree_arguments(err, settings, "prune_model")
     t_start = time.perf_counter()
     modes = [(m, m.training) for m in model.modules()]  # each module's own mode (a frozen BatchNorm in eval, a
     model.eval()                                        # Monte Carlo dropout in train) comes back as it was
@@ -1147,7 +1191,9 @@ def prune_model(model: nn.Module, batches: Iterable, pattern: Union[str, Callabl
 
 def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, checkpoint_dir, resume, progress, kw,
                  groups, callback, early_stop, device, t_start) -> PruneReport:
-    ordered = _agreed_order(layers, _execution_order(model, layers, data))
+    with _synced("prune_model: the calibration forward", "nothing was pruned"):
+        seen = _execution_order(model, layers, data)
+    ordered = _agreed_order(layers, seen)
     never = [n for n, _ in layers if n not in {m for m, _ in ordered}]
     if not ordered:
         raise ValueError("modules: none of the selected layers ran during a forward pass of the calibration batches")
@@ -1175,12 +1221,13 @@ def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, ch
         "gradkit_obs_driver": _VERSION,
     }
     ckpt = None
-    if checkpoint_dir is not None:
-        # everything pruning leaves alone (embeddings, norms, biases, unselected layers) shapes the
-        # calibration inputs: a model that differs there is another model, even with equal weights
-        ckpt = _Checkpoint(checkpoint_dir, config, resume, _param_digests(model, ordered))
-    if ckpt is not None and ckpt.layers:
-        _verify_resumable(ckpt, ordered)  # before any work: a bad checkpoint leaves the model untouched
+    with _synced("prune_model: opening checkpoint_dir", "nothing was pruned"):
+        if checkpoint_dir is not None:
+            # everything pruning leaves alone (embeddings, norms, biases, unselected layers) shapes the
+            # calibration inputs: a model that differs there is another model, even with equal weights
+            ckpt = _Checkpoint(checkpoint_dir, config, resume, _param_digests(model, ordered))
+        if ckpt is not None and ckpt.layers:
+            _verify_resumable(ckpt, ordered)  # before any work: a bad checkpoint leaves the model untouched
     report = PruneReport(method=method, pattern=pattern_s)
     position = {n: i for i, (n, _) in enumerate(ordered)}
     in_model: List[str] = []  # layers written (pruned) into the model by this call
@@ -1196,69 +1243,71 @@ def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, ch
                 with _Collector(todo, device) as col:
                     if early_stop and sequential:
                         col.stop_before([m for g in group_list[gi + 1:] for _, m in g])
-                    col.run(model, data)
+                    with _synced("prune_model: a calibration forward", _synced_after(in_model, ckpt)):
+                        col.run(model, data)
                 hs = col.result()
                 report.forward_seconds += time.perf_counter() - t0
-            pending: List[Tuple[nn.Linear, Tensor]] = []
-            for name, mod in group:
-                if ckpt is not None and name in ckpt.layers:
-                    w, entry = ckpt.load(name, mod.weight)
-                    _check_resumed_weight(name, mod, entry)
-                    rep = _resumed_report(ckpt, name, mod, entry)
-                    pending.append((mod, w))
+            with _synced("prune_model: pruning a group", _synced_after(in_model, ckpt)):
+                pending: List[Tuple[nn.Linear, Tensor]] = []
+                for name, mod in group:
+                    if ckpt is not None and name in ckpt.layers:
+                        w, entry = ckpt.load(name, mod.weight)
+                        _check_resumed_weight(name, mod, entry)
+                        rep = _resumed_report(ckpt, name, mod, entry)
+                        pending.append((mod, w))
+                        report.layers.append(rep)
+                        if bar is not None:
+                            bar.update(1)
+                        continue
+                    if bar is not None:
+                        bar.set_postfix_str(name)
+                    H = hs[name]
+                    dense = mod.weight.detach()
+                    dense_digest = _digest(dense) if ckpt is not None else ""
+                    dense_oi = _out_in(dense, mod)  # (out, in), as the pruners expect
+                    wdev = device if device is not None else dense.device
+                    wdt = torch.float64 if dense.dtype == torch.float64 else torch.float32
+                    w = dense_oi.to(device=wdev, dtype=wdt, copy=True).contiguous()
+                    t0 = time.perf_counter()
+                    try:
+                        scope, n_keep = _scope_for(pattern, nnz, name, w)
+                        out = _prune_layer(method, scope, w, H.to(wdev), n_keep, damp, kw)
+                        seconds = time.perf_counter() - t0
+                        if not all_finite(out):
+                            raise RuntimeError(f"{method} produced non-finite weights for layer {name!r}")
+                        _check_pattern_holds(scope, out, n_keep, name, method)
+                        final = metrics.cast_finite(out, dense.dtype, f"{method}: the pruned weights of layer {name!r} "
+                                                    "overflow the layer's dtype", device=dense.device)
+                        # the report's errors read H too (a NaN activation makes it NaN; "magnitude" never reads it
+                        # before): inside the try, so that this error names the layer as well
+                        wd = dense_oi.to(device=wdev, dtype=wdt)
+                        # session 40: the report describes the weights written into the model (cast to the layer's
+                        # dtype), not the float32 result before the cast: in fp16 / bf16 a compensated weight can round
+                        # to zero (fp16 subnormals), so density, error and the mask of error_mask_only read `final`
+                        wp = final.to(device=wdev, dtype=wdt)
+                        rep = LayerReport(
+                            name=name, shape=tuple(dense_oi.shape), method=method, pattern=pattern_s, nnz=n_keep,
+                            blocks_per_scope=obs_layout(scope).gs, density=float((wp != 0).float().mean()),
+                            error=metrics.output_error(wd, wp, H=H.to(wdev)),
+                            error_mask_only=metrics.output_error(wd, wd.masked_fill(wp == 0, 0), H=H.to(wdev)),
+                            tokens=int(hs.tokens[name]), seconds=seconds)
+                    except Exception as err:  # say which layer and what the model holds
+                        if hasattr(err, "add_note"):  # Python >= 3.11 (requires-python is 3.10)
+                            err.add_note(_failure_note(name, method, pattern_s, in_model, ckpt))
+                        raise
+                    final = _out_in(final, mod).contiguous()  # back to the module's layout
+                    if ckpt is not None:
+                        ckpt.save(position[name], name, final, dense_digest, rep)
+                    pending.append((mod, final))
                     report.layers.append(rep)
                     if bar is not None:
                         bar.update(1)
-                    continue
-                if bar is not None:
-                    bar.set_postfix_str(name)
-                H = hs[name]
-                dense = mod.weight.detach()
-                dense_digest = _digest(dense) if ckpt is not None else ""
-                dense_oi = _out_in(dense, mod)  # (out, in), as the pruners expect
-                wdev = device if device is not None else dense.device
-                wdt = torch.float64 if dense.dtype == torch.float64 else torch.float32
-                w = dense_oi.to(device=wdev, dtype=wdt, copy=True).contiguous()
-                t0 = time.perf_counter()
-                try:
-                    scope, n_keep = _scope_for(pattern, nnz, name, w)
-                    out = _prune_layer(method, scope, w, H.to(wdev), n_keep, damp, kw)
-                    seconds = time.perf_counter() - t0
-                    if not all_finite(out):
-                        raise RuntimeError(f"{method} produced non-finite weights for layer {name!r}")
-                    _check_pattern_holds(scope, out, n_keep, name, method)
-                    final = metrics.cast_finite(out, dense.dtype, f"{method}: the pruned weights of layer {name!r} "
-                                                "overflow the layer's dtype", device=dense.device)
-                    # the report's errors read H too (a NaN activation makes it NaN; "magnitude" never reads it
-                    # before): inside the try, so that this error names the layer as well
-                    wd = dense_oi.to(device=wdev, dtype=wdt)
-                    # session 40: the report describes the weights written into the model (cast to the layer's
-                    # dtype), not the float32 result before the cast: in fp16 / bf16 a compensated weight can round
-                    # to zero (fp16 subnormals), so density, error and the mask of error_mask_only read `final`
-                    wp = final.to(device=wdev, dtype=wdt)
-                    rep = LayerReport(
-                        name=name, shape=tuple(dense_oi.shape), method=method, pattern=pattern_s, nnz=n_keep,
-                        blocks_per_scope=obs_layout(scope).gs, density=float((wp != 0).float().mean()),
-                        error=metrics.output_error(wd, wp, H=H.to(wdev)),
-                        error_mask_only=metrics.output_error(wd, wd.masked_fill(wp == 0, 0), H=H.to(wdev)),
-                        tokens=int(hs.tokens[name]), seconds=seconds)
-                except Exception as err:  # say which layer and what the model holds
-                    if hasattr(err, "add_note"):  # Python >= 3.11 (requires-python is 3.10)
-                        err.add_note(_failure_note(name, method, pattern_s, in_model, ckpt))
-                    raise
-                final = _out_in(final, mod).contiguous()  # back to the module's layout
-                if ckpt is not None:
-                    ckpt.save(position[name], name, final, dense_digest, rep)
-                pending.append((mod, final))
-                report.layers.append(rep)
-                if bar is not None:
-                    bar.update(1)
-                if callback is not None:
-                    callback(rep)
-            for mod, w in pending:  # the group's layers enter the model together
-                mod.weight.copy_(w)
-            in_model.extend(n for n, _ in group)
-            del hs
+                    if callback is not None:
+                        callback(rep)
+                for mod, w in pending:  # the group's layers enter the model together
+                    mod.weight.copy_(w)
+                in_model.extend(n for n, _ in group)
+                del hs
     finally:
         if bar is not None:
             bar.close()
