@@ -296,6 +296,36 @@ class _Call:
         self.version = a._version
 
 
+def _inert_hook(*args, **kwargs) -> None:
+    """What a collector's module hook becomes in a copy of the module (see :class:`_Hook`): nothing."""
+    return None
+
+
+def _inert() -> Callable:
+    return _inert_hook
+
+
+class _Hook:
+    """A GradientCollector's hook on a module: calls ``fn``. A copy of the module (``copy.deepcopy``: an EMA teacher,
+    ``torch.optim.swa_utils.AveragedModel``; ``pickle``: ``torch.save(model)``, a spawned worker) gets
+    :func:`_inert_hook` in its place: the collector collects the model it was built on, not copies of it (session 41:
+    the copy raised "cannot pickle '_thread.lock' object", since copying the hook copied the whole collector)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __reduce__(self):
+        return _inert, ()
+
+    def __deepcopy__(self, memo) -> Callable:
+        return _inert_hook
+
+
 class GradientCollector:
     """Hooks Linear / Conv1D modules and returns projected per-example gradients per batch.
 
@@ -431,6 +461,13 @@ class GradientCollector:
         # (see _model_pre_hook)
         self._model_bt: Optional[Tuple[int, Optional[int], str, frozenset]] = None
 
+    def __reduce_ex__(self, protocol):
+        # (session 41) copy.copy / copy.deepcopy / pickle (torch.save, multiprocessing) come through here: before, a
+        # TypeError about a '_thread.lock' (the matrix cache's)
+        raise TypeError("GradientCollector: cannot be copied or pickled: it hooks one live model and holds that "
+                        "model's pending activations; build a new GradientCollector on the copy, or in each process, "
+                        "with the same arguments (the same seed gives the same projection: projection_config)")
+
     def _compiled_ancestor(self, name: str) -> Optional[str]:
         """The name of a module holding ``name`` (or itself) compiled in place (``module.compile()``), or None."""
         parts = name.split(".")
@@ -554,11 +591,11 @@ class GradientCollector:
                 # prepend: the module's own output, before any forward hook registered earlier replaces it
                 # (a gating / scaling hook's `out * s` is downstream of the weight, as autograd sees it)
                 self._handles.append(mod.register_forward_hook(
-                    functools.partial(self._forward_hook, name), with_kwargs=True, prepend=True))
+                    _Hook(functools.partial(self._forward_hook, name)), with_kwargs=True, prepend=True))
             # the model's forward raising after some hooked modules ran (an out-of-memory error caught to retry
             # with a smaller batch): that forward's pending calls are dropped, so the retry starts clean
-            self._handles.append(self.model.register_forward_hook(self._model_hook, always_call=True))
-            self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(_Hook(self._model_hook), always_call=True))
+            self._handles.append(self.model.register_forward_pre_hook(_Hook(self._model_pre_hook), with_kwargs=True))
         return self
 
     def detach(self) -> None:

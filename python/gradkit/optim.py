@@ -141,6 +141,17 @@ def _check_buckets_disjoint(buckets: Iterable[Dict[str, list]], amsgrad: bool) -
         check_no_overlap([(what[key].format(n), t, key != "g") for key in keys for n, t in zip(b["n"], b[key])])
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
+
+
+def _bare(name: str) -> str:
+    """``name`` without the leading ``module.`` / ``_orig_mod.`` segments a DDP / DataParallel / torch.compile wrapper
+    puts in front of the wrapped model's parameter names."""
+    while name.startswith(_WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
 class MaskedAdamW(torch.optim.Optimizer):
     """AdamW with a per-entry learning rate: ``masked_lr`` where a parameter's mask is set,
     ``unmasked_lr`` elsewhere, in one fused pass per (device, dtype) per step.
@@ -198,7 +209,11 @@ class MaskedAdamW(torch.optim.Optimizer):
         bits: Dict[str, torch.Tensor] = {}
         for name, mask in (masks or {}).items():
             if name not in params:
-                raise ValueError(f"masks: no parameter named {name!r}")
+                like = [n for n in params if n != name and _bare(n) == name]
+                raise ValueError(f"masks: no parameter named {name!r}" + (
+                    f" (the parameters are named like {like[0]!r}: the names of a DDP / DataParallel / torch.compile "
+                    "wrapper; pass the wrapped model's named_parameters() (model.module / model._orig_mod) or key "
+                    "the masks by the wrapper's names)" if like else ""))
             if mask is not None:
                 bits[name] = _bits_of(name, mask, params[name], f"masks[{name!r}]")
         super().__init__(named, defaults)
@@ -351,8 +366,14 @@ class MaskedAdamW(torch.optim.Optimizer):
         saved_names = list(groups[0]["param_names"])
         if saved_names != names:
             diff = sorted(set(saved_names) ^ set(names))
+            prefix = ""
+            if [_bare(n) for n in saved_names] == [_bare(n) for n in names]:  # one side a wrapper's names
+                a, b = next((x, y) for x, y in zip(saved_names, names) if x != y)
+                prefix = (f"; they differ only by a wrapper's prefix {(a[:-len(b)] or b[:-len(a)])!r} (DDP / "
+                          "DataParallel: 'module.', torch.compile: '_orig_mod.'): build the optimizer over the "
+                          "named_parameters() of the same wrapped or bare model the state was saved from")
             raise ValueError(f"state_dict: parameter names differ from this optimizer's "
-                             f"({'e.g. ' + repr(diff[:3]) if diff else 'same names, other order'})")
+                             f"({'e.g. ' + repr(diff[:3]) if diff else 'same names, other order'}{prefix})")
         saved = groups[0]
         try:
             distinct = len(set(saved["params"]))
@@ -406,6 +427,11 @@ class MaskedAdamW(torch.optim.Optimizer):
             for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                 if key in st:  # not in an empty entry
                     st[key] = st[key].contiguous()
+            if "step" in st:
+                # torch's load keeps the given 'step' tensor itself (never cast), and step() advances it in place: two
+                # optimizers loaded from one state dict (or one loaded twice: a rewind) counted each other's steps, even
+                # where the moments were cast to a half model's dtype and so copied (session 41); a scalar to copy
+                st["step"] = st["step"].clone()
         self._bits = bits
 
     def __getstate__(self) -> Dict[str, Any]:

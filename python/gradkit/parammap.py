@@ -236,6 +236,12 @@ class ParamMap:
         self._plans: Dict[torch.device, List[Optional[torch.Tensor]]] = {}
         self._hash: Optional[str] = None
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # (session 41) the per-device position plans are caches, rebuilt on first use: a copy or pickle (a DataLoader
+        # worker, torch.multiprocessing) of a map used on a GPU carried its CUDA plans, which do not load where CUDA
+        # is absent and go to the receiving process by CUDA IPC
+        return {**self.__dict__, "_plans": {}}
+
     # ------------------------------------------------------------------ construction helpers
 
     @classmethod

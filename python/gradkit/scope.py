@@ -257,7 +257,8 @@ class View:
                         raise ValueError(f"View: shape {shape} with stride {stride} covers some elements twice")
                     break
                 reach += (s - 1) * d
-        self._hash = hash((id(param), shape, stride, offset))
+        # the parameter's shape the view was checked against (_checked_param refuses a parameter changed since)
+        self._param_shape = tuple(param.shape)
 
     @classmethod
     def from_existing(cls, param: Union[Tensor, "View"]) -> "View":
@@ -297,12 +298,28 @@ class View:
                              f"chunk={chunk}, distance={distance}, rows={r}")
         return cls(param, (r // chunk, distance, 2, c), (chunk * c, c, distance * c, 1))
 
+    def _checked_param(self) -> Tensor:
+        """The parameter, refused (ValueError) when it is no longer what the view was checked against (session 41):
+        the view's strides are row-major positions in the contiguous parameter it was built on, and
+        ``model.to(memory_format=torch.channels_last)``, or ``param.data`` replaced by another shape, after the spec
+        was built made them address other elements (masks and pruning silently hit the wrong ones)."""
+        p = self.param
+        built = getattr(self, "_param_shape", None)
+        if built is not None and tuple(p.shape) != built:
+            raise ValueError(f"View: its parameter's shape is now {tuple(p.shape)}, the view was built on {built} (its "
+                             "data was replaced); build the spec again")
+        if not p.is_contiguous():
+            raise ValueError(f"View: its parameter is no longer contiguous (strides {p.stride()}, e.g. after "
+                             "model.to(memory_format=torch.channels_last)): the view's positions are row-major; "
+                             "make it contiguous again before using the spec")
+        return p
+
     @property
     def data(self) -> Tensor:
         """The live view, detached from autograd but sharing the parameter's version counter: an
         in-place update through it makes a backward that saved the parameter raise instead of
         silently using the updated weights (``param.data`` has a counter of its own)."""
-        p = self.param.detach()
+        p = self._checked_param().detach()
         return p.as_strided(self.shape, self.stride, p.storage_offset() + self.offset)
 
     @data.setter
@@ -329,7 +346,7 @@ class View:
 
     def offsets(self) -> Tensor:
         """View-shaped int64 tensor of every element's flat position in the parameter."""
-        ar = torch.arange(self.param.numel(), device=self.param.device)
+        ar = torch.arange(self._checked_param().numel(), device=self.param.device)
         return ar.as_strided(self.shape, self.stride, self.offset)
 
     def to_param_rc(self, idx: Tensor) -> Tuple[Tensor, Tensor]:
@@ -362,7 +379,9 @@ class View:
         return out
 
     def __hash__(self) -> int:
-        return self._hash
+        # from the parameter's identity now, not cached at construction: a deep copy / unpickled view holds another
+        # tensor, and must hash as a view built on that tensor (equal views: equal hashes; session 41)
+        return hash((id(self.param), self.shape, self.stride, self.offset))
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, View):
