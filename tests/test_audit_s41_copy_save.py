@@ -216,9 +216,6 @@ def test_golden_objects_copy_and_pickle(how, rt):
     assert rt(bm) == bm and rt(bm).to_bool().equal(bm.to_bool())
 
 
-@pytest.mark.xfail(strict=True, reason="golden.py:123 Bitmask has __slots__ and no __getstate__: pickle protocols 0 "
-                   "and 1 raise 'a class that defines __slots__ without defining __getstate__ cannot be pickled' "
-                   "(protocol 2 and later work)")
 def test_bitmask_pickles_with_every_protocol():
     bm = G.Bitmask.from_bool(torch.rand(5, 7, generator=torch.Generator().manual_seed(0)) < .5)
     for proto in range(pickle.HIGHEST_PROTOCOL + 1):
@@ -250,10 +247,6 @@ def test_sparse_accumulator_copies_keep_accumulating(rt):
     assert all(torch.equal(a2.to_dense()[n], 2 * acc.to_dense()[n]) for n in g)
 
 
-@pytest.mark.xfail(strict=True, reason="golden.py:641-645 SparseGradientAccumulator keeps per-tensor views (_acc) of "
-                   "its flat buffer (_flat); plain pickle rebuilds each view's storage on its own, so after "
-                   "pickle.loads an add() writes _flat and values() / mean() / to_dense() keep returning the sums "
-                   "from before (needs __getstate__ / __setstate__ rebuilding the views)")
 def test_sparse_accumulator_pickled_keeps_accumulating():
     acc, g = _accumulator()
     a2 = pickle.loads(pickle.dumps(acc))

@@ -134,6 +134,12 @@ class Bitmask:
         self.bits = bits.contiguous()
         self.shape = shape
 
+    def __getstate__(self):  # (a __slots__ class: pickle protocols 0 and 1 need the state spelled out)
+        return {"bits": self.bits, "shape": self.shape}
+
+    def __setstate__(self, state) -> None:
+        self.bits, self.shape = state["bits"], tuple(state["shape"])
+
     # construction / conversion
     @classmethod
     def from_bool(cls, mask: torch.Tensor) -> "Bitmask":
@@ -639,12 +645,25 @@ class SparseGradientAccumulator:
         total = sum(i.numel() for i in self._idx.values())
         dev = next(iter(self._idx.values())).device if self._idx else torch.device("cpu")
         self._flat = torch.zeros(total, dtype=dtype, device=dev)  # every tensor's sums back to back
+        self._views()
+        self.steps = 0
+
+    def _views(self) -> None:
+        """``_acc``: each tensor's sums, a view of ``_flat`` (which ``add`` writes)."""
         self._acc: Dict[str, torch.Tensor] = {}
         off = 0
         for n, i in self._idx.items():
             self._acc[n] = self._flat[off:off + i.numel()]
             off += i.numel()
-        self.steps = 0
+
+    def __getstate__(self):
+        # the views are rebuilt on load: pickle stores each view's values apart from _flat, so an unpickled
+        # accumulator's add() updated _flat while values() / mean() / to_dense() kept the old sums (session 41)
+        return {k: v for k, v in self.__dict__.items() if k != "_acc"}
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+        self._views()
 
     def add(self, grads) -> None:
         """Add one set of gradients (``{name: grad}`` or a model whose ``.grad`` are set); all checked first."""
