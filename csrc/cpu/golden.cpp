@@ -7,7 +7,8 @@
 //     |g| (NaN gets key 0, below every |g|, whose keys start at 1);
 //  B. the bins walked from the top give the bucket holding the k-th largest key; that bucket's
 //     keys are compacted (one more pass) and nth_element gives the exact k-th key, plus per-block
-//     counts of keys above / equal to it;
+//     counts of keys above / equal to it; when ties fill that bucket (over n/4 entries: the zeros of a
+//     sparse gradient), its remaining key bits are found by 11-bit radix passes over g instead (no copy);
 //  C. one parallel pass writes 64 entries per step: selected = key > kth, or key == kth while
 //     the block's share of the ties lasts (ties go lowest position first: shares are assigned to
 //     blocks in order); the word is ANDed with the old bits (unless `first`), counts get +1 per
@@ -161,44 +162,80 @@ at::Tensor golden_topk_and_impl(const scalar_t* g, int64_t n, uint8_t* bits, int
       cand_off[blk + 1] = cand_off[blk] + hist[blk][d1];
     }
     hist.clear();
-    std::vector<K> cand(cand_off[nblocks]);
-    at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
-      uint16_t dig[kChunk];
-      for (int64_t blk = b; blk < e; ++blk) {
-        int64_t q = cand_off[blk];
-        const auto [lo, hi] = range(blk);
-        for (int64_t i = lo; i < hi; i += kChunk) {
-          const int len = (int)std::min<int64_t>(kChunk, hi - i);
-          for (int j = 0; j < len; ++j) dig[j] = (uint16_t)(KeyT<scalar_t>::get(g[i + j]) >> kShift);
-          for (int j = 0; j < len; ++j)
-            if (dig[j] == d1) cand[q++] = KeyT<scalar_t>::get(g[i + j]);
+    // Bucket d1's keys are copied (cand, then the sub-bucket's into `bucket`) only while they are few; when ties
+    // fill it (the exact zeros of a sparse gradient, or any value repeated) that copy took up to 8 bytes per entry
+    // (16 for float64): 512 MiB for 2^26 fp32 zeros, 16 GiB at 2^31 entries (an OOM kill where the input itself
+    // was 4 GiB of bfloat16). Then the rest of the key bits are resolved by radix passes over the input instead,
+    // with per-block histograms and no buffer (topk_select's rule, csrc/cpu/parammap.cpp).
+    if (cand_off[nblocks] <= std::max<int64_t>(n / 4, int64_t(1) << 16)) {
+      std::vector<K> cand(cand_off[nblocks]);
+      at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+        uint16_t dig[kChunk];
+        for (int64_t blk = b; blk < e; ++blk) {
+          int64_t q = cand_off[blk];
+          const auto [lo, hi] = range(blk);
+          for (int64_t i = lo; i < hi; i += kChunk) {
+            const int len = (int)std::min<int64_t>(kChunk, hi - i);
+            for (int j = 0; j < len; ++j) dig[j] = (uint16_t)(KeyT<scalar_t>::get(g[i + j]) >> kShift);
+            for (int j = 0; j < len; ++j)
+              if (dig[j] == d1) cand[q++] = KeyT<scalar_t>::get(g[i + j]);
+          }
         }
-      }
-    });
-    // the sub-bucket (next 12 key bits) holding the k-th key, then nth_element within it
-    std::vector<std::vector<uint32_t>> sub(nblocks, std::vector<uint32_t>(kSubBins));
-    at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
-      for (int64_t blk = b; blk < e; ++blk)
-        for (int64_t i = cand_off[blk]; i < cand_off[blk + 1]; ++i) sub[blk][(cand[i] >> kSubShift) & (kSubBins - 1)]++;
-    });
-    int64_t need2 = need;
-    const int d2 = walk(sub, kSubBins, &need2);
-    std::vector<K> bucket;
-    for (const K key : cand)
-      if ((int)((key >> kSubShift) & (kSubBins - 1)) == d2) bucket.push_back(key);
-    std::nth_element(bucket.begin(), bucket.begin() + (need2 - 1), bucket.end(), std::greater<K>());
-    kth = bucket[need2 - 1];
-    at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
-      for (int64_t blk = b; blk < e; ++blk) {
-        int64_t gt = 0, eq = 0;
-        for (int64_t i = cand_off[blk]; i < cand_off[blk + 1]; ++i) {
-          gt += cand[i] > kth;
-          eq += cand[i] == kth;
+      });
+      // the sub-bucket (next 12 key bits) holding the k-th key, then nth_element within it
+      std::vector<std::vector<uint32_t>> sub(nblocks, std::vector<uint32_t>(kSubBins));
+      at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+        for (int64_t blk = b; blk < e; ++blk)
+          for (int64_t i = cand_off[blk]; i < cand_off[blk + 1]; ++i)
+            sub[blk][(cand[i] >> kSubShift) & (kSubBins - 1)]++;
+      });
+      int64_t need2 = need;
+      const int d2 = walk(sub, kSubBins, &need2);
+      std::vector<K> bucket;
+      for (const K key : cand)
+        if ((int)((key >> kSubShift) & (kSubBins - 1)) == d2) bucket.push_back(key);
+      std::nth_element(bucket.begin(), bucket.begin() + (need2 - 1), bucket.end(), std::greater<K>());
+      kth = bucket[need2 - 1];
+      at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+        for (int64_t blk = b; blk < e; ++blk) {
+          int64_t gt = 0, eq = 0;
+          for (int64_t i = cand_off[blk]; i < cand_off[blk + 1]; ++i) {
+            gt += cand[i] > kth;
+            eq += cand[i] == kth;
+          }
+          n_gt[blk] += gt;
+          n_eq[blk] = eq;
         }
-        n_gt[blk] += gt;
-        n_eq[blk] = eq;
+      });
+    } else {
+      constexpr int kRBits = 11, kRBins = 1 << kRBits;
+      std::vector<std::vector<uint32_t>> h2(nblocks, std::vector<uint32_t>(kRBins));  // blocks <= 2^30 entries
+      K prefix = static_cast<K>(d1) << kShift, pmask = static_cast<K>(kBins - 1) << kShift;
+      for (int hi_bit = kShift; hi_bit > 0; hi_bit -= kRBits) {
+        const int lo_bit = std::max(0, hi_bit - kRBits);
+        const K dmask = static_cast<K>((K(1) << (hi_bit - lo_bit)) - 1);
+        const K pf = prefix, pm = pmask;
+        at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+          for (int64_t blk = b; blk < e; ++blk) {
+            uint32_t* h = h2[blk].data();
+            std::fill(h, h + kRBins, 0u);
+            const auto [lo, hi] = range(blk);
+            for (int64_t i = lo; i < hi; ++i) {
+              const K key = KeyT<scalar_t>::get(g[i]);
+              if ((key & pm) == pf) h[(key >> lo_bit) & dmask]++;
+            }
+          }
+        });
+        const int digit = walk(h2, static_cast<int>(dmask) + 1, &need);
+        for (int64_t blk = 0; blk < nblocks; ++blk) {
+          for (int d = digit + 1; d <= static_cast<int>(dmask); ++d) n_gt[blk] += h2[blk][d];
+          if (lo_bit == 0) n_eq[blk] = h2[blk][digit];
+        }
+        prefix |= static_cast<K>(digit) << lo_bit;
+        pmask |= dmask << lo_bit;
       }
-    });
+      kth = prefix;
+    }
     if (kth == 0) std::fill(n_eq.begin(), n_eq.end(), 0);  // fewer than k non-NaN: every non-NaN, never a NaN
   }
   int64_t gt_all = 0;
