@@ -16,7 +16,7 @@ from torch import nn
 import gradkit.scope as gk
 from gradkit.obs import StructuredOBS, baselines, damped_hessian, output_error, sparsegpt
 from gradkit.obs import driver as D
-from gradkit.obs.driver import CheckpointError, collect_hessians, prune_model
+from gradkit.obs.driver import CheckpointError, DistributedPruneError, collect_hessians, prune_model
 from gradkit.testing import random_batches, tiny_gpt
 
 
@@ -657,8 +657,8 @@ def _empty_shard_worker(rank, tmp):
         try:
             prune_model(model, [] if rank == 1 else [_routed_data()[0]], "2:4", method="sparsegpt", progress=False)
             msg = "no error"
-        except ValueError as e:
-            msg = str(e)
+        except (ValueError, DistributedPruneError) as e:
+            msg = f"{type(e).__name__}: {e}"
         untouched = all(torch.equal(w0[n], t) for n, t in _weights(model).items())
         with open(os.path.join(tmp, f"r{rank}.txt"), "w") as f:
             f.write(f"{untouched}\n{msg}")
@@ -676,5 +676,7 @@ def test_distributed_rank_without_batches_fails_every_rank_promptly(tmp_path):
     r0 = open(os.path.join(tmp, "r0.txt")).read().split("\n", 1)
     r1 = open(os.path.join(tmp, "r1.txt")).read().split("\n", 1)
     assert r0[0] == "True" and r1[0] == "True"
-    assert r1[1].startswith("batches: no calibration batches")
-    assert r0[1].startswith("batches: rank(s) [1]")
+    assert r1[1].startswith("ValueError: batches: no calibration batches")
+    # session 41: the other ranks raise DistributedPruneError (as GradientIndex.create's DistributedBuildError),
+    # from the one agreement on every argument, batches included
+    assert r0[1].startswith("DistributedPruneError: prune_model: rank(s) [1] of 2 refused their arguments")
