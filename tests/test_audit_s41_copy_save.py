@@ -232,9 +232,12 @@ def _accumulator():
 
 
 def _torch_save_load(obj):
+    """torch.save, then torch.load with weights_only=True and gradkit's golden classes allowlisted (nothing else
+    is unpickled)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    return torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    with torch.serialization.safe_globals([G.SparseGradientAccumulator, G.MaskSet, G.Bitmask]):
+        return torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
 
 
 @pytest.mark.parametrize("rt", [copy.deepcopy, _torch_save_load], ids=["deepcopy", "torch.save"])

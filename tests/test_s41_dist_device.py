@@ -61,10 +61,11 @@ def meta_group(monkeypatch):
 def test_index_collectives_use_the_group_device(meta_group):
     # meta tensors hold no values: the results are not read here, only where the tensors were
     with pytest.raises((NotImplementedError, RuntimeError)):  # reading a meta tensor, after the collective
-        index._gather_ints(meta_group, 2, [1, 2, 3])
+        _dist.gather_ints(meta_group, [1, 2, 3])
     with pytest.raises((NotImplementedError, RuntimeError)):
         _dist.broadcast_flag(meta_group, True)
     assert meta_group.devices and all(d.type == "meta" for d in meta_group.devices), meta_group.devices
+    assert index._distributed is _dist and not hasattr(index, "_gather_ints")  # index gathers through gradkit._dist
 
 
 def test_driver_collectives_use_the_group_device(meta_group):

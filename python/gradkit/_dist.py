@@ -75,7 +75,12 @@ def agree(dist, err: Optional[BaseException], names: Sequence[str], settings: Op
     differ raise ValueError on every rank, naming them (``job``: the distributed work, in the message; ``after``:
     what became of the user's data, e.g. "nothing was written to PATH"). Without this, a rank raising alone left
     the others waiting in their next collective until the process group timed out, and ranks given different
-    settings went on and silently computed different results."""
+    settings went on and silently computed different results. Without a process group, ``err`` is raised as it
+    is."""
+    if dist is None:
+        if err is not None:
+            raise err
+        return
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = [0 if err is None else 1] + [_digest(settings[k]) if settings is not None else 0 for k in names]
     got = gather_ints(dist, mine)

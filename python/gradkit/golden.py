@@ -31,8 +31,7 @@ import torch
 
 from gradkit import ops
 from gradkit._io import open_regular
-from gradkit import _rules
-from gradkit._rules import as_written, ceil_count, flag, int_seq
+from gradkit._rules import as_written, ceil_count, flag, int_seq, widened
 from gradkit.kernels.reference.parammap import unpack_bitmask
 from gradkit.golden_reverse import (DEFAULT_LAYER_PATTERN, STRATEGIES, AdaptiveSinusoidal, ChaosDriven,  # noqa: F401
                                     ExplorationDecay, FluctuationStrategy, HarmonicOscillator, MomentumBased,
@@ -93,11 +92,6 @@ def _fresh_bits(numel: int, device) -> torch.Tensor:
     return torch.zeros((numel + 7) // 8, dtype=torch.uint8, device=device)
 
 
-def _scorable(g: torch.Tensor) -> torch.Tensor:
-    """``g`` detached, float8 widened to float32 (the kernels take float16 / bfloat16 / float32 / float64)."""
-    return _rules.widened(g)
-
-
 def topk_mask(t: torch.Tensor, percent: float) -> torch.Tensor:
     """Bool mask (``t``'s shape) of the top ``percent``% of ``|t|`` (ties lowest position first; NaN never)."""
     if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
@@ -107,7 +101,7 @@ def topk_mask(t: torch.Tensor, percent: float) -> torch.Tensor:
     if t.is_meta:
         raise ValueError("t: a meta tensor holds no values")
     k = percent_to_k(t.numel(), percent)
-    g = _scorable(t).contiguous()
+    g = widened(t).contiguous()
     bits = _fresh_bits(g.numel(), g.device)
     ops.golden_topk_and_(g, bits, k, first=True)
     return unpack_bitmask(bits, g.numel()).reshape(t.shape)
@@ -437,8 +431,9 @@ def _compact_sparse(m: Mapping, what: str, path) -> "Bitmask":
 def load_goldenparams(path: str, key: Optional[str] = None) -> MaskSet:
     """Masks from a GoldenParams results file (``.pt`` with ``masks`` or ``intersection_masks``:
     name -> sparse COO, dense bool, or the compact sparse dict GoldenParams' ``convert_masks_to_sparse_coo``
-    writes; a mask of numbers selects its non-zero entries, and one holding NaN is refused). Loaded with ``weights_only=True``: nothing is unpickled; a file that is not a regular file, cannot be loaded that way, or holds masks that are not plain CPU tensors raises ValueError
-    naming it."""
+    writes; a mask of numbers selects its non-zero entries, and one holding NaN is refused). Loaded with
+    ``weights_only=True``: nothing is unpickled; a file that is not a regular file, cannot be loaded that way, or
+    holds masks that are not plain CPU tensors raises ValueError naming it."""
     with open_regular(path, "path") as f:  # not a FIFO / device (checked on the open file)
         try:
             data = torch.load(f, map_location="cpu", weights_only=True)
@@ -505,7 +500,7 @@ def _grad_tensor(grads: Mapping[str, torch.Tensor], name: str, sample: int) -> t
                         f"{g.layout} one (densify it with .to_dense())")
     if g.is_meta:
         raise ValueError(f"grad_iter: sample {sample}, {name!r}: a meta tensor holds no gradient values")
-    return _scorable(g)
+    return widened(g)
 
 
 def golden_masks(grad_iter: Iterable[Mapping[str, torch.Tensor]], percent: float, scope: str = "tensor",
@@ -683,7 +678,7 @@ class SparseGradientAccumulator:
                 raise ValueError(f"grads[{n!r}]: shape {tuple(g.shape)} differs from its mask's {self.masks[n].shape}")
             if g.device != self._flat.device:
                 raise ValueError(f"grads[{n!r}]: on {g.device} but the accumulator is on {self._flat.device}")
-            src.append(_scorable(g))
+            src.append(widened(g))
         if src:
             ops.gather_segments(src, list(self._idx.values()), out=self._flat, accumulate=True)
         self.steps += 1

@@ -488,12 +488,6 @@ def _release(view: torch.Tensor, mm, lo_row: int, hi_row: int) -> None:
             pass
 
 
-def _gather_ints(d, world: int, values: List[int]) -> List[List[int]]:
-    """Every rank's ``values`` (ints), in rank order: one all_gather on the group's device (CUDA under NCCL,
-    which refuses CPU tensors; a collective: every rank calls it). ``world``: the group's size."""
-    return _distributed.gather_ints(d, values)
-
-
 def _raise_rank_failure(own: Optional[BaseException], failed: List[int], msg: str) -> NoReturn:
     """After the ranks combined their outcomes: the failing rank re-raises its own error (its cause
     chain kept, ``msg`` added as a note), the others raise DistributedBuildError(msg)."""
@@ -886,10 +880,11 @@ class GradientIndex:
         # the other ranks make (an argument error on one rank alone left them waiting for the process group's
         # timeout); an invalid value is refused, on every rank when the process group is initialised
         dist_err = None
-        if isinstance(distributed, np.bool_):
-            distributed = bool(distributed)
-        elif distributed is not None and not isinstance(distributed, bool):
-            dist_err = TypeError(f"distributed: expected a bool or None, got {type(distributed).__name__}")
+        if distributed is not None:
+            try:
+                distributed = flag(distributed, "distributed")
+            except TypeError:
+                dist_err = TypeError(f"distributed: expected a bool or None, got {type(distributed).__name__}")
         d = _dist() if distributed is not False else None
         if distributed is True and d is None:
             raise ValueError("distributed: torch.distributed is not initialised")
@@ -990,7 +985,7 @@ class GradientIndex:
         except BaseException as e:  # noqa: BLE001 - re-raised below (after the collective)
             err = e
         if d is not None:
-            failed = [r for r, (bad,) in enumerate(_gather_ints(d, world, [0 if err is None else 1])) if bad]
+            failed = [r for r, (bad,) in enumerate(_distributed.gather_ints(d, [0 if err is None else 1])) if bad]
             if failed:
                 _raise_rank_failure(err, failed, (
                     f"GradientIndex.create: rank(s) {failed} of {world} failed to "
@@ -1006,7 +1001,7 @@ class GradientIndex:
         and failed only in close(), when rank 0 found no shard of theirs. The token file is removed once read."""
         import secrets
 
-        d, rank, world = self._dist, self._rank, self._world
+        d, rank = self._dist, self._rank
         tok_path = self.path / _BUILD_TOKEN
         err: Optional[BaseException] = None
         token = -1
@@ -1016,7 +1011,7 @@ class GradientIndex:
                 _atomic_write_json(tok_path, {"token": token})
             except BaseException as e:  # noqa: BLE001 - shared below
                 err, token = e, -1
-        token = _gather_ints(d, world, [token])[0][0]
+        token = _distributed.gather_ints(d, [token])[0][0]
         if rank != 0 and token >= 0:
             try:
                 seen = parse_json(read_regular(tok_path, 1 << 10, "path", ValueError), tok_path, "path")
@@ -1567,7 +1562,7 @@ class GradientIndex:
         else:
             self._rollback()
         outcome = 0 if own is None else (2 if failure is not None else 1)  # 2: its with-block raised
-        got = _gather_ints(d, world, [outcome, len(self), self._w_examples,
+        got = _distributed.gather_ints(d, [outcome, len(self), self._w_examples,
                                       self._w_nonfinite])  # also the barrier: every rank is done committing
         failed = [r for r, g in enumerate(got) if g[0]]
         raised = [r for r, g in enumerate(got) if g[0] == 2]

@@ -11,4 +11,5 @@ from gradkit.obs.structured import StructuredOBS, compute_inverse  # noqa: F401
 
 __all__ = ["StructuredOBS", "compute_inverse", "sparsegpt", "magnitude", "obd", "resolve", "output_error",
            "damped_hessian", "NotPositiveDefiniteError", "collect_hessians", "prune_model", "Hessians",
-           "LayerReport", "PruneReport", "CheckpointError", "DistributedPruneError", "METHODS", "ObsLayout", "obs_layout"]
+           "LayerReport", "PruneReport", "CheckpointError", "DistributedPruneError", "METHODS", "ObsLayout",
+           "obs_layout"]

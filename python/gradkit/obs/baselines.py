@@ -492,7 +492,8 @@ def sparsegpt(scope, hessian: Tensor, nnz: int, damp: float = 0.01, blocksize: i
         raise TypeError(f"blocksize: expected an int, got {type(blocksize).__name__}") from None
     if blocksize < 1:
         raise ValueError(f"blocksize: expected >= 1, got {blocksize}")
-    inplace, progress, return_mask = flag(inplace, "inplace"), flag(progress, "progress"), flag(return_mask, "return_mask")
+    inplace, progress = flag(inplace, "inplace"), flag(progress, "progress")
+    return_mask = flag(return_mask, "return_mask")
     if nnz >= lay.gs or lay.S == 0:
         out = lay.weight.detach().clone()
         keep = torch.ones(lay.M, lay.K, dtype=torch.bool, device=out.device)

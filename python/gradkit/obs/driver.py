@@ -273,18 +273,11 @@ def _agree_arguments(err: Optional[BaseException], settings: Optional[Dict[str, 
     accepted its arguments (and has calibration batches), and the settings in ``names`` must be the same on every
     rank (a rank pruning to another pattern, or with other layers, would silently hold another model).
     Without a process group, ``err`` is raised as it is."""
-    dist = _dist()
-    if dist is None:
-        if err is not None:
-            raise err
-        return
-    _distributed.agree(dist, err, names, settings, what=what, job=f"the distributed {what}",
+    _distributed.agree(_dist(), err, names, settings, what=what, job=f"the distributed {what}",
                        after="nothing was done", other_error=DistributedPruneError)
 
 
-def _rank() -> int:
-    d = _dist()
-    return d.get_rank() if d is not None else 0
+_rank = _distributed.rank
 
 
 class Hessians(dict):
@@ -1183,14 +1176,14 @@ def prune_model(model: nn.Module, batches: Iterable, pattern: Union[str, Callabl
     model.eval()                                        # Monte Carlo dropout in train) comes back as it was
     try:
         return _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, checkpoint_dir, resume,
-                            progress, kw, groups, callback, early_stop, device, t_start)
+                            progress, kw, groups, callback, early_stop, device, t_start, settings)
     finally:
         for m, mode in modes:
             m.training = mode
 
 
 def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, checkpoint_dir, resume, progress, kw,
-                 groups, callback, early_stop, device, t_start) -> PruneReport:
+                 groups, callback, early_stop, device, t_start, settings) -> PruneReport:
     with _synced("prune_model: the calibration forward", "nothing was pruned"):
         seen = _execution_order(model, layers, data)
     ordered = _agreed_order(layers, seen)
@@ -1210,16 +1203,16 @@ def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, ch
         group_list = [ordered]
 
     pattern_s = pattern if isinstance(pattern, str) else _name_of(pattern)
-    config = {
-        "method": method, "pattern": pattern if isinstance(pattern, str) else _identity_of(pattern), "nnz": nnz,
-        "damp": damp, "sequential": sequential, "groups": groups if isinstance(groups, str) else _identity_of(groups),
-        # early_stop shapes the Hessians too (a layer called again after a later one loses those calls)
-        "early_stop": early_stop,
-        "method_kwargs": json.loads(json.dumps(kw, sort_keys=True, default=repr)),
+    # the checkpoint's configuration: prune_model's agreed settings (computed once there: the callables' identities,
+    # the method's keyword arguments as JSON; early_stop shapes the Hessians too, a layer called again after a later
+    # one losing those calls), then the layers in execution order and the calibration data
+    config = {k: settings[k] for k in ("method", "pattern", "nnz", "damp", "sequential", "groups", "early_stop",
+                                       "method_kwargs")}
+    config.update({
         "layers": [[n, list(m.weight.shape), str(m.weight.dtype)] for n, m in ordered],
         "calibration": _data_digest(data),
         "gradkit_obs_driver": _VERSION,
-    }
+    })
     ckpt = None
     with _synced("prune_model: opening checkpoint_dir", "nothing was pruned"):
         if checkpoint_dir is not None:
