@@ -211,6 +211,15 @@ def _refuse_unhookable(selected, unhookable: Dict[str, str]) -> None:
         raise ValueError(f"modules: {bad} {unhookable[bad[0]]}; leave them out")
 
 
+def _readable_tensor(t: Tensor, what: str, meta_ok: bool = False) -> None:
+    """A dense tensor holding values (a meta one only where ``meta_ok``), else an error naming ``what`` (session 42:
+    torch's NotImplementedError / RuntimeError from inside the check that read it)."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{what}: expected a dense (strided) tensor, got layout {t.layout}; call .to_dense() first")
+    if t.is_meta and not meta_ok:
+        raise ValueError(f"{what}: a meta tensor holds no values")
+
+
 def _check_scale(scale) -> None:
     if scale is None or scale == "batch":
         return
@@ -385,8 +394,15 @@ class GradientCollector:
             raise ValueError(f"kind: expected 'rademacher' or 'gaussian', got {kind!r}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+        if dtype.itemsize < 2:
+            # session 42: float8 passed here, then collect() (after dropping the batch) raised torch's
+            # NotImplementedError for isinf, or rounded silently (float8_e4m3fn saturates at 448)
+            raise TypeError(f"dtype: expected torch.float32, float64, float16 or bfloat16, got {dtype!r} (a float8 "
+                            "dtype has no inf to report values beyond its range)")
         if not whole(memory_budget) or memory_budget <= 0:
             raise ValueError(f"memory_budget: expected a positive int (bytes), got {memory_budget!r}")
+        if memory_budget >= 1 << 63:  # session 42: accepted here, then refused by factored_project in every backward
+            raise ValueError(f"memory_budget: must be below 2^63, got {memory_budget}")
         p, seed, memory_budget, kind = int(p), int(seed), int(memory_budget), kind.lower()
         self.memory_budget = memory_budget
         self.model = model  # what loss_fn is given, and whose forward hook sees a failed forward
@@ -644,6 +660,7 @@ class GradientCollector:
             if not isinstance(mask, Tensor) or mask.dim() != 2:
                 raise ValueError(f"mask: expected a (B, T) tensor, got "
                                  f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+            _readable_tensor(mask, "mask")
             if mask.dtype != torch.bool:
                 if not bool(((mask == 0) | (mask == 1)).all()):  # integer masks too: a 2 is no padding flag
                     raise ValueError("mask: expected 0/1 values")
@@ -1187,10 +1204,17 @@ class GradientCollector:
 
     def flatten(self, grads: Mapping[str, Tensor]) -> Tensor:
         """Concatenate ``{name: (B, [T,] p*p)}`` along the last axis in module order -> ``(B, [T,] D)``."""
+        if not isinstance(grads, Mapping):  # session 42: None was Python's TypeError, a list "missing modules"
+            raise TypeError(f"grads: expected a mapping {{module name: (B, [T,] p*p) tensor}}, got "
+                            f"{type(grads).__name__}")
         missing = [n for n in self._modules if n not in grads]
         if missing:
             raise ValueError(f"grads: missing modules {missing}")
         parts = [grads[n] for n in self._modules]
+        for n, x in zip(self._modules, parts):
+            if not isinstance(x, Tensor) or x.dim() < 1:
+                raise TypeError(f"grads[{n!r}]: expected a (B, [T,] p*p) tensor, got "
+                                f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
         lead = {tuple(x.shape[:-1]) for x in parts}
         if len(lead) != 1:
             raise ValueError(f"grads: modules have different leading shapes {sorted(lead)}; cannot flatten")
@@ -1198,9 +1222,10 @@ class GradientCollector:
 
     def split(self, flat: Tensor) -> "OrderedDict[str, Tensor]":
         """Inverse of :meth:`flatten`: ``(..., D)`` -> ``{name: (..., p*p)}`` views."""
-        if not isinstance(flat, Tensor) or flat.shape[-1] != self.dim:
+        if not isinstance(flat, Tensor) or flat.dim() == 0 or flat.shape[-1] != self.dim:  # (0-d: IndexError before)
             raise ValueError(f"flat: expected last dimension {self.dim}, got "
                              f"{tuple(flat.shape) if isinstance(flat, Tensor) else type(flat).__name__}")
+        _readable_tensor(flat, "flat", meta_ok=True)
         return OrderedDict(zip(self._modules, flat.split(list(self.module_dims.values()), dim=-1)))
 
     @staticmethod
@@ -1211,11 +1236,13 @@ class GradientCollector:
         if not isinstance(x, Tensor) or x.dim() != 3:
             raise ValueError(f"x: expected a (B, T, D) per-token tensor, got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        _readable_tensor(x, "x", meta_ok=mask is None)  # a mask selects by value: a meta x has none
         if mask is None:
             return x.reshape(-1, x.shape[-1]), torch.full((x.shape[0],), x.shape[1], dtype=torch.int64)
         if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(x.shape[:2]):
             raise ValueError(f"mask: expected shape {tuple(x.shape[:2])}, got "
                              f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+        _readable_tensor(mask, "mask")
         if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError("mask: expected 0/1 values or a bool tensor (as set_mask takes), got other values")
         keep = (mask != 0).to(x.device)
@@ -1233,6 +1260,14 @@ class GradientCollector:
         """
         _check_scale(scale)
         flat = _projection()._flag(flat, "flat")
+        # session 42: a batches that is not iterable, or a loss_fn that is not callable, was Python's TypeError
+        # naming neither, raised with the hooks attached
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a callable (model, batch) -> loss, got {type(loss_fn).__name__}")
+        try:
+            batches = iter(batches)
+        except TypeError:
+            raise TypeError(f"batches: expected an iterable of batches, got {type(batches).__name__}") from None
         sizes = set()
         owned = not self.attached
         self.attach()

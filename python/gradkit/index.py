@@ -895,6 +895,11 @@ class GradientIndex:
             mods = _check_modules(modules)
             dname = _dtype_name(dtype)
             proj = _projection_dict(projection)
+            try:  # session 42: NaN / Infinity were written as is, a header strict JSON readers refuse
+                json.dumps(proj, allow_nan=False)
+            except ValueError:
+                raise ValueError("projection: holds NaN or Infinity, which JSON (the index header) cannot hold; "
+                                 "pass finite numbers") from None
             other = _module_order_mismatch(proj, list(mods))
             if other is not None:  # a collector's flat rows appended here would land in other modules' columns
                 raise ValueError(f"modules: given in the order {list(mods)}, but the projection's modules (its "
@@ -1121,7 +1126,12 @@ class GradientIndex:
             return
         self._refuse_existing(overwrite)  # before the lock file is made: nothing is added to a refused directory
         made = not p.exists()
-        p.mkdir(parents=True, exist_ok=True)
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except (NotADirectoryError, FileExistsError) as e:  # session 42: "[Errno 20] Not a directory", unnamed
+            bad = next((q for q in (p, *p.parents) if q.exists() and not q.is_dir()), p)
+            raise NotADirectoryError(f"path: {p} cannot be made a directory: {bad} is not a directory "
+                                     f"({e.strerror or e})") from None
         if made:  # the directory's own name durable, so a power loss cannot make a finished index disappear
             _fsync_dir(p.parent)
         self._lock = _WriterLock(p, LOCK)  # before anything of an old index changes
@@ -1333,17 +1343,31 @@ class GradientIndex:
         if self.per_token:
             if num_tokens is None:
                 raise ValueError("num_tokens: required for a per-token index (token count of each example)")
-            counts = torch.as_tensor(np.asarray(num_tokens) if not isinstance(num_tokens, torch.Tensor)
-                                     else num_tokens.cpu())
+            if isinstance(num_tokens, torch.Tensor):
+                _no_meta(num_tokens, "num_tokens")  # (session 42: torch's NotImplementedError before)
+                counts = num_tokens.detach().cpu()
+            else:
+                try:  # (session 42) strings, None or ints past uint64 in a list: torch's TypeError naming nothing
+                    counts = torch.as_tensor(np.asarray(num_tokens))
+                except (TypeError, ValueError, OverflowError, RuntimeError):
+                    raise TypeError("num_tokens: expected a 1-D sequence of ints") from None
             if counts.dim() == 1 and counts.numel() == 0 and not counts.dtype.is_complex:
                 counts = counts.to(torch.int64)  # [] (a float array to numpy and torch): a chunk of no example
-            if counts.dim() != 1 or counts.dtype.is_floating_point or counts.dtype == torch.bool:
+            if counts.dim() != 1 or counts.dtype.is_floating_point or counts.dtype.is_complex \
+                    or counts.dtype == torch.bool:  # complex: its imaginary part was dropped silently (session 42)
                 raise TypeError("num_tokens: expected a 1-D sequence of ints")
+            if counts.dtype == getattr(torch, "uint64", None) and counts.numel() \
+                    and int(counts.numpy().max()) > n:  # past int64 it would wrap to a negative count
+                raise ValueError(f"num_tokens: counts sum to {sum(int(c) for c in counts.numpy())} but grads has "
+                                 f"{n} rows")
             counts = counts.to(torch.int64)
             if (counts < 0).any():
                 raise ValueError("num_tokens: counts must be non-negative")
-            if int(counts.sum()) != n:
-                raise ValueError(f"num_tokens: counts sum to {int(counts.sum())} but grads has {n} rows")
+            # the exact sum: int64's wrapped (4 counts of 2^62 summed to 0: session 42, such counts were written, and
+            # close() then marked complete an index that open() refuses)
+            total = sum(counts.tolist()) if counts.numel() and int(counts.max()) > n else int(counts.sum())
+            if total != n:
+                raise ValueError(f"num_tokens: counts sum to {total} but grads has {n} rows")
         elif num_tokens is not None:
             raise ValueError("num_tokens: only for per-token indexes (create(..., per_token=True))")
         stored = _round_once(x, self.dtype)
@@ -2003,6 +2027,9 @@ class GradientIndex:
         ints (negative ones count from the end), or a 1-D boolean mask with one entry per row (the rows
         where it is True, as in numpy). Fractional (float or complex) row numbers are refused, not truncated."""
         n = self._count
+        if isinstance(rows, torch.Tensor) and rows.layout != torch.strided:  # session 42: torch's NotImplementedError
+            raise TypeError(f"rows: expected a dense (strided) tensor, got layout {rows.layout}; call .to_dense() "
+                            "first")
         try:
             r = torch.as_tensor(rows.detach().cpu() if isinstance(rows, torch.Tensor) else rows)
         except (TypeError, ValueError, RuntimeError, OverflowError):
@@ -2236,7 +2263,8 @@ class GradientIndex:
             if isinstance(modules, (str, bytes, Mapping)) or not isinstance(modules, Iterable):
                 raise TypeError(f"modules: expected a list/set of module names or None, got {type(modules).__name__}")
             modules = list(modules)  # also dict keys, generators
-            unknown = [m for m in modules if m not in self.modules]
+            # (a non-str entry is unknown; an unhashable one raised Python's TypeError naming nothing: session 42)
+            unknown = [m for m in modules if not isinstance(m, str) or m not in self.modules]
             if unknown:
                 raise ValueError(f"modules: the index has no modules {unknown} (it has {list(self.modules)})")
             if not modules:
@@ -2251,7 +2279,8 @@ class GradientIndex:
                     raise ValueError(f"weights: the index has no module {m!r}")
                 if m not in sel:
                     raise ValueError(f"weights: module {m!r} is not among the selected modules")
-                if isinstance(w, torch.Tensor) and w.numel() == 1 and not w.dtype.is_complex and w.dtype != torch.bool:
+                if isinstance(w, torch.Tensor) and w.numel() == 1 and not w.dtype.is_complex and w.dtype != torch.bool \
+                        and not w.is_meta:  # (a meta one: torch's RuntimeError from item() before, session 42)
                     w = w.item()  # a 0-d (or one-element) tensor
                 try:  # an int past float's range is no finite float either
                     finite = not isinstance(w, (bool, np.bool_)) and isinstance(w, numbers.Real) and math.isfinite(w)

@@ -69,7 +69,15 @@ def _device(device) -> torch.device:
     return device_arg(device)
 
 
+def _dense(t: torch.Tensor, what: str) -> None:
+    """A sparse (or other non-strided) tensor is refused by name (session 42: torch's NotImplementedError /
+    RuntimeError from deep inside the kernels or aminmax, naming nothing the caller passed)."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{what}: expected a dense (strided) tensor, got layout {t.layout}; call .to_dense() first")
+
+
 def _check_moments_tensor(t: torch.Tensor, what: str) -> None:
+    _dense(t, what)
     if t.is_meta:
         raise ValueError(f"{what}: a meta tensor holds no second moments to normalise by")
 
@@ -113,6 +121,9 @@ def projection_matrix(rows: int, cols: int, seed: int = 0, kind: str = "rademach
         raise ValueError(f"rows: must be non-negative, got {rows}")
     if cols > _SEED_MASK:
         raise ValueError(f"cols: must be below 2^63, got {cols}")
+    # session 42: a block past int64's byte count was torch's RuntimeError ("Storage size calculation overflowed")
+    if rows * cols * (dtype.itemsize if isinstance(dtype, torch.dtype) else 1) > _SEED_MASK:
+        raise ValueError(f"rows, cols: a {rows} x {cols} block holds more bytes than a tensor can (2^63)")
     device = _device(device)
     if k is None:
         if row0:
@@ -147,6 +158,7 @@ def _as_tensor(chunk, what: str) -> torch.Tensor:
             t = torch.from_numpy(arr)
         else:
             raise TypeError(f"{what}: expected a float16/float32/float64 array, got {chunk.dtype}")
+    _dense(t, what)
     if t.dim() != 2:
         raise ValueError(f"{what}: expected a 2-D (B, D) array, got shape {tuple(t.shape)}")
     if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
@@ -509,6 +521,8 @@ def _factored_project(a, g, p, seed, name, kind, mask, bias, per_token, normaliz
                       matrices: _MatrixCache) -> torch.Tensor:
     """:func:`factored_project` with the projection matrices from ``matrices``."""
     p = _pos_int(p, "p")
+    if p >= 1 << 31:  # (session 42) p * p entries per example: past it no result fits (as GradientCollector's p)
+        raise ValueError(f"p: must be below 2**31, got {p}")
     seed = _int(seed, "seed")
     if not isinstance(name, str):
         raise TypeError(f"name: expected a str, got {type(name).__name__}")
@@ -519,6 +533,7 @@ def _factored_project(a, g, p, seed, name, kind, mask, bias, per_token, normaliz
             raise TypeError(f"{nm}: expected a tensor, got {type(t).__name__}")
         if not t.dtype.is_floating_point:
             raise TypeError(f"{nm}: expected a floating tensor, got {t.dtype}")
+        _dense(t, nm)
         if t.dim() not in (2, 3):
             raise ValueError(f"{nm}: expected (B, T, features) or (B, features), got shape {tuple(t.shape)}")
     if a.dim() != g.dim() or a.shape[:-1] != g.shape[:-1]:
@@ -527,13 +542,14 @@ def _factored_project(a, g, p, seed, name, kind, mask, bias, per_token, normaliz
         raise ValueError(f"g: on {g.device} but a is on {a.device}")
     if a.dim() == 2:
         a, g = a[:, None, :], g[:, None, :]
-        if mask is not None and mask.dim() == 1:
+        if isinstance(mask, torch.Tensor) and mask.dim() == 1:  # (a list mask: refused by name below, session 42)
             mask = mask[:, None]
     B, T, I = a.shape
     O = g.shape[-1]
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (B, T):
             raise ValueError(f"mask: expected a bool tensor of shape ({B}, {T})")
+        _dense(mask, "mask")
         if mask.device != a.device:
             raise ValueError(f"mask: on {mask.device} but a is on {a.device}")
     if normalizer is not None and not isinstance(normalizer, (AdafactorNormalizer, AdamNormalizer)):
