@@ -123,6 +123,10 @@ class Bitmask:
                 or bits.numel() != (numel + 7) // 8:
             raise ValueError(f"bits: expected a uint8 tensor of shape ({(numel + 7) // 8},) for shape {shape}, got "
                              f"{getattr(bits, 'dtype', type(bits).__name__)} {tuple(getattr(bits, 'shape', ()))}")
+        if bits.is_meta or bits.layout != torch.strided:
+            # session 42: a meta one made a Bitmask whose count() / algebra raised torch's "Tensor.item() cannot be
+            # called on meta tensors" (or, with a partial last byte, the constructor did), naming nothing
+            raise ValueError(f"bits: expected a dense uint8 tensor with data, got a {bits.layout} one on {bits.device}")
         if numel % 8 and int(bits[-1]) >> (numel % 8):
             raise ValueError(f"bits: bits are set beyond the {numel} entries of shape {shape}")
         self.bits = bits.contiguous()
@@ -555,6 +559,9 @@ def golden_masks(grad_iter: Iterable[Mapping[str, torch.Tensor]], percent: float
             if not names:
                 raise ValueError("params: empty selection" if params is not None
                                  else "grad_iter: the first sample holds no gradients")
+            bad = [k for k in names if not isinstance(k, str)]
+            if bad:  # session 42: kept as mask names, which MaskSet.to_parammap and MaskedAdamW then refuse
+                raise TypeError(f"grad_iter: sample 0 names a gradient {bad[0]!r}; expected parameter names (str)")
         for name in names:
             g = _grad_tensor(grads, name, n)
             if n == 0:

@@ -67,6 +67,15 @@ def _check_ids(input_ids: object, attention_mask: object, name: str = "input_ids
                                        or attention_mask.shape != input_ids.shape):
         raise ValueError(f"attention_mask: expected a tensor of shape {tuple(input_ids.shape)}, "
                          f"got {type(attention_mask).__name__} {getattr(attention_mask, 'shape', '')}")
+    for what, t in ((name, input_ids), ("attention_mask", attention_mask)):
+        _not_meta(t, what)
+
+
+def _not_meta(t: object, what: str) -> None:
+    """Session 42: a meta tensor (no data) failed deep in torch ("Cannot copy out of meta tensor"), naming nothing,
+    or gave meta results."""
+    if isinstance(t, torch.Tensor) and t.is_meta:
+        raise ValueError(f"{what}: is a meta tensor (no data); pass the materialised tensor")
 
 
 def _logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -113,6 +122,7 @@ def logprobs_for_fixed_ids(model: nn.Module, input_ids: torch.Tensor,
                                     or labels_mask.shape != input_ids.shape):
         raise ValueError(f"labels_mask: expected a tensor of shape {tuple(input_ids.shape)}, "
                          f"got {type(labels_mask).__name__} {getattr(labels_mask, 'shape', '')}")
+    _not_meta(labels_mask, "labels_mask")
     logits = _logits(model, input_ids, attention_mask)[:, :-1]
     logits = logits.to(_at_least_fp32(logits.dtype))
     targets = input_ids[:, 1:].to(device=logits.device, dtype=torch.long)
@@ -146,12 +156,19 @@ def kl_divergence(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, mask: Opti
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() < 1:
             raise ValueError(f"{arg}: expected a floating tensor (..., V), got "
                              f"{type(t).__name__} {getattr(t, 'dtype', '')} {getattr(t, 'shape', '')}")
+        _not_meta(t, arg)
     if logprobs.shape != ref_logprobs.shape:
         raise ValueError(f"logprobs: shape {tuple(logprobs.shape)} differs from ref_logprobs' "
                          f"{tuple(ref_logprobs.shape)}")
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ref_logprobs.shape[:-1]):
         raise ValueError(f"mask: expected a tensor of shape {tuple(ref_logprobs.shape[:-1])}, got "
                          f"{type(mask).__name__} {getattr(mask, 'shape', '')}")
+    if mask is not None:
+        _not_meta(mask, "mask")
+        # session 42: any non-zero entry counted as included, so a 0.5, a NaN or a complex mask (scores passed as the
+        # mask) was taken silently; the documented mask is bool or 0 / 1
+        if mask.dtype != torch.bool and (mask.is_complex() or bool(((mask != 0) & (mask != 1)).any())):
+            raise ValueError(f"mask: expected a bool or 0/1 mask, got a {mask.dtype} tensor with other values")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
     dtype = torch.promote_types(torch.promote_types(ref_logprobs.dtype, logprobs.dtype), torch.float32)
@@ -195,14 +212,25 @@ def layer_filter(names: Iterable[str], last_percent: float,
     stack with the same indices are treated as one stack.
     """
     last_percent = _check_percent(last_percent, "last_percent")
-    rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+    if isinstance(pattern, str):
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:  # session 42: re.error (no ValueError) naming no argument
+            raise ValueError(f"pattern: {pattern!r} is not a valid regular expression ({e})") from None
+    elif isinstance(pattern, re.Pattern) and isinstance(pattern.pattern, str):
+        rx = pattern
+    else:  # session 42: None / an int raised AttributeError, a bytes pattern TypeError
+        raise ValueError(f"pattern: expected a regular expression (a str or a compiled str pattern), got {pattern!r}")
     if rx.groups == 0:
         raise ValueError(f"pattern: needs a capturing group for the block index, got {rx.pattern!r}")
     group: Union[str, int] = "idx" if "idx" in rx.groupindex else rx.groups
     if isinstance(names, (str, bytes)):
         raise ValueError(f"names: expected an iterable of parameter names, got a single {type(names).__name__} "
                          f"{names!r}")
-    names = list(names)
+    try:
+        names = list(names)
+    except TypeError:  # session 42: "'int' object is not iterable", naming no argument
+        raise ValueError(f"names: expected an iterable of parameter names, got {type(names).__name__}") from None
     bad = [n for n in names if not isinstance(n, str)]
     if bad:
         raise ValueError(f"names: expected parameter names (str), got a {type(bad[0]).__name__} "
@@ -270,6 +298,15 @@ class FluctuationStrategy:
         self._gen = torch.Generator().manual_seed(int(seed))
 
     def next_percent(self, iteration: int, improvement: float) -> float:
+        # session 42: int(iteration) took 2.7 as 2 and "3" as 3, float(improvement) took "0.5"; None raised a TypeError
+        # naming nothing. numpy numbers and a one-element real tensor (a KL difference) are taken.
+        if isinstance(iteration, bool) or not isinstance(iteration, numbers.Integral):
+            raise ValueError(f"iteration: expected an int, got {iteration!r}")
+        if isinstance(improvement, torch.Tensor) and improvement.numel() == 1 and not improvement.is_meta \
+                and not improvement.is_complex() and improvement.dtype != torch.bool:
+            improvement = improvement.item()
+        if isinstance(improvement, bool) or not isinstance(improvement, numbers.Real):
+            raise ValueError(f"improvement: expected a number, got {improvement!r}")
         improvement = float(improvement)
         if math.isnan(improvement):
             raise ValueError("improvement: NaN")
@@ -448,6 +485,7 @@ def _check_masks(model: nn.Module, masks: Mapping[str, object]) -> List[Tuple[nn
     out = []
     for n, m in masks.items():
         shape = tuple(named[n].shape)
+        _not_meta(m, f"masks[{n!r}]")
         if isinstance(m, Bitmask) or (isinstance(m, torch.Tensor) and m.layout == torch.sparse_coo):
             try:
                 m = Bitmask.coerce(m, shape, what=f"masks[{n!r}]").to_bool()
@@ -496,16 +534,25 @@ def _unpack(batch: object, device: torch.device, arg: str) -> Tuple[torch.Tensor
     return ids.to(device), (None if am is None else am.to(device))
 
 
+def _iterable(batches: object, arg: str) -> Iterator[object]:
+    """``iter(batches)``, a ValueError naming ``arg`` for a non-iterable (session 42: "'NoneType' object is not
+    iterable", naming nothing)."""
+    try:
+        return iter(batches)  # type: ignore[call-overload]
+    except TypeError:
+        raise ValueError(f"{arg}: expected an iterable of batches, got {type(batches).__name__}") from None
+
+
 def _kl_against(model: nn.Module, refs: Sequence[torch.Tensor],
-                inputs: Sequence[Tuple[torch.Tensor, Optional[torch.Tensor]]]) -> float:
+                inputs: Sequence[Tuple[torch.Tensor, Optional[torch.Tensor]]], arg: str = "eval_batches") -> float:
     """Mean KL(ref || model) over all included positions of all batches (no grad, caller's mode)."""
     total, count = 0.0, 0
     for ref, (ids, am) in zip(refs, inputs):
         lp = full_logprobs(model, ids, am)
-        total += float(kl_divergence(ref, lp, mask=am, reduction="sum"))
+        total += float(kl_divergence(ref, lp, mask=None if am is None else am != 0, reduction="sum"))
         count += ids.numel() if am is None else int((am != 0).sum())
     if count == 0:
-        raise ValueError("eval_batches: no real tokens (every attention_mask is 0)")
+        raise ValueError(f"{arg}: no real tokens (every attention_mask is 0)")
     return total / count
 
 
@@ -518,13 +565,13 @@ def masked_kl(model: nn.Module, masks: Mapping[str, object], batches: Iterable[B
     checked = _check_masks(model, masks)
     masks = {n: m for n, (_, m) in zip(masks, checked)}  # dense bool, converted once
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    inputs = [_unpack(b, device, "batches") for b in batches]
+    inputs = [_unpack(b, device, "batches") for b in _iterable(batches, "batches")]
     if not inputs:
         raise ValueError("batches: empty")
     with _eval_mode(model), torch.no_grad():
         refs = [full_logprobs(model, ids, am) for ids, am in inputs]
         with zeroed_params(model, masks):
-            return _kl_against(model, refs, inputs)
+            return _kl_against(model, refs, inputs, "batches")
 
 
 # ----------------------------------------------------------------------------- the search
@@ -692,14 +739,14 @@ def reverse_golden_masks(
         total = math.ceil(len(batches) / chunk_size)  # type: ignore[arg-type]
     except TypeError:
         total = None
-    stream = iter(batches)
+    stream = _iterable(batches, "batches")
     first = list(itertools.islice(stream, chunk_size))
     if not first:
         raise ValueError("batches: empty")
     for b in first:
         _unpack(b, device, "batches")
     evals = [_unpack(b, device, "eval_batches")
-             for b in (first if eval_batches is None else eval_batches)]
+             for b in (first if eval_batches is None else _iterable(eval_batches, "eval_batches"))]
     if not evals:
         raise ValueError("eval_batches: empty")
 

@@ -74,6 +74,11 @@ def _named_list(named_params: NamedParams) -> List[Tuple[str, torch.Tensor]]:
                             f"got {p.dtype}")
         if p.layout != torch.strided:  # its gradient is sparse too, which step refuses: say so up front
             raise TypeError(f"named_params[{name!r}]: MaskedAdamW steps dense parameters, got a {p.layout} one")
+        if p.layout == torch.strided and p.device.type != "meta" and torch._debug_has_internal_overlap(p) == 1:
+            # session 42: the step wrote the other parameters, then failed writing this one back (several elements
+            # share one memory location), leaving them stepped and no state recorded
+            raise ValueError(f"named_params[{name!r}]: several elements share one memory location (an expanded "
+                             "tensor); clone() it into a parameter of its own")
         if not p.is_leaf:  # torch.optim's own message names no parameter
             raise ValueError(f"named_params[{name!r}]: can't optimize a non-leaf tensor (a result of other "
                              f"tensors' operations); pass the parameter itself")
@@ -99,6 +104,13 @@ def _bits_of(name: str, mask: Any, p: torch.Tensor, what: str) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{what}: expected a bool tensor of shape {tuple(p.shape)} or a packed uint8 bitmask, "
                         f"got {type(mask).__name__}")
+    # session 42: a meta mask failed in its copy ("Cannot copy out of meta tensor"), a CSR one in pack_bitmask
+    # ("Sparse CSR tensors do not have is_contiguous"), both naming nothing
+    if mask.is_meta:
+        raise ValueError(f"{what}: is a meta tensor (no data); pass the materialised mask")
+    if mask.layout != torch.strided:
+        raise TypeError(f"{what}: expected a dense (or sparse COO) mask, got a {mask.layout} tensor (convert it with "
+                        ".to_dense())")
     if mask.dtype == torch.bool:
         if mask.shape != p.shape:
             raise ValueError(f"{what}: shape {tuple(mask.shape)} differs from parameter {name!r}'s shape "

@@ -30,6 +30,7 @@ import torch
 
 from gradkit import ops
 from gradkit._io import NO_LIMIT, parse_json, read_regular, write_dir_atomic, write_safetensors
+from gradkit._rules import flag
 from gradkit._unwrap import unwrap_model
 
 REPRS = ("all", "mask", "bitmask", "indices")
@@ -109,6 +110,7 @@ def _make_entry(name: str, spec: Mapping[str, Any]) -> _Entry:
     t = spec[r]
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{where}[{r!r}]: expected a tensor, got {type(t).__name__}")
+    _not_meta(t, f"{where}[{r!r}]")
     t = t.detach()
     if r == "mask":
         if t.dtype != torch.bool:
@@ -155,6 +157,13 @@ def _make_entry(name: str, spec: Mapping[str, Any]) -> _Entry:
         if dup.numel():
             raise ValueError(f"{where}['indices']: position {int(s[int(dup[0])])} is selected more than once")
     return _Entry(name, shape, numel, r, t, int(t.numel()), ascending)
+
+
+def _not_meta(t: torch.Tensor, what: str) -> None:
+    """Session 42: a meta tensor (no data) failed in its copy to the CPU with torch's NotImplementedError "Cannot copy
+    out of meta tensor", naming nothing."""
+    if t.is_meta:
+        raise ValueError(f"{what}: is a meta tensor (no data); pass the materialised tensor")
 
 
 def _own_cpu_copy(t: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
@@ -257,11 +266,16 @@ class ParamMap:
         """
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        bitmask = flag(bitmask, "bitmask")  # session 42: bitmask="no" was taken as True
         params = dict(_named_parameters(model))
         if names is None:
             chosen = list(params)
         else:
-            pats = [names] if isinstance(names, str) else list(names)
+            try:
+                pats = [names] if isinstance(names, str) else list(names)
+            except TypeError:  # session 42: names=3 raised "'int' object is not iterable", naming nothing
+                raise TypeError(f"names: expected None, a name / glob pattern or a list of them, got "
+                                f"{type(names).__name__}") from None
             hit = set()
             for p in pats:
                 if not isinstance(p, str):
@@ -272,7 +286,10 @@ class ParamMap:
                                      f"(e.g. {list(params)[:5]})")
                 hit.update(m)
             chosen = [n for n in params if n in hit]
-        masks = dict(masks or {})
+        try:
+            masks = dict(masks or {})
+        except (TypeError, ValueError):  # session 42: masks=3 raised "'int' object is not iterable", naming nothing
+            raise TypeError(f"masks: expected None or a dict name -> mask, got {type(masks).__name__}") from None
         for n in masks:
             if n not in params:
                 raise ValueError(f"masks: unknown parameter name {n!r}")
@@ -287,6 +304,7 @@ class ParamMap:
             m = masks[n]
             if not isinstance(m, torch.Tensor):
                 raise TypeError(f"masks[{n!r}]: expected a tensor, got {type(m).__name__}")
+            _not_meta(m, f"masks[{n!r}]")
             if m.dtype == torch.bool:
                 if tuple(m.shape) != shape:
                     raise ValueError(f"masks[{n!r}]: shape {tuple(m.shape)} differs from the parameter shape {shape}")
@@ -308,6 +326,7 @@ class ParamMap:
     def to_spec(self, *, bitmask_as_mask: bool = False) -> Dict[str, Dict[str, Any]]:
         """The GRADIEND-style spec dict (bitmask entries unpacked to masks if asked). Its tensors are copies:
         editing them in place leaves this map as it is."""
+        bitmask_as_mask = flag(bitmask_as_mask, "bitmask_as_mask")
         out: Dict[str, Dict[str, Any]] = {}
         for e in self._entries:
             d: Dict[str, Any] = {"shape": e.shape, "repr": e.repr}
@@ -609,6 +628,7 @@ class ParamMap:
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (n,):
                 raise ValueError(f"mask: expected a bool tensor of shape ({n},)")
+            _not_meta(mask, "mask")
         if threshold is not None or topk is not None:
             if importance is None:
                 raise ValueError("importance: required with threshold or topk (a (input_dim,) score tensor)")
@@ -617,6 +637,7 @@ class ParamMap:
                                  f"{tuple(importance.shape) if isinstance(importance, torch.Tensor) else importance!r}")
             if importance.dtype == torch.bool or importance.dtype.is_complex:
                 raise TypeError(f"importance: expected a floating or integer dtype, got {importance.dtype}")
+            _not_meta(importance, "importance")
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                       or (isinstance(threshold, float) and math.isnan(threshold))):
             raise ValueError(f"threshold: expected a number, got {threshold!r}")
@@ -701,8 +722,9 @@ class ParamMap:
                 raise TypeError(f"positions: expected integers, got {bad[0]!r} ({type(bad[0]).__name__})")
             pos = torch.tensor(ints, dtype=torch.int64) if ints else torch.empty(0, dtype=torch.int64)
         elif isinstance(positions, torch.Tensor):
-            if positions.dtype.is_floating_point or positions.dtype == torch.bool:
+            if positions.dtype.is_floating_point or positions.dtype == torch.bool or positions.dtype.is_complex:
                 raise TypeError(f"positions: expected integers, got {positions.dtype}")
+            _not_meta(positions, "positions")
             pos = positions.detach().to("cpu", torch.int64).reshape(-1)
         else:
             raise TypeError(f"positions: expected an int, a sequence of ints or a tensor, got {type(positions).__name__}")
@@ -832,7 +854,10 @@ class ParamMap:
         """
         from safetensors.torch import load as st_load
 
-        directory = os.fspath(directory)
+        try:
+            directory = os.fspath(directory)
+        except TypeError:  # session 42: os.fspath's own TypeError named no argument
+            raise TypeError(f"directory: expected a path, got {type(directory).__name__}") from None
         if not os.path.isdir(directory):
             raise ValueError(f"directory: {directory!r} is not a directory")
         cfg_path = os.path.join(directory, CONFIG)

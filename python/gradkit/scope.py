@@ -95,6 +95,41 @@ def _ints(v, what: str) -> Tuple[int, ...]:
 def _tensor_arg(t, what: str) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{what}: expected a tensor, got {type(t).__name__}")
+    _not_meta(t, what)
+
+
+def _check_data(data, x: Tensor) -> None:
+    """Values written into the weights ``x`` (``set_data``, ``View.data = ...``). Session 42: a meta, complex or
+    non-tensor value failed inside ``copy_`` naming nothing (a complex one only warned, dropping its imaginary part)."""
+    _tensor_arg(data, "data")
+    if data.is_complex() and not x.is_complex():
+        raise TypeError(f"data: a {data.dtype} tensor cannot be written into {x.dtype} weights (its imaginary part "
+                        "would be dropped)")
+
+
+def _mask_arg(t: Tensor, what: str) -> None:
+    """A keep / prune mask: bool, integer (non-zero = set) or floating holding only 0 and 1 (``mask.float()``). Any
+    other floating one was read as non-zero = set (session 42), so scores passed as a mask kept every block not
+    exactly 0, NaN included; complex ones too."""
+    _tensor_arg(t, what)
+    if t.is_complex():
+        raise TypeError(f"{what}: expected a bool mask, got {t.dtype}")
+    if t.is_floating_point() and not ((t == 0) | (t == 1)).all():
+        raise ValueError(f"{what}: a {t.dtype} mask must hold only 0 and 1 (scores? select with nnz or thresholds)")
+
+
+def _score_arg(t: Tensor, what: str) -> None:
+    """Scores ranked by the kernels: a real floating tensor (named here: the kernels' own error names their "x")."""
+    _tensor_arg(t, what)
+    if not t.is_floating_point():
+        raise TypeError(f"{what}: expected a floating tensor, got {t.dtype}")
+
+
+def _not_meta(t: Tensor, what: str) -> None:
+    """A meta tensor has no values: as scores, masks or thresholds it gave meta masks, a silent no-op, or torch's
+    "Tensor.item() cannot be called on meta tensors" naming no argument (session 42)."""
+    if t.is_meta:
+        raise ValueError(f"{what}: is a meta tensor (no data); pass the materialised tensor")
 
 
 def _ties(ties: str) -> bool:
@@ -148,6 +183,10 @@ _HALF = (torch.float16, torch.bfloat16)
 def _check_thresholds(t: Tensor, what: str = "thresholds", nonneg: bool = False) -> None:
     """NaN thresholds are refused (a NaN comparison would silently zero, or keep, every block);
     ``nonneg``: so are negative ones (a negative group-lasso threshold scales blocks *up*)."""
+    if isinstance(t, Tensor):
+        _not_meta(t, what)
+        if t.is_complex():  # no order: torch's ">=" raised NotImplementedError naming no argument (session 42)
+            raise TypeError(f"{what}: expected real thresholds, got {t.dtype}")
     if not isinstance(t, Tensor) or not t.is_floating_point() or t.numel() == 0:
         return  # the shape / dtype checks downstream name the problem
     if bool(torch.isnan(t).any()):
@@ -176,7 +215,17 @@ def _check_soft_args(thresholds: Tensor, max_iter, atol, eps) -> None:
     too, before any spec (or, in a ScopeCoupling, any earlier scope) is written."""
     if not thresholds.is_floating_point():
         raise TypeError(f"thresholds: dtype {thresholds.dtype} not supported")
-    ops.check_soft_scalars(max_iter, atol, eps)
+    _check_soft_scalars(max_iter, atol, eps)
+
+
+def _check_soft_scalars(max_iter, atol, eps) -> None:
+    """``ops.check_soft_scalars``, and what it lets through that the op then fails on (session 42): ``atol=None``
+    (``float(None)``, a TypeError naming no argument) and a ``max_iter`` past int64 (a RuntimeError of the op's
+    schema)."""
+    if atol is None:
+        raise ValueError("atol: expected a finite number >= 0, got None")
+    if ops.check_soft_scalars(max_iter, atol, eps) >= 1 << 63:
+        raise ValueError(f"max_iter: expected an int below 2**63, got {max_iter}")
 
 
 def _check_targets(specs: Sequence["BlockSpec"], grid: Tensor, what: str, owner: str = "specs") -> None:
@@ -204,6 +253,15 @@ def _check_writable(specs: Sequence["BlockSpec"], owner: Optional[str] = None) -
     for i, s in enumerate(specs):  # ops' one rule and message, named for the spec whose weights they are
         who = owner if owner == "view" else f"{owner}[{i}]" if owner else f"BlockSpec {s.name or ''}".rstrip()
         ops._check_not_inference((s.view.param,), f"{who} weights")
+
+
+def _check_eps(eps) -> None:
+    """``nnz``'s ``eps``: a real number >= 0 (session 42: None raised torch's TypeError naming no argument, NaN
+    counted nothing, a negative eps counted zeros and True was read as 1)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps: expected a number >= 0, got {type(eps).__name__}")
+    if not eps >= 0:
+        raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
 
 
 def _acc_norms(x: Tensor, block_shape: Sequence[int], p: float) -> Tensor:
@@ -324,6 +382,7 @@ class View:
 
     @data.setter
     def data(self, value: Tensor) -> None:
+        _check_data(value, self.data)
         _check_writable([BlockSpec(self)], "view")
         self.data.copy_(value)
 
@@ -464,6 +523,7 @@ class BlockSpec(SparseBlock):
         return self.view.data
 
     def set_data(self, data: Tensor) -> None:
+        _check_data(data, self.view.data)
         _check_writable([self])
         self.view.data.copy_(data)
 
@@ -478,6 +538,7 @@ class BlockSpec(SparseBlock):
 
     def nnz(self, eps: float = 1e-8) -> int:
         """Elements with |x| > eps."""
+        _check_eps(eps)
         return int((self.view.data.abs() > eps).sum())
 
     # --- values
@@ -494,6 +555,8 @@ class BlockSpec(SparseBlock):
         v = self.view.resolve(values, what)
         if floating and not v.is_floating_point():  # named here: the kernels' own error names their "x"
             raise TypeError(f"{what}: expected a floating tensor, got {v.dtype}")
+        if v.is_meta and not self.view.param.is_meta:  # scores without values gave meta masks (session 42)
+            raise ValueError(f"{what}: is a meta tensor (no data); pass the materialised tensor")
         return v
 
     _resolve_values = resolve
@@ -534,25 +597,33 @@ class BlockSpec(SparseBlock):
 
     # --- in-place updates
     def _check_grid(self, t: Tensor, what: str) -> None:
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{what}: expected a tensor, got {type(t).__name__}")
+        _tensor_arg(t, what)
         if tuple(t.shape) != self.grid_shape:
             raise ShapeMismatchError(self.grid_shape, t.shape, what)
 
     def keep_blocks(self, keep: Tensor) -> None:
         """Zero every block where the grid-shaped bool ``keep`` is False (exact zeros)."""
         self._check_grid(keep, "keep")
+        _mask_arg(keep, "keep")
         _check_writable([self])
         ops.block_apply_mask_(self.view.data, self.shape, keep.to(torch.bool))
 
     def apply_mask(self, mask: Tensor) -> None:
         """Zero every block where ``mask`` is True (SparseKit's convention: the mask marks pruned blocks)."""
         self._check_grid(mask, "mask")
+        _mask_arg(mask, "mask")
         self.keep_blocks(~mask.to(torch.bool))
 
     def apply_multiplier(self, multiplier: Tensor) -> None:
         """Multiply every block by its grid entry, in place."""
         self._check_grid(multiplier, "multiplier")
+        # session 42: a meta multiplier left the weights silently unchanged, a complex one failed in mul_ unnamed
+        x = self.view.data
+        if not torch.can_cast(torch.result_type(x, multiplier), x.dtype):
+            raise TypeError(f"multiplier: a {multiplier.dtype} multiplier cannot be applied in place to "
+                            f"{x.dtype} weights")
+        if multiplier.device != x.device and not (multiplier.dim() == 0 and multiplier.device.type == "cpu"):
+            raise ValueError(f"multiplier: on {multiplier.device} but the weights are on {x.device}")
         _check_writable([self])
         _blocked(self.view.data, self.shape).mul_(self.broadcast_block_to_element(multiplier, fake=True))
 
@@ -577,6 +648,7 @@ class BlockSpec(SparseBlock):
         negative or NaN thresholds are refused."""
         self._check_grid(block_thresholds, "thresholds")
         _check_thresholds(block_thresholds, nonneg=True)
+        _check_soft_scalars(max_iter, atol, eps)
         _check_writable([self])
         # the step writes .data, outside autograd (SparseKit's proximal step): thresholds and conditioners that
         # require grad are read as values, as the weights are
@@ -678,19 +750,20 @@ class BlockCoupling(SparseBlock):
         return torch.cat(parts, dim=-1)
 
     def _check_grid(self, t: Tensor, what: str) -> None:
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{what}: expected a tensor, got {type(t).__name__}")
+        _tensor_arg(t, what)
         if tuple(t.shape) != self.grid_shape:
             raise ShapeMismatchError(self.grid_shape, t.shape, what)
 
     def keep_blocks(self, keep: Tensor) -> None:
         self._check_grid(keep, "keep")
+        _mask_arg(keep, "keep")
         _check_targets(self.specs, keep, "keep")
         for i, s in enumerate(self.specs):
             s.keep_blocks(self._from_common(keep, i))
 
     def apply_mask(self, mask: Tensor) -> None:
         self._check_grid(mask, "mask")
+        _mask_arg(mask, "mask")
         self.keep_blocks(~mask.to(torch.bool))
 
     def apply_multiplier(self, multiplier: Tensor) -> None:
@@ -952,7 +1025,7 @@ class ScopeSpec(SparseScope):
         keep_ties = _ties(ties)
         nnz = self._check_nnz(nnz)
         if block_scores is not None:
-            _tensor_arg(block_scores, "block_scores")
+            _score_arg(block_scores, "block_scores")
             want = self.grid_shape + (self.numblk_per_scope(),)
             if tuple(block_scores.shape) != want:
                 raise ShapeMismatchError(want, block_scores.shape, "block_scores")
@@ -988,7 +1061,7 @@ class ScopeSpec(SparseScope):
         _check_format(format)
         _no_extra_kwargs("get_masks", kwargs)
         if block_mask is not None:
-            _tensor_arg(block_mask, "block_mask")
+            _mask_arg(block_mask, "block_mask")
             want = self.grid_shape + (self.numblk_per_scope(),)
             if tuple(block_mask.shape) != want:
                 raise ShapeMismatchError(want, block_mask.shape, "block_mask")
@@ -1134,7 +1207,7 @@ class ScopeCoupling(SparseScope):
         if block_scores is None:
             block_scores = self.block_norms(values, p)
         else:
-            _tensor_arg(block_scores, "block_scores")
+            _score_arg(block_scores, "block_scores")
             want = self.grid_shape + (self.numblk_per_scope(),)
             if tuple(block_scores.shape) != want:
                 raise ShapeMismatchError(want, block_scores.shape, "block_scores")
@@ -1193,6 +1266,7 @@ class ScopeCoupling(SparseScope):
             want = self.grid_shape + (self.numblk_per_scope(),)
             if not isinstance(block_mask, Tensor) or tuple(block_mask.shape) != want:
                 raise ShapeMismatchError(want, getattr(block_mask, "shape", ()), "block_mask")
+            _mask_arg(block_mask, "block_mask")
             joint = block_mask.to(torch.bool)
         elif self._global(nnz, values, block_scores, ties):
             out: Dict[BlockSpec, Tensor] = {}

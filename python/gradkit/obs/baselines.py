@@ -440,6 +440,23 @@ def sparsegpt_mask(scope, hessian: Tensor, nnz: int, damp: float = 0.01) -> Tens
     return _sparsegpt(lay, hessian, nnz, damp, 128, False, torch.float32)[1]
 
 
+def _sparsegpt_options(blocksize: int = 128, progress: bool = False, inplace: bool = False,
+                       dtype: torch.dtype = torch.float32, return_mask: bool = False):
+    """:func:`sparsegpt`'s options, checked (its defaults): also what ``prune_model`` checks of ``method_kwargs``
+    before any work, so that a bad one is not first refused at the first layer."""
+    dtype = _check_dtype(dtype)
+    if isinstance(blocksize, bool):
+        raise TypeError("blocksize: expected an int")
+    try:
+        blocksize = operator.index(blocksize)
+    except TypeError:
+        raise TypeError(f"blocksize: expected an int, got {type(blocksize).__name__}") from None
+    if blocksize < 1:
+        raise ValueError(f"blocksize: expected >= 1, got {blocksize}")
+    inplace, progress = flag(inplace, "inplace"), flag(progress, "progress")
+    return blocksize, progress, inplace, dtype, flag(return_mask, "return_mask")
+
+
 def sparsegpt(scope, hessian: Tensor, nnz: int, damp: float = 0.01, blocksize: int = 128, progress: bool = False,
               inplace: bool = False, dtype: torch.dtype = torch.float32,
               return_mask: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
@@ -483,17 +500,8 @@ def sparsegpt(scope, hessian: Tensor, nnz: int, damp: float = 0.01, blocksize: i
     is untouched either way.
     """
     lay, nnz, damp = _scope_hessian_args(scope, hessian, nnz, damp)
-    dtype = _check_dtype(dtype)
-    if isinstance(blocksize, bool):
-        raise TypeError("blocksize: expected an int")
-    try:
-        blocksize = operator.index(blocksize)
-    except TypeError:
-        raise TypeError(f"blocksize: expected an int, got {type(blocksize).__name__}") from None
-    if blocksize < 1:
-        raise ValueError(f"blocksize: expected >= 1, got {blocksize}")
-    inplace, progress = flag(inplace, "inplace"), flag(progress, "progress")
-    return_mask = flag(return_mask, "return_mask")
+    blocksize, progress, inplace, dtype, return_mask = _sparsegpt_options(blocksize, progress, inplace, dtype,
+                                                                          return_mask)
     if nnz >= lay.gs or lay.S == 0:
         out = lay.weight.detach().clone()
         keep = torch.ones(lay.M, lay.K, dtype=torch.bool, device=out.device)

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 import time
@@ -105,7 +106,10 @@ def _select_modules(model: nn.Module, modules) -> List[Tuple[str, nn.Linear]]:
     elif callable(modules):
         out = [(n, m) for n, m in lin if modules(n, m)]
     else:
-        pats = [modules] if isinstance(modules, str) else list(modules)
+        try:  # a non-iterable (modules=3) raised "'int' object is not iterable", naming no argument
+            pats = [modules] if isinstance(modules, str) else list(modules)
+        except TypeError:
+            pats = []
         if not pats or not all(isinstance(p, str) for p in pats):
             raise TypeError("modules: expected None, fnmatch pattern(s) (str or list of str) or a callable(name, module)")
         out = [(n, m) for n, m in lin if any(fnmatch.fnmatchcase(n, p) for p in pats)]
@@ -168,6 +172,8 @@ def _check_not_tied_elsewhere(model: nn.Module, layers: Sequence[Tuple[str, nn.L
 
 
 def _batches(batches) -> list:
+    if isinstance(batches, (str, bytes)):  # iterated as characters, each passed to the model (session 42)
+        raise TypeError(f"batches: expected an iterable of batches, got a {type(batches).__name__}")
     if isinstance(batches, (Tensor, Mapping)):
         raise TypeError("batches: expected an iterable of batches (a list of dicts, tuples or tensors), got a single "
                         f"{type(batches).__name__}")
@@ -415,6 +421,18 @@ class _Collector:
         return out
 
 
+def _device_arg(device) -> Optional[torch.device]:
+    """``device`` (None: each layer's weight device) as a torch.device, refused (ValueError naming it) before any
+    forward pass: an unknown or unavailable device raised RuntimeError from inside the first forward hook, and
+    ``"meta"`` accumulated Hessians holding no values (session 42)."""
+    if device is None:
+        return None
+    dev = device_arg(device, desc="None or a torch device")
+    if dev.type == "meta":
+        raise ValueError("device: 'meta' tensors hold no values; expected None or a device with memory")
+    return dev
+
+
 def _bar(progress: bool, total: int, desc: str, unit: str):
     if not progress:
         return None
@@ -453,6 +471,7 @@ def collect_hessians(model: nn.Module, batches: Iterable, modules=None, device=N
     err, settings = None, None
     try:
         progress = flag(progress, "progress")  # "False" would draw a bar
+        device = _device_arg(device)
         layers = _select_modules(model, modules)
         data = _batches(batches)
         settings = {"layers": [[n, list(m.weight.shape)] for n, m in layers]}
@@ -544,11 +563,46 @@ def _check_pattern_fits(pattern, layers: Sequence[Tuple[str, nn.Linear]], method
 
 
 def _check_int(v, what: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
+    # numpy integers too (session 42: np.int64(2) was refused, where ScopeSpec and every pruner take it), as a
+    # Python int (the checkpoint's JSON configuration cannot hold a numpy one)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{what}: expected an int, got {type(v).__name__}")
+    v = int(v)
     if v < 0:
         raise ValueError(f"{what}: expected >= 0, got {v}")
     return v
+
+
+# the keyword arguments each method takes through method_kwargs (the rest of its signature is set by prune_model)
+_SET_BY_PRUNE_MODEL = ("inplace", "return_mask", "damp", "compensate")
+
+
+def _method_options(method: str):
+    """The function checking ``method``'s options (its signature: the options and their defaults), or None for a
+    method that takes none beyond what prune_model sets."""
+    from gradkit.obs import structured
+
+    return {"sparsegpt": baselines._sparsegpt_options, "resolve": baselines._sparsegpt_options,
+            "true_obs": structured._true_obs_options, "obs_local": structured._prune_options,
+            "obs_full": structured._prune_options}.get(method)
+
+
+def _check_method_kwargs(method: str, kw: Dict[str, Any]) -> None:
+    """Every ``method_kwargs`` entry checked before any work (session 42): an unknown key or a bad value (say
+    ``blocksize=0``) was refused only when the first layer was pruned, after the calibration forward, with
+    ``checkpoint_dir`` already holding a ``progress.json`` whose configuration then refused the corrected rerun
+    (CheckpointError). The values are checked by the method's own option check, which the method runs too."""
+    import inspect
+
+    check = _method_options(method)
+    accepted = [] if check is None else [n for n in inspect.signature(check).parameters
+                                         if n not in _SET_BY_PRUNE_MODEL]
+    for key in kw:
+        if not isinstance(key, str) or key not in accepted:
+            raise TypeError(f"method_kwargs: {key!r} is not an argument of method {method!r} (it takes "
+                            f"{', '.join(accepted) if accepted else 'none'})")
+    if check is not None:
+        check(**kw)
 
 
 def _scope_for(pattern, nnz, name: str, w: Tensor) -> Tuple[ScopeSpec, int]:
@@ -647,6 +701,8 @@ class LayerReport:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LayerReport":
+        if not isinstance(d, Mapping):  # session 42: None / an int raised "'NoneType' object is not iterable"
+            raise CheckpointError(f"checkpoint: a layer report is not a dict, got {type(d).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         missing = fields - set(d) - {"resumed"}
         if missing:
@@ -1139,17 +1195,19 @@ def prune_model(model: nn.Module, batches: Iterable, pattern: Union[str, Callabl
         if not isinstance(method_kwargs, (Mapping, type(None))):
             raise TypeError(f"method_kwargs: expected a dict, got {type(method_kwargs).__name__}")
         kw = dict(method_kwargs or {})
-        for key in ("inplace", "return_mask", "damp", "compensate"):
+        for key in _SET_BY_PRUNE_MODEL:
             if key in kw:
                 raise ValueError(f"method_kwargs: {key!r} is set by prune_model")
+        _check_method_kwargs(method, kw)
+        if nnz is not None:
+            nnz = _check_int(nnz, "nnz")  # a Python int (a numpy one is taken too)
         if groups not in ("block", "layer") and not callable(groups):
             raise ValueError(f"groups: expected 'block', 'layer' or a callable(name) -> key, got {groups!r}")
         if callback is not None and not callable(callback):
             raise TypeError("callback: expected a callable(LayerReport)")
         sequential, resume = flag(sequential, "sequential"), flag(resume, "resume")
         progress, early_stop = flag(progress, "progress"), flag(early_stop, "early_stop")
-        if device is not None:
-            device = device_arg(device, desc="None or a torch device")
+        device = _device_arg(device)
         if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
             raise TypeError(f"checkpoint_dir: expected None or a path, got {type(checkpoint_dir).__name__}")
         if checkpoint_dir is not None and os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):

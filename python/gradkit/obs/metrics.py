@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from typing import Optional, Tuple
 
 import torch
@@ -46,6 +45,8 @@ def _check_matrix(t, what: str, *, dims: int = 2) -> Tensor:
         raise ValueError(f"{what}: expected a {dims}-D tensor, got shape {tuple(t.shape)}")
     if t.dtype not in _FLOATS:
         raise TypeError(f"{what}: expected a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
+    if t.is_meta:  # session 42: torch's "Tensor.item() cannot be called on meta tensors" named no argument
+        raise ValueError(f"{what}: is a meta tensor (no data); pass the materialised tensor")
     return t
 
 
@@ -356,6 +357,8 @@ def resolve(W: Tensor, H: Tensor, mask: Tensor, damp: float = 0.0, out: Optional
         raise TypeError(f"mask: expected a bool tensor (True = kept), got {mask.dtype}")
     if tuple(mask.shape) != (m, k):
         raise ValueError(f"mask: expected shape {(m, k)} (W's), got {tuple(mask.shape)}")
+    if mask.is_meta:
+        raise ValueError("mask: is a meta tensor (no data); pass the materialised mask")
     damp = _check_damp(damp)
     dtype = _check_dtype(dtype)
     if out is not None:
@@ -364,12 +367,20 @@ def resolve(W: Tensor, H: Tensor, mask: Tensor, damp: float = 0.0, out: Optional
                              f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
         if out.dtype not in _FLOATS:
             raise TypeError(f"out: expected a floating tensor, got {out.dtype}")
+        # session 42: each was refused by torch's copy_ only after the whole solve (or, on meta, nothing was written)
+        if out.is_meta:
+            raise ValueError("out: is a meta tensor (no memory to write the result into)")
+        if out.layout != torch.strided or torch._debug_has_internal_overlap(out) == 1:
+            raise ValueError("out: several elements share one memory location (an expanded tensor), or it is not "
+                             "dense; pass a fresh tensor")
+        if out.requires_grad and out.is_leaf and torch.is_grad_enabled():
+            raise ValueError("out: a leaf tensor that requires grad cannot be written in place; pass out.detach() "
+                             "or call resolve under torch.no_grad()")
     _check_finite(W, "W")
     mask = mask.to(W.device)
-    try:
-        max_batch_bytes = operator.index(max_batch_bytes)
-    except TypeError:
-        raise TypeError("max_batch_bytes: expected an int") from None
+    # numpy integers too; a bool, a float or a value below 1 is refused (0 and negatives made every batch one row,
+    # True was read as 1)
+    max_batch_bytes = int_arg(max_batch_bytes, "max_batch_bytes", minimum=1)
     progress = flag(progress, "progress")
 
     dev = W.device

@@ -272,6 +272,38 @@ class _Plan:
 # --------------------------------------------------------------------------- the pruner
 
 
+def _true_obs_options(ng: Optional[int] = 64, chunk_size: int = 16, order: str = "left_to_right",
+                     scoring: str = "independent", c_dtype: Optional[torch.dtype] = None,
+                     progress_fn: Union[None, bool, Callable[[str], None]] = None, progress=None, mode: str = "obs",
+                     return_mask: bool = False):
+    """:meth:`StructuredOBS.prune_true_obs`'s options, checked (its defaults): also what ``prune_model`` checks of
+    ``method_kwargs`` before any work. Returns ``(ng, chunk_size, return_mask, progress_fn, progress)``."""
+    if mode not in ("obs", "resolve"):
+        raise ValueError(f"mode: expected 'obs' or 'resolve', got {mode!r}")
+    if order not in ("left_to_right", "largest_first"):
+        raise ValueError(f"order: expected 'left_to_right' or 'largest_first', got {order!r}")
+    if scoring not in ("independent", "joint"):
+        raise ValueError(f"scoring: expected 'independent' or 'joint', got {scoring!r}")
+    if c_dtype is not None and c_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"c_dtype: expected float32, bfloat16, float16 or float64, got {c_dtype}")
+    # numpy integers too (as nnz); a float or a bool is a TypeError, < 1 a ValueError
+    chunk_size = int_arg(chunk_size, "chunk_size", "an int >= 1", 1)
+    ng = None if ng is None else int_arg(ng, "ng", "an int >= 1 or None", 1)
+    return_mask = flag(return_mask, "return_mask")
+    return (ng, chunk_size, return_mask, _check_progress(progress_fn, "progress_fn"),
+            _check_progress(progress, "progress"))
+
+
+def _prune_options(block_size: int = 2048, compensate: str = "local", n_splits: int = 1, return_mask: bool = False):
+    """:meth:`StructuredOBS.prune`'s options, checked (its defaults): also what ``prune_model`` checks of
+    ``method_kwargs`` before any work. Returns ``(block_size, n_splits, return_mask)``."""
+    if compensate not in ("local", "full", "split", "interleaved"):
+        raise ValueError(f"compensate: expected 'local', 'full', 'split' or 'interleaved', got {compensate!r}")
+    n_splits = int_arg(n_splits, "n_splits", "an int >= 1", 1)
+    block_size = int_arg(block_size, "block_size", "an int >= 1", 1)
+    return block_size, n_splits, flag(return_mask, "return_mask")
+
+
 class StructuredOBS:
     """OBS pruner for one 2-D weight and its scope pattern (blocks compete inside each scope).
 
@@ -311,6 +343,10 @@ class StructuredOBS:
         self.scope = scope
         self.layout = obs_layout(scope)  # an empty weight: S = 0 scopes, every method a no-op
         lay = self.layout
+        if lay.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            # session 42: an integer weight was pruned with its compensated values truncated on the write back
+            # (the baselines refuse it with this message)
+            raise TypeError(f"scope: the pruned weight must be floating, got {lay.weight.dtype}")
         self.block = scope.block
         self.hessian = _check_matrix(hessian, lay.K, "hessian")
         self.damp = damp
@@ -425,20 +461,8 @@ class StructuredOBS:
                 is not faster than gradkit's own ``"obs"`` mode (benchmarks/results/obs-cpu-2t.md).
             return_mask: also return the parameter-shaped bool keep mask.
         """
-        if mode not in ("obs", "resolve"):
-            raise ValueError(f"mode: expected 'obs' or 'resolve', got {mode!r}")
-        if order not in ("left_to_right", "largest_first"):
-            raise ValueError(f"order: expected 'left_to_right' or 'largest_first', got {order!r}")
-        if scoring not in ("independent", "joint"):
-            raise ValueError(f"scoring: expected 'independent' or 'joint', got {scoring!r}")
-        if c_dtype is not None and c_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise TypeError(f"c_dtype: expected float32, bfloat16, float16 or float64, got {c_dtype}")
-        # numpy integers too (as nnz); a float or a bool is a TypeError, < 1 a ValueError
-        chunk_size = int_arg(chunk_size, "chunk_size", "an int >= 1", 1)
-        ng = None if ng is None else int_arg(ng, "ng", "an int >= 1 or None", 1)
-        return_mask = flag(return_mask, "return_mask")
-        progress_fn = _check_progress(progress_fn, "progress_fn")
-        progress = _check_progress(progress, "progress")
+        ng, chunk_size, return_mask, progress_fn, progress = _true_obs_options(
+            ng, chunk_size, order, scoring, c_dtype, progress_fn, progress, mode, return_mask)
         num_prune = self._start(nnz)
         if num_prune is None:
             return self._keep_all() if return_mask else None
@@ -550,11 +574,7 @@ class StructuredOBS:
         ignores the coupling and breaks such patterns). ``block_size`` is accepted for
         compatibility (the selection is vectorised over all scopes at once).
         """
-        if compensate not in ("local", "full", "split", "interleaved"):
-            raise ValueError(f"compensate: expected 'local', 'full', 'split' or 'interleaved', got {compensate!r}")
-        n_splits = int_arg(n_splits, "n_splits", "an int >= 1", 1)
-        block_size = int_arg(block_size, "block_size", "an int >= 1", 1)
-        return_mask = flag(return_mask, "return_mask")
+        block_size, n_splits, return_mask = _prune_options(block_size, compensate, n_splits, return_mask)
         num_prune = self._start(nnz)
         if num_prune is None:
             return self._keep_all() if return_mask else None
