@@ -109,8 +109,13 @@ def triton_family(family: str):
 
 def _check_not_inference(tensors, what: str) -> None:
     """Outside inference mode, an inference tensor (made under ``torch.inference_mode()``) among ``tensors`` is
-    refused, naming it (``what``, or ``what[i]`` for several), as torch's own in-place ops refuse it."""
-    if torch.is_inference_mode_enabled():
+    refused, naming it (``what``, or ``what[i]`` for several), as torch's own in-place ops refuse it. Not while
+    torch.compile traces (Dynamo cannot trace ``is_inference_mode_enabled`` / ``is_inference``: every in-place
+    wrapper broke the graph, an error under ``fullgraph=True``; nor do its fake inputs keep the flag). A compiled
+    call is still refused: by the op's ADInplaceOrView kernel (backend "eager", before any write), or by torch when
+    the functionalised graph copies the result back into the inference tensor (aot_eager, inductor), which raises
+    after writing, as torch's own in-place ops do on inference tensors."""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
         return
     for i, t in enumerate(tensors):
         if isinstance(t, torch.Tensor) and t.is_inference():
@@ -498,9 +503,22 @@ def _int(v, what: str) -> int:
     others accept too."""
     if type(v) is int:  # the common case, fast
         return v
+    if isinstance(v, torch.SymInt):  # a symbolic size (torch.compile(dynamic=True), fake tensors): kept symbolic
+        return v
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{what}: expected an int, got {type(v).__name__}")
     return int(v)
+
+
+# A real-number argument: Python / numpy numbers, and torch's symbolic ones (under torch.compile(dynamic=True) a
+# float argument, a default one included, is traced as a SymFloat, and a size-derived int as a SymInt).
+_REAL = (numbers.Real, torch.SymInt, torch.SymFloat)
+
+
+def _isfinite(v) -> bool:
+    """math.isfinite for a real number, a SymFloat too (Dynamo cannot trace math.isfinite on a symbolic float:
+    a graph break, an error under fullgraph=True). NaN fails both comparisons."""
+    return -math.inf < v < math.inf
 
 
 _flag = _rules.flag  # the bool counterpart of :func:`_int`
@@ -509,10 +527,10 @@ _flag = _rules.flag  # the bool counterpart of :func:`_int`
 def _finite(v, what: str) -> float:
     """v as a finite Python float: a real number (numpy's too; not a bool, not a string), else a TypeError naming
     ``what``; NaN or +-inf is a ValueError (``float(v)`` would take "2", True, or a NaN that spreads silently)."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    if isinstance(v, bool) or not isinstance(v, _REAL):
         raise TypeError(f"{what}: expected a real number, got {type(v).__name__} {v!r}")
     f = float(v)
-    if not math.isfinite(f):
+    if not _isfinite(f):
         raise ValueError(f"{what}: expected a finite number, got {v!r}")
     return f
 
@@ -565,7 +583,7 @@ def _check_layout(x: torch.Tensor, block_shape, scope_shape=None):
 
 
 def _check_p(p) -> float:
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not (p > 0):  # numpy scalars too
+    if isinstance(p, bool) or not isinstance(p, _REAL) or not (p > 0):  # numpy scalars too
         raise ValueError(f"p: expected a positive number or inf, got {p!r}")
     return float(p)
 
@@ -613,7 +631,8 @@ def check_scope_kth(x, block_shape, scope_shape, k, p, raw, k_weight, mid) -> tu
     hi = nb - 1 if _flag(mid, "mid") else nb
     if not 1 <= k <= hi:
         raise ValueError(f"k: expected 1 <= k <= {hi} ({nb} blocks per scope{', mid needs k+1' if mid else ''}), got {k}")
-    if isinstance(k_weight, bool) or not isinstance(k_weight, (int, float)) or not (0 <= k_weight < float("inf")):
+    if isinstance(k_weight, bool) or not isinstance(k_weight, (int, float, torch.SymInt, torch.SymFloat)) or \
+            not (0 <= k_weight < float("inf")):
         raise ValueError(f"k_weight: expected a finite number >= 0, got {k_weight!r}")
     return p, raw
 
@@ -711,7 +730,7 @@ def check_soft_scalars(max_iter, atol, eps) -> int:
     if max_iter < 0:
         raise ValueError(f"max_iter: expected >= 0, got {max_iter}")
     for name, v in (("atol", atol), ("eps", eps)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not (0 <= v < float("inf"))):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, _REAL) or not (0 <= v < float("inf"))):
             raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
     return max_iter
 
@@ -906,14 +925,14 @@ def check_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, bits, masked_lr, u
             _check_bits(bits[i], p.numel(), f"bits[{i}]", p.device)
     for name, v in (("masked_lr", masked_lr), ("unmasked_lr", unmasked_lr), ("eps", eps),
                     ("weight_decay", weight_decay)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+        if isinstance(v, bool) or not isinstance(v, _REAL) or not _isfinite(v) or v < 0:
             raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
     for name, v in (("beta1", beta1), ("beta2", beta2)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= v < 1.0:
+        if isinstance(v, bool) or not isinstance(v, _REAL) or not 0.0 <= v < 1.0:
             raise ValueError(f"{name}: expected a number in [0, 1), got {v!r}")
     for name in ("bias_correction1", "bias_correction2_sqrt"):
         for i, v in enumerate(lists[name]):
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 < v <= 1.0:
+            if isinstance(v, bool) or not isinstance(v, _REAL) or not 0.0 < v <= 1.0:
                 raise ValueError(f"{name}[{i}]: expected a number in (0, 1], got {v!r}")
     for name in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):  # every written list, as the native op's
         if name in lists:
@@ -961,10 +980,31 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
 
 # --------------------------------------------------------------------------- fake impls + autograd
 
+def _fake_check(check, *args, **kwargs):
+    """A fake (meta) impl's argument checks: ``check`` (the op's ``check_*``, which the op wrappers and the Triton
+    launchers run) with grad mode off, so only shapes, dtypes, devices and scalars are judged: the autograd-side
+    refusals (a written tensor that requires grad) are the ADInplaceOrView kernels' (below), which run before any
+    fake impl. Without it a direct ``torch.ops.gradkit`` call under FakeTensorMode / torch.compile returned an
+    output of some shape for arguments the real op refuses (or failed later on a shape mismatch, a negative size
+    or a ZeroDivisionError): the same TypeError / ValueError, naming the argument, is raised while tracing."""
+    with torch.no_grad():
+        return check(*args, **kwargs)
+
+
+def _check_topk_k(k, n: int, exact: bool) -> None:
+    """topk_select(_segments)'s k against the n scores (the C++ op's rule, "k: must be in [0, active]"); ``exact``:
+    every score is active (otherwise the active count is data: only the bound by n is checked)."""
+    if k < 0:
+        raise ValueError(f"k: must be non-negative, got {k}")
+    if k > n:
+        raise ValueError(f"k: must be in [0, {n}] ({'active' if exact else 'the'} scores), got {k}")
+
+
 if _ext.LOADED:
 
     @torch.library.register_fake("gradkit::gather_segments")
     def _gather_fake(src, index, dtype):
+        _fake_check(check_gather_segments, src, index, dtype)
         if dtype is None:
             dtype = src[0].dtype if src else torch.float32
             for s in src[1:]:
@@ -975,36 +1015,57 @@ if _ext.LOADED:
 
     @torch.library.register_fake("gradkit::gather_segments_out")
     def _gather_out_fake(src, index, out, accumulate):
+        _fake_check(check_gather_segments_out, src, index, out, accumulate)
         return None
 
     @torch.library.register_fake("gradkit::scatter_segments")
     def _scatter_fake(flat, index, numel, scale):
+        _fake_check(check_scatter_segments, flat, index, numel, scale)
         return [flat.new_empty(n) for n in numel]
 
     @torch.library.register_fake("gradkit::scatter_segments_")
     def _scatter_inplace_fake(flat, index, dst, scale, accumulate):
+        _fake_check(check_scatter_segments_, flat, index, dst, scale, accumulate)
         return None
 
     @torch.library.register_fake("gradkit::mask_to_indices")
     def _mask_to_indices_fake(mask, dtype):
+        _fake_check(check_mask_to_indices, mask, dtype)
         n = torch.library.get_ctx().new_dynamic_size()
         return mask.new_empty(n, dtype=dtype)
 
     @torch.library.register_fake("gradkit::bitmask_to_indices")
     def _bitmask_to_indices_fake(bits, numel, dtype):
+        _fake_check(check_bitmask_to_indices, bits, numel, dtype)
         n = torch.library.get_ctx().new_dynamic_size()
         return bits.new_empty(n, dtype=dtype)
 
     @torch.library.register_fake("gradkit::pack_bitmask")
     def _pack_bitmask_fake(mask):
+        _fake_check(check_pack_bitmask, mask)
         return mask.new_empty((mask.numel() + 7) // 8, dtype=torch.uint8)
 
     @torch.library.register_fake("gradkit::topk_select")
     def _topk_select_fake(scores, active, k):
+        # the op's own rule (csrc/checks.h check_topk), not the wrapper's stricter one: any shape (flattened),
+        # active of scores' numel
+        _check_float_tensor(scores, "scores")
+        if active is not None:
+            if active.dtype != torch.bool:
+                raise TypeError(f"active: expected a bool tensor, got {active.dtype}")
+            if active.numel() != scores.numel():
+                raise ValueError(f"active: expected {scores.numel()} elements, got {active.numel()}")
+            if active.device != scores.device:
+                raise ValueError(f"active: on {active.device} but scores is on {scores.device}")
+        _check_topk_k(_int(k, "k"), scores.numel(), active is None)
         return scores.new_empty(k, dtype=torch.int64)
 
     @torch.library.register_fake("gradkit::topk_select_segments")
     def _topk_select_segments_fake(scores, active, k):
+        if not scores:  # the real op has no tensor to dispatch on (NotImplementedError); the wrapper takes it
+            raise ValueError("scores: expected at least one tensor (gradkit.ops.topk_select_segments takes none)")
+        active = _fake_check(check_topk_select_segments, scores, active, k)
+        _check_topk_k(k, sum(s.numel() for s in scores), all(a is None for a in active))
         return scores[0].new_empty(k, dtype=torch.int64)
 
     def _grid(x, block_shape):
@@ -1012,26 +1073,35 @@ if _ext.LOADED:
 
     @torch.library.register_fake("gradkit::block_norms")
     def _block_norms_fake(x, block_shape, p):
+        _fake_check(check_block_norms, x, block_shape, p)
         return x.new_empty(_grid(x, block_shape))
 
     @torch.library.register_fake("gradkit::scope_kth")
     def _scope_kth_fake(x, block_shape, scope_shape, k, p, raw, k_weight, mid):
+        _fake_check(check_scope_kth, x, block_shape, scope_shape, k, p, raw, k_weight, mid)
         return x.new_empty([g // s for g, s in zip(_grid(x, block_shape), scope_shape)])
 
     @torch.library.register_fake("gradkit::scope_mask")
     def _scope_mask_fake(x, block_shape, scope_shape, nnz, p, raw, keep_ties, expand):
+        _fake_check(check_scope_mask, x, block_shape, scope_shape, nnz, p, raw, keep_ties, expand)
         return x.new_empty(list(x.shape) if expand else _grid(x, block_shape), dtype=torch.bool)
 
     @torch.library.register_fake("gradkit::scope_hard_threshold_")
     def _scope_hard_threshold_fake(x, values, block_shape, scope_shape, nnz, p, keep_ties):
+        _fake_check(check_scope_hard_threshold_, x, values, block_shape, scope_shape, nnz, p, keep_ties)
         return x.new_empty(_grid(x, block_shape), dtype=torch.bool)
 
     @torch.library.register_fake("gradkit::block_apply_mask_")
     def _block_apply_mask_fake(x, block_shape, block_mask):
+        _fake_check(check_block_apply_mask_, x, block_shape, block_mask)
         return None
 
     @torch.library.register_fake("gradkit::block_soft_threshold_")
     def _block_soft_threshold_fake(x, block_shape, thresholds, conditioner, max_iter, atol, eps):
+        # atol / eps as the op takes them (>= 0; the wrapper also wants them finite)
+        _fake_check(check_block_soft_threshold_, x, block_shape, thresholds, conditioner, max_iter, None, None)
+        if not (atol >= 0 and eps >= 0):
+            raise ValueError(f"atol and eps must be >= 0, got {atol!r}, {eps!r}")
         return None
 
     # gather and scatter are linear maps and each other's adjoint.
@@ -1066,23 +1136,32 @@ if _ext.LOADED:
 
     @torch.library.register_fake("gradkit::golden_topk_and_")
     def _golden_topk_and_fake(g, bits, counts, k, first):
+        _fake_check(check_golden_topk_and_, g, bits, counts, k, first)
         return g.new_empty((), dtype=torch.int64)
 
     @torch.library.register_fake("gradkit::bitmask_binary")
     def _bitmask_binary_fake(a, b, op):
+        _fake_check(check_bitmask_binary, a, b, op)
         return [torch.empty_like(t) for t in a]
 
     @torch.library.register_fake("gradkit::bitmask_not")
     def _bitmask_not_fake(a, numel):
+        _fake_check(check_bitmask_not, a, numel)
         return [torch.empty_like(t) for t in a]
 
     @torch.library.register_fake("gradkit::bitmask_count")
     def _bitmask_count_fake(bits):
+        if not bits:  # the real op has no tensor to dispatch on (NotImplementedError); the wrapper takes it
+            raise ValueError("bits: expected at least one tensor (gradkit.ops.bitmask_count takes none)")
+        _fake_check(check_bitmask_count, bits)
         return bits[0].new_empty((len(bits),), dtype=torch.int64)
 
     @torch.library.register_fake("gradkit::masked_adamw_")
     def _masked_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, bits, masked_lr, unmasked_lr, beta1, beta2, eps,
                            weight_decay, bias_correction1, bias_correction2_sqrt, maximize, max_exp_avg_sqs=None):
+        _fake_check(check_masked_adamw_, params, grads, exp_avgs, exp_avg_sqs, bits, masked_lr, unmasked_lr, beta1,
+                    beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt, maximize=maximize,
+                    max_exp_avg_sqs=max_exp_avg_sqs)
         return None
 
     # Triton is the GPU kernel where the extension was built without CUDA C++.

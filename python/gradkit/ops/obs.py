@@ -7,8 +7,6 @@ positions of the pruned blocks' elements.
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 import os
 
 import torch
@@ -16,7 +14,8 @@ import torch
 from gradkit import _ext
 from gradkit.kernels.reference import obs as _ref
 from gradkit.kernels.reference.scope import check_inplace as _check_inplace
-from gradkit.ops import _check_read_no_grad, _check_typed, _check_writable, _flag, _impl, _int, _wrote, backend
+from gradkit.ops import (_REAL, _check_read_no_grad, _check_typed, _check_writable, _fake_check, _flag, _impl, _int,
+                         _isfinite, _wrote, backend)
 
 __all__ = ["OBS_OPS", "SHARED_MAX_P", "obs_schur_extend_", "obs_select", "obs_shared_prune", "obs_sweep_"]
 
@@ -48,9 +47,9 @@ def check_obs_select(w, d, gs, bk, num_prune, eps) -> tuple:
         raise ValueError(f"num_prune: expected 0 <= num_prune <= gs = {gs}, got {num_prune}")
     if w.shape[1] % (gs * bk):
         raise ValueError(f"w: the row length {w.shape[1]} is not a multiple of gs * bk = {gs} * {bk}")
-    if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):
+    if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, _REAL)):
         raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
-    if not math.isfinite(eps) or eps < 0:
+    if not _isfinite(eps) or eps < 0:  # a SymFloat under torch.compile(dynamic=True): no math.isfinite
         raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
     return gs, bk, num_prune, float(eps)
 
@@ -78,8 +77,9 @@ def obs_select(w: torch.Tensor, d: torch.Tensor, gs: int, bk: int, num_prune: in
     return _impl("obs_select", "obs")(w.contiguous(), d.contiguous(), gs, bk, num_prune, eps)
 
 
-def check_obs_shared_prune(w, c, cinv, pidx, E, local) -> int:
-    """Returns E as an int (pidx is read on the host: one copy for a CUDA pidx)."""
+def check_obs_shared_prune(w, c, cinv, pidx, E, local, values: bool = True) -> int:
+    """Returns E as an int (pidx is read on the host: one copy for a CUDA pidx). ``values`` False: pidx's entries
+    are not read (fake impl, torch.compile tracing: there they are data; the kernels check them when they run)."""
     _check_typed((("w", w),), torch.float32)
     _check_typed((("c", c), ("cinv", cinv)), torch.float32, ("w", w.device))
     _check_typed((("pidx", pidx),), torch.int64, ("w", w.device))
@@ -98,6 +98,8 @@ def check_obs_shared_prune(w, c, cinv, pidx, E, local) -> int:
     ns, p = pidx.shape
     if cinv.shape != (K // E, ns, p, p):
         raise ValueError(f"cinv: expected shape {(K // E, ns, p, p)}, got {tuple(cinv.shape)}")
+    if not values:
+        return E
     ph = pidx.cpu()
     if bool((ph < 0).any()) or bool((ph >= E).any()) or (p > 1 and not bool((ph[:, 1:] > ph[:, :-1]).all())):
         raise ValueError(f"pidx: every row must be strictly ascending in [0, E={E})")
@@ -119,7 +121,9 @@ def obs_shared_prune(w: torch.Tensor, c: torch.Tensor, cinv: torch.Tensor, pidx:
     Returns (w' (n, K) float32, chosen subset (n, nq) int64). See
     ``gradkit.kernels.reference.obs.obs_shared_prune`` for the exact arithmetic.
     """
-    E = check_obs_shared_prune(w, c, cinv, pidx, E, local)
+    # traced by torch.compile: pidx's entries are data (a data-dependent guard, an error under fullgraph=True);
+    # the op checks them when it runs (C++ kernels, Triton launcher)
+    E = check_obs_shared_prune(w, c, cinv, pidx, E, local, values=not torch.compiler.is_compiling())
     return _impl("obs_shared_prune", "obs")(w, c, cinv, pidx, E, local)
 
 
@@ -225,19 +229,23 @@ def _tensor_core_schur():
 
 
 def _obs_schur_extend_fake(ut, xf, up, linv, cnt):
+    _fake_check(check_obs_schur_extend_, ut, xf, up, linv, cnt)
     return None
 
 
 def _obs_sweep_fake(w, err, u, prune, start, stop):
+    _fake_check(check_obs_sweep_, w, err, u, prune, start, stop)
     return None
 
 
 def _obs_shared_prune_fake(w, c, cinv, pidx, E, local):
+    _fake_check(check_obs_shared_prune, w, c, cinv, pidx, E, local, values=False)
     n, K = w.shape
     return w.new_empty((n, K)), w.new_empty((n, K // E), dtype=torch.int64)
 
 
 def _obs_select_fake(w, d, gs, bk, num_prune, eps):
+    _fake_check(check_obs_select, w, d, gs, bk, num_prune, eps)
     n, nb = w.shape
     return w.new_empty((n, (nb // (gs * bk)) * num_prune * bk), dtype=torch.int64)
 

@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 
 from gradkit import _ext
-from gradkit.ops import _check_typed, _check_writable, _impl, _int, _wrote, gpu_auto, gpu_composite, triton_family
+from gradkit.ops import (_check_typed, _check_writable, _fake_check, _impl, _int, _wrote, gpu_auto, gpu_composite,
+                         triton_family)
 
 __all__ = ["PROJECTION_OPS", "projection_matrix", "projection_matrix_", "project_flat", "factored_project"]
 
@@ -279,14 +280,17 @@ class _FactoredFn(torch.autograd.Function):
 
 
 def _factored_project_fake(a, g, lt, rt, rb, mask, T):
+    _fake_check(check_factored_project, a, g, lt, rt, rb, mask, T)
     return a.new_empty((a.shape[0] // T, lt.shape[1], lt.shape[1]), dtype=torch.float32)
 
 
 def _projection_matrix_fake(out, seed, kind, k, row0, col0):
+    _fake_check(check_projection_matrix_, out, seed, kind, k, row0, col0)
     return None
 
 
 def _project_flat_fake(x, k, seed, kind, col0):
+    _fake_check(check_project_flat, x, k, seed, kind, col0)
     return x.new_empty((x.shape[0], k), dtype=torch.float32)
 
 

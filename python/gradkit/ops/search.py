@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from gradkit import _ext
-from gradkit.ops import _flag, _int
+from gradkit.ops import _fake_check, _flag, _int
 
 __all__ = ["score_topk", "check_score_topk", "SEARCH_OPS", "KEY_DTYPES"]
 
@@ -96,6 +96,7 @@ def score_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, largest: bo
 
 
 def _score_topk_fake(queries, keys, k, largest, key_scale, scores_in, idx_in, base):
+    _fake_check(check_score_topk, queries, keys, k, largest, key_scale, scores_in, idx_in, base)
     q = queries.shape[0]
     return queries.new_empty((q, k), dtype=torch.float32), queries.new_empty((q, k), dtype=torch.int64)
 

@@ -221,8 +221,11 @@ def byte_span(t: torch.Tensor):
 def check_inplace(x: torch.Tensor, what: Optional[str] = None) -> None:
     """An in-place op's x must not cover an element twice (torch's in-place rule and message, as
     ``at::assert_no_internal_overlap``; every backend checks). ``what``: the argument's name, to prefix the
-    message with (the C++ checks that name it, e.g. obs_schur_extend_'s ``ut``, print the same)."""
-    if torch._debug_has_internal_overlap(x) == 1:
+    message with (the C++ checks that name it, e.g. obs_schur_extend_'s ``ut``, print the same).
+    at::has_internal_overlap's YES (a non-empty x with a dim of size > 1 and stride 0) read off the strides, so that
+    torch.compile traces it (Dynamo cannot trace ``torch._debug_has_internal_overlap``: obs_sweep_ and
+    obs_schur_extend_ broke the graph)."""
+    if x.layout == torch.strided and x.numel() != 0 and any(st == 0 and n > 1 for n, st in zip(x.shape, x.stride())):
         raise RuntimeError(("" if what is None else f"{what}: ") +
                            "unsupported operation: more than one element of the written-to tensor refers to a single "
                            "memory location. Please clone() the tensor before performing the operation.")
