@@ -48,6 +48,7 @@
 
 #include "../factored_checks.h"
 #include "../project_wide.h"
+#include "one_blas_thread.h"
 #include "out_pool.h"
 #include "simd_level.h"
 #include "gauss_x4.h"
@@ -524,10 +525,12 @@ at::Tensor project_flat_gemm(const at::Tensor& x_in, int64_t k, int64_t seed, in
   // of ranges that depends on the shapes only (not the thread count: the summation order, hence the bits,
   // are the same at any thread count; up to 16 threads all get work).
   constexpr int64_t kSplitTarget = 16;
+  constexpr int64_t kRowBlock = 64;  // rows per product where the tiles alone give fewer groups than threads
   int64_t kgroups = std::min(nk, nthreads);
   int64_t dsplit = nk >= kSplitTarget ? 1 : std::min(nd, (kSplitTarget + nk - 1) / nk);
   // Tiny problems: not worth the threads.
-  if (B * D * k < (int64_t(1) << 22)) {
+  const bool tiny = B * D * k < (int64_t(1) << 22);
+  if (tiny) {
     kgroups = 1;
     dsplit = 1;
   }
@@ -537,7 +540,42 @@ at::Tensor project_flat_gemm(const at::Tensor& x_in, int64_t k, int64_t seed, in
 
   const auto fopt = at::TensorOptions().dtype(at::kFloat);
   const int glevel = gaussian_level();
+  if (!tiny && nk * dsplit < kSplitTarget && B >= 2 * kRowBlock) {  // shapes only, like every choice here
+    // Few tiles, many rows: each tile of R generated once (its rows split over the threads), then its products
+    // in blocks of kRowBlock rows over the threads (shape-only blocks, one BLAS thread each: the same bits at any
+    // thread count). Without it, one group ran on one core.
+    std::vector<float> rt(static_cast<size_t>(kKT * kDT));
+    const int64_t nrb = (B + kRowBlock - 1) / kRowBlock;
+    at::Tensor xbuf;
+    const int64_t xw = std::min(kDT, (D + 15) / 16 * 16);
+    if (!direct) xbuf = at::empty({B, xw}, fopt);
+    for (int64_t dt = 0; dt < nd; ++dt) {
+      const int64_t d0 = dt * kDT, dn = std::min(kDT, D - d0);
+      const float* xp = direct ? x.data_ptr<float>() + d0 : xbuf.data_ptr<float>();
+      const int64_t ldx = direct ? x.stride(0) : xw;
+      if (!direct) xbuf.narrow(1, 0, dn).copy_(x.narrow(1, d0, dn));
+      for (int64_t kt = 0; kt < nk; ++kt) {
+        const int64_t r0 = kt * kKT, rn = std::min(kKT, k - r0);
+        at::parallel_for(0, rn, 16, [&](int64_t a, int64_t e) {
+          gen_tile(static_cast<int>(kind), tab, static_cast<uint64_t>(seed), inv, r0 + a, e - a, col0 + d0, dn,
+                   rt.data() + a * dn, dn, glevel);
+        });
+        at::parallel_for(0, nrb, 1, [&](int64_t rb0, int64_t rb1) {
+          const OneBlasThread one_blas_thread;
+          for (int64_t rb = rb0; rb < rb1; ++rb) {
+            const int64_t b0 = rb * kRowBlock, nb = std::min(kRowBlock, B - b0);
+            at::Tensor ov = at::from_blob(out.data_ptr<float>() + b0 * k + r0, {nb, rn}, {k, 1}, fopt);
+            at::Tensor xv = at::from_blob(const_cast<float*>(xp) + b0 * ldx, {nb, dn}, {ldx, 1}, fopt);
+            at::Tensor rv = at::from_blob(rt.data(), {rn, dn}, {dn, 1}, fopt);
+            ov.addmm_(xv, rv.t());
+          }
+        });
+      }
+    }
+    return out;
+  }
   at::parallel_for(0, ngroups, 1, [&](int64_t gb, int64_t ge) {
+    const OneBlasThread one_blas_thread;
     std::vector<float> rt(static_cast<size_t>(kKT * kDT));
     at::Tensor xbuf;
     // float32 copies of x's tiles where x cannot be read in place; no wider than x (project() cuts a tall x
