@@ -126,6 +126,7 @@ import math
 import numbers
 import os
 import re
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -203,6 +204,15 @@ def _write_all(fd: int, data) -> None:
         if n <= 0:  # pragma: no cover - os.write raises instead on Linux
             raise OSError(errno.EIO, "short write")
         mv = mv[n:]
+
+
+def _fsync_file(path: Path) -> None:
+    """fsync the file ``path`` through a descriptor of its own (opened read-only, closed again); raises OSError."""
+    fd = os.open(str(path), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _atomic_write_json(path: Path, obj) -> None:
@@ -429,15 +439,80 @@ def _open_sized(f: Path, what: str):
     return fh, os.fstat(fh.fileno()).st_size
 
 
+_LIBC_MAP = None  # (mmap, munmap, madvise) of the C library, False where unavailable (looked up once)
+
+
+def _libc_map():
+    global _LIBC_MAP
+    if _LIBC_MAP is None:
+        _LIBC_MAP = False
+        try:
+            import ctypes
+
+            if ctypes.sizeof(ctypes.c_void_p) == 8 and sys.platform.startswith(("linux", "darwin")):
+                libc = ctypes.CDLL(None, use_errno=True)
+                mm, unmap, advise = libc.mmap, libc.munmap, libc.madvise
+                mm.restype, mm.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                            ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+                unmap.restype, unmap.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t]
+                advise.restype, advise.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                _LIBC_MAP = (mm, unmap, advise)
+        except (OSError, AttributeError, ImportError):  # pragma: no cover - no C library to call
+            pass
+    return _LIBC_MAP
+
+
+class _FileMap:
+    """A read-only shared memory map of the first ``nbytes`` of an open file, made with the C library's ``mmap`` so
+    that no descriptor stays open with it. Python's ``mmap.mmap`` keeps a duplicate of the file's descriptor for
+    each map (session 42: an open index held one descriptor per shard until it was garbage collected, and an index
+    of more shards than the process may open files, 1024 by default on Linux, failed to open with EMFILE). numpy
+    views it through ``__array_interface__`` (an array made from it holds it as its base), and it is unmapped when
+    the last array viewing it goes."""
+
+    def __init__(self, fd: int, nbytes: int) -> None:
+        import ctypes
+        import mmap as _mmap
+
+        mm, self._unmap, self._advise = _libc_map()
+        addr = mm(None, nbytes, _mmap.PROT_READ, _mmap.MAP_SHARED, fd, 0)
+        if addr is None or addr == ctypes.c_void_p(-1).value:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        self._addr, self._len = addr, nbytes
+        self.__array_interface__ = {"version": 3, "shape": (nbytes,), "typestr": "|u1", "data": (addr, True)}
+
+    def __len__(self) -> int:
+        return self._len
+
+    def madvise(self, advice: int, start: int, length: int) -> None:
+        import ctypes
+
+        if self._advise(self._addr + start, length, advice) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    def __del__(self) -> None:
+        addr, self._addr = getattr(self, "_addr", None), None
+        if addr is not None:
+            self._unmap(addr, self._len)
+
+
 def _map_rows(fh, dname: str, rows: int, width: int, maps: list) -> torch.Tensor:
-    """Read-only memory map of a (rows, width) little-endian array in the open file ``fh``; the mmap is kept in
-    ``maps``."""
+    """Read-only memory map of a (rows, width) little-endian array in the open file ``fh``; the map is kept in
+    ``maps`` (for madvise). No descriptor is kept with it where the C library's mmap can be called (:class:`_FileMap`);
+    elsewhere Python's mmap, which keeps one."""
     import mmap as _mmap
 
-    nbytes = rows * width * np.dtype(_NP_RAW[dname]).itemsize
-    mm = _mmap.mmap(fh.fileno(), nbytes, access=_mmap.ACCESS_READ)
+    dt = np.dtype(_NP_RAW[dname]).newbyteorder("<")
+    nbytes = rows * width * dt.itemsize
+    if _libc_map():
+        mm = _FileMap(fh.fileno(), nbytes)
+        arr = np.asarray(mm).view(dt)  # read-only (the interface says so), its base the map
+    else:  # pragma: no cover - no C library mmap to call
+        mm = _mmap.mmap(fh.fileno(), nbytes, access=_mmap.ACCESS_READ)
+        arr = np.frombuffer(mm, dtype=dt, count=rows * width)
     maps.append(mm)
-    arr = np.frombuffer(mm, dtype=np.dtype(_NP_RAW[dname]).newbyteorder("<"), count=rows * width)
     return _from_raw(arr.reshape(rows, width), dname)
 
 
@@ -837,6 +912,8 @@ class GradientIndex:
         self = object.__new__(cls)
         self._writable = False
         self._closed = False
+        self._opened = False  # made by open(): its close() releases the memory maps
+        self._released = False  # a reader closed: its maps released, reads refused
         self._shards: List[Tuple[int, torch.Tensor]] = []  # (first row, (rows, width) view)
         self._offsets = None
         self.nonfinite_rows = 0
@@ -1230,8 +1307,8 @@ class GradientIndex:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
+        if exc_type is None or not getattr(self, "_writable", False):
+            self.close()  # (a reader's close() releases its maps, whatever ended the with-block)
             return
         if getattr(self, "_writable", False) and self._world > 1 and isinstance(exc, Exception):
             # the other ranks are in (or on their way to) close()'s collective: join it as a failed rank, so that
@@ -1428,6 +1505,12 @@ class GradientIndex:
         pos = 0
         while pos < n:
             if not self._w_shards or (self._shard_rows is not None and self._w_shards[-1]["rows"] >= self._shard_rows):
+                if self._w_shards:  # the full shard is sealed: its descriptor closed now (commit fsyncs it by name),
+                    # so that an append spanning many shards holds two descriptors, not one per shard (session 42:
+                    # one append of 100 one-row shards failed with EMFILE under a limit of 64 open files)
+                    sealed = self._fds.pop(self._w_shards[-1]["file"], None)
+                    if sealed is not None:
+                        os.close(sealed)
                 seq = len(self._w_shards)
                 rel = f"{SHARD_DIR}/r{self._rank:05d}-{seq:06d}.bin"
                 self._w_shards.append({"file": rel, "rank": self._rank, "rows": 0})
@@ -1449,7 +1532,10 @@ class GradientIndex:
         state = None
         try:
             for rel in sorted(self._dirty):
-                os.fsync(self._fds[rel])
+                if rel in self._fds:
+                    os.fsync(self._fds[rel])
+                else:  # a shard sealed (and its descriptor closed) since the last commit
+                    _fsync_file(self.path / rel)
             # sealed shards need no open descriptor any more
             last = self._w_shards[-1]["file"] if self._w_shards else None
             for rel in list(self._fds):
@@ -1551,8 +1637,18 @@ class GradientIndex:
         commit fails, every rank raises (that rank its own error, e.g. ``OSError`` ENOSPC, with a
         note naming the failing ranks; the others :class:`DistributedBuildError`), nothing is
         marked complete, and the writers are left as after an interrupted build (each rank's
-        committed rows stay; ``create(..., resume=True)`` continues)."""
+        committed rows stay; ``create(..., resume=True)`` continues).
+
+        On an index made by :meth:`open` (a reader), ``close()`` (or leaving its ``with`` block, also by an
+        exception) releases its memory maps at once; later reads raise ``RuntimeError``. A reader holds no open
+        file descriptor (its maps need none); its maps otherwise go with the object. On a writer's index once
+        closed, ``close()`` does nothing."""
         if not self._writable:
+            if self._opened and not self._released:
+                # a reader (made by open()): its memory maps go now, not when the object is garbage collected
+                # (each is unmapped once no array views it: gradkit's reads copy, so none does after a search or get)
+                self._shards, self._maps, self._offsets = [], [], None
+                self._released = True
             return
         if self._world == 1:
             self.commit()
@@ -1687,6 +1783,7 @@ class GradientIndex:
         self = cls._blank()
         self.path = p
         self.low_memory = low_memory
+        self._opened = True
         try:
             if (p / HEADER).exists():
                 self._load_gradkit(allow_incomplete=allow_incomplete)
@@ -2005,7 +2102,7 @@ class GradientIndex:
         """Per-token indexes: read-only int64 array of ``num_examples + 1`` row offsets (example i owns rows
         ``offsets[i]:offsets[i+1]``; an example with no stored token has ``offsets[i] == offsets[i+1]``);
         None for an index with one row per example. Refused (RuntimeError) while the index is being built
-        or after an aborted build, like every read."""
+        or after an aborted build or a reader's close(), like every read."""
         self._check_readable("offsets")
         return self._offsets
 
@@ -2053,6 +2150,9 @@ class GradientIndex:
     def _check_readable(self, what: str) -> None:
         if self._writable:
             raise RuntimeError(f"{what}: the index is still being built; close() it first")
+        if self._released:
+            raise RuntimeError(f"{what}: the index was closed (close() released its memory maps); open it again "
+                               "with GradientIndex.open")
         if self._closed:
             raise RuntimeError(f"{what}: the build was aborted; reopen with GradientIndex.open "
                                "(allow_incomplete=True) or resume it")
@@ -2589,7 +2689,8 @@ class GradientIndex:
         return out_s.to(qw.device), out_i.to(qw.device)
 
     def __repr__(self) -> str:
-        state = "building" if self._writable else "aborted" if self._closed else "read-only"
+        state = "building" if self._writable else "aborted" if self._closed else "closed" if self._released \
+            else "read-only"
         return (f"GradientIndex({str(self.path)!r}, layout={getattr(self, 'layout', '?')}, rows={len(self)}, "
                 f"dim={self.dim}, dtype={self.dtype}, modules={len(self.modules)}, per_token={self.per_token}, "
                 f"{state})")

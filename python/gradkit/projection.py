@@ -450,6 +450,10 @@ class _MatrixCache:
                     self._table.move_to_end(key)
                 except KeyError:  # dropped by another thread since the read: t is still the matrix
                     pass
+                if self._bytes > limit:  # the limit was lowered since the last miss (session 42: the cache kept
+                    # its old size for as long as every call hit, although a lowered limit takes effect at once)
+                    with self._lock:
+                        self._evict(limit)
             return t
         with torch.inference_mode(False), torch.no_grad():
             t = ops.projection_matrix(p, n, seed, kind, p, 0, 0, dtype=torch.float32, device=device).T.contiguous()
@@ -457,10 +461,15 @@ class _MatrixCache:
             if key not in self._table:
                 self._table[key] = t
                 self._bytes += t.numel() * t.element_size()
-                while limit is not None and self._bytes > limit and len(self._table) > 1:
-                    _, old = self._table.popitem(last=False)
-                    self._bytes -= old.numel() * old.element_size()
+                if limit is not None:
+                    self._evict(limit)
             return self._table[key]
+
+    def _evict(self, limit: int) -> None:
+        """Drop least recently used entries while past ``limit`` (the newest one is kept); under the lock."""
+        while self._bytes > limit and len(self._table) > 1:
+            _, old = self._table.popitem(last=False)
+            self._bytes -= old.numel() * old.element_size()
 
     def clear(self) -> None:
         with self._lock:
@@ -585,7 +594,7 @@ def _factored_project(a, g, p, seed, name, kind, mask, bias, per_token, normaliz
     # converting them first would turn values past float32's range into inf (NaN in the result where the product
     # is finite) and flush tiny ones. Not with AdamNormalizer: its blocks are float32 within memory_budget.
     wide = (a.dtype == torch.float64 or g.dtype == torch.float64) and not isinstance(normalizer, AdamNormalizer)
-    if not per_token and not isinstance(normalizer, AdamNormalizer) and bias_L is None and not wide:
+    if not per_token and not isinstance(normalizer, AdamNormalizer) and not wide:
         # the fused op: both sides projected per token and the outer products accumulated in one pass
         if T == 0:
             return torch.zeros(B, p * p, dtype=torch.float32, device=dev)
@@ -599,7 +608,17 @@ def _factored_project(a, g, p, seed, name, kind, mask, bias, per_token, normaliz
         a2, g2 = a.reshape(B * T, I), g.reshape(B * T, O)
         if not same:
             a2, g2 = a2.float(), g2.float()
-        res = ops.factored_project(a2, g2, lt, rt, Rb, None if mask is None else mask.reshape(B * T), T)
+        m2 = None if mask is None else mask.reshape(B * T)
+        if bias_L is None:
+            return ops.factored_project(a2, g2, lt, rt, Rb, m2, T).reshape(B, p * p)
+        # Adafactor with a bias column: the bias's left factor differs from the weight's, so the weight part and
+        # the bias part (sum_t (L'' g_t) R_b^T: a zero input column and zero R, R_b as the op's bias row) are two fused
+        # calls. Session 42: a torch product on the calling thread did the bias part, whose bits then depended
+        # on the thread count and the batch (MKL split the inner dimension), against the README's promise.
+        res = ops.factored_project(a2, g2, lt, rt, None, m2, T)
+        zero_a = a2.new_zeros(B * T, 1)
+        zero_rt = torch.zeros(1, p, dtype=torch.float32, device=dev)
+        res = res + ops.factored_project(zero_a, g2, bias_L.T.contiguous(), zero_rt, Rb.contiguous(), m2, T)
         return res.reshape(B, p * p)
     cd = torch.float64 if wide else torch.float32
     af = a.to(cd)
