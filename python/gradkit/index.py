@@ -112,10 +112,11 @@ scores scaled back after ranking; a float64 bergson row under cosine). Precondit
 is applied in float64 and rounded once to float32, with H^p kept as a float32 matrix times a power of
 two so that cosines do not depend on H's scale. A float32 BLAS product rounds a one-row block
 differently from a larger one; the float64 products give the same float32 values for a row (or query)
-whatever block (or batch) it is in: MKL's float64 products are the same bits for every block size, and
-a BLAS whose float64 sums differ in their last bits gives another float32 value only where the float64
-result lies within those bits of a float32 rounding boundary. Weights outside float32's range are
-refused.
+whatever block (or batch) it is in, the thread count included, except where the float64 result lies within
+its last bits of a float32 rounding boundary: MKL's float64 sums differ in their last bits between block sizes
+and thread counts (session 42: a (1, 3000) x (3000, 16) product against the same row in a (3, 3000) block, and
+(8, 5000) x (5000, 32) at 1 and 2 threads), and no rounded float32 value differed in the tests. Weights outside
+float32's range are refused.
 """
 from __future__ import annotations
 
