@@ -262,6 +262,27 @@ def _synced(what: str, after: str):
     _distributed.share_outcome(_dist(), err, what=what, after=after, other_error=DistributedPruneError)
 
 
+def _same_weights_on_every_rank(group: Sequence[Tuple[str, nn.Linear]]) -> None:
+    """Under torch.distributed, after a group pruned on every rank (each rank ran ``_synced``, so all reach this
+    collective): rank 0's weights into every rank's model, one broadcast per layer on the group's device. Each rank
+    prunes from the same all-reduced Hessians, but the factorisations on the calling thread (Cholesky,
+    ``cholesky_inverse``, triangular solves) sum in an order that follows the thread count and the BLAS/LAPACK build
+    (session 42: true OBS on a tiny GPT gave other weights, within 5e-7 relative, at 1 and 2 threads), so ranks with
+    other thread counts or devices held other models. Rank 0 also writes the checkpoints, so a resumed run matches.
+    Without a process group: nothing."""
+    dist = _dist()
+    if dist is None:
+        return
+    ddev = _dist_device(dist)
+    with torch.no_grad():
+        for _, mod in group:
+            w = mod.weight
+            buf = w.detach() if w.device == ddev and w.is_contiguous() else w.detach().to(ddev).contiguous()
+            dist.broadcast(buf, src=0)
+            if buf.data_ptr() != w.data_ptr():
+                w.copy_(buf)
+
+
 _PRUNE_AGREED = ("method", "pattern", "nnz", "damp", "sequential", "groups", "early_stop", "method_kwargs",
                  "layers", "checkpoint_dir", "resume")
 
@@ -1359,6 +1380,7 @@ def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, ch
                     mod.weight.copy_(w)
                 in_model.extend(n for n, _ in group)
                 del hs
+            _same_weights_on_every_rank(group)
     finally:
         if bar is not None:
             bar.close()
