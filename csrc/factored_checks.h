@@ -2,6 +2,7 @@
 // CPU (csrc/cpu/projection.cpp) and CUDA (csrc/cuda/projection.cu) kernels: one set of messages, each naming the
 // argument.
 #pragma once
+#include <limits>
 
 #include <ATen/core/Tensor.h>
 
@@ -27,12 +28,18 @@ inline void check_projection_matrix(const at::Tensor& out, int64_t seed, int64_t
   TORCH_CHECK_TYPE(at::isFloatingType(out.scalar_type()), "out: expected a floating dtype, got ", out.scalar_type());
   TORCH_CHECK_VALUE(row0 >= 0, "row0: must be non-negative, got ", row0);
   TORCH_CHECK_VALUE(col0 >= 0, "col0: must be non-negative, got ", col0);
+  // the generator's row / column counters (the Python wrapper's and the fake impl's rule too; session 42: the op
+  // took a range past 2^63, where row0 + rows overflows int64)
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  TORCH_CHECK_VALUE(row0 <= kMax - out.size(0) && col0 <= kMax - out.size(1),
+                    "row0/col0: the range must stay below 2^63");
 }
 
 inline void check_project_flat(const at::Tensor& x, int64_t k, int64_t seed, int64_t kind, int64_t col0) {
   check_generator(k, seed, kind);
   TORCH_CHECK_VALUE(col0 >= 0, "col0: must be non-negative, got ", col0);
   TORCH_CHECK_VALUE(x.dim() == 2, "x: expected a 2-D tensor (B, D), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(col0 <= std::numeric_limits<int64_t>::max() - x.size(1), "col0: col0 + D must stay below 2^63");
   const auto st = x.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
                    "x: expected float32/float16/bfloat16/float64, got ", st);

@@ -545,7 +545,9 @@ at::Tensor project_flat_gemm(const at::Tensor& x_in, int64_t k, int64_t seed, in
     // in blocks of kRowBlock rows over the threads (shape-only blocks, one BLAS thread each: the same bits at any
     // thread count). Without it, one group ran on one core.
     std::vector<float> rt(static_cast<size_t>(kKT * kDT));
-    const int64_t nrb = (B + kRowBlock - 1) / kRowBlock;
+    // blocks of kRowBlock rows, the last one taking the remainder (64-127 rows): a block of 1-3 rows took another
+    // MKL kernel, so equal rows there got other bits (session 42 review)
+    const int64_t nrb = B / kRowBlock;
     at::Tensor xbuf;
     const int64_t xw = std::min(kDT, (D + 15) / 16 * 16);
     if (!direct) xbuf = at::empty({B, xw}, fopt);
@@ -563,7 +565,7 @@ at::Tensor project_flat_gemm(const at::Tensor& x_in, int64_t k, int64_t seed, in
         at::parallel_for(0, nrb, 1, [&](int64_t rb0, int64_t rb1) {
           const OneBlasThread one_blas_thread;
           for (int64_t rb = rb0; rb < rb1; ++rb) {
-            const int64_t b0 = rb * kRowBlock, nb = std::min(kRowBlock, B - b0);
+            const int64_t b0 = rb * kRowBlock, nb = rb == nrb - 1 ? B - b0 : kRowBlock;
             at::Tensor ov = at::from_blob(out.data_ptr<float>() + b0 * k + r0, {nb, rn}, {k, 1}, fopt);
             at::Tensor xv = at::from_blob(const_cast<float*>(xp) + b0 * ldx, {nb, dn}, {ldx, 1}, fopt);
             at::Tensor rv = at::from_blob(rt.data(), {rn, dn}, {dn, 1}, fopt);

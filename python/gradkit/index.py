@@ -126,8 +126,10 @@ import json
 import math
 import numbers
 import os
+import functools
 import re
 import sys
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -438,6 +440,26 @@ def _open_sized(f: Path, what: str):
     and the reads that follow are about the same file."""
     fh = open_regular(f, what, IndexFormatError)
     return fh, os.fstat(fh.fileno()).st_size
+
+
+def _holds_maps(fn):
+    """A read (``get``, ``search``) of an index: counted while it runs, so that a reader's ``close()`` on another
+    thread meanwhile releases the maps after it (session 42 review: the read failed midway with AttributeError or
+    IndexError naming nothing). A read that starts after ``close()`` raises RuntimeError (``_check_readable``)."""
+    @functools.wraps(fn)
+    def read(self, *args, **kwargs):
+        with self._reads_lock:
+            self._check_readable(fn.__name__)
+            self._reads += 1
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            with self._reads_lock:
+                self._reads -= 1
+                if not self._reads and self._release_pending:
+                    self._shards, self._maps, self._offsets = [], [], None
+                    self._release_pending = False
+    return read
 
 
 _LIBC_MAP = None  # (mmap, munmap, madvise) of the C library, False where unavailable (looked up once)
@@ -915,6 +937,9 @@ class GradientIndex:
         self._closed = False
         self._opened = False  # made by open(): its close() releases the memory maps
         self._released = False  # a reader closed: its maps released, reads refused
+        self._reads = 0  # reads in flight (get / search): a close() meanwhile releases the maps after the last
+        self._release_pending = False
+        self._reads_lock = threading.Lock()
         self._shards: List[Tuple[int, torch.Tensor]] = []  # (first row, (rows, width) view)
         self._offsets = None
         self.nonfinite_rows = 0
@@ -1647,9 +1672,14 @@ class GradientIndex:
         if not self._writable:
             if self._opened and not self._released:
                 # a reader (made by open()): its memory maps go now, not when the object is garbage collected
-                # (each is unmapped once no array views it: gradkit's reads copy, so none does after a search or get)
-                self._shards, self._maps, self._offsets = [], [], None
-                self._released = True
+                # (each is unmapped once no array views it: gradkit's reads copy, so none does after a search or
+                # get); reads already running on other threads finish first (the last one releases them)
+                with self._reads_lock:
+                    self._released = True
+                    if self._reads:
+                        self._release_pending = True
+                    else:
+                        self._shards, self._maps, self._offsets = [], [], None
             return
         if self._world == 1:
             self.commit()
@@ -2158,6 +2188,7 @@ class GradientIndex:
             raise RuntimeError(f"{what}: the build was aborted; reopen with GradientIndex.open "
                                "(allow_incomplete=True) or resume it")
 
+    @_holds_maps
     def get(self, rows) -> torch.Tensor:
         """Rows as a float32 (len(rows), D) tensor (modules concatenated in order); negative row numbers count
         from the end, as in Python and numpy. rows: an int, a sequence / array / tensor of ints, or a 1-D boolean
@@ -2279,6 +2310,7 @@ class GradientIndex:
             q[:, lo:hi] = parts[n]
         return q, lead, (qexp.to(q.device) if qexp is not None else None)
 
+    @_holds_maps
     def search(self, queries, k: int, unit_norm: bool = False, reverse: bool = False, modules=None, weights=None,
                precondition=None, projection=None, batch_rows: Optional[int] = None,
                backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
@@ -2414,7 +2446,7 @@ class GradientIndex:
                           "made with another seed or p give meaningless scores without any error); pass "
                           "projection=<the GradientCollector that made the queries> or its projection_config to "
                           "have a mismatch refused. Warned once per index object.", UncheckedProjectionWarning,
-                          stacklevel=2)
+                          stacklevel=3)  # (search runs inside _holds_maps)
         dev = q.device
         # A layout with padding between modules (older bergson records) is scored in module columns only:
         # padding bytes never enter a norm, a preconditioner or a score.

@@ -134,7 +134,7 @@ def _check_buckets_disjoint(buckets: Iterable[Dict[str, list]], amsgrad: bool) -
     overlap: the element-wise check runs only for a bucket where a storage repeats (views of one flat buffer)."""
     from gradkit.ops.overlap import check_no_overlap
 
-    if torch.compiler.is_compiling():  # fake tensors have no addresses (the kernels check)
+    if torch.compiler.is_dynamo_compiling():  # fake tensors have no addresses (the kernels check)
         return
     for b in buckets:
         keys = ("p", "m", "v", "g") + (("vmax",) if amsgrad else ())

@@ -115,7 +115,7 @@ def _check_not_inference(tensors, what: str) -> None:
     call is still refused: by the op's ADInplaceOrView kernel (backend "eager", before any write), or by torch when
     the functionalised graph copies the result back into the inference tensor (aot_eager, inductor), which raises
     after writing, as torch's own in-place ops do on inference tensors."""
-    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+    if torch.compiler.is_dynamo_compiling() or torch.is_inference_mode_enabled():
         return
     for i, t in enumerate(tensors):
         if isinstance(t, torch.Tensor) and t.is_inference():
@@ -205,6 +205,15 @@ PARAMMAP_OPS = ("gather_segments", "gather_segments_out", "scatter_segments", "s
 _INDEX = (torch.int32, torch.int64)
 
 
+def _check_index_entry(ix, i: int) -> None:
+    """One segment's positions: an int32 / int64 tensor (else TypeError) of one dimension (else ValueError), the C++
+    kernels' rule (csrc/segments.h; session 42: a 2-D index was a TypeError here, a ValueError from the op)."""
+    if not isinstance(ix, torch.Tensor) or ix.dtype not in _INDEX:
+        raise TypeError(f"index[{i}]: expected a 1-D int32/int64 tensor or None")
+    if ix.dim() != 1:
+        raise ValueError(f"index[{i}]: expected a 1-D int32/int64 tensor or None, got shape {tuple(ix.shape)}")
+
+
 def _check_segments(src: Sequence[torch.Tensor], index: Sequence[Optional[torch.Tensor]], what: str) -> None:
     if not isinstance(src, (list, tuple)):
         raise TypeError(f"{what}: expected a list of tensors, got {type(src).__name__}")
@@ -220,8 +229,7 @@ def _check_segments(src: Sequence[torch.Tensor], index: Sequence[Optional[torch.
         if t.device != dev:
             raise ValueError(f"{what}[{i}]: on {t.device} but {what}[0] is on {dev}")
         if ix is not None:
-            if not isinstance(ix, torch.Tensor) or ix.dtype not in _INDEX or ix.dim() != 1:
-                raise TypeError(f"index[{i}]: expected a 1-D int32/int64 tensor or None")
+            _check_index_entry(ix, i)
             if ix.device != t.device:
                 raise ValueError(f"index[{i}]: on {ix.device} but {what}[{i}] is on {t.device}")
 
@@ -301,8 +309,8 @@ def check_scatter_segments(flat, index, numel, scale) -> None:
     if len(numel) != len(index):
         raise ValueError(f"numel: expected {len(index)} entries, got {len(numel)}")
     for i, (ix, n) in enumerate(zip(index, numel)):
-        if ix is not None and (not isinstance(ix, torch.Tensor) or ix.dtype not in _INDEX or ix.dim() != 1):
-            raise TypeError(f"index[{i}]: expected a 1-D int32/int64 tensor or None")
+        if ix is not None:
+            _check_index_entry(ix, i)
         if ix is not None and ix.device != flat.device:
             raise ValueError(f"index[{i}]: on {ix.device} but flat is on {flat.device}")
         if _int(n, f"numel[{i}]") < 0:  # an int (numpy's too): int() would take 2.5, True or "2"
@@ -1020,12 +1028,13 @@ if _ext.LOADED:
 
     @torch.library.register_fake("gradkit::scatter_segments")
     def _scatter_fake(flat, index, numel, scale):
-        _fake_check(check_scatter_segments, flat, index, numel, scale)
+        # the op takes any scale (the wrapper refuses a non-finite one): the fake keeps the op's rule
+        _fake_check(check_scatter_segments, flat, index, numel, 1.0)
         return [flat.new_empty(n) for n in numel]
 
     @torch.library.register_fake("gradkit::scatter_segments_")
     def _scatter_inplace_fake(flat, index, dst, scale, accumulate):
-        _fake_check(check_scatter_segments_, flat, index, dst, scale, accumulate)
+        _fake_check(check_scatter_segments_, flat, index, dst, 1.0, accumulate)  # any scale, as the op
         return None
 
     @torch.library.register_fake("gradkit::mask_to_indices")

@@ -123,7 +123,10 @@ def obs_shared_prune(w: torch.Tensor, c: torch.Tensor, cinv: torch.Tensor, pidx:
     """
     # traced by torch.compile: pidx's entries are data (a data-dependent guard, an error under fullgraph=True);
     # the op checks them when it runs (C++ kernels, Triton launcher)
-    E = check_obs_shared_prune(w, c, cinv, pidx, E, local, values=not torch.compiler.is_compiling())
+    from gradkit.ops.overlap import is_fake
+
+    E = check_obs_shared_prune(w, c, cinv, pidx, E, local,
+                               values=not (torch.compiler.is_dynamo_compiling() or is_fake(pidx)))
     return _impl("obs_shared_prune", "obs")(w, c, cinv, pidx, E, local)
 
 

@@ -28,9 +28,21 @@ from gradkit.kernels.reference.scope import byte_span
 __all__ = ["check_no_overlap", "spans_meet"]
 
 
+def is_fake(t) -> bool:
+    """A fake tensor (FakeTensorMode, AOT tracing; functional wrappers of one too): no data, no address. The skips
+    for tracing test this and ``torch.compiler.is_dynamo_compiling()``, not ``torch.compiler.is_compiling()``: that
+    one is a process-wide flag set for a whole compile session, so an eager call on another thread while any
+    torch.compile ran skipped the checks (session 42: an inference tensor was written in place, silently)."""
+    try:
+        from torch._subclasses.fake_tensor import is_fake as _is_fake
+    except ImportError:  # pragma: no cover
+        return False
+    return _is_fake(t)
+
+
 def _skip(t) -> bool:
     """Tensors without addresses to compare: absent, empty, meta / fake (tracing) or storage-less."""
-    if t is None or t.numel() == 0 or t.device.type == "meta":
+    if t is None or t.numel() == 0 or t.device.type == "meta" or is_fake(t):
         return True
     try:
         return t.data_ptr() == 0
@@ -125,7 +137,7 @@ def check_no_overlap(named: Sequence) -> None:
     written tensor first) when an element of a written tensor is also an element of another listed tensor
     (written or read) or of itself (an expand()ed tensor). Tensors without elements never conflict; under
     tracing (torch.compile, fake tensors) there are no addresses and nothing is checked (the kernels check)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_dynamo_compiling():
         return
     es = []
     for i, (_, t, _) in enumerate(named):
@@ -177,7 +189,7 @@ def check_no_overlap(named: Sequence) -> None:
 def spans_meet(t: torch.Tensor, others: Sequence[torch.Tensor]) -> bool:
     """Whether t's byte span meets that of any of ``others`` on its device (conservative: the caller then reads t
     from a copy). False under tracing (no addresses)."""
-    if torch.compiler.is_compiling() or _skip(t):
+    if torch.compiler.is_dynamo_compiling() or _skip(t):
         return False
     lo, hi = _byte_span(t)
     for o in others:

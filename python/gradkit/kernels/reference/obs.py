@@ -300,8 +300,10 @@ def check_sweep(w: Tensor, err: Tensor, u: Tensor, prune: Tensor, start: int, st
 
 
 def _addressless(t: Tensor) -> bool:
-    if torch.compiler.is_compiling() or t.device.type == "meta":  # (Dynamo cannot trace data_ptr)
-        return True
+    from gradkit.ops.overlap import is_fake
+
+    if torch.compiler.is_dynamo_compiling() or t.device.type == "meta" or is_fake(t):  # (Dynamo cannot trace
+        return True  # data_ptr; a fake tensor's is deprecated)
     try:
         return t.data_ptr() == 0
     except Exception:  # noqa: BLE001 - FakeTensor, functional or other wrapper tensors: no address to compare
