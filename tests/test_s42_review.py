@@ -33,6 +33,7 @@ import multiprocessing as mp
 import os
 import pickle
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -532,9 +533,14 @@ def test_group_broadcast_half_bf16_and_strided_weights(tmp_path):
     import torch.multiprocessing as tmp_mp
 
     ctx = tmp_mp.spawn(_bcast_worker, args=(str(tmp_path),), nprocs=2, join=False)
-    while not ctx.join(timeout=120):
-        pass
-    r0, r1 = torch.load(tmp_path / "r0.pt"), torch.load(tmp_path / "r1.pt")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.terminate()
+            pytest.fail("the distributed workers did not finish within 120 s")
+    r0 = torch.load(tmp_path / "r0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "r1.pt", weights_only=True)
     for n in ("h", "b", "s"):
         assert torch.equal(r0[n], r1[n]), n
     assert r1["s_stride"].tolist() == [1, 6]

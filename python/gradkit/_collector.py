@@ -109,6 +109,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 import torch
 from torch import Tensor, nn
 
+from gradkit._rules import dense, not_meta
 from gradkit._unwrap import unwrap_model
 
 __all__ = ["GradientCollector", "COLLECTOR_VERSION"]
@@ -214,10 +215,9 @@ def _refuse_unhookable(selected, unhookable: Dict[str, str]) -> None:
 def _readable_tensor(t: Tensor, what: str, meta_ok: bool = False) -> None:
     """A dense tensor holding values (a meta one only where ``meta_ok``), else an error naming ``what`` (session 42:
     torch's NotImplementedError / RuntimeError from inside the check that read it)."""
-    if t.layout != torch.strided:
-        raise TypeError(f"{what}: expected a dense (strided) tensor, got layout {t.layout}; call .to_dense() first")
-    if t.is_meta and not meta_ok:
-        raise ValueError(f"{what}: a meta tensor holds no values")
+    dense(t, what)
+    if not meta_ok:
+        not_meta(t, what)
 
 
 def _check_scale(scale) -> None:

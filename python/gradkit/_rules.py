@@ -61,6 +61,20 @@ def flag(v, what: str) -> bool:
     raise TypeError(f"{what}: expected a bool, got {type(v).__name__} {v!r}")
 
 
+def not_meta(t, what: str) -> None:
+    """A meta tensor holds no values: a ValueError naming ``what`` (torch's own errors, "Cannot copy out of meta
+    tensor" or "Tensor.item() cannot be called on meta tensors", name no argument). Anything else passes."""
+    if isinstance(t, torch.Tensor) and t.is_meta:
+        raise ValueError(f"{what}: is a meta tensor (no data); pass the materialised tensor")
+
+
+def dense(t: torch.Tensor, what: str) -> None:
+    """A sparse (or other non-strided) tensor is a TypeError naming ``what`` (torch's NotImplementedError /
+    RuntimeError from deep inside a kernel names nothing the caller passed)."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{what}: expected a dense (strided) tensor, got layout {t.layout}; call .to_dense() first")
+
+
 def widened(t: torch.Tensor) -> torch.Tensor:
     """``t`` detached, a float8 one widened to float32 (exact): few ops (aminmax, isfinite, the kernels) take
     float8, and float32 holds every float8 value."""

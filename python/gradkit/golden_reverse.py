@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from gradkit._rules import as_written, flag, floor_count
+from gradkit._rules import as_written, flag, floor_count, not_meta
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -68,14 +68,7 @@ def _check_ids(input_ids: object, attention_mask: object, name: str = "input_ids
         raise ValueError(f"attention_mask: expected a tensor of shape {tuple(input_ids.shape)}, "
                          f"got {type(attention_mask).__name__} {getattr(attention_mask, 'shape', '')}")
     for what, t in ((name, input_ids), ("attention_mask", attention_mask)):
-        _not_meta(t, what)
-
-
-def _not_meta(t: object, what: str) -> None:
-    """Session 42: a meta tensor (no data) failed deep in torch ("Cannot copy out of meta tensor"), naming nothing,
-    or gave meta results."""
-    if isinstance(t, torch.Tensor) and t.is_meta:
-        raise ValueError(f"{what}: is a meta tensor (no data); pass the materialised tensor")
+        not_meta(t, what)
 
 
 def _logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -122,7 +115,7 @@ def logprobs_for_fixed_ids(model: nn.Module, input_ids: torch.Tensor,
                                     or labels_mask.shape != input_ids.shape):
         raise ValueError(f"labels_mask: expected a tensor of shape {tuple(input_ids.shape)}, "
                          f"got {type(labels_mask).__name__} {getattr(labels_mask, 'shape', '')}")
-    _not_meta(labels_mask, "labels_mask")
+    not_meta(labels_mask, "labels_mask")
     logits = _logits(model, input_ids, attention_mask)[:, :-1]
     logits = logits.to(_at_least_fp32(logits.dtype))
     targets = input_ids[:, 1:].to(device=logits.device, dtype=torch.long)
@@ -156,7 +149,7 @@ def kl_divergence(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, mask: Opti
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() < 1:
             raise ValueError(f"{arg}: expected a floating tensor (..., V), got "
                              f"{type(t).__name__} {getattr(t, 'dtype', '')} {getattr(t, 'shape', '')}")
-        _not_meta(t, arg)
+        not_meta(t, arg)
     if logprobs.shape != ref_logprobs.shape:
         raise ValueError(f"logprobs: shape {tuple(logprobs.shape)} differs from ref_logprobs' "
                          f"{tuple(ref_logprobs.shape)}")
@@ -164,7 +157,7 @@ def kl_divergence(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, mask: Opti
         raise ValueError(f"mask: expected a tensor of shape {tuple(ref_logprobs.shape[:-1])}, got "
                          f"{type(mask).__name__} {getattr(mask, 'shape', '')}")
     if mask is not None:
-        _not_meta(mask, "mask")
+        not_meta(mask, "mask")
         # session 42: any non-zero entry counted as included, so a 0.5, a NaN or a complex mask (scores passed as the
         # mask) was taken silently; the documented mask is bool or 0 / 1
         if mask.dtype != torch.bool and (mask.is_complex() or bool(((mask != 0) & (mask != 1)).any())):
@@ -485,7 +478,7 @@ def _check_masks(model: nn.Module, masks: Mapping[str, object]) -> List[Tuple[nn
     out = []
     for n, m in masks.items():
         shape = tuple(named[n].shape)
-        _not_meta(m, f"masks[{n!r}]")
+        not_meta(m, f"masks[{n!r}]")
         if isinstance(m, Bitmask) or (isinstance(m, torch.Tensor) and m.layout == torch.sparse_coo):
             try:
                 m = Bitmask.coerce(m, shape, what=f"masks[{n!r}]").to_bool()

@@ -142,7 +142,7 @@ import torch
 from gradkit import _dist as _distributed
 from gradkit import ops
 from gradkit._io import _fsync_dir, open_regular, parse_json, read_regular
-from gradkit._rules import check_symmetric, flag
+from gradkit._rules import check_symmetric, dense, flag, not_meta
 
 try:
     import fcntl
@@ -411,10 +411,8 @@ class _RowIndexError(IndexError, ValueError):
 
 
 def _no_meta(t: torch.Tensor, what: str) -> None:
-    if t.is_meta:
-        raise ValueError(f"{what}: a meta tensor holds no values")
-    if t.layout != torch.strided:  # session 40: a sparse tensor failed later in torch ("reshape is not implemented")
-        raise TypeError(f"{what}: expected a dense (strided) tensor, got layout {t.layout}; call .to_dense() first")
+    not_meta(t, what)
+    dense(t, what)  # session 40: a sparse tensor failed later in torch ("reshape is not implemented")
 
 
 def _int_arg(v, what: str, lo: int = 0) -> int:
@@ -2155,9 +2153,8 @@ class GradientIndex:
         ints (negative ones count from the end), or a 1-D boolean mask with one entry per row (the rows
         where it is True, as in numpy). Fractional (float or complex) row numbers are refused, not truncated."""
         n = self._count
-        if isinstance(rows, torch.Tensor) and rows.layout != torch.strided:  # session 42: torch's NotImplementedError
-            raise TypeError(f"rows: expected a dense (strided) tensor, got layout {rows.layout}; call .to_dense() "
-                            "first")
+        if isinstance(rows, torch.Tensor):  # session 42: torch's NotImplementedError
+            dense(rows, "rows")
         try:
             r = torch.as_tensor(rows.detach().cpu() if isinstance(rows, torch.Tensor) else rows)
         except (TypeError, ValueError, RuntimeError, OverflowError):

@@ -30,7 +30,7 @@ import torch
 
 from gradkit import ops
 from gradkit._io import NO_LIMIT, parse_json, read_regular, write_dir_atomic, write_safetensors
-from gradkit._rules import flag
+from gradkit._rules import flag, not_meta
 from gradkit._unwrap import unwrap_model
 
 REPRS = ("all", "mask", "bitmask", "indices")
@@ -110,7 +110,7 @@ def _make_entry(name: str, spec: Mapping[str, Any]) -> _Entry:
     t = spec[r]
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{where}[{r!r}]: expected a tensor, got {type(t).__name__}")
-    _not_meta(t, f"{where}[{r!r}]")
+    not_meta(t, f"{where}[{r!r}]")
     t = t.detach()
     if r == "mask":
         if t.dtype != torch.bool:
@@ -157,13 +157,6 @@ def _make_entry(name: str, spec: Mapping[str, Any]) -> _Entry:
         if dup.numel():
             raise ValueError(f"{where}['indices']: position {int(s[int(dup[0])])} is selected more than once")
     return _Entry(name, shape, numel, r, t, int(t.numel()), ascending)
-
-
-def _not_meta(t: torch.Tensor, what: str) -> None:
-    """Session 42: a meta tensor (no data) failed in its copy to the CPU with torch's NotImplementedError "Cannot copy
-    out of meta tensor", naming nothing."""
-    if t.is_meta:
-        raise ValueError(f"{what}: is a meta tensor (no data); pass the materialised tensor")
 
 
 def _own_cpu_copy(t: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
@@ -304,7 +297,7 @@ class ParamMap:
             m = masks[n]
             if not isinstance(m, torch.Tensor):
                 raise TypeError(f"masks[{n!r}]: expected a tensor, got {type(m).__name__}")
-            _not_meta(m, f"masks[{n!r}]")
+            not_meta(m, f"masks[{n!r}]")
             if m.dtype == torch.bool:
                 if tuple(m.shape) != shape:
                     raise ValueError(f"masks[{n!r}]: shape {tuple(m.shape)} differs from the parameter shape {shape}")
@@ -628,7 +621,7 @@ class ParamMap:
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (n,):
                 raise ValueError(f"mask: expected a bool tensor of shape ({n},)")
-            _not_meta(mask, "mask")
+            not_meta(mask, "mask")
         if threshold is not None or topk is not None:
             if importance is None:
                 raise ValueError("importance: required with threshold or topk (a (input_dim,) score tensor)")
@@ -637,7 +630,7 @@ class ParamMap:
                                  f"{tuple(importance.shape) if isinstance(importance, torch.Tensor) else importance!r}")
             if importance.dtype == torch.bool or importance.dtype.is_complex:
                 raise TypeError(f"importance: expected a floating or integer dtype, got {importance.dtype}")
-            _not_meta(importance, "importance")
+            not_meta(importance, "importance")
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                       or (isinstance(threshold, float) and math.isnan(threshold))):
             raise ValueError(f"threshold: expected a number, got {threshold!r}")
@@ -724,7 +717,7 @@ class ParamMap:
         elif isinstance(positions, torch.Tensor):
             if positions.dtype.is_floating_point or positions.dtype == torch.bool or positions.dtype.is_complex:
                 raise TypeError(f"positions: expected integers, got {positions.dtype}")
-            _not_meta(positions, "positions")
+            not_meta(positions, "positions")
             pos = positions.detach().to("cpu", torch.int64).reshape(-1)
         else:
             raise TypeError(f"positions: expected an int, a sequence of ints or a tensor, got {type(positions).__name__}")

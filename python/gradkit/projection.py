@@ -36,7 +36,7 @@ import torch
 
 from gradkit import ops
 from gradkit.ops import _flag, _int
-from gradkit._rules import device_arg
+from gradkit._rules import dense, device_arg
 from gradkit.kernels.reference.projection import f64_row_scale
 
 __all__ = ["KINDS", "derive_seed", "projection_matrix", "project", "factored_project", "AdafactorNormalizer",
@@ -69,15 +69,8 @@ def _device(device) -> torch.device:
     return device_arg(device)
 
 
-def _dense(t: torch.Tensor, what: str) -> None:
-    """A sparse (or other non-strided) tensor is refused by name (session 42: torch's NotImplementedError /
-    RuntimeError from deep inside the kernels or aminmax, naming nothing the caller passed)."""
-    if t.layout != torch.strided:
-        raise TypeError(f"{what}: expected a dense (strided) tensor, got layout {t.layout}; call .to_dense() first")
-
-
 def _check_moments_tensor(t: torch.Tensor, what: str) -> None:
-    _dense(t, what)
+    dense(t, what)
     if t.is_meta:
         raise ValueError(f"{what}: a meta tensor holds no second moments to normalise by")
 
@@ -158,7 +151,7 @@ def _as_tensor(chunk, what: str) -> torch.Tensor:
             t = torch.from_numpy(arr)
         else:
             raise TypeError(f"{what}: expected a float16/float32/float64 array, got {chunk.dtype}")
-    _dense(t, what)
+    dense(t, what)
     if t.dim() != 2:
         raise ValueError(f"{what}: expected a 2-D (B, D) array, got shape {tuple(t.shape)}")
     if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
@@ -542,7 +535,7 @@ def _factored_project(a, g, p, seed, name, kind, mask, bias, per_token, normaliz
             raise TypeError(f"{nm}: expected a tensor, got {type(t).__name__}")
         if not t.dtype.is_floating_point:
             raise TypeError(f"{nm}: expected a floating tensor, got {t.dtype}")
-        _dense(t, nm)
+        dense(t, nm)
         if t.dim() not in (2, 3):
             raise ValueError(f"{nm}: expected (B, T, features) or (B, features), got shape {tuple(t.shape)}")
     if a.dim() != g.dim() or a.shape[:-1] != g.shape[:-1]:
@@ -558,7 +551,7 @@ def _factored_project(a, g, p, seed, name, kind, mask, bias, per_token, normaliz
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (B, T):
             raise ValueError(f"mask: expected a bool tensor of shape ({B}, {T})")
-        _dense(mask, "mask")
+        dense(mask, "mask")
         if mask.device != a.device:
             raise ValueError(f"mask: on {mask.device} but a is on {a.device}")
     if normalizer is not None and not isinstance(normalizer, (AdafactorNormalizer, AdamNormalizer)):

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from gradkit import ops
-from gradkit._rules import floor_count, int_seq
+from gradkit._rules import floor_count, int_seq, not_meta
 from gradkit.kernels.reference.scope import acc_dtype as _acc_dtype, check_soft_values as _check_soft_values
 
 __all__ = ["View", "BlockSpec", "BlockCoupling", "ScopeSpec", "ScopeCoupling", "CouplingError",
@@ -95,7 +95,7 @@ def _ints(v, what: str) -> Tuple[int, ...]:
 def _tensor_arg(t, what: str) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{what}: expected a tensor, got {type(t).__name__}")
-    _not_meta(t, what)
+    not_meta(t, what)
 
 
 def _check_data(data, x: Tensor) -> None:
@@ -123,13 +123,6 @@ def _score_arg(t: Tensor, what: str) -> None:
     _tensor_arg(t, what)
     if not t.is_floating_point():
         raise TypeError(f"{what}: expected a floating tensor, got {t.dtype}")
-
-
-def _not_meta(t: Tensor, what: str) -> None:
-    """A meta tensor has no values: as scores, masks or thresholds it gave meta masks, a silent no-op, or torch's
-    "Tensor.item() cannot be called on meta tensors" naming no argument (session 42)."""
-    if t.is_meta:
-        raise ValueError(f"{what}: is a meta tensor (no data); pass the materialised tensor")
 
 
 def _ties(ties: str) -> bool:
@@ -184,7 +177,7 @@ def _check_thresholds(t: Tensor, what: str = "thresholds", nonneg: bool = False)
     """NaN thresholds are refused (a NaN comparison would silently zero, or keep, every block);
     ``nonneg``: so are negative ones (a negative group-lasso threshold scales blocks *up*)."""
     if isinstance(t, Tensor):
-        _not_meta(t, what)
+        not_meta(t, what)
         if t.is_complex():  # no order: torch's ">=" raised NotImplementedError naming no argument (session 42)
             raise TypeError(f"{what}: expected real thresholds, got {t.dtype}")
     if not isinstance(t, Tensor) or not t.is_floating_point() or t.numel() == 0:
@@ -555,8 +548,8 @@ class BlockSpec(SparseBlock):
         v = self.view.resolve(values, what)
         if floating and not v.is_floating_point():  # named here: the kernels' own error names their "x"
             raise TypeError(f"{what}: expected a floating tensor, got {v.dtype}")
-        if v.is_meta and not self.view.param.is_meta:  # scores without values gave meta masks (session 42)
-            raise ValueError(f"{what}: is a meta tensor (no data); pass the materialised tensor")
+        if not self.view.param.is_meta:  # scores without values gave meta masks (session 42)
+            not_meta(v, what)
         return v
 
     _resolve_values = resolve

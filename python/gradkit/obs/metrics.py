@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from gradkit._rules import all_finite, check_symmetric, flag, int_arg
+from gradkit._rules import all_finite, check_symmetric, flag, int_arg, not_meta
 
 __all__ = ["output_error", "resolve", "damped_hessian", "NotPositiveDefiniteError"]
 
@@ -45,8 +45,7 @@ def _check_matrix(t, what: str, *, dims: int = 2) -> Tensor:
         raise ValueError(f"{what}: expected a {dims}-D tensor, got shape {tuple(t.shape)}")
     if t.dtype not in _FLOATS:
         raise TypeError(f"{what}: expected a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
-    if t.is_meta:  # session 42: torch's "Tensor.item() cannot be called on meta tensors" named no argument
-        raise ValueError(f"{what}: is a meta tensor (no data); pass the materialised tensor")
+    not_meta(t, what)  # session 42: torch's "Tensor.item() cannot be called on meta tensors" named no argument
     return t
 
 

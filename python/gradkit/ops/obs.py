@@ -13,7 +13,7 @@ import torch
 
 from gradkit import _ext
 from gradkit.kernels.reference import obs as _ref
-from gradkit.kernels.reference.scope import check_inplace as _check_inplace
+from gradkit.kernels.reference.scope import check_inplace as _check_inplace, is_fake
 from gradkit.ops import (_REAL, _check_read_no_grad, _check_typed, _check_writable, _fake_check, _flag, _impl, _int,
                          _isfinite, _wrote, backend)
 
@@ -123,8 +123,6 @@ def obs_shared_prune(w: torch.Tensor, c: torch.Tensor, cinv: torch.Tensor, pidx:
     """
     # traced by torch.compile: pidx's entries are data (a data-dependent guard, an error under fullgraph=True);
     # the op checks them when it runs (C++ kernels, Triton launcher)
-    from gradkit.ops.overlap import is_fake
-
     E = check_obs_shared_prune(w, c, cinv, pidx, E, local,
                                values=not (torch.compiler.is_dynamo_compiling() or is_fake(pidx)))
     return _impl("obs_shared_prune", "obs")(w, c, cinv, pidx, E, local)

@@ -23,31 +23,14 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from gradkit.kernels.reference.scope import byte_span
+from gradkit.kernels.reference.scope import addressless, byte_span
 
 __all__ = ["check_no_overlap", "spans_meet"]
 
 
-def is_fake(t) -> bool:
-    """A fake tensor (FakeTensorMode, AOT tracing; functional wrappers of one too): no data, no address. The skips
-    for tracing test this and ``torch.compiler.is_dynamo_compiling()``, not ``torch.compiler.is_compiling()``: that
-    one is a process-wide flag set for a whole compile session, so an eager call on another thread while any
-    torch.compile ran skipped the checks (session 42: an inference tensor was written in place, silently)."""
-    try:
-        from torch._subclasses.fake_tensor import is_fake as _is_fake
-    except ImportError:  # pragma: no cover
-        return False
-    return _is_fake(t)
-
-
 def _skip(t) -> bool:
-    """Tensors without addresses to compare: absent, empty, meta / fake (tracing) or storage-less."""
-    if t is None or t.numel() == 0 or t.device.type == "meta" or is_fake(t):
-        return True
-    try:
-        return t.data_ptr() == 0
-    except Exception:  # noqa: BLE001 - FakeTensor, functional or other wrapper tensors: nothing to compare
-        return True
+    """Tensors without addresses to compare: absent, empty, or :func:`addressless` (meta / fake, storage-less)."""
+    return t is None or t.numel() == 0 or addressless(t)
 
 
 def _byte_span(t: torch.Tensor) -> Tuple[int, int]:

@@ -11,7 +11,7 @@ from itertools import combinations
 import torch
 from torch import Tensor
 
-from gradkit.kernels.reference.scope import byte_span, check_inplace
+from gradkit.kernels.reference.scope import addressless, byte_span, check_inplace
 
 SCORE_EPS = 1e-8
 BLOCK_EPS = 1e-4
@@ -299,21 +299,10 @@ def check_sweep(w: Tensor, err: Tensor, u: Tensor, prune: Tensor, start: int, st
             raise ValueError(f"{name}: shares memory with {'w' if name == 'err' else 'w or err'}")
 
 
-def _addressless(t: Tensor) -> bool:
-    from gradkit.ops.overlap import is_fake
-
-    if torch.compiler.is_dynamo_compiling() or t.device.type == "meta" or is_fake(t):  # (Dynamo cannot trace
-        return True  # data_ptr; a fake tensor's is deprecated)
-    try:
-        return t.data_ptr() == 0
-    except Exception:  # noqa: BLE001 - FakeTensor, functional or other wrapper tensors: no address to compare
-        return True
-
-
 def _shares(a: Tensor, b: Tensor) -> bool:
     """Whether a's and b's address ranges meet (conservative for interleaved views). Tensors without addresses
     (fake / meta: a fake impl's checks, torch.compile tracing) meet nothing: the kernels check when they run."""
-    if a.numel() == 0 or b.numel() == 0 or _addressless(a) or _addressless(b):
+    if a.numel() == 0 or b.numel() == 0 or addressless(a) or addressless(b):
         return False
     (da, a0, a1), (db, b0, b1) = byte_span(a), byte_span(b)
     return da == db and a0 < b1 and b0 < a1

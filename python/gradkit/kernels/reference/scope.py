@@ -218,6 +218,30 @@ def byte_span(t: torch.Tensor):
     return t.device, t.data_ptr(), t.data_ptr() + extent * t.element_size()
 
 
+def is_fake(t) -> bool:
+    """A fake tensor (FakeTensorMode, AOT tracing; functional wrappers of one too): no data, no address. The skips
+    for tracing test this and ``torch.compiler.is_dynamo_compiling()``, not ``torch.compiler.is_compiling()``: that
+    one is a process-wide flag set for a whole compile session, so an eager call on another thread while any
+    torch.compile ran skipped the checks (session 42: an inference tensor was written in place, silently)."""
+    try:
+        from torch._subclasses.fake_tensor import is_fake as _is_fake
+    except ImportError:  # pragma: no cover
+        return False
+    return _is_fake(t)
+
+
+def addressless(t: torch.Tensor) -> bool:
+    """t has no address to compare (the overlap checks skip it; the kernels check when they run): while Dynamo
+    traces (it cannot trace data_ptr), a meta or fake tensor (a fake's data_ptr is deprecated), or one without
+    storage."""
+    if torch.compiler.is_dynamo_compiling() or t.device.type == "meta" or is_fake(t):
+        return True
+    try:
+        return t.data_ptr() == 0
+    except Exception:  # noqa: BLE001 - functional or other wrapper tensors: nothing to compare
+        return True
+
+
 def check_inplace(x: torch.Tensor, what: Optional[str] = None) -> None:
     """An in-place op's x must not cover an element twice (torch's in-place rule and message, as
     ``at::assert_no_internal_overlap``; every backend checks). ``what``: the argument's name, to prefix the
