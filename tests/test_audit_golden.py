@@ -62,18 +62,22 @@ def test_bad_loaded_step_raises_before_any_parameter_changes():
     assert torch.equal(a.detach(), a0)
 
 
-def test_lr_key_added_for_a_scheduler_is_not_silently_ignored():
-    # Before: a LambdaLR (which needs an 'lr' key) set lr to 0 every step and MaskedAdamW kept
-    # stepping at masked_lr / unmasked_lr, silently.
+def test_a_scheduler_setting_lr_scales_both_rates():
+    # session 30 refused an 'lr' added to the group (it was ignored); since session 43 the group's 'lr' is the
+    # schedule's factor of both rates, so a LambdaLR setting it to 0 freezes every entry
     p = torch.nn.Parameter(torch.randn(4))
-    opt = MaskedAdamW({"p": p}, None, masked_lr=1e-2, unmasked_lr=1e-2)
-    opt.param_groups[0]["lr"] = 1e-2
+    opt = MaskedAdamW({"p": p}, {"p": torch.tensor([True, False, True, False])}, masked_lr=1e-2, unmasked_lr=1e-3)
+    assert opt.param_groups[0]["lr"] == 1.0
     torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.0)
     p.grad = torch.randn(4)
     p0 = p.detach().clone()
-    with pytest.raises(ValueError, match=r"^param_groups\[0\]\['lr'\]: "):
+    opt.step()
+    assert torch.equal(p.detach(), p0) and opt.state[p]["step"].item() == 1.0
+    opt.param_groups[0]["lr"] = -1.0
+    p.grad = torch.randn(4)
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]\['lr'\] \(the schedule's factor"):
         opt.step()
-    assert torch.equal(p.detach(), p0) and not opt.state
+    assert torch.equal(p.detach(), p0) and opt.state[p]["step"].item() == 1.0
 
 
 def test_scheduling_masked_lr_still_works():

@@ -271,14 +271,14 @@ def test_masked_adamw_defaults_no_lr_and_bit_exact_unmasked():
     model = torch.nn.Linear(4, 3)
     masks = {n: torch.rand(p.shape) < 0.5 for n, p in model.named_parameters()}
     opt = MaskedAdamW(model.named_parameters(), masks, masked_lr=1e-2, unmasked_lr=0.0)
-    assert "lr" not in opt.param_groups[0]
+    assert opt.param_groups[0]["lr"] == 1.0  # the schedule's factor of both rates
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
     for n, p in model.named_parameters():
         assert torch.equal(p.detach()[~masks[n]], before[n][~masks[n]])
-    opt.param_groups[0]["lr"] = 0.1
-    with pytest.raises(ValueError, match="lr"):
+    opt.param_groups[0]["lr"] = float("nan")
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]\['lr'\]"):
         opt.step()
 
 

@@ -392,22 +392,79 @@ def test_maskedadamw_wrapper_names_are_named_in_the_errors():
         assert not opt.state
 
 
-_SCHEDULERS = [lambda o: torch.optim.lr_scheduler.StepLR(o, 1),
-               lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 0.5),
-               lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 10),
-               lambda o: torch.optim.swa_utils.SWALR(o, 0.05)]
+# (a factor scheduler, the same scheduler for torch.optim.AdamW at the absolute rate `base`)
+_SCHEDULERS = {
+    "StepLR": (lambda o: torch.optim.lr_scheduler.StepLR(o, 1, gamma=0.5),
+               lambda o, base: torch.optim.lr_scheduler.StepLR(o, 1, gamma=0.5)),
+    "LambdaLR": (lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 0.5 ** e),
+                 lambda o, base: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 0.5 ** e)),
+    "CosineAnnealingLR": (lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 4),
+                          lambda o, base: torch.optim.lr_scheduler.CosineAnnealingLR(o, 4)),
+    "LinearLR": (lambda o: torch.optim.lr_scheduler.LinearLR(o, 0.25, 1.0, 10),
+                 lambda o, base: torch.optim.lr_scheduler.LinearLR(o, 0.25, 1.0, 10)),
+    # absolute rates in torch's schedulers are factors of both rates here
+    "SWALR": (lambda o: torch.optim.swa_utils.SWALR(o, 0.05, anneal_epochs=2),
+              lambda o, base: torch.optim.swa_utils.SWALR(o, 0.05 * base, anneal_epochs=2)),
+    "OneCycleLR": (lambda o: torch.optim.lr_scheduler.OneCycleLR(o, 2.0, total_steps=8),
+                   lambda o, base: torch.optim.lr_scheduler.OneCycleLR(o, 2.0 * base, total_steps=8)),
+}
 
 
-@pytest.mark.xfail(strict=True, reason="optim.py:219 MaskedAdamW's group (no 'lr'): torch's LR schedulers and "
-                   "swa_utils.SWALR fail on it with a bare KeyError: 'lr' raised inside torch.optim.lr_scheduler, "
-                   "naming neither MaskedAdamW nor masked_lr / unmasked_lr. Not fixed: a dict subclass whose "
-                   "__missing__ explains 'lr' breaks torch.compile of the training step (dynamo's "
-                   "UserDefinedDictVariable; test_audit_s34_optim.py::test_torch_compile_training_step_matches_eager)")
-@pytest.mark.parametrize("make", _SCHEDULERS, ids=["StepLR", "LambdaLR", "CosineAnnealingLR", "SWALR"])
-def test_torch_lr_schedulers_are_refused_naming_the_rates(make):
-    _, opt = _trained()
-    with pytest.raises(KeyError, match=r"MaskedAdamW.*masked_lr"):
-        make(opt)
+@pytest.mark.parametrize("name", list(_SCHEDULERS))
+def test_torch_lr_schedulers_scale_both_rates_as_adamw_at_each_rate(name):
+    # session 43: the group's 'lr' is a factor of masked_lr / unmasked_lr (before, schedulers failed with a bare
+    # KeyError: 'lr'); each entry steps as torch.optim.AdamW at its own rate under the same schedule
+    ours, theirs = _SCHEDULERS[name]
+    model = _net()
+    opt = MaskedAdamW(model.named_parameters(), _MASKS, 1e-2, 1e-3, amsgrad=True)
+    sched = ours(opt)
+    refs = []
+    for base in (1e-2, 1e-3):
+        ref = _net()
+        t = torch.optim.AdamW(ref.parameters(), lr=base, amsgrad=True, foreach=False)
+        refs.append((ref, t, theirs(t, base)))
+    for s in range(5):
+        for m, o, sc in [(model, opt, sched)] + refs:
+            _grads(m, s)
+            o.step()
+            sc.step()
+    assert opt.param_groups[0]["lr"] != 1.0  # the schedule ran
+    for (n, p), (_, pm), (_, pu) in zip(model.named_parameters(), refs[0][0].named_parameters(),
+                                        refs[1][0].named_parameters()):
+        want = torch.where(_MASKS[n], pm, pu) if n in _MASKS else pu
+        torch.testing.assert_close(p.detach(), want.detach(), rtol=1e-6, atol=1e-7)
+    # a scheduler's state round-trips with the optimizer's
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_reduce_lr_on_plateau_scales_both_rates():
+    model, opt = _trained()
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.1)
+    for loss in (1.0, 2.0, 3.0):
+        sched.step(loss)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _grads(model, 9)
+    opt.param_groups[0]["lr"] = 0.0  # a factor of 0 freezes every entry, masked or not
+    opt.step()
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+
+
+def test_state_dict_saved_without_lr_loads_with_factor_one():
+    # state dicts saved before session 43 have no 'lr' in their group: they load as factor 1 (their rates)
+    model, opt = _trained()
+    sd = opt.state_dict()
+    del sd["param_groups"][0]["lr"]
+    m2, o2 = _trained(steps=0)
+    o2.load_state_dict(sd)
+    assert o2.param_groups[0]["lr"] == 1.0 and "lr" not in sd["param_groups"][0]  # the caller's dict unchanged
+    ref_model, ref_opt = _trained()
+    m2.load_state_dict(model.state_dict())
+    for m, o in ((ref_model, ref_opt), (m2, o2)):
+        _grads(m, 7)
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(ref_model.parameters(), m2.parameters()))
 
 
 @pytest.mark.parametrize("how,rt", _roundtrips() + [("state_dict", None)])
@@ -421,10 +478,7 @@ def test_rates_scheduled_by_their_keys_after_copies_and_loads(how, rt):
         o2.load_state_dict(opt.state_dict())
     else:
         m2, o2 = rt((model, opt))
-    for make in _SCHEDULERS:  # refused (see above), and the optimizer is left able to step
-        with pytest.raises(KeyError):
-            make(o2)
-    assert "lr" not in o2.param_groups[0]
+    assert o2.param_groups[0]["lr"] == 1.0  # the schedule's factor (session 43), copied and loaded
     for e in range(3):  # the documented schedule: edit the group's rates
         for o in (ref_opt, o2):
             o.param_groups[0]["masked_lr"], o.param_groups[0]["unmasked_lr"] = 1e-2 * 0.5 ** e, 1e-3 * 0.5 ** e
@@ -540,3 +594,21 @@ def test_normalizers_copy_and_pickle(how, rt):
     copies = rt(norms)
     assert not _ptrs([norms["0"].v, norms["2"].row]) & _ptrs([copies["0"].v, copies["2"].row])
     assert torch.equal(_rows(model, x, normalizers=norms, bias=True), _rows(model, x, normalizers=copies, bias=True))
+
+
+def test_transformers_get_scheduler_warmup_then_linear_decay():
+    # what transformers' Trainer builds around a user's optimizer: a LambdaLR of factors
+    from transformers import get_scheduler
+    model, opt = _trained(steps=0)
+    sched = get_scheduler("linear", opt, num_warmup_steps=2, num_training_steps=6)
+    seen, moved = [], []
+    for s in range(6):
+        seen.append(opt.param_groups[0]["lr"])
+        before = [p.detach().clone() for p in model.parameters()]
+        _grads(model, s)
+        opt.step()
+        sched.step()
+        moved.append(any(not torch.equal(a, p.detach()) for a, p in zip(before, model.parameters())))
+    assert seen == pytest.approx([0.0, 0.5, 1.0, 0.75, 0.5, 0.25])
+    assert moved == [False] + [True] * 5  # warm-up factor 0: no entry moved, masked or not
+    assert all(opt.state[p]["step"].item() == 6 for p in model.parameters())

@@ -33,7 +33,7 @@ def _nonneg(v: Any, what: str) -> float:
 
 
 def _check_hyper(masked_lr: Any, unmasked_lr: Any, betas: Any, eps: Any, weight_decay: Any,
-                 maximize: Any, amsgrad: Any = False) -> Dict[str, Any]:
+                 maximize: Any, amsgrad: Any = False, lr: Any = 1.0) -> Dict[str, Any]:
     """The validated hyper-parameters of one parameter group (ValueError / TypeError naming the argument)."""
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
@@ -43,7 +43,8 @@ def _check_hyper(masked_lr: Any, unmasked_lr: Any, betas: Any, eps: Any, weight_
     maximize, amsgrad = flag(maximize, "maximize"), flag(amsgrad, "amsgrad")
     return {"masked_lr": _nonneg(masked_lr, "masked_lr"), "unmasked_lr": _nonneg(unmasked_lr, "unmasked_lr"),
             "betas": (float(betas[0]), float(betas[1])), "eps": _nonneg(eps, "eps"),
-            "weight_decay": _nonneg(weight_decay, "weight_decay"), "maximize": maximize, "amsgrad": amsgrad}
+            "weight_decay": _nonneg(weight_decay, "weight_decay"), "maximize": maximize, "amsgrad": amsgrad,
+            "lr": _nonneg(lr, "param_groups[0]['lr'] (the schedule's factor of both rates)")}
 
 
 def _named_list(named_params: NamedParams) -> List[Tuple[str, torch.Tensor]]:
@@ -188,9 +189,12 @@ class MaskedAdamW(torch.optim.Optimizer):
     parameter whose ``.grad`` is None is skipped and its step does not advance.
     ``state_dict()`` also holds the masks (copies) and the parameters' names and shapes, and
     ``load_state_dict`` checks they match before changing anything. The rates live in the
-    parameter group as ``masked_lr`` / ``unmasked_lr`` (a schedule edits those keys); the group
-    has no ``lr``, and ``step`` raises if one was added (e.g. to make a torch LR scheduler run),
-    since it would be ignored.
+    parameter group as ``masked_lr`` / ``unmasked_lr``; the group's ``lr`` (1.0 when built) is a factor
+    that multiplies both, so torch's LR schedulers (``LambdaLR``, ``StepLR``, ``CosineAnnealingLR``,
+    ``LinearLR``, ``OneCycleLR``, ``ReduceLROnPlateau``, ``SWALR``, transformers' ``get_scheduler``) scale
+    both rates alike: entry rate = ``lr * masked_lr`` (or ``lr * unmasked_lr``). Rates a scheduler takes as
+    absolute values (``SWALR``'s ``swa_lr``, ``OneCycleLR``'s ``max_lr``, ``eta_min``, ``min_lr``) are
+    factors here. A schedule may also edit ``masked_lr`` / ``unmasked_lr`` themselves.
 
     Compared with GoldenParams' ``MaskedAdamW``: that optimizer runs two AdamW sub-steps on the
     same state per call (one with each rate, combined by the mask), so every call advances the
@@ -246,12 +250,11 @@ class MaskedAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
         group = self.param_groups[0]
-        if "lr" in group:  # an LR scheduler (or user code) editing 'lr' would otherwise be silently ignored
-            raise ValueError("param_groups[0]['lr']: MaskedAdamW has no 'lr'; its rates are the group's "
-                             "'masked_lr' and 'unmasked_lr' (schedule those keys instead)")
-        # the group's hyper-parameters (a schedule may have edited them) before anything runs or changes
+        # the group's hyper-parameters (a schedule may have edited them) before anything runs or changes; 'lr' is
+        # the factor torch's LR schedulers set (a group without one, from user code deleting it: factor 1)
         hp = _check_hyper(group["masked_lr"], group["unmasked_lr"], group["betas"], group["eps"],
-                          group["weight_decay"], group["maximize"], group.get("amsgrad", False))  # Python floats
+                          group["weight_decay"], group["maximize"], group.get("amsgrad", False),
+                          group.get("lr", 1.0))  # Python floats
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -330,8 +333,8 @@ class MaskedAdamW(torch.optim.Optimizer):
             # checked before the first call
             _check_buckets_disjoint(buckets.values(), hp["amsgrad"])
         for b in buckets.values():
-            ops.masked_adamw_(b["p"], b["g"], b["m"], b["v"], b["bits"], masked_lr=hp["masked_lr"],
-                              unmasked_lr=hp["unmasked_lr"], beta1=beta1, beta2=beta2, eps=hp["eps"],
+            ops.masked_adamw_(b["p"], b["g"], b["m"], b["v"], b["bits"], masked_lr=hp["masked_lr"] * hp["lr"],
+                              unmasked_lr=hp["unmasked_lr"] * hp["lr"], beta1=beta1, beta2=beta2, eps=hp["eps"],
                               weight_decay=hp["weight_decay"], bias_correction1=b["bc1"],
                               bias_correction2_sqrt=b["bc2"], maximize=hp["maximize"],
                               max_exp_avg_sqs=b["vmax"] if hp["amsgrad"] else None)
@@ -395,7 +398,9 @@ class MaskedAdamW(torch.optim.Optimizer):
             raise ValueError(f"state_dict: param_groups[0]['params'] holds {len(saved['params'])} ids "
                              f"({distinct} distinct), expected one per parameter name ({len(names)})")
         _check_hyper(saved["masked_lr"], saved["unmasked_lr"], saved["betas"], saved["eps"], saved["weight_decay"],
-                     saved["maximize"], saved.get("amsgrad", False))
+                     saved["maximize"], saved.get("amsgrad", False), saved.get("lr", 1.0))
+        if "lr" not in saved:  # saved before the group had the schedule's factor (session 43): factor 1, as then
+            groups = [{**saved, "lr": 1.0}]
         by_name = dict(zip(names, params))
         for name, p in by_name.items():
             shape = state_dict["param_shapes"].get(name)
