@@ -513,8 +513,11 @@ at::Tensor project_flat_gemm(const at::Tensor& x_in, int64_t k, int64_t seed, in
   const int64_t B = x_in.size(0), D = x_in.size(1);
   at::Tensor out = at::zeros({B, k}, at::TensorOptions().dtype(at::kFloat));
   if (B == 0 || D == 0) return out;
-  // fp32 x is read in place when its rows are unit-stride; anything else is converted per tile.
-  const bool direct = st == at::kFloat && x_in.stride(1) == 1 && x_in.stride(0) >= std::max<int64_t>(D, 1);
+  // fp32 x is read in place when its rows are unit-stride, 64-byte aligned and a multiple of 16 floats apart, as in
+  // the per-tile float32 copy that anything else gets: MKL's sgemm rounds rows of other alignments differently, so a
+  // slice x[:, :293] of a (B, 300) x gave other bits than its .contiguous() copy (session 43 audit)
+  const bool direct = st == at::kFloat && x_in.stride(1) == 1 && x_in.stride(0) >= std::max<int64_t>(D, 1) &&
+                      x_in.stride(0) % 16 == 0 && reinterpret_cast<uintptr_t>(x_in.data_ptr()) % 64 == 0;
   const at::Tensor x = x_in;
 
   const double inv = inv_sqrt_k(k);

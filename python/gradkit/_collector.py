@@ -943,7 +943,7 @@ class GradientCollector:
             B, src = known
             if rows == B:  # the batch on the first axis ((B, I): a pooled or per-example input; no token to mask)
                 shape = (rows, 1)
-            elif rows % B == 0 and rows // B in tokens:
+            elif B and rows % B == 0 and rows // B in tokens:  # (B = 0: an empty mask; session 43, ZeroDivisionError)
                 # the batch's tokens flattened into the first axis (OPT's fc1 / fc2 get hidden.reshape(-1, H)): the
                 # rows of example b are b*T .. b*T+T-1, so it is collected as the same module fed (B, T, I) would be
                 bt = shape = (B, rows // B)
@@ -1074,9 +1074,12 @@ class GradientCollector:
     def _project(self, name: str, a: Tensor, g: Tensor, mask: Optional[Tensor], mask_all: bool = False,
                  bt: Optional[Tuple[int, int]] = None) -> Tensor:
         b, i, o = (a.shape[0] if bt is None else bt[0]), a.shape[-1], g.shape[-1]
-        # a (B * T, I) input (bt set) is the row-major flattening of (B, T, I): the same rows as that input would give
-        a3 = a.reshape(b, -1, i)
-        g3 = g.reshape(b, -1, o)
+        # a (B * T, I) input (bt set) is the row-major flattening of (B, T, I): the same rows as that input would give.
+        # T spelled out, not -1 (session 43: an empty batch, B = 0, was torch's "cannot reshape tensor of 0
+        # elements" RuntimeError in the backward pass, where project / factored_project give (0, p*p) rows)
+        t = bt[1] if bt is not None else math.prod(a.shape[1:-1])
+        a3 = a.reshape(b, t, i)
+        g3 = g.reshape(b, t, o)
         if mask is not None:  # its shape was checked against the input's (B, T) in the forward hook
             if a.dim() == 2 and bt is None:
                 mask = None  # no token axis in this module's input: nothing is padding

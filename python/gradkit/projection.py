@@ -201,6 +201,14 @@ def project(x: Union[torch.Tensor, "object", Callable[[], Iterable], Iterable], 
         if out.requires_grad and out.is_leaf and torch.is_grad_enabled():
             raise ValueError("out: a leaf tensor that requires grad cannot be written in place (use "
                              "torch.no_grad(), or let project return a new tensor)")
+        # session 43: both were torch's RuntimeError from out.copy_, after the whole projection (a stream consumed)
+        root = out if out._base is None else out._base
+        if root.requires_grad and root.is_leaf and torch.is_grad_enabled():
+            raise ValueError("out: a view of a leaf tensor that requires grad cannot be written in place (use "
+                             "torch.no_grad(), or let project return a new tensor)")
+        if not torch.compiler.is_dynamo_compiling() and not torch.is_inference_mode_enabled() and out.is_inference():
+            raise ValueError("out: an inference tensor (made under torch.inference_mode()) cannot be written in "
+                             "place outside inference mode; clone it, or call project inside torch.inference_mode()")
 
     def check_out(rows: int, device: torch.device) -> None:
         """out's rows and device against the result's, before any projection (k was checked above)."""

@@ -105,3 +105,51 @@ if _ext.has_op("score_topk"):
     torch.library.register_fake("gradkit::score_topk", _score_topk_fake, _stacklevel=_ext.ops_package_stacklevel())
 
     _ext.register_triton_for_cuda("search", ("score_topk",))  # Triton where CUDA C++ was not built
+
+    def _score_topk_setup(ctx, inputs, output):
+        queries, keys, k, largest, key_scale, scores_in, idx_in, base = inputs
+        ctx.save_for_backward(queries, keys, key_scale, idx_in, output[1])
+        ctx.base = int(base)
+        ctx.mark_non_differentiable(output[1])
+
+    def _score_topk_backward(ctx, g_scores, _g_idx):
+        """The gradient of each kept score: a slot whose row is in this block (base <= idx < base + N) holds
+        <queries[q], keys[idx - base]> (times key_scale[idx - base]); any other filled slot holds the scores_in
+        entry with that row (the first, if idx_in repeats it); empty slots (idx -1) hold no input. The composite
+        (torch) path's autograd gives the same; before session 43 the C++ op's scores required grad but their
+        backward gave no gradient, with only a warning."""
+        queries, keys, key_scale, idx_in, idx = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        N = keys.shape[0]
+        r = idx - ctx.base
+        in_block = (idx >= 0) & (r >= 0) & (r < N)
+        g = torch.where(in_block, g_scores, torch.zeros((), dtype=g_scores.dtype, device=g_scores.device))
+        rows = torch.where(in_block, r, torch.zeros((), dtype=r.dtype, device=r.device))
+        d_q = d_keys = d_scale = d_in = None
+        if (need[0] or need[1] or need[4]) and N:
+            kr = keys[rows].float()  # (Q, k, D)
+            ks = key_scale[rows] if key_scale is not None else None
+            gk = g if ks is None else g * ks
+            if need[0]:
+                d_q = torch.einsum("qj,qjd->qd", gk, kr)
+            if need[1]:
+                contrib = (gk[:, :, None] * queries.float()[:, None, :]).reshape(-1, keys.shape[1])
+                d_keys = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device).index_add_(
+                    0, rows.reshape(-1), contrib).to(keys.dtype)
+            if need[4] and key_scale is not None:
+                dots = torch.einsum("qd,qjd->qj", queries.float(), kr)
+                d_scale = torch.zeros_like(key_scale).index_add_(0, rows.reshape(-1), (g * dots).reshape(-1))
+        elif need[0]:
+            d_q = torch.zeros_like(queries)
+        if need[5] and idx_in is not None:
+            d_in = torch.zeros(idx_in.shape, dtype=g_scores.dtype, device=g_scores.device)
+            if idx_in.shape[1]:
+                from_in = (idx >= 0) & ~in_block
+                match = idx_in[:, None, :] == idx[:, :, None]  # (Q, k, k_in)
+                pos = match.int().argmax(2)  # the first matching slot
+                ok = from_in & match.any(2)
+                d_in.scatter_add_(1, pos, torch.where(ok, g_scores, torch.zeros((), dtype=g_scores.dtype,
+                                                                                device=g_scores.device)))
+        return d_q, d_keys, None, None, d_scale, d_in, None, None
+
+    torch.library.register_autograd("gradkit::score_topk", _score_topk_backward, setup_context=_score_topk_setup)
