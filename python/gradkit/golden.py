@@ -646,7 +646,10 @@ class SparseGradientAccumulator:
         self._idx = {n: m.to_indices(torch.int64 if m.numel > 2**31 - 1 else torch.int32) for n, m in self.masks.items()}
         total = sum(i.numel() for i in self._idx.values())
         dev = next(iter(self._idx.values())).device if self._idx else torch.device("cpu")
-        self._flat = torch.zeros(total, dtype=dtype, device=dev)  # every tensor's sums back to back
+        # every tensor's sums back to back; never an inference tensor (session 43: one built under
+        # torch.inference_mode() refused every later add() outside it, naming an internal "out")
+        with torch.inference_mode(False):
+            self._flat = torch.zeros(total, dtype=dtype, device=dev)
         self._views()
         self.steps = 0
 
@@ -665,6 +668,9 @@ class SparseGradientAccumulator:
 
     def __setstate__(self, state) -> None:
         self.__dict__.update(state)
+        if self._flat.is_inference():  # unpickled under torch.inference_mode(): the sums must stay writable
+            with torch.inference_mode(False):
+                self._flat = self._flat.clone()
         self._views()
 
     def add(self, grads) -> None:

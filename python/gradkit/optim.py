@@ -2,6 +2,7 @@
 per entry by a mask (issue 7)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
@@ -165,6 +166,13 @@ def _bare(name: str) -> str:
     return name
 
 
+def _normal_tensors():
+    """Outside inference mode where it is on (so tensors made inside are normal tensors); else nothing."""
+    if not torch.compiler.is_dynamo_compiling() and torch.is_inference_mode_enabled():
+        return torch.inference_mode(False)
+    return contextlib.nullcontext()
+
+
 class MaskedAdamW(torch.optim.Optimizer):
     """AdamW with a per-entry learning rate: ``masked_lr`` where a parameter's mask is set,
     ``unmasked_lr`` elsewhere, in one fused pass per (device, dtype) per step.
@@ -260,6 +268,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         todo = []
+        inference_outside = not torch.compiler.is_dynamo_compiling() and not torch.is_inference_mode_enabled()
         for name, p in zip(group["param_names"], group["params"]):
             g = p.grad
             if g is None:
@@ -275,6 +284,14 @@ class MaskedAdamW(torch.optim.Optimizer):
             if st:  # the kernels check these too, but per (device, dtype) call: an earlier call may have run
                 keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if hp["amsgrad"] and "max_exp_avg_sq" in st
                                                     else ())
+                for key in keys + ("step",):
+                    t = st.get(key)
+                    # a state tensor made under torch.inference_mode() (loaded, or entered by hand) cannot be updated
+                    # in place outside it: the fused call of its bucket would refuse it after earlier buckets ran
+                    if isinstance(t, torch.Tensor) and inference_outside and t.is_inference():
+                        raise ValueError(f"state[{key!r}] of {name!r}: an inference tensor (made under "
+                                         "torch.inference_mode()), which cannot be updated in place outside it; "
+                                         "step inside torch.inference_mode(), or load a state made outside it")
                 for key in keys:
                     t = st.get(key)
                     if not isinstance(t, torch.Tensor) or t.shape != p.shape or t.device != p.device \
@@ -303,14 +320,17 @@ class MaskedAdamW(torch.optim.Optimizer):
         fresh_max = {}  # amsgrad turned on for a parameter with state: its maximum starts at 0 (torch's initial value)
         for name, p, g in todo:
             st = self.state.get(p)
-            if not st:
-                st = fresh[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
-                                 "exp_avg": torch.zeros_like(p, memory_format=torch.contiguous_format),
-                                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.contiguous_format)}
-                if hp["amsgrad"]:
-                    st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            elif hp["amsgrad"] and "max_exp_avg_sq" not in st:
-                fresh_max[p] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            # state made under torch.inference_mode() is made as normal tensors (session 43: inference tensors there
+            # made every later step outside inference mode fail, after other (device, dtype) buckets had stepped)
+            with _normal_tensors():
+                if not st:
+                    st = fresh[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
+                                     "exp_avg": torch.zeros_like(p, memory_format=torch.contiguous_format),
+                                     "exp_avg_sq": torch.zeros_like(p, memory_format=torch.contiguous_format)}
+                    if hp["amsgrad"]:
+                        st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                elif hp["amsgrad"] and "max_exp_avg_sq" not in st:
+                    fresh_max[p] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             step = float(st["step"].item()) + 1
             work = p if p.is_contiguous() else p.contiguous()
             if work is not p:

@@ -314,7 +314,17 @@ class ParamMap:
                     raise TypeError(f"masks[{n!r}]: expected a bool mask or an integer tensor of flat indices, "
                                     f"got {m.dtype}")
                 spec[n] = {"shape": shape, "repr": "indices", "indices": m}
-        return cls(spec)
+        try:
+            return cls(spec)
+        except (TypeError, ValueError) as e:
+            # session 43: an index tensor the entry refused (2-D, out of range, repeated) was named spec[n]['indices'],
+            # an argument from_model's caller never passed: name the mask they gave
+            msg = str(e)
+            for n in masks:
+                pre = f"spec[{n!r}]['indices']"
+                if msg.startswith(pre):
+                    raise type(e)(f"masks[{n!r}]{msg[len(pre):]}") from None
+            raise
 
     def to_spec(self, *, bitmask_as_mask: bool = False) -> Dict[str, Dict[str, Any]]:
         """The GRADIEND-style spec dict (bitmask entries unpacked to masks if asked). Its tensors are copies:

@@ -62,6 +62,7 @@ __all__ = ["View", "BlockSpec", "BlockCoupling", "ScopeSpec", "ScopeCoupling", "
 
 Values = Union[Tensor, Mapping[Any, Tensor], None]
 _TIES = ("exact", "keep")
+_KERNEL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what the scope kernels take
 
 
 class CouplingError(ValueError):
@@ -540,13 +541,19 @@ class BlockSpec(SparseBlock):
         view- or parameter-shaped tensor). ``floating``: scores, which must be floating (a TypeError naming
         ``what``); otherwise any dtype (``block_view`` of int positions)."""
         if values is None:
-            return self.view.data
+            v = self.view.data
+            if floating and v.dtype not in _KERNEL_FLOATS:
+                # session 43: integer / bool / float8 weights reached the kernels, whose error named their "x"
+                who = f"BlockSpec {self.name}" if self.name else "BlockSpec"
+                raise TypeError(f"{who} weights: expected a floating tensor (float16, bfloat16, float32 or float64), "
+                                f"got {v.dtype}")
+            return v
         if isinstance(values, Mapping):
             if self not in values:
                 raise _NoEntry(f"{what}: no entry for {self!r}")
             values = values[self]
         v = self.view.resolve(values, what)
-        if floating and not v.is_floating_point():  # named here: the kernels' own error names their "x"
+        if floating and v.dtype not in _KERNEL_FLOATS:  # named here: the kernels' own error names their "x"
             raise TypeError(f"{what}: expected a floating tensor, got {v.dtype}")
         if not self.view.param.is_meta:  # scores without values gave meta masks (session 42)
             not_meta(v, what)
@@ -598,6 +605,7 @@ class BlockSpec(SparseBlock):
         """Zero every block where the grid-shaped bool ``keep`` is False (exact zeros)."""
         self._check_grid(keep, "keep")
         _mask_arg(keep, "keep")
+        self.resolve(None, floating=True)  # the weights' dtype, named (the kernel's error names its "x")
         _check_writable([self])
         ops.block_apply_mask_(self.view.data, self.shape, keep.to(torch.bool))
 
@@ -627,6 +635,7 @@ class BlockSpec(SparseBlock):
         precision); NaN thresholds are refused."""
         self._check_grid(thresholds, "thresholds")
         _check_thresholds(thresholds)
+        self.resolve(None, floating=True)  # the weights' dtype, named (the kernel's error names its "x")
         _check_writable([self])
         # float32 norms for half weights (_rank_norms), as the couplings compare: a norm rounded to bf16 / fp16
         # first could keep a block below its threshold or zero one above it
@@ -642,6 +651,7 @@ class BlockSpec(SparseBlock):
         self._check_grid(block_thresholds, "thresholds")
         _check_thresholds(block_thresholds, nonneg=True)
         _check_soft_scalars(max_iter, atol, eps)
+        self.resolve(None, floating=True)  # the weights' dtype, named (the kernel's error names its "x")
         _check_writable([self])
         # the step writes .data, outside autograd (SparseKit's proximal step): thresholds and conditioners that
         # require grad are read as values, as the weights are
@@ -1087,6 +1097,7 @@ class ScopeSpec(SparseScope):
         nnz = self._check_nnz(nnz)
         spec = self._single()
         if spec is not None and not (self.numscp() == 1 and self.numblk_per_scope() > 1 << 16 and not keep_ties):
+            spec.resolve(None, floating=True)  # the weights' dtype, named (the kernel's error names its "x")
             _check_writable([spec])
             v = None if values is None else spec.resolve(values, floating=True)
             if v is None or v.dtype == spec.view.data.dtype:
