@@ -224,17 +224,12 @@ def _atomic_write_json(path: Path, obj) -> None:
     data = json.dumps(obj, indent=1).encode()
     fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
         try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    os.close(fd)
-    try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        # (one handler from the write to the replace: an interrupt right after the close left the .tmp behind)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -1551,7 +1546,9 @@ class GradientIndex:
             pos += take
 
     def commit(self) -> None:
-        """Make every appended row durable: fsync the data, then atomically replace the header."""
+        """Make every appended row durable: fsync the data, then atomically replace the header. A commit that fails
+        or is interrupted (KeyboardInterrupt) before the header is replaced goes back to the last commit (the rows
+        appended since are discarded); once it is replaced, the rows stay committed."""
         self._check_writable("commit")
         state = None
         try:
@@ -1576,13 +1573,21 @@ class GradientIndex:
             raise OSError(e.errno, f"gradkit.index: committing {self.path} failed ({e.strerror or e}); "
                           f"{self._failed_state()}") from e
         except BaseException:
-            # interrupted (KeyboardInterrupt): if the header was replaced already, these rows are committed on
-            # disk, and a later rollback to the old snapshot would truncate rows the header lists
+            # interrupted (KeyboardInterrupt, or any other non-OSError): if the header was replaced already, these
+            # rows are committed on disk, and a later rollback to the old snapshot would truncate rows the header
+            # lists. If it was not (session 43: the writer went on counting the rows, so an append retried after
+            # the interrupt stored them twice), back to the last commit, as a failed commit does; a header that
+            # could not be read leaves the writer as it was (it may list the rows).
+            published = None
             try:
-                if state is not None and _read_json(self._state_path(), "commit") == json.loads(json.dumps(state)):
-                    self._commit_snapshot()
-            except BaseException:  # noqa: BLE001 - unreadable or not written yet: the old snapshot stands
+                published = state is not None and \
+                    _read_json(self._state_path(), "commit") == json.loads(json.dumps(state))
+            except BaseException:  # noqa: BLE001 - unreadable: which rows it lists is unknown
                 pass
+            if published:
+                self._commit_snapshot()
+            elif published is False:
+                self._rollback()
             raise
         self._commit_snapshot()
 

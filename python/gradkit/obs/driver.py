@@ -1376,8 +1376,18 @@ def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, ch
                         bar.update(1)
                     if callback is not None:
                         callback(rep)
-                for mod, w in pending:  # the group's layers enter the model together
-                    mod.weight.copy_(w)
+                # the group's layers enter the model together. An interrupt between two copies (a KeyboardInterrupt
+                # is raised between bytecodes, so after a whole copy) left part of the group pruned and the rest dense
+                # (session 43); the group is pruned and checkpointed already, so its remaining copies are made before
+                # the interrupt propagates: the model holds all of a group or none of it
+                i = 0
+                try:
+                    for i, (mod, w) in enumerate(pending):
+                        mod.weight.copy_(w)
+                except BaseException:
+                    for mod, w in pending[i:]:
+                        mod.weight.copy_(w)
+                    raise
                 in_model.extend(n for n, _ in group)
                 del hs
             _same_weights_on_every_rank(group)
