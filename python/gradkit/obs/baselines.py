@@ -64,6 +64,16 @@ def _scope_hessian_args(scope, hessian: Tensor, nnz, damp) -> Tuple[ObsLayout, i
     return lay, nnz, _check_damp(damp)
 
 
+def _check_inplace_weight(lay: ObsLayout, inplace: bool) -> None:
+    """``inplace=True`` writes the scope's weight: an inference tensor (made under ``torch.inference_mode()``) is
+    refused outside inference mode before any work, as gradkit's in-place ops refuse it (session 43: the write-back's
+    ``copy_`` wrote the pruned values into it and only then raised torch's RuntimeError, after the whole pruning)."""
+    if inplace:
+        from gradkit.ops import _check_not_inference
+
+        _check_not_inference((lay.weight,), "weight (the scope's parameter)")
+
+
 def _keep_top(scores: Tensor, nnz: int) -> Tensor:
     """(S, gs) scores -> bool keep mask with exactly nnz per row; ties keep the lowest index."""
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
@@ -94,6 +104,7 @@ def magnitude(scope, nnz: int, inplace: bool = False) -> Tensor:
     lay = _layout(scope)
     nnz = _check_nnz(nnz)
     inplace = flag(inplace, "inplace")
+    _check_inplace_weight(lay, inplace)
     if nnz >= lay.gs or lay.S == 0:
         return lay.weight.detach().clone()
     w = lay.weight.detach().reshape(-1)
@@ -107,6 +118,7 @@ def obd(scope, hessian: Tensor, nnz: int, damp: float = 0.0, inplace: bool = Fal
     the others, no compensation. A dead column (``H_jj == 0``) has saliency ``lam w^2``."""
     lay, nnz, damp = _scope_hessian_args(scope, hessian, nnz, damp)
     inplace = flag(inplace, "inplace")
+    _check_inplace_weight(lay, inplace)
     if nnz >= lay.gs or lay.S == 0:
         return lay.weight.detach().clone()
     hdiag = hessian.detach().diagonal().to(device=lay.weight.device, dtype=torch.float64)
@@ -502,6 +514,7 @@ def sparsegpt(scope, hessian: Tensor, nnz: int, damp: float = 0.01, blocksize: i
     lay, nnz, damp = _scope_hessian_args(scope, hessian, nnz, damp)
     blocksize, progress, inplace, dtype, return_mask = _sparsegpt_options(blocksize, progress, inplace, dtype,
                                                                           return_mask)
+    _check_inplace_weight(lay, inplace)
     if nnz >= lay.gs or lay.S == 0:
         out = lay.weight.detach().clone()
         keep = torch.ones(lay.M, lay.K, dtype=torch.bool, device=out.device)

@@ -339,7 +339,8 @@ def resolve(W: Tensor, H: Tensor, mask: Tensor, damp: float = 0.0, out: Optional
     Only Cholesky factorisations are used (never batched ``linalg.inv``/``solve``). ``dtype``
     (float32 default, or float64) is the compute precision; a float32 factorisation that fails on
     a nearly singular ``H`` may succeed in float64. Rows with an empty support become 0;
-    rows with a full support are returned unchanged (no factorisation: ``H`` need not be positive
+    rows with a full support keep their weights as rounded to ``dtype`` (a float64 ``W`` with the default
+    float32 comes back rounded to float32 there too; no factorisation: ``H`` need not be positive
     definite for them). Kept columns with ``H[j, j] == 0`` keep their weight. ``progress=True``
     shows a tqdm bar over the rows solved (a 50 % layer costs about ``M K^3 / 24`` multiply-adds).
     Returns ``W'`` in ``W``'s dtype (into ``out`` when given; ``out`` is written only on
@@ -372,6 +373,11 @@ def resolve(W: Tensor, H: Tensor, mask: Tensor, damp: float = 0.0, out: Optional
         if out.layout != torch.strided or torch._debug_has_internal_overlap(out) == 1:
             raise ValueError("out: several elements share one memory location (an expanded tensor), or it is not "
                              "dense; pass a fresh tensor")
+        # session 43: copy_ wrote an inference tensor (made under torch.inference_mode()) and then raised torch's
+        # RuntimeError, after the whole solve; refused first, as gradkit's in-place ops refuse it
+        from gradkit.ops import _check_not_inference
+
+        _check_not_inference((out,), "out")
         if out.requires_grad and out.is_leaf and torch.is_grad_enabled():
             raise ValueError("out: a leaf tensor that requires grad cannot be written in place; pass out.detach() "
                              "or call resolve under torch.no_grad()")
