@@ -46,6 +46,12 @@ if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("GRADKIT_TEST_SL
 
     fast_nested_calls()
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # float32 -> bfloat16 casts rounded to nearest even, as on the GPU (the interpreter truncates them)
+    from gradkit.kernels.triton._interp import exact_bfloat16_casts  # noqa: E402
+
+    exact_bfloat16_casts()
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

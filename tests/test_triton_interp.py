@@ -94,3 +94,34 @@ def test_same_results_as_the_plain_interpreter(monkeypatch):
     slow = _run(x)
     assert len(walks) > 100  # it did walk at every nested call (125 programs x 3 calls)
     assert torch.equal(fast, slow)
+
+
+@triton.jit
+def _to_bf16_kernel(x_ptr, o_ptr, o_rne_ptr, o_rtz_ptr, h_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs)
+    tl.store(o_ptr + offs, x.to(tl.bfloat16))
+    tl.store(o_rne_ptr + offs, x.to(tl.bfloat16, fp_downcast_rounding="rtne"))
+    tl.store(o_rtz_ptr + offs, x.to(tl.bfloat16, fp_downcast_rounding="rtz"))
+    tl.store(h_ptr + offs, x.to(tl.float16).to(tl.bfloat16))  # fp16 -> bf16 goes through float32
+
+
+def test_float32_to_bfloat16_casts_round_to_nearest_even_as_on_the_gpu():
+    # session 43: the interpreter truncated float32 -> bfloat16 (1/sqrt(3) stored as 0.5742, not 0.5781), so Triton
+    # kernels storing bfloat16 gave other bits under TRITON_INTERPRET=1 than on a GPU (cvt.rn.bf16.f32) and torch
+    assert _interp.exact_bfloat16_casts()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, generator=g) * torch.logspace(-40, 38, 256).float()
+    x[:12] = torch.tensor([3 ** -0.5, 1.00390625, 1.01171875, -1.01171875, 3.4e38, -3.4e38, 1e-40, 0.0, -0.0,
+                           float("nan"), float("inf"), float("-inf")])
+    outs = [torch.empty(256, dtype=torch.bfloat16) for _ in range(4)]
+    _to_bf16_kernel[(1,)](x, *outs, BLOCK=256)
+    want = x.to(torch.bfloat16).view(torch.int16)
+    assert torch.equal(outs[0].view(torch.int16), want) and torch.equal(outs[1].view(torch.int16), want)
+    assert outs[0][0].item() == 0.578125 and outs[0][2].item() == 1.015625 and outs[0][4].item() == float("inf")
+    # rtz truncates toward zero: the float32 bits with the low 16 cut (subnormals included); NaN stays NaN
+    trunc = (x.view(torch.int32) >> 16).to(torch.int16)
+    nan = x.isnan()
+    assert torch.equal(outs[2].view(torch.int16)[~nan], trunc[~nan]) and outs[2][nan].isnan().all()
+    assert outs[2][6].item() != 0 and outs[2][0].item() == 0.57421875
+    assert torch.equal(outs[3].view(torch.int16), x.to(torch.float16).float().to(torch.bfloat16).view(torch.int16))

@@ -76,3 +76,57 @@ def fast_nested_calls() -> bool:
     interp._patch_lang = patch_lang
     _STATE["orig"] = orig
     return True
+
+
+def exact_bfloat16_casts() -> bool:
+    """Make the interpreter round float32 -> bfloat16 conversions to nearest, ties to even, as the GPU does.
+
+    Triton 3.x's interpreter converts float32 to bfloat16 by truncating the mantissa (``cast_impl`` passes no
+    rounding mode to ``_convert_float``; its ``rtne`` mode rounds half up without carrying into the exponent), while
+    on the GPU ``x.to(tl.bfloat16)`` is ``cvt.rn.bf16.f32``: round to nearest even, overflow to inf. So a kernel
+    storing bfloat16 under TRITON_INTERPRET=1 gave other bits than on a GPU and than torch's ``.to(torch.bfloat16)``
+    (session 43: ``projection_matrix_`` into a bfloat16 out gave 0.5742 for 1/sqrt(3), not 0.5781). The
+    replacement converts with torch's float32 -> bfloat16 cast for the default and ``rtne`` modes and cuts the low 16
+    bits for ``rtz`` (the interpreter's own ``rtz`` mangled subnormals); other conversions are unchanged. Where the interpreter's internals differ
+    from what this expects (another Triton), it does nothing and returns False."""
+    if _STATE.get("bf16"):
+        return True
+    try:
+        import numpy as np
+        import torch
+        import triton.language as tl
+        from triton.runtime import interpreter as interp
+    except Exception:  # noqa: BLE001 - no triton: nothing to fix
+        return False
+    builder = getattr(interp, "InterpreterBuilder", None)
+    handle = getattr(interp, "TensorHandle", None)
+    rounding = getattr(getattr(interp, "_ir", None), "ROUNDING_MODE", None)
+    if builder is None or handle is None or rounding is None or not hasattr(builder, "cast_impl") \
+            or not hasattr(builder, "create_fp_to_fp"):
+        return False
+    cast_orig, fp_orig = builder.cast_impl, builder.create_fp_to_fp
+
+    def to_bf16(src):
+        x = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+        return handle(x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return to_bf16(src)
+        return cast_orig(self, src, dst_type)
+
+    def to_bf16_rtz(src):  # the float32 bits with the low 16 cut (the interpreter's own rtz mangles subnormals)
+        x = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+        cut = (x.view(torch.int32) >> 16).to(torch.int16)
+        cut = torch.where(x.isnan(), x.to(torch.bfloat16).view(torch.int16), cut)  # NaN stays NaN
+        return handle(cut.numpy().view(np.uint16), tl.bfloat16)
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return to_bf16_rtz(src) if rounding_mode == rounding.RTZ else to_bf16(src)
+        return fp_orig(self, src, dst_type, rounding_mode)
+
+    builder.cast_impl = cast_impl
+    builder.create_fp_to_fp = create_fp_to_fp
+    _STATE["bf16"] = True
+    return True
