@@ -1441,7 +1441,7 @@ class GradientIndex:
                 raise ValueError("num_tokens: required for a per-token index (token count of each example)")
             if isinstance(num_tokens, torch.Tensor):
                 _no_meta(num_tokens, "num_tokens")  # (session 42: torch's NotImplementedError before)
-                counts = num_tokens.detach().cpu()
+                counts = num_tokens.detach().cpu().resolve_neg()  # a negative-bit view: numpy() refuses it
             else:
                 try:  # (session 42) strings, None or ints past uint64 in a list: torch's TypeError naming nothing
                     counts = torch.as_tensor(np.asarray(num_tokens))
@@ -1487,7 +1487,9 @@ class GradientIndex:
         first = len(self)
         row_ids = torch.full((n,), -1, dtype=torch.int64)
         row_ids[finite] = torch.arange(first, first + stored.shape[0], dtype=torch.int64)
-        raw = stored.contiguous()
+        # resolve_neg: a float32 view with torch's negative bit set (z.conj().imag, torch._neg_view) reached numpy()
+        # unconverted (same dtype, already contiguous), which raised torch's RuntimeError (session 43)
+        raw = stored.resolve_neg().contiguous()
         if self._dname == "bfloat16":
             raw = raw.view(torch.int16)
         buf = raw.numpy()
@@ -2035,8 +2037,10 @@ class GradientIndex:
                 if not op.exists():
                     raise IndexFormatError(f"open: per-token bergson index {dd} lacks offsets.npy")
                 offs = _read_npy_ints(op, num + 1)
+                # the differences in int64: unsigned ones wrapped (uint64 [0, 5, 3] passed as increasing, session 43,
+                # and was refused later as "negative token counts"); an entry past int64 wraps negative, so it is refused
                 if offs.ndim != 1 or offs.dtype.kind not in "iu" or len(offs) < 1 or offs[0] != 0 \
-                        or int(offs[-1]) != num or (np.diff(offs) < 0).any():
+                        or int(offs[-1]) != num or (np.diff(offs.astype(np.int64)) < 0).any():
                     raise IndexFormatError(f"open: {op} is not a valid offsets array for {num} rows")
                 counts_all.append(np.diff(offs).astype(np.int64))
             elif counts_all:
