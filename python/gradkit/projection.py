@@ -38,6 +38,7 @@ from gradkit import ops
 from gradkit.ops import _flag, _int
 from gradkit._rules import dense, device_arg
 from gradkit.kernels.reference.projection import f64_row_scale
+from gradkit.kernels.reference.scope import is_fake
 
 __all__ = ["KINDS", "derive_seed", "projection_matrix", "project", "factored_project", "AdafactorNormalizer",
            "AdamNormalizer", "MATRIX_CACHE_BYTES", "clear_matrix_cache"]
@@ -163,11 +164,17 @@ def _project_f64_chunk(t: torch.Tensor, k: int, seed: int, kd: int, c0: int) -> 
     """One float64 column chunk's partial projection, in float64. A chunk's float32 partial could be +-inf where the
     whole row's projection is finite (+v in one chunk, -v in the next, past float32's range: inf - inf = NaN), or
     lose tiny values to subnormals: each row is divided by ``f64_row_scale``'s power of two (1 for rows within range,
-    NaN / Inf rows and zero rows), projected, and multiplied back in float64. No data-dependent branch (torch.compile
-    traces it as is)."""
+    NaN / Inf rows and zero rows), projected, and multiplied back in float64. No data-dependent branch under
+    torch.compile (it traces the divided form as is); outside it, a chunk none of whose rows needs a divisor is
+    projected as it is (no divided copy)."""
     if t.shape[1] == 0:  # a chunk with no columns (a stream may yield one): nothing to add; aminmax refuses it
         return torch.zeros(t.shape[0], k, dtype=torch.float64, device=t.device)
-    up = f64_row_scale(t)[1]
+    wide, up = f64_row_scale(t)
+    if not torch.compiler.is_compiling() and not is_fake(t) and not bool(wide.any()):  # (fake: no data to branch on)
+        # (session 43) every row within range (the usual case): t / up, a float64 copy of the whole chunk, divided
+        # by ones; it doubled a float64 chunk's memory (a float64 memmap's default ~64 MiB chunk: 128 MiB). The
+        # same bits: x / 1 is x, and the products by 1 are exact.
+        return ops.project_flat(t, k, seed, kd, c0).to(torch.float64)
     return ops.project_flat(t / up, k, seed, kd, c0).to(torch.float64) * up
 
 
@@ -260,6 +267,7 @@ def project(x: Union[torch.Tensor, "object", Callable[[], Iterable], Iterable], 
                 t = _as_tensor(piece, "x chunk")
                 yield c0, t
                 c0 += t.shape[1]
+                del piece, t  # (session 43) not alive while the source makes the next chunk: one chunk at a time
 
         it = consecutive()
         known_rows = None
@@ -278,6 +286,9 @@ def project(x: Union[torch.Tensor, "object", Callable[[], Iterable], Iterable], 
             acc = acc.double().add_(part)
         else:
             acc = acc.add_(part)
+        # (session 43) this chunk (an array's or a read-only memmap's copy) is dropped before the next one is made:
+        # the loop's names held it while the next was read, so two chunks were resident at once (2 x ~64 MiB)
+        del piece, t, part
     if acc is not None and acc.dtype == torch.float64:
         acc = acc.float()  # float64 chunks' partials are summed in float64 and rounded once
     if acc is None:

@@ -329,7 +329,9 @@ def resolve(W: Tensor, H: Tensor, mask: Tensor, damp: float = 0.0, out: Optional
     docstring; ``damp=0`` gives the plain least squares ``||(W_r - W'_r) X^T||^2``). Its normal
     equations ``Hd[S, S] W'_S = (Hd W_r^T)_S`` are solved in batches of rows of similar support
     size (equal for N:M masks; smaller systems are padded with identity rows, whose solution is 0),
-    ``max_batch_bytes`` bounding each batch's gathered systems:
+    ``max_batch_bytes`` bounding each batch's gathered systems (``c^2 + 3K`` elements of ``dtype`` per row, ``c``
+    its system's size, ``|S|`` or ``|P|`` below; a batch holds at least one row, so a budget below one row's system
+    solves the rows one at a time, exceeding it by that row's system only):
 
     * keep side (``|S| <= |P|``, P the pruned set): ``Cholesky(Hd[S, S])`` + ``cholesky_solve``;
     * prune side (``|P| < |S|``, cheaper for light pruning): the same optimum written with

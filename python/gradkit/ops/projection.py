@@ -209,15 +209,18 @@ def _project_flat_grad(grad: torch.Tensor, D: int, dtype: torch.dtype, k: int, s
     wd = torch.float64 if dtype == torch.float64 else torch.float32
     grad = grad.to(wd)
     step = max(1, _GRAD_CHUNK_ELEMS // max(k, 1))
-    parts = []
+    if D == 0:
+        return grad.new_zeros((grad.shape[0], D), dtype=dtype)
+    # each column chunk's product written into the result, rounded to dtype there (session 43: the products were
+    # collected and torch.cat()-ed, so grad_x was resident twice at the peak; the same bits: each entry is one
+    # product, rounded once)
+    gx = grad.new_empty((grad.shape[0], D), dtype=dtype)
     for c in range(0, D, step):
         cc = min(step, D - c)
         r = projection_matrix(k, cc, seed, kind, k, 0, col0 + c, dtype=wd, device=grad.device)
-        parts.append(grad @ r)
-    if not parts:
-        return grad.new_zeros((grad.shape[0], D), dtype=dtype)
-    gx = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    return gx.to(dtype)
+        gx[:, c:c + cc].copy_(grad @ r)
+        del r  # one chunk of R at a time
+    return gx
 
 
 def _factored_grads(grad, a, g, lt, rt, rb, mask, T, need):
