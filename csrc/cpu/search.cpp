@@ -725,10 +725,13 @@ std::tuple<Tensor, Tensor> score_topk_cpu(const Tensor& queries_in, const Tensor
   if (Q == 0 || k == 0) return {out_s, out_i};
 
   // smallest == largest of the negated scores
-  Tensor q = largest ? queries_in.contiguous() : queries_in.neg().contiguous();  // neg() keeps the strides
-  Tensor keys = (keys_in.stride(1) == 1 || N == 0 || D == 0) ? keys_in : keys_in.contiguous();
+  // detached: the BLAS path's at::mm_out runs in at::parallel_for's workers, whose grad mode is on whatever the
+  // caller's, and refused inputs that require grad ("functions with out=... arguments don't support automatic
+  // differentiation"; session 43 review: every BLAS-path call with queries or keys requiring grad, even under no_grad)
+  Tensor q = (largest ? queries_in.contiguous() : queries_in.neg().contiguous()).detach();  // neg() keeps the strides
+  Tensor keys = ((keys_in.stride(1) == 1 || N == 0 || D == 0) ? keys_in : keys_in.contiguous()).detach();
   Tensor scale;
-  if (key_scale_in.has_value()) scale = key_scale_in->contiguous();
+  if (key_scale_in.has_value()) scale = key_scale_in->contiguous().detach();
   const float* sc = scale.defined() ? scale.data_ptr<float>() : nullptr;
   const bool f32 = keys.scalar_type() == at::kFloat;
 

@@ -459,16 +459,23 @@ class MaskedAdamW(torch.optim.Optimizer):
             if not isinstance(b, torch.Tensor) or b.dtype != torch.uint8:
                 raise TypeError(f"state_dict: masks[{name!r}] is not a packed uint8 bitmask")
             bits[name] = _bits_of(name, b, p, f"state_dict: masks[{name!r}]")
-        super().load_state_dict({"state": state_dict["state"], "param_groups": groups})
-        for st in self.state.values():
-            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                if key in st:  # not in an empty entry
-                    st[key] = st[key].contiguous()
-            if "step" in st:
-                # torch's load keeps the given 'step' tensor itself (never cast), and step() advances it in place: two
-                # optimizers loaded from one state dict (or one loaded twice: a rewind) counted each other's steps, even
-                # where the moments were cast to a half model's dtype and so copied (session 41); a scalar to copy
-                st["step"] = st["step"].clone()
+        # the copies and casts made here are normal tensors also when loading under torch.inference_mode() (session 43
+        # review: the 'step' clone below was an inference tensor there, and every later step outside it was refused)
+        with _normal_tensors():
+            super().load_state_dict({"state": state_dict["state"], "param_groups": groups})
+            for st in self.state.values():
+                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                    if key in st:  # not in an empty entry
+                        t = st[key].contiguous()
+                        # a moment that is itself an inference tensor (a state dict loaded from disk under
+                        # torch.inference_mode()) is copied: step() updates it in place
+                        st[key] = t.clone() if t.is_inference() and not torch.is_inference_mode_enabled() else t
+                if "step" in st:
+                    # torch's load keeps the given 'step' tensor itself (never cast), and step() advances it in place:
+                    # two optimizers loaded from one state dict (or one loaded twice: a rewind) counted each other's
+                    # steps, even where the moments were cast to a half model's dtype and so copied (session 41); a
+                    # scalar to copy
+                    st["step"] = st["step"].clone()
         self._bits = bits
 
     def __getstate__(self) -> Dict[str, Any]:

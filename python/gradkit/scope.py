@@ -233,7 +233,7 @@ def _check_targets(specs: Sequence["BlockSpec"], grid: Tensor, what: str, owner:
             if not torch.can_cast(torch.result_type(x, grid), x.dtype):
                 raise TypeError(f"multiplier: a {grid.dtype} multiplier cannot be applied in place to the {x.dtype} "
                                 f"weights of {owner}[{i}]")
-        elif not x.is_floating_point():
+        elif x.dtype not in _KERNEL_FLOATS:  # float8 too (session 43 review: an earlier spec was zeroed first)
             raise TypeError(f"{owner}[{i}]: expected floating weights, got {x.dtype}")
         if x.device != grid.device and not (what == "multiplier" and grid.dim() == 0 and grid.device.type == "cpu"):
             raise ValueError(f"{what}: on {grid.device} but the weights of {owner}[{i}] are on {x.device}")

@@ -108,21 +108,42 @@ if _ext.has_op("score_topk"):
 
     def _score_topk_setup(ctx, inputs, output):
         queries, keys, k, largest, key_scale, scores_in, idx_in, base = inputs
-        ctx.save_for_backward(queries, keys, key_scale, idx_in, output[1])
+        ctx.save_for_backward(queries, keys, key_scale, scores_in, idx_in, output[0], output[1])
         ctx.base = int(base)
+        ctx.largest = bool(largest)
         ctx.mark_non_differentiable(output[1])
+
+    def _from_scores_in(scores_in, idx_in, out_s, idx, largest):
+        """(Q, k, k_in) bool: slot j of query q holds scores_in[q, m]. A row can be a candidate more than once (a
+        repeat in idx_in, or an idx_in row that is also in this block); candidates of equal row and score are taken
+        in their order (scores_in's, then the block's), as the reference's stable selection takes them, so the t-th
+        slot holding (row, score) is the t-th scores_in entry with that row and score, else the block's row."""
+        inf = float("inf")
+        s_in = torch.nan_to_num(scores_in, nan=-inf if largest else inf, posinf=inf, neginf=-inf)  # as reported
+        same = (idx_in[:, None, :] == idx[:, :, None]) & (s_in[:, None, :] == out_s[:, :, None]) \
+            & (idx >= 0)[:, :, None]
+        kk = idx.shape[1]
+        earlier = torch.ones(kk, kk, dtype=torch.bool, device=idx.device).tril(-1)  # [j, j']: slot j' before j
+        t = ((idx[:, :, None] == idx[:, None, :]) & (out_s[:, :, None] == out_s[:, None, :]) & earlier).sum(
+            2, dtype=torch.int32)
+        return same & (same.cumsum(2, dtype=torch.int32) == (t + 1)[:, :, None])
 
     def _score_topk_backward(ctx, g_scores, _g_idx):
         """The gradient of each kept score: a slot whose row is in this block (base <= idx < base + N) holds
-        <queries[q], keys[idx - base]> (times key_scale[idx - base]); any other filled slot holds the scores_in
-        entry with that row (the first, if idx_in repeats it); empty slots (idx -1) hold no input. The composite
-        (torch) path's autograd gives the same; before session 43 the C++ op's scores required grad but their
-        backward gave no gradient, with only a warning."""
-        queries, keys, key_scale, idx_in, idx = ctx.saved_tensors
+        <queries[q], keys[idx - base]> (times key_scale[idx - base]); a filled slot taken from the running top-k
+        holds that scores_in entry; empty slots (idx -1) hold no input. Where a row is a candidate twice (repeated
+        in idx_in, or in idx_in and in the block: session 43 review), the slot is matched to the candidate the
+        selection kept (by its score, then in candidate order). The composite (torch) path's autograd gives the
+        same; before session 43 the C++ op's scores required grad but their backward gave no gradient."""
+        queries, keys, key_scale, scores_in, idx_in, out_s, idx = ctx.saved_tensors
         need = ctx.needs_input_grad
         N = keys.shape[0]
         r = idx - ctx.base
         in_block = (idx >= 0) & (r >= 0) & (r < N)
+        pick = None
+        if idx_in is not None and idx_in.shape[1] and idx.shape[1]:
+            pick = _from_scores_in(scores_in, idx_in, out_s, idx, ctx.largest)
+            in_block = in_block & ~pick.any(2)
         g = torch.where(in_block, g_scores, torch.zeros((), dtype=g_scores.dtype, device=g_scores.device))
         rows = torch.where(in_block, r, torch.zeros((), dtype=r.dtype, device=r.device))
         d_q = d_keys = d_scale = d_in = None
@@ -133,7 +154,8 @@ if _ext.has_op("score_topk"):
             if need[0]:
                 d_q = torch.einsum("qj,qjd->qd", gk, kr)
             if need[1]:
-                contrib = (gk[:, :, None] * queries.float()[:, None, :]).reshape(-1, keys.shape[1])
+                # (Q * k rows, not -1: with D = 0 and no slot, -1 is ambiguous)
+                contrib = (gk[:, :, None] * queries.float()[:, None, :]).reshape(rows.numel(), keys.shape[1])
                 d_keys = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device).index_add_(
                     0, rows.reshape(-1), contrib).to(keys.dtype)
             if need[4] and key_scale is not None:
@@ -143,13 +165,9 @@ if _ext.has_op("score_topk"):
             d_q = torch.zeros_like(queries)
         if need[5] and idx_in is not None:
             d_in = torch.zeros(idx_in.shape, dtype=g_scores.dtype, device=g_scores.device)
-            if idx_in.shape[1]:
-                from_in = (idx >= 0) & ~in_block
-                match = idx_in[:, None, :] == idx[:, :, None]  # (Q, k, k_in)
-                pos = match.int().argmax(2)  # the first matching slot
-                ok = from_in & match.any(2)
-                d_in.scatter_add_(1, pos, torch.where(ok, g_scores, torch.zeros((), dtype=g_scores.dtype,
-                                                                                device=g_scores.device)))
+            if pick is not None:  # each slot credits at most one entry
+                got = torch.where(pick.any(2), g_scores, torch.zeros((), dtype=g_scores.dtype, device=g_scores.device))
+                d_in.scatter_add_(1, pick.to(torch.uint8).argmax(2), got)
         return d_q, d_keys, None, None, d_scale, d_in, None, None
 
     torch.library.register_autograd("gradkit::score_topk", _score_topk_backward, setup_context=_score_topk_setup)
