@@ -83,7 +83,8 @@ hand-written sequence-first block is caught only when its T differs from the bat
 input shows.
 The collector's hook runs before forward hooks registered earlier, so a hook that replaces the output (``out * s``)
 does not change the weight gradient collected. A mask is copied by :meth:`set_mask`. When the model's forward raises
-(an out-of-memory error caught to retry with a smaller batch), or :meth:`backward` does, the batch is dropped.
+(an out-of-memory error caught to retry with a smaller batch), or :meth:`backward` does, the batch is dropped (not
+by a forward run under ``torch.no_grad()``, which collects nothing).
 
 Memory. The forward hook keeps a reference to each hooked module's input (the same storage
 autograd already saves for the weight gradient, so no copy) only until that module's output
@@ -93,6 +94,12 @@ gradients are not computed at all; a plain ``loss.backward()`` works too (it als
 A forward pass run with grad enabled while attached but never backpropagated keeps its graph
 (and the hooked inputs) alive until :meth:`collect`, :meth:`reset` or leaving the ``with`` block:
 run evaluation under ``torch.no_grad()`` (the hooks ignore it) or outside the collector.
+
+Threads. A collector holds one batch at a time, not one per thread: forwards run with grad on other threads while a
+batch is pending join that batch (as gradient accumulation would), so give each thread its own collector on its own
+copy of the model (the same seed gives the same projection; collectors on separate copies run concurrently with the
+bits they give alone). Forwards under ``torch.no_grad()`` / ``inference_mode`` on any thread are ignored (session 43:
+before, one of another batch size refused itself and dropped the pending batch).
 """
 from __future__ import annotations
 
@@ -684,6 +691,12 @@ class GradientCollector:
         # Every hooked module's first axis must be that B (session 39: a multiple-choice model flattening (B, C, T)
         # ids into B * C rows, window attention on B * windows rows, were collected as that many examples); a 2-D
         # input of B * T rows that nothing else in the batch interprets is refused (see _check_pending).
+        if not torch.is_grad_enabled():
+            # (session 43) a forward under torch.no_grad / inference_mode collects nothing, and the docstring says the
+            # hooks ignore it (evaluation between a batch's forward and its backward, or on another thread while a
+            # batch is pending): before, its input replaced the pending batch's (B, T) here, and _model_hook then
+            # refused the evaluation forward by a batch-size mismatch and dropped the pending batch
+            return
         self._ran = set()
         x, src = None, None
         for key in _MODEL_INPUTS:
@@ -723,6 +736,8 @@ class GradientCollector:
                           frozenset(sizes | {int(x.shape[0])}))
 
     def _model_hook(self, module: nn.Module, args: tuple, output) -> None:
+        if not torch.is_grad_enabled():  # a no-grad forward is ignored (see _model_pre_hook), also when it raised
+            return
         if output is None and sys.exc_info()[0] is not None:  # always_call: the model's forward raised
             self._drop_batch()
             self._raised = True  # for collect()'s message, until a hooked module runs forward again

@@ -455,6 +455,19 @@ def _holds_maps(fn):
     return read
 
 
+def _serialised(fn):
+    """A writer's state change (``append``, ``commit``, ``close``, an abort): one at a time per index object, so that
+    a writer shared by threads (a loader thread per data source appending to one index) appends whole chunks one after
+    another. Session 43: two threads appending to one writer interleaved their seeks and writes on the shared shard
+    descriptor and their shard bookkeeping (rows written over each other, a commit failing with FileNotFoundError for
+    a shard the other thread's rollback had removed, close() then listing a shard file that did not exist)."""
+    @functools.wraps(fn)
+    def run(self, *args, **kwargs):
+        with self._write_lock:
+            return fn(self, *args, **kwargs)
+    return run
+
+
 _LIBC_MAP = None  # (mmap, munmap, madvise) of the C library, False where unavailable (looked up once)
 
 
@@ -750,6 +763,10 @@ def _check_header_fields(h, f: Path, what: str) -> None:
 # --------------------------------------------------------------------------- preconditioning
 
 
+# guards every Precondition's cache of powers (a module-level lock: Precondition objects stay copyable / picklable)
+_PRECONDITION_LOCK = threading.Lock()
+
+
 class Precondition:
     """Preconditioning for :meth:`GradientIndex.search`.
 
@@ -873,10 +890,16 @@ class Precondition:
                 raise ValueError(f"precondition: matrix for {key}: its power {p} is not finite in float64 (eigenvalues "
                                  f"{float(ev.min()):.3g} .. {float(ev.max()):.3g}); rescale the matrix")
             e = math.frexp(amax)[1]
-            for old in [c for c in self._cache if c[:3] == ck[:3]]:  # what this module's matrix held before
-                del self._cache[old]
-            self._cache[ck] = (GradientIndex._ldexp64(pw, -e).to(torch.float32), e, h)
-        return self._cache[ck][:2]
+            hit = (GradientIndex._ldexp64(pw, -e).to(torch.float32), e, h)
+            # Session 43: one Precondition shared by searches on several threads (reused, as above) raised
+            # "RuntimeError: dictionary changed size during iteration" here (another thread inserting its entry
+            # while this one listed the old ones), or KeyError on a ``del`` / the final lookup of an entry another
+            # thread had dropped. The cache is changed under a lock, and this call returns what it computed.
+            with _PRECONDITION_LOCK:
+                for old in [c for c in self._cache if c[:3] == ck[:3]]:  # what this module's matrix held before
+                    self._cache.pop(old, None)
+                self._cache[ck] = hit
+        return hit[:2]
 
     def blocks(self, modules: "OrderedDict[str, int]", p: float) -> List[Tuple[int, int, torch.Tensor, int]]:
         """[(lo, hi, M, e)] over dense module coordinates (module order, no padding): the block's
@@ -933,6 +956,7 @@ class GradientIndex:
         self._reads = 0  # reads in flight (get / search): a close() meanwhile releases the maps after the last
         self._release_pending = False
         self._reads_lock = threading.Lock()
+        self._write_lock = threading.RLock()  # a writer's appends / commits / close, one at a time (_serialised)
         self._shards: List[Tuple[int, torch.Tensor]] = []  # (first row, (rows, width) view)
         self._offsets = None
         self.nonfinite_rows = 0
@@ -1405,6 +1429,7 @@ class GradientIndex:
         raise TypeError(f"{what}: expected a (n, {self.dim}) tensor or a dict module -> (n, d) tensor, "
                         f"got {type(grads).__name__}")
 
+    @_serialised
     def append(self, grads, num_tokens=None, *, on_nonfinite: Optional[str] = None,
                commit: bool = True) -> torch.Tensor:
         """Append rows; returns the int64 row number given to each input row (-1: refused). In a
@@ -1427,6 +1452,9 @@ class GradientIndex:
         it) and still counts in ``num_examples``. ``commit=False`` defers the commit (see commit()).
         An append that fails or is interrupted (disk full, KeyboardInterrupt) goes back to the last
         commit: rows appended with ``commit=False`` since then are discarded too.
+        One writer shared by several threads appends their chunks one at a time (each chunk's rows
+        contiguous, in the order the calls got the writer; the returned numbers say where); ``close()``
+        on another thread waits for a running append, and later appends raise RuntimeError.
         """
         self._check_writable("append")
         commit = flag(commit, "commit")  # commit="no" or None would be taken as True / False
@@ -1547,6 +1575,7 @@ class GradientIndex:
             s["rows"] += take
             pos += take
 
+    @_serialised
     def commit(self) -> None:
         """Make every appended row durable: fsync the data, then atomically replace the header. A commit that fails
         or is interrupted (KeyboardInterrupt) before the header is replaced goes back to the last commit (the rows
@@ -1641,6 +1670,7 @@ class GradientIndex:
                 pass
         self._fds.clear()
 
+    @_serialised
     def _abort(self) -> None:
         """Leave the build interrupted: committed rows stay (resume=True continues), pending ones go.
         The object then reports the committed state (len, num_examples, repr) and refuses reads.
@@ -1661,6 +1691,7 @@ class GradientIndex:
             self._examples = self._c_examples if self.per_token else self._count
             self._unlock()
 
+    @_serialised
     def close(self) -> None:
         """Commit pending rows and mark the index complete (all ranks: a collective call).
 

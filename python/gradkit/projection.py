@@ -470,12 +470,16 @@ class _MatrixCache:
         with torch.inference_mode(False), torch.no_grad():
             t = ops.projection_matrix(p, n, seed, kind, p, 0, 0, dtype=torch.float32, device=device).T.contiguous()
         with self._lock:
-            if key not in self._table:
-                self._table[key] = t
-                self._bytes += t.numel() * t.element_size()
-                if limit is not None:
-                    self._evict(limit)
-            return self._table[key]
+            old = self._table.get(key)
+            if old is not None:  # another thread made it meanwhile: the same bits, one copy kept
+                return old
+            self._table[key] = t
+            self._bytes += t.numel() * t.element_size()
+            if limit is not None:
+                # (session 43) a hit on another thread moves its key to the end without the lock, so the eviction
+                # can drop this newest entry too: return the matrix made here (before: KeyError from the lookup)
+                self._evict(limit)
+            return t
 
     def _evict(self, limit: int) -> None:
         """Drop least recently used entries while past ``limit`` (the newest one is kept); under the lock."""
