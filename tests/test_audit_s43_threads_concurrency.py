@@ -42,8 +42,8 @@ Defects found and fixed (session 43):
   Fixed: both model-level hooks return at once when grad is disabled.
 
 Left as strict xfails (files not assigned to this audit, or no small fix): one collector's model run with grad from
-two threads (silently sums both threads' rows), golden.py ``SparseGradientAccumulator.add`` shared by threads (lost
-sums), optim.py ``MaskedAdamW.step`` shared by threads (lost steps).
+two threads (silently sums both threads' rows), optim.py ``MaskedAdamW.step`` shared by threads (lost steps; as
+torch.optim's own). Fixed after the audit: golden.py ``SparseGradientAccumulator.add`` shared by threads (lost sums).
 """
 from __future__ import annotations
 
@@ -767,10 +767,7 @@ def test_golden_masks_topk_and_a_shared_parammap_from_four_threads_keep_their_bi
     assert not bad, bad
 
 
-@pytest.mark.xfail(strict=True, reason="golden.py SparseGradientAccumulator.add has no lock: threads adding to ONE "
-                   "accumulator run ops.gather_segments(..., out=self._flat, accumulate=True) concurrently (the GIL "
-                   "released) on the same sums, and `self.steps += 1` unsynchronised: thousands of the 500k sums lose "
-                   "an addend, silently (a data-loader thread per source adding to a shared accumulator)")
+# (session 43: failed before golden.py's accumulator took a lock: thousands of sums lost an addend)
 def test_one_sparse_gradient_accumulator_shared_by_four_threads_sums_every_add():
     from gradkit.golden import SparseGradientAccumulator
 

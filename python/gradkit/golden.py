@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import threading
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -652,6 +653,9 @@ class SparseGradientAccumulator:
             self._flat = torch.zeros(total, dtype=dtype, device=dev)
         self._views()
         self.steps = 0
+        # add / reset one at a time: threads sharing one accumulator (a loader thread per data source) lost addends
+        # (the fused gather-add runs without the GIL) and step counts (session 43 concurrency audit)
+        self._lock = threading.Lock()
 
     def _views(self) -> None:
         """``_acc``: each tensor's sums, a view of ``_flat`` (which ``add`` writes)."""
@@ -664,10 +668,11 @@ class SparseGradientAccumulator:
     def __getstate__(self):
         # the views are rebuilt on load: pickle stores each view's values apart from _flat, so an unpickled
         # accumulator's add() updated _flat while values() / mean() / to_dense() kept the old sums (session 41)
-        return {k: v for k, v in self.__dict__.items() if k != "_acc"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_acc", "_lock")}
 
     def __setstate__(self, state) -> None:
         self.__dict__.update(state)
+        self._lock = threading.Lock()
         if self._flat.is_inference():  # unpickled under torch.inference_mode(): the sums must stay writable
             with torch.inference_mode(False):
                 self._flat = self._flat.clone()
@@ -692,9 +697,10 @@ class SparseGradientAccumulator:
             if g.device != self._flat.device:
                 raise ValueError(f"grads[{n!r}]: on {g.device} but the accumulator is on {self._flat.device}")
             src.append(widened(g))
-        if src:
-            ops.gather_segments(src, list(self._idx.values()), out=self._flat, accumulate=True)
-        self.steps += 1
+        with self._lock:
+            if src:
+                ops.gather_segments(src, list(self._idx.values()), out=self._flat, accumulate=True)
+            self.steps += 1
 
     def values(self) -> Dict[str, torch.Tensor]:
         return dict(self._acc)
@@ -713,8 +719,9 @@ class SparseGradientAccumulator:
         return out
 
     def reset(self) -> None:
-        self._flat.zero_()
-        self.steps = 0
+        with self._lock:
+            self._flat.zero_()
+            self.steps = 0
 
     def memory(self) -> int:
         """Bytes held (compact sums + positions)."""
