@@ -36,17 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 FLOATS = [F16, BF16, F32, F64]
 BAD = [torch.int32, torch.int64, torch.bool, torch.complex64, torch.float8_e4m3fn]
-_INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().contiguous()
-    return t.view(_INT_OF[t.element_size()]) if t.is_floating_point() else t
-
-
-def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit for bit (NaN payloads, signed zeros), same dtype and shape."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+from _bits import bits, same  # noqa: E402  (tests/_bits.py)
 
 
 def _as(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:

@@ -35,17 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py
 
 FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 BAD = [torch.int32, torch.int64, torch.bool, torch.complex64, torch.uint8]
-_INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s values as integers of the same width (NaN payloads and signed zeros compared bit for bit)."""
-    t = t.detach().contiguous()
-    return t.view(_INT_OF[t.element_size()]) if t.is_floating_point() else t
-
-
-def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+from _bits import bits, same  # noqa: E402  (tests/_bits.py)
 
 
 def snap(d):
