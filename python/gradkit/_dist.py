@@ -49,10 +49,10 @@ def rank(dist: Optional[object] = None) -> int:
 def raise_rank_failure(own: Optional[BaseException], failed: List[int], msg: str,
                        other_error: type = RuntimeError) -> NoReturn:
     """After the ranks combined their outcomes: a failing rank re-raises its own error (its cause chain kept,
-    ``msg`` added as a note), the others raise ``other_error(msg)``."""
+    ``msg`` added as a note: a KeyboardInterrupt's too, session 43), the others raise ``other_error(msg)``."""
     if own is None:
         raise other_error(msg)
-    if isinstance(own, Exception):
+    if hasattr(own, "add_note"):  # Python >= 3.11 (requires-python is 3.10)
         own.add_note(msg)
     raise own
 

@@ -257,7 +257,11 @@ def _synced(what: str, after: str):
     err = None
     try:
         yield
-    except Exception as e:  # noqa: BLE001 - shared with the other ranks, then re-raised
+    except GeneratorExit:  # pragma: no cover - the generator closed, not the body failing
+        raise
+    except BaseException as e:  # noqa: BLE001 - shared with the other ranks, then re-raised
+        # a KeyboardInterrupt (or SystemExit) too (session 43): raised on one rank alone, it skipped this collective
+        # and left the other ranks waiting in it until the process group timed out; it is re-raised as it is
         err = e
     _distributed.share_outcome(_dist(), err, what=what, after=after, other_error=DistributedPruneError)
 
@@ -281,6 +285,24 @@ def _same_weights_on_every_rank(group: Sequence[Tuple[str, nn.Linear]]) -> None:
             dist.broadcast(buf, src=0)
             if buf.data_ptr() != w.data_ptr():
                 w.copy_(buf)
+
+
+def _same_checkpoint_on_every_rank(ckpt: Optional["_Checkpoint"]) -> None:
+    """Under torch.distributed with a checkpoint, once every rank opened it: every rank must see the same finished
+    layers (one all_gather of a digest of them). A rank whose ``checkpoint_dir`` is another directory, or one on a
+    node-local file system, resumed from another state than rank 0 (which writes the checkpoint): it ran the
+    calibration forwards and the Hessians' all-reduces of layers the others loaded, so the ranks' collectives fell
+    out of step and both waited until the process group timed out (session 43). Refused on every rank, before any
+    layer is pruned."""
+    dist = _dist()
+    if dist is None or ckpt is None:
+        return
+    got = _gather_ints(dist, [_distributed._digest(ckpt.layers), len(ckpt.layers)])
+    if len({g[0] for g in got}) > 1:
+        raise CheckpointError(
+            f"checkpoint_dir: the ranks see different checkpoints (finished layers on ranks 0..{len(got) - 1}: "
+            f"{[g[1] for g in got]}; this rank, {dist.get_rank()}, opened {ckpt.dir!r}): every rank must pass the "
+            "same directory, on a file system every rank sees (rank 0 writes it); nothing was pruned")
 
 
 _PRUNE_AGREED = ("method", "pattern", "nnz", "damp", "sequential", "groups", "early_stop", "method_kwargs",
@@ -1075,8 +1097,10 @@ def _failure_note(name: str, method: str, pattern_s: str, in_model: List[str], c
         held = "no layer of the model was modified"
     note = f"prune_model: raised while pruning layer {name!r} ({method}, {pattern_s}); its group was not written " \
            f"into the model; {held}"
-    if ckpt is not None:
+    if ckpt is not None and ckpt.writer:
         note += f"; the checkpoint holds {len(ckpt.layers)} finished layer(s), resumable from {ckpt.dir!r}"
+    elif ckpt is not None:  # (session 43: a rank other than 0, which writes no checkpoint, said it held none)
+        note += f"; the checkpoint (written by rank 0) is resumable from {ckpt.dir!r}"
     return note
 
 
@@ -1300,6 +1324,7 @@ def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, ch
             ckpt = _Checkpoint(checkpoint_dir, config, resume, _param_digests(model, ordered))
         if ckpt is not None and ckpt.layers:
             _verify_resumable(ckpt, ordered)  # before any work: a bad checkpoint leaves the model untouched
+    _same_checkpoint_on_every_rank(ckpt)
     report = PruneReport(method=method, pattern=pattern_s)
     position = {n: i for i, (n, _) in enumerate(ordered)}
     in_model: List[str] = []  # layers written (pruned) into the model by this call
@@ -1319,8 +1344,8 @@ def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, ch
                         col.run(model, data)
                 hs = col.result()
                 report.forward_seconds += time.perf_counter() - t0
+            pending: List[Tuple[nn.Linear, Tensor]] = []
             with _synced("prune_model: pruning a group", _synced_after(in_model, ckpt)):
-                pending: List[Tuple[nn.Linear, Tensor]] = []
                 for name, mod in group:
                     if ckpt is not None and name in ckpt.layers:
                         w, entry = ckpt.load(name, mod.weight)
@@ -1376,20 +1401,23 @@ def _prune_model(model, data, layers, pattern, nnz, method, damp, sequential, ch
                         bar.update(1)
                     if callback is not None:
                         callback(rep)
-                # the group's layers enter the model together. An interrupt between two copies (a KeyboardInterrupt
-                # is raised between bytecodes, so after a whole copy) left part of the group pruned and the rest dense
-                # (session 43); the group is pruned and checkpointed already, so its remaining copies are made before
-                # the interrupt propagates: the model holds all of a group or none of it
-                i = 0
-                try:
-                    for i, (mod, w) in enumerate(pending):
-                        mod.weight.copy_(w)
-                except BaseException:
-                    for mod, w in pending[i:]:
-                        mod.weight.copy_(w)
-                    raise
-                in_model.extend(n for n, _ in group)
-                del hs
+            # the group's layers enter the model together, once every rank pruned the group (session 43: inside
+            # the synced step, a rank whose own pruning worked wrote the group into its model although another rank
+            # failed in it, so the ranks held different models, and its error said it held only the groups before).
+            # An interrupt between two copies (a KeyboardInterrupt is raised between bytecodes, so after a whole
+            # copy) left part of the group pruned and the rest dense (session 43); the group is pruned and
+            # checkpointed already, so its remaining copies are made before the interrupt propagates: the model
+            # holds all of a group or none of it
+            i = 0
+            try:
+                for i, (mod, w) in enumerate(pending):
+                    mod.weight.copy_(w)
+            except BaseException:
+                for mod, w in pending[i:]:
+                    mod.weight.copy_(w)
+                raise
+            in_model.extend(n for n, _ in group)
+            del hs
             _same_weights_on_every_rank(group)
     finally:
         if bar is not None:
