@@ -38,8 +38,7 @@ Defects found and fixed (session 43):
 * ``python/gradkit/_dist.py`` ``raise_rank_failure``: a failing rank's ``KeyboardInterrupt`` got no note.
 
 Tests marked ``xfail(strict=True)`` describe defects in ``python/gradkit/index.py`` (not edited by this audit): a
-``KeyboardInterrupt`` in one rank's with-block is not shared with close()'s collective; a writer whose close()
-collective itself failed stays open; a commit interrupted at its call inside close() leaves the committed rows
+commit interrupted at its call inside close() leaves the committed rows
 unreadable through ``allow_incomplete=True``; rank 0's failure to prepare the directory carries no note.
 """
 from __future__ import annotations
@@ -852,11 +851,12 @@ def test_index_commit_interrupted_at_its_call_in_close_still_resumes_exactly(rec
     _index_equal_to_ref(rec["root"], "commit-entry-kbi")
 
 
-@pytest.mark.parametrize("name, have", [("append-kbi", [8, 3]), ("no-close", [8, 8])])
+@pytest.mark.parametrize("name, have", [("no-close", [8, 8])])
 def test_index_rank_that_skips_close_ends_the_other_by_the_group_timeout_and_resumes_exactly(rec, name, have):
-    """A rank left the build without joining close()'s collective (a KeyboardInterrupt in its with-block, or its
-    writer dropped): the other rank ends within the group's timeout; the index is not complete; a resume on both
-    ranks (a restarted job, once the other's writer is dropped) gives the uninterrupted build."""
+    """A rank left the build without joining close()'s collective (its writer dropped; a KeyboardInterrupt in its
+    with-block did too before session 43's fix, see below): the other rank ends within the group's timeout; the index
+    is not complete; a resume on both ranks (a restarted job, once the other's writer is dropped) gives the
+    uninterrupted build."""
     recs = _records(rec, f"ix-{name}")
     assert recs[1]["err"]["type"] == ("KeyboardInterrupt" if name == "append-kbi" else None)
     assert recs[0]["err"]["type"] is not None and recs[0]["err"]["s"] < WAIT_TIMEOUT + PROMPT_S, recs[0]["err"]
@@ -865,23 +865,17 @@ def test_index_rank_that_skips_close_ends_the_other_by_the_group_timeout_and_res
     _index_equal_to_ref(rec["root"], name)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "python/gradkit/index.py GradientIndex.__exit__ (~line 1356: `isinstance(exc, Exception)`): a KeyboardInterrupt "
-    "in one rank's with-block (here rank 1's second append) aborts that writer without joining close()'s "
-    "all_gather, so rank 0 waits in close() until the process group times out and raises gloo's RuntimeError "
-    "('Timed out waiting ...') instead of DistributedBuildError naming rank 1 at once"))
+# (session 43: failed before index.py's __exit__ joined close()'s collective on a KeyboardInterrupt too)
 def test_index_keyboard_interrupt_in_one_ranks_with_block_is_shared_at_once(rec):
     r0, r1 = _records(rec, "ix-append-kbi")
     assert r1["err"]["type"] == "KeyboardInterrupt"
     assert r0["err"]["type"] == "DistributedBuildError" and "rank(s) [1] of 2" in r0["err"]["msg"], r0["err"]
     assert r0["err"]["s"] < PROMPT_S
+    assert r0["group"] == r1["group"] == 2
+    _index_equal_to_ref(rec["root"], "append-kbi")  # and a resume on both ranks gives the uninterrupted build
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "python/gradkit/index.py GradientIndex._close_ranks (~line 1752): when close()'s all_gather itself raises (the "
-    "process group timed out: rank 1 never called close()), the writer is not aborted: it stays open for writing, "
-    "holding its lock and its shard descriptors, and append() still writes and commits rows to the failed "
-    "build (every other failed close() leaves the writer aborted)"))
+# (session 43: failed before index.py's _close_ranks aborted the writer when its collective failed)
 def test_index_writer_is_aborted_when_closes_collective_fails(rec):
     r0, _ = _records(rec, "ix-no-close")
     assert r0["err"]["type"] in ("RuntimeError", "DistBackendError") and "Timed out" in r0["err"]["msg"]

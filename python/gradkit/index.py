@@ -1353,7 +1353,9 @@ class GradientIndex:
         if exc_type is None or not getattr(self, "_writable", False):
             self.close()  # (a reader's close() releases its maps, whatever ended the with-block)
             return
-        if getattr(self, "_writable", False) and self._world > 1 and isinstance(exc, Exception):
+        # any exception, a KeyboardInterrupt included (session 43: one rank's Ctrl-C left the others waiting in close()
+        # until the process group timed out)
+        if getattr(self, "_writable", False) and self._world > 1 and isinstance(exc, BaseException):
             # the other ranks are in (or on their way to) close()'s collective: join it as a failed rank, so that
             # they raise DistributedBuildError naming this one instead of waiting for it until the process group
             # times out. The error raised here propagates as it is. A DistributedBuildError joins too: raised in
@@ -1749,8 +1751,14 @@ class GradientIndex:
         else:
             self._rollback()
         outcome = 0 if own is None else (2 if failure is not None else 1)  # 2: its with-block raised
-        got = _distributed.gather_ints(d, [outcome, len(self), self._w_examples,
-                                      self._w_nonfinite])  # also the barrier: every rank is done committing
+        try:
+            got = _distributed.gather_ints(d, [outcome, len(self), self._w_examples,
+                                          self._w_nonfinite])  # also the barrier: every rank is done committing
+        except BaseException:
+            # the collective itself failed (the group timed out: a rank never came to close()): this writer is left
+            # as a failed close() leaves it, aborted (session 43: it stayed open, holding its lock, and took appends)
+            self._abort()
+            raise
         failed = [r for r, g in enumerate(got) if g[0]]
         raised = [r for r, g in enumerate(got) if g[0] == 2]
         if failed:
