@@ -518,7 +518,7 @@ at::Tensor project_flat_gemm(const at::Tensor& x_in, int64_t k, int64_t seed, in
   // slice x[:, :293] of a (B, 300) x gave other bits than its .contiguous() copy (session 43 audit)
   const bool direct = st == at::kFloat && x_in.stride(1) == 1 && x_in.stride(0) >= std::max<int64_t>(D, 1) &&
                       x_in.stride(0) % 16 == 0 && reinterpret_cast<uintptr_t>(x_in.data_ptr()) % 64 == 0;
-  const at::Tensor x = x_in;
+  const at::Tensor x = x_in.detach();  // copied from inside parallel_for workers below (their grad mode is on)
 
   const double inv = inv_sqrt_k(k);
   const SignTable tab(static_cast<float>(inv));
@@ -551,14 +551,9 @@ at::Tensor project_flat_gemm(const at::Tensor& x_in, int64_t k, int64_t seed, in
     // blocks of kRowBlock rows, the last one taking the remainder (64-127 rows): a block of 1-3 rows took another
     // MKL kernel, so equal rows there got other bits (session 42 review)
     const int64_t nrb = B / kRowBlock;
-    at::Tensor xbuf;
     const int64_t xw = std::min(kDT, (D + 15) / 16 * 16);
-    if (!direct) xbuf = at::empty({B, xw}, fopt);
     for (int64_t dt = 0; dt < nd; ++dt) {
       const int64_t d0 = dt * kDT, dn = std::min(kDT, D - d0);
-      const float* xp = direct ? x.data_ptr<float>() + d0 : xbuf.data_ptr<float>();
-      const int64_t ldx = direct ? x.stride(0) : xw;
-      if (!direct) xbuf.narrow(1, 0, dn).copy_(x.narrow(1, d0, dn));
       for (int64_t kt = 0; kt < nk; ++kt) {
         const int64_t r0 = kt * kKT, rn = std::min(kKT, k - r0);
         at::parallel_for(0, rn, 16, [&](int64_t a, int64_t e) {
@@ -567,10 +562,26 @@ at::Tensor project_flat_gemm(const at::Tensor& x_in, int64_t k, int64_t seed, in
         });
         at::parallel_for(0, nrb, 1, [&](int64_t rb0, int64_t rb1) {
           const OneBlasThread one_blas_thread;
+          // x's rows, where x is not read in place, copied block by block into this task's buffer (rows 64-byte
+          // aligned, xw floats apart, as every copy here) just before their product reads them from cache: a copy
+          // of the whole B x dn tile first cost as much memory traffic as the product at small k (session 43:
+          // 2000 x 1000 -> 16 took 1.8x the in-place time)
+          at::Tensor tbuf;
+          if (!direct) tbuf = at::empty({2 * kRowBlock, xw}, fopt);  // the last block holds up to 127 rows
           for (int64_t rb = rb0; rb < rb1; ++rb) {
             const int64_t b0 = rb * kRowBlock, nb = rb == nrb - 1 ? B - b0 : kRowBlock;
+            const float* xrow;
+            int64_t ld;
+            if (direct) {
+              xrow = x.data_ptr<float>() + d0 + b0 * x.stride(0);
+              ld = x.stride(0);
+            } else {
+              tbuf.narrow(0, 0, nb).narrow(1, 0, dn).copy_(x.narrow(0, b0, nb).narrow(1, d0, dn));
+              xrow = tbuf.data_ptr<float>();
+              ld = xw;
+            }
             at::Tensor ov = at::from_blob(out.data_ptr<float>() + b0 * k + r0, {nb, rn}, {k, 1}, fopt);
-            at::Tensor xv = at::from_blob(const_cast<float*>(xp) + b0 * ldx, {nb, dn}, {ldx, 1}, fopt);
+            at::Tensor xv = at::from_blob(const_cast<float*>(xrow), {nb, dn}, {ld, 1}, fopt);
             at::Tensor rv = at::from_blob(rt.data(), {rn, dn}, {dn, 1}, fopt);
             ov.addmm_(xv, rv.t());
           }
