@@ -63,8 +63,8 @@ def test_bad_loaded_step_raises_before_any_parameter_changes():
 
 
 def test_a_scheduler_setting_lr_scales_both_rates():
-    # session 30 refused an 'lr' added to the group (it was ignored); since session 43 the group's 'lr' is the
-    # schedule's factor of both rates, so a LambdaLR setting it to 0 freezes every entry
+    # an earlier audit (7d5f85a) refused an 'lr' added to the group (it was ignored); since session 43 the group's
+    # 'lr' is the schedule's factor of both rates, so a LambdaLR setting it to 0 freezes every entry
     p = torch.nn.Parameter(torch.randn(4))
     opt = MaskedAdamW({"p": p}, {"p": torch.tensor([True, False, True, False])}, masked_lr=1e-2, unmasked_lr=1e-3)
     assert opt.param_groups[0]["lr"] == 1.0
