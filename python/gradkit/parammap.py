@@ -87,7 +87,9 @@ def _check_shape(where: str, shape: Any) -> Tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
-def _make_entry(name: str, spec: Mapping[str, Any]) -> _Entry:
+def _make_entry(name: str, spec: Mapping[str, Any], label: Optional[str] = None) -> _Entry:
+    """``label``: how errors name the selection tensor (default ``spec[name][repr]``; ``from_model`` passes
+    ``masks[name]``, the argument its caller gave)."""
     where = f"spec[{name!r}]"
     if not isinstance(name, str) or not name:
         raise ValueError(f"spec: parameter names must be non-empty strings, got {name!r}")
@@ -108,54 +110,55 @@ def _make_entry(name: str, spec: Mapping[str, Any]) -> _Entry:
     if r not in spec:
         raise ValueError(f"{where}: repr {r!r} needs a {r!r} tensor")
     t = spec[r]
+    lab = label or f"{where}[{r!r}]"
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{where}[{r!r}]: expected a tensor, got {type(t).__name__}")
-    not_meta(t, f"{where}[{r!r}]")
+        raise TypeError(f"{lab}: expected a tensor, got {type(t).__name__}")
+    not_meta(t, lab)
     t = t.detach()
     if r == "mask":
         if t.dtype != torch.bool:
-            raise TypeError(f"{where}['mask']: expected dtype torch.bool, got {t.dtype}")
+            raise TypeError(f"{lab}: expected dtype torch.bool, got {t.dtype}")
         if tuple(t.shape) != shape:
-            raise ValueError(f"{where}['mask']: shape {tuple(t.shape)} differs from the parameter shape {shape}")
+            raise ValueError(f"{lab}: shape {tuple(t.shape)} differs from the parameter shape {shape}")
         t = _own_cpu_copy(t, t)
         pos = ops.mask_to_indices(t, _index_dtype(numel))  # counts, and is the gather plan
         return _Entry(name, shape, numel, r, t, int(pos.numel()), True, pos)
     if r == "bitmask":
         nbytes = (numel + 7) // 8
         if t.dtype != torch.uint8:
-            raise TypeError(f"{where}['bitmask']: expected dtype torch.uint8, got {t.dtype}")
+            raise TypeError(f"{lab}: expected dtype torch.uint8, got {t.dtype}")
         if t.dim() != 1 or t.numel() != nbytes:
-            raise ValueError(f"{where}['bitmask']: expected shape ({nbytes},) for {numel} elements, "
+            raise ValueError(f"{lab}: expected shape ({nbytes},) for {numel} elements, "
                              f"got {tuple(t.shape)}")
         t = _own_cpu_copy(t, t)
         if numel % 8 and int(t[-1]) >> (numel % 8):
-            raise ValueError(f"{where}['bitmask']: bits are set beyond the {numel} elements")
+            raise ValueError(f"{lab}: bits are set beyond the {numel} elements")
         pos = ops.bitmask_to_indices(t, numel, _index_dtype(numel))
         return _Entry(name, shape, numel, r, t, int(pos.numel()), True, pos)
     # indices
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{where}['indices']: expected an integer tensor, got {t.dtype}")
+        raise TypeError(f"{lab}: expected an integer tensor, got {t.dtype}")
     if t.dim() != 1:
-        raise ValueError(f"{where}['indices']: expected a 1-D tensor, got shape {tuple(t.shape)}")
+        raise ValueError(f"{lab}: expected a 1-D tensor, got shape {tuple(t.shape)}")
     t = t.to("cpu")
     if t.dtype in _WIDE_UNSIGNED:  # torch has no min / max for them: compared as int64 (uint64 past 2^63-1: refused)
         if t.dtype == torch.uint64:
             t = t.view(torch.int64)
             if t.numel() and int(t.min()) < 0:
-                raise ValueError(f"{where}['indices']: positions must lie in [0, {numel}), got one >= 2^63")
+                raise ValueError(f"{lab}: positions must lie in [0, {numel}), got one >= 2^63")
         else:
             t = t.to(torch.int64)
     if t.numel():
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= numel:
-            raise ValueError(f"{where}['indices']: positions must lie in [0, {numel}), got range [{lo}, {hi}]")
+            raise ValueError(f"{lab}: positions must lie in [0, {numel}), got range [{lo}, {hi}]")
     t = _own_cpu_copy(t.to(_index_dtype(numel)), spec[r])
     ascending = bool((t[1:] > t[:-1]).all()) if t.numel() > 1 else True
     if not ascending and t.numel() > 1:
         s = torch.sort(t).values
         dup = (s[1:] == s[:-1]).nonzero()
         if dup.numel():
-            raise ValueError(f"{where}['indices']: position {int(s[int(dup[0])])} is selected more than once")
+            raise ValueError(f"{lab}: position {int(s[int(dup[0])])} is selected more than once")
     return _Entry(name, shape, numel, r, t, int(t.numel()), ascending)
 
 
@@ -314,17 +317,10 @@ class ParamMap:
                     raise TypeError(f"masks[{n!r}]: expected a bool mask or an integer tensor of flat indices, "
                                     f"got {m.dtype}")
                 spec[n] = {"shape": shape, "repr": "indices", "indices": m}
-        try:
-            return cls(spec)
-        except (TypeError, ValueError) as e:
-            # session 43: an index tensor the entry refused (2-D, out of range, repeated) was named spec[n]['indices'],
-            # an argument from_model's caller never passed: name the mask they gave
-            msg = str(e)
-            for n in masks:
-                pre = f"spec[{n!r}]['indices']"
-                if msg.startswith(pre):
-                    raise type(e)(f"masks[{n!r}]{msg[len(pre):]}") from None
-            raise
+        # errors about a mask's tensor name masks[n], the argument the caller gave (session 43: an index tensor an
+        # entry refused, 2-D, out of range or repeated, was named spec[n]['indices'])
+        return cls._from_entries([_make_entry(n, e, f"masks[{n!r}]" if n in masks else None)
+                                  for n, e in spec.items()])
 
     def to_spec(self, *, bitmask_as_mask: bool = False) -> Dict[str, Dict[str, Any]]:
         """The GRADIEND-style spec dict (bitmask entries unpacked to masks if asked). Its tensors are copies:
