@@ -61,6 +61,10 @@ def flag(v, what: str) -> bool:
     raise TypeError(f"{what}: expected a bool, got {type(v).__name__} {v!r}")
 
 
+# the floating dtypes gradkit's kernels take (float8 is floating, is_floating_point() says so, but no kernel takes it)
+FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def not_meta(t, what: str) -> None:
     """A meta tensor holds no values: a ValueError naming ``what`` (torch's own errors, "Cannot copy out of meta
     tensor" or "Tensor.item() cannot be called on meta tensors", name no argument). Anything else passes."""

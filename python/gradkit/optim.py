@@ -10,12 +10,11 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 
 from gradkit import ops
-from gradkit._rules import flag
+from gradkit._rules import FLOATS as _FLOATS, flag
 
 __all__ = ["MaskedAdamW"]
 
 NamedParams = Union[Mapping[str, torch.Tensor], Iterable[Tuple[str, torch.Tensor]]]
-_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _real(v: Any) -> bool:

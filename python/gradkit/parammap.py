@@ -30,11 +30,10 @@ import torch
 
 from gradkit import ops
 from gradkit._io import NO_LIMIT, parse_json, read_regular, write_dir_atomic, write_safetensors
-from gradkit._rules import flag, not_meta
+from gradkit._rules import FLOATS as _FLOAT_DTYPES, flag, not_meta
 from gradkit._unwrap import unwrap_model
 
 REPRS = ("all", "mask", "bitmask", "indices")
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # what the kernels take
 _INT32_MAX = 2**31 - 1
 # unsigned dtypes past uint8: torch implements neither min / max nor comparisons for them on the CPU
 _WIDE_UNSIGNED = tuple(getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n))

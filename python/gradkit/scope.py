@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from gradkit import ops
-from gradkit._rules import floor_count, int_seq, not_meta
+from gradkit._rules import FLOATS, floor_count, int_seq, not_meta
 from gradkit.kernels.reference.scope import acc_dtype as _acc_dtype, check_soft_values as _check_soft_values
 
 __all__ = ["View", "BlockSpec", "BlockCoupling", "ScopeSpec", "ScopeCoupling", "CouplingError",
@@ -62,7 +62,6 @@ __all__ = ["View", "BlockSpec", "BlockCoupling", "ScopeSpec", "ScopeCoupling", "
 
 Values = Union[Tensor, Mapping[Any, Tensor], None]
 _TIES = ("exact", "keep")
-_KERNEL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what the scope kernels take
 
 
 class CouplingError(ValueError):
@@ -233,7 +232,7 @@ def _check_targets(specs: Sequence["BlockSpec"], grid: Tensor, what: str, owner:
             if not torch.can_cast(torch.result_type(x, grid), x.dtype):
                 raise TypeError(f"multiplier: a {grid.dtype} multiplier cannot be applied in place to the {x.dtype} "
                                 f"weights of {owner}[{i}]")
-        elif x.dtype not in _KERNEL_FLOATS:  # float8 too (session 43 review: an earlier spec was zeroed first)
+        elif x.dtype not in FLOATS:  # float8 too (session 43 review: an earlier spec was zeroed first)
             raise TypeError(f"{owner}[{i}]: expected floating weights, got {x.dtype}")
         if x.device != grid.device and not (what == "multiplier" and grid.dim() == 0 and grid.device.type == "cpu"):
             raise ValueError(f"{what}: on {grid.device} but the weights of {owner}[{i}] are on {x.device}")
@@ -542,7 +541,7 @@ class BlockSpec(SparseBlock):
         ``what``); otherwise any dtype (``block_view`` of int positions)."""
         if values is None:
             v = self.view.data
-            if floating and v.dtype not in _KERNEL_FLOATS:
+            if floating and v.dtype not in FLOATS:
                 # session 43: integer / bool / float8 weights reached the kernels, whose error named their "x"
                 who = f"BlockSpec {self.name}" if self.name else "BlockSpec"
                 raise TypeError(f"{who} weights: expected a floating tensor (float16, bfloat16, float32 or float64), "
@@ -553,7 +552,7 @@ class BlockSpec(SparseBlock):
                 raise _NoEntry(f"{what}: no entry for {self!r}")
             values = values[self]
         v = self.view.resolve(values, what)
-        if floating and v.dtype not in _KERNEL_FLOATS:  # named here: the kernels' own error names their "x"
+        if floating and v.dtype not in FLOATS:  # named here: the kernels' own error names their "x"
             raise TypeError(f"{what}: expected a floating tensor, got {v.dtype}")
         if not self.view.param.is_meta:  # scores without values gave meta masks (session 42)
             not_meta(v, what)

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from gradkit._rules import all_finite, flag, int_arg
+from gradkit._rules import FLOATS, all_finite, flag, int_arg
 from gradkit.obs.layout import ObsLayout, obs_layout
 from gradkit.obs.metrics import (
     NotPositiveDefiniteError,
@@ -48,7 +48,7 @@ def _check_nnz(nnz) -> int:
 
 def _layout(scope) -> ObsLayout:
     lay = obs_layout(scope)
-    if lay.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if lay.weight.dtype not in FLOATS:
         raise TypeError(f"scope: the pruned weight must be floating, got {lay.weight.dtype}")
     _check_finite(lay.weight, "weight (the scope's parameter)")
     return lay

@@ -24,11 +24,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from gradkit._rules import all_finite, check_symmetric, flag, int_arg, not_meta
+from gradkit._rules import FLOATS as _FLOATS, all_finite, check_symmetric, flag, int_arg, not_meta
 
 __all__ = ["output_error", "resolve", "damped_hessian", "NotPositiveDefiniteError"]
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class NotPositiveDefiniteError(ValueError):

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from gradkit import ops
-from gradkit._rules import all_finite, flag, int_arg
+from gradkit._rules import FLOATS, all_finite, flag, int_arg
 from gradkit.obs.layout import ObsLayout, obs_layout
 from gradkit.obs.baselines import _dead_inputs
 from gradkit.obs.metrics import dead_diagonal
@@ -56,7 +56,7 @@ def _check_matrix(h, k: Optional[int], what: str) -> Tensor:
     if k is not None and h.shape[0] != k:
         raise ValueError(f"{what}: is {h.shape[0]} x {h.shape[1]} but the scope's weight has {k} columns "
                          f"(in features)")
-    if h.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if h.dtype not in FLOATS:
         # session 43: a float8 matrix passed is_floating_point() and then failed in the symmetry check with torch's
         # NotImplementedError ("aminmax_cpu" not implemented for 'Float8_e4m3fn'), naming no argument
         raise TypeError(f"{what}: expected a floating dtype (fp16/bf16/fp32/fp64), got {h.dtype}")
@@ -347,7 +347,7 @@ class StructuredOBS:
         self.scope = scope
         self.layout = obs_layout(scope)  # an empty weight: S = 0 scopes, every method a no-op
         lay = self.layout
-        if lay.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        if lay.weight.dtype not in FLOATS:
             # session 42: an integer weight was pruned with its compensated values truncated on the write back
             # (the baselines refuse it with this message)
             raise TypeError(f"scope: the pruned weight must be floating, got {lay.weight.dtype}")

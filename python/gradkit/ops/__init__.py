@@ -199,7 +199,7 @@ def _triton_launcher(family: str, name: str):
     return on_tensor_device(getattr(mod, name))
 
 
-_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_FLOATS = _rules.FLOATS
 PARAMMAP_OPS = ("gather_segments", "gather_segments_out", "scatter_segments", "scatter_segments_", "mask_to_indices",
                 "bitmask_to_indices", "pack_bitmask", "topk_select", "topk_select_segments")
 _INDEX = (torch.int32, torch.int64)
