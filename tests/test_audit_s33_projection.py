@@ -15,6 +15,8 @@ import torch.nn as nn
 from gradkit import projection as P
 from gradkit.kernels.reference import projection as ref
 
+from _factored_ref import factored_ref  # noqa: E402  (tests/_factored_ref.py)
+
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 KINDS = ["rademacher", "gaussian"]
 
@@ -36,34 +38,7 @@ def _close(got, want, rel=2e-6):
     assert err <= rel * scale * 10, (err, scale)
 
 
-def _explicit_factored(a, g, p, seed, name, kind="rademacher", mask=None, bias=False, per_token=False, norm=None):
-    """vec(L G R^T) per example (or token) with G formed explicitly in float64."""
-    if a.dim() == 2:
-        a, g = a[:, None], g[:, None]
-        mask = None if mask is None else mask.reshape(-1, 1)
-    a, g = a.double(), g.double()
-    B, T, I = a.shape
-    if mask is not None:
-        a = torch.where(mask[..., None], a, 0.0)
-        g = torch.where(mask[..., None], g, 0.0)
-    L = P.projection_matrix(p, g.shape[-1], P.derive_seed(seed, name, "left"), kind, dtype=torch.float64)
-    R = P.projection_matrix(p, I + int(bias), P.derive_seed(seed, name, "right"), kind, dtype=torch.float64)
-    if bias:
-        ones = torch.ones(B, T, 1, dtype=torch.float64) if mask is None else mask[..., None].double()
-        a = torch.cat([a, ones], -1)
-    G = torch.einsum("bto,bti->btoi", g, a)
-    if isinstance(norm, P.AdamNormalizer):
-        G[..., :I] = G[..., :I] / (norm.v.double().sqrt() + norm.eps)
-        if bias and norm.bias_avg_sq is not None:
-            G[..., I] = G[..., I] / (norm.bias_avg_sq.double().sqrt() + norm.eps)
-    elif isinstance(norm, P.AdafactorNormalizer):
-        r, c = norm.row.double() + norm.eps, norm.col.double() + norm.eps
-        G[..., :I] = G[..., :I] / (torch.outer(r, c) / r.mean()).sqrt()
-        if bias and norm.bias_avg_sq is not None:
-            G[..., I] = G[..., I] / (norm.bias_avg_sq.double() + norm.bias_eps).sqrt()
-    if per_token:
-        return torch.einsum("po,btoi,qi->btpq", L, G, R).reshape(B, T, p * p)
-    return torch.einsum("po,btoi,qi->bpq", L, G, R).reshape(B, p * p)
+_explicit_factored = factored_ref
 
 
 # =========================================================================== project: values

@@ -17,36 +17,10 @@ import torch
 
 from gradkit import projection as P
 
+from _factored_ref import factored_ref  # noqa: E402  (tests/_factored_ref.py)
 
-def _ref(a, g, p, seed=0, name="", kind="rademacher", mask=None, bias=False, per_token=False, norm=None):
-    """Plain float64 reference: G formed per token, normalised, then L G R^T (summed over tokens unless per_token)."""
-    if a.dim() == 2:
-        a, g = a[:, None], g[:, None]
-        mask = None if mask is None else mask.reshape(-1, 1)
-    a, g = a.double(), g.double()
-    B, T, I = a.shape
-    O = g.shape[-1]
-    if mask is not None:
-        a = torch.where(mask[..., None], a, 0.0)
-        g = torch.where(mask[..., None], g, 0.0)
-    L = P.projection_matrix(p, O, P.derive_seed(seed, name, "left"), kind, dtype=torch.float64)
-    R = P.projection_matrix(p, I + int(bias), P.derive_seed(seed, name, "right"), kind, dtype=torch.float64)
-    if bias:
-        ones = torch.ones(B, T, 1, dtype=torch.float64) if mask is None else mask[..., None].double()
-        a = torch.cat([a, ones], -1)
-    G = torch.einsum("bto,bti->btoi", g, a)
-    if isinstance(norm, P.AdamNormalizer):  # bergson: G / (sqrt(v) + eps), bias / (sqrt(b) + eps)
-        G[..., :I] = G[..., :I] / (norm.v.double().sqrt() + norm.eps)
-        if bias and norm.bias_avg_sq is not None:
-            G[..., I] = G[..., I] / (norm.bias_avg_sq.double().sqrt() + norm.eps)
-    elif isinstance(norm, P.AdafactorNormalizer):  # bergson (tensor2tensor form): eps added to the factors first
-        r, c = norm.row.double() + norm.eps, norm.col.double() + norm.eps
-        G[..., :I] = G[..., :I] * (r.mean().sqrt() * r.rsqrt())[:, None] * c.rsqrt()[None, :]
-        if bias and norm.bias_avg_sq is not None:
-            G[..., I] = G[..., I] * (norm.bias_avg_sq.double() + norm.bias_eps).rsqrt()
-    if per_token:
-        return torch.einsum("po,btoi,qi->btpq", L, G, R).reshape(B, T, p * p)
-    return torch.einsum("po,btoi,qi->bpq", L, G, R).reshape(B, p * p)
+
+_ref = factored_ref
 
 
 def _close(got, want, tol=1e-4):

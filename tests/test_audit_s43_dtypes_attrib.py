@@ -39,6 +39,7 @@ from gradkit.kernels.reference import search as ref_search
 from gradkit.projection import GradientCollector
 
 from conftest import env_set
+from _factored_ref import factored_ref  # noqa: E402  (tests/_factored_ref.py)
 
 pytestmark = [pytest.mark.skipif(not _ext.LOADED, reason="compiled extension not built"),
               pytest.mark.usefixtures("one_thread_module")]
@@ -100,38 +101,9 @@ def _proj_ref(x, k, seed, kind):
     return xd @ R.T, xd.abs() @ R.abs().T
 
 
-def _factored_ref(a, g, p, seed=0, name="", kind="rademacher", mask=None, bias=False, per_token=False, norm=None):
-    """(value, scale) in float64: G_bt = g_bt [a_bt, 1]^T formed explicitly, normalised as documented, then L G R^T
-    (summed over tokens unless per_token); scale: the same with every term's absolute value."""
-    if a.dim() == 2:
-        a, g = a[:, None], g[:, None]
-        mask = None if mask is None else mask.reshape(-1, 1)
-    a, g = a.double(), g.double()
-    B, T, I = a.shape
-    O = g.shape[-1]
-    if mask is not None:
-        a = torch.where(mask[..., None], a, 0.0)
-        g = torch.where(mask[..., None], g, 0.0)
-    L = P.projection_matrix(p, O, P.derive_seed(seed, name, "left"), kind, dtype=torch.float64)
-    R = P.projection_matrix(p, I + int(bias), P.derive_seed(seed, name, "right"), kind, dtype=torch.float64)
-    if bias:
-        ones = torch.ones(B, T, 1, dtype=torch.float64) if mask is None else mask[..., None].double()
-        a = torch.cat([a, ones], -1)
-    G = torch.einsum("bto,bti->btoi", g, a)
-    if isinstance(norm, P.AdamNormalizer):
-        G[..., :I] = G[..., :I] / (norm.v.double().sqrt() + norm.eps)
-        if bias and norm.bias_avg_sq is not None:
-            G[..., I] = G[..., I] / (norm.bias_avg_sq.double().sqrt() + norm.eps)
-    elif isinstance(norm, P.AdafactorNormalizer):
-        r, c = norm.row.double() + norm.eps, norm.col.double() + norm.eps
-        G[..., :I] = G[..., :I] * (r.mean().sqrt() / r.sqrt())[:, None] / c.sqrt()[None, :]
-        if bias and norm.bias_avg_sq is not None:
-            G[..., I] = G[..., I] / (norm.bias_avg_sq.double() + norm.bias_eps).sqrt()
-    eq = "po,btoi,qi->btpq" if per_token else "po,btoi,qi->bpq"
-    val = torch.einsum(eq, L, G, R)
-    scale = torch.einsum(eq, L.abs(), G.abs(), R.abs())
-    shape = (B, T, p * p) if per_token else (B, p * p)
-    return val.reshape(shape), scale.reshape(shape)
+def _factored_ref(*args, **kw):
+    """(value, scale) in float64: see tests/_factored_ref.py."""
+    return factored_ref(*args, with_scale=True, **kw)
 
 
 def _assert_within(got, want, scale, rel=3e-5):
