@@ -158,26 +158,44 @@ decltype(auto) with_keys(const Tensor& keys, F&& f) {
   return f(keys.data_ptr<at::BFloat16>());
 }
 
+// The score's summation order (every CPU path, bit for bit): the features in chunks of kChain (d ascending), each
+// chunk one fp32 FMA chain from 0, the chunk sums added in order: s = c_0, then s = s + c_j. Until session 44 the
+// whole of d was one chain, whose error relative to |q| |x| stays ~3-4 u at every D (each step rounds a partial sum
+// as large as the score); restarting per chunk bounds each product's roundings by kChain + D / kChain, so the error
+// falls with D as BLAS's blocked sums do (2048 features: ~4x smaller; 16384: ~10x), and costs nothing (the packed
+// kernels already walk d in chunks of kChain: they add instead of continuing the chain).
+constexpr int64_t kChain = 128;
+
 #ifdef GK_SEARCH_X86
-// The exact fp32 score of one (query, key): the micro-kernels' FMA chain, one score at a time.
+// The exact fp32 score of one (query, key): the micro-kernels' chunked FMA chains, one score at a time.
 template <typename T>
 __attribute__((target("fma"))) float exact_dot(const float* q, const T* x, int64_t D) {
-  float acc = 0.0f;
-  for (int64_t d = 0; d < D; ++d) acc = __builtin_fmaf(q[d], static_cast<float>(x[d]), acc);
-  return acc;
+  float tot = 0.0f;
+  for (int64_t d0 = 0; d0 < D; d0 += kChain) {
+    const int64_t d1 = std::min<int64_t>(D, d0 + kChain);
+    float acc = 0.0f;
+    for (int64_t d = d0; d < d1; ++d) acc = __builtin_fmaf(q[d], static_cast<float>(x[d]), acc);
+    tot = d0 ? tot + acc : acc;
+  }
+  return tot;
 }
 #endif
 
-// exact_dot wherever the CPU has FMA instructions, else the same chain through std::fma (exact in software).
+// exact_dot wherever the CPU has FMA instructions, else the same chains through std::fma (exact in software).
 template <typename T>
 float fma_chain(const float* q, const T* x, int64_t D) {
 #ifdef GK_SEARCH_X86
   static const bool hw = __builtin_cpu_supports("fma");
   if (hw) return exact_dot(q, x, D);
 #endif
-  float acc = 0.0f;
-  for (int64_t d = 0; d < D; ++d) acc = std::fma(q[d], static_cast<float>(x[d]), acc);
-  return acc;
+  float tot = 0.0f;
+  for (int64_t d0 = 0; d0 < D; d0 += kChain) {
+    const int64_t d1 = std::min<int64_t>(D, d0 + kChain);
+    float acc = 0.0f;
+    for (int64_t d = d0; d < d1; ++d) acc = std::fma(q[d], static_cast<float>(x[d]), acc);
+    tot = d0 ? tot + acc : acc;
+  }
+  return tot;
 }
 
 // Per query: cq = 2.02 gamma_D |q| (rounded up; inf when |q| is, NaN keeps every key); tiny = the underflow
@@ -322,9 +340,9 @@ void rescore_candidates(const BlasQuery& st, int64_t k, const float* qrow, const
 // ---- Register-blocked scoring: an fp32 GEMM on keys packed into panels of kNR keys ([d][kNR], fp16/bf16 upcast
 // while packing, zero-padded; one panel at a time, just before it is scored), the contraction split in chunks of
 // kKC so that a panel chunk (kKC x kNR floats = 16 KiB) stays in L1 while the query rows stream from L2. Every
-// score is one fp32 FMA chain over d ascending (chunks continue the chain through the score buffer), so a score
-// does not depend on the tiling, the thread count, which other queries and keys are in the call, or the
-// instruction set:
+// score is fp32 FMA chains over d ascending, one per chunk of kKC = kChain features, added into the score buffer
+// in order (the summation order above), so a score does not depend on the tiling, the thread count, which other
+// queries and keys are in the call, or the instruction set:
 //  * AVX-512F: kMR = 14 queries x kNR = 32 keys per micro-tile (28 zmm accumulators). Measured on the project's
 //    Zen 4 machine: ~1.6x MKL's sgemm on these shapes.
 //  * AVX2 + FMA (CPUs without AVX-512: AMD Zen 1-3, Intel client parts): kMRAvx2 = 6 queries x 16 keys (half a
@@ -335,7 +353,7 @@ void rescore_candidates(const BlasQuery& st, int64_t k, const float* qrow, const
 constexpr int kMR = 14;
 constexpr int kMRAvx2 = 6;
 constexpr int kNR = 32;
-constexpr int64_t kKC = 128;
+constexpr int64_t kKC = kChain;  // a contraction chunk is a chain (see kChain)
 
 // 2: AVX-512 micro-kernel, 1: AVX2 micro-kernel, 0: BLAS blocks.
 int packed_isa() { return capped_simd_level("GRADKIT_SEARCH_ISA", "blas", "GRADKIT_SEARCH_BLAS"); }
@@ -343,10 +361,10 @@ int packed_isa() { return capped_simd_level("GRADKIT_SEARCH_ISA", "blas", "GRADK
 template <int MR>
 __attribute__((target("avx512f"))) void micro(const float* __restrict__ A, int64_t lda, const float* __restrict__ Bp,
                                               int64_t kc, float* __restrict__ C, int64_t ldc, bool acc) {
-  __m512 c0[MR], c1[MR];
+  __m512 c0[MR], c1[MR];  // this chunk's chains, from 0; added to C's sums (acc) at the end
   for (int r = 0; r < MR; ++r) {
-    c0[r] = acc ? _mm512_loadu_ps(C + r * ldc) : _mm512_setzero_ps();
-    c1[r] = acc ? _mm512_loadu_ps(C + r * ldc + 16) : _mm512_setzero_ps();
+    c0[r] = _mm512_setzero_ps();
+    c1[r] = _mm512_setzero_ps();
   }
   for (int64_t d = 0; d < kc; ++d) {
     const __m512 b0 = _mm512_loadu_ps(Bp + d * kNR), b1 = _mm512_loadu_ps(Bp + d * kNR + 16);
@@ -358,8 +376,8 @@ __attribute__((target("avx512f"))) void micro(const float* __restrict__ A, int64
     }
   }
   for (int r = 0; r < MR; ++r) {
-    _mm512_storeu_ps(C + r * ldc, c0[r]);
-    _mm512_storeu_ps(C + r * ldc + 16, c1[r]);
+    _mm512_storeu_ps(C + r * ldc, acc ? _mm512_add_ps(_mm512_loadu_ps(C + r * ldc), c0[r]) : c0[r]);
+    _mm512_storeu_ps(C + r * ldc + 16, acc ? _mm512_add_ps(_mm512_loadu_ps(C + r * ldc + 16), c1[r]) : c1[r]);
   }
 }
 
@@ -384,9 +402,9 @@ __attribute__((target("avx2,fma"))) void micro_avx2(const float* __restrict__ A,
                                                     int64_t ldc, bool acc) {
   __m256 c0[MR], c1[MR];  // every loop over r fully unrolled: GCC keeps the arrays in registers only then
 #pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) {
-    c0[r] = acc ? _mm256_loadu_ps(C + r * ldc) : _mm256_setzero_ps();
-    c1[r] = acc ? _mm256_loadu_ps(C + r * ldc + 8) : _mm256_setzero_ps();
+  for (int r = 0; r < MR; ++r) {  // this chunk's chains, from 0; added to C's sums (acc) at the end
+    c0[r] = _mm256_setzero_ps();
+    c1[r] = _mm256_setzero_ps();
   }
   for (int64_t d = 0; d < kc; ++d) {
     const __m256 b0 = _mm256_loadu_ps(Bp + d * kNR), b1 = _mm256_loadu_ps(Bp + d * kNR + 8);
@@ -399,8 +417,8 @@ __attribute__((target("avx2,fma"))) void micro_avx2(const float* __restrict__ A,
   }
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
-    _mm256_storeu_ps(C + r * ldc, c0[r]);
-    _mm256_storeu_ps(C + r * ldc + 8, c1[r]);
+    _mm256_storeu_ps(C + r * ldc, acc ? _mm256_add_ps(_mm256_loadu_ps(C + r * ldc), c0[r]) : c0[r]);
+    _mm256_storeu_ps(C + r * ldc + 8, acc ? _mm256_add_ps(_mm256_loadu_ps(C + r * ldc + 8), c1[r]) : c1[r]);
   }
 }
 
@@ -470,28 +488,36 @@ __attribute__((target("avx2,fma,f16c"))) void score_direct(const float* q, int64
   int64_t j8 = 0;
   for (; j8 + 8 <= nb; j8 += 8) {
     const T* src = keys + j8 * ldk;
-    __m256 acc[NQ];
+    __m256 tot[NQ], acc[NQ];
+    for (int64_t d0 = 0; d0 < D; d0 += kChain) {  // kChain is a multiple of 8: only the last chunk has a tail
+      const int64_t d1 = std::min<int64_t>(D, d0 + kChain);
 #pragma GCC unroll 8
-    for (int r = 0; r < NQ; ++r) acc[r] = _mm256_setzero_ps();
-    int64_t d = 0;
-    for (; d + 8 <= D; d += 8) {
-      __m256 v[8];
-      for (int i = 0; i < 8; ++i) v[i] = load8(src + i * ldk + d);
-      transpose8(v);
+      for (int r = 0; r < NQ; ++r) acc[r] = _mm256_setzero_ps();
+      int64_t d = d0;
+      for (; d + 8 <= d1; d += 8) {
+        __m256 v[8];
+        for (int i = 0; i < 8; ++i) v[i] = load8(src + i * ldk + d);
+        transpose8(v);
 #pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i)
+        for (int i = 0; i < 8; ++i)
 #pragma GCC unroll 8
-        for (int r = 0; r < NQ; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(q + r * ldq + d + i), v[i], acc[r]);
+          for (int r = 0; r < NQ; ++r)
+            acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(q + r * ldq + d + i), v[i], acc[r]);
+      }
+      for (; d < d1; ++d) {
+        alignas(32) float col[8];
+        for (int i = 0; i < 8; ++i) col[i] = static_cast<float>(src[i * ldk + d]);
+        const __m256 v = _mm256_load_ps(col);
+#pragma GCC unroll 8
+        for (int r = 0; r < NQ; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(q + r * ldq + d), v, acc[r]);
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < NQ; ++r) tot[r] = d0 ? _mm256_add_ps(tot[r], acc[r]) : acc[r];
     }
-    for (; d < D; ++d) {
-      alignas(32) float col[8];
-      for (int i = 0; i < 8; ++i) col[i] = static_cast<float>(src[i * ldk + d]);
-      const __m256 v = _mm256_load_ps(col);
+    if (D == 0)
+      for (int r = 0; r < NQ; ++r) tot[r] = _mm256_setzero_ps();
 #pragma GCC unroll 8
-      for (int r = 0; r < NQ; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(q + r * ldq + d), v, acc[r]);
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < NQ; ++r) _mm256_storeu_ps(S + r * lds + j8, acc[r]);
+    for (int r = 0; r < NQ; ++r) _mm256_storeu_ps(S + r * lds + j8, tot[r]);
   }
   for (; j8 < nb; ++j8)
     for (int r = 0; r < NQ; ++r) S[r * lds + j8] = exact_dot(q + r * ldq, keys + j8 * ldk, D);

@@ -9,7 +9,8 @@
 //   threads computes the kTileQ x kTileN (32 x 128) scores of 32 queries against 128 keys: the
 //   feature dimension is walked in slices of kSliceD = 32; each slice of queries and keys (keys
 //   upcast from fp16/bf16/fp32 on load) is staged in shared memory and every thread accumulates
-//   16 fp32 dot products (query row tid / 8, columns tid % 8 + 8 j) with fmaf in a fixed order.
+//   16 fp32 dot products (query row tid / 8, columns tid % 8 + 8 j) with fmaf in a fixed order (a chain per
+//   128 features, the chain sums added in order, as on the CPU).
 //   The scores (times key_scale, NaN -> -inf) go to shared memory; then each of the 8 warps takes
 //   4 query rows and extracts the row's k best by k rounds of warp arg-max (a lane owns columns
 //   lane + 32 i; ties: lowest column; taken columns are masked in registers). Only the k
@@ -56,6 +57,7 @@ constexpr int kThreads = 256;
 constexpr int kTileQ = 32;
 constexpr int kTileN = 128;
 constexpr int kSliceD = 32;
+constexpr int64_t kChain = 128;  // features per fmaf chain (a multiple of kSliceD)
 constexpr int kMaxK = 64;
 constexpr int kColsPerLane = kTileN / 32;  // 4
 #ifndef GK_MAX_GRID_Y
@@ -81,11 +83,20 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n0 = tile * kTileN;
   const int row = tid / 8;  // 0..31
   const int c0 = tid % 8;   // columns c0 + 8 j, j < 16
-  float acc[kTileN / 8];
+  // the CPU kernels' summation order (csrc/cpu/search.cpp, kChain): an fmaf chain per chunk of kChain features,
+  // the chunk sums added in order (tot), so the error falls with D as blocked sums' does
+  float acc[kTileN / 8], tot[kTileN / 8];
 #pragma unroll
-  for (int j = 0; j < kTileN / 8; ++j) acc[j] = 0.f;
+  for (int j = 0; j < kTileN / 8; ++j) acc[j] = tot[j] = 0.f;
 
   for (int64_t d0 = 0; d0 < D; d0 += kSliceD) {
+    if (d0 > 0 && d0 % kChain == 0) {
+#pragma unroll
+      for (int j = 0; j < kTileN / 8; ++j) {
+        tot[j] = d0 == kChain ? acc[j] : tot[j] + acc[j];
+        acc[j] = 0.f;
+      }
+    }
     // stage the slice: 32 x 32 queries (4 per thread), 128 x 32 keys (16 per thread)
     for (int e = tid; e < kTileQ * kSliceD; e += kThreads) {
       const int r = e / kSliceD, c = e % kSliceD;
@@ -111,7 +122,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int j = 0; j < kTileN / 8; ++j) {
     const int col = c0 + 8 * j;
     const int64_t gn = n0 + col;
-    float v = acc[j];
+    float v = D > kChain ? tot[j] + acc[j] : acc[j];
     if (scale != nullptr && gn < N) v *= scale[gn];
     if (v != v) v = ninf;
     S[row][col] = v;

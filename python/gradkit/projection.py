@@ -46,6 +46,8 @@ __all__ = ["KINDS", "derive_seed", "projection_matrix", "project", "factored_pro
 KINDS = {"rademacher": 0, "gaussian": 1}
 _SEED_MASK = (1 << 63) - 1
 _DEFAULT_CHUNK_BYTES = 64 << 20
+_F32_MAX = float(torch.finfo(torch.float32).max)
+_F32_TINY = float(torch.finfo(torch.float32).tiny)  # 2**-126
 
 
 def _kind(kind) -> int:
@@ -354,6 +356,28 @@ class AdafactorNormalizer:
             _check_moments(t, nm)
         for nm in ("eps", "bias_eps"):
             setattr(self, nm, _check_eps(getattr(self, nm), nm))
+        self._check_factor_range()
+
+    def _check_factor_range(self) -> None:
+        """(session 44) The factors are applied in float32 (folded into L and R): one past float32's range is inf
+        there, and a zero gradient row / column times inf is NaN, which reached every projected entry although the
+        float64 result is finite (float64 moments spanning more than ~1e77, or an eps under ~1e-77 with a zero
+        moment). Refused here, naming the field, before any projection. One pass over row / col (float64)."""
+        for nm, t, e in (("row", self.row, self.eps), ("col", self.col, self.eps),
+                         ("bias_avg_sq", self.bias_avg_sq, self.bias_eps)):
+            if t is None or not t.numel():
+                continue
+            r = t.detach().double() + e
+            f = r.mean().sqrt() * r.rsqrt() if nm == "row" else r.rsqrt()
+            top = float(f.max())
+            if not top <= _F32_MAX:  # inf and NaN (an overflowing float64 mean) too
+                i = int(torch.argmax(torch.nan_to_num(f, nan=math.inf)))
+                form = {"row": "sqrt(mean(row + eps) / (row + eps))", "col": "1 / sqrt(col + eps)",
+                        "bias_avg_sq": "1 / sqrt(bias_avg_sq + bias_eps)"}[nm]
+                raise ValueError(f"{nm}: the normalising factor {form} reaches {top:g} at entry {i} (value "
+                                 f"{float(t.reshape(-1)[i]):g}, eps {e:g}), past float32's range (3.4e38) in which the "
+                                 f"factors are applied: every projected entry would be inf or NaN; use a larger eps "
+                                 f"or second moments of a narrower range")
 
     def factors(self):
         """(row factor (O,), column factor (I,)) with ``G / sqrt(V) = diag(row) G diag(col)``."""
@@ -391,6 +415,13 @@ class AdamNormalizer:
         if self.bias_avg_sq is not None:
             _check_moments(self.bias_avg_sq, "bias_avg_sq")
         self.eps = _check_eps(self.eps, "eps")
+        if self.eps < _F32_TINY:
+            # (session 44) the denominators sqrt(v) + eps (and the bias's reciprocals) are float32: an eps below
+            # float32's normal range rounded to 0 (or its reciprocal overflowed), and a zero second moment next to a
+            # zero gradient entry gave 0 / 0 = NaN in every projected entry, where the float64 result is finite
+            raise ValueError(f"eps: {self.eps!r} is below 2**-126 (1.18e-38), float32's smallest normal number; the "
+                             f"denominators sqrt(v) + eps are float32, where a zero second moment would divide by 0 "
+                             f"(NaN in every projected entry)")
 
     def denominator(self) -> torch.Tensor:
         """``sqrt(v) + eps`` (O, I) float32, on v's device."""
