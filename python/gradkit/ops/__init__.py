@@ -199,6 +199,35 @@ def _triton_launcher(family: str, name: str):
     return on_tensor_device(getattr(mod, name))
 
 
+def transforms_active() -> bool:
+    """True inside a torch.func transform (vmap, grad, vjp, jacrev, jacfwd, ...) or a forward-mode AD level
+    (``torch.autograd.forward_ad.dual_level``), outside torch.compile's tracing.
+
+    The differentiable ops' autograd (registered with ``torch.library.register_autograd``) is a generated
+    autograd.Function without ``setup_context``, which torch.func refuses ("it must override the setup_context
+    staticmethod", pytorch/pytorch#168393, #179652), and without a forward-mode rule: a dual input's tangent was
+    dropped without a word (a zero Jacobian from ``jacfwd``). There the wrappers (``gather_segments``,
+    ``scatter_segments``, ``project_flat``, ``factored_project``, ``score_topk``) apply their own Functions instead:
+    the same forward and backward, a ``vmap`` running the op once per example, and a ``jvp`` for the linear ones
+    (gather, scatter, project_flat; the others raise torch's NotImplementedError asking for one). A direct
+    ``torch.ops.gradkit.*`` call still meets torch's limits there."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+
+
+def _fn_autograd(fn, tensors) -> bool:
+    """Whether a differentiable op's wrapper runs through its own autograd.Function: inside a transform
+    (:func:`transforms_active`), or with ``GRADKIT_BACKEND=triton`` while a gradient is wanted: the Triton launchers
+    are plain Python calls that autograd cannot see through, so gather_segments', scatter_segments' and
+    score_topk's results had no grad_fn there and their share of a gradient was silently dropped (session 44; the
+    reference backend is plain torch, differentiable as it is)."""
+    if transforms_active():
+        return True
+    return not _native(fn) and backend() == "triton" and torch.is_grad_enabled() and \
+        any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
 _FLOATS = _rules.FLOATS
 PARAMMAP_OPS = ("gather_segments", "gather_segments_out", "scatter_segments", "scatter_segments_", "mask_to_indices",
                 "bitmask_to_indices", "pack_bitmask", "topk_select", "topk_select_segments")
@@ -293,7 +322,10 @@ def gather_segments(src: Sequence[torch.Tensor], index: Sequence[Optional[torch.
         check_gather_segments(src, index, dtype)
         if not src:  # no tensor to dispatch on: the empty result is known
             return torch.empty(0, dtype=dtype or torch.float32)
-        return _impl("gather_segments")(list(src), list(index), dtype)
+        fn = _impl("gather_segments")
+        if _fn_autograd(fn, src):  # torch.func refuses the op's own autograd; a Triton launcher has none
+            return _GatherFn.apply(fn, tuple(index), dtype, *src)
+        return fn(list(src), list(index), dtype)
     check_gather_segments_out(src, index, out, accumulate, dtype)
     if not src:
         return out
@@ -328,7 +360,10 @@ def scatter_segments(flat: torch.Tensor, index: Sequence[Optional[torch.Tensor]]
     The positions of a segment must be distinct (IndexError out of range, ValueError for a repeat).
     """
     check_scatter_segments(flat, index, numel, scale)
-    return list(_impl("scatter_segments")(flat, list(index), [int(n) for n in numel], float(scale)))
+    fn = _impl("scatter_segments")
+    if _fn_autograd(fn, [flat]):  # torch.func refuses the op's own autograd; a Triton launcher has none
+        return list(_ScatterFn.apply(fn, tuple(index), [int(n) for n in numel], float(scale), flat))
+    return list(fn(flat, list(index), [int(n) for n in numel], float(scale)))
 
 
 def check_scatter_segments_(flat, index, dst, scale, accumulate) -> None:
@@ -986,6 +1021,112 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     _wrote(list(params) + list(exp_avgs) + list(exp_avg_sqs) + list(max_exp_avg_sqs or []), fn)
 
 
+# --------------------------------------------------------------------------- torch.func support
+
+
+def _pick(a, d, b: int):
+    """Example ``b`` of argument ``a`` batched at ``d`` (vmap's in_dims: None, an int, or a list for a tensor list)."""
+    if isinstance(a, (list, tuple)):
+        if isinstance(d, (list, tuple)):
+            return [_pick(x, dx, b) for x, dx in zip(a, d)]
+        return list(a)
+    return a if d is None or not isinstance(a, torch.Tensor) else a.select(d, b)
+
+
+def _loop_vmap(op, name: str):
+    """A vmap rule (``torch.library.register_vmap``'s, or an autograd.Function's ``vmap`` staticmethod) running
+    ``op`` once per example and stacking the results along dim 0 (a tensor, or each tensor of a list / tuple).
+    Outputs whose sizes differ between examples cannot be stacked: torch.stack's error, as torch's own fallback
+    gives for them."""
+    def rule(info, in_dims, *args):
+        B = info.batch_size
+        if B == 0:  # no example to run the op on: the result's shape is unknown
+            raise ValueError(f"{name}: vmap over an empty batch (size 0) is not supported")
+        outs = [op(*[_pick(a, d, b) for a, d in zip(args, in_dims)]) for b in range(B)]
+        if isinstance(outs[0], torch.Tensor):
+            return torch.stack(outs), 0
+        seq = type(outs[0])  # a list (tensor-list returns) or a tuple (several returns)
+        n = len(outs[0])
+        return seq(torch.stack([o[i] for o in outs]) for i in range(n)), seq([0] * n)
+    return rule
+
+
+def loop_vmap_staticmethod(cls, name: str):
+    """The ``vmap`` staticmethod of an autograd.Function whose first argument (or last, for score_topk) is the
+    function that runs the op (the dispatcher op, a Triton launcher, a GPU composite, a reference): ``cls.apply``
+    once per example, so every backend runs on plain tensors (a Triton launcher cannot read a batched tensor's
+    storage, and a composite's data-dependent branches are refused under vmap) and gives the bits of a loop."""
+    return staticmethod(_loop_vmap(cls.apply, name))
+
+
+def register_loop_vmap(names) -> None:
+    """torch.func.vmap for functional ``torch.ops.gradkit`` ops: each example runs the op once (:func:`_loop_vmap`),
+    so a vmapped call gives the bits of a Python loop over the batch, at any in_dims. torch's own per-example
+    fallback covers only ops without tensor lists (the others were "Batching rule not implemented ... We could not
+    generate a fallback"), and warns of "a performance drop" at every call, asking for an issue on torch's
+    tracker; the in-place ops have no rule and stay refused under vmap (nothing written)."""
+    for name in names:
+        if _ext.has_op(name):
+            torch.library.register_vmap(f"gradkit::{name}", _loop_vmap(getattr(torch.ops.gradkit, name).default, name))
+
+
+class _GatherFn(torch.autograd.Function):
+    """gather_segments inside a torch.func transform (see :func:`transforms_active`) and on the Triton backend
+    (:func:`_fn_autograd`), whatever ``fn`` runs it.
+    ``index`` is one argument (a tuple), the sources are the trailing ones; the backward is scatter_segments,
+    through :class:`_ScatterFn`, so gradients of gradients go through torch.func too; vmap: one call per example."""
+
+    @staticmethod
+    def forward(fn, index, dtype, *src):
+        return fn(list(src), list(index), dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, index, dtype, *src = inputs
+        ctx.index, ctx.out_dtype = tuple(index), dtype
+        ctx.shapes = [(s.shape, s.dtype) for s in src]
+        ctx.device = src[0].device
+
+    @staticmethod
+    def backward(ctx, grad):
+        numel = [int(torch.Size(shape).numel()) for shape, _ in ctx.shapes]
+        full = _ScatterFn.apply(_impl("scatter_segments"), ctx.index, numel, 1.0, grad.contiguous())
+        return (None, None, None, *[g.reshape(shape).to(dt) for g, (shape, dt) in zip(full, ctx.shapes)])
+
+    @staticmethod
+    def jvp(ctx, _fn, _index, _dtype, *tangents):  # linear: the tangent gathered
+        ts = [torch.zeros(s, dtype=dt, device=ctx.device) if t is None else t
+              for t, (s, dt) in zip(tangents, ctx.shapes)]
+        return _GatherFn.apply(_impl("gather_segments"), ctx.index, ctx.out_dtype, *ts)
+
+
+class _ScatterFn(torch.autograd.Function):
+    """scatter_segments inside a torch.func transform and on the Triton backend; the backward is gather_segments
+    (:class:`_GatherFn`)."""
+
+    @staticmethod
+    def forward(fn, index, numel, scale, flat):
+        return tuple(fn(flat, list(index), list(numel), scale))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, index, numel, scale, flat = inputs
+        ctx.index, ctx.numel, ctx.scale, ctx.dtype = tuple(index), list(numel), scale, flat.dtype
+
+    @staticmethod
+    def backward(ctx, *grads):
+        g = _GatherFn.apply(_impl("gather_segments"), ctx.index, ctx.dtype, *[g.contiguous() for g in grads])
+        return None, None, None, None, g * ctx.scale
+
+    @staticmethod
+    def jvp(ctx, _fn, _index, _numel, _scale, tangent):  # linear: the tangent scattered
+        return _ScatterFn.apply(_impl("scatter_segments"), ctx.index, ctx.numel, ctx.scale, tangent)
+
+
+_GatherFn.vmap = loop_vmap_staticmethod(_GatherFn, "gather_segments")
+_ScatterFn.vmap = loop_vmap_staticmethod(_ScatterFn, "scatter_segments")
+
+
 # --------------------------------------------------------------------------- fake impls + autograd
 
 def _fake_check(check, *args, **kwargs):
@@ -1143,6 +1284,11 @@ if _ext.LOADED:
 
     torch.library.register_autograd("gradkit::scatter_segments", _scatter_backward, setup_context=_scatter_setup)
 
+    # torch.func.vmap: one op call per example (the in-place ops: none, refused)
+    register_loop_vmap(("gather_segments", "scatter_segments", "mask_to_indices", "bitmask_to_indices",
+                        "pack_bitmask", "topk_select", "topk_select_segments", "block_norms", "scope_kth",
+                        "scope_mask", "bitmask_binary", "bitmask_not", "bitmask_count"))
+
     @torch.library.register_fake("gradkit::golden_topk_and_")
     def _golden_topk_and_fake(g, bits, counts, k, first):
         _fake_check(check_golden_topk_and_, g, bits, counts, k, first)
@@ -1184,6 +1330,8 @@ if _ext.LOADED:
 from gradkit.ops.obs import *  # noqa: E402,F401,F403
 from gradkit.ops.projection import *  # noqa: E402,F401,F403
 from gradkit.ops.search import *  # noqa: E402,F401,F403
+
+register_loop_vmap(("obs_select", "obs_shared_prune"))  # torch.func.vmap: one op call per example (as above)
 
 
 # ADInplaceOrView kernels for the in-place ops: bump the version counters of the arguments the schema marks

@@ -27,7 +27,7 @@ import torch
 
 from gradkit import _ext
 from gradkit.ops import (_check_typed, _check_writable, _fake_check, _impl, _int, _wrote, gpu_auto, gpu_composite,
-                         triton_family)
+                         loop_vmap_staticmethod, register_loop_vmap, transforms_active, triton_family)
 
 __all__ = ["PROJECTION_OPS", "projection_matrix", "projection_matrix_", "project_flat", "factored_project"]
 
@@ -125,7 +125,7 @@ def project_flat(x: torch.Tensor, k: int, seed: int, kind: int = 0, col0: int = 
         tri = triton_family("projection")
         if tri is not None:  # H200: 1.27 ms (bf16 x) / 2.24 ms (fp32 x) against the CUDA C++ kernel's 15.3
             fn = tri.project_flat
-    if _needs_wrap(fn, x):
+    if _needs_wrap(fn, x) or transforms_active():
         return _ProjectFlatFn.apply(fn, x, k, seed, kind, col0)
     return fn(x, k, seed, kind, col0)
 
@@ -182,9 +182,11 @@ def factored_project(a: torch.Tensor, g: torch.Tensor, lt: torch.Tensor, rt: tor
     if gpu_composite(a):  # H200: cuBLAS products 0.07 ms, CUDA C++ kernel 0.91, Triton 0.10 (1000^2, 64 x 128, p 16)
         from gradkit.kernels import composite
 
+        if transforms_active():  # one call per example under vmap, as the op (and the bits of a loop)
+            return _FactoredFn.apply(composite.factored_project, a, g, lt, rt, rb, mask, T)
         return composite.factored_project(a, g, lt, rt, rb, mask, T)  # plain torch: autograd as it is
     fn = _impl("factored_project", "projection")
-    if _needs_wrap(fn, a, g, lt, rt, rb):
+    if _needs_wrap(fn, a, g, lt, rt, rb) or transforms_active():
         return _FactoredFn.apply(fn, a, g, lt, rt, rb, mask, T)
     return fn(a, g, lt, rt, rb, mask, T)
 
@@ -253,33 +255,54 @@ def _factored_grads(grad, a, g, lt, rt, rb, mask, T, need):
 
 
 class _ProjectFlatFn(torch.autograd.Function):
-    """Autograd around a project_flat that is not the dispatcher op (Triton, reference backends)."""
+    """Autograd around a project_flat that is not the dispatcher op (Triton, reference backends), and around the
+    dispatcher op inside torch.func transforms (``gradkit.ops.transforms_active``: torch.func refuses the op's own
+    registered autograd). A separate ``setup_context``, as torch.func wants it, and a ``vmap`` running ``fn`` once per
+    example (the bits of a loop, on every backend)."""
 
     @staticmethod
-    def forward(ctx, fn, x, k, seed, kind, col0):
-        ctx.meta = (int(x.shape[1]), x.dtype, int(k), seed, kind, col0)
+    def forward(fn, x, k, seed, kind, col0):
         return fn(x.detach(), k, seed, kind, col0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, x, k, seed, kind, col0 = inputs
+        ctx.meta = (int(x.shape[1]), x.dtype, int(k), seed, kind, col0)
 
     @staticmethod
     def backward(ctx, grad):
         return None, _project_flat_grad(grad, *ctx.meta), None, None, None, None
 
+    @staticmethod
+    def jvp(ctx, _fn, x_t, _k, _seed, _kind, _col0):  # linear in x: the tangent projected
+        D, dtype, k, seed, kind, col0 = ctx.meta
+        return project_flat(x_t.to(dtype), k, seed, kind, col0)
+
 
 class _FactoredFn(torch.autograd.Function):
-    """Autograd around a factored_project that is not the dispatcher op."""
+    """Autograd around a factored_project that is not the dispatcher op, and around the dispatcher op inside
+    torch.func transforms and around a GPU composite there (as :class:`_ProjectFlatFn`)."""
 
     @staticmethod
-    def forward(ctx, fn, a, g, lt, rt, rb, mask, T):
-        ctx.save_for_backward(a, g, lt, rt, rb, mask)
-        ctx.T = T
+    def forward(fn, a, g, lt, rt, rb, mask, T):
         d = lambda t: None if t is None else t.detach()  # noqa: E731
         return fn(d(a), d(g), d(lt), d(rt), d(rb), mask, T)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, a, g, lt, rt, rb, mask, T = inputs
+        ctx.save_for_backward(a, g, lt, rt, rb, mask)
+        ctx.T = T
 
     @staticmethod
     def backward(ctx, grad):
         a, g, lt, rt, rb, mask = ctx.saved_tensors
         gs = _factored_grads(grad, a, g, lt, rt, rb, mask, ctx.T, ctx.needs_input_grad[1:6])
         return (None, *gs, None, None)
+
+
+_ProjectFlatFn.vmap = loop_vmap_staticmethod(_ProjectFlatFn, "project_flat")
+_FactoredFn.vmap = loop_vmap_staticmethod(_FactoredFn, "factored_project")
 
 
 def _factored_project_fake(a, g, lt, rt, rb, mask, T):
@@ -327,6 +350,10 @@ if _ext.LOADED:
 
         torch.library.register_autograd("gradkit::factored_project", _factored_backward,
                                         setup_context=_factored_setup)
+
+    # torch.func.vmap: one op call per example, the bits of a loop over the batch (project_flat's float32 rounding
+    # may depend on its row count, so the examples' rows are not run as one batch)
+    register_loop_vmap(("project_flat", "factored_project"))
 
     # Triton is the GPU kernel where the extension was built without CUDA C++.
     _ext.register_triton_for_cuda("projection", PROJECTION_OPS)

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from gradkit import _ext
-from gradkit.ops import _fake_check, _flag, _int
+from gradkit.ops import _fake_check, _flag, _int, loop_vmap_staticmethod, register_loop_vmap
 
 __all__ = ["score_topk", "check_score_topk", "SEARCH_OPS", "KEY_DTYPES"]
 
@@ -82,7 +82,7 @@ def score_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, largest: bo
     first; NaN scores rank as -inf (largest) / +inf (smallest); slots without a candidate are
     (-inf, -1) (largest) or (+inf, -1).
     """
-    from gradkit.ops import _impl, gpu_composite
+    from gradkit.ops import _fn_autograd, _impl, gpu_composite
 
     k, base = check_score_topk(queries, keys, k, largest, key_scale, scores_in, idx_in, base)
     largest = bool(largest)  # np.bool_ -> bool for the op schemas
@@ -91,8 +91,13 @@ def score_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, largest: bo
     if gpu_composite(queries):  # H200: blocked cuBLAS 25.0 ms, CUDA C++ kernel 71.8 (1,000 x 1M x 256, top-10)
         from gradkit.kernels import composite
 
-        return composite.score_topk(queries, keys, k, largest, key_scale, scores_in, idx_in, base)
-    return _impl("score_topk", "search")(queries, keys, k, largest, key_scale, scores_in, idx_in, base)
+        fn = composite.score_topk
+    else:
+        fn = _impl("score_topk", "search")
+    # torch.func refuses the op's own autograd (and a composite's branches on data); a Triton launcher has none
+    if _fn_autograd(fn, [queries, keys, key_scale, scores_in]):
+        return _ScoreTopkFn.apply(queries, keys, k, largest, key_scale, scores_in, idx_in, base, fn)
+    return fn(queries, keys, k, largest, key_scale, scores_in, idx_in, base)
 
 
 def _score_topk_fake(queries, keys, k, largest, key_scale, scores_in, idx_in, base):
@@ -101,73 +106,99 @@ def _score_topk_fake(queries, keys, k, largest, key_scale, scores_in, idx_in, ba
     return queries.new_empty((q, k), dtype=torch.float32), queries.new_empty((q, k), dtype=torch.int64)
 
 
+def _score_topk_setup(ctx, inputs, output):
+    queries, keys, k, largest, key_scale, scores_in, idx_in, base = inputs
+    ctx.save_for_backward(queries, keys, key_scale, scores_in, idx_in, output[0], output[1])
+    ctx.base = int(base)
+    ctx.largest = bool(largest)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _from_scores_in(scores_in, idx_in, out_s, idx, largest):
+    """(Q, k, k_in) bool: slot j of query q holds scores_in[q, m]. A row can be a candidate more than once (a
+    repeat in idx_in, or an idx_in row that is also in this block); candidates of equal row and score are taken
+    in their order (scores_in's, then the block's), as the reference's stable selection takes them, so the t-th
+    slot holding (row, score) is the t-th scores_in entry with that row and score, else the block's row."""
+    inf = float("inf")
+    s_in = torch.nan_to_num(scores_in, nan=-inf if largest else inf, posinf=inf, neginf=-inf)  # as reported
+    same = (idx_in[:, None, :] == idx[:, :, None]) & (s_in[:, None, :] == out_s[:, :, None]) \
+        & (idx >= 0)[:, :, None]
+    kk = idx.shape[1]
+    earlier = torch.ones(kk, kk, dtype=torch.bool, device=idx.device).tril(-1)  # [j, j']: slot j' before j
+    t = ((idx[:, :, None] == idx[:, None, :]) & (out_s[:, :, None] == out_s[:, None, :]) & earlier).sum(
+        2, dtype=torch.int32)
+    return same & (same.cumsum(2, dtype=torch.int32) == (t + 1)[:, :, None])
+
+
+def _score_topk_backward(ctx, g_scores, _g_idx):
+    """The gradient of each kept score: a slot whose row is in this block (base <= idx < base + N) holds
+    <queries[q], keys[idx - base]> (times key_scale[idx - base]); a filled slot taken from the running top-k
+    holds that scores_in entry; empty slots (idx -1) hold no input. Where a row is a candidate twice (repeated
+    in idx_in, or in idx_in and in the block: session 43 review), the slot is matched to the candidate the
+    selection kept (by its score, then in candidate order). The composite (torch) path's autograd gives the
+    same; before session 43 the C++ op's scores required grad but their backward gave no gradient."""
+    queries, keys, key_scale, scores_in, idx_in, out_s, idx = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    N = keys.shape[0]
+    r = idx - ctx.base
+    in_block = (idx >= 0) & (r >= 0) & (r < N)
+    pick = None
+    if idx_in is not None and idx_in.shape[1] and idx.shape[1]:
+        pick = _from_scores_in(scores_in, idx_in, out_s, idx, ctx.largest)
+        in_block = in_block & ~pick.any(2)
+    g = torch.where(in_block, g_scores, torch.zeros((), dtype=g_scores.dtype, device=g_scores.device))
+    rows = torch.where(in_block, r, torch.zeros((), dtype=r.dtype, device=r.device))
+    d_q = d_keys = d_scale = d_in = None
+    if (need[0] or need[1] or need[4]) and N:
+        kr = keys[rows].float()  # (Q, k, D)
+        ks = key_scale[rows] if key_scale is not None else None
+        gk = g if ks is None else g * ks
+        if need[0]:
+            d_q = torch.einsum("qj,qjd->qd", gk, kr)
+        if need[1]:
+            # (Q * k rows, not -1: with D = 0 and no slot, -1 is ambiguous)
+            contrib = (gk[:, :, None] * queries.float()[:, None, :]).reshape(rows.numel(), keys.shape[1])
+            # (out of place: torch.func.vmap batches index_add, not index_add_ into an unbatched zeros)
+            d_keys = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device).index_add(
+                0, rows.reshape(-1), contrib).to(keys.dtype)
+        if need[4] and key_scale is not None:
+            dots = torch.einsum("qd,qjd->qj", queries.float(), kr)
+            d_scale = torch.zeros_like(key_scale).index_add(0, rows.reshape(-1), (g * dots).reshape(-1))
+    elif need[0]:
+        d_q = torch.zeros_like(queries)
+    if need[5] and idx_in is not None:
+        d_in = torch.zeros(idx_in.shape, dtype=g_scores.dtype, device=g_scores.device)
+        if pick is not None:  # each slot credits at most one entry
+            got = torch.where(pick.any(2), g_scores, torch.zeros((), dtype=g_scores.dtype, device=g_scores.device))
+            d_in = d_in.scatter_add(1, pick.to(torch.uint8).argmax(2), got)
+    return d_q, d_keys, None, None, d_scale, d_in, None, None
+
+
+class _ScoreTopkFn(torch.autograd.Function):
+    """score_topk inside torch.func transforms (``gradkit.ops.transforms_active``: torch.func refuses the op's own
+    registered autograd) and on the Triton backend (``gradkit.ops._fn_autograd``), whatever ``fn`` runs it (the op,
+    a GPU composite, a backend's function): the op's setup and backward, with ``setup_context``, and a ``vmap``
+    running ``fn`` once per example (the bits of a loop). ``fn`` is the last argument, so
+    ``ctx.needs_input_grad[:8]`` lines up with the op's arguments."""
+
+    @staticmethod
+    def forward(queries, keys, k, largest, key_scale, scores_in, idx_in, base, fn):
+        return tuple(fn(queries, keys, k, largest, key_scale, scores_in, idx_in, base))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _score_topk_setup(ctx, inputs[:-1], output)
+
+    @staticmethod
+    def backward(ctx, g_scores, g_idx):
+        return (*_score_topk_backward(ctx, g_scores, g_idx), None)
+
+
+_ScoreTopkFn.vmap = loop_vmap_staticmethod(_ScoreTopkFn, "score_topk")
+
 if _ext.has_op("score_topk"):
     torch.library.register_fake("gradkit::score_topk", _score_topk_fake, _stacklevel=_ext.ops_package_stacklevel())
 
     _ext.register_triton_for_cuda("search", ("score_topk",))  # Triton where CUDA C++ was not built
-
-    def _score_topk_setup(ctx, inputs, output):
-        queries, keys, k, largest, key_scale, scores_in, idx_in, base = inputs
-        ctx.save_for_backward(queries, keys, key_scale, scores_in, idx_in, output[0], output[1])
-        ctx.base = int(base)
-        ctx.largest = bool(largest)
-        ctx.mark_non_differentiable(output[1])
-
-    def _from_scores_in(scores_in, idx_in, out_s, idx, largest):
-        """(Q, k, k_in) bool: slot j of query q holds scores_in[q, m]. A row can be a candidate more than once (a
-        repeat in idx_in, or an idx_in row that is also in this block); candidates of equal row and score are taken
-        in their order (scores_in's, then the block's), as the reference's stable selection takes them, so the t-th
-        slot holding (row, score) is the t-th scores_in entry with that row and score, else the block's row."""
-        inf = float("inf")
-        s_in = torch.nan_to_num(scores_in, nan=-inf if largest else inf, posinf=inf, neginf=-inf)  # as reported
-        same = (idx_in[:, None, :] == idx[:, :, None]) & (s_in[:, None, :] == out_s[:, :, None]) \
-            & (idx >= 0)[:, :, None]
-        kk = idx.shape[1]
-        earlier = torch.ones(kk, kk, dtype=torch.bool, device=idx.device).tril(-1)  # [j, j']: slot j' before j
-        t = ((idx[:, :, None] == idx[:, None, :]) & (out_s[:, :, None] == out_s[:, None, :]) & earlier).sum(
-            2, dtype=torch.int32)
-        return same & (same.cumsum(2, dtype=torch.int32) == (t + 1)[:, :, None])
-
-    def _score_topk_backward(ctx, g_scores, _g_idx):
-        """The gradient of each kept score: a slot whose row is in this block (base <= idx < base + N) holds
-        <queries[q], keys[idx - base]> (times key_scale[idx - base]); a filled slot taken from the running top-k
-        holds that scores_in entry; empty slots (idx -1) hold no input. Where a row is a candidate twice (repeated
-        in idx_in, or in idx_in and in the block: session 43 review), the slot is matched to the candidate the
-        selection kept (by its score, then in candidate order). The composite (torch) path's autograd gives the
-        same; before session 43 the C++ op's scores required grad but their backward gave no gradient."""
-        queries, keys, key_scale, scores_in, idx_in, out_s, idx = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        N = keys.shape[0]
-        r = idx - ctx.base
-        in_block = (idx >= 0) & (r >= 0) & (r < N)
-        pick = None
-        if idx_in is not None and idx_in.shape[1] and idx.shape[1]:
-            pick = _from_scores_in(scores_in, idx_in, out_s, idx, ctx.largest)
-            in_block = in_block & ~pick.any(2)
-        g = torch.where(in_block, g_scores, torch.zeros((), dtype=g_scores.dtype, device=g_scores.device))
-        rows = torch.where(in_block, r, torch.zeros((), dtype=r.dtype, device=r.device))
-        d_q = d_keys = d_scale = d_in = None
-        if (need[0] or need[1] or need[4]) and N:
-            kr = keys[rows].float()  # (Q, k, D)
-            ks = key_scale[rows] if key_scale is not None else None
-            gk = g if ks is None else g * ks
-            if need[0]:
-                d_q = torch.einsum("qj,qjd->qd", gk, kr)
-            if need[1]:
-                # (Q * k rows, not -1: with D = 0 and no slot, -1 is ambiguous)
-                contrib = (gk[:, :, None] * queries.float()[:, None, :]).reshape(rows.numel(), keys.shape[1])
-                d_keys = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device).index_add_(
-                    0, rows.reshape(-1), contrib).to(keys.dtype)
-            if need[4] and key_scale is not None:
-                dots = torch.einsum("qd,qjd->qj", queries.float(), kr)
-                d_scale = torch.zeros_like(key_scale).index_add_(0, rows.reshape(-1), (g * dots).reshape(-1))
-        elif need[0]:
-            d_q = torch.zeros_like(queries)
-        if need[5] and idx_in is not None:
-            d_in = torch.zeros(idx_in.shape, dtype=g_scores.dtype, device=g_scores.device)
-            if pick is not None:  # each slot credits at most one entry
-                got = torch.where(pick.any(2), g_scores, torch.zeros((), dtype=g_scores.dtype, device=g_scores.device))
-                d_in.scatter_add_(1, pick.to(torch.uint8).argmax(2), got)
-        return d_q, d_keys, None, None, d_scale, d_in, None, None
-
+    register_loop_vmap(("score_topk",))  # torch.func.vmap: one op call per example
     torch.library.register_autograd("gradkit::score_topk", _score_topk_backward, setup_context=_score_topk_setup)
