@@ -242,7 +242,9 @@ def project(x: Union[torch.Tensor, "object", Callable[[], Iterable], Iterable], 
     if isinstance(x, torch.Tensor) or is_array:
         if x.ndim != 2:
             raise ValueError(f"x: expected a 2-D (B, D) array, got shape {tuple(x.shape)}")
-        B, D = int(x.shape[0]), int(x.shape[1])
+        # B as the tensor has it: a symbolic batch size stays symbolic under torch.export / compile (int() made it a
+        # constant: 'Constraints violated (B)' for a dynamic batch, session 44); D decides the chunking
+        B, D = x.shape[0], int(x.shape[1])
         check_out(B, x.device if isinstance(x, torch.Tensor) else torch.device("cpu"))  # arrays project on CPU
         known_rows = B
         if isinstance(x, torch.Tensor):
