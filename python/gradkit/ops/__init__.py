@@ -213,7 +213,15 @@ def transforms_active() -> bool:
     ``torch.ops.gradkit.*`` call still meets torch's limits there."""
     if torch.compiler.is_compiling():
         return False
-    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+    if torch._C._are_functorch_transforms_active():
+        # under torch.func.functionalize (alone or with other transforms: make_fx(functionalize(f)), vmap over it)
+        # an autograd.Function has no rule ("NYI: Functionalize rule for custom_function_call"), where the op has
+        # one: there the wrappers call the op as outside transforms (session 44 review)
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        return not any(i.key() == TransformType.Functionalize for i in retrieve_all_functorch_interpreters())
+    return torch.autograd.forward_ad._current_level >= 0
 
 
 def _fn_autograd(fn, tensors) -> bool:

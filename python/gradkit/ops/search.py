@@ -158,8 +158,9 @@ def _score_topk_backward(ctx, g_scores, _g_idx):
         if need[1]:
             # (Q * k rows, not -1: with D = 0 and no slot, -1 is ambiguous)
             contrib = (gk[:, :, None] * queries.float()[:, None, :]).reshape(rows.numel(), keys.shape[1])
-            # (out of place: torch.func.vmap batches index_add, not index_add_ into an unbatched zeros)
-            d_keys = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device).index_add(
+            # (out of place: torch.func.vmap batches index_add, not index_add_ into an unbatched zeros; into an
+            # expanded zero, so the result is the one allocation: zeros + index_add held two, session 44 review)
+            d_keys = torch.zeros((), dtype=torch.float32, device=keys.device).expand(keys.shape).index_add(
                 0, rows.reshape(-1), contrib).to(keys.dtype)
         if need[4] and key_scale is not None:
             dots = torch.einsum("qd,qjd->qj", queries.float(), kr)
