@@ -18,6 +18,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include "../adamw_checks.h"
 
 namespace gradkit {
@@ -118,6 +122,94 @@ void step_base(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, scalar_
 }
 #if defined(__x86_64__) && defined(__GNUC__)
 #define GK_AVX2_CLONE 1
+
+// ---- float16 / bfloat16 on AVX2 + F16C (session 44). The generic loop converts each entry through c10's scalar
+// conversions (the build targets x86-64-v2: no F16C, so float16 goes through bit tricks), which kept the compiler
+// from vectorising it: 21 ms (bf16) / 41 ms (fp16) a step for 4 x 1024^2 entries at 2 threads, against 3.2 ms for
+// float32 and torch's fused AdamW's 2.3-2.7 ms. Here 8 entries at a time are widened exactly into float arrays
+// (VCVTPH2PS; bfloat16 is the high half of a float), run through the same float lane math as the generic loop
+// (lane8 below: the same operations in the same order, so the same float values), and narrowed as c10 narrows:
+// round to nearest even, NaN -> 0x7FC0 (bfloat16) / sign | 0x7E00 (float16; VCVTPS2PH keeps NaN payloads, c10's
+// software conversion does not); frozen entries keep their exact old bits.
+__attribute__((target("avx2,f16c"))) inline __m256 widen8(const c10::BFloat16* x) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+__attribute__((target("avx2,f16c"))) inline __m256 widen8(const c10::Half* x) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+}
+__attribute__((target("avx2,f16c"))) inline __m128i narrow8(__m256 v, const c10::BFloat16*) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
+                                        _mm256_set1_epi32(0x7FFF));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+__attribute__((target("avx2,f16c"))) inline __m128i narrow8(__m256 v, const c10::Half*) {
+  const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m128i nan = _mm_and_si128(
+      _mm_cmpeq_epi16(_mm_and_si128(h, _mm_set1_epi16(0x7C00)), _mm_set1_epi16(0x7C00)),
+      _mm_xor_si128(_mm_cmpeq_epi16(_mm_and_si128(h, _mm_set1_epi16(0x03FF)), _mm_setzero_si128()),
+                    _mm_set1_epi16(-1)));
+  const __m128i canon = _mm_or_si128(_mm_and_si128(h, _mm_set1_epi16(static_cast<short>(0x8000))),
+                                     _mm_set1_epi16(0x7E00));
+  return _mm_blendv_epi8(h, canon, nan);
+}
+
+template <typename scalar_t, typename acc_t, bool kLerpHigh, bool kMaximize, bool kAms>
+__attribute__((target("avx2,f16c"))) void step_half_avx2(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
+                                                         scalar_t* __restrict__ m, scalar_t* __restrict__ v,
+                                                         scalar_t* __restrict__ vmax, const uint8_t* bits, int64_t lo,
+                                                         int64_t hi, const Rates<acc_t>& R, acc_t w1, acc_t beta2,
+                                                         acc_t w2, acc_t eps) {
+  static_assert(std::is_same_v<acc_t, float>);
+  const acc_t one_m_w1 = acc_t(1) - w1, bc2 = R.bc2sqrt;
+  const acc_t d0 = R.decay[0], d1 = R.decay[1], s0 = R.neg_step[0], s1 = R.neg_step[1];
+  const int f0 = R.frozen[0], f1 = R.frozen[1];
+  int64_t i0 = lo;
+  for (; i0 + 8 <= hi; i0 += 8) {
+    const unsigned byte = bits ? bits[i0 >> 3] : 0u;
+    alignas(32) float gf[8], mf[8], vf[8], pf[8], xf[8], mo[8], vo[8], po[8], xo[8];
+    _mm256_store_ps(gf, widen8(g + i0));
+    _mm256_store_ps(mf, widen8(m + i0));
+    _mm256_store_ps(vf, widen8(v + i0));
+    _mm256_store_ps(pf, widen8(p + i0));
+    if constexpr (kAms) _mm256_store_ps(xf, widen8(vmax + i0));
+#pragma omp simd
+    for (int j = 0; j < 8; ++j) {  // the generic loop's lane math, on the widened values
+      const int b = (int)((byte >> j) & 1u);
+      acc_t gi = gf[j];
+      if constexpr (kMaximize) gi = -gi;
+      acc_t mi = mf[j];
+      mi = kLerpHigh ? gi - (gi - mi) * one_m_w1 : mi + w1 * (gi - mi);
+      const acc_t vi = vf[j] * beta2 + w2 * gi * gi;
+      mo[j] = mi;
+      vo[j] = vi;
+      acc_t vd = vi;
+      if constexpr (kAms) {
+        vd = nan_max(xf[j], vi);
+        xo[j] = vd;
+      }
+      const acc_t denom = std::sqrt(vd) / bc2 + eps;
+      const acc_t dd = b ? d1 : d0, ss = b ? s1 : s0;
+      po[j] = pf[j] * dd + ss * mi / denom;
+    }
+    const scalar_t* tag = nullptr;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(m + i0), narrow8(_mm256_load_ps(mo), tag));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(v + i0), narrow8(_mm256_load_ps(vo), tag));
+    if constexpr (kAms) _mm_storeu_si128(reinterpret_cast<__m128i*>(vmax + i0), narrow8(_mm256_load_ps(xo), tag));
+    alignas(16) uint16_t pn[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(pn), narrow8(_mm256_load_ps(po), tag));
+    uint16_t* pr = reinterpret_cast<uint16_t*>(p + i0);
+    for (int j = 0; j < 8; ++j)  // rate 0: the exact old value
+      if (!(((byte >> j) & 1u) ? f1 : f0)) pr[j] = pn[j];
+  }
+  if (i0 < hi)  // the last < 8 entries: the generic loop's tail
+    step_range<scalar_t, acc_t, kLerpHigh, kMaximize, kAms>(p, g, m, v, vmax, bits, i0, hi, R, w1, beta2, w2, eps);
+}
+
 template <typename scalar_t, typename acc_t, bool kLerpHigh, bool kMaximize, bool kAms>
 __attribute__((target("avx2"))) void step_avx2(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v,
                                                scalar_t* vmax, const uint8_t* bits, int64_t lo, int64_t hi,
@@ -145,6 +237,7 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   const double lr[2] = {unmasked_lr, masked_lr};
 #ifdef GK_AVX2_CLONE
   static const bool avx2 = __builtin_cpu_supports("avx2");
+  static const bool f16c = avx2 && __builtin_cpu_supports("f16c");
 #endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p0.scalar_type(), "masked_adamw_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -175,6 +268,13 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
           constexpr bool kH = decltype(hi_lerp)::value, kM = decltype(maxim)::value,
                          kA = decltype(amsgrad)::value;
 #ifdef GK_AVX2_CLONE
+          if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+            if (f16c) {
+              step_half_avx2<scalar_t, acc_t, kH, kM, kA>(P[it.t], G[it.t], M[it.t], V[it.t], VM[it.t], B[it.t],
+                                                          it.lo, it.hi, rates[it.t], w1, b2, w2, ep);
+              return;
+            }
+          }
           if (avx2) {
             step_avx2<scalar_t, acc_t, kH, kM, kA>(P[it.t], G[it.t], M[it.t], V[it.t], VM[it.t], B[it.t], it.lo,
                                                    it.hi, rates[it.t], w1, b2, w2, ep);
