@@ -662,6 +662,20 @@ at::Tensor block_norms_cpu(const at::Tensor& x, c10::IntArrayRef block_shape, do
   at::Tensor out = at::empty(grid, x.options());
   if (out.numel() == 0) return out;
   Layout Y = make_layout(x.sizes(), x.strides(), x.strides(), block_shape, {});
+  if (Y.ne == 1 && x.is_contiguous()) {
+    // One-entry blocks (unstructured selection): every norm is |x| (Score::Abs), entry by entry in one flat loop;
+    // the generic walk below paid its odometer per entry, 30 ms for 2048^2 float32 against torch.abs's 0.3
+    // (session 44). The same formula, so the same bits.
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "block_norms", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      scalar_t* op = out.data_ptr<scalar_t>();
+      at::parallel_for(0, out.numel(), 1 << 14, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) op[i] = static_cast<scalar_t>(std::abs(static_cast<acc_t>(xp[i])));
+      });
+    });
+    return out;
+  }
   Walk we(Y.lv[2], kX);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "block_norms", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
