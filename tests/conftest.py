@@ -101,11 +101,11 @@ def _cpu_flags():
     return set()
 
 
-_FLAGS = _cpu_flags()
+CPU_FLAGS = _cpu_flags()  # /proc/cpuinfo's flags (empty elsewhere); tests import it
 # The instruction-set levels of the CPU kernels this CPU can run, best first (x86: read from /proc/cpuinfo,
 # as the kernels' __builtin_cpu_supports reads cpuid). "portable" always: the loops other CPUs run.
-CPU_ISAS = (["avx512"] if "avx512f" in _FLAGS else []) + \
-    (["avx2"] if {"avx2", "fma", "f16c"} <= _FLAGS else []) + ["portable"]
+CPU_ISAS = (["avx512"] if "avx512f" in CPU_FLAGS else []) + \
+    (["avx2"] if {"avx2", "fma", "f16c"} <= CPU_FLAGS else []) + ["portable"]
 
 
 @contextlib.contextmanager

@@ -42,25 +42,14 @@ from gradkit import _ext, ops
 from gradkit.optim import MaskedAdamW
 
 from _bits import bits, same
-from conftest import env_set
+from conftest import CPU_FLAGS, env_set
 
 pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="compiled extension not built")
 
 HALF = [torch.bfloat16, torch.float16]
 
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-F16C = {"avx2", "f16c"} <= _cpu_flags()
+F16C = {"avx2", "f16c"} <= CPU_FLAGS
 
 
 def _emu_adamw():

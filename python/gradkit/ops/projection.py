@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 
 from gradkit import _ext
-from gradkit.ops import (_check_typed, _check_writable, _fake_check, _impl, _int, _wrote, gpu_auto, gpu_composite,
-                         loop_vmap_staticmethod, register_loop_vmap, transforms_active, triton_family)
+from gradkit.ops import (_check_typed, _check_writable, _fake_check, _impl, _int, _native, _wrote, gpu_auto,
+                         gpu_composite, loop_vmap_staticmethod, register_loop_vmap, transforms_active, triton_family)
 
 __all__ = ["PROJECTION_OPS", "projection_matrix", "projection_matrix_", "project_flat", "factored_project"]
 
@@ -201,7 +201,7 @@ _GRAD_CHUNK_ELEMS = 1 << 22
 
 def _needs_wrap(fn, *ts) -> bool:
     """True where fn is not a dispatcher op (whose autograd is registered below) and a gradient is wanted."""
-    if isinstance(fn, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
+    if _native(fn):
         return False
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
 
