@@ -128,7 +128,8 @@ void step_base(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, scalar_
 // from vectorising it: 21 ms (bf16) / 41 ms (fp16) a step for 4 x 1024^2 entries at 2 threads, against 3.2 ms for
 // float32 and torch's fused AdamW's 2.3-2.7 ms. Here 8 entries at a time are widened exactly into float arrays
 // (VCVTPH2PS; bfloat16 is the high half of a float), run through the same float lane math as the generic loop
-// (lane8 below: the same operations in the same order, so the same float values), and narrowed as c10 narrows:
+// (step_half_avx2's inner loop: the same operations in the same order, so the same float values), and narrowed as
+// c10 narrows:
 // round to nearest even, NaN -> 0x7FC0 (bfloat16) / sign | 0x7E00 (float16; VCVTPS2PH keeps NaN payloads, c10's
 // software conversion does not); frozen entries keep their exact old bits.
 __attribute__((target("avx2,f16c"))) inline __m256 widen8(const c10::BFloat16* x) {
